@@ -1,0 +1,3 @@
+from dyndepth.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""Model configuration: one dataclass for Qwen3, Qwen3-MoE and Llama decoders, with HF field names.
+
+Field names are exactly those of HF `config.json`, so reading and writing a checkpoint's config is a
+dictionary copy (see `interop/hf.py`). Derived values are filled in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A model configuration that dyndepth cannot build; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 40960
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False  # Llama only
+    qk_norm: bool | None = None  # per-head RMSNorm on q and k; None -> True for the Qwen3 family
+    # Mixture of experts (Qwen3-MoE); num_experts == 0 means a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    # Special tokens (carried through export; generation reads eos_token_id as a default stop token).
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # dtype the checkpoint was saved in ("float32", "bfloat16", ...)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {self.model_type!r} is not supported; dyndepth builds {SUPPORTED_MODEL_TYPES}."
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type.startswith("qwen3")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; only 'silu' (SwiGLU) is.")
+        if self.num_experts and self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})."
+            )
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ConfigError(
+                    f"rope_scaling type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}."
+                )
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Qwen3-MoE's rule: sparse unless listed in `mlp_only_layers` or off the `decoder_sparse_step` grid."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count from the shapes alone (no model needed)."""
+        D, H = self.hidden_size, self.head_dim
+        attn = D * H * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        attn += 2 * H if self.qk_norm else 0
+        total = 0
+        for i in range(self.num_hidden_layers):
+            if self.is_moe_layer(i):
+                mlp = self.num_experts * 3 * D * self.moe_intermediate_size + self.num_experts * D
+            else:
+                mlp = 3 * D * self.intermediate_size
+            total += attn + mlp + 2 * D
+        total += D  # final norm
+        if include_embedding:
+            total += self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
+        return total
+
+
+# Named presets, looked up by exact name. "tiny-*" are for tests and the CPU demo; the others match the
+# shapes of the public checkpoints of the same name (weights still come from `from_pretrained`).
+PRESETS: dict[str, dict] = {
+    "tiny-qwen3": dict(
+        model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "tiny-qwen3-moe": dict(
+        model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    ),
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "qwen3-0.6b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}.")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,100 @@
+"""A static, preallocated KV cache keyed by *slot* (one application of a layer), with per-entry validity.
+
+Shape legend: L slots, B batch, G kv heads, S cache length, H head_dim, T tokens written by one call.
+
+Layout: `k`, `v` are `(L, B, G, S + 1, H)` and `valid` is `(L, B, S + 1)`. Entry `s` of a row holds the
+token at sequence position `s` (positions are explicit; nothing advances implicitly). Column `S` is a
+scratch column: writes that must not land (PAD tokens, or tokens a method marks as not writing) are
+sent there, so every write is one branch-free `index_put_` and shapes never depend on data. Readers
+only ever see the first `S` columns.
+
+How methods use it (the contract each method's docstring restates):
+- Plain model: slot i = layer i; every valid token writes K/V at its position.
+- GateSkip (default K/V policy): a token that skips the attention branch still runs k_proj/v_proj on its
+  unchanged residual stream and writes them, so later queries see a complete row; only its q/o work
+  is saved. The validity mask stays all-True for real tokens.
+- Mixture-of-Depths: only routed tokens write (`write_mask` = routed); the others stay invalid at that
+  slot, so later queries at that slot never attend to them.
+- DND: the nested second pass of layer i is its own slot; only the selected tokens write there, at
+  the positions the method assigns. The first pass keeps the plain slot.
+- Depth-recurrent models (Dreamer): one slot per (layer, recurrence step). State that is not K/V
+  (depth attention over a token's own history) lives with the token, never in this cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_slots: int,
+        batch_size: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (num_slots, batch_size, num_kv_heads, max_seq_len + 1, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
+        self.valid = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.bool, device=device)  # (L, B, S+1)
+        self.max_seq_len = max_seq_len
+        self.length = max_seq_len  # how many columns readers see; see `window`
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_seq_len: int, num_slots: int | None = None,
+                  dtype: torch.dtype = torch.float32, device=None) -> "KVCache":
+        slots = config.num_hidden_layers if num_slots is None else num_slots
+        return cls(slots, batch_size, max_seq_len, config.num_key_value_heads, config.head_dim, dtype, device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def window(self, length: int) -> "KVCache":
+        """A view that shares the buffers but lets readers see only the first `length` positions.
+
+        The generate loop, which knows the longest position written so far, uses this in eager mode so
+        attention does not scan the unused tail; compiled decoding keeps the full, static length.
+        """
+        if not 0 < length <= self.max_seq_len:
+            raise ValueError(f"window length {length} is outside 1..{self.max_seq_len} (the cache's size).")
+        view = object.__new__(KVCache)
+        view.k, view.v, view.valid, view.max_seq_len, view.length = self.k, self.v, self.valid, self.max_seq_len, length
+        return view
+
+    def update(
+        self,
+        slot: int,
+        k_BTGH: torch.Tensor,
+        v_BTGH: torch.Tensor,
+        positions_BT: torch.Tensor,
+        write_BT: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write K/V of T tokens at their positions (where `write_BT` is True); return the slot's view.
+
+        Returns `k (B, G, S', H)`, `v (B, G, S', H)` and `valid (B, S')`, S' = `self.length`; entry s
+        holds position s, so a causal query at position p may attend to entries `valid & (s <= p)`.
+        """
+        B, T = positions_BT.shape
+        idx_BT = positions_BT
+        if write_BT is not None:
+            idx_BT = torch.where(write_BT, positions_BT, self.max_seq_len)  # unwritten -> scratch column
+        rows_BT = torch.arange(B, device=idx_BT.device)[:, None].expand(B, T)
+        k_buf, v_buf, valid_buf = self.k[slot], self.v[slot], self.valid[slot]  # (B, G, S+1, H), (B, S+1)
+        k_buf[rows_BT, :, idx_BT] = k_BTGH.to(k_buf.dtype)  # advanced indices first: (B, T, G, H)
+        v_buf[rows_BT, :, idx_BT] = v_BTGH.to(v_buf.dtype)
+        valid_buf[rows_BT, idx_BT] = True
+        S = self.length
+        return k_buf[:, :, :S], v_buf[:, :, :S], valid_buf[:, :S]
+
+    def reset(self) -> None:
+        self.valid.zero_()
+
+    def nbytes_per_token(self) -> int:
+        """Bytes of K and V stored per token position, summed over slots and kv heads (one batch row)."""
+        L, _, G, _, H = self.k.shape
+        return 2 * L * G * H * self.k.element_size()

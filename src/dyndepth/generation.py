@@ -1,0 +1,136 @@
+"""KV-cached batched generation: left padding, greedy / temperature / top-k / top-p, stop tokens, streaming.
+
+Shape legend: B batch, T prompt length, V vocab.
+
+The loop owns positions: a left-padded row's real tokens sit at positions 0..len-1 (as in HF
+`generate`), each new token goes at the row's next position, and the cache is written at exactly
+those positions. Nothing advances implicitly, so methods that skip or repeat layers keep the cache
+consistent by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from dyndepth.core.cache import KVCache
+
+
+def sample_next(
+    logits_BV: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token per row (B,). temperature 0 is greedy; top-k then top-p filtering, as in HF."""
+    if temperature <= 0:
+        return logits_BV.argmax(dim=-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_left_padded(mask_BT: torch.Tensor) -> None:
+    if (mask_BT.sum(-1) == 0).any():
+        raise ValueError("a row of attention_mask has no real token; drop empty prompts before generating.")
+    if (mask_BT[:, 1:] < mask_BT[:, :-1]).any():
+        raise ValueError(
+            "attention_mask is right-padded; generation needs left padding (pad tokens first), "
+            "e.g. tokenizer padding_side='left'."
+        )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+    cache_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Return the prompt plus up to `max_new_tokens` new tokens per row, (B, T + n).
+
+    stop_tokens: a row stops once it emits one (default: the config's eos ids; pass [] for none);
+      later positions of a stopped row hold `pad_token_id`. The loop ends when every row stopped.
+    callback(step, tokens (B,)): called with each new column, for streaming.
+    compile: compile the one-token decode step with a full-length static cache (CUDA graphs on GPU).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    B, T = input_ids.shape
+    device = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    _check_left_padded(mask)
+    config = model.config
+    stops = torch.tensor(list(config.eos_token_ids if stop_tokens is None else stop_tokens), device=device,
+                         dtype=torch.long)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
+            int(stops[0]) if len(stops) else 0)
+    if max_new_tokens == 0:
+        return input_ids
+
+    lengths = mask.sum(-1)  # (B,)
+    prompt_len = int(lengths.max())
+    max_len = prompt_len + max_new_tokens
+    if max_len > config.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings ({config.max_position_embeddings}).")
+    dtype = cache_dtype or next(model.parameters()).dtype
+    cache = KVCache.for_model(config, B, max_len, dtype=dtype, device=device)
+
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
+    step = _decode_step(model, compile)
+
+    tokens = [input_ids]
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    next_pos = lengths[:, None]  # (B, 1)
+    for i in range(max_new_tokens):
+        nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(unfinished, nxt, pad_token_id)
+        tokens.append(nxt[:, None])
+        if callback is not None:
+            callback(i, nxt)
+        if len(stops):
+            unfinished = unfinished & ~torch.isin(nxt, stops)
+            if not bool(unfinished.any()):
+                break
+        if i == max_new_tokens - 1:
+            break
+        view = cache if compile else cache.window(prompt_len + i + 1)
+        out = step(nxt[:, None], next_pos, view)
+        next_pos = next_pos + 1
+    return torch.cat(tokens, dim=1)
+
+
+def _decode_step(model, compile: bool):
+    def step(tok_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache):
+        return model(tok_B1, positions=pos_B1, cache=cache)
+
+    if not compile:
+        return step
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+    return torch.compile(step, mode=mode, fullgraph=False, dynamic=False)

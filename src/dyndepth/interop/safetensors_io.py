@@ -1,0 +1,79 @@
+"""Memory-mapped safetensors reading (zero copy) and atomic writing.
+
+The reader parses the safetensors header itself and views each tensor straight out of a private
+(copy-on-write) memory map, so loading a checkpoint never holds the weights twice: a tensor's pages are
+read from disk on first touch and shared with the page cache until someone writes to them.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names what and why."""
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file as CPU tensors backed by a memory map (no copy)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({e}).") from None
+        size = os.fstat(f.fileno()).st_size
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
+        dtype = _DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        numel = 1
+        for s in info["shape"]:
+            numel *= s
+        if base + end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends past the end of the file.")
+        if numel == 0:
+            t = torch.empty(info["shape"], dtype=dtype)
+        elif (base + start) % dtype.itemsize == 0:
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start)
+        else:  # misaligned: copy this one tensor
+            t = torch.frombuffer(bytearray(buf[base + start:base + end]), dtype=dtype, count=numel)
+        tensors[name] = t.view(info["shape"])
+    return tensors
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """Write atomically: to a temporary name in the same folder, then rename over `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp), metadata=metadata or {"format": "pt"})
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,104 @@
+"""Qwen3-MoE sparse MLP: softmax top-k router and stacked SwiGLU experts.
+
+Shape legend: N tokens, D hidden_size, E experts, K experts per token, F moe_intermediate_size.
+
+Parameter names follow transformers v5's in-memory layout: `gate.weight (E, D)` is the router,
+`experts.gate_up_proj (E, 2F, D)` (gate rows first, then up) and `experts.down_proj (E, D, F)`.
+`interop/hf.py` splits them into the per-expert keys that checkpoints store on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyndepth.config import ModelConfig
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, F)
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        N, K = idx_NK.shape
+        E = self.gate_up_proj.shape[0]
+        if N * K < E:  # few tokens (decoding): gather the K experts' weights, no host sync
+            return self._gathered(x_ND, idx_NK, w_NK)
+        flat_NK = idx_NK.reshape(-1)  # (N*K,)
+        order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
+        token_of = order // K  # (N*K,) token each pair belongs to
+        counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
+        x_sorted = x_ND[token_of]  # (N*K, D)
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                outs.append(self._expert(x_sorted[start:start + c], e))  # (c, D)
+            start += c
+        y = torch.cat(outs) * w_NK.reshape(-1)[order, None]  # (N*K, D)
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, F) each
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj[idx_NK]  # (N, K, 2F, D)
+        down = self.down_proj[idx_NK]  # (N, K, D, F)
+        h = torch.einsum("nd,nkfd->nkf", x_ND, gate_up)  # (N, K, 2F)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, down)  # (N, K, D)
+        return (y * w_NK[..., None]).sum(1)  # (N, D)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+
+    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities (N, E) in fp32, the top-k expert ids (N, K) and their weights (N, K)."""
+        probs = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float32)  # (N, E)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return probs, idx, w.to(x_ND.dtype)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, aux: list | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., D). With `aux`, append router statistics for the balancing loss."""
+        shape = x.shape
+        x_ND = x.reshape(-1, shape[-1])  # (N, D)
+        probs, idx, w = self.route(x_ND)
+        if aux is not None:
+            aux.append(router_stats(probs, idx, None if valid is None else valid.reshape(-1)))
+        return self.experts(x_ND, idx, w).view(shape)
+
+
+def router_stats(probs_NE: torch.Tensor, idx_NK: torch.Tensor, valid_N: torch.Tensor | None):
+    """(assignments per expert (E,), summed probability per expert (E,), token count) over valid tokens."""
+    E = probs_NE.shape[-1]
+    weight_N = torch.ones(probs_NE.shape[0], device=probs_NE.device) if valid_N is None else valid_N.float()
+    counts_E = torch.zeros(E, device=probs_NE.device).scatter_add_(
+        0, idx_NK.reshape(-1), weight_N.repeat_interleave(idx_NK.shape[1])
+    )
+    prob_sum_E = (probs_NE * weight_N[:, None]).sum(0)
+    return counts_E, prob_sum_E, weight_N.sum()
+
+
+def load_balancing_loss(stats: list, num_experts: int) -> torch.Tensor:
+    """Switch-style balancing loss over all MoE layers, as HF Qwen3-MoE computes it (unweighted).
+
+    E * sum_e f_e * P_e, where f_e is the fraction of (token, slot) assignments to expert e and P_e the
+    mean router probability of e, both pooled over every layer's valid tokens.
+    """
+    counts = torch.stack([s[0] for s in stats]).sum(0)
+    prob_sum = torch.stack([s[1] for s in stats]).sum(0)
+    rows = torch.stack([s[2] for s in stats]).sum()
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
