@@ -22,6 +22,7 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"
 _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_ALIASES = {"num_local_experts": "num_experts"}  # names some transformers versions write instead
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,7 +41,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     rope = dict(d.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
     scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    fields = {k: v for k, v in d.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    fields = {_ALIASES.get(k, k): v for k, v in d.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
     fields["torch_dtype"] = d.get("dtype") or d.get("torch_dtype")
     return ModelConfig.from_dict({**fields, "rope_theta": theta, "rope_scaling": scaling})
 

@@ -1,0 +1,28 @@
+import torch
+
+from dyndepth import KVCache
+
+
+def test_update_writes_at_positions_and_skips_masked_tokens():
+    cache = KVCache(num_slots=2, batch_size=2, max_seq_len=6, num_kv_heads=1, head_dim=2)
+    k = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 1, 2)  # (B, T, G, H)
+    positions = torch.tensor([[0, 1, 2], [0, 0, 1]])
+    write = torch.tensor([[True, True, True], [False, True, True]])  # row 1: a PAD at position 0
+    k_all, v_all, valid = cache.update(1, k, -k, positions, write)
+    assert valid.tolist() == [[True, True, True, False, False, False], [True, True, False, False, False, False]]
+    torch.testing.assert_close(k_all[1, 0, :2], k[1, 1:, 0])  # the PAD did not overwrite position 0
+    torch.testing.assert_close(v_all[0, 0, :3], -k[0, :, 0])
+    assert not cache.valid[0].any()  # other slots untouched
+
+
+def test_window_shares_storage_and_limits_what_readers_see():
+    cache = KVCache(1, 1, 8, 1, 2)
+    view = cache.window(3)
+    k_all, _, valid = view.update(0, torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), torch.tensor([[2]]))
+    assert k_all.shape[2] == 3 and valid.tolist() == [[False, False, True]]
+    assert cache.valid[0, 0, 2] and cache.k[0, 0, 0, 2].eq(1).all()
+
+
+def test_bytes_per_token():
+    cache = KVCache(3, 1, 4, 2, 8, dtype=torch.bfloat16)
+    assert cache.nbytes_per_token() == 2 * 3 * 2 * 8 * 2

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+import dyndepth
+from dyndepth import CausalLM, CheckpointError, ConfigError, preset
+from dyndepth.interop.hf import config_from_hf, split_experts, stack_experts
+from dyndepth.interop.safetensors_io import read_safetensors, write_safetensors
+
+
+def test_safetensors_reader_is_memory_mapped_and_exact(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(7).bfloat16()}
+    write_safetensors(tensors, tmp_path / "x.safetensors")
+    got = read_safetensors(tmp_path / "x.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(got[k], v)
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+
+
+def test_truncated_and_garbage_files_get_clear_errors(tmp_path):
+    write_safetensors({"a": torch.randn(64)}, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-16])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(tmp_path / "t.safetensors")
+    (tmp_path / "g.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        read_safetensors(tmp_path / "g.safetensors")
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+def test_save_then_load_round_trips_every_tensor(tmp_path, name):
+    model = CausalLM(preset(name))
+    model.save_pretrained(tmp_path)
+    loaded = dyndepth.from_pretrained(tmp_path)
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    if model.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_sharded_checkpoint_and_dtype_conversion(tmp_path):
+    model = CausalLM(preset("tiny-qwen3"))
+    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    from dyndepth.interop.hf import save_pretrained
+
+    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    a = dyndepth.from_pretrained(tmp_path / "sharded", dtype="bfloat16")
+    b = dyndepth.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert next(b.parameters()).dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits)
+
+
+def test_expert_split_and_stack_are_inverse():
+    state = CausalLM(preset("tiny-qwen3-moe")).state_dict()
+    split = split_experts(state)
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in split
+    restacked = stack_experts(split)
+    assert restacked.keys() == state.keys()
+    assert all(torch.equal(restacked[k], state[k]) for k in state)
+
+
+def test_mismatched_checkpoints_name_the_tensors(tmp_path):
+    CausalLM(preset("tiny-qwen3")).save_pretrained(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    state = {k: v.clone() for k, v in state.items()}
+    del state["model.layers.0.self_attn.q_proj.weight"]
+    state["model.layers.0.extra.weight"] = torch.zeros(1)
+    state["model.norm.weight"] = torch.zeros(3)
+    write_safetensors(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        dyndepth.from_pretrained(tmp_path)
+    msg = str(err.value)
+    assert "missing tensors (1): model.layers.0.self_attn.q_proj.weight" in msg
+    assert "unexpected tensors (1): model.layers.0.extra.weight" in msg
+    assert "model.norm.weight: checkpoint (3,) vs model (64,)" in msg
+
+
+def test_unsupported_architecture_and_missing_files(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
+        dyndepth.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        dyndepth.from_pretrained(tmp_path / ".." / tmp_path.name / "..")
+    CausalLM(preset("tiny-llama")).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        dyndepth.from_pretrained(tmp_path / "m")
+
+
+def test_v5_rope_parameters_and_aliases_are_read():
+    cfg = config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                          "num_key_value_heads": 4, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
+                                                                        "factor": 8.0, "low_freq_factor": 1.0,
+                                                                        "high_freq_factor": 4.0}})
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling["rope_type"] == "llama3"
+    moe = config_from_hf({"model_type": "qwen3_moe", "num_local_experts": 6, "num_experts_per_tok": 2})
+    assert moe.num_experts == 6

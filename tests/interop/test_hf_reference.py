@@ -1,0 +1,115 @@
+"""Our decoder against HF transformers itself, on tiny random configs (Qwen3, Qwen3-MoE, Llama)."""
+
+import pytest
+import torch
+
+import dyndepth
+from dyndepth.interop.hf import config_to_hf
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "qwen3-tied": dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       tie_word_embeddings=True, max_position_embeddings=256),
+    "qwen3-untied-mha-wide-head": dict(model_type="qwen3", vocab_size=300, hidden_size=48, intermediate_size=80,
+                                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                      head_dim=32, tie_word_embeddings=False, rope_theta=10000.0,
+                                      max_position_embeddings=256),
+    "qwen3-moe": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                      num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      mlp_only_layers=[0], max_position_embeddings=256),
+    "qwen3-moe-sparse-step": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  num_experts=4, num_experts_per_tok=3, moe_intermediate_size=16,
+                                  norm_topk_prob=False, decoder_sparse_step=2, max_position_embeddings=256),
+    "llama-gqa-llama3-rope": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                  rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=256,
+                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=32)),
+}
+
+
+def make_hf_model(name: str):
+    ours = dyndepth.ModelConfig(**CONFIGS[name])
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(ours, torch.float32))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    with torch.no_grad():  # larger weights than HF's 0.02 init, so differences would show
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def padded_batch(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    return ids, mask
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def pair(request, tmp_path):
+    hf = make_hf_model(request.param)
+    hf.save_pretrained(tmp_path)
+    ours = dyndepth.from_pretrained(tmp_path).eval()
+    return hf, ours
+
+
+def test_logits_match_hf_on_padded_batch(pair):
+    hf, ours = pair
+    ids, mask = padded_batch(hf.config.vocab_size)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = ours(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert got.shape == ref.shape
+    assert (got[valid] - ref[valid]).abs().max() <= 1e-4
+
+
+def test_logits_match_hf_without_mask(pair):
+    hf, ours = pair
+    ids = torch.randint(0, hf.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_matches_hf(pair):
+    hf, ours = pair
+    ids, mask = padded_batch(hf.config.vocab_size)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, min_new_tokens=20)
+    got = ours.generate(ids, 20, attention_mask=mask, stop_tokens=[])
+    assert torch.equal(got, ref)
+
+
+def test_export_then_hf_load_gives_same_logits(pair, tmp_path):
+    _, ours = pair
+    ours.save_pretrained(tmp_path / "export")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_moe_balancing_loss_matches_hf():
+    hf = make_hf_model("qwen3-moe")
+    ours = dyndepth.CausalLM(dyndepth.ModelConfig(**CONFIGS["qwen3-moe"]))
+    ours.load_state_dict(_stacked(hf.state_dict()), strict=False)
+    ids, mask = padded_batch(256)
+    hf.train(), ours.train()
+    ref = hf(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    got = ours(ids, attention_mask=mask)
+    torch.testing.assert_close(got.aux_loss, hf.config.router_aux_loss_coef * ref, atol=1e-6, rtol=1e-5)
+
+
+def _stacked(state):
+    from dyndepth.interop.hf import stack_experts, split_experts
+
+    return stack_experts(split_experts(dict(state)))

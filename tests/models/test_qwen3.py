@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+import dyndepth
+from dyndepth import CausalLM, KVCache, preset
+
+
+@pytest.fixture(params=["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+def model(request):
+    torch.manual_seed(0)
+    return CausalLM(preset(request.param)).eval()
+
+
+def test_forward_shapes_and_zero_aux_in_eval(model):
+    out = model(torch.randint(0, 256, (2, 7)))
+    assert out.logits.shape == (2, 7, 256)
+    assert out.aux_loss.item() == 0.0
+
+
+def test_left_padded_row_equals_unpadded_row(model):
+    ids = torch.randint(0, 256, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        alone = model(ids).logits
+        both = model(torch.cat([padded, torch.randint(0, 256, (1, 9))]), attention_mask=torch.cat(
+            [mask, torch.ones(1, 9, dtype=torch.long)])).logits
+    torch.testing.assert_close(both[0, 3:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_prefill_then_decode_equals_full_forward(model):
+    B, T, P = 3, 12, 5
+    ids = torch.randint(0, 256, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = KVCache.for_model(model.config, B, max_seq_len=16)
+        got = [model(ids[:, :P], mask[:, :P], positions[:, :P], cache).logits]
+        for t in range(P, T):
+            got.append(model(ids[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache).logits)
+    got = torch.cat(got, dim=1)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], full[valid], atol=1e-5, rtol=0)
+
+
+def test_num_logits_keeps_last_positions(model):
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, num_logits=3).logits, model(ids).logits[:, -3:])
+
+
+def test_moe_training_aux_loss_is_weighted_and_differentiable(tiny_moe_config):
+    model = CausalLM(tiny_moe_config).train()
+    out = model(torch.randint(0, 256, (2, 8)))
+    assert out.aux_loss.requires_grad
+    # a uniform router gives a balance loss of exactly K (E * sum_e (K/E) * (1/E)); ours is near it
+    assert out.stats["moe/balance_loss"].item() == pytest.approx(tiny_moe_config.num_experts_per_tok, rel=0.3)
+    torch.testing.assert_close(out.aux_loss, tiny_moe_config.router_aux_loss_coef * out.stats["moe/balance_loss"])
+    out.aux_loss.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_moe_gathered_and_grouped_expert_paths_agree(tiny_moe_config):
+    moe = CausalLM(tiny_moe_config).model.layers[0].mlp
+    x = torch.randn(1, 64)
+    probs, idx, w = moe.route(x)
+    torch.testing.assert_close(moe.experts._gathered(x, idx, w), moe.experts(x.expand(4, 64), idx.expand(4, 2),
+                                                                            w.expand(4, 2))[:1])
+
+
+def test_bf16_forward_is_close_to_fp32(tiny_config):
+    model = CausalLM(tiny_config).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = model.to(torch.bfloat16)(ids).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.05
+
+
+@pytest.mark.slow
+def test_forward_under_torch_compile(tiny_config):
+    model = CausalLM(tiny_config).eval()
+    ids = torch.randint(0, 256, (2, 8))
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(dyndepth.ConfigError, match="num_key_value_heads"):
+        dyndepth.ModelConfig(num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(dyndepth.ConfigError, match="gpt2"):
+        dyndepth.ModelConfig(model_type="gpt2")
+    with pytest.raises(dyndepth.ConfigError, match="unknown preset"):
+        preset("tiny-qwen")
+    with pytest.raises(dyndepth.ConfigError, match="yarn"):
+        dyndepth.ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_num_params_formula_matches_module(tiny_config, tiny_moe_config):
+    for cfg in (tiny_config, tiny_moe_config, preset("tiny-llama")):
+        assert cfg.num_params() == CausalLM(cfg).num_params()
