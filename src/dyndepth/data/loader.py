@@ -1,0 +1,167 @@
+"""Packed fixed-length batches from a ShardSet, sharded across ranks, with exact resume.
+
+The token stream is cut into windows of `seq_len + 1` tokens; window `w` covers tokens
+`[w * seq_len, w * seq_len + seq_len + 1)`, so consecutive windows share one token and every token is
+a target exactly once. Documents are packed back to back (EOS-separated by the shard builder).
+
+Each epoch, the windows are permuted with a generator seeded by `(seed, epoch)` (identity when
+`shuffle=False`), truncated to a multiple of `world_size * batch_size`, and dealt round-robin to
+ranks: rank `r` gets permuted windows `r, r + W, r + 2W, ...`. Ranks are disjoint, every rank has the
+same number of batches, and the whole state is `(epoch, cursor)`: resuming needs no replay.
+
+Batch (B batch, T = seq_len):
+    input_ids (B, T) long      window[:-1]
+    labels    (B, T) long      window[1:], -100 where the target token's loss mask is 0 (prompt)
+    positions (B, T) long      only with intra_doc_mask: restarts at 0 at each document start
+    doc_ids   (B, T) long      only with intra_doc_mask: 0, 1, ... per document inside the row;
+                               attend only where doc_ids match (and causal)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dyndepth.data.shards import ShardSet, Tokenizer, build_shards
+from dyndepth.data.sources import DataError, Document
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class PackedLoader:
+    def __init__(
+        self,
+        shards: ShardSet,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        intra_doc_mask: bool = False,
+    ) -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise DataError(
+                f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.intra_doc_mask = intra_doc_mask
+        self.num_windows = max(0, (shards.num_tokens - 1) // seq_len)
+        self.batches_per_epoch = self.num_windows // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{shards.num_tokens} tokens make {self.num_windows} windows of seq_len+1={seq_len + 1}, fewer "
+                f"than world_size*batch_size={world_size * batch_size}: lower seq_len or batch_size, or add data"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._epoch_windows: tuple[int, np.ndarray] | None = None
+
+    def windows_for_epoch(self, epoch: int) -> np.ndarray:
+        """This rank's window indices for `epoch`, in the order they are served (int64)."""
+        if self._epoch_windows is None or self._epoch_windows[0] != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            else:
+                order = np.arange(self.num_windows)
+            used = self.batches_per_epoch * self.world_size * self.batch_size
+            self._epoch_windows = (epoch, order[:used][self.rank :: self.world_size].astype(np.int64))
+        return self._epoch_windows[1]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch of this rank; rolls over (and reshuffles) at the end of an epoch."""
+        if self.cursor >= self.batches_per_epoch:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        windows = self.windows_for_epoch(self.epoch)
+        batch = self.read_windows(
+            windows[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
+        )
+        self.cursor += 1
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches without end (epochs roll over); stop by step count in the training loop."""
+        while True:
+            yield self.next_batch()
+
+    def read_windows(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Assemble the batch for the given window indices (one row per window)."""
+        T = self.seq_len
+        rows = np.stack([self.shards.tokens(w * T, w * T + T + 1) for w in windows])  # (B, T+1)
+        labels = rows[:, 1:].copy()  # (B, T)
+        if self.shards.has_loss_mask:
+            mask = np.stack([self.shards.loss_mask(w * T + 1, w * T + T + 1) for w in windows])  # (B, T)
+            labels[mask == 0] = IGNORE_INDEX
+        batch = {"input_ids": torch.from_numpy(rows[:, :-1].copy()), "labels": torch.from_numpy(labels)}
+        if self.intra_doc_mask:
+            positions, doc_ids = zip(*(self._doc_layout(w * T) for w in windows))
+            batch["positions"] = torch.from_numpy(np.stack(positions))  # (B, T)
+            batch["doc_ids"] = torch.from_numpy(np.stack(doc_ids))  # (B, T)
+        return batch
+
+    def _doc_layout(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(positions (T,), doc_ids (T,))` for the input tokens [start, start + T)."""
+        T = self.seq_len
+        is_start = np.zeros(T, dtype=bool)
+        is_start[self.shards.doc_starts(start, start + T) - start] = True
+        is_start[0] = True  # the row's first token opens a segment even mid-document
+        doc_ids = np.cumsum(is_start) - 1
+        arange = np.arange(T)
+        segment_start = np.maximum.accumulate(np.where(is_start, arange, 0))
+        return (arange - segment_start).astype(np.int64), doc_ids.astype(np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this loader is (plain ints, JSON-safe)."""
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_tokens": self.shards.num_tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; the data and settings must match the ones it was saved with."""
+        for key in ("seed", "shuffle", "seq_len", "batch_size", "rank", "world_size", "num_tokens"):
+            mine = self.shards.num_tokens if key == "num_tokens" else getattr(self, key)
+            if key in state and state[key] != mine:
+                raise DataError(
+                    f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}; "
+                    "an exact resume needs the same data and loader settings"
+                )
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def loader_from_texts(
+    texts: Iterable[str | Document | tuple[str, str]],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    out_dir: str | Path | None = None,
+    *,
+    append_eos: bool = True,
+    **loader_kwargs: Any,
+) -> PackedLoader:
+    """A PackedLoader over a few in-memory texts (demos, tests).
+
+    With `out_dir` the texts go through `build_shards` (a real on-disk split); without, they are
+    tokenized into RAM. `(prompt, response)` pairs and Documents are accepted too.
+    """
+    if out_dir is not None:
+        shards = build_shards(texts, tokenizer, out_dir, append_eos=append_eos, source="loader_from_texts")
+    else:
+        shards = ShardSet.from_documents(texts, tokenizer, append_eos=append_eos)
+    return PackedLoader(shards, seq_len, batch_size, **loader_kwargs)

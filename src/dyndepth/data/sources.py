@@ -1,0 +1,287 @@
+"""Documents from user data: text files, folders, JSONL, Parquet, gzip, chat/SFT records, HF datasets.
+
+Everything here is a generator, so a corpus far larger than memory streams through one record at a
+time (Parquet is read in record batches, text and JSONL line by line where the split allows it).
+
+A `Document` is the unit the shard builder tokenizes. Pretraining text has `prompt=None`: every token
+is trained. Chat/SFT records carry the context in `prompt` (its tokens get loss mask 0, i.e. label
+-100) and the answer in `text` (trained).
+
+Record formats understood in JSONL, Parquet and HF datasets (checked in this order):
+- `{"prompt": ..., "response": ...}`            -> Document(text=response, prompt=prompt)
+- `{"messages": [{"role": ..., "content": ...}, ...]}` -> the last assistant message is trained; every
+  message before it is rendered into the prompt (see `render_chat`, or pass your own `chat_template`)
+- `{text_field: ...}` (default `"text"`)        -> Document(text=...)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".rs", ".go", ".java")
+JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+DEFAULT_GLOBS = tuple(f"*{s}" for s in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES) + tuple(
+    f"*{s}.gz" for s in TEXT_SUFFIXES + JSONL_SUFFIXES
+)
+FORMAT_BY_SUFFIX = {
+    **{s: "text" for s in TEXT_SUFFIXES},
+    **{s: "jsonl" for s in JSONL_SUFFIXES},
+    **{s: "parquet" for s in PARQUET_SUFFIXES},
+}
+TEXT_SPLITS = ("file", "line", "paragraph")
+HF_PREFIX = "hf:"
+
+ChatTemplate = Callable[[Sequence[dict]], tuple[str, str]]
+
+
+class DataError(ValueError):
+    """Bad training data or data settings; the message names the file/record and the fix."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str  # trained text (the response, for chat/SFT records)
+    prompt: str | None = None  # context that is read but not trained (loss mask 0), or None
+
+    def segments(self) -> list[tuple[str, bool]]:
+        """The document as `(text, trained)` pieces, in order."""
+        return ([(self.prompt, False)] if self.prompt else []) + [(self.text, True)]
+
+
+def render_chat(messages: Sequence[dict]) -> tuple[str, str]:
+    """Default chat rendering: `(prompt, response)`, training the last assistant message only.
+
+    Each earlier message becomes `"<role>: <content>\\n"`; the prompt ends with `"assistant: "`. Use a
+    tokenizer's own chat template (pass `chat_template=`) to match a pretrained chat model exactly.
+    """
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise DataError("chat record has no message with role 'assistant' to train on")
+    context = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:last])
+    return context + "assistant: ", str(messages[last]["content"])
+
+
+def record_to_document(
+    record: dict, where: str, text_field: str = "text", chat_template: ChatTemplate = render_chat
+) -> Document:
+    """Turn one JSON/Parquet/HF record into a Document; `where` names it in errors (file:line)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
+    record = {k: v for k, v in record.items() if v is not None}  # null columns count as absent
+    if "prompt" in record and "response" in record:
+        return Document(text=str(record["response"]), prompt=str(record["prompt"]))
+    if "messages" in record:
+        messages = record["messages"]
+        bad = not isinstance(messages, list) or any(
+            not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages
+        )
+        if bad:
+            raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
+        try:
+            prompt, response = chat_template(messages)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        return Document(text=response, prompt=prompt)
+    if text_field in record:
+        return Document(text=str(record[text_field]))
+    raise DataError(
+        f"{where}: record has no {text_field!r} field (fields: {sorted(record)}). Pass text_field=<name> "
+        "for plain text, or use 'prompt'+'response' or 'messages' fields for chat/SFT data."
+    )
+
+
+def _open_text(path: Path) -> TextIO:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _inner_suffix(path: Path) -> str:
+    """The format suffix, looking through a trailing `.gz` (`a.jsonl.gz` -> `.jsonl`)."""
+    return Path(path.stem).suffix.lower() if path.suffix == ".gz" else path.suffix.lower()
+
+
+def iter_text_file(path: Path, split: str = "file") -> Iterator[Document]:
+    """A text file (optionally .gz): one document per file, per non-empty line, or per paragraph."""
+    if split not in TEXT_SPLITS:
+        raise DataError(f"text_split={split!r} is not one of {TEXT_SPLITS}")
+    with _open_text(path) as f:
+        if split == "file":
+            yield Document(text=f.read())
+            return
+        paragraph: list[str] = []
+        for line in f:
+            if split == "line":
+                if line.strip():
+                    yield Document(text=line.rstrip("\n"))
+            elif line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield Document(text="".join(paragraph).rstrip("\n"))
+                paragraph = []
+        if paragraph:
+            yield Document(text="".join(paragraph).rstrip("\n"))
+
+
+def iter_jsonl(
+    path: Path, text_field: str = "text", chat_template: ChatTemplate = render_chat
+) -> Iterator[Document]:
+    """One JSON object per line (optionally .gz); blank lines are skipped."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one object per line"
+                ) from None
+            yield record_to_document(record, f"{path}:{lineno}", text_field, chat_template)
+
+
+def iter_parquet(
+    path: Path, text_field: str = "text", chat_template: ChatTemplate = render_chat, batch_size: int = 1024
+) -> Iterator[Document]:
+    """A Parquet file, read in record batches (never whole) with pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a dev dependency
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    wanted = [c for c in ("prompt", "response", "messages", text_field) if c in names]
+    if not wanted:
+        raise DataError(
+            f"{path}: no {text_field!r} column (columns: {sorted(names)}). Pass text_field=<name>, or provide "
+            "'prompt'+'response' or 'messages' columns for chat/SFT data."
+        )
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=wanted):
+        for record in batch.to_pylist():
+            yield record_to_document(record, f"{path}: row {row}", text_field, chat_template)
+            row += 1
+
+
+def iter_file(
+    path: Path,
+    text_field: str = "text",
+    text_split: str = "file",
+    chat_template: ChatTemplate = render_chat,
+    fmt: str | None = None,
+) -> Iterator[Document]:
+    """One file, dispatched by extension (`.gz` looked through) or by `fmt` ('text'|'jsonl'|'parquet')."""
+    suffix = _inner_suffix(path)
+    kind = fmt or FORMAT_BY_SUFFIX.get(suffix)
+    if kind == "jsonl":
+        yield from iter_jsonl(path, text_field, chat_template)
+    elif kind == "parquet":
+        yield from iter_parquet(path, text_field, chat_template)
+    elif kind == "text":
+        yield from iter_text_file(path, text_split)
+    else:
+        raise DataError(
+            f"{path}: unknown file type {suffix!r}. Known: text {TEXT_SUFFIXES}, JSONL {JSONL_SUFFIXES}, "
+            f"Parquet {PARQUET_SUFFIXES} (each also .gz). Rename the file or pass fmt='text'|'jsonl'|'parquet'."
+        )
+
+
+def list_files(folder: Path, globs: str | Sequence[str] = DEFAULT_GLOBS) -> list[Path]:
+    """Files under `folder` (recursive) matching any glob, sorted by relative path for determinism."""
+    patterns = [globs] if isinstance(globs, str) else list(globs)
+    found = {p for pattern in patterns for p in folder.rglob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def iter_hf_dataset(
+    name: str,
+    split: str = "train",
+    text_field: str = "text",
+    chat_template: ChatTemplate = render_chat,
+    **load_kwargs: Any,
+) -> Iterator[Document]:
+    """Records of `datasets.load_dataset(name, split=split, streaming=True, **load_kwargs)`."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"loading dataset {name!r} needs the Hugging Face `datasets` package: pip install datasets"
+        ) from None
+    load_kwargs.setdefault("streaming", True)
+    dataset = datasets.load_dataset(name, split=split, **load_kwargs)
+    for i, record in enumerate(dataset):
+        yield record_to_document(dict(record), f"{name}[{split}] row {i}", text_field, chat_template)
+
+
+def iter_documents(
+    source: str | Path | Sequence[str | Path],
+    *,
+    text_field: str = "text",
+    glob: str | Sequence[str] = DEFAULT_GLOBS,
+    text_split: str = "file",
+    chat_template: ChatTemplate = render_chat,
+    fmt: str | None = None,
+    hf_split: str = "train",
+) -> Iterator[Document]:
+    """Stream Documents from a file, a folder (recursive), a list of those, or `"hf:<name>"` (datasets).
+
+    Folders yield every file matching `glob`, sorted, each read by its extension. `text_split` says how
+    plain text files become documents: 'file' (whole file), 'line' or 'paragraph' (blank-line separated).
+    """
+    if isinstance(source, (list, tuple)):
+        for item in source:
+            yield from iter_documents(
+                item,
+                text_field=text_field,
+                glob=glob,
+                text_split=text_split,
+                chat_template=chat_template,
+                fmt=fmt,
+                hf_split=hf_split,
+            )
+        return
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        yield from iter_hf_dataset(source[len(HF_PREFIX) :], hf_split, text_field, chat_template)
+        return
+    path = Path(source)
+    if path.is_dir():
+        files = list_files(path, glob)
+        if not files:
+            raise DataError(
+                f"{path}: folder has no files matching {glob!r}; pass glob='*.ext' to select files"
+            )
+        logger.info("reading %d files under %s", len(files), path)
+        for file in files:
+            yield from iter_file(file, text_field, text_split, chat_template, fmt)
+    elif path.is_file():
+        yield from iter_file(path, text_field, text_split, chat_template, fmt)
+    else:
+        raise DataError(
+            f"{path}: no such file or folder. Check the path; for a Hugging Face dataset write "
+            f"'{HF_PREFIX}<name>' (needs `pip install datasets`)."
+        )
+
+
+def as_documents(items: Iterable[Document | str | tuple[str, str]]) -> Iterator[Document]:
+    """Normalize in-memory data: strings are plain text, `(prompt, response)` pairs are SFT documents."""
+    for item in items:
+        if isinstance(item, Document):
+            yield item
+        elif isinstance(item, str):
+            yield Document(text=item)
+        elif isinstance(item, tuple) and len(item) == 2:
+            yield Document(text=item[1], prompt=item[0])
+        else:
+            raise DataError(
+                f"cannot use {type(item).__name__} as a document; give str, (prompt, response) or Document"
+            )

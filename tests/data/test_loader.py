@@ -1,0 +1,160 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dyndepth.data.loader import IGNORE_INDEX, PackedLoader, loader_from_texts
+from dyndepth.data.shards import ShardSet, build_shards
+from dyndepth.data.sources import DataError
+
+
+class NumberTokenizer:
+    """'3 4 5' -> [3, 4, 5]: lets a test choose every token id. EOS is the last id."""
+
+    vocab_size = 10_000
+    eos_token_id = 9_999
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+
+class ByteTokenizer:
+    vocab_size = 257
+    eos_token_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def arange_shards(n_tokens: int) -> ShardSet:
+    """One document whose tokens are 0..n_tokens-1 (no EOS): window w starts with token w * seq_len."""
+    return ShardSet.from_documents([" ".join(map(str, range(n_tokens)))], NumberTokenizer(), append_eos=False)
+
+
+def test_labels_are_inputs_shifted_by_one():
+    shards = arange_shards(161)
+    loader = PackedLoader(shards, seq_len=8, batch_size=4, seed=3)
+    for _ in range(loader.batches_per_epoch + 2):
+        batch = loader.next_batch()
+        x, y = batch["input_ids"], batch["labels"]
+        assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.long
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert torch.equal(y, x + 1)  # the stream is 0, 1, 2, ...
+        assert torch.all(x[:, 0] % 8 == 0)  # rows start on window boundaries
+
+
+def test_unshuffled_order_and_window_count():
+    loader = PackedLoader(arange_shards(50), seq_len=8, batch_size=2, shuffle=False)
+    assert loader.num_windows == 6 and loader.batches_per_epoch == 3
+    assert loader.next_batch()["input_ids"][:, 0].tolist() == [0, 8]
+    assert loader.next_batch()["input_ids"][:, 0].tolist() == [16, 24]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_are_disjoint_and_cover_the_epoch(world_size):
+    seq_len, batch_size = 4, 2
+    n_windows = world_size * batch_size * 5
+    shards = arange_shards(n_windows * seq_len + 1)
+    seen = []
+    for rank in range(world_size):
+        loader = PackedLoader(shards, seq_len, batch_size, rank=rank, world_size=world_size, seed=7)
+        firsts = [loader.next_batch()["input_ids"][:, 0] for _ in range(loader.batches_per_epoch)]
+        seen.append(set((torch.cat(firsts) // seq_len).tolist()))
+        assert len(seen[-1]) == loader.batches_per_epoch * batch_size
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not seen[a] & seen[b]
+    assert set().union(*seen) == set(range(n_windows))
+
+
+def test_epoch_rollover_reshuffles_deterministically():
+    shards = arange_shards(8 * 24 + 1)
+    a, b = PackedLoader(shards, 8, 4, seed=1), PackedLoader(shards, 8, 4, seed=1)
+    epochs = [a.windows_for_epoch(e).tolist() for e in range(2)]
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1]) == list(range(24))
+    assert PackedLoader(shards, 8, 4, seed=2).windows_for_epoch(0).tolist() != epochs[0]
+    for _ in range(2 * a.batches_per_epoch + 1):
+        assert torch.equal(a.next_batch()["input_ids"], b.next_batch()["input_ids"])
+    assert a.epoch == 2 and a.cursor == 1
+
+
+def test_resume_gives_identical_next_batches():
+    shards = ShardSet.from_documents(
+        [("prompt words", "the answer"), "some plain text " * 9] * 4, ByteTokenizer()
+    )
+    original = PackedLoader(shards, 16, 2, rank=1, world_size=2, seed=5, intra_doc_mask=True)
+    for _ in range(original.batches_per_epoch - 1):  # stop just before an epoch boundary
+        original.next_batch()
+    state = json.loads(json.dumps(original.state_dict()))  # survives a JSON checkpoint
+    expected = [original.next_batch() for _ in range(original.batches_per_epoch + 2)]
+    restored = PackedLoader(shards, 16, 2, rank=1, world_size=2, seed=5, intra_doc_mask=True)
+    restored.load_state_dict(state)
+    for want in expected:
+        got = restored.next_batch()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert restored.state_dict() == original.state_dict()
+
+
+def test_load_state_dict_rejects_other_settings():
+    shards = arange_shards(200)
+    state = PackedLoader(shards, 8, 2, seed=1).state_dict()
+    with pytest.raises(DataError, match="seed=1.*seed=2"):
+        PackedLoader(shards, 8, 2, seed=2).load_state_dict(state)
+    with pytest.raises(DataError, match="world_size"):
+        PackedLoader(shards, 8, 2, seed=1, world_size=2).load_state_dict(state)
+
+
+def test_sft_prompt_tokens_get_ignore_labels():
+    tok = ByteTokenizer()
+    pairs = [("PPPP", "rr"), ("QQQ", "sss")]
+    stream = tok.encode("PPPPrr") + [256] + tok.encode("QQQsss") + [256]  # 14 tokens
+    prompt_at = {0, 1, 2, 3, 7, 8, 9}
+    loader = loader_from_texts(pairs, tok, seq_len=13, batch_size=1, shuffle=False)
+    batch = loader.next_batch()
+    assert batch["input_ids"][0].tolist() == stream[:13]
+    # the label at t is the token at t+1, ignored exactly when that token belongs to a prompt
+    expected = [IGNORE_INDEX if t + 1 in prompt_at else stream[t + 1] for t in range(13)]
+    assert batch["labels"][0].tolist() == expected
+    assert expected.count(IGNORE_INDEX) == 6  # the first P is only an input
+
+
+def test_positions_and_doc_ids_restart_at_doc_boundaries():
+    tok = NumberTokenizer()
+    docs = ["1 2 3", "4 5", "6 7 8 9 10 11", "12"]  # with EOS: lengths 4, 3, 7, 2 -> starts 0, 4, 7, 14
+    loader = loader_from_texts(docs, tok, seq_len=5, batch_size=1, shuffle=False, intra_doc_mask=True)
+    first = loader.next_batch()
+    assert first["positions"][0].tolist() == [0, 1, 2, 3, 0]
+    assert first["doc_ids"][0].tolist() == [0, 0, 0, 0, 1]
+    second = loader.next_batch()  # tokens 5..9: mid-document start, doc 3 starts at 7
+    assert second["positions"][0].tolist() == [0, 1, 0, 1, 2]
+    assert second["doc_ids"][0].tolist() == [0, 0, 1, 1, 1]
+    assert "positions" not in loader_from_texts(docs, tok, seq_len=5, batch_size=1).next_batch()
+
+
+def test_loader_from_texts_on_disk_matches_memory(tmp_path):
+    texts = [f"text {i} " * (i + 1) for i in range(10)]
+    mem = loader_from_texts(texts, ByteTokenizer(), 12, 3, seed=4)
+    disk = loader_from_texts(texts, ByteTokenizer(), 12, 3, tmp_path, seed=4)
+    assert (tmp_path / "train" / "manifest.json").is_file()
+    for _ in range(4):
+        assert torch.equal(mem.next_batch()["labels"], disk.next_batch()["labels"])
+
+
+def test_too_little_data_and_bad_arguments():
+    shards = arange_shards(20)
+    with pytest.raises(DataError, match="lower seq_len or batch_size"):
+        PackedLoader(shards, seq_len=8, batch_size=4)
+    with pytest.raises(DataError, match="rank 2"):
+        PackedLoader(shards, seq_len=2, batch_size=1, rank=2, world_size=2)
+    with pytest.raises(DataError, match="seq_len"):
+        PackedLoader(shards, seq_len=0, batch_size=1)
+
+
+def test_built_shards_feed_the_loader(tmp_path):
+    shards = build_shards([" ".join(map(str, range(300)))], NumberTokenizer(), tmp_path, shard_tokens=64)
+    loader = PackedLoader(shards, seq_len=16, batch_size=2, shuffle=False)
+    rows = torch.cat([loader.next_batch()["input_ids"] for _ in range(loader.batches_per_epoch)])
+    assert torch.equal(rows.flatten(), torch.arange(rows.numel()))  # crosses several 64-token shards
+    assert isinstance(loader.windows_for_epoch(0), np.ndarray)

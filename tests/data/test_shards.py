@@ -1,0 +1,154 @@
+import json
+
+import numpy as np
+import pytest
+
+from dyndepth.data.shards import ShardSet, build_shards, encode_document, open_shards, token_dtype
+from dyndepth.data.sources import DataError, Document
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids; EOS is the id after the bytes. `vocab_size` is settable to force uint32."""
+
+    def __init__(self, vocab_size: int = 257, eos_token_id: int | None = 256) -> None:
+        self.vocab_size, self.eos_token_id = vocab_size, eos_token_id
+        self.name_or_path = "fake-bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def expected_stream(docs, tok, append_eos=True):
+    ids = []
+    for d in docs:
+        piece = tok.encode(d) if isinstance(d, str) else tok.encode(d[0]) + tok.encode(d[1])
+        ids += piece + ([tok.eos_token_id] if append_eos and piece else [])
+    return np.array(ids, dtype=np.int64)
+
+
+DOCS = [f"document number {i} " + "x" * (i * 7 % 23) for i in range(12)]
+
+
+def test_round_trip_across_shard_boundaries(tmp_path):
+    tok = ByteTokenizer()
+    shards = build_shards(DOCS, tok, tmp_path, shard_tokens=50, source="unit test")
+    ref = expected_stream(DOCS, tok)
+    assert shards.num_tokens == len(ref) == len(shards)
+    assert len(shards.manifest["shards"]) == -(-len(ref) // 50)
+    np.testing.assert_array_equal(shards.tokens(0, len(ref)), ref)
+    for start, end in [(45, 55), (0, 50), (49, 151), (len(ref) - 3, len(ref)), (7, 7)]:
+        np.testing.assert_array_equal(shards.tokens(start, end), ref[start:end])
+    reopened = open_shards(tmp_path)  # parent folder + default split
+    np.testing.assert_array_equal(reopened.tokens(40, 120), ref[40:120])
+    with pytest.raises(IndexError):
+        shards.tokens(0, len(ref) + 1)
+
+
+def test_files_dtype_and_manifest(tmp_path):
+    small = build_shards(DOCS, ByteTokenizer(257), tmp_path / "small", shard_tokens=64, split="val")
+    big = build_shards(DOCS, ByteTokenizer(100_000), tmp_path / "big", shard_tokens=64)
+    split_dir = tmp_path / "small" / "val"
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    assert manifest == small.manifest
+    assert manifest["dtype"] == "uint16" and big.manifest["dtype"] == "uint32"
+    assert manifest["vocab_size"] == 257 and manifest["split"] == "val" and manifest["version"] == 1
+    assert manifest["num_tokens"] == sum(s["num_tokens"] for s in manifest["shards"]) == small.num_tokens
+    assert manifest["num_documents"] == len(DOCS) and manifest["has_loss_mask"] is False
+    assert manifest["tokenizer"]["name"] == "fake-bytes" and manifest["tokenizer"]["eos_token_id"] == 256
+    first = manifest["shards"][0]
+    assert first["file"] == "shard_00000.bin" and first["mask_file"] is None
+    assert (split_dir / "shard_00000.bin").stat().st_size == 64 * 2
+    assert (tmp_path / "big" / "train" / "shard_00000.bin").stat().st_size == 64 * 4
+    assert not list(split_dir.glob("*.tmp"))
+    np.testing.assert_array_equal(small.tokens(0, small.num_tokens), big.tokens(0, big.num_tokens))
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_doc_starts_and_range_query(tmp_path):
+    tok = ByteTokenizer()
+    shards = build_shards(DOCS, tok, tmp_path, shard_tokens=37)
+    lengths = [len(tok.encode(d)) + 1 for d in DOCS]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    np.testing.assert_array_equal(shards.doc_starts(), starts)
+    np.testing.assert_array_equal(shards.doc_starts(30, 100), starts[(starts >= 30) & (starts < 100)])
+    assert shards.num_documents == len(DOCS)
+
+
+def test_sft_loss_mask_only_where_prompts_are(tmp_path):
+    tok = ByteTokenizer()
+    docs = ["plain pretraining text " * 3, ("PROMPT", "answer"), "tail"]
+    shards = build_shards(docs, tok, tmp_path, shard_tokens=40)
+    entries = shards.manifest["shards"]
+    assert shards.has_loss_mask and shards.manifest["has_loss_mask"]
+    assert entries[0]["mask_file"] is None  # the first 40 tokens are plain text
+    assert any(e["mask_file"] for e in entries)
+    mask = shards.loss_mask(0, shards.num_tokens)
+    ref_ids = expected_stream(docs, tok)
+    np.testing.assert_array_equal(shards.tokens(0, shards.num_tokens), ref_ids)
+    p0 = len(tok.encode(docs[0])) + 1
+    expected = np.ones(len(ref_ids), np.uint8)
+    expected[p0 : p0 + len("PROMPT")] = 0  # prompt tokens untrained; answer and its EOS trained
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(open_shards(tmp_path / "train").loss_mask(0, shards.num_tokens), expected)
+
+
+def test_encode_document_and_eos_options(tmp_path):
+    tok = ByteTokenizer()
+    ids, mask = encode_document(Document("ab", prompt="c"), tok)
+    assert ids.tolist() == [99, 97, 98, 256] and mask.tolist() == [0, 1, 1, 1]
+    ids, mask = encode_document(Document("ab"), tok, append_eos=False)
+    assert ids.tolist() == [97, 98] and mask is None
+    shards = build_shards(["ab", "", "cd"], tok, tmp_path, append_eos=False)
+    assert shards.tokens(0, 4).tolist() == [97, 98, 99, 100] and shards.num_documents == 2
+    with pytest.raises(DataError, match="eos_token_id"):
+        build_shards(["ab"], ByteTokenizer(eos_token_id=None), tmp_path / "x")
+    with pytest.raises(DataError, match="vocab_size"):
+        build_shards(["é"], ByteTokenizer(vocab_size=128, eos_token_id=127), tmp_path / "y")
+    with pytest.raises(DataError, match="empty"):
+        build_shards([""], tok, tmp_path / "z")
+
+
+def test_rebuild_replaces_split_and_removes_stale_shards(tmp_path):
+    tok = ByteTokenizer()
+    build_shards(DOCS, tok, tmp_path, shard_tokens=20)
+    assert (tmp_path / "train" / "shard_00005.bin").exists()
+    shards = build_shards(["short"], tok, tmp_path, shard_tokens=20)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "manifest.json",
+        "shard_00000.bin",
+        "shard_00000.idx",
+    ]
+    assert shards.tokens(0, 6).tolist() == tok.encode("short") + [256]
+
+
+def test_missing_manifest_and_truncated_shard_errors(tmp_path):
+    with pytest.raises(DataError, match="no shard manifest"):
+        open_shards(tmp_path)
+    build_shards(DOCS, ByteTokenizer(), tmp_path, shard_tokens=50)
+    shard = tmp_path / "train" / "shard_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"shard_00001\.bin.*rebuild"):
+        open_shards(tmp_path / "train")
+
+
+def test_worker_pool_matches_serial(tmp_path):
+    tok = ByteTokenizer()
+    docs = DOCS + [("prompt", "resp")]
+    serial = build_shards(docs, tok, tmp_path / "a", shard_tokens=30)
+    pooled = build_shards(docs, tok, tmp_path / "b", shard_tokens=30, num_workers=2)
+    n = serial.num_tokens
+    np.testing.assert_array_equal(serial.tokens(0, n), pooled.tokens(0, n))
+    np.testing.assert_array_equal(serial.loss_mask(0, n), pooled.loss_mask(0, n))
+    np.testing.assert_array_equal(serial.doc_starts(), pooled.doc_starts())
+
+
+def test_in_memory_shardset_matches_disk(tmp_path):
+    tok = ByteTokenizer()
+    docs = DOCS[:4] + [("q", "a")]
+    disk = build_shards(docs, tok, tmp_path, shard_tokens=16)
+    mem = ShardSet.from_documents(docs, tok)
+    n = disk.num_tokens
+    assert mem.num_tokens == n and mem.has_loss_mask
+    np.testing.assert_array_equal(mem.tokens(3, n), disk.tokens(3, n))
+    np.testing.assert_array_equal(mem.loss_mask(0, n), disk.loss_mask(0, n))
+    np.testing.assert_array_equal(mem.doc_starts(5, n), disk.doc_starts(5, n))

@@ -1,0 +1,152 @@
+import gzip
+import json
+import sys
+
+import pytest
+
+from dyndepth.data.sources import (
+    DataError,
+    Document,
+    as_documents,
+    iter_documents,
+    iter_hf_dataset,
+    list_files,
+    render_chat,
+)
+
+
+def write_jsonl(path, records, compress=False):
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if compress:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_text_file_splits(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one line\ntwo line\n\nthird para\n", encoding="utf-8")
+    assert list(iter_documents(path)) == [Document("one line\ntwo line\n\nthird para\n")]
+    assert [d.text for d in iter_documents(path, text_split="line")] == ["one line", "two line", "third para"]
+    assert [d.text for d in iter_documents(path, text_split="paragraph")] == [
+        "one line\ntwo line",
+        "third para",
+    ]
+    with pytest.raises(DataError, match="text_split"):
+        list(iter_documents(path, text_split="word"))
+
+
+def test_gzip_text_and_jsonl(tmp_path):
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("zipped text é")
+    write_jsonl(tmp_path / "c.jsonl.gz", [{"text": "zipped record"}], compress=True)
+    assert [d.text for d in iter_documents(tmp_path / "b.txt.gz")] == ["zipped text é"]
+    assert [d.text for d in iter_documents(tmp_path / "c.jsonl.gz")] == ["zipped record"]
+
+
+def test_folder_is_recursive_sorted_and_globbed(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "b.md").write_text("B")
+    (tmp_path / "a.txt").write_text("A")
+    (tmp_path / "sub" / "deeper" / "c.py").write_text("C")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    write_jsonl(tmp_path / "sub" / "d.jsonl", [{"text": "D1"}, {"text": "D2"}])
+    assert [d.text for d in iter_documents(tmp_path)] == ["A", "B", "D1", "D2", "C"]
+    assert [d.text for d in iter_documents(tmp_path, glob="*.py")] == ["C"]
+    assert [p.name for p in list_files(tmp_path, ["*.md", "*.txt"])] == ["a.txt", "b.md"]
+    with pytest.raises(DataError, match="no files matching"):
+        list(iter_documents(tmp_path, glob="*.rs"))
+
+
+def test_jsonl_text_and_custom_field(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi", "id": 1}, {"text": "there"}])
+    assert [d.text for d in iter_documents(path)] == ["hi", "there"]
+    assert all(d.prompt is None for d in iter_documents(path))
+    path2 = write_jsonl(tmp_path / "e.jsonl", [{"content": "x"}])
+    assert [d.text for d in iter_documents(path2, text_field="content")] == ["x"]
+
+
+def test_jsonl_sft_prompt_response_and_messages(tmp_path):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    path = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": "Q: hi", "response": "A: hello"}, {"messages": messages}]
+    )
+    docs = list(iter_documents(path))
+    assert docs[0] == Document(text="A: hello", prompt="Q: hi")
+    assert docs[0].segments() == [("Q: hi", False), ("A: hello", True)]
+    assert docs[1].text == "4"
+    assert docs[1].prompt == "system: be brief\nuser: 2+2?\nassistant: "
+    custom = list(iter_documents(path, chat_template=lambda ms: ("P", ms[-1]["content"] + "!")))
+    assert custom[1] == Document(text="4!", prompt="P")
+
+
+def test_chat_without_assistant_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1.*assistant"):
+        list(iter_documents(path))
+    with pytest.raises(DataError, match="assistant"):
+        render_chat([{"role": "user", "content": "hi"}])
+    path2 = write_jsonl(tmp_path / "bad2.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(DataError, match="role.*content"):
+        list(iter_documents(path2))
+
+
+def test_parquet_text_and_sft(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(
+        pa.table({"text": ["p1", "p2", "p3"], "n": [1, 2, 3]}), tmp_path / "t.parquet", row_group_size=2
+    )
+    assert [d.text for d in iter_documents(tmp_path / "t.parquet")] == ["p1", "p2", "p3"]
+    pq.write_table(pa.table({"prompt": ["q"], "response": ["r"]}), tmp_path / "s.parquet")
+    assert list(iter_documents(tmp_path / "s.parquet")) == [Document(text="r", prompt="q")]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet.*'text'.*body"):
+        list(iter_documents(tmp_path / "bad.parquet"))
+
+
+def test_missing_field_names_file_line_and_fix(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"text": "ok"}, {"body": "no text here"}])
+    with pytest.raises(DataError, match=r"m\.jsonl:2: record has no 'text' field.*text_field"):
+        list(iter_documents(path))
+
+
+def test_missing_file_unknown_extension_and_bad_json(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
+        list(iter_documents(tmp_path / "nope.jsonl"))
+    (tmp_path / "data.xyz").write_text("?")
+    with pytest.raises(DataError, match=r"data\.xyz: unknown file type.*fmt="):
+        list(iter_documents(tmp_path / "data.xyz"))
+    assert [d.text for d in iter_documents(tmp_path / "data.xyz", fmt="text")] == ["?"]
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: not valid JSON"):
+        list(iter_documents(tmp_path / "broken.jsonl"))
+
+
+def test_list_of_sources_and_in_memory_items(tmp_path):
+    (tmp_path / "a.txt").write_text("A")
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "B"}])
+    assert [d.text for d in iter_documents([tmp_path / "a.txt", str(tmp_path / "b.jsonl")])] == ["A", "B"]
+    docs = list(as_documents(["plain", ("p", "r"), Document("d")]))
+    assert docs == [Document("plain"), Document("r", prompt="p"), Document("d")]
+    with pytest.raises(DataError, match="cannot use int"):
+        list(as_documents([3]))
+
+
+def test_hf_datasets_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(DataError, match="pip install datasets"):
+        list(iter_documents("hf:some/dataset"))
+
+
+def test_hf_datasets_local_json(tmp_path):
+    pytest.importorskip("datasets")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "h1"}, {"prompt": "p", "response": "r"}])
+    docs = list(iter_hf_dataset("json", data_files=str(path)))
+    assert docs == [Document("h1"), Document("r", prompt="p")]
