@@ -137,6 +137,12 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
         rms_norm_eps=1e-5,
     ),
+    # A small Qwen3-shaped model (~42M parameters) for CPU benchmarks.
+    "bench-small": dict(
+        model_type="qwen3", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
     "qwen3-0.6b": dict(
         model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
