@@ -137,6 +137,12 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
         rms_norm_eps=1e-5,
     ),
+    # The CPU demo's model (~0.8M parameters); vocab 264 holds the byte tokenizer's 259 ids.
+    "demo-tiny": dict(
+        model_type="qwen3", vocab_size=264, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
     # A small Qwen3-shaped model (~42M parameters) for CPU benchmarks.
     "bench-small": dict(
         model_type="qwen3", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,

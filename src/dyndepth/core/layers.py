@@ -55,9 +55,24 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions. `inv_freq` stays float32 on whatever device the model moves to:
+    `model.to(torch.bfloat16)` would otherwise round the frequencies and shift every angle."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset(self) -> None:
+        """Recompute the frequencies in float32 on the buffer's device (also after meta-device init)."""
+        device = None if self.inv_freq.is_meta else self.inv_freq.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if not self.inv_freq.is_meta:
+            self.reset()
+        return self
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions_BT[..., None].float() * self.inv_freq.float()  # (B, T, H/2), always fp32

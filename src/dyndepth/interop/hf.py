@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from dyndepth.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
-from dyndepth.core.layers import rope_inv_freq
 from dyndepth.interop.safetensors_io import CheckpointError, read_safetensors, write_json, write_safetensors
 from dyndepth.models.qwen3 import CausalLM
 
@@ -186,7 +185,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.inv_freq = rope_inv_freq(config)  # non-persistent buffer, still on meta
+    model.model.rotary_emb.reset()  # a non-persistent buffer: still on meta after loading
     return model.to(device) if device is not None else model
 
 
@@ -222,3 +221,20 @@ def save_pretrained(model: CausalLM, path: str | Path, dtype: torch.dtype | None
                    path / "model.safetensors.index.json")
     write_json(config_to_hf(model.config, save_dtype), path / "config.json")
     return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,
+                       max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Re-save a checkpoint (optionally in another dtype or shard size), carrying its tokenizer files."""
+    import shutil
+
+    folder = resolve(src)
+    model = from_pretrained(folder, dtype=dtype)
+    out = save_pretrained(model, dst, max_shard_bytes=max_shard_bytes)
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, out / name)
+    return out

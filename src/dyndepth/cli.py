@@ -1,0 +1,152 @@
+"""The `dyndepth` command line: parsing only; every command calls one function usable from Python."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Token-adaptive depth for transformer language models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(e: Exception) -> None:
+    """Bad input ends with one clear line, not a stack trace (DYNDEPTH_DEBUG=1 shows the trace)."""
+    if os.environ.get("DYNDEPTH_DEBUG"):
+        raise e
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        _fail(e)
+
+
+def _load_model(model: str, dtype: Optional[str], device: str):
+    import dyndepth
+
+    if model in dyndepth.PRESETS:  # random weights: smoke tests and demos
+        return dyndepth.CausalLM(dyndepth.preset(model)).to(device).eval()
+    return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Checkpoint folder, hub id, or a preset name (random weights)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or 'byte'; default: the model folder."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16; default: as stored."),
+    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0),
+    stream: bool = typer.Option(True, help="Print tokens as they come (single prompt)."),
+) -> None:
+    """Generate text from a model with the KV-cached batched sampler."""
+    import torch
+
+    from dyndepth.tokenizer import encode_batch, load_tokenizer
+
+    lm = _run(_load_model, model, dtype, device)
+    tok = _run(load_tokenizer, tokenizer or ("byte" if model in _presets() else model))
+    ids, mask = encode_batch(tok, prompt, padding_side="left")
+    callback = None
+    if stream and len(prompt) == 1:
+        typer.echo(prompt[0], nl=False)
+
+        def callback(_step: int, token) -> None:
+            typer.echo(tok.decode([int(token[0])]), nl=False)
+
+    out = _run(lm.generate, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
+               temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
+               generator=torch.Generator(device=device).manual_seed(seed))
+    if callback is not None:
+        typer.echo()
+        return
+    for text, row in zip(prompt, out):
+        typer.echo(text + tok.decode(row[ids.shape[1]:].tolist()))
+        typer.echo("---")
+
+
+def _presets():
+    from dyndepth import PRESETS
+
+    return PRESETS
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="HF checkpoint folder or hub id."),
+    dst: Path = typer.Argument(..., help="Output folder (config.json + safetensors + tokenizer files)."),
+    dtype: Optional[str] = typer.Option(None, help="Convert weights to float32 | bfloat16 | float16."),
+    max_shard_gb: float = typer.Option(5.0, help="Shard safetensors above this size."),
+) -> None:
+    """Load a checkpoint and write it back as a HF checkpoint (dtype conversion, re-sharding)."""
+    from dyndepth.interop.hf import convert_checkpoint
+
+    path = _run(convert_checkpoint, src, dst, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="A recipe (.toml or .yaml); see recipes/."),
+    set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.lr=3e-4 (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in train.out_dir."),
+) -> None:
+    """Train or post-train a model from a recipe; run under torchrun for several GPUs."""
+    from dyndepth.train.run import run_training
+
+    overrides = list(set_) + (["train.resume=true"] if resume else [])
+    result = _run(run_training, recipe, overrides)
+    typer.echo(f"trained {result.steps} steps; last checkpoint: {result.last_checkpoint}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
+    steps: int = typer.Option(400, help="Training steps (the default fits a 2-core CPU in a few minutes)."),
+) -> None:
+    """Train a tiny model on embedded data (no network) and print a results table."""
+    from dyndepth.demo import run_demo
+
+    _run(run_demo, out, steps=steps)
+
+
+@bench_app.command("core")
+def bench_core(
+    model: str = typer.Option("bench-small", help="Preset name (random weights) or checkpoint folder / hub id."),
+    batch_size: int = typer.Option(1), prompt_len: int = typer.Option(512),
+    decode_batch_size: int = typer.Option(1), decode_prompt_len: int = typer.Option(64),
+    new_tokens: int = typer.Option(32), dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"), compile: bool = typer.Option(False),
+    repeats: int = typer.Option(5), out: Path = typer.Option(Path("runs/bench")),
+) -> None:
+    """Prefill and decode tokens/s against HF transformers (same weights), load memory, KV bytes/token."""
+    from dyndepth.bench.core import CoreBenchConfig, main as bench_main
+
+    cfg = CoreBenchConfig(model=model, batch_size=batch_size, prompt_len=prompt_len,
+                          decode_batch_size=decode_batch_size, decode_prompt_len=decode_prompt_len,
+                          new_tokens=new_tokens, dtype=dtype, device=device, compile=compile,
+                          repeats=repeats, out_dir=str(out))
+    _run(bench_main, cfg)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+import json
+
+import torch
+from typer.testing import CliRunner
+
+import dyndepth
+from dyndepth.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("generate", "convert", "train", "demo", "bench"):
+        assert command in result.output
+
+
+def test_option_set_is_deliberate():
+    """A snapshot of every command's options: a new flag must be an intentional edit here."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    snapshot = {}
+    for name, cmd in sorted(group.commands.items()):
+        subs = cmd.commands.items() if hasattr(cmd, "commands") else [("", cmd)]
+        for sub, c in subs:
+            snapshot[f"{name} {sub}".strip()] = sorted(p.name for p in c.params)
+    assert snapshot == {
+        "bench core": ["batch_size", "compile", "decode_batch_size", "decode_prompt_len", "device", "dtype",
+                       "model", "new_tokens", "out", "prompt_len", "repeats"],
+        "convert": ["dst", "dtype", "max_shard_gb", "src"],
+        "demo": ["out", "steps"],
+        "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
+                     "tokenizer", "top_k", "top_p"],
+        "train": ["recipe", "resume", "set_"],
+    }
+
+
+def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path)
+    result = runner.invoke(app, ["generate", str(tmp_path), "-p", "hello", "-p", "hi", "-n", "5",
+                                 "--tokenizer", "byte"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("---") == 2 and "hello" in result.output
+
+
+def test_convert_changes_dtype_and_keeps_logits(tmp_path):
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    model.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "dst" / "tokenizer.json").exists()
+    ids = torch.randint(0, 256, (1, 5))
+    ref = model.to(torch.bfloat16)(ids).logits
+    torch.testing.assert_close(dyndepth.from_pretrained(tmp_path / "dst")(ids).logits, ref)
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "Traceback" not in result.output
