@@ -104,3 +104,15 @@ def test_config_errors_name_the_field():
 def test_num_params_formula_matches_module(tiny_config, tiny_moe_config):
     for cfg in (tiny_config, tiny_moe_config, preset("tiny-llama")):
         assert cfg.num_params() == CausalLM(cfg).num_params()
+
+
+def test_intra_document_mask_makes_packed_documents_independent(tiny_config):
+    model = CausalLM(tiny_config).eval()
+    a, b = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 4))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 4])
+    positions = torch.tensor([list(range(5)) + list(range(4))])
+    with torch.no_grad():
+        got = model(packed, positions=positions, doc_ids=doc_ids).logits
+        torch.testing.assert_close(got[:, :5], model(a).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[:, 5:], model(b).logits, atol=1e-5, rtol=0)

@@ -124,16 +124,19 @@ class ForwardContext:
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
-                q_valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+                q_valid_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask: key s is visible to query t if it is valid and not later in position.
 
     Causality is by position, never by storage order, so left padding, packed subsets and cache
-    columns all follow one rule. PAD queries see every key: their outputs are discarded, and a row
+    columns all follow one rule. `doc_ids` (queries and keys are the same tokens) also hides other
+    documents of a packed row. PAD queries see every key: their outputs are discarded, and a row
     with no visible key would make SDPA return NaN.
     """
     mask = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]  # (B, T, S)
     if k_valid_BS is not None:
         mask = mask & k_valid_BS[:, None, :]
+    if doc_ids_BT is not None:
+        mask = mask & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
     if q_valid_BT is not None:
         mask = mask | ~q_valid_BT[:, :, None]
     return mask[:, None]  # (B, 1, T, S)

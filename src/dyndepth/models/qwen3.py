@@ -85,9 +85,11 @@ class CausalLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def make_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     positions: torch.Tensor | None, cache: KVCache | None) -> ForwardContext:
+                     positions: torch.Tensor | None, cache: KVCache | None,
+                     doc_ids: torch.Tensor | None = None) -> ForwardContext:
         B, T = input_ids.shape
         valid = None if attention_mask is None else attention_mask.bool()
+        given_positions = positions is not None
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a KV cache: the caller owns positions.")
@@ -99,11 +101,12 @@ class CausalLM(nn.Module):
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
         cos, sin = self.model.rotary_emb(positions, dtype)  # (B, T, H)
-        attn_mask = None
-        if cache is None and valid is not None:
-            attn_mask = causal_mask(positions, positions, valid, valid)  # (B, 1, T, T)
-        elif cache is None and not _is_arange(positions):
-            attn_mask = causal_mask(positions, positions, None)
+        attn_mask = None  # None: SDPA's causal fast path, exact when positions are 0..T-1 with no padding
+        if cache is None:
+            if valid is not None or doc_ids is not None or (given_positions and not _is_arange(positions)):
+                attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
+        elif doc_ids is not None:
+            raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
         return ForwardContext(positions, valid, cos, sin, attn_mask, cache, collect_aux=self.training)
 
     def forward(
@@ -113,13 +116,15 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         num_logits: int | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """input_ids (B, T); attention_mask (B, T) with 1 for real tokens; positions (B, T).
 
         `num_logits` keeps only the last n positions' logits (generation needs 1), which saves the
-        lm_head over the whole prompt.
+        lm_head over the whole prompt. `doc_ids` (B, T) restricts attention to the token's own
+        document in a packed training row (positions then restart at each document).
         """
-        ctx = self.make_context(input_ids, attention_mask, positions, cache)
+        ctx = self.make_context(input_ids, attention_mask, positions, cache, doc_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for slot, layer in enumerate(self.model.layers):
             x = layer(x, ctx, slot)

@@ -1,0 +1,255 @@
+"""The run configuration: one `RunConfig` per run, loaded from a recipe plus `section.key=value` overrides.
+
+Precedence is CLI overrides > recipe file > dataclass defaults. The `train` section is typed
+(`TrainConfig`); `model`, `method`, `data` and `eval` are plain dicts owned by their subsystems.
+`model` is a preset name (`model = "tiny-qwen3"`), or a table `{preset = "...", <ModelConfig field> = ...}`,
+or `{pretrained = "path or hub id", dtype = "bfloat16"}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("float32", "bfloat16")
+PARALLEL = ("none", "ddp", "fsdp")
+SECTIONS = ("model", "method", "train", "data", "eval")
+
+
+class RunConfigError(ValueError):
+    """A recipe or override that cannot be applied; the message names the key and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch per rank
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_frac: float = 0.2  # WSD: fraction of steps spent decaying to min_lr
+    clip: float = 1.0  # max grad norm; 0 disables clipping
+    dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 0  # 0: evaluate only at the end (when an eval loader is given)
+    eval_batches: int = 10
+    save_every: int = 0  # 0: save only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: bool | str = False  # True: latest checkpoint in out_dir; a string: that checkpoint folder
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "dyndepth"
+    freeze: list[str] = field(default_factory=list)  # parameter-name globs, e.g. "model.embed_tokens.*"
+    lr_groups: dict[str, float] = field(default_factory=dict)  # glob -> LR multiplier, first match wins
+    parallel: str = "none"  # none | ddp | fsdp
+    device: str = "auto"  # auto | cpu | cuda
+    peak_tflops: float | None = None  # MFU denominator per device; None: a default from the device name
+    progress: bool = True  # tqdm bar on rank 0
+    plot: bool = True  # loss-curve PNG (out_dir/loss.png) at the end
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL)):
+            if getattr(self, name) not in allowed:
+                raise RunConfigError(f"train.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise RunConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.decay_frac <= 1.0:
+            raise RunConfigError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}.")
+        if self.min_lr > self.lr:
+            raise RunConfigError(f"train.min_lr ({self.min_lr}) exceeds train.lr ({self.lr}).")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class RunConfig:
+    model: dict = field(default_factory=lambda: {"preset": "tiny-qwen3"})
+    method: dict = field(default_factory=dict)  # {"name": "gateskip", ...}; empty: the plain model
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"]["betas"] = list(self.train.betas)
+        return d
+
+
+# ------------------------------------------------------------------------------------------ coercion
+
+def _parse_scalar(text: str):
+    """An override value without a declared type: JSON, then int/float/bool words, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for parse in (int, float, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, json.JSONDecodeError):
+            pass
+    return text
+
+
+def _coerce_scalar(value, tp):
+    """bool / int / float / str from a parsed value; TypeError when it does not fit."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off"):
+            return value.lower() in ("yes", "on")
+        raise TypeError
+    if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
+        raise TypeError
+    if tp in (int, float):
+        return tp(value)
+    if tp is str and not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _coerce_container(value, tp, key: str):
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        return {str(k): _coerce(v, args[1], key) for k, v in value.items()} if args else dict(value)
+    if not isinstance(value, (list, tuple)):
+        raise TypeError
+    if origin is tuple:
+        if len(args) != len(value) or Ellipsis in args:
+            raise TypeError
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    return [_coerce(v, args[0], key) for v in value] if args else list(value)
+
+
+def _coerce(value, tp, key: str):
+    """Convert `value` (from a recipe or a CLI string) to the field type `tp`, or raise naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except RunConfigError:
+                continue
+        raise RunConfigError(f"{key}: cannot read {value!r} as {tp}.")
+    container = tp in (list, tuple, dict) or origin in (list, tuple, dict)
+    if isinstance(value, str) and tp is not str:
+        value = _parse_scalar(value)
+        if container and isinstance(value, str):  # comma list: "a,b" -> ["a", "b"]
+            value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return _coerce_container(value, tp, key) if container else _coerce_scalar(value, tp)
+    except (TypeError, ValueError):
+        raise RunConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}.") from None
+
+
+def _train_types() -> dict:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _read_file(path: Path) -> dict:
+    if not path.exists():
+        raise RunConfigError(f"recipe {path} does not exist.")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise RunConfigError(f"{path}: invalid TOML ({e}).") from None
+    if path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path}: invalid YAML/JSON ({e}).") from None
+    raise RunConfigError(f"recipe {path}: unknown format {path.suffix!r}; use .toml, .yaml or .json.")
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise RunConfigError(f"override {override!r} must look like section.key=value, e.g. train.lr=3e-4.")
+    dotted, value = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if parts[0] not in SECTIONS:
+        raise RunConfigError(f"override {override!r}: unknown section {parts[0]!r}; valid sections: {SECTIONS}.")
+    if len(parts) == 1:  # e.g. model=tiny-qwen3
+        raw[parts[0]] = value
+        return
+    node = raw.setdefault(parts[0], {})
+    if isinstance(node, str):  # model = "preset-name" followed by model.key=value
+        node = raw[parts[0]] = {"preset": node}
+    for p in parts[1:-1]:
+        node = node.setdefault(p, {})
+    # train values are coerced to their declared type later; free-form sections get a best guess here
+    node[parts[-1]] = value if parts[0] == "train" else _parse_scalar(value)
+
+
+def build_run_config(raw: dict) -> RunConfig:
+    """A validated RunConfig from a nested dict (recipe contents with overrides applied)."""
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise RunConfigError(f"unknown section(s) {sorted(unknown)}; valid sections: {list(SECTIONS)}.")
+    types_ = _train_types()
+    train_raw = raw.get("train") or {}
+    bad = [k for k in train_raw if k not in types_]
+    if bad:
+        raise RunConfigError(f"unknown key train.{bad[0]}; valid train keys: {sorted(types_)}.")
+    train = TrainConfig(**{k: _coerce(v, types_[k], f"train.{k}") for k, v in train_raw.items()})
+    model = raw.get("model", {"preset": "tiny-qwen3"})
+    if isinstance(model, str):
+        model = {"preset": model}
+    for name in ("model", "method", "data", "eval"):
+        value = model if name == "model" else raw.get(name, {})
+        if not isinstance(value, dict):
+            raise RunConfigError(f"section {name!r} must be a table/mapping, got {value!r}.")
+    return RunConfig(model=dict(model), method=dict(raw.get("method") or {}), train=train,
+                     data=dict(raw.get("data") or {}), eval=dict(raw.get("eval") or {}))
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Recipe (.toml/.yaml/.json; None: defaults only) plus overrides like "train.lr=3e-4"."""
+    raw = _read_file(Path(path)) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return build_run_config(raw)
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable again by `load_run_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)
+    return path

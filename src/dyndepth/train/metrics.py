@@ -1,0 +1,138 @@
+"""Training metrics: FLOPs/MFU, the JSONL log (+ optional TensorBoard / wandb), the loss-curve plot.
+
+Only rank 0 writes. `metrics.jsonl` holds one JSON object per line: training records
+`{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", ...}` and evaluation records
+`{"step", "eval_loss", "eval_ppl"}`. On resume, records past the resumed step are dropped first, so the
+file of a resumed run reads like that of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dyndepth.runconfig import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s by device-name fragment (first match wins).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "RTX 4090": 165e12, "V100": 125e12}
+DEFAULT_CPU_PEAK = 1e12  # a nominal figure; set train.peak_tflops for your machine
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (active matmul parameters) + 12 x L x N x H x T for attention.
+
+    The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head; MoE experts
+    count with their top-k fraction.
+    """
+    cfg = model.config
+    total = 0.0
+    for name, p in model.named_parameters():  # tied weights are listed once
+        if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+            continue
+        frac = cfg.num_experts_per_tok / cfg.num_experts if ".mlp.experts." in name and cfg.num_experts else 1.0
+        total += p.numel() * frac
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    return 6 * total + attn
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None) -> float:
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for frag, flops in PEAK_FLOPS.items():
+            if frag in name:
+                return flops
+        log.warning("unknown GPU %r: MFU uses 100 TFLOP/s; set train.peak_tflops", name)
+        return 100e12
+    return DEFAULT_CPU_PEAK
+
+
+def _plain(v):
+    return float(v.item()) if isinstance(v, torch.Tensor) else v
+
+
+class MetricsLogger:
+    """JSONL (+ TensorBoard, wandb) writer; a no-op on ranks other than 0."""
+
+    def __init__(self, out_dir: str | Path, cfg: TrainConfig, enabled: bool, resume_step: int = 0,
+                 run_config: dict | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.records: list[dict] = []
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in self._read() if r.get("step", 0) <= resume_step] if resume_step else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.records = kept
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
+
+            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        if cfg.wandb:
+            import wandb  # needs `pip install wandb`; set WANDB_MODE=offline to run without network
+
+            self._wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=run_config,
+                                     resume="allow")
+
+    def _read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: _plain(v) for k, v in record.items()}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def plot_loss(records: list[dict], path: str | Path) -> Path | None:
+    """Training (and eval) loss against step as a PNG; None when there is nothing to plot."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas by default
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,158 @@
+"""Process groups, DDP / FSDP2 wrapping, activation checkpointing and torch.compile, applied from outside
+the model (the model stays a plain nn.Module; see STYLE.md, "keep the model pure").
+
+`torchrun --nproc_per_node N ...` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+`init_distributed` reads them (gloo on CPU, nccl on CUDA). Without them everything runs in one process.
+
+FSDP2 (`fully_shard`) is applied to every decoder layer, then to the root (embeddings, final norm and
+lm_head, tied or not). Parameter names are unchanged by both the sharding and activation checkpointing,
+so checkpoints, freeze globs and lr_groups see the HF names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank, world size, its device, and the process group (None: single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (in place and returned); the identity in a single process."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+            tensor /= self.world_size
+        return tensor
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'.")
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def init_distributed(parallel: str = "none", device: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's environment variables (or reuse an existing one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and parallel == "none":
+        raise ValueError(f"WORLD_SIZE={world_size} but train.parallel='none'; set train.parallel=ddp or fsdp.")
+    if world_size == 1:
+        return DistInfo(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                    group=dist.group.WORLD)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward. Replaces the layer's bound `forward` only, so module
+    names (and checkpoint keys) stay the same."""
+    for layer in model.model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each decoder layer in place (per-layer compile keeps names and compiles once for all
+    layers of the same shape)."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
+    """DDP wrapper or in-place FSDP2 sharding. Returns the module to call for forward/backward."""
+    if parallel == "none" or not info.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown parallel mode {parallel!r}; use none, ddp or fsdp.")
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(model: nn.Module, sync: bool):
+    """Context for one micro-batch: skip the gradient all-reduce on all but the last micro-batch."""
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Total gradient norm (before clipping) as a plain tensor; clips when max_norm > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm
+
+
+def reduce_stats(stats: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Mean of each scalar over ranks (one all-reduce for the whole dict)."""
+    if not info.distributed or not stats:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=info.device)
+    info.all_reduce_mean(t)
+    return dict(zip(keys, t.tolist()))

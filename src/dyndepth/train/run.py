@@ -1,0 +1,80 @@
+"""`run_training(run_config)`: build model, data and method hooks from a RunConfig, then `train()`.
+
+This is the function `dyndepth train recipe.toml --set train.lr=3e-4` calls; under
+`torchrun --nproc_per_node N` every rank calls it and gets its shard of the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from dyndepth.config import ModelConfig, preset
+from dyndepth.data.build import build_loader, build_tokenizer
+from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
+from dyndepth.train.trainer import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_cfg: dict) -> nn.Module:
+    """`{"preset": name, **ModelConfig overrides}` or `{"pretrained": path_or_hub_id, "dtype": ...}`."""
+    from dyndepth.models.qwen3 import CausalLM
+
+    cfg = dict(model_cfg)
+    if "pretrained" in cfg:
+        from dyndepth.interop.hf import from_pretrained
+
+        extra = set(cfg) - {"pretrained", "dtype"}
+        if extra:
+            raise RunConfigError(f"model.{min(extra)}: a pretrained model takes only 'pretrained' and "
+                                 "'dtype'; its shape comes from the checkpoint's config.json.")
+        return from_pretrained(cfg["pretrained"], dtype=cfg.get("dtype"))  # copy-on-write mmap: trainable
+    if "preset" in cfg:
+        return CausalLM(preset(cfg.pop("preset"), **cfg))
+    if cfg:
+        return CausalLM(ModelConfig(**cfg))
+    raise RunConfigError("the [model] section is empty; set model.preset (e.g. 'tiny-qwen3') or model.pretrained.")
+
+
+def build_hooks(method_cfg: dict, model: nn.Module) -> list:
+    """Attach the method named by `method_cfg["name"]` to `model` and return its training hooks.
+
+    An empty section (or name "none") trains the plain model with no hooks.
+    """
+    name = method_cfg.get("name", "none")
+    if name in ("none", ""):
+        return []
+    raise NotImplementedError(f"method {name!r}: method wiring pending (dyndepth.methods registry).")
+
+
+def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                 loader=None, eval_loader=None, hooks=None) -> TrainResult:
+    """Build everything from `run_config` (a RunConfig or a recipe path + overrides) and train.
+
+    `loader`, `eval_loader` and `hooks` replace what the config would build (tests, notebooks).
+    """
+    if not isinstance(run_config, RunConfig):
+        run_config = load_run_config(run_config, overrides)
+    cfg = run_config.train
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank != 0:  # rank-0 logging: other ranks report only warnings and errors
+        logging.getLogger("dyndepth").setLevel(logging.WARNING)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(run_config.model)
+    if hooks is None:
+        hooks = build_hooks(run_config.method, model)
+    data_kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world_size)
+    if loader is None or (eval_loader is None and run_config.eval.get("enabled", True)):
+        tokenizer = build_tokenizer(run_config.data)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise RunConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                                 f"{model.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}.")
+        if loader is None:
+            loader = build_loader(run_config.data, split="train", tokenizer=tokenizer, **data_kw)
+        if eval_loader is None and run_config.eval.get("enabled", True):
+            eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
+    return train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)

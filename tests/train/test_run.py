@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+from tiny_loader import TinyLoader
+
+from dyndepth import CausalLM, preset
+from dyndepth.runconfig import RunConfigError, load_run_config
+from dyndepth.train import build_hooks, build_model, run_training
+
+
+def test_build_model_from_preset_overrides_and_pretrained(tmp_path):
+    model = build_model({"preset": "tiny-qwen3", "num_hidden_layers": 3})
+    assert len(model.model.layers) == 3 and model.config.hidden_size == 64
+    src = CausalLM(preset("tiny-qwen3"))
+    src.save_pretrained(tmp_path / "hf")
+    loaded = build_model({"pretrained": str(tmp_path / "hf")})
+    torch.testing.assert_close(loaded.lm_head.weight, src.lm_head.weight)
+    with pytest.raises(ValueError, match="pretrained model takes only"):
+        build_model({"pretrained": str(tmp_path / "hf"), "hidden_size": 8})
+
+
+def test_run_training_end_to_end_on_embedded_data(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "demo-tiny"\n[train]\nsteps = 2\nbatch_size = 2\nseq_len = 32\nwarmup = 1\n'
+                      'progress = false\nplot = false\ndevice = "cpu"\neval_batches = 1\n'
+                      '[data]\nsource = "embedded"\nsynthetic_examples = 200\nstdlib_bytes = 20000\n')
+    result = run_training(recipe, [f"train.out_dir={tmp_path / 'out'}"])
+    assert result.steps == 2 and len(result.evals) == 1 and result.losses[-1][1] > 0
+    assert build_hooks({}, CausalLM(preset("tiny-qwen3"))) == []
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\ndevice = "cpu"\n[data]\nsource = "embedded"\n')
+    with pytest.raises(RunConfigError, match="vocab_size >= 259"):
+        run_training(recipe, [f"train.out_dir={tmp_path / 'out'}"])
+
+
+def test_run_training_from_a_recipe_with_an_injected_loader(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 3\nbatch_size = 2\nseq_len = 16\n'
+                      'log_every = 1\nwarmup = 1\nprogress = false\nplot = false\ndevice = "cpu"\n')
+    result = run_training(recipe, [f"train.out_dir={tmp_path / 'out'}", "train.lr=1e-3"],
+                          loader=TinyLoader(2, 16), eval_loader=TinyLoader(2, 16, seed=1))
+    assert result.steps == 3 and len(result.evals) == 1
+    saved = load_run_config(tmp_path / "out" / "step_0000003" / "config.yaml")
+    assert saved.train.lr == pytest.approx(1e-3) and saved.model == {"preset": "tiny-qwen3"}
+    lrs = [json.loads(x).get("lr") for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(1e-3)

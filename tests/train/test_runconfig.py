@@ -1,0 +1,79 @@
+import pytest
+
+from dyndepth.runconfig import RunConfigError, TrainConfig, load_run_config, save_run_config
+
+TOML = """
+model = "tiny-qwen3"
+[method]
+name = "none"
+[train]
+steps = 50
+lr = 1e-3
+betas = [0.8, 0.9]
+freeze = ["model.embed_tokens.*"]
+[data]
+path = "data/corpus"
+"""
+
+
+def test_defaults_recipe_and_cli_precedence(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TOML)
+    rc = load_run_config(recipe, ["train.lr=3e-4", "train.compile=true", "data.seq_shuffle=0",
+                                  "train.lr_groups={\"*.gateskip.*\": 10}", "model.num_hidden_layers=3"])
+    assert rc.train.steps == 50  # recipe over default
+    assert rc.train.lr == pytest.approx(3e-4)  # CLI over recipe
+    assert isinstance(rc.train.lr, float)
+    assert rc.train.batch_size == TrainConfig().batch_size  # default
+    assert rc.train.betas == (0.8, 0.9)
+    assert rc.train.compile is True
+    assert rc.train.lr_groups == {"*.gateskip.*": 10.0}
+    assert rc.model == {"preset": "tiny-qwen3", "num_hidden_layers": 3}
+    assert rc.data == {"path": "data/corpus", "seq_shuffle": 0}
+
+
+def test_yaml_recipe_and_coercion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {preset: tiny-qwen3}\ntrain:\n  steps: 7\n  min_lr: 0\n  resume: true\n")
+    rc = load_run_config(recipe, ["train.freeze=a.*,b.*", "train.resume=runs/x/step_0000004",
+                                  "train.peak_tflops=none"])
+    assert rc.train.steps == 7 and rc.train.min_lr == 0.0 and isinstance(rc.train.min_lr, float)
+    assert rc.train.freeze == ["a.*", "b.*"]
+    assert rc.train.resume == "runs/x/step_0000004"
+    assert rc.train.peak_tflops is None
+    assert load_run_config(recipe).train.resume is True
+
+
+def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
+    with pytest.raises(RunConfigError, match=r"train\.lrr.*valid train keys.*'lr'"):
+        load_run_config(None, ["train.lrr=1"])
+    with pytest.raises(RunConfigError, match="unknown section"):
+        load_run_config(None, ["trian.lr=1"])
+    with pytest.raises(RunConfigError, match=r"train\.steps: expected int"):
+        load_run_config(None, ["train.steps=ten"])
+    with pytest.raises(RunConfigError, match="schedule"):
+        load_run_config(None, ["train.schedule=linear"])
+    with pytest.raises(RunConfigError, match="section.key=value"):
+        load_run_config(None, ["train.lr"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nwarmpu = 3\n")
+    with pytest.raises(RunConfigError, match="warmpu"):
+        load_run_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TOML)
+    rc = load_run_config(recipe, ["train.seed=3"])
+    saved = save_run_config(rc, tmp_path / "out" / "config.yaml")
+    assert load_run_config(saved) == rc
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.toml"))
+    assert {p.name for p in recipes} >= {"tiny_cpu.toml", "gpt_125m.toml", "qwen3_posttrain.toml"}
+    for path in recipes:
+        rc = load_run_config(path)
+        assert rc.train.steps > 0 and rc.data, path.name

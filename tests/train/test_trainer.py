@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+from tiny_loader import TinyLoader
+from train_script import tiny_train_config
+
+from dyndepth import CausalLM, preset
+from dyndepth.train import Hook, lm_loss, train
+from dyndepth.train.checkpoint import latest_checkpoint
+from dyndepth.train.trainer import forward_backward
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_grad_accumulation_2x2_equals_batch_4(name):
+    cfg = tiny_train_config("unused", device="cpu")
+    torch.manual_seed(0)
+    model = CausalLM(preset(name))
+    big = TinyLoader(4, 16).next_batch()
+    forward_backward(model, model, [big], [], cfg, torch.device("cpu"))
+    full = _grads(model)
+    model.zero_grad(set_to_none=True)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    forward_backward(model, model, halves, [], cfg, torch.device("cpu"))
+    accum = _grads(model)
+    assert full.keys() == accum.keys() and len(full) > 5
+    tol = 1e-6 if name == "tiny-qwen3" else 1e-4  # MoE balancing loss is not additive over micro-batches
+    for n in full:
+        torch.testing.assert_close(accum[n], full[n], atol=tol, rtol=0, msg=n)
+
+
+class CountingHook(Hook):
+    """An auxiliary loss (logit z-loss) and a controller that counts steps in its state."""
+
+    name = "counter"
+
+    def __init__(self):
+        self.calls, self.steps_seen, self.aux_calls = 0, [], 0
+
+    def aux_loss(self, model, batch, out):
+        self.aux_calls += 1
+        z = out.logits.float().logsumexp(-1).pow(2).mean()
+        return 1e-4 * z, {"z": z.detach()}
+
+    def after_step(self, model, step, stats, dist):
+        assert "loss" in stats and dist.world_size == 1
+        self.calls += 1
+        self.steps_seen.append(step)
+        return {"calls": float(self.calls)}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_hooks_are_called_logged_and_checkpointed(tmp_path):
+    cfg = tiny_train_config(str(tmp_path), steps=4, save_every=2, grad_accum=2)
+    hook = CountingHook()
+    torch.manual_seed(0)
+    result = train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg, hooks=[hook])
+    assert hook.aux_calls == 8 and hook.steps_seen == [1, 2, 3, 4]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["counter/calls"] == 4.0 and records[-1]["counter/z"] > 0
+    assert result.steps == 4 and result.last_checkpoint == latest_checkpoint(tmp_path)
+    # resume from step 2: the hook state comes back from the checkpoint
+    resumed = CountingHook()
+    cfg2 = tiny_train_config(str(tmp_path), steps=4, save_every=2, grad_accum=2,
+                             resume=str(tmp_path / "step_0000002"))
+    train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg2, hooks=[resumed])
+    assert resumed.steps_seen == [3, 4] and resumed.calls == 4
+    # a hook without saved state is a clear error
+    with pytest.raises(ValueError, match="no state for hook"):
+        other = Hook()
+        other.name = "other"
+        cfg3 = tiny_train_config(str(tmp_path), steps=4, resume=True)
+        train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg3, hooks=[other])
+
+
+def test_eval_metrics_plot_and_config_written(tmp_path):
+    cfg = tiny_train_config(str(tmp_path), steps=6, eval_every=3, eval_batches=2, save_every=0,
+                            lr=1e-2, warmup=1, plot=True)
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3"))
+    result = train(model, TinyLoader(4, 16), cfg, eval_loader=TinyLoader(4, 16, seed=1))
+    assert [s for s, _ in result.evals] == [3, 6]
+    # the final eval is the token-weighted loss of the trained model on the same first 2 eval batches
+    model.eval()
+    ref_loader = TinyLoader(4, 16, seed=1)
+    with torch.no_grad():
+        ref = torch.stack([lm_loss(model(b["input_ids"]).logits, b["labels"])
+                           for b in (ref_loader.next_batch() for _ in range(2))]).mean()
+    assert result.evals[1][1] == pytest.approx(ref.item(), rel=1e-5)
+    assert result.evals[1][1] != result.evals[0][1]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals[0]["eval_ppl"] == pytest.approx(torch.tensor(evals[0]["eval_loss"]).exp().item(), rel=1e-5)
+    train_recs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_recs] == list(range(1, 7))
+    assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 for r in train_recs)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "config.yaml").exists()
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_0000006"]  # saved at the end only
+
+
+def test_activation_checkpointing_and_bf16_autocast_run(tmp_path):
+    torch.manual_seed(0)
+    base = train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16),
+                 tiny_train_config(str(tmp_path / "a"), steps=2, save_every=0))
+    torch.manual_seed(0)
+    ckpt = train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16),
+                 tiny_train_config(str(tmp_path / "b"), steps=2, save_every=0, activation_checkpointing=True))
+    assert [round(x, 5) for _, x in base.losses] == [round(x, 5) for _, x in ckpt.losses]
+    torch.manual_seed(0)
+    bf16 = train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16),
+                 tiny_train_config(str(tmp_path / "c"), steps=2, save_every=0, dtype="bfloat16"))
+    assert abs(bf16.losses[0][1] - base.losses[0][1]) < 0.05
