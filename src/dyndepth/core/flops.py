@@ -1,0 +1,138 @@
+"""Analytic FLOPs of what actually ran, from a ModelConfig alone.
+
+Shape legend: D hidden_size, N query heads, G kv heads, H head_dim, F intermediate size, E experts,
+K experts per token, V vocab, T tokens, B batch.
+
+Conventions (what counts):
+- One multiply-add is 2 FLOPs: a matmul (n, a) @ (a, b) costs 2*n*a*b.
+- Counted: the linear projections q_proj (D -> N*H), k_proj and v_proj (D -> G*H each), o_proj
+  (N*H -> D); the attention scores QK^T and the weighted sum AV, 2*N*H FLOPs each per (query, key) pair
+  actually attended (causal: a query at position p with c cached keys sees c + p + 1 keys; no credit is
+  taken for masked pairs a dense kernel computes anyway); the dense SwiGLU MLP (gate, up, down:
+  3 matmuls D*F); a MoE MLP's router (D -> E) plus the K experts a token runs (3 matmuls D*F_moe each);
+  lm_head (D -> V) per token whose logits are computed; method gates (`gate_flops`).
+- Not counted: norms (RMSNorm, q/k norms), RoPE, softmax, SiLU and elementwise products, biases,
+  residual adds, the embedding lookup, gathers/scatters, MoE top-k selection and expert weighting, gate
+  sigmoids and the mean that turns a gate into a score. These are O(D) per token, small next to the
+  O(D^2) matmuls, and their real cost is memory traffic, which a FLOP count does not capture.
+
+Counts can be Python ints or tensors (per-call counts of kept tokens): the functions only use
+arithmetic, so `RoutingStats.add_flops` can accumulate them without a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
+
+from dyndepth.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+Count = Union[int, float, "torch.Tensor"]  # tensors work too: everything here is plain arithmetic
+
+BRANCHES = ("attn", "mlp")
+GATE_KINDS = ("vector", "scalar")
+
+
+def q_o_flops(config: ModelConfig) -> int:
+    """Per query token: q_proj (D -> N*H) plus o_proj (N*H -> D)."""
+    D, N, H = config.hidden_size, config.num_attention_heads, config.head_dim
+    return 2 * D * N * H + 2 * N * H * D
+
+
+def kv_flops(config: ModelConfig) -> int:
+    """Per token that provides keys/values: k_proj and v_proj (D -> G*H each)."""
+    D, G, H = config.hidden_size, config.num_key_value_heads, config.head_dim
+    return 2 * (2 * D * G * H)
+
+
+def attn_score_flops(config: ModelConfig, attended_keys: Count) -> Count:
+    """QK^T plus AV for `attended_keys` (query, key) pairs in total: 2 * 2 * N * H per pair."""
+    return 4 * config.num_attention_heads * config.head_dim * attended_keys
+
+
+def mlp_flops(config: ModelConfig, layer: int) -> int:
+    """Per token through layer `layer`'s MLP: dense SwiGLU, or MoE router plus K experts."""
+    D = config.hidden_size
+    if config.is_moe_layer(layer):
+        router = 2 * D * config.num_experts
+        return router + config.num_experts_per_tok * 3 * (2 * D * config.moe_intermediate_size)
+    return 3 * (2 * D * config.intermediate_size)
+
+
+def lm_head_flops(config: ModelConfig) -> int:
+    """Per token whose logits are computed: D -> V (tied or not, the matmul is the same)."""
+    return 2 * config.hidden_size * config.vocab_size
+
+
+def gate_flops(config: ModelConfig, kind: str = "vector") -> int:
+    """Per token per gated branch: a vector gate Linear(D -> D) or a scalar gate / router Linear(D -> 1).
+
+    Gates score every token, skipped ones included, so callers charge this for all tokens."""
+    if kind not in GATE_KINDS:
+        raise ValueError(f"gate kind {kind!r} is not supported; use one of {GATE_KINDS}.")
+    D = config.hidden_size
+    return 2 * D * D if kind == "vector" else 2 * D
+
+
+def causal_attended_keys(T: Count, context: Count = 0) -> Count:
+    """Sum over T new queries of the keys each sees, after `context` cached keys: T*context + T(T+1)/2."""
+    return T * context + T * (T + 1) // 2
+
+
+def branch_flops(config: ModelConfig, layer: int, branch: str, n_query_tokens: Count,
+                 n_kv_tokens: Count | None = None, attended_keys: Count | None = None) -> Count:
+    """FLOPs of one branch of one layer application.
+
+    attn: `n_query_tokens` run q_proj/o_proj; `n_kv_tokens` (default: the same) run k_proj/v_proj;
+      `attended_keys` is the total number of (query, key) pairs attended (see `causal_attended_keys`).
+      GateSkip: kept tokens are queries, every token provides K/V, pairs = sum over kept queries of
+      their visible keys. MoD / DND nested pass: the chosen tokens are both queries and keys.
+    mlp: `n_query_tokens` run the MLP (`n_kv_tokens` and `attended_keys` must be left out).
+    """
+    if branch not in BRANCHES:
+        raise ValueError(f"branch {branch!r} is not supported; use one of {BRANCHES}.")
+    if branch == "mlp":
+        if n_kv_tokens is not None or attended_keys is not None:
+            raise ValueError("the mlp branch has no keys: leave n_kv_tokens and attended_keys out.")
+        return n_query_tokens * mlp_flops(config, layer)
+    if attended_keys is None:
+        raise ValueError("the attn branch needs attended_keys (total (query, key) pairs); "
+                         "see causal_attended_keys.")
+    n_kv = n_query_tokens if n_kv_tokens is None else n_kv_tokens
+    return (n_query_tokens * q_o_flops(config) + n_kv * kv_flops(config)
+            + attn_score_flops(config, attended_keys))
+
+
+def layer_flops(config: ModelConfig, layer: int, T: Count, context: Count = 0) -> Count:
+    """One sequence of T new tokens through a plain layer (both branches), after `context` cached tokens."""
+    attn = branch_flops(config, layer, "attn", T, T, causal_attended_keys(T, context))
+    return attn + branch_flops(config, layer, "mlp", T)
+
+
+def forward_flops(config: ModelConfig, T: int, B: int = 1, context: int | None = None,
+                  lm_head: bool = True) -> int:
+    """Plain model: B sequences of T new tokens each, after `context` cached tokens (None: 0).
+
+    `lm_head=False` leaves out the logits (e.g. a prefill that only needs the last position's logits
+    adds `lm_head_flops(config) * B` itself)."""
+    if T < 0 or B < 0 or (context is not None and context < 0):
+        raise ValueError(f"T, B and context must be non-negative, got T={T}, B={B}, context={context}.")
+    c = 0 if context is None else context
+    per_seq = sum(layer_flops(config, i, T, c) for i in range(config.num_hidden_layers))
+    if lm_head:
+        per_seq += T * lm_head_flops(config)
+    return B * per_seq
+
+
+def decode_flops(config: ModelConfig, context_len: int, B: int = 1, lm_head: bool = True) -> int:
+    """One decode step: B sequences each add one token after `context_len` cached tokens."""
+    return forward_flops(config, 1, B, context=context_len, lm_head=lm_head)
+
+
+def ideal_speedup(dense_flops: Count, actual_flops: Count) -> float:
+    """dense / actual: the speedup a method would get if time were proportional to FLOPs."""
+    if float(actual_flops) <= 0:
+        raise ValueError(f"actual_flops must be positive, got {actual_flops}.")
+    return float(dense_flops) / float(actual_flops)

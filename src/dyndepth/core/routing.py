@@ -1,0 +1,297 @@
+"""Token routing shared by every method: choose tokens (`select`), move them (`pack` / `scatter_add`,
+`pack_padded` / `scatter_padded_add`), count them (`RoutingStats`), and budget schedules.
+
+Shape legend: B batch, T tokens, D hidden_size, N kept tokens of the whole batch (flat), K kept tokens
+per row (padded to the longest row, or to a static size).
+
+Conventions
+- `select` returns a KEEP mask (B, T) bool: True means the token runs the branch.
+- `valid` (B, T) marks the ranking pool; False is PAD (GateSkip also passes EOS as False). Tokens outside
+  the pool are never ranked and never use budget. `SelectRule.pad_policy` says what happens to them:
+  "drop": never kept (Mixture-of-Depths, top-k capacity: PAD is never selected);
+  "keep": always kept (GateSkip forces their importance to 1.0, so they run the branch, harmlessly).
+- Top-k ties go to the earlier token (stable sort). The quantile rule skips every pool token whose score
+  is <= tau, ties included. Scores must be finite. To protect a token (e.g. BOS), the caller forces its
+  score: a large finite value for top-k; for the quantile rule, exclude it from `valid` with "keep".
+- Host syncs: `select` never syncs. `pack` syncs (`nonzero`) unless `size` is given; `pack_padded` syncs
+  (longest row) unless `size` is given. With a static size, tokens beyond it are silently dropped: pick a
+  size no smaller than the possible count (a static top-k guarantees <= k per row).
+- Indices are sorted ascending by construction (flat b*T + t for `pack`, column t for `pack_padded`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+RULE_KINDS = ("topk", "quantile", "threshold")
+SCOPES = ("sequence", "batch")
+PAD_POLICIES = ("drop", "keep")
+_QUANTILE_MAX_NUMEL = 2**24  # torch.nanquantile's input limit
+
+
+@dataclass
+class SelectRule:
+    """How `select` chooses tokens from scores (higher score = more important).
+
+    kind "topk": keep k = ceil(fraction * n) tokens with the highest scores, n = pool size of the scope
+      (a row for scope "sequence", the whole batch for "batch"). `static_k=True` uses n = T (or B*T) so k
+      is a Python int and shapes never depend on data; rows with fewer pool tokens keep fewer.
+    kind "quantile" (GateSkip): tau = torch.quantile(pool scores, q, interpolation="linear"); skip pool
+      tokens with score <= tau. q == 0, or a pool of <= 1 token, skips nothing.
+    kind "threshold": keep pool tokens with score > threshold (scope does not matter).
+    """
+
+    kind: str = "topk"
+    scope: str = "sequence"
+    fraction: float = 1.0  # topk: fraction of pool tokens to KEEP (capacity)
+    q: float = 0.0  # quantile: fraction of pool tokens to SKIP
+    threshold: float = 0.0  # threshold: keep if score > threshold
+    pad_policy: str = "drop"  # tokens outside `valid`: "drop" (never kept) or "keep" (always kept)
+    static_k: bool = False  # topk: k = ceil(fraction * T) per row (ceil(fraction * B * T) for batch scope)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("kind", self.kind, RULE_KINDS), ("scope", self.scope, SCOPES),
+                                     ("pad_policy", self.pad_policy, PAD_POLICIES)):
+            if value not in allowed:
+                raise ValueError(f"SelectRule.{name}={value!r} is not supported; use one of {allowed}.")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"SelectRule.fraction={self.fraction} must lie in [0, 1] (fraction of tokens kept).")
+        if not 0.0 <= self.q <= 1.0:
+            raise ValueError(f"SelectRule.q={self.q} must lie in [0, 1] (fraction of tokens skipped).")
+
+
+def capacity(fraction: float, n: int) -> int:
+    """k = ceil(fraction * n), with a 1e-6 tolerance so float error never adds a token (0.7 * 10 -> 7)."""
+    return max(0, math.ceil(fraction * n - 1e-6))
+
+
+def _topk_keep(scores_RT: torch.Tensor, pool_RT: torch.Tensor, fraction: float,
+               static_k: bool) -> torch.Tensor:
+    """Rows R are independent pools; keep the k highest-scoring pool tokens of each row."""
+    R, T = scores_RT.shape
+    masked_RT = scores_RT.masked_fill(~pool_RT, float("-inf"))
+    order_RT = torch.argsort(masked_RT, dim=1, descending=True, stable=True)  # ties: earlier token first
+    ranks_RT = torch.arange(T, device=scores_RT.device).expand(R, T)
+    rank_RT = torch.empty_like(order_RT).scatter_(1, order_RT, ranks_RT)  # rank of each token in its row
+    if static_k:
+        k = capacity(fraction, T)
+        return (rank_RT < k) & pool_RT
+    n_R1 = pool_RT.sum(1, keepdim=True).double()  # (R, 1)
+    k_R1 = (fraction * n_R1 - 1e-6).ceil().clamp(min=0)  # same rule as `capacity`, on tensors
+    return (rank_RT < k_R1) & pool_RT
+
+
+def _rows(t_BT: torch.Tensor, scope: str) -> torch.Tensor:
+    return t_BT.reshape(1, -1) if scope == "batch" else t_BT  # (R, T'): one row per ranking pool
+
+
+def quantile_threshold(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, q: float,
+                       scope: str = "batch") -> torch.Tensor:
+    """tau per pool, (B, 1) for scope "sequence" or (1, 1) for "batch": the linear-interpolation q-quantile
+    of the pool's scores, exactly as torch.quantile computes it. NaN where the pool is empty."""
+    pool_BT = torch.ones_like(scores_BT, dtype=torch.bool) if valid_BT is None else valid_BT.bool()
+    scores_RT, pool_RT = _rows(scores_BT.float(), scope), _rows(pool_BT, scope)
+    if scores_RT.numel() > _QUANTILE_MAX_NUMEL:
+        raise ValueError(f"the quantile rule ranks at most {_QUANTILE_MAX_NUMEL} tokens per call, got "
+                         f"{scores_RT.numel()}; use scope='sequence' or a smaller batch.")
+    nan_RT = scores_RT.masked_fill(~pool_RT, float("nan"))  # nanquantile ignores tokens outside the pool
+    return torch.nanquantile(nan_RT, q, dim=1, keepdim=True, interpolation="linear")  # (R, 1)
+
+
+def _quantile_keep(scores_BT: torch.Tensor, pool_BT: torch.Tensor, q: float, scope: str) -> torch.Tensor:
+    if q == 0.0:
+        return pool_BT.clone()
+    tau_R1 = quantile_threshold(scores_BT, pool_BT, q, scope)  # (R, 1)
+    scores_RT, pool_RT = _rows(scores_BT.float(), scope), _rows(pool_BT, scope)
+    big_R1 = pool_RT.sum(1, keepdim=True) > 1  # a pool of <= 1 token skips nothing
+    skip_RT = pool_RT & (scores_RT <= tau_R1) & big_R1
+    return (pool_RT & ~skip_RT).reshape(pool_BT.shape)
+
+
+def select(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, rule: SelectRule) -> torch.Tensor:
+    """KEEP mask (B, T) bool for `rule`; tokens outside `valid` follow `rule.pad_policy`. No host sync."""
+    if scores_BT.dim() != 2:
+        raise ValueError(f"select expects scores of shape (B, T), got {tuple(scores_BT.shape)}.")
+    if valid_BT is not None and valid_BT.shape != scores_BT.shape:
+        raise ValueError(f"valid {tuple(valid_BT.shape)} must match scores {tuple(scores_BT.shape)}.")
+    pool_BT = torch.ones_like(scores_BT, dtype=torch.bool) if valid_BT is None else valid_BT.bool()
+    if rule.kind == "threshold":
+        keep_BT = pool_BT & (scores_BT > rule.threshold)
+    elif rule.kind == "quantile":
+        keep_BT = _quantile_keep(scores_BT, pool_BT, rule.q, rule.scope)
+    else:
+        keep_RT = _topk_keep(_rows(scores_BT, rule.scope), _rows(pool_BT, rule.scope), rule.fraction,
+                             rule.static_k)
+        keep_BT = keep_RT.reshape(scores_BT.shape)
+    if rule.pad_policy == "keep":
+        keep_BT = keep_BT | ~pool_BT
+    return keep_BT
+
+
+# ---- moving tokens: flat (N, D) ----
+
+def pack(x_BTD: torch.Tensor, keep_BT: torch.Tensor, size: int | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather kept tokens: (x_ND, idx_N), idx_N = flat indices b*T + t, ascending.
+
+    `size=None` finds N with `nonzero` (a host sync). A static `size` pads idx_N with B*T (a "drop" index
+    the scatter functions ignore) and the matching rows of x_ND with copies of the last token.
+    """
+    B, T = keep_BT.shape
+    keep_flat = keep_BT.reshape(B * T)
+    if size is None:
+        idx_N = keep_flat.nonzero().squeeze(1)  # (N,)
+    else:
+        idx_N = torch.nonzero_static(keep_flat, size=size, fill_value=B * T).squeeze(1)  # (size,)
+    return gather_flat(x_BTD, idx_N), idx_N
+
+
+def gather_flat(t_BT: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
+    """Rows idx_N of any (B, T, ...) tensor (positions, cos/sin, valid): (N, ...)."""
+    B, T = t_BT.shape[:2]
+    flat = t_BT.reshape(B * T, *t_BT.shape[2:])  # (B*T, ...)
+    return flat.index_select(0, idx_N.clamp(max=B * T - 1))  # padding (B*T) reads the last row
+
+
+def scatter_add(out_BTD: torch.Tensor, y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
+    """out + y placed at the flat rows idx_N (out-of-place; differentiable). Index B*T is ignored."""
+    B, T, D = out_BTD.shape
+    buf = torch.cat([out_BTD.reshape(B * T, D), out_BTD.new_zeros(1, D)])  # (B*T+1, D): row B*T is scratch
+    buf.index_add_(0, idx_N, y_ND.to(out_BTD.dtype))  # buf is fresh, so in-place keeps autograd intact
+    return buf[: B * T].view(B, T, D)
+
+
+def scatter_add_(out_BTD: torch.Tensor, y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
+    """In-place `scatter_add` into a contiguous out (inference, or when autograd allows it)."""
+    B, T, D = out_BTD.shape
+    real_N = idx_N < B * T
+    y_ND = y_ND.to(out_BTD.dtype) * real_N[:, None]  # padding rows add zero
+    out_BTD.view(B * T, D).index_add_(0, idx_N.clamp(max=B * T - 1), y_ND)
+    return out_BTD
+
+
+def unpack(y_ND: torch.Tensor, idx_N: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(B, T, D) tensor holding y at rows idx_N and zeros elsewhere. Index B*T is ignored."""
+    D = y_ND.shape[-1]
+    buf = y_ND.new_zeros(B * T + 1, D).index_copy(0, idx_N, y_ND)  # (B*T+1, D)
+    return buf[: B * T].view(B, T, D)
+
+
+# ---- moving tokens: padded per row (B, K, D) ----
+
+def pack_padded(x_BTD: torch.Tensor, keep_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
+                size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact each row's kept tokens to the front: (x_BKD, pos_BK, valid_BK, idx_BK).
+
+    idx_BK holds column indices t (ascending within a row); pos_BK the original positions
+    (`positions_BT` gathered, or t itself). Entries past a row's count have valid False, idx 0 and pos of
+    column 0. K is the longest row (a host sync) unless `size` is given.
+    """
+    B, T = keep_BT.shape
+    count_B = keep_BT.sum(1)  # (B,)
+    K = int(count_B.max()) if size is None else size
+    col_BT = keep_BT.long().cumsum(1) - 1  # destination column of each kept token
+    dest_BT = torch.where(keep_BT & (col_BT < K), col_BT, K)  # others -> scratch column K
+    t_BT = torch.arange(T, device=x_BTD.device).expand(B, T)
+    idx_BK = torch.zeros(B, K + 1, dtype=torch.long, device=x_BTD.device).scatter_(1, dest_BT, t_BT)[:, :K]
+    valid_BK = torch.arange(K, device=x_BTD.device)[None, :] < count_B[:, None]  # (B, K)
+    x_BKD = gather_padded(x_BTD, idx_BK)  # (B, K, D)
+    pos_BK = idx_BK.clone() if positions_BT is None else positions_BT.gather(1, idx_BK)
+    return x_BKD, pos_BK, valid_BK, idx_BK
+
+
+def gather_padded(t_BT: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+    """Columns idx_BK of any (B, T, ...) tensor (cos/sin, valid, scores): (B, K, ...)."""
+    rest = t_BT.shape[2:]
+    idx = idx_BK.view(*idx_BK.shape, *([1] * len(rest))).expand(*idx_BK.shape, *rest)  # (B, K, ...)
+    return t_BT.gather(1, idx)
+
+
+def scatter_padded_add(out_BTD: torch.Tensor, y_BKD: torch.Tensor, idx_BK: torch.Tensor,
+                       valid_BK: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_padded`: out + y at (b, idx_BK[b, k]) for valid entries (out-of-place)."""
+    D = out_BTD.shape[-1]
+    y_BKD = y_BKD.to(out_BTD.dtype) * valid_BK[..., None]  # padding entries add zero
+    return out_BTD.scatter_add(1, idx_BK[..., None].expand(-1, -1, D), y_BKD)
+
+
+# ---- budget schedules ----
+
+def linear_ramp(step: int, start: float, end: float, num_steps: int) -> float:
+    """start + min(1, step / num_steps) * (end - start): GateSkip's skip ratio, 0 -> 0.2 over training."""
+    if num_steps <= 0:
+        return end
+    return start + min(1.0, max(0.0, step / num_steps)) * (end - start)
+
+
+def capacity_anneal(step: int, c: float, period: float) -> float:
+    """c + (1 - c) / (step / period + 1): MoD capacity annealed from 1.0 toward c (GateSkip's baseline)."""
+    if period <= 0:
+        raise ValueError(f"capacity_anneal period must be positive, got {period}.")
+    return c + (1.0 - c) / (step / period + 1.0)
+
+
+# ---- counting ----
+
+class RoutingStats:
+    """Executed (token, branch) pairs, pool pairs and FLOPs per (slot, branch), without host syncs.
+
+    `record` adds detached tensors on the scores' device; reading (`executed`, `fraction_skipped`, ...)
+    converts to Python numbers, the only sync. Only pool tokens count: PAD (and GateSkip's EOS) are
+    neither executed nor skipped pairs, even when "keep" runs the branch on them. Pooled fractions weight
+    every pair equally, which matches GateSkip's per-module average when modules see the same tokens.
+    """
+
+    def __init__(self) -> None:
+        self._executed: dict[tuple[int, str], torch.Tensor | int] = {}
+        self._total: dict[tuple[int, str], torch.Tensor | int] = {}
+        self._flops: dict[tuple[int, str], torch.Tensor | float] = {}
+
+    def record(self, slot: int, branch: str, keep_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> None:
+        keep_BT = keep_BT.detach()
+        if valid_BT is None:
+            executed, total = keep_BT.sum(), keep_BT.numel()
+        else:
+            executed, total = (keep_BT & valid_BT).sum(), valid_BT.sum()
+        self.record_counts(slot, branch, executed, total)
+
+    def record_counts(self, slot: int, branch: str, executed, total) -> None:
+        key = (slot, branch)
+        self._executed[key] = self._executed.get(key, 0) + executed
+        self._total[key] = self._total.get(key, 0) + total
+
+    def add_flops(self, slot: int, branch: str, flops) -> None:
+        key = (slot, branch)
+        self._flops[key] = self._flops.get(key, 0) + (flops.detach() if torch.is_tensor(flops) else flops)
+
+    def _sum(self, table: dict, slot: int | None, branch: str | None) -> float:
+        vals = [v for (s, b), v in table.items() if (slot is None or s == slot) and (branch is None or b == branch)]
+        return float(sum(float(v) for v in vals))
+
+    def executed(self, slot: int | None = None, branch: str | None = None) -> int:
+        return int(self._sum(self._executed, slot, branch))
+
+    def total(self, slot: int | None = None, branch: str | None = None) -> int:
+        return int(self._sum(self._total, slot, branch))
+
+    def flops(self, slot: int | None = None, branch: str | None = None) -> float:
+        return self._sum(self._flops, slot, branch)
+
+    def fraction_skipped(self, slot: int | None = None, branch: str | None = None) -> float:
+        """1 - executed / pool pairs over the matching keys (all when both are None); 0.0 if none."""
+        total = self.total(slot, branch)
+        return 0.0 if total == 0 else 1.0 - self.executed(slot, branch) / total
+
+    def summary(self) -> dict[str, float]:
+        """{"<slot>.<branch>": fraction executed} per key, plus "fraction_skipped" over all keys."""
+        out = {f"{s}.{b}": 1.0 - self.fraction_skipped(s, b) for (s, b) in sorted(self._total)}
+        out["fraction_skipped"] = self.fraction_skipped()
+        return out
+
+    def reset(self) -> None:
+        self._executed.clear()
+        self._total.clear()
+        self._flops.clear()
