@@ -23,7 +23,7 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
-                       warmup: int = 1) -> dict[str, float]:
+                       warmup: int = 2) -> dict[str, float]:
     """Median seconds of each callable, running them in turn (a, b, a, b, ...) after `warmup` rounds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
