@@ -19,6 +19,7 @@ from torch import nn
 
 from dyndepth.config import ModelConfig
 from dyndepth.core.cache import KVCache
+from dyndepth.core.routing import gather_padded
 
 
 class RMSNorm(nn.Module):
@@ -109,8 +110,9 @@ class ForwardContext:
     valid (B, T) | None: False marks PAD; None means every token is real.
     cos, sin (B, T, H): rotary tables for `positions`.
     attn_mask (B, 1, T, T) | None: for cache-free calls with padding; None with no padding (causal fast path).
-    cache: the KV cache or None. collect_aux: record router statistics for auxiliary losses.
-    aux: per-forward records (e.g. MoE router statistics) appended by layers, read by the model.
+    cache: the KV cache or None. doc_ids (B, T) | None: packed-document ids (training only).
+    collect_aux: record router statistics for auxiliary losses (training).
+    aux: per-forward MoE router statistics; losses / stats: what methods add, summed / logged by the model.
     """
 
     positions: torch.Tensor
@@ -119,8 +121,11 @@ class ForwardContext:
     sin: torch.Tensor
     attn_mask: torch.Tensor | None = None
     cache: KVCache | None = None
+    doc_ids: torch.Tensor | None = None
     collect_aux: bool = False
     aux: list = field(default_factory=list)
+    losses: list = field(default_factory=list)  # weighted auxiliary losses added by methods
+    stats: dict = field(default_factory=dict)  # detached method statistics for logging
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
@@ -185,16 +190,41 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k_BGSH, v_BGSH, attn_mask=mask, is_causal=mask is None)
         return y.transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
 
-    def forward(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        """Full attention branch on normed input: every token queries and writes K/V (plain model)."""
-        q = self.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
+    def forward(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int,
+                q_idx_BK: torch.Tensor | None = None, q_valid_BK: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention branch on normed input. Every token computes K/V (and writes them to the cache).
+
+        Queries come from every token (B, T, D) -> (B, T, D), or, with `q_idx_BK` (column indices per
+        row, see `core.routing.pack_padded`), only from those tokens: (B, K, D). The second form is
+        how GateSkip saves the q/o projections and the attention of skipped tokens while they still
+        provide keys and values to the others.
+        """
         k, v = self.project_kv(h_BTD, ctx.cos, ctx.sin)  # (B, T, G, H)
-        if ctx.cache is None:
-            y = self.attend(q, k.transpose(1, 2), v.transpose(1, 2), ctx.attn_mask)
+        if q_idx_BK is None:
+            h_q, cos_q, sin_q, pos_q, valid_q = h_BTD, ctx.cos, ctx.sin, ctx.positions, ctx.valid
         else:
+            h_q, cos_q, sin_q, pos_q = (gather_padded(t, q_idx_BK) for t in (h_BTD, ctx.cos, ctx.sin, ctx.positions))
+            valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
+        q = self.project_q(h_q, cos_q, sin_q)  # (B, K, N, H)
+        if ctx.cache is not None:
             k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid)  # (B, G, S, H)
             S = k_all.shape[2]
             k_pos = torch.arange(S, device=h_BTD.device).expand(h_BTD.shape[0], S)  # (B, S)
-            mask = causal_mask(ctx.positions, k_pos, k_valid, ctx.valid)
-            y = self.attend(q, k_all, v_all, mask)
-        return self.o_proj(y)  # (B, T, D)
+            mask = causal_mask(pos_q, k_pos, k_valid, valid_q)
+        else:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
+            mask = ctx.attn_mask
+            if q_idx_BK is not None:
+                doc_q = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, q_idx_BK)
+                mask = subset_mask(pos_q, ctx.positions, ctx.valid, valid_q, doc_q, ctx.doc_ids)
+        return self.o_proj(self.attend(q, k_all, v_all, mask))  # (B, K, D)
+
+
+def subset_mask(q_pos_BK, k_pos_BT, k_valid_BT, q_valid_BK, q_doc_BK=None, k_doc_BT=None) -> torch.Tensor:
+    """causal_mask for queries that are a subset of the keys (documents compared separately)."""
+    mask = causal_mask(q_pos_BK, k_pos_BT, k_valid_BT, None)  # (B, 1, K, T)
+    if q_doc_BK is not None:
+        mask = mask & (q_doc_BK[:, None, :, None] == k_doc_BT[:, None, None, :])
+    if q_valid_BK is not None:
+        mask = mask | ~q_valid_BK[:, None, :, None]
+    return mask

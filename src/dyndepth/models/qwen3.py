@@ -107,7 +107,7 @@ class CausalLM(nn.Module):
                 attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
         elif doc_ids is not None:
             raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
-        return ForwardContext(positions, valid, cos, sin, attn_mask, cache, collect_aux=self.training)
+        return ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, collect_aux=self.training)
 
     def forward(
         self,
