@@ -67,6 +67,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool = False,
     cache_dtype: torch.dtype | None = None,
+    skip_budget: float | None = None,
 ) -> torch.Tensor:
     """Return the prompt plus up to `max_new_tokens` new tokens per row, (B, T + n).
 
@@ -74,7 +75,16 @@ def generate(
       later positions of a stopped row hold `pad_token_id`. The loop ends when every row stopped.
     callback(step, tokens (B,)): called with each new column, for streaming.
     compile: compile the one-token decode step with a full-length static cache (CUDA graphs on GPU).
+    skip_budget: for a model with an adaptive-depth method that supports it (GateSkip), generate with
+      this budget; GateSkip decodes with per-branch thresholds calibrated at that budget (`calibrate`).
     """
+    if skip_budget is not None:
+        method = getattr(model, "method", None)
+        if method is None or not hasattr(method, "decoding"):
+            raise ValueError("skip_budget needs a model with a skipping method attached (e.g. attach_gateskip).")
+        with method.decoding(skip_budget):
+            return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
+                            stop_tokens, pad_token_id, callback, generator, compile, cache_dtype)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
     if max_new_tokens < 0:
@@ -99,7 +109,8 @@ def generate(
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({config.max_position_embeddings}).")
     dtype = cache_dtype or next(model.parameters()).dtype
-    cache = KVCache.for_model(config, B, max_len, dtype=dtype, device=device)
+    slots = model.method.num_slots(config) if getattr(model, "method", None) is not None else None
+    cache = KVCache.for_model(config, B, max_len, num_slots=slots, dtype=dtype, device=device)
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)

@@ -126,6 +126,7 @@ class ForwardContext:
     aux: list = field(default_factory=list)
     losses: list = field(default_factory=list)  # weighted auxiliary losses added by methods
     stats: dict = field(default_factory=dict)  # detached method statistics for logging
+    method: dict = field(default_factory=dict)  # the attached method's per-forward scratch state
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,

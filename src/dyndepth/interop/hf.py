@@ -138,6 +138,16 @@ def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def attach_method(model: CausalLM, spec: dict):
+    from dyndepth.methods import METHODS
+
+    name = spec.get("name")
+    if name not in METHODS:
+        raise CheckpointError(f"config.json names method {name!r}, which this dyndepth does not know "
+                              f"({sorted(METHODS)}); upgrade dyndepth or export the model without it.")
+    return METHODS[name][0](model, {k: v for k, v in spec.items() if k != "name"})
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -169,7 +179,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    config = config_from_hf(json.loads(config_path.read_text()))
+    raw_config = json.loads(config_path.read_text())
+    config = config_from_hf(raw_config)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
@@ -177,6 +188,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     state = stack_experts(read_state_dict(folder))
     with torch.device("meta"):
         model = CausalLM(config)
+        if "dyndepth_method" in raw_config:  # a checkpoint trained with an adaptive-depth method
+            attach_method(model, raw_config["dyndepth_method"])
     check_state_dict(model, state, str(folder))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -219,7 +232,10 @@ def save_pretrained(model: CausalLM, path: str | Path, dtype: torch.dtype | None
             total += sum(t.numel() * t.element_size() for t in shard.values())
         write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
                    path / "model.safetensors.index.json")
-    write_json(config_to_hf(model.config, save_dtype), path / "config.json")
+    hf_config = config_to_hf(model.config, save_dtype)
+    if model.method is not None:  # transformers ignores this key (and warns about the method's tensors)
+        hf_config["dyndepth_method"] = model.method.to_dict()
+    write_json(hf_config, path / "config.json")
     return path
 
 

@@ -74,6 +74,9 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
+        # An adaptive-depth method (a plain object, see dyndepth.methods) that replaces each layer's
+        # forward with its own `apply`; its parameters live in the layers (`model.layers.{i}.<name>`).
+        self.method = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -126,13 +129,18 @@ class CausalLM(nn.Module):
         """
         ctx = self.make_context(input_ids, attention_mask, positions, cache, doc_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        method = self.method
+        if method is not None:
+            method.begin(input_ids, ctx)
         for slot, layer in enumerate(self.model.layers):
-            x = layer(x, ctx, slot)
+            x = layer(x, ctx, slot) if method is None else method.apply(layer, x, ctx, slot)
+        if method is not None:
+            method.end(ctx, self.config)
         if num_logits is not None:
             x = x[:, -num_logits:]
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        aux_loss = logits.new_zeros((), dtype=torch.float32)
-        stats = {}
+        aux_loss = logits.new_zeros((), dtype=torch.float32) + sum(ctx.losses)
+        stats = dict(ctx.stats)
         if ctx.aux and self.config.num_experts:
             balance = load_balancing_loss(ctx.aux, self.config.num_experts)
             aux_loss = aux_loss + self.config.router_aux_loss_coef * balance

@@ -40,15 +40,27 @@ def build_model(model_cfg: dict) -> nn.Module:
     raise RunConfigError("the [model] section is empty; set model.preset (e.g. 'tiny-qwen3') or model.pretrained.")
 
 
-def build_hooks(method_cfg: dict, model: nn.Module) -> list:
+def build_hooks(method_cfg: dict, model: nn.Module, total_steps: int = 0) -> list:
     """Attach the method named by `method_cfg["name"]` to `model` and return its training hooks.
 
     An empty section (or name "none") trains the plain model with no hooks.
     """
+    from dyndepth.methods import METHODS
+
     name = method_cfg.get("name", "none")
     if name in ("none", ""):
         return []
-    raise NotImplementedError(f"method {name!r}: method wiring pending (dyndepth.methods registry).")
+    if name not in METHODS:
+        raise RunConfigError(f"method.name={name!r} is not one of {sorted(METHODS)} (or 'none').")
+    attach, hooks = METHODS[name]
+    options = {k: v for k, v in method_cfg.items() if k != "name"}
+    method = getattr(model, "method", None)
+    if method is not None and method.name == name:  # a checkpoint that already carries the method
+        for key, value in options.items():
+            setattr(method.cfg, key, value)
+    else:
+        method = attach(model, options)
+    return hooks(method, total_steps)
 
 
 def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
@@ -66,7 +78,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(run_config.model)
     if hooks is None:
-        hooks = build_hooks(run_config.method, model)
+        hooks = build_hooks(run_config.method, model, cfg.steps)
     data_kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world_size)
     if loader is None or (eval_loader is None and run_config.eval.get("enabled", True)):
         tokenizer = build_tokenizer(run_config.data)

@@ -1,0 +1,171 @@
+"""GateSkip: neutrality, budgets, physical skipping == masked dense reference, cache consistency."""
+
+import pytest
+import torch
+
+import dyndepth
+from dyndepth import CausalLM, KVCache, preset
+from dyndepth.core.routing import SelectRule, select
+from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
+
+
+def gated_model(name="tiny-qwen3", eos=None, **cfg):
+    torch.manual_seed(0)
+    model = CausalLM(preset(name, eos_token_id=eos)).eval()
+    method = attach_gateskip(model, GateSkipConfig(**cfg))
+    with torch.no_grad():  # spread the gates so importances differ clearly between tokens
+        for layer in model.model.layers[:1] if method.cfg.shared else model.model.layers:
+            for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
+                gate.proj.weight.normal_(0, 0.5)
+                gate.proj.bias.zero_()
+    return model, method
+
+
+def masked_dense_reference(model, ids, mask=None):
+    """The official code path: every branch runs densely; skipped tokens' outputs are zeroed."""
+    method = model.method
+    ctx = model.make_context(ids, mask, None, None)
+    method.begin(ids, ctx)
+    x = model.model.embed_tokens(ids)
+    for slot, layer in enumerate(model.model.layers):
+        for branch, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
+            h = norm(x)
+            gate = getattr(layer.gateskip, f"{branch}_gate")(h)
+            y = layer.self_attn(h, ctx, slot) if branch == "attn" else layer.mlp_branch(h, ctx)
+            pool = ctx.method["pool"]
+            s = gate.mean(-1)
+            keep = select(s, pool, SelectRule(kind="quantile", scope=method.cfg.scope, q=method.cfg.budget,
+                                              pad_policy="keep"))
+            x = x + gate * y * keep[..., None]
+    return model.lm_head(model.model.norm(x))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_open_gates_and_zero_budget_give_the_base_model(name):
+    torch.manual_seed(0)
+    model = CausalLM(preset(name)).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    ref = model(ids).logits
+    attach_gateskip(model, GateSkipConfig(budget=0.0))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
+                gate.proj.weight.zero_()
+                gate.proj.bias.fill_(100.0)  # sigmoid(100) == 1.0 in fp32
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("q", [0.15, 0.3, 0.5])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_skipped_fraction_equals_the_budget(q, scope):
+    model, method = gated_model(budget=q, scope=scope)
+    ids = torch.randint(0, 256, (4, 40))
+    stats = model(ids).stats
+    for branch in ("attn", "mlp"):
+        assert abs(float(stats[f"gateskip/{branch}_skipped"]) - q) <= 1 / 40 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.6])
+def test_physical_skipping_equals_the_masked_dense_reference(name, q):
+    model, _ = gated_model(name, budget=q)
+    ids = torch.randint(0, 256, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        ref = masked_dense_reference(model, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=0)
+
+
+def test_pad_and_eos_are_never_skipped_and_not_counted():
+    model, method = gated_model(eos=5, budget=0.5)
+    ids = torch.randint(6, 256, (2, 10))
+    ids[0, 4] = 5
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    ctx = model.make_context(ids, mask, None, None)
+    method.begin(ids, ctx)
+    assert not ctx.method["pool"][0, 4] and not ctx.method["pool"][1, :2].any()
+
+
+def test_sequence_scope_outputs_do_not_depend_on_the_batch():
+    model, _ = gated_model(budget=0.4, scope="sequence")
+    row = torch.randint(0, 256, (1, 16))
+    others = torch.randint(0, 256, (3, 16))
+    with torch.no_grad():
+        alone = model(row).logits
+        batched = model(torch.cat([row, others])).logits[:1]
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+def test_calibrated_threshold_decoding_equals_full_forward_with_same_decisions():
+    model, method = gated_model(budget=0.0)
+    calib = [torch.randint(0, 256, (4, 24)) for _ in range(3)]
+    table = calibrate(model, calib, budget=0.3)
+    assert table.shape == (2, 2) and (table > 0).all()
+    ids = torch.randint(0, 256, (2, 14))
+    P = 6
+    with method.decoding(0.3), torch.no_grad():
+        full = model(ids)
+        skipped = float(full.stats["gateskip/mlp_skipped"])
+        cache = KVCache.for_model(model.config, 2, 16)
+        pos = torch.arange(14).expand(2, 14)
+        steps = [model(ids[:, :P], positions=pos[:, :P], cache=cache).logits]
+        for t in range(P, 14):
+            steps.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full.logits, atol=1e-5, rtol=0)
+    assert 0.05 < skipped < 0.7  # thresholds from other batches skip roughly the budget
+
+
+def test_generate_with_skip_budget_needs_calibration_then_matches_uncached():
+    model, method = gated_model(budget=0.0)
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match="calibrate"):
+        model.generate(ids, 4, stop_tokens=[], skip_budget=0.3)
+    calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.3)
+    out = model.generate(ids, 6, stop_tokens=[], skip_budget=0.3)
+    with method.decoding(0.3), torch.no_grad():
+        seq = ids
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_training_penalty_gradients_and_budget_ramp():
+    from dyndepth.methods import GateSkipHook
+
+    model, method = gated_model()
+    model.train()
+    hook = GateSkipHook(method, total_steps=10)
+    out = model(torch.randint(0, 256, (2, 8)))
+    assert out.aux_loss > 0  # lambda * mean(g^2)
+    out.aux_loss.backward()
+    gate = model.model.layers[0].gateskip.attn_gate.proj.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # detached gate input
+    hook.after_step(model, 5, {}, None)
+    assert method.cfg.budget == pytest.approx(0.1)
+    assert hook.state_dict() == {"budget": pytest.approx(0.1)}
+
+
+def test_gated_model_saves_and_loads(tmp_path):
+    model, method = gated_model(budget=0.25, gate="lowrank", rank=4)
+    calibrate(model, [torch.randint(0, 256, (2, 16))], budget=0.25)
+    model.save_pretrained(tmp_path)
+    loaded = dyndepth.from_pretrained(tmp_path).eval()
+    assert loaded.method.cfg.gate == "lowrank" and loaded.method.cfg.calibrated_budget == 0.25
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(loaded.model.layers[1].gateskip.tau, model.model.layers[1].gateskip.tau)
+
+
+def test_scalar_and_shared_gates():
+    model, _ = gated_model(gate="scalar", shared=True, budget=0.3)
+    assert model.model.layers[0].gateskip.attn_gate.proj.weight.shape == (1, 64)
+    assert not hasattr(model.model.layers[1], "gateskip")
+    assert model(torch.randint(0, 256, (2, 10))).logits.shape == (2, 10, 256)
