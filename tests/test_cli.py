@@ -29,11 +29,14 @@ def test_option_set_is_deliberate():
     assert snapshot == {
         "bench core": ["batch_size", "compile", "decode_batch_size", "decode_prompt_len", "device", "dtype",
                        "model", "new_tokens", "out", "prompt_len", "repeats"],
+        "bench gateskip": ["budgets", "decode_batches", "device", "dtype", "gate", "model", "new_tokens", "out",
+                           "prefill_lens", "repeats"],
+        "bench train": ["batch_size", "compile", "device", "dtype", "model", "out", "seq_len", "steps"],
         "convert": ["dst", "dtype", "max_shard_gb", "src"],
         "demo": ["out", "steps"],
         "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
                      "tokenizer", "top_k", "top_p"],
-        "train": ["recipe", "resume", "set_"],
+        "train": ["method", "recipe", "resume", "set_"],
     }
 
 

@@ -104,11 +104,12 @@ def train(
     recipe: Path = typer.Argument(..., help="A recipe (.toml or .yaml); see recipes/."),
     set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.lr=3e-4 (repeatable)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in train.out_dir."),
+    method: Optional[str] = typer.Option(None, help="Shorthand for --set method.name=NAME (e.g. gateskip)."),
 ) -> None:
     """Train or post-train a model from a recipe; run under torchrun for several GPUs."""
     from dyndepth.train.run import run_training
 
-    overrides = list(set_) + (["train.resume=true"] if resume else [])
+    overrides = list(set_) + (["train.resume=true"] if resume else []) + ([f"method.name={method}"] if method else [])
     result = _run(run_training, recipe, overrides)
     typer.echo(f"trained {result.steps} steps; last checkpoint: {result.last_checkpoint}")
 
@@ -140,6 +141,39 @@ def bench_core(
                           decode_batch_size=decode_batch_size, decode_prompt_len=decode_prompt_len,
                           new_tokens=new_tokens, dtype=dtype, device=device, compile=compile,
                           repeats=repeats, out_dir=str(out))
+    _run(bench_main, cfg)
+
+
+@bench_app.command("train")
+def bench_train(
+    model: str = typer.Option("demo-tiny", help="Preset name."), batch_size: int = typer.Option(8),
+    seq_len: int = typer.Option(256), steps: int = typer.Option(20), dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"), compile: bool = typer.Option(False), out: Path = typer.Option(Path("runs/bench")),
+) -> None:
+    """Training tokens/s and MFU of our trainer step against a minimal plain PyTorch loop."""
+    from dyndepth.bench.train import TrainBenchConfig, main as bench_main
+
+    _run(bench_main, TrainBenchConfig(model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                                      dtype=dtype, device=device, compile=compile, out_dir=str(out)))
+
+
+@bench_app.command("gateskip")
+def bench_gateskip(
+    model: str = typer.Option("bench-small", help="Preset (random gated weights) or a GateSkip checkpoint."),
+    budgets: str = typer.Option("0,0.15,0.3,0.5", help="Comma-separated skip budgets; the first is the baseline."),
+    prefill_lens: str = typer.Option("512,2048"), decode_batches: str = typer.Option("1,8,32"),
+    new_tokens: int = typer.Option(16), gate: str = typer.Option("vector"), dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"), repeats: int = typer.Option(3), out: Path = typer.Option(Path("runs/bench")),
+) -> None:
+    """GateSkip prefill and decode: realized speedup next to the ideal FLOP ratio, per budget."""
+    from dyndepth.bench.gateskip import GateSkipBenchConfig, main as bench_main
+
+    def floats(text: str, kind=float) -> list:
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    cfg = GateSkipBenchConfig(model=model, budgets=floats(budgets), prefill_lens=floats(prefill_lens, int),
+                              decode_batches=floats(decode_batches, int), new_tokens=new_tokens, gate=gate,
+                              dtype=dtype, device=device, repeats=repeats, out_dir=str(out))
     _run(bench_main, cfg)
 
 

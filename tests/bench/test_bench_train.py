@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+
+from dyndepth.bench.train import TrainBenchConfig, build_loops, main, render_markdown
+
+
+def _tiny(tmp_path, **kw) -> TrainBenchConfig:
+    base = {"model": "tiny-qwen3", "batch_size": 2, "seq_len": 16, "steps": 2, "warmup_steps": 0, "out_dir": str(tmp_path)}
+    return TrainBenchConfig(**{**base, **kw})
+
+
+def test_main_writes_json_and_markdown_with_sane_numbers(tmp_path, capsys):
+    result = main(_tiny(tmp_path))
+    saved = json.loads((tmp_path / "train-cpu-float32.json").read_text())
+    for key in ("tokens_per_s", "ratio_ours_over_plain", "mfu", "flops_per_token", "final_loss", "losses",
+                "date", "torch", "machine"):
+        assert key in saved, key
+    for name in ("ours", "plain"):
+        assert result["tokens_per_s"][name] > 0 and result["mfu"][name] > 0
+        assert len(result["losses"][name]) == 2
+    assert result["ratio_ours_over_plain"] > 0
+    assert result["flops_per_token"] > result["flops_per_token_causal"] > 0  # non-causal attention counts more
+    assert result["peak_memory_bytes"] is None and result["process_peak_rss_bytes"] > 0  # CPU
+    md = (tmp_path / "train-cpu-float32.md").read_text()
+    assert "| ratio |" in md and f"{result['ratio_ours_over_plain']:.3g}" in md
+    assert "flops_per_token" in md and "loss after 2 steps" in md
+    assert "### bench train: tiny-qwen3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_both_loops_train_the_same_thing(tmp_path, name):
+    ours, plain = build_loops(_tiny(tmp_path, model=name), torch.device("cpu"))
+    start = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+    for _ in range(3):
+        ours.step()
+        plain.step()
+    moved = max((p - start[n]).abs().max().item() for n, p in ours.model.named_parameters())
+    assert moved > 1e-4  # the weights were updated, so agreeing losses mean something
+    torch.testing.assert_close(torch.stack(ours.losses), torch.stack(plain.losses), atol=1e-5, rtol=0)
+    p_ours, p_plain = dict(ours.model.named_parameters()), dict(plain.model.named_parameters())
+    assert p_ours.keys() == p_plain.keys()
+    for n, p in p_ours.items():  # same updates: same weight decay groups, clipping and AdamW hyperparameters
+        torch.testing.assert_close(p, p_plain[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_cuda_memory_row_only_on_gpu(tmp_path):
+    result = main(_tiny(tmp_path, steps=1))
+    result["peak_memory_bytes"] = {"ours": 3 * 2**20, "plain": 2 * 2**20}
+    result["process_peak_rss_bytes"] = None
+    md = render_markdown(result)
+    assert "peak CUDA memory (MiB)" in md and "| 1.5 |" in md
+
+
+@pytest.mark.parametrize("bad", [{"model": "nope"}, {"dtype": "float16"}, {"steps": 0}, {"warmup_steps": -1}])
+def test_bad_config_names_the_problem(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainBenchConfig(**bad)
