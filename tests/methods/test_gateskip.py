@@ -169,3 +169,28 @@ def test_scalar_and_shared_gates():
     assert model.model.layers[0].gateskip.attn_gate.proj.weight.shape == (1, 64)
     assert not hasattr(model.model.layers[1], "gateskip")
     assert model(torch.randint(0, 256, (2, 10))).logits.shape == (2, 10, 256)
+
+
+def test_long_subsets_use_chunked_attention_and_stay_exact():
+    model, _ = gated_model(budget=0.3)
+    ids = torch.randint(0, 256, (2, 1100))  # > 2 * 256 kept queries per row: several chunks
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        ref = masked_dense_reference(model, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_a_branch_every_token_skips_still_writes_kv():
+    model, method = gated_model(budget=0.0)
+    calibrate(model, [torch.randint(0, 256, (2, 16))], budget=0.3)
+    for layer in model.model.layers:
+        layer.gateskip.tau.fill_(2.0)  # importance <= 1 < 2: everything skips
+    ids = torch.randint(0, 256, (1, 6))
+    cache = KVCache.for_model(model.config, 1, 8)
+    with method.decoding(0.3), torch.no_grad():
+        out = model(ids, positions=torch.arange(6)[None], cache=cache)
+    assert cache.valid[:, 0, :6].all()  # every slot has K/V for every token
+    torch.testing.assert_close(out.logits, model.lm_head(model.model.norm(model.model.embed_tokens(ids))))

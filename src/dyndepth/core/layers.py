@@ -206,19 +206,46 @@ class Attention(nn.Module):
         else:
             h_q, cos_q, sin_q, pos_q = (gather_padded(t, q_idx_BK) for t in (h_BTD, ctx.cos, ctx.sin, ctx.positions))
             valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
-        q = self.project_q(h_q, cos_q, sin_q)  # (B, K, N, H)
         if ctx.cache is not None:
             k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid)  # (B, G, S, H)
+        else:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
+        if q_idx_BK is not None and q_idx_BK.shape[1] == 0:  # every token skipped: K/V written, nothing else
+            return h_BTD.new_zeros(h_BTD.shape[0], 0, h_BTD.shape[2])
+        q = self.project_q(h_q, cos_q, sin_q)  # (B, K, N, H)
+        if ctx.cache is not None:
             S = k_all.shape[2]
             k_pos = torch.arange(S, device=h_BTD.device).expand(h_BTD.shape[0], S)  # (B, S)
             mask = causal_mask(pos_q, k_pos, k_valid, valid_q)
+            last_key = pos_q  # cache column s holds position s
         else:
-            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
             mask = ctx.attn_mask
+            last_key = q_idx_BK  # without a cache, no visible key lies right of the query's own column
             if q_idx_BK is not None:
                 doc_q = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, q_idx_BK)
                 mask = subset_mask(pos_q, ctx.positions, ctx.valid, valid_q, doc_q, ctx.doc_ids)
-        return self.o_proj(self.attend(q, k_all, v_all, mask))  # (B, K, D)
+        if q_idx_BK is None or mask is None:
+            return self.o_proj(self.attend(q, k_all, v_all, mask))  # (B, T, D)
+        return self.o_proj(self.attend_chunks(q, k_all, v_all, mask, last_key))  # (B, K, D)
+
+    def attend_chunks(self, q_BKNH, k_BGSH, v_BGSH, mask_B1KS, last_key_BK, min_chunk: int = 256):
+        """`attend` for sorted query subsets, in chunks that each read keys only up to their last query.
+
+        A boolean mask makes SDPA compute every (query, key) block, so a subset of a long causal sequence
+        would pay for the masked upper triangle; chunking skips most of it (exact: those keys are masked).
+        """
+        K = q_BKNH.shape[1]
+        n = max(1, min(8, K // min_chunk))
+        if n == 1:
+            return self.attend(q_BKNH, k_BGSH, v_BGSH, mask_B1KS)
+        size = -(-K // n)
+        outs = []
+        for c0 in range(0, K, size):
+            c1 = min(K, c0 + size)
+            stop = int(last_key_BK[:, c0:c1].max()) + 1  # one host sync per chunk
+            outs.append(self.attend(q_BKNH[:, c0:c1], k_BGSH[:, :, :stop], v_BGSH[:, :, :stop],
+                                    mask_B1KS[:, :, c0:c1, :stop]))
+        return torch.cat(outs, dim=1)  # (B, K, N*H)
 
 
 def subset_mask(q_pos_BK, k_pos_BT, k_valid_BT, q_valid_BK, q_doc_BK=None, k_doc_BT=None) -> torch.Tensor:

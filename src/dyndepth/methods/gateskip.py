@@ -141,8 +141,9 @@ class GateSkip:
             x = x + g * layer.self_attn(h, ctx, slot)
         else:
             _, _, valid_BK, idx_BK = pack_padded(keep[..., None], keep)
-            y_BKD = layer.self_attn(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)
-            x = scatter_padded_add(x, gather_padded(g, idx_BK) * y_BKD, idx_BK, valid_BK)
+            y_BKD = layer.self_attn(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)  # K/V for all tokens
+            if idx_BK.shape[1]:
+                x = scatter_padded_add(x, gather_padded(g, idx_BK) * y_BKD, idx_BK, valid_BK)
 
         h = layer.post_attention_layernorm(x)
         g = gates.mlp_gate(h.detach() if self.cfg.detach_input else h)
@@ -150,6 +151,8 @@ class GateSkip:
         if keep is None:
             return x + g * layer.mlp_branch(h, ctx)
         h_ND, idx_N = pack(h, keep)
+        if idx_N.numel() == 0:  # every token skipped this branch
+            return x
         return scatter_add(x, gather_flat(g, idx_N) * layer.mlp_branch(h_ND, ctx), idx_N)
 
     def gates(self, layer, ctx: ForwardContext) -> LayerGates:
