@@ -2,9 +2,12 @@
 trainer hooks (`hooks(method, total_steps)`). METHODS is looked up by exact name."""
 
 from dyndepth.methods.gateskip import GateSkip, GateSkipConfig, GateSkipHook, attach_gateskip, calibrate
+from dyndepth.methods.mod import MoD, MoDConfig, MoDHook, attach_mod, calibrate_mod
 
 METHODS = {
     "gateskip": (attach_gateskip, lambda method, steps: [GateSkipHook(method, steps)]),
+    "mod": (attach_mod, lambda method, steps: [MoDHook(method, steps)]),
 }
 
-__all__ = ["GateSkip", "GateSkipConfig", "GateSkipHook", "METHODS", "attach_gateskip", "calibrate"]
+__all__ = ["METHODS", "GateSkip", "GateSkipConfig", "GateSkipHook", "MoD", "MoDConfig", "MoDHook",
+           "attach_gateskip", "attach_mod", "calibrate", "calibrate_mod"]

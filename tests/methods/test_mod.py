@@ -1,0 +1,252 @@
+"""Mixture-of-Depths: neutrality, capacity, PAD, fast path == per-sequence reference loop, cached decoding,
+training (router/predictor gradients, predictor BCE), FLOPs, annealing, threshold calibration, save/load."""
+
+import math
+
+import pytest
+import torch
+
+import dyndepth
+from dyndepth import CausalLM, KVCache, preset
+from dyndepth.core import flops
+from dyndepth.core.routing import SelectRule, select
+from dyndepth.methods import METHODS, MoDConfig, MoDHook, attach_mod, calibrate_mod
+
+
+def mod_model(name="tiny-qwen3", **cfg):
+    torch.manual_seed(0)
+    model = CausalLM(preset(name)).eval()
+    method = attach_mod(model, MoDConfig(**cfg))
+    with torch.no_grad():  # spread router scores and predictor logits so routing differs clearly by token
+        for i in method.routed:
+            mod = model.model.layers[i].mod
+            mod.router.weight.normal_(0, 1.0)
+            mod.predictor.fc1.weight.normal_(0, 1.0)
+            mod.predictor.fc2.weight.normal_(0, 1.0)
+            mod.predictor.fc2.bias.zero_()
+    return model, method
+
+
+def reference_forward(model, ids, mask=None):
+    """Slow MoD: per layer, per sequence, run the plain layer on the top-k tokens of that sequence only."""
+    method, cfg = model.method, model.method.cfg
+    full = model.make_context(ids, mask, None, None)
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    x = model.model.embed_tokens(ids)
+    B, T = ids.shape
+    k = math.ceil(cfg.capacity * T - 1e-6)
+    for i, layer in enumerate(model.model.layers):
+        if i not in method.routed:
+            x = layer(x, full, i)
+            continue
+        r = layer.mod.router(x).squeeze(-1)  # (B, T)
+        rows = []
+        for b in range(B):
+            scores = r[b].masked_fill(~valid[b], float("-inf"))
+            sel = torch.argsort(scores, descending=True, stable=True)[:min(k, int(valid[b].sum()))]
+            sel = sel.sort().values
+            xs, pos = x[b:b + 1, sel], full.positions[b:b + 1, sel]
+            ctx = model.make_context(ids[b:b + 1, sel], None, pos, None)
+            delta = layer(xs, ctx, i) - xs
+            w = r[b, sel][None, :, None] if cfg.scale_by_router else 1.0
+            rows.append(x[b].index_add(0, sel, (w * delta)[0]))
+        x = torch.stack(rows)
+    return model.lm_head(model.model.norm(x))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_capacity_one_without_router_scale_gives_the_base_model(name):
+    torch.manual_seed(0)
+    model = CausalLM(preset(name)).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref, ref_pad = model(ids).logits, model(ids, attention_mask=mask).logits
+        attach_mod(model, MoDConfig(capacity=1.0, every=1, scale_by_router=False))
+        out, out_pad = model(ids), model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_pad[mask.bool()], ref_pad[mask.bool()], atol=1e-5, rtol=0)
+    assert float(out.stats["mod/routed_fraction"]) == 1.0
+
+
+@pytest.mark.parametrize("c", [0.125, 0.3, 0.5])
+def test_routed_fraction_is_ceil_c_T_over_T(c):
+    model, _ = mod_model(capacity=c, every=1)
+    ids = torch.randint(0, 256, (3, 21))
+    with torch.no_grad():
+        stats = model(ids).stats
+    assert float(stats["mod/routed_fraction"]) == pytest.approx(math.ceil(c * 21) / 21)
+
+
+def test_pad_is_never_routed_and_unrouted_tokens_pass_unchanged():
+    model, method = mod_model(capacity=0.9, every=1)
+    ids = torch.randint(0, 256, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1: 4 real tokens < k = 9
+    ctx = model.make_context(ids, mask, None, None)
+    method.begin(ids, ctx)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        y = method.apply(layer, x, ctx, 0)
+        keep, _ = method.route(layer.mod, x, layer.mod.router(x).squeeze(-1), ctx, 0)
+    assert not keep[1, :6].any() and keep[1, 6:].all() and keep[0].sum() == 9
+    assert torch.equal(y[~keep], x[~keep])  # PAD and unrouted tokens: identity
+    assert not torch.equal(y[keep], x[keep])
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("c,scale", [(0.25, True), (0.5, False), (0.125, True)])
+def test_fast_path_equals_per_sequence_reference_loop(name, c, scale):
+    model, _ = mod_model(name, capacity=c, every=1, scale_by_router=scale)
+    ids = torch.randint(0, 256, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        ref = reference_forward(model, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=0)
+
+
+def test_default_routes_every_other_layer_from_layer_one():
+    model, method = mod_model("demo-tiny")  # 4 layers
+    assert sorted(method.routed) == [1, 3]
+    assert not hasattr(model.model.layers[0], "mod") and hasattr(model.model.layers[3], "mod")
+    with pytest.raises(ValueError, match="routes none"):
+        attach_mod(CausalLM(preset("tiny-qwen3")), MoDConfig(every=4, offset=3))
+
+
+@pytest.mark.parametrize("mode", ["predictor", "router_threshold"])
+def test_cached_decoding_equals_full_forward(mode):
+    model, method = mod_model(capacity=0.5, every=1)
+    if mode == "router_threshold":
+        calibrate_mod(model, [torch.randint(0, 256, (4, 24))])
+    ids = torch.randint(0, 256, (2, 14))
+    P = 6
+    with method.override(mode=mode), torch.no_grad():
+        full = model(ids)
+        cache = KVCache.for_model(model.config, 2, 16)
+        pos = torch.arange(14).expand(2, 14)
+        steps = [model(ids[:, :P], positions=pos[:, :P], cache=cache).logits]
+        for t in range(P, 14):
+            steps.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full.logits, atol=1e-5, rtol=0)
+    assert 0.1 < float(full.stats["mod/routed_fraction"]) < 0.9  # routing really skipped some tokens
+    assert not cache.valid[0, :, :14].all()  # unrouted tokens left invalid K/V at the routed slot
+
+
+def test_generate_in_topk_mode_decodes_with_the_predictor():
+    model, method = mod_model(capacity=0.5, every=1)
+    ids = torch.randint(0, 256, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = model.generate(ids, 6, attention_mask=mask, stop_tokens=[])
+    with method.override(mode="predictor"), torch.no_grad():
+        seq, m = ids, mask
+        for _ in range(6):
+            nxt = model(seq, attention_mask=m).logits[:, -1:].argmax(-1)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_router_threshold_needs_calibration_and_routes_about_c():
+    model, method = mod_model(capacity=0.25, every=1)
+    ids = torch.randint(0, 256, (4, 32))
+    with method.override(mode="router_threshold"), pytest.raises(ValueError, match="calibrate_mod"):
+        model(ids)
+    table = calibrate_mod(model, [torch.randint(0, 256, (4, 32)) for _ in range(2)])
+    assert table.shape == (2,) and method.cfg.calibrated_capacity == 0.25
+    with method.override(mode="router_threshold"), torch.no_grad():
+        frac = float(model(ids).stats["mod/routed_fraction"])
+    assert 0.1 < frac < 0.45
+
+
+def test_training_gradients_reach_router_and_predictor_only_through_their_paths():
+    model, _ = mod_model(capacity=0.25)
+    model.train()
+    out = model(torch.randint(0, 256, (2, 16)))
+    assert "mod/predictor_loss" in out.stats and out.aux_loss > 0
+    (out.logits.pow(2).mean() + out.aux_loss).backward()
+    mod = model.model.layers[1].mod
+    assert mod.router.weight.grad.abs().sum() > 0
+    assert mod.predictor.fc1.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model(torch.randint(0, 256, (2, 16))).aux_loss.backward()  # BCE alone: inputs are detached
+    assert model.model.layers[0].mlp.up_proj.weight.grad is None and mod.router.weight.grad is None
+
+
+def test_predictor_loss_decreases_on_a_toy_batch():
+    model, method = mod_model(capacity=0.25, every=1)
+    model.train()
+    ids = torch.randint(0, 256, (4, 16))
+    params = [p for i in method.routed for p in model.model.layers[i].mod.predictor.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(30):
+        out = model(ids)
+        losses.append(float(out.stats["mod/predictor_loss"]))
+        opt.zero_grad()
+        out.aux_loss.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_flops_count_what_ran():
+    cfg = preset("tiny-qwen3")
+    model, method = mod_model(capacity=1.0, every=1, scale_by_router=False)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        dense = float(model(ids).stats["mod/flops"])
+        with method.override(capacity=0.25):
+            routed = float(model(ids).stats["mod/flops"])
+    router = 2 * 12 * 2 * flops.gate_flops(cfg, "scalar")  # 2 layers, B * T tokens
+    assert dense == flops.forward_flops(cfg, 12, B=2, lm_head=False) + router
+    k = 3  # ceil(0.25 * 12): k tokens per row run both branches; attention among them only
+    attn = flops.branch_flops(cfg, 0, "attn", k, k, k * (k + 1) // 2)
+    per_layer = attn + flops.branch_flops(cfg, 0, "mlp", k)
+    assert routed == 2 * 2 * per_layer + router
+
+
+def test_capacity_anneal_hook_and_registry():
+    model, method = mod_model(capacity=0.2, anneal_period=1500)
+    attach, hooks_factory = METHODS["mod"]
+    assert attach is attach_mod
+    (hook,) = hooks_factory(method, 100)
+    assert isinstance(hook, MoDHook) and method.capacity == 1.0
+    hook.after_step(model, 1500, {}, None)
+    assert method.capacity == pytest.approx(0.2 + 0.8 / 2)
+    assert hook.state_dict() == {"capacity": pytest.approx(0.6)}
+    MoDHook(*(method, 100)).load_state_dict({"capacity": 0.3})
+    assert method.capacity == 0.3
+
+
+def test_retrofit_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    base = CausalLM(preset("tiny-qwen3")).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = dyndepth.from_pretrained(tmp_path / "base").eval()
+    method = attach_mod(model, {"capacity": 0.5, "router_act": "sigmoid", "predictor_hidden": 8})
+    with torch.no_grad():
+        model.model.layers[1].mod.threshold.fill_(0.123)
+    model.save_pretrained(tmp_path / "mod")
+    loaded = dyndepth.from_pretrained(tmp_path / "mod").eval()
+    assert loaded.method.to_dict() == method.to_dict()
+    assert loaded.model.layers[1].mod.predictor.fc1.weight.shape == (8, 64)
+    assert float(loaded.model.layers[1].mod.threshold) == pytest.approx(0.123)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_topk_selection_matches_the_routing_core():
+    model, method = mod_model(capacity=0.3, every=1)
+    ids = torch.randint(0, 256, (2, 10))
+    ctx = model.make_context(ids, None, None, None)
+    method.begin(ids, ctx)
+    x = torch.randn(2, 10, 64)
+    r = model.model.layers[0].mod.router(x).squeeze(-1)
+    keep, predicted = method.route(model.model.layers[0].mod, x, r, ctx, 0)
+    expected = select(r, None, SelectRule(kind="topk", fraction=0.3, static_k=True))
+    assert torch.equal(keep, expected) and not predicted
