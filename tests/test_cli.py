@@ -33,7 +33,7 @@ def test_option_set_is_deliberate():
                            "prefill_lens", "repeats"],
         "bench train": ["batch_size", "compile", "device", "dtype", "model", "out", "seq_len", "steps"],
         "convert": ["dst", "dtype", "max_shard_gb", "src"],
-        "demo": ["out", "steps"],
+        "demo": ["gate_steps", "out", "steps"],
         "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
                      "tokenizer", "top_k", "top_p"],
         "train": ["method", "recipe", "resume", "set_"],

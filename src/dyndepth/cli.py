@@ -117,12 +117,13 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
-    steps: int = typer.Option(400, help="Training steps (the default fits a 2-core CPU in a few minutes)."),
+    steps: int = typer.Option(400, help="Base training steps (the default fits a 2-core CPU in a few minutes)."),
+    gate_steps: int = typer.Option(120, help="GateSkip post-training steps."),
 ) -> None:
     """Train a tiny model on embedded data (no network) and print a results table."""
     from dyndepth.demo import run_demo
 
-    _run(run_demo, out, steps=steps)
+    _run(run_demo, out, steps=steps, gate_steps=gate_steps)
 
 
 @bench_app.command("core")

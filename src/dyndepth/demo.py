@@ -1,15 +1,18 @@
-"""`make demo` / `dyndepth demo`: train a tiny model on the embedded data and report what it learned.
+"""`make demo` / `dyndepth demo`: train a tiny model on embedded data, post-train it with GateSkip, and
+measure quality against compute. Offline, on a laptop CPU, in a few minutes.
 
-Runs offline on a laptop CPU in a few minutes: synthetic reasoning tasks plus the Python standard
-library's own source as text, a byte-level tokenizer, a 4-layer Qwen3-shaped model. Prints a results
-table (loss, perplexity, exact match per task, loss on answer vs prompt tokens), writes the loss curve,
-sample generations and `results.json` to the output folder.
+1. Base model: a 4-layer Qwen3-shaped model (byte tokenizer) on synthetic reasoning tasks plus the
+   Python standard library's source.
+2. GateSkip: gates on every attention and MLP branch, fine-tuned with the gate penalty and a skip
+   ramp (0 -> 20%), as the paper's recipe does.
+3. Evaluation at skip budgets 0 / 15 / 30 / 50%: validation loss, exact match per task (generation
+   decodes with per-branch thresholds calibrated at the budget) and the FLOPs that actually ran.
+Writes results.json, quality_vs_compute.png, loss curves and sample generations to the output folder.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -17,76 +20,117 @@ import torch
 
 from dyndepth.bench.timing import markdown_table
 from dyndepth.config import preset
+from dyndepth.core import flops
 from dyndepth.data.build import build_loader
-from dyndepth.data.synthetic import TASKS, make_examples
+from dyndepth.data.synthetic import TASKS, exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers, loss_by_difficulty
-from dyndepth.data.synthetic import exact_match
+from dyndepth.methods import calibrate
 from dyndepth.models.qwen3 import CausalLM
+from dyndepth.plots import plot_quality_vs_compute
 from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.tokenizer import ByteTokenizer
-from dyndepth.train.metrics import perplexity
-from dyndepth.train.trainer import train
-
-log = logging.getLogger(__name__)
+from dyndepth.train.parallel import DistInfo
+from dyndepth.train.run import build_hooks
+from dyndepth.train.trainer import evaluate, train
 
 # Easy enough to learn in a few CPU minutes, hard enough that answer tokens stand out.
 DIFFICULTY = {"add": {"digits": 2}, "mul": {"digits": 1}, "var": {"hops": 1}, "sort": {"length": 4},
               "parity": {"length": 6}, "copy": {"length": 6}}
+BUDGETS = (0.0, 0.15, 0.3, 0.5)
+DATA = {"source": "embedded", "tokenizer": "byte", "difficulty": DIFFICULTY, "synthetic_examples": 40_000,
+        "stdlib_bytes": 1_000_000}
 
 
-def demo_run_config(out_dir: str, steps: int) -> RunConfig:
-    data = {"source": "embedded", "tokenizer": "byte", "difficulty": DIFFICULTY, "synthetic_examples": 40_000,
-            "stdlib_bytes": 1_000_000}
-    train_cfg = TrainConfig(steps=steps, batch_size=16, seq_len=256, lr=3e-3, min_lr=3e-4, warmup=30,
-                            weight_decay=0.1, eval_every=max(steps // 4, 1), eval_batches=8, log_every=10,
-                            out_dir=out_dir, device="cpu")
-    return RunConfig(model={"preset": "demo-tiny"}, data=data, train=train_cfg)
+def _train_config(out_dir: Path, steps: int, lr: float, warmup: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=16, seq_len=256, lr=lr, min_lr=lr / 10, warmup=warmup,
+                       weight_decay=0.1, eval_every=0, eval_batches=8, log_every=10, out_dir=str(out_dir),
+                       device="cpu")
 
 
-def run_demo(out_dir: str | Path = "runs/demo", steps: int = 600, eval_examples: int = 40) -> dict:
+def run_demo(out_dir: str | Path = "runs/demo", steps: int = 400, gate_steps: int = 120,
+             eval_examples: int = 40) -> dict:
     out = Path(out_dir)
     t0 = time.perf_counter()
-    rc = demo_run_config(str(out), steps)
     tok = ByteTokenizer()
-    torch.manual_seed(rc.train.seed)
-    model = CausalLM(preset(rc.model["preset"]))
-    kw = dict(batch_size=rc.train.batch_size, seq_len=rc.train.seq_len, seed=rc.train.seed, tokenizer=tok)
-    loader = build_loader(rc.data, split="train", **kw)
-    val_loader = build_loader(rc.data, split="val", **kw)
-    result = train(model, loader, rc.train, eval_loader=val_loader, run_config=rc)
-    train_s = time.perf_counter() - t0
+    torch.manual_seed(0)
+    model = CausalLM(preset("demo-tiny"))
+    kw = dict(batch_size=16, seq_len=256, seed=0, tokenizer=tok)
+    loader, val_loader = build_loader(DATA, split="train", **kw), build_loader(DATA, split="val", **kw)
 
-    model.eval()
+    base_cfg = _train_config(out / "base", steps, 3e-3, 30)
+    base = train(model, loader, base_cfg, eval_loader=val_loader,
+                 run_config=RunConfig(model={"preset": "demo-tiny"}, data=DATA, train=base_cfg))
     examples = make_examples(list(TASKS), eval_examples * len(TASKS), seed=1, difficulty=DIFFICULTY, split="val")
-    predictions = generate_answers(model, tok, examples)
-    accuracy = exact_match(examples, predictions)
-    difficulty = loss_by_difficulty(model, tok, examples)
-    samples = [dict(task=e.task, prompt=e.prompt, answer=e.answer, generated=p.split("\n")[0])
-               for e, p in zip(examples[::eval_examples // 2 or 1], predictions[::eval_examples // 2 or 1])]
-    final_loss = result.losses[-1][1]
-    val_loss = result.evals[-1][1]
-    summary = {
-        "model_params": model.num_params(), "steps": result.steps, "train_seconds": round(train_s, 1),
-        "train_loss": final_loss, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
-        "exact_match": accuracy, "answer_token_loss": difficulty["answer"],
-        "prompt_token_loss": difficulty["prompt"], "samples": samples,
-    }
+    model.eval()
+    base_row = _evaluate(model, tok, examples, val_loader, base_cfg, budget=None)
+
+    gate_cfg = _train_config(out / "gateskip", gate_steps, 1e-3, 10)
+    method_cfg = {"name": "gateskip", "penalty": 1.0, "ramp_end": 0.2, "scope": "batch"}
+    hooks = build_hooks(method_cfg, model, gate_steps)
+    train(model, loader, gate_cfg, hooks=hooks, eval_loader=val_loader,
+          run_config=RunConfig(model={"preset": "demo-tiny"}, method=method_cfg, data=DATA, train=gate_cfg))
+    model.eval()
+    calib = [val_loader.next_batch()["input_ids"] for _ in range(4)]
+    rows = [base_row]
+    for q in BUDGETS:
+        if q > 0:
+            calibrate(model, calib, budget=q)
+        rows.append(_evaluate(model, tok, examples, val_loader, gate_cfg, budget=q, probe=calib[0]))
+    dense = rows[1]["flops"]
+    for r in rows:
+        r["compute"] = r["flops"] / dense
+    model.save_pretrained(out / "gateskip_model")
+
+    summary = {"model_params": base_row["params"], "base_steps": base.steps, "gateskip_steps": gate_steps,
+               "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
+               "loss_by_difficulty": loss_by_difficulty(model, tok, examples[:120])}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "samples.txt").write_text("".join(
-        f"[{s['task']}] {s['prompt']}{s['generated']}   (expected {s['answer']})\n" for s in samples))
+    plot_quality_vs_compute([r for r in rows if r["label"] != "base"], out / "quality_vs_compute.png")
+    _write_samples(model, tok, examples, out / "samples.txt")
     print(render(summary, out))
     return summary
 
 
+def _evaluate(model, tok, examples, val_loader, cfg: TrainConfig, budget: float | None, probe=None) -> dict:
+    """Validation loss, exact match and FLOPs per token at a skip budget (None: the model before gates)."""
+    gen_kw = {} if budget is None else {"skip_budget": budget}
+    if budget is None:
+        val_loss = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
+        T = 256
+        work = flops.forward_flops(model.config, T, lm_head=False) / T
+    else:
+        with model.method.override(budget=budget, mode="quantile"):
+            val_loss = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
+            with torch.no_grad():
+                work = float(model(probe).stats["gateskip/flops"]) / probe.numel()
+    accuracy = exact_match(examples, generate_answers(model, tok, examples, **gen_kw))
+    label = "base" if budget is None else f"q={budget:.0%}"
+    return {"label": label, "budget": budget, "val_loss": val_loss, "exact_match": accuracy["overall"],
+            "per_task": accuracy, "flops": work, "params": model.num_params()}
+
+
+def _write_samples(model, tok, examples, path: Path) -> None:
+    picks = examples[::20]
+    lines = []
+    for q in BUDGETS:
+        kw = {"skip_budget": q} if q > 0 else {}
+        if q > 0 and model.method.cfg.calibrated_budget != q:
+            continue
+        for e, p in zip(picks, generate_answers(model, tok, picks, **kw)):
+            lines.append(f"[q={q:.0%}] [{e.task}] {e.prompt}{p.split(chr(10))[0]}   (expected {e.answer})")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def render(s: dict, out: Path) -> str:
-    rows = [dict(metric="train loss (last step, nats/byte)", value=s["train_loss"]),
-            dict(metric="val loss / perplexity", value=f"{s['val_loss']:.3f} / {s['val_ppl']:.2f}"),
-            dict(metric="loss on answer tokens (hard)", value=s["answer_token_loss"]),
-            dict(metric="loss on prompt tokens (easy)", value=s["prompt_token_loss"])]
-    rows += [dict(metric=f"exact match: {task}", value=f"{acc:.0%}") for task, acc in s["exact_match"].items()]
+    rows = [dict(model=r["label"], compute=f"{r['compute']:.0%}", val_loss=r["val_loss"],
+                 exact_match=f"{r['exact_match']:.0%}",
+                 **{t: f"{r['per_task'][t]:.0%}" for t in TASKS}) for r in s["rows"]]
     head = (f"\n## dyndepth demo: {s['model_params'] / 1e6:.2f}M-parameter Qwen3-shaped model, "
-            f"{s['steps']} steps in {s['train_seconds']:.0f}s on CPU\n\n")
-    samples = "\n".join(f"  [{x['task']}] {x['prompt']}{x['generated']}   (expected {x['answer']})"
-                        for x in s["samples"][:8])
-    files = f"\n\nwrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'samples.txt'}"
-    return head + markdown_table(rows, ["metric", "value"]) + "\n\nsample generations:\n" + samples + files
+            f"{s['base_steps']} base steps + {s['gateskip_steps']} GateSkip steps, {s['seconds']:.0f}s on CPU\n\n"
+            "compute = FLOPs per token that actually ran, relative to the gated model at budget 0 "
+            "(gates included; 'base' is the model before gates were added).\n\n")
+    d = s["loss_by_difficulty"]
+    tail = (f"\n\nloss on answer tokens {d['answer']:.3f} vs prompt tokens {d['prompt']:.3f} nats "
+            f"(GateSkip model, budget 0)\nwrote {out / 'results.json'}, {out / 'quality_vs_compute.png'}, "
+            f"{out / 'base' / 'loss.png'}, {out / 'samples.txt'}")
+    return head + markdown_table(rows, ["model", "compute", "val_loss", "exact_match", *TASKS]) + tail

@@ -3,6 +3,7 @@ trainer hooks (`hooks(method, total_steps)`). METHODS is looked up by exact name
 
 from dyndepth.methods.gateskip import GateSkip, GateSkipConfig, GateSkipHook, attach_gateskip, calibrate
 from dyndepth.methods.mod import MoD, MoDConfig, MoDHook, attach_mod, calibrate_mod
+from dyndepth.methods.speculative import SpecStats, speculative_generate
 
 METHODS = {
     "gateskip": (attach_gateskip, lambda method, steps: [GateSkipHook(method, steps)]),
@@ -10,4 +11,4 @@ METHODS = {
 }
 
 __all__ = ["METHODS", "GateSkip", "GateSkipConfig", "GateSkipHook", "MoD", "MoDConfig", "MoDHook",
-           "attach_gateskip", "attach_mod", "calibrate", "calibrate_mod"]
+           "SpecStats", "attach_gateskip", "attach_mod", "calibrate", "calibrate_mod", "speculative_generate"]

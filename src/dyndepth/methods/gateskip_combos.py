@@ -1,0 +1,219 @@
+"""GateSkip combinations (spec section 7): weight-only quantization and static layer pruning.
+
+Shape legend: B batch, T tokens, D hidden_size, L layers, N out_features, K in_features, G groups per row.
+
+Quantization: every nn.Linear (gates included, as the paper quantizes everything but lm_head) becomes a
+`QuantLinear` holding symmetric integer weights and one float scale per output channel (or per group of
+`group_size` input columns): w ~= q * scale, q in [-127, 127] (8 bits) or [-8, 7] (4 bits, two values
+packed per byte). Activations stay in float; the layer dequantizes on the fly, or on CPU with 8-bit
+per-channel weights calls torch's int8 weight-only kernel `torch._weight_int8pack_mm`. MoE expert stacks
+are plain parameters, not nn.Linear, and stay in float.
+
+Pruning: whole decoder layers are removed by a static score, either GateSkip's mean gate importance of
+the layer's two branches, or ShortGPT's block influence 1 - cos(h_in, h_out) (low = the layer barely
+changes the residual stream). Pruning renumbers the layers, so HF names stay contiguous and a pruned model
+round-trips through `save_pretrained` / `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyndepth.methods.gateskip_analysis import _eval_mode, _split_batch, collect_gate_stats, trace_forward
+from dyndepth.models.moe import SparseMoE
+
+_INT8_PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
+_QMAX = {8: 127, 4: 7}
+
+
+# ----------------------------------------------------------------------------------------- quantization
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized Linear: `qweight` int8 (N, K) for 8 bits, uint8 (N, K // 2) for 4 bits (two
+    values per byte, offset by 8), `scale` float32 (N, G) with G = K // group_size."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if bits not in _QMAX:
+            raise ValueError(f"bits={bits} is not supported; use 8 or 4.")
+        if in_features % group_size or (bits == 4 and group_size % 2):
+            raise ValueError(f"group_size={group_size} must divide in_features={in_features} (and be even "
+                             "for 4 bits); pick a divisor of in_features.")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        cols = in_features if bits == 8 else in_features // 2
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8
+                                                    else torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, in_features // group_size, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None) -> QuantLinear:
+        N, K = linear.weight.shape
+        group = group_size or K
+        q = cls(K, N, bits, group, linear.bias is not None, linear.weight.device, linear.weight.dtype)
+        w_NGC = linear.weight.detach().float().reshape(N, K // group, group)  # (N, G, K / G)
+        scale_NG = w_NGC.abs().amax(-1).clamp(min=1e-12) / _QMAX[bits]  # (N, G)
+        q_NK = torch.round(w_NGC / scale_NG[..., None]).clamp(-_QMAX[bits] - (bits == 4), _QMAX[bits])
+        q_NK = q_NK.reshape(N, K).to(torch.int8)
+        if bits == 4:
+            u_NK = (q_NK + 8).to(torch.uint8)  # 0..15
+            q_NK = u_NK[:, 0::2] | (u_NK[:, 1::2] << 4)  # (N, K / 2)
+        q.qweight.copy_(q_NK)
+        q.scale.copy_(scale_NG)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer weights (N, K) as int8."""
+        if self.bits == 8:
+            return self.qweight
+        low = (self.qweight & 0xF).to(torch.int8) - 8  # (N, K / 2) even columns
+        high = (self.qweight >> 4).to(torch.int8) - 8  # odd columns
+        return torch.stack([low, high], dim=-1).reshape(self.out_features, self.in_features)  # (N, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weights (N, K) these integers stand for."""
+        N, K, G = self.out_features, self.in_features, self.scale.shape[1]
+        w_NGC = self.int_weight().reshape(N, G, K // G).to(dtype) * self.scale.to(dtype)[..., None]
+        return w_NGC.reshape(N, K)
+
+    def uses_int8_kernel(self, x: torch.Tensor) -> bool:
+        return (_INT8_PACK_MM is not None and self.bits == 8 and self.scale.shape[1] == 1
+                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., N)."""
+        if not self.uses_int8_kernel(x) or x.numel() == 0:
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x_MK = x.reshape(-1, self.in_features).contiguous()  # (M, K)
+        y = _INT8_PACK_MM(x_MK, self.qweight, self.scale[:, 0].to(x.dtype))  # (M, N)
+        y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _default_group(bits: int, in_features: int) -> int:
+    """Per output channel for 8 bits; groups of 32 columns for 4 bits (whole rows when 32 does not divide)."""
+    return 32 if bits == 4 and in_features % 32 == 0 else in_features
+
+
+def quantize_weights(model: nn.Module, bits: int = 8, skip: tuple[str, ...] = ("lm_head",),
+                     quantize_gates: bool = True, group_size: int | None = None) -> list[str]:
+    """Replace every nn.Linear of `model` in place by a `QuantLinear`; return the replaced module names.
+
+    A module stays in float when any entry of `skip` is a substring of its qualified name, and GateSkip's
+    gates (names containing ".gateskip.") too when `quantize_gates=False`. `group_size` None: per output
+    channel for 8 bits, groups of 32 input columns for 4 bits.
+    """
+    if bits not in _QMAX:
+        raise ValueError(f"bits={bits} is not supported; use 8 or 4.")
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or any(s in name for s in skip):
+            continue
+        if not quantize_gates and ".gateskip." in f".{name}.":
+            continue
+        targets.append(name)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        group = group_size or _default_group(bits, linear.in_features)
+        if linear.in_features % group:
+            raise ValueError(f"{name}: group_size={group} does not divide in_features={linear.in_features}.")
+        setattr(parent, child, QuantLinear.from_linear(linear, bits, group))
+    return targets
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (numel * element size), tied tensors counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.device, t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------- layer pruning
+
+SCORES = ("gate", "influence")
+
+
+@torch.no_grad()
+def block_influence(model, batches) -> list[float]:
+    """ShortGPT's block influence per layer: 1 - mean over valid tokens of cos(h_in, h_out), where h is the
+    residual stream entering and leaving the layer (with the attached method, at its current budget)."""
+    sums, count = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64), 0
+    with _eval_mode(model):
+        for batch in batches:
+            tr = trace_forward(model, *_split_batch(batch), streams=True)
+            for i, (h_in, h_out) in enumerate(zip(tr.streams[:-1], tr.streams[1:])):
+                cos_BT = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
+                sums[i] += float(cos_BT[tr.valid].double().sum())
+            count += int(tr.valid.sum())
+    if count == 0:
+        raise ValueError("block_influence saw no valid tokens; pass a list of token id tensors (B, T).")
+    return (1 - sums / count).tolist()
+
+
+def layer_importance(model, batches, by: str = "gate") -> list[float]:
+    """One score per decoder layer (low = prunable). "gate": mean GateSkip importance of the layer's attn
+    and MLP branches over valid tokens; "influence": ShortGPT block influence (`block_influence`)."""
+    if by not in SCORES:
+        raise ValueError(f"by={by!r} is not one of {SCORES}.")
+    if by == "influence":
+        return block_influence(model, batches)
+    return collect_gate_stats(model, batches).mean.mean(-1).tolist()
+
+
+def remove_layers(model, indices: list[int]) -> None:
+    """Delete decoder layers `indices` in place: renumber the rest, update `config.num_hidden_layers`, and
+    for MoE rewrite `mlp_only_layers` (with `decoder_sparse_step=1`) so every layer keeps its kind."""
+    L = len(model.model.layers)
+    drop = set(indices)
+    if not drop <= set(range(L)) or len(drop) >= L:
+        raise ValueError(f"cannot remove layers {sorted(indices)} from a {L}-layer model: give distinct "
+                         f"indices in [0, {L}) and keep at least one layer.")
+    old = list(model.model.layers)
+    keep = [i for i in range(L) if i not in drop]
+    shared = getattr(model.method, "shared_gates", None)
+    if shared is not None and 0 in drop:  # shared gates live in layer 0: hand them to the new first layer
+        del old[0].gateskip
+        old[keep[0]].gateskip = shared
+    model.model.layers = nn.ModuleList(old[i] for i in keep)
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if config.num_experts:
+        config.mlp_only_layers = [new for new, i in enumerate(keep) if not isinstance(old[i].mlp, SparseMoE)]
+        config.decoder_sparse_step = 1
+
+
+def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[float] | None = None) -> list[int]:
+    """Remove the `n` decoder layers with the lowest score in place; return their original indices.
+
+    Scores come from `layer_importance(model, batches, by)` unless given (one float per layer). Ties go to
+    the earlier layer.
+    """
+    L = len(model.model.layers)
+    if not 0 <= n < L:
+        raise ValueError(f"n={n}: prune between 0 and {L - 1} of the model's {L} layers.")
+    if scores is None:
+        if batches is None:
+            raise ValueError("prune_layers needs `batches` to score the layers, or precomputed `scores`.")
+        scores = layer_importance(model, batches, by)
+    if len(scores) != L:
+        raise ValueError(f"got {len(scores)} scores for {L} layers.")
+    removed = sorted(sorted(range(L), key=lambda i: (scores[i], i))[:n])
+    if removed:
+        remove_layers(model, removed)
+    return removed

@@ -1,0 +1,404 @@
+"""Self-speculative decoding for GateSkip (paper section 7): the same model drafts with a high skip budget
+and verifies with full compute.
+
+Shape legend: B batch, T prompt length, K drafted tokens per step (<= num_draft), V vocab.
+
+One step, per row, with `cur` the last emitted token at position `pos` (emitted but not yet in the cache):
+  1. draft: K forwards of one token each under `method.decoding(draft_budget)` (calibrated thresholds),
+     feeding cur, d1, ..., d_{K-1} at pos, ..., pos+K-1 and proposing d1..dK;
+  2. verify: ONE full-compute forward (budget 0) over [cur, d1..dK] at pos..pos+K;
+  3. accept the longest prefix d1..dn the verifier agrees with (greedy: argmax equal; sampling: the
+     standard rejection rule, `speculative_accept`), then emit d1..dn plus one token from the verifier
+     (the correction at the first disagreement, or the bonus token after dK). The row's next `cur` is
+     that token, at pos + n + 1.
+
+Why the output equals full-compute generation: every verifier logit at position p comes from a query
+that sees cache entries s <= p only (the causal mask). Entries s < pos were written by earlier
+verifications of accepted tokens (full compute, in context), and entries pos..pos+K are written by this
+very verification before attention reads them (`KVCache.update` writes, then returns the view). So the
+verifier never reads a draft-computed or rejected entry: a rejected position holds stale K/V until the
+next forward writes that position again, and no query before then can see it. The logits at pos+j are
+therefore those of a full-compute forward over the accepted prefix plus d1..dj (up to float rounding
+from the block shape, which plain one-token decoding has relative to a full forward too).
+
+Caches (`cache_mode`):
+- "shared" (default): one KVCache. The draft writes its K/V at pos..pos+K-1; the verification then
+  overwrites all of pos..pos+K with full-compute K/V (GateSkip's default K/V policy makes every token
+  write K/V at every slot, and full compute skips nothing). By the argument above the verifier is exact,
+  and the draft reads full-compute K/V for the whole accepted context, which raises acceptance.
+- "separate": the draft keeps its own KVCache, filled only by draft compute (its own prefill included).
+  Accepted tokens' entries there came from draft compute: acceptable, because the draft only proposes
+  and the verifier's cache alone defines the output. Rejected draft positions are overwritten by the
+  next draft writes and are invisible until then (causal mask). One gap needs care: when all K drafts
+  are accepted, dK was never fed to the draft, so each draft phase starts with a 2-token forward
+  [token at pos-1, cur] at [pos-1, pos]; rewriting the entry at pos-1 with the same token in the same
+  context is harmless (threshold-mode skip decisions are per token, so it is recomputed identically).
+
+Batching: acceptance is per row. Positions are per row already, so each row advances by its own
+n + 1; all rows draft the same K per step (one batched forward), so a row that rejects early wastes
+its remaining draft slots, but nobody is held back to the slowest row (the "minimum count over rows"
+alternative would throw away accepted work). Finished rows keep running at a frozen position (their
+outputs are ignored) so shapes stay static.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dyndepth.core import flops
+from dyndepth.core.cache import KVCache
+
+CACHE_MODES = ("shared", "separate")
+
+
+@dataclass
+class SpecStats:
+    """Counts over one `speculative_generate` call (rows summed; the prefill is not counted as a verify)."""
+
+    accepted: int = 0  # drafted tokens the verifier accepted (unfinished rows only)
+    drafted: int = 0  # drafted tokens, unfinished rows only
+    draft_forwards: int = 0  # batched draft forward calls
+    verify_forwards: int = 0  # batched full-compute verification calls, prefill excluded
+    new_tokens: int = 0  # tokens emitted, summed over rows
+    draft_tokens: int = 0  # token positions fed to draft forwards (all rows), prefill excluded
+    verify_tokens: int = 0  # token positions fed to verifications (all rows), prefill excluded
+    draft_flops: float = 0.0  # FLOPs that ran in draft forwards (GateSkip accounting + lm_head)
+    verify_flops: float = 0.0  # FLOPs of verifications
+    prefill_flops: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate}
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """Softmax of (..., V) logits after temperature, top-k, then top-p: what `sample_next` draws from."""
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1]).float() / temperature  # (B', V)
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, shape[-1]), dim=-1).values[:, -1:]  # (B', 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1).reshape(shape)
+
+
+def greedy_accept(logits_BKV: torch.Tensor, draft_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verifier logits (B, K+1, V) over [cur, d1..dK]: accepted count n (B,) and the verifier's token at n."""
+    y_BK = logits_BKV.argmax(-1)  # (B, K+1)
+    n_B = (draft_BK == y_BK[:, :-1]).long().cumprod(1).sum(1)  # (B,) longest agreeing prefix
+    return n_B, y_BK.gather(1, n_B[:, None]).squeeze(1)
+
+
+def speculative_accept(p_BKV: torch.Tensor, q_BKV: torch.Tensor, draft_BK: torch.Tensor,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) per row.
+
+    p (B, K+1, V): target probabilities after [cur, d1..dK]; q (B, K, V): the draft's, from which dK
+    were sampled. Accept d_j with probability min(1, p_j(d_j) / q_j(d_j)) until the first rejection,
+    then draw the next token from norm(max(0, p - q)) at that index (or from p_K when all K pass).
+    Each emitted token is then distributed exactly as under p. Returns n (B,) and the drawn token (B,).
+    """
+    B, K = draft_BK.shape
+    V = p_BKV.shape[-1]
+    p_d = p_BKV[:, :K].gather(2, draft_BK[..., None]).squeeze(-1)  # (B, K)
+    q_d = q_BKV.gather(2, draft_BK[..., None]).squeeze(-1)  # (B, K)
+    u = torch.rand((B, K), generator=generator, device=p_BKV.device)
+    n_B = (u * q_d < p_d).long().cumprod(1).sum(1)  # (B,) u < p/q without dividing
+    q_pad = torch.cat([q_BKV, q_BKV.new_zeros(B, 1, V)], dim=1)  # (B, K+1, V): q = 0 after dK
+    idx = n_B[:, None, None].expand(B, 1, V)
+    p_n, q_n = p_BKV.gather(1, idx).squeeze(1), q_pad.gather(1, idx).squeeze(1)  # (B, V)
+    resid = (p_n - q_n).clamp(min=0)
+    total = resid.sum(-1, keepdim=True)
+    resid = torch.where(total > 0, resid / total.clamp(min=1e-30), p_n)  # total 0 only when p == q
+    return n_B, torch.multinomial(resid, 1, generator=generator).squeeze(1)
+
+
+def _skip_method(model, draft_budget: float):
+    method = getattr(model, "method", None)
+    if method is None or not hasattr(method, "decoding"):
+        raise ValueError("speculative_generate needs a model with a skipping method attached "
+                         "(e.g. dyndepth.methods.attach_gateskip) to draft with.")
+    with method.decoding(draft_budget):  # raises the method's own "run calibrate(...)" error if needed
+        pass
+    return method
+
+
+def _forward_flops(model, out, n_logits: int, batch: int) -> torch.Tensor | float:
+    """FLOPs that ran in one forward: the method's count (pool tokens) plus lm_head for the logits kept."""
+    used = out.stats.get("gateskip/flops", 0.0)
+    return used + flops.lm_head_flops(model.config) * n_logits * batch
+
+
+@dataclass
+class _Options:
+    max_new_tokens: int
+    draft_budget: float
+    num_draft: int
+    cache_mode: str
+    stops: torch.Tensor  # (S,) stop token ids
+    sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # logits (B, V) -> token, q
+
+
+class _Run:
+    """The state of one speculative_generate call; every tensor is per row."""
+
+    def __init__(self, model, method, input_ids: torch.Tensor, mask: torch.Tensor, opt: _Options,
+                 cache_dtype: torch.dtype | None) -> None:
+        self.model, self.method, self.opt = model, method, opt
+        B, device = input_ids.shape[0], input_ids.device
+        lengths = mask.sum(-1)  # (B,)
+        self.size = int(lengths.max()) + opt.max_new_tokens + opt.num_draft  # every position a step may write
+        dtype = cache_dtype or next(model.parameters()).dtype
+
+        def make() -> KVCache:
+            return KVCache.for_model(model.config, B, self.size, num_slots=method.num_slots(model.config),
+                                     dtype=dtype, device=device)
+
+        self.cache = make()
+        self.draft_cache = self.cache if opt.cache_mode == "shared" else make()
+        self.pos = lengths.clone()  # (B,) position of `cur`, the last emitted token
+        self.prev = input_ids[:, -1].clone()  # (B,) the token at pos - 1 (left padding: last prompt token)
+        self.count = torch.zeros(B, dtype=torch.long, device=device)  # tokens emitted per row
+        self.unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        self.stats = SpecStats()
+        self.flops = {"draft": 0.0, "verify": 0.0, "prefill": 0.0}
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Write the prompt to the cache(s); return the first new token (B,), from the full model."""
+        model, T = self.model, input_ids.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        with self.method.decoding(0.0):
+            out = model(input_ids, attention_mask=mask, positions=positions, cache=self.cache.window(T),
+                        num_logits=1)
+        self.flops["prefill"] = _forward_flops(model, out, 1, len(input_ids))
+        if self.opt.cache_mode == "separate":
+            with self.method.decoding(self.opt.draft_budget):
+                d = model(input_ids, attention_mask=mask, positions=positions,
+                          cache=self.draft_cache.window(T), num_logits=1)
+            self.flops["prefill"] = self.flops["prefill"] + _forward_flops(model, d, 1, len(input_ids))
+        return self.opt.sample(out.logits[:, -1])[0]
+
+    def window(self, k: int) -> int:
+        """Cache columns readers need this step: up to the last position written (pos + k)."""
+        return min(self.size, int(self.pos.max()) + k + 1)
+
+    def draft(self, cur_B: torch.Tensor, k: int, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k draft tokens (B, k) and, when sampling, the draft's probabilities for them (B, k, V)."""
+        tok, pos = cur_B[:, None], self.pos[:, None]  # (B, 1)
+        if self.opt.cache_mode == "separate":  # catch up on the token at pos - 1 (module docstring)
+            tok = torch.stack([self.prev, cur_B], 1)  # (B, 2)
+            pos = torch.stack([self.pos - 1, self.pos], 1)  # (B, 2)
+        drafts, probs = [], []
+        cache = self.draft_cache.window(window)
+        with self.method.decoding(self.opt.draft_budget):
+            for _ in range(k):
+                out = self.model(tok, positions=pos, cache=cache, num_logits=1)
+                self.flops["draft"] = self.flops["draft"] + _forward_flops(self.model, out, 1, len(tok))
+                self.stats.draft_forwards += 1
+                self.stats.draft_tokens += tok.numel()
+                d_B, q_BV = self.opt.sample(out.logits[:, -1])
+                drafts.append(d_B)
+                probs.append(q_BV)
+                tok, pos = d_B[:, None], pos[:, -1:] + 1  # (B, 1)
+        d_BK = torch.stack(drafts, 1) if drafts else cur_B.new_zeros(len(cur_B), 0)  # (B, k)
+        q_BKV = torch.stack(probs, 1) if drafts and probs[0] is not None else None  # (B, k, V)
+        return d_BK, q_BKV
+
+    def verify(self, block_BK: torch.Tensor, window: int) -> torch.Tensor:
+        """Full-compute logits (B, K+1, V) over [cur, d1..dK] at pos..pos+K, written to the main cache."""
+        B, K1 = block_BK.shape
+        pos_BK = self.pos[:, None] + torch.arange(K1, device=block_BK.device)  # (B, K+1)
+        with self.method.decoding(0.0):
+            out = self.model(block_BK, positions=pos_BK, cache=self.cache.window(window))
+        self.flops["verify"] = self.flops["verify"] + _forward_flops(self.model, out, K1, B)
+        self.stats.verify_forwards += 1
+        self.stats.verify_tokens += block_BK.numel()
+        return out.logits
+
+    def emit(self, block_BK: torch.Tensor, n_B: torch.Tensor, nxt_B: torch.Tensor,
+             out_BN: torch.Tensor) -> torch.Tensor:
+        """Record d1..dn and nxt per unfinished row (cut after a stop token or at max_new_tokens) into
+        out (B, max_new_tokens), advance the rows, and return the new `cur` (B,)."""
+        B, K1 = block_BK.shape
+        ar = torch.arange(K1, device=block_BK.device)
+        e_BK = torch.cat([block_BK[:, 1:], block_BK[:, :1]], 1)  # (B, K+1): d1..dK, then a placeholder
+        e_BK = e_BK.scatter(1, n_B[:, None], nxt_B[:, None])  # d1..dn, nxt
+        m_B = n_B + 1  # tokens this row emits
+        stopped = torch.zeros_like(self.unfinished)
+        if len(self.opt.stops):
+            is_stop = torch.isin(e_BK, self.opt.stops) & (ar < m_B[:, None])  # (B, K+1)
+            stopped = is_stop.any(1)
+            m_B = torch.where(stopped, is_stop.long().argmax(1) + 1, m_B)
+        m_B = torch.minimum(m_B, self.opt.max_new_tokens - self.count)
+        m_B = torch.where(self.unfinished, m_B, 0)  # finished rows stay frozen
+        write = ar < m_B[:, None]  # (B, K+1)
+        rows = torch.arange(B, device=block_BK.device)[:, None].expand(B, K1)
+        out_BN[rows[write], (self.count[:, None] + ar)[write]] = e_BK[write]
+        self.stats.accepted += int(n_B[self.unfinished].sum())
+        self.stats.drafted += (K1 - 1) * int(self.unfinished.sum())
+        self.count += m_B
+        self.unfinished &= ~stopped & (self.count < self.opt.max_new_tokens)
+        self.prev = torch.where(m_B > 0, block_BK.gather(1, n_B[:, None]).squeeze(1), self.prev)
+        self.pos = self.pos + m_B
+        return e_BK.gather(1, (m_B - 1).clamp(min=0)[:, None]).squeeze(1)
+
+
+def _prepare(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int, num_draft: int,
+             cache_mode: str, stop_tokens, pad_token_id):
+    """Check the arguments; return the long mask (B, T), stop ids (S,) and the pad id."""
+    from dyndepth.generation import _check_left_padded
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
+    if max_new_tokens < 0 or num_draft < 1:
+        raise ValueError(f"need max_new_tokens >= 0 and num_draft >= 1, got {max_new_tokens}, {num_draft}.")
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
+    device, config = input_ids.device, model.config
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    _check_left_padded(mask)
+    stops = torch.tensor(list(config.eos_token_ids if stop_tokens is None else stop_tokens), device=device,
+                         dtype=torch.long)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
+            int(stops[0]) if len(stops) else 0)
+    if int(mask.sum(-1).max()) + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
+                         f"({config.max_position_embeddings}).")
+    return mask, stops, pad_token_id
+
+
+@torch.no_grad()
+def speculative_generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    draft_budget: float = 0.5,
+    num_draft: int = 4,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cache_mode: str = "shared",
+    cache_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
+    """Self-speculative decoding: the prompt plus up to `max_new_tokens` tokens (B, T + n), and SpecStats.
+
+    The model drafts `num_draft` tokens under `method.decoding(draft_budget)` (thresholds calibrated with
+    `calibrate(model, batches, draft_budget)`) and verifies them in one full-compute forward.
+    temperature 0: the output equals `generate(model, ...)` at full compute (budget 0), token for token.
+    temperature > 0 (optionally top_k / top_p): every token is distributed as in full-compute sampling
+    with the same settings (speculative sampling); the random stream differs from `generate`'s.
+    Other arguments as in `dyndepth.generation.generate`; `cache_mode` ("shared" | "separate") is
+    explained in the module docstring.
+    """
+    method = _skip_method(model, draft_budget)
+    mask, stops, pad = _prepare(model, input_ids, attention_mask, max_new_tokens, num_draft, cache_mode,
+                                stop_tokens, pad_token_id)
+    if max_new_tokens == 0:
+        return input_ids, SpecStats()
+    sampling = temperature > 0
+
+    def sample(logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not sampling:
+            return logits_BV.argmax(-1), None
+        q_BV = filtered_probs(logits_BV, temperature, top_k, top_p)
+        return torch.multinomial(q_BV, 1, generator=generator).squeeze(1), q_BV
+
+    run = _Run(model, method, input_ids, mask,
+               _Options(max_new_tokens, draft_budget, num_draft, cache_mode, stops, sample), cache_dtype)
+    cur_B = run.prefill(input_ids, mask)
+    out_BN = torch.full((len(input_ids), max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+    out_BN[:, 0] = cur_B
+    run.count += 1
+    run.unfinished &= (run.count < max_new_tokens) & ~torch.isin(cur_B, stops)
+    while bool(run.unfinished.any()):
+        need = int((max_new_tokens - run.count)[run.unfinished].max())
+        k = min(num_draft, need - 1)  # a step emits up to k + 1 tokens: never draft past the end
+        window = run.window(k)
+        d_BK, q_BKV = run.draft(cur_B, k, window)
+        block_BK = torch.cat([cur_B[:, None], d_BK], 1)  # (B, K+1)
+        logits_BKV = run.verify(block_BK, window)
+        if sampling:
+            p_BKV = filtered_probs(logits_BKV, temperature, top_k, top_p)
+            if q_BKV is None:  # k == 0
+                q_BKV = p_BKV.new_zeros(len(p_BKV), 0, p_BKV.shape[-1])
+            n_B, nxt_B = speculative_accept(p_BKV, q_BKV, d_BK, generator)
+        else:
+            n_B, nxt_B = greedy_accept(logits_BKV, d_BK)
+        cur_B = run.emit(block_BK, n_B, nxt_B, out_BN)
+    stats = run.stats
+    stats.new_tokens = int(run.count.sum())
+    stats.draft_flops, stats.verify_flops, stats.prefill_flops = (
+        float(run.flops[name]) for name in ("draft", "verify", "prefill"))
+    return torch.cat([input_ids, out_BN[:, :int(run.count.max())]], 1), stats
+
+
+def _bench_one(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict, repeats: int,
+               warmup: int) -> tuple[dict, SpecStats, float, bool]:
+    """Interleaved timings, stats, plain decoding's FLOPs and output equality for one (1, T) prompt."""
+    from dyndepth.bench.timing import interleaved_median
+
+    def plain() -> torch.Tensor:
+        return model.generate(ids, max_new_tokens, stop_tokens=[], skip_budget=0.0)
+
+    def spec() -> tuple[torch.Tensor, SpecStats]:
+        return speculative_generate(model, ids, max_new_tokens, stop_tokens=[], **spec_kwargs)
+
+    times = interleaved_median({"generate_s": plain, "speculative_s": spec}, ids.device, repeats, warmup)
+    ref = plain()
+    out, stats = spec()
+    with model.method.decoding(0.0), torch.no_grad():  # plain decoding's FLOPs == one pass over the result
+        full = model(ref[:, :-1]).stats.get("gateskip/flops", 0.0)
+    dense = float(full) + flops.lm_head_flops(model.config) * max_new_tokens
+    return times, stats, dense, torch.equal(out, ref)
+
+
+def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens: int = 32,
+                          draft_budget: float = 0.5, num_draft: int = 4, cache_mode: str = "shared",
+                          repeats: int = 5, warmup: int = 2) -> dict:
+    """Greedy decoding of each prompt alone (B = 1, the latency setting): wall-clock of speculative vs
+    plain full-compute `generate`, timed interleaved in this run, with acceptance and two ideal speedups:
+    - flops_speedup = FLOPs of plain decoding / FLOPs of speculative decoding (usually < 1: drafting and
+      verifying rejected drafts cost extra FLOPs; speculation buys fewer sequential forwards instead);
+    - forward_bound_speedup = (n - 1) / (verify_forwards + draft_forwards * f), f = the draft's FLOPs
+      per token over the verifier's: the speedup if a forward cost its per-token compute whatever its
+      width (memory-bound decoding at small batch).
+    Stop tokens are off, so both sides produce exactly `max_new_tokens` tokens.
+    """
+    device = next(model.parameters()).device
+    kwargs = {"draft_budget": draft_budget, "num_draft": num_draft, "cache_mode": cache_mode}
+    res = {"generate_s": 0.0, "speculative_s": 0.0}
+    agg, dense, spent, cost, match = SpecStats(), 0.0, 0.0, 0.0, True
+    for prompt in prompts:
+        times, st, plain_flops, same = _bench_one(model, prompt.reshape(1, -1).to(device), max_new_tokens,
+                                                  kwargs, repeats, warmup)
+        for name in res:
+            res[name] += times[name]
+        for name in ("accepted", "drafted", "draft_forwards", "verify_forwards", "new_tokens"):
+            setattr(agg, name, getattr(agg, name) + getattr(st, name))
+        dense += plain_flops
+        spent += st.prefill_flops + st.draft_flops + st.verify_flops
+        f = (st.draft_flops / max(st.draft_tokens, 1)) / (st.verify_flops / max(st.verify_tokens, 1))
+        cost += st.verify_forwards + st.draft_forwards * f
+        match &= same
+    steps = len(prompts) * (max_new_tokens - 1)
+    return {**res, "speedup": res["generate_s"] / res["speculative_s"], "flops_speedup": dense / spent,
+            "forward_bound_speedup": steps / max(cost, 1e-9),
+            "tokens_per_verify": (agg.new_tokens - len(prompts)) / max(agg.verify_forwards, 1),
+            "outputs_match": bool(match), "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            **kwargs, **agg.to_dict()}

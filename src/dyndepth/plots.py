@@ -1,0 +1,105 @@
+"""Plots shared by the demo and the benchmarks (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from dyndepth.methods.gateskip import BRANCHES
+from dyndepth.methods.gateskip_analysis import GateStats, _token_trace
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality_vs_compute(rows: list[dict], path: str | Path, title: str = "GateSkip: quality vs compute") -> Path:
+    """rows: dicts with `compute` (fraction of dense FLOPs), `val_loss` and `exact_match` (0..1), `label`."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["compute"] for r in rows]
+    ax1.plot(xs, [r["val_loss"] for r in rows], "o-")
+    ax2.plot(xs, [100 * r["exact_match"] for r in rows], "o-", color="tab:green")
+    for r in rows:
+        ax1.annotate(r["label"], (r["compute"], r["val_loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax2.annotate(r["label"], (r["compute"], 100 * r["exact_match"]), textcoords="offset points",
+                     xytext=(4, 4), fontsize=8)
+    ax1.set(xlabel="compute (fraction of dense FLOPs, gates included)", ylabel="validation loss (nats/token)")
+    ax2.set(xlabel="compute (fraction of dense FLOPs, gates included)", ylabel="exact match, synthetic tasks (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.invert_xaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compute_heatmap(model, tokenizer, text: str, path: str | Path, value: str = "executed",
+                    add_bos: bool = True, budget: float | None = None, dpi: int = 120) -> Path:
+    """PNG of per-token compute: rows (layer, branch), columns tokens; colour = executed/skipped
+    (`value="executed"`) or gate importance (`value="importance"`, skipped cells hatched out in grey),
+    with a bar per token of the fraction of branches it executed."""
+    if value not in ("executed", "importance"):
+        raise ValueError(f"value={value!r}: use 'executed' or 'importance'.")
+    from matplotlib.figure import Figure
+
+    tokens, skipped, importance = _token_trace(model, tokenizer, text, add_bos, budget)
+    T, L = skipped.shape[0], skipped.shape[1]
+    executed_RT = (~skipped).reshape(T, 2 * L).T.float()  # (2L, T), row 2l + b
+    fig = Figure(figsize=(max(6.0, 0.28 * T + 2), 1.5 + 0.22 * 2 * L + 1.2))
+    grid = fig.add_gridspec(2, 1, height_ratios=[2 * L, max(2, L // 2)], hspace=0.08)
+    ax, bar = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    if value == "executed":
+        im = ax.imshow(executed_RT.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        shown = importance.reshape(T, 2 * L).T.clone()
+        shown[executed_RT == 0] = float("nan")  # skipped cells left blank
+        im = ax.imshow(shown.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        fig.colorbar(im, ax=[ax, bar], label="importance (blank: skipped)", fraction=0.03)
+    ax.set_yticks(range(2 * L), [f"L{i} {b}" for i in range(L) for b in BRANCHES], fontsize=6)
+    ax.set_xticks([])
+    ax.set_title(f"GateSkip compute per token ({value})", fontsize=9)
+    bar.bar(range(T), executed_RT.mean(0).numpy(), color="tab:green", width=0.9)
+    bar.set_xlim(-0.5, T - 0.5)
+    bar.set_ylim(0, 1)
+    bar.set_ylabel("executed", fontsize=7)
+    bar.set_xticks(range(T), [repr(t)[1:-1].replace(" ", "\u2423") for t in tokens], rotation=90, fontsize=7)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def plot_gate_stats(stats: GateStats, path: str | Path, max_positions: int = 64, dpi: int = 110) -> Path:
+    """PNG with three panels: per-layer mean importance (+/- std), per-layer skip fraction (attn vs MLP),
+    and mean importance by position (averaged over layers), which shows a position-0 anchor if any."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
+    layers = range(stats.mean.shape[0])
+    P = min(max_positions, stats.position_count.shape[0])
+    for b, branch in enumerate(BRANCHES):
+        mean, std = stats.mean[:, b].numpy(), stats.std[:, b].numpy()
+        axes[0].plot(layers, mean, marker="o", label=branch)
+        axes[0].fill_between(layers, mean - std, mean + std, alpha=0.2)
+        axes[1].plot(layers, stats.skipped[:, b].numpy(), marker="o", label=branch)
+        axes[2].plot(range(P), stats.position_mean[:, b, :P].mean(0).numpy(), marker=".", label=branch)
+    for ax, title, xlabel in zip(axes, ("mean importance", f"skipped (budget {stats.budget:g})",
+                                        "importance by position"), ("layer", "layer", "position")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_ylim(0, 1)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
