@@ -7,12 +7,14 @@ measure quality against compute. Offline, on a laptop CPU, in a few minutes.
    ramp (0 -> 20%), as the paper's recipe does.
 3. Evaluation at skip budgets 0 / 15 / 30 / 50%: validation loss, exact match per task (generation
    decodes with per-branch thresholds calibrated at the budget) and the FLOPs that actually ran.
-Writes results.json, quality_vs_compute.png, loss curves and sample generations to the output folder.
+Writes results.json, quality_vs_compute.png, token_compute.png (which tokens skip which branches at a
+30% budget), loss curves and sample generations to the output folder.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -22,13 +24,13 @@ from dyndepth.bench.timing import markdown_table
 from dyndepth.config import preset
 from dyndepth.core import flops
 from dyndepth.data.build import build_loader
-from dyndepth.data.synthetic import TASKS, exact_match, make_examples
+from dyndepth.data.synthetic import TASKS, TERMINATOR, exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers, loss_by_difficulty
 from dyndepth.methods import calibrate
 from dyndepth.models.qwen3 import CausalLM
-from dyndepth.plots import plot_quality_vs_compute
+from dyndepth.plots import compute_heatmap, plot_quality_vs_compute
 from dyndepth.runconfig import RunConfig, TrainConfig
-from dyndepth.tokenizer import ByteTokenizer
+from dyndepth.tokenizer import ByteTokenizer, encode_batch
 from dyndepth.train.parallel import DistInfo
 from dyndepth.train.run import build_hooks
 from dyndepth.train.trainer import evaluate, train
@@ -50,6 +52,8 @@ def _train_config(out_dir: Path, steps: int, lr: float, warmup: int) -> TrainCon
 def run_demo(out_dir: str | Path = "runs/demo", steps: int = 400, gate_steps: int = 120,
              eval_examples: int = 40) -> dict:
     out = Path(out_dir)
+    for old in ("base", "gateskip"):  # the demo's own previous runs: start fresh every time
+        shutil.rmtree(out / old, ignore_errors=True)
     t0 = time.perf_counter()
     tok = ByteTokenizer()
     torch.manual_seed(0)
@@ -69,68 +73,92 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 400, gate_steps: in
     hooks = build_hooks(method_cfg, model, gate_steps)
     train(model, loader, gate_cfg, hooks=hooks, eval_loader=val_loader,
           run_config=RunConfig(model={"preset": "demo-tiny"}, method=method_cfg, data=DATA, train=gate_cfg))
+    model.method.cfg.budget = 0.0  # the ramp left it at 20%; inference budgets are set per evaluation
     model.eval()
-    calib = [val_loader.next_batch()["input_ids"] for _ in range(4)]
+    # Decoding thresholds are calibrated on in-distribution text: held-out task examples (train split).
+    calib_texts = [e.text for e in make_examples(list(TASKS), 256, seed=2, difficulty=DIFFICULTY)]
+    calib = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, 256, 64)]
+    probe = val_loader.next_batch()["input_ids"]
     rows = [base_row]
     for q in BUDGETS:
         if q > 0:
             calibrate(model, calib, budget=q)
-        rows.append(_evaluate(model, tok, examples, val_loader, gate_cfg, budget=q, probe=calib[0]))
-    dense = rows[1]["flops"]
+        rows.append(_evaluate(model, tok, examples, val_loader, gate_cfg, budget=q, probe=probe))
     for r in rows:
-        r["compute"] = r["flops"] / dense
+        r["compute"] = r["flops"] / rows[1]["flops"]
+        r["gen_compute"] = None if r["gen_flops"] is None else r["gen_flops"] / rows[1]["gen_flops"]
     model.save_pretrained(out / "gateskip_model")
 
     summary = {"model_params": base_row["params"], "base_steps": base.steps, "gateskip_steps": gate_steps,
                "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
-               "loss_by_difficulty": loss_by_difficulty(model, tok, examples[:120])}
+               "loss_by_difficulty": _difficulty(model, tok, examples[:120])}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_quality_vs_compute([r for r in rows if r["label"] != "base"], out / "quality_vs_compute.png")
+    sample = "".join(e.text for e in examples[::eval_examples][:4])
+    compute_heatmap(model, tok, sample, out / "token_compute.png", add_bos=False, budget=0.3)
     _write_samples(model, tok, examples, out / "samples.txt")
     print(render(summary, out))
     return summary
 
 
 def _evaluate(model, tok, examples, val_loader, cfg: TrainConfig, budget: float | None, probe=None) -> dict:
-    """Validation loss, exact match and FLOPs per token at a skip budget (None: the model before gates)."""
-    gen_kw = {} if budget is None else {"skip_budget": budget}
+    """Validation loss, exact match and FLOPs per token at a skip budget (None: the model before gates).
+
+    Prefill compute is measured on a validation batch (quantile rule: exactly the budget); generation
+    compute by re-running the generated texts in threshold mode, which makes the same per-token
+    decisions as cached decoding.
+    """
+    row = {"label": "base" if budget is None else f"q={budget:.0%}", "budget": budget,
+           "params": model.num_params()}
     if budget is None:
-        val_loss = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
-        T = 256
-        work = flops.forward_flops(model.config, T, lm_head=False) / T
+        row["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
+        row["flops"] = flops.forward_flops(model.config, 256, lm_head=False) / 256
+        row["gen_flops"] = None  # no per-forward counter without a method; shown as "-"
+        answers = generate_answers(model, tok, examples)
+        row["gen_skipped"] = 0.0
     else:
-        with model.method.override(budget=budget, mode="quantile"):
-            val_loss = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
-            with torch.no_grad():
-                work = float(model(probe).stats["gateskip/flops"]) / probe.numel()
-    accuracy = exact_match(examples, generate_answers(model, tok, examples, **gen_kw))
-    label = "base" if budget is None else f"q={budget:.0%}"
-    return {"label": label, "budget": budget, "val_loss": val_loss, "exact_match": accuracy["overall"],
-            "per_task": accuracy, "flops": work, "params": model.num_params()}
+        with model.method.override(budget=budget, mode="quantile"), torch.no_grad():
+            row["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
+            row["flops"] = float(model(probe).stats["gateskip/flops"]) / probe.numel()
+        answers = generate_answers(model, tok, examples, skip_budget=budget)
+        ids, mask = encode_batch(tok, [e.prompt + a.split(TERMINATOR)[0] for e, a in zip(examples, answers)])
+        with model.method.decoding(budget), torch.no_grad():
+            stats = model(ids, attention_mask=mask).stats
+        row["gen_flops"] = float(stats["gateskip/flops"]) / float(mask.sum())
+        row["gen_skipped"] = (float(stats["gateskip/attn_skipped"]) + float(stats["gateskip/mlp_skipped"])) / 2
+    accuracy = exact_match(examples, answers)
+    return {**row, "exact_match": accuracy["overall"], "per_task": accuracy}
+
+
+def _difficulty(model, tok, examples) -> dict:
+    with model.method.override(budget=0.0, mode="quantile"):
+        return loss_by_difficulty(model, tok, examples)
 
 
 def _write_samples(model, tok, examples, path: Path) -> None:
     picks = examples[::20]
     lines = []
-    for q in BUDGETS:
-        kw = {"skip_budget": q} if q > 0 else {}
-        if q > 0 and model.method.cfg.calibrated_budget != q:
-            continue
-        for e, p in zip(picks, generate_answers(model, tok, picks, **kw)):
+    for q in (0.0, model.method.cfg.calibrated_budget):
+        for e, p in zip(picks, generate_answers(model, tok, picks, skip_budget=q)):
             lines.append(f"[q={q:.0%}] [{e.task}] {e.prompt}{p.split(chr(10))[0]}   (expected {e.answer})")
     path.write_text("\n".join(lines) + "\n")
 
 
 def render(s: dict, out: Path) -> str:
-    rows = [dict(model=r["label"], compute=f"{r['compute']:.0%}", val_loss=r["val_loss"],
+    rows = [dict(model=r["label"], prefill_compute=f"{r['compute']:.0%}", val_loss=r["val_loss"],
+                 generation_compute="-" if r["gen_compute"] is None else f"{r['gen_compute']:.0%}",
+                 skipped_in_generation=f"{r['gen_skipped']:.0%}",
                  exact_match=f"{r['exact_match']:.0%}",
                  **{t: f"{r['per_task'][t]:.0%}" for t in TASKS}) for r in s["rows"]]
     head = (f"\n## dyndepth demo: {s['model_params'] / 1e6:.2f}M-parameter Qwen3-shaped model, "
             f"{s['base_steps']} base steps + {s['gateskip_steps']} GateSkip steps, {s['seconds']:.0f}s on CPU\n\n"
-            "compute = FLOPs per token that actually ran, relative to the gated model at budget 0 "
-            "(gates included; 'base' is the model before gates were added).\n\n")
+            "compute = FLOPs per token that actually ran, relative to the gated model at budget 0 (gates "
+            "included; 'base' is the model before gates were added). Prefill uses the paper's quantile rule "
+            "(exactly the budget); generation uses per-branch thresholds calibrated on held-out task text, so "
+            "the fraction it skips can differ from the budget.\n\n")
     d = s["loss_by_difficulty"]
     tail = (f"\n\nloss on answer tokens {d['answer']:.3f} vs prompt tokens {d['prompt']:.3f} nats "
             f"(GateSkip model, budget 0)\nwrote {out / 'results.json'}, {out / 'quality_vs_compute.png'}, "
-            f"{out / 'base' / 'loss.png'}, {out / 'samples.txt'}")
-    return head + markdown_table(rows, ["model", "compute", "val_loss", "exact_match", *TASKS]) + tail
+            f"{out / 'token_compute.png'}, {out / 'base' / 'loss.png'}, {out / 'samples.txt'}")
+    cols = ["model", "prefill_compute", "val_loss", "generation_compute", "skipped_in_generation", "exact_match"]
+    return head + markdown_table(rows, cols + list(TASKS)) + tail

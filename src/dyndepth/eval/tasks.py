@@ -60,7 +60,7 @@ def loss_by_difficulty(model, tokenizer, examples: Sequence[Example], batch_size
             ids[r, :len(row)] = torch.tensor(row)
             mask[r, :len(row)] = True
             is_hard[r, :len(row)] = torch.tensor(h)
-        logits = model(ids.to(device)).logits.float().cpu()  # (B, T, V); right padding is harmless here
+        logits = model(ids.to(device), attention_mask=mask.long().to(device)).logits.float().cpu()  # (B, T, V)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         target_ok = mask[:, 1:]
         for name, sel in (("answer", is_hard[:, 1:] & target_ok), ("prompt", ~is_hard[:, 1:] & target_ok)):

@@ -244,9 +244,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,
                        max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Re-save a checkpoint (optionally in another dtype or shard size), carrying its tokenizer files."""
+    """Re-save a checkpoint (optionally in another dtype or shard size), carrying its tokenizer files.
+    A dyndepth training checkpoint (`step_*/` with train_state.pt) is exported to HF format first."""
     import shutil
 
+    if (Path(src) / "train_state.pt").exists():
+        from dyndepth.train.run import export_checkpoint
+
+        export_checkpoint(src, dst)
+        if dtype is None:
+            return Path(dst)
+        src = dst
     folder = resolve(src)
     model = from_pretrained(folder, dtype=dtype)
     out = save_pretrained(model, dst, max_shard_bytes=max_shard_bytes)

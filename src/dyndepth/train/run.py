@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,4 +90,19 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
             loader = build_loader(run_config.data, split="train", tokenizer=tokenizer, **data_kw)
         if eval_loader is None and run_config.eval.get("enabled", True):
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
-    return train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
+    result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
+    if rank == 0 and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
+        export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
+    return result
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A training checkpoint as a HF checkpoint folder (config.json + safetensors, method included)."""
+    from dyndepth.train.checkpoint import load_model_weights
+
+    rc = load_run_config(Path(checkpoint) / "config.yaml")
+    rc.model.pop("dtype", None)
+    model = build_model(rc.model)
+    build_hooks(rc.method, model, rc.train.steps)
+    load_model_weights(checkpoint, model)
+    return model.save_pretrained(out)
