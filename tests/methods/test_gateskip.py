@@ -194,3 +194,32 @@ def test_a_branch_every_token_skips_still_writes_kv():
         out = model(ids, positions=torch.arange(6)[None], cache=cache)
     assert cache.valid[:, 0, :6].all()  # every slot has K/V for every token
     torch.testing.assert_close(out.logits, model.lm_head(model.model.norm(model.model.embed_tokens(ids))))
+
+
+def test_copy_prev_kv_policy_reuses_the_layer_below_and_stays_cache_consistent():
+    model, method = gated_model(budget=0.0, kv_policy="copy_prev")
+    calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.4)
+    ids = torch.randint(0, 256, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    with method.decoding(0.4), torch.no_grad():
+        cache = KVCache.for_model(model.config, 2, 12)
+        full = model(ids, positions=pos, cache=cache)
+        skipped = ~full_keep(model, ids, slot=1)
+        assert skipped.any()
+        k0, k1 = (cache.k[s, :, :, :12].transpose(1, 2) for s in (0, 1))  # (B, S, G, H)
+        torch.testing.assert_close(k1[skipped], k0[skipped])  # skipped tokens carry layer 0's keys
+        assert not torch.allclose(k1[~skipped], k0[~skipped])
+        step_cache = KVCache.for_model(model.config, 2, 12)
+        steps = [model(ids[:, :5], positions=pos[:, :5], cache=step_cache).logits]
+        for t in range(5, 12):
+            steps.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=step_cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full.logits, atol=1e-5, rtol=0)
+
+
+def full_keep(model, ids, slot):
+    ctx = model.make_context(ids, None, None, None)
+    model.method.begin(ids, ctx)
+    x = model.model.embed_tokens(ids)
+    for i, layer in enumerate(model.model.layers):
+        x = model.method.apply(layer, x, ctx, i)
+    return ctx.method["masks"][(slot, "attn")]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, write_report
+from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
 from dyndepth.core.cache import KVCache
 
 
@@ -151,8 +151,4 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: CoreBenchConfig) -> dict:
     result = run_core_bench(cfg)
-    md = render_markdown(result)
-    name = f"core-{cfg.device.split(':')[0]}-{cfg.dtype}"
-    write_report(result, md, cfg.out_dir, name)
-    print(md)
-    return result
+    return publish(result, render_markdown(result), cfg.out_dir, f"core-{cfg.device.split(':')[0]}-{cfg.dtype}")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, write_report
+from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
@@ -132,7 +132,4 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: GateSkipBenchConfig) -> dict:
     result = run_gateskip_bench(cfg)
-    md = render_markdown(result)
-    write_report(result, md, cfg.out_dir, f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}")
-    print(md)
-    return result
+    return publish(result, render_markdown(result), cfg.out_dir, f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}")

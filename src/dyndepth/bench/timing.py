@@ -56,6 +56,13 @@ def write_report(result: dict, markdown: str, out_dir: str | Path, name: str) ->
     return json_path, md_path
 
 
+def publish(result: dict, markdown: str, out_dir: str | Path, name: str) -> dict:
+    """Write the JSON + markdown report and print the markdown: every bench command ends here."""
+    write_report(result, markdown, out_dir, name)
+    print(markdown)
+    return result
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, write_report
+from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
 from dyndepth.core.flops import forward_flops
 from dyndepth.runconfig import DTYPES, TrainConfig
 from dyndepth.train import parallel
@@ -252,8 +252,5 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: TrainBenchConfig) -> dict:
     result = run_train_bench(cfg)
-    md = render_markdown(result)
     name = f"train-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}"
-    write_report(result, md, cfg.out_dir, name)
-    print(md)
-    return result
+    return publish(result, render_markdown(result), cfg.out_dir, name)

@@ -127,6 +127,7 @@ class ForwardContext:
     losses: list = field(default_factory=list)  # weighted auxiliary losses added by methods
     stats: dict = field(default_factory=dict)  # detached method statistics for logging
     method: dict = field(default_factory=dict)  # the attached method's per-forward scratch state
+    kv_hook: object = None  # optional (slot, k, v) -> (k, v), set by a method for one forward
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
@@ -201,6 +202,8 @@ class Attention(nn.Module):
         provide keys and values to the others.
         """
         k, v = self.project_kv(h_BTD, ctx.cos, ctx.sin)  # (B, T, G, H)
+        if ctx.kv_hook is not None:  # a method may replace some tokens' K/V (GateSkip's copy_prev policy)
+            k, v = ctx.kv_hook(slot, k, v)
         if q_idx_BK is None:
             h_q, cos_q, sin_q, pos_q, valid_q = h_BTD, ctx.cos, ctx.sin, ctx.positions, ctx.valid
         else:

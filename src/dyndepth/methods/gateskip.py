@@ -21,8 +21,8 @@ decoding with batch 1, where the quantile pool collapses, still skips; `protect_
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from dyndepth.core import flops
 from dyndepth.core.layers import ForwardContext
 from dyndepth.core.routing import (SelectRule, gather_flat, gather_padded, linear_ramp, pack, pack_padded,
                                    quantile_threshold, scatter_add, scatter_padded_add, select)
+from dyndepth.methods.common import method_dict, override_config
 
 BRANCHES = ("attn", "mlp")
 
@@ -45,6 +46,7 @@ class GateSkipConfig:
     scope: str = "batch"  # ranking pool: "batch" (paper) | "sequence" (ours: batch-independent)
     mode: str = "quantile"  # quantile (paper) | threshold (calibrated per branch; decoding)
     protect_bos: bool = False  # never skip position 0 (the spec's recommendation; off = paper)
+    kv_policy: str = "compute"  # K/V of tokens skipping attention: "compute" (default) | "copy_prev" (experimental)
     penalty: float = 1.0  # lambda on mean(g^2), averaged over branches (paper jobs use 1.0)
     init_bias: float = 5.0  # sigmoid(5) = 0.993: the fine-tune starts from the unmodified model
     init_std: float = 0.01
@@ -55,7 +57,7 @@ class GateSkipConfig:
 
     def __post_init__(self) -> None:
         checks = (("gate", ("vector", "scalar", "lowrank")), ("scope", ("batch", "sequence")),
-                  ("mode", ("quantile", "threshold")))
+                  ("mode", ("quantile", "threshold")), ("kv_policy", ("compute", "copy_prev")))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"gateskip.{name}={getattr(self, name)!r} is not one of {allowed}.")
@@ -116,6 +118,8 @@ class GateSkip:
         if self.cfg.protect_bos:
             pool &= ctx.positions != 0
         ctx.method = {"pool": pool, "g2": [], "kept": {}, "masks": {}}
+        if self.cfg.kv_policy == "copy_prev":
+            ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
 
     def end(self, ctx: ForwardContext, config) -> None:
         m = ctx.method
@@ -154,6 +158,19 @@ class GateSkip:
         if idx_N.numel() == 0:  # every token skipped this branch
             return x
         return scatter_add(x, gather_flat(g, idx_N) * layer.mlp_branch(h_ND, ctx), idx_N)
+
+    @staticmethod
+    def _copy_prev_kv(ctx: ForwardContext, slot: int, k: torch.Tensor, v: torch.Tensor):
+        """kv_policy="copy_prev" (experimental; the paper's stated behaviour, fragile in its code): a token
+        that skips attention at layer l takes the K/V it had at layer l - 1 instead of projecting its
+        unchanged residual with layer l's weights. Layer 0 keeps its own. No compute is saved by this."""
+        m = ctx.method
+        keep, prev = m["masks"].get((slot, "attn")), m.get("prev_kv")
+        if keep is not None and prev is not None:
+            copy = ~keep[..., None, None]  # (B, T, 1, 1)
+            k, v = torch.where(copy, prev[0], k), torch.where(copy, prev[1], v)
+        m["prev_kv"] = (k, v)
+        return k, v
 
     def gates(self, layer, ctx: ForwardContext) -> LayerGates:
         return self.shared_gates if self.shared_gates is not None else layer.gateskip
@@ -198,17 +215,9 @@ class GateSkip:
             total = total + n_pool * gate
         return total
 
-    @contextlib.contextmanager
     def override(self, **fields):
         """Temporarily change config fields (budget, mode, ...): `with method.override(budget=0.3): ...`."""
-        old = {k: getattr(self.cfg, k) for k in fields}
-        for k, v in fields.items():
-            setattr(self.cfg, k, v)
-        try:
-            yield self
-        finally:
-            for k, v in old.items():
-                setattr(self.cfg, k, v)
+        return override_config(self.cfg, self, **fields)
 
     def decoding(self, budget: float):
         """Context for cached generation at `budget`: threshold mode with the calibrated thresholds."""
@@ -218,7 +227,7 @@ class GateSkip:
         return self.override(budget=budget, mode="threshold" if budget > 0 else "quantile")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg)}
+        return method_dict(self.name, self.cfg)
 
 
 def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip:

@@ -29,8 +29,7 @@ retrofits where w = r ~ 0 at init removes the routed blocks). Retrofits may anne
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from dyndepth.core import flops
 from dyndepth.core.layers import ForwardContext, causal_mask
 from dyndepth.core.routing import (SelectRule, capacity, capacity_anneal, gather_padded, pack_padded,
                                    quantile_threshold, scatter_padded_add, select)
+from dyndepth.methods.common import method_dict, override_config
 
 MODES = ("topk", "predictor", "router_threshold")
 
@@ -227,20 +227,12 @@ class MoD:
                 total = total + (n_valid * (2 * D * hid + 2 * hid) if predicted else 0)
         return total
 
-    @contextlib.contextmanager
     def override(self, **fields):
         """Temporarily change config fields: `with method.override(mode="predictor"): ...`."""
-        old = {k: getattr(self.cfg, k) for k in fields}
-        for k, v in fields.items():
-            setattr(self.cfg, k, v)
-        try:
-            yield self
-        finally:
-            for k, v in old.items():
-                setattr(self.cfg, k, v)
+        return override_config(self.cfg, self, **fields)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg)}
+        return method_dict(self.name, self.cfg)
 
 
 def attach_mod(model, cfg: MoDConfig | dict | None = None) -> MoD:
