@@ -136,7 +136,8 @@ def bench_core(
     repeats: int = typer.Option(5), out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """Prefill and decode tokens/s against HF transformers (same weights), load memory, KV bytes/token."""
-    from dyndepth.bench.core import CoreBenchConfig, main as bench_main
+    from dyndepth.bench.core import CoreBenchConfig
+    from dyndepth.bench.core import main as bench_main
 
     cfg = CoreBenchConfig(model=model, batch_size=batch_size, prompt_len=prompt_len,
                           decode_batch_size=decode_batch_size, decode_prompt_len=decode_prompt_len,
@@ -149,10 +150,12 @@ def bench_core(
 def bench_train(
     model: str = typer.Option("demo-tiny", help="Preset name."), batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(256), steps: int = typer.Option(20), dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"), compile: bool = typer.Option(False), out: Path = typer.Option(Path("runs/bench")),
+    device: str = typer.Option("cpu"), compile: bool = typer.Option(False),
+    out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """Training tokens/s and MFU of our trainer step against a minimal plain PyTorch loop."""
-    from dyndepth.bench.train import TrainBenchConfig, main as bench_main
+    from dyndepth.bench.train import TrainBenchConfig
+    from dyndepth.bench.train import main as bench_main
 
     _run(bench_main, TrainBenchConfig(model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
                                       dtype=dtype, device=device, compile=compile, out_dir=str(out)))
@@ -167,7 +170,8 @@ def bench_gateskip(
     device: str = typer.Option("cpu"), repeats: int = typer.Option(3), out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """GateSkip prefill and decode: realized speedup next to the ideal FLOP ratio, per budget."""
-    from dyndepth.bench.gateskip import GateSkipBenchConfig, main as bench_main
+    from dyndepth.bench.gateskip import GateSkipBenchConfig
+    from dyndepth.bench.gateskip import main as bench_main
 
     def floats(text: str, kind=float) -> list:
         return [kind(v) for v in text.split(",") if v.strip()]

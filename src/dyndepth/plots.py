@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from dyndepth.methods.gateskip import BRANCHES
 from dyndepth.methods.gateskip_analysis import GateStats, _token_trace
 

@@ -7,7 +7,8 @@ from dyndepth.bench.train import TrainBenchConfig, build_loops, main, render_mar
 
 
 def _tiny(tmp_path, **kw) -> TrainBenchConfig:
-    base = {"model": "tiny-qwen3", "batch_size": 2, "seq_len": 16, "steps": 2, "warmup_steps": 0, "out_dir": str(tmp_path)}
+    base = {"model": "tiny-qwen3", "batch_size": 2, "seq_len": 16, "steps": 2, "warmup_steps": 0,
+            "out_dir": str(tmp_path)}
     return TrainBenchConfig(**{**base, **kw})
 
 

@@ -110,6 +110,6 @@ def test_moe_balancing_loss_matches_hf():
 
 
 def _stacked(state):
-    from dyndepth.interop.hf import stack_experts, split_experts
+    from dyndepth.interop.hf import split_experts, stack_experts
 
     return stack_experts(split_experts(dict(state)))

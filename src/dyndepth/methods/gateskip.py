@@ -29,8 +29,18 @@ from torch import nn
 
 from dyndepth.core import flops
 from dyndepth.core.layers import ForwardContext
-from dyndepth.core.routing import (SelectRule, gather_flat, gather_padded, linear_ramp, pack, pack_padded,
-                                   quantile_threshold, scatter_add, scatter_padded_add, select)
+from dyndepth.core.routing import (
+    SelectRule,
+    gather_flat,
+    gather_padded,
+    linear_ramp,
+    pack,
+    pack_padded,
+    quantile_threshold,
+    scatter_add,
+    scatter_padded_add,
+    select,
+)
 from dyndepth.methods.common import method_dict, override_config
 
 BRANCHES = ("attn", "mlp")
@@ -132,19 +142,23 @@ class GateSkip:
         for branch in BRANCHES:
             kept = [v for (s, b), v in m["kept"].items() if b == branch]
             if kept:
-                ctx.stats[f"gateskip/{branch}_skipped"] = 1 - torch.stack(kept).sum() / (pool_n * len(kept)).clamp(min=1)
+                pairs = (pool_n * len(kept)).clamp(min=1)
+                ctx.stats[f"gateskip/{branch}_skipped"] = 1 - torch.stack(kept).sum() / pairs
         ctx.stats["gateskip/flops"] = self.flops(ctx, config)
 
     # ---- per layer ----
     def apply(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        gates = self.gates(layer, ctx)
+        gates = self.gates(layer)
         h = layer.input_layernorm(x)  # (B, T, D)
         g = gates.attn_gate(h.detach() if self.cfg.detach_input else h)  # (B, T, D) or (B, T, 1)
         keep = self.keep(g, ctx, slot, "attn", gates.tau[0])
         if keep is None:
             x = x + g * layer.self_attn(h, ctx, slot)
+        elif bool(keep.all(1).any()):  # a row keeps every token (always so when decoding one token per
+            # row): packing saves no query work, so run densely and zero what was skipped
+            x = x + (g * keep[..., None]) * layer.self_attn(h, ctx, slot)
         else:
-            _, _, valid_BK, idx_BK = pack_padded(keep[..., None], keep)
+            _, _, valid_BK, idx_BK = pack_padded(keep[..., None], keep)  # only the per-row indices are used
             y_BKD = layer.self_attn(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)  # K/V for all tokens
             if idx_BK.shape[1]:
                 x = scatter_padded_add(x, gather_padded(g, idx_BK) * y_BKD, idx_BK, valid_BK)
@@ -172,7 +186,7 @@ class GateSkip:
         m["prev_kv"] = (k, v)
         return k, v
 
-    def gates(self, layer, ctx: ForwardContext) -> LayerGates:
+    def gates(self, layer) -> LayerGates:
         return self.shared_gates if self.shared_gates is not None else layer.gateskip
 
     def keep(self, g: torch.Tensor, ctx: ForwardContext, slot: int, branch: str, tau: torch.Tensor):

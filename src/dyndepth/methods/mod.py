@@ -37,8 +37,16 @@ from torch import nn
 
 from dyndepth.core import flops
 from dyndepth.core.layers import ForwardContext, causal_mask
-from dyndepth.core.routing import (SelectRule, capacity, capacity_anneal, gather_padded, pack_padded,
-                                   quantile_threshold, scatter_padded_add, select)
+from dyndepth.core.routing import (
+    SelectRule,
+    capacity,
+    capacity_anneal,
+    gather_padded,
+    pack_padded,
+    quantile_threshold,
+    scatter_padded_add,
+    select,
+)
 from dyndepth.methods.common import method_dict, override_config
 
 MODES = ("topk", "predictor", "router_threshold")
