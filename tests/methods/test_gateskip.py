@@ -223,3 +223,36 @@ def full_keep(model, ids, slot):
     for i, layer in enumerate(model.model.layers):
         x = model.method.apply(layer, x, ctx, i)
     return ctx.method["masks"][(slot, "attn")]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_flop_counter_matches_dense_count_plus_gates_and_a_slow_count(name):
+    from dyndepth.core import flops
+
+    model, method = gated_model(name, budget=0.0)
+    cfg = model.config
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        dense = float(model(ids).stats["gateskip/flops"])
+    L, gate = cfg.num_hidden_layers, flops.gate_flops(cfg, "vector")
+    assert dense == pytest.approx(2 * flops.forward_flops(cfg, 10, lm_head=False) + 2 * L * 20 * gate)
+    with method.override(budget=0.4), torch.no_grad():
+        ctx = model.make_context(ids, None, None, None)
+        method.begin(ids, ctx)
+        x = model.model.embed_tokens(ids)
+        for i, layer in enumerate(model.model.layers):
+            x = method.apply(layer, x, ctx, i)
+        method.end(ctx, cfg)
+    slow = 0.0
+    for (slot, branch), keep in ctx.method["masks"].items():
+        for b in range(2):
+            for t in range(10):
+                slow += gate
+                if branch == "attn":
+                    slow += flops.kv_flops(cfg)
+                    if keep[b, t]:
+                        slow += flops.q_o_flops(cfg) + flops.attn_score_flops(cfg, t + 1)
+                elif keep[b, t]:
+                    slow += flops.mlp_flops(cfg, slot)
+    assert float(ctx.stats["gateskip/flops"]) == pytest.approx(slow)
+    assert float(ctx.stats["gateskip/flops"]) < dense

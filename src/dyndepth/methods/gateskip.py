@@ -127,24 +127,22 @@ class GateSkip:
             pool &= ~torch.isin(input_ids, torch.tensor(self.eos_token_ids, device=input_ids.device))
         if self.cfg.protect_bos:
             pool &= ctx.positions != 0
-        ctx.method = {"pool": pool, "g2": [], "kept": {}, "masks": {}}
+        ctx.method = {"pool": pool, "g2": [], "masks": {}}
         if self.cfg.kv_policy == "copy_prev":
             ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
 
     def end(self, ctx: ForwardContext, config) -> None:
         m = ctx.method
-        if m["g2"]:
+        if m["g2"]:  # training forwards: the L2 gate penalty, averaged over branches
             penalty = torch.stack(m["g2"]).mean()
             ctx.stats["gateskip/gate_sq"] = penalty.detach()
-            if self.cfg.penalty and ctx.collect_aux:  # training only, like MoE balancing
+            if self.cfg.penalty:
                 ctx.losses.append(self.cfg.penalty * penalty)
-        pool_n = m["pool"].sum()
-        for branch in BRANCHES:
-            kept = [v for (s, b), v in m["kept"].items() if b == branch]
-            if kept:
-                pairs = (pool_n * len(kept)).clamp(min=1)
-                ctx.stats[f"gateskip/{branch}_skipped"] = 1 - torch.stack(kept).sum() / pairs
-        ctx.stats["gateskip/flops"] = self.flops(ctx, config)
+        run = self.executed(ctx)
+        pool_n = m["pool"].sum().clamp(min=1)
+        for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs
+            ctx.stats[f"gateskip/{branch}_skipped"] = 1 - run[branch].sum() / (pool_n * run[branch].shape[0])
+        ctx.stats["gateskip/flops"] = self.flops(ctx, config, run)
 
     # ---- per layer ----
     def apply(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
@@ -192,7 +190,8 @@ class GateSkip:
     def keep(self, g: torch.Tensor, ctx: ForwardContext, slot: int, branch: str, tau: torch.Tensor):
         """KEEP mask (B, T), or None when nothing can be skipped (the dense path)."""
         m = ctx.method
-        m["g2"].append(g.pow(2).mean())
+        if ctx.collect_aux:
+            m["g2"].append(g.pow(2).mean())
         s_BT = g.detach().mean(-1).float()  # importance
         pool = m["pool"]
         if self.calibration is not None:
@@ -205,29 +204,33 @@ class GateSkip:
         else:
             keep = select(s_BT, pool, SelectRule(kind="quantile", scope=self.cfg.scope, q=self.cfg.budget,
                                                  pad_policy="keep"))
-        m["kept"][(slot, branch)] = pool.sum() if keep is None else (keep & pool).sum()
         m["masks"][(slot, branch)] = keep
         return keep
 
-    def flops(self, ctx: ForwardContext, config) -> torch.Tensor:
-        """FLOPs that actually ran in this forward (pool tokens): gates for all, K/V for all, q/o, attention
-        scores and MLP for kept tokens. Keys per kept query = its position + 1 (the causal context)."""
+    @staticmethod
+    def executed(ctx: ForwardContext) -> dict[str, torch.Tensor]:
+        """Per branch, the pool tokens that ran it in each layer: (L, B, T) bool."""
         m = ctx.method
         pool = m["pool"]
-        gate = flops.gate_flops(config, "scalar" if self.cfg.gate == "scalar" else "vector")
-        total = torch.zeros((), device=pool.device, dtype=torch.float64)
-        ctx_len = (ctx.positions + 1).double()  # (B, T)
-        for (slot, branch), keep in m["masks"].items():
-            run = pool if keep is None else keep & pool
-            n_run, n_pool = run.sum().double(), pool.sum().double()
-            if branch == "attn":
-                keys = (ctx_len * run).sum()
-                total = total + n_pool * flops.kv_flops(config) + n_run * flops.q_o_flops(config)
-                total = total + flops.attn_score_flops(config, 1) * keys
-            else:
-                total = total + n_run * flops.mlp_flops(config, slot)
-            total = total + n_pool * gate
-        return total
+        return {branch: torch.stack([pool if keep is None else keep & pool
+                                     for (_, b), keep in m["masks"].items() if b == branch])
+                for branch in BRANCHES}
+
+    def flops(self, ctx: ForwardContext, config, run: dict[str, torch.Tensor]) -> torch.Tensor:
+        """FLOPs that actually ran in this forward (pool tokens): gates and K/V projections for all, q/o,
+        attention scores and MLP for kept tokens. Keys per kept query = its position + 1 (causal context)."""
+        pool = ctx.method["pool"]
+        L = run["attn"].shape[0]
+        D = config.hidden_size
+        gate = {"vector": flops.gate_flops(config, "vector"), "scalar": flops.gate_flops(config, "scalar"),
+                "lowrank": 4 * D * self.cfg.rank}[self.cfg.gate]
+        n_pool = pool.sum().double()
+        attn_run, mlp_run = run["attn"].double(), run["mlp"].double()  # (L, B, T)
+        keys = (attn_run * (ctx.positions + 1).double()).sum()
+        mlp_per_layer = torch.tensor([flops.mlp_flops(config, i) for i in range(L)], dtype=torch.float64,
+                                     device=pool.device)
+        return (L * n_pool * (flops.kv_flops(config) + 2 * gate) + attn_run.sum() * flops.q_o_flops(config)
+                + keys * flops.attn_score_flops(config, 1) + (mlp_run.sum((1, 2)) * mlp_per_layer).sum())
 
     def override(self, **fields):
         """Temporarily change config fields (budget, mode, ...): `with method.override(budget=0.3): ...`."""
@@ -289,6 +292,8 @@ def calibrate(model, batches, budget: float) -> torch.Tensor:
 class GateSkipHook:
     """Trainer hook: ramps the skip budget from `ramp_start` to `ramp_end` over `ramp_steps` (0: the run)."""
 
+    name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget
+
     def __init__(self, method: GateSkip, total_steps: int) -> None:
         self.method = method
         self.steps = method.cfg.ramp_steps or total_steps
@@ -297,7 +302,7 @@ class GateSkipHook:
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
         cfg = self.method.cfg
         cfg.budget = linear_ramp(step, cfg.ramp_start, cfg.ramp_end, self.steps)
-        return {"gateskip/budget": cfg.budget}
+        return {"budget": cfg.budget}
 
     def state_dict(self) -> dict:
         return {"budget": self.method.cfg.budget}
