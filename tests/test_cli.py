@@ -31,6 +31,7 @@ def test_option_set_is_deliberate():
                        "model", "new_tokens", "out", "prompt_len", "repeats"],
         "bench gateskip": ["budgets", "decode_batches", "device", "dtype", "gate", "model", "new_tokens", "out",
                            "prefill_lens", "repeats"],
+        "bench quality": ["base", "out", "steps"],
         "bench train": ["batch_size", "compile", "device", "dtype", "model", "out", "seq_len", "steps"],
         "convert": ["dst", "dtype", "max_shard_gb", "src"],
         "demo": ["gate_steps", "out", "steps"],

@@ -182,6 +182,18 @@ def bench_gateskip(
     _run(bench_main, cfg)
 
 
+@bench_app.command("quality")
+def bench_quality(
+    base: str = typer.Option("runs/demo/base_model", help="Base checkpoint trained on the embedded data."),
+    steps: int = typer.Option(120, help="Post-training steps per method."),
+    out: Path = typer.Option(Path("runs/bench")),
+) -> None:
+    """GateSkip vs the Mixture-of-Depths baseline at equal compute, post-trained from one base model."""
+    from dyndepth.bench.quality import QualityBenchConfig, main as bench_main
+
+    _run(bench_main, QualityBenchConfig(base=base, steps=steps, out_dir=str(out)))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     app()

@@ -67,6 +67,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 400, gate_steps: in
     examples = make_examples(list(TASKS), eval_examples * len(TASKS), seed=1, difficulty=DIFFICULTY, split="val")
     model.eval()
     base_row = _evaluate(model, tok, examples, val_loader, base_cfg, budget=None)
+    model.save_pretrained(out / "base_model")  # `dyndepth bench quality` post-trains methods from it
 
     gate_cfg = _train_config(out / "gateskip", gate_steps, 1e-3, 10)
     method_cfg = {"name": "gateskip", "penalty": 1.0, "ramp_end": 0.2, "scope": "batch"}

@@ -1,0 +1,119 @@
+"""`dyndepth bench quality`: GateSkip against the Mixture-of-Depths baseline at equal compute.
+
+Both methods post-train the same base checkpoint (the demo's `runs/demo/base_model` by default) for the
+same steps on the same embedded data, then are scored on held-out data: validation loss and exact
+match, each next to the FLOPs per token that actually ran (relative to the base model). MoD at capacity
+c on every other block costs about 1 - (1 - c) / 2 of the base, so c = 0.5 and c = 0.125 sit near
+GateSkip at q = 0.3 and q = 0.5. Every score is causal: MoD is scored with its predictor (top-k over a
+sequence would look ahead), GateSkip with the quantile rule for loss and calibrated thresholds for
+generation.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import dyndepth
+from dyndepth.bench.timing import markdown_table, publish
+from dyndepth.core import flops
+from dyndepth.data.build import build_loader
+from dyndepth.data.synthetic import TASKS, exact_match, make_examples
+from dyndepth.eval.tasks import generate_answers
+from dyndepth.methods import calibrate
+from dyndepth.runconfig import TrainConfig
+from dyndepth.tokenizer import ByteTokenizer, encode_batch
+from dyndepth.train.parallel import DistInfo
+from dyndepth.train.run import build_hooks
+from dyndepth.train.trainer import evaluate, train
+
+
+@dataclass
+class QualityBenchConfig:
+    base: str = "runs/demo/base_model"  # a checkpoint trained on the embedded data (make demo writes it)
+    steps: int = 120
+    gateskip_budgets: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    mod_capacities: list[float] = field(default_factory=lambda: [0.5, 0.125])
+    eval_examples: int = 40  # per task
+    data: dict | None = None  # the [data] section; None: the demo's (the base model's training data)
+    out_dir: str = "runs/bench"
+
+
+def _data(cfg: QualityBenchConfig):
+    from dyndepth.demo import DATA  # the demo's data, so the base model's training set
+
+    data = cfg.data or DATA
+    return data, data.get("difficulty") or None
+
+
+def _posttrain(cfg: QualityBenchConfig, method: dict, out: Path):
+    data, _ = _data(cfg)
+    model = dyndepth.from_pretrained(cfg.base)
+    tok = ByteTokenizer()
+    loader = build_loader(data, split="train", batch_size=16, seq_len=256, seed=1, tokenizer=tok)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup=10,
+                       log_every=10, out_dir=str(out), device="cpu", progress=False, plot=False)
+    hooks = build_hooks(method, model, cfg.steps)
+    shutil.rmtree(out, ignore_errors=True)  # this bench's own previous run
+    train(model, loader, tcfg, hooks=hooks)
+    return model.eval(), tcfg
+
+
+def _score(model, label: str, examples, val_loader, tcfg, probe, flops_key: str | None, gen_kw: dict) -> dict:
+    with torch.no_grad():
+        val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg, DistInfo())
+        if flops_key is None:
+            work = flops.forward_flops(model.config, probe.shape[1], B=probe.shape[0], lm_head=False)
+        else:
+            work = float(model(probe).stats[flops_key])
+    answers = generate_answers(model, ByteTokenizer(), examples, **gen_kw)
+    return {"model": label, "flops_per_token": work / probe.numel(), "val_loss": val_loss,
+            "exact_match": exact_match(examples, answers)["overall"]}
+
+
+def run_quality_bench(cfg: QualityBenchConfig) -> dict:
+    if not (Path(cfg.base) / "config.json").exists():
+        raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
+                         "runs/demo/base_model) or pass --base.")
+    data, difficulty = _data(cfg)
+    tok = ByteTokenizer()
+    val_loader = build_loader(data, split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
+    probe = val_loader.next_batch()["input_ids"]
+    examples = make_examples(list(TASKS), cfg.eval_examples * len(TASKS), seed=1, difficulty=difficulty, split="val")
+    calib_texts = [e.text for e in make_examples(list(TASKS), 256, seed=2, difficulty=difficulty)]
+    calib = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, 256, 64)]
+    out = Path(cfg.out_dir) / "quality_runs"
+
+    base = dyndepth.from_pretrained(cfg.base).eval()
+    tcfg = TrainConfig(eval_batches=8, device="cpu")
+    rows = [_score(base, "base", examples, val_loader, tcfg, probe, None, {})]
+
+    gated, tcfg = _posttrain(cfg, {"name": "gateskip", "ramp_end": 0.2}, out / "gateskip")
+    for q in cfg.gateskip_budgets:
+        calibrate(gated, calib, budget=q)
+        with gated.method.override(budget=q, mode="quantile"):
+            rows.append(_score(gated, f"GateSkip q={q:.0%}", examples, val_loader, tcfg, probe, "gateskip/flops",
+                               {"skip_budget": q}))
+    for c in cfg.mod_capacities:
+        mod, tcfg = _posttrain(cfg, {"name": "mod", "capacity": c}, out / f"mod_{c}")
+        with mod.method.override(mode="predictor"):
+            rows.append(_score(mod, f"MoD c={c:.1%}", examples, val_loader, tcfg, probe, "mod/flops", {}))
+    for r in rows:
+        r["compute"] = r["flops_per_token"] / rows[0]["flops_per_token"]
+    return {"config": asdict(cfg), "rows": rows}
+
+
+def render_markdown(r: dict) -> str:
+    c = r["config"]
+    head = (f"### bench quality: GateSkip vs Mixture-of-Depths from {c['base']}, {c['steps']} post-training "
+            "steps each\n\ncompute = FLOPs per token that ran / the base model's (causal scoring for both).\n\n")
+    rows = [dict(r, compute=f"{r['compute']:.0%}", exact_match=f"{r['exact_match']:.1%}") for r in r["rows"]]
+    return head + markdown_table(rows, ["model", "compute", "val_loss", "exact_match"])
+
+
+def main(cfg: QualityBenchConfig) -> dict:
+    result = run_quality_bench(cfg)
+    return publish(result, render_markdown(result), cfg.out_dir, "quality-cpu")
