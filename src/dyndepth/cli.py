@@ -117,8 +117,8 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
-    steps: int = typer.Option(400, help="Base training steps (the default fits a 2-core CPU in a few minutes)."),
-    gate_steps: int = typer.Option(120, help="GateSkip post-training steps."),
+    steps: int = typer.Option(320, help="Base training steps (the default fits a 2-core CPU in a few minutes)."),
+    gate_steps: int = typer.Option(100, help="GateSkip post-training steps."),
 ) -> None:
     """Train a tiny model on embedded data (no network) and print a results table."""
     from dyndepth.demo import run_demo
@@ -189,7 +189,8 @@ def bench_quality(
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """GateSkip vs the Mixture-of-Depths baseline at equal compute, post-trained from one base model."""
-    from dyndepth.bench.quality import QualityBenchConfig, main as bench_main
+    from dyndepth.bench.quality import QualityBenchConfig
+    from dyndepth.bench.quality import main as bench_main
 
     _run(bench_main, QualityBenchConfig(base=base, steps=steps, out_dir=str(out)))
 

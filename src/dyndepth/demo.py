@@ -49,7 +49,7 @@ def _train_config(out_dir: Path, steps: int, lr: float, warmup: int) -> TrainCon
                        device="cpu")
 
 
-def run_demo(out_dir: str | Path = "runs/demo", steps: int = 400, gate_steps: int = 120,
+def run_demo(out_dir: str | Path = "runs/demo", steps: int = 320, gate_steps: int = 100,
              eval_examples: int = 40) -> dict:
     out = Path(out_dir)
     for old in ("base", "gateskip"):  # the demo's own previous runs: start fresh every time
