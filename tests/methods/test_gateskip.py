@@ -2,23 +2,12 @@
 
 import pytest
 import torch
+from gated import gated_model
 
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
 from dyndepth.core.routing import SelectRule, select
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
-
-
-def gated_model(name="tiny-qwen3", eos=None, **cfg):
-    torch.manual_seed(0)
-    model = CausalLM(preset(name, eos_token_id=eos)).eval()
-    method = attach_gateskip(model, GateSkipConfig(**cfg))
-    with torch.no_grad():  # spread the gates so importances differ clearly between tokens
-        for layer in model.model.layers[:1] if method.cfg.shared else model.model.layers:
-            for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
-                gate.proj.weight.normal_(0, 0.5)
-                gate.proj.bias.zero_()
-    return model, method
 
 
 def masked_dense_reference(model, ids, mask=None):

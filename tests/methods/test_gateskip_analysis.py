@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from gated import gated_model
 
 from dyndepth import CausalLM, preset
-from dyndepth.methods import GateSkipConfig, attach_gateskip
 from dyndepth.methods.gateskip_analysis import (
     bos_anchor_report,
     collect_gate_stats,
@@ -15,18 +15,6 @@ from dyndepth.plots import compute_heatmap, plot_gate_stats
 from dyndepth.tokenizer import ByteTokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def gated_model(name="tiny-qwen3", vocab=256, **cfg):
-    torch.manual_seed(0)
-    model = CausalLM(preset(name, vocab_size=vocab)).eval()
-    method = attach_gateskip(model, GateSkipConfig(**cfg))
-    with torch.no_grad():  # spread the gates so importances differ clearly between tokens
-        for layer in model.model.layers[:1] if method.cfg.shared else model.model.layers:
-            for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
-                gate.proj.weight.normal_(0, 0.5)
-                gate.proj.bias.zero_()
-    return model, method
 
 
 def anchor_model(sign: float, **cfg):
