@@ -6,9 +6,13 @@ from dyndepth import CausalLM, preset
 from dyndepth.methods import GateSkipConfig, attach_gateskip
 
 
-def gated_model(name="tiny-qwen3", eos=None, vocab=None, **cfg):
+def gated_model(name="tiny-qwen3", eos=None, vocab=None, layers=None, **cfg):
     torch.manual_seed(0)
-    overrides = {"eos_token_id": eos} if vocab is None else {"eos_token_id": eos, "vocab_size": vocab}
+    overrides = {"eos_token_id": eos}
+    if vocab is not None:
+        overrides["vocab_size"] = vocab
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
     model = CausalLM(preset(name, **overrides)).eval()
     method = attach_gateskip(model, GateSkipConfig(**cfg))
     with torch.no_grad():

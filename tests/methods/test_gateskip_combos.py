@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from gated import gated_model
 from torch import nn
 
 import dyndepth
 from dyndepth import CausalLM, preset
-from dyndepth.methods import GateSkipConfig, attach_gateskip
 from dyndepth.methods.gateskip_analysis import trace_forward
 from dyndepth.methods.gateskip_combos import (
     QuantLinear,
@@ -16,18 +16,6 @@ from dyndepth.methods.gateskip_combos import (
     quantize_weights,
     weight_bytes,
 )
-
-
-def gated_model(name="tiny-qwen3", layers=2, **cfg):
-    torch.manual_seed(0)
-    model = CausalLM(preset(name, num_hidden_layers=layers)).eval()
-    method = attach_gateskip(model, GateSkipConfig(**cfg))
-    with torch.no_grad():
-        for layer in model.model.layers[:1] if method.cfg.shared else model.model.layers:
-            for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
-                gate.proj.weight.normal_(0, 0.5)
-                gate.proj.bias.zero_()
-    return model, method
 
 
 def logits(model, ids):

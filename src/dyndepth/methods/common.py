@@ -22,6 +22,13 @@ def override_config(cfg, result=None, **fields):
             setattr(cfg, k, v)
 
 
+def make_config(cls, cfg):
+    """A method's config dataclass from an instance, a recipe's `[method]` dict (its `name` dropped) or None."""
+    if isinstance(cfg, dict):
+        return cls(**{k: v for k, v in cfg.items() if k != "name"})
+    return cfg if cfg is not None else cls()
+
+
 def method_dict(name: str, cfg) -> dict:
     """What `save_pretrained` records in config.json so `from_pretrained` can re-attach the method."""
     return {"name": name, **asdict(cfg)}

@@ -41,7 +41,7 @@ from dyndepth.core.routing import (
     scatter_padded_add,
     select,
 )
-from dyndepth.methods.common import method_dict, override_config
+from dyndepth.methods.common import make_config, method_dict, override_config
 
 BRANCHES = ("attn", "mlp")
 
@@ -249,9 +249,7 @@ class GateSkip:
 
 def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip:
     """Add gates to every layer of `model` (a CausalLM) and route its forward through GateSkip."""
-    if isinstance(cfg, dict):
-        cfg = GateSkipConfig(**{k: v for k, v in cfg.items() if k != "name"})
-    cfg = cfg or GateSkipConfig()
+    cfg = make_config(GateSkipConfig, cfg)
     ref = model.lm_head.weight
     layers = model.model.layers if not cfg.shared else model.model.layers[:1]
     for layer in layers:

@@ -47,7 +47,7 @@ from dyndepth.core.routing import (
     scatter_padded_add,
     select,
 )
-from dyndepth.methods.common import method_dict, override_config
+from dyndepth.methods.common import make_config, method_dict, override_config
 
 MODES = ("topk", "predictor", "router_threshold")
 
@@ -245,9 +245,7 @@ class MoD:
 
 def attach_mod(model, cfg: MoDConfig | dict | None = None) -> MoD:
     """Add a router and predictor to every routed layer of `model` (a CausalLM, fresh or pretrained)."""
-    if isinstance(cfg, dict):
-        cfg = MoDConfig(**{k: v for k, v in cfg.items() if k != "name"})
-    cfg = cfg or MoDConfig()
+    cfg = make_config(MoDConfig, cfg)
     routed = cfg.routed_layers(model.config.num_hidden_layers)
     if not routed:
         raise ValueError(f"mod.every={cfg.every}, offset={cfg.offset} routes none of the "
