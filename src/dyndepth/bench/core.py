@@ -3,6 +3,16 @@
 Reports prefill and decode tokens/s for both and their ratio, the peak memory of loading the
 checkpoint (ours memory-maps safetensors; peak / weight bytes should stay near 1.0), and the KV
 cache's bytes per token.
+
+Every row compares like with like, and the result records what each side ran (`runs`):
+- prefill: one forward over the prompt, logits for the last position only, no cache built (HF gets
+  `use_cache=False`); with `compile`, both forwards go through the same `torch.compile` call.
+- decode: `generate` with `n` new tokens minus `generate` with one (the n - 1 decode steps). Eager:
+  ours reads its preallocated cache up to the filled length, HF grows a DynamicCache; both attend over
+  the filled length. With `compile`: ours compiles its decode step over a full-length static cache,
+  HF uses `cache_implementation="static"` and compiles its decode forward with the same options
+  (`CompileConfig`; transformers compiles on its own only on accelerators, so it is told to on CPU).
+  Prefill inside `generate` stays eager on both sides.
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ class CoreBenchConfig:
     decode_batch_size: int = 1
     dtype: str = "float32"
     device: str = "cpu"
-    compile: bool = False  # compile our forward and decode step (static cache; CUDA graphs on GPU); HF: static cache
+    compile: bool = False  # compile both sides: prefill forward, and decode over a static cache (module docstring)
+    compile_backend: str = "inductor"  # torch.compile backend for both sides ("eager" only traces: for tests)
     repeats: int = 5
+    load_memory: bool = True  # measure load peak RSS (two fresh Python processes)
     out_dir: str = "runs/bench"
 
 
@@ -82,6 +94,66 @@ print(json.dumps(dict(peak_bytes=status("VmHWM:") - base, weight_bytes=weights))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _compile_options(cfg: CoreBenchConfig, device: torch.device, decode: bool) -> dict:
+    """The torch.compile options both sides get: static shapes; CUDA graphs for GPU decode (as `generate`)."""
+    mode = "reduce-overhead" if decode and device.type == "cuda" else "default"
+    return {"backend": cfg.compile_backend, "mode": mode, "fullgraph": False, "dynamic": False}
+
+
+def _execution(options: dict | None) -> str:
+    if options is None:
+        return "eager"
+    return f"compiled ({options['backend']}, mode={options['mode']}, dynamic={options['dynamic']})"
+
+
+def _hf_decode_kwargs(cfg: CoreBenchConfig, device: torch.device) -> dict:
+    """HF `generate` arguments: greedy, no early stop; with `compile`, a static cache and a compiled decode."""
+    from transformers import CompileConfig
+
+    kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    if cfg.compile:
+        compile_config = CompileConfig(**_compile_options(cfg, device, decode=True))
+        compile_config._compile_all_devices = True  # transformers' switch for compiling off accelerators
+        kw.update(cache_implementation="static", compile_config=compile_config)
+    return kw
+
+
+def _hf_decode_cache(hf, prompt: torch.Tensor, n: int, kw: dict) -> str:
+    """The cache class HF's `generate` actually uses with these arguments (one more run, same shapes)."""
+    out = hf.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, return_dict_in_generate=True, **kw)
+    return _cache_name(out.cache)
+
+
+def _cache_name(cache) -> str:
+    return "none" if cache is None else type(cache).__name__
+
+
+def _run_settings(cfg: CoreBenchConfig, device: torch.device, prefill_compiled: dict[str, bool], hf,
+                  hf_prefill_cache: str, hf_cache: str) -> dict:
+    """What each side ran, per phase: execution (eager / compiled + options), cache, attention. HF's
+    compilation and caches are read back from what its runs did, not from what was asked."""
+    prefill_exec = {k: _execution(_compile_options(cfg, device, decode=False) if c else None)
+                    for k, c in prefill_compiled.items()}
+    decode_exec = _execution(_compile_options(cfg, device, decode=True) if cfg.compile else None)
+    hf_compiled = getattr(hf, "_compiled_call", None) is not None  # set by HF generate when it compiled
+    hf_opts = getattr(hf, "_last_compile_config", None)
+    attends = "full static cache (masked)" if cfg.compile else "filled length"
+    hf_attention = hf.config._attn_implementation
+    ours_cache = "KVCache, full length" if cfg.compile else "KVCache, read up to the filled length"
+    return {
+        "prefill": {
+            "ours": {"execution": prefill_exec["ours"], "cache": "none", "attends_over": "prompt", "attention": "sdpa"},
+            "hf": {"execution": prefill_exec["hf"], "cache": hf_prefill_cache, "attends_over": "prompt",
+                   "attention": hf_attention},
+        },
+        "decode": {
+            "ours": {"execution": decode_exec, "cache": ours_cache, "attends_over": attends, "attention": "sdpa"},
+            "hf": {"execution": _execution(hf_opts.to_dict()) if hf_compiled else "eager", "cache": hf_cache,
+                   "attends_over": attends, "attention": hf_attention},
+        },
+    }
+
+
 @torch.no_grad()
 def run_core_bench(cfg: CoreBenchConfig) -> dict:
     device = torch.device(cfg.device)
@@ -92,15 +164,17 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
         prompt = torch.randint(0, V, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)
         dprompt = torch.randint(0, V, (cfg.decode_batch_size, cfg.decode_prompt_len), generator=g).to(device)
 
-        ours_fwd = torch.compile(ours) if cfg.compile else ours
-        prefill = interleaved_median({
-            "ours": lambda: ours_fwd(prompt, num_logits=1),
-            "hf": lambda: hf(input_ids=prompt, logits_to_keep=1),
-        }, device, cfg.repeats)
+        models = {"ours": ours, "hf": hf}
+        fwd = {k: torch.compile(m, **_compile_options(cfg, device, decode=False)) if cfg.compile else m
+               for k, m in models.items()}
+        prefill_fns = {
+            "ours": lambda: fwd["ours"](prompt, num_logits=1),  # no cache argument: none is built
+            "hf": lambda: fwd["hf"](input_ids=prompt, use_cache=False, logits_to_keep=1),
+        }
+        prefill = interleaved_median(prefill_fns, device, cfg.repeats)
+        hf_prefill_cache = _cache_name(prefill_fns["hf"]().cache)
 
-        hf_kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-        if cfg.compile:
-            hf_kw["cache_implementation"] = "static"
+        hf_kw = _hf_decode_kwargs(cfg, device)
 
         def gen(n: int) -> dict[str, callable]:
             return {
@@ -112,23 +186,28 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
         t_all = interleaved_median(gen(cfg.new_tokens), device, cfg.repeats, warmup=2 if cfg.compile else 1)
         decode_tokens = cfg.decode_batch_size * (cfg.new_tokens - 1)
         decode = {k: (t_all[k] - t_one[k]) for k in t_all}  # the n-1 decode steps only
+        runs = _run_settings(cfg, device, {k: fwd[k] is not models[k] for k in models}, hf, hf_prefill_cache,
+                             _hf_decode_cache(hf, dprompt, cfg.new_tokens, hf_kw))
 
-        memory = {w: _load_memory(folder, w) for w in ("ours", "hf")}
+        memory = {w: _load_memory(folder, w) for w in ("ours", "hf")} if cfg.load_memory else None
         kv_bytes = KVCache.for_model(ours.config, 1, 1, dtype=next(ours.parameters()).dtype).nbytes_per_token()
 
     prefill_tps = {k: cfg.batch_size * cfg.prompt_len / t for k, t in prefill.items()}
     decode_tps = {k: decode_tokens / t for k, t in decode.items()}
-    load_ratio = {k: m["peak_bytes"] / m["weight_bytes"] for k, m in memory.items()}
+    load_ratio = {k: m["peak_bytes"] / m["weight_bytes"] for k, m in memory.items()} if memory else None
     return {
         "config": asdict(cfg),
         "machine": machine_description(device),
         "model_params": ours.num_params(),
+        "runs": runs,
+        "prefill_s": prefill,
         "prefill_tokens_per_s": prefill_tps,
         "prefill_speedup_vs_hf": prefill_tps["ours"] / prefill_tps["hf"],
+        "decode_s": decode,
         "decode_tokens_per_s": decode_tps,
         "decode_speedup_vs_hf": decode_tps["ours"] / decode_tps["hf"],
         "load_peak_over_weights": load_ratio,
-        "weight_bytes": memory["ours"]["weight_bytes"],
+        "weight_bytes": sum(p.numel() * p.element_size() for p in ours.parameters()),
         "kv_cache_bytes_per_token": kv_bytes,
     }
 
@@ -136,17 +215,21 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
 def render_markdown(r: dict) -> str:
     c = r["config"]
     rows = [
-        dict(metric=f"prefill tok/s (B={c['batch_size']}, T={c['prompt_len']})", ours=r["prefill_tokens_per_s"]["ours"],
-             hf=r["prefill_tokens_per_s"]["hf"], ratio=r["prefill_speedup_vs_hf"]),
-        dict(metric=f"decode tok/s (B={c['decode_batch_size']}, {c['new_tokens']} new)",
-             ours=r["decode_tokens_per_s"]["ours"], hf=r["decode_tokens_per_s"]["hf"], ratio=r["decode_speedup_vs_hf"]),
-        dict(metric="load peak RSS / weight bytes", ours=r["load_peak_over_weights"]["ours"],
-             hf=r["load_peak_over_weights"]["hf"], ratio=""),
+        {"metric": f"prefill tok/s (B={c['batch_size']}, T={c['prompt_len']})", "ours": r["prefill_tokens_per_s"]["ours"],
+             "hf": r["prefill_tokens_per_s"]["hf"], "ratio": r["prefill_speedup_vs_hf"]},
+        {"metric": f"decode tok/s (B={c['decode_batch_size']}, {c['new_tokens']} new)",
+             "ours": r["decode_tokens_per_s"]["ours"], "hf": r["decode_tokens_per_s"]["hf"], "ratio": r["decode_speedup_vs_hf"]},
     ]
+    if r["load_peak_over_weights"] is not None:
+        rows.append({"metric": "load peak RSS / weight bytes", "ours": r["load_peak_over_weights"]["ours"],
+                         "hf": r["load_peak_over_weights"]["hf"], "ratio": ""})
     head = (f"### bench core: {c['model']} ({r['model_params'] / 1e6:.1f}M params), {c['dtype']}, "
             f"{r['machine']}{', compiled' if c['compile'] else ''}\n\n")
+    settings = [dict(phase=phase, side=side, **s) for phase, sides in r["runs"].items() for side, s in sides.items()]
+    ran = "\n\nWhat ran:\n\n" + markdown_table(settings, ["phase", "side", "execution", "cache", "attends_over",
+                                                          "attention"])
     tail = f"\n\nKV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (all layers, K and V)."
-    return head + markdown_table(rows, ["metric", "ours", "hf", "ratio"]) + tail
+    return head + markdown_table(rows, ["metric", "ours", "hf", "ratio"]) + ran + tail
 
 
 def main(cfg: CoreBenchConfig) -> dict:

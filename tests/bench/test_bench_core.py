@@ -1,0 +1,41 @@
+"""`bench core` compares like with like: both sides run the same way in every row, and the reported
+ratios are the recorded speeds' ratios. Nothing here is timed."""
+
+import pytest
+
+from dyndepth.bench.core import CoreBenchConfig, main, render_markdown
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", [False, True])
+def test_both_sides_run_the_same_way_and_ratios_match_the_speeds(tmp_path, compile):
+    cfg = CoreBenchConfig(model="tiny-qwen3", prompt_len=16, decode_prompt_len=8, new_tokens=4, repeats=1,
+                          compile=compile, compile_backend="eager", load_memory=False, out_dir=str(tmp_path))
+    r = main(cfg)  # "eager" backend: dynamo traces both sides (the code path under test) without inductor
+
+    for phase in ("prefill", "decode"):
+        ours, hf = r["runs"][phase]["ours"], r["runs"][phase]["hf"]
+        for key in ("execution", "attends_over", "attention"):
+            assert ours[key] == hf[key], (phase, key)
+        assert ours["execution"].startswith("compiled" if compile else "eager"), phase
+        assert ours["attention"] == "sdpa"
+    assert r["runs"]["prefill"]["ours"]["cache"] == r["runs"]["prefill"]["hf"]["cache"] == "none"
+    assert r["runs"]["decode"]["hf"]["cache"] == ("StaticCache" if compile else "DynamicCache")
+    if compile:  # the same torch.compile options on both sides, read back from HF's own compiled call
+        assert r["runs"]["decode"]["hf"]["execution"] == "compiled (eager, mode=default, dynamic=False)"
+
+    prefill_tokens, decode_tokens = cfg.prompt_len * cfg.batch_size, (cfg.new_tokens - 1) * cfg.decode_batch_size
+    for side in ("ours", "hf"):
+        assert r["prefill_tokens_per_s"][side] == pytest.approx(prefill_tokens / r["prefill_s"][side])
+        assert r["decode_tokens_per_s"][side] == pytest.approx(decode_tokens / r["decode_s"][side])
+    tps = r["prefill_tokens_per_s"]
+    assert r["prefill_speedup_vs_hf"] == pytest.approx(tps["ours"] / tps["hf"])
+    tps = r["decode_tokens_per_s"]
+    assert r["decode_speedup_vs_hf"] == pytest.approx(tps["ours"] / tps["hf"])
+    assert r["load_peak_over_weights"] is None and r["weight_bytes"] > 0
+
+    md = (tmp_path / "core-cpu-float32.md").read_text()
+    assert md.strip().endswith(render_markdown(r).strip())
+    assert f"| prefill | hf | {r['runs']['prefill']['hf']['execution']} | none |" in md
+    assert f"| decode | hf | {r['runs']['decode']['hf']['execution']} | {r['runs']['decode']['hf']['cache']} |" in md
+    assert "load peak RSS" not in md
