@@ -1,0 +1,378 @@
+"""lm-evaluation-harness adapter: dyndepth models as the lm-eval model "dyndepth".
+
+Shape legend: B batch, T tokens, V vocab.
+
+    import dyndepth.eval.harness, lm_eval                       # the import registers "dyndepth"
+    lm_eval.simple_evaluate(model="dyndepth", model_args="pretrained=DIR,skip_budget=0.3", tasks=["piqa"])
+    dyndepth eval DIR --tasks piqa --model-args skip_budget=0.3  # the same from a shell
+
+lm-eval 0.4.x finds models only in its own registry (no entry-point discovery), so `lm_eval --model
+dyndepth` typed in a shell does not see this adapter: use `dyndepth eval`, or import this module first.
+
+Scores follow lm-eval's `hf` backend request for request: the same context/continuation split (done
+by `TemplateLM`), prefix token (BOS, else EOS), left truncation to `max_length`, rolling windows for
+`loglikelihood_rolling` and stop handling for `generate_until`; a checkpoint exported with
+`save_pretrained` scores the same under both backends (tests/eval/test_harness.py). Requests run in
+batches sorted by length; generation is KV-cached and batched (`model.generate`), and a batch ends as
+soon as every row has produced EOS or one of the task's stop strings.
+
+Method knobs: every model argument that is not an adapter argument (`ADAPTER_ARGS`) is a knob of the
+adapter-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS`, or any field
+of the method's config dataclass (e.g. `scope=sequence` for GateSkip). Knobs apply to every scoring
+forward through `method.override(**fields)`; a named knob with a `generate` keyword is passed to
+`model.generate` for decoding instead. Anything else is an error naming the valid arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# Named method knobs, one line each: model argument -> (field of the method's config used by scoring
+# forwards, keyword of `model.generate` used for decoding, or None to keep the field set while decoding).
+NAMED_KNOBS: dict[str, tuple[str, str | None]] = {
+    "skip_budget": ("budget", "skip_budget"),  # GateSkip: fraction of tokens that skip each branch
+}
+ADAPTER_ARGS = ("pretrained", "tokenizer", "dtype", "device", "batch_size", "max_batch_size", "max_length",
+                "max_gen_toks", "add_bos_token")
+GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
+
+
+class _AllStopped(Exception):
+    """Raised from the generate callback once every row has produced EOS or a stop string."""
+
+
+@register_model("dyndepth")
+class DyndepthLM(TemplateLM):
+    """A dyndepth CausalLM behind lm-eval's `LM` interface (see the module docstring)."""
+
+    def __init__(self, pretrained, tokenizer=None, dtype: str | None = None, device: str | None = None,
+                 batch_size: int | str = 8, max_batch_size: int | None = None, max_length: int | None = None,
+                 max_gen_toks: int = 256, add_bos_token: bool = False, **knobs) -> None:
+        super().__init__()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = torch.device(device)
+        self.model = _load_model(pretrained, dtype, self._device)
+        self.tokenizer = _load_tokenizer(pretrained, tokenizer)
+        vocab = self.model.config.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{vocab}; pass the tokenizer the model was trained with (tokenizer=FOLDER).")
+        self.batch_size_per_gpu = _batch_size(batch_size)
+        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = _as_bool(add_bos_token)
+        self.method_fields, self.generate_knobs, self._decode_fields = split_knobs(self.model.method, knobs)
+        self._stat_sums: dict[str, float] = {}
+        self._forwards = 0
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = next(iter(self.model.config.eos_token_ids), None)
+        if eos is None:
+            raise ValueError("neither the tokenizer nor config.json names an EOS token; lm-eval needs one "
+                             "(set eos_token_id in config.json or use a tokenizer with an eos token).")
+        return eos
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        add_bos = self.add_bos_token if add_special_tokens is None else bool(add_special_tokens and self.add_bos_token)
+        ids = self.tokenizer.encode(string, add_bos=add_bos)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    # ------------------------------------------------------------------------------ forwards
+    def _method_context(self, generating: bool = False):
+        fields = self._decode_fields if generating else self.method_fields
+        return self.model.method.override(**fields) if fields else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _logprobs(self, rows: list[list[int]], num_logits: int) -> torch.Tensor:
+        """Left-padded forward of token rows -> log-probs of the last `num_logits` positions (B, n, V), fp32."""
+        ids, mask = _left_pad(rows, self.eot_token_id, self.device)
+        with self._method_context():
+            out = self.model(ids, attention_mask=mask, num_logits=num_logits)
+        self._record(out.stats)
+        return F.log_softmax(out.logits.float(), dim=-1)  # (B, n, V)
+
+    def _record(self, stats: dict) -> None:
+        self._forwards += 1
+        for k, v in stats.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                self._stat_sums[k] = self._stat_sums.get(k, 0.0) + float(v)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) | None, context ids, continuation ids) -> (log p, is greedy)."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            rows, conts = [], []
+            for i in chunk:
+                _, ctx, cont = requests[i]
+                if not cont or len(cont) > self.max_length:
+                    raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored with max_length="
+                                     f"{self.max_length}; it must have 1..max_length tokens.")
+                rows.append((ctx + cont)[-(self.max_length + 1):][:-1])  # the last token is only a target
+                conts.append(cont)
+            logp = self._logprobs(rows, max(map(len, conts)))  # (B, n, V)
+            for b, i in enumerate(chunk):
+                cont = torch.tensor(conts[b], device=logp.device)  # (C,)
+                lp = logp[b, -len(conts[b]):]  # (C, V)
+                answer = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts: disjoint windows of max_length, each token predicted once."""
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            pairs = get_rolling_token_windows(token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                                              max_seq_len=self.max_length, context_len=1)
+            for ctx, cont in map(make_disjoint_window, pairs):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[i] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, if a task asks) KV-cached generation, batched per set of generation kwargs."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        encoded = [self.tok_encode(req.args[0]) for req in requests]
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        for members in groups.values():
+            options = _generation_options(requests[members[0]].args[1], self.max_gen_toks)
+            max_ctx = self.max_length - options["max_new_tokens"]
+            if max_ctx <= 0:
+                raise ValueError(f"max_gen_toks={options['max_new_tokens']} leaves no room for the prompt within "
+                                 f"max_length={self.max_length}; raise max_length or lower max_gen_toks.")
+            members = sorted(members, key=lambda i: -len(encoded[i]))
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                rows = [encoded[i][-max_ctx:] or [self.prefix_token_id] for i in chunk]
+                for i, text in zip(chunk, self._generate(rows, options)):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate(self, rows: list[list[int]], options: dict) -> list[str]:
+        until, eot = options["until"], self.eot_token_id
+        cols: list[list[int]] = []  # one list of B tokens per generated step
+        done = [False] * len(rows)
+
+        def callback(_step: int, tokens_B: torch.Tensor) -> None:
+            cols.append(tokens_B.tolist())
+            for b in range(len(rows)):
+                if not done[b]:
+                    done[b] = cols[-1][b] == eot or (bool(until) and _cut(self.tok_decode(
+                        [c[b] for c in cols]), until) is not None)
+            if all(done):
+                raise _AllStopped
+
+        ids, mask = _left_pad(rows, eot, self.device)
+        try:
+            with self._method_context(generating=True):
+                self.model.generate(ids, options["max_new_tokens"], attention_mask=mask,
+                                    temperature=options["temperature"], top_k=options["top_k"],
+                                    top_p=options["top_p"], stop_tokens=[eot], pad_token_id=eot,
+                                    callback=callback, **self.generate_knobs)
+        except _AllStopped:
+            pass
+        texts = []
+        for b in range(len(rows)):
+            tokens = [c[b] for c in cols]
+            tokens = tokens[:tokens.index(eot)] if eot in tokens else tokens
+            text = self.tok_decode(tokens)
+            cut = _cut(text, until)
+            texts.append(text if cut is None else text[:cut])
+        return texts
+
+    def get_model_info(self) -> dict:
+        method = self.model.method
+        stats = {k: v / max(self._forwards, 1) for k, v in self._stat_sums.items()}
+        return {"dyndepth_method": method.to_dict() if method is not None else None,
+                "method_knobs": {**self.method_fields, **self.generate_knobs},
+                "num_params": self.model.num_params(), "mean_forward_stats": stats}
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def split_knobs(method, knobs: dict) -> tuple[dict, dict, dict]:
+    """Method knobs -> (config fields for scoring forwards, `model.generate` keywords, config fields kept
+    while generating: those without a generate keyword). Values are cast to the type of the field's
+    current value (lm-eval parses `0` as an int); the method's own checks run now, not mid-run."""
+    if not knobs:
+        return {}, {}, {}
+    fields = {f.name for f in dataclasses.fields(method.cfg)} if method is not None else set()
+    overrides, generating, decoding = {}, {}, {}
+    for name, value in knobs.items():
+        field, gen_kw = NAMED_KNOBS.get(name, (name, None))
+        if field not in fields:
+            raise ValueError(_unknown_arg(name, field, method, fields))
+        value = _coerce(value, getattr(method.cfg, field), name)
+        overrides[field] = value
+        if gen_kw is None:
+            decoding[field] = value
+        else:
+            generating[gen_kw] = value
+    dataclasses.replace(method.cfg, **overrides)  # runs the config's __post_init__ checks on a copy
+    return overrides, generating, decoding
+
+
+def _unknown_arg(name: str, field: str, method, fields: set[str]) -> str:
+    valid = f"adapter arguments {list(ADAPTER_ARGS)}"
+    if method is None:
+        return (f"unknown model argument {name!r}: this model has no adaptive-depth method attached, so it takes "
+                f"only the {valid}.")
+    method_name = getattr(method, "name", type(method).__name__)
+    if name in NAMED_KNOBS:
+        return (f"model argument {name!r} sets the method field {field!r}, which the attached {method_name} method "
+                f"does not have; its knobs are {sorted(fields)}.")
+    return (f"unknown model argument {name!r}: valid are the {valid}, the named knobs {sorted(NAMED_KNOBS)} and the "
+            f"fields of the attached {method_name} method {sorted(fields)}.")
+
+
+def _coerce(value, current, name: str):
+    if isinstance(current, bool):
+        return _as_bool(value)
+    try:
+        if isinstance(current, (int, float)) and not isinstance(value, bool):
+            return type(current)(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model argument {name}={value!r} must be a {type(current).__name__}.") from None
+    return value
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {value!r}.")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
+def _batch_size(value) -> int:
+    if isinstance(value, str) and value.startswith("auto"):
+        log.warning("batch_size=%s: dyndepth does not search batch sizes; using 16.", value)
+        return 16
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size={value!r} must be a positive integer.") from None
+    if size < 1:
+        raise ValueError(f"batch_size={value!r} must be a positive integer.")
+    return size
+
+
+def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
+    unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
+    if unknown:
+        raise ValueError(f"generation kwargs {unknown} are not supported by dyndepth; supported: {list(GEN_KWARGS)}.")
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else [s for s in until if s]
+    sample = _as_bool(gen_kwargs.get("do_sample", False))
+    return {"until": until,
+            "max_new_tokens": int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", default_max))),
+            "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+            "top_k": gen_kwargs.get("top_k") if sample else None,
+            "top_p": gen_kwargs.get("top_p") if sample else None}
+
+
+def _cut(text: str, until: list[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in until) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[b, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _load_model(pretrained, dtype: str | None, device: torch.device):
+    import dyndepth
+    from dyndepth.interop.hf import DTYPES
+
+    if dtype in (None, "auto"):
+        dtype = None
+    elif dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {['auto', *DTYPES]}.")
+    if isinstance(pretrained, torch.nn.Module):
+        model = pretrained if dtype is None else pretrained.to(DTYPES[dtype])
+    elif str(pretrained) in dyndepth.PRESETS:  # random weights: smoke tests
+        model = dyndepth.CausalLM(dyndepth.preset(str(pretrained)))
+        model = model if dtype is None else model.to(DTYPES[dtype])
+    else:
+        model = dyndepth.from_pretrained(pretrained, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _load_tokenizer(pretrained, tokenizer):
+    from dyndepth import PRESETS
+    from dyndepth.tokenizer import load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer  # a tokenizer object (Python use)
+    if tokenizer is None:
+        if isinstance(pretrained, torch.nn.Module):
+            raise ValueError("a model object needs a tokenizer: pass tokenizer=FOLDER, 'byte' or a tokenizer object.")
+        tokenizer = "byte" if str(pretrained) in PRESETS else pretrained
+    return load_tokenizer(tokenizer)
