@@ -1,0 +1,137 @@
+"""The lm-eval adapter against lm-eval's own `hf` backend (HFLM on transformers), same exported checkpoint."""
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # HFLM imports it
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from dyndepth.eval.harness import DyndepthLM, split_knobs  # noqa: E402
+from dyndepth.methods import attach_gateskip  # noqa: E402
+
+LOGLIKELIHOOD = [
+    ("The quick brown", " fox jumps"),
+    ("Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"),
+    ("", "A man is sitting on a roof."),  # empty context: scored after the prefix token
+    ("She bends down and ", "grabs the pole."),  # trailing space moves to the continuation
+    ("duck eggs " * 12, "over the lazy dog"),  # longer than max_length: truncated from the left
+]
+ROLLING = ["Janet sells 16 - 3 - 4 = 9 duck eggs a day. #### 9 " * 3, "hi", "How do I ready a guinea pig cage?"]
+PROMPTS = ["The quick", "Question: Which gas do", "Janet sells", "How do I"]
+MAX_LENGTH = 24  # small, so rolling scores span several windows and truncation is exercised
+
+
+def requests(kind, args):
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint):
+    from lm_eval.models.huggingface import HFLM
+
+    folder, _ = tiny_checkpoint
+    ours = DyndepthLM(pretrained=str(folder), device="cpu", batch_size=3, max_length=MAX_LENGTH)
+    hf = HFLM(pretrained=str(folder), device="cpu", batch_size=3, max_length=MAX_LENGTH, dtype="float32")
+    return ours, hf
+
+
+def test_loglikelihood_equals_hf_backend(pair):
+    ours, hf = pair
+    a = ours.loglikelihood(requests("loglikelihood", LOGLIKELIHOOD), disable_tqdm=True)
+    b = hf.loglikelihood(requests("loglikelihood", LOGLIKELIHOOD), disable_tqdm=True)
+    assert len(a) == len(LOGLIKELIHOOD)
+    for (ll_a, greedy_a), (ll_b, greedy_b) in zip(a, b):
+        assert ll_a == pytest.approx(ll_b, abs=1e-4)
+        assert greedy_a == greedy_b
+    # the model's own greedy continuation is flagged greedy
+    context = ours.tok_encode(LOGLIKELIHOOD[0][0])
+    ids = ours.model.generate(torch.tensor([context]), 3, stop_tokens=[])[0, len(context):].tolist()
+    (ll, greedy), = ours._loglikelihood_tokens([(None, context, ids)], disable_tqdm=True)
+    assert greedy and ll < 0
+
+
+def test_loglikelihood_rolling_equals_hf_backend(pair):
+    ours, hf = pair
+    a = ours.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in ROLLING]), disable_tqdm=True)
+    b = hf.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in ROLLING]), disable_tqdm=True)
+    assert len(ours.tok_encode(ROLLING[0])) > 2 * MAX_LENGTH  # several windows
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_generate_until_matches_hf_greedy(pair):
+    ours, hf = pair
+    free = ours.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS]),
+                               disable_tqdm=True)
+    # stop strings taken from the free-running text, so they really cut (and end the batch early)
+    stops = [t[3:5] for t in free if len(t) >= 5]
+    args = [(p, {"until": stops[:1], "max_gen_toks": 12}) for p in PROMPTS]
+    args += [(p, {"until": [], "max_gen_toks": 12, "do_sample": False}) for p in PROMPTS[:2]]
+    a = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    b = hf.generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert a == b
+    assert a[len(PROMPTS):] == free[:2]
+    assert any(len(x) < len(y) for x, y in zip(a, free)), "a stop string should have cut some output"
+
+
+def test_batch_size_does_not_change_scores(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    reqs = requests("loglikelihood", LOGLIKELIHOOD)
+    one = DyndepthLM(pretrained=str(folder), device="cpu", batch_size=1, max_length=MAX_LENGTH)
+    many = DyndepthLM(pretrained=str(folder), device="cpu", batch_size=8, max_length=MAX_LENGTH)
+    a = [ll for ll, _ in one.loglikelihood(reqs, disable_tqdm=True)]
+    b = [ll for ll, _ in many.loglikelihood(reqs, disable_tqdm=True)]
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
+    """skip_budget is forwarded to GateSkip's override for scoring; other fields pass through by name."""
+    folder, tok = tiny_checkpoint
+    from dyndepth import from_pretrained
+
+    model = from_pretrained(folder)
+    method = attach_gateskip(model)
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    reqs = requests("loglikelihood", LOGLIKELIHOOD[:2])
+    base = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=MAX_LENGTH)
+    skip = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=MAX_LENGTH, skip_budget=0.5,
+                      scope="sequence")
+    assert skip.method_fields == {"budget": 0.5, "scope": "sequence"}
+    assert skip.generate_knobs == {"skip_budget": 0.5}
+    a = [ll for ll, _ in base.loglikelihood(reqs, disable_tqdm=True)]
+    b = [ll for ll, _ in skip.loglikelihood(reqs, disable_tqdm=True)]
+    assert a != pytest.approx(b, abs=1e-3)  # half the tokens skipped every branch
+    assert skip.model.method.cfg.budget == 0.0  # the override is undone after each forward
+    assert skip.get_model_info()["method_knobs"] == {"budget": 0.5, "scope": "sequence", "skip_budget": 0.5}
+    assert split_knobs(method, {"skip_budget": 0}) == ({"budget": 0.0}, {"skip_budget": 0.0}, {})
+
+
+def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    with pytest.raises(ValueError, match="no adaptive-depth method.*batch_size"):
+        DyndepthLM(pretrained=str(folder), device="cpu", skip_budget=0.3)
+    model = DyndepthLM(pretrained=str(folder), device="cpu").model
+    method = attach_gateskip(model)
+    with pytest.raises(ValueError, match="bugdet.*skip_budget.*budget"):
+        split_knobs(method, {"bugdet": 0.3})
+    with pytest.raises(ValueError, match="budget"):
+        split_knobs(method, {"skip_budget": 1.5})  # GateSkipConfig's own check, at construction time
+    with pytest.raises(ValueError, match="dtype"):
+        DyndepthLM(pretrained=str(folder), device="cpu", dtype="float64")
+    with pytest.raises(ValueError, match="vocab_size"):
+        DyndepthLM(pretrained="tiny-qwen3", device="cpu")  # a preset (random weights) + the 259-id byte tokenizer
+    lm = DyndepthLM(pretrained=str(folder), device="cpu")
+    with pytest.raises(ValueError, match="supported"):
+        lm.generate_until(requests("generate_until", [("hi", {"until": [], "num_beams": 4})]), disable_tqdm=True)
+
+
+def test_registered_with_lm_eval(tiny_checkpoint):
+    from lm_eval.api.registry import get_model
+
+    folder, _ = tiny_checkpoint
+    assert get_model("dyndepth") is DyndepthLM
+    lm = DyndepthLM.create_from_arg_string(f"pretrained={folder},max_length=32", {"batch_size": "2", "device": None})
+    assert (lm.batch_size, lm.max_length, lm.device) == (2, 32, torch.device("cpu"))
