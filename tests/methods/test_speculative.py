@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyndepth import CausalLM, preset
-from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
+from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate, speculative
 from dyndepth.methods.speculative import (
     SpecStats,
     benchmark_speculative,
@@ -85,19 +85,70 @@ def test_zero_draft_budget_accepts_everything(cache_mode):
     assert stats.verify_forwards == math.ceil((n - 1) / (k + 1))  # each verify gains k + 1 tokens
 
 
-def test_stats_add_up():
+def record_steps(monkeypatch) -> list:
+    """Spy on greedy_accept: every verification's drafts (B, K) and accepted counts (B,), in order."""
+    steps = []
+
+    def spy(logits_BKV, draft_BK):
+        n_B, nxt_B = greedy_accept(logits_BKV, draft_BK)
+        steps.append((draft_BK.clone(), n_B.clone()))
+        return n_B, nxt_B
+
+    monkeypatch.setattr(speculative, "greedy_accept", spy)
+    return steps
+
+
+def replay(steps, ref_new, n, num_draft):
+    """Re-derive each step from the drafts and the full-compute greedy continuation `ref_new` (B, >= n + K):
+    the draft width K the loop must use, the accepted count (longest prefix of drafts equal to the
+    reference), and each row's progress (accepted + 1 tokens, cut at n). Returns accepted, drafted, widths."""
+    B = ref_new.shape[0]
+    count = [1] * B  # the prefill emits one token per row
+    accepted = drafted = 0
+    widths = []
+    for draft_BK, n_B in steps:
+        live = [r for r in range(B) if count[r] < n]
+        assert live, "a verification ran after every row had finished"
+        k = min(num_draft, max(n - count[r] for r in live) - 1)
+        assert draft_BK.shape == (B, k)
+        widths.append(k)
+        for r in live:
+            agree = 0
+            while agree < k and draft_BK[r, agree] == ref_new[r, count[r] + agree]:
+                agree += 1
+            assert int(n_B[r]) == agree, (r, count[r])
+            accepted, drafted = accepted + agree, drafted + k
+            count[r] += min(agree + 1, n - count[r])
+    assert count == [n] * B, "the loop stopped before every row had n tokens"
+    return accepted, drafted, widths
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "separate"])
+@pytest.mark.parametrize("batch", ["one", "left_padded"])
+def test_stats_count_what_the_steps_did(monkeypatch, batch, cache_mode):
     model, _ = spec_model()
-    ids, mask = left_padded_pair()
-    k = 3
-    _, stats = speculative_generate(model, ids, 15, attention_mask=mask, num_draft=k, stop_tokens=[])
-    assert 0 <= stats.accepted <= stats.drafted
-    assert stats.drafted <= 2 * k * stats.verify_forwards
-    assert stats.draft_forwards <= k * stats.verify_forwards
-    # every verify emits accepted + 1 tokens per unfinished row, the prefill one more (last step may cut)
-    assert stats.new_tokens <= 2 + stats.accepted + 2 * stats.verify_forwards
-    assert stats.draft_flops > 0 and stats.verify_flops > 0 and stats.prefill_flops > 0
-    keys = {"accepted", "drafted", "acceptance_rate", "draft_forwards", "verify_forwards"}
-    assert set(stats.to_dict()) >= keys
+    ids, mask = (torch.randint(0, 256, (1, 6)), None) if batch == "one" else left_padded_pair()
+    n, k = 15, 3
+    steps = record_steps(monkeypatch)
+    out, stats = speculative_generate(model, ids, n, attention_mask=mask, num_draft=k, stop_tokens=[],
+                                      cache_mode=cache_mode)
+    B, T = ids.shape
+    ref = model.generate(ids, n + k, attention_mask=mask, stop_tokens=[])  # k more: verifiers may look past n
+    assert torch.equal(out, ref[:, :T + n])
+    accepted, drafted, widths = replay(steps, ref[:, T:], n, k)
+    assert 0 < accepted < drafted  # the skipping draft is right sometimes, not always
+    assert (stats.accepted, stats.drafted, stats.verify_forwards) == (accepted, drafted, len(steps))
+    assert stats.new_tokens == B * n
+    if B == 1:  # the prefill emits one token, every verification accepted + 1
+        assert stats.new_tokens == 1 + stats.accepted + stats.verify_forwards
+    assert stats.draft_forwards == sum(widths)
+    assert stats.verify_tokens == B * sum(w + 1 for w in widths)
+    catch_up = 1 if cache_mode == "separate" else 0  # the draft's first forward re-feeds the token at pos - 1
+    assert stats.draft_tokens == B * sum(w + catch_up for w in widths if w > 0)
+    # the draft skips branches, the verifier runs them all: fewer FLOPs per token fed
+    assert stats.draft_flops / stats.draft_tokens < stats.verify_flops / stats.verify_tokens
+    assert set(stats.to_dict()) >= {"accepted", "drafted", "acceptance_rate", "draft_forwards", "verify_forwards"}
+    assert stats.to_dict()["acceptance_rate"] == accepted / drafted
     assert SpecStats().acceptance_rate == 1.0
 
 
@@ -180,10 +231,23 @@ def test_sampling_is_deterministic_with_a_generator_and_top_k_1_is_greedy():
     assert torch.equal(one_hot, greedy)
 
 
-def test_benchmark_reports_speedups_and_matching_outputs():
+def test_benchmark_aggregates_the_per_prompt_runs():
     model, _ = spec_model()
     prompts = [torch.randint(0, 256, (5,)), torch.randint(0, 256, (7,))]
-    res = benchmark_speculative(model, prompts, max_new_tokens=8, num_draft=2, repeats=1, warmup=0)
-    assert res["outputs_match"] and res["new_tokens"] == 16
-    assert res["speedup"] > 0 and res["flops_speedup"] > 0 and res["forward_bound_speedup"] > 0
-    assert 0.0 <= res["acceptance_rate"] <= 1.0
+    n, k = 8, 2
+    res = benchmark_speculative(model, prompts, max_new_tokens=n, num_draft=k, repeats=1, warmup=0)
+    assert res["outputs_match"] and res["new_tokens"] == 2 * n and res["prompts"] == 2
+    runs = [speculative_generate(model, p[None], n, num_draft=k, stop_tokens=[])[1] for p in prompts]
+    for key in ("accepted", "drafted", "draft_forwards", "verify_forwards"):
+        assert res[key] == sum(getattr(st, key) for st in runs), key
+    assert 0 < res["accepted"] < res["drafted"] and res["acceptance_rate"] == res["accepted"] / res["drafted"]
+    # B = 1 and no stop tokens: each verification emits accepted + 1 tokens
+    assert res["tokens_per_verify"] == pytest.approx(1 + res["accepted"] / res["verify_forwards"])
+    assert res["speedup"] == pytest.approx(res["generate_s"] / res["speculative_s"])
+    # every emitted token after the first is verified at full compute (rejected drafts too), and drafting
+    # costs extra: speculation never saves FLOPs
+    assert res["flops_speedup"] < 1
+    ratios = [(st.draft_flops / st.draft_tokens) / (st.verify_flops / st.verify_tokens) for st in runs]
+    assert all(0 < f < 1 for f in ratios)  # a drafted token costs less than a verified one
+    cost = sum(st.verify_forwards + st.draft_forwards * f for st, f in zip(runs, ratios))
+    assert res["forward_bound_speedup"] == pytest.approx(2 * (n - 1) / cost)

@@ -24,16 +24,48 @@ def test_cached_greedy_equals_uncached_greedy(model):
         assert torch.equal(model.generate(ids, 12, stop_tokens=[]), greedy_without_cache(model, ids, 12))
 
 
-def test_stop_tokens_pad_finished_rows_and_end_early(model):
+@pytest.fixture
+def varied_model():
+    """Larger random weights than the default init, so greedy output changes token to token (the default
+    init mostly repeats the last prompt token, which makes every stop test stop at the first token)."""
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def expected_with_stops(free, T, stops, pad, length):
+    """Each row of `free` (greedy, no stops) cut after its first stop token, padded to `length` columns."""
+    rows = []
+    for row in free[:, T:].tolist():
+        first = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
+        rows.append(row[:first + 1] + [pad] * (length - first - 1))
+    return torch.cat([free[:, :T], torch.tensor(rows)], dim=1)
+
+
+def test_stop_tokens_pad_finished_rows_and_end_early(varied_model):
     ids = torch.randint(0, 256, (2, 4))
-    free = model.generate(ids, 10, stop_tokens=[])
-    stop = int(free[0, 6])  # row 0 emits this at its 3rd new token
-    out = model.generate(ids, 10, stop_tokens=[stop], pad_token_id=7)
-    row0 = out[0, 4:].tolist()
-    k = row0.index(stop)
-    assert all(t == 7 for t in row0[k + 1:])
-    if stop not in out[1, 4:].tolist():
-        assert out.shape[1] == 14  # row 1 never stopped, so the loop ran to the end
+    free = varied_model.generate(ids, 10, stop_tokens=[])
+    new = free[:, 4:].tolist()
+    stops = [new[0][2], new[1][4]]  # row 0 stops by its 3rd new token, row 1 by its 5th
+    ends = [next(i for i, t in enumerate(row) if t in stops) + 1 for row in new]
+    assert ends[0] < ends[1] <= 5, (new, stops)  # row 0 finishes first (then pads), row 1 ends the loop early
+    out = varied_model.generate(ids, 10, stop_tokens=stops, pad_token_id=7)
+    assert out.shape == (2, 4 + ends[1])
+    assert torch.equal(out, expected_with_stops(free, 4, stops, 7, ends[1]))
+
+
+def test_a_row_that_never_stops_runs_to_the_end(varied_model):
+    ids = torch.randint(0, 256, (2, 4))
+    free = varied_model.generate(ids, 10, stop_tokens=[])
+    new = free[:, 4:].tolist()
+    stop = next(t for t in new[0] if t not in new[1])  # row 0 emits it, row 1 never does
+    out = varied_model.generate(ids, 10, stop_tokens=[stop], pad_token_id=7)
+    assert out.shape == (2, 14) and torch.equal(out[1], free[1])
+    assert torch.equal(out, expected_with_stops(free, 4, [stop], 7, 10))
 
 
 def test_callback_streams_every_new_column(model):
