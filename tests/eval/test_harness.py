@@ -7,10 +7,11 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # HFLM imports it
 
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from dyndepth.eval.harness import DyndepthLM, split_knobs  # noqa: E402
-from dyndepth.methods import attach_gateskip  # noqa: E402
+from dyndepth.eval.harness import DyndepthLM
+from dyndepth.eval.model_args import split_knobs
+from dyndepth.methods import attach_gateskip
 
 LOGLIKELIHOOD = [
     ("The quick brown", " fox jumps"),
@@ -99,14 +100,17 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     base = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=MAX_LENGTH)
     skip = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=MAX_LENGTH, skip_budget=0.5,
                       scope="sequence")
-    assert skip.method_fields == {"budget": 0.5, "scope": "sequence"}
-    assert skip.generate_knobs == {"skip_budget": 0.5}
+    assert skip.knobs.fields == {"budget": 0.5, "scope": "sequence"}
+    assert skip.knobs.generate == {"skip_budget": 0.5}
+    assert skip.knobs.decode_fields == {"scope": "sequence"}
     a = [ll for ll, _ in base.loglikelihood(reqs, disable_tqdm=True)]
     b = [ll for ll, _ in skip.loglikelihood(reqs, disable_tqdm=True)]
     assert a != pytest.approx(b, abs=1e-3)  # half the tokens skipped every branch
     assert skip.model.method.cfg.budget == 0.0  # the override is undone after each forward
     assert skip.get_model_info()["method_knobs"] == {"budget": 0.5, "scope": "sequence", "skip_budget": 0.5}
-    assert split_knobs(method, {"skip_budget": 0}) == ({"budget": 0.0}, {"skip_budget": 0.0}, {})
+    knobs = split_knobs(method, {"skip_budget": 0})
+    assert (knobs.fields, knobs.generate) == ({"budget": 0.0}, {"skip_budget": 0.0})
+    assert isinstance(knobs.fields["budget"], float)
 
 
 def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
@@ -122,7 +126,7 @@ def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
     with pytest.raises(ValueError, match="dtype"):
         DyndepthLM(pretrained=str(folder), device="cpu", dtype="float64")
     with pytest.raises(ValueError, match="vocab_size"):
-        DyndepthLM(pretrained="tiny-qwen3", device="cpu")  # a preset (random weights) + the 259-id byte tokenizer
+        DyndepthLM(pretrained="tiny-qwen3", device="cpu")  # a preset (random weights), 259-id byte tokenizer
     lm = DyndepthLM(pretrained=str(folder), device="cpu")
     with pytest.raises(ValueError, match="supported"):
         lm.generate_until(requests("generate_until", [("hi", {"until": [], "num_beams": 4})]), disable_tqdm=True)

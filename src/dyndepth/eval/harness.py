@@ -16,20 +16,18 @@ by `TemplateLM`), prefix token (BOS, else EOS), left truncation to `max_length`,
 batches sorted by length; generation is KV-cached and batched (`model.generate`), and a batch ends as
 soon as every row has produced EOS or one of the task's stop strings.
 
-Method knobs: every model argument that is not an adapter argument (`ADAPTER_ARGS`) is a knob of the
-adapter-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS`, or any field
-of the method's config dataclass (e.g. `scope=sequence` for GateSkip). Knobs apply to every scoring
-forward through `method.override(**fields)`; a named knob with a `generate` keyword is passed to
-`model.generate` for decoding instead. Anything else is an error naming the valid arguments.
+Method knobs (eval/model_args.py): every model argument that is not an adapter argument is a knob of
+the adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS` (e.g.
+`skip_budget`), or any field of the method's config dataclass (e.g. `scope=sequence` for GateSkip).
+Knobs apply to every scoring forward through `method.override(**fields)`; a named knob with a
+`generate` keyword is passed to `model.generate` for decoding instead. Anything else is an error
+naming the valid arguments.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +36,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dyndepth.eval.model_args import as_bool, load_model, load_tokenizer, resolve_device, split_knobs
+
 log = logging.getLogger(__name__)
 
-# Named method knobs, one line each: model argument -> (field of the method's config used by scoring
-# forwards, keyword of `model.generate` used for decoding, or None to keep the field set while decoding).
-NAMED_KNOBS: dict[str, tuple[str, str | None]] = {
-    "skip_budget": ("budget", "skip_budget"),  # GateSkip: fraction of tokens that skip each branch
-}
-ADAPTER_ARGS = ("pretrained", "tokenizer", "dtype", "device", "batch_size", "max_batch_size", "max_length",
-                "max_gen_toks", "add_bos_token")
 GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
 
 
@@ -62,19 +55,14 @@ class DyndepthLM(TemplateLM):
                  batch_size: int | str = 8, max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool = False, **knobs) -> None:
         super().__init__()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._device = torch.device(device)
-        self.model = _load_model(pretrained, dtype, self._device)
-        self.tokenizer = _load_tokenizer(pretrained, tokenizer)
-        vocab = self.model.config.vocab_size
-        if self.tokenizer.vocab_size > vocab:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
-                             f"{vocab}; pass the tokenizer the model was trained with (tokenizer=FOLDER).")
+        self._device = resolve_device(device)
+        self.model = load_model(pretrained, dtype, self._device)
+        self.tokenizer = load_tokenizer(pretrained, tokenizer, self.model)
         self.batch_size_per_gpu = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = _as_bool(add_bos_token)
-        self.method_fields, self.generate_knobs, self._decode_fields = split_knobs(self.model.method, knobs)
+        self.add_bos_token = as_bool(add_bos_token)
+        self.knobs = split_knobs(self.model.method, knobs)
         self._stat_sums: dict[str, float] = {}
         self._forwards = 0
 
@@ -120,15 +108,11 @@ class DyndepthLM(TemplateLM):
         return self.tokenizer.decode(ids, skip_special=True)
 
     # ------------------------------------------------------------------------------ forwards
-    def _method_context(self, generating: bool = False):
-        fields = self._decode_fields if generating else self.method_fields
-        return self.model.method.override(**fields) if fields else contextlib.nullcontext()
-
     @torch.no_grad()
     def _logprobs(self, rows: list[list[int]], num_logits: int) -> torch.Tensor:
         """Left-padded forward of token rows -> log-probs of the last `num_logits` positions (B, n, V), fp32."""
         ids, mask = _left_pad(rows, self.eot_token_id, self.device)
-        with self._method_context():
+        with self.knobs.scoring(self.model):
             out = self.model(ids, attention_mask=mask, num_logits=num_logits)
         self._record(out.stats)
         return F.log_softmax(out.logits.float(), dim=-1)  # (B, n, V)
@@ -224,11 +208,11 @@ class DyndepthLM(TemplateLM):
 
         ids, mask = _left_pad(rows, eot, self.device)
         try:
-            with self._method_context(generating=True):
+            with self.knobs.decoding(self.model):
                 self.model.generate(ids, options["max_new_tokens"], attention_mask=mask,
                                     temperature=options["temperature"], top_k=options["top_k"],
                                     top_p=options["top_p"], stop_tokens=[eot], pad_token_id=eot,
-                                    callback=callback, **self.generate_knobs)
+                                    callback=callback, **self.knobs.generate)
         except _AllStopped:
             pass
         texts = []
@@ -244,65 +228,11 @@ class DyndepthLM(TemplateLM):
         method = self.model.method
         stats = {k: v / max(self._forwards, 1) for k, v in self._stat_sums.items()}
         return {"dyndepth_method": method.to_dict() if method is not None else None,
-                "method_knobs": {**self.method_fields, **self.generate_knobs},
+                "method_knobs": {**self.knobs.fields, **self.knobs.generate},
                 "num_params": self.model.num_params(), "mean_forward_stats": stats}
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-def split_knobs(method, knobs: dict) -> tuple[dict, dict, dict]:
-    """Method knobs -> (config fields for scoring forwards, `model.generate` keywords, config fields kept
-    while generating: those without a generate keyword). Values are cast to the type of the field's
-    current value (lm-eval parses `0` as an int); the method's own checks run now, not mid-run."""
-    if not knobs:
-        return {}, {}, {}
-    fields = {f.name for f in dataclasses.fields(method.cfg)} if method is not None else set()
-    overrides, generating, decoding = {}, {}, {}
-    for name, value in knobs.items():
-        field, gen_kw = NAMED_KNOBS.get(name, (name, None))
-        if field not in fields:
-            raise ValueError(_unknown_arg(name, field, method, fields))
-        value = _coerce(value, getattr(method.cfg, field), name)
-        overrides[field] = value
-        if gen_kw is None:
-            decoding[field] = value
-        else:
-            generating[gen_kw] = value
-    dataclasses.replace(method.cfg, **overrides)  # runs the config's __post_init__ checks on a copy
-    return overrides, generating, decoding
-
-
-def _unknown_arg(name: str, field: str, method, fields: set[str]) -> str:
-    valid = f"adapter arguments {list(ADAPTER_ARGS)}"
-    if method is None:
-        return (f"unknown model argument {name!r}: this model has no adaptive-depth method attached, so it takes "
-                f"only the {valid}.")
-    method_name = getattr(method, "name", type(method).__name__)
-    if name in NAMED_KNOBS:
-        return (f"model argument {name!r} sets the method field {field!r}, which the attached {method_name} method "
-                f"does not have; its knobs are {sorted(fields)}.")
-    return (f"unknown model argument {name!r}: valid are the {valid}, the named knobs {sorted(NAMED_KNOBS)} and the "
-            f"fields of the attached {method_name} method {sorted(fields)}.")
-
-
-def _coerce(value, current, name: str):
-    if isinstance(current, bool):
-        return _as_bool(value)
-    try:
-        if isinstance(current, (int, float)) and not isinstance(value, bool):
-            return type(current)(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model argument {name}={value!r} must be a {type(current).__name__}.") from None
-    return value
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {value!r}.")
-        return value.lower() in ("true", "1")
-    return bool(value)
-
 
 def _batch_size(value) -> int:
     if isinstance(value, str) and value.startswith("auto"):
@@ -323,7 +253,7 @@ def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
         raise ValueError(f"generation kwargs {unknown} are not supported by dyndepth; supported: {list(GEN_KWARGS)}.")
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else [s for s in until if s]
-    sample = _as_bool(gen_kwargs.get("do_sample", False))
+    sample = as_bool(gen_kwargs.get("do_sample", False))
     return {"until": until,
             "max_new_tokens": int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", default_max))),
             "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
@@ -345,34 +275,3 @@ def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[to
         ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[b, width - len(row):] = 1
     return ids.to(device), mask.to(device)
-
-
-def _load_model(pretrained, dtype: str | None, device: torch.device):
-    import dyndepth
-    from dyndepth.interop.hf import DTYPES
-
-    if dtype in (None, "auto"):
-        dtype = None
-    elif dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {['auto', *DTYPES]}.")
-    if isinstance(pretrained, torch.nn.Module):
-        model = pretrained if dtype is None else pretrained.to(DTYPES[dtype])
-    elif str(pretrained) in dyndepth.PRESETS:  # random weights: smoke tests
-        model = dyndepth.CausalLM(dyndepth.preset(str(pretrained)))
-        model = model if dtype is None else model.to(DTYPES[dtype])
-    else:
-        model = dyndepth.from_pretrained(pretrained, dtype=dtype)
-    return model.to(device).eval()
-
-
-def _load_tokenizer(pretrained, tokenizer):
-    from dyndepth import PRESETS
-    from dyndepth.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return tokenizer  # a tokenizer object (Python use)
-    if tokenizer is None:
-        if isinstance(pretrained, torch.nn.Module):
-            raise ValueError("a model object needs a tokenizer: pass tokenizer=FOLDER, 'byte' or a tokenizer object.")
-        tokenizer = "byte" if str(pretrained) in PRESETS else pretrained
-    return load_tokenizer(tokenizer)

@@ -1,0 +1,158 @@
+"""Model arguments for evaluation (`--model-args k=v,...`, lm-eval's `model_args`): loading and method knobs.
+
+Shared by the lm-eval adapter (harness.py) and perplexity runs, and free of lm-eval imports so that
+perplexity works without it. Every argument that is not in `ADAPTER_ARGS` is a knob of the
+adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS`, or any
+field of the method's config dataclass, applied through `method.override(**fields)`. Adding a method
+knob (DND ratio, recurrences, exit threshold) is one line in `NAMED_KNOBS`, or nothing at all when the
+method's config field already has the wanted name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+
+# Named method knobs, one line each: model argument -> (field of the method's config used by scoring
+# forwards, keyword of `model.generate` used for decoding, or None to keep the field set while decoding).
+NAMED_KNOBS: dict[str, tuple[str, str | None]] = {
+    "skip_budget": ("budget", "skip_budget"),  # GateSkip: fraction of tokens that skip each branch
+}
+ADAPTER_ARGS = ("pretrained", "tokenizer", "dtype", "device", "batch_size", "max_batch_size", "max_length",
+                "max_gen_toks", "add_bos_token")
+
+
+@dataclasses.dataclass
+class Knobs:
+    """Method knobs resolved against the attached method (all empty for a model without one)."""
+
+    fields: dict  # config fields set for scoring forwards
+    generate: dict  # keywords for `model.generate`
+    decode_fields: dict  # config fields kept set while generating (those without a generate keyword)
+
+    def scoring(self, model):
+        """Context manager: the knobs applied to `model.method` for scoring forwards."""
+        return model.method.override(**self.fields) if self.fields else contextlib.nullcontext()
+
+    def decoding(self, model):
+        return model.method.override(**self.decode_fields) if self.decode_fields else contextlib.nullcontext()
+
+
+def parse_model_args(text: str | None) -> dict:
+    """'k=v,k=v' -> dict; values true/false, ints and floats are converted (as lm-eval does)."""
+    args = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model argument {item!r} is not key=value; write e.g. --model-args skip_budget=0.3,dtype=bfloat16.")
+        args[key.strip()] = _convert(value.strip())
+    return args
+
+
+def _convert(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def split_knobs(method, knobs: dict) -> Knobs:
+    """Method knobs -> `Knobs`. Unknown names are an error naming the valid ones; values are cast to the
+    type of the field's current value (lm-eval parses `0` as an int) and the method's own checks run now."""
+    if not knobs:
+        return Knobs({}, {}, {})
+    fields = {f.name for f in dataclasses.fields(method.cfg)} if method is not None else set()
+    result = Knobs({}, {}, {})
+    for name, value in knobs.items():
+        field, gen_kw = NAMED_KNOBS.get(name, (name, None))
+        if field not in fields:
+            raise ValueError(_unknown_arg(name, field, method, fields))
+        value = _coerce(value, getattr(method.cfg, field), name)
+        result.fields[field] = value
+        if gen_kw is None:
+            result.decode_fields[field] = value
+        else:
+            result.generate[gen_kw] = value
+    dataclasses.replace(method.cfg, **result.fields)  # runs the config's __post_init__ checks on a copy
+    return result
+
+
+def _unknown_arg(name: str, field: str, method, fields: set[str]) -> str:
+    valid = f"adapter arguments {list(ADAPTER_ARGS)}"
+    if method is None:
+        return (f"unknown model argument {name!r}: this model has no adaptive-depth method attached, so it takes "
+                f"only the {valid}.")
+    method_name = getattr(method, "name", type(method).__name__)
+    if name in NAMED_KNOBS:
+        return (f"model argument {name!r} sets the method field {field!r}, which the attached {method_name} method "
+                f"does not have; its knobs are {sorted(fields)}.")
+    return (f"unknown model argument {name!r}: valid are the {valid}, the named knobs {sorted(NAMED_KNOBS)} and the "
+            f"fields of the attached {method_name} method {sorted(fields)}.")
+
+
+def _coerce(value, current, name: str):
+    if isinstance(current, bool):
+        return as_bool(value)
+    try:
+        if isinstance(current, (int, float)) and not isinstance(value, bool):
+            return type(current)(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model argument {name}={value!r} must be a {type(current).__name__}.") from None
+    return value
+
+
+def as_bool(value) -> bool:
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {value!r}.")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model(pretrained, dtype: str | None, device: torch.device):
+    """A checkpoint folder or hub id, a preset name (random weights, for smoke tests) or a model object."""
+    import dyndepth
+    from dyndepth.interop.hf import DTYPES
+
+    if dtype in (None, "auto"):
+        dtype = None
+    elif dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {['auto', *DTYPES]}.")
+    if isinstance(pretrained, torch.nn.Module):
+        model = pretrained if dtype is None else pretrained.to(DTYPES[dtype])
+    elif str(pretrained) in dyndepth.PRESETS:
+        model = dyndepth.CausalLM(dyndepth.preset(str(pretrained)))
+        model = model if dtype is None else model.to(DTYPES[dtype])
+    else:
+        model = dyndepth.from_pretrained(pretrained, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(pretrained, tokenizer, model=None):
+    """`tokenizer` (a folder, 'byte' or an object); by default the checkpoint folder ('byte' for a preset)."""
+    from dyndepth import PRESETS
+    from dyndepth.tokenizer import load_tokenizer as load
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        tok = tokenizer
+    elif tokenizer is None and isinstance(pretrained, torch.nn.Module):
+        raise ValueError("a model object needs a tokenizer: pass tokenizer=FOLDER, 'byte' or a tokenizer object.")
+    else:
+        tok = load(tokenizer if tokenizer is not None else ("byte" if str(pretrained) in PRESETS else pretrained))
+    if model is not None and tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}; pass the tokenizer the model was trained with (tokenizer=FOLDER).")
+    return tok
