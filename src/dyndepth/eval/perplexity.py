@@ -1,0 +1,123 @@
+"""Perplexity and bits per byte of a text, with a sliding window (the Hugging Face perplexity guide's method).
+
+Shape legend: B batch (windows), T tokens, V vocab.
+
+The text is tokenized once, behind a prefix token (BOS, else EOS; so its first token is scored too), and
+covered by windows of at most `max_length` tokens that move `stride` tokens at a time. Each window
+scores only the tokens that no earlier window scored, so every token is predicted exactly once, with
+at least max_length - stride + 1 tokens of context (all earlier tokens near the start). stride ==
+max_length gives disjoint windows (fastest, least context; the same numbers as lm-eval's rolling
+log-likelihood); a smaller stride gives more context per token for more compute. Windows run in
+batches, each at positions 0..len-1, as the guide does.
+
+perplexity = exp(NLL / tokens); bits per byte = NLL / (ln 2 * UTF-8 bytes), comparable across
+tokenizers; word perplexity = exp(NLL / whitespace-separated words).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Perplexity:
+    nll: float  # summed negative log-likelihood, nats
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the text
+    words: int  # whitespace-separated words of the text
+    max_length: int
+    stride: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / (math.log(2) * self.bytes)
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self.nll / self.words)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "word_perplexity": self.word_perplexity}
+
+
+def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, scored) over n tokens: the input tokens[begin:end] (at most max_length) predicts
+    tokens[begin + 1:end + 1], of which the last `scored` are this window's targets.
+
+    Targets are tokens 1..n-1, each exactly once: the first window predicts the first max_length of them,
+    each later window the next `stride` with the max_length tokens before its last target as input.
+    With stride == max_length this is lm-eval's `loglikelihood_rolling` windowing.
+    """
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride={stride} must lie in [1, max_length={max_length}]; "
+                         "a larger stride would leave tokens unscored.")
+    out, first = [], 1  # `first`: the next token to predict
+    while first < n:
+        stop = min(first + (max_length if first == 1 else stride), n)  # targets [first, stop)
+        out.append((max(0, stop - 1 - max_length), stop - 1, stop - first))
+        first = stop
+    return out
+
+
+@torch.no_grad()
+def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int, stride: int,
+                       batch_size: int = 8) -> tuple[float, int]:
+    """Summed NLL (nats) of ids[1:], each token given the input of the window that scores it (`windows`),
+    and how many tokens that is. Runs `model` with `num_logits`, so only the scored positions reach lm_head."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    device = next(model.parameters()).device
+    spans = windows(len(ids), max_length, stride)
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:  # equal-length windows batch without padding
+        by_len.setdefault(span[1] - span[0], []).append(span)
+    total, count = 0.0, 0
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
+            k = max(s for _, _, s in chunk)
+            logits = model(inputs, num_logits=k).logits.float()  # (B, k, V): predicts the k tokens after
+            for row, (_, end, scored) in enumerate(chunk):
+                targets = ids[end + 1 - scored:end + 1].to(device)  # (scored,)
+                total += float(F.cross_entropy(logits[row, -scored:], targets, reduction="sum"))
+                count += scored
+    return total, count
+
+
+def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
+                    batch_size: int = 8) -> Perplexity:
+    """Perplexity of `text` (see the module docstring). max_length defaults to the model's context, at
+    most 2048; stride to max_length // 2."""
+    max_length = max_length or min(model.config.max_position_embeddings, 2048)
+    if max_length > model.config.max_position_embeddings:
+        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings}); pass a smaller --max-length.")
+    stride = stride or max(max_length // 2, 1)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the text is empty; nothing to score.")
+    if prefix is None:  # no special token to condition on: the first token goes unscored
+        nll, n = sliding_window_nll(model, ids, max_length, stride, batch_size)
+    else:
+        nll, n = sliding_window_nll(model, [prefix, *ids], max_length, stride, batch_size)
+    return Perplexity(nll, n, len(text.encode("utf-8")), len(text.split()), max_length, stride)
+
+
+def file_perplexity(model, tokenizer, path: str | Path, **kwargs) -> Perplexity:
+    """`text_perplexity` of a UTF-8 text file, read whole (e.g. WikiText-2's test.txt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such text file: {path}")
+    return text_perplexity(model, tokenizer, path.read_text(encoding="utf-8"), **kwargs)
