@@ -4,6 +4,11 @@ Every tokenizer has the same small surface (the `Tokenizer` protocol; no base cl
 `encode(text, add_bos=False) -> list[int]`, `decode(ids, skip_special=True) -> str`, `vocab_size`,
 `bos_token_id`, `eos_token_id`, `pad_token_id` (int or None) and `save(folder)`.
 `encode_batch` turns a list of texts into padded `(B, T)` tensors; `load_tokenizer` picks the class.
+
+`HFTokenizer` also has `encode_many(texts)` (the Rust batch API, parallel over texts), `chat_template`
+(the Jinja template of `tokenizer_config.json` / `chat_template.jinja`, or None) and
+`splits_before_words`, which says whether a text cut into pieces just before " word" (a space after a
+non-space character, followed by a letter) encodes, piece by piece, to the ids of the whole text.
 """
 
 from __future__ import annotations
@@ -139,13 +144,15 @@ class HFTokenizer:
     """
 
     def __init__(self, backend: _HFBackend, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None):
+                 pad_token: str | None = None, chat_template: str | None = None):
         self.backend = backend
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_token_id = self._id_of(bos_token)
         self.eos_token_id = self._id_of(eos_token)
         self.pad_token_id = self._id_of(pad_token)
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
+        self.splits_before_words = _splits_before_words(backend)
 
     def _id_of(self, token: str | None) -> int | None:
         if token is None:
@@ -163,11 +170,16 @@ class HFTokenizer:
             backend = _HFBackend.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"cannot read {path} as a Hugging Face tokenizer.json: {e}") from e
-        return cls(backend, **_find_special_tokens(backend, path.parent))
+        return cls(backend, **_find_special_tokens(backend, path.parent), chat_template=_find_chat_template(path.parent))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos and self.bos_token_id is not None else ids
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text (no bos), tokenized in parallel by the Rust batch API."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
         return self.backend.decode(_as_id_list(ids), skip_special_tokens=skip_special)
@@ -180,7 +192,43 @@ class HFTokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
                   "eos_token": self.eos_token, "pad_token": self.pad_token,
                   "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _find_chat_template(folder: Path) -> str | None:
+    """`chat_template.jinja`, else tokenizer_config.json's `chat_template` (a string, or a list of
+    {name, template} from which "default" is taken), else None."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _splits_before_words(backend: _HFBackend) -> bool:
+    """True for byte-level BPE whose pre-tokenizer begins a piece at " word" after a non-space (GPT-2's
+    ByteLevel regex, or a Qwen/Llama-3 style Split regex then ByteLevel), with no normalizer other than
+    NFC, no prefix space and no added token containing a space: a text cut there encodes piecewise to the
+    same ids. Other tokenizers (SentencePiece/Metaspace, ...) answer False and are never cut."""
+    spec = json.loads(backend.to_str())
+    norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer") or {}
+    if norm is not None and norm.get("type") != "NFC":
+        return False
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
+    split = [p for p in steps if p.get("type") == "Split"]
+    if len(byte_level) != 1 or byte_level[0].get("add_prefix_space") or len(steps) != len(byte_level) + len(split):
+        return False
+    if split and (len(split) != 1 or split[0].get("behavior") != "Isolated" or split[0].get("invert")):
+        return False
+    if not split and not byte_level[0].get("use_regex", True):
+        return False
+    return not any(" " in t.content for t in backend.get_added_tokens_decoder().values())
 
 
 def _token_name(value: object) -> str | None:

@@ -102,8 +102,44 @@ def test_load_state_dict_rejects_other_settings():
     state = PackedLoader(shards, 8, 2, seed=1).state_dict()
     with pytest.raises(DataError, match="seed=1.*seed=2"):
         PackedLoader(shards, 8, 2, seed=2).load_state_dict(state)
-    with pytest.raises(DataError, match="world_size"):
-        PackedLoader(shards, 8, 2, seed=1, world_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match="seq_len=8.*seq_len=4"):
+        PackedLoader(shards, 4, 2, seed=1).load_state_dict(state)
+    with pytest.raises(DataError, match="rank 0 given to rank 1"):
+        PackedLoader(shards, 8, 2, seed=1, rank=1, world_size=2).load_state_dict(
+            PackedLoader(shards, 8, 2, seed=1, world_size=2).state_dict())
+
+
+def test_state_converts_to_another_world_size_at_the_same_global_position():
+    """A checkpoint of 2 ranks x batch 2 resumes in one process with batch 4 (or 4 ranks x batch 1)."""
+    shards = arange_shards(8 * 48 + 1)
+    ranks = [PackedLoader(shards, 8, 2, rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(3):
+        for loader in ranks:
+            loader.next_batch()
+    state = ranks[0].state_dict()
+    expected = torch.cat([loader.next_batch()["input_ids"] for loader in ranks])  # the next global batch
+    single = PackedLoader(shards, 8, 4, seed=3)
+    single.load_state_dict(state)
+    assert sorted(single.next_batch()["input_ids"][:, 0].tolist()) == sorted(expected[:, 0].tolist())
+    four = [PackedLoader(shards, 8, 1, rank=r, world_size=4, seed=3) for r in range(4)]
+    for loader in four:
+        loader.load_state_dict(state)
+    got = torch.cat([loader.next_batch()["input_ids"] for loader in four])
+    assert sorted(got[:, 0].tolist()) == sorted(expected[:, 0].tolist())
+    with pytest.raises(DataError, match="not a whole number of batches"):
+        PackedLoader(shards, 8, 8, seed=3).load_state_dict(state)  # 12 windows served, batches of 8
+
+
+def test_intra_doc_mask_never_trains_across_a_document_boundary():
+    tok = NumberTokenizer()
+    docs = ["1 2 3", "4 5", "6 7 8 9 10 11", "12"]  # with EOS: lengths 4, 3, 7, 2 -> starts 0, 4, 7, 14
+    masked = loader_from_texts(docs, tok, seq_len=15, batch_size=1, shuffle=False, intra_doc_mask=True)
+    labels = masked.next_batch()["labels"][0].tolist()
+    eos = tok.eos_token_id
+    # the EOS at 3, 6 and 13 would predict the next document's first token (4, 6, 12): not trained
+    assert labels == [2, 3, eos, -100, 5, eos, -100, 7, 8, 9, 10, 11, eos, -100, eos]
+    plain = loader_from_texts(docs, tok, seq_len=15, batch_size=1, shuffle=False)
+    assert plain.next_batch()["labels"][0].tolist()[3] == 4  # one stream: EOS starts the next document
 
 
 def test_sft_prompt_tokens_get_ignore_labels():

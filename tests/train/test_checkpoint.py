@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,8 +13,11 @@ from tiny_loader import TinyLoader
 from train_script import tiny_train_config
 
 from dyndepth import CausalLM, preset
+from dyndepth.interop.safetensors_io import CheckpointError
 from dyndepth.train import train
-from dyndepth.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from dyndepth.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
+from dyndepth.train.parallel import DistInfo
+from dyndepth.train.trainer import setup_model
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 
@@ -76,3 +80,68 @@ def test_sigkill_then_resume_follows_the_uninterrupted_loss_curve(tmp_path):
     for step in expected:
         assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
     assert latest_checkpoint(run_dir).name == "step_0000012"
+
+
+def _two_checkpoints(tmp_path, **kw) -> Path:
+    """A 4-step run saving at steps 2 and 4; returns its out_dir."""
+    torch.manual_seed(0)
+    train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), tiny_train_config(str(tmp_path), steps=4,
+                                                                                 save_every=2, **kw))
+    return tmp_path
+
+
+def test_resume_applies_the_new_hyperparameters_and_logs_each_change(tmp_path, caplog):
+    out = _two_checkpoints(tmp_path, lr_groups={"model.layers.1.*": 10.0})
+    new = tiny_train_config(str(out), steps=8, lr=1e-3, min_lr=1e-4, weight_decay=0.05, betas=(0.8, 0.9),
+                            lr_groups={"model.layers.1.*": 5.0}, warmup=1, schedule="constant")
+    raw, _, opt, sched = setup_model(CausalLM(preset("tiny-qwen3")), new, DistInfo())
+    saved = torch.load(out / "step_0000002" / "train_state.pt", weights_only=False)["optimizer"]
+    with caplog.at_level(logging.INFO, logger="dyndepth"):
+        state = load_checkpoint(out / "step_0000002", raw, opt, sched, TinyLoader(2, 16), DistInfo(), new)
+    assert state["step"] == 2
+    for group in opt.param_groups:  # this run's values, on the checkpoint's AdamW moments
+        assert group["lr"] == pytest.approx(1e-3 * group["lr_mult"]) and group["lr_mult"] in (1.0, 5.0)
+        assert group["betas"] == (0.8, 0.9) and group["eps"] == new.eps
+        assert group["weight_decay"] == (0.05 if group["params"][0].ndim >= 2 else 0.0)
+    torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+    logged = caplog.text
+    for field in ("train.lr ", "train.min_lr", "train.weight_decay", "train.betas", "train.steps",
+                  "train.lr_groups", "train.schedule"):
+        assert field in logged, field
+    opt.step()  # the next step uses the new LR
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * opt.param_groups[0]["lr_mult"])
+
+
+def test_regrouped_or_unfrozen_parameters_are_a_clear_error(tmp_path):
+    out = _two_checkpoints(tmp_path)
+    for change in ({"lr_groups": {"model.layers.1.*": 10.0}}, {"freeze": ["model.layers.0.*"]}):
+        cfg = tiny_train_config(str(out), steps=6, resume=True, **change)
+        with pytest.raises(CheckpointError, match=r"train\.freeze / train\.lr_groups"):
+            train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), cfg)
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
+    out = _two_checkpoints(tmp_path)
+    older = tiny_train_config(str(out), steps=3, resume=str(out / "step_0000002"))
+    with caplog.at_level(logging.WARNING, logger="dyndepth"):
+        train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), older)
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000003"]
+    assert [p.name for p in (out / "abandoned_0").iterdir()] == ["step_0000004"]
+    assert "moved 1 newer checkpoint" in caplog.text
+    assert latest_checkpoint(out).name == "step_0000003"  # resume=true continues the new branch
+
+
+def test_checkpoint_with_ddp_prefixed_keys_still_loads(tmp_path):
+    """Checkpoints written by DDP runs before the fix hold `module.`-prefixed keys."""
+    from dyndepth.interop.safetensors_io import write_safetensors
+
+    model = CausalLM(preset("tiny-qwen3"))
+    state = {f"module.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    (tmp_path / "ck").mkdir()
+    aliases = json.dumps({"module.lm_head.weight": "module.model.embed_tokens.weight"})
+    write_safetensors(state, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt", "aliases": aliases})
+    fresh = CausalLM(preset("tiny-qwen3"))
+    load_model_weights(tmp_path / "ck", fresh)
+    torch.testing.assert_close(fresh.model.norm.weight, model.model.norm.weight)
+    torch.testing.assert_close(fresh.lm_head.weight, model.lm_head.weight)

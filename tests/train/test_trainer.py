@@ -1,18 +1,27 @@
 import json
+import time
 
 import pytest
 import torch
-from tiny_loader import TinyLoader
+from tiny_loader import TinyLoader, sft_loader
 from train_script import tiny_train_config
 
 from dyndepth import CausalLM, preset
 from dyndepth.train import Hook, lm_loss, train
 from dyndepth.train.checkpoint import latest_checkpoint
+from dyndepth.train.parallel import DistInfo
 from dyndepth.train.trainer import forward_backward
+
+ONE = DistInfo()  # a single CPU process
 
 
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel_l2(a: dict, b: dict) -> float:
+    diff = sum((a[n] - b[n]).pow(2).sum() for n in a)
+    return (diff / sum(b[n].pow(2).sum() for n in b)).sqrt().item()
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
@@ -21,16 +30,105 @@ def test_grad_accumulation_2x2_equals_batch_4(name):
     torch.manual_seed(0)
     model = CausalLM(preset(name))
     big = TinyLoader(4, 16).next_batch()
-    forward_backward(model, model, [big], [], cfg, torch.device("cpu"))
+    forward_backward(model, model, [big], [], cfg, ONE)
     full = _grads(model)
     model.zero_grad(set_to_none=True)
     halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
-    forward_backward(model, model, halves, [], cfg, torch.device("cpu"))
+    forward_backward(model, model, halves, [], cfg, ONE)
     accum = _grads(model)
     assert full.keys() == accum.keys() and len(full) > 5
     tol = 1e-6 if name == "tiny-qwen3" else 1e-4  # MoE balancing loss is not additive over micro-batches
     for n in full:
         torch.testing.assert_close(accum[n], full[n], atol=tol, rtol=0, msg=n)
+
+
+def test_sft_accumulation_4x2_equals_one_batch_of_8():
+    """Prompt-masked rows of varied lengths: the loss is token-weighted over the whole step, so splitting
+    the 8 rows into 4 micro-batches leaves the gradient unchanged (per-micro-batch means differ by ~8%)."""
+    cfg = tiny_train_config("unused")
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3"))
+    big = sft_loader(8).next_batch()
+    counts = (big["labels"] != -100).sum(1)
+    assert counts.unique().numel() > 3 and counts.sum() < big["labels"].numel()  # varied, masked rows
+    stats = forward_backward(model, model, [big], [], cfg, ONE)
+    full = _grads(model)
+    model.zero_grad(set_to_none=True)
+    quarters = [{k: v[i:i + 2] for k, v in big.items()} for i in range(0, 8, 2)]
+    stats4 = forward_backward(model, model, quarters, [], cfg, ONE)
+    accum = _grads(model)
+    assert _rel_l2(accum, full) < 1e-5
+    assert stats4["loss"].item() == pytest.approx(stats["loss"].item(), rel=1e-5)
+    assert stats4["trained_tokens"].item() == counts.sum().item()
+
+
+def test_micro_batch_without_labels_weighs_nothing():
+    cfg = tiny_train_config("unused")
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3"))
+    batch = TinyLoader(2, 16).next_batch()
+    forward_backward(model, model, [batch], [], cfg, ONE)
+    alone = _grads(model)
+    model.zero_grad(set_to_none=True)
+    unlabelled = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    forward_backward(model, model, [batch, unlabelled], [], cfg, ONE)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, alone[n], rtol=1e-6, atol=1e-9, msg=n)
+
+
+def test_bf16_model_trains_with_fp32_master_weights(tmp_path):
+    """AdamW at lr 2e-5 on bf16 weights rounds most updates away; the trainer keeps fp32 masters."""
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3")).to(torch.bfloat16)
+    start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    cfg = tiny_train_config(str(tmp_path), steps=5, lr=2e-5, min_lr=2e-5, warmup=0, schedule="constant",
+                            weight_decay=0.0, save_every=0, dtype="bfloat16")
+    train(model, TinyLoader(2, 16), cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    changed = sum((p.detach() != start[n]).sum().item() for n, p in model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert changed / total > 0.95  # bf16 in place: about 28%
+
+
+class FakeClock:
+    """`time.perf_counter` that moves only when told; eval batches take 1000 s each, steps 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class TickHook(Hook):
+    name = "tick"
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def after_step(self, model, step, stats, dist):
+        self.clock.now += 1.0
+
+
+class SlowEvalLoader(TinyLoader):
+    def __init__(self, clock, *args, **kw):
+        super().__init__(*args, **kw)
+        self.clock = clock
+
+    def next_batch(self):
+        self.clock.now += 1000.0
+        return super().next_batch()
+
+
+def test_throughput_leaves_out_eval_and_checkpoint_time(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    cfg = tiny_train_config(str(tmp_path), steps=3, eval_every=1, eval_batches=1, save_every=1)
+    train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg, hooks=[TickHook(clock)],
+          eval_loader=SlowEvalLoader(clock, 4, 16, seed=1))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in records if "loss" in r]
+    assert tps == [pytest.approx(4 * 16 / 1.0)] * 3  # 1 s of training per step; the 1000 s evals left out
 
 
 class CountingHook(Hook):

@@ -5,14 +5,15 @@ and use the same optimizer hyperparameters: AdamW (lr, betas, eps; weight decay 
 gradient clipping at `clip`, a constant learning rate. They run step by step in turn (ours, plain,
 ours, ...), so drift in machine load hits both equally.
 
-- ours: what `train()` runs per optimizer step (`_optimizer_step`: zero_grad, `forward_backward`,
+- ours: what `train()` runs per optimizer step (`optimizer_step`: zero_grad, `forward_backward`,
   `parallel.clip_grad_norm`, AdamW from `build_optimizer`, the LambdaLR from `build_scheduler`), plus
   the hook call; none of train()'s logging, progress bar or checkpoint I/O is timed.
 - plain: `model(input_ids).logits -> F.cross_entropy -> backward -> clip_grad_norm_ -> AdamW.step`.
 
 With `compile=True` both loops compile each decoder layer the way the trainer does, so the ratio
 measures the trainer's overhead, not a compile strategy. MFU uses the trainer's `flops_per_token`
-(6 x matmul parameters + 12 L N H T attention, i.e. non-causal attention, as the training logs report).
+(6 x trainable matmul parameters + 12 L N H T attention, i.e. non-causal attention, as the training logs
+report; every parameter trains here).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dyndepth.runconfig import DTYPES, TrainConfig
 from dyndepth.train import parallel
 from dyndepth.train.hooks import hooks_after_step
 from dyndepth.train.metrics import flops_per_token, peak_flops
-from dyndepth.train.trainer import _optimizer_step, _setup
+from dyndepth.train.trainer import optimizer_step, setup_model
 
 
 @dataclass
@@ -104,11 +105,11 @@ def random_batches(vocab_size: int, cfg: TrainBenchConfig, n: int, device: torch
 def ours_loop(model: nn.Module, batches: list[dict], tcfg: TrainConfig, device: torch.device) -> Loop:
     """The trainer's per-step code path (as `train()` calls it), without its logging and checkpoint I/O."""
     info = parallel.DistInfo(device=device)
-    raw, wrapped, optimizer, scheduler = _setup(model, tcfg, info)
+    raw, wrapped, optimizer, scheduler = setup_model(model, tcfg, info)
     loader, hooks, losses = _CycleLoader(batches), [], []
 
     def step() -> None:
-        stats, _, _ = _optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, tcfg, device)
+        stats, _, _ = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, tcfg, info)
         stats.update(hooks_after_step(hooks, raw, len(losses) + 1, stats, info))
         losses.append(stats["loss"])
 
@@ -211,7 +212,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         "tokens_per_s": tps,
         "ratio_ours_over_plain": tps["ours"] / tps["plain"],
         "flops_per_token": fpt,
-        "flops_per_token_source": "train.metrics.flops_per_token (6 x matmul params + 12 L N H T)",
+        "flops_per_token_source": "train.metrics.flops_per_token (6 x trainable matmul params + 12 L N H T)",
         "flops_per_token_causal": 3 * forward_flops(config, cfg.seq_len) / cfg.seq_len,
         "peak_flops": peak,
         "mfu": {k: v * fpt / peak for k, v in tps.items()},

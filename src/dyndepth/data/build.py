@@ -12,26 +12,42 @@ Schema (every key optional):
     examples_per_doc = 32  # synthetic examples per packed document
     stdlib_bytes = 2000000
     val_source = ""        # user data only: a separate validation file/folder (else 1% of documents)
-    cache_dir = "runs/data"  # token shards are built once here and reused (keyed by the source)
-    intra_doc_mask = false
+    cache_dir = "runs/data"  # token shards are built once here and reused (see below)
+    intra_doc_mask = false # attend within documents only (and never train across a document boundary)
+    text_field = "text"    # JSONL/Parquet/HF field holding plain text
+    chat_template = "auto" # chat/SFT records: "auto" (the tokenizer's template if it has one, else
+                           # "plain"), "tokenizer" (required) or "plain" (role: content lines); data/chat.py
+
+User data is tokenized once into `cache_dir/<key>/<split>/`. The key hashes the content of every source
+file, the tokenizer (its full tokenizer.json, or class and settings), the chat rendering, `text_field`
+and the hold-out rule, so edited data or another tokenizer gets its own shards. Hugging Face datasets
+("hf:<name>") are keyed by name: delete their cache folder after the dataset changes. Documents stream
+from the source to the shard files (never one list in memory). With several ranks, rank 0 builds while
+the others wait at `barrier` (run_training passes the process group's), then every rank opens the same
+shards; without a barrier each rank builds into a private folder and the first complete split wins.
+The barrier is a collective, so a first build longer than the process group's timeout (NCCL: 10
+minutes by default) needs the cache built beforehand, e.g. by calling `build_loader` in one process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dyndepth.data.chat import chat_fingerprint, chat_renderer
 from dyndepth.data.loader import PackedLoader
-from dyndepth.data.shards import ShardSet, build_shards, open_shards
-from dyndepth.data.sources import DataError, Document, iter_documents
+from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards
+from dyndepth.data.sources import HF_PREFIX, DataError, Document, iter_documents, list_files
 from dyndepth.data.stdlib_corpus import stdlib_documents
 from dyndepth.data.synthetic import make_examples
 from dyndepth.tokenizer import load_tokenizer
 
 DEFAULTS = dict(source="embedded", tokenizer="byte", tasks=[], difficulty={}, synthetic_examples=20000,
                 examples_per_doc=32, stdlib_bytes=2_000_000, val_source="", cache_dir="runs/data",
-                intra_doc_mask=False)
+                intra_doc_mask=False, text_field="text", chat_template="auto")
+HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
 EMBEDDED = ("embedded", "synthetic", "stdlib")
 
 
@@ -75,37 +91,86 @@ def _interleave(a: list, b: list) -> list:
     return out
 
 
-def _shard_dir(cfg: dict, tokenizer, source: str) -> Path:
-    key = json.dumps([str(Path(source).resolve()) if Path(source).exists() else source,
-                      type(tokenizer).__name__, tokenizer.vocab_size], sort_keys=True)
+def source_fingerprint(source: str) -> str:
+    """A hash of the content (and relative names) of every file `iter_documents(source)` reads."""
+    if source.startswith(HF_PREFIX):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data.source {source!r}: no such file or folder. Check the path; for a Hugging Face "
+                        f"dataset write '{HF_PREFIX}<name>'.")
+    files = list_files(path) if path.is_dir() else [path]
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the ids: the full tokenizer.json of a Hugging Face tokenizer, else the
+    class and its plain settings (vocab size, special ids)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        spec = backend.to_str()
+    else:
+        spec = json.dumps({k: v for k, v in sorted(vars(tokenizer).items())
+                           if isinstance(v, (int, float, str, bool, type(None)))})
+    spec += f"|{type(tokenizer).__name__}|{tokenizer.vocab_size}|{tokenizer.eos_token_id}"
+    return hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
+
+
+def _shard_dir(cfg: dict, tokenizer, source: str, holdout: bool) -> Path:
+    key = json.dumps([FORMAT_VERSION, source_fingerprint(source), tokenizer_fingerprint(tokenizer),
+                      chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"], holdout])
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def user_shards(cfg: dict, tokenizer, split: str) -> ShardSet:
-    """Token shards for user data, built on first use and reused from `cache_dir` afterwards."""
-    source = cfg["val_source"] if split == "val" and cfg["val_source"] else cfg["source"]
-    folder = _shard_dir(cfg, tokenizer, source)
-    manifest = folder / split / "manifest.json"
-    if not manifest.exists():
-        docs = list(iter_documents(source))
-        if not docs:
-            raise DataError(f"data.source {source!r} has no documents.")
-        if not cfg["val_source"]:  # hold out every 100th document (at least one) for validation
-            held = set(range(0, len(docs), 100)) if len(docs) > 1 else set()
-            picked = [d for i, d in enumerate(docs) if (i in held) == (split == "val")]
-            docs = picked or docs
-        build_shards(docs, tokenizer, folder, split=split, source=str(source))
+def split_documents(docs: Iterator[Document], split: str, holdout: bool, source: str = "") -> Iterator[Document]:
+    """Stream one split: with `holdout`, documents 0, 100, 200, ... are "val" and the rest "train" (a
+    single-document source serves its one document to both); without, every document."""
+    count = 0
+    for i, doc in enumerate(docs):
+        count += 1
+        if not holdout or (i % HOLDOUT_EVERY == 0) == (split == "val"):
+            yield doc
+        elif i == 0:
+            first = doc  # train gets it back if it turns out to be the only document
+    if count == 0:
+        raise DataError(f"data.source {source!r} has no documents.")
+    if holdout and count == 1 and split == "train":
+        yield first
+
+
+def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callable[[], None] | None = None) -> ShardSet:
+    """Token shards for user data, built on first use (by rank 0 when a `barrier` is given) and reused
+    from `cache_dir` afterwards."""
+    holdout = not cfg["val_source"]
+    source = str(cfg["val_source"] if split == "val" and not holdout else cfg["source"])
+    folder = _shard_dir(cfg, tokenizer, source, holdout)
+    if (barrier is None or rank == 0) and not (folder / split / MANIFEST).is_file():
+        docs = iter_documents(source, text_field=cfg["text_field"],
+                              chat_template=chat_renderer(cfg["chat_template"], tokenizer))
+        build_shards(split_documents(docs, split, holdout, source), tokenizer, folder, split=split,
+                     source=source, replace=False)
+    if barrier is not None:
+        barrier()
     return open_shards(folder, split=split)
 
 
 def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1, tokenizer=None) -> PackedLoader:
-    """The loader for one rank: packed (seq_len + 1)-token windows, disjoint across ranks, resumable."""
+                 rank: int = 0, world_size: int = 1, tokenizer=None,
+                 barrier: Callable[[], None] | None = None) -> PackedLoader:
+    """The loader for one rank: packed (seq_len + 1)-token windows, disjoint across ranks, resumable.
+
+    `barrier` (every rank calls it once) lets rank 0 alone build a missing shard cache."""
     cfg = resolve_data_config(data_cfg)
     tokenizer = tokenizer or load_tokenizer(cfg["tokenizer"])
     if cfg["source"] in EMBEDDED:
         shards = ShardSet.from_documents(embedded_documents(cfg, split, seed), tokenizer)
     else:
-        shards = user_shards(cfg, tokenizer, split)
+        shards = user_shards(cfg, tokenizer, split, rank, barrier)
     return PackedLoader(shards, seq_len, batch_size, rank=rank, world_size=world_size, seed=seed,
                         shuffle=split == "train", intra_doc_mask=cfg["intra_doc_mask"])

@@ -11,10 +11,21 @@ same number of batches, and the whole state is `(epoch, cursor)`: resuming needs
 
 Batch (B batch, T = seq_len):
     input_ids (B, T) long      window[:-1]
-    labels    (B, T) long      window[1:], -100 where the target token's loss mask is 0 (prompt)
+    labels    (B, T) long      window[1:], -100 where the target token's loss mask is 0 (prompt), and,
+                               with intra_doc_mask, where the target starts a new document
     positions (B, T) long      only with intra_doc_mask: restarts at 0 at each document start
     doc_ids   (B, T) long      only with intra_doc_mask: 0, 1, ... per document inside the row;
                                attend only where doc_ids match (and causal)
+
+Document ends: the label of a document's last token (its EOS) is the next document's first token. With
+intra_doc_mask that prediction is made without seeing the next document at all, so it is not trained
+(label -100). Without intra_doc_mask the stream is one sequence, as in GPT-2-style pretraining: the EOS
+acts as the start-of-text context of the next document, and its label is the only place the first
+token of a document is ever a target, so it stays trained.
+
+Resume (`load_state_dict`) continues at the same global position of the same window order; a state
+saved with another world_size or batch_size is converted when the windows already served in the epoch
+fill whole batches of the new layout (a checkpoint resumed at another world size).
 """
 
 from __future__ import annotations
@@ -101,6 +112,9 @@ class PackedLoader:
         if self.shards.has_loss_mask:
             mask = np.stack([self.shards.loss_mask(w * T + 1, w * T + T + 1) for w in windows])  # (B, T)
             labels[mask == 0] = IGNORE_INDEX
+        if self.intra_doc_mask:  # a target that opens a new document is not predictable from this one
+            for b, w in enumerate(windows):
+                labels[b, self.shards.doc_starts(w * T + 1, w * T + T + 1) - (w * T + 1)] = IGNORE_INDEX
         batch = {"input_ids": torch.from_numpy(rows[:, :-1].copy()), "labels": torch.from_numpy(labels)}
         if self.intra_doc_mask:
             positions, doc_ids = zip(*(self._doc_layout(w * T) for w in windows))
@@ -134,15 +148,35 @@ class PackedLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; the data and settings must match the ones it was saved with."""
-        for key in ("seed", "shuffle", "seq_len", "batch_size", "rank", "world_size", "num_tokens"):
+        """Continue from `state`; the data, seed, shuffle and seq_len must match the ones it was saved with.
+
+        A state from another world_size or batch_size (a checkpoint resumed at another world size) is
+        converted to the same global position: `cursor * world_size * batch_size` windows of the epoch
+        have been served, and must fill whole batches of this loader.
+        """
+        for key in ("seed", "shuffle", "seq_len", "num_tokens"):
             mine = self.shards.num_tokens if key == "num_tokens" else getattr(self, key)
             if key in state and state[key] != mine:
                 raise DataError(
                     f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}; "
                     "an exact resume needs the same data and loader settings"
                 )
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        world, batch = state.get("world_size", self.world_size), state.get("batch_size", self.batch_size)
+        if (world, batch) == (self.world_size, self.batch_size):
+            if state.get("rank", self.rank) != self.rank:
+                raise DataError(f"loader state of rank {state['rank']} given to rank {self.rank}")
+        else:
+            served, per_batch = cursor * world * batch, self.world_size * self.batch_size
+            if served % per_batch:
+                raise DataError(
+                    f"loader state was saved by world_size={world} x batch_size={batch} after {served} windows of "
+                    f"epoch {epoch}, which is not a whole number of batches of world_size={self.world_size} x "
+                    f"batch_size={self.batch_size}; resume from a checkpoint at a step where it is, or keep "
+                    "world_size x batch_size"
+                )
+            cursor = served // per_batch
+        self.epoch, self.cursor = epoch, cursor
 
 
 def loader_from_texts(

@@ -7,9 +7,14 @@ On-disk layout of one split (`<out_dir>/<split>/`):
     shard_00000.idx        int64 global token offsets of the documents that start in this shard
     manifest.json          dtype, vocab_size, num_tokens, shards [...], tokenizer, source, version
 
-Building streams: each document is tokenized and appended to the open shard files straight away, so
-memory stays O(one document) however large the corpus. Every file is written to `<name>.tmp` and moved
-into place with `os.replace`; the manifest is written last, so a directory with a manifest is complete.
+Building streams: documents are tokenized in batches (up to `BATCH_DOCS` documents or `BATCH_CHARS`
+characters) with the tokenizer's batch API when it has one (`encode_many`: `tokenizers`' parallel
+`encode_batch`), and appended to the open shard files straight away, so memory stays O(one batch)
+however large the corpus. A text longer than `PIECE_CHARS` is cut into pieces before " word" when the
+tokenizer says that is exact (`splits_before_words`: byte-level BPE such as GPT-2's or Qwen's), so even
+one huge document is tokenized in parallel. A split is built in a private `.<split>.tmp-*` folder and
+renamed into place, so builders racing on the same folder never see each other's files and a split
+folder that exists is complete (the manifest is written last inside it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
+import shutil
+import uuid
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +40,9 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard
+BATCH_DOCS, BATCH_CHARS = 1024, 1 << 22  # documents tokenized per batch-API call (whichever comes first)
+PIECE_CHARS = 1 << 14  # long texts are cut into pieces of about this size (when that is exact)
+_WORD_START = re.compile(r"(?<=\S)(?= [^\W\d_])")  # before " word" following a non-space character
 
 
 class Tokenizer(Protocol):
@@ -46,30 +57,84 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_document(
-    doc: Document, tokenizer: Tokenizer, append_eos: bool = True
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """`(ids (n,) int64, loss_mask (n,) uint8 | None)`; the mask is None when every token is trained.
+def cut_text(text: str, tokenizer: Tokenizer, size: int = PIECE_CHARS) -> list[str]:
+    """`text` as pieces of about `size` characters, cut before " word", when the tokenizer encodes such
+    pieces to the ids of the whole (`splits_before_words`); otherwise `[text]`."""
+    if len(text) <= 2 * size or not getattr(tokenizer, "splits_before_words", False):
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > 2 * size:
+        cut = _WORD_START.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text: one call of the tokenizer's batch API (`encode_many`) if it has one."""
+    many = getattr(tokenizer, "encode_many", None)
+    return many(texts) if many is not None else [tokenizer.encode(t) for t in texts]
+
+
+def encode_documents(
+    docs: list[Document], tokenizer: Tokenizer, append_eos: bool = True
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """`[(ids (n,) int64, loss_mask (n,) uint8 | None)]` per document; a mask is None when every token
+    is trained. One batch-API call for all the documents' segments (long ones cut into pieces).
 
     Segments are encoded separately and concatenated (prompt, then response, then EOS, which is trained
     so the model learns to stop).
     """
-    ids: list[int] = []
-    mask: list[int] = []
-    for text, trained in doc.segments():
-        piece = tokenizer.encode(text)
-        ids.extend(piece)
-        mask.extend([int(trained)] * len(piece))
-    if append_eos and ids:
-        ids.append(tokenizer.eos_token_id)  # type: ignore[arg-type]  (checked by the caller)
-        mask.append(1)
-    ids_arr = np.asarray(ids, dtype=np.int64)
-    if ids_arr.size and (ids_arr.min() < 0 or ids_arr.max() >= tokenizer.vocab_size):
-        raise DataError(
-            f"tokenizer produced id {int(ids_arr.max())} outside [0, vocab_size={tokenizer.vocab_size}); "
-            "its vocab_size is wrong or the ids come from another tokenizer"
-        )
-    return ids_arr, (np.asarray(mask, dtype=np.uint8) if doc.prompt else None)
+    pieces: list[str] = []
+    owner: list[tuple[int, bool]] = []  # (document, trained) of each piece
+    for d, doc in enumerate(docs):
+        for text, trained in doc.segments():
+            for piece in cut_text(text, tokenizer):
+                pieces.append(piece)
+                owner.append((d, trained))
+    parts: list[list[tuple[list[int], bool]]] = [[] for _ in docs]
+    for ids, (d, trained) in zip(encode_texts(tokenizer, pieces), owner):
+        parts[d].append((ids, trained))
+    out = []
+    for doc, doc_parts in zip(docs, parts):
+        eos = [([tokenizer.eos_token_id], True)] if append_eos and any(ids for ids, _ in doc_parts) else []
+        doc_parts = doc_parts + eos  # type: ignore[operator]
+        arrays = [np.array(ids, dtype=np.int64) for ids, _ in doc_parts]
+        ids_arr = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        if ids_arr.size and (ids_arr.min() < 0 or ids_arr.max() >= tokenizer.vocab_size):
+            raise DataError(
+                f"tokenizer produced id {int(ids_arr.max())} outside [0, vocab_size={tokenizer.vocab_size}); "
+                "its vocab_size is wrong or the ids come from another tokenizer"
+            )
+        mask = None
+        if doc.prompt:
+            mask = np.concatenate([np.full(len(a), trained, np.uint8) for a, (_, trained) in zip(arrays, doc_parts)])
+        out.append((ids_arr, mask))
+    return out
+
+
+def encode_document(
+    doc: Document, tokenizer: Tokenizer, append_eos: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`(ids (n,) int64, loss_mask (n,) uint8 | None)` of one document (see `encode_documents`)."""
+    return encode_documents([doc], tokenizer, append_eos)[0]
+
+
+def _batches(docs: Iterable[Document], max_docs: int = BATCH_DOCS, max_chars: int = BATCH_CHARS):
+    """Consecutive lists of documents, each at most `max_docs` long or just over `max_chars` characters."""
+    batch: list[Document] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text) + len(doc.prompt or "")
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 _worker_args: tuple[Tokenizer, bool] | None = None
@@ -80,9 +145,9 @@ def _init_worker(tokenizer: Tokenizer, append_eos: bool) -> None:
     _worker_args = (tokenizer, append_eos)
 
 
-def _encode_in_worker(doc: Document) -> tuple[np.ndarray, np.ndarray | None]:
+def _encode_in_worker(docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray | None]]:
     assert _worker_args is not None
-    return encode_document(doc, *_worker_args)
+    return encode_documents(docs, *_worker_args)
 
 
 class _ShardWriter:
@@ -149,15 +214,17 @@ def _encode_all(
     append_eos: bool,
     num_workers: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Encoded non-empty documents, in order; a process pool when `num_workers > 0`."""
+    """Encoded non-empty documents, in order, batch by batch; a process pool when `num_workers > 0`."""
     if append_eos and tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no eos_token_id: set one, or pass append_eos=False")
-    docs = as_documents(documents)
+    batches = _batches(as_documents(documents))
     if num_workers > 0:
         with multiprocessing.Pool(num_workers, _init_worker, (tokenizer, append_eos)) as pool:
-            yield from (e for e in pool.imap(_encode_in_worker, docs, chunksize=64) if e[0].size)
+            for encoded in pool.imap(_encode_in_worker, batches):
+                yield from (e for e in encoded if e[0].size)
     else:
-        yield from (e for e in (encode_document(d, tokenizer, append_eos) for d in docs) if e[0].size)
+        for batch in batches:
+            yield from (e for e in encode_documents(batch, tokenizer, append_eos) if e[0].size)
 
 
 def _base_manifest(tokenizer: Tokenizer, append_eos: bool, source: str) -> dict[str, Any]:
@@ -195,38 +262,59 @@ def build_shards(
     append_eos: bool = True,
     source: str = "",
     num_workers: int = 0,
+    replace: bool = True,
 ) -> ShardSet:
     """Tokenize `documents` (streamed) into `<out_dir>/<split>/`; returns the opened ShardSet.
 
     `num_workers > 0` tokenizes in a process pool (the tokenizer must be picklable); order is kept.
-    Rebuilding over an existing split replaces it; stale shard files of the old build are removed.
+    The split is written to a private temporary folder and renamed into place: rebuilding over an
+    existing split replaces it whole (`replace=False` keeps a complete split found there instead, as a
+    cache does), and concurrent builders never mix files.
     """
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     split_dir = Path(out_dir) / split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    (split_dir / MANIFEST).unlink(missing_ok=True)  # the split is incomplete until the new manifest lands
-    writer = _ShardWriter(split_dir, token_dtype(tokenizer.vocab_size), shard_tokens)
-    for ids, mask in _encode_all(documents, tokenizer, append_eos, num_workers):
-        writer.write_document(ids, mask)
-    entries = writer.finish()
-    if writer.total == 0:
-        raise DataError(f"no tokens to write to {split_dir}: every document was empty")
-    keep = {name for e in entries for name in (e["file"], e["mask_file"], e["idx_file"]) if name}
-    for stale in split_dir.glob("shard_*"):
-        if stale.name not in keep:
-            stale.unlink()
-    manifest = {
-        **_base_manifest(tokenizer, append_eos, source),
-        "split": split,
-        "num_tokens": writer.total,
-        "num_documents": sum(e["num_documents"] for e in entries),
-        "has_loss_mask": any(e["mask_file"] for e in entries),
-        "shards": entries,
-    }
-    _write_json_atomic(split_dir / MANIFEST, manifest)
+    tmp_dir = Path(out_dir) / f".{split}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir(parents=True)
+    try:
+        writer = _ShardWriter(tmp_dir, token_dtype(tokenizer.vocab_size), shard_tokens)
+        for ids, mask in _encode_all(documents, tokenizer, append_eos, num_workers):
+            writer.write_document(ids, mask)
+        entries = writer.finish()
+        if writer.total == 0:
+            raise DataError(f"no tokens to write to {split_dir}: every document was empty")
+        manifest = {
+            **_base_manifest(tokenizer, append_eos, source),
+            "split": split,
+            "num_tokens": writer.total,
+            "num_documents": sum(e["num_documents"] for e in entries),
+            "has_loss_mask": any(e["mask_file"] for e in entries),
+            "shards": entries,
+        }
+        _write_json_atomic(tmp_dir / MANIFEST, manifest)
+        _move_into_place(tmp_dir, split_dir, replace)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("wrote %d tokens in %d shards to %s", writer.total, len(entries), split_dir)
     return open_shards(split_dir)
+
+
+def _move_into_place(tmp_dir: Path, split_dir: Path, replace: bool) -> None:
+    """Rename the finished `tmp_dir` to `split_dir`, replacing an older split (moved aside, then deleted)."""
+    if not replace and (split_dir / MANIFEST).is_file():
+        return  # another builder finished first; its split is the same data
+    old = split_dir.with_name(f".{split_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        split_dir.rename(old)
+    except FileNotFoundError:  # no older split
+        old = None
+    try:
+        tmp_dir.rename(split_dir)
+    except OSError:  # another builder renamed its complete split in between: keep that one
+        if not (split_dir / MANIFEST).is_file():
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardSet:

@@ -8,7 +8,9 @@ is trained. Chat/SFT records carry the context in `prompt` (its tokens get loss 
 -100) and the answer in `text` (trained).
 
 Record formats understood in JSONL, Parquet and HF datasets (checked in this order):
-- `{"prompt": ..., "response": ...}`            -> Document(text=response, prompt=prompt)
+- `{"prompt": ..., "response": ...}`            -> Document(text=response, prompt=prompt); with a chat
+  template that sets `renders_pairs` (a tokenizer's own, see `data/chat.py`) the pair is rendered as
+  one user turn and one assistant turn instead
 - `{"messages": [{"role": ..., "content": ...}, ...]}` -> the last assistant message is trained; every
   message before it is rendered into the prompt (see `render_chat`, or pass your own `chat_template`)
 - `{text_field: ...}` (default `"text"`)        -> Document(text=...)
@@ -79,7 +81,10 @@ def record_to_document(
         raise DataError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
     record = {k: v for k, v in record.items() if v is not None}  # null columns count as absent
     if "prompt" in record and "response" in record:
-        return Document(text=str(record["response"]), prompt=str(record["prompt"]))
+        if not getattr(chat_template, "renders_pairs", False):
+            return Document(text=str(record["response"]), prompt=str(record["prompt"]))
+        record = {"messages": [{"role": "user", "content": str(record["prompt"])},
+                               {"role": "assistant", "content": str(record["response"])}]}
     if "messages" in record:
         messages = record["messages"]
         bad = not isinstance(messages, list) or any(

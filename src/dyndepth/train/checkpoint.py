@@ -1,16 +1,26 @@
 """Atomic training checkpoints: `out_dir/step_0000040/` appears complete or not at all.
 
 Layout of one checkpoint (written into `step_XXXXXXX.tmp/`, then renamed):
-  model.safetensors   full model state (HF names; a tied lm_head is stored once and re-aliased on load)
-  train_state.pt      step, optimizer, scheduler, hook states, world size (global: written by rank 0)
+  model.safetensors   full model state with HF names, the same under DDP, FSDP2 or one process (the DDP
+                      wrapper is unwrapped first; a tied lm_head is stored once and re-aliased on load)
+  train_state.pt      step, optimizer, scheduler, hook states, world size and the TrainConfig (rank 0)
   rank_{r}.pt         per-rank RNG states (python, numpy, torch, cuda) and data-loader state
   config.yaml         the resolved run config (or the TrainConfig alone)
 
-FSDP2: the model and optimizer states are gathered to full (unsharded) state dicts with
-`torch.distributed.checkpoint.state_dict` and written by rank 0, so an FSDP checkpoint is an ordinary
-checkpoint that any world size (or a single process) can resume or export. This is simple and fine up
-to a few billion parameters on one node; beyond that, a sharded DCP save would be the next step.
-On load, every rank reads the full files (a filesystem shared by the ranks is assumed) and shards them.
+DDP and FSDP2 checkpoints hold full (unsharded) states: under FSDP2 the model and optimizer states are
+gathered with `torch.distributed.checkpoint.state_dict` and written by rank 0. So every checkpoint loads
+into a plain model, exports to HF format, and resumes at any world size: the weights and AdamW state
+are complete, and rank 0's loader state is handed to every rank's loader, which `PackedLoader` turns
+into the same global position in the same window order (an error names the fix when world_size x
+batch_size does not divide the windows already served). RNG streams of a different world size restart
+from the seed. Gathering to rank 0 is simple and fine up to a few billion parameters on one node; beyond
+that, a sharded DCP save would be the next step. On load, every rank reads the full files (a filesystem
+shared by the ranks is assumed) and shards them.
+
+Resuming with a changed TrainConfig (see `load_checkpoint`): the schedule and the optimizer
+hyperparameters of the new config apply (steps, lr, min_lr, warmup, schedule, decay_frac, weight_decay,
+betas, eps, lr_groups multipliers), each change logged; what cannot change (which parameters train
+and how they are grouped: train.freeze, train.lr_groups globs) is an error naming the fields.
 
 `train_state.pt` holds Python objects (RNG states, loader state), so it is loaded with
 `weights_only=False`: only resume from checkpoints you wrote.
@@ -18,6 +28,7 @@ On load, every rank reads the full files (a filesystem shared by the ranks is as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -30,7 +41,8 @@ import torch
 from torch import nn
 
 from dyndepth.interop.safetensors_io import CheckpointError, read_safetensors, write_safetensors
-from dyndepth.train.parallel import DistInfo, is_fsdp
+from dyndepth.runconfig import TrainConfig, load_run_config
+from dyndepth.train.parallel import DistInfo, is_fsdp, unwrap
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -76,6 +88,7 @@ def set_rng_state(state: dict) -> None:
 
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state dicts; under FSDP, complete on rank 0 only."""
+    model = unwrap(model)  # DDP: the wrapped model's keys, without the `module.` prefix
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -103,8 +116,10 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, loader, hook_states: dict, info: DistInfo,
-                    config_writer=None, keep_last: int = 0) -> Path:
-    """Write `step_XXXXXXX.tmp/` on all ranks, then rename it (rank 0). Collective under DDP/FSDP."""
+                    config_writer=None, keep_last: int = 0, train_config: TrainConfig | None = None) -> Path:
+    """Write `step_XXXXXXX.tmp/` on all ranks, then rename it (rank 0). Collective under DDP/FSDP.
+
+    `model` is the plain, FSDP2-sharded or DDP-wrapped model; the file holds HF names in every case."""
     final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     model_state, optim_state = _full_state(model, optimizer)  # collective under FSDP
@@ -119,8 +134,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
         unique, aliases = _dedupe(model_state)
         write_safetensors(unique, tmp / "model.safetensors", metadata={"format": "pt", "aliases": json.dumps(aliases)})
         sched_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        cfg = dataclasses.asdict(train_config) if train_config is not None else None
         torch.save({"step": step, "optimizer": optim_state, "scheduler": sched_state, "hooks": hook_states,
-                    "world_size": info.world_size}, tmp / "train_state.pt")
+                    "world_size": info.world_size, "train_config": cfg}, tmp / "train_state.pt")
         if config_writer is not None:
             config_writer(tmp / "config.yaml")
     info.barrier()  # every rank's file is in tmp before the rename
@@ -137,7 +153,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
-    """Load `model.safetensors` of a checkpoint folder into a plain or FSDP-sharded model."""
+    """Load `model.safetensors` of a checkpoint folder into a plain, DDP-wrapped or FSDP-sharded model."""
     file = Path(path) / "model.safetensors"
     if not file.exists():
         raise CheckpointError(f"{path} has no model.safetensors; is it a dyndepth training checkpoint?")
@@ -147,6 +163,9 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     with safe_open(str(file), "pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     state.update({alias: state[key] for alias, key in aliases.items()})
+    if state and all(k.startswith("module.") for k in state):  # written by an older DDP run
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = unwrap(model)
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -157,28 +176,123 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
         raise CheckpointError(f"{file} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
 
 
+# ------------------------------------------------------------------------------------------ resume
+
+def _group_layout(groups: list[dict]) -> list[list[str]] | None:
+    """Parameter names per optimizer group (None for checkpoints that did not record them)."""
+    if any("names" not in g for g in groups):
+        return None
+    return [sorted(g["names"]) for g in groups]
+
+
+def _check_layout(path: Path, saved_groups: list[dict], optimizer: torch.optim.Optimizer) -> None:
+    """The AdamW state is kept per group: the trainable parameters and their grouping must be unchanged."""
+    old, new = _group_layout(saved_groups), _group_layout(optimizer.param_groups)
+    if old is None or new is None or old == new:
+        return
+    old_names, new_names = {n for g in old for n in g}, {n for g in new for n in g}
+    if old_names != new_names:
+        what = (f"now trained: {sorted(new_names - old_names)[:3]}, no longer trained: "
+                f"{sorted(old_names - new_names)[:3]}")
+    else:
+        what = f"the same parameters fall into {len(new)} LR/decay groups instead of {len(old)}"
+    raise CheckpointError(
+        f"{path}: train.freeze / train.lr_groups select other parameters than the checkpoint's ({what}). "
+        "The optimizer state cannot follow; resume with the checkpoint's train.freeze and train.lr_groups "
+        "(its config.yaml), or start a new run from its weights.")
+
+
+def _apply_new_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: list[dict]) -> None:
+    """Put this run's weight decay, betas, eps, LR multipliers and base LRs (from `fresh`, the groups
+    the new config built) on the restored groups, and recompute the LR at the restored step."""
+    for group, new in zip(optimizer.param_groups, fresh):
+        for key in ("weight_decay", "betas", "eps", "lr_mult", "initial_lr"):
+            if key in new:
+                group[key] = new[key]
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _saved_train_config(path: Path, state: dict) -> dict | None:
+    if state.get("train_config") is not None:
+        return state["train_config"]
+    if (path / "config.yaml").exists():  # checkpoints written before train_state held the config
+        return dataclasses.asdict(load_run_config(path / "config.yaml").train)
+    return None
+
+
+def log_config_changes(path: Path, old: dict | None, new: TrainConfig) -> list[str]:
+    """One log line per TrainConfig field that differs from the checkpoint's; returns the field names."""
+    if old is None:
+        return []
+    changed = []
+    for key, value in dataclasses.asdict(new).items():
+        before = old.get(key)
+        if key in ("resume",) or before == value or (isinstance(value, tuple) and list(value) == before):
+            continue
+        changed.append(key)
+        log.info("resume from %s: train.%s %r -> %r (the new value applies)", path.name, key, before, value)
+    return changed
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    loader, info: DistInfo) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the train_state dict (step, hooks, ...)."""
+                    loader, info: DistInfo, cfg: TrainConfig | None = None) -> dict:
+    """Restore everything `save_checkpoint` wrote; returns the train_state dict (step, hooks, ...).
+
+    Weights, AdamW moments and step counts, the scheduler's step, RNG and loader positions and hook
+    states come from the checkpoint. The hyperparameters of `optimizer` and `scheduler` as this run built
+    them (from `cfg`) are kept: lr, min_lr, warmup, schedule, decay_frac, steps, weight_decay, betas, eps
+    and lr_groups multipliers may change on resume, and every changed field is logged.
+    """
     path = Path(path)
     if not (path / "train_state.pt").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no train_state.pt).")
     state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-    if state["world_size"] != info.world_size:
-        raise CheckpointError(f"{path} was written by {state['world_size']} ranks; resuming with "
-                              f"{info.world_size} would change the data order. Use the same world size.")
+    _check_layout(path, state["optimizer"]["param_groups"], optimizer)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     load_model_weights(path, model)
-    if is_fsdp(model):
+    if is_fsdp(unwrap(model)):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+        set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
     sched_state = dict(state["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas))
     scheduler.load_state_dict(sched_state)
-    rank_state = torch.load(path / f"rank_{info.rank}.pt", map_location="cpu", weights_only=False)
+    _apply_new_hyperparameters(optimizer, scheduler, fresh)
+    if cfg is not None and info.is_main:
+        log_config_changes(path, _saved_train_config(path, state), cfg)
+    same_world = state["world_size"] == info.world_size
+    rank_file = path / f"rank_{info.rank if same_world else 0}.pt"
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     if loader is not None and rank_state["loader"] is not None:
         loader.load_state_dict(rank_state["loader"])
-    set_rng_state(rank_state["rng"])
+    if same_world:
+        set_rng_state(rank_state["rng"])
+    elif info.is_main:
+        log.warning("%s was written by %d ranks, resuming with %d: weights and optimizer state are full, the "
+                    "loader continues from the same global position, RNG streams restart from the seed.",
+                    path, state["world_size"], info.world_size)
     return state
+
+
+def set_aside_newer(out_dir: str | Path, step: int, info: DistInfo) -> list[Path]:
+    """Move checkpoints past `step` (left by the run a resume abandons) to `out_dir/abandoned_N/`, so a
+    later `resume=true` cannot pick them up. Rank 0 moves; collective under DDP/FSDP."""
+    newer = [p for p in list_checkpoints(out_dir) if int(_STEP_DIR.match(p.name).group(1)) > step]
+    moved = []
+    if info.is_main and newer:
+        n = 0
+        while (Path(out_dir) / f"abandoned_{n}").exists():
+            n += 1
+        dest = Path(out_dir) / f"abandoned_{n}"
+        dest.mkdir()
+        for p in newer:
+            moved.append(Path(shutil.move(str(p), str(dest / p.name))))
+        log.warning("resuming at step %d: moved %d newer checkpoint(s) of the abandoned run (%s) to %s",
+                    step, len(newer), ", ".join(p.name for p in newer), dest)
+    info.barrier()
+    return moved

@@ -27,10 +27,17 @@ DEFAULT_CPU_PEAK = 1e12  # a nominal figure; set train.peak_tflops for your mach
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (active matmul parameters) + 12 x L x N x H x T for attention.
+    """Training FLOPs per token: 6 x trainable + 4 x frozen matmul parameters + 12 x L x N x H x T.
 
-    The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head; MoE experts
-    count with their top-k fraction.
+    A trainable matmul parameter costs 2 FLOPs forward, 2 for the input gradient and 2 for the weight
+    gradient; a frozen one has no weight gradient (4). That is exact when gradients flow through the
+    frozen weight to a trainable one below it; frozen layers with nothing trainable beneath them need no
+    backward at all (2), so there the count is high. Attention adds 12 x L x N x H x T (forward 4, backward
+    8, non-causal). The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head;
+    MoE experts count with their top-k fraction.
+
+    The count is dense-equivalent: it assumes every token runs every layer. A method that skips work
+    (GateSkip, MoD) does fewer FLOPs than counted, so its MFU reads as if the skipped work had been done.
     """
     cfg = model.config
     total = 0.0
@@ -38,9 +45,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
         if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
             continue
         frac = cfg.num_experts_per_tok / cfg.num_experts if ".mlp.experts." in name and cfg.num_experts else 1.0
-        total += p.numel() * frac
+        total += p.numel() * frac * (6 if p.requires_grad else 4)
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6 * total + attn
+    return total + attn
 
 
 def peak_flops(device: torch.device, peak_tflops: float | None) -> float:

@@ -6,7 +6,11 @@ the model (the model stays a plain nn.Module; see STYLE.md, "keep the model pure
 
 FSDP2 (`fully_shard`) is applied to every decoder layer, then to the root (embeddings, final norm and
 lm_head, tied or not). Parameter names are unchanged by both the sharding and activation checkpointing,
-so checkpoints, freeze globs and lr_groups see the HF names.
+so checkpoints, freeze globs and lr_groups see the HF names. With `train.dtype="bfloat16"` FSDP2 gets a
+`MixedPrecisionPolicy`: parameters are all-gathered and computed in bf16, gradients reduced in fp32 into
+the fp32 master shards.
+
+Both DDP and FSDP2 average gradients over ranks (they divide the all-reduced sum by the world size).
 """
 
 from __future__ import annotations
@@ -105,8 +109,11 @@ def apply_compile(model: nn.Module) -> None:
         layer.compile()
 
 
-def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
-    """DDP wrapper or in-place FSDP2 sharding. Returns the module to call for forward/backward."""
+def wrap_model(model: nn.Module, parallel: str, info: DistInfo, dtype: str = "float32") -> nn.Module:
+    """DDP wrapper or in-place FSDP2 sharding. Returns the module to call for forward/backward.
+
+    `dtype` is train.dtype: "bfloat16" makes FSDP2 gather parameters in bf16 and reduce gradients in fp32.
+    """
     if parallel == "none" or not info.distributed:
         return model
     if parallel == "ddp":
@@ -115,13 +122,23 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()
+        if dtype == "bfloat16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"unknown parallel mode {parallel!r}; use none, ddp or fsdp.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model
 
 
 def is_fsdp(model: nn.Module) -> bool:

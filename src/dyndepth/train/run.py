@@ -16,6 +16,7 @@ from torch import nn
 from dyndepth.config import ModelConfig, preset
 from dyndepth.data.build import build_loader, build_tokenizer
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
+from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -68,19 +69,22 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                  loader=None, eval_loader=None, hooks=None) -> TrainResult:
     """Build everything from `run_config` (a RunConfig or a recipe path + overrides) and train.
 
-    `loader`, `eval_loader` and `hooks` replace what the config would build (tests, notebooks).
+    `loader`, `eval_loader` and `hooks` replace what the config would build (tests, notebooks). Under
+    torchrun the process group is joined first, so that rank 0 alone tokenizes user data into the shard
+    cache while the other ranks wait for it.
     """
     if not isinstance(run_config, RunConfig):
         run_config = load_run_config(run_config, overrides)
     cfg = run_config.train
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if rank != 0:  # rank-0 logging: other ranks report only warnings and errors
+    info = init_distributed(cfg.parallel, cfg.device)
+    if not info.is_main:  # rank-0 logging: other ranks report only warnings and errors
         logging.getLogger("dyndepth").setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(run_config.model)
     if hooks is None:
         hooks = build_hooks(run_config.method, model, cfg.steps)
-    data_kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world_size)
+    data_kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=info.rank,
+                   world_size=info.world_size, barrier=info.barrier)
     if loader is None or (eval_loader is None and run_config.eval.get("enabled", True)):
         tokenizer = build_tokenizer(run_config.data)
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -91,18 +95,20 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         if eval_loader is None and run_config.eval.get("enabled", True):
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
-    if rank == 0 and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
+    if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
         export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
+    info.barrier()  # the export is complete when any rank returns
     return result
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """A training checkpoint as a HF checkpoint folder (config.json + safetensors, method included)."""
+    """A training checkpoint (single-process, DDP or FSDP2) as a HF checkpoint folder (config.json +
+    safetensors, method included), saved in the run's `model.dtype` when it names one."""
     from dyndepth.train.checkpoint import load_model_weights
 
     rc = load_run_config(Path(checkpoint) / "config.yaml")
-    rc.model.pop("dtype", None)
+    dtype = rc.model.pop("dtype", None)
     model = build_model(rc.model)
     build_hooks(rc.method, model, rc.train.steps)
     load_model_weights(checkpoint, model)
-    return model.save_pretrained(out)
+    return model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)

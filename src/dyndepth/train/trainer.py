@@ -1,14 +1,26 @@
 """The training loop: `train(model, loader, cfg, hooks, eval_loader) -> TrainResult`.
 
-One optimizer step = `grad_accum` micro-batches of `batch_size` sequences per rank. The loss of a
-micro-batch is `lm_loss + out.aux_loss + sum(hook aux losses)`, divided by `grad_accum`. Under DDP/FSDP
-gradients are averaged over ranks, so the global batch is `batch_size * grad_accum * world_size` and
-every rank's mean loss has equal weight (exact when ranks count the same number of labelled tokens).
+One optimizer step = `grad_accum` micro-batches of `batch_size` sequences per rank, so the global batch
+is `batch_size * grad_accum * world_size` sequences. The LM loss of a step is token-weighted over all of
+them: the sum of token losses over every micro-batch and rank, divided once by the number of labelled
+tokens (labels != -100) over every micro-batch and rank. That count is all-reduced before the first
+backward; each micro-batch then back-propagates `sum of its token losses / global count * world_size`
+(DDP and FSDP2 average gradients over ranks). So the gradient equals that of one process on the whole
+global batch, whatever the accumulation and the world size, and a micro-batch without labelled tokens
+weighs 0. Auxiliary losses (the model's `out.aux_loss`, e.g. MoE balancing, and hook losses) are
+per-micro-batch means, divided by `grad_accum` (and averaged over ranks by the gradient averaging).
+
+Precision: trainable weights are fp32 master weights. A model handed over in another dtype (e.g.
+`model.dtype="bfloat16"`) is upcast to fp32 in place, with a warning, because AdamW steps applied to
+bf16 weights round most small updates away; `train.dtype="bfloat16"` runs forward and backward under
+bf16 autocast (and FSDP2 gathers bf16 parameters and reduces fp32 gradients).
 
 Resume: `cfg.resume` restores model, optimizer, scheduler, RNG, loader and hook states from the latest
 (or the named) checkpoint and continues at the next step, so a killed run follows the same loss curve.
-Optimizer hyperparameters (per-group lr multipliers, weight decay) come back from the checkpoint too.
-A fresh run refuses an out_dir that already holds checkpoints.
+The new config's schedule and optimizer hyperparameters apply (each change is logged; see
+`checkpoint.load_checkpoint`); a changed set or grouping of trained parameters is an error. Checkpoints
+newer than the resumed one (from the abandoned run) are moved to `out_dir/abandoned_N/`. A fresh run
+refuses an out_dir that already holds checkpoints.
 
 Batches: `input_ids`, `labels` (-100 = ignore) and optional `positions` and `doc_ids` (intra-document
 attention masking) are used. Under torchrun the process group is left initialized for the
@@ -20,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +49,7 @@ from dyndepth.train.hooks import (
     hooks_load_state_dict,
     hooks_state_dict,
 )
-from dyndepth.train.loss import lm_loss
+from dyndepth.train.loss import IGNORE_INDEX, lm_loss
 from dyndepth.train.metrics import MetricsLogger, flops_per_token, peak_flops, perplexity, plot_loss
 from dyndepth.train.optim import apply_freeze, build_optimizer, build_scheduler
 
@@ -64,24 +76,34 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hooks, cfg: TrainConfig,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """Accumulate gradients of the mean micro-batch loss over `batches`; returns detached mean stats."""
+                     info: parallel.DistInfo) -> dict[str, torch.Tensor]:
+    """Accumulate the gradient of one optimizer step over this rank's `batches`; returns detached stats.
+
+    The LM loss is token-weighted over all micro-batches and ranks (module docstring). `stats["loss"]`
+    is this rank's share, scaled so that its mean over ranks is the global token-weighted loss; the other
+    stats are means over the micro-batches.
+    """
     n = len(batches)
-    sums: dict[str, torch.Tensor] = {}
+    batches = [_to_device(b, info.device) for b in batches]
+    local = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).sum()  # labelled tokens
+    count = info.all_reduce_sum(local.to(torch.float64).reshape(1))[0]  # over micro-batches and ranks
+    per_rank = count.clamp(min=1) / info.world_size  # gradients are averaged over ranks: undo that
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float32, device=info.device)}
     for i, batch in enumerate(batches):
-        batch = _to_device(batch, device)
-        with parallel.grad_sync(model, sync=i == n - 1), _autocast(cfg, device):
+        with parallel.grad_sync(model, sync=i == n - 1), _autocast(cfg, info.device):
             out = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"))
-            loss = lm_loss(out.logits, batch["labels"])
-            total = loss + out.aux_loss
+            loss = lm_loss(out.logits, batch["labels"], reduction="sum") / per_rank.float()
+            aux = out.aux_loss
             hook_loss, stats = hooks_aux_loss(hooks, raw, batch, out)
             if hook_loss is not None:
-                total = total + hook_loss
-        (total / n).backward()
-        stats = {"loss": loss.detach(), "aux_loss": out.aux_loss.detach(), **out.stats, **stats}
+                aux = aux + hook_loss
+        (loss + aux / n).backward()
+        sums["loss"] += loss.detach()
+        stats = {"aux_loss": out.aux_loss.detach(), **out.stats, **stats}
         for k, v in stats.items():
-            v = torch.as_tensor(v, dtype=torch.float32).to(device) / n
+            v = torch.as_tensor(v, dtype=torch.float32).to(info.device) / n
             sums[k] = sums[k] + v if k in sums else v
+    sums["trained_tokens"] = count.float()
     return sums
 
 
@@ -106,9 +128,25 @@ def evaluate(model: nn.Module, eval_loader, num_batches: int, cfg: TrainConfig, 
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _setup(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
-    """Move, freeze, checkpoint/compile and wrap the model; build optimizer and scheduler."""
+def ensure_fp32_master(model: nn.Module) -> None:
+    """Upcast a model whose parameters are not all float32 (e.g. loaded in bf16) in place, with a warning."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        log.warning("model weights are %s; training keeps fp32 master weights, so they are upcast to float32 "
+                    "(AdamW steps on bf16 weights round most updates away). Compute precision is train.dtype; "
+                    "load the model with model.dtype='float32' to skip this copy.",
+                    ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)))
+        model.float()
+
+
+def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
+    """Move, upcast to fp32, freeze, checkpoint/compile and wrap the model; build optimizer and scheduler.
+
+    Returns `(raw, wrapped, optimizer, scheduler)`: `raw` is the plain model (parameters updated in place),
+    `wrapped` the module to call (the DDP wrapper, or `raw` itself, sharded in place under FSDP2).
+    """
     raw = model.to(info.device)
+    ensure_fp32_master(raw)
     raw.train()
     if cfg.freeze:
         frozen = apply_freeze(raw, cfg.freeze)
@@ -117,7 +155,7 @@ def _setup(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
         parallel.apply_activation_checkpointing(raw)
     if cfg.compile:
         parallel.apply_compile(raw)
-    wrapped = parallel.wrap_model(raw, cfg.parallel, info)
+    wrapped = parallel.wrap_model(raw, cfg.parallel, info, cfg.dtype)
     optimizer = build_optimizer(raw, cfg)
     return raw, wrapped, optimizer, build_scheduler(optimizer, cfg)
 
@@ -134,6 +172,19 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
     return Path(cfg.resume)
 
 
+def _resume(path: Path, wrapped, optimizer, scheduler, loader, hooks, cfg: TrainConfig,
+            info: parallel.DistInfo) -> int:
+    """Restore a checkpoint, set newer ones of the abandoned run aside; returns the resumed step."""
+    state = ckpt.load_checkpoint(path, wrapped, optimizer, scheduler, loader, info, cfg)
+    hooks_load_state_dict(hooks, state["hooks"])
+    log.info("resumed from %s at step %d", path, state["step"])
+    ckpt.set_aside_newer(cfg.out_dir, state["step"], info)
+    if state["step"] >= cfg.steps:
+        log.warning("the checkpoint is at step %d and train.steps=%d: nothing left to train; raise "
+                    "train.steps to continue.", state["step"], cfg.steps)
+    return state["step"]
+
+
 def _set_seed(seed: int) -> None:
     import random
 
@@ -145,21 +196,31 @@ def _set_seed(seed: int) -> None:
 
 
 class _Meter:
-    """Throughput and MFU between two logged steps."""
+    """Throughput and MFU of the training steps between two logged steps (eval and checkpoint time,
+    spent inside `paused()`, is left out)."""
 
     def __init__(self, cfg: TrainConfig, raw: nn.Module, info: parallel.DistInfo) -> None:
         self.info = info
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
         self.flops_per_step = flops_per_token(raw, cfg.seq_len) * self.tokens_per_step
         self.peak = peak_flops(info.device, cfg.peak_tflops) * info.world_size
-        self.t_last, self.steps = time.perf_counter(), 0
+        self.t_last, self.steps, self.excluded = time.perf_counter(), 0, 0.0
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def record(self, step: int, stats: dict, lr: float, grad_norm: torch.Tensor) -> dict:
         """All-reduced stats plus lr, grad norm, tokens/s and MFU since the previous record."""
         if self.info.device.type == "cuda":
             torch.cuda.synchronize(self.info.device)
         now = time.perf_counter()
-        dt, self.t_last = max(now - self.t_last, 1e-9), now
+        dt = max(now - self.t_last - self.excluded, 1e-9)
+        self.t_last, self.excluded = now, 0.0
         reduced = parallel.reduce_stats({k: float(v) for k, v in stats.items()}, self.info)
         record = {"step": step, **reduced, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens": step * self.tokens_per_step,
@@ -169,11 +230,11 @@ class _Meter:
         return record
 
 
-def _optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: TrainConfig, device):
+def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: TrainConfig, info: parallel.DistInfo):
     """One optimizer step over `grad_accum` micro-batches; returns (stats, base lr used, grad norm)."""
     optimizer.zero_grad(set_to_none=True)
     batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
-    stats = forward_backward(wrapped, raw, batches, hooks, cfg, device)
+    stats = forward_backward(wrapped, raw, batches, hooks, cfg, info)
     grad_norm = parallel.clip_grad_norm(wrapped, cfg.clip)
     lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
     optimizer.step()
@@ -191,22 +252,19 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     info = parallel.init_distributed(cfg.parallel, cfg.device)
     hooks = check_hooks(hooks)
     _set_seed(cfg.seed + info.rank)
-    raw, wrapped, optimizer, scheduler = _setup(model, cfg, info)
+    raw, wrapped, optimizer, scheduler = setup_model(model, cfg, info)
     out_dir, run_config = Path(cfg.out_dir), run_config or RunConfig(train=cfg)
     result = TrainResult(steps=0, out_dir=out_dir)
     resume = _resume_path(cfg)
     if resume is not None:
-        state = ckpt.load_checkpoint(resume, wrapped, optimizer, scheduler, loader, info)
-        hooks_load_state_dict(hooks, state["hooks"])
-        result.steps, result.last_checkpoint = state["step"], resume
-        log.info("resumed from %s at step %d", resume, result.steps)
+        result.steps = _resume(resume, wrapped, optimizer, scheduler, loader, hooks, cfg, info)
+        result.last_checkpoint = resume
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         save_run_config(run_config, out_dir / "config.yaml")
     meter, bar = _Meter(cfg, raw, info), _progress(cfg, info, result.steps)
     for step in range(result.steps + 1, cfg.steps + 1):
-        stats, lr, grad_norm = _optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg,
-                                               info.device)
+        stats, lr, grad_norm = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg, info)
         stats.update(hooks_after_step(hooks, raw, step, stats, info))
         meter.steps += 1
         if _due(step, cfg.log_every, cfg.steps):
@@ -221,14 +279,15 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                                 mfu=f"{record['mfu']:.1%}")
         if bar is not None:
             bar.update(1)
-        if eval_loader is not None and _due(step, cfg.eval_every, cfg.steps):
-            eval_loss = evaluate(wrapped, eval_loader, cfg.eval_batches, cfg, info)
-            logger.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
-            result.evals.append((step, eval_loss))
-        if _due(step, cfg.save_every, cfg.steps):
-            result.last_checkpoint = ckpt.save_checkpoint(
-                out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
-                lambda path: save_run_config(run_config, path), cfg.keep_last)
+        with meter.paused():
+            if eval_loader is not None and _due(step, cfg.eval_every, cfg.steps):
+                eval_loss = evaluate(wrapped, eval_loader, cfg.eval_batches, cfg, info)
+                logger.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
+                result.evals.append((step, eval_loss))
+            if _due(step, cfg.save_every, cfg.steps):
+                result.last_checkpoint = ckpt.save_checkpoint(
+                    out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
+                    lambda path: save_run_config(run_config, path), cfg.keep_last, train_config=cfg)
         result.steps = step
     if bar is not None:
         bar.close()
