@@ -21,7 +21,9 @@ def test_main_writes_json_and_markdown_with_sane_numbers(tmp_path, capsys):
     for name in ("ours", "plain"):
         assert result["tokens_per_s"][name] > 0 and result["mfu"][name] > 0
         assert len(result["losses"][name]) == 2
-    assert result["ratio_ours_over_plain"] > 0
+    seconds = result["step_seconds"]  # the ratio is the one of the measured step times
+    assert result["ratio_ours_over_plain"] == pytest.approx(seconds["plain"] / seconds["ours"], rel=1e-9)
+    assert result["tokens_per_s"]["ours"] == pytest.approx(2 * 16 / seconds["ours"], rel=1e-9)
     assert result["flops_per_token"] > result["flops_per_token_causal"] > 0  # non-causal attention counts more
     assert result["peak_memory_bytes"] is None and result["process_peak_rss_bytes"] > 0  # CPU
     md = (tmp_path / "train-cpu-float32.md").read_text()

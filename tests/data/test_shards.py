@@ -152,3 +152,71 @@ def test_in_memory_shardset_matches_disk(tmp_path):
     np.testing.assert_array_equal(mem.tokens(3, n), disk.tokens(3, n))
     np.testing.assert_array_equal(mem.loss_mask(0, n), disk.loss_mask(0, n))
     np.testing.assert_array_equal(mem.doc_starts(5, n), disk.doc_starts(5, n))
+
+
+QWEN_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+TRICKY = ("It's 12345 o'clock.\n\nThe  café,   naïve\tand  odd!!  Words: a b c...\n  indented line\n"
+          "x=1; y = [2, 3] # done?\r\nLast   words  ") * 40
+
+
+def _bpe(kind: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    from dyndepth.tokenizer import HFTokenizer, train_bpe
+
+    tok = train_bpe(iter([TRICKY[:2000]] * 5), vocab_size=400)
+    if kind == "qwen":  # Qwen2/3 and Llama 3: a Split regex, then ByteLevel without its own regex
+        tok.backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok = HFTokenizer(tok.backend, eos_token="<|endoftext|>")
+    if kind == "metaspace":  # SentencePiece-style: a leading "▁" per encode call, so cutting is not exact
+        tok.backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok = HFTokenizer(tok.backend, eos_token="<|endoftext|>")
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen"])
+def test_long_texts_cut_into_pieces_encode_like_the_whole(kind, monkeypatch):
+    from dyndepth.data import shards as shards_mod
+
+    tok = _bpe(kind)
+    assert tok.splits_before_words
+    monkeypatch.setattr(shards_mod, "PIECE_CHARS", 64)
+    pieces = shards_mod.cut_text(TRICKY, tok, size=64)
+    assert len(pieces) > 50 and "".join(pieces) == TRICKY
+    ids, mask = encode_document(Document(TRICKY, prompt=TRICKY[:300]), tok)
+    prompt = tok.encode(TRICKY[:300])  # one encode call each: the ids of the uncut texts
+    whole = prompt + tok.encode(TRICKY) + [tok.eos_token_id]
+    assert ids.tolist() == whole and mask.tolist() == [0] * len(prompt) + [1] * (len(whole) - len(prompt))
+
+
+def test_tokenizers_that_cannot_be_cut_are_encoded_whole():
+    from dyndepth.data.shards import cut_text
+
+    tok = _bpe("metaspace")
+    assert not tok.splits_before_words and cut_text(TRICKY, tok, size=64) == [TRICKY]
+    assert cut_text(TRICKY, ByteTokenizer(), size=64) == [TRICKY]  # no batch API, no flag: never cut
+
+
+def test_shards_are_built_with_the_batch_api(tmp_path):
+    tok = _bpe("gpt2")
+    calls = {"many": 0, "one": 0}
+    many, one = tok.encode_many, tok.encode
+
+    def encode_many(texts):
+        calls["many"] += 1
+        return many(texts)
+
+    def encode(text, add_bos=False):
+        calls["one"] += 1
+        return one(text, add_bos)
+
+    tok.encode_many, tok.encode = encode_many, encode
+    docs = [f"document {i}: " + TRICKY[: 10 * i] for i in range(50)] + [("a prompt", "an answer")]
+    built = build_shards(docs, tok, tmp_path)
+    assert calls == {"many": 1, "one": 0}  # one batch-API call for all 51 documents
+    ref = [i for d in docs[:-1] for i in one(d) + [tok.eos_token_id]]
+    ref += one("a prompt") + one("an answer") + [tok.eos_token_id]
+    np.testing.assert_array_equal(built.tokens(0, built.num_tokens), ref)

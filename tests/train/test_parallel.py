@@ -1,6 +1,10 @@
-"""DDP and FSDP2 on gloo with 2 CPU processes give the single-process loss curve at the same global batch.
+"""DDP and FSDP2 on gloo with 2 CPU processes match one process at the same global batch.
 
-Tolerance: 1e-5 relative in fp32 (the all-reduce sums gradients in a different order than one process).
+Loss curves (TinyLoader), and, on the real packed loader over prompt-masked SFT rows with grad_accum=2,
+the gradient itself and its norm with clipping off (a constant scale error across ranks, which Adam
+and clipping would hide in a loss curve, fails here), with activation checkpointing too. An FSDP
+checkpoint resumes in one process; a DDP `run_training` on user data builds one shard cache and
+exports its checkpoint. Tolerance: 1e-5 relative in fp32 (the all-reduce sums in another order).
 """
 
 import json
@@ -13,14 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_loader import TinyLoader
+from tiny_loader import TinyLoader, sft_loader, sft_pairs
 from train_script import tiny_train_config
 
 from dyndepth import CausalLM, preset
 from dyndepth.train import train
+from dyndepth.train.checkpoint import load_model_weights
 from dyndepth.train.parallel import DistInfo, init_distributed, reduce_stats
+from dyndepth.train.trainer import optimizer_step, setup_model
 
 SCRIPT = Path(__file__).with_name("train_script.py")
+CHECKS = Path(__file__).with_name("dist_checks.py")
 STEPS, PER_RANK_BATCH, WORLD = 4, 2, 2
 
 
@@ -31,14 +38,18 @@ def _free_port() -> int:
 
 
 def _launch(out_dir: Path, parallel: str, *extra: str) -> list[subprocess.Popen]:
+    return _launch_script([str(SCRIPT), str(out_dir), "--steps", str(STEPS), "--save-every", "2",
+                           "--parallel", parallel, "--batch-size", str(PER_RANK_BATCH), *extra])
+
+
+def _launch_script(args: list[str]) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for rank in range(WORLD):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, str(SCRIPT), str(out_dir), "--steps", str(STEPS), "--save-every", "2",
-               "--parallel", parallel, "--batch-size", str(PER_RANK_BATCH), *extra]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
     return procs
 
 
@@ -88,8 +99,6 @@ def test_fsdp_checkpoint_is_full_and_resumes(runs):
     assert sorted(p.name for p in (out / "step_0000004").iterdir()) == [
         "config.yaml", "model.safetensors", "rank_0.pt", "rank_1.pt", "train_state.pt"]
     # the gathered weights load into a plain single-process model
-    from dyndepth.train.checkpoint import load_model_weights
-
     load_model_weights(out / "step_0000004", CausalLM(preset("tiny-qwen3")))
     # drop the last checkpoint and resume FSDP from step 2: steps 3-4 repeat the same losses
     before = _losses(out)
@@ -106,3 +115,87 @@ def test_single_process_helpers_are_identities():
     assert reduce_stats({"loss": 2.0}, info) == {"loss": 2.0}
     t = torch.tensor([3.0])
     assert info.all_reduce_mean(t) is t and t.item() == 3.0
+
+
+# ------------------------------------------------------------------- gradients, resume, data, export
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    """Runs dist_checks.py on 2 ranks while this process computes the single-process gradient."""
+    root = tmp_path_factory.mktemp("checks")
+    data = root / "sft.jsonl"
+    records = [{"prompt": p, "response": r} if i % 2 else
+               {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+               for i, (p, r) in enumerate(sft_pairs(300, seed=1))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    procs = _launch_script([str(CHECKS), str(root), str(data)])
+    cfg = tiny_train_config(str(root / "single"), clip=0.0, grad_accum=2, batch_size=2 * WORLD)
+    torch.manual_seed(0)
+    raw, wrapped, optimizer, scheduler = setup_model(CausalLM(preset("tiny-qwen3")), cfg, DistInfo())
+    stats, _, norm = optimizer_step(wrapped, raw, optimizer, scheduler, sft_loader(2 * WORLD), [], cfg, DistInfo())
+    reference = {"grads": {n: p.grad.clone() for n, p in raw.named_parameters()}, "grad_norm": float(norm),
+                 "loss": float(stats["loss"])}
+    _wait(procs)
+    return root, reference
+
+
+def _rel_l2(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    diff = sum((got[n].float() - want[n]).pow(2).sum() for n in want)
+    return (diff / sum(w.pow(2).sum() for w in want.values())).sqrt().item()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_ac"])
+def test_one_step_gradient_and_norm_match_one_process(checks, mode):
+    root, ref = checks
+    got = torch.load(root / f"grads_{mode}.pt")
+    assert _rel_l2(got["grads"], ref["grads"]) < 1e-5, mode  # a x2 or x0.5 scale gives 1 or 0.5
+    for name, grad in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_fsdp_bf16_gathers_bf16_and_reduces_fp32(checks):
+    root, ref = checks
+    got = torch.load(root / "grads_fsdp_bf16.pt")
+    assert (got["param_dtype"], got["reduce_dtype"]) == ("torch.bfloat16", "torch.float32")
+    assert {g.dtype for g in got["grads"].values()} == {torch.float32}  # fp32 master weights and grads
+    assert _rel_l2(got["grads"], ref["grads"]) < 5e-2  # bf16 compute: close, not equal
+    fp32 = torch.load(root / "grads_fsdp.pt")
+    assert fp32["param_dtype"] == "None"
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(checks, tmp_path):
+    root, _ = checks
+    run = tmp_path / "run"
+    shutil.copytree(root / "fsdp_run", run)
+    two_ranks = _losses(run)
+    cfg = tiny_train_config(str(run), steps=4, save_every=2, grad_accum=2, batch_size=2 * WORLD,
+                            resume=str(run / "step_0000002"))
+    train(CausalLM(preset("tiny-qwen3")), sft_loader(2 * WORLD), cfg)
+    resumed = _losses(run)
+    assert two_ranks[4] != two_ranks[3]
+    for step in (3, 4):  # the same global batches, the same weights and AdamW state
+        assert resumed[step] == pytest.approx(two_ranks[step], rel=1e-5), step
+
+
+def test_ddp_run_training_on_user_data_builds_one_cache_and_exports(checks):
+    root, _ = checks
+    run = root / "run"
+    checkpoint = run / "step_0000002"
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("module.")]
+    from dyndepth.interop.hf import from_pretrained
+
+    exported = from_pretrained(run / "model")  # written by run_training after DDP training
+    plain = CausalLM(preset("tiny-qwen3", vocab_size=264))
+    load_model_weights(checkpoint, plain)
+    for (name, a), b in zip(plain.state_dict().items(), exported.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    caches = list((root / "cache").iterdir())
+    assert len(caches) == 1 and sorted(p.name for p in caches[0].iterdir()) == ["train", "val"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2]

@@ -77,3 +77,20 @@ def test_shipped_recipes_load():
     for path in recipes:
         rc = load_run_config(path)
         assert rc.train.steps > 0 and rc.data, path.name
+
+
+def test_recipe_header_commands_use_valid_keys():
+    """Every `--set key=value` in a recipe's header comments loads, and its data keys are known."""
+    import re
+    from pathlib import Path
+
+    from dyndepth.data.build import resolve_data_config
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.toml"))
+    seen = 0
+    for path in recipes:
+        overrides = re.findall(r"--set ((?:model|method|train|data|eval)\.[^\s=]+=[^\s\]]+)", path.read_text())
+        seen += len(overrides)
+        rc = load_run_config(path, overrides)
+        resolve_data_config(rc.data)  # raises on an unknown data key such as data.path
+    assert seen >= 3

@@ -57,9 +57,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def cut_text(text: str, tokenizer: Tokenizer, size: int = PIECE_CHARS) -> list[str]:
-    """`text` as pieces of about `size` characters, cut before " word", when the tokenizer encodes such
-    pieces to the ids of the whole (`splits_before_words`); otherwise `[text]`."""
+def cut_text(text: str, tokenizer: Tokenizer, size: int | None = None) -> list[str]:
+    """`text` as pieces of about `size` (default `PIECE_CHARS`) characters, cut before " word", when the
+    tokenizer encodes such pieces to the ids of the whole (`splits_before_words`); otherwise `[text]`."""
+    size = size or PIECE_CHARS
     if len(text) <= 2 * size or not getattr(tokenizer, "splits_before_words", False):
         return [text]
     pieces, start = [], 0

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from dyndepth.data import build
+from dyndepth.data.build import build_loader, resolve_data_config, user_shards
+from dyndepth.data.sources import DataError, Document
+from dyndepth.tokenizer import ByteTokenizer, train_bpe
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _cfg(tmp_path, source, **kw):
+    return resolve_data_config({"source": str(source), "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+def test_cache_key_follows_the_content_and_the_tokenizer(tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("the first version of the corpus\n")
+    first = user_shards(_cfg(tmp_path, src), ByteTokenizer(), "train")
+    src.write_text("an edited corpus, same path\n")  # same path, class and vocab size: a new cache entry
+    edited = user_shards(_cfg(tmp_path, src), ByteTokenizer(), "train")
+    assert edited.num_tokens == len("an edited corpus, same path\n") + 1 != first.num_tokens
+    texts = ["hello world, hello there"] * 20
+    bpe_a = train_bpe(iter(texts), vocab_size=270)
+    bpe_b = train_bpe(iter(["other words entirely"] * 20), vocab_size=270)
+    assert type(bpe_a) is type(bpe_b) and bpe_a.vocab_size == bpe_b.vocab_size
+    a, b = (build._shard_dir(_cfg(tmp_path, src), t, str(src), True) for t in (bpe_a, bpe_b))
+    assert a != b
+    assert build._shard_dir(_cfg(tmp_path, src, chat_template="plain"), bpe_a, str(src), True) == a
+    assert build._shard_dir(_cfg(tmp_path, src, text_field="body"), bpe_a, str(src), True) != a
+
+
+def test_rank_1_waits_for_rank_0_and_builds_nothing(tmp_path):
+    src = _write_jsonl(tmp_path / "d.jsonl", [{"text": f"document {i}"} for i in range(5)])
+    cfg, calls = _cfg(tmp_path, src), []
+
+    def barrier():  # rank 0 finishes its build while rank 1 waits here
+        calls.append(list((tmp_path / "cache").rglob("*.bin")) if (tmp_path / "cache").exists() else [])
+        user_shards(cfg, ByteTokenizer(), "train", rank=0)
+
+    shards = user_shards(cfg, ByteTokenizer(), "train", rank=1, barrier=barrier)
+    assert calls == [[]]  # nothing was written by rank 1 before the barrier
+    assert shards.num_documents == 4  # document 0 is held out for validation
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
+
+
+def test_documents_stream_into_the_shards(tmp_path, monkeypatch):
+    """The builder tokenizes while documents are still being read (never a whole-corpus list)."""
+    pulled, encoded = [0], [0]
+
+    class CountingBytes(ByteTokenizer):
+        def encode(self, text, add_bos=False):
+            encoded[0] += 1
+            return super().encode(text, add_bos)
+
+    lag = []
+
+    def documents(source, **kw):
+        for i in range(3000):
+            lag.append(pulled[0] - encoded[0])
+            pulled[0] += 1
+            yield Document(f"doc {i}")
+
+    monkeypatch.setattr(build, "iter_documents", documents)
+    monkeypatch.setattr(build, "source_fingerprint", lambda source: "fixed")
+    shards = user_shards(_cfg(tmp_path, "anything"), CountingBytes(), "train")
+    assert shards.num_documents == 3000 - 30  # every 100th document is validation
+    assert max(lag) <= 1024 + 20  # one tokenizer batch (1024 documents) plus the held-out ones in it
+
+
+def test_text_field_and_chat_template_keys(tmp_path):
+    src = _write_jsonl(tmp_path / "d.jsonl", [{"body": "some text here"}] * 3)
+    with pytest.raises(DataError, match="text_field"):
+        user_shards(_cfg(tmp_path, src), ByteTokenizer(), "train")
+    shards = user_shards(_cfg(tmp_path, src, text_field="body"), ByteTokenizer(), "train")
+    assert shards.num_tokens == 2 * (len("some text here") + 1)
+    with pytest.raises(DataError, match="chat_template='tokenizer' but the tokenizer has no chat template"):
+        user_shards(_cfg(tmp_path, src, text_field="body", chat_template="tokenizer"), ByteTokenizer(), "train")
+    with pytest.raises(DataError, match="not one of"):
+        user_shards(_cfg(tmp_path, src, chat_template="qwen"), ByteTokenizer(), "train")
+
+
+def test_single_document_source_serves_both_splits(tmp_path):
+    src = tmp_path / "one.txt"
+    src.write_text("only one document in this corpus")
+    cfg = _cfg(tmp_path, src)
+    loader_kw = dict(batch_size=1, seq_len=8, seed=0)
+    train, val = (build_loader(cfg, split=s, **loader_kw) for s in ("train", "val"))
+    assert train.shards.num_tokens == val.shards.num_tokens == len("only one document in this corpus") + 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="has no documents"):
+        user_shards(_cfg(tmp_path, empty), ByteTokenizer(), "train")

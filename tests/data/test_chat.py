@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from dyndepth.data.build import build_loader
+from dyndepth.data.chat import TemplateChat, chat_renderer
+from dyndepth.data.sources import DataError, Document, iter_documents, render_chat
+from dyndepth.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+
+# The shape of Qwen3's template: <|im_start|>role\ncontent<|im_end|>\n per message, a generation prompt
+# "<|im_start|>assistant\n", and an empty think block before the final answer.
+QWEN_LIKE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+
+
+def _qwen_like_tokenizer(folder):
+    tok = train_bpe(iter(["be brief 2+2? 4 system user assistant think"] * 10), vocab_size=300,
+                    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    tok.chat_template = QWEN_LIKE
+    tok.save(folder)
+    return load_tokenizer(folder)  # the template comes back from tokenizer_config.json
+
+
+def test_tokenizer_template_renders_prompt_and_trained_answer(tmp_path):
+    tok = _qwen_like_tokenizer(tmp_path / "tok")
+    assert tok.chat_template == QWEN_LIKE
+    prompt, response = chat_renderer("auto", tok)(MESSAGES)
+    assert prompt == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert response == "<think>\n\n</think>\n\n4<|im_end|>\n"
+    assert chat_renderer("plain", tok) is render_chat
+    assert chat_renderer("auto", ByteTokenizer()) is render_chat  # no template: plain lines
+
+
+def test_jsonl_sft_through_the_loader_uses_the_template(tmp_path):
+    tok = _qwen_like_tokenizer(tmp_path / "tok")
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": MESSAGES}) + "\n" + json.dumps({"prompt": "2+2?", "response": "4"}) + "\n")
+    docs = list(iter_documents(data, chat_template=chat_renderer("auto", tok)))
+    assert docs[1] == Document(text="<think>\n\n</think>\n\n4<|im_end|>\n",
+                               prompt="<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    cfg = {"source": str(data), "tokenizer": str(tmp_path / "tok"), "cache_dir": str(tmp_path / "cache"),
+           "val_source": str(data)}  # data.chat_template defaults to "auto": the tokenizer's template
+    shards = build_loader(cfg, split="val", batch_size=1, seq_len=8, seed=0).shards
+    end = int(shards.doc_starts()[1])
+    ids, mask = shards.tokens(0, end), shards.loss_mask(0, end)
+    assert tok.decode(ids[mask == 0], skip_special=False) == docs[0].prompt  # not "system: be brief\n..."
+    assert tok.decode(ids[mask == 1], skip_special=False) == docs[0].text + "<|endoftext|>"
+
+
+def test_template_errors_are_clear():
+    chat = TemplateChat("{{ raise_exception('no system role') }}")
+    with pytest.raises(DataError, match="refused the conversation: no system role"):
+        chat(MESSAGES)
+    with pytest.raises(DataError, match="assistant"):
+        TemplateChat(QWEN_LIKE)([{"role": "user", "content": "hi"}])
+    odd = TemplateChat("{% if add_generation_prompt %}GEN{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(DataError, match="chat_template='plain'"):
+        odd(MESSAGES)

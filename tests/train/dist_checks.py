@@ -1,0 +1,80 @@
+"""Two-rank checks run by test_parallel.py (one process group, several scenarios); results go to OUT_DIR.
+
+python dist_checks.py OUT_DIR DATA_FILE   (under torchrun-style env vars RANK, WORLD_SIZE, MASTER_*)
+
+1. grads_<mode>.pt: the gradient, grad norm (no clipping) and loss of one optimizer step with
+   grad_accum=2 on the real packed loader over prompt-masked SFT rows, per mode (ddp, fsdp, ddp with
+   activation checkpointing, fsdp under bf16 mixed precision); the test compares them with one process.
+2. fsdp_run/: a 4-step FSDP run on the same loader with checkpoints at steps 2 and 4; the test resumes
+   it in one process (another world size) and compares the losses of steps 3 and 4.
+3. run/: `run_training` under DDP on a user-data JSONL file: both ranks ask for the same shard cache
+   (rank 0 builds it), and the final checkpoint is exported to run/model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_loader import sft_loader
+from train_script import tiny_train_config
+
+from dyndepth import CausalLM, preset
+from dyndepth.runconfig import RunConfig
+from dyndepth.train import run_training, train
+from dyndepth.train.parallel import init_distributed, reduce_stats
+from dyndepth.train.trainer import optimizer_step, setup_model
+
+PER_RANK_BATCH, GRAD_ACCUM = 2, 2
+MODES = {"ddp": {"parallel": "ddp"}, "fsdp": {"parallel": "fsdp"},
+         "ddp_ac": {"parallel": "ddp", "activation_checkpointing": True},
+         "fsdp_bf16": {"parallel": "fsdp", "dtype": "bfloat16"}}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def one_step_gradients(out: Path, info) -> None:
+    for name, kw in MODES.items():
+        cfg = tiny_train_config(str(out / name), clip=0.0, grad_accum=GRAD_ACCUM, batch_size=PER_RANK_BATCH, **kw)
+        torch.manual_seed(0)
+        raw, wrapped, optimizer, scheduler = setup_model(CausalLM(preset("tiny-qwen3")), cfg, info)
+        loader = sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size)
+        stats, _, norm = optimizer_step(wrapped, raw, optimizer, scheduler, loader, [], cfg, info)
+        grads = {n: _full(p.grad) for n, p in raw.named_parameters()}  # collective under FSDP
+        loss = reduce_stats({"loss": float(stats["loss"])}, info)["loss"]
+        policy = raw._get_fsdp_state()._mp_policy if "fsdp" in name else None  # what fully_shard was given
+        if info.is_main:
+            torch.save({"grads": grads, "grad_norm": float(norm), "loss": loss,
+                        "param_dtype": str(getattr(policy, "param_dtype", None)),
+                        "reduce_dtype": str(getattr(policy, "reduce_dtype", None))}, out / f"grads_{name}.pt")
+
+
+def main() -> None:
+    out, data_file = Path(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    info = init_distributed("ddp", "cpu")
+    one_step_gradients(out, info)
+    cfg = tiny_train_config(str(out / "fsdp_run"), steps=4, save_every=2, parallel="fsdp", grad_accum=GRAD_ACCUM,
+                            batch_size=PER_RANK_BATCH)
+    torch.manual_seed(0)
+    train(CausalLM(preset("tiny-qwen3")), sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size),
+          cfg)
+    rc = RunConfig(model={"preset": "tiny-qwen3", "vocab_size": 264},
+                   train=tiny_train_config(str(out / "run"), steps=2, save_every=0, parallel="ddp", batch_size=2),
+                   data={"source": data_file, "cache_dir": str(out / "cache"), "intra_doc_mask": True},
+                   eval={"enabled": True})
+    run_training(rc)
+    if info.is_main:
+        (out / "done.json").write_text(json.dumps({"world_size": info.world_size}))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
