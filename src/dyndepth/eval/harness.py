@@ -36,7 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from dyndepth.eval.model_args import as_bool, load_model, load_tokenizer, resolve_device, split_knobs
+from dyndepth.eval.model_args import as_bool, load_for_eval
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,12 @@ class DyndepthLM(TemplateLM):
                  batch_size: int | str = 8, max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool = False, **knobs) -> None:
         super().__init__()
-        self._device = resolve_device(device)
-        self.model = load_model(pretrained, dtype, self._device)
-        self.tokenizer = load_tokenizer(pretrained, tokenizer, self.model)
+        loaded = load_for_eval(pretrained, tokenizer, dtype, device, **knobs)
+        self.model, self.tokenizer, self.knobs, self._device = loaded.model, loaded.tokenizer, loaded.knobs, loaded.device
         self.batch_size_per_gpu = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = as_bool(add_bos_token)
-        self.knobs = split_knobs(self.model.method, knobs)
         self._stat_sums: dict[str, float] = {}
         self._forwards = 0
 
@@ -105,7 +103,9 @@ class DyndepthLM(TemplateLM):
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=True)
+        """Text of generated ids; ids past the tokenizer's vocabulary (padding rows of a larger embedding
+        table, which an untrained model may still emit) have no text and are dropped."""
+        return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size], skip_special=True)
 
     # ------------------------------------------------------------------------------ forwards
     @torch.no_grad()

@@ -41,6 +41,22 @@ class Knobs:
         return model.method.override(**self.decode_fields) if self.decode_fields else contextlib.nullcontext()
 
 
+@dataclasses.dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    knobs: Knobs
+    device: torch.device
+
+
+def load_for_eval(pretrained, tokenizer=None, dtype: str | None = None, device: str | None = None,
+                  **knobs) -> Loaded:
+    """Model, tokenizer and method knobs from model arguments (what every evaluation path starts with)."""
+    resolved = resolve_device(device)
+    model = load_model(pretrained, dtype, resolved)
+    return Loaded(model, load_tokenizer(pretrained, tokenizer, model), split_knobs(model.method, knobs), resolved)
+
+
 def parse_model_args(text: str | None) -> dict:
     """'k=v,k=v' -> dict; values true/false, ints and floats are converted (as lm-eval does)."""
     args = {}

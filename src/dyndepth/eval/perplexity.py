@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 @dataclass
@@ -72,7 +73,7 @@ def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int, stride: int,
-                       batch_size: int = 8) -> tuple[float, int]:
+                       batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
     """Summed NLL (nats) of ids[1:], each token given the input of the window that scores it (`windows`),
     and how many tokens that is. Runs `model` with `num_logits`, so only the scored positions reach lm_head."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -82,6 +83,7 @@ def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int
     for span in spans:  # equal-length windows batch without padding
         by_len.setdefault(span[1] - span[0], []).append(span)
     total, count = 0.0, 0
+    bar = tqdm(total=len(spans), disable=not progress, desc="perplexity windows")
     for group in by_len.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
@@ -92,11 +94,13 @@ def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int
                 targets = ids[end + 1 - scored:end + 1].to(device)  # (scored,)
                 total += float(F.cross_entropy(logits[row, -scored:], targets, reduction="sum"))
                 count += scored
+            bar.update(len(chunk))
+    bar.close()
     return total, count
 
 
 def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
-                    batch_size: int = 8) -> Perplexity:
+                    batch_size: int = 8, progress: bool = False) -> Perplexity:
     """Perplexity of `text` (see the module docstring). max_length defaults to the model's context, at
     most 2048; stride to max_length // 2."""
     max_length = max_length or min(model.config.max_position_embeddings, 2048)
@@ -108,10 +112,8 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("the text is empty; nothing to score.")
-    if prefix is None:  # no special token to condition on: the first token goes unscored
-        nll, n = sliding_window_nll(model, ids, max_length, stride, batch_size)
-    else:
-        nll, n = sliding_window_nll(model, [prefix, *ids], max_length, stride, batch_size)
+    stream = ids if prefix is None else [prefix, *ids]  # no special token: the first token goes unscored
+    nll, n = sliding_window_nll(model, stream, max_length, stride, batch_size, progress)
     return Perplexity(nll, n, len(text.encode("utf-8")), len(text.split()), max_length, stride)
 
 

@@ -1,0 +1,200 @@
+"""`dyndepth eval`: offline lm-eval tasks, lm-eval's own tasks and perplexity, reported in one table.
+
+    run_eval("ckpt/", tasks="hellaswag,piqa,wikitext2", data_dir="../shared/data", limit=100)
+    run_eval("ckpt/", perplexity="notes.txt", stride=256, max_length=512, model_args="skip_budget=0.3")
+
+With `data_dir`, task names are the offline tasks shipped in lm_eval_tasks/ (`OFFLINE_TASKS`, or
+"all"), which read their files from that folder, plus the pseudo-task "wikitext2": sliding-window
+perplexity of <data_dir>/wikitext2_tokens/test.txt. Any other name, and every name without
+`data_dir`, goes to lm-eval's own task registry (which may download its data sets). Results go to
+<out>/results.json (rows, perplexities and lm-eval's raw results) and <out>/results.md (the table).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
+PREFIX = "dyndepth_"  # offline task names in lm-eval's registry: dyndepth_hellaswag, ...
+WIKITEXT = "wikitext2"
+WIKITEXT_FILES = ("wikitext2_tokens/test.txt", "wikitext2/test.txt", "wiki.test.tokens")
+OFFLINE_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if not p.name.startswith("_"))
+BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics (LAMBADA perplexity); lm-eval's 100,000 takes minutes
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+    chance: float | None  # accuracy of guessing uniformly, for multiple-choice tasks
+    n: int  # examples scored (tokens, for perplexity)
+
+
+def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Path | None = None,
+             limit: int | None = None, batch_size: int = 8, model_args: str | dict | None = None,
+             perplexity: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
+             out: str | Path = "runs/eval") -> dict:
+    """Evaluate `model` (checkpoint folder, hub id, preset name or CausalLM) and write the results.
+
+    model_args: 'k=v,...' or a dict of the lm-eval adapter's arguments (tokenizer, dtype, device,
+    max_length, ...) and method knobs (skip_budget, ...; see eval/model_args.py).
+    Returns {"rows": [Row], "table": str, "path": results.json}.
+    """
+    from dyndepth.eval.model_args import ADAPTER_ARGS, load_for_eval, parse_model_args
+
+    args = parse_model_args(model_args) if not isinstance(model_args, dict) else dict(model_args)
+    if "pretrained" in args and args["pretrained"] != model:
+        raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
+    args["pretrained"] = model
+    args.setdefault("batch_size", batch_size)
+    harness_tasks, ppl_files, need_defaults = _resolve_tasks(tasks, data_dir)
+    if perplexity is not None:
+        ppl_files.append((Path(perplexity).name, Path(perplexity)))
+    if not harness_tasks and not ppl_files:
+        raise ValueError("nothing to evaluate: pass --tasks (e.g. hellaswag,piqa with --data-dir) and/or --perplexity FILE.")
+
+    rows: list[Row] = []
+    raw: dict = {}
+    if harness_tasks:
+        lm = _adapter(args)
+        model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
+        raw = _run_lm_eval(lm, harness_tasks, data_dir, limit, need_defaults)
+        rows += _rows_from_lm_eval(raw)
+    else:
+        scoring_only = set(ADAPTER_ARGS) - {"pretrained", "tokenizer", "dtype", "device"}  # lm-eval's batching etc.
+        loaded = load_for_eval(**{k: v for k, v in args.items() if k not in scoring_only})
+        model_obj, tok, knobs = loaded.model, loaded.tokenizer, loaded.knobs
+    perplexities = {}
+    for name, path in ppl_files:
+        result = _perplexity(model_obj, tok, knobs, path, stride, max_length, int(args["batch_size"]))
+        perplexities[name] = {"file": str(path), **result.to_dict()}
+        rows += [Row(name, metric, getattr(result, metric), None, None, result.tokens)
+                 for metric in ("perplexity", "bits_per_byte", "word_perplexity")]
+
+    table = format_table(rows)
+    path = _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table)
+    return {"rows": rows, "table": table, "path": path}
+
+
+def _resolve_tasks(tasks, data_dir) -> tuple[list[str], list[tuple[str, Path]], bool]:
+    """-> (lm-eval task names, perplexity (name, file) pairs, whether lm-eval's own tasks are needed)."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks or []) if t.strip()]
+    if data_dir is None:
+        offline = [n for n in names if n in (WIKITEXT, "all") or n.startswith(PREFIX)]
+        if offline:
+            raise ValueError(f"{offline[0]!r} reads local files: pass --data-dir DIR (the folder holding "
+                             "eval_gauntlet/, hellaswag/, piqa/, gsm8k/, wikitext2_tokens/).")
+        return names, [], True
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder.")
+    if "all" in names:
+        names = [n for n in names if n != "all"] + OFFLINE_TASKS + [WIKITEXT]
+    harness, ppl, need_defaults = [], [], False
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        if name == WIKITEXT:
+            found = [data_dir / f for f in WIKITEXT_FILES if (data_dir / f).is_file()]
+            if not found:
+                raise FileNotFoundError(f"wikitext2: none of {list(WIKITEXT_FILES)} exists under {data_dir}.")
+            ppl.append((WIKITEXT, found[0]))
+        elif name in OFFLINE_TASKS or name.removeprefix(PREFIX) in OFFLINE_TASKS:
+            harness.append(PREFIX + name.removeprefix(PREFIX))
+        else:
+            harness.append(name)
+            need_defaults = True
+    return harness, ppl, need_defaults
+
+
+def _adapter(args: dict):
+    try:
+        from dyndepth.eval.harness import DyndepthLM
+    except ImportError as e:
+        raise ImportError(f"lm-eval tasks need the lm-eval package ({e}); pip install 'dyndepth[eval]'.") from None
+    return DyndepthLM(**args)
+
+
+def _quiet_custom_dataset_hint(record: logging.LogRecord) -> bool:
+    """lm-eval logs, per task with a `custom_dataset`, how to pass --metadata; `dyndepth eval` already does."""
+    return "Custom kwargs can be passed" not in str(record.msg)
+
+
+def _run_lm_eval(lm, names: list[str], data_dir, limit, need_defaults: bool) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    task_log = logging.getLogger("lm_eval.api.task")
+    if _quiet_custom_dataset_hint not in task_log.filters:
+        task_log.addFilter(_quiet_custom_dataset_hint)
+
+    manager = TaskManager(include_path=str(TASKS_DIR) if data_dir is not None else None,
+                          include_defaults=need_defaults or data_dir is None,
+                          metadata={"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        hint = f"offline tasks (with --data-dir): {OFFLINE_TASKS + [WIKITEXT, 'all']}"
+        raise ValueError(f"unknown task {unknown[0].removeprefix(PREFIX)!r}; {hint}; or any task of `lm_eval ls tasks`.")
+    raw = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=True,
+                          bootstrap_iters=BOOTSTRAP_ITERS)
+    return raw or {}
+
+
+def _rows_from_lm_eval(raw: dict) -> list[Row]:
+    rows = []
+    for task, metrics in raw.get("results", {}).items():
+        samples = raw.get("samples", {}).get(task, [])
+        config = raw.get("configs", {}).get(task, {})
+        chance = None
+        if config.get("output_type") == "multiple_choice" and samples:
+            chance = sum(1 / len(s["arguments"]) for s in samples) / len(samples)
+        n = raw.get("n-samples", {}).get(task, {}).get("effective", len(samples))
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append(Row(task.removeprefix(PREFIX), metric if filt == "none" else f"{metric} ({filt})",
+                            float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
+                            chance if metric.startswith("acc") else None, int(n)))
+    return rows
+
+
+def _perplexity(model, tok, knobs, path: Path, stride, max_length, batch_size: int):
+    from dyndepth.eval.perplexity import file_perplexity
+
+    with knobs.scoring(model):
+        return file_perplexity(model, tok, path, max_length=max_length, stride=stride, batch_size=batch_size,
+                               progress=True)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A markdown table: task, metric, value, stderr, chance, n."""
+    def num(x: float | None) -> str:
+        if x is None:
+            return "-"
+        return f"{x:.4f}" if abs(x) < 1000 else f"{x:.4g}"
+
+    lines = ["| task | metric | value | stderr | chance | n |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.task} | {r.metric} | {num(r.value)} | {num(r.stderr)} | {num(r.chance)} | {r.n} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_eval_part = {k: v for k, v in raw.items() if k != "samples"}
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
+              "model": str(model), "model_args": {k: str(v) for k, v in args.items()}, "tasks": tasks,
+              "data_dir": str(data_dir) if data_dir is not None else None, "limit": limit,
+              "rows": [asdict(r) for r in rows], "perplexity": perplexities, "lm_eval": lm_eval_part}
+    path = out / "results.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    return path

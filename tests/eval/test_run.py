@@ -1,0 +1,120 @@
+"""Every offline task YAML on tiny fixture files in the real formats, through `dyndepth eval` (run_eval + CLI)."""
+
+import bz2
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from typer.testing import CliRunner
+
+from dyndepth.cli import app
+from dyndepth.eval.run import OFFLINE_TASKS, WIKITEXT, format_table, run_eval
+
+MC = {"query": "Question: Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "water", "sand"],
+      "gold": 1}
+PARTIAL = {"context_options": ["Sarah was a better surgeon than Maria so Sarah",
+                               "Sarah was a better surgeon than Maria so Maria"],
+           "continuation": "always got the easier cases.", "gold": 1}
+GAUNTLET = {  # file -> rows, in the eval gauntlet's formats
+    "arc_easy.jsonl": [MC] * 3, "arc_challenge.jsonl": [MC] * 2, "openbook_qa.jsonl": [MC] * 3,
+    "boolq.jsonl": [{"query": "Passage: Ducks lay eggs.\nQuestion: do ducks lay eggs?", "choices": ["no", "yes"],
+                     "gold": 1}] * 3,
+    "copa.jsonl": [{"query": "The man turned on the faucet, therefore", "gold": 1,
+                    "choices": ["the toilet filled with water.", "water flowed from the spout."]}] * 2,
+    "siqa.jsonl": [{"query": "Context: Tracy went home.\nQuestion: Why?\nChoices:\nA. tired\nB. hungry\nAnswer:",
+                    "choices": ["A", "B"], "gold": 0}] * 3,
+    "commonsense_qa.jsonl": [{"query": "Question: Where are books?\nChoices:\nA. bank\nB. library\nC. sea\nD. sky"
+                              "\nAnswer:", "choices": ["A", "B", "C", "D"], "gold": 1}] * 3,
+    "winogrande.jsonl": [PARTIAL] * 3, "winograd_wsc.jsonl": [PARTIAL] * 2,
+    "lambada_openai.jsonl": [{"context": "He looked at the stone and did not care about", "continuation": "signs"}] * 3,
+}
+COUNTS = {"arc_easy": 3, "arc_challenge": 2, "openbookqa": 3, "boolq": 3, "copa": 2, "siqa": 3, "commonsense_qa": 3,
+          "winogrande": 3, "wsc273": 2, "lambada": 3, "hellaswag": 2, "piqa": 3, "gsm8k": 2}
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "openbookqa": 0.25, "commonsense_qa": 0.25, "hellaswag": 0.25,
+          "boolq": 0.5, "copa": 0.5, "siqa": 0.5, "winogrande": 0.5, "wsc273": 0.5, "piqa": 0.5}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data folder laid out like ../shared/data, a few examples per task."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "eval_gauntlet").mkdir()
+    for name, rows in GAUNTLET.items():
+        (root / "eval_gauntlet" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "hellaswag").mkdir()
+    item = "Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap.\nis ripping tiles.\nholds a cube.\n" \
+           "starts pulling up roofing.\n"
+    (root / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(bz2.compress((item * 2).encode()))
+    (root / "piqa").mkdir()
+    piqa = {"goal": "How do I open a jar?", "sol1": "Twist the lid.", "sol2": "Eat the lid."}
+    (root / "piqa" / "valid.jsonl").write_text((json.dumps(piqa) + "\n") * 3)
+    (root / "piqa" / "valid-labels.lst").write_text("0\n1\n0\n")
+    (root / "gsm8k").mkdir()
+    problem = {"question": "Janet has 3 eggs and buys 4. How many eggs?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
+    for split in ("test", "train"):
+        (root / "gsm8k" / f"{split}.jsonl").write_text((json.dumps(problem) + "\n") * (2 if split == "test" else 6))
+    (root / "wikitext2_tokens").mkdir()
+    (root / "wikitext2_tokens" / "test.txt").write_text(" = Homarus gammarus = \n \n It is a lobster . \n" * 4)
+    return root
+
+
+def test_every_offline_task_runs_on_its_file_format(tiny_checkpoint, data_dir, tmp_path):
+    folder, _ = tiny_checkpoint
+    assert set(OFFLINE_TASKS) == set(COUNTS)
+    result = run_eval(str(folder), tasks="all", data_dir=data_dir, batch_size=4,
+                      model_args="max_length=128,max_gen_toks=8", out=tmp_path)
+    rows = result["rows"]
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r.task, {})[r.metric] = r
+    assert set(by_task) == set(COUNTS) | {WIKITEXT}
+    for task, n in COUNTS.items():
+        for metric, r in by_task[task].items():
+            assert r.n == n, (task, metric)
+            if metric.startswith(("acc", "exact_match")):
+                assert 0.0 <= r.value <= 1.0, (task, metric)
+        assert (by_task[task].get("acc") or by_task[task].get("exact_match (strict-match)")) is not None, task
+    for task, chance in CHANCE.items():
+        assert by_task[task]["acc"].chance == pytest.approx(chance)
+    assert by_task["lambada"]["perplexity"].value > 1 and by_task["lambada"]["acc"].chance is None
+    assert {"exact_match (strict-match)", "exact_match (flexible-extract)"} <= set(by_task["gsm8k"])
+    wiki = by_task[WIKITEXT]
+    assert wiki["perplexity"].value > 1 and wiki["bits_per_byte"].value > 0
+    saved = json.loads(result["path"].read_text())
+    assert len(saved["rows"]) == len(rows) and saved["perplexity"][WIKITEXT]["tokens"] == wiki["perplexity"].n
+    assert (tmp_path / "results.md").read_text().strip() == format_table(rows)
+
+
+def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
+    folder, _ = tiny_checkpoint
+    runner = CliRunner()
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 5)
+    ok = runner.invoke(app, ["eval", str(folder), "--perplexity", str(text), "--stride", "8", "--max-length", "16",
+                             "--out", str(tmp_path / "ppl")])
+    assert ok.exit_code == 0, ok.output
+    assert "| notes.txt | bits_per_byte |" in ok.output and (tmp_path / "ppl" / "results.json").is_file()
+    cases = [
+        (["--tasks", "hellaswag"], "--data-dir"),  # our offline names need the folder...
+        (["--tasks", "wikitext2"], "--data-dir"),
+        (["--tasks", "nosuchtask", "--data-dir", str(data_dir)], "unknown task"),
+        (["--tasks", "piqa", "--data-dir", str(tmp_path / "missing")], "not a folder"),
+        (["--tasks", "piqa", "--data-dir", str(tmp_path)], "piqa"),  # a folder without the files
+        (["--perplexity", str(text), "--model-args", "skip_budget=0.3"], "no adaptive-depth method"),
+        (["--perplexity", str(text), "--model-args", "skip_budget"], "key=value"),
+        ([], "nothing to evaluate"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["eval", str(folder), *extra, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output, (extra, result.output)
+
+
+def test_eval_options_snapshot():
+    import typer.main
+
+    cmd = typer.main.get_command(app).commands["eval"]
+    assert sorted(p.name for p in cmd.params) == ["batch_size", "data_dir", "limit", "max_length", "model",
+                                                  "model_args", "out", "perplexity", "stride", "tasks"]
