@@ -126,6 +126,33 @@ def demo(
     _run(run_demo, out, steps=steps, gate_steps=gate_steps)
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Checkpoint folder, hub id, or a preset name (random weights)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks. With --data-dir: hellaswag, piqa, arc_easy, "
+                                                   "arc_challenge, winogrande, wsc273, boolq, lambada, copa, openbookqa, "
+                                                   "siqa, commonsense_qa, gsm8k, wikitext2 or all; else lm-eval's own."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder of the offline data (eval_gauntlet/, "
+                                                                     "hellaswag/, piqa/, gsm8k/, wikitext2_tokens/)."),
+    limit: Optional[int] = typer.Option(None, help="Score at most N examples per task."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    model_args: str = typer.Option("", "--model-args", help="k=v,...: tokenizer, dtype, device, max_length, "
+                                                            "max_gen_toks and method knobs, e.g. skip_budget=0.3."),
+    perplexity: Optional[Path] = typer.Option(None, help="A text file: sliding-window perplexity and bits per byte."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity window stride (default: max-length / 2)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Perplexity window (default: the model's "
+                                                                        "context, at most 2048)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for results.json and results.md."),
+) -> None:
+    """Benchmarks through lm-eval (offline task files with --data-dir) and perplexity, in one table."""
+    from dyndepth.eval.run import run_eval
+
+    result = _run(run_eval, model, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                  model_args=model_args, perplexity=perplexity, stride=stride, max_length=max_length, out=out)
+    typer.echo(result["table"])
+    typer.echo(f"wrote {result['path']}")
+
+
 @bench_app.command("core")
 def bench_core(
     model: str = typer.Option("bench-small", help="Preset name (random weights) or checkpoint folder / hub id."),
