@@ -88,7 +88,7 @@ def test_single_document_source_serves_both_splits(tmp_path):
     src = tmp_path / "one.txt"
     src.write_text("only one document in this corpus")
     cfg = _cfg(tmp_path, src)
-    loader_kw = dict(batch_size=1, seq_len=8, seed=0)
+    loader_kw = {"batch_size": 1, "seq_len": 8, "seed": 0}
     train, val = (build_loader(cfg, split=s, **loader_kw) for s in ("train", "val"))
     assert train.shards.num_tokens == val.shards.num_tokens == len("only one document in this corpus") + 1
     empty = tmp_path / "empty.jsonl"

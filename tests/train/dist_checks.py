@@ -6,7 +6,9 @@ python dist_checks.py OUT_DIR DATA_FILE   (under torchrun-style env vars RANK, W
    grad_accum=2 on the real packed loader over prompt-masked SFT rows, per mode (ddp, fsdp, ddp with
    activation checkpointing, fsdp under bf16 mixed precision); the test compares them with one process.
 2. fsdp_run/: a 4-step FSDP run on the same loader with checkpoints at steps 2 and 4; the test resumes
-   it in one process (another world size) and compares the losses of steps 3 and 4.
+   it in one process (another world size) and compares the losses of steps 3 and 4. The other way
+   round, single_resumed/ (a copy of a single-process run's step-2 checkpoint, made by the test) is
+   resumed here under FSDP to step 4.
 3. run/: `run_training` under DDP on a user-data JSONL file: both ranks ask for the same shard cache
    (rank 0 builds it), and the final checkpoint is exported to run/model.
 """
@@ -64,6 +66,11 @@ def main() -> None:
     cfg = tiny_train_config(str(out / "fsdp_run"), steps=4, save_every=2, parallel="fsdp", grad_accum=GRAD_ACCUM,
                             batch_size=PER_RANK_BATCH)
     torch.manual_seed(0)
+    train(CausalLM(preset("tiny-qwen3")), sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size),
+          cfg)
+    resumed = out / "single_resumed"
+    cfg = tiny_train_config(str(resumed), steps=4, save_every=2, parallel="fsdp", grad_accum=GRAD_ACCUM,
+                            batch_size=PER_RANK_BATCH, resume=str(resumed / "step_0000002"))
     train(CausalLM(preset("tiny-qwen3")), sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size),
           cfg)
     rc = RunConfig(model={"preset": "tiny-qwen3", "vocab_size": 264},

@@ -13,7 +13,7 @@ from tiny_loader import TinyLoader
 from train_script import tiny_train_config
 
 from dyndepth import CausalLM, preset
-from dyndepth.interop.safetensors_io import CheckpointError
+from dyndepth.safetensors_io import CheckpointError
 from dyndepth.train import train
 from dyndepth.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
 from dyndepth.train.parallel import DistInfo
@@ -103,7 +103,9 @@ def test_resume_applies_the_new_hyperparameters_and_logs_each_change(tmp_path, c
         assert group["lr"] == pytest.approx(1e-3 * group["lr_mult"]) and group["lr_mult"] in (1.0, 5.0)
         assert group["betas"] == (0.8, 0.9) and group["eps"] == new.eps
         assert group["weight_decay"] == (0.05 if group["params"][0].ndim >= 2 else 0.0)
-    torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+    first = saved["param_groups"][0]["params"][0]  # saved by parameter name
+    assert first == opt.param_groups[0]["names"][0]
+    torch.testing.assert_close(opt.state[opt.param_groups[0]["params"][0]]["exp_avg"], saved["state"][first]["exp_avg"])
     logged = caplog.text
     for field in ("train.lr ", "train.min_lr", "train.weight_decay", "train.betas", "train.steps",
                   "train.lr_groups", "train.schedule"):
@@ -134,7 +136,7 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
 
 def test_checkpoint_with_ddp_prefixed_keys_still_loads(tmp_path):
     """Checkpoints written by DDP runs before the fix hold `module.`-prefixed keys."""
-    from dyndepth.interop.safetensors_io import write_safetensors
+    from dyndepth.safetensors_io import write_safetensors
 
     model = CausalLM(preset("tiny-qwen3"))
     state = {f"module.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied

@@ -128,6 +128,10 @@ def checks(tmp_path_factory):
                {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
                for i, (p, r) in enumerate(sft_pairs(300, seed=1))]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    single_run = tiny_train_config(str(root / "single_run"), steps=4, save_every=2, grad_accum=2, batch_size=2 * WORLD)
+    torch.manual_seed(0)
+    train(CausalLM(preset("tiny-qwen3")), sft_loader(2 * WORLD), single_run)
+    shutil.copytree(root / "single_run", root / "single_resumed", ignore=shutil.ignore_patterns("step_0000004"))
     procs = _launch_script([str(CHECKS), str(root), str(data)])
     cfg = tiny_train_config(str(root / "single"), clip=0.0, grad_accum=2, batch_size=2 * WORLD)
     torch.manual_seed(0)
@@ -180,6 +184,14 @@ def test_fsdp_checkpoint_resumes_in_one_process(checks, tmp_path):
         assert resumed[step] == pytest.approx(two_ranks[step], rel=1e-5), step
 
 
+def test_single_process_checkpoint_resumes_under_fsdp(checks):
+    root, _ = checks
+    single, resumed = _losses(root / "single_run"), _losses(root / "single_resumed")
+    assert sorted(resumed) == [1, 2, 3, 4] and single[4] != single[3]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(single[step], rel=1e-5), step
+
+
 def test_ddp_run_training_on_user_data_builds_one_cache_and_exports(checks):
     root, _ = checks
     run = root / "run"
@@ -187,7 +199,7 @@ def test_ddp_run_training_on_user_data_builds_one_cache_and_exports(checks):
     from safetensors import safe_open
 
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
-        assert not [k for k in f.keys() if k.startswith("module.")]
+        assert not [k for k in f.keys() if k.startswith("module.")]  # noqa: SIM118 (safe_open has no __iter__)
     from dyndepth.interop.hf import from_pretrained
 
     exported = from_pretrained(run / "model")  # written by run_training after DDP training

@@ -44,9 +44,9 @@ from dyndepth.data.stdlib_corpus import stdlib_documents
 from dyndepth.data.synthetic import make_examples
 from dyndepth.tokenizer import load_tokenizer
 
-DEFAULTS = dict(source="embedded", tokenizer="byte", tasks=[], difficulty={}, synthetic_examples=20000,
-                examples_per_doc=32, stdlib_bytes=2_000_000, val_source="", cache_dir="runs/data",
-                intra_doc_mask=False, text_field="text", chat_template="auto")
+DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "difficulty": {}, "synthetic_examples": 20000,
+            "examples_per_doc": 32, "stdlib_bytes": 2_000_000, "val_source": "", "cache_dir": "runs/data",
+            "intra_doc_mask": False, "text_field": "text", "chat_template": "auto"}
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
 EMBEDDED = ("embedded", "synthetic", "stdlib")
 
@@ -54,7 +54,7 @@ EMBEDDED = ("embedded", "synthetic", "stdlib")
 def resolve_data_config(data_cfg: dict) -> dict:
     unknown = set(data_cfg) - set(DEFAULTS)
     if unknown:
-        raise DataError(f"unknown data.{sorted(unknown)[0]}; valid keys: {sorted(DEFAULTS)}.")
+        raise DataError(f"unknown data.{min(unknown)}; valid keys: {sorted(DEFAULTS)}.")
     return {**DEFAULTS, **data_cfg}
 
 

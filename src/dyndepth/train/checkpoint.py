@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dyndepth.interop.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from dyndepth.runconfig import TrainConfig, load_run_config
+from dyndepth.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from dyndepth.train.parallel import DistInfo, is_fsdp, unwrap
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,18 @@ def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    return model.state_dict(), optimizer.state_dict()
+    return model.state_dict(), _keyed_by_name(optimizer.state_dict())
+
+
+def _keyed_by_name(optim_state: dict) -> dict:
+    """torch's optimizer state dict, keyed by parameter name instead of position, as the FSDP2 (DCP) save
+    writes it, so that one checkpoint loads with and without FSDP2. Our groups record their names."""
+    groups = optim_state["param_groups"]
+    if not all("names" in g for g in groups) or all(isinstance(p, str) for g in groups for p in g["params"]):
+        return optim_state
+    name = {i: n for g in groups for i, n in zip(g["params"], g["names"])}
+    return {"state": {name[i]: s for i, s in optim_state["state"].items()},
+            "param_groups": [dict(g, params=[name[i] for i in g["params"]]) for g in groups]}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -256,9 +267,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if is_fsdp(unwrap(model)):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"],
+        set_optimizer_state_dict(unwrap(model), optimizer, _keyed_by_name(state["optimizer"]),
                                  options=StateDictOptions(full_state_dict=True))
-    else:
+    else:  # matched by position within the groups, whatever the keys
         optimizer.load_state_dict(state["optimizer"])
     sched_state = dict(state["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas))
     scheduler.load_state_dict(sched_state)

@@ -8,8 +8,9 @@ The trainer knows no method. A method hands it hooks; each hook may implement an
 - `after_step(model, step, stats, dist) -> dict | None`: runs after every optimizer step, outside
   autograd. Controllers live here: GateSkip's skip ramp, DND's threshold controller, MoE bias
   balancing. `stats` holds this step's training statistics (detached tensors, this rank only; model
-  stats such as per-layer keep fractions included); use `dist.all_reduce_mean` so every rank applies
-  the same update. Returned scalars are logged.
+  stats such as per-layer keep fractions included; `stats["loss"]` is this rank's share of the step's
+  token-weighted loss, whose mean over ranks is that loss); use `dist.all_reduce_mean` so every rank
+  applies the same update. Returned scalars are logged.
 - `state_dict() -> dict` / `load_state_dict(state)`: controller state saved in every checkpoint.
   State kept in model buffers is saved with the weights already and needs nothing here.
 

@@ -83,8 +83,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     model = build_model(run_config.model)
     if hooks is None:
         hooks = build_hooks(run_config.method, model, cfg.steps)
-    data_kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=info.rank,
-                   world_size=info.world_size, barrier=info.barrier)
+    data_kw = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "rank": info.rank,
+               "world_size": info.world_size, "barrier": info.barrier}
     if loader is None or (eval_loader is None and run_config.eval.get("enabled", True)):
         tokenizer = build_tokenizer(run_config.data)
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -97,7 +97,6 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
         export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
-    info.barrier()  # the export is complete when any rank returns
     return result
 
 
