@@ -22,7 +22,6 @@ import torch
 
 from dyndepth.bench.timing import markdown_table
 from dyndepth.config import preset
-from dyndepth.core import flops
 from dyndepth.data.build import build_loader
 from dyndepth.data.synthetic import TASKS, TERMINATOR, exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers, loss_by_difficulty
@@ -66,7 +65,8 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 320, gate_steps: in
                  run_config=RunConfig(model={"preset": "demo-tiny"}, data=DATA, train=base_cfg))
     examples = make_examples(list(TASKS), eval_examples * len(TASKS), seed=1, difficulty=DIFFICULTY, split="val")
     model.eval()
-    base_row = _evaluate(model, tok, examples, val_loader, base_cfg, budget=None)
+    probe = val_loader.next_batch()["input_ids"]
+    base_row = _evaluate(model, tok, examples, val_loader, base_cfg, budget=None, probe=probe)
     model.save_pretrained(out / "base_model")  # `dyndepth bench quality` post-trains methods from it
 
     gate_cfg = _train_config(out / "gateskip", gate_steps, 1e-3, 10)
@@ -74,12 +74,11 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 320, gate_steps: in
     hooks = build_hooks(method_cfg, model, gate_steps)
     train(model, loader, gate_cfg, hooks=hooks, eval_loader=val_loader,
           run_config=RunConfig(model={"preset": "demo-tiny"}, method=method_cfg, data=DATA, train=gate_cfg))
-    model.method.cfg.budget = 0.0  # the ramp left it at 20%; inference budgets are set per evaluation
+    model.method.budget = 0.0  # the ramp left it at 20%; inference budgets are set per evaluation
     model.eval()
     # Decoding thresholds are calibrated on in-distribution text: held-out task examples (train split).
     calib_texts = [e.text for e in make_examples(list(TASKS), 256, seed=2, difficulty=DIFFICULTY)]
     calib = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, 256, 64)]
-    probe = val_loader.next_batch()["input_ids"]
     rows = [base_row]
     for q in BUDGETS:
         if q > 0:
@@ -102,7 +101,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 320, gate_steps: in
     return summary
 
 
-def _evaluate(model, tok, examples, val_loader, cfg: TrainConfig, budget: float | None, probe=None) -> dict:
+def _evaluate(model, tok, examples, val_loader, cfg: TrainConfig, budget: float | None, probe) -> dict:
     """Validation loss, exact match and FLOPs per token at a skip budget (None: the model before gates).
 
     Prefill compute is measured on a validation batch (quantile rule: exactly the budget); generation
@@ -113,22 +112,29 @@ def _evaluate(model, tok, examples, val_loader, cfg: TrainConfig, budget: float 
            "params": model.num_params()}
     if budget is None:
         row["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
-        row["flops"] = flops.forward_flops(model.config, 256, lm_head=False) / 256
-        row["gen_flops"] = None  # no per-forward counter without a method; shown as "-"
+        with torch.no_grad():
+            row["flops"] = _flops_per_token(model(probe).stats)
+        row["gen_flops"] = None  # generation compute is reported relative to the gated model; shown as "-"
         answers = generate_answers(model, tok, examples)
         row["gen_skipped"] = 0.0
     else:
         with model.method.override(budget=budget, mode="quantile"), torch.no_grad():
             row["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
-            row["flops"] = float(model(probe).stats["gateskip/flops"]) / probe.numel()
+            row["flops"] = _flops_per_token(model(probe).stats)
         answers = generate_answers(model, tok, examples, skip_budget=budget)
         ids, mask = encode_batch(tok, [e.prompt + a.split(TERMINATOR)[0] for e, a in zip(examples, answers)])
         with model.method.decoding(budget), torch.no_grad():
             stats = model(ids, attention_mask=mask).stats
-        row["gen_flops"] = float(stats["gateskip/flops"]) / float(mask.sum())
+        row["gen_flops"] = _flops_per_token(stats)
         row["gen_skipped"] = (float(stats["gateskip/attn_skipped"]) + float(stats["gateskip/mlp_skipped"])) / 2
     accuracy = exact_match(examples, answers)
     return {**row, "exact_match": accuracy["overall"], "per_task": accuracy}
+
+
+def _flops_per_token(stats: dict) -> float:
+    """FLOPs that ran (the ledger's executed figure, lm_head included) per valid token: PAD and EOS tokens
+    that ran count in the work, and only real tokens in the denominator."""
+    return float(stats["flops/executed"]) / float(stats["tokens/valid"])
 
 
 def _difficulty(model, tok, examples) -> dict:
@@ -139,7 +145,7 @@ def _difficulty(model, tok, examples) -> dict:
 def _write_samples(model, tok, examples, path: Path) -> None:
     picks = examples[::20]
     lines = []
-    for q in (0.0, model.method.cfg.calibrated_budget):
+    for q in (0.0, int(model.method.layer_gates[0].tau_budget_ppm) / 1e6):
         for e, p in zip(picks, generate_answers(model, tok, picks, skip_budget=q)):
             lines.append(f"[q={q:.0%}] [{e.task}] {e.prompt}{p.split(chr(10))[0]}   (expected {e.answer})")
     path.write_text("\n".join(lines) + "\n")

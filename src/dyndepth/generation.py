@@ -68,6 +68,7 @@ def generate(
     compile: bool = False,
     cache_dtype: torch.dtype | None = None,
     skip_budget: float | None = None,
+    method_knobs: dict | None = None,
 ) -> torch.Tensor:
     """Return the prompt plus up to `max_new_tokens` new tokens per row, (B, T + n).
 
@@ -75,14 +76,16 @@ def generate(
       later positions of a stopped row hold `pad_token_id`. The loop ends when every row stopped.
     callback(step, tokens (B,)): called with each new column, for streaming.
     compile: compile the one-token decode step with a full-length static cache (CUDA graphs on GPU).
-    skip_budget: for a model with an adaptive-depth method that supports it (GateSkip), generate with
-      this budget; GateSkip decodes with per-branch thresholds calibrated at that budget (`calibrate`).
+    skip_budget: shorthand for `method_knobs={"budget": skip_budget}` (GateSkip decodes with per-branch
+      thresholds calibrated at that budget, see `dyndepth.methods.calibrate`).
+    method_knobs: runtime knobs of the attached method for this generation (`method.decoding(**knobs)`).
     """
-    if skip_budget is not None:
+    if skip_budget is not None or method_knobs:
         method = getattr(model, "method", None)
-        if method is None or not hasattr(method, "decoding"):
-            raise ValueError("skip_budget needs a model with a skipping method attached (e.g. attach_gateskip).")
-        with method.decoding(skip_budget):
+        if method is None:
+            raise ValueError("skip_budget / method_knobs need a model with a method attached (e.g. attach_gateskip).")
+        knobs = dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget}))
+        with method.decoding(**knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
                             stop_tokens, pad_token_id, callback, generator, compile, cache_dtype)
     if input_ids.dim() != 2:
@@ -109,8 +112,7 @@ def generate(
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({config.max_position_embeddings}).")
     dtype = cache_dtype or next(model.parameters()).dtype
-    slots = model.method.num_slots(config) if getattr(model, "method", None) is not None else None
-    cache = KVCache.for_model(config, B, max_len, num_slots=slots, dtype=dtype, device=device)
+    cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dyndepth.methods.gateskip import BRANCHES
-from dyndepth.methods.gateskip_analysis import GateStats, _token_trace
+from dyndepth.methods.gateskip_analysis import GateStats, token_trace
 
 
 def _pyplot():
@@ -50,7 +50,7 @@ def compute_heatmap(model, tokenizer, text: str, path: str | Path, value: str = 
         raise ValueError(f"value={value!r}: use 'executed' or 'importance'.")
     from matplotlib.figure import Figure
 
-    tokens, skipped, importance = _token_trace(model, tokenizer, text, add_bos, budget)
+    tokens, skipped, importance = token_trace(model, tokenizer, text, add_bos, budget)
     T, L = skipped.shape[0], skipped.shape[1]
     executed_RT = (~skipped).reshape(T, 2 * L).T.float()  # (2L, T), row 2l + b
     fig = Figure(figsize=(max(6.0, 0.28 * T + 2), 1.5 + 0.22 * 2 * L + 1.2))

@@ -1,4 +1,4 @@
-"""Memory-mapped safetensors reading (zero copy) and atomic writing.
+"""Memory-mapped safetensors reading (zero copy) and atomic writing of files and HF checkpoint folders.
 
 The reader parses the safetensors header itself and views each tensor straight out of a private
 (copy-on-write) memory map, so loading a checkpoint never holds the weights twice: a tensor's pages are
@@ -77,3 +77,33 @@ def write_json(obj: dict, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | Path,
+                     max_shard_bytes: int = 5 * 2**30) -> Path:
+    """A HF checkpoint folder: `config.json` and `model.safetensors`, or shards plus their index above
+    `max_shard_bytes`; every file written atomically. `state` is already in the on-disk layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        write_safetensors(shards[0], path / "model.safetensors")
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(shard, path / name)
+            weight_map.update(dict.fromkeys(shard, name))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                   path / "model.safetensors.index.json")
+    write_json(config, path / "config.json")
+    return path

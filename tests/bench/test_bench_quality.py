@@ -1,7 +1,9 @@
 import json
 
+import pytest
+
 import dyndepth
-from dyndepth.bench.quality import QualityBenchConfig, main
+from dyndepth.bench.quality import QualityBenchConfig, base_val_loss, main
 
 
 def test_quality_bench_compares_methods_at_measured_compute(tmp_path):
@@ -12,7 +14,13 @@ def test_quality_bench_compares_methods_at_measured_compute(tmp_path):
     result = main(cfg)
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"base", "GateSkip q=50%", "MoD c=12.5%"}
-    assert rows["base"]["compute"] == 1.0
-    assert rows["GateSkip q=50%"]["compute"] < 1.0 and rows["MoD c=12.5%"]["compute"] < 0.8
+    assert rows["base"]["compute"] == 1.0 and rows["base"]["ideal_compute"] == 1.0
+    for name in ("GateSkip q=50%", "MoD c=12.5%"):  # what ran includes what the routing allowed
+        assert rows[name]["ideal_flops_per_token"] <= rows[name]["flops_per_token"]
+        assert rows[name]["ideal_compute"] < 1.0
+    # the base row is the base checkpoint's own loss on the first validation batches
+    base = dyndepth.from_pretrained(tmp_path / "base").eval()
+    assert rows["base"]["val_loss"] == pytest.approx(base_val_loss(base, data), rel=1e-6)
     saved = json.loads((tmp_path / "out" / "quality-cpu.json").read_text())
-    assert saved["rows"][0]["model"] == "base" and all(r["val_loss"] > 0 for r in saved["rows"])
+    assert [r["model"] for r in saved["rows"]] == ["base", "GateSkip q=50%", "MoD c=12.5%"]
+    assert saved["rows"][1]["val_loss"] == rows["GateSkip q=50%"]["val_loss"]

@@ -6,9 +6,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dyndepth.core.layers import causal_mask
+from dyndepth.core.context import causal_mask
 from dyndepth.core.routing import (
-    RoutingStats,
     SelectRule,
     capacity,
     capacity_anneal,
@@ -17,7 +16,7 @@ from dyndepth.core.routing import (
     linear_ramp,
     pack,
     pack_padded,
-    quantile_threshold,
+    rank_threshold,
     scatter_add,
     scatter_add_,
     scatter_padded_add,
@@ -41,11 +40,11 @@ def ref_topk(scores, pool, fraction, static_T=None):
 
 
 def ref_quantile(scores, pool, q):
+    """Skip exactly floor(q * n) pool tokens, the lowest scores; among ties the later token first."""
     idx = [i for i in range(len(scores)) if pool[i]]
-    if q == 0 or len(idx) <= 1:
-        return [bool(p) for p in pool]
-    tau = torch.quantile(scores[idx].float(), q, interpolation="linear")
-    return [bool(pool[i]) and not bool(scores[i] <= tau) for i in range(len(scores))]
+    k = math.floor(Fraction(str(q)) * len(idx))
+    skipped = sorted(idx, key=lambda i: (float(scores[i]), -i))[:k]
+    return [bool(pool[i]) and i not in skipped for i in range(len(scores))]
 
 
 def ref_select(scores_BT, valid_BT, rule):
@@ -114,10 +113,12 @@ def test_threshold_matches_reference(pad_policy):
 
 def test_select_edge_cases():
     scores = torch.tensor([[0.3, 0.1, 0.9, 0.2]])
-    # GateSkip: the quantile pool excludes PAD, which is kept; the lowest pool token is skipped.
+    # GateSkip: the quantile pool excludes PAD, which is kept; floor(0.5 * 3) = 1 pool token is skipped.
     valid = torch.tensor([[True, False, True, True]])
-    keep = select(scores, valid, SelectRule(kind="quantile", scope="batch", q=0.3, pad_policy="keep"))
+    keep = select(scores, valid, SelectRule(kind="quantile", scope="batch", q=0.5, pad_policy="keep"))
     assert keep.tolist() == [[True, True, True, False]]
+    keep = select(scores, valid, SelectRule(kind="quantile", scope="batch", q=0.3, pad_policy="keep"))
+    assert keep.all()  # floor(0.3 * 3) = 0
     # q == 0 skips nothing; a single pool token is never skipped.
     assert select(scores, None, SelectRule(kind="quantile", q=0.0)).all()
     one = torch.tensor([[False, False, True, False]])
@@ -129,13 +130,31 @@ def test_select_edge_cases():
     assert select(scores.bfloat16(), None, SelectRule(kind="quantile", q=0.5)).sum() == 2
 
 
-def test_quantile_threshold_values():
+def test_quantile_skips_exactly_the_budget_when_every_score_ties():
+    # Fresh GateSkip gates in bfloat16: every importance is the same number. The old "s <= quantile" rule
+    # skipped every token; the rank rule skips floor(q * n) of them, the later tokens first.
+    scores = torch.full((3, 10), 0.9933, dtype=torch.bfloat16)
+    for q, scope in ((0.2, "batch"), (0.2, "sequence"), (0.55, "batch")):
+        keep = select(scores, None, SelectRule(kind="quantile", scope=scope, q=q))
+        per_pool = 30 if scope == "batch" else 10
+        assert int((~keep).sum()) == math.floor(q * per_pool) * (30 // per_pool)
+    keep = select(scores, None, SelectRule(kind="quantile", scope="sequence", q=0.2))
+    assert keep[:, :8].all() and not keep[:, 8:].any()
+
+
+def test_rank_threshold_separates_exactly_the_budget():
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 0.0, 0.0, 0.0]])
     valid = torch.tensor([[True, True, True, True], [True, False, False, False]])
-    tau = quantile_threshold(scores, valid, 0.5, scope="sequence")
-    assert tau[0, 0].item() == 2.5 and tau[1, 0].item() == 5.0
-    tau_b = quantile_threshold(scores, valid, 0.5, scope="batch")
-    assert tau_b.shape == (1, 1) and tau_b.item() == 3.0
+    tau = rank_threshold(scores, valid, 0.5, scope="sequence")  # row 0 skips 2 of 4; row 1 skips 0 of 1
+    assert tau[0, 0].item() == 2.5 and tau[1, 0].item() == float("-inf")
+    tau_b = rank_threshold(scores, valid, 0.5, scope="batch")  # 5 pool tokens: skip 2 (1.0, 2.0)
+    assert tau_b.shape == (1, 1) and tau_b.item() == 2.5
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(4, 50, generator=g)
+    for q in (0.1, 0.3, 0.77):
+        tau = rank_threshold(s, None, q, scope="batch")
+        assert int((s <= tau).sum()) == math.floor(q * 200)
+    assert rank_threshold(s, None, 1.0, scope="batch").item() == s.max().item()  # everything skipped
 
 
 def test_select_rule_validation():
@@ -283,25 +302,3 @@ def test_schedules():
     assert capacity_anneal(10**9, 0.8, 1500) == pytest.approx(0.8, abs=1e-5)
     with pytest.raises(ValueError, match="period"):
         capacity_anneal(1, 0.8, 0)
-
-
-def test_routing_stats_counts():
-    stats = RoutingStats()
-    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    keep = torch.tensor([[True, False, True, True], [True, True, False, True]])
-    stats.record(0, "attn", keep, valid)  # 5 of 7 valid pairs executed (PAD's keep is not counted)
-    stats.record(0, "mlp", torch.ones(2, 4, dtype=torch.bool), valid)  # 7 of 7
-    stats.record(1, "attn", keep)  # no valid mask: 6 of 8
-    assert isinstance(stats._executed[(0, "attn")], torch.Tensor)  # accumulated on device, no sync
-    assert stats.executed(0, "attn") == 5 and stats.total(0, "attn") == 7
-    assert stats.fraction_skipped(branch="attn") == pytest.approx(1 - 11 / 15)
-    assert stats.fraction_skipped() == pytest.approx(1 - 18 / 22)
-    stats.record_counts(0, "attn", torch.tensor(3), torch.tensor(3))
-    assert stats.executed(0) == 5 + 3 + 7
-    stats.add_flops(0, "attn", torch.tensor(10.0))
-    stats.add_flops(1, "mlp", 5)
-    assert stats.flops() == 15.0 and stats.flops(branch="mlp") == 5.0
-    summary = stats.summary()
-    assert summary["0.mlp"] == 1.0 and summary["1.attn"] == pytest.approx(0.75)
-    stats.reset()
-    assert stats.fraction_skipped() == 0.0 and stats.summary() == {"fraction_skipped": 0.0}

@@ -5,8 +5,8 @@ import torch
 
 import dyndepth
 from dyndepth import CausalLM, CheckpointError, ConfigError, preset
-from dyndepth.interop.hf import config_from_hf, split_experts, stack_experts
-from dyndepth.interop.safetensors_io import read_safetensors, write_safetensors
+from dyndepth.models.hf_layout import config_from_hf, split_experts, stack_experts
+from dyndepth.safetensors_io import read_safetensors, write_safetensors
 
 
 def test_safetensors_reader_is_memory_mapped_and_exact(tmp_path):
@@ -45,9 +45,8 @@ def test_save_then_load_round_trips_every_tensor(tmp_path, name):
 def test_sharded_checkpoint_and_dtype_conversion(tmp_path):
     model = CausalLM(preset("tiny-qwen3"))
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)
-    from dyndepth.interop.hf import save_pretrained
 
-    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     a = dyndepth.from_pretrained(tmp_path / "sharded", dtype="bfloat16")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dyndepth
-from dyndepth.interop.hf import config_to_hf
+from dyndepth.models.hf_layout import config_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,6 +110,6 @@ def test_moe_balancing_loss_matches_hf():
 
 
 def _stacked(state):
-    from dyndepth.interop.hf import split_experts, stack_experts
+    from dyndepth.models.hf_layout import split_experts, stack_experts
 
     return stack_experts(split_experts(dict(state)))

@@ -9,8 +9,7 @@ import torch
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
 from dyndepth.core import flops
-from dyndepth.core.routing import SelectRule, select
-from dyndepth.methods import METHODS, MoDConfig, MoDHook, attach_mod, calibrate_mod
+from dyndepth.methods import MoDConfig, MoDHook, attach_method, attach_mod, calibrate
 
 
 def mod_model(name="tiny-qwen3", **cfg):
@@ -29,7 +28,7 @@ def mod_model(name="tiny-qwen3", **cfg):
 
 def reference_forward(model, ids, mask=None):
     """Slow MoD: per layer, per sequence, run the plain layer on the top-k tokens of that sequence only."""
-    method, cfg = model.method, model.method.cfg
+    method, cfg = model.method, model.method.config
     full = model.make_context(ids, mask, None, None)
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     x = model.model.embed_tokens(ids)
@@ -37,7 +36,7 @@ def reference_forward(model, ids, mask=None):
     k = math.ceil(cfg.capacity * T - 1e-6)
     for i, layer in enumerate(model.model.layers):
         if i not in method.routed:
-            x = layer(x, full, i)
+            x = layer.block(x, full, i)
             continue
         r = layer.mod.router(x).squeeze(-1)  # (B, T)
         rows = []
@@ -47,7 +46,7 @@ def reference_forward(model, ids, mask=None):
             sel = sel.sort().values
             xs, pos = x[b:b + 1, sel], full.positions[b:b + 1, sel]
             ctx = model.make_context(ids[b:b + 1, sel], None, pos, None)
-            delta = layer(xs, ctx, i) - xs
+            delta = layer.block(xs, ctx, i) - xs
             w = r[b, sel][None, :, None] if cfg.scale_by_router else 1.0
             rows.append(x[b].index_add(0, sel, (w * delta)[0]))
         x = torch.stack(rows)
@@ -85,12 +84,12 @@ def test_pad_is_never_routed_and_unrouted_tokens_pass_unchanged():
     mask = torch.ones_like(ids)
     mask[1, :6] = 0  # row 1: 4 real tokens < k = 9
     ctx = model.make_context(ids, mask, None, None)
-    method.begin(ids, ctx)
+    ctx.state = method.begin(ids, ctx)
     layer = model.model.layers[0]
     x = torch.randn(2, 10, 64)
     with torch.no_grad():
-        y = method.apply(layer, x, ctx, 0)
-        keep, _ = method.route(layer.mod, x, layer.mod.router(x).squeeze(-1), ctx, 0)
+        y = layer(x, ctx, 0)  # the layer call hands over to the method
+    keep = ctx.state.routed[0]
     assert not keep[1, :6].any() and keep[1, 6:].all() and keep[0].sum() == 9
     assert torch.equal(y[~keep], x[~keep])  # PAD and unrouted tokens: identity
     assert not torch.equal(y[keep], x[keep])
@@ -122,7 +121,7 @@ def test_default_routes_every_other_layer_from_layer_one():
 def test_cached_decoding_equals_full_forward(mode):
     model, method = mod_model(capacity=0.5, every=1)
     if mode == "router_threshold":
-        calibrate_mod(model, [torch.randint(0, 256, (4, 24))])
+        calibrate(model, [torch.randint(0, 256, (4, 24))])
     ids = torch.randint(0, 256, (2, 14))
     P = 6
     with method.override(mode=mode), torch.no_grad():
@@ -151,16 +150,19 @@ def test_generate_in_topk_mode_decodes_with_the_predictor():
     assert torch.equal(out, seq)
 
 
-def test_router_threshold_needs_calibration_and_routes_about_c():
+def test_router_threshold_needs_calibration_and_then_routes_exactly_c_on_the_calibration_batch():
     model, method = mod_model(capacity=0.25, every=1)
     ids = torch.randint(0, 256, (4, 32))
-    with method.override(mode="router_threshold"), pytest.raises(ValueError, match="calibrate_mod"):
+    with method.override(mode="router_threshold"), pytest.raises(ValueError, match="calibrate"):
         model(ids)
-    table = calibrate_mod(model, [torch.randint(0, 256, (4, 32)) for _ in range(2)])
-    assert table.shape == (2,) and method.cfg.calibrated_capacity == 0.25
+    table = calibrate(model, [ids])
+    assert set(table) == {0, 1}
+    assert {int(layer.mod.threshold_capacity_ppm) for layer in model.model.layers} == {250_000}
     with method.override(mode="router_threshold"), torch.no_grad():
         frac = float(model(ids).stats["mod/routed_fraction"])
-    assert 0.1 < frac < 0.45
+    assert frac == 0.25  # the batch's 32 best router scores of 128 sit above each layer's threshold
+    with method.override(capacity=0.5, mode="router_threshold"), pytest.raises(ValueError, match="0.5"):
+        model(ids)  # calibrated at 0.25, not 0.5
 
 
 def test_training_gradients_reach_router_and_predictor_only_through_their_paths():
@@ -193,33 +195,38 @@ def test_predictor_loss_decreases_on_a_toy_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_flops_count_what_ran():
+def test_ideal_flops_count_what_the_routing_allows():
     cfg = preset("tiny-qwen3")
     model, method = mod_model(capacity=1.0, every=1, scale_by_router=False)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
-        dense = float(model(ids).stats["mod/flops"])
+        dense = float(model(ids).stats["flops/ideal"])
         with method.override(capacity=0.25):
-            routed = float(model(ids).stats["mod/flops"])
+            routed = model(ids).stats
     router = 2 * 12 * 2 * flops.gate_flops(cfg, "scalar")  # 2 layers, B * T tokens
-    assert dense == flops.forward_flops(cfg, 12, B=2, lm_head=False) + router
+    assert dense == flops.forward_flops(cfg, 12, B=2) + router
     k = 3  # ceil(0.25 * 12): k tokens per row run both branches; attention among them only
     attn = flops.branch_flops(cfg, 0, "attn", k, k, k * (k + 1) // 2)
     per_layer = attn + flops.branch_flops(cfg, 0, "mlp", k)
-    assert routed == 2 * 2 * per_layer + router
+    head = 2 * 12 * flops.lm_head_flops(cfg)
+    assert float(routed["flops/ideal"]) == 2 * 2 * per_layer + router + head
+    # static k: no padded rows; the masked SDPA over the k routed tokens computes all k * k pairs
+    masked_pairs = 2 * 2 * (k * k - k * (k + 1) // 2)
+    assert float(routed["flops/executed"]) - float(routed["flops/ideal"]) == flops.attn_score_flops(cfg, masked_pairs)
+    assert float(routed["flops/dense"]) == flops.forward_flops(cfg, 12, B=2)
 
 
 def test_capacity_anneal_hook_and_registry():
     model, method = mod_model(capacity=0.2, anneal_period=1500)
-    attach, hooks_factory = METHODS["mod"]
-    assert attach is attach_mod
-    (hook,) = hooks_factory(method, 100)
+    (hook,) = method.trainer_hooks(100)
     assert isinstance(hook, MoDHook) and method.capacity == 1.0
     hook.after_step(model, 1500, {}, None)
     assert method.capacity == pytest.approx(0.2 + 0.8 / 2)
     assert hook.state_dict() == {"capacity": pytest.approx(0.6)}
     MoDHook(*(method, 100)).load_state_dict({"capacity": 0.3})
-    assert method.capacity == 0.3
+    assert method.capacity == 0.3 and method.config.capacity == 0.2  # the hook moves the knob, not the config
+    other = attach_method(CausalLM(preset("tiny-qwen3")), "mod", {"capacity": 0.5})
+    assert other.name == "mod" and other.capacity == 0.5
 
 
 def test_retrofit_and_save_load(tmp_path):
@@ -240,13 +247,18 @@ def test_retrofit_and_save_load(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-def test_topk_selection_matches_the_routing_core():
+def test_topk_routing_picks_each_rows_best_router_scores_never_pad():
     model, method = mod_model(capacity=0.3, every=1)
-    ids = torch.randint(0, 256, (2, 10))
-    ctx = model.make_context(ids, None, None, None)
-    method.begin(ids, ctx)
-    x = torch.randn(2, 10, 64)
-    r = model.model.layers[0].mod.router(x).squeeze(-1)
-    keep, predicted = method.route(model.model.layers[0].mod, x, r, ctx, 0)
-    expected = select(r, None, SelectRule(kind="topk", fraction=0.3, static_k=True))
-    assert torch.equal(keep, expected) and not predicted
+    ids = torch.randint(0, 256, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, :8] = 0  # 2 real tokens < k = 3
+    trace = dyndepth.Trace()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, trace=trace)
+        x = model.model.embed_tokens(ids)  # layer 0's input
+        r = model.model.layers[0].mod.router(x).squeeze(-1)
+    keep = trace.ctx.state.routed[0]
+    for b in range(3):  # slow reference: the k = ceil(0.3 * 10) best valid scores of the row
+        valid = [t for t in range(10) if mask[b, t]]
+        best = sorted(valid, key=lambda t: (-float(r[b, t]), t))[:3]
+        assert keep[b].nonzero().flatten().tolist() == sorted(best)

@@ -2,11 +2,12 @@
 
 Both methods post-train the same base checkpoint (the demo's `runs/demo/base_model` by default) for the
 same steps on the same embedded data, then are scored on held-out data: validation loss and exact
-match, each next to the FLOPs per token that actually ran (relative to the base model). MoD at capacity
-c on every other block costs about 1 - (1 - c) / 2 of the base, so c = 0.5 and c = 0.125 sit near
-GateSkip at q = 0.3 and q = 0.5. Every score is causal: MoD is scored with its predictor (top-k over a
-sequence would look ahead), GateSkip with the quantile rule for loss and calibrated thresholds for
-generation.
+match, each next to the FLOPs per token relative to the base model, both figures of the ledger: what ran
+(executed: gates, routers, padding and masked attention pairs included) and what the routing allows
+(ideal). MoD at capacity c on every other block costs about 1 - (1 - c) / 2 of the base, so c = 0.5 and
+c = 0.125 sit near GateSkip at q = 0.3 and q = 0.5. Every score is causal (each token's decision reads
+no later token): MoD is scored with its predictor (top-k over a sequence would look ahead), GateSkip with
+per-branch thresholds calibrated at the budget (the batch quantile rule would rank against later tokens).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 
 import dyndepth
 from dyndepth.bench.timing import markdown_table, publish
-from dyndepth.core import flops
 from dyndepth.data.build import build_loader
 from dyndepth.data.synthetic import TASKS, exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
@@ -62,16 +62,20 @@ def _posttrain(cfg: QualityBenchConfig, method: dict, out: Path):
     return model.eval(), tcfg
 
 
-def _score(model, label: str, examples, val_loader, tcfg, probe, flops_key: str | None, gen_kw: dict) -> dict:
+def _score(model, label: str, examples, val_loader, tcfg, probe, gen_kw: dict) -> dict:
     with torch.no_grad():
         val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg, DistInfo())
-        if flops_key is None:
-            work = flops.forward_flops(model.config, probe.shape[1], B=probe.shape[0], lm_head=False)
-        else:
-            work = float(model(probe).stats[flops_key])
+        stats = model(probe).stats
     answers = generate_answers(model, ByteTokenizer(), examples, **gen_kw)
-    return {"model": label, "flops_per_token": work / probe.numel(), "val_loss": val_loss,
-            "exact_match": exact_match(examples, answers)["overall"]}
+    per_token = {k: float(stats[f"flops/{k}"]) / float(stats["tokens/valid"]) for k in ("executed", "ideal")}
+    return {"model": label, "flops_per_token": per_token["executed"], "ideal_flops_per_token": per_token["ideal"],
+            "val_loss": val_loss, "exact_match": exact_match(examples, answers)["overall"]}
+
+
+def base_val_loss(model, data: dict, eval_batches: int = 8) -> float:
+    """The validation loss every row is scored with: the first `eval_batches` batches of the val split."""
+    loader = build_loader(data, split="val", batch_size=16, seq_len=256, seed=0, tokenizer=ByteTokenizer())
+    return evaluate(model, loader, eval_batches, TrainConfig(eval_batches=eval_batches, device="cpu"), DistInfo())
 
 
 def run_quality_bench(cfg: QualityBenchConfig) -> dict:
@@ -80,8 +84,9 @@ def run_quality_bench(cfg: QualityBenchConfig) -> dict:
                          "runs/demo/base_model) or pass --base.")
     data, difficulty = _data(cfg)
     tok = ByteTokenizer()
-    val_loader = build_loader(data, split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
-    probe = val_loader.next_batch()["input_ids"]
+    val_kw = dict(split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
+    val_loader = build_loader(data, **val_kw)
+    probe = build_loader(data, **val_kw).next_batch()["input_ids"]  # a loader of its own: val_loader starts fresh
     examples = make_examples(list(TASKS), cfg.eval_examples * len(TASKS), seed=1, difficulty=difficulty, split="val")
     calib_texts = [e.text for e in make_examples(list(TASKS), 256, seed=2, difficulty=difficulty)]
     calib = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, 256, 64)]
@@ -89,29 +94,31 @@ def run_quality_bench(cfg: QualityBenchConfig) -> dict:
 
     base = dyndepth.from_pretrained(cfg.base).eval()
     tcfg = TrainConfig(eval_batches=8, device="cpu")
-    rows = [_score(base, "base", examples, val_loader, tcfg, probe, None, {})]
+    rows = [_score(base, "base", examples, val_loader, tcfg, probe, {})]
 
     gated, tcfg = _posttrain(cfg, {"name": "gateskip", "ramp_end": 0.2}, out / "gateskip")
     for q in cfg.gateskip_budgets:
         calibrate(gated, calib, budget=q)
-        with gated.method.override(budget=q, mode="quantile"):
-            rows.append(_score(gated, f"GateSkip q={q:.0%}", examples, val_loader, tcfg, probe, "gateskip/flops",
-                               {"skip_budget": q}))
+        with gated.method.decoding(budget=q):  # causal: per-token thresholds, no ranking against later tokens
+            rows.append(_score(gated, f"GateSkip q={q:.0%}", examples, val_loader, tcfg, probe, {"skip_budget": q}))
     for c in cfg.mod_capacities:
         mod, tcfg = _posttrain(cfg, {"name": "mod", "capacity": c}, out / f"mod_{c}")
         with mod.method.override(mode="predictor"):
-            rows.append(_score(mod, f"MoD c={c:.1%}", examples, val_loader, tcfg, probe, "mod/flops", {}))
+            rows.append(_score(mod, f"MoD c={c:.1%}", examples, val_loader, tcfg, probe, {}))
     for r in rows:
         r["compute"] = r["flops_per_token"] / rows[0]["flops_per_token"]
+        r["ideal_compute"] = r["ideal_flops_per_token"] / rows[0]["ideal_flops_per_token"]
     return {"config": asdict(cfg), "rows": rows}
 
 
 def render_markdown(r: dict) -> str:
     c = r["config"]
     head = (f"### bench quality: GateSkip vs Mixture-of-Depths from {c['base']}, {c['steps']} post-training "
-            "steps each\n\ncompute = FLOPs per token that ran / the base model's (causal scoring for both).\n\n")
-    rows = [dict(r, compute=f"{r['compute']:.0%}", exact_match=f"{r['exact_match']:.1%}") for r in r["rows"]]
-    return head + markdown_table(rows, ["model", "compute", "val_loss", "exact_match"])
+            "steps each\n\ncompute = FLOPs per token / the base model's: executed (what ran) and ideal (what the "
+            "routing allows); causal scoring for both methods.\n\n")
+    rows = [dict(r, compute=f"{r['compute']:.0%}", ideal_compute=f"{r['ideal_compute']:.0%}",
+                 exact_match=f"{r['exact_match']:.1%}") for r in r["rows"]]
+    return head + markdown_table(rows, ["model", "compute", "ideal_compute", "val_loss", "exact_match"])
 
 
 def main(cfg: QualityBenchConfig) -> dict:

@@ -2,11 +2,14 @@
 
 Shape legend: L slots, B batch, G kv heads, S cache length, H head_dim, T tokens written by one call.
 
-Layout: `k`, `v` are `(L, B, G, S + 1, H)` and `valid` is `(L, B, S + 1)`. Entry `s` of a row holds the
-token at sequence position `s` (positions are explicit; nothing advances implicitly). Column `S` is a
-scratch column: writes that must not land (PAD tokens, or tokens a method marks as not writing) are
-sent there, so every write is one branch-free `index_put_` and shapes never depend on data. Readers
-only ever see the first `S` columns.
+Layout: `k`, `v` are `(L, B, G, S + 1, H)`; `valid` and `source` are `(L, B, S + 1)`. Entry `s` of a row
+holds the token written at column `s`: its sequence position for every slot but DND's nested slots with
+compact positions (column = the token's rank among the selected tokens). `source` records the sequence
+position of the token each entry came from, so `invalidate` can drop everything at or after a position
+(speculative rollback, re-prefill) whatever the column layout. Positions are explicit; nothing advances
+implicitly. Column `S` is a scratch column: writes that must not land (PAD tokens, or tokens a method
+marks as not writing) are sent there, so every write is one branch-free `index_put_` and shapes never
+depend on data. Readers only ever see the first `S` columns.
 
 How methods use it (the contract each method's docstring restates):
 - Plain model: slot i = layer i; every valid token writes K/V at its position.
@@ -16,7 +19,8 @@ How methods use it (the contract each method's docstring restates):
 - Mixture-of-Depths: only routed tokens write (`write_mask` = routed); the others stay invalid at that
   slot, so later queries at that slot never attend to them.
 - DND: the nested second pass of layer i is its own slot; only the selected tokens write there, at
-  the positions the method assigns. The first pass keeps the plain slot.
+  the columns the method assigns (compact: the count of earlier selected tokens, `count`). The first
+  pass keeps the plain slot.
 - Depth-recurrent models (Dreamer): one slot per (layer, recurrence step). State that is not K/V
   (depth attention over a token's own history) lives with the token, never in this cache.
 """
@@ -41,6 +45,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
         self.valid = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.bool, device=device)  # (L, B, S+1)
+        self.source = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.long, device=device)  # (L, B, S+1)
         self.max_seq_len = max_seq_len
         self.length = max_seq_len  # how many columns readers see; see `window`
 
@@ -63,7 +68,8 @@ class KVCache:
         if not 0 < length <= self.max_seq_len:
             raise ValueError(f"window length {length} is outside 1..{self.max_seq_len} (the cache's size).")
         view = object.__new__(KVCache)
-        view.k, view.v, view.valid, view.max_seq_len, view.length = self.k, self.v, self.valid, self.max_seq_len, length
+        view.k, view.v, view.valid, view.source = self.k, self.v, self.valid, self.source
+        view.max_seq_len, view.length = self.max_seq_len, length
         return view
 
     def update(
@@ -73,11 +79,13 @@ class KVCache:
         v_BTGH: torch.Tensor,
         positions_BT: torch.Tensor,
         write_BT: torch.Tensor | None = None,
+        source_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write K/V of T tokens at their positions (where `write_BT` is True); return the slot's view.
+        """Write K/V of T tokens at columns `positions_BT` (where `write_BT` is True); return the slot's view.
 
+        `source_BT` is the tokens' sequence position when the columns are not (DND compact positions).
         Returns `k (B, G, S', H)`, `v (B, G, S', H)` and `valid (B, S')`, S' = `self.length`; entry s
-        holds position s, so a causal query at position p may attend to entries `valid & (s <= p)`.
+        holds column s, so a causal query at column p may attend to entries `valid & (s <= p)`.
         """
         B, T = positions_BT.shape
         idx_BT = positions_BT
@@ -88,8 +96,25 @@ class KVCache:
         k_buf[rows_BT, :, idx_BT] = k_BTGH.to(k_buf.dtype)  # advanced indices first: (B, T, G, H)
         v_buf[rows_BT, :, idx_BT] = v_BTGH.to(v_buf.dtype)
         valid_buf[rows_BT, idx_BT] = True
+        self.source[slot][rows_BT, idx_BT] = positions_BT if source_BT is None else source_BT
         S = self.length
         return k_buf[:, :, :S], v_buf[:, :, :S], valid_buf[:, :S]
+
+    def count(self, slot: int) -> torch.Tensor:
+        """Valid entries per row at `slot` (B,): the next compact column of a sparse slot."""
+        return self.valid[slot, :, : self.max_seq_len].sum(-1)
+
+    def invalidate(self, from_position: torch.Tensor | int, slots: list[int] | None = None) -> None:
+        """Drop every entry that came from a token at sequence position >= `from_position` ((B,) or an int),
+        in all slots or the given ones. Speculative decoding calls it before re-writing rejected positions,
+        so a sparse slot (MoD, DND nested) never keeps a stale entry of a rejected token."""
+        start = torch.as_tensor(from_position, device=self.valid.device).reshape(-1, 1)  # (B, 1) or (1, 1)
+        stale = self.source >= start  # (L, B, S+1)
+        if slots is None:
+            self.valid &= ~stale
+        else:
+            for s in slots:
+                self.valid[s] &= ~stale[s]
 
     def reset(self) -> None:
         self.valid.zero_()

@@ -17,7 +17,9 @@ Conventions (what counts):
   O(D^2) matmuls, and their real cost is memory traffic, which a FLOP count does not capture.
 
 Counts can be Python ints or tensors (per-call counts of kept tokens): the functions only use
-arithmetic, so `RoutingStats.add_flops` can accumulate them without a host sync.
+arithmetic, so the per-forward `ComputeLedger` (core/accounting.py) accumulates them without a host sync.
+Whole-model counts follow the model's layer-application schedule (`layers`: the layer index of each
+application), so a layer applied R times (depth recurrence) counts R times.
 """
 
 from __future__ import annotations
@@ -112,15 +114,17 @@ def layer_flops(config: ModelConfig, layer: int, T: Count, context: Count = 0) -
 
 
 def forward_flops(config: ModelConfig, T: int, B: int = 1, context: int | None = None,
-                  lm_head: bool = True) -> int:
+                  lm_head: bool = True, layers: list[int] | None = None) -> int:
     """Plain model: B sequences of T new tokens each, after `context` cached tokens (None: 0).
 
     `lm_head=False` leaves out the logits (e.g. a prefill that only needs the last position's logits
-    adds `lm_head_flops(config) * B` itself)."""
+    adds `lm_head_flops(config) * B` itself). `layers`: the layer index of every application in the
+    model's schedule (default: each layer once, in order)."""
     if T < 0 or B < 0 or (context is not None and context < 0):
         raise ValueError(f"T, B and context must be non-negative, got T={T}, B={B}, context={context}.")
     c = 0 if context is None else context
-    per_seq = sum(layer_flops(config, i, T, c) for i in range(config.num_hidden_layers))
+    applied = range(config.num_hidden_layers) if layers is None else layers
+    per_seq = sum(layer_flops(config, i, T, c) for i in applied)
     if lm_head:
         per_seq += T * lm_head_flops(config)
     return B * per_seq

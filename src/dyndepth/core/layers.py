@@ -1,4 +1,4 @@
-"""Building blocks shared by every model and method: RMSNorm, RoPE, SwiGLU, attention, the forward context.
+"""Building blocks shared by every model and method: RMSNorm, RoPE, SwiGLU, attention.
 
 Shape legend: B batch, T query tokens, S key length, D hidden_size, N query heads, G kv heads,
 H head_dim, F intermediate size.
@@ -11,15 +11,13 @@ DND's nested pass takes queries and keys from the selected tokens only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
-from dyndepth.core.cache import KVCache
-from dyndepth.core.routing import gather_padded
+from dyndepth.core.context import ForwardContext, causal_mask, subset_mask
 
 
 class RMSNorm(nn.Module):
@@ -102,58 +100,13 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-@dataclass
-class ForwardContext:
-    """Everything a layer needs besides its input, built once per forward and passed explicitly.
-
-    positions (B, T): sequence position of every token (RoPE angle and cache column).
-    valid (B, T) | None: False marks PAD; None means every token is real.
-    cos, sin (B, T, H): rotary tables for `positions`.
-    attn_mask (B, 1, T, T) | None: for cache-free calls with padding; None with no padding (causal fast path).
-    cache: the KV cache or None. doc_ids (B, T) | None: packed-document ids (training only).
-    collect_aux: record router statistics for auxiliary losses (training).
-    aux: per-forward MoE router statistics; losses / stats: what methods add, summed / logged by the model.
-    """
-
-    positions: torch.Tensor
-    valid: torch.Tensor | None
-    cos: torch.Tensor
-    sin: torch.Tensor
-    attn_mask: torch.Tensor | None = None
-    cache: KVCache | None = None
-    doc_ids: torch.Tensor | None = None
-    collect_aux: bool = False
-    aux: list = field(default_factory=list)
-    losses: list = field(default_factory=list)  # weighted auxiliary losses added by methods
-    stats: dict = field(default_factory=dict)  # detached method statistics for logging
-    method: dict = field(default_factory=dict)  # the attached method's per-forward scratch state
-    kv_hook: object = None  # optional (slot, k, v) -> (k, v), set by a method for one forward
-
-
-def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
-                q_valid_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: key s is visible to query t if it is valid and not later in position.
-
-    Causality is by position, never by storage order, so left padding, packed subsets and cache
-    columns all follow one rule. `doc_ids` (queries and keys are the same tokens) also hides other
-    documents of a packed row. PAD queries see every key: their outputs are discarded, and a row
-    with no visible key would make SDPA return NaN.
-    """
-    mask = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]  # (B, T, S)
-    if k_valid_BS is not None:
-        mask = mask & k_valid_BS[:, None, :]
-    if doc_ids_BT is not None:
-        mask = mask & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
-    if q_valid_BT is not None:
-        mask = mask | ~q_valid_BT[:, :, None]
-    return mask[:, None]  # (B, 1, T, S)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D, N, G, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = N, G, H
+        self.flops_per_query = 2 * D * N * H * 2  # q_proj + o_proj (core/flops.py conventions)
+        self.flops_per_kv = 2 * D * G * H * 2  # k_proj + v_proj
         bias = config.attention_bias
         self.q_proj = nn.Linear(D, N * H, bias=bias)
         self.k_proj = nn.Linear(D, G * H, bias=bias)
@@ -165,9 +118,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project_q(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, _ = h_BTD.shape
-        q = self.q_proj(h_BTD).view(B, T, self.num_heads, self.head_dim)  # (B, T, N, H)
+    def project_q(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., N, H) queries with q-norm and RoPE; cos / sin (..., H)."""
+        q = self.q_proj(h).view(*h.shape[:-1], self.num_heads, self.head_dim)  # (..., N, H)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rope(q, cos, sin)
@@ -180,44 +133,44 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         return apply_rope(k, cos, sin), v
 
-    def attend(self, q_BTNH: torch.Tensor, k_BGSH: torch.Tensor, v_BGSH: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """SDPA with GQA; `mask` is a boolean (B, 1, T, S) or None for the causal fast path (T == S)."""
-        B, T, N, H = q_BTNH.shape
-        q = q_BTNH.transpose(1, 2)  # (B, N, T, H)
-        # enable_gqa reads each kv head for its group of query heads, without materialising the expanded
-        # cache (measured 5x faster than repeat_interleave for a decode step over 1024 cached tokens)
-        y = F.scaled_dot_product_attention(q, k_BGSH, v_BGSH, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=N != k_BGSH.shape[1])
-        return y.transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
-
-    def forward(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int,
-                q_idx_BK: torch.Tensor | None = None, q_valid_BK: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, q_idx_BK: torch.Tensor | None = None,
+                q_valid_BK: torch.Tensor | None = None, ideal_q_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Attention branch on normed input. Every token computes K/V (and writes them to the cache).
 
         Queries come from every token (B, T, D) -> (B, T, D), or, with `q_idx_BK` (column indices per
-        row, see `core.routing.pack_padded`), only from those tokens: (B, K, D). The second form is
-        how GateSkip saves the q/o projections and the attention of skipped tokens while they still
-        provide keys and values to the others.
+        row, see `core.routing.pack_padded`), only from those tokens: (B, K, D), zero where `q_valid_BK`
+        is False. The second form is how GateSkip saves the q/o projections and the attention of skipped
+        tokens while they still provide keys and values to the others; its q/o projections run on the
+        valid entries only, so rows padded to the longest row cost attention pairs, not projections.
+        `ideal_q_BT` (B, T) bool, with every token a query: only these queries count in the ideal FLOPs
+        (a caller that runs the branch densely and discards the other outputs).
+        Records executed and ideal FLOPs in `ctx.ledger` (see core/accounting.py).
         """
+        B, T, _ = h_BTD.shape
         k, v = self.project_kv(h_BTD, ctx.cos, ctx.sin)  # (B, T, G, H)
         if ctx.kv_hook is not None:  # a method may replace some tokens' K/V (GateSkip's copy_prev policy)
             k, v = ctx.kv_hook(slot, k, v)
-        if q_idx_BK is None:
-            h_q, cos_q, sin_q, pos_q, valid_q = h_BTD, ctx.cos, ctx.sin, ctx.positions, ctx.valid
-        else:
-            h_q, cos_q, sin_q, pos_q = (gather_padded(t, q_idx_BK) for t in (h_BTD, ctx.cos, ctx.sin, ctx.positions))
-            valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
         if ctx.cache is not None:
             k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid)  # (B, G, S, H)
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
-        if q_idx_BK is not None and q_idx_BK.shape[1] == 0:  # every token skipped: K/V written, nothing else
-            return h_BTD.new_zeros(h_BTD.shape[0], 0, h_BTD.shape[2])
-        q = self.project_q(h_q, cos_q, sin_q)  # (B, K, N, H)
+        if q_idx_BK is None:
+            pos_q, valid_q = ctx.positions, ctx.valid
+            if ideal_q_BT is not None:
+                valid_q = ideal_q_BT if valid_q is None else valid_q & ideal_q_BT
+            q = self.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
+        else:
+            if q_idx_BK.shape[1] == 0:  # every token skipped: K/V written, nothing else
+                self._record(ctx, slot, h_BTD, 0, 0, 0)
+                return h_BTD.new_zeros(B, 0, h_BTD.shape[2])
+            pos_q = ctx.positions.gather(1, q_idx_BK)  # (B, K)
+            valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
+            rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
+            q = self._project_q_subset(h_BTD, ctx, q_idx_BK, rows_N, cols_N)  # (B, K, N, H)
+        Tq = q.shape[1]
         if ctx.cache is not None:
             S = k_all.shape[2]
-            k_pos = torch.arange(S, device=h_BTD.device).expand(h_BTD.shape[0], S)  # (B, S)
+            k_pos = torch.arange(S, device=h_BTD.device).expand(B, S)  # (B, S)
             mask = causal_mask(pos_q, k_pos, k_valid, valid_q)
             last_key = pos_q  # cache column s holds position s
         else:
@@ -226,35 +179,77 @@ class Attention(nn.Module):
             if q_idx_BK is not None:
                 doc_q = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, q_idx_BK)
                 mask = subset_mask(pos_q, ctx.positions, ctx.valid, valid_q, doc_q, ctx.doc_ids)
+            elif ideal_q_BT is not None and mask is not None:
+                mask = mask | ~ideal_q_BT[:, None, :, None]  # discarded queries are like PAD ones
         if q_idx_BK is None or mask is None:
-            return self.o_proj(self.attend(q, k_all, v_all, mask))  # (B, T, D)
-        return self.o_proj(self.attend_chunks(q, k_all, v_all, mask, last_key))  # (B, K, D)
+            y = self.attend(q, k_all, v_all, mask)  # (B, T, N*H)
+            pairs = B * Tq * k_all.shape[2] if mask is not None else B * Tq * (Tq + 1) // 2  # causal kernels
+            q_rows = B * Tq  # skip the upper triangle; with a mask, SDPA computes every pair
+            out = self.o_proj(y)
+        else:
+            y, pairs = self.attend_chunks(q, k_all, v_all, mask, last_key)  # (B, K, N*H)
+            o_N = self.o_proj(y[rows_N, cols_N])  # (N, D): valid entries only
+            out, q_rows = o_N.new_zeros(B, Tq, o_N.shape[-1]).index_put((rows_N, cols_N), o_N), rows_N.numel()
+        n_q = B * Tq if valid_q is None else valid_q.sum()
+        self._record(ctx, slot, h_BTD, q_rows, pairs, self._visible_pairs(mask, valid_q, B, Tq), n_q)
+        return out  # (B, T or K, D)
+
+    def _project_q_subset(self, h_BTD, ctx: ForwardContext, q_idx_BK, rows_N, cols_N) -> torch.Tensor:
+        """Queries (B, K, N, H) of the chosen tokens, projected for the valid entries only (zeros elsewhere)."""
+        B, K = q_idx_BK.shape
+        t_N = q_idx_BK[rows_N, cols_N]  # (N,) source column of each valid entry
+        q_N = self.project_q(h_BTD[rows_N, t_N], ctx.cos[rows_N, t_N], ctx.sin[rows_N, t_N])  # (N, N_h, H)
+        return q_N.new_zeros(B, K, self.num_heads, self.head_dim).index_put((rows_N, cols_N), q_N)
+
+    @staticmethod
+    def _visible_pairs(mask_B1KS: torch.Tensor | None, valid_q_BK: torch.Tensor | None, B: int, Tq: int):
+        """(query, key) pairs the causal mask lets the valid queries see: the ideal attention work."""
+        if mask_B1KS is None:  # causal fast path: positions 0..T-1, query t sees t + 1 keys
+            if valid_q_BK is None:
+                return B * Tq * (Tq + 1) // 2
+            return (valid_q_BK * torch.arange(1, Tq + 1, device=valid_q_BK.device)).sum()
+        seen = mask_B1KS[:, 0] if valid_q_BK is None else mask_B1KS[:, 0] & valid_q_BK[..., None]  # (B, K, S)
+        return seen.sum()
+
+    def _record(self, ctx: ForwardContext, slot: int, h_BTD: torch.Tensor, q_rows, pairs, ideal_pairs,
+                ideal_q=0) -> None:
+        """Executed FLOPs from the shapes given to the kernels; ideal ones from valid queries and keys."""
+        B, T, _ = h_BTD.shape
+        n_kv = B * T if ctx.valid is None else ctx.valid.sum()
+        per_pair = 4 * self.num_heads * self.head_dim
+        ctx.ledger.add(slot, "attn", executed=q_rows * self.flops_per_query + B * T * self.flops_per_kv
+                       + pairs * per_pair, ideal=ideal_q * self.flops_per_query + n_kv * self.flops_per_kv
+                       + ideal_pairs * per_pair, tokens=ideal_q)
+
+    def attend(self, q_BTNH: torch.Tensor, k_BGSH: torch.Tensor, v_BGSH: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """SDPA with GQA; `mask` is a boolean (B, 1, T, S) or None for the causal fast path (T == S).
+        Returns (B, T, N*H), before o_proj."""
+        B, T, N, H = q_BTNH.shape
+        q = q_BTNH.transpose(1, 2)  # (B, N, T, H)
+        # enable_gqa reads each kv head for its group of query heads, without materialising the expanded
+        # cache (measured 5x faster than repeat_interleave for a decode step over 1024 cached tokens)
+        y = F.scaled_dot_product_attention(q, k_BGSH, v_BGSH, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=N != k_BGSH.shape[1])
+        return y.transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
 
     def attend_chunks(self, q_BKNH, k_BGSH, v_BGSH, mask_B1KS, last_key_BK, min_chunk: int = 256):
         """`attend` for sorted query subsets, in chunks that each read keys only up to their last query.
 
         A boolean mask makes SDPA compute every (query, key) block, so a subset of a long causal sequence
         would pay for the masked upper triangle; chunking skips most of it (exact: those keys are masked).
+        Returns (B, K, N*H) and the (query, key) pairs computed.
         """
-        K = q_BKNH.shape[1]
+        B, K = q_BKNH.shape[:2]
         n = max(1, min(8, K // min_chunk))
         if n == 1:
-            return self.attend(q_BKNH, k_BGSH, v_BGSH, mask_B1KS)
+            return self.attend(q_BKNH, k_BGSH, v_BGSH, mask_B1KS), B * K * k_BGSH.shape[2]
         size = -(-K // n)
-        outs = []
+        outs, pairs = [], 0
         for c0 in range(0, K, size):
             c1 = min(K, c0 + size)
             stop = int(last_key_BK[:, c0:c1].max()) + 1  # one host sync per chunk
             outs.append(self.attend(q_BKNH[:, c0:c1], k_BGSH[:, :, :stop], v_BGSH[:, :, :stop],
                                     mask_B1KS[:, :, c0:c1, :stop]))
-        return torch.cat(outs, dim=1)  # (B, K, N*H)
-
-
-def subset_mask(q_pos_BK, k_pos_BT, k_valid_BT, q_valid_BK, q_doc_BK=None, k_doc_BT=None) -> torch.Tensor:
-    """causal_mask for queries that are a subset of the keys (documents compared separately)."""
-    mask = causal_mask(q_pos_BK, k_pos_BT, k_valid_BT, None)  # (B, 1, K, T)
-    if q_doc_BK is not None:
-        mask = mask & (q_doc_BK[:, None, :, None] == k_doc_BT[:, None, None, :])
-    if q_valid_BK is not None:
-        mask = mask | ~q_valid_BK[:, None, :, None]
-    return mask
+            pairs += B * (c1 - c0) * stop
+        return torch.cat(outs, dim=1), pairs  # (B, K, N*H)

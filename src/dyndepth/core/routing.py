@@ -1,5 +1,6 @@
 """Token routing shared by every method: choose tokens (`select`), move them (`pack` / `scatter_add`,
-`pack_padded` / `scatter_padded_add`), count them (`RoutingStats`), and budget schedules.
+`pack_padded` / `scatter_padded_add`), calibrate thresholds (`rank_threshold`), and budget schedules.
+What ran is counted by `core/accounting.py`.
 
 Shape legend: B batch, T tokens, D hidden_size, N kept tokens of the whole batch (flat), K kept tokens
 per row (padded to the longest row, or to a static size).
@@ -9,10 +10,13 @@ Conventions
 - `valid` (B, T) marks the ranking pool; False is PAD (GateSkip also passes EOS as False). Tokens outside
   the pool are never ranked and never use budget. `SelectRule.pad_policy` says what happens to them:
   "drop": never kept (Mixture-of-Depths, top-k capacity: PAD is never selected);
-  "keep": always kept (GateSkip forces their importance to 1.0, so they run the branch, harmlessly).
-- Top-k ties go to the earlier token (stable sort). The quantile rule skips every pool token whose score
-  is <= tau, ties included. Scores must be finite. To protect a token (e.g. BOS), the caller forces its
-  score: a large finite value for top-k; for the quantile rule, exclude it from `valid` with "keep".
+  "keep": always kept.
+- Ties. Top-k: ties go to the earlier token (stable sort). Quantile: the rule skips exactly floor(q * n)
+  pool tokens, the lowest scores; among equal scores the later token is skipped first. So a budget is met
+  exactly even when every score is the same (fresh GateSkip gates in bfloat16), and the result never
+  depends on float noise. Scores must be finite; rank them in float32.
+- To protect a token (e.g. BOS), the caller forces its score: a large finite value for top-k; for the
+  quantile rule, exclude it from `valid` with "keep".
 - Host syncs: `select` never syncs. `pack` syncs (`nonzero`) unless `size` is given; `pack_padded` syncs
   (longest row) unless `size` is given. With a static size, tokens beyond it are silently dropped: pick a
   size no smaller than the possible count (a static top-k guarantees <= k per row).
@@ -29,7 +33,6 @@ import torch
 RULE_KINDS = ("topk", "quantile", "threshold")
 SCOPES = ("sequence", "batch")
 PAD_POLICIES = ("drop", "keep")
-_QUANTILE_MAX_NUMEL = 2**24  # torch.nanquantile's input limit
 
 
 @dataclass
@@ -39,8 +42,8 @@ class SelectRule:
     kind "topk": keep k = ceil(fraction * n) tokens with the highest scores, n = pool size of the scope
       (a row for scope "sequence", the whole batch for "batch"). `static_k=True` uses n = T (or B*T) so k
       is a Python int and shapes never depend on data; rows with fewer pool tokens keep fewer.
-    kind "quantile" (GateSkip): tau = torch.quantile(pool scores, q, interpolation="linear"); skip pool
-      tokens with score <= tau. q == 0, or a pool of <= 1 token, skips nothing.
+    kind "quantile" (GateSkip): skip the floor(q * n) lowest-scoring pool tokens (the official training
+      rule; ties skip the later token first). q == 0, or a pool of <= 1 token when q < 1, skips nothing.
     kind "threshold": keep pool tokens with score > threshold (scope does not matter).
     """
 
@@ -88,26 +91,43 @@ def _rows(t_BT: torch.Tensor, scope: str) -> torch.Tensor:
     return t_BT.reshape(1, -1) if scope == "batch" else t_BT  # (R, T'): one row per ranking pool
 
 
-def quantile_threshold(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, q: float,
-                       scope: str = "batch") -> torch.Tensor:
-    """tau per pool, (B, 1) for scope "sequence" or (1, 1) for "batch": the linear-interpolation q-quantile
-    of the pool's scores, exactly as torch.quantile computes it. NaN where the pool is empty."""
+def _skip_ranks(scores_RT: torch.Tensor, pool_RT: torch.Tensor) -> torch.Tensor:
+    """Rank of every token in its row's pool by ascending score, ties: later token first (R, T).
+    Tokens outside the pool rank after every pool token."""
+    R, T = scores_RT.shape
+    masked_RT = scores_RT.float().masked_fill(~pool_RT, float("inf")).flip(1)  # flipped: ties -> later first
+    order_RT = torch.argsort(masked_RT, dim=1, stable=True)  # ascending
+    ranks_RT = torch.arange(T, device=scores_RT.device).expand(R, T)
+    return torch.empty_like(order_RT).scatter_(1, order_RT, ranks_RT).flip(1)
+
+
+def _skip_count(pool_RT: torch.Tensor, q: float) -> torch.Tensor:
+    """floor(q * n) per pool (R, 1), with a 1e-9 tolerance so float error never drops a token."""
+    return torch.floor(q * pool_RT.sum(1, keepdim=True).double() + 1e-9)
+
+
+def rank_threshold(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, q: float,
+                   scope: str = "batch") -> torch.Tensor:
+    """The score threshold that separates the floor(q * n) lowest pool scores from the rest, per pool:
+    (B, 1) for scope "sequence", (1, 1) for "batch". It is the midpoint of the highest skipped and the lowest
+    kept score, so `keep = score > tau` on the same scores skips exactly those tokens (when they are
+    distinct); -inf when nothing is skipped. Used to calibrate thresholds for decoding."""
     pool_BT = torch.ones_like(scores_BT, dtype=torch.bool) if valid_BT is None else valid_BT.bool()
     scores_RT, pool_RT = _rows(scores_BT.float(), scope), _rows(pool_BT, scope)
-    if scores_RT.numel() > _QUANTILE_MAX_NUMEL:
-        raise ValueError(f"the quantile rule ranks at most {_QUANTILE_MAX_NUMEL} tokens per call, got "
-                         f"{scores_RT.numel()}; use scope='sequence' or a smaller batch.")
-    nan_RT = scores_RT.masked_fill(~pool_RT, float("nan"))  # nanquantile ignores tokens outside the pool
-    return torch.nanquantile(nan_RT, q, dim=1, keepdim=True, interpolation="linear")  # (R, 1)
+    k_R1 = _skip_count(pool_RT, q).long()  # (R, 1)
+    sorted_RT = scores_RT.masked_fill(~pool_RT, float("inf")).sort(dim=1).values  # ascending, pool first
+    T = sorted_RT.shape[1]
+    lo = sorted_RT.gather(1, (k_R1 - 1).clamp(0, T - 1))  # highest skipped
+    hi = sorted_RT.gather(1, k_R1.clamp(0, T - 1))  # lowest kept
+    tau_R1 = torch.where(k_R1 >= pool_RT.sum(1, keepdim=True), lo, (lo + hi) / 2)
+    return torch.where(k_R1 == 0, torch.full_like(tau_R1, float("-inf")), tau_R1)
 
 
 def _quantile_keep(scores_BT: torch.Tensor, pool_BT: torch.Tensor, q: float, scope: str) -> torch.Tensor:
     if q == 0.0:
         return pool_BT.clone()
-    tau_R1 = quantile_threshold(scores_BT, pool_BT, q, scope)  # (R, 1)
-    scores_RT, pool_RT = _rows(scores_BT.float(), scope), _rows(pool_BT, scope)
-    big_R1 = pool_RT.sum(1, keepdim=True) > 1  # a pool of <= 1 token skips nothing
-    skip_RT = pool_RT & (scores_RT <= tau_R1) & big_R1
+    scores_RT, pool_RT = _rows(scores_BT, scope), _rows(pool_BT, scope)
+    skip_RT = (_skip_ranks(scores_RT, pool_RT) < _skip_count(pool_RT, q)) & pool_RT
     return (pool_RT & ~skip_RT).reshape(pool_BT.shape)
 
 
@@ -182,22 +202,31 @@ def unpack(y_ND: torch.Tensor, idx_N: torch.Tensor, B: int, T: int) -> torch.Ten
 
 # ---- moving tokens: padded per row (B, K, D) ----
 
-def pack_padded(x_BTD: torch.Tensor, keep_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
-                size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact each row's kept tokens to the front: (x_BKD, pos_BK, valid_BK, idx_BK).
+def pack_indices(keep_BT: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept columns compacted to the front: idx_BK (ascending within a row) and valid_BK.
 
-    idx_BK holds column indices t (ascending within a row); pos_BK the original positions
-    (`positions_BT` gathered, or t itself). Entries past a row's count have valid False, idx 0 and pos of
-    column 0. K is the longest row (a host sync) unless `size` is given.
-    """
+    Entries past a row's count have valid False and idx 0. K is the longest row (a host sync) unless
+    `size` is given (kept tokens beyond it are dropped)."""
     B, T = keep_BT.shape
     count_B = keep_BT.sum(1)  # (B,)
     K = int(count_B.max()) if size is None else size
     col_BT = keep_BT.long().cumsum(1) - 1  # destination column of each kept token
     dest_BT = torch.where(keep_BT & (col_BT < K), col_BT, K)  # others -> scratch column K
-    t_BT = torch.arange(T, device=x_BTD.device).expand(B, T)
-    idx_BK = torch.zeros(B, K + 1, dtype=torch.long, device=x_BTD.device).scatter_(1, dest_BT, t_BT)[:, :K]
-    valid_BK = torch.arange(K, device=x_BTD.device)[None, :] < count_B[:, None]  # (B, K)
+    t_BT = torch.arange(T, device=keep_BT.device).expand(B, T)
+    idx_BK = torch.zeros(B, K + 1, dtype=torch.long, device=keep_BT.device).scatter_(1, dest_BT, t_BT)[:, :K]
+    valid_BK = torch.arange(K, device=keep_BT.device)[None, :] < count_B[:, None]  # (B, K)
+    return idx_BK, valid_BK
+
+
+def pack_padded(x_BTD: torch.Tensor, keep_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
+                size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact each row's kept tokens to the front: (x_BKD, pos_BK, valid_BK, idx_BK).
+
+    idx_BK holds column indices t (ascending within a row, see `pack_indices`); pos_BK the original
+    positions (`positions_BT` gathered, or t itself). Entries past a row's count have valid False, idx 0
+    and pos of column 0. K is the longest row (a host sync) unless `size` is given.
+    """
+    idx_BK, valid_BK = pack_indices(keep_BT, size)
     x_BKD = gather_padded(x_BTD, idx_BK)  # (B, K, D)
     pos_BK = idx_BK.clone() if positions_BT is None else positions_BT.gather(1, idx_BK)
     return x_BKD, pos_BK, valid_BK, idx_BK
@@ -232,66 +261,3 @@ def capacity_anneal(step: int, c: float, period: float) -> float:
     if period <= 0:
         raise ValueError(f"capacity_anneal period must be positive, got {period}.")
     return c + (1.0 - c) / (step / period + 1.0)
-
-
-# ---- counting ----
-
-class RoutingStats:
-    """Executed (token, branch) pairs, pool pairs and FLOPs per (slot, branch), without host syncs.
-
-    `record` adds detached tensors on the scores' device; reading (`executed`, `fraction_skipped`, ...)
-    converts to Python numbers, the only sync. Only pool tokens count: PAD (and GateSkip's EOS) are
-    neither executed nor skipped pairs, even when "keep" runs the branch on them. Pooled fractions weight
-    every pair equally, which matches GateSkip's per-module average when modules see the same tokens.
-    """
-
-    def __init__(self) -> None:
-        self._executed: dict[tuple[int, str], torch.Tensor | int] = {}
-        self._total: dict[tuple[int, str], torch.Tensor | int] = {}
-        self._flops: dict[tuple[int, str], torch.Tensor | float] = {}
-
-    def record(self, slot: int, branch: str, keep_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> None:
-        keep_BT = keep_BT.detach()
-        if valid_BT is None:
-            executed, total = keep_BT.sum(), keep_BT.numel()
-        else:
-            executed, total = (keep_BT & valid_BT).sum(), valid_BT.sum()
-        self.record_counts(slot, branch, executed, total)
-
-    def record_counts(self, slot: int, branch: str, executed, total) -> None:
-        key = (slot, branch)
-        self._executed[key] = self._executed.get(key, 0) + executed
-        self._total[key] = self._total.get(key, 0) + total
-
-    def add_flops(self, slot: int, branch: str, flops) -> None:
-        key = (slot, branch)
-        self._flops[key] = self._flops.get(key, 0) + (flops.detach() if torch.is_tensor(flops) else flops)
-
-    def _sum(self, table: dict, slot: int | None, branch: str | None) -> float:
-        vals = [v for (s, b), v in table.items() if (slot is None or s == slot) and (branch is None or b == branch)]
-        return float(sum(float(v) for v in vals))
-
-    def executed(self, slot: int | None = None, branch: str | None = None) -> int:
-        return int(self._sum(self._executed, slot, branch))
-
-    def total(self, slot: int | None = None, branch: str | None = None) -> int:
-        return int(self._sum(self._total, slot, branch))
-
-    def flops(self, slot: int | None = None, branch: str | None = None) -> float:
-        return self._sum(self._flops, slot, branch)
-
-    def fraction_skipped(self, slot: int | None = None, branch: str | None = None) -> float:
-        """1 - executed / pool pairs over the matching keys (all when both are None); 0.0 if none."""
-        total = self.total(slot, branch)
-        return 0.0 if total == 0 else 1.0 - self.executed(slot, branch) / total
-
-    def summary(self) -> dict[str, float]:
-        """{"<slot>.<branch>": fraction executed} per key, plus "fraction_skipped" over all keys."""
-        out = {f"{s}.{b}": 1.0 - self.fraction_skipped(s, b) for (s, b) in sorted(self._total)}
-        out["fraction_skipped"] = self.fraction_skipped()
-        return out
-
-    def reset(self) -> None:
-        self._executed.clear()
-        self._total.clear()
-        self._flops.clear()

@@ -1,14 +1,12 @@
-"""Adaptive-depth methods. Each attaches to a CausalLM (`attach(model, cfg) -> method`) and may return
-trainer hooks (`hooks(method, total_steps)`). METHODS is looked up by exact name."""
+"""Adaptive-depth methods on the contract of `core/method.py`. Attach one by name with `attach_method`
+(registry.py, which lists every method) or with its own `attach_*` function."""
 
-from dyndepth.methods.gateskip import GateSkip, GateSkipConfig, GateSkipHook, attach_gateskip, calibrate
-from dyndepth.methods.mod import MoD, MoDConfig, MoDHook, attach_mod, calibrate_mod
+from dyndepth.methods.calibration import calibrate
+from dyndepth.methods.gateskip import GateSkip, GateSkipConfig, GateSkipHook, attach_gateskip
+from dyndepth.methods.mod import MoD, MoDConfig, MoDHook, attach_mod
+from dyndepth.methods.registry import METHOD_NAMES, attach_method, reconfigure_method
 from dyndepth.methods.speculative import SpecStats, speculative_generate
 
-METHODS = {
-    "gateskip": (attach_gateskip, lambda method, steps: [GateSkipHook(method, steps)]),
-    "mod": (attach_mod, lambda method, steps: [MoDHook(method, steps)]),
-}
-
-__all__ = ["METHODS", "GateSkip", "GateSkipConfig", "GateSkipHook", "MoD", "MoDConfig", "MoDHook",
-           "SpecStats", "attach_gateskip", "attach_mod", "calibrate", "calibrate_mod", "speculative_generate"]
+__all__ = ["METHOD_NAMES", "GateSkip", "GateSkipConfig", "GateSkipHook", "MoD", "MoDConfig", "MoDHook",
+           "SpecStats", "attach_gateskip", "attach_method", "attach_mod", "calibrate", "reconfigure_method",
+           "speculative_generate"]

@@ -3,32 +3,66 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import asdict
 
+import torch
+from torch import nn
 
-@contextlib.contextmanager
-def override_config(cfg, result=None, **fields):
-    """Temporarily set dataclass fields of a method's config; restore them on exit. Yields `result`."""
-    unknown = [k for k in fields if not hasattr(cfg, k)]
-    if unknown:
-        raise ValueError(f"{type(cfg).__name__} has no field {unknown[0]!r}.")
-    old = {k: getattr(cfg, k) for k in fields}
-    for k, v in fields.items():
-        setattr(cfg, k, v)
-    try:
-        yield result
-    finally:
-        for k, v in old.items():
-            setattr(cfg, k, v)
+PPM = 1_000_000  # budgets stored in integer buffers, in parts per million (model.to(dtype) leaves them alone)
 
 
 def make_config(cls, cfg):
-    """A method's config dataclass from an instance, a recipe's `[method]` dict (its `name` dropped) or None."""
-    if isinstance(cfg, dict):
-        return cls(**{k: v for k, v in cfg.items() if k != "name"})
-    return cfg if cfg is not None else cls()
+    """A method's config dataclass from an instance, a recipe's `[method]` dict (its `name` dropped) or None.
+    Unknown keys are an error that names the valid ones."""
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    if not isinstance(cfg, dict):
+        raise TypeError(f"expected a {cls.__name__} or a dict of its fields, got {type(cfg).__name__}.")
+    fields = {k: v for k, v in cfg.items() if k != "name"}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {unknown[0]!r}; valid fields: {sorted(names)}.")
+    return cls(**fields)
+
+
+def replace_config(cfg, **fields):
+    """A copy of a method's config with some fields changed (validated like a fresh config)."""
+    return make_config(type(cfg), {**asdict(cfg), **fields})
+
+
+@contextlib.contextmanager
+def override_knobs(method, check, **knobs):
+    """Set runtime knobs (attributes of `method`) for the `with` block and restore them after.
+    `check(knobs)` validates names and values first; yields the method."""
+    check(knobs)
+    old = {k: getattr(method, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(method, k, v)
+    try:
+        yield method
+    finally:
+        for k, v in old.items():
+            setattr(method, k, v)
 
 
 def method_dict(name: str, cfg) -> dict:
     """What `save_pretrained` records in config.json so `from_pretrained` can re-attach the method."""
     return {"name": name, **asdict(cfg)}
+
+
+def apply_keeping_float32(module: nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
+    """`nn.Module._apply` for a module whose buffers `names` must stay float32 whatever `model.to(dtype)`
+    asks (thresholds compared with float32 scores): they follow the device only."""
+    saved = {n: module._buffers[n] for n in names}
+    nn.Module._apply(module, fn, recurse)
+    for n, old in saved.items():
+        module._buffers[n] = old.to(device=module._buffers[n].device, dtype=torch.float32)
+    return module
+
+
+def budget_ppm(value: float) -> int:
+    return round(value * PPM)

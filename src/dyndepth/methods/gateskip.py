@@ -4,46 +4,61 @@ tokens with the lowest gate values skip the branch under a per-branch budget.
 Shape legend: B batch, T tokens, D hidden_size, K kept tokens per row, N kept tokens in the batch.
 
 Per branch f in {attn, mlp} of layer l, with normed input h = Norm(x) (spec: ../shared/papers/gateskip.md):
-    g = sigmoid(gate(h.detach()))      # (B, T, D) vector gate (or (B, T, 1) scalar, or low-rank)
+    g = sigmoid(gate(h.detach()))      # (B, T, D) vector gate (or (B, T, 1) scalar, or low-rank), float32
     s = mean_d g                       # (B, T) token importance, known *before* the branch runs
-    keep = s > quantile_q(s over the pool)   # pool: valid tokens, PAD and EOS excluded (always run)
+    keep = all but the floor(q * n) lowest s of the pool   # pool: valid tokens, PAD and EOS excluded
     x = x + scatter(g * f(h[keep]))    # skipped tokens: identity on the residual stream
-Training adds lambda * mean over branches of mean(g^2) and ramps q from 0 to 0.2 (the hook below).
+Training adds lambda * mean over branches of mean(g^2) and ramps q from 0 to 0.2 (GateSkipHook).
+
+Precision: gate logits, importances and thresholds are always float32 (the gate's matmul runs in float32
+even under bf16 autocast or with bf16 weights). Fresh gates (bias 5) give s ~ 0.993 for every token; in
+bfloat16 those all tie, and a "s <= quantile" rule would skip every token. The rank rule of
+`core.routing.select` skips exactly floor(q * n) tokens whatever the ties (the official training rule).
 
 Real savings: kept tokens are gathered before q_proj / o_proj / attention and before the MLP, so compute
 falls with the budget. Skipped tokens still run k_proj / v_proj and write K/V to the cache (the
-"compute" K/V policy, the spec's recommended default), so later tokens can still attend to them.
+"compute" K/V policy, the spec's recommended default), so later tokens can still attend to them. When
+only some tokens keep a branch, `_packing_pays` chooses between running the kept tokens packed and
+running the branch densely with a masked output (small decode batches, where a matmul over fewer rows
+is no faster); `gateskip/packed` reports how often packing ran. Every FLOP is counted in the forward's
+ledger, executed (what ran) and ideal (what the budget allows) separately.
 
 Our extensions (not in the paper): `scope="sequence"` ranks within each sequence (batch-independent
 outputs); `mode="threshold"` applies per-branch thresholds calibrated at budget q (`calibrate`), so
 decoding with batch 1, where the quantile pool collapses, still skips; `protect_bos`; a low-rank gate.
+Paper ablations: `skip_branches="attn"` / `"mlp"` (only one branch type skips, at twice the budget, as
+the paper does), `skip_unit="layer"` (the MLP follows the attention gate's decision: whole-layer skipping,
+the paper's pruning job), `shared=True` (one gate pair for all layers; thresholds stay per layer).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.core import flops
-from dyndepth.core.layers import ForwardContext
+from dyndepth.core.context import ForwardContext
+from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
     gather_flat,
     gather_padded,
     linear_ramp,
     pack,
-    pack_padded,
-    quantile_threshold,
+    pack_indices,
     scatter_add,
     scatter_padded_add,
     select,
 )
-from dyndepth.methods.common import make_config, method_dict, override_config
+from dyndepth.methods.common import PPM, apply_keeping_float32, budget_ppm, make_config, method_dict, override_knobs
 
 BRANCHES = ("attn", "mlp")
+STRUCTURAL = ("gate", "rank", "shared")  # fields that shape parameters: fixed once attached
+MODES = ("quantile", "threshold")
+PATHS = ("auto", "packed", "dense")
 
 
 @dataclass
@@ -52,258 +67,360 @@ class GateSkipConfig:
     rank: int = 16  # lowrank gate width
     shared: bool = False  # one attention gate and one MLP gate for all layers (paper ablation)
     detach_input: bool = True  # the gate reads a detached copy of the branch input (official code)
-    budget: float = 0.0  # q: fraction of pool tokens each branch skips
+    budget: float = 0.0  # q: fraction of pool tokens each branch skips (the default runtime knob)
     scope: str = "batch"  # ranking pool: "batch" (paper) | "sequence" (ours: batch-independent)
-    mode: str = "quantile"  # quantile (paper) | threshold (calibrated per branch; decoding)
+    mode: str = "quantile"  # quantile (paper: rank rule) | threshold (calibrated per branch; decoding)
     protect_bos: bool = False  # never skip position 0 (the spec's recommendation; off = paper)
     kv_policy: str = "compute"  # K/V of tokens skipping attention: "compute" (default) | "copy_prev" (experimental)
+    skip_branches: str = "both"  # both | attn | mlp: which branch type skips (one type: at twice the budget)
+    skip_unit: str = "branch"  # branch | layer: the MLP follows the attention gate's decision (whole layer)
     penalty: float = 1.0  # lambda on mean(g^2), averaged over branches (paper jobs use 1.0)
     init_bias: float = 5.0  # sigmoid(5) = 0.993: the fine-tune starts from the unmodified model
     init_std: float = 0.01
     ramp_start: float = 0.0  # training budget ramp (paper: 0 -> 0.2 over the whole run)
     ramp_end: float = 0.2
     ramp_steps: int = 0  # 0: the run's total steps
-    calibrated_budget: float | None = None  # the budget `calibrate` computed layer.gateskip.tau for
+    path: str = "auto"  # auto | packed | dense: how a branch runs when only some tokens keep it
+    pack_min_skipped: int = 4  # auto: pack only when at least this many tokens of the call skip the branch
 
     def __post_init__(self) -> None:
-        checks = (("gate", ("vector", "scalar", "lowrank")), ("scope", ("batch", "sequence")),
-                  ("mode", ("quantile", "threshold")), ("kv_policy", ("compute", "copy_prev")))
+        checks = (("gate", ("vector", "scalar", "lowrank")), ("scope", ("batch", "sequence")), ("mode", MODES),
+                  ("kv_policy", ("compute", "copy_prev")), ("skip_branches", ("both", "attn", "mlp")),
+                  ("skip_unit", ("branch", "layer")), ("path", PATHS))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"gateskip.{name}={getattr(self, name)!r} is not one of {allowed}.")
-        if not 0.0 <= self.budget < 1.0:
-            raise ValueError(f"gateskip.budget={self.budget} must lie in [0, 1).")
+        for name in ("budget", "ramp_start", "ramp_end"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"gateskip.{name}={getattr(self, name)} must lie in [0, 1).")
+        if self.skip_unit == "layer" and self.skip_branches != "both":
+            raise ValueError("gateskip.skip_unit='layer' skips whole layers; it needs skip_branches='both'.")
+        if self.rank < 1 or self.pack_min_skipped < 1:
+            raise ValueError("gateskip.rank and gateskip.pack_min_skipped must be >= 1.")
 
 
 class Gate(nn.Module):
-    """sigmoid(W h + b): (..., D) -> (..., D) for vector, (..., 1) for scalar; low-rank W = up @ down."""
+    """sigmoid(W h + b) in float32: (..., D) -> (..., D) for vector, (..., 1) for scalar; low-rank W = proj @ down.
+
+    Init: W ~ N(0, init_std), b = init_bias (the paper). The low-rank gate's `down` starts at N(0, 1/D) so
+    down(h) has unit scale and `proj` (std init_std) gets a useful gradient from the first step; with both
+    factors at std 0.01 the product and both gradients would start near zero."""
 
     def __init__(self, dim: int, cfg: GateSkipConfig) -> None:
         super().__init__()
         out = 1 if cfg.gate == "scalar" else dim
-        if cfg.gate == "lowrank":
-            self.down = nn.Linear(dim, cfg.rank, bias=False)
-            self.proj = nn.Linear(cfg.rank, dim)
-        else:
-            self.down = None
-            self.proj = nn.Linear(dim, out)
-        for p in self.parameters():
-            nn.init.normal_(p, std=cfg.init_std)
+        self.down = nn.Linear(dim, cfg.rank, bias=False) if cfg.gate == "lowrank" else None
+        self.proj = nn.Linear(cfg.rank if self.down is not None else dim, out)
+        nn.init.normal_(self.proj.weight, std=cfg.init_std)
         nn.init.constant_(self.proj.bias, cfg.init_bias)
+        if self.down is not None:
+            nn.init.normal_(self.down.weight, std=dim ** -0.5)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.proj(h if self.down is None else self.down(h)))
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.float()
+            if self.down is not None:
+                x = _linear32(self.down, x)  # (..., r)
+            return torch.sigmoid(_linear32(self.proj, x))
+
+    def flops_per_token(self) -> int:
+        return sum(2 * m.in_features * m.out_features for m in (self.down, self.proj) if m is not None)
 
 
-class LayerGates(nn.Module):
-    """The parameters GateSkip adds to one layer: `model.layers.{i}.gateskip.{attn,mlp}_gate.*`, plus the
-    calibrated thresholds `tau` (attn, mlp) for threshold mode."""
+def _linear32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gate projection in float32 whatever its weights' dtype (a quantized one computes in x's dtype)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight.float(), None if module.bias is None else module.bias.float())
+    return module(x).float()
+
+
+class BranchGates(nn.Module):
+    """An attention gate and an MLP gate: `model.layers.{i}.gateskip.{attn,mlp}_gate.*`, or, with
+    `shared=True`, one pair for the whole model at `model.gateskip.{attn,mlp}_gate.*`."""
 
     def __init__(self, dim: int, cfg: GateSkipConfig) -> None:
         super().__init__()
         self.attn_gate = Gate(dim, cfg)
         self.mlp_gate = Gate(dim, cfg)
+
+
+class LayerGates(nn.Module):
+    """What GateSkip adds to one layer: its gates (unless shared) and, always per layer and branch, the
+    thresholds `tau` (attn, mlp; float32 whatever the model's dtype) calibrated for decoding at the budget
+    `tau_budget_ppm` (parts per million; -1: not calibrated)."""
+
+    def __init__(self, dim: int, cfg: GateSkipConfig) -> None:
+        super().__init__()
+        if not cfg.shared:
+            self.attn_gate = Gate(dim, cfg)
+            self.mlp_gate = Gate(dim, cfg)
         self.register_buffer("tau", torch.zeros(2))
+        self.register_buffer("tau_budget_ppm", torch.full((), -1, dtype=torch.long))
+
+    def _apply(self, fn, recurse: bool = True):
+        return apply_keeping_float32(self, fn, recurse, ("tau",))
+
+
+@dataclass
+class GateSkipState:
+    """One forward's routing, read by `end`, the analysis tools (via `Trace`) and the tests."""
+
+    pool: torch.Tensor  # (B, T) ranking pool: valid, not EOS, not a protected BOS
+    always: torch.Tensor  # (B, T) valid tokens outside the pool: they run every branch
+    keep: dict = field(default_factory=dict)  # (slot, branch) -> (B, T) bool over valid tokens | None (all ran)
+    scores: dict = field(default_factory=dict)  # (slot, branch) -> importance s (B, T) float32
+    gate_sq: list = field(default_factory=list)  # mean(g^2) per branch call (training forwards)
+    partial: int = 0  # branch calls where only some tokens kept the branch
+    packed: int = 0  # ... of which ran packed (the others densely, with a masked output)
+    prev_kv: tuple | None = None  # copy_prev: the previous slot's K/V
 
 
 class GateSkip:
-    """The method: `apply(layer, x, ctx, slot)` replaces a layer's forward. Attach with `attach_gateskip`."""
+    """The method (see the module docstring). Attach with `attach_gateskip`; runtime knobs: budget, mode, path."""
 
     name = "gateskip"
 
-    def __init__(self, cfg: GateSkipConfig, eos_token_ids: list[int], shared_gates: LayerGates | None = None) -> None:
-        self.cfg = cfg
-        self.eos_token_ids = eos_token_ids
-        self.shared_gates = shared_gates  # cfg.shared: layer 0's gates serve every layer
-        self.calibration: dict | None = None  # while `calibrate` runs: (slot, branch) -> [tau per batch]
+    def __init__(self, config: GateSkipConfig, eos_token_ids: list[int], shared: BranchGates | None) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+        self.shared = shared
+        self.recorder: ThresholdRecorder | None = None  # set while `calibrate` records thresholds
+        self._decoder = None  # the model's DecoderModel (see `bind`)
+        self.configure(config)
 
-    def num_slots(self, config) -> int:
-        return config.num_hidden_layers
+    def configure(self, config: GateSkipConfig) -> None:
+        """Adopt a new config (training options); runtime knobs reset to its values."""
+        old = getattr(self, "config", None)
+        changed = [f for f in STRUCTURAL if old is not None and getattr(old, f) != getattr(config, f)]
+        if changed:
+            raise ValueError(f"gateskip.{changed[0]} cannot change once attached (it shapes the parameters).")
+        self.config = config
+        self.budget, self.mode, self.path = config.budget, config.mode, config.path  # runtime knobs
+
+    def extra_slots(self, num_slots: int) -> int:
+        return 0
+
+    # ---- runtime knobs ----
+    def knobs(self) -> dict:
+        return {"budget": self.budget, "mode": self.mode, "path": self.path}
+
+    def _check(self, knobs: dict) -> None:
+        check_knobs(self.name, ("budget", "mode", "path"), knobs)
+        if "budget" in knobs and not 0.0 <= knobs["budget"] < 1.0:
+            raise ValueError(f"gateskip budget={knobs['budget']} must lie in [0, 1).")
+        if knobs.get("mode", "quantile") not in MODES or knobs.get("path", "auto") not in PATHS:
+            raise ValueError(f"gateskip mode must be one of {MODES} and path one of {PATHS}, got {knobs}.")
+
+    def override(self, **knobs):
+        """Temporarily change runtime knobs: `with method.override(budget=0.3): model(ids)`."""
+        return override_knobs(self, self._check, **knobs)
+
+    def decoding(self, budget: float = 0.0, **knobs):
+        """Cached generation at `budget`: threshold mode with the thresholds `calibrate` stored for it."""
+        if budget > 0:
+            calibrated = {int(g.tau_budget_ppm) / PPM for g in self.layer_gates}
+            if calibrated != {budget_ppm(budget) / PPM}:
+                raise ValueError(f"GateSkip thresholds are calibrated for budget(s) {sorted(calibrated)} (<0: none), "
+                                 f"not {budget}; run dyndepth.methods.calibrate(model, batches, budget={budget}) "
+                                 "first.")
+        return self.override(budget=budget, mode="threshold" if budget > 0 else "quantile", **knobs)
+
+    def recording(self, recorder: ThresholdRecorder):
+        """While active, every branch records its importances and the budget's rank threshold."""
+        return override_knobs(self, lambda knobs: None, recorder=recorder, mode="quantile")
+
+    def set_thresholds(self, thresholds: dict, knobs: dict) -> None:
+        budget = knobs.get("budget", self.budget)
+        for slot, gates in enumerate(self.layer_gates):
+            for b, branch in enumerate(BRANCHES):
+                if (slot, branch) in thresholds:
+                    gates.tau[b] = thresholds[(slot, branch)]
+            gates.tau_budget_ppm.fill_(budget_ppm(budget))
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        return [GateSkipHook(self, total_steps)]
+
+    def to_dict(self) -> dict:
+        return method_dict(self.name, self.config)
 
     # ---- per forward ----
-    def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> None:
-        pool = torch.ones_like(input_ids, dtype=torch.bool) if ctx.valid is None else ctx.valid.clone()
+    def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> GateSkipState:
+        valid = ctx.valid_or_all
+        pool = valid.clone()
         if self.eos_token_ids:  # EOS is never skipped nor counted (official code)
             pool &= ~torch.isin(input_ids, torch.tensor(self.eos_token_ids, device=input_ids.device))
-        if self.cfg.protect_bos:
+        if self.config.protect_bos:
             pool &= ctx.positions != 0
-        ctx.method = {"pool": pool, "g2": [], "masks": {}}
-        if self.cfg.kv_policy == "copy_prev":
+        if self.config.kv_policy == "copy_prev":
             ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
+        return GateSkipState(pool=pool, always=valid & ~pool)
 
-    def end(self, ctx: ForwardContext, config) -> None:
-        m = ctx.method
-        if m["g2"]:  # training forwards: the L2 gate penalty, averaged over branches
-            penalty = torch.stack(m["g2"]).mean()
-            ctx.stats["gateskip/gate_sq"] = penalty.detach()
-            if self.cfg.penalty:
-                ctx.losses.append(self.cfg.penalty * penalty)
-        run = self.executed(ctx)
-        pool_n = m["pool"].sum().clamp(min=1)
-        for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs
-            ctx.stats[f"gateskip/{branch}_skipped"] = 1 - run[branch].sum() / (pool_n * run[branch].shape[0])
-        ctx.stats["gateskip/flops"] = self.flops(ctx, config, run)
+    def end(self, ctx: ForwardContext) -> MethodOutput:
+        st: GateSkipState = ctx.state
+        out = MethodOutput()
+        if st.gate_sq:  # training forwards: the L2 gate penalty, averaged over branches
+            penalty = torch.stack(st.gate_sq).mean()
+            out.stats["gateskip/gate_sq"] = penalty.detach()
+            if self.config.penalty:
+                out.losses.append(self.config.penalty * penalty)
+        n_pool = st.pool.sum().clamp(min=1)
+        for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs of the pool
+            masks = [keep for (_, b), keep in st.keep.items() if b == branch]
+            skipped = sum(((st.pool & ~keep).sum() for keep in masks if keep is not None), torch.zeros(()))
+            out.stats[f"gateskip/{branch}_skipped"] = skipped / (n_pool * max(len(masks), 1))
+        if st.partial:
+            out.stats["gateskip/packed"] = st.packed / st.partial
+        return out
 
     # ---- per layer ----
-    def apply(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        gates = self.gates(layer)
+    def layer_forward(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        gates = self.shared if self.shared is not None else layer.gateskip
         h = layer.input_layernorm(x)  # (B, T, D)
-        g = gates.attn_gate(h.detach() if self.cfg.detach_input else h)  # (B, T, D) or (B, T, 1)
-        keep = self.keep(g, ctx, slot, "attn", gates.tau[0])
-        if keep is None:
-            x = x + g * layer.self_attn(h, ctx, slot)
-        elif bool(keep.all(1).any()):  # a row keeps every token (always so when decoding one token per
-            # row): packing saves no query work, so run densely and zero what was skipped
-            x = x + (g * keep[..., None]) * layer.self_attn(h, ctx, slot)
-        else:
-            _, _, valid_BK, idx_BK = pack_padded(keep[..., None], keep)  # only the per-row indices are used
-            y_BKD = layer.self_attn(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)  # K/V for all tokens
-            if idx_BK.shape[1]:
-                x = scatter_padded_add(x, gather_padded(g, idx_BK) * y_BKD, idx_BK, valid_BK)
-
+        g, keep = self._route(gates.attn_gate, h, ctx, slot, "attn", layer.gateskip.tau[0])
+        x = self._attn(layer, x, h, g, keep, ctx, slot)
         h = layer.post_attention_layernorm(x)
-        g = gates.mlp_gate(h.detach() if self.cfg.detach_input else h)
-        keep = self.keep(g, ctx, slot, "mlp", gates.tau[1])
+        tied = ctx.state.keep[(slot, "attn")] if self.config.skip_unit == "layer" else None
+        g, keep = self._route(gates.mlp_gate, h, ctx, slot, "mlp", layer.gateskip.tau[1], tied)
+        return self._mlp(layer, x, h, g, keep, ctx, slot)
+
+    def _route(self, gate: Gate, h: torch.Tensor, ctx: ForwardContext, slot: int, branch: str,
+               tau: torch.Tensor, tied: torch.Tensor | None = None):
+        """Gate values g (B, T, D | 1) float32 and the KEEP mask (B, T) | None (None: every token runs)."""
+        st: GateSkipState = ctx.state
+        g = gate(h.detach() if self.config.detach_input else h)  # (B, T, D | 1) float32
+        B, T = h.shape[:2]
+        per_token = gate.flops_per_token()
+        n_valid = st.pool.sum() + st.always.sum()
+        ctx.ledger.add(slot, "gate", executed=B * T * per_token, ideal=n_valid * per_token)
+        if ctx.training:
+            st.gate_sq.append(g.pow(2).mean())
+        s_BT = g.detach().mean(-1)  # (B, T) importance, float32
+        st.scores[(slot, branch)] = s_BT
+        q = self._branch_budget(branch)
+        if self.recorder is not None and q > 0:
+            self.recorder.record((slot, branch), s_BT, st.pool, q)
+        if tied is not None:
+            keep = tied
+        elif q <= 0:
+            keep = None
+        elif self.mode == "threshold":
+            keep = ((s_BT > tau.float()) & st.pool) | st.always
+        else:
+            rule = SelectRule(kind="quantile", scope=self.config.scope, q=q, pad_policy="drop")
+            keep = select(s_BT, st.pool, rule) | st.always
+        st.keep[(slot, branch)] = keep
+        return g, keep
+
+    def _branch_budget(self, branch: str) -> float:
+        """The budget this branch type skips at: q, or min(2q, 1) when only this branch type skips."""
+        only = self.config.skip_branches
+        if only == "both":
+            return self.budget
+        return min(2 * self.budget, 1.0) if only == branch else 0.0
+
+    def _run_path(self, keep: torch.Tensor, st: GateSkipState) -> str:
+        """"all" (every token keeps), "none", "packed" or "dense" (masked output) for a KEEP mask."""
+        n_keep, n = int(keep.sum()), keep.numel()  # one host sync per branch call
+        if n_keep == n:
+            return "all"
+        if n_keep == 0:
+            return "none"
+        st.partial += 1
+        path = self.path if self.path != "auto" else ("packed" if self._packing_pays(n_keep, n) else "dense")
+        st.packed += path == "packed"
+        return path
+
+    def _packing_pays(self, n_keep: int, n: int) -> bool:
+        """The cost rule (measured; docs/methods.md): a matmul over fewer rows is faster only once enough rows
+        are dropped to beat the gather / scatter of packing; below that, run densely and mask the output."""
+        return n - n_keep >= self.config.pack_min_skipped
+
+    def _attn(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
         if keep is None:
-            return x + g * layer.mlp_branch(h, ctx)
-        h_ND, idx_N = pack(h, keep)
-        if idx_N.numel() == 0:  # every token skipped this branch
+            return x + g.to(x.dtype) * layer.attn_branch(h, ctx, slot)
+        path = self._run_path(keep, ctx.state)
+        if path == "all":
+            return x + g.to(x.dtype) * layer.attn_branch(h, ctx, slot)
+        if path == "dense":
+            return x + (g * keep[..., None]).to(x.dtype) * layer.attn_branch(h, ctx, slot, ideal_q_BT=keep)
+        idx_BK, valid_BK = pack_indices(keep)  # (B, K): K = 0 when no token keeps (K/V still written)
+        y_BKD = layer.attn_branch(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)
+        if path == "none":
             return x
-        return scatter_add(x, gather_flat(g, idx_N) * layer.mlp_branch(h_ND, ctx), idx_N)
+        return scatter_padded_add(x, gather_padded(g, idx_BK).to(x.dtype) * y_BKD, idx_BK, valid_BK)
+
+    def _mlp(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        if keep is None:
+            return x + g.to(x.dtype) * layer.mlp_branch(h, ctx, slot)
+        path = self._run_path(keep, ctx.state)
+        if path == "none":
+            return x
+        if path in ("all", "dense"):
+            return x + (g * keep[..., None]).to(x.dtype) * layer.mlp_branch(h, ctx, slot, valid=keep)
+        h_ND, idx_N = pack(h, keep)  # (N, D)
+        y_ND = layer.mlp_branch(h_ND, ctx, slot, valid=torch.ones(idx_N.shape, dtype=torch.bool, device=x.device))
+        return scatter_add(x, gather_flat(g, idx_N).to(x.dtype) * y_ND, idx_N)
 
     @staticmethod
     def _copy_prev_kv(ctx: ForwardContext, slot: int, k: torch.Tensor, v: torch.Tensor):
         """kv_policy="copy_prev" (experimental; the paper's stated behaviour, fragile in its code): a token
         that skips attention at layer l takes the K/V it had at layer l - 1 instead of projecting its
         unchanged residual with layer l's weights. Layer 0 keeps its own. No compute is saved by this."""
-        m = ctx.method
-        keep, prev = m["masks"].get((slot, "attn")), m.get("prev_kv")
-        if keep is not None and prev is not None:
+        st: GateSkipState = ctx.state
+        keep = st.keep.get((slot, "attn"))
+        if keep is not None and st.prev_kv is not None:
             copy = ~keep[..., None, None]  # (B, T, 1, 1)
-            k, v = torch.where(copy, prev[0], k), torch.where(copy, prev[1], v)
-        m["prev_kv"] = (k, v)
+            k, v = torch.where(copy, st.prev_kv[0], k), torch.where(copy, st.prev_kv[1], v)
+        st.prev_kv = (k, v)
         return k, v
 
-    def gates(self, layer) -> LayerGates:
-        return self.shared_gates if self.shared_gates is not None else layer.gateskip
+    def bind(self, model) -> None:
+        """Remember the decoder whose layers hold the thresholds (set by `attach_gateskip`)."""
+        self._decoder = model.model
 
-    def keep(self, g: torch.Tensor, ctx: ForwardContext, slot: int, branch: str, tau: torch.Tensor):
-        """KEEP mask (B, T), or None when nothing can be skipped (the dense path)."""
-        m = ctx.method
-        if ctx.collect_aux:
-            m["g2"].append(g.pow(2).mean())
-        s_BT = g.detach().mean(-1).float()  # importance
-        pool = m["pool"]
-        if self.calibration is not None:
-            tau_batch = quantile_threshold(s_BT, pool, self.cfg.budget, "batch").reshape(())
-            self.calibration.setdefault((slot, branch), []).append(tau_batch)
-        if self.cfg.mode == "threshold":
-            keep = (s_BT > tau) | ~pool
-        elif self.cfg.budget <= 0:
-            keep = None
-        else:
-            keep = select(s_BT, pool, SelectRule(kind="quantile", scope=self.cfg.scope, q=self.cfg.budget,
-                                                 pad_policy="keep"))
-        m["masks"][(slot, branch)] = keep
-        return keep
-
-    @staticmethod
-    def executed(ctx: ForwardContext) -> dict[str, torch.Tensor]:
-        """Per branch, the pool tokens that ran it in each layer: (L, B, T) bool."""
-        m = ctx.method
-        pool = m["pool"]
-        return {branch: torch.stack([pool if keep is None else keep & pool
-                                     for (_, b), keep in m["masks"].items() if b == branch])
-                for branch in BRANCHES}
-
-    def flops(self, ctx: ForwardContext, config, run: dict[str, torch.Tensor]) -> torch.Tensor:
-        """FLOPs that actually ran in this forward (pool tokens): gates and K/V projections for all, q/o,
-        attention scores and MLP for kept tokens. Keys per kept query = its position + 1 (causal context)."""
-        pool = ctx.method["pool"]
-        L = run["attn"].shape[0]
-        D = config.hidden_size
-        gate = {"vector": flops.gate_flops(config, "vector"), "scalar": flops.gate_flops(config, "scalar"),
-                "lowrank": 4 * D * self.cfg.rank}[self.cfg.gate]
-        n_pool = pool.sum().double()
-        attn_run, mlp_run = run["attn"].double(), run["mlp"].double()  # (L, B, T)
-        keys = (attn_run * (ctx.positions + 1).double()).sum()
-        mlp_per_layer = torch.tensor([flops.mlp_flops(config, i) for i in range(L)], dtype=torch.float64,
-                                     device=pool.device)
-        return (L * n_pool * (flops.kv_flops(config) + 2 * gate) + attn_run.sum() * flops.q_o_flops(config)
-                + keys * flops.attn_score_flops(config, 1) + (mlp_run.sum((1, 2)) * mlp_per_layer).sum())
-
-    def override(self, **fields):
-        """Temporarily change config fields (budget, mode, ...): `with method.override(budget=0.3): ...`."""
-        return override_config(self.cfg, self, **fields)
-
-    def decoding(self, budget: float):
-        """Context for cached generation at `budget`: threshold mode with the calibrated thresholds."""
-        if budget > 0 and self.cfg.calibrated_budget != budget:
-            raise ValueError(f"GateSkip thresholds are calibrated for budget {self.cfg.calibrated_budget}, not "
-                             f"{budget}; run dyndepth.methods.calibrate(model, batches, budget={budget}) first.")
-        return self.override(budget=budget, mode="threshold" if budget > 0 else "quantile")
-
-    def to_dict(self) -> dict:
-        return method_dict(self.name, self.cfg)
+    @property
+    def layer_gates(self) -> list[LayerGates]:
+        """Each layer's LayerGates (thresholds; gates unless shared), in layer order."""
+        return [layer.gateskip for layer in self._decoder.layers]
 
 
 def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip:
-    """Add gates to every layer of `model` (a CausalLM) and route its forward through GateSkip."""
+    """Add gates to every layer of `model` (a decoder with `attn_branch` / `mlp_branch` layers) and make
+    every layer call go through GateSkip."""
+    from dyndepth.methods.registry import check_attachable
+
     cfg = make_config(GateSkipConfig, cfg)
+    layers = check_attachable(model, "gateskip")
     ref = model.lm_head.weight
-    layers = model.model.layers if not cfg.shared else model.model.layers[:1]
+    D = model.config.hidden_size
+    shared = None
+    if cfg.shared:  # at the model level, so FSDP2 keeps it in the root unit every layer call can read
+        model.model.gateskip = shared = BranchGates(D, cfg).to(device=ref.device, dtype=ref.dtype)
     for layer in layers:
-        layer.gateskip = LayerGates(model.config.hidden_size, cfg).to(device=ref.device, dtype=ref.dtype)
-    shared = model.model.layers[0].gateskip if cfg.shared else None
+        layer.gateskip = LayerGates(D, cfg).to(device=ref.device, dtype=ref.dtype)
     method = GateSkip(cfg, model.config.eos_token_ids, shared)
+    method.bind(model)
     model.method = method
     return method
 
 
-@torch.no_grad()
-def calibrate(model, batches, budget: float) -> torch.Tensor:
-    """Per-branch thresholds (L, 2) at budget q: the mean over calibration batches of each branch's
-    batch-pool quantile. Stored in `layer.gateskip.tau`; used in `mode="threshold"` (e.g. decoding)."""
-    method: GateSkip = model.method
-    was_training = model.training
-    model.eval()
-    method.calibration = {}
-    try:
-        with method.override(budget=budget, mode="quantile"):
-            for batch in batches:
-                ids, mask = batch if isinstance(batch, tuple) else (batch, None)
-                model(ids, attention_mask=mask)
-        taus = method.calibration
-    finally:
-        method.calibration = None
-        model.train(was_training)
-    table = torch.zeros(model.config.num_hidden_layers, 2)
-    for (slot, branch), values in taus.items():
-        table[slot, BRANCHES.index(branch)] = torch.stack(values).mean()
-    for i, layer in enumerate(model.model.layers):
-        if hasattr(layer, "gateskip"):
-            layer.gateskip.tau.copy_(table[i])
-    method.cfg.calibrated_budget = budget
-    return table
-
-
 class GateSkipHook:
-    """Trainer hook: ramps the skip budget from `ramp_start` to `ramp_end` over `ramp_steps` (0: the run)."""
+    """Trainer hook: ramps the skip budget from `ramp_start` to `ramp_end` over `ramp_steps` (0: the run).
+    The budget is the method's runtime knob; the attached config is left as it was."""
 
     name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget
 
     def __init__(self, method: GateSkip, total_steps: int) -> None:
         self.method = method
-        self.steps = method.cfg.ramp_steps or total_steps
-        self.method.cfg.budget = method.cfg.ramp_start
+        self.steps = method.config.ramp_steps or total_steps
+        self.method.budget = method.config.ramp_start
 
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
-        cfg = self.method.cfg
-        cfg.budget = linear_ramp(step, cfg.ramp_start, cfg.ramp_end, self.steps)
-        return {"budget": cfg.budget}
+        cfg = self.method.config
+        self.method.budget = linear_ramp(step, cfg.ramp_start, cfg.ramp_end, self.steps)
+        return {"budget": self.method.budget}
 
     def state_dict(self) -> dict:
-        return {"budget": self.method.cfg.budget}
+        return {"budget": self.method.budget}
 
     def load_state_dict(self, state: dict) -> None:
-        self.method.cfg.budget = state["budget"]
+        self.method.budget = state["budget"]

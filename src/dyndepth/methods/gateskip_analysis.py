@@ -3,10 +3,9 @@ as an anchor (spec section 4.5: the learned gates give BOS high importance, so i
 
 Shape legend: B batch, T tokens, D hidden_size, L layers, P positions, Q quantile levels.
 
-Importance is the GateSkip token score s = mean_d g (B, T). It is read with forward hooks on the gate
-modules (`layer.gateskip.{attn,mlp}_gate`), so nothing in the model changes. Skip decisions come from the
-method's own per-forward state (`ctx.method["masks"]`), read after a traced forward (`trace_forward`)
-that runs the same begin / apply / end sequence as `CausalLM.forward`.
+Importance is the GateSkip token score s = mean_d g (B, T); importances and skip decisions come from the
+method's own per-forward state (`GateSkipState.scores` / `.keep`), read after an ordinary model forward
+with a `Trace` (`trace_forward`), so the analysis runs exactly the forward the model runs.
 
 Counting: importance statistics cover valid (non-PAD) tokens; skip fractions are over the ranking pool
 (valid, not EOS, not protected BOS), as GateSkip's own `gateskip/{branch}_skipped` stats are.
@@ -21,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dyndepth.methods.gateskip import BRANCHES, GateSkip
+from dyndepth.methods.gateskip import BRANCHES, GateSkip, GateSkipState
+from dyndepth.models.qwen3 import Trace
 
 QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -38,23 +38,14 @@ class ForwardTrace:
     streams: list = field(default_factory=list)  # residual stream before layer 0, after each layer: (B, T, D)
 
 
-def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch given as ids (B, T) or (ids, attention_mask)."""
     return batch if isinstance(batch, tuple) else (batch, None)
 
 
-def _gate_modules(model) -> list[torch.nn.Module]:
-    seen, gates = set(), []
-    for module in model.modules():
-        for name in ("attn_gate", "mlp_gate"):
-            gate = getattr(module, name, None)
-            if isinstance(gate, torch.nn.Module) and id(gate) not in seen:
-                seen.add(id(gate))
-                gates.append(gate)
-    return gates
-
-
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
+    """Eval mode and no_grad for the block; the previous mode is restored after."""
     was_training = model.training
     model.eval()
     try:
@@ -67,39 +58,16 @@ def _eval_mode(model):
 @torch.no_grad()
 def trace_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   streams: bool = False) -> ForwardTrace:
-    """Run the decoder layers as `CausalLM.forward` does (no lm_head) and record gate importances, skip
-    masks and, with `streams=True`, the residual stream around every layer."""
-    outputs: list[torch.Tensor] = []
-    hooks = [g.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().float().mean(-1)))
-             for g in _gate_modules(model)]
-    try:
-        ctx = model.make_context(input_ids, attention_mask, None, None)
-        method = model.method
-        x = model.model.embed_tokens(input_ids)  # (B, T, D)
-        trace = ForwardTrace(valid=torch.ones_like(input_ids, dtype=torch.bool) if ctx.valid is None
-                             else ctx.valid, positions=ctx.positions)
-        if streams:
-            trace.streams.append(x)
-        if method is not None:
-            method.begin(input_ids, ctx)
-        for slot, layer in enumerate(model.model.layers):
-            x = layer(x, ctx, slot) if method is None else method.apply(layer, x, ctx, slot)  # (B, T, D)
-            if streams:
-                trace.streams.append(x)
-        if method is not None:
-            method.end(ctx, model.config)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if isinstance(method, GateSkip):
-        masks = ctx.method["masks"]
-        if len(masks) != len(outputs):
-            raise RuntimeError(f"recorded {len(outputs)} gate calls for {len(masks)} gated branches; the gate "
-                               "modules are called outside GateSkip.apply, so importances cannot be matched.")
-        trace.pool = ctx.method["pool"]
-        trace.importance = dict(zip(masks, outputs))
-        trace.keep = dict(masks)
-    return trace
+    """One model forward with a `Trace`: gate importances and skip masks (GateSkip) and, with `streams=True`,
+    the residual stream around every layer."""
+    trace = Trace(keep_streams=streams)
+    model(input_ids, attention_mask=attention_mask, trace=trace)
+    ctx = trace.ctx
+    out = ForwardTrace(valid=ctx.valid_or_all, positions=ctx.positions, streams=trace.streams)
+    if isinstance(model.method, GateSkip):
+        state: GateSkipState = ctx.state
+        out.pool, out.importance, out.keep = state.pool, dict(state.scores), dict(state.keep)
+    return out
 
 
 def _require_gateskip(model) -> GateSkip:
@@ -220,14 +188,14 @@ def collect_gate_stats(model, batches, budget: float | None = None,
     current budget, or at `budget` when given."""
     method = _require_gateskip(model)
     acc = _StatsAccumulator(model.config.num_hidden_layers)
-    with _eval_mode(model), _budget(method, budget):
+    with eval_mode(model), _budget(method, budget):
         for batch in batches:
-            acc.add(trace_forward(model, *_split_batch(batch)))
+            acc.add(trace_forward(model, *split_batch(batch)))
     if not acc.pos_counts:
         raise ValueError("collect_gate_stats got no batches; pass a list of token id tensors (B, T).")
     if any(not v for v in acc.values.values()):
         raise ValueError("collect_gate_stats saw no valid tokens; check the attention masks.")
-    return acc.finish(method.cfg.budget if budget is None else budget, quantile_levels)
+    return acc.finish(method.budget if budget is None else budget, quantile_levels)
 
 
 # ----------------------------------------------------------------------------------------- BOS anchors
@@ -263,7 +231,7 @@ def bos_anchor_report(model, batches, budget: float | None = None) -> BosReport:
     rest = (stats.position_mean[..., 1:] * count_P[1:]).sum(-1) / count_P[1:].sum()  # (L, 2)
     never = stats.pos0_skipped == 0  # (L, 2)
     return BosReport(
-        budget=stats.budget, protect_bos=_require_gateskip(model).cfg.protect_bos,
+        budget=stats.budget, protect_bos=_require_gateskip(model).config.protect_bos,
         pos0_importance=stats.position_mean[..., 0], rest_importance=rest,
         pos0_percentile=stats.pos0_percentile, pos0_skipped=stats.pos0_skipped,
         mean_pos0=float(stats.position_mean[..., 0].mean()), mean_rest=float(rest.mean()),
@@ -274,14 +242,14 @@ def bos_anchor_report(model, batches, budget: float | None = None) -> BosReport:
 
 # ----------------------------------------------------------------------------------------- per token
 
-def _token_trace(model, tokenizer, text: str, add_bos: bool, budget: float | None):
+def token_trace(model, tokenizer, text: str, add_bos: bool, budget: float | None):
     """Token strings, skipped (T, L, 2) bool and importance (T, L, 2) for one text."""
     method = _require_gateskip(model)
     ids = tokenizer.encode(text, add_bos=add_bos)
     if not ids:
         raise ValueError("the text encodes to no tokens; pass a non-empty text.")
     device = model.model.embed_tokens.weight.device
-    with _eval_mode(model), _budget(method, budget):
+    with eval_mode(model), _budget(method, budget):
         tr = trace_forward(model, torch.tensor([ids], device=device))
     L, T = model.config.num_hidden_layers, len(ids)
     skipped, importance = torch.zeros(T, L, 2, dtype=torch.bool), torch.zeros(T, L, 2)
@@ -299,5 +267,5 @@ def skipped_tokens(model, tokenizer, text: str, add_bos: bool = True,
                    budget: float | None = None) -> list[tuple[str, torch.Tensor]]:
     """[(token string, skipped (L, 2) bool)] for every token of `text`: True where the layer's branch
     (0 attn, 1 mlp) skipped the token at the current budget (or `budget`)."""
-    tokens, skipped, _ = _token_trace(model, tokenizer, text, add_bos, budget)
+    tokens, skipped, _ = token_trace(model, tokenizer, text, add_bos, budget)
     return list(zip(tokens, skipped.unbind(0)))

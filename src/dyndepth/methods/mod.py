@@ -15,7 +15,7 @@ c = 1.0 that is exactly the base model (the neutral setting).
 Causal inference: top-k over a sequence looks ahead. Each routed block also has a small predictor MLP
 (D -> hidden -> 1) reading a detached x, trained with BCE to predict membership in the top-k (paper's second
 method); `mode="predictor"` routes a token iff its predictor logit > 0. `mode="router_threshold"` routes iff
-r > a threshold calibrated (`calibrate_mod`) as the (1 - c)-quantile of router scores. A forward with a KV
+r > a threshold calibrated (`calibrate(model, batches)`) to keep the top c of router scores. A forward with a KV
 cache never uses top-k: in mode "topk" it uses `decode_mode` (default "predictor"), so the full forward to
 compare decoding against is the one in that mode. KV cache: only routed tokens write K/V at a routed slot
 (their positions are invalid for later queries there); dense slots are the plain layer.
@@ -25,31 +25,35 @@ Inferred where the paper is silent (our choices): routed blocks are layers i wit
 activation (SiLU) and input (x, like the router); `router_act="sigmoid"` (w = sigmoid(r), ours, gentler for
 retrofits where w = r ~ 0 at init removes the routed blocks). Retrofits may anneal the capacity from 1.0
 (`anneal_period`, GateSkip spec's MoD baseline: c + (1 - c) / (step / 1500 + 1)) via `MoDHook`.
+
+Runtime knobs: `capacity` (the anneal hook moves it; the config keeps what was attached) and `mode`.
+The routed block runs inside the layer call on a sub-context of the routed tokens (`ctx.subset`), through
+the layer's own branch functions, so its work is counted in the forward's ledger like any layer's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.core import flops
-from dyndepth.core.layers import ForwardContext, causal_mask
+from dyndepth.core.context import ForwardContext
+from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
     capacity,
     capacity_anneal,
     gather_padded,
     pack_padded,
-    quantile_threshold,
     scatter_padded_add,
     select,
 )
-from dyndepth.methods.common import make_config, method_dict, override_config
+from dyndepth.methods.common import PPM, apply_keeping_float32, budget_ppm, make_config, method_dict, override_knobs
 
 MODES = ("topk", "predictor", "router_threshold")
+STRUCTURAL = ("every", "offset", "predictor_hidden")  # fields that shape parameters: fixed once attached
 
 
 @dataclass
@@ -65,7 +69,6 @@ class MoDConfig:
     predictor_loss_weight: float = 1.0  # BCE weight, training forwards in topk mode only
     anneal_period: float = 0.0  # > 0: MoDHook anneals capacity c + (1 - c) / (step / period + 1)
     init_std: float = 0.02
-    calibrated_capacity: float | None = None  # the capacity `calibrate_mod` computed thresholds for
 
     def __post_init__(self) -> None:
         checks = (("mode", MODES), ("decode_mode", MODES[1:]), ("router_act", ("identity", "sigmoid")))
@@ -92,17 +95,35 @@ class Predictor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)))
 
+    def flops_per_token(self) -> int:
+        return 2 * self.fc1.in_features * self.fc1.out_features + 2 * self.fc2.in_features
+
 
 class LayerMoD(nn.Module):
-    """Parameters MoD adds to a routed layer: `model.layers.{i}.mod.{router,predictor,threshold}`."""
+    """Parameters MoD adds to a routed layer: `model.layers.{i}.mod.{router,predictor}`, plus the buffers
+    `threshold` (router_threshold mode; float32 whatever the model's dtype) and `threshold_capacity_ppm`
+    (the capacity it was calibrated at, parts per million; -1: none)."""
 
     def __init__(self, dim: int, cfg: MoDConfig) -> None:
         super().__init__()
         self.router = nn.Linear(dim, 1, bias=False)
         self.predictor = Predictor(dim, cfg.predictor_hidden or max(1, dim // 4))
-        self.register_buffer("threshold", torch.zeros(()))  # router_threshold mode (see calibrate_mod)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_capacity_ppm", torch.full((), -1, dtype=torch.long))
         for p in self.parameters():
             nn.init.normal_(p, std=cfg.init_std)
+
+    def _apply(self, fn, recurse: bool = True):
+        return apply_keeping_float32(self, fn, recurse, ("threshold",))
+
+
+@dataclass
+class MoDState:
+    mode: str  # the routing mode of this forward (topk becomes decode_mode with a cache)
+    valid: torch.Tensor  # (B, T)
+    routed: dict = field(default_factory=dict)  # slot -> KEEP mask (B, T) of a routed layer
+    bce: list = field(default_factory=list)  # predictor losses (training)
+    acc: list = field(default_factory=list)
 
 
 class MoD:
@@ -110,75 +131,122 @@ class MoD:
 
     name = "mod"
 
-    def __init__(self, cfg: MoDConfig, routed: list[int]) -> None:
-        self.cfg = cfg
+    def __init__(self, config: MoDConfig, routed: list[int]) -> None:
         self.routed = frozenset(routed)
-        self.anneal_capacity: float | None = None  # set by MoDHook while annealing; else cfg.capacity
-        self.calibration: dict | None = None  # while `calibrate_mod` runs: slot -> [threshold per batch]
+        self.recorder: ThresholdRecorder | None = None  # set while `calibrate` records thresholds
+        self._decoder = None  # the model's DecoderModel (thresholds live in its layers)
+        self.configure(config)
 
-    @property
-    def capacity(self) -> float:
-        return self.cfg.capacity if self.anneal_capacity is None else self.anneal_capacity
+    def configure(self, config: MoDConfig) -> None:
+        """Adopt a new config (training options); runtime knobs reset to its values."""
+        old = getattr(self, "config", None)
+        changed = [f for f in STRUCTURAL if old is not None and getattr(old, f) != getattr(config, f)]
+        if changed:
+            raise ValueError(f"mod.{changed[0]} cannot change once attached (it shapes the parameters).")
+        self.config = config
+        self.capacity, self.mode = config.capacity, config.mode
 
-    def num_slots(self, config) -> int:
-        return config.num_hidden_layers
+    def extra_slots(self, num_slots: int) -> int:
+        return 0
+
+    # ---- runtime knobs ----
+    def knobs(self) -> dict:
+        return {"capacity": self.capacity, "mode": self.mode}
+
+    def _check(self, knobs: dict) -> None:
+        check_knobs(self.name, ("capacity", "mode"), knobs)
+        if "capacity" in knobs and not 0.0 < knobs["capacity"] <= 1.0:
+            raise ValueError(f"mod capacity={knobs['capacity']} must lie in (0, 1].")
+        if knobs.get("mode", "topk") not in MODES:
+            raise ValueError(f"mod mode={knobs['mode']!r} is not one of {MODES}.")
+
+    def override(self, **knobs):
+        return override_knobs(self, self._check, **knobs)
+
+    def decoding(self, **knobs):
+        """Cached decoding: top-k mode routes with `decode_mode` whenever a cache is given; nothing else."""
+        return self.override(**knobs)
+
+    def recording(self, recorder: ThresholdRecorder):
+        return override_knobs(self, lambda knobs: None, recorder=recorder, mode="topk")
+
+    def set_thresholds(self, thresholds: dict, knobs: dict) -> None:
+        for slot in sorted(self.routed):
+            mod = self._decoder.layers[slot].mod
+            mod.threshold.copy_(thresholds[slot])
+            mod.threshold_capacity_ppm.fill_(budget_ppm(knobs.get("capacity", self.capacity)))
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        return [MoDHook(self, total_steps)]
+
+    def to_dict(self) -> dict:
+        return method_dict(self.name, self.config)
+
+    def bind(self, model) -> None:
+        self._decoder = model.model
 
     # ---- per forward ----
-    def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> None:
-        mode = self.cfg.decode_mode if self.cfg.mode == "topk" and ctx.cache is not None else self.cfg.mode
-        if mode == "router_threshold" and self.cfg.calibrated_capacity is None:
-            raise ValueError("mod mode 'router_threshold' needs calibrated thresholds; run "
-                             "dyndepth.methods.calibrate_mod(model, batches) first, or use mode='predictor'.")
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if ctx.valid is None else ctx.valid
-        ctx.method = {"mode": mode, "valid": valid, "slots": {}, "bce": [], "acc": []}
+    def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> MoDState:
+        mode = self.config.decode_mode if self.mode == "topk" and ctx.cache is not None else self.mode
+        if mode == "router_threshold":
+            calibrated = {int(self._decoder.layers[s].mod.threshold_capacity_ppm) / PPM for s in self.routed}
+            if calibrated != {budget_ppm(self.capacity) / PPM}:
+                raise ValueError(f"mod mode 'router_threshold' needs thresholds calibrated at capacity {self.capacity} "
+                                 f"(found {sorted(calibrated)}, <0: none); run dyndepth.methods.calibrate(model, "
+                                 f"batches, capacity={self.capacity}) first, or use mode='predictor'.")
+        return MoDState(mode=mode, valid=ctx.valid_or_all)
 
-    def end(self, ctx: ForwardContext, config) -> None:
-        m = ctx.method
-        if m["bce"]:
-            bce = torch.stack(m["bce"]).mean()
-            ctx.stats["mod/predictor_loss"] = bce.detach()
-            ctx.stats["mod/predictor_acc"] = torch.stack(m["acc"]).mean()
-            if self.cfg.predictor_loss_weight:
-                ctx.losses.append(self.cfg.predictor_loss_weight * bce)
-        routed = [run for slot, (run, _, _) in m["slots"].items() if slot in self.routed]
-        if routed:
-            n_valid = m["valid"].sum() * len(routed)
-            ctx.stats["mod/routed_fraction"] = torch.stack(routed).sum() / n_valid.clamp(min=1)
-        ctx.stats["mod/flops"] = self.flops(ctx, config)
+    def end(self, ctx: ForwardContext) -> MethodOutput:
+        st: MoDState = ctx.state
+        out = MethodOutput()
+        if st.bce:
+            bce = torch.stack(st.bce).mean()
+            out.stats["mod/predictor_loss"] = bce.detach()
+            out.stats["mod/predictor_acc"] = torch.stack(st.acc).mean()
+            if self.config.predictor_loss_weight:
+                out.losses.append(self.config.predictor_loss_weight * bce)
+        if st.routed:
+            n_valid = st.valid.sum() * len(st.routed)
+            routed = sum((keep & st.valid).sum() for keep in st.routed.values())
+            out.stats["mod/routed_fraction"] = routed / n_valid.clamp(min=1)
+        return out
 
     # ---- per layer ----
-    def apply(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        m = ctx.method
+    def layer_forward(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         if slot not in self.routed:
-            keys = ((ctx.positions + 1) * m["valid"]).sum()  # causal context of every valid token
-            m["slots"][slot] = (m["valid"].sum(), keys, False)
-            return layer(x, ctx, slot)
+            return layer.block(x, ctx, slot)
+        st: MoDState = ctx.state
+        B, T, D = x.shape
         r_BT = layer.mod.router(x).squeeze(-1)  # (B, T)
-        keep_BT, predicted = self.route(layer.mod, x, r_BT, ctx, slot)
-        size = capacity(self.capacity, x.shape[1]) if m["mode"] == "topk" else None  # static k: no sync
-        x_BKD, pos_BK, valid_BK, idx_BK = pack_padded(x, keep_BT, ctx.positions, size)
+        n_valid = st.valid.sum()
+        ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D)
+        keep_BT = self._route(layer.mod, x, r_BT, ctx, slot)
+        st.routed[slot] = keep_BT
+        size = capacity(self.capacity, T) if st.mode == "topk" else None  # static k: no host sync
+        x_BKD, _, valid_BK, idx_BK = pack_padded(x, keep_BT, ctx.positions, size)
         if idx_BK.shape[1] == 0:  # no token of the batch is routed (predictor / threshold modes)
-            m["slots"][slot] = (keep_BT.sum(), keep_BT.sum(), predicted)
             return x
-        sub = self.sub_context(ctx, idx_BK, pos_BK, valid_BK)
-        a_BKD = layer.attn_branch(layer.input_layernorm(x_BKD), sub, slot)  # keys/values: routed tokens only
-        d_BKD = a_BKD + layer.mlp_branch(layer.post_attention_layernorm(x_BKD + a_BKD), sub)  # block(x) - x
-        if self.cfg.scale_by_router:
-            w_BT = r_BT if self.cfg.router_act == "identity" else torch.sigmoid(r_BT)
+        sub = ctx.subset(idx_BK, valid_BK)  # the routed tokens attend to each other only
+        a_BKD = layer.attn_branch(layer.input_layernorm(x_BKD), sub, slot)
+        d_BKD = a_BKD + layer.mlp_branch(layer.post_attention_layernorm(x_BKD + a_BKD), sub, slot)  # block(x) - x
+        if self.config.scale_by_router:
+            w_BT = r_BT if self.config.router_act == "identity" else torch.sigmoid(r_BT)
             d_BKD = gather_padded(w_BT, idx_BK)[..., None] * d_BKD  # (B, K, D)
-        m["slots"][slot] = (keep_BT.sum(), self.attended_keys(sub, slot, pos_BK, valid_BK), predicted)
         return scatter_padded_add(x, d_BKD, idx_BK, valid_BK)
 
-    def route(self, mod: LayerMoD, x: torch.Tensor, r_BT: torch.Tensor, ctx: ForwardContext, slot: int):
-        """KEEP mask (B, T) for this routed layer, and whether the predictor ran. Trains the predictor."""
-        m = ctx.method
-        mode, valid, score_BT = m["mode"], m["valid"], r_BT.detach().float()
-        train_pred = mode == "topk" and ctx.collect_aux and self.cfg.predictor_loss_weight > 0
-        run_pred = mode == "predictor" or train_pred
-        logit_BT = mod.predictor(x.detach()).squeeze(-1).float() if run_pred else None  # (B, T)
-        if self.calibration is not None:
-            tau = quantile_threshold(score_BT, valid, 1.0 - self.capacity, "batch").reshape(())
-            self.calibration.setdefault(slot, []).append(tau)
+    def _route(self, mod: LayerMoD, x: torch.Tensor, r_BT: torch.Tensor, ctx: ForwardContext, slot: int):
+        """KEEP mask (B, T) for this routed layer. Trains the predictor in training forwards."""
+        st: MoDState = ctx.state
+        mode, valid, score_BT = st.mode, st.valid, r_BT.detach().float()
+        train_pred = mode == "topk" and ctx.training and self.config.predictor_loss_weight > 0
+        logit_BT = None
+        if mode == "predictor" or train_pred:
+            logit_BT = mod.predictor(x.detach()).squeeze(-1).float()  # (B, T)
+            B, T = valid.shape
+            cost = mod.predictor.flops_per_token()
+            ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=valid.sum() * cost)
+        if self.recorder is not None:
+            self.recorder.record(slot, score_BT, valid, 1.0 - self.capacity)
         if mode == "topk":
             keep = select(score_BT, valid, SelectRule(kind="topk", fraction=self.capacity, static_k=True))
         elif mode == "predictor":
@@ -188,117 +256,48 @@ class MoD:
         if train_pred:  # BCE on valid tokens; targets are the (non-differentiable) top-k decisions
             target, w = keep.float(), valid.float()
             bce = F.binary_cross_entropy_with_logits(logit_BT, target, weight=w, reduction="sum")
-            m["bce"].append(bce / w.sum().clamp(min=1))
-            m["acc"].append((((logit_BT.detach() > 0) == keep) & valid).sum() / w.sum().clamp(min=1))
-        return keep, logit_BT is not None
-
-    @staticmethod
-    def sub_context(ctx: ForwardContext, idx_BK, pos_BK, valid_BK) -> ForwardContext:
-        """The context of the routed tokens alone: their positions, rotary rows and a causal mask among
-        them (cache-free), so the layer's own branches run unchanged on (B, K, D). A cache gets the
-        routed tokens' K/V only (PAD entries of the padded rows go to the scratch column)."""
-        cos, sin = gather_padded(ctx.cos, idx_BK), gather_padded(ctx.sin, idx_BK)  # (B, K, H)
-        mask = None
-        if ctx.cache is None:
-            doc_BK = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, idx_BK)
-            mask = causal_mask(pos_BK, pos_BK, valid_BK, valid_BK, doc_BK)  # (B, 1, K, K)
-        return ForwardContext(pos_BK, valid_BK, cos, sin, mask, ctx.cache, collect_aux=ctx.collect_aux,
-                              aux=ctx.aux)
-
-    @staticmethod
-    def attended_keys(sub: ForwardContext, slot: int, pos_BK, valid_BK) -> torch.Tensor:
-        """(query, key) pairs the routed queries attended: visible routed keys, from the cache if any."""
-        if sub.cache is None:
-            return (sub.attn_mask[:, 0] & valid_BK[..., None]).sum()
-        S = sub.cache.length
-        k_valid_BS = sub.cache.valid[slot, :, :S]  # (B, S), after this call's writes
-        k_pos = torch.arange(S, device=pos_BK.device)
-        seen = k_valid_BS[:, None, :] & (k_pos <= pos_BK[..., None])  # (B, K, S)
-        return (seen & valid_BK[..., None]).sum()
-
-    def flops(self, ctx: ForwardContext, config) -> torch.Tensor:
-        """FLOPs that ran in the decoder layers (lm_head excluded, as GateSkip's count): per token that ran
-        a layer, k/v/q/o projections and the MLP; attention per (query, key) pair attended; the router
-        (D -> 1) for every valid token at a routed layer, and the predictor where it ran."""
-        m = ctx.method
-        n_valid = m["valid"].sum().double()
-        D = config.hidden_size
-        hid = self.cfg.predictor_hidden or max(1, D // 4)
-        total = torch.zeros((), dtype=torch.float64, device=n_valid.device)
-        for slot, (n_run, keys, predicted) in m["slots"].items():
-            n_run = n_run.double()
-            per_token = flops.kv_flops(config) + flops.q_o_flops(config) + flops.mlp_flops(config, slot)
-            total = total + n_run * per_token
-            total = total + flops.attn_score_flops(config, keys.double())
-            if slot in self.routed:
-                total = total + n_valid * flops.gate_flops(config, "scalar")
-                total = total + (n_valid * (2 * D * hid + 2 * hid) if predicted else 0)
-        return total
-
-    def override(self, **fields):
-        """Temporarily change config fields: `with method.override(mode="predictor"): ...`."""
-        return override_config(self.cfg, self, **fields)
-
-    def to_dict(self) -> dict:
-        return method_dict(self.name, self.cfg)
+            st.bce.append(bce / w.sum().clamp(min=1))
+            st.acc.append((((logit_BT.detach() > 0) == keep) & valid).sum() / w.sum().clamp(min=1))
+        return keep
 
 
 def attach_mod(model, cfg: MoDConfig | dict | None = None) -> MoD:
     """Add a router and predictor to every routed layer of `model` (a CausalLM, fresh or pretrained)."""
+    from dyndepth.methods.registry import check_attachable
+
     cfg = make_config(MoDConfig, cfg)
-    routed = cfg.routed_layers(model.config.num_hidden_layers)
+    layers = check_attachable(model, "mod")
+    routed = cfg.routed_layers(len(layers))
     if not routed:
         raise ValueError(f"mod.every={cfg.every}, offset={cfg.offset} routes none of the "
-                         f"{model.config.num_hidden_layers} layers; use every=1 or a smaller offset.")
+                         f"{len(layers)} layers; use every=1 or a smaller offset.")
     ref = model.lm_head.weight
     for i in routed:
-        mod = LayerMoD(model.config.hidden_size, cfg)
-        model.model.layers[i].mod = mod.to(device=ref.device, dtype=ref.dtype)
+        layers[i].mod = LayerMoD(model.config.hidden_size, cfg).to(device=ref.device, dtype=ref.dtype)
     method = MoD(cfg, routed)
+    method.bind(model)
     model.method = method
     return method
 
 
-@torch.no_grad()
-def calibrate_mod(model, batches) -> torch.Tensor:
-    """Router thresholds (one per routed layer) for `mode="router_threshold"`: the mean over calibration
-    batches of the (1 - capacity)-quantile of valid tokens' router scores under top-k routing."""
-    method: MoD = model.method
-    was_training = model.training
-    model.eval()
-    method.calibration = {}
-    try:
-        with method.override(mode="topk"):
-            for batch in batches:
-                ids, mask = batch if isinstance(batch, tuple) else (batch, None)
-                model(ids, attention_mask=mask)
-        taus = method.calibration
-    finally:
-        method.calibration = None
-        model.train(was_training)
-    table = torch.stack([torch.stack(taus[slot]).mean() for slot in sorted(method.routed)])
-    for slot, tau in zip(sorted(method.routed), table):
-        model.model.layers[slot].mod.threshold.copy_(tau)
-    method.cfg.calibrated_capacity = method.capacity
-    return table
-
-
 class MoDHook:
-    """Trainer hook: anneals the capacity from 1.0 toward c when `anneal_period > 0` (else a no-op)."""
+    """Trainer hook: anneals the capacity knob from 1.0 toward c when `anneal_period > 0` (else a no-op)."""
+
+    name = "mod"
 
     def __init__(self, method: MoD, total_steps: int) -> None:
         self.method = method
-        if method.cfg.anneal_period > 0:
-            method.anneal_capacity = capacity_anneal(0, method.cfg.capacity, method.cfg.anneal_period)
+        if method.config.anneal_period > 0:
+            method.capacity = capacity_anneal(0, method.config.capacity, method.config.anneal_period)
 
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
-        cfg = self.method.cfg
+        cfg = self.method.config
         if cfg.anneal_period > 0:
-            self.method.anneal_capacity = capacity_anneal(step, cfg.capacity, cfg.anneal_period)
+            self.method.capacity = capacity_anneal(step, cfg.capacity, cfg.anneal_period)
         return {"capacity": self.method.capacity}
 
     def state_dict(self) -> dict:
-        return {"capacity": self.method.anneal_capacity}
+        return {"capacity": self.method.capacity}
 
     def load_state_dict(self, state: dict) -> None:
-        self.method.anneal_capacity = state["capacity"]
+        self.method.capacity = state["capacity"]

@@ -126,18 +126,17 @@ def speculative_accept(p_BKV: torch.Tensor, q_BKV: torch.Tensor, draft_BK: torch
 
 def _skip_method(model, draft_budget: float):
     method = getattr(model, "method", None)
-    if method is None or not hasattr(method, "decoding"):
+    if method is None or "budget" not in method.knobs():
         raise ValueError("speculative_generate needs a model with a skipping method attached "
                          "(e.g. dyndepth.methods.attach_gateskip) to draft with.")
-    with method.decoding(draft_budget):  # raises the method's own "run calibrate(...)" error if needed
+    with method.decoding(budget=draft_budget):  # raises the method's own "run calibrate(...)" error if needed
         pass
     return method
 
 
-def _forward_flops(model, out, n_logits: int, batch: int) -> torch.Tensor | float:
-    """FLOPs that ran in one forward: the method's count (pool tokens) plus lm_head for the logits kept."""
-    used = out.stats.get("gateskip/flops", 0.0)
-    return used + flops.lm_head_flops(model.config) * n_logits * batch
+def _forward_flops(out) -> torch.Tensor:
+    """FLOPs that ran in one forward (the ledger's executed total, lm_head included)."""
+    return out.stats["flops/executed"]
 
 
 @dataclass
@@ -162,8 +161,8 @@ class _Run:
         dtype = cache_dtype or next(model.parameters()).dtype
 
         def make() -> KVCache:
-            return KVCache.for_model(model.config, B, self.size, num_slots=method.num_slots(model.config),
-                                     dtype=dtype, device=device)
+            return KVCache.for_model(model.config, B, self.size, num_slots=model.num_slots(), dtype=dtype,
+                                     device=device)
 
         self.cache = make()
         self.draft_cache = self.cache if opt.cache_mode == "shared" else make()
@@ -178,15 +177,15 @@ class _Run:
         """Write the prompt to the cache(s); return the first new token (B,), from the full model."""
         model, T = self.model, input_ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        with self.method.decoding(0.0):
+        with self.method.decoding(budget=0.0):
             out = model(input_ids, attention_mask=mask, positions=positions, cache=self.cache.window(T),
                         num_logits=1)
-        self.flops["prefill"] = _forward_flops(model, out, 1, len(input_ids))
+        self.flops["prefill"] = _forward_flops(out)
         if self.opt.cache_mode == "separate":
-            with self.method.decoding(self.opt.draft_budget):
+            with self.method.decoding(budget=self.opt.draft_budget):
                 d = model(input_ids, attention_mask=mask, positions=positions,
                           cache=self.draft_cache.window(T), num_logits=1)
-            self.flops["prefill"] = self.flops["prefill"] + _forward_flops(model, d, 1, len(input_ids))
+            self.flops["prefill"] = self.flops["prefill"] + _forward_flops(d)
         return self.opt.sample(out.logits[:, -1])[0]
 
     def window(self, k: int) -> int:
@@ -200,11 +199,13 @@ class _Run:
             tok = torch.stack([self.prev, cur_B], 1)  # (B, 2)
             pos = torch.stack([self.pos - 1, self.pos], 1)  # (B, 2)
         drafts, probs = [], []
+        if self.opt.cache_mode == "separate":  # drop the draft's entries of rejected tokens (sparse slots)
+            self.draft_cache.invalidate(self.pos - 1)
         cache = self.draft_cache.window(window)
-        with self.method.decoding(self.opt.draft_budget):
+        with self.method.decoding(budget=self.opt.draft_budget):
             for _ in range(k):
                 out = self.model(tok, positions=pos, cache=cache, num_logits=1)
-                self.flops["draft"] = self.flops["draft"] + _forward_flops(self.model, out, 1, len(tok))
+                self.flops["draft"] = self.flops["draft"] + _forward_flops(out)
                 self.stats.draft_forwards += 1
                 self.stats.draft_tokens += tok.numel()
                 d_B, q_BV = self.opt.sample(out.logits[:, -1])
@@ -219,9 +220,10 @@ class _Run:
         """Full-compute logits (B, K+1, V) over [cur, d1..dK] at pos..pos+K, written to the main cache."""
         B, K1 = block_BK.shape
         pos_BK = self.pos[:, None] + torch.arange(K1, device=block_BK.device)  # (B, K+1)
-        with self.method.decoding(0.0):
+        self.cache.invalidate(self.pos)  # nothing at or after pos may survive from drafts or rejected tokens
+        with self.method.decoding(budget=0.0):
             out = self.model(block_BK, positions=pos_BK, cache=self.cache.window(window))
-        self.flops["verify"] = self.flops["verify"] + _forward_flops(self.model, out, K1, B)
+        self.flops["verify"] = self.flops["verify"] + _forward_flops(out)
         self.stats.verify_forwards += 1
         self.stats.verify_tokens += block_BK.numel()
         return out.logits
@@ -362,9 +364,10 @@ def _bench_one(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict,
     times = interleaved_median({"generate_s": plain, "speculative_s": spec}, ids.device, repeats, warmup)
     ref = plain()
     out, stats = spec()
-    with model.method.decoding(0.0), torch.no_grad():  # plain decoding's FLOPs == one pass over the result
-        full = model(ref[:, :-1]).stats.get("gateskip/flops", 0.0)
-    dense = float(full) + flops.lm_head_flops(model.config) * max_new_tokens
+    with model.method.decoding(budget=0.0), torch.no_grad():  # plain decoding's FLOPs == one pass over the result
+        ledger = model(ref[:, :-1]).compute  # ... but with logits for the new tokens only
+    head = flops.lm_head_flops(model.config)
+    dense = ledger.total("executed") - ledger.total("executed", "lm_head") + head * max_new_tokens
     return times, stats, dense, torch.equal(out, ref)
 
 

@@ -2,9 +2,12 @@
 
 Shape legend: B batch, T tokens, D hidden_size, V vocab, L layers.
 
-Data flow (see DESIGN.md): embed -> for each layer: x + attn(norm x), then x + mlp(norm x) -> norm ->
-lm_head. A layer exposes `attn_branch` and `mlp_branch` separately; both take normed input and leave
-the residual add to the caller, so methods can gate, skip or repeat a branch without redefining it.
+Data flow (see docs/design.md): embed -> for each application (layer, slot) of the model's schedule:
+x = layer(x, ctx, slot) -> norm -> lm_head. The layer call is the unit of dispatch: a plain layer runs
+`block` (x + attn(norm x), then x + mlp(norm x)); with an adaptive-depth method attached, the layer hands
+the call to `method.layer_forward`, which gates, skips or repeats the layer's branches (`attn_branch`,
+`mlp_branch`, `block`) inside that same call, so FSDP2, activation checkpointing and compile, applied per
+layer, cover the method too.
 """
 
 from __future__ import annotations
@@ -15,17 +18,48 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyndepth.config import PRESETS as DECODER_PRESETS
 from dyndepth.config import ModelConfig
+from dyndepth.core import flops
+from dyndepth.core.accounting import ComputeLedger
 from dyndepth.core.cache import KVCache
-from dyndepth.core.layers import Attention, ForwardContext, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
+from dyndepth.core.context import ForwardContext, causal_mask
+from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+from dyndepth.core.method import Method
+from dyndepth.models import hf_layout
 from dyndepth.models.moe import SparseMoE, load_balancing_loss
+from dyndepth.models.registry import ModelSpec, register_model
+from dyndepth.safetensors_io import write_pretrained
 
 
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # (B, T, V), or (B, num_logits, V)
     aux_loss: torch.Tensor  # scalar, already weighted; zero when there is none
-    stats: dict = field(default_factory=dict)  # detached scalars for logging
+    stats: dict = field(default_factory=dict)  # detached scalars for logging (flops/*, tokens/*, <method>/*)
+    compute: ComputeLedger | None = None  # executed and ideal FLOPs per (slot, part) of this forward
+
+
+@dataclass(frozen=True)
+class Application:
+    """One step of a model's schedule: apply `model.layers[layer]` with KV-cache slot `slot` at recurrence
+    step `step` (0 for a plain decoder; depth-recurrent models apply one layer at steps 0..R-1)."""
+
+    layer: int
+    slot: int
+    step: int = 0
+
+
+@dataclass
+class Trace:
+    """Pass `trace=Trace()` to a forward to keep what it computed: the residual stream after the embedding
+    and after each layer application (`streams`, when `keep_streams`), and the forward's context (`ctx`:
+    the method's state, the ledger, positions and validity). Analysis tools read this instead of
+    re-running the layer loop."""
+
+    keep_streams: bool = False
+    streams: list = field(default_factory=list)
+    ctx: ForwardContext | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -38,20 +72,36 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(config)
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.mlp_flops = flops.mlp_flops(config, layer_idx)  # per token (the layer keeps its kind if renumbered)
 
-    def attn_branch(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        return self.self_attn(h_BTD, ctx, slot)
+    def attn_branch(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, q_idx_BK: torch.Tensor | None = None,
+                    q_valid_BK: torch.Tensor | None = None, ideal_q_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention on normed input; queries from every token or from a per-row subset (see Attention)."""
+        return self.self_attn(h_BTD, ctx, slot, q_idx_BK, q_valid_BK, ideal_q_BT)
 
-    def mlp_branch(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """(..., D) -> (..., D). A MoE layer routes exactly the tokens it is given."""
+    def mlp_branch(self, h: torch.Tensor, ctx: ForwardContext, slot: int,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) -> (..., D) on normed input. `valid` (...) marks the rows that are real tokens (default:
+        `ctx.valid` when the shapes match, else every row): they count in the ideal FLOPs and, for a MoE
+        layer, in the balancing statistics. A MoE layer routes exactly the rows it is given."""
+        if valid is None and ctx.valid is not None and ctx.valid.shape == h.shape[:-1]:
+            valid = ctx.valid
+        rows = h.numel() // h.shape[-1]
+        n_valid = rows if valid is None else valid.sum()
+        ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n_valid * self.mlp_flops, tokens=n_valid)
         if isinstance(self.mlp, SparseMoE):
-            valid = ctx.valid if ctx.valid is not None and ctx.valid.shape == h.shape[:-1] else None
-            return self.mlp(h, valid, ctx.aux if ctx.collect_aux else None)
+            return self.mlp(h, valid, ctx.aux if ctx.training else None)
         return self.mlp(h)
 
-    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+    def block(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        """The plain layer: x + attn(norm x), then + mlp(norm x)."""
         x_BTD = x_BTD + self.attn_branch(self.input_layernorm(x_BTD), ctx, slot)
-        return x_BTD + self.mlp_branch(self.post_attention_layernorm(x_BTD), ctx)
+        return x_BTD + self.mlp_branch(self.post_attention_layernorm(x_BTD), ctx, slot)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        if ctx.method is None:
+            return self.block(x_BTD, ctx, slot)
+        return ctx.method.layer_forward(self, x_BTD, ctx, slot)
 
 
 class DecoderModel(nn.Module):
@@ -74,9 +124,9 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
-        # An adaptive-depth method (a plain object, see dyndepth.methods) that replaces each layer's
-        # forward with its own `apply`; its parameters live in the layers (`model.layers.{i}.<name>`).
-        self.method = None
+        # The adaptive-depth method (dyndepth.methods), or None. Its parameters live in the layers
+        # (`model.layers.{i}.<name>`); every layer call hands over to it (DecoderLayer.forward).
+        self.method: Method | None = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -86,6 +136,16 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def schedule(self) -> list[Application]:
+        """Which layer runs at which step with which cache slot: each layer once, slot = layer index."""
+        return [Application(i, i) for i in range(len(self.model.layers))]
+
+    def num_slots(self) -> int:
+        """KV-cache slots a forward writes: one per application, plus the method's extra slots."""
+        n = len(self.schedule)
+        return n + (self.method.extra_slots(n) if self.method is not None else 0)
 
     def make_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      positions: torch.Tensor | None, cache: KVCache | None,
@@ -103,14 +163,19 @@ class CausalLM(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
-        cos, sin = self.model.rotary_emb(positions, dtype)  # (B, T, H)
+
+        def rope(pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.model.rotary_emb(pos_BT, dtype)  # (B, T, H) each
+
+        cos, sin = rope(positions)
         attn_mask = None  # None: SDPA's causal fast path, exact when positions are 0..T-1 with no padding
         if cache is None:
             if valid is not None or doc_ids is not None or (given_positions and not _is_arange(positions)):
                 attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
         elif doc_ids is not None:
             raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
-        return ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, collect_aux=self.training)
+        return ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, training=self.training,
+                              rope=rope, method=self.method)
 
     def forward(
         self,
@@ -120,32 +185,63 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         num_logits: int | None = None,
         doc_ids: torch.Tensor | None = None,
+        trace: Trace | None = None,
     ) -> DecoderOutput:
         """input_ids (B, T); attention_mask (B, T) with 1 for real tokens; positions (B, T).
 
         `num_logits` keeps only the last n positions' logits (generation needs 1), which saves the
         lm_head over the whole prompt. `doc_ids` (B, T) restricts attention to the token's own
-        document in a packed training row (positions then restart at each document).
+        document in a packed training row (positions then restart at each document). `trace` keeps
+        the residual streams and the context (see Trace).
         """
         ctx = self.make_context(input_ids, attention_mask, positions, cache, doc_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if trace is not None and trace.keep_streams:
+            trace.streams.append(x)
         method = self.method
         if method is not None:
-            method.begin(input_ids, ctx)
-        for slot, layer in enumerate(self.model.layers):
-            x = layer(x, ctx, slot) if method is None else method.apply(layer, x, ctx, slot)
-        if method is not None:
-            method.end(ctx, self.config)
+            ctx.state = method.begin(input_ids, ctx)
+        for app in self.schedule:
+            x = self.model.layers[app.layer](x, ctx, app.slot)  # (B, T, D)
+            if trace is not None and trace.keep_streams:
+                trace.streams.append(x)
         if num_logits is not None:
             x = x[:, -num_logits:]
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        aux_loss = logits.new_zeros((), dtype=torch.float32) + sum(ctx.losses)
-        stats = dict(ctx.stats)
+        head_valid = x.shape[0] * x.shape[1] if ctx.valid is None else ctx.valid[:, -x.shape[1]:].sum()
+        head = flops.lm_head_flops(self.config)
+        ctx.ledger.add(-1, "lm_head", executed=x.shape[0] * x.shape[1] * head, ideal=head_valid * head)
+        aux_loss = logits.new_zeros((), dtype=torch.float32)
+        stats = {}
+        if method is not None:
+            result = method.end(ctx)
+            aux_loss = aux_loss + sum(result.losses)
+            stats.update(result.stats)
         if ctx.aux and self.config.num_experts:
             balance = load_balancing_loss(ctx.aux, self.config.num_experts)
             aux_loss = aux_loss + self.config.router_aux_loss_coef * balance
             stats["moe/balance_loss"] = balance.detach()
-        return DecoderOutput(logits, aux_loss, stats)
+        stats.update(self._compute_stats(ctx, head_valid * head))
+        if trace is not None:
+            trace.ctx = ctx
+        return DecoderOutput(logits, aux_loss, stats, ctx.ledger)
+
+    def _compute_stats(self, ctx: ForwardContext, head_ideal) -> dict:
+        """flops/executed and flops/ideal from the ledger, flops/dense (what the plain model would need for
+        the same tokens), tokens/valid."""
+        valid = ctx.valid_or_all
+        n_valid = valid.sum()
+        pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees
+        layers = [app.layer for app in self.schedule]
+        linear = flops.q_o_flops(self.config) + flops.kv_flops(self.config)
+        per_token = sum(linear + flops.mlp_flops(self.config, i) for i in layers)  # matmuls of each application
+        dense = n_valid * per_token + len(layers) * flops.attn_score_flops(self.config, pairs) + head_ideal
+        return {"flops/executed": ctx.ledger.total_tensor("executed"), "flops/ideal": ctx.ledger.total_tensor("ideal"),
+                "flops/dense": dense.double(), "tokens/valid": n_valid}
+
+    def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
+        """Analytic FLOPs of a plain forward of B sequences of T tokens (core/flops.py), by the schedule."""
+        return flops.forward_flops(self.config, T, B, context, lm_head, [a.layer for a in self.schedule])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -156,11 +252,21 @@ class CausalLM(nn.Module):
         return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask,
                         temperature=temperature, **kwargs)
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write config.json + model.safetensors that `transformers.AutoModelForCausalLM` loads."""
-        from dyndepth.interop.hf import save_pretrained
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict in the on-disk HF layout: tied lm_head dropped, experts split per expert."""
+        state = {k: (v if dtype is None else v.to(dtype)) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return hf_layout.split_experts(state)
 
-        return save_pretrained(self, path, dtype=dtype)
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> Path:
+        """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads (the method, if
+        any, is recorded under `dyndepth_method`, which transformers ignores)."""
+        hf_config = hf_layout.config_to_hf(self.config, dtype or next(self.parameters()).dtype)
+        if self.method is not None:
+            hf_config["dyndepth_method"] = self.method.to_dict()
+        return write_pretrained(self.hf_state_dict(dtype), hf_config, path, max_shard_bytes)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -170,3 +276,8 @@ def _is_arange(positions: torch.Tensor) -> bool:
     """True when positions are 0..T-1 in every row (so SDPA's causal fast path is exact)."""
     T = positions.shape[1]
     return bool((positions == torch.arange(T, device=positions.device)).all())
+
+
+register_model(("qwen3", "qwen3_moe", "llama"),
+               ModelSpec(ModelConfig, CausalLM, hf_layout.config_from_hf, hf_layout.stack_experts),
+               presets=DECODER_PRESETS)

@@ -1,6 +1,6 @@
-"""GateSkip combinations (spec section 7): weight-only quantization and static layer pruning.
+"""Weight-only int8 / int4 quantization (GateSkip spec section 7: GateSkip combined with 4-bit weights).
 
-Shape legend: B batch, T tokens, D hidden_size, L layers, N out_features, K in_features, G groups per row.
+Shape legend: N out_features, K in_features, G groups per row.
 
 Quantization: every nn.Linear (gates included, as the paper quantizes everything but lm_head) becomes a
 `QuantLinear` holding symmetric integer weights and one float scale per output channel (or per group of
@@ -8,11 +8,6 @@ Quantization: every nn.Linear (gates included, as the paper quantizes everything
 packed per byte). Activations stay in float; the layer dequantizes on the fly, or on CPU with 8-bit
 per-channel weights calls torch's int8 weight-only kernel `torch._weight_int8pack_mm`. MoE expert stacks
 are plain parameters, not nn.Linear, and stay in float.
-
-Pruning: whole decoder layers are removed by a static score, either GateSkip's mean gate importance of
-the layer's two branches, or ShortGPT's block influence 1 - cos(h_in, h_out) (low = the layer barely
-changes the residual stream). Pruning renumbers the layers, so HF names stay contiguous and a pruned model
-round-trips through `save_pretrained` / `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -21,14 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.methods.gateskip_analysis import _eval_mode, _split_batch, collect_gate_stats, trace_forward
-from dyndepth.models.moe import SparseMoE
-
 _INT8_PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 _QMAX = {8: 127, 4: 7}
 
-
-# ----------------------------------------------------------------------------------------- quantization
 
 class QuantLinear(nn.Module):
     """Weight-only quantized Linear: `qweight` int8 (N, K) for 8 bits, uint8 (N, K // 2) for 4 bits (two
@@ -142,78 +132,3 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
-
-
-# ----------------------------------------------------------------------------------------- layer pruning
-
-SCORES = ("gate", "influence")
-
-
-@torch.no_grad()
-def block_influence(model, batches) -> list[float]:
-    """ShortGPT's block influence per layer: 1 - mean over valid tokens of cos(h_in, h_out), where h is the
-    residual stream entering and leaving the layer (with the attached method, at its current budget)."""
-    sums, count = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64), 0
-    with _eval_mode(model):
-        for batch in batches:
-            tr = trace_forward(model, *_split_batch(batch), streams=True)
-            for i, (h_in, h_out) in enumerate(zip(tr.streams[:-1], tr.streams[1:])):
-                cos_BT = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
-                sums[i] += float(cos_BT[tr.valid].double().sum())
-            count += int(tr.valid.sum())
-    if count == 0:
-        raise ValueError("block_influence saw no valid tokens; pass a list of token id tensors (B, T).")
-    return (1 - sums / count).tolist()
-
-
-def layer_importance(model, batches, by: str = "gate") -> list[float]:
-    """One score per decoder layer (low = prunable). "gate": mean GateSkip importance of the layer's attn
-    and MLP branches over valid tokens; "influence": ShortGPT block influence (`block_influence`)."""
-    if by not in SCORES:
-        raise ValueError(f"by={by!r} is not one of {SCORES}.")
-    if by == "influence":
-        return block_influence(model, batches)
-    return collect_gate_stats(model, batches).mean.mean(-1).tolist()
-
-
-def remove_layers(model, indices: list[int]) -> None:
-    """Delete decoder layers `indices` in place: renumber the rest, update `config.num_hidden_layers`, and
-    for MoE rewrite `mlp_only_layers` (with `decoder_sparse_step=1`) so every layer keeps its kind."""
-    L = len(model.model.layers)
-    drop = set(indices)
-    if not drop <= set(range(L)) or len(drop) >= L:
-        raise ValueError(f"cannot remove layers {sorted(indices)} from a {L}-layer model: give distinct "
-                         f"indices in [0, {L}) and keep at least one layer.")
-    old = list(model.model.layers)
-    keep = [i for i in range(L) if i not in drop]
-    shared = getattr(model.method, "shared_gates", None)
-    if shared is not None and 0 in drop:  # shared gates live in layer 0: hand them to the new first layer
-        del old[0].gateskip
-        old[keep[0]].gateskip = shared
-    model.model.layers = nn.ModuleList(old[i] for i in keep)
-    config = model.config
-    config.num_hidden_layers = len(keep)
-    if config.num_experts:
-        config.mlp_only_layers = [new for new, i in enumerate(keep) if not isinstance(old[i].mlp, SparseMoE)]
-        config.decoder_sparse_step = 1
-
-
-def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[float] | None = None) -> list[int]:
-    """Remove the `n` decoder layers with the lowest score in place; return their original indices.
-
-    Scores come from `layer_importance(model, batches, by)` unless given (one float per layer). Ties go to
-    the earlier layer.
-    """
-    L = len(model.model.layers)
-    if not 0 <= n < L:
-        raise ValueError(f"n={n}: prune between 0 and {L - 1} of the model's {L} layers.")
-    if scores is None:
-        if batches is None:
-            raise ValueError("prune_layers needs `batches` to score the layers, or precomputed `scores`.")
-        scores = layer_importance(model, batches, by)
-    if len(scores) != L:
-        raise ValueError(f"got {len(scores)} scores for {L} layers.")
-    removed = sorted(sorted(range(L), key=lambda i: (scores[i], i))[:n])
-    if removed:
-        remove_layers(model, removed)
-    return removed

@@ -1,0 +1,86 @@
+"""One compute-accounting path for every model and method: the `ComputeLedger` of a forward.
+
+Every layer branch records two figures per call, keyed by (slot, part), part in PARTS:
+- `executed`: the FLOPs the kernels computed, from the shapes they were actually given: padded rows
+  (PAD tokens, per-row padding to the longest subset), branches run densely with a masked output, and
+  every (query, key) pair of an attention call with an explicit mask (SDPA computes masked pairs too;
+  the causal fast path computes T(T+1)/2 pairs per row, as causal kernels skip the upper triangle).
+  A test checks this figure against `torch.utils.flop_counter.FlopCounterMode`.
+- `ideal`: the FLOPs the routing decisions require: valid (non-PAD) tokens that the method ran, and
+  (query, key) pairs the causal mask makes visible to them. A perfect kernel would do exactly this.
+and `tokens`, the valid tokens that ran the part (the per-layer fraction of tokens processed).
+
+What counts as a FLOP is `core/flops.py`'s convention (matmuls and attention pairs; 2 per multiply-add).
+Values are Python numbers or 0-dim tensors, so recording never syncs the host; reading does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PARTS = ("attn", "mlp", "gate", "router", "lm_head")
+
+
+def _num(v) -> float:
+    return float(v.detach()) if torch.is_tensor(v) else float(v)
+
+
+class ComputeLedger:
+    """Executed and ideal FLOPs of one forward, and the tokens each part ran, keyed by (slot, part).
+
+    The lm_head is recorded with slot -1. Reading methods (`total`, `tokens_processed`, `report`)
+    convert to Python floats, the only host sync.
+    """
+
+    def __init__(self) -> None:
+        self.executed: dict[tuple[int, str], object] = {}
+        self.ideal: dict[tuple[int, str], object] = {}
+        self.tokens: dict[tuple[int, str], object] = {}
+
+    def add(self, slot: int, part: str, executed, ideal, tokens=None) -> None:
+        """Add one call's FLOPs (and the valid tokens it ran, when it runs tokens) to (slot, part)."""
+        if part not in PARTS:
+            raise ValueError(f"ledger part {part!r} is not one of {PARTS}.")
+        key = (slot, part)
+        self.executed[key] = self.executed.get(key, 0) + executed
+        self.ideal[key] = self.ideal.get(key, 0) + ideal
+        if tokens is not None:
+            self.tokens[key] = self.tokens.get(key, 0) + tokens
+
+    def total(self, which: str = "executed", part: str | None = None, slot: int | None = None) -> float:
+        """Sum of `which` ("executed" | "ideal") over the matching keys (all when part / slot are None)."""
+        table = {"executed": self.executed, "ideal": self.ideal}[which]
+        return sum(_num(v) for (s, p), v in table.items()
+                   if (part is None or p == part) and (slot is None or s == slot))
+
+    def total_tensor(self, which: str = "executed") -> torch.Tensor:
+        """The same sum as a float64 tensor without a host sync (for `DecoderOutput.stats`)."""
+        table = {"executed": self.executed, "ideal": self.ideal}[which]
+        out = torch.zeros((), dtype=torch.float64)
+        for v in table.values():
+            out = out.to(v.device) + v.double() if torch.is_tensor(v) else out + v
+        return out
+
+    def tokens_processed(self, slot: int, part: str) -> float:
+        return _num(self.tokens.get((slot, part), 0))
+
+    def slots(self) -> list[int]:
+        return sorted({s for s, _ in self.executed if s >= 0})
+
+    def report(self, valid_tokens: float | None = None) -> dict:
+        """Plain floats: totals, per-part totals and, per slot, each part's FLOPs and the fraction of
+        valid tokens it processed (`valid_tokens` given)."""
+        out = {"executed": self.total("executed"), "ideal": self.total("ideal"), "parts": {}, "slots": {}}
+        for part in PARTS:
+            if any(p == part for _, p in self.executed):
+                out["parts"][part] = {"executed": self.total("executed", part), "ideal": self.total("ideal", part)}
+        for slot in self.slots():
+            row = {}
+            for (s, p) in self.executed:
+                if s != slot:
+                    continue
+                row[p] = {"executed": self.total("executed", p, s), "ideal": self.total("ideal", p, s)}
+                if valid_tokens and (s, p) in self.tokens:
+                    row[p]["processed"] = self.tokens_processed(s, p) / valid_tokens
+            out["slots"][slot] = row
+        return out

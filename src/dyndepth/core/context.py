@@ -1,0 +1,118 @@
+"""The forward context every layer receives, the causal masks built from it, and sub-contexts for token subsets.
+
+Shape legend: B batch, T tokens, K tokens of a per-row subset, S key / cache length, H head_dim.
+
+A context is built once per model forward (`CausalLM.make_context`) and passed explicitly to every layer
+call; nothing is stashed on modules between calls. Methods that run a layer on a subset of tokens (MoD's
+routed tokens, DND's nested pass) derive a sub-context with `ForwardContext.subset`, so the layer's own
+branches run unchanged on (B, K, D) and causality, documents and the cache follow one rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dyndepth.core.accounting import ComputeLedger
+from dyndepth.core.cache import KVCache
+from dyndepth.core.routing import gather_padded
+
+if TYPE_CHECKING:
+    from dyndepth.core.method import Method
+
+
+@dataclass
+class ForwardContext:
+    """Everything a layer needs besides its input, built once per forward and passed explicitly.
+
+    positions (B, T): sequence position of every token (RoPE angle and cache column).
+    valid (B, T) | None: False marks PAD; None means every token is real.
+    cos, sin (B, T, H): rotary tables for `positions`; `rope(positions)` makes them for other positions.
+    attn_mask (B, 1, T, T) | None: for cache-free calls with padding, documents or custom positions;
+      None means SDPA's causal fast path (positions 0..T-1 in every row).
+    cache: the KV cache or None. doc_ids (B, T) | None: packed-document ids (training only).
+    training: a training forward (method losses, MoE router statistics for the balancing loss).
+    method / state: the attached adaptive-depth method and its per-forward state (its own dataclass).
+    ledger: executed and ideal FLOPs of this forward (see core/accounting.py).
+    aux: MoE router statistics, for the balancing loss of a training forward.
+    kv_hook: optional (slot, k, v) -> (k, v), set by a method for one forward (GateSkip copy_prev).
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attn_mask: torch.Tensor | None = None
+    cache: KVCache | None = None
+    doc_ids: torch.Tensor | None = None
+    training: bool = False
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    method: Method | None = None
+    state: Any = None
+    ledger: ComputeLedger = field(default_factory=ComputeLedger)
+    aux: list = field(default_factory=list)
+    kv_hook: Callable | None = None
+
+    @property
+    def valid_or_all(self) -> torch.Tensor:
+        """(B, T) bool: `valid`, or all True."""
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+
+    def subset(self, idx_BK: torch.Tensor, valid_BK: torch.Tensor,
+               positions_BK: torch.Tensor | None = None) -> ForwardContext:
+        """The context of a per-row token subset (see `core.routing.pack_padded` for idx / valid).
+
+        The subset's tokens keep their own positions, or take `positions_BK` (e.g. DND's compact
+        positions 0..K-1), with rotary tables to match. Without a cache they attend causally to each
+        other only, within their documents; with a cache, to the valid entries of the slot they are run
+        with (the caller picks the slot). Cache, ledger and MoE statistics are shared with the parent, so
+        everything the subset runs is counted in the same forward. The method is not carried over: a
+        sub-context runs the plain layer (`layer.block`).
+        """
+        if positions_BK is None:
+            positions_BK = self.positions.gather(1, idx_BK)  # (B, K)
+            cos, sin = gather_padded(self.cos, idx_BK), gather_padded(self.sin, idx_BK)  # (B, K, H)
+        else:
+            if self.rope is None:
+                raise ValueError("this context has no rope function, so a subset cannot take new positions.")
+            cos, sin = self.rope(positions_BK)
+        doc_BK = None if self.doc_ids is None else self.doc_ids.gather(1, idx_BK)
+        mask = None
+        if self.cache is None:
+            mask = causal_mask(positions_BK, positions_BK, valid_BK, valid_BK, doc_BK)  # (B, 1, K, K)
+        return ForwardContext(positions_BK, valid_BK, cos, sin, mask, self.cache, doc_BK, self.training,
+                              self.rope, ledger=self.ledger, aux=self.aux)
+
+
+def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
+                q_valid_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: key s is visible to query t if it is valid and not later in position.
+
+    Causality is by position, never by storage order, so left padding, packed subsets and cache
+    columns all follow one rule. `doc_ids` (queries and keys are the same tokens) also hides other
+    documents of a packed row. PAD queries see every key: their outputs are discarded, and a row
+    with no visible key would make SDPA return NaN.
+    """
+    mask = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]  # (B, T, S)
+    if k_valid_BS is not None:
+        mask = mask & k_valid_BS[:, None, :]
+    if doc_ids_BT is not None:
+        mask = mask & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
+    if q_valid_BT is not None:
+        mask = mask | ~q_valid_BT[:, :, None]
+    return mask[:, None]  # (B, 1, T, S)
+
+
+def subset_mask(q_pos_BK, k_pos_BT, k_valid_BT, q_valid_BK, q_doc_BK=None, k_doc_BT=None) -> torch.Tensor:
+    """causal_mask for queries that are a subset of the keys (documents compared separately)."""
+    mask = causal_mask(q_pos_BK, k_pos_BT, k_valid_BT, None)  # (B, 1, K, T)
+    if q_doc_BK is not None:
+        mask = mask & (q_doc_BK[:, None, :, None] == k_doc_BT[:, None, None, :])
+    if q_valid_BK is not None:
+        mask = mask | ~q_valid_BK[:, None, :, None]
+    return mask

@@ -1,0 +1,93 @@
+"""How the decoder family (Qwen3, Qwen3-MoE, Llama) is laid out in a HF checkpoint: config.json fields and
+the per-expert weight keys.
+
+Parameter names are HF's already, so the only reshaping is Qwen3-MoE's experts, which checkpoints store
+per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`) and which we keep stacked
+(`mlp.experts.gate_up_proj (E, 2F, D)`, `mlp.experts.down_proj (E, D, F)`, as transformers v5 does).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from dyndepth.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from dyndepth.safetensors_io import CheckpointError
+
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_ALIASES = {"num_local_experts": "num_experts"}  # names some transformers versions write instead
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """ModelConfig from a config.json dict (transformers v4 or v5 layout)."""
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"unsupported architecture: model_type={model_type!r} (architectures={d.get('architectures')}); "
+            f"dyndepth's decoder loads {list(SUPPORTED_MODEL_TYPES)}."
+        )
+    if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+        raise ConfigError("sliding-window attention layers are not supported yet; use a checkpoint without them.")
+    rope = dict(d.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    fields = {_ALIASES.get(k, k): v for k, v in d.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    fields["torch_dtype"] = d.get("dtype") or d.get("torch_dtype")
+    return ModelConfig.from_dict({**fields, "rope_theta": theta, "rope_scaling": scaling})
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
+    d = config.to_dict()
+    d.pop("qk_norm")
+    if config.model_type != "llama":
+        d.pop("mlp_bias")
+    if not config.num_experts:
+        for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                  "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"):
+            d.pop(k)
+    dtype_name = str(dtype).removeprefix("torch.")
+    d.update(architectures=[ARCHITECTURES[config.model_type]], torch_dtype=dtype_name, dtype=dtype_name)
+    rope_parameters = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
+    d["rope_parameters"] = rope_parameters  # v5 reads this; v4 reads rope_theta / rope_scaling
+    return d
+
+
+def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert on-disk keys -> stacked `gate_up_proj (E, 2F, D)` and `down_proj (E, D, F)`."""
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for key, t in state.items():
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            out[key] = t
+        else:
+            groups.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = t
+    for prefix, experts in groups.items():
+        ids = sorted(experts)
+        if ids != list(range(len(ids))) or any(len(experts[e]) != 3 for e in ids):
+            raise CheckpointError(f"{prefix}: expert tensors are incomplete (experts {ids}).")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in ids])  # (E, 2F, D)
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in ids])  # (E, D, F)
+    return out
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `stack_experts`: the per-expert layout real Qwen3-MoE checkpoints use."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key.removesuffix(".gate_up_proj")
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}.{e}.up_proj.weight"] = up
+        elif key.endswith(".mlp.experts.down_proj"):
+            prefix = key.removesuffix(".down_proj")
+            for e, w in enumerate(t):
+                out[f"{prefix}.{e}.down_proj.weight"] = w
+        else:
+            out[key] = t
+    return out

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+from dyndepth.core.accounting import ComputeLedger
+
+
+def test_ledger_sums_per_slot_and_part_without_syncing():
+    ledger = ComputeLedger()
+    ledger.add(0, "attn", executed=100, ideal=torch.tensor(80), tokens=torch.tensor(3))
+    ledger.add(0, "attn", executed=torch.tensor(50.0), ideal=40, tokens=2)
+    ledger.add(1, "mlp", executed=30, ideal=30, tokens=4)
+    ledger.add(-1, "lm_head", executed=7, ideal=5)
+    assert isinstance(ledger.ideal[(0, "attn")], torch.Tensor)  # kept as a tensor until read
+    assert ledger.total("executed") == 187 and ledger.total("ideal") == 155
+    assert ledger.total("executed", part="attn") == 150 and ledger.total("ideal", slot=1) == 30
+    assert float(ledger.total_tensor("ideal")) == 155
+    assert ledger.tokens_processed(0, "attn") == 5 and ledger.slots() == [0, 1]
+    report = ledger.report(valid_tokens=10)
+    assert report["slots"][0]["attn"] == {"executed": 150, "ideal": 120, "processed": 0.5}
+    assert report["parts"]["lm_head"] == {"executed": 7, "ideal": 5}
+    with pytest.raises(ValueError, match="not one of"):
+        ledger.add(0, "attention", 1, 1)

@@ -1,0 +1,97 @@
+"""Weight-only quantization (int8 / int4), alone and with GateSkip skipping."""
+
+import pytest
+import torch
+from gated import gated_model
+from torch import nn
+
+from dyndepth.methods.gateskip_analysis import trace_forward
+from dyndepth.methods.quantize import QuantLinear, quantize_weights, weight_bytes
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("bits,bound", [(8, 0.02), (4, 0.25)])
+def test_quantized_logits_stay_close_to_float(name, bits, bound):
+    model, _ = gated_model(name)
+    ids = torch.randint(0, 256, (2, 16))
+    ref = logits(model, ids)
+    names = quantize_weights(model, bits=bits)
+    assert "lm_head" not in names and isinstance(model.lm_head, nn.Linear)
+    mlp = "model.layers.1.mlp.gate" if "moe" in name else "model.layers.1.mlp.down_proj"  # MoE: the router
+    assert "model.layers.0.gateskip.attn_gate.proj" in names and mlp in names
+    assert not any(type(m) is nn.Linear for n, m in model.named_modules() if n != "lm_head")
+    out = logits(model, ids)
+    err_T = (out - ref).abs().amax(-1) / ref.abs().max()  # (B, T) per position
+    # MoE: a quantized router may flip one token's top-k experts (a discontinuous change); dense: none may move
+    allowed = 0.1 if "moe" in name else 0.0
+    assert float((err_T > bound).float().mean()) <= allowed, err_T
+    assert float((out - ref).norm() / ref.norm()) < (4 * bound if "moe" in name else bound)
+    assert not torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_linear_matches_its_integer_weights(bits):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    q = QuantLinear.from_linear(linear, bits=bits, group_size=64 if bits == 8 else 16)
+    w = linear.weight.detach()
+    scale = w.reshape(24, -1, q.group_size).abs().amax(-1) / (127 if bits == 8 else 7)  # (N, G)
+    expected = torch.round(w.reshape(24, -1, q.group_size) / scale[..., None]).reshape(24, 64)
+    assert torch.equal(q.int_weight().float(), expected)
+    assert (q.dequantize() - w).abs().max() <= scale.max() / 2 + 1e-7
+    assert q.qweight.numel() == (24 * 64 if bits == 8 else 24 * 32)  # int4: two values per byte
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T + linear.bias, atol=1e-5, rtol=1e-5)
+    assert q(x[:0]).shape == (0, 5, 24)
+
+
+def test_int8_uses_the_cpu_kernel_when_torch_has_it():
+    q = QuantLinear.from_linear(nn.Linear(32, 8, bias=False), bits=8)
+    x = torch.randn(4, 32)
+    assert q.uses_int8_kernel(x) == hasattr(torch, "_weight_int8pack_mm")
+    assert not QuantLinear.from_linear(nn.Linear(32, 8), bits=8, group_size=16).uses_int8_kernel(x)
+
+
+def test_gates_can_stay_in_float_and_bad_settings_are_refused():
+    model, _ = gated_model()
+    names = quantize_weights(model, bits=8, quantize_gates=False)
+    assert len(names) == 14 and not any("gateskip" in n for n in names)
+    assert type(model.model.layers[0].gateskip.mlp_gate.proj) is nn.Linear
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weights(gated_model()[0], bits=3)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_weights(gated_model()[0], bits=4, group_size=48)
+
+
+def test_skipping_still_works_on_a_quantized_model():
+    model, _ = gated_model(budget=0.3)
+    ids = torch.randint(0, 256, (4, 20))
+    with torch.no_grad():
+        before = trace_forward(model, ids).keep
+    quantize_weights(model, bits=8)
+    with torch.no_grad():
+        stats = model(ids).stats
+        after = trace_forward(model, ids).keep
+    for branch in ("attn", "mlp"):
+        assert float(stats[f"gateskip/{branch}_skipped"]) == pytest.approx(0.3)  # floor(0.3 * 80) / 80
+    agree = torch.stack([(before[k] == after[k]).float().mean() for k in before]).mean()
+    assert agree > 0.9  # int8 gates rank tokens (almost) as the float gates do
+
+
+def test_weight_memory_shrinks():
+    float_bytes = weight_bytes(gated_model()[0])
+    linear_bytes = sum(m.weight.numel() * 4 for n, m in gated_model()[0].named_modules()
+                       if isinstance(m, nn.Linear) and n != "lm_head")
+    sizes = {}
+    for bits in (8, 4):
+        model, _ = gated_model()
+        quantize_weights(model, bits=bits)
+        sizes[bits] = weight_bytes(model)
+    assert float_bytes - sizes[8] >= 0.7 * linear_bytes  # int8: a quarter of the fp32 weights, plus scales
+    assert float_bytes - sizes[4] >= 0.8 * linear_bytes  # int4: an eighth, plus one scale per 32 weights
+    assert sizes[4] < sizes[8] < float_bytes
