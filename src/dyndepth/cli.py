@@ -35,7 +35,7 @@ def _load_model(model: str, dtype: Optional[str], device: str):
     import dyndepth
 
     if model in dyndepth.PRESETS:  # random weights: smoke tests and demos
-        return dyndepth.CausalLM(dyndepth.preset(model)).to(device).eval()
+        return dyndepth.build_model(dyndepth.preset(model)).to(device).eval()
     return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
 
 
@@ -92,9 +92,18 @@ def convert(
     dtype: Optional[str] = typer.Option(None, help="Convert weights to float32 | bfloat16 | float16."),
     max_shard_gb: float = typer.Option(5.0, help="Shard safetensors above this size."),
 ) -> None:
-    """Load a checkpoint and write it back as a HF checkpoint (dtype conversion, re-sharding)."""
+    """Load a checkpoint and write it back as a HF checkpoint (dtype conversion, re-sharding); a training
+    checkpoint (`step_*/`) is exported to HF format first."""
     from dyndepth.interop.hf import convert_checkpoint
 
+    if (Path(src) / "train_state.pt").exists():
+        from dyndepth.train.run import export_checkpoint
+
+        exported = _run(export_checkpoint, src, dst)
+        if dtype is None:
+            typer.echo(f"wrote {exported}")
+            return
+        src = str(dst)
     path = _run(convert_checkpoint, src, dst, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
     typer.echo(f"wrote {path}")
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyndepth.config import ModelConfig, preset
 from dyndepth.data.build import build_loader, build_tokenizer
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.train.parallel import init_distributed
@@ -23,8 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def build_model(model_cfg: dict) -> nn.Module:
-    """`{"preset": name, **ModelConfig overrides}` or `{"pretrained": path_or_hub_id, "dtype": ...}`."""
-    from dyndepth.models.qwen3 import CausalLM
+    """A model from a recipe's `[model]` section: `{"preset": name, **config overrides}`, a table of config
+    fields (`type` or `model_type` picks the model family, default "qwen3"), or `{"pretrained":
+    path_or_hub_id, "dtype": ...}`. Every family goes through the model registry (models/registry.py)."""
+    from dyndepth.models import build_config, preset
+    from dyndepth.models import build_model as build
 
     cfg = dict(model_cfg)
     if "pretrained" in cfg:
@@ -35,34 +37,37 @@ def build_model(model_cfg: dict) -> nn.Module:
             raise RunConfigError(f"model.{min(extra)}: a pretrained model takes only 'pretrained' and "
                                  "'dtype'; its shape comes from the checkpoint's config.json.")
         return from_pretrained(cfg["pretrained"], dtype=cfg.get("dtype"))  # copy-on-write mmap: trainable
+    if "type" in cfg:
+        cfg["model_type"] = cfg.pop("type")
     if "preset" in cfg:
-        return CausalLM(preset(cfg.pop("preset"), **cfg))
+        return build(preset(cfg.pop("preset"), **cfg))
     if cfg:
-        return CausalLM(ModelConfig(**cfg))
+        return build(build_config(cfg))
     raise RunConfigError("the [model] section is empty; set model.preset (e.g. 'tiny-qwen3') or model.pretrained.")
 
 
-def build_hooks(method_cfg: dict, model: nn.Module, total_steps: int = 0) -> list:
-    """Attach the method named by `method_cfg["name"]` to `model` and return its training hooks.
-
-    An empty section (or name "none") trains the plain model with no hooks.
-    """
-    from dyndepth.methods import METHODS
+def attach_from_config(method_cfg: dict, model: nn.Module):
+    """The method a recipe's `[method]` section names, attached to `model` (or, for a checkpoint that already
+    carries that method, reconfigured with the section's options); None for no method ("none" or empty).
+    Unknown option keys are an error."""
+    from dyndepth.methods import METHOD_NAMES, attach_method, reconfigure_method
 
     name = method_cfg.get("name", "none")
     if name in ("none", ""):
-        return []
-    if name not in METHODS:
-        raise RunConfigError(f"method.name={name!r} is not one of {sorted(METHODS)} (or 'none').")
-    attach, hooks = METHODS[name]
+        return None
+    if name not in METHOD_NAMES:
+        raise RunConfigError(f"method.name={name!r} is not one of {sorted(METHOD_NAMES)} (or 'none').")
     options = {k: v for k, v in method_cfg.items() if k != "name"}
-    method = getattr(model, "method", None)
-    if method is not None and method.name == name:  # a checkpoint that already carries the method
-        for key, value in options.items():
-            setattr(method.cfg, key, value)
-    else:
-        method = attach(model, options)
-    return hooks(method, total_steps)
+    carried = getattr(model, "method", None)
+    if carried is not None and carried.name == name:
+        return reconfigure_method(model, name, options)
+    return attach_method(model, name, options)
+
+
+def build_hooks(method_cfg: dict, model: nn.Module, total_steps: int = 0) -> list:
+    """Attach (or reconfigure) the method of `method_cfg` and return its trainer hooks ([] for none)."""
+    method = attach_from_config(method_cfg, model)
+    return [] if method is None else method.trainer_hooks(total_steps)
 
 
 def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
@@ -108,6 +113,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     rc = load_run_config(Path(checkpoint) / "config.yaml")
     dtype = rc.model.pop("dtype", None)
     model = build_model(rc.model)
-    build_hooks(rc.method, model, rc.train.steps)
+    attach_from_config(rc.method, model)
     load_model_weights(checkpoint, model)
     return model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
