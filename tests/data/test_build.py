@@ -24,6 +24,8 @@ def test_cache_key_follows_the_content_and_the_tokenizer(tmp_path):
     src.write_text("an edited corpus, same path\n")  # same path, class and vocab size: a new cache entry
     edited = user_shards(_cfg(tmp_path, src), ByteTokenizer(), "train")
     assert edited.num_tokens == len("an edited corpus, same path\n") + 1 != first.num_tokens
+    digests = json.loads((tmp_path / "cache" / "source_digests.json").read_text())
+    assert len(digests) == 2  # one per version: an unchanged file is not read again at the next start
     texts = ["hello world, hello there"] * 20
     bpe_a = train_bpe(iter(texts), vocab_size=270)
     bpe_b = train_bpe(iter(["other words entirely"] * 20), vocab_size=270)
@@ -66,7 +68,7 @@ def test_documents_stream_into_the_shards(tmp_path, monkeypatch):
             yield Document(f"doc {i}")
 
     monkeypatch.setattr(build, "iter_documents", documents)
-    monkeypatch.setattr(build, "source_fingerprint", lambda source: "fixed")
+    monkeypatch.setattr(build, "source_fingerprint", lambda source, cache_dir=None: "fixed")
     shards = user_shards(_cfg(tmp_path, "anything"), CountingBytes(), "train")
     assert shards.num_documents == 3000 - 30  # every 100th document is validation
     assert max(lag) <= 1024 + 20  # one tokenizer batch (1024 documents) plus the held-out ones in it

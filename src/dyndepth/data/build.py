@@ -19,7 +19,8 @@ Schema (every key optional):
                            # "plain"), "tokenizer" (required) or "plain" (role: content lines); data/chat.py
 
 User data is tokenized once into `cache_dir/<key>/<split>/`. The key hashes the content of every source
-file, the tokenizer (its full tokenizer.json, or class and settings), the chat rendering, `text_field`
+file (digests are remembered by path, size and modification time in `cache_dir/source_digests.json`),
+the tokenizer (its full tokenizer.json, or class and settings), the chat rendering, `text_field`
 and the hold-out rule, so edited data or another tokenizer gets its own shards. Hugging Face datasets
 ("hf:<name>") are keyed by name: delete their cache folder after the dataset changes. Documents stream
 from the source to the shard files (never one list in memory). With several ranks, rank 0 builds while
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,21 +93,44 @@ def _interleave(a: list, b: list) -> list:
     return out
 
 
-def source_fingerprint(source: str) -> str:
-    """A hash of the content (and relative names) of every file `iter_documents(source)` reads."""
+def _file_digest(file: Path, memo: dict[str, str]) -> str:
+    """blake2b of a file's bytes, remembered in `memo` under (path, size, mtime): a file is read once."""
+    stat = file.stat()
+    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in memo:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        memo[key] = digest.hexdigest()
+    return memo[key]
+
+
+def source_fingerprint(source: str, cache_dir: str | Path | None = None) -> str:
+    """A hash of the content (and relative names) of every file `iter_documents(source)` reads.
+
+    With `cache_dir`, file digests are remembered in `cache_dir/source_digests.json` by (path, size,
+    modification time), so an unchanged corpus is not read again at every start; an edit changes both.
+    """
     if source.startswith(HF_PREFIX):
         return source
     path = Path(source)
     if not path.exists():
         raise DataError(f"data.source {source!r}: no such file or folder. Check the path; for a Hugging Face "
                         f"dataset write '{HF_PREFIX}<name>'.")
+    memo_file = Path(cache_dir) / "source_digests.json" if cache_dir is not None else None
+    memo = json.loads(memo_file.read_text()) if memo_file is not None and memo_file.is_file() else {}
+    known = len(memo)
     files = list_files(path) if path.is_dir() else [path]
     digest = hashlib.blake2b(digest_size=16)
     for file in files:
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
+        name = file.relative_to(path) if path.is_dir() else file.name
+        digest.update(f"{name}\0{_file_digest(file, memo)}\0".encode())
+    if memo_file is not None and len(memo) > known:  # write-then-rename: concurrent ranks never tear it
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
     return digest.hexdigest()
 
 
@@ -123,7 +148,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _shard_dir(cfg: dict, tokenizer, source: str, holdout: bool) -> Path:
-    key = json.dumps([FORMAT_VERSION, source_fingerprint(source), tokenizer_fingerprint(tokenizer),
+    key = json.dumps([FORMAT_VERSION, source_fingerprint(source, cfg["cache_dir"]), tokenizer_fingerprint(tokenizer),
                       chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"], holdout])
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
