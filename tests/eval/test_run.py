@@ -97,9 +97,9 @@ def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "| notes.txt | bits_per_byte |" in ok.output and (tmp_path / "ppl" / "results.json").is_file()
     cases = [
-        (["--tasks", "hellaswag"], "--data-dir"),  # our offline names need the folder...
-        (["--tasks", "wikitext2"], "--data-dir"),
-        (["--tasks", "nosuchtask", "--data-dir", str(data_dir)], "unknown task"),
+        (["--tasks", "dyndepth_hellaswag"], "--data-dir"),  # offline tasks need the folder (a bare "hellaswag"
+        (["--tasks", "wikitext2"], "--data-dir"),           # would be lm-eval's own, which downloads)
+        (["--tasks", "dyndepth_nosuch", "--data-dir", str(data_dir)], "unknown offline task"),
         (["--tasks", "piqa", "--data-dir", str(tmp_path / "missing")], "not a folder"),
         (["--tasks", "piqa", "--data-dir", str(tmp_path)], "piqa"),  # a folder without the files
         (["--perplexity", str(text), "--model-args", "skip_budget=0.3"], "no adaptive-depth method"),

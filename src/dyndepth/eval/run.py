@@ -64,9 +64,10 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     rows: list[Row] = []
     raw: dict = {}
     if harness_tasks:
+        manager = _task_manager(harness_tasks, data_dir, need_defaults)  # bad task names fail before loading
         lm = _adapter(args)
         model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
-        raw = _run_lm_eval(lm, harness_tasks, data_dir, limit, need_defaults)
+        raw = _run_lm_eval(lm, harness_tasks, manager, limit)
         rows += _rows_from_lm_eval(raw)
     else:
         scoring_only = set(ADAPTER_ARGS) - {"pretrained", "tokenizer", "dtype", "device"}  # lm-eval's batching etc.
@@ -107,6 +108,8 @@ def _resolve_tasks(tasks, data_dir) -> tuple[list[str], list[tuple[str, Path]], 
             ppl.append((WIKITEXT, found[0]))
         elif name in OFFLINE_TASKS or name.removeprefix(PREFIX) in OFFLINE_TASKS:
             harness.append(PREFIX + name.removeprefix(PREFIX))
+        elif name.startswith(PREFIX):
+            raise ValueError(f"unknown offline task {name!r}; offline tasks: {OFFLINE_TASKS + [WIKITEXT, 'all']}.")
         else:
             harness.append(name)
             need_defaults = True
@@ -114,10 +117,8 @@ def _resolve_tasks(tasks, data_dir) -> tuple[list[str], list[tuple[str, Path]], 
 
 
 def _adapter(args: dict):
-    try:
-        from dyndepth.eval.harness import DyndepthLM
-    except ImportError as e:
-        raise ImportError(f"lm-eval tasks need the lm-eval package ({e}); pip install 'dyndepth[eval]'.") from None
+    from dyndepth.eval.harness import DyndepthLM
+
     return DyndepthLM(**args)
 
 
@@ -126,21 +127,27 @@ def _quiet_custom_dataset_hint(record: logging.LogRecord) -> bool:
     return "Custom kwargs can be passed" not in str(record.msg)
 
 
-def _run_lm_eval(lm, names: list[str], data_dir, limit, need_defaults: bool) -> dict:
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    task_log = logging.getLogger("lm_eval.api.task")
-    if _quiet_custom_dataset_hint not in task_log.filters:
-        task_log.addFilter(_quiet_custom_dataset_hint)
-
+def _task_manager(names: list[str], data_dir, need_defaults: bool):
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError(f"lm-eval tasks need the lm-eval package ({e}); pip install 'dyndepth[eval]'.") from None
     manager = TaskManager(include_path=str(TASKS_DIR) if data_dir is not None else None,
                           include_defaults=need_defaults or data_dir is None,
                           metadata={"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        hint = f"offline tasks (with --data-dir): {OFFLINE_TASKS + [WIKITEXT, 'all']}"
-        raise ValueError(f"unknown task {unknown[0].removeprefix(PREFIX)!r}; {hint}; or any task of `lm_eval ls tasks`.")
+        raise ValueError(f"unknown task {unknown[0]!r}: not one of lm-eval's (`lm_eval ls tasks`) nor, with --data-dir, "
+                         f"of the offline tasks {OFFLINE_TASKS + [WIKITEXT, 'all']}.")
+    return manager
+
+
+def _run_lm_eval(lm, names: list[str], manager, limit) -> dict:
+    from lm_eval import simple_evaluate
+
+    task_log = logging.getLogger("lm_eval.api.task")
+    if _quiet_custom_dataset_hint not in task_log.filters:
+        task_log.addFilter(_quiet_custom_dataset_hint)
     raw = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=True,
                           bootstrap_iters=BOOTSTRAP_ITERS)
     return raw or {}
