@@ -207,7 +207,7 @@ def test_ddp_run_training_on_user_data_builds_one_cache_and_exports(checks):
     load_model_weights(checkpoint, plain)
     for (name, a), b in zip(plain.state_dict().items(), exported.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    caches = list((root / "cache").iterdir())
+    caches = [p for p in (root / "cache").iterdir() if p.is_dir()]  # beside source_digests.json
     assert len(caches) == 1 and sorted(p.name for p in caches[0].iterdir()) == ["train", "val"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2]
