@@ -10,7 +10,7 @@ pytest.importorskip("accelerate")  # HFLM imports it
 from lm_eval.api.instance import Instance
 
 from dyndepth.eval.harness import DyndepthLM
-from dyndepth.eval.model_args import split_knobs
+from dyndepth.eval.model_args import method_knobs, split_knobs
 from dyndepth.methods import attach_gateskip
 
 LOGLIKELIHOOD = [
@@ -88,7 +88,7 @@ def test_batch_size_does_not_change_scores(tiny_checkpoint):
 
 
 def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
-    """skip_budget is forwarded to GateSkip's override for scoring; other fields pass through by name."""
+    """skip_budget is forwarded to GateSkip's override for scoring; other knobs pass through by name."""
     folder, tok = tiny_checkpoint
     from dyndepth import from_pretrained
 
@@ -99,15 +99,15 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     reqs = requests("loglikelihood", LOGLIKELIHOOD[:2])
     base = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=MAX_LENGTH)
     skip = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=MAX_LENGTH, skip_budget=0.5,
-                      scope="sequence")
-    assert skip.knobs.fields == {"budget": 0.5, "scope": "sequence"}
+                      mode="quantile")  # a knob passed through by its own name
+    assert skip.knobs.fields == {"budget": 0.5, "mode": "quantile"}
     assert skip.knobs.generate == {"skip_budget": 0.5}
-    assert skip.knobs.decode_fields == {"scope": "sequence"}
+    assert skip.knobs.decode_fields == {"mode": "quantile"}
     a = [ll for ll, _ in base.loglikelihood(reqs, disable_tqdm=True)]
     b = [ll for ll, _ in skip.loglikelihood(reqs, disable_tqdm=True)]
     assert a != pytest.approx(b, abs=1e-3)  # half the tokens skipped every branch
-    assert skip.model.method.cfg.budget == 0.0  # the override is undone after each forward
-    assert skip.get_model_info()["method_knobs"] == {"budget": 0.5, "scope": "sequence", "skip_budget": 0.5}
+    assert method_knobs(skip.model.method)["budget"] == 0.0  # the override is undone after each forward
+    assert skip.get_model_info()["method_knobs"] == {"budget": 0.5, "mode": "quantile", "skip_budget": 0.5}
     knobs = split_knobs(method, {"skip_budget": 0})
     assert (knobs.fields, knobs.generate) == ({"budget": 0.0}, {"skip_budget": 0.0})
     assert isinstance(knobs.fields["budget"], float)

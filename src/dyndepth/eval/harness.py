@@ -18,7 +18,7 @@ soon as every row has produced EOS or one of the task's stop strings.
 
 Method knobs (eval/model_args.py): every model argument that is not an adapter argument is a knob of
 the adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS` (e.g.
-`skip_budget`), or any field of the method's config dataclass (e.g. `scope=sequence` for GateSkip).
+`skip_budget`), or any other runtime knob the method's `override` accepts (e.g. GateSkip's `mode`).
 Knobs apply to every scoring forward through `method.override(**fields)`; a named knob with a
 `generate` keyword is passed to `model.generate` for decoding instead. Anything else is an error
 naming the valid arguments.

@@ -3,9 +3,9 @@
 Shared by the lm-eval adapter (harness.py) and perplexity runs, and free of lm-eval imports so that
 perplexity works without it. Every argument that is not in `ADAPTER_ARGS` is a knob of the
 adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS`, or any
-field of the method's config dataclass, applied through `method.override(**fields)`. Adding a method
-knob (DND ratio, recurrences, exit threshold) is one line in `NAMED_KNOBS`, or nothing at all when the
-method's config field already has the wanted name.
+runtime knob the method's `override(**knobs)` accepts (`method.knobs()`; for methods without it, the
+fields of its config dataclass). Adding a method knob (DND ratio, recurrences, exit threshold) is one
+line in `NAMED_KNOBS`, or nothing at all when the method already calls the knob by the wanted name.
 """
 
 from __future__ import annotations
@@ -83,23 +83,41 @@ def _convert(value: str):
 
 def split_knobs(method, knobs: dict) -> Knobs:
     """Method knobs -> `Knobs`. Unknown names are an error naming the valid ones; values are cast to the
-    type of the field's current value (lm-eval parses `0` as an int) and the method's own checks run now."""
+    type of the knob's current value (lm-eval parses `0` as an int) and the method's own checks run now."""
     if not knobs:
         return Knobs({}, {}, {})
-    fields = {f.name for f in dataclasses.fields(method.cfg)} if method is not None else set()
+    current = method_knobs(method) if method is not None else {}
     result = Knobs({}, {}, {})
     for name, value in knobs.items():
         field, gen_kw = NAMED_KNOBS.get(name, (name, None))
-        if field not in fields:
-            raise ValueError(_unknown_arg(name, field, method, fields))
-        value = _coerce(value, getattr(method.cfg, field), name)
+        if field not in current:
+            raise ValueError(_unknown_arg(name, field, method, set(current)))
+        value = _coerce(value, current[field], name)
         result.fields[field] = value
         if gen_kw is None:
             result.decode_fields[field] = value
         else:
             result.generate[gen_kw] = value
-    dataclasses.replace(method.cfg, **result.fields)  # runs the config's __post_init__ checks on a copy
+    with method.override(**result.fields):  # the method's own checks of names and values
+        pass
+    config = _method_config(method)
+    if dataclasses.is_dataclass(config):  # and its config's checks (__post_init__), on a copy
+        names = {f.name for f in dataclasses.fields(config)}
+        dataclasses.replace(config, **{k: v for k, v in result.fields.items() if k in names})
     return result
+
+
+def method_knobs(method) -> dict:
+    """What `method.override` accepts, with current values: `method.knobs()` where the method has it,
+    else the fields of its config dataclass."""
+    if callable(getattr(method, "knobs", None)):
+        return dict(method.knobs())
+    config = _method_config(method)
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _method_config(method):
+    return getattr(method, "config", None) or getattr(method, "cfg", None)
 
 
 def _unknown_arg(name: str, field: str, method, fields: set[str]) -> str:
