@@ -139,3 +139,29 @@ def test_registered_with_lm_eval(tiny_checkpoint):
     assert get_model("dyndepth") is DyndepthLM
     lm = DyndepthLM.create_from_arg_string(f"pretrained={folder},max_length=32", {"batch_size": "2", "device": None})
     assert (lm.batch_size, lm.max_length, lm.device) == (2, 32, torch.device("cpu"))
+
+
+def test_skip_budget_decodes_with_calibrated_thresholds(tiny_checkpoint, tmp_path):
+    """generate_until passes skip_budget to model.generate, which decodes with the calibrated thresholds."""
+    from dyndepth import from_pretrained
+    from dyndepth.methods import calibrate
+    from dyndepth.tokenizer import encode_batch
+
+    folder, tok = tiny_checkpoint
+    model = from_pretrained(folder)
+    attach_gateskip(model)
+    calibrate(model, [encode_batch(tok, PROMPTS + [p for p, _ in LOGLIKELIHOOD[:2]])], budget=0.5)
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    reqs = requests("generate_until", [(p, {"until": [], "max_gen_toks": 6}) for p in PROMPTS])
+    skip = DyndepthLM(pretrained=str(tmp_path), device="cpu", skip_budget=0.5).generate_until(reqs, disable_tqdm=True)
+    lm = DyndepthLM(pretrained=str(tmp_path), device="cpu")
+    direct = []
+    for p in PROMPTS:
+        ids = torch.tensor([lm.tok_encode(p)])
+        out = lm.model.generate(ids, 6, stop_tokens=[lm.eot_token_id], skip_budget=0.5)
+        direct.append(lm.tok_decode(out[0, ids.shape[1]:].tolist()))
+    assert skip == direct
+    other = DyndepthLM(pretrained=str(tmp_path), device="cpu", skip_budget=0.3)
+    with pytest.raises(ValueError, match="calibrat"):
+        other.generate_until(reqs, disable_tqdm=True)
