@@ -118,3 +118,14 @@ def test_eval_options_snapshot():
     cmd = typer.main.get_command(app).commands["eval"]
     assert sorted(p.name for p in cmd.params) == ["batch_size", "data_dir", "limit", "max_length", "model",
                                                   "model_args", "out", "perplexity", "stride", "tasks"]
+
+
+def test_run_eval_takes_a_model_in_memory(tiny_checkpoint, data_dir, tmp_path):
+    import dyndepth
+
+    folder, tok = tiny_checkpoint
+    model = dyndepth.from_pretrained(folder)
+    result = run_eval(model, tasks="copa,wikitext2", data_dir=data_dir, model_args={"tokenizer": tok}, out=tmp_path)
+    assert [(r.task, r.metric) for r in result["rows"]][:2] == [("copa", "acc"), ("copa", "acc_norm")]
+    saved = json.loads(result["path"].read_text())
+    assert saved["model"] == "CausalLM" and saved["model_args"]["tokenizer"] == "HFTokenizer"

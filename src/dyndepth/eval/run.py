@@ -198,10 +198,15 @@ def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, ta
     out.mkdir(parents=True, exist_ok=True)
     lm_eval_part = {k: v for k, v in raw.items() if k != "samples"}
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-              "model": str(model), "model_args": {k: str(v) for k, v in args.items()}, "tasks": tasks,
+              "model": _name(model), "model_args": {k: _name(v) for k, v in args.items()}, "tasks": tasks,
               "data_dir": str(data_dir) if data_dir is not None else None, "limit": limit,
               "rows": [asdict(r) for r in rows], "perplexity": perplexities, "lm_eval": lm_eval_part}
     path = out / "results.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     (out / "results.md").write_text(table + "\n")
     return path
+
+
+def _name(value) -> str:
+    """How a model argument appears in results.json: objects (a model, a tokenizer) by their class name."""
+    return str(value) if isinstance(value, (str, Path, int, float, bool)) or value is None else type(value).__name__
