@@ -11,7 +11,6 @@ branches run unchanged on (B, K, D) and causality, documents and the cache follo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
     from dyndepth.core.method import Method
 
 
-@dataclass
 class ForwardContext:
     """Everything a layer needs besides its input, built once per forward and passed explicitly.
 
@@ -39,22 +37,24 @@ class ForwardContext:
     ledger: executed and ideal FLOPs of this forward (see core/accounting.py).
     aux: MoE router statistics, for the balancing loss of a training forward.
     kv_hook: optional (slot, k, v) -> (k, v), set by a method for one forward (GateSkip copy_prev).
+
+    A plain class on purpose, not a dataclass: wrappers that map over a layer's arguments (FSDP2's input
+    casting) rebuild dataclasses field by field, and every layer must see this very object, whose
+    state, ledger and statistics it fills in.
     """
 
-    positions: torch.Tensor
-    valid: torch.Tensor | None
-    cos: torch.Tensor
-    sin: torch.Tensor
-    attn_mask: torch.Tensor | None = None
-    cache: KVCache | None = None
-    doc_ids: torch.Tensor | None = None
-    training: bool = False
-    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    method: Method | None = None
-    state: Any = None
-    ledger: ComputeLedger = field(default_factory=ComputeLedger)
-    aux: list = field(default_factory=list)
-    kv_hook: Callable | None = None
+    def __init__(self, positions: torch.Tensor, valid: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                 doc_ids: torch.Tensor | None = None, training: bool = False,
+                 rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 method: Method | None = None, state: Any = None, ledger: ComputeLedger | None = None,
+                 aux: list | None = None, kv_hook: Callable | None = None) -> None:
+        self.positions, self.valid, self.cos, self.sin = positions, valid, cos, sin
+        self.attn_mask, self.cache, self.doc_ids, self.training = attn_mask, cache, doc_ids, training
+        self.rope, self.method, self.state = rope, method, state
+        self.ledger = ComputeLedger() if ledger is None else ledger
+        self.aux = [] if aux is None else aux
+        self.kv_hook = kv_hook
 
     @property
     def valid_or_all(self) -> torch.Tensor:

@@ -177,11 +177,13 @@ def gather_flat(t_BT: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_add(out_BTD: torch.Tensor, y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
-    """out + y placed at the flat rows idx_N (out-of-place; differentiable). Index B*T is ignored."""
-    B, T, D = out_BTD.shape
-    buf = torch.cat([out_BTD.reshape(B * T, D), out_BTD.new_zeros(1, D)])  # (B*T+1, D): row B*T is scratch
-    buf.index_add_(0, idx_N, y_ND.to(out_BTD.dtype))  # buf is fresh, so in-place keeps autograd intact
-    return buf[: B * T].view(B, T, D)
+    """out + y placed at the flat rows idx_N (out-of-place; differentiable). Index B*T is ignored.
+    The result is a fresh (B, T, D) tensor, not a view (FSDP2 wants layer outputs that are not views)."""
+    B, T, _ = out_BTD.shape
+    real_N = idx_N < B * T
+    idx_N = idx_N.clamp(max=B * T - 1)
+    y_ND = y_ND.to(out_BTD.dtype) * real_N[:, None]  # padding rows add zero
+    return out_BTD.index_put((idx_N // T, idx_N % T), y_ND, accumulate=True)
 
 
 def scatter_add_(out_BTD: torch.Tensor, y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Methods run inside the layer call, so everything wrapped around a layer covers them: activation
+checkpointing, torch.compile, DDP and FSDP2 (2 gloo processes) train GateSkip and MoD to the same losses and
+gradient norms as one eager process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dispatch_script import STEPS, run
+
+from dyndepth.methods import GateSkip, MoD
+
+METHODS = {
+    # sequence scope: ranking within each row, so a rank's half batch ranks as the whole batch does
+    "gateskip": {"name": "gateskip", "scope": "sequence", "ramp_end": 0.5, "ramp_steps": 1},
+    "mod": {"name": "mod", "capacity": 0.5},
+}
+CLASSES = {"gateskip": GateSkip, "mod": MoD}
+
+
+def curve(out_dir: Path) -> list[dict]:
+    """Per step: loss, grad_norm (clipping is off: the raw gradient's) and the method's statistics (means over
+    tokens, so rank-averaged they equal one process's), from metrics.jsonl."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    keep = ("loss", "grad_norm", "gateskip/gate_sq", "gateskip/attn_skipped", "mod/predictor_loss",
+            "mod/routed_fraction")
+    return [{k: r[k] for k in keep if k in r} for r in records if "loss" in r]
+
+
+def spy_layer_forward(monkeypatch, cls) -> list[bool]:
+    """Record every call of the method's layer_forward (True when it runs while dynamo traces)."""
+    calls = []
+    inner = cls.layer_forward
+
+    def spy(self, layer, x, ctx, slot):
+        calls.append(torch.compiler.is_compiling())
+        return inner(self, layer, x, ctx, slot)
+
+    monkeypatch.setattr(cls, "layer_forward", spy)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eager")
+    for name, method in METHODS.items():
+        run(str(root / name), method, "none")
+    return {name: curve(root / name) for name in METHODS}
+
+
+def assert_same_curve(got, ref, rel=1e-5):
+    assert len(got) == len(ref) == STEPS
+    for step, ref_step in zip(got, ref):
+        assert set(step) == set(ref_step) and len(step) >= 4
+        assert step == pytest.approx(ref_step, rel=rel)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_activation_checkpointing_recomputes_the_method_inside_each_layer(name, eager, tmp_path, monkeypatch):
+    calls = spy_layer_forward(monkeypatch, CLASSES[name])
+    run(str(tmp_path), METHODS[name], "none", activation_checkpointing=True)
+    assert_same_curve(curve(tmp_path), eager[name], rel=1e-6)
+    assert len(calls) == 2 * 2 * STEPS  # 2 layers: forward and recomputation in backward, every step
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_compiled_layers_trace_the_method_and_train_the_same(name, eager, tmp_path, monkeypatch):
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    torch._dynamo.reset()
+    calls = spy_layer_forward(monkeypatch, CLASSES[name])
+    run(str(tmp_path), METHODS[name], "none", compile=True)
+    assert_same_curve(curve(tmp_path), eager[name], rel=1e-5)
+    assert any(calls)  # dynamo traced the method's code as part of the compiled layer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, tmp_path):
+    port, script = _free_port(), Path(__file__).with_name("dispatch_script.py")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), json.dumps(METHODS[name]),
+                                       "ddp,fsdp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out.decode()[-3000:]
+    for mode in ("ddp", "fsdp"):
+        assert_same_curve(curve(tmp_path / mode), eager[name])
