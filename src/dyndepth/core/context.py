@@ -37,6 +37,9 @@ class ForwardContext:
     ledger: executed and ideal FLOPs of this forward (see core/accounting.py).
     aux: MoE router statistics, for the balancing loss of a training forward.
     kv_hook: optional (slot, k, v) -> (k, v), set by a method for one forward (GateSkip copy_prev).
+    cache_source (B, T) | None: the tokens' sequence positions when `positions` are not (a sub-context with
+      compact positions, DND's nested pass); the cache records them so `invalidate` works on either.
+    model_state: what the model family keeps for one forward (Dreamer's depth memory); None for the decoder.
 
     A plain class on purpose, not a dataclass: wrappers that map over a layer's arguments (FSDP2's input
     casting) rebuild dataclasses field by field, and every layer must see this very object, whose
@@ -48,13 +51,14 @@ class ForwardContext:
                  doc_ids: torch.Tensor | None = None, training: bool = False,
                  rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                  method: Method | None = None, state: Any = None, ledger: ComputeLedger | None = None,
-                 aux: list | None = None, kv_hook: Callable | None = None) -> None:
+                 aux: list | None = None, kv_hook: Callable | None = None,
+                 cache_source: torch.Tensor | None = None, model_state: Any = None) -> None:
         self.positions, self.valid, self.cos, self.sin = positions, valid, cos, sin
         self.attn_mask, self.cache, self.doc_ids, self.training = attn_mask, cache, doc_ids, training
         self.rope, self.method, self.state = rope, method, state
         self.ledger = ComputeLedger() if ledger is None else ledger
         self.aux = [] if aux is None else aux
-        self.kv_hook = kv_hook
+        self.kv_hook, self.cache_source, self.model_state = kv_hook, cache_source, model_state
 
     @property
     def valid_or_all(self) -> torch.Tensor:
@@ -74,8 +78,9 @@ class ForwardContext:
         everything the subset runs is counted in the same forward. The method is not carried over: a
         sub-context runs the plain layer (`layer.block`).
         """
+        source_BK = self.positions.gather(1, idx_BK)  # (B, K) the tokens' sequence positions
         if positions_BK is None:
-            positions_BK = self.positions.gather(1, idx_BK)  # (B, K)
+            positions_BK = source_BK
             cos, sin = gather_padded(self.cos, idx_BK), gather_padded(self.sin, idx_BK)  # (B, K, H)
         else:
             if self.rope is None:
@@ -86,7 +91,8 @@ class ForwardContext:
         if self.cache is None:
             mask = causal_mask(positions_BK, positions_BK, valid_BK, valid_BK, doc_BK)  # (B, 1, K, K)
         return ForwardContext(positions_BK, valid_BK, cos, sin, mask, self.cache, doc_BK, self.training,
-                              self.rope, ledger=self.ledger, aux=self.aux)
+                              self.rope, ledger=self.ledger, aux=self.aux, model_state=self.model_state,
+                              cache_source=None if positions_BK is source_BK else source_BK)
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,

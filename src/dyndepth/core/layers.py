@@ -151,7 +151,8 @@ class Attention(nn.Module):
         if ctx.kv_hook is not None:  # a method may replace some tokens' K/V (GateSkip's copy_prev policy)
             k, v = ctx.kv_hook(slot, k, v)
         if ctx.cache is not None:
-            k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid)  # (B, G, S, H)
+            k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid,  # (B, G, S, H)
+                                                     ctx.cache_source)
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
         if q_idx_BK is None:

@@ -12,7 +12,6 @@ layer, cover the method too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,45 +20,15 @@ from torch import nn
 from dyndepth.config import PRESETS as DECODER_PRESETS
 from dyndepth.config import ModelConfig
 from dyndepth.core import flops
-from dyndepth.core.accounting import ComputeLedger
 from dyndepth.core.cache import KVCache
-from dyndepth.core.context import ForwardContext, causal_mask
+from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 from dyndepth.core.method import Method
 from dyndepth.models import hf_layout
+from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
 from dyndepth.models.moe import SparseMoE, load_balancing_loss
 from dyndepth.models.registry import ModelSpec, register_model
 from dyndepth.safetensors_io import write_pretrained
-
-
-@dataclass
-class DecoderOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, num_logits, V)
-    aux_loss: torch.Tensor  # scalar, already weighted; zero when there is none
-    stats: dict = field(default_factory=dict)  # detached scalars for logging (flops/*, tokens/*, <method>/*)
-    compute: ComputeLedger | None = None  # executed and ideal FLOPs per (slot, part) of this forward
-
-
-@dataclass(frozen=True)
-class Application:
-    """One step of a model's schedule: apply `model.layers[layer]` with KV-cache slot `slot` at recurrence
-    step `step` (0 for a plain decoder; depth-recurrent models apply one layer at steps 0..R-1)."""
-
-    layer: int
-    slot: int
-    step: int = 0
-
-
-@dataclass
-class Trace:
-    """Pass `trace=Trace()` to a forward to keep what it computed: the residual stream after the embedding
-    and after each layer application (`streams`, when `keep_streams`), and the forward's context (`ctx`:
-    the method's state, the ledger, positions and validity). Analysis tools read this instead of
-    re-running the layer loop."""
-
-    keep_streams: bool = False
-    streams: list = field(default_factory=list)
-    ctx: ForwardContext | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -150,94 +119,40 @@ class CausalLM(nn.Module):
     def make_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      positions: torch.Tensor | None, cache: KVCache | None,
                      doc_ids: torch.Tensor | None = None) -> ForwardContext:
-        B, T = input_ids.shape
-        valid = None if attention_mask is None else attention_mask.bool()
-        given_positions = positions is not None
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required with a KV cache: the caller owns positions.")
-            if valid is None:
-                positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
-            else:  # left padding: real tokens count from 0, as HF generate does
-                positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        dtype = self.model.embed_tokens.weight.dtype
-        if torch.is_autocast_enabled(input_ids.device.type):
-            dtype = torch.get_autocast_dtype(input_ids.device.type)
+        return make_context(self, input_ids, attention_mask, positions, cache, doc_ids)
 
-        def rope(pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.model.rotary_emb(pos_BT, dtype)  # (B, T, H) each
-
-        cos, sin = rope(positions)
-        attn_mask = None  # None: SDPA's causal fast path, exact when positions are 0..T-1 with no padding
-        if cache is None:
-            if valid is not None or doc_ids is not None or (given_positions and not _is_arange(positions)):
-                attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
-        elif doc_ids is not None:
-            raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
-        return ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, training=self.training,
-                              rope=rope, method=self.method)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        num_logits: int | None = None,
-        doc_ids: torch.Tensor | None = None,
-        trace: Trace | None = None,
-    ) -> DecoderOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,
+                doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
         """input_ids (B, T); attention_mask (B, T) with 1 for real tokens; positions (B, T).
 
         `num_logits` keeps only the last n positions' logits (generation needs 1), which saves the
         lm_head over the whole prompt. `doc_ids` (B, T) restricts attention to the token's own
         document in a packed training row (positions then restart at each document). `trace` keeps
-        the residual streams and the context (see Trace).
+        the residual streams and the context (see Trace). The loop is `models.forward.run_schedule`.
         """
-        ctx = self.make_context(input_ids, attention_mask, positions, cache, doc_ids)
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        if trace is not None and trace.keep_streams:
-            trace.streams.append(x)
-        method = self.method
-        if method is not None:
-            ctx.state = method.begin(input_ids, ctx)
-        for app in self.schedule:
-            x = self.model.layers[app.layer](x, ctx, app.slot)  # (B, T, D)
-            if trace is not None and trace.keep_streams:
-                trace.streams.append(x)
-        if num_logits is not None:
-            x = x[:, -num_logits:]
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        head_valid = x.shape[0] * x.shape[1] if ctx.valid is None else ctx.valid[:, -x.shape[1]:].sum()
-        head = flops.lm_head_flops(self.config)
-        ctx.ledger.add(-1, "lm_head", executed=x.shape[0] * x.shape[1] * head, ideal=head_valid * head)
-        aux_loss = logits.new_zeros((), dtype=torch.float32)
-        stats = {}
-        if method is not None:
-            result = method.end(ctx)
-            aux_loss = aux_loss + sum(result.losses)
-            stats.update(result.stats)
+        return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
+
+    def init_state(self, ctx: ForwardContext) -> None:
+        """The decoder keeps no per-forward state of its own (see models/forward.py)."""
+        return None
+
+    def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
+        """After the layers: the MoE balancing loss (training) and flops/dense, what the plain model would need
+        for the same tokens (valid ones, their causal keys, the logits computed)."""
+        losses, stats = [], {}
         if ctx.aux and self.config.num_experts:
             balance = load_balancing_loss(ctx.aux, self.config.num_experts)
-            aux_loss = aux_loss + self.config.router_aux_loss_coef * balance
+            losses.append(self.config.router_aux_loss_coef * balance)
             stats["moe/balance_loss"] = balance.detach()
-        stats.update(self._compute_stats(ctx, head_valid * head))
-        if trace is not None:
-            trace.ctx = ctx
-        return DecoderOutput(logits, aux_loss, stats, ctx.ledger)
-
-    def _compute_stats(self, ctx: ForwardContext, head_ideal) -> dict:
-        """flops/executed and flops/ideal from the ledger, flops/dense (what the plain model would need for
-        the same tokens), tokens/valid."""
         valid = ctx.valid_or_all
-        n_valid = valid.sum()
         pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees
         layers = [app.layer for app in self.schedule]
         linear = flops.q_o_flops(self.config) + flops.kv_flops(self.config)
         per_token = sum(linear + flops.mlp_flops(self.config, i) for i in layers)  # matmuls of each application
-        dense = n_valid * per_token + len(layers) * flops.attn_score_flops(self.config, pairs) + head_ideal
-        return {"flops/executed": ctx.ledger.total_tensor("executed"), "flops/ideal": ctx.ledger.total_tensor("ideal"),
-                "flops/dense": dense.double(), "tokens/valid": n_valid}
+        dense = valid.sum() * per_token + len(layers) * flops.attn_score_flops(self.config, pairs) + head_ideal
+        stats["flops/dense"] = dense.double()
+        return losses, stats
 
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
         """Analytic FLOPs of a plain forward of B sequences of T tokens (core/flops.py), by the schedule."""
@@ -270,12 +185,6 @@ class CausalLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _is_arange(positions: torch.Tensor) -> bool:
-    """True when positions are 0..T-1 in every row (so SDPA's causal fast path is exact)."""
-    T = positions.shape[1]
-    return bool((positions == torch.arange(T, device=positions.device)).all())
 
 
 register_model(("qwen3", "qwen3_moe", "llama"),

@@ -1,0 +1,122 @@
+"""The forward every model family shares: build the context, run the layer-application schedule, add the
+logits, and collect losses, statistics and the compute ledger. A model provides `schedule`, `model`
+(`embed_tokens`, `layers`, `norm`, `rotary_emb`), `lm_head`, `config`, `method` and `finish(ctx, head_ideal)`
+(its own losses and statistics after the layers: MoE balancing, flops/dense, Dreamer's depth metrics), and
+`init_state(ctx)` when it keeps per-forward state of its own (`ctx.model_state`, e.g. Dreamer's depth memory).
+
+Shape legend: B batch, T tokens, D hidden_size, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dyndepth.core import flops
+from dyndepth.core.accounting import ComputeLedger
+from dyndepth.core.cache import KVCache
+from dyndepth.core.context import ForwardContext, causal_mask
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, num_logits, V)
+    aux_loss: torch.Tensor  # scalar, already weighted; zero when there is none
+    stats: dict = field(default_factory=dict)  # detached scalars for logging (flops/*, tokens/*, <method>/*)
+    compute: ComputeLedger | None = None  # executed and ideal FLOPs per (slot, part) of this forward
+
+
+@dataclass(frozen=True)
+class Application:
+    """One step of a model's schedule: apply `model.layers[layer]` with KV-cache slot `slot` at recurrence
+    step `step` (0 for a plain decoder; depth-recurrent models apply one layer at steps 0..R-1)."""
+
+    layer: int
+    slot: int
+    step: int = 0
+
+
+@dataclass
+class Trace:
+    """Pass `trace=Trace()` to a forward to keep what it computed: the residual stream after the embedding
+    and after each layer application (`streams`, when `keep_streams`), and the forward's context (`ctx`:
+    the method's state, the ledger, positions and validity). Analysis tools read this instead of
+    re-running the layer loop."""
+
+    keep_streams: bool = False
+    streams: list = field(default_factory=list)
+    ctx: ForwardContext | None = None
+
+
+def make_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None, cache: KVCache | None,
+                 doc_ids: torch.Tensor | None = None) -> ForwardContext:
+    """Positions (left padding: real tokens count from 0), rotary tables, the attention mask and the method."""
+    B, T = input_ids.shape
+    valid = None if attention_mask is None else attention_mask.bool()
+    given_positions = positions is not None
+    if positions is None:
+        if cache is not None:
+            raise ValueError("positions are required with a KV cache: the caller owns positions.")
+        if valid is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        else:  # left padding: real tokens count from 0, as HF generate does
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    dtype = model.model.embed_tokens.weight.dtype
+    if torch.is_autocast_enabled(input_ids.device.type):
+        dtype = torch.get_autocast_dtype(input_ids.device.type)
+
+    def rope(pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.model.rotary_emb(pos_BT, dtype)  # (B, T, H) each
+
+    cos, sin = rope(positions)
+    attn_mask = None  # None: SDPA's causal fast path, exact when positions are 0..T-1 with no padding
+    if cache is None:
+        if valid is not None or doc_ids is not None or (given_positions and not _is_arange(positions)):
+            attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
+    elif doc_ids is not None:
+        raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
+    return ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, training=model.training,
+                          rope=rope, method=model.method)
+
+
+def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,
+                 doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
+    """embed -> x = layers[a.layer](x, ctx, a.slot) for each application a of `model.schedule` -> norm -> lm_head."""
+    ctx = model.make_context(input_ids, attention_mask, positions, cache, doc_ids)
+    ctx.model_state = model.init_state(ctx)
+    x = model.model.embed_tokens(input_ids)  # (B, T, D)
+    if trace is not None and trace.keep_streams:
+        trace.streams.append(x)
+    method = model.method
+    if method is not None:
+        ctx.state = method.begin(input_ids, ctx)
+    for app in model.schedule:
+        x = model.model.layers[app.layer](x, ctx, app.slot)  # (B, T, D)
+        if trace is not None and trace.keep_streams:
+            trace.streams.append(x)
+    if num_logits is not None:
+        x = x[:, -num_logits:]
+    logits = model.lm_head(model.model.norm(x))  # (B, T, V)
+    head_valid = x.shape[0] * x.shape[1] if ctx.valid is None else ctx.valid[:, -x.shape[1]:].sum()
+    head = flops.lm_head_flops(model.config)
+    ctx.ledger.add(-1, "lm_head", executed=x.shape[0] * x.shape[1] * head, ideal=head_valid * head)
+    losses, stats = model.finish(ctx, head_valid * head)
+    if method is not None:
+        result = method.end(ctx)
+        losses += result.losses
+        stats.update(result.stats)
+    stats.update({"flops/executed": ctx.ledger.total_tensor("executed"),
+                  "flops/ideal": ctx.ledger.total_tensor("ideal"), "tokens/valid": ctx.valid_or_all.sum()})
+    if trace is not None:
+        trace.ctx = ctx
+    aux_loss = logits.new_zeros((), dtype=torch.float32) + sum(losses)
+    return DecoderOutput(logits, aux_loss, stats, ctx.ledger)
+
+
+def _is_arange(positions: torch.Tensor) -> bool:
+    """True when positions are 0..T-1 in every row (so SDPA's causal fast path is exact)."""
+    T = positions.shape[1]
+    return bool((positions == torch.arange(T, device=positions.device)).all())
