@@ -167,8 +167,10 @@ def load_model(pretrained, dtype: str | None, device: torch.device):
         raise ValueError(f"dtype={dtype!r} is not one of {['auto', *DTYPES]}.")
     if isinstance(pretrained, torch.nn.Module):
         model = pretrained if dtype is None else pretrained.to(DTYPES[dtype])
-    elif str(pretrained) in dyndepth.PRESETS:
-        model = dyndepth.CausalLM(dyndepth.preset(str(pretrained)))
+    elif str(pretrained) in dyndepth.PRESETS:  # random weights, the same every run (seed 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = dyndepth.CausalLM(dyndepth.preset(str(pretrained)))
         model = model if dtype is None else model.to(DTYPES[dtype])
     else:
         model = dyndepth.from_pretrained(pretrained, dtype=dtype)
