@@ -66,3 +66,16 @@ def apply_keeping_float32(module: nn.Module, fn, recurse: bool, names: tuple[str
 
 def budget_ppm(value: float) -> int:
     return round(value * PPM)
+
+
+def check_attachable(model, name: str) -> list:
+    """The model's layers, after checking a method can attach: a decoder whose layers expose the branch
+    functions, with no method attached yet."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "attn_branch") and hasattr(layer, "mlp_branch") for layer in layers):
+        raise ValueError(f"{name} attaches to decoder models whose layers expose attn_branch / mlp_branch "
+                         f"(CausalLM); {type(model).__name__} has none.")
+    if getattr(model, "method", None) is not None:
+        raise ValueError(f"the model already carries method {model.method.name!r}; load the base model to "
+                         f"attach {name!r} instead.")
+    return list(layers)

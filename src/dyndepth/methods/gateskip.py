@@ -53,7 +53,15 @@ from dyndepth.core.routing import (
     scatter_padded_add,
     select,
 )
-from dyndepth.methods.common import PPM, apply_keeping_float32, budget_ppm, make_config, method_dict, override_knobs
+from dyndepth.methods.common import (
+    PPM,
+    apply_keeping_float32,
+    budget_ppm,
+    check_attachable,
+    make_config,
+    method_dict,
+    override_knobs,
+)
 
 BRANCHES = ("attn", "mlp")
 STRUCTURAL = ("gate", "rank", "shared")  # fields that shape parameters: fixed once attached
@@ -386,8 +394,6 @@ class GateSkip:
 def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip:
     """Add gates to every layer of `model` (a decoder with `attn_branch` / `mlp_branch` layers) and make
     every layer call go through GateSkip."""
-    from dyndepth.methods.registry import check_attachable
-
     cfg = make_config(GateSkipConfig, cfg)
     layers = check_attachable(model, "gateskip")
     ref = model.lm_head.weight

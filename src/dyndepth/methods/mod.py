@@ -50,7 +50,15 @@ from dyndepth.core.routing import (
     scatter_padded_add,
     select,
 )
-from dyndepth.methods.common import PPM, apply_keeping_float32, budget_ppm, make_config, method_dict, override_knobs
+from dyndepth.methods.common import (
+    PPM,
+    apply_keeping_float32,
+    budget_ppm,
+    check_attachable,
+    make_config,
+    method_dict,
+    override_knobs,
+)
 
 MODES = ("topk", "predictor", "router_threshold")
 STRUCTURAL = ("every", "offset", "predictor_hidden")  # fields that shape parameters: fixed once attached
@@ -263,8 +271,6 @@ class MoD:
 
 def attach_mod(model, cfg: MoDConfig | dict | None = None) -> MoD:
     """Add a router and predictor to every routed layer of `model` (a CausalLM, fresh or pretrained)."""
-    from dyndepth.methods.registry import check_attachable
-
     cfg = make_config(MoDConfig, cfg)
     layers = check_attachable(model, "mod")
     routed = cfg.routed_layers(len(layers))

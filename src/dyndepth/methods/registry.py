@@ -12,24 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dyndepth.core.method import Method
+from dyndepth.methods.gateskip import attach_gateskip
+from dyndepth.methods.mod import attach_mod
 
-
-def _attachers() -> dict[str, Callable]:
-    from dyndepth.methods.gateskip import attach_gateskip
-    from dyndepth.methods.mod import attach_mod
-
-    return {"gateskip": attach_gateskip, "mod": attach_mod}
-
-
-METHOD_NAMES = ("gateskip", "mod")
+METHODS: dict[str, Callable] = {  # name -> attach(model, options) -> Method; one line per method
+    "gateskip": attach_gateskip,
+    "mod": attach_mod,
+}
+METHOD_NAMES = tuple(METHODS)
 
 
 def attach_method(model, name: str, options: dict | None = None) -> Method:
     """Attach method `name` with config fields `options` (a dict; unknown keys raise) to `model`."""
-    attachers = _attachers()
-    if name not in attachers:
-        raise ValueError(f"method {name!r} is not one of {sorted(attachers)}.")
-    return attachers[name](model, dict(options or {}))
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is not one of {sorted(METHODS)}.")
+    return METHODS[name](model, dict(options or {}))
 
 
 def reconfigure_method(model, name: str, options: dict) -> Method:
@@ -43,16 +40,3 @@ def reconfigure_method(model, name: str, options: dict) -> Method:
         raise ValueError(f"the model carries method {have!r}, not {name!r}; attach {name!r} to a model without one.")
     method.configure(replace_config(method.config, **options))
     return method
-
-
-def check_attachable(model, name: str) -> list:
-    """The model's layers, after checking a method can attach: a decoder whose layers expose the branch
-    functions, with no method attached yet."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not all(hasattr(layer, "attn_branch") and hasattr(layer, "mlp_branch") for layer in layers):
-        raise ValueError(f"{name} attaches to decoder models whose layers expose attn_branch / mlp_branch "
-                         f"(CausalLM); {type(model).__name__} has none.")
-    if getattr(model, "method", None) is not None:
-        raise ValueError(f"the model already carries method {model.method.name!r}; load the base model to "
-                         f"attach {name!r} instead.")
-    return list(layers)
