@@ -203,9 +203,10 @@ def bench_gateskip(
     budgets: str = typer.Option("0,0.15,0.3,0.5", help="Comma-separated skip budgets; the first is the baseline."),
     prefill_lens: str = typer.Option("512,2048"), decode_batches: str = typer.Option("1,8,32"),
     new_tokens: int = typer.Option(16), gate: str = typer.Option("vector"), dtype: str = typer.Option("float32"),
+    path: str = typer.Option("auto", help="Partially kept branches: auto (cost rule) | packed | dense."),
     device: str = typer.Option("cpu"), repeats: int = typer.Option(3), out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
-    """GateSkip prefill and decode: realized speedup next to the ideal FLOP ratio, per budget."""
+    """GateSkip prefill and decode: realized speedup next to the executed and ideal FLOP ratios, per budget."""
     from dyndepth.bench.gateskip import GateSkipBenchConfig
     from dyndepth.bench.gateskip import main as bench_main
 
@@ -214,7 +215,7 @@ def bench_gateskip(
 
     cfg = GateSkipBenchConfig(model=model, budgets=floats(budgets), prefill_lens=floats(prefill_lens, int),
                               decode_batches=floats(decode_batches, int), new_tokens=new_tokens, gate=gate,
-                              dtype=dtype, device=device, repeats=repeats, out_dir=str(out))
+                              path=path, dtype=dtype, device=device, repeats=repeats, out_dir=str(out))
     _run(bench_main, cfg)
 
 

@@ -1,10 +1,14 @@
-"""`dyndepth bench gateskip`: realized speedup of GateSkip's physical skipping next to the ideal one.
+"""`dyndepth bench gateskip`: realized speedup of GateSkip's physical skipping next to the FLOP ratios.
 
 For each skip budget q, the same gated model runs (a) prefill at each sequence length and (b) cached
-batched decoding; the realized speedup is time(q = 0) / time(q), measured interleaved in one run, and
-the ideal speedup is FLOPs(q = 0) / FLOPs(q) from what actually ran (the FLOP counter includes the
-gates, which run for every token, and the K/V projections that skipped tokens still compute).
-Decoding uses per-branch thresholds calibrated at q (batch-1 quantiles are meaningless).
+batched decoding. Every budget of a case is timed interleaved in one run (q0, q1, q2, q0, q1, ...), so
+drift in machine load hits all equally; the realized speedup is time(q = 0) / time(q). Next to it, two
+ratios from the forward's compute ledger: `executed` (the FLOPs the kernels ran: gates for every token,
+skipped tokens' K/V projections, padding, dense fallbacks, masked attention pairs) and `ideal` (what the
+budget allows). realized / executed near 1 means time follows the work that ran; executed / ideal says
+how much work the execution paths added. Decoding uses per-branch thresholds calibrated at q (batch-1
+quantiles are meaningless); `packed` is the fraction of partially kept branch calls that ran packed
+(the rest ran densely with a masked output, see GateSkip's cost rule).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import torch
 
 import dyndepth
 from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
-from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
+from dyndepth.interop.hf import DTYPES
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
 
 
@@ -30,19 +34,28 @@ class GateSkipBenchConfig:
     decode_prompt_len: int = 64
     new_tokens: int = 16
     gate: str = "vector"
+    path: str = "auto"  # GateSkip's execution path for partially kept branches: auto | packed | dense
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 3
     out_dir: str = "runs/bench"
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"bench gateskip dtype {self.dtype!r} is not one of {list(DTYPES)}.")
+        if not self.budgets or self.budgets[0] != 0.0:
+            raise ValueError("bench gateskip budgets must start with 0 (the baseline every ratio is against).")
+        if self.new_tokens < 2:
+            raise ValueError("bench gateskip needs new_tokens >= 2 (decode time is n tokens minus 1 token).")
+
 
 def _model(cfg: GateSkipBenchConfig):
-    dtype = dyndepth.interop.hf.DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     if cfg.model in dyndepth.PRESETS:
         torch.manual_seed(0)
-        model = dyndepth.CausalLM(dyndepth.preset(cfg.model))
-        attach_gateskip(model, GateSkipConfig(gate=cfg.gate))
-        with torch.no_grad():  # untrained gates are all ~0.993; spread them so rankings are not ties
+        model = dyndepth.build_model(dyndepth.preset(cfg.model))
+        attach_gateskip(model, GateSkipConfig(gate=cfg.gate, path=cfg.path))
+        with torch.no_grad():  # untrained gates are all ~0.993; spread them so rankings differ by token
             for layer in model.model.layers:
                 for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
                     gate.proj.weight.normal_(0, 0.05)
@@ -50,26 +63,31 @@ def _model(cfg: GateSkipBenchConfig):
         model = dyndepth.from_pretrained(cfg.model)
         if getattr(model.method, "name", None) != "gateskip":
             raise ValueError(f"{cfg.model} is not a GateSkip checkpoint (config.json has no dyndepth_method).")
+        model.method.path = cfg.path
     return model.to(device=cfg.device, dtype=dtype).eval()
 
 
-def _prefill_flops(model, ids) -> float:
-    out = model(ids, num_logits=1)
-    return float(out.stats["gateskip/flops"]) + ids.shape[0] * flops.lm_head_flops(model.config)
+def _work(stats_list: list[dict]) -> dict:
+    """Executed and ideal FLOPs summed over forwards, and the packed fraction of partial branch calls."""
+    packed = [float(s["gateskip/packed"]) for s in stats_list if "gateskip/packed" in s]
+    return {"executed": sum(float(s["flops/executed"]) for s in stats_list),
+            "ideal": sum(float(s["flops/ideal"]) for s in stats_list),
+            "packed": sum(packed) / len(packed) if packed else None}
 
 
-def _decode_flops(model, prompt, n: int) -> float:
-    """FLOPs of n-1 greedy decode steps (after the prompt), from the same decisions generate makes."""
+def _decode_stats(model, prompt: torch.Tensor, n: int) -> list[dict]:
+    """Stats of the n - 1 greedy decode steps after the prompt, making the decisions generate makes."""
     B, T = prompt.shape
-    cache = KVCache.for_model(model.config, B, T + n)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.for_model(model.config, B, T + n, num_slots=model.num_slots(), dtype=dtype, device=prompt.device)
     pos = torch.arange(T, device=prompt.device).expand(B, T)
     out = model(prompt, positions=pos, cache=cache, num_logits=1)
-    total = 0.0
+    stats = []
     for i in range(n - 1):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(nxt, positions=torch.full((B, 1), T + i, device=prompt.device), cache=cache)
-        total += float(out.stats["gateskip/flops"]) + B * flops.lm_head_flops(model.config)
-    return total
+        stats.append(out.stats)
+    return stats
 
 
 @torch.no_grad()
@@ -83,29 +101,40 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     for T in cfg.prefill_lens:
         ids = torch.randint(0, V, (cfg.prefill_batch, T), generator=g).to(device)
 
-        def run(q: float, ids=ids):
+        def prefill(q: float, ids=ids):
             with method.override(budget=q, mode="quantile"):
                 return model(ids, num_logits=1)
 
-        times = interleaved_median({q: (lambda q=q: run(q)) for q in cfg.budgets}, device, cfg.repeats)
-        work = {}
-        for q in cfg.budgets:
-            with method.override(budget=q, mode="quantile"):
-                work[q] = _prefill_flops(model, ids)
+        times = interleaved_median({q: (lambda q=q: prefill(q)) for q in cfg.budgets}, device, cfg.repeats)
+        work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
 
     calib = [torch.randint(0, V, (8, 256), generator=g).to(device) for _ in range(2)]
+    thresholds = {}
+    for q in cfg.budgets[1:]:  # calibrate once per budget; swap the tables in while timing
+        calibrate(model, calib, budget=q)
+        thresholds[q] = [(gates.tau.clone(), gates.tau_budget_ppm.clone()) for gates in method.layer_gates]
+
+    def use(q: float) -> None:
+        for gates, (tau, ppm) in zip(method.layer_gates, thresholds.get(q, [])):
+            gates.tau.copy_(tau)
+            gates.tau_budget_ppm.copy_(ppm)
+
     for B in cfg.decode_batches:
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
-        work, times = {}, {}
+
+        def gen(q: float, n: int, prompt=prompt):
+            use(q)
+            return model.generate(prompt, n, stop_tokens=[], skip_budget=q)
+
+        calls = {(q, n): (lambda q=q, n=n: gen(q, n)) for q in cfg.budgets for n in (1, cfg.new_tokens)}
+        t = interleaved_median(calls, device, cfg.repeats)
+        times = {q: t[(q, cfg.new_tokens)] - t[(q, 1)] for q in cfg.budgets}
+        work = {}
         for q in cfg.budgets:
-            if q > 0:
-                calibrate(model, calib, budget=q)
-            with method.decoding(q):
-                work[q] = _decode_flops(model, prompt, cfg.new_tokens)
-            t = interleaved_median({n: (lambda n=n: model.generate(prompt, n, stop_tokens=[], skip_budget=q))
-                                    for n in (1, cfg.new_tokens)}, device, cfg.repeats)
-            times[q] = t[cfg.new_tokens] - t[1]
+            use(q)
+            with method.decoding(budget=q):
+                work[q] = _work(_decode_stats(model, prompt, cfg.new_tokens))
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
     return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
             "rows": rows}
@@ -113,23 +142,31 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
 
 def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict]:
     out = []
+    base_t, base_w = times[budgets[0]], work[budgets[0]]
     for q in budgets:
-        realized = times[budgets[0]] / times[q]
-        ideal = work[budgets[0]] / work[q]
+        realized = base_t / times[q]
+        executed = base_w["executed"] / work[q]["executed"]
+        ideal = base_w["ideal"] / work[q]["ideal"]
         out.append(dict(phase=phase, shape=shape, budget=q, seconds=times[q], realized_speedup=realized,
-                        ideal_speedup=ideal, realized_over_ideal=realized / ideal))
+                        executed_speedup=executed, ideal_speedup=ideal, realized_over_executed=realized / executed,
+                        realized_over_ideal=realized / ideal,
+                        packed="-" if work[q]["packed"] is None else f"{work[q]['packed']:.0%}"))
     return out
 
 
 def render_markdown(r: dict) -> str:
     c = r["config"]
     head = (f"### bench gateskip: {c['model']} ({r['model_params'] / 1e6:.1f}M params incl. {c['gate']} gates), "
-            f"{c['dtype']}, {r['machine']}\n\nspeedup = time at budget 0 / time at budget q, same gated model; "
-            "ideal = FLOPs ratio of what actually ran (gates and skipped tokens' K/V included).\n\n")
-    cols = ["phase", "shape", "budget", "seconds", "realized_speedup", "ideal_speedup", "realized_over_ideal"]
+            f"{c['dtype']}, {r['machine']}, path={c['path']}\n\nrealized = time at budget 0 / time at budget q, "
+            "same gated model, budgets timed interleaved; executed / ideal = the FLOP ratio of what ran / of "
+            "what the budget allows (gates and skipped tokens' K/V included in both); packed = share of "
+            "partially kept branch calls that ran packed.\n\n")
+    cols = ["phase", "shape", "budget", "seconds", "realized_speedup", "executed_speedup", "ideal_speedup",
+            "realized_over_executed", "realized_over_ideal", "packed"]
     return head + markdown_table(r["rows"], cols)
 
 
 def main(cfg: GateSkipBenchConfig) -> dict:
     result = run_gateskip_bench(cfg)
-    return publish(result, render_markdown(result), cfg.out_dir, f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}")
+    name = f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("" if cfg.path == "auto" else f"-{cfg.path}")
+    return publish(result, render_markdown(result), cfg.out_dir, name)

@@ -1,0 +1,28 @@
+import pytest
+
+from dyndepth.bench.gateskip import GateSkipBenchConfig, main
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_gateskip_reports_consistent_ratios(tmp_path, dtype):
+    cfg = GateSkipBenchConfig(model="tiny-qwen3", budgets=[0.0, 0.5], prefill_lens=[64], decode_batches=[4],
+                              decode_prompt_len=8, new_tokens=3, dtype=dtype, repeats=1, out_dir=str(tmp_path))
+    rows = main(cfg)["rows"]
+    assert [(r["phase"], r["budget"]) for r in rows] == [("prefill", 0.0), ("prefill", 0.5), ("decode", 0.0),
+                                                         ("decode", 0.5)]
+    for r in rows:
+        if r["budget"] == 0.0:  # the baseline against itself
+            assert r["realized_speedup"] == r["executed_speedup"] == r["ideal_speedup"] == 1.0
+        else:  # skipping half the tokens of every branch removes work, ideally at least what ran
+            assert 1.0 <= r["executed_speedup"] < r["ideal_speedup"]
+        assert r["realized_over_ideal"] == pytest.approx(r["realized_speedup"] / r["ideal_speedup"])
+    # prefill: 64 tokens, 32 skip: the cost rule packs and the work that ran falls;
+    # decode: 4 tokens a step, 2 skip (< pack_min_skipped): dense with a masked output, so what ran is the baseline
+    assert rows[1]["packed"] == "100%" and rows[1]["executed_speedup"] > 1.2
+    assert rows[3]["packed"] == "0%" and rows[3]["executed_speedup"] == 1.0
+    assert (tmp_path / f"gateskip-cpu-{dtype}.md").read_text().count("| decode |") == 2
+
+
+def test_bench_gateskip_refuses_a_baseline_other_than_zero():
+    with pytest.raises(ValueError, match="start with 0"):
+        GateSkipBenchConfig(budgets=[0.3, 0.5])
