@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dyndepth.core.method import Method
+from dyndepth.methods.dnd import attach_dnd
 from dyndepth.methods.gateskip import attach_gateskip
 from dyndepth.methods.mod import attach_mod
 
 METHODS: dict[str, Callable] = {  # name -> attach(model, options) -> Method; one line per method
     "gateskip": attach_gateskip,
     "mod": attach_mod,
+    "dnd": attach_dnd,
 }
 METHOD_NAMES = tuple(METHODS)
 

@@ -1,0 +1,442 @@
+"""Dynamic Nested Depth (DND, Chen et al. 2025, arXiv:2510.11001): in a band of middle layers, tokens a router
+scores as hard run the same layer a second time, and the two outputs are mixed.
+
+Shape legend: B batch, T tokens, D hidden_size, K selected tokens per row (padded to the longest row).
+
+Per DND layer i, with layer input x (spec: ../shared/papers/dnd.md):
+    x^v = block_i(x)                                   # vanilla pass, every token
+    p = sigmoid(R(x^v))                                # (B, T) router, Linear(D -> 1), float32
+    m = p > tau_i                                      # token choice: each token decides alone
+    x^d = block_i(Pack(x^v, m))                        # nested pass: the selected tokens only, same weights
+    x = (beta_i p) x^d + (1 - beta_i p) x^v            # selected tokens; the others keep x^v
+The nested pass runs the layer's own `block` on a sub-context of the selected tokens (`ctx.subset`): they
+attend causally to each other only, never across rows or documents. With `positions="compact"` (the
+paper's "new positional encodings") a selected token's position is the number of selected tokens before
+it in its sequence (document); `"original"` keeps its position id. MoE layers re-route nested tokens
+through their experts, and the balancing loss counts them (the sub-context shares `ctx.aux`).
+
+Training adds the router controlling loss, per sequence (document) and DND layer, PAD excluded:
+score dispersion L_sd = -H(q) / log n with q = p / sum p (the paper's sign maximises the entropy;
+`sd_sign="minimize_entropy"` flips it) and distribution preservation L_dp = mean (p - 0.5)^2, each averaged
+over sequences and layers and weighted by `sd_weight` / `dp_weight`. The threshold tau (a float32 buffer
+per layer, in the checkpoint, frozen at inference) is set by `DNDHook`, no gradients: every step
+tau += alpha (actual - target ratio); every `sync_every` steps tau moves by gamma toward the threshold that
+selects the target ratio of a buffer of recent scores (`ema_target`); both all-reduced over ranks.
+
+KV cache: the vanilla pass keeps the layer's slot; the nested pass of the j-th DND layer has its own slot
+`len(model.schedule) + j` (`extra_slots`), holding K/V of the selected tokens only, at column = compact
+position (`KVCache.count` gives the next one while decoding) or original position. Entries remember the
+tokens' real positions (`cache_source`), so `KVCache.invalidate` drops stale nested entries too.
+
+Our choices where the paper is silent (docs/methods.md): a router bias (zero init), one tau and one beta
+(shape (1,): FSDP2 cannot shard scalars) per layer, the nested pass reads x^v, strict `p > tau` (with the
+zero-initialised router nothing is selected until the controller lowers tau below 0.5, one step),
+ratio statistics over all non-PAD tokens. `ratio=1.0` runs every token twice (the compute-matched upper
+bound; tau is not used). Ablations: `control="topk"` (no threshold control: per-sequence top-k in
+training, MoR's expert choice; tau tracks the top-k threshold by EMA for causal inference), `"fixed"`
+(tau never moves); `nested_attends_vanilla=True` (TaH-style: nested queries also see the layer's vanilla
+K/V, recomputed from the layer input; original positions; cache-free forwards only).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyndepth.core.context import ForwardContext
+from dyndepth.core.method import MethodOutput, check_knobs
+from dyndepth.core.routing import (
+    SelectRule,
+    capacity,
+    gather_padded,
+    pack_indices,
+    rank_threshold,
+    scatter_padded_add,
+    select,
+)
+from dyndepth.methods.common import (
+    apply_keeping_float32,
+    check_attachable,
+    make_config,
+    method_dict,
+    override_knobs,
+)
+
+POSITIONS = ("compact", "original")
+CONTROLS = ("threshold", "topk", "fixed")
+EMA_TARGETS = ("quantile", "topk_mean")
+SD_SIGNS = ("maximize_entropy", "minimize_entropy")
+STRUCTURAL = ("layers", "router_bias")  # fields that shape parameters: fixed once attached
+
+
+@dataclass
+class DNDConfig:
+    layers: tuple[int, int] = (4, -5)  # inclusive band (first, last); negative counts from the end
+    ratio: float = 0.2  # k_target: the fraction of tokens the controller steers each layer to select
+    beta_init: float = 0.1
+    tau_init: float = 0.5
+    router_bias: bool = True  # ours (the paper: a plain linear layer); zero init
+    router_init_std: float = 0.0  # 0: zero init (paper); > 0 selects tokens from step 0
+    positions: str = "compact"  # nested-pass positions: compact (paper's reading) | original
+    nested_attends_vanilla: bool = False  # TaH-style ablation (cache-free forwards; original positions)
+    sd_sign: str = "maximize_entropy"  # the paper's L_sd = -H(q); "minimize_entropy" flips it
+    sd_weight: float = 1e-2  # lambda_sd (0 with dp_weight 0: no router controlling loss)
+    dp_weight: float = 1e-2  # lambda_dp
+    control: str = "threshold"  # threshold (paper) | topk (no threshold control) | fixed (tau never moves)
+    alpha: float = 1e-2  # proportional step
+    gamma: float = 0.5  # EMA weight of the buffer's target threshold
+    sync_every: int = 50  # T_sync
+    ema_target: str = "quantile"  # quantile (the k-th largest score) | topk_mean (mean of the top k)
+    buffer_batches: int = 50  # N_b: recent training forwards whose scores the buffer keeps
+    buffer_tokens: int = 20_000  # scores kept per forward and layer (strided subsample)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        checks = (("positions", POSITIONS), ("control", CONTROLS), ("ema_target", EMA_TARGETS),
+                  ("sd_sign", SD_SIGNS))
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"dnd.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if len(self.layers) != 2:
+            raise ValueError(f"dnd.layers={self.layers} must be an inclusive band (first, last), e.g. (4, 23).")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"dnd.ratio={self.ratio} must lie in (0, 1] (fraction of tokens nested).")
+        if self.sync_every < 1 or self.buffer_batches < 1 or self.buffer_tokens < 1:
+            raise ValueError("dnd.sync_every, dnd.buffer_batches and dnd.buffer_tokens must be >= 1.")
+        if self.nested_attends_vanilla and self.positions != "original":
+            raise ValueError("dnd.nested_attends_vanilla=True mixes vanilla and nested keys by position; "
+                             "set dnd.positions='original'.")
+
+    def band(self, num_layers: int) -> list[int]:
+        first, last = (i + num_layers if i < 0 else i for i in self.layers)
+        if not 0 <= first <= last < num_layers:
+            raise ValueError(f"dnd.layers={self.layers} selects no band of a {num_layers}-layer model; give "
+                             f"(first, last) with 0 <= first <= last < {num_layers}, e.g. (1, {num_layers - 2}).")
+        return list(range(first, last + 1))
+
+
+class LayerDND(nn.Module):
+    """What DND adds to a layer: `model.layers.{i}.dnd.router` (Linear(D -> 1)), `.beta` (1,) and the buffer
+    `.tau` (the selection threshold; float32 whatever the model's dtype)."""
+
+    def __init__(self, dim: int, cfg: DNDConfig) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, 1, bias=cfg.router_bias)
+        if cfg.router_init_std:
+            nn.init.normal_(self.router.weight, std=cfg.router_init_std)
+        else:
+            nn.init.zeros_(self.router.weight)
+        if self.router.bias is not None:
+            nn.init.zeros_(self.router.bias)
+        self.beta = nn.Parameter(torch.full((1,), cfg.beta_init))
+        self.register_buffer("tau", torch.full((), cfg.tau_init))
+
+    def _apply(self, fn, recurse: bool = True):
+        return apply_keeping_float32(self, fn, recurse, ("tau",))
+
+
+@dataclass
+class DNDState:
+    """One forward's routing, read by `end`, the analysis tools (via `Trace`) and the tests."""
+
+    valid: torch.Tensor  # (B, T) non-PAD tokens
+    topk: bool  # training forward with control="topk": per-sequence top-k instead of the threshold
+    scores: dict = field(default_factory=dict)  # slot -> p (B, T) float32, detached
+    keep: dict = field(default_factory=dict)  # slot -> selected (B, T) bool
+    sd: list = field(default_factory=list)  # per-layer router losses (training)
+    dp: list = field(default_factory=list)
+
+
+class DND:
+    """The method (see the module docstring). Attach with `attach_dnd`; runtime knobs: nested, tau_offset."""
+
+    name = "dnd"
+
+    def __init__(self, config: DNDConfig, layers: list[int], num_applications: int) -> None:
+        self.layers = list(layers)
+        self.nested_slot = {layer: num_applications + j for j, layer in enumerate(self.layers)}
+        self.scores_buffer = {layer: deque(maxlen=config.buffer_batches) for layer in self.layers}
+        self._decoder = None
+        self.configure(config)
+
+    def configure(self, config: DNDConfig) -> None:
+        """Adopt a new config (training options); runtime knobs reset."""
+        old = getattr(self, "config", None)
+        changed = [f for f in STRUCTURAL if old is not None and getattr(old, f) != getattr(config, f)]
+        if changed:
+            raise ValueError(f"dnd.{changed[0]} cannot change once attached (it shapes the parameters).")
+        self.config = config
+        self.nested, self.tau_offset = True, 0.0
+        for layer in self.layers:
+            self.scores_buffer[layer] = deque(self.scores_buffer[layer], maxlen=config.buffer_batches)
+
+    def extra_slots(self, num_slots: int) -> int:
+        return len(self.layers)
+
+    # ---- runtime knobs ----
+    def knobs(self) -> dict:
+        return {"nested": self.nested, "tau_offset": self.tau_offset}
+
+    def _check(self, knobs: dict) -> None:
+        check_knobs(self.name, ("nested", "tau_offset"), knobs)
+
+    def override(self, **knobs):
+        """`with method.override(nested=False)`: vanilla passes only; `tau_offset` shifts every threshold."""
+        return override_knobs(self, self._check, **knobs)
+
+    def decoding(self, **knobs):
+        """Cached decoding needs nothing: tau is trained, frozen at inference, and token choice is causal."""
+        return self.override(**knobs)
+
+    def recording(self, recorder):
+        raise ValueError("DND has no calibration: its thresholds tau are set during training by the threshold "
+                         "controller (DNDHook) and saved with the weights; use method.override(tau_offset=...) "
+                         "to nest more or fewer tokens.")
+
+    def set_thresholds(self, thresholds: dict, knobs: dict) -> None:
+        self.recording(None)
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        return [DNDHook(self, total_steps)]
+
+    def to_dict(self) -> dict:
+        return method_dict(self.name, self.config)
+
+    def bind(self, model) -> None:
+        self._decoder = model.model
+
+    @property
+    def layer_dnd(self) -> list[LayerDND]:
+        """Each DND layer's parameters and tau, in band order."""
+        return [self._decoder.layers[i].dnd for i in self.layers]
+
+    # ---- per forward ----
+    def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> DNDState:
+        if self.config.nested_attends_vanilla and ctx.cache is not None:
+            raise NotImplementedError("dnd.nested_attends_vanilla=True runs cache-free forwards only (training, "
+                                      "scoring); cached decoding needs the default nested_attends_vanilla=False.")
+        return DNDState(valid=ctx.valid_or_all, topk=ctx.training and self.config.control == "topk")
+
+    def end(self, ctx: ForwardContext) -> MethodOutput:
+        st: DNDState = ctx.state
+        out = MethodOutput()
+        if not st.keep:
+            return out
+        n_valid = st.valid.sum().clamp(min=1)
+        fractions = []
+        for slot, keep in st.keep.items():
+            fractions.append((keep & st.valid).sum() / n_valid)
+            out.stats[f"dnd/selected/L{slot}"] = fractions[-1]
+        out.stats["dnd/selected"] = torch.stack(fractions).mean()
+        for which, key in (("executed", "dnd/flops_overhead"), ("ideal", "dnd/flops_overhead_ideal")):
+            out.stats[key] = self._overhead(getattr(ctx.ledger, which))
+        if st.sd:
+            sd, dp = torch.stack(st.sd).mean(), torch.stack(st.dp).mean()
+            out.stats["dnd/sd_loss"], out.stats["dnd/dp_loss"] = sd.detach(), dp.detach()
+            out.losses += [w * v for w, v in ((self.config.sd_weight, sd), (self.config.dp_weight, dp)) if w]
+        if ctx.training:
+            out.stats["dnd/beta"] = torch.cat([d.beta.detach().float() for d in self.layer_dnd]).mean()
+            for slot, p in st.scores.items():
+                self.record_scores(slot, p[st.valid])
+        return out
+
+    def _overhead(self, table: dict):
+        """FLOPs of the nested passes and routers / FLOPs of everything else (the plain model's work)."""
+        nested = set(self.nested_slot.values())
+        extra = base = 0
+        for (slot, part), v in table.items():
+            if slot in nested or part == "router":
+                extra = extra + v
+            else:
+                base = base + v
+        return torch.as_tensor(extra / base, dtype=torch.float32)
+
+    def record_scores(self, layer: int, scores: torch.Tensor) -> None:
+        """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer."""
+        stride = max(1, -(-scores.numel() // self.config.buffer_tokens))
+        self.scores_buffer[layer].append(scores.detach().float()[::stride])
+
+    # ---- per layer ----
+    def layer_forward(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        xv = layer.block(x, ctx, slot)  # (B, T, D) vanilla pass
+        if slot not in self.nested_slot:
+            return xv
+        st: DNDState = ctx.state
+        p_BT = self._score(layer.dnd, xv, ctx, slot)  # (B, T) float32
+        keep_BT = self._select(layer.dnd, p_BT, st)
+        st.scores[slot], st.keep[slot] = p_BT.detach(), keep_BT
+        if ctx.training:
+            sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
+            st.sd.append(sd)
+            st.dp.append(dp)
+        idx_BK, valid_BK = pack_indices(keep_BT) if self.nested else pack_indices(keep_BT, size=0)
+        if idx_BK.shape[1] == 0:  # nothing nested (in training: beta and router stay in the graph for DDP)
+            return xv + 0.0 * (layer.dnd.beta * p_BT.sum()).to(xv.dtype) if ctx.training else xv
+        xs_BKD = gather_padded(xv, idx_BK)  # (B, K, D)
+        xd_BKD = self._nested_pass(layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx, slot)
+        w_BK = layer.dnd.beta.float() * gather_padded(p_BT, idx_BK)  # (B, K) fusion weight beta * p
+        return scatter_padded_add(xv, w_BK[..., None].to(xv.dtype) * (xd_BKD - xs_BKD), idx_BK, valid_BK)
+
+    def _score(self, dnd: LayerDND, xv: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        """p = sigmoid(R(x^v)) in float32 (B, T), the router's FLOPs recorded as part "router"."""
+        B, T, D = xv.shape
+        bias = dnd.router.bias
+        with torch.autocast(xv.device.type, enabled=False):
+            r = F.linear(xv.float(), dnd.router.weight.float(), None if bias is None else bias.float())
+        n_valid = ctx.state.valid.sum()
+        ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
+        return torch.sigmoid(r.squeeze(-1))
+
+    def _select(self, dnd: LayerDND, p_BT: torch.Tensor, st: DNDState) -> torch.Tensor:
+        """Selected tokens (B, T): p > tau (token choice), every token at ratio 1, or top-k (control="topk")."""
+        if self.config.ratio >= 1.0:
+            return st.valid.clone()
+        if st.topk:
+            return select(p_BT.detach(), st.valid, SelectRule(kind="topk", fraction=self.config.ratio))
+        return (p_BT.detach() > dnd.tau + self.tau_offset) & st.valid
+
+    def _nested_pass(self, layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx: ForwardContext, slot: int):
+        """x^d (B, K, D): the selected tokens through the same layer again, at the layer's nested cache slot."""
+        nslot = self.nested_slot[slot]
+        if self.config.nested_attends_vanilla:
+            return self._nested_with_vanilla_kv(layer, x, xs_BKD, idx_BK, valid_BK, ctx, nslot)
+        pos_BK = None
+        if self.config.positions == "compact":
+            pos_BT = compact_positions(keep_BT, ctx.doc_ids)  # (B, T) rank among the row's selected tokens
+            if ctx.cache is not None:
+                pos_BT = pos_BT + ctx.cache.count(nslot)[:, None]  # after the selected tokens already cached
+            pos_BK = pos_BT.gather(1, idx_BK)
+        return layer.block(xs_BKD, ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK), nslot)
+
+    @staticmethod
+    def _nested_with_vanilla_kv(layer, x, xs_BKD, idx_BK, valid_BK, ctx: ForwardContext, nslot: int):
+        """TaH-style nested pass: queries from the selected tokens; keys from their nested inputs and from every
+        token's vanilla-pass input (recomputed: T extra K/V projections), causal by original position."""
+        B, T, _ = x.shape
+        sub = ctx.subset(idx_BK, valid_BK)
+        both = ForwardContext(torch.cat([ctx.positions, sub.positions], 1), torch.cat([ctx.valid_or_all, valid_BK], 1),
+                              torch.cat([ctx.cos, sub.cos], 1), torch.cat([ctx.sin, sub.sin], 1),
+                              doc_ids=None if ctx.doc_ids is None else torch.cat([ctx.doc_ids, sub.doc_ids], 1),
+                              training=ctx.training, rope=ctx.rope, ledger=ctx.ledger, aux=ctx.aux,
+                              model_state=ctx.model_state)  # (B, T + K) keys: vanilla inputs, then nested
+        h = torch.cat([layer.input_layernorm(x), layer.input_layernorm(xs_BKD)], 1)  # (B, T + K, D)
+        q_idx_BK = T + torch.arange(idx_BK.shape[1], device=x.device).expand(B, -1)  # the nested queries
+        xd_BKD = xs_BKD + layer.attn_branch(h, both, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
+        return xd_BKD + layer.mlp_branch(layer.post_attention_layernorm(xd_BKD), sub, nslot)
+
+
+def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) the number of selected tokens before each token in its row (its document, with doc_ids)."""
+    k = keep_BT.long()
+    before_BT = k.cumsum(1) - k
+    if doc_ids_BT is not None:
+        B, T = keep_BT.shape
+        start_BT = torch.ones_like(keep_BT)
+        start_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
+        first_BT = (torch.arange(T, device=keep_BT.device) * start_BT).cummax(1).values  # the document's first
+        before_BT = before_BT - before_BT.gather(1, first_BT)
+    return before_BT
+
+
+def router_losses(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None,
+                  sd_sign: str = "maximize_entropy") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_sd, L_dp) of one layer, each a mean over sequences (documents with doc_ids) of non-PAD tokens.
+
+    L_sd = -H(q) / log n (sign: `sd_sign`), q = p / sum p over the sequence's n tokens (sequences with n >= 2);
+    L_dp = mean (p - 0.5)^2."""
+    B, T = p_BT.shape
+    seg_BT = torch.arange(B, device=p_BT.device)[:, None] * T  # (B, 1) -> (B, T) one id per sequence
+    if doc_ids_BT is not None:
+        seg_BT = seg_BT + torch.cat([torch.zeros_like(doc_ids_BT[:, :1]),
+                                     (doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]).long().cumsum(1)], 1)
+    seg_BT = seg_BT.expand(B, T).reshape(-1)
+    v = valid_BT.reshape(-1).float()
+    p = p_BT.reshape(-1) * v
+
+    def per_seq(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(B * T, dtype=values.dtype, device=values.device).index_add(0, seg_BT, values)
+
+    n_S, total_S = per_seq(v), per_seq(p)
+    q = p / total_S[seg_BT].clamp(min=1e-12)
+    ent_S = -per_seq(torch.where(v > 0, q * torch.log(q.clamp(min=1e-12)), torch.zeros_like(q)))
+    multi = n_S >= 2
+    h = (ent_S[multi] / torch.log(n_S[multi])).mean() if bool(multi.any()) else p.sum() * 0
+    sd = -h if sd_sign == "maximize_entropy" else h
+    dp_S = per_seq((p_BT.reshape(-1) - 0.5).pow(2) * v) / n_S.clamp(min=1)
+    return sd, dp_S[n_S > 0].mean()
+
+
+def attach_dnd(model, cfg: DNDConfig | dict | None = None) -> DND:
+    """Add a router, beta and tau to every layer of the band and make every layer call go through DND."""
+    cfg = make_config(DNDConfig, cfg)
+    layers = check_attachable(model, "dnd")
+    band = cfg.band(len(layers))
+    schedule = model.schedule
+    if any(app.slot != app.layer for app in schedule) or len(schedule) != len(layers):
+        raise ValueError(f"dnd runs each layer once per forward with slot = layer; {type(model).__name__}'s "
+                         "schedule applies layers otherwise (depth recurrence).")
+    ref = model.lm_head.weight
+    for i in band:
+        layers[i].dnd = LayerDND(model.config.hidden_size, cfg).to(device=ref.device, dtype=ref.dtype)
+    method = DND(cfg, band, len(schedule))
+    method.bind(model)
+    model.method = method
+    return method
+
+
+def _mean_over_ranks(dist, t: torch.Tensor) -> torch.Tensor:
+    return t if dist is None else dist.all_reduce_mean(t)
+
+
+class DNDHook:
+    """Trainer hook: the threshold controller (no gradients). Every step tau += alpha (actual - target) per
+    layer (control="threshold"); every `sync_every` steps tau += gamma (target threshold of the score buffer -
+    tau) (threshold and topk). Ratios and targets are means over data-parallel ranks, so every rank holds the
+    same tau. tau lives in the layers' buffers (saved with the weights); the score buffer is transient."""
+
+    name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error
+
+    def __init__(self, method: DND, total_steps: int) -> None:
+        self.method = method
+
+    def after_step(self, model, step: int, stats: dict, dist) -> dict:
+        method, cfg = self.method, self.method.config
+        taus = [d.tau for d in method.layer_dnd]
+        logged = {}
+        if cfg.ratio >= 1.0 or cfg.control == "fixed":
+            return {f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)}
+        keys = [f"dnd/selected/L{i}" for i in method.layers]
+        if cfg.control == "threshold" and all(k in stats for k in keys):
+            actual = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32) for k in keys]).to(taus[0].device)
+            actual = _mean_over_ranks(dist, actual)
+            for tau, a in zip(taus, actual):
+                tau.add_(cfg.alpha * (a - cfg.ratio)).clamp_(0.0, 1.0)
+            logged["ratio_error"] = float((actual - cfg.ratio).abs().mean())
+        if step % cfg.sync_every == 0 and all(method.scores_buffer[i] for i in method.layers):
+            target = _mean_over_ranks(dist, self.targets().to(taus[0].device))
+            for tau, t in zip(taus, target):
+                tau.lerp_(t, cfg.gamma).clamp_(0.0, 1.0)
+        logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
+        return logged
+
+    def targets(self) -> torch.Tensor:
+        """Per layer (float32): the threshold that selects the target ratio of the buffered scores."""
+        cfg, out = self.method.config, []
+        for layer in self.method.layers:
+            s = torch.cat(list(self.method.scores_buffer[layer]))
+            if cfg.ema_target == "quantile":  # midpoint of the k-th and (k+1)-th largest: selects exactly k
+                t = rank_threshold(s[None], None, 1.0 - cfg.ratio, scope="batch").reshape(())
+            else:
+                t = s.topk(max(1, capacity(cfg.ratio, s.numel()))).values.mean()
+            out.append(t.clamp(0.0, 1.0))
+        return torch.stack(out).float()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
