@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-PARTS = ("attn", "mlp", "gate", "router", "lm_head")
+PARTS = ("attn", "mlp", "gate", "router", "lm_head", "depth_attn", "experts", "exit")
+# depth_attn, experts, exit: a depth-recurrent model's depth attention, sparse expert attention (router included)
+# and per-token exit check (models/dreamer.py)
 
 
 def _num(v) -> float:

@@ -140,3 +140,59 @@ def ideal_speedup(dense_flops: Count, actual_flops: Count) -> float:
     if float(actual_flops) <= 0:
         raise ValueError(f"actual_flops must be positive, got {actual_flops}.")
     return float(dense_flops) / float(actual_flops)
+
+
+# ------------------------------------------------------------------ depth-recurrent models (Dreamer)
+# A shared group of `layers_per_group` layers is applied at recurrence steps 0..R-1 (models/dreamer.py). Each
+# application runs sequence attention (counted as above), depth attention over the token's own earlier states
+# and sparse expert attention in the FFN slot. `config` is a DreamerConfig (the fields read are named there).
+
+
+def depth_attn_flops(config, step: int) -> int:
+    """Per token, depth attention at recurrence step `step` (0-based).
+
+    separate: q/o of the query; k/v of the step's input state, which enters the token's depth memory (once);
+      QK^T and AV over the step + 1 memory entries (inputs of steps 0..step), plus the query state itself
+      with `da_include_self` (its k/v too).
+    merged_softmax: no projections of its own; the SA query also scores the token's SA keys of the `step`
+      earlier steps (4 * N * H per pair, SA's heads).
+    none: 0.
+    """
+    if config.da_mode == "none":
+        return 0
+    if config.da_mode == "merged_softmax":
+        return step * 4 * config.num_attention_heads * config.head_dim
+    D, width = config.hidden_size, config.da_num_heads * config.da_head_dim
+    own = 1 if config.da_include_self else 0
+    projections = 2 * D * width * 2 + (1 + own) * 2 * D * width * 2  # q + o, then k + v per projected state
+    return projections + (step + 1 + own) * 4 * width
+
+
+def expert_attn_flops(config) -> int:
+    """Per token through the FFN slot: sparse expert attention (scores against the E expert keys, then K
+    SwiGLU experts of width F), or the dense SwiGLU FFN when `num_experts` is 0."""
+    D = config.hidden_size
+    if not config.num_experts:
+        return 3 * 2 * D * config.intermediate_size
+    return 2 * D * config.num_experts + config.num_experts_per_tok * 3 * 2 * D * config.moe_intermediate_size
+
+
+def recurrent_step_flops(config, step: int, T: Count, context: Count = 0) -> Count:
+    """One sequence of T new tokens through one layer application at recurrence step `step`, after
+    `context` cached tokens: sequence attention, depth attention and the FFN slot."""
+    sa = T * (q_o_flops(config) + kv_flops(config)) + attn_score_flops(config, causal_attended_keys(T, context))
+    return sa + T * (depth_attn_flops(config, step) + expert_attn_flops(config))
+
+
+def recurrent_forward_flops(config, T: int, B: int = 1, context: int | None = None, lm_head: bool = True,
+                            steps: int | None = None) -> int:
+    """A depth-recurrent model's plain forward (every token runs every step): B sequences of T new tokens
+    after `context` cached ones, `steps` recurrences (default `config.num_recurrences`) of the group."""
+    if T < 0 or B < 0 or (context is not None and context < 0):
+        raise ValueError(f"T, B and context must be non-negative, got T={T}, B={B}, context={context}.")
+    R = config.num_recurrences if steps is None else steps
+    c = 0 if context is None else context
+    per_seq = sum(config.layers_per_group * recurrent_step_flops(config, r, T, c) for r in range(R))
+    if lm_head:
+        per_seq += T * lm_head_flops(config)
+    return B * per_seq

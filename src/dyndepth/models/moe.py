@@ -2,6 +2,8 @@
 
 Shape legend: N tokens, D hidden_size, E experts, K experts per token, F moe_intermediate_size.
 
+`Experts` is shared with Dreamer's sparse expert attention (models/dreamer_layer.py).
+
 Parameter names follow transformers v5's in-memory layout: `gate.weight (E, D)` is the router,
 `experts.gate_up_proj (E, 2F, D)` (gate rows first, then up) and `experts.down_proj (E, D, F)`.
 `interop/hf.py` splits them into the per-expert keys that checkpoints store on disk.
@@ -17,10 +19,15 @@ from dyndepth.config import ModelConfig
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+    """Stacked SwiGLU experts. (token, expert) pairs are sorted by expert and each expert runs one matmul on
+    its group: with `grouped=True`, all groups in one `F.grouped_mm` call (no host sync; CPU, or CUDA in
+    bf16), else one `F.linear` per expert (one host sync for the group sizes)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, grouped: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, F)
+        self.grouped = grouped
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
@@ -32,8 +39,13 @@ class Experts(nn.Module):
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
         token_of = order // K  # (N*K,) token each pair belongs to
-        counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
         x_sorted = x_ND[token_of]  # (N*K, D)
+        if self.grouped and _grouped_mm_supported(x_ND):
+            counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
+            y = self._grouped(x_sorted, counts_E.cumsum(0).to(torch.int32))  # (N*K, D)
+            y = y * w_NK.reshape(-1)[order, None]
+            return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
+        counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
         outs, start = [], 0
         for e, c in enumerate(counts):
             if c:
@@ -41,6 +53,16 @@ class Experts(nn.Module):
             start += c
         y = torch.cat(outs) * w_NK.reshape(-1)[order, None]  # (N*K, D)
         return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
+
+    def _grouped(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """(M, D) rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e] -> (M, D)."""
+        dtype = x_MD.dtype
+        if torch.is_autocast_enabled(x_MD.device.type):  # grouped_mm is not an autocast op: cast by hand
+            dtype = torch.get_autocast_dtype(x_MD.device.type)
+        x = x_MD.to(dtype)
+        h = F.grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)  # (M, 2F)
+        gate, up = h.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, F) each
@@ -53,6 +75,17 @@ class Experts(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         y = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, down)  # (N, K, D)
         return (y * w_NK[..., None]).sum(1)  # (N, D)
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch's grouped matmul runs on CPU, and on CUDA (compute capability 8.0+) in bfloat16."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
+                                         and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
+    return x.is_cuda and bf16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 class SparseMoE(nn.Module):

@@ -39,6 +39,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     The count is dense-equivalent: it assumes every token runs every layer. A method that skips work
     (GateSkip, MoD) does fewer FLOPs than counted, so its MFU reads as if the skipped work had been done.
     """
+    if hasattr(model, "train_flops_per_token"):  # a model whose layers run more than once (Dreamer)
+        return model.train_flops_per_token(seq_len)
     cfg = model.config
     total = 0.0
     for name, p in model.named_parameters():  # tied weights are listed once

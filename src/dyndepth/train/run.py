@@ -65,9 +65,12 @@ def attach_from_config(method_cfg: dict, model: nn.Module):
 
 
 def build_hooks(method_cfg: dict, model: nn.Module, total_steps: int = 0) -> list:
-    """Attach (or reconfigure) the method of `method_cfg` and return its trainer hooks ([] for none)."""
+    """Attach (or reconfigure) the method of `method_cfg` and return its trainer hooks, then the model family's
+    own (`model.trainer_hooks(total_steps)` where the model has it, e.g. Dreamer's expert-bias balancing)."""
     method = attach_from_config(method_cfg, model)
-    return [] if method is None else method.trainer_hooks(total_steps)
+    hooks = [] if method is None else method.trainer_hooks(total_steps)
+    model_hooks = getattr(model, "trainer_hooks", None)
+    return hooks + (model_hooks(total_steps) if model_hooks is not None else [])
 
 
 def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),

@@ -221,7 +221,8 @@ class _Meter:
         now = time.perf_counter()
         dt = max(now - self.t_last - self.excluded, 1e-9)
         self.t_last, self.excluded = now, 0.0
-        reduced = parallel.reduce_stats({k: float(v) for k, v in stats.items()}, self.info)
+        scalars = {k: float(v) for k, v in stats.items() if torch.as_tensor(v).numel() == 1}  # vectors: hooks only
+        reduced = parallel.reduce_stats(scalars, self.info)
         record = {"step": step, **reduced, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens": step * self.tokens_per_step,
                   "tokens_per_s": self.tokens_per_step * self.steps / dt,

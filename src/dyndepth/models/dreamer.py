@@ -1,0 +1,359 @@
+"""Dreamer: a depth-recurrent LM that mixes sequence, depth and sparse expert attention in one shared layer.
+
+Knupp et al. 2026, "Depth-Recurrent Attention Mixtures" (arXiv:2601.21582); what we implement and the choices
+the paper leaves open are in docs/methods.md. Shape legend: B batch, T tokens, D hidden_size, V vocab,
+E experts, R recurrence steps.
+
+The model is a schedule on the shared core (models/forward.py): embed -> the group of `layers_per_group`
+layers applied at steps 0..R-1, application (step r, layer g) with KV-cache slot r * layers_per_group + g
+-> norm -> lm_head. The loop, the cache and generation are the decoder's; the layer is in dreamer_layer.py.
+
+    model = DreamerLM(DreamerConfig(hidden_size=256, num_recurrences=8, num_experts=64, num_experts_per_tok=4))
+    out = model(ids)                      # logits, aux_loss, stats["dreamer/expert_diversity"], flops/*
+    with model.override(steps=12, exit_kl=1e-3):   # ours: more steps than trained, per-token exit
+        model.generate(prompt, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dyndepth.config import ConfigError
+from dyndepth.core import flops
+from dyndepth.core.cache import KVCache
+from dyndepth.core.context import ForwardContext
+from dyndepth.core.layers import RMSNorm, RotaryEmbedding
+from dyndepth.models.dreamer_layer import DepthState, DreamerLayer
+from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.moe import load_balancing_loss
+from dyndepth.models.registry import ModelSpec, register_model
+from dyndepth.safetensors_io import write_pretrained
+
+DA_MODES = ("separate", "merged_softmax", "none")
+EA_ENCODINGS = ("learned", "rope", "none")
+
+
+@dataclass
+class DreamerConfig:
+    model_type: str = "dreamer"
+    vocab_size: int = 32000
+    hidden_size: int = 512  # width D
+    num_attention_heads: int = 8  # sequence attention
+    num_key_value_heads: int = 4
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    num_recurrences: int = 8  # R: steps of the shared group (depth, free in parameters)
+    layers_per_group: int = 1  # distinct layers applied in turn at every step (MoEUT-style grouping)
+    # Depth attention: each token over its own states entering steps 0..r, RoPE over the step index.
+    da_mode: str = "separate"  # separate | merged_softmax (one softmax with SA) | none
+    da_num_heads: int | None = None  # None -> num_attention_heads; width = da_num_heads * da_head_dim
+    da_head_dim: int | None = None  # None -> head_dim
+    da_include_self: bool = False  # also attend to the query state itself
+    da_parallel: bool = False  # DA reads the step's input next to SA instead of SA's output
+    da_rope_theta: float = 10000.0  # RoPE base over steps (also the router's, with ea_depth_encoding="rope")
+    # Sparse expert attention in the FFN slot; num_experts = 0 gives a dense SwiGLU FFN of intermediate_size.
+    num_experts: int = 64  # E (parameters, free in FLOPs)
+    num_experts_per_tok: int = 4  # k (FLOPs)
+    moe_intermediate_size: int = 128  # expert width F
+    intermediate_size: int | None = None  # dense FFN width (num_experts = 0); None -> 3 * hidden_size
+    norm_topk_prob: bool = True  # renormalize the k gates to sum to 1 (False: MoEUT's sigma-MoE)
+    ea_depth_encoding: str = "learned"  # step signal in the router query: learned | rope | none
+    ea_bias_update_rate: float = 1e-3  # gamma of the balancing-bias sign update (trainer hook)
+    ea_aux_loss_coef: float = 0.0  # optional Switch-style balancing loss on normalized sigmoid scores
+    # Optional extras the spec names (off by default).
+    sandwich_norm: bool = False  # RMSNorm on each sub-block's output
+    input_injection: bool = False  # re-add the embedding at every step after the first
+    # The decoder's fields (names as HF Qwen3).
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    qk_norm: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type != "dreamer":
+            raise ConfigError(f"DreamerConfig.model_type must be 'dreamer', got {self.model_type!r}.")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.da_num_heads = self.da_num_heads or self.num_attention_heads
+        self.da_head_dim = self.da_head_dim or self.head_dim
+        self.intermediate_size = self.intermediate_size or 3 * self.hidden_size
+        for name, allowed in (("da_mode", DA_MODES), ("ea_depth_encoding", EA_ENCODINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"DreamerConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        for name in ("num_recurrences", "layers_per_group", "hidden_size", "num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DreamerConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads}).")
+        if self.head_dim % 2 or self.da_head_dim % 2 or self.hidden_size % 2:
+            raise ConfigError("head_dim, da_head_dim and hidden_size must be even (RoPE rotates pairs).")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                              f"({self.num_experts}).")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Layer applications of a forward (R * layers_per_group): one KV-cache slot each."""
+        return self.num_recurrences * self.layers_per_group
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DreamerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def config_from_hf(d: dict) -> DreamerConfig:
+    """DreamerConfig from a config.json written by `DreamerLM.save_pretrained`."""
+    return DreamerConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
+
+
+class DreamerModel(nn.Module):
+    def __init__(self, config: DreamerConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DreamerLayer(config, g) for g in range(config.layers_per_group))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DreamerLM(nn.Module):
+    """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`; `override(steps=,
+    exit_kl=)` for the inference-time knobs (ours: recurrence steps, per-token exit)."""
+
+    KNOBS = ("steps", "exit_kl")
+
+    def __init__(self, config: DreamerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DreamerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+        self.method = None  # the shared forward's method slot: Dreamer runs without one
+        self.steps: int | None = None  # recurrence steps at inference (None: num_recurrences)
+        self.exit_kl: float | None = None  # per-token exit threshold in nats (None: off)
+
+    # ------------------------------------------------------------------------------ the schedule
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_recurrences if self.steps is None else self.steps
+
+    @property
+    def schedule(self) -> list[Application]:
+        """Layer g at step r, cache slot r * G + g: the shared group applied num_steps times."""
+        G = self.config.layers_per_group
+        return [Application(g, r * G + g, r) for r in range(self.num_steps) for g in range(G)]
+
+    def num_slots(self) -> int:
+        return len(self.schedule)
+
+    def knobs(self) -> dict:
+        return {"steps": self.num_steps, "exit_kl": self.exit_kl}
+
+    @contextmanager
+    def override(self, **knobs):
+        """Temporarily set inference knobs: `steps` (recurrences, any >= 1; training used num_recurrences) and
+        `exit_kl` (per-token exit threshold in nats, None for off; inference only)."""
+        unknown = sorted(set(knobs) - set(self.KNOBS))
+        if unknown:
+            raise ValueError(f"Dreamer has no knob {unknown[0]!r}; its knobs are {list(self.KNOBS)}.")
+        if knobs.get("steps") is not None and int(knobs["steps"]) < 1:
+            raise ValueError(f"steps must be >= 1, got {knobs['steps']}.")
+        old = {"steps": self.steps, "exit_kl": self.exit_kl}
+        for k, v in knobs.items():
+            setattr(self, k, v)
+        try:
+            yield self
+        finally:
+            self.steps, self.exit_kl = old["steps"], old["exit_kl"]
+
+    # ------------------------------------------------------------------------------ forward
+    def make_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     positions: torch.Tensor | None, cache: KVCache | None,
+                     doc_ids: torch.Tensor | None = None) -> ForwardContext:
+        return make_context(self, input_ids, attention_mask, positions, cache, doc_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,
+                doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
+        """As `CausalLM.forward` (input_ids (B, T), attention_mask (B, T), positions, cache, num_logits, doc_ids,
+        trace); the loop is `models.forward.run_schedule`."""
+        if self.exit_kl is not None and self.training:
+            raise ValueError("per-token exit (exit_kl) is an inference knob; call model.eval() first.")
+        return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
+
+    def init_state(self, ctx: ForwardContext) -> DepthState:
+        """The per-forward depth memory (dropped with the context: a decode step starts it afresh)."""
+        G = self.config.layers_per_group
+        st = DepthState([[] for _ in range(G)], [[] for _ in range(G)], exit_kl=self.exit_kl, steps=self.num_steps)
+        if self.exit_kl is not None:
+            st.active = torch.ones(ctx.positions.shape, dtype=torch.bool, device=ctx.positions.device)  # (B, T)
+            st.depth = torch.zeros(ctx.positions.shape, device=ctx.positions.device)
+            st.exit_head = lambda x: self.lm_head(self.model.norm(x))
+        return st
+
+    def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
+        """Losses (the optional balancing loss) and statistics: expert diversity (both definitions), per-step
+        expert usage and hidden-state change, average depth, and flops/dense (every token, every step)."""
+        st: DepthState = ctx.model_state
+        cfg, losses, stats = self.config, [], {}
+        if st.aux and cfg.ea_aux_loss_coef:
+            balance = load_balancing_loss(st.aux, cfg.num_experts)
+            losses.append(cfg.ea_aux_loss_coef * balance)
+            stats["dreamer/balance_loss"] = balance.detach()
+        slots = [a.slot for a in self.schedule]
+        valid = ctx.valid_or_all
+        if cfg.num_experts:
+            stats.update(expert_stats(st, slots, valid, cfg, self.num_steps))
+        stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)
+        depth = valid.float() * self.num_steps if st.depth is None else st.depth * valid
+        stats["dreamer/avg_depth"] = depth.sum() / valid.sum().clamp(min=1)
+        pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees
+        per_token = sum(flops.q_o_flops(cfg) + flops.kv_flops(cfg) + flops.depth_attn_flops(cfg, a.step)
+                        + flops.expert_attn_flops(cfg) for a in self.schedule)
+        dense = valid.sum() * per_token + len(slots) * flops.attn_score_flops(cfg, pairs) + head_ideal
+        stats["flops/dense"] = dense.double()
+        return losses, stats
+
+    def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
+        """Analytic FLOPs of a plain forward (core/flops.py), at the current number of steps."""
+        return flops.recurrent_forward_flops(self.config, T, B, context, lm_head, self.num_steps)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token for MFU: 3 x the forward (backward = 2 x forward), causal attention."""
+        return 3 * self.forward_flops(seq_len) / seq_len
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, **kwargs) -> torch.Tensor:
+        """Prompt plus new tokens (B, T + n): `dyndepth.generation.generate`, the decoder's loop."""
+        from dyndepth.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                        **kwargs)
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""
+        return [ExpertBiasHook()] if self.config.num_experts else []
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict as written to disk: stacked experts, balancing biases (fp32) included, tied lm_head
+        dropped."""
+        state = {k: (v if dtype is None or k.endswith("expert_bias") else v.to(dtype))
+                 for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> Path:
+        """config.json (model_type "dreamer") + safetensors; `dyndepth.from_pretrained` loads it back."""
+        config = self.config.to_dict()
+        name = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
+        config.update(architectures=["DreamerForCausalLM"], torch_dtype=name, dtype=name)
+        return write_pretrained(self.hf_state_dict(dtype), config, path, max_shard_bytes)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: DreamerConfig, steps: int) -> dict:
+    """Expert-selection statistics of one forward, over valid tokens.
+
+    dreamer/expert_diversity (definition a): distinct experts a token selected over all steps, divided by the
+      most it could select, min(k * steps, E); mean over layers of the group and tokens.
+    dreamer/expert_set_entropy (definition b, evaluation forwards): per step, the entropy (nats) of the
+      distribution of selected top-k sets over the batch's tokens; mean over steps. exp() of it is the
+      effective number of distinct sets.
+    dreamer/expert_usage (R * G, E): selections per expert at each application (the balancing hook's load).
+    """
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    n = valid.sum().clamp(min=1)
+    valid_N = valid.reshape(-1)
+    distinct = torch.stack([(seen.sum(-1) * valid_N).sum() for seen in st.visited.values()]).float()
+    out = {"dreamer/expert_diversity": distinct.mean() / n / min(k * steps, E),
+           "dreamer/expert_usage": torch.stack([st.usage[s] for s in slots])}  # (R * G, E)
+    if st.set_ids:
+        entropies = []
+        for s in slots:
+            _, counts = torch.unique(st.set_ids[s][valid_N], dim=0, return_counts=True)
+            p = counts.float() / counts.sum()
+            entropies.append(-(p * p.log()).sum())
+        out["dreamer/expert_set_entropy"] = torch.stack(entropies).mean()
+    return out
+
+
+class ExpertBiasHook:
+    """After each optimizer step: b_e += gamma * sign(mean load - load_e) for every layer's experts, load counted
+    over every (token, step) selection of the step's micro-batches, averaged over ranks first so every rank
+    applies the same update (DeepSeek-V3's auxiliary-loss-free balancing). The biases are buffers, saved with
+    the weights, so the hook itself has no state."""
+
+    name = "dreamer_balance"
+
+    def after_step(self, model: nn.Module, step: int, stats: dict, dist) -> dict | None:
+        usage = stats.get("dreamer/expert_usage")
+        if usage is None:
+            return None
+        usage = dist.all_reduce_mean(usage.detach().float().clone())  # (R * G, E)
+        return update_expert_bias(model, usage)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@torch.no_grad()
+def update_expert_bias(model: DreamerLM, usage_AE: torch.Tensor) -> dict:
+    """One sign update of every layer's balancing bias from per-application loads (R * G, E); returns the
+    load imbalance (max / mean) before the update."""
+    G = model.config.layers_per_group
+    worst = 0.0
+    for g, layer in enumerate(model.model.layers):
+        load = usage_AE[g::G].sum(0).to(layer.mlp.expert_bias.device)  # (E,) over this layer's applications
+        layer.mlp.expert_bias += model.config.ea_bias_update_rate * torch.sign(load.mean() - load)
+        worst = max(worst, float(load.max() / load.mean().clamp(min=1e-9)))
+    return {"load_imbalance": worst}
+
+
+# Presets. dreamer-tiny trains on 2 CPU cores in minutes (byte tokenizer: vocab 264); dreamer-small is the GPU
+# recipe's shape (recipes/dreamer_small.toml).
+PRESETS = {
+    "dreamer-tiny": {"model_type": "dreamer", "vocab_size": 264, "hidden_size": 128, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 32, "num_recurrences": 4, "num_experts": 16,
+                     "num_experts_per_tok": 2, "moe_intermediate_size": 96, "max_position_embeddings": 1024},
+    "dreamer-small": {"model_type": "dreamer", "vocab_size": 32768, "hidden_size": 768, "num_attention_heads": 12,
+                      "num_key_value_heads": 4, "head_dim": 64, "num_recurrences": 12, "num_experts": 128,
+                      "num_experts_per_tok": 8, "moe_intermediate_size": 192, "max_position_embeddings": 2048},
+}
+
+register_model(("dreamer",), ModelSpec(DreamerConfig, DreamerLM, config_from_hf), presets=PRESETS)

@@ -1,0 +1,307 @@
+"""The Dreamer layer: sequence attention, depth attention and sparse expert attention, shared across steps.
+
+Shape legend: B batch, T tokens, S key / cache length, D hidden_size, N query heads, G kv heads, H head_dim,
+L depth-memory entries (earlier steps of the same token), E experts, K experts per token, F expert width.
+
+One application at recurrence step r (pre-norm residual, SA -> DA -> EA; docs/methods.md lists our choices):
+    x = x + SA(norm_sa(x))                      # causal over tokens, RoPE over positions, this step's KV slot
+    x = x + DA(norm_da(x), depth memory)        # over the token's own states entering steps 0..r (RoPE over r)
+    x = x + EA(norm_ea(x), r)                   # top-k of E experts, chosen on biased logits, sigmoid gates
+The depth memory (K/V of the state entering each step) lives on `ctx.model_state` (`DepthState`) for one
+forward only: a token's depth memory is read by that token alone, so a decode step starts it afresh and the
+KV cache holds sequence attention only, one slot per application (as an R-layer decoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyndepth.core.context import ForwardContext, causal_mask
+from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops
+from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from dyndepth.models.moe import Experts, router_stats
+
+
+@dataclass
+class DepthState:
+    """What one forward keeps besides the residual stream (`ctx.model_state`), indexed by layer or application."""
+
+    mem_k: list[list[torch.Tensor]]  # [layer][step] (B, T, N_da, H_da): K of the state entering each step
+    mem_v: list[list[torch.Tensor]]
+    usage: dict = field(default_factory=dict)  # application -> (E,) selections by valid (running) tokens
+    visited: dict = field(default_factory=dict)  # layer -> (B*T, E) bool: experts a token has used so far
+    set_ids: dict = field(default_factory=dict)  # application -> (B*T,) id of the token's top-k set
+    change: dict = field(default_factory=dict)  # application -> mean |x_out - x_in| / |x_in| over valid tokens
+    aux: list = field(default_factory=list)  # router statistics for the optional balancing loss
+    embed: torch.Tensor | None = None  # (B, T, D) the embedding, for input injection
+    exit_kl: float | None = None  # per-token exit threshold (ours); None: every token runs every step
+    exit_head: Callable | None = None  # x (B, T, D) -> logits (B, T, V): the model's norm + lm_head
+    active: torch.Tensor | None = None  # (B, T) bool: tokens still recurring (exit)
+    prev_logp: torch.Tensor | None = None  # (B, T, V) log-probs after the previous step (exit)
+    depth: torch.Tensor | None = None  # (B, T) steps each token ran (exit)
+    steps: int = 0  # recurrence steps this forward runs
+
+
+class DepthAttention(nn.Module):
+    """Attention of each token over its own states at earlier steps: multi-head, q/k norm, RoPE over the step."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        D, N, H = config.hidden_size, config.da_num_heads, config.da_head_dim
+        self.num_heads, self.head_dim = N, H
+        self.q_proj = nn.Linear(D, N * H, bias=False)
+        self.k_proj = nn.Linear(D, N * H, bias=False)
+        self.v_proj = nn.Linear(D, N * H, bias=False)
+        self.o_proj = nn.Linear(N * H, D, bias=False)
+        self.q_norm = RMSNorm(H, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(H, config.rms_norm_eps) if config.qk_norm else None
+        rope = SimpleNamespace(head_dim=H, rope_theta=config.da_rope_theta, rope_scaling=None,
+                               max_position_embeddings=config.num_recurrences)
+        self.rotary_emb = RotaryEmbedding(rope)  # angles by recurrence step, not by position
+
+    def _heads(self, proj: nn.Linear, norm: RMSNorm | None, h_BTD: torch.Tensor, step: int) -> torch.Tensor:
+        B, T, _ = h_BTD.shape
+        y = proj(h_BTD).view(B, T, self.num_heads, self.head_dim)  # (B, T, N, H)
+        if norm is not None:
+            y = norm(y)
+        cos, sin = self.rotary_emb(torch.full((1, 1), step, device=h_BTD.device), y.dtype)  # (1, 1, H)
+        return apply_rope(y, cos, sin)
+
+    def project_kv(self, h_BTD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (rotated to `step`) and V of a normed state, (B, T, N, H) each."""
+        B, T, _ = h_BTD.shape
+        return self._heads(self.k_proj, self.k_norm, h_BTD, step), self.v_proj(h_BTD).view(B, T, self.num_heads, -1)
+
+    def forward(self, h_BTD: torch.Tensor, step: int, k_BTLNH: torch.Tensor, v_BTLNH: torch.Tensor) -> torch.Tensor:
+        """Queries from the normed state at `step`; keys and values from the memory (every entry is visible)."""
+        B, T, _ = h_BTD.shape
+        L = k_BTLNH.shape[2]
+        q = self._heads(self.q_proj, self.q_norm, h_BTD, step).reshape(B * T, 1, self.num_heads, -1)  # (BT, 1, N, H)
+        k = k_BTLNH.reshape(B * T, L, self.num_heads, -1).transpose(1, 2)  # (BT, N, L, H)
+        v = v_BTLNH.reshape(B * T, L, self.num_heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)  # (BT, N, 1, H)
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
+
+
+class ExpertAttention(nn.Module):
+    """Sparse expert attention: a query from the normed state plus a depth-step encoding scores E learned expert
+    keys; the top-k experts are chosen on logits + balancing bias, gated by their sigmoid scores (renormalized
+    to sum to 1 with `norm_topk_prob`) and run as fine-grained SwiGLU experts, grouped by expert."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        D, E = config.hidden_size, config.num_experts
+        self.top_k, self.norm_topk_prob, self.encoding = config.num_experts_per_tok, config.norm_topk_prob, \
+            config.ea_depth_encoding
+        self.expert_keys = nn.Parameter(torch.randn(E, D) / D**0.5)  # (E, D): unit-variance scores at init
+        if self.encoding == "learned":
+            self.step_embed = nn.Parameter(torch.zeros(config.num_recurrences, D))  # (R, D), learned from zero
+        elif self.encoding == "rope":
+            self.rotary_emb = RotaryEmbedding(SimpleNamespace(head_dim=D, rope_theta=config.da_rope_theta,
+                                                              rope_scaling=None,
+                                                              max_position_embeddings=config.num_recurrences))
+        # Balancing bias: selection only, no gradient; the trainer hook moves it toward uniform load.
+        self.register_buffer("expert_bias", torch.zeros(E))  # (E,) fp32, saved with the weights
+        self.experts = Experts(E, D, config.moe_intermediate_size, grouped=True)
+
+    def route(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores (N, E) fp32, chosen experts (N, K) and their gates (N, K)."""
+        q = h_ND
+        if self.encoding == "learned":  # steps past training reuse the last step's encoding
+            q = q + self.step_embed[min(step, self.step_embed.shape[0] - 1)].to(q.dtype)
+        elif self.encoding == "rope":
+            cos, sin = self.rotary_emb(torch.full((1,), step, device=q.device), q.dtype)  # (1, D)
+            q = apply_rope(q[:, None], cos, sin)[:, 0]
+        scores = F.linear(q, self.expert_keys.to(q.dtype)).float()  # (N, E)
+        idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # (N, K) on biased logits
+        gates = torch.sigmoid(scores).gather(1, idx)  # (N, K) unbiased sigmoid scores of the chosen
+        if self.norm_topk_prob:
+            gates = gates / gates.sum(-1, keepdim=True)
+        return scores, idx, gates.to(h_ND.dtype)
+
+    def forward(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores, idx, gates = self.route(h_ND, step)
+        return self.experts(h_ND, idx, gates), idx, scores  # (N, D), (N, K), (N, E)
+
+
+class DreamerLayer(nn.Module):
+    """One layer of the shared group (layer `index` of `layers_per_group`); applied once per recurrence step,
+    with KV-cache slot = step * layers_per_group + index."""
+
+    def __init__(self, config, index: int) -> None:
+        super().__init__()
+        self.config, self.index = config, index
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(config)
+        if config.da_mode == "separate":
+            self.depth_layernorm = RMSNorm(D, eps)
+            self.depth_attn = DepthAttention(config)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        if config.num_experts:
+            self.mlp = ExpertAttention(config)
+        else:
+            self.mlp = SwiGLU(D, config.intermediate_size)
+        if config.sandwich_norm:  # post-norm on each sub-block's output (Huginn-style), optional
+            self.post_sublayer_norms = nn.ModuleList(RMSNorm(D, eps) for _ in range(3))
+
+    def _out(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        return self.post_sublayer_norms[i](y) if self.config.sandwich_norm else y
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        st: DepthState = ctx.model_state
+        step = slot // self.config.layers_per_group
+        x_in = x_BTD
+        if self.config.input_injection and self.index == 0:  # re-add the embedding at every later step
+            if step == 0:
+                st.embed = x_in
+            else:
+                x_BTD = x_BTD + st.embed
+        da = self.config.da_mode
+        if da == "separate":  # the state entering this step joins the token's depth memory
+            k, v = self.depth_attn.project_kv(self.depth_layernorm(x_BTD), step)  # (B, T, N_da, H_da)
+            _remember(st, self.index, step, k, v)
+        h = self.input_layernorm(x_BTD)
+        if da == "merged_softmax":
+            sa = self._out(0, merged_attention(self.self_attn, h, ctx, slot, st, self.index, step))
+        else:
+            sa = self._out(0, self.self_attn(h, ctx, slot, ideal_q_BT=st.active))
+        if da == "separate":  # sequential (default) or parallel to SA, from the same input
+            h_da = self.depth_layernorm(x_BTD if self.config.da_parallel else x_BTD + sa)
+            x_BTD = x_BTD + sa + self._out(1, self._depth(h_da, ctx, slot, st, step))
+        else:
+            x_BTD = x_BTD + sa
+        x_BTD = x_BTD + self._out(2, self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
+        if st.active is not None:  # exited tokens keep their state (they still wrote K/V above)
+            x_BTD = torch.where(st.active[..., None], x_BTD, x_in)
+        self._record_change(st, ctx, slot, x_in, x_BTD)
+        if st.exit_kl is not None and self.index == self.config.layers_per_group - 1:
+            self._exit_check(st, ctx, slot, step, x_BTD)
+        return x_BTD
+
+    def _depth(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState, step: int) -> torch.Tensor:
+        keys, values = st.mem_k[self.index][:step + 1], st.mem_v[self.index][:step + 1]
+        if self.config.da_include_self:  # the query state itself as one more entry (k/v not remembered)
+            k, v = self.depth_attn.project_kv(h_BTD, step)
+            keys, values = keys + [k], values + [v]
+        y = self.depth_attn(h_BTD, step, torch.stack(keys, 2), torch.stack(values, 2))  # (B, T, D)
+        B, T, _ = h_BTD.shape
+        per_token = depth_attn_flops(self.config, step)
+        n = _ideal_tokens(ctx, st)
+        ctx.ledger.add(slot, "depth_attn", executed=B * T * per_token, ideal=n * per_token, tokens=n)
+        return y
+
+    def _ffn(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, step: int) -> torch.Tensor:
+        """The FFN slot: sparse expert attention (with its statistics), or the dense SwiGLU."""
+        B, T, D = h_BTD.shape
+        st: DepthState = ctx.model_state
+        per_token, n = expert_attn_flops(self.config), _ideal_tokens(ctx, st)
+        part = "experts" if self.config.num_experts else "mlp"
+        ctx.ledger.add(slot, part, executed=B * T * per_token, ideal=n * per_token, tokens=n)
+        if not self.config.num_experts:
+            return self.mlp(h_BTD)
+        y, idx_NK, scores_NE = self.mlp(h_BTD.reshape(B * T, D), step)
+        run_N = _running(ctx, st).reshape(-1)  # (B*T,) valid tokens that are still recurring
+        E = self.config.num_experts
+        counts = torch.zeros(E, device=y.device).index_add_(0, idx_NK.reshape(-1), run_N.float().repeat_interleave(
+            idx_NK.shape[1]))  # (E,)
+        st.usage[slot] = counts
+        hit = torch.zeros(B * T, E, dtype=torch.bool, device=y.device).scatter_(1, idx_NK, True)  # (B*T, E)
+        new, seen = hit & run_N[:, None], st.visited.get(self.index)
+        st.visited[self.index] = new if seen is None else seen | new
+        if not ctx.training:  # the chosen set of each token (diversity, definition b)
+            st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
+        elif self.config.ea_aux_loss_coef:
+            probs = torch.sigmoid(scores_NE)
+            st.aux.append(router_stats(probs / probs.sum(-1, keepdim=True), idx_NK, run_N))
+        return y.view(B, T, D)
+
+    def _exit_check(self, st: DepthState, ctx: ForwardContext, slot: int, step: int, x_BTD: torch.Tensor) -> None:
+        """Per-token exit (ours): after each step, a running token whose next-token distribution moved less than
+        `exit_kl` (KL(p_step || p_step-1), nats) since the previous step stops recurring."""
+        st.depth = st.depth + st.active
+        if step == st.steps - 1:  # no step left to skip
+            return
+        B, T, _ = x_BTD.shape
+        per_token = lm_head_flops(self.config)
+        ctx.ledger.add(slot, "exit", executed=B * T * per_token, ideal=_running(ctx, st).sum() * per_token)
+        with torch.no_grad():
+            logp = F.log_softmax(st.exit_head(x_BTD).float(), dim=-1)  # (B, T, V)
+            if st.prev_logp is not None:
+                kl = (logp.exp() * (logp - st.prev_logp)).sum(-1)  # (B, T)
+                st.active = st.active & ~(kl < st.exit_kl)
+            st.prev_logp = logp
+
+    def _record_change(self, st: DepthState, ctx: ForwardContext, slot: int, x_in, x_out) -> None:
+        with torch.no_grad():
+            rel = (x_out - x_in).float().norm(dim=-1) / x_in.float().norm(dim=-1).clamp(min=1e-6)  # (B, T)
+            valid = ctx.valid_or_all
+            st.change[slot] = (rel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _running(ctx: ForwardContext, st: DepthState) -> torch.Tensor:
+    """(B, T) bool: valid tokens that run this step (all valid ones unless per-token exit froze some)."""
+    return ctx.valid_or_all if st.active is None else ctx.valid_or_all & st.active
+
+
+def _ideal_tokens(ctx: ForwardContext, st: DepthState):
+    if ctx.valid is None and st.active is None:
+        return ctx.positions.numel()
+    return _running(ctx, st).sum()
+
+
+def merged_attention(attn: Attention, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState,
+                     index: int, step: int) -> torch.Tensor:
+    """`da_mode="merged_softmax"`: one softmax over this step's sequence keys (causal) and the token's own SA
+    keys of the earlier steps (depth keys), with SA's projections. The scores are materialised (B, N, T, S + L):
+    an ablation for small scales, not a fast path. Records its FLOPs (every pair it computes) in the ledger."""
+    B, T, _ = h_BTD.shape
+    N, G, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    k, v = attn.project_kv(h_BTD, ctx.cos, ctx.sin)  # (B, T, G, H)
+    if ctx.cache is not None:
+        k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid, ctx.cache_source)
+        S = k_all.shape[2]
+        mask = causal_mask(ctx.positions, torch.arange(S, device=k.device).expand(B, S), k_valid, ctx.valid)
+    else:
+        k_all, v_all, S = k.transpose(1, 2), v.transpose(1, 2), T  # (B, G, T, H)
+        mask = ctx.attn_mask if ctx.attn_mask is not None else causal_mask(
+            ctx.positions, ctx.positions, ctx.valid, ctx.valid, ctx.doc_ids)
+    mem_k, mem_v = st.mem_k[index][:step], st.mem_v[index][:step]  # the token's SA K/V at earlier steps
+    L = len(mem_k)
+    q = attn.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
+    rep = N // G
+    scores = torch.matmul(q.transpose(1, 2), k_all.repeat_interleave(rep, 1).transpose(-1, -2))  # (B, N, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if L:
+        dk = torch.stack(mem_k, 2).repeat_interleave(rep, 3)  # (B, T, L, N, H)
+        scores = torch.cat([scores, torch.einsum("btnh,btlnh->bntl", q, dk)], -1)  # (B, N, T, S + L)
+    p = torch.softmax(scores.float() / H**0.5, dim=-1).to(q.dtype)
+    y = torch.matmul(p[..., :S], v_all.repeat_interleave(rep, 1))  # (B, N, T, H)
+    if L:
+        y = y + torch.einsum("bntl,btlnh->bnth", p[..., S:], torch.stack(mem_v, 2).repeat_interleave(rep, 3))
+    _remember(st, index, step, k, v)
+    n_q = B * T if ctx.valid is None and st.active is None else _running(ctx, st).sum()
+    visible = (mask[:, 0] & _running(ctx, st)[..., None]).sum()
+    n_kv = B * T if ctx.valid is None else ctx.valid.sum()
+    per_pair = 4 * N * H
+    ctx.ledger.add(slot, "attn", executed=B * T * (attn.flops_per_query + attn.flops_per_kv) + B * T * (S + L) * per_pair,
+                   ideal=n_q * attn.flops_per_query + n_kv * attn.flops_per_kv + (visible + n_q * L) * per_pair,
+                   tokens=n_q)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, N * H))  # (B, T, D)
+
+
+def _remember(st: DepthState, index: int, step: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Depth-memory entry `step` of layer `index`. Indexed by step, never by list length, so recomputing a layer
+    call (activation checkpointing) reads the same earlier entries."""
+    mem_k, mem_v = st.mem_k[index], st.mem_v[index]
+    if len(mem_k) > step:
+        mem_k[step], mem_v[step] = k, v
+    else:
+        mem_k.append(k)
+        mem_v.append(v)
