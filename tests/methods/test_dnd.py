@@ -1,0 +1,369 @@
+"""Dynamic Nested Depth: neutral settings, the fast path against a slow per-row reference written without the
+method, batch and document independence, cached decoding (dense and MoE, left padding, invalidation), the
+router controlling loss, the threshold controller, FLOPs against torch's counter, training, save / load."""
+
+import json
+
+import pytest
+import torch
+from test_compute import counted, padded_batch
+from typer.testing import CliRunner
+
+import dyndepth
+from dyndepth import CausalLM, KVCache, preset
+from dyndepth.cli import app
+from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
+from dyndepth.methods.dnd import compact_positions, router_losses
+
+
+def dnd_model(name="tiny-qwen3", beta=0.5, std=1.0, **cfg):
+    """A tiny model with DND on both layers, routers spread (p far from tau for most tokens) and a large beta,
+    so nesting changes the logits clearly."""
+    torch.manual_seed(0)
+    model = CausalLM(preset(name)).eval()
+    method = attach_dnd(model, DNDConfig(**{"layers": (0, 1), **cfg}))
+    with torch.no_grad():
+        for d in method.layer_dnd:
+            d.router.weight.normal_(0, std)
+            d.beta.fill_(beta)
+    return model, method
+
+
+def left_padded(B=3, T=12):
+    ids = torch.randint(0, 256, (B, T))
+    mask = torch.ones_like(ids)
+    mask[1, :T // 3] = 0
+    mask[2, :T // 2 + 1] = 0
+    return ids, mask
+
+
+def reference_logits(model, ids, mask=None) -> list[torch.Tensor]:
+    """Slow DND, written without the method: per row (its real tokens only), per layer, the plain layer; then
+    the tokens with p > tau alone, at positions 0..n-1 (compact) or their own, through the same layer again,
+    mixed as (beta p) x^d + (1 - beta p) x^v. Returns each row's logits (n_b, V)."""
+    method = model.method
+    cfg = method.config
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    rows = []
+    for b in range(ids.shape[0]):
+        row = ids[b:b + 1, valid[b]]  # (1, n)
+        x = model.model.embed_tokens(row)
+        ctx = model.make_context(row, None, None, None)
+        for i, layer in enumerate(model.model.layers):
+            x = layer.block(x, ctx, i)
+            if i not in method.layers:
+                continue
+            p = torch.sigmoid(layer.dnd.router(x.float()))[0, :, 0]  # (n,)
+            sel = (p > layer.dnd.tau).nonzero().flatten() if cfg.ratio < 1 else torch.arange(row.shape[1])
+            if len(sel) == 0:
+                continue
+            pos = torch.arange(len(sel)) if cfg.positions == "compact" else sel
+            xs = x[:, sel]
+            xd = layer.block(xs, model.make_context(row[:, sel], None, pos[None], None), i)
+            w = (layer.dnd.beta * p[sel])[None, :, None]
+            x = x.clone()
+            x[:, sel] = w * xd + (1 - w) * xs
+        rows.append(model.lm_head(model.model.norm(x))[0])
+    return rows
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_beta_zero_or_no_selection_gives_exactly_the_base_model(name):
+    torch.manual_seed(0)
+    base = CausalLM(preset(name)).eval()
+    ids, mask = left_padded()
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask).logits
+    model, method = dnd_model(name, beta=0.0)
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        assert torch.equal(out.logits, ref)
+        assert 0.2 < float(out.stats["dnd/selected"]) < 0.8  # tokens were nested, with weight 0
+        for d in method.layer_dnd:
+            d.beta.fill_(0.5)
+            d.tau.fill_(1.0)  # p < 1: the router selects nothing
+        none = model(ids, attention_mask=mask)
+        assert torch.equal(none.logits, ref) and float(none.stats["dnd/selected"]) == 0.0
+        assert 0 < float(none.stats["dnd/flops_overhead"]) < 0.01  # the routers only
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_fast_path_equals_the_slow_per_row_reference(name, positions):
+    model, _ = dnd_model(name, positions=positions)
+    ids, mask = left_padded()
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask)
+        ref = reference_logits(model, ids, mask)
+    for b, ref_b in enumerate(ref):
+        torch.testing.assert_close(got.logits[b, mask[b].bool()], ref_b, atol=2e-5, rtol=0)
+    assert 0.2 < float(got.stats["dnd/selected"]) < 0.8
+
+
+def test_a_rows_logits_do_not_change_when_other_rows_join_its_batch():
+    model, _ = dnd_model()
+    ids = torch.randint(0, 256, (4, 16))
+    with torch.no_grad():
+        batch = model(ids).logits
+        alone = [model(ids[b:b + 1]).logits[0] for b in range(4)]
+    for b in range(4):
+        torch.testing.assert_close(batch[b], alone[b], atol=1e-5, rtol=0)
+
+
+def test_nested_attention_never_crosses_documents_and_compact_positions_restart_per_document():
+    model, _ = dnd_model()
+    a, b = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 9))
+    packed = torch.cat([a, b], 1)
+    doc_ids = torch.cat([torch.zeros(1, 7), torch.ones(1, 9)], 1).long()
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    trace = dyndepth.Trace()
+    with torch.no_grad():
+        got = model(packed, positions=positions, doc_ids=doc_ids, trace=trace).logits
+        alone = torch.cat([model(a).logits, model(b).logits], 1)
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+    keep = trace.ctx.state.keep[1]
+    assert keep[0, :7].any() and keep[0, 7:].any()  # both documents nest some tokens
+    pos = compact_positions(keep, doc_ids)
+    assert pos[0, 7] == 0 and pos[0, -1] == keep[0, 7:-1].sum()
+
+
+def _prefill_then_decode(model, ids, mask, P):
+    B, T = ids.shape
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = KVCache.for_model(model.config, B, T, num_slots=model.num_slots())
+    steps = [model(ids[:, :P], attention_mask=mask[:, :P], positions=pos[:, :P], cache=cache).logits]
+    for t in range(P, T):
+        steps.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits)
+    return torch.cat(steps, 1), cache
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_prefill_plus_decode_equals_the_full_forward_with_left_padding(name, positions):
+    model, method = dnd_model(name, positions=positions)
+    ids, mask = left_padded(T=14)
+    trace = dyndepth.Trace()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, trace=trace).logits
+        got, cache = _prefill_then_decode(model, ids, mask, P=9)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], full[valid], atol=1e-5, rtol=0)
+    assert model.num_slots() == 4 and method.nested_slot == {0: 2, 1: 3}
+    for layer, nslot in method.nested_slot.items():  # the nested slot holds the selected tokens only
+        selected = trace.ctx.state.keep[layer]
+        assert torch.equal(cache.valid[nslot, :, :14].sum(1), selected.sum(1))
+        assert cache.valid[layer, :, :14].sum() == valid.sum()
+    assert len({int(n) for n in trace.ctx.state.keep[1].sum(1)}) > 1  # rows selected differently
+
+
+def test_greedy_generate_equals_argmax_of_the_full_forward():
+    model, _ = dnd_model()
+    ids, mask = left_padded(T=6)
+    out = model.generate(ids, 6, attention_mask=mask, stop_tokens=[])
+    seq, m = ids, mask
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(seq, attention_mask=m).logits[:, -1:].argmax(-1)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the_full_forward():
+    model, method = dnd_model()
+    ids, mask = left_padded(T=14)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = KVCache.for_model(model.config, 3, 14, num_slots=model.num_slots())
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache)
+        wrong = torch.randint(0, 256, (3, 4))  # a rejected draft: its nested entries must not survive
+        model(wrong, positions=pos[:, 8:12], cache=cache)
+        nested = list(method.nested_slot.values())
+        before = cache.count(nested[0]).clone()
+        cache.invalidate(pos[:, 8])
+        assert (cache.count(nested[0]) <= before).all()
+        got = model(ids[:, 8:], positions=pos[:, 8:], cache=cache).logits  # verification block
+    valid = mask[:, 8:].bool()
+    torch.testing.assert_close(got[valid], full[:, 8:][valid], atol=1e-5, rtol=0)
+
+
+def test_router_losses_per_sequence_without_pad_and_the_sign_flag():
+    torch.manual_seed(0)
+    p = torch.rand(2, 6, requires_grad=True)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False
+    sd, dp = router_losses(p, valid, None)
+    ref_sd, ref_dp = [], []
+    for b in range(2):
+        s = p[b, valid[b]]
+        q = s / s.sum()
+        ref_sd.append((q * q.log()).sum() / torch.log(torch.tensor(float(len(s)))))
+        ref_dp.append(((s - 0.5) ** 2).mean())
+    torch.testing.assert_close(sd, torch.stack(ref_sd).mean())
+    torch.testing.assert_close(dp, torch.stack(ref_dp).mean())
+    flipped, _ = router_losses(p, valid, None, "minimize_entropy")
+    torch.testing.assert_close(flipped, -sd)
+    sd.backward()  # minimising -H(q) spreads the mass: the largest score is pushed down
+    assert p.grad[0, p[0].argmax()] > 0
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)  # documents are sequences of their own
+    sd_docs, _ = router_losses(p.detach(), torch.ones_like(valid), docs)
+    halves = router_losses(p.detach().reshape(4, 3), torch.ones(4, 3, dtype=torch.bool), None)[0]
+    torch.testing.assert_close(sd_docs, halves)
+
+
+def test_controller_drives_a_synthetic_score_stream_to_the_target_within_five_percent():
+    model, method = dnd_model(ratio=0.2)
+    (hook,) = method.trainer_hooks(400)
+    g = torch.Generator().manual_seed(0)
+    tail = []
+    for step in range(1, 401):
+        shift = 0.0 if step <= 200 else 1.0  # the score distribution moves halfway through
+        stats = {}
+        for i, d in zip(method.layers, method.layer_dnd):
+            p = torch.sigmoid(torch.randn(2048, generator=g) * (1 + i) + shift)
+            stats[f"dnd/selected/L{i}"] = (p > d.tau).float().mean()
+            method.record_scores(i, p)
+            if step > 330:
+                tail.append(float(stats[f"dnd/selected/L{i}"]))
+        logged = hook.after_step(model, step, stats, None)
+    assert max(abs(a - 0.2) for a in tail) < 0.05
+    assert set(logged) == {"ratio_error", "tau/L0", "tau/L1"}
+    # the EMA targets: the quantile selects exactly the target share of the buffer; the top-k mean lies above
+    quantile = hook.targets()
+    buffered = torch.cat(list(method.scores_buffer[0]))
+    assert int((buffered > quantile[0]).sum()) == round(0.2 * buffered.numel())
+    method.configure(DNDConfig(layers=(0, 1), ema_target="topk_mean"))
+    assert (hook.targets() > quantile).all()
+
+
+def test_training_gradients_losses_and_moe_balancing_of_nested_tokens():
+    model, method = dnd_model("tiny-qwen3-moe", std=0.1)
+    model.train()
+    ids = torch.randint(0, 256, (2, 16))
+    trace = dyndepth.Trace()
+    out = model(ids, trace=trace)
+    assert {"dnd/sd_loss", "dnd/dp_loss", "dnd/beta", "moe/balance_loss"} <= set(out.stats)
+    assert len(trace.ctx.aux) == 4  # two vanilla and two nested MoE calls feed the balancing loss
+    (out.logits.pow(2).mean() + out.aux_loss).backward()
+    d = model.model.layers[1].dnd
+    assert d.router.weight.grad.abs().sum() > 0 and d.beta.grad.abs().sum() > 0
+    assert not d.tau.requires_grad and len(method.scores_buffer[1]) == 1
+    model.zero_grad()
+    with torch.no_grad():
+        for dd in method.layer_dnd:
+            dd.tau.fill_(1.0)
+    out = model(ids)  # nothing nested: beta and router still take part (DDP needs every parameter)
+    (out.logits.sum() + out.aux_loss).backward()
+    assert d.beta.grad is not None and d.router.weight.grad is not None
+
+
+def test_topk_control_selects_the_ratio_per_sequence_in_training_and_tau_at_inference():
+    model, method = dnd_model(control="topk", ratio=0.25)
+    ids, mask = left_padded(T=12)
+    trace = dyndepth.Trace()
+    model.train()
+    model(ids, attention_mask=mask, trace=trace)
+    keep = trace.ctx.state.keep[0]
+    assert keep.sum(1).tolist() == [3, 2, 2]  # ceil(0.25 * n) of each row's real tokens
+    model.eval()
+    with torch.no_grad():
+        p = trace.ctx.state.scores[0]
+        trace = dyndepth.Trace()
+        model(ids, attention_mask=mask, trace=trace)
+    assert torch.equal(trace.ctx.state.keep[0], (p > 0.5) & mask.bool())
+
+
+def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():
+    model, method = dnd_model(ratio=1.0)
+    ids, mask = left_padded()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        ref = reference_logits(model, ids, mask)
+    assert float(out.stats["dnd/selected"]) == 1.0
+    torch.testing.assert_close(out.logits[0], ref[0], atol=2e-5, rtol=0)
+    _, fixed = dnd_model(control="fixed")
+    (hook,) = fixed.trainer_hooks(10)
+    assert hook.after_step(None, 50, {"dnd/selected/L0": torch.tensor(1.0)}, None) == {"tau/L0": 0.5, "tau/L1": 0.5}
+
+
+def test_nested_attends_vanilla_sees_earlier_vanilla_keys_and_refuses_a_cache():
+    with pytest.raises(ValueError, match="original"):
+        DNDConfig(nested_attends_vanilla=True)
+    model, method = dnd_model(nested_attends_vanilla=True, positions="original")
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        out = model(ids).logits
+        alone, prefix = model(ids[:1]).logits, model(ids[:, :6]).logits
+        method.configure(DNDConfig(layers=(0, 1), positions="original"))
+        selected_only = model(ids).logits  # the same selections, nested keys from selected tokens only
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)  # row-independent
+    torch.testing.assert_close(out[:, :6], prefix, atol=1e-5, rtol=0)  # causal
+    assert (out - selected_only).abs().amax() > 1e-3
+    method.configure(DNDConfig(layers=(0, 1), positions="original", nested_attends_vanilla=True))
+    with pytest.raises(NotImplementedError, match="cache"):
+        model.generate(ids, 2)
+
+
+def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_reported():
+    model, method = dnd_model()
+    ids, mask = padded_batch()
+    out, torch_flops = counted(model, ids, attention_mask=mask)
+    assert float(out.stats["flops/executed"]) == torch_flops
+    assert float(out.stats["flops/ideal"]) > float(out.stats["flops/dense"])
+    extra = sum(float(out.compute.total("executed", slot=s)) for s in method.nested_slot.values())
+    extra += float(out.compute.total("executed", part="router"))
+    overhead = extra / (float(out.stats["flops/executed"]) - extra)
+    assert float(out.stats["dnd/flops_overhead"]) == pytest.approx(overhead, rel=1e-6)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = KVCache.for_model(model.config, 3, 16, num_slots=model.num_slots())
+    counted(model, ids, attention_mask=mask, positions=pos, cache=cache)
+    for t in range(2):
+        out, torch_flops = counted(model, torch.randint(0, 256, (3, 1)), positions=pos[:, -1:] + 1 + t, cache=cache)
+        assert float(out.stats["flops/executed"]) == torch_flops
+
+
+def test_config_errors_and_no_calibration():
+    model = CausalLM(preset("tiny-qwen3"))
+    with pytest.raises(ValueError, match="no band"):
+        attach_dnd(model, DNDConfig())  # (4, -5) of a 2-layer model
+    with pytest.raises(ValueError, match="positions"):
+        DNDConfig(positions="rope")
+    method = attach_method(model, "dnd", {"layers": [1, 1], "ratio": 0.3})
+    assert method.layers == [1] and method.config.layers == (1, 1) and not hasattr(model.model.layers[0], "dnd")
+    with pytest.raises(ValueError, match="no calibration"):
+        calibrate(model, [torch.randint(0, 256, (1, 4))])
+    with pytest.raises(ValueError, match="knob"):
+        method.override(budget=0.3).__enter__()
+
+
+def test_save_load_and_cli_posttraining_export_round_trip(tmp_path):
+    model, method = dnd_model(positions="original", ratio=0.3)
+    with torch.no_grad():
+        model.model.layers[1].dnd.tau.fill_(0.625)
+    model.save_pretrained(tmp_path / "dnd")
+    loaded = dyndepth.from_pretrained(tmp_path / "dnd").eval()
+    assert loaded.method.to_dict() == method.to_dict()
+    assert float(loaded.model.layers[1].dnd.tau) == 0.625 and loaded.model.layers[1].dnd.tau.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert "model.layers.0.dnd.router.bias" in loaded.state_dict()
+
+    base = CausalLM(preset("tiny-qwen3", vocab_size=264))
+    base.save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "post.toml"
+    recipe.write_text(
+        f'[model]\npretrained = "{tmp_path / "base"}"\n'
+        '[method]\nlayers = [0, 1]\nratio = 0.3\nrouter_init_std = 0.02\n'
+        f'[train]\nsteps = 3\nbatch_size = 2\nseq_len = 32\nwarmup = 1\nlr = 1e-3\nmin_lr = 1e-4\nlog_every = 1\n'
+        f'progress = false\nplot = false\ndevice = "cpu"\neval_batches = 1\nout_dir = "{tmp_path / "run"}"\n'
+        '[data]\nsource = "embedded"\nsynthetic_examples = 100\nstdlib_bytes = 10000\n')
+    result = CliRunner().invoke(app, ["train", str(recipe), "--method", "dnd"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    taus = [r["dnd/tau/L1"] for r in records if "dnd/tau/L1" in r]
+    assert len(taus) == 3 and taus[-1] != 0.5 and any("dnd/sd_loss" in r for r in records)
+    tuned = dyndepth.from_pretrained(tmp_path / "run" / "model")
+    assert tuned.method.name == "dnd" and float(tuned.model.layers[1].dnd.tau) == pytest.approx(taus[-1])
+    assert isinstance(tuned.method.trainer_hooks(1)[0], DNDHook)
