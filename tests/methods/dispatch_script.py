@@ -33,7 +33,11 @@ def run(out_dir: str, method: dict, mode: str, rank: int = 0, world: int = 1, **
     model = CausalLM(preset("tiny-qwen3"))
     hooks = build_hooks(method, model, STEPS)
     loader = TinyLoader(cfg.batch_size, cfg.seq_len, rank=rank, world_size=world)
-    return train(model, loader, cfg, hooks=hooks)
+    result = train(model, loader, cfg, hooks=hooks)
+    taus = {name: buf.tolist() for name, buf in model.named_buffers() if name.endswith(".tau")}
+    if taus:  # controller state (DND thresholds): every rank must end with the same values
+        (Path(out_dir) / f"tau_rank{rank}.json").write_text(json.dumps(taus))
+    return result
 
 
 def main() -> None:

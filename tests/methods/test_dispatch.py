@@ -13,14 +13,17 @@ import pytest
 import torch
 from dispatch_script import STEPS, run
 
-from dyndepth.methods import GateSkip, MoD
+from dyndepth.methods import DND, GateSkip, MoD
 
 METHODS = {
     # sequence scope: ranking within each row, so a rank's half batch ranks as the whole batch does
     "gateskip": {"name": "gateskip", "scope": "sequence", "ramp_end": 0.5, "ramp_steps": 1},
     "mod": {"name": "mod", "capacity": 0.5},
+    # spread routers select from step 1; no EMA sync in 3 steps (a mean of per-rank quantiles is not the
+    # batch's quantile), so one process and 2 ranks move tau identically (the proportional step)
+    "dnd": {"name": "dnd", "layers": [0, 1], "ratio": 0.3, "router_init_std": 0.3, "beta_init": 0.5},
 }
-CLASSES = {"gateskip": GateSkip, "mod": MoD}
+CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
 
 
 def curve(out_dir: Path) -> list[dict]:
@@ -28,7 +31,7 @@ def curve(out_dir: Path) -> list[dict]:
     tokens, so rank-averaged they equal one process's), from metrics.jsonl."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     keep = ("loss", "grad_norm", "gateskip/gate_sq", "gateskip/attn_skipped", "mod/predictor_loss",
-            "mod/routed_fraction")
+            "mod/routed_fraction", "dnd/selected", "dnd/sd_loss", "dnd/tau/L1")
     return [{k: r[k] for k in keep if k in r} for r in records if "loss" in r]
 
 
@@ -99,3 +102,7 @@ def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, tmp_path):
         assert p.returncode == 0, out.decode()[-3000:]
     for mode in ("ddp", "fsdp"):
         assert_same_curve(curve(tmp_path / mode), eager[name])
+        taus = [tmp_path / mode / f"tau_rank{r}.json" for r in range(2)]
+        if name == "dnd":  # the ranks saw different rows, and the controller's all-reduce kept tau equal
+            ranks = [json.loads(t.read_text()) for t in taus]
+            assert ranks[0] == ranks[1] and set(ranks[0].values()) != {0.5}
