@@ -278,13 +278,15 @@ def merged_attention(attn: Attention, h_BTD: torch.Tensor, ctx: ForwardContext, 
     rep = N // G
     scores = torch.matmul(q.transpose(1, 2), k_all.repeat_interleave(rep, 1).transpose(-1, -2))  # (B, N, T, S)
     scores = scores.masked_fill(~mask, float("-inf"))
-    if L:
-        dk = torch.stack(mem_k, 2).repeat_interleave(rep, 3)  # (B, T, L, N, H)
-        scores = torch.cat([scores, torch.einsum("btnh,btlnh->bntl", q, dk)], -1)  # (B, N, T, S + L)
+    if L:  # per token: (1, H) @ (H, L) with the token's own depth keys
+        dk = torch.stack(mem_k, 2).repeat_interleave(rep, 3).permute(0, 3, 1, 4, 2)  # (B, N, T, H, L)
+        depth = torch.matmul(q.transpose(1, 2)[..., None, :], dk)[..., 0, :]  # (B, N, T, L)
+        scores = torch.cat([scores, depth], -1)  # (B, N, T, S + L)
     p = torch.softmax(scores.float() / H**0.5, dim=-1).to(q.dtype)
     y = torch.matmul(p[..., :S], v_all.repeat_interleave(rep, 1))  # (B, N, T, H)
     if L:
-        y = y + torch.einsum("bntl,btlnh->bnth", p[..., S:], torch.stack(mem_v, 2).repeat_interleave(rep, 3))
+        dv = torch.stack(mem_v, 2).repeat_interleave(rep, 3).permute(0, 3, 1, 2, 4)  # (B, N, T, L, H)
+        y = y + torch.matmul(p[..., S:, None].transpose(-1, -2), dv)[..., 0, :]  # (B, N, T, H)
     _remember(st, index, step, k, v)
     n_q = B * T if ctx.valid is None and st.active is None else _running(ctx, st).sum()
     visible = (mask[:, 0] & _running(ctx, st)[..., None]).sum()
