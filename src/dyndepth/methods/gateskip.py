@@ -89,7 +89,7 @@ class GateSkipConfig:
     ramp_end: float = 0.2
     ramp_steps: int = 0  # 0: the run's total steps
     path: str = "auto"  # auto | packed | dense: how a branch runs when only some tokens keep it
-    pack_min_skipped: int = 4  # auto: pack only when at least this many tokens of the call skip the branch
+    pack_min_skipped: int = 16  # auto: pack only when at least this many tokens of the call skip (CPU-measured)
 
     def __post_init__(self) -> None:
         checks = (("gate", ("vector", "scalar", "lowrank")), ("scope", ("batch", "sequence")), ("mode", MODES),
@@ -175,9 +175,14 @@ class GateSkipState:
 
     pool: torch.Tensor  # (B, T) ranking pool: valid, not EOS, not a protected BOS
     always: torch.Tensor  # (B, T) valid tokens outside the pool: they run every branch
+    valid: torch.Tensor  # (B, T) real tokens (PAD False)
+    n_pool: int  # pool tokens and ...
+    n_always: int  # ... valid tokens outside it (host numbers: the skip statistics need no tensor work)
     keep: dict = field(default_factory=dict)  # (slot, branch) -> (B, T) bool over valid tokens | None (all ran)
     scores: dict = field(default_factory=dict)  # (slot, branch) -> importance s (B, T) float32
     gate_sq: list = field(default_factory=list)  # mean(g^2) per branch call (training forwards)
+    calls: dict = field(default_factory=lambda: dict.fromkeys(BRANCHES, 0))  # routed branch calls
+    skipped: dict = field(default_factory=lambda: dict.fromkeys(BRANCHES, 0))  # pool tokens that skipped, summed
     partial: int = 0  # branch calls where only some tokens kept the branch
     packed: int = 0  # ... of which ran packed (the others densely, with a masked output)
     prev_kv: tuple | None = None  # copy_prev: the previous slot's K/V
@@ -260,7 +265,8 @@ class GateSkip:
             pool &= ctx.positions != 0
         if self.config.kv_policy == "copy_prev":
             ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
-        return GateSkipState(pool=pool, always=valid & ~pool)
+        always = valid & ~pool
+        return GateSkipState(pool=pool, always=always, valid=valid, n_pool=int(pool.sum()), n_always=int(always.sum()))
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
         st: GateSkipState = ctx.state
@@ -270,11 +276,9 @@ class GateSkip:
             out.stats["gateskip/gate_sq"] = penalty.detach()
             if self.config.penalty:
                 out.losses.append(self.config.penalty * penalty)
-        n_pool = st.pool.sum().clamp(min=1)
         for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs of the pool
-            masks = [keep for (_, b), keep in st.keep.items() if b == branch]
-            skipped = sum(((st.pool & ~keep).sum() for keep in masks if keep is not None), torch.zeros(()))
-            out.stats[f"gateskip/{branch}_skipped"] = skipped / (n_pool * max(len(masks), 1))
+            pairs = max(st.n_pool, 1) * max(st.calls[branch], 1)
+            out.stats[f"gateskip/{branch}_skipped"] = st.skipped[branch] / pairs
         if st.partial:
             out.stats["gateskip/packed"] = st.packed / st.partial
         return out
@@ -297,8 +301,7 @@ class GateSkip:
         g = gate(h.detach() if self.config.detach_input else h)  # (B, T, D | 1) float32
         B, T = h.shape[:2]
         per_token = gate.flops_per_token()
-        n_valid = st.pool.sum() + st.always.sum()
-        ctx.ledger.add(slot, "gate", executed=B * T * per_token, ideal=n_valid * per_token)
+        ctx.ledger.add(slot, "gate", executed=B * T * per_token, ideal=(st.n_pool + st.n_always) * per_token)
         if ctx.training:
             st.gate_sq.append(g.pow(2).mean())
         s_BT = g.detach().mean(-1)  # (B, T) importance, float32
@@ -311,11 +314,12 @@ class GateSkip:
         elif q <= 0:
             keep = None
         elif self.mode == "threshold":
-            keep = ((s_BT > tau.float()) & st.pool) | st.always
+            keep = torch.where(st.pool, s_BT > tau, st.valid)  # pool: by threshold; EOS runs; PAD does not
         else:
             rule = SelectRule(kind="quantile", scope=self.config.scope, q=q, pad_policy="drop")
             keep = select(s_BT, st.pool, rule) | st.always
         st.keep[(slot, branch)] = keep
+        st.calls[branch] += 1
         return g, keep
 
     def _branch_budget(self, branch: str) -> float:
@@ -325,9 +329,10 @@ class GateSkip:
             return self.budget
         return min(2 * self.budget, 1.0) if only == branch else 0.0
 
-    def _run_path(self, keep: torch.Tensor, st: GateSkipState) -> str:
+    def _run_path(self, keep: torch.Tensor, st: GateSkipState, branch: str) -> str:
         """"all" (every token keeps), "none", "packed" or "dense" (masked output) for a KEEP mask."""
         n_keep, n = int(keep.sum()), keep.numel()  # one host sync per branch call
+        st.skipped[branch] += st.n_pool + st.n_always - n_keep
         if n_keep == n:
             return "all"
         if n_keep == 0:
@@ -345,7 +350,7 @@ class GateSkip:
     def _attn(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
         if keep is None:
             return x + g.to(x.dtype) * layer.attn_branch(h, ctx, slot)
-        path = self._run_path(keep, ctx.state)
+        path = self._run_path(keep, ctx.state, "attn")
         if path == "all":
             return x + g.to(x.dtype) * layer.attn_branch(h, ctx, slot)
         if path == "dense":
@@ -359,7 +364,7 @@ class GateSkip:
     def _mlp(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
         if keep is None:
             return x + g.to(x.dtype) * layer.mlp_branch(h, ctx, slot)
-        path = self._run_path(keep, ctx.state)
+        path = self._run_path(keep, ctx.state, "mlp")
         if path == "none":
             return x
         if path in ("all", "dense"):
