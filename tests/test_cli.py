@@ -29,6 +29,8 @@ def test_option_set_is_deliberate():
     assert snapshot == {
         "bench core": ["batch_size", "compile", "decode_batch_size", "decode_prompt_len", "device", "dtype",
                        "model", "new_tokens", "out", "prompt_len", "repeats"],
+        "bench dnd": ["base", "batches", "device", "dtype", "model", "new_tokens", "out", "prefill_len", "quality",
+                      "ratio", "repeats", "steps", "throughput"],
         "bench gateskip": ["budgets", "decode_batches", "device", "dtype", "gate", "model", "new_tokens", "out",
                            "path", "prefill_lens", "repeats"],
         "bench quality": ["base", "out", "steps"],

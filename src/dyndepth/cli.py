@@ -34,8 +34,10 @@ def _run(fn, *args, **kwargs):
 def _load_model(model: str, dtype: Optional[str], device: str):
     import dyndepth
 
+    from dyndepth.devices import resolve_device
+
     if model in dyndepth.PRESETS:  # random weights: smoke tests and demos
-        return dyndepth.build_model(dyndepth.preset(model)).to(device).eval()
+        return dyndepth.build_model(dyndepth.preset(model)).to(resolve_device(device)).eval()
     return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
 
 
@@ -230,6 +232,32 @@ def bench_quality(
     from dyndepth.bench.quality import main as bench_main
 
     _run(bench_main, QualityBenchConfig(base=base, steps=steps, out_dir=str(out)))
+
+
+@bench_app.command("dnd")
+def bench_dnd(
+    model: str = typer.Option("bench-small", help="Preset (random weights, tau fitted to --ratio) or a DND checkpoint."),
+    ratio: float = typer.Option(0.2, help="Preset only: the share of tokens each DND layer nests."),
+    prefill_len: int = typer.Option(128), batches: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+    new_tokens: int = typer.Option(16), dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    repeats: int = typer.Option(3),
+    throughput: bool = typer.Option(True, help="--no-throughput: quality only."),
+    quality: bool = typer.Option(False, help="Also post-train DND and plain SFT from --base at equal tokens."),
+    base: str = typer.Option("runs/demo/base_model", help="Quality: base checkpoint trained on the embedded data."),
+    steps: int = typer.Option(120, help="Quality: post-training steps per run."),
+    out: Path = typer.Option(Path("runs/bench")),
+) -> None:
+    """DND against the base model: prefill and decode wall-clock overhead next to the FLOP overhead; --quality."""
+    from dyndepth.bench.dnd import DNDBenchConfig, DNDQualityConfig
+    from dyndepth.bench.dnd import main as bench_main
+
+    cfg = DNDBenchConfig(model=model, ratio=ratio, prefill_len=prefill_len, new_tokens=new_tokens, dtype=dtype,
+                         batches=[int(v) for v in batches.split(",") if v.strip()], device=device,
+                         repeats=repeats, out_dir=str(out)) if throughput else None
+    qcfg = DNDQualityConfig(base=base, steps=steps, out_dir=str(out)) if quality else None
+    if cfg is None and qcfg is None:
+        _fail(ValueError("nothing to run: --no-throughput needs --quality."))
+    _run(bench_main, cfg, qcfg)
 
 
 def main() -> None:

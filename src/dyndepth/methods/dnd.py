@@ -310,7 +310,10 @@ class DND:
             if ctx.cache is not None:
                 pos_BT = pos_BT + ctx.cache.count(nslot)[:, None]  # after the selected tokens already cached
             pos_BK = pos_BT.gather(1, idx_BK)
-        return layer.block(xs_BKD, ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK), nslot)
+        sub = ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK)
+        if ctx.cache is not None and pos_BK is not None:  # compact columns end far before the sequence does
+            sub.cache = ctx.cache.window(min(ctx.cache.length, int(pos_BK.max()) + 1))
+        return layer.block(xs_BKD, sub, nslot)
 
     @staticmethod
     def _nested_with_vanilla_kv(layer, x, xs_BKD, idx_BK, valid_BK, ctx: ForwardContext, nslot: int):

@@ -1,0 +1,242 @@
+"""`dyndepth bench dnd`: what DND's nested passes cost in wall-clock next to what they cost in FLOPs, and (with
+`--quality`) what a DND post-training buys over the identically configured plain fine-tune (SFT).
+
+Throughput: one model, run with DND and without (the same weights with the method detached: the base model),
+interleaved round by round, for prefill and for cached decoding at each batch size. overhead = time(DND) /
+time(base) - 1 next to the FLOP overhead = executed FLOPs(DND) / executed FLOPs(base) - 1 of the same work
+(routers, nested passes and their padding included; the ideal figure counts only the selected tokens).
+The target is wall-clock overhead <= 1.2x the FLOP overhead (the paper: 91.6-93.1% of base throughput).
+A preset gets random weights and routers, with each layer's tau fitted so it nests `ratio` of the tokens;
+a DND checkpoint keeps its trained thresholds.
+
+Quality: from one base checkpoint (the demo's by default), DND and SFT post-train on the same data for the
+same steps (equal tokens); held-out perplexity and exact match of the embedded synthetic tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import dyndepth
+from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
+from dyndepth.core.cache import KVCache
+from dyndepth.core.routing import rank_threshold
+from dyndepth.methods import DNDConfig, attach_dnd
+from dyndepth.methods.dnd_analysis import layer_report, trace_selection, without_method
+
+
+@dataclass
+class DNDBenchConfig:
+    model: str = "bench-small"  # preset (random weights) or a DND checkpoint
+    ratio: float = 0.2  # preset only: the share of tokens each DND layer nests
+    layers: list[int] | None = None  # preset only: the band; None: the middle half of the layers
+    prefill_len: int = 128
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    decode_prompt_len: int = 64
+    new_tokens: int = 16
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 3
+    out_dir: str = "runs/bench"
+
+
+def _band(num_layers: int) -> list[int]:
+    quarter = num_layers // 4
+    return [quarter, num_layers - 1 - quarter]
+
+
+@torch.no_grad()
+def fit_thresholds(model, batches, ratio: float, rounds: int = 3) -> list[float]:
+    """Set each DND layer's tau so it nests `ratio` of the valid tokens of `batches` (a few rounds, since a
+    layer's scores depend on the layers before it). For random-weight benchmarks; training sets tau itself."""
+    method = model.method
+    for _ in range(rounds):
+        per_layer = [[] for _ in method.layers]
+        for ids in batches:
+            scores, _, valid = trace_selection(model, ids)
+            for j in range(len(method.layers)):
+                per_layer[j].append(scores[j][valid])
+        for d, s in zip(method.layer_dnd, per_layer):
+            d.tau.fill_(float(rank_threshold(torch.cat(s)[None], None, 1.0 - ratio, scope="batch")))
+    return [float(d.tau) for d in method.layer_dnd]
+
+
+def _model(cfg: DNDBenchConfig, device: torch.device):
+    dtype = dyndepth.interop.hf.DTYPES[cfg.dtype]
+    if cfg.model not in dyndepth.PRESETS:
+        model = dyndepth.from_pretrained(cfg.model)
+        if getattr(model.method, "name", None) != "dnd":
+            raise ValueError(f"{cfg.model} is not a DND checkpoint (config.json names no dnd method).")
+        return model.to(device=device, dtype=dtype).eval()
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset(cfg.model)).to(device=device, dtype=dtype).eval()
+    layers = cfg.layers or _band(model.config.num_hidden_layers)
+    method = attach_dnd(model, DNDConfig(layers=tuple(layers), ratio=cfg.ratio))
+    with torch.no_grad():
+        for d in method.layer_dnd:
+            d.router.weight.normal_(0, 4 / math.sqrt(model.config.hidden_size))
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, model.config.vocab_size, (8, cfg.prefill_len), generator=g).to(device)]
+    fit_thresholds(model, calib, cfg.ratio)
+    return model
+
+
+@torch.no_grad()
+def _decode_flops(model, prompt: torch.Tensor, n: int) -> tuple[float, float]:
+    """Executed FLOPs of n - 1 greedy decode steps after the prompt (the decisions `generate` makes), and the
+    mean share of the decoded tokens DND nested per layer (nan without DND)."""
+    B, T = prompt.shape
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.for_model(model.config, B, T + n, num_slots=model.num_slots(), dtype=dtype, device=prompt.device)
+    pos = torch.arange(T, device=prompt.device).expand(B, T)
+    out = model(prompt, positions=pos, cache=cache, num_logits=1)
+    total, selected = 0.0, []
+    for i in range(n - 1):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, positions=torch.full((B, 1), T + i, device=prompt.device), cache=cache)
+        total += float(out.stats["flops/executed"])
+        selected.append(float(out.stats.get("dnd/selected", float("nan"))))
+    return total, sum(selected) / max(1, len(selected))
+
+
+def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
+    wall, flop = times["dnd"] / times["base"] - 1, work["dnd"] / work["base"] - 1
+    return dict(phase=phase, B=B, selected=selected, base_s=times["base"], dnd_s=times["dnd"],
+                throughput=times["base"] / times["dnd"], flops_overhead=flop, wall_overhead=wall,
+                wall_over_flops=wall / flop if flop > 0 else float("nan"))
+
+
+@torch.no_grad()
+def run_throughput(cfg: DNDBenchConfig) -> dict:
+    device = torch.device(cfg.device)
+    model = _model(cfg, device)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    rows, report = [], None
+    for B in cfg.batches:
+        ids = torch.randint(0, V, (B, cfg.prefill_len), generator=g).to(device)
+
+        def base(ids=ids):
+            with without_method(model):
+                return model(ids, num_logits=1)
+
+        times = interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1)}, device,
+                                   cfg.repeats)
+        out = model(ids, num_logits=1)
+        report = report or layer_report(model, out)
+        work = {"base": float(base().stats["flops/executed"]), "dnd": float(out.stats["flops/executed"])}
+        rows.append(_row("prefill", B, times, work, float(out.stats["dnd/selected"])))
+
+        prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
+        n = cfg.new_tokens
+
+        def gen(k: int, method_on: bool, prompt=prompt):
+            if method_on:
+                return model.generate(prompt, k, stop_tokens=[])
+            with without_method(model):
+                return model.generate(prompt, k, stop_tokens=[])
+
+        t = interleaved_median({(on, k): (lambda on=on, k=k: gen(k, on)) for on in (False, True) for k in (1, n)},
+                               device, cfg.repeats)
+        times = {"base": t[(False, n)] - t[(False, 1)], "dnd": t[(True, n)] - t[(True, 1)]}
+        with without_method(model):
+            base_work, _ = _decode_flops(model, prompt, n)
+        dnd_work, selected = _decode_flops(model, prompt, n)
+        rows.append(_row("decode", B, times, {"base": base_work, "dnd": dnd_work}, selected))
+    return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
+            "layers": model.method.layers, "taus": [float(d.tau) for d in model.method.layer_dnd],
+            "rows": rows, "layer_report": report}
+
+
+@dataclass
+class DNDQualityConfig:
+    base: str = "runs/demo/base_model"  # a checkpoint trained on the embedded data (make demo writes it)
+    steps: int = 120  # post-training steps, the same for DND and SFT (equal tokens)
+    method: dict = field(default_factory=lambda: {"name": "dnd", "layers": [1, 2], "ratio": 0.2})
+    eval_examples: int = 40  # per task
+    out_dir: str = "runs/bench"
+
+
+def run_quality(cfg: DNDQualityConfig) -> dict:
+    """DND vs the plain fine-tune from one base: held-out perplexity and synthetic-task exact match, plus the
+    controller plot, a selection heatmap and the selection / base-entropy correlation of the DND model."""
+    from dyndepth.bench.quality import QualityBenchConfig, _data, _posttrain, _score
+    from dyndepth.data.build import build_loader
+    from dyndepth.data.synthetic import TASKS, make_examples
+    from dyndepth.methods.dnd_analysis import entropy_correlation, plot_controller, selection_heatmap
+    from dyndepth.tokenizer import ByteTokenizer
+
+    if not (Path(cfg.base) / "config.json").exists():
+        raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
+                         "runs/demo/base_model) or pass --base.")
+    qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, out_dir=cfg.out_dir)
+    data, difficulty = _data(qcfg)
+    tok = ByteTokenizer()
+    val_kw = dict(split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
+    val_loader = build_loader(data, **val_kw)
+    probe = build_loader(data, **val_kw).next_batch()["input_ids"]
+    examples = make_examples(list(TASKS), cfg.eval_examples * len(TASKS), seed=1, difficulty=difficulty, split="val")
+    runs = Path(cfg.out_dir) / "dnd_quality_runs"
+    rows, models = [], {}
+    for label, method in (("SFT", {**cfg.method, "name": "none"}), ("DND", cfg.method)):
+        model, tcfg = _posttrain(qcfg, method, runs / label.lower())
+        models[label] = model
+        rows.append(_score(model, label, examples, val_loader, tcfg, probe, {}))
+    for r in rows:
+        r["perplexity"] = math.exp(r["val_loss"])
+        r["compute"] = r["flops_per_token"] / rows[0]["flops_per_token"]
+    dnd = models["DND"]
+    with torch.no_grad():
+        out = dnd(probe)
+    plots = {"controller": str(plot_controller(runs / "dnd" / "metrics.jsonl", Path(cfg.out_dir) / "dnd_controller.png",
+                                               target=cfg.method.get("ratio", 0.2))),
+             "heatmap": str(selection_heatmap(dnd, tok, examples[0].text, Path(cfg.out_dir) / "dnd_heatmap.png"))}
+    base = dyndepth.from_pretrained(cfg.base).eval()
+    corr = entropy_correlation(dnd, [probe[:4]], base=base)
+    return {"config": asdict(cfg), "rows": rows, "layer_report": layer_report(dnd, out), "entropy": corr,
+            "plots": plots}
+
+
+def render_markdown(throughput: dict | None, quality: dict | None) -> str:
+    parts = []
+    if throughput is not None:
+        c = throughput["config"]
+        parts.append(
+            f"### bench dnd: {c['model']} ({throughput['model_params'] / 1e6:.1f}M params), DND on layers "
+            f"{throughput['layers'][0]}..{throughput['layers'][-1]}, {c['dtype']}, {throughput['machine']}\n\n"
+            f"prefill T={c['prefill_len']}; decode {c['new_tokens']} new tokens after {c['decode_prompt_len']}. "
+            "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
+            "work.\n\n" + markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput",
+                                                                "flops_overhead", "wall_overhead", "wall_over_flops"]))
+        parts.append(_layer_table(throughput["layer_report"]))
+    if quality is not None:
+        c = quality["config"]
+        rows = [dict(r, exact_match=f"{r['exact_match']:.1%}") for r in quality["rows"]]
+        e = quality["entropy"]
+        parts.append(
+            f"### bench dnd --quality: DND vs SFT from {c['base']}, {c['steps']} post-training steps each "
+            f"(equal tokens), method {c['method']}\n\n"
+            + markdown_table(rows, ["model", "compute", "val_loss", "perplexity", "exact_match"])
+            + f"\n\nselection vs base next-token entropy: Pearson r = {e['pearson_r']:.3f} over {e['tokens']} "
+              f"tokens (mean entropy nested {e['entropy_nested']:.3f}, others {e['entropy_other']:.3f})")
+        parts.append(_layer_table(quality["layer_report"]))
+    return "\n\n".join(parts)
+
+
+def _layer_table(report: dict) -> str:
+    rows = [{"layer": layer, **r} for layer, r in report.items()]
+    return "per layer:\n\n" + markdown_table(rows, ["layer", "selected", "flops_overhead_executed",
+                                                    "flops_overhead_ideal"])
+
+
+def main(cfg: DNDBenchConfig | None, quality: DNDQualityConfig | None = None) -> dict:
+    """Throughput (cfg) and/or quality; writes runs/bench/dnd-<device>-<dtype>.{json,md}."""
+    result = {"throughput": None if cfg is None else run_throughput(cfg),
+              "quality": None if quality is None else run_quality(quality)}
+    out_dir = (cfg or quality).out_dir
+    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}"
+    return publish(result, render_markdown(result["throughput"], result["quality"]), out_dir, name)
