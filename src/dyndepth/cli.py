@@ -34,10 +34,10 @@ def _run(fn, *args, **kwargs):
 def _load_model(model: str, dtype: Optional[str], device: str):
     import dyndepth
 
-    from dyndepth.devices import resolve_device
+    from dyndepth.devices import resolve_device, resolve_dtype
 
     if model in dyndepth.PRESETS:  # random weights: smoke tests and demos
-        return dyndepth.build_model(dyndepth.preset(model)).to(resolve_device(device)).eval()
+        return dyndepth.build_model(dyndepth.preset(model)).to(resolve_device(device), resolve_dtype(dtype)).eval()
     return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
 
 

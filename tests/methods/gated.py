@@ -9,9 +9,11 @@ from dyndepth import CausalLM, preset
 from dyndepth.methods import GateSkipConfig, attach_gateskip
 
 
-def gated_model(name="tiny-qwen3", eos=None, vocab=None, layers=None, spread=True, **cfg):
+def gated_model(name="tiny-qwen3", eos=None, vocab=None, layers=None, spread=True, max_positions=None, **cfg):
     torch.manual_seed(0)
     overrides = {"eos_token_id": eos}
+    if max_positions is not None:
+        overrides["max_position_embeddings"] = max_positions
     if vocab is not None:
         overrides["vocab_size"] = vocab
     if layers is not None:

@@ -68,7 +68,7 @@ def test_physical_skipping_equals_the_masked_dense_reference(name, q, path):
 
 
 def test_long_subsets_use_chunked_attention_and_stay_exact():
-    model, _ = gated_model(budget=0.3)
+    model, _ = gated_model(budget=0.3, max_positions=2048)
     ids = torch.randint(0, 256, (2, 1100))  # > 2 * 256 kept queries per row: several chunks
     mask = torch.ones_like(ids)
     mask[1, :50] = 0

@@ -29,6 +29,7 @@ import torch
 import dyndepth
 from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
 from dyndepth.core.cache import KVCache
+from dyndepth.devices import resolve_dtype
 
 
 @dataclass
@@ -51,7 +52,7 @@ class CoreBenchConfig:
 def _load_pair(cfg: CoreBenchConfig, folder: Path):
     from transformers import AutoModelForCausalLM
 
-    dtype = dyndepth.interop.hf.DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype)
     if cfg.model in dyndepth.PRESETS:
         torch.manual_seed(0)
         dyndepth.CausalLM(dyndepth.preset(cfg.model)).save_pretrained(folder, dtype=dtype)
@@ -215,10 +216,12 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
 def render_markdown(r: dict) -> str:
     c = r["config"]
     rows = [
-        {"metric": f"prefill tok/s (B={c['batch_size']}, T={c['prompt_len']})", "ours": r["prefill_tokens_per_s"]["ours"],
-             "hf": r["prefill_tokens_per_s"]["hf"], "ratio": r["prefill_speedup_vs_hf"]},
+        {"metric": f"prefill tok/s (B={c['batch_size']}, T={c['prompt_len']})",
+             "ours": r["prefill_tokens_per_s"]["ours"], "hf": r["prefill_tokens_per_s"]["hf"],
+             "ratio": r["prefill_speedup_vs_hf"]},
         {"metric": f"decode tok/s (B={c['decode_batch_size']}, {c['new_tokens']} new)",
-             "ours": r["decode_tokens_per_s"]["ours"], "hf": r["decode_tokens_per_s"]["hf"], "ratio": r["decode_speedup_vs_hf"]},
+             "ours": r["decode_tokens_per_s"]["ours"], "hf": r["decode_tokens_per_s"]["hf"],
+             "ratio": r["decode_speedup_vs_hf"]},
     ]
     if r["load_peak_over_weights"] is not None:
         rows.append({"metric": "load peak RSS / weight bytes", "ours": r["load_peak_over_weights"]["ours"],

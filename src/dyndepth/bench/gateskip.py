@@ -20,7 +20,7 @@ import torch
 import dyndepth
 from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
 from dyndepth.core.cache import KVCache
-from dyndepth.interop.hf import DTYPES
+from dyndepth.devices import DTYPES
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
 
 

@@ -283,7 +283,8 @@ def build_shards(
             writer.write_document(ids, mask)
         entries = writer.finish()
         if writer.total == 0:
-            raise DataError(f"no tokens to write to {split_dir}: every document was empty")
+            raise DataError(f"no tokens to write to {split_dir}: every document of the source was empty; check "
+                            "data.source (an empty file or folder?)")
         manifest = {
             **_base_manifest(tokenizer, append_eos, source),
             "split": split,

@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import logging
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,14 +268,27 @@ def iter_documents(
             )
         logger.info("reading %d files under %s", len(files), path)
         for file in files:
-            yield from iter_file(file, text_field, text_split, chat_template, fmt)
+            yield from _read_checked(file, text_field, text_split, chat_template, fmt)
     elif path.is_file():
-        yield from iter_file(path, text_field, text_split, chat_template, fmt)
+        yield from _read_checked(path, text_field, text_split, chat_template, fmt)
     else:
         raise DataError(
             f"{path}: no such file or folder. Check the path; for a Hugging Face dataset write "
             f"'{HF_PREFIX}<name>' (needs `pip install datasets`)."
         )
+
+
+def _read_checked(path: Path, *args) -> Iterator[Document]:
+    """`iter_file`, with files that cannot be read as text reported by name, with the fix."""
+    try:
+        yield from iter_file(path, *args)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (a binary file? byte {e.start} does not decode); convert it to "
+                        "UTF-8 or leave it out of data.source") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: a damaged or truncated gzip file ({e}); re-create it or leave it out") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); fix its permissions or leave it out") from None
 
 
 def as_documents(items: Iterable[Document | str | tuple[str, str]]) -> Iterator[Document]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dyndepth.devices import resolve_device
+
 # Named method knobs, one line each: model argument -> (field of the method's config used by scoring
 # forwards, keyword of `model.generate` used for decoding, or None to keep the field set while decoding).
 NAMED_KNOBS: dict[str, tuple[str, str | None]] = {
@@ -65,7 +67,8 @@ def parse_model_args(text: str | None) -> dict:
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"model argument {item!r} is not key=value; write e.g. --model-args skip_budget=0.3,dtype=bfloat16.")
+            raise ValueError(f"model argument {item!r} is not key=value; write e.g. --model-args "
+                             "skip_budget=0.3,dtype=bfloat16.")
         args[key.strip()] = _convert(value.strip())
     return args
 
@@ -152,14 +155,10 @@ def as_bool(value) -> bool:
     return bool(value)
 
 
-def resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def load_model(pretrained, dtype: str | None, device: torch.device):
     """A checkpoint folder or hub id, a preset name (random weights, for smoke tests) or a model object."""
     import dyndepth
-    from dyndepth.interop.hf import DTYPES
+    from dyndepth.devices import DTYPES
 
     if dtype in (None, "auto"):
         dtype = None
@@ -190,5 +189,6 @@ def load_tokenizer(pretrained, tokenizer, model=None):
         tok = load(tokenizer if tokenizer is not None else ("byte" if str(pretrained) in PRESETS else pretrained))
     if model is not None and tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}; pass the tokenizer the model was trained with (tokenizer=FOLDER).")
+                         f"{model.config.vocab_size}; pass the tokenizer the model was trained with "
+                         "(tokenizer=FOLDER).")
     return tok

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from dyndepth.config import ConfigError
+from dyndepth.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (DTYPES: a public name)
 from dyndepth.methods.registry import attach_method
 from dyndepth.models import MODELS, model_spec
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
 
 _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------- weights
@@ -96,10 +96,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
                           f"{raw_config.get('architectures')}); dyndepth builds {sorted(MODELS)}.")
     spec = model_spec(model_type)
     config = spec.config_from_hf(raw_config)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
-        dtype = DTYPES[dtype]
+    dtype = resolve_dtype(dtype)
+    device = None if device is None else resolve_device(device)
     state = spec.state_from_hf(read_state_dict(folder))
     with torch.device("meta"):
         model = spec.model_cls(config)

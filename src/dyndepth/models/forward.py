@@ -85,6 +85,8 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,
                  doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
     """embed -> x = layers[a.layer](x, ctx, a.slot) for each application a of `model.schedule` -> norm -> lm_head."""
+    if not torch.compiler.is_compiling():  # the public boundary: bad input fails here, in one clear line
+        check_inputs(model.config, input_ids, attention_mask, positions, cache, doc_ids, num_logits)
     ctx = model.make_context(input_ids, attention_mask, positions, cache, doc_ids)
     ctx.model_state = model.init_state(ctx)
     x = model.model.embed_tokens(input_ids)  # (B, T, D)
@@ -114,6 +116,41 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         trace.ctx = ctx
     aux_loss = logits.new_zeros((), dtype=torch.float32) + sum(losses)
     return DecoderOutput(logits, aux_loss, stats, ctx.ledger)
+
+
+def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=None, doc_ids=None,
+                 num_logits=None) -> None:
+    """ValueError naming the problem and the fix for inputs the model cannot run (one host sync for the id range,
+    one more when explicit positions come without a cache)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor of token ids (batch, time), got "
+                         f"{type(input_ids).__name__}.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}; add a batch dimension "
+                         "with input_ids[None] for one sequence.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; use .long().")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"input_ids is empty (shape {(B, T)}); pass at least one token per row.")
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}) (the model's vocab_size), got ids from {lo} "
+                         f"to {hi}; use the model's own tokenizer, or a model with a larger vocabulary.")
+    for name, t in (("attention_mask", attention_mask), ("positions", positions), ("doc_ids", doc_ids)):
+        if t is not None and tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(t.shape)}.")
+    if attention_mask is not None and attention_mask.dtype.is_floating_point:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding; got other values.")
+    limit = config.max_position_embeddings
+    if positions is None and T > limit:
+        raise ValueError(f"the input has {T} tokens, more than max_position_embeddings ({limit}); shorten it, or use "
+                         "a model configured for longer inputs.")
+    if positions is not None and cache is None and int(positions.max()) >= limit:
+        raise ValueError(f"positions reach {int(positions.max())}, beyond max_position_embeddings ({limit}).")
+    if num_logits is not None and not 0 < num_logits <= T:
+        raise ValueError(f"num_logits must lie in [1, {T}] (the input length), got {num_logits}.")
 
 
 def _is_arange(positions: torch.Tensor) -> bool:

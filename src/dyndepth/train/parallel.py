@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dyndepth.devices import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -58,16 +60,6 @@ class DistInfo:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'.")
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
 
 
 def init_distributed(parallel: str = "none", device: str = "auto") -> DistInfo:

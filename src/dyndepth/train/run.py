@@ -84,6 +84,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     if not isinstance(run_config, RunConfig):
         run_config = load_run_config(run_config, overrides)
     cfg = run_config.train
+    check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
     if not info.is_main:  # rank-0 logging: other ranks report only warnings and errors
         logging.getLogger("dyndepth").setLevel(logging.WARNING)
@@ -106,6 +107,33 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
         export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
     return result
+
+
+FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
+                                                          "chat_template", "intra_doc_mask")}
+
+
+def check_resume_matches(run_config: RunConfig) -> None:
+    """A resumed run must build the same model, method and data as its checkpoint: otherwise a RunConfigError
+    that lists every field that differs (training hyperparameters may change; the trainer logs them)."""
+    from dyndepth.train.checkpoint import latest_checkpoint
+
+    cfg = run_config.train
+    if cfg.resume in (False, ""):
+        return
+    ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume is True else Path(str(cfg.resume))
+    if ckpt is None or not (ckpt / "config.yaml").exists():
+        return
+    saved = load_run_config(ckpt / "config.yaml")
+    diffs = []
+    for section, keys in FIXED_ON_RESUME.items():
+        old, new = getattr(saved, section), getattr(run_config, section)
+        for key in sorted(set(old) | set(new)):
+            if (keys is None or key in keys) and old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r}, recipe {new.get(key)!r}")
+    if diffs:
+        raise RunConfigError(f"cannot resume from {ckpt}: the recipe no longer matches it ({'; '.join(diffs)}). "
+                             "Restore those values, or train into a new train.out_dir.")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -1,0 +1,43 @@
+"""Device and dtype names from users (CLI flags, recipes, model arguments), checked in one place.
+
+A leaf module: it imports nothing from dyndepth, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """"auto" (or None): CUDA when visible, else CPU; "cuda" takes the local rank's GPU. A device that is not
+    there is a ValueError naming the fix, not a torch error from deep inside."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or auto.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for CUDA, but no CUDA device is visible to torch "
+                             f"{torch.__version__}; use device cpu or auto.")
+        index = local_rank if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+        return torch.device("cuda", index)
+    if dev.type not in ("cpu", "mps", "meta"):
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto.")
+    return dev
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype name (float32, bfloat16, float16) or dtype; None stays None ("as stored")."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}.")
+    return DTYPES[name]

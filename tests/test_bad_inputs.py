@@ -1,0 +1,158 @@
+"""Bad input gets one clear line at the boundary: what is wrong and how to fix it (the CLI prints it with no
+trace). Each case names the message it must carry; BAD_INPUTS counts them for the issue note."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dyndepth
+from dyndepth import CausalLM, KVCache, preset
+from dyndepth.cli import app
+from dyndepth.devices import resolve_device, resolve_dtype
+from dyndepth.methods import GateSkipConfig, MoDConfig, attach_gateskip, attach_mod
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(preset("tiny-qwen3")).eval()
+
+
+FORWARD_CASES = [  # (what, kwargs for model(...), message)
+    ("id >= vocab_size", dict(input_ids=torch.tensor([[1, 2, 256]])), r"\[0, 256\).*got ids from 1 to 256"),
+    ("negative id", dict(input_ids=torch.tensor([[-1, 2]])), r"\[0, 256\)"),
+    ("float ids", dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer token ids.*use .long"),
+    ("1-D ids", dict(input_ids=torch.tensor([1, 2, 3])), r"\(batch, time\).*input_ids\[None\]"),
+    ("empty input", dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+    ("empty batch", dict(input_ids=torch.zeros(0, 4, dtype=torch.long)), "empty"),
+    ("longer than max_position_embeddings", dict(input_ids=torch.zeros(1, 513, dtype=torch.long)),
+     r"513 tokens, more than max_position_embeddings \(512\)"),
+    ("positions past the limit", dict(input_ids=torch.zeros(1, 2, dtype=torch.long),
+                                      positions=torch.tensor([[600, 601]])), "beyond max_position_embeddings"),
+    ("attention_mask of another shape", dict(input_ids=torch.zeros(2, 4, dtype=torch.long),
+                                             attention_mask=torch.ones(2, 5)), r"attention_mask must have the shape"),
+    ("attention_mask not 0/1", dict(input_ids=torch.zeros(1, 3, dtype=torch.long),
+                                    attention_mask=torch.tensor([[0.5, 1.0, 1.0]])), "1 for real tokens and 0"),
+    ("num_logits past the input", dict(input_ids=torch.zeros(1, 3, dtype=torch.long), num_logits=4),
+     r"num_logits must lie in \[1, 3\]"),
+    ("ids not a tensor", dict(input_ids=[[1, 2]]), "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("what,kwargs,message", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_rejects_bad_input_at_the_boundary(model, what, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
+
+
+def test_generation_rejects_bad_requests(model):
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate(ids, -1)
+    with pytest.raises(ValueError, match="right-padded.*left padding"):
+        model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model.generate(ids, 600)
+    with pytest.raises(ValueError, match="method attached"):
+        model.generate(ids, 2, skip_budget=0.3)
+
+
+def test_budgets_and_ratios_outside_their_range():
+    gated = CausalLM(preset("tiny-qwen3"))
+    method = attach_gateskip(gated)
+    with pytest.raises(ValueError, match=r"budget=1.5 must lie in \[0, 1\)"):
+        GateSkipConfig(budget=1.5)
+    with pytest.raises(ValueError, match="must lie in"):
+        with method.override(budget=-0.1):
+            pass
+    with pytest.raises(ValueError, match=r"capacity=0.0 must lie in \(0, 1\]"):
+        MoDConfig(capacity=0.0)
+    with pytest.raises(ValueError, match="no runtime knob 'ratio'"):
+        with method.override(ratio=0.2):
+            pass
+
+
+def test_a_method_on_a_model_it_cannot_handle():
+    with pytest.raises(ValueError, match="attaches to decoder models.*Linear has none"):
+        attach_gateskip(torch.nn.Linear(4, 4))
+    gated = CausalLM(preset("tiny-qwen3"))
+    attach_gateskip(gated)
+    with pytest.raises(ValueError, match="already carries method 'gateskip'"):
+        attach_mod(gated)
+    with pytest.raises(ValueError, match="is not one of"):
+        dyndepth.methods.attach_method(CausalLM(preset("tiny-qwen3")), "gatesk1p")
+
+
+def test_devices_and_dtypes_by_name():
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible.*use device cpu"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of"):
+        resolve_dtype("fp8")
+    assert resolve_device("auto").type in ("cpu", "cuda") and resolve_dtype("bfloat16") == torch.bfloat16
+
+
+def test_cache_requests_are_checked():
+    with pytest.raises(ValueError, match="window length"):
+        KVCache(1, 1, 4, 1, 2).window(9)
+    m = CausalLM(preset("tiny-qwen3"))
+    with pytest.raises(ValueError, match="positions are required with a KV cache"):
+        m(torch.zeros(1, 2, dtype=torch.long), cache=KVCache.for_model(m.config, 1, 4))
+
+
+def _recipe(tmp_path, source: str, **train) -> str:
+    extra = "".join(f"{k} = {v}\n" for k, v in train.items())
+    text = (f'[model]\npreset = "tiny-qwen3"\nvocab_size = 300\n[train]\nsteps = 2\nbatch_size = 2\nseq_len = 8\n'
+            f'out_dir = "{tmp_path / "run"}"\nprogress = false\nplot = false\ndevice = "cpu"\nsave_every = 1\n{extra}'
+            f'[data]\nsource = "{source}"\ncache_dir = "{tmp_path / "cache"}"\n[eval]\nenabled = false\n')
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _cli_error(args) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_cli_data_files_that_cannot_be_read(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
+    (tmp_path / "broken.txt.gz").write_bytes(b"not a gzip stream")
+    cases = {"empty.txt": "every document of the source was empty", "binary.txt": "not UTF-8 text",
+             "broken.txt.gz": "damaged or truncated gzip", "missing.txt": "no such file or folder"}
+    for name, message in cases.items():
+        line = _cli_error(["train", _recipe(tmp_path, str(tmp_path / name))])
+        assert message in line and (name in line or name == "empty.txt"), line
+
+
+def test_cli_recipe_values_of_the_wrong_type(tmp_path):
+    (tmp_path / "t.txt").write_text("some text " * 200)
+    recipe = _recipe(tmp_path, str(tmp_path / "t.txt"))
+    assert "train.lr: expected float, got 'abc'" in _cli_error(["train", recipe, "--set", "train.lr=abc"])
+    assert "train.steps: expected int" in _cli_error(["train", recipe, "--set", "train.steps=1.5"])
+    assert "unknown" in _cli_error(["train", recipe, "--set", "train.learning_rate=1e-3"]).lower()
+
+
+def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_path):
+    (tmp_path / "t.txt").write_text("some text for a tiny run " * 100)
+    recipe = _recipe(tmp_path, str(tmp_path / "t.txt"))
+    ok = CliRunner().invoke(app, ["train", recipe])
+    assert ok.exit_code == 0, ok.output
+    line = _cli_error(["train", recipe, "--resume", "--set", "model.hidden_size=128", "--set", "method.name=gateskip"])
+    assert "model.hidden_size: checkpoint None, recipe 128" in line and "method.name" in line
+    assert "new train.out_dir" in line
+
+
+def test_cli_device_and_dtype(tmp_path):
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in _cli_error(["generate", "tiny-qwen3", "-p", "hi", "--device", "cuda"])
+    assert "dtype 'fp8'" in _cli_error(["generate", "tiny-qwen3", "-p", "hi", "--dtype", "fp8"])
+
+
+BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 3 + 1 + 2  # the cases above, counted for the issue note
