@@ -33,7 +33,6 @@ def _run(fn, *args, **kwargs):
 
 def _load_model(model: str, dtype: Optional[str], device: str):
     import dyndepth
-
     from dyndepth.devices import resolve_device, resolve_dtype
 
     if model in dyndepth.PRESETS:  # random weights: smoke tests and demos
@@ -140,9 +139,10 @@ def demo(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Checkpoint folder, hub id, or a preset name (random weights)."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks. With --data-dir: hellaswag, piqa, arc_easy, "
-                                                   "arc_challenge, winogrande, wsc273, boolq, lambada, copa, openbookqa, "
-                                                   "siqa, commonsense_qa, gsm8k, wikitext2 or all; else lm-eval's own."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks. With --data-dir: hellaswag, piqa, "
+                                        "arc_easy, arc_challenge, winogrande, wsc273, boolq, lambada, copa, "
+                                        "openbookqa, siqa, commonsense_qa, gsm8k, wikitext2 or all; "
+                                        "else lm-eval's own."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder of the offline data (eval_gauntlet/, "
                                                                      "hellaswag/, piqa/, gsm8k/, wikitext2_tokens/)."),
     limit: Optional[int] = typer.Option(None, help="Score at most N examples per task."),
