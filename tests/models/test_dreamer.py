@@ -95,11 +95,12 @@ def test_depth_attention_matches_a_slow_per_token_softmax_over_earlier_steps():
     da = model.model.layers[0].depth_attn
     B, T, D, step = 2, 3, 64, 2
     states = [torch.randn(B, T, D) for _ in range(step + 1)]  # normed states entering steps 0..step
-    kv = [da.project_kv(s, j) for j, s in enumerate(states)]
+    kv = [da.project_kv(s, da.step_rope(j, s.dtype, s.device)) for j, s in enumerate(states)]
     h = torch.randn(B, T, D)
+    rope = da.step_rope(step, h.dtype, h.device)
     with torch.no_grad():
-        fast = da(h, step, torch.stack([k for k, _ in kv], 2), torch.stack([v for _, v in kv], 2))
-        q = da._heads(da.q_proj, da.q_norm, h, step)  # (B, T, N, H)
+        fast = da(h, rope, torch.stack([k for k, _ in kv], 2), torch.stack([v for _, v in kv], 2))
+        q = da._heads(da.q_proj, da.q_norm, h, rope)  # (B, T, N, H)
         slow = torch.zeros(B, T, da.num_heads, da.head_dim)
         for b in range(B):
             for t in range(T):

@@ -102,11 +102,12 @@ def random_batches(vocab_size: int, cfg: TrainBenchConfig, n: int, device: torch
     return batches
 
 
-def ours_loop(model: nn.Module, batches: list[dict], tcfg: TrainConfig, device: torch.device) -> Loop:
-    """The trainer's per-step code path (as `train()` calls it), without its logging and checkpoint I/O."""
+def ours_loop(model: nn.Module, batches: list[dict], tcfg: TrainConfig, device: torch.device,
+              hooks: list | None = None) -> Loop:
+    """The trainer's per-step code path (as `train()` calls it, with `hooks`), without its logging and I/O."""
     info = parallel.DistInfo(device=device)
     raw, wrapped, optimizer, scheduler = setup_model(model, tcfg, info)
-    loader, hooks, losses = _CycleLoader(batches), [], []
+    loader, hooks, losses = _CycleLoader(batches), list(hooks or []), []
 
     def step() -> None:
         stats, _, _ = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, tcfg, info)

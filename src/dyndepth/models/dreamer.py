@@ -289,9 +289,9 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
 
     dreamer/expert_diversity (definition a): distinct experts a token selected over all steps, divided by the
       most it could select, min(k * steps, E); mean over layers of the group and tokens.
-    dreamer/expert_set_entropy (definition b, evaluation forwards): per step, the entropy (nats) of the
-      distribution of selected top-k sets over the batch's tokens; mean over steps. exp() of it is the
-      effective number of distinct sets.
+    dreamer/expert_set_entropy (definition b, evaluation forwards of more than one token per row, so not decode
+      steps): per step, the entropy (nats) of the distribution of selected top-k sets over the batch's tokens;
+      mean over steps. exp() of it is the effective number of distinct sets.
     dreamer/expert_usage (R * G, E): selections per expert at each application (the balancing hook's load).
     """
     E, k = cfg.num_experts, cfg.num_experts_per_tok
@@ -300,13 +300,15 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
     distinct = torch.stack([(seen.sum(-1) * valid_N).sum() for seen in st.visited.values()]).float()
     out = {"dreamer/expert_diversity": distinct.mean() / n / min(k * steps, E),
            "dreamer/expert_usage": torch.stack([st.usage[s] for s in slots])}  # (R * G, E)
-    if st.set_ids:
-        entropies = []
-        for s in slots:
-            _, counts = torch.unique(st.set_ids[s][valid_N], dim=0, return_counts=True)
-            p = counts.float() / counts.sum()
-            entropies.append(-(p * p.log()).sum())
-        out["dreamer/expert_set_entropy"] = torch.stack(entropies).mean()
+    if st.set_ids:  # one unique over (application, sorted set) rows of the valid tokens
+        ids = torch.stack([st.set_ids[s] for s in slots])  # (A, N, K)
+        A, N, _ = ids.shape
+        app = torch.arange(A, device=ids.device)[:, None, None].expand(A, N, 1)
+        rows, counts = torch.unique(torch.cat([app, ids], -1)[valid_N.expand(A, N)], dim=0, return_counts=True)
+        a, counts = rows[:, 0], counts.float()
+        p = counts / torch.zeros(A, device=ids.device).index_add_(0, a, counts)[a]
+        entropy = torch.zeros(A, device=ids.device).index_add_(0, a, -p * p.log())  # (A,) nats
+        out["dreamer/expert_set_entropy"] = entropy.mean()
     return out
 
 
@@ -345,12 +347,15 @@ def update_expert_bias(model: DreamerLM, usage_AE: torch.Tensor) -> dict:
     return {"load_imbalance": worst}
 
 
-# Presets. dreamer-tiny trains on 2 CPU cores in minutes (byte tokenizer: vocab 264); dreamer-small is the GPU
-# recipe's shape (recipes/dreamer_small.toml).
+# Presets. dreamer-tiny trains on 2 CPU cores in minutes (byte tokenizer: vocab 264); dreamer-bench is the shape of
+# `bench dreamer` (the issue's example); dreamer-small is the GPU recipe's (recipes/dreamer_small.toml).
 PRESETS = {
     "dreamer-tiny": {"model_type": "dreamer", "vocab_size": 264, "hidden_size": 128, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "head_dim": 32, "num_recurrences": 4, "num_experts": 16,
                      "num_experts_per_tok": 2, "moe_intermediate_size": 96, "max_position_embeddings": 1024},
+    "dreamer-bench": {"model_type": "dreamer", "vocab_size": 8192, "hidden_size": 256, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 64, "num_recurrences": 8, "num_experts": 64,
+                      "num_experts_per_tok": 4, "moe_intermediate_size": 128, "max_position_embeddings": 2048},
     "dreamer-small": {"model_type": "dreamer", "vocab_size": 32768, "hidden_size": 768, "num_attention_heads": 12,
                       "num_key_value_heads": 4, "head_dim": 64, "num_recurrences": 12, "num_experts": 128,
                       "num_experts_per_tok": 8, "moe_intermediate_size": 192, "max_position_embeddings": 2048},

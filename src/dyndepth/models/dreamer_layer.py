@@ -65,24 +65,28 @@ class DepthAttention(nn.Module):
                                max_position_embeddings=config.num_recurrences)
         self.rotary_emb = RotaryEmbedding(rope)  # angles by recurrence step, not by position
 
-    def _heads(self, proj: nn.Linear, norm: RMSNorm | None, h_BTD: torch.Tensor, step: int) -> torch.Tensor:
+    def step_rope(self, step: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, 1, H) of recurrence step `step`."""
+        return self.rotary_emb(torch.full((1, 1), step, device=device), dtype)
+
+    def _heads(self, proj: nn.Linear, norm: RMSNorm | None, h_BTD: torch.Tensor, rope) -> torch.Tensor:
         B, T, _ = h_BTD.shape
         y = proj(h_BTD).view(B, T, self.num_heads, self.head_dim)  # (B, T, N, H)
         if norm is not None:
             y = norm(y)
-        cos, sin = self.rotary_emb(torch.full((1, 1), step, device=h_BTD.device), y.dtype)  # (1, 1, H)
-        return apply_rope(y, cos, sin)
+        return apply_rope(y, *rope)
 
-    def project_kv(self, h_BTD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (rotated to `step`) and V of a normed state, (B, T, N, H) each."""
+    def project_kv(self, h_BTD: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (rotated by `rope`, the step's cos / sin) and V of a normed state, (B, T, N, H) each."""
         B, T, _ = h_BTD.shape
-        return self._heads(self.k_proj, self.k_norm, h_BTD, step), self.v_proj(h_BTD).view(B, T, self.num_heads, -1)
+        return self._heads(self.k_proj, self.k_norm, h_BTD, rope), self.v_proj(h_BTD).view(B, T, self.num_heads, -1)
 
-    def forward(self, h_BTD: torch.Tensor, step: int, k_BTLNH: torch.Tensor, v_BTLNH: torch.Tensor) -> torch.Tensor:
-        """Queries from the normed state at `step`; keys and values from the memory (every entry is visible)."""
+    def forward(self, h_BTD: torch.Tensor, rope, k_BTLNH: torch.Tensor, v_BTLNH: torch.Tensor) -> torch.Tensor:
+        """Queries from the normed state (rotated by `rope`, the step's cos / sin); keys and values from the
+        memory (every entry is visible)."""
         B, T, _ = h_BTD.shape
         L = k_BTLNH.shape[2]
-        q = self._heads(self.q_proj, self.q_norm, h_BTD, step).reshape(B * T, 1, self.num_heads, -1)  # (BT, 1, N, H)
+        q = self._heads(self.q_proj, self.q_norm, h_BTD, rope).reshape(B * T, 1, self.num_heads, -1)  # (BT, 1, N, H)
         k = k_BTLNH.reshape(B * T, L, self.num_heads, -1).transpose(1, 2)  # (BT, N, L, H)
         v = v_BTLNH.reshape(B * T, L, self.num_heads, -1).transpose(1, 2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)  # (BT, N, 1, H)
@@ -165,7 +169,8 @@ class DreamerLayer(nn.Module):
                 x_BTD = x_BTD + st.embed
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
-            k, v = self.depth_attn.project_kv(self.depth_layernorm(x_BTD), step)  # (B, T, N_da, H_da)
+            rope = self.depth_attn.step_rope(step, x_BTD.dtype, x_BTD.device)
+            k, v = self.depth_attn.project_kv(self.depth_layernorm(x_BTD), rope)  # (B, T, N_da, H_da)
             _remember(st, self.index, step, k, v)
         h = self.input_layernorm(x_BTD)
         if da == "merged_softmax":
@@ -174,7 +179,7 @@ class DreamerLayer(nn.Module):
             sa = self._out(0, self.self_attn(h, ctx, slot, ideal_q_BT=st.active))
         if da == "separate":  # sequential (default) or parallel to SA, from the same input
             h_da = self.depth_layernorm(x_BTD if self.config.da_parallel else x_BTD + sa)
-            x_BTD = x_BTD + sa + self._out(1, self._depth(h_da, ctx, slot, st, step))
+            x_BTD = x_BTD + sa + self._out(1, self._depth(h_da, ctx, slot, st, step, rope))
         else:
             x_BTD = x_BTD + sa
         x_BTD = x_BTD + self._out(2, self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
@@ -185,12 +190,13 @@ class DreamerLayer(nn.Module):
             self._exit_check(st, ctx, slot, step, x_BTD)
         return x_BTD
 
-    def _depth(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState, step: int) -> torch.Tensor:
+    def _depth(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState, step: int,
+               rope) -> torch.Tensor:
         keys, values = st.mem_k[self.index][:step + 1], st.mem_v[self.index][:step + 1]
         if self.config.da_include_self:  # the query state itself as one more entry (k/v not remembered)
-            k, v = self.depth_attn.project_kv(h_BTD, step)
+            k, v = self.depth_attn.project_kv(h_BTD, rope)
             keys, values = keys + [k], values + [v]
-        y = self.depth_attn(h_BTD, step, torch.stack(keys, 2), torch.stack(values, 2))  # (B, T, D)
+        y = self.depth_attn(h_BTD, rope, torch.stack(keys, 2), torch.stack(values, 2))  # (B, T, D)
         B, T, _ = h_BTD.shape
         per_token = depth_attn_flops(self.config, step)
         n = _ideal_tokens(ctx, st)
@@ -215,7 +221,7 @@ class DreamerLayer(nn.Module):
         hit = torch.zeros(B * T, E, dtype=torch.bool, device=y.device).scatter_(1, idx_NK, True)  # (B*T, E)
         new, seen = hit & run_N[:, None], st.visited.get(self.index)
         st.visited[self.index] = new if seen is None else seen | new
-        if not ctx.training:  # the chosen set of each token (diversity, definition b)
+        if not ctx.training and T > 1:  # the chosen set of each token (diversity, definition b)
             st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
         elif self.config.ea_aux_loss_coef:
             probs = torch.sigmoid(scores_NE)

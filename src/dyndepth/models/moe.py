@@ -34,13 +34,14 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
         E = self.gate_up_proj.shape[0]
-        if N * K < E:  # few tokens (decoding): gather the K experts' weights, no host sync
+        grouped = self.grouped and _grouped_mm_supported(x_ND)  # also faster than gathering when decoding (CPU)
+        if N * K < E and not grouped:  # few tokens (decoding): gather the K experts' weights, no host sync
             return self._gathered(x_ND, idx_NK, w_NK)
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
         token_of = order // K  # (N*K,) token each pair belongs to
         x_sorted = x_ND[token_of]  # (N*K, D)
-        if self.grouped and _grouped_mm_supported(x_ND):
+        if grouped:
             counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
             y = self._grouped(x_sorted, counts_E.cumsum(0).to(torch.int32))  # (N*K, D)
             y = y * w_NK.reshape(-1)[order, None]

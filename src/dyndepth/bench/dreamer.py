@@ -1,0 +1,177 @@
+"""`dyndepth bench dreamer`: Dreamer against a dense decoder of equal FLOPs per token, in one run.
+
+- The dense decoder has one layer per Dreamer layer application (R x layers_per_group), the same width, heads
+  and vocabulary, and an MLP width chosen so its FLOPs per token equal Dreamer's at the benchmark's sequence
+  length: the MLP takes what depth attention (averaged over steps) and sparse expert attention cost
+  (`matched_dense`). Both report their analytic FLOPs per token; the residual mismatch is in the table.
+- Training: one optimizer step each (the trainer's own step, `bench.train.ours_loop`, Dreamer with its
+  balancing hook), alternated step by step; tokens/s from the median step time.
+- Memory: CUDA peak of one step (less what the other model holds); on CPU, the bytes a step holds: parameters,
+  gradients, AdamW state and the activations autograd saves for backward (counted by storage).
+- Decode: `generate` with n new tokens minus `generate` with one (n - 1 cached decode steps) at each batch
+  size, all four calls per batch size alternated round by round.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+import dyndepth
+from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
+from dyndepth.bench.train import Loop, _peak_memory, ours_loop, random_batches
+from dyndepth.config import ModelConfig
+from dyndepth.core.cache import KVCache
+from dyndepth.core.flops import depth_attn_flops, expert_attn_flops
+from dyndepth.models.dreamer import DreamerConfig
+from dyndepth.runconfig import DTYPES, TrainConfig
+from dyndepth.train import parallel
+
+
+@dataclass
+class DreamerBenchConfig:
+    model: str = "dreamer-bench"  # a Dreamer preset (random weights)
+    batch_size: int = 8  # training batch
+    seq_len: int = 256
+    steps: int = 5  # timed training steps per model
+    warmup_steps: int = 2
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    prompt_len: int = 32
+    new_tokens: int = 16
+    repeats: int = 3  # timed rounds per decode measurement
+    dtype: str = "float32"  # float32 | bfloat16 (training: autocast; decode: weights in this dtype)
+    device: str = "cpu"
+    out_dir: str = "runs/bench"
+
+    def __post_init__(self) -> None:
+        preset = dyndepth.PRESETS.get(self.model, {})
+        if preset.get("model_type") != "dreamer":
+            dreamers = sorted(k for k, v in dyndepth.PRESETS.items() if v.get("model_type") == "dreamer")
+            raise ValueError(f"bench dreamer model {self.model!r} is not a Dreamer preset; use one of {dreamers}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"bench dreamer dtype {self.dtype!r} is not one of {DTYPES}.")
+        for name in ("batch_size", "seq_len", "steps", "repeats", "prompt_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench dreamer {name} must be >= 1, got {getattr(self, name)}.")
+        if self.new_tokens < 2 or not self.decode_batches or min(self.decode_batches) < 1:
+            raise ValueError("bench dreamer needs new_tokens >= 2 and decode batch sizes >= 1.")
+
+
+def matched_dense(config: DreamerConfig) -> ModelConfig:
+    """A Qwen3-shaped decoder of equal FLOPs per token: one layer per application, the same attention, and an
+    MLP as costly as depth plus expert attention (DA averaged over the steps)."""
+    R, D = config.num_recurrences, config.hidden_size
+    extra = sum(depth_attn_flops(config, r) for r in range(R)) / R + expert_attn_flops(config)
+    return ModelConfig(model_type="qwen3", vocab_size=config.vocab_size, hidden_size=D,
+                       intermediate_size=max(1, round(extra / (6 * D))), num_hidden_layers=config.num_hidden_layers,
+                       num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                       head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+                       rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+                       tie_word_embeddings=config.tie_word_embeddings)
+
+
+def _cpu_step_bytes(loop: Loop) -> int:
+    """Bytes one training step holds on CPU: parameters, gradients, AdamW state, and the activations autograd
+    saves for backward (distinct storages that are not parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in loop.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loop.step()
+    state = [p for p in loop.model.parameters()] + [p.grad for p in loop.model.parameters() if p.grad is not None]
+    state += [v for s in loop.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in state) + sum(saved.values())
+
+
+def _models(cfg: DreamerBenchConfig) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    dreamer = dyndepth.build_model(dyndepth.preset(cfg.model))
+    dense = dyndepth.build_model(matched_dense(dreamer.config))
+    return {"dreamer": dreamer, "dense": dense}
+
+
+def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
+    device = parallel.resolve_device(cfg.device)
+    models = _models(cfg)
+    flops = {k: m.forward_flops(cfg.seq_len) / cfg.seq_len for k, m in models.items()}
+    params = {k: m.num_params() for k, m in models.items()}
+    tcfg = TrainConfig(steps=cfg.warmup_steps + cfg.steps + 2, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       schedule="constant", warmup=0, dtype=cfg.dtype, device=cfg.device, progress=False, plot=False)
+    batches = random_batches(models["dense"].config.vocab_size, cfg, cfg.warmup_steps + cfg.steps + 2, device)
+    loops = {k: ours_loop(copy.deepcopy(m), batches, tcfg, device, m.trainer_hooks(tcfg.steps)
+                          if hasattr(m, "trainer_hooks") else []) for k, m in models.items()}
+    step_s = interleaved_median({k: v.step for k, v in loops.items()}, device, repeats=cfg.steps,
+                                warmup=cfg.warmup_steps)
+    memory = _peak_memory(loops, device)
+    if memory is None:
+        memory = {k: _cpu_step_bytes(loop) for k, loop in loops.items()}
+    tokens = cfg.batch_size * cfg.seq_len
+    train_tps = {k: tokens / t for k, t in step_s.items()}
+
+    dtype = dyndepth.interop.hf.DTYPES[cfg.dtype]
+    decode = {}
+    for B in cfg.decode_batches:
+        prompt = torch.randint(0, models["dense"].config.vocab_size, (B, cfg.prompt_len), device=device)
+        fns = {}
+        for name, model in models.items():
+            m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+            for n in (cfg.new_tokens, 1):
+                fns[f"{name}/{n}"] = lambda m=m, n=n: m.generate(prompt, n, stop_tokens=[])
+        t = interleaved_median(fns, device, repeats=cfg.repeats, warmup=1)
+        decode[B] = {name: B * (cfg.new_tokens - 1) / max(t[f"{name}/{cfg.new_tokens}"] - t[f"{name}/1"], 1e-9)
+                     for name in models}
+    kv = {k: KVCache.for_model(m.config, 1, 1, num_slots=m.num_slots(), dtype=dtype).nbytes_per_token()
+          for k, m in models.items()}
+    return {
+        "config": asdict(cfg), "device": device.type, "machine": machine_description(device),
+        "dreamer_config": models["dreamer"].config.to_dict(), "dense_config": models["dense"].config.to_dict(),
+        "params": params, "flops_per_token": flops, "flops_ratio": flops["dreamer"] / flops["dense"],
+        "train_step_seconds": step_s, "train_tokens_per_s": train_tps,
+        "train_ratio": train_tps["dreamer"] / train_tps["dense"],
+        "memory_bytes": memory, "memory_kind": "cuda peak" if device.type == "cuda" else "cpu step bytes",
+        "memory_ratio": memory["dreamer"] / memory["dense"],
+        "decode_tokens_per_s": decode, "kv_bytes_per_token": kv,
+    }
+
+
+def render_markdown(r: dict) -> str:
+    c, d = r["config"], r["dreamer_config"]
+    rows = [
+        {"metric": "parameters (M)", "dreamer": r["params"]["dreamer"] / 1e6, "dense": r["params"]["dense"] / 1e6,
+         "ratio": r["params"]["dreamer"] / r["params"]["dense"]},
+        {"metric": f"forward FLOPs/token (T={c['seq_len']})", "dreamer": r["flops_per_token"]["dreamer"],
+         "dense": r["flops_per_token"]["dense"], "ratio": r["flops_ratio"]},
+        {"metric": f"train tok/s (B={c['batch_size']}, T={c['seq_len']})", "dreamer": r["train_tokens_per_s"][
+            "dreamer"], "dense": r["train_tokens_per_s"]["dense"], "ratio": r["train_ratio"]},
+        {"metric": f"train memory (MiB, {r['memory_kind']})", "dreamer": r["memory_bytes"]["dreamer"] / 2**20,
+         "dense": r["memory_bytes"]["dense"] / 2**20, "ratio": r["memory_ratio"]},
+    ]
+    for B, tps in r["decode_tokens_per_s"].items():
+        rows.append({"metric": f"decode tok/s (B={B}, prompt {c['prompt_len']})", "dreamer": tps["dreamer"],
+                     "dense": tps["dense"], "ratio": tps["dreamer"] / tps["dense"]})
+    kv = r["kv_bytes_per_token"]
+    rows.append({"metric": "KV cache bytes/token", "dreamer": kv["dreamer"], "dense": kv["dense"],
+                 "ratio": kv["dreamer"] / kv["dense"]})
+    head = (f"### bench dreamer: {c['model']} (D={d['hidden_size']}, R={d['num_recurrences']}, E={d['num_experts']}, "
+            f"k={d['num_experts_per_tok']}, F={d['moe_intermediate_size']}, DA {d['da_mode']}) vs a dense decoder "
+            f"of {r['dense_config']['num_hidden_layers']} layers, MLP {r['dense_config']['intermediate_size']}; "
+            f"{c['dtype']}, {r['machine']}\n\n")
+    tail = (f"\n\nratio = dreamer / dense. Training: median of {c['steps']} alternated optimizer steps after "
+            f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook). Decode: (n - 1) cached "
+            f"steps from generate(n={c['new_tokens']}) minus generate(1), median of {c['repeats']} alternated rounds.")
+    return head + markdown_table(rows, ["metric", "dreamer", "dense", "ratio"]) + tail
+
+
+def main(cfg: DreamerBenchConfig) -> dict:
+    result = run_dreamer_bench(cfg)
+    name = f"dreamer-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}"
+    return publish(result, render_markdown(result), cfg.out_dir, name)
