@@ -125,7 +125,7 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
         for name, model in models.items():
             m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
             for n in (cfg.new_tokens, 1):
-                fns[f"{name}/{n}"] = lambda m=m, n=n: m.generate(prompt, n, stop_tokens=[])
+                fns[f"{name}/{n}"] = lambda m=m, n=n, prompt=prompt: m.generate(prompt, n, stop_tokens=[])
         t = interleaved_median(fns, device, repeats=cfg.repeats, warmup=1)
         decode[B] = {name: B * (cfg.new_tokens - 1) / max(t[f"{name}/{cfg.new_tokens}"] - t[f"{name}/1"], 1e-9)
                      for name in models}
