@@ -21,6 +21,7 @@ import yaml
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("none", "ddp", "fsdp")
+NONFINITE = ("stop", "skip")
 SECTIONS = ("model", "method", "train", "data", "eval")
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     decay_frac: float = 0.2  # WSD: fraction of steps spent decaying to min_lr
     clip: float = 1.0  # max grad norm; 0 disables clipping
+    nonfinite: str = "stop"  # a step with a non-finite loss or grad norm: stop (an error) | skip (no update)
     dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16
     compile: bool = False
     activation_checkpointing: bool = False
@@ -66,7 +68,8 @@ class TrainConfig:
     plot: bool = True  # loss-curve PNG (out_dir/loss.png) at the end
 
     def __post_init__(self) -> None:
-        for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL)):
+        for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL),
+                              ("nonfinite", NONFINITE)):
             if getattr(self, name) not in allowed:
                 raise RunConfigError(f"train.{name}={getattr(self, name)!r} is not one of {allowed}.")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):

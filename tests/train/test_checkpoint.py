@@ -33,7 +33,7 @@ def test_latest_ignores_tmp_and_incomplete_dirs_and_keep_last(tmp_path):
     (tmp_path / "step_0000008").mkdir()  # not a complete checkpoint (no train_state.pt)
     assert latest_checkpoint(tmp_path).name == "step_0000006"
     assert sorted(p.name for p in (tmp_path / "step_0000006").iterdir()) == [
-        "config.yaml", "model.safetensors", "rank_0.pt", "train_state.pt"]
+        "config.yaml", "manifest.json", "model.safetensors", "rank_0.pt", "train_state.pt"]
     # the weights (tied lm_head re-aliased) load into a fresh model and match the trained one
     fresh = CausalLM(preset("tiny-qwen3"))
     load_model_weights(tmp_path / "step_0000006", fresh)
@@ -95,7 +95,7 @@ def test_resume_applies_the_new_hyperparameters_and_logs_each_change(tmp_path, c
     new = tiny_train_config(str(out), steps=8, lr=1e-3, min_lr=1e-4, weight_decay=0.05, betas=(0.8, 0.9),
                             lr_groups={"model.layers.1.*": 5.0}, warmup=1, schedule="constant")
     raw, _, opt, sched = setup_model(CausalLM(preset("tiny-qwen3")), new, DistInfo())
-    saved = torch.load(out / "step_0000002" / "train_state.pt", weights_only=False)["optimizer"]
+    saved = torch.load(out / "step_0000002" / "train_state.pt", weights_only=True)["optimizer"]
     with caplog.at_level(logging.INFO, logger="dyndepth"):
         state = load_checkpoint(out / "step_0000002", raw, opt, sched, TinyLoader(2, 16), DistInfo(), new)
     assert state["step"] == 2

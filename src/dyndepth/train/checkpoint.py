@@ -1,11 +1,35 @@
-"""Atomic training checkpoints: `out_dir/step_0000040/` appears complete or not at all.
+"""Training checkpoints that are atomic, verified and never unpickle code.
 
-Layout of one checkpoint (written into `step_XXXXXXX.tmp/`, then renamed):
+Layout of one checkpoint `out_dir/step_XXXXXXX/` (written into `step_XXXXXXX.tmp/`, then renamed):
   model.safetensors   full model state with HF names, the same under DDP, FSDP2 or one process (the DDP
                       wrapper is unwrapped first; a tied lm_head is stored once and re-aliased on load)
-  train_state.pt      step, optimizer, scheduler, hook states, world size and the TrainConfig (rank 0)
+  train_state.pt      step, optimizer, scheduler, hook states, world size, non-finite step count and the
+                      TrainConfig (rank 0)
   rank_{r}.pt         per-rank RNG states (python, numpy, torch, cuda) and data-loader state
   config.yaml         the resolved run config (or the TrainConfig alone)
+  manifest.json       size and sha256 of every file above; written last
+
+What is guaranteed:
+- Atomic: a folder named `step_XXXXXXX` exists only once all its files and its manifest are written,
+  hashed (read back from disk) and fsynced. A save killed at any point leaves a `.tmp` folder, which is
+  never taken for a checkpoint and is removed by the next run; a save that fails (e.g. ENOSPC) removes
+  its `.tmp` and raises a `CheckpointError`. keep_last pruning runs only after the new checkpoint was
+  renamed and checked against its manifest, so a failed save never costs an older checkpoint.
+- Verified: every load checks each file's size and sha256 against the manifest (`verify_checkpoint`).
+  `train.resume=true` skips a damaged latest checkpoint with a warning naming the damage and resumes
+  from the newest good one; an explicit `train.resume=<path>` to a damaged one is an error.
+  sha256 (stdlib hashlib): it is strong, and with the SHA extensions of current x86 and ARM CPUs it is
+  the fastest strong hash in the standard library (about twice blake2b here); files hash in parallel.
+- No code runs on load: weights come only from safetensors, and the `.pt` files hold only tensors,
+  numbers, strings, None and lists/tuples/dicts of them (numpy and python RNG states are converted to
+  lists), checked when saving and read with `torch.load(weights_only=True)`. A file holding anything
+  else is refused. Checkpoints of older dyndepth versions (no manifest.json, pickled RNG state) are
+  refused with the way out: re-run, or start a new run from their weights (`dyndepth convert`).
+- Test hook: `DYNDEPTH_CHECKPOINT_FAULT=POINT[@STEP][:sleep|:enospc]` makes the save (of STEP, or of
+  every step) stop at POINT: before_weights, after_weights (model.safetensors written), before_manifest
+  or before_rename. `sleep` (default) writes `out_dir/POINT.fault` and sleeps, so a test can SIGKILL the
+  process there; `enospc` raises OSError(ENOSPC) as a full disk would. Unset, it costs one getenv.
+The manifest, the plain-state check and the hook live in `train/integrity.py`.
 
 DDP and FSDP2 checkpoints hold full (unsharded) states: under FSDP2 the model and optimizer states are
 gathered with `torch.distributed.checkpoint.state_dict` and written by rank 0. So every checkpoint loads
@@ -21,9 +45,6 @@ Resuming with a changed TrainConfig (see `load_checkpoint`): the schedule and th
 hyperparameters of the new config apply (steps, lr, min_lr, warmup, schedule, decay_frac, weight_decay,
 betas, eps, lr_groups multipliers), each change logged; what cannot change (which parameters train
 and how they are grouped: train.freeze, train.lr_groups globs) is an error naming the fields.
-
-`train_state.pt` holds Python objects (RNG states, loader state), so it is loaded with
-`weights_only=False`: only resume from checkpoints you wrote.
 """
 
 from __future__ import annotations
@@ -42,6 +63,18 @@ from torch import nn
 
 from dyndepth.runconfig import TrainConfig, load_run_config
 from dyndepth.safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from dyndepth.train.integrity import (
+    FORMAT_VERSION,
+    MANIFEST,
+    check_files,
+    fault_point,
+    fsync_dir,
+    load_plain,
+    plain_state,
+    read_manifest,
+    verify_checkpoint,
+    write_manifest,
+)
 from dyndepth.train.parallel import DistInfo, is_fsdp, unwrap
 
 log = logging.getLogger(__name__)
@@ -53,12 +86,13 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed from .tmp and holding train_state.pt), oldest first."""
+    """Renamed checkpoint folders (holding a manifest, or train_state.pt of the old format), oldest first.
+    `.tmp` folders of unfinished saves are never listed; damaged checkpoints are (see `verify_checkpoint`)."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and (p / "train_state.pt").exists()]
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+             and ((p / MANIFEST).exists() or (p / "train_state.pt").exists())]
     return [p for _, p in sorted(found)]
 
 
@@ -67,25 +101,60 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def latest_good_checkpoint(out_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint` (None when there is none at all); each damaged
+    newer one is skipped with a warning naming the damage. All damaged: a CheckpointError."""
+    damaged = []
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            damaged.append(f"{path.name}: {e}")
+            if warn:
+                log.warning("skipping damaged checkpoint %s (%s); trying the one before it", path, e)
+    if damaged:
+        raise CheckpointError(f"no checkpoint in {out_dir} can be resumed ({'; '.join(damaged)}); resume an "
+                              "undamaged copy with train.resume=<path>, or move them away and start a new run.")
+    return None
+
+
+def remove_stale_tmp(out_dir: str | Path) -> list[Path]:
+    """Delete `step_*.tmp` folders left by saves that were killed (rank 0, before training starts)."""
+    out = Path(out_dir)
+    stale = sorted(p for p in out.glob("step_*.tmp") if p.is_dir()) if out.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        log.info("removed %s, left by an unfinished save", p)
+    return stale
+
+
 # --------------------------------------------------------------------------------------- RNG state
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain numbers (the python and numpy tuples become dicts of lists)."""
+    version, internal, gauss_next = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+             "numpy": {"kind": str(kind), "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((npy["kind"], np.asarray(npy["key"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ------------------------------------------------------------------------------- model / optimizer
-
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state dicts; under FSDP, complete on rank 0 only."""
     model = unwrap(model)  # DDP: the wrapped model's keys, without the `module.` prefix
@@ -126,35 +195,61 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, loader, hook_states: dict, info: DistInfo,
-                    config_writer=None, keep_last: int = 0, train_config: TrainConfig | None = None) -> Path:
-    """Write `step_XXXXXXX.tmp/` on all ranks, then rename it (rank 0). Collective under DDP/FSDP.
+                    scheduler, loader, hook_states: dict, info: DistInfo, config_writer=None, keep_last: int = 0,
+                    train_config: TrainConfig | None = None, extra_state: dict | None = None) -> Path:
+    """Write `step_XXXXXXX.tmp/` on all ranks, its manifest last, then rename it (rank 0); prune to `keep_last`
+    only after the renamed checkpoint checks out. Collective under DDP/FSDP. A failed write removes the
+    `.tmp` folder and raises a CheckpointError; older checkpoints are left as they were.
 
-    `model` is the plain, FSDP2-sharded or DDP-wrapped model; the file holds HF names in every case."""
+    `model` is the plain, FSDP2-sharded or DDP-wrapped model; the file holds HF names in every case.
+    `extra_state` (plain values) is stored in train_state.pt and returned by `load_checkpoint`."""
+    out_dir = Path(out_dir)
     final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     model_state, optim_state = _full_state(model, optimizer)  # collective under FSDP
+    # checked (and made plain) before anything is written: a state that would not load is never saved
+    rank_state = plain_state({"rng": rng_state(), "loader": loader.state_dict() if loader is not None else None},
+                        "loader/RNG state")
     if info.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    info.barrier()
-    torch.save({"rng": rng_state(), "loader": loader.state_dict() if loader is not None else None},
-               tmp / f"rank_{info.rank}.pt")
-    if info.is_main:
-        unique, aliases = _dedupe(model_state)
-        write_safetensors(unique, tmp / "model.safetensors", metadata={"format": "pt", "aliases": json.dumps(aliases)})
         sched_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         cfg = dataclasses.asdict(train_config) if train_config is not None else None
-        torch.save({"step": step, "optimizer": optim_state, "scheduler": sched_state, "hooks": hook_states,
-                    "world_size": info.world_size, "train_config": cfg}, tmp / "train_state.pt")
-        if config_writer is not None:
-            config_writer(tmp / "config.yaml")
-    info.barrier()  # every rank's file is in tmp before the rename
+        train_state = {"format": FORMAT_VERSION, "step": step, "world_size": info.world_size}
+        for key, value in (("optimizer", optim_state), ("scheduler", sched_state), ("hooks", hook_states),
+                           ("train_config", cfg), *(extra_state or {}).items()):
+            train_state[key] = plain_state(value, f"{key} state" if key != "hooks" else "hook state")
+    try:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        info.barrier()
+        torch.save(rank_state, tmp / f"rank_{info.rank}.pt")
+        if info.is_main:
+            fault_point("before_weights", step, out_dir)
+            unique, aliases = _dedupe(model_state)
+            write_safetensors(unique, tmp / "model.safetensors",
+                              metadata={"format": "pt", "aliases": json.dumps(aliases)})
+            fault_point("after_weights", step, out_dir)
+            torch.save(train_state, tmp / "train_state.pt")
+            if config_writer is not None:
+                config_writer(tmp / "config.yaml")
+        info.barrier()  # every rank's file is in tmp before the manifest
+        if info.is_main:
+            fault_point("before_manifest", step, out_dir)
+            write_manifest(tmp, step)
+            fault_point("before_rename", step, out_dir)
+            _replace_dir(tmp, final)
+            verify_checkpoint(final, hashes=False)  # hashed when read back for the manifest
+    except BaseException as e:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            kept = latest_checkpoint(out_dir)
+            raise CheckpointError(
+                f"could not write checkpoint {final} ({e}); the earlier checkpoints are untouched (latest: "
+                f"{kept.name if kept else 'none'}). Free disk space (or fix the cause) and continue with "
+                "train.resume=true.") from e
+        raise
     if info.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         if keep_last > 0:
             for old in list_checkpoints(out_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -163,11 +258,25 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
     return final
 
 
-def load_model_weights(path: str | Path, model: nn.Module) -> None:
-    """Load `model.safetensors` of a checkpoint folder into a plain, DDP-wrapped or FSDP-sharded model."""
-    file = Path(path) / "model.safetensors"
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` (moving an existing `final` aside first) and make the rename durable."""
+    old = final.with_name(final.name + ".old.tmp")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model_weights(path: str | Path, model: nn.Module, verify: bool = True) -> None:
+    """Load `model.safetensors` of a checkpoint folder into a plain, DDP-wrapped or FSDP-sharded model. In a
+    training checkpoint (one with a manifest) the file is first checked against the manifest."""
+    path = Path(path)
+    file = path / "model.safetensors"
     if not file.exists():
         raise CheckpointError(f"{path} has no model.safetensors; is it a dyndepth training checkpoint?")
+    if verify and (path / MANIFEST).exists():
+        check_files(path, read_manifest(path), ["model.safetensors"], hashes=True)
     state = read_safetensors(file)
     from safetensors import safe_open
 
@@ -188,7 +297,6 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ resume
-
 def _group_layout(groups: list[dict]) -> list[list[str]] | None:
     """Parameter names per optimizer group (None for checkpoints that did not record them)."""
     if any("names" not in g for g in groups):
@@ -249,21 +357,26 @@ def log_config_changes(path: Path, old: dict | None, new: TrainConfig) -> list[s
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    loader, info: DistInfo, cfg: TrainConfig | None = None) -> dict:
+                    loader, info: DistInfo, cfg: TrainConfig | None = None, verify: bool = True) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the train_state dict (step, hooks, ...).
 
+    Every file is first checked against the manifest (sizes always; sha256 unless `verify=False`, for a
+    checkpoint `latest_good_checkpoint` has just verified); a damaged checkpoint is a CheckpointError.
     Weights, AdamW moments and step counts, the scheduler's step, RNG and loader positions and hook
     states come from the checkpoint. The hyperparameters of `optimizer` and `scheduler` as this run built
     them (from `cfg`) are kept: lr, min_lr, warmup, schedule, decay_frac, steps, weight_decay, betas, eps
     and lr_groups multipliers may change on resume, and every changed field is logged.
     """
     path = Path(path)
-    if not (path / "train_state.pt").exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no train_state.pt).")
-    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    try:
+        manifest = verify_checkpoint(path, hashes=verify)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e} Resume from another checkpoint "
+                              "(train.resume=true takes the newest undamaged one in train.out_dir).") from None
+    state = load_plain(path / "train_state.pt")
     _check_layout(path, state["optimizer"]["param_groups"], optimizer)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    load_model_weights(path, model)
+    load_model_weights(path, model, verify=False)  # checked above
     if is_fsdp(unwrap(model)):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -277,8 +390,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if cfg is not None and info.is_main:
         log_config_changes(path, _saved_train_config(path, state), cfg)
     same_world = state["world_size"] == info.world_size
-    rank_file = path / f"rank_{info.rank if same_world else 0}.pt"
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    rank_name = f"rank_{info.rank if same_world else 0}.pt"
+    if rank_name not in manifest["files"]:
+        raise CheckpointError(f"{path}/{MANIFEST} does not list {rank_name}, written by every rank of the "
+                              f"{state['world_size']}-rank run; the checkpoint is incomplete.")
+    rank_state = load_plain(path / rank_name)
     if loader is not None and rank_state["loader"] is not None:
         loader.load_state_dict(rank_state["loader"])
     if same_world:

@@ -20,7 +20,16 @@ Resume: `cfg.resume` restores model, optimizer, scheduler, RNG, loader and hook 
 The new config's schedule and optimizer hyperparameters apply (each change is logged; see
 `checkpoint.load_checkpoint`); a changed set or grouping of trained parameters is an error. Checkpoints
 newer than the resumed one (from the abandoned run) are moved to `out_dir/abandoned_N/`. A fresh run
-refuses an out_dir that already holds checkpoints.
+refuses an out_dir that already holds checkpoints. `resume=true` takes the newest checkpoint that passes
+its manifest check, skipping damaged newer ones with a warning; `.tmp` folders of killed saves are removed.
+
+Non-finite steps: the loss (LM plus auxiliary terms) and the gradient norm are checked once per optimizer
+step, after clipping computed the norm (one host sync per step, none per micro-batch; one all-reduce of a
+flag under DDP/FSDP2 so every rank decides alike). `train.nonfinite="stop"` (default) raises a
+FloatingPointError naming the step before the optimizer steps, so no update and no checkpoint come from
+it and the last checkpoint stays the last good one. `"skip"` zeroes the gradients and leaves weights,
+AdamW state and hook controllers as they were (the schedule still advances with the step number), counts
+the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
 
 Batches: `input_ids`, `labels` (-100 = ignore) and optional `positions` and `doc_ids` (intra-document
 attention masking) are used. Under torchrun the process group is left initialized for the
@@ -30,7 +39,6 @@ caller to destroy.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     steps: int  # the last completed step
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite="skip")
     losses: list[tuple[int, float]] = field(default_factory=list)  # logged (step, train loss)
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
     out_dir: Path | None = None
@@ -81,7 +90,8 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
 
     The LM loss is token-weighted over all micro-batches and ranks (module docstring). `stats["loss"]`
     is this rank's share, scaled so that its mean over ranks is the global token-weighted loss; the other
-    stats are means over the micro-batches.
+    stats are means over the micro-batches. `stats["objective"]` is what was back-propagated (this rank's
+    LM share plus the auxiliary terms), for the non-finite check.
     """
     n = len(batches)
     batches = [_to_device(b, info.device) for b in batches]
@@ -89,6 +99,7 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
     count = info.all_reduce_sum(local.to(torch.float64).reshape(1))[0]  # over micro-batches and ranks
     per_rank = count.clamp(min=1) / info.world_size  # gradients are averaged over ranks: undo that
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float32, device=info.device)}
+    objective = torch.zeros((), dtype=torch.float32, device=info.device)
     for i, batch in enumerate(batches):
         with parallel.grad_sync(model, sync=i == n - 1), _autocast(cfg, info.device):
             out = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"))
@@ -97,13 +108,16 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
             hook_loss, stats = hooks_aux_loss(hooks, raw, batch, out)
             if hook_loss is not None:
                 aux = aux + hook_loss
-        (loss + aux / n).backward()
+        total = loss + aux / n
+        total.backward()
         sums["loss"] += loss.detach()
+        objective += total.detach().float()
         stats = {"aux_loss": out.aux_loss.detach(), **out.stats, **stats}
         for k, v in stats.items():
             v = torch.as_tensor(v, dtype=torch.float32).to(info.device) / n
             sums[k] = sums[k] + v if k in sums else v
     sums["trained_tokens"] = count.float()
+    sums["objective"] = objective
     return sums
 
 
@@ -160,29 +174,30 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
     return raw, wrapped, optimizer, build_scheduler(optimizer, cfg)
 
 
-def _resume_path(cfg: TrainConfig) -> Path | None:
+def _resume_path(cfg: TrainConfig, info: parallel.DistInfo) -> Path | None:
     if cfg.resume is False or cfg.resume == "":
         existing = ckpt.latest_checkpoint(cfg.out_dir)
         if existing is not None:  # a fresh run would mix its checkpoints (and keep_last) with these
             raise ValueError(f"train.out_dir {cfg.out_dir} already holds checkpoints (latest {existing.name}); "
                              "set train.resume=true to continue that run, or choose a new train.out_dir.")
         return None
-    if cfg.resume is True:
-        return ckpt.latest_checkpoint(cfg.out_dir)  # None: nothing saved yet, start fresh
+    if cfg.resume is True:  # the newest undamaged one; None: nothing saved yet, start fresh
+        return ckpt.latest_good_checkpoint(cfg.out_dir, warn=info.is_main)
     return Path(cfg.resume)
 
 
 def _resume(path: Path, wrapped, optimizer, scheduler, loader, hooks, cfg: TrainConfig,
-            info: parallel.DistInfo) -> int:
-    """Restore a checkpoint, set newer ones of the abandoned run aside; returns the resumed step."""
-    state = ckpt.load_checkpoint(path, wrapped, optimizer, scheduler, loader, info, cfg)
+            info: parallel.DistInfo) -> dict:
+    """Restore a checkpoint, set newer ones of the abandoned run aside; returns its train state."""
+    verified = cfg.resume is True  # latest_good_checkpoint has just hashed every file
+    state = ckpt.load_checkpoint(path, wrapped, optimizer, scheduler, loader, info, cfg, verify=not verified)
     hooks_load_state_dict(hooks, state["hooks"])
     log.info("resumed from %s at step %d", path, state["step"])
     ckpt.set_aside_newer(cfg.out_dir, state["step"], info)
     if state["step"] >= cfg.steps:
         log.warning("the checkpoint is at step %d and train.steps=%d: nothing left to train; raise "
                     "train.steps to continue.", state["step"], cfg.steps)
-    return state["step"]
+    return state
 
 
 def _set_seed(seed: int) -> None:
@@ -231,14 +246,36 @@ class _Meter:
         return record
 
 
+def _all_finite(objective: torch.Tensor, grad_norm: torch.Tensor, info: parallel.DistInfo) -> bool:
+    """Whether the objective and grad norm are finite on every rank (one host sync; one all-reduce if distributed)."""
+    bad = (~torch.isfinite(objective.float() + grad_norm.float())).to(torch.float32).reshape(1)
+    if info.world_size > 1:
+        bad = info.all_reduce_sum(bad)
+    return not bool(bad.item())
+
+
 def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: TrainConfig, info: parallel.DistInfo):
-    """One optimizer step over `grad_accum` micro-batches; returns (stats, base lr used, grad norm)."""
+    """One optimizer step over `grad_accum` micro-batches; returns (stats, base lr used, grad norm).
+
+    A non-finite objective or grad norm (module docstring) raises a FloatingPointError before the optimizer
+    steps (`cfg.nonfinite="stop"`), or zeroes the gradients, skips the optimizer step and sets
+    `stats["nonfinite"]` (`"skip"`)."""
     optimizer.zero_grad(set_to_none=True)
     batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
     stats = forward_backward(wrapped, raw, batches, hooks, cfg, info)
+    objective = stats.pop("objective")
     grad_norm = parallel.clip_grad_norm(wrapped, cfg.clip)
     lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
-    optimizer.step()
+    if _all_finite(objective, grad_norm, info):
+        optimizer.step()
+    elif cfg.nonfinite == "stop":
+        raise FloatingPointError(
+            f"step {scheduler.last_epoch + 1}: the loss is {float(objective):.6g} and the gradient norm "
+            f"{float(grad_norm):.6g}; the step was not applied and no checkpoint is written from it. Lower "
+            "train.lr or check the data, or set train.nonfinite=skip to skip such steps.")
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        stats["nonfinite"] = torch.ones(())
     scheduler.step()
     return stats, lr, grad_norm
 
@@ -256,25 +293,38 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     raw, wrapped, optimizer, scheduler = setup_model(model, cfg, info)
     out_dir, run_config = Path(cfg.out_dir), run_config or RunConfig(train=cfg)
     result = TrainResult(steps=0, out_dir=out_dir)
-    resume = _resume_path(cfg)
+    resume = _resume_path(cfg, info)
     if resume is not None:
-        result.steps = _resume(resume, wrapped, optimizer, scheduler, loader, hooks, cfg, info)
+        state = _resume(resume, wrapped, optimizer, scheduler, loader, hooks, cfg, info)
+        result.steps, result.nonfinite_steps = state["step"], state.get("nonfinite_steps", 0)
         result.last_checkpoint = resume
+    if info.is_main:
+        ckpt.remove_stale_tmp(out_dir)
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         save_run_config(run_config, out_dir / "config.yaml")
     meter, bar = _Meter(cfg, raw, info), _progress(cfg, info, result.steps)
     for step in range(result.steps + 1, cfg.steps + 1):
-        stats, lr, grad_norm = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg, info)
-        stats.update(hooks_after_step(hooks, raw, step, stats, info))
+        try:
+            stats, lr, grad_norm = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg, info)
+        except FloatingPointError as e:
+            last = result.last_checkpoint
+            raise FloatingPointError(f"{e} The last checkpoint, {last}, is intact: resume from it with "
+                                     "train.resume=true." if last else f"{e} No checkpoint was written yet.") from None
+        skipped = bool(stats.pop("nonfinite", False))
+        if skipped:
+            result.nonfinite_steps += 1
+            log.warning("step %d: non-finite loss or gradient norm (%s); the step was skipped "
+                        "(train.nonfinite=skip), %d so far", step, f"{float(grad_norm):.4g}", result.nonfinite_steps)
+        else:
+            stats.update(hooks_after_step(hooks, raw, step, stats, info))
         meter.steps += 1
-        if _due(step, cfg.log_every, cfg.steps):
+        if _due(step, cfg.log_every, cfg.steps) or skipped:
             record = meter.record(step, stats, lr, grad_norm)
+            if cfg.nonfinite == "skip":
+                record["nonfinite_steps"] = result.nonfinite_steps
             logger.log(record)
             result.losses.append((step, record["loss"]))
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"training loss is {record['loss']} at step {step}; lower train.lr "
-                                         "or check the data.")
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 mfu=f"{record['mfu']:.1%}")
@@ -288,7 +338,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             if _due(step, cfg.save_every, cfg.steps):
                 result.last_checkpoint = ckpt.save_checkpoint(
                     out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
-                    lambda path: save_run_config(run_config, path), cfg.keep_last, train_config=cfg)
+                    lambda path: save_run_config(run_config, path), cfg.keep_last, train_config=cfg,
+                    extra_state={"nonfinite_steps": result.nonfinite_steps})
         result.steps = step
     if bar is not None:
         bar.close()
