@@ -31,6 +31,8 @@ def test_option_set_is_deliberate():
                        "model", "new_tokens", "out", "prompt_len", "repeats"],
         "bench dnd": ["base", "batches", "device", "dtype", "model", "new_tokens", "out", "prefill_len", "quality",
                       "ratio", "repeats", "steps", "throughput"],
+        "bench dreamer": ["batch_size", "decode_batches", "device", "dtype", "model", "new_tokens", "out",
+                          "prompt_len", "repeats", "seq_len", "steps"],
         "bench gateskip": ["budgets", "decode_batches", "device", "dtype", "gate", "model", "new_tokens", "out",
                            "path", "prefill_lens", "repeats"],
         "bench quality": ["base", "out", "steps"],

@@ -260,6 +260,26 @@ def bench_dnd(
     _run(bench_main, cfg, qcfg)
 
 
+@bench_app.command("dreamer")
+def bench_dreamer(
+    model: str = typer.Option("dreamer-bench", help="A Dreamer preset (random weights)."),
+    batch_size: int = typer.Option(8, help="Training batch."), seq_len: int = typer.Option(256),
+    steps: int = typer.Option(5, help="Timed training steps per model."),
+    decode_batches: str = typer.Option("1,8,32", help="Comma-separated decode batch sizes."),
+    prompt_len: int = typer.Option(32), new_tokens: int = typer.Option(16), repeats: int = typer.Option(3),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("runs/bench")),
+) -> None:
+    """Dreamer against a dense decoder of equal FLOPs per token: training tokens/s and memory, decode tokens/s."""
+    from dyndepth.bench.dreamer import DreamerBenchConfig
+    from dyndepth.bench.dreamer import main as bench_main
+
+    cfg = _run(DreamerBenchConfig, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
+               decode_batches=[int(v) for v in decode_batches.split(",") if v.strip()], prompt_len=prompt_len,
+               new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, out_dir=str(out))
+    _run(bench_main, cfg)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     app()

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from dyndepth.bench.dreamer import DreamerBenchConfig, main, matched_dense
+from dyndepth.models.dreamer import DreamerConfig, DreamerLM
+
+
+def test_the_dense_baseline_matches_dreamers_flops_per_token():
+    config = DreamerConfig(vocab_size=512, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           num_recurrences=6, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=64)
+    dense = matched_dense(config)
+    assert dense.num_hidden_layers == 6 and dense.hidden_size == 128
+    from dyndepth import CausalLM
+
+    ratio = DreamerLM(config).forward_flops(256) / CausalLM(dense).forward_flops(256)
+    assert ratio == pytest.approx(1.0, abs=0.005)  # only the rounding of the MLP width differs
+
+
+def test_main_writes_json_and_markdown_with_consistent_ratios(tmp_path, capsys):
+    cfg = DreamerBenchConfig(model="dreamer-tiny", batch_size=2, seq_len=16, steps=1, warmup_steps=0,
+                             decode_batches=[1, 2], prompt_len=4, new_tokens=3, repeats=1, out_dir=str(tmp_path))
+    result = main(cfg)
+    saved = json.loads((tmp_path / "dreamer-cpu-float32.json").read_text())
+    assert set(saved["decode_tokens_per_s"]) == {"1", "2"} and saved["date"]
+    step = result["train_step_seconds"]
+    assert result["train_ratio"] == pytest.approx(step["dense"] / step["dreamer"], rel=1e-9)
+    assert result["flops_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert result["kv_bytes_per_token"]["dreamer"] == result["kv_bytes_per_token"]["dense"]
+    assert min(result["memory_bytes"].values()) > 0
+    assert "| decode tok/s (B=2, prompt 4) |" in capsys.readouterr().out
+
+
+def test_a_non_dreamer_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a Dreamer preset; use one of"):
+        DreamerBenchConfig(model="tiny-qwen3")
