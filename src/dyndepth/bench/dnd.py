@@ -158,6 +158,7 @@ class DNDQualityConfig:
     steps: int = 120  # post-training steps, the same for DND and SFT (equal tokens)
     method: dict = field(default_factory=lambda: {"name": "dnd", "layers": [1, 2], "ratio": 0.2})
     eval_examples: int = 40  # per task
+    data: dict | None = None  # the [data] section; None: the demo's (the base model's training data)
     out_dir: str = "runs/bench"
 
 
@@ -173,7 +174,7 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     if not (Path(cfg.base) / "config.json").exists():
         raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
                          "runs/demo/base_model) or pass --base.")
-    qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, out_dir=cfg.out_dir)
+    qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, data=cfg.data, out_dir=cfg.out_dir)
     data, difficulty = _data(qcfg)
     tok = ByteTokenizer()
     val_kw = dict(split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)

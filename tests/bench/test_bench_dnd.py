@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+import dyndepth
+from dyndepth.bench.dnd import DNDBenchConfig, DNDQualityConfig, fit_thresholds, main
+
+
+def test_throughput_bench_reports_wall_clock_next_to_flop_overhead(tmp_path):
+    cfg = DNDBenchConfig(model="demo-tiny", batches=[1, 3], prefill_len=24, decode_prompt_len=8, new_tokens=3,
+                         repeats=1, ratio=0.3, out_dir=str(tmp_path))
+    result = main(cfg)["throughput"]
+    assert [(r["phase"], r["B"]) for r in result["rows"]] == [("prefill", 1), ("decode", 1), ("prefill", 3),
+                                                              ("decode", 3)]
+    prefill = [r for r in result["rows"] if r["phase"] == "prefill"]
+    assert all(r["flops_overhead"] > 0 for r in result["rows"])  # routers at least
+    assert any(r["selected"] > 0 for r in prefill)  # tau was fitted to nest 30% of random rows in layers 1..2
+    assert result["layers"] == [1, 2] and set(result["layer_report"]) == {1, 2}
+    saved = json.loads((tmp_path / "dnd-cpu-float32.json").read_text())
+    assert saved["throughput"]["rows"][0]["flops_overhead"] == pytest.approx(prefill[0]["flops_overhead"])
+    assert "wall_over_flops" in (tmp_path / "dnd-cpu-float32.md").read_text()
+
+
+def test_fit_thresholds_nests_the_ratio_of_the_calibration_tokens():
+    import torch
+
+    from dyndepth.methods import attach_dnd
+
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).eval()
+    method = attach_dnd(model, {"layers": [0, 1], "router_init_std": 1.0})
+    ids = torch.randint(0, 256, (4, 25))
+    fit_thresholds(model, [ids], 0.2, rounds=2)
+    with torch.no_grad():
+        stats = model(ids).stats
+    assert float(stats["dnd/selected/L0"]) == pytest.approx(0.2)  # layer 0's scores do not depend on tau
+    assert abs(float(stats["dnd/selected/L1"]) - 0.2) < 0.05
+
+
+def test_quality_bench_post_trains_dnd_and_sft_at_equal_tokens(tmp_path):
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "base")
+    data = {"source": "synthetic", "synthetic_examples": 6000, "tasks": ["add", "copy"]}
+    cfg = DNDQualityConfig(base=str(tmp_path / "base"), steps=2, eval_examples=2, data=data, out_dir=str(tmp_path))
+    result = main(None, cfg)["quality"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"SFT", "DND"} and rows["SFT"]["compute"] == 1.0 and rows["DND"]["compute"] > 1.0
+    r = result["entropy"]["pearson_r"]  # nan when every token was nested equally often (2 steps of training)
+    assert rows["DND"]["perplexity"] > 1.0 and (r != r or -1 <= r <= 1) and result["entropy"]["tokens"] == 4 * 256
+    records = [json.loads(x) for x in (tmp_path / "dnd_quality_runs" / "dnd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("dnd/tau/L1" in r for r in records)
+    sft = (tmp_path / "dnd_quality_runs" / "sft" / "metrics.jsonl").read_text()
+    assert "dnd/" not in sft  # the baseline is the plain fine-tune
+    for name in ("controller", "heatmap"):
+        assert (tmp_path / f"dnd_{name}.png").stat().st_size > 1000
