@@ -367,3 +367,22 @@ def test_save_load_and_cli_posttraining_export_round_trip(tmp_path):
     tuned = dyndepth.from_pretrained(tmp_path / "run" / "model")
     assert tuned.method.name == "dnd" and float(tuned.model.layers[1].dnd.tau) == pytest.approx(taus[-1])
     assert isinstance(tuned.method.trainer_hooks(1)[0], DNDHook)
+
+
+@pytest.mark.parametrize("recipe", ["dnd_posttrain.toml", "tiny_dnd.toml"])
+def test_recipes_are_valid_and_the_sft_baseline_differs_in_one_key(recipe):
+    from pathlib import Path
+
+    from dyndepth.methods.common import make_config
+    from dyndepth.runconfig import load_run_config
+    from dyndepth.train.run import build_hooks
+
+    path = Path(__file__).parents[2] / "recipes" / recipe
+    dnd, sft = load_run_config(path), load_run_config(path, ["method.name=none"])
+    plain = CausalLM(preset("tiny-qwen3"))
+    assert dnd.method["name"] == "dnd" and build_hooks(sft.method, plain) == [] and plain.method is None
+    assert {**dnd.to_dict(), "method": None} == {**sft.to_dict(), "method": None}
+    assert {k: v for k, v in dnd.method.items() if k != "name"} == {k: v for k, v in sft.method.items() if k != "name"}
+    cfg = make_config(DNDConfig, dnd.method)  # every option is a DNDConfig field
+    if recipe == "dnd_posttrain.toml":
+        assert cfg.band(28) == list(range(4, 24)) and cfg.ratio == 0.2

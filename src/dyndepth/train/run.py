@@ -53,7 +53,7 @@ def attach_from_config(method_cfg: dict, model: nn.Module):
     from dyndepth.methods import METHOD_NAMES, attach_method, reconfigure_method
 
     name = method_cfg.get("name", "none")
-    if name in ("none", ""):
+    if name in ("none", "", None):  # --set method.name=none parses to None
         return None
     if name not in METHOD_NAMES:
         raise RunConfigError(f"method.name={name!r} is not one of {sorted(METHOD_NAMES)} (or 'none').")
