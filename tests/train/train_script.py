@@ -4,6 +4,8 @@ python train_script.py OUT_DIR [--steps 12] [--save-every 4] [--resume] [--sleep
     [--parallel none|ddp|fsdp|ddp,fsdp] [--batch-size 4] [--grad-accum 1]
 Under torchrun-style env vars (RANK, WORLD_SIZE, ...) it trains one rank's shard. A comma list of
 parallel modes trains once per mode (in OUT_DIR/<mode>) inside one process group.
+With DYNDEPTH_CHECKPOINT_FAULT=POINT@STEP in the environment the save of STEP stops at POINT (it writes
+OUT_DIR/POINT.fault, then sleeps) so a test can SIGKILL it there; see dyndepth/train/checkpoint.py.
 """
 
 from __future__ import annotations
