@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_fit_thresholds_nests_the_ratio_of_the_calibration_tokens():
 
     torch.manual_seed(0)
     model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).eval()
-    method = attach_dnd(model, {"layers": [0, 1], "router_init_std": 1.0})
+    attach_dnd(model, {"layers": [0, 1], "router_init_std": 1.0})
     ids = torch.randint(0, 256, (4, 25))
     fit_thresholds(model, [ids], 0.2, rounds=2)
     with torch.no_grad():
@@ -45,7 +46,7 @@ def test_quality_bench_post_trains_dnd_and_sft_at_equal_tokens(tmp_path):
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"SFT", "DND"} and rows["SFT"]["compute"] == 1.0 and rows["DND"]["compute"] > 1.0
     r = result["entropy"]["pearson_r"]  # nan when every token was nested equally often (2 steps of training)
-    assert rows["DND"]["perplexity"] > 1.0 and (r != r or -1 <= r <= 1) and result["entropy"]["tokens"] == 4 * 256
+    assert rows["DND"]["perplexity"] > 1.0 and (math.isnan(r) or -1 <= r <= 1) and result["entropy"]["tokens"] == 4 * 256
     records = [json.loads(x) for x in (tmp_path / "dnd_quality_runs" / "dnd" / "metrics.jsonl").read_text().splitlines()]
     assert any("dnd/tau/L1" in r for r in records)
     sft = (tmp_path / "dnd_quality_runs" / "sft" / "metrics.jsonl").read_text()

@@ -259,7 +259,7 @@ def test_training_gradients_losses_and_moe_balancing_of_nested_tokens():
 
 
 def test_topk_control_selects_the_ratio_per_sequence_in_training_and_tau_at_inference():
-    model, method = dnd_model(control="topk", ratio=0.25)
+    model, _ = dnd_model(control="topk", ratio=0.25)
     ids, mask = left_padded(T=12)
     trace = dyndepth.Trace()
     model.train()
@@ -275,7 +275,7 @@ def test_topk_control_selects_the_ratio_per_sequence_in_training_and_tau_at_infe
 
 
 def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():
-    model, method = dnd_model(ratio=1.0)
+    model, _ = dnd_model(ratio=1.0)
     ids, mask = left_padded()
     with torch.no_grad():
         out = model(ids, attention_mask=mask)

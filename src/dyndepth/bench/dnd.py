@@ -105,9 +105,9 @@ def _decode_flops(model, prompt: torch.Tensor, n: int) -> tuple[float, float]:
 
 def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
     wall, flop = times["dnd"] / times["base"] - 1, work["dnd"] / work["base"] - 1
-    return dict(phase=phase, B=B, selected=selected, base_s=times["base"], dnd_s=times["dnd"],
-                throughput=times["base"] / times["dnd"], flops_overhead=flop, wall_overhead=wall,
-                wall_over_flops=wall / flop if flop > 0 else float("nan"))
+    return {"phase": phase, "B": B, "selected": selected, "base_s": times["base"], "dnd_s": times["dnd"],
+            "throughput": times["base"] / times["dnd"], "flops_overhead": flop, "wall_overhead": wall,
+            "wall_over_flops": wall / flop if flop > 0 else float("nan")}
 
 
 @torch.no_grad()
@@ -177,7 +177,7 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, data=cfg.data, out_dir=cfg.out_dir)
     data, difficulty = _data(qcfg)
     tok = ByteTokenizer()
-    val_kw = dict(split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
+    val_kw = {"split": "val", "batch_size": 16, "seq_len": 256, "seed": 0, "tokenizer": tok}
     val_loader = build_loader(data, **val_kw)
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]
     examples = make_examples(list(TASKS), cfg.eval_examples * len(TASKS), seed=1, difficulty=difficulty, split="val")

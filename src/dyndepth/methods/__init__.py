@@ -8,6 +8,6 @@ from dyndepth.methods.mod import MoD, MoDConfig, MoDHook, attach_mod
 from dyndepth.methods.registry import METHOD_NAMES, attach_method, reconfigure_method
 from dyndepth.methods.speculative import SpecStats, speculative_generate
 
-__all__ = ["DND", "DNDConfig", "DNDHook", "METHOD_NAMES", "GateSkip", "GateSkipConfig", "GateSkipHook", "MoD",
+__all__ = ["DND", "METHOD_NAMES", "DNDConfig", "DNDHook", "GateSkip", "GateSkipConfig", "GateSkipHook", "MoD",
            "MoDConfig", "MoDHook", "SpecStats", "attach_dnd", "attach_gateskip", "attach_method", "attach_mod",
            "calibrate", "reconfigure_method", "speculative_generate"]

@@ -29,6 +29,13 @@ def make_config(cls, cfg):
     return cls(**fields)
 
 
+def check_structural(name: str, old, new, fields: tuple[str, ...]) -> None:
+    """`configure` of an attached method: the config fields that shape its parameters cannot change."""
+    changed = [f for f in fields if old is not None and getattr(old, f) != getattr(new, f)]
+    if changed:
+        raise ValueError(f"{name}.{changed[0]} cannot change once attached (it shapes the parameters).")
+
+
 def replace_config(cfg, **fields):
     """A copy of a method's config with some fields changed (validated like a fresh config)."""
     return make_config(type(cfg), {**asdict(cfg), **fields})

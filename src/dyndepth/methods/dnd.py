@@ -61,6 +61,7 @@ from dyndepth.core.routing import (
 from dyndepth.methods.common import (
     apply_keeping_float32,
     check_attachable,
+    check_structural,
     make_config,
     method_dict,
     override_knobs,
@@ -165,10 +166,7 @@ class DND:
 
     def configure(self, config: DNDConfig) -> None:
         """Adopt a new config (training options); runtime knobs reset."""
-        old = getattr(self, "config", None)
-        changed = [f for f in STRUCTURAL if old is not None and getattr(old, f) != getattr(config, f)]
-        if changed:
-            raise ValueError(f"dnd.{changed[0]} cannot change once attached (it shapes the parameters).")
+        check_structural(self.name, getattr(self, "config", None), config, STRUCTURAL)
         self.config = config
         self.nested, self.tau_offset = True, 0.0
         for layer in self.layers:
@@ -337,7 +335,7 @@ def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = N
     k = keep_BT.long()
     before_BT = k.cumsum(1) - k
     if doc_ids_BT is not None:
-        B, T = keep_BT.shape
+        T = keep_BT.shape[1]
         start_BT = torch.ones_like(keep_BT)
         start_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
         first_BT = (torch.arange(T, device=keep_BT.device) * start_BT).cummax(1).values  # the document's first

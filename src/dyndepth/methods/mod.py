@@ -55,6 +55,7 @@ from dyndepth.methods.common import (
     apply_keeping_float32,
     budget_ppm,
     check_attachable,
+    check_structural,
     make_config,
     method_dict,
     override_knobs,
@@ -147,10 +148,7 @@ class MoD:
 
     def configure(self, config: MoDConfig) -> None:
         """Adopt a new config (training options); runtime knobs reset to its values."""
-        old = getattr(self, "config", None)
-        changed = [f for f in STRUCTURAL if old is not None and getattr(old, f) != getattr(config, f)]
-        if changed:
-            raise ValueError(f"mod.{changed[0]} cannot change once attached (it shapes the parameters).")
+        check_structural(self.name, getattr(self, "config", None), config, STRUCTURAL)
         self.config = config
         self.capacity, self.mode = config.capacity, config.mode
 
