@@ -55,6 +55,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; dyndepth builds {SUPPORTED_MODEL_TYPES}."
             )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                              f"({self.num_attention_heads}); set head_dim explicitly or change one of them.")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.qk_norm is None:
@@ -64,8 +72,8 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even (rotary embeddings) and >= 2, got {self.head_dim}.")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; only 'silu' (SwiGLU) is.")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
