@@ -249,9 +249,7 @@ class _Meter:
 def _all_finite(objective: torch.Tensor, grad_norm: torch.Tensor, info: parallel.DistInfo) -> bool:
     """Whether the objective and grad norm are finite on every rank (one host sync; one all-reduce if distributed)."""
     bad = (~torch.isfinite(objective.float() + grad_norm.float())).to(torch.float32).reshape(1)
-    if info.world_size > 1:
-        bad = info.all_reduce_sum(bad)
-    return not bool(bad.item())
+    return not bool(info.all_reduce_sum(bad).item())
 
 
 def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: TrainConfig, info: parallel.DistInfo):
@@ -314,8 +312,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
         skipped = bool(stats.pop("nonfinite", False))
         if skipped:
             result.nonfinite_steps += 1
-            log.warning("step %d: non-finite loss or gradient norm (%s); the step was skipped "
-                        "(train.nonfinite=skip), %d so far", step, f"{float(grad_norm):.4g}", result.nonfinite_steps)
+            log.warning("step %d: non-finite loss (%.4g) or gradient norm (%.4g); the step was skipped "
+                        "(train.nonfinite=skip), %d so far", step, float(stats["loss"]), float(grad_norm),
+                        result.nonfinite_steps)
         else:
             stats.update(hooks_after_step(hooks, raw, step, stats, info))
         meter.steps += 1
