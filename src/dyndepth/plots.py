@@ -102,3 +102,44 @@ def plot_gate_stats(stats: GateStats, path: str | Path, max_positions: int = 64,
     path = Path(path)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def plot_expert_usage(usage_AE, path: str | Path, title: str = "Dreamer: expert usage per step",
+                      dpi: int = 110) -> Path:
+    """PNG heatmap of expert usage: rows = layer applications (recurrence steps), columns = experts, colour =
+    share of that step's selections going to the expert (uniform = 1 / E)."""
+    from matplotlib.figure import Figure
+
+    share = usage_AE.float() / usage_AE.float().sum(-1, keepdim=True).clamp(min=1)  # (A, E)
+    A, E = share.shape
+    fig = Figure(figsize=(max(5.0, 0.12 * E + 2), 1.2 + 0.3 * A))
+    ax = fig.add_subplot()
+    im = ax.imshow(share.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="share of the step's selections", fraction=0.04)
+    ax.set(xlabel="expert", ylabel="step", title=title)
+    ax.set_yticks(range(A))
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Dreamer: quality vs average depth",
+                          dpi: int = 110) -> Path:
+    """rows: dicts with `avg_depth`, `val_loss`, optional `exact_match` (0..1) and `label`; two panels."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    for ax, key, scale, ylabel in ((ax1, "val_loss", 1, "validation loss (nats/token)"),
+                                   (ax2, "exact_match", 100, "exact match, synthetic tasks (%)")):
+        pts = [r for r in rows if r.get(key) is not None]
+        ax.plot([r["avg_depth"] for r in pts], [scale * r[key] for r in pts], "o")
+        for r in pts:
+            ax.annotate(r["label"], (r["avg_depth"], scale * r[key]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        ax.set(xlabel="average recurrence steps per token", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

@@ -1,0 +1,140 @@
+"""Dreamer evaluation: quality against depth, expert-selection statistics and the per-step expert usage.
+
+Depth knobs (ours, not the paper's): `steps` runs more or fewer recurrences than training did, `exit_kl` stops a
+token once its next-token distribution moves less than the threshold between successive steps. Each setting
+reports validation loss, exact match on the synthetic tasks (greedy generation with the same knobs, so the
+cached decode path exits too), the average depth per token and the FLOPs per token that ran (executed) and that
+the exits require (ideal).
+
+    python -m dyndepth.eval.dreamer runs/dreamer_tiny_cpu        # a `dyndepth train` run folder
+
+reads the run's config.yaml (its data section) and the exported model/, and writes results.json,
+quality_vs_depth.png and expert_usage.png to the run folder (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dyndepth.bench.timing import markdown_table
+from dyndepth.data.build import build_loader, build_tokenizer
+from dyndepth.data.synthetic import TASKS, exact_match, make_examples
+from dyndepth.eval.tasks import generate_answers
+from dyndepth.interop.hf import from_pretrained
+from dyndepth.plots import plot_expert_usage, plot_quality_vs_depth
+from dyndepth.runconfig import load_run_config
+
+SYNTHETIC_SOURCES = ("synthetic", "embedded")
+
+
+@torch.no_grad()
+def forward_report(model, batches: list[dict]) -> dict:
+    """Token-weighted validation loss, average depth, FLOPs per valid token and expert statistics over `batches`
+    (dicts with input_ids and labels), at the model's current knobs."""
+    sums = {"nll": 0.0, "labels": 0, "tokens": 0.0, "depth": 0.0, "executed": 0.0, "ideal": 0.0, "diversity": 0.0}
+    usage, entropy, change = 0, [], 0
+    for batch in batches:
+        out = model(batch["input_ids"])
+        labels = batch["labels"]
+        sums["nll"] += float(F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                                             ignore_index=-100))
+        sums["labels"] += int((labels != -100).sum())
+        st, n = out.stats, float(out.stats["tokens/valid"])
+        sums["tokens"] += n
+        sums["depth"] += float(st["dreamer/avg_depth"]) * n
+        sums["executed"] += float(st["flops/executed"])
+        sums["ideal"] += float(st["flops/ideal"])
+        change = change + st["dreamer/state_change"] / len(batches)
+        if "dreamer/expert_usage" in st:
+            usage = usage + st["dreamer/expert_usage"]
+            sums["diversity"] += float(st["dreamer/expert_diversity"]) * n
+            entropy.append(float(st["dreamer/expert_set_entropy"]))
+    n = max(sums["tokens"], 1.0)
+    report = {"val_loss": sums["nll"] / max(sums["labels"], 1), "avg_depth": sums["depth"] / n,
+              "flops_executed": sums["executed"] / n, "flops_ideal": sums["ideal"] / n,
+              "state_change": [round(float(c), 4) for c in change]}
+    if entropy:
+        report.update(expert_diversity=sums["diversity"] / n, expert_set_entropy=sum(entropy) / len(entropy),
+                      expert_usage=usage)
+    return report
+
+
+def depth_sweep(model, tokenizer, examples, batches: list[dict], settings: list[tuple[str, int | None, float | None]],
+                ) -> list[dict]:
+    """One row per (label, steps, exit_kl) setting: `forward_report` plus exact match on `examples` (if any)."""
+    rows = []
+    for label, steps, exit_kl in settings:
+        with model.override(steps=steps, exit_kl=exit_kl):
+            row = {"label": label, "steps": model.num_steps, "exit_kl": exit_kl, **forward_report(model, batches)}
+            if examples:
+                accuracy = exact_match(examples, generate_answers(model, tokenizer, examples))
+                row.update(exact_match=accuracy["overall"], per_task=accuracy)
+        row.pop("expert_usage", None)
+        rows.append(row)
+    return rows
+
+
+def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_per_task: int = 40,
+              num_batches: int = 8, exit_kls: tuple[float, ...] = (0.1, 0.03, 0.01, 0.003)) -> dict:
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rc = load_run_config(run_dir / "config.yaml")
+    model = from_pretrained(run_dir / "model").eval()
+    tokenizer = build_tokenizer(rc.data)
+    val = build_loader(rc.data, split="val", batch_size=rc.train.batch_size, seq_len=rc.train.seq_len,
+                       seed=rc.train.seed, tokenizer=tokenizer)
+    batches = [val.next_batch() for _ in range(num_batches)]
+    examples = []
+    if rc.data.get("source", "embedded") in SYNTHETIC_SOURCES:
+        tasks = list(rc.data.get("tasks") or TASKS)
+        examples = make_examples(tasks, examples_per_task * len(tasks), seed=1, difficulty=rc.data.get("difficulty"),
+                                 split="val")
+    R = model.config.num_recurrences
+    steps = sorted({max(1, R // 2), max(1, R - 1), R, R + 2, 2 * R})
+    settings = [(f"R={s}" + (" (trained)" if s == R else ""), s, None) for s in steps]
+    settings += [(f"exit KL<{kl:g}", None, kl) for kl in exit_kls]
+    rows = depth_sweep(model, tokenizer, examples, batches, settings)
+    trained = forward_report(model, batches)
+    result = {"run": str(run_dir), "model_params": model.num_params(), "num_recurrences": R, "rows": rows,
+              "expert_diversity": trained.get("expert_diversity"),
+              "expert_set_entropy": trained.get("expert_set_entropy"), "state_change": trained["state_change"]}
+    if "expert_usage" in trained:
+        plot_expert_usage(trained["expert_usage"], out / "expert_usage.png")
+        result["expert_usage"] = trained["expert_usage"].tolist()
+    plot_quality_vs_depth(rows, out / "quality_vs_depth.png")
+    (out / "dreamer_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def render(result: dict) -> str:
+    cols = ["label", "avg_depth", "val_loss", "exact_match", "flops_ideal", "flops_executed"]
+    rows = [{**r, "exact_match": "-" if r.get("exact_match") is None else f"{r['exact_match']:.1%}",
+             "flops_ideal": f"{r['flops_ideal'] / 1e6:.2f}M", "flops_executed": f"{r['flops_executed'] / 1e6:.2f}M"}
+            for r in result["rows"]]
+    tasks = [t for t in TASKS if any(t in r.get("per_task", {}) for r in result["rows"])]
+    for row, r in zip(rows, result["rows"]):
+        row.update({t: f"{r['per_task'][t]:.0%}" for t in tasks})
+    tail = (f"\n\nexpert diversity (distinct experts per token / min(k R, E)): {result['expert_diversity']}; "
+            f"expert-set entropy per step (nats): {result['expert_set_entropy']}; relative state change per step: "
+            f"{result['state_change']}")
+    return markdown_table(rows, cols + tasks) + tail
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a `dyndepth train` output folder (config.yaml and model/)")
+    parser.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    parser.add_argument("--examples", type=int, default=40, help="evaluation examples per task")
+    parser.add_argument("--batches", type=int, default=8, help="validation batches for the loss")
+    args = parser.parse_args(argv)
+    print(render(run_study(args.run_dir, args.out, args.examples, args.batches)))
+
+
+if __name__ == "__main__":
+    main()
