@@ -74,9 +74,9 @@ def read_manifest(path: Path) -> dict:
     if not file.exists():
         if (path / "train_state.pt").exists():
             raise CheckpointError(
-                f"{path} has no {MANIFEST}: it was written by an older dyndepth, whose pickled state is no longer "
-                f"loaded (unpickling can run code). Re-run it, or start a new run from its weights: `dyndepth "
-                f"convert {path} OUT`, then model.pretrained=OUT.")
+                f"{path} has no {MANIFEST}: it is damaged, or was written by an older dyndepth whose pickled state "
+                f"is no longer loaded (unpickling can run code). Re-run such a run, or start a new one from its "
+                f"weights: `dyndepth convert {path} OUT`, then model.pretrained=OUT.")
         raise CheckpointError(f"{path} has no {MANIFEST}; it is not a complete dyndepth training checkpoint.")
     try:
         manifest = json.loads(file.read_text())
