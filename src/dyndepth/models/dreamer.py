@@ -16,7 +16,6 @@ layers applied at steps 0..R-1, application (step r, layer g) with KV-cache slot
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyndepth.config import ConfigError
+from dyndepth.config import ConfigError, ModelConfig
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
-from dyndepth.core.layers import RMSNorm, RotaryEmbedding
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
 from dyndepth.models.moe import load_balancing_loss
+from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
 from dyndepth.safetensors_io import write_pretrained
 
@@ -110,33 +109,15 @@ class DreamerConfig:
         """Layer applications of a forward (R * layers_per_group): one KV-cache slot each."""
         return self.num_recurrences * self.layers_per_group
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DreamerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    # The decoder config's own rules, shared rather than inherited: eos ids as a list, dict round trip.
+    eos_token_ids = ModelConfig.eos_token_ids
+    to_dict = ModelConfig.to_dict
+    from_dict = classmethod(ModelConfig.from_dict.__func__)
 
 
 def config_from_hf(d: dict) -> DreamerConfig:
     """DreamerConfig from a config.json written by `DreamerLM.save_pretrained`."""
     return DreamerConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
-
-
-class DreamerModel(nn.Module):
-    def __init__(self, config: DreamerConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DreamerLayer(config, g) for g in range(config.layers_per_group))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
 
 
 class DreamerLM(nn.Module):
@@ -148,7 +129,7 @@ class DreamerLM(nn.Module):
     def __init__(self, config: DreamerConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = DreamerModel(config)
+        self.model = DecoderModel(config, [DreamerLayer(config, g) for g in range(config.layers_per_group)])
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -194,10 +175,7 @@ class DreamerLM(nn.Module):
             self.steps, self.exit_kl = old["steps"], old["exit_kl"]
 
     # ------------------------------------------------------------------------------ forward
-    def make_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     positions: torch.Tensor | None, cache: KVCache | None,
-                     doc_ids: torch.Tensor | None = None) -> ForwardContext:
-        return make_context(self, input_ids, attention_mask, positions, cache, doc_ids)
+    make_context = make_context  # the decoder's (models.forward.make_context), as a bound method
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,

@@ -74,10 +74,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Embedding, layers, final norm and rotary tables. `layers` replaces the decoder layers (a depth-recurrent
+    family passes its shared group, models/dreamer.py)."""
+
+    def __init__(self, config: ModelConfig, layers: list[nn.Module] | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        if layers is None:
+            layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
