@@ -354,3 +354,49 @@ def test_expert_statistics_count_every_selection_and_bound_diversity():
     torch.testing.assert_close(usage.sum(-1), torch.full((3,), 2.0 * int(mask.sum())))
     assert 2 / 6 <= float(stats["dreamer/expert_diversity"]) <= 1.0  # at least k distinct of min(k R, E)
     assert 0 < float(stats["dreamer/expert_set_entropy"]) <= torch.log(mask.sum().float())
+
+
+@pytest.mark.parametrize("options", [{"input_injection": True}, {"sandwich_norm": True}, {"da_parallel": True},
+                                     {"ea_depth_encoding": "rope"}, {"ea_depth_encoding": "none"},
+                                     {"norm_topk_prob": False}, {"da_head_dim": 8, "da_num_heads": 2}])
+def test_every_option_decodes_exactly_and_changes_the_output(options):
+    base = varied(tiny())
+    model = varied(tiny(**options))
+    ids, mask = left_padded(T=10)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cached = _prefill_then_decode(model, ids, mask, 7)
+        if "da_head_dim" not in options:  # same parameter shapes: the option itself changes the function
+            model.load_state_dict(base.state_dict(), strict=False)
+            assert (model(ids).logits - base(ids).logits).abs().max() > 1e-4
+    torch.testing.assert_close(cached[mask.bool()], full[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_the_optional_balancing_loss_trains_the_expert_keys():
+    model = varied(tiny(ea_aux_loss_coef=0.1)).train()
+    out = model(torch.randint(0, 256, (2, 8)))
+    assert float(out.aux_loss.detach()) > 0 and "dreamer/balance_loss" in out.stats
+    out.aux_loss.backward()
+    assert model.model.layers[0].mlp.expert_keys.grad.abs().sum() > 0
+    assert float(varied(tiny()).train()(torch.randint(0, 256, (2, 8))).aux_loss.detach()) == 0.0  # off by default
+
+
+class TwoRanks:
+    """A stand-in for DistInfo whose all-reduce returns the mean of this rank's and another rank's tensor."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.other = other
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t.add_(self.other).div_(2)
+
+
+def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
+    a, b = varied(tiny(num_recurrences=2, num_experts=4)), varied(tiny(num_recurrences=2, num_experts=4))
+    load_a = torch.tensor([[8.0, 0, 0, 0], [8, 0, 0, 0]])  # rank a: expert 0 overloaded
+    load_b = torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 24]])  # rank b: expert 3 overloaded
+    ExpertBiasHook().after_step(a, 1, {"dreamer/expert_usage": load_a}, TwoRanks(load_b))
+    ExpertBiasHook().after_step(b, 1, {"dreamer/expert_usage": load_b}, TwoRanks(load_a))
+    bias = a.model.layers[0].mlp.expert_bias
+    torch.testing.assert_close(bias, b.model.layers[0].mlp.expert_bias)
+    torch.testing.assert_close(bias, torch.tensor([-1e-3, 1e-3, 1e-3, -1e-3]))  # mean load 5: 0 and 3 above
