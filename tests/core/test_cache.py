@@ -26,3 +26,15 @@ def test_window_shares_storage_and_limits_what_readers_see():
 def test_bytes_per_token():
     cache = KVCache(3, 1, 4, 2, 8, dtype=torch.bfloat16)
     assert cache.nbytes_per_token() == 2 * 3 * 2 * 8 * 2
+
+
+def test_a_row_view_writes_into_its_rows_and_reads_them_gathered():
+    cache = KVCache(num_slots=1, batch_size=3, max_seq_len=4, num_kv_heads=1, head_dim=2)
+    view = cache.rows(torch.tensor([2, 0])).window(3)
+    assert view.batch_size == 2 and cache.rows(torch.tensor([2, 0])).rows(torch.tensor([1])).row_index.tolist() == [0]
+    k = torch.tensor([[[[1.0, 1.0]]], [[[2.0, 2.0]]]])  # (M=2, T=1, G, H)
+    k_all, _, valid = view.update(0, k, k, torch.tensor([[1], [0]]))
+    assert k_all.shape == (2, 1, 3, 2) and valid.tolist() == [[False, True, False], [True, False, False]]
+    assert cache.k[0, 2, 0, 1].tolist() == [1.0, 1.0] and cache.k[0, 0, 0, 0].tolist() == [2.0, 2.0]
+    assert not cache.valid[0, 1].any()  # the row outside the view is untouched
+    assert view.count(0).tolist() == [1, 1] and cache.count(0).tolist() == [1, 0, 1]

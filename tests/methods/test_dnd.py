@@ -316,11 +316,17 @@ def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_report
     overhead = extra / (float(out.stats["flops/executed"]) - extra)
     assert float(out.stats["dnd/flops_overhead"]) == pytest.approx(overhead, rel=1e-6)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = KVCache.for_model(model.config, 3, 16, num_slots=model.num_slots())
+    cache = KVCache.for_model(model.config, 3, 20, num_slots=model.num_slots())
     counted(model, ids, attention_mask=mask, positions=pos, cache=cache)
-    for t in range(2):
+    partial = 0
+    for t in range(4):
         out, torch_flops = counted(model, torch.randint(0, 256, (3, 1)), positions=pos[:, -1:] + 1 + t, cache=cache)
         assert float(out.stats["flops/executed"]) == torch_flops
+        for s in method.nested_slot.values():  # only the rows that selected the new token ran the nested pass
+            ran = out.compute.tokens.get((s, "mlp"), 0)
+            assert out.compute.total("executed", "mlp", s) == out.compute.total("ideal", "mlp", s)
+            partial += 0 < ran < 3
+    assert partial > 0
 
 
 def test_config_errors_and_no_calibration():

@@ -48,6 +48,7 @@ class KVCache:
         self.source = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.long, device=device)  # (L, B, S+1)
         self.max_seq_len = max_seq_len
         self.length = max_seq_len  # how many columns readers see; see `window`
+        self.row_index: torch.Tensor | None = None  # the batch rows this view covers; see `rows`
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_seq_len: int, num_slots: int | None = None,
@@ -57,7 +58,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1] if self.row_index is None else self.row_index.numel()
 
     def window(self, length: int) -> "KVCache":
         """A view that shares the buffers but lets readers see only the first `length` positions.
@@ -69,7 +70,15 @@ class KVCache:
             raise ValueError(f"window length {length} is outside 1..{self.max_seq_len} (the cache's size).")
         view = object.__new__(KVCache)
         view.k, view.v, view.valid, view.source = self.k, self.v, self.valid, self.source
-        view.max_seq_len, view.length = self.max_seq_len, length
+        view.max_seq_len, view.length, view.row_index = self.max_seq_len, length, self.row_index
+        return view
+
+    def rows(self, rows_M: torch.Tensor) -> KVCache:
+        """A view of batch rows `rows_M` (M,) of this cache (or view): `update` writes into those rows of the shared
+        buffers and returns them gathered, `count` counts them. For a method that runs a branch on M of B rows
+        while decoding (DND's nested pass). `invalidate` and `reset` act on the whole cache."""
+        view = self.window(self.length)
+        view.row_index = rows_M if self.row_index is None else self.row_index[rows_M]
         return view
 
     def update(
@@ -91,18 +100,22 @@ class KVCache:
         idx_BT = positions_BT
         if write_BT is not None:
             idx_BT = torch.where(write_BT, positions_BT, self.max_seq_len)  # unwritten -> scratch column
-        rows_BT = torch.arange(B, device=idx_BT.device)[:, None].expand(B, T)
+        rows_B = torch.arange(B, device=idx_BT.device) if self.row_index is None else self.row_index
+        rows_BT = rows_B[:, None].expand(B, T)
         k_buf, v_buf, valid_buf = self.k[slot], self.v[slot], self.valid[slot]  # (B, G, S+1, H), (B, S+1)
         k_buf[rows_BT, :, idx_BT] = k_BTGH.to(k_buf.dtype)  # advanced indices first: (B, T, G, H)
         v_buf[rows_BT, :, idx_BT] = v_BTGH.to(v_buf.dtype)
         valid_buf[rows_BT, idx_BT] = True
         self.source[slot][rows_BT, idx_BT] = positions_BT if source_BT is None else source_BT
         S = self.length
+        if self.row_index is not None:  # a row view: its rows, gathered
+            return k_buf[rows_B, :, :S], v_buf[rows_B, :, :S], valid_buf[rows_B, :S]
         return k_buf[:, :, :S], v_buf[:, :, :S], valid_buf[:, :S]
 
     def count(self, slot: int) -> torch.Tensor:
         """Valid entries per row at `slot` (B,): the next compact column of a sparse slot."""
-        return self.valid[slot, :, : self.max_seq_len].sum(-1)
+        valid = self.valid[slot, :, : self.max_seq_len]
+        return (valid if self.row_index is None else valid[self.row_index]).sum(-1)
 
     def invalidate(self, from_position: torch.Tensor | int, slots: list[int] | None = None) -> None:
         """Drop every entry that came from a token at sequence position >= `from_position` ((B,) or an int),

@@ -94,6 +94,18 @@ class ForwardContext:
                               self.rope, ledger=self.ledger, aux=self.aux, model_state=self.model_state,
                               cache_source=None if positions_BK is source_BK else source_BK)
 
+    def rows(self, rows_M: torch.Tensor) -> ForwardContext:
+        """The context of batch rows `rows_M` (M,): for a method that runs a branch on some rows only (DND's
+        nested pass while decoding, where most rows select nothing). Cache (`KVCache.rows`), ledger and MoE
+        statistics are shared with the parent; `model_state` is passed on as is; no method, as for `subset`."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, rows_M)
+
+        return ForwardContext(pick(self.positions), pick(self.valid), pick(self.cos), pick(self.sin),
+                              pick(self.attn_mask), None if self.cache is None else self.cache.rows(rows_M),
+                              pick(self.doc_ids), self.training, self.rope, ledger=self.ledger, aux=self.aux,
+                              cache_source=pick(self.cache_source), model_state=self.model_state)
+
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
                 q_valid_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -271,6 +271,19 @@ class DND:
             sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
             st.sd.append(sd)
             st.dp.append(dp)
+        if self.nested and ctx.cache is not None:  # decoding: only the rows that selected a token run the pass
+            any_B = keep_BT.any(1)
+            if not bool(any_B.all()):  # one host sync
+                rows_M = any_B.nonzero().squeeze(1)  # (M,)
+                if rows_M.numel() == 0:
+                    return xv
+                out_MTD = self._fused(layer, x[rows_M], xv[rows_M], p_BT[rows_M], keep_BT[rows_M],
+                                      ctx.rows(rows_M), slot)
+                return xv.index_copy(0, rows_M, out_MTD)  # (B, T, D)
+        return self._fused(layer, x, xv, p_BT, keep_BT, ctx, slot)
+
+    def _fused(self, layer, x, xv, p_BT, keep_BT, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        """x^v with the nested pass mixed in for the selected tokens: (B, T, D)."""
         idx_BK, valid_BK = pack_indices(keep_BT) if self.nested else pack_indices(keep_BT, size=0)
         if idx_BK.shape[1] == 0:  # nothing nested (in training: beta and router stay in the graph for DDP)
             return xv + 0.0 * (layer.dnd.beta * p_BT.sum()).to(xv.dtype) if ctx.training else xv
