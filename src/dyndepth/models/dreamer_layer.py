@@ -223,7 +223,7 @@ class DreamerLayer(nn.Module):
         st.visited[self.index] = new if seen is None else seen | new
         if not ctx.training and T > 1:  # the chosen set of each token (diversity, definition b)
             st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
-        elif self.config.ea_aux_loss_coef:
+        if ctx.training and self.config.ea_aux_loss_coef:
             probs = torch.sigmoid(scores_NE)
             st.aux.append(router_stats(probs / probs.sum(-1, keepdim=True), idx_NK, run_N))
         return y.view(B, T, D)
