@@ -26,7 +26,9 @@ selects the target ratio of a buffer of recent scores (`ema_target`); both all-r
 KV cache: the vanilla pass keeps the layer's slot; the nested pass of the j-th DND layer has its own slot
 `len(model.schedule) + j` (`extra_slots`), holding K/V of the selected tokens only, at column = compact
 position (`KVCache.count` gives the next one while decoding) or original position. Entries remember the
-tokens' real positions (`cache_source`), so `KVCache.invalidate` drops stale nested entries too.
+tokens' real positions (`cache_source`), so `KVCache.invalidate` drops stale nested entries too. While
+decoding, only the rows that selected a token run the nested pass (`ctx.rows`), and it reads the nested slot
+only up to its last compact column.
 
 Our choices where the paper is silent (docs/methods.md): a router bias (zero init), one tau and one beta
 (shape (1,): FSDP2 cannot shard scalars) per layer, the nested pass reads x^v, strict `p > tau` (with the
