@@ -97,3 +97,27 @@ def test_single_document_source_serves_both_splits(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="has no documents"):
         user_shards(_cfg(tmp_path, empty), ByteTokenizer(), "train")
+
+
+def test_eot_separated_text_and_a_bpe_trained_on_the_source(tmp_path):
+    import gzip
+
+    from dyndepth.data.build import build_loader, build_tokenizer
+    from dyndepth.data.sources import iter_documents
+
+    books = [f"Book {i}. " + " ".join(f"word{j % 37} and more text" for j in range(300)) for i in range(6)]
+    corpus = tmp_path / "corpus.txt.gz"
+    with gzip.open(corpus, "wt") as f:
+        for book in books:
+            f.write(book + "\n<|endoftext|>\n")
+    docs = list(iter_documents(corpus, text_split="eot"))
+    assert [d.text for d in docs] == [b + "\n" for b in books]
+    cfg = {"source": str(corpus), "tokenizer": "bpe:320", "text_split": "eot", "cache_dir": str(tmp_path / "c")}
+    tok = build_tokenizer(cfg)
+    assert 257 < tok.vocab_size <= 320 and tok.decode(tok.encode(books[1])) == books[1]  # merges learned, exact
+    cached = list((tmp_path / "c" / "tokenizers").iterdir())
+    assert len(cached) == 1 and build_tokenizer(cfg).encode(books[2]) == tok.encode(books[2])  # loaded, not retrained
+    loader = build_loader(cfg, split="train", batch_size=2, seq_len=32, seed=0, tokenizer=tok)
+    assert loader.next_batch()["input_ids"].max() < 320
+    with pytest.raises(DataError, match="bpe:N"):
+        build_tokenizer({**cfg, "tokenizer": "bpe:many"})

@@ -48,3 +48,25 @@ def test_run_training_from_a_recipe_with_an_injected_loader(tmp_path):
     assert saved.train.lr == pytest.approx(1e-3) and saved.model == {"preset": "tiny-qwen3"}
     lrs = [json.loads(x).get("lr") for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] == pytest.approx(1e-3)
+
+
+def test_a_base_recipe_trains_its_own_bpe_and_exports_a_self_contained_folder(tmp_path):
+    import gzip
+
+    import dyndepth
+    from dyndepth.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "books.txt.gz"
+    with gzip.open(corpus, "wt") as f:
+        for i in range(30):
+            f.write(f"Chapter {i}. " + "The quick brown fox jumps over the lazy dog. " * 20 + "\n<|endoftext|>\n")
+    overrides = [f"train.out_dir={tmp_path / 'out'}", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'c'}",
+                 "data.tokenizer=bpe:300", "model.vocab_size=300", "model.num_hidden_layers=1", "model.hidden_size=64",
+                 "model.intermediate_size=64", "model.head_dim=16", "train.steps=2", "train.batch_size=2",
+                 "train.seq_len=32", "train.eval_batches=1", "train.progress=false", "train.plot=false"]
+    result = run_training("recipes/base_cpu.toml", overrides)
+    assert result.steps == 2
+    folder = tmp_path / "out" / "model"
+    tok, model = load_tokenizer(str(folder)), dyndepth.from_pretrained(folder)
+    text = "The quick brown fox."
+    assert tok.decode(tok.encode(text)) == text and tok.vocab_size <= model.config.vocab_size == 300

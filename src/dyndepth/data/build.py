@@ -5,7 +5,10 @@ Schema (every key optional):
     [data]
     source = "embedded"    # "embedded" (synthetic tasks + stdlib text), "synthetic", "stdlib",
                            # a file or folder (txt/md/py/jsonl/parquet/.gz), or "hf:<dataset name>"
-    tokenizer = "byte"     # "byte", or a folder with tokenizer.json / encoder.json + vocab.bpe
+    tokenizer = "byte"     # "byte", a folder with tokenizer.json / encoder.json + vocab.bpe, or "bpe:N": a
+                           # byte-level BPE of N tokens trained on the training source, cached in cache_dir
+    text_split = "file"    # plain text files: one document per file, "line", "paragraph", or "eot"
+                           # (blocks separated by a line holding only <|endoftext|>)
     tasks = []             # synthetic task names; empty: all of them
     difficulty = {}        # per-task knobs, e.g. {add = {digits = 2}}
     synthetic_examples = 20000
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,7 +52,9 @@ from dyndepth.tokenizer import load_tokenizer
 
 DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "difficulty": {}, "synthetic_examples": 20000,
             "examples_per_doc": 32, "stdlib_bytes": 2_000_000, "val_source": "", "cache_dir": "runs/data",
-            "intra_doc_mask": False, "text_field": "text", "chat_template": "auto"}
+            "intra_doc_mask": False, "text_field": "text", "chat_template": "auto", "text_split": "file",
+            "bpe_train_bytes": 64_000_000}
+BPE_PREFIX = "bpe:"
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
 EMBEDDED = ("embedded", "synthetic", "stdlib")
 
@@ -60,8 +66,50 @@ def resolve_data_config(data_cfg: dict) -> dict:
     return {**DEFAULTS, **data_cfg}
 
 
-def build_tokenizer(data_cfg: dict):
-    return load_tokenizer(resolve_data_config(data_cfg)["tokenizer"])
+def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] | None = None):
+    """The tokenizer `data.tokenizer` names. "bpe:N" trains a byte-level BPE of N tokens on the first
+    `bpe_train_bytes` of the training source once (rank 0, the others wait at `barrier`) and caches it in
+    cache_dir under the source's content hash, so every later run and rank loads the same ids."""
+    cfg = resolve_data_config(data_cfg)
+    name = str(cfg["tokenizer"])
+    if not name.startswith(BPE_PREFIX):
+        return load_tokenizer(name)
+    try:
+        vocab = int(name[len(BPE_PREFIX):])
+    except ValueError:
+        raise DataError(f"data.tokenizer={name!r}: write bpe:N with N the vocabulary size, e.g. bpe:8192.") from None
+    if cfg["source"] in EMBEDDED:
+        raise DataError("data.tokenizer='bpe:N' trains on user data; the embedded data uses tokenizer='byte'.")
+    key = f"{source_fingerprint(str(cfg['source']), cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
+    folder = Path(cfg["cache_dir"]) / "tokenizers" / f"bpe{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (barrier is None or rank == 0) and not (folder / "tokenizer.json").is_file():
+        _train_bpe(cfg, vocab, folder)
+    if barrier is not None:
+        barrier()
+    return load_tokenizer(str(folder))
+
+
+def _train_bpe(cfg: dict, vocab: int, folder: Path) -> None:
+    from dyndepth.tokenizer import train_bpe
+
+    def texts():  # streamed: the first bpe_train_bytes of the training split's documents
+        budget = cfg["bpe_train_bytes"]
+        docs = iter_documents(str(cfg["source"]), text_field=cfg["text_field"], text_split=cfg["text_split"])
+        for doc in split_documents(docs, "train", not cfg["val_source"], str(cfg["source"])):
+            text = doc.text if doc.prompt is None else doc.prompt + doc.text
+            yield text[:budget]
+            budget -= len(text)
+            if budget <= 0:
+                return
+
+    tokenizer = train_bpe(texts(), vocab)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend.save(str(tmp / "tokenizer.json"))
+    if folder.exists():  # another builder won the race: theirs and ours are the same tokenizer
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, folder)
 
 
 def embedded_documents(cfg: dict, split: str, seed: int) -> list[Document]:
@@ -149,7 +197,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _shard_dir(cfg: dict, tokenizer, source: str, holdout: bool) -> Path:
     key = json.dumps([FORMAT_VERSION, source_fingerprint(source, cfg["cache_dir"]), tokenizer_fingerprint(tokenizer),
-                      chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"], holdout])
+                      chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"], holdout]
+                     + ([cfg["text_split"]] if cfg["text_split"] != "file" else []))
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -176,7 +225,7 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
     source = str(cfg["val_source"] if split == "val" and not holdout else cfg["source"])
     folder = _shard_dir(cfg, tokenizer, source, holdout)
     if (barrier is None or rank == 0) and not (folder / split / MANIFEST).is_file():
-        docs = iter_documents(source, text_field=cfg["text_field"],
+        docs = iter_documents(source, text_field=cfg["text_field"], text_split=cfg["text_split"],
                               chat_template=chat_renderer(cfg["chat_template"], tokenizer))
         build_shards(split_documents(docs, split, holdout, source), tokenizer, folder, split=split,
                      source=source, replace=False)

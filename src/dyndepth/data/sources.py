@@ -41,7 +41,8 @@ FORMAT_BY_SUFFIX = {
     **{s: "jsonl" for s in JSONL_SUFFIXES},
     **{s: "parquet" for s in PARQUET_SUFFIXES},
 }
-TEXT_SPLITS = ("file", "line", "paragraph")
+TEXT_SPLITS = ("file", "line", "paragraph", "eot")
+EOT_LINE = "<|endoftext|>"  # text_split "eot": a line holding only this separates documents (GPT-2 style corpora)
 HF_PREFIX = "hf:"
 
 ChatTemplate = Callable[[Sequence[dict]], tuple[str, str]]
@@ -118,12 +119,25 @@ def _inner_suffix(path: Path) -> str:
 
 
 def iter_text_file(path: Path, split: str = "file") -> Iterator[Document]:
-    """A text file (optionally .gz): one document per file, per non-empty line, or per paragraph."""
+    """A text file (optionally .gz): one document per file, per non-empty line, per paragraph, or per
+    `<|endoftext|>`-separated block ("eot", the layout of the offline Gutenberg shards)."""
     if split not in TEXT_SPLITS:
         raise DataError(f"text_split={split!r} is not one of {TEXT_SPLITS}")
     with _open_text(path) as f:
         if split == "file":
             yield Document(text=f.read())
+            return
+        if split == "eot":
+            block: list[str] = []
+            for line in f:
+                if line.rstrip("\n") == EOT_LINE:
+                    if "".join(block).strip():
+                        yield Document(text="".join(block))
+                    block = []
+                else:
+                    block.append(line)
+            if "".join(block).strip():
+                yield Document(text="".join(block))
             return
         paragraph: list[str] = []
         for line in f:

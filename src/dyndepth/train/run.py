@@ -94,8 +94,9 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         hooks = build_hooks(run_config.method, model, cfg.steps)
     data_kw = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "rank": info.rank,
                "world_size": info.world_size, "barrier": info.barrier}
+    tokenizer = None
     if loader is None or (eval_loader is None and run_config.eval.get("enabled", True)):
-        tokenizer = build_tokenizer(run_config.data)
+        tokenizer = build_tokenizer(run_config.data, rank=info.rank, barrier=info.barrier)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise RunConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                                  f"{model.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}.")
@@ -105,7 +106,9 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
-        export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
+        exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
+        if getattr(tokenizer, "backend", None) is not None:  # its tokenizer too, so the folder is self-contained
+            tokenizer.backend.save(str(exported / "tokenizer.json"))
     return result
 
 
