@@ -46,8 +46,10 @@ def test_quality_bench_post_trains_dnd_and_sft_at_equal_tokens(tmp_path):
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"SFT", "DND"} and rows["SFT"]["compute"] == 1.0 and rows["DND"]["compute"] > 1.0
     r = result["entropy"]["pearson_r"]  # nan when every token was nested equally often (2 steps of training)
-    assert rows["DND"]["perplexity"] > 1.0 and (math.isnan(r) or -1 <= r <= 1) and result["entropy"]["tokens"] == 4 * 256
-    records = [json.loads(x) for x in (tmp_path / "dnd_quality_runs" / "dnd" / "metrics.jsonl").read_text().splitlines()]
+    assert rows["DND"]["perplexity"] > 1.0 and (math.isnan(r) or -1 <= r <= 1)
+    assert result["entropy"]["tokens"] == 4 * 256
+    metrics = tmp_path / "dnd_quality_runs" / "dnd" / "metrics.jsonl"
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert any("dnd/tau/L1" in r for r in records)
     sft = (tmp_path / "dnd_quality_runs" / "sft" / "metrics.jsonl").read_text()
     assert "dnd/" not in sft  # the baseline is the plain fine-tune

@@ -313,36 +313,46 @@ class DND:
         return (p_BT.detach() > dnd.tau + self.tau_offset) & st.valid
 
     def _nested_pass(self, layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx: ForwardContext, slot: int):
-        """x^d (B, K, D): the selected tokens through the same layer again, at the layer's nested cache slot."""
+        """x^d (B, K, D): the selected tokens through the same layer again (its own branches and norms), at the
+        layer's nested cache slot. Rows are padded to the longest row's count K; the padding costs K/V projections
+        and attention pairs only: queries, o_proj and the MLP run on the selected tokens."""
         nslot = self.nested_slot[slot]
+        B, K, _ = xs_BKD.shape
         if self.config.nested_attends_vanilla:
-            return self._nested_with_vanilla_kv(layer, x, xs_BKD, idx_BK, valid_BK, ctx, nslot)
-        pos_BK = None
-        if self.config.positions == "compact":
-            pos_BT = compact_positions(keep_BT, ctx.doc_ids)  # (B, T) rank among the row's selected tokens
-            if ctx.cache is not None:
-                pos_BT = pos_BT + ctx.cache.count(nslot)[:, None]  # after the selected tokens already cached
-            pos_BK = pos_BT.gather(1, idx_BK)
-        sub = ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK)
-        if ctx.cache is not None and pos_BK is not None:  # compact columns end far before the sequence does
-            sub.cache = ctx.cache.window(min(ctx.cache.length, int(pos_BK.max()) + 1))
-        return layer.block(xs_BKD, sub, nslot)
+            sub = ctx.subset(idx_BK, valid_BK)
+            a_BKD = self._attend_with_vanilla_kv(layer, x, xs_BKD, sub, valid_BK, ctx, nslot)
+        else:
+            pos_BK = None
+            if self.config.positions == "compact":
+                pos_BT = compact_positions(keep_BT, ctx.doc_ids)  # (B, T) rank among the row's selected tokens
+                if ctx.cache is not None:
+                    pos_BT = pos_BT + ctx.cache.count(nslot)[:, None]  # after the selected tokens already cached
+                pos_BK = pos_BT.gather(1, idx_BK)
+            sub = ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK)
+            if ctx.cache is not None and pos_BK is not None:  # compact columns end far before the sequence does
+                sub.cache = ctx.cache.window(min(ctx.cache.length, int(pos_BK.max()) + 1))
+            q_idx_BK = torch.arange(K, device=x.device).expand(B, K)  # every entry may query; padding does not
+            a_BKD = layer.attn_branch(layer.input_layernorm(xs_BKD), sub, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
+        h_BKD = xs_BKD + a_BKD
+        rows_N, cols_N = valid_BK.nonzero(as_tuple=True)  # (N,) the selected tokens, flat
+        h_ND = h_BKD[rows_N, cols_N]
+        y_ND = layer.mlp_branch(layer.post_attention_layernorm(h_ND), sub, nslot,
+                                valid=torch.ones_like(rows_N, dtype=torch.bool))
+        return h_BKD.index_put((rows_N, cols_N), h_ND + y_ND)  # padding entries are never read
 
     @staticmethod
-    def _nested_with_vanilla_kv(layer, x, xs_BKD, idx_BK, valid_BK, ctx: ForwardContext, nslot: int):
-        """TaH-style nested pass: queries from the selected tokens; keys from their nested inputs and from every
-        token's vanilla-pass input (recomputed: T extra K/V projections), causal by original position."""
+    def _attend_with_vanilla_kv(layer, x, xs_BKD, sub: ForwardContext, valid_BK, ctx: ForwardContext, nslot: int):
+        """TaH-style nested attention (B, K, D): queries from the selected tokens; keys from their nested inputs and
+        from every token's vanilla-pass input (recomputed: T extra K/V projections), causal by original position."""
         B, T, _ = x.shape
-        sub = ctx.subset(idx_BK, valid_BK)
         both = ForwardContext(torch.cat([ctx.positions, sub.positions], 1), torch.cat([ctx.valid_or_all, valid_BK], 1),
                               torch.cat([ctx.cos, sub.cos], 1), torch.cat([ctx.sin, sub.sin], 1),
                               doc_ids=None if ctx.doc_ids is None else torch.cat([ctx.doc_ids, sub.doc_ids], 1),
                               training=ctx.training, rope=ctx.rope, ledger=ctx.ledger, aux=ctx.aux,
                               model_state=ctx.model_state)  # (B, T + K) keys: vanilla inputs, then nested
         h = torch.cat([layer.input_layernorm(x), layer.input_layernorm(xs_BKD)], 1)  # (B, T + K, D)
-        q_idx_BK = T + torch.arange(idx_BK.shape[1], device=x.device).expand(B, -1)  # the nested queries
-        xd_BKD = xs_BKD + layer.attn_branch(h, both, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
-        return xd_BKD + layer.mlp_branch(layer.post_attention_layernorm(xd_BKD), sub, nslot)
+        q_idx_BK = T + torch.arange(xs_BKD.shape[1], device=x.device).expand(B, -1)  # the nested queries
+        return layer.attn_branch(h, both, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
 
 
 def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
