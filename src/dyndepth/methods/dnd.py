@@ -9,8 +9,9 @@ Per DND layer i, with layer input x (spec: ../shared/papers/dnd.md):
     m = p > tau_i                                      # token choice: each token decides alone
     x^d = block_i(Pack(x^v, m))                        # nested pass: the selected tokens only, same weights
     x = (beta_i p) x^d + (1 - beta_i p) x^v            # selected tokens; the others keep x^v
-The nested pass runs the layer's own `block` on a sub-context of the selected tokens (`ctx.subset`): they
-attend causally to each other only, never across rows or documents. With `positions="compact"` (the
+The nested pass runs the layer's own branches and norms (what `block` runs) on a sub-context of the selected
+tokens (`ctx.subset`): they attend causally to each other only, never across rows or documents. Rows are
+padded to the longest row's count; queries, o_proj and the MLP run on the selected tokens only. With `positions="compact"` (the
 paper's "new positional encodings") a selected token's position is the number of selected tokens before
 it in its sequence (document); `"original"` keeps its position id. MoE layers re-route nested tokens
 through their experts, and the balancing loss counts them (the sub-context shares `ctx.aux`).
