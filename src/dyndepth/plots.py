@@ -125,20 +125,27 @@ def plot_expert_usage(usage_AE, path: str | Path, title: str = "Dreamer: expert 
 
 def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Dreamer: quality vs average depth",
                           dpi: int = 110) -> Path:
-    """rows: dicts with `avg_depth`, `val_loss`, optional `exact_match` (0..1) and `label`; two panels."""
+    """rows: dicts with `avg_depth`, `val_loss`, optional `exact_match` (0..1), `exit_kl` (None: a fixed number of
+    steps) and `label`. Two panels; fixed-step and per-token-exit settings are drawn as two series."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4))
     ax1, ax2 = fig.subplots(1, 2)
     for ax, key, scale, ylabel in ((ax1, "val_loss", 1, "validation loss (nats/token)"),
                                    (ax2, "exact_match", 100, "exact match, synthetic tasks (%)")):
-        pts = [r for r in rows if r.get(key) is not None]
-        ax.plot([r["avg_depth"] for r in pts], [scale * r[key] for r in pts], "o")
-        for r in pts:
-            ax.annotate(r["label"], (r["avg_depth"], scale * r[key]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+        for name, exits, marker in (("fixed steps", False, "o-"), ("per-token exit (KL threshold)", True, "s--")):
+            pts = sorted((r for r in rows if r.get(key) is not None and (r.get("exit_kl") is not None) == exits),
+                         key=lambda r: r["avg_depth"])
+            if not pts:
+                continue
+            ax.plot([r["avg_depth"] for r in pts], [scale * r[key] for r in pts], marker, label=name)
+            for r in pts:
+                text = f"{r['exit_kl']:g}" if exits else f"R={r['steps']}"
+                ax.annotate(text, (r["avg_depth"], scale * r[key]), textcoords="offset points",
+                            xytext=(3, -10 if exits else 4), fontsize=7)
         ax.set(xlabel="average recurrence steps per token", ylabel=ylabel)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
