@@ -27,7 +27,7 @@ def _fail(e: Exception) -> None:
 def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError, FloatingPointError) as e:
         _fail(e)
 
 

@@ -60,9 +60,6 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
-                              f"({self.num_attention_heads}); set head_dim explicitly or change one of them.")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.qk_norm is None:
