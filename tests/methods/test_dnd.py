@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
 from dyndepth.cli import app
+from dyndepth.core.method import Method
 from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
 from dyndepth.methods.dnd import compact_positions, router_losses
 
@@ -314,7 +315,9 @@ def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_report
     extra = sum(float(out.compute.total("executed", slot=s)) for s in method.nested_slot.values())
     extra += float(out.compute.total("executed", part="router"))
     overhead = extra / (float(out.stats["flops/executed"]) - extra)
+    assert float(out.stats["dnd/flops"]) == extra
     assert float(out.stats["dnd/flops_overhead"]) == pytest.approx(overhead, rel=1e-6)
+    assert isinstance(method, Method)  # the full typed contract
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = KVCache.for_model(model.config, 3, 20, num_slots=model.num_slots())
     counted(model, ids, attention_mask=mask, positions=pos, cache=cache)

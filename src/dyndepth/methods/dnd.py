@@ -233,8 +233,8 @@ class DND:
             fractions.append((keep & st.valid).sum() / n_valid)
             out.stats[f"dnd/selected/L{slot}"] = fractions[-1]
         out.stats["dnd/selected"] = torch.stack(fractions).mean()
-        for which, key in (("executed", "dnd/flops_overhead"), ("ideal", "dnd/flops_overhead_ideal")):
-            out.stats[key] = self._overhead(getattr(ctx.ledger, which))
+        out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
+        out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
         if st.sd:
             sd, dp = torch.stack(st.sd).mean(), torch.stack(st.dp).mean()
             out.stats["dnd/sd_loss"], out.stats["dnd/dp_loss"] = sd.detach(), dp.detach()
@@ -245,8 +245,8 @@ class DND:
                 self.record_scores(slot, p[st.valid])
         return out
 
-    def _overhead(self, table: dict):
-        """FLOPs of the nested passes and routers / FLOPs of everything else (the plain model's work)."""
+    def _overhead(self, table: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FLOPs of the nested passes and routers, their ratio to everything else: the plain model's work)."""
         nested = set(self.nested_slot.values())
         extra = base = 0
         for (slot, part), v in table.items():
@@ -254,7 +254,7 @@ class DND:
                 extra = extra + v
             else:
                 base = base + v
-        return torch.as_tensor(extra / base, dtype=torch.float32)
+        return torch.as_tensor(extra, dtype=torch.float64), torch.as_tensor(extra / base, dtype=torch.float32)
 
     def record_scores(self, layer: int, scores: torch.Tensor) -> None:
         """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer."""
