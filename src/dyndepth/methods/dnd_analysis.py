@@ -94,8 +94,9 @@ def entropy_correlation(model, batches, base=None) -> dict:
 
 
 def selection_heatmap(model, tokenizer, text: str, path: str | Path, add_bos: bool = False, dpi: int = 120) -> Path:
-    """PNG of one text: rows the DND layers, columns the tokens, colour the router score p (cells of tokens
-    nested at that layer outlined by a dot), and a bar per token of the share of layers nesting it."""
+    """PNG of one text: rows the DND layers, columns the tokens, colour the router score's margin over the
+    layer's threshold, p - tau (a dot marks the tokens nested at that layer), and a bar per token of the share
+    of layers nesting it."""
     from matplotlib.figure import Figure
 
     ids = tokenizer.encode(text, add_bos=add_bos)
@@ -105,14 +106,17 @@ def selection_heatmap(model, tokenizer, text: str, path: str | Path, add_bos: bo
     scores, selected, _ = trace_selection(model, ids_BT)
     scores, selected = scores[:, 0].float().cpu(), selected[:, 0].cpu()  # (L, T)
     L, T = scores.shape
-    layers = _require_dnd(model).layers
+    method = _require_dnd(model)
+    layers = method.layers
+    margin = scores - torch.stack([d.tau.float().cpu() + method.tau_offset for d in method.layer_dnd])[:, None]
+    span = max(float(margin.abs().max()), 1e-6)
     fig = Figure(figsize=(max(6.0, 0.28 * T + 2), 1.6 + 0.25 * L + 1.2))
     grid = fig.add_gridspec(2, 1, height_ratios=[L, max(2, L // 2)], hspace=0.08)
     ax, bar = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
-    im = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(margin.numpy(), aspect="auto", cmap="coolwarm", vmin=-span, vmax=span, interpolation="nearest")
     ys, xs = selected.nonzero(as_tuple=True)
-    ax.scatter(xs.numpy(), ys.numpy(), s=6, c="white", marker="o")
-    fig.colorbar(im, ax=[ax, bar], label="router score p (dot: nested)", fraction=0.03)
+    ax.scatter(xs.numpy(), ys.numpy(), s=6, c="black", marker="o")
+    fig.colorbar(im, ax=[ax, bar], label="p - tau (dot: nested)", fraction=0.03)
     ax.set_yticks(range(L), [f"L{i}" for i in layers], fontsize=6)
     ax.set_xticks([])
     ax.set_title("DND: second pass per token and layer", fontsize=9)
