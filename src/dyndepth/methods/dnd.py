@@ -153,6 +153,7 @@ class DNDState:
     keep: dict = field(default_factory=dict)  # slot -> selected (B, T) bool
     sd: list = field(default_factory=list)  # per-layer router losses (training)
     dp: list = field(default_factory=list)
+    beta: list = field(default_factory=list)  # per-layer beta, read inside the layer call (FSDP2 unshards there)
 
 
 class DND:
@@ -240,7 +241,7 @@ class DND:
             out.stats["dnd/sd_loss"], out.stats["dnd/dp_loss"] = sd.detach(), dp.detach()
             out.losses += [w * v for w, v in ((self.config.sd_weight, sd), (self.config.dp_weight, dp)) if w]
         if ctx.training:
-            out.stats["dnd/beta"] = torch.cat([d.beta.detach().float() for d in self.layer_dnd]).mean()
+            out.stats["dnd/beta"] = torch.stack(st.beta).mean()
             for slot, p in st.scores.items():
                 self.record_scores(slot, p[st.valid])
         return out
@@ -274,6 +275,7 @@ class DND:
             sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
             st.sd.append(sd)
             st.dp.append(dp)
+            st.beta.append(layer.dnd.beta.detach().float().reshape(()))
         if self.nested and ctx.cache is not None:  # decoding: only the rows that selected a token run the pass
             any_B = keep_BT.any(1)
             if not bool(any_B.all()):  # one host sync
