@@ -1,6 +1,6 @@
 """Methods run inside the layer call, so everything wrapped around a layer covers them: activation
-checkpointing, torch.compile, DDP and FSDP2 (2 gloo processes) train GateSkip and MoD to the same losses and
-gradient norms as one eager process."""
+checkpointing, torch.compile, DDP and FSDP2 (2 gloo processes) train GateSkip, MoD and DND to the same losses
+and gradient norms as one eager process (and DND's ranks end with the same thresholds)."""
 
 import json
 import os
