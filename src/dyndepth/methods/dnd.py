@@ -11,9 +11,9 @@ Per DND layer i, with layer input x (spec: ../shared/papers/dnd.md):
     x = (beta_i p) x^d + (1 - beta_i p) x^v            # selected tokens; the others keep x^v
 The nested pass runs the layer's own branches and norms (what `block` runs) on a sub-context of the selected
 tokens (`ctx.subset`): they attend causally to each other only, never across rows or documents. Rows are
-padded to the longest row's count; queries, o_proj and the MLP run on the selected tokens only. With `positions="compact"` (the
-paper's "new positional encodings") a selected token's position is the number of selected tokens before
-it in its sequence (document); `"original"` keeps its position id. MoE layers re-route nested tokens
+padded to the longest row's count; queries, o_proj and the MLP run on the selected tokens only. With
+`positions="compact"` (the paper's "new positional encodings") a selected token's position is the number of
+selected tokens before it in its sequence (document); `"original"` keeps its position id. MoE layers re-route nested tokens
 through their experts, and the balancing loss counts them (the sub-context shares `ctx.aux`).
 
 Training adds the router controlling loss, per sequence (document) and DND layer, PAD excluded:
@@ -275,7 +275,7 @@ class DND:
             sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
             st.sd.append(sd)
             st.dp.append(dp)
-            st.beta.append(layer.dnd.beta.detach().float().reshape(()))
+            st.beta.append(layer.dnd.beta.detach().float().reshape(()).clone())  # FSDP2 frees the unsharded copy
         if self.nested and ctx.cache is not None:  # decoding: only the rows that selected a token run the pass
             any_B = keep_BT.any(1)
             if not bool(any_B.all()):  # one host sync
