@@ -13,8 +13,8 @@ The nested pass runs the layer's own branches and norms (what `block` runs) on a
 tokens (`ctx.subset`): they attend causally to each other only, never across rows or documents. Rows are
 padded to the longest row's count; queries, o_proj and the MLP run on the selected tokens only. With
 `positions="compact"` (the paper's "new positional encodings") a selected token's position is the number of
-selected tokens before it in its sequence (document); `"original"` keeps its position id. MoE layers re-route nested tokens
-through their experts, and the balancing loss counts them (the sub-context shares `ctx.aux`).
+selected tokens before it in its sequence (document); `"original"` keeps its position id. MoE layers re-route
+nested tokens through their experts, and the balancing loss counts them (the sub-context shares `ctx.aux`).
 
 Training adds the router controlling loss, per sequence (document) and DND layer, PAD excluded:
 score dispersion L_sd = -H(q) / log n with q = p / sum p (the paper's sign maximises the entropy;
