@@ -159,6 +159,33 @@ class CausalLM(nn.Module):
         stats["flops/dense"] = dense.double()
         return losses, stats
 
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x trainable + 4 x frozen matmul parameters + 12 x L x N x H x T.
+
+        A trainable matmul parameter costs 2 FLOPs forward, 2 for the input gradient and 2 for the weight
+        gradient; a frozen one has no weight gradient (4). That is exact when gradients flow through the frozen
+        weight to a trainable one below it; frozen layers with nothing trainable beneath them need no backward
+        at all (2), so there the count is high. Attention adds 12 x L x N x H x T (forward 4, backward 8,
+        non-causal). The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head; MoE
+        experts count with their top-k fraction; each layer counts once per application of the schedule.
+        """
+        cfg = self.config
+        uses = [0] * len(self.model.layers)
+        for app in self.schedule:
+            uses[app.layer] += 1
+        total = 0.0
+        for name, p in self.named_parameters():  # tied weights are listed once
+            if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+                continue
+            frac = cfg.num_experts_per_tok / cfg.num_experts if ".mlp.experts." in name and cfg.num_experts else 1.0
+            times = uses[int(name.split(".")[2])] if name.startswith("model.layers.") else 1
+            total += p.numel() * frac * times * (6 if p.requires_grad else 4)
+        return total + 12 * len(self.schedule) * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        """The decoder has no controller of its own (a method brings its hooks)."""
+        return []
+
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
         """Analytic FLOPs of a plain forward of B sequences of T tokens (core/flops.py), by the schedule."""
         return flops.forward_flops(self.config, T, B, context, lm_head, [a.layer for a in self.schedule])

@@ -27,29 +27,11 @@ DEFAULT_CPU_PEAK = 1e12  # a nominal figure; set train.peak_tflops for your mach
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x trainable + 4 x frozen matmul parameters + 12 x L x N x H x T.
-
-    A trainable matmul parameter costs 2 FLOPs forward, 2 for the input gradient and 2 for the weight
-    gradient; a frozen one has no weight gradient (4). That is exact when gradients flow through the
-    frozen weight to a trainable one below it; frozen layers with nothing trainable beneath them need no
-    backward at all (2), so there the count is high. Attention adds 12 x L x N x H x T (forward 4, backward
-    8, non-causal). The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head;
-    MoE experts count with their top-k fraction.
-
-    The count is dense-equivalent: it assumes every token runs every layer. A method that skips work
-    (GateSkip, MoD) does fewer FLOPs than counted, so its MFU reads as if the skipped work had been done.
-    """
-    if hasattr(model, "train_flops_per_token"):  # a model whose layers run more than once (Dreamer)
-        return model.train_flops_per_token(seq_len)
-    cfg = model.config
-    total = 0.0
-    for name, p in model.named_parameters():  # tied weights are listed once
-        if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
-            continue
-        frac = cfg.num_experts_per_tok / cfg.num_experts if ".mlp.experts." in name and cfg.num_experts else 1.0
-        total += p.numel() * frac * (6 if p.requires_grad else 4)
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return total + attn
+    """Training FLOPs per token for MFU: every model family counts its own (`model.train_flops_per_token`):
+    the decoder from its trainable (6N) and frozen (4N) matmul parameters plus attention, Dreamer as 3x its
+    forward over the R applications of its shared layer. Counts are dense-equivalent: a method that skips
+    work (GateSkip, MoD) does fewer FLOPs than counted, so its MFU reads as if the skipped work had run."""
+    return model.train_flops_per_token(seq_len)
 
 
 def peak_flops(device: torch.device, peak_tflops: float | None) -> float:

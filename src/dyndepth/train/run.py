@@ -66,11 +66,9 @@ def attach_from_config(method_cfg: dict, model: nn.Module):
 
 def build_hooks(method_cfg: dict, model: nn.Module, total_steps: int = 0) -> list:
     """Attach (or reconfigure) the method of `method_cfg` and return its trainer hooks, then the model family's
-    own (`model.trainer_hooks(total_steps)` where the model has it, e.g. Dreamer's expert-bias balancing)."""
+    own (`model.trainer_hooks(total_steps)`, e.g. Dreamer's expert-bias balancing)."""
     method = attach_from_config(method_cfg, model)
-    hooks = [] if method is None else method.trainer_hooks(total_steps)
-    model_hooks = getattr(model, "trainer_hooks", None)
-    return hooks + (model_hooks(total_steps) if model_hooks is not None else [])
+    return ([] if method is None else method.trainer_hooks(total_steps)) + model.trainer_hooks(total_steps)
 
 
 def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
