@@ -58,6 +58,7 @@ from dyndepth.methods.common import (
     apply_keeping_float32,
     budget_ppm,
     check_attachable,
+    check_structural,
     make_config,
     method_dict,
     override_knobs,
@@ -202,10 +203,7 @@ class GateSkip:
 
     def configure(self, config: GateSkipConfig) -> None:
         """Adopt a new config (training options); runtime knobs reset to its values."""
-        old = getattr(self, "config", None)
-        changed = [f for f in STRUCTURAL if old is not None and getattr(old, f) != getattr(config, f)]
-        if changed:
-            raise ValueError(f"gateskip.{changed[0]} cannot change once attached (it shapes the parameters).")
+        check_structural(self.name, getattr(self, "config", None), config, STRUCTURAL)
         self.config = config
         self.budget, self.mode, self.path = config.budget, config.mode, config.path  # runtime knobs
 
