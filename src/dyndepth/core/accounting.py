@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-PARTS = ("attn", "mlp", "gate", "router", "lm_head", "depth_attn", "experts", "exit")
+PARTS = ("attn", "mlp", "gate", "router", "lm_head", "depth_attn", "experts", "exit", "adapter")
 # depth_attn, experts, exit: a depth-recurrent model's depth attention, sparse expert attention (router included)
-# and per-token exit check (models/dreamer.py)
+# and per-token exit check (models/dreamer.py); adapter: Huginn's input injection (models/huginn.py)
 
 
 def _num(v) -> float:

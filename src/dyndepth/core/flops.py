@@ -196,3 +196,9 @@ def recurrent_forward_flops(config, T: int, B: int = 1, context: int | None = No
     if lm_head:
         per_seq += T * lm_head_flops(config)
     return B * per_seq
+
+
+def adapter_flops(config) -> int:
+    """Per token per recurrence step, Huginn's input injection: Linear(2D -> D) of [state, embedding]."""
+    D = config.hidden_size
+    return 2 * (2 * D) * D

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ConfigError, ModelConfig
@@ -64,6 +65,7 @@ class DreamerConfig:
     ea_depth_encoding: str = "learned"  # step signal in the router query: learned | rope | none
     ea_bias_update_rate: float = 1e-3  # gamma of the balancing-bias sign update (trainer hook)
     ea_aux_loss_coef: float = 0.0  # optional Switch-style balancing loss on normalized sigmoid scores
+    ea_entropy_coef: float = 0.0  # MoEUT's regularizer: - entropy of the mean softmax(scores) per sequence
     # Optional extras the spec names (off by default).
     sandwich_norm: bool = False  # RMSNorm on each sub-block's output
     input_injection: bool = False  # re-add the embedding at every step after the first
@@ -205,6 +207,10 @@ class DreamerLM(nn.Module):
             balance = load_balancing_loss(st.aux, cfg.num_experts)
             losses.append(cfg.ea_aux_loss_coef * balance)
             stats["dreamer/balance_loss"] = balance.detach()
+        if st.sel_logits and cfg.ea_entropy_coef:
+            reg = entropy_regularizer(torch.stack(st.sel_logits), ctx.valid_or_all)
+            losses.append(cfg.ea_entropy_coef * reg)
+            stats["dreamer/entropy_reg"] = reg.detach()
         slots = [a.slot for a in self.schedule]
         valid = ctx.valid_or_all
         if cfg.num_experts:
@@ -238,7 +244,7 @@ class DreamerLM(nn.Module):
 
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""
-        return [ExpertBiasHook()] if self.config.num_experts else []
+        return [ExpertBiasHook()] if self.config.num_experts and self.config.ea_bias_update_rate else []
 
     # ------------------------------------------------------------------------------ checkpoints
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -288,6 +294,19 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
         entropy = torch.zeros(A, device=ids.device).index_add_(0, a, -p * p.log())  # (A,) nats
         out["dreamer/expert_set_entropy"] = entropy.mean()
     return out
+
+
+def entropy_regularizer(logits_ABTE: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+    """MoEUT's sigma-MoE regularizer: per sequence, the negative entropy of the mean of softmax(router scores)
+    over its valid tokens and every layer application (A); mean over sequences. Minimising it spreads the
+    selection over the experts."""
+    logp = F.log_softmax(logits_ABTE.float(), dim=-1)  # (A, B, T, E)
+    A = logp.shape[0]
+    rows = valid_BT.any(-1)  # (B,) sequences with a valid token
+    logp = logp.masked_fill(~valid_BT[None, :, :, None], float("-inf")).transpose(0, 1).flatten(1, 2)  # (B, A*T, E)
+    log_mean = logp.logsumexp(1) - torch.log(A * valid_BT.sum(-1, keepdim=True).clamp(min=1).float())  # (B, E)
+    neg_entropy = (log_mean.exp() * log_mean).nan_to_num(0.0).sum(-1)  # (B,)
+    return (neg_entropy * rows).sum() / rows.sum().clamp(min=1)
 
 
 class ExpertBiasHook:

@@ -39,6 +39,7 @@ class DepthState:
     set_ids: dict = field(default_factory=dict)  # application -> (B*T,) id of the token's top-k set
     change: dict = field(default_factory=dict)  # application -> mean |x_out - x_in| / |x_in| over valid tokens
     aux: list = field(default_factory=list)  # router statistics for the optional balancing loss
+    sel_logits: list = field(default_factory=list)  # [application] (B, T, E) router scores (entropy regularizer)
     embed: torch.Tensor | None = None  # (B, T, D) the embedding, for input injection
     exit_kl: float | None = None  # per-token exit threshold (ours); None: every token runs every step
     exit_head: Callable | None = None  # x (B, T, D) -> logits (B, T, V): the model's norm + lm_head
@@ -223,6 +224,8 @@ class DreamerLayer(nn.Module):
         st.visited[self.index] = new if seen is None else seen | new
         if not ctx.training and T > 1:  # the chosen set of each token (diversity, definition b)
             st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
+        if ctx.training and self.config.ea_entropy_coef:
+            st.sel_logits.append(scores_NE.view(B, T, E))
         if ctx.training and self.config.ea_aux_loss_coef:
             probs = torch.sigmoid(scores_NE)
             st.aux.append(router_stats(probs / probs.sum(-1, keepdim=True), idx_NK, run_N))

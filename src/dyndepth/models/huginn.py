@@ -1,0 +1,313 @@
+"""Huginn-style depth-recurrent baseline: prelude, a recurrent block looped r times, coda.
+
+Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach"
+(seal-rg/recurrent-pretraining, `raven_modeling_minimal.py`). What we take from that code and what is ours is in
+docs/baselines.md. Shape legend: B batch, T tokens, D hidden_size, V vocab, P / C / K prelude, recurrent-block and
+coda layers, R recurrence steps.
+
+    e = prelude(embed(ids))                       # P sandwich layers, applied once
+    s = 0                                          # the recurrent state (Huginn draws it at random; ours: zeros)
+    for r in range(R):                            # the same C layers at every step
+        s = core_block(adapter([s, e]))           # input injection: Linear(2D -> D) of the state and e
+    logits = lm_head(norm(coda(recurrent_norm(s))))
+Each layer is a sandwich block, x = n2(x + attn(n1 x)); x = n4(x + mlp(n3 x)). In training R is drawn per forward
+(Huginn's Poisson-lognormal sampler around `mean_recurrence`) and only the last `mean_backprop_depth` steps take
+gradients; at evaluation R = `mean_recurrence` (or `override(steps=n)`).
+
+The model is a schedule on the shared core (models/forward.py): application (layer, slot, step) with one KV-cache
+slot per application (P + R C + K), so the loop, the cache and generation are the decoder's.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dyndepth.config import ConfigError, ModelConfig
+from dyndepth.core import flops
+from dyndepth.core.cache import KVCache
+from dyndepth.core.context import ForwardContext
+from dyndepth.core.layers import Attention, RMSNorm, SwiGLU
+from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.qwen3 import DecoderModel
+from dyndepth.models.registry import ModelSpec, register_model
+from dyndepth.safetensors_io import write_pretrained
+
+SAMPLER_SIGMA = 0.5  # Huginn's log-normal sigma of the recurrence sampler
+
+
+@dataclass
+class HuginnConfig:
+    model_type: str = "huginn"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1536
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    # Huginn's own names for the three stacks (raven_config): 2 / 4 / 2 in its public model.
+    n_layers_in_prelude: int = 2
+    n_layers_in_recurrent_block: int = 4
+    n_layers_in_coda: int = 2
+    mean_recurrence: int = 4  # R at evaluation; the sampler's mean in training (Huginn: 32)
+    mean_backprop_depth: int = 2  # steps that take gradients in training (Huginn: 8)
+    sample_recurrence: bool = True  # draw R per training forward (False: R = mean_recurrence, all with grad)
+    # The decoder's fields (names as HF Qwen3).
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    qk_norm: bool = False  # Huginn has none
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    num_experts = 0  # dense layers (read by core/flops.py); a class attribute, not a config field
+
+    def __post_init__(self) -> None:
+        if self.model_type != "huginn":
+            raise ConfigError(f"HuginnConfig.model_type must be 'huginn', got {self.model_type!r}.")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "n_layers_in_recurrent_block",
+                     "mean_recurrence", "mean_backprop_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"HuginnConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("n_layers_in_prelude", "n_layers_in_coda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"HuginnConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads}).")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}.")
+
+    @property
+    def num_layers(self) -> int:
+        """Distinct layers: prelude + recurrent block + coda."""
+        return self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Layer applications of an evaluation forward (one KV-cache slot each): P + R C + K."""
+        return self.n_layers_in_prelude + self.mean_recurrence * self.n_layers_in_recurrent_block + \
+            self.n_layers_in_coda
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return False
+
+    eos_token_ids = ModelConfig.eos_token_ids
+    to_dict = ModelConfig.to_dict
+    from_dict = classmethod(ModelConfig.from_dict.__func__)
+
+
+def config_from_hf(d: dict) -> HuginnConfig:
+    return HuginnConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
+
+
+@dataclass
+class RecurrenceState:
+    """What one forward keeps besides the residual stream (`ctx.model_state`)."""
+
+    steps: int  # recurrence steps of this forward
+    no_grad_steps: int  # the first steps run without gradients (truncated backprop, training)
+    step_of: dict  # slot -> recurrence step
+    embed: torch.Tensor | None = None  # (B, T, D) the prelude's output, injected at every step
+
+
+class SandwichLayer(nn.Module):
+    """x = n2(x + attn(n1 x)); x = n4(x + mlp(n3 x)) (Huginn's sandwich block; Gemma-2's norm names). The first
+    layer of the recurrent block also holds the input-injection `adapter`, the first coda layer `recurrent_norm`
+    (the norm of the final state; Huginn reuses its final norm there)."""
+
+    def __init__(self, config: HuginnConfig, index: int) -> None:
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        P, C = config.n_layers_in_prelude, config.n_layers_in_recurrent_block
+        self.role = "prelude" if index < P else "core" if index < P + C else "coda"
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp = SwiGLU(D, config.intermediate_size)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp_flops = flops.mlp_flops(config, index)  # per token
+        self.adapter_flops = flops.adapter_flops(config)
+        self.adapter = nn.Linear(2 * D, D, bias=False) if index == P else None
+        self.recurrent_norm = RMSNorm(D, eps) if index == P + C else None
+
+    def block(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        x_BTD = self.post_attention_layernorm(x_BTD + self.self_attn(self.input_layernorm(x_BTD), ctx, slot))
+        h = self.pre_feedforward_layernorm(x_BTD)
+        rows = h.shape[0] * h.shape[1]
+        n = rows if ctx.valid is None else ctx.valid.sum()
+        ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n * self.mlp_flops, tokens=n)
+        return self.post_feedforward_layernorm(x_BTD + self.mlp(h))
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        st: RecurrenceState = ctx.model_state
+        if self.recurrent_norm is not None:
+            x_BTD = self.recurrent_norm(x_BTD)
+        if self.role != "core":
+            return self.block(x_BTD, ctx, slot)
+        step = st.step_of[slot]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and step >= st.no_grad_steps):
+            if self.adapter is not None:
+                if step == 0:  # x is the prelude's output; the state starts at zero
+                    st.embed, x_BTD = x_BTD, torch.zeros_like(x_BTD)
+                x_BTD = self.adapter(torch.cat([x_BTD, st.embed], -1))  # (B, T, 2D) -> (B, T, D)
+                B, T, _ = x_BTD.shape
+                n = B * T if ctx.valid is None else ctx.valid.sum()
+                ctx.ledger.add(slot, "adapter", executed=B * T * self.adapter_flops, ideal=n * self.adapter_flops)
+            return self.block(x_BTD, ctx, slot)
+
+
+def sample_steps(config: HuginnConfig, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Huginn's training sampler: rate ~ LogNormal(log(R) - sigma^2 / 2, sigma), p = Poisson(rate) + 1; p steps,
+    of which the last min(p, backprop depth) take gradients. Returns (steps without grad, steps with grad)."""
+    s = config.mean_backprop_depth
+    mu = math.log(max(config.mean_recurrence, 1)) - SAMPLER_SIGMA**2 / 2
+    rate = torch.empty(1).log_normal_(mu, SAMPLER_SIGMA, generator=generator)
+    p = int(torch.poisson(rate, generator=generator)) + 1
+    return max(p - s, 0), min(s, p)
+
+
+class HuginnLM(nn.Module):
+    """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`; `override(steps=n)`."""
+
+    def __init__(self, config: HuginnConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, [SandwichLayer(config, i) for i in range(config.num_layers)])
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+        self.method = None  # runs without an adaptive-depth method
+        self.steps: int | None = None  # recurrence steps at evaluation (None: mean_recurrence)
+        self._sampled: tuple[int, int] | None = None  # (no-grad, grad) steps of the training forward running
+
+    @property
+    def num_steps(self) -> int:
+        if self._sampled is not None:
+            return sum(self._sampled)
+        return self.config.mean_recurrence if self.steps is None else self.steps
+
+    @property
+    def schedule(self) -> list[Application]:
+        """Prelude layers once, the recurrent block num_steps times, coda once; one slot per application."""
+        cfg = self.config
+        P, C, K = cfg.n_layers_in_prelude, cfg.n_layers_in_recurrent_block, cfg.n_layers_in_coda
+        apps = [Application(i, i) for i in range(P)]
+        apps += [Application(P + j, P + r * C + j, r) for r in range(self.num_steps) for j in range(C)]
+        return apps + [Application(P + C + i, P + self.num_steps * C + i) for i in range(K)]
+
+    def num_slots(self) -> int:
+        return len(self.schedule)
+
+    @contextmanager
+    def override(self, **knobs):
+        """Temporarily run `steps` recurrences at evaluation (Huginn's test-time compute knob)."""
+        unknown = sorted(set(knobs) - {"steps"})
+        if unknown:
+            raise ValueError(f"Huginn has no knob {unknown[0]!r}; its knob is 'steps'.")
+        steps = knobs.get("steps")
+        if steps is not None and int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        old, self.steps = self.steps, steps
+        try:
+            yield self
+        finally:
+            self.steps = old
+
+    make_context = make_context
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,
+                doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
+        """As `CausalLM.forward`. A training forward draws its recurrence count (sample_recurrence)."""
+        if self.training and self.config.sample_recurrence and cache is None:
+            self._sampled = sample_steps(self.config)
+        try:
+            return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
+        finally:
+            self._sampled = None
+
+    def init_state(self, ctx: ForwardContext) -> RecurrenceState:
+        no_grad = self._sampled[0] if self._sampled is not None else 0
+        step_of = {a.slot: a.step for a in self.schedule}
+        return RecurrenceState(self.num_steps, no_grad, step_of)
+
+    def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
+        valid = ctx.valid_or_all
+        pairs = (valid * (ctx.positions + 1)).sum()
+        apps = self.schedule
+        per_token = sum(flops.q_o_flops(self.config) + flops.kv_flops(self.config) + flops.mlp_flops(self.config, 0)
+                        for _ in apps) + self.num_steps * flops.adapter_flops(self.config)
+        dense = valid.sum() * per_token + len(apps) * flops.attn_score_flops(self.config, pairs) + head_ideal
+        return [], {"flops/dense": dense.double(), "huginn/steps": torch.tensor(float(self.num_steps))}
+
+    def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
+        """Analytic FLOPs of an evaluation forward (num_steps recurrences), core/flops.py conventions."""
+        layers = [a.layer for a in self.schedule]
+        return flops.forward_flops(self.config, T, B, context, lm_head, layers) + \
+            B * T * self.num_steps * flops.adapter_flops(self.config)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at the sampler's means: the forward of mean_recurrence steps, plus a backward
+        (2 x forward) of everything but the mean_recurrence - mean_backprop_depth steps that run without grad."""
+        cfg = self.config
+        with self.override(steps=cfg.mean_recurrence):
+            fwd = self.forward_flops(seq_len)
+        no_grad = max(cfg.mean_recurrence - cfg.mean_backprop_depth, 0)
+        with self.override(steps=max(cfg.mean_recurrence - no_grad, 1)):
+            fewer = self.forward_flops(seq_len)
+        step = (fwd - fewer) / max(no_grad, 1) if no_grad else 0.0
+        return (fwd + 2 * (fwd - no_grad * step)) / seq_len
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        return []
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, **kwargs) -> torch.Tensor:
+        from dyndepth.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                        **kwargs)
+
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        state = {k: (v if dtype is None else v.to(dtype)) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> Path:
+        """config.json (model_type "huginn") + safetensors; `dyndepth.from_pretrained` loads it back."""
+        config = self.config.to_dict()
+        name = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
+        config.update(architectures=["HuginnForCausalLM"], torch_dtype=name, dtype=name)
+        return write_pretrained(self.hf_state_dict(dtype), config, path, max_shard_bytes)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+PRESETS = {
+    "huginn-tiny": {"model_type": "huginn", "vocab_size": 264, "hidden_size": 96, "intermediate_size": 256,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "mean_recurrence": 4,
+                    "mean_backprop_depth": 2, "max_position_embeddings": 1024},
+}
+
+register_model(("huginn",), ModelSpec(HuginnConfig, HuginnLM, config_from_hf), presets=PRESETS)

@@ -1,0 +1,119 @@
+"""The MoEUT-style baseline (models/moeut.py), a Dreamer configuration: sigma-MoE routing, the entropy regulariser,
+layer groups, cached generation, checkpoints, the trainer and the FLOP count against torch's counter."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import dyndepth
+from dyndepth import KVCache
+from dyndepth.models.dreamer import DreamerLM, entropy_regularizer
+from dyndepth.models.moeut import is_moeut, moeut_config
+from dyndepth.train import run_training
+
+SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def tiny(**kw):
+    fields = {"vocab_size": 256, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_recurrences": 2, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+              "max_position_embeddings": 64}
+    return moeut_config(**{**fields, **kw})
+
+
+def varied(config, seed=0) -> DreamerLM:
+    torch.manual_seed(seed)
+    model = DreamerLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed_tokens" not in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_it_is_a_looped_group_of_two_layers_with_unnormalized_sigmoid_gates_and_no_balancing_hook():
+    model = varied(tiny())
+    assert is_moeut(model.config) and len(model.model.layers) == 2
+    assert [(a.layer, a.slot) for a in model.schedule] == [(0, 0), (1, 1), (0, 2), (1, 3)]
+    assert not hasattr(model.model.layers[0], "depth_attn") and model.trainer_hooks(10) == []
+    scores, idx, gates = model.model.layers[0].mlp.route(torch.randn(20, 32), step=1)
+    torch.testing.assert_close(gates, torch.sigmoid(scores).gather(1, idx))  # no renormalisation
+    torch.testing.assert_close(idx.sort(-1).values, scores.topk(2).indices.sort(-1).values)
+    with pytest.raises(ValueError, match="define MoEUT"):
+        moeut_config(da_mode="separate")
+
+
+def test_the_entropy_regularizer_matches_a_slow_per_sequence_reference_and_trains_the_router():
+    A, B, T, E = 3, 2, 5, 4
+    logits = torch.randn(A, B, T, E)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :2] = False
+    slow = []
+    for b in range(B):
+        p = torch.stack([F.softmax(logits[a, b, t], -1) for a in range(A) for t in range(T) if valid[b, t]]).mean(0)
+        slow.append((p * p.log()).sum())
+    torch.testing.assert_close(entropy_regularizer(logits, valid), torch.stack(slow).mean())
+    assert float(entropy_regularizer(torch.zeros(A, B, T, E), valid)) == pytest.approx(-math.log(E))
+    model = varied(tiny()).train()
+    out = model(torch.randint(0, 256, (2, 8)))
+    reg = out.stats["dreamer/entropy_reg"]
+    torch.testing.assert_close(out.aux_loss.detach(), 0.01 * reg)
+    out.aux_loss.backward()
+    assert model.model.layers[1].mlp.expert_keys.grad.abs().sum() > 0
+
+
+def test_cached_generation_equals_the_full_forward_left_padded():
+    model = varied(tiny())
+    ids = torch.randint(0, 256, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = KVCache.for_model(model.config, 3, 11, num_slots=model.num_slots())
+        out = [model(ids[:, :7], attention_mask=mask[:, :7], positions=pos[:, :7], cache=cache).logits]
+        for t in range(7, 11):
+            out.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(out, 1)[mask.bool()], full[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_round_trip_keeps_the_config(tmp_path):
+    model = varied(tiny())
+    model.save_pretrained(tmp_path / "m")
+    loaded = dyndepth.from_pretrained(tmp_path / "m").eval()
+    assert is_moeut(loaded.config) and loaded.config.ea_entropy_coef == 0.01
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def _sdpa_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+    B, N, T, H = q_shape
+    return 4 * B * N * (T * (T + 1) // 2 if is_causal else T * k_shape[2]) * H
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs):
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+def test_analytic_flops_equal_torchs_counter():
+    model = varied(tiny())
+    mapping = {SDPA_CPU: _sdpa_flops, torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+        out = model(torch.randint(0, 256, (2, 9)))
+    assert counter.get_total_flops() == model.forward_flops(9, B=2) == float(out.stats["flops/executed"])
+
+
+def test_the_trainer_trains_the_preset(tmp_path):
+    (tmp_path / "r.toml").write_text(
+        '[model]\npreset = "moeut-tiny"\nhidden_size = 32\nnum_attention_heads = 2\nnum_key_value_heads = 1\n'
+        'head_dim = 16\nmoe_intermediate_size = 16\n[train]\nbatch_size = 4\nseq_len = 16\nlog_every = 1\n'
+        'warmup = 1\nlr = 3e-3\nsteps = 10\nprogress = false\nplot = false\ndevice = "cpu"\n[eval]\nenabled = false\n')
+    result = run_training(tmp_path / "r.toml", [f"train.out_dir={tmp_path / 'run'}"])
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
+    assert is_moeut(dyndepth.from_pretrained(tmp_path / "run" / "model").config)
