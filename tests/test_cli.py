@@ -43,6 +43,7 @@ def test_option_set_is_deliberate():
                  "stride", "tasks"],
         "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
                      "tokenizer", "top_k", "top_p"],
+        "match": ["against", "batch_size", "config", "device", "out", "seq_len", "tolerance"],
         "train": ["method", "recipe", "resume", "set_"],
     }
 

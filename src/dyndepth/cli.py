@@ -280,6 +280,25 @@ def bench_dreamer(
     _run(bench_main, cfg)
 
 
+@app.command()
+def match(
+    config: str = typer.Argument(..., help="Reference model: a preset, a recipe (.toml / .yaml) or a checkpoint."),
+    against: str = typer.Option("dense,moe,huginn,moeut", help="Comma-separated baseline families."),
+    batch_size: int = typer.Option(8, help="Training batch of the memory measurement."),
+    seq_len: int = typer.Option(256, help="Sequence length of FLOPs per token and memory."),
+    tolerance: float = typer.Option(0.05, help="Largest relative mismatch in parameters, FLOPs and memory."),
+    device: str = typer.Option("cpu", help="Memory: cuda measures the peak, cpu the bytes a step holds."),
+    out: Path = typer.Option(Path("runs/match"), help="Folder for one recipe per baseline and match.md."),
+) -> None:
+    """Baselines matched jointly in parameters, FLOPs per token and training memory to a reference model."""
+    from dyndepth.bench.match import MatchConfig
+    from dyndepth.bench.match import main as match_main
+
+    cfg = _run(MatchConfig, reference=config, against=[f.strip() for f in against.split(",") if f.strip()],
+               batch_size=batch_size, seq_len=seq_len, tolerance=tolerance, device=device, out_dir=str(out))
+    _run(match_main, cfg)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     app()

@@ -104,6 +104,15 @@ class HuginnConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return False
 
+    def num_params(self) -> int:
+        """Parameter count from the shapes alone (equals the model's; tested)."""
+        D, H, N, G = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        attn = D * H * (2 * N + 2 * G) + (2 * H if self.qk_norm else 0)
+        attn += H * (N + 2 * G) + D if self.attention_bias else 0  # q, k, v and o biases
+        layer = attn + 3 * D * self.intermediate_size + 4 * D
+        extra = 2 * D * D + D + D  # adapter, recurrent_norm, final norm
+        return self.num_layers * layer + extra + self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
+
     eos_token_ids = ModelConfig.eos_token_ids
     to_dict = ModelConfig.to_dict
     from_dict = classmethod(ModelConfig.from_dict.__func__)
@@ -170,6 +179,23 @@ class SandwichLayer(nn.Module):
             return self.block(x_BTD, ctx, slot)
 
 
+def schedule_for(config: HuginnConfig, steps: int) -> list[Application]:
+    """Prelude layers once, the recurrent block `steps` times, coda once; one KV-cache slot per application."""
+    P, C, K = config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda
+    apps = [Application(i, i) for i in range(P)]
+    apps += [Application(P + j, P + r * C + j, r) for r in range(steps) for j in range(C)]
+    return apps + [Application(P + C + i, P + steps * C + i) for i in range(K)]
+
+
+def forward_flops_for(config: HuginnConfig, T: int, B: int = 1, context: int | None = None, lm_head: bool = True,
+                      steps: int | None = None) -> int:
+    """Analytic FLOPs of a forward with `steps` recurrences (default mean_recurrence), core/flops.py conventions:
+    the layers of the schedule plus the adapter at every step."""
+    steps = config.mean_recurrence if steps is None else steps
+    layers = [a.layer for a in schedule_for(config, steps)]
+    return flops.forward_flops(config, T, B, context, lm_head, layers) + B * T * steps * flops.adapter_flops(config)
+
+
 def sample_steps(config: HuginnConfig, generator: torch.Generator | None = None) -> tuple[int, int]:
     """Huginn's training sampler: rate ~ LogNormal(log(R) - sigma^2 / 2, sigma), p = Poisson(rate) + 1; p steps,
     of which the last min(p, backprop depth) take gradients. Returns (steps without grad, steps with grad)."""
@@ -206,11 +232,7 @@ class HuginnLM(nn.Module):
     @property
     def schedule(self) -> list[Application]:
         """Prelude layers once, the recurrent block num_steps times, coda once; one slot per application."""
-        cfg = self.config
-        P, C, K = cfg.n_layers_in_prelude, cfg.n_layers_in_recurrent_block, cfg.n_layers_in_coda
-        apps = [Application(i, i) for i in range(P)]
-        apps += [Application(P + j, P + r * C + j, r) for r in range(self.num_steps) for j in range(C)]
-        return apps + [Application(P + C + i, P + self.num_steps * C + i) for i in range(K)]
+        return schedule_for(self.config, self.num_steps)
 
     def num_slots(self) -> int:
         return len(self.schedule)
@@ -237,11 +259,15 @@ class HuginnLM(nn.Module):
                 doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
         """As `CausalLM.forward`. A training forward draws its recurrence count (sample_recurrence)."""
         if self.training and self.config.sample_recurrence and cache is None:
-            self._sampled = sample_steps(self.config)
+            self._sampled = self.draw_steps()
         try:
             return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
         finally:
             self._sampled = None
+
+    def draw_steps(self) -> tuple[int, int]:
+        """(steps without grad, steps with grad) of a training forward: Huginn's sampler (`sample_steps`)."""
+        return sample_steps(self.config)
 
     def init_state(self, ctx: ForwardContext) -> RecurrenceState:
         no_grad = self._sampled[0] if self._sampled is not None else 0
@@ -259,9 +285,7 @@ class HuginnLM(nn.Module):
 
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
         """Analytic FLOPs of an evaluation forward (num_steps recurrences), core/flops.py conventions."""
-        layers = [a.layer for a in self.schedule]
-        return flops.forward_flops(self.config, T, B, context, lm_head, layers) + \
-            B * T * self.num_steps * flops.adapter_flops(self.config)
+        return forward_flops_for(self.config, T, B, context, lm_head, self.num_steps)
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at the sampler's means: the forward of mean_recurrence steps, plus a backward

@@ -1,0 +1,66 @@
+"""`dyndepth match` (bench/match.py): analytic counts equal the built models', the proposed baselines are within
+tolerance where the table says so, their recipes rebuild them, and bad input is one clear error."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dyndepth
+from dyndepth.bench import match
+from dyndepth.cli import app
+from dyndepth.runconfig import load_run_config
+from dyndepth.train.run import build_model
+
+
+@pytest.fixture(scope="module")
+def matched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("match")
+    torch.manual_seed(0)
+    cfg = match.MatchConfig(reference="dreamer-tiny", batch_size=2, seq_len=32, max_measured=4, out_dir=str(out))
+    return match.main(cfg)
+
+
+@pytest.mark.parametrize("family", match.FAMILIES)
+def test_analytic_parameters_and_flops_equal_the_built_models(family):
+    ref = dyndepth.preset("dreamer-tiny")
+    grid, width = match.family_grid(family, ref)
+    target = match.flops_per_token(ref, 32)
+    solved = next(c for c in (match.solve_width(f, width, target, 32) for f in grid[::7]) if c is not None)
+    config = match.config_of(solved)
+    model = dyndepth.build_model(config)
+    assert match.num_params(config) == model.num_params()
+    assert match.flops_per_token(config, 32) * 32 == model.forward_flops(32)
+    assert abs(match.flops_per_token(config, 32) / target - 1) < 0.05
+
+
+def test_proposed_baselines_are_within_tolerance_and_their_recipes_rebuild_them(matched):
+    ref = matched["reference"]
+    by_family = {b["family"]: b for b in matched["baselines"]}
+    assert set(by_family) == set(match.FAMILIES)
+    assert by_family["dense"]["within"] and by_family["moeut"]["within"]
+    for b in matched["baselines"]:
+        worst = max(abs(v) for v in b["mismatch"].values())
+        assert b["within"] == (worst <= 0.05)
+        assert b["mismatch"]["params"] == pytest.approx(b["params"] / ref["params"] - 1)
+        rc = load_run_config(b["recipe"])
+        assert rc.train.batch_size == 2 and rc.train.seq_len == 32
+        model = build_model(rc.model)
+        assert model.config == b["config"] and model.num_params() == b["params"]
+        assert model.forward_flops(32) / 32 == pytest.approx(b["flops"])
+    dense = by_family["dense"]
+    assert match.measure_memory(dense["config"], 2, 32) == dense["memory"]  # the CPU count is deterministic
+    table = (Path(dense["recipe"]).parent / "match.md").read_text()
+    assert "| dense |" in table and "d memory" in table
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Mixture-of-Recursions is not implemented"):
+        match.MatchConfig(against=["dense", "mor"])
+    with pytest.raises(ValueError, match="'gpt' is not a baseline family"):
+        match.MatchConfig(against=["gpt"])
+    with pytest.raises(ValueError, match="tolerance must be in"):
+        match.MatchConfig(tolerance=0)
+    result = CliRunner().invoke(app, ["match", "no-such-model", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "neither a preset" in result.output
