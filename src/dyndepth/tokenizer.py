@@ -170,7 +170,8 @@ class HFTokenizer:
             backend = _HFBackend.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"cannot read {path} as a Hugging Face tokenizer.json: {e}") from e
-        return cls(backend, **_find_special_tokens(backend, path.parent), chat_template=_find_chat_template(path.parent))
+        return cls(backend, **_find_special_tokens(backend, path.parent),
+                   chat_template=_find_chat_template(path.parent))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids

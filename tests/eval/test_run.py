@@ -44,8 +44,8 @@ def data_dir(tmp_path_factory):
     for name, rows in GAUNTLET.items():
         (root / "eval_gauntlet" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "hellaswag").mkdir()
-    item = "Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap.\nis ripping tiles.\nholds a cube.\n" \
-           "starts pulling up roofing.\n"
+    item = ("Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap.\nis ripping tiles.\n"
+            "holds a cube.\nstarts pulling up roofing.\n")
     (root / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(bz2.compress((item * 2).encode()))
     (root / "piqa").mkdir()
     piqa = {"goal": "How do I open a jar?", "sol1": "Twist the lid.", "sol2": "Eat the lid."}

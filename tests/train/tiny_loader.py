@@ -53,7 +53,10 @@ class SmallBytes:
 def sft_pairs(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
     """(prompt, response) pairs of varied lengths: 2-24 prompt characters, 1-16 response characters."""
     rng = random.Random(seed)
-    word = lambda k: "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(k))
+
+    def word(k: int) -> str:
+        return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(k))
+
     return [(word(rng.randint(2, 24)), word(rng.randint(1, 16))) for _ in range(n)]
 
 

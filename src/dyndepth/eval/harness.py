@@ -56,7 +56,8 @@ class DyndepthLM(TemplateLM):
                  max_gen_toks: int = 256, add_bos_token: bool = False, **knobs) -> None:
         super().__init__()
         loaded = load_for_eval(pretrained, tokenizer, dtype, device, **knobs)
-        self.model, self.tokenizer, self.knobs, self._device = loaded.model, loaded.tokenizer, loaded.knobs, loaded.device
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.knobs, self._device = loaded.knobs, loaded.device
         self.batch_size_per_gpu = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
@@ -154,8 +155,9 @@ class DyndepthLM(TemplateLM):
         """Log-likelihood of whole texts: disjoint windows of max_length, each token predicted once."""
         windows, owner = [], []
         for i, req in enumerate(requests):
-            pairs = get_rolling_token_windows(token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
-                                              max_seq_len=self.max_length, context_len=1)
+            pairs = get_rolling_token_windows(token_list=self.tok_encode(req.args[0]),
+                                              prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                                              context_len=1)
             for ctx, cont in map(make_disjoint_window, pairs):
                 windows.append((None, ctx, cont))
                 owner.append(i)

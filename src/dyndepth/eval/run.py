@@ -59,7 +59,8 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     if perplexity is not None:
         ppl_files.append((Path(perplexity).name, Path(perplexity)))
     if not harness_tasks and not ppl_files:
-        raise ValueError("nothing to evaluate: pass --tasks (e.g. hellaswag,piqa with --data-dir) and/or --perplexity FILE.")
+        raise ValueError("nothing to evaluate: pass --tasks (e.g. hellaswag,piqa with --data-dir) "
+                         "and/or --perplexity FILE.")
 
     rows: list[Row] = []
     raw: dict = {}
@@ -137,8 +138,8 @@ def _task_manager(names: list[str], data_dir, need_defaults: bool):
                           metadata={"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}: not one of lm-eval's (`lm_eval ls tasks`) nor, with --data-dir, "
-                         f"of the offline tasks {OFFLINE_TASKS + [WIKITEXT, 'all']}.")
+        raise ValueError(f"unknown task {unknown[0]!r}: not one of lm-eval's (`lm_eval ls tasks`) nor, "
+                         f"with --data-dir, of the offline tasks {OFFLINE_TASKS + [WIKITEXT, 'all']}.")
     return manager
 
 

@@ -301,7 +301,8 @@ def merged_attention(attn: Attention, h_BTD: torch.Tensor, ctx: ForwardContext, 
     visible = (mask[:, 0] & _running(ctx, st)[..., None]).sum()
     n_kv = B * T if ctx.valid is None else ctx.valid.sum()
     per_pair = 4 * N * H
-    ctx.ledger.add(slot, "attn", executed=B * T * (attn.flops_per_query + attn.flops_per_kv) + B * T * (S + L) * per_pair,
+    executed = B * T * (attn.flops_per_query + attn.flops_per_kv) + B * T * (S + L) * per_pair
+    ctx.ledger.add(slot, "attn", executed=executed,
                    ideal=n_q * attn.flops_per_query + n_kv * attn.flops_per_kv + (visible + n_q * L) * per_pair,
                    tokens=n_q)
     return attn.o_proj(y.transpose(1, 2).reshape(B, T, N * H))  # (B, T, D)

@@ -169,7 +169,8 @@ def load_plain(file: Path) -> dict:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
-        detail = next((line for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
+        first = reason[0] if reason else ""
+        detail = next((line for line in reason if "Unsupported" in line or "GLOBAL" in line), first)
         raise CheckpointError(
             f"{file} was refused: it holds Python objects other than tensors, numbers, strings and containers "
             f"({detail.strip()[:200]}), and loading them could run code. Only load checkpoints written by this "

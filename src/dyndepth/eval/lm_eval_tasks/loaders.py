@@ -42,7 +42,8 @@ def _jsonl(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); expected one JSON object per line.") from None
+                    raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); "
+                                     "expected one JSON object per line.") from None
     return rows
 
 
