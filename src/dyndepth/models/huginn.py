@@ -181,7 +181,13 @@ class SandwichLayer(nn.Module):
 
 def schedule_for(config: HuginnConfig, steps: int) -> list[Application]:
     """Prelude layers once, the recurrent block `steps` times, coda once; one KV-cache slot per application."""
-    P, C, K = config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda
+    return stack_schedule(config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda,
+                          steps)
+
+
+def stack_schedule(P: int, C: int, K: int, steps: int) -> list[Application]:
+    """Layers 0..P-1 once, layers P..P+C-1 at steps 0..steps-1, the last K layers once; slot = application index
+    (also Mixture-of-Recursions' middle-cycle stack, models/mor.py)."""
     apps = [Application(i, i) for i in range(P)]
     apps += [Application(P + j, P + r * C + j, r) for r in range(steps) for j in range(C)]
     return apps + [Application(P + C + i, P + steps * C + i) for i in range(K)]

@@ -1,0 +1,389 @@
+"""Mixture-of-Recursions baseline: a middle-cycle recursive stack whose tokens choose how many recursions they run.
+
+Bae et al. 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for Adaptive Token-Level Computation"
+(raymin0223/mixture_of_recursions). What we take from the paper / code and what is ours is in docs/baselines.md.
+Shape legend: B batch, T tokens, K tokens of a recursion (per row, padded), D hidden_size, R recursions.
+
+    x = first(embed(ids))                                 # unshared layer(s)
+    for r in range(R):                                    # the same C layers at every recursion
+        keep = route(x, r)                                # which tokens run recursion r (a subset of r - 1's)
+        y = block(x[keep])                                # C decoder layers on the kept tokens only: they attend to
+        x[keep] = x[keep] + w[keep] * y                   #   each other, and only they write K/V at these slots
+    logits = lm_head(norm(last(x)))                       # unshared layer(s)
+Routers (`router_type`):
+- "expert" (expert-choice): at recursion r a Linear(D -> 1) scores the tokens; training keeps the top
+  capacity[r] * T of the tokens kept at r - 1 (hierarchical filtering; non-causal), w = alpha * sigmoid(score),
+  and a BCE loss teaches sigmoid(score) > 0.5 to predict that choice; evaluation and decoding keep a token iff
+  sigmoid(score) > 0.5 (the causal inference path), so prefill + decode equals the evaluation forward.
+- "token" (token-choice): before the first recursion a Linear(D -> R) gives each token a softmax over depths; it
+  runs recursions 0..argmax (causal), w = the chosen probability, and a Switch-style loss balances the depths.
+KV cache: recursion-wise caching: every (layer, recursion) is a slot and only the tokens that ran it wrote K/V
+there, so a token attends at recursion r to the earlier tokens that also reached r.
+
+The layers are the decoder's `DecoderLayer` (HF Llama / Qwen3 names); the routing runs inside each layer call
+through the model's built-in `RecursionRouting` (the layer's method slot, as MoD does), on a sub-context of the
+kept tokens (`ForwardContext.subset`) through the layer's own `block`, so the ledger counts what ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyndepth.config import ConfigError, ModelConfig
+from dyndepth.core import flops
+from dyndepth.core.cache import KVCache
+from dyndepth.core.context import ForwardContext
+from dyndepth.core.method import MethodOutput, check_knobs
+from dyndepth.core.routing import capacity, gather_padded, pack_indices, scatter_padded_add
+from dyndepth.models.forward import DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.huginn import stack_schedule
+from dyndepth.models.moe import load_balancing_loss, router_stats
+from dyndepth.models.qwen3 import DecoderLayer, DecoderModel
+from dyndepth.models.registry import ModelSpec, register_model
+from dyndepth.safetensors_io import write_pretrained
+
+ROUTERS = ("expert", "token")
+
+
+@dataclass
+class MoRConfig:
+    model_type: str = "mor"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1536
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    n_layers_first: int = 1  # unshared layers before the recursions (middle-cycle sharing)
+    n_layers_in_recursion: int = 2  # C: the shared block
+    n_layers_last: int = 1  # unshared layers after
+    num_recursions: int = 3  # R
+    router_type: str = "expert"  # expert (expert-choice) | token (token-choice)
+    capacity: list[float] | None = None  # expert-choice: fraction of T per recursion; None -> (R - r) / R
+    router_alpha: float = 0.1  # expert-choice: w = alpha * sigmoid(score)
+    router_aux_loss_coef: float = 0.1  # expert: BCE of the causal predictor; token: the depth-balancing loss
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    num_experts = 0  # dense layers (read by DecoderLayer and core/flops.py); not a config field
+
+    def __post_init__(self) -> None:
+        if self.model_type != "mor":
+            raise ConfigError(f"MoRConfig.model_type must be 'mor', got {self.model_type!r}.")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.router_type not in ROUTERS:
+            raise ConfigError(f"MoRConfig.router_type={self.router_type!r} is not one of {ROUTERS}.")
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "n_layers_in_recursion",
+                     "num_recursions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"MoRConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads}).")
+        R = self.num_recursions
+        if self.capacity is None:
+            self.capacity = [(R - r) / R for r in range(R)]
+        if len(self.capacity) != R or any(not 0 < c <= 1 for c in self.capacity) or \
+                any(b > a for a, b in zip(self.capacity, self.capacity[1:])):
+            raise ConfigError(f"MoRConfig.capacity={self.capacity} must hold {R} non-increasing fractions in (0, 1].")
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layers_first + self.n_layers_in_recursion + self.n_layers_last
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Layer applications of a forward (one KV-cache slot each)."""
+        return self.n_layers_first + self.num_recursions * self.n_layers_in_recursion + self.n_layers_last
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return False
+
+    def num_params(self) -> int:
+        """Parameter count from the shapes alone (equals the model's; tested)."""
+        D, H, N, G, F_ = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads, \
+            self.intermediate_size
+        attn = D * H * (2 * N + 2 * G) + (2 * H if self.qk_norm else 0) + (H * (N + 2 * G) + D
+                                                                            if self.attention_bias else 0)
+        mlp = 3 * D * F_ + (2 * F_ + D if self.mlp_bias else 0)
+        routers = D * self.num_recursions  # R Linear(D -> 1), or one Linear(D -> R)
+        embed = self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * D) + D + routers + embed
+
+    eos_token_ids = ModelConfig.eos_token_ids
+    to_dict = ModelConfig.to_dict
+    from_dict = classmethod(ModelConfig.from_dict.__func__)
+
+
+def config_from_hf(d: dict) -> MoRConfig:
+    return MoRConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
+
+
+@dataclass
+class RecursionState:
+    """Per forward (`ctx.state`): routing decisions and what the recursions' last layers combine, by recursion."""
+
+    valid: torch.Tensor  # (B, T)
+    topk: bool  # training-style top-k routing (expert-choice without a cache in training)
+    keep: dict = field(default_factory=dict)  # r -> (B, T) bool: tokens that run recursion r
+    weight: dict = field(default_factory=dict)  # r -> (B, T) gate w
+    packed: dict = field(default_factory=dict)  # r -> (idx_BK, valid_BK)
+    start: dict = field(default_factory=dict)  # r -> (B, T, D) the stream entering recursion r
+    losses: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    depth: torch.Tensor | None = None  # (B, T) token-choice: last recursion each token runs (-1 for PAD)
+    gate: torch.Tensor | None = None  # (B, T) token-choice: the chosen depth's probability
+
+
+class RecursionRouting:
+    """MoR's routing, in the layer's method slot: unshared layers run plainly; a shared layer at recursion r runs on
+    the tokens routed to r. Built by the model (not attachable, no runtime knobs)."""
+
+    name = "mor"
+
+    def __init__(self, config: MoRConfig, routers: nn.ModuleList) -> None:
+        self.config, self.routers = config, routers
+        F_, C = config.n_layers_first, config.n_layers_in_recursion
+        self.step_of = {}  # slot -> (recursion, index in the block)
+        for app in stack_schedule(F_, C, config.n_layers_last, config.num_recursions):
+            if F_ <= app.layer < F_ + C:
+                self.step_of[app.slot] = (app.step, app.layer - F_)
+
+    # The Method protocol's remaining members: MoR has no runtime knobs, no extra slots and no trainer hooks.
+    def configure(self, config) -> None:
+        raise ValueError("MoR's routing is part of the model; change MoRConfig instead.")
+
+    def extra_slots(self, num_slots: int) -> int:
+        return 0
+
+    def knobs(self) -> dict:
+        return {}
+
+    def override(self, **knobs):
+        check_knobs(self.name, (), knobs)
+        return contextlib.nullcontext(self)
+
+    decoding = override
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        return []
+
+    def to_dict(self) -> dict:
+        return {"name": self.name}
+
+    # ---- per forward ----
+    def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> RecursionState:
+        topk = self.config.router_type == "expert" and ctx.training and ctx.cache is None
+        return RecursionState(ctx.valid_or_all, topk)
+
+    def end(self, ctx: ForwardContext) -> MethodOutput:
+        st: RecursionState = ctx.state
+        out = MethodOutput(losses=list(st.losses), stats=dict(st.stats))
+        n = st.valid.sum().clamp(min=1)
+        for r, keep in sorted(st.keep.items()):
+            out.stats[f"mor/tokens_r{r}"] = (keep & st.valid).sum() / n
+        return out
+
+    def layer_forward(self, layer, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        if slot not in self.step_of:
+            return layer.block(x_BTD, ctx, slot)
+        r, j = self.step_of[slot]
+        st: RecursionState = ctx.state
+        if j == 0:
+            self._route(x_BTD, ctx, slot, r)
+        idx_BK, valid_BK = st.packed[r]
+        if idx_BK.shape[1] == 0:  # no token of the batch runs this recursion
+            return x_BTD
+        y_BKD = layer.block(gather_padded(x_BTD, idx_BK), ctx.subset(idx_BK, valid_BK), slot)  # (B, K, D)
+        if j < self.config.n_layers_in_recursion - 1:  # inside the recursion: the kept tokens' stream moves on
+            return scatter_padded_add(x_BTD, y_BKD - gather_padded(x_BTD, idx_BK), idx_BK, valid_BK)
+        w_BK = gather_padded(st.weight[r], idx_BK)[..., None]  # (B, K, 1)
+        return scatter_padded_add(st.start[r], w_BK * y_BKD, idx_BK, valid_BK)  # x + w * block(x), kept tokens
+
+    def _route(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int, r: int) -> None:
+        """Decide which tokens run recursion r and their gates (ctx.state), recording the router's FLOPs."""
+        st: RecursionState = ctx.state
+        cfg, (B, T, D) = self.config, x_BTD.shape
+        pool = st.valid if r == 0 else st.keep[r - 1]
+        st.start[r] = x_BTD
+        if cfg.router_type == "token":
+            if r == 0:
+                self._choose_depths(x_BTD, ctx, slot)
+            keep = st.keep[r] = st.depth >= r
+            st.weight[r] = st.gate
+        else:
+            score = self.routers[r](x_BTD).squeeze(-1).float()  # (B, T)
+            ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=pool.sum() * 2 * D)
+            if st.topk:
+                k = capacity(cfg.capacity[r], T)
+                order = torch.argsort(score.detach().masked_fill(~pool, float("-inf")), dim=1, descending=True,
+                                      stable=True)  # ties: the earlier token first
+                rank = torch.argsort(order, dim=1)  # (B, T) rank of each token in its row
+                keep = (rank < k) & pool
+                w = pool.float()
+                bce = F.binary_cross_entropy_with_logits(score, keep.float(), weight=w, reduction="sum")
+                st.losses.append(cfg.router_aux_loss_coef * bce / w.sum().clamp(min=1))
+                st.stats[f"mor/router_acc_r{r}"] = (((score > 0) == keep) & pool).sum() / pool.sum().clamp(min=1)
+            else:  # the causal inference path
+                keep = (score > 0) & pool
+            st.keep[r] = keep
+            st.weight[r] = (cfg.router_alpha * torch.sigmoid(score)).to(x_BTD.dtype)
+        size = capacity(cfg.capacity[r], T) if st.topk else None  # static K in training, no host sync
+        idx_BK, valid_BK = pack_indices(keep, size)
+        st.packed[r] = (idx_BK, valid_BK)
+
+    def _choose_depths(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> None:
+        """Token-choice: each token's recursion count (argmax of a softmax over R depths) and gate."""
+        st: RecursionState = ctx.state
+        R, (B, T, D) = self.config.num_recursions, x_BTD.shape
+        probs = F.softmax(self.routers[0](x_BTD).float(), dim=-1)  # (B, T, R)
+        ctx.ledger.add(slot, "router", executed=B * T * 2 * D * R, ideal=st.valid.sum() * 2 * D * R)
+        gate, depth = probs.max(-1)  # (B, T)
+        st.depth = torch.where(st.valid, depth, -1)
+        st.gate = gate.to(x_BTD.dtype)
+        if ctx.training and self.config.router_aux_loss_coef:
+            stats = router_stats(probs.reshape(-1, R), depth.reshape(-1, 1), st.valid.reshape(-1))
+            balance = load_balancing_loss([stats], R)
+            st.losses.append(self.config.router_aux_loss_coef * balance)
+            st.stats["mor/balance_loss"] = balance.detach()
+
+
+def flops_at(config: MoRConfig, T: int, counts: list) -> float:
+    """Analytic (ideal) FLOPs of one sequence of T tokens of which counts[r] run recursion r: the unshared layers
+    on every token, recursion r's C layers on counts[r] tokens attending causally to each other, the routers
+    (expert-choice: on the tokens kept at r - 1; token-choice: once on every token) and the lm_head."""
+    per = flops.q_o_flops(config) + flops.kv_flops(config) + flops.mlp_flops(config, 0)
+    n_plain = config.n_layers_first + config.n_layers_last
+    total = n_plain * (T * per + flops.attn_score_flops(config, flops.causal_attended_keys(T)))
+    for k in counts:
+        attn = flops.attn_score_flops(config, flops.causal_attended_keys(k))
+        total += config.n_layers_in_recursion * (k * per + attn)
+    if config.router_type == "token":
+        total += T * 2 * config.hidden_size * config.num_recursions
+    else:
+        total += sum([T] + list(counts[:-1])) * 2 * config.hidden_size
+    return total + T * flops.lm_head_flops(config)
+
+
+def nominal_forward_flops(config: MoRConfig, T: int, B: int = 1, lm_head: bool = True) -> int:
+    """FLOPs of B sequences of T tokens at the nominal capacity: expert-choice's training top-k (capacity[r] * T
+    tokens run recursion r), token-choice at balanced depths (the same default fractions (R - r) / R)."""
+    counts = [capacity(c, T) for c in config.capacity]
+    return B * int(flops_at(config, T, counts) - (0 if lm_head else T * flops.lm_head_flops(config)))
+
+
+class MoRLM(nn.Module):
+    """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, [DecoderLayer(config, i) for i in range(config.num_layers)])
+        D, R = config.hidden_size, config.num_recursions
+        if config.router_type == "expert":
+            self.routers = nn.ModuleList(nn.Linear(D, 1, bias=False) for _ in range(R))
+        else:
+            self.routers = nn.ModuleList([nn.Linear(D, R, bias=False)])
+        self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        self.method = RecursionRouting(config, self.routers)
+
+    @property
+    def schedule(self):
+        cfg = self.config
+        return stack_schedule(cfg.n_layers_first, cfg.n_layers_in_recursion, cfg.n_layers_last, cfg.num_recursions)
+
+    def num_slots(self) -> int:
+        return len(self.schedule)
+
+    make_context = make_context
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None, num_logits: int | None = None,
+                doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
+        return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
+
+    def init_state(self, ctx: ForwardContext) -> None:
+        return None
+
+    def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
+        """flops/dense: every token through every recursion (the routing's saving is ideal / dense)."""
+        valid = ctx.valid_or_all
+        pairs = (valid * (ctx.positions + 1)).sum()
+        n = len(self.schedule)
+        per_token = n * (flops.q_o_flops(self.config) + flops.kv_flops(self.config) + flops.mlp_flops(self.config, 0))
+        dense = valid.sum() * per_token + n * flops.attn_score_flops(self.config, pairs) + head_ideal
+        return [], {"flops/dense": dense.double()}
+
+    def flops_at(self, T: int, counts: list) -> float:
+        """Analytic (ideal) FLOPs of one sequence of T tokens of which counts[r] run recursion r."""
+        return flops_at(self.config, T, counts)
+
+    def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
+        """Analytic FLOPs at the routing's nominal capacity (`nominal_forward_flops`); actual forwards route by
+        data: `out.stats["flops/ideal"]` has what ran."""
+        if context:
+            raise ValueError("MoR's FLOPs after cached tokens depend on the routing; read out.stats['flops/ideal'].")
+        return nominal_forward_flops(self.config, T, B, lm_head)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        return 3 * self.forward_flops(seq_len) / seq_len
+
+    def trainer_hooks(self, total_steps: int) -> list:
+        return []
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, **kwargs) -> torch.Tensor:
+        from dyndepth.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                        **kwargs)
+
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        state = {k: (v if dtype is None else v.to(dtype)) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> Path:
+        config = self.config.to_dict()
+        name = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
+        config.update(architectures=["MoRForCausalLM"], torch_dtype=name, dtype=name)
+        return write_pretrained(self.hf_state_dict(dtype), config, path, max_shard_bytes)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+PRESETS = {
+    "mor-tiny": {"model_type": "mor", "vocab_size": 264, "hidden_size": 128, "intermediate_size": 384,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_recursions": 3,
+                 "max_position_embeddings": 1024},
+}
+
+register_model(("mor",), ModelSpec(MoRConfig, MoRLM, config_from_hf), presets=PRESETS)

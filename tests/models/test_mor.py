@@ -1,0 +1,168 @@
+"""Mixture-of-Recursions (models/mor.py): routing (expert-choice top-k with hierarchical filtering, its causal
+threshold path, token-choice depths), recursion-wise KV caching, cached generation, checkpoints, the trainer, and
+the FLOP count against torch's counter."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dyndepth
+from dyndepth import KVCache, Trace
+from dyndepth.core.routing import capacity
+from dyndepth.models.mor import MoRConfig, MoRLM
+from dyndepth.train import run_training
+
+SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+ROUTERS = ["expert", "token"]
+
+
+def tiny(**kw) -> MoRConfig:
+    fields = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_recursions": 3, "max_position_embeddings": 64}
+    return MoRConfig(**{**fields, **kw})
+
+
+def varied(config: MoRConfig, seed: int = 0) -> MoRLM:
+    torch.manual_seed(seed)
+    model = MoRLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed_tokens" not in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def left_padded(B=3, T=12, vocab=256):
+    ids = torch.randint(0, vocab, (B, T))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids, mask
+
+
+def _state(model, *args, **kwargs):
+    trace = Trace()
+    with torch.no_grad():
+        out = model(*args, trace=trace, **kwargs)
+    return out, trace.ctx.state
+
+
+def test_expert_choice_keeps_the_top_capacity_of_the_previous_recursions_tokens_in_training():
+    model = varied(tiny()).train()
+    ids = torch.randint(0, 256, (2, 12))
+    out, st = _state(model, ids)
+    for r, c in enumerate(model.config.capacity):
+        assert (st.keep[r].sum(1) == capacity(c, 12)).all()
+        if r:
+            assert not (st.keep[r] & ~st.keep[r - 1]).any()  # hierarchical filtering
+            score = model.routers[r](st.start[r]).squeeze(-1)
+            lowest_kept = score.masked_fill(~st.keep[r], float("inf")).min(1).values
+            dropped = score.masked_fill(~(st.keep[r - 1] & ~st.keep[r]), float("-inf")).max(1).values
+            assert (lowest_kept >= dropped).all()
+    assert float(out.aux_loss) > 0 and "mor/router_acc_r1" in out.stats  # the BCE of the causal path
+
+
+def test_evaluation_routes_causally_by_threshold_and_token_choice_by_depth():
+    model = varied(tiny())
+    ids = torch.randint(0, 256, (2, 12))
+    _, st = _state(model, ids)
+    for r in range(3):
+        score = model.routers[r](st.start[r]).squeeze(-1)
+        pool = torch.ones_like(st.keep[0]) if r == 0 else st.keep[r - 1]
+        assert torch.equal(st.keep[r], (score > 0) & pool)
+    model = varied(tiny(router_type="token"))
+    _, st = _state(model, ids)
+    probs = model.routers[0](st.start[0]).softmax(-1)
+    assert torch.equal(st.depth, probs.argmax(-1))
+    for r in range(3):
+        assert torch.equal(st.keep[r], st.depth >= r)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cached_generation_equals_the_full_forward_and_only_routed_tokens_write_kv(router):
+    model = varied(tiny(router_type=router))
+    ids, mask = left_padded()
+    B, T = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    full, st = _state(model, ids, attention_mask=mask)
+    cache = KVCache.for_model(model.config, B, T, num_slots=model.num_slots())
+    with torch.no_grad():
+        out = [model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache).logits]
+        for t in range(8, T):
+            out.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(out, 1)[real], full.logits[real], rtol=1e-4, atol=1e-4)
+    partial = [0 < int((st.keep[r] & real).sum()) < int(real.sum()) for r in range(3)]
+    assert any(partial), [int(st.keep[r].sum()) for r in range(3)]  # some recursion runs a strict subset
+    for r in range(3):  # recursion-wise KV: slots 1 + 2r and 2 + 2r hold exactly the tokens that ran recursion r
+        kept = st.keep[r] & real
+        for slot in (1 + 2 * r, 2 + 2 * r):
+            written = torch.zeros(B, T, dtype=torch.bool)
+            for b in range(B):
+                cols = cache.valid[slot, b, :T].nonzero().squeeze(-1)
+                written[b, T - int(mask[b].sum()) + cols] = True  # left padding: column = position
+            assert torch.equal(written, kept)
+    prompt = torch.randint(0, 256, (2, 5))
+    free = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            free = torch.cat([free, model(free).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(model.generate(prompt, 4, stop_tokens=[]), free)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_save_load_round_trip(router, tmp_path):
+    model = varied(tiny(router_type=router, n_layers_in_recursion=1))
+    model.save_pretrained(tmp_path / "m")
+    loaded = dyndepth.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(loaded, MoRLM) and loaded.config == dataclasses.replace(model.config, torch_dtype="float32")
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def _sdpa_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+    B, N, T, H = q_shape
+    return 4 * B * N * (T * (T + 1) // 2 if is_causal else T * k_shape[2]) * H
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_flops_equal_torchs_counter_and_the_analytic_count(router):
+    model = varied(tiny(router_type=router)).train()
+    ids = torch.randint(0, 256, (2, 12))
+    with FlopCounterMode(display=False, custom_mapping={SDPA_CPU: _sdpa_flops}) as counter:
+        out, st = _state(model, ids)
+    assert float(out.stats["flops/executed"]) == counter.get_total_flops()
+    ideal = sum(model.flops_at(12, [int(st.keep[r][b].sum()) for r in range(3)]) for b in range(2))
+    assert float(out.stats["flops/ideal"]) == ideal
+    if router == "expert":  # training top-k runs exactly the nominal capacity
+        assert ideal == model.forward_flops(12, B=2)
+    assert tiny(router_type=router).num_params() == model.num_params()
+    assert tiny(router_type=router, attention_bias=True, mlp_bias=True, tie_word_embeddings=False).num_params() == \
+        MoRLM(tiny(router_type=router, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)).num_params()
+
+
+RECIPE = ('[model]\ntype = "mor"\nvocab_size = 264\nhidden_size = 32\nintermediate_size = 64\n'
+          'num_attention_heads = 2\nnum_key_value_heads = 1\nnum_recursions = 2\nrouter_type = "{router}"\n'
+          '[train]\nbatch_size = 4\nseq_len = 16\nlog_every = 1\nwarmup = 1\nlr = 3e-3\nsteps = 10\n'
+          'progress = false\nplot = false\ndevice = "cpu"\n[eval]\nenabled = false\n')
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_the_trainer_trains_it(router, tmp_path):
+    (tmp_path / "r.toml").write_text(RECIPE.format(router=router))
+    result = run_training(tmp_path / "r.toml", [f"train.out_dir={tmp_path / 'run'}"])
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
+    assert isinstance(dyndepth.from_pretrained(tmp_path / "run" / "model"), MoRLM)
+
+
+def test_bad_configs_fail_with_one_clear_error():
+    with pytest.raises(ValueError, match="router_type"):
+        tiny(router_type="random")
+    with pytest.raises(ValueError, match="non-increasing"):
+        tiny(capacity=[0.5, 1.0, 0.25])
+    with pytest.raises(ValueError, match="depend on the routing"):
+        MoRLM(tiny()).forward_flops(4, context=3)
