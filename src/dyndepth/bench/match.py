@@ -1,11 +1,11 @@
-"""`dyndepth match CONFIG --against dense,moe,huginn,moeut`: baselines matched jointly in parameters, FLOPs per
+"""`dyndepth match CONFIG --against dense,moe,huginn,moeut,mor`: baselines matched jointly in parameters, FLOPs per
 token and training memory to a reference model (Dreamer's methodological claim, ../shared/papers/dreamer.md §3).
 
 What is matched, for the reference and every candidate:
 - parameters: trainable parameters, tied embeddings once (analytic: `num_params()` of the config, or the model built
   on the meta device);
 - FLOPs per token: the forward at `seq_len` with causal attention, core/flops.py (`model.forward_flops(T) / T`);
-  recurrent models at their evaluation depth;
+  recurrent models at their evaluation depth, Mixture-of-Recursions at its nominal capacity;
 - memory: one training step (the trainer's own step, AdamW, float32) at `batch_size` x `seq_len`. On CUDA the peak
   of `torch.cuda.max_memory_allocated` over the step; on CPU the bytes the step holds: parameters, gradients, AdamW
   state and the activations autograd saves for backward, counted by storage (`bench.dreamer._cpu_step_bytes`). The
@@ -36,9 +36,9 @@ from dyndepth.core import flops
 from dyndepth.models import build_config, build_model
 from dyndepth.models.huginn import forward_flops_for
 from dyndepth.models.moeut import moeut_config
+from dyndepth.models.mor import nominal_forward_flops
 
-FAMILIES = ("dense", "moe", "huginn", "moeut")
-NOT_IMPLEMENTED = {"mor": "Mixture-of-Recursions is not implemented yet (issue 13, item 1)"}
+FAMILIES = ("dense", "moe", "huginn", "moeut", "mor")
 SHARED = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
           "rope_theta", "rms_norm_eps", "tie_word_embeddings")
 
@@ -57,8 +57,8 @@ class MatchConfig:
     def __post_init__(self) -> None:
         unknown = [f for f in self.against if f not in FAMILIES]
         if unknown:
-            why = "; ".join(NOT_IMPLEMENTED.get(f, f"{f!r} is not a baseline family") for f in unknown)
-            raise ValueError(f"match --against: {why}; families: {', '.join(FAMILIES)}.")
+            raise ValueError(f"match --against: {', '.join(map(repr, unknown))} is not a baseline family; families: "
+                             f"{', '.join(FAMILIES)}.")
         if not self.against:
             raise ValueError("match --against needs at least one family.")
         for name in ("batch_size", "seq_len", "max_measured"):
@@ -75,6 +75,8 @@ def flops_per_token(config, T: int) -> float:
         return flops.recurrent_forward_flops(config, T) / T
     if config.model_type == "huginn":
         return forward_flops_for(config, T) / T
+    if config.model_type == "mor":  # at its nominal capacity (training top-k)
+        return nominal_forward_flops(config, T) / T
     return flops.forward_flops(config, T) / T
 
 
@@ -130,6 +132,10 @@ def family_grid(family: str, ref) -> tuple[list[dict], str]:
             out += [{**base, "model_type": "dreamer", "hidden_size": D, "num_recurrences": R, "num_experts": E,
                      "num_experts_per_tok": k, "moe_intermediate_size": 1}
                     for R in range(1, A + 2) for E in experts]
+        elif family == "mor":  # middle-cycle: one unshared layer first and last, expert-choice at 3 capacities
+            out += [{**base, "model_type": "mor", "hidden_size": D, "n_layers_in_recursion": C, "num_recursions": R,
+                     "capacity": cap, "intermediate_size": 1} for C in range(1, A + 1) for R in (2, 3, 4)
+                    for cap in (None, [1.0] * R, [1.0] + [0.5] * (R - 1))]
     width = "moe_intermediate_size" if family in ("moe", "moeut") else "intermediate_size"
     return out, width
 
@@ -274,6 +280,9 @@ def describe(config) -> str:
         what = "E={},k={},F={}".format(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) \
             if c.num_experts else f"F={c.intermediate_size}"
         return f"D={c.hidden_size}, G={c.layers_per_group} x R={c.num_recurrences}, DA {c.da_mode}, {what}"
+    if c.model_type == "mor":
+        return (f"D={c.hidden_size}, 1 + {c.n_layers_in_recursion} x R={c.num_recursions} + 1, {c.router_type}-choice "
+                f"capacity {'/'.join(f'{x:.2f}' for x in c.capacity)}, F={c.intermediate_size}")
     if c.num_experts:
         return (f"D={c.hidden_size}, L={c.num_hidden_layers}, E={c.num_experts}, k={c.num_experts_per_tok}, "
                 f"F={c.moe_intermediate_size}")
