@@ -1,6 +1,7 @@
 """The Huginn-style baseline (models/huginn.py): schedule and sandwich block, input injection, the recurrence sampler
 and truncated backprop, cached generation, checkpoints, the trainer, and the FLOP count against torch's counter."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -14,6 +15,7 @@ from dyndepth.core.layers import apply_rope
 from dyndepth.models.forward import run_schedule
 from dyndepth.models.huginn import HuginnConfig, HuginnLM, sample_steps
 from dyndepth.train import run_training
+from dyndepth.train.parallel import apply_activation_checkpointing
 
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -178,3 +180,17 @@ def test_bad_configs_fail_with_one_clear_error():
         tiny(mean_recurrence=0)
     with pytest.raises(ValueError, match="no knob 'exit_kl'"), varied(tiny()).override(exit_kl=0.1):
         pass
+
+
+def test_activation_checkpointing_gives_the_same_gradients_with_truncated_backprop():
+    model = varied(tiny(mean_recurrence=4, mean_backprop_depth=2)).train()
+    ckpt = copy.deepcopy(model)
+    apply_activation_checkpointing(ckpt)
+    ids = torch.randint(0, 256, (2, 10))
+    grads = []
+    for m in (model, ckpt):
+        m.draw_steps = lambda: (2, 2)
+        F.cross_entropy(m(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """The MoEUT-style baseline (models/moeut.py), a Dreamer configuration: sigma-MoE routing, the entropy regulariser,
 layer groups, cached generation, checkpoints, the trainer and the FLOP count against torch's counter."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dyndepth
 from dyndepth import KVCache
-from dyndepth.models.dreamer import DreamerLM, entropy_regularizer
+from dyndepth.models.dreamer import DreamerConfig, DreamerLM, entropy_regularizer
 from dyndepth.models.moeut import is_moeut, moeut_config
 from dyndepth.train import run_training
 
@@ -117,3 +118,11 @@ def test_the_trainer_trains_the_preset(tmp_path):
     losses = [loss for _, loss in result.losses]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
     assert is_moeut(dyndepth.from_pretrained(tmp_path / "run" / "model").config)
+
+
+@pytest.mark.parametrize("fields", [{}, {"da_mode": "separate", "ea_depth_encoding": "learned", "sandwich_norm": True},
+                                    {"num_experts": 0, "intermediate_size": 48, "tie_word_embeddings": False},
+                                    {"attention_bias": True, "qk_norm": False, "layers_per_group": 3}])
+def test_the_analytic_parameter_count_equals_the_models(fields):
+    config = DreamerConfig(**{**dataclasses.asdict(tiny()), **fields})
+    assert config.num_params() == DreamerLM(config).num_params()

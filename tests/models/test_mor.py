@@ -2,10 +2,12 @@
 threshold path, token-choice depths), recursion-wise KV caching, cached generation, checkpoints, the trainer, and
 the FLOP count against torch's counter."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyndepth
@@ -13,6 +15,7 @@ from dyndepth import KVCache, Trace
 from dyndepth.core.routing import capacity
 from dyndepth.models.mor import MoRConfig, MoRLM
 from dyndepth.train import run_training
+from dyndepth.train.parallel import apply_activation_checkpointing
 
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 ROUTERS = ["expert", "token"]
@@ -166,3 +169,18 @@ def test_bad_configs_fail_with_one_clear_error():
         tiny(capacity=[0.5, 1.0, 0.25])
     with pytest.raises(ValueError, match="depend on the routing"):
         MoRLM(tiny()).forward_flops(4, context=3)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_activation_checkpointing_gives_the_same_gradients(router):
+    model = varied(tiny(router_type=router)).train()
+    ckpt = copy.deepcopy(model)
+    apply_activation_checkpointing(ckpt)
+    ids = torch.randint(0, 256, (2, 10))
+    grads = []
+    for m in (model, ckpt):
+        out = m(ids)
+        (F.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten()) + out.aux_loss).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)

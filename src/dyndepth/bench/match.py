@@ -13,12 +13,12 @@ What is matched, for the reference and every candidate:
   model. Huginn is measured at its mean draw (mean_recurrence - mean_backprop_depth steps without grad, then
   mean_backprop_depth with grad).
 
-Search, per family: a grid of discrete shapes (width D, depth, experts; `family_grid`); for each, the one width
-that scales FLOPs linearly (MLP or expert width) is solved so FLOPs/token equal the reference's (widths below
-`min_width` are not allowed); shapes whose parameters are within tolerance are kept; memory is measured on a
-spread of them, a linear model of memory in (parameters, applications x D, applications x width) is fitted, the
-best predicted ones are measured, and the shape with the smallest largest mismatch wins. Families that cannot
-meet the tolerance are reported with their residual mismatch, never hidden.
+Search, per family: a grid of discrete shapes (width D, attention heads, depth, experts; `family_grid`); for
+each, the one width that scales FLOPs linearly (MLP or expert width) is solved so FLOPs/token equal the
+reference's (widths below `min_width` are not allowed); shapes whose parameters are within tolerance are kept;
+memory is measured on a spread of them, a linear model of memory in (parameters, applications x D, applications x
+width) is fitted, the best predicted ones are measured, and the shape with the smallest largest mismatch wins.
+Families that cannot meet the tolerance are reported with their residual mismatch, never hidden.
 """
 
 from __future__ import annotations
@@ -106,6 +106,18 @@ def _widths(D: int) -> list[int]:
     return list(range(lo - lo % step or step, hi + 1, step))
 
 
+def _heads(ref) -> list[dict]:
+    """Attention widths to try: half, the same and twice the reference's query heads (head_dim and the query /
+    kv-head ratio kept), since attention sets how FLOPs per token relate to parameters at a sequence length."""
+    N, G = ref.num_attention_heads, ref.num_key_value_heads
+    out = []
+    for n in sorted({max(1, N // 2), N, 2 * N}):
+        g = max(1, n * G // N)
+        if n % g == 0:
+            out.append({"num_attention_heads": n, "num_key_value_heads": g})
+    return out
+
+
 def family_grid(family: str, ref) -> tuple[list[dict], str]:
     """Candidate field dicts of a family (everything but the solved width) and the width field to solve."""
     base = {k: getattr(ref, k) for k in SHARED if hasattr(ref, k)}
@@ -114,7 +126,7 @@ def family_grid(family: str, ref) -> tuple[list[dict], str]:
     A, k = applications(ref), getattr(ref, "num_experts_per_tok", 2) if getattr(ref, "num_experts", 0) else 2
     experts = [e for e in (4, 8, 16, 32, 64, 128) if e >= 2 * k]
     out = []
-    for D in _widths(ref.hidden_size):
+    for D, base in ((D, {**base, **heads}) for D in _widths(ref.hidden_size) for heads in _heads(ref)):
         if family == "dense":
             out += [{**base, "model_type": "qwen3", "hidden_size": D, "num_hidden_layers": L, "intermediate_size": 1}
                     for L in range(1, 2 * A + 3)]
@@ -272,6 +284,12 @@ def run_match(cfg: MatchConfig) -> dict:
 
 
 def describe(config) -> str:
+    """One line: the shape of a model (width, heads, depth, experts, widths)."""
+    heads = f"N={config.num_attention_heads}/{config.num_key_value_heads}"
+    return _describe(config).replace(", ", f", {heads}, ", 1)
+
+
+def _describe(config) -> str:
     c = config
     if c.model_type == "huginn":
         return (f"D={c.hidden_size}, {c.n_layers_in_prelude}/{c.n_layers_in_recurrent_block}/{c.n_layers_in_coda} x "

@@ -111,6 +111,23 @@ class DreamerConfig:
         """Layer applications of a forward (R * layers_per_group): one KV-cache slot each."""
         return self.num_recurrences * self.layers_per_group
 
+    def num_params(self) -> int:
+        """Parameter count from the shapes alone (equals the model's; tests/models/test_moeut.py)."""
+        D, H, N, G = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        attn = D * H * (2 * N + 2 * G) + (2 * H if self.qk_norm else 0) + (H * (N + 2 * G) + D
+                                                                            if self.attention_bias else 0)
+        layer = attn + 2 * D + (3 * D if self.sandwich_norm else 0)
+        if self.da_mode == "separate":
+            width = self.da_num_heads * self.da_head_dim
+            layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0)
+        if self.num_experts:
+            E = self.num_experts
+            layer += E * D + 3 * E * D * self.moe_intermediate_size
+            layer += self.num_recurrences * D if self.ea_depth_encoding == "learned" else 0
+        else:
+            layer += 3 * D * self.intermediate_size
+        return self.layers_per_group * layer + D + self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
+
     # The decoder config's own rules, shared rather than inherited: eos ids as a list, dict round trip.
     eos_token_ids = ModelConfig.eos_token_ids
     to_dict = ModelConfig.to_dict
