@@ -38,12 +38,14 @@ def test_option_set_is_deliberate():
         "bench quality": ["base", "out", "steps"],
         "bench train": ["batch_size", "compile", "device", "dtype", "model", "out", "seq_len", "steps"],
         "convert": ["dst", "dtype", "max_shard_gb", "src"],
-        "demo": ["gate_steps", "out", "steps"],
+        "demo": ["eval_examples", "out", "post_steps", "steps"],
         "eval": ["batch_size", "data_dir", "limit", "max_length", "model", "model_args", "out", "perplexity",
                  "stride", "tasks"],
         "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
                      "tokenizer", "top_k", "top_p"],
         "match": ["against", "batch_size", "config", "device", "out", "seq_len", "tolerance"],
+        "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds"],
+        "repro": ["base", "data_dir", "limit", "out", "profile", "steps", "tasks", "train_data", "val_data"],
         "train": ["method", "recipe", "resume", "set_"],
     }
 

@@ -14,6 +14,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Token-adaptive depth for transformer language models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
+study_app = typer.Typer(no_args_is_help=True, help="Studies: several models trained and compared on the same data.")
+app.add_typer(study_app, name="study")
 
 
 def _fail(e: Exception) -> None:
@@ -135,6 +137,27 @@ def demo(
     from dyndepth.demo import DemoConfig, run_demo
 
     _run(run_demo, DemoConfig(out_dir=str(out), steps=steps, post_steps=post_steps, eval_examples=eval_examples))
+
+
+@app.command()
+def repro(
+    base: str = typer.Argument(..., help="Base checkpoint folder with its tokenizer.json (a base recipe's model)."),
+    data_dir: Path = typer.Option(..., "--data-dir", help="Offline lm-eval task files (e.g. ../shared/data)."),
+    train_data: Path = typer.Option(..., "--train-data", help="Post-training text (e.g. a Gutenberg shard)."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Held-out text (default: 1% of the documents)."),
+    profile: str = typer.Option("cpu", help="cpu (under an hour on 2 cores) | quick (a smoke run)."),
+    steps: Optional[int] = typer.Option(None, help="Post-training steps per contender (default: the profile's)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated offline tasks (default: the profile's)."),
+    limit: Optional[int] = typer.Option(None, help="Examples per task (default: the profile's)."),
+    out: Path = typer.Option(Path("runs/repro"), help="Folder for REPORT.md, results.json and the plots."),
+) -> None:
+    """Post-train every method from one base and write REPORT.md: quality vs compute, the papers' claims, plots."""
+    from dyndepth.repro import ReproConfig, run_repro
+
+    cfg = _run(ReproConfig.from_profile, profile, base=base, data_dir=str(data_dir), train_data=str(train_data),
+               val_data=str(val_data or ""), out_dir=str(out), post_steps=steps, limit=limit,
+               tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None)
+    _run(run_repro, cfg)
 
 
 @app.command("eval")
@@ -298,6 +321,29 @@ def match(
     cfg = _run(MatchConfig, reference=config, against=[f.strip() for f in against.split(",") if f.strip()],
                batch_size=batch_size, seq_len=seq_len, tolerance=tolerance, device=device, out_dir=str(out))
     _run(match_main, cfg)
+
+
+@study_app.command("tokens")
+def study_tokens(
+    profile: str = typer.Option("cpu", help="cpu (under an hour on one core) | gpu (~100M parameters, CUDA) | smoke."),
+    reference: Optional[str] = typer.Option(None, help="Reference model (default: the profile's)."),
+    against: Optional[str] = typer.Option(None, help="Comma-separated baseline families (default: all)."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated training-token budgets."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: 0)."),
+    device: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(Path("runs/study"), help="Folder for study.md, study.json and the PNG."),
+) -> None:
+    """Reference and matched baselines trained at several token budgets: tokens-to-accuracy ratios."""
+    from dyndepth.bench.study import main as study_main
+    from dyndepth.bench.study import study_config
+
+    def ints(text):
+        return None if text is None else [int(float(v)) for v in text.split(",") if v.strip()]
+
+    cfg = _run(study_config, profile, reference=reference, budgets=ints(budgets), seeds=ints(seeds), device=device,
+               against=None if against is None else [f.strip() for f in against.split(",") if f.strip()],
+               out_dir=str(out))
+    _run(study_main, cfg)
 
 
 def main() -> None:

@@ -1,0 +1,285 @@
+"""`dyndepth study tokens`: the reference and its matched baselines trained on the same data and seeds, evaluated
+at several token budgets; how many tokens each baseline needs for the reference's accuracy (Dreamer's headline
+claim, ../shared/papers/dreamer.md §1 and §5).
+
+1. `dyndepth match` builds the baselines (parameters, FLOPs/token and training memory within tolerance, or the
+   residual mismatch reported) at the study's batch and sequence length.
+2. Every model trains once per seed on the synthetic tasks (embedded data, byte tokenizer) up to the largest budget
+   with a constant learning rate after warm-up, and is evaluated when it reaches each budget (a trainer hook):
+   exact match on held-out prompts (greedy, KV cache), and validation loss. One run per model evaluated at its
+   budgets, not one run per budget: a decaying schedule per budget would cost the sum of the budgets.
+3. Tokens to accuracy: for each budget b of the reference (accuracy a), the tokens t a baseline needs to reach a on
+   its own curve (running maximum over budgets, linear in log tokens between budgets); ratio = t / b. A baseline that
+   never reaches a gives "> largest budget / b"; one that is already there at its first budget gives
+   "<= first budget / b".
+4. Expert-selection diversity (both definitions, `models/dreamer.expert_stats`) of the reference against MoEUT at
+   the last budget; the untied MoE decoder has no shared expert pool across layers, so definition (a) does not
+   transfer to it (not reported).
+
+Profiles: "cpu" (dreamer-tiny, 8 x 128 tokens per step, budgets 0.1M..0.8M tokens, well under an hour on one
+core for all six models), "gpu" (dreamer-small, about 100M parameters, 32 x 1024 per step, bf16), "smoke" (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dyndepth.bench.match import FAMILIES, MatchConfig, describe, load_reference, run_match
+from dyndepth.bench.timing import machine_description, markdown_table
+from dyndepth.data.build import build_loader, build_tokenizer
+from dyndepth.data.synthetic import exact_match, make_examples
+from dyndepth.eval.tasks import generate_answers
+from dyndepth.models import build_model
+from dyndepth.runconfig import TrainConfig
+from dyndepth.train.trainer import train
+
+PROFILES = {
+    "cpu": {"reference": "dreamer-tiny", "batch_size": 8, "seq_len": 128, "budgets": [102400, 204800, 409600, 819200],
+            "examples_per_task": 30, "device": "cpu"},
+    "gpu": {"reference": "dreamer-small", "batch_size": 32, "seq_len": 1024,
+            "budgets": [50_000_000, 100_000_000, 200_000_000, 400_000_000], "examples_per_task": 300,
+            "device": "cuda", "dtype": "bfloat16", "lr": 1e-3, "warmup": 200},
+    "smoke": {"reference": "dreamer-tiny", "against": ["dense", "moeut"], "batch_size": 2, "seq_len": 32,
+              "budgets": [128, 256], "examples_per_task": 2, "eval_batches": 1, "max_measured": 1,
+              "synthetic_examples": 300},
+}
+
+
+@dataclass
+class StudyConfig:
+    reference: str = "dreamer-tiny"
+    against: list[str] = field(default_factory=lambda: list(FAMILIES))
+    budgets: list[int] = field(default_factory=lambda: [102400, 204800, 409600, 819200])  # training tokens
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 30
+    dtype: str = "float32"
+    device: str = "cpu"
+    tasks: list[str] = field(default_factory=lambda: ["add", "mul", "var"])
+    difficulty: dict = field(default_factory=lambda: {"add": {"digits": 2}, "mul": {"digits": 1}, "var": {"hops": 2}})
+    examples_per_task: int = 30  # held-out prompts per task for exact match
+    synthetic_examples: int = 40000  # training examples generated (the recipes' default)
+    eval_batches: int = 4
+    tolerance: float = 0.05
+    max_measured: int = 6
+    out_dir: str = "runs/study"
+
+    def __post_init__(self) -> None:
+        MatchConfig(reference=self.reference, against=self.against)  # the family names, checked once
+        if not self.budgets or min(self.budgets) < self.batch_size * self.seq_len:
+            raise ValueError(f"study budgets must be at least one step ({self.batch_size * self.seq_len} tokens), "
+                             f"got {self.budgets}.")
+        if sorted(set(self.budgets)) != list(self.budgets):
+            raise ValueError(f"study budgets must increase strictly, got {self.budgets}.")
+        if not self.seeds or self.examples_per_task < 1:
+            raise ValueError("study needs at least one seed and one example per task.")
+
+    @property
+    def steps(self) -> list[int]:
+        return [b // (self.batch_size * self.seq_len) for b in self.budgets]
+
+
+def study_config(profile: str, **overrides) -> StudyConfig:
+    if profile not in PROFILES:
+        raise ValueError(f"study profile {profile!r} is not one of {sorted(PROFILES)}.")
+    return StudyConfig(**{**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class BudgetEval:
+    """Trainer hook: at each budget's step, exact match on the held-out prompts and validation loss; diversity
+    statistics of a Dreamer-family model at the last budget."""
+
+    name = "study_eval"
+
+    def __init__(self, label: str, seed: int, cfg: StudyConfig, tokenizer, examples, val_batches) -> None:
+        self.label, self.seed, self.cfg, self.tokenizer = label, seed, cfg, tokenizer
+        self.examples, self.val_batches, self.rows = examples, val_batches, []
+
+    @torch.no_grad()
+    def after_step(self, model, step: int, stats: dict, dist) -> dict | None:
+        if step not in self.cfg.steps:
+            return None
+        model.eval()
+        nll, n, diversity = 0.0, 0, {}
+        for batch in self.val_batches:
+            out = model(batch["input_ids"])
+            labels = batch["labels"]
+            nll += float(F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                                         ignore_index=-100))
+            n += int((labels != -100).sum())
+            for key in ("dreamer/expert_diversity", "dreamer/expert_set_entropy"):
+                if key in out.stats:
+                    diversity.setdefault(key.split("/")[1], []).append(float(out.stats[key]))
+        accuracy = exact_match(self.examples, generate_answers(model, self.tokenizer, self.examples))
+        model.train()
+        row = {"model": self.label, "seed": self.seed, "step": step, "tokens": step * self.cfg.batch_size *
+               self.cfg.seq_len, "val_loss": nll / max(n, 1), "exact_match": accuracy["overall"],
+               "per_task": accuracy, **{k: sum(v) / len(v) for k, v in diversity.items()}}
+        self.rows.append(row)
+        return {"exact_match": row["exact_match"]}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: dict, tokenizer, examples) -> list:
+    """One model, one seed: trained to the largest budget, evaluated at each budget (rows of BudgetEval). The rows
+    are kept in the run's folder (rows.json), so a rerun of the study skips the runs it already finished."""
+    run_dir = Path(cfg.out_dir) / label / f"seed{seed}"
+    done = run_dir / "rows.json"
+    if done.exists():
+        rows = json.loads(done.read_text())
+        if [r["step"] for r in rows] == cfg.steps:
+            return rows
+    device = torch.device(cfg.device)
+    val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
+    val_batches = [{k: v.to(device) for k, v in val.next_batch().items()} for _ in range(cfg.eval_batches)]
+    torch.manual_seed(seed)
+    model = build_model(config)
+    steps = max(cfg.steps)
+    hook = BudgetEval(label, seed, cfg, tokenizer, examples, val_batches)
+    tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, min_lr=cfg.lr,
+                       warmup=min(cfg.warmup, steps // 4), schedule="constant", dtype=cfg.dtype, device=cfg.device,
+                       seed=seed, log_every=max(1, steps // 10), out_dir=str(run_dir),
+                       keep_last=1, progress=False, plot=False)
+    loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
+                          tokenizer=tokenizer)
+    train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
+    done.write_text(json.dumps(hook.rows, indent=1) + "\n")
+    return hook.rows
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[str, float | None]:
+    """Tokens at which `curve` [(tokens, accuracy)] (its running maximum) first reaches `target`, linear in log
+    tokens between budgets: ("=", t), ("<=", first budget) or (">", last budget)."""
+    best, prev = -1.0, None
+    for tokens, acc in curve:
+        acc = max(acc, best)
+        if acc >= target:
+            if prev is None:
+                return "<=", float(tokens)
+            (t0, a0), (t1, a1) = prev, (tokens, acc)
+            frac = 1.0 if a1 == a0 else (target - a0) / (a1 - a0)
+            return "=", math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
+        best, prev = acc, (tokens, acc)
+    return ">", float(curve[-1][0])
+
+
+def mean_curves(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per model, per budget: the mean over seeds of exact match, validation loss and diversity."""
+    out: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        out.setdefault(r["model"], {}).setdefault(r["tokens"], []).append(r)
+    return {m: [{"tokens": t, **{k: sum(r[k] for r in rs) / len(rs) for k in ("exact_match", "val_loss",
+                                                                             "expert_diversity",
+                                                                             "expert_set_entropy") if k in rs[0]}}
+                for t, rs in sorted(by.items())] for m, by in out.items()}
+
+
+def ratios(curves: dict[str, list[dict]], reference: str) -> dict[str, list[str]]:
+    """Per baseline, per reference budget: tokens to reach the reference's accuracy / the reference's tokens."""
+    out = {}
+    for name, curve in curves.items():
+        if name == reference:
+            continue
+        pts = [(p["tokens"], p["exact_match"]) for p in curve]
+        cells = []
+        for p in curves[reference]:
+            if p["exact_match"] <= 0:
+                cells.append("-")
+                continue
+            kind, t = tokens_to_reach(pts, p["exact_match"])
+            cells.append(f"{'' if kind == '=' else kind}{t / p['tokens']:.2f}")
+        out[name] = cells
+    return out
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref_config = load_reference(cfg.reference)
+    matched = run_match(MatchConfig(reference=cfg.reference, against=cfg.against, batch_size=cfg.batch_size,
+                                    seq_len=cfg.seq_len, tolerance=cfg.tolerance, max_measured=cfg.max_measured,
+                                    device=cfg.device, out_dir=str(out / "match")))
+    models = {"reference": ref_config, **{b["family"]: b["config"] for b in matched["baselines"]}}
+    data = {"source": "synthetic", "tasks": cfg.tasks, "difficulty": cfg.difficulty,
+            "synthetic_examples": cfg.synthetic_examples}
+    tokenizer = build_tokenizer(data)
+    examples = make_examples(cfg.tasks, cfg.examples_per_task * len(cfg.tasks), seed=1, difficulty=cfg.difficulty,
+                             split="val")
+    rows = []
+    for label, config in models.items():
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"study: the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}; {label} has "
+                             f"{config.vocab_size}.")
+        for seed in cfg.seeds:
+            rows += train_and_evaluate(label, config, seed, cfg, data, tokenizer, examples)
+    curves = mean_curves(rows)
+    result = {"config": dataclasses.asdict(cfg), "machine": machine_description(torch.device(cfg.device)),
+              "match": {b["family"]: {"mismatch": b["mismatch"], "within": b["within"], "shape": describe(b["config"])}
+                        for b in matched["baselines"]}, "shapes": {k: describe(v) for k, v in models.items()},
+              "rows": rows, "curves": curves, "ratios": ratios(curves, "reference")}
+    (out / "study.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot_curves(curves, out / "accuracy_vs_tokens.png", f"exact match vs training tokens ({cfg.reference})")
+    (out / "study.md").write_text(render(result) + "\n")
+    return result
+
+
+def render(result: dict) -> str:
+    cfg, curves = result["config"], result["curves"]
+    budgets = [p["tokens"] for p in curves["reference"]]
+    rows = []
+    for name, curve in curves.items():
+        row = {"model": name, "shape": result["shapes"][name]}
+        m = result["match"].get(name)
+        row["matched"] = "-" if m is None else ("yes" if m["within"] else "NO: " + ", ".join(
+            f"{k} {v:+.0%}" for k, v in m["mismatch"].items() if abs(v) > cfg["tolerance"]))
+        for p in curve:
+            row[f"EM@{_tokens(p['tokens'])}"] = f"{p['exact_match']:.1%}"
+        row["val loss (last)"] = f"{curve[-1]['val_loss']:.3f}"
+        ratio = result["ratios"].get(name)
+        row["tokens to ref. accuracy / ref. tokens"] = "-" if ratio is None else " / ".join(ratio)
+        if "expert_diversity" in curve[-1]:
+            row["diversity a / b"] = f"{curve[-1]['expert_diversity']:.3f} / {curve[-1]['expert_set_entropy']:.2f}"
+        rows.append(row)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = (f"### study tokens: {cfg['reference']}, budgets {', '.join(_tokens(b) for b in budgets)} tokens "
+            f"({cfg['batch_size']} x {cfg['seq_len']} per step), seeds {cfg['seeds']}, tasks {cfg['tasks']}; "
+            f"{result['machine']}\n\n")
+    return head + markdown_table([{c: r.get(c, "") for c in cols} for r in rows], cols)
+
+
+def _tokens(n: float) -> str:
+    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}"
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        ax.plot([p["tokens"] for p in curve], [100 * p["exact_match"] for p in curve], "o-", label=name)
+    ax.set(xscale="log", xlabel="training tokens", ylabel="exact match (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def main(cfg: StudyConfig) -> dict:
+    result = run_study(cfg)
+    print(render(result))
+    return result

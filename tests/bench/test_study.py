@@ -1,0 +1,43 @@
+"""`dyndepth study tokens` (bench/study.py): the tokens-to-accuracy interpolation, and a smoke run through the CLI
+that trains the reference and two matched baselines and writes the table, the JSON and the plot."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dyndepth.bench.study import ratios, study_config, tokens_to_reach
+from dyndepth.cli import app
+
+
+def test_tokens_to_reach_interpolates_in_log_tokens_on_the_running_maximum():
+    curve = [(100, 0.1), (400, 0.3), (1600, 0.2), (6400, 0.5)]
+    assert tokens_to_reach(curve, 0.05) == ("<=", 100.0)
+    kind, t = tokens_to_reach(curve, 0.2)
+    assert kind == "=" and t == pytest.approx(200.0)  # halfway between 100 and 400 in log tokens
+    kind, t = tokens_to_reach(curve, 0.4)  # the dip at 1600 counts as 0.3 (running maximum)
+    assert kind == "=" and t == pytest.approx(1600 * 2 ** (2 * 0.5))
+    assert tokens_to_reach(curve, 0.9) == (">", 6400.0)
+    curves = {"reference": [{"tokens": 100, "exact_match": 0.2}, {"tokens": 400, "exact_match": 0.0}],
+              "dense": [{"tokens": 100, "exact_match": 0.1}, {"tokens": 400, "exact_match": 0.3}]}
+    assert ratios(curves, "reference") == {"dense": ["2.00", "-"]}
+
+
+def test_bad_profiles_and_budgets_are_one_clear_error():
+    with pytest.raises(ValueError, match="profile 'huge'"):
+        study_config("huge")
+    with pytest.raises(ValueError, match="at least one step"):
+        study_config("smoke", budgets=[10])
+    with pytest.raises(ValueError, match="increase strictly"):
+        study_config("smoke", budgets=[256, 128])
+
+
+def test_the_smoke_profile_trains_every_model_and_writes_the_report(tmp_path):
+    result = CliRunner().invoke(app, ["study", "tokens", "--profile", "smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "study.json").read_text())
+    assert {(r["model"], r["tokens"]) for r in data["rows"]} == {
+        (m, t) for m in ("reference", "dense", "moeut") for t in (128, 256)}
+    assert "expert_diversity" in data["curves"]["reference"][-1] and "expert_diversity" in data["curves"]["moeut"][-1]
+    assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 0
+    assert "tokens to ref. accuracy" in (tmp_path / "study.md").read_text()
