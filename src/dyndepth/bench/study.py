@@ -16,7 +16,7 @@ claim, ../shared/papers/dreamer.md §1 and §5).
    the last budget; the untied MoE decoder has no shared expert pool across layers, so definition (a) does not
    transfer to it (not reported).
 
-Profiles: "cpu" (dreamer-tiny, 8 x 128 tokens per step, budgets 0.1M..0.8M tokens, well under an hour on one
+Profiles: "cpu" (dreamer-tiny as recipes/dreamer_tiny_cpu.toml sets it up, 8 x 128 tokens per step, budgets 0.1M..0.8M tokens, well under an hour on one
 core for all six models), "gpu" (dreamer-small, about 100M parameters, 32 x 1024 per step, bf16), "smoke" (tests).
 """
 
@@ -41,7 +41,7 @@ from dyndepth.runconfig import TrainConfig
 from dyndepth.train.trainer import train
 
 PROFILES = {
-    "cpu": {"reference": "dreamer-tiny", "batch_size": 8, "seq_len": 128, "budgets": [102400, 204800, 409600, 819200],
+    "cpu": {"reference": "recipes/dreamer_tiny_cpu.toml", "batch_size": 8, "seq_len": 128, "budgets": [102400, 204800, 409600, 819200],
             "examples_per_task": 30, "device": "cpu"},
     "gpu": {"reference": "dreamer-small", "batch_size": 32, "seq_len": 1024,
             "budgets": [50_000_000, 100_000_000, 200_000_000, 400_000_000], "examples_per_task": 300,
