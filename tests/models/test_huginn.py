@@ -105,6 +105,17 @@ def test_the_sampler_draws_around_the_mean_and_backprops_through_the_last_steps_
         torch.testing.assert_close(out.logits, full(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_training_draws_do_not_depend_on_the_global_rng_and_survive_a_checkpoint(tmp_path):
+    a, b = varied(tiny(mean_recurrence=6)).train(), varied(tiny(mean_recurrence=6)).train()
+    torch.manual_seed(1)
+    first = [a.draw_steps() for _ in range(5)]
+    torch.manual_seed(2)  # another rank's RNG state
+    assert [b.draw_steps() for _ in range(5)] == first and len(set(first)) > 1
+    a.save_pretrained(tmp_path / "m")
+    loaded = dyndepth.from_pretrained(tmp_path / "m").train()
+    assert int(loaded.recurrence_draws) == 5 and loaded.draw_steps() == a.draw_steps()
+
+
 @pytest.mark.parametrize("steps", [None, 5])
 def test_cached_generation_equals_the_full_forward_left_padded(steps):
     model = varied(tiny())

@@ -227,6 +227,10 @@ class HuginnLM(nn.Module):
                 nn.init.normal_(module.weight, std=config.initializer_range)
         self.method = None  # runs without an adaptive-depth method
         self.steps: int | None = None  # recurrence steps at evaluation (None: mean_recurrence)
+        # Training draws so far: the i-th draw comes from a generator seeded by i, so every rank draws the same
+        # recurrence count (FSDP units must run the same layer calls on every rank) and a resumed run continues
+        # the sequence (the buffer is saved with the weights).
+        self.register_buffer("recurrence_draws", torch.zeros((), dtype=torch.long))
         self._sampled: tuple[int, int] | None = None  # (no-grad, grad) steps of the training forward running
 
     @property
@@ -272,8 +276,11 @@ class HuginnLM(nn.Module):
             self._sampled = None
 
     def draw_steps(self) -> tuple[int, int]:
-        """(steps without grad, steps with grad) of a training forward: Huginn's sampler (`sample_steps`)."""
-        return sample_steps(self.config)
+        """(steps without grad, steps with grad) of a training forward: Huginn's sampler (`sample_steps`), the
+        draw numbered `recurrence_draws` (then incremented)."""
+        i = int(self.recurrence_draws)
+        self.recurrence_draws.add_(1)
+        return sample_steps(self.config, torch.Generator().manual_seed(1_000_003 * i + 12_345))
 
     def init_state(self, ctx: ForwardContext) -> RecurrenceState:
         no_grad = self._sampled[0] if self._sampled is not None else 0
