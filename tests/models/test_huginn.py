@@ -165,7 +165,8 @@ def test_analytic_flops_equal_torchs_counter_and_the_ledger():
         out = model(ids)
     assert counter.get_total_flops() == model.forward_flops(12, B=3) == float(out.stats["flops/ideal"])
     assert float(out.stats["flops/dense"]) == model.forward_flops(12, B=3)
-    for kw in ({}, {"qk_norm": True, "tie_word_embeddings": False, "attention_bias": True}):
+    for kw in ({}, {"qk_norm": True, "tie_word_embeddings": False, "attention_bias": True},
+               {"n_layers_in_prelude": 0, "n_layers_in_coda": 0}):
         assert tiny(**kw).num_params() == HuginnLM(tiny(**kw)).num_params()
     fwd = model.forward_flops(12) / 12
     assert fwd < model.train_flops_per_token(12) < 3 * fwd  # two of three steps run without backward

@@ -110,7 +110,7 @@ class HuginnConfig:
         attn = D * H * (2 * N + 2 * G) + (2 * H if self.qk_norm else 0)
         attn += H * (N + 2 * G) + D if self.attention_bias else 0  # q, k, v and o biases
         layer = attn + 3 * D * self.intermediate_size + 4 * D
-        extra = 2 * D * D + D + D  # adapter, recurrent_norm, final norm
+        extra = 2 * D * D + D + (D if self.n_layers_in_coda else 0)  # adapter, final norm, recurrent_norm
         return self.num_layers * layer + extra + self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
 
     eos_token_ids = ModelConfig.eos_token_ids
