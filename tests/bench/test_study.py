@@ -2,11 +2,14 @@
 that trains the reference and two matched baselines and writes the table, the JSON and the plot."""
 
 import json
+import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from dyndepth.bench.study import ratios, study_config, tokens_to_reach
+import dyndepth
+from dyndepth.bench.study import moe_set_entropy, ratios, study_config, tokens_to_reach
 from dyndepth.cli import app
 
 
@@ -21,6 +24,18 @@ def test_tokens_to_reach_interpolates_in_log_tokens_on_the_running_maximum():
     curves = {"reference": [{"tokens": 100, "exact_match": 0.2}, {"tokens": 400, "exact_match": 0.0}],
               "dense": [{"tokens": 100, "exact_match": 0.1}, {"tokens": 400, "exact_match": 0.3}]}
     assert ratios(curves, "reference") == {"dense": ["2.00", "-"]}
+
+
+def test_moe_set_entropy_counts_distinct_top_k_sets_per_layer():
+    model = dyndepth.build_model(dyndepth.preset("tiny-qwen3-moe")).eval()  # 4 experts, top-2: 6 possible sets
+    ids = torch.randint(0, 256, (4, 32))
+    entropy = moe_set_entropy(model, ids)
+    assert 0 < entropy <= math.log(6)
+    with torch.no_grad():  # uniform routing: every layer's router scores equal, one set for every token
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    assert moe_set_entropy(model, ids) == 0.0
+    assert moe_set_entropy(dyndepth.build_model(dyndepth.preset("tiny-qwen3")), ids) is None
 
 
 def test_bad_profiles_and_budgets_are_one_clear_error():

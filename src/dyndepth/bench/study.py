@@ -12,12 +12,14 @@ claim, ../shared/papers/dreamer.md §1 and §5).
    its own curve (running maximum over budgets, linear in log tokens between budgets); ratio = t / b. A baseline that
    never reaches a gives "> largest budget / b"; one that is already there at its first budget gives
    "<= first budget / b".
-4. Expert-selection diversity (both definitions, `models/dreamer.expert_stats`) of the reference against MoEUT at
-   the last budget; the untied MoE decoder has no shared expert pool across layers, so definition (a) does not
-   transfer to it (not reported).
+4. Expert-selection diversity (`models/dreamer.expert_stats`): (a) distinct experts a token selects over depth /
+   min(k x steps, E), for the reference and MoEUT; (b) the entropy of the selected top-k sets over a batch's tokens
+   per layer application, mean over applications, for those and the untied MoE decoder (`moe_set_entropy`). The
+   MoE decoder's layers share no expert pool, so (a) does not transfer to it.
 
-Profiles: "cpu" (dreamer-tiny as recipes/dreamer_tiny_cpu.toml sets it up, 8 x 128 tokens per step, budgets 0.1M..0.8M tokens, well under an hour on one
-core for all six models), "gpu" (dreamer-small, about 100M parameters, 32 x 1024 per step, bf16), "smoke" (tests).
+Profiles: "cpu" (dreamer-tiny as recipes/dreamer_tiny_cpu.toml sets it up, 8 x 128 tokens per step, budgets
+0.1M..0.8M tokens, under an hour on one core for all six models), "gpu" (dreamer-small, about 100M parameters,
+32 x 1024 per step, bf16), "smoke" (tests).
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from dyndepth.data.build import build_loader, build_tokenizer
 from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.models import build_model
+from dyndepth.models.moe import SparseMoE
 from dyndepth.runconfig import TrainConfig
 from dyndepth.train.trainer import train
 
 PROFILES = {
-    "cpu": {"reference": "recipes/dreamer_tiny_cpu.toml", "batch_size": 8, "seq_len": 128, "budgets": [102400, 204800, 409600, 819200],
-            "examples_per_task": 30, "device": "cpu"},
+    "cpu": {"reference": "recipes/dreamer_tiny_cpu.toml", "batch_size": 8, "seq_len": 128,
+            "budgets": [102400, 204800, 409600, 819200], "examples_per_task": 30, "device": "cpu"},
     "gpu": {"reference": "dreamer-small", "batch_size": 32, "seq_len": 1024,
             "budgets": [50_000_000, 100_000_000, 200_000_000, 400_000_000], "examples_per_task": 300,
             "device": "cuda", "dtype": "bfloat16", "lr": 1e-3, "warmup": 200},
@@ -119,6 +122,9 @@ class BudgetEval:
             for key in ("dreamer/expert_diversity", "dreamer/expert_set_entropy"):
                 if key in out.stats:
                     diversity.setdefault(key.split("/")[1], []).append(float(out.stats[key]))
+            entropy = moe_set_entropy(model, batch["input_ids"])
+            if entropy is not None:
+                diversity.setdefault("expert_set_entropy", []).append(entropy)
         accuracy = exact_match(self.examples, generate_answers(model, self.tokenizer, self.examples))
         model.train()
         row = {"model": self.label, "seed": self.seed, "step": step, "tokens": step * self.cfg.batch_size *
@@ -132,6 +138,29 @@ class BudgetEval:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+@torch.no_grad()
+def moe_set_entropy(model, input_ids: torch.Tensor) -> float | None:
+    """Diversity definition (b) for a decoder with MoE layers: per MoE layer, the entropy (nats) of the distribution
+    of selected top-k sets over the batch's tokens; mean over layers. None without MoE layers."""
+    gates = [layer.mlp.gate for layer in model.model.layers if isinstance(getattr(layer, "mlp", None), SparseMoE)]
+    if not gates:
+        return None
+    logits = []
+    handles = [g.register_forward_hook(lambda module, args, out: logits.append(out.detach())) for g in gates]
+    try:
+        model(input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    entropies = []
+    for logits_NE in logits:  # top-k of the logits = top-k of the softmax
+        sets_NK = logits_NE.reshape(-1, logits_NE.shape[-1]).topk(model.config.num_experts_per_tok, -1).indices
+        _, counts = torch.unique(sets_NK.sort(-1).values, dim=0, return_counts=True)
+        p = counts.float() / counts.sum()
+        entropies.append(float(-(p * p.log()).sum()))
+    return sum(entropies) / len(entropies)
 
 
 def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: dict, tokenizer, examples) -> list:
@@ -251,8 +280,10 @@ def render(result: dict) -> str:
         row["val loss (last)"] = f"{curve[-1]['val_loss']:.3f}"
         ratio = result["ratios"].get(name)
         row["tokens to ref. accuracy / ref. tokens"] = "-" if ratio is None else " / ".join(ratio)
-        if "expert_diversity" in curve[-1]:
-            row["diversity a / b"] = f"{curve[-1]['expert_diversity']:.3f} / {curve[-1]['expert_set_entropy']:.2f}"
+        if "expert_set_entropy" in curve[-1]:
+            a = curve[-1].get("expert_diversity")
+            row["expert diversity (a) / set entropy (b, nats)"] = \
+                f"{'-' if a is None else f'{a:.3f}'} / {curve[-1]['expert_set_entropy']:.2f}"
         rows.append(row)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     head = (f"### study tokens: {cfg['reference']}, budgets {', '.join(_tokens(b) for b in budgets)} tokens "
