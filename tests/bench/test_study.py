@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import dyndepth
-from dyndepth.bench.study import moe_set_entropy, ratios, study_config, tokens_to_reach
+from dyndepth.bench.study import moe_set_entropy, ratios, study_config, tokens_to_reach, train_and_evaluate
 from dyndepth.cli import app
 
 
@@ -56,3 +56,14 @@ def test_the_smoke_profile_trains_every_model_and_writes_the_report(tmp_path):
     assert "expert_diversity" in data["curves"]["reference"][-1] and "expert_diversity" in data["curves"]["moeut"][-1]
     assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 0
     assert "tokens to ref. accuracy" in (tmp_path / "study.md").read_text()
+
+
+def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):
+    cfg = study_config("smoke", out_dir=str(tmp_path))
+    config = dyndepth.preset("dreamer-tiny")
+    rows = [{"model": "reference", "step": s, "exact_match": 0.5} for s in cfg.steps]
+    (tmp_path / "reference" / "seed0").mkdir(parents=True)
+    (tmp_path / "reference" / "seed0" / "rows.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}))
+    assert train_and_evaluate("reference", config, 0, cfg, {}, None, []) == rows  # nothing trained
+    with pytest.raises(ValueError, match="another model"):
+        train_and_evaluate("reference", dyndepth.preset("dreamer-tiny", hidden_size=64), 0, cfg, {}, None, [])

@@ -165,13 +165,17 @@ def moe_set_entropy(model, input_ids: torch.Tensor) -> float | None:
 
 def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: dict, tokenizer, examples) -> list:
     """One model, one seed: trained to the largest budget, evaluated at each budget (rows of BudgetEval). The rows
-    are kept in the run's folder (rows.json), so a rerun of the study skips the runs it already finished."""
+    are kept in the run's folder (rows.json, with the model's config), so a rerun of the study skips the runs it
+    already finished for the same model and budgets."""
     run_dir = Path(cfg.out_dir) / label / f"seed{seed}"
     done = run_dir / "rows.json"
     if done.exists():
-        rows = json.loads(done.read_text())
-        if [r["step"] for r in rows] == cfg.steps:
-            return rows
+        saved = json.loads(done.read_text())
+        if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config.to_dict())) and \
+                [r["step"] for r in saved["rows"]] == cfg.steps:
+            return saved["rows"]
+        raise ValueError(f"{run_dir} holds a run of another model or other budgets; remove it or choose another "
+                         "study out_dir.")
     device = torch.device(cfg.device)
     val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
     val_batches = [{k: v.to(device) for k, v in val.next_batch().items()} for _ in range(cfg.eval_batches)]
@@ -186,7 +190,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
                           tokenizer=tokenizer)
     train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
-    done.write_text(json.dumps(hook.rows, indent=1) + "\n")
+    done.write_text(json.dumps({"config": config.to_dict(), "rows": hook.rows}, indent=1) + "\n")
     return hook.rows
 
 
