@@ -121,3 +121,17 @@ def test_eot_separated_text_and_a_bpe_trained_on_the_source(tmp_path):
     assert loader.next_batch()["input_ids"].max() < 320
     with pytest.raises(DataError, match="bpe:N"):
         build_tokenizer({**cfg, "tokenizer": "bpe:many"})
+
+
+def test_synthetic_answer_loss_and_task_weights():
+    """synthetic_loss='answer': only answer characters, their terminator and EOS are targets; weights skew the mix."""
+    data = {"source": "synthetic", "tasks": ["add", "copy"], "task_weights": [3, 1], "synthetic_examples": 400,
+            "difficulty": {"add": {"digits": 2}}, "synthetic_loss": "answer"}
+    docs = build.embedded_documents(resolve_data_config(data), "train", seed=0)
+    assert len(docs) == 400 and all(d.prompt and d.text.endswith("\n") for d in docs)
+    assert 250 < sum(not d.prompt.startswith("copy:") for d in docs) < 350  # ~3/4 additions
+    batch = build_loader(data, split="train", batch_size=4, seq_len=64, seed=0, tokenizer=ByteTokenizer()).next_batch()
+    targets = batch["labels"][batch["labels"] != -100]
+    assert set(targets.tolist()) <= set(b"0123456789abcdefghijklmnopqrstuvwxyz\n") | {257}  # no '+', '=', 'copy:'
+    with pytest.raises(DataError, match="synthetic_loss"):
+        resolve_data_config({"synthetic_loss": "prompt"})

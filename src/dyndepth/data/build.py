@@ -10,9 +10,11 @@ Schema (every key optional):
     text_split = "file"    # plain text files: one document per file, "line", "paragraph", or "eot"
                            # (blocks separated by a line holding only <|endoftext|>)
     tasks = []             # synthetic task names; empty: all of them
+    task_weights = []      # relative frequency of each of `tasks`; empty: round-robin (exactly balanced)
     difficulty = {}        # per-task knobs, e.g. {add = {digits = 2}}
     synthetic_examples = 20000
     examples_per_doc = 32  # synthetic examples per packed document
+    synthetic_loss = "all" # "answer": one document per example, loss on the answer and its terminator only
     stdlib_bytes = 2000000
     val_source = ""        # user data only: a separate validation file/folder (else 1% of documents)
     cache_dir = "runs/data"  # token shards are built once here and reused (see below)
@@ -47,11 +49,12 @@ from dyndepth.data.loader import PackedLoader
 from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards
 from dyndepth.data.sources import HF_PREFIX, DataError, Document, iter_documents, list_files
 from dyndepth.data.stdlib_corpus import stdlib_documents
-from dyndepth.data.synthetic import make_examples
+from dyndepth.data.synthetic import TASKS, TERMINATOR, TaskMix, make_examples
 from dyndepth.tokenizer import load_tokenizer
 
-DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "difficulty": {}, "synthetic_examples": 20000,
-            "examples_per_doc": 32, "stdlib_bytes": 2_000_000, "val_source": "", "cache_dir": "runs/data",
+DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "task_weights": [], "difficulty": {},
+            "synthetic_examples": 20000, "examples_per_doc": 32, "synthetic_loss": "all", "stdlib_bytes": 2_000_000,
+            "val_source": "", "cache_dir": "runs/data",
             "intra_doc_mask": False, "text_field": "text", "chat_template": "auto", "text_split": "file",
             "bpe_train_bytes": 64_000_000}
 BPE_PREFIX = "bpe:"
@@ -63,7 +66,10 @@ def resolve_data_config(data_cfg: dict) -> dict:
     unknown = set(data_cfg) - set(DEFAULTS)
     if unknown:
         raise DataError(f"unknown data.{min(unknown)}; valid keys: {sorted(DEFAULTS)}.")
-    return {**DEFAULTS, **data_cfg}
+    cfg = {**DEFAULTS, **data_cfg}
+    if cfg["synthetic_loss"] not in ("all", "answer"):
+        raise DataError(f"data.synthetic_loss={cfg['synthetic_loss']!r} is not 'all' or 'answer'.")
+    return cfg
 
 
 def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] | None = None):
@@ -117,14 +123,24 @@ def embedded_documents(cfg: dict, split: str, seed: int) -> list[Document]:
     docs: list[Document] = []
     if cfg["source"] in ("embedded", "synthetic"):
         n = cfg["synthetic_examples"] if split == "train" else max(cfg["synthetic_examples"] // 20, 64)
-        examples = make_examples(cfg["tasks"] or None, n, seed, difficulty=cfg["difficulty"] or None, split=split)
-        k = cfg["examples_per_doc"]
-        docs += [Document("".join(e.text for e in examples[i:i + k])) for i in range(0, len(examples), k)]
+        examples = make_examples(task_mix(cfg), n, seed, split=split)
+        if cfg["synthetic_loss"] == "answer":  # the prompt is read, not trained (loss mask 0)
+            docs += [Document(e.answer + TERMINATOR, prompt=e.prompt) for e in examples]
+        else:
+            k = cfg["examples_per_doc"]
+            docs += [Document("".join(e.text for e in examples[i:i + k])) for i in range(0, len(examples), k)]
     if cfg["source"] in ("embedded", "stdlib"):
         budget = cfg["stdlib_bytes"] if split == "train" else max(cfg["stdlib_bytes"] // 20, 50_000)
         stdlib = [Document(t) for t in stdlib_documents(budget, seed=seed, split=split)]
         docs = _interleave(docs, stdlib)
     return docs
+
+
+def task_mix(cfg: dict) -> TaskMix:
+    """The synthetic tasks, weights and difficulty a `[data]` section names."""
+    cfg = resolve_data_config(cfg)
+    weights = tuple(cfg["task_weights"]) or None
+    return TaskMix(tasks=tuple(cfg["tasks"] or TASKS), weights=weights, difficulty=dict(cfg["difficulty"] or {}))
 
 
 def _interleave(a: list, b: list) -> list:
