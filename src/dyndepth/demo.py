@@ -1,14 +1,22 @@
-"""`make demo` / `dyndepth demo`: train a tiny model on embedded data, post-train it with GateSkip, and
-measure quality against compute. Offline, on a laptop CPU, in a few minutes.
+"""`make demo` / `dyndepth demo`: train a tiny model until it solves easy synthetic tasks, post-train every
+adaptive-depth method from it, and print one table of quality against compute. Offline, on 2 CPU cores,
+in under 10 minutes.
 
-1. Base model: a 4-layer Qwen3-shaped model (byte tokenizer) on synthetic reasoning tasks plus the
-   Python standard library's source.
-2. GateSkip: gates on every attention and MLP branch, fine-tuned with the gate penalty and a skip
-   ramp (0 -> 20%), as the paper's recipe does.
-3. Evaluation at skip budgets 0 / 15 / 30 / 50%: validation loss, exact match per task (generation
-   decodes with per-branch thresholds calibrated at the budget) and the FLOPs that actually ran.
-Writes results.json, quality_vs_compute.png, token_compute.png (which tokens skip which branches at a
-30% budget), loss curves and sample generations to the output folder.
+1. Base model: a 4-layer Qwen3-shaped model (byte tokenizer, 0.8M parameters) on four easy tasks (2-digit
+   addition, 1-hop variable binding, sorting 4 digits, copying 5 letters; addition three times as often).
+   The loss is on the answers and their terminator only (the prompts are read, not trained): every
+   gradient goes to what is scored, and the model learns to stop.
+2. From that base, the same steps on the same data for each contender (`bench/compare.py`): the plain
+   fine-tune (SFT, the reference for equal tokens), GateSkip (gates on every branch, skip ramp 0 -> 20%),
+   Mixture-of-Depths (capacity 50% on every other block) and DND (layers 1-2 nest 20% of the tokens).
+3. Every row is scored causally, as generation runs: greedy exact match on held-out prompts (disjoint from
+   training), loss on the answer characters, executed FLOPs per token relative to the base (gates, routers
+   and nested passes included) and measured time (generating the answers; a prefill of a fixed batch).
+Dreamer is a separate model family trained from scratch (`recipes/dreamer_tiny_cpu.toml`, 1500 steps): it
+does not fit this budget, so the demo leaves it out.
+
+Writes results.json, the table (results.md), quality_vs_compute.png, token_compute.png (which tokens skip
+which GateSkip branches at a 30% budget), dnd_selection.png and each run's loss curve to the output folder.
 """
 
 from __future__ import annotations
@@ -16,156 +24,148 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dyndepth.bench.timing import markdown_table
+from dyndepth.bench.compare import Contender, causal, compare, slug
+from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.config import preset
-from dyndepth.data.build import build_loader
-from dyndepth.data.synthetic import TASKS, TERMINATOR, exact_match, make_examples
+from dyndepth.data.build import build_loader, task_mix
+from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers, loss_by_difficulty
-from dyndepth.methods import calibrate
 from dyndepth.models.qwen3 import CausalLM
-from dyndepth.plots import compute_heatmap, plot_quality_vs_compute
+from dyndepth.plots import compute_heatmap, plot_methods
 from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.tokenizer import ByteTokenizer, encode_batch
-from dyndepth.train.parallel import DistInfo
-from dyndepth.train.run import build_hooks
-from dyndepth.train.trainer import evaluate, train
+from dyndepth.train.trainer import train
 
-# Easy enough to learn in a few CPU minutes, hard enough that answer tokens stand out.
-DIFFICULTY = {"add": {"digits": 2}, "mul": {"digits": 1}, "var": {"hops": 1}, "sort": {"length": 4},
-              "parity": {"length": 6}, "copy": {"length": 6}}
-BUDGETS = (0.0, 0.15, 0.3, 0.5)
-DATA = {"source": "embedded", "tokenizer": "byte", "difficulty": DIFFICULTY, "synthetic_examples": 40_000,
-        "stdlib_bytes": 1_000_000}
+DIFFICULTY = {"add": {"digits": 2}, "var": {"hops": 1}, "sort": {"length": 4}, "copy": {"length": 5}}
+DATA = {"source": "synthetic", "tokenizer": "byte", "tasks": ["add", "var", "sort", "copy"],
+        "task_weights": [3, 1, 1, 1], "difficulty": DIFFICULTY, "synthetic_examples": 60_000,
+        "synthetic_loss": "answer"}
 
 
-def _train_config(out_dir: Path, steps: int, lr: float, warmup: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=16, seq_len=256, lr=lr, min_lr=lr / 10, warmup=warmup,
-                       weight_decay=0.1, eval_every=0, eval_batches=8, log_every=10, out_dir=str(out_dir),
-                       device="cpu")
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/demo"
+    model: str = "demo-tiny"
+    steps: int = 700  # base training
+    post_steps: int = 150  # each contender, from the base
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 3e-3
+    post_lr: float = 1e-3
+    eval_examples: int = 100  # per task
+    budgets: list[float] = field(default_factory=lambda: [0.0, 0.15, 0.3, 0.5])
+    mod_capacity: float = 0.5
+    dnd_ratio: float = 0.2
+    data: dict = field(default_factory=lambda: dict(DATA))
 
 
-def run_demo(out_dir: str | Path = "runs/demo", steps: int = 320, gate_steps: int = 100,
-             eval_examples: int = 40) -> dict:
-    out = Path(out_dir)
-    for old in ("base", "gateskip"):  # the demo's own previous runs: start fresh every time
-        shutil.rmtree(out / old, ignore_errors=True)
+def contenders(cfg: DemoConfig) -> list[Contender]:
+    n = preset(cfg.model).num_hidden_layers
+    band = [1, n - 2] if n > 2 else [0, n - 1]  # DND: leave the first and the last layer alone
+    return [
+        Contender("SFT", {"name": "none"}),
+        Contender("GateSkip", {"name": "gateskip", "penalty": 1.0, "ramp_end": 0.2},
+                  [{"budget": q} for q in cfg.budgets]),
+        Contender(f"MoD c={cfg.mod_capacity:.0%}", {"name": "mod", "capacity": cfg.mod_capacity}),
+        Contender(f"DND {cfg.dnd_ratio:.0%}", {"name": "dnd", "layers": band, "ratio": cfg.dnd_ratio}),
+    ]
+
+
+def _train_config(cfg: DemoConfig, out: Path, steps: int, lr: float) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=lr, min_lr=lr / 10,
+                       warmup=max(1, steps // 20), weight_decay=0.1, log_every=25, out_dir=str(out), device="cpu",
+                       save_every=0, keep_last=1)
+
+
+def run_demo(cfg: DemoConfig | None = None) -> dict:
+    cfg = cfg or DemoConfig()
+    out = Path(cfg.out_dir)
     t0 = time.perf_counter()
     tok = ByteTokenizer()
-    torch.manual_seed(0)
-    model = CausalLM(preset("demo-tiny"))
-    kw = dict(batch_size=16, seq_len=256, seed=0, tokenizer=tok)
-    loader, val_loader = build_loader(DATA, split="train", **kw), build_loader(DATA, split="val", **kw)
+    loader = build_loader(cfg.data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0,
+                          tokenizer=tok)
+    stages = 2 + sum(1 + len(c.settings) for c in contenders(cfg))
+    step = iter(range(1, stages + 1))
 
-    base_cfg = _train_config(out / "base", steps, 3e-3, 30)
-    base = train(model, loader, base_cfg, eval_loader=val_loader,
-                 run_config=RunConfig(model={"preset": "demo-tiny"}, data=DATA, train=base_cfg))
-    examples = make_examples(list(TASKS), eval_examples * len(TASKS), seed=1, difficulty=DIFFICULTY, split="val")
-    model.eval()
-    probe = val_loader.next_batch()["input_ids"]
-    base_row = _evaluate(model, tok, examples, val_loader, base_cfg, budget=None, probe=probe)
-    model.save_pretrained(out / "base_model")  # `dyndepth bench quality` post-trains methods from it
+    def progress(text: str) -> None:
+        print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    gate_cfg = _train_config(out / "gateskip", gate_steps, 1e-3, 10)
-    method_cfg = {"name": "gateskip", "penalty": 1.0, "ramp_end": 0.2, "scope": "batch"}
-    hooks = build_hooks(method_cfg, model, gate_steps)
-    train(model, loader, gate_cfg, hooks=hooks, eval_loader=val_loader,
-          run_config=RunConfig(model={"preset": "demo-tiny"}, method=method_cfg, data=DATA, train=gate_cfg))
-    model.method.budget = 0.0  # the ramp left it at 20%; inference budgets are set per evaluation
-    model.eval()
-    # Decoding thresholds are calibrated on in-distribution text: held-out task examples (train split).
-    calib_texts = [e.text for e in make_examples(list(TASKS), 256, seed=2, difficulty=DIFFICULTY)]
-    calib = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, 256, 64)]
-    rows = [base_row]
-    for q in BUDGETS:
-        if q > 0:
-            calibrate(model, calib, budget=q)
-        rows.append(_evaluate(model, tok, examples, val_loader, gate_cfg, budget=q, probe=probe))
-    for r in rows:
-        r["compute"] = r["flops"] / rows[1]["flops"]
-        r["gen_compute"] = None if r["gen_flops"] is None else r["gen_flops"] / rows[1]["gen_flops"]
-    model.save_pretrained(out / "gateskip_model")
-
-    summary = {"model_params": base_row["params"], "base_steps": base.steps, "gateskip_steps": gate_steps,
-               "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
-               "loss_by_difficulty": _difficulty(model, tok, examples[:120])}
+    progress(f"training the base model: {cfg.steps} steps")
+    base_dir = _train_base(cfg, loader, out)
+    examples = make_examples(task_mix(cfg.data), cfg.eval_examples * len(cfg.data["tasks"]), seed=1, split="val")
+    calib_texts = [e.text for e in make_examples(task_mix(cfg.data), 256, seed=2, split="train")]
+    calibration = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, len(calib_texts), 64)]
+    probe = encode_batch(tok, [e.text for e in examples[:64]])
+    rows, models = compare(str(base_dir), contenders(cfg), loader,
+                           lambda label: _train_config(cfg, out / slug(label), cfg.post_steps, cfg.post_lr),
+                           _scorer(tok, examples), probe, calibration, progress)
+    summary = {"config": asdict(cfg), "machine": machine_description(torch.device("cpu")),
+               "params": rows[0]["params"], "seconds": round(time.perf_counter() - t0, 1),
+               "eval_examples": len(examples), "rows": rows}
+    summary["plots"] = _plots(cfg, models, tok, examples, calibration, rows, out)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_quality_vs_compute([r for r in rows if r["label"] != "base"], out / "quality_vs_compute.png")
-    sample = "".join(e.text for e in examples[::eval_examples][:4])
-    compute_heatmap(model, tok, sample, out / "token_compute.png", add_bos=False, budget=0.3)
-    _write_samples(model, tok, examples, out / "samples.txt")
-    print(render(summary, out))
+    table = render(summary)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
     return summary
 
 
-def _evaluate(model, tok, examples, val_loader, cfg: TrainConfig, budget: float | None, probe) -> dict:
-    """Validation loss, exact match and FLOPs per token at a skip budget (None: the model before gates).
-
-    Prefill compute is measured on a validation batch (quantile rule: exactly the budget); generation
-    compute by re-running the generated texts in threshold mode, which makes the same per-token
-    decisions as cached decoding.
-    """
-    row = {"label": "base" if budget is None else f"q={budget:.0%}", "budget": budget,
-           "params": model.num_params()}
-    if budget is None:
-        row["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
-        with torch.no_grad():
-            row["flops"] = _flops_per_token(model(probe).stats)
-        row["gen_flops"] = None  # generation compute is reported relative to the gated model; shown as "-"
-        answers = generate_answers(model, tok, examples)
-        row["gen_skipped"] = 0.0
-    else:
-        with model.method.override(budget=budget, mode="quantile"), torch.no_grad():
-            row["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, cfg, DistInfo())
-            row["flops"] = _flops_per_token(model(probe).stats)
-        answers = generate_answers(model, tok, examples, skip_budget=budget)
-        ids, mask = encode_batch(tok, [e.prompt + a.split(TERMINATOR)[0] for e, a in zip(examples, answers)])
-        with model.method.decoding(budget), torch.no_grad():
-            stats = model(ids, attention_mask=mask).stats
-        row["gen_flops"] = _flops_per_token(stats)
-        row["gen_skipped"] = (float(stats["gateskip/attn_skipped"]) + float(stats["gateskip/mlp_skipped"])) / 2
-    accuracy = exact_match(examples, answers)
-    return {**row, "exact_match": accuracy["overall"], "per_task": accuracy}
+def _train_base(cfg: DemoConfig, loader, out: Path) -> Path:
+    torch.manual_seed(0)
+    model = CausalLM(preset(cfg.model))
+    tcfg = _train_config(cfg, out / "base", cfg.steps, cfg.lr)
+    shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # the demo's own previous run: start fresh every time
+    train(model, loader, tcfg, run_config=RunConfig(model={"preset": cfg.model}, data=cfg.data, train=tcfg))
+    return model.save_pretrained(out / "base_model")  # `dyndepth bench quality` post-trains from it too
 
 
-def _flops_per_token(stats: dict) -> float:
-    """FLOPs that ran (the ledger's executed figure, lm_head included) per valid token: PAD and EOS tokens
-    that ran count in the work, and only real tokens in the denominator."""
-    return float(stats["flops/executed"]) / float(stats["tokens/valid"])
+def _scorer(tok, examples):
+    """Greedy exact match per task, its generation time, and the loss on the answer characters."""
+    def scorer(model) -> dict:
+        t0 = time.perf_counter()
+        answers = generate_answers(model, tok, examples, batch_size=64)
+        seconds = time.perf_counter() - t0
+        accuracy = exact_match(examples, answers)
+        return {"exact_match": accuracy["overall"], "per_task": accuracy, "generate_s": seconds,
+                "answer_loss": loss_by_difficulty(model, tok, examples, batch_size=64)["answer"]}
+    return scorer
 
 
-def _difficulty(model, tok, examples) -> dict:
-    with model.method.override(budget=0.0, mode="quantile"):
-        return loss_by_difficulty(model, tok, examples)
+def _plots(cfg: DemoConfig, models: dict, tok, examples, calibration, rows, out: Path) -> dict:
+    sample = "".join(e.text for e in examples[::cfg.eval_examples][:4])
+    plots = {"quality_vs_compute": str(plot_methods(rows, out / "quality_vs_compute.png",
+                                                    title="dyndepth demo: exact match vs executed FLOPs"))}
+    gated = models.get("GateSkip")
+    if gated is not None:
+        with causal(gated, {"budget": 0.3}, calibration):
+            plots["token_compute"] = str(compute_heatmap(gated, tok, sample, out / "token_compute.png", add_bos=False))
+    dnd = next((m for label, m in models.items() if label.startswith("DND")), None)
+    if dnd is not None:
+        from dyndepth.methods.dnd_analysis import selection_heatmap
+
+        plots["dnd_selection"] = str(selection_heatmap(dnd, tok, sample, out / "dnd_selection.png"))
+    return plots
 
 
-def _write_samples(model, tok, examples, path: Path) -> None:
-    picks = examples[::20]
-    lines = []
-    for q in (0.0, int(model.method.layer_gates[0].tau_budget_ppm) / 1e6):
-        for e, p in zip(picks, generate_answers(model, tok, picks, skip_budget=q)):
-            lines.append(f"[q={q:.0%}] [{e.task}] {e.prompt}{p.split(chr(10))[0]}   (expected {e.answer})")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def render(s: dict, out: Path) -> str:
-    rows = [dict(model=r["label"], prefill_compute=f"{r['compute']:.0%}", val_loss=r["val_loss"],
-                 generation_compute="-" if r["gen_compute"] is None else f"{r['gen_compute']:.0%}",
-                 skipped_in_generation=f"{r['gen_skipped']:.0%}",
-                 exact_match=f"{r['exact_match']:.0%}",
-                 **{t: f"{r['per_task'][t]:.0%}" for t in TASKS}) for r in s["rows"]]
-    head = (f"\n## dyndepth demo: {s['model_params'] / 1e6:.2f}M-parameter Qwen3-shaped model, "
-            f"{s['base_steps']} base steps + {s['gateskip_steps']} GateSkip steps, {s['seconds']:.0f}s on CPU\n\n"
-            "compute = FLOPs per token that actually ran, relative to the gated model at budget 0 (gates "
-            "included; 'base' is the model before gates were added). Prefill uses the paper's quantile rule "
-            "(exactly the budget); generation uses per-branch thresholds calibrated on held-out task text, so "
-            "the fraction it skips can differ from the budget.\n\n")
-    d = s["loss_by_difficulty"]
-    tail = (f"\n\nloss on answer tokens {d['answer']:.3f} vs prompt tokens {d['prompt']:.3f} nats "
-            f"(GateSkip model, budget 0)\nwrote {out / 'results.json'}, {out / 'quality_vs_compute.png'}, "
-            f"{out / 'token_compute.png'}, {out / 'base' / 'loss.png'}, {out / 'samples.txt'}")
-    cols = ["model", "prefill_compute", "val_loss", "generation_compute", "skipped_in_generation", "exact_match"]
-    return head + markdown_table(rows, cols + list(TASKS)) + tail
+def render(s: dict) -> str:
+    c = s["config"]
+    tasks = c["data"]["tasks"]
+    rows = [dict(model=r["label"], exact_match=f"{r['exact_match']:.1%}", answer_loss=r["answer_loss"],
+                 compute=f"{r['compute']:.0%}", ideal_compute=f"{r['ideal_compute']:.0%}",
+                 generate_s=r["generate_s"], prefill_ms=1e3 * r["latency_s"],
+                 **{t: f"{r['per_task'][t]:.0%}" for t in tasks}) for r in s["rows"]]
+    head = (f"## dyndepth demo: {s['params'] / 1e6:.2f}M-parameter Qwen3-shaped model, {c['steps']} base steps, "
+            f"then {c['post_steps']} steps per contender; {s['seconds']:.0f}s on {s['machine']}\n\n"
+            f"exact match: greedy, {s['eval_examples']} held-out prompts ({c['eval_examples']} per task); "
+            "answer_loss: nats per answer character; compute: executed FLOPs per token / the base model's "
+            "(gates, routers, nested passes included), ideal: what the routing needs; generate_s: seconds to "
+            "generate every answer; prefill_ms: median forward of 64 examples. All decisions causal (GateSkip: "
+            "thresholds calibrated at the budget, MoD: its predictor).\n\n")
+    cols = ["model", "exact_match", "answer_loss", "compute", "ideal_compute", "generate_s", "prefill_ms"]
+    return head + markdown_table(rows, cols + tasks)

@@ -150,3 +150,33 @@ def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Drea
     path = Path(path)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def plot_methods(rows: list[dict], path: str | Path, title: str = "quality vs compute", metric: str = "exact_match",
+                 ylabel: str = "exact match (%)", scale: float = 100.0, chance: float | None = None,
+                 dpi: int = 110) -> Path:
+    """One panel: `metric` x `scale` against `compute` (executed FLOPs / the base's), one series per `method`
+    (settings of one method joined by a line, e.g. GateSkip budgets), each point labelled; a dashed line at
+    `chance` (x `scale`) when given."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r.get("method", r["label"]), []).append(r)
+    for name, pts in series.items():
+        pts = sorted(pts, key=lambda r: r["compute"])
+        ax.plot([r["compute"] for r in pts], [scale * r[metric] for r in pts], "o-" if len(pts) > 1 else "o",
+                label=name)
+        for r in pts:
+            ax.annotate(r["label"], (r["compute"], scale * r[metric]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    if chance is not None:
+        ax.axhline(scale * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set(xlabel="compute: executed FLOPs per token / base model's", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

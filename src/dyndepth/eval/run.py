@@ -86,6 +86,19 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     return {"rows": rows, "table": table, "path": path}
 
 
+def score_tasks(model, tokenizer, tasks: str | Sequence[str], data_dir: str | Path | None = None,
+                limit: int | None = None, batch_size: int = 8) -> list[Row]:
+    """The lm-eval rows of `run_eval` for a model in memory, under whatever method knobs are set on it now
+    (nothing is loaded or written): `dyndepth repro` scores every post-trained setting through this."""
+    harness_tasks, _, need_defaults = _resolve_tasks(tasks, data_dir)
+    if not harness_tasks:
+        raise ValueError(f"no lm-eval task in {tasks!r} (perplexity pseudo-tasks are scored separately).")
+    manager = _task_manager(harness_tasks, data_dir, need_defaults)
+    lm = _adapter({"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size,
+                   "device": str(next(model.parameters()).device)})
+    return _rows_from_lm_eval(_run_lm_eval(lm, harness_tasks, manager, limit))
+
+
 def _resolve_tasks(tasks, data_dir) -> tuple[list[str], list[tuple[str, Path]], bool]:
     """-> (lm-eval task names, perplexity (name, file) pairs, whether lm-eval's own tasks are needed)."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks or []) if t.strip()]

@@ -1,0 +1,116 @@
+"""Adaptive-depth methods against each other from one base model, shared by `make demo` and `dyndepth repro`.
+
+Every method, and the plain fine-tune (SFT) it is compared with, post-trains a copy of the same base for
+the same steps on the same batches (equal tokens). Each post-trained model is then scored at one or more
+inference settings (GateSkip budgets, say) by a caller-given scorer (synthetic exact match in the demo,
+offline lm-eval tasks in repro), and measured by the one compute report (`eval/compute.py`) on a fixed
+probe batch: executed and ideal FLOPs per token, relative to the base model, and the forward's latency.
+
+Every decision is causal, as in cached decoding (a token's route never depends on a later token):
+GateSkip skips by per-branch thresholds calibrated at the budget, MoD routes by its predictor, DND nests
+by its trained thresholds. Ranking a whole sequence at once (GateSkip's quantile rule, MoD's top-k) would
+let a prompt token's route depend on the answer, which no generation can do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import dyndepth
+from dyndepth.eval.compute import compute_report
+from dyndepth.methods import calibrate
+from dyndepth.runconfig import TrainConfig
+from dyndepth.train.run import build_hooks
+from dyndepth.train.trainer import train
+
+
+@dataclass
+class Contender:
+    """One post-training run and the inference settings it is scored at."""
+
+    label: str  # "SFT", "GateSkip", "MoD c=50%", ...
+    method: dict  # the [method] section; {"name": "none"}: plain fine-tuning
+    settings: list[dict] = field(default_factory=lambda: [{}])  # runtime knobs per scored row, e.g. {"budget": 0.3}
+
+
+def posttrain(base: str, method: dict, loader, tcfg: TrainConfig):
+    """A copy of the checkpoint `base` post-trained with `method` for `tcfg.steps` steps (fresh out_dir)."""
+    model = dyndepth.from_pretrained(base)
+    hooks = build_hooks(method, model, tcfg.steps)
+    shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # this comparison's own previous run
+    train(model, loader, tcfg, hooks=hooks)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def causal(model, knobs: dict, calibration: list):
+    """`model` at the runtime `knobs` with causal decisions (module docstring); GateSkip budgets > 0 are
+    calibrated on `calibration` (batches of ids or (ids, mask)) first."""
+    method = model.method
+    if method is None:
+        if knobs:
+            raise ValueError(f"knobs {knobs} need a model with a method attached.")
+        yield model
+        return
+    if method.name == "gateskip" and knobs.get("budget", 0.0) > 0:
+        calibrate(model, calibration, budget=knobs["budget"])
+    ctx = method.override(mode="predictor", **knobs) if method.name == "mod" else method.decoding(**knobs)
+    with ctx, torch.no_grad():
+        yield model
+
+
+def slug(label: str) -> str:
+    """A folder name for a contender's run: "MoD c=50%" -> "mod_c_50"."""
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in label.lower()).split())
+
+
+def label_of(contender: Contender, knobs: dict) -> str:
+    if not knobs:
+        return contender.label
+    return contender.label + " " + ", ".join(f"{'q' if k == 'budget' else k}={v:.0%}" if isinstance(v, float)
+                                             else f"{k}={v}" for k, v in knobs.items())
+
+
+def score(model, label: str, knobs: dict, scorer: Callable, probe: tuple, calibration: list,
+          method: str = "base") -> dict:
+    """One row: the scorer's quality figures and its wall-clock seconds, plus the compute report of `probe`
+    ((ids, mask)), all under `causal(model, knobs)`."""
+    with causal(model, knobs, calibration):
+        t0 = time.perf_counter()
+        quality = scorer(model)
+        seconds = time.perf_counter() - t0
+        report = compute_report(model, *probe)
+    return {"label": label, "method": method, "knobs": dict(knobs), **quality, "score_s": seconds,
+            "executed_per_token": report.executed_per_token, "ideal_per_token": report.ideal_per_token,
+            "dense_per_token": report.dense_per_token, "latency_s": report.latency_s,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def compare(base: str, contenders: list[Contender], loader, tcfg: Callable[[str], TrainConfig], scorer: Callable,
+            probe: tuple, calibration: list, progress: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Rows for the base and every contender setting, with `compute` = executed FLOPs per token / the base's
+    and `ideal_compute` likewise; and the post-trained models by label (for plots).
+
+    tcfg(label) gives each run's TrainConfig (its out_dir); `progress` reports each stage."""
+    progress("scoring the base model")
+    rows = [score(dyndepth.from_pretrained(base).eval(), "base", {}, scorer, probe, calibration)]
+    models = {}
+    for c in contenders:
+        cfg = tcfg(c.label)
+        progress(f"post-training {c.label}: {cfg.steps} steps")
+        model = posttrain(base, c.method, loader, cfg)
+        models[c.label] = model
+        for knobs in c.settings:
+            progress(f"scoring {label_of(c, knobs)}")
+            rows.append(score(model, label_of(c, knobs), knobs, scorer, probe, calibration, c.method.get("name")))
+    for r in rows:
+        r["compute"] = r["executed_per_token"] / rows[0]["executed_per_token"]
+        r["ideal_compute"] = r["ideal_per_token"] / rows[0]["ideal_per_token"]
+        r["latency"] = r["latency_s"] / rows[0]["latency_s"]
+    return rows, models

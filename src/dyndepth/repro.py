@@ -1,0 +1,289 @@
+"""`dyndepth repro BASE --data-dir DIR --train-data FILE`: every method's quality against its compute, from one
+pretrained base, in one report (REPORT.md + PNG plots in the output folder).
+
+From the base (`recipes/base_cpu.toml`'s exported model), each contender post-trains the same steps on the
+same batches of the training text (`bench/compare.py`): the plain fine-tune (SFT), GateSkip with vector
+gates and with low-rank gates, Mixture-of-Depths at two capacities, and DND. Every setting is scored with
+causal decisions on (a) the offline lm-eval tasks in DIR (accuracy, with chance level) and (b) the loss on
+held-out text, and measured by the one compute report: executed FLOPs per token relative to the base
+(gates, routers and nested passes included), and a forward's latency. The report then checks each paper's
+headline claim against the numbers:
+
+- GateSkip: >90% of the baseline's accuracy at 15% compute saved, counting the gates' own work;
+- vector against low-rank gates, and GateSkip against MoD, at equal total compute (interpolated along
+  the GateSkip curve);
+- DND: better than the identically configured SFT at equal tokens, at a small overhead.
+
+Profiles: `cpu` (under an hour on 2 cores for the ~7M base) and `quick` (a smoke run, minutes, for tests).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dyndepth.bench.compare import Contender, causal, compare, slug
+from dyndepth.bench.timing import machine_description, markdown_table
+from dyndepth.data.build import build_loader
+from dyndepth.eval.run import score_tasks
+from dyndepth.runconfig import TrainConfig
+from dyndepth.tokenizer import load_tokenizer
+from dyndepth.train.parallel import DistInfo
+from dyndepth.train.trainer import evaluate
+
+PROFILES = {
+    "cpu": dict(post_steps=150, batch_size=16, seq_len=256, limit=200, val_batches=16,
+                tasks=["piqa", "arc_easy", "hellaswag", "winogrande", "copa"]),
+    "quick": dict(post_steps=2, batch_size=2, seq_len=32, limit=4, val_batches=1, tasks=["copa"],
+                  budgets=[0.0, 0.15], mod_capacities=[0.5]),
+}
+
+
+@dataclass
+class ReproConfig:
+    base: str  # a checkpoint folder with its tokenizer.json (the base recipe's out_dir/model)
+    data_dir: str  # the offline lm-eval task files (../shared/data)
+    train_data: str  # post-training text, e.g. ../shared/data/corpus/gutenberg/gutenberg_00.txt.gz
+    val_data: str = ""  # held-out text for the loss (e.g. gutenberg_03); empty: 1% of train_data's documents
+    text_split: str = "eot"  # how train_data / val_data split into documents (see data/build.py)
+    cache_dir: str = "runs/data"  # token shards (shared with the base run, which tokenized the same text)
+    out_dir: str = "runs/repro"
+    profile: str = "cpu"
+    post_steps: int = 150
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-4
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
+    limit: int | None = 200  # examples per task
+    val_batches: int = 16
+    budgets: list[float] = field(default_factory=lambda: [0.0, 0.15, 0.3, 0.5])
+    lowrank: int = 16  # the low-rank gate's rank
+    mod_capacities: list[float] = field(default_factory=lambda: [0.5, 0.125])
+    dnd_ratio: float = 0.2
+
+    @classmethod
+    def from_profile(cls, profile: str, **kw) -> ReproConfig:
+        if profile not in PROFILES:
+            raise ValueError(f"repro profile {profile!r} is not one of {sorted(PROFILES)}.")
+        return cls(profile=profile, **{**PROFILES[profile], **{k: v for k, v in kw.items() if v is not None}})
+
+
+def contenders(cfg: ReproConfig, num_layers: int) -> list[Contender]:
+    quarter = num_layers // 4  # DND's band: the middle half of the layers
+    gates = {"name": "gateskip", "penalty": 1.0, "ramp_end": 0.2}
+    return [
+        Contender("SFT", {"name": "none"}),
+        Contender("GateSkip vector", gates, [{"budget": q} for q in cfg.budgets]),
+        Contender("GateSkip low-rank", {**gates, "gate": "lowrank", "rank": cfg.lowrank},
+                  [{"budget": q} for q in cfg.budgets]),
+        *[Contender(f"MoD c={c:.1%}", {"name": "mod", "capacity": c}) for c in cfg.mod_capacities],
+        Contender(f"DND {cfg.dnd_ratio:.0%}", {"name": "dnd", "layers": [quarter, num_layers - 1 - quarter],
+                                                 "ratio": cfg.dnd_ratio}),
+    ]
+
+
+def run_repro(cfg: ReproConfig) -> dict:
+    import dyndepth
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.base)
+    data = {"source": cfg.train_data, "val_source": cfg.val_data, "tokenizer": cfg.base, "text_split": cfg.text_split,
+            "cache_dir": cfg.cache_dir}
+    kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tok)
+    loader, val_loader = build_loader(data, split="train", **kw), build_loader(data, split="val", **kw)
+    probe_ids = build_loader(data, split="val", **kw).next_batch()["input_ids"]  # (B, T)
+    probe = (probe_ids, torch.ones_like(probe_ids))
+    calibration = [build_loader(data, split="train", **{**kw, "seed": 1}).next_batch()["input_ids"] for _ in range(2)]
+    base = dyndepth.from_pretrained(cfg.base)
+    steps = iter(range(1, 10_000))
+
+    def progress(text: str) -> None:
+        print(f"[repro {next(steps)}] {text}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    scorer = _scorer(cfg, tok, val_loader)
+    rows, models = compare(cfg.base, contenders(cfg, base.config.num_hidden_layers), loader,
+                           lambda label: _train_config(cfg, out / "runs" / slug(label)), scorer, probe,
+                           calibration, progress)
+    plots = _plots(cfg, rows, models, tok, calibration, out)
+    result = {"config": asdict(cfg), "machine": machine_description(torch.device("cpu")),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "base_params": base.num_params(), "rows": rows, "plots": plots,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    result["claims"] = claims(rows)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    report = render(result)
+    (out / "REPORT.md").write_text(report + "\n")
+    print(report)
+    return result
+
+
+def _train_config(cfg: ReproConfig, out: Path) -> TrainConfig:
+    return TrainConfig(steps=cfg.post_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
+                       min_lr=cfg.lr / 10, warmup=max(1, cfg.post_steps // 10), log_every=10, out_dir=str(out),
+                       device="cpu", keep_last=1)
+
+
+def _scorer(cfg: ReproConfig, tok, val_loader):
+    """Accuracy per offline task (lm-eval) with chance, their mean, and the held-out loss."""
+    tcfg = TrainConfig(eval_batches=cfg.val_batches, device="cpu")
+
+    def scorer(model) -> dict:
+        tasks = {}
+        for r in score_tasks(model, tok, cfg.tasks, cfg.data_dir, cfg.limit, batch_size=cfg.batch_size):
+            if r.metric in ("acc", "acc_norm"):
+                tasks.setdefault(r.task, {})[r.metric] = {"value": r.value, "stderr": r.stderr, "chance": r.chance,
+                                                          "n": r.n}
+        accs = [t[_headline(t)]["value"] for t in tasks.values()]
+        chance = [t[_headline(t)]["chance"] or 0.0 for t in tasks.values()]
+        val_loss = evaluate(model, val_loader, cfg.val_batches, tcfg, DistInfo())
+        return {"tasks": tasks, "accuracy": sum(accs) / len(accs), "chance": sum(chance) / len(chance),
+                "val_loss": val_loss, "perplexity": math.exp(val_loss)}
+    return scorer
+
+
+def _headline(task: dict) -> str:
+    return "acc_norm" if "acc_norm" in task else "acc"
+
+
+# ------------------------------------------------------------------------------------------- claims
+
+def _series(rows: list[dict], method: str, gate: str | None = None) -> list[dict]:
+    pts = [r for r in rows if r["method"] == method and (gate is None or r["label"].split(" q=")[0].endswith(gate))]
+    return sorted(pts, key=lambda r: r["compute"])
+
+
+def interpolate(pts: list[dict], compute: float, key: str) -> float | None:
+    """`key` along a curve of rows sorted by compute, linearly at `compute`; None outside its range."""
+    for a, b in zip(pts, pts[1:]):
+        if a["compute"] <= compute <= b["compute"]:
+            w = 0.0 if b["compute"] == a["compute"] else (compute - a["compute"]) / (b["compute"] - a["compute"])
+            return a[key] + w * (b[key] - a[key])
+    return None
+
+
+def claims(rows: list[dict]) -> list[dict]:
+    """Each paper's headline claim, measured: {"claim", "measured", "holds": True | False | None (untestable)}."""
+    base, vector = rows[0], _series(rows, "gateskip", "vector")
+    found = [_gateskip_claim(base, vector), _gate_kind_claim(vector, _series(rows, "gateskip", "low-rank"))]
+    found += [_mod_claim(vector, mod) for mod in rows if mod["method"] == "mod"]
+    found.append(_dnd_claim(next((r for r in rows if r["method"] == "none"), None),
+                            next((r for r in rows if r["method"] == "dnd"), None)))
+    return [c for c in found if c is not None]
+
+
+def _gateskip_claim(base: dict, vector: list[dict]) -> dict | None:
+    at15 = next((r for r in vector if r["knobs"].get("budget") == 0.15), None)
+    if at15 is None:
+        return None
+    kept = at15["accuracy"] / base["accuracy"] if base["accuracy"] else float("nan")
+    testable = base["accuracy"] - base["chance"] > 0.02
+    measured = (f"q=15%: accuracy {at15['accuracy']:.1%} vs base {base['accuracy']:.1%} ({kept:.0%} kept; chance "
+                f"{base['chance']:.1%}) at {at15['compute']:.0%} of the base's FLOPs (gates included), so "
+                f"{1 - at15['compute']:.0%} saved; held-out loss {at15['val_loss']:.3f} vs {base['val_loss']:.3f}")
+    return {"claim": "GateSkip keeps >90% of the baseline's accuracy at 15% compute saved", "measured": measured,
+            "holds": (kept > 0.9 and at15["compute"] <= 0.85) if testable else None}
+
+
+def _gate_kind_claim(vector: list[dict], lowrank: list[dict]) -> dict | None:
+    pairs = [(r["compute"], r["val_loss"], interpolate(vector, r["compute"], "val_loss")) for r in lowrank]
+    pairs = [p for p in pairs if p[2] is not None]
+    if not pairs:
+        return None
+    measured = "; ".join(f"at {c:.0%}: low-rank {lo:.3f} vs vector {vec:.3f}" for c, lo, vec in pairs)
+    return {"claim": "ours: low-rank gates beat vector gates at equal total compute (held-out loss)",
+            "measured": measured, "holds": sum(lo < vec for _, lo, vec in pairs) > len(pairs) / 2}
+
+
+def _mod_claim(vector: list[dict], mod: dict) -> dict:
+    gs = interpolate(vector, mod["compute"], "val_loss")
+    where = "GateSkip outside its measured range" if gs is None else f"GateSkip (vector) {gs:.3f}"
+    measured = f"at {mod['compute']:.0%} of the base's FLOPs: MoD held-out loss {mod['val_loss']:.3f}, {where}"
+    return {"claim": f"GateSkip beats MoD at equal compute ({mod['label']})", "measured": measured,
+            "holds": None if gs is None else gs < mod["val_loss"]}
+
+
+def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
+    if sft is None or dnd is None:
+        return None
+    overhead = dnd["compute"] / sft["compute"] - 1
+    slower = dnd["latency_s"] / sft["latency_s"] - 1
+    measured = (f"accuracy {dnd['accuracy']:.1%} vs {sft['accuracy']:.1%}, held-out loss {dnd['val_loss']:.3f} vs "
+                f"{sft['val_loss']:.3f}; FLOP overhead {overhead:+.1%}, latency {slower:+.0%}")
+    return {"claim": "DND beats the identically configured SFT at equal tokens, at a small overhead",
+            "measured": measured, "holds": dnd["val_loss"] < sft["val_loss"] and dnd["accuracy"] >= sft["accuracy"]}
+
+
+# -------------------------------------------------------------------------------------------- plots
+
+def _plots(cfg: ReproConfig, rows: list[dict], models: dict, tok, calibration, out: Path) -> dict:
+    from dyndepth.methods.dnd_analysis import selection_heatmap
+    from dyndepth.plots import compute_heatmap, plot_methods
+
+    series = [dict(r, method=_series_name(r)) for r in rows]
+    chance = rows[0]["chance"]
+    plots = {"accuracy": plot_methods(series, out / "accuracy_vs_compute.png", chance=chance,
+                                      title="mean accuracy of the offline tasks vs compute", ylabel="accuracy (%)",
+                                      metric="accuracy"),
+             "loss": plot_methods(series, out / "loss_vs_compute.png", title="held-out loss vs compute",
+                                  metric="val_loss", ylabel="held-out loss (nats/token)", scale=1.0)}
+    text = tok.decode(calibration[0][0, :48].tolist())
+    for label, model in models.items():
+        if model.method is None:
+            continue
+        path = out / f"depth_{slug(label)}.png"
+        if model.method.name == "gateskip":
+            with causal(model, {"budget": max(cfg.budgets)}, calibration):
+                plots[f"depth {label}"] = compute_heatmap(model, tok, text, path, add_bos=False)
+        elif model.method.name == "dnd":
+            plots[f"depth {label}"] = selection_heatmap(model, tok, text, path)
+    return {k: str(v) for k, v in plots.items()}
+
+
+def _series_name(row: dict) -> str:
+    return row["label"].split(" q=")[0] if row["method"] == "gateskip" else row["method"]
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def render(r: dict) -> str:
+    c = r["config"]
+    head = (f"# dyndepth repro: adaptive-depth methods from one base\n\n{r['date']}, {r['machine']}, "
+            f"{r['seconds'] / 60:.0f} min end to end (profile `{c['profile']}`). Base: `{c['base']}` "
+            f"({r['base_params'] / 1e6:.1f}M parameters). Each contender post-trained {c['post_steps']} steps of "
+            f"{c['batch_size']} x {c['seq_len']} tokens on `{c['train_data']}` (lr {c['lr']:g}); held-out loss on "
+            f"{c['val_batches']} batches of `{c['val_data'] or 'held-out documents of the training text'}`; "
+            f"accuracy on the offline lm-eval tasks {', '.join(c['tasks'])} ({c['limit']} examples each; acc_norm "
+            "where the task has it). compute = executed FLOPs per token / the base model's (gates, routers, nested "
+            "passes included); ideal = what the routing needs. Every decision is causal (GateSkip: thresholds "
+            "calibrated at the budget; MoD: its predictor).\n\n")
+    cols = ["model", "accuracy", "chance", "val_loss", "perplexity", "compute", "ideal_compute", "latency"]
+    rows = [dict(r, model=r["label"], accuracy=f"{r['accuracy']:.1%}", chance=f"{r['chance']:.1%}",
+                 compute=f"{r['compute']:.0%}", ideal_compute=f"{r['ideal_compute']:.0%}",
+                 latency=f"{r['latency']:.2f}x") for r in r["rows"]]
+    tasks = sorted({t for row in r["rows"] for t in row["tasks"]})
+    per_task = [dict(model=row["label"], **{t: _task_cell(row["tasks"].get(t)) for t in tasks}) for row in r["rows"]]
+    claims = [dict(claim=x["claim"], measured=x["measured"],
+                   verdict={True: "reproduces", False: "**does not reproduce**", None: "untestable here"}[x["holds"]])
+              for x in r["claims"]]
+    plots = "\n".join(f"![{name}]({Path(p).name})" for name, p in r["plots"].items())
+    return (head + "## Quality against compute\n\n" + markdown_table(rows, cols)
+            + "\n\n## Accuracy per task (value ± stderr; chance)\n\n" + markdown_table(per_task, ["model", *tasks])
+            + "\n\n## The papers' claims at this scale\n\n" + markdown_table(claims, ["claim", "measured", "verdict"])
+            + "\n\nA claim is untestable here when the base model is within 2 points of chance on the tasks: "
+              "retention of an accuracy at chance measures noise.\n\n## Plots\n\n" + plots)
+
+
+def _task_cell(t: dict | None) -> str:
+    if not t:
+        return "-"
+    m = t[_headline(t)]
+    err = f" ± {m['stderr']:.1%}" if m["stderr"] is not None else ""
+    return f"{m['value']:.1%}{err} ({m['chance']:.0%})" if m["chance"] is not None else f"{m['value']:.1%}{err}"

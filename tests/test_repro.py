@@ -1,0 +1,86 @@
+"""`dyndepth repro --profile quick` end to end on a tiny random base: every contender, the claims and the plots."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+import dyndepth
+from dyndepth.repro import ReproConfig, claims, interpolate, run_repro
+from dyndepth.tokenizer import train_bpe
+
+TEXT = ("The man turned on the faucet and water flowed from the spout. She bends down and grabs the pole. "
+        "How do I open a jar? Twist the lid. A man is sitting on a roof and ripping tiles. ")
+COPA = {"query": "The man turned on the faucet, therefore", "gold": 1,
+        "choices": ["the toilet filled with water.", "water flowed from the spout."]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    docs = "\n<|endoftext|>\n".join(TEXT * (3 + i % 3) for i in range(12))
+    (root / "train.txt").write_text(docs)
+    (root / "val.txt").write_text(docs)
+    (root / "data" / "eval_gauntlet").mkdir(parents=True)
+    (root / "data" / "eval_gauntlet" / "copa.jsonl").write_text((json.dumps(COPA) + "\n") * 4)
+    tok = train_bpe(iter([TEXT] * 20), vocab_size=300)
+    base = root / "base"
+    tok.save(base)
+    config = dyndepth.preset("tiny-qwen3", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
+                             max_position_embeddings=256)
+    torch.manual_seed(0)
+    dyndepth.CausalLM(config).save_pretrained(base)
+    return root
+
+
+def test_quick_profile_writes_the_report(setup, tmp_path):
+    cfg = ReproConfig.from_profile("quick", base=str(setup / "base"), data_dir=str(setup / "data"),
+                                   train_data=str(setup / "train.txt"), val_data=str(setup / "val.txt"),
+                                   text_split="eot", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    result = run_repro(cfg)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert list(rows) == ["base", "SFT", "GateSkip vector q=0%", "GateSkip vector q=15%", "GateSkip low-rank q=0%",
+                          "GateSkip low-rank q=15%", "MoD c=50.0%", "DND 20%"]
+    assert rows["base"]["compute"] == 1.0 and rows["SFT"]["compute"] == pytest.approx(1.0)
+    # total compute counts the gates: more than the base with nothing skipped, less once 15% skip
+    assert rows["GateSkip vector q=0%"]["compute"] > 1.0
+    assert rows["GateSkip vector q=15%"]["compute"] < rows["GateSkip vector q=0%"]["compute"]
+    assert rows["GateSkip low-rank q=0%"]["compute"] < rows["GateSkip vector q=0%"]["compute"]  # cheaper gates
+    assert rows["DND 20%"]["compute"] > 1.0  # nested passes cost extra (MoD's predictor is untrained here)
+    for r in rows.values():
+        assert r["tasks"]["copa"]["acc"]["n"] == 4 and r["chance"] == 0.5 and r["val_loss"] > 0
+    out = tmp_path / "out"
+    report = (out / "REPORT.md").read_text()
+    assert "## The papers' claims at this scale" in report and "GateSkip keeps >90%" in report
+    for path in result["plots"].values():
+        assert (out / path.split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
+    assert {"accuracy", "loss", "depth GateSkip vector", "depth DND 20%"} <= set(result["plots"])
+
+
+def _row(label, method, compute, val_loss, accuracy=0.6, budget=None):
+    return {"label": label, "method": method, "compute": compute, "val_loss": val_loss, "accuracy": accuracy,
+            "chance": 0.5, "latency_s": 1.0, "knobs": {} if budget is None else {"budget": budget}}
+
+
+def test_claims_follow_the_numbers():
+    rows = [_row("base", "base", 1.0, 3.0, 0.70),
+            _row("GateSkip vector q=0%", "gateskip", 1.15, 3.0, 0.70, 0.0),
+            _row("GateSkip vector q=15%", "gateskip", 0.98, 3.2, 0.66, 0.15),
+            _row("GateSkip vector q=50%", "gateskip", 0.60, 4.0, 0.55, 0.5),
+            _row("MoD c=50%", "mod", 0.75, 3.1),
+            _row("SFT", "none", 1.0, 2.9), _row("DND 20%", "dnd", 1.1, 2.95)]
+    found = {c["claim"].split(" (")[0]: c["holds"] for c in claims(rows)}
+    # 94% of the accuracy is kept at 15%, but the gates eat the saving (98% of the base's FLOPs): not reproduced
+    assert found["GateSkip keeps >90% of the baseline's accuracy at 15% compute saved"] is False
+    assert found["GateSkip beats MoD at equal compute"] is False  # GateSkip at 75%: ~3.58 > 3.1
+    assert found["DND beats the identically configured SFT at equal tokens, at a small overhead"] is False
+    at_chance = [dict(r, accuracy=0.5) for r in rows]
+    assert claims(at_chance)[0]["holds"] is None  # a base at chance cannot test retention
+
+
+def test_interpolate_along_a_curve():
+    pts = [{"compute": 0.6, "v": 4.0}, {"compute": 1.0, "v": 3.0}]
+    assert interpolate(pts, 0.8, "v") == pytest.approx(3.5)
+    assert interpolate(pts, 0.5, "v") is None
