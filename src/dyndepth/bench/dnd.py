@@ -166,8 +166,8 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     """DND vs the plain fine-tune from one base: held-out perplexity and synthetic-task exact match, plus the
     controller plot, a selection heatmap and the selection / base-entropy correlation of the DND model."""
     from dyndepth.bench.quality import QualityBenchConfig, _data, _posttrain, _score
-    from dyndepth.data.build import build_loader
-    from dyndepth.data.synthetic import TASKS, make_examples
+    from dyndepth.data.build import build_loader, task_mix
+    from dyndepth.data.synthetic import make_examples
     from dyndepth.methods.dnd_analysis import entropy_correlation, plot_controller, selection_heatmap
     from dyndepth.tokenizer import ByteTokenizer
 
@@ -175,12 +175,13 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
         raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
                          "runs/demo/base_model) or pass --base.")
     qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, data=cfg.data, out_dir=cfg.out_dir)
-    data, difficulty = _data(qcfg)
+    data, _ = _data(qcfg)
     tok = ByteTokenizer()
     val_kw = {"split": "val", "batch_size": 16, "seq_len": 256, "seed": 0, "tokenizer": tok}
     val_loader = build_loader(data, **val_kw)
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]
-    examples = make_examples(list(TASKS), cfg.eval_examples * len(TASKS), seed=1, difficulty=difficulty, split="val")
+    mix = task_mix(data)  # the tasks the base was trained on
+    examples = make_examples(mix, cfg.eval_examples * len(mix.tasks), seed=1, split="val")
     runs = Path(cfg.out_dir) / "dnd_quality_runs"
     rows, models = [], {}
     for label, method in (("SFT", {**cfg.method, "name": "none"}), ("DND", cfg.method)):

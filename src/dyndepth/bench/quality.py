@@ -20,8 +20,8 @@ import torch
 
 import dyndepth
 from dyndepth.bench.timing import markdown_table, publish
-from dyndepth.data.build import build_loader
-from dyndepth.data.synthetic import TASKS, exact_match, make_examples
+from dyndepth.data.build import build_loader, task_mix
+from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.methods import calibrate
 from dyndepth.runconfig import TrainConfig
@@ -82,13 +82,14 @@ def run_quality_bench(cfg: QualityBenchConfig) -> dict:
     if not (Path(cfg.base) / "config.json").exists():
         raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
                          "runs/demo/base_model) or pass --base.")
-    data, difficulty = _data(cfg)
+    data, _ = _data(cfg)
     tok = ByteTokenizer()
     val_kw = dict(split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
     val_loader = build_loader(data, **val_kw)
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]  # a loader of its own: val_loader starts fresh
-    examples = make_examples(list(TASKS), cfg.eval_examples * len(TASKS), seed=1, difficulty=difficulty, split="val")
-    calib_texts = [e.text for e in make_examples(list(TASKS), 256, seed=2, difficulty=difficulty)]
+    mix = task_mix(data)  # the tasks the base was trained on
+    examples = make_examples(mix, cfg.eval_examples * len(mix.tasks), seed=1, split="val")
+    calib_texts = [e.text for e in make_examples(mix, 256, seed=2)]
     calib = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, 256, 64)]
     out = Path(cfg.out_dir) / "quality_runs"
 
