@@ -58,10 +58,11 @@ class ComputeLedger:
     def total_tensor(self, which: str = "executed") -> torch.Tensor:
         """The same sum as a float64 tensor without a host sync (for `DecoderOutput.stats`)."""
         table = {"executed": self.executed, "ideal": self.ideal}[which]
-        out = torch.zeros((), dtype=torch.float64)
-        for v in table.values():
-            out = out.to(v.device) + v.double() if torch.is_tensor(v) else out + v
-        return out
+        number = float(sum(v for v in table.values() if not torch.is_tensor(v)))
+        tensors = [v.double() if v.is_floating_point() else v for v in table.values() if torch.is_tensor(v)]
+        if not tensors:  # integer counts add exactly in int64; floating ones in float64
+            return torch.tensor(number, dtype=torch.float64)
+        return sum(tensors[1:], tensors[0]).double() + number
 
     def tokens_processed(self, slot: int, part: str) -> float:
         return _num(self.tokens.get((slot, part), 0))

@@ -45,7 +45,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
         self.valid = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.bool, device=device)  # (L, B, S+1)
-        self.source = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.long, device=device)  # (L, B, S+1)
+        columns = torch.arange(max_seq_len + 1, device=device)  # (S+1,)
+        self.source = columns.expand(shape[:2] + (max_seq_len + 1,)).clone()  # (L, B, S+1): column = position
+        self.sourced: set[int] = set()  # slots written with an explicit source (compact columns); see `update`
+        self.columns = columns  # key positions of the plain layout, for causal masks
+        self.batch_rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) row index for writes
         self.max_seq_len = max_seq_len
         self.length = max_seq_len  # how many columns readers see; see `window`
         self.row_index: torch.Tensor | None = None  # the batch rows this view covers; see `rows`
@@ -70,6 +74,7 @@ class KVCache:
             raise ValueError(f"window length {length} is outside 1..{self.max_seq_len} (the cache's size).")
         view = object.__new__(KVCache)
         view.k, view.v, view.valid, view.source = self.k, self.v, self.valid, self.source
+        view.sourced, view.columns, view.batch_rows = self.sourced, self.columns, self.batch_rows
         view.max_seq_len, view.length, view.row_index = self.max_seq_len, length, self.row_index
         return view
 
@@ -79,6 +84,7 @@ class KVCache:
         while decoding (DND's nested pass). `invalidate` and `reset` act on the whole cache."""
         view = self.window(self.length)
         view.row_index = rows_M if self.row_index is None else self.row_index[rows_M]
+        view.batch_rows = view.row_index[:, None]
         return view
 
     def update(
@@ -96,19 +102,21 @@ class KVCache:
         Returns `k (B, G, S', H)`, `v (B, G, S', H)` and `valid (B, S')`, S' = `self.length`; entry s
         holds column s, so a causal query at column p may attend to entries `valid & (s <= p)`.
         """
-        B, T = positions_BT.shape
         idx_BT = positions_BT
         if write_BT is not None:
             idx_BT = torch.where(write_BT, positions_BT, self.max_seq_len)  # unwritten -> scratch column
-        rows_B = torch.arange(B, device=idx_BT.device) if self.row_index is None else self.row_index
-        rows_BT = rows_B[:, None].expand(B, T)
+        rows_B1 = self.batch_rows  # (B, 1), broadcast against idx_BT
         k_buf, v_buf, valid_buf = self.k[slot], self.v[slot], self.valid[slot]  # (B, G, S+1, H), (B, S+1)
-        k_buf[rows_BT, :, idx_BT] = k_BTGH.to(k_buf.dtype)  # advanced indices first: (B, T, G, H)
-        v_buf[rows_BT, :, idx_BT] = v_BTGH.to(v_buf.dtype)
-        valid_buf[rows_BT, idx_BT] = True
-        self.source[slot][rows_BT, idx_BT] = positions_BT if source_BT is None else source_BT
+        k_buf[rows_B1, :, idx_BT] = k_BTGH.to(k_buf.dtype)  # advanced indices first: (B, T, G, H)
+        v_buf[rows_B1, :, idx_BT] = v_BTGH.to(v_buf.dtype)
+        valid_buf[rows_B1, idx_BT] = True
+        if source_BT is not None:
+            self.sourced.add(slot)
+        if slot in self.sourced:  # otherwise the entry's source is its column, as initialized
+            self.source[slot][rows_B1, idx_BT] = positions_BT if source_BT is None else source_BT
         S = self.length
         if self.row_index is not None:  # a row view: its rows, gathered
+            rows_B = self.row_index
             return k_buf[rows_B, :, :S], v_buf[rows_B, :, :S], valid_buf[rows_B, :S]
         return k_buf[:, :, :S], v_buf[:, :, :S], valid_buf[:, :S]
 

@@ -109,7 +109,8 @@ class ForwardContext:
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,
                 q_valid_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: key s is visible to query t if it is valid and not later in position.
+    """Boolean (B, 1, T, S) mask: key s is visible to query t if it is valid and not later in position
+    (`k_pos_BS` may be (1, S): the same key positions for every row).
 
     Causality is by position, never by storage order, so left padding, packed subsets and cache
     columns all follow one rule. `doc_ids` (queries and keys are the same tokens) also hides other

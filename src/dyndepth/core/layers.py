@@ -29,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without the two casts (decode is op-bound)
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -171,8 +173,7 @@ class Attention(nn.Module):
         Tq = q.shape[1]
         if ctx.cache is not None:
             S = k_all.shape[2]
-            k_pos = torch.arange(S, device=h_BTD.device).expand(B, S)  # (B, S)
-            mask = causal_mask(pos_q, k_pos, k_valid, valid_q)
+            mask = causal_mask(pos_q, ctx.cache.columns[None, :S], k_valid, valid_q)  # keys at columns 0..S-1
             last_key = pos_q  # cache column s holds position s
         else:
             mask = ctx.attn_mask
