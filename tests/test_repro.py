@@ -44,9 +44,7 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
     assert list(rows) == ["base", "SFT", "GateSkip vector q=0%", "GateSkip vector q=15%", "GateSkip low-rank q=0%",
                           "GateSkip low-rank q=15%", "MoD c=50.0%", "DND 20%"]
     assert rows["base"]["compute"] == 1.0 and rows["SFT"]["compute"] == pytest.approx(1.0)
-    # total compute counts the gates: more than the base with nothing skipped, less once 15% skip
-    assert rows["GateSkip vector q=0%"]["compute"] > 1.0
-    assert rows["GateSkip vector q=15%"]["compute"] < rows["GateSkip vector q=0%"]["compute"]
+    assert rows["GateSkip vector q=0%"]["compute"] > 1.0  # total compute counts the gates
     assert rows["GateSkip low-rank q=0%"]["compute"] < rows["GateSkip vector q=0%"]["compute"]  # cheaper gates
     assert rows["DND 20%"]["compute"] > 1.0  # nested passes cost extra (MoD's predictor is untrained here)
     for r in rows.values():

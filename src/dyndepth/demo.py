@@ -2,10 +2,11 @@
 adaptive-depth method from it, and print one table of quality against compute. Offline, on 2 CPU cores,
 in under 10 minutes.
 
-1. Base model: a 4-layer Qwen3-shaped model (byte tokenizer, 0.8M parameters) on four easy tasks (2-digit
-   addition, 1-hop variable binding, sorting 4 digits, copying 5 letters; addition three times as often).
-   The loss is on the answers and their terminator only (the prompts are read, not trained): every
-   gradient goes to what is scored, and the model learns to stop.
+1. Base model: a 4-layer Qwen3-shaped model (byte tokenizer, 0.8M parameters) on three easy tasks: 1-hop
+   variable binding with one-digit arithmetic (`q=3;k=q*2;k?6`, half the examples), sorting 4 digits and
+   copying 5 letters. The loss is on the answers and their terminator only (the prompts are read, not
+   trained): every gradient goes to what is scored, and the model learns to stop. 2-digit addition is
+   left out: at this budget it stayed at 2-29% exact match in our runs (700 steps, 4 and 6 layers).
 2. From that base, the same steps on the same data for each contender (`bench/compare.py`): the plain
    fine-tune (SFT, the reference for equal tokens), GateSkip (gates on every branch, skip ramp 0 -> 20%),
    Mixture-of-Depths (capacity 50% on every other block) and DND (layers 1-2 nest 20% of the tokens).
@@ -41,10 +42,9 @@ from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.tokenizer import ByteTokenizer, encode_batch
 from dyndepth.train.trainer import train
 
-DIFFICULTY = {"add": {"digits": 2}, "var": {"hops": 1}, "sort": {"length": 4}, "copy": {"length": 5}}
-DATA = {"source": "synthetic", "tokenizer": "byte", "tasks": ["add", "var", "sort", "copy"],
-        "task_weights": [3, 1, 1, 1], "difficulty": DIFFICULTY, "synthetic_examples": 60_000,
-        "synthetic_loss": "answer"}
+DIFFICULTY = {"var": {"hops": 1}, "sort": {"length": 4}, "copy": {"length": 5}}
+DATA = {"source": "synthetic", "tokenizer": "byte", "tasks": ["var", "sort", "copy"], "task_weights": [2, 1, 1],
+        "difficulty": DIFFICULTY, "synthetic_examples": 60_000, "synthetic_loss": "answer"}
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DemoConfig:
     post_steps: int = 150  # each contender, from the base
     batch_size: int = 32
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 4e-3
     post_lr: float = 1e-3
     eval_examples: int = 100  # per task
     budgets: list[float] = field(default_factory=lambda: [0.0, 0.15, 0.3, 0.5])
