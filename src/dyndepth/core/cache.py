@@ -2,7 +2,9 @@
 
 Shape legend: L slots, B batch, G kv heads, S cache length, H head_dim, T tokens written by one call.
 
-Layout: `k`, `v` are `(L, B, G, S + 1, H)`; `valid` and `source` are `(L, B, S + 1)`. Entry `s` of a row
+Layout: one tensor per slot, `keys[l]`, `values[l]` `(B, G, S + 1, H)`, `valids[l]` and `sources[l]` `(B, S + 1)`
+(separate tensors, not views of one: a compiled decode step then writes each in place, where writing into a
+view of a shared buffer made torch.compile copy the whole buffer every step). Entry `s` of a row
 holds the token written at column `s`: its sequence position for every slot but DND's nested slots with
 compact positions (column = the token's rank among the selected tokens). `source` records the sequence
 position of the token each entry came from, so `invalidate` can drop everything at or after a position
@@ -41,12 +43,13 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        shape = (num_slots, batch_size, num_kv_heads, max_seq_len + 1, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, G, S+1, H)
-        self.valid = torch.zeros(shape[:2] + (max_seq_len + 1,), dtype=torch.bool, device=device)  # (L, B, S+1)
+        shape = (batch_size, num_kv_heads, max_seq_len + 1, head_dim)
         columns = torch.arange(max_seq_len + 1, device=device)  # (S+1,)
-        self.source = columns.expand(shape[:2] + (max_seq_len + 1,)).clone()  # (L, B, S+1): column = position
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_slots)]  # L x (B, G, S+1, H)
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_slots)]
+        self.valids = [torch.zeros(batch_size, max_seq_len + 1, dtype=torch.bool, device=device)  # L x (B, S+1)
+                       for _ in range(num_slots)]
+        self.sources = [columns.expand(batch_size, -1).clone() for _ in range(num_slots)]  # column = position
         self.sourced: set[int] = set()  # slots written with an explicit source (compact columns); see `update`
         self.columns = columns  # key positions of the plain layout, for causal masks
         self.batch_rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) row index for writes
@@ -62,7 +65,24 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1] if self.row_index is None else self.row_index.numel()
+        return self.keys[0].shape[0] if self.row_index is None else self.row_index.numel()
+
+    # Stacked copies for inspection (tests, analysis): (L, B, G, S+1, H) and (L, B, S+1). Writes go through `update`.
+    @property
+    def k(self) -> torch.Tensor:
+        return torch.stack(self.keys)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return torch.stack(self.values)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.stack(self.valids)
+
+    @property
+    def source(self) -> torch.Tensor:
+        return torch.stack(self.sources)
 
     def window(self, length: int) -> "KVCache":
         """A view that shares the buffers but lets readers see only the first `length` positions.
@@ -73,7 +93,7 @@ class KVCache:
         if not 0 < length <= self.max_seq_len:
             raise ValueError(f"window length {length} is outside 1..{self.max_seq_len} (the cache's size).")
         view = object.__new__(KVCache)
-        view.k, view.v, view.valid, view.source = self.k, self.v, self.valid, self.source
+        view.keys, view.values, view.valids, view.sources = self.keys, self.values, self.valids, self.sources
         view.sourced, view.columns, view.batch_rows = self.sourced, self.columns, self.batch_rows
         view.max_seq_len, view.length, view.row_index = self.max_seq_len, length, self.row_index
         return view
@@ -106,14 +126,14 @@ class KVCache:
         if write_BT is not None:
             idx_BT = torch.where(write_BT, positions_BT, self.max_seq_len)  # unwritten -> scratch column
         rows_B1 = self.batch_rows  # (B, 1), broadcast against idx_BT
-        k_buf, v_buf, valid_buf = self.k[slot], self.v[slot], self.valid[slot]  # (B, G, S+1, H), (B, S+1)
+        k_buf, v_buf, valid_buf = self.keys[slot], self.values[slot], self.valids[slot]  # (B, G, S+1, H), (B, S+1)
         k_buf[rows_B1, :, idx_BT] = k_BTGH.to(k_buf.dtype)  # advanced indices first: (B, T, G, H)
         v_buf[rows_B1, :, idx_BT] = v_BTGH.to(v_buf.dtype)
         valid_buf[rows_B1, idx_BT] = True
         if source_BT is not None:
             self.sourced.add(slot)
         if slot in self.sourced:  # otherwise the entry's source is its column, as initialized
-            self.source[slot][rows_B1, idx_BT] = positions_BT if source_BT is None else source_BT
+            self.sources[slot][rows_B1, idx_BT] = positions_BT if source_BT is None else source_BT
         S = self.length
         if self.row_index is not None:  # a row view: its rows, gathered
             rows_B = self.row_index
@@ -122,25 +142,22 @@ class KVCache:
 
     def count(self, slot: int) -> torch.Tensor:
         """Valid entries per row at `slot` (B,): the next compact column of a sparse slot."""
-        valid = self.valid[slot, :, : self.max_seq_len]
+        valid = self.valids[slot][:, : self.max_seq_len]
         return (valid if self.row_index is None else valid[self.row_index]).sum(-1)
 
     def invalidate(self, from_position: torch.Tensor | int, slots: list[int] | None = None) -> None:
         """Drop every entry that came from a token at sequence position >= `from_position` ((B,) or an int),
         in all slots or the given ones. Speculative decoding calls it before re-writing rejected positions,
         so a sparse slot (MoD, DND nested) never keeps a stale entry of a rejected token."""
-        start = torch.as_tensor(from_position, device=self.valid.device).reshape(-1, 1)  # (B, 1) or (1, 1)
-        stale = self.source >= start  # (L, B, S+1)
-        if slots is None:
-            self.valid &= ~stale
-        else:
-            for s in slots:
-                self.valid[s] &= ~stale[s]
+        start = torch.as_tensor(from_position, device=self.valids[0].device).reshape(-1, 1)  # (B, 1) or (1, 1)
+        for s in range(len(self.valids)) if slots is None else slots:
+            self.valids[s] &= self.sources[s] < start
 
     def reset(self) -> None:
-        self.valid.zero_()
+        for valid in self.valids:
+            valid.zero_()
 
     def nbytes_per_token(self) -> int:
         """Bytes of K and V stored per token position, summed over slots and kv heads (one batch row)."""
-        L, _, G, _, H = self.k.shape
-        return 2 * L * G * H * self.k.element_size()
+        _, G, _, H = self.keys[0].shape
+        return 2 * len(self.keys) * G * H * self.keys[0].element_size()
