@@ -1,7 +1,8 @@
 """`dyndepth bench gateskip`: realized speedup of GateSkip's physical skipping next to the FLOP ratios.
 
 For each skip budget q, the same gated model runs (a) prefill at each sequence length and (b) cached
-batched decoding. Every budget of a case is timed interleaved in one run (q0, q1, q2, q0, q1, ...), so
+batched decoding (the n - 1 greedy steps after the prompt, as `generate` runs them; the prefill before them
+is not timed). Every budget of a case is timed interleaved in one run (q0, q1, q2, q0, q1, ...), so
 drift in machine load hits all equally; the realized speedup is time(q = 0) / time(q). Next to it, two
 ratios from the forward's compute ledger: `executed` (the FLOPs the kernels ran: gates for every token,
 skipped tokens' K/V projections, padding, dense fallbacks, masked attention pairs) and `ideal` (what the
@@ -13,12 +14,20 @@ quantiles are meaningless); `packed` is the fraction of partially kept branch ca
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
+from dyndepth.bench.timing import (
+    interleaved_median,
+    interleaved_median_reported,
+    machine_description,
+    markdown_table,
+    publish,
+    sync_device,
+)
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
@@ -75,19 +84,23 @@ def _work(stats_list: list[dict]) -> dict:
             "packed": sum(packed) / len(packed) if packed else None}
 
 
-def _decode_stats(model, prompt: torch.Tensor, n: int) -> list[dict]:
-    """Stats of the n - 1 greedy decode steps after the prompt, making the decisions generate makes."""
+def _decode(model, prompt: torch.Tensor, n: int) -> tuple[float, list[dict]]:
+    """Seconds and stats of the n - 1 greedy decode steps after the prompt, run as `generate` runs them (the
+    cache read up to the filled length); the prefill is not timed."""
     B, T = prompt.shape
     dtype = next(model.parameters()).dtype
     cache = KVCache.for_model(model.config, B, T + n, num_slots=model.num_slots(), dtype=dtype, device=prompt.device)
     pos = torch.arange(T, device=prompt.device).expand(B, T)
-    out = model(prompt, positions=pos, cache=cache, num_logits=1)
+    out = model(prompt, positions=pos, cache=cache.window(T), num_logits=1)
     stats = []
+    sync_device(prompt.device)
+    t0 = time.perf_counter()
     for i in range(n - 1):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, positions=torch.full((B, 1), T + i, device=prompt.device), cache=cache)
+        out = model(nxt, positions=torch.full((B, 1), T + i, device=prompt.device), cache=cache.window(T + i + 1))
         stats.append(out.stats)
-    return stats
+    sync_device(prompt.device)
+    return time.perf_counter() - t0, stats
 
 
 @torch.no_grad()
@@ -123,18 +136,13 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     for B in cfg.decode_batches:
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
 
-        def gen(q: float, n: int, prompt=prompt):
+        def decode(q: float, prompt=prompt) -> tuple[float, list[dict]]:
             use(q)
-            return model.generate(prompt, n, stop_tokens=[], skip_budget=q)
+            with method.decoding(budget=q):  # what generate(skip_budget=q) enters
+                return _decode(model, prompt, cfg.new_tokens)
 
-        calls = {(q, n): (lambda q=q, n=n: gen(q, n)) for q in cfg.budgets for n in (1, cfg.new_tokens)}
-        t = interleaved_median(calls, device, cfg.repeats)
-        times = {q: t[(q, cfg.new_tokens)] - t[(q, 1)] for q in cfg.budgets}
-        work = {}
-        for q in cfg.budgets:
-            use(q)
-            with method.decoding(budget=q):
-                work[q] = _work(_decode_stats(model, prompt, cfg.new_tokens))
+        times = interleaved_median_reported({q: (lambda q=q: decode(q)[0]) for q in cfg.budgets}, cfg.repeats)
+        work = {q: _work(decode(q)[1]) for q in cfg.budgets}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
     return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
             "rows": rows}
