@@ -100,10 +100,11 @@ def compare(base: str, contenders: list[Contender], loader, tcfg: Callable[[str]
     tcfg(label) gives each run's TrainConfig (its out_dir); `progress` reports each stage."""
     progress("scoring the base model")
     rows = [score(dyndepth.from_pretrained(base).eval(), "base", {}, scorer, probe, calibration)]
-    models = {}
+    models, start = {}, loader.state_dict()
     for c in contenders:
         cfg = tcfg(c.label)
         progress(f"post-training {c.label}: {cfg.steps} steps")
+        loader.load_state_dict(start)  # every contender sees the same batches
         model = posttrain(base, c.method, loader, cfg)
         models[c.label] = model
         for knobs in c.settings:
