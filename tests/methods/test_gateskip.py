@@ -304,3 +304,14 @@ def test_knobs_and_options_are_checked():
         attach_gateskip(CausalLM(preset("tiny-qwen3")), {"penalti": 1.0})
     with pytest.raises(ValueError, match="already carries method 'gateskip'"):
         attach_gateskip(model)
+
+
+def test_the_cost_rule_packs_a_prefill_only_when_enough_of_it_skips():
+    model, method = gated_model(budget=0.0, pack_min_skipped=4, pack_min_fraction=0.2)
+    ids = torch.randint(0, 256, (2, 40))
+    packed = {}
+    for q in (0.1, 0.3):
+        with method.override(budget=q), torch.no_grad():
+            packed[q] = float(model(ids).stats["gateskip/packed"])
+    assert packed[0.1] == 0.0  # 8 of 80 tokens skip: >= 4, but under 20% of the call: dense with a mask
+    assert packed[0.3] == 1.0  # 24 of 80: packed
