@@ -50,17 +50,19 @@ def posttrain(base: str, method: dict, loader, tcfg: TrainConfig):
 
 @contextlib.contextmanager
 def causal(model, knobs: dict, calibration: list):
-    """`model` at the runtime `knobs` with causal decisions (module docstring); GateSkip budgets > 0 are
-    calibrated on `calibration` (batches of ids or (ids, mask)) first."""
+    """`model` at the runtime `knobs` with causal decisions (module docstring), without autograd; GateSkip
+    budgets > 0 are calibrated on `calibration` (batches of ids or (ids, mask)) first."""
     method = model.method
-    if method is None:
-        if knobs:
-            raise ValueError(f"knobs {knobs} need a model with a method attached.")
-        yield model
-        return
-    if method.name == "gateskip" and knobs.get("budget", 0.0) > 0:
+    if method is None and knobs:
+        raise ValueError(f"knobs {knobs} need a model with a method attached.")
+    if method is not None and method.name == "gateskip" and knobs.get("budget", 0.0) > 0:
         calibrate(model, calibration, budget=knobs["budget"])
-    ctx = method.override(mode="predictor", **knobs) if method.name == "mod" else method.decoding(**knobs)
+    if method is None:
+        ctx = contextlib.nullcontext()
+    elif method.name == "mod":
+        ctx = method.override(mode="predictor", **knobs)
+    else:
+        ctx = method.decoding(**knobs)
     with ctx, torch.no_grad():
         yield model
 
