@@ -42,7 +42,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _check_left_padded(mask_BT: torch.Tensor) -> None:
+def check_left_padded(mask_BT: torch.Tensor) -> None:
     if (mask_BT.sum(-1) == 0).any():
         raise ValueError("a row of attention_mask has no real token; drop empty prompts before generating.")
     if (mask_BT[:, 1:] < mask_BT[:, :-1]).any():
@@ -95,7 +95,7 @@ def generate(
     B, T = input_ids.shape
     device = input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-    _check_left_padded(mask)
+    check_left_padded(mask)
     config = model.config
     stops = torch.tensor(list(config.eos_token_ids if stop_tokens is None else stop_tokens), device=device,
                          dtype=torch.long)

@@ -259,7 +259,7 @@ class _Run:
 def _prepare(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int, num_draft: int,
              cache_mode: str, stop_tokens, pad_token_id):
     """Check the arguments; return the long mask (B, T), stop ids (S,) and the pad id."""
-    from dyndepth.generation import _check_left_padded
+    from dyndepth.generation import check_left_padded
 
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
@@ -269,7 +269,7 @@ def _prepare(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int
         raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
     device, config = input_ids.device, model.config
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-    _check_left_padded(mask)
+    check_left_padded(mask)
     stops = torch.tensor(list(config.eos_token_ids if stop_tokens is None else stop_tokens), device=device,
                          dtype=torch.long)
     if pad_token_id is None:
