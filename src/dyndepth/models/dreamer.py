@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +27,12 @@ from dyndepth.config import ConfigError, ModelConfig
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
+from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
 from dyndepth.models.moe import load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
-from dyndepth.safetensors_io import write_pretrained
 
 DA_MODES = ("separate", "merged_softmax", "none")
 EA_ENCODINGS = ("learned", "rope", "none")
@@ -143,6 +142,15 @@ class DreamerLM(nn.Module):
     """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`; `override(steps=,
     exit_kl=)` for the inference-time knobs (ours: recurrence steps, per-token exit)."""
 
+    # shared with the other families that have no HF class (models/native.py)
+    architecture = "DreamerForCausalLM"
+    generate = native.generate
+    save_pretrained = native.save_pretrained
+    num_params = native.num_params
+
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return native.disk_state_dict(self, dtype, keep_dtype=lambda key: key.endswith("expert_bias"))
+
     KNOBS = ("steps", "exit_kl")
 
     def __init__(self, config: DreamerConfig) -> None:
@@ -250,39 +258,9 @@ class DreamerLM(nn.Module):
         """Training FLOPs per token for MFU: 3 x the forward (backward = 2 x forward), causal attention."""
         return 3 * self.forward_flops(seq_len) / seq_len
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-                 temperature: float = 0.0, **kwargs) -> torch.Tensor:
-        """Prompt plus new tokens (B, T + n): `dyndepth.generation.generate`, the decoder's loop."""
-        from dyndepth.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                        **kwargs)
-
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""
         return [ExpertBiasHook()] if self.config.num_experts and self.config.ea_bias_update_rate else []
-
-    # ------------------------------------------------------------------------------ checkpoints
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The state dict as written to disk: stacked experts, balancing biases (fp32) included, tied lm_head
-        dropped."""
-        state = {k: (v if dtype is None or k.endswith("expert_bias") else v.to(dtype))
-                 for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        return state
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
-        """config.json (model_type "dreamer") + safetensors; `dyndepth.from_pretrained` loads it back."""
-        config = self.config.to_dict()
-        name = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
-        config.update(architectures=["DreamerForCausalLM"], torch_dtype=name, dtype=name)
-        return write_pretrained(self.hf_state_dict(dtype), config, path, max_shard_bytes)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: DreamerConfig, steps: int) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,10 +32,10 @@ from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import Attention, RMSNorm, SwiGLU
+from dyndepth.models import native
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
-from dyndepth.safetensors_io import write_pretrained
 
 SAMPLER_SIGMA = 0.5  # Huginn's log-normal sigma of the recurrence sampler
 
@@ -215,6 +214,15 @@ def sample_steps(config: HuginnConfig, generator: torch.Generator | None = None)
 class HuginnLM(nn.Module):
     """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`; `override(steps=n)`."""
 
+    # shared with the other families that have no HF class (models/native.py)
+    architecture = "HuginnForCausalLM"
+    generate = native.generate
+    save_pretrained = native.save_pretrained
+    num_params = native.num_params
+
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return native.disk_state_dict(self, dtype)
+
     def __init__(self, config: HuginnConfig) -> None:
         super().__init__()
         self.config = config
@@ -314,31 +322,6 @@ class HuginnLM(nn.Module):
 
     def trainer_hooks(self, total_steps: int) -> list:
         return []
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-                 temperature: float = 0.0, **kwargs) -> torch.Tensor:
-        from dyndepth.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                        **kwargs)
-
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        state = {k: (v if dtype is None else v.to(dtype)) for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        return state
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
-        """config.json (model_type "huginn") + safetensors; `dyndepth.from_pretrained` loads it back."""
-        config = self.config.to_dict()
-        name = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
-        config.update(architectures=["HuginnForCausalLM"], torch_dtype=name, dtype=name)
-        return write_pretrained(self.hf_state_dict(dtype), config, path, max_shard_bytes)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 PRESETS = {

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +40,12 @@ from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.method import MethodOutput, check_knobs
 from dyndepth.core.routing import capacity, gather_padded, pack_indices, scatter_padded_add
+from dyndepth.models import native
 from dyndepth.models.forward import DecoderOutput, Trace, make_context, run_schedule
 from dyndepth.models.huginn import stack_schedule
 from dyndepth.models.moe import load_balancing_loss, router_stats
 from dyndepth.models.qwen3 import DecoderLayer, DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
-from dyndepth.safetensors_io import write_pretrained
 
 ROUTERS = ("expert", "token")
 
@@ -292,6 +291,15 @@ def nominal_forward_flops(config: MoRConfig, T: int, B: int = 1, lm_head: bool =
 class MoRLM(nn.Module):
     """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`."""
 
+    # shared with the other families that have no HF class (models/native.py)
+    architecture = "MoRForCausalLM"
+    generate = native.generate
+    save_pretrained = native.save_pretrained
+    num_params = native.num_params
+
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return native.disk_state_dict(self, dtype)
+
     def __init__(self, config: MoRConfig) -> None:
         super().__init__()
         self.config = config
@@ -354,30 +362,6 @@ class MoRLM(nn.Module):
 
     def trainer_hooks(self, total_steps: int) -> list:
         return []
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-                 temperature: float = 0.0, **kwargs) -> torch.Tensor:
-        from dyndepth.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                        **kwargs)
-
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        state = {k: (v if dtype is None else v.to(dtype)) for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        return state
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
-        config = self.config.to_dict()
-        name = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
-        config.update(architectures=["MoRForCausalLM"], torch_dtype=name, dtype=name)
-        return write_pretrained(self.hf_state_dict(dtype), config, path, max_shard_bytes)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 PRESETS = {

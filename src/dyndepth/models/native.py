@@ -1,0 +1,44 @@
+"""What every model family shares that has no HF transformers class (Dreamer, Huginn, MoR): generation, the
+on-disk state dict and `save_pretrained`. A family's model class binds these as its methods and names its
+`architecture` (written to config.json; `dyndepth.from_pretrained` reads `model_type` to load it back)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dyndepth.safetensors_io import write_pretrained
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+             temperature: float = 0.0, **kwargs) -> torch.Tensor:
+    """Prompt plus new tokens (B, T + n): `dyndepth.generation.generate`, the decoder's loop."""
+    from dyndepth.generation import generate as run  # generation imports the models: import at call time
+
+    return run(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature, **kwargs)
+
+
+def disk_state_dict(model, dtype: torch.dtype | None = None,
+                    keep_dtype: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+    """The state dict as written to disk: cast to `dtype` (except the keys `keep_dtype` names), the tied lm_head
+    dropped."""
+    state = {k: (v if dtype is None or keep_dtype(k) else v.to(dtype)) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+    """config.json (the family's `model_type`, `architectures = [model.architecture]`) + safetensors."""
+    config = model.config.to_dict()
+    name = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    config.update(architectures=[model.architecture], torch_dtype=name, dtype=name)
+    return write_pretrained(model.hf_state_dict(dtype), config, path, max_shard_bytes)
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
