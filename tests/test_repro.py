@@ -74,6 +74,9 @@ def test_claims_follow_the_numbers():
     assert found["GateSkip keeps >90% of the baseline's accuracy at 15% compute saved"] is False
     assert found["GateSkip beats MoD at equal compute"] is False  # GateSkip at 75%: ~3.58 > 3.1
     assert found["DND beats the identically configured SFT at equal tokens, at a small overhead"] is False
+    tie = rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.895)]  # 0.005 nats better: within the margin, a tie
+    assert claims(tie)[-1]["holds"] is False
+    assert claims(rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.8)])[-1]["holds"] is True
     at_chance = [dict(r, accuracy=0.5) for r in rows]
     assert claims(at_chance)[0]["holds"] is None  # a base at chance cannot test retention
 

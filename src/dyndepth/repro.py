@@ -93,7 +93,7 @@ def run_repro(cfg: ReproConfig) -> dict:
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tok = load_tokenizer(cfg.base)
     data = {"source": cfg.train_data, "val_source": cfg.val_data, "tokenizer": cfg.base, "text_split": cfg.text_split,
             "cache_dir": cfg.cache_dir}
@@ -116,7 +116,7 @@ def run_repro(cfg: ReproConfig) -> dict:
     result = {"config": asdict(cfg), "machine": machine_description(torch.device("cpu")),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "base_params": base.num_params(), "rows": rows, "plots": plots,
-              "seconds": round(time.perf_counter() - t0, 1)}
+              "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     result["claims"] = claims(rows)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     report = render(result)
@@ -169,8 +169,12 @@ def interpolate(pts: list[dict], compute: float, key: str) -> float | None:
     return None
 
 
+MARGIN = 0.01  # nats of held-out loss: a smaller difference is a tie, and a tie beats nothing
+
+
 def claims(rows: list[dict]) -> list[dict]:
-    """Each paper's headline claim, measured: {"claim", "measured", "holds": True | False | None (untestable)}."""
+    """Each paper's headline claim, measured: {"claim", "measured", "holds": True | False | None (untestable)}.
+    "A beats B" needs A's held-out loss lower by more than MARGIN."""
     base, vector = rows[0], _series(rows, "gateskip", "vector")
     found = [_gateskip_claim(base, vector), _gate_kind_claim(vector, _series(rows, "gateskip", "low-rank"))]
     found += [_mod_claim(vector, mod) for mod in rows if mod["method"] == "mod"]
@@ -199,7 +203,7 @@ def _gate_kind_claim(vector: list[dict], lowrank: list[dict]) -> dict | None:
         return None
     measured = "; ".join(f"at {c:.0%}: low-rank {lo:.3f} vs vector {vec:.3f}" for c, lo, vec in pairs)
     return {"claim": "ours: low-rank gates beat vector gates at equal total compute (held-out loss)",
-            "measured": measured, "holds": sum(lo < vec for _, lo, vec in pairs) > len(pairs) / 2}
+            "measured": measured, "holds": sum(vec - lo > MARGIN for _, lo, vec in pairs) > len(pairs) / 2}
 
 
 def _mod_claim(vector: list[dict], mod: dict) -> dict:
@@ -207,7 +211,7 @@ def _mod_claim(vector: list[dict], mod: dict) -> dict:
     where = "GateSkip outside its measured range" if gs is None else f"GateSkip (vector) {gs:.3f}"
     measured = f"at {mod['compute']:.0%} of the base's FLOPs: MoD held-out loss {mod['val_loss']:.3f}, {where}"
     return {"claim": f"GateSkip beats MoD at equal compute ({mod['label']})", "measured": measured,
-            "holds": None if gs is None else gs < mod["val_loss"]}
+            "holds": None if gs is None else mod["val_loss"] - gs > MARGIN}
 
 
 def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
@@ -217,8 +221,9 @@ def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
     slower = dnd["latency_s"] / sft["latency_s"] - 1
     measured = (f"accuracy {dnd['accuracy']:.1%} vs {sft['accuracy']:.1%}, held-out loss {dnd['val_loss']:.3f} vs "
                 f"{sft['val_loss']:.3f}; FLOP overhead {overhead:+.1%}, latency {slower:+.0%}")
+    better = sft["val_loss"] - dnd["val_loss"] > MARGIN and dnd["accuracy"] >= sft["accuracy"]
     return {"claim": "DND beats the identically configured SFT at equal tokens, at a small overhead",
-            "measured": measured, "holds": dnd["val_loss"] < sft["val_loss"] and dnd["accuracy"] >= sft["accuracy"]}
+            "measured": measured, "holds": better}
 
 
 # -------------------------------------------------------------------------------------------- plots
@@ -256,7 +261,9 @@ def _series_name(row: dict) -> str:
 def render(r: dict) -> str:
     c = r["config"]
     head = (f"# dyndepth repro: adaptive-depth methods from one base\n\n{r['date']}, {r['machine']}, "
-            f"{r['seconds'] / 60:.0f} min end to end (profile `{c['profile']}`). Base: `{c['base']}` "
+            f"{r['seconds'] / 60:.0f} min end to end, {r['cpu_seconds'] / 60:.0f} min CPU (profile `{c['profile']}`; "
+            "latencies are only comparable when the machine was not shared). Base: "
+            f"`{c['base']}` "
             f"({r['base_params'] / 1e6:.1f}M parameters). Each contender post-trained {c['post_steps']} steps of "
             f"{c['batch_size']} x {c['seq_len']} tokens on `{c['train_data']}` (lr {c['lr']:g}); held-out loss on "
             f"{c['val_batches']} batches of `{c['val_data'] or 'held-out documents of the training text'}`; "
