@@ -1,4 +1,5 @@
-"""Trains the tiny model with an adaptive-depth method under DDP or FSDP2 (2 gloo ranks; see test_dispatch.py).
+"""Trains the tiny model with an adaptive-depth method, or a tiny depth-recurrent baseline (`"model"` in the JSON),
+under DDP or FSDP2 (2 gloo ranks; see test_dispatch.py).
 
 python dispatch_script.py OUT_DIR METHOD_JSON MODE[,MODE...]
 Each mode trains in OUT_DIR/<mode> inside one process group and logs metrics.jsonl (rank 0).
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from tiny_loader import TinyLoader  # noqa: E402
 from train_script import tiny_train_config  # noqa: E402
 
-from dyndepth import CausalLM, preset  # noqa: E402
+from dyndepth import build_model, preset  # noqa: E402
 from dyndepth.train import train  # noqa: E402
 from dyndepth.train.run import build_hooks  # noqa: E402
 
@@ -29,8 +30,9 @@ def run(out_dir: str, method: dict, mode: str, rank: int = 0, world: int = 1, **
     """Train STEPS steps on a global batch of 4 rows (2 per rank under 2 ranks), clipping off."""
     cfg = tiny_train_config(out_dir, steps=STEPS, save_every=0, parallel=mode, batch_size=PER_RANK_BATCH * 2 // world,
                             clip=0.0, **train_kw)
+    method = dict(method)
     torch.manual_seed(0)
-    model = CausalLM(preset("tiny-qwen3"))
+    model = build_model(preset(method.pop("model", "tiny-qwen3")))
     hooks = build_hooks(method, model, STEPS)
     loader = TinyLoader(cfg.batch_size, cfg.seq_len, rank=rank, world_size=world)
     result = train(model, loader, cfg, hooks=hooks)
