@@ -1,7 +1,7 @@
 """Methods run inside the layer call, so everything wrapped around a layer covers them: activation
 checkpointing, torch.compile, DDP and FSDP2 (2 gloo processes) train GateSkip, MoD and DND to the same losses
-and gradient norms as one eager process (and DND's ranks end with the same thresholds); the Huginn and MoR
-baselines train under DDP like one process."""
+and gradient norms as one eager process (and DND's ranks end with the same thresholds); the Huginn, MoR and
+Dreamer models train under DDP and FSDP2 like one process."""
 
 import json
 import os
@@ -25,9 +25,10 @@ METHODS = {
     "dnd": {"name": "dnd", "layers": [0, 1], "ratio": 0.3, "router_init_std": 0.3, "beta_init": 0.5},
 }
 CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
-# the depth-recurrent baselines train under torchrun like the decoder (Huginn's recurrence draws are the same on
+# the depth-recurrent models train under torchrun like the decoder (Huginn's recurrence draws are the same on
 # every rank; MoR's routers choose within each row)
-BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny"}, "mor": {"name": "none", "model": "mor-tiny"}}
+BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny"}, "mor": {"name": "none", "model": "mor-tiny"},
+             "dreamer": {"name": "none", "model": "dreamer-tiny"}}  # MoEUT is a Dreamer configuration
 
 
 def curve(out_dir: Path) -> list[dict]:
@@ -120,5 +121,6 @@ def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, tmp_path):
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_baselines_train_on_two_ranks_like_one_process(name, tmp_path):
     run(str(tmp_path / "one"), BASELINES[name], "none")
-    two_ranks(tmp_path, BASELINES[name], "ddp")
-    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), min_keys=2)  # loss and grad norm
+    two_ranks(tmp_path, BASELINES[name], "ddp,fsdp")
+    for mode in ("ddp", "fsdp"):
+        assert_same_curve(curve(tmp_path / mode), curve(tmp_path / "one"), min_keys=2)  # loss and grad norm
