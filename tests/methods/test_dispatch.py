@@ -124,3 +124,15 @@ def test_baselines_train_on_two_ranks_like_one_process(name, tmp_path):
     two_ranks(tmp_path, BASELINES[name], "ddp,fsdp")
     for mode in ("ddp", "fsdp"):
         assert_same_curve(curve(tmp_path / mode), curve(tmp_path / "one"), min_keys=2)  # loss and grad norm
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baselines_train_the_same_compiled_and_with_activation_checkpointing(name, tmp_path, monkeypatch):
+    """Dynamo traces every family (Dreamer's fp32 experts once failed: grouped_mm has a bf16-only shape rule)."""
+    compile_ = torch.nn.Module.compile  # the eager backend: dynamo's tracing is what is tested, and it is fast
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    run(str(tmp_path / "one"), BASELINES[name], "none")
+    run(str(tmp_path / "compiled"), BASELINES[name], "none", compile=True)
+    run(str(tmp_path / "checkpointed"), BASELINES[name], "none", activation_checkpointing=True)
+    for variant in ("compiled", "checkpointed"):
+        assert_same_curve(curve(tmp_path / variant), curve(tmp_path / "one"), min_keys=2)

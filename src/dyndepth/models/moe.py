@@ -79,13 +79,14 @@ class Experts(nn.Module):
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch's grouped matmul runs on CPU, and on CUDA (compute capability 8.0+) in bfloat16."""
+    """torch's grouped matmul runs on CPU in any dtype (eager), and on CUDA (compute capability 8.0+) in bfloat16.
+    Under torch.compile its shape rule accepts bfloat16 only, so compiled fp32 falls back to one matmul per expert."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return True
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
                                          and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
+    if x.device.type == "cpu":
+        return bf16 or not torch.compiler.is_compiling()
     return x.is_cuda and bf16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
