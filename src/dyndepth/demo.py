@@ -13,7 +13,7 @@ in under 10 minutes.
    Mixture-of-Depths (capacity 50% on every other block) and DND (layers 1-2 nest 20% of the tokens).
 3. Every row is scored causally, as generation runs: greedy exact match on held-out prompts (disjoint from
    training), loss on the answer characters, executed FLOPs per token relative to the base (gates, routers
-   and nested passes included) and measured time (generating the answers; a prefill of a fixed batch).
+   and nested passes included) and measured time (generating the answers; a forward of 8 x 128 held-out tokens).
 Dreamer is a separate model family trained from scratch (`recipes/dreamer_tiny_cpu.toml`, 1500 steps): it
 does not fit this budget, so the demo leaves it out.
 
@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     examples = make_examples(balanced, cfg.eval_examples * len(balanced.tasks), seed=1, split="val")
     calib_texts = [e.text for e in make_examples(task_mix(cfg.data), 256, seed=2, split="train")]
     calibration = [encode_batch(tok, calib_texts[i:i + 64]) for i in range(0, len(calib_texts), 64)]
-    probe = encode_batch(tok, [e.text for e in examples[:64]])
+    probe = _probe(tok, examples)
     rows, models = compare(str(base_dir), contenders(cfg), loader,
                            lambda label: _train_config(cfg, out / slug(label), cfg.post_steps, cfg.post_lr),
                            _scorer(tok, examples), probe, calibration, progress)
@@ -130,6 +130,15 @@ def _train_base(cfg: DemoConfig, loader, out: Path) -> Path:
     return model.save_pretrained(out / "base_model")  # `dyndepth bench quality` post-trains from it too
 
 
+def _probe(tok, examples, rows: int = 8, length: int = 128) -> tuple:
+    """(ids, mask) of the held-out texts packed back to back into full rows: no padding, whose FLOPs some
+    execution paths skip and others do not, enters the compute ratios."""
+    stream = [i for e in examples for i in tok.encode(e.text)]
+    length = min(length, len(stream) // rows)  # a few examples (tests): shorter rows
+    ids = torch.tensor(stream[:rows * length]).view(rows, length)  # (B, T)
+    return ids, torch.ones_like(ids)
+
+
 def _scorer(tok, examples):
     """Greedy exact match per task, its generation time, and the loss on the answer characters."""
     def scorer(model) -> dict:
@@ -144,7 +153,8 @@ def _scorer(tok, examples):
 
 def _plots(cfg: DemoConfig, models: dict, tok, examples, calibration, rows, out: Path) -> dict:
     sample = "".join(e.text for e in examples[::cfg.eval_examples][:4])
-    plots = {"quality_vs_compute": str(plot_methods(rows, out / "quality_vs_compute.png",
+    series = [dict(r, method=r["label"].split(" q=")[0]) for r in rows]  # one line through GateSkip's budgets
+    plots = {"quality_vs_compute": str(plot_methods(series, out / "quality_vs_compute.png",
                                                     title="dyndepth demo: exact match vs executed FLOPs"))}
     gated = models.get("GateSkip")
     if gated is not None:
@@ -171,7 +181,7 @@ def render(s: dict) -> str:
             f"exact match: greedy, {s['eval_examples']} held-out prompts ({c['eval_examples']} per task); "
             "answer_loss: nats per answer character; compute: executed FLOPs per token / the base model's "
             "(gates, routers, nested passes included), ideal: what the routing needs; generate_s: seconds to "
-            "generate every answer; prefill_ms: median forward of 64 examples. All decisions causal (GateSkip: "
-            "thresholds calibrated at the budget, MoD: its predictor).\n\n")
+            "generate every answer; prefill_ms: median forward of 8 x 128 held-out tokens. All decisions causal "
+            "(GateSkip: thresholds calibrated at the budget, MoD: its predictor).\n\n")
     cols = ["model", "exact_match", "answer_loss", "compute", "ideal_compute", "generate_s", "prefill_ms"]
     return head + markdown_table(rows, cols + tasks)

@@ -25,7 +25,7 @@ import torch
 import dyndepth
 from dyndepth.eval.compute import compute_report
 from dyndepth.methods import calibrate
-from dyndepth.runconfig import TrainConfig
+from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.train.run import build_hooks
 from dyndepth.train.trainer import train
 
@@ -44,7 +44,8 @@ def posttrain(base: str, method: dict, loader, tcfg: TrainConfig):
     model = dyndepth.from_pretrained(base)
     hooks = build_hooks(method, model, tcfg.steps)
     shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # this comparison's own previous run
-    train(model, loader, tcfg, hooks=hooks)
+    run_config = RunConfig(model={"pretrained": str(base)}, method=dict(method), train=tcfg)  # beside each checkpoint
+    train(model, loader, tcfg, hooks=hooks, run_config=run_config)
     return model.eval()
 
 
