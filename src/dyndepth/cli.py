@@ -260,7 +260,8 @@ def bench_quality(
 
 @bench_app.command("dnd")
 def bench_dnd(
-    model: str = typer.Option("bench-small", help="Preset (random weights, tau fitted to --ratio) or a DND checkpoint."),
+    model: str = typer.Option("bench-small",
+                              help="Preset (random weights, tau fitted to --ratio) or a DND checkpoint."),
     ratio: float = typer.Option(0.2, help="Preset only: the share of tokens each DND layer nests."),
     prefill_len: int = typer.Option(128), batches: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     new_tokens: int = typer.Option(16), dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
