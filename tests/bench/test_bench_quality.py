@@ -20,7 +20,7 @@ def test_quality_bench_compares_methods_at_measured_compute(tmp_path):
         assert rows[name]["ideal_compute"] < 1.0
     # the base row is the base checkpoint's own loss on the first validation batches
     base = dyndepth.from_pretrained(tmp_path / "base").eval()
-    assert rows["base"]["val_loss"] == pytest.approx(base_val_loss(base, data), rel=1e-6)
+    assert rows["base"]["val_loss"] == pytest.approx(base_val_loss(base, data, cfg), rel=1e-6)
     saved = json.loads((tmp_path / "out" / "quality-cpu.json").read_text())
     assert [r["model"] for r in saved["rows"]] == ["base", "GateSkip q=50%", "MoD c=12.5%"]
     assert saved["rows"][1]["val_loss"] == rows["GateSkip q=50%"]["val_loss"]

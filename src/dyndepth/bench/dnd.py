@@ -177,7 +177,7 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, data=cfg.data, out_dir=cfg.out_dir)
     data, _ = _data(qcfg)
     tok = ByteTokenizer()
-    val_kw = {"split": "val", "batch_size": 16, "seq_len": 256, "seed": 0, "tokenizer": tok}
+    val_kw = {"split": "val", "batch_size": qcfg.batch_size, "seq_len": qcfg.seq_len, "seed": 0, "tokenizer": tok}
     val_loader = build_loader(data, **val_kw)
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]
     mix = task_mix(data)  # the tasks the base was trained on
@@ -185,9 +185,9 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     runs = Path(cfg.out_dir) / "dnd_quality_runs"
     rows, models = [], {}
     for label, method in (("SFT", {**cfg.method, "name": "none"}), ("DND", cfg.method)):
-        model, tcfg = _posttrain(qcfg, method, runs / label.lower())
+        model = _posttrain(qcfg, method, runs / label.lower())
         models[label] = model
-        rows.append(_score(model, label, examples, val_loader, tcfg, probe, {}))
+        rows.append(_score(model, label, examples, val_loader, probe, {}))
     for r in rows:
         r["perplexity"] = math.exp(r["val_loss"])
         r["compute"] = r["flops_per_token"] / rows[0]["flops_per_token"]

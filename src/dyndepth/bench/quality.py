@@ -39,6 +39,8 @@ class QualityBenchConfig:
     mod_capacities: list[float] = field(default_factory=lambda: [0.5, 0.125])
     eval_examples: int = 40  # per task
     data: dict | None = None  # the [data] section; None: the demo's (the base model's training data)
+    batch_size: int = 32  # post-training and validation windows: the demo base's training shape (positions and
+    seq_len: int = 128  # packing the base never saw would inflate its validation loss, not the methods')
     out_dir: str = "runs/bench"
 
 
@@ -53,18 +55,21 @@ def _posttrain(cfg: QualityBenchConfig, method: dict, out: Path):
     data, _ = _data(cfg)
     model = dyndepth.from_pretrained(cfg.base)
     tok = ByteTokenizer()
-    loader = build_loader(data, split="train", batch_size=16, seq_len=256, seed=1, tokenizer=tok)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup=10,
-                       log_every=10, out_dir=str(out), device="cpu", progress=False, plot=False)
+    loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=1, tokenizer=tok)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=1e-3, min_lr=1e-4,
+                       warmup=10, log_every=10, out_dir=str(out), device="cpu", progress=False, plot=False)
     hooks = build_hooks(method, model, cfg.steps)
     shutil.rmtree(out, ignore_errors=True)  # this bench's own previous run
     train(model, loader, tcfg, hooks=hooks)
-    return model.eval(), tcfg
+    return model.eval()
 
 
-def _score(model, label: str, examples, val_loader, tcfg, probe, gen_kw: dict) -> dict:
+EVAL = TrainConfig(eval_batches=8, device="cpu")  # every row: the same 8 validation batches
+
+
+def _score(model, label: str, examples, val_loader, probe, gen_kw: dict) -> dict:
     with torch.no_grad():
-        val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg, DistInfo())
+        val_loss = evaluate(model, val_loader, EVAL.eval_batches, EVAL, DistInfo())
         stats = model(probe).stats
     answers = generate_answers(model, ByteTokenizer(), examples, **gen_kw)
     per_token = {k: float(stats[f"flops/{k}"]) / float(stats["tokens/valid"]) for k in ("executed", "ideal")}
@@ -72,10 +77,12 @@ def _score(model, label: str, examples, val_loader, tcfg, probe, gen_kw: dict) -
             "val_loss": val_loss, "exact_match": exact_match(examples, answers)["overall"]}
 
 
-def base_val_loss(model, data: dict, eval_batches: int = 8) -> float:
-    """The validation loss every row is scored with: the first `eval_batches` batches of the val split."""
-    loader = build_loader(data, split="val", batch_size=16, seq_len=256, seed=0, tokenizer=ByteTokenizer())
-    return evaluate(model, loader, eval_batches, TrainConfig(eval_batches=eval_batches, device="cpu"), DistInfo())
+def base_val_loss(model, data: dict, cfg: QualityBenchConfig | None = None) -> float:
+    """The validation loss every row is scored with: the first `EVAL.eval_batches` batches of the val split."""
+    cfg = cfg or QualityBenchConfig()
+    loader = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0,
+                          tokenizer=ByteTokenizer())
+    return evaluate(model, loader, EVAL.eval_batches, EVAL, DistInfo())
 
 
 def run_quality_bench(cfg: QualityBenchConfig) -> dict:
@@ -84,7 +91,7 @@ def run_quality_bench(cfg: QualityBenchConfig) -> dict:
                          "runs/demo/base_model) or pass --base.")
     data, _ = _data(cfg)
     tok = ByteTokenizer()
-    val_kw = dict(split="val", batch_size=16, seq_len=256, seed=0, tokenizer=tok)
+    val_kw = dict(split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tok)
     val_loader = build_loader(data, **val_kw)
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]  # a loader of its own: val_loader starts fresh
     mix = task_mix(data)  # the tasks the base was trained on
@@ -94,18 +101,17 @@ def run_quality_bench(cfg: QualityBenchConfig) -> dict:
     out = Path(cfg.out_dir) / "quality_runs"
 
     base = dyndepth.from_pretrained(cfg.base).eval()
-    tcfg = TrainConfig(eval_batches=8, device="cpu")
-    rows = [_score(base, "base", examples, val_loader, tcfg, probe, {})]
+    rows = [_score(base, "base", examples, val_loader, probe, {})]
 
-    gated, tcfg = _posttrain(cfg, {"name": "gateskip", "ramp_end": 0.2}, out / "gateskip")
+    gated = _posttrain(cfg, {"name": "gateskip", "ramp_end": 0.2}, out / "gateskip")
     for q in cfg.gateskip_budgets:
         calibrate(gated, calib, budget=q)
         with gated.method.decoding(budget=q):  # causal: per-token thresholds, no ranking against later tokens
-            rows.append(_score(gated, f"GateSkip q={q:.0%}", examples, val_loader, tcfg, probe, {"skip_budget": q}))
+            rows.append(_score(gated, f"GateSkip q={q:.0%}", examples, val_loader, probe, {"skip_budget": q}))
     for c in cfg.mod_capacities:
-        mod, tcfg = _posttrain(cfg, {"name": "mod", "capacity": c}, out / f"mod_{c}")
+        mod = _posttrain(cfg, {"name": "mod", "capacity": c}, out / f"mod_{c}")
         with mod.method.override(mode="predictor"):
-            rows.append(_score(mod, f"MoD c={c:.1%}", examples, val_loader, tcfg, probe, {}))
+            rows.append(_score(mod, f"MoD c={c:.1%}", examples, val_loader, probe, {}))
     for r in rows:
         r["compute"] = r["flops_per_token"] / rows[0]["flops_per_token"]
         r["ideal_compute"] = r["ideal_flops_per_token"] / rows[0]["ideal_flops_per_token"]
