@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,23 +28,12 @@ def tiny(**kw) -> DreamerConfig:
     return DreamerConfig(**{**fields, **kw})
 
 
-def varied(config: DreamerConfig, seed: int = 0) -> DreamerLM:
-    """Larger random weights than the init, so every component moves the output visibly."""
-    torch.manual_seed(seed)
-    model = DreamerLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed_tokens" not in name:
-                p.normal_(0, 0.15)
-    return model
+def varied(config, seed: int = 0) -> DreamerLM:
+    return families.varied(DreamerLM, config, std=0.15, seed=seed)
 
 
 def left_padded(B=3, T=12, vocab=256):
-    ids = torch.randint(0, vocab, (B, T))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :7] = 0
-    return ids, mask
+    return families.left_padded(B, T, vocab, pads=(0, 3, 7))
 
 
 def test_one_recurrence_without_depth_and_expert_attention_is_a_decoder_layer():

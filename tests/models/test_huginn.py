@@ -4,6 +4,7 @@ and truncated backprop, cached generation, checkpoints, the trainer, and the FLO
 import copy
 import dataclasses
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,22 +28,12 @@ def tiny(**kw) -> HuginnConfig:
     return HuginnConfig(**{**fields, **kw})
 
 
-def varied(config: HuginnConfig, seed: int = 0) -> HuginnLM:
-    torch.manual_seed(seed)
-    model = HuginnLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed_tokens" not in name:
-                p.normal_(0, 0.2)
-    return model
+def varied(config, seed: int = 0) -> HuginnLM:
+    return families.varied(HuginnLM, config, std=0.2, seed=seed)
 
 
 def left_padded(B=3, T=10, vocab=256):
-    ids = torch.randint(0, vocab, (B, T))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return ids, mask
+    return families.left_padded(B, T, vocab, pads=(0, 3, 6))
 
 
 def test_schedule_loops_the_block_and_the_forward_matches_a_slow_reference():

@@ -4,6 +4,7 @@ layer groups, cached generation, checkpoints, the trainer and the FLOP count aga
 import dataclasses
 import math
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,14 +26,8 @@ def tiny(**kw):
     return moeut_config(**{**fields, **kw})
 
 
-def varied(config, seed=0) -> DreamerLM:
-    torch.manual_seed(seed)
-    model = DreamerLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed_tokens" not in name:
-                p.normal_(0, 0.2)
-    return model
+def varied(config, seed: int = 0) -> DreamerLM:
+    return families.varied(DreamerLM, config, std=0.2, seed=seed)
 
 
 def test_it_is_a_looped_group_of_two_layers_with_unnormalized_sigmoid_gates_and_no_balancing_hook():

@@ -5,6 +5,7 @@ the FLOP count against torch's counter."""
 import copy
 import dataclasses
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,22 +28,12 @@ def tiny(**kw) -> MoRConfig:
     return MoRConfig(**{**fields, **kw})
 
 
-def varied(config: MoRConfig, seed: int = 0) -> MoRLM:
-    torch.manual_seed(seed)
-    model = MoRLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed_tokens" not in name:
-                p.normal_(0, 0.3)
-    return model
+def varied(config, seed: int = 0) -> MoRLM:
+    return families.varied(MoRLM, config, std=0.3, seed=seed)
 
 
 def left_padded(B=3, T=12, vocab=256):
-    ids = torch.randint(0, vocab, (B, T))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return ids, mask
+    return families.left_padded(B, T, vocab, pads=(0, 3, 6))
 
 
 def _state(model, *args, **kwargs):
