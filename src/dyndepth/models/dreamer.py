@@ -133,11 +133,6 @@ class DreamerConfig:
     from_dict = classmethod(ModelConfig.from_dict.__func__)
 
 
-def config_from_hf(d: dict) -> DreamerConfig:
-    """DreamerConfig from a config.json written by `DreamerLM.save_pretrained`."""
-    return DreamerConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
-
-
 class DreamerLM(nn.Module):
     """`model(input_ids, attention_mask)` -> DecoderOutput; `generate`; `save_pretrained`; `override(steps=,
     exit_kl=)` for the inference-time knobs (ours: recurrence steps, per-token exit)."""
@@ -353,4 +348,4 @@ PRESETS = {
                       "num_experts_per_tok": 8, "moe_intermediate_size": 192, "max_position_embeddings": 2048},
 }
 
-register_model(("dreamer",), ModelSpec(DreamerConfig, DreamerLM, config_from_hf), presets=PRESETS)
+register_model(("dreamer",), ModelSpec(DreamerConfig, DreamerLM, native.config_reader(DreamerConfig)), presets=PRESETS)

@@ -117,10 +117,6 @@ class HuginnConfig:
     from_dict = classmethod(ModelConfig.from_dict.__func__)
 
 
-def config_from_hf(d: dict) -> HuginnConfig:
-    return HuginnConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
-
-
 @dataclass
 class RecurrenceState:
     """What one forward keeps besides the residual stream (`ctx.model_state`)."""
@@ -330,4 +326,4 @@ PRESETS = {
                     "mean_backprop_depth": 2, "max_position_embeddings": 1024},
 }
 
-register_model(("huginn",), ModelSpec(HuginnConfig, HuginnLM, config_from_hf), presets=PRESETS)
+register_model(("huginn",), ModelSpec(HuginnConfig, HuginnLM, native.config_reader(HuginnConfig)), presets=PRESETS)

@@ -131,10 +131,6 @@ class MoRConfig:
     from_dict = classmethod(ModelConfig.from_dict.__func__)
 
 
-def config_from_hf(d: dict) -> MoRConfig:
-    return MoRConfig.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
-
-
 @dataclass
 class RecursionState:
     """Per forward (`ctx.state`): routing decisions and what the recursions' last layers combine, by recursion."""
@@ -370,4 +366,4 @@ PRESETS = {
                  "max_position_embeddings": 1024},
 }
 
-register_model(("mor",), ModelSpec(MoRConfig, MoRLM, config_from_hf), presets=PRESETS)
+register_model(("mor",), ModelSpec(MoRConfig, MoRLM, native.config_reader(MoRConfig)), presets=PRESETS)

@@ -40,5 +40,12 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
     return write_pretrained(model.hf_state_dict(dtype), config, path, max_shard_bytes)
 
 
+def config_reader(config_class) -> Callable[[dict], object]:
+    """`config.json` (as `save_pretrained` wrote it) -> `config_class`, for the family's `ModelSpec`."""
+    def read(d: dict):
+        return config_class.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
+    return read
+
+
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
