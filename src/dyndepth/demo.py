@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth.bench.compare import DEMO_DATA as DATA
 from dyndepth.bench.compare import Contender, causal, compare, slug
 from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.config import preset
@@ -43,10 +44,6 @@ from dyndepth.plots import compute_heatmap, plot_methods
 from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.tokenizer import ByteTokenizer, encode_batch
 from dyndepth.train.trainer import train
-
-DIFFICULTY = {"var": {"hops": 1}, "sort": {"length": 4}, "copy": {"length": 5}}
-DATA = {"source": "synthetic", "tokenizer": "byte", "tasks": ["var", "sort", "copy"], "task_weights": [2, 1, 1],
-        "difficulty": DIFFICULTY, "synthetic_examples": 60_000, "synthetic_loss": "answer"}
 
 
 @dataclass

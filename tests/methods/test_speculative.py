@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dyndepth import CausalLM, preset
+from dyndepth.bench.speculative import benchmark_speculative
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate, speculative
 from dyndepth.methods.speculative import (
     SpecStats,
-    benchmark_speculative,
     greedy_accept,
     speculative_accept,
     speculative_generate,

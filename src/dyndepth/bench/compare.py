@@ -29,6 +29,12 @@ from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.train.run import build_hooks
 from dyndepth.train.trainer import train
 
+# The demo's data (`make demo`), so also the data its base was trained on (`bench quality` defaults to it):
+# easy synthetic tasks with answer-only loss.
+DEMO_DATA = {"source": "synthetic", "tokenizer": "byte", "tasks": ["var", "sort", "copy"], "task_weights": [2, 1, 1],
+             "difficulty": {"var": {"hops": 1}, "sort": {"length": 4}, "copy": {"length": 5}},
+             "synthetic_examples": 60_000, "synthetic_loss": "answer"}
+
 
 @dataclass
 class Contender:

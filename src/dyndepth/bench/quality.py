@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import dyndepth
+from dyndepth.bench.compare import DEMO_DATA
 from dyndepth.bench.timing import markdown_table, publish
 from dyndepth.data.build import build_loader, task_mix
 from dyndepth.data.synthetic import exact_match, make_examples
@@ -45,9 +46,7 @@ class QualityBenchConfig:
 
 
 def _data(cfg: QualityBenchConfig):
-    from dyndepth.demo import DATA  # the demo's data, so the base model's training set
-
-    data = cfg.data or DATA
+    data = cfg.data or DEMO_DATA  # the demo's data, so the base model's training set
     return data, data.get("difficulty") or None
 
 

@@ -1,0 +1,67 @@
+"""Self-speculative GateSkip decoding against plain `generate`: wall-clock timed interleaved in one run, next to
+acceptance and the FLOP and forward-count ideals (`methods/speculative.py` is the decoding itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dyndepth.bench.timing import interleaved_median
+from dyndepth.core import flops
+from dyndepth.methods.speculative import SpecStats, speculative_generate
+
+
+def _one_prompt(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict, repeats: int,
+               warmup: int) -> tuple[dict, SpecStats, float, bool]:
+    """Interleaved timings, stats, plain decoding's FLOPs and output equality for one (1, T) prompt."""
+    def plain() -> torch.Tensor:
+        return model.generate(ids, max_new_tokens, stop_tokens=[], skip_budget=0.0)
+
+    def spec() -> tuple[torch.Tensor, SpecStats]:
+        return speculative_generate(model, ids, max_new_tokens, stop_tokens=[], **spec_kwargs)
+
+    times = interleaved_median({"generate_s": plain, "speculative_s": spec}, ids.device, repeats, warmup)
+    ref = plain()
+    out, stats = spec()
+    with model.method.decoding(budget=0.0), torch.no_grad():  # plain decoding's FLOPs == one pass over the result
+        ledger = model(ref[:, :-1]).compute  # ... but with logits for the new tokens only
+    head = flops.lm_head_flops(model.config)
+    dense = ledger.total("executed") - ledger.total("executed", "lm_head") + head * max_new_tokens
+    return times, stats, dense, torch.equal(out, ref)
+
+
+def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens: int = 32,
+                          draft_budget: float = 0.5, num_draft: int = 4, cache_mode: str = "shared",
+                          repeats: int = 5, warmup: int = 2) -> dict:
+    """Greedy decoding of each prompt alone (B = 1, the latency setting): wall-clock of speculative vs
+    plain full-compute `generate`, timed interleaved in this run, with acceptance and two ideal speedups:
+    - flops_speedup = FLOPs of plain decoding / FLOPs of speculative decoding (usually < 1: drafting and
+      verifying rejected drafts cost extra FLOPs; speculation buys fewer sequential forwards instead);
+    - forward_bound_speedup = (n - 1) / (verify_forwards + draft_forwards * f), f = the draft's FLOPs
+      per token over the verifier's: the speedup if a forward cost its per-token compute whatever its
+      width (memory-bound decoding at small batch).
+    Stop tokens are off, so both sides produce exactly `max_new_tokens` tokens.
+    """
+    device = next(model.parameters()).device
+    kwargs = {"draft_budget": draft_budget, "num_draft": num_draft, "cache_mode": cache_mode}
+    res = {"generate_s": 0.0, "speculative_s": 0.0}
+    agg, dense, spent, cost, match = SpecStats(), 0.0, 0.0, 0.0, True
+    for prompt in prompts:
+        times, st, plain_flops, same = _one_prompt(model, prompt.reshape(1, -1).to(device), max_new_tokens,
+                                                  kwargs, repeats, warmup)
+        for name in res:
+            res[name] += times[name]
+        for name in ("accepted", "drafted", "draft_forwards", "verify_forwards", "new_tokens"):
+            setattr(agg, name, getattr(agg, name) + getattr(st, name))
+        dense += plain_flops
+        spent += st.prefill_flops + st.draft_flops + st.verify_flops
+        f = (st.draft_flops / max(st.draft_tokens, 1)) / (st.verify_flops / max(st.verify_tokens, 1))
+        cost += st.verify_forwards + st.draft_forwards * f
+        match &= same
+    steps = len(prompts) * (max_new_tokens - 1)
+    return {**res, "speedup": res["generate_s"] / res["speculative_s"], "flops_speedup": dense / spent,
+            "forward_bound_speedup": steps / max(cost, 1e-9),
+            "tokens_per_verify": (agg.new_tokens - len(prompts)) / max(agg.verify_forwards, 1),
+            "outputs_match": bool(match), "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            **kwargs, **agg.to_dict()}
