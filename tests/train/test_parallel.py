@@ -205,8 +205,10 @@ def test_ddp_run_training_on_user_data_builds_one_cache_and_exports(checks):
     exported = from_pretrained(run / "model")  # written by run_training after DDP training
     plain = CausalLM(preset("tiny-qwen3", vocab_size=264))
     load_model_weights(checkpoint, plain)
-    for (name, a), b in zip(plain.state_dict().items(), exported.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ours, theirs = plain.state_dict(), exported.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, a in ours.items():
+        torch.testing.assert_close(a, theirs[name], rtol=0, atol=0, msg=name)
     caches = [p for p in (root / "cache").iterdir() if p.is_dir()]  # beside source_digests.json
     assert len(caches) == 1 and sorted(p.name for p in caches[0].iterdir()) == ["train", "val"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -119,7 +119,8 @@ class DNDConfig:
         first, last = (i + num_layers if i < 0 else i for i in self.layers)
         if not 0 <= first <= last < num_layers:
             raise ValueError(f"dnd.layers={self.layers} selects no band of a {num_layers}-layer model; give "
-                             f"(first, last) with 0 <= first <= last < {num_layers}, e.g. (1, {num_layers - 2}).")
+                             f"(first, last) with 0 <= first <= last < {num_layers}, e.g. ({min(1, num_layers - 1)}, "
+                             f"{max(min(1, num_layers - 1), num_layers - 2)}).")
         return list(range(first, last + 1))
 
 
