@@ -100,3 +100,19 @@ def test_skip_drops_the_update_counts_it_and_survives_resume(tmp_path):
 def test_nonfinite_takes_only_stop_or_skip():
     with pytest.raises(RunConfigError, match=r"train\.nonfinite='ignore' is not one of \('stop', 'skip'\)"):
         tiny_train_config("unused", nonfinite="ignore")
+
+
+class GradientPoison(PoisonHook):
+    """At step `at`, a finite loss whose backward turns the logits' gradient to NaN (a loss-only check misses it)."""
+
+    def aux_loss(self, model, batch, out):
+        self.calls += 1
+        if self.calls == self.at and out.logits.requires_grad:
+            out.logits.register_hook(lambda g: g * math.nan)
+        return out.logits.new_zeros((), dtype=torch.float32), {}
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is [0-9.]+ and the gradient norm nan"):
+        _train(tmp_path, GradientPoison(at=3), steps=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002"]
