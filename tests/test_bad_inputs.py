@@ -145,7 +145,8 @@ def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_pa
     ok = CliRunner().invoke(app, ["train", recipe])
     assert ok.exit_code == 0, ok.output
     line = _cli_error(["train", recipe, "--resume", "--set", "model.hidden_size=128", "--set", "method.name=gateskip"])
-    assert "model.hidden_size: checkpoint None, recipe 128" in line and "method.name" in line
+    assert "model.hidden_size: checkpoint unset (the preset's or default value), recipe 128" in line
+    assert "method.name" in line
     assert "new train.out_dir" in line
 
 

@@ -114,6 +114,11 @@ FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer"
                                                           "chat_template", "intra_doc_mask")}
 
 
+def _shown(section: dict, key: str) -> str:
+    """A recipe value for a message: unset keys take the preset's or the default."""
+    return repr(section[key]) if key in section else "unset (the preset's or default value)"
+
+
 def check_resume_matches(run_config: RunConfig) -> None:
     """A resumed run must build the same model, method and data as its checkpoint: otherwise a RunConfigError
     that lists every field that differs (training hyperparameters may change; the trainer logs them)."""
@@ -131,7 +136,7 @@ def check_resume_matches(run_config: RunConfig) -> None:
         old, new = getattr(saved, section), getattr(run_config, section)
         for key in sorted(set(old) | set(new)):
             if (keys is None or key in keys) and old.get(key) != new.get(key):
-                diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r}, recipe {new.get(key)!r}")
+                diffs.append(f"{section}.{key}: checkpoint {_shown(old, key)}, recipe {_shown(new, key)}")
     if diffs:
         raise RunConfigError(f"cannot resume from {ckpt}: the recipe no longer matches it ({'; '.join(diffs)}). "
                              "Restore those values, or train into a new train.out_dir.")
