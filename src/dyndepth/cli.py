@@ -314,13 +314,15 @@ def match(
     tolerance: float = typer.Option(0.05, help="Largest relative mismatch in parameters, FLOPs and memory."),
     device: str = typer.Option("cpu", help="Memory: cuda measures the peak, cpu the bytes a step holds."),
     out: Path = typer.Option(Path("runs/match"), help="Folder for one recipe per baseline and match.md."),
+    switchhead: int = typer.Option(0, help="MoEUT candidates with SwitchHead attention: experts per head (0: off)."),
 ) -> None:
     """Baselines matched jointly in parameters, FLOPs per token and training memory to a reference model."""
     from dyndepth.bench.match import MatchConfig
     from dyndepth.bench.match import main as match_main
 
     cfg = _run(MatchConfig, reference=config, against=[f.strip() for f in against.split(",") if f.strip()],
-               batch_size=batch_size, seq_len=seq_len, tolerance=tolerance, device=device, out_dir=str(out))
+               batch_size=batch_size, seq_len=seq_len, tolerance=tolerance, device=device, out_dir=str(out),
+               switchhead=switchhead)
     _run(match_main, cfg)
 
 

@@ -35,6 +35,20 @@ def test_analytic_parameters_and_flops_equal_the_built_models(family):
     assert abs(match.flops_per_token(config, 32) / target - 1) < 0.05
 
 
+def test_switchhead_moeut_candidates_count_their_attention_experts():
+    ref = dyndepth.preset("dreamer-tiny")
+    grid, width = match.family_grid("moeut", ref, switchhead=4)
+    target = match.flops_per_token(ref, 32)
+    solved = next(c for c in (match.solve_width(f, width, target, 32) for f in grid[::5]) if c is not None)
+    config = match.config_of(solved)
+    model = dyndepth.build_model(config)
+    assert config.attn_num_experts == 4 and "SwitchHead E=4,k=2" in match.describe(config)
+    assert match.num_params(config) == model.num_params()
+    assert match.flops_per_token(config, 32) * 32 == model.forward_flops(32)
+    with pytest.raises(ValueError, match="switchhead must be 0"):
+        match.MatchConfig(switchhead=1)
+
+
 def test_proposed_baselines_are_within_tolerance_and_their_recipes_rebuild_them(matched):
     ref = matched["reference"]
     by_family = {b["family"]: b for b in matched["baselines"]}

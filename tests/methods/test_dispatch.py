@@ -28,7 +28,8 @@ CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
 # the depth-recurrent models train under torchrun like the decoder (Huginn's recurrence draws are the same on
 # every rank; MoR's routers choose within each row)
 BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny"}, "mor": {"name": "none", "model": "mor-tiny"},
-             "dreamer": {"name": "none", "model": "dreamer-tiny"}}  # MoEUT is a Dreamer configuration
+             "dreamer": {"name": "none", "model": "dreamer-tiny"},  # MoEUT is a Dreamer configuration; with
+             "moeut-switchhead": {"name": "none", "model": "moeut-switchhead-tiny"}}  # attention experts
 
 
 def curve(out_dir: Path) -> list[dict]:

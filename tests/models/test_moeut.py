@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dyndepth
 from dyndepth import KVCache
+from dyndepth.models import moe
 from dyndepth.models.dreamer import DreamerConfig, DreamerLM, entropy_regularizer
 from dyndepth.models.moeut import is_moeut, moeut_config
 from dyndepth.train import run_training
@@ -61,8 +62,12 @@ def test_the_entropy_regularizer_matches_a_slow_per_sequence_reference_and_train
     assert model.model.layers[1].mlp.expert_keys.grad.abs().sum() > 0
 
 
-def test_cached_generation_equals_the_full_forward_left_padded():
-    model = varied(tiny())
+SWITCHHEAD = {"attn_num_experts": 4, "attn_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("attn", [{}, SWITCHHEAD], ids=["attention", "switchhead"])
+def test_cached_generation_equals_the_full_forward_left_padded(attn):
+    model = varied(tiny(**attn))
     ids = torch.randint(0, 256, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -96,8 +101,9 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs):
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
-def test_analytic_flops_equal_torchs_counter():
-    model = varied(tiny())
+@pytest.mark.parametrize("attn", [{}, SWITCHHEAD], ids=["attention", "switchhead"])
+def test_analytic_flops_equal_torchs_counter(attn):
+    model = varied(tiny(**attn))
     mapping = {SDPA_CPU: _sdpa_flops, torch.ops.aten._grouped_mm: _grouped_mm_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
         out = model(torch.randint(0, 256, (2, 9)))
@@ -117,7 +123,84 @@ def test_the_trainer_trains_the_preset(tmp_path):
 
 @pytest.mark.parametrize("fields", [{}, {"da_mode": "separate", "ea_depth_encoding": "learned", "sandwich_norm": True},
                                     {"num_experts": 0, "intermediate_size": 48, "tie_word_embeddings": False},
-                                    {"attention_bias": True, "qk_norm": False, "layers_per_group": 3}])
+                                    {"attention_bias": True, "qk_norm": False, "layers_per_group": 3},
+                                    {**SWITCHHEAD, "qk_norm": False}, {**SWITCHHEAD, "num_key_value_heads": 4}])
 def test_the_analytic_parameter_count_equals_the_models(fields):
     config = DreamerConfig(**{**dataclasses.asdict(tiny()), **fields})
     assert config.num_params() == DreamerLM(config).num_params()
+
+
+# ------------------------------------------------------------------------------ SwitchHead attention experts
+def _slow_switchhead(attn, h_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One sequence, token by token and head by head: each head's top-k value experts (routed on the key's token)
+    and output experts (routed on the query's token), sigmoid gates, causal softmax attention."""
+    T, _ = h_TD.shape
+    E, K, N, G, H = attn.num_experts, attn.top_k, attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = attn.project_q(h_TD, cos, sin)  # (T, N, H)
+    k = attn.project_k(h_TD[None], cos[None], sin[None])[0]  # (T, G, H)
+    v = torch.zeros(T, G, H)
+    for t in range(T):
+        for g in range(G):
+            s = torch.sigmoid(h_TD[t] @ attn.v_gate.weight[g * E:(g + 1) * E].T)
+            for e in s.topk(K).indices:
+                v[t, g] += s[e] * (h_TD[t] @ attn.v_experts[g * E + e])
+    out = torch.zeros(T, h_TD.shape[1])
+    for t in range(T):
+        for n in range(N):
+            g = n // (N // G)
+            p = torch.softmax(k[:t + 1, g] @ q[t, n] / H**0.5, 0)
+            a = p @ v[:t + 1, g]  # (H,)
+            s = torch.sigmoid(h_TD[t] @ attn.o_gate.weight[n * E:(n + 1) * E].T)
+            for e in s.topk(K).indices:
+                out[t] += s[e] * (a @ attn.o_experts[n * E + e])
+    return out
+
+
+def test_switchhead_equals_a_slow_per_token_per_head_reference():
+    model = varied(tiny(**SWITCHHEAD))
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 7, 32)
+    with torch.no_grad():
+        ctx = model.make_context(torch.zeros(1, 7, dtype=torch.long), None, None, None, None)
+        fast = attn(h, ctx, 0)[0]
+        torch.testing.assert_close(fast, _slow_switchhead(attn, h[0], ctx.cos[0], ctx.sin[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_linear_paths_agree(monkeypatch):
+    x = torch.randn(5, 8)
+    for P, w in ((4, torch.randn(6, 8, 4)), (40, torch.randn(6, 8, 4)), (40, torch.randn(6, 8, 3))):
+        # fewer pairs than experts (gathered weights), more (grouped), rows too narrow for grouped_mm (a loop)
+        row, expert = torch.randint(0, 5, (P,)), torch.randint(0, 6, (P,))
+        ref = torch.stack([x[r] @ w[e] for r, e in zip(row, expert)])
+        torch.testing.assert_close(moe.expert_linear(x, row, expert, w), ref)
+        monkeypatch.setattr(moe, "_grouped_mm_supported", lambda x: False)  # compiled fp32 / old GPUs
+        torch.testing.assert_close(moe.expert_linear(x, row, expert, w), ref)
+        monkeypatch.undo()
+
+
+def test_switchhead_trains_both_routers_and_runs_in_bfloat16():
+    model = varied(tiny(**SWITCHHEAD)).train()
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids)
+    reg = out.stats["dreamer/attn_entropy_reg"]
+    assert float(reg) == pytest.approx(-2 * math.log(4), abs=0.05)  # value + output side, near-uniform
+    torch.testing.assert_close(out.aux_loss.detach(), 0.01 * out.stats["dreamer/entropy_reg"] + 0.001 * reg)
+    F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()).add(out.aux_loss).backward()
+    attn = model.model.layers[1].self_attn
+    for p in (attn.v_gate.weight, attn.o_gate.weight, attn.v_experts, attn.o_experts):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_switchhead_attention_in_bfloat16_and_under_autocast_tracks_fp32():
+    model = varied(tiny(**SWITCHHEAD))
+    attn = model.model.layers[0].self_attn
+    h, ids = torch.randn(2, 9, 32), torch.zeros(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        full = attn(h, model.make_context(ids, None, None, None, None), 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = attn(h, model.make_context(ids, None, None, None, None), 0)
+        model.to(torch.bfloat16)
+        bf16 = attn(h.bfloat16(), model.make_context(ids, None, None, None, None), 0)
+    for low in (auto, bf16):  # (this seed: no router flips between the precisions, so only rounding differs)
+        assert low.dtype == torch.bfloat16
+        assert float((low.float() - full).norm() / full.norm()) < 0.02

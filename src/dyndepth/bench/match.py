@@ -53,6 +53,7 @@ class MatchConfig:
     max_measured: int = 12  # memory measurements per family and round (two rounds)
     device: str = "cpu"
     out_dir: str = "runs/match"
+    switchhead: int = 0  # MoEUT candidates with SwitchHead attention, this many experts per head (0: standard)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.against if f not in FAMILIES]
@@ -61,6 +62,8 @@ class MatchConfig:
                              f"{', '.join(FAMILIES)}.")
         if not self.against:
             raise ValueError("match --against needs at least one family.")
+        if self.switchhead == 1 or self.switchhead < 0:
+            raise ValueError(f"match switchhead must be 0 (off) or >= 2 experts per head, got {self.switchhead}.")
         for name in ("batch_size", "seq_len", "max_measured"):
             if getattr(self, name) < 1:
                 raise ValueError(f"match {name} must be >= 1, got {getattr(self, name)}.")
@@ -118,8 +121,9 @@ def _heads(ref) -> list[dict]:
     return out
 
 
-def family_grid(family: str, ref) -> tuple[list[dict], str]:
-    """Candidate field dicts of a family (everything but the solved width) and the width field to solve."""
+def family_grid(family: str, ref, switchhead: int = 0) -> tuple[list[dict], str]:
+    """Candidate field dicts of a family (everything but the solved width) and the width field to solve;
+    `switchhead` E > 0 gives MoEUT candidates SwitchHead attention (E experts per head, 2 per token)."""
     base = {k: getattr(ref, k) for k in SHARED if hasattr(ref, k)}
     if base.get("head_dim") is None:
         base["head_dim"] = ref.hidden_size // ref.num_attention_heads
@@ -141,7 +145,8 @@ def family_grid(family: str, ref) -> tuple[list[dict], str]:
                          "mean_backprop_depth": b, "intermediate_size": 1}
                         for r in range(1, max(2, (2 * A) // C) + 1) for b in sorted({max(1, r // 4), r})]
         elif family == "moeut":
-            out += [{**base, "model_type": "dreamer", "hidden_size": D, "num_recurrences": R, "num_experts": E,
+            sh = {"attn_num_experts": switchhead, "attn_experts_per_tok": 2} if switchhead else {}
+            out += [{**base, **sh, "model_type": "dreamer", "hidden_size": D, "num_recurrences": R, "num_experts": E,
                      "num_experts_per_tok": k, "moe_intermediate_size": 1}
                     for R in range(1, A + 2) for E in experts]
         elif family == "mor":  # middle-cycle: one unshared layer first and last, expert-choice at 3 capacities
@@ -222,7 +227,7 @@ def _worst(row: dict, ref: dict) -> float:
 
 def search_family(family: str, ref_config, ref: dict, cfg: MatchConfig) -> dict:
     """The matched baseline of one family: its config and counts, the residual mismatch, and what was searched."""
-    grid, width = family_grid(family, ref_config)
+    grid, width = family_grid(family, ref_config, cfg.switchhead)
     rows = []
     for fields in grid:
         solved = solve_width(fields, width, ref["flops"], cfg.seq_len)
@@ -297,7 +302,8 @@ def _describe(config) -> str:
     if c.model_type == "dreamer":
         what = "E={},k={},F={}".format(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) \
             if c.num_experts else f"F={c.intermediate_size}"
-        return f"D={c.hidden_size}, G={c.layers_per_group} x R={c.num_recurrences}, DA {c.da_mode}, {what}"
+        sh = f", SwitchHead E={c.attn_num_experts},k={c.attn_experts_per_tok}" if c.attn_num_experts else ""
+        return f"D={c.hidden_size}, G={c.layers_per_group} x R={c.num_recurrences}, DA {c.da_mode}{sh}, {what}"
     if c.model_type == "mor":
         return (f"D={c.hidden_size}, 1 + {c.n_layers_in_recursion} x R={c.num_recursions} + 1, {c.router_type}-choice "
                 f"capacity {'/'.join(f'{x:.2f}' for x in c.capacity)}, F={c.intermediate_size}")

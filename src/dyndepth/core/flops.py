@@ -38,14 +38,22 @@ GATE_KINDS = ("vector", "scalar")
 
 
 def q_o_flops(config: ModelConfig) -> int:
-    """Per query token: q_proj (D -> N*H) plus o_proj (N*H -> D)."""
+    """Per query token: q_proj (D -> N*H) plus o_proj (N*H -> D). SwitchHead attention (`attn_num_experts` E
+    > 0, models/switchhead.py): the output router (D -> N*E) plus K output experts per head (H -> D each)."""
     D, N, H = config.hidden_size, config.num_attention_heads, config.head_dim
+    E = getattr(config, "attn_num_experts", 0)
+    if E:
+        return 2 * D * N * H + 2 * D * N * E + config.attn_experts_per_tok * 2 * N * H * D
     return 2 * D * N * H + 2 * N * H * D
 
 
 def kv_flops(config: ModelConfig) -> int:
-    """Per token that provides keys/values: k_proj and v_proj (D -> G*H each)."""
+    """Per token that provides keys/values: k_proj and v_proj (D -> G*H each). SwitchHead: k_proj, the value
+    router (D -> G*E) and K value experts per kv head (D -> H each)."""
     D, G, H = config.hidden_size, config.num_key_value_heads, config.head_dim
+    E = getattr(config, "attn_num_experts", 0)
+    if E:
+        return 2 * D * G * H + 2 * D * G * E + config.attn_experts_per_tok * 2 * D * G * H
     return 2 * (2 * D * G * H)
 
 

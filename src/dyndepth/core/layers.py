@@ -3,9 +3,10 @@
 Shape legend: B batch, T query tokens, S key length, D hidden_size, N query heads, G kv heads,
 H head_dim, F intermediate size.
 
-Attention is split into its steps (`project_q`, `project_kv`, `attend`, `o_proj`) so a method can run
+Attention is split into its steps (`project_q`, `project_kv`, `attend`, `project_out`) so a method can run
 them on different token sets: GateSkip computes K/V for every token but queries only for kept ones;
-DND's nested pass takes queries and keys from the selected tokens only.
+DND's nested pass takes queries and keys from the selected tokens only. A variant replaces steps, not the
+forward: SwitchHead (models/switchhead.py) mixes expert value and output projections.
 """
 
 from __future__ import annotations
@@ -127,13 +128,22 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         return apply_rope(q, cos, sin)
 
-    def project_kv(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project_k(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, G, H) keys with k-norm and RoPE."""
         B, T, _ = h_BTD.shape
         k = self.k_proj(h_BTD).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, G, H)
-        v = self.v_proj(h_BTD).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, G, H)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return apply_rope(k, cos, sin), v
+        return apply_rope(k, cos, sin)
+
+    def project_kv(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = h_BTD.shape
+        return self.project_k(h_BTD, cos, sin), self.v_proj(h_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+
+    def project_out(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Attention output (..., N*H) -> (..., D); `h` (..., D) is the query tokens' normed input (unused here:
+        SwitchHead routes its output experts on it)."""
+        return self.o_proj(y)
 
     def forward(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, q_idx_BK: torch.Tensor | None = None,
                 q_valid_BK: torch.Tensor | None = None, ideal_q_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +179,9 @@ class Attention(nn.Module):
             pos_q = ctx.positions.gather(1, q_idx_BK)  # (B, K)
             valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
             rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
-            q = self._project_q_subset(h_BTD, ctx, q_idx_BK, rows_N, cols_N)  # (B, K, N, H)
+            t_N = q_idx_BK[rows_N, cols_N]  # (N,) source column of each valid entry
+            h_ND = h_BTD[rows_N, t_N]  # (N, D) the query tokens' input
+            q = self._project_q_subset(h_ND, ctx, q_idx_BK.shape, rows_N, cols_N, t_N)  # (B, K, N, H)
         Tq = q.shape[1]
         if ctx.cache is not None:
             S = k_all.shape[2]
@@ -187,20 +199,19 @@ class Attention(nn.Module):
             y = self.attend(q, k_all, v_all, mask)  # (B, T, N*H)
             pairs = B * Tq * k_all.shape[2] if mask is not None else B * Tq * (Tq + 1) // 2  # causal kernels
             q_rows = B * Tq  # skip the upper triangle; with a mask, SDPA computes every pair
-            out = self.o_proj(y)
+            out = self.project_out(y, h_BTD)
         else:
             y, pairs = self.attend_chunks(q, k_all, v_all, mask, last_key)  # (B, K, N*H)
-            o_N = self.o_proj(y[rows_N, cols_N])  # (N, D): valid entries only
+            o_N = self.project_out(y[rows_N, cols_N], h_ND)  # (N, D): valid entries only
             out, q_rows = o_N.new_zeros(B, Tq, o_N.shape[-1]).index_put((rows_N, cols_N), o_N), rows_N.numel()
         n_q = B * Tq if valid_q is None else valid_q.sum()
         self._record(ctx, slot, h_BTD, q_rows, pairs, self._visible_pairs(mask, valid_q, B, Tq), n_q)
         return out  # (B, T or K, D)
 
-    def _project_q_subset(self, h_BTD, ctx: ForwardContext, q_idx_BK, rows_N, cols_N) -> torch.Tensor:
+    def _project_q_subset(self, h_ND, ctx: ForwardContext, shape_BK, rows_N, cols_N, t_N) -> torch.Tensor:
         """Queries (B, K, N, H) of the chosen tokens, projected for the valid entries only (zeros elsewhere)."""
-        B, K = q_idx_BK.shape
-        t_N = q_idx_BK[rows_N, cols_N]  # (N,) source column of each valid entry
-        q_N = self.project_q(h_BTD[rows_N, t_N], ctx.cos[rows_N, t_N], ctx.sin[rows_N, t_N])  # (N, N_h, H)
+        B, K = shape_BK
+        q_N = self.project_q(h_ND, ctx.cos[rows_N, t_N], ctx.sin[rows_N, t_N])  # (N, N_h, H)
         return q_N.new_zeros(B, K, self.num_heads, self.head_dim).index_put((rows_N, cols_N), q_N)
 
     @staticmethod

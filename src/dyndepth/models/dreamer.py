@@ -65,6 +65,11 @@ class DreamerConfig:
     ea_bias_update_rate: float = 1e-3  # gamma of the balancing-bias sign update (trainer hook)
     ea_aux_loss_coef: float = 0.0  # optional Switch-style balancing loss on normalized sigmoid scores
     ea_entropy_coef: float = 0.0  # MoEUT's regularizer: - entropy of the mean softmax(scores) per sequence
+    # SwitchHead sequence attention (models/switchhead.py; MoEUT's): E expert value and output projections per
+    # head, K of them per token and head. 0 experts: the standard attention.
+    attn_num_experts: int = 0
+    attn_experts_per_tok: int = 2
+    attn_entropy_coef: float = 0.001  # the entropy regularizer on both routers (MoEUT's attention coefficient)
     # Optional extras the spec names (off by default).
     sandwich_norm: bool = False  # RMSNorm on each sub-block's output
     input_injection: bool = False  # re-add the embedding at every step after the first
@@ -101,6 +106,11 @@ class DreamerConfig:
                               f"num_key_value_heads ({self.num_key_value_heads}).")
         if self.head_dim % 2 or self.da_head_dim % 2 or self.hidden_size % 2:
             raise ConfigError("head_dim, da_head_dim and hidden_size must be even (RoPE rotates pairs).")
+        if self.attn_num_experts and not 1 <= self.attn_experts_per_tok <= self.attn_num_experts:
+            raise ConfigError(f"attn_experts_per_tok ({self.attn_experts_per_tok}) must be in 1..attn_num_experts "
+                              f"({self.attn_num_experts}).")
+        if self.attn_num_experts and self.attention_bias:
+            raise ConfigError("SwitchHead attention (attn_num_experts > 0) has no biases; set attention_bias = false.")
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
                               f"({self.num_experts}).")
@@ -115,6 +125,9 @@ class DreamerConfig:
         D, H, N, G = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
         attn = D * H * (2 * N + 2 * G) + (2 * H if self.qk_norm else 0) + (H * (N + 2 * G) + D
                                                                             if self.attention_bias else 0)
+        if self.attn_num_experts:  # q, k; value and output routers and experts (E per head) instead of v, o
+            E = self.attn_num_experts
+            attn = D * H * (N + G) + (2 * H if self.qk_norm else 0) + D * E * (G + N) + E * D * H * (G + N)
         layer = attn + 2 * D + (3 * D if self.sandwich_norm else 0)
         if self.da_mode == "separate":
             width = self.da_num_heads * self.da_head_dim
@@ -231,6 +244,11 @@ class DreamerLM(nn.Module):
             reg = entropy_regularizer(torch.stack(st.sel_logits), ctx.valid_or_all)
             losses.append(cfg.ea_entropy_coef * reg)
             stats["dreamer/entropy_reg"] = reg.detach()
+        if st.attn_sel_logits and cfg.attn_entropy_coef:
+            reg = sum(entropy_regularizer(per_head(torch.stack(side)), ctx.valid_or_all.repeat_interleave(
+                side[0].shape[2], 0)) for side in zip(*st.attn_sel_logits))  # value side, output side
+            losses.append(cfg.attn_entropy_coef * reg)
+            stats["dreamer/attn_entropy_reg"] = reg.detach()
         slots = [a.slot for a in self.schedule]
         valid = ctx.valid_or_all
         if cfg.num_experts:
@@ -297,6 +315,13 @@ def entropy_regularizer(logits_ABTE: torch.Tensor, valid_BT: torch.Tensor) -> to
     log_mean = logp.logsumexp(1) - torch.log(A * valid_BT.sum(-1, keepdim=True).clamp(min=1).float())  # (B, E)
     neg_entropy = (log_mean.exp() * log_mean).nan_to_num(0.0).sum(-1)  # (B,)
     return (neg_entropy * rows).sum() / rows.sum().clamp(min=1)
+
+
+def per_head(logits_ABTHE: torch.Tensor) -> torch.Tensor:
+    """(A, B, T, heads, E) -> (A, B*heads, T, E): each head's router as its own sequence, as MoEUT regularizes
+    SwitchHead's routers (rows b*heads + n, matching `valid.repeat_interleave(heads, 0)`)."""
+    A, B, T, Hd, E = logits_ABTHE.shape
+    return logits_ABTHE.permute(0, 1, 3, 2, 4).reshape(A, B * Hd, T, E)
 
 
 class ExpertBiasHook:

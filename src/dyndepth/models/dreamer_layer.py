@@ -26,6 +26,7 @@ from dyndepth.core.context import ForwardContext, causal_mask
 from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops
 from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 from dyndepth.models.moe import Experts, router_stats
+from dyndepth.models.switchhead import SwitchHeadAttention
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DepthState:
     change: dict = field(default_factory=dict)  # application -> mean |x_out - x_in| / |x_in| over valid tokens
     aux: list = field(default_factory=list)  # router statistics for the optional balancing loss
     sel_logits: list = field(default_factory=list)  # [application] (B, T, E) router scores (entropy regularizer)
+    attn_sel_logits: list = field(default_factory=list)  # [application] SwitchHead's (value, output) router scores
     embed: torch.Tensor | None = None  # (B, T, D) the embedding, for input injection
     exit_kl: float | None = None  # per-token exit threshold (ours); None: every token runs every step
     exit_head: Callable | None = None  # x (B, T, D) -> logits (B, T, V): the model's norm + lm_head
@@ -144,7 +146,7 @@ class DreamerLayer(nn.Module):
         self.config, self.index = config, index
         D, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(D, eps)
-        self.self_attn = Attention(config)
+        self.self_attn = SwitchHeadAttention(config) if config.attn_num_experts else Attention(config)
         if config.da_mode == "separate":
             self.depth_layernorm = RMSNorm(D, eps)
             self.depth_attn = DepthAttention(config)
@@ -174,6 +176,12 @@ class DreamerLayer(nn.Module):
             k, v = self.depth_attn.project_kv(self.depth_layernorm(x_BTD), rope)  # (B, T, N_da, H_da)
             _remember(st, self.index, step, k, v)
         h = self.input_layernorm(x_BTD)
+        if ctx.training and self.config.attn_num_experts and self.config.attn_entropy_coef:
+            # the regularizer's scores, recomputed from the same input (the routers' matmuls once more, in training)
+            st.attn_sel_logits.append(self.self_attn.selection_scores(h))  # (B, T, G, E), (B, T, N, E)
+            cfg = self.config
+            per_token = 2 * cfg.hidden_size * (cfg.num_key_value_heads + cfg.num_attention_heads) * cfg.attn_num_experts
+            ctx.ledger.add(slot, "router", executed=h.shape[0] * h.shape[1] * per_token, ideal=0)
         if da == "merged_softmax":
             sa = self._out(0, merged_attention(self.self_attn, h, ctx, slot, st, self.index, step))
         else:
@@ -305,7 +313,7 @@ def merged_attention(attn: Attention, h_BTD: torch.Tensor, ctx: ForwardContext, 
     ctx.ledger.add(slot, "attn", executed=executed,
                    ideal=n_q * attn.flops_per_query + n_kv * attn.flops_per_kv + (visible + n_q * L) * per_pair,
                    tokens=n_q)
-    return attn.o_proj(y.transpose(1, 2).reshape(B, T, N * H))  # (B, T, D)
+    return attn.project_out(y.transpose(1, 2).reshape(B, T, N * H), h_BTD)  # (B, T, D)
 
 
 def _remember(st: DepthState, index: int, step: int, k: torch.Tensor, v: torch.Tensor) -> None:

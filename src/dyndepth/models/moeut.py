@@ -5,8 +5,10 @@ group of G = 2 distinct layers looped R / G times, each layer a pre-norm attenti
 scores are sigmoid(x . expert keys), the top-k experts are chosen on them and gated by the scores themselves (no
 renormalisation), and an entropy regulariser on the mean softmax of the scores balances the experts. In dyndepth
 that is `DreamerConfig` with depth attention off, no depth encoding in the router, no balancing bias and the
-entropy regulariser on (`MOEUT`). What differs from the MoEUT code (SwiGLU experts instead of ReLU key-value
-experts, standard attention instead of SwitchHead, pre-norm instead of peri-norm) is listed in docs/baselines.md.
+entropy regulariser on (`MOEUT`). SwitchHead attention experts (models/switchhead.py), MoEUT's attention, are the
+fields `attn_num_experts` / `attn_experts_per_tok` (preset `moeut-switchhead-tiny`); without them the attention is the
+standard one. What differs from the MoEUT code (SwiGLU experts instead of ReLU key-value experts, pre-norm instead
+of peri-norm, RoPE on every channel) is listed in docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -38,5 +40,7 @@ PRESETS = {
                    "head_dim": 32, "num_recurrences": 2, "num_experts": 16, "num_experts_per_tok": 2,
                    "moe_intermediate_size": 96, "max_position_embeddings": 1024},
 }
+# MoEUT's own attention: SwitchHead with E = 4 experts per head, 2 per token (entropy coefficient 0.001).
+PRESETS["moeut-switchhead-tiny"] = {**PRESETS["moeut-tiny"], "attn_num_experts": 4, "attn_experts_per_tok": 2}
 
 register_model((), None, presets=PRESETS)  # presets only: model_type "dreamer" builds them
