@@ -335,6 +335,9 @@ def study_tokens(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: 0)."),
     device: Optional[str] = typer.Option(None),
     out: Path = typer.Option(Path("runs/study"), help="Folder for study.md, study.json and the PNG."),
+    text: Optional[Path] = typer.Option(None, help="Also train on this text file (e.g. a Gutenberg shard): "
+                                                   "held-out bits per byte at each budget."),
+    text_val: Optional[Path] = typer.Option(None, help="The text's held-out file (default: 1% of its documents)."),
 ) -> None:
     """Reference and matched baselines trained at several token budgets: tokens-to-accuracy ratios."""
     from dyndepth.bench.study import main as study_main
@@ -345,7 +348,8 @@ def study_tokens(
 
     cfg = _run(study_config, profile, reference=reference, budgets=ints(budgets), seeds=ints(seeds), device=device,
                against=None if against is None else [f.strip() for f in against.split(",") if f.strip()],
-               out_dir=str(out))
+               out_dir=str(out), text=None if text is None else str(text),
+               text_val=None if text_val is None else str(text_val))
     _run(study_main, cfg)
 
 

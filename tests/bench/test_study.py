@@ -24,6 +24,9 @@ def test_tokens_to_reach_interpolates_in_log_tokens_on_the_running_maximum():
     curves = {"reference": [{"tokens": 100, "exact_match": 0.2}, {"tokens": 400, "exact_match": 0.0}],
               "dense": [{"tokens": 100, "exact_match": 0.1}, {"tokens": 400, "exact_match": 0.3}]}
     assert ratios(curves, "reference") == {"dense": ["2.00", "-"]}
+    losses = {"reference": [{"tokens": 100, "val_loss": 2.0}, {"tokens": 400, "val_loss": 1.0}],
+              "dense": [{"tokens": 100, "val_loss": 3.0}, {"tokens": 400, "val_loss": 1.5}]}  # lower is better
+    assert ratios(losses, "reference", key="val_loss") == {"dense": ["2.52", ">1.00"]}
 
 
 def test_moe_set_entropy_counts_distinct_top_k_sets_per_layer():
@@ -48,14 +51,31 @@ def test_bad_profiles_and_budgets_are_one_clear_error():
 
 
 def test_the_smoke_profile_trains_every_model_and_writes_the_report(tmp_path):
-    result = CliRunner().invoke(app, ["study", "tokens", "--profile", "smoke", "--out", str(tmp_path)])
+    words = ["the", "ship", "sailed", "north", "and", "a", "storm", "rose", "over", "sea", "at", "night"]
+    rng = torch.Generator().manual_seed(0)
+    for name, n in (("train.txt", 60), ("val.txt", 20)):  # books separated by end-of-text lines, as Gutenberg's
+        books = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (300,), generator=rng))
+                 for _ in range(n)]
+        (tmp_path / name).write_text("\n<|endoftext|>\n".join(books))
+    result = CliRunner().invoke(app, ["study", "tokens", "--profile", "smoke", "--out", str(tmp_path / "out"),
+                                      "--text", str(tmp_path / "train.txt"), "--text-val", str(tmp_path / "val.txt")])
     assert result.exit_code == 0, result.output
+    tmp_path = tmp_path / "out"
     data = json.loads((tmp_path / "study.json").read_text())
     assert {(r["model"], r["tokens"]) for r in data["rows"]} == {
         (m, t) for m in ("reference", "dense", "moeut") for t in (128, 256)}
     assert "expert_diversity" in data["curves"]["reference"][-1] and "expert_diversity" in data["curves"]["moeut"][-1]
     assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 0
     assert "tokens to ref. accuracy" in (tmp_path / "study.md").read_text()
+    text = data["text"]  # the same models on the text file: held-out loss at each budget, no exact match
+    assert {(r["model"], r["tokens"]) for r in text["rows"]} == {
+        (m, t) for m in ("reference", "dense", "moeut") for t in (128, 256)}
+    assert all(0 < r["val_loss"] < math.log(264) + 1 and "exact_match" not in r for r in text["rows"])
+    assert set(text["ratios"]) == {"dense", "moeut"} and len(text["ratios"]["dense"]) == 2
+    assert (tmp_path / "text_loss_vs_tokens.png").stat().st_size > 0
+    assert "bits/byte@256" in (tmp_path / "study.md").read_text()
+    with pytest.raises(ValueError, match="does not exist"):
+        study_config("smoke", text=str(tmp_path / "missing.txt"))
 
 
 def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):

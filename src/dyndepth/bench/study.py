@@ -12,7 +12,10 @@ claim, ../shared/papers/dreamer.md §1 and §5).
    its own curve (running maximum over budgets, linear in log tokens between budgets); ratio = t / b. A baseline that
    never reaches a gives "> largest budget / b"; one that is already there at its first budget gives
    "<= first budget / b".
-4. Expert-selection diversity (`models/dreamer.expert_stats`): (a) distinct experts a token selects over depth /
+4. With `text` (a text file, e.g. a Gutenberg shard of ../shared/data/corpus, and `text_val` held out), every model
+   also trains once per seed on that text (byte tokenizer, the same budgets) and is evaluated by held-out loss
+   (bits per byte); tokens to the reference's loss are computed the same way on each baseline's running minimum.
+5. Expert-selection diversity (`models/dreamer.expert_stats`): (a) distinct experts a token selects over depth /
    min(k x steps, E), for the reference and MoEUT; (b) the entropy of the selected top-k sets over a batch's tokens
    per layer application, mean over applications, for those and the untied MoE decoder (`moe_set_entropy`). The
    MoE decoder's layers share no expert pool, so (a) does not transfer to it.
@@ -50,8 +53,8 @@ PROFILES = {
             "budgets": [50_000_000, 100_000_000, 200_000_000, 400_000_000], "examples_per_task": 300,
             "device": "cuda", "dtype": "bfloat16", "lr": 1e-3, "warmup": 200},
     "smoke": {"reference": "dreamer-tiny", "against": ["dense", "moeut"], "batch_size": 2, "seq_len": 32,
-              "budgets": [128, 256], "examples_per_task": 2, "eval_batches": 1, "max_measured": 1,
-              "synthetic_examples": 300},
+              "budgets": [128, 256], "examples_per_task": 2, "eval_batches": 1, "text_eval_batches": 2,
+              "max_measured": 1, "synthetic_examples": 300},
 }
 
 
@@ -72,6 +75,10 @@ class StudyConfig:
     examples_per_task: int = 30  # held-out prompts per task for exact match
     synthetic_examples: int = 40000  # training examples generated (the recipes' default)
     eval_batches: int = 4
+    text: str = ""  # a text file to train on as well (held-out loss per budget); "" skips the text study
+    text_val: str = ""  # its held-out file ("" holds out 1% of the documents)
+    text_split: str = "eot"  # how the text file splits into documents (data.text_split)
+    text_eval_batches: int = 16
     tolerance: float = 0.05
     max_measured: int = 6
     out_dir: str = "runs/study"
@@ -85,6 +92,12 @@ class StudyConfig:
             raise ValueError(f"study budgets must increase strictly, got {self.budgets}.")
         if not self.seeds or self.examples_per_task < 1:
             raise ValueError("study needs at least one seed and one example per task.")
+        for name in ("text", "text_val"):
+            if getattr(self, name) and not Path(getattr(self, name)).exists():
+                raise ValueError(f"study {name}={getattr(self, name)!r} does not exist; pass a text file, e.g. "
+                                 "--text ../shared/data/corpus/gutenberg/gutenberg_00.txt.gz.")
+        if self.text_val and not self.text:
+            raise ValueError("study text_val needs text (the training file) too.")
 
     @property
     def steps(self) -> list[int]:
@@ -98,8 +111,8 @@ def study_config(profile: str, **overrides) -> StudyConfig:
 
 
 class BudgetEval:
-    """Trainer hook: at each budget's step, exact match on the held-out prompts and validation loss; diversity
-    statistics of a Dreamer-family model at the last budget."""
+    """Trainer hook: at each budget's step, exact match on the held-out prompts (none on text: `examples` None) and
+    validation loss; diversity statistics of a Dreamer-family model at the last budget."""
 
     name = "study_eval"
 
@@ -125,13 +138,14 @@ class BudgetEval:
             entropy = moe_set_entropy(model, batch["input_ids"])
             if entropy is not None:
                 diversity.setdefault("expert_set_entropy", []).append(entropy)
-        accuracy = exact_match(self.examples, generate_answers(model, self.tokenizer, self.examples))
-        model.train()
         row = {"model": self.label, "seed": self.seed, "step": step, "tokens": step * self.cfg.batch_size *
-               self.cfg.seq_len, "val_loss": nll / max(n, 1), "exact_match": accuracy["overall"],
-               "per_task": accuracy, **{k: sum(v) / len(v) for k, v in diversity.items()}}
+               self.cfg.seq_len, "val_loss": nll / max(n, 1), **{k: sum(v) / len(v) for k, v in diversity.items()}}
+        if self.examples is not None:
+            accuracy = exact_match(self.examples, generate_answers(model, self.tokenizer, self.examples))
+            row.update(exact_match=accuracy["overall"], per_task=accuracy)
+        model.train()
         self.rows.append(row)
-        return {"exact_match": row["exact_match"]}
+        return {"val_loss": row["val_loss"], **({"exact_match": row["exact_match"]} if "exact_match" in row else {})}
 
     def state_dict(self) -> dict:
         return {}
@@ -163,11 +177,12 @@ def moe_set_entropy(model, input_ids: torch.Tensor) -> float | None:
     return sum(entropies) / len(entropies)
 
 
-def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: dict, tokenizer, examples) -> list:
+def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: dict, tokenizer, examples,
+                       corpus: str = "tasks") -> list:
     """One model, one seed: trained to the largest budget, evaluated at each budget (rows of BudgetEval). The rows
     are kept in the run's folder (rows.json, with the model's config), so a rerun of the study skips the runs it
-    already finished for the same model and budgets."""
-    run_dir = Path(cfg.out_dir) / label / f"seed{seed}"
+    already finished for the same model and budgets. `corpus` "text" runs in out_dir/text/."""
+    run_dir = Path(cfg.out_dir) / ("" if corpus == "tasks" else corpus) / label / f"seed{seed}"
     done = run_dir / "rows.json"
     if done.exists():
         saved = json.loads(done.read_text())
@@ -178,7 +193,8 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
                          "study out_dir.")
     device = torch.device(cfg.device)
     val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
-    val_batches = [{k: v.to(device) for k, v in val.next_batch().items()} for _ in range(cfg.eval_batches)]
+    n_val = cfg.eval_batches if corpus == "tasks" else cfg.text_eval_batches
+    val_batches = [{k: v.to(device) for k, v in val.next_batch().items()} for _ in range(n_val)]
     torch.manual_seed(seed)
     model = build_model(config)
     steps = max(cfg.steps)
@@ -197,7 +213,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[str, float | None]:
     """Tokens at which `curve` [(tokens, accuracy)] (its running maximum) first reaches `target`, linear in log
     tokens between budgets: ("=", t), ("<=", first budget) or (">", last budget)."""
-    best, prev = -1.0, None
+    best, prev = -math.inf, None
     for tokens, acc in curve:
         acc = max(acc, best)
         if acc >= target:
@@ -221,19 +237,21 @@ def mean_curves(rows: list[dict]) -> dict[str, list[dict]]:
                 for t, rs in sorted(by.items())] for m, by in out.items()}
 
 
-def ratios(curves: dict[str, list[dict]], reference: str) -> dict[str, list[str]]:
-    """Per baseline, per reference budget: tokens to reach the reference's accuracy / the reference's tokens."""
+def ratios(curves: dict[str, list[dict]], reference: str, key: str = "exact_match") -> dict[str, list[str]]:
+    """Per baseline, per reference budget: tokens to reach the reference's accuracy (key "exact_match") or its
+    validation loss (key "val_loss", lower is better) / the reference's tokens."""
+    sign = -1.0 if key == "val_loss" else 1.0
     out = {}
     for name, curve in curves.items():
         if name == reference:
             continue
-        pts = [(p["tokens"], p["exact_match"]) for p in curve]
+        pts = [(p["tokens"], sign * p[key]) for p in curve]
         cells = []
         for p in curves[reference]:
-            if p["exact_match"] <= 0:
+            if key == "exact_match" and p[key] <= 0:
                 cells.append("-")
                 continue
-            kind, t = tokens_to_reach(pts, p["exact_match"])
+            kind, t = tokens_to_reach(pts, sign * p[key])
             cells.append(f"{'' if kind == '=' else kind}{t / p['tokens']:.2f}")
         out[name] = cells
     return out
@@ -264,6 +282,15 @@ def run_study(cfg: StudyConfig) -> dict:
               "match": {b["family"]: {"mismatch": b["mismatch"], "within": b["within"], "shape": describe(b["config"])}
                         for b in matched["baselines"]}, "shapes": {k: describe(v) for k, v in models.items()},
               "rows": rows, "curves": curves, "ratios": ratios(curves, "reference")}
+    if cfg.text:
+        text = {"source": cfg.text, "val_source": cfg.text_val, "tokenizer": "byte", "text_split": cfg.text_split}
+        text_rows = [r for label, config in models.items() for seed in cfg.seeds
+                     for r in train_and_evaluate(label, config, seed, cfg, text, tokenizer, None, corpus="text")]
+        text_curves = mean_curves(text_rows)
+        result["text"] = {"rows": text_rows, "curves": text_curves,
+                          "ratios": ratios(text_curves, "reference", key="val_loss")}
+        plot_curves(text_curves, out / "text_loss_vs_tokens.png", f"held-out bits per byte vs training tokens "
+                    f"({Path(cfg.text).name})", key="val_loss")
     (out / "study.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot_curves(curves, out / "accuracy_vs_tokens.png", f"exact match vs training tokens ({cfg.reference})")
     (out / "study.md").write_text(render(result) + "\n")
@@ -293,21 +320,42 @@ def render(result: dict) -> str:
     head = (f"### study tokens: {cfg['reference']}, budgets {', '.join(_tokens(b) for b in budgets)} tokens "
             f"({cfg['batch_size']} x {cfg['seq_len']} per step), seeds {cfg['seeds']}, tasks {cfg['tasks']}; "
             f"{result['machine']}\n\n")
-    return head + markdown_table([{c: r.get(c, "") for c in cols} for r in rows], cols)
+    table = head + markdown_table([{c: r.get(c, "") for c in cols} for r in rows], cols)
+    return table if "text" not in result else table + "\n\n" + render_text(result)
+
+
+def render_text(result: dict) -> str:
+    """The text study's table: held-out bits per byte at each budget and tokens to the reference's loss."""
+    cfg, text = result["config"], result["text"]
+    rows = []
+    for name, curve in text["curves"].items():
+        row = {"model": name}
+        for p in curve:
+            row[f"bits/byte@{_tokens(p['tokens'])}"] = f"{p['val_loss'] / math.log(2):.3f}"
+        ratio = text["ratios"].get(name)
+        row["tokens to ref. loss / ref. tokens"] = "-" if ratio is None else " / ".join(ratio)
+        rows.append(row)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    held_out = Path(cfg["text_val"]).name if cfg["text_val"] else "1% of its documents"
+    head = (f"### study tokens, text: {Path(cfg['text']).name} (held out: {held_out}), byte tokenizer, "
+            f"{cfg['text_eval_batches']} x {cfg['batch_size']} x {cfg['seq_len']} held-out tokens\n\n")
+    return head + markdown_table(rows, cols)
 
 
 def _tokens(n: float) -> str:
     return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}"
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, key: str = "exact_match") -> Path:
+    """One line per model against training tokens: exact match (%), or with key "val_loss" bits per byte."""
     from matplotlib.figure import Figure
 
+    scale, label = (100, "exact match (%)") if key == "exact_match" else (1 / math.log(2), "held-out bits per byte")
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for name, curve in curves.items():
-        ax.plot([p["tokens"] for p in curve], [100 * p["exact_match"] for p in curve], "o-", label=name)
-    ax.set(xscale="log", xlabel="training tokens", ylabel="exact match (%)", title=title)
+        ax.plot([p["tokens"] for p in curve], [scale * p[key] for p in curve], "o-", label=name)
+    ax.set(xscale="log", xlabel="training tokens", ylabel=label, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
