@@ -54,7 +54,7 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
     assert "## The papers' claims at this scale" in report and "GateSkip keeps >90%" in report
     for path in result["plots"].values():
         assert (out / path.split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
-    assert {"accuracy", "loss", "depth GateSkip vector", "depth DND 20%"} <= set(result["plots"])
+    assert {"accuracy", "loss", "depth GateSkip vector", "depth DND 20%", "depth MoD c=50.0%"} <= set(result["plots"])
 
 
 def _row(label, method, compute, val_loss, accuracy=0.6, budget=None):

@@ -48,14 +48,10 @@ def compute_heatmap(model, tokenizer, text: str, path: str | Path, value: str = 
     with a bar per token of the fraction of branches it executed."""
     if value not in ("executed", "importance"):
         raise ValueError(f"value={value!r}: use 'executed' or 'importance'.")
-    from matplotlib.figure import Figure
-
     tokens, skipped, importance = token_trace(model, tokenizer, text, add_bos, budget)
     T, L = skipped.shape[0], skipped.shape[1]
     executed_RT = (~skipped).reshape(T, 2 * L).T.float()  # (2L, T), row 2l + b
-    fig = Figure(figsize=(max(6.0, 0.28 * T + 2), 1.5 + 0.22 * 2 * L + 1.2))
-    grid = fig.add_gridspec(2, 1, height_ratios=[2 * L, max(2, L // 2)], hspace=0.08)
-    ax, bar = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    fig, ax, bar = _token_grid(2 * L, T)
     if value == "executed":
         im = ax.imshow(executed_RT.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
     else:
@@ -64,12 +60,56 @@ def compute_heatmap(model, tokenizer, text: str, path: str | Path, value: str = 
         im = ax.imshow(shown.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         fig.colorbar(im, ax=[ax, bar], label="importance (blank: skipped)", fraction=0.03)
     ax.set_yticks(range(2 * L), [f"L{i} {b}" for i in range(L) for b in BRANCHES], fontsize=6)
-    ax.set_xticks([])
     ax.set_title(f"GateSkip compute per token ({value})", fontsize=9)
-    bar.bar(range(T), executed_RT.mean(0).numpy(), color="tab:green", width=0.9)
+    return _save_token_grid(fig, bar, executed_RT.mean(0), tokens, "executed", "tab:green", path, dpi)
+
+
+def mod_heatmap(model, tokenizer, text: str, path: str | Path, add_bos: bool = False, dpi: int = 120) -> Path:
+    """PNG of one text through a Mixture-of-Depths model in its current mode: rows the layers, columns the tokens,
+    green where the token ran the layer (unrouted layers run every token), and a bar per token of the share of
+    layers it ran."""
+    import torch
+
+    from dyndepth.models.forward import Trace
+
+    if model.method is None or model.method.name != "mod":
+        raise ValueError("mod_heatmap needs a model with Mixture-of-Depths attached (attach_mod).")
+    ids = tokenizer.encode(text, add_bos=add_bos)
+    if not ids:
+        raise ValueError("the text encodes to no tokens; pass a non-empty text.")
+    trace = Trace()
+    with torch.no_grad():
+        model(torch.tensor([ids], device=model.model.embed_tokens.weight.device), trace=trace)
+    L, T = model.config.num_hidden_layers, len(ids)
+    ran_LT = torch.ones(L, T)
+    for slot, keep_BT in trace.ctx.state.routed.items():
+        ran_LT[slot] = keep_BT[0].float().cpu()
+    fig, ax, bar = _token_grid(L, T)
+    ax.imshow(ran_LT.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(L), [f"L{i}{' (routed)' if i in model.method.routed else ''}" for i in range(L)], fontsize=6)
+    ax.set_title(f"MoD: layers each token ran ({model.method.mode})", fontsize=9)
+    return _save_token_grid(fig, bar, ran_LT.mean(0), [tokenizer.decode([i]) for i in ids], "ran", "tab:green",
+                            path, dpi)
+
+
+def _token_grid(rows: int, T: int):
+    """A figure for a (rows, T) per-token grid over a per-token bar: (fig, grid axes, bar axes)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.28 * T + 2), 1.5 + 0.22 * rows + 1.2))
+    grid = fig.add_gridspec(2, 1, height_ratios=[rows, max(2, rows // 4)], hspace=0.08)
+    ax, bar = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    ax.set_xticks([])
+    return fig, ax, bar
+
+
+def _save_token_grid(fig, bar, share_T, tokens: list[str], label: str, color: str, path, dpi: int) -> Path:
+    """The per-token bar (share_T in 0..1) with the tokens as tick labels, then the PNG."""
+    T = len(tokens)
+    bar.bar(range(T), share_T.numpy(), color=color, width=0.9)
     bar.set_xlim(-0.5, T - 0.5)
     bar.set_ylim(0, 1)
-    bar.set_ylabel("executed", fontsize=7)
+    bar.set_ylabel(label, fontsize=7)
     bar.set_xticks(range(T), [repr(t)[1:-1].replace(" ", "\u2423") for t in tokens], rotation=90, fontsize=7)
     path = Path(path)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")

@@ -230,7 +230,7 @@ def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
 
 def _plots(cfg: ReproConfig, rows: list[dict], models: dict, tok, calibration, out: Path) -> dict:
     from dyndepth.methods.dnd_analysis import selection_heatmap
-    from dyndepth.plots import compute_heatmap, plot_methods
+    from dyndepth.plots import compute_heatmap, mod_heatmap, plot_methods
 
     series = [dict(r, method=_series_name(r)) for r in rows]
     chance = rows[0]["chance"]
@@ -249,6 +249,9 @@ def _plots(cfg: ReproConfig, rows: list[dict], models: dict, tok, calibration, o
                 plots[f"depth {label}"] = compute_heatmap(model, tok, text, path, add_bos=False)
         elif model.method.name == "dnd":
             plots[f"depth {label}"] = selection_heatmap(model, tok, text, path)
+        elif model.method.name == "mod":
+            with causal(model, {}, calibration):  # its predictor decides, as in generation
+                plots[f"depth {label}"] = mod_heatmap(model, tok, text, path)
     return {k: str(v) for k, v in plots.items()}
 
 

@@ -262,3 +262,31 @@ def test_topk_routing_picks_each_rows_best_router_scores_never_pad():
         valid = [t for t in range(10) if mask[b, t]]
         best = sorted(valid, key=lambda t: (-float(r[b, t]), t))[:3]
         assert keep[b].nonzero().flatten().tolist() == sorted(best)
+
+
+def test_the_depth_heatmap_shows_the_predictors_routing(tmp_path, monkeypatch):
+    from dyndepth import plots
+    from dyndepth.tokenizer import load_tokenizer
+
+    model, method = mod_model()
+    tok = load_tokenizer("byte")
+    text = "tokens take the routed layers or not"
+    ids = torch.tensor([tok.encode(text, add_bos=False)])
+    drawn = []
+    monkeypatch.setattr(plots, "_save_token_grid", lambda fig, bar, share, *a: drawn.append(share) or tmp_path)
+    with method.override(mode="predictor"), torch.no_grad():
+        plots.mod_heatmap(model, tok, text, tmp_path / "mod.png")
+        x = model.model.embed_tokens(ids)
+        ctx = model.make_context(ids, None, None, None)
+        ctx.state = method.begin(ids, ctx)
+        expected = torch.ones(len(model.model.layers), ids.shape[1])
+        for i, layer in enumerate(model.model.layers):  # the predictor's decision on each routed layer's input
+            if i in method.routed:
+                expected[i] = (layer.mod.predictor(x).squeeze(-1)[0] > 0).float()
+            x = layer(x, ctx, i)
+    torch.testing.assert_close(drawn[0], expected.mean(0))
+    assert 0 < float(drawn[0].min()) < 1  # some token skipped a routed layer
+    path = plots.mod_heatmap(model, tok, text, tmp_path / "topk.png")  # top-k mode, drawn for real
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="Mixture-of-Depths"):
+        plots.mod_heatmap(CausalLM(preset("tiny-qwen3")), tok, text, tmp_path / "none.png")
