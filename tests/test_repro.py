@@ -85,3 +85,29 @@ def test_interpolate_along_a_curve():
     pts = [{"compute": 0.6, "v": 4.0}, {"compute": 1.0, "v": 3.0}]
     assert interpolate(pts, 0.8, "v") == pytest.approx(3.5)
     assert interpolate(pts, 0.5, "v") is None
+
+
+def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
+    from dyndepth.repro import dreamer_study
+
+    curve = [{"tokens": 100, "exact_match": 0.1, "val_loss": 2.0}, {"tokens": 200, "exact_match": 0.3, "val_loss": 1.5}]
+    study = {"config": {"reference": "dreamer-tiny", "batch_size": 2, "seq_len": 32, "seeds": [0], "tasks": ["add"],
+                        "tolerance": 0.05},
+             "machine": "test", "shapes": {"reference": "D=128", "dense": "D=64", "moeut": "D=64"},
+             "match": {"dense": {"mismatch": {"params": 0.01}, "within": True},
+                       "moeut": {"mismatch": {"params": 0.01}, "within": True}},
+             "curves": {"reference": [dict(p, expert_set_entropy=3.0) for p in curve], "dense": curve,
+                        "moeut": [dict(p, expert_set_entropy=1.0) for p in curve]},
+             "ratios": {"dense": ["1.50", ">1.00"], "moeut": ["2.50", "2.20"]}}
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text(json.dumps(study))
+    found = dreamer_study(tmp_path / "study", tmp_path)
+    holds = {c["claim"].split(" than")[0]: c["holds"] for c in found["claims"]}
+    assert holds["Dreamer needs 2-8x fewer training tokens"] is True  # dense never got there, moeut needed 2.2x
+    assert holds["Dreamer's expert-selection diversity is 2-11x the MoE baselines'"] is True  # 3.0 / 1.0
+    assert "| reference |" in found["table"]
+    study["ratios"]["moeut"][-1] = "1.20"
+    (tmp_path / "study" / "study.json").write_text(json.dumps(study))
+    assert dreamer_study(tmp_path / "study", tmp_path)["claims"][0]["holds"] is False
+    with pytest.raises(ValueError, match="no study.json"):
+        dreamer_study(tmp_path / "missing", tmp_path)

@@ -150,12 +150,14 @@ def repro(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated offline tasks (default: the profile's)."),
     limit: Optional[int] = typer.Option(None, help="Examples per task (default: the profile's)."),
     out: Path = typer.Option(Path("runs/repro"), help="Folder for REPORT.md, results.json and the plots."),
+    study: Optional[Path] = typer.Option(None, help="A `dyndepth study tokens` output folder: Dreamer against its "
+                                                    "matched baselines in the report."),
 ) -> None:
     """Post-train every method from one base and write REPORT.md: quality vs compute, the papers' claims, plots."""
     from dyndepth.repro import ReproConfig, run_repro
 
     cfg = _run(ReproConfig.from_profile, profile, base=base, data_dir=str(data_dir), train_data=str(train_data),
-               val_data=str(val_data or ""), out_dir=str(out), post_steps=steps, limit=limit,
+               val_data=str(val_data or ""), out_dir=str(out), post_steps=steps, limit=limit, study=str(study or ""),
                tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None)
     _run(run_repro, cfg)
 

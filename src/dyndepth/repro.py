@@ -12,7 +12,9 @@ headline claim against the numbers:
 - GateSkip: >90% of the baseline's accuracy at 15% compute saved, counting the gates' own work;
 - vector against low-rank gates, and GateSkip against MoD, at equal total compute (interpolated along
   the GateSkip curve);
-- DND: better than the identically configured SFT at equal tokens, at a small overhead.
+- DND: better than the identically configured SFT at equal tokens, at a small overhead;
+- Dreamer (with `study`: a `dyndepth study tokens` output folder): 2-8x fewer training tokens than its matched
+  baselines for the same accuracy, and 2-11x larger expert-selection diversity than the MoE baselines.
 
 Profiles: `cpu` (under an hour on 2 cores for the ~7M base) and `quick` (a smoke run, minutes, for tests).
 """
@@ -66,6 +68,7 @@ class ReproConfig:
     lowrank: int = 16  # the low-rank gate's rank
     mod_capacities: list[float] = field(default_factory=lambda: [0.5, 0.125])
     dnd_ratio: float = 0.2
+    study: str = ""  # a `dyndepth study tokens` output folder (study.json): Dreamer against its matched baselines
 
     @classmethod
     def from_profile(cls, profile: str, **kw) -> ReproConfig:
@@ -118,6 +121,10 @@ def run_repro(cfg: ReproConfig) -> dict:
               "base_params": base.num_params(), "rows": rows, "plots": plots,
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     result["claims"] = claims(rows)
+    if cfg.study:
+        result["study"] = dreamer_study(Path(cfg.study), out)
+        result["claims"] += result["study"]["claims"]
+        result["plots"].update(result["study"]["plots"])
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     report = render(result)
     (out / "REPORT.md").write_text(report + "\n")
@@ -226,6 +233,49 @@ def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
             "measured": measured, "holds": better}
 
 
+def dreamer_study(folder: Path, out: Path) -> dict:
+    """Dreamer against its matched baselines, from a `dyndepth study tokens` folder: its tables (rendered by
+    bench/study.py), its plots (copied into `out`) and the paper's two claims checked against its numbers."""
+    import shutil
+
+    from dyndepth.bench.study import render as render_study
+
+    path = folder / "study.json"
+    if not path.exists():
+        raise ValueError(f"repro study={str(folder)!r} has no study.json; run `dyndepth study tokens --out "
+                         f"{folder}` first, or leave --study out.")
+    study = json.loads(path.read_text())
+    plots = {}
+    for name in ("accuracy_vs_tokens.png", "text_loss_vs_tokens.png"):
+        if (folder / name).exists():
+            plots[f"study {name[:-4].replace('_', ' ')}"] = str(shutil.copy(folder / name, out / f"study_{name}"))
+    return {"table": render_study(study), "claims": _study_claims(study), "plots": plots}
+
+
+def _study_claims(study: dict) -> list[dict]:
+    """Tokens to the reference's exact match at its last budget (ratio >= 2 for every baseline), and expert-set
+    entropy (definition b) of the reference over each MoE-family baseline's (>= 2x)."""
+    last = {name: cells[-1] for name, cells in study["ratios"].items()}
+    if not last or all(c == "-" for c in last.values()):
+        holds = None  # the reference is at 0% exact match: nothing to reach
+    else:
+        holds = all(c.startswith(">") or (not c.startswith("<") and c != "-" and float(c) >= 2) for c in last.values())
+    found = [{"claim": "Dreamer needs 2-8x fewer training tokens than matched baselines for the same accuracy",
+              "measured": "tokens a baseline needs for the reference's exact match at its last budget / the "
+                          "reference's: " + ", ".join(f"{k} {v}" for k, v in last.items()), "holds": holds}]
+    curves = study["curves"]
+    ref = curves["reference"][-1].get("expert_set_entropy")
+    moes = {k: c[-1]["expert_set_entropy"] for k, c in curves.items() if k in ("moe", "moeut")
+            and c[-1].get("expert_set_entropy")}
+    if ref and moes:
+        found.append({"claim": "Dreamer's expert-selection diversity is 2-11x the MoE baselines'",
+                      "measured": "expert-set entropy (nats, definition b), reference "
+                                  f"{ref:.2f} vs " + ", ".join(f"{k} {v:.2f} ({ref / v:.2f}x)" for k, v in moes.items())
+                                  + "; the bound ln C(E, k) differs with each model's expert count",
+                      "holds": all(ref / v >= 2 for v in moes.values())})
+    return found
+
+
 # -------------------------------------------------------------------------------------------- plots
 
 def _plots(cfg: ReproConfig, rows: list[dict], models: dict, tok, calibration, out: Path) -> dict:
@@ -288,7 +338,10 @@ def render(r: dict) -> str:
             + "\n\n## Accuracy per task (value ± stderr; chance)\n\n" + markdown_table(per_task, ["model", *tasks])
             + "\n\n## The papers' claims at this scale\n\n" + markdown_table(claims, ["claim", "measured", "verdict"])
             + "\n\nA claim is untestable here when the base model is within 2 points of chance on the tasks: "
-              "retention of an accuracy at chance measures noise.\n\n## Plots\n\n" + plots)
+              "retention of an accuracy at chance measures noise.\n\n"
+            + ("" if "study" not in r else "## Dreamer against its matched baselines (`dyndepth study tokens`)\n\n"
+               + r["study"]["table"] + "\n\n")
+            + "## Plots\n\n" + plots)
 
 
 def _task_cell(t: dict | None) -> str:
