@@ -175,3 +175,35 @@ def test_activation_checkpointing_gives_the_same_gradients(router):
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_the_auxiliary_router_variant_decides_causally_and_learns_from_the_top_k_alone():
+    model = varied(tiny(causal_path="aux_router"))
+    assert tiny(causal_path="aux_router").num_params() == model.num_params()
+    ids, mask = left_padded()
+    B, T = ids.shape
+    full, st = _state(model, ids, attention_mask=mask)
+    for r in range(3):  # evaluation: the auxiliary router decides, not the router
+        pool = mask.bool() if r == 0 else st.keep[r - 1]
+        with torch.no_grad():
+            logit = model.aux_routers[r](st.start[r]).squeeze(-1)
+        assert torch.equal(st.keep[r], (logit > 0) & pool)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache.for_model(model.config, B, T, num_slots=model.num_slots())
+    with torch.no_grad():
+        out = [model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache).logits]
+        for t in range(8, T):
+            out.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(out, 1)[mask.bool()], full.logits[mask.bool()], rtol=1e-4, atol=1e-4)
+    model.train()  # the BCE trains the auxiliary routers only: the stream is detached, the router gets no BCE
+    out = model(ids[:, :12])
+    out.aux_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aux_routers.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in [*model.routers.parameters(),
+                                                                    *model.model.parameters()])
+    with FlopCounterMode(display=False, custom_mapping={SDPA_CPU: _sdpa_flops}) as counter:
+        out, st = _state(model, ids)
+    assert float(out.stats["flops/executed"]) == counter.get_total_flops()
+    assert float(out.stats["flops/ideal"]) == model.forward_flops(T, B=B)  # training top-k: nominal capacity
+    with pytest.raises(ValueError, match="expert-choice"):
+        tiny(router_type="token", causal_path="aux_router")

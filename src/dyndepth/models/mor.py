@@ -14,7 +14,9 @@ Routers (`router_type`):
 - "expert" (expert-choice): at recursion r a Linear(D -> 1) scores the tokens; training keeps the top
   capacity[r] * T of the tokens kept at r - 1 (hierarchical filtering; non-causal), w = alpha * sigmoid(score),
   and a BCE loss teaches sigmoid(score) > 0.5 to predict that choice; evaluation and decoding keep a token iff
-  sigmoid(score) > 0.5 (the causal inference path), so prefill + decode equals the evaluation forward.
+  sigmoid(score) > 0.5 (the causal inference path), so prefill + decode equals the evaluation forward. With
+  `causal_path="aux_router"` (MoR's other variant) a separate small MLP per recursion, trained by that BCE on the
+  detached stream, makes the inference decision instead, and the router itself gets no BCE.
 - "token" (token-choice): before the first recursion a Linear(D -> R) gives each token a softmax over depths; it
   runs recursions 0..argmax (causal), w = the chosen probability, and a Switch-style loss balances the depths.
 KV cache: recursion-wise caching: every (layer, recursion) is a slot and only the tokens that ran it wrote K/V
@@ -48,6 +50,7 @@ from dyndepth.models.qwen3 import DecoderLayer, DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
 
 ROUTERS = ("expert", "token")
+CAUSAL_PATHS = ("aux_loss", "aux_router")
 
 
 @dataclass
@@ -67,6 +70,8 @@ class MoRConfig:
     capacity: list[float] | None = None  # expert-choice: fraction of T per recursion; None -> (R - r) / R
     router_alpha: float = 0.1  # expert-choice: w = alpha * sigmoid(score)
     router_aux_loss_coef: float = 0.1  # expert: BCE of the causal predictor; token: the depth-balancing loss
+    causal_path: str = "aux_loss"  # expert: aux_loss (the router predicts its own top-k) | aux_router (an MLP does)
+    aux_router_hidden: int | None = None  # the auxiliary router's hidden width; None -> hidden_size // 2
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -89,6 +94,12 @@ class MoRConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.router_type not in ROUTERS:
             raise ConfigError(f"MoRConfig.router_type={self.router_type!r} is not one of {ROUTERS}.")
+        if self.causal_path not in CAUSAL_PATHS:
+            raise ConfigError(f"MoRConfig.causal_path={self.causal_path!r} is not one of {CAUSAL_PATHS}.")
+        if self.causal_path == "aux_router" and self.router_type != "expert":
+            raise ConfigError("MoRConfig.causal_path='aux_router' is for expert-choice routing (token-choice is "
+                              "causal already); set router_type='expert' or causal_path='aux_loss'.")
+        self.aux_router_hidden = self.aux_router_hidden or self.hidden_size // 2
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "n_layers_in_recursion",
                      "num_recursions"):
             if getattr(self, name) < 1:
@@ -123,6 +134,8 @@ class MoRConfig:
                                                                             if self.attention_bias else 0)
         mlp = 3 * D * F_ + (2 * F_ + D if self.mlp_bias else 0)
         routers = D * self.num_recursions  # R Linear(D -> 1), or one Linear(D -> R)
+        if self.causal_path == "aux_router":  # R MLPs D -> hidden -> 1
+            routers += self.num_recursions * (D + 1) * self.aux_router_hidden
         embed = self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * D) + D + routers + embed
 
@@ -153,8 +166,8 @@ class RecursionRouting:
 
     name = "mor"
 
-    def __init__(self, config: MoRConfig, routers: nn.ModuleList) -> None:
-        self.config, self.routers = config, routers
+    def __init__(self, config: MoRConfig, routers: nn.ModuleList, aux_routers: nn.ModuleList | None = None) -> None:
+        self.config, self.routers, self.aux_routers = config, routers, aux_routers
         F_, C = config.n_layers_first, config.n_layers_in_recursion
         self.step_of = {}  # slot -> (recursion, index in the block)
         for app in stack_schedule(F_, C, config.n_layers_last, config.num_recursions):
@@ -226,6 +239,11 @@ class RecursionRouting:
         else:
             score = self.routers[r](x_BTD).squeeze(-1).float()  # (B, T)
             ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=pool.sum() * 2 * D)
+            logit = score  # what decides causally: the router itself, or the auxiliary router
+            if self.aux_routers is not None:
+                logit = self.aux_routers[r](x_BTD.detach()).squeeze(-1).float()  # no gradient into the stream
+                cost = aux_router_flops(cfg)
+                ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=pool.sum() * cost)
             if st.topk:
                 k = capacity(cfg.capacity[r], T)
                 order = torch.argsort(score.detach().masked_fill(~pool, float("-inf")), dim=1, descending=True,
@@ -233,11 +251,11 @@ class RecursionRouting:
                 rank = torch.argsort(order, dim=1)  # (B, T) rank of each token in its row
                 keep = (rank < k) & pool
                 w = pool.float()
-                bce = F.binary_cross_entropy_with_logits(score, keep.float(), weight=w, reduction="sum")
+                bce = F.binary_cross_entropy_with_logits(logit, keep.float(), weight=w, reduction="sum")
                 st.losses.append(cfg.router_aux_loss_coef * bce / w.sum().clamp(min=1))
-                st.stats[f"mor/router_acc_r{r}"] = (((score > 0) == keep) & pool).sum() / pool.sum().clamp(min=1)
+                st.stats[f"mor/router_acc_r{r}"] = (((logit > 0) == keep) & pool).sum() / pool.sum().clamp(min=1)
             else:  # the causal inference path
-                keep = (score > 0) & pool
+                keep = (logit > 0) & pool
             st.keep[r] = keep
             st.weight[r] = (cfg.router_alpha * torch.sigmoid(score)).to(x_BTD.dtype)
         size = capacity(cfg.capacity[r], T) if st.topk else None  # static K in training, no host sync
@@ -260,6 +278,11 @@ class RecursionRouting:
             st.stats["mor/balance_loss"] = balance.detach()
 
 
+def aux_router_flops(config: MoRConfig) -> int:
+    """Per token scored by an auxiliary router: Linear(D -> hidden) and Linear(hidden -> 1)."""
+    return 2 * (config.hidden_size + 1) * config.aux_router_hidden
+
+
 def flops_at(config: MoRConfig, T: int, counts: list) -> float:
     """Analytic (ideal) FLOPs of one sequence of T tokens of which counts[r] run recursion r: the unshared layers
     on every token, recursion r's C layers on counts[r] tokens attending causally to each other, the routers
@@ -273,7 +296,8 @@ def flops_at(config: MoRConfig, T: int, counts: list) -> float:
     if config.router_type == "token":
         total += T * 2 * config.hidden_size * config.num_recursions
     else:
-        total += sum([T] + list(counts[:-1])) * 2 * config.hidden_size
+        per_router = 2 * config.hidden_size + (aux_router_flops(config) if config.causal_path == "aux_router" else 0)
+        total += sum([T] + list(counts[:-1])) * per_router
     return total + T * flops.lm_head_flops(config)
 
 
@@ -305,6 +329,11 @@ class MoRLM(nn.Module):
             self.routers = nn.ModuleList(nn.Linear(D, 1, bias=False) for _ in range(R))
         else:
             self.routers = nn.ModuleList([nn.Linear(D, R, bias=False)])
+        self.aux_routers = None
+        if config.causal_path == "aux_router":
+            H = config.aux_router_hidden
+            self.aux_routers = nn.ModuleList(nn.Sequential(nn.Linear(D, H, bias=False), nn.SiLU(),
+                                                           nn.Linear(H, 1, bias=False)) for _ in range(R))
         self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -313,7 +342,7 @@ class MoRLM(nn.Module):
                 nn.init.normal_(module.weight, std=config.initializer_range)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        self.method = RecursionRouting(config, self.routers)
+        self.method = RecursionRouting(config, self.routers, self.aux_routers)
 
     @property
     def schedule(self):
