@@ -43,9 +43,10 @@ def test_option_set_is_deliberate():
                  "stride", "tasks"],
         "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
                      "tokenizer", "top_k", "top_p"],
-        "match": ["against", "batch_size", "config", "device", "out", "seq_len", "tolerance"],
-        "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds"],
-        "repro": ["base", "data_dir", "limit", "out", "profile", "steps", "tasks", "train_data", "val_data"],
+        "match": ["against", "batch_size", "config", "device", "out", "seq_len", "switchhead", "tolerance"],
+        "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds", "text", "text_val"],
+        "repro": ["base", "data_dir", "limit", "out", "profile", "steps", "study", "tasks", "train_data",
+                  "val_data"],
         "train": ["method", "recipe", "resume", "set_"],
     }
 

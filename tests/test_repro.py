@@ -90,7 +90,7 @@ def test_interpolate_along_a_curve():
 def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
     from dyndepth.repro import dreamer_study
 
-    curve = [{"tokens": 100, "exact_match": 0.1, "val_loss": 2.0}, {"tokens": 200, "exact_match": 0.3, "val_loss": 1.5}]
+    curve = [{"tokens": t, "exact_match": 0.1 * i, "val_loss": 2.0 / i} for i, t in enumerate((100, 200, 400, 800), 1)]
     study = {"config": {"reference": "dreamer-tiny", "batch_size": 2, "seq_len": 32, "seeds": [0], "tasks": ["add"],
                         "tolerance": 0.05},
              "machine": "test", "shapes": {"reference": "D=128", "dense": "D=64", "moeut": "D=64"},
@@ -98,16 +98,22 @@ def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
                        "moeut": {"mismatch": {"params": 0.01}, "within": True}},
              "curves": {"reference": [dict(p, expert_set_entropy=3.0) for p in curve], "dense": curve,
                         "moeut": [dict(p, expert_set_entropy=1.0) for p in curve]},
-             "ratios": {"dense": ["1.50", ">1.00"], "moeut": ["2.50", "2.20"]}}
+             "ratios": {"dense": ["-", "3.00", ">2.00", ">1.00"], "moeut": ["2.50", "2.20", "2.00", "1.00"]}}
     (tmp_path / "study").mkdir()
-    (tmp_path / "study" / "study.json").write_text(json.dumps(study))
-    found = dreamer_study(tmp_path / "study", tmp_path)
-    holds = {c["claim"].split(" than")[0]: c["holds"] for c in found["claims"]}
-    assert holds["Dreamer needs 2-8x fewer training tokens"] is True  # dense never got there, moeut needed 2.2x
-    assert holds["Dreamer's expert-selection diversity is 2-11x the MoE baselines'"] is True  # 3.0 / 1.0
-    assert "| reference |" in found["table"]
-    study["ratios"]["moeut"][-1] = "1.20"
-    (tmp_path / "study" / "study.json").write_text(json.dumps(study))
-    assert dreamer_study(tmp_path / "study", tmp_path)["claims"][0]["holds"] is False
+
+    def claims(**ratios):
+        (tmp_path / "study" / "study.json").write_text(json.dumps({**study, "ratios": {**study["ratios"], **ratios}}))
+        found = dreamer_study(tmp_path / "study", tmp_path)
+        return found, {c["claim"].split(" than")[0].split(" is ")[0]: c["holds"] for c in found["claims"]}
+
+    found, holds = claims()  # at the budgets up to 400 (half of 800) every ratio is >= 2
+    assert holds == {"Dreamer needs 2-8x fewer training tokens": True, "Dreamer's expert-selection diversity": True}
+    assert "exp(H)" in found["claims"][1]["measured"] and "| reference |" in found["table"]
+    assert claims(moeut=["2.50", "1.40", "2.00", "1.00"])[1]["Dreamer needs 2-8x fewer training tokens"] is False
+    assert claims(moeut=["<=0.50", "2.20", "2.00", "1.00"])[1]["Dreamer needs 2-8x fewer training tokens"] is False
+    inconclusive = claims(dense=["-", ">1.50", ">1.00", ">1.00"])[1]  # it never got there, but 1.5x is all we saw
+    assert inconclusive["Dreamer needs 2-8x fewer training tokens"] is None
+    study["curves"]["moeut"] = [dict(p, expert_set_entropy=2.5) for p in curve]  # exp(3) / exp(2.5) = 1.6x
+    assert claims()[1]["Dreamer's expert-selection diversity"] is False
     with pytest.raises(ValueError, match="no study.json"):
         dreamer_study(tmp_path / "missing", tmp_path)

@@ -87,3 +87,10 @@ def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):
     assert train_and_evaluate("reference", config, 0, cfg, {}, None, []) == rows  # nothing trained
     with pytest.raises(ValueError, match="another model"):
         train_and_evaluate("reference", dyndepth.preset("dreamer-tiny", hidden_size=64), 0, cfg, {}, None, [])
+    text = {"source": "a.txt", "tokenizer": "byte"}
+    (tmp_path / "text" / "reference" / "seed0").mkdir(parents=True)
+    (tmp_path / "text" / "reference" / "seed0" / "rows.json").write_text(
+        json.dumps({"config": config.to_dict(), "data": text, "rows": rows}))
+    assert train_and_evaluate("reference", config, 0, cfg, text, None, None, corpus="text") == rows
+    with pytest.raises(ValueError, match="other data"):  # the same model on another text file is trained anew
+        train_and_evaluate("reference", config, 0, cfg, {**text, "source": "b.txt"}, None, None, corpus="text")

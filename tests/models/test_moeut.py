@@ -135,24 +135,24 @@ def _slow_switchhead(attn, h_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     """One sequence, token by token and head by head: each head's top-k value experts (routed on the key's token)
     and output experts (routed on the query's token), sigmoid gates, causal softmax attention."""
     T, _ = h_TD.shape
-    E, K, N, G, H = attn.num_experts, attn.top_k, attn.num_heads, attn.num_kv_heads, attn.head_dim
+    E, K, N, G, H = attn.v_proj.num_experts, attn.v_proj.top_k, attn.num_heads, attn.num_kv_heads, attn.head_dim
     q = attn.project_q(h_TD, cos, sin)  # (T, N, H)
     k = attn.project_k(h_TD[None], cos[None], sin[None])[0]  # (T, G, H)
     v = torch.zeros(T, G, H)
     for t in range(T):
         for g in range(G):
-            s = torch.sigmoid(h_TD[t] @ attn.v_gate.weight[g * E:(g + 1) * E].T)
+            s = torch.sigmoid(h_TD[t] @ attn.v_proj.gate.weight[g * E:(g + 1) * E].T)
             for e in s.topk(K).indices:
-                v[t, g] += s[e] * (h_TD[t] @ attn.v_experts[g * E + e])
+                v[t, g] += s[e] * (h_TD[t] @ attn.v_proj.experts[g * E + e])
     out = torch.zeros(T, h_TD.shape[1])
     for t in range(T):
         for n in range(N):
             g = n // (N // G)
             p = torch.softmax(k[:t + 1, g] @ q[t, n] / H**0.5, 0)
             a = p @ v[:t + 1, g]  # (H,)
-            s = torch.sigmoid(h_TD[t] @ attn.o_gate.weight[n * E:(n + 1) * E].T)
+            s = torch.sigmoid(h_TD[t] @ attn.o_proj.gate.weight[n * E:(n + 1) * E].T)
             for e in s.topk(K).indices:
-                out[t] += s[e] * (a @ attn.o_experts[n * E + e])
+                out[t] += s[e] * (a @ attn.o_proj.experts[n * E + e])
     return out
 
 
@@ -169,7 +169,8 @@ def test_switchhead_equals_a_slow_per_token_per_head_reference():
 def test_expert_linear_paths_agree(monkeypatch):
     x = torch.randn(5, 8)
     for P, w in ((4, torch.randn(6, 8, 4)), (40, torch.randn(6, 8, 4)), (40, torch.randn(6, 8, 3))):
-        # fewer pairs than experts (gathered weights), more (grouped), rows too narrow for grouped_mm (a loop)
+        # grouped on CPU, then without grouped_mm (compiled fp32, old GPUs): fewer pairs than experts gather their
+        # weights, more run a matmul per expert; rows of 3 floats are too narrow for grouped_mm (a loop always)
         row, expert = torch.randint(0, 5, (P,)), torch.randint(0, 6, (P,))
         ref = torch.stack([x[r] @ w[e] for r, e in zip(row, expert)])
         torch.testing.assert_close(moe.expert_linear(x, row, expert, w), ref)
@@ -178,17 +179,62 @@ def test_expert_linear_paths_agree(monkeypatch):
         monkeypatch.undo()
 
 
-def test_switchhead_trains_both_routers_and_runs_in_bfloat16():
+def _slow_attn_regularizer(model, inputs: dict, valid: torch.Tensor) -> torch.Tensor:
+    """MoEUT's attention regularizer by loops: per layer, router side, sequence and head, the negative entropy of
+    the mean softmax of the scores over that layer's applications and the sequence's valid tokens; mean over
+    (sequence, head), summed over sides and layers. `inputs[g]`: the inputs (B, T, D) of layer g's attention."""
+    total = 0.0
+    for g, layer in enumerate(model.model.layers):
+        for part in (layer.self_attn.v_proj, layer.self_attn.o_proj):
+            E, heads = part.num_experts, part.heads
+            per_seq = []
+            for b in range(valid.shape[0]):
+                for n in range(heads):
+                    probs = [F.softmax(h[b, t] @ part.gate.weight[n * E:(n + 1) * E].T, -1)
+                             for h in inputs[g] for t in range(valid.shape[1]) if valid[b, t]]
+                    p = torch.stack(probs).mean(0)
+                    per_seq.append((p * p.log()).sum())
+            total = total + torch.stack(per_seq).mean()
+    return total
+
+
+def test_switchhead_regularizer_matches_a_slow_per_layer_per_head_reference_and_trains_both_routers():
     model = varied(tiny(**SWITCHHEAD)).train()
     ids = torch.randint(0, 256, (2, 8))
-    out = model(ids)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    inputs = {0: [], 1: []}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, args, g=g: inputs[g].append(args[0].detach()))
+             for g, layer in enumerate(model.model.layers)]
+    out = model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
     reg = out.stats["dreamer/attn_entropy_reg"]
-    assert float(reg) == pytest.approx(-2 * math.log(4), abs=0.05)  # value + output side, near-uniform
+    with torch.no_grad():
+        torch.testing.assert_close(reg, _slow_attn_regularizer(model, inputs, mask.bool()), rtol=1e-5, atol=1e-5)
+    assert -4 * math.log(4) < float(reg) < -0.5  # 2 layers x 2 routers, each above -ln E, the varied model not uniform
     torch.testing.assert_close(out.aux_loss.detach(), 0.01 * out.stats["dreamer/entropy_reg"] + 0.001 * reg)
     F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()).add(out.aux_loss).backward()
     attn = model.model.layers[1].self_attn
-    for p in (attn.v_gate.weight, attn.o_gate.weight, attn.v_experts, attn.o_experts):
+    for p in (attn.v_proj.gate.weight, attn.o_proj.gate.weight, attn.v_proj.experts, attn.o_proj.experts):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_training_forwards_charge_the_regularizers_router_recomputation():
+    model = varied(tiny(**SWITCHHEAD)).train()
+    mapping = {SDPA_CPU: _sdpa_flops, torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+        out = model(torch.randint(0, 256, (2, 9)))
+    cfg = model.config
+    recompute = 2 * 9 * cfg.num_hidden_layers * 2 * cfg.hidden_size * (cfg.num_key_value_heads + 4) * 4
+    assert counter.get_total_flops() == float(out.stats["flops/executed"]) == model.forward_flops(9, B=2) + recompute
+    assert model.train_flops_per_token(9) * 9 == 3 * (model.forward_flops(9) + recompute / 2)
+
+
+def test_switchhead_with_narrow_heads_runs_under_bfloat16_autocast():
+    model = varied(tiny(**SWITCHHEAD, head_dim=12))  # 12 fp32 bytes per row are 16-aligned, 24 bf16 bytes are not
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(torch.randint(0, 256, (2, 6))).logits).all()
 
 
 def test_switchhead_attention_in_bfloat16_and_under_autocast_tracks_fp32():
@@ -201,6 +247,7 @@ def test_switchhead_attention_in_bfloat16_and_under_autocast_tracks_fp32():
             auto = attn(h, model.make_context(ids, None, None, None, None), 0)
         model.to(torch.bfloat16)
         bf16 = attn(h.bfloat16(), model.make_context(ids, None, None, None, None), 0)
-    for low in (auto, bf16):  # (this seed: no router flips between the precisions, so only rounding differs)
+    for low in (auto, bf16):  # per token: rounding alone, except where a near-tie flips a router's top-k
         assert low.dtype == torch.bfloat16
-        assert float((low.float() - full).norm() / full.norm()) < 0.02
+        err = (low.float() - full).norm(dim=-1) / full.norm(dim=-1)  # (B, T)
+        assert float(err.median()) < 0.02 and float(err.max()) < 1

@@ -187,10 +187,10 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     if done.exists():
         saved = json.loads(done.read_text())
         if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config.to_dict())) and \
-                [r["step"] for r in saved["rows"]] == cfg.steps:
+                [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", data) == data:
             return saved["rows"]
-        raise ValueError(f"{run_dir} holds a run of another model or other budgets; remove it or choose another "
-                         "study out_dir.")
+        raise ValueError(f"{run_dir} holds a run of another model, other budgets or other data; remove it or choose "
+                         "another study out_dir.")
     device = torch.device(cfg.device)
     val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
     n_val = cfg.eval_batches if corpus == "tasks" else cfg.text_eval_batches
@@ -206,7 +206,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
                           tokenizer=tokenizer)
     train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
-    done.write_text(json.dumps({"config": config.to_dict(), "rows": hook.rows}, indent=1) + "\n")
+    done.write_text(json.dumps({"config": config.to_dict(), "data": data, "rows": hook.rows}, indent=1) + "\n")
     return hook.rows
 
 
@@ -283,7 +283,8 @@ def run_study(cfg: StudyConfig) -> dict:
                         for b in matched["baselines"]}, "shapes": {k: describe(v) for k, v in models.items()},
               "rows": rows, "curves": curves, "ratios": ratios(curves, "reference")}
     if cfg.text:
-        text = {"source": cfg.text, "val_source": cfg.text_val, "tokenizer": "byte", "text_split": cfg.text_split}
+        text = {"source": cfg.text, "val_source": cfg.text_val, "tokenizer": "byte", "text_split": cfg.text_split,
+                "cache_dir": str(out / "data")}  # the byte-level token shards, built once per text
         text_rows = [r for label, config in models.items() for seed in cfg.seeds
                      for r in train_and_evaluate(label, config, seed, cfg, text, tokenizer, None, corpus="text")]
         text_curves = mean_curves(text_rows)

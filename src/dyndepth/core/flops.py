@@ -57,6 +57,13 @@ def kv_flops(config: ModelConfig) -> int:
     return 2 * (2 * D * G * H)
 
 
+def switchhead_router_flops(config) -> int:
+    """Per token, SwitchHead's value and output routers (D -> (G + N) * E) once more: the training-only recomputation
+    that feeds MoEUT's entropy regularizer (models/dreamer_layer.py)."""
+    D, G, N = config.hidden_size, config.num_key_value_heads, config.num_attention_heads
+    return 2 * D * (G + N) * config.attn_num_experts
+
+
 def attn_score_flops(config: ModelConfig, attended_keys: Count) -> Count:
     """QK^T plus AV for `attended_keys` (query, key) pairs in total: 2 * 2 * N * H per pair."""
     return 4 * config.num_attention_heads * config.head_dim * attended_keys

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
+from dyndepth.core import flops
 from dyndepth.core.context import ForwardContext, causal_mask, subset_mask
 
 
@@ -104,17 +105,22 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Grouped-query attention with q/k norm and RoPE. `v_proj` / `o_proj` default to Linear layers; a variant
+    passes its own parts (SwitchHead's experts, models/switchhead.py): v_proj maps (..., D) -> (..., G*H), and an
+    o_proj with `routed = True` is called as o_proj(y, h) with the query tokens' normed input h."""
+
+    def __init__(self, config: ModelConfig, v_proj: nn.Module | None = None, o_proj: nn.Module | None = None) -> None:
         super().__init__()
         D, N, G, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = N, G, H
-        self.flops_per_query = 2 * D * N * H * 2  # q_proj + o_proj (core/flops.py conventions)
-        self.flops_per_kv = 2 * D * G * H * 2  # k_proj + v_proj
+        self.flops_per_query = flops.q_o_flops(config)  # q_proj + o_proj (core/flops.py)
+        self.flops_per_kv = flops.kv_flops(config)  # k_proj + v_proj
         bias = config.attention_bias
         self.q_proj = nn.Linear(D, N * H, bias=bias)
         self.k_proj = nn.Linear(D, G * H, bias=bias)
-        self.v_proj = nn.Linear(D, G * H, bias=bias)
-        self.o_proj = nn.Linear(N * H, D, bias=bias)
+        self.v_proj = v_proj if v_proj is not None else nn.Linear(D, G * H, bias=bias)
+        self.o_proj = o_proj if o_proj is not None else nn.Linear(N * H, D, bias=bias)
+        self.routed_output = getattr(self.o_proj, "routed", False)
         if config.qk_norm:
             self.q_norm = RMSNorm(H, config.rms_norm_eps)
             self.k_norm = RMSNorm(H, config.rms_norm_eps)
@@ -141,9 +147,9 @@ class Attention(nn.Module):
         return self.project_k(h_BTD, cos, sin), self.v_proj(h_BTD).view(B, T, self.num_kv_heads, self.head_dim)
 
     def project_out(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Attention output (..., N*H) -> (..., D); `h` (..., D) is the query tokens' normed input (unused here:
-        SwitchHead routes its output experts on it)."""
-        return self.o_proj(y)
+        """Attention output (..., N*H) -> (..., D); `h` (..., D), the query tokens' normed input, routes a routed
+        o_proj (SwitchHead's output experts)."""
+        return self.o_proj(y, h) if self.routed_output else self.o_proj(y)
 
     def forward(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, q_idx_BK: torch.Tensor | None = None,
                 q_valid_BK: torch.Tensor | None = None, ideal_q_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -240,17 +240,18 @@ class DreamerLM(nn.Module):
             balance = load_balancing_loss(st.aux, cfg.num_experts)
             losses.append(cfg.ea_aux_loss_coef * balance)
             stats["dreamer/balance_loss"] = balance.detach()
+        G, valid = cfg.layers_per_group, ctx.valid_or_all
+        # MoEUT's regularizers, per layer of the group over its own applications (a[g::G]), summed over layers
         if st.sel_logits and cfg.ea_entropy_coef:
-            reg = entropy_regularizer(torch.stack(st.sel_logits), ctx.valid_or_all)
+            reg = sum(entropy_regularizer(torch.stack(st.sel_logits[g::G]), valid) for g in range(G))
             losses.append(cfg.ea_entropy_coef * reg)
             stats["dreamer/entropy_reg"] = reg.detach()
         if st.attn_sel_logits and cfg.attn_entropy_coef:
-            reg = sum(entropy_regularizer(per_head(torch.stack(side)), ctx.valid_or_all.repeat_interleave(
-                side[0].shape[2], 0)) for side in zip(*st.attn_sel_logits))  # value side, output side
+            reg = sum(entropy_regularizer(*per_head(torch.stack(side[g::G]), valid))
+                      for side in zip(*st.attn_sel_logits) for g in range(G))  # value side, output side
             losses.append(cfg.attn_entropy_coef * reg)
             stats["dreamer/attn_entropy_reg"] = reg.detach()
         slots = [a.slot for a in self.schedule]
-        valid = ctx.valid_or_all
         if cfg.num_experts:
             stats.update(expert_stats(st, slots, valid, cfg, self.num_steps))
         stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)
@@ -268,8 +269,13 @@ class DreamerLM(nn.Module):
         return flops.recurrent_forward_flops(self.config, T, B, context, lm_head, self.num_steps)
 
     def train_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token for MFU: 3 x the forward (backward = 2 x forward), causal attention."""
-        return 3 * self.forward_flops(seq_len) / seq_len
+        """Training FLOPs per token for MFU: 3 x the forward (backward = 2 x forward), causal attention, plus
+        SwitchHead's router recomputation for its regularizer (forward and backward)."""
+        cfg = self.config
+        extra = 0
+        if cfg.attn_num_experts and cfg.attn_entropy_coef:
+            extra = 3 * cfg.num_hidden_layers * flops.switchhead_router_flops(cfg)
+        return 3 * self.forward_flops(seq_len) / seq_len + extra
 
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""
@@ -317,11 +323,11 @@ def entropy_regularizer(logits_ABTE: torch.Tensor, valid_BT: torch.Tensor) -> to
     return (neg_entropy * rows).sum() / rows.sum().clamp(min=1)
 
 
-def per_head(logits_ABTHE: torch.Tensor) -> torch.Tensor:
-    """(A, B, T, heads, E) -> (A, B*heads, T, E): each head's router as its own sequence, as MoEUT regularizes
-    SwitchHead's routers (rows b*heads + n, matching `valid.repeat_interleave(heads, 0)`)."""
-    A, B, T, Hd, E = logits_ABTHE.shape
-    return logits_ABTHE.permute(0, 1, 3, 2, 4).reshape(A, B * Hd, T, E)
+def per_head(logits_ABTNE: torch.Tensor, valid_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwitchHead's router scores (A, B, T, N heads, E) as (A, B*N, T, E) with validity (B*N, T): each head's router
+    is regularized on its own, as MoEUT does (row b*N + n is head n of sequence b)."""
+    A, B, T, N, E = logits_ABTNE.shape
+    return logits_ABTNE.permute(0, 1, 3, 2, 4).reshape(A, B * N, T, E), valid_BT.repeat_interleave(N, 0)
 
 
 class ExpertBiasHook:

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.core.context import ForwardContext, causal_mask
-from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops
+from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops, switchhead_router_flops
 from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 from dyndepth.models.moe import Experts, router_stats
-from dyndepth.models.switchhead import SwitchHeadAttention
+from dyndepth.models.switchhead import switchhead_attention
 
 
 @dataclass
@@ -146,7 +146,7 @@ class DreamerLayer(nn.Module):
         self.config, self.index = config, index
         D, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(D, eps)
-        self.self_attn = SwitchHeadAttention(config) if config.attn_num_experts else Attention(config)
+        self.self_attn = switchhead_attention(config) if config.attn_num_experts else Attention(config)
         if config.da_mode == "separate":
             self.depth_layernorm = RMSNorm(D, eps)
             self.depth_attn = DepthAttention(config)
@@ -178,10 +178,10 @@ class DreamerLayer(nn.Module):
         h = self.input_layernorm(x_BTD)
         if ctx.training and self.config.attn_num_experts and self.config.attn_entropy_coef:
             # the regularizer's scores, recomputed from the same input (the routers' matmuls once more, in training)
-            st.attn_sel_logits.append(self.self_attn.selection_scores(h))  # (B, T, G, E), (B, T, N, E)
-            cfg = self.config
-            per_token = 2 * cfg.hidden_size * (cfg.num_key_value_heads + cfg.num_attention_heads) * cfg.attn_num_experts
-            ctx.ledger.add(slot, "router", executed=h.shape[0] * h.shape[1] * per_token, ideal=0)
+            attn = self.self_attn
+            st.attn_sel_logits.append((attn.v_proj.scores(h), attn.o_proj.scores(h)))  # (B, T, G, E), (B, T, N, E)
+            n = h.shape[0] * h.shape[1]
+            ctx.ledger.add(slot, "router", executed=n * switchhead_router_flops(self.config), ideal=0)
         if da == "merged_softmax":
             sa = self._out(0, merged_attention(self.self_attn, h, ctx, slot, st, self.index, step))
         else:

@@ -84,15 +84,15 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
     expert and run as one grouped matmul (CPU, or CUDA in bf16), else one matmul per expert; a few pairs
     (decoding) gather their experts' weights instead (no host sync). SwitchHead's expert projections."""
     E, P = weight_EIO.shape[0], expert_P.shape[0]
-    grouped = _grouped_mm_supported(x_MI) and all(n * x_MI.element_size() % 16 == 0 for n in weight_EIO.shape[1:])
+    dtype = torch.get_autocast_dtype(x_MI.device.type) if torch.is_autocast_enabled(x_MI.device.type) \
+        else x_MI.dtype  # grouped_mm is not an autocast op: cast by hand
+    grouped = _grouped_mm_supported(x_MI) and all(n * dtype.itemsize % 16 == 0 for n in weight_EIO.shape[1:])
     if not grouped and P < E:
         return torch.bmm(x_MI[row_P][:, None], weight_EIO[expert_P])[:, 0]  # (P, O)
     order = torch.argsort(expert_P, stable=True)
     x_sorted = x_MI[row_P[order]]  # (P, I) grouped by expert
     counts_E = torch.bincount(expert_P, minlength=E)
-    if grouped:  # (its operands need 16-byte strides)
-        dtype = torch.get_autocast_dtype(x_MI.device.type) if torch.is_autocast_enabled(x_MI.device.type) \
-            else x_MI.dtype  # grouped_mm is not an autocast op: cast by hand
+    if grouped:  # (its operands need 16-byte row strides)
         y = F.grouped_mm(x_sorted.to(dtype), weight_EIO.to(dtype), offs=counts_E.cumsum(0).to(torch.int32))
     else:
         outs, start = [], 0
