@@ -98,7 +98,8 @@ def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
                        "moeut": {"mismatch": {"params": 0.01}, "within": True}},
              "curves": {"reference": [dict(p, expert_set_entropy=3.0) for p in curve], "dense": curve,
                         "moeut": [dict(p, expert_set_entropy=1.0) for p in curve]},
-             "ratios": {"dense": ["-", "3.00", ">2.00", ">1.00"], "moeut": ["2.50", "2.20", "2.00", "1.00"]}}
+             "ratios": {"dense": ["-", "3.00", ">2.00", ">1.00"], "moeut": ["2.50", "2.20", "2.00", "1.00"]},
+             "experts": {"reference": [16, 2], "moeut": [16, 2]}}
     (tmp_path / "study").mkdir()
 
     def claims(**ratios):
@@ -111,9 +112,11 @@ def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
     assert "exp(H)" in found["claims"][1]["measured"] and "| reference |" in found["table"]
     assert claims(moeut=["2.50", "1.40", "2.00", "1.00"])[1]["Dreamer needs 2-8x fewer training tokens"] is False
     assert claims(moeut=["<=0.50", "2.20", "2.00", "1.00"])[1]["Dreamer needs 2-8x fewer training tokens"] is False
-    inconclusive = claims(dense=["-", ">1.50", ">1.00", ">1.00"])[1]  # it never got there, but 1.5x is all we saw
-    assert inconclusive["Dreamer needs 2-8x fewer training tokens"] is None
+    never = claims(dense=[">8.00", ">4.00", ">2.00", ">1.00"])[1]  # never got there: >= 2x at budgets <= 400
+    assert never["Dreamer needs 2-8x fewer training tokens"] is True
     study["curves"]["moeut"] = [dict(p, expert_set_entropy=2.5) for p in curve]  # exp(3) / exp(2.5) = 1.6x
     assert claims()[1]["Dreamer's expert-selection diversity"] is False
+    study["experts"]["moeut"] = [4, 2]  # 6 possible sets against 120: the ratio measures the bound
+    assert claims()[1]["Dreamer's expert-selection diversity"] is None
     with pytest.raises(ValueError, match="no study.json"):
         dreamer_study(tmp_path / "missing", tmp_path)

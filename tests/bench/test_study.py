@@ -94,3 +94,16 @@ def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):
     assert train_and_evaluate("reference", config, 0, cfg, text, None, None, corpus="text") == rows
     with pytest.raises(ValueError, match="other data"):  # the same model on another text file is trained anew
         train_and_evaluate("reference", config, 0, cfg, {**text, "source": "b.txt"}, None, None, corpus="text")
+
+
+def test_runs_are_keyed_by_the_texts_content_not_how_its_path_is_spelled(tmp_path):
+    import os
+
+    from dyndepth.bench.study import data_key
+
+    (tmp_path / "a.txt").write_text("one book")
+    key = data_key({"source": str(tmp_path / "a.txt"), "tokenizer": "byte", "cache_dir": str(tmp_path / "x")})
+    relative = os.path.relpath(tmp_path / "a.txt")
+    assert key == data_key({"source": relative, "tokenizer": "byte", "cache_dir": str(tmp_path / "y")})
+    (tmp_path / "a.txt").write_text("another book")
+    assert key != data_key({"source": str(tmp_path / "a.txt"), "tokenizer": "byte"})

@@ -232,7 +232,7 @@ def test_training_forwards_charge_the_regularizers_router_recomputation():
 
 
 def test_switchhead_with_narrow_heads_runs_under_bfloat16_autocast():
-    model = varied(tiny(**SWITCHHEAD, head_dim=12))  # 12 fp32 bytes per row are 16-aligned, 24 bf16 bytes are not
+    model = varied(tiny(**SWITCHHEAD, head_dim=12))  # rows of 12: 48 fp32 bytes are 16-aligned, 24 bf16 ones not
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(torch.randint(0, 256, (2, 6))).logits).all()
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from dyndepth.bench.match import FAMILIES, MatchConfig, describe, load_reference, run_match
 from dyndepth.bench.timing import machine_description, markdown_table
-from dyndepth.data.build import build_loader, build_tokenizer
+from dyndepth.data.build import build_loader, build_tokenizer, source_fingerprint
 from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.models import build_model
@@ -183,11 +183,11 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     are kept in the run's folder (rows.json, with the model's config), so a rerun of the study skips the runs it
     already finished for the same model and budgets. `corpus` "text" runs in out_dir/text/."""
     run_dir = Path(cfg.out_dir) / ("" if corpus == "tasks" else corpus) / label / f"seed{seed}"
-    done = run_dir / "rows.json"
+    done, key = run_dir / "rows.json", data_key(data)
     if done.exists():
         saved = json.loads(done.read_text())
         if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config.to_dict())) and \
-                [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", data) == data:
+                [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", key) == key:
             return saved["rows"]
         raise ValueError(f"{run_dir} holds a run of another model, other budgets or other data; remove it or choose "
                          "another study out_dir.")
@@ -206,8 +206,18 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
                           tokenizer=tokenizer)
     train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
-    done.write_text(json.dumps({"config": config.to_dict(), "data": data, "rows": hook.rows}, indent=1) + "\n")
+    done.write_text(json.dumps({"config": config.to_dict(), "data": key, "rows": hook.rows}, indent=1) + "\n")
     return hook.rows
+
+
+def data_key(data: dict) -> dict:
+    """What identifies a run's data: the data config as JSON, files by their content's fingerprint rather than their
+    path, without the cache folder."""
+    key = json.loads(json.dumps({k: v for k, v in data.items() if k != "cache_dir"}))
+    for name in ("source", "val_source"):
+        if key.get(name) and Path(key[name]).exists():
+            key[name] = source_fingerprint(key[name], data.get("cache_dir"))
+    return key
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[str, float | None]:
@@ -281,7 +291,9 @@ def run_study(cfg: StudyConfig) -> dict:
     result = {"config": dataclasses.asdict(cfg), "machine": machine_description(torch.device(cfg.device)),
               "match": {b["family"]: {"mismatch": b["mismatch"], "within": b["within"], "shape": describe(b["config"])}
                         for b in matched["baselines"]}, "shapes": {k: describe(v) for k, v in models.items()},
-              "rows": rows, "curves": curves, "ratios": ratios(curves, "reference")}
+              "rows": rows, "curves": curves, "ratios": ratios(curves, "reference"),
+              "experts": {k: [v.num_experts, v.num_experts_per_tok] for k, v in models.items()
+                          if getattr(v, "num_experts", 0)}}  # (E, k): the bound C(E, k) of the set entropy
     if cfg.text:
         text = {"source": cfg.text, "val_source": cfg.text_val, "tokenizer": "byte", "text_split": cfg.text_split,
                 "cache_dir": str(out / "data")}  # the byte-level token shards, built once per text
