@@ -107,3 +107,12 @@ def test_runs_are_keyed_by_the_texts_content_not_how_its_path_is_spelled(tmp_pat
     assert key == data_key({"source": relative, "tokenizer": "byte", "cache_dir": str(tmp_path / "y")})
     (tmp_path / "a.txt").write_text("another book")
     assert key != data_key({"source": str(tmp_path / "a.txt"), "tokenizer": "byte"})
+
+
+def test_a_saved_config_matches_after_the_config_class_gained_a_field():
+    from dyndepth.bench.study import same_config
+
+    config = dyndepth.preset("mor-tiny")
+    old = {k: v for k, v in config.to_dict().items() if k not in ("causal_path", "aux_router_hidden")}
+    assert same_config(old, config)  # a run saved before the field existed, which had its default behaviour
+    assert not same_config({**old, "hidden_size": 64}, config) and not same_config(None, config)

@@ -186,7 +186,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     done, key = run_dir / "rows.json", data_key(data)
     if done.exists():
         saved = json.loads(done.read_text())
-        if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config.to_dict())) and \
+        if isinstance(saved, dict) and same_config(saved.get("config"), config) and \
                 [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", key) == key:
             return saved["rows"]
         raise ValueError(f"{run_dir} holds a run of another model, other budgets or other data; remove it or choose "
@@ -208,6 +208,15 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
     done.write_text(json.dumps({"config": config.to_dict(), "data": key, "rows": hook.rows}, indent=1) + "\n")
     return hook.rows
+
+
+def same_config(saved: dict | None, config) -> bool:
+    """Whether a saved config dict describes `config`: read back through the config class, so fields added to it
+    since (at their defaults) still match."""
+    try:
+        return type(config).from_dict(json.loads(json.dumps(saved))) == config
+    except (AttributeError, TypeError, ValueError):  # not a dict, or values the class rejects
+        return False
 
 
 def data_key(data: dict) -> dict:
