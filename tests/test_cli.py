@@ -45,8 +45,8 @@ def test_option_set_is_deliberate():
                      "tokenizer", "top_k", "top_p"],
         "match": ["against", "batch_size", "config", "device", "out", "seq_len", "switchhead", "tolerance"],
         "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds", "text", "text_val"],
-        "repro": ["base", "data_dir", "limit", "out", "profile", "steps", "study", "tasks", "train_data",
-                  "val_data"],
+        "repro": ["base", "data_dir", "limit", "out", "profile", "render_only", "steps", "study", "tasks",
+                  "train_data", "val_data"],
         "train": ["method", "recipe", "resume", "set_"],
     }
 

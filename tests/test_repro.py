@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval")
 
 import dyndepth
+from dyndepth.cli import app
 from dyndepth.repro import ReproConfig, claims, interpolate, run_repro
 from dyndepth.tokenizer import train_bpe
 
@@ -55,6 +57,11 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
     for path in result["plots"].values():
         assert (out / path.split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
     assert {"accuracy", "loss", "depth GateSkip vector", "depth DND 20%", "depth MoD c=50.0%"} <= set(result["plots"])
+    (out / "REPORT.md").write_text("stale")
+    cli = CliRunner().invoke(app, ["repro", "--render-only", "--out", str(out)])  # the report again, nothing rerun
+    assert cli.exit_code == 0 and (out / "REPORT.md").read_text() == report
+    cli = CliRunner().invoke(app, ["repro", "--out", str(out)])
+    assert cli.exit_code != 0 and "repro needs BASE, --data-dir, --train-data" in cli.output
 
 
 def _row(label, method, compute, val_loss, accuracy=0.6, budget=None):
@@ -79,6 +86,12 @@ def test_claims_follow_the_numbers():
     assert claims(rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.8)])[-1]["holds"] is True
     at_chance = [dict(r, accuracy=0.5) for r in rows]
     assert claims(at_chance)[0]["holds"] is None  # a base at chance cannot test retention
+    cheap = rows + [_row("MoD c=12.5%", "mod", 0.45, 3.9)]  # below the vector curve's range (0.60-1.15)
+    assert [c for c in claims(cheap) if "c=12.5%" in c["claim"]][0]["holds"] is None
+    lowrank = [_row("GateSkip low-rank q=0%", "gateskip", 1.0, 3.0, budget=0.0),
+               _row("GateSkip low-rank q=50%", "gateskip", 0.4, 3.5, budget=0.5)]
+    mod = [c for c in claims(cheap + lowrank) if "c=12.5%" in c["claim"]][0]  # the low-rank curve covers 45%
+    assert mod["holds"] is True and "low-rank gates" in mod["measured"]  # ~3.46 at 45%: MoD's 3.9 loses
 
 
 def test_interpolate_along_a_curve():

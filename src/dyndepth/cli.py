@@ -141,9 +141,10 @@ def demo(
 
 @app.command()
 def repro(
-    base: str = typer.Argument(..., help="Base checkpoint folder with its tokenizer.json (a base recipe's model)."),
-    data_dir: Path = typer.Option(..., "--data-dir", help="Offline lm-eval task files (e.g. ../shared/data)."),
-    train_data: Path = typer.Option(..., "--train-data", help="Post-training text (e.g. a Gutenberg shard)."),
+    base: Optional[str] = typer.Argument(None, help="Base checkpoint folder with its tokenizer.json (a base "
+                                                    "recipe's model); not with --render-only."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Offline lm-eval task files (../shared/data)."),
+    train_data: Optional[Path] = typer.Option(None, "--train-data", help="Post-training text (a Gutenberg shard)."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="Held-out text (default: 1% of the documents)."),
     profile: str = typer.Option("cpu", help="cpu (under an hour on 2 cores) | quick (a smoke run)."),
     steps: Optional[int] = typer.Option(None, help="Post-training steps per contender (default: the profile's)."),
@@ -152,9 +153,20 @@ def repro(
     out: Path = typer.Option(Path("runs/repro"), help="Folder for REPORT.md, results.json and the plots."),
     study: Optional[Path] = typer.Option(None, help="A `dyndepth study tokens` output folder: Dreamer against its "
                                                     "matched baselines in the report."),
+    render_only: bool = typer.Option(False, "--render-only", help="Rewrite REPORT.md from --out's results.json "
+                                                                   "(no training or scoring)."),
 ) -> None:
     """Post-train every method from one base and write REPORT.md: quality vs compute, the papers' claims, plots."""
-    from dyndepth.repro import ReproConfig, run_repro
+    from dyndepth.repro import ReproConfig, rerender, run_repro
+
+    if render_only:
+        _run(rerender, str(out), str(study or ""))
+        return
+    given = (("BASE", base), ("--data-dir", data_dir), ("--train-data", train_data))
+    missing = [name for name, v in given if v is None]
+    if missing:
+        _fail(ValueError(f"repro needs {', '.join(missing)}: the base checkpoint, the offline task files and the "
+                         "post-training text (or --render-only to rewrite a finished run's report)."))
 
     cfg = _run(ReproConfig.from_profile, profile, base=base, data_dir=str(data_dir), train_data=str(train_data),
                val_data=str(val_data or ""), out_dir=str(out), post_steps=steps, limit=limit, study=str(study or ""),

@@ -120,9 +120,14 @@ def run_repro(cfg: ReproConfig) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "base_params": base.num_params(), "rows": rows, "plots": plots,
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
-    result["claims"] = claims(rows)
-    if cfg.study:
-        result["study"] = dreamer_study(Path(cfg.study), out)
+    return write_report(result, out, cfg.study)
+
+
+def write_report(result: dict, out: Path, study: str = "") -> dict:
+    """The claims (and with `study`, Dreamer's section) from a run's rows, then results.json and REPORT.md."""
+    result["claims"] = claims(result["rows"])
+    if study:
+        result["study"] = dreamer_study(Path(study), out)
         result["claims"] += result["study"]["claims"]
         result["plots"].update(result["study"]["plots"])
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -130,6 +135,19 @@ def run_repro(cfg: ReproConfig) -> dict:
     (out / "REPORT.md").write_text(report + "\n")
     print(report)
     return result
+
+
+def rerender(out_dir: str, study: str = "") -> dict:
+    """REPORT.md of a finished run again from its results.json, with this version's claims and report (no
+    training, no scoring)."""
+    out = Path(out_dir)
+    path = out / "results.json"
+    if not path.exists():
+        raise ValueError(f"repro --render-only: {out} has no results.json; run `dyndepth repro` into it first.")
+    result = json.loads(path.read_text())
+    result.pop("study", None)
+    result["plots"] = {k: v for k, v in result["plots"].items() if not k.startswith("study ")}
+    return write_report(result, out, study)
 
 
 def _train_config(cfg: ReproConfig, out: Path) -> TrainConfig:
@@ -183,8 +201,9 @@ def claims(rows: list[dict]) -> list[dict]:
     """Each paper's headline claim, measured: {"claim", "measured", "holds": True | False | None (untestable)}.
     "A beats B" needs A's held-out loss lower by more than MARGIN."""
     base, vector = rows[0], _series(rows, "gateskip", "vector")
-    found = [_gateskip_claim(base, vector), _gate_kind_claim(vector, _series(rows, "gateskip", "low-rank"))]
-    found += [_mod_claim(vector, mod) for mod in rows if mod["method"] == "mod"]
+    lowrank = _series(rows, "gateskip", "low-rank")
+    found = [_gateskip_claim(base, vector), _gate_kind_claim(vector, lowrank)]
+    found += [_mod_claim({"vector": vector, "low-rank": lowrank}, mod) for mod in rows if mod["method"] == "mod"]
     found.append(_dnd_claim(next((r for r in rows if r["method"] == "none"), None),
                             next((r for r in rows if r["method"] == "dnd"), None)))
     return [c for c in found if c is not None]
@@ -213,9 +232,14 @@ def _gate_kind_claim(vector: list[dict], lowrank: list[dict]) -> dict | None:
             "measured": measured, "holds": sum(vec - lo > MARGIN for _, lo, vec in pairs) > len(pairs) / 2}
 
 
-def _mod_claim(vector: list[dict], mod: dict) -> dict:
-    gs = interpolate(vector, mod["compute"], "val_loss")
-    where = "GateSkip outside its measured range" if gs is None else f"GateSkip (vector) {gs:.3f}"
+def _mod_claim(gateskip: dict[str, list[dict]], mod: dict) -> dict:
+    """GateSkip's held-out loss at MoD's compute, on the first gate kind whose measured range covers it."""
+    gs, kind = None, None
+    for kind, series in gateskip.items():
+        gs = interpolate(series, mod["compute"], "val_loss")
+        if gs is not None:
+            break
+    where = "GateSkip outside its measured range" if gs is None else f"GateSkip ({kind} gates) {gs:.3f}"
     measured = f"at {mod['compute']:.0%} of the base's FLOPs: MoD held-out loss {mod['val_loss']:.3f}, {where}"
     return {"claim": f"GateSkip beats MoD at equal compute ({mod['label']})", "measured": measured,
             "holds": None if gs is None else mod["val_loss"] - gs > MARGIN}
