@@ -57,9 +57,7 @@ class Experts(nn.Module):
 
     def _grouped(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """(M, D) rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e] -> (M, D)."""
-        dtype = x_MD.dtype
-        if torch.is_autocast_enabled(x_MD.device.type):  # grouped_mm is not an autocast op: cast by hand
-            dtype = torch.get_autocast_dtype(x_MD.device.type)
+        dtype = _matmul_dtype(x_MD)
         x = x_MD.to(dtype)
         h = F.grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)  # (M, 2F)
         gate, up = h.chunk(2, dim=-1)
@@ -84,8 +82,7 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
     expert and run as one grouped matmul (CPU, or CUDA in bf16), else one matmul per expert; a few pairs
     (decoding) gather their experts' weights instead (no host sync). SwitchHead's expert projections."""
     E, P = weight_EIO.shape[0], expert_P.shape[0]
-    dtype = torch.get_autocast_dtype(x_MI.device.type) if torch.is_autocast_enabled(x_MI.device.type) \
-        else x_MI.dtype  # grouped_mm is not an autocast op: cast by hand
+    dtype = _matmul_dtype(x_MI)
     grouped = _grouped_mm_supported(x_MI) and all(n * dtype.itemsize % 16 == 0 for n in weight_EIO.shape[1:])
     if not grouped and P < E:
         return torch.bmm(x_MI[row_P][:, None], weight_EIO[expert_P])[:, 0]  # (P, O)
@@ -102,6 +99,12 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
             start += c
         y = torch.cat(outs)
     return torch.empty_like(y).index_copy(0, order, y)  # back to pair order
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when it is on (grouped_mm is not an autocast op: its callers
+    cast by hand), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
