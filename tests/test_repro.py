@@ -58,7 +58,7 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
         assert (out / path.split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
     assert {"accuracy", "loss", "depth GateSkip vector", "depth DND 20%", "depth MoD c=50.0%"} <= set(result["plots"])
     (out / "REPORT.md").write_text("stale")
-    cli = CliRunner().invoke(app, ["repro", "--render-only", "--out", str(out)])  # the report again, nothing rerun
+    cli = CliRunner().invoke(app, ["repro", "--render-only", "--out", str(out)])  # the same report, nothing rerun
     assert cli.exit_code == 0 and (out / "REPORT.md").read_text() == report
     cli = CliRunner().invoke(app, ["repro", "--out", str(out)])
     assert cli.exit_code != 0 and "repro needs BASE, --data-dir, --train-data" in cli.output
@@ -92,6 +92,8 @@ def test_claims_follow_the_numbers():
                _row("GateSkip low-rank q=50%", "gateskip", 0.4, 3.5, budget=0.5)]
     mod = [c for c in claims(cheap + lowrank) if "c=12.5%" in c["claim"]][0]  # the low-rank curve covers 45%
     assert mod["holds"] is True and "low-rank gates" in mod["measured"]  # ~3.46 at 45%: MoD's 3.9 loses
+    both = [c for c in claims(rows + lowrank) if "c=50%" in c["claim"]][0]  # both curves cover 75%: the better one
+    assert "(low-rank gates) 3.208" in both["measured"] and both["holds"] is False  # vector ~3.68 at 75%
 
 
 def test_interpolate_along_a_curve():

@@ -146,8 +146,8 @@ def rerender(out_dir: str, study: str = "") -> dict:
         raise ValueError(f"repro --render-only: {out} has no results.json; run `dyndepth repro` into it first.")
     result = json.loads(path.read_text())
     result.pop("study", None)
-    result["plots"] = {k: v for k, v in result["plots"].items() if not k.startswith("study ")}
-    return write_report(result, out, study)
+    result["plots"] = {k: v for k, v in result.get("plots", {}).items() if not k.startswith("study ")}
+    return write_report(result, out, study or result.get("config", {}).get("study", ""))  # the run's study by default
 
 
 def _train_config(cfg: ReproConfig, out: Path) -> TrainConfig:
@@ -233,12 +233,9 @@ def _gate_kind_claim(vector: list[dict], lowrank: list[dict]) -> dict | None:
 
 
 def _mod_claim(gateskip: dict[str, list[dict]], mod: dict) -> dict:
-    """GateSkip's held-out loss at MoD's compute, on the first gate kind whose measured range covers it."""
-    gs, kind = None, None
-    for kind, series in gateskip.items():
-        gs = interpolate(series, mod["compute"], "val_loss")
-        if gs is not None:
-            break
+    """GateSkip's held-out loss at MoD's compute: the best gate kind among those whose measured range covers it."""
+    at = {kind: interpolate(series, mod["compute"], "val_loss") for kind, series in gateskip.items()}
+    kind, gs = min(((k, v) for k, v in at.items() if v is not None), key=lambda kv: kv[1], default=(None, None))
     where = "GateSkip outside its measured range" if gs is None else f"GateSkip ({kind} gates) {gs:.3f}"
     measured = f"at {mod['compute']:.0%} of the base's FLOPs: MoD held-out loss {mod['val_loss']:.3f}, {where}"
     return {"claim": f"GateSkip beats MoD at equal compute ({mod['label']})", "measured": measured,

@@ -116,3 +116,4 @@ def test_a_saved_config_matches_after_the_config_class_gained_a_field():
     old = {k: v for k, v in config.to_dict().items() if k not in ("causal_path", "aux_router_hidden")}
     assert same_config(old, config)  # a run saved before the field existed, which had its default behaviour
     assert not same_config({**old, "hidden_size": 64}, config) and not same_config(None, config)
+    assert not same_config({**config.to_dict(), "router_noise": 0.1}, config)  # a field this class does not have

@@ -213,6 +213,9 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
 def same_config(saved: dict | None, config) -> bool:
     """Whether a saved config dict describes `config`: read back through the config class, so fields added to it
     since (at their defaults) still match."""
+    known = {f.name for f in dataclasses.fields(type(config))}
+    if not isinstance(saved, dict) or not set(saved) <= known:  # a field since removed or renamed: another model
+        return False
     try:
         return type(config).from_dict(json.loads(json.dumps(saved))) == config
     except (AttributeError, TypeError, ValueError):  # not a dict, or values the class rejects
