@@ -44,10 +44,9 @@ class ComputeLedger:
         if part not in PARTS:
             raise ValueError(f"ledger part {part!r} is not one of {PARTS}.")
         key = (slot, part)
-        self.executed[key] = self.executed.get(key, 0) + executed
-        self.ideal[key] = self.ideal.get(key, 0) + ideal
-        if tokens is not None:
-            self.tokens[key] = self.tokens.get(key, 0) + tokens
+        for table, value in ((self.executed, executed), (self.ideal, ideal), (self.tokens, tokens)):
+            if value is not None:  # a first entry is stored as given: no tensor op (decode steps are op-bound)
+                table[key] = table[key] + value if key in table else value
 
     def total(self, which: str = "executed", part: str | None = None, slot: int | None = None) -> float:
         """Sum of `which` ("executed" | "ideal") over the matching keys (all when part / slot are None)."""

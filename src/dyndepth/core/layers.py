@@ -174,9 +174,10 @@ class Attention(nn.Module):
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
         if q_idx_BK is None:
-            pos_q, valid_q = ctx.positions, ctx.valid
+            pos_q, valid_q = ctx.positions, ctx.valid  # discarded queries attend as usual: outputs are dropped
+            ideal_q = valid_q
             if ideal_q_BT is not None:
-                valid_q = ideal_q_BT if valid_q is None else valid_q & ideal_q_BT
+                ideal_q = ideal_q_BT if valid_q is None else valid_q & ideal_q_BT
             q = self.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
         else:
             if q_idx_BK.shape[1] == 0:  # every token skipped: K/V written, nothing else
@@ -184,6 +185,7 @@ class Attention(nn.Module):
                 return h_BTD.new_zeros(B, 0, h_BTD.shape[2])
             pos_q = ctx.positions.gather(1, q_idx_BK)  # (B, K)
             valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
+            ideal_q = valid_q
             rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
             t_N = q_idx_BK[rows_N, cols_N]  # (N,) source column of each valid entry
             h_ND = h_BTD[rows_N, t_N]  # (N, D) the query tokens' input
@@ -199,8 +201,6 @@ class Attention(nn.Module):
             if q_idx_BK is not None:
                 doc_q = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, q_idx_BK)
                 mask = subset_mask(pos_q, ctx.positions, ctx.valid, valid_q, doc_q, ctx.doc_ids)
-            elif ideal_q_BT is not None and mask is not None:
-                mask = mask | ~ideal_q_BT[:, None, :, None]  # discarded queries are like PAD ones
         if q_idx_BK is None or mask is None:
             y = self.attend(q, k_all, v_all, mask)  # (B, T, N*H)
             pairs = B * Tq * k_all.shape[2] if mask is not None else B * Tq * (Tq + 1) // 2  # causal kernels
@@ -210,8 +210,8 @@ class Attention(nn.Module):
             y, pairs = self.attend_chunks(q, k_all, v_all, mask, last_key)  # (B, K, N*H)
             o_N = self.project_out(y[rows_N, cols_N], h_ND)  # (N, D): valid entries only
             out, q_rows = o_N.new_zeros(B, Tq, o_N.shape[-1]).index_put((rows_N, cols_N), o_N), rows_N.numel()
-        n_q = B * Tq if valid_q is None else valid_q.sum()
-        self._record(ctx, slot, h_BTD, q_rows, pairs, self._visible_pairs(mask, valid_q, B, Tq), n_q)
+        n_q = B * Tq if ideal_q is None else ideal_q.sum()
+        self._record(ctx, slot, h_BTD, q_rows, pairs, self._visible_pairs(mask, ideal_q, B, Tq), n_q)
         return out  # (B, T or K, D)
 
     def _project_q_subset(self, h_ND, ctx: ForwardContext, shape_BK, rows_N, cols_N, t_N) -> torch.Tensor:

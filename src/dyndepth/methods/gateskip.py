@@ -315,7 +315,9 @@ class GateSkip:
         elif q <= 0:
             keep = None
         elif self.mode == "threshold":
-            keep = torch.where(st.pool, s_BT > tau, st.valid)  # pool: by threshold; EOS runs; PAD does not
+            keep = s_BT > tau  # pool: by threshold; EOS runs; PAD does not
+            if st.n_always or ctx.valid is not None:
+                keep = torch.where(st.pool, keep, st.valid)
         else:
             rule = SelectRule(kind="quantile", scope=self.config.scope, q=q, pad_policy="drop")
             keep = select(s_BT, st.pool, rule) | st.always
@@ -352,13 +354,11 @@ class GateSkip:
         return skipped >= self.config.pack_min_skipped and skipped >= self.config.pack_min_fraction * n
 
     def _attn(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        if keep is None:
-            return x + g.to(x.dtype) * layer.attn_branch(h, ctx, slot)
-        path = self._run_path(keep, ctx.state, "attn")
+        path = "all" if keep is None else self._run_path(keep, ctx.state, "attn")
         if path == "all":
-            return x + g.to(x.dtype) * layer.attn_branch(h, ctx, slot)
+            return torch.addcmul(x, g.to(x.dtype), layer.attn_branch(h, ctx, slot))
         if path == "dense":
-            return x + (g * keep[..., None]).to(x.dtype) * layer.attn_branch(h, ctx, slot, ideal_q_BT=keep)
+            return torch.addcmul(x, (g * keep[..., None]).to(x.dtype), layer.attn_branch(h, ctx, slot, ideal_q_BT=keep))
         idx_BK, valid_BK = pack_indices(keep)  # (B, K): K = 0 when no token keeps (K/V still written)
         y_BKD = layer.attn_branch(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)
         if path == "none":
@@ -366,13 +366,13 @@ class GateSkip:
         return scatter_padded_add(x, gather_padded(g, idx_BK).to(x.dtype) * y_BKD, idx_BK, valid_BK)
 
     def _mlp(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        if keep is None:
-            return x + g.to(x.dtype) * layer.mlp_branch(h, ctx, slot)
-        path = self._run_path(keep, ctx.state, "mlp")
+        path = "all" if keep is None else self._run_path(keep, ctx.state, "mlp")
         if path == "none":
             return x
-        if path in ("all", "dense"):
-            return x + (g * keep[..., None]).to(x.dtype) * layer.mlp_branch(h, ctx, slot, valid=keep)
+        if path == "all":
+            return torch.addcmul(x, g.to(x.dtype), layer.mlp_branch(h, ctx, slot, valid=keep))
+        if path == "dense":
+            return torch.addcmul(x, (g * keep[..., None]).to(x.dtype), layer.mlp_branch(h, ctx, slot, valid=keep))
         h_ND, idx_N = pack(h, keep)  # (N, D)
         y_ND = layer.mlp_branch(h_ND, ctx, slot, valid=torch.ones(idx_N.shape, dtype=torch.bool, device=x.device))
         return scatter_add(x, gather_flat(g, idx_N).to(x.dtype) * y_ND, idx_N)
