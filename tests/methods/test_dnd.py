@@ -2,11 +2,13 @@
 method, batch and document independence, cached decoding (dense and MoE, left padding, invalidation), the
 router controlling loss, the threshold controller, FLOPs against torch's counter, training, save / load."""
 
+import contextlib
 import json
 
 import pytest
 import torch
 from test_compute import counted, padded_batch
+from test_gateskip import _OpCounter
 from typer.testing import CliRunner
 
 import dyndepth
@@ -15,6 +17,7 @@ from dyndepth.cli import app
 from dyndepth.core.method import Method
 from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
 from dyndepth.methods.dnd import compact_positions, router_losses
+from dyndepth.methods.dnd_analysis import without_method
 
 
 def dnd_model(name="tiny-qwen3", beta=0.5, std=1.0, **cfg):
@@ -395,3 +398,42 @@ def test_recipes_are_valid_and_the_sft_baseline_differs_in_one_key(recipe):
     cfg = make_config(DNDConfig, dnd.method)  # every option is a DNDConfig field
     if recipe == "dnd_posttrain.toml":
         assert cfg.band(28) == list(range(4, 24)) and cfg.ratio == 0.2
+
+
+@pytest.mark.parametrize("taus", [(-1.0, 0.5), (2.0, 0.5), (-1.0, -1.0)])
+def test_decode_steps_where_every_some_or_no_row_nests_equal_the_full_forward(taus):
+    # A decode step (one token per row) runs the selected rows' nested pass as a decode step of those rows;
+    # tau -1: every row nests, 2: none, 0.5: some (rows differ), each layer on its own.
+    model, method = dnd_model()
+    for d, tau in zip(method.layer_dnd, taus):
+        d.tau.fill_(tau)
+    ids, mask = left_padded(T=12)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        got, _ = _prefill_then_decode(model, ids, mask, P=8)  # the prompt covers every row's padding
+    torch.testing.assert_close(got[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_a_decode_step_adds_about_one_plain_layer_of_ops_per_nesting_layer():
+    # A decode step is launch-bound on a GPU: a DND layer whose rows nest adds its block once more (at the nested
+    # slot) and ~17 routing ops, not the general path's packing and subset machinery.
+    model, method = dnd_model(layers=(0, 1))
+    for d in method.layer_dnd:
+        d.tau.fill_(-1.0)  # every row nests at both layers
+    ids, mask = left_padded(B=4, T=8)
+    ops = {}
+    for on in (False, True):
+        with torch.no_grad(), (contextlib.nullcontext() if on else without_method(model)):
+            cache = KVCache.for_model(model.config, 4, 9, num_slots=model.num_slots())
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            model(ids, attention_mask=mask, positions=pos, cache=cache)
+            with _OpCounter() as counter:
+                model(ids[:, -1:], positions=pos[:, -1:] + 1, cache=cache)
+            ops[on] = counter.n
+    with torch.no_grad(), _OpCounter() as counter:  # one plain layer's decode-step ops
+        layer = model.model.layers[0]
+        x = torch.randn(4, 1, model.config.hidden_size)
+        cache = KVCache.for_model(model.config, 4, 9, num_slots=model.num_slots())
+        layer.block(x, model.make_context(ids[:, :1], None, torch.zeros(4, 1, dtype=torch.long), cache), 0)
+    per_layer = counter.n
+    assert ops[True] - ops[False] <= 2 * (per_layer + 25), (ops, per_layer)  # the old path: 2 * (133 + 78)
