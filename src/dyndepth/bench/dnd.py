@@ -2,7 +2,8 @@
 `--quality`) what a DND post-training buys over the identically configured plain fine-tune (SFT).
 
 Throughput: one model, run with DND and without (the same weights with the method detached: the base model),
-interleaved round by round, for prefill and for cached decoding at each batch size. overhead = time(DND) /
+interleaved, for prefill (forward by forward) and for cached decoding (step by step, `generate`'s greedy steps
+after an untimed prefill, median step) at each batch size. overhead = time(DND) /
 time(base) - 1 next to the FLOP overhead = executed FLOPs(DND) / executed FLOPs(base) - 1 of the same work
 (routers, nested passes and their padding included; the ideal figure counts only the selected tokens).
 The target is wall-clock overhead <= 1.2x the FLOP overhead (the paper: 91.6-93.1% of base throughput).
@@ -22,8 +23,15 @@ from pathlib import Path
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
-from dyndepth.core.cache import KVCache
+from dyndepth.bench.timing import (
+    greedy_stepper,
+    interleaved_median,
+    interleaved_steps,
+    machine_description,
+    markdown_table,
+    publish,
+    stepper_stats,
+)
 from dyndepth.core.routing import rank_threshold
 from dyndepth.methods import DNDConfig, attach_dnd
 from dyndepth.methods.dnd_analysis import layer_report, trace_selection, without_method
@@ -85,24 +93,6 @@ def _model(cfg: DNDBenchConfig, device: torch.device):
     return model
 
 
-@torch.no_grad()
-def _decode_flops(model, prompt: torch.Tensor, n: int) -> tuple[float, float]:
-    """Executed FLOPs of n - 1 greedy decode steps after the prompt (the decisions `generate` makes), and the
-    mean share of the decoded tokens DND nested per layer (nan without DND)."""
-    B, T = prompt.shape
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(model.config, B, T + n, num_slots=model.num_slots(), dtype=dtype, device=prompt.device)
-    pos = torch.arange(T, device=prompt.device).expand(B, T)
-    out = model(prompt, positions=pos, cache=cache, num_logits=1)
-    total, selected = 0.0, []
-    for i in range(n - 1):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, positions=torch.full((B, 1), T + i, device=prompt.device), cache=cache)
-        total += float(out.stats["flops/executed"])
-        selected.append(float(out.stats.get("dnd/selected", float("nan"))))
-    return total, sum(selected) / max(1, len(selected))
-
-
 def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
     wall, flop = times["dnd"] / times["base"] - 1, work["dnd"] / work["base"] - 1
     return {"phase": phase, "B": B, "selected": selected, "base_s": times["base"], "dnd_s": times["dnd"],
@@ -132,21 +122,14 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
         rows.append(_row("prefill", B, times, work, float(out.stats["dnd/selected"])))
 
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
-        n = cfg.new_tokens
-
-        def gen(k: int, method_on: bool, prompt=prompt):
-            if method_on:
-                return model.generate(prompt, k, stop_tokens=[])
-            with without_method(model):
-                return model.generate(prompt, k, stop_tokens=[])
-
-        t = interleaved_median({(on, k): (lambda on=on, k=k: gen(k, on)) for on in (False, True) for k in (1, n)},
-                               device, cfg.repeats)
-        times = {"base": t[(False, n)] - t[(False, 1)], "dnd": t[(True, n)] - t[(True, 1)]}
-        with without_method(model):
-            base_work, _ = _decode_flops(model, prompt, n)
-        dnd_work, selected = _decode_flops(model, prompt, n)
-        rows.append(_row("decode", B, times, {"base": base_work, "dnd": dnd_work}, selected))
+        steps = cfg.new_tokens - 1
+        steppers = {"base": greedy_stepper(model, prompt, steps, scope=lambda: without_method(model)),
+                    "dnd": greedy_stepper(model, prompt, steps)}
+        times = interleaved_steps(steppers, steps, device, cfg.repeats)
+        stats = {k: stepper_stats(s, steps) for k, s in steppers.items()}
+        work = {k: sum(float(st["flops/executed"]) for st in v) for k, v in stats.items()}
+        selected = sum(float(st.get("dnd/selected", float("nan"))) for st in stats["dnd"]) / steps
+        rows.append(_row("decode", B, times, work, selected))
     return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
             "layers": model.method.layers, "taus": [float(d.tau) for d in model.method.layer_dnd],
             "rows": rows, "layer_report": report}

@@ -8,8 +8,8 @@
   balancing hook), alternated step by step; tokens/s from the median step time.
 - Memory: CUDA peak of one step (less what the other model holds); on CPU, the bytes a step holds: parameters,
   gradients, AdamW state and the activations autograd saves for backward (counted by storage).
-- Decode: `generate` with n new tokens minus `generate` with one (n - 1 cached decode steps) at each batch
-  size, all four calls per batch size alternated round by round.
+- Decode: the n - 1 greedy cached steps `generate` runs after an untimed prefill, at each batch size, the two
+  models' steps alternated step by step; tokens/s from the median step.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
+from dyndepth.bench.timing import (
+    greedy_stepper,
+    interleaved_median,
+    interleaved_steps,
+    machine_description,
+    markdown_table,
+    publish,
+)
 from dyndepth.bench.train import Loop, _peak_memory, ours_loop, random_batches
 from dyndepth.config import ModelConfig
 from dyndepth.core.cache import KVCache
@@ -118,17 +125,14 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     train_tps = {k: tokens / t for k, t in step_s.items()}
 
     dtype = dyndepth.interop.hf.DTYPES[cfg.dtype]
-    decode = {}
+    decode, steps = {}, cfg.new_tokens - 1
+    inference = {name: copy.deepcopy(model).to(device=device, dtype=dtype).eval() for name, model in models.items()}
     for B in cfg.decode_batches:
         prompt = torch.randint(0, models["dense"].config.vocab_size, (B, cfg.prompt_len), device=device)
-        fns = {}
-        for name, model in models.items():
-            m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-            for n in (cfg.new_tokens, 1):
-                fns[f"{name}/{n}"] = lambda m=m, n=n, prompt=prompt: m.generate(prompt, n, stop_tokens=[])
-        t = interleaved_median(fns, device, repeats=cfg.repeats, warmup=1)
-        decode[B] = {name: B * (cfg.new_tokens - 1) / max(t[f"{name}/{cfg.new_tokens}"] - t[f"{name}/1"], 1e-9)
-                     for name in models}
+        with torch.no_grad():
+            t = interleaved_steps({name: greedy_stepper(m, prompt, steps) for name, m in inference.items()}, steps,
+                                  device, rounds=cfg.repeats)
+        decode[B] = {name: B / t[name] for name in models}
     kv = {k: KVCache.for_model(m.config, 1, 1, num_slots=m.num_slots(), dtype=dtype).nbytes_per_token()
           for k, m in models.items()}
     return {
@@ -166,8 +170,9 @@ def render_markdown(r: dict) -> str:
             f"of {r['dense_config']['num_hidden_layers']} layers, MLP {r['dense_config']['intermediate_size']}; "
             f"{c['dtype']}, {r['machine']}\n\n")
     tail = (f"\n\nratio = dreamer / dense. Training: median of {c['steps']} alternated optimizer steps after "
-            f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook). Decode: (n - 1) cached "
-            f"steps from generate(n={c['new_tokens']}) minus generate(1), median of {c['repeats']} alternated rounds.")
+            f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook). Decode: median of the "
+            f"{c['new_tokens'] - 1} greedy cached steps after the prompt, {c['repeats']} rounds, the models' steps "
+            "alternated.")
     return head + markdown_table(rows, ["metric", "dreamer", "dense", "ratio"]) + tail
 
 

@@ -2,8 +2,9 @@
 
 For each skip budget q, the same gated model runs (a) prefill at each sequence length and (b) cached
 batched decoding (the n - 1 greedy steps after the prompt, as `generate` runs them; the prefill before them
-is not timed). Every budget of a case is timed interleaved in one run (q0, q1, q2, q0, q1, ...), so
-drift in machine load hits all equally; the realized speedup is time(q = 0) / time(q). Next to it, two
+is not timed). Every budget of a case is timed interleaved in one run, so drift in machine load hits all
+equally: prefills in turn (q0, q1, q2, q0, q1, ...), decode steps in turn (step 1 of every budget, then step
+2, ...; `seconds` is the median step times n - 1). The realized speedup is time(q = 0) / time(q). Next to it, two
 ratios from the forward's compute ledger: `executed` (the FLOPs the kernels ran: gates for every token,
 skipped tokens' K/V projections, padding, dense fallbacks, masked attention pairs) and `ideal` (what the
 budget allows). realized / executed near 1 means time follows the work that ran; executed / ideal says
@@ -14,21 +15,22 @@ quantiles are meaningless); `packed` is the fraction of partially kept branch ca
 
 from __future__ import annotations
 
-import time
+import contextlib
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import dyndepth
 from dyndepth.bench.timing import (
+    greedy_stepper,
     interleaved_median,
-    interleaved_median_reported,
+    interleaved_steps,
     machine_description,
     markdown_table,
     publish,
-    sync_device,
+    stepper_stats,
 )
-from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
 
@@ -84,25 +86,6 @@ def _work(stats_list: list[dict]) -> dict:
             "packed": sum(packed) / len(packed) if packed else None}
 
 
-def _decode(model, prompt: torch.Tensor, n: int) -> tuple[float, list[dict]]:
-    """Seconds and stats of the n - 1 greedy decode steps after the prompt, run as `generate` runs them (the
-    cache read up to the filled length); the prefill is not timed."""
-    B, T = prompt.shape
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(model.config, B, T + n, num_slots=model.num_slots(), dtype=dtype, device=prompt.device)
-    pos = torch.arange(T, device=prompt.device).expand(B, T)
-    out = model(prompt, positions=pos, cache=cache.window(T), num_logits=1)
-    stats = []
-    sync_device(prompt.device)
-    t0 = time.perf_counter()
-    for i in range(n - 1):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, positions=torch.full((B, 1), T + i, device=prompt.device), cache=cache.window(T + i + 1))
-        stats.append(out.stats)
-    sync_device(prompt.device)
-    return time.perf_counter() - t0, stats
-
-
 @torch.no_grad()
 def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     device = torch.device(cfg.device)
@@ -128,21 +111,21 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         calibrate(model, calib, budget=q)
         thresholds[q] = [(gates.tau.clone(), gates.tau_budget_ppm.clone()) for gates in method.layer_gates]
 
-    def use(q: float) -> None:
+    @contextlib.contextmanager
+    def decoding(q: float):  # the budget's thresholds and what generate(skip_budget=q) enters
         for gates, (tau, ppm) in zip(method.layer_gates, thresholds.get(q, [])):
             gates.tau.copy_(tau)
             gates.tau_budget_ppm.copy_(ppm)
+        with method.decoding(budget=q):
+            yield
 
+    steps = cfg.new_tokens - 1
     for B in cfg.decode_batches:
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
-
-        def decode(q: float, prompt=prompt) -> tuple[float, list[dict]]:
-            use(q)
-            with method.decoding(budget=q):  # what generate(skip_budget=q) enters
-                return _decode(model, prompt, cfg.new_tokens)
-
-        times = interleaved_median_reported({q: (lambda q=q: decode(q)[0]) for q in cfg.budgets}, cfg.repeats)
-        work = {q: _work(decode(q)[1]) for q in cfg.budgets}
+        steppers = {q: greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
+                    for q in cfg.budgets}
+        times = {q: t * steps for q, t in interleaved_steps(steppers, steps, device, cfg.repeats).items()}
+        work = {q: _work(stepper_stats(s, steps)) for q, s in steppers.items()}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
     return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
             "rows": rows}

@@ -6,15 +6,20 @@ here alternates the contenders round by round, so drift in machine load hits bot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, ContextManager
 
 import torch
+
+from dyndepth.core.cache import KVCache
 
 
 def sync_device(device: torch.device) -> None:
@@ -37,17 +42,76 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.devic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def interleaved_median_reported(fns: dict[str, Callable[[], float]], repeats: int = 5,
-                                warmup: int = 2) -> dict[str, float]:
-    """`interleaved_median` for callables that time their own critical section and return its seconds, so
-    setup (a prefill before decode steps) stays out of the measurement."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + repeats):
-        for name, fn in fns.items():
-            seconds = fn()
-            if r >= warmup:
-                times[name].append(seconds)
+@dataclass
+class Stepper:
+    """One contender of `interleaved_steps`: `start()` (untimed: a prefill) returns the state its steps carry;
+    `step(state, i)` (timed) runs step i and returns the next state; `scope()` is entered around both, untimed
+    (a method's runtime knobs, or the method detached)."""
+
+    start: Callable[[], Any]
+    step: Callable[[Any, int], Any]
+    scope: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.device, rounds: int = 3,
+                      warmup: int = 1) -> dict[str, float]:
+    """Median seconds per step. Each round starts every contender, then times their steps in turn (a0, b0, a1,
+    b1, ...), so the contenders' steps are measured milliseconds apart: load drift that moves a whole decode run
+    by 10% on a shared CPU hits each pair of steps alike. Contenders take the same steps, so their medians
+    compare like with like."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for r in range(warmup + rounds):
+        states = {}
+        for name, s in steppers.items():
+            with s.scope():
+                states[name] = s.start()
+        for i in range(steps):
+            for name, s in steppers.items():
+                with s.scope():
+                    sync_device(device)
+                    t0 = time.perf_counter()
+                    states[name] = s.step(states[name], i)
+                    sync_device(device)
+                    seconds = time.perf_counter() - t0
+                if r >= warmup:
+                    times[name].append(seconds)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def greedy_stepper(model, prompt: torch.Tensor, steps: int,
+                   scope: Callable[[], ContextManager] = contextlib.nullcontext) -> Stepper:
+    """Cached greedy decoding as `generate` runs it: an untimed prefill of `prompt` (B, T), then `steps` steps,
+    each feeding the previous step's argmax, the cache read up to its filled length. A step's state is
+    (cache, output); its `.stats` are the step's."""
+    B, T = prompt.shape
+    dtype = next(model.parameters()).dtype
+
+    @torch.no_grad()
+    def start():
+        cache = KVCache.for_model(model.config, B, T + steps, num_slots=model.num_slots(), dtype=dtype,
+                                  device=prompt.device)
+        positions = torch.arange(T, device=prompt.device).expand(B, T)
+        return cache, model(prompt, positions=positions, cache=cache.window(T), num_logits=1)
+
+    @torch.no_grad()
+    def step(state, i: int):
+        cache, out = state
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        positions = torch.full((B, 1), T + i, device=prompt.device)
+        return cache, model(nxt, positions=positions, cache=cache.window(T + i + 1))
+
+    return Stepper(start, step, scope)
+
+
+def stepper_stats(stepper: Stepper, steps: int) -> list[dict]:
+    """Run a stepper once, untimed, and return each step's output stats (what its steps computed)."""
+    with stepper.scope():
+        state = stepper.start()
+        stats = []
+        for i in range(steps):
+            state = stepper.step(state, i)
+            stats.append(state[1].stats)
+    return stats
 
 
 def machine_description(device: torch.device) -> str:

@@ -1,0 +1,55 @@
+"""The timing helpers every bench uses: step-by-step interleaving (only the steps timed) and the greedy decode
+stepper (the steps `generate` runs)."""
+
+import contextlib
+from types import SimpleNamespace
+
+import torch
+
+from dyndepth import CausalLM, preset
+from dyndepth.bench import timing
+from dyndepth.bench.timing import Stepper, greedy_stepper, interleaved_steps, stepper_stats
+
+
+def test_interleaved_steps_alternates_the_contenders_and_times_their_steps_only(monkeypatch):
+    clock, log = [0.0], []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def contender(name: str, cost: float) -> Stepper:
+        def start():
+            log.append(f"{name}:start")
+            clock[0] += 100.0  # a prefill: not timed
+            return 0
+
+        def step(state, i):
+            log.append(f"{name}{i}")
+            clock[0] += cost * (i + 1)
+            return state + 1
+
+        @contextlib.contextmanager
+        def scope():
+            clock[0] += 50.0  # entering a method override: not timed
+            yield
+
+        return Stepper(start, step, scope)
+
+    t = interleaved_steps({"a": contender("a", 1.0), "b": contender("b", 2.0)}, steps=3,
+                          device=torch.device("cpu"), rounds=2, warmup=1)
+    assert log[:8] == ["a:start", "b:start", "a0", "b0", "a1", "b1", "a2", "b2"]
+    assert len(log) == 3 * 8  # one warm-up round and two timed ones
+    assert t == {"a": 2.0, "b": 4.0}  # medians of the step costs (1, 2, 3) and (2, 4, 6)
+
+
+def test_the_greedy_stepper_runs_the_steps_generate_runs():
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3")).eval()
+    prompt = torch.randint(0, 256, (3, 7))
+    stepper = greedy_stepper(model, prompt, steps=5)
+    state, tokens = stepper.start(), []
+    for i in range(5):
+        tokens.append(state[1].logits[:, -1].argmax(-1))
+        state = stepper.step(state, i)
+    tokens.append(state[1].logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), model.generate(prompt, 6, stop_tokens=[])[:, 7:])
+    stats = stepper_stats(stepper, 5)
+    assert len(stats) == 5 and all(float(s["flops/executed"]) > 0 for s in stats)
