@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from gated import gated_model, masked_dense_reference
+from opcount import OpCounter
 
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
@@ -317,22 +318,11 @@ def test_the_cost_rule_packs_a_prefill_only_when_enough_of_it_skips():
     assert packed[0.3] == 1.0  # 24 of 80: packed
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ATen ops a block of code dispatches (each one a kernel launch on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
 
 def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
     # A batched decode step is launch-bound: the masked dense path (a branch some rows skip) must cost little
     # more than running every branch. Per routed branch call: the threshold, the kept count (one sync), the
-    # mask and the ideal FLOPs of the kept tokens; the old code spent 13 ops per call here, now 9.
+    # mask and the ideal FLOPs of the kept tokens: 9 ops per call (13 before 2026-12-03; 2 spare for torch versions).
     model, method = gated_model(budget=0.0, layers=4)
     B, P = 8, 6
     ids = torch.randint(0, 256, (B, P + 1))
@@ -344,9 +334,9 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
             cache = KVCache.for_model(model.config, B, P + 1)
             pos = torch.arange(P + 1).expand(B, P + 1)
             model(ids[:, :P], positions=pos[:, :P], cache=cache)
-            with _OpCounter() as ops:
+            with OpCounter() as ops:
                 out = model(ids[:, P:], positions=pos[:, P:], cache=cache)
         counts[q] = ops.n
     calls = 2 * len(model.model.layers)
     assert 0 < float(out.stats["gateskip/attn_skipped"]) < 1 and out.stats["gateskip/packed"] == 0
-    assert counts[0.5] - counts[0.0] <= 10 * calls, counts
+    assert counts[0.5] - counts[0.0] <= 11 * calls, counts

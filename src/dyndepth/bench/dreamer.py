@@ -129,9 +129,8 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     inference = {name: copy.deepcopy(model).to(device=device, dtype=dtype).eval() for name, model in models.items()}
     for B in cfg.decode_batches:
         prompt = torch.randint(0, models["dense"].config.vocab_size, (B, cfg.prompt_len), device=device)
-        with torch.no_grad():
-            t = interleaved_steps({name: greedy_stepper(m, prompt, steps) for name, m in inference.items()}, steps,
-                                  device, rounds=cfg.repeats)
+        t = interleaved_steps({name: greedy_stepper(m, prompt, steps) for name, m in inference.items()}, steps,
+                              device, rounds=cfg.repeats)
         decode[B] = {name: B / t[name] for name in models}
     kv = {k: KVCache.for_model(m.config, 1, 1, num_slots=m.num_slots(), dtype=dtype).nbytes_per_token()
           for k, m in models.items()}

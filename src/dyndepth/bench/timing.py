@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -50,7 +50,7 @@ class Stepper:
 
     start: Callable[[], Any]
     step: Callable[[Any, int], Any]
-    scope: Callable[[], ContextManager] = contextlib.nullcontext
+    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.device, rounds: int = 3,
@@ -79,7 +79,7 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
 
 
 def greedy_stepper(model, prompt: torch.Tensor, steps: int,
-                   scope: Callable[[], ContextManager] = contextlib.nullcontext) -> Stepper:
+                   scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Stepper:
     """Cached greedy decoding as `generate` runs it: an untimed prefill of `prompt` (B, T), then `steps` steps,
     each feeding the previous step's argmax, the cache read up to its filled length. A step's state is
     (cache, output); its `.stats` are the step's."""
@@ -104,7 +104,7 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
 
 
 def stepper_stats(stepper: Stepper, steps: int) -> list[dict]:
-    """Run a stepper once, untimed, and return each step's output stats (what its steps computed)."""
+    """Run a `greedy_stepper` once, untimed, and return each step's output stats (what its steps computed)."""
     with stepper.scope():
         state = stepper.start()
         stats = []

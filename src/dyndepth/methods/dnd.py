@@ -278,16 +278,20 @@ class DND:
             st.dp.append(dp)
             st.beta.append(layer.dnd.beta.detach().float().reshape(()).clone())  # FSDP2 frees the unsharded copy
         if self.nested and ctx.cache is not None:  # decoding: only the rows that selected a token run the pass
-            if x.shape[1] == 1 and not self.config.nested_attends_vanilla:
-                return self._decode_step(layer, xv, p_BT, keep_BT, ctx, slot)
-            any_B = keep_BT.any(1)
-            if not bool(any_B.all()):  # one host sync
-                rows_M = any_B.nonzero().squeeze(1)  # (M,)
-                if rows_M.numel() == 0:
-                    return xv
-                out_MTD = self._fused(layer, x[rows_M], xv[rows_M], p_BT[rows_M], keep_BT[rows_M],
-                                      ctx.rows(rows_M), slot)
-                return xv.index_copy(0, rows_M, out_MTD)  # (B, T, D)
+            rows_M = keep_BT.any(1).nonzero().squeeze(1)  # (M,) one host sync
+            if rows_M.numel() == 0:
+                return xv
+            every = rows_M.numel() == x.shape[0]
+            sub = ctx if every else ctx.rows(rows_M)
+
+            def pick(t_B: torch.Tensor) -> torch.Tensor:
+                return t_B if every else t_B.index_select(0, rows_M)
+
+            if x.shape[1] == 1:  # one token per row (a decode step): packing is the identity
+                out_MTD = self._decode_step(layer, pick(xv), pick(p_BT), sub, slot)
+            else:
+                out_MTD = self._fused(layer, pick(x), pick(xv), pick(p_BT), pick(keep_BT), sub, slot)
+            return out_MTD if every else xv.index_copy(0, rows_M, out_MTD)  # (B, T, D)
         return self._fused(layer, x, xv, p_BT, keep_BT, ctx, slot)
 
     def _fused(self, layer, x, xv, p_BT, keep_BT, ctx: ForwardContext, slot: int) -> torch.Tensor:
@@ -297,33 +301,30 @@ class DND:
             return xv + 0.0 * (layer.dnd.beta * p_BT.sum()).to(xv.dtype) if ctx.training else xv
         xs_BKD = gather_padded(xv, idx_BK)  # (B, K, D)
         xd_BKD = self._nested_pass(layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx, slot)
-        w_BK = layer.dnd.beta.float() * gather_padded(p_BT, idx_BK)  # (B, K) fusion weight beta * p
-        return scatter_padded_add(xv, w_BK[..., None].to(xv.dtype) * (xd_BKD - xs_BKD), idx_BK, valid_BK)
+        return scatter_padded_add(xv, self._mix(layer, gather_padded(p_BT, idx_BK), xs_BKD, xd_BKD), idx_BK, valid_BK)
 
-    def _decode_step(self, layer, xv, p_BT, keep_BT, ctx: ForwardContext, slot: int) -> torch.Tensor:
-        """`_fused` for one token per row (a decode step), where packing is the identity: the rows that selected
-        their token run the layer's block once more at the nested slot, as a decode step of those rows. About half
-        the ops of the general path: a decode step is launch-bound on a GPU and op-bound on a CPU."""
-        rows_M = keep_BT[:, 0].nonzero().squeeze(1)  # (M,) one host sync
-        if rows_M.numel() == 0:
-            return xv
-        every = rows_M.numel() == xv.shape[0]
-        sub = ctx if every else ctx.rows(rows_M)
-        xs_M1D = xv if every else xv.index_select(0, rows_M)  # (M, 1, D)
+    def _decode_step(self, layer, xv_M1D, p_M1, ctx: ForwardContext, slot: int) -> torch.Tensor:
+        """`_fused` for rows that all selected their one token (a decode step): they run the layer's block once
+        more at the nested slot, as a decode step of their own, without the general path's packing (about a
+        third of the ops: a decode step is launch-bound on a GPU and op-bound on a CPU). (M, 1, D)"""
         nslot = self.nested_slot[slot]
-        pos_M1, cos, sin = sub.positions, sub.cos, sub.sin
+        nested = ctx
         if self.config.positions == "compact":  # after the row's selected tokens already cached
-            pos_M1 = sub.cache.count(nslot)[:, None]
+            pos_M1 = ctx.cache.count(nslot)[:, None]
             cos, sin = ctx.rope(pos_M1)
-        cache = sub.cache.window(min(ctx.cache.length, int(pos_M1.max()) + 1))  # compact columns end early
-        nested = ForwardContext(pos_M1, None, cos, sin, cache=cache, training=ctx.training, rope=ctx.rope,
-                                ledger=ctx.ledger, aux=ctx.aux, model_state=ctx.model_state,
-                                cache_source=None if pos_M1 is sub.positions else sub.positions)
-        xd_M1D = layer.block(xs_M1D, nested, nslot)
-        p_M1 = p_BT if every else p_BT.index_select(0, rows_M)
-        w_M1 = layer.dnd.beta.float() * p_M1  # fusion weight beta * p
-        out_M1D = xs_M1D + w_M1[..., None].to(xv.dtype) * (xd_M1D - xs_M1D)
-        return out_M1D if every else xv.index_copy(0, rows_M, out_M1D)
+            cache = ctx.cache.window(min(ctx.cache.length, int(pos_M1.max()) + 1))  # compact columns end early
+            nested = ForwardContext(pos_M1, None, cos, sin, cache=cache, training=ctx.training, rope=ctx.rope,
+                                    ledger=ctx.ledger, aux=ctx.aux, model_state=ctx.model_state,
+                                    cache_source=ctx.positions)
+        xd_M1D = layer.block(xv_M1D, nested, nslot)
+        return xv_M1D + self._mix(layer, p_M1, xv_M1D, xd_M1D)
+
+    @staticmethod
+    def _mix(layer, p: torch.Tensor, xs: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+        """The fusion's update of the selected tokens: (beta p) (x^d - x^v), so x^v + it = (beta p) x^d +
+        (1 - beta p) x^v. p (..., ) float32, xs / xd (..., D)."""
+        w = layer.dnd.beta.float() * p  # fusion weight beta * p
+        return w[..., None].to(xs.dtype) * (xd - xs)
 
     def _score(self, dnd: LayerDND, xv: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         """p = sigmoid(R(x^v)) in float32 (B, T), the router's FLOPs recorded as part "router"."""

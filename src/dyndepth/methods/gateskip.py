@@ -316,7 +316,7 @@ class GateSkip:
             keep = None
         elif self.mode == "threshold":
             keep = s_BT > tau  # pool: by threshold; EOS runs; PAD does not
-            if st.n_always or ctx.valid is not None:
+            if st.n_pool != keep.numel():
                 keep = torch.where(st.pool, keep, st.valid)
         else:
             rule = SelectRule(kind="quantile", scope=self.config.scope, q=q, pad_policy="drop")
@@ -353,12 +353,16 @@ class GateSkip:
         skipped = n - n_keep
         return skipped >= self.config.pack_min_skipped and skipped >= self.config.pack_min_fraction * n
 
+    @staticmethod
+    def _masked(g: torch.Tensor, keep: torch.Tensor | None, path: str) -> torch.Tensor:
+        """The gate values a densely run branch's output is scaled by: zero for the tokens that skip it."""
+        return g if path == "all" else g * keep[..., None]
+
     def _attn(self, layer, x, h, g, keep, ctx: ForwardContext, slot: int) -> torch.Tensor:
         path = "all" if keep is None else self._run_path(keep, ctx.state, "attn")
-        if path == "all":
-            return torch.addcmul(x, g.to(x.dtype), layer.attn_branch(h, ctx, slot))
-        if path == "dense":
-            return torch.addcmul(x, (g * keep[..., None]).to(x.dtype), layer.attn_branch(h, ctx, slot, ideal_q_BT=keep))
+        if path in ("all", "dense"):  # x + g * attn(h), one fused op (decode steps are launch-bound)
+            y = layer.attn_branch(h, ctx, slot, ideal_q_BT=keep if path == "dense" else None)
+            return torch.addcmul(x, self._masked(g, keep, path).to(x.dtype), y)
         idx_BK, valid_BK = pack_indices(keep)  # (B, K): K = 0 when no token keeps (K/V still written)
         y_BKD = layer.attn_branch(h, ctx, slot, q_idx_BK=idx_BK, q_valid_BK=valid_BK)
         if path == "none":
@@ -369,10 +373,8 @@ class GateSkip:
         path = "all" if keep is None else self._run_path(keep, ctx.state, "mlp")
         if path == "none":
             return x
-        if path == "all":
-            return torch.addcmul(x, g.to(x.dtype), layer.mlp_branch(h, ctx, slot, valid=keep))
-        if path == "dense":
-            return torch.addcmul(x, (g * keep[..., None]).to(x.dtype), layer.mlp_branch(h, ctx, slot, valid=keep))
+        if path in ("all", "dense"):
+            return torch.addcmul(x, self._masked(g, keep, path).to(x.dtype), layer.mlp_branch(h, ctx, slot, valid=keep))
         h_ND, idx_N = pack(h, keep)  # (N, D)
         y_ND = layer.mlp_branch(h_ND, ctx, slot, valid=torch.ones(idx_N.shape, dtype=torch.bool, device=x.device))
         return scatter_add(x, gather_flat(g, idx_N).to(x.dtype) * y_ND, idx_N)
