@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from test_compute import counted, padded_batch
 from opcount import OpCounter
+from test_compute import counted, padded_batch
 from typer.testing import CliRunner
 
 import dyndepth

@@ -23,15 +23,7 @@ from pathlib import Path
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import (
-    greedy_stepper,
-    interleaved_median,
-    interleaved_steps,
-    machine_description,
-    markdown_table,
-    publish,
-    stepper_stats,
-)
+from dyndepth.bench import timing
 from dyndepth.core.routing import rank_threshold
 from dyndepth.methods import DNDConfig, attach_dnd
 from dyndepth.methods.dnd_analysis import layer_report, trace_selection, without_method
@@ -114,7 +106,7 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
             with without_method(model):
                 return model(ids, num_logits=1)
 
-        times = interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1)}, device,
+        times = timing.interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1)}, device,
                                    cfg.repeats)
         out = model(ids, num_logits=1)
         report = report or layer_report(model, out)
@@ -123,14 +115,14 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
 
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
         steps = cfg.new_tokens - 1
-        steppers = {"base": greedy_stepper(model, prompt, steps, scope=lambda: without_method(model)),
-                    "dnd": greedy_stepper(model, prompt, steps)}
-        times = interleaved_steps(steppers, steps, device, cfg.repeats)
-        stats = {k: stepper_stats(s, steps) for k, s in steppers.items()}
+        steppers = {"base": timing.greedy_stepper(model, prompt, steps, scope=lambda: without_method(model)),
+                    "dnd": timing.greedy_stepper(model, prompt, steps)}
+        times = timing.interleaved_steps(steppers, steps, device, cfg.repeats)
+        stats = {k: timing.stepper_stats(s, steps) for k, s in steppers.items()}
         work = {k: sum(float(st["flops/executed"]) for st in v) for k, v in stats.items()}
         selected = sum(float(st.get("dnd/selected", float("nan"))) for st in stats["dnd"]) / steps
         rows.append(_row("decode", B, times, work, selected))
-    return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
+    return {"config": asdict(cfg), "machine": timing.machine_description(device), "model_params": model.num_params(),
             "layers": model.method.layers, "taus": [float(d.tau) for d in model.method.layer_dnd],
             "rows": rows, "layer_report": report}
 
@@ -195,7 +187,7 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             f"{throughput['layers'][0]}..{throughput['layers'][-1]}, {c['dtype']}, {throughput['machine']}\n\n"
             f"prefill T={c['prefill_len']}; decode {c['new_tokens']} new tokens after {c['decode_prompt_len']}. "
             "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
-            "work.\n\n" + markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput",
+            "work.\n\n" + timing.markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput",
                                                                 "flops_overhead", "wall_overhead", "wall_over_flops"]))
         parts.append(_layer_table(throughput["layer_report"]))
     if quality is not None:
@@ -205,7 +197,7 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
         parts.append(
             f"### bench dnd --quality: DND vs SFT from {c['base']}, {c['steps']} post-training steps each "
             f"(equal tokens), method {c['method']}\n\n"
-            + markdown_table(rows, ["model", "compute", "val_loss", "perplexity", "exact_match"])
+            + timing.markdown_table(rows, ["model", "compute", "val_loss", "perplexity", "exact_match"])
             + f"\n\nselection vs base next-token entropy: Pearson r = {e['pearson_r']:.3f} over {e['tokens']} "
               f"tokens (mean entropy nested {e['entropy_nested']:.3f}, others {e['entropy_other']:.3f})")
         parts.append(_layer_table(quality["layer_report"]))
@@ -214,7 +206,7 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
 
 def _layer_table(report: dict) -> str:
     rows = [{"layer": layer, **r} for layer, r in report.items()]
-    return "per layer:\n\n" + markdown_table(rows, ["layer", "selected", "flops_overhead_executed",
+    return "per layer:\n\n" + timing.markdown_table(rows, ["layer", "selected", "flops_overhead_executed",
                                                     "flops_overhead_ideal"])
 
 
@@ -224,4 +216,4 @@ def main(cfg: DNDBenchConfig | None, quality: DNDQualityConfig | None = None) ->
               "quality": None if quality is None else run_quality(quality)}
     out_dir = (cfg or quality).out_dir
     name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}"
-    return publish(result, render_markdown(result["throughput"], result["quality"]), out_dir, name)
+    return timing.publish(result, render_markdown(result["throughput"], result["quality"]), out_dir, name)

@@ -21,14 +21,7 @@ import torch
 from torch import nn
 
 import dyndepth
-from dyndepth.bench.timing import (
-    greedy_stepper,
-    interleaved_median,
-    interleaved_steps,
-    machine_description,
-    markdown_table,
-    publish,
-)
+from dyndepth.bench import timing
 from dyndepth.bench.train import Loop, _peak_memory, ours_loop, random_batches
 from dyndepth.config import ModelConfig
 from dyndepth.core.cache import KVCache
@@ -116,7 +109,7 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     batches = random_batches(models["dense"].config.vocab_size, cfg, cfg.warmup_steps + cfg.steps + 2, device)
     loops = {k: ours_loop(copy.deepcopy(m), batches, tcfg, device, m.trainer_hooks(tcfg.steps)
                           if hasattr(m, "trainer_hooks") else []) for k, m in models.items()}
-    step_s = interleaved_median({k: v.step for k, v in loops.items()}, device, repeats=cfg.steps,
+    step_s = timing.interleaved_median({k: v.step for k, v in loops.items()}, device, repeats=cfg.steps,
                                 warmup=cfg.warmup_steps)
     memory = _peak_memory(loops, device)
     if memory is None:
@@ -129,13 +122,13 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     inference = {name: copy.deepcopy(model).to(device=device, dtype=dtype).eval() for name, model in models.items()}
     for B in cfg.decode_batches:
         prompt = torch.randint(0, models["dense"].config.vocab_size, (B, cfg.prompt_len), device=device)
-        t = interleaved_steps({name: greedy_stepper(m, prompt, steps) for name, m in inference.items()}, steps,
-                              device, rounds=cfg.repeats)
+        steppers = {name: timing.greedy_stepper(m, prompt, steps) for name, m in inference.items()}
+        t = timing.interleaved_steps(steppers, steps, device, rounds=cfg.repeats)
         decode[B] = {name: B / t[name] for name in models}
     kv = {k: KVCache.for_model(m.config, 1, 1, num_slots=m.num_slots(), dtype=dtype).nbytes_per_token()
           for k, m in models.items()}
     return {
-        "config": asdict(cfg), "device": device.type, "machine": machine_description(device),
+        "config": asdict(cfg), "device": device.type, "machine": timing.machine_description(device),
         "dreamer_config": models["dreamer"].config.to_dict(), "dense_config": models["dense"].config.to_dict(),
         "params": params, "flops_per_token": flops, "flops_ratio": flops["dreamer"] / flops["dense"],
         "train_step_seconds": step_s, "train_tokens_per_s": train_tps,
@@ -172,10 +165,10 @@ def render_markdown(r: dict) -> str:
             f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook). Decode: median of the "
             f"{c['new_tokens'] - 1} greedy cached steps after the prompt, {c['repeats']} rounds, the models' steps "
             "alternated.")
-    return head + markdown_table(rows, ["metric", "dreamer", "dense", "ratio"]) + tail
+    return head + timing.markdown_table(rows, ["metric", "dreamer", "dense", "ratio"]) + tail
 
 
 def main(cfg: DreamerBenchConfig) -> dict:
     result = run_dreamer_bench(cfg)
     name = f"dreamer-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}"
-    return publish(result, render_markdown(result), cfg.out_dir, name)
+    return timing.publish(result, render_markdown(result), cfg.out_dir, name)

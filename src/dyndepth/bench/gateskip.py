@@ -22,15 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import (
-    greedy_stepper,
-    interleaved_median,
-    interleaved_steps,
-    machine_description,
-    markdown_table,
-    publish,
-    stepper_stats,
-)
+from dyndepth.bench import timing
 from dyndepth.devices import DTYPES
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
 
@@ -101,7 +93,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
             with method.override(budget=q, mode="quantile"):
                 return model(ids, num_logits=1)
 
-        times = interleaved_median({q: (lambda q=q: prefill(q)) for q in cfg.budgets}, device, cfg.repeats)
+        times = timing.interleaved_median({q: (lambda q=q: prefill(q)) for q in cfg.budgets}, device, cfg.repeats)
         work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
 
@@ -122,12 +114,12 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     steps = cfg.new_tokens - 1
     for B in cfg.decode_batches:
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
-        steppers = {q: greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
+        steppers = {q: timing.greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
                     for q in cfg.budgets}
-        times = {q: t * steps for q, t in interleaved_steps(steppers, steps, device, cfg.repeats).items()}
-        work = {q: _work(stepper_stats(s, steps)) for q, s in steppers.items()}
+        times = {q: t * steps for q, t in timing.interleaved_steps(steppers, steps, device, cfg.repeats).items()}
+        work = {q: _work(timing.stepper_stats(s, steps)) for q, s in steppers.items()}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
-    return {"config": asdict(cfg), "machine": machine_description(device), "model_params": model.num_params(),
+    return {"config": asdict(cfg), "machine": timing.machine_description(device), "model_params": model.num_params(),
             "rows": rows}
 
 
@@ -154,10 +146,10 @@ def render_markdown(r: dict) -> str:
             "partially kept branch calls that ran packed.\n\n")
     cols = ["phase", "shape", "budget", "seconds", "realized_speedup", "executed_speedup", "ideal_speedup",
             "realized_over_executed", "realized_over_ideal", "packed"]
-    return head + markdown_table(r["rows"], cols)
+    return head + timing.markdown_table(r["rows"], cols)
 
 
 def main(cfg: GateSkipBenchConfig) -> dict:
     result = run_gateskip_bench(cfg)
     name = f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("" if cfg.path == "auto" else f"-{cfg.path}")
-    return publish(result, render_markdown(result), cfg.out_dir, name)
+    return timing.publish(result, render_markdown(result), cfg.out_dir, name)
