@@ -150,6 +150,7 @@ class DNDState:
 
     valid: torch.Tensor  # (B, T) non-PAD tokens
     topk: bool  # training forward with control="topk": per-sequence top-k instead of the threshold
+    padded: bool = True  # some tokens are PAD (False: valid is all True and needs no masking)
     scores: dict = field(default_factory=dict)  # slot -> p (B, T) float32, detached
     keep: dict = field(default_factory=dict)  # slot -> selected (B, T) bool
     sd: list = field(default_factory=list)  # per-layer router losses (training)
@@ -222,7 +223,8 @@ class DND:
         if self.config.nested_attends_vanilla and ctx.cache is not None:
             raise NotImplementedError("dnd.nested_attends_vanilla=True runs cache-free forwards only (training, "
                                       "scoring); cached decoding needs the default nested_attends_vanilla=False.")
-        return DNDState(valid=ctx.valid_or_all, topk=ctx.training and self.config.control == "topk")
+        return DNDState(valid=ctx.valid_or_all, topk=ctx.training and self.config.control == "topk",
+                        padded=ctx.valid is not None)
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
         st: DNDState = ctx.state
@@ -230,11 +232,10 @@ class DND:
         if not st.keep:
             return out
         n_valid = st.valid.sum().clamp(min=1)
-        fractions = []
-        for slot, keep in st.keep.items():
-            fractions.append((keep & st.valid).sum() / n_valid)
-            out.stats[f"dnd/selected/L{slot}"] = fractions[-1]
-        out.stats["dnd/selected"] = torch.stack(fractions).mean()
+        fractions = torch.stack(list(st.keep.values())).sum((1, 2)) / n_valid  # (L,) keep holds valid tokens only
+        for slot, fraction in zip(st.keep, fractions.unbind()):
+            out.stats[f"dnd/selected/L{slot}"] = fraction
+        out.stats["dnd/selected"] = fractions.mean()
         out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
         out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
         if st.sd:
@@ -250,12 +251,9 @@ class DND:
     def _overhead(self, table: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(FLOPs of the nested passes and routers, their ratio to everything else: the plain model's work)."""
         nested = set(self.nested_slot.values())
-        extra = base = 0
-        for (slot, part), v in table.items():
-            if slot in nested or part == "router":
-                extra = extra + v
-            else:
-                base = base + v
+        extra = [v for (slot, part), v in table.items() if slot in nested or part == "router"]
+        base = [v for (slot, part), v in table.items() if not (slot in nested or part == "router")]
+        extra, base = _total(extra), _total(base)
         return torch.as_tensor(extra, dtype=torch.float64), torch.as_tensor(extra / base, dtype=torch.float32)
 
     def record_scores(self, layer: int, scores: torch.Tensor) -> None:
@@ -342,7 +340,8 @@ class DND:
             return st.valid.clone()
         if st.topk:
             return select(p_BT.detach(), st.valid, SelectRule(kind="topk", fraction=self.config.ratio))
-        return (p_BT.detach() > dnd.tau + self.tau_offset) & st.valid
+        keep = p_BT.detach() > (dnd.tau + self.tau_offset if self.tau_offset else dnd.tau)
+        return keep & st.valid if st.padded else keep
 
     def _nested_pass(self, layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx: ForwardContext, slot: int):
         """x^d (B, K, D): the selected tokens through the same layer again (its own branches and norms), at the
@@ -385,6 +384,18 @@ class DND:
         h = torch.cat([layer.input_layernorm(x), layer.input_layernorm(xs_BKD)], 1)  # (B, T + K, D)
         q_idx_BK = T + torch.arange(xs_BKD.shape[1], device=x.device).expand(B, -1)  # the nested queries
         return layer.attn_branch(h, both, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
+
+
+def _total(values: list) -> torch.Tensor | float:
+    """The sum of ledger entries: Python numbers added on the host, tensors in one stacked sum (a few ops per
+    forward, not one per entry: a decode step is launch-bound)."""
+    number = float(sum(v for v in values if not torch.is_tensor(v)))
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return number
+    if any(t.dtype != tensors[0].dtype for t in tensors):
+        tensors = [t.double() for t in tensors]
+    return torch.stack(tensors).sum().double() + number
 
 
 def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
