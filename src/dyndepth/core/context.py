@@ -59,13 +59,16 @@ class ForwardContext:
         self.ledger = ComputeLedger() if ledger is None else ledger
         self.aux = [] if aux is None else aux
         self.kv_hook, self.cache_source, self.model_state = kv_hook, cache_source, model_state
+        self._all: torch.Tensor | None = None  # valid_or_all's all-True mask, made on first use
 
     @property
     def valid_or_all(self) -> torch.Tensor:
-        """(B, T) bool: `valid`, or all True."""
+        """(B, T) bool: `valid`, or all True (made once per context: a decode step asks for it per layer)."""
         if self.valid is not None:
             return self.valid
-        return torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+        if self._all is None or self._all.shape != self.positions.shape:
+            self._all = torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+        return self._all
 
     def subset(self, idx_BK: torch.Tensor, valid_BK: torch.Tensor,
                positions_BK: torch.Tensor | None = None) -> ForwardContext:
