@@ -56,12 +56,7 @@ class ComputeLedger:
 
     def total_tensor(self, which: str = "executed") -> torch.Tensor:
         """The same sum as a float64 tensor without a host sync (for `DecoderOutput.stats`)."""
-        table = {"executed": self.executed, "ideal": self.ideal}[which]
-        number = float(sum(v for v in table.values() if not torch.is_tensor(v)))
-        tensors = [v.double() if v.is_floating_point() else v for v in table.values() if torch.is_tensor(v)]
-        if not tensors:  # integer counts add exactly in int64; floating ones in float64
-            return torch.tensor(number, dtype=torch.float64)
-        return sum(tensors[1:], tensors[0]).double() + number
+        return sum_entries(list({"executed": self.executed, "ideal": self.ideal}[which].values()))
 
     def tokens_processed(self, slot: int, part: str) -> float:
         return _num(self.tokens.get((slot, part), 0))
@@ -86,3 +81,16 @@ class ComputeLedger:
                     row[p]["processed"] = self.tokens_processed(s, p) / valid_tokens
             out["slots"][slot] = row
         return out
+
+
+def sum_entries(values: list) -> torch.Tensor:
+    """A float64 tensor summing ledger values without a host sync, in a few ops whatever their number (a decode
+    step is launch-bound): Python numbers added on the host, tensors in one stacked sum (integer counts exactly in
+    int64, anything else in float64)."""
+    number = float(sum(v for v in values if not torch.is_tensor(v)))
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return torch.tensor(number, dtype=torch.float64)
+    if any(t.is_floating_point() or t.dtype != tensors[0].dtype for t in tensors):
+        tensors = [t.double() for t in tensors]
+    return torch.stack(tensors).sum().double() + number

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyndepth.core.accounting import sum_entries
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.method import MethodOutput, check_knobs
 from dyndepth.core.routing import (
@@ -251,10 +252,11 @@ class DND:
     def _overhead(self, table: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(FLOPs of the nested passes and routers, their ratio to everything else: the plain model's work)."""
         nested = set(self.nested_slot.values())
-        extra = [v for (slot, part), v in table.items() if slot in nested or part == "router"]
-        base = [v for (slot, part), v in table.items() if not (slot in nested or part == "router")]
-        extra, base = _total(extra), _total(base)
-        return torch.as_tensor(extra, dtype=torch.float64), torch.as_tensor(extra / base, dtype=torch.float32)
+        extra, base = [], []
+        for (slot, part), v in table.items():
+            (extra if slot in nested or part == "router" else base).append(v)
+        extra, base = sum_entries(extra), sum_entries(base)
+        return extra, (extra / base).float()
 
     def record_scores(self, layer: int, scores: torch.Tensor) -> None:
         """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer."""
@@ -303,8 +305,8 @@ class DND:
 
     def _decode_step(self, layer, xv_M1D, p_M1, ctx: ForwardContext, slot: int) -> torch.Tensor:
         """`_fused` for rows that all selected their one token (a decode step): they run the layer's block once
-        more at the nested slot, as a decode step of their own, without the general path's packing (about a
-        third of the ops: a decode step is launch-bound on a GPU and op-bound on a CPU). (M, 1, D)"""
+        more at the nested slot, as a decode step of their own, without the general path's packing (a third fewer
+        ops: a decode step is launch-bound on a GPU and op-bound on a CPU). (M, 1, D)"""
         nslot = self.nested_slot[slot]
         nested = ctx
         if self.config.positions == "compact":  # after the row's selected tokens already cached
@@ -384,18 +386,6 @@ class DND:
         h = torch.cat([layer.input_layernorm(x), layer.input_layernorm(xs_BKD)], 1)  # (B, T + K, D)
         q_idx_BK = T + torch.arange(xs_BKD.shape[1], device=x.device).expand(B, -1)  # the nested queries
         return layer.attn_branch(h, both, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
-
-
-def _total(values: list) -> torch.Tensor | float:
-    """The sum of ledger entries: Python numbers added on the host, tensors in one stacked sum (a few ops per
-    forward, not one per entry: a decode step is launch-bound)."""
-    number = float(sum(v for v in values if not torch.is_tensor(v)))
-    tensors = [v for v in values if torch.is_tensor(v)]
-    if not tensors:
-        return number
-    if any(t.dtype != tensors[0].dtype for t in tensors):
-        tensors = [t.double() for t in tensors]
-    return torch.stack(tensors).sum().double() + number
 
 
 def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
