@@ -89,7 +89,7 @@ def test_depth_attention_matches_a_slow_per_token_softmax_over_earlier_steps():
     h = torch.randn(B, T, D)
     rope = da.step_rope(step, h.dtype, h.device)
     with torch.no_grad():
-        fast = da(h, rope, torch.stack([k for k, _ in kv], 2), torch.stack([v for _, v in kv], 2))
+        fast = da(h, rope, [k for k, _ in kv], [v for _, v in kv])
         q = da._heads(da.q_proj, da.q_norm, h, rope)  # (B, T, N, H)
         slow = torch.zeros(B, T, da.num_heads, da.head_dim)
         for b in range(B):
@@ -285,11 +285,21 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs):
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
-def counted(model, *args, **kwargs):
+def _depth_products(config, tokens: int) -> int:
+    """FLOPs of depth attention's per-entry products (QK and PV, 2 per multiply-add), which `FlopCounterMode`
+    does not see: it counts matmuls, and a token's attention over its <= R memory entries is elementwise."""
+    if config.da_mode != "separate":
+        return 0
+    entries = sum(step + 1 + int(config.da_include_self) for step in range(config.num_recurrences))
+    return tokens * config.layers_per_group * entries * 4 * config.da_num_heads * config.da_head_dim
+
+
+def counted(model, ids, **kwargs):
+    """The forward's output and the FLOPs torch counts for it, plus depth attention's elementwise products."""
     mapping = {SDPA_CPU: _sdpa_flops, torch.ops.aten._grouped_mm: _grouped_mm_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
-        out = model(*args, **kwargs)
-    return out, counter.get_total_flops()
+        out = model(ids, **kwargs)
+    return out, counter.get_total_flops() + _depth_products(model.config, ids.numel())
 
 
 @pytest.mark.parametrize("da_mode", DA_MODES)
