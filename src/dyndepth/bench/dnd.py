@@ -107,7 +107,7 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
                 return model(ids, num_logits=1)
 
         times = timing.interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1)}, device,
-                                   cfg.repeats)
+                                          cfg.repeats)
         out = model(ids, num_logits=1)
         report = report or layer_report(model, out)
         work = {"base": float(base().stats["flops/executed"]), "dnd": float(out.stats["flops/executed"])}
@@ -188,7 +188,8 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             f"prefill T={c['prefill_len']}; decode {c['new_tokens']} new tokens after {c['decode_prompt_len']}. "
             "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
             "work.\n\n" + timing.markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput",
-                                                                "flops_overhead", "wall_overhead", "wall_over_flops"]))
+                                                                       "flops_overhead", "wall_overhead",
+                                                                       "wall_over_flops"]))
         parts.append(_layer_table(throughput["layer_report"]))
     if quality is not None:
         c = quality["config"]
@@ -207,7 +208,7 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
 def _layer_table(report: dict) -> str:
     rows = [{"layer": layer, **r} for layer, r in report.items()]
     return "per layer:\n\n" + timing.markdown_table(rows, ["layer", "selected", "flops_overhead_executed",
-                                                    "flops_overhead_ideal"])
+                                                           "flops_overhead_ideal"])
 
 
 def main(cfg: DNDBenchConfig | None, quality: DNDQualityConfig | None = None) -> dict:

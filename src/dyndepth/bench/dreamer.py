@@ -110,7 +110,7 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     loops = {k: ours_loop(copy.deepcopy(m), batches, tcfg, device, m.trainer_hooks(tcfg.steps)
                           if hasattr(m, "trainer_hooks") else []) for k, m in models.items()}
     step_s = timing.interleaved_median({k: v.step for k, v in loops.items()}, device, repeats=cfg.steps,
-                                warmup=cfg.warmup_steps)
+                                       warmup=cfg.warmup_steps)
     memory = _peak_memory(loops, device)
     if memory is None:
         memory = {k: _cpu_step_bytes(loop) for k, loop in loops.items()}
