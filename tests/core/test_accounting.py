@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dyndepth.core.accounting import ComputeLedger
+from dyndepth.core.accounting import ComputeLedger, sum_entries
 
 
 def test_ledger_sums_per_slot_and_part_without_syncing():
@@ -20,3 +20,13 @@ def test_ledger_sums_per_slot_and_part_without_syncing():
     assert report["parts"]["lm_head"] == {"executed": 7, "ideal": 5}
     with pytest.raises(ValueError, match="not one of"):
         ledger.add(0, "attention", 1, 1)
+
+
+def test_sum_entries_adds_numbers_and_tensors_of_any_dtype_exactly():
+    assert sum_entries([]).item() == 0 and sum_entries([]).dtype == torch.float64
+    assert sum_entries([3, 4.5]).item() == 7.5
+    # integer counts add exactly in int64: in float64, 2**53 + 1 would round to 2**53 before the + 1
+    ints = sum_entries([torch.tensor(2**53 + 1), torch.tensor(1, dtype=torch.int32)])
+    assert ints.dtype == torch.float64 and ints.item() == 2**53 + 2
+    mixed = sum_entries([torch.tensor(1.25), torch.tensor([3]), torch.tensor(2, dtype=torch.int64), 1])
+    assert mixed.item() == 7.25

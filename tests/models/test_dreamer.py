@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dyndepth
 from dyndepth import CausalLM, KVCache, ModelConfig
 from dyndepth.models.dreamer import DreamerConfig, DreamerLM, ExpertBiasHook
+from dyndepth.models.dreamer_layer import DepthAttention
 from dyndepth.train import build_hooks, build_model, run_training
 from dyndepth.train.parallel import DistInfo, apply_activation_checkpointing
 
@@ -285,21 +286,25 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs):
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
-def _depth_products(config, tokens: int) -> int:
-    """FLOPs of depth attention's per-entry products (QK and PV, 2 per multiply-add), which `FlopCounterMode`
-    does not see: it counts matmuls, and a token's attention over its <= R memory entries is elementwise."""
-    if config.da_mode != "separate":
-        return 0
-    entries = sum(step + 1 + int(config.da_include_self) for step in range(config.num_recurrences))
-    return tokens * config.layers_per_group * entries * 4 * config.da_num_heads * config.da_head_dim
-
-
 def counted(model, ids, **kwargs):
-    """The forward's output and the FLOPs torch counts for it, plus depth attention's elementwise products."""
+    """The forward's output and the FLOPs torch counts for it, plus depth attention's per-entry products (QK and
+    PV, 2 per multiply-add), which `FlopCounterMode` does not see (it counts matmuls; a token attends over its own
+    <= R memory entries elementwise): counted from each call's actual tokens and memory entries."""
+    products = []
+
+    def record(module, args, output):  # args: h (B, T, D), rope, keys [L x (B, T, N, H)], values
+        h, _, keys, _ = args
+        products.append(h.shape[0] * h.shape[1] * len(keys) * 4 * module.num_heads * module.head_dim)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, DepthAttention)]
     mapping = {SDPA_CPU: _sdpa_flops, torch.ops.aten._grouped_mm: _grouped_mm_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
-        out = model(ids, **kwargs)
-    return out, counter.get_total_flops() + _depth_products(model.config, ids.numel())
+    try:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+            out = model(ids, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, counter.get_total_flops() + sum(products)
 
 
 @pytest.mark.parametrize("da_mode", DA_MODES)

@@ -85,12 +85,14 @@ class ComputeLedger:
 
 def sum_entries(values: list) -> torch.Tensor:
     """A float64 tensor summing ledger values without a host sync, in a few ops whatever their number (a decode
-    step is launch-bound): Python numbers added on the host, tensors in one stacked sum (integer counts exactly in
-    int64, anything else in float64)."""
+    step is launch-bound): Python numbers added on the host, one-element tensors (on one device) in one stacked sum
+    (integer counts exactly in int64, anything else in float64)."""
     number = float(sum(v for v in values if not torch.is_tensor(v)))
-    tensors = [v for v in values if torch.is_tensor(v)]
+    tensors = [v if v.dim() == 0 else v.reshape(()) for v in values if torch.is_tensor(v)]  # one-element tensors
     if not tensors:
         return torch.tensor(number, dtype=torch.float64)
-    if any(t.is_floating_point() or t.dtype != tensors[0].dtype for t in tensors):
+    if any(t.is_floating_point() for t in tensors):
         tensors = [t.double() for t in tensors]
+    else:
+        tensors = [t.long() for t in tensors]  # a no-op for int64 counts
     return torch.stack(tensors).sum().double() + number

@@ -90,13 +90,14 @@ class DepthAttention(nn.Module):
         products, not a batched attention kernel (on a CPU, 2x faster than SDPA over a stacked memory, forward and
         backward, and nothing stacked is saved for backward)."""
         B, T, _ = h_BTD.shape
-        q = self._heads(self.q_proj, self.q_norm, h_BTD, rope) * self.head_dim**-0.5  # (B, T, N, H)
-        scores = torch.stack([(q * k).sum(-1) for k in keys], -1)  # (B, T, N, L)
-        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        y = p[..., 0, None] * values[0]
+        q = self._heads(self.q_proj, self.q_norm, h_BTD, rope)  # (B, T, N, H)
+        q32 = q.float() * self.head_dim**-0.5  # products, softmax and sum in float32, as SDPA accumulates
+        scores = torch.stack([(q32 * k.float()).sum(-1) for k in keys], -1)  # (B, T, N, L)
+        p = torch.softmax(scores, dim=-1)
+        y = p[..., 0, None] * values[0].float()
         for j in range(1, len(values)):
-            y = y + p[..., j, None] * values[j]  # (B, T, N, H)
-        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
+            y = y + p[..., j, None] * values[j].float()  # (B, T, N, H)
+        return self.o_proj(y.to(q.dtype).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
 
 
 class ExpertAttention(nn.Module):
