@@ -368,7 +368,10 @@ def study_tokens(
 
 
 def main() -> None:
+    from dyndepth.devices import retain_freed_cpu_memory
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    retain_freed_cpu_memory()  # freed CPU memory is reused, not faulted in again every step (devices.py)
     app()
 
 

@@ -5,6 +5,10 @@ A leaf module: it imports nothing from dyndepth, so every layer may use it.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,3 +45,33 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}.")
     return DTYPES[name]
+
+
+_CPU_MEMORY = "system"  # how freed CPU memory is handled in this process: "system" | "retained"
+
+
+def retain_freed_cpu_memory() -> bool:
+    """Keep the memory CPU tensors free for the next allocation instead of handing it back to the OS: glibc's
+    malloc serves large blocks from the heap (no mmap) and never trims its top (`mallopt`), the CPU counterpart
+    of PyTorch's CUDA caching allocator. Without it, whether a step's activations page-fault in again depends on
+    heap history (a model stepped after a larger one faults less), so a training step varies by 10-25% with the
+    process it runs in. Every `dyndepth` command calls it; the process keeps its peak memory until it ends.
+    DYNDEPTH_CPU_MEMORY=system opts out. Returns whether freed memory is retained (glibc on Linux only)."""
+    global _CPU_MEMORY
+    if _CPU_MEMORY == "retained":
+        return True
+    if os.environ.get("DYNDEPTH_CPU_MEMORY", "retain") == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator as it is
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1:
+        _CPU_MEMORY = "retained"
+    return _CPU_MEMORY == "retained"
+
+
+def cpu_memory_policy() -> str:
+    """"retained" after `retain_freed_cpu_memory` took effect in this process, else "system" (for reports)."""
+    return _CPU_MEMORY

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dyndepth.core.cache import KVCache
+from dyndepth.devices import cpu_memory_policy
 
 
 def sync_device(device: torch.device) -> None:
@@ -117,7 +118,8 @@ def stepper_stats(stepper: Stepper, steps: int) -> list[dict]:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    memory = "freed memory retained" if cpu_memory_policy() == "retained" else "system malloc"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {memory}"
 
 
 def write_report(result: dict, markdown: str, out_dir: str | Path, name: str) -> tuple[Path, Path]:

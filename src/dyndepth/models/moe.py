@@ -41,10 +41,10 @@ class Experts(nn.Module):
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
         token_of = order // K  # (N*K,) token each pair belongs to
         x_sorted = x_ND.index_select(0, token_of)  # (N*K, D); 4x faster than x_ND[token_of] on CPU
+        w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
         if grouped:
             counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
-            y = self._grouped(x_sorted, counts_E.cumsum(0).to(torch.int32))  # (N*K, D)
-            y = y * w_NK.reshape(-1)[order, None]
+            y = self._grouped(x_sorted, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
             return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
         counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
         outs, start = [], 0
@@ -52,16 +52,19 @@ class Experts(nn.Module):
             if c:
                 outs.append(self._expert(x_sorted[start:start + c], e))  # (c, D)
             start += c
-        y = torch.cat(outs) * w_NK.reshape(-1)[order, None]  # (N*K, D)
+        y = torch.cat(outs) * w_sorted  # (N*K, D)
         return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
 
-    def _grouped(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """(M, D) rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e] -> (M, D)."""
+    def _grouped(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, w_M1: torch.Tensor) -> torch.Tensor:
+        """(M, D) rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its gate
+        (M, 1) -> (M, D). The gate multiplies the F-wide product before the (linear) down projection: half the
+        elements of scaling the D-wide output when F < D (fine-grained experts), and nothing D-wide saved."""
         dtype = _matmul_dtype(x_MD)
         x = x_MD.to(dtype)
         h = F.grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)  # (M, 2F)
         gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+        act = F.silu(gate) * (up * w_M1.to(dtype))  # (M, F)
+        return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, F) each
