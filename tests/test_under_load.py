@@ -5,6 +5,7 @@ import gc
 import random
 import traceback
 import warnings
+import weakref
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,11 +15,17 @@ from dyndepth import CausalLM, ConfigError, ModelConfig, preset
 from dyndepth.methods import attach_method, calibrate
 
 
-def _live_tensors() -> int:
+def _live_tensors() -> dict[int, weakref.ref]:
     gc.collect()
     with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op object warns
         warnings.simplefilter("ignore", FutureWarning)
-        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+        return {id(obj): weakref.ref(obj) for obj in gc.get_objects() if isinstance(obj, torch.Tensor)}
+
+
+def _born_since(before: dict[int, weakref.ref]) -> list[torch.Tensor]:
+    """Tensors alive now that were not alive at `before` (earlier tests' tensors may die meanwhile: not ours)."""
+    now = _live_tensors()
+    return [ref() for key, ref in now.items() if key not in before or before[key]() is not ref()]
 
 
 def _rss_bytes() -> int:
@@ -46,7 +53,8 @@ def test_a_long_generation_run_with_random_shapes_keeps_memory_flat():
     tensors, rss = _live_tensors(), _rss_bytes()
     for _ in range(60):
         one_round()
-    assert _live_tensors() == tensors  # nothing accumulates: caches, method state and ledgers die with each call
+    born = _born_since(tensors)
+    assert not born, [tuple(t.shape) for t in born]  # nothing accumulates: caches, method state and ledgers die
     assert _rss_bytes() - rss < 32 * 2**20  # and the process does not grow (32 MiB of allocator slack)
 
 

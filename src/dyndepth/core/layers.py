@@ -31,10 +31,41 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic without the two casts (decode is op-bound)
-            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # the same arithmetic without the two casts (decode is op-bound)
+        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """`rms_norm` that saves only its input for backward and recomputes the normalized rows there. Autograd
+    would also keep the normalized (..., D) tensor (and, for bf16 input, its float32 copy of the input) until
+    backward: one activation-sized tensor per norm call, and a model calls several per layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)  # (..., 1)
+        y = xf * rstd  # (..., D) normalized, float32
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # forward multiplied the weight by y in x's dtype
+            y_x = y if x.dtype == torch.float32 else y.to(x.dtype)
+            grad_w = (grad * y_x).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+        grad_y = (grad * weight).float()
+        grad_x = rstd * (grad_y - y * (grad_y * y).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, None
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -101,7 +132,34 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up, times `scale` (broadcast over the last dim; MoE experts' gates) when given. Training
+    saves only gate and up: the activation is recomputed in backward, where autograd would also keep
+    silu(gate) (and up * scale) through the forward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, scale)):
+        return SwiGLUFunction.apply(gate, up, scale)
+    return F.silu(gate) * (up if scale is None else up * scale)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, scale)
+        return F.silu(gate) * (up if scale is None else up * scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, scale = ctx.saved_tensors
+        grad_up = grad * F.silu(gate)  # d / d(up * scale)
+        up_scaled = up if scale is None else up * scale
+        grad_gate = torch.ops.aten.silu_backward(grad * up_scaled, gate)
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[2]:  # summed over the dims scale was broadcast along
+            grad_scale = (grad_up * up).sum_to_size(scale.shape)
+        return grad_gate, grad_up if scale is None else grad_up * scale, grad_scale
 
 
 class Attention(nn.Module):

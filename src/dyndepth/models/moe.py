@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
+from dyndepth.core.layers import swiglu
 
 
 class Experts(nn.Module):
@@ -39,36 +40,33 @@ class Experts(nn.Module):
             return self._gathered(x_ND, idx_NK, w_NK)
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
-        token_of = order // K  # (N*K,) token each pair belongs to
-        x_sorted = x_ND.index_select(0, token_of)  # (N*K, D); 4x faster than x_ND[token_of] on CPU
+        x_sorted = x_ND.index_select(0, order // K)  # (N*K, D); 4x faster than x_ND[order // K] on CPU
         w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
         if grouped:
             counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
             y = self._grouped(x_sorted, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
-            return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
-        counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
-        outs, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                outs.append(self._expert(x_sorted[start:start + c], e))  # (c, D)
-            start += c
-        y = torch.cat(outs) * w_sorted  # (N*K, D)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
+        else:
+            counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
+            outs, start = [], 0
+            for e, c in enumerate(counts):
+                if c:
+                    outs.append(self._expert(x_sorted[start:start + c], e))  # (c, D)
+                start += c
+            y = torch.cat(outs) * w_sorted  # (N*K, D)
+        return AddRows.apply(y.to(x_ND.dtype), order // K, N)  # (N, D): each token's K expert outputs summed
 
     def _grouped(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, w_M1: torch.Tensor) -> torch.Tensor:
         """(M, D) rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its gate
-        (M, 1) -> (M, D). The gate multiplies the F-wide product before the (linear) down projection: half the
-        elements of scaling the D-wide output when F < D (fine-grained experts), and nothing D-wide saved."""
+        (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
         dtype = _matmul_dtype(x_MD)
-        x = x_MD.to(dtype)
-        h = F.grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)  # (M, 2F)
+        h = F.grouped_mm(x_MD.to(dtype), self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)  # (M, 2F)
         gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate) * (up * w_M1.to(dtype))  # (M, F)
+        act = swiglu(gate, up, w_M1.to(dtype))  # (M, F)
         return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, F) each
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return F.linear(swiglu(gate, up), self.down_proj[e])
 
     def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj[idx_NK]  # (N, K, 2F, D)
@@ -77,6 +75,21 @@ class Experts(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         y = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, down)  # (N, K, D)
         return (y * w_NK[..., None]).sum(1)  # (N, D)
+
+
+class AddRows(torch.autograd.Function):
+    """zeros(n, D).index_add_(0, index_M, y_MD): rows of y summed into the rows `index` names. Saves only the
+    index for backward (a gather of the gradient); autograd's index_add would also keep the (M, D) rows."""
+
+    @staticmethod
+    def forward(ctx, y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(index_M)
+        return y_MD.new_zeros(n, y_MD.shape[1]).index_add_(0, index_M, y_MD)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        (index_M,) = ctx.saved_tensors
+        return grad_ND.index_select(0, index_M), None, None
 
 
 def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tensor,

@@ -1,0 +1,82 @@
+"""The memory-lean autograd functions of core/layers.py (and the experts' row sum): the same forward and
+gradients as autograd on the plain expressions, in float32 and bfloat16, with less saved for backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dyndepth.core.layers import RMSNorm, swiglu
+from dyndepth.models.moe import AddRows
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """fn()'s output and the bytes of the distinct storages autograd saved while it ran."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max().clamp(min=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_autograd_and_saves_only_its_input(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(64).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(4, 32, 64).to(dtype).requires_grad_()
+    grad = torch.randn(4, 32, 64).to(dtype)
+
+    def plain():
+        return norm.weight * F.rms_norm(x.float(), (64,), eps=norm.eps).to(dtype)
+
+    ours, ours_bytes = _saved_bytes(lambda: norm(x))
+    ref, ref_bytes = _saved_bytes(plain)
+    assert torch.equal(ours, ref)  # the forward is the same arithmetic
+    inputs = (x, norm.weight)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        _close(a, b, dtype)
+    assert ours_bytes == x.untyped_storage().nbytes() + norm.weight.untyped_storage().nbytes()
+    assert ref_bytes >= ours_bytes + x.numel() * x.element_size()  # autograd also keeps the normalized rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_swiglu_matches_autograd_and_saves_only_its_inputs(dtype, scaled):
+    torch.manual_seed(0)
+    h = torch.randn(48, 2, 16).to(dtype).requires_grad_()
+    gate, up = h[:, 0], h[:, 1]  # views of one tensor, as the experts' [gate | up] rows
+    scale = torch.rand(48, 1).to(dtype).requires_grad_() if scaled else None
+    inputs = (h,) if scale is None else (h, scale)
+    grad = torch.randn(48, 16).to(dtype)
+
+    def plain():
+        return F.silu(gate) * (up if scale is None else up * scale)
+
+    ours, ours_bytes = _saved_bytes(lambda: swiglu(gate, up, scale))
+    ref, ref_bytes = _saved_bytes(plain)
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        _close(a, b, dtype)
+    assert ref_bytes - ours_bytes >= ours.numel() * ours.element_size()  # silu(gate) is not kept
+
+
+def test_add_rows_matches_index_add_and_keeps_no_rows():
+    torch.manual_seed(0)
+    y = torch.randn(40, 8, requires_grad=True)
+    index = torch.randint(0, 10, (40,))
+    ours, ours_bytes = _saved_bytes(lambda: AddRows.apply(y, index, 10))
+    ref = torch.zeros(10, 8).index_add(0, index, y)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    grad = torch.randn(10, 8)
+    assert torch.equal(torch.autograd.grad(ours, y, grad)[0], torch.autograd.grad(ref, y, grad)[0])
+    assert ours_bytes == index.untyped_storage().nbytes()
