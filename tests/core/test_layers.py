@@ -1,12 +1,12 @@
-"""The memory-lean autograd functions of core/layers.py (and the experts' row sum): the same forward and
-gradients as autograd on the plain expressions, in float32 and bfloat16, with less saved for backward."""
+"""The memory-lean autograd functions of core/layers.py (and the experts' gather and row sum, models/moe.py):
+the same forward and gradients as autograd on the plain expressions, with less saved for backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dyndepth.core.layers import RMSNorm, swiglu
-from dyndepth.models.moe import AddRows
+from dyndepth.models.moe import AddRows, GatherGroupedMM
 
 
 def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
@@ -80,3 +80,23 @@ def test_add_rows_matches_index_add_and_keeps_no_rows():
     grad = torch.randn(10, 8)
     assert torch.equal(torch.autograd.grad(ours, y, grad)[0], torch.autograd.grad(ref, y, grad)[0])
     assert ours_bytes == index.untyped_storage().nbytes()
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+def test_gathered_grouped_matmul_matches_autograd_and_keeps_x_not_its_rows():
+    torch.manual_seed(0)
+    E, N, K, D_in, D_out = 4, 24, 3, 16, 8
+    x = torch.randn(N, D_in, requires_grad=True)
+    weight = torch.randn(E, D_out, D_in, requires_grad=True)
+    expert = torch.randint(0, E, (N * K,))
+    order = torch.argsort(expert, stable=True)
+    rows = order // K
+    offsets = torch.bincount(expert, minlength=E).cumsum(0).to(torch.int32)
+    ours, ours_bytes = _saved_bytes(lambda: GatherGroupedMM.apply(x, rows, weight, offsets))
+    ref, ref_bytes = _saved_bytes(lambda: F.grouped_mm(x.index_select(0, rows), weight.transpose(-2, -1),
+                                                       offs=offsets))
+    assert torch.equal(ours, ref)
+    grad = torch.randn(N * K, D_out)
+    for a, b in zip(torch.autograd.grad(ours, (x, weight), grad), torch.autograd.grad(ref, (x, weight), grad)):
+        _close(a, b, torch.float32)
+    assert ref_bytes - ours_bytes >= (K - 1) * x.numel() * x.element_size()  # x, not its K-fold gathered rows

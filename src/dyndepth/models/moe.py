@@ -40,12 +40,12 @@ class Experts(nn.Module):
             return self._gathered(x_ND, idx_NK, w_NK)
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
-        x_sorted = x_ND.index_select(0, order // K)  # (N*K, D); 4x faster than x_ND[order // K] on CPU
         w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
         if grouped:
             counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
-            y = self._grouped(x_sorted, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
+            y = self._grouped(x_ND, order // K, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
         else:
+            x_sorted = x_ND.index_select(0, order // K)  # (N*K, D); 4x faster than x_ND[order // K] on CPU
             counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
             outs, start = [], 0
             for e, c in enumerate(counts):
@@ -55,11 +55,12 @@ class Experts(nn.Module):
             y = torch.cat(outs) * w_sorted  # (N*K, D)
         return AddRows.apply(y.to(x_ND.dtype), order // K, N)  # (N, D): each token's K expert outputs summed
 
-    def _grouped(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, w_M1: torch.Tensor) -> torch.Tensor:
-        """(M, D) rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its gate
-        (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
-        dtype = _matmul_dtype(x_MD)
-        h = F.grouped_mm(x_MD.to(dtype), self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)  # (M, 2F)
+    def _grouped(self, x_ND: torch.Tensor, rows_M: torch.Tensor, offsets_E: torch.Tensor,
+                 w_M1: torch.Tensor) -> torch.Tensor:
+        """Rows x[rows] (M, D), sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its
+        gate (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
+        dtype = _matmul_dtype(x_ND)
+        h = GatherGroupedMM.apply(x_ND.to(dtype), rows_M, self.gate_up_proj.to(dtype), offsets_E)  # (M, 2F)
         gate, up = h.chunk(2, dim=-1)
         act = swiglu(gate, up, w_M1.to(dtype))  # (M, F)
         return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
@@ -75,6 +76,29 @@ class Experts(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         y = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, down)  # (N, K, D)
         return (y * w_NK[..., None]).sum(1)  # (N, D)
+
+
+class GatherGroupedMM(torch.autograd.Function):
+    """x[rows] @ weight[e].T for rows grouped by expert (one `F.grouped_mm`; expert e owns rows
+    offsets[e-1]:offsets[e]) -> (M, O). Saves x (N, I) and the row index for backward, not the gathered
+    (M, I) rows (K times x's size): backward gathers them again, one copy, for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x_NI: torch.Tensor, rows_M: torch.Tensor, weight_EOI: torch.Tensor,
+                offsets_E: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_NI, rows_M, weight_EOI, offsets_E)
+        return F.grouped_mm(x_NI.index_select(0, rows_M), weight_EOI.transpose(-2, -1), offs=offsets_E)
+
+    @staticmethod
+    def backward(ctx, grad_MO: torch.Tensor):
+        x_NI, rows_M, weight_EOI, offsets_E = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = F.grouped_mm(grad_MO, weight_EOI, offs=offsets_E)  # (M, I)
+            grad_x = torch.zeros_like(x_NI).index_add_(0, rows_M, grad_rows)
+        if ctx.needs_input_grad[2]:  # (E, O, I): each expert's rows, grad^T @ x
+            grad_w = F.grouped_mm(grad_MO.t(), x_NI.index_select(0, rows_M), offs=offsets_E)
+        return grad_x, None, grad_w, None
 
 
 class AddRows(torch.autograd.Function):
