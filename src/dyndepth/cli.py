@@ -371,7 +371,11 @@ def main() -> None:
     from dyndepth.devices import retain_freed_cpu_memory
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    retain_freed_cpu_memory()  # freed CPU memory is reused, not faulted in again every step (devices.py)
+    try:
+        retain_freed_cpu_memory()  # freed CPU memory is reused, not faulted in again every step (devices.py)
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     app()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 
 import torch
@@ -52,19 +53,31 @@ _CPU_MEMORY = "system"  # how freed CPU memory is handled in this process: "syst
 
 def retain_freed_cpu_memory() -> bool:
     """Keep the memory CPU tensors free for the next allocation instead of handing it back to the OS: glibc's
-    malloc serves large blocks from the heap (no mmap) and never trims its top (`mallopt`), the CPU counterpart
-    of PyTorch's CUDA caching allocator. Without it, whether a step's activations page-fault in again depends on
-    heap history (a model stepped after a larger one faults less), so a training step varies by 10-25% with the
-    process it runs in. Every `dyndepth` command calls it; the process keeps its peak memory until it ends.
-    DYNDEPTH_CPU_MEMORY=system opts out. Returns whether freed memory is retained (glibc on Linux only)."""
+    malloc serves large blocks from the main heap (no mmap) and trims its top only beyond 2 GiB (`mallopt`), the
+    CPU counterpart of PyTorch's CUDA caching allocator. Without it, whether a step's activations page-fault in
+    again depends on heap history (a model stepped after a larger one faults less), so a CPU training step varies
+    by 10-25% with the process it runs in. The process keeps its peak memory until it ends.
+
+    `dyndepth` commands call it first. DYNDEPTH_CPU_MEMORY says when it acts: "auto" (default) on hosts where
+    torch sees no CUDA device, where tensors live in CPU memory; "retain" always; "system" never (GPU hosts keep
+    glibc's default under auto, so torchrun ranks return a checkpoint load's host memory). It helps allocations
+    of the main thread (glibc's per-thread arenas still map large blocks), and leaves a preloaded jemalloc or
+    tcmalloc alone. Returns whether freed memory is retained (glibc on Linux only)."""
     global _CPU_MEMORY
     if _CPU_MEMORY == "retained":
         return True
-    if os.environ.get("DYNDEPTH_CPU_MEMORY", "retain") == "system" or not sys.platform.startswith("linux"):
+    policy = os.environ.get("DYNDEPTH_CPU_MEMORY", "auto")
+    if policy not in ("auto", "retain", "system"):
+        raise ValueError(f"DYNDEPTH_CPU_MEMORY={policy!r} is not one of auto, retain, system.")
+    if policy == "system" or (policy == "auto" and torch.cuda.is_available()):
         return False
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False  # another allocator serves malloc: its own caching applies
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator as it is
+    except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     if mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dyndepth.core.layers import RMSNorm, swiglu
-from dyndepth.models.moe import AddRows, GatherGroupedMM
+from dyndepth.models.moe import AddRows, Experts, GatherGroupedMM
 
 
 def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
@@ -33,7 +33,7 @@ def test_rms_norm_matches_autograd_and_saves_only_its_input(dtype):
     norm = RMSNorm(64).to(dtype)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.2)
-    x = torch.randn(4, 32, 64).to(dtype).requires_grad_()
+    x = (1e-3 * torch.randn(4, 32, 64)).to(dtype).requires_grad_()  # small rows: eps matters
     grad = torch.randn(4, 32, 64).to(dtype)
 
     def plain():
@@ -100,3 +100,37 @@ def test_gathered_grouped_matmul_matches_autograd_and_keeps_x_not_its_rows():
     for a, b in zip(torch.autograd.grad(ours, (x, weight), grad), torch.autograd.grad(ref, (x, weight), grad)):
         _close(a, b, torch.float32)
     assert ref_bytes - ours_bytes >= (K - 1) * x.numel() * x.element_size()  # x, not its K-fold gathered rows
+
+
+def test_frozen_inputs_get_no_gradient_and_the_others_the_same_one():
+    torch.manual_seed(0)
+    norm = RMSNorm(16).requires_grad_(False)
+    x = torch.randn(3, 16, requires_grad=True)
+    grad = torch.randn(3, 16)
+    (gx,) = torch.autograd.grad(norm(x), x, grad)
+    (ref,) = torch.autograd.grad(norm.weight * F.rms_norm(x, (16,), eps=norm.eps), x, grad)
+    _close(gx, ref, torch.float32)
+    gate, up = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)  # frozen gate, no scale
+    (gu,) = torch.autograd.grad(swiglu(gate, up), up, torch.ones(5, 8))
+    assert torch.allclose(gu, F.silu(gate))
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_one_matmul_per_expert_forward_and_backward(dtype):
+    torch.manual_seed(0)
+    grouped = Experts(8, 16, 8, grouped=True)
+    looped = Experts(8, 16, 8, grouped=False)
+    looped.load_state_dict(grouped.state_dict())
+    x = torch.randn(20, 16)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(20)])
+    w = torch.rand(20, 3)
+    results = []
+    for experts in (grouped, looped):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = experts(xi, idx, wi)
+        params = (experts.gate_up_proj, experts.down_proj)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), (xi, wi, *params))))
+    for a, b in zip(*results):
+        _close(a, b, dtype)

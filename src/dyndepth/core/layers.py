@@ -63,9 +63,11 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # forward multiplied the weight by y in x's dtype
             y_x = y if x.dtype == torch.float32 else y.to(x.dtype)
             grad_w = (grad * y_x).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
-        grad_y = (grad * weight).float()
-        grad_x = rstd * (grad_y - y * (grad_y * y).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_w, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad * weight).float()
+            grad_x = (rstd * (grad_y - y * (grad_y * y).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -153,13 +155,16 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up, scale = ctx.saved_tensors
-        grad_up = grad * F.silu(gate)  # d / d(up * scale)
-        up_scaled = up if scale is None else up * scale
-        grad_gate = torch.ops.aten.silu_backward(grad * up_scaled, gate)
-        grad_scale = None
-        if scale is not None and ctx.needs_input_grad[2]:  # summed over the dims scale was broadcast along
-            grad_scale = (grad_up * up).sum_to_size(scale.shape)
-        return grad_gate, grad_up if scale is None else grad_up * scale, grad_scale
+        grad_gate = grad_up = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * (up if scale is None else up * scale), gate)
+        if ctx.needs_input_grad[1] or (scale is not None and ctx.needs_input_grad[2]):
+            grad_up_scaled = grad * F.silu(gate)  # d / d(up * scale)
+            if ctx.needs_input_grad[1]:
+                grad_up = grad_up_scaled if scale is None else grad_up_scaled * scale
+            if scale is not None and ctx.needs_input_grad[2]:  # summed over the dims scale was broadcast along
+                grad_scale = (grad_up_scaled * up).sum_to_size(scale.shape)
+        return grad_gate, grad_up, grad_scale
 
 
 class Attention(nn.Module):

@@ -41,33 +41,38 @@ class Experts(nn.Module):
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
         w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
+        rows = order // K  # (N*K,) the token of each sorted pair
         if grouped:
             counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
-            y = self._grouped(x_ND, order // K, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
+            y = self._grouped(x_ND, rows, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
         else:
-            x_sorted = x_ND.index_select(0, order // K)  # (N*K, D); 4x faster than x_ND[order // K] on CPU
+            x_sorted = x_ND.index_select(0, rows)  # (N*K, D); 4x faster than x_ND[rows] on CPU
             counts = torch.bincount(flat_NK, minlength=E).tolist()  # one host sync for the group sizes
             outs, start = [], 0
             for e, c in enumerate(counts):
                 if c:
-                    outs.append(self._expert(x_sorted[start:start + c], e))  # (c, D)
+                    outs.append(self._expert(x_sorted[start:start + c], e, w_sorted[start:start + c]))  # (c, D)
                 start += c
-            y = torch.cat(outs) * w_sorted  # (N*K, D)
-        return AddRows.apply(y.to(x_ND.dtype), order // K, N)  # (N, D): each token's K expert outputs summed
+            y = torch.cat(outs)  # (N*K, D)
+        return _add_rows(y.to(x_ND.dtype), rows, N)  # (N, D): each token's K expert outputs summed
 
     def _grouped(self, x_ND: torch.Tensor, rows_M: torch.Tensor, offsets_E: torch.Tensor,
                  w_M1: torch.Tensor) -> torch.Tensor:
         """Rows x[rows] (M, D), sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its
         gate (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
         dtype = _matmul_dtype(x_ND)
-        h = GatherGroupedMM.apply(x_ND.to(dtype), rows_M, self.gate_up_proj.to(dtype), offsets_E)  # (M, 2F)
+        x, weight = x_ND.to(dtype), self.gate_up_proj.to(dtype)
+        if _needs_grad(x, weight):
+            h = GatherGroupedMM.apply(x, rows_M, weight, offsets_E)  # (M, 2F)
+        else:
+            h = F.grouped_mm(x.index_select(0, rows_M), weight.transpose(-2, -1), offs=offsets_E)
         gate, up = h.chunk(2, dim=-1)
         act = swiglu(gate, up, w_M1.to(dtype))  # (M, F)
         return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+    def _expert(self, x: torch.Tensor, e: int, w_c1: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, F) each
-        return F.linear(swiglu(gate, up), self.down_proj[e])
+        return F.linear(swiglu(gate, up, w_c1.to(gate.dtype)), self.down_proj[e])
 
     def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj[idx_NK]  # (N, K, 2F, D)
@@ -76,6 +81,16 @@ class Experts(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         y = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, down)  # (N, K, D)
         return (y * w_NK[..., None]).sum(1)  # (N, D)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _add_rows(y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
+    if _needs_grad(y_MD):
+        return AddRows.apply(y_MD, index_M, n)
+    return y_MD.new_zeros(n, y_MD.shape[1]).index_add_(0, index_M, y_MD)
 
 
 class GatherGroupedMM(torch.autograd.Function):
@@ -95,7 +110,8 @@ class GatherGroupedMM(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_rows = F.grouped_mm(grad_MO, weight_EOI, offs=offsets_E)  # (M, I)
-            grad_x = torch.zeros_like(x_NI).index_add_(0, rows_M, grad_rows)
+            grad_x = torch.zeros(x_NI.shape, dtype=torch.float32, device=x_NI.device)  # K rows summed in fp32
+            grad_x = grad_x.index_add_(0, rows_M, grad_rows.float()).to(x_NI.dtype)
         if ctx.needs_input_grad[2]:  # (E, O, I): each expert's rows, grad^T @ x
             grad_w = F.grouped_mm(grad_MO.t(), x_NI.index_select(0, rows_M), offs=offsets_E)
         return grad_x, None, grad_w, None
