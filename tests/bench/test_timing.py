@@ -35,7 +35,7 @@ def test_interleaved_steps_alternates_the_contenders_and_times_their_steps_only(
 
     t = interleaved_steps({"a": contender("a", 1.0), "b": contender("b", 2.0)}, steps=3,
                           device=torch.device("cpu"), rounds=2, warmup=1)
-    assert log[:8] == ["a:start", "b:start", "a0", "b0", "a1", "b1", "a2", "b2"]
+    assert log[:8] == ["a:start", "b:start", "a0", "b0", "b1", "a1", "a2", "b2"]  # the order alternates
     assert len(log) == 3 * 8  # one warm-up round and two timed ones
     assert t == {"a": 2.0, "b": 4.0}  # medians of the step costs (1, 2, 3) and (2, 4, 6)
 

@@ -52,6 +52,9 @@ class GateSkipBenchConfig:
             raise ValueError("bench gateskip needs new_tokens >= 2 (decode time is n tokens minus 1 token).")
 
 
+CONTROL = "control"  # a second baseline contender: the timing noise, measured in the same run
+
+
 def _model(cfg: GateSkipBenchConfig):
     dtype = DTYPES[cfg.dtype]
     if cfg.model in dyndepth.PRESETS:
@@ -93,7 +96,9 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
             with method.override(budget=q, mode="quantile"):
                 return model(ids, num_logits=1)
 
-        times = timing.interleaved_median({q: (lambda q=q: prefill(q)) for q in cfg.budgets}, device, cfg.repeats)
+        fns = {q: (lambda q=q: prefill(q)) for q in cfg.budgets}
+        fns[CONTROL] = fns[cfg.budgets[0]]  # the baseline once more: how far two identical contenders read apart
+        times = timing.interleaved_median(fns, device, cfg.repeats)
         work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
 
@@ -116,8 +121,10 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
         steppers = {q: timing.greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
                     for q in cfg.budgets}
+        steppers[CONTROL] = timing.greedy_stepper(model, prompt, steps,
+                                                  scope=functools.partial(decoding, cfg.budgets[0]))
         times = {q: t * steps for q, t in timing.interleaved_steps(steppers, steps, device, cfg.repeats).items()}
-        work = {q: _work(timing.stepper_stats(s, steps)) for q, s in steppers.items()}
+        work = {q: _work(timing.stepper_stats(steppers[q], steps)) for q in cfg.budgets}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
     return {"config": asdict(cfg), "machine": timing.machine_description(device), "model_params": model.num_params(),
             "rows": rows}
@@ -126,6 +133,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
 def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict]:
     out = []
     base_t, base_w = times[budgets[0]], work[budgets[0]]
+    control = f"{base_t / times[CONTROL]:.3f}"  # 1 +- the timing noise of this shape
     for q in budgets:
         realized = base_t / times[q]
         executed = base_w["executed"] / work[q]["executed"]
@@ -133,7 +141,8 @@ def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict
         out.append(dict(phase=phase, shape=shape, budget=q, seconds=times[q], realized_speedup=realized,
                         executed_speedup=executed, ideal_speedup=ideal, realized_over_executed=realized / executed,
                         realized_over_ideal=realized / ideal,
-                        packed="-" if work[q]["packed"] is None else f"{work[q]['packed']:.0%}"))
+                        packed="-" if work[q]["packed"] is None else f"{work[q]['packed']:.0%}",
+                        control=control if q == budgets[0] else "-"))
     return out
 
 
@@ -143,9 +152,10 @@ def render_markdown(r: dict) -> str:
             f"{c['dtype']}, {r['machine']}, path={c['path']}\n\nrealized = time at budget 0 / time at budget q, "
             "same gated model, budgets timed interleaved; executed / ideal = the FLOP ratio of what ran / of "
             "what the budget allows (gates and skipped tokens' K/V included in both); packed = share of "
-            "partially kept branch calls that ran packed.\n\n")
+            "partially kept branch calls that ran packed; control = budget-0 time / the time of a second, "
+            "identical budget-0 contender timed alongside (its distance from 1 is this shape's timing noise).\n\n")
     cols = ["phase", "shape", "budget", "seconds", "realized_speedup", "executed_speedup", "ideal_speedup",
-            "realized_over_executed", "realized_over_ideal", "packed"]
+            "realized_over_executed", "realized_over_ideal", "packed", "control"]
     return head + timing.markdown_table(r["rows"], cols)
 
 

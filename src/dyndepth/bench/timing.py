@@ -30,10 +30,11 @@ def sync_device(device: torch.device) -> None:
 
 def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                        warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, running them in turn (a, b, a, b, ...) after `warmup` rounds."""
+    """Median seconds of each callable, running them in turn after `warmup` rounds: a, b, then b, a (the order
+    reverses every round, see `_turns`)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name, fn in _turns(fns, r):
             sync_device(device)
             t0 = time.perf_counter()
             fn()
@@ -56,10 +57,10 @@ class Stepper:
 
 def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.device, rounds: int = 3,
                       warmup: int = 1) -> dict[str, float]:
-    """Median seconds per step. Each round starts every contender, then times their steps in turn (a0, b0, a1,
-    b1, ...), so the contenders' steps are measured milliseconds apart: load drift that moves a whole decode run
-    by 10% on a shared CPU hits each pair of steps alike. Contenders take the same steps, so their medians
-    compare like with like."""
+    """Median seconds per step. Each round starts every contender, then times their steps in turn (a0, b0, b1,
+    a1, a2, b2, ...: the order reverses every step), so the contenders' steps are measured milliseconds apart:
+    load drift that moves a whole decode run by 10% on a shared CPU hits each pair of steps alike. Contenders
+    take the same steps, so their medians compare like with like."""
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for r in range(warmup + rounds):
         states = {}
@@ -67,7 +68,7 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
             with s.scope():
                 states[name] = s.start()
         for i in range(steps):
-            for name, s in steppers.items():
+            for name, s in _turns(steppers, i):
                 with s.scope():
                     sync_device(device)
                     t0 = time.perf_counter()
@@ -77,6 +78,14 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
                 if r >= warmup:
                     times[name].append(seconds)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _turns(contenders: dict, i: int) -> list:
+    """Turn i's order: as given when i is even, reversed when odd. Where a contender runs in a turn matters on a
+    CPU (the first one of a turn read 2% slower than an identical last one, cache state after the previous
+    turn), so a fixed order would bias every ratio; alternating it cancels that."""
+    items = list(contenders.items())
+    return items if i % 2 == 0 else items[::-1]
 
 
 def greedy_stepper(model, prompt: torch.Tensor, steps: int,
