@@ -31,9 +31,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if needs_grad(x, self.weight):
             return RMSNormFunction.apply(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate through an op on these tensors: the memory-lean autograd functions
+    below (and the experts', models/moe.py) run only then, the plain ops otherwise."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,8 +147,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = No
     """silu(gate) * up, times `scale` (broadcast over the last dim; MoE experts' gates) when given. Training
     saves only gate and up: the activation is recomputed in backward, where autograd would also keep
     silu(gate) (and up * scale) through the forward."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, scale)):
+    if needs_grad(gate, up, scale):
         return SwiGLUFunction.apply(gate, up, scale)
+    return _swiglu(gate, up, scale)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return F.silu(gate) * (up if scale is None else up * scale)
 
 
@@ -150,7 +160,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(gate, up, scale)
-        return F.silu(gate) * (up if scale is None else up * scale)
+        return _swiglu(gate, up, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

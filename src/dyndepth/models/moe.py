@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
-from dyndepth.core.layers import swiglu
+from dyndepth.core.layers import needs_grad, swiglu
 
 
 class Experts(nn.Module):
@@ -54,18 +54,14 @@ class Experts(nn.Module):
                     outs.append(self._expert(x_sorted[start:start + c], e, w_sorted[start:start + c]))  # (c, D)
                 start += c
             y = torch.cat(outs)  # (N*K, D)
-        return _add_rows(y.to(x_ND.dtype), rows, N)  # (N, D): each token's K expert outputs summed
+        return add_rows(y.to(x_ND.dtype), rows, N)  # (N, D): each token's K expert outputs summed
 
     def _grouped(self, x_ND: torch.Tensor, rows_M: torch.Tensor, offsets_E: torch.Tensor,
                  w_M1: torch.Tensor) -> torch.Tensor:
         """Rows x[rows] (M, D), sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its
         gate (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
         dtype = _matmul_dtype(x_ND)
-        x, weight = x_ND.to(dtype), self.gate_up_proj.to(dtype)
-        if _needs_grad(x, weight):
-            h = GatherGroupedMM.apply(x, rows_M, weight, offsets_E)  # (M, 2F)
-        else:
-            h = F.grouped_mm(x.index_select(0, rows_M), weight.transpose(-2, -1), offs=offsets_E)
+        h = gather_grouped_mm(x_ND.to(dtype), rows_M, self.gate_up_proj.to(dtype), offsets_E)  # (M, 2F)
         gate, up = h.chunk(2, dim=-1)
         act = swiglu(gate, up, w_M1.to(dtype))  # (M, F)
         return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
@@ -83,26 +79,40 @@ class Experts(nn.Module):
         return (y * w_NK[..., None]).sum(1)  # (N, D)
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def gather_grouped_mm(x_NI: torch.Tensor, rows_M: torch.Tensor, weight_EOI: torch.Tensor,
+                      offsets_E: torch.Tensor) -> torch.Tensor:
+    """x[rows] @ weight[e].T for rows grouped by expert (one `F.grouped_mm`; expert e owns rows
+    offsets[e-1]:offsets[e]) -> (M, O); in training through `GatherGroupedMM`, which keeps x, not x[rows]."""
+    if needs_grad(x_NI, weight_EOI):
+        return GatherGroupedMM.apply(x_NI, rows_M, weight_EOI, offsets_E)
+    return _gather_grouped_mm(x_NI, rows_M, weight_EOI, offsets_E)
+
+
+def _gather_grouped_mm(x_NI, rows_M, weight_EOI, offsets_E) -> torch.Tensor:
+    return F.grouped_mm(x_NI.index_select(0, rows_M), weight_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+def add_rows(y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
+    """zeros(n, D).index_add_(0, index_M, y_MD): rows of y summed into the rows `index` names; in training
+    through `AddRows`, which saves only the index."""
+    if needs_grad(y_MD):
+        return AddRows.apply(y_MD, index_M, n)
+    return _add_rows(y_MD, index_M, n)
 
 
 def _add_rows(y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
-    if _needs_grad(y_MD):
-        return AddRows.apply(y_MD, index_M, n)
     return y_MD.new_zeros(n, y_MD.shape[1]).index_add_(0, index_M, y_MD)
 
 
 class GatherGroupedMM(torch.autograd.Function):
-    """x[rows] @ weight[e].T for rows grouped by expert (one `F.grouped_mm`; expert e owns rows
-    offsets[e-1]:offsets[e]) -> (M, O). Saves x (N, I) and the row index for backward, not the gathered
-    (M, I) rows (K times x's size): backward gathers them again, one copy, for the weight gradient."""
+    """`gather_grouped_mm` saving x (N, I) and the row index for backward, not the gathered (M, I) rows (K times
+    x's size): backward gathers them again, one copy, for the weight gradient."""
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, rows_M: torch.Tensor, weight_EOI: torch.Tensor,
                 offsets_E: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_NI, rows_M, weight_EOI, offsets_E)
-        return F.grouped_mm(x_NI.index_select(0, rows_M), weight_EOI.transpose(-2, -1), offs=offsets_E)
+        return _gather_grouped_mm(x_NI, rows_M, weight_EOI, offsets_E)
 
     @staticmethod
     def backward(ctx, grad_MO: torch.Tensor):
@@ -118,13 +128,13 @@ class GatherGroupedMM(torch.autograd.Function):
 
 
 class AddRows(torch.autograd.Function):
-    """zeros(n, D).index_add_(0, index_M, y_MD): rows of y summed into the rows `index` names. Saves only the
-    index for backward (a gather of the gradient); autograd's index_add would also keep the (M, D) rows."""
+    """`add_rows` saving only the index for backward (a gather of the gradient); autograd's index_add would
+    also keep the (M, D) rows."""
 
     @staticmethod
     def forward(ctx, y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
         ctx.save_for_backward(index_M)
-        return y_MD.new_zeros(n, y_MD.shape[1]).index_add_(0, index_M, y_MD)
+        return _add_rows(y_MD, index_M, n)
 
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor):
