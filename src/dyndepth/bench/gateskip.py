@@ -3,8 +3,9 @@
 For each skip budget q, the same gated model runs (a) prefill at each sequence length and (b) cached
 batched decoding (the n - 1 greedy steps after the prompt, as `generate` runs them; the prefill before them
 is not timed). Every budget of a case is timed interleaved in one run, so drift in machine load hits all
-equally: prefills in turn (q0, q1, q2, q0, q1, ...), decode steps in turn (step 1 of every budget, then step
-2, ...; `seconds` is the median step times n - 1). The realized speedup is time(q = 0) / time(q). Next to it, two
+equally: prefills in turn (q0, q1, q2, then q2, q1, q0, ...), decode steps in turn (step 1 of every budget,
+then step 2 in reverse order, ...; `seconds` is the median step times n - 1), and a second baseline contender
+(`control`) measures the noise. The realized speedup is time(q = 0) / time(q). Next to it, two
 ratios from the forward's compute ledger: `executed` (the FLOPs the kernels ran: gates for every token,
 skipped tokens' K/V projections, padding, dense fallbacks, masked attention pairs) and `ideal` (what the
 budget allows). realized / executed near 1 means time follows the work that ran; executed / ideal says
