@@ -1,20 +1,22 @@
-"""The memory-lean autograd functions of core/layers.py (and the experts' gather and row sum, models/moe.py):
-the same forward and gradients as autograd on the plain expressions, with less saved for backward."""
+"""The memory-lean autograd functions of core/layers.py (RMSNorm, the normed projections, SwiGLU; the experts'
+gather and row sum, models/moe.py): the same forward and gradients as autograd on the plain expressions, with
+less saved for backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dyndepth.core.layers import RMSNorm, swiglu
+from dyndepth.core.layers import RMSNorm, normed_linear, swiglu
 from dyndepth.models.moe import AddRows, Experts, GatherGroupedMM
 
 
-def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
-    """fn()'s output and the bytes of the distinct storages autograd saved while it ran."""
-    saved = {}
+def _saved_bytes(fn, exclude: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, int]:
+    """fn()'s output and the bytes of the distinct storages autograd saved while it ran, but `exclude`'s."""
+    saved, skip = {}, {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -69,6 +71,36 @@ def test_swiglu_matches_autograd_and_saves_only_its_inputs(dtype, scaled):
         _close(a, b, dtype)
     assert ref_bytes - ours_bytes >= ours.numel() * ours.element_size()  # silu(gate) is not kept
 
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "autocast"])
+def test_normed_linear_matches_autograd_and_keeps_x_not_the_normed_rows(mode):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
+    norm = RMSNorm(32).to(dtype)
+    k, v = (torch.nn.Linear(32, n, bias=False).to(dtype) for n in (16, 24))
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(4, 8, 32).to(dtype).requires_grad_()
+    inputs = (x, norm.weight, k.weight, v.weight)
+    grads = (torch.randn(4, 8, 16), torch.randn(4, 8, 24))
+
+    def run(fn):
+        with torch.autocast("cpu", torch.bfloat16, enabled=mode == "autocast"):
+            return _saved_bytes(fn, exclude=inputs[1:])
+
+    ours, ours_bytes = run(lambda: normed_linear(x, norm, k, v))
+    ref, ref_bytes = run(lambda: (k(norm(x)), v(norm(x))))
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype == (torch.float32 if mode == "float32" else torch.bfloat16)
+        assert torch.equal(a, b)  # the same arithmetic, autocast's casts included
+    ours_g = torch.autograd.grad(ours, inputs, [g.to(ours[0].dtype) for g in grads])
+    ref_g = torch.autograd.grad(ref, inputs, [g.to(ref[0].dtype) for g in grads])
+    for a, b in zip(ours_g, ref_g):
+        assert a.dtype == b.dtype
+        _close(a, b, torch.float32 if mode == "float32" else torch.bfloat16)
+    assert ours_bytes == x.untyped_storage().nbytes()  # x alone (and the weights)
+    assert ref_bytes >= ours_bytes + x.numel() * ours[0].element_size()  # autograd also keeps the normed rows
 
 def test_add_rows_matches_index_add_and_keeps_no_rows():
     torch.manual_seed(0)

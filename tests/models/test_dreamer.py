@@ -86,12 +86,12 @@ def test_depth_attention_matches_a_slow_per_token_softmax_over_earlier_steps():
     da = model.model.layers[0].depth_attn
     B, T, D, step = 2, 3, 64, 2
     states = [torch.randn(B, T, D) for _ in range(step + 1)]  # normed states entering steps 0..step
-    kv = [da.project_kv(s, da.step_rope(j, s.dtype, s.device)) for j, s in enumerate(states)]
+    kv = [da.project_kv(s, None, da.step_rope(j, s.dtype, s.device)) for j, s in enumerate(states)]
     h = torch.randn(B, T, D)
     rope = da.step_rope(step, h.dtype, h.device)
     with torch.no_grad():
-        fast = da(h, rope, [k for k, _ in kv], [v for _, v in kv])
-        q = da._heads(da.q_proj, da.q_norm, h, rope)  # (B, T, N, H)
+        fast = da(h, None, rope, [k for k, _ in kv], [v for _, v in kv])
+        q = da._heads(da.q_proj(h), da.q_norm, rope)  # (B, T, N, H)
         slow = torch.zeros(B, T, da.num_heads, da.head_dim)
         for b in range(B):
             for t in range(T):
@@ -275,6 +275,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
 
 
+
+def test_depth_attention_recompute_gives_the_same_gradients_and_saves_less():
+    ids = torch.randint(0, 256, (2, 24))
+    grads, saved = [], []
+    for recompute in (False, True):
+        model = varied(tiny(num_recurrences=4, da_recompute=recompute, da_include_self=True)).train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        saved.append(sum(kept.values()))
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+    # per step the query's norm, projection, q/k norms' inputs and the products' operands are no longer saved
+    assert saved[1] < 0.85 * saved[0]
+
 def _sdpa_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
     B, N, T, H = q_shape
     S = k_shape[2]
@@ -292,8 +316,8 @@ def counted(model, ids, **kwargs):
     <= R memory entries elementwise): counted from each call's actual tokens and memory entries."""
     products = []
 
-    def record(module, args, output):  # args: h (B, T, D), rope, keys [L x (B, T, N, H)], values
-        h, _, keys, _ = args
+    def record(module, args, output):  # args: x (B, T, D), norm, rope, keys [L x (B, T, N, H)], values
+        h, _, _, keys, _ = args
         products.append(h.shape[0] * h.shape[1] * len(keys) * 4 * module.num_heads * module.head_dim)
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, DepthAttention)]

@@ -62,18 +62,74 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)  # (..., 1)
-        y = xf * rstd  # (..., D) normalized, float32
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # forward multiplied the weight by y in x's dtype
-            y_x = y if x.dtype == torch.float32 else y.to(x.dtype)
-            grad_w = (grad * y_x).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_y = (grad * weight).float()
-            grad_x = (rstd * (grad_y - y * (grad_y * y).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_w, None
+        return *_rms_norm_backward(x, weight, ctx.eps, grad, *ctx.needs_input_grad[:2]), None
+
+
+def _rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor, need_x: bool,
+                       need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `rms_norm(x, weight, eps)` for x and weight, from x (the normalized rows recomputed)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    y = xf * rstd  # (..., D) normalized, float32
+    grad_x = grad_w = None
+    if need_w:  # forward multiplied the weight by y in x's dtype
+        y_x = y if x.dtype == torch.float32 else y.to(x.dtype)
+        grad_w = (grad * y_x).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+    if need_x:
+        grad_y = (grad * weight).float()
+        grad_x = (rstd * (grad_y - y * (grad_y * y).mean(-1, keepdim=True))).to(x.dtype)
+    return grad_x, grad_w
+
+
+def normed_linear(x: torch.Tensor, norm: RMSNorm | None, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """linear(norm(x)) for each of `linears` (bias-free), (..., O_i) each; `norm` None: x is normed already. In
+    training through `NormedLinear`, which saves x, not the normed rows the projections would keep (recomputed
+    in backward: one activation-sized tensor less per call, for an elementwise pass)."""
+    weights = [linear.weight for linear in linears]
+    if norm is not None and needs_grad(x, norm.weight, *weights):
+        assert all(linear.bias is None for linear in linears), "normed_linear takes bias-free projections"
+        return NormedLinear.apply(x, norm.weight, norm.eps, *weights)
+    h = x if norm is None else norm(x)
+    return tuple(linear(h) for linear in linears)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when it is on for x's device, else x's (for ops autocast does
+    not cast, and autograd functions that cast by hand)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class NormedLinear(torch.autograd.Function):
+    """`normed_linear` saving x (and the weights) for backward. The matmuls run in autocast's dtype when it is
+    on, as `nn.Linear` would, with explicit casts so backward needs no autocast state."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, *weights: torch.Tensor):
+        ctx.save_for_backward(x, norm_weight, *weights)
+        ctx.eps, ctx.dtype = eps, matmul_dtype(x)
+        h = rms_norm(x, norm_weight, eps).to(ctx.dtype)
+        return tuple(F.linear(h, w.to(ctx.dtype)) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        x, norm_weight, *weights = ctx.saved_tensors
+        h = rms_norm(x, norm_weight, ctx.eps)
+        hm = h.to(ctx.dtype)
+        grad_h, grad_weights = None, []
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            g2 = g.reshape(-1, g.shape[-1]).to(ctx.dtype)  # (rows, O)
+            if ctx.needs_input_grad[3 + i]:  # grad^T @ h, in the weight's dtype
+                grad_weights.append((g2.t() @ hm.reshape(-1, hm.shape[-1])).to(w.dtype))
+            else:
+                grad_weights.append(None)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                part = (g2 @ w.to(ctx.dtype)).float()  # (rows, D), summed over the projections in float32
+                grad_h = part if grad_h is None else grad_h + part
+        grad_x = grad_nw = None
+        if grad_h is not None:
+            grad_x, grad_nw = _rms_norm_backward(x, norm_weight, ctx.eps, grad_h.view(h.shape),  # float32
+                                                 *ctx.needs_input_grad[:2])
+        return grad_x, grad_nw, None, *grad_weights
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

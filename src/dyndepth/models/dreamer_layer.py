@@ -21,10 +21,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dyndepth.core.context import ForwardContext, causal_mask
 from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops, switchhead_router_flops
-from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, normed_linear
 from dyndepth.models.moe import Experts, router_stats
 from dyndepth.models.switchhead import switchhead_attention
 
@@ -72,25 +73,29 @@ class DepthAttention(nn.Module):
         """cos, sin (1, 1, H) of recurrence step `step`."""
         return self.rotary_emb(torch.full((1, 1), step, device=device), dtype)
 
-    def _heads(self, proj: nn.Linear, norm: RMSNorm | None, h_BTD: torch.Tensor, rope) -> torch.Tensor:
-        B, T, _ = h_BTD.shape
-        y = proj(h_BTD).view(B, T, self.num_heads, self.head_dim)  # (B, T, N, H)
+    def _heads(self, y: torch.Tensor, norm: RMSNorm | None, rope) -> torch.Tensor:
+        """A projection (B, T, N * H) as heads (B, T, N, H), q/k-normed and rotated by `rope`."""
+        B, T, _ = y.shape
+        y = y.view(B, T, self.num_heads, self.head_dim)
         if norm is not None:
             y = norm(y)
         return apply_rope(y, *rope)
 
-    def project_kv(self, h_BTD: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (rotated by `rope`, the step's cos / sin) and V of a normed state, (B, T, N, H) each."""
-        B, T, _ = h_BTD.shape
-        return self._heads(self.k_proj, self.k_norm, h_BTD, rope), self.v_proj(h_BTD).view(B, T, self.num_heads, -1)
+    def project_kv(self, x_BTD: torch.Tensor, norm: RMSNorm | None, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (rotated by `rope`, the step's cos / sin) and V of the state x (before the layer's `norm`; None: normed
+        already), (B, T, N, H) each."""
+        B, T, _ = x_BTD.shape
+        k, v = normed_linear(x_BTD, norm, self.k_proj, self.v_proj)
+        return self._heads(k, self.k_norm, rope), v.view(B, T, self.num_heads, -1)
 
-    def forward(self, h_BTD: torch.Tensor, rope, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """Queries from the normed state (rotated by `rope`, the step's cos / sin); keys and values: the memory's L
-        entries, (B, T, N, H) each, every one visible. Each token attends over its own L <= R entries: per-entry
-        products, not a batched attention kernel (on a CPU, 2x faster than SDPA over a stacked memory, forward and
-        backward, and nothing stacked is saved for backward)."""
-        B, T, _ = h_BTD.shape
-        q = self._heads(self.q_proj, self.q_norm, h_BTD, rope)  # (B, T, N, H)
+    def forward(self, x_BTD: torch.Tensor, norm: RMSNorm | None, rope, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> torch.Tensor:
+        """Queries from the state x (before the layer's `norm`; None: normed already), rotated by `rope`; keys and
+        values: the memory's L entries, (B, T, N, H) each, every one visible. Each token attends over its own
+        L <= R entries: per-entry products, not a batched attention kernel (on a CPU, 2x faster than SDPA over a
+        stacked memory, forward and backward, and nothing stacked is saved for backward)."""
+        B, T, _ = x_BTD.shape
+        q = self._heads(*normed_linear(x_BTD, norm, self.q_proj), self.q_norm, rope)  # (B, T, N, H)
         q32 = q.float() * self.head_dim**-0.5  # products, softmax and sum in float32, as SDPA accumulates
         scores = torch.stack([(q32 * k.float()).sum(-1) for k in keys], -1)  # (B, T, N, L)
         p = torch.softmax(scores, dim=-1)
@@ -177,8 +182,8 @@ class DreamerLayer(nn.Module):
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
             rope = self.depth_attn.step_rope(step, x_BTD.dtype, x_BTD.device)
-            k, v = self.depth_attn.project_kv(self.depth_layernorm(x_BTD), rope)  # (B, T, N_da, H_da)
-            _remember(st, self.index, step, k, v)
+            k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, rope), x_BTD)
+            _remember(st, self.index, step, k, v)  # (B, T, N_da, H_da) each
         h = self.input_layernorm(x_BTD)
         if ctx.training and self.config.attn_num_experts and self.config.attn_entropy_coef:
             # the regularizer's scores, recomputed from the same input (the routers' matmuls once more, in training)
@@ -191,8 +196,9 @@ class DreamerLayer(nn.Module):
         else:
             sa = self._out(0, self.self_attn(h, ctx, slot, ideal_q_BT=st.active))
         if da == "separate":  # sequential (default) or parallel to SA, from the same input
-            h_da = self.depth_layernorm(x_BTD if self.config.da_parallel else x_BTD + sa)
-            x_BTD = x_BTD + sa + self._out(1, self._depth(h_da, ctx, slot, st, step, rope))
+            x_sa = x_BTD + sa
+            x_BTD = x_sa + self._out(1, self._depth(x_BTD if self.config.da_parallel else x_sa, ctx, slot, st, step,
+                                                    rope))
         else:
             x_BTD = x_BTD + sa
         x_BTD = x_BTD + self._out(2, self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
@@ -203,14 +209,28 @@ class DreamerLayer(nn.Module):
             self._exit_check(st, ctx, slot, step, x_BTD)
         return x_BTD
 
-    def _depth(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState, step: int,
+    def _recompute(self, ctx: ForwardContext, fn: Callable, *args: torch.Tensor):
+        """fn(*args); in training with `da_recompute`, its activations are recomputed in backward, not saved (only
+        the tensor arguments are kept). `fn` must be pure: it runs again, identically, in backward."""
+        if self.config.da_recompute and ctx.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)  # nothing random in fn
+        return fn(*args)
+
+    def _depth(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState, step: int,
                rope) -> torch.Tensor:
+        """Depth attention of the state `x_BTD` (before `depth_layernorm`) over the token's memory, (B, T, D)."""
         keys, values = st.mem_k[self.index][:step + 1], st.mem_v[self.index][:step + 1]
-        if self.config.da_include_self:  # the query state itself as one more entry (k/v not remembered)
-            k, v = self.depth_attn.project_kv(h_BTD, rope)
-            keys, values = keys + [k], values + [v]
-        y = self.depth_attn(h_BTD, rope, keys, values)  # (B, T, D)
-        B, T, _ = h_BTD.shape
+        L = len(keys)
+
+        def attend(x: torch.Tensor, *memory: torch.Tensor) -> torch.Tensor:
+            ks, vs = list(memory[:L]), list(memory[L:])
+            if self.config.da_include_self:  # the query state itself as one more entry (k/v not remembered)
+                k, v = self.depth_attn.project_kv(x, self.depth_layernorm, rope)
+                ks, vs = ks + [k], vs + [v]
+            return self.depth_attn(x, self.depth_layernorm, rope, ks, vs)
+
+        y = self._recompute(ctx, attend, x_BTD, *keys, *values)
+        B, T, _ = x_BTD.shape
         per_token = depth_attn_flops(self.config, step)
         n = _ideal_tokens(ctx, st)
         ctx.ledger.add(slot, "depth_attn", executed=B * T * per_token, ideal=n * per_token, tokens=n)

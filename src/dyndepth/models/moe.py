@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
-from dyndepth.core.layers import needs_grad, swiglu
+from dyndepth.core.layers import matmul_dtype, needs_grad, swiglu
 
 
 class Experts(nn.Module):
@@ -60,7 +60,7 @@ class Experts(nn.Module):
                  w_M1: torch.Tensor) -> torch.Tensor:
         """Rows x[rows] (M, D), sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its
         gate (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
-        dtype = _matmul_dtype(x_ND)
+        dtype = matmul_dtype(x_ND)
         h = gather_grouped_mm(x_ND.to(dtype), rows_M, self.gate_up_proj.to(dtype), offsets_E)  # (M, 2F)
         gate, up = h.chunk(2, dim=-1)
         act = swiglu(gate, up, w_M1.to(dtype))  # (M, F)
@@ -148,7 +148,7 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
     expert and run as one grouped matmul (CPU, or CUDA in bf16), else one matmul per expert; a few pairs
     (decoding) gather their experts' weights instead (no host sync). SwitchHead's expert projections."""
     E, P = weight_EIO.shape[0], expert_P.shape[0]
-    dtype = _matmul_dtype(x_MI)
+    dtype = matmul_dtype(x_MI)
     grouped = _grouped_mm_supported(x_MI) and all(n * dtype.itemsize % 16 == 0 for n in weight_EIO.shape[1:])
     if not grouped and P < E:
         return torch.bmm(x_MI[row_P][:, None], weight_EIO[expert_P])[:, 0]  # (P, O)
@@ -165,12 +165,6 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
             start += c
         y = torch.cat(outs)
     return torch.empty_like(y).index_copy(0, order, y)  # back to pair order
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's when it is on (grouped_mm is not an autocast op: its callers
-    cast by hand), else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
