@@ -128,13 +128,14 @@ class ExpertAttention(nn.Module):
 
     def route(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (N, E) fp32, chosen experts (N, K) and their gates (N, K)."""
-        q = h_ND
+        q, keys, bias = h_ND, self.expert_keys.to(h_ND.dtype), None
         if self.encoding == "learned":  # steps past training reuse the last step's encoding
-            q = q + self.step_embed[min(step, self.step_embed.shape[0] - 1)].to(q.dtype)
+            # (h + e) @ keys^T as h @ keys^T + keys @ e: the matmul keeps h (the experts keep it too), not h + e
+            bias = keys @ self.step_embed[min(step, self.step_embed.shape[0] - 1)].to(q.dtype)  # (E,)
         elif self.encoding == "rope":
             cos, sin = self.rotary_emb(torch.full((1,), step, device=q.device), q.dtype)  # (1, D)
             q = apply_rope(q[:, None], cos, sin)[:, 0]
-        scores = F.linear(q, self.expert_keys.to(q.dtype)).float()  # (N, E)
+        scores = F.linear(q, keys, bias).float()  # (N, E)
         idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # (N, K) on biased logits
         gates = torch.sigmoid(scores).gather(1, idx)  # (N, K) unbiased sigmoid scores of the chosen
         if self.norm_topk_prob:
