@@ -72,7 +72,6 @@ def test_swiglu_matches_autograd_and_saves_only_its_inputs(dtype, scaled):
     assert ref_bytes - ours_bytes >= ours.numel() * ours.element_size()  # silu(gate) is not kept
 
 
-
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "autocast"])
 def test_normed_linear_matches_autograd_and_keeps_x_not_the_normed_rows(mode):
     torch.manual_seed(0)
@@ -101,6 +100,9 @@ def test_normed_linear_matches_autograd_and_keeps_x_not_the_normed_rows(mode):
         _close(a, b, torch.float32 if mode == "float32" else torch.bfloat16)
     assert ours_bytes == x.untyped_storage().nbytes()  # x alone (and the weights)
     assert ref_bytes >= ours_bytes + x.numel() * ours[0].element_size()  # autograd also keeps the normed rows
+    only_k = torch.autograd.grad(normed_linear(x, norm, k, v)[0].float().sum(), inputs, allow_unused=True)
+    assert only_k[3] is None and only_k[2] is not None  # an unused projection gets no gradient, as autograd's
+
 
 def test_add_rows_matches_index_add_and_keeps_no_rows():
     torch.manual_seed(0)

@@ -129,6 +129,15 @@ def test_top_k_selects_exactly_k_experts_on_the_biased_logits_with_renormalized_
     torch.testing.assert_close(ea.route(h, step=1)[2], chosen)
 
 
+def test_router_scores_the_state_plus_the_step_encoding():
+    ea = DreamerLM(tiny(num_recurrences=3)).model.layers[0].mlp
+    with torch.no_grad():
+        ea.step_embed.normal_()
+    h = torch.randn(20, 64)
+    for step, row in ((0, 0), (2, 2), (5, 2)):  # steps past training reuse the last step's encoding
+        torch.testing.assert_close(ea.route(h, step)[0], (h + ea.step_embed[row]) @ ea.expert_keys.T)
+
+
 def test_the_balancing_hook_moves_load_toward_uniform_on_a_skewed_stream():
     model = DreamerLM(tiny(num_experts=8, num_experts_per_tok=2, ea_bias_update_rate=0.05)).train()
     u = F.normalize(torch.randn(64), dim=0)
@@ -275,29 +284,33 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
 
 
+def _loss_grads_and_saved_bytes(model, ids) -> tuple[dict, int]:
+    """One training loss's parameter gradients, and the bytes of the activations autograd saved for it."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
 
-def test_depth_attention_recompute_gives_the_same_gradients_and_saves_less():
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}, sum(kept.values())
+
+
+@pytest.mark.parametrize("knobs", [{"da_include_self": True}, {"da_parallel": True, "layers_per_group": 2}])
+def test_depth_attention_recompute_gives_the_same_gradients_and_saves_less(knobs):
     ids = torch.randint(0, 256, (2, 24))
-    grads, saved = [], []
-    for recompute in (False, True):
-        model = varied(tiny(num_recurrences=4, da_recompute=recompute, da_include_self=True)).train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept = {}
+    (plain, plain_bytes), (recomputed, recomputed_bytes) = (
+        _loss_grads_and_saved_bytes(varied(tiny(num_recurrences=4, da_recompute=on, **knobs)).train(), ids)
+        for on in (False, True))
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-6)
+    # per step the query's projection, q/k norms' inputs and the products' operands are no longer saved
+    assert recomputed_bytes < 0.85 * plain_bytes
 
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
-        loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-        saved.append(sum(kept.values()))
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
-    # per step the query's norm, projection, q/k norms' inputs and the products' operands are no longer saved
-    assert saved[1] < 0.85 * saved[0]
 
 def _sdpa_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
     B, N, T, H = q_shape

@@ -85,9 +85,10 @@ def normed_linear(x: torch.Tensor, norm: RMSNorm | None, *linears: nn.Linear) ->
     """linear(norm(x)) for each of `linears` (bias-free), (..., O_i) each; `norm` None: x is normed already. In
     training through `NormedLinear`, which saves x, not the normed rows the projections would keep (recomputed
     in backward: one activation-sized tensor less per call, for an elementwise pass)."""
+    if any(linear.bias is not None for linear in linears):
+        raise ValueError("normed_linear takes bias-free projections (bias=False).")
     weights = [linear.weight for linear in linears]
     if norm is not None and needs_grad(x, norm.weight, *weights):
-        assert all(linear.bias is None for linear in linears), "normed_linear takes bias-free projections"
         return NormedLinear.apply(x, norm.weight, norm.eps, *weights)
     h = x if norm is None else norm(x)
     return tuple(linear(h) for linear in linears)
@@ -107,19 +108,25 @@ class NormedLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, *weights: torch.Tensor):
         ctx.save_for_backward(x, norm_weight, *weights)
         ctx.eps, ctx.dtype = eps, matmul_dtype(x)
+        ctx.set_materialize_grads(False)  # an unused output: None, so its weight gets no gradient, as autograd's
         h = rms_norm(x, norm_weight, eps).to(ctx.dtype)
         return tuple(F.linear(h, w.to(ctx.dtype)) for w in weights)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor | None):
         x, norm_weight, *weights = ctx.saved_tensors
-        h = rms_norm(x, norm_weight, ctx.eps)
-        hm = h.to(ctx.dtype)
+        D = x.shape[-1]
+        h = None  # the normed rows (rows, D) in the matmul dtype, recomputed once if a weight needs them
         grad_h, grad_weights = None, []
         for i, (g, w) in enumerate(zip(grads, weights)):
+            if g is None:
+                grad_weights.append(None)
+                continue
             g2 = g.reshape(-1, g.shape[-1]).to(ctx.dtype)  # (rows, O)
             if ctx.needs_input_grad[3 + i]:  # grad^T @ h, in the weight's dtype
-                grad_weights.append((g2.t() @ hm.reshape(-1, hm.shape[-1])).to(w.dtype))
+                if h is None:
+                    h = rms_norm(x, norm_weight, ctx.eps).to(ctx.dtype).reshape(-1, D)
+                grad_weights.append((g2.t() @ h).to(w.dtype))
             else:
                 grad_weights.append(None)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
@@ -127,7 +134,7 @@ class NormedLinear(torch.autograd.Function):
                 grad_h = part if grad_h is None else grad_h + part
         grad_x = grad_nw = None
         if grad_h is not None:
-            grad_x, grad_nw = _rms_norm_backward(x, norm_weight, ctx.eps, grad_h.view(h.shape),  # float32
+            grad_x, grad_nw = _rms_norm_backward(x, norm_weight, ctx.eps, grad_h.view(x.shape),  # float32
                                                  *ctx.needs_input_grad[:2])
         return grad_x, grad_nw, None, *grad_weights
 

@@ -56,7 +56,8 @@ class DreamerConfig:
     da_parallel: bool = False  # DA reads the step's input next to SA instead of SA's output
     da_rope_theta: float = 10000.0  # RoPE base over steps (also the router's, with ea_depth_encoding="rope")
     # Training memory (ours): recompute depth attention (projections, q/k norms, per-entry products) in backward
-    # instead of saving it: a fifth less step memory at dreamer-bench for ~8% more step time (docs/design.md).
+    # instead of saving it: 12% less step memory at dreamer-bench for 7-11% more step time (docs/design.md).
+    # Redundant under the trainer's activation_checkpointing, which recomputes the whole layer anyway.
     da_recompute: bool = False
     # Sparse expert attention in the FFN slot; num_experts = 0 gives a dense SwiGLU FFN of intermediate_size.
     num_experts: int = 64  # E (parameters, free in FLOPs)
