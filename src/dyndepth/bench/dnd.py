@@ -50,18 +50,14 @@ def _band(num_layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def fit_thresholds(model, batches, ratio: float, rounds: int = 3) -> list[float]:
-    """Set each DND layer's tau so it nests `ratio` of the valid tokens of `batches` (a few rounds, since a
-    layer's scores depend on the layers before it). For random-weight benchmarks; training sets tau itself."""
+def fit_thresholds(model, batches, ratio: float) -> list[float]:
+    """Set each DND layer's tau so it nests `ratio` of the valid tokens of `batches`, layer by layer in depth
+    order: a layer's scores depend on the nesting of the layers before it, which are fitted by then. For
+    random-weight benchmarks; training sets tau itself."""
     method = model.method
-    for _ in range(rounds):
-        per_layer = [[] for _ in method.layers]
-        for ids in batches:
-            scores, _, valid = trace_selection(model, ids)
-            for j in range(len(method.layers)):
-                per_layer[j].append(scores[j][valid])
-        for d, s in zip(method.layer_dnd, per_layer):
-            d.tau.fill_(float(rank_threshold(torch.cat(s)[None], None, 1.0 - ratio, scope="batch")))
+    for j, d in enumerate(method.layer_dnd):
+        scores = torch.cat([s[j][v] for s, _, v in (trace_selection(model, ids) for ids in batches)])
+        d.tau.fill_(float(rank_threshold(scores[None], None, 1.0 - ratio, scope="batch")))
     return [float(d.tau) for d in method.layer_dnd]
 
 
