@@ -198,8 +198,8 @@ class DreamerLayer(nn.Module):
             sa = self._out(0, self.self_attn(h, ctx, slot, ideal_q_BT=st.active))
         if da == "separate":  # sequential (default) or parallel to SA, from the same input
             x_sa = x_BTD + sa
-            x_BTD = x_sa + self._out(1, self._depth(x_BTD if self.config.da_parallel else x_sa, ctx, slot, st, step,
-                                                    rope))
+            da_in = x_BTD if self.config.da_parallel else x_sa
+            x_BTD = x_sa + self._out(1, self._depth(da_in, ctx, slot, st, step, rope))
         else:
             x_BTD = x_BTD + sa
         x_BTD = x_BTD + self._out(2, self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
