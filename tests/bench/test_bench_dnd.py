@@ -15,6 +15,7 @@ def test_throughput_bench_reports_wall_clock_next_to_flop_overhead(tmp_path):
                                                               ("decode", 3)]
     prefill = [r for r in result["rows"] if r["phase"] == "prefill"]
     assert all(r["flops_overhead"] > 0 for r in result["rows"])  # routers at least
+    assert all(r["control"] > 0 and r["base_s"] > 0 and r["dnd_s"] > 0 for r in result["rows"])
     assert any(r["selected"] > 0 for r in prefill)  # tau was fitted to nest 30% of random rows in layers 1..2
     assert result["layers"] == [1, 2] and set(result["layer_report"]) == {1, 2}
     saved = json.loads((tmp_path / "dnd-cpu-float32.json").read_text())

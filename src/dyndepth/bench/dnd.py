@@ -7,6 +7,8 @@ after an untimed prefill, median step) at each batch size. overhead = time(DND) 
 time(base) - 1 next to the FLOP overhead = executed FLOPs(DND) / executed FLOPs(base) - 1 of the same work
 (routers, nested passes and their padding included; the ideal figure counts only the selected tokens).
 The target is wall-clock overhead <= 1.2x the FLOP overhead (the paper: 91.6-93.1% of base throughput).
+A second base contender (`control`) times the noise in the same run: on a shared CPU two identical
+contenders read a few percent apart, and a 10% overhead's ratio moves by several tenths with that.
 A preset gets random weights and routers, with each layer's tau fitted so it nests `ratio` of the tokens;
 a DND checkpoint keeps its trained thresholds.
 
@@ -85,7 +87,8 @@ def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
     wall, flop = times["dnd"] / times["base"] - 1, work["dnd"] / work["base"] - 1
     return {"phase": phase, "B": B, "selected": selected, "base_s": times["base"], "dnd_s": times["dnd"],
             "throughput": times["base"] / times["dnd"], "flops_overhead": flop, "wall_overhead": wall,
-            "wall_over_flops": wall / flop if flop > 0 else float("nan")}
+            "wall_over_flops": wall / flop if flop > 0 else float("nan"),
+            "control": times["base"] / times[timing.CONTROL]}  # 1 +- this shape's timing noise
 
 
 @torch.no_grad()
@@ -102,8 +105,8 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
             with without_method(model):
                 return model(ids, num_logits=1)
 
-        times = timing.interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1)}, device,
-                                          cfg.repeats)
+        times = timing.interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1),
+                                           timing.CONTROL: base}, device, cfg.repeats)
         out = model(ids, num_logits=1)
         report = report or layer_report(model, out)
         work = {"base": float(base().stats["flops/executed"]), "dnd": float(out.stats["flops/executed"])}
@@ -111,10 +114,10 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
 
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
         steps = cfg.new_tokens - 1
-        steppers = {"base": timing.greedy_stepper(model, prompt, steps, scope=lambda: without_method(model)),
-                    "dnd": timing.greedy_stepper(model, prompt, steps)}
+        base = timing.greedy_stepper(model, prompt, steps, scope=lambda: without_method(model))
+        steppers = {"base": base, "dnd": timing.greedy_stepper(model, prompt, steps), timing.CONTROL: base}
         times = timing.interleaved_steps(steppers, steps, device, cfg.repeats)
-        stats = {k: timing.stepper_stats(s, steps) for k, s in steppers.items()}
+        stats = {k: timing.stepper_stats(steppers[k], steps) for k in ("base", "dnd")}
         work = {k: sum(float(st["flops/executed"]) for st in v) for k, v in stats.items()}
         selected = sum(float(st.get("dnd/selected", float("nan"))) for st in stats["dnd"]) / steps
         rows.append(_row("decode", B, times, work, selected))
@@ -183,9 +186,10 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             f"{throughput['layers'][0]}..{throughput['layers'][-1]}, {c['dtype']}, {throughput['machine']}\n\n"
             f"prefill T={c['prefill_len']}; decode {c['new_tokens']} new tokens after {c['decode_prompt_len']}. "
             "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
-            "work.\n\n" + timing.markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput",
-                                                                       "flops_overhead", "wall_overhead",
-                                                                       "wall_over_flops"]))
+            "work; control = base time / the time of a second, identical base contender timed alongside (its "
+            "distance from 1 is this shape's timing noise).\n\n"
+            + timing.markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput", "flops_overhead",
+                                                         "wall_overhead", "wall_over_flops", "control"]))
         parts.append(_layer_table(throughput["layer_report"]))
     if quality is not None:
         c = quality["config"]

@@ -53,9 +53,6 @@ class GateSkipBenchConfig:
             raise ValueError("bench gateskip needs new_tokens >= 2 (decode time is n tokens minus 1 token).")
 
 
-CONTROL = "control"  # a second baseline contender: the timing noise, measured in the same run
-
-
 def _model(cfg: GateSkipBenchConfig):
     dtype = DTYPES[cfg.dtype]
     if cfg.model in dyndepth.PRESETS:
@@ -98,7 +95,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
                 return model(ids, num_logits=1)
 
         fns = {q: (lambda q=q: prefill(q)) for q in cfg.budgets}
-        fns[CONTROL] = fns[cfg.budgets[0]]  # the baseline once more: how far two identical contenders read apart
+        fns[timing.CONTROL] = fns[cfg.budgets[0]]  # the baseline once more: how far two identical contenders read apart
         times = timing.interleaved_median(fns, device, cfg.repeats)
         work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
@@ -122,7 +119,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
         steppers = {q: timing.greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
                     for q in cfg.budgets}
-        steppers[CONTROL] = timing.greedy_stepper(model, prompt, steps,
+        steppers[timing.CONTROL] = timing.greedy_stepper(model, prompt, steps,
                                                   scope=functools.partial(decoding, cfg.budgets[0]))
         times = {q: t * steps for q, t in timing.interleaved_steps(steppers, steps, device, cfg.repeats).items()}
         work = {q: _work(timing.stepper_stats(steppers[q], steps)) for q in cfg.budgets}
@@ -134,7 +131,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
 def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict]:
     out = []
     base_t, base_w = times[budgets[0]], work[budgets[0]]
-    control = f"{base_t / times[CONTROL]:.3f}"  # 1 +- the timing noise of this shape
+    control = f"{base_t / times[timing.CONTROL]:.3f}"  # 1 +- the timing noise of this shape
     for q in budgets:
         realized = base_t / times[q]
         executed = base_w["executed"] / work[q]["executed"]

@@ -22,6 +22,8 @@ import torch
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import cpu_memory_policy
 
+CONTROL = "control"  # a second, identical baseline contender: the timing noise, measured in the same run
+
 
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
