@@ -168,3 +168,43 @@ def test_grouped_experts_equal_one_matmul_per_expert_forward_and_backward(dtype)
         results.append((y, *torch.autograd.grad(y.float().square().sum(), (xi, wi, *params))))
     for a, b in zip(*results):
         _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_padded_subset_projects_keys_and_values_for_its_valid_entries_only(cached):
+    # DND's rows select different counts and are padded to the longest: K/V of the padding is never read, so the
+    # projections run on the N valid entries (counted as such), with the same output and cache as projecting all.
+    from dyndepth import CausalLM, KVCache, preset
+    from dyndepth.core.routing import pack_indices
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3")).eval()
+    attn = model.model.layers[0].self_attn
+    B, T, D = 3, 10, model.config.hidden_size
+    ids = torch.randint(0, 256, (B, T))
+    keep = torch.zeros(B, T, dtype=torch.bool)
+    keep[0, :9], keep[1, 2:4], keep[2, 7] = True, True, True  # 9, 2 and 1 selected: padded to K = 9
+    idx, valid = pack_indices(keep)
+    h = torch.randn(B, idx.shape[1], D)
+    rows = []
+    attn.k_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].numel() // D))
+    outs, caches, executed = [], [], []
+    for compact in (True, False):
+        cache = KVCache.for_model(model.config, B, T) if cached else None
+        ctx = model.make_context(ids, None, torch.arange(T).expand(B, T), cache)
+        sub = ctx.subset(idx, valid)
+        assert sub.entries is not None and sub.entries[0].numel() == 12
+        if not compact:
+            sub.entries = None  # the padded projection, as before
+        with torch.no_grad():
+            outs.append(attn(h, sub, 0))
+        caches.append(cache)
+        executed.append(float(ctx.ledger.total_tensor()))
+    assert rows == [12, 27]  # 9 + 2 + 1 valid entries, then B * K
+    torch.testing.assert_close(outs[0][valid], outs[1][valid], atol=1e-6, rtol=0)
+    if cached:
+        assert torch.equal(caches[0].valid, caches[1].valid)
+        for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # (L, B, G, S + 1, H): the last
+            torch.testing.assert_close(a[:, :, :, :T], b[:, :, :, :T], atol=1e-6, rtol=0)  # column takes padding
+    per_kv = attn.flops_per_kv
+    assert executed[1] - executed[0] == pytest.approx((27 - 12) * per_kv)

@@ -40,6 +40,8 @@ class ForwardContext:
     cache_source (B, T) | None: the tokens' sequence positions when `positions` are not (a sub-context with
       compact positions, DND's nested pass); the cache records them so `invalidate` works on either.
     model_state: what the model family keeps for one forward (Dreamer's depth memory); None for the decoder.
+    entries (rows (N,), cols (N,)) | None: a padded subset's valid entries, flat (`subset` finds them): attention
+      projects K/V for these only.
 
     A plain class on purpose, not a dataclass: wrappers that map over a layer's arguments (FSDP2's input
     casting) rebuild dataclasses field by field, and every layer must see this very object, whose
@@ -59,6 +61,7 @@ class ForwardContext:
         self.ledger = ComputeLedger() if ledger is None else ledger
         self.aux = [] if aux is None else aux
         self.kv_hook, self.cache_source, self.model_state = kv_hook, cache_source, model_state
+        self.entries: tuple[torch.Tensor, torch.Tensor] | None = None
         self._all: torch.Tensor | None = None  # valid_or_all's all-True mask, made on first use
 
     @property
@@ -93,9 +96,13 @@ class ForwardContext:
         mask = None
         if self.cache is None:
             mask = causal_mask(positions_BK, positions_BK, valid_BK, valid_BK, doc_BK)  # (B, 1, K, K)
-        return ForwardContext(positions_BK, valid_BK, cos, sin, mask, self.cache, doc_BK, self.training,
-                              self.rope, ledger=self.ledger, aux=self.aux, model_state=self.model_state,
-                              cache_source=None if positions_BK is source_BK else source_BK)
+        sub = ForwardContext(positions_BK, valid_BK, cos, sin, mask, self.cache, doc_BK, self.training,
+                             self.rope, ledger=self.ledger, aux=self.aux, model_state=self.model_state,
+                             cache_source=None if positions_BK is source_BK else source_BK)
+        entries = valid_BK.nonzero(as_tuple=True)  # (N,) each; one host sync
+        if entries[0].numel() < valid_BK.numel():  # rows padded to the longest: their K/V skip the padding
+            sub.entries = entries
+        return sub
 
     def rows(self, rows_M: torch.Tensor) -> ForwardContext:
         """The context of batch rows `rows_M` (M,): for a method that runs a branch on some rows only (DND's

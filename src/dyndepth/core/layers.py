@@ -270,17 +270,29 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         return apply_rope(q, cos, sin)
 
-    def project_k(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, G, H) keys with k-norm and RoPE."""
-        B, T, _ = h_BTD.shape
-        k = self.k_proj(h_BTD).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, G, H)
+    def project_k(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., G, H) keys with k-norm and RoPE; cos / sin (..., H)."""
+        k = self.k_proj(h).view(*h.shape[:-1], self.num_kv_heads, self.head_dim)  # (..., G, H)
         if self.k_norm is not None:
             k = self.k_norm(k)
         return apply_rope(k, cos, sin)
 
-    def project_kv(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(..., D) -> keys and values (..., G, H) each."""
+        return self.project_k(h, cos, sin), self.v_proj(h).view(*h.shape[:-1], self.num_kv_heads, self.head_dim)
+
+    def _project_kv_entries(self, h_BTD: torch.Tensor, ctx: ForwardContext):
+        """K / V (B, T, G, H) and the rows projected. In a padded per-row subset (`ctx.entries`, see
+        `ForwardContext.subset`), only its valid entries are projected: zeros at the padding, which no query
+        sees and the cache does not store. DND's rows select different counts, so padding can be most of it."""
         B, T, _ = h_BTD.shape
-        return self.project_k(h_BTD, cos, sin), self.v_proj(h_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        if ctx.entries is None:
+            return *self.project_kv(h_BTD, ctx.cos, ctx.sin), B * T
+        rows_N, cols_N = ctx.entries
+        k_N, v_N = self.project_kv(h_BTD[rows_N, cols_N], ctx.cos[rows_N, cols_N], ctx.sin[rows_N, cols_N])
+        shape = (B, T, self.num_kv_heads, self.head_dim)
+        return (k_N.new_zeros(shape).index_put((rows_N, cols_N), k_N),
+                v_N.new_zeros(shape).index_put((rows_N, cols_N), v_N), rows_N.numel())
 
     def project_out(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Attention output (..., N*H) -> (..., D); `h` (..., D), the query tokens' normed input, routes a routed
@@ -301,7 +313,7 @@ class Attention(nn.Module):
         Records executed and ideal FLOPs in `ctx.ledger` (see core/accounting.py).
         """
         B, T, _ = h_BTD.shape
-        k, v = self.project_kv(h_BTD, ctx.cos, ctx.sin)  # (B, T, G, H)
+        k, v, kv_rows = self._project_kv_entries(h_BTD, ctx)  # (B, T, G, H)
         if ctx.kv_hook is not None:  # a method may replace some tokens' K/V (GateSkip's copy_prev policy)
             k, v = ctx.kv_hook(slot, k, v)
         if ctx.cache is not None:
@@ -317,12 +329,15 @@ class Attention(nn.Module):
             q = self.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
         else:
             if q_idx_BK.shape[1] == 0:  # every token skipped: K/V written, nothing else
-                self._record(ctx, slot, h_BTD, 0, 0, 0)
+                self._record(ctx, slot, h_BTD, kv_rows, 0, 0, 0)
                 return h_BTD.new_zeros(B, 0, h_BTD.shape[2])
             pos_q = ctx.positions.gather(1, q_idx_BK)  # (B, K)
             valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
             ideal_q = valid_q
-            rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
+            if ctx.entries is not None and q_valid_BK is ctx.valid:  # a subset's own entries, found already
+                rows_N, cols_N = ctx.entries
+            else:
+                rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
             t_N = q_idx_BK[rows_N, cols_N]  # (N,) source column of each valid entry
             h_ND = h_BTD[rows_N, t_N]  # (N, D) the query tokens' input
             q = self._project_q_subset(h_ND, ctx, q_idx_BK.shape, rows_N, cols_N, t_N)  # (B, K, N, H)
@@ -347,7 +362,7 @@ class Attention(nn.Module):
             o_N = self.project_out(y[rows_N, cols_N], h_ND)  # (N, D): valid entries only
             out, q_rows = o_N.new_zeros(B, Tq, o_N.shape[-1]).index_put((rows_N, cols_N), o_N), rows_N.numel()
         n_q = B * Tq if ideal_q is None else ideal_q.sum()
-        self._record(ctx, slot, h_BTD, q_rows, pairs, self._visible_pairs(mask, ideal_q, B, Tq), n_q)
+        self._record(ctx, slot, h_BTD, kv_rows, q_rows, pairs, self._visible_pairs(mask, ideal_q, B, Tq), n_q)
         return out  # (B, T or K, D)
 
     def _project_q_subset(self, h_ND, ctx: ForwardContext, shape_BK, rows_N, cols_N, t_N) -> torch.Tensor:
@@ -366,13 +381,13 @@ class Attention(nn.Module):
         seen = mask_B1KS[:, 0] if valid_q_BK is None else mask_B1KS[:, 0] & valid_q_BK[..., None]  # (B, K, S)
         return seen.sum()
 
-    def _record(self, ctx: ForwardContext, slot: int, h_BTD: torch.Tensor, q_rows, pairs, ideal_pairs,
+    def _record(self, ctx: ForwardContext, slot: int, h_BTD: torch.Tensor, kv_rows, q_rows, pairs, ideal_pairs,
                 ideal_q=0) -> None:
         """Executed FLOPs from the shapes given to the kernels; ideal ones from valid queries and keys."""
         B, T, _ = h_BTD.shape
         n_kv = B * T if ctx.valid is None else ctx.valid.sum()
         per_pair = 4 * self.num_heads * self.head_dim
-        ctx.ledger.add(slot, "attn", executed=q_rows * self.flops_per_query + B * T * self.flops_per_kv
+        ctx.ledger.add(slot, "attn", executed=q_rows * self.flops_per_query + kv_rows * self.flops_per_kv
                        + pairs * per_pair, ideal=ideal_q * self.flops_per_query + n_kv * self.flops_per_kv
                        + ideal_pairs * per_pair, tokens=ideal_q)
 
