@@ -171,9 +171,9 @@ def test_grouped_experts_equal_one_matmul_per_expert_forward_and_backward(dtype)
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_a_padded_subset_projects_keys_and_values_for_its_valid_entries_only(cached):
-    # DND's rows select different counts and are padded to the longest: K/V of the padding is never read, so the
-    # projections run on the N valid entries (counted as such), with the same output and cache as projecting all.
+def test_a_padded_subset_projects_and_queries_its_valid_entries_only(cached):
+    # DND's rows select different counts and are padded to the longest: the padding's projections are never read,
+    # so q, k, v and o run on the N valid entries (counted as such), with the same output and cache as before.
     from dyndepth import CausalLM, KVCache, preset
     from dyndepth.core.routing import pack_indices
 
@@ -186,25 +186,43 @@ def test_a_padded_subset_projects_keys_and_values_for_its_valid_entries_only(cac
     keep[0, :9], keep[1, 2:4], keep[2, 7] = True, True, True  # 9, 2 and 1 selected: padded to K = 9
     idx, valid = pack_indices(keep)
     h = torch.randn(B, idx.shape[1], D)
-    rows = []
-    attn.k_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].numel() // D))
+    rows = {}
+    for name in ("q_proj", "k_proj", "o_proj"):
+        getattr(attn, name).register_forward_hook(lambda m, args, out, name=name: rows.setdefault(name, []).append(
+            args[0].numel() // args[0].shape[-1]))
     outs, caches, executed = [], [], []
     for compact in (True, False):
         cache = KVCache.for_model(model.config, B, T) if cached else None
         ctx = model.make_context(ids, None, torch.arange(T).expand(B, T), cache)
         sub = ctx.subset(idx, valid)
         assert sub.entries is not None and sub.entries[0].numel() == 12
+        assert sub.attn_mask is None  # valid entries first, in position order: the causal kernel is exact
         if not compact:
-            sub.entries = None  # the padded projection, as before
+            sub.entries = None  # the padded projections, as before
         with torch.no_grad():
             outs.append(attn(h, sub, 0))
         caches.append(cache)
         executed.append(float(ctx.ledger.total_tensor()))
-    assert rows == [12, 27]  # 9 + 2 + 1 valid entries, then B * K
+    assert rows == {"q_proj": [12, 27], "k_proj": [12, 27], "o_proj": [12, 27]}  # 9 + 2 + 1 valid, then B * K
     torch.testing.assert_close(outs[0][valid], outs[1][valid], atol=1e-6, rtol=0)
+    assert not outs[0][~valid].any()
     if cached:
         assert torch.equal(caches[0].valid, caches[1].valid)
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # (L, B, G, S + 1, H): the last
             torch.testing.assert_close(a[:, :, :, :T], b[:, :, :, :T], atol=1e-6, rtol=0)  # column takes padding
-    per_kv = attn.flops_per_kv
-    assert executed[1] - executed[0] == pytest.approx((27 - 12) * per_kv)
+    assert executed[1] - executed[0] == pytest.approx((27 - 12) * (attn.flops_per_kv + attn.flops_per_query))
+
+
+def test_a_subset_out_of_position_order_or_with_documents_keeps_its_mask():
+    from dyndepth.core.context import ForwardContext
+
+    B, T = 2, 6
+    positions = torch.arange(T).expand(B, T)
+    ctx = ForwardContext(positions, None, torch.zeros(B, T, 4), torch.zeros(B, T, 4))
+    idx = torch.tensor([[0, 2, 3], [1, 4, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    assert ctx.subset(idx, valid).attn_mask is None and ctx.subset(idx, valid).entries is not None
+    assert ctx.subset(torch.tensor([[2, 0, 3], [1, 4, 5]]), valid).attn_mask is not None  # not ascending
+    assert ctx.subset(idx, torch.tensor([[True, False, True], [True, True, True]])).attn_mask is not None  # a gap
+    ctx.doc_ids = torch.zeros(B, T, dtype=torch.long)
+    assert ctx.subset(idx, valid).attn_mask is not None  # documents need the mask

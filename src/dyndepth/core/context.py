@@ -30,7 +30,8 @@ class ForwardContext:
     valid (B, T) | None: False marks PAD; None means every token is real.
     cos, sin (B, T, H): rotary tables for `positions`; `rope(positions)` makes them for other positions.
     attn_mask (B, 1, T, T) | None: for cache-free calls with padding, documents or custom positions;
-      None means SDPA's causal fast path (positions 0..T-1 in every row).
+      None means SDPA's causal fast path (positions 0..T-1 in every row; in a subset, the valid entries first, in
+      position order).
     cache: the KV cache or None. doc_ids (B, T) | None: packed-document ids (training only).
     training: a training forward (method losses, MoE router statistics for the balancing loss).
     method / state: the attached adaptive-depth method and its per-forward state (its own dataclass).
@@ -94,13 +95,13 @@ class ForwardContext:
             cos, sin = self.rope(positions_BK)
         doc_BK = None if self.doc_ids is None else self.doc_ids.gather(1, idx_BK)
         mask = None
-        if self.cache is None:
+        if self.cache is None and (doc_BK is not None or not _in_column_order(positions_BK, valid_BK)):
             mask = causal_mask(positions_BK, positions_BK, valid_BK, valid_BK, doc_BK)  # (B, 1, K, K)
         sub = ForwardContext(positions_BK, valid_BK, cos, sin, mask, self.cache, doc_BK, self.training,
                              self.rope, ledger=self.ledger, aux=self.aux, model_state=self.model_state,
                              cache_source=None if positions_BK is source_BK else source_BK)
         entries = valid_BK.nonzero(as_tuple=True)  # (N,) each; one host sync
-        if entries[0].numel() < valid_BK.numel():  # rows padded to the longest: their K/V skip the padding
+        if entries[0].numel() < valid_BK.numel():  # rows padded to the longest: only the valid entries project
             sub.entries = entries
         return sub
 
@@ -115,6 +116,14 @@ class ForwardContext:
                               pick(self.attn_mask), None if self.cache is None else self.cache.rows(rows_M),
                               pick(self.doc_ids), self.training, self.rope, ledger=self.ledger, aux=self.aux,
                               cache_source=pick(self.cache_source), model_state=self.model_state)
+
+
+def _in_column_order(positions_BK: torch.Tensor, valid_BK: torch.Tensor) -> bool:
+    """True when each row's valid entries come first, at strictly increasing positions: then causality by position
+    is causality by column, SDPA's causal kernel is exact for the valid queries (it skips the upper triangle a
+    boolean mask would compute), and the padding after them is seen by padding queries alone. One host sync."""
+    later_valid = valid_BK[:, 1:]
+    return bool(((positions_BK[:, 1:] > positions_BK[:, :-1]) & valid_BK[:, :-1] | ~later_valid).all())
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,

@@ -321,12 +321,18 @@ class Attention(nn.Module):
                                                      ctx.cache_source)
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
+        rows_N = None  # with q_idx_BK or in a padded subset: the query entries whose q / o projections run
         if q_idx_BK is None:
             pos_q, valid_q = ctx.positions, ctx.valid  # discarded queries attend as usual: outputs are dropped
             ideal_q = valid_q
             if ideal_q_BT is not None:
                 ideal_q = ideal_q_BT if valid_q is None else valid_q & ideal_q_BT
-            q = self.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
+            if ctx.entries is None:
+                q = self.project_q(h_BTD, ctx.cos, ctx.sin)  # (B, T, N, H)
+            else:  # a padded subset: its valid entries query, the padding does not
+                rows_N, cols_N = ctx.entries
+                h_ND = h_BTD[rows_N, cols_N]  # (N, D)
+                q = self._project_q_subset(h_ND, ctx, (B, T), rows_N, cols_N, cols_N)  # (B, T, N, H)
         else:
             if q_idx_BK.shape[1] == 0:  # every token skipped: K/V written, nothing else
                 self._record(ctx, slot, h_BTD, kv_rows, 0, 0, 0)
@@ -334,10 +340,7 @@ class Attention(nn.Module):
             pos_q = ctx.positions.gather(1, q_idx_BK)  # (B, K)
             valid_q = q_valid_BK if ctx.valid is None else q_valid_BK & ctx.valid.gather(1, q_idx_BK)
             ideal_q = valid_q
-            if ctx.entries is not None and q_valid_BK is ctx.valid:  # a subset's own entries, found already
-                rows_N, cols_N = ctx.entries
-            else:
-                rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
+            rows_N, cols_N = q_valid_BK.nonzero(as_tuple=True)  # the valid entries (one host sync)
             t_N = q_idx_BK[rows_N, cols_N]  # (N,) source column of each valid entry
             h_ND = h_BTD[rows_N, t_N]  # (N, D) the query tokens' input
             q = self._project_q_subset(h_ND, ctx, q_idx_BK.shape, rows_N, cols_N, t_N)  # (B, K, N, H)
@@ -354,11 +357,13 @@ class Attention(nn.Module):
                 mask = subset_mask(pos_q, ctx.positions, ctx.valid, valid_q, doc_q, ctx.doc_ids)
         if q_idx_BK is None or mask is None:
             y = self.attend(q, k_all, v_all, mask)  # (B, T, N*H)
-            pairs = B * Tq * k_all.shape[2] if mask is not None else B * Tq * (Tq + 1) // 2  # causal kernels
-            q_rows = B * Tq  # skip the upper triangle; with a mask, SDPA computes every pair
-            out = self.project_out(y, h_BTD)
+            # causal kernels skip the upper triangle; with a mask, SDPA computes every pair
+            pairs = B * Tq * k_all.shape[2] if mask is not None else B * Tq * (Tq + 1) // 2
         else:
             y, pairs = self.attend_chunks(q, k_all, v_all, mask, last_key)  # (B, K, N*H)
+        if rows_N is None:
+            out, q_rows = self.project_out(y, h_BTD), B * Tq
+        else:
             o_N = self.project_out(y[rows_N, cols_N], h_ND)  # (N, D): valid entries only
             out, q_rows = o_N.new_zeros(B, Tq, o_N.shape[-1]).index_put((rows_N, cols_N), o_N), rows_N.numel()
         n_q = B * Tq if ideal_q is None else ideal_q.sum()

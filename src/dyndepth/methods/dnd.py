@@ -347,8 +347,9 @@ class DND:
 
     def _nested_pass(self, layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx: ForwardContext, slot: int):
         """x^d (B, K, D): the selected tokens through the same layer again (its own branches and norms), at the
-        layer's nested cache slot. Rows are padded to the longest row's count K; the padding costs K/V projections
-        and attention pairs only: queries, o_proj and the MLP run on the selected tokens."""
+        layer's nested cache slot. Rows are padded to the longest row's count K; the padding costs attention pairs
+        only: the projections and the MLP run on the selected tokens, and without a cache the causal kernel skips
+        the pairs above the diagonal."""
         nslot = self.nested_slot[slot]
         B, K, _ = xs_BKD.shape
         if self.config.nested_attends_vanilla:
@@ -364,10 +365,9 @@ class DND:
             sub = ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK)
             if ctx.cache is not None and pos_BK is not None:  # compact columns end far before the sequence does
                 sub.cache = ctx.cache.window(min(ctx.cache.length, int(pos_BK.max()) + 1))
-            q_idx_BK = torch.arange(K, device=x.device).expand(B, K)  # every entry may query; padding does not
-            a_BKD = layer.attn_branch(layer.input_layernorm(xs_BKD), sub, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
-        h_BKD = xs_BKD + a_BKD
-        rows_N, cols_N = valid_BK.nonzero(as_tuple=True)  # (N,) the selected tokens, flat
+            a_BKD = layer.attn_branch(layer.input_layernorm(xs_BKD), sub, nslot)  # the padding neither projects
+        h_BKD = xs_BKD + a_BKD  # nor queries (`sub.entries`)
+        rows_N, cols_N = valid_BK.nonzero(as_tuple=True) if sub.entries is None else sub.entries  # (N,) selected
         h_ND = h_BKD[rows_N, cols_N]
         y_ND = layer.mlp_branch(layer.post_attention_layernorm(h_ND), sub, nslot,
                                 valid=torch.ones_like(rows_N, dtype=torch.bool))
