@@ -116,6 +116,20 @@ def test_add_rows_matches_index_add_and_keeps_no_rows():
     assert ours_bytes == index.untyped_storage().nbytes()
 
 
+def test_add_rows_keeps_its_gradient_when_compiled():
+    # torch 2.11's dynamo returned zero gradients for a Function whose forward returns an in-place op's result
+    from dyndepth.models.moe import add_rows
+
+    torch.manual_seed(0)
+    index = torch.randint(0, 6, (12,))
+    grads = []
+    for fn in (add_rows, torch.compile(add_rows, backend="eager", fullgraph=True)):
+        y = torch.randn(12, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (fn(y, index, 6) * torch.arange(18.0).view(6, 3)).sum().backward()
+        grads.append(y.grad)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[1], grads[0])
+
+
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
 def test_gathered_grouped_matmul_matches_autograd_and_keeps_x_not_its_rows():
     torch.manual_seed(0)

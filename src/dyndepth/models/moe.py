@@ -134,6 +134,8 @@ class AddRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
         ctx.save_for_backward(index_M)
+        if torch.compiler.is_compiling():  # torch 2.11's dynamo loses the gradient of a Function whose forward
+            return y_MD.new_zeros(n, y_MD.shape[1]).index_add(0, index_M, y_MD)  # returns an in-place op's result
         return _add_rows(y_MD, index_M, n)
 
     @staticmethod
