@@ -387,6 +387,16 @@ def test_per_token_exit_saves_ideal_flops_and_more_steps_cost_more():
         pass
 
 
+def test_state_change_is_an_evaluation_statistic():
+    model = varied(tiny())
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        change = model(ids).stats["dreamer/state_change"]
+    assert change.shape == (3,) and (change > 0).all()  # one per step
+    model.train()
+    assert "dreamer/state_change" not in model(ids).stats  # training forwards skip its passes
+
+
 def test_expert_statistics_count_every_selection_and_bound_diversity():
     model = varied(tiny(num_recurrences=3, num_experts=8, num_experts_per_tok=2))
     ids, mask = left_padded()

@@ -258,7 +258,8 @@ class DreamerLM(nn.Module):
         slots = [a.slot for a in self.schedule]
         if cfg.num_experts:
             stats.update(expert_stats(st, slots, valid, cfg, self.num_steps))
-        stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)
+        if st.change:  # eval forwards
+            stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)
         depth = valid.float() * self.num_steps if st.depth is None else st.depth * valid
         stats["dreamer/avg_depth"] = depth.sum() / valid.sum().clamp(min=1)
         pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees

@@ -205,7 +205,8 @@ class DreamerLayer(nn.Module):
         x_BTD = x_BTD + self._out(2, self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
         if st.active is not None:  # exited tokens keep their state (they still wrote K/V above)
             x_BTD = torch.where(st.active[..., None], x_BTD, x_in)
-        self._record_change(st, ctx, slot, x_in, x_BTD)
+        if not ctx.training:  # an analysis statistic (eval/dreamer.py): training forwards skip its 3 passes
+            self._record_change(st, ctx, slot, x_in, x_BTD)
         if st.exit_kl is not None and self.index == self.config.layers_per_group - 1:
             self._exit_check(st, ctx, slot, step, x_BTD)
         return x_BTD
