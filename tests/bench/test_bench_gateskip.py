@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from dyndepth.bench.gateskip import GateSkipBenchConfig, main
@@ -13,7 +15,8 @@ def test_bench_gateskip_reports_consistent_ratios(tmp_path, dtype):
     for r in rows:
         if r["budget"] == 0.0:  # the baseline against itself, and against a second, identical contender
             assert r["realized_speedup"] == r["executed_speedup"] == r["ideal_speedup"] == 1.0
-            assert 0.2 < float(r["control"]) < 5.0  # a time ratio of the same work (no timed assert on its noise)
+            control = float(r["control"])  # a time ratio of the same work: any bound on it is a timed assert
+            assert control > 0 and math.isfinite(control)  # (a loaded host read 9x once)
         else:
             # skipping half the tokens of every branch removes work, ideally at least what ran
             assert r["control"] == "-"
