@@ -207,10 +207,11 @@ def test_a_padded_subset_projects_and_queries_its_valid_entries_only(cached):
     outs, caches, executed = [], [], []
     for compact in (True, False):
         cache = KVCache.for_model(model.config, B, T) if cached else None
-        ctx = model.make_context(ids, None, torch.arange(T).expand(B, T), cache)
-        sub = ctx.subset(idx, valid)
+        ctx = model.make_context(ids, None, torch.arange(T).expand(B, T) if cached else None, cache)
+        assert ctx.subset(idx, valid).entries is None  # listed on request only (a host sync)
+        sub = ctx.subset(idx, valid, entries=True)
         assert sub.entries is not None and sub.entries[0].numel() == 12
-        assert sub.attn_mask is None  # valid entries first, in position order: the causal kernel is exact
+        assert sub.attn_mask is None  # in position order: the causal kernel is exact (a cache masks by itself)
         if not compact:
             sub.entries = None  # the padded projections, as before
         with torch.no_grad():
@@ -227,16 +228,19 @@ def test_a_padded_subset_projects_and_queries_its_valid_entries_only(cached):
     assert executed[1] - executed[0] == pytest.approx((27 - 12) * (attn.flops_per_kv + attn.flops_per_query))
 
 
-def test_a_subset_out_of_position_order_or_with_documents_keeps_its_mask():
-    from dyndepth.core.context import ForwardContext
+def test_a_subset_takes_the_causal_kernel_only_where_positions_follow_columns():
+    from dyndepth import CausalLM, preset
 
+    model = CausalLM(preset("tiny-qwen3")).eval()
     B, T = 2, 6
-    positions = torch.arange(T).expand(B, T)
-    ctx = ForwardContext(positions, None, torch.zeros(B, T, 4), torch.zeros(B, T, 4))
+    ids = torch.randint(0, 256, (B, T))
     idx = torch.tensor([[0, 2, 3], [1, 4, 0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    assert ctx.subset(idx, valid).attn_mask is None and ctx.subset(idx, valid).entries is not None
-    assert ctx.subset(torch.tensor([[2, 0, 3], [1, 4, 5]]), valid).attn_mask is not None  # not ascending
-    assert ctx.subset(idx, torch.tensor([[True, False, True], [True, True, True]])).attn_mask is not None  # a gap
-    ctx.doc_ids = torch.zeros(B, T, dtype=torch.long)
-    assert ctx.subset(idx, valid).attn_mask is not None  # documents need the mask
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :2] = 0
+    for attention_mask in (None, mask):  # positions derived by the model, left padding or not: ordered
+        assert model.make_context(ids, attention_mask, None, None).subset(idx, valid).attn_mask is None
+    given = model.make_context(ids, None, torch.tensor([[5, 4, 3, 2, 1, 0]]).expand(B, T), None)
+    assert given.subset(idx, valid).attn_mask is not None  # positions the caller chose: masked by position
+    docs = model.make_context(ids, None, None, None, doc_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]).expand(B, T))
+    assert docs.subset(idx, valid).attn_mask is not None  # documents need the mask

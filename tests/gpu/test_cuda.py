@@ -111,7 +111,7 @@ def test_bf16_greedy_generation_runs_and_equals_its_own_uncached_argmax(kind):
     with ctx, torch.no_grad():
         logits = model(out[:, :-1]).logits[:, 5:].float()  # (B, 5, V): the steps that chose out[:, 6:]
     top2 = logits.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 0.05 * logits.std()  # near-ties may flip between bf16 paths
+    clear = (top2[..., 0] - top2[..., 1]) > 0.25 * logits.std()  # near-ties may flip between bf16 kernels
     chosen = logits.argmax(-1)
     assert clear.any() and torch.equal(chosen[clear], out[:, 6:][clear])
 
@@ -135,11 +135,20 @@ def test_gateskip_skips_exactly_the_budget_in_low_precision(precision):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grouped_expert_matmuls_equal_one_matmul_per_expert(dtype):
-    # On CUDA, bf16 takes torch's grouped matmul kernel; fp32 (and older GPUs) one matmul per expert.
+def test_grouped_expert_matmuls_equal_one_matmul_per_expert(dtype, monkeypatch):
+    # On CUDA (compute capability 8.0+), bf16 takes torch's grouped matmul kernel; fp32 one matmul per expert.
+    import torch.nn.functional as F
+
+    calls = []
+    if hasattr(F, "grouped_mm"):
+        real = F.grouped_mm
+        monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     grouped = Experts(8, 64, 32, grouped=True).to(DEVICE)
     loop = Experts(8, 64, 32, grouped=False).to(DEVICE)
+    with torch.no_grad():
+        grouped.gate_up_proj.normal_(0, 0.3)  # unit-scale outputs, so a tolerance means something
+        grouped.down_proj.normal_(0, 0.3)
     loop.load_state_dict(grouped.state_dict())
     x = torch.randn(96, 64, device=DEVICE)
     idx = torch.stack([torch.randperm(8)[:2] for _ in range(96)]).to(DEVICE)  # (N, K) distinct experts
@@ -152,10 +161,12 @@ def test_grouped_expert_matmuls_equal_one_matmul_per_expert(dtype):
         y.float().square().sum().backward()
         outs.append(y.float())
         grads.append([xi.grad, experts.gate_up_proj.grad, experts.down_proj.grad])
-    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(outs[0], outs[1], **tol)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
+    rel = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert outs[1].abs().mean() > 0.1  # the scale the relative check is taken at
+    for a, b in zip([outs[0], *grads[0]], [outs[1], *grads[1]]):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < rel
+    if DEVICE.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(DEVICE) >= (8, 0):
+        assert calls  # the grouped kernel ran (forward and backward)
 
 
 def test_decoder_equals_hf_transformers_on_the_device(tmp_path):
@@ -211,7 +222,7 @@ class CountingRows:
 
 
 @pytest.mark.parametrize("kind,compile", [("dreamer", False), ("dnd", False), ("gateskip", False),
-                                          ("gateskip", True)])
+                                          pytest.param("gateskip", True, id="gateskip_compiled")])
 def test_bf16_training_lowers_the_loss(kind, compile, tmp_path):
     recipe = RECIPES[kind] + ('[train]\nbatch_size = 8\nseq_len = 32\nlog_every = 1\nwarmup = 2\nlr = 3e-3\n'
                               'min_lr = 3e-4\nprogress = false\nplot = false\n[eval]\nenabled = false\n')

@@ -41,8 +41,10 @@ class ForwardContext:
     cache_source (B, T) | None: the tokens' sequence positions when `positions` are not (a sub-context with
       compact positions, DND's nested pass); the cache records them so `invalidate` works on either.
     model_state: what the model family keeps for one forward (Dreamer's depth memory); None for the decoder.
-    entries (rows (N,), cols (N,)) | None: a padded subset's valid entries, flat (`subset` finds them): attention
-      projects K/V for these only.
+    ordered: positions strictly increase along each row over its valid tokens (`make_context` sets it when it
+      derived the positions itself), so a subset packed in column order is causal by column.
+    entries (rows (N,), cols (N,)) | None: a padded subset's valid entries, flat (`subset(..., entries=True)`):
+      attention projects q, k, v and o for these only.
 
     A plain class on purpose, not a dataclass: wrappers that map over a layer's arguments (FSDP2's input
     casting) rebuild dataclasses field by field, and every layer must see this very object, whose
@@ -62,6 +64,7 @@ class ForwardContext:
         self.ledger = ComputeLedger() if ledger is None else ledger
         self.aux = [] if aux is None else aux
         self.kv_hook, self.cache_source, self.model_state = kv_hook, cache_source, model_state
+        self.ordered = False
         self.entries: tuple[torch.Tensor, torch.Tensor] | None = None
         self._all: torch.Tensor | None = None  # valid_or_all's all-True mask, made on first use
 
@@ -74,16 +77,23 @@ class ForwardContext:
             self._all = torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
         return self._all
 
-    def subset(self, idx_BK: torch.Tensor, valid_BK: torch.Tensor,
-               positions_BK: torch.Tensor | None = None) -> ForwardContext:
-        """The context of a per-row token subset (see `core.routing.pack_padded` for idx / valid).
+    def subset(self, idx_BK: torch.Tensor, valid_BK: torch.Tensor, positions_BK: torch.Tensor | None = None,
+               entries: bool = False) -> ForwardContext:
+        """The context of a per-row token subset, packed as `core.routing.pack_indices` / `pack_padded` pack it:
+        each row's columns ascending, its valid entries first.
 
-        The subset's tokens keep their own positions, or take `positions_BK` (e.g. DND's compact
-        positions 0..K-1), with rotary tables to match. Without a cache they attend causally to each
-        other only, within their documents; with a cache, to the valid entries of the slot they are run
-        with (the caller picks the slot). Cache, ledger and MoE statistics are shared with the parent, so
+        The subset's tokens keep their own positions, or take `positions_BK` (increasing along each row's valid
+        entries, e.g. DND's compact positions 0..K-1), with rotary tables to match. Without a cache they attend
+        causally to each other only, within their documents; with a cache, to the valid entries of the slot they
+        are run with (the caller picks the slot). Cache, ledger and MoE statistics are shared with the parent, so
         everything the subset runs is counted in the same forward. The method is not carried over: a
         sub-context runs the plain layer (`layer.block`).
+
+        Without a cache or documents, in an `ordered` parent, the subset needs no mask: causality by position is
+        causality by column there, so SDPA's causal kernel is exact for the valid queries (and skips the pairs
+        above the diagonal that a boolean mask computes); the padding after them is seen by padding queries
+        alone. `entries=True` lists the valid entries (one host sync) when rows are padded, so attention projects
+        only those (DND: rows select different counts).
         """
         source_BK = self.positions.gather(1, idx_BK)  # (B, K) the tokens' sequence positions
         if positions_BK is None:
@@ -95,14 +105,16 @@ class ForwardContext:
             cos, sin = self.rope(positions_BK)
         doc_BK = None if self.doc_ids is None else self.doc_ids.gather(1, idx_BK)
         mask = None
-        if self.cache is None and (doc_BK is not None or not _in_column_order(positions_BK, valid_BK)):
+        if self.cache is None and (doc_BK is not None or not self.ordered):
             mask = causal_mask(positions_BK, positions_BK, valid_BK, valid_BK, doc_BK)  # (B, 1, K, K)
         sub = ForwardContext(positions_BK, valid_BK, cos, sin, mask, self.cache, doc_BK, self.training,
                              self.rope, ledger=self.ledger, aux=self.aux, model_state=self.model_state,
                              cache_source=None if positions_BK is source_BK else source_BK)
-        entries = valid_BK.nonzero(as_tuple=True)  # (N,) each; one host sync
-        if entries[0].numel() < valid_BK.numel():  # rows padded to the longest: only the valid entries project
-            sub.entries = entries
+        sub.ordered = self.ordered
+        if entries:
+            rows_N, cols_N = valid_BK.nonzero(as_tuple=True)  # (N,) each; one host sync
+            if rows_N.numel() < valid_BK.numel():  # rows padded to the longest
+                sub.entries = rows_N, cols_N
         return sub
 
     def rows(self, rows_M: torch.Tensor) -> ForwardContext:
@@ -116,14 +128,6 @@ class ForwardContext:
                               pick(self.attn_mask), None if self.cache is None else self.cache.rows(rows_M),
                               pick(self.doc_ids), self.training, self.rope, ledger=self.ledger, aux=self.aux,
                               cache_source=pick(self.cache_source), model_state=self.model_state)
-
-
-def _in_column_order(positions_BK: torch.Tensor, valid_BK: torch.Tensor) -> bool:
-    """True when each row's valid entries come first, at strictly increasing positions: then causality by position
-    is causality by column, SDPA's causal kernel is exact for the valid queries (it skips the upper triangle a
-    boolean mask would compute), and the padding after them is seen by padding queries alone. One host sync."""
-    later_valid = valid_BK[:, 1:]
-    return bool(((positions_BK[:, 1:] > positions_BK[:, :-1]) & valid_BK[:, :-1] | ~later_valid).all())
 
 
 def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torch.Tensor | None,

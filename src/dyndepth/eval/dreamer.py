@@ -35,7 +35,16 @@ SYNTHETIC_SOURCES = ("synthetic", "embedded")
 @torch.no_grad()
 def forward_report(model, batches: list[dict]) -> dict:
     """Token-weighted validation loss, average depth, FLOPs per valid token and expert statistics over `batches`
-    (dicts with input_ids and labels), at the model's current knobs."""
+    (dicts with input_ids and labels), at the model's current knobs, as evaluation forwards (eval mode)."""
+    was_training = model.training
+    model.eval()  # training forwards skip the state-change statistic
+    try:
+        return _forward_report(model, batches)
+    finally:
+        model.train(was_training)
+
+
+def _forward_report(model, batches: list[dict]) -> dict:
     sums = {"nll": 0.0, "labels": 0, "tokens": 0.0, "depth": 0.0, "executed": 0.0, "ideal": 0.0, "diversity": 0.0}
     usage, entropy, change = 0, [], 0
     for batch in batches:

@@ -353,7 +353,7 @@ class DND:
         nslot = self.nested_slot[slot]
         B, K, _ = xs_BKD.shape
         if self.config.nested_attends_vanilla:
-            sub = ctx.subset(idx_BK, valid_BK)
+            sub = ctx.subset(idx_BK, valid_BK, entries=True)
             a_BKD = self._attend_with_vanilla_kv(layer, x, xs_BKD, sub, valid_BK, ctx, nslot)
         else:
             pos_BK = None
@@ -362,12 +362,14 @@ class DND:
                 if ctx.cache is not None:
                     pos_BT = pos_BT + ctx.cache.count(nslot)[:, None]  # after the selected tokens already cached
                 pos_BK = pos_BT.gather(1, idx_BK)
-            sub = ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK)
+            sub = ctx.subset(idx_BK, valid_BK, positions_BK=pos_BK, entries=True)
             if ctx.cache is not None and pos_BK is not None:  # compact columns end far before the sequence does
                 sub.cache = ctx.cache.window(min(ctx.cache.length, int(pos_BK.max()) + 1))
             a_BKD = layer.attn_branch(layer.input_layernorm(xs_BKD), sub, nslot)  # the padding neither projects
         h_BKD = xs_BKD + a_BKD  # nor queries (`sub.entries`)
-        rows_N, cols_N = valid_BK.nonzero(as_tuple=True) if sub.entries is None else sub.entries  # (N,) selected
+        if sub.entries is None:  # no padding: every entry is a selected token
+            return h_BKD + layer.mlp_branch(layer.post_attention_layernorm(h_BKD), sub, nslot, valid=valid_BK)
+        rows_N, cols_N = sub.entries  # (N,) the selected tokens, flat
         h_ND = h_BKD[rows_N, cols_N]
         y_ND = layer.mlp_branch(layer.post_attention_layernorm(h_ND), sub, nslot,
                                 valid=torch.ones_like(rows_N, dtype=torch.bool))

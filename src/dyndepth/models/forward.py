@@ -77,8 +77,10 @@ def make_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
     elif doc_ids is not None:
         raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
-    return ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, training=model.training,
-                          rope=rope, method=model.method)
+    ctx = ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, training=model.training,
+                         rope=rope, method=model.method)
+    ctx.ordered = not given_positions  # derived positions increase along every row's valid tokens
+    return ctx
 
 
 def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
