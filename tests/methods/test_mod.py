@@ -290,3 +290,13 @@ def test_the_depth_heatmap_shows_the_predictors_routing(tmp_path, monkeypatch):
     assert path.stat().st_size > 0
     with pytest.raises(ValueError, match="Mixture-of-Depths"):
         plots.mod_heatmap(CausalLM(preset("tiny-qwen3")), tok, text, tmp_path / "none.png")
+
+
+def test_a_top_k_training_forward_traces_as_one_graph():
+    # static k and an ordered parent: packing, the subset and its causal attention need no host sync
+    import torch._dynamo as dynamo
+
+    model, _ = mod_model(capacity=0.5, every=1)
+    model.train()
+    explained = dynamo.explain(lambda ids: model(ids).logits)(torch.randint(0, 256, (2, 16)))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
