@@ -7,6 +7,8 @@ tests themselves (`DYNDEPTH_TEST_DEVICE=cpu pytest -m gpu tests/gpu`)."""
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,9 @@ from dyndepth.models.dreamer import DreamerConfig, DreamerLM
 from dyndepth.models.hf_layout import config_to_hf
 from dyndepth.models.moe import Experts
 from dyndepth.train import run_training
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))  # the training tests' loader
+from tiny_loader import TinyLoader  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("DYNDEPTH_TEST_DEVICE", "cuda"))
 pytestmark = [pytest.mark.gpu,
@@ -202,25 +207,6 @@ RECIPES = {
 }
 
 
-class CountingRows:
-    """Rows that count up from a random start: learnable in a few steps."""
-
-    def __init__(self, batch_size: int, seq_len: int) -> None:
-        self.batch_size, self.seq_len, self.cursor = batch_size, seq_len, 0
-
-    def next_batch(self) -> dict:
-        g = torch.Generator().manual_seed(self.cursor)
-        self.cursor += 1
-        rows = (torch.randint(0, 256, (self.batch_size, 1), generator=g) + torch.arange(self.seq_len + 1)) % 256
-        return {"input_ids": rows[:, :-1].clone(), "labels": rows[:, 1:].clone()}
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cursor = state["cursor"]
-
-
 @pytest.mark.parametrize("kind,compile", [("dreamer", False), ("dnd", False), ("gateskip", False),
                                           pytest.param("gateskip", True, id="gateskip_compiled")])
 def test_bf16_training_lowers_the_loss(kind, compile, tmp_path):
@@ -230,7 +216,7 @@ def test_bf16_training_lowers_the_loss(kind, compile, tmp_path):
     result = run_training(tmp_path / "r.toml", [f"train.out_dir={tmp_path / 'run'}", "train.steps=30",
                                                 f"train.device={DEVICE.type}", "train.dtype=bfloat16",
                                                 f"train.compile={str(compile).lower()}"],
-                          loader=CountingRows(8, 32))
+                          loader=TinyLoader(8, 32))
     losses = [loss for _, loss in result.losses]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
