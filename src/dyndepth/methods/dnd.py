@@ -351,7 +351,6 @@ class DND:
         only: the projections and the MLP run on the selected tokens, and without a cache the causal kernel skips
         the pairs above the diagonal."""
         nslot = self.nested_slot[slot]
-        B, K, _ = xs_BKD.shape
         if self.config.nested_attends_vanilla:
             sub = ctx.subset(idx_BK, valid_BK, entries=True)
             a_BKD = self._attend_with_vanilla_kv(layer, x, xs_BKD, sub, valid_BK, ctx, nslot)
