@@ -240,6 +240,11 @@ class SwiGLUFunction(torch.autograd.Function):
         return grad_gate, grad_up, grad_scale
 
 
+def _padded(t_N: torch.Tensor, B: int, T: int, rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+    """Values of N (row, column) entries (N, ...) placed in a (B, T, ...) zero tensor."""
+    return t_N.new_zeros(B, T, *t_N.shape[1:]).index_put((rows_N, cols_N), t_N)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with q/k norm and RoPE. `v_proj` / `o_proj` default to Linear layers; a variant
     passes its own parts (SwitchHead's experts, models/switchhead.py): v_proj maps (..., D) -> (..., G*H), and an
@@ -290,9 +295,7 @@ class Attention(nn.Module):
             return *self.project_kv(h_BTD, ctx.cos, ctx.sin), B * T
         rows_N, cols_N = ctx.entries
         k_N, v_N = self.project_kv(h_BTD[rows_N, cols_N], ctx.cos[rows_N, cols_N], ctx.sin[rows_N, cols_N])
-        shape = (B, T, self.num_kv_heads, self.head_dim)
-        return (k_N.new_zeros(shape).index_put((rows_N, cols_N), k_N),
-                v_N.new_zeros(shape).index_put((rows_N, cols_N), v_N), rows_N.numel())
+        return _padded(k_N, B, T, rows_N, cols_N), _padded(v_N, B, T, rows_N, cols_N), rows_N.numel()
 
     def project_out(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Attention output (..., N*H) -> (..., D); `h` (..., D), the query tokens' normed input, routes a routed
@@ -365,7 +368,7 @@ class Attention(nn.Module):
             out, q_rows = self.project_out(y, h_BTD), B * Tq
         else:
             o_N = self.project_out(y[rows_N, cols_N], h_ND)  # (N, D): valid entries only
-            out, q_rows = o_N.new_zeros(B, Tq, o_N.shape[-1]).index_put((rows_N, cols_N), o_N), rows_N.numel()
+            out, q_rows = _padded(o_N, B, Tq, rows_N, cols_N), rows_N.numel()
         n_q = B * Tq if ideal_q is None else ideal_q.sum()
         self._record(ctx, slot, h_BTD, kv_rows, q_rows, pairs, self._visible_pairs(mask, ideal_q, B, Tq), n_q)
         return out  # (B, T or K, D)
@@ -374,7 +377,7 @@ class Attention(nn.Module):
         """Queries (B, K, N, H) of the chosen tokens, projected for the valid entries only (zeros elsewhere)."""
         B, K = shape_BK
         q_N = self.project_q(h_ND, ctx.cos[rows_N, t_N], ctx.sin[rows_N, t_N])  # (N, N_h, H)
-        return q_N.new_zeros(B, K, self.num_heads, self.head_dim).index_put((rows_N, cols_N), q_N)
+        return _padded(q_N, B, K, rows_N, cols_N)
 
     @staticmethod
     def _visible_pairs(mask_B1KS: torch.Tensor | None, valid_q_BK: torch.Tensor | None, B: int, Tq: int):
