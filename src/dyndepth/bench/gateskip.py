@@ -120,7 +120,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         steppers = {q: timing.greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
                     for q in cfg.budgets}
         steppers[timing.CONTROL] = timing.greedy_stepper(model, prompt, steps,
-                                                  scope=functools.partial(decoding, cfg.budgets[0]))
+                                                         scope=functools.partial(decoding, cfg.budgets[0]))
         times = {q: t * steps for q, t in timing.interleaved_steps(steppers, steps, device, cfg.repeats).items()}
         work = {q: _work(timing.stepper_stats(steppers[q], steps)) for q in cfg.budgets}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
