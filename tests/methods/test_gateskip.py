@@ -158,26 +158,45 @@ def test_generate_with_skip_budget_needs_calibration_then_matches_uncached():
 
 
 @pytest.mark.parametrize("B", [1, 6])
-def test_decode_paths_agree_and_the_rule_picks_dense_for_small_batches(B):
+def test_decode_paths_agree_and_the_cost_rule_picks_each_calls_path(B, monkeypatch):
     model, method = gated_model(budget=0.0, pack_min_skipped=4)
     calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.5)
     ids = torch.randint(0, 256, (B, 6))
-    outs = {}
+    calls, outs = [], {}
+    run_path = method._run_path
+
+    def spy(keep, st, branch):  # each branch call's kept count and the path the method ran
+        path = run_path(keep, st, branch)
+        calls.append((int(keep.sum()), keep.numel(), path))
+        return path
+
+    monkeypatch.setattr(method, "_run_path", spy)
     for path in ("packed", "dense", "auto"):
         with method.decoding(budget=0.5, path=path), torch.no_grad():
             cache = KVCache.for_model(model.config, B, 7)
             pos = torch.arange(7).expand(B, 7)
             model(ids, positions=pos[:, :6], cache=cache)
+            calls.clear()
             out = model(ids[:, -1:], positions=pos[:, 6:], cache=cache)
         outs[path] = out
     torch.testing.assert_close(outs["packed"].logits, outs["dense"].logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(outs["auto"].logits, outs["dense"].logits, atol=1e-5, rtol=0)
-    # a decode step has B tokens: with fewer than 4 of them skipping, the rule runs the branch densely
-    if "gateskip/packed" in outs["auto"].stats:
-        assert float(outs["auto"].stats["gateskip/packed"]) == (0.0 if B < 4 else outs["auto"].stats["gateskip/packed"])
+
+    def rule(n_keep, n):  # the documented cost rule: pack when >= 4 tokens (and >= 20%) of the call skip
+        if n_keep in (0, n):
+            return "none" if n_keep == 0 else "all"
+        return "packed" if n - n_keep >= 4 and n - n_keep >= 0.2 * n else "dense"
+
+    assert [path for *_, path in calls] == [rule(n_keep, n) for n_keep, n, _ in calls]
+    partial = [path for *_, path in calls if path in ("packed", "dense")]
+    if B == 1:  # one token: a branch runs or is skipped whole, never partially
+        assert not partial and "gateskip/packed" not in outs["auto"].stats
+    else:  # this seed's decode step has both kinds of partial call
+        assert {"packed", "dense"} <= set(partial)
+        assert float(outs["auto"].stats["gateskip/packed"]) == pytest.approx(partial.count("packed") / len(partial))
     # ideal FLOPs do not depend on the path; executed ones do (dense runs every token's q/o and MLP)
     assert float(outs["packed"].stats["flops/ideal"]) == pytest.approx(float(outs["dense"].stats["flops/ideal"]))
-    assert float(outs["dense"].stats["flops/executed"]) >= float(outs["packed"].stats["flops/executed"])
+    assert float(outs["dense"].stats["flops/executed"]) > float(outs["packed"].stats["flops/executed"]) or B == 1
 
 
 def test_training_penalty_gradients_and_budget_ramp():
@@ -239,7 +258,9 @@ def test_lowrank_gate_starts_open_and_learns_from_the_first_step():
     h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
     assert (g(h) > 0.99).all()  # open: the fine-tune starts from the base model
     model(ids).aux_loss.backward()
-    assert g.proj.weight.grad.abs().mean() > 1e-3 * g.proj.bias.grad.abs().mean()
+    # `down` starts at unit output scale, so proj's first gradient is ~0.1 of the bias's (mean |grad|);
+    # with both factors at std 0.01 (the old init) it was ~0.005
+    assert g.proj.weight.grad.abs().mean() > 0.03 * g.proj.bias.grad.abs().mean()
 
 
 def test_single_branch_ablations_double_the_budget_and_layer_skipping_ties_branches():
