@@ -129,8 +129,8 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
-    steps: int = typer.Option(700, help="Base training steps (the defaults fit 2 CPU cores in under 10 minutes)."),
-    post_steps: int = typer.Option(150, help="Post-training steps of each method (and of the plain fine-tune)."),
+    steps: int = typer.Option(600, help="Base training steps (the defaults fit 2 CPU cores in under 10 minutes)."),
+    post_steps: int = typer.Option(120, help="Post-training steps of each method (and of the plain fine-tune)."),
     eval_examples: int = typer.Option(100, help="Held-out examples per task."),
 ) -> None:
     """Train a tiny model on synthetic tasks (no network), post-train every method from it, print one table."""

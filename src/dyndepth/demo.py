@@ -50,8 +50,8 @@ from dyndepth.train.trainer import train
 class DemoConfig:
     out_dir: str = "runs/demo"
     model: str = "demo-tiny"
-    steps: int = 700  # base training
-    post_steps: int = 150  # each contender, from the base
+    steps: int = 600  # base training
+    post_steps: int = 120  # each contender, from the base
     batch_size: int = 32
     seq_len: int = 128
     lr: float = 4e-3

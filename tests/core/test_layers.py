@@ -1,12 +1,13 @@
-"""The memory-lean autograd functions of core/layers.py (RMSNorm, the normed projections, SwiGLU; the experts'
-gather and row sum, models/moe.py): the same forward and gradients as autograd on the plain expressions, with
-less saved for backward."""
+"""The memory-lean autograd functions of core/layers.py (RMSNorm, the normed projections, SwiGLU, RoPE; the
+experts' gather and row sum, models/moe.py): the same forward and gradients as autograd on the plain
+expressions, with less saved for backward or fewer kernels."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dyndepth.core.layers import RMSNorm, normed_linear, swiglu
+from dyndepth.core.layers import RMSNorm, apply_rope, normed_linear, rotate_half, swiglu
 from dyndepth.models.moe import AddRows, Experts, GatherGroupedMM
 
 
@@ -70,6 +71,61 @@ def test_swiglu_matches_autograd_and_saves_only_its_inputs(dtype, scaled):
     for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
         _close(a, b, dtype)
     assert ref_bytes - ours_bytes >= ours.numel() * ours.element_size()  # silu(gate) is not kept
+
+
+class _Kernels(TorchDispatchMode):
+    """The ATen ops dispatched inside that are not views: the kernels a block of code launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _rope_formula(x, cos, sin):  # HF's apply_rotary_pos_emb, heads on dim -2
+    return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_matches_the_formula_with_fewer_kernels(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, dtype=dtype, requires_grad=True)
+    cos, sin = torch.randn(2, 7, 16, dtype=dtype), torch.randn(2, 7, 16, dtype=dtype)  # halves differ: any rotation
+    grad = torch.randn(2, 7, 3, 16, dtype=dtype)
+    with _Kernels() as ours_fwd:
+        ours = apply_rope(x, cos, sin)
+    with _Kernels() as ours_bwd:
+        (g_ours,) = torch.autograd.grad(ours, x, grad)
+    with _Kernels() as ref_fwd:
+        ref = _rope_formula(x, cos, sin)
+    with _Kernels() as ref_bwd:
+        (g_ref,) = torch.autograd.grad(ref, x, grad)
+    if dtype == torch.bfloat16:  # HF's arithmetic, rounding for rounding: outputs identical to HF's
+        assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+        return
+    tol = 1e-6 if dtype == torch.float32 else 1e-14  # a multiply-add rounds once, the formula twice
+    torch.testing.assert_close(ours, ref, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(g_ours, g_ref, atol=tol * 10, rtol=tol)
+    assert ours_fwd.n == 3 < ref_fwd.n and ours_bwd.n <= 3 + 1 < ref_bwd.n  # (+1: autograd's grad accumulation)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos, sin), (x,))
+    with torch.no_grad():  # inference: the same three kernels
+        torch.testing.assert_close(apply_rope(x, cos, sin), ref, atol=tol * 10, rtol=tol)
+
+
+def test_rope_compiles_to_the_formula_with_its_gradient():
+    torch.manual_seed(0)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    grads = []
+    for fn in (apply_rope, torch.compile(apply_rope, backend="eager", fullgraph=True)):
+        x = torch.randn(2, 5, 4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (fn(x, cos, sin) * torch.arange(320.0).view(2, 5, 4, 8)).sum().backward()
+        grads.append(x.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "autocast"])
