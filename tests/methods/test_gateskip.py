@@ -159,7 +159,8 @@ def test_generate_with_skip_budget_needs_calibration_then_matches_uncached():
 
 @pytest.mark.parametrize("B", [1, 6])
 def test_decode_paths_agree_and_the_cost_rule_picks_each_calls_path(B, monkeypatch):
-    model, method = gated_model(budget=0.0, pack_min_skipped=4)
+    # no share condition: the count alone decides (test_the_cost_rule_packs_a_prefill_... checks the share)
+    model, method = gated_model(budget=0.0, pack_min_skipped=4, pack_min_fraction=0.0)
     calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.5)
     ids = torch.randint(0, 256, (B, 6))
     calls, outs = [], {}
@@ -182,10 +183,10 @@ def test_decode_paths_agree_and_the_cost_rule_picks_each_calls_path(B, monkeypat
     torch.testing.assert_close(outs["packed"].logits, outs["dense"].logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(outs["auto"].logits, outs["dense"].logits, atol=1e-5, rtol=0)
 
-    def rule(n_keep, n):  # the documented cost rule: pack when >= 4 tokens (and >= 20%) of the call skip
+    def rule(n_keep, n):  # the documented cost rule: pack when >= 4 tokens of the call skip
         if n_keep in (0, n):
             return "none" if n_keep == 0 else "all"
-        return "packed" if n - n_keep >= 4 and n - n_keep >= 0.2 * n else "dense"
+        return "packed" if n - n_keep >= 4 else "dense"
 
     assert [path for *_, path in calls] == [rule(n_keep, n) for n_keep, n, _ in calls]
     partial = [path for *_, path in calls if path in ("packed", "dense")]
@@ -258,9 +259,9 @@ def test_lowrank_gate_starts_open_and_learns_from_the_first_step():
     h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
     assert (g(h) > 0.99).all()  # open: the fine-tune starts from the base model
     model(ids).aux_loss.backward()
-    # `down` starts at unit output scale, so proj's first gradient is ~0.1 of the bias's (mean |grad|);
-    # with both factors at std 0.01 (the old init) it was ~0.005
-    assert g.proj.weight.grad.abs().mean() > 0.03 * g.proj.bias.grad.abs().mean()
+    # `down` starts at unit output scale, so proj's first gradient is ~0.2 of the bias's (mean |grad|);
+    # with both factors at std 0.01 (the old init) it was ~0.015
+    assert g.proj.weight.grad.abs().mean() > 0.06 * g.proj.bias.grad.abs().mean()
 
 
 def test_single_branch_ablations_double_the_budget_and_layer_skipping_ties_branches():

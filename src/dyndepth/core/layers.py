@@ -193,13 +193,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin (HF's layout: element i pairs with i + H/2), cos / sin broadcast over heads.
     Eager runs it as one product and two half-width multiply-adds (`_rotate`): 3 kernels where the formula takes
-    6 (a decode step is launch-bound; a training step's rotations are memory-bound), and in training through
-    `Rope`, which saves only cos and sin. Compiled, and in 16-bit dtypes, the formula: inductor fuses it, and a
-    multiply-add rounds once where HF's formula rounds three times (bf16 outputs would differ from HF's by an ulp;
-    float32 ones agree to an ulp)."""
+    5 (a decode step is launch-bound; a training step's rotations are memory-bound), and in training through
+    `Rope`, which saves only cos and sin (3 kernels backward, the formula's 5). Compiled, in 16-bit or mixed
+    dtypes, and where cos / sin need a gradient, the formula: inductor fuses it, and a multiply-add rounds once
+    where HF's formula rounds three times (bf16 outputs would differ from HF's by an ulp; float32 ones agree to
+    an ulp)."""
     cos, sin = cos_BTH.unsqueeze(-2), sin_BTH.unsqueeze(-2)  # (B, T, 1, H): broadcast over heads
-    if (torch.compiler.is_compiling() or x_BTNH.element_size() < 4 or cos.element_size() < 4 or cos.requires_grad
-            or sin.requires_grad):
+    if (torch.compiler.is_compiling() or x_BTNH.dtype not in (torch.float32, torch.float64)
+            or cos.dtype != x_BTNH.dtype or sin.dtype != x_BTNH.dtype or cos.requires_grad or sin.requires_grad):
         return x_BTNH * cos + rotate_half(x_BTNH) * sin
     if needs_grad(x_BTNH):
         return Rope.apply(x_BTNH, cos, sin)
@@ -218,8 +219,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 
 
 class Rope(torch.autograd.Function):
-    """`_rotate` saving cos and sin for backward (autograd would also keep nothing more, but takes 6 kernels
-    forward and 5 backward where this takes 3 each)."""
+    """`_rotate` saving cos and sin for backward (autograd keeps the same, but runs 5 kernels each way where this
+    runs 3)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -230,7 +231,8 @@ class Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, inverse=True).sum_to_size(ctx.x_shape), None, None
+        grad_x = _rotate(grad, cos, sin, inverse=True)
+        return grad_x.sum_to_size(ctx.x_shape), None, None  # summed over the dims x was broadcast along
 
 
 class SwiGLU(nn.Module):
