@@ -26,10 +26,12 @@ def test_main_writes_json_and_markdown_with_consistent_ratios(tmp_path, capsys):
     assert set(saved["decode_tokens_per_s"]) == {"1", "2"} and saved["date"]
     step = result["train_step_seconds"]
     assert result["train_ratio"] == pytest.approx(step["dense"] / step["dreamer"], rel=1e-9)
+    assert set(step) == {"dreamer", "dense"} and 0 < result["train_control"] < float("inf")  # the noise, not a model
     assert result["flops_ratio"] == pytest.approx(1.0, abs=0.02)
     assert result["kv_bytes_per_token"]["dreamer"] == result["kv_bytes_per_token"]["dense"]
     assert min(result["memory_bytes"].values()) > 0
-    assert "| decode tok/s (B=2, prompt 4) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| decode tok/s (B=2, prompt 4) |" in out and "| train control (dense / a second dense contender) |" in out
 
 
 def test_a_non_dreamer_preset_is_a_clear_error():

@@ -5,7 +5,8 @@
   length: the MLP takes what depth attention (averaged over steps) and sparse expert attention cost
   (`matched_dense`). Both report their analytic FLOPs per token; the residual mismatch is in the table.
 - Training: one optimizer step each (the trainer's own step, `bench.train.ours_loop`, Dreamer with its
-  balancing hook), alternated step by step; tokens/s from the median step time.
+  balancing hook), alternated step by step; tokens/s from the median step time. The dense step is timed a
+  second time as a third contender (`control`): the ratio of the two is the run's timing noise.
 - Memory: CUDA peak of one step (less what the other model holds); on CPU, the bytes a step holds: parameters,
   gradients, AdamW state and the activations autograd saves for backward (counted by storage).
 - Decode: the n - 1 greedy cached steps `generate` runs after an untimed prefill, at each batch size, the two
@@ -115,8 +116,10 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     batches = random_batches(models["dense"].config.vocab_size, cfg, cfg.warmup_steps + cfg.steps + 2, device)
     loops = {k: ours_loop(copy.deepcopy(m), batches, tcfg, device, m.trainer_hooks(tcfg.steps)
                           if hasattr(m, "trainer_hooks") else []) for k, m in models.items()}
-    step_s = timing.interleaved_median({k: v.step for k, v in loops.items()}, device, repeats=cfg.steps,
-                                       warmup=cfg.warmup_steps)
+    fns = {k: v.step for k, v in loops.items()}
+    fns[timing.CONTROL] = loops["dense"].step  # the dense step once more: how far two identical contenders read apart
+    step_s = timing.interleaved_median(fns, device, repeats=cfg.steps, warmup=cfg.warmup_steps)
+    control = step_s.pop(timing.CONTROL)
     memory = _peak_memory(loops, device)
     if memory is None:
         memory = {k: _cpu_step_bytes(loop) for k, loop in loops.items()}
@@ -138,7 +141,7 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
         "dreamer_config": models["dreamer"].config.to_dict(), "dense_config": models["dense"].config.to_dict(),
         "params": params, "flops_per_token": flops, "flops_ratio": flops["dreamer"] / flops["dense"],
         "train_step_seconds": step_s, "train_tokens_per_s": train_tps,
-        "train_ratio": train_tps["dreamer"] / train_tps["dense"],
+        "train_ratio": train_tps["dreamer"] / train_tps["dense"], "train_control": step_s["dense"] / control,
         "memory_bytes": memory, "memory_kind": "cuda peak" if device.type == "cuda" else "cpu step bytes",
         "memory_ratio": memory["dreamer"] / memory["dense"],
         "decode_tokens_per_s": decode, "kv_bytes_per_token": kv,
@@ -154,6 +157,8 @@ def render_markdown(r: dict) -> str:
          "dense": r["flops_per_token"]["dense"], "ratio": r["flops_ratio"]},
         {"metric": f"train tok/s (B={c['batch_size']}, T={c['seq_len']})", "dreamer": r["train_tokens_per_s"][
             "dreamer"], "dense": r["train_tokens_per_s"]["dense"], "ratio": r["train_ratio"]},
+        {"metric": "train control (dense / a second dense contender)", "dreamer": "-", "dense": "-",
+         "ratio": r["train_control"]},
         {"metric": f"train memory (MiB, {r['memory_kind']})", "dreamer": r["memory_bytes"]["dreamer"] / 2**20,
          "dense": r["memory_bytes"]["dense"] / 2**20, "ratio": r["memory_ratio"]},
     ]
@@ -168,8 +173,9 @@ def render_markdown(r: dict) -> str:
             f"of {r['dense_config']['num_hidden_layers']} layers, MLP {r['dense_config']['intermediate_size']}; "
             f"{c['dtype']}, {r['machine']}\n\n")
     tail = (f"\n\nratio = dreamer / dense. Training: median of {c['steps']} alternated optimizer steps after "
-            f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook). Decode: median of the "
-            f"{c['new_tokens'] - 1} greedy cached steps after the prompt, {c['repeats']} rounds, the models' steps "
+            f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook); the control row times the "
+            "dense step twice, as two contenders: its distance from 1 is this run's timing noise. Decode: median of "
+            f"the {c['new_tokens'] - 1} greedy cached steps after the prompt, {c['repeats']} rounds, the models' steps "
             "alternated.")
     return head + timing.markdown_table(rows, ["metric", "dreamer", "dense", "ratio"]) + tail
 
