@@ -106,7 +106,7 @@ def test_rope_matches_the_formula_with_fewer_kernels(dtype):
     if dtype == torch.bfloat16:  # HF's arithmetic, rounding for rounding: outputs identical to HF's
         assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
         return
-    tol = 1e-6 if dtype == torch.float32 else 1e-14  # a multiply-add rounds once, the formula twice
+    tol = 1e-6 if dtype == torch.float32 else 1e-14  # a multiply-add may round once where the formula rounds twice
     torch.testing.assert_close(ours, ref, atol=tol * 10, rtol=tol)
     torch.testing.assert_close(g_ours, g_ref, atol=tol * 10, rtol=tol)
     assert ours_fwd.n == 3 < ref_fwd.n and ours_bwd.n == 3 < ref_bwd.n

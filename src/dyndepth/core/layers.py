@@ -195,9 +195,9 @@ def apply_rope(x_BTNH: torch.Tensor, cos_BTH: torch.Tensor, sin_BTH: torch.Tenso
     Eager runs it as one product and two half-width multiply-adds (`_rotate`): 3 kernels where the formula takes
     5 (a decode step is launch-bound; a training step's rotations are memory-bound), and in training through
     `Rope`, which saves only cos and sin (3 kernels backward, the formula's 5). Compiled, in 16-bit or mixed
-    dtypes, and where cos / sin need a gradient, the formula: inductor fuses it, and a multiply-add rounds once
-    where HF's formula rounds three times (bf16 outputs would differ from HF's by an ulp; float32 ones agree to
-    an ulp)."""
+    dtypes, and where cos / sin need a gradient, the formula: inductor fuses it, and a multiply-add may skip an
+    intermediate rounding HF's formula makes (bf16 outputs would differ from HF's by an ulp; float32 ones agree
+    to an ulp)."""
     cos, sin = cos_BTH.unsqueeze(-2), sin_BTH.unsqueeze(-2)  # (B, T, 1, H): broadcast over heads
     if (torch.compiler.is_compiling() or x_BTNH.dtype not in (torch.float32, torch.float64)
             or cos.dtype != x_BTNH.dtype or sin.dtype != x_BTNH.dtype or cos.requires_grad or sin.requires_grad):
