@@ -33,6 +33,11 @@ def dnd_model(name="tiny-qwen3", beta=0.5, std=1.0, **cfg):
     return model, method
 
 
+# How the nested pass attends: `positions` alone, or the TaH-style ablation (nested queries also see the vanilla K/V)
+NESTED = {"compact": {"positions": "compact"}, "original": {"positions": "original"},
+          "tah": {"positions": "original", "nested_attends_vanilla": True}}
+
+
 def left_padded(B=3, T=12):
     ids = torch.randint(0, 256, (B, T))
     mask = torch.ones_like(ids)
@@ -143,9 +148,9 @@ def _prefill_then_decode(model, ids, mask, P):
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
-@pytest.mark.parametrize("positions", ["compact", "original"])
-def test_prefill_plus_decode_equals_the_full_forward_with_left_padding(name, positions):
-    model, method = dnd_model(name, positions=positions)
+@pytest.mark.parametrize("nested", list(NESTED))
+def test_prefill_plus_decode_equals_the_full_forward_with_left_padding(name, nested):
+    model, method = dnd_model(name, **NESTED[nested])
     ids, mask = left_padded(T=14)
     trace = dyndepth.Trace()
     with torch.no_grad():
@@ -291,26 +296,30 @@ def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():
     assert hook.after_step(None, 50, {"dnd/selected/L0": torch.tensor(1.0)}, None) == {"tau/L0": 0.5, "tau/L1": 0.5}
 
 
-def test_nested_attends_vanilla_sees_earlier_vanilla_keys_and_refuses_a_cache():
+def test_nested_attends_vanilla_sees_earlier_vanilla_keys_and_generates_from_the_cache():
     with pytest.raises(ValueError, match="original"):
         DNDConfig(nested_attends_vanilla=True)
-    model, method = dnd_model(nested_attends_vanilla=True, positions="original")
+    model, method = dnd_model(**NESTED["tah"])
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         out = model(ids).logits
         alone, prefix = model(ids[:1]).logits, model(ids[:, :6]).logits
         method.configure(DNDConfig(layers=(0, 1), positions="original"))
         selected_only = model(ids).logits  # the same selections, nested keys from selected tokens only
+        method.configure(DNDConfig(layers=(0, 1), **NESTED["tah"]))
+        generated = model.generate(ids, 4, stop_tokens=[])
+        seq = ids
+        for _ in range(4):  # greedy by full forwards, which recompute the vanilla K/V instead of reading the cache
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)  # row-independent
     torch.testing.assert_close(out[:, :6], prefix, atol=1e-5, rtol=0)  # causal
     assert (out - selected_only).abs().amax() > 1e-3
-    method.configure(DNDConfig(layers=(0, 1), positions="original", nested_attends_vanilla=True))
-    with pytest.raises(NotImplementedError, match="cache"):
-        model.generate(ids, 2)
+    assert torch.equal(generated, seq)
 
 
-def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_reported():
-    model, method = dnd_model()
+@pytest.mark.parametrize("nested", ["compact", "tah"])
+def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_reported(nested):
+    model, method = dnd_model(**NESTED[nested])
     ids, mask = padded_batch()
     out, torch_flops = counted(model, ids, attention_mask=mask)
     assert float(out.stats["flops/executed"]) == torch_flops
@@ -400,11 +409,12 @@ def test_recipes_are_valid_and_the_sft_baseline_differs_in_one_key(recipe):
         assert cfg.band(28) == list(range(4, 24)) and cfg.ratio == 0.2
 
 
+@pytest.mark.parametrize("nested", ["compact", "tah"])
 @pytest.mark.parametrize("taus", [(-1.0, 0.5), (2.0, 0.5), (-1.0, -1.0)])
-def test_decode_steps_where_every_some_or_no_row_nests_equal_the_full_forward(taus):
+def test_decode_steps_where_every_some_or_no_row_nests_equal_the_full_forward(taus, nested):
     # A decode step (one token per row) runs the selected rows' nested pass as a decode step of those rows;
     # tau -1: every row nests, 2: none, 0.5: some (rows differ), each layer on its own.
-    model, method = dnd_model()
+    model, method = dnd_model(**NESTED[nested])
     for d, tau in zip(method.layer_dnd, taus):
         d.tau.fill_(tau)
     ids, mask = left_padded(T=12)

@@ -22,7 +22,8 @@ How methods use it (the contract each method's docstring restates):
   slot, so later queries at that slot never attend to them.
 - DND: the nested second pass of layer i is its own slot; only the selected tokens write there, at
   the columns the method assigns (compact: the count of earlier selected tokens, `count`). The first
-  pass keeps the plain slot.
+  pass keeps the plain slot. With `nested_attends_vanilla` the nested pass also reads the plain slot
+  (`ForwardContext.also_reading`): one softmax over both slots' entries, each at its token's position.
 - Depth-recurrent models (Dreamer): one slot per (layer, recurrence step). State that is not K/V
   (depth attention over a token's own history) lives with the token, never in this cache.
 """
@@ -134,7 +135,12 @@ class KVCache:
             self.sourced.add(slot)
         if slot in self.sourced:  # otherwise the entry's source is its column, as initialized
             self.sources[slot][rows_B1, idx_BT] = positions_BT if source_BT is None else source_BT
+        return self.read(slot)
+
+    def read(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The slot's view as `update` returns it, writing nothing: `k`, `v` (B, G, S', H) and `valid` (B, S')."""
         S = self.length
+        k_buf, v_buf, valid_buf = self.keys[slot], self.values[slot], self.valids[slot]
         if self.row_index is not None:  # a row view: its rows, gathered
             rows_B = self.row_index
             return k_buf[rows_B, :, :S], v_buf[rows_B, :, :S], valid_buf[rows_B, :S]

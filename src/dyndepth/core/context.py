@@ -10,6 +10,7 @@ branches run unchanged on (B, K, D) and causality, documents and the cache follo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ class ForwardContext:
       derived the positions itself), so a subset packed in column order is causal by column.
     entries (rows (N,), cols (N,)) | None: a padded subset's valid entries, flat (`subset(..., entries=True)`):
       attention projects q, k, v and o for these only.
+    also_read: int | None: with a cache, attention also attends to this slot's entries, in one softmax with
+      the entries of the slot it runs at (`also_reading`).
 
     A plain class on purpose, not a dataclass: wrappers that map over a layer's arguments (FSDP2's input
     casting) rebuild dataclasses field by field, and every layer must see this very object, whose
@@ -66,6 +69,7 @@ class ForwardContext:
         self.kv_hook, self.cache_source, self.model_state = kv_hook, cache_source, model_state
         self.ordered = False
         self.entries: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.also_read: int | None = None
         self._all: torch.Tensor | None = None  # valid_or_all's all-True mask, made on first use
 
     @property
@@ -116,6 +120,16 @@ class ForwardContext:
             if rows_N.numel() < valid_BK.numel():  # rows padded to the longest
                 sub.entries = rows_N, cols_N
         return sub
+
+    def also_reading(self, slot: int) -> ForwardContext:
+        """This context (a shallow copy: the same tensors, ledger and state) whose attention also attends to the
+        cache entries of `slot`: DND's TaH-style nested pass (`nested_attends_vanilla`) reads the layer's vanilla
+        K/V there. Both slots must hold their tokens at their sequence positions (causality is by column)."""
+        if self.cache is None:
+            raise ValueError("also_reading needs a cache: without one there is no other slot to read.")
+        ctx = copy.copy(self)
+        ctx.also_read = slot
+        return ctx
 
     def rows(self, rows_M: torch.Tensor) -> ForwardContext:
         """The context of batch rows `rows_M` (M,): for a method that runs a branch on some rows only (DND's

@@ -362,6 +362,13 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k_all, v_all, k_valid = ctx.cache.update(slot, k, v, ctx.positions, ctx.valid,  # (B, G, S, H)
                                                      ctx.cache_source)
+            key_pos = ctx.cache.columns[None, :k_valid.shape[1]]  # (1, S) cache column s holds position s
+            if ctx.also_read is not None:  # another slot's entries too, in the same softmax: (B, G, 2S, H)
+                if q_idx_BK is not None:
+                    raise ValueError("a context that also reads another slot takes queries from every token.")
+                k2, v2, valid2 = ctx.cache.read(ctx.also_read)
+                k_all, v_all = torch.cat([k_all, k2], 2), torch.cat([v_all, v2], 2)
+                k_valid, key_pos = torch.cat([k_valid, valid2], 1), torch.cat([key_pos, key_pos], 1)
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, H)
         rows_N = None  # with q_idx_BK or in a padded subset: the query entries whose q / o projections run
@@ -389,9 +396,8 @@ class Attention(nn.Module):
             q = self._project_q_subset(h_ND, ctx, q_idx_BK.shape, rows_N, cols_N, t_N)  # (B, K, N, H)
         Tq = q.shape[1]
         if ctx.cache is not None:
-            S = k_all.shape[2]
-            mask = causal_mask(pos_q, ctx.cache.columns[None, :S], k_valid, valid_q)  # keys at columns 0..S-1
-            last_key = pos_q  # cache column s holds position s
+            mask = causal_mask(pos_q, key_pos, k_valid, valid_q)
+            last_key = pos_q
         else:
             mask = ctx.attn_mask
             last_key = q_idx_BK  # without a cache, no visible key lies right of the query's own column

@@ -29,7 +29,8 @@ KV cache: the vanilla pass keeps the layer's slot; the nested pass of the j-th D
 position (`KVCache.count` gives the next one while decoding) or original position. Entries remember the
 tokens' real positions (`cache_source`), so `KVCache.invalidate` drops stale nested entries too. While
 decoding, only the rows that selected a token run the nested pass (`ctx.rows`), and it reads the nested slot
-only up to its last compact column.
+only up to its last compact column. With `nested_attends_vanilla` it reads the layer's slot as well
+(`ForwardContext.also_reading`: one softmax over both).
 
 Our choices where the paper is silent (docs/methods.md): a router bias (zero init), one tau and one beta
 (shape (1,): FSDP2 cannot shard scalars) per layer, the nested pass reads x^v, strict `p > tau` (with the
@@ -38,7 +39,8 @@ ratio statistics over all non-PAD tokens. `ratio=1.0` runs every token twice (th
 bound; tau is not used). Ablations: `control="topk"` (no threshold control: per-sequence top-k in
 training, MoR's expert choice; tau tracks the top-k threshold by EMA for causal inference), `"fixed"`
 (tau never moves); `nested_attends_vanilla=True` (TaH-style: nested queries also see the layer's vanilla
-K/V, recomputed from the layer input; original positions; cache-free forwards only).
+K/V, with original positions; without a cache recomputed from the layer input, with one read from the layer's
+own slot, where the vanilla pass wrote them).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class DNDConfig:
     router_bias: bool = True  # ours (the paper: a plain linear layer); zero init
     router_init_std: float = 0.0  # 0: zero init (paper); > 0 selects tokens from step 0
     positions: str = "compact"  # nested-pass positions: compact (paper's reading) | original
-    nested_attends_vanilla: bool = False  # TaH-style ablation (cache-free forwards; original positions)
+    nested_attends_vanilla: bool = False  # TaH-style ablation: nested queries see vanilla K/V too (original pos.)
     sd_sign: str = "maximize_entropy"  # the paper's L_sd = -H(q); "minimize_entropy" flips it
     sd_weight: float = 1e-2  # lambda_sd (0 with dp_weight 0: no router controlling loss)
     dp_weight: float = 1e-2  # lambda_dp
@@ -221,9 +223,6 @@ class DND:
 
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> DNDState:
-        if self.config.nested_attends_vanilla and ctx.cache is not None:
-            raise NotImplementedError("dnd.nested_attends_vanilla=True runs cache-free forwards only (training, "
-                                      "scoring); cached decoding needs the default nested_attends_vanilla=False.")
         return DNDState(valid=ctx.valid_or_all, topk=ctx.training and self.config.control == "topk",
                         padded=ctx.valid is not None)
 
@@ -309,7 +308,9 @@ class DND:
         ops: a decode step is launch-bound on a GPU and op-bound on a CPU). (M, 1, D)"""
         nslot = self.nested_slot[slot]
         nested = ctx
-        if self.config.positions == "compact":  # after the row's selected tokens already cached
+        if self.config.nested_attends_vanilla:  # original positions; the layer's vanilla K/V are in its own slot
+            nested = ctx.also_reading(slot)
+        elif self.config.positions == "compact":  # after the row's selected tokens already cached
             pos_M1 = ctx.cache.count(nslot)[:, None]
             cos, sin = ctx.rope(pos_M1)
             cache = ctx.cache.window(min(ctx.cache.length, int(pos_M1.max()) + 1))  # compact columns end early
@@ -353,7 +354,10 @@ class DND:
         nslot = self.nested_slot[slot]
         if self.config.nested_attends_vanilla:
             sub = ctx.subset(idx_BK, valid_BK, entries=True)
-            a_BKD = self._attend_with_vanilla_kv(layer, x, xs_BKD, sub, valid_BK, ctx, nslot)
+            if ctx.cache is None:
+                a_BKD = self._attend_with_vanilla_kv(layer, x, xs_BKD, sub, valid_BK, ctx, nslot)
+            else:  # the vanilla pass has just written every token's K/V to the layer's slot: read them there
+                a_BKD = layer.attn_branch(layer.input_layernorm(xs_BKD), sub.also_reading(slot), nslot)
         else:
             pos_BK = None
             if self.config.positions == "compact":
