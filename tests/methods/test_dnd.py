@@ -178,8 +178,9 @@ def test_greedy_generate_equals_argmax_of_the_full_forward():
     assert torch.equal(out, seq)
 
 
-def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the_full_forward():
-    model, method = dnd_model()
+@pytest.mark.parametrize("nested", ["compact", "tah"])
+def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the_full_forward(nested):
+    model, method = dnd_model(**NESTED[nested])
     ids, mask = left_padded(T=14)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = KVCache.for_model(model.config, 3, 14, num_slots=model.num_slots())
