@@ -5,6 +5,8 @@ import torch
 
 import dyndepth
 from dyndepth import CausalLM, CheckpointError, ConfigError, preset
+from dyndepth.core.layers import float32_keys
+from dyndepth.methods import attach_method
 from dyndepth.models.hf_layout import config_from_hf, split_experts, stack_experts
 from dyndepth.safetensors_io import read_safetensors, write_safetensors
 
@@ -55,6 +57,33 @@ def test_sharded_checkpoint_and_dtype_conversion(tmp_path):
     assert next(b.parameters()).dtype == torch.bfloat16
     ids = torch.randint(0, 256, (1, 6))
     torch.testing.assert_close(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["gateskip", "mod", "dnd", "dreamer"])
+def test_float32_buffers_stay_float32_through_bfloat16_saves_loads_and_casts(tmp_path, kind):
+    # Thresholds compared with float32 scores (GateSkip / DND tau, MoD's threshold) and Dreamer's balancing bias:
+    # 0.50123 rounds to 0.5 in bfloat16, which moves a threshold past the scores it was set between.
+    if kind == "dreamer":
+        model = dyndepth.build_model(preset("dreamer-tiny"))
+    else:
+        model = CausalLM(preset("tiny-qwen3"))
+        attach_method(model, kind, {"layers": (0, 1)} if kind == "dnd" else {})
+    keys = float32_keys(model)
+    assert keys and all(k.endswith(("tau", "threshold", "expert_bias")) for k in keys)
+    state = model.state_dict()
+    with torch.no_grad():
+        for k in keys:
+            state[k].fill_(0.50123)
+    model.to(torch.bfloat16)
+    assert all(model.state_dict()[k].dtype == torch.float32 for k in keys)
+    model.save_pretrained(tmp_path)  # in the model's dtype, bfloat16
+    on_disk = {}
+    for f in tmp_path.glob("*.safetensors"):
+        on_disk.update(read_safetensors(f))
+    for source in (on_disk, dyndepth.from_pretrained(tmp_path, dtype="bfloat16").state_dict()):
+        for k in keys:  # the HF layout keeps these names
+            assert source[k].dtype == torch.float32 and float(source[k].flatten()[0]) == pytest.approx(0.50123), k
+    assert on_disk["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 def test_expert_split_and_stack_are_inverse():

@@ -22,6 +22,29 @@ from dyndepth.core import flops
 from dyndepth.core.context import ForwardContext, causal_mask, subset_mask
 
 
+def apply_keeping_float32(module: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """`nn.Module._apply` for a module whose buffers named in its `float32_buffers` stay float32 whatever
+    `model.to(dtype)` asks (thresholds compared with float32 scores, balancing biases moved by small steps):
+    they follow the device only. Such a module sets `_apply = apply_keeping_float32`."""
+    saved = {n: module._buffers[n] for n in module.float32_buffers}
+    nn.Module._apply(module, fn, recurse)
+    for n, old in saved.items():
+        module._buffers[n] = old.to(device=module._buffers[n].device, dtype=torch.float32)
+    return module
+
+
+def float32_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the buffers the model's modules keep in float32 (`float32_buffers`): saving in a 16-bit
+    dtype and loading into one keep them float32 too (a bfloat16 threshold of 0.50123 would read 0.5)."""
+    return {f"{name}.{b}" if name else b for name, m in model.named_modules()
+            for b in getattr(m, "float32_buffers", ())}
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None, keep: set[str]) -> dict[str, torch.Tensor]:
+    """A state dict cast to `dtype` (None: as is), the keys in `keep` (`float32_keys`) to float32."""
+    return {k: v.float() if k in keep else v if dtype is None else v.to(dtype) for k, v in state.items()}
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight multiply, as HF Qwen3/Llama do."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dyndepth.config import ConfigError
+from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (DTYPES: a public name)
 from dyndepth.methods.registry import attach_method
 from dyndepth.models import MODELS, model_spec
@@ -108,8 +109,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
                 raise CheckpointError(f"{config_path}: dyndepth_method has no name.")
             attach_method(model, name, method)
     check_state_dict(model, state, str(folder))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    state = cast_state(state, dtype, float32_keys(model))  # the buffers modules keep in float32 load as float32
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)

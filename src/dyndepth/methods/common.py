@@ -6,9 +6,6 @@ import contextlib
 import dataclasses
 from dataclasses import asdict
 
-import torch
-from torch import nn
-
 PPM = 1_000_000  # budgets stored in integer buffers, in parts per million (model.to(dtype) leaves them alone)
 
 
@@ -59,16 +56,6 @@ def override_knobs(method, check, **knobs):
 def method_dict(name: str, cfg) -> dict:
     """What `save_pretrained` records in config.json so `from_pretrained` can re-attach the method."""
     return {"name": name, **asdict(cfg)}
-
-
-def apply_keeping_float32(module: nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
-    """`nn.Module._apply` for a module whose buffers `names` must stay float32 whatever `model.to(dtype)`
-    asks (thresholds compared with float32 scores): they follow the device only."""
-    saved = {n: module._buffers[n] for n in names}
-    nn.Module._apply(module, fn, recurse)
-    for n, old in saved.items():
-        module._buffers[n] = old.to(device=module._buffers[n].device, dtype=torch.float32)
-    return module
 
 
 def budget_ppm(value: float) -> int:

@@ -54,6 +54,7 @@ from torch import nn
 
 from dyndepth.core.accounting import sum_entries
 from dyndepth.core.context import ForwardContext
+from dyndepth.core.layers import apply_keeping_float32
 from dyndepth.core.method import MethodOutput, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
@@ -65,7 +66,6 @@ from dyndepth.core.routing import (
     select,
 )
 from dyndepth.methods.common import (
-    apply_keeping_float32,
     check_attachable,
     check_structural,
     make_config,
@@ -143,8 +143,8 @@ class LayerDND(nn.Module):
         self.beta = nn.Parameter(torch.full((1,), cfg.beta_init))
         self.register_buffer("tau", torch.full((), cfg.tau_init))
 
-    def _apply(self, fn, recurse: bool = True):
-        return apply_keeping_float32(self, fn, recurse, ("tau",))
+    float32_buffers = ("tau",)
+    _apply = apply_keeping_float32
 
 
 @dataclass

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.core.context import ForwardContext
+from dyndepth.core.layers import apply_keeping_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
@@ -55,7 +56,6 @@ from dyndepth.core.routing import (
 )
 from dyndepth.methods.common import (
     PPM,
-    apply_keeping_float32,
     budget_ppm,
     check_attachable,
     check_structural,
@@ -169,8 +169,8 @@ class LayerGates(nn.Module):
         self.register_buffer("tau", torch.zeros(2))
         self.register_buffer("tau_budget_ppm", torch.full((), -1, dtype=torch.long))
 
-    def _apply(self, fn, recurse: bool = True):
-        return apply_keeping_float32(self, fn, recurse, ("tau",))
+    float32_buffers = ("tau",)
+    _apply = apply_keeping_float32
 
 
 @dataclass

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.core.context import ForwardContext
+from dyndepth.core.layers import apply_keeping_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
@@ -52,7 +53,6 @@ from dyndepth.core.routing import (
 )
 from dyndepth.methods.common import (
     PPM,
-    apply_keeping_float32,
     budget_ppm,
     check_attachable,
     check_structural,
@@ -122,8 +122,8 @@ class LayerMoD(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=cfg.init_std)
 
-    def _apply(self, fn, recurse: bool = True):
-        return apply_keeping_float32(self, fn, recurse, ("threshold",))
+    float32_buffers = ("threshold",)
+    _apply = apply_keeping_float32
 
 
 @dataclass

@@ -161,7 +161,7 @@ class DreamerLM(nn.Module):
     num_params = native.num_params
 
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return native.disk_state_dict(self, dtype, keep_dtype=lambda key: key.endswith("expert_bias"))
+        return native.disk_state_dict(self, dtype)
 
     KNOBS = ("steps", "exit_kl")
 

@@ -25,7 +25,15 @@ from torch.utils.checkpoint import checkpoint
 
 from dyndepth.core.context import ForwardContext, causal_mask
 from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops, switchhead_router_flops
-from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, normed_linear
+from dyndepth.core.layers import (
+    Attention,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_keeping_float32,
+    apply_rope,
+    normed_linear,
+)
 from dyndepth.models.moe import Experts, router_stats
 from dyndepth.models.switchhead import switchhead_attention
 
@@ -122,9 +130,13 @@ class ExpertAttention(nn.Module):
             self.rotary_emb = RotaryEmbedding(SimpleNamespace(head_dim=D, rope_theta=config.da_rope_theta,
                                                               rope_scaling=None,
                                                               max_position_embeddings=config.num_recurrences))
-        # Balancing bias: selection only, no gradient; the trainer hook moves it toward uniform load.
-        self.register_buffer("expert_bias", torch.zeros(E))  # (E,) fp32, saved with the weights
+        # Balancing bias: selection only, no gradient; the trainer hook moves it toward uniform load in small
+        # steps (gamma 1e-3: below a bfloat16 ulp at 1), so it stays float32 in any model dtype, on disk too.
+        self.register_buffer("expert_bias", torch.zeros(E))  # (E,) float32, saved with the weights
         self.experts = Experts(E, D, config.moe_intermediate_size, grouped=True)
+
+    float32_buffers = ("expert_bias",)
+    _apply = apply_keeping_float32
 
     def route(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (N, E) fp32, chosen experts (N, K) and their gates (N, K)."""

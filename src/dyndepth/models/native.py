@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.safetensors_io import write_pretrained
 
 
@@ -21,11 +22,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     return run(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature, **kwargs)
 
 
-def disk_state_dict(model, dtype: torch.dtype | None = None,
-                    keep_dtype: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
-    """The state dict as written to disk: cast to `dtype` (except the keys `keep_dtype` names), the tied lm_head
-    dropped."""
-    state = {k: (v if dtype is None or keep_dtype(k) else v.to(dtype)) for k, v in model.state_dict().items()}
+def disk_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict as written to disk: cast to `dtype` (the buffers kept in float32 stay float32), the tied
+    lm_head dropped."""
+    state = cast_state(model.state_dict(), dtype, float32_keys(model))
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state

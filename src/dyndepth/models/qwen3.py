@@ -22,7 +22,7 @@ from dyndepth.config import ModelConfig
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
-from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, cast_state, float32_keys
 from dyndepth.core.method import Method
 from dyndepth.models import hf_layout
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
@@ -201,7 +201,7 @@ class CausalLM(nn.Module):
 
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The state dict in the on-disk HF layout: tied lm_head dropped, experts split per expert."""
-        state = {k: (v if dtype is None else v.to(dtype)) for k, v in self.state_dict().items()}
+        state = cast_state(self.state_dict(), dtype, float32_keys(self))  # thresholds stay float32
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         return hf_layout.split_experts(state)
