@@ -132,10 +132,10 @@ class DreamerConfig:
         if self.attn_num_experts:  # q, k; value and output routers and experts (E per head) instead of v, o
             E = self.attn_num_experts
             attn = D * H * (N + G) + (2 * H if self.qk_norm else 0) + D * E * (G + N) + E * D * H * (G + N)
-        layer = attn + 2 * D + (3 * D if self.sandwich_norm else 0)
+        layer = attn + 2 * D + (2 * D if self.sandwich_norm else 0)  # sandwich: SA's and the FFN's post-norms
         if self.da_mode == "separate":
             width = self.da_num_heads * self.da_head_dim
-            layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0)
+            layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0) + (D if self.sandwich_norm else 0)
         if self.num_experts:
             E = self.num_experts
             layer += E * D + 3 * E * D * self.moe_intermediate_size

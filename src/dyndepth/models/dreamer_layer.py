@@ -177,11 +177,12 @@ class DreamerLayer(nn.Module):
             self.mlp = ExpertAttention(config)
         else:
             self.mlp = SwiGLU(D, config.intermediate_size)
-        if config.sandwich_norm:  # post-norm on each sub-block's output (Huginn-style), optional
-            self.post_sublayer_norms = nn.ModuleList(RMSNorm(D, eps) for _ in range(3))
+        if config.sandwich_norm:  # post-norm on each sub-block's output (Huginn-style), optional; every one runs
+            parts = ("sa", "da", "ffn") if config.da_mode == "separate" else ("sa", "ffn")  # (DDP needs gradients)
+            self.post_sublayer_norms = nn.ModuleDict({part: RMSNorm(D, eps) for part in parts})
 
-    def _out(self, i: int, y: torch.Tensor) -> torch.Tensor:
-        return self.post_sublayer_norms[i](y) if self.config.sandwich_norm else y
+    def _out(self, part: str, y: torch.Tensor) -> torch.Tensor:
+        return self.post_sublayer_norms[part](y) if self.config.sandwich_norm else y
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         st: DepthState = ctx.model_state
@@ -205,16 +206,16 @@ class DreamerLayer(nn.Module):
             n = h.shape[0] * h.shape[1]
             ctx.ledger.add(slot, "router", executed=n * switchhead_router_flops(self.config), ideal=0)
         if da == "merged_softmax":
-            sa = self._out(0, merged_attention(self.self_attn, h, ctx, slot, st, self.index, step))
+            sa = self._out("sa", merged_attention(self.self_attn, h, ctx, slot, st, self.index, step))
         else:
-            sa = self._out(0, self.self_attn(h, ctx, slot, ideal_q_BT=st.active))
+            sa = self._out("sa", self.self_attn(h, ctx, slot, ideal_q_BT=st.active))
         if da == "separate":  # sequential (default) or parallel to SA, from the same input
             x_sa = x_BTD + sa
             da_in = x_BTD if self.config.da_parallel else x_sa
-            x_BTD = x_sa + self._out(1, self._depth(da_in, ctx, slot, st, step, rope))
+            x_BTD = x_sa + self._out("da", self._depth(da_in, ctx, slot, st, step, rope))
         else:
             x_BTD = x_BTD + sa
-        x_BTD = x_BTD + self._out(2, self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
+        x_BTD = x_BTD + self._out("ffn", self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
         if st.active is not None:  # exited tokens keep their state (they still wrote K/V above)
             x_BTD = torch.where(st.active[..., None], x_BTD, x_in)
         if not ctx.training:  # an analysis statistic (eval/dreamer.py): training forwards skip its 3 passes
