@@ -137,7 +137,11 @@ def test_the_neutral_setting_equals_the_base_model(kind, T, seed):
         ours.load_state_dict(base.state_dict())
         options = {"gateskip": {"budget": 0.0, "init_bias": 100.0, "init_std": 0.0},  # gates fully open, q = 0
                    "mod": {"capacity": 1.0, "every": 1, "scale_by_router": False},  # every token, w = 1
-                   "dnd": {"layers": (0, 2), "beta_init": 0.0}}[kind]  # beta = 0: nested output weighs 0
+                   # beta = 0: the nested output weighs 0 (a spread router selects tokens, so nesting runs)
+                   "dnd": {"layers": (0, 2), "beta_init": 0.0, "router_init_std": 1.0}}[kind]
         attach_method(ours, kind, options)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, base(ids).logits, atol=2e-5, rtol=0)
+        out = ours(ids)
+        torch.testing.assert_close(out.logits, base(ids).logits, atol=2e-5, rtol=0)
+    if kind == "dnd":
+        assert float(out.stats["dnd/selected"]) > 0

@@ -69,6 +69,11 @@ class DreamerConfig:
     ea_bias_update_rate: float = 1e-3  # gamma of the balancing-bias sign update (trainer hook)
     ea_aux_loss_coef: float = 0.0  # optional Switch-style balancing loss on normalized sigmoid scores
     ea_entropy_coef: float = 0.0  # MoEUT's regularizer: - entropy of the mean softmax(scores) per sequence
+    ea_z_loss_coef: float = 0.0  # the spec's optional router z-loss (ST-MoE): mean logsumexp(scores)^2, running tokens
+    # Optional per-step encoding of sequence attention's input (the spec's SA option): a learned (R, D) vector,
+    # zero-init, added to the normed input SA projects from at step r (steps past R reuse the last); off: SA is
+    # the same at every step and learns the step from the state alone.
+    sa_step_encoding: bool = False
     # SwitchHead sequence attention (models/switchhead.py; MoEUT's): E expert value and output projections per
     # head, K of them per token and head. 0 experts: the standard attention.
     attn_num_experts: int = 0
@@ -133,6 +138,7 @@ class DreamerConfig:
             E = self.attn_num_experts
             attn = D * H * (N + G) + (2 * H if self.qk_norm else 0) + D * E * (G + N) + E * D * H * (G + N)
         layer = attn + 2 * D + (2 * D if self.sandwich_norm else 0)  # sandwich: SA's and the FFN's post-norms
+        layer += self.num_recurrences * D if self.sa_step_encoding else 0
         if self.da_mode == "separate":
             width = self.da_num_heads * self.da_head_dim
             layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0) + (D if self.sandwich_norm else 0)
@@ -250,6 +256,10 @@ class DreamerLM(nn.Module):
             reg = sum(entropy_regularizer(torch.stack(st.sel_logits[g::G]), valid) for g in range(G))
             losses.append(cfg.ea_entropy_coef * reg)
             stats["dreamer/entropy_reg"] = reg.detach()
+        if st.z_losses and cfg.ea_z_loss_coef:  # mean over the applications
+            z = torch.stack(st.z_losses).mean()
+            losses.append(cfg.ea_z_loss_coef * z)
+            stats["dreamer/z_loss"] = z.detach()
         if st.attn_sel_logits and cfg.attn_entropy_coef:
             reg = sum(entropy_regularizer(*per_head(torch.stack(side[g::G]), valid))
                       for side in zip(*st.attn_sel_logits) for g in range(G))  # value side, output side

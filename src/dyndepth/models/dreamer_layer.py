@@ -51,6 +51,7 @@ class DepthState:
     aux: list = field(default_factory=list)  # router statistics for the optional balancing loss
     sel_logits: list = field(default_factory=list)  # [application] (B, T, E) router scores (entropy regularizer)
     attn_sel_logits: list = field(default_factory=list)  # [application] SwitchHead's (value, output) router scores
+    z_losses: list = field(default_factory=list)  # [application] router z-loss over running tokens (ea_z_loss_coef)
     embed: torch.Tensor | None = None  # (B, T, D) the embedding, for input injection
     exit_kl: float | None = None  # per-token exit threshold (ours); None: every token runs every step
     exit_head: Callable | None = None  # x (B, T, D) -> logits (B, T, V): the model's norm + lm_head
@@ -177,6 +178,8 @@ class DreamerLayer(nn.Module):
             self.mlp = ExpertAttention(config)
         else:
             self.mlp = SwiGLU(D, config.intermediate_size)
+        if config.sa_step_encoding:  # (R, D), learned from zero: which step sequence attention runs at
+            self.sa_step_embed = nn.Parameter(torch.zeros(config.num_recurrences, D))
         if config.sandwich_norm:  # post-norm on each sub-block's output (Huginn-style), optional; every one runs
             parts = ("sa", "da", "ffn") if config.da_mode == "separate" else ("sa", "ffn")  # (DDP needs gradients)
             self.post_sublayer_norms = nn.ModuleDict({part: RMSNorm(D, eps) for part in parts})
@@ -199,6 +202,8 @@ class DreamerLayer(nn.Module):
             k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, rope), x_BTD)
             _remember(st, self.index, step, k, v)  # (B, T, N_da, H_da) each
         h = self.input_layernorm(x_BTD)
+        if self.config.sa_step_encoding:  # steps past training reuse the last step's encoding
+            h = h + self.sa_step_embed[min(step, self.sa_step_embed.shape[0] - 1)].to(h.dtype)
         if ctx.training and self.config.attn_num_experts and self.config.attn_entropy_coef:
             # the regularizer's scores, recomputed from the same input (the routers' matmuls once more, in training)
             attn = self.self_attn
@@ -273,6 +278,9 @@ class DreamerLayer(nn.Module):
             st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
         if ctx.training and self.config.ea_entropy_coef:
             st.sel_logits.append(scores_NE.view(B, T, E))
+        if ctx.training and self.config.ea_z_loss_coef:  # mean over running tokens of logsumexp(scores)^2
+            z_N = torch.logsumexp(scores_NE, dim=-1).square()
+            st.z_losses.append((z_N * run_N).sum() / run_N.sum().clamp(min=1))
         if ctx.training and self.config.ea_aux_loss_coef:
             probs = torch.sigmoid(scores_NE)
             st.aux.append(router_stats(probs / probs.sum(-1, keepdim=True), idx_NK, run_N))
