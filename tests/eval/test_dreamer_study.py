@@ -2,9 +2,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dyndepth
-from dyndepth.eval.dreamer import render, run_study
+from dyndepth.eval.dreamer import forward_report, render, run_study
 from dyndepth.runconfig import RunConfig, TrainConfig, save_run_config
 
 
@@ -38,3 +39,38 @@ def test_study_sweeps_depth_and_writes_the_heatmap(run_dir):
     saved = json.loads((run_dir / "dreamer_study.json").read_text())
     assert 0 < saved["expert_diversity"] <= 1 and len(saved["state_change"]) == 2
     assert "| R=2 (trained) |" in render(result)
+
+
+def test_forward_report_weights_each_batch_by_its_valid_tokens():
+    """Two batches of 8 and 24 tokens: loss per label, depth, FLOPs and expert diversity weighted by tokens, set
+    entropy and state change averaged over batches, usage summed, each equal to the per-batch forwards combined by
+    hand; the report runs evaluation forwards and restores training mode."""
+    torch.manual_seed(0)
+    model = dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2)).train()
+    batches = []
+    for B in (1, 3):
+        ids = torch.randint(0, 264, (B, 8))
+        labels = ids.roll(-1, 1)
+        labels[:, -2:] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    report = forward_report(model, batches)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        outs = [model(b["input_ids"]) for b in batches]
+    n = [b["input_ids"].numel() for b in batches]
+    nll = sum(F.cross_entropy(o.logits.flatten(0, 1), b["labels"].flatten(), reduction="sum", ignore_index=-100)
+              for o, b in zip(outs, batches))
+    assert report["val_loss"] == pytest.approx(float(nll) / 24, rel=1e-6)  # 6 labels per row
+    stat = [o.stats for o in outs]
+    diversity = [float(s["dreamer/expert_diversity"]) for s in stat]
+    assert diversity[0] != pytest.approx(diversity[1])  # so weighting by tokens matters
+    assert report["expert_diversity"] == pytest.approx((diversity[0] * n[0] + diversity[1] * n[1]) / 32, rel=1e-6)
+    assert report["expert_set_entropy"] == pytest.approx(
+        sum(float(s["dreamer/expert_set_entropy"]) for s in stat) / 2, rel=1e-6)
+    assert report["avg_depth"] == pytest.approx(2.0)
+    assert report["flops_executed"] == pytest.approx(sum(float(s["flops/executed"]) for s in stat) / 32, rel=1e-9)
+    change = (stat[0]["dreamer/state_change"] + stat[1]["dreamer/state_change"]) / 2
+    assert report["state_change"] == [round(float(c), 4) for c in change]
+    usage = stat[0]["dreamer/expert_usage"] + stat[1]["dreamer/expert_usage"]
+    torch.testing.assert_close(report["expert_usage"], usage)

@@ -119,6 +119,18 @@ def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, tmp_path):
             assert ranks[0] == ranks[1] and set(ranks[0].values()) != {0.5}
 
 
+def test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync(tmp_path):
+    # sync_every=1: every step each rank's buffer (its own rows) gives its own targets, and their all-reduce keeps
+    # tau equal on both ranks (the loss curves are not compared: a mean of per-rank quantiles is not one process's);
+    # routers spread wider, so the targets lie far from tau_init
+    two_ranks(tmp_path, {**METHODS["dnd"], "router_init_std": 3.0, "sync_every": 1}, "ddp,fsdp")
+    for mode in ("ddp", "fsdp"):
+        ranks = [json.loads((tmp_path / mode / f"tau_rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0] == ranks[1]
+        taus = [step["dnd/tau/L1"] for step in curve(tmp_path / mode)]
+        assert len(taus) == STEPS and abs(taus[0] - 0.5) > 0.02  # the sync moved tau, not only alpha (0.01) steps
+
+
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_baselines_train_on_two_ranks_like_one_process(name, tmp_path):
     threads = torch.get_num_threads()

@@ -187,12 +187,15 @@ def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache)
+        slots = range(model.num_slots())  # the layers' slots, then the nested ones
+        prefix = [cache.count(s).clone() for s in slots]
         wrong = torch.randint(0, 256, (3, 4))  # a rejected draft: its nested entries must not survive
         model(wrong, positions=pos[:, 8:12], cache=cache)
-        nested = list(method.nested_slot.values())
-        before = cache.count(nested[0]).clone()
+        drafted = [cache.count(s) for s in slots]
+        assert all((drafted[s] > prefix[s]).any() for s in method.nested_slot.values())  # the draft nested tokens
         cache.invalidate(pos[:, 8])
-        assert (cache.count(nested[0]) <= before).all()
+        for s in slots:  # every entry of the rejected tokens is gone, in the sparse nested slots too
+            assert torch.equal(cache.count(s), prefix[s]), s
         got = model(ids[:, 8:], positions=pos[:, 8:], cache=cache).logits  # verification block
     valid = mask[:, 8:].bool()
     torch.testing.assert_close(got[valid], full[:, 8:][valid], atol=1e-5, rtol=0)
@@ -247,6 +250,36 @@ def test_controller_drives_a_synthetic_score_stream_to_the_target_within_five_pe
     assert (hook.targets() > quantile).all()
 
 
+@pytest.mark.parametrize("ema_target", ["quantile", "topk_mean"])
+def test_the_ema_sync_lerps_tau_by_gamma_toward_the_buffers_target_every_sync_every_steps(ema_target):
+    # every step tau += alpha (actual - target); then, at steps divisible by sync_every, tau += gamma (the buffer's
+    # target threshold - tau). alpha and gamma far from their defaults, so ignoring either shows.
+    model, method = dnd_model(ratio=0.25, alpha=0.1, gamma=0.3, sync_every=3, ema_target=ema_target)
+    (hook,) = method.trainer_hooks(10)
+    g = torch.Generator().manual_seed(0)
+    scores = {i: torch.rand(2, 10, generator=g) for i in method.layers}  # two forwards of 10 scores per layer
+    for i in method.layers:
+        for forward in scores[i]:
+            method.record_scores(i, forward)
+
+    def target(s):  # 20 distinct buffered scores, ratio 0.25: k = 5
+        top = s.flatten().sort(descending=True).values
+        return float((top[4] + top[5]) / 2 if ema_target == "quantile" else top[:5].mean())
+
+    actual = {0: 0.4, 1: 0.1}
+    stats = {f"dnd/selected/L{i}": torch.tensor(actual[i]) for i in method.layers}
+    for step in range(1, 7):
+        before = [float(d.tau) for d in method.layer_dnd]
+        logged = hook.after_step(model, step, stats, None)
+        for i, d, tau in zip(method.layers, method.layer_dnd, before):
+            expected = tau + 0.1 * (actual[i] - 0.25)  # the proportional step first
+            if step % 3 == 0:
+                expected += 0.3 * (target(scores[i]) - expected)  # then the lerp toward the buffer's target
+            assert float(d.tau) == pytest.approx(expected, abs=1e-6), (step, i)
+            assert logged[f"tau/L{i}"] == float(d.tau)
+    assert abs(float(method.layer_dnd[0].tau) - 0.5) > 0.1  # tau moved well within (0, 1): nothing clamped
+
+
 def test_training_gradients_losses_and_moe_balancing_of_nested_tokens():
     model, method = dnd_model("tiny-qwen3-moe", std=0.1)
     model.train()
@@ -282,6 +315,50 @@ def test_topk_control_selects_the_ratio_per_sequence_in_training_and_tau_at_infe
         trace = dyndepth.Trace()
         model(ids, attention_mask=mask, trace=trace)
     assert torch.equal(trace.ctx.state.keep[0], (p > 0.5) & mask.bool())
+
+
+def test_topk_control_in_a_packed_row_selects_per_document_what_each_document_selects_alone():
+    model, _ = dnd_model(control="topk", ratio=0.25)
+    a, b = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 9))
+    packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1)  # two documents, then 3 PAD
+    mask = torch.ones_like(packed)
+    mask[0, 16:] = 0
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 3])
+    positions = torch.cat([torch.arange(7), torch.arange(9), torch.arange(3)])[None]
+    traces = [dyndepth.Trace() for _ in range(3)]
+    model.train()
+    with torch.no_grad():
+        model(packed, attention_mask=mask, positions=positions, doc_ids=doc_ids, trace=traces[0])
+        model(a, trace=traces[1])
+        model(b, trace=traces[2])
+    for layer in (0, 1):
+        alone = torch.cat([traces[1].ctx.state.keep[layer], traces[2].ctx.state.keep[layer],
+                           torch.zeros(1, 3, dtype=torch.bool)], 1)
+        assert torch.equal(traces[0].ctx.state.keep[layer], alone), layer
+        assert alone[0, :7].sum() == 2 and alone[0, 7:].sum() == 3  # ceil(0.25 * 7), ceil(0.25 * 9); the row: 4
+
+
+def test_topk_control_tau_tracks_the_top_k_threshold_so_inference_selects_what_training_did():
+    # no proportional step under control="topk"; the EMA sync (gamma 1 here) sets tau to the buffer's top-k
+    # threshold, so the causal p > tau at inference selects the top-k of the training forward
+    model, method = dnd_model(control="topk", ratio=0.25, gamma=1.0, sync_every=2)
+    (hook,) = method.trainer_hooks(10)
+    ids = torch.randint(0, 256, (1, 14))
+    trace = dyndepth.Trace()
+    model.train()
+    with torch.no_grad():
+        out = model(ids, trace=trace)
+    trained = dict(trace.ctx.state.keep)
+    hook.after_step(model, 1, out.stats, None)
+    assert [float(d.tau) for d in method.layer_dnd] == [0.5, 0.5]  # not a sync step: tau stays
+    hook.after_step(model, 2, out.stats, None)
+    model.eval()
+    trace = dyndepth.Trace()
+    with torch.no_grad():
+        model(ids, trace=trace)
+    for layer in method.layers:
+        assert trained[layer].sum() == 4  # ceil(0.25 * 14)
+        assert torch.equal(trace.ctx.state.keep[layer], trained[layer]), layer
 
 
 def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():

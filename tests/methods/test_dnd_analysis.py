@@ -2,10 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_dnd import dnd_model
 
+import dyndepth
+from dyndepth import CausalLM, preset
 from dyndepth.methods.dnd_analysis import (
     entropy_correlation,
     layer_report,
@@ -35,13 +38,52 @@ def test_layer_report_and_trace_agree_with_the_forward():
     assert model.method is method
 
 
-def test_entropy_correlation_is_a_pearson_r_over_valid_tokens():
-    model, _ = dnd_model()
+def by_hand(model, base, batches):
+    """(selection frequency, the base model's next-token entropy) of the valid tokens, computed directly: the share
+    of DND layers whose eval forward selected the token, and the entropy of the base model's prediction at the
+    token's own position (of the token after it)."""
+    freq, ent = [], []
+    for ids, mask in batches:
+        trace = dyndepth.Trace()
+        with torch.no_grad():
+            model(ids, attention_mask=mask, trace=trace)
+            logits = base(ids, attention_mask=mask).logits.double()
+        keep = trace.ctx.state.keep
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        p = logits.softmax(-1)
+        freq.append(torch.stack([keep[i] for i in model.method.layers]).double().mean(0)[valid])
+        ent.append(-(p * p.log()).sum(-1)[valid])
+    return torch.cat(freq).numpy(), torch.cat(ent).numpy()
+
+
+def test_entropy_correlation_is_the_pearson_r_of_selection_frequency_and_the_base_models_entropy():
+    model, method = dnd_model()  # beta 0.5: nesting changes the logits, so the DND model's entropies differ
+    model.eval()
+    torch.manual_seed(1)
     ids = torch.randint(0, 256, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    result = entropy_correlation(model, [(ids, mask)])
-    assert result["tokens"] == 19 and -1 <= result["pearson_r"] <= 1 and 0 < result["selection_rate"] < 1
+    ids2 = torch.randint(0, 256, (1, 9))
+    base = CausalLM(preset("tiny-qwen3")).eval()  # the same weights, without DND: a separate model
+    base.load_state_dict(model.state_dict(), strict=False)
+    batches = [(ids, mask), (ids2, None)]
+    f, e = by_hand(model, base, batches)
+    assert 0 < f.mean() < 1 and len(set(f.tolist())) == 3  # tokens nested by 0, 1 and 2 layers
+    result = entropy_correlation(model, [(ids, mask), ids2])
+    assert result["tokens"] == 19 + 9 == len(f)
+    assert result["pearson_r"] == pytest.approx(np.corrcoef(f, e)[0, 1], abs=1e-4)  # float32 in the tool
+    assert result["selection_rate"] == pytest.approx(f.mean(), abs=1e-6)
+    assert result["entropy_nested"] == pytest.approx(e[f >= 0.5].mean(), abs=1e-5)
+    assert result["entropy_other"] == pytest.approx(e[f < 0.5].mean(), abs=1e-5)
+    # an explicit base model: its entropies, not the DND model's (the same selections)
+    torch.manual_seed(7)
+    other = CausalLM(preset("tiny-qwen3")).eval()
+    f2, e2 = by_hand(model, other, batches)
+    assert (f2 == f).all()
+    got = entropy_correlation(model, batches, base=other)["pearson_r"]
+    assert got == pytest.approx(np.corrcoef(f2, e2)[0, 1], abs=1e-4)
+    assert abs(got - result["pearson_r"]) > 0.05
+    assert model.method is method
 
 
 def test_plots(tmp_path):

@@ -1,9 +1,13 @@
-"""Dreamer (models/dreamer.py): the layer against the decoder's, depth causality, batch independence, routing,
-balancing, cached generation, checkpoints, training, and the compute ledger against torch's FLOP counter."""
+"""Dreamer (models/dreamer.py): the layer against the decoder's, depth causality through the memory, depth
+attention against a by-hand reference, batch independence, routing, balancing, cached generation, checkpoints,
+training, gradients to every parameter, exact expert / state-change statistics and exit decisions, and the compute
+ledger against torch's FLOP counter."""
 
+import collections
 import copy
 import dataclasses
 import json
+import math
 
 import families
 import pytest
@@ -50,35 +54,129 @@ def test_one_recurrence_without_depth_and_expert_attention_is_a_decoder_layer():
                                    decoder(ids, attention_mask=mask).logits, rtol=0, atol=0)
 
 
-def _streams(model, ids, perturb_step=None):
-    """Residual streams after each application, with the input of application `perturb_step` perturbed."""
-    calls = []
+def _depth_run(model, ids, perturb_step=None, restore=None):
+    """Residual streams ([embedding, after step 0, ...]) and depth attention's (query input, output) per call, with
+    the input of application `perturb_step` perturbed and, given `restore` (B, T, D), that application's output
+    replaced by it: the perturbation then reaches later steps only through the depth memory entry it wrote."""
+    calls, da_io = [], []
 
     def pre_hook(module, args):
         calls.append(None)
         if len(calls) - 1 == perturb_step:
             return (args[0] + 0.5 * torch.randn_like(args[0]), *args[1:])
 
-    handle = model.model.layers[0].register_forward_pre_hook(pre_hook)
+    def hook(module, args, output):
+        if len(calls) - 1 == perturb_step and restore is not None:
+            return restore
+
+    layer = model.model.layers[0]
+    handles = [layer.register_forward_pre_hook(pre_hook), layer.register_forward_hook(hook)]
+    if hasattr(layer, "depth_attn"):
+        handles.append(layer.depth_attn.register_forward_hook(lambda m, args, out: da_io.append((args[0], out))))
     trace = dyndepth.Trace(keep_streams=True)
     with torch.no_grad():
         model(ids, trace=trace)
-    handle.remove()
-    return trace.streams  # [embedding, after step 0, after step 1, ...]
+    for handle in handles:
+        handle.remove()
+    return trace.streams, da_io
 
 
 @pytest.mark.parametrize("da_mode", ["separate", "merged_softmax"])
-def test_depth_attention_is_causal_over_depth(da_mode):
+def test_a_perturbed_step_reaches_later_steps_through_the_depth_memory_and_earlier_steps_not_at_all(da_mode):
+    """The state entering step r is perturbed and step r's output restored to the unperturbed one, so step r + 1
+    starts from the same residual stream and differs only through the memory entry step r wrote: it must change
+    (da_mode="none", or depth attention ignoring its memory, leaves it equal), and steps < r must not."""
     model = varied(tiny(num_recurrences=4, da_mode=da_mode))
     ids = torch.randint(0, 256, (2, 6))
-    base = _streams(model, ids)
+    base, base_da = _depth_run(model, ids)
     for r in (1, 2):
         torch.manual_seed(r)
-        moved = _streams(model, ids, perturb_step=r)
-        for s in range(r + 1):  # the embedding and steps 0..r-1
+        moved, moved_da = _depth_run(model, ids, perturb_step=r, restore=base[r + 1])
+        for s in range(r + 2):  # the embedding, steps 0..r-1, and step r's (restored) output
             torch.testing.assert_close(moved[s], base[s], rtol=0, atol=0)
-        for s in range(r + 1, 5):
-            assert (moved[s] - base[s]).abs().max() > 1e-3
+        assert (moved[r + 2] - base[r + 2]).abs().max() > 1e-3  # step r + 1, through the memory alone
+        if da_mode == "separate":
+            for s in range(r):  # depth attention before step r: same query, same output
+                torch.testing.assert_close(moved_da[s], base_da[s], rtol=0, atol=0)
+            torch.testing.assert_close(moved_da[r + 1][0], base_da[r + 1][0], rtol=0, atol=0)  # same query at r + 1
+            assert (moved_da[r + 1][1] - base_da[r + 1][1]).abs().max() > 1e-3  # another output: memory entry r
+
+
+def _rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def _rotated(x, step, theta):
+    """x (..., H) rotated by angles step * theta^(-2i/H), HF's rotate_half layout (element i pairs with i + H/2)."""
+    half = x.shape[-1] // 2
+    angle = step * theta ** (-2 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+def _reference_depth_attention(layer, memory, query, step):
+    """Depth attention of one token from the layer's raw weights, float64: `memory` [(D,)] the token's states
+    entering steps 0..step (before depth_layernorm), `query` (D,) the state depth attention reads at `step`."""
+    da, norm, theta = layer.depth_attn, layer.depth_layernorm, layer.config.da_rope_theta
+    N, H = da.num_heads, da.head_dim
+
+    def heads(linear, state):  # (N, H)
+        return (linear.weight.double() @ _rms(state.double(), norm.weight, norm.eps)).view(N, H)
+
+    def rotated(linear, state, qk_norm, angle_step):  # q/k: RMSNorm per head, then RoPE at angle_step
+        return _rotated(_rms(heads(linear, state), qk_norm.weight, qk_norm.eps), angle_step, theta)
+
+    q = rotated(da.q_proj, query, da.q_norm, step)  # (N, H)
+    k = torch.stack([rotated(da.k_proj, s, da.k_norm, j) for j, s in enumerate(memory)], 1)  # (N, L, H)
+    v = torch.stack([heads(da.v_proj, s) for s in memory], 1)
+    p = torch.softmax((q[:, None] * k).sum(-1) * H**-0.5, -1)  # (N, L)
+    return da.o_proj.weight.double() @ (p[..., None] * v).sum(1).reshape(N * H)  # (D,)
+
+
+def _randomize_norms(model):
+    """RMSNorm weights away from their init of ones, so a norm applied with the wrong weight (or none) shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.uniform_(0.5, 1.5)
+
+
+def _check_depth_attention_against_the_reference(model, ids, tokens):
+    """Every depth-attention call of the forward against `_reference_depth_attention` at the given (b, t): the
+    memory of layer g at step r is the states entering layer g at steps 0..r (streams[j * G + g])."""
+    G = model.config.layers_per_group
+    calls = {g: [] for g in range(G)}
+    handles = [layer.depth_attn.register_forward_hook(lambda m, args, out, g=g: calls[g].append((args[0], out)))
+               for g, layer in enumerate(model.model.layers)]
+    trace = dyndepth.Trace(keep_streams=True)
+    with torch.no_grad():
+        model(ids, trace=trace)
+    for handle in handles:
+        handle.remove()
+    for g, layer in enumerate(model.model.layers):
+        assert len(calls[g]) == model.config.num_recurrences
+        for r, (query, out) in enumerate(calls[g]):
+            for b, t in tokens:
+                memory = [trace.streams[j * G + g][b, t] for j in range(r + 1)]
+                expected = _reference_depth_attention(layer, memory, query[b, t], r)
+                torch.testing.assert_close(out[b, t].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_depth_attention_matches_a_reference_from_the_raw_weights_with_step_rope_and_qk_norm():
+    """Per token: k/v of the states entering steps 0..r, each key k-normed and rotated by its step, the query
+    q-normed and rotated by r, with base da_rope_theta (not rope_theta); fails if step_rope ignored the step or a
+    q/k norm were dropped (and the softmax at steps >= 1 depends on all of that)."""
+    model = varied(tiny(num_recurrences=4, da_rope_theta=100.0))
+    _randomize_norms(model)
+    _check_depth_attention_against_the_reference(model, torch.randint(0, 256, (2, 5)), [(0, 0), (0, 4), (1, 2)])
+
+
+def test_each_layer_of_a_group_attends_over_its_own_depth_memory():
+    """layers_per_group=2: layer g's depth attention at step r reads the states entering layer g (not the other
+    layer's) at steps 0..r, projected with layer g's own weights."""
+    model = varied(tiny(num_recurrences=3, layers_per_group=2))
+    _randomize_norms(model)
+    _check_depth_attention_against_the_reference(model, torch.randint(0, 256, (2, 5)), [(0, 1), (1, 4)])
 
 
 def test_depth_attention_matches_a_slow_per_token_softmax_over_earlier_steps():
@@ -284,6 +382,31 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
 
 
+GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_num_experts": 4},
+                    {"ea_depth_encoding": "learned", "num_recurrences": 4}, {"ea_depth_encoding": "rope"},
+                    {"da_include_self": True, "da_parallel": True}, {"da_recompute": True, "sandwich_norm": True},
+                    {"ea_aux_loss_coef": 0.1, "ea_entropy_coef": 0.01}, {"num_experts": 0, "sandwich_norm": True},
+                    {"sa_step_encoding": True, "ea_z_loss_coef": 0.01}]
+
+
+@pytest.mark.parametrize("options", [{"da_mode": m, "sandwich_norm": s} for m in DA_MODES for s in (False, True)]
+                         + GRADIENT_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_one_training_loss_gives_every_parameter_a_gradient(options):
+    """A parameter no loss reaches is dead weight that DDP rejects (sandwich_norm once built a depth post-norm for
+    every da_mode, unused without depth attention). No exclusions: in training all num_recurrences steps run, so
+    every step_embed row is used (checked row by row), and every other parameter takes part at every step."""
+    model = varied(tiny(**options)).train()
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+    (loss if out.aux_loss is None else loss + out.aux_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "step_embed"):
+            assert (layer.mlp.step_embed.grad.abs().sum(-1) > 0).all()  # (R,): every step's encoding
+
+
 def _loss_grads_and_saved_bytes(model, ids) -> tuple[dict, int]:
     """One training loss's parameter gradients, and the bytes of the activations autograd saved for it."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -387,6 +510,37 @@ def test_per_token_exit_saves_ideal_flops_and_more_steps_cost_more():
         pass
 
 
+def test_per_token_exit_stops_exactly_the_tokens_whose_distribution_moved_less_than_the_threshold():
+    """R=3 has one exit check, after step 1: KL(p_1 || p_0) per token, p_r = softmax(lm_head(norm(state after
+    step r))), by hand from a full forward's streams, at each threshold between two successive valid tokens' KLs
+    (the direction of the KL decides some of them). Tokens below it run 2 steps and keep their step-1 state (the
+    2-step logits); the others run 3 (the full logits: at the last step the exited ones' K/V are still those of
+    their state entering it)."""
+    model = varied(tiny(num_recurrences=3))
+    ids, mask = left_padded(T=10)
+    valid = mask.bool()
+    trace = dyndepth.Trace(keep_streams=True)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, trace=trace).logits
+        logp = [F.log_softmax(model.lm_head(model.model.norm(s)).float(), -1) for s in trace.streams[1:3]]
+        kl = (logp[1].exp() * (logp[1] - logp[0])).sum(-1)  # (B, T)
+        with model.override(steps=2):
+            two = model(ids, attention_mask=mask).logits
+    ranked = kl[valid].sort().values
+    gaps = [i for i in range(1, len(ranked)) if ranked[i] - ranked[i - 1] > 1e-4 * ranked[i]]  # rounding can't cross
+    assert len(gaps) > len(ranked) // 2
+    for i in gaps:
+        threshold = float(ranked[i - 1] + ranked[i]) / 2
+        trace = dyndepth.Trace()
+        with model.override(exit_kl=threshold), torch.no_grad():
+            out = model(ids, attention_mask=mask, trace=trace)
+        exited = (kl < threshold) & valid  # i of the valid tokens
+        depth = (3.0 - exited.float())[valid]
+        torch.testing.assert_close(trace.ctx.model_state.depth[valid], depth, rtol=0, atol=0)
+        assert float(out.stats["dreamer/avg_depth"]) == pytest.approx(float(depth.mean()))
+        torch.testing.assert_close(out.logits[valid], torch.where(exited[..., None], two, full)[valid], rtol=0, atol=0)
+
+
 def test_state_change_is_an_evaluation_statistic():
     model = varied(tiny())
     ids = torch.randint(0, 256, (2, 8))
@@ -397,20 +551,100 @@ def test_state_change_is_an_evaluation_statistic():
     assert "dreamer/state_change" not in model(ids).stats  # training forwards skip its passes
 
 
-def test_expert_statistics_count_every_selection_and_bound_diversity():
-    model = varied(tiny(num_recurrences=3, num_experts=8, num_experts_per_tok=2))
+def test_state_change_is_the_mean_relative_change_over_valid_tokens():
+    """dreamer/state_change[a] = mean over valid tokens of |x_out - x_in| / |x_in| at application a, by hand from
+    the streams (not the max, not over padding)."""
+    model = varied(tiny(layers_per_group=2))
     ids, mask = left_padded()
+    trace = dyndepth.Trace(keep_streams=True)
+    with torch.no_grad():
+        change = model(ids, attention_mask=mask, trace=trace).stats["dreamer/state_change"]
+    s, valid = trace.streams, mask.bool()
+    expected = [((s[a + 1] - s[a]).norm(dim=-1) / s[a].norm(dim=-1))[valid].mean() for a in range(len(s) - 1)]
+    torch.testing.assert_close(change, torch.stack(expected), rtol=1e-6, atol=0)
+
+
+def _recorded_selections(model, ids, mask):
+    """The forward's stats and the experts each expert-attention call chose, [application] (B*T, K) sorted."""
+    chosen = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: chosen.append(out[1].sort(-1).values))
+             for layer in model.model.layers]
     with torch.no_grad():
         stats = model(ids, attention_mask=mask).stats
-    usage = stats["dreamer/expert_usage"]  # (steps, E): k selections per valid token per step
-    torch.testing.assert_close(usage.sum(-1), torch.full((3,), 2.0 * int(mask.sum())))
-    assert 2 / 6 <= float(stats["dreamer/expert_diversity"]) <= 1.0  # at least k distinct of min(k R, E)
-    assert 0 < float(stats["dreamer/expert_set_entropy"]) <= torch.log(mask.sum().float())
+    for hook in hooks:
+        hook.remove()
+    return stats, chosen
+
+
+def _set_entropy(sets) -> float:
+    """Entropy (nats) of the distribution of the given top-k sets."""
+    counts = collections.Counter(sets)
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def test_expert_statistics_have_exact_values_on_a_designed_routing():
+    """Routing made known: every sublayer's output projection is zeroed (the stream stays the embedding), token v's
+    embedding is one-hot at dim 4 + v % 4 (normed: 8 there), expert e's key one-hot at dim e, and the step
+    encodings add 20 to expert 0 (step 0), 1 (step 1), 4 and 5 (step 2). So a token with e = 4 + v % 4 picks
+    {0, e}, {1, e}, {4, 5}: 4 distinct experts for e in {4, 5}, 5 for e = 6. The 12 valid tokens have e = 4 (6),
+    5 (3), 6 (3); the 6 PAD tokens e = 7, counted nowhere."""
+    model = varied(tiny(num_recurrences=3, num_experts=8, num_experts_per_tok=2))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        for p in (layer.self_attn.o_proj.weight, layer.depth_attn.o_proj.weight, layer.mlp.experts.down_proj,
+                  layer.mlp.step_embed, layer.mlp.expert_keys, model.model.embed_tokens.weight):
+            p.zero_()
+        model.model.embed_tokens.weight[torch.arange(256), 4 + torch.arange(256) % 4] = 1.0
+        layer.mlp.expert_keys[:, :8] = torch.eye(8)
+        layer.mlp.step_embed[0, 0] = layer.mlp.step_embed[1, 1] = 20.0
+        layer.mlp.step_embed[2, 4] = layer.mlp.step_embed[2, 5] = 20.0
+    ids = torch.tensor([[0, 4, 8, 12, 1, 5], [3, 3, 16, 20, 9, 2], [7, 7, 7, 7, 6, 10]])
+    mask = torch.tensor([[1] * 6, [0] * 2 + [1] * 4, [0] * 4 + [1] * 2])
+    stats, chosen = _recorded_selections(model, ids, mask)
+    e = (4 + ids % 4).reshape(-1, 1)
+    fixed = torch.tensor([[0], [1]])
+    for step, (idx, sets) in enumerate(zip(chosen, [torch.cat([fixed[0].expand_as(e), e], 1),
+                                                     torch.cat([fixed[1].expand_as(e), e], 1),
+                                                     torch.tensor([[4, 5]]).expand(18, 2)])):
+        assert torch.equal(idx, sets), step  # the design holds (the values below follow from it)
+    # definition a: (6 * 4 + 3 * 4 + 3 * 5) / 12 distinct experts per token, of min(k R, E) = min(6, 8)
+    assert float(stats["dreamer/expert_diversity"]) == pytest.approx(51 / 12 / 6, rel=1e-6)
+    # definition b: steps 0 and 1 split tokens 6 / 3 / 3 over three sets (1.5 ln 2 nats), step 2 one set (0)
+    assert float(stats["dreamer/expert_set_entropy"]) == pytest.approx((1.5 + 1.5 + 0) * math.log(2) / 3, rel=1e-6)
+    valid = mask.bool().reshape(-1).tolist()
+    counted = [_set_entropy(tuple(row) for row, v in zip(idx.tolist(), valid) if v) for idx in chosen]
+    assert float(stats["dreamer/expert_set_entropy"]) == pytest.approx(sum(counted) / 3, rel=1e-6)
+    usage = torch.zeros(3, 8)
+    usage[0, [0, 4, 5, 6]] = torch.tensor([12.0, 6, 3, 3])
+    usage[1, [1, 4, 5, 6]] = torch.tensor([12.0, 6, 3, 3])
+    usage[2, [4, 5]] = 12.0
+    torch.testing.assert_close(stats["dreamer/expert_usage"], usage, rtol=0, atol=0)
+    torch.testing.assert_close(stats["dreamer/state_change"], torch.zeros(3), rtol=0, atol=0)
+
+
+def test_expert_statistics_equal_counts_over_the_recorded_selections():
+    """On a free routing with two layers per group and left padding: usage, diversity (distinct experts per valid
+    token and layer over its steps, mean over layers, / min(k R, E)) and set entropy (per application over valid
+    tokens, a Counter of sets; mean over applications) from the experts each call recorded."""
+    model = varied(tiny(num_recurrences=3, layers_per_group=2, num_experts=8, num_experts_per_tok=2))
+    ids, mask = left_padded()
+    stats, chosen = _recorded_selections(model, ids, mask)
+    valid = mask.bool().reshape(-1).tolist()
+    rows = [[row for row, v in zip(idx.tolist(), valid) if v] for idx in chosen]  # [application] valid tokens' sets
+    usage = torch.stack([torch.bincount(torch.tensor(r).reshape(-1), minlength=8).float() for r in rows])
+    torch.testing.assert_close(stats["dreamer/expert_usage"], usage, rtol=0, atol=0)
+    distinct = [len(set().union(*(rows[a][n] for a in range(g, 6, 2)))) for g in range(2) for n in range(len(rows[0]))]
+    assert float(stats["dreamer/expert_diversity"]) == pytest.approx(sum(distinct) / len(distinct) / 6, rel=1e-6)
+    entropy = sum(_set_entropy(map(tuple, r)) for r in rows) / 6
+    assert float(stats["dreamer/expert_set_entropy"]) == pytest.approx(entropy, rel=1e-6)
+    assert 0 < entropy and sum(distinct) / len(distinct) > 2  # neither a single set nor one expert pair per token
 
 
 @pytest.mark.parametrize("options", [{"input_injection": True}, {"sandwich_norm": True}, {"da_parallel": True},
                                      {"ea_depth_encoding": "rope"}, {"ea_depth_encoding": "none"},
-                                     {"norm_topk_prob": False}, {"da_head_dim": 8, "da_num_heads": 2}])
+                                     {"norm_topk_prob": False}, {"da_head_dim": 8, "da_num_heads": 2},
+                                     {"sa_step_encoding": True}])
 def test_every_option_decodes_exactly_and_changes_the_output(options):
     base = varied(tiny())
     model = varied(tiny(**options))
@@ -431,6 +665,23 @@ def test_the_optional_balancing_loss_trains_the_expert_keys():
     out.aux_loss.backward()
     assert model.model.layers[0].mlp.expert_keys.grad.abs().sum() > 0
     assert float(varied(tiny()).train()(torch.randint(0, 256, (2, 8))).aux_loss.detach()) == 0.0  # off by default
+
+
+def test_the_router_z_loss_is_the_mean_squared_logsumexp_of_the_scores_over_running_tokens():
+    model = varied(tiny(ea_z_loss_coef=0.01, layers_per_group=2)).train()
+    ids, mask = left_padded(T=8)
+    scores = []  # [application] (B*T, E) router scores
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: scores.append(out[2].detach()))
+             for layer in model.model.layers]
+    out = model(ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    valid = mask.bool().reshape(-1)
+    z = torch.stack([torch.logsumexp(s[valid].double(), -1).square().mean() for s in scores]).mean()
+    assert float(out.stats["dreamer/z_loss"]) == pytest.approx(float(z), rel=1e-5)
+    torch.testing.assert_close(out.aux_loss.double(), 0.01 * z, rtol=1e-5, atol=0)  # the only auxiliary loss on
+    out.aux_loss.backward()
+    assert model.model.layers[0].mlp.expert_keys.grad.abs().sum() > 0
 
 
 class TwoRanks:

@@ -37,10 +37,10 @@ Our choices where the paper is silent (docs/methods.md): a router bias (zero ini
 zero-initialised router nothing is selected until the controller lowers tau below 0.5, one step),
 ratio statistics over all non-PAD tokens. `ratio=1.0` runs every token twice (the compute-matched upper
 bound; tau is not used). Ablations: `control="topk"` (no threshold control: per-sequence top-k in
-training, MoR's expert choice; tau tracks the top-k threshold by EMA for causal inference), `"fixed"`
-(tau never moves); `nested_attends_vanilla=True` (TaH-style: nested queries also see the layer's vanilla
-K/V, with original positions; without a cache recomputed from the layer input, with one read from the layer's
-own slot, where the vanilla pass wrote them).
+training, per document with doc_ids, MoR's expert choice; tau tracks the top-k threshold by EMA for causal
+inference), `"fixed"` (tau never moves); `nested_attends_vanilla=True` (TaH-style: nested queries also see
+the layer's vanilla K/V, with original positions; without a cache recomputed from the layer input, with one
+read from the layer's own slot, where the vanilla pass wrote them).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class DNDState:
     """One forward's routing, read by `end`, the analysis tools (via `Trace`) and the tests."""
 
     valid: torch.Tensor  # (B, T) non-PAD tokens
-    topk: bool  # training forward with control="topk": per-sequence top-k instead of the threshold
+    topk: bool  # training forward with control="topk": per-sequence (document) top-k instead of the threshold
     padded: bool = True  # some tokens are PAD (False: valid is all True and needs no masking)
     scores: dict = field(default_factory=dict)  # slot -> p (B, T) float32, detached
     keep: dict = field(default_factory=dict)  # slot -> selected (B, T) bool
@@ -269,7 +269,7 @@ class DND:
             return xv
         st: DNDState = ctx.state
         p_BT = self._score(layer.dnd, xv, ctx, slot)  # (B, T) float32
-        keep_BT = self._select(layer.dnd, p_BT, st)
+        keep_BT = self._select(layer.dnd, p_BT, st, ctx.doc_ids)
         st.scores[slot], st.keep[slot] = p_BT.detach(), keep_BT
         if ctx.training:
             sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
@@ -337,11 +337,15 @@ class DND:
         ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
         return torch.sigmoid(r.squeeze(-1))
 
-    def _select(self, dnd: LayerDND, p_BT: torch.Tensor, st: DNDState) -> torch.Tensor:
-        """Selected tokens (B, T): p > tau (token choice), every token at ratio 1, or top-k (control="topk")."""
+    def _select(self, dnd: LayerDND, p_BT: torch.Tensor, st: DNDState,
+                doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected tokens (B, T): p > tau (token choice), every token at ratio 1, or top-k (control="topk") per
+        sequence (per document with doc_ids, so a packed document selects what it would alone)."""
         if self.config.ratio >= 1.0:
             return st.valid.clone()
         if st.topk:
+            if doc_ids_BT is not None:
+                return topk_per_document(p_BT.detach(), st.valid, doc_ids_BT, self.config.ratio)
             return select(p_BT.detach(), st.valid, SelectRule(kind="topk", fraction=self.config.ratio))
         keep = p_BT.detach() > (dnd.tau + self.tau_offset if self.tau_offset else dnd.tau)
         return keep & st.valid if st.padded else keep
@@ -404,6 +408,26 @@ def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = N
         first_BT = (torch.arange(T, device=keep_BT.device) * start_BT).cummax(1).values  # the document's first
         before_BT = before_BT - before_BT.gather(1, first_BT)
     return before_BT
+
+
+def topk_per_document(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: torch.Tensor,
+                      fraction: float) -> torch.Tensor:
+    """`select`'s top-k rule (SelectRule(kind="topk")) with every document of every row as its own pool: keep
+    k = ceil(fraction * n) of a document's n valid tokens, the highest scores, ties to the earlier token. (B, T)
+    bool, no host sync. Flat over B*T: one stable sort by score, one by document (whose flat ranges ascend)."""
+    B, T = p_BT.shape
+    N = B * T
+    start_BT = torch.ones_like(valid_BT, dtype=torch.bool)
+    start_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
+    arange_N = torch.arange(N, device=p_BT.device)
+    first_N = (arange_N * start_BT.reshape(N)).cummax(0).values  # flat index of each token's document start
+    valid_N = valid_BT.reshape(N)
+    by_score_N = torch.argsort(p_BT.reshape(N).masked_fill(~valid_N, float("-inf")), descending=True, stable=True)
+    order_N = by_score_N[torch.argsort(first_N[by_score_N], stable=True)]  # by document, then score (ties: earlier)
+    rank_N = torch.empty_like(order_N).scatter_(0, order_N, arange_N) - first_N  # rank within the document
+    n_N = torch.zeros(N, dtype=torch.float64, device=p_BT.device).index_add_(0, first_N, valid_N.double())
+    k_N = (fraction * n_N[first_N] - 1e-6).ceil().clamp(min=0)  # the rule of `capacity`, as in `select`
+    return ((rank_N < k_N) & valid_N).reshape(B, T)
 
 
 def router_losses(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None,

@@ -141,7 +141,8 @@ class DreamerConfig:
         layer += self.num_recurrences * D if self.sa_step_encoding else 0
         if self.da_mode == "separate":
             width = self.da_num_heads * self.da_head_dim
-            layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0) + (D if self.sandwich_norm else 0)
+            layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0)
+            layer += D if self.sandwich_norm else 0  # DA's post-norm
         if self.num_experts:
             E = self.num_experts
             layer += E * D + 3 * E * D * self.moe_intermediate_size
