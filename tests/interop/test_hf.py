@@ -71,9 +71,13 @@ def test_float32_buffers_stay_float32_through_bfloat16_saves_loads_and_casts(tmp
     keys = float32_keys(model)
     assert keys and all(k.endswith(("tau", "threshold", "expert_bias")) for k in keys)
     state = model.state_dict()
+    ppm = [k for k, v in state.items() if k.endswith("_ppm")]  # calibration budgets (int64), GateSkip and MoD
+    assert ppm or kind in ("dnd", "dreamer")
     with torch.no_grad():
         for k in keys:
             state[k].fill_(0.50123)
+        for k in ppm:
+            state[k].fill_(300_001)  # 299,008 in bfloat16
     model.to(torch.bfloat16)
     assert all(model.state_dict()[k].dtype == torch.float32 for k in keys)
     model.save_pretrained(tmp_path)  # in the model's dtype, bfloat16
@@ -83,7 +87,15 @@ def test_float32_buffers_stay_float32_through_bfloat16_saves_loads_and_casts(tmp
     for source in (on_disk, dyndepth.from_pretrained(tmp_path, dtype="bfloat16").state_dict()):
         for k in keys:  # the HF layout keeps these names
             assert source[k].dtype == torch.float32 and float(source[k].flatten()[0]) == pytest.approx(0.50123), k
+        for k in ppm:
+            assert source[k].dtype == torch.int64 and int(source[k]) == 300_001, k
     assert on_disk["model.embed_tokens.weight"].dtype == torch.bfloat16
+    with torch.device("meta"):  # meta init then `to_empty` (FSDP2's path) keeps them float32, without data to copy
+        meta = dyndepth.build_model(model.config)
+        if kind != "dreamer":
+            attach_method(meta, kind, {"layers": (0, 1)} if kind == "dnd" else {})
+    meta.to_empty(device="cpu")
+    assert all(meta.state_dict()[k].dtype == torch.float32 for k in keys)
 
 
 def test_expert_split_and_stack_are_inverse():

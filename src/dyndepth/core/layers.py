@@ -29,7 +29,9 @@ def apply_keeping_float32(module: nn.Module, fn, recurse: bool = True) -> nn.Mod
     saved = {n: module._buffers[n] for n in module.float32_buffers}
     nn.Module._apply(module, fn, recurse)
     for n, old in saved.items():
-        module._buffers[n] = old.to(device=module._buffers[n].device, dtype=torch.float32)
+        new = module._buffers[n]
+        src = new if old.is_meta else old  # `to_empty` from meta: nothing to copy, take the new storage
+        module._buffers[n] = src.to(device=new.device, dtype=torch.float32)
     return module
 
 
@@ -41,8 +43,10 @@ def float32_keys(model: nn.Module) -> set[str]:
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None, keep: set[str]) -> dict[str, torch.Tensor]:
-    """A state dict cast to `dtype` (None: as is), the keys in `keep` (`float32_keys`) to float32."""
-    return {k: v.float() if k in keep else v if dtype is None else v.to(dtype) for k, v in state.items()}
+    """A state dict's floating-point tensors cast to `dtype` (None: as is), the keys in `keep` (`float32_keys`) to
+    float32; integer buffers (calibration budgets in parts per million) keep their dtype."""
+    return {k: v.float() if k in keep else v if dtype is None or not v.is_floating_point() else v.to(dtype)
+            for k, v in state.items()}
 
 
 class RMSNorm(nn.Module):
