@@ -119,16 +119,21 @@ def _reference_depth_attention(layer, memory, query, step):
     entering steps 0..step (before depth_layernorm), `query` (D,) the state depth attention reads at `step`."""
     da, norm, theta = layer.depth_attn, layer.depth_layernorm, layer.config.da_rope_theta
     N, H = da.num_heads, da.head_dim
+    learned = layer.config.da_step_encoding == "learned"  # the step's embedding added to the normed state, no RoPE
 
-    def heads(linear, state):  # (N, H)
-        return (linear.weight.double() @ _rms(state.double(), norm.weight, norm.eps)).view(N, H)
+    def heads(linear, state, j):  # (N, H) from the state entering step j
+        normed = _rms(state.double(), norm.weight, norm.eps)
+        if learned:
+            normed = normed + da.step_embed[j].double()
+        return (linear.weight.double() @ normed).view(N, H)
 
-    def rotated(linear, state, qk_norm, angle_step):  # q/k: RMSNorm per head, then RoPE at angle_step
-        return _rotated(_rms(heads(linear, state), qk_norm.weight, qk_norm.eps), angle_step, theta)
+    def rotated(linear, state, qk_norm, j):  # q/k: RMSNorm per head, then RoPE at step j
+        y = _rms(heads(linear, state, j), qk_norm.weight, qk_norm.eps)
+        return y if learned else _rotated(y, j, theta)
 
     q = rotated(da.q_proj, query, da.q_norm, step)  # (N, H)
     k = torch.stack([rotated(da.k_proj, s, da.k_norm, j) for j, s in enumerate(memory)], 1)  # (N, L, H)
-    v = torch.stack([heads(da.v_proj, s) for s in memory], 1)
+    v = torch.stack([heads(da.v_proj, s, j) for j, s in enumerate(memory)], 1)
     p = torch.softmax((q[:, None] * k).sum(-1) * H**-0.5, -1)  # (N, L)
     return da.o_proj.weight.double() @ (p[..., None] * v).sum(1).reshape(N * H)  # (D,)
 
@@ -162,11 +167,13 @@ def _check_depth_attention_against_the_reference(model, ids, tokens):
                 torch.testing.assert_close(out[b, t].double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_depth_attention_matches_a_reference_from_the_raw_weights_with_step_rope_and_qk_norm():
+@pytest.mark.parametrize("encoding", ["rope", "learned"])
+def test_depth_attention_matches_a_reference_from_the_raw_weights_with_step_rope_and_qk_norm(encoding):
     """Per token: k/v of the states entering steps 0..r, each key k-normed and rotated by its step, the query
-    q-normed and rotated by r, with base da_rope_theta (not rope_theta); fails if step_rope ignored the step or a
-    q/k norm were dropped (and the softmax at steps >= 1 depends on all of that)."""
-    model = varied(tiny(num_recurrences=4, da_rope_theta=100.0))
+    q-normed and rotated by r, with base da_rope_theta (not rope_theta); fails if step_encoding ignored the step or
+    a q/k norm were dropped (and the softmax at steps >= 1 depends on all of that). `learned`: step j's embedding
+    added to the normed state every projection reads, no rotation."""
+    model = varied(tiny(num_recurrences=4, da_rope_theta=100.0, da_step_encoding=encoding))
     _randomize_norms(model)
     _check_depth_attention_against_the_reference(model, torch.randint(0, 256, (2, 5)), [(0, 0), (0, 4), (1, 2)])
 
@@ -184,9 +191,9 @@ def test_depth_attention_matches_a_slow_per_token_softmax_over_earlier_steps():
     da = model.model.layers[0].depth_attn
     B, T, D, step = 2, 3, 64, 2
     states = [torch.randn(B, T, D) for _ in range(step + 1)]  # normed states entering steps 0..step
-    kv = [da.project_kv(s, None, da.step_rope(j, s.dtype, s.device)) for j, s in enumerate(states)]
+    kv = [da.project_kv(s, None, da.step_encoding(j, s.dtype, s.device)) for j, s in enumerate(states)]
     h = torch.randn(B, T, D)
-    rope = da.step_rope(step, h.dtype, h.device)
+    rope = da.step_encoding(step, h.dtype, h.device)
     with torch.no_grad():
         fast = da(h, None, rope, [k for k, _ in kv], [v for _, v in kv])
         q = da._heads(da.q_proj(h), da.q_norm, rope)  # (B, T, N, H)
@@ -386,7 +393,8 @@ GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_n
                     {"ea_depth_encoding": "learned", "num_recurrences": 4}, {"ea_depth_encoding": "rope"},
                     {"da_include_self": True, "da_parallel": True}, {"da_recompute": True, "sandwich_norm": True},
                     {"ea_aux_loss_coef": 0.1, "ea_entropy_coef": 0.01}, {"num_experts": 0, "sandwich_norm": True},
-                    {"sa_step_encoding": True, "ea_z_loss_coef": 0.01}]
+                    {"sa_step_encoding": True, "ea_z_loss_coef": 0.01},
+                    {"da_step_encoding": "learned", "da_include_self": True}]
 
 
 @pytest.mark.parametrize("options", [{"da_mode": m, "sandwich_norm": s} for m in DA_MODES for s in (False, True)]
@@ -469,8 +477,11 @@ def counted(model, ids, **kwargs):
 
 @pytest.mark.parametrize("da_mode", DA_MODES)
 @pytest.mark.parametrize("experts", [8, 0])
-def test_ledger_executed_flops_equal_torchs_counter_and_ideal_equals_the_analytic_count(da_mode, experts):
-    model = varied(tiny(da_mode=da_mode, num_experts=experts, da_include_self=da_mode == "separate"))
+@pytest.mark.parametrize("da_step_encoding", ["rope", "learned"])
+def test_ledger_executed_flops_equal_torchs_counter_and_ideal_equals_the_analytic_count(da_mode, experts,
+                                                                                      da_step_encoding):
+    model = varied(tiny(da_mode=da_mode, num_experts=experts, da_include_self=da_mode == "separate",
+                        da_step_encoding=da_step_encoding))
     ids, mask = left_padded(B=3, T=14)
     out, torch_flops = counted(model, ids)
     assert float(out.stats["flops/executed"]) == torch_flops
@@ -644,7 +655,7 @@ def test_expert_statistics_equal_counts_over_the_recorded_selections():
 @pytest.mark.parametrize("options", [{"input_injection": True}, {"sandwich_norm": True}, {"da_parallel": True},
                                      {"ea_depth_encoding": "rope"}, {"ea_depth_encoding": "none"},
                                      {"norm_topk_prob": False}, {"da_head_dim": 8, "da_num_heads": 2},
-                                     {"sa_step_encoding": True}])
+                                     {"sa_step_encoding": True}, {"da_step_encoding": "learned"}])
 def test_every_option_decodes_exactly_and_changes_the_output(options):
     base = varied(tiny())
     model = varied(tiny(**options))

@@ -36,6 +36,7 @@ from dyndepth.models.registry import ModelSpec, register_model
 
 DA_MODES = ("separate", "merged_softmax", "none")
 EA_ENCODINGS = ("learned", "rope", "none")
+DA_ENCODINGS = ("rope", "learned")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DreamerConfig:
     da_head_dim: int | None = None  # None -> head_dim
     da_include_self: bool = False  # also attend to the query state itself
     da_parallel: bool = False  # DA reads the step's input next to SA instead of SA's output
+    da_step_encoding: str = "rope"  # how DA's q / k / v know the step: rope (over the step index) | learned (R, D)
     da_rope_theta: float = 10000.0  # RoPE base over steps (also the router's, with ea_depth_encoding="rope")
     # Training memory (ours): recompute depth attention (projections, q/k norms, per-entry products) in backward
     # instead of saving it: 12% less step memory at dreamer-bench for 7-11% more step time (docs/design.md).
@@ -104,7 +106,8 @@ class DreamerConfig:
         self.da_num_heads = self.da_num_heads or self.num_attention_heads
         self.da_head_dim = self.da_head_dim or self.head_dim
         self.intermediate_size = self.intermediate_size or 3 * self.hidden_size
-        for name, allowed in (("da_mode", DA_MODES), ("ea_depth_encoding", EA_ENCODINGS)):
+        for name, allowed in (("da_mode", DA_MODES), ("ea_depth_encoding", EA_ENCODINGS),
+                              ("da_step_encoding", DA_ENCODINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"DreamerConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
         for name in ("num_recurrences", "layers_per_group", "hidden_size", "num_attention_heads"):
@@ -143,6 +146,7 @@ class DreamerConfig:
             width = self.da_num_heads * self.da_head_dim
             layer += D + 4 * D * width + (2 * self.da_head_dim if self.qk_norm else 0)
             layer += D if self.sandwich_norm else 0  # DA's post-norm
+            layer += self.num_recurrences * D if self.da_step_encoding == "learned" else 0
         if self.num_experts:
             E = self.num_experts
             layer += E * D + 3 * E * D * self.moe_intermediate_size

@@ -62,49 +62,64 @@ class DepthState:
 
 
 class DepthAttention(nn.Module):
-    """Attention of each token over its own states at earlier steps: multi-head, q/k norm, RoPE over the step."""
+    """Attention of each token over its own states at earlier steps: multi-head, q/k norm, and the step encoded by
+    RoPE over the step index (default) or by a learned per-step embedding (`da_step_encoding`)."""
 
     def __init__(self, config) -> None:
         super().__init__()
         D, N, H = config.hidden_size, config.da_num_heads, config.da_head_dim
-        self.num_heads, self.head_dim = N, H
+        self.num_heads, self.head_dim, self.encoding = N, H, config.da_step_encoding
         self.q_proj = nn.Linear(D, N * H, bias=False)
         self.k_proj = nn.Linear(D, N * H, bias=False)
         self.v_proj = nn.Linear(D, N * H, bias=False)
         self.o_proj = nn.Linear(N * H, D, bias=False)
         self.q_norm = RMSNorm(H, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(H, config.rms_norm_eps) if config.qk_norm else None
-        rope = SimpleNamespace(head_dim=H, rope_theta=config.da_rope_theta, rope_scaling=None,
-                               max_position_embeddings=config.num_recurrences)
-        self.rotary_emb = RotaryEmbedding(rope)  # angles by recurrence step, not by position
+        if self.encoding == "rope":
+            rope = SimpleNamespace(head_dim=H, rope_theta=config.da_rope_theta, rope_scaling=None,
+                                   max_position_embeddings=config.num_recurrences)
+            self.rotary_emb = RotaryEmbedding(rope)  # angles by recurrence step, not by position
+        else:  # (R, D), learned from zero, added to the normed state every projection reads
+            self.step_embed = nn.Parameter(torch.zeros(config.num_recurrences, D))
 
-    def step_rope(self, step: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (1, 1, H) of recurrence step `step`."""
-        return self.rotary_emb(torch.full((1, 1), step, device=device), dtype)
+    def step_encoding(self, step: int, dtype: torch.dtype, device):
+        """What step `step` is encoded with: RoPE's cos, sin (1, 1, H), or the row of the learned embedding (steps
+        past training reuse the last)."""
+        if self.encoding == "rope":
+            return self.rotary_emb(torch.full((1, 1), step, device=device), dtype)
+        return min(step, self.step_embed.shape[0] - 1)
 
-    def _heads(self, y: torch.Tensor, norm: RMSNorm | None, rope) -> torch.Tensor:
-        """A projection (B, T, N * H) as heads (B, T, N, H), q/k-normed and rotated by `rope`."""
+    def _project(self, x_BTD: torch.Tensor, norm: RMSNorm | None, enc, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+        """linear(norm(x)) for each projection; with learned encodings linear(norm(x) + e_step), as W e_step added."""
+        ys = normed_linear(x_BTD, norm, *linears)
+        if self.encoding == "learned":  # one matrix-vector product per step, not per token (as the router's encoding)
+            e = self.step_embed[enc].to(ys[0].dtype)  # (D,)
+            ys = tuple(y + linear.weight.to(e.dtype) @ e for y, linear in zip(ys, linears))
+        return ys
+
+    def _heads(self, y: torch.Tensor, norm: RMSNorm | None, enc) -> torch.Tensor:
+        """A projection (B, T, N * H) as heads (B, T, N, H), q/k-normed and, with RoPE, rotated by the step's angle."""
         B, T, _ = y.shape
         y = y.view(B, T, self.num_heads, self.head_dim)
         if norm is not None:
             y = norm(y)
-        return apply_rope(y, *rope)
+        return apply_rope(y, *enc) if self.encoding == "rope" else y
 
-    def project_kv(self, x_BTD: torch.Tensor, norm: RMSNorm | None, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (rotated by `rope`, the step's cos / sin) and V of the state x (before the layer's `norm`; None: normed
-        already), (B, T, N, H) each."""
+    def project_kv(self, x_BTD: torch.Tensor, norm: RMSNorm | None, enc) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the state x (before the layer's `norm`; None: normed already) at the step `enc` encodes
+        (`step_encoding`), (B, T, N, H) each."""
         B, T, _ = x_BTD.shape
-        k, v = normed_linear(x_BTD, norm, self.k_proj, self.v_proj)
-        return self._heads(k, self.k_norm, rope), v.view(B, T, self.num_heads, -1)
+        k, v = self._project(x_BTD, norm, enc, self.k_proj, self.v_proj)
+        return self._heads(k, self.k_norm, enc), v.view(B, T, self.num_heads, -1)
 
-    def forward(self, x_BTD: torch.Tensor, norm: RMSNorm | None, rope, keys: list[torch.Tensor],
+    def forward(self, x_BTD: torch.Tensor, norm: RMSNorm | None, enc, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> torch.Tensor:
-        """Queries from the state x (before the layer's `norm`; None: normed already), rotated by `rope`; keys and
-        values: the memory's L entries, (B, T, N, H) each, every one visible. Each token attends over its own
+        """Queries from the state x (before the layer's `norm`; None: normed already) at the step `enc` encodes; keys
+        and values: the memory's L entries, (B, T, N, H) each, every one visible. Each token attends over its own
         L <= R entries: per-entry products, not a batched attention kernel (on a CPU, 2x faster than SDPA over a
         stacked memory, forward and backward, and nothing stacked is saved for backward)."""
         B, T, _ = x_BTD.shape
-        q = self._heads(*normed_linear(x_BTD, norm, self.q_proj), self.q_norm, rope)  # (B, T, N, H)
+        q = self._heads(*self._project(x_BTD, norm, enc, self.q_proj), self.q_norm, enc)  # (B, T, N, H)
         q32 = q.float() * self.head_dim**-0.5  # products, softmax and sum in float32, as SDPA accumulates
         scores = torch.stack([(q32 * k.float()).sum(-1) for k in keys], -1)  # (B, T, N, L)
         p = torch.softmax(scores, dim=-1)
@@ -198,8 +213,8 @@ class DreamerLayer(nn.Module):
                 x_BTD = x_BTD + st.embed
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
-            rope = self.depth_attn.step_rope(step, x_BTD.dtype, x_BTD.device)
-            k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, rope), x_BTD)
+            enc = self.depth_attn.step_encoding(step, x_BTD.dtype, x_BTD.device)
+            k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, enc), x_BTD)
             _remember(st, self.index, step, k, v)  # (B, T, N_da, H_da) each
         h = self.input_layernorm(x_BTD)
         if self.config.sa_step_encoding:  # steps past training reuse the last step's encoding
@@ -217,7 +232,7 @@ class DreamerLayer(nn.Module):
         if da == "separate":  # sequential (default) or parallel to SA, from the same input
             x_sa = x_BTD + sa
             da_in = x_BTD if self.config.da_parallel else x_sa
-            x_BTD = x_sa + self._out("da", self._depth(da_in, ctx, slot, st, step, rope))
+            x_BTD = x_sa + self._out("da", self._depth(da_in, ctx, slot, st, step, enc))
         else:
             x_BTD = x_BTD + sa
         x_BTD = x_BTD + self._out("ffn", self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
@@ -237,7 +252,7 @@ class DreamerLayer(nn.Module):
         return fn(*args)
 
     def _depth(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int, st: DepthState, step: int,
-               rope) -> torch.Tensor:
+               enc) -> torch.Tensor:
         """Depth attention of the state `x_BTD` (before `depth_layernorm`) over the token's memory, (B, T, D)."""
         keys, values = st.mem_k[self.index][:step + 1], st.mem_v[self.index][:step + 1]
         L = len(keys)
@@ -245,9 +260,9 @@ class DreamerLayer(nn.Module):
         def attend(x: torch.Tensor, *memory: torch.Tensor) -> torch.Tensor:
             ks, vs = list(memory[:L]), list(memory[L:])
             if self.config.da_include_self:  # the query state itself as one more entry (k/v not remembered)
-                k, v = self.depth_attn.project_kv(x, self.depth_layernorm, rope)
+                k, v = self.depth_attn.project_kv(x, self.depth_layernorm, enc)
                 ks, vs = ks + [k], vs + [v]
-            return self.depth_attn(x, self.depth_layernorm, rope, ks, vs)
+            return self.depth_attn(x, self.depth_layernorm, enc, ks, vs)
 
         y = self._recompute(ctx, attend, x_BTD, *keys, *values)
         B, T, _ = x_BTD.shape
