@@ -238,11 +238,12 @@ def test_frozen_inputs_get_no_gradient_and_the_others_the_same_one():
 
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_equal_one_matmul_per_expert_forward_and_backward(dtype):
+def test_grouped_experts_equal_one_matmul_per_expert_forward_and_backward(dtype, act):
     torch.manual_seed(0)
-    grouped = Experts(8, 16, 8, grouped=True)
-    looped = Experts(8, 16, 8, grouped=False)
+    grouped = Experts(8, 16, 8, grouped=True, act=act)
+    looped = Experts(8, 16, 8, grouped=False, act=act)
     looped.load_state_dict(grouped.state_dict())
     x = torch.randn(20, 16)
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(20)])
@@ -252,10 +253,21 @@ def test_grouped_experts_equal_one_matmul_per_expert_forward_and_backward(dtype)
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = experts(xi, idx, wi)
-        params = (experts.gate_up_proj, experts.down_proj)
+        params = (experts.in_proj, experts.down_proj)
         results.append((y, *torch.autograd.grad(y.float().square().sum(), (xi, wi, *params))))
     for a, b in zip(*results):
         _close(a, b, dtype)
+    with torch.no_grad():  # against the body written out per (token, expert), and the gathered decode path
+        ref = torch.zeros(20, 16)
+        for n in range(20):
+            for k in range(3):
+                e = idx[n, k]
+                h = grouped.in_proj[e] @ x[n]
+                a = F.gelu(h) if act == "gelu" else F.silu(h[:8]) * h[8:]
+                ref[n] += w[n, k] * (grouped.down_proj[e] @ a)
+        if dtype == torch.float32:
+            torch.testing.assert_close(results[0][0], ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(looped._gathered(x, idx, w), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cached", [False, True])

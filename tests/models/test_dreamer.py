@@ -394,7 +394,7 @@ GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_n
                     {"da_include_self": True, "da_parallel": True}, {"da_recompute": True, "sandwich_norm": True},
                     {"ea_aux_loss_coef": 0.1, "ea_entropy_coef": 0.01}, {"num_experts": 0, "sandwich_norm": True},
                     {"sa_step_encoding": True, "ea_z_loss_coef": 0.01},
-                    {"da_step_encoding": "learned", "da_include_self": True}]
+                    {"da_step_encoding": "learned", "da_include_self": True}, {"expert_act": "gelu"}]
 
 
 @pytest.mark.parametrize("options", [{"da_mode": m, "sandwich_norm": s} for m in DA_MODES for s in (False, True)]
@@ -477,11 +477,9 @@ def counted(model, ids, **kwargs):
 
 @pytest.mark.parametrize("da_mode", DA_MODES)
 @pytest.mark.parametrize("experts", [8, 0])
-@pytest.mark.parametrize("da_step_encoding", ["rope", "learned"])
-def test_ledger_executed_flops_equal_torchs_counter_and_ideal_equals_the_analytic_count(da_mode, experts,
-                                                                                      da_step_encoding):
-    model = varied(tiny(da_mode=da_mode, num_experts=experts, da_include_self=da_mode == "separate",
-                        da_step_encoding=da_step_encoding))
+@pytest.mark.parametrize("options", [{}, {"da_step_encoding": "learned", "expert_act": "gelu"}])
+def test_ledger_executed_flops_equal_torchs_counter_and_ideal_equals_the_analytic_count(da_mode, experts, options):
+    model = varied(tiny(da_mode=da_mode, num_experts=experts, da_include_self=da_mode == "separate", **options))
     ids, mask = left_padded(B=3, T=14)
     out, torch_flops = counted(model, ids)
     assert float(out.stats["flops/executed"]) == torch_flops
@@ -655,7 +653,8 @@ def test_expert_statistics_equal_counts_over_the_recorded_selections():
 @pytest.mark.parametrize("options", [{"input_injection": True}, {"sandwich_norm": True}, {"da_parallel": True},
                                      {"ea_depth_encoding": "rope"}, {"ea_depth_encoding": "none"},
                                      {"norm_topk_prob": False}, {"da_head_dim": 8, "da_num_heads": 2},
-                                     {"sa_step_encoding": True}, {"da_step_encoding": "learned"}])
+                                     {"sa_step_encoding": True}, {"da_step_encoding": "learned"},
+                                     {"expert_act": "gelu"}])
 def test_every_option_decodes_exactly_and_changes_the_output(options):
     base = varied(tiny())
     model = varied(tiny(**options))
@@ -663,7 +662,7 @@ def test_every_option_decodes_exactly_and_changes_the_output(options):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cached = _prefill_then_decode(model, ids, mask, 7)
-        if "da_head_dim" not in options:  # same parameter shapes: the option itself changes the function
+        if "da_head_dim" not in options and "expert_act" not in options:  # same shapes: the option changes it
             model.load_state_dict(base.state_dict(), strict=False)
             assert (model(ids).logits - base(ids).logits).abs().max() > 1e-4
     torch.testing.assert_close(cached[mask.bool()], full[mask.bool()], rtol=1e-4, atol=1e-4)

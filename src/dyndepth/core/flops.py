@@ -189,7 +189,8 @@ def expert_attn_flops(config) -> int:
     D = config.hidden_size
     if not config.num_experts:
         return 3 * 2 * D * config.intermediate_size
-    return 2 * D * config.num_experts + config.num_experts_per_tok * 3 * 2 * D * config.moe_intermediate_size
+    mats = 3 if getattr(config, "expert_act", "swiglu") == "swiglu" else 2  # gate, up, down or up, down
+    return 2 * D * config.num_experts + config.num_experts_per_tok * mats * 2 * D * config.moe_intermediate_size
 
 
 def recurrent_step_flops(config, step: int, T: Count, context: Count = 0) -> Count:

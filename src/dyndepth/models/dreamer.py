@@ -30,7 +30,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
-from dyndepth.models.moe import load_balancing_loss
+from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
 
@@ -65,6 +65,7 @@ class DreamerConfig:
     num_experts: int = 64  # E (parameters, free in FLOPs)
     num_experts_per_tok: int = 4  # k (FLOPs)
     moe_intermediate_size: int = 128  # expert width F
+    expert_act: str = "swiglu"  # expert body: swiglu, down(silu(gate x) * up x) | gelu, down(gelu(up x))
     intermediate_size: int | None = None  # dense FFN width (num_experts = 0); None -> 3 * hidden_size
     norm_topk_prob: bool = True  # renormalize the k gates to sum to 1 (False: MoEUT's sigma-MoE)
     ea_depth_encoding: str = "learned"  # step signal in the router query: learned | rope | none
@@ -107,7 +108,7 @@ class DreamerConfig:
         self.da_head_dim = self.da_head_dim or self.head_dim
         self.intermediate_size = self.intermediate_size or 3 * self.hidden_size
         for name, allowed in (("da_mode", DA_MODES), ("ea_depth_encoding", EA_ENCODINGS),
-                              ("da_step_encoding", DA_ENCODINGS)):
+                              ("da_step_encoding", DA_ENCODINGS), ("expert_act", EXPERT_ACTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"DreamerConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
         for name in ("num_recurrences", "layers_per_group", "hidden_size", "num_attention_heads"):
@@ -149,7 +150,7 @@ class DreamerConfig:
             layer += self.num_recurrences * D if self.da_step_encoding == "learned" else 0
         if self.num_experts:
             E = self.num_experts
-            layer += E * D + 3 * E * D * self.moe_intermediate_size
+            layer += E * D + (3 if self.expert_act == "swiglu" else 2) * E * D * self.moe_intermediate_size
             layer += self.num_recurrences * D if self.ea_depth_encoding == "learned" else 0
         else:
             layer += 3 * D * self.intermediate_size

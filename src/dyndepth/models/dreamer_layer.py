@@ -149,7 +149,7 @@ class ExpertAttention(nn.Module):
         # Balancing bias: selection only, no gradient; the trainer hook moves it toward uniform load in small
         # steps (gamma 1e-3: below a bfloat16 ulp at 1), so it stays float32 in any model dtype, on disk too.
         self.register_buffer("expert_bias", torch.zeros(E))  # (E,) float32, saved with the weights
-        self.experts = Experts(E, D, config.moe_intermediate_size, grouped=True)
+        self.experts = Experts(E, D, config.moe_intermediate_size, grouped=True, act=config.expert_act)
 
     float32_buffers = ("expert_bias",)
     _apply = apply_keeping_float32

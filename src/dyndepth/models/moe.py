@@ -18,23 +18,44 @@ from torch import nn
 from dyndepth.config import ModelConfig
 from dyndepth.core.layers import matmul_dtype, needs_grad, swiglu
 
+EXPERT_ACTS = ("swiglu", "gelu")
+
 
 class Experts(nn.Module):
-    """Stacked SwiGLU experts. (token, expert) pairs are sorted by expert and each expert runs one matmul on
-    its group: with `grouped=True`, all groups in one `F.grouped_mm` call (no host sync; CPU, or CUDA in
+    """Stacked SwiGLU (or GELU: `act`) experts. (token, expert) pairs are sorted by expert and each expert runs one
+    matmul on its group: with `grouped=True`, all groups in one `F.grouped_mm` call (no host sync; CPU, or CUDA in
     bf16), else one `F.linear` per expert (one host sync for the group sizes)."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, grouped: bool = False) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden: int, grouped: bool = False, act: str = "swiglu") -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)
+        if act not in EXPERT_ACTS:
+            raise ValueError(f"expert activation {act!r} is not one of {EXPERT_ACTS}.")
+        self.act = act
+        if act == "swiglu":
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)
+        else:  # gelu: down(gelu(up x)), no gate
+            self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))  # (E, F, D)
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, F)
         self.grouped = grouped
-        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.in_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
+
+    @property
+    def in_proj(self) -> torch.Tensor:
+        """The input projection: gate and up stacked (E, 2F, D) for SwiGLU, up (E, F, D) for GELU."""
+        return self.gate_up_proj if self.act == "swiglu" else self.up_proj
+
+    def _activate(self, h: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The input projection's output (..., 2F or F) -> the (..., F) activation, times the gates `scale`."""
+        if self.act == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return swiglu(gate, up, scale)
+        y = F.gelu(h)
+        return y if scale is None else y * scale
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
-        E = self.gate_up_proj.shape[0]
+        E = self.down_proj.shape[0]
         grouped = self.grouped and _grouped_mm_supported(x_ND)  # also faster than gathering when decoding (CPU)
         if N * K < E and not grouped:  # few tokens (decoding): gather the K experts' weights, no host sync
             return self._gathered(x_ND, idx_NK, w_NK)
@@ -61,21 +82,19 @@ class Experts(nn.Module):
         """Rows x[rows] (M, D), sorted by expert, expert e owning rows offsets[e-1]:offsets[e], each scaled by its
         gate (M, 1) -> (M, D). The gate scales the F-wide activation before the (linear) down projection."""
         dtype = matmul_dtype(x_ND)
-        h = gather_grouped_mm(x_ND.to(dtype), rows_M, self.gate_up_proj.to(dtype), offsets_E)  # (M, 2F)
-        gate, up = h.chunk(2, dim=-1)
-        act = swiglu(gate, up, w_M1.to(dtype))  # (M, F)
+        h = gather_grouped_mm(x_ND.to(dtype), rows_M, self.in_proj.to(dtype), offsets_E)  # (M, 2F or F)
+        act = self._activate(h, w_M1.to(dtype))  # (M, F)
         return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
 
     def _expert(self, x: torch.Tensor, e: int, w_c1: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, F) each
-        return F.linear(swiglu(gate, up, w_c1.to(gate.dtype)), self.down_proj[e])
+        h = F.linear(x, self.in_proj[e])  # (c, 2F or F)
+        return F.linear(self._activate(h, w_c1.to(h.dtype)), self.down_proj[e])
 
     def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj[idx_NK]  # (N, K, 2F, D)
+        w_in = self.in_proj[idx_NK]  # (N, K, 2F or F, D)
         down = self.down_proj[idx_NK]  # (N, K, D, F)
-        h = torch.einsum("nd,nkfd->nkf", x_ND, gate_up)  # (N, K, 2F)
-        gate, up = h.chunk(2, dim=-1)
-        y = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, down)  # (N, K, D)
+        h = torch.einsum("nd,nkfd->nkf", x_ND, w_in)  # (N, K, 2F or F)
+        y = torch.einsum("nkf,nkdf->nkd", self._activate(h, None), down)  # (N, K, D)
         return (y * w_NK[..., None]).sum(1)  # (N, D)
 
 
