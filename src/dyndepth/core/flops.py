@@ -183,13 +183,16 @@ def depth_attn_flops(config, step: int) -> int:
     return projections + (step + 1 + own) * 4 * width
 
 
+EXPERT_MATRICES = {"swiglu": 3, "gelu": 2}  # D x F matrices per expert, by body: gate, up, down / up, down
+
+
 def expert_attn_flops(config) -> int:
     """Per token through the FFN slot: sparse expert attention (scores against the E expert keys, then K
     SwiGLU experts of width F), or the dense SwiGLU FFN when `num_experts` is 0."""
     D = config.hidden_size
     if not config.num_experts:
         return 3 * 2 * D * config.intermediate_size
-    mats = 3 if getattr(config, "expert_act", "swiglu") == "swiglu" else 2  # gate, up, down or up, down
+    mats = EXPERT_MATRICES[getattr(config, "expert_act", "swiglu")]
     return 2 * D * config.num_experts + config.num_experts_per_tok * mats * 2 * D * config.moe_intermediate_size
 
 

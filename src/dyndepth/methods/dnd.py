@@ -402,12 +402,16 @@ def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = N
     k = keep_BT.long()
     before_BT = k.cumsum(1) - k
     if doc_ids_BT is not None:
-        T = keep_BT.shape[1]
-        start_BT = torch.ones_like(keep_BT)
-        start_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
-        first_BT = (torch.arange(T, device=keep_BT.device) * start_BT).cummax(1).values  # the document's first
-        before_BT = before_BT - before_BT.gather(1, first_BT)
+        before_BT = before_BT - before_BT.gather(1, document_first(doc_ids_BT))
     return before_BT
+
+
+def document_first(doc_ids_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) the column where each token's document starts in its row (a row starts a document)."""
+    B, T = doc_ids_BT.shape
+    start_BT = torch.ones(B, T, dtype=torch.long, device=doc_ids_BT.device)
+    start_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
+    return (torch.arange(T, device=doc_ids_BT.device) * start_BT).cummax(1).values
 
 
 def topk_per_document(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: torch.Tensor,
@@ -417,10 +421,9 @@ def topk_per_document(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: to
     bool, no host sync. Flat over B*T: one stable sort by score, one by document (whose flat ranges ascend)."""
     B, T = p_BT.shape
     N = B * T
-    start_BT = torch.ones_like(valid_BT, dtype=torch.bool)
-    start_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
     arange_N = torch.arange(N, device=p_BT.device)
-    first_N = (arange_N * start_BT.reshape(N)).cummax(0).values  # flat index of each token's document start
+    rows_B1 = torch.arange(B, device=p_BT.device)[:, None] * T
+    first_N = (rows_B1 + document_first(doc_ids_BT)).reshape(N)  # flat index of each token's document start
     valid_N = valid_BT.reshape(N)
     by_score_N = torch.argsort(p_BT.reshape(N).masked_fill(~valid_N, float("-inf")), descending=True, stable=True)
     order_N = by_score_N[torch.argsort(first_N[by_score_N], stable=True)]  # by document, then score (ties: earlier)

@@ -150,7 +150,7 @@ class DreamerConfig:
             layer += self.num_recurrences * D if self.da_step_encoding == "learned" else 0
         if self.num_experts:
             E = self.num_experts
-            layer += E * D + (3 if self.expert_act == "swiglu" else 2) * E * D * self.moe_intermediate_size
+            layer += E * D + flops.EXPERT_MATRICES[self.expert_act] * E * D * self.moe_intermediate_size
             layer += self.num_recurrences * D if self.ea_depth_encoding == "learned" else 0
         else:
             layer += 3 * D * self.intermediate_size

@@ -61,6 +61,12 @@ class DepthState:
     steps: int = 0  # recurrence steps this forward runs
 
 
+def step_row(table_RD: torch.Tensor, step: int) -> torch.Tensor:
+    """Row `step` of a learned per-step table (R, D); steps past training (an inference `steps` override) reuse
+    the last trained step's row."""
+    return table_RD[min(step, table_RD.shape[0] - 1)]
+
+
 class DepthAttention(nn.Module):
     """Attention of each token over its own states at earlier steps: multi-head, q/k norm, and the step encoded by
     RoPE over the step index (default) or by a learned per-step embedding (`da_step_encoding`)."""
@@ -83,17 +89,17 @@ class DepthAttention(nn.Module):
             self.step_embed = nn.Parameter(torch.zeros(config.num_recurrences, D))
 
     def step_encoding(self, step: int, dtype: torch.dtype, device):
-        """What step `step` is encoded with: RoPE's cos, sin (1, 1, H), or the row of the learned embedding (steps
-        past training reuse the last)."""
+        """What step `step` is encoded with: RoPE's cos, sin (1, 1, H), or the step itself, whose learned row the
+        projections add (not the row: a view of a parameter made under no_grad trips module hooks as an input)."""
         if self.encoding == "rope":
             return self.rotary_emb(torch.full((1, 1), step, device=device), dtype)
-        return min(step, self.step_embed.shape[0] - 1)
+        return step
 
     def _project(self, x_BTD: torch.Tensor, norm: RMSNorm | None, enc, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
         """linear(norm(x)) for each projection; with learned encodings linear(norm(x) + e_step), as W e_step added."""
         ys = normed_linear(x_BTD, norm, *linears)
         if self.encoding == "learned":  # one matrix-vector product per step, not per token (as the router's encoding)
-            e = self.step_embed[enc].to(ys[0].dtype)  # (D,)
+            e = step_row(self.step_embed, enc).to(ys[0].dtype)  # (D,)
             ys = tuple(y + linear.weight.to(e.dtype) @ e for y, linear in zip(ys, linears))
         return ys
 
@@ -159,7 +165,7 @@ class ExpertAttention(nn.Module):
         q, keys, bias = h_ND, self.expert_keys.to(h_ND.dtype), None
         if self.encoding == "learned":  # steps past training reuse the last step's encoding
             # (h + e) @ keys^T as h @ keys^T + keys @ e: the matmul keeps h (the experts keep it too), not h + e
-            bias = keys @ self.step_embed[min(step, self.step_embed.shape[0] - 1)].to(q.dtype)  # (E,)
+            bias = keys @ step_row(self.step_embed, step).to(q.dtype)  # (E,)
         elif self.encoding == "rope":
             cos, sin = self.rotary_emb(torch.full((1,), step, device=q.device), q.dtype)  # (1, D)
             q = apply_rope(q[:, None], cos, sin)[:, 0]
@@ -217,8 +223,8 @@ class DreamerLayer(nn.Module):
             k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, enc), x_BTD)
             _remember(st, self.index, step, k, v)  # (B, T, N_da, H_da) each
         h = self.input_layernorm(x_BTD)
-        if self.config.sa_step_encoding:  # steps past training reuse the last step's encoding
-            h = h + self.sa_step_embed[min(step, self.sa_step_embed.shape[0] - 1)].to(h.dtype)
+        if self.config.sa_step_encoding:
+            h = h + step_row(self.sa_step_embed, step).to(h.dtype)
         if ctx.training and self.config.attn_num_experts and self.config.attn_entropy_coef:
             # the regularizer's scores, recomputed from the same input (the routers' matmuls once more, in training)
             attn = self.self_attn

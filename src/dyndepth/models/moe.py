@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
+from dyndepth.core.flops import EXPERT_MATRICES
 from dyndepth.core.layers import matmul_dtype, needs_grad, swiglu
 
-EXPERT_ACTS = ("swiglu", "gelu")
+EXPERT_ACTS = tuple(EXPERT_MATRICES)  # swiglu, gelu
 
 
 class Experts(nn.Module):
