@@ -479,6 +479,8 @@ def counted(model, ids, **kwargs):
 @pytest.mark.parametrize("experts", [8, 0])
 @pytest.mark.parametrize("options", [{}, {"da_step_encoding": "learned", "expert_act": "gelu"}])
 def test_ledger_executed_flops_equal_torchs_counter_and_ideal_equals_the_analytic_count(da_mode, experts, options):
+    if da_mode != "separate":  # a learned step encoding is separate depth attention's
+        options = {k: v for k, v in options.items() if k != "da_step_encoding"}
     model = varied(tiny(da_mode=da_mode, num_experts=experts, da_include_self=da_mode == "separate", **options))
     ids, mask = left_padded(B=3, T=14)
     out, torch_flops = counted(model, ids)
@@ -713,3 +715,11 @@ def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
     bias = a.model.layers[0].mlp.expert_bias
     torch.testing.assert_close(bias, b.model.layers[0].mlp.expert_bias)
     torch.testing.assert_close(bias, torch.tensor([-1e-3, 1e-3, 1e-3, -1e-3]))  # mean load 5: 0 and 3 above
+
+
+@pytest.mark.parametrize("fields, message", [({"da_step_encoding": "learned", "da_mode": "none"}, "da_mode='separate'"),
+                                             ({"expert_act": "relu"}, "expert_act"),
+                                             ({"da_step_encoding": "sinusoid"}, "da_step_encoding")])
+def test_option_errors_name_the_field_and_the_fix(fields, message):
+    with pytest.raises(dyndepth.ConfigError, match=message):
+        tiny(**fields)

@@ -188,7 +188,9 @@ EXPERT_MATRICES = {"swiglu": 3, "gelu": 2}  # D x F matrices per expert, by body
 
 def expert_attn_flops(config) -> int:
     """Per token through the FFN slot: sparse expert attention (scores against the E expert keys, then K
-    SwiGLU experts of width F), or the dense SwiGLU FFN when `num_experts` is 0."""
+    SwiGLU or GELU experts of width F), or the dense SwiGLU FFN when `num_experts` is 0. Learned step encodings
+    (the router's, and depth attention's with `da_step_encoding="learned"`) add one matrix-vector product per
+    step, not per token: left out here, as torch's FLOP counter leaves out `mv`."""
     D = config.hidden_size
     if not config.num_experts:
         return 3 * 2 * D * config.intermediate_size

@@ -124,6 +124,9 @@ class DreamerConfig:
                               f"({self.attn_num_experts}).")
         if self.attn_num_experts and self.attention_bias:
             raise ConfigError("SwitchHead attention (attn_num_experts > 0) has no biases; set attention_bias = false.")
+        if self.da_step_encoding != "rope" and self.da_mode != "separate":
+            raise ConfigError(f"da_step_encoding={self.da_step_encoding!r} encodes separate depth attention's steps; "
+                              f"da_mode={self.da_mode!r} has none: set da_mode='separate' or keep 'rope'.")
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
                               f"({self.num_experts}).")

@@ -138,7 +138,8 @@ class DepthAttention(nn.Module):
 class ExpertAttention(nn.Module):
     """Sparse expert attention: a query from the normed state plus a depth-step encoding scores E learned expert
     keys; the top-k experts are chosen on logits + balancing bias, gated by their sigmoid scores (renormalized
-    to sum to 1 with `norm_topk_prob`) and run as fine-grained SwiGLU experts, grouped by expert."""
+    to sum to 1 with `norm_topk_prob`) and run as fine-grained SwiGLU (or GELU: `expert_act`) experts, grouped by
+    expert."""
 
     def __init__(self, config) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Qwen3-MoE sparse MLP: softmax top-k router and stacked SwiGLU experts.
+"""Qwen3-MoE sparse MLP: softmax top-k router and stacked SwiGLU experts (GELU experts for Dreamer's `expert_act`).
 
 Shape legend: N tokens, D hidden_size, E experts, K experts per token, F moe_intermediate_size.
 
