@@ -1,5 +1,5 @@
-"""Trains the tiny model with an adaptive-depth method, or a tiny depth-recurrent baseline (`"model"` in the JSON),
-under DDP or FSDP2 (2 gloo ranks; see test_dispatch.py).
+"""Trains the tiny model with an adaptive-depth method, or a tiny depth-recurrent baseline (`"model"` in the JSON,
+a preset, with `"model_fields"` over it), under DDP or FSDP2 (2 gloo ranks; see test_dispatch.py).
 
 python dispatch_script.py OUT_DIR METHOD_JSON MODE[,MODE...]
 Each mode trains in OUT_DIR/<mode> inside one process group and logs metrics.jsonl (rank 0).
@@ -32,7 +32,7 @@ def run(out_dir: str, method: dict, mode: str, rank: int = 0, world: int = 1, **
                             clip=0.0, **train_kw)
     method = dict(method)
     torch.manual_seed(0)
-    model = build_model(preset(method.pop("model", "tiny-qwen3")))
+    model = build_model(preset(method.pop("model", "tiny-qwen3"), **method.pop("model_fields", {})))
     hooks = build_hooks(method, model, STEPS)
     loader = TinyLoader(cfg.batch_size, cfg.seq_len, rank=rank, world_size=world)
     result = train(model, loader, cfg, hooks=hooks)

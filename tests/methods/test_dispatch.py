@@ -25,10 +25,13 @@ METHODS = {
     "dnd": {"name": "dnd", "layers": [0, 1], "ratio": 0.3, "router_init_std": 0.3, "beta_init": 0.5},
 }
 CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
-# the depth-recurrent models train under torchrun like the decoder (Huginn's recurrence draws are the same on
-# every rank; MoR's routers choose within each row)
+# the depth-recurrent models train under torchrun like the decoder (Huginn's and a sampling Dreamer's recurrence
+# draws are the same on every rank; MoR's routers choose within each row)
 BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny"}, "mor": {"name": "none", "model": "mor-tiny"},
-             "dreamer": {"name": "none", "model": "dreamer-tiny"},  # MoEUT is a Dreamer configuration; with
+             "dreamer": {"name": "none", "model": "dreamer-tiny"},
+             "dreamer-sampled": {"name": "none", "model": "dreamer-tiny",  # randomised depth, truncated backprop
+                                 "model_fields": {"sample_recurrence": True, "backprop_depth": 2}},
+             # MoEUT is a Dreamer configuration; with
              "moeut-switchhead": {"name": "none", "model": "moeut-switchhead-tiny"}}  # attention experts
 
 

@@ -351,17 +351,26 @@ RECIPE = ('[model]\ntype = "dreamer"\nvocab_size = 256\nhidden_size = 32\nnum_at
           'progress = false\nplot = false\ndevice = "cpu"\n[eval]\nenabled = false\n')
 
 
-def test_training_lowers_the_loss_and_resuming_continues_the_same_run(tmp_path):
-    (tmp_path / "r.toml").write_text(RECIPE)
+@pytest.mark.parametrize("sampled", [False, True])
+def test_training_lowers_the_loss_and_resuming_continues_the_same_run(tmp_path, sampled):
+    """sampled: randomised recurrence with truncated backprop over two micro-batches a step (each draws its own
+    depth; the resumed run continues the draws from the checkpoint's counter)."""
+    extra = 'sample_recurrence = true\nbackprop_depth = 1\n' if sampled else ''
+    (tmp_path / "r.toml").write_text(RECIPE.replace("[train]\n", extra + "[train]\n"))
     out = tmp_path / "run"
 
     def run(resume):
         return run_training(tmp_path / "r.toml", [f"train.out_dir={out}", "train.steps=20", "train.save_every=10",
-                                                  f"train.resume={resume}"], loader=CountingLoader(4, 16))
+                                                  f"train.resume={resume}", f"train.grad_accum={2 if sampled else 1}"],
+                            loader=CountingLoader(4, 16))
 
     whole = run("false")
     first = sum(loss for _, loss in whole.losses[:3]) / 3
     assert sum(loss for _, loss in whole.losses[-3:]) / 3 < first - 0.3
+    if sampled:  # the logged depth is the mean of the step's two draws
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        depths = [r["dreamer/avg_depth"] for r in records if "dreamer/avg_depth" in r]
+        assert len(depths) == 20 and len(set(depths)) > 3 and all(d * 2 == int(d * 2) for d in depths), depths
     trained = dyndepth.from_pretrained(out / "model")
     bias = trained.model.layers[0].mlp.expert_bias
     assert bias.abs().sum() > 0  # the balancing hook ran
@@ -387,6 +396,69 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_randomised_recurrence_draws_each_training_forward_and_evaluation_runs_num_recurrences(tmp_path):
+    cfg = tiny(num_recurrences=3, sample_recurrence=True)
+    a, b = varied(cfg).train(), varied(cfg).train()
+    ids = torch.randint(0, 256, (2, 8))
+    torch.manual_seed(1)
+    depths = [int(a(ids).stats["dreamer/avg_depth"]) for _ in range(12)]
+    torch.manual_seed(2)  # another rank's global RNG: the draws do not read it
+    assert [int(b(ids).stats["dreamer/avg_depth"]) for _ in range(12)] == depths
+    assert len(set(depths)) > 2 and min(depths) >= 1, depths
+    out = a(ids)  # a training forward is the model at its drawn depth
+    drawn = int(out.stats["dreamer/avg_depth"])
+    assert "dreamer/expert_usage" not in out.stats and out.stats["dreamer/expert_load"].shape == (1, 8)
+    assert float(out.stats["dreamer/expert_load"].sum()) == 2 * 8 * 2 * drawn  # k selections per token and step
+    a.eval()
+    with torch.no_grad(), a.override(steps=drawn):
+        torch.testing.assert_close(out.logits.detach(), a(ids).logits, rtol=1e-5, atol=1e-5)
+    evaluated = a(ids).stats
+    assert int(evaluated["dreamer/avg_depth"]) == 3 and evaluated["dreamer/expert_usage"].shape == (3, 8)
+    a.save_pretrained(tmp_path / "m")  # the draw counter travels with the weights: a resumed run continues
+    loaded = dyndepth.from_pretrained(tmp_path / "m").train()
+    assert int(loaded.recurrence_draws) == 13
+    assert int(loaded(ids).stats["dreamer/avg_depth"]) == int(a.train()(ids).stats["dreamer/avg_depth"])
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_truncated_backprop_computes_the_same_function_and_trains_only_the_last_steps(sample):
+    """backprop_depth = 2: the learned per-step rows of the no-grad steps get exactly no gradient, the rest do;
+    with backprop through every step all rows do. The forward is the evaluation forward at the same depth."""
+    fields = {"num_recurrences": 4, "sa_step_encoding": True, "da_step_encoding": "learned",
+              "sample_recurrence": sample}
+    ids = torch.randint(0, 256, (2, 8))
+    rows = {}
+    for depth in (2, 0):
+        model = varied(tiny(**fields, backprop_depth=depth)).train()
+        if sample:  # a drawn count past num_recurrences: 5 steps, the first 3 without gradients (huginn's sampler)
+            model.training_steps = lambda: (3, 2) if depth else (0, 5)
+        out = model(ids)
+        assert int(out.stats["dreamer/avg_depth"]) == (5 if sample else 4)
+        F.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        layer = model.model.layers[0]
+        rows[depth] = [t.grad.abs().sum(-1) for t in (layer.sa_step_embed, layer.depth_attn.step_embed)]
+        assert layer.mlp.expert_keys.grad.abs().sum() > 0 and model.lm_head.weight.grad.abs().sum() > 0
+        model.eval()
+        with torch.no_grad(), model.override(steps=5 if sample else 4):
+            torch.testing.assert_close(out.logits.detach(), model(ids).logits, rtol=1e-5, atol=1e-5)
+    no_grad = 3 if sample else 2  # steps past the table's last row reuse it: step 4 trains row 3
+    for table in rows[2]:
+        assert (table[:no_grad] == 0).all() and (table[no_grad:] > 0).all(), table
+    for table in rows[0]:
+        assert (table > 0).all(), table
+
+
+def test_training_flops_count_the_backward_of_the_steps_that_take_gradients_only():
+    from dyndepth.core import flops
+    full, truncated = DreamerLM(tiny(num_recurrences=4)), DreamerLM(tiny(num_recurrences=4, backprop_depth=1))
+    step = [flops.recurrent_step_flops(full.config, r, 16, 0) for r in range(4)]
+    saved = 2 * sum(step[:3]) / 16  # the backward of steps 0..2
+    assert full.train_flops_per_token(16) - truncated.train_flops_per_token(16) == pytest.approx(saved, rel=1e-9)
+    sampled = DreamerLM(tiny(num_recurrences=4, sample_recurrence=True))
+    assert sampled.train_flops_per_token(16) == pytest.approx(
+        3 * flops.recurrent_forward_flops(sampled.config, 16, steps=5) / 16, rel=1e-9)  # at the mean, R + 1
 
 
 GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_num_experts": 4},
@@ -645,6 +717,8 @@ def test_expert_statistics_equal_counts_over_the_recorded_selections():
     rows = [[row for row, v in zip(idx.tolist(), valid) if v] for idx in chosen]  # [application] valid tokens' sets
     usage = torch.stack([torch.bincount(torch.tensor(r).reshape(-1), minlength=8).float() for r in rows])
     torch.testing.assert_close(stats["dreamer/expert_usage"], usage, rtol=0, atol=0)
+    load = torch.stack([usage[g::2].sum(0) for g in range(2)])  # each layer's load over its own applications
+    torch.testing.assert_close(stats["dreamer/expert_load"], load, rtol=0, atol=0)
     distinct = [len(set().union(*(rows[a][n] for a in range(g, 6, 2)))) for g in range(2) for n in range(len(rows[0]))]
     assert float(stats["dreamer/expert_diversity"]) == pytest.approx(sum(distinct) / len(distinct) / 6, rel=1e-6)
     entropy = sum(_set_entropy(map(tuple, r)) for r in rows) / 6
@@ -708,10 +782,10 @@ class TwoRanks:
 
 def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
     a, b = varied(tiny(num_recurrences=2, num_experts=4)), varied(tiny(num_recurrences=2, num_experts=4))
-    load_a = torch.tensor([[8.0, 0, 0, 0], [8, 0, 0, 0]])  # rank a: expert 0 overloaded
-    load_b = torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 24]])  # rank b: expert 3 overloaded
-    ExpertBiasHook().after_step(a, 1, {"dreamer/expert_usage": load_a}, TwoRanks(load_b))
-    ExpertBiasHook().after_step(b, 1, {"dreamer/expert_usage": load_b}, TwoRanks(load_a))
+    load_a = torch.tensor([[16.0, 0, 0, 0]])  # (G, E) over both steps; rank a: expert 0 overloaded
+    load_b = torch.tensor([[0.0, 0, 0, 24]])  # rank b: expert 3 overloaded
+    ExpertBiasHook().after_step(a, 1, {"dreamer/expert_load": load_a}, TwoRanks(load_b))
+    ExpertBiasHook().after_step(b, 1, {"dreamer/expert_load": load_b}, TwoRanks(load_a))
     bias = a.model.layers[0].mlp.expert_bias
     torch.testing.assert_close(bias, b.model.layers[0].mlp.expert_bias)
     torch.testing.assert_close(bias, torch.tensor([-1e-3, 1e-3, 1e-3, -1e-3]))  # mean load 5: 0 and 3 above
@@ -719,7 +793,8 @@ def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
 
 @pytest.mark.parametrize("fields, message", [({"da_step_encoding": "learned", "da_mode": "none"}, "da_mode='separate'"),
                                              ({"expert_act": "relu"}, "expert_act"),
-                                             ({"da_step_encoding": "sinusoid"}, "da_step_encoding")])
+                                             ({"da_step_encoding": "sinusoid"}, "da_step_encoding"),
+                                             ({"backprop_depth": -1}, "backprop_depth must be >= 0")])
 def test_option_errors_name_the_field_and_the_fix(fields, message):
     with pytest.raises(dyndepth.ConfigError, match=message):
         tiny(**fields)

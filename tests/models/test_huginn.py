@@ -94,6 +94,24 @@ def test_the_sampler_draws_around_the_mean_and_backprops_through_the_last_steps_
     full = varied(cfg).eval()
     with torch.no_grad(), full.override(steps=3):
         torch.testing.assert_close(out.logits, full(ids).logits, rtol=1e-5, atol=1e-5)
+    # the gradient is that of the 3-step model whose state entering the last step is a constant
+    calls = []
+
+    def detach_last_step(module, args):
+        calls.append(1)
+        return (args[0].detach(), *args[1:]) if len(calls) == 3 else None
+
+    handle = full.model.layers[1].register_forward_pre_hook(detach_last_step)  # the block's first layer
+    try:
+        with full.override(steps=3):
+            reference = full(ids).logits
+    finally:
+        handle.remove()
+    loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())  # noqa: E731
+    loss(out.logits).backward()
+    loss(reference).backward()
+    for (name, p), q in zip(model.named_parameters(), full.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_training_draws_do_not_depend_on_the_global_rng_and_survive_a_checkpoint(tmp_path):

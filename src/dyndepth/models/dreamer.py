@@ -30,6 +30,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.huginn import nth_draw, sample_recurrence
 from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
@@ -84,6 +85,13 @@ class DreamerConfig:
     attn_entropy_coef: float = 0.001  # the entropy regularizer on both routers (MoEUT's attention coefficient)
     # Optional extras the spec names (off by default).
     sandwich_norm: bool = False  # RMSNorm on each sub-block's output
+    # Randomised recurrence in training (the spec's optional Huginn-style sampler; off: every training forward runs
+    # num_recurrences steps): each training forward draws p ~ Poisson(LogNormal(log R - sigma^2 / 2, sigma)) + 1
+    # steps (E[p] = R + 1, models/huginn.sample_recurrence); evaluation and generation run num_recurrences.
+    sample_recurrence: bool = False
+    # Truncated backprop through depth (Huginn's mean_backprop_depth): only the last k steps of a training forward
+    # take gradients, the earlier ones run under no_grad (their depth-memory entries too). 0: every step.
+    backprop_depth: int = 0
     input_injection: bool = False  # re-add the embedding at every step after the first
     # The decoder's fields (names as HF Qwen3).
     max_position_embeddings: int = 4096
@@ -114,6 +122,9 @@ class DreamerConfig:
         for name in ("num_recurrences", "layers_per_group", "hidden_size", "num_attention_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DreamerConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.backprop_depth < 0:
+            raise ConfigError(f"DreamerConfig.backprop_depth must be >= 0 (0: backprop through every step), got "
+                              f"{self.backprop_depth}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads}).")
@@ -193,17 +204,24 @@ class DreamerLM(nn.Module):
         self.method = None  # the shared forward's method slot: Dreamer runs without one
         self.steps: int | None = None  # recurrence steps at inference (None: num_recurrences)
         self.exit_kl: float | None = None  # per-token exit threshold in nats (None: off)
+        if config.sample_recurrence:  # training draws so far (huginn.nth_draw), saved with the weights
+            self.register_buffer("recurrence_draws", torch.zeros((), dtype=torch.long))
+        self._train_steps: tuple[int, int] | None = None  # (no-grad, grad) steps of the training forward running
 
     # ------------------------------------------------------------------------------ the schedule
     @property
     def num_steps(self) -> int:
+        if self._train_steps is not None:
+            return sum(self._train_steps)
         return self.config.num_recurrences if self.steps is None else self.steps
 
     @property
     def schedule(self) -> list[Application]:
-        """Layer g at step r, cache slot r * G + g: the shared group applied num_steps times."""
+        """Layer g at step r, cache slot r * G + g: the shared group applied num_steps times (in a training forward
+        with truncated backprop, the first steps without gradients)."""
         G = self.config.layers_per_group
-        return [Application(g, r * G + g, r) for r in range(self.num_steps) for g in range(G)]
+        no_grad = 0 if self._train_steps is None else self._train_steps[0]
+        return [Application(g, r * G + g, r, grad=r >= no_grad) for r in range(self.num_steps) for g in range(G)]
 
     def num_slots(self) -> int:
         return len(self.schedule)
@@ -238,7 +256,23 @@ class DreamerLM(nn.Module):
         trace); the loop is `models.forward.run_schedule`."""
         if self.exit_kl is not None and self.training:
             raise ValueError("per-token exit (exit_kl) is an inference knob; call model.eval() first.")
-        return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
+        if self.training and cache is None:
+            self._train_steps = self.training_steps()
+        try:
+            return run_schedule(self, input_ids, attention_mask, positions, cache, num_logits, doc_ids, trace)
+        finally:
+            self._train_steps = None
+
+    def training_steps(self) -> tuple[int, int] | None:
+        """(steps without grad, steps with grad) of a training forward: a draw of the sampler (sample_recurrence,
+        draw number `recurrence_draws`, then incremented), or num_recurrences (the `steps` knob when set) split
+        by backprop_depth; None when every step takes gradients at the usual count."""
+        cfg = self.config
+        if cfg.sample_recurrence:
+            return sample_recurrence(cfg.num_recurrences, cfg.backprop_depth, nth_draw(self.recurrence_draws))
+        if cfg.backprop_depth and cfg.backprop_depth < self.num_steps:
+            return self.num_steps - cfg.backprop_depth, cfg.backprop_depth
+        return None
 
     def init_state(self, ctx: ForwardContext) -> DepthState:
         """The per-forward depth memory (dropped with the context: a decode step starts it afresh)."""
@@ -276,7 +310,7 @@ class DreamerLM(nn.Module):
             stats["dreamer/attn_entropy_reg"] = reg.detach()
         slots = [a.slot for a in self.schedule]
         if cfg.num_experts:
-            stats.update(expert_stats(st, slots, valid, cfg, self.num_steps))
+            stats.update(expert_stats(st, slots, valid, cfg, self.num_steps, ctx.training))
         if st.change:  # eval forwards
             stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)
         depth = valid.float() * self.num_steps if st.depth is None else st.depth * valid
@@ -293,20 +327,26 @@ class DreamerLM(nn.Module):
         return flops.recurrent_forward_flops(self.config, T, B, context, lm_head, self.num_steps)
 
     def train_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token for MFU: 3 x the forward (backward = 2 x forward), causal attention, plus
-        SwitchHead's router recomputation for its regularizer (forward and backward)."""
+        """Training FLOPs per token for MFU: the forward plus a backward of 2 x the forward of the steps that take
+        gradients (backprop_depth), causal attention, plus SwitchHead's router recomputation for its regularizer.
+        With sample_recurrence, at the sampler's mean step count R + 1."""
         cfg = self.config
+        steps = cfg.num_recurrences + (1 if cfg.sample_recurrence else 0)
+        no_grad = max(steps - cfg.backprop_depth, 0) if cfg.backprop_depth else 0
+        fwd = flops.recurrent_forward_flops(cfg, seq_len, steps=steps)
+        early = flops.recurrent_forward_flops(cfg, seq_len, lm_head=False, steps=no_grad)  # steps 0..no_grad-1
         extra = 0
         if cfg.attn_num_experts and cfg.attn_entropy_coef:
-            extra = 3 * cfg.num_hidden_layers * flops.switchhead_router_flops(cfg)
-        return 3 * self.forward_flops(seq_len) / seq_len + extra
+            extra = 3 * cfg.layers_per_group * steps * flops.switchhead_router_flops(cfg)
+        return (3 * fwd - 2 * early) / seq_len + extra
 
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""
         return [ExpertBiasHook()] if self.config.num_experts and self.config.ea_bias_update_rate else []
 
 
-def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: DreamerConfig, steps: int) -> dict:
+def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: DreamerConfig, steps: int,
+                 training: bool = False) -> dict:
     """Expert-selection statistics of one forward, over valid tokens.
 
     dreamer/expert_diversity (definition a): distinct experts a token selected over all steps, divided by the
@@ -314,14 +354,21 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
     dreamer/expert_set_entropy (definition b, evaluation forwards of more than one token per row, so not decode
       steps): per step, the entropy (nats) of the distribution of selected top-k sets over the batch's tokens;
       mean over steps. exp() of it is the effective number of distinct sets.
-    dreamer/expert_usage (R * G, E): selections per expert at each application (the balancing hook's load).
+    dreamer/expert_usage (R * G, E): selections per expert at each application; left out of training forwards
+      with a drawn step count (its shape would change between micro-batches).
+    dreamer/expert_load (G, E): selections per expert of each layer of the group over its applications (the
+      balancing hook's load).
     """
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     n = valid.sum().clamp(min=1)
     valid_N = valid.reshape(-1)
     distinct = torch.stack([(seen.sum(-1) * valid_N).sum() for seen in st.visited.values()]).float()
+    usage = torch.stack([st.usage[s] for s in slots])  # (R * G, E)
+    G = cfg.layers_per_group
     out = {"dreamer/expert_diversity": distinct.mean() / n / min(k * steps, E),
-           "dreamer/expert_usage": torch.stack([st.usage[s] for s in slots])}  # (R * G, E)
+           "dreamer/expert_load": usage.reshape(-1, G, E).sum(0)}  # (G, E)
+    if not (cfg.sample_recurrence and training):
+        out["dreamer/expert_usage"] = usage
     if st.set_ids:  # one unique over (application, sorted set) rows of the valid tokens
         ids = torch.stack([st.set_ids[s] for s in slots])  # (A, N, K)
         A, N, _ = ids.shape
@@ -356,18 +403,17 @@ def per_head(logits_ABTNE: torch.Tensor, valid_BT: torch.Tensor) -> tuple[torch.
 
 class ExpertBiasHook:
     """After each optimizer step: b_e += gamma * sign(mean load - load_e) for every layer's experts, load counted
-    over every (token, step) selection of the step's micro-batches, averaged over ranks first so every rank
-    applies the same update (DeepSeek-V3's auxiliary-loss-free balancing). The biases are buffers, saved with
-    the weights, so the hook itself has no state."""
+    over every (token, step) selection of the step's micro-batches (`dreamer/expert_load`), averaged over ranks
+    first so every rank applies the same update (DeepSeek-V3's auxiliary-loss-free balancing). The biases are
+    buffers, saved with the weights, so the hook itself has no state."""
 
     name = "dreamer_balance"
 
     def after_step(self, model: nn.Module, step: int, stats: dict, dist) -> dict | None:
-        usage = stats.get("dreamer/expert_usage")
-        if usage is None:
+        load = stats.get("dreamer/expert_load")
+        if load is None:
             return None
-        usage = dist.all_reduce_mean(usage.detach().float().clone())  # (R * G, E)
-        return update_expert_bias(model, usage)
+        return update_expert_bias(model, dist.all_reduce_mean(load.detach().float().clone()))  # (G, E)
 
     def state_dict(self) -> dict:
         return {}
@@ -377,13 +423,12 @@ class ExpertBiasHook:
 
 
 @torch.no_grad()
-def update_expert_bias(model: DreamerLM, usage_AE: torch.Tensor) -> dict:
-    """One sign update of every layer's balancing bias from per-application loads (R * G, E); returns the
+def update_expert_bias(model: DreamerLM, load_GE: torch.Tensor) -> dict:
+    """One sign update of every layer's balancing bias from its load over its applications (G, E); returns the
     load imbalance (max / mean) before the update."""
-    G = model.config.layers_per_group
     worst = 0.0
     for g, layer in enumerate(model.model.layers):
-        load = usage_AE[g::G].sum(0).to(layer.mlp.expert_bias.device)  # (E,) over this layer's applications
+        load = load_GE[g].to(layer.mlp.expert_bias.device)  # (E,)
         layer.mlp.expert_bias += model.config.ea_bias_update_rate * torch.sign(load.mean() - load)
         worst = max(worst, float(load.max() / load.mean().clamp(min=1e-9)))
     return {"load_imbalance": worst}

@@ -30,11 +30,13 @@ class DecoderOutput:
 @dataclass(frozen=True)
 class Application:
     """One step of a model's schedule: apply `model.layers[layer]` with KV-cache slot `slot` at recurrence
-    step `step` (0 for a plain decoder; depth-recurrent models apply one layer at steps 0..R-1)."""
+    step `step` (0 for a plain decoder; depth-recurrent models apply one layer at steps 0..R-1). `grad=False`
+    runs it without gradients (truncated backprop through depth: the first steps of a training forward)."""
 
     layer: int
     slot: int
     step: int = 0
+    grad: bool = True
 
 
 @dataclass
@@ -98,7 +100,12 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if method is not None:
         ctx.state = method.begin(input_ids, ctx)
     for app in model.schedule:
-        x = model.model.layers[app.layer](x, ctx, app.slot)  # (B, T, D)
+        layer = model.model.layers[app.layer]
+        if app.grad:
+            x = layer(x, ctx, app.slot)  # (B, T, D)
+        else:  # truncated backprop: an early recurrence step of a training forward
+            with torch.no_grad():
+                x = layer(x, ctx, app.slot)
         if trace is not None and trace.keep_streams:
             trace.streams.append(x)
     if num_logits is not None:

@@ -122,7 +122,6 @@ class RecurrenceState:
     """What one forward keeps besides the residual stream (`ctx.model_state`)."""
 
     steps: int  # recurrence steps of this forward
-    no_grad_steps: int  # the first steps run without gradients (truncated backprop, training)
     step_of: dict  # slot -> recurrence step
     embed: torch.Tensor | None = None  # (B, T, D) the prelude's output, injected at every step
 
@@ -162,29 +161,28 @@ class SandwichLayer(nn.Module):
             x_BTD = self.recurrent_norm(x_BTD)
         if self.role != "core":
             return self.block(x_BTD, ctx, slot)
-        step = st.step_of[slot]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and step >= st.no_grad_steps):
-            if self.adapter is not None:
-                if step == 0:  # x is the prelude's output; the state starts at zero
-                    st.embed, x_BTD = x_BTD, torch.zeros_like(x_BTD)
-                x_BTD = self.adapter(torch.cat([x_BTD, st.embed], -1))  # (B, T, 2D) -> (B, T, D)
-                B, T, _ = x_BTD.shape
-                n = B * T if ctx.valid is None else ctx.valid.sum()
-                ctx.ledger.add(slot, "adapter", executed=B * T * self.adapter_flops, ideal=n * self.adapter_flops)
-            return self.block(x_BTD, ctx, slot)
+        if self.adapter is not None:
+            if st.step_of[slot] == 0:  # x is the prelude's output; the state starts at zero
+                st.embed, x_BTD = x_BTD, torch.zeros_like(x_BTD)
+            x_BTD = self.adapter(torch.cat([x_BTD, st.embed], -1))  # (B, T, 2D) -> (B, T, D)
+            B, T, _ = x_BTD.shape
+            n = B * T if ctx.valid is None else ctx.valid.sum()
+            ctx.ledger.add(slot, "adapter", executed=B * T * self.adapter_flops, ideal=n * self.adapter_flops)
+        return self.block(x_BTD, ctx, slot)
 
 
-def schedule_for(config: HuginnConfig, steps: int) -> list[Application]:
-    """Prelude layers once, the recurrent block `steps` times, coda once; one KV-cache slot per application."""
+def schedule_for(config: HuginnConfig, steps: int, no_grad: int = 0) -> list[Application]:
+    """Prelude layers once, the recurrent block `steps` times (the first `no_grad` without gradients), coda once;
+    one KV-cache slot per application."""
     return stack_schedule(config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda,
-                          steps)
+                          steps, no_grad)
 
 
-def stack_schedule(P: int, C: int, K: int, steps: int) -> list[Application]:
-    """Layers 0..P-1 once, layers P..P+C-1 at steps 0..steps-1, the last K layers once; slot = application index
-    (also Mixture-of-Recursions' middle-cycle stack, models/mor.py)."""
+def stack_schedule(P: int, C: int, K: int, steps: int, no_grad: int = 0) -> list[Application]:
+    """Layers 0..P-1 once, layers P..P+C-1 at steps 0..steps-1 (steps < `no_grad` without gradients), the last K
+    layers once; slot = application index (also Mixture-of-Recursions' middle-cycle stack, models/mor.py)."""
     apps = [Application(i, i) for i in range(P)]
-    apps += [Application(P + j, P + r * C + j, r) for r in range(steps) for j in range(C)]
+    apps += [Application(P + j, P + r * C + j, r, grad=r >= no_grad) for r in range(steps) for j in range(C)]
     return apps + [Application(P + C + i, P + steps * C + i) for i in range(K)]
 
 
@@ -198,13 +196,28 @@ def forward_flops_for(config: HuginnConfig, T: int, B: int = 1, context: int | N
 
 
 def sample_steps(config: HuginnConfig, generator: torch.Generator | None = None) -> tuple[int, int]:
-    """Huginn's training sampler: rate ~ LogNormal(log(R) - sigma^2 / 2, sigma), p = Poisson(rate) + 1; p steps,
-    of which the last min(p, backprop depth) take gradients. Returns (steps without grad, steps with grad)."""
-    s = config.mean_backprop_depth
-    mu = math.log(max(config.mean_recurrence, 1)) - SAMPLER_SIGMA**2 / 2
+    """Huginn's training sampler at this config's means: (steps without grad, steps with grad)."""
+    return sample_recurrence(config.mean_recurrence, config.mean_backprop_depth, generator)
+
+
+def sample_recurrence(mean: int, backprop_depth: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Huginn's training sampler: rate ~ LogNormal(log(mean) - sigma^2 / 2, sigma), p = Poisson(rate) + 1 (so
+    E[p] = mean + 1); p steps, of which the last min(p, backprop_depth) take gradients (backprop_depth 0: all p).
+    Returns (steps without grad, steps with grad)."""
+    mu = math.log(max(mean, 1)) - SAMPLER_SIGMA**2 / 2
     rate = torch.empty(1).log_normal_(mu, SAMPLER_SIGMA, generator=generator)
     p = int(torch.poisson(rate, generator=generator)) + 1
-    return max(p - s, 0), min(s, p)
+    k = min(backprop_depth, p) if backprop_depth else p
+    return p - k, k
+
+
+def nth_draw(counter: torch.Tensor) -> torch.Generator:
+    """The generator of training draw number `counter` (a long buffer saved with the weights; incremented here).
+    Seeded by the draw's index, not the global RNG: every rank draws the same recurrence count (DDP and FSDP
+    ranks must run the same layer calls) and a resumed run continues the sequence."""
+    i = int(counter)
+    counter.add_(1)
+    return torch.Generator().manual_seed(1_000_003 * i + 12_345)
 
 
 class HuginnLM(nn.Module):
@@ -231,9 +244,7 @@ class HuginnLM(nn.Module):
                 nn.init.normal_(module.weight, std=config.initializer_range)
         self.method = None  # runs without an adaptive-depth method
         self.steps: int | None = None  # recurrence steps at evaluation (None: mean_recurrence)
-        # Training draws so far: the i-th draw comes from a generator seeded by i, so every rank draws the same
-        # recurrence count (FSDP units must run the same layer calls on every rank) and a resumed run continues
-        # the sequence (the buffer is saved with the weights).
+        # Training draws so far (`nth_draw`: every rank draws the same counts; a resumed run continues them).
         self.register_buffer("recurrence_draws", torch.zeros((), dtype=torch.long))
         self._sampled: tuple[int, int] | None = None  # (no-grad, grad) steps of the training forward running
 
@@ -246,7 +257,7 @@ class HuginnLM(nn.Module):
     @property
     def schedule(self) -> list[Application]:
         """Prelude layers once, the recurrent block num_steps times, coda once; one slot per application."""
-        return schedule_for(self.config, self.num_steps)
+        return schedule_for(self.config, self.num_steps, self._sampled[0] if self._sampled is not None else 0)
 
     def num_slots(self) -> int:
         return len(self.schedule)
@@ -282,14 +293,10 @@ class HuginnLM(nn.Module):
     def draw_steps(self) -> tuple[int, int]:
         """(steps without grad, steps with grad) of a training forward: Huginn's sampler (`sample_steps`), the
         draw numbered `recurrence_draws` (then incremented)."""
-        i = int(self.recurrence_draws)
-        self.recurrence_draws.add_(1)
-        return sample_steps(self.config, torch.Generator().manual_seed(1_000_003 * i + 12_345))
+        return sample_steps(self.config, nth_draw(self.recurrence_draws))
 
     def init_state(self, ctx: ForwardContext) -> RecurrenceState:
-        no_grad = self._sampled[0] if self._sampled is not None else 0
-        step_of = {a.slot: a.step for a in self.schedule}
-        return RecurrenceState(self.num_steps, no_grad, step_of)
+        return RecurrenceState(self.num_steps, {a.slot: a.step for a in self.schedule})
 
     def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
         valid = ctx.valid_or_all
