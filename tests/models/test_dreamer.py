@@ -466,7 +466,8 @@ GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_n
                     {"da_include_self": True, "da_parallel": True}, {"da_recompute": True, "sandwich_norm": True},
                     {"ea_aux_loss_coef": 0.1, "ea_entropy_coef": 0.01}, {"num_experts": 0, "sandwich_norm": True},
                     {"sa_step_encoding": True, "ea_z_loss_coef": 0.01},
-                    {"da_step_encoding": "learned", "da_include_self": True}, {"expert_act": "gelu"}]
+                    {"da_step_encoding": "learned", "da_include_self": True}, {"expert_act": "gelu"},
+                    {"sub_block_gate": 0.1}, {"sub_block_gate": 0.1, "da_mode": "merged_softmax"}]
 
 
 @pytest.mark.parametrize("options", [{"da_mode": m, "sandwich_norm": s} for m in DA_MODES for s in (False, True)]
@@ -706,6 +707,32 @@ def test_expert_statistics_have_exact_values_on_a_designed_routing():
     torch.testing.assert_close(stats["dreamer/state_change"], torch.zeros(3), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("da_mode", ["separate", "none"])
+def test_sub_block_gates_scale_each_sub_blocks_output(da_mode):
+    """Gates at 1 are the ungated model; gates at 0 make every step the identity (logits of the embedding alone);
+    a gate on one sub-block only scales that sub-block (here: DA off by its gate equals da_mode none)."""
+    base = varied(tiny(da_mode=da_mode, sandwich_norm=True))
+    ids, mask = left_padded()
+    gated = DreamerLM(tiny(da_mode=da_mode, sandwich_norm=True, sub_block_gate=1.0))
+    gated.load_state_dict(base.state_dict(), strict=False)
+    parts = ["da", "ffn", "sa"] if da_mode == "separate" else ["ffn", "sa"]
+    assert sorted(gated.model.layers[0].sub_block_gates) == parts
+    with torch.no_grad():
+        torch.testing.assert_close(gated(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits,
+                                   rtol=0, atol=0)
+        for gate in gated.model.layers[0].sub_block_gates.values():
+            gate.zero_()
+        embed_only = gated.lm_head(gated.model.norm(gated.model.embed_tokens(ids)))
+        torch.testing.assert_close(gated(ids, attention_mask=mask).logits, embed_only, rtol=1e-6, atol=1e-6)
+        if da_mode == "separate":
+            gated.model.layers[0].sub_block_gates["sa"].fill_(1.0)
+            gated.model.layers[0].sub_block_gates["ffn"].fill_(1.0)
+            without = DreamerLM(tiny(da_mode="none", sandwich_norm=True))
+            without.load_state_dict(base.state_dict(), strict=False)
+            torch.testing.assert_close(gated(ids, attention_mask=mask).logits,
+                                       without(ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_expert_statistics_equal_counts_over_the_recorded_selections():
     """On a free routing with two layers per group and left padding: usage, diversity (distinct experts per valid
     token and layer over its steps, mean over layers, / min(k R, E)) and set entropy (per application over valid
@@ -730,7 +757,7 @@ def test_expert_statistics_equal_counts_over_the_recorded_selections():
                                      {"ea_depth_encoding": "rope"}, {"ea_depth_encoding": "none"},
                                      {"norm_topk_prob": False}, {"da_head_dim": 8, "da_num_heads": 2},
                                      {"sa_step_encoding": True}, {"da_step_encoding": "learned"},
-                                     {"expert_act": "gelu"}])
+                                     {"expert_act": "gelu"}, {"sub_block_gate": 0.5, "sandwich_norm": True}])
 def test_every_option_decodes_exactly_and_changes_the_output(options):
     base = varied(tiny())
     model = varied(tiny(**options))
@@ -794,7 +821,8 @@ def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
 @pytest.mark.parametrize("fields, message", [({"da_step_encoding": "learned", "da_mode": "none"}, "da_mode='separate'"),
                                              ({"expert_act": "relu"}, "expert_act"),
                                              ({"da_step_encoding": "sinusoid"}, "da_step_encoding"),
-                                             ({"backprop_depth": -1}, "backprop_depth must be >= 0")])
+                                             ({"backprop_depth": -1}, "backprop_depth must be >= 0"),
+                                             ({"sub_block_gate": float("nan")}, "sub_block_gate must be finite")])
 def test_option_errors_name_the_field_and_the_fix(fields, message):
     with pytest.raises(dyndepth.ConfigError, match=message):
         tiny(**fields)

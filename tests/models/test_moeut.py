@@ -124,7 +124,8 @@ def test_the_trainer_trains_the_preset(tmp_path):
 @pytest.mark.parametrize("fields", [{}, {"da_mode": "separate", "ea_depth_encoding": "learned", "sandwich_norm": True},
                                     {"num_experts": 0, "intermediate_size": 48, "tie_word_embeddings": False},
                                     {"attention_bias": True, "qk_norm": False, "layers_per_group": 3},
-                                    {**SWITCHHEAD, "qk_norm": False}, {**SWITCHHEAD, "num_key_value_heads": 4}])
+                                    {**SWITCHHEAD, "qk_norm": False}, {**SWITCHHEAD, "num_key_value_heads": 4},
+                                    {"da_mode": "separate", "sub_block_gate": 0.1}, {"sub_block_gate": 0.1}])
 def test_the_analytic_parameter_count_equals_the_models(fields):
     config = DreamerConfig(**{**dataclasses.asdict(tiny()), **fields})
     assert config.num_params() == DreamerLM(config).num_params()

@@ -16,6 +16,7 @@ layers applied at steps 0..R-1, application (step r, layer g) with KV-cache slot
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -85,6 +86,9 @@ class DreamerConfig:
     attn_entropy_coef: float = 0.001  # the entropy regularizer on both routers (MoEUT's attention coefficient)
     # Optional extras the spec names (off by default).
     sandwich_norm: bool = False  # RMSNorm on each sub-block's output
+    # The spec's optional stability gate: a learned scalar on each sub-block's output (after its sandwich norm),
+    # initialised to this value (small: each step starts close to the identity); None: no gate.
+    sub_block_gate: float | None = None
     # Randomised recurrence in training (the spec's optional Huginn-style sampler; off: every training forward runs
     # num_recurrences steps): each training forward draws p ~ Poisson(LogNormal(log R - sigma^2 / 2, sigma)) + 1
     # steps (E[p] = R + 1, models/huginn.sample_recurrence); evaluation and generation run num_recurrences.
@@ -122,6 +126,9 @@ class DreamerConfig:
         for name in ("num_recurrences", "layers_per_group", "hidden_size", "num_attention_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DreamerConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.sub_block_gate is not None and not math.isfinite(self.sub_block_gate):
+            raise ConfigError(f"DreamerConfig.sub_block_gate must be finite (the initial value) or None (no gate), got "
+                              f"{self.sub_block_gate}.")
         if self.backprop_depth < 0:
             raise ConfigError(f"DreamerConfig.backprop_depth must be >= 0 (0: backprop through every step), got "
                               f"{self.backprop_depth}.")
@@ -156,6 +163,7 @@ class DreamerConfig:
             E = self.attn_num_experts
             attn = D * H * (N + G) + (2 * H if self.qk_norm else 0) + D * E * (G + N) + E * D * H * (G + N)
         layer = attn + 2 * D + (2 * D if self.sandwich_norm else 0)  # sandwich: SA's and the FFN's post-norms
+        layer += 0 if self.sub_block_gate is None else 3 if self.da_mode == "separate" else 2  # a scalar per sub-block
         layer += self.num_recurrences * D if self.sa_step_encoding else 0
         if self.da_mode == "separate":
             width = self.da_num_heads * self.da_head_dim

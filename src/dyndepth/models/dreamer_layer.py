@@ -202,12 +202,20 @@ class DreamerLayer(nn.Module):
             self.mlp = SwiGLU(D, config.intermediate_size)
         if config.sa_step_encoding:  # (R, D), learned from zero: which step sequence attention runs at
             self.sa_step_embed = nn.Parameter(torch.zeros(config.num_recurrences, D))
-        if config.sandwich_norm:  # post-norm on each sub-block's output (Huginn-style), optional; every one runs
-            parts = ("sa", "da", "ffn") if config.da_mode == "separate" else ("sa", "ffn")  # (DDP needs gradients)
+        parts = ("sa", "da", "ffn") if config.da_mode == "separate" else ("sa", "ffn")  # every one runs (DDP)
+        if config.sandwich_norm:  # post-norm on each sub-block's output (Huginn-style), optional
             self.post_sublayer_norms = nn.ModuleDict({part: RMSNorm(D, eps) for part in parts})
+        if config.sub_block_gate is not None:  # a learned scalar on each sub-block's output, optional
+            self.sub_block_gates = nn.ParameterDict(
+                {part: nn.Parameter(torch.full((1,), float(config.sub_block_gate))) for part in parts})
 
     def _out(self, part: str, y: torch.Tensor) -> torch.Tensor:
-        return self.post_sublayer_norms[part](y) if self.config.sandwich_norm else y
+        """A sub-block's output as it joins the residual stream: its sandwich norm, then its gate (when on)."""
+        if self.config.sandwich_norm:
+            y = self.post_sublayer_norms[part](y)
+        if self.config.sub_block_gate is not None:
+            y = y * self.sub_block_gates[part].to(y.dtype)
+        return y
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         st: DepthState = ctx.model_state
