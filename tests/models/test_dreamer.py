@@ -351,6 +351,29 @@ RECIPE = ('[model]\ntype = "dreamer"\nvocab_size = 256\nhidden_size = 32\nnum_at
           'progress = false\nplot = false\ndevice = "cpu"\n[eval]\nenabled = false\n')
 
 
+@pytest.mark.parametrize("da_mode", ["separate", "none"])
+def test_a_checkpoint_with_the_old_sandwich_norm_names_loads(tmp_path, da_mode):
+    """Before 2026-12-03 the post-norms were post_sublayer_norms.0 / .1 / .2 (SA, DA, FFN; .1 also without DA)."""
+    from safetensors.torch import load_file, save_file
+    model = varied(tiny(da_mode=da_mode, sandwich_norm=True))
+    model.save_pretrained(tmp_path / "m")
+    path = next((tmp_path / "m").glob("*.safetensors"))
+    state, D = load_file(path), model.config.hidden_size
+    for i, part in enumerate(("sa", "da", "ffn")):
+        key = f"model.layers.0.post_sublayer_norms.{part}.weight"
+        state[key.replace(part, str(i))] = state.pop(key) if key in state else torch.ones(D)
+    save_file(state, path, metadata={"format": "pt"})
+    old = {k.replace(".sa.", ".0.").replace(".da.", ".1.").replace(".ffn.", ".2."): v
+           for k, v in model.state_dict().items()}
+    direct = DreamerLM(model.config)  # a training checkpoint's path: load_state_dict (resume)
+    direct.load_state_dict(old)
+    loaded = dyndepth.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(direct(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_training_lowers_the_loss_and_resuming_continues_the_same_run(tmp_path, sampled):
     """sampled: randomised recurrence with truncated backprop over two micro-batches a step (each draws its own

@@ -29,7 +29,7 @@ from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
-from dyndepth.models.dreamer_layer import DepthState, DreamerLayer
+from dyndepth.models.dreamer_layer import DepthState, DreamerLayer, rename_old_sandwich_norms
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
 from dyndepth.models.huginn import nth_draw, sample_recurrence
 from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
@@ -456,4 +456,5 @@ PRESETS = {
                       "num_experts_per_tok": 8, "moe_intermediate_size": 192, "max_position_embeddings": 2048},
 }
 
-register_model(("dreamer",), ModelSpec(DreamerConfig, DreamerLM, native.config_reader(DreamerConfig)), presets=PRESETS)
+register_model(("dreamer",), ModelSpec(DreamerConfig, DreamerLM, native.config_reader(DreamerConfig),
+                                       rename_old_sandwich_norms), presets=PRESETS)

@@ -182,6 +182,27 @@ class ExpertAttention(nn.Module):
         return self.experts(h_ND, idx, gates), idx, scores  # (N, D), (N, K), (N, E)
 
 
+def rename_old_sandwich_norms(state: dict) -> dict:
+    """Checkpoints written before 2026-12-03 name a layer's sandwich post-norms post_sublayer_norms.0 / .1 / .2
+    (SA, DA, FFN; .1 was made, never trained, without separate DA): rename them sa / da / ffn, dropping .1 where
+    the layer has no depth attention. In place; returns `state` (the model spec's `state_from_hf`)."""
+    for key in [k for k in state if ".post_sublayer_norms." in k]:
+        prefix, _, rest = key.partition("post_sublayer_norms.")
+        index, _, leaf = rest.partition(".")
+        if index not in ("0", "1", "2"):
+            continue
+        weight = state.pop(key)
+        part = ("sa", "da", "ffn")[int(index)]
+        if part != "da" or any(k.startswith(f"{prefix}depth_attn.") for k in state):
+            state[f"{prefix}post_sublayer_norms.{part}.{leaf}"] = weight
+    return state
+
+
+def _rename_old_sandwich_norms(state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of a DreamerLayer: old post-norm names (`rename_old_sandwich_norms`)."""
+    rename_old_sandwich_norms(state)
+
+
 class DreamerLayer(nn.Module):
     """One layer of the shared group (layer `index` of `layers_per_group`); applied once per recurrence step,
     with KV-cache slot = step * layers_per_group + index."""
@@ -208,6 +229,7 @@ class DreamerLayer(nn.Module):
         if config.sub_block_gate is not None:  # a learned scalar on each sub-block's output, optional
             self.sub_block_gates = nn.ParameterDict(
                 {part: nn.Parameter(torch.full((1,), float(config.sub_block_gate))) for part in parts})
+        self._register_load_state_dict_pre_hook(_rename_old_sandwich_norms)  # checkpoints before 2026-12-03
 
     def _out(self, part: str, y: torch.Tensor) -> torch.Tensor:
         """A sub-block's output as it joins the residual stream: its sandwich norm, then its gate (when on)."""
