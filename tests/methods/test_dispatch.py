@@ -157,3 +157,52 @@ def test_baselines_train_the_same_compiled_and_with_activation_checkpointing(nam
     run(str(tmp_path / "checkpointed"), BASELINES[name], "none", activation_checkpointing=True)
     for variant in ("compiled", "checkpointed"):
         assert_same_curve(curve(tmp_path / variant), curve(tmp_path / "one"), min_keys=2)
+
+
+
+DEEP = {"decoder": ("tiny-qwen3", {"num_hidden_layers": 4}, None),  # past the limit of 3 the test sets
+        "gateskip": ("tiny-qwen3", {"num_hidden_layers": 4}, {"name": "gateskip"}),
+        "dnd": ("tiny-qwen3", {"num_hidden_layers": 4}, {"name": "dnd", "layers": [0, 3], "ratio": 0.3,
+                                                        "router_init_std": 0.3}),
+        "dreamer": ("dreamer-tiny", {"num_recurrences": 4}, None)}
+
+
+@pytest.mark.parametrize("name", list(DEEP))
+def test_per_layer_compile_traces_every_position_of_a_deep_model(name, monkeypatch):
+    """dynamo runs a function eager, silently, once it has compiled it `recompile_limit` times (8 by default: a
+    9-layer model would reach it). Here the limit starts at 3 and 4 positions run: `apply_compile` must raise it
+    (dynamo is told to fail instead of falling back, so falling back fails the test), and a plain decoder's
+    layers share one graph (two compiles: the first specializes the slot number)."""
+    from torch._dynamo.utils import counters
+
+    from dyndepth import build_model, preset
+    from dyndepth.methods import attach_method
+    from dyndepth.train.parallel import apply_compile
+
+    config = torch._dynamo.config
+    saved = {k: getattr(config, k) for k in ("recompile_limit", "accumulated_recompile_limit",
+                                             "fail_on_recompile_limit_hit")}
+    compile_ = torch.nn.Module.compile  # the eager backend: dynamo's tracing is what is tested
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    preset_name, fields, method = DEEP[name]
+    torch.manual_seed(0)
+    model = build_model(preset(preset_name, **fields)).train()
+    if method is not None:
+        method = dict(method)
+        attach_method(model, method.pop("name"), method)
+    ids = torch.randint(0, 200, (2, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        config.fail_on_recompile_limit_hit, config.recompile_limit = True, 3
+        apply_compile(model)
+        out = model(ids)
+        (out.logits.float().square().mean() + out.aux_loss).backward()
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+        torch._dynamo.reset()
+    assert graphs >= 1
+    if name == "decoder":
+        assert graphs == 2

@@ -35,18 +35,41 @@ class ComputeLedger:
     """
 
     def __init__(self) -> None:
-        self.executed: dict[tuple[int, str], object] = {}
-        self.ideal: dict[tuple[int, str], object] = {}
-        self.tokens: dict[tuple[int, str], object] = {}
+        self._tables: tuple[dict, dict, dict] = ({}, {}, {})  # executed, ideal, tokens: (slot, part) -> value
+        # Entries not yet summed into the tables. A layer call only appends here, and the forward loop sums them
+        # after each call (`flush`), so a compiled layer finds the same empty list at every position: keying the
+        # tables inside the call would make dynamo guard on their contents and recompile the layer per position.
+        self.pending: list[tuple] = []
 
     def add(self, slot: int, part: str, executed, ideal, tokens=None) -> None:
         """Add one call's FLOPs (and the valid tokens it ran, when it runs tokens) to (slot, part)."""
         if part not in PARTS:
             raise ValueError(f"ledger part {part!r} is not one of {PARTS}.")
-        key = (slot, part)
-        for table, value in ((self.executed, executed), (self.ideal, ideal), (self.tokens, tokens)):
-            if value is not None:  # a first entry is stored as given: no tensor op (decode steps are op-bound)
-                table[key] = table[key] + value if key in table else value
+        self.pending.append((slot, part, executed, ideal, tokens))
+
+    def flush(self) -> None:
+        """Sum the pending entries into the tables."""
+        for slot, part, *values in self.pending:
+            key = (slot, part)
+            for table, value in zip(self._tables, values):
+                if value is not None:  # a first entry is stored as given: no tensor op (decode steps are op-bound)
+                    table[key] = table[key] + value if key in table else value
+        self.pending.clear()
+
+    @property
+    def executed(self) -> dict:
+        self.flush()
+        return self._tables[0]
+
+    @property
+    def ideal(self) -> dict:
+        self.flush()
+        return self._tables[1]
+
+    @property
+    def tokens(self) -> dict:
+        self.flush()
+        return self._tables[2]
 
     def total(self, which: str = "executed", part: str | None = None, slot: int | None = None) -> float:
         """Sum of `which` ("executed" | "ideal") over the matching keys (all when part / slot are None)."""

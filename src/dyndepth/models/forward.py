@@ -106,6 +106,7 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         else:  # truncated backprop: an early recurrence step of a training forward
             with torch.no_grad():
                 x = layer(x, ctx, app.slot)
+        ctx.ledger.flush()  # the call's FLOPs into the tables (so a compiled layer sees the same state every call)
         if trace is not None and trace.keep_streams:
             trace.streams.append(x)
     if num_logits is not None:
