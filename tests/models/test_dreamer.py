@@ -439,6 +439,14 @@ def test_randomised_recurrence_draws_each_training_forward_and_evaluation_runs_n
         torch.testing.assert_close(out.logits.detach(), a(ids).logits, rtol=1e-5, atol=1e-5)
     evaluated = a(ids).stats
     assert int(evaluated["dreamer/avg_depth"]) == 3 and evaluated["dreamer/expert_usage"].shape == (3, 8)
+    a.train()  # a cached forward (generation) never draws, even in training mode: it runs num_recurrences
+    draws = int(a.recurrence_draws)
+    with torch.no_grad():
+        generated = a.generate(ids[:1, :4], 3)
+    a.eval()
+    with torch.no_grad():
+        assert torch.equal(generated, a.generate(ids[:1, :4], 3))
+    assert int(a.recurrence_draws) == draws == 13
     a.save_pretrained(tmp_path / "m")  # the draw counter travels with the weights: a resumed run continues
     loaded = dyndepth.from_pretrained(tmp_path / "m").train()
     assert int(loaded.recurrence_draws) == 13
@@ -467,10 +475,26 @@ def test_truncated_backprop_computes_the_same_function_and_trains_only_the_last_
         with torch.no_grad(), model.override(steps=5 if sample else 4):
             torch.testing.assert_close(out.logits.detach(), model(ids).logits, rtol=1e-5, atol=1e-5)
     no_grad = 3 if sample else 2  # steps past the table's last row reuse it: step 4 trains row 3
-    for table in rows[2]:
-        assert (table[:no_grad] == 0).all() and (table[no_grad:] > 0).all(), table
+    sa, da = rows[2]
+    assert (sa[:no_grad] == 0).all() and (sa[no_grad:] > 0).all(), sa
+    # DA's row 0 encodes the embedding's depth-memory entry, which keeps its gradient (the embedding's path)
+    assert da[0] > 0 and (da[1:no_grad] == 0).all() and (da[no_grad:] > 0).all(), da
     for table in rows[0]:
         assert (table > 0).all(), table
+
+
+@pytest.mark.parametrize("fields", [{}, {"da_mode": "none", "input_injection": True},
+                                    {"da_mode": "merged_softmax", "input_injection": True}])
+def test_truncated_backprop_still_trains_the_input_embedding(fields):
+    """Untied embeddings: the input embedding reaches the trained steps through the embedding's depth-memory entry
+    (kept with its gradient) or through input injection; a configuration with neither path is refused."""
+    model = varied(tiny(num_recurrences=4, backprop_depth=1, tie_word_embeddings=False, **fields)).train()
+    ids = torch.randint(0, 256, (2, 8))
+    F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    assert model.model.embed_tokens.weight.grad[ids.unique()].abs().sum(-1).min() > 0
+    with pytest.raises(dyndepth.ConfigError, match="input_injection=True"):
+        tiny(backprop_depth=1, da_mode="none")
 
 
 def test_training_flops_count_the_backward_of_the_steps_that_take_gradients_only():
@@ -479,9 +503,22 @@ def test_training_flops_count_the_backward_of_the_steps_that_take_gradients_only
     step = [flops.recurrent_step_flops(full.config, r, 16, 0) for r in range(4)]
     saved = 2 * sum(step[:3]) / 16  # the backward of steps 0..2
     assert full.train_flops_per_token(16) - truncated.train_flops_per_token(16) == pytest.approx(saved, rel=1e-9)
-    sampled = DreamerLM(tiny(num_recurrences=4, sample_recurrence=True))
-    assert sampled.train_flops_per_token(16) == pytest.approx(
-        3 * flops.recurrent_forward_flops(sampled.config, 16, steps=5) / 16, rel=1e-9)  # at the mean, R + 1
+    # SwitchHead's router recomputation: a forward on every step, a backward on the trained ones only
+    switch = {"attn_num_experts": 4, "num_recurrences": 4, "backprop_depth": 1}
+    on, off = DreamerLM(tiny(**switch)), DreamerLM(tiny(**switch, attn_entropy_coef=0.0))
+    router = flops.switchhead_router_flops(on.config)
+    assert on.train_flops_per_token(16) - off.train_flops_per_token(16) == pytest.approx(router * (4 + 2 * 1))
+    # randomised depth: the expectation over the sampler (training FLOPs are not linear in the draw), checked
+    # against other draws than the ones it averages
+    from dyndepth.models.huginn import sample_recurrence
+    sampled = DreamerLM(tiny(num_recurrences=4, sample_recurrence=True, backprop_depth=2))
+    g = torch.Generator().manual_seed(1)
+    draws = [sample_recurrence(4, 2, g) for _ in range(30000)]
+
+    def cost(n, k):
+        fwd = flops.recurrent_forward_flops(sampled.config, 16, steps=n + k)
+        return (3 * fwd - 2 * flops.recurrent_forward_flops(sampled.config, 16, lm_head=False, steps=n)) / 16
+    assert sampled.train_flops_per_token(16) == pytest.approx(sum(cost(*d) for d in draws) / len(draws), rel=1e-2)
 
 
 GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_num_experts": 4},
@@ -756,6 +793,26 @@ def test_sub_block_gates_scale_each_sub_blocks_output(da_mode):
                                        without(ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_sub_block_gate_scales_the_output_after_its_sandwich_norm():
+    """One step, SA and DA gated off: the state after the step is embedding + g * ffn_norm(ffn(...)), linear in g
+    (a gate before the sandwich norm would be undone by it)."""
+    from dyndepth.models.forward import Trace
+    model = varied(tiny(num_recurrences=1, sandwich_norm=True, sub_block_gate=1.0))
+    ids = torch.randint(0, 256, (2, 8))
+    gates = model.model.layers[0].sub_block_gates
+    change = {}
+    with torch.no_grad():
+        gates["sa"].zero_()
+        gates["da"].zero_()
+        for g in (1.0, 0.5):
+            gates["ffn"].fill_(g)
+            trace = Trace(keep_streams=True)
+            model(ids, trace=trace)
+            change[g] = trace.streams[1] - trace.streams[0]
+    assert change[1.0].abs().max() > 1e-2
+    torch.testing.assert_close(change[0.5], 0.5 * change[1.0], rtol=1e-5, atol=1e-6)
+
+
 def test_expert_statistics_equal_counts_over_the_recorded_selections():
     """On a free routing with two layers per group and left padding: usage, diversity (distinct experts per valid
     token and layer over its steps, mean over layers, / min(k R, E)) and set entropy (per application over valid
@@ -828,6 +885,16 @@ class TwoRanks:
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t.add_(self.other).div_(2)
+
+
+def test_the_balancing_hook_moves_each_layer_of_a_group_by_its_own_load():
+    model = varied(tiny(layers_per_group=2, num_experts=4))
+    load = torch.tensor([[9.0, 1, 1, 1], [1.0, 1, 1, 9]])  # layer 0: expert 0 overloaded; layer 1: expert 3
+    ExpertBiasHook().after_step(model, 1, {"dreamer/expert_load": load}, DistInfo())
+    for g, overloaded in ((0, 0), (1, 3)):
+        expected = torch.full((4,), 1e-3)
+        expected[overloaded] = -1e-3
+        torch.testing.assert_close(model.model.layers[g].mlp.expert_bias, expected)
 
 
 def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():

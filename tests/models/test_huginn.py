@@ -178,7 +178,19 @@ def test_analytic_flops_equal_torchs_counter_and_the_ledger():
                {"n_layers_in_prelude": 0, "n_layers_in_coda": 0}):
         assert tiny(**kw).num_params() == HuginnLM(tiny(**kw)).num_params()
     fwd = model.forward_flops(12) / 12
-    assert fwd < model.train_flops_per_token(12) < 3 * fwd  # two of three steps run without backward
+    fixed = HuginnLM(dataclasses.replace(model.config, sample_recurrence=False))
+    assert fixed.train_flops_per_token(12) == pytest.approx(3 * fwd)  # no sampler: 3 steps, all with grad
+    sampled = HuginnLM(dataclasses.replace(model.config, sample_recurrence=True))
+    g = torch.Generator().manual_seed(1)
+    draws = [sample_steps(sampled.config, g) for _ in range(30000)]
+
+    def cost(n, k):  # the forward of n + k steps plus the backward of all but the n steps without grad
+        with sampled.override(steps=n + k):
+            fwd_nk = sampled.forward_flops(12)
+        with sampled.override(steps=k):
+            grad_part = sampled.forward_flops(12)
+        return (fwd_nk + 2 * grad_part) / 12
+    assert sampled.train_flops_per_token(12) == pytest.approx(sum(cost(*d) for d in draws) / len(draws), rel=1e-2)
 
 
 RECIPE = ('[model]\ntype = "huginn"\nvocab_size = 264\nhidden_size = 32\nintermediate_size = 64\n'

@@ -31,7 +31,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer, rename_old_sandwich_norms
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
-from dyndepth.models.huginn import nth_draw, sample_recurrence
+from dyndepth.models.huginn import average_over_draws, nth_draw, sample_recurrence
 from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
@@ -94,7 +94,8 @@ class DreamerConfig:
     # steps (E[p] = R + 1, models/huginn.sample_recurrence); evaluation and generation run num_recurrences.
     sample_recurrence: bool = False
     # Truncated backprop through depth (Huginn's mean_backprop_depth): only the last k steps of a training forward
-    # take gradients, the earlier ones run under no_grad (their depth-memory entries too). 0: every step.
+    # take gradients, the earlier ones run under no_grad (their depth-memory entries too, but the embedding's, which
+    # carries the embedding's gradient; without separate DA, input_injection must carry it). 0: every step.
     backprop_depth: int = 0
     input_injection: bool = False  # re-add the embedding at every step after the first
     # The decoder's fields (names as HF Qwen3).
@@ -132,6 +133,10 @@ class DreamerConfig:
         if self.backprop_depth < 0:
             raise ConfigError(f"DreamerConfig.backprop_depth must be >= 0 (0: backprop through every step), got "
                               f"{self.backprop_depth}.")
+        if self.backprop_depth and self.da_mode != "separate" and not self.input_injection:
+            raise ConfigError("backprop_depth (truncated backprop) needs a path from the embedding to the steps that "
+                              "train: separate depth attention (its step-0 entry) or input_injection=True; with "
+                              f"da_mode={self.da_mode!r} set input_injection=True or backprop_depth=0.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads}).")
@@ -239,7 +244,8 @@ class DreamerLM(nn.Module):
 
     @contextmanager
     def override(self, **knobs):
-        """Temporarily set inference knobs: `steps` (recurrences, any >= 1; training used num_recurrences) and
+        """Temporarily set inference knobs: `steps` (recurrences, any >= 1; training ran num_recurrences, or drew
+        around it with sample_recurrence) and
         `exit_kl` (per-token exit threshold in nats, None for off; inference only)."""
         unknown = sorted(set(knobs) - set(self.KNOBS))
         if unknown:
@@ -286,6 +292,7 @@ class DreamerLM(nn.Module):
         """The per-forward depth memory (dropped with the context: a decode step starts it afresh)."""
         G = self.config.layers_per_group
         st = DepthState([[] for _ in range(G)], [[] for _ in range(G)], exit_kl=self.exit_kl, steps=self.num_steps)
+        st.embedding_entry_grad = self._train_steps is not None and self._train_steps[0] > 0 and torch.is_grad_enabled()
         if self.exit_kl is not None:
             st.active = torch.ones(ctx.positions.shape, dtype=torch.bool, device=ctx.positions.device)  # (B, T)
             st.depth = torch.zeros(ctx.positions.shape, device=ctx.positions.device)
@@ -336,17 +343,21 @@ class DreamerLM(nn.Module):
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token for MFU: the forward plus a backward of 2 x the forward of the steps that take
-        gradients (backprop_depth), causal attention, plus SwitchHead's router recomputation for its regularizer.
-        With sample_recurrence, at the sampler's mean step count R + 1."""
-        cfg = self.config
-        steps = cfg.num_recurrences + (1 if cfg.sample_recurrence else 0)
-        no_grad = max(steps - cfg.backprop_depth, 0) if cfg.backprop_depth else 0
-        fwd = flops.recurrent_forward_flops(cfg, seq_len, steps=steps)
-        early = flops.recurrent_forward_flops(cfg, seq_len, lm_head=False, steps=no_grad)  # steps 0..no_grad-1
-        extra = 0
-        if cfg.attn_num_experts and cfg.attn_entropy_coef:
-            extra = 3 * cfg.layers_per_group * steps * flops.switchhead_router_flops(cfg)
-        return (3 * fwd - 2 * early) / seq_len + extra
+        gradients (backprop_depth), causal attention, plus SwitchHead's router recomputation for its regularizer
+        (forward only on steps without gradients). With sample_recurrence, averaged over the sampler's draws."""
+        cfg, G = self.config, self.config.layers_per_group
+        router = flops.switchhead_router_flops(cfg) if cfg.attn_num_experts and cfg.attn_entropy_coef else 0
+
+        def cost(no_grad: int, grad: int) -> float:
+            fwd = flops.recurrent_forward_flops(cfg, seq_len, steps=no_grad + grad)
+            early = flops.recurrent_forward_flops(cfg, seq_len, lm_head=False, steps=no_grad)  # steps 0..no_grad-1
+            return (3 * fwd - 2 * early) / seq_len + G * router * (3 * (no_grad + grad) - 2 * no_grad)
+
+        if cfg.sample_recurrence:
+            return average_over_draws(cfg.num_recurrences, cfg.backprop_depth, cost)
+        R, k = cfg.num_recurrences, cfg.backprop_depth
+        no_grad = max(R - k, 0) if k else 0
+        return cost(no_grad, R - no_grad)
 
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""

@@ -14,6 +14,7 @@ KV cache holds sequence attention only, one slot per application (as an R-layer 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -59,6 +60,7 @@ class DepthState:
     prev_logp: torch.Tensor | None = None  # (B, T, V) log-probs after the previous step (exit)
     depth: torch.Tensor | None = None  # (B, T) steps each token ran (exit)
     steps: int = 0  # recurrence steps this forward runs
+    embedding_entry_grad: bool = False  # truncated backprop: the embedding's depth-memory entry keeps its gradient
 
 
 def step_row(table_RD: torch.Tensor, step: int) -> torch.Tensor:
@@ -186,7 +188,7 @@ def rename_old_sandwich_norms(state: dict) -> dict:
     """Checkpoints written before 2026-12-03 name a layer's sandwich post-norms post_sublayer_norms.0 / .1 / .2
     (SA, DA, FFN; .1 was made, never trained, without separate DA): rename them sa / da / ffn, dropping .1 where
     the layer has no depth attention. In place; returns `state` (the model spec's `state_from_hf`)."""
-    for key in [k for k in state if ".post_sublayer_norms." in k]:
+    for key in [k for k in state if k.startswith("post_sublayer_norms.") or ".post_sublayer_norms." in k]:
         prefix, _, rest = key.partition("post_sublayer_norms.")
         index, _, leaf = rest.partition(".")
         if index not in ("0", "1", "2"):
@@ -251,7 +253,10 @@ class DreamerLayer(nn.Module):
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
             enc = self.depth_attn.step_encoding(step, x_BTD.dtype, x_BTD.device)
-            k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, enc), x_BTD)
+            # truncated backprop: the embedding's entry keeps its gradient, the embedding's path to the trained steps
+            keep = st.embedding_entry_grad and step == 0 and self.index == 0
+            with torch.enable_grad() if keep else contextlib.nullcontext():
+                k, v = self._recompute(ctx, lambda x: self.depth_attn.project_kv(x, self.depth_layernorm, enc), x_BTD)
             _remember(st, self.index, step, k, v)  # (B, T, N_da, H_da) each
         h = self.input_layernorm(x_BTD)
         if self.config.sa_step_encoding:

@@ -24,6 +24,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -211,6 +212,22 @@ def sample_recurrence(mean: int, backprop_depth: int, generator: torch.Generator
     return p - k, k
 
 
+def average_over_draws(mean: int, backprop_depth: int, cost) -> float:
+    """The expectation of cost(steps without grad, steps with grad) over the sampler's distribution (a per-forward
+    figure such as training FLOPs, which is not linear in the draw): P(p) = E_rate[Poisson(p - 1; rate)] by
+    64-point Gauss-Hermite quadrature over the log-normal rate, summed until the tail is below 1e-12."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(64)  # for the standard normal z
+    weights = weights / weights.sum()
+    rates = np.exp(math.log(max(mean, 1)) - SAMPLER_SIGMA**2 / 2 + SAMPLER_SIGMA * nodes)
+    total, mass, n = 0.0, 0.0, 0
+    while mass < 1 - 1e-12 and n < 100 * max(mean, 1) + 100:
+        prob = float((weights * np.exp(n * np.log(rates) - rates - math.lgamma(n + 1))).sum())  # P(Poisson = n)
+        p = n + 1
+        k = min(backprop_depth, p) if backprop_depth else p
+        total, mass, n = total + prob * cost(p - k, k), mass + prob, n + 1
+    return total / mass
+
+
 def nth_draw(counter: torch.Tensor) -> torch.Generator:
     """The generator of training draw number `counter` (a long buffer saved with the weights; incremented here).
     Seeded by the draw's index, not the global RNG: every rank draws the same recurrence count (DDP and FSDP
@@ -312,16 +329,19 @@ class HuginnLM(nn.Module):
         return forward_flops_for(self.config, T, B, context, lm_head, self.num_steps)
 
     def train_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at the sampler's means: the forward of mean_recurrence steps, plus a backward
-        (2 x forward) of everything but the mean_recurrence - mean_backprop_depth steps that run without grad."""
+        """Training FLOPs per token: the forward plus a backward (2 x forward) of all but the steps that run
+        without grad; with sample_recurrence, averaged over the sampler's draws (`average_over_draws`), else
+        mean_recurrence steps, all with grad."""
         cfg = self.config
-        with self.override(steps=cfg.mean_recurrence):
-            fwd = self.forward_flops(seq_len)
-        no_grad = max(cfg.mean_recurrence - cfg.mean_backprop_depth, 0)
-        with self.override(steps=max(cfg.mean_recurrence - no_grad, 1)):
-            fewer = self.forward_flops(seq_len)
-        step = (fwd - fewer) / max(no_grad, 1) if no_grad else 0.0
-        return (fwd + 2 * (fwd - no_grad * step)) / seq_len
+
+        def cost(no_grad: int, grad: int) -> float:
+            fwd = forward_flops_for(cfg, seq_len, steps=no_grad + grad)
+            early = forward_flops_for(cfg, seq_len, steps=no_grad) - forward_flops_for(cfg, seq_len, steps=0)
+            return (3 * fwd - 2 * early) / seq_len
+
+        if cfg.sample_recurrence:
+            return average_over_draws(cfg.mean_recurrence, cfg.mean_backprop_depth, cost)
+        return cost(0, cfg.mean_recurrence)
 
     def trainer_hooks(self, total_steps: int) -> list:
         return []
