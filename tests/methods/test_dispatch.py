@@ -160,19 +160,19 @@ def test_baselines_train_the_same_compiled_and_with_activation_checkpointing(nam
 
 
 
-DEEP = {"decoder": ("tiny-qwen3", {"num_hidden_layers": 4}, None),  # past the limit of 3 the test sets
-        "gateskip": ("tiny-qwen3", {"num_hidden_layers": 4}, {"name": "gateskip"}),
-        "dnd": ("tiny-qwen3", {"num_hidden_layers": 4}, {"name": "dnd", "layers": [0, 3], "ratio": 0.3,
+DEEP = {"decoder": ("tiny-qwen3", {"num_hidden_layers": 4}, None),  # positions past the limit the test sets
+        "gateskip": ("tiny-qwen3", {"num_hidden_layers": 2}, {"name": "gateskip"}),
+        "dnd": ("tiny-qwen3", {"num_hidden_layers": 2}, {"name": "dnd", "layers": [0, 1], "ratio": 0.3,
                                                         "router_init_std": 0.3}),
-        "dreamer": ("dreamer-tiny", {"num_recurrences": 4}, None)}
+        "dreamer": ("dreamer-tiny", {"num_recurrences": 2}, None)}
 
 
 @pytest.mark.parametrize("name", list(DEEP))
 def test_per_layer_compile_traces_every_position_of_a_deep_model(name, monkeypatch):
     """dynamo runs a function eager, silently, once it has compiled it `recompile_limit` times (8 by default: a
-    9-layer model would reach it). Here the limit starts at 3 and 4 positions run: `apply_compile` must raise it
-    (dynamo is told to fail instead of falling back, so falling back fails the test), and a plain decoder's
-    layers share one graph (two compiles: the first specializes the slot number)."""
+    9-layer model would reach it). Here the limit starts one below the number of positions: `apply_compile` must
+    raise it (dynamo is told to fail instead of falling back, so falling back fails the test), and a plain
+    decoder's layers share one graph (two compiles for 4 layers: the first specializes the slot number)."""
     from torch._dynamo.utils import counters
 
     from dyndepth import build_model, preset
@@ -194,7 +194,7 @@ def test_per_layer_compile_traces_every_position_of_a_deep_model(name, monkeypat
     torch._dynamo.reset()
     counters.clear()
     try:
-        config.fail_on_recompile_limit_hit, config.recompile_limit = True, 3
+        config.fail_on_recompile_limit_hit, config.recompile_limit = True, len(model.schedule) - 1
         apply_compile(model)
         out = model(ids)
         (out.logits.float().square().mean() + out.aux_loss).backward()
