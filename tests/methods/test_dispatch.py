@@ -155,8 +155,10 @@ def test_baselines_train_the_same_compiled_and_with_activation_checkpointing(nam
     run(str(tmp_path / "one"), BASELINES[name], "none")
     run(str(tmp_path / "compiled"), BASELINES[name], "none", compile=True)
     run(str(tmp_path / "checkpointed"), BASELINES[name], "none", activation_checkpointing=True)
-    for variant in ("compiled", "checkpointed"):
-        assert_same_curve(curve(tmp_path / variant), curve(tmp_path / "one"), min_keys=2)
+    # compiled code rotates by RoPE's formula where float32 eager runs the fused rotation (an ulp apart, core/layers
+    # apply_rope); over 3 steps at one thread that moved Dreamer's grad norm by 1.2e-5 relative
+    assert_same_curve(curve(tmp_path / "compiled"), curve(tmp_path / "one"), rel=5e-5, min_keys=2)
+    assert_same_curve(curve(tmp_path / "checkpointed"), curve(tmp_path / "one"), min_keys=2)
 
 
 
