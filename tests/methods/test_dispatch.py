@@ -161,7 +161,6 @@ def test_baselines_train_the_same_compiled_and_with_activation_checkpointing(nam
     assert_same_curve(curve(tmp_path / "checkpointed"), curve(tmp_path / "one"), min_keys=2)
 
 
-
 DEEP = {"decoder": ("tiny-qwen3", {"num_hidden_layers": 4}, None),  # positions past the limit the test sets
         "gateskip": ("tiny-qwen3", {"num_hidden_layers": 2}, {"name": "gateskip"}),
         "dnd": ("tiny-qwen3", {"num_hidden_layers": 2}, {"name": "dnd", "layers": [0, 1], "ratio": 0.3,
@@ -171,10 +170,10 @@ DEEP = {"decoder": ("tiny-qwen3", {"num_hidden_layers": 4}, None),  # positions 
 
 @pytest.mark.parametrize("name", list(DEEP))
 def test_per_layer_compile_traces_every_position_of_a_deep_model(name, monkeypatch):
-    """dynamo runs a function eager, silently, once it has compiled it `recompile_limit` times (8 by default: a
-    9-layer model would reach it). Here the limit starts one below the number of positions: `apply_compile` must
-    raise it (dynamo is told to fail instead of falling back, so falling back fails the test), and a plain
-    decoder's layers share one graph (two compiles for 4 layers: the first specializes the slot number)."""
+    """dynamo runs a function eager (one easily missed warning) once it has compiled it `recompile_limit` times
+    (8 by default: a 9-layer model would reach it). Here the limit starts one below the number of positions:
+    `apply_compile` must raise it (dynamo is told to fail instead of falling back, so falling back fails the
+    test), and a plain decoder's layers share one graph set (the first compile specializes the slot number)."""
     from torch._dynamo.utils import counters
 
     from dyndepth import build_model, preset
@@ -200,6 +199,10 @@ def test_per_layer_compile_traces_every_position_of_a_deep_model(name, monkeypat
         apply_compile(model)
         out = model(ids)
         (out.logits.float().square().mean() + out.aux_loss).backward()
+        model.eval()  # evaluation forwards compile their own graphs too: with and without gradients
+        model(ids)
+        with torch.no_grad():
+            model(ids)
         graphs = counters["stats"]["unique_graphs"]
     finally:
         for k, v in saved.items():
@@ -207,4 +210,20 @@ def test_per_layer_compile_traces_every_position_of_a_deep_model(name, monkeypat
         torch._dynamo.reset()
     assert graphs >= 1
     if name == "decoder":
-        assert graphs == 2
+        assert graphs <= 3  # training and evaluation (no-grad) share the graph set, bar the grad mode
+
+
+@pytest.mark.parametrize("preset_name", ["dreamer-tiny", "huginn-tiny"])
+def test_compile_room_covers_drawn_depths(preset_name):
+    """With a depth drawn per training forward, the compile limit is sized from the sampler's 1 - 1e-6 quantile:
+    above every one of 20,000 draws."""
+    from dyndepth import build_model, preset
+    from dyndepth.models.huginn import sample_recurrence
+
+    fields = {"sample_recurrence": True}
+    model = build_model(preset(preset_name, **fields))
+    mean = getattr(model.config, "num_recurrences", None) or model.config.mean_recurrence
+    g = torch.Generator().manual_seed(3)
+    deepest = max(sum(sample_recurrence(mean, 0, g)) for _ in range(20000))
+    per_step = len(model.model.layers) if preset_name == "dreamer-tiny" else model.config.n_layers_in_recurrent_block
+    assert model.max_applications() >= deepest * per_step > len(model.schedule)

@@ -31,7 +31,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer, rename_old_sandwich_norms
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
-from dyndepth.models.huginn import average_over_draws, nth_draw, sample_recurrence
+from dyndepth.models.huginn import average_over_draws, max_recurrence, nth_draw, sample_recurrence
 from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
@@ -340,6 +340,13 @@ class DreamerLM(nn.Module):
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
         """Analytic FLOPs of a plain forward (core/flops.py), at the current number of steps."""
         return flops.recurrent_forward_flops(self.config, T, B, context, lm_head, self.num_steps)
+
+    def max_applications(self) -> int:
+        """Layer applications of the longest forward training runs (with the sampler: its 1 - 1e-6 quantile), for
+        sizing compile caches."""
+        cfg = self.config
+        steps = max_recurrence(cfg.num_recurrences) if cfg.sample_recurrence else cfg.num_recurrences
+        return cfg.layers_per_group * max(steps, self.num_steps)
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token for MFU: the forward plus a backward of 2 x the forward of the steps that take

@@ -212,20 +212,32 @@ def sample_recurrence(mean: int, backprop_depth: int, generator: torch.Generator
     return p - k, k
 
 
-def average_over_draws(mean: int, backprop_depth: int, cost) -> float:
-    """The expectation of cost(steps without grad, steps with grad) over the sampler's distribution (a per-forward
-    figure such as training FLOPs, which is not linear in the draw): P(p) = E_rate[Poisson(p - 1; rate)] by
-    64-point Gauss-Hermite quadrature over the log-normal rate, summed until the tail is below 1e-12."""
+def recurrence_pmf(mean: int, tail: float = 1e-12):
+    """(p, P(p)) of the sampler's step count, p = 1, 2, ... until the remaining mass is below `tail`:
+    P(p) = E_rate[Poisson(p - 1; rate)] by 64-point Gauss-Hermite quadrature over the log-normal rate."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(64)  # for the standard normal z
     weights = weights / weights.sum()
     rates = np.exp(math.log(max(mean, 1)) - SAMPLER_SIGMA**2 / 2 + SAMPLER_SIGMA * nodes)
-    total, mass, n = 0.0, 0.0, 0
-    while mass < 1 - 1e-12 and n < 100 * max(mean, 1) + 100:
+    mass, n = 0.0, 0
+    while mass < 1 - tail and n < 100 * max(mean, 1) + 100:
         prob = float((weights * np.exp(n * np.log(rates) - rates - math.lgamma(n + 1))).sum())  # P(Poisson = n)
-        p = n + 1
+        mass, n = mass + prob, n + 1
+        yield n, prob
+
+
+def average_over_draws(mean: int, backprop_depth: int, cost) -> float:
+    """The expectation of cost(steps without grad, steps with grad) over the sampler's distribution (a per-forward
+    figure such as training FLOPs, which is not linear in the draw)."""
+    total = mass = 0.0
+    for p, prob in recurrence_pmf(mean):
         k = min(backprop_depth, p) if backprop_depth else p
-        total, mass, n = total + prob * cost(p - k, k), mass + prob, n + 1
+        total, mass = total + prob * cost(p - k, k), mass + prob
     return total / mass
+
+
+def max_recurrence(mean: int, tail: float = 1e-6) -> int:
+    """The sampler's step count that draws exceed with probability below `tail` (1 in a million forwards)."""
+    return max(p for p, _ in recurrence_pmf(mean, tail))
 
 
 def nth_draw(counter: torch.Tensor) -> torch.Generator:
@@ -327,6 +339,13 @@ class HuginnLM(nn.Module):
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
         """Analytic FLOPs of an evaluation forward (num_steps recurrences), core/flops.py conventions."""
         return forward_flops_for(self.config, T, B, context, lm_head, self.num_steps)
+
+    def max_applications(self) -> int:
+        """Layer applications of the longest forward training runs (with the sampler: its 1 - 1e-6 quantile), for
+        sizing compile caches."""
+        cfg = self.config
+        steps = max_recurrence(cfg.mean_recurrence) if cfg.sample_recurrence else cfg.mean_recurrence
+        return len(schedule_for(cfg, max(steps, self.num_steps)))
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: the forward plus a backward (2 x forward) of all but the steps that run

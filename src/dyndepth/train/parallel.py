@@ -98,12 +98,17 @@ def apply_compile(model: nn.Module) -> None:
     """Compile each decoder layer in place (per-layer compile keeps names). A plain decoder's layers share one
     graph (two compiles: the first specializes the slot number). A method's or a depth-recurrent model's
     per-forward state is keyed by layer position (Python containers dynamo guards on), so there each position
-    compiles its own graph, for training and evaluation, with and without gradients: dynamo's recompile limit
-    (8 by default, after which a function silently runs eager) is raised to cover them all."""
+    compiles its own graph, for training and evaluation, with and without gradients. Past dynamo's recompile
+    limit (8 by default) a function runs eager, with one easily missed warning, so the limit is raised (never
+    lowered; it is global, so the user's own compiled code gets the same room) to cover every position of the
+    longest forward: `model.max_applications()` where a model draws its depth in training."""
     import torch._dynamo.config as dynamo_config
 
-    positions = len(model.schedule) if hasattr(model, "schedule") else len(model.model.layers)
-    limit = 8 * positions + 16  # train / eval x grad / no-grad per position, and room for drawn depths
+    if hasattr(model, "max_applications"):
+        positions = model.max_applications()
+    else:
+        positions = len(model.schedule) if hasattr(model, "schedule") else len(model.model.layers)
+    limit = 8 * positions + 16  # train / eval x grad / no-grad per position, and room to spare
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * limit)
     for layer in model.model.layers:
