@@ -163,8 +163,6 @@ def test_baselines_train_the_same_compiled_and_with_activation_checkpointing(nam
 
 DEEP = {"decoder": ("tiny-qwen3", {"num_hidden_layers": 4}, None),  # positions past the limit the test sets
         "gateskip": ("tiny-qwen3", {"num_hidden_layers": 2}, {"name": "gateskip"}),
-        "dnd": ("tiny-qwen3", {"num_hidden_layers": 2}, {"name": "dnd", "layers": [0, 1], "ratio": 0.3,
-                                                        "router_init_std": 0.3}),
         "dreamer": ("dreamer-tiny", {"num_recurrences": 2}, None)}
 
 
