@@ -245,8 +245,8 @@ class DreamerLM(nn.Module):
     @contextmanager
     def override(self, **knobs):
         """Temporarily set inference knobs: `steps` (recurrences, any >= 1; training ran num_recurrences, or drew
-        around it with sample_recurrence) and
-        `exit_kl` (per-token exit threshold in nats, None for off; inference only)."""
+        around it with sample_recurrence) and `exit_kl` (per-token exit threshold in nats, None for off; inference
+        only)."""
         unknown = sorted(set(knobs) - set(self.KNOBS))
         if unknown:
             raise ValueError(f"Dreamer has no knob {unknown[0]!r}; its knobs are {list(self.KNOBS)}.")
