@@ -31,7 +31,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer, rename_old_sandwich_norms
 from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
-from dyndepth.models.huginn import average_over_draws, max_recurrence, nth_draw, sample_recurrence
+from dyndepth.models.huginn import average_over_draws, max_recurrence, nth_draw, sample_recurrence, split_steps
 from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
@@ -284,9 +284,8 @@ class DreamerLM(nn.Module):
         cfg = self.config
         if cfg.sample_recurrence:
             return sample_recurrence(cfg.num_recurrences, cfg.backprop_depth, nth_draw(self.recurrence_draws))
-        if cfg.backprop_depth and cfg.backprop_depth < self.num_steps:
-            return self.num_steps - cfg.backprop_depth, cfg.backprop_depth
-        return None
+        split = split_steps(self.num_steps, cfg.backprop_depth)
+        return split if split[0] else None
 
     def init_state(self, ctx: ForwardContext) -> DepthState:
         """The per-forward depth memory (dropped with the context: a decode step starts it afresh)."""
@@ -362,9 +361,7 @@ class DreamerLM(nn.Module):
 
         if cfg.sample_recurrence:
             return average_over_draws(cfg.num_recurrences, cfg.backprop_depth, cost)
-        R, k = cfg.num_recurrences, cfg.backprop_depth
-        no_grad = max(R - k, 0) if k else 0
-        return cost(no_grad, R - no_grad)
+        return cost(*split_steps(cfg.num_recurrences, cfg.backprop_depth))
 
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""

@@ -207,9 +207,14 @@ def sample_recurrence(mean: int, backprop_depth: int, generator: torch.Generator
     Returns (steps without grad, steps with grad)."""
     mu = math.log(max(mean, 1)) - SAMPLER_SIGMA**2 / 2
     rate = torch.empty(1).log_normal_(mu, SAMPLER_SIGMA, generator=generator)
-    p = int(torch.poisson(rate, generator=generator)) + 1
-    k = min(backprop_depth, p) if backprop_depth else p
-    return p - k, k
+    return split_steps(int(torch.poisson(rate, generator=generator)) + 1, backprop_depth)
+
+
+def split_steps(steps: int, backprop_depth: int) -> tuple[int, int]:
+    """(steps without grad, steps with grad) of a forward of `steps` recurrences: the last min(steps,
+    backprop_depth) take gradients (backprop_depth 0: all of them)."""
+    k = min(backprop_depth, steps) if backprop_depth else steps
+    return steps - k, k
 
 
 def recurrence_pmf(mean: int, tail: float = 1e-12):
@@ -230,8 +235,7 @@ def average_over_draws(mean: int, backprop_depth: int, cost) -> float:
     figure such as training FLOPs, which is not linear in the draw)."""
     total = mass = 0.0
     for p, prob in recurrence_pmf(mean):
-        k = min(backprop_depth, p) if backprop_depth else p
-        total, mass = total + prob * cost(p - k, k), mass + prob
+        total, mass = total + prob * cost(*split_steps(p, backprop_depth)), mass + prob
     return total / mass
 
 
