@@ -290,7 +290,8 @@ class DreamerLM(nn.Module):
     def init_state(self, ctx: ForwardContext) -> DepthState:
         """The per-forward depth memory (dropped with the context: a decode step starts it afresh)."""
         G = self.config.layers_per_group
-        st = DepthState([[] for _ in range(G)], [[] for _ in range(G)], exit_kl=self.exit_kl, steps=self.num_steps)
+        st = DepthState([[] for _ in range(G)], [[] for _ in range(G)], exit_kl=self.exit_kl, steps=self.num_steps,
+                        collect=ctx.cache is None)
         st.embedding_entry_grad = self._train_steps is not None and self._train_steps[0] > 0 and torch.is_grad_enabled()
         if self.exit_kl is not None:
             st.active = torch.ones(ctx.positions.shape, dtype=torch.bool, device=ctx.positions.device)  # (B, T)
@@ -300,7 +301,8 @@ class DreamerLM(nn.Module):
 
     def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
         """Losses (the optional balancing loss) and statistics: expert diversity (both definitions), per-step
-        expert usage and hidden-state change, average depth, and flops/dense (every token, every step)."""
+        expert usage and hidden-state change (full forwards: `DepthState.collect`), average depth, and flops/dense
+        (every token, every step)."""
         st: DepthState = ctx.model_state
         cfg, losses, stats = self.config, [], {}
         if st.aux and cfg.ea_aux_loss_coef:
@@ -323,7 +325,7 @@ class DreamerLM(nn.Module):
             losses.append(cfg.attn_entropy_coef * reg)
             stats["dreamer/attn_entropy_reg"] = reg.detach()
         slots = [a.slot for a in self.schedule]
-        if cfg.num_experts:
+        if cfg.num_experts and st.collect:
             stats.update(expert_stats(st, slots, valid, cfg, self.num_steps, ctx.training))
         if st.change:  # eval forwards
             stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)

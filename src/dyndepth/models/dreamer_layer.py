@@ -33,6 +33,7 @@ from dyndepth.core.layers import (
     SwiGLU,
     apply_keeping_float32,
     apply_rope,
+    needs_grad,
     normed_linear,
 )
 from dyndepth.models.moe import Experts, router_stats
@@ -60,7 +61,14 @@ class DepthState:
     prev_logp: torch.Tensor | None = None  # (B, T, V) log-probs after the previous step (exit)
     depth: torch.Tensor | None = None  # (B, T) steps each token ran (exit)
     steps: int = 0  # recurrence steps this forward runs
+    # Whether this forward records the analysis statistics (expert usage and load, diversity, state change): full
+    # forwards do; cached ones (generation's prefill and decode steps) skip their ~25 ops per application, whose
+    # results generation would drop.
+    collect: bool = True
     embedding_entry_grad: bool = False  # truncated backprop: the embedding's depth-memory entry keeps its gradient
+
+
+STACKED_MAX_TOKENS = 128  # depth attention over a stacked memory up to this many tokens without gradients
 
 
 def step_row(table_RD: torch.Tensor, step: int) -> torch.Tensor:
@@ -124,16 +132,24 @@ class DepthAttention(nn.Module):
                 values: list[torch.Tensor]) -> torch.Tensor:
         """Queries from the state x (before the layer's `norm`; None: normed already) at the step `enc` encodes; keys
         and values: the memory's L entries, (B, T, N, H) each, every one visible. Each token attends over its own
-        L <= R entries: per-entry products, not a batched attention kernel (on a CPU, 2x faster than SDPA over a
-        stacked memory, forward and backward, and nothing stacked is saved for backward)."""
+        L <= R entries with elementwise products, not a batched attention kernel: per entry (on a CPU, 2x faster
+        than SDPA over a stacked memory, forward and backward, and nothing stacked is saved for backward), or,
+        for a few tokens without gradients (a decode step), over the memory stacked (B, T, N, L, H): ~10 ops
+        where the per-entry products take ~7 L (3x faster in a B = 1 decode step on a CPU; past ~128 tokens
+        the stacking copies cost more than the ops they save)."""
         B, T, _ = x_BTD.shape
         q = self._heads(*self._project(x_BTD, norm, enc, self.q_proj), self.q_norm, enc)  # (B, T, N, H)
         q32 = q.float() * self.head_dim**-0.5  # products, softmax and sum in float32, as SDPA accumulates
-        scores = torch.stack([(q32 * k.float()).sum(-1) for k in keys], -1)  # (B, T, N, L)
-        p = torch.softmax(scores, dim=-1)
-        y = p[..., 0, None] * values[0].float()
-        for j in range(1, len(values)):
-            y = y + p[..., j, None] * values[j].float()  # (B, T, N, H)
+        if B * T <= STACKED_MAX_TOKENS and not needs_grad(q, *keys, *values):
+            scores = (q32[..., None, :] * torch.stack(keys, -2).float()).sum(-1)  # (B, T, N, L)
+            p = torch.softmax(scores, dim=-1)
+            y = (p[..., None] * torch.stack(values, -2).float()).sum(-2)  # (B, T, N, H)
+        else:
+            scores = torch.stack([(q32 * k.float()).sum(-1) for k in keys], -1)  # (B, T, N, L)
+            p = torch.softmax(scores, dim=-1)
+            y = p[..., 0, None] * values[0].float()
+            for j in range(1, len(values)):
+                y = y + p[..., j, None] * values[j].float()  # (B, T, N, H)
         return self.o_proj(y.to(q.dtype).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
 
 
@@ -280,7 +296,7 @@ class DreamerLayer(nn.Module):
         x_BTD = x_BTD + self._out("ffn", self._ffn(self.post_attention_layernorm(x_BTD), ctx, slot, step))
         if st.active is not None:  # exited tokens keep their state (they still wrote K/V above)
             x_BTD = torch.where(st.active[..., None], x_BTD, x_in)
-        if not ctx.training:  # an analysis statistic (eval/dreamer.py): training forwards skip its 3 passes
+        if not ctx.training and st.collect:  # an analysis statistic (eval/dreamer.py): training skips its 3 passes
             self._record_change(st, ctx, slot, x_in, x_BTD)
         if st.exit_kl is not None and self.index == self.config.layers_per_group - 1:
             self._exit_check(st, ctx, slot, step, x_BTD)
@@ -325,14 +341,15 @@ class DreamerLayer(nn.Module):
         y, idx_NK, scores_NE = self.mlp(h_BTD.reshape(B * T, D), step)
         run_N = _running(ctx, st).reshape(-1)  # (B*T,) valid tokens that are still recurring
         E = self.config.num_experts
-        counts = torch.zeros(E, device=y.device).index_add_(0, idx_NK.reshape(-1), run_N.float().repeat_interleave(
-            idx_NK.shape[1]))  # (E,)
-        st.usage[slot] = counts
-        hit = torch.zeros(B * T, E, dtype=torch.bool, device=y.device).scatter_(1, idx_NK, True)  # (B*T, E)
-        new, seen = hit & run_N[:, None], st.visited.get(self.index)
-        st.visited[self.index] = new if seen is None else seen | new
-        if not ctx.training and T > 1:  # the chosen set of each token (diversity, definition b)
-            st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
+        if st.collect:
+            counts = torch.zeros(E, device=y.device).index_add_(0, idx_NK.reshape(-1), run_N.float().repeat_interleave(
+                idx_NK.shape[1]))  # (E,)
+            st.usage[slot] = counts
+            hit = torch.zeros(B * T, E, dtype=torch.bool, device=y.device).scatter_(1, idx_NK, True)  # (B*T, E)
+            new, seen = hit & run_N[:, None], st.visited.get(self.index)
+            st.visited[self.index] = new if seen is None else seen | new
+            if not ctx.training and T > 1:  # the chosen set of each token (diversity, definition b)
+                st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
         if ctx.training and self.config.ea_entropy_coef:
             st.sel_logits.append(scores_NE.view(B, T, E))
         if ctx.training and self.config.ea_z_loss_coef:  # mean over running tokens of logsumexp(scores)^2
