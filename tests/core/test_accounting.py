@@ -30,3 +30,19 @@ def test_sum_entries_adds_numbers_and_tensors_of_any_dtype_exactly():
     assert ints.dtype == torch.float64 and ints.item() == 2**53 + 2
     mixed = sum_entries([torch.tensor(1.25), torch.tensor([3]), torch.tensor(2, dtype=torch.int64), 1])
     assert mixed.item() == 7.25
+
+
+def test_recomputation_in_backward_does_not_count_twice(tiny_config):
+    """Activation checkpointing runs each layer again in backward; the forward's ledger (`out.compute`) is closed by
+    then, so reading it after backward gives the forward's FLOPs, not the forward's plus the recomputation's."""
+    from dyndepth import CausalLM
+    from dyndepth.train.parallel import apply_activation_checkpointing
+
+    model = CausalLM(tiny_config)
+    apply_activation_checkpointing(model)
+    out = model(torch.randint(0, tiny_config.vocab_size, (2, 8)))
+    executed, ideal = out.compute.total("executed"), out.compute.total("ideal")
+    out.logits.float().square().mean().backward()
+    assert out.compute.total("executed") == executed and out.compute.total("ideal") == ideal
+    with pytest.raises(ValueError, match="part"):  # a closed ledger still rejects a misspelled part
+        out.compute.add(0, "mlpp", executed=1, ideal=1)

@@ -40,12 +40,21 @@ class ComputeLedger:
         # after each call (`flush`), so a compiled layer finds the same empty list at every position: keying the
         # tables inside the call would make dynamo guard on their contents and recompile the layer per position.
         self.pending: list[tuple] = []
+        self.closed = False  # the forward has ended (`close`): later calls are recomputations, not new work
 
     def add(self, slot: int, part: str, executed, ideal, tokens=None) -> None:
-        """Add one call's FLOPs (and the valid tokens it ran, when it runs tokens) to (slot, part)."""
+        """Add one call's FLOPs (and the valid tokens it ran, when it runs tokens) to (slot, part); ignored once the
+        ledger is closed."""
         if part not in PARTS:
             raise ValueError(f"ledger part {part!r} is not one of {PARTS}.")
-        self.pending.append((slot, part, executed, ideal, tokens))
+        if not self.closed:
+            self.pending.append((slot, part, executed, ideal, tokens))
+
+    def close(self) -> None:
+        """End the forward's accounting: activation checkpointing runs layer calls again in backward, and those
+        recomputations must not add to the forward's figures."""
+        self.flush()
+        self.closed = True
 
     def flush(self) -> None:
         """Sum the pending entries into the tables."""

@@ -122,6 +122,7 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         stats.update(result.stats)
     stats.update({"flops/executed": ctx.ledger.total_tensor("executed"),
                   "flops/ideal": ctx.ledger.total_tensor("ideal"), "tokens/valid": ctx.valid_or_all.sum()})
+    ctx.ledger.close()  # what backward recomputes (activation checkpointing) is not this forward's work
     if trace is not None:
         trace.ctx = ctx
     aux_loss = logits.new_zeros((), dtype=torch.float32) + sum(losses)
