@@ -457,6 +457,21 @@ def test_randomised_recurrence_draws_each_training_forward_and_evaluation_runs_n
     assert int(loaded(ids).stats["dreamer/avg_depth"]) == int(a.train()(ids).stats["dreamer/avg_depth"])
 
 
+def test_weights_load_across_the_sampler_switch():
+    """A model trained with sample_recurrence loads into one without it (its draw counter dropped: evaluation never
+    draws), and a model without it into one with it (the counter starts at 0), strictly, with the same logits."""
+    sampled, fixed = varied(tiny(sample_recurrence=True)), varied(tiny(), seed=1)
+    sampled.recurrence_draws.fill_(7)
+    ids = torch.randint(0, 256, (2, 6))
+    into_fixed, into_sampled = DreamerLM(tiny()).eval(), DreamerLM(tiny(sample_recurrence=True)).eval()
+    into_fixed.load_state_dict(sampled.state_dict())
+    into_sampled.load_state_dict(fixed.state_dict())
+    assert "recurrence_draws" not in into_fixed.state_dict() and int(into_sampled.recurrence_draws) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(into_fixed(ids).logits, sampled.eval()(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(into_sampled(ids).logits, fixed.eval()(ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sample", [False, True])
 def test_truncated_backprop_computes_the_same_function_and_trains_only_the_last_steps(sample):
     """backprop_depth = 2: the learned per-step rows of the no-grad steps get exactly no gradient, the rest do;

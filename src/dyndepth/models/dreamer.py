@@ -219,6 +219,7 @@ class DreamerLM(nn.Module):
         self.exit_kl: float | None = None  # per-token exit threshold in nats (None: off)
         if config.sample_recurrence:  # training draws so far (huginn.nth_draw), saved with the weights
             self.register_buffer("recurrence_draws", torch.zeros((), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(_draws_across_the_sampler_switch, with_module=True)
         self._train_steps: tuple[int, int] | None = None  # (no-grad, grad) steps of the training forward running
 
     # ------------------------------------------------------------------------------ the schedule
@@ -368,6 +369,17 @@ class DreamerLM(nn.Module):
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""
         return [ExpertBiasHook()] if self.config.num_experts and self.config.ea_bias_update_rate else []
+
+
+def _draws_across_the_sampler_switch(model: DreamerLM, state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: weights load whether or not the checkpoint's run sampled its depth. A model
+    without the sampler drops the draw counter (evaluation never draws); one with it keeps its own (0) where the
+    checkpoint has none."""
+    key = f"{prefix}recurrence_draws"
+    if not model.config.sample_recurrence:
+        state.pop(key, None)
+    elif key not in state:
+        state[key] = model.recurrence_draws.clone()
 
 
 def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: DreamerConfig, steps: int,
