@@ -721,10 +721,10 @@ def test_cached_forwards_skip_the_analysis_statistics():
         assert not analysis & set(cached) and float(cached["flops/executed"]) > 0 and "dreamer/avg_depth" in cached
 
 
-def test_a_decode_step_dispatches_about_twice_the_ops_of_a_decoder_with_a_layer_per_application():
-    """A decode step is launch-bound on a GPU (and op-bound on a CPU): Dreamer's, at R = 8, stays under 2.1x the ops
-    of a decoder of the same shapes with 8 layers (1.93x measured; 2.32x while depth attention ran per entry in
-    decode steps and cached forwards recorded the analysis statistics)."""
+def test_a_decode_step_dispatches_under_twice_the_ops_of_a_decoder_with_a_layer_per_application():
+    """A decode step is launch-bound on a GPU (and op-bound on a CPU): Dreamer's, at R = 8, stays under 2x the ops
+    of a decoder of the same shapes with 8 layers: 1.93x measured; 2.10x with depth attention per entry in decode
+    steps, 2.15x with cached forwards recording the analysis statistics, 2.32x with both."""
     R = 8
     dreamer = DreamerLM(tiny(num_recurrences=R)).eval()
     decoder = CausalLM(ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=R,
@@ -739,7 +739,7 @@ def test_a_decode_step_dispatches_about_twice_the_ops_of_a_decoder_with_a_layer_
             with OpCounter() as counter:
                 model(ids[:, 6:], positions=torch.full((2, 1), 6), cache=cache)
         ops[name] = counter.n
-    assert ops["dreamer"] < 2.1 * ops["decoder"], ops
+    assert ops["dreamer"] < 2.0 * ops["decoder"], ops
 
 
 def test_state_change_is_an_evaluation_statistic():

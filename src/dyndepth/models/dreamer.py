@@ -373,13 +373,13 @@ class DreamerLM(nn.Module):
 
 def _draws_across_the_sampler_switch(model: DreamerLM, state: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: weights load whether or not the checkpoint's run sampled its depth. A model
-    without the sampler drops the draw counter (evaluation never draws); one with it keeps its own (0) where the
+    without the sampler drops the draw counter (evaluation never draws); one with it counts from 0 where the
     checkpoint has none."""
     key = f"{prefix}recurrence_draws"
     if not model.config.sample_recurrence:
         state.pop(key, None)
     elif key not in state:
-        state[key] = model.recurrence_draws.clone()
+        state[key] = torch.zeros((), dtype=torch.long)
 
 
 def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: DreamerConfig, steps: int,
