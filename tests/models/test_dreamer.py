@@ -723,8 +723,9 @@ def test_cached_forwards_skip_the_analysis_statistics():
 
 def test_a_decode_step_dispatches_under_twice_the_ops_of_a_decoder_with_a_layer_per_application():
     """A decode step is launch-bound on a GPU (and op-bound on a CPU): Dreamer's, at R = 8, stays under 2x the ops
-    of a decoder of the same shapes with 8 layers: 1.93x measured; 2.10x with depth attention per entry in decode
-    steps, 2.15x with cached forwards recording the analysis statistics, 2.32x with both."""
+    of a decoder of the same shapes with 8 layers: 1.89x measured; 1.93x with a RoPE call per step for depth
+    attention, 2.10x with depth attention per entry in decode steps, 2.15x with cached forwards recording the
+    analysis statistics, 2.32x with all three."""
     R = 8
     dreamer = DreamerLM(tiny(num_recurrences=R)).eval()
     decoder = CausalLM(ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=R,

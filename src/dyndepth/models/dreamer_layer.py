@@ -54,6 +54,7 @@ class DepthState:
     sel_logits: list = field(default_factory=list)  # [application] (B, T, E) router scores (entropy regularizer)
     attn_sel_logits: list = field(default_factory=list)  # [application] SwitchHead's (value, output) router scores
     z_losses: list = field(default_factory=list)  # [application] router z-loss over running tokens (ea_z_loss_coef)
+    step_rope: dict = field(default_factory=dict)  # layer -> depth attention's RoPE cos, sin (1, steps, H), all steps
     embed: torch.Tensor | None = None  # (B, T, D) the embedding, for input injection
     exit_kl: float | None = None  # per-token exit threshold (ours); None: every token runs every step
     exit_head: Callable | None = None  # x (B, T, D) -> logits (B, T, V): the model's norm + lm_head
@@ -268,7 +269,7 @@ class DreamerLayer(nn.Module):
                 x_BTD = x_BTD + st.embed
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
-            enc = self.depth_attn.step_encoding(step, x_BTD.dtype, x_BTD.device)
+            enc = self._step_encoding(st, step, x_BTD)
             # truncated backprop: the embedding's entry keeps its gradient, the embedding's path to the trained steps
             keep = st.embedding_entry_grad and step == 0 and self.index == 0
             with torch.enable_grad() if keep else contextlib.nullcontext():
@@ -301,6 +302,19 @@ class DreamerLayer(nn.Module):
         if st.exit_kl is not None and self.index == self.config.layers_per_group - 1:
             self._exit_check(st, ctx, slot, step, x_BTD)
         return x_BTD
+
+    def _step_encoding(self, st: DepthState, step: int, x_BTD: torch.Tensor):
+        """`DepthAttention.step_encoding` of `step`; with RoPE, the angles of every step of the forward come from one
+        call at its first step, kept on the depth state (a decode step is op-bound: one call, not one per step)."""
+        da = self.depth_attn
+        if da.encoding != "rope":
+            return step
+        table = st.step_rope.get(self.index)
+        if table is None or table[0].shape[1] <= step:
+            positions = torch.arange(max(st.steps, step + 1), device=x_BTD.device)[None]  # (1, steps)
+            table = st.step_rope[self.index] = da.rotary_emb(positions, x_BTD.dtype)  # (1, steps, H) each
+        cos, sin = table
+        return cos[:, step:step + 1], sin[:, step:step + 1]  # (1, 1, H)
 
     def _recompute(self, ctx: ForwardContext, fn: Callable, *args: torch.Tensor):
         """fn(*args); in training with `da_recompute`, its activations are recomputed in backward, not saved (only
