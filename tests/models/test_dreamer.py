@@ -304,6 +304,16 @@ def test_cached_generation_equals_the_full_forward_left_padded(da_mode, knob):
     torch.testing.assert_close(cached[real], full[real], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_decode_equals_eager():
+    """generate(compile=True) (one compiled decode step over a static cache; CUDA graphs on a GPU) gives the eager
+    tokens: depth attention's stacked path, the per-step RoPE table and the skipped statistics trace."""
+    model = varied(tiny())
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, 6, stop_tokens=[], compile=True), model.generate(ids, 6, stop_tokens=[]))
+
+
 def test_generate_equals_greedy_without_cache():
     model = varied(tiny())
     ids = torch.randint(0, 256, (2, 5))
