@@ -35,6 +35,13 @@ def tiny(**kw) -> DreamerConfig:
     return DreamerConfig(**{**fields, **kw})
 
 
+def tiny_decoder(layers: int) -> CausalLM:
+    """The Qwen3-shaped decoder of `tiny`'s shapes (a dense MLP of 96), one layer per Dreamer application."""
+    return CausalLM(ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                                max_position_embeddings=128, tie_word_embeddings=True)).eval()
+
+
 def varied(config, seed: int = 0) -> DreamerLM:
     return families.varied(DreamerLM, config, std=0.15, seed=seed)
 
@@ -44,9 +51,7 @@ def left_padded(B=3, T=12, vocab=256):
 
 
 def test_one_recurrence_without_depth_and_expert_attention_is_a_decoder_layer():
-    decoder = CausalLM(ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
-                                   max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    decoder = tiny_decoder(layers=1)
     dreamer = DreamerLM(tiny(num_recurrences=1, da_mode="none", num_experts=0, intermediate_size=96)).eval()
     dreamer.load_state_dict(decoder.state_dict())  # the same parameter names: a strict load
     ids, mask = left_padded()
@@ -738,9 +743,7 @@ def test_a_decode_step_dispatches_under_twice_the_ops_of_a_decoder_with_a_layer_
     analysis statistics, 2.32x with all three."""
     R = 8
     dreamer = DreamerLM(tiny(num_recurrences=R)).eval()
-    decoder = CausalLM(ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=R,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    decoder = tiny_decoder(layers=R)
     ops = {}
     for name, model in (("dreamer", dreamer), ("decoder", decoder)):
         ids = torch.randint(0, 256, (2, 7))

@@ -99,12 +99,20 @@ class DepthAttention(nn.Module):
         else:  # (R, D), learned from zero, added to the normed state every projection reads
             self.step_embed = nn.Parameter(torch.zeros(config.num_recurrences, D))
 
-    def step_encoding(self, step: int, dtype: torch.dtype, device):
-        """What step `step` is encoded with: RoPE's cos, sin (1, 1, H), or the step itself, whose learned row the
-        projections add (not the row: a view of a parameter made under no_grad trips module hooks as an input)."""
-        if self.encoding == "rope":
-            return self.rotary_emb(torch.full((1, 1), step, device=device), dtype)
-        return step
+    def step_table(self, steps: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos, sin (1, steps, H) of steps 0..steps - 1, in one call (a forward's: a decode step is op-bound)."""
+        return self.rotary_emb(torch.arange(steps, device=device)[None], dtype)
+
+    def step_encoding(self, step: int, dtype: torch.dtype, device, table: tuple | None = None):
+        """What step `step` is encoded with: RoPE's cos, sin (1, 1, H), sliced from `table` (a `step_table` that
+        covers the step) or computed, or the step itself, whose learned row the projections add (not the row: a
+        view of a parameter made under no_grad trips module hooks as an input)."""
+        if self.encoding != "rope":
+            return step
+        if table is None or table[0].shape[1] <= step:
+            table = self.step_table(step + 1, dtype, device)
+        cos, sin = table
+        return cos[:, step:step + 1], sin[:, step:step + 1]
 
     def _project(self, x_BTD: torch.Tensor, norm: RMSNorm | None, enc, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
         """linear(norm(x)) for each projection; with learned encodings linear(norm(x) + e_step), as W e_step added."""
@@ -269,7 +277,10 @@ class DreamerLayer(nn.Module):
                 x_BTD = x_BTD + st.embed
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
-            enc = self._step_encoding(st, step, x_BTD)
+            depth = self.depth_attn
+            if depth.encoding == "rope" and self.index not in st.step_rope:  # every step's angles, once a forward
+                st.step_rope[self.index] = depth.step_table(st.steps, x_BTD.dtype, x_BTD.device)
+            enc = depth.step_encoding(step, x_BTD.dtype, x_BTD.device, st.step_rope.get(self.index))
             # truncated backprop: the embedding's entry keeps its gradient, the embedding's path to the trained steps
             keep = st.embedding_entry_grad and step == 0 and self.index == 0
             with torch.enable_grad() if keep else contextlib.nullcontext():
@@ -302,19 +313,6 @@ class DreamerLayer(nn.Module):
         if st.exit_kl is not None and self.index == self.config.layers_per_group - 1:
             self._exit_check(st, ctx, slot, step, x_BTD)
         return x_BTD
-
-    def _step_encoding(self, st: DepthState, step: int, x_BTD: torch.Tensor):
-        """`DepthAttention.step_encoding` of `step`; with RoPE, the angles of every step of the forward come from one
-        call at its first step, kept on the depth state (a decode step is op-bound: one call, not one per step)."""
-        da = self.depth_attn
-        if da.encoding != "rope":
-            return step
-        table = st.step_rope.get(self.index)
-        if table is None or table[0].shape[1] <= step:
-            positions = torch.arange(max(st.steps, step + 1), device=x_BTD.device)[None]  # (1, steps)
-            table = st.step_rope[self.index] = da.rotary_emb(positions, x_BTD.dtype)  # (1, steps, H) each
-        cos, sin = table
-        return cos[:, step:step + 1], sin[:, step:step + 1]  # (1, 1, H)
 
     def _recompute(self, ctx: ForwardContext, fn: Callable, *args: torch.Tensor):
         """fn(*args); in training with `da_recompute`, its activations are recomputed in backward, not saved (only
