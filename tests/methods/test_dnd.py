@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from opcount import OpCounter
 from test_compute import counted, padded_batch
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from dyndepth.core.method import Method
 from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
 from dyndepth.methods.dnd import compact_positions, router_losses
 from dyndepth.methods.dnd_analysis import without_method
+from opcount import OpCounter
 
 
 def dnd_model(name="tiny-qwen3", beta=0.5, std=1.0, **cfg):
@@ -526,3 +526,27 @@ def test_a_decode_step_adds_one_plain_layer_and_a_few_routing_ops_per_nesting_la
         layer.block(x, ctx, 0)
     per_layer = counter.n
     assert ops[True] - ops[False] <= 2 * (per_layer + 60), (ops, per_layer)
+
+
+def test_a_decode_step_where_no_row_nests_adds_only_the_routers_and_keeps_the_selected_ratio():
+    # Routing only: per DND layer the router (5 ops), sigmoid, threshold, and the host sync deciding the nested
+    # pass (any, nonzero, squeeze); per forward the selected ratios (5). The code before 2026-12-04 took 15 per
+    # layer and 21 per forward (detaches, a valid-token count per layer, FLOP-overhead statistics every step).
+    model, method = dnd_model(layers=(0, 1))
+    for d in method.layer_dnd:
+        d.tau.fill_(1.0)  # p <= 1: no token nests
+    ids = torch.randint(0, 256, (4, 8))
+    pos = torch.arange(8).expand(4, 8)
+    ops, outs = {}, {}
+    for on in (False, True):
+        with torch.no_grad(), (contextlib.nullcontext() if on else without_method(model)):
+            cache = KVCache.for_model(model.config, 4, 9, num_slots=model.num_slots())
+            model(ids, positions=pos, cache=cache)
+            with OpCounter() as counter:
+                outs[on] = model(ids[:, -1:], positions=pos[:, -1:] + 1, cache=cache)
+            full = model(ids)
+            ops[on] = counter.n
+    assert ops[True] - ops[False] <= 2 * 10 + 5, ops
+    assert float(outs[True].stats["dnd/selected"]) == 0.0 and "dnd/selected/L1" in outs[True].stats
+    assert "dnd/flops_overhead" not in outs[True].stats  # cached forwards: out.compute has the FLOPs
+    assert "dnd/flops_overhead" in full.stats and float(full.stats["dnd/flops_overhead"]) > 0  # full forwards

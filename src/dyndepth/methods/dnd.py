@@ -154,6 +154,8 @@ class DNDState:
     valid: torch.Tensor  # (B, T) non-PAD tokens
     topk: bool  # training forward with control="topk": per-sequence (document) top-k instead of the threshold
     padded: bool = True  # some tokens are PAD (False: valid is all True and needs no masking)
+    n_valid: torch.Tensor | int = 0  # valid tokens: a count on the host when nothing is padded (no op per layer)
+    cached: bool = False  # a forward through a KV cache (generation): the FLOP-overhead statistics are skipped
     scores: dict = field(default_factory=dict)  # slot -> p (B, T) float32, detached
     keep: dict = field(default_factory=dict)  # slot -> selected (B, T) bool
     sd: list = field(default_factory=list)  # per-layer router losses (training)
@@ -223,21 +225,23 @@ class DND:
 
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> DNDState:
-        return DNDState(valid=ctx.valid_or_all, topk=ctx.training and self.config.control == "topk",
-                        padded=ctx.valid is not None)
+        valid = ctx.valid_or_all
+        return DNDState(valid=valid, topk=ctx.training and self.config.control == "topk", padded=ctx.valid is not None,
+                        n_valid=valid.numel() if ctx.valid is None else valid.sum(), cached=ctx.cache is not None)
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
         st: DNDState = ctx.state
         out = MethodOutput()
         if not st.keep:
             return out
-        n_valid = st.valid.sum().clamp(min=1)
+        n_valid = st.n_valid.clamp(min=1) if torch.is_tensor(st.n_valid) else max(st.n_valid, 1)
         fractions = torch.stack(list(st.keep.values())).sum((1, 2)) / n_valid  # (L,) keep holds valid tokens only
         for slot, fraction in zip(st.keep, fractions.unbind()):
             out.stats[f"dnd/selected/L{slot}"] = fraction
         out.stats["dnd/selected"] = fractions.mean()
-        out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
-        out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
+        if not st.cached:  # generation drops statistics; a decode step is op-bound (out.compute keeps the FLOPs)
+            out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
+            out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
         if st.sd:
             sd, dp = torch.stack(st.sd).mean(), torch.stack(st.dp).mean()
             out.stats["dnd/sd_loss"], out.stats["dnd/dp_loss"] = sd.detach(), dp.detach()
@@ -270,7 +274,7 @@ class DND:
         st: DNDState = ctx.state
         p_BT = self._score(layer.dnd, xv, ctx, slot)  # (B, T) float32
         keep_BT = self._select(layer.dnd, p_BT, st, ctx.doc_ids)
-        st.scores[slot], st.keep[slot] = p_BT.detach(), keep_BT
+        st.scores[slot], st.keep[slot] = _detached(p_BT), keep_BT
         if ctx.training:
             sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
             st.sd.append(sd)
@@ -333,7 +337,7 @@ class DND:
         bias = dnd.router.bias
         with torch.autocast(xv.device.type, enabled=False):
             r = F.linear(xv.float(), dnd.router.weight.float(), None if bias is None else bias.float())
-        n_valid = ctx.state.valid.sum()
+        n_valid = ctx.state.n_valid
         ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
         return torch.sigmoid(r.squeeze(-1))
 
@@ -347,7 +351,7 @@ class DND:
             if doc_ids_BT is not None:
                 return topk_per_document(p_BT.detach(), st.valid, doc_ids_BT, self.config.ratio)
             return select(p_BT.detach(), st.valid, SelectRule(kind="topk", fraction=self.config.ratio))
-        keep = p_BT.detach() > (dnd.tau + self.tau_offset if self.tau_offset else dnd.tau)
+        keep = _detached(p_BT) > (dnd.tau + self.tau_offset if self.tau_offset else dnd.tau)
         return keep & st.valid if st.padded else keep
 
     def _nested_pass(self, layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx: ForwardContext, slot: int):
@@ -395,6 +399,11 @@ class DND:
         h = torch.cat([layer.input_layernorm(x), layer.input_layernorm(xs_BKD)], 1)  # (B, T + K, D)
         q_idx_BK = T + torch.arange(xs_BKD.shape[1], device=x.device).expand(B, -1)  # the nested queries
         return layer.attn_branch(h, both, nslot, q_idx_BK=q_idx_BK, q_valid_BK=valid_BK)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """t without its graph; t itself when it has none (inference: no op)."""
+    return t.detach() if t.requires_grad else t
 
 
 def compact_positions(keep_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
