@@ -1,0 +1,46 @@
+"""The README's Python snippets run as written: the first with the offline toy model its comment offers in place
+of the hub checkpoint, the method snippets on that model (DND's layer band on a 24-layer toy of the same shape)."""
+
+import re
+from pathlib import Path
+
+import torch
+
+import dyndepth
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def offline(block: str) -> str:
+    """The quickstart with its `# offline toy` line in place of the two lines that load a checkpoint."""
+    toy = re.search(r"^# (model, tok = .*?)\s+# offline toy$", block, re.M)
+    assert toy, "the README's quickstart lost its offline toy line"
+    lines = [line for line in block.splitlines() if '"path/to/' not in line and not line.startswith("# model, tok")]
+    at = next(i for i, line in enumerate(lines) if line.startswith("input_ids, mask"))
+    return "\n".join(lines[:at] + [toy.group(1)] + lines[at:])
+
+
+def test_the_readme_python_snippets_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    quickstart, gateskip, methods = python_blocks()
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(offline(quickstart), ns)
+    assert ns["out"].logits.shape[:2] == ns["input_ids"].shape and ns["ids"].shape[1] > ns["input_ids"].shape[1]
+    assert (tmp_path / "out" / "config.json").exists()
+    assert capsys.readouterr().out  # the decoded continuation was printed
+
+    ns.update(prompt=ns["input_ids"][:1], calibration_batches=[ns["input_ids"]])
+    exec(gateskip, ns)
+    stats = ns["out"].stats
+    assert abs(float(stats["gateskip/attn_skipped"]) - 0.3) < 0.05, stats  # 30% of tokens skip each branch
+    assert float(stats["flops/ideal"]) < float(stats["flops/executed"])
+    assert ns["ids"].shape == (1, ns["prompt"].shape[1] + 64)
+
+    ns["model"] = dyndepth.CausalLM(dyndepth.preset("demo-tiny", num_hidden_layers=24)).eval()
+    exec(methods, ns)
+    assert "dreamer/expert_diversity" in " ".join(ns["out"].stats) and ns["out"].logits.shape[-1] > 0
