@@ -107,7 +107,11 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     b = [ll for ll, _ in skip.loglikelihood(reqs, disable_tqdm=True)]
     assert a != pytest.approx(b, abs=1e-3)  # half the tokens skipped every branch
     assert method_knobs(skip.model.method)["budget"] == 0.0  # the override is undone after each forward
-    assert skip.get_model_info()["method_knobs"] == {"budget": 0.5, "mode": "quantile", "skip_budget": 0.5}
+    info = skip.get_model_info()
+    assert info["method_knobs"] == {"budget": 0.5, "mode": "quantile", "skip_budget": 0.5}
+    skipped = info["mean_forward_stats"]  # GateSkip's fractions (Python floats) are recorded next to the FLOPs
+    assert skipped["gateskip/attn_skipped"] == pytest.approx(0.5, abs=0.1) and "flops/executed" in skipped
+    assert base.get_model_info()["mean_forward_stats"]["gateskip/attn_skipped"] == 0.0
     knobs = split_knobs(method, {"skip_budget": 0})
     assert (knobs.fields, knobs.generate) == ({"budget": 0.0}, {"skip_budget": 0.0})
     assert isinstance(knobs.fields["budget"], float)

@@ -119,9 +119,12 @@ class DyndepthLM(TemplateLM):
         return F.log_softmax(out.logits.float(), dim=-1)  # (B, n, V)
 
     def _record(self, stats: dict) -> None:
+        """Sum each scalar statistic of a forward: one-element tensors and plain numbers (GateSkip's skipped
+        fractions are Python floats)."""
         self._forwards += 1
         for k, v in stats.items():
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
+            scalar = v.numel() == 1 if isinstance(v, torch.Tensor) else isinstance(v, (int, float))
+            if scalar and not isinstance(v, bool):
                 self._stat_sums[k] = self._stat_sums.get(k, 0.0) + float(v)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
