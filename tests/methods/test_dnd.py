@@ -4,6 +4,7 @@ router controlling loss, the threshold controller, FLOPs against torch's counter
 
 import contextlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -550,3 +551,38 @@ def test_a_decode_step_where_no_row_nests_adds_only_the_routers_and_keeps_the_se
     assert float(outs[True].stats["dnd/selected"]) == 0.0 and "dnd/selected/L1" in outs[True].stats
     assert "dnd/flops_overhead" not in outs[True].stats  # cached forwards: out.compute has the FLOPs
     assert "dnd/flops_overhead" in full.stats and float(full.stats["dnd/flops_overhead"]) > 0  # full forwards
+
+
+def test_a_resumed_run_syncs_tau_as_the_uninterrupted_one_does(tmp_path):
+    """The controller's score buffer is checkpoint state: resuming the same run from its step-4 checkpoint and
+    syncing at step 6 (sync_every 3) gives the uninterrupted run's tau and losses exactly (the old code resumed
+    with an empty buffer, so its step-6 target came from one batch)."""
+    base = CausalLM(preset("tiny-qwen3", vocab_size=264))
+    base.save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "run.toml"
+
+    def train(out: str, resume: bool = False) -> list[dict]:
+        recipe.write_text(
+            f'[model]\npretrained = "{tmp_path / "base"}"\n'
+            '[method]\nname = "dnd"\nlayers = [0, 1]\nratio = 0.3\nrouter_init_std = 0.5\nsync_every = 3\n'
+            'gamma = 0.5\n'
+            '[train]\nsteps = 7\nbatch_size = 2\nseq_len = 32\nwarmup = 1\nlr = 1e-3\nmin_lr = 1e-4\n'
+            'log_every = 1\nsave_every = 4\nprogress = false\nplot = false\ndevice = "cpu"\neval_every = 0\n'
+            f'out_dir = "{tmp_path / out}"\n'
+            '[data]\nsource = "embedded"\nsynthetic_examples = 100\nstdlib_bytes = 10000\n')
+        result = CliRunner().invoke(app, ["train", str(recipe)] + (["--resume"] if resume else []))
+        assert result.exit_code == 0, result.output
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = train("whole")
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "whole" / "step_0000004", tmp_path / "cut" / "step_0000004")
+    resumed = train("cut", resume=True)
+
+    def curve(records, key):
+        return {r["step"]: r[key] for r in records if key in r and r["step"] > 4}
+
+    for key in ("loss", "dnd/tau/L0", "dnd/tau/L1"):
+        assert curve(resumed, key) == curve(whole, key) and len(curve(whole, key)) == 3, key
+    synced = curve(whole, "dnd/tau/L0")
+    assert synced[6] != synced[5]  # the step-6 sync moved tau (so the buffer mattered)

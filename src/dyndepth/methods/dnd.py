@@ -264,7 +264,7 @@ class DND:
     def record_scores(self, layer: int, scores: torch.Tensor) -> None:
         """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer."""
         stride = max(1, -(-scores.numel() // self.config.buffer_tokens))
-        self.scores_buffer[layer].append(scores.detach().float()[::stride])
+        self.scores_buffer[layer].append(scores.detach().float()[::stride].contiguous())  # the subsample alone
 
     # ---- per layer ----
     def layer_forward(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
@@ -496,7 +496,8 @@ class DNDHook:
     """Trainer hook: the threshold controller (no gradients). Every step tau += alpha (actual - target) per
     layer (control="threshold"); every `sync_every` steps tau += gamma (target threshold of the score buffer -
     tau) (threshold and topk). Ratios and targets are means over data-parallel ranks, so every rank holds the
-    same tau. tau lives in the layers' buffers (saved with the weights); the score buffer is transient."""
+    same tau. tau lives in the layers' buffers (saved with the weights); the score buffer, this rank's recent
+    scores, is saved in every rank's checkpoint state, so a resumed run syncs as the uninterrupted one does."""
 
     name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error
 
@@ -536,7 +537,10 @@ class DNDHook:
         return torch.stack(out).float()
 
     def state_dict(self) -> dict:
-        return {}
+        return {"scores": {layer: list(self.method.scores_buffer[layer]) for layer in self.method.layers}}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        saved = state.get("scores", {})  # checkpoints before 2026-12-04 kept no buffer: it refills in sync_every
+        for layer in self.method.layers:
+            self.method.scores_buffer[layer].clear()
+            self.method.scores_buffer[layer].extend(saved.get(layer, []))

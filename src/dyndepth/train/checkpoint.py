@@ -3,9 +3,9 @@
 Layout of one checkpoint `out_dir/step_XXXXXXX/` (written into `step_XXXXXXX.tmp/`, then renamed):
   model.safetensors   full model state with HF names, the same under DDP, FSDP2 or one process (the DDP
                       wrapper is unwrapped first; a tied lm_head is stored once and re-aliased on load)
-  train_state.pt      step, optimizer, scheduler, hook states, world size, non-finite step count and the
-                      TrainConfig (rank 0)
-  rank_{r}.pt         per-rank RNG states (python, numpy, torch, cuda) and data-loader state
+  train_state.pt      step, optimizer, scheduler, world size, non-finite step count and the TrainConfig (rank 0)
+  rank_{r}.pt         per-rank RNG states (python, numpy, torch, cuda), data-loader state and the training hooks'
+                      state (a controller may keep rank-local statistics: DND's score buffer)
   config.yaml         the resolved run config (or the TrainConfig alone)
   manifest.json       size and sha256 of every file above; written last
 
@@ -209,14 +209,15 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
     model_state, optim_state = _full_state(model, optimizer)  # collective under FSDP
     # checked (and made plain) before anything is written: a state that would not load is never saved
     rank_state = plain_state({"rng": rng_state(), "loader": loader.state_dict() if loader is not None else None},
-                        "loader/RNG state")
+                             "loader/RNG state")
+    rank_state["hooks"] = plain_state(hook_states, "hook state")  # every rank's: DND keeps rank-local scores
     if info.is_main:
         sched_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         cfg = dataclasses.asdict(train_config) if train_config is not None else None
         train_state = {"format": FORMAT_VERSION, "step": step, "world_size": info.world_size}
-        for key, value in (("optimizer", optim_state), ("scheduler", sched_state), ("hooks", hook_states),
-                           ("train_config", cfg), *(extra_state or {}).items()):
-            train_state[key] = plain_state(value, f"{key} state" if key != "hooks" else "hook state")
+        for key, value in (("optimizer", optim_state), ("scheduler", sched_state), ("train_config", cfg),
+                           *(extra_state or {}).items()):
+            train_state[key] = plain_state(value, f"{key} state")
     try:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -395,6 +396,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"{path}/{MANIFEST} does not list {rank_name}, written by every rank of the "
                               f"{state['world_size']}-rank run; the checkpoint is incomplete.")
     rank_state = load_plain(path / rank_name)
+    if "hooks" in rank_state:  # this rank's own hook state (checkpoints before 2026-12-04: rank 0's, in train_state)
+        state["hooks"] = rank_state["hooks"]
     if loader is not None and rank_state["loader"] is not None:
         loader.load_state_dict(rank_state["loader"])
     if same_world:
