@@ -137,6 +137,8 @@ def test_cli_recipe_values_of_the_wrong_type(tmp_path):
     assert "train.lr: expected float, got 'abc'" in _cli_error(["train", recipe, "--set", "train.lr=abc"])
     assert "train.steps: expected int" in _cli_error(["train", recipe, "--set", "train.steps=1.5"])
     assert "unknown" in _cli_error(["train", recipe, "--set", "train.learning_rate=1e-3"]).lower()
+    line = _cli_error(["train", recipe, "--set", "model.hidden=64"])  # a model field that does not exist
+    assert "ModelConfig has no field 'hidden'" in line and "'hidden_size'" in line
 
 
 def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_path):
@@ -156,4 +158,4 @@ def test_cli_device_and_dtype(tmp_path):
     assert "dtype 'fp8'" in _cli_error(["generate", "tiny-qwen3", "-p", "hi", "--dtype", "fp8"])
 
 
-BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 3 + 1 + 2  # the cases above, counted for the issue note
+BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2  # the cases above, counted for the issue note

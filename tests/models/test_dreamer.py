@@ -987,3 +987,12 @@ def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
 def test_option_errors_name_the_field_and_the_fix(fields, message):
     with pytest.raises(dyndepth.ConfigError, match=message):
         tiny(**fields)
+
+
+def test_recipe_overrides_reach_the_config_by_name():
+    """`--set model.da_mode=none` parses to None: a string field reads it as the word; an unknown field is named."""
+    config = dyndepth.preset("dreamer-tiny", da_mode=None, ea_depth_encoding=None, rope_scaling=None)
+    assert (config.da_mode, config.ea_depth_encoding) == ("none", "none")
+    assert config.rope_scaling is None  # an optional field keeps None
+    with pytest.raises(dyndepth.ConfigError, match="DreamerConfig has no field 'da_heads'.*'da_num_heads'"):
+        dyndepth.preset("dreamer-tiny", da_heads=2)

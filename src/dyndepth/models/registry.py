@@ -6,6 +6,7 @@ family (Dreamer, the depth-recurrent baselines) is one `register_model` call in 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +49,17 @@ def model_spec(model_type: str) -> ModelSpec:
 
 
 def build_config(fields: dict) -> Any:
-    """A config from a dict of its fields (model_type picks the config class; default "qwen3")."""
+    """A config from a dict of its fields (model_type picks the config class; default "qwen3"). A field the class
+    lacks is an error naming the valid ones; None for a string field is the word "none" (what `--set
+    model.da_mode=none` parses to)."""
     spec = model_spec(fields.get("model_type", "qwen3"))
-    return spec.config_cls(**fields)
+    known = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"{spec.config_cls.__name__} has no field {unknown[0]!r}; its fields are "
+                          f"{sorted(known)}.")
+    return spec.config_cls(**{k: "none" if v is None and known[k].type in ("str", str) else v
+                              for k, v in fields.items()})
 
 
 def preset(name: str, **overrides) -> Any:
