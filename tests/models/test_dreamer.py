@@ -996,3 +996,22 @@ def test_recipe_overrides_reach_the_config_by_name():
     assert config.rope_scaling is None  # an optional field keeps None
     with pytest.raises(dyndepth.ConfigError, match="DreamerConfig has no field 'da_heads'.*'da_num_heads'"):
         dyndepth.preset("dreamer-tiny", da_heads=2)
+
+
+def test_expert_widths_the_grouped_matmul_cannot_take_run_one_matmul_per_expert():
+    """F = 30 (120-byte rows in float32) is not a multiple of 16 bytes: the grouped matmul refuses it (it raised
+    deep inside torch), so the experts run one matmul per expert, with the grouped path's values and gradients."""
+    model = varied(tiny(moe_intermediate_size=30))
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(12, 64, requires_grad=True)
+    scores, idx, gates = model.model.layers[0].mlp.route(x, 1)
+    y = experts(x, idx, gates)
+    y.square().sum().backward()
+    ref = torch.zeros_like(y)  # per (token, expert) pair
+    for n in range(12):
+        for k in range(idx.shape[1]):
+            e = int(idx[n, k])
+            gate, up = F.linear(x[n], experts.gate_up_proj[e]).chunk(2)
+            ref[n] += gates[n, k] * F.linear(F.silu(gate) * up, experts.down_proj[e])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0

@@ -57,7 +57,7 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
         E = self.down_proj.shape[0]
-        grouped = self.grouped and _grouped_mm_supported(x_ND)  # also faster than gathering when decoding (CPU)
+        grouped = self.grouped and _grouped_mm_supported(x_ND) and self._aligned(matmul_dtype(x_ND))
         if N * K < E and not grouped:  # few tokens (decoding): gather the K experts' weights, no host sync
             return self._gathered(x_ND, idx_NK, w_NK)
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
@@ -77,6 +77,12 @@ class Experts(nn.Module):
                 start += c
             y = torch.cat(outs)  # (N*K, D)
         return add_rows(y.to(x_ND.dtype), rows, N)  # (N, D): each token's K expert outputs summed
+
+    def _aligned(self, dtype: torch.dtype) -> bool:
+        """Whether the grouped matmul takes these widths: its operands' rows must be multiples of 16 bytes (a
+        width of 90 in float32 is not), else one matmul per expert runs. Grouped is also faster than gathering the
+        experts' weights when decoding (CPU)."""
+        return all(n * dtype.itemsize % 16 == 0 for n in self.down_proj.shape[1:])  # D and F
 
     def _grouped(self, x_ND: torch.Tensor, rows_M: torch.Tensor, offsets_E: torch.Tensor,
                  w_M1: torch.Tensor) -> torch.Tensor:
