@@ -70,3 +70,20 @@ def test_a_base_recipe_trains_its_own_bpe_and_exports_a_self_contained_folder(tm
     tok, model = load_tokenizer(str(folder)), dyndepth.from_pretrained(folder)
     text = "The quick brown fox."
     assert tok.decode(tok.encode(text)) == text and tok.vocab_size <= model.config.vocab_size == 300
+
+
+def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tmp_path):
+    """The CPU recipes' byte tokenizer is saved beside the exported weights (it was not: `dyndepth generate
+    out/model` asked for --tokenizer byte)."""
+    from typer.testing import CliRunner
+
+    from dyndepth.cli import app
+
+    overrides = [f"train.out_dir={tmp_path / 'out'}", "train.steps=1", "train.batch_size=2", "train.seq_len=32",
+                 "train.eval_batches=1", "train.progress=false", "train.plot=false", "data.synthetic_examples=100",
+                 "data.stdlib_bytes=10000"]
+    run_training("recipes/tiny_cpu.toml", overrides)
+    folder = tmp_path / "out" / "model"
+    assert (folder / "byte_tokenizer.json").exists()
+    result = CliRunner().invoke(app, ["generate", str(folder), "-p", "12+3=", "-n", "4"])
+    assert result.exit_code == 0 and "12+3=" in result.output, result.output

@@ -105,8 +105,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
         exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
-        if getattr(tokenizer, "backend", None) is not None:  # its tokenizer too, so the folder is self-contained
-            tokenizer.backend.save(str(exported / "tokenizer.json"))
+        if tokenizer is not None:  # its tokenizer too (BPE or bytes), so the folder is self-contained
+            tokenizer.save(exported)
     return result
 
 
