@@ -74,3 +74,17 @@ def test_forward_report_weights_each_batch_by_its_valid_tokens():
     assert report["state_change"] == [round(float(c), 4) for c in change]
     usage = stat[0]["dreamer/expert_usage"] + stat[1]["dreamer/expert_usage"]
     torch.testing.assert_close(report["expert_usage"], usage)
+
+
+def test_the_study_command_names_a_folder_it_cannot_study_in_one_line(run_dir, tmp_path_factory, capsys):
+    from dyndepth.eval.dreamer import main
+
+    missing = tmp_path_factory.mktemp("x") / "nope"
+    with pytest.raises(SystemExit, match="error: .*nope is not a finished `dyndepth train` run folder"):
+        main([str(missing)])
+    assert not missing.exists()  # nothing created on the way to the error
+    with pytest.raises(SystemExit, match="is an exported model: pass its run folder"):
+        main([str(run_dir / "model")])
+    dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).save_pretrained(run_dir / "model")  # not a Dreamer
+    with pytest.raises(SystemExit, match="trained a 'qwen3' model; the Dreamer study needs a Dreamer run"):
+        main([str(run_dir)])

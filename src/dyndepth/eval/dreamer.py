@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -91,10 +93,17 @@ def depth_sweep(model, tokenizer, examples, batches: list[dict], settings: list[
 def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_per_task: int = 40,
               num_batches: int = 8, exit_kls: tuple[float, ...] = (0.1, 0.03, 0.01, 0.003)) -> dict:
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
+        hint = f"; {run_dir} is an exported model: pass its run folder" if (run_dir / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{run_dir} is not a finished `dyndepth train` run folder (config.yaml and model/)"
+                                f"{hint}.")
     rc = load_run_config(run_dir / "config.yaml")
     model = from_pretrained(run_dir / "model").eval()
+    if model.config.model_type != "dreamer":
+        raise ValueError(f"{run_dir} trained a {model.config.model_type!r} model; the Dreamer study needs a Dreamer "
+                         "run (a recipe with [model] type = \"dreamer\", e.g. recipes/dreamer_tiny_cpu.toml).")
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(rc.data)
     val = build_loader(rc.data, split="val", batch_size=rc.train.batch_size, seq_len=rc.train.seq_len,
                        seed=rc.train.seed, tokenizer=tokenizer)
@@ -142,7 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=40, help="evaluation examples per task")
     parser.add_argument("--batches", type=int, default=8, help="validation batches for the loss")
     args = parser.parse_args(argv)
-    print(render(run_study(args.run_dir, args.out, args.examples, args.batches)))
+    try:
+        result = run_study(args.run_dir, args.out, args.examples, args.batches)
+    except (ValueError, FileNotFoundError) as e:  # one line, as the dyndepth CLI prints (DYNDEPTH_DEBUG=1: trace)
+        if os.environ.get("DYNDEPTH_DEBUG"):
+            raise
+        sys.exit(f"error: {e}")
+    print(render(result))
 
 
 if __name__ == "__main__":
