@@ -129,3 +129,31 @@ def test_run_eval_takes_a_model_in_memory(tiny_checkpoint, data_dir, tmp_path):
     assert [(r.task, r.metric) for r in result["rows"]][:2] == [("copa", "acc"), ("copa", "acc_norm")]
     saved = json.loads(result["path"].read_text())
     assert saved["model"] == "CausalLM" and saved["model_args"]["tokenizer"] == "HFTokenizer"
+
+
+def test_a_dreamer_takes_its_own_knobs_as_model_arguments(tmp_path):
+    """`--model-args steps=2,exit_kl=0.05` sets Dreamer's inference knobs (it has no method attached: the old code
+    refused them as 'no adaptive-depth method'), for the forwards only, and names them when misspelt."""
+    import torch
+
+    import dyndepth
+    from dyndepth.eval.model_args import load_for_eval
+
+    torch.manual_seed(0)
+    dyndepth.build_model(dyndepth.preset("dreamer-tiny")).save_pretrained(tmp_path / "d")
+    loaded = load_for_eval(str(tmp_path / "d"), tokenizer="byte", steps=2, exit_kl=0.05)
+    assert loaded.knobs.fields == {"steps": 2, "exit_kl": 0.05}
+    with loaded.knobs.scoring(loaded.model):
+        assert loaded.model.knobs() == {"steps": 2, "exit_kl": 0.05}
+    assert loaded.model.knobs() == {"steps": 4, "exit_kl": None}  # restored after the forwards
+    with pytest.raises(ValueError, match=r"knobs of the DreamerLM model \['exit_kl', 'steps'\]"):
+        load_for_eval(str(tmp_path / "d"), tokenizer="byte", depth=2)
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 5)
+    ppl = {}
+    for steps in (1, 4):
+        args = ["--perplexity", str(text), "--max-length", "16", "--model-args", f"tokenizer=byte,steps={steps}"]
+        result = CliRunner().invoke(app, ["eval", str(tmp_path / "d"), *args, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 0, result.output
+        ppl[steps] = json.loads((tmp_path / "o" / "results.json").read_text())["perplexity"]["notes.txt"]["nll"]
+    assert ppl[1] != ppl[4]  # the knob reached the forwards

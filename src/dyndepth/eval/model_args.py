@@ -4,7 +4,8 @@ Shared by the lm-eval adapter (harness.py) and perplexity runs, and free of lm-e
 perplexity works without it. Every argument that is not in `ADAPTER_ARGS` is a knob of the
 adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS`, or any
 runtime knob the method's `override(**knobs)` accepts (`method.knobs()`; for methods without it, the
-fields of its config dataclass). Adding a method knob (DND ratio, recurrences, exit threshold) is one
+fields of its config dataclass). A model without a method that has knobs of its own (Dreamer: `steps`,
+`exit_kl`) takes those (`knob_owner`). Adding a method knob (DND ratio, recurrences, exit threshold) is one
 line in `NAMED_KNOBS`, or nothing at all when the method already calls the knob by the wanted name.
 """
 
@@ -36,11 +37,19 @@ class Knobs:
     decode_fields: dict  # config fields kept set while generating (those without a generate keyword)
 
     def scoring(self, model):
-        """Context manager: the knobs applied to `model.method` for scoring forwards."""
-        return model.method.override(**self.fields) if self.fields else contextlib.nullcontext()
+        """Context manager: the knobs applied to `knob_owner(model)` for scoring forwards."""
+        return knob_owner(model).override(**self.fields) if self.fields else contextlib.nullcontext()
 
     def decoding(self, model):
-        return model.method.override(**self.decode_fields) if self.decode_fields else contextlib.nullcontext()
+        return knob_owner(model).override(**self.decode_fields) if self.decode_fields else contextlib.nullcontext()
+
+
+def knob_owner(model):
+    """What the knobs set: the attached method, else the model itself when it has knobs (Dreamer's `steps` and
+    `exit_kl`), else None."""
+    if getattr(model, "method", None) is not None:
+        return model.method
+    return model if callable(getattr(model, "knobs", None)) and callable(getattr(model, "override", None)) else None
 
 
 @dataclasses.dataclass
@@ -56,7 +65,7 @@ def load_for_eval(pretrained, tokenizer=None, dtype: str | None = None, device: 
     """Model, tokenizer and method knobs from model arguments (what every evaluation path starts with)."""
     resolved = resolve_device(device)
     model = load_model(pretrained, dtype, resolved)
-    return Loaded(model, load_tokenizer(pretrained, tokenizer, model), split_knobs(model.method, knobs), resolved)
+    return Loaded(model, load_tokenizer(pretrained, tokenizer, model), split_knobs(knob_owner(model), knobs), resolved)
 
 
 def parse_model_args(text: str | None) -> dict:
@@ -128,12 +137,13 @@ def _unknown_arg(name: str, field: str, method, fields: set[str]) -> str:
     if method is None:
         return (f"unknown model argument {name!r}: this model has no adaptive-depth method attached, so it takes "
                 f"only the {valid}.")
-    method_name = getattr(method, "name", type(method).__name__)
+    owner = (f"the {type(method).__name__} model" if isinstance(method, torch.nn.Module)
+             else f"the attached {getattr(method, 'name', type(method).__name__)} method")
     if name in NAMED_KNOBS:
-        return (f"model argument {name!r} sets the method field {field!r}, which the attached {method_name} method "
-                f"does not have; its knobs are {sorted(fields)}.")
+        return (f"model argument {name!r} sets the method field {field!r}, which {owner} does not have; its knobs "
+                f"are {sorted(fields)}.")
     return (f"unknown model argument {name!r}: valid are the {valid}, the named knobs {sorted(NAMED_KNOBS)} and the "
-            f"fields of the attached {method_name} method {sorted(fields)}.")
+            f"knobs of {owner} {sorted(fields)}.")
 
 
 def _coerce(value, current, name: str):
