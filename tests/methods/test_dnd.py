@@ -437,6 +437,21 @@ def test_config_errors_and_no_calibration():
         method.override(budget=0.3).__enter__()
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"layers": 2}, r"layers=2 must be an inclusive band .* a single layer i is \(i, i\)"),
+    ({"layers": [1.5, 2]}, "must be an inclusive band"),
+    ({"ratio": "abc"}, "DNDConfig.ratio='abc' must be float-valued"),
+    ({"sync_every": 2.5}, "sync_every=2.5 must be int-valued"),
+    ({"gamma": 2.0}, r"gamma=2.0 must lie in \(0, 1\]"),
+    ({"alpha": -1.0}, "alpha=-1.0 must be >= 0"),
+    ({"tau_init": 1.5}, r"tau_init=1.5 must lie in \[0, 1\]")])
+def test_recipe_options_of_the_wrong_type_or_range_are_named(options, message):
+    """What `--set method.layers=2` and its kind pass: one ValueError naming the option (were TypeErrors from
+    inside the method, or a controller that ran backwards)."""
+    with pytest.raises(ValueError, match=message):
+        attach_method(CausalLM(preset("tiny-qwen3")), "dnd", {"layers": [0, 1], **options})
+
+
 def test_save_load_and_cli_posttraining_export_round_trip(tmp_path):
     model, method = dnd_model(positions="original", ratio=0.3)
     with torch.no_grad():

@@ -19,11 +19,19 @@ def make_config(cls, cfg):
     if not isinstance(cfg, dict):
         raise TypeError(f"expected a {cls.__name__} or a dict of its fields, got {type(cfg).__name__}.")
     fields = {k: v for k, v in cfg.items() if k != "name"}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - names)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(names))
     if unknown:
         raise ValueError(f"{cls.__name__} has no field {unknown[0]!r}; valid fields: {sorted(names)}.")
+    for name, value in fields.items():  # recipe values arrive untyped: `ratio = "abc"` is named here
+        kinds = SCALAR_TYPES.get(names[name].type)
+        if kinds is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ValueError(f"{cls.__name__}.{name}={value!r} must be {names[name].type.split()[0]}-valued, "
+                             f"like its default {names[name].default!r}.")
     return cls(**fields)
+
+
+SCALAR_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}  # annotation -> accepted
 
 
 def check_structural(name: str, old, new, fields: tuple[str, ...]) -> None:

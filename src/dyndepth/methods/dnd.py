@@ -102,6 +102,9 @@ class DNDConfig:
     buffer_tokens: int = 20_000  # scores kept per forward and layer (strided subsample)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, (list, tuple)) or not all(type(i) is int for i in self.layers):
+            raise ValueError(f"dnd.layers={self.layers!r} must be an inclusive band of two layer indices (first, "
+                             "last), e.g. (4, 23); a single layer i is (i, i).")
         self.layers = tuple(self.layers)
         checks = (("positions", POSITIONS), ("control", CONTROLS), ("ema_target", EMA_TARGETS),
                   ("sd_sign", SD_SIGNS))
@@ -114,6 +117,13 @@ class DNDConfig:
             raise ValueError(f"dnd.ratio={self.ratio} must lie in (0, 1] (fraction of tokens nested).")
         if self.sync_every < 1 or self.buffer_batches < 1 or self.buffer_tokens < 1:
             raise ValueError("dnd.sync_every, dnd.buffer_batches and dnd.buffer_tokens must be >= 1.")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"dnd.gamma={self.gamma} must lie in (0, 1]: the EMA pull toward the buffer's target.")
+        if not 0.0 <= self.tau_init <= 1.0:
+            raise ValueError(f"dnd.tau_init={self.tau_init} must lie in [0, 1] (a threshold on sigmoid scores).")
+        for name in ("alpha", "sd_weight", "dp_weight", "router_init_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"dnd.{name}={getattr(self, name)} must be >= 0.")
         if self.nested_attends_vanilla and self.positions != "original":
             raise ValueError("dnd.nested_attends_vanilla=True mixes vanilla and nested keys by position; "
                              "set dnd.positions='original'.")
