@@ -152,10 +152,18 @@ def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_pa
     assert "new train.out_dir" in line
 
 
+def test_cli_checkpoint_paths_that_are_not_model_folders(tmp_path):
+    assert f"no such folder: {tmp_path}/missing" in _cli_error(["generate", str(tmp_path / "missing"), "-p", "hi"])
+    (tmp_path / "out" / "step_0000002").mkdir(parents=True)  # a training checkpoint, not an exported model
+    (tmp_path / "out" / "step_0000002" / "train_state.pt").write_bytes(b"")
+    line = _cli_error(["generate", str(tmp_path / "out" / "step_0000002"), "-p", "hi"])
+    assert "is a training checkpoint: load the run's exported out_dir/model" in line and "dyndepth convert" in line
+
+
 def test_cli_device_and_dtype(tmp_path):
     if not torch.cuda.is_available():
         assert "no CUDA device" in _cli_error(["generate", "tiny-qwen3", "-p", "hi", "--device", "cuda"])
     assert "dtype 'fp8'" in _cli_error(["generate", "tiny-qwen3", "-p", "hi", "--dtype", "fp8"])
 
 
-BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2  # the cases above, counted for the issue note
+BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2  # the cases above, counted for the issue note

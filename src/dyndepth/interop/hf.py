@@ -30,6 +30,9 @@ def resolve(path_or_id: str | Path) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json.")
+    text = str(path_or_id)
+    if text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text:  # a path, never a hub id
+        raise CheckpointError(f"no such folder: {text} (from {Path.cwd()}); pass a checkpoint folder or a hub id.")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -40,7 +43,9 @@ def resolve(path_or_id: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # network errors, unknown repo, gated repo
-        raise CheckpointError(f"could not load {path_or_id!r}: not a local folder, and the hub said: {e}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not load {path_or_id!r}: there is no such local folder (from {Path.cwd()}), "
+                              f"and as a hub id: {reason}") from None
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -89,6 +94,9 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     folder = resolve(path_or_id)
     config_path = folder / "config.json"
     if not config_path.exists():
+        if (folder / "train_state.pt").exists():  # a training checkpoint (out_dir/step_N)
+            raise CheckpointError(f"{folder} is a training checkpoint: load the run's exported out_dir/model, or "
+                                  f"export this step with `dyndepth convert {folder} OUT`.")
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     raw_config = json.loads(config_path.read_text())
     model_type = raw_config.get("model_type")
