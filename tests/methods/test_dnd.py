@@ -601,3 +601,18 @@ def test_a_resumed_run_syncs_tau_as_the_uninterrupted_one_does(tmp_path):
         assert curve(resumed, key) == curve(whole, key) and len(curve(whole, key)) == 3, key
     synced = curve(whole, "dnd/tau/L0")
     assert synced[6] != synced[5]  # the step-6 sync moved tau (so the buffer mattered)
+
+
+def test_a_dnd_checkpoint_trains_on_with_its_controller_and_refuses_method_none(tmp_path):
+    """A recipe without [method] from a DND checkpoint keeps training DND, tau controller included (it trained the
+    router with tau frozen); `method.name=none` cannot remove the carried method and says so."""
+    from dyndepth.train.run import build_hooks
+
+    model, method = dnd_model()
+    model.save_pretrained(tmp_path / "dnd")
+    loaded = dyndepth.from_pretrained(tmp_path / "dnd")
+    hooks = build_hooks({}, loaded, 10)
+    assert [type(h) for h in hooks] == [DNDHook] and hooks[0].method is loaded.method
+    with pytest.raises(ValueError, match="carries a dnd method, which a recipe cannot remove"):
+        build_hooks({"name": None}, dyndepth.from_pretrained(tmp_path / "dnd"), 10)
+    assert build_hooks({}, CausalLM(preset("tiny-qwen3")), 10) == []  # no method carried, none attached

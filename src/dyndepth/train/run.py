@@ -48,17 +48,26 @@ def build_model(model_cfg: dict) -> nn.Module:
 
 def attach_from_config(method_cfg: dict, model: nn.Module):
     """The method a recipe's `[method]` section names, attached to `model` (or, for a checkpoint that already
-    carries that method, reconfigured with the section's options); None for no method ("none" or empty).
-    Unknown option keys are an error."""
+    carries that method, reconfigured with the section's options); None for no method ("none" or empty). A
+    checkpoint's own method trains on, controllers included, under an empty section; naming "none" for it is an
+    error (it cannot be removed, and training it without its controllers would freeze them). Unknown option keys
+    are an error."""
     from dyndepth.methods import METHOD_NAMES, attach_method, reconfigure_method
 
+    carried = getattr(model, "method", None)
+    if not method_cfg and carried is not None:
+        log.info("the checkpoint carries a %s method: training it with its controllers", carried.name)
+        return carried
     name = method_cfg.get("name", "none")
     if name in ("none", "", None):  # --set method.name=none parses to None
+        if carried is not None:
+            raise RunConfigError(f"method.name=none, but the checkpoint carries a {carried.name} method, which a "
+                                 f"recipe cannot remove: set method.name={carried.name!r} (or drop the [method] "
+                                 "section) to train it with its controllers, or start from a checkpoint without it.")
         return None
     if name not in METHOD_NAMES:
         raise RunConfigError(f"method.name={name!r} is not one of {sorted(METHOD_NAMES)} (or 'none').")
     options = {k: v for k, v in method_cfg.items() if k != "name"}
-    carried = getattr(model, "method", None)
     if carried is not None and carried.name == name:
         return reconfigure_method(model, name, options)
     return attach_method(model, name, options)
