@@ -55,6 +55,8 @@ def attach_from_config(method_cfg: dict, model: nn.Module):
     from dyndepth.methods import METHOD_NAMES, attach_method, reconfigure_method
 
     carried = getattr(model, "method", None)
+    if getattr(carried, "name", None) not in METHOD_NAMES:  # none, or a family's built-in routing (MoR's)
+        carried = None
     if not method_cfg and carried is not None:
         log.info("the checkpoint carries a %s method: training it with its controllers", carried.name)
         return carried
