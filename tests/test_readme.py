@@ -11,8 +11,10 @@ import dyndepth
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def python_block(heading: str) -> str:
+    """The first Python block after the README's `## heading`."""
+    section = README.read_text().split(f"\n## {heading}\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def offline(block: str) -> str:
@@ -26,7 +28,8 @@ def offline(block: str) -> str:
 
 def test_the_readme_python_snippets_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    quickstart, gateskip, methods = python_blocks()
+    headings = ("Python quickstart", "GateSkip in five lines", "DND and Dreamer")
+    quickstart, gateskip, methods = (python_block(h) for h in headings)
     torch.manual_seed(0)
     ns: dict = {}
     exec(offline(quickstart), ns)

@@ -148,6 +148,12 @@ def test_a_dreamer_takes_its_own_knobs_as_model_arguments(tmp_path):
     assert loaded.model.knobs() == {"steps": 4, "exit_kl": None}  # restored after the forwards
     with pytest.raises(ValueError, match=r"knobs of the DreamerLM model \['exit_kl', 'steps'\]"):
         load_for_eval(str(tmp_path / "d"), tokenizer="byte", depth=2)
+    assert load_for_eval(str(tmp_path / "d"), tokenizer="byte", exit_kl="none").knobs.fields == {"exit_kl": None}
+    with pytest.raises(ValueError, match="exit_kl must be a threshold in nats"):  # checked before any request
+        load_for_eval(str(tmp_path / "d"), tokenizer="byte", exit_kl="off")
+    torch.manual_seed(0)
+    dyndepth.build_model(dyndepth.preset("huginn-tiny")).save_pretrained(tmp_path / "h")  # Huginn's steps too
+    assert load_for_eval(str(tmp_path / "h"), tokenizer="byte", steps=2).knobs.fields == {"steps": 2}
     text = tmp_path / "notes.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 5)
     ppl = {}

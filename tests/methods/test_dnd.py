@@ -440,9 +440,9 @@ def test_config_errors_and_no_calibration():
 @pytest.mark.parametrize("options, message", [
     ({"layers": 2}, r"layers=2 must be an inclusive band .* a single layer i is \(i, i\)"),
     ({"layers": [1.5, 2]}, "must be an inclusive band"),
-    ({"ratio": "abc"}, "DNDConfig.ratio='abc' must be float-valued"),
-    ({"sync_every": 2.5}, "sync_every=2.5 must be int-valued"),
-    ({"gamma": 2.0}, r"gamma=2.0 must lie in \(0, 1\]"),
+    ({"ratio": "abc"}, "DNDConfig.ratio='abc' must be a float, like its default 0.2"),
+    ({"sync_every": 2.5}, "sync_every=2.5 must be an int"),
+    ({"gamma": 2.0}, r"gamma=2.0 must lie in \[0, 1\]"),
     ({"alpha": -1.0}, "alpha=-1.0 must be >= 0"),
     ({"tau_init": 1.5}, r"tau_init=1.5 must lie in \[0, 1\]")])
 def test_recipe_options_of_the_wrong_type_or_range_are_named(options, message):
@@ -616,3 +616,6 @@ def test_a_dnd_checkpoint_trains_on_with_its_controller_and_refuses_method_none(
     with pytest.raises(ValueError, match="carries a dnd method, which a recipe cannot remove"):
         build_hooks({"name": None}, dyndepth.from_pretrained(tmp_path / "dnd"), 10)
     assert build_hooks({}, CausalLM(preset("tiny-qwen3")), 10) == []  # no method carried, none attached
+    reconfigured = dyndepth.from_pretrained(tmp_path / "dnd")
+    build_hooks({"ratio": 0.3}, reconfigured, 10)  # options without a name: the carried method's
+    assert reconfigured.method.config.ratio == 0.3

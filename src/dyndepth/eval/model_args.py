@@ -147,6 +147,8 @@ def _unknown_arg(name: str, field: str, method, fields: set[str]) -> str:
 
 
 def _coerce(value, current, name: str):
+    if isinstance(value, str) and value.lower() in ("none", "null"):  # a knob that is off (Dreamer's exit_kl)
+        return None
     if isinstance(current, bool):
         return as_bool(value)
     try:

@@ -25,7 +25,7 @@ _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "mode
 
 def resolve(path_or_id: str | Path) -> Path:
     """A local checkpoint folder, or a hub id downloaded (config, safetensors, tokenizer) to the HF cache."""
-    path = Path(path_or_id)
+    path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from dataclasses import asdict
 
 PPM = 1_000_000  # budgets stored in integer buffers, in parts per million (model.to(dtype) leaves them alone)
@@ -24,14 +25,25 @@ def make_config(cls, cfg):
     if unknown:
         raise ValueError(f"{cls.__name__} has no field {unknown[0]!r}; valid fields: {sorted(names)}.")
     for name, value in fields.items():  # recipe values arrive untyped: `ratio = "abc"` is named here
-        kinds = SCALAR_TYPES.get(names[name].type)
-        if kinds is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
-            raise ValueError(f"{cls.__name__}.{name}={value!r} must be {names[name].type.split()[0]}-valued, "
-                             f"like its default {names[name].default!r}.")
+        if names[name].type in ("float", "int", "bool", "str"):
+            fields[name] = _scalar(value, names[name].type, f"{cls.__name__}.{name}", names[name].default)
     return cls(**fields)
 
 
-SCALAR_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}  # annotation -> accepted
+def _scalar(value, kind: str, where: str, default):
+    """A recipe value as the field's scalar type, as the train section's coercion reads them: any real number
+    for a float, an integral one for an int (1e3 too), 0 / 1 for a bool; a ValueError naming the field else."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "float" and real:
+        return float(value)
+    if kind == "int" and real and float(value).is_integer():
+        return int(value)
+    if kind == "bool" and (isinstance(value, bool) or (real and value in (0, 1))):
+        return bool(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    raise ValueError(f"{where}={value!r} must be {'an' if kind == 'int' else 'a'} {kind}, like its default "
+                     f"{default!r}.")
 
 
 def check_structural(name: str, old, new, fields: tuple[str, ...]) -> None:

@@ -45,6 +45,7 @@ read from the layer's own slot, where the vanilla pass wrote them).
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -102,10 +103,11 @@ class DNDConfig:
     buffer_tokens: int = 20_000  # scores kept per forward and layer (strided subsample)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, (list, tuple)) or not all(type(i) is int for i in self.layers):
+        if not isinstance(self.layers, (list, tuple)) or not all(isinstance(i, numbers.Integral) and
+                                                                 not isinstance(i, bool) for i in self.layers):
             raise ValueError(f"dnd.layers={self.layers!r} must be an inclusive band of two layer indices (first, "
                              "last), e.g. (4, 23); a single layer i is (i, i).")
-        self.layers = tuple(self.layers)
+        self.layers = tuple(int(i) for i in self.layers)
         checks = (("positions", POSITIONS), ("control", CONTROLS), ("ema_target", EMA_TARGETS),
                   ("sd_sign", SD_SIGNS))
         for name, allowed in checks:
@@ -117,8 +119,8 @@ class DNDConfig:
             raise ValueError(f"dnd.ratio={self.ratio} must lie in (0, 1] (fraction of tokens nested).")
         if self.sync_every < 1 or self.buffer_batches < 1 or self.buffer_tokens < 1:
             raise ValueError("dnd.sync_every, dnd.buffer_batches and dnd.buffer_tokens must be >= 1.")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"dnd.gamma={self.gamma} must lie in (0, 1]: the EMA pull toward the buffer's target.")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"dnd.gamma={self.gamma} must lie in [0, 1]: the EMA pull toward the buffer's target.")
         if not 0.0 <= self.tau_init <= 1.0:
             raise ValueError(f"dnd.tau_init={self.tau_init} must lie in [0, 1] (a threshold on sigmoid scores).")
         for name in ("alpha", "sd_weight", "dp_weight", "router_init_std"):
@@ -551,6 +553,7 @@ class DNDHook:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("scores", {})  # checkpoints before 2026-12-04 kept no buffer: it refills in sync_every
+        device = self.method.layer_dnd[0].tau.device  # checkpoints load on the CPU; new scores join on the model's
         for layer in self.method.layers:
             self.method.scores_buffer[layer].clear()
-            self.method.scores_buffer[layer].extend(saved.get(layer, []))
+            self.method.scores_buffer[layer].extend(t.to(device) for t in saved.get(layer, []))

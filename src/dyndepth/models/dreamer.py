@@ -17,6 +17,7 @@ layers applied at steps 0..R-1, application (step r, layer g) with KV-cache slot
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -253,6 +254,9 @@ class DreamerLM(nn.Module):
             raise ValueError(f"Dreamer has no knob {unknown[0]!r}; its knobs are {list(self.KNOBS)}.")
         if knobs.get("steps") is not None and int(knobs["steps"]) < 1:
             raise ValueError(f"steps must be >= 1, got {knobs['steps']}.")
+        kl = knobs.get("exit_kl")
+        if kl is not None and (not isinstance(kl, numbers.Real) or isinstance(kl, bool) or not kl >= 0):
+            raise ValueError(f"exit_kl must be a threshold in nats >= 0, or None for no exit; got {kl!r}.")
         old = {"steps": self.steps, "exit_kl": self.exit_kl}
         for k, v in knobs.items():
             setattr(self, k, v)

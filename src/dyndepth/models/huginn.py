@@ -295,6 +295,9 @@ class HuginnLM(nn.Module):
     def num_slots(self) -> int:
         return len(self.schedule)
 
+    def knobs(self) -> dict:
+        return {"steps": self.num_steps}
+
     @contextmanager
     def override(self, **knobs):
         """Temporarily run `steps` recurrences at evaluation (Huginn's test-time compute knob)."""

@@ -20,12 +20,15 @@ Hooks are identified in checkpoints by `name` (default: the class name).
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from dyndepth.train.parallel import DistInfo
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -98,9 +101,14 @@ def hooks_state_dict(hooks) -> dict:
 
 
 def hooks_load_state_dict(hooks, state: dict) -> None:
+    """Restore each hook's saved state; a hook the checkpoint has no state for (a run that trained without it)
+    starts fresh, with a warning."""
     for hook in hooks:
         name = hook_name(hook)
-        if hasattr(hook, "load_state_dict"):
-            if name not in state:
-                raise ValueError(f"checkpoint has no state for hook {name!r}; it has {sorted(state)}.")
-            hook.load_state_dict(state[name])
+        if not hasattr(hook, "load_state_dict"):
+            continue
+        if name not in state:
+            log.warning("the checkpoint has no state for hook %r (it has %s): the hook starts fresh.", name,
+                        sorted(state))
+            continue
+        hook.load_state_dict(state[name])

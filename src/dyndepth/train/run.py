@@ -60,7 +60,7 @@ def attach_from_config(method_cfg: dict, model: nn.Module):
     if not method_cfg and carried is not None:
         log.info("the checkpoint carries a %s method: training it with its controllers", carried.name)
         return carried
-    name = method_cfg.get("name", "none")
+    name = method_cfg.get("name", "none" if carried is None else carried.name)  # options alone: the carried one's
     if name in ("none", "", None):  # --set method.name=none parses to None
         if carried is not None:
             raise RunConfigError(f"method.name=none, but the checkpoint carries a {carried.name} method, which a "
