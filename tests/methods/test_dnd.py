@@ -619,3 +619,19 @@ def test_a_dnd_checkpoint_trains_on_with_its_controller_and_refuses_method_none(
     reconfigured = dyndepth.from_pretrained(tmp_path / "dnd")
     build_hooks({"ratio": 0.3}, reconfigured, 10)  # options without a name: the carried method's
     assert reconfigured.method.config.ratio == 0.3
+
+
+def test_recipe_scalars_are_read_as_the_train_section_reads_them():
+    """1e3 for an int, 0 / 1 for a bool, numpy numbers, gamma 0 (no sync pull): accepted and converted."""
+    import numpy as np
+
+    from dyndepth.methods import GateSkipConfig, MoDConfig
+    from dyndepth.methods.common import make_config
+
+    gs = make_config(GateSkipConfig, {"ramp_steps": 1e3, "shared": 1})
+    assert (gs.ramp_steps, gs.shared) == (1000, True) and type(gs.ramp_steps) is int
+    assert make_config(MoDConfig, {"every": np.int64(2)}).every == 2
+    dnd = make_config(DNDConfig, {"ratio": np.float32(0.25), "layers": [np.int64(0), 1], "gamma": 0})
+    assert (dnd.ratio, dnd.layers, dnd.gamma) == (0.25, (0, 1), 0.0) and type(dnd.layers[0]) is int
+    with pytest.raises(ValueError, match="shared=2 must be a bool"):
+        make_config(GateSkipConfig, {"shared": 2})
