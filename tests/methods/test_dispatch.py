@@ -91,6 +91,21 @@ def test_compiled_layers_trace_the_method_and_train_the_same(name, eager, tmp_pa
     assert any(calls)  # dynamo traced the method's code as part of the compiled layer
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_compile_with_activation_checkpointing_compiles_the_layer_inside_the_checkpoint(name, eager, tmp_path,
+                                                                                         monkeypatch):
+    """Both on: the layer (method included) is traced by dynamo inside the checkpoint, forward and recomputation.
+    Compiling the module traced the checkpoint instead, refused the layer's ledger entries (a side effect inside
+    the checkpoint) and ran every layer eager: no call was ever traced."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
+    torch._dynamo.reset()
+    calls = spy_layer_forward(monkeypatch, CLASSES[name])
+    run(str(tmp_path), METHODS[name], "none", compile=True, activation_checkpointing=True)
+    assert_same_curve(curve(tmp_path), eager[name], rel=1e-5)
+    assert sum(calls) >= 2 * STEPS  # traced: at least the forward of both layers at the first step
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

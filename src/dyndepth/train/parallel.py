@@ -94,14 +94,18 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = forward
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, checkpointed: bool = False) -> None:
     """Compile each decoder layer in place (per-layer compile keeps names). A plain decoder's layers share one
     graph (two compiles: the first specializes the slot number). A method's or a depth-recurrent model's
     per-forward state is keyed by layer position (Python containers dynamo guards on), so there each position
     compiles its own graph, for training and evaluation, with and without gradients. Past dynamo's recompile
     limit (8 by default) a function runs eager, with one easily missed warning, so the limit is raised (never
     lowered; it is global, so the user's own compiled code gets the same room) to cover every position of the
-    longest forward: `model.max_applications()` where a model draws its depth in training."""
+    longest forward: `model.max_applications()` where a model draws its depth in training.
+
+    `checkpointed` (activation checkpointing follows): the layer's forward is compiled, and the checkpoint then
+    wraps the compiled function. Compiling the module would trace through the checkpoint, where dynamo refuses
+    the layer's side effects (its FLOP ledger entries) and runs the whole layer eager, compiling nothing."""
     import torch._dynamo.config as dynamo_config
 
     if hasattr(model, "max_applications"):
@@ -112,7 +116,10 @@ def apply_compile(model: nn.Module) -> None:
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * limit)
     for layer in model.model.layers:
-        layer.compile()
+        if checkpointed:
+            layer.forward = torch.compile(layer.forward)
+        else:
+            layer.compile()
 
 
 def wrap_model(model: nn.Module, parallel: str, info: DistInfo, dtype: str = "float32") -> nn.Module:

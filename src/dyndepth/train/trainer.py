@@ -165,10 +165,10 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
     if cfg.freeze:
         frozen = apply_freeze(raw, cfg.freeze)
         log.info("froze %d parameter tensors", len(frozen))
+    if cfg.compile:  # inside the checkpoint when both are on (see apply_compile)
+        parallel.apply_compile(raw, checkpointed=cfg.activation_checkpointing)
     if cfg.activation_checkpointing:
         parallel.apply_activation_checkpointing(raw)
-    if cfg.compile:
-        parallel.apply_compile(raw)
     wrapped = parallel.wrap_model(raw, cfg.parallel, info, cfg.dtype)
     optimizer = build_optimizer(raw, cfg)
     return raw, wrapped, optimizer, build_scheduler(optimizer, cfg)
