@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 from gated import gated_model, masked_dense_reference
-from opcount import OpCounter
 
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
 from dyndepth.methods import GateSkipConfig, GateSkipHook, attach_gateskip, calibrate
+from dyndepth.methods.common import budget_ppm
+from opcount import OpCounter
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
@@ -349,10 +350,11 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
     B, P = 8, 6
     ids = torch.randint(0, 256, (B, P + 1))
     counts = {}
+    for gates in method.layer_gates:  # hand-set thresholds, declared as budget 0.5's (threshold mode checks it)
+        gates.tau.fill_(0.5)  # spread gates: some rows keep each branch, some skip it
+        gates.tau_budget_ppm.fill_(budget_ppm(0.5))
     for q in (0.0, 0.5):
         with method.override(budget=q, mode="threshold", path="dense"), torch.no_grad():
-            for gates in method.layer_gates:
-                gates.tau.fill_(0.5)  # spread gates: some rows keep each branch, some skip it
             cache = KVCache.for_model(model.config, B, P + 1)
             pos = torch.arange(P + 1).expand(B, P + 1)
             model(ids[:, :P], positions=pos[:, :P], cache=cache)
@@ -362,3 +364,19 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
     calls = 2 * len(model.model.layers)
     assert 0 < float(out.stats["gateskip/attn_skipped"]) < 1 and out.stats["gateskip/packed"] == 0
     assert counts[0.5] - counts[0.0] <= 11 * calls, counts
+
+
+def test_threshold_mode_refuses_a_budget_its_thresholds_were_not_calibrated_for():
+    """`override(budget=0.5, mode="threshold")` after calibrating at 0.3 skipped 30% while reporting 0.5 (an
+    lm-eval run with skip_budget=0.5,mode=threshold did); now it is the same error `decoding` gives."""
+    model, method = gated_model(budget=0.0, layers=2)
+    ids = torch.randint(0, 256, (4, 16))
+    with pytest.raises(ValueError, match=r"needs GateSkip's thresholds calibrated for it, and they are not calibrated"):
+        method.override(budget=0.3, mode="threshold").__enter__()
+    calibrate(model, [ids], budget=0.3)
+    with method.override(budget=0.3, mode="threshold"), torch.no_grad():
+        assert float(model(ids).stats["gateskip/attn_skipped"]) > 0
+    with pytest.raises(ValueError, match=r"they are calibrated for budget\(s\) \[0.3\]; run .*budget=0.5"):
+        method.override(budget=0.5, mode="threshold").__enter__()
+    with method.override(budget=0.5):  # quantile mode needs no calibration
+        pass

@@ -223,19 +223,26 @@ class GateSkip:
             raise ValueError(f"gateskip budget={knobs['budget']} must lie in [0, 1).")
         if knobs.get("mode", "quantile") not in MODES or knobs.get("path", "auto") not in PATHS:
             raise ValueError(f"gateskip mode must be one of {MODES} and path one of {PATHS}, got {knobs}.")
+        budget, mode = knobs.get("budget", self.budget), knobs.get("mode", self.mode)
+        if mode == "threshold" and budget > 0 and ("budget" in knobs or "mode" in knobs):
+            self._check_calibrated(budget)
+
+    def _check_calibrated(self, budget: float) -> None:
+        """Threshold mode skips by the thresholds `calibrate` stored: they must be the budget's (they were used
+        whatever the budget asked, so `mode=threshold, budget=0.5` skipped what a 0.3 calibration said)."""
+        calibrated = {int(g.tau_budget_ppm) / PPM for g in self.layer_gates}
+        if calibrated != {budget_ppm(budget) / PPM}:
+            now = ("not calibrated" if max(calibrated) < 0 else
+                   f"calibrated for budget(s) {sorted(c for c in calibrated if c >= 0)}")
+            raise ValueError(f"threshold mode at budget {budget} needs GateSkip's thresholds calibrated for it, and "
+                             f"they are {now}; run dyndepth.methods.calibrate(model, batches, budget={budget}) first.")
 
     def override(self, **knobs):
         """Temporarily change runtime knobs: `with method.override(budget=0.3): model(ids)`."""
         return override_knobs(self, self._check, **knobs)
 
     def decoding(self, budget: float = 0.0, **knobs):
-        """Cached generation at `budget`: threshold mode with the thresholds `calibrate` stored for it."""
-        if budget > 0:
-            calibrated = {int(g.tau_budget_ppm) / PPM for g in self.layer_gates}
-            if calibrated != {budget_ppm(budget) / PPM}:
-                raise ValueError(f"GateSkip thresholds are calibrated for budget(s) {sorted(calibrated)} (<0: none), "
-                                 f"not {budget}; run dyndepth.methods.calibrate(model, batches, budget={budget}) "
-                                 "first.")
+        """Cached generation at `budget`: threshold mode with the thresholds `calibrate` stored for it (checked)."""
         return self.override(budget=budget, mode="threshold" if budget > 0 else "quantile", **knobs)
 
     def recording(self, recorder: ThresholdRecorder):
