@@ -152,6 +152,15 @@ def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_pa
     assert "new train.out_dir" in line
 
 
+@pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+                                             ({"temperature": float("nan")}, "temperature must be a finite"),
+                                             ({"temperature": 1.0, "top_k": 0}, "top_k must be >= 1"),
+                                             ({"temperature": 1.0, "top_p": 1.5}, r"top_p must lie in \(0, 1\]")])
+def test_sampling_settings_are_checked_before_any_forward(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[1, 2, 3]]), 4, **kwargs)
+
+
 def test_cli_checkpoint_paths_that_are_not_model_folders(tmp_path):
     assert f"no such folder: {tmp_path}/missing" in _cli_error(["generate", str(tmp_path / "missing"), "-p", "hi"])
     (tmp_path / "out" / "step_0000002").mkdir(parents=True)  # a training checkpoint, not an exported model
@@ -166,4 +175,5 @@ def test_cli_device_and_dtype(tmp_path):
     assert "dtype 'fp8'" in _cli_error(["generate", "tiny-qwen3", "-p", "hi", "--dtype", "fp8"])
 
 
-BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2  # the cases above, counted for the issue note
+# the cases above, counted for the issue note
+BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4

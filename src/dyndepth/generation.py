@@ -10,11 +10,23 @@ consistent by construction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 
 from dyndepth.core.cache import KVCache
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Sampling settings a user can mistype, refused before any forward (a NaN temperature failed inside torch's
+    sampler; a negative one ran greedy)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (None: no top-k cut), got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] (1 or None: no nucleus cut), got {top_p}.")
 
 
 def sample_next(
@@ -92,6 +104,7 @@ def generate(
         raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    check_sampling(temperature, top_k, top_p)
     B, T = input_ids.shape
     device = input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()

@@ -87,3 +87,6 @@ def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tm
     assert (folder / "byte_tokenizer.json").exists()
     result = CliRunner().invoke(app, ["generate", str(folder), "-p", "12+3=", "-n", "4"])
     assert result.exit_code == 0 and "12+3=" in result.output, result.output
+    for src, dst in ((folder, "converted"), (tmp_path / "out" / "step_0000001", "exported")):  # both keep it
+        result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / dst)])
+        assert result.exit_code == 0 and (tmp_path / dst / "byte_tokenizer.json").exists(), (dst, result.output)

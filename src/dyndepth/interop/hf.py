@@ -129,7 +129,9 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     return model.to(device) if device is not None else model
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "byte_tokenizer.json", "encoder.json", "vocab.bpe")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,

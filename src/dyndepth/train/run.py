@@ -163,4 +163,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     model = build_model(rc.model)
     attach_from_config(rc.method, model)
     load_model_weights(checkpoint, model)
-    return model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
+    out = model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
+    _save_run_tokenizer(rc.data, out)
+    return out
+
+
+def _save_run_tokenizer(data_cfg: dict, out: Path) -> None:
+    """The run's tokenizer beside an exported step, when it is the byte tokenizer or a folder (a run's trained
+    BPE lives in its data cache: the end-of-run export carries it; here a log line says so)."""
+    from dyndepth.data.build import resolve_data_config
+    from dyndepth.tokenizer import load_tokenizer
+
+    name = str(resolve_data_config(data_cfg)["tokenizer"])
+    try:
+        if name.startswith("bpe:"):
+            raise FileNotFoundError("a BPE trained by the run")
+        load_tokenizer(name).save(out)
+    except (OSError, ValueError) as e:
+        log.warning("the exported %s has no tokenizer (%s): pass --tokenizer to generate / eval, or use the run's "
+                    "out_dir/model, which carries it.", out, e)
