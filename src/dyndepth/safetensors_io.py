@@ -83,6 +83,11 @@ def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | P
                      max_shard_bytes: int = 5 * 2**30) -> Path:
     """A HF checkpoint folder: `config.json` and `model.safetensors`, or shards plus their index above
     `max_shard_bytes`; every file written atomically. `state` is already in the on-disk layout."""
+    quantized = sorted(k for k in state if k.endswith(".qweight"))
+    if quantized:  # checked before anything is written: such a folder would not load
+        raise ValueError(f"the model's weights are quantized in memory ({quantized[0]}, ...: methods/quantize.py), "
+                         "a layout no checkpoint loader reads; save the model before quantize_weights and quantize "
+                         "after loading.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0

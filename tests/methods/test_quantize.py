@@ -5,6 +5,7 @@ import torch
 from gated import gated_model
 from torch import nn
 
+import dyndepth
 from dyndepth.methods.gateskip_analysis import trace_forward
 from dyndepth.methods.quantize import QuantLinear, quantize_weights, weight_bytes
 
@@ -95,3 +96,12 @@ def test_weight_memory_shrinks():
     assert float_bytes - sizes[8] >= 0.7 * linear_bytes  # int8: a quarter of the fp32 weights, plus scales
     assert float_bytes - sizes[4] >= 0.8 * linear_bytes  # int4: an eighth, plus one scale per 32 weights
     assert sizes[4] < sizes[8] < float_bytes
+
+
+def test_a_quantized_model_refuses_to_save_a_folder_it_could_not_load(tmp_path):
+    """save_pretrained wrote qweight / scale tensors that from_pretrained then refused as missing weights."""
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    quantize_weights(model, 8)
+    with pytest.raises(ValueError, match="quantized in memory .* save the model before quantize_weights"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
