@@ -104,6 +104,8 @@ def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
         (["--tasks", "piqa", "--data-dir", str(tmp_path)], "piqa"),  # a folder without the files
         (["--perplexity", str(text), "--model-args", "skip_budget=0.3"], "no adaptive-depth method"),
         (["--perplexity", str(text), "--model-args", "skip_budget"], "key=value"),
+        (["--perplexity", str(text), "--stride", "0"], "stride=0 must be >= 1"),
+        (["--perplexity", str(text), "--limit", "0"], "limit=0 must be >= 1"),
         ([], "nothing to evaluate"),
     ]
     for extra, message in cases:

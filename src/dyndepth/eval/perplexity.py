@@ -103,6 +103,9 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
                     batch_size: int = 8, progress: bool = False) -> Perplexity:
     """Perplexity of `text` (see the module docstring). max_length defaults to the model's context, at
     most 2048; stride to max_length // 2."""
+    for name, value in (("max_length", max_length), ("stride", stride)):
+        if value is not None and value < 1:  # 0 read as "the default" before
+            raise ValueError(f"{name}={value} must be >= 1 (leave it unset for the default).")
     max_length = max_length or min(model.config.max_position_embeddings, 2048)
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "

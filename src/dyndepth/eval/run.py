@@ -50,6 +50,8 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     """
     from dyndepth.eval.model_args import ADAPTER_ARGS, load_for_eval, parse_model_args
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (examples per task; leave it unset for every example).")
     args = parse_model_args(model_args) if not isinstance(model_args, dict) else dict(model_args)
     if "pretrained" in args and args["pretrained"] != model:
         raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
