@@ -76,3 +76,18 @@ def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])
     assert result.exit_code == 2
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_train_reports_its_result_once_under_torchrun(tmp_path, monkeypatch):
+    """Every torchrun rank runs the CLI; only rank 0 prints the closing line (each rank printed it)."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
+                      f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
+                      '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\ntokenizer = "byte"\n'
+                      '[eval]\nenabled = false\n')
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)  # WORLD_SIZE unset: one process that reads as rank `rank`
+        result = CliRunner().invoke(app, ["train", str(recipe), "--set", f"train.out_dir={tmp_path / rank}",
+                                          "--set", "model.vocab_size=264"])
+        assert result.exit_code == 0, result.output
+        assert ("trained 1 steps" in result.output) is shown, (rank, result.output)

@@ -123,7 +123,8 @@ def train(
 
     overrides = list(set_) + (["train.resume=true"] if resume else []) + ([f"method.name={method}"] if method else [])
     result = _run(run_training, recipe, overrides)
-    typer.echo(f"trained {result.steps} steps; last checkpoint: {result.last_checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        typer.echo(f"trained {result.steps} steps; last checkpoint: {result.last_checkpoint}")
 
 
 @app.command()
