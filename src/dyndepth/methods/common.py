@@ -93,3 +93,15 @@ def check_attachable(model, name: str) -> list:
         raise ValueError(f"the model already carries method {model.method.name!r}; load the base model to "
                          f"attach {name!r} instead.")
     return list(layers)
+
+
+def check_calibrated(stored_ppm, value: float, knob: str, what: str, owner: str, alternative: str = "") -> None:
+    """Thresholds `calibrate` stored (the knob value they were fitted at, in parts per million; < 0: never fitted)
+    must be `value`'s; else a ValueError saying what they are and how to fit them. GateSkip's and MoD's."""
+    calibrated = {int(p) / PPM for p in stored_ppm}
+    if calibrated == {budget_ppm(value) / PPM}:
+        return
+    now = ("not calibrated" if max(calibrated) < 0 else
+           f"calibrated for {knob}(s) {sorted(c for c in calibrated if c >= 0)}")
+    raise ValueError(f"{what} needs {owner}'s thresholds calibrated for it, and they are {now}; run "
+                     f"dyndepth.methods.calibrate(model, batches, {knob}={value}) first{alternative}.")

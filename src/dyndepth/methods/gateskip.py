@@ -55,9 +55,9 @@ from dyndepth.core.routing import (
     select,
 )
 from dyndepth.methods.common import (
-    PPM,
     budget_ppm,
     check_attachable,
+    check_calibrated,
     check_structural,
     make_config,
     method_dict,
@@ -230,12 +230,8 @@ class GateSkip:
     def _check_calibrated(self, budget: float) -> None:
         """Threshold mode skips by the thresholds `calibrate` stored: they must be the budget's (they were used
         whatever the budget asked, so `mode=threshold, budget=0.5` skipped what a 0.3 calibration said)."""
-        calibrated = {int(g.tau_budget_ppm) / PPM for g in self.layer_gates}
-        if calibrated != {budget_ppm(budget) / PPM}:
-            now = ("not calibrated" if max(calibrated) < 0 else
-                   f"calibrated for budget(s) {sorted(c for c in calibrated if c >= 0)}")
-            raise ValueError(f"threshold mode at budget {budget} needs GateSkip's thresholds calibrated for it, and "
-                             f"they are {now}; run dyndepth.methods.calibrate(model, batches, budget={budget}) first.")
+        check_calibrated([g.tau_budget_ppm for g in self.layer_gates], budget, "budget",
+                         f"threshold mode at budget {budget}", "GateSkip")
 
     def override(self, **knobs):
         """Temporarily change runtime knobs: `with method.override(budget=0.3): model(ids)`."""

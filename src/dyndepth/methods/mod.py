@@ -52,9 +52,9 @@ from dyndepth.core.routing import (
     select,
 )
 from dyndepth.methods.common import (
-    PPM,
     budget_ppm,
     check_attachable,
+    check_calibrated,
     check_structural,
     make_config,
     method_dict,
@@ -195,11 +195,9 @@ class MoD:
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> MoDState:
         mode = self.config.decode_mode if self.mode == "topk" and ctx.cache is not None else self.mode
         if mode == "router_threshold":
-            calibrated = {int(self._decoder.layers[s].mod.threshold_capacity_ppm) / PPM for s in self.routed}
-            if calibrated != {budget_ppm(self.capacity) / PPM}:
-                raise ValueError(f"mod mode 'router_threshold' needs thresholds calibrated at capacity {self.capacity} "
-                                 f"(found {sorted(calibrated)}, <0: none); run dyndepth.methods.calibrate(model, "
-                                 f"batches, capacity={self.capacity}) first, or use mode='predictor'.")
+            check_calibrated([self._decoder.layers[s].mod.threshold_capacity_ppm for s in self.routed], self.capacity,
+                             "capacity", f"mode 'router_threshold' at capacity {self.capacity}", "MoD",
+                             ", or use mode='predictor'")
         return MoDState(mode=mode, valid=ctx.valid_or_all)
 
     def end(self, ctx: ForwardContext) -> MethodOutput:

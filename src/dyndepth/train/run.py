@@ -115,9 +115,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
-        exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model")
-        if tokenizer is not None:  # its tokenizer too (BPE or bytes), so the folder is self-contained
-            tokenizer.save(exported)
+        export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model", tokenizer)  # self-contained
     return result
 
 
@@ -153,9 +151,10 @@ def check_resume_matches(run_config: RunConfig) -> None:
                              "Restore those values, or train into a new train.out_dir.")
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer=None) -> Path:
     """A training checkpoint (single-process, DDP or FSDP2) as a HF checkpoint folder (config.json +
-    safetensors, method included), saved in the run's `model.dtype` when it names one."""
+    safetensors, method included), saved in the run's `model.dtype` when it names one, with `tokenizer` (the
+    run's, at its end) or the one the run's data section names."""
     from dyndepth.train.checkpoint import load_model_weights
 
     rc = load_run_config(Path(checkpoint) / "config.yaml")
@@ -164,7 +163,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     attach_from_config(rc.method, model)
     load_model_weights(checkpoint, model)
     out = model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
-    _save_run_tokenizer(rc.data, out)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    else:
+        _save_run_tokenizer(rc.data, out)
     return out
 
 
