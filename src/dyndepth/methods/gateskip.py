@@ -186,9 +186,7 @@ class GateSkipState:
     scores: dict = field(default_factory=dict)  # (slot, branch) -> importance s (B, T) float32
     gate_sq: list = field(default_factory=list)  # mean(g^2) per branch call (training forwards)
     calls: dict = field(default_factory=lambda: dict.fromkeys(BRANCHES, 0))  # routed branch calls
-    skipped: dict = field(default_factory=lambda: dict.fromkeys(BRANCHES, 0))  # pool tokens that skipped, summed
-    partial: int = 0  # branch calls where only some tokens kept the branch
-    packed: int = 0  # ... of which ran packed (the others densely, with a masked output)
+    packed: int = 0  # branch calls that ran packed (the partially kept others ran densely, with a masked output)
     prev_kv: tuple | None = None  # copy_prev: the previous slot's K/V
 
 
@@ -280,12 +278,27 @@ class GateSkip:
             out.stats["gateskip/gate_sq"] = penalty.detach()
             if self.config.penalty:
                 out.losses.append(self.config.penalty * penalty)
+        skipped, partial = self._skip_counts(st)
         for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs of the pool
             pairs = max(st.n_pool, 1) * max(st.calls[branch], 1)
-            out.stats[f"gateskip/{branch}_skipped"] = st.skipped[branch] / pairs
-        if st.partial:
-            out.stats["gateskip/packed"] = st.packed / st.partial
+            out.stats[f"gateskip/{branch}_skipped"] = skipped[branch] / pairs
+        if partial:
+            out.stats["gateskip/packed"] = st.packed / partial
         return out
+
+    @staticmethod
+    def _skip_counts(st: GateSkipState) -> tuple[dict, int]:
+        """Tokens that skipped, per branch type, and the branch calls only some tokens kept: counted once per
+        forward from the KEEP masks (three ops and one host sync), not per call (a decode step is op-bound)."""
+        skipped = dict.fromkeys(BRANCHES, 0)
+        routed = [(branch, keep) for (_, branch), keep in st.keep.items() if keep is not None]
+        if not routed:
+            return skipped, 0
+        kept = torch.stack([keep for _, keep in routed]).flatten(1).sum(1).tolist()  # kept tokens per call
+        n = routed[0][1].numel()
+        for (branch, _), k in zip(routed, kept):
+            skipped[branch] += st.n_pool + st.n_always - k
+        return skipped, sum(0 < k < n for k in kept)
 
     # ---- per layer ----
     def layer_forward(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
@@ -336,24 +349,32 @@ class GateSkip:
         return min(2 * self.budget, 1.0) if only == branch else 0.0
 
     def _run_path(self, keep: torch.Tensor, st: GateSkipState, branch: str) -> str:
-        """"all" (every token keeps), "none", "packed" or "dense" (masked output) for a KEEP mask."""
-        n_keep, n = int(keep.sum()), keep.numel()  # one host sync per branch call
-        st.skipped[branch] += st.n_pool + st.n_always - n_keep
+        """"all" (every token keeps), "none", "packed" or "dense" (masked output) for a KEEP mask.
+
+        Under `path="auto"`, a call of several tokens whose budget cannot make packing pay (the expected skips
+        q * n fall short of the cost rule, as in every batched decode step below 16 rows) runs densely without
+        reading its kept count: the count's ops and host sync would only slow the dense step down, and every token
+        skipping at once is rare there. A call of one token (batch-1 decoding) reads it: skipping the whole
+        branch is its saving.
+        """
+        n = keep.numel()
+        if self.path == "dense" or (self.path == "auto" and n > 1
+                                    and not self._packing_pays(self._branch_budget(branch) * n, n)):
+            return "dense"
+        n_keep = int(keep.sum())  # one host sync per branch call
         if n_keep == n:
             return "all"
         if n_keep == 0:
             return "none"
-        st.partial += 1
-        path = self.path if self.path != "auto" else ("packed" if self._packing_pays(n_keep, n) else "dense")
+        path = self.path if self.path != "auto" else ("packed" if self._packing_pays(n - n_keep, n) else "dense")
         st.packed += path == "packed"
         return path
 
-    def _packing_pays(self, n_keep: int, n: int) -> bool:
+    def _packing_pays(self, skipped: float, n: int) -> bool:
         """The cost rule (measured; docs/methods.md): a matmul over fewer rows is faster only once enough rows
         are dropped to beat the gather / scatter of packing, in count (small decode batches are weight-bound) and
         in share (a long prefill with few tokens skipped gains less than packing costs); below that, run densely
         and mask the output."""
-        skipped = n - n_keep
         return skipped >= self.config.pack_min_skipped and skipped >= self.config.pack_min_fraction * n
 
     @staticmethod
