@@ -213,15 +213,15 @@ def test_decode_paths_agree_and_the_cost_rule_picks_each_calls_path(B, monkeypat
 def test_training_penalty_gradients_and_budget_ramp():
     model, method = gated_model()
     model.train()
-    hook = GateSkipHook(method, total_steps=10)
+    hook = GateSkipHook(method, total_steps=11)  # the first step at 0, the 11th at 0.2
     out = model(torch.randint(0, 256, (2, 8)))
     assert out.aux_loss > 0  # lambda * mean(g^2)
     out.aux_loss.backward()
     gate = model.model.layers[0].gateskip.attn_gate.proj.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # detached gate input
-    hook.after_step(model, 5, {}, None)
-    assert method.budget == pytest.approx(0.1) and method.config.budget == 0.0  # the config is not touched
+    assert hook.after_step(model, 5, {}, None) == {"budget": 0.0}  # what step 5 trained at (set by hand: none ran)
+    assert method.budget == pytest.approx(0.1) and method.config.budget == 0.0  # step 6's; the config is not touched
     assert hook.state_dict() == {"budget": pytest.approx(0.1)}
 
 

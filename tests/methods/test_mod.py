@@ -220,8 +220,8 @@ def test_capacity_anneal_hook_and_registry():
     model, method = mod_model(capacity=0.2, anneal_period=1500)
     (hook,) = method.trainer_hooks(100)
     assert isinstance(hook, MoDHook) and method.capacity == 1.0
-    hook.after_step(model, 1500, {}, None)
-    assert method.capacity == pytest.approx(0.2 + 0.8 / 2)
+    assert hook.after_step(model, 1500, {}, None) == {"capacity": 1.0}  # logged: what the step trained at
+    assert method.capacity == pytest.approx(0.2 + 0.8 / 2)  # the next step's
     assert hook.state_dict() == {"capacity": pytest.approx(0.6)}
     MoDHook(*(method, 100)).load_state_dict({"capacity": 0.3})
     assert method.capacity == 0.3 and method.config.capacity == 0.2  # the hook moves the knob, not the config

@@ -445,20 +445,22 @@ def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip
 
 
 class GateSkipHook:
-    """Trainer hook: ramps the skip budget from `ramp_start` to `ramp_end` over `ramp_steps` (0: the run).
-    The budget is the method's runtime knob; the attached config is left as it was."""
+    """Trainer hook: ramps the skip budget linearly from `ramp_start` (the first step) to `ramp_end` (step
+    `ramp_steps`; 0: the run's last step) and holds it there. The budget is the method's runtime knob; the attached
+    config is left as it was."""
 
-    name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget
+    name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget, the budget the logged step trained at
 
     def __init__(self, method: GateSkip, total_steps: int) -> None:
         self.method = method
-        self.steps = method.config.ramp_steps or total_steps
-        self.method.budget = method.config.ramp_start
+        self.span = (method.config.ramp_steps or total_steps) - 1  # steps from the first budget to the last
+        self.method.budget = linear_ramp(0, method.config.ramp_start, method.config.ramp_end, self.span)
 
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
-        cfg = self.method.config
-        self.method.budget = linear_ramp(step, cfg.ramp_start, cfg.ramp_end, self.steps)
-        return {"budget": self.method.budget}
+        """Logs the budget step `step` (1-based) trained at, then sets the next step's."""
+        cfg, ran = self.method.config, self.method.budget
+        self.method.budget = linear_ramp(step, cfg.ramp_start, cfg.ramp_end, self.span)
+        return {"budget": ran}
 
     def state_dict(self) -> dict:
         return {"budget": self.method.budget}

@@ -293,10 +293,11 @@ class MoDHook:
             method.capacity = capacity_anneal(0, method.config.capacity, method.config.anneal_period)
 
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
-        cfg = self.method.config
+        """Logs the capacity this step trained at, then sets the next step's."""
+        cfg, ran = self.method.config, self.method.capacity
         if cfg.anneal_period > 0:
             self.method.capacity = capacity_anneal(step, cfg.capacity, cfg.anneal_period)
-        return {"capacity": self.method.capacity}
+        return {"capacity": ran}
 
     def state_dict(self) -> dict:
         return {"capacity": self.method.capacity}
