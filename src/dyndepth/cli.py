@@ -184,7 +184,8 @@ def eval_(
                                         "else lm-eval's own."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder of the offline data (eval_gauntlet/, "
                                                                      "hellaswag/, piqa/, gsm8k/, wikitext2_tokens/)."),
-    limit: Optional[int] = typer.Option(None, help="Score at most N examples per task."),
+    limit: Optional[int] = typer.Option(None, help="Score at most N examples per task (perplexity: the text up to "
+                                        "its N-th non-empty line)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     model_args: str = typer.Option("", "--model-args", help="k=v,...: tokenizer, dtype, device, max_length, "
                                                             "max_gen_toks and method knobs, e.g. skip_budget=0.3."),

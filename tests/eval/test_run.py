@@ -10,6 +10,7 @@ pytest.importorskip("lm_eval")
 from typer.testing import CliRunner
 
 from dyndepth.cli import app
+from dyndepth.eval.perplexity import first_lines
 from dyndepth.eval.run import OFFLINE_TASKS, WIKITEXT, format_table, run_eval
 
 MC = {"query": "Question: Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "water", "sand"],
@@ -112,6 +113,23 @@ def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
         result = runner.invoke(app, ["eval", str(folder), *extra, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2, (extra, result.output)
         assert message in result.output, (extra, result.output)
+
+
+def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_path):
+    # --limit was ignored by perplexity (the whole file was scored): now the text up to the N-th non-empty line,
+    # with that part's bytes and words, and the limit in results.json
+    folder, _ = tiny_checkpoint
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox.\n\nJumps over the lazy dog.\nAnd runs away.\n")
+    scored = {}
+    for limit in (None, 2):
+        out = run_eval(str(folder), perplexity=text, limit=limit, max_length=16, out=tmp_path / f"o{limit}")
+        scored[limit] = json.loads(out["path"].read_text())["perplexity"]["notes.txt"]
+    assert scored[2]["limit_lines"] == 2 and scored[None]["limit_lines"] is None
+    assert scored[2]["bytes"] == len("The quick brown fox.\n\nJumps over the lazy dog.\n")
+    assert scored[2]["words"] == 9 and scored[None]["words"] == 12
+    assert 0 < scored[2]["tokens"] < scored[None]["tokens"]
+    assert first_lines("a\n\nb\nc", 5) == "a\n\nb\nc" and first_lines("a\n\nb\nc", 1) == "a\n"
 
 
 def test_eval_options_snapshot():

@@ -120,9 +120,24 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
     return Perplexity(nll, n, len(text.encode("utf-8")), len(text.split()), max_length, stride)
 
 
-def file_perplexity(model, tokenizer, path: str | Path, **kwargs) -> Perplexity:
-    """`text_perplexity` of a UTF-8 text file, read whole (e.g. WikiText-2's test.txt)."""
+def file_perplexity(model, tokenizer, path: str | Path, limit: int | None = None, **kwargs) -> Perplexity:
+    """`text_perplexity` of a UTF-8 text file (e.g. WikiText-2's test.txt): read whole, or with `limit`, up to the
+    end of its limit-th non-empty line (a quick run; bytes and words count that part only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file: {path}")
-    return text_perplexity(model, tokenizer, path.read_text(encoding="utf-8"), **kwargs)
+    text = path.read_text(encoding="utf-8")
+    return text_perplexity(model, tokenizer, text if limit is None else first_lines(text, limit), **kwargs)
+
+
+def first_lines(text: str, n: int) -> str:
+    """`text` up to the end of its n-th non-empty line (the blank lines between them kept)."""
+    if n < 1:
+        raise ValueError(f"limit={n} must be >= 1 (lines to score; leave it unset for the whole text).")
+    lines = text.splitlines(keepends=True)
+    seen = 0
+    for i, line in enumerate(lines):
+        seen += bool(line.strip())
+        if seen == n:
+            return "".join(lines[:i + 1])
+    return text

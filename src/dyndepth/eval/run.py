@@ -5,7 +5,8 @@
 
 With `data_dir`, task names are the offline tasks shipped in lm_eval_tasks/ (`OFFLINE_TASKS`, or
 "all"), which read their files from that folder, plus the pseudo-task "wikitext2": sliding-window
-perplexity of <data_dir>/wikitext2_tokens/test.txt. Any other name, and every name without
+perplexity of <data_dir>/wikitext2_tokens/test.txt (with `limit`, like --perplexity FILE, of the text up to its
+limit-th non-empty line). Any other name, and every name without
 `data_dir`, goes to lm-eval's own task registry (which may download its data sets). Results go to
 <out>/results.json (rows, perplexities and lm-eval's raw results) and <out>/results.md (the table).
 """
@@ -78,8 +79,8 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         model_obj, tok, knobs = loaded.model, loaded.tokenizer, loaded.knobs
     perplexities = {}
     for name, path in ppl_files:
-        result = _perplexity(model_obj, tok, knobs, path, stride, max_length, int(args["batch_size"]))
-        perplexities[name] = {"file": str(path), **result.to_dict()}
+        result = _perplexity(model_obj, tok, knobs, path, stride, max_length, int(args["batch_size"]), limit)
+        perplexities[name] = {"file": str(path), "limit_lines": limit, **result.to_dict()}
         rows += [Row(name, metric, getattr(result, metric), None, None, result.tokens)
                  for metric in ("perplexity", "bits_per_byte", "word_perplexity")]
 
@@ -189,12 +190,13 @@ def _rows_from_lm_eval(raw: dict) -> list[Row]:
     return rows
 
 
-def _perplexity(model, tok, knobs, path: Path, stride, max_length, batch_size: int):
+def _perplexity(model, tok, knobs, path: Path, stride, max_length, batch_size: int, limit: int | None):
+    """Sliding-window perplexity of the file; `limit`: of its first `limit` non-empty lines only."""
     from dyndepth.eval.perplexity import file_perplexity
 
     with knobs.scoring(model):
-        return file_perplexity(model, tok, path, max_length=max_length, stride=stride, batch_size=batch_size,
-                               progress=True)
+        return file_perplexity(model, tok, path, limit=limit, max_length=max_length, stride=stride,
+                               batch_size=batch_size, progress=True)
 
 
 def format_table(rows: Sequence[Row]) -> str:
