@@ -237,7 +237,18 @@ def build_run_config(raw: dict) -> RunConfig:
         if not isinstance(value, dict):
             raise RunConfigError(f"section {name!r} must be a table/mapping, got {value!r}.")
     return RunConfig(model=dict(model), method=dict(raw.get("method") or {}), train=train,
-                     data=dict(raw.get("data") or {}), eval=dict(raw.get("eval") or {}))
+                     data=dict(raw.get("data") or {}), eval=_eval_section(raw.get("eval") or {}))
+
+
+EVAL_KEYS = {"enabled": bool}  # [eval]: whether the run holds out data and evaluates on it
+
+
+def _eval_section(section: dict) -> dict:
+    bad = [k for k in section if k not in EVAL_KEYS]
+    if bad:
+        raise RunConfigError(f"unknown key eval.{bad[0]}; valid eval keys: {sorted(EVAL_KEYS)} (how often and on how "
+                             "many batches: train.eval_every, train.eval_batches).")
+    return {k: _coerce(v, EVAL_KEYS[k], f"eval.{k}") for k, v in section.items()}
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

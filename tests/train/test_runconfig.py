@@ -49,6 +49,12 @@ def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
         load_run_config(None, ["train.lrr=1"])
     with pytest.raises(RunConfigError, match="unknown section"):
         load_run_config(None, ["trian.lr=1"])
+    # [eval] keys were not checked: a typo ("enable = false") left evaluation on
+    with pytest.raises(RunConfigError, match=r"unknown key eval\.enable; valid eval keys: \['enabled'\]"):
+        load_run_config(None, ["eval.enable=false"])
+    with pytest.raises(RunConfigError, match=r"eval\.enabled: expected bool"):
+        load_run_config(None, ["eval.enabled=maybe"])
+    assert load_run_config(None, ["eval.enabled=0"]).eval == {"enabled": False}
     with pytest.raises(RunConfigError, match=r"train\.steps: expected int"):
         load_run_config(None, ["train.steps=ten"])
     with pytest.raises(RunConfigError, match="schedule"):
