@@ -212,10 +212,21 @@ def _apply_override(raw: dict, override: str) -> None:
     node = raw.setdefault(parts[0], {})
     if isinstance(node, str):  # model = "preset-name" followed by model.key=value
         node = raw[parts[0]] = {"preset": node}
+    if parts[:1] == ["model"] and parts[1:] in (["pretrained"], ["preset"]):
+        _replace_model_source(node, parts[1])
     for p in parts[1:-1]:
         node = node.setdefault(p, {})
     # train values are coerced to their declared type later; free-form sections get a best guess here
     node[parts[-1]] = value if parts[0] == "train" else _parse_scalar(value)
+
+
+def _replace_model_source(model: dict, source: str) -> None:
+    """An override of model.pretrained or model.preset replaces where the recipe's model comes from: a checkpoint
+    takes its shape from its config.json, so `model.pretrained=X` drops the recipe's preset and shape fields (keeping
+    dtype); `model.preset=Y` drops a recipe's pretrained (keeping the fields that adjust the preset)."""
+    keep = {"dtype"} if source == "pretrained" else set(model) - {"pretrained"}
+    for key in set(model) - keep:
+        del model[key]
 
 
 def build_run_config(raw: dict) -> RunConfig:

@@ -44,6 +44,19 @@ def test_yaml_recipe_and_coercion(tmp_path):
     assert load_run_config(recipe).train.resume is True
 
 
+def test_an_override_of_the_models_source_replaces_the_recipes(tmp_path):
+    # `--set model.pretrained=X` on a preset recipe kept the preset, and the run failed ("a pretrained model takes
+    # only 'pretrained' and 'dtype'") with no override able to drop it
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npreset = "tiny-qwen3"\nhidden_size = 64\ndtype = "bfloat16"\n')
+    assert load_run_config(recipe, ["model.pretrained=runs/x/model"]).model == {"pretrained": "runs/x/model",
+                                                                              "dtype": "bfloat16"}
+    recipe.write_text('[model]\npretrained = "runs/x/model"\n')
+    assert load_run_config(recipe, ["model.preset=tiny-qwen3", "model.hidden_size=64"]).model == {
+        "preset": "tiny-qwen3", "hidden_size": 64}
+    assert load_run_config(None, ["model=tiny-qwen3", "model.pretrained=p"]).model == {"pretrained": "p"}
+
+
 def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
     with pytest.raises(RunConfigError, match=r"train\.lrr.*valid train keys.*'lr'"):
         load_run_config(None, ["train.lrr=1"])
