@@ -90,3 +90,23 @@ def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tm
     for src, dst in ((folder, "converted"), (tmp_path / "out" / "step_0000001", "exported")):  # both keep it
         result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / dst)])
         assert result.exit_code == 0 and (tmp_path / dst / "byte_tokenizer.json").exists(), (dst, result.output)
+
+
+def test_a_relative_pretrained_path_is_saved_absolute_so_steps_export_and_resume_from_anywhere(tmp_path, monkeypatch):
+    # config.yaml kept `pretrained = "base"` as written: exporting a step (or resuming) from another directory
+    # looked for ./base there and failed
+    from dyndepth.train.run import export_checkpoint
+
+    CausalLM(preset("tiny-qwen3")).save_pretrained(tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    args = ['model.pretrained=base', "train.out_dir=out", "train.steps=2", "train.batch_size=2", "train.seq_len=16",
+            "train.warmup=1", "train.progress=false", "train.plot=false", "train.device=cpu", "eval.enabled=false"]
+    run_training(None, args, loader=TinyLoader(2, 16))
+    step = (tmp_path / "work" / "out" / "step_0000002").resolve()
+    assert load_run_config(step / "config.yaml").model == {"pretrained": str(tmp_path / "work" / "base")}
+    monkeypatch.chdir(tmp_path)
+    exported = export_checkpoint(step, tmp_path / "exported")
+    assert (exported / "config.json").is_file()
+    monkeypatch.chdir(tmp_path / "work")  # resuming with the relative recipe matches the saved absolute path
+    result = run_training(None, [*args, "train.steps=3", "train.resume=true"], loader=TinyLoader(2, 16))
+    assert result.steps == 3

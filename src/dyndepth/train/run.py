@@ -92,6 +92,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     """
     if not isinstance(run_config, RunConfig):
         run_config = load_run_config(run_config, overrides)
+    run_config.model = absolute_pretrained(run_config.model)  # the saved config.yaml works from any directory
     cfg = run_config.train
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
@@ -119,6 +120,15 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     return result
 
 
+def absolute_pretrained(model_cfg: dict) -> dict:
+    """The [model] section with a relative `pretrained` that names a local folder made absolute: a run's saved
+    config rebuilds its base model (exporting a step, resuming) from wherever the command runs. Hub ids stay."""
+    path = model_cfg.get("pretrained")
+    if isinstance(path, str) and not Path(path).is_absolute() and Path(path).is_dir():
+        return {**model_cfg, "pretrained": str(Path(path).resolve())}
+    return model_cfg
+
+
 FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
                                                           "chat_template", "intra_doc_mask")}
 
@@ -140,6 +150,7 @@ def check_resume_matches(run_config: RunConfig) -> None:
     if ckpt is None or not (ckpt / "config.yaml").exists():
         return
     saved = load_run_config(ckpt / "config.yaml")
+    saved.model = absolute_pretrained(saved.model)  # a run saved before paths were made absolute
     diffs = []
     for section, keys in FIXED_ON_RESUME.items():
         old, new = getattr(saved, section), getattr(run_config, section)
