@@ -52,7 +52,8 @@ class ReproConfig:
     base: str  # a checkpoint folder with its tokenizer.json (the base recipe's out_dir/model)
     data_dir: str  # the offline lm-eval task files (../shared/data)
     train_data: str  # post-training text, e.g. ../shared/data/corpus/gutenberg/gutenberg_00.txt.gz
-    val_data: str = ""  # held-out text for the loss (e.g. gutenberg_03); empty: 1% of train_data's documents
+    val_data: str = ""  # held-out text for the loss (e.g. gutenberg_03); empty: 1% of train_data's documents (of one
+    # document: the last tenth of its text)
     text_split: str = "eot"  # how train_data / val_data split into documents (see data/build.py)
     cache_dir: str = "runs/data"  # token shards (shared with the base run, which tokenized the same text)
     out_dir: str = "runs/repro"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dyndepth.data import build
-from dyndepth.data.build import build_loader, resolve_data_config, user_shards
+from dyndepth.data.build import build_loader, resolve_data_config, split_text, user_shards
 from dyndepth.data.sources import DataError, Document
 from dyndepth.tokenizer import ByteTokenizer, train_bpe
 
@@ -23,7 +23,8 @@ def test_cache_key_follows_the_content_and_the_tokenizer(tmp_path):
     first = user_shards(_cfg(tmp_path, src), ByteTokenizer(), "train")
     src.write_text("an edited corpus, same path\n")  # same path, class and vocab size: a new cache entry
     edited = user_shards(_cfg(tmp_path, src), ByteTokenizer(), "train")
-    assert edited.num_tokens == len("an edited corpus, same path\n") + 1 != first.num_tokens
+    train_part = split_text(Document("an edited corpus, same path\n"), "train").text  # (its tail held out)
+    assert edited.num_tokens == len(train_part) + 1 != first.num_tokens
     digests = json.loads((tmp_path / "cache" / "source_digests.json").read_text())
     assert len(digests) == 2  # one per version: an unchanged file is not read again at the next start
     texts = ["hello world, hello there"] * 20
@@ -86,13 +87,23 @@ def test_text_field_and_chat_template_keys(tmp_path):
         user_shards(_cfg(tmp_path, src, chat_template="qwen"), ByteTokenizer(), "train")
 
 
-def test_single_document_source_serves_both_splits(tmp_path):
+def test_a_single_document_source_holds_out_the_tail_of_its_text(tmp_path):
+    # it served its one document whole to both splits: the "held-out" loss (repro, train's eval) scored training text
     src = tmp_path / "one.txt"
-    src.write_text("only one document in this corpus")
+    lines = [f"line {i} of the only document in this corpus" for i in range(40)]
+    src.write_text("\n".join(lines))
     cfg = _cfg(tmp_path, src)
     loader_kw = {"batch_size": 1, "seq_len": 8, "seed": 0}
     train, val = (build_loader(cfg, split=s, **loader_kw) for s in ("train", "val"))
-    assert train.shards.num_tokens == val.shards.num_tokens == len("only one document in this corpus") + 1
+    text = {s: bytes(x.shards.tokens(0, x.shards.num_tokens - 1).tolist()).decode()  # (less the EOS)
+            for s, x in (("train", train), ("val", val))}
+    assert text["train"] + text["val"] == src.read_text()  # disjoint, in order, nothing lost
+    assert text["val"].startswith("line ") and 0.1 <= len(text["val"]) / len(src.read_text()) <= 0.2  # at a line
+    one = tmp_path / "short.txt"
+    one.write_text("x" * 200)  # no line break: cut at the tenth
+    assert len(split_text(Document(one.read_text()), "val").text) == 20
+    chat = Document("the answer", prompt="the question")  # a chat record cannot be cut: both splits get it
+    assert split_text(chat, "train") == split_text(chat, "val") == chat
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="has no documents"):

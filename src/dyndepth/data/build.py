@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -59,6 +60,9 @@ DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "task_weight
             "bpe_train_bytes": 64_000_000}
 BPE_PREFIX = "bpe:"
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
+SINGLE_DOC_HOLDOUT = 0.1  # ... and of a one-document source, the last tenth of its text
+HOLDOUT_SCHEME = 2  # in the shard cache key: 1 served a one-document source whole to both splits
+log = logging.getLogger(__name__)
 EMBEDDED = ("embedded", "synthetic", "stdlib")
 
 
@@ -213,25 +217,48 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _shard_dir(cfg: dict, tokenizer, source: str, holdout: bool) -> Path:
     key = json.dumps([FORMAT_VERSION, source_fingerprint(source, cfg["cache_dir"]), tokenizer_fingerprint(tokenizer),
-                      chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"], holdout]
+                      chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"],
+                      HOLDOUT_SCHEME if holdout else False]
                      + ([cfg["text_split"]] if cfg["text_split"] != "file" else []))
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def split_documents(docs: Iterator[Document], split: str, holdout: bool, source: str = "") -> Iterator[Document]:
-    """Stream one split: with `holdout`, documents 0, 100, 200, ... are "val" and the rest "train" (a
-    single-document source serves its one document to both); without, every document."""
-    count = 0
+    """Stream one split: with `holdout`, documents 0, 100, 200, ... are "val" and the rest "train"; a one-document
+    source is split inside its text (`split_text`); without `holdout`, every document."""
+    count, first = 0, None
     for i, doc in enumerate(docs):
         count += 1
-        if not holdout or (i % HOLDOUT_EVERY == 0) == (split == "val"):
+        if not holdout:
             yield doc
         elif i == 0:
-            first = doc  # train gets it back if it turns out to be the only document
+            first = doc  # held until a second document shows whether it is the only one
+        else:
+            if i == 1 and split == "val":
+                yield first
+            if (i % HOLDOUT_EVERY == 0) == (split == "val"):
+                yield doc
     if count == 0:
         raise DataError(f"data.source {source!r} has no documents.")
-    if holdout and count == 1 and split == "train":
-        yield first
+    if holdout and count == 1:
+        yield split_text(first, split, source)
+
+
+def split_text(doc: Document, split: str, source: str = "") -> Document:
+    """A one-document source's split: "train" its text up to the last tenth, "val" the rest, cut at a line break
+    when the last fifth has one (else at the tenth). A chat record cannot be cut: it serves both (warned)."""
+    if doc.prompt:
+        log.warning("data.source %r is one chat record: the validation split is that same record; set "
+                    "data.val_source for a held-out loss.", source)
+        return doc
+    text = doc.text
+    cut = len(text) - max(1, int(len(text) * SINGLE_DOC_HOLDOUT))
+    line = text.rfind("\n", int(len(text) * (1 - 2 * SINGLE_DOC_HOLDOUT)), cut)
+    cut = line + 1 if line >= 0 else cut
+    if split == "train":
+        log.info("data.source %r is one document: its last %d of %d characters are the validation split (set "
+                 "data.val_source or data.text_split to hold out otherwise).", source, len(text) - cut, len(text))
+    return Document(text[:cut] if split == "train" else text[cut:])
 
 
 def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callable[[], None] | None = None) -> ShardSet:
