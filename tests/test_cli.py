@@ -37,12 +37,13 @@ def test_option_set_is_deliberate():
                            "path", "prefill_lens", "repeats"],
         "bench quality": ["base", "out", "steps"],
         "bench train": ["batch_size", "compile", "device", "dtype", "model", "out", "seq_len", "steps"],
+        "calibrate": ["batch_size", "batches", "device", "knobs", "model", "out", "seq_len", "text", "tokenizer"],
         "convert": ["dst", "dtype", "max_shard_gb", "src"],
         "demo": ["eval_examples", "out", "post_steps", "steps"],
         "eval": ["batch_size", "data_dir", "limit", "max_length", "model", "model_args", "out", "perplexity",
                  "stride", "tasks"],
-        "generate": ["device", "dtype", "max_new_tokens", "model", "prompt", "seed", "stream", "temperature",
-                     "tokenizer", "top_k", "top_p"],
+        "generate": ["device", "dtype", "knobs", "max_new_tokens", "model", "prompt", "seed", "skip_budget", "stream",
+                     "temperature", "tokenizer", "top_k", "top_p"],
         "match": ["against", "batch_size", "config", "device", "out", "seq_len", "switchhead", "tolerance"],
         "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds", "text", "text_val"],
         "repro": ["base", "data_dir", "limit", "out", "profile", "render_only", "steps", "study", "tasks",
@@ -57,6 +58,40 @@ def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
                                  "--tokenizer", "byte"])
     assert result.exit_code == 0, result.output
     assert result.output.count("---") == 2 and "hello" in result.output
+
+
+def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
+    # GateSkip decoding needs thresholds calibrated at its budget, and the shell had no way to fit them (nor
+    # generate a flag to pass a budget): `dyndepth calibrate` fits and saves them, `generate --skip-budget` uses them
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+    from dyndepth.tokenizer import load_tokenizer
+
+    model = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))
+    method = attach_gateskip(model, GateSkipConfig())
+    model.save_pretrained(tmp_path / "gated")
+    text = tmp_path / "calib.txt"
+    text.write_text("12+30=42. 7*6=42. The quick brown fox jumps over the lazy dog.\n" * 40)
+    gen = ["generate", "-p", "12+3=", "-n", "4", "--tokenizer", "byte", "--skip-budget", "0.3", "--no-stream"]
+    uncalibrated = runner.invoke(app, [gen[0], str(tmp_path / "gated"), *gen[1:]])
+    assert uncalibrated.exit_code == 2 and "dyndepth calibrate MODEL --text FILE --knobs budget=0.3" in \
+        uncalibrated.output, uncalibrated.output
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=0.3",
+                                 "--out", str(tmp_path / "calibrated"), "--tokenizer", "byte", "--seq-len", "64",
+                                 "--batches", "2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    layers = model.config.num_hidden_layers
+    assert f"calibrated {2 * layers} thresholds at {{'budget': 0.3}} on 4 windows of 64 tokens" in result.output
+    saved = json.loads((tmp_path / "calibrated" / "calibration.json").read_text())
+    assert saved["knobs"] == {"budget": 0.3} and len(saved["thresholds"]) == 2 * layers
+    out = runner.invoke(app, [gen[0], str(tmp_path / "calibrated"), *gen[1:5], *gen[7:]])  # its own tokenizer
+    assert out.exit_code == 0 and out.output.startswith("12+3="), out.output
+    loaded, tok = dyndepth.from_pretrained(tmp_path / "calibrated"), load_tokenizer("byte")
+    expected = loaded.generate(torch.tensor([tok.encode("12+3=")]), 4, skip_budget=0.3)  # as the command runs it
+    assert out.output.split("\n---")[0] == "12+3=" + tok.decode(expected[0, 5:].tolist())
+    assert method.name == "gateskip"
+    bad = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget",
+                              "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "must look like key=value" in bad.output
 
 
 def test_convert_changes_dtype_and_keeps_logits(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -55,12 +56,17 @@ def generate(
     device: str = typer.Option("cpu"),
     seed: int = typer.Option(0),
     stream: bool = typer.Option(True, help="Print tokens as they come (single prompt)."),
+    skip_budget: Optional[float] = typer.Option(None, "--skip-budget", help="GateSkip: the fraction of tokens that "
+                                                "skip each branch (thresholds from `dyndepth calibrate`)."),
+    knobs: str = typer.Option("", help="Method knobs k=v,... for this generation, e.g. capacity=0.5 (MoD)."),
 ) -> None:
     """Generate text from a model with the KV-cached batched sampler."""
     import torch
 
+    from dyndepth.methods.calibration import parse_knobs
     from dyndepth.tokenizer import encode_batch, load_tokenizer
 
+    method_knobs = _run(parse_knobs, knobs)
     lm = _run(_load_model, model, dtype, device)
     tok = _run(load_tokenizer, tokenizer or ("byte" if model in _presets() else model))
     ids, mask = encode_batch(tok, prompt, padding_side="left")
@@ -73,13 +79,51 @@ def generate(
 
     out = _run(lm.generate, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
-               generator=torch.Generator(device=device).manual_seed(seed))
+               generator=torch.Generator(device=device).manual_seed(seed), skip_budget=skip_budget,
+               method_knobs=method_knobs)
     if callback is not None:
         typer.echo()
         return
     for text, row in zip(prompt, out):
         typer.echo(text + tok.decode(row[ids.shape[1]:].tolist()))
         typer.echo("---")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Checkpoint folder with a method attached (GateSkip, MoD)."),
+    text: Path = typer.Option(..., help="Calibration text: a UTF-8 file like the text the model will decode."),
+    knobs: str = typer.Option(..., help="The knobs to calibrate for, e.g. budget=0.3 (GateSkip) or capacity=0.5 "
+                                        "(MoD router_threshold)."),
+    out: Path = typer.Option(..., help="Output folder: the checkpoint with the thresholds stored."),
+    batches: int = typer.Option(8, help="Calibration batches."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or 'byte'; default: the model folder."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Fit a method's decoding thresholds on a text at the given knobs and save the checkpoint with them, for
+    `dyndepth generate --skip-budget` (token-by-token decoding cannot rank a batch)."""
+    from dyndepth.methods.calibration import calibrate as fit
+    from dyndepth.methods.calibration import parse_knobs, text_batches
+    from dyndepth.tokenizer import load_tokenizer
+
+    wanted = _run(parse_knobs, knobs)
+    if not text.is_file():
+        _fail(FileNotFoundError(f"--text {text}: no such file."))
+    lm = _run(_load_model, model, None, device)
+    if lm.method is None:
+        _fail(ValueError(f"{model} has no method attached; calibrate a GateSkip or MoD checkpoint."))
+    tok = _run(load_tokenizer, tokenizer or model)
+    ids = _run(text_batches, tok, text.read_text(encoding="utf-8"), batches, batch_size, seq_len)
+    thresholds = _run(fit, lm, [b.to(device) for b in ids], **wanted)
+    path = _run(lm.save_pretrained, out)
+    (path / "calibration.json").write_text(json.dumps({"knobs": wanted, "text": str(text), "windows": sum(
+        len(b) for b in ids), "seq_len": seq_len, "thresholds": {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else str(k):
+                                                                 float(v) for k, v in thresholds.items()}}, indent=1))
+    tok.save(path)  # the folder is self-contained: `dyndepth generate OUT` needs no --tokenizer
+    typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {sum(len(b) for b in ids)} windows of "
+               f"{seq_len} tokens; wrote {path}")
 
 
 def _presets():

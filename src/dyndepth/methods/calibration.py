@@ -30,3 +30,37 @@ def calibrate(model, batches, **knobs) -> dict:
     thresholds = recorder.result()
     method.set_thresholds(thresholds, knobs)
     return thresholds
+
+
+def text_batches(tokenizer, text: str, num_batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
+    """The first num_batches x batch_size windows of seq_len tokens of `text` (tokenized once): calibration
+    batches (B, T) for `calibrate`. Fewer when the text is shorter; a ValueError when it has no full window."""
+    for name, value in (("batches", num_batches), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value < 1:
+            raise ValueError(f"calibration {name}={value} must be >= 1.")
+    ids = torch.tensor(tokenizer.encode(text)[:num_batches * batch_size * seq_len], dtype=torch.long)
+    rows = ids[:len(ids) // seq_len * seq_len].view(-1, seq_len)  # (windows, T)
+    if len(rows) == 0:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
+                         "give a longer text or a smaller --seq-len.")
+    return list(rows.split(batch_size))
+
+
+def parse_knobs(spec: str) -> dict:
+    """'budget=0.3,mode=threshold' -> {"budget": 0.3, "mode": "threshold"} (numbers parsed, the rest strings)."""
+    knobs = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method knob {item!r} must look like key=value, e.g. budget=0.3.")
+        knobs[key.strip()] = _number(value.strip())
+    return knobs
+
+
+def _number(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value

@@ -104,4 +104,5 @@ def check_calibrated(stored_ppm, value: float, knob: str, what: str, owner: str,
     now = ("not calibrated" if max(calibrated) < 0 else
            f"calibrated for {knob}(s) {sorted(c for c in calibrated if c >= 0)}")
     raise ValueError(f"{what} needs {owner}'s thresholds calibrated for it, and they are {now}; run "
-                     f"dyndepth.methods.calibrate(model, batches, {knob}={value}) first{alternative}.")
+                     f"dyndepth.methods.calibrate(model, batches, {knob}={value}) first (from a shell: dyndepth "
+                     f"calibrate MODEL --text FILE --knobs {knob}={value} --out DIR){alternative}.")
