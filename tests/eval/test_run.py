@@ -2,6 +2,7 @@
 
 import bz2
 import json
+import logging
 
 import pytest
 
@@ -130,6 +131,16 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
     assert scored[2]["words"] == 9 and scored[None]["words"] == 12
     assert 0 < scored[2]["tokens"] < scored[None]["tokens"]
     assert first_lines("a\n\nb\nc", 5) == "a\n\nb\nc" and first_lines("a\n\nb\nc", 1) == "a\n"
+
+
+def test_an_offline_task_name_without_data_dir_warns_that_lm_eval_will_download(caplog):
+    # `eval --tasks piqa` without --data-dir silently became lm-eval's hub task (network retries when offline)
+    from dyndepth.eval.run import _resolve_tasks
+
+    with caplog.at_level(logging.WARNING, logger="dyndepth.eval.run"):
+        assert _resolve_tasks("piqa,my_task", None) == (["piqa", "my_task"], [], True)
+    assert "piqa without --data-dir run as lm-eval's own task(s), which download" in caplog.text
+    assert "my_task" not in caplog.text
 
 
 def test_eval_options_snapshot():

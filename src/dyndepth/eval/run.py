@@ -7,7 +7,8 @@ With `data_dir`, task names are the offline tasks shipped in lm_eval_tasks/ (`OF
 "all"), which read their files from that folder, plus the pseudo-task "wikitext2": sliding-window
 perplexity of <data_dir>/wikitext2_tokens/test.txt (with `limit`, like --perplexity FILE, of the text up to its
 limit-th non-empty line). Any other name, and every name without
-`data_dir`, goes to lm-eval's own task registry (which may download its data sets). Results go to
+`data_dir`, goes to lm-eval's own task registry (which may download its data sets; a name with an offline
+copy, such as "piqa", warns). Results go to
 <out>/results.json (rows, perplexities and lm-eval's raw results) and <out>/results.md (the table).
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 PREFIX = "dyndepth_"  # offline task names in lm-eval's registry: dyndepth_hellaswag, ...
 WIKITEXT = "wikitext2"
@@ -110,6 +112,10 @@ def _resolve_tasks(tasks, data_dir) -> tuple[list[str], list[tuple[str, Path]], 
         if offline:
             raise ValueError(f"{offline[0]!r} reads local files: pass --data-dir DIR (the folder holding "
                              "eval_gauntlet/, hellaswag/, piqa/, gsm8k/, wikitext2_tokens/).")
+        shadowed = [n for n in names if n in OFFLINE_TASKS]
+        if shadowed:
+            log.warning("%s without --data-dir run as lm-eval's own task(s), which download their data sets; pass "
+                        "--data-dir DIR for the offline copies.", ", ".join(shadowed))
         return names, [], True
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
