@@ -92,6 +92,9 @@ def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
     bad = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget",
                               "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "must look like key=value" in bad.output
+    zero = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=0",
+                               "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--seq-len", "64"])
+    assert zero.exit_code == 2 and "budget=0 has no threshold to fit" in zero.output, zero.output
 
 
 def test_convert_changes_dtype_and_keeps_logits(tmp_path):

@@ -223,8 +223,8 @@ def _apply_override(raw: dict, override: str) -> None:
 def _replace_model_source(model: dict, source: str) -> None:
     """An override of model.pretrained or model.preset replaces where the recipe's model comes from: a checkpoint
     takes its shape from its config.json, so `model.pretrained=X` drops the recipe's preset and shape fields (keeping
-    dtype); `model.preset=Y` drops a recipe's pretrained (keeping the fields that adjust the preset)."""
-    keep = {"dtype"} if source == "pretrained" else set(model) - {"pretrained"}
+    dtype); `model.preset=Y` drops a recipe's pretrained and its dtype (keeping the fields that adjust the preset)."""
+    keep = {"dtype"} if source == "pretrained" else set(model) - {"pretrained", "dtype"}  # (dtype: checkpoints')
     for key in set(model) - keep:
         del model[key]
 

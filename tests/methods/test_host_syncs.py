@@ -52,9 +52,10 @@ def _gateskip():
     model = CausalLM(preset("tiny-qwen3")).eval()
     attach_gateskip(model, GateSkipConfig())
     calibrate(model, [torch.randint(0, 200, (4, 24))], budget=0.5)
-    # the pool's two counts (begin); no branch call of a 4-row step reads its kept count (2 expected skips cannot
-    # make packing pay: masked, uncounted), and the skip statistics read all calls' counts with one `tolist` at the end
-    return model, Counter({"aten::_local_scalar_dense": 2}), model.method.decoding(budget=0.5)
+    # the pool's two counts (begin), then each branch call's kept count: at 4 rows and q = 0.5 all of them may skip
+    # (chance 1/16), so the count decides run / skip whole / mask (an 8-row step reads none: test_gateskip.py)
+    layers = model.config.num_hidden_layers
+    return model, Counter({"aten::_local_scalar_dense": 2 + 2 * layers}), model.method.decoding(budget=0.5)
 
 
 def _mod():

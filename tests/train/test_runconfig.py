@@ -51,7 +51,7 @@ def test_an_override_of_the_models_source_replaces_the_recipes(tmp_path):
     recipe.write_text('[model]\npreset = "tiny-qwen3"\nhidden_size = 64\ndtype = "bfloat16"\n')
     assert load_run_config(recipe, ["model.pretrained=runs/x/model"]).model == {"pretrained": "runs/x/model",
                                                                               "dtype": "bfloat16"}
-    recipe.write_text('[model]\npretrained = "runs/x/model"\n')
+    recipe.write_text('[model]\npretrained = "runs/x/model"\ndtype = "float32"\n')  # (a preset takes no dtype)
     assert load_run_config(recipe, ["model.preset=tiny-qwen3", "model.hidden_size=64"]).model == {
         "preset": "tiny-qwen3", "hidden_size": 64}
     assert load_run_config(None, ["model=tiny-qwen3", "model.pretrained=p"]).model == {"pretrained": "p"}

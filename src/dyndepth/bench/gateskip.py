@@ -10,7 +10,7 @@ ratios from the forward's compute ledger: `executed` (the FLOPs the kernels ran:
 skipped tokens' K/V projections, padding, dense fallbacks, masked attention pairs) and `ideal` (what the
 budget allows). realized / executed near 1 means time follows the work that ran; executed / ideal says
 how much work the execution paths added. Decoding uses per-branch thresholds calibrated at q (batch-1
-quantiles are meaningless); `packed` is the fraction of partially kept branch calls that ran packed
+quantiles are meaningless); `packed` is the fraction of the branch calls run packed or masked that ran packed
 (the rest ran densely with a masked output, see GateSkip's cost rule).
 """
 
@@ -150,7 +150,7 @@ def render_markdown(r: dict) -> str:
             f"{c['dtype']}, {r['machine']}, path={c['path']}\n\nrealized = time at budget 0 / time at budget q, "
             "same gated model, budgets timed interleaved; executed / ideal = the FLOP ratio of what ran / of "
             "what the budget allows (gates and skipped tokens' K/V included in both); packed = share of "
-            "partially kept branch calls that ran packed; control = budget-0 time / the time of a second, "
+            "branch calls run packed or masked that ran packed; control = budget-0 time / the time of a second, "
             "identical budget-0 contender timed alongside (its distance from 1 is this shape's timing noise).\n\n")
     cols = ["phase", "shape", "budget", "seconds", "realized_speedup", "executed_speedup", "ideal_speedup",
             "realized_over_executed", "realized_over_ideal", "packed", "control"]

@@ -96,7 +96,8 @@ class ThresholdRecorder:
 
     def result(self) -> dict[Any, torch.Tensor]:
         if not self.values:
-            raise ValueError("no calibration scores were recorded; pass at least one batch with real tokens.")
+            raise ValueError("no calibration scores were recorded: the knobs route no token (e.g. budget=0 has no "
+                             "threshold to fit) or the batches have no real tokens.")
         return {key: torch.stack(v).float().mean() for key, v in self.values.items()}
 
 

@@ -289,5 +289,13 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
         shards = ShardSet.from_documents(embedded_documents(cfg, split, seed), tokenizer)
     else:
         shards = user_shards(cfg, tokenizer, split, rank, barrier)
-    return PackedLoader(shards, seq_len, batch_size, rank=rank, world_size=world_size, seed=seed,
-                        shuffle=split == "train", intra_doc_mask=cfg["intra_doc_mask"])
+    try:
+        return PackedLoader(shards, seq_len, batch_size, rank=rank, world_size=world_size, seed=seed,
+                            shuffle=split == "train", intra_doc_mask=cfg["intra_doc_mask"])
+    except DataError as e:
+        if split != "val":
+            raise
+        held = ("data.val_source" if cfg["val_source"] else
+                "every 100th document of data.source (of a one-document source, the last tenth of its text)")
+        raise DataError(f"the validation split ({held}) is too small: {e}; or set data.val_source to a longer "
+                        "text, or eval.enabled=false.") from None

@@ -65,6 +65,7 @@ from dyndepth.methods.common import (
 )
 
 BRANCHES = ("attn", "mlp")
+WHOLE_SKIP_CHANCE = 0.01  # auto path: read a call's kept count when every pool token skips with at least this chance
 STRUCTURAL = ("gate", "rank", "shared")  # fields that shape parameters: fixed once attached
 MODES = ("quantile", "threshold")
 PATHS = ("auto", "packed", "dense")
@@ -186,7 +187,8 @@ class GateSkipState:
     scores: dict = field(default_factory=dict)  # (slot, branch) -> importance s (B, T) float32
     gate_sq: list = field(default_factory=list)  # mean(g^2) per branch call (training forwards)
     calls: dict = field(default_factory=lambda: dict.fromkeys(BRANCHES, 0))  # routed branch calls
-    packed: int = 0  # branch calls that ran packed (the partially kept others ran densely, with a masked output)
+    packed: int = 0  # branch calls that ran packed ...
+    masked: int = 0  # ... and densely with a masked output (partially kept, or not counted: see `_run_path`)
     prev_kv: tuple | None = None  # copy_prev: the previous slot's K/V
 
 
@@ -278,27 +280,21 @@ class GateSkip:
             out.stats["gateskip/gate_sq"] = penalty.detach()
             if self.config.penalty:
                 out.losses.append(self.config.penalty * penalty)
-        skipped, partial = self._skip_counts(st)
         for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs of the pool
             pairs = max(st.n_pool, 1) * max(st.calls[branch], 1)
-            out.stats[f"gateskip/{branch}_skipped"] = skipped[branch] / pairs
-        if partial:
-            out.stats["gateskip/packed"] = st.packed / partial
+            out.stats[f"gateskip/{branch}_skipped"] = self._skipped(st, branch) / pairs
+        if st.packed + st.masked:
+            out.stats["gateskip/packed"] = st.packed / (st.packed + st.masked)
         return out
 
     @staticmethod
-    def _skip_counts(st: GateSkipState) -> tuple[dict, int]:
-        """Tokens that skipped, per branch type, and the branch calls only some tokens kept: counted once per
-        forward from the KEEP masks (three ops and one host sync), not per call (a decode step is op-bound)."""
-        skipped = dict.fromkeys(BRANCHES, 0)
-        routed = [(branch, keep) for (_, branch), keep in st.keep.items() if keep is not None]
-        if not routed:
-            return skipped, 0
-        kept = torch.stack([keep for _, keep in routed]).flatten(1).sum(1).tolist()  # kept tokens per call
-        n = routed[0][1].numel()
-        for (branch, _), k in zip(routed, kept):
-            skipped[branch] += st.n_pool + st.n_always - k
-        return skipped, sum(0 < k < n for k in kept)
+    def _skipped(st: GateSkipState, branch: str):
+        """Pool tokens that skipped `branch` over the forward's calls, from the KEEP masks once per forward: a
+        0-dim tensor (no host sync: a decode step reads no count it does not need), or 0."""
+        masks = [keep for (_, b), keep in st.keep.items() if b == branch and keep is not None]
+        if not masks:
+            return 0
+        return len(masks) * (st.n_pool + st.n_always) - torch.stack(masks).sum()  # kept: valid tokens only
 
     # ---- per layer ----
     def layer_forward(self, layer, x: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
@@ -351,15 +347,15 @@ class GateSkip:
     def _run_path(self, keep: torch.Tensor, st: GateSkipState, branch: str) -> str:
         """"all" (every token keeps), "none", "packed" or "dense" (masked output) for a KEEP mask.
 
-        Under `path="auto"`, a call of several tokens whose budget cannot make packing pay (the expected skips
-        q * n fall short of the cost rule, as in every batched decode step below 16 rows) runs densely without
-        reading its kept count: the count's ops and host sync would only slow the dense step down, and every token
-        skipping at once is rare there. A call of one token (batch-1 decoding) reads it: skipping the whole
-        branch is its saving.
+        Under `path="auto"` a call reads its kept count (one host sync) only when the count can change the path:
+        when the budget's expected skips (PAD included) could make packing pay, or when every pool token may skip at
+        once (chance q^n_pool >= `WHOLE_SKIP_CHANCE`: batch-1 and small-batch decoding, where skipping the branch
+        outright is the saving). Otherwise (a batched decode step of 8 rows at q <= 0.5, say) it runs densely with
+        a masked output and makes no sync, which a GPU's launch queue would pay for.
         """
         n = keep.numel()
-        if self.path == "dense" or (self.path == "auto" and n > 1
-                                    and not self._packing_pays(self._branch_budget(branch) * n, n)):
+        if self.path == "auto" and not self._worth_counting(n, st, self._branch_budget(branch)):
+            st.masked += 1
             return "dense"
         n_keep = int(keep.sum())  # one host sync per branch call
         if n_keep == n:
@@ -368,7 +364,15 @@ class GateSkip:
             return "none"
         path = self.path if self.path != "auto" else ("packed" if self._packing_pays(n - n_keep, n) else "dense")
         st.packed += path == "packed"
+        st.masked += path == "dense"
         return path
+
+    def _worth_counting(self, n: int, st: GateSkipState, q: float) -> bool:
+        """Whether a call of n tokens at branch budget q could run other than dense-masked (see `_run_path`)."""
+        outside = n - st.n_pool - st.n_always  # PAD: never runs
+        if self._packing_pays(outside + q * st.n_pool, n):
+            return True
+        return st.n_always == 0 and q ** st.n_pool >= WHOLE_SKIP_CHANCE
 
     def _packing_pays(self, skipped: float, n: int) -> bool:
         """The cost rule (measured; docs/methods.md): a matmul over fewer rows is faster only once enough rows
@@ -446,8 +450,8 @@ def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip
 
 class GateSkipHook:
     """Trainer hook: ramps the skip budget linearly from `ramp_start` (the first step) to `ramp_end` (step
-    `ramp_steps`; 0: the run's last step) and holds it there. The budget is the method's runtime knob; the attached
-    config is left as it was."""
+    `ramp_steps`; 0: the run's last step) and holds it there (a one-step ramp trains at `ramp_end`). The budget is
+    the method's runtime knob; the attached config is left as it was."""
 
     name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget, the budget the logged step trained at
 

@@ -6,6 +6,7 @@ This is the function `dyndepth train recipe.toml --set train.lr=3e-4` calls; und
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -92,7 +93,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     """
     if not isinstance(run_config, RunConfig):
         run_config = load_run_config(run_config, overrides)
-    run_config.model = absolute_pretrained(run_config.model)  # the saved config.yaml works from any directory
+    run_config = dataclasses.replace(run_config, model=absolute_pretrained(run_config.model))  # config.yaml: any cwd
     cfg = run_config.train
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
