@@ -95,6 +95,13 @@ def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
     zero = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=0",
                                "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--seq-len", "64"])
     assert zero.exit_code == 2 and "budget=0 has no threshold to fit" in zero.output, zero.output
+    word = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=abc",
+                               "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--seq-len", "64"])
+    assert word.exit_code == 2 and "gateskip knob budget='abc' must be a number" in word.output, word.output
+    moded = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs",
+                                "budget=0.3,mode=threshold", "--out", str(tmp_path / "m"), "--tokenizer", "byte",
+                                "--seq-len", "64"])  # a mode among the knobs: calibration records in its own
+    assert moded.exit_code == 0, moded.output
 
 
 def test_convert_changes_dtype_and_keeps_logits(tmp_path):

@@ -96,6 +96,8 @@ def generate(
         method = getattr(model, "method", None)
         if method is None:
             raise ValueError("skip_budget / method_knobs need a model with a method attached (e.g. attach_gateskip).")
+        if skip_budget is not None and "budget" in (method_knobs or {}):
+            raise ValueError("the budget is given twice (skip_budget and method_knobs['budget']); give one.")
         knobs = dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget}))
         with method.decoding(**knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,

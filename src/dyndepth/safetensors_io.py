@@ -69,7 +69,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(tmp), metadata=metadata or {"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors may create it private (0600): the mode a plain file gets
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(obj: dict, path: str | Path) -> None:

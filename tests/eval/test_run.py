@@ -131,6 +131,9 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
     assert scored[2]["words"] == 9 and scored[None]["words"] == 12
     assert 0 < scored[2]["tokens"] < scored[None]["tokens"]
     assert first_lines("a\n\nb\nc", 5) == "a\n\nb\nc" and first_lines("a\n\nb\nc", 1) == "a\n"
+    text.write_text("  \n\n \t\n")  # only whitespace: was a ZeroDivisionError (no words)
+    with pytest.raises(ValueError, match="empty or only whitespace"):
+        run_eval(str(folder), perplexity=text, max_length=16, out=tmp_path / "blank")
 
 
 def test_an_offline_task_name_without_data_dir_warns_that_lm_eval_will_download(caplog):

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -18,6 +20,12 @@ def test_safetensors_reader_is_memory_mapped_and_exact(tmp_path):
     for k, v in tensors.items():
         assert torch.equal(got[k], v)
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+    mask = os.umask(0o022)
+    try:  # safetensors wrote its file private (0600): other users could not read an exported model
+        write_safetensors(tensors, tmp_path / "y.safetensors")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "y.safetensors").stat().st_mode) == 0o644
 
 
 def test_truncated_and_garbage_files_get_clear_errors(tmp_path):

@@ -228,7 +228,41 @@ def test_training_penalty_gradients_and_budget_ramp():
     assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # detached gate input
     assert hook.after_step(model, 5, {}, None) == {"budget": 0.0}  # what step 5 trained at (set by hand: none ran)
     assert method.budget == pytest.approx(0.1) and method.config.budget == 0.0  # step 6's; the config is not touched
-    assert hook.state_dict() == {"budget": pytest.approx(0.1)}
+    assert hook.state_dict() == {"budget": pytest.approx(0.1), "step": 5}
+
+
+def test_the_ramp_resumes_on_its_line_and_never_goes_back_when_a_run_is_extended():
+    # a 3-step run resumed to 7 steps logged 0, .1, .2, .2, .133, ...: the restored budget, then the new run's line
+    model, method = gated_model()
+
+    def run(total: int, steps, state=None):
+        hook = GateSkipHook(method, total)
+        if state is not None:
+            hook.load_state_dict(state)
+        return [hook.after_step(model, s, {}, None)["budget"] for s in steps], hook.state_dict()
+
+    whole, _ = run(7, range(1, 8))
+    first, state = run(7, range(1, 4))
+    assert first + run(7, range(4, 8), state)[0] == whole  # an unchanged run resumes exactly
+    first, state = run(3, range(1, 4))
+    extended = first + run(7, range(4, 8), state)[0]
+    assert extended == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2])
+    assert run(7, [4], {"budget": 0.05})[0] == [0.05]  # a state saved before the step was: its budget
+
+
+def test_knobs_of_the_wrong_type_and_a_budget_given_twice_are_clear_errors():
+    model, method = gated_model(budget=0.0)
+    calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.3)
+    ids = torch.randint(0, 256, (1, 5))
+    with pytest.raises(ValueError, match=r"gateskip knob budget='abc' must be a number"):
+        model.generate(ids, 2, method_knobs={"budget": "abc"})
+    with pytest.raises(ValueError, match=r"gateskip knob mode=1 must be a word"):
+        model.generate(ids, 2, method_knobs={"mode": 1})
+    with pytest.raises(ValueError, match="the budget is given twice"):
+        model.generate(ids, 2, skip_budget=0.3, method_knobs={"budget": 0.5})
+    # a mode next to the budget used to raise "got multiple values for keyword argument 'mode'"
+    assert torch.equal(model.generate(ids, 3, skip_budget=0.3, method_knobs={"mode": "threshold"}),
+                       model.generate(ids, 3, skip_budget=0.3))
 
 
 def test_gated_model_saves_and_loads(tmp_path):

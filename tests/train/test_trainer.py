@@ -179,6 +179,12 @@ def test_hooks_are_called_logged_and_checkpointed(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dyndepth.train.hooks"):
         train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg3, hooks=[other])
     assert "no state for hook 'other'" in caplog.text and other.steps_seen == [5, 6] and other.calls == 2
+    # resume=true where nothing was saved (e.g. the recipe's relative out_dir read from another directory) started a
+    # new run without a word
+    cfg4 = tiny_train_config(str(tmp_path / "elsewhere"), steps=1, save_every=0, resume=True)
+    with caplog.at_level("WARNING", logger="dyndepth.train.trainer"):
+        train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg4)
+    assert f"{(tmp_path / 'elsewhere').resolve()} holds no checkpoint: starting a new run there" in caplog.text
 
 
 def test_eval_metrics_plot_and_config_written(tmp_path):

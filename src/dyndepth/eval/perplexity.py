@@ -113,8 +113,8 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
     stride = stride or max(max_length // 2, 1)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = tokenizer.encode(text)
-    if not ids:
-        raise ValueError("the text is empty; nothing to score.")
+    if not ids or not text.split():  # (word perplexity divides by the words)
+        raise ValueError("the text is empty or only whitespace; nothing to score.")
     stream = ids if prefix is None else [prefix, *ids]  # no special token: the first token goes unscored
     nll, n = sliding_window_nll(model, stream, max_length, stride, batch_size, progress)
     return Perplexity(nll, n, len(text.encode("utf-8")), len(text.split()), max_length, stride)

@@ -17,6 +17,7 @@ def calibrate(model, batches, **knobs) -> dict:
     method = model.method
     if method is None:
         raise ValueError("calibrate needs a model with a method attached (e.g. attach_gateskip).")
+    knobs = {k: v for k, v in knobs.items() if k != "mode"}  # calibration records in its own mode (`recording`)
     recorder = ThresholdRecorder()
     was_training = model.training
     model.eval()
@@ -47,7 +48,8 @@ def text_batches(tokenizer, text: str, num_batches: int, batch_size: int, seq_le
 
 
 def parse_knobs(spec: str) -> dict:
-    """'budget=0.3,mode=threshold' -> {"budget": 0.3, "mode": "threshold"} (numbers parsed, the rest strings)."""
+    """'budget=0.3,mode=threshold' -> {"budget": 0.3, "mode": "threshold"} (numbers and true / false parsed, the rest
+    strings)."""
     knobs = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, sep, value = item.partition("=")
@@ -58,6 +60,8 @@ def parse_knobs(spec: str) -> dict:
 
 
 def _number(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     for cast in (int, float):
         try:
             return cast(value)

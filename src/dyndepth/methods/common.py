@@ -61,7 +61,9 @@ def replace_config(cfg, **fields):
 @contextlib.contextmanager
 def override_knobs(method, check, **knobs):
     """Set runtime knobs (attributes of `method`) for the `with` block and restore them after.
-    `check(knobs)` validates names and values first; yields the method."""
+    `check(knobs)` validates names and values first (a value of another type than the knob's is refused before it);
+    yields the method."""
+    _check_types(method, knobs)
     check(knobs)
     old = {k: getattr(method, k) for k in knobs}
     for k, v in knobs.items():
@@ -71,6 +73,23 @@ def override_knobs(method, check, **knobs):
     finally:
         for k, v in old.items():
             setattr(method, k, v)
+
+
+def _check_types(method, knobs: dict) -> None:
+    """A knob takes a value of its current type: a number for a number (an int for a float too), true / false for
+    a flag, a word for a word (e.g. `budget="abc"` from a shell is one clear error, not a TypeError later)."""
+    for k, v in knobs.items():
+        current = getattr(method, k, None)
+        if isinstance(current, bool):
+            ok, want = isinstance(v, bool), "true or false"
+        elif isinstance(current, (int, float)):
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        elif isinstance(current, str):
+            ok, want = isinstance(v, str), "a word"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{method.name} knob {k}={v!r} must be {want}.")
 
 
 def method_dict(name: str, cfg) -> dict:

@@ -239,7 +239,8 @@ class GateSkip:
 
     def decoding(self, budget: float = 0.0, **knobs):
         """Cached generation at `budget`: threshold mode with the thresholds `calibrate` stored for it (checked)."""
-        return self.override(budget=budget, mode="threshold" if budget > 0 else "quantile", **knobs)
+        knobs.setdefault("mode", "threshold" if isinstance(budget, (int, float)) and budget > 0 else "quantile")
+        return self.override(budget=budget, **knobs)
 
     def recording(self, recorder: ThresholdRecorder):
         """While active, every branch records its importances and the budget's rank threshold."""
@@ -458,16 +459,28 @@ class GateSkipHook:
     def __init__(self, method: GateSkip, total_steps: int) -> None:
         self.method = method
         self.span = (method.config.ramp_steps or total_steps) - 1  # steps from the first budget to the last
-        self.method.budget = linear_ramp(0, method.config.ramp_start, method.config.ramp_end, self.span)
+        self.origin = (0, method.config.ramp_start)  # (steps done, budget of the next step) the ramp starts from
+        self.done = 0
+        self.method.budget = self._ramp(0)
+
+    def _ramp(self, done: int) -> float:
+        """The budget of the step after `done` steps: linear from `origin` to `ramp_end` at the span's end."""
+        (s0, b0), end = self.origin, self.method.config.ramp_end
+        return linear_ramp(done - s0, b0, end, self.span - s0)
 
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
         """Logs the budget step `step` (1-based) trained at, then sets the next step's."""
-        cfg, ran = self.method.config, self.method.budget
-        self.method.budget = linear_ramp(step, cfg.ramp_start, cfg.ramp_end, self.span)
+        ran, self.done = self.method.budget, step
+        self.method.budget = self._ramp(step)
         return {"budget": ran}
 
     def state_dict(self) -> dict:
-        return {"budget": self.method.budget}
+        return {"budget": self.method.budget, "step": self.done}
 
     def load_state_dict(self, state: dict) -> None:
+        """A resumed run ramps on from where it was to `ramp_end` at this run's last ramp step: the same line when
+        the run is unchanged, and never back when it was extended (the saved budget is where it continues)."""
         self.method.budget = state["budget"]
+        if "step" in state:  # (saved before the step was: the budget as saved, then this run's ramp)
+            self.done = state["step"]
+            self.origin = (self.done, state["budget"])

@@ -182,7 +182,11 @@ def _resume_path(cfg: TrainConfig, info: parallel.DistInfo) -> Path | None:
                              "set train.resume=true to continue that run, or choose a new train.out_dir.")
         return None
     if cfg.resume is True:  # the newest undamaged one; None: nothing saved yet, start fresh
-        return ckpt.latest_good_checkpoint(cfg.out_dir, warn=info.is_main)
+        found = ckpt.latest_good_checkpoint(cfg.out_dir, warn=info.is_main)
+        if found is None and info.is_main:
+            log.warning("train.resume=true, but %s holds no checkpoint: starting a new run there.",
+                        Path(cfg.out_dir).resolve())
+        return found
     return Path(cfg.resume)
 
 
