@@ -99,6 +99,8 @@ def test_a_single_document_source_holds_out_the_tail_of_its_text(tmp_path):
             for s, x in (("train", train), ("val", val))}
     assert text["train"] + text["val"] == src.read_text()  # disjoint, in order, nothing lost
     assert text["val"].startswith("line ") and 0.1 <= len(text["val"]) / len(src.read_text()) <= 0.2  # at a line
+    whole = build_loader(cfg, split="train", hold_out=False, **loader_kw)  # a run that does not evaluate: all of it
+    assert whole.shards.num_tokens == len(src.read_text()) + 1
     small = _cfg(tmp_path, src)  # its tenth makes 2 windows of 65 tokens: too few for a batch of 4, named as such
     with pytest.raises(DataError, match=r"validation split \(every 100th document of data.source \(of a one-document "
                                         r"source, the last tenth of its text\)\) is too small: .*eval.enabled=false"):

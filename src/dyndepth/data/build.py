@@ -261,11 +261,12 @@ def split_text(doc: Document, split: str, source: str = "") -> Document:
     return Document(text[:cut] if split == "train" else text[cut:])
 
 
-def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callable[[], None] | None = None) -> ShardSet:
+def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callable[[], None] | None = None,
+                hold_out: bool = True) -> ShardSet:
     """Token shards for user data, built on first use (by rank 0 when a `barrier` is given) and reused
-    from `cache_dir` afterwards."""
-    holdout = not cfg["val_source"]
-    source = str(cfg["val_source"] if split == "val" and not holdout else cfg["source"])
+    from `cache_dir` afterwards; without `val_source` (and with `hold_out`) a part of the source is held out."""
+    holdout = not cfg["val_source"] and hold_out
+    source = str(cfg["val_source"] if split == "val" and cfg["val_source"] else cfg["source"])
     folder = _shard_dir(cfg, tokenizer, source, holdout)
     if (barrier is None or rank == 0) and not (folder / split / MANIFEST).is_file():
         docs = iter_documents(source, text_field=cfg["text_field"], text_split=cfg["text_split"],
@@ -279,16 +280,17 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
 
 def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, tokenizer=None,
-                 barrier: Callable[[], None] | None = None) -> PackedLoader:
+                 barrier: Callable[[], None] | None = None, hold_out: bool = True) -> PackedLoader:
     """The loader for one rank: packed (seq_len + 1)-token windows, disjoint across ranks, resumable.
 
-    `barrier` (every rank calls it once) lets rank 0 alone build a missing shard cache."""
+    `barrier` (every rank calls it once) lets rank 0 alone build a missing shard cache. `hold_out=False` (a run
+    that does not evaluate) trains on all of a user source that has no `val_source`."""
     cfg = resolve_data_config(data_cfg)
     tokenizer = tokenizer or load_tokenizer(cfg["tokenizer"])
     if cfg["source"] in EMBEDDED:
         shards = ShardSet.from_documents(embedded_documents(cfg, split, seed), tokenizer)
     else:
-        shards = user_shards(cfg, tokenizer, split, rank, barrier)
+        shards = user_shards(cfg, tokenizer, split, rank, barrier, hold_out)
     try:
         return PackedLoader(shards, seq_len, batch_size, rank=rank, world_size=world_size, seed=seed,
                             shuffle=split == "train", intra_doc_mask=cfg["intra_doc_mask"])

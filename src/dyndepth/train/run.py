@@ -111,8 +111,9 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         if tokenizer.vocab_size > model.config.vocab_size:
             raise RunConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                                  f"{model.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}.")
-        if loader is None:
-            loader = build_loader(run_config.data, split="train", tokenizer=tokenizer, **data_kw)
+        if loader is None:  # a run that does not evaluate holds nothing out
+            loader = build_loader(run_config.data, split="train", tokenizer=tokenizer,
+                                  hold_out=run_config.eval.get("enabled", True), **data_kw)
         if eval_loader is None and run_config.eval.get("enabled", True):
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
