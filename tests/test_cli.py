@@ -72,9 +72,12 @@ def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("12+30=42. 7*6=42. The quick brown fox jumps over the lazy dog.\n" * 40)
     gen = ["generate", "-p", "12+3=", "-n", "4", "--tokenizer", "byte", "--skip-budget", "0.3", "--no-stream"]
-    uncalibrated = runner.invoke(app, [gen[0], str(tmp_path / "gated"), *gen[1:]])
-    assert uncalibrated.exit_code == 2 and "dyndepth calibrate MODEL --text FILE --knobs budget=0.3" in \
-        uncalibrated.output, uncalibrated.output
+    uncalibrated = runner.invoke(app, [gen[0], str(tmp_path / "gated"), *gen[1:-1]])  # streaming: no prompt echoed
+    assert uncalibrated.exit_code == 2 and uncalibrated.output.startswith("error: ") and \
+        "dyndepth calibrate MODEL --text FILE --knobs budget=0.3" in uncalibrated.output, uncalibrated.output
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "plain")
+    plain = runner.invoke(app, [gen[0], str(tmp_path / "plain"), *gen[1:]])
+    assert plain.exit_code == 2 and "has no method attached: post-train one (dyndepth train" in plain.output
     result = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=0.3",
                                  "--out", str(tmp_path / "calibrated"), "--tokenizer", "byte", "--seq-len", "64",
                                  "--batches", "2", "--batch-size", "2"])

@@ -68,6 +68,8 @@ def generate(
 
     method_knobs = _run(parse_knobs, knobs)
     lm = _run(_load_model, model, dtype, device)
+    if skip_budget is not None or method_knobs:  # checked before the prompt is echoed
+        _run(_check_decoding_knobs, lm, model, skip_budget, method_knobs)
     tok = _run(load_tokenizer, tokenizer or ("byte" if model in _presets() else model))
     ids, mask = encode_batch(tok, prompt, padding_side="left")
     callback = None
@@ -124,6 +126,17 @@ def calibrate(
     tok.save(path)  # the folder is self-contained: `dyndepth generate OUT` needs no --tokenizer
     typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {sum(len(b) for b in ids)} windows of "
                f"{seq_len} tokens; wrote {path}")
+
+
+def _check_decoding_knobs(lm, model: str, skip_budget: Optional[float], knobs: dict) -> None:
+    """ValueError for knobs `generate` cannot decode with (no method, unknown names, bad values, no calibration)."""
+    if lm.method is None:
+        raise ValueError(f"{model} has no method attached: post-train one (dyndepth train RECIPE --method gateskip, "
+                         "or mod / dnd) to generate with --skip-budget / --knobs.")
+    if skip_budget is not None and "budget" in knobs:
+        raise ValueError("the budget is given twice (--skip-budget and --knobs budget=...); give one.")
+    with lm.method.decoding(**knobs, **({} if skip_budget is None else {"budget": skip_budget})):
+        pass
 
 
 def _presets():
