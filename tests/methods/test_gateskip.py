@@ -228,7 +228,7 @@ def test_training_penalty_gradients_and_budget_ramp():
     assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # detached gate input
     assert hook.after_step(model, 5, {}, None) == {"budget": 0.0}  # what step 5 trained at (set by hand: none ran)
     assert method.budget == pytest.approx(0.1) and method.config.budget == 0.0  # step 6's; the config is not touched
-    assert hook.state_dict() == {"budget": pytest.approx(0.1), "step": 5}
+    assert hook.state_dict() == {"budget": pytest.approx(0.1), "step": 5, "span": 10}
 
 
 def test_the_ramp_resumes_on_its_line_and_never_goes_back_when_a_run_is_extended():
@@ -247,7 +247,8 @@ def test_the_ramp_resumes_on_its_line_and_never_goes_back_when_a_run_is_extended
     first, state = run(3, range(1, 4))
     extended = first + run(7, range(4, 8), state)[0]
     assert extended == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2])
-    assert run(7, [4], {"budget": 0.05})[0] == [0.05]  # a state saved before the step was: its budget
+    first, state = run(3, range(1, 4))  # a state saved before the step and span were: continues from its budget
+    assert first + run(7, range(4, 8), {"budget": state["budget"]})[0] == pytest.approx(extended)
 
 
 def test_knobs_of_the_wrong_type_and_a_budget_given_twice_are_clear_errors():
@@ -263,6 +264,29 @@ def test_knobs_of_the_wrong_type_and_a_budget_given_twice_are_clear_errors():
     # a mode next to the budget used to raise "got multiple values for keyword argument 'mode'"
     assert torch.equal(model.generate(ids, 3, skip_budget=0.3, method_knobs={"mode": "threshold"}),
                        model.generate(ids, 3, skip_budget=0.3))
+
+
+def test_calibrating_a_threshold_mode_model_and_quantile_decoding_without_counts():
+    # calibrate entered the budget's override before its recording mode, so a model configured in threshold mode
+    # asked to be calibrated first; quantile mode read every small call's count though floor(q n) < n never skips
+    # a whole branch
+    model, method = gated_model(budget=0.0, mode="threshold")
+    calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.3)
+    assert method.mode == "threshold"
+    ids = torch.randint(0, 256, (2, 5))
+    with method.override(budget=0.3, mode="quantile"), torch.no_grad():
+        cache = KVCache.for_model(model.config, 2, 6)
+        model(ids, positions=torch.arange(5).expand(2, 5), cache=cache)
+        with OpCounter("_local_scalar_dense") as syncs:
+            model(ids[:, -1:], positions=torch.full((2, 1), 5), cache=cache)
+    with method.override(budget=0.0), torch.no_grad():
+        cache = KVCache.for_model(model.config, 2, 6)
+        model(ids, positions=torch.arange(5).expand(2, 5), cache=cache)
+        with OpCounter("_local_scalar_dense") as base:
+            model(ids[:, -1:], positions=torch.full((2, 1), 5), cache=cache)
+    assert syncs.n == base.n
+    with pytest.raises(ValueError, match="no runtime knob 'name'"):  # a non-knob attribute: the name error
+        method.override(name=1).__enter__()
 
 
 def test_gated_model_saves_and_loads(tmp_path):

@@ -110,3 +110,21 @@ def test_a_relative_pretrained_path_is_saved_absolute_so_steps_export_and_resume
     monkeypatch.chdir(tmp_path / "work")  # resuming with the relative recipe matches the saved absolute path
     result = run_training(None, [*args, "train.steps=3", "train.resume=true"], loader=TinyLoader(2, 16))
     assert result.steps == 3
+
+
+def test_resuming_with_evaluation_switched_names_it_when_it_changes_the_training_split(tmp_path):
+    # a user source without val_source holds a part out only when the run evaluates: switching eval.enabled on a
+    # resume changed the training shards, and the resume failed with a loader num_tokens mismatch that never named it
+    from dyndepth.runconfig import save_run_config
+    from dyndepth.train.run import check_resume_matches
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text\n" * 50)
+    ckpt = tmp_path / "step_0000002"
+    ckpt.mkdir()
+    save_run_config(load_run_config(None, [f"data.source={text}", "eval.enabled=false"]), ckpt / "config.yaml")
+    with pytest.raises(RunConfigError, match=r"eval\.enabled: checkpoint False, recipe True \(without data\.val"):
+        check_resume_matches(load_run_config(None, [f"data.source={text}", f"train.resume={ckpt}"]))
+    check_resume_matches(load_run_config(None, [f"data.source={text}", f"train.resume={ckpt}", "eval.enabled=false"]))
+    save_run_config(load_run_config(None, ["eval.enabled=false"]), ckpt / "config.yaml")  # embedded: no matter
+    check_resume_matches(load_run_config(None, [f"train.resume={ckpt}"]))

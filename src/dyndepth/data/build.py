@@ -278,6 +278,12 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
     return open_shards(folder, split=split)
 
 
+def holds_out(data_cfg: dict) -> bool:
+    """Whether a run's training split depends on `eval.enabled`: a user source without `val_source` (a run that
+    evaluates holds a part of it out)."""
+    return data_cfg.get("source", "embedded") not in EMBEDDED and not data_cfg.get("val_source")
+
+
 def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, tokenizer=None,
                  barrier: Callable[[], None] | None = None, hold_out: bool = True) -> PackedLoader:
@@ -297,7 +303,8 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
     except DataError as e:
         if split != "val":
             raise
-        held = ("data.val_source" if cfg["val_source"] else
+        held = ("the embedded source's validation examples" if cfg["source"] in EMBEDDED else "data.val_source"
+                if cfg["val_source"] else
                 "every 100th document of data.source (of a one-document source, the last tenth of its text)")
         raise DataError(f"the validation split ({held}) is too small: {e}; or set data.val_source to a longer "
                         "text, or eval.enabled=false.") from None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dyndepth.bench.timing import markdown_table
-from dyndepth.data.build import build_loader, build_tokenizer
+from dyndepth.data.build import build_loader, build_tokenizer, holds_out
 from dyndepth.data.synthetic import TASKS, exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.interop.hf import from_pretrained
@@ -105,6 +105,9 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(rc.data)
+    if not rc.eval.get("enabled", True) and holds_out(rc.data):
+        raise ValueError(f"{run_dir} trained with eval.enabled=false on all of {rc.data.get('source')!r}: it has no "
+                         "held-out text to score; train with evaluation on, or set data.val_source.")
     val = build_loader(rc.data, split="val", batch_size=rc.train.batch_size, seq_len=rc.train.seq_len,
                        seed=rc.train.seed, tokenizer=tokenizer)
     batches = [val.next_batch() for _ in range(num_batches)]

@@ -120,7 +120,7 @@ class DyndepthLM(TemplateLM):
 
     def _record(self, stats: dict) -> None:
         """Sum each scalar statistic of a forward: one-element tensors and plain numbers (GateSkip's skipped
-        fractions are Python floats)."""
+        fractions are 0-dim tensors)."""
         self._forwards += 1
         for k, v in stats.items():
             scalar = v.numel() == 1 if isinstance(v, torch.Tensor) else isinstance(v, (int, float))

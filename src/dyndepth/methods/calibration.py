@@ -22,7 +22,7 @@ def calibrate(model, batches, **knobs) -> dict:
     was_training = model.training
     model.eval()
     try:
-        with method.override(**knobs), method.recording(recorder):
+        with method.recording(recorder), method.override(**knobs):  # (recording's mode first: no calibrated check)
             for batch in batches:
                 ids, mask = batch if isinstance(batch, tuple) else (batch, None)
                 model(ids, attention_mask=mask)

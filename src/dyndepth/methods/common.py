@@ -78,8 +78,11 @@ def override_knobs(method, check, **knobs):
 def _check_types(method, knobs: dict) -> None:
     """A knob takes a value of its current type: a number for a number (an int for a float too), true / false for
     a flag, a word for a word (e.g. `budget="abc"` from a shell is one clear error, not a TypeError later)."""
+    known = method.knobs() if hasattr(method, "knobs") else {}
     for k, v in knobs.items():
-        current = getattr(method, k, None)
+        if k not in known:  # (unknown names: `check` says so)
+            continue
+        current = known[k]
         if isinstance(current, bool):
             ok, want = isinstance(v, bool), "true or false"
         elif isinstance(current, (int, float)):

@@ -373,7 +373,8 @@ class GateSkip:
         outside = n - st.n_pool - st.n_always  # PAD: never runs
         if self._packing_pays(outside + q * st.n_pool, n):
             return True
-        return st.n_always == 0 and q ** st.n_pool >= WHOLE_SKIP_CHANCE
+        # a whole skip: by thresholds, each token on its own; by quantile, exactly floor(q n) < n skip: never
+        return self.mode == "threshold" and st.n_always == 0 and q ** st.n_pool >= WHOLE_SKIP_CHANCE
 
     def _packing_pays(self, skipped: float, n: int) -> bool:
         """The cost rule (measured; docs/methods.md): a matmul over fewer rows is faster only once enough rows
@@ -471,16 +472,17 @@ class GateSkipHook:
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
         """Logs the budget step `step` (1-based) trained at, then sets the next step's."""
         ran, self.done = self.method.budget, step
+        if self.origin is None:  # resumed from a state without its step: continue from here
+            self.origin = (step - 1, ran)
         self.method.budget = self._ramp(step)
         return {"budget": ran}
 
     def state_dict(self) -> dict:
-        return {"budget": self.method.budget, "step": self.done}
+        return {"budget": self.method.budget, "step": self.done, "span": self.span}
 
     def load_state_dict(self, state: dict) -> None:
-        """A resumed run ramps on from where it was to `ramp_end` at this run's last ramp step: the same line when
-        the run is unchanged, and never back when it was extended (the saved budget is where it continues)."""
-        self.method.budget = state["budget"]
-        if "step" in state:  # (saved before the step was: the budget as saved, then this run's ramp)
-            self.done = state["step"]
-            self.origin = (self.done, state["budget"])
+        """A resumed run ramps on from where it was to `ramp_end` at this run's last ramp step: on the same line
+        (bit for bit) when the run is unchanged, and never back when it was extended."""
+        self.method.budget, self.done = state["budget"], state.get("step", 0)
+        if state.get("span") != self.span:  # extended or shortened (or saved before the span was): rebase
+            self.origin = (self.done, state["budget"]) if "step" in state else None

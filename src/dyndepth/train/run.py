@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyndepth.data.build import build_loader, build_tokenizer
+from dyndepth.data.build import build_loader, build_tokenizer, holds_out
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import TrainResult, train
@@ -159,6 +159,10 @@ def check_resume_matches(run_config: RunConfig) -> None:
         for key in sorted(set(old) | set(new)):
             if (keys is None or key in keys) and old.get(key) != new.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {_shown(old, key)}, recipe {_shown(new, key)}")
+    held = [rc.eval.get("enabled", True) for rc in (saved, run_config)]
+    if held[0] != held[1] and holds_out(run_config.data):
+        diffs.append(f"eval.enabled: checkpoint {held[0]}, recipe {held[1]} (without data.val_source it decides what "
+                     "the training split holds out)")
     if diffs:
         raise RunConfigError(f"cannot resume from {ckpt}: the recipe no longer matches it ({'; '.join(diffs)}). "
                              "Restore those values, or train into a new train.out_dir.")
