@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dyndepth.devices import resolve_device
+from dyndepth.methods.common import parse_key_values
 
 # Named method knobs, one line each: model argument -> (field of the method's config used by scoring
 # forwards, keyword of `model.generate` used for decoding, or None to keep the field set while decoding).
@@ -70,27 +71,8 @@ def load_for_eval(pretrained, tokenizer=None, dtype: str | None = None, device: 
 
 def parse_model_args(text: str | None) -> dict:
     """'k=v,k=v' -> dict; values true/false, ints and floats are converted (as lm-eval does)."""
-    args = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"model argument {item!r} is not key=value; write e.g. --model-args "
-                             "skip_budget=0.3,dtype=bfloat16.")
-        args[key.strip()] = _convert(value.strip())
-    return args
-
-
-def _convert(value: str):
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+    return parse_key_values(text, "model argument {item!r} is not key=value; write e.g. --model-args "
+                                  "skip_budget=0.3,dtype=bfloat16.")
 
 
 def split_knobs(method, knobs: dict) -> Knobs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dyndepth.core.method import ThresholdRecorder
+from dyndepth.methods.common import parse_key_values
 
 
 @torch.no_grad()
@@ -48,23 +49,5 @@ def text_batches(tokenizer, text: str, num_batches: int, batch_size: int, seq_le
 
 
 def parse_knobs(spec: str) -> dict:
-    """'budget=0.3,mode=threshold' -> {"budget": 0.3, "mode": "threshold"} (numbers and true / false parsed, the rest
-    strings)."""
-    knobs = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"method knob {item!r} must look like key=value, e.g. budget=0.3.")
-        knobs[key.strip()] = _number(value.strip())
-    return knobs
-
-
-def _number(value: str):
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+    """'budget=0.3,mode=threshold' -> {"budget": 0.3, "mode": "threshold"} (numbers and true / false parsed)."""
+    return parse_key_values(spec, "method knob {item!r} must look like key=value, e.g. budget=0.3.")

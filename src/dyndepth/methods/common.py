@@ -128,3 +128,26 @@ def check_calibrated(stored_ppm, value: float, knob: str, what: str, owner: str,
     raise ValueError(f"{what} needs {owner}'s thresholds calibrated for it, and they are {now}; run "
                      f"dyndepth.methods.calibrate(model, batches, {knob}={value}) first (from a shell: dyndepth "
                      f"calibrate MODEL --text FILE --knobs {knob}={value} --out DIR){alternative}.")
+
+
+def parse_key_values(text: str | None, error: str) -> dict:
+    """'k=v,k=v' -> dict, values true / false, ints and floats converted (as lm-eval does), the rest strings; an item
+    without '=' raises ValueError(error.format(item=item))."""
+    out = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(error.format(item=item))
+        out[key.strip()] = _parsed(value.strip())
+    return out
+
+
+def _parsed(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
