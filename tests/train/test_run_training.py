@@ -108,8 +108,15 @@ def test_a_relative_pretrained_path_is_saved_absolute_so_steps_export_and_resume
     exported = export_checkpoint(step, tmp_path / "exported")
     assert (exported / "config.json").is_file()
     monkeypatch.chdir(tmp_path / "work")  # resuming with the relative recipe matches the saved absolute path
-    result = run_training(None, [*args, "train.steps=3", "train.resume=true"], loader=TinyLoader(2, 16))
+    result = run_training(None, [*args, "train.steps=3", "train.resume=true", "train.save_every=1"],
+                          loader=TinyLoader(2, 16))
     assert result.steps == 3
+    # the saved config resumes from anywhere: its out_dir is absolute (it trained a new run in ./out before)
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "work" / "out" / "step_0000003" / "config.yaml"
+    result = run_training(config, ["train.steps=4", "train.resume=true"], loader=TinyLoader(2, 16))
+    assert result.steps == 4 and (tmp_path / "work" / "out" / "step_0000004").is_dir()
+    assert not (tmp_path / "out").exists()
 
 
 def test_resuming_with_evaluation_switched_names_it_when_it_changes_the_training_split(tmp_path):

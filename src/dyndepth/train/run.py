@@ -93,7 +93,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     """
     if not isinstance(run_config, RunConfig):
         run_config = load_run_config(run_config, overrides)
-    run_config = dataclasses.replace(run_config, model=absolute_pretrained(run_config.model))  # config.yaml: any cwd
+    run_config = absolute_paths(run_config)  # the saved config.yaml works from any directory
     cfg = run_config.train
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
@@ -122,13 +122,23 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     return result
 
 
-def absolute_pretrained(model_cfg: dict) -> dict:
-    """The [model] section with a relative `pretrained` that names a local folder made absolute: a run's saved
-    config rebuilds its base model (exporting a step, resuming) from wherever the command runs. Hub ids stay."""
-    path = model_cfg.get("pretrained")
-    if isinstance(path, str) and not Path(path).is_absolute() and Path(path).is_dir():
-        return {**model_cfg, "pretrained": str(Path(path).resolve())}
-    return model_cfg
+def absolute_paths(run_config: RunConfig) -> RunConfig:
+    """The run config with its relative local paths made absolute (model.pretrained, data.source / val_source /
+    tokenizer when they name a file or folder here, data.cache_dir and train.out_dir always), so a run's saved
+    config rebuilds its base, finds its data and resumes (`dyndepth train out/step_N/config.yaml --resume`) from
+    wherever the command runs. Hub ids and names such as "embedded" or "byte" stay as they are."""
+    def here(section: dict, *keys: str, existing: bool = True) -> dict:
+        out = dict(section)
+        for key in keys:
+            value = out.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (
+                    Path(value).exists() or not existing):
+                out[key] = str(Path(value).resolve())
+        return out
+
+    data = here(here(run_config.data, "source", "val_source", "tokenizer"), "cache_dir", existing=False)
+    train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).resolve()))
+    return dataclasses.replace(run_config, model=here(run_config.model, "pretrained"), data=data, train=train)
 
 
 FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
@@ -145,6 +155,7 @@ def check_resume_matches(run_config: RunConfig) -> None:
     that lists every field that differs (training hyperparameters may change; the trainer logs them)."""
     from dyndepth.train.checkpoint import latest_checkpoint
 
+    run_config = absolute_paths(run_config)
     cfg = run_config.train
     if cfg.resume in (False, ""):
         return
@@ -152,7 +163,7 @@ def check_resume_matches(run_config: RunConfig) -> None:
     if ckpt is None or not (ckpt / "config.yaml").exists():
         return
     saved = load_run_config(ckpt / "config.yaml")
-    saved.model = absolute_pretrained(saved.model)  # a run saved before paths were made absolute
+    saved = absolute_paths(saved)  # (a run saved before paths were made absolute: as the recipe reads them)
     diffs = []
     for section, keys in FIXED_ON_RESUME.items():
         old, new = getattr(saved, section), getattr(run_config, section)
