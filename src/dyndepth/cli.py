@@ -69,7 +69,7 @@ def generate(
     method_knobs = _run(parse_knobs, knobs)
     lm = _run(_load_model, model, dtype, device)
     if skip_budget is not None or method_knobs:  # checked before the prompt is echoed
-        _run(_check_decoding_knobs, lm, model, skip_budget, method_knobs)
+        _run(_check_decoding_knobs, lm, skip_budget, method_knobs)
     tok = _run(load_tokenizer, tokenizer or ("byte" if model in _presets() else model))
     ids, mask = encode_batch(tok, prompt, padding_side="left")
     callback = None
@@ -114,28 +114,24 @@ def calibrate(
     if not text.is_file():
         _fail(FileNotFoundError(f"--text {text}: no such file."))
     lm = _run(_load_model, model, None, device)
-    if lm.method is None:
-        _fail(ValueError(f"{model} has no method attached; calibrate a GateSkip or MoD checkpoint."))
     tok = _run(load_tokenizer, tokenizer or model)
     ids = _run(text_batches, tok, text.read_text(encoding="utf-8"), batches, batch_size, seq_len)
     thresholds = _run(fit, lm, [b.to(device) for b in ids], **wanted)
     path = _run(lm.save_pretrained, out)
-    (path / "calibration.json").write_text(json.dumps({"knobs": wanted, "text": str(text), "windows": sum(
-        len(b) for b in ids), "seq_len": seq_len, "thresholds": {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else str(k):
-                                                                 float(v) for k, v in thresholds.items()}}, indent=1))
     tok.save(path)  # the folder is self-contained: `dyndepth generate OUT` needs no --tokenizer
-    typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {sum(len(b) for b in ids)} windows of "
-               f"{seq_len} tokens; wrote {path}")
+    windows = sum(len(b) for b in ids)
+    names = {"/".join(map(str, k)) if isinstance(k, tuple) else str(k): float(v) for k, v in thresholds.items()}
+    (path / "calibration.json").write_text(json.dumps({"knobs": wanted, "text": str(text), "windows": windows,
+                                                       "seq_len": seq_len, "thresholds": names}, indent=1))
+    typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {windows} windows of {seq_len} tokens; "
+               f"wrote {path}")
 
 
-def _check_decoding_knobs(lm, model: str, skip_budget: Optional[float], knobs: dict) -> None:
-    """ValueError for knobs `generate` cannot decode with (no method, unknown names, bad values, no calibration)."""
-    if lm.method is None:
-        raise ValueError(f"{model} has no method attached: post-train one (dyndepth train RECIPE --method gateskip, "
-                         "or mod / dnd) to generate with --skip-budget / --knobs.")
-    if skip_budget is not None and "budget" in knobs:
-        raise ValueError("the budget is given twice (--skip-budget and --knobs budget=...); give one.")
-    with lm.method.decoding(**knobs, **({} if skip_budget is None else {"budget": skip_budget})):
+def _check_decoding_knobs(lm, skip_budget: Optional[float], knobs: dict) -> None:
+    """`generate`'s knobs checked by entering the method's decoding scope once (before the prompt is echoed)."""
+    from dyndepth.generation import decoding_knobs
+
+    with decoding_knobs(lm, skip_budget, knobs):
         pass
 
 

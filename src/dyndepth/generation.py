@@ -65,6 +65,18 @@ def check_left_padded(mask_BT: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
+    """The attached method's `decoding` scope for a generation's knobs; a ValueError (here, or on entering it: names,
+    values, calibration) for knobs it cannot decode with."""
+    method = getattr(model, "method", None)
+    if method is None:
+        raise ValueError("the model has no method attached: post-train one (dyndepth train RECIPE --method gateskip, "
+                         "or mod / dnd) or attach one (attach_gateskip) to generate with a skip budget or knobs.")
+    if skip_budget is not None and "budget" in (method_knobs or {}):
+        raise ValueError("the budget is given twice (skip_budget and the knob budget); give one.")
+    return method.decoding(**dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget})))
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -93,13 +105,7 @@ def generate(
     method_knobs: runtime knobs of the attached method for this generation (`method.decoding(**knobs)`).
     """
     if skip_budget is not None or method_knobs:
-        method = getattr(model, "method", None)
-        if method is None:
-            raise ValueError("skip_budget / method_knobs need a model with a method attached (e.g. attach_gateskip).")
-        if skip_budget is not None and "budget" in (method_knobs or {}):
-            raise ValueError("the budget is given twice (skip_budget and method_knobs['budget']); give one.")
-        knobs = dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget}))
-        with method.decoding(**knobs):
+        with decoding_knobs(model, skip_budget, method_knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
                             stop_tokens, pad_token_id, callback, generator, compile, cache_dtype)
     if input_ids.dim() != 2:

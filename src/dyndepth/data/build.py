@@ -303,8 +303,12 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
     except DataError as e:
         if split != "val":
             raise
-        held = ("the embedded source's validation examples" if cfg["source"] in EMBEDDED else "data.val_source"
-                if cfg["val_source"] else
-                "every 100th document of data.source (of a one-document source, the last tenth of its text)")
+        if cfg["source"] in EMBEDDED:
+            held = "the embedded source's validation examples"
+        elif cfg["val_source"]:
+            held = "data.val_source"
+        else:
+            held = (f"every {HOLDOUT_EVERY}th document of data.source (of a one-document source, the last tenth of "
+                    "its text)")
         raise DataError(f"the validation split ({held}) is too small: {e}; or set data.val_source to a longer "
                         "text, or eval.enabled=false.") from None

@@ -6,9 +6,8 @@
 With `data_dir`, task names are the offline tasks shipped in lm_eval_tasks/ (`OFFLINE_TASKS`, or
 "all"), which read their files from that folder, plus the pseudo-task "wikitext2": sliding-window
 perplexity of <data_dir>/wikitext2_tokens/test.txt (with `limit`, like --perplexity FILE, of the text up to its
-limit-th non-empty line). Any other name, and every name without
-`data_dir`, goes to lm-eval's own task registry (which may download its data sets; a name with an offline
-copy, such as "piqa", warns). Results go to
+limit-th non-empty line). Any other name, and every name without `data_dir`, goes to lm-eval's own task registry
+(which may download its data sets; a name with an offline copy, such as "piqa", warns). Results go to
 <out>/results.json (rows, perplexities and lm-eval's raw results) and <out>/results.md (the table).
 """
 

@@ -127,18 +127,21 @@ def absolute_paths(run_config: RunConfig) -> RunConfig:
     tokenizer when they name a file or folder here, data.cache_dir and train.out_dir always), so a run's saved
     config rebuilds its base, finds its data and resumes (`dyndepth train out/step_N/config.yaml --resume`) from
     wherever the command runs. Hub ids and names such as "embedded" or "byte" stay as they are."""
-    def here(section: dict, *keys: str, existing: bool = True) -> dict:
-        out = dict(section)
-        for key in keys:
-            value = out.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute() and (
-                    Path(value).exists() or not existing):
-                out[key] = str(Path(value).resolve())
-        return out
-
-    data = here(here(run_config.data, "source", "val_source", "tokenizer"), "cache_dir", existing=False)
+    data = {**_absolute(run_config.data, "source", "val_source", "tokenizer"),
+            **_absolute(run_config.data, "cache_dir", existing=False)}
     train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).resolve()))
-    return dataclasses.replace(run_config, model=here(run_config.model, "pretrained"), data=data, train=train)
+    return dataclasses.replace(run_config, model=_absolute(run_config.model, "pretrained"), data=data, train=train)
+
+
+def _absolute(section: dict, *keys: str, existing: bool = True) -> dict:
+    """`section` with the relative paths among `keys` resolved (only those that exist here, with `existing`)."""
+    out = dict(section)
+    for key in keys:
+        value = out.get(key)
+        relative = isinstance(value, str) and value and not Path(value).is_absolute()
+        if relative and (Path(value).exists() or not existing):
+            out[key] = str(Path(value).resolve())
+    return out
 
 
 FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
@@ -162,8 +165,7 @@ def check_resume_matches(run_config: RunConfig) -> None:
     ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume is True else Path(str(cfg.resume))
     if ckpt is None or not (ckpt / "config.yaml").exists():
         return
-    saved = load_run_config(ckpt / "config.yaml")
-    saved = absolute_paths(saved)  # (a run saved before paths were made absolute: as the recipe reads them)
+    saved = absolute_paths(load_run_config(ckpt / "config.yaml"))  # (saved before paths were made absolute)
     diffs = []
     for section, keys in FIXED_ON_RESUME.items():
         old, new = getattr(saved, section), getattr(run_config, section)
