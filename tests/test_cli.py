@@ -16,6 +16,12 @@ def test_help_lists_the_commands():
         assert command in result.output
 
 
+def test_version_names_the_package_and_torch():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"dyndepth {dyndepth.__version__} (torch {torch.__version__})"
+
+
 def test_option_set_is_deliberate():
     """A snapshot of every command's options: a new flag must be an intentional edit here."""
     import typer.main

@@ -19,6 +19,22 @@ study_app = typer.Typer(no_args_is_help=True, help="Studies: several models trai
 app.add_typer(study_app, name="study")
 
 
+def _version(value: bool) -> None:
+    if value:
+        import torch
+
+        import dyndepth
+
+        typer.echo(f"dyndepth {dyndepth.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version (and torch's) and exit.")) -> None:
+    """Token-adaptive depth for transformer language models."""
+
+
 def _fail(e: Exception) -> None:
     """Bad input ends with one clear line, not a stack trace (DYNDEPTH_DEBUG=1 shows the trace)."""
     if os.environ.get("DYNDEPTH_DEBUG"):
