@@ -199,9 +199,7 @@ class DreamerLM(nn.Module):
     generate = native.generate
     save_pretrained = native.save_pretrained
     num_params = native.num_params
-
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return native.disk_state_dict(self, dtype)
+    hf_state_dict = native.disk_state_dict
 
     KNOBS = ("steps", "exit_kl")
 

@@ -261,9 +261,7 @@ class HuginnLM(nn.Module):
     generate = native.generate
     save_pretrained = native.save_pretrained
     num_params = native.num_params
-
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return native.disk_state_dict(self, dtype)
+    hf_state_dict = native.disk_state_dict
 
     def __init__(self, config: HuginnConfig) -> None:
         super().__init__()

@@ -316,9 +316,7 @@ class MoRLM(nn.Module):
     generate = native.generate
     save_pretrained = native.save_pretrained
     num_params = native.num_params
-
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return native.disk_state_dict(self, dtype)
+    hf_state_dict = native.disk_state_dict
 
     def __init__(self, config: MoRConfig) -> None:
         super().__init__()
