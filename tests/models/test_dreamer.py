@@ -686,6 +686,21 @@ def test_per_token_exit_saves_ideal_flops_and_more_steps_cost_more():
     assert deeper["dreamer/expert_usage"].shape == (6, 8) and deeper["dreamer/state_change"].shape == (6,)
     with pytest.raises(ValueError, match="no knob 'depth'"), model.override(depth=3):
         pass
+    for steps in (0, 2.5, "3", True):  # a float or string failed inside the schedule with a bare TypeError
+        with pytest.raises(ValueError, match="whole number of recurrences"), model.override(steps=steps):
+            pass
+
+
+def test_float64_runs_the_experts_one_matmul_each_and_matches_float32():
+    """torch's grouped matmul refuses float64 (it crashed the forward); the per-expert path runs it."""
+    torch.manual_seed(0)
+    model = DreamerLM(tiny(num_experts=8, num_experts_per_tok=2)).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = model.double()(ids).logits
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), want, atol=2e-5, rtol=1e-4)
 
 
 def test_per_token_exit_stops_exactly_the_tokens_whose_distribution_moved_less_than_the_threshold():

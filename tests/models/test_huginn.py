@@ -94,6 +94,8 @@ def test_the_sampler_draws_around_the_mean_and_backprops_through_the_last_steps_
     full = varied(cfg).eval()
     with torch.no_grad(), full.override(steps=3):
         torch.testing.assert_close(out.logits, full(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="whole number of recurrences"), full.override(steps=2.5):
+        pass
     # the gradient is that of the 3-step model whose state entering the last step is a constant
     calls = []
 

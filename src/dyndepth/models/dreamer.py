@@ -250,8 +250,8 @@ class DreamerLM(nn.Module):
         unknown = sorted(set(knobs) - set(self.KNOBS))
         if unknown:
             raise ValueError(f"Dreamer has no knob {unknown[0]!r}; its knobs are {list(self.KNOBS)}.")
-        if knobs.get("steps") is not None and int(knobs["steps"]) < 1:
-            raise ValueError(f"steps must be >= 1, got {knobs['steps']}.")
+        if "steps" in knobs:
+            knobs["steps"] = native.checked_steps(knobs["steps"])
         kl = knobs.get("exit_kl")
         if kl is not None and (not isinstance(kl, numbers.Real) or isinstance(kl, bool) or not kl >= 0):
             raise ValueError(f"exit_kl must be a threshold in nats >= 0, or None for no exit; got {kl!r}.")

@@ -302,9 +302,7 @@ class HuginnLM(nn.Module):
         unknown = sorted(set(knobs) - {"steps"})
         if unknown:
             raise ValueError(f"Huginn has no knob {unknown[0]!r}; its knob is 'steps'.")
-        steps = knobs.get("steps")
-        if steps is not None and int(steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
+        steps = native.checked_steps(knobs.get("steps"))
         old, self.steps = self.steps, steps
         try:
             yield self

@@ -196,9 +196,10 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch's grouped matmul runs on CPU in any dtype (eager), and on CUDA (compute capability 8.0+) in bfloat16.
-    Under torch.compile its shape rule accepts bfloat16 only, so compiled fp32 falls back to one matmul per expert."""
-    if not hasattr(F, "grouped_mm"):
+    """torch's grouped matmul runs on CPU in float32, bfloat16 and float16 (eager; float64 falls back to one matmul
+    per expert), and on CUDA (compute capability 8.0+) in bfloat16. Under torch.compile its shape rule accepts
+    bfloat16 only, so compiled fp32 falls back too."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
                                          and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)

@@ -4,6 +4,7 @@ on-disk state dict and `save_pretrained`. A family's model class binds these as 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,15 @@ import torch
 
 from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.safetensors_io import write_pretrained
+
+
+def checked_steps(steps):
+    """A recurrent family's `steps` knob: a whole number >= 1, or None for the trained count (a float or a string
+    would fail deep inside the forward's schedule)."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+        raise ValueError(f"steps must be a whole number of recurrences >= 1 (or None for the trained count), "
+                         f"got {steps!r}.")
+    return None if steps is None else int(steps)
 
 
 @torch.no_grad()
