@@ -11,6 +11,7 @@ consistent by construction.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -89,7 +90,7 @@ def generate(
     pad_token_id: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | dict = False,
     cache_dtype: torch.dtype | None = None,
     skip_budget: float | None = None,
     method_knobs: dict | None = None,
@@ -99,7 +100,9 @@ def generate(
     stop_tokens: a row stops once it emits one (default: the config's eos ids; pass [] for none);
       later positions of a stopped row hold `pad_token_id`. The loop ends when every row stopped.
     callback(step, tokens (B,)): called with each new column, for streaming.
-    compile: compile the one-token decode step with a full-length static cache (CUDA graphs on GPU).
+    compile: compile the one-token decode step with a full-length static cache (CUDA graphs on GPU), kept for the
+      model's next compiled generate of the same batch size; a dict: torch.compile options for the step (default
+      inductor, mode "reduce-overhead" on CUDA, static shapes).
     skip_budget: shorthand for `method_knobs={"budget": skip_budget}` (GateSkip decodes with per-branch
       thresholds calibrated at that budget, see `dyndepth.methods.calibrate`).
     method_knobs: runtime knobs of the attached method for this generation (`method.decoding(**knobs)`).
@@ -133,7 +136,10 @@ def generate(
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({config.max_position_embeddings}).")
     dtype = cache_dtype or next(model.parameters()).dtype
-    cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
+    if compile:
+        cache = _compiled_decode_cache(model, B, max_len, dtype, device)
+    else:
+        cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
@@ -160,11 +166,44 @@ def generate(
     return torch.cat(tokens, dim=1)
 
 
-def _decode_step(model, compile: bool):
+# model -> the KVCache its compiled decode step last ran on (see `_compiled_decode_cache`); weak: it goes with the model
+_DECODE_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_decode_cache(model, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+    """The cache of a compiled generate: the model's previous one, reset, when it has the batch size, slots, dtype and
+    device and is long enough, else a new one that is kept for the next call (as HF's static cache is).
+
+    A compiled decode step writes its cache in place and runs over its full length. CUDA graphs replay on fixed
+    addresses, so the cache must be the same tensors on every call, marked static (torch skips CUDA graphs for a
+    mutated input that is not); a new cache per call would recompile the step each time instead."""
+    slots = model.num_slots()
+    held = _DECODE_CACHES.get(model)
+    if (held is not None and held.batch_size == batch_size and len(held.keys) == slots and held.max_seq_len >= max_len
+            and held.keys[0].dtype == dtype and held.keys[0].device == torch.device(device)):
+        held.reset()
+        return held
+    cache = KVCache.for_model(model.config, batch_size, max_len, num_slots=slots, dtype=dtype, device=device)
+    if cache.keys[0].is_cuda:
+        for t in cache.buffers():
+            torch._dynamo.mark_static_address(t)
+    _DECODE_CACHES[model] = cache
+    return cache
+
+
+def _decode_step(model, compile: bool | dict):
     def step(tok_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache):
         return model(tok_B1, positions=pos_B1, cache=cache)
 
     if not compile:
         return step
-    mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-    return torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
+    return torch.compile(step, **decode_compile_options(model, compile))
+
+
+def decode_compile_options(model, compile: bool | dict = True) -> dict:
+    """The torch.compile options of a compiled decode step: static shapes, inductor, CUDA graphs on a GPU; a dict
+    given as `compile` overrides them."""
+    cuda = next(model.parameters()).is_cuda
+    options = {"backend": "inductor", "mode": "reduce-overhead" if cuda else "default", "fullgraph": False,
+               "dynamic": False}
+    return {**options, **compile} if isinstance(compile, dict) else options

@@ -108,3 +108,36 @@ def test_generation_rejects_bad_input(model):
 def test_compiled_decode_matches_eager(model):
     ids = torch.randint(0, 256, (2, 5))
     assert torch.equal(model.generate(ids, 6, stop_tokens=[], compile=True), model.generate(ids, 6, stop_tokens=[]))
+
+
+def test_compiled_generations_reuse_one_reset_cache_and_match_eager(varied_model):
+    """A compiled generate keeps its cache for the model's next one (CUDA graphs need fixed addresses), reset: a
+    second prompt (left-padded, through a DND model's compact nested slots) decodes as if it came first."""
+    from dyndepth import generation
+    from dyndepth.methods import DNDConfig, attach_dnd
+
+    attach_dnd(varied_model, DNDConfig(layers=(0, 1), ratio=0.5))
+    with torch.no_grad():
+        for layer in varied_model.model.layers:
+            layer.dnd.router.weight.normal_(0, 1.0)  # a live router: tokens nest
+    eager = {"backend": "eager"}  # dynamo traces the step; no inductor (the code path under test)
+    a = torch.randint(0, 256, (2, 7))
+    b = torch.randint(0, 256, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out_a = varied_model.generate(a, 6, stop_tokens=[], compile=eager)
+    cache = generation._DECODE_CACHES[varied_model]
+    assert cache.sourced  # the nested slots were written compactly
+    out_b = varied_model.generate(b, 6, attention_mask=mask, stop_tokens=[], compile=eager)
+    assert generation._DECODE_CACHES[varied_model] is cache  # shorter and the same batch size: reused
+    assert torch.equal(out_a, varied_model.generate(a, 6, stop_tokens=[]))
+    assert torch.equal(out_b, varied_model.generate(b, 6, attention_mask=mask, stop_tokens=[]))
+    varied_model.generate(b[:1], 2, stop_tokens=[], compile=eager)
+    assert generation._DECODE_CACHES[varied_model] is not cache  # another batch size: a cache of its own
+
+
+def test_decode_compile_options_default_and_override(model):
+    from dyndepth.generation import decode_compile_options
+
+    assert decode_compile_options(model) == {"backend": "inductor", "mode": "default", "fullgraph": False,
+                                             "dynamic": False}  # CPU: no CUDA graphs
+    assert decode_compile_options(model, {"backend": "eager"})["backend"] == "eager"

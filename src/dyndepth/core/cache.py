@@ -160,8 +160,16 @@ class KVCache:
             self.valids[s] &= self.sources[s] < start
 
     def reset(self) -> None:
-        for valid in self.valids:
-            valid.zero_()
+        """Empty every slot, as a new cache (compiled generation reuses one: `generation._compiled_decode_cache`)."""
+        for k, v, valid, source in zip(self.keys, self.values, self.valids, self.sources):
+            k.zero_(), v.zero_(), valid.zero_()
+            source.copy_(self.columns.expand_as(source))
+        self.sourced.clear()
+        self.length = self.max_seq_len
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor a write mutates (keys, values, validity, sources)."""
+        return [*self.keys, *self.values, *self.valids, *self.sources]
 
     def nbytes_per_token(self) -> int:
         """Bytes of K and V stored per token position, summed over slots and kv heads (one batch row)."""
