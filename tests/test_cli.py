@@ -34,7 +34,7 @@ def test_option_set_is_deliberate():
             snapshot[f"{name} {sub}".strip()] = sorted(p.name for p in c.params)
     assert snapshot == {
         "bench core": ["batch_size", "compile", "decode_batch_size", "decode_prompt_len", "device", "dtype",
-                       "model", "new_tokens", "out", "prompt_len", "repeats"],
+                       "load_memory", "model", "new_tokens", "out", "prompt_len", "repeats"],
         "bench dnd": ["base", "batches", "device", "dtype", "model", "new_tokens", "out", "prefill_len", "quality",
                       "ratio", "repeats", "steps", "throughput"],
         "bench dreamer": ["batch_size", "decode_batches", "device", "dtype", "model", "new_tokens", "out",

@@ -281,6 +281,7 @@ def bench_core(
     new_tokens: int = typer.Option(32), dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"), compile: bool = typer.Option(False),
     repeats: int = typer.Option(5), out: Path = typer.Option(Path("runs/bench")),
+    load_memory: bool = typer.Option(True, help="Measure each side's peak RSS while loading (two fresh processes)."),
 ) -> None:
     """Prefill and decode tokens/s against HF transformers (same weights), load memory, KV bytes/token."""
     from dyndepth.bench.core import CoreBenchConfig
@@ -289,7 +290,7 @@ def bench_core(
     cfg = CoreBenchConfig(model=model, batch_size=batch_size, prompt_len=prompt_len,
                           decode_batch_size=decode_batch_size, decode_prompt_len=decode_prompt_len,
                           new_tokens=new_tokens, dtype=dtype, device=device, compile=compile,
-                          repeats=repeats, out_dir=str(out))
+                          repeats=repeats, load_memory=load_memory, out_dir=str(out))
     _run(bench_main, cfg)
 
 

@@ -32,6 +32,9 @@ def test_both_sides_run_the_same_way_and_ratios_match_the_speeds(tmp_path, compi
     assert r["prefill_speedup_vs_hf"] == pytest.approx(tps["ours"] / tps["hf"])
     tps = r["decode_tokens_per_s"]
     assert r["decode_speedup_vs_hf"] == pytest.approx(tps["ours"] / tps["hf"])
+    assert set(r["prefill_s"]) == set(r["decode_s"]) == {"ours", "hf", "control"}  # HF timed twice: the noise
+    assert r["prefill_control"] == pytest.approx(r["prefill_s"]["hf"] / r["prefill_s"]["control"])
+    assert r["decode_control"] == pytest.approx(r["decode_s"]["hf"] / r["decode_s"]["control"])
     assert r["load_peak_over_weights"] is None and r["weight_bytes"] > 0
 
     md = (tmp_path / "core-cpu-float32.md").read_text()
@@ -39,3 +42,18 @@ def test_both_sides_run_the_same_way_and_ratios_match_the_speeds(tmp_path, compi
     assert f"| prefill | hf | {r['runs']['prefill']['hf']['execution']} | none |" in md
     assert f"| decode | hf | {r['runs']['decode']['hf']['execution']} | {r['runs']['decode']['hf']['cache']} |" in md
     assert "load peak RSS" not in md
+
+
+def test_the_hf_cache_is_read_under_either_transformers_name():
+    """transformers 5.2x returns the cache as `cache`, earlier 5.x (the GPU machine's 5.17) as `past_key_values`."""
+    from types import SimpleNamespace
+
+    from dyndepth.bench.core import _cache_name
+
+    class StaticCache:
+        pass
+
+    assert _cache_name(SimpleNamespace(cache=StaticCache())) == "StaticCache"
+    assert _cache_name(SimpleNamespace(past_key_values=StaticCache())) == "StaticCache"
+    assert _cache_name(SimpleNamespace(past_key_values=None)) == "none"
+

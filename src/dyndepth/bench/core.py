@@ -21,15 +21,17 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
+from dyndepth.bench.timing import CONTROL, interleaved_median, machine_description, markdown_table, publish
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import resolve_dtype
+from dyndepth.generation import decode_compile_options
 
 
 @dataclass
@@ -47,6 +49,14 @@ class CoreBenchConfig:
     repeats: int = 5
     load_memory: bool = True  # measure load peak RSS (two fresh Python processes)
     out_dir: str = "runs/bench"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "prompt_len", "decode_prompt_len", "decode_batch_size", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench core {name} must be >= 1, got {getattr(self, name)}.")
+        if self.new_tokens < 2:  # decode time is generate(n) - generate(1): the n - 1 decode steps
+            raise ValueError(f"bench core new_tokens must be >= 2 (decode is timed as generating n tokens minus one), "
+                             f"got {self.new_tokens}.")
 
 
 def _load_pair(cfg: CoreBenchConfig, folder: Path):
@@ -87,12 +97,23 @@ with torch.device("meta"):  # warm torch's meta-device machinery: a one-time cos
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS counter (VmHWM) after warm-up
 base = status("VmRSS:")
 m = load({str(folder)!r})
-touched = sum(float(p.detach().float().sum()) for p in m.parameters())
+touched = sum(float(p.detach().sum()) for p in m.parameters())  # in its own dtype: no copy
 weights = sum(p.numel() * p.element_size() for p in m.parameters())
 print(json.dumps(dict(peak_bytes=status("VmHWM:") - base, weight_bytes=weights)))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _load_memories(folder: Path) -> dict | None:
+    """Both sides' `_load_memory`, or None with a warning when a side cannot be measured (the timings stand)."""
+    try:
+        return {w: _load_memory(folder, w) for w in ("ours", "hf")}
+    except (RuntimeError, ValueError, IndexError) as e:
+        warnings.warn(f"bench core: load memory not measured ({e}); pass --no-load-memory to skip it.", stacklevel=2)
+        return None
 
 
 def _compile_options(cfg: CoreBenchConfig, device: torch.device, decode: bool) -> dict:
@@ -122,20 +143,26 @@ def _hf_decode_kwargs(cfg: CoreBenchConfig, device: torch.device) -> dict:
 def _hf_decode_cache(hf, prompt: torch.Tensor, n: int, kw: dict) -> str:
     """The cache class HF's `generate` actually uses with these arguments (one more run, same shapes)."""
     out = hf.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, return_dict_in_generate=True, **kw)
-    return _cache_name(out.cache)
+    return _cache_name(out)
 
 
-def _cache_name(cache) -> str:
+def _cache_name(hf_output) -> str:
+    """The class of the cache an HF output returns: `cache` in transformers >= 5.2x, `past_key_values` before
+    (the GPU machine's 5.17)."""
+    cache = getattr(hf_output, "cache", None)
+    if cache is None:
+        cache = getattr(hf_output, "past_key_values", None)
     return "none" if cache is None else type(cache).__name__
 
 
-def _run_settings(cfg: CoreBenchConfig, device: torch.device, prefill_compiled: dict[str, bool], hf,
-                  hf_prefill_cache: str, hf_cache: str) -> dict:
+def _run_settings(cfg: CoreBenchConfig, device: torch.device, prefill_compiled: dict[str, bool], ours,
+                  ours_decode: dict | bool, hf, hf_prefill_cache: str, hf_cache: str) -> dict:
     """What each side ran, per phase: execution (eager / compiled + options), cache, attention. HF's
-    compilation and caches are read back from what its runs did, not from what was asked."""
+    compilation and caches are read back from what its runs did, ours' decode options from what `generate` does
+    with its `compile` argument, not from what was asked."""
     prefill_exec = {k: _execution(_compile_options(cfg, device, decode=False) if c else None)
                     for k, c in prefill_compiled.items()}
-    decode_exec = _execution(_compile_options(cfg, device, decode=True) if cfg.compile else None)
+    decode_exec = _execution(decode_compile_options(ours, ours_decode) if ours_decode else None)
     hf_compiled = getattr(hf, "_compiled_call", None) is not None  # set by HF generate when it compiled
     hf_opts = getattr(hf, "_last_compile_config", None)
     attends = "full static cache (masked)" if cfg.compile else "filled length"
@@ -172,29 +199,30 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
             "ours": lambda: fwd["ours"](prompt, num_logits=1),  # no cache argument: none is built
             "hf": lambda: fwd["hf"](input_ids=prompt, use_cache=False, logits_to_keep=1),
         }
-        prefill = interleaved_median(prefill_fns, device, cfg.repeats)
-        hf_prefill_cache = _cache_name(prefill_fns["hf"]().cache)
+        prefill = interleaved_median({**prefill_fns, CONTROL: prefill_fns["hf"]}, device, cfg.repeats)
+        hf_prefill_cache = _cache_name(prefill_fns["hf"]())
 
         hf_kw = _hf_decode_kwargs(cfg, device)
+        ours_decode = _compile_options(cfg, device, decode=True) if cfg.compile else False  # generate's compile=
 
         def gen(n: int) -> dict[str, callable]:
-            return {
-                "ours": lambda: ours.generate(dprompt, n, stop_tokens=[], compile=cfg.compile),
-                "hf": lambda: hf.generate(input_ids=dprompt, max_new_tokens=n, min_new_tokens=n, **hf_kw),
-            }
+            hf_gen = lambda: hf.generate(input_ids=dprompt, max_new_tokens=n, min_new_tokens=n, **hf_kw)  # noqa: E731
+            return {"ours": lambda: ours.generate(dprompt, n, stop_tokens=[], compile=ours_decode), "hf": hf_gen,
+                    CONTROL: hf_gen}
 
-        t_one = interleaved_median(gen(1), device, cfg.repeats)
-        t_all = interleaved_median(gen(cfg.new_tokens), device, cfg.repeats, warmup=2 if cfg.compile else 1)
+        sides = [*models, CONTROL]  # the control: HF's generate once more, how far identical contenders read apart
+        gens = {f"{k} x{n}": fn for n in (1, cfg.new_tokens) for k, fn in gen(n).items()}  # all in turn
+        t = interleaved_median(gens, device, cfg.repeats)
         decode_tokens = cfg.decode_batch_size * (cfg.new_tokens - 1)
-        decode = {k: (t_all[k] - t_one[k]) for k in t_all}  # the n-1 decode steps only
-        runs = _run_settings(cfg, device, {k: fwd[k] is not models[k] for k in models}, hf, hf_prefill_cache,
-                             _hf_decode_cache(hf, dprompt, cfg.new_tokens, hf_kw))
+        decode = {k: t[f"{k} x{cfg.new_tokens}"] - t[f"{k} x1"] for k in sides}  # the n-1 decode steps only
+        runs = _run_settings(cfg, device, {k: fwd[k] is not models[k] for k in models}, ours, ours_decode, hf,
+                             hf_prefill_cache, _hf_decode_cache(hf, dprompt, cfg.new_tokens, hf_kw))
 
-        memory = {w: _load_memory(folder, w) for w in ("ours", "hf")} if cfg.load_memory else None
+        memory = _load_memories(folder) if cfg.load_memory else None
         kv_bytes = KVCache.for_model(ours.config, 1, 1, dtype=next(ours.parameters()).dtype).nbytes_per_token()
 
-    prefill_tps = {k: cfg.batch_size * cfg.prompt_len / t for k, t in prefill.items()}
-    decode_tps = {k: decode_tokens / t for k, t in decode.items()}
+    prefill_tps = {k: cfg.batch_size * cfg.prompt_len / prefill[k] for k in models}
+    decode_tps = {k: decode_tokens / decode[k] for k in models}
     load_ratio = {k: m["peak_bytes"] / m["weight_bytes"] for k, m in memory.items()} if memory else None
     return {
         "config": asdict(cfg),
@@ -204,9 +232,11 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
         "prefill_s": prefill,
         "prefill_tokens_per_s": prefill_tps,
         "prefill_speedup_vs_hf": prefill_tps["ours"] / prefill_tps["hf"],
+        "prefill_control": prefill["hf"] / prefill[CONTROL],  # 1 +- the timing noise of this shape
         "decode_s": decode,
         "decode_tokens_per_s": decode_tps,
         "decode_speedup_vs_hf": decode_tps["ours"] / decode_tps["hf"],
+        "decode_control": decode["hf"] / decode[CONTROL],
         "load_peak_over_weights": load_ratio,
         "weight_bytes": sum(p.numel() * p.element_size() for p in ours.parameters()),
         "kv_cache_bytes_per_token": kv_bytes,
@@ -218,21 +248,22 @@ def render_markdown(r: dict) -> str:
     rows = [
         {"metric": f"prefill tok/s (B={c['batch_size']}, T={c['prompt_len']})",
              "ours": r["prefill_tokens_per_s"]["ours"], "hf": r["prefill_tokens_per_s"]["hf"],
-             "ratio": r["prefill_speedup_vs_hf"]},
+             "ratio": r["prefill_speedup_vs_hf"], "control": r["prefill_control"]},
         {"metric": f"decode tok/s (B={c['decode_batch_size']}, {c['new_tokens']} new)",
              "ours": r["decode_tokens_per_s"]["ours"], "hf": r["decode_tokens_per_s"]["hf"],
-             "ratio": r["decode_speedup_vs_hf"]},
+             "ratio": r["decode_speedup_vs_hf"], "control": r["decode_control"]},
     ]
     if r["load_peak_over_weights"] is not None:
         rows.append({"metric": "load peak RSS / weight bytes", "ours": r["load_peak_over_weights"]["ours"],
-                         "hf": r["load_peak_over_weights"]["hf"], "ratio": ""})
+                         "hf": r["load_peak_over_weights"]["hf"], "ratio": "", "control": ""})
     head = (f"### bench core: {c['model']} ({r['model_params'] / 1e6:.1f}M params), {c['dtype']}, "
-            f"{r['machine']}{', compiled' if c['compile'] else ''}\n\n")
+            f"{r['machine']}{', compiled' if c['compile'] else ''}\n\nratio = ours / hf; control = HF's time over "
+            "that of a second, identical HF contender timed alongside (its distance from 1 is the timing noise).\n\n")
     settings = [dict(phase=phase, side=side, **s) for phase, sides in r["runs"].items() for side, s in sides.items()]
     ran = "\n\nWhat ran:\n\n" + markdown_table(settings, ["phase", "side", "execution", "cache", "attends_over",
                                                           "attention"])
     tail = f"\n\nKV cache: {r['kv_cache_bytes_per_token']:,} bytes per token (all layers, K and V)."
-    return head + markdown_table(rows, ["metric", "ours", "hf", "ratio"]) + ran + tail
+    return head + markdown_table(rows, ["metric", "ours", "hf", "ratio", "control"]) + ran + tail
 
 
 def main(cfg: CoreBenchConfig) -> dict:
