@@ -238,8 +238,14 @@ def test_benchmark_aggregates_the_per_prompt_runs():
     res = benchmark_speculative(model, prompts, max_new_tokens=n, num_draft=k, repeats=1, warmup=0)
     assert res["outputs_match"] and res["new_tokens"] == 2 * n and res["prompts"] == 2
     runs = [speculative_generate(model, p[None], n, num_draft=k, stop_tokens=[])[1] for p in prompts]
-    for key in ("accepted", "drafted", "draft_forwards", "verify_forwards"):
-        assert res[key] == sum(getattr(st, key) for st in runs), key
+    for key in ("accepted", "drafted", "draft_forwards", "verify_forwards", "draft_tokens", "verify_tokens",
+                "draft_flops", "verify_flops", "prefill_flops"):  # the totals of every count (FLOPs read 0)
+        assert res[key] == pytest.approx(sum(getattr(st, key) for st in runs)) and res[key] > 0, key
+    # plain decoding's FLOPs are what generate's forwards executed: its cached prefill (a T x T masked attention),
+    # then one token per step; speculation's verified prefill is the same forward
+    assert res["flops_speedup"] == pytest.approx(
+        sum(_generate_flops(model, p[None], n) for p in prompts) / (res["prefill_flops"] + res["draft_flops"]
+                                                                  + res["verify_flops"]))
     assert 0 < res["accepted"] < res["drafted"] and res["acceptance_rate"] == res["accepted"] / res["drafted"]
     # B = 1 and no stop tokens: each verification emits accepted + 1 tokens
     assert res["tokens_per_verify"] == pytest.approx(1 + res["accepted"] / res["verify_forwards"])
@@ -251,3 +257,20 @@ def test_benchmark_aggregates_the_per_prompt_runs():
     assert all(0 < f < 1 for f in ratios)  # a drafted token costs less than a verified one
     cost = sum(st.verify_forwards + st.draft_forwards * f for st, f in zip(runs, ratios))
     assert res["forward_bound_speedup"] == pytest.approx(2 * (n - 1) / cost)
+
+
+def _generate_flops(model, ids, n):
+    """FLOPs of plain greedy decoding, from a hand-run cached loop: prefill, then n - 1 one-token steps."""
+    from dyndepth import KVCache
+
+    with model.method.decoding(budget=0.0), torch.no_grad():
+        cache = KVCache.for_model(model.config, 1, ids.shape[1] + n, num_slots=model.num_slots())
+        out = model(ids, positions=torch.arange(ids.shape[1])[None], cache=cache.window(ids.shape[1]), num_logits=1)
+        total, seq = out.compute.total("executed"), ids
+        for i in range(n - 1):
+            seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], 1)
+            pos = torch.tensor([[seq.shape[1] - 1]])
+            out = model(seq[:, -1:], positions=pos, cache=cache.window(seq.shape[1]))
+            total += out.compute.total("executed")
+    return total
+

@@ -3,12 +3,12 @@ acceptance and the FLOP and forward-count ideals (`methods/speculative.py` is th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from dyndepth.bench.timing import interleaved_median
-from dyndepth.core import flops
 from dyndepth.methods.speculative import SpecStats, speculative_generate
 
 
@@ -22,13 +22,14 @@ def _one_prompt(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict
         return speculative_generate(model, ids, max_new_tokens, stop_tokens=[], **spec_kwargs)
 
     times = interleaved_median({"generate_s": plain, "speculative_s": spec}, ids.device, repeats, warmup)
-    ref = plain()
+    ran = []  # plain decoding's FLOPs: what each forward of `generate` executed (its cached prefill included)
+    hook = model.register_forward_hook(lambda module, args, out: ran.append(out.compute.total("executed")))
+    try:
+        ref = plain()
+    finally:
+        hook.remove()
     out, stats = spec()
-    with model.method.decoding(budget=0.0), torch.no_grad():  # plain decoding's FLOPs == one pass over the result
-        ledger = model(ref[:, :-1]).compute  # ... but with logits for the new tokens only
-    head = flops.lm_head_flops(model.config)
-    dense = ledger.total("executed") - ledger.total("executed", "lm_head") + head * max_new_tokens
-    return times, stats, dense, torch.equal(out, ref)
+    return times, stats, sum(ran), torch.equal(out, ref)
 
 
 def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens: int = 32,
@@ -52,8 +53,8 @@ def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens
                                                   kwargs, repeats, warmup)
         for name in res:
             res[name] += times[name]
-        for name in ("accepted", "drafted", "draft_forwards", "verify_forwards", "new_tokens"):
-            setattr(agg, name, getattr(agg, name) + getattr(st, name))
+        for field in dataclasses.fields(SpecStats):
+            setattr(agg, field.name, getattr(agg, field.name) + getattr(st, field.name))
         dense += plain_flops
         spent += st.prefill_flops + st.draft_flops + st.verify_flops
         f = (st.draft_flops / max(st.draft_tokens, 1)) / (st.verify_flops / max(st.verify_tokens, 1))
