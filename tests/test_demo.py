@@ -17,7 +17,7 @@ def test_reduced_demo_scores_every_method(tmp_path, capsys):
     assert rows["base"]["answer_loss"] < 3.5  # 40 steps of answer-only loss: well below uniform (ln 259 = 5.6)
     for r in rows.values():
         assert set(r["per_task"]) == {"var", "sort", "copy", "overall"}
-        assert r["generate_s"] > 0 and r["latency_s"] > 0
+        assert r["generate_s"] > 0 and r["latency_s"] > 0 and r["latency"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["label"] == "base"
     for name in ("quality_vs_compute", "token_compute", "dnd_selection"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

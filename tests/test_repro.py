@@ -66,7 +66,7 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
 
 def _row(label, method, compute, val_loss, accuracy=0.6, budget=None):
     return {"label": label, "method": method, "compute": compute, "val_loss": val_loss, "accuracy": accuracy,
-            "chance": 0.5, "latency_s": 1.0, "knobs": {} if budget is None else {"budget": budget}}
+            "chance": 0.5, "latency": 1.0, "knobs": {} if budget is None else {"budget": budget}}
 
 
 def test_claims_follow_the_numbers():
@@ -84,6 +84,8 @@ def test_claims_follow_the_numbers():
     tie = rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.895)]  # 0.005 nats better: within the margin, a tie
     assert claims(tie)[-1]["holds"] is False
     assert claims(rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.8)])[-1]["holds"] is True
+    slow = rows[:-2] + [dict(_row("SFT", "none", 1.0, 2.9), latency=1.02), dict(rows[-1], latency=1.2)]
+    assert "latency +18%" in claims(slow)[-1]["measured"]  # each row's ratio to the base, timed in turn with it
     at_chance = [dict(r, accuracy=0.5) for r in rows]
     assert claims(at_chance)[0]["holds"] is None  # a base at chance cannot test retention
     cheap = rows + [_row("MoD c=12.5%", "mod", 0.45, 3.9)]  # below the vector curve's range (0.60-1.15)

@@ -170,7 +170,7 @@ def render(s: dict) -> str:
     tasks = c["data"]["tasks"]
     rows = [dict(model=r["label"], exact_match=f"{r['exact_match']:.1%}", answer_loss=r["answer_loss"],
                  compute=f"{r['compute']:.0%}", ideal_compute=f"{r['ideal_compute']:.0%}",
-                 generate_s=r["generate_s"], prefill_ms=1e3 * r["latency_s"],
+                 generate_s=r["generate_s"], prefill=f"{r['latency']:.2f}x",
                  **{t: f"{r['per_task'][t]:.0%}" for t in tasks}) for r in s["rows"]]
     head = (f"## dyndepth demo: {s['params'] / 1e6:.2f}M-parameter Qwen3-shaped model, {c['steps']} base steps, "
             f"then {c['post_steps']} steps per contender; {s['seconds']:.0f}s wall, {s.get('cpu_seconds', 0):.0f}s CPU "
@@ -178,7 +178,8 @@ def render(s: dict) -> str:
             f"exact match: greedy, {s['eval_examples']} held-out prompts ({c['eval_examples']} per task); "
             "answer_loss: nats per answer character; compute: executed FLOPs per token / the base model's "
             "(gates, routers, nested passes included), ideal: what the routing needs; generate_s: seconds to "
-            "generate every answer; prefill_ms: median forward of 8 x 128 held-out tokens. All decisions causal "
+            "generate every answer; prefill: a forward of 8 x 128 held-out tokens, median time over the base model's, "
+            "the two timed in turn (the base's row: itself, a control). All decisions causal "
             "(GateSkip: thresholds calibrated at the budget, MoD: its predictor).\n\n")
-    cols = ["model", "exact_match", "answer_loss", "compute", "ideal_compute", "generate_s", "prefill_ms"]
+    cols = ["model", "exact_match", "answer_loss", "compute", "ideal_compute", "generate_s", "prefill"]
     return head + markdown_table(rows, cols + tasks)

@@ -247,7 +247,7 @@ def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
     if sft is None or dnd is None:
         return None
     overhead = dnd["compute"] / sft["compute"] - 1
-    slower = dnd["latency_s"] / sft["latency_s"] - 1
+    slower = dnd["latency"] / sft["latency"] - 1  # each timed against the base in turn
     measured = (f"accuracy {dnd['accuracy']:.1%} vs {sft['accuracy']:.1%}, held-out loss {dnd['val_loss']:.3f} vs "
                 f"{sft['val_loss']:.3f}; FLOP overhead {overhead:+.1%}, latency {slower:+.0%}")
     better = sft["val_loss"] - dnd["val_loss"] > MARGIN and dnd["accuracy"] >= sft["accuracy"]

@@ -20,7 +20,8 @@ def test_throughput_bench_reports_wall_clock_next_to_flop_overhead(tmp_path):
     assert result["layers"] == [1, 2] and set(result["layer_report"]) == {1, 2}
     saved = json.loads((tmp_path / "dnd-cpu-float32.json").read_text())
     assert saved["throughput"]["rows"][0]["flops_overhead"] == pytest.approx(prefill[0]["flops_overhead"])
-    assert "wall_over_flops" in (tmp_path / "dnd-cpu-float32.md").read_text()
+    md = (tmp_path / "dnd-cpu-float32.md").read_text()
+    assert "wall_over_flops" in md and "per layer (prefill B=1, T=24):" in md  # which run the layer table is of
 
 
 def test_fit_thresholds_nests_the_ratio_of_the_calibration_tokens():

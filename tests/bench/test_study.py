@@ -1,6 +1,7 @@
 """`dyndepth study tokens` (bench/study.py): the tokens-to-accuracy interpolation, and a smoke run through the CLI
 that trains the reference and two matched baselines and writes the table, the JSON and the plot."""
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 import dyndepth
-from dyndepth.bench.study import moe_set_entropy, ratios, study_config, tokens_to_reach, train_and_evaluate
+from dyndepth.bench.study import (
+    moe_set_entropy,
+    ratios,
+    study_config,
+    tokens_to_reach,
+    train_and_evaluate,
+    training_key,
+)
 from dyndepth.cli import app
 
 
@@ -94,6 +102,14 @@ def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):
     assert train_and_evaluate("reference", config, 0, cfg, text, None, None, corpus="text") == rows
     with pytest.raises(ValueError, match="other data"):  # the same model on another text file is trained anew
         train_and_evaluate("reference", config, 0, cfg, {**text, "source": "b.txt"}, None, None, corpus="text")
+    # a run saved with its training settings is reused under the same ones only (another lr, dtype or device was
+    # silently reused)
+    (tmp_path / "reference" / "seed0" / "rows.json").write_text(
+        json.dumps({"config": config.to_dict(), "train": training_key(cfg), "rows": rows}))
+    assert train_and_evaluate("reference", config, 0, cfg, {}, None, []) == rows
+    for change in ({"lr": 1e-3}, {"dtype": "bfloat16"}, {"device": "cuda"}):
+        with pytest.raises(ValueError, match="other training settings"):
+            train_and_evaluate("reference", config, 0, dataclasses.replace(cfg, **change), {}, None, [])
 
 
 def test_runs_are_keyed_by_the_texts_content_not_how_its_path_is_spelled(tmp_path):

@@ -53,3 +53,24 @@ def test_the_greedy_stepper_runs_the_steps_generate_runs():
     assert torch.equal(torch.stack(tokens, 1), model.generate(prompt, 6, stop_tokens=[])[:, 7:])
     stats = stepper_stats(stepper, 5)
     assert len(stats) == 5 and all(float(s["flops/executed"]) > 0 for s in stats)
+
+
+def test_a_compared_rows_latency_is_timed_in_turn_with_the_base(monkeypatch):
+    """`bench.compare.latency_ratio`: the row's model and the base alternate (a, b, b, a, ...) in one loop and the
+    ratio is of their medians; rows scored minutes apart were compared by lone times."""
+    from dyndepth.bench import compare
+
+    clock, log = [0.0], []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def model(name: str, cost: float):
+        def forward(ids, attention_mask=None):
+            log.append(name)
+            clock[0] += cost
+
+        return forward
+
+    probe = (torch.zeros(1, 4, dtype=torch.long), None)
+    ratio = compare.latency_ratio(model("row", 3.0), model("base", 2.0), probe, repeats=3)
+    assert log == ["row", "base", "base", "row", "row", "base", "base", "row"]  # one warm-up round, then three
+    assert ratio == 1.5

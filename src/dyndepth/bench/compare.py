@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dyndepth
+from dyndepth.bench.timing import interleaved_median
 from dyndepth.eval.compute import compute_report
 from dyndepth.methods import calibrate
 from dyndepth.runconfig import RunConfig, TrainConfig
@@ -87,18 +88,29 @@ def label_of(contender: Contender, knobs: dict) -> str:
 
 
 def score(model, label: str, knobs: dict, scorer: Callable, probe: tuple, calibration: list,
-          method: str = "base") -> dict:
+          method: str = "base", reference=None) -> dict:
     """One row: the scorer's quality figures and its wall-clock seconds, plus the compute report of `probe`
-    ((ids, mask)), all under `causal(model, knobs)`."""
+    ((ids, mask)), all under `causal(model, knobs)`; `latency`: the probe forward's time over `reference`'s (the
+    base model; default `model` itself), the two timed in turn in one loop."""
     with causal(model, knobs, calibration):
         t0 = time.perf_counter()
         quality = scorer(model)
         seconds = time.perf_counter() - t0
         report = compute_report(model, *probe)
+        latency = latency_ratio(model, model if reference is None else reference, probe)
     return {"label": label, "method": method, "knobs": dict(knobs), **quality, "score_s": seconds,
             "executed_per_token": report.executed_per_token, "ideal_per_token": report.ideal_per_token,
-            "dense_per_token": report.dense_per_token, "latency_s": report.latency_s,
+            "dense_per_token": report.dense_per_token, "latency_s": report.latency_s, "latency": latency,
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def latency_ratio(model, reference, probe: tuple, repeats: int = 5) -> float:
+    """Median forward time of `model` over `reference`'s on the probe (ids, mask), interleaved (a, b, b, a, ...)
+    so both see the same machine state: rows scored minutes apart are not compared by lone times."""
+    ids, mask = probe
+    fns = {"model": lambda: model(ids, attention_mask=mask), "reference": lambda: reference(ids, attention_mask=mask)}
+    t = interleaved_median(fns, ids.device, repeats, warmup=1)
+    return t["model"] / t["reference"]
 
 
 def compare(base: str, contenders: list[Contender], loader, tcfg: Callable[[str], TrainConfig], scorer: Callable,
@@ -108,7 +120,8 @@ def compare(base: str, contenders: list[Contender], loader, tcfg: Callable[[str]
 
     tcfg(label) gives each run's TrainConfig (its out_dir); `progress` reports each stage."""
     progress("scoring the base model")
-    rows = [score(dyndepth.from_pretrained(base).eval(), "base", {}, scorer, probe, calibration)]
+    base_model = dyndepth.from_pretrained(base).eval()  # every row's latency is timed against it
+    rows = [score(base_model, "base", {}, scorer, probe, calibration)]
     models, start = {}, loader.state_dict()
     for c in contenders:
         cfg = tcfg(c.label)
@@ -118,9 +131,9 @@ def compare(base: str, contenders: list[Contender], loader, tcfg: Callable[[str]
         models[c.label] = model
         for knobs in c.settings:
             progress(f"scoring {label_of(c, knobs)}")
-            rows.append(score(model, label_of(c, knobs), knobs, scorer, probe, calibration, c.method.get("name")))
+            rows.append(score(model, label_of(c, knobs), knobs, scorer, probe, calibration, c.method.get("name"),
+                              reference=base_model))
     for r in rows:
         r["compute"] = r["executed_per_token"] / rows[0]["executed_per_token"]
         r["ideal_compute"] = r["ideal_per_token"] / rows[0]["ideal_per_token"]
-        r["latency"] = r["latency_s"] / rows[0]["latency_s"]
     return rows, models

@@ -108,7 +108,7 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
         times = timing.interleaved_median({"base": base, "dnd": lambda ids=ids: model(ids, num_logits=1),
                                            timing.CONTROL: base}, device, cfg.repeats)
         out = model(ids, num_logits=1)
-        report = report or layer_report(model, out)
+        report = report or layer_report(model, out)  # the first batch size's prefill (the table says so)
         work = {"base": float(base().stats["flops/executed"]), "dnd": float(out.stats["flops/executed"])}
         rows.append(_row("prefill", B, times, work, float(out.stats["dnd/selected"])))
 
@@ -190,7 +190,8 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             "distance from 1 is this shape's timing noise).\n\n"
             + timing.markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput", "flops_overhead",
                                                          "wall_overhead", "wall_over_flops", "control"]))
-        parts.append(_layer_table(throughput["layer_report"]))
+        parts.append(_layer_table(throughput["layer_report"],
+                                  f"prefill B={c['batches'][0]}, T={c['prefill_len']}"))
     if quality is not None:
         c = quality["config"]
         rows = [dict(r, exact_match=f"{r['exact_match']:.1%}") for r in quality["rows"]]
@@ -201,13 +202,13 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             + timing.markdown_table(rows, ["model", "compute", "val_loss", "perplexity", "exact_match"])
             + f"\n\nselection vs base next-token entropy: Pearson r = {e['pearson_r']:.3f} over {e['tokens']} "
               f"tokens (mean entropy nested {e['entropy_nested']:.3f}, others {e['entropy_other']:.3f})")
-        parts.append(_layer_table(quality["layer_report"]))
+        parts.append(_layer_table(quality["layer_report"], "the DND model on the probe batch"))
     return "\n\n".join(parts)
 
 
-def _layer_table(report: dict) -> str:
+def _layer_table(report: dict, of: str) -> str:
     rows = [{"layer": layer, **r} for layer, r in report.items()]
-    return "per layer:\n\n" + timing.markdown_table(rows, ["layer", "selected", "flops_overhead_executed",
+    return f"per layer ({of}):\n\n" + timing.markdown_table(rows, ["layer", "selected", "flops_overhead_executed",
                                                            "flops_overhead_ideal"])
 
 

@@ -183,14 +183,15 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     are kept in the run's folder (rows.json, with the model's config), so a rerun of the study skips the runs it
     already finished for the same model and budgets. `corpus` "text" runs in out_dir/text/."""
     run_dir = Path(cfg.out_dir) / ("" if corpus == "tasks" else corpus) / label / f"seed{seed}"
-    done, key = run_dir / "rows.json", data_key(data)
+    done, key, recipe = run_dir / "rows.json", data_key(data), training_key(cfg)
     if done.exists():
         saved = json.loads(done.read_text())
         if isinstance(saved, dict) and same_config(saved.get("config"), config) and \
-                [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", key) == key:
+                [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", key) == key and \
+                saved.get("train", recipe) == recipe:
             return saved["rows"]
-        raise ValueError(f"{run_dir} holds a run of another model, other budgets or other data; remove it or choose "
-                         "another study out_dir.")
+        raise ValueError(f"{run_dir} holds a run of another model, other budgets, other data or other training "
+                         f"settings ({', '.join(recipe)}); remove it or choose another study out_dir.")
     device = torch.device(cfg.device)
     val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
     n_val = cfg.eval_batches if corpus == "tasks" else cfg.text_eval_batches
@@ -206,8 +207,14 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
                           tokenizer=tokenizer)
     train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
-    done.write_text(json.dumps({"config": config.to_dict(), "data": key, "rows": hook.rows}, indent=1) + "\n")
+    done.write_text(json.dumps({"config": config.to_dict(), "data": key, "train": recipe, "rows": hook.rows},
+                               indent=1) + "\n")
     return hook.rows
+
+
+def training_key(cfg: StudyConfig) -> dict:
+    """What a saved run must share with this study besides model and data to be reused: its training settings."""
+    return {name: getattr(cfg, name) for name in ("lr", "warmup", "batch_size", "seq_len", "dtype", "device")}
 
 
 def same_config(saved: dict | None, config) -> bool:
