@@ -111,6 +111,14 @@ def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
                                 "budget=0.3,mode=threshold", "--out", str(tmp_path / "m"), "--tokenizer", "byte",
                                 "--seq-len", "64"])  # a mode among the knobs: calibration records in its own
     assert moded.exit_code == 0, moded.output
+    again = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=0.5",
+                                "--out", str(tmp_path / "m"), "--tokenizer", "byte", "--seq-len", "64"])
+    assert again.exit_code == 2 and "already holds files" in again.output  # it replaced the 0.3 calibration
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe caf\xe9")
+    bad = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(binary), "--knobs", "budget=0.3",
+                              "--out", str(tmp_path / "b"), "--tokenizer", "byte"])
+    assert bad.exit_code == 2 and f"--text {binary} is not UTF-8 text" in bad.output, bad.output
 
 
 def test_convert_changes_dtype_and_keeps_logits(tmp_path):
@@ -124,6 +132,21 @@ def test_convert_changes_dtype_and_keeps_logits(tmp_path):
     ids = torch.randint(0, 256, (1, 5))
     ref = model.to(torch.bfloat16)(ids).logits
     torch.testing.assert_close(dyndepth.from_pretrained(tmp_path / "dst")(ids).logits, ref)
+    # into a folder holding another checkpoint: refused, nothing touched (its old shards and tokenizer stayed
+    # beside the new files and were loaded)
+    other = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    assert other.exit_code == 2 and "already holds files" in other.output, other.output
+    # in place (a sharded folder re-saved whole in bfloat16): the old shards and index go (it crashed half-way)
+    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
+    (tmp_path / "sharded" / "generation_config.json").write_text("{}")
+    same = runner.invoke(app, ["convert", str(tmp_path / "sharded"), str(tmp_path / "sharded"), "--dtype", "bfloat16"])
+    assert same.exit_code == 0, same.output
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "generation_config.json",
+                                                                        "model.safetensors"]
+    torch.testing.assert_close(dyndepth.from_pretrained(tmp_path / "sharded")(ids).logits, ref)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in runner.invoke(app, ["convert", str(tmp_path / "src"), str(afile)]).output
 
 
 def test_bad_input_is_one_clear_line(tmp_path):

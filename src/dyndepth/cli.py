@@ -129,9 +129,11 @@ def calibrate(
     wanted = _run(parse_knobs, knobs)
     if not text.is_file():
         _fail(FileNotFoundError(f"--text {text}: no such file."))
+    _fresh_output(out, "calibrate --out", src=model)
+    corpus = _read_text(text, "--text")
     lm = _run(_load_model, model, None, device)
     tok = _run(load_tokenizer, tokenizer or model)
-    ids = _run(text_batches, tok, text.read_text(encoding="utf-8"), batches, batch_size, seq_len)
+    ids = _run(text_batches, tok, corpus, batches, batch_size, seq_len)
     thresholds = _run(fit, lm, [b.to(device) for b in ids], **wanted)
     path = _run(lm.save_pretrained, out)
     tok.save(path)  # the folder is self-contained: `dyndepth generate OUT` needs no --tokenizer
@@ -141,6 +143,25 @@ def calibrate(
                                                        "seq_len": seq_len, "thresholds": names}, indent=1))
     typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {windows} windows of {seq_len} tokens; "
                f"wrote {path}")
+
+
+def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
+    """An output folder must be new or empty, or the source itself (an in-place rewrite): writing over another
+    checkpoint left its other files (tokenizer, shards) beside the new ones."""
+    if dst.exists() and not dst.is_dir():
+        _fail(ValueError(f"{dst} is a file; {what} writes a folder."))
+    same = src is not None and Path(src).exists() and dst.exists() and dst.resolve() == Path(src).resolve()
+    if dst.is_dir() and any(dst.iterdir()) and not same:
+        _fail(ValueError(f"{dst} already holds files; {what} writes into a new or empty folder (or in place, the "
+                         "source folder itself): remove it or choose another folder."))
+
+
+def _read_text(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        _fail(ValueError(f"{option} {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
+                         f"iconv -f latin1 -t utf-8 {path}."))
 
 
 def _check_decoding_knobs(lm, skip_budget: Optional[float], knobs: dict) -> None:
@@ -168,6 +189,7 @@ def convert(
     checkpoint (`step_*/`) is exported to HF format first."""
     from dyndepth.interop.hf import convert_checkpoint
 
+    _fresh_output(dst, "convert", src=src)
     if (Path(src) / "train_state.pt").exists():
         from dyndepth.train.run import export_checkpoint
 

@@ -125,4 +125,8 @@ def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | P
         write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
                    path / "model.safetensors.index.json")
     write_json(config, path / "config.json")
+    written = {"model.safetensors"} if len(shards) == 1 else {*weight_map.values(), "model.safetensors.index.json"}
+    for stale in [*path.glob("model*.safetensors"), *path.glob("model.safetensors.index.json")]:
+        if stale.name not in written:  # a previous save's weights (another sharding): loaders would read them
+            stale.unlink()
     return path

@@ -123,3 +123,10 @@ def test_file_and_errors(model_and_tok, tmp_path):
         text_perplexity(model, tok, TEXT, max_length=10_000)
     with pytest.raises(FileNotFoundError, match="no such"):
         file_perplexity(model, tok, tmp_path / "missing.txt")
+    for size in (0, -3):
+        with pytest.raises(ValueError, match=f"batch_size={size} must be a positive integer"):
+            text_perplexity(model, tok, TEXT, batch_size=size)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+        file_perplexity(model, tok, latin)

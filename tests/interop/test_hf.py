@@ -141,6 +141,23 @@ def test_unsupported_architecture_and_missing_files(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         dyndepth.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama",\n}')  # a hand edit gone wrong
+    with pytest.raises(CheckpointError, match=r"m/config.json is not valid JSON"):
+        dyndepth.from_pretrained(tmp_path / "m")
+
+
+def test_a_save_over_another_sharding_leaves_only_its_own_weight_files(tmp_path):
+    """A sharded save then a whole one into the same folder: the old shards and index go (the loader read the
+    index, so the folder held the old weights), and the other way round."""
+    a, b = CausalLM(preset("tiny-qwen3")), CausalLM(preset("tiny-qwen3"))
+    a.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    b.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    ids = torch.randint(0, 256, (1, 5))
+    torch.testing.assert_close(dyndepth.from_pretrained(tmp_path)(ids).logits, b(ids).logits)
+    a.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    assert not (tmp_path / "model.safetensors").exists()
+    torch.testing.assert_close(dyndepth.from_pretrained(tmp_path)(ids).logits, a(ids).logits)
 
 
 def test_v5_rope_parameters_and_aliases_are_read():

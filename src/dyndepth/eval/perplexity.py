@@ -106,6 +106,8 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
     for name, value in (("max_length", max_length), ("stride", stride)):
         if value is not None and value < 1:  # 0 read as "the default" before
             raise ValueError(f"{name}={value} must be >= 1 (leave it unset for the default).")
+    if batch_size < 1:  # 0 failed in range(), a negative one divided by zero
+        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
     max_length = max_length or min(model.config.max_position_embeddings, 2048)
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
@@ -126,7 +128,11 @@ def file_perplexity(model, tokenizer, path: str | Path, limit: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. iconv -f latin1 "
+                         f"-t utf-8 {path}.") from None
     return text_perplexity(model, tokenizer, text if limit is None else first_lines(text, limit), **kwargs)
 
 

@@ -48,11 +48,21 @@ def resolve(path_or_id: str | Path) -> Path:
                               f"and as a hub id: {reason}") from None
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the checkpoint's source.") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object; restore it.")
+    return obj
+
+
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Memory-mapped tensors of `model.safetensors` or every shard named in its index."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         state = {}
         for shard in shards:
             state.update(read_safetensors(folder / shard))
@@ -98,7 +108,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
             raise CheckpointError(f"{folder} is a training checkpoint: load the run's exported out_dir/model, or "
                                   f"export this step with `dyndepth convert {folder} OUT`.")
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    raw_config = json.loads(config_path.read_text())
+    raw_config = _read_json(config_path)
     model_type = raw_config.get("model_type")
     if model_type not in MODELS:
         raise ConfigError(f"unsupported architecture: model_type={model_type!r} (architectures="
@@ -144,6 +154,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = Non
     model = from_pretrained(folder, dtype=dtype)
     out = model.save_pretrained(dst, max_shard_bytes=max_shard_bytes)
     for name in TOKENIZER_FILES:
-        if (folder / name).exists():
-            shutil.copyfile(folder / name, out / name)
+        have, want = folder / name, out / name
+        if have.exists() and not (want.exists() and want.samefile(have)):  # in place: already there
+            shutil.copyfile(have, want)
     return out
