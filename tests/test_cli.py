@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -64,6 +65,26 @@ def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
                                  "--tokenizer", "byte"])
     assert result.exit_code == 0, result.output
     assert result.output.count("---") == 2 and "hello" in result.output
+    for flags, message in ((["--temperature", "-1"], "temperature must be"), (["--top-p", "2"], "top_p must"),
+                           (["-n", "-1"], "--max-new-tokens must be >= 0")):
+        bad = runner.invoke(app, ["generate", str(tmp_path), "-p", "abc", "--tokenizer", "byte", *flags])
+        assert bad.exit_code == 2 and bad.output.startswith("error:") and message in bad.output, bad.output
+
+
+def test_generate_takes_a_dreamers_own_knobs(tmp_path):
+    """`--knobs steps=2` sets a recurrent model's own knob (eval --model-args did; generate asked for a method)."""
+    torch.manual_seed(0)
+    model = dyndepth.build_model(dyndepth.preset("dreamer-tiny")).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([list(b"12+34=")])
+    with model.override(steps=2):
+        want = dyndepth.tokenizer.load_tokenizer("byte").decode(model.generate(ids, 4, stop_tokens=[])[0, 6:].tolist())
+    result = runner.invoke(app, ["generate", str(tmp_path), "-p", "12+34=", "-n", "4", "--tokenizer", "byte",
+                                 "--knobs", "steps=2", "--no-stream"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("12+34=" + want)
+    bad = runner.invoke(app, ["generate", str(tmp_path), "-p", "x", "--tokenizer", "byte", "--knobs", "depth=2"])
+    assert bad.exit_code == 2 and "Dreamer has no knob 'depth'" in bad.output, bad.output
 
 
 def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
@@ -153,6 +174,24 @@ def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])
     assert result.exit_code == 2
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "gateskip", "--budgets", "abc"], "--budgets takes comma-separated numbers"),
+    (["bench", "gateskip", "--budgets", "0.3,0"], "budgets must start with 0"),
+    (["bench", "gateskip", "--model", "tiny-qwen3", "--budgets", "0,0.5", "--prefill-lens", "8", "--decode-batches",
+      "1", "--repeats", "0"], "repeats must be >= 1"),
+    (["bench", "train", "--steps", "0"], "steps must be >= 1"),
+    (["bench", "core", "--decode-batch-size", "-1"], "decode_batch_size must be >= 1"),
+    (["bench", "core", "--model", "dreamer-tiny"], "HF transformers, which has no 'dreamer' model"),
+    (["bench", "dnd", "--batches", "x"], "--batches takes comma-separated numbers"),
+    (["study", "tokens", "--seeds", "x"], "--seeds takes comma-separated numbers"),
+    (["train", "recipes/tiny_cpu.toml", "--method", "gateskip", "--set", "method.name=mod"], "name two methods"),
+])
+def test_bad_bench_and_study_options_are_one_line_naming_the_option(args, message, tmp_path):
+    """These raised from the config's constructor, outside the command's error handling: a traceback."""
+    result = runner.invoke(app, [*args, *([] if args[0] == "train" else ["--out", str(tmp_path)])])
+    assert result.exit_code == 2 and result.output.startswith("error:") and message in result.output, result.output
 
 
 def test_train_reports_its_result_once_under_torchrun(tmp_path, monkeypatch):

@@ -79,10 +79,14 @@ def generate(
     """Generate text from a model with the KV-cached batched sampler."""
     import torch
 
+    from dyndepth.generation import check_sampling
     from dyndepth.methods.calibration import parse_knobs
     from dyndepth.tokenizer import encode_batch, load_tokenizer
 
     method_knobs = _run(parse_knobs, knobs)
+    _run(check_sampling, temperature, top_k, top_p)  # before the prompt is echoed (errors ran into it)
+    if max_new_tokens < 0:
+        _fail(ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}."))
     lm = _run(_load_model, model, dtype, device)
     if skip_budget is not None or method_knobs:  # checked before the prompt is echoed
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)
@@ -143,6 +147,16 @@ def calibrate(
                                                        "seq_len": seq_len, "thresholds": names}, indent=1))
     typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {windows} windows of {seq_len} tokens; "
                f"wrote {path}")
+
+
+def _numbers(text: str | None, option: str, kind=float) -> list | None:
+    """A comma-separated list of numbers from an option ("0,0.15,0.3"); a word in it is one error naming the option."""
+    if text is None:
+        return None
+    try:
+        return [kind(float(v)) if kind is int else kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(ValueError(f"{option} takes comma-separated numbers, e.g. {option} 1,2; got {text!r}."))
 
 
 def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
@@ -212,6 +226,9 @@ def train(
     """Train or post-train a model from a recipe; run under torchrun for several GPUs."""
     from dyndepth.train.run import run_training
 
+    named = [o.partition("=")[2].strip() for o in set_ if o.partition("=")[0].strip() == "method.name"]
+    if method and any(n != method for n in named):
+        _fail(ValueError(f"--method {method} and --set method.name={named[-1]} name two methods; give one."))
     overrides = list(set_) + (["train.resume=true"] if resume else []) + ([f"method.name={method}"] if method else [])
     result = _run(run_training, recipe, overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
@@ -228,7 +245,7 @@ def demo(
     """Train a tiny model on synthetic tasks (no network), post-train every method from it, print one table."""
     from dyndepth.demo import DemoConfig, run_demo
 
-    _run(run_demo, DemoConfig(out_dir=str(out), steps=steps, post_steps=post_steps, eval_examples=eval_examples))
+    _run(run_demo, _run(DemoConfig, out_dir=str(out), steps=steps, post_steps=post_steps, eval_examples=eval_examples))
 
 
 @app.command()
@@ -309,7 +326,7 @@ def bench_core(
     from dyndepth.bench.core import CoreBenchConfig
     from dyndepth.bench.core import main as bench_main
 
-    cfg = CoreBenchConfig(model=model, batch_size=batch_size, prompt_len=prompt_len,
+    cfg = _run(CoreBenchConfig, model=model, batch_size=batch_size, prompt_len=prompt_len,
                           decode_batch_size=decode_batch_size, decode_prompt_len=decode_prompt_len,
                           new_tokens=new_tokens, dtype=dtype, device=device, compile=compile,
                           repeats=repeats, load_memory=load_memory, out_dir=str(out))
@@ -327,8 +344,8 @@ def bench_train(
     from dyndepth.bench.train import TrainBenchConfig
     from dyndepth.bench.train import main as bench_main
 
-    _run(bench_main, TrainBenchConfig(model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                                      dtype=dtype, device=device, compile=compile, out_dir=str(out)))
+    _run(bench_main, _run(TrainBenchConfig, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                          dtype=dtype, device=device, compile=compile, out_dir=str(out)))
 
 
 @bench_app.command("gateskip")
@@ -344,12 +361,10 @@ def bench_gateskip(
     from dyndepth.bench.gateskip import GateSkipBenchConfig
     from dyndepth.bench.gateskip import main as bench_main
 
-    def floats(text: str, kind=float) -> list:
-        return [kind(v) for v in text.split(",") if v.strip()]
-
-    cfg = GateSkipBenchConfig(model=model, budgets=floats(budgets), prefill_lens=floats(prefill_lens, int),
-                              decode_batches=floats(decode_batches, int), new_tokens=new_tokens, gate=gate,
-                              path=path, dtype=dtype, device=device, repeats=repeats, out_dir=str(out))
+    cfg = _run(GateSkipBenchConfig, model=model, budgets=_numbers(budgets, "--budgets"),
+               prefill_lens=_numbers(prefill_lens, "--prefill-lens", int),
+               decode_batches=_numbers(decode_batches, "--decode-batches", int), new_tokens=new_tokens, gate=gate,
+               path=path, dtype=dtype, device=device, repeats=repeats, out_dir=str(out))
     _run(bench_main, cfg)
 
 
@@ -363,7 +378,7 @@ def bench_quality(
     from dyndepth.bench.quality import QualityBenchConfig
     from dyndepth.bench.quality import main as bench_main
 
-    _run(bench_main, QualityBenchConfig(base=base, steps=steps, out_dir=str(out)))
+    _run(bench_main, _run(QualityBenchConfig, base=base, steps=steps, out_dir=str(out)))
 
 
 @bench_app.command("dnd")
@@ -384,10 +399,10 @@ def bench_dnd(
     from dyndepth.bench.dnd import DNDBenchConfig, DNDQualityConfig
     from dyndepth.bench.dnd import main as bench_main
 
-    cfg = DNDBenchConfig(model=model, ratio=ratio, prefill_len=prefill_len, new_tokens=new_tokens, dtype=dtype,
-                         batches=[int(v) for v in batches.split(",") if v.strip()], device=device,
-                         repeats=repeats, out_dir=str(out)) if throughput else None
-    qcfg = DNDQualityConfig(base=base, steps=steps, out_dir=str(out)) if quality else None
+    cfg = _run(DNDBenchConfig, model=model, ratio=ratio, prefill_len=prefill_len, new_tokens=new_tokens, dtype=dtype,
+               batches=_numbers(batches, "--batches", int), device=device, repeats=repeats,
+               out_dir=str(out)) if throughput else None
+    qcfg = _run(DNDQualityConfig, base=base, steps=steps, out_dir=str(out)) if quality else None
     if cfg is None and qcfg is None:
         _fail(ValueError("nothing to run: --no-throughput needs --quality."))
     _run(bench_main, cfg, qcfg)
@@ -408,7 +423,7 @@ def bench_dreamer(
     from dyndepth.bench.dreamer import main as bench_main
 
     cfg = _run(DreamerBenchConfig, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
-               decode_batches=[int(v) for v in decode_batches.split(",") if v.strip()], prompt_len=prompt_len,
+               decode_batches=_numbers(decode_batches, "--decode-batches", int), prompt_len=prompt_len,
                new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, out_dir=str(out))
     _run(bench_main, cfg)
 
@@ -451,10 +466,8 @@ def study_tokens(
     from dyndepth.bench.study import main as study_main
     from dyndepth.bench.study import study_config
 
-    def ints(text):
-        return None if text is None else [int(float(v)) for v in text.split(",") if v.strip()]
-
-    cfg = _run(study_config, profile, reference=reference, budgets=ints(budgets), seeds=ints(seeds), device=device,
+    cfg = _run(study_config, profile, reference=reference, budgets=_numbers(budgets, "--budgets", int),
+               seeds=_numbers(seeds, "--seeds", int), device=device,
                against=None if against is None else [f.strip() for f in against.split(",") if f.strip()],
                out_dir=str(out), text=None if text is None else str(text),
                text_val=None if text_val is None else str(text_val))

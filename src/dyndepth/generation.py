@@ -67,9 +67,13 @@ def check_left_padded(mask_BT: torch.Tensor) -> None:
 
 @torch.no_grad()
 def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
-    """The attached method's `decoding` scope for a generation's knobs; a ValueError (here, or on entering it: names,
-    values, calibration) for knobs it cannot decode with."""
+    """The attached method's `decoding` scope for a generation's knobs, or, without a method, the model's own
+    `override` when it has knobs (a recurrent family's `steps`, Dreamer's `exit_kl`); a ValueError (here, or on
+    entering it: names, values, calibration) for knobs it cannot decode with."""
     method = getattr(model, "method", None)
+    own = callable(getattr(model, "knobs", None)) and callable(getattr(model, "override", None))
+    if method is None and own and skip_budget is None:
+        return model.override(**dict(method_knobs or {}))
     if method is None:
         raise ValueError("the model has no method attached: post-train one (dyndepth train RECIPE --method gateskip, "
                          "or mod / dnd) or attach one (attach_gateskip) to generate with a skip budget or knobs.")

@@ -2,7 +2,7 @@
 
 Precedence is CLI overrides > recipe file > dataclass defaults. The `train` section is typed
 (`TrainConfig`); `model`, `method`, `data` and `eval` are plain dicts owned by their subsystems.
-`model` is a preset name (`model = "tiny-qwen3"`), or a table `{preset = "...", <ModelConfig field> = ...}`,
+`model` is a preset name (`model = "demo-tiny"`, the default), or a table `{preset = "...", <ModelConfig field> = ...}`,
 or `{pretrained = "path or hub id", dtype = "bfloat16"}`.
 """
 
@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")
 PARALLEL = ("none", "ddp", "fsdp")
 NONFINITE = ("stop", "skip")
 SECTIONS = ("model", "method", "train", "data", "eval")
+DEFAULT_PRESET = "demo-tiny"  # a recipe without [model]: its vocab holds the default byte tokenizer's 259 ids
 
 
 class RunConfigError(ValueError):
@@ -75,6 +76,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("clip", "warmup", "eval_every", "save_every", "keep_last", "weight_decay", "lr"):
+            if getattr(self, name) < 0:
+                raise RunConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if not str(self.out_dir).strip():  # "" wrote the run's checkpoints and files into the working directory
+            raise RunConfigError("train.out_dir is empty; name the run's folder, e.g. --set train.out_dir=runs/mine.")
         if not 0.0 <= self.decay_frac <= 1.0:
             raise RunConfigError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}.")
         if self.min_lr > self.lr:
@@ -84,7 +90,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: dict = field(default_factory=lambda: {"preset": "tiny-qwen3"})
+    model: dict = field(default_factory=lambda: {"preset": DEFAULT_PRESET})
     method: dict = field(default_factory=dict)  # {"name": "gateskip", ...}; empty: the plain model
     train: TrainConfig = field(default_factory=TrainConfig)
     data: dict = field(default_factory=dict)
@@ -240,7 +246,7 @@ def build_run_config(raw: dict) -> RunConfig:
     if bad:
         raise RunConfigError(f"unknown key train.{bad[0]}; valid train keys: {sorted(types_)}.")
     train = TrainConfig(**{k: _coerce(v, types_[k], f"train.{k}") for k, v in train_raw.items()})
-    model = raw.get("model", {"preset": "tiny-qwen3"})
+    model = raw.get("model", {"preset": DEFAULT_PRESET})
     if isinstance(model, str):
         model = {"preset": model}
     for name in ("model", "method", "data", "eval"):

@@ -32,3 +32,16 @@ def test_bench_gateskip_reports_consistent_ratios(tmp_path, dtype):
 def test_bench_gateskip_refuses_a_baseline_other_than_zero():
     with pytest.raises(ValueError, match="start with 0"):
         GateSkipBenchConfig(budgets=[0.3, 0.5])
+
+
+def test_a_checkpoint_of_another_method_is_named_as_such(tmp_path):
+    """A MoD checkpoint was refused as having 'no dyndepth_method' (it has one: mod)."""
+    import dyndepth
+    from dyndepth.methods import attach_mod
+
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    attach_mod(model)
+    model.save_pretrained(tmp_path / "mod")
+    with pytest.raises(ValueError, match="names the method 'mod'"):
+        main(GateSkipBenchConfig(model=str(tmp_path / "mod"), budgets=[0, 0.5], prefill_lens=[8], decode_batches=[1],
+                                 repeats=1, out_dir=str(tmp_path)))

@@ -136,6 +136,18 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
         run_eval(str(folder), perplexity=text, max_length=16, out=tmp_path / "blank")
 
 
+@pytest.mark.parametrize("name", ["demo-tiny", "dreamer-tiny", "huginn-tiny"])
+def test_a_preset_name_evaluates_with_the_byte_tokenizer(name, tmp_path):
+    """Random weights of any family's preset (Dreamer's and Huginn's crashed)."""
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n")
+    out = run_eval(name, perplexity=text, max_length=16, out=tmp_path / "o")
+    assert json.loads(out["path"].read_text())["perplexity"]["t.txt"]["tokens"] > 0
+    if name == "demo-tiny":  # a preset too small for the byte tokenizer names one that is not
+        with pytest.raises(ValueError, match="vocab_size is 256; pass a preset whose vocab holds .* demo-tiny"):
+            run_eval("tiny-qwen3", perplexity=text, max_length=16, out=tmp_path / "o2")
+
+
 def test_an_offline_task_name_without_data_dir_warns_that_lm_eval_will_download(caplog):
     # `eval --tasks piqa` without --data-dir silently became lm-eval's hub task (network retries when offline)
     from dyndepth.eval.run import _resolve_tasks

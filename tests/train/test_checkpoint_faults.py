@@ -198,6 +198,8 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, reference, caplog, n
     warning = [r.getMessage() for r in caplog.records if "skipping damaged checkpoint" in r.getMessage()]
     assert len(warning) == 1 and "step_0000012" in warning[0] and says in warning[0], warning
     assert [p.name for p in (run / "abandoned_0").iterdir()] == ["step_0000012"]  # kept aside, not deleted
+    # and so is the replaced run's log (its records past step 8 were dropped without a copy)
+    assert (run / "metrics.abandoned_0.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     _assert_same_curve(run, reference)  # steps 9-12 redone from step 8
     verify_checkpoint(run / "step_0000012")
 

@@ -33,8 +33,19 @@ def test_run_training_end_to_end_on_embedded_data(tmp_path):
 def test_tokenizer_larger_than_the_model_vocab_is_a_clear_error(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\ndevice = "cpu"\n[data]\nsource = "embedded"\n')
-    with pytest.raises(RunConfigError, match="vocab_size >= 259"):
+    with pytest.raises(RunConfigError, match="vocab_size >= 259 .e.g. model = \"demo-tiny\""):
         run_training(recipe, [f"train.out_dir={tmp_path / 'out'}"])
+
+
+def test_a_recipe_without_a_model_trains_the_default_preset_on_the_default_data(tmp_path):
+    """Every recipe section is optional: the default model (tiny-qwen3, vocab 256) could not hold the default byte
+    tokenizer's 259 ids, so an empty recipe failed."""
+    recipe = tmp_path / "empty.toml"
+    recipe.write_text("")
+    result = run_training(recipe, [f"train.out_dir={tmp_path / 'out'}", "train.steps=1", "train.batch_size=2",
+                                   "train.seq_len=16", "train.progress=false", "train.plot=false",
+                                   "train.device=cpu", "eval.enabled=false"])
+    assert result.steps == 1 and load_run_config(tmp_path / "out" / "config.yaml").model == {"preset": "demo-tiny"}
 
 
 def test_run_training_from_a_recipe_with_an_injected_loader(tmp_path):
@@ -103,7 +114,10 @@ def test_a_relative_pretrained_path_is_saved_absolute_so_steps_export_and_resume
             "train.warmup=1", "train.progress=false", "train.plot=false", "train.device=cpu", "eval.enabled=false"]
     run_training(None, args, loader=TinyLoader(2, 16))
     step = (tmp_path / "work" / "out" / "step_0000002").resolve()
-    assert load_run_config(step / "config.yaml").model == {"pretrained": str(tmp_path / "work" / "base")}
+    saved = load_run_config(step / "config.yaml")
+    assert saved.model == {"pretrained": str(tmp_path / "work" / "base")}
+    assert saved.data["cache_dir"] == str(tmp_path / "work" / "runs" / "data")  # the default's too: a resume
+    # elsewhere built a second data cache there
     monkeypatch.chdir(tmp_path)
     exported = export_checkpoint(step, tmp_path / "exported")
     assert (exported / "config.json").is_file()

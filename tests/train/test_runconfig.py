@@ -74,6 +74,11 @@ def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
         load_run_config(None, ["train.schedule=linear"])
     with pytest.raises(RunConfigError, match="section.key=value"):
         load_run_config(None, ["train.lr"])
+    for key, value in (("clip", "-1"), ("save_every", "-1"), ("keep_last", "-2")):  # were accepted
+        with pytest.raises(RunConfigError, match=rf"train\.{key} must be >= 0"):
+            load_run_config(None, [f"train.{key}={value}"])
+    with pytest.raises(RunConfigError, match="train.out_dir is empty"):  # wrote the run into the working directory
+        load_run_config(None, ["train.out_dir="])
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nwarmpu = 3\n")
     with pytest.raises(RunConfigError, match="warmpu"):

@@ -33,6 +33,8 @@ from dyndepth.core.cache import KVCache
 from dyndepth.devices import resolve_dtype
 from dyndepth.generation import decode_compile_options
 
+HF_FAMILIES = ("qwen3", "qwen3_moe", "llama")  # what transformers builds of ours
+
 
 @dataclass
 class CoreBenchConfig:
@@ -59,15 +61,24 @@ class CoreBenchConfig:
                              f"got {self.new_tokens}.")
 
 
+def _check_hf_family(kind: str | None) -> None:
+    if kind not in HF_FAMILIES:
+        raise ValueError(f"bench core compares against HF transformers, which has no {kind!r} model: pass a "
+                         f"checkpoint of model_type {' / '.join(HF_FAMILIES)} or a preset such as bench-small.")
+
+
 def _load_pair(cfg: CoreBenchConfig, folder: Path):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
     if cfg.model in dyndepth.PRESETS:
+        _check_hf_family(dyndepth.preset(cfg.model).model_type)
         torch.manual_seed(0)
         dyndepth.CausalLM(dyndepth.preset(cfg.model)).save_pretrained(folder, dtype=dtype)
     else:
         folder = dyndepth.interop.hf.resolve(cfg.model)
+        config = folder / "config.json"
+        _check_hf_family(json.loads(config.read_text()).get("model_type") if config.is_file() else None)
     ours = dyndepth.from_pretrained(folder, dtype=dtype, device=cfg.device).eval()
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(cfg.device).eval()
     return ours, hf, folder

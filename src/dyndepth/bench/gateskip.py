@@ -66,7 +66,10 @@ def _model(cfg: GateSkipBenchConfig):
     else:
         model = dyndepth.from_pretrained(cfg.model)
         if getattr(model.method, "name", None) != "gateskip":
-            raise ValueError(f"{cfg.model} is not a GateSkip checkpoint (config.json has no dyndepth_method).")
+            found = getattr(model.method, "name", None)
+            raise ValueError(f"{cfg.model} is not a GateSkip checkpoint (its config.json names "
+                             f"{'no method' if found is None else f'the method {found!r}'}); pass one post-trained "
+                             "with --method gateskip, or a preset name.")
         model.method.path = cfg.path
     return model.to(device=cfg.device, dtype=dtype).eval()
 

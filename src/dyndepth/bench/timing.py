@@ -34,6 +34,7 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.devic
                        warmup: int = 2) -> dict[str, float]:
     """Median seconds of each callable, running them in turn after `warmup` rounds: a, b, then b, a (the order
     reverses every round, see `_turns`)."""
+    _check_repeats(repeats)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in _turns(fns, r):
@@ -44,6 +45,11 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.devic
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _check_repeats(repeats: int) -> None:
+    if repeats < 1:  # no median of no timings
+        raise ValueError(f"repeats must be >= 1 (timed rounds per contender), got {repeats}; pass --repeats 1 or more.")
 
 
 @dataclass
@@ -63,6 +69,7 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
     a1, a2, b2, ...: the order reverses every step), so the contenders' steps are measured milliseconds apart:
     load drift that moves a whole decode run by 10% on a shared CPU hits each pair of steps alike. Contenders
     take the same steps, so their medians compare like with like."""
+    _check_repeats(rounds)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for r in range(warmup + rounds):
         states = {}

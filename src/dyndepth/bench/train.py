@@ -29,7 +29,6 @@ from torch import nn
 
 import dyndepth
 from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
-from dyndepth.core.flops import forward_flops
 from dyndepth.runconfig import DTYPES, TrainConfig
 from dyndepth.train import parallel
 from dyndepth.train.hooks import hooks_after_step
@@ -152,7 +151,7 @@ def plain_loop(model: nn.Module, batches: list[dict], tcfg: TrainConfig, device:
 def build_loops(cfg: TrainBenchConfig, device: torch.device) -> tuple[Loop, Loop]:
     """(ours, plain) on the same initial weights and the same batches."""
     torch.manual_seed(0)
-    model = dyndepth.CausalLM(dyndepth.preset(cfg.model))
+    model = dyndepth.build_model(dyndepth.preset(cfg.model))  # any family (Dreamer, Huginn, MoEUT, ...)
     plain_model = copy.deepcopy(model)
     tcfg = train_config(cfg)
     batches = random_batches(model.config.vocab_size, cfg, cfg.warmup_steps + cfg.steps + 1, device)
@@ -199,7 +198,6 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     losses = {k: [float(x) for x in v.losses[:n_steps]] for k, v in loops.items()}
     memory = _peak_memory(loops, device)
 
-    config = ours.model.config
     tokens = cfg.batch_size * cfg.seq_len
     fpt = flops_per_token(ours.model, cfg.seq_len)
     peak = peak_flops(device, None)
@@ -214,7 +212,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         "ratio_ours_over_plain": tps["ours"] / tps["plain"],
         "flops_per_token": fpt,
         "flops_per_token_source": "train.metrics.flops_per_token (6 x trainable matmul params + 12 L N H T)",
-        "flops_per_token_causal": 3 * forward_flops(config, cfg.seq_len) / cfg.seq_len,
+        "flops_per_token_causal": 3 * ours.model.forward_flops(cfg.seq_len) / cfg.seq_len,  # the family's own count
         "peak_flops": peak,
         "mfu": {k: v * fpt / peak for k, v in tps.items()},
         "peak_memory_bytes": memory,

@@ -102,7 +102,7 @@ def record_to_document(
     if text_field in record:
         return Document(text=str(record[text_field]))
     raise DataError(
-        f"{where}: record has no {text_field!r} field (fields: {sorted(record)}). Pass text_field=<name> "
+        f"{where}: record has no {text_field!r} field (fields: {sorted(record)}). Set data.text_field=<name> "
         "for plain text, or use 'prompt'+'response' or 'messages' fields for chat/SFT data."
     )
 
@@ -183,7 +183,7 @@ def iter_parquet(
     wanted = [c for c in ("prompt", "response", "messages", text_field) if c in names]
     if not wanted:
         raise DataError(
-            f"{path}: no {text_field!r} column (columns: {sorted(names)}). Pass text_field=<name>, or provide "
+            f"{path}: no {text_field!r} column (columns: {sorted(names)}). Set data.text_field=<name>, or provide "
             "'prompt'+'response' or 'messages' columns for chat/SFT data."
         )
     row = 0
@@ -278,7 +278,8 @@ def iter_documents(
         files = list_files(path, glob)
         if not files:
             raise DataError(
-                f"{path}: folder has no files matching {glob!r}; pass glob='*.ext' to select files"
+                f"{path}: folder has no files matching {glob!r}; point data.source at a file or a folder of such "
+                "files (or list the files: source = [...]); from Python, iter_documents(glob='*.ext') selects others"
             )
         logger.info("reading %d files under %s", len(files), path)
         for file in files:

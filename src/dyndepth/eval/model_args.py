@@ -163,7 +163,7 @@ def load_model(pretrained, dtype: str | None, device: torch.device):
     elif str(pretrained) in dyndepth.PRESETS:  # random weights, the same every run (seed 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = dyndepth.CausalLM(dyndepth.preset(str(pretrained)))
+            model = dyndepth.build_model(dyndepth.preset(str(pretrained)))
         model = model if dtype is None else model.to(DTYPES[dtype])
     else:
         model = dyndepth.from_pretrained(pretrained, dtype=dtype)
@@ -182,7 +182,8 @@ def load_tokenizer(pretrained, tokenizer, model=None):
     else:
         tok = load(tokenizer if tokenizer is not None else ("byte" if str(pretrained) in PRESETS else pretrained))
     if model is not None and tok.vocab_size > model.config.vocab_size:
+        fix = ("a preset whose vocab holds the byte tokenizer's ids, e.g. demo-tiny" if str(pretrained) in PRESETS
+               else "the tokenizer the model was trained with (tokenizer=FOLDER)")
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}; pass the tokenizer the model was trained with "
-                         "(tokenizer=FOLDER).")
+                         f"{model.config.vocab_size}; pass {fix}.")
     return tok

@@ -3,7 +3,8 @@
 Only rank 0 writes. `metrics.jsonl` holds one JSON object per line: training records
 `{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", ...}` and evaluation records
 `{"step", "eval_loss", "eval_ppl"}`. On resume, records past the resumed step are dropped first, so the
-file of a resumed run reads like that of an uninterrupted one.
+file of a resumed run reads like that of an uninterrupted one; the whole old file is kept as
+`metrics.abandoned_N.jsonl` (as the abandoned run's checkpoints move to `abandoned_N/`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,15 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [r for r in self._read() if r.get("step", 0) <= resume_step] if resume_step else []
+            old = self._read()
+            kept = [r for r in old if r.get("step", 0) <= resume_step] if resume_step else []
+            if len(kept) < len(old):  # the records of a run this one replaces: set aside, not lost
+                n = 0
+                while (aside := self.path.with_name(f"metrics.abandoned_{n}.jsonl")).exists():
+                    n += 1
+                self.path.rename(aside)
+                log.warning("%s: %d record(s) past step %d of the run this one replaces moved to %s",
+                            self.path, len(old) - len(kept), resume_step, aside.name)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
         if cfg.tensorboard:

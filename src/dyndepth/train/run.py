@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
 from dyndepth.data.build import build_loader, build_tokenizer, holds_out
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.train.parallel import init_distributed
@@ -110,7 +111,9 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         tokenizer = build_tokenizer(run_config.data, rank=info.rank, barrier=info.barrier)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise RunConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                                 f"{model.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}.")
+                                 f"{model.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size} "
+                                 f"(e.g. model = \"demo-tiny\" for the byte tokenizer, or --set "
+                                 f"model.vocab_size={tokenizer.vocab_size}).")
         if loader is None:  # a run that does not evaluate holds nothing out
             loader = build_loader(run_config.data, split="train", tokenizer=tokenizer,
                                   hold_out=run_config.eval.get("enabled", True), **data_kw)
@@ -127,8 +130,9 @@ def absolute_paths(run_config: RunConfig) -> RunConfig:
     tokenizer when they name a file or folder here, data.cache_dir and train.out_dir always), so a run's saved
     config rebuilds its base, finds its data and resumes (`dyndepth train out/step_N/config.yaml --resume`) from
     wherever the command runs. Hub ids and names such as "embedded" or "byte" stay as they are."""
-    data = {**_absolute(run_config.data, "source", "val_source", "tokenizer"),
-            **_absolute(run_config.data, "cache_dir", existing=False)}
+    cache = {"cache_dir": run_config.data.get("cache_dir", DATA_DEFAULTS["cache_dir"])}  # the default's too
+    data = {**_absolute(run_config.data, "source", "val_source", "tokenizer"), **_absolute(cache, "cache_dir",
+                                                                                           existing=False)}
     train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).resolve()))
     return dataclasses.replace(run_config, model=_absolute(run_config.model, "pretrained"), data=data, train=train)
 
