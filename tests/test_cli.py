@@ -165,6 +165,12 @@ def test_convert_changes_dtype_and_keeps_logits(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "generation_config.json",
                                                                         "model.safetensors"]
     torch.testing.assert_close(dyndepth.from_pretrained(tmp_path / "sharded")(ids).logits, ref)
+    # a training step is never converted in place: its weights and manifest would no longer match
+    step = tmp_path / "step_0000001"
+    model.save_pretrained(step)
+    (step / "train_state.pt").write_bytes(b"")  # what marks a training checkpoint
+    inplace = runner.invoke(app, ["convert", str(step), str(step)])
+    assert inplace.exit_code == 2 and "already holds files" in inplace.output, inplace.output
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert "is a file" in runner.invoke(app, ["convert", str(tmp_path / "src"), str(afile)]).output
@@ -184,8 +190,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (["bench", "train", "--steps", "0"], "steps must be >= 1"),
     (["bench", "core", "--decode-batch-size", "-1"], "decode_batch_size must be >= 1"),
     (["bench", "core", "--model", "dreamer-tiny"], "HF transformers, which has no 'dreamer' model"),
-    (["bench", "dnd", "--batches", "x"], "--batches takes comma-separated numbers"),
-    (["study", "tokens", "--seeds", "x"], "--seeds takes comma-separated numbers"),
+    (["bench", "dnd", "--batches", "x"], "--batches takes comma-separated whole numbers"),
+    (["bench", "dnd", "--batches", "1.7"], "--batches takes comma-separated whole numbers"),  # ran B = 1
+    (["bench", "dnd", "--batches", "inf"], "--batches takes comma-separated whole numbers"),  # a traceback
+    (["study", "tokens", "--seeds", "x"], "--seeds takes comma-separated whole numbers"),
     (["train", "recipes/tiny_cpu.toml", "--method", "gateskip", "--set", "method.name=mod"], "name two methods"),
 ])
 def test_bad_bench_and_study_options_are_one_line_naming_the_option(args, message, tmp_path):

@@ -154,9 +154,13 @@ def _numbers(text: str | None, option: str, kind=float) -> list | None:
     if text is None:
         return None
     try:
-        return [kind(float(v)) if kind is int else kind(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
+        if kind is int and not all(v.is_integer() for v in values):  # 1.7 became 1; inf overflowed
+            raise ValueError
     except ValueError:
-        _fail(ValueError(f"{option} takes comma-separated numbers, e.g. {option} 1,2; got {text!r}."))
+        what = "whole numbers" if kind is int else "numbers"
+        _fail(ValueError(f"{option} takes comma-separated {what}, e.g. {option} 1,2; got {text!r}."))
+    return [kind(v) for v in values]
 
 
 def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
@@ -203,8 +207,9 @@ def convert(
     checkpoint (`step_*/`) is exported to HF format first."""
     from dyndepth.interop.hf import convert_checkpoint
 
-    _fresh_output(dst, "convert", src=src)
-    if (Path(src) / "train_state.pt").exists():
+    step = (Path(src) / "train_state.pt").exists()
+    _fresh_output(dst, "convert", src=None if step else src)  # a training step is never rewritten in place
+    if step:
         from dyndepth.train.run import export_checkpoint
 
         exported = _run(export_checkpoint, src, dst)

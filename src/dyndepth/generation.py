@@ -11,7 +11,6 @@ consistent by construction.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -98,15 +97,20 @@ def generate(
     cache_dtype: torch.dtype | None = None,
     skip_budget: float | None = None,
     method_knobs: dict | None = None,
+    cache: KVCache | None = None,
 ) -> torch.Tensor:
     """Return the prompt plus up to `max_new_tokens` new tokens per row, (B, T + n).
 
     stop_tokens: a row stops once it emits one (default: the config's eos ids; pass [] for none);
       later positions of a stopped row hold `pad_token_id`. The loop ends when every row stopped.
     callback(step, tokens (B,)): called with each new column, for streaming.
-    compile: compile the one-token decode step with a full-length static cache (CUDA graphs on GPU), kept for the
-      model's next compiled generate of the same batch size; a dict: torch.compile options for the step (default
-      inductor, mode "reduce-overhead" on CUDA, static shapes).
+    compile: compile the one-token decode step over the full-length static cache (CUDA graphs on GPU); a dict:
+      torch.compile options for the step (`decode_compile_options`: inductor, "reduce-overhead" on CUDA, static
+      shapes).
+    cache: a KVCache to decode into (emptied first) instead of a new one: for batch size B, the model's
+      `num_slots()` and at least prompt + max_new_tokens positions. Passing the same cache to repeated compiled
+      generates lets CUDA graphs replay on the same addresses (a new cache re-records them, and torch stops
+      recording after a limit of address changes); the caller owns it, so two generates must not share one at once.
     skip_budget: shorthand for `method_knobs={"budget": skip_budget}` (GateSkip decodes with per-branch
       thresholds calibrated at that budget, see `dyndepth.methods.calibrate`).
     method_knobs: runtime knobs of the attached method for this generation (`method.decoding(**knobs)`).
@@ -114,7 +118,7 @@ def generate(
     if skip_budget is not None or method_knobs:
         with decoding_knobs(model, skip_budget, method_knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
-                            stop_tokens, pad_token_id, callback, generator, compile, cache_dtype)
+                            stop_tokens, pad_token_id, callback, generator, compile, cache_dtype, cache=cache)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
     if max_new_tokens < 0:
@@ -139,15 +143,20 @@ def generate(
     if max_len > config.max_position_embeddings:
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({config.max_position_embeddings}).")
-    dtype = cache_dtype or next(model.parameters()).dtype
-    if compile:
-        cache = _compiled_decode_cache(model, B, max_len, dtype, device)
-    else:
+    compiled = compile is True or isinstance(compile, dict)
+    if cache is None:
+        dtype = cache_dtype or next(model.parameters()).dtype
         cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
+    else:
+        _check_given_cache(cache, B, max_len, model.num_slots())
+        cache.reset()
+    if compiled and cache.keys[0].is_cuda:  # CUDA graphs replay a step that writes these in place (as HF's static
+        for t in cache.buffers():  # cache does): marked static, a new cache re-records instead of falling back
+            torch._dynamo.mark_static_address(t)
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
-    step = _decode_step(model, compile)
+    step = _decode_step(model, compile if compiled else False)
 
     tokens = [input_ids]
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
@@ -164,50 +173,37 @@ def generate(
                 break
         if i == max_new_tokens - 1:
             break
-        view = cache if compile else cache.window(prompt_len + i + 1)
+        view = cache if compiled else cache.window(prompt_len + i + 1)
         out = step(nxt[:, None], next_pos, view)
         next_pos = next_pos + 1
     return torch.cat(tokens, dim=1)
 
 
-# model -> the KVCache its compiled decode step last ran on (see `_compiled_decode_cache`); weak: it goes with the model
-_DECODE_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _compiled_decode_cache(model, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
-    """The cache of a compiled generate: the model's previous one, reset, when it has the batch size, slots, dtype and
-    device and is long enough, else a new one that is kept for the next call (as HF's static cache is).
-
-    A compiled decode step writes its cache in place and runs over its full length. CUDA graphs replay on fixed
-    addresses, so the cache must be the same tensors on every call, marked static (torch skips CUDA graphs for a
-    mutated input that is not); a new cache per call would recompile the step each time instead."""
-    slots = model.num_slots()
-    held = _DECODE_CACHES.get(model)
-    if (held is not None and held.batch_size == batch_size and len(held.keys) == slots and held.max_seq_len >= max_len
-            and held.keys[0].dtype == dtype and held.keys[0].device == torch.device(device)):
-        held.reset()
-        return held
-    cache = KVCache.for_model(model.config, batch_size, max_len, num_slots=slots, dtype=dtype, device=device)
-    if cache.keys[0].is_cuda:
-        for t in cache.buffers():
-            torch._dynamo.mark_static_address(t)
-    _DECODE_CACHES[model] = cache
-    return cache
+def _check_given_cache(cache: KVCache, batch_size: int, max_len: int, slots: int) -> None:
+    if cache.batch_size != batch_size or len(cache.keys) != slots or cache.max_seq_len < max_len:
+        raise ValueError(f"the given cache (batch {cache.batch_size}, {len(cache.keys)} slots, {cache.max_seq_len} "
+                         f"positions) does not fit this generation (batch {batch_size}, {slots} slots, {max_len} "
+                         "positions): build one with KVCache.for_model(model.config, B, prompt + new tokens, "
+                         "num_slots=model.num_slots()).")
 
 
 def _decode_step(model, compile: bool | dict):
     def step(tok_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache):
         return model(tok_B1, positions=pos_B1, cache=cache)
 
-    if not compile:
+    if compile is False:
         return step
     return torch.compile(step, **decode_compile_options(model, compile))
 
 
 def decode_compile_options(model, compile: bool | dict = True) -> dict:
     """The torch.compile options of a compiled decode step: static shapes, inductor, CUDA graphs on a GPU; a dict
-    given as `compile` overrides them."""
+    given as `compile` overrides them (inductor `options` replace the default mode: torch takes one of the two)."""
     cuda = next(model.parameters()).is_cuda
     options = {"backend": "inductor", "mode": "reduce-overhead" if cuda else "default", "fullgraph": False,
                "dynamic": False}
-    return {**options, **compile} if isinstance(compile, dict) else options
+    if not isinstance(compile, dict):
+        return options
+    if "options" in compile and "mode" not in compile:
+        del options["mode"]
+    return {**options, **compile}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def write_json(obj: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+_WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")  # ours only
+
+
 def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | Path,
                      max_shard_bytes: int = 5 * 2**30) -> Path:
     """A HF checkpoint folder: `config.json` and `model.safetensors`, or shards plus their index above
@@ -126,7 +130,7 @@ def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | P
                    path / "model.safetensors.index.json")
     write_json(config, path / "config.json")
     written = {"model.safetensors"} if len(shards) == 1 else {*weight_map.values(), "model.safetensors.index.json"}
-    for stale in [*path.glob("model*.safetensors"), *path.glob("model.safetensors.index.json")]:
-        if stale.name not in written:  # a previous save's weights (another sharding): loaders would read them
+    for stale in path.iterdir():  # a previous save's weights in another sharding: loaders would read its index
+        if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
             stale.unlink()
     return path

@@ -107,8 +107,8 @@ def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):
     (tmp_path / "reference" / "seed0" / "rows.json").write_text(
         json.dumps({"config": config.to_dict(), "train": training_key(cfg), "rows": rows}))
     assert train_and_evaluate("reference", config, 0, cfg, {}, None, []) == rows
-    for change in ({"lr": 1e-3}, {"dtype": "bfloat16"}, {"device": "cuda"}):
-        with pytest.raises(ValueError, match="other training settings"):
+    for change in ({"lr": 1e-3}, {"dtype": "bfloat16"}, {"device": "cuda"}, {"examples_per_task": 7}):
+        with pytest.raises(ValueError, match="other training or evaluation settings"):
             train_and_evaluate("reference", config, 0, dataclasses.replace(cfg, **change), {}, None, [])
 
 

@@ -150,9 +150,10 @@ def test_a_save_over_another_sharding_leaves_only_its_own_weight_files(tmp_path)
     """A sharded save then a whole one into the same folder: the old shards and index go (the loader read the
     index, so the folder held the old weights), and the other way round."""
     a, b = CausalLM(preset("tiny-qwen3")), CausalLM(preset("tiny-qwen3"))
+    (tmp_path / "model_ema.safetensors").write_bytes(b"a user's file")  # not ours: kept
     a.save_pretrained(tmp_path, max_shard_bytes=20_000)
     b.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "model_ema.safetensors"]
     ids = torch.randint(0, 256, (1, 5))
     torch.testing.assert_close(dyndepth.from_pretrained(tmp_path)(ids).logits, b(ids).logits)
     a.save_pretrained(tmp_path, max_shard_bytes=20_000)

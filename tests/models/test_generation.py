@@ -110,10 +110,12 @@ def test_compiled_decode_matches_eager(model):
     assert torch.equal(model.generate(ids, 6, stop_tokens=[], compile=True), model.generate(ids, 6, stop_tokens=[]))
 
 
-def test_compiled_generations_reuse_one_reset_cache_and_match_eager(varied_model):
-    """A compiled generate keeps its cache for the model's next one (CUDA graphs need fixed addresses), reset: a
-    second prompt (left-padded, through a DND model's compact nested slots) decodes as if it came first."""
-    from dyndepth import generation
+def test_a_given_cache_serves_repeated_compiled_generations_and_nested_ones_stay_apart(varied_model):
+    """`generate(cache=...)`: the caller's cache, emptied first, so repeated compiled generates can replay CUDA graphs
+    on one set of addresses; a second prompt (left-padded, through a DND model's compact nested slots) decodes as
+    if it came first. Without one each call builds its own: a generate nested in another's callback (it shared the
+    model's kept cache and wiped the outer one's) leaves the outer one exact."""
+    from dyndepth import KVCache
     from dyndepth.methods import DNDConfig, attach_dnd
 
     attach_dnd(varied_model, DNDConfig(layers=(0, 1), ratio=0.5))
@@ -121,18 +123,22 @@ def test_compiled_generations_reuse_one_reset_cache_and_match_eager(varied_model
         for layer in varied_model.model.layers:
             layer.dnd.router.weight.normal_(0, 1.0)  # a live router: tokens nest
     eager = {"backend": "eager"}  # dynamo traces the step; no inductor (the code path under test)
-    a = torch.randint(0, 256, (2, 7))
-    b = torch.randint(0, 256, (2, 5))
+    a, b = torch.randint(0, 256, (2, 7)), torch.randint(0, 256, (2, 5))
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    out_a = varied_model.generate(a, 6, stop_tokens=[], compile=eager)
-    cache = generation._DECODE_CACHES[varied_model]
+    cache = KVCache.for_model(varied_model.config, 2, 13, num_slots=varied_model.num_slots())
+    out_a = varied_model.generate(a, 6, stop_tokens=[], compile=eager, cache=cache)
     assert cache.sourced  # the nested slots were written compactly
-    out_b = varied_model.generate(b, 6, attention_mask=mask, stop_tokens=[], compile=eager)
-    assert generation._DECODE_CACHES[varied_model] is cache  # shorter and the same batch size: reused
+    out_b = varied_model.generate(b, 6, attention_mask=mask, stop_tokens=[], compile=eager, cache=cache)
     assert torch.equal(out_a, varied_model.generate(a, 6, stop_tokens=[]))
     assert torch.equal(out_b, varied_model.generate(b, 6, attention_mask=mask, stop_tokens=[]))
-    varied_model.generate(b[:1], 2, stop_tokens=[], compile=eager)
-    assert generation._DECODE_CACHES[varied_model] is not cache  # another batch size: a cache of its own
+    with pytest.raises(ValueError, match="does not fit this generation"):
+        varied_model.generate(a, 7, stop_tokens=[], cache=cache)  # 14 positions needed
+
+    def nested(step, tokens):
+        if step == 2:
+            varied_model.generate(b, 2, stop_tokens=[], compile=eager)
+
+    assert torch.equal(varied_model.generate(a, 6, stop_tokens=[], compile=eager, callback=nested), out_a)
 
 
 def test_decode_compile_options_default_and_override(model):
@@ -141,3 +147,13 @@ def test_decode_compile_options_default_and_override(model):
     assert decode_compile_options(model) == {"backend": "inductor", "mode": "default", "fullgraph": False,
                                              "dynamic": False}  # CPU: no CUDA graphs
     assert decode_compile_options(model, {"backend": "eager"})["backend"] == "eager"
+    assert "mode" not in decode_compile_options(model, {"options": {"max_autotune": False}})  # torch takes one
+
+
+def test_compile_as_an_empty_dict_compiles_with_the_defaults(model, monkeypatch):
+    from dyndepth import generation
+
+    seen = []
+    monkeypatch.setattr(generation.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    model.generate(torch.randint(0, 256, (1, 3)), 3, stop_tokens=[], compile={})  # ran eager before
+    assert seen == [generation.decode_compile_options(model)]

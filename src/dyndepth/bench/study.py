@@ -191,7 +191,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
                 saved.get("train", recipe) == recipe:
             return saved["rows"]
         raise ValueError(f"{run_dir} holds a run of another model, other budgets, other data or other training "
-                         f"settings ({', '.join(recipe)}); remove it or choose another study out_dir.")
+                         f"or evaluation settings ({', '.join(recipe)}); remove it or choose another study out_dir.")
     device = torch.device(cfg.device)
     val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
     n_val = cfg.eval_batches if corpus == "tasks" else cfg.text_eval_batches
@@ -213,8 +213,10 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
 
 
 def training_key(cfg: StudyConfig) -> dict:
-    """What a saved run must share with this study besides model and data to be reused: its training settings."""
-    return {name: getattr(cfg, name) for name in ("lr", "warmup", "batch_size", "seq_len", "dtype", "device")}
+    """What a saved run must share with this study besides model and data to be reused: its training and evaluation
+    settings."""
+    return {name: getattr(cfg, name) for name in ("lr", "warmup", "batch_size", "seq_len", "dtype", "device",
+                                                  "eval_batches", "text_eval_batches", "examples_per_task")}
 
 
 def same_config(saved: dict | None, config) -> bool:
