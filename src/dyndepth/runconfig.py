@@ -184,7 +184,8 @@ def _train_types() -> dict:
 
 # ------------------------------------------------------------------------------------------- loading
 
-def _read_file(path: Path) -> dict:
+def read_recipe(path: Path) -> dict:
+    """A recipe file (.toml, .yaml, .json) as written: its sections as dicts, nothing resolved."""
     if not path.exists():
         raise RunConfigError(f"recipe {path} does not exist.")
     text = path.read_text()
@@ -270,7 +271,7 @@ def _eval_section(section: dict) -> dict:
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Recipe (.toml/.yaml/.json; None: defaults only) plus overrides like "train.lr=3e-4"."""
-    raw = _read_file(Path(path)) if path is not None else {}
+    raw = read_recipe(Path(path)) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
     return build_run_config(raw)

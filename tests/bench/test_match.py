@@ -69,6 +69,19 @@ def test_proposed_baselines_are_within_tolerance_and_their_recipes_rebuild_them(
     assert "| dense |" in table and "d memory" in table
 
 
+def test_a_recipe_references_train_and_data_sections_go_to_every_baseline_recipe(tmp_path):
+    """The baselines of a recipe trained on the default data with the default lr (only model, batch and length
+    were written): they now train as the reference does, each into its own out_dir."""
+    ref = tmp_path / "ref.toml"
+    ref.write_text('model = "dreamer-tiny"\n[train]\nlr = 3e-3\nsteps = 7\nout_dir = "runs/ref"\n'
+                   '[data]\nsource = "synthetic"\ntasks = ["add"]\n[eval]\nenabled = false\n')
+    cfg = match.MatchConfig(reference=str(ref), against=["dense"], batch_size=2, seq_len=32, max_measured=2,
+                            out_dir=str(tmp_path / "out"))
+    rc = load_run_config(match.main(cfg)["baselines"][0]["recipe"])
+    assert (rc.train.lr, rc.train.steps, rc.train.batch_size, rc.train.seq_len) == (3e-3, 7, 2, 32)
+    assert rc.train.out_dir.endswith("runs/ref-dense") and rc.data["tasks"] == ["add"] and not rc.eval["enabled"]
+
+
 def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="'gpt' is not a baseline family"):
         match.MatchConfig(against=["gpt"])

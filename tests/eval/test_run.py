@@ -89,6 +89,31 @@ def test_every_offline_task_runs_on_its_file_format(tiny_checkpoint, data_dir, t
     assert (tmp_path / "results.md").read_text().strip() == format_table(rows)
 
 
+def test_a_generation_knob_that_cannot_decode_fails_before_any_request(tiny_checkpoint, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """An uncalibrated GateSkip budget failed at the first gsm8k request, after copa had scored, and nothing was
+    written; with log-likelihood tasks only it is fine (they score by the batch quantile)."""
+    import dyndepth
+    from dyndepth.eval import harness
+    from dyndepth.methods import attach_gateskip
+
+    folder, tok = tiny_checkpoint
+    model = dyndepth.from_pretrained(folder)
+    attach_gateskip(model)
+    model.save_pretrained(tmp_path / "gated")
+    tok.save(tmp_path / "gated")
+    scored = []
+    monkeypatch.setattr(harness.DyndepthLM, "loglikelihood",
+                        lambda self, requests, disable_tqdm=False: scored.append(1) or [(0.0, False)] * len(requests))
+    with pytest.raises(ValueError, match="calibrat"):
+        run_eval(str(tmp_path / "gated"), tasks="copa,gsm8k", data_dir=data_dir, limit=2,
+                 model_args="skip_budget=0.3", out=tmp_path / "o")
+    assert not scored  # refused before copa's requests
+    out = run_eval(str(tmp_path / "gated"), tasks="copa", data_dir=data_dir, limit=2, model_args="skip_budget=0.3",
+                   out=tmp_path / "o2")
+    assert scored and out["path"].is_file()
+
+
 def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
     folder, _ = tiny_checkpoint
     runner = CliRunner()
@@ -197,6 +222,10 @@ def test_a_dreamer_takes_its_own_knobs_as_model_arguments(tmp_path):
     assert load_for_eval(str(tmp_path / "d"), tokenizer="byte", exit_kl="none").knobs.fields == {"exit_kl": None}
     with pytest.raises(ValueError, match="exit_kl must be a threshold in nats"):  # checked before any request
         load_for_eval(str(tmp_path / "d"), tokenizer="byte", exit_kl="off")
+    for steps in (2.5, "2.5"):  # lm-eval passes numbers as floats: 2.5 ran 2 steps
+        with pytest.raises(ValueError, match=r"model argument steps=.*2.5.* must be a whole number"):
+            load_for_eval(str(tmp_path / "d"), tokenizer="byte", steps=steps)
+    assert load_for_eval(str(tmp_path / "d"), tokenizer="byte", steps=3.0).knobs.fields["steps"] == 3
     torch.manual_seed(0)
     dyndepth.build_model(dyndepth.preset("huginn-tiny")).save_pretrained(tmp_path / "h")  # Huginn's steps too
     assert load_for_eval(str(tmp_path / "h"), tokenizer="byte", steps=2).knobs.fields == {"steps": 2}

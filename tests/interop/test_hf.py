@@ -50,6 +50,8 @@ def test_save_then_load_round_trips_every_tensor(tmp_path, name):
         assert torch.equal(ref[k], got[k]), k
     if model.config.tie_word_embeddings:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert not any(m.training for m in loaded.modules())  # eval mode, as transformers loads (DND's controller fed
+    # on inference forwards of a freshly loaded model)
 
 
 def test_sharded_checkpoint_and_dtype_conversion(tmp_path):

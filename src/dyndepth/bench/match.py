@@ -331,10 +331,21 @@ def render(result: dict) -> str:
             f"{c['tolerance']:.0%}, memory = {kind}; {result['machine']}\n\n" + markdown_table(rows, cols))
 
 
-def recipe(config, cfg: MatchConfig) -> dict:
+def recipe(config, cfg: MatchConfig, family: str) -> dict:
+    """A baseline's recipe: its matched model; with a recipe file as the reference, that recipe's own [train], [data]
+    and [eval] (so the baseline trains as the reference does), at the matched batch and length, into an out_dir of
+    its own."""
     fields = {k: v for k, v in config.to_dict().items() if v is not None and k not in ("model_type", "torch_dtype")}
-    return {"model": {"type": config.model_type, **fields},
-            "train": {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len}}
+    sections = {}
+    if Path(cfg.reference).is_file():
+        from dyndepth.runconfig import read_recipe
+
+        raw = read_recipe(Path(cfg.reference))
+        sections = {k: dict(raw[k]) for k in ("train", "data", "eval") if isinstance(raw.get(k), dict)}
+    train = {**sections.pop("train", {}), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+    if "out_dir" in train:
+        train["out_dir"] = f"{train['out_dir']}-{family}"
+    return {"model": {"type": config.model_type, **fields}, "train": train, **sections}
 
 
 def main(cfg: MatchConfig) -> dict:
@@ -343,7 +354,7 @@ def main(cfg: MatchConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for b in result["baselines"]:
         path = out / f"{b['family']}.yaml"
-        path.write_text(yaml.safe_dump(recipe(b["config"], cfg), sort_keys=False))
+        path.write_text(yaml.safe_dump(recipe(b["config"], cfg, b["family"]), sort_keys=False))
         b["recipe"] = str(path)
     table = render(result)
     (out / "match.md").write_text(table + "\n")

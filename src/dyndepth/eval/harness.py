@@ -197,6 +197,17 @@ class DyndepthLM(TemplateLM):
         bar.close()
         return results  # type: ignore[return-value]
 
+    def check_decoding(self) -> None:
+        """Enter the generation knobs once, as `generate_until` does: a budget whose thresholds are not calibrated
+        fails here, before any request is scored (`dyndepth eval` calls this when a selected task generates)."""
+        from dyndepth.generation import decoding_knobs
+
+        kw = self.knobs.generate
+        with self.knobs.decoding(self.model):
+            if kw.get("skip_budget") is not None or kw.get("method_knobs"):
+                with decoding_knobs(self.model, kw.get("skip_budget"), kw.get("method_knobs")):
+                    pass
+
     def _generate(self, rows: list[list[int]], options: dict) -> list[str]:
         until, eot = options["until"], self.eot_token_id
         cols: list[list[int]] = []  # one list of B tokens per generated step

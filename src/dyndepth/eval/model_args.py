@@ -132,12 +132,21 @@ def _coerce(value, current, name: str):
     if isinstance(value, str) and value.lower() in ("none", "null"):  # a knob that is off (Dreamer's exit_kl)
         return None
     if isinstance(current, bool):
-        return as_bool(value)
+        try:
+            return as_bool(value)
+        except ValueError:
+            raise ValueError(f"model argument {name}={value!r} must be true or false.") from None
     try:
-        if isinstance(current, (int, float)) and not isinstance(value, bool):
-            return type(current)(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model argument {name}={value!r} must be a {type(current).__name__}.") from None
+        if isinstance(current, int) and not isinstance(value, bool):
+            number = float(value)
+            if not number.is_integer():  # 2.5 became 2
+                raise ValueError
+            return int(number)
+        if isinstance(current, float) and not isinstance(value, bool):
+            return float(value)
+    except (TypeError, ValueError, OverflowError):
+        kind = "whole number" if isinstance(current, int) else "number"
+        raise ValueError(f"model argument {name}={value!r} must be a {kind}.") from None
     return value
 
 

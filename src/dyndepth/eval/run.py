@@ -72,6 +72,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         manager = _task_manager(harness_tasks, data_dir, need_defaults)  # bad task names fail before loading
         lm = _adapter(args)
         model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
+        _check_generation_knobs(lm, harness_tasks, manager)
         raw = _run_lm_eval(lm, harness_tasks, manager, limit)
         rows += _rows_from_lm_eval(raw)
     else:
@@ -162,6 +163,22 @@ def _task_manager(names: list[str], data_dir, need_defaults: bool):
         raise ValueError(f"unknown task {unknown[0]!r}: not one of lm-eval's (`lm_eval ls tasks`) nor, "
                          f"with --data-dir, of the offline tasks {OFFLINE_TASKS + [WIKITEXT, 'all']}.")
     return manager
+
+
+def _check_generation_knobs(lm, names: list[str], manager) -> None:
+    """Knobs used only while generating (a GateSkip budget decodes by calibrated thresholds) failed on the first
+    generate_until request, after every log-likelihood task had scored, and nothing was written: when a selected
+    task generates, they are entered once before any request."""
+    if not (lm.knobs.generate or lm.knobs.decode_fields):
+        return
+    from lm_eval.tasks import get_task_dict
+
+    def leaves(tree):
+        for value in tree.values():
+            yield from leaves(value) if isinstance(value, dict) else [value]
+
+    if any(getattr(task, "OUTPUT_TYPE", None) == "generate_until" for task in leaves(get_task_dict(names, manager))):
+        lm.check_decoding()
 
 
 def _run_lm_eval(lm, names: list[str], manager, limit) -> dict:

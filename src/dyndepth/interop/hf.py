@@ -100,7 +100,9 @@ def _few(items: list[str], n: int = 6) -> str:
 
 def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> torch.nn.Module:
-    """Load a HF checkpoint folder or hub id. dtype None keeps the stored dtype (zero-copy on CPU)."""
+    """Load a HF checkpoint folder or hub id, in eval mode (as transformers does: a method's training-only work,
+    DND's controller statistics and router losses, stays off until `model.train()`; the trainer calls it). dtype None
+    keeps the stored dtype (zero-copy on CPU)."""
     folder = resolve(path_or_id)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -136,6 +138,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     for module in model.modules():  # non-persistent buffers (RoPE tables) are still on meta after loading
         if hasattr(module, "reset") and getattr(getattr(module, "inv_freq", None), "is_meta", False):
             module.reset()
+    model.eval()
     return model.to(device) if device is not None else model
 
 
