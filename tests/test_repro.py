@@ -137,3 +137,22 @@ def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
     assert claims()[1]["Dreamer's expert-selection diversity"] is None
     with pytest.raises(ValueError, match="no study.json"):
         dreamer_study(tmp_path / "missing", tmp_path)
+
+
+def test_a_low_rank_curve_outside_the_vector_curves_range_is_an_untestable_row():
+    rows = [_row("base", "base", 1.0, 3.0), _row("GateSkip vector q=0%", "gateskip", 1.15, 3.0, budget=0.0),
+            _row("GateSkip vector q=50%", "gateskip", 0.9, 3.4, budget=0.5),
+            _row("GateSkip low-rank q=50%", "gateskip", 0.5, 3.5, budget=0.5)]
+    row = [c for c in claims(rows) if "low-rank gates beat" in c["claim"]]  # was left out of the report
+    assert len(row) == 1 and row[0]["holds"] is None and "do not overlap" in row[0]["measured"]
+
+
+def test_plot_series_are_named_as_the_report_names_them():
+    """The legends said none / mod / dnd where the report and the point labels say SFT / MoD / DND."""
+    from dyndepth.repro import _series_name
+
+    names = [_series_name(r) for r in (_row("SFT", "none", 1.0, 2.9), _row("MoD c=50%", "mod", 0.75, 3.1),
+                                       _row("DND 20%", "dnd", 1.1, 2.95), _row("base", "base", 1.0, 3.0),
+                                       _row("GateSkip vector q=15%", "gateskip", 0.98, 3.2, budget=0.15))]
+    assert names == ["SFT", "MoD", "DND", "base", "GateSkip vector"]
+

@@ -224,13 +224,18 @@ def _gateskip_claim(base: dict, vector: list[dict]) -> dict | None:
 
 
 def _gate_kind_claim(vector: list[dict], lowrank: list[dict]) -> dict | None:
+    if not vector or not lowrank:
+        return None
+    claim = "ours: low-rank gates beat vector gates at equal total compute (held-out loss)"
     pairs = [(r["compute"], r["val_loss"], interpolate(vector, r["compute"], "val_loss")) for r in lowrank]
     pairs = [p for p in pairs if p[2] is not None]
-    if not pairs:
-        return None
+    if not pairs:  # untestable here, said so (the row was dropped)
+        span = lambda rows: f"{min(r['compute'] for r in rows):.0%}-{max(r['compute'] for r in rows):.0%}"  # noqa: E731
+        return {"claim": claim, "holds": None, "measured": f"the curves do not overlap in compute (low-rank "
+                f"{span(lowrank)}, vector {span(vector)} of the base's FLOPs): untestable here"}
     measured = "; ".join(f"at {c:.0%}: low-rank {lo:.3f} vs vector {vec:.3f}" for c, lo, vec in pairs)
-    return {"claim": "ours: low-rank gates beat vector gates at equal total compute (held-out loss)",
-            "measured": measured, "holds": sum(vec - lo > MARGIN for _, lo, vec in pairs) > len(pairs) / 2}
+    return {"claim": claim, "measured": measured,
+            "holds": sum(vec - lo > MARGIN for _, lo, vec in pairs) > len(pairs) / 2}
 
 
 def _mod_claim(gateskip: dict[str, list[dict]], mod: dict) -> dict:
@@ -355,8 +360,12 @@ def _plots(cfg: ReproConfig, rows: list[dict], models: dict, tok, calibration, o
     return {k: str(v) for k, v in plots.items()}
 
 
+SERIES = {"none": "SFT", "mod": "MoD", "dnd": "DND"}  # a plot legend's names, as the report's labels
+
+
 def _series_name(row: dict) -> str:
-    return row["label"].split(" q=")[0] if row["method"] == "gateskip" else row["method"]
+    """A row's plot series: GateSkip's gate kind (its budgets joined by a line), else the method as labelled."""
+    return row["label"].split(" q=")[0] if row["method"] == "gateskip" else SERIES.get(row["method"], row["method"])
 
 
 # ------------------------------------------------------------------------------------------- report
