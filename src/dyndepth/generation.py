@@ -148,7 +148,7 @@ def generate(
         dtype = cache_dtype or next(model.parameters()).dtype
         cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
     else:
-        _check_given_cache(cache, B, max_len, model.num_slots())
+        _check_given_cache(cache, config, B, max_len, model.num_slots(), device)
         cache.reset()
     if compiled and cache.keys[0].is_cuda:  # CUDA graphs replay a step that writes these in place (as HF's static
         for t in cache.buffers():  # cache does): marked static, a new cache re-records instead of falling back
@@ -179,12 +179,16 @@ def generate(
     return torch.cat(tokens, dim=1)
 
 
-def _check_given_cache(cache: KVCache, batch_size: int, max_len: int, slots: int) -> None:
-    if cache.batch_size != batch_size or len(cache.keys) != slots or cache.max_seq_len < max_len:
+def _check_given_cache(cache: KVCache, config, batch_size: int, max_len: int, slots: int, device) -> None:
+    _, G, _, H = cache.keys[0].shape  # (B, G, S + 1, H)
+    fits = (cache.batch_size == batch_size and len(cache.keys) == slots and cache.max_seq_len >= max_len
+            and (G, H) == (config.num_key_value_heads, config.head_dim) and cache.keys[0].device == device)
+    if not fits:
         raise ValueError(f"the given cache (batch {cache.batch_size}, {len(cache.keys)} slots, {cache.max_seq_len} "
-                         f"positions) does not fit this generation (batch {batch_size}, {slots} slots, {max_len} "
-                         "positions): build one with KVCache.for_model(model.config, B, prompt + new tokens, "
-                         "num_slots=model.num_slots()).")
+                         f"positions, {G} x {H} kv heads, on {cache.keys[0].device}) does not fit this generation "
+                         f"(batch {batch_size}, {slots} slots, {max_len} positions, {config.num_key_value_heads} x "
+                         f"{config.head_dim}, on {device}): build one with KVCache.for_model(model.config, B, prompt "
+                         "+ new tokens, num_slots=model.num_slots(), device=...).")
 
 
 def _decode_step(model, compile: bool | dict):

@@ -133,6 +133,9 @@ def test_a_given_cache_serves_repeated_compiled_generations_and_nested_ones_stay
     assert torch.equal(out_b, varied_model.generate(b, 6, attention_mask=mask, stop_tokens=[]))
     with pytest.raises(ValueError, match="does not fit this generation"):
         varied_model.generate(a, 7, stop_tokens=[], cache=cache)  # 14 positions needed
+    other = KVCache(varied_model.num_slots(), 2, 13, num_kv_heads=1, head_dim=8)  # another model's heads
+    with pytest.raises(ValueError, match="1 x 8 kv heads"):
+        varied_model.generate(a, 6, stop_tokens=[], cache=other)
 
     def nested(step, tokens):
         if step == 2:
