@@ -97,3 +97,16 @@ def test_prune_refuses_bad_requests():
     with pytest.raises(ValueError, match="scores"):
         prune_layers(model, 1, scores=[0.0])
     assert prune_layers(model, 0, scores=[0.0, 1.0]) == [] and len(model.model.layers) == 2
+
+
+@pytest.mark.parametrize("attach", ["dnd", "mod"])
+def test_pruning_a_model_whose_method_names_layers_by_index_is_refused(attach):
+    """DND's band and MoD's routed blocks are layer indices: a pruned DND / MoD model crashed in its forward, or
+    saved a folder that did not load."""
+    from dyndepth.methods import DNDConfig, attach_dnd, attach_mod
+
+    model = CausalLM(preset("tiny-qwen3", num_hidden_layers=3))
+    attach_dnd(model, DNDConfig(layers=(1, 2))) if attach == "dnd" else attach_mod(model)
+    with pytest.raises(ValueError, match=f"the attached {attach} method names its layers by index"):
+        prune_layers(model, 1, scores=[0.0, 1.0, 2.0])
+    assert len(model.model.layers) == 3  # nothing removed

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny_loader import TinyLoader
 
+import dyndepth
 from dyndepth import CausalLM, preset
 from dyndepth.runconfig import RunConfigError, load_run_config
 from dyndepth.train import build_hooks, build_model, run_training
@@ -35,6 +36,28 @@ def test_tokenizer_larger_than_the_model_vocab_is_a_clear_error(tmp_path):
     recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\ndevice = "cpu"\n[data]\nsource = "embedded"\n')
     with pytest.raises(RunConfigError, match="vocab_size >= 259 .e.g. model = \"demo-tiny\""):
         run_training(recipe, [f"train.out_dir={tmp_path / 'out'}"])
+
+
+def test_given_hooks_replace_the_controllers_but_the_recipes_method_is_attached(tmp_path):
+    """run_training(hooks=...) skipped attaching the method: the run trained the plain model, and exporting its
+    step (config.yaml names gateskip) failed on the missing gates."""
+    from dyndepth.train import Hook
+    from dyndepth.train.run import export_checkpoint
+
+    seen = []
+
+    class Spy(Hook):
+        def after_step(self, model, step, stats, dist):
+            seen.append(model.method.name)
+            return {}
+
+    run_training(None, [f"train.out_dir={tmp_path / 'out'}", "method.name=gateskip", "train.steps=2",
+                        "train.batch_size=2", "train.seq_len=16", "train.progress=false", "train.plot=false",
+                        "train.device=cpu", "eval.enabled=false", "model.preset=tiny-qwen3"],
+                 loader=TinyLoader(2, 16), hooks=[Spy()])
+    assert seen == ["gateskip", "gateskip"]
+    exported = export_checkpoint(tmp_path / "out" / "step_0000002", tmp_path / "exported")
+    assert dyndepth.from_pretrained(exported).method.name == "gateskip"
 
 
 def test_a_recipe_without_a_model_trains_the_default_preset_on_the_default_data(tmp_path):

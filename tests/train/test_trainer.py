@@ -90,6 +90,24 @@ def test_bf16_model_trains_with_fp32_master_weights(tmp_path):
     assert changed / total > 0.95  # bf16 in place: about 28%
 
 
+def test_a_zero_lr_multiplier_holds_its_group_still_and_logs_the_schedules_lr(tmp_path):
+    """lr_groups = {embeddings: 0} (a common freeze by LR) crashed with a ZeroDivisionError when that group came
+    first (the logged lr divided the first group's lr by its multiplier); negative multipliers are refused."""
+    from dyndepth.runconfig import RunConfigError
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3"))
+    start = model.model.embed_tokens.weight.detach().clone()
+    cfg = tiny_train_config(str(tmp_path), steps=2, warmup=0, schedule="constant", save_every=0,
+                            lr_groups={"model.embed_tokens.*": 0.0})
+    train(model, TinyLoader(2, 16), cfg)
+    assert torch.equal(model.model.embed_tokens.weight, start)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in x]
+    assert lrs and all(lr == pytest.approx(3e-3) for lr in lrs)
+    with pytest.raises(RunConfigError, match="multiplier must be a number >= 0"):
+        tiny_train_config(str(tmp_path), lr_groups={"model.embed_tokens.*": -1})
+
+
 class FakeClock:
     """`time.perf_counter` that moves only when told; eval batches take 1000 s each, steps 1 s."""
 

@@ -1,7 +1,8 @@
 """Static layer pruning (GateSkip spec section 7): remove whole decoder layers by a score, GateSkip's mean gate
 importance of the layer's two branches, or ShortGPT's block influence 1 - cos(h_in, h_out) (low = the layer
 barely changes the residual stream). Pruning renumbers the layers, so HF names stay contiguous and a pruned
-model round-trips through `save_pretrained` / `from_pretrained`. Dynamic whole-layer skipping (a token skips
+model (plain or GateSkip) round-trips through `save_pretrained` / `from_pretrained`; DND and MoD name their layers
+by index, so they are attached after pruning. Dynamic whole-layer skipping (a token skips
 attention and MLP together, by the attention gate) is GateSkip's `skip_unit="layer"`.
 
 Shape legend: B batch, T tokens, L layers.
@@ -51,6 +52,11 @@ def remove_layers(model, indices: list[int]) -> None:
     for MoE rewrite `mlp_only_layers` (with `decoder_sparse_step=1`) so every layer keeps its kind."""
     L = len(model.model.layers)
     drop = set(indices)
+    name = getattr(getattr(model, "method", None), "name", None)
+    if name not in (None, "gateskip"):  # their configs name layers by index: a renumbered model broke or did not load
+        raise ValueError(f"remove_layers renumbers the layers, and the attached {name} method names its layers by "
+                         "index; prune the model before attaching it (GateSkip's per-layer gates move with their "
+                         "layers).")
     if not drop <= set(range(L)) or len(drop) >= L:
         raise ValueError(f"cannot remove layers {sorted(indices)} from a {L}-layer model: give distinct "
                          f"indices in [0, {L}) and keep at least one layer.")

@@ -88,7 +88,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                  loader=None, eval_loader=None, hooks=None) -> TrainResult:
     """Build everything from `run_config` (a RunConfig or a recipe path + overrides) and train.
 
-    `loader`, `eval_loader` and `hooks` replace what the config would build (tests, notebooks). Under
+    `loader`, `eval_loader` and `hooks` replace what the config would build (tests, notebooks); the recipe's method
+    is attached either way, and given `hooks` replace its controllers (and the family's own hooks). Under
     torchrun the process group is joined first, so that rank 0 alone tokenizes user data into the shard
     cache while the other ranks wait for it.
     """
@@ -102,8 +103,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         logging.getLogger("dyndepth").setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(run_config.model)
-    if hooks is None:
-        hooks = build_hooks(run_config.method, model, cfg.steps)
+    built = build_hooks(run_config.method, model, cfg.steps)  # attaches the method (it trained plain before)
+    hooks = built if hooks is None else hooks
     data_kw = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "rank": info.rank,
                "world_size": info.world_size, "barrier": info.barrier}
     tokenizer = None

@@ -256,6 +256,11 @@ def _all_finite(objective: torch.Tensor, grad_norm: torch.Tensor, info: parallel
     return not bool(info.all_reduce_sum(bad).item())
 
 
+def _schedule_lr(optimizer) -> float:
+    """The schedule's LR: a group's lr over its lr_groups multiplier (a group at multiplier 0 says nothing)."""
+    return next((g["lr"] / g["lr_mult"] for g in optimizer.param_groups if g.get("lr_mult", 1.0) > 0), 0.0)
+
+
 def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: TrainConfig, info: parallel.DistInfo):
     """One optimizer step over `grad_accum` micro-batches; returns (stats, base lr used, grad norm).
 
@@ -267,7 +272,7 @@ def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: Train
     stats = forward_backward(wrapped, raw, batches, hooks, cfg, info)
     objective = stats.pop("objective")
     grad_norm = parallel.clip_grad_norm(wrapped, cfg.clip)
-    lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
+    lr = _schedule_lr(optimizer)
     if _all_finite(objective, grad_norm, info):
         optimizer.step()
     elif cfg.nonfinite == "stop":
