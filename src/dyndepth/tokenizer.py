@@ -183,7 +183,12 @@ class HFTokenizer:
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
-        return self.backend.decode(_as_id_list(ids), skip_special_tokens=skip_special)
+        ids = _as_id_list(ids)
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # the backend raised OverflowError for a negative id (a -100 label) and dropped large ones
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) (labels masked with "
+                             "-100 are not tokens: drop them before decoding).")
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` and a minimal `tokenizer_config.json` for `transformers.AutoTokenizer`."""

@@ -152,3 +152,18 @@ def test_synthetic_answer_loss_and_task_weights():
     assert set(targets.tolist()) <= set(b"0123456789abcdefghijklmnopqrstuvwxyz\n") | {257}  # no '+', '=', 'copy:'
     with pytest.raises(DataError, match="synthetic_loss"):
         resolve_data_config({"synthetic_loss": "prompt"})
+
+
+def test_a_bpe_trained_on_another_record_field_is_another_tokenizer(tmp_path):
+    """The cache key left out data.text_field: a BPE trained on the records' `text` was reused for their `code`."""
+    import json
+
+    from dyndepth.data.build import build_tokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"plain words {i} here", "code": f"def argument_{i}(x): return x"})
+                            + "\n" for i in range(200)))
+    cfg = {"source": str(data), "tokenizer": "bpe:300", "cache_dir": str(tmp_path / "c")}
+    build_tokenizer(cfg)
+    build_tokenizer({**cfg, "text_field": "code"})
+    assert len(list((tmp_path / "c" / "tokenizers").iterdir())) == 2

@@ -91,6 +91,8 @@ def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] |
     if cfg["source"] in EMBEDDED:
         raise DataError("data.tokenizer='bpe:N' trains on user data; the embedded data uses tokenizer='byte'.")
     key = f"{source_fingerprint(str(cfg['source']), cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
+    if cfg["text_field"] != DEFAULTS["text_field"]:  # another record field is another text (the default's key stays:
+        key += f"-{cfg['text_field']}"  # tokenizers trained before keep their folder)
     folder = Path(cfg["cache_dir"]) / "tokenizers" / f"bpe{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (barrier is None or rank == 0) and not (folder / "tokenizer.json").is_file():
         _train_bpe(cfg, vocab, folder)

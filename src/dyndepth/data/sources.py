@@ -212,7 +212,8 @@ def iter_file(
     else:
         raise DataError(
             f"{path}: unknown file type {suffix!r}. Known: text {TEXT_SUFFIXES}, JSONL {JSONL_SUFFIXES}, "
-            f"Parquet {PARQUET_SUFFIXES} (each also .gz). Rename the file or pass fmt='text'|'jsonl'|'parquet'."
+            f"Parquet {PARQUET_SUFFIXES} (each also .gz). Rename the file (from Python, "
+            "iter_documents(fmt='text'|'jsonl'|'parquet') reads it as one)."
         )
 
 
@@ -279,7 +280,7 @@ def iter_documents(
         if not files:
             raise DataError(
                 f"{path}: folder has no files matching {glob!r}; point data.source at a file or a folder of such "
-                "files (or list the files: source = [...]); from Python, iter_documents(glob='*.ext') selects others"
+                "files; from Python, iter_documents(glob='*.ext') selects others"
             )
         logger.info("reading %d files under %s", len(files), path)
         for file in files:
