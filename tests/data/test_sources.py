@@ -95,6 +95,10 @@ def test_chat_without_assistant_is_an_error(tmp_path):
     path2 = write_jsonl(tmp_path / "bad2.jsonl", [{"messages": [{"role": "user"}]}])
     with pytest.raises(DataError, match="role.*content"):
         list(iter_documents(path2))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "yo"}]
+    path3 = write_jsonl(tmp_path / "parts.jsonl", [{"messages": parts}])  # trained on the list's repr before
+    with pytest.raises(DataError, match=r"parts\.jsonl:1.*each content a string"):
+        list(iter_documents(path3))
 
 
 def test_parquet_text_and_sft(tmp_path):

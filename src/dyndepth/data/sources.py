@@ -90,10 +90,11 @@ def record_to_document(
     if "messages" in record:
         messages = record["messages"]
         bad = not isinstance(messages, list) or any(
-            not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages
-        )
+            not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str) for m in messages
+        )  # a content given as a list of parts (multimodal style) was trained on as its Python repr
         if bad:
-            raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
+            raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects, each "
+                            "content a string")
         try:
             prompt, response = chat_template(messages)
         except DataError as e:
