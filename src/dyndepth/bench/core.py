@@ -160,9 +160,8 @@ def _hf_decode_cache(hf, prompt: torch.Tensor, n: int, kw: dict) -> str:
 def _cache_name(hf_output) -> str:
     """The class of the cache an HF output returns: `cache` in transformers >= 5.2x, `past_key_values` before
     (the GPU machine's 5.17)."""
-    cache = getattr(hf_output, "cache", None)
-    if cache is None:
-        cache = getattr(hf_output, "past_key_values", None)
+    name = "cache" if hasattr(type(hf_output), "cache") or "cache" in vars(hf_output) else "past_key_values"
+    cache = getattr(hf_output, name, None)  # (reading the other name warns of its deprecation in 5.2x)
     return "none" if cache is None else type(cache).__name__
 
 
