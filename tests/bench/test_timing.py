@@ -74,3 +74,11 @@ def test_a_compared_rows_latency_is_timed_in_turn_with_the_base(monkeypatch):
     ratio = compare.latency_ratio(model("row", 3.0), model("base", 2.0), probe, repeats=3)
     assert log == ["row", "base", "base", "row", "row", "base", "base", "row"]  # one warm-up round, then three
     assert ratio == 1.5
+
+
+def test_three_contenders_take_every_position_equally_often():
+    """Reversing alone kept the middle contender in the middle of every turn (a b c, c b a)."""
+    order = [[name for name, _ in timing._turns({"a": 0, "b": 0, "c": 0}, i)] for i in range(6)]
+    for name in "abc":
+        assert sorted(turn.index(name) for turn in order) == [0, 0, 1, 1, 2, 2], (name, order)
+    assert [[n for n, _ in timing._turns({"a": 0, "b": 0}, i)] for i in range(2)] == [["a", "b"], ["b", "a"]]

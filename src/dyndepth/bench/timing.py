@@ -90,10 +90,14 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
 
 
 def _turns(contenders: dict, i: int) -> list:
-    """Turn i's order: as given when i is even, reversed when odd. Where a contender runs in a turn matters on a
-    CPU (the first one of a turn read 2% slower than an identical last one, cache state after the previous
-    turn), so a fixed order would bias every ratio; alternating it cancels that."""
+    """Turn i's order. Where a contender runs in a turn matters on a CPU (the first one of a turn read 2% slower
+    than an identical last one, cache state after the previous turn), so a fixed order would bias every ratio.
+    Two contenders alternate (a b, b a, ...). More are rotated by i and reversed on odd turns, so over 2n turns
+    each runs in every position equally often: reversing alone kept the middle one in the middle of every turn."""
     items = list(contenders.items())
+    if len(items) > 2:
+        k = i % len(items)
+        items = items[k:] + items[:k]
     return items if i % 2 == 0 else items[::-1]
 
 
