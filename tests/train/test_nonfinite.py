@@ -3,6 +3,7 @@ gradient): train.nonfinite="stop" ends the run naming the step with the last che
 "skip" drops that update, counts it, and goes on."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -75,9 +76,12 @@ def test_stop_names_the_step_and_leaves_the_last_checkpoint_intact(tmp_path, val
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, step
 
 
-def test_skip_drops_the_update_counts_it_and_survives_resume(tmp_path):
+def test_skip_drops_the_update_counts_it_and_survives_resume(tmp_path, caplog):
     hook = PoisonHook(at=3)
-    result = _train(tmp_path / "straight", hook, steps=6, nonfinite="skip")
+    with caplog.at_level(logging.WARNING, logger="dyndepth"):
+        result = _train(tmp_path / "straight", hook, steps=6, nonfinite="skip")
+    warned = [r.getMessage() for r in caplog.records if "was skipped" in r.getMessage()]
+    assert len(warned) == 1 and "non-finite objective (nan: the loss" in warned[0]  # it quoted the finite loss
     assert result.nonfinite_steps == 1 and result.steps == 6
     assert not torch.equal(hook.weights[2], hook.weights[3])  # step 2 updated the weights
     assert torch.equal(hook.weights[3], hook.weights[4])  # step 3 did not

@@ -266,7 +266,7 @@ def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: Train
 
     A non-finite objective or grad norm (module docstring) raises a FloatingPointError before the optimizer
     steps (`cfg.nonfinite="stop"`), or zeroes the gradients, skips the optimizer step and sets
-    `stats["nonfinite"]` (`"skip"`)."""
+    `stats["nonfinite"]` to the objective (`"skip"`)."""
     optimizer.zero_grad(set_to_none=True)
     batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
     stats = forward_backward(wrapped, raw, batches, hooks, cfg, info)
@@ -282,7 +282,7 @@ def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: Train
             "train.lr or check the data, or set train.nonfinite=skip to skip such steps.")
     else:
         optimizer.zero_grad(set_to_none=True)
-        stats["nonfinite"] = torch.ones(())
+        stats["nonfinite"] = objective.detach().float()  # the objective (loss + auxiliary losses), for the warning
     scheduler.step()
     return stats, lr, grad_norm
 
@@ -318,12 +318,12 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             last = result.last_checkpoint
             raise FloatingPointError(f"{e} The last checkpoint, {last}, is intact: resume from it with "
                                      "train.resume=true." if last else f"{e} No checkpoint was written yet.") from None
-        skipped = bool(stats.pop("nonfinite", False))
+        skipped = "nonfinite" in stats
         if skipped:
             result.nonfinite_steps += 1
-            log.warning("step %d: non-finite loss (%.4g) or gradient norm (%.4g); the step was skipped "
-                        "(train.nonfinite=skip), %d so far", step, float(stats["loss"]), float(grad_norm),
-                        result.nonfinite_steps)
+            log.warning("step %d: non-finite objective (%.4g: the loss %.4g plus auxiliary losses) or gradient norm "
+                        "(%.4g); the step was skipped (train.nonfinite=skip), %d so far", step,
+                        float(stats.pop("nonfinite")), float(stats["loss"]), float(grad_norm), result.nonfinite_steps)
         else:
             stats.update(hooks_after_step(hooks, raw, step, stats, info))
         meter.steps += 1
