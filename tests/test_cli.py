@@ -170,7 +170,7 @@ def test_convert_changes_dtype_and_keeps_logits(tmp_path):
     model.save_pretrained(step)
     (step / "train_state.pt").write_bytes(b"")  # what marks a training checkpoint
     inplace = runner.invoke(app, ["convert", str(step), str(step)])
-    assert inplace.exit_code == 2 and "already holds files" in inplace.output, inplace.output
+    assert inplace.exit_code == 2 and "never in place" in inplace.output, inplace.output
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert "is a file" in runner.invoke(app, ["convert", str(tmp_path / "src"), str(afile)]).output

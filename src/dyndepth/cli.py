@@ -208,7 +208,10 @@ def convert(
     from dyndepth.interop.hf import convert_checkpoint
 
     step = (Path(src) / "train_state.pt").exists()
-    _fresh_output(dst, "convert", src=None if step else src)  # a training step is never rewritten in place
+    if step and dst.exists() and dst.resolve() == Path(src).resolve():  # its weights and manifest would disagree
+        _fail(ValueError(f"{src} is a training checkpoint: convert exports it into a new folder, never in place "
+                         f"(e.g. dyndepth convert {src} {Path(src).parent / 'exported'})."))
+    _fresh_output(dst, "convert", src=None if step else src)
     if step:
         from dyndepth.train.run import export_checkpoint
 
@@ -437,8 +440,10 @@ def bench_dreamer(
 def match(
     config: str = typer.Argument(..., help="Reference model: a preset, a recipe (.toml / .yaml) or a checkpoint."),
     against: str = typer.Option("dense,moe,huginn,moeut,mor", help="Comma-separated baseline families."),
-    batch_size: int = typer.Option(8, help="Training batch of the memory measurement."),
-    seq_len: int = typer.Option(256, help="Sequence length of FLOPs per token and memory."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch of the memory measurement (default: the "
+                                                        "reference recipe's, else 8)."),
+    seq_len: Optional[int] = typer.Option(None, help="Sequence length of FLOPs per token and memory (default: the "
+                                                     "reference recipe's, else 256)."),
     tolerance: float = typer.Option(0.05, help="Largest relative mismatch in parameters, FLOPs and memory."),
     device: str = typer.Option("cpu", help="Memory: cuda measures the peak, cpu the bytes a step holds."),
     out: Path = typer.Option(Path("runs/match"), help="Folder for one recipe per baseline and match.md."),

@@ -144,11 +144,11 @@ def generate(
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({config.max_position_embeddings}).")
     compiled = compile is True or isinstance(compile, dict)
+    dtype = cache_dtype or next(model.parameters()).dtype
     if cache is None:
-        dtype = cache_dtype or next(model.parameters()).dtype
         cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
     else:
-        _check_given_cache(cache, config, B, max_len, model.num_slots(), device)
+        _check_given_cache(cache, config, B, max_len, model.num_slots(), device, dtype)
         cache.reset()
     if compiled and cache.keys[0].is_cuda:  # CUDA graphs replay a step that writes these in place (as HF's static
         for t in cache.buffers():  # cache does): marked static, a new cache re-records instead of falling back
@@ -179,16 +179,20 @@ def generate(
     return torch.cat(tokens, dim=1)
 
 
-def _check_given_cache(cache: KVCache, config, batch_size: int, max_len: int, slots: int, device) -> None:
+def _check_given_cache(cache: KVCache, config, batch_size: int, max_len: int, slots: int, device,
+                       dtype: torch.dtype) -> None:
     _, G, _, H = cache.keys[0].shape  # (B, G, S + 1, H)
-    fits = (cache.batch_size == batch_size and len(cache.keys) == slots and cache.max_seq_len >= max_len
-            and (G, H) == (config.num_key_value_heads, config.head_dim) and cache.keys[0].device == device)
+    have = (f"batch {cache.batch_size}, {len(cache.keys)} slots, {cache.max_seq_len} positions, {G} x {H} kv heads, "
+            f"{cache.keys[0].dtype} on {cache.keys[0].device}")
+    need = (f"batch {batch_size}, {slots} slots, {max_len} positions, {config.num_key_value_heads} x "
+            f"{config.head_dim}, {dtype} on {device}")
+    fits = (cache.batch_size == batch_size and len(cache.keys) >= slots and cache.max_seq_len >= max_len
+            and (G, H) == (config.num_key_value_heads, config.head_dim) and cache.keys[0].device == device
+            and cache.keys[0].dtype == dtype)
     if not fits:
-        raise ValueError(f"the given cache (batch {cache.batch_size}, {len(cache.keys)} slots, {cache.max_seq_len} "
-                         f"positions, {G} x {H} kv heads, on {cache.keys[0].device}) does not fit this generation "
-                         f"(batch {batch_size}, {slots} slots, {max_len} positions, {config.num_key_value_heads} x "
-                         f"{config.head_dim}, on {device}): build one with KVCache.for_model(model.config, B, prompt "
-                         "+ new tokens, num_slots=model.num_slots(), device=...).")
+        raise ValueError(f"the given cache ({have}) does not fit this generation ({need}): build one with "
+                         "KVCache.for_model(model.config, B, prompt + new tokens, num_slots=model.num_slots() (under "
+                         "the generation's knobs), dtype=..., device=...).")
 
 
 def _decode_step(model, compile: bool | dict):

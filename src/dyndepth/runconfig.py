@@ -80,11 +80,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise RunConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
         bad = {glob: m for glob, m in self.lr_groups.items()
-               if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0}
+               if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < float("inf")}
         if bad:  # a negative multiplier trained those weights by gradient ascent
             glob, m = next(iter(bad.items()))
-            raise RunConfigError(f"train.lr_groups[{glob!r}] = {m!r}: a multiplier must be a number >= 0 (0 freezes "
-                                 "the group's learning rate).")
+            raise RunConfigError(f"train.lr_groups[{glob!r}] = {m!r}: a multiplier must be a finite number >= 0 (0 "
+                                 "freezes the group's learning rate).")
         if not str(self.out_dir).strip():  # "" wrote the run's checkpoints and files into the working directory
             raise RunConfigError("train.out_dir is empty; name the run's folder, e.g. --set train.out_dir=runs/mine.")
         if not 0.0 <= self.decay_frac <= 1.0:

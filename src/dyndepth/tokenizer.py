@@ -184,10 +184,11 @@ class HFTokenizer:
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
         ids = _as_id_list(ids)
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:  # the backend raised OverflowError for a negative id (a -100 label) and dropped large ones
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) (labels masked with "
-                             "-100 are not tokens: drop them before decoding).")
+        bad = next((i for i in ids if i < 0), None)
+        if bad is not None:  # the backend raised OverflowError (a -100 label); ids past the tokenizer's vocabulary (a
+            # model's padded vocab can be larger) decode to nothing, as in transformers
+            raise ValueError(f"token id {bad} is negative: not a token (labels masked with -100 are dropped before "
+                             "decoding).")
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     def save(self, folder: str | Path) -> None:

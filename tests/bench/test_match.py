@@ -80,6 +80,11 @@ def test_a_recipe_references_train_and_data_sections_go_to_every_baseline_recipe
     rc = load_run_config(match.main(cfg)["baselines"][0]["recipe"])
     assert (rc.train.lr, rc.train.steps, rc.train.batch_size, rc.train.seq_len) == (3e-3, 7, 2, 32)
     assert rc.train.out_dir.endswith("runs/ref-dense") and rc.data["tasks"] == ["add"] and not rc.eval["enabled"]
+    # without a batch and length of its own, match measures and writes the reference recipe's (it used 8 x 256)
+    ref.write_text(ref.read_text().replace("[train]\n", "[train]\nbatch_size = 3\nseq_len = 48\n"))
+    cfg = match.MatchConfig(reference=str(ref), against=["dense"], max_measured=2, out_dir=str(tmp_path / "o2"))
+    assert (cfg.batch_size, cfg.seq_len) == (3, 48)
+    assert (match.MatchConfig().batch_size, match.MatchConfig().seq_len) == (8, 256)  # a preset reference
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

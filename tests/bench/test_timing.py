@@ -4,6 +4,7 @@ stepper (the steps `generate` runs)."""
 import contextlib
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dyndepth import CausalLM, preset
@@ -76,9 +77,12 @@ def test_a_compared_rows_latency_is_timed_in_turn_with_the_base(monkeypatch):
     assert ratio == 1.5
 
 
-def test_three_contenders_take_every_position_equally_often():
-    """Reversing alone kept the middle contender in the middle of every turn (a b c, c b a)."""
-    order = [[name for name, _ in timing._turns({"a": 0, "b": 0, "c": 0}, i)] for i in range(6)]
-    for name in "abc":
-        assert sorted(turn.index(name) for turn in order) == [0, 0, 1, 1, 2, 2], (name, order)
+@pytest.mark.parametrize("n", [3, 4, 5, 6])
+def test_every_contender_takes_every_position_equally_often(n):
+    """Reversing alone kept the middle contender in the middle of every turn (a b c, c b a); rotating by the turn
+    index kept an even number of contenders (bench core's six decode contenders) on fixed halves."""
+    names = "abcdef"[:n]
+    order = [[name for name, _ in timing._turns(dict.fromkeys(names, 0), i)] for i in range(2 * n)]
+    for name in names:
+        assert sorted(turn.index(name) for turn in order) == sorted(list(range(n)) * 2), (name, order)
     assert [[n for n, _ in timing._turns({"a": 0, "b": 0}, i)] for i in range(2)] == [["a", "b"], ["b", "a"]]

@@ -136,6 +136,9 @@ def test_a_given_cache_serves_repeated_compiled_generations_and_nested_ones_stay
     other = KVCache(varied_model.num_slots(), 2, 13, num_kv_heads=1, head_dim=8)  # another model's heads
     with pytest.raises(ValueError, match="1 x 8 kv heads"):
         varied_model.generate(a, 6, stop_tokens=[], cache=other)
+    half = KVCache.for_model(varied_model.config, 2, 13, num_slots=varied_model.num_slots(), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="torch.bfloat16 on cpu"):  # failed inside attention
+        varied_model.generate(a, 6, stop_tokens=[], cache=half)
 
     def nested(step, tokens):
         if step == 2:

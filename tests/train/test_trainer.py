@@ -104,8 +104,9 @@ def test_a_zero_lr_multiplier_holds_its_group_still_and_logs_the_schedules_lr(tm
     assert torch.equal(model.model.embed_tokens.weight, start)
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in x]
     assert lrs and all(lr == pytest.approx(3e-3) for lr in lrs)
-    with pytest.raises(RunConfigError, match="multiplier must be a number >= 0"):
-        tiny_train_config(str(tmp_path), lr_groups={"model.embed_tokens.*": -1})
+    for bad in (-1, float("inf")):
+        with pytest.raises(RunConfigError, match="multiplier must be a finite number >= 0"):
+            tiny_train_config(str(tmp_path), lr_groups={"model.embed_tokens.*": bad})
 
 
 class FakeClock:

@@ -47,8 +47,8 @@ SHARED = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim"
 class MatchConfig:
     reference: str = "dreamer-tiny"  # a preset, a recipe (.toml / .yaml) or a checkpoint folder
     against: list[str] = field(default_factory=lambda: list(FAMILIES))
-    batch_size: int = 8
-    seq_len: int = 256
+    batch_size: int | None = None  # None: the reference recipe's train.batch_size, else 8
+    seq_len: int | None = None  # None: the reference recipe's train.seq_len, else 256
     tolerance: float = 0.05  # largest relative mismatch allowed in each of parameters, FLOPs, memory
     max_measured: int = 12  # memory measurements per family and round (two rounds)
     device: str = "cpu"
@@ -62,6 +62,11 @@ class MatchConfig:
                              f"{', '.join(FAMILIES)}.")
         if not self.against:
             raise ValueError("match --against needs at least one family.")
+        recipe_train = _recipe_section(self.reference, "train")  # a baseline trains at its reference's shape
+        if self.batch_size is None:
+            self.batch_size = int(recipe_train.get("batch_size", 8))
+        if self.seq_len is None:
+            self.seq_len = int(recipe_train.get("seq_len", 256))
         if self.switchhead == 1 or self.switchhead < 0:
             raise ValueError(f"match switchhead must be 0 (off) or >= 2 experts per head, got {self.switchhead}.")
         for name in ("batch_size", "seq_len", "max_measured"):
@@ -69,6 +74,17 @@ class MatchConfig:
                 raise ValueError(f"match {name} must be >= 1, got {getattr(self, name)}.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"match tolerance must be in (0, 1), got {self.tolerance}.")
+
+
+def _recipe_section(reference: str, name: str) -> dict:
+    """Section `name` of the reference when it is a recipe file, as written; {} otherwise."""
+    path = Path(reference)
+    if not (path.is_file() and path.suffix in (".toml", ".yaml", ".yml", ".json")):
+        return {}
+    from dyndepth.runconfig import read_recipe
+
+    section = read_recipe(path).get(name)
+    return dict(section) if isinstance(section, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------- analytic counts
@@ -336,13 +352,8 @@ def recipe(config, cfg: MatchConfig, family: str) -> dict:
     and [eval] (so the baseline trains as the reference does), at the matched batch and length, into an out_dir of
     its own."""
     fields = {k: v for k, v in config.to_dict().items() if v is not None and k not in ("model_type", "torch_dtype")}
-    sections = {}
-    if Path(cfg.reference).is_file():
-        from dyndepth.runconfig import read_recipe
-
-        raw = read_recipe(Path(cfg.reference))
-        sections = {k: dict(raw[k]) for k in ("train", "data", "eval") if isinstance(raw.get(k), dict)}
-    train = {**sections.pop("train", {}), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+    sections = {k: v for k in ("data", "eval") if (v := _recipe_section(cfg.reference, k))}
+    train = {**_recipe_section(cfg.reference, "train"), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
     if "out_dir" in train:
         train["out_dir"] = f"{train['out_dir']}-{family}"
     return {"model": {"type": config.model_type, **fields}, "train": train, **sections}

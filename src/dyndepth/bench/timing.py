@@ -32,8 +32,8 @@ def sync_device(device: torch.device) -> None:
 
 def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                        warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, running them in turn after `warmup` rounds: a, b, then b, a (the order
-    reverses every round, see `_turns`)."""
+    """Median seconds of each callable, running them in turn after `warmup` rounds, in an order that changes every
+    round (a, b, then b, a; more contenders rotate too, see `_turns`)."""
     _check_repeats(repeats)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
@@ -66,8 +66,9 @@ class Stepper:
 def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.device, rounds: int = 3,
                       warmup: int = 1) -> dict[str, float]:
     """Median seconds per step. Each round starts every contender, then times their steps in turn (a0, b0, b1,
-    a1, a2, b2, ...: the order reverses every step), so the contenders' steps are measured milliseconds apart:
-    load drift that moves a whole decode run by 10% on a shared CPU hits each pair of steps alike. Contenders
+    a1, a2, b2, ...: the order changes every step, see `_turns`), so the contenders' steps are measured
+    milliseconds apart: load drift that moves a whole decode run by 10% on a shared CPU hits each pair of steps
+    alike. Contenders
     take the same steps, so their medians compare like with like."""
     _check_repeats(rounds)
     times: dict[str, list[float]] = {name: [] for name in steppers}
@@ -92,11 +93,12 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
 def _turns(contenders: dict, i: int) -> list:
     """Turn i's order. Where a contender runs in a turn matters on a CPU (the first one of a turn read 2% slower
     than an identical last one, cache state after the previous turn), so a fixed order would bias every ratio.
-    Two contenders alternate (a b, b a, ...). More are rotated by i and reversed on odd turns, so over 2n turns
-    each runs in every position equally often: reversing alone kept the middle one in the middle of every turn."""
+    Two contenders alternate (a b, b a, ...). More are rotated by one every second turn and reversed on odd turns,
+    so over 2n turns each runs in every position exactly twice: reversing alone kept the middle one in the middle
+    of every turn (and rotating by i, with i's parity tied to the reversal, kept an even count on fixed halves)."""
     items = list(contenders.items())
     if len(items) > 2:
-        k = i % len(items)
+        k = (i // 2) % len(items)
         items = items[k:] + items[:k]
     return items if i % 2 == 0 else items[::-1]
 

@@ -160,7 +160,7 @@ class KVCache:
             self.valids[s] &= self.sources[s] < start
 
     def reset(self) -> None:
-        """Empty every slot, as a new cache (compiled generation reuses one: `generation._compiled_decode_cache`)."""
+        """Empty every slot, as a new cache (`generate(cache=...)` reuses a caller's cache this way)."""
         for k, v, valid, source in zip(self.keys, self.values, self.valids, self.sources):
             k.zero_(), v.zero_(), valid.zero_()
             source.copy_(self.columns.expand_as(source))

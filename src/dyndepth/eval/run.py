@@ -171,14 +171,18 @@ def _check_generation_knobs(lm, names: list[str], manager) -> None:
     task generates, they are entered once before any request."""
     if not (lm.knobs.generate or lm.knobs.decode_fields):
         return
-    from lm_eval.tasks import get_task_dict
-
-    def leaves(tree):
-        for value in tree.values():
-            yield from leaves(value) if isinstance(value, dict) else [value]
-
-    if any(getattr(task, "OUTPUT_TYPE", None) == "generate_until" for task in leaves(get_task_dict(names, manager))):
+    try:
         lm.check_decoding()
+        return
+    except ValueError:  # only an error if a task generates: the tasks are built (once more) to find out
+        from lm_eval.tasks import get_task_dict
+
+        def leaves(tree):
+            for value in tree.values():
+                yield from leaves(value) if isinstance(value, dict) else [value]
+
+        if any(getattr(t, "OUTPUT_TYPE", None) == "generate_until" for t in leaves(get_task_dict(names, manager))):
+            raise
 
 
 def _run_lm_eval(lm, names: list[str], manager, limit) -> dict:
