@@ -86,3 +86,10 @@ def test_every_contender_takes_every_position_equally_often(n):
     for name in names:
         assert sorted(turn.index(name) for turn in order) == sorted(list(range(n)) * 2), (name, order)
     assert [[n for n, _ in timing._turns({"a": 0, "b": 0}, i)] for i in range(2)] == [["a", "b"], ["b", "a"]]
+
+
+def test_machine_description_counts_threads_in_words(monkeypatch):
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 1)
+    assert " CPU, 1 thread, " in timing.machine_description(torch.device("cpu"))  # it said "1 threads"
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 2)
+    assert " CPU, 2 threads, " in timing.machine_description(torch.device("cpu"))

@@ -143,7 +143,8 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     memory = "freed memory retained" if cpu_memory_policy() == "retained" else "system malloc"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {memory}"
+    n = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {n} thread{'s' if n != 1 else ''}, {memory}"
 
 
 def write_report(result: dict, markdown: str, out_dir: str | Path, name: str) -> tuple[Path, Path]:

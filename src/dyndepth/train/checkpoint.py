@@ -403,7 +403,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if same_world:
         set_rng_state(rank_state["rng"])
     elif info.is_main:
-        log.warning("%s was written by %d ranks, resuming with %d: weights and optimizer state are full, the "
+        log.warning("%s was written by %d rank(s), resuming with %d: weights and optimizer state are full, the "
                     "loader continues from the same global position, RNG streams restart from the seed.",
                     path, state["world_size"], info.world_size)
     return state
