@@ -152,7 +152,8 @@ def plot_controller(metrics: str | Path, path: str | Path, target: float | None 
     for ax, (prefix, title) in zip(axes, (("dnd/selected/L", "selected ratio"), ("dnd/tau/L", "threshold tau"))):
         for key, points in series[prefix].items():
             steps, values = zip(*points)
-            ax.plot(steps, values, lw=1, label=key[len("dnd/"):].replace("selected/", "").replace("tau/", ""))
+            label = key[len("dnd/"):].replace("selected/", "").replace("tau/", "")
+            ax.plot(steps, values, lw=1, marker="o" if len(steps) < 3 else None, ms=3, label=label)  # a 1-step run
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
