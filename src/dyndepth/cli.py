@@ -134,7 +134,9 @@ def calibrate(
     if not text.is_file():
         _fail(FileNotFoundError(f"--text {text}: no such file."))
     _fresh_output(out, "calibrate --out", src=model)
-    corpus = _read_text(text, "--text")
+    from dyndepth.data.sources import read_utf8
+
+    corpus = _run(read_utf8, text, "--text")
     lm = _run(_load_model, model, None, device)
     tok = _run(load_tokenizer, tokenizer or model)
     ids = _run(text_batches, tok, corpus, batches, batch_size, seq_len)
@@ -172,14 +174,6 @@ def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
     if dst.is_dir() and any(dst.iterdir()) and not same:
         _fail(ValueError(f"{dst} already holds files; {what} writes into a new or empty folder (or in place, the "
                          "source folder itself): remove it or choose another folder."))
-
-
-def _read_text(path: Path, option: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        _fail(ValueError(f"{option} {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
-                         f"iconv -f latin1 -t utf-8 {path}."))
 
 
 def _check_decoding_knobs(lm, skip_budget: Optional[float], knobs: dict) -> None:

@@ -64,14 +64,21 @@ def check_left_padded(mask_BT: torch.Tensor) -> None:
         )
 
 
+def knob_owner(model):
+    """What runtime knobs set: the attached method, else the model itself when it has knobs (a recurrent family's
+    `steps`, Dreamer's `exit_kl`), else None."""
+    if getattr(model, "method", None) is not None:
+        return model.method
+    return model if callable(getattr(model, "knobs", None)) and callable(getattr(model, "override", None)) else None
+
+
 @torch.no_grad()
 def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
     """The attached method's `decoding` scope for a generation's knobs, or, without a method, the model's own
     `override` when it has knobs (a recurrent family's `steps`, Dreamer's `exit_kl`); a ValueError (here, or on
     entering it: names, values, calibration) for knobs it cannot decode with."""
     method = getattr(model, "method", None)
-    own = callable(getattr(model, "knobs", None)) and callable(getattr(model, "override", None))
-    if method is None and own and skip_budget is None:
+    if method is None and knob_owner(model) is not None and skip_budget is None:
         return model.override(**dict(method_knobs or {}))
     if method is None:
         raise ValueError("the model has no method attached: post-train one (dyndepth train RECIPE --method gateskip, "

@@ -52,6 +52,15 @@ class DataError(ValueError):
     """Bad training data or data settings; the message names the file/record and the fix."""
 
 
+def read_utf8(path: str | Path, what: str = "") -> str:
+    """A whole UTF-8 text file; text in another encoding is a DataError naming the file and a fix."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what + ' ' if what else ''}{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8 {path}.") from None
+
+
 @dataclass(frozen=True)
 class Document:
     text: str  # trained text (the response, for chat/SFT records)

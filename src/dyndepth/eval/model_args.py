@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dyndepth.devices import resolve_device
+from dyndepth.generation import knob_owner
 from dyndepth.methods.common import parse_key_values
 
 # Named method knobs, one line each: model argument -> (field of the method's config used by scoring
@@ -43,14 +44,6 @@ class Knobs:
 
     def decoding(self, model):
         return knob_owner(model).override(**self.decode_fields) if self.decode_fields else contextlib.nullcontext()
-
-
-def knob_owner(model):
-    """What the knobs set: the attached method, else the model itself when it has knobs (Dreamer's `steps` and
-    `exit_kl`), else None."""
-    if getattr(model, "method", None) is not None:
-        return model.method
-    return model if callable(getattr(model, "knobs", None)) and callable(getattr(model, "override", None)) else None
 
 
 @dataclasses.dataclass

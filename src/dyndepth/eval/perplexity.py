@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dyndepth.data.sources import read_utf8
+
 
 @dataclass
 class Perplexity:
@@ -128,11 +130,7 @@ def file_perplexity(model, tokenizer, path: str | Path, limit: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. iconv -f latin1 "
-                         f"-t utf-8 {path}.") from None
+    text = read_utf8(path)
     return text_perplexity(model, tokenizer, text if limit is None else first_lines(text, limit), **kwargs)
 
 
