@@ -167,3 +167,41 @@ def test_a_bpe_trained_on_another_record_field_is_another_tokenizer(tmp_path):
     build_tokenizer(cfg)
     build_tokenizer({**cfg, "text_field": "code"})
     assert len(list((tmp_path / "c" / "tokenizers").iterdir())) == 2
+
+
+def test_a_list_of_sources_trains_on_each_in_order_and_keys_its_cache_by_all_of_them(tmp_path, caplog):
+    # data.source could name one file or folder only: a corpus of several shards beside a held-out one needed a
+    # folder of copies (and a folder holding the validation file trained on it, silently)
+    a, b, val = (tmp_path / n for n in ("a.txt", "b.txt", "val.txt"))
+    a.write_text("alpha text\n")
+    b.write_text("bravo text\n")
+    val.write_text("held out\n")
+    cfg = resolve_data_config({"source": [str(a), b], "val_source": str(val), "cache_dir": str(tmp_path / "c")})
+    assert cfg["source"] == [str(a), str(b)]
+    train = user_shards(cfg, ByteTokenizer(), "train")
+    ids = train.tokens(0, train.num_tokens)
+    text = bytes(int(i) for i in ids if i < 256).decode()
+    assert text == "alpha text\nbravo text\n" and train.num_documents == 2
+    assert bytes(int(i) for i in user_shards(cfg, ByteTokenizer(), "val").tokens(0, 9) if i < 256) == b"held out\n"
+    keys = {build._shard_dir(resolve_data_config({**cfg, "source": s}), ByteTokenizer(), s, False)
+            for s in ([str(a), str(b)], [str(b), str(a)], str(a))}
+    assert len(keys) == 3  # the order and every item are in the cache key
+    assert resolve_data_config({"source": [str(a)]})["source"] == str(a)  # one item: that source, its cache
+    b.write_text("bravo edited\n")
+    assert build._shard_dir(cfg, ByteTokenizer(), cfg["source"], False) not in keys
+    with caplog.at_level("WARNING"):  # a validation file inside the training source is trained on: said
+        resolve_data_config({"source": str(tmp_path), "val_source": str(val)})
+    assert "overlaps data.source" in caplog.text and "also trained on" in caplog.text
+
+
+@pytest.mark.parametrize("source, match", [([], "at least one"), (["a.txt", 3], "at least one"),
+                                           (["embedded", "a.txt"], "cannot be listed"), (7, "is not a source")])
+def test_bad_source_lists_are_named(source, match):
+    with pytest.raises(DataError, match=match):
+        resolve_data_config({"source": source})
+
+
+def test_val_source_with_the_embedded_data_is_an_error():
+    # it was ignored: the embedded data hold out their own examples
+    with pytest.raises(DataError, match="remove data.val_source"):
+        resolve_data_config({"source": "embedded", "val_source": "x.txt"})

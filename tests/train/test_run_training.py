@@ -172,3 +172,13 @@ def test_resuming_with_evaluation_switched_names_it_when_it_changes_the_training
     check_resume_matches(load_run_config(None, [f"data.source={text}", f"train.resume={ckpt}", "eval.enabled=false"]))
     save_run_config(load_run_config(None, ["eval.enabled=false"]), ckpt / "config.yaml")  # embedded: no matter
     check_resume_matches(load_run_config(None, [f"train.resume={ckpt}"]))
+
+
+def test_a_list_of_relative_sources_is_saved_absolute_and_given_on_the_command_line(tmp_path, monkeypatch):
+    from dyndepth.train.run import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("text\n")
+    config = absolute_paths(load_run_config(None, ['data.source=["a.txt", "b.txt", "hf:org/name"]']))
+    assert config.data["source"] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "hf:org/name"]

@@ -236,7 +236,8 @@ def data_key(data: dict) -> dict:
     path, without the cache folder."""
     key = json.loads(json.dumps({k: v for k, v in data.items() if k != "cache_dir"}))
     for name in ("source", "val_source"):
-        if key.get(name) and Path(key[name]).exists():
+        items = key.get(name) if isinstance(key.get(name), list) else [key.get(name)]
+        if key.get(name) and all(isinstance(v, str) and Path(v).exists() for v in items):
             key[name] = source_fingerprint(key[name], data.get("cache_dir"))
     return key
 

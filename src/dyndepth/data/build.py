@@ -4,7 +4,8 @@ Schema (every key optional):
 
     [data]
     source = "embedded"    # "embedded" (synthetic tasks + stdlib text), "synthetic", "stdlib",
-                           # a file or folder (txt/md/py/jsonl/parquet/.gz), or "hf:<dataset name>"
+                           # a file or folder (txt/md/py/jsonl/parquet/.gz), "hf:<dataset name>", or a list
+                           # of files, folders and hf: names, read in order: ["a.txt.gz", "b.txt.gz"]
     tokenizer = "byte"     # "byte", a folder with tokenizer.json / encoder.json + vocab.bpe, or "bpe:N": a
                            # byte-level BPE of N tokens trained on the training source, cached in cache_dir
     text_split = "file"    # plain text files: one document per file, "line", "paragraph", or "eot"
@@ -16,7 +17,8 @@ Schema (every key optional):
     examples_per_doc = 32  # synthetic examples per packed document
     synthetic_loss = "all" # "answer": one document per example, loss on the answer and its terminator only
     stdlib_bytes = 2000000
-    val_source = ""        # user data only: a separate validation file/folder (else 1% of documents)
+    val_source = ""        # user data only: a separate validation file/folder or list (else 1% of documents);
+                           # inside `source` it is also trained on (warned)
     cache_dir = "runs/data"  # token shards are built once here and reused (see below)
     intra_doc_mask = false # attend within documents only (and never train across a document boundary)
     text_field = "text"    # JSONL/Parquet/HF field holding plain text
@@ -37,6 +39,7 @@ minutes by default) needs the cache built beforehand, e.g. by calling `build_loa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -73,7 +76,60 @@ def resolve_data_config(data_cfg: dict) -> dict:
     cfg = {**DEFAULTS, **data_cfg}
     if cfg["synthetic_loss"] not in ("all", "answer"):
         raise DataError(f"data.synthetic_loss={cfg['synthetic_loss']!r} is not 'all' or 'answer'.")
+    for key in ("source", "val_source"):
+        cfg[key] = _checked_source(cfg[key], key)
+    if cfg["source"] in EMBEDDED and cfg["val_source"]:
+        raise DataError(f"data.val_source is for user data; data.source={cfg['source']!r} holds its own "
+                        "validation split: remove data.val_source.")
+    _check_disjoint(cfg["source"], cfg["val_source"])
     return cfg
+
+
+def _checked_source(value, key: str) -> str | list[str]:
+    """data.source / val_source as a string or a list of at least two strings (a one-item list is its item, so it
+    keeps the item's shard cache); paths may be given as `Path`s."""
+    if isinstance(value, (list, tuple)):
+        items = [str(v) if isinstance(v, Path) else v for v in value]
+        if not items or not all(isinstance(v, str) and v for v in items):
+            raise DataError(f"data.{key}={value!r}: a list of sources must hold file, folder or '{HF_PREFIX}<name>' "
+                            "strings, at least one.")
+        if any(v in EMBEDDED for v in items):
+            raise DataError(f"data.{key}={value!r}: {EMBEDDED} name whole data sets and cannot be listed with others; "
+                            "use one of them alone, or list your own files and folders.")
+        return items if len(items) > 1 else items[0]
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"data.{key}={value!r} is not a source: write a path, '{HF_PREFIX}<name>', a list of those, "
+                        "or 'embedded'.")
+    return value
+
+
+def source_items(source: str | list[str]) -> list[str]:
+    """The sources a data.source value names, in order."""
+    return list(source) if isinstance(source, list) else [source]
+
+
+def _check_disjoint(source: str | list[str], val_source: str | list[str]) -> None:
+    """A validation source inside the training source is also trained on: warned, once per pair (an overfitting
+    check may want it; a held-out loss does not)."""
+    if not val_source or source in EMBEDDED:
+        return
+    local = [Path(s).resolve() for s in source_items(source) if not s.startswith(HF_PREFIX) and Path(s).exists()]
+    for val in source_items(val_source):
+        if val.startswith(HF_PREFIX) or not Path(val).exists():
+            continue
+        v = Path(val).resolve()
+        for s in local:
+            if v == s or s in v.parents or v in s.parents:
+                _warn_overlap(str(v), str(s))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_overlap(val: str, source: str) -> None:
+    log.warning("data.val_source %r overlaps data.source %r: the validation text is also trained on, so the "
+                "validation loss is not held out. List the training files instead, e.g. data.source = "
+                "[\"a.txt\", \"b.txt\"], without the validation file.", val, source)
 
 
 def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] | None = None):
@@ -90,7 +146,7 @@ def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] |
         raise DataError(f"data.tokenizer={name!r}: write bpe:N with N the vocabulary size, e.g. bpe:8192.") from None
     if cfg["source"] in EMBEDDED:
         raise DataError("data.tokenizer='bpe:N' trains on user data; the embedded data uses tokenizer='byte'.")
-    key = f"{source_fingerprint(str(cfg['source']), cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
+    key = f"{source_fingerprint(cfg['source'], cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
     if cfg["text_field"] != DEFAULTS["text_field"]:  # another record field is another text (the default's key stays:
         key += f"-{cfg['text_field']}"  # tokenizers trained before keep their folder)
     folder = Path(cfg["cache_dir"]) / "tokenizers" / f"bpe{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -106,8 +162,8 @@ def _train_bpe(cfg: dict, vocab: int, folder: Path) -> None:
 
     def texts():  # streamed: the first bpe_train_bytes of the training split's documents
         budget = cfg["bpe_train_bytes"]
-        docs = iter_documents(str(cfg["source"]), text_field=cfg["text_field"], text_split=cfg["text_split"])
-        for doc in split_documents(docs, "train", not cfg["val_source"], str(cfg["source"])):
+        docs = iter_documents(cfg["source"], text_field=cfg["text_field"], text_split=cfg["text_split"])
+        for doc in split_documents(docs, "train", not cfg["val_source"], cfg["source"]):
             text = doc.text if doc.prompt is None else doc.prompt + doc.text
             yield text[:budget]
             budget -= len(text)
@@ -176,12 +232,16 @@ def _file_digest(file: Path, memo: dict[str, str]) -> str:
     return memo[key]
 
 
-def source_fingerprint(source: str, cache_dir: str | Path | None = None) -> str:
-    """A hash of the content (and relative names) of every file `iter_documents(source)` reads.
+def source_fingerprint(source: str | list[str], cache_dir: str | Path | None = None) -> str:
+    """A hash of the content (and relative names) of every file `iter_documents(source)` reads; of a list, of its
+    items' fingerprints in order.
 
     With `cache_dir`, file digests are remembered in `cache_dir/source_digests.json` by (path, size,
     modification time), so an unchanged corpus is not read again at every start; an edit changes both.
     """
+    if isinstance(source, list):
+        parts = [source_fingerprint(item, cache_dir) for item in source]
+        return hashlib.blake2b("\0".join(["list", *parts]).encode(), digest_size=16).hexdigest()
     if source.startswith(HF_PREFIX):
         return source
     path = Path(source)
@@ -217,7 +277,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
 
 
-def _shard_dir(cfg: dict, tokenizer, source: str, holdout: bool) -> Path:
+def _shard_dir(cfg: dict, tokenizer, source: str | list[str], holdout: bool) -> Path:
     key = json.dumps([FORMAT_VERSION, source_fingerprint(source, cfg["cache_dir"]), tokenizer_fingerprint(tokenizer),
                       chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"],
                       HOLDOUT_SCHEME if holdout else False]
@@ -225,7 +285,8 @@ def _shard_dir(cfg: dict, tokenizer, source: str, holdout: bool) -> Path:
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def split_documents(docs: Iterator[Document], split: str, holdout: bool, source: str = "") -> Iterator[Document]:
+def split_documents(docs: Iterator[Document], split: str, holdout: bool,
+                    source: str | list[str] = "") -> Iterator[Document]:
     """Stream one split: with `holdout`, documents 0, 100, 200, ... are "val" and the rest "train"; a one-document
     source is split inside its text (`split_text`); without `holdout`, every document."""
     count, first = 0, None
@@ -246,7 +307,7 @@ def split_documents(docs: Iterator[Document], split: str, holdout: bool, source:
         yield split_text(first, split, source)
 
 
-def split_text(doc: Document, split: str, source: str = "") -> Document:
+def split_text(doc: Document, split: str, source: str | list[str] = "") -> Document:
     """A one-document source's split: "train" its text up to the last tenth, "val" the rest, cut at a line break
     when the last fifth has one (else at the tenth). A chat record cannot be cut: it serves both (warned)."""
     if doc.prompt:
@@ -268,7 +329,7 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
     """Token shards for user data, built on first use (by rank 0 when a `barrier` is given) and reused
     from `cache_dir` afterwards; without `val_source` (and with `hold_out`) a part of the source is held out."""
     holdout = not cfg["val_source"] and hold_out
-    source = str(cfg["val_source"] if split == "val" and cfg["val_source"] else cfg["source"])
+    source = cfg["val_source"] if split == "val" and cfg["val_source"] else cfg["source"]
     folder = _shard_dir(cfg, tokenizer, source, holdout)
     if (barrier is None or rank == 0) and not (folder / split / MANIFEST).is_file():
         docs = iter_documents(source, text_field=cfg["text_field"], text_split=cfg["text_split"],

@@ -228,7 +228,7 @@ def _encode_all(
             yield from (e for e in encode_documents(batch, tokenizer, append_eos) if e[0].size)
 
 
-def _base_manifest(tokenizer: Tokenizer, append_eos: bool, source: str) -> dict[str, Any]:
+def _base_manifest(tokenizer: Tokenizer, append_eos: bool, source: str | list[str]) -> dict[str, Any]:
     name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
     info = {
         "class": type(tokenizer).__name__,
@@ -261,7 +261,7 @@ def build_shards(
     split: str = "train",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     append_eos: bool = True,
-    source: str = "",
+    source: str | list[str] = "",
     num_workers: int = 0,
     replace: bool = True,
 ) -> ShardSet:

@@ -140,13 +140,13 @@ def absolute_paths(run_config: RunConfig) -> RunConfig:
 
 def _absolute(section: dict, *keys: str, existing: bool = True) -> dict:
     """`section` with the relative paths among `keys` resolved (only those that exist here, with `existing`)."""
-    out = dict(section)
-    for key in keys:
-        value = out.get(key)
+    def resolved(value):
+        if isinstance(value, (list, tuple)):  # a list of data sources: each item
+            return [resolved(v) for v in value]
         relative = isinstance(value, str) and value and not Path(value).is_absolute()
-        if relative and (Path(value).exists() or not existing):
-            out[key] = str(Path(value).resolve())
-    return out
+        return str(Path(value).resolve()) if relative and (Path(value).exists() or not existing) else value
+
+    return {**section, **{key: resolved(section[key]) for key in keys if key in section}}
 
 
 FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
