@@ -46,7 +46,7 @@ def test_forward_rejects_bad_input_at_the_boundary(model, what, kwargs, message)
 
 def test_generation_rejects_bad_requests(model):
     ids = torch.zeros(2, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 0"):
         model.generate(ids, -1)
     with pytest.raises(ValueError, match="right-padded.*left padding"):
         model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
@@ -154,7 +154,7 @@ def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_pa
 
 @pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature must be a finite number >= 0"),
                                              ({"temperature": float("nan")}, "temperature must be a finite"),
-                                             ({"temperature": 1.0, "top_k": 0}, "top_k must be >= 1"),
+                                             ({"temperature": 1.0, "top_k": 0}, "top_k must be a whole number >= 1"),
                                              ({"temperature": 1.0, "top_p": 1.5}, r"top_p must lie in \(0, 1\]")])
 def test_sampling_settings_are_checked_before_any_forward(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -177,3 +177,55 @@ def test_cli_device_and_dtype(tmp_path):
 
 # the cases above, counted for the issue note
 BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    # each of these failed inside torch or Python (TypeError, AttributeError, an embedding RuntimeError)
+    ((torch.zeros(1, 3, dtype=torch.uint8), 2), {}, "as int64"),
+    (([[1, 2, 3]], 2), {}, "must be a torch.Tensor"),
+    ((None, 2.5), {}, "whole number"), ((None, "3"), {}, "whole number"), ((None, None), {}, "whole number"),
+    ((None, 2), {"attention_mask": [[1, 1, 1]]}, "attention_mask must be a torch.Tensor"),
+    ((None, 2), {"attention_mask": torch.tensor([[1, 0, 1]])}, "padding between real tokens"),
+    ((None, 2), {"attention_mask": torch.tensor([[1, 2, 1]])}, "1 for real tokens and 0 for padding"),
+    ((None, 2), {"temperature": "0.7"}, "temperature must be"), ((None, 2), {"top_k": 1.5}, "top_k must be"),
+    ((None, 2), {"stop_tokens": [1, 999]}, r"stop_tokens \[999\] lie outside"),
+    ((None, 2), {"stop_tokens": ["a"]}, "token id or a list"),
+    ((None, 2), {"pad_token_id": -5}, "pad_token_id must be a token id"),
+    ((torch.full((1, 3), 999), 0), {}, "token ids must lie in"),  # no forward runs: checked all the same
+])
+def test_generate_arguments_are_checked_at_the_boundary(model, args, kwargs, message):
+    ids = torch.tensor([[1, 2, 3]]) if args[0] is None else args[0]
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, *args[1:], **kwargs)
+
+
+def test_generate_takes_one_stop_token_as_an_int(model):
+    ids = torch.tensor([[1, 2, 3]])
+    first = int(model.generate(ids, 1)[0, -1])
+    out = model.generate(ids, 4, stop_tokens=first, pad_token_id=0)  # (an int: a TypeError before)
+    assert out.shape[1] == 4 and int(out[0, -1]) == first  # stopped at once: the loop ends when every row stopped
+
+
+def test_other_bad_values_are_named():
+    from dyndepth.config import ConfigError, ModelConfig
+    from dyndepth.devices import resolve_dtype
+    from dyndepth.methods import attach_dnd
+
+    with pytest.raises(ValueError, match="not a floating-point dtype"):
+        resolve_dtype(torch.int8)
+    with pytest.raises(ConfigError, match=r"needs \['low_freq_factor', 'high_freq_factor'\]"):
+        ModelConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    dnd = CausalLM(preset("tiny-qwen3"))
+    method = attach_dnd(dnd, {"layers": (0, 1)})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tau_offset must be a finite number"):
+            with method.override(tau_offset=bad):
+                pass
+
+
+def test_a_skip_budget_for_a_dreamer_names_its_own_knobs():
+    from dyndepth import build_model
+
+    dreamer = build_model(preset("dreamer-tiny")).eval()
+    with pytest.raises(ValueError, match=r"a DreamerLM has no skip budget .* its own knobs are \['exit_kl'"):
+        dreamer.generate(torch.tensor([[1, 2]]), 2, skip_budget=0.3)  # (it said: attach one, attach_gateskip)

@@ -71,6 +71,38 @@ def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
         assert bad.exit_code == 2 and bad.output.startswith("error:") and message in bad.output, bad.output
 
 
+def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab_decodes(tmp_path, monkeypatch):
+    # streaming decoded each new token alone, so a character of several byte tokens printed as U+FFFD marks; and
+    # a preset's vocabulary past the byte tokenizer's 259 ids (demo-tiny: 264) crashed the decode of such an id
+    def scripted(model, input_ids, max_new_tokens, *args, callback=None, **kwargs):  # the model "emits" these ids
+        out = [0xC3, 0xA9, 0xE2, 0x82, 0xAC, 262, 0x21][:max_new_tokens]
+        for step, token in enumerate(out):
+            if callback is not None:
+                callback(step, torch.tensor([token]))
+        return torch.cat([input_ids, torch.tensor([out])], 1)
+
+    monkeypatch.setattr("dyndepth.generation.generate", scripted)
+    for stream in ("--stream", "--no-stream"):
+        result = runner.invoke(app, ["generate", "demo-tiny", "-p", "caf", "-n", "7", stream])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("caf\u00e9\u20ac!"), result.output  # (262: an unused id, decoded to nothing)
+
+
+def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_prompt(tmp_path):
+    from dyndepth.methods import MoDConfig, attach_mod
+
+    model = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))
+    attach_mod(model, MoDConfig(capacity=0.5))
+    model.save_pretrained(tmp_path)
+    long = runner.invoke(app, ["generate", str(tmp_path), "-p", "abc", "--tokenizer", "byte", "-n", "5000"])
+    assert long.exit_code == 2 and long.output.startswith("error: the prompt (3 tokens) plus --max-new-tokens"), \
+        long.output
+    uncalibrated = runner.invoke(app, ["generate", str(tmp_path), "-p", "abc", "--tokenizer", "byte",
+                                       "--knobs", "capacity=0.3,mode=router_threshold"])
+    assert uncalibrated.exit_code == 2 and uncalibrated.output.startswith("error: ") and \
+        "calibrated" in uncalibrated.output, uncalibrated.output
+
+
 def test_generate_takes_a_dreamers_own_knobs(tmp_path):
     """`--knobs steps=2` sets a recurrent model's own knob (eval --model-args did; generate asked for a method)."""
     torch.manual_seed(0)

@@ -81,7 +81,8 @@ def generate(
 
     from dyndepth.generation import check_sampling
     from dyndepth.methods.calibration import parse_knobs
-    from dyndepth.tokenizer import encode_batch, load_tokenizer
+    from dyndepth.models.forward import check_inputs
+    from dyndepth.tokenizer import ByteTokenizer, encode_batch, load_tokenizer
 
     method_knobs = _run(parse_knobs, knobs)
     _run(check_sampling, temperature, top_k, top_p)  # before the prompt is echoed (errors ran into it)
@@ -91,24 +92,49 @@ def generate(
     if skip_budget is not None or method_knobs:  # checked before the prompt is echoed
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)
     tok = _run(load_tokenizer, tokenizer or ("byte" if model in _presets() else model))
+    if isinstance(tok, ByteTokenizer) and tok.vocab_size < lm.config.vocab_size:  # a preset's padded vocabulary:
+        tok = ByteTokenizer(lm.config.vocab_size)  # its ids past the bytes decode as unused specials (to nothing)
     ids, mask = encode_batch(tok, prompt, padding_side="left")
+    _run(check_inputs, lm.config, ids, mask)  # (a prompt too long for the model; ids the model lacks)
+    if ids.shape[1] + max_new_tokens > lm.config.max_position_embeddings:
+        _fail(ValueError(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings ({lm.config.max_position_embeddings}); ask for fewer."))
     callback = None
     if stream and len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
-
-        def callback(_step: int, token) -> None:
-            typer.echo(tok.decode([int(token[0])]), nl=False)
-
+        callback = _TextStream(tok)
     out = _run(lm.generate, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
                generator=torch.Generator(device=device).manual_seed(seed), skip_budget=skip_budget,
                method_knobs=method_knobs)
     if callback is not None:
-        typer.echo()
+        callback.finish()
         return
     for text, row in zip(prompt, out):
         typer.echo(text + tok.decode(row[ids.shape[1]:].tolist()))
         typer.echo("---")
+
+
+class _TextStream:
+    """generate's callback for one row: prints the text of the tokens so far as it grows. Each token decoded alone
+    would split a character that spans several tokens (bytes or byte-level BPE pieces) into U+FFFD marks; the
+    growing text holds back a trailing U+FFFD until the character completes (or the generation ends)."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, _step: int, token) -> None:
+        self.ids.append(int(token[0]))
+        self._show(self.tok.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        self._show(self.tok.decode(self.ids))
+        typer.echo()
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):  # (a decoder may rewrite earlier text, e.g. spaces; then wait for the end)
+            typer.echo(text[len(self.shown):], nl=False)
+            self.shown = text
 
 
 @app.command()

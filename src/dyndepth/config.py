@@ -83,6 +83,10 @@ class ModelConfig:
                 raise ConfigError(
                     f"rope_scaling type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}."
                 )
+            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+            missing = [k for k in needed.get(rope_type, ()) if k not in self.rope_scaling]
+            if missing:
+                raise ConfigError(f"rope_scaling of type {rope_type!r} needs {missing}; got {self.rope_scaling}.")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Qwen3-MoE's rule: sparse unless listed in `mlp_only_layers` or off the `decoder_sparse_step` grid."""

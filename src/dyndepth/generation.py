@@ -11,22 +11,58 @@ consistent by construction.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import torch
 
 from dyndepth.core.cache import KVCache
+from dyndepth.models.forward import check_inputs
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Sampling settings a user can mistype, refused before any forward (a NaN temperature failed inside torch's
-    sampler; a negative one ran greedy)."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (None: no top-k cut), got {top_k}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1] (1 or None: no nucleus cut), got {top_p}.")
+    sampler; a negative one ran greedy; a string or a fractional top_k failed inside torch)."""
+    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}.")
+    if top_k is not None and (not _whole(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1 (None: no top-k cut), got {top_k!r}.")
+    if top_p is not None and (not _real(top_p) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1] (1 or None: no nucleus cut), got {top_p!r}.")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def default_stop_tokens(model) -> list[int]:
+    """The ids a generation stops at by default: `generation_config.json`'s eos_token_id when the checkpoint has one
+    (as transformers' generate; Qwen3 stops at <|im_end|> and <|endoftext|> there), else config.json's."""
+    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
+    if eos is None:
+        return model.config.eos_token_ids
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _token_ids(value, name: str, vocab_size: int) -> list[int]:
+    """stop_tokens (an id or ids) as a list of ids in [0, vocab_size), else a ValueError naming `name`."""
+    items = [value] if _whole(value) or (torch.is_tensor(value) and value.dim() == 0) else value
+    try:
+        ids = [int(v) for v in items if _whole(v) or (torch.is_tensor(v) and v.numel() == 1
+                                                      and not v.is_floating_point())]
+        complete = len(ids) == len(list(items))
+    except TypeError:
+        complete = False
+    if not complete:
+        raise ValueError(f"{name} must be a token id or a list of token ids, got {value!r}.")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{name} {bad} lie outside the model's vocabulary [0, {vocab_size}).")
+    return ids
 
 
 def sample_next(
@@ -55,13 +91,17 @@ def sample_next(
 
 
 def check_left_padded(mask_BT: torch.Tensor) -> None:
+    if bool(((mask_BT != 0) & (mask_BT != 1)).any()):
+        raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding; got other values.")
     if (mask_BT.sum(-1) == 0).any():
         raise ValueError("a row of attention_mask has no real token; drop empty prompts before generating.")
     if (mask_BT[:, 1:] < mask_BT[:, :-1]).any():
-        raise ValueError(
-            "attention_mask is right-padded; generation needs left padding (pad tokens first), "
-            "e.g. tokenizer padding_side='left'."
-        )
+        row = int((mask_BT[:, 1:] < mask_BT[:, :-1]).any(-1).nonzero()[0])
+        if mask_BT[row, -1] == 0:
+            raise ValueError("attention_mask is right-padded; generation needs left padding (pad tokens first), "
+                             "e.g. tokenizer padding_side='left'.")
+        raise ValueError(f"attention_mask row {row} has padding between real tokens; generation takes left padding "
+                         "only (pad tokens first, then the prompt's tokens).")
 
 
 def knob_owner(model):
@@ -78,7 +118,10 @@ def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
     `override` when it has knobs (a recurrent family's `steps`, Dreamer's `exit_kl`); a ValueError (here, or on
     entering it: names, values, calibration) for knobs it cannot decode with."""
     method = getattr(model, "method", None)
-    if method is None and knob_owner(model) is not None and skip_budget is None:
+    if method is None and knob_owner(model) is not None:
+        if skip_budget is not None:
+            raise ValueError(f"a {type(model).__name__} has no skip budget (no method is attached); its own knobs are "
+                             f"{sorted(model.knobs())}: pass those (method_knobs, or --knobs from a shell).")
         return model.override(**dict(method_knobs or {}))
     if method is None:
         raise ValueError("the model has no method attached: post-train one (dyndepth train RECIPE --method gateskip, "
@@ -96,7 +139,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    stop_tokens: Iterable[int] | None = None,
+    stop_tokens: int | Iterable[int] | None = None,
     pad_token_id: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
@@ -108,7 +151,8 @@ def generate(
 ) -> torch.Tensor:
     """Return the prompt plus up to `max_new_tokens` new tokens per row, (B, T + n).
 
-    stop_tokens: a row stops once it emits one (default: the config's eos ids; pass [] for none);
+    stop_tokens: a row stops once it emits one (default: generation_config.json's eos ids when the checkpoint has
+      them, else config.json's; pass [] for none);
       later positions of a stopped row hold `pad_token_id`. The loop ends when every row stopped.
     callback(step, tokens (B,)): called with each new column, for streaming.
     compile: compile the one-token decode step over the full-length static cache (CUDA graphs on GPU); a dict:
@@ -126,21 +170,22 @@ def generate(
         with decoding_knobs(model, skip_budget, method_knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
                             stop_tokens, pad_token_id, callback, generator, compile, cache_dtype, cache=cache)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    config = model.config
+    check_inputs(config, input_ids, attention_mask)  # here too: a generate of 0 tokens runs no forward
+    if not _whole(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
     check_sampling(temperature, top_k, top_p)
     B, T = input_ids.shape
     device = input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
     check_left_padded(mask)
-    config = model.config
-    stops = torch.tensor(list(config.eos_token_ids if stop_tokens is None else stop_tokens), device=device,
-                         dtype=torch.long)
+    stops = torch.tensor(default_stop_tokens(model) if stop_tokens is None else
+                         _token_ids(stop_tokens, "stop_tokens", config.vocab_size), device=device, dtype=torch.long)
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
-            int(stops[0]) if len(stops) else 0)
+        pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", config.pad_token_id)
+        pad_token_id = pad_token_id if pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
+    elif not _whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:
+        raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}.")
     if max_new_tokens == 0:
         return input_ids
 

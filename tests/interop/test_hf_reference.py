@@ -1,5 +1,7 @@
 """Our decoder against HF transformers itself, on tiny random configs (Qwen3, Qwen3-MoE, Llama)."""
 
+import json
+
 import pytest
 import torch
 
@@ -113,3 +115,29 @@ def _stacked(state):
     from dyndepth.models.hf_layout import split_experts, stack_experts
 
     return stack_experts(split_experts(dict(state)))
+
+
+def test_default_stop_tokens_come_from_generation_config_as_in_hf(tmp_path):
+    # generate stopped at config.json's eos only; transformers stops at generation_config.json's (Qwen3: <|im_end|>
+    # and <|endoftext|>), so a checkpoint ran on past a stop token HF honours
+    hf = make_hf_model("qwen3-tied")
+    ids, mask = padded_batch(256)
+    with torch.no_grad():
+        free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, min_new_tokens=12)
+    stop = int(free[0, 11 + 3])  # a token row 0 emits at its 4th step
+    hf.config.eos_token_id = 255 if stop != 255 else 254  # config.json names another eos ...
+    hf.generation_config.eos_token_id = [hf.config.eos_token_id, stop]  # ... generation_config.json both
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [
+        hf.config.eos_token_id, stop]
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    ours = dyndepth.from_pretrained(tmp_path)
+    got = ours.generate(ids, 12, attention_mask=mask)
+    assert torch.equal(got, ref[:, :got.shape[1]]) and (ref[:, got.shape[1]:] == 0).all()
+    assert (got[0, 11:] == stop).any() and got[0, -1] == 0  # row 0 stopped and was padded
+    ours.save_pretrained(tmp_path / "again")  # the generation defaults travel with the checkpoint
+    again = dyndepth.from_pretrained(tmp_path / "again")
+    assert torch.equal(again.generate(ids, 12, attention_mask=mask), got)

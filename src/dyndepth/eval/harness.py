@@ -244,7 +244,7 @@ class DyndepthLM(TemplateLM):
         method = self.model.method
         stats = {k: v / max(self._forwards, 1) for k, v in self._stat_sums.items()}
         return {"dyndepth_method": method.to_dict() if method is not None else None,
-                "method_knobs": {**self.knobs.fields, **self.knobs.generate},
+                "method_knobs": dict(self.knobs.fields),  # (the generate arguments are the same values renamed)
                 "num_params": self.model.num_params(), "mean_forward_stats": stats}
 
 

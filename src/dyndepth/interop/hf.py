@@ -138,6 +138,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     for module in model.modules():  # non-persistent buffers (RoPE tables) are still on meta after loading
         if hasattr(module, "reset") and getattr(getattr(module, "inv_freq", None), "is_meta", False):
             module.reset()
+    generation = folder / "generation_config.json"  # generate's default stop ids (and pad) come from it, as in HF
+    model.generation_config = _read_json(generation) if generation.is_file() else None
     model.eval()
     return model.to(device) if device is not None else model
 

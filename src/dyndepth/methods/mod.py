@@ -33,6 +33,7 @@ the layer's own branch functions, so its work is counted in the forward's ledger
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -169,9 +170,13 @@ class MoD:
     def override(self, **knobs):
         return override_knobs(self, self._check, **knobs)
 
+    @contextlib.contextmanager
     def decoding(self, **knobs):
-        """Cached decoding: top-k mode routes with `decode_mode` whenever a cache is given; nothing else."""
-        return self.override(**knobs)
+        """Cached decoding: top-k mode routes with `decode_mode` whenever a cache is given; its thresholds are checked
+        on entry (not at the first forward, after a CLI has echoed the prompt)."""
+        with self.override(**knobs):
+            self._check_calibrated(self.config.decode_mode if self.mode == "topk" else self.mode)
+            yield self
 
     def recording(self, recorder: ThresholdRecorder):
         return override_knobs(self, lambda knobs: None, recorder=recorder, mode="topk")
@@ -194,11 +199,14 @@ class MoD:
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> MoDState:
         mode = self.config.decode_mode if self.mode == "topk" and ctx.cache is not None else self.mode
+        self._check_calibrated(mode)
+        return MoDState(mode=mode, valid=ctx.valid_or_all)
+
+    def _check_calibrated(self, mode: str) -> None:
         if mode == "router_threshold":
             check_calibrated([self._decoder.layers[s].mod.threshold_capacity_ppm for s in self.routed], self.capacity,
                              "capacity", f"mode 'router_threshold' at capacity {self.capacity}", "MoD",
                              ", or use mode='predictor'")
-        return MoDState(mode=mode, valid=ctx.valid_or_all)
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
         st: MoDState = ctx.state

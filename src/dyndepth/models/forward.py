@@ -139,8 +139,9 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}; add a batch dimension "
                          "with input_ids[None] for one sequence.")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; use .long().")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what the embedding takes
+        raise ValueError(f"input_ids must hold integer token ids as int64 (or int32), got dtype {input_ids.dtype}; "
+                         "use .long().")
     B, T = input_ids.shape
     if B == 0 or T == 0:
         raise ValueError(f"input_ids is empty (shape {(B, T)}); pass at least one token per row.")
@@ -149,6 +150,8 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
         raise ValueError(f"token ids must lie in [0, {config.vocab_size}) (the model's vocab_size), got ids from {lo} "
                          f"to {hi}; use the model's own tokenizer, or a model with a larger vocabulary.")
     for name, t in (("attention_mask", attention_mask), ("positions", positions), ("doc_ids", doc_ids)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (batch, time), got {type(t).__name__}.")
         if t is not None and tuple(t.shape) != (B, T):
             raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(t.shape)}.")
     if attention_mask is not None and attention_mask.dtype.is_floating_point:

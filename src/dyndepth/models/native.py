@@ -47,7 +47,8 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
     config = model.config.to_dict()
     name = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     config.update(architectures=[model.architecture], torch_dtype=name, dtype=name)
-    return write_pretrained(model.hf_state_dict(dtype), config, path, max_shard_bytes)
+    return write_pretrained(model.hf_state_dict(dtype), config, path, max_shard_bytes,
+                            getattr(model, "generation_config", None))
 
 
 def config_reader(config_class) -> Callable[[dict], object]:

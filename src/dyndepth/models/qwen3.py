@@ -208,12 +208,14 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
                         max_shard_bytes: int = 5 * 2**30) -> Path:
-        """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads (the method, if
-        any, is recorded under `dyndepth_method`, which transformers ignores)."""
+        """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads, and the loaded checkpoint's
+        generation_config.json. A method, if any, is recorded under `dyndepth_method`: transformers loads such a
+        folder as the plain base model (it reports the method's tensors as unexpected), whose outputs differ."""
         hf_config = hf_layout.config_to_hf(self.config, dtype or next(self.parameters()).dtype)
         if self.method is not None:
             hf_config["dyndepth_method"] = self.method.to_dict()
-        return write_pretrained(self.hf_state_dict(dtype), hf_config, path, max_shard_bytes)
+        return write_pretrained(self.hf_state_dict(dtype), hf_config, path, max_shard_bytes,
+                                getattr(self, "generation_config", None))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
