@@ -247,3 +247,14 @@ def test_train_reports_its_result_once_under_torchrun(tmp_path, monkeypatch):
                                           "--set", "model.vocab_size=264"])
         assert result.exit_code == 0, result.output
         assert ("trained 1 steps" in result.output) is shown, (rank, result.output)
+
+
+def test_eval_without_data_dir_names_the_offline_option_when_a_download_fails(monkeypatch):
+    # lm-eval's own task fetched its data set, and offline the command ended in a ConnectionError traceback
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'super_glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr("dyndepth.eval.run.run_eval", offline)
+    result = runner.invoke(app, ["eval", "demo-tiny", "--tasks", "copa"])
+    assert result.exit_code == 2 and result.output.startswith("error: ConnectionError: Couldn't reach"), result.output
+    assert "pass --data-dir ../shared/data" in result.output

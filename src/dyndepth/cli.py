@@ -334,8 +334,15 @@ def eval_(
     """Benchmarks through lm-eval (offline task files with --data-dir) and perplexity, in one table."""
     from dyndepth.eval.run import run_eval
 
-    result = _run(run_eval, model, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                  model_args=model_args, perplexity=perplexity, stride=stride, max_length=max_length, out=out)
+    try:
+        result = _run(run_eval, model, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                      model_args=model_args, perplexity=perplexity, stride=stride, max_length=max_length, out=out)
+    except OSError as e:  # lm-eval's own tasks download their data (ConnectionError, a hub timeout)
+        if data_dir is not None:
+            raise
+        _fail(OSError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- without --data-dir the "
+                      "tasks are lm-eval's own, which download their data; offline, pass --data-dir "
+                      "../shared/data for the local copies."))
     typer.echo(result["table"])
     typer.echo(f"wrote {result['path']}")
 
