@@ -288,6 +288,11 @@ def save_run_config(config: RunConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.write_text(run_config_text(config))
     tmp.replace(path)
     return path
+
+
+def run_config_text(config: RunConfig) -> str:
+    """The YAML `save_run_config` writes."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

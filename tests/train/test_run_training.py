@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -182,3 +183,23 @@ def test_a_list_of_relative_sources_is_saved_absolute_and_given_on_the_command_l
         (tmp_path / name).write_text("text\n")
     config = absolute_paths(load_run_config(None, ['data.source=["a.txt", "b.txt", "hf:org/name"]']))
     assert config.data["source"] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "hf:org/name"]
+
+
+def test_a_fresh_run_into_a_used_folder_sets_the_old_config_aside(tmp_path):
+    # a run killed before its first checkpoint left config.yaml and metrics.jsonl; a new run into the folder kept the
+    # metrics aside but overwrote the config, so what the earlier run was went missing
+    args = [f"train.out_dir={tmp_path / 'out'}", "train.steps=1", "train.batch_size=2", "train.seq_len=16",
+            "train.warmup=1", "train.progress=false", "train.plot=false", "train.device=cpu", "eval.enabled=false",
+            "train.save_every=0"]
+
+    def killed_before_its_checkpoint(*overrides):
+        run_training(None, [*args, *overrides], loader=TinyLoader(2, 16))
+        shutil.rmtree(tmp_path / "out" / "step_0000001")
+
+    killed_before_its_checkpoint("train.lr=1e-3")
+    first = (tmp_path / "out" / "config.yaml").read_text()
+    killed_before_its_checkpoint("train.lr=2e-3")
+    assert (tmp_path / "out" / "config.abandoned_0.yaml").read_text() == first
+    assert "lr: 0.002" in (tmp_path / "out" / "config.yaml").read_text()
+    killed_before_its_checkpoint("train.lr=2e-3")  # the same config again: nothing set aside
+    assert not (tmp_path / "out" / "config.abandoned_1.yaml").exists()

@@ -52,6 +52,15 @@ def _plain(v):
     return float(v.item()) if isinstance(v, torch.Tensor) else v
 
 
+def set_aside(path: Path) -> Path:
+    """Rename `path` (a replaced run's metrics.jsonl or config.yaml) to the first free `<stem>.abandoned_N<suffix>`
+    beside it; returns the new path."""
+    n = 0
+    while (aside := path.with_name(f"{path.stem}.abandoned_{n}{path.suffix}")).exists():
+        n += 1
+    return path.rename(aside)
+
+
 class MetricsLogger:
     """JSONL (+ TensorBoard, wandb) writer; a no-op on ranks other than 0."""
 
@@ -68,10 +77,7 @@ class MetricsLogger:
             old = self._read()
             kept = [r for r in old if r.get("step", 0) <= resume_step] if resume_step else []
             if len(kept) < len(old):  # the records of a run this one replaces: set aside, not lost
-                n = 0
-                while (aside := self.path.with_name(f"metrics.abandoned_{n}.jsonl")).exists():
-                    n += 1
-                self.path.rename(aside)
+                aside = set_aside(self.path)
                 log.warning("%s: %d record(s) past step %d of the run this one replaces moved to %s",
                             self.path, len(old) - len(kept), resume_step, aside.name)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyndepth.runconfig import RunConfig, TrainConfig, save_run_config
+from dyndepth.runconfig import RunConfig, TrainConfig, run_config_text, save_run_config
 from dyndepth.train import checkpoint as ckpt
 from dyndepth.train import parallel
 from dyndepth.train.hooks import (
@@ -58,7 +58,7 @@ from dyndepth.train.hooks import (
     hooks_state_dict,
 )
 from dyndepth.train.loss import IGNORE_INDEX, lm_loss
-from dyndepth.train.metrics import MetricsLogger, flops_per_token, peak_flops, perplexity, plot_loss
+from dyndepth.train.metrics import MetricsLogger, flops_per_token, peak_flops, perplexity, plot_loss, set_aside
 from dyndepth.train.optim import apply_freeze, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,14 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
     wrapped = parallel.wrap_model(raw, cfg.parallel, info, cfg.dtype)
     optimizer = build_optimizer(raw, cfg)
     return raw, wrapped, optimizer, build_scheduler(optimizer, cfg)
+
+
+def _save_config(run_config: RunConfig, path: Path, resumed: bool) -> None:
+    """The run's config.yaml; a fresh run into a folder holding another run's config sets that one aside
+    (config.abandoned_N.yaml, as its metrics), so what the earlier run was is not lost."""
+    if not resumed and path.is_file() and path.read_text() != run_config_text(run_config):
+        log.warning("%s: the config of the run this one replaces moved to %s", path, set_aside(path).name)
+    save_run_config(run_config, path)
 
 
 def _resume_path(cfg: TrainConfig, info: parallel.DistInfo) -> Path | None:
@@ -309,7 +317,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
         ckpt.remove_stale_tmp(out_dir)
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
-        save_run_config(run_config, out_dir / "config.yaml")
+        _save_config(run_config, out_dir / "config.yaml", resumed=resume is not None)
     meter, bar = _Meter(cfg, raw, info), _progress(cfg, info, result.steps)
     for step in range(result.steps + 1, cfg.steps + 1):
         try:
