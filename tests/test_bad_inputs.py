@@ -176,10 +176,7 @@ def test_cli_device_and_dtype(tmp_path):
 
 
 # the cases above, counted for the issue note
-BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4
-
-
-@pytest.mark.parametrize("args, kwargs, message", [
+GENERATE_CASES = [
     # each of these failed inside torch or Python (TypeError, AttributeError, an embedding RuntimeError)
     ((torch.zeros(1, 3, dtype=torch.uint8), 2), {}, "as int64"),
     (([[1, 2, 3]], 2), {}, "must be a torch.Tensor"),
@@ -192,18 +189,25 @@ BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4
     ((None, 2), {"stop_tokens": ["a"]}, "token id or a list"),
     ((None, 2), {"pad_token_id": -5}, "pad_token_id must be a token id"),
     ((torch.full((1, 3), 999), 0), {}, "token ids must lie in"),  # no forward runs: checked all the same
-])
+]
+
+
+@pytest.mark.parametrize("args, kwargs, message", GENERATE_CASES)
 def test_generate_arguments_are_checked_at_the_boundary(model, args, kwargs, message):
     ids = torch.tensor([[1, 2, 3]]) if args[0] is None else args[0]
     with pytest.raises(ValueError, match=message):
         model.generate(ids, *args[1:], **kwargs)
 
 
-def test_generate_takes_one_stop_token_as_an_int(model):
+def test_generate_takes_one_stop_token_as_an_int_and_any_iterable_or_scalar_tensor(model):
     ids = torch.tensor([[1, 2, 3]])
     first = int(model.generate(ids, 1)[0, -1])
     out = model.generate(ids, 4, stop_tokens=first, pad_token_id=0)  # (an int: a TypeError before)
     assert out.shape[1] == 4 and int(out[0, -1]) == first  # stopped at once: the loop ends when every row stopped
+    for stops in ((t for t in [first]), torch.tensor([first]), torch.tensor(first)):  # a one-shot iterator too
+        assert torch.equal(model.generate(ids, 4, stop_tokens=stops, pad_token_id=0), out)
+    assert torch.equal(model.generate(ids, torch.tensor(4), stop_tokens=[first], pad_token_id=torch.tensor(0),
+                                      temperature=torch.tensor(0.0)), out)
 
 
 def test_other_bad_values_are_named():
@@ -218,9 +222,8 @@ def test_other_bad_values_are_named():
     dnd = CausalLM(preset("tiny-qwen3"))
     method = attach_dnd(dnd, {"layers": (0, 1)})
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="tau_offset must be a finite number"):
-            with method.override(tau_offset=bad):
-                pass
+        with pytest.raises(ValueError, match="tau_offset must be a finite number"), method.override(tau_offset=bad):
+            pass
 
 
 def test_a_skip_budget_for_a_dreamer_names_its_own_knobs():
@@ -229,3 +232,6 @@ def test_a_skip_budget_for_a_dreamer_names_its_own_knobs():
     dreamer = build_model(preset("dreamer-tiny")).eval()
     with pytest.raises(ValueError, match=r"a DreamerLM has no skip budget .* its own knobs are \['exit_kl'"):
         dreamer.generate(torch.tensor([[1, 2]]), 2, skip_budget=0.3)  # (it said: attach one, attach_gateskip)
+
+
+BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4 + len(GENERATE_CASES) + 4 + 1

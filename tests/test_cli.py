@@ -95,12 +95,17 @@ def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_
     attach_mod(model, MoDConfig(capacity=0.5))
     model.save_pretrained(tmp_path)
     long = runner.invoke(app, ["generate", str(tmp_path), "-p", "abc", "--tokenizer", "byte", "-n", "5000"])
-    assert long.exit_code == 2 and long.output.startswith("error: the prompt (3 tokens) plus --max-new-tokens"), \
+    assert long.exit_code == 2 and long.output.startswith("error: prompt (3) + max_new_tokens (5000) exceeds"), \
         long.output
     uncalibrated = runner.invoke(app, ["generate", str(tmp_path), "-p", "abc", "--tokenizer", "byte",
                                        "--knobs", "capacity=0.3,mode=router_threshold"])
     assert uncalibrated.exit_code == 2 and uncalibrated.output.startswith("error: ") and \
         "calibrated" in uncalibrated.output, uncalibrated.output
+    saved = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))  # its saved settings need thresholds: no knobs given
+    attach_mod(saved, MoDConfig(capacity=0.5, decode_mode="router_threshold"))
+    saved.save_pretrained(tmp_path / "needs")
+    needs = runner.invoke(app, ["generate", str(tmp_path / "needs"), "-p", "abc", "--tokenizer", "byte", "-n", "2"])
+    assert needs.exit_code == 2 and needs.output.startswith("error: mode 'router_threshold'"), needs.output
 
 
 def test_generate_takes_a_dreamers_own_knobs(tmp_path):

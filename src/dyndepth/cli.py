@@ -79,7 +79,7 @@ def generate(
     """Generate text from a model with the KV-cached batched sampler."""
     import torch
 
-    from dyndepth.generation import check_sampling
+    from dyndepth.generation import check_length, check_sampling
     from dyndepth.methods.calibration import parse_knobs
     from dyndepth.models.forward import check_inputs
     from dyndepth.tokenizer import ByteTokenizer, encode_batch, load_tokenizer
@@ -89,16 +89,15 @@ def generate(
     if max_new_tokens < 0:
         _fail(ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}."))
     lm = _run(_load_model, model, dtype, device)
-    if skip_budget is not None or method_knobs:  # checked before the prompt is echoed
-        _run(_check_decoding_knobs, lm, skip_budget, method_knobs)
-    tok = _run(load_tokenizer, tokenizer or ("byte" if model in _presets() else model))
-    if isinstance(tok, ByteTokenizer) and tok.vocab_size < lm.config.vocab_size:  # a preset's padded vocabulary:
+    if skip_budget is not None or method_knobs or getattr(lm, "method", None) is not None:
+        _run(_check_decoding_knobs, lm, skip_budget, method_knobs)  # (a method's thresholds too) before the echo
+    preset = model in _presets()
+    tok = _run(load_tokenizer, tokenizer or ("byte" if preset else model))
+    if preset and isinstance(tok, ByteTokenizer) and tok.vocab_size < lm.config.vocab_size:  # a padded vocabulary:
         tok = ByteTokenizer(lm.config.vocab_size)  # its ids past the bytes decode as unused specials (to nothing)
     ids, mask = encode_batch(tok, prompt, padding_side="left")
     _run(check_inputs, lm.config, ids, mask)  # (a prompt too long for the model; ids the model lacks)
-    if ids.shape[1] + max_new_tokens > lm.config.max_position_embeddings:
-        _fail(ValueError(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
-                         f"model's max_position_embeddings ({lm.config.max_position_embeddings}); ask for fewer."))
+    _run(check_length, lm.config, ids.shape[1], max_new_tokens)
     callback = None
     if stream and len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
@@ -116,9 +115,10 @@ def generate(
 
 
 class _TextStream:
-    """generate's callback for one row: prints the text of the tokens so far as it grows. Each token decoded alone
-    would split a character that spans several tokens (bytes or byte-level BPE pieces) into U+FFFD marks; the
-    growing text holds back a trailing U+FFFD until the character completes (or the generation ends)."""
+    """generate's callback for one row: prints the text of the line's tokens so far as it grows. Each token decoded
+    alone would split a character that spans several tokens (bytes or byte-level BPE pieces) into U+FFFD marks; the
+    growing text holds back a trailing U+FFFD until the character completes (or the generation ends). A finished
+    line starts a new buffer, so decoding stays linear in the output, not quadratic."""
 
     def __init__(self, tok) -> None:
         self.tok, self.ids, self.shown = tok, [], ""
@@ -126,14 +126,16 @@ class _TextStream:
     def __call__(self, _step: int, token) -> None:
         self.ids.append(int(token[0]))
         self._show(self.tok.decode(self.ids).rstrip("\ufffd"))
+        if self.shown.endswith("\n"):
+            self.ids, self.shown = [], ""
 
     def finish(self) -> None:
         self._show(self.tok.decode(self.ids))
         typer.echo()
 
     def _show(self, text: str) -> None:
-        if text.startswith(self.shown):  # (a decoder may rewrite earlier text, e.g. spaces; then wait for the end)
-            typer.echo(text[len(self.shown):], nl=False)
+        if len(text) > len(self.shown) and text.startswith(self.shown):  # (a decoder may rewrite earlier text,
+            typer.echo(text[len(self.shown):], nl=False)  # e.g. spaces: then it waits for the line's end)
             self.shown = text
 
 
@@ -203,7 +205,8 @@ def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
 
 
 def _check_decoding_knobs(lm, skip_budget: Optional[float], knobs: dict) -> None:
-    """`generate`'s knobs checked by entering the method's decoding scope once (before the prompt is echoed)."""
+    """`generate`'s knobs (and an attached method's thresholds for its saved settings) checked by entering the
+    method's decoding scope once (before the prompt is echoed)."""
     from dyndepth.generation import decoding_knobs
 
     with decoding_knobs(lm, skip_budget, knobs):
@@ -337,8 +340,9 @@ def eval_(
     try:
         result = _run(run_eval, model, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
                       model_args=model_args, perplexity=perplexity, stride=stride, max_length=max_length, out=out)
-    except OSError as e:  # lm-eval's own tasks download their data (ConnectionError, a hub timeout)
-        if data_dir is not None:
+    except OSError as e:  # lm-eval's own tasks download their data (requests' and the hub's errors are OSErrors)
+        local = (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+        if data_dir is not None or not tasks or isinstance(e, local):
             raise
         _fail(OSError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- without --data-dir the "
                       "tasks are lm-eval's own, which download their data; offline, pass --data-dir "

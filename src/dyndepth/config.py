@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}  # required
 
 
 class ConfigError(ValueError):
@@ -83,8 +84,7 @@ class ModelConfig:
                 raise ConfigError(
                     f"rope_scaling type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}."
                 )
-            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
-            missing = [k for k in needed.get(rope_type, ()) if k not in self.rope_scaling]
+            missing = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if k not in self.rope_scaling]
             if missing:
                 raise ConfigError(f"rope_scaling of type {rope_type!r} needs {missing}; got {self.rope_scaling}.")
 

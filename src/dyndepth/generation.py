@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -32,11 +33,49 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 
 def _whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An integer: a Python, numpy or one-element integer torch value; not a bool, a float or a string."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _real(value) -> bool:
+    """A real number (a Python, numpy or one-element torch value); not a bool or a string."""
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_length(config, prompt_len: int, max_new_tokens: int) -> None:
+    if prompt_len + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings ({config.max_position_embeddings}); ask for fewer new tokens.")
+
+
+def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  stop_tokens=None, pad_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every check of a generation request, before any forward (generate's and speculative decoding's): the long
+    attention mask (B, T), the stop ids (S,) and the pad id. Default stops and pad as `default_stop_tokens` says."""
+    config = model.config
+    check_inputs(config, input_ids, attention_mask)  # (here too: a generate of 0 tokens runs no forward)
+    if not _whole(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
+    check_sampling(temperature, top_k, top_p)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
+    check_left_padded(mask)
+    check_length(config, int(mask.sum(-1).max()), int(max_new_tokens))
+    stops = default_stop_tokens(model) if stop_tokens is None else _token_ids(stop_tokens, config.vocab_size)
+    if pad_token_id is None:
+        pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", config.pad_token_id)
+        pad_token_id = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
+    elif not _whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:
+        raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}.")
+    return mask, torch.tensor(stops, device=input_ids.device, dtype=torch.long), int(pad_token_id)
 
 
 def default_stop_tokens(model) -> list[int]:
@@ -48,20 +87,18 @@ def default_stop_tokens(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _token_ids(value, name: str, vocab_size: int) -> list[int]:
-    """stop_tokens (an id or ids) as a list of ids in [0, vocab_size), else a ValueError naming `name`."""
-    items = [value] if _whole(value) or (torch.is_tensor(value) and value.dim() == 0) else value
+def _token_ids(value, vocab_size: int) -> list[int]:
+    """stop_tokens (an id, or ids in any iterable) as a list of ids in [0, vocab_size), else a ValueError."""
     try:
-        ids = [int(v) for v in items if _whole(v) or (torch.is_tensor(v) and v.numel() == 1
-                                                      and not v.is_floating_point())]
-        complete = len(ids) == len(list(items))
+        items = [value] if _whole(value) else list(value)
     except TypeError:
-        complete = False
-    if not complete:
-        raise ValueError(f"{name} must be a token id or a list of token ids, got {value!r}.")
+        items = None
+    if items is None or not all(_whole(v) for v in items):
+        raise ValueError(f"stop_tokens must be a token id or a list of token ids, got {value!r}.")
+    ids = [operator.index(v) for v in items]
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise ValueError(f"{name} {bad} lie outside the model's vocabulary [0, {vocab_size}).")
+        raise ValueError(f"stop_tokens {bad} lie outside the model's vocabulary [0, {vocab_size}).")
     return ids
 
 
@@ -170,31 +207,15 @@ def generate(
         with decoding_knobs(model, skip_budget, method_knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
                             stop_tokens, pad_token_id, callback, generator, compile, cache_dtype, cache=cache)
-    config = model.config
-    check_inputs(config, input_ids, attention_mask)  # here too: a generate of 0 tokens runs no forward
-    if not _whole(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
-    check_sampling(temperature, top_k, top_p)
-    B, T = input_ids.shape
-    device = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-    check_left_padded(mask)
-    stops = torch.tensor(default_stop_tokens(model) if stop_tokens is None else
-                         _token_ids(stop_tokens, "stop_tokens", config.vocab_size), device=device, dtype=torch.long)
-    if pad_token_id is None:
-        pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", config.pad_token_id)
-        pad_token_id = pad_token_id if pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
-    elif not _whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:
-        raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}.")
+    mask, stops, pad_token_id = check_request(model, input_ids, max_new_tokens, attention_mask, temperature, top_k,
+                                              top_p, stop_tokens, pad_token_id)
+    max_new_tokens, config, device, B = operator.index(max_new_tokens), model.config, input_ids.device, len(input_ids)
     if max_new_tokens == 0:
         return input_ids
 
     lengths = mask.sum(-1)  # (B,)
     prompt_len = int(lengths.max())
     max_len = prompt_len + max_new_tokens
-    if max_len > config.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_position_embeddings ({config.max_position_embeddings}).")
     compiled = compile is True or isinstance(compile, dict)
     dtype = cache_dtype or next(model.parameters()).dtype
     if cache is None:

@@ -100,8 +100,8 @@ _WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d
 def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | Path,
                      max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None) -> Path:
     """A HF checkpoint folder: `config.json` and `model.safetensors`, or shards plus their index above
-    `max_shard_bytes`, and `generation_config.json` when given (a loaded checkpoint's, kept); every file written
-    atomically. `state` is already in the on-disk layout."""
+    `max_shard_bytes`, and `generation_config.json` when given (a loaded checkpoint's, kept; else a previous save's
+    is removed); every file written atomically. `state` is already in the on-disk layout."""
     quantized = sorted(k for k in state if k.endswith(".qweight"))
     if quantized:  # checked before anything is written: such a folder would not load
         raise ValueError(f"the model's weights are quantized in memory ({quantized[0]}, ...: methods/quantize.py), "
@@ -132,6 +132,8 @@ def write_pretrained(state: dict[str, torch.Tensor], config: dict, path: str | P
     write_json(config, path / "config.json")
     if generation_config is not None:
         write_json(generation_config, path / "generation_config.json")
+    elif (path / "generation_config.json").is_file():  # a previous save's: its stop ids would be read back
+        (path / "generation_config.json").unlink()
     written = {"model.safetensors"} if len(shards) == 1 else {*weight_map.values(), "model.safetensors.index.json"}
     for stale in path.iterdir():  # a previous save's weights in another sharding: loaders would read its index
         if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:

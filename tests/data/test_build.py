@@ -205,3 +205,20 @@ def test_val_source_with_the_embedded_data_is_an_error():
     # it was ignored: the embedded data hold out their own examples
     with pytest.raises(DataError, match="remove data.val_source"):
         resolve_data_config({"source": "embedded", "val_source": "x.txt"})
+
+
+def test_no_val_source_may_be_written_none_or_an_empty_list_and_one_item_lists_key_as_their_item(tmp_path):
+    from dyndepth.bench.study import data_key
+    from dyndepth.runconfig import load_run_config
+    from dyndepth.train.run import absolute_paths
+
+    a = tmp_path / "a.txt"
+    a.write_text("text\n")
+    for none in (None, [], ""):  # (--set data.val_source=none parses to None: it was an error for a moment)
+        assert resolve_data_config({"source": str(a), "val_source": none})["val_source"] == ""
+    assert data_key({"source": [str(a)]}) == data_key({"source": str(a)})
+    mixed = data_key({"source": [str(a), "hf:org/set"]})["source"]
+    a.write_text("edited\n")  # a list holding hf: names still follows its local files' content
+    assert data_key({"source": [str(a), "hf:org/set"]})["source"] != mixed
+    one = absolute_paths(load_run_config(None, [f'data.source=["{a}"]']))
+    assert one.data["source"] == str(a)  # (resuming a run saved with the item compares equal)

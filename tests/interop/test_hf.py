@@ -171,3 +171,15 @@ def test_v5_rope_parameters_and_aliases_are_read():
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling["rope_type"] == "llama3"
     moe = config_from_hf({"model_type": "qwen3_moe", "num_local_experts": 6, "num_experts_per_tok": 2})
     assert moe.num_experts == 6
+
+
+def test_a_save_without_generation_defaults_removes_a_previous_saves(tmp_path):
+    # write_pretrained removed a previous save's stale weight files but kept its generation_config.json, whose stop
+    # ids the next from_pretrained then read back for a model that never had them
+    first = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    first.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    assert dyndepth.from_pretrained(tmp_path).generation_config == {"eos_token_id": 3}
+    dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).save_pretrained(tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    assert dyndepth.from_pretrained(tmp_path).generation_config is None

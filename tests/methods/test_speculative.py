@@ -166,6 +166,20 @@ def test_stop_tokens_end_rows_like_generate(cache_mode):
     assert (out[0, 7 + first + 1:] == 255).all()
 
 
+def test_default_stops_are_generates_the_generation_configs_too():
+    # generate took generation_config.json's eos ids (as transformers does) and speculative decoding kept
+    # config.json's: at temperature 0 the two no longer agreed on a Qwen3-style checkpoint
+    model, _ = spec_model()
+    ids, mask = left_padded_pair()
+    free = model.generate(ids, 12, attention_mask=mask, stop_tokens=[])
+    model.generation_config = {"eos_token_id": [int(free[0, 7 + 2])], "pad_token_id": 255}
+    ref = model.generate(ids, 12, attention_mask=mask)
+    out, _ = speculative_generate(model, ids, 12, attention_mask=mask, num_draft=3)
+    assert torch.equal(out, ref) and (ref[0, 7 + 3:] == 255).all()
+    with pytest.raises(ValueError, match="temperature must be"):  # generate's argument checks, the same ones
+        speculative_generate(model, ids, 4, temperature=-1.0)
+
+
 def test_all_rows_stopping_early_shortens_the_output():
     model, _ = spec_model()
     ids = torch.randint(0, 256, (1, 5))

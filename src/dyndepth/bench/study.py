@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from dyndepth.bench.match import FAMILIES, MatchConfig, describe, load_reference, run_match
 from dyndepth.bench.timing import machine_description, markdown_table
-from dyndepth.data.build import build_loader, build_tokenizer, source_fingerprint
+from dyndepth.data.build import build_loader, build_tokenizer, one_source, source_fingerprint, source_items
+from dyndepth.data.sources import HF_PREFIX
 from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.models import build_model
@@ -236,9 +237,12 @@ def data_key(data: dict) -> dict:
     path, without the cache folder."""
     key = json.loads(json.dumps({k: v for k, v in data.items() if k != "cache_dir"}))
     for name in ("source", "val_source"):
-        items = key.get(name) if isinstance(key.get(name), list) else [key.get(name)]
-        if key.get(name) and all(isinstance(v, str) and Path(v).exists() for v in items):
-            key[name] = source_fingerprint(key[name], data.get("cache_dir"))
+        if not key.get(name):
+            continue
+        value = key[name] = one_source(key[name])
+        local = [v for v in source_items(value) if not v.startswith(HF_PREFIX)]
+        if local and all(Path(v).exists() for v in local):  # (hf: names fingerprint as their name)
+            key[name] = source_fingerprint(value, data.get("cache_dir"))
     return key
 
 

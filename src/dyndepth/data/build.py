@@ -87,7 +87,9 @@ def resolve_data_config(data_cfg: dict) -> dict:
 
 def _checked_source(value, key: str) -> str | list[str]:
     """data.source / val_source as a string or a list of at least two strings (a one-item list is its item, so it
-    keeps the item's shard cache); paths may be given as `Path`s."""
+    keeps the item's shard cache); paths may be given as `Path`s. A val_source of None or [] is none ("")."""
+    if key == "val_source" and (value is None or (isinstance(value, (list, tuple)) and not value)):
+        return ""
     if isinstance(value, (list, tuple)):
         items = [str(v) if isinstance(v, Path) else v for v in value]
         if not items or not all(isinstance(v, str) and v for v in items):
@@ -100,14 +102,19 @@ def _checked_source(value, key: str) -> str | list[str]:
     if isinstance(value, Path):
         return str(value)
     if not isinstance(value, str):
-        raise DataError(f"data.{key}={value!r} is not a source: write a path, '{HF_PREFIX}<name>', a list of those, "
-                        "or 'embedded'.")
+        raise DataError(f"data.{key}={value!r} is not a source: write a path, '{HF_PREFIX}<name>' or a list of those"
+                        + (", or 'embedded'." if key == "source" else "."))
     return value
 
 
-def source_items(source: str | list[str]) -> list[str]:
+def source_items(source: str | list[str] | tuple) -> list[str]:
     """The sources a data.source value names, in order."""
-    return list(source) if isinstance(source, list) else [source]
+    return [str(s) for s in source] if isinstance(source, (list, tuple)) else [str(source)]
+
+
+def one_source(source):
+    """A one-item list of sources as its item (it reads and caches as the item does); anything else as given."""
+    return source[0] if isinstance(source, (list, tuple)) and len(source) == 1 else source
 
 
 def _check_disjoint(source: str | list[str], val_source: str | list[str]) -> None:
@@ -125,8 +132,10 @@ def _check_disjoint(source: str | list[str], val_source: str | list[str]) -> Non
                 _warn_overlap(str(v), str(s))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_overlap(val: str, source: str) -> None:
+    if int(os.environ.get("RANK", 0)):  # once, from rank 0 of a torchrun job
+        return
     log.warning("data.val_source %r overlaps data.source %r: the validation text is also trained on, so the "
                 "validation loss is not held out. List the training files instead, e.g. data.source = "
                 "[\"a.txt\", \"b.txt\"], without the validation file.", val, source)

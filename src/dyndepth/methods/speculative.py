@@ -256,28 +256,17 @@ class _Run:
 
 
 def _prepare(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int, num_draft: int,
-             cache_mode: str, stop_tokens, pad_token_id):
-    """Check the arguments; return the long mask (B, T), stop ids (S,) and the pad id."""
-    from dyndepth.generation import check_left_padded
+             cache_mode: str, stop_tokens, pad_token_id, temperature, top_k, top_p):
+    """Check the arguments (generate's checks, and this loop's own); return the long mask (B, T), stop ids (S,) and
+    the pad id."""
+    from dyndepth.generation import check_request
 
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}.")
-    if max_new_tokens < 0 or num_draft < 1:
-        raise ValueError(f"need max_new_tokens >= 0 and num_draft >= 1, got {max_new_tokens}, {num_draft}.")
+    if not isinstance(num_draft, int) or isinstance(num_draft, bool) or num_draft < 1:
+        raise ValueError(f"num_draft must be a whole number >= 1, got {num_draft!r}.")
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
-    device, config = input_ids.device, model.config
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-    check_left_padded(mask)
-    stops = torch.tensor(list(config.eos_token_ids if stop_tokens is None else stop_tokens), device=device,
-                         dtype=torch.long)
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
-            int(stops[0]) if len(stops) else 0)
-    if int(mask.sum(-1).max()) + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"prompt + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
-                         f"({config.max_position_embeddings}).")
-    return mask, stops, pad_token_id
+    return check_request(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, stop_tokens,
+                         pad_token_id)
 
 
 @torch.no_grad()
@@ -309,7 +298,8 @@ def speculative_generate(
     """
     method = _skip_method(model, draft_budget)
     mask, stops, pad = _prepare(model, input_ids, attention_mask, max_new_tokens, num_draft, cache_mode,
-                                stop_tokens, pad_token_id)
+                                stop_tokens, pad_token_id, temperature, top_k, top_p)
+    max_new_tokens = int(max_new_tokens)
     if max_new_tokens == 0:
         return input_ids, SpecStats()
     sampling = temperature > 0

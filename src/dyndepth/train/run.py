@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
-from dyndepth.data.build import build_loader, build_tokenizer, holds_out
+from dyndepth.data.build import build_loader, build_tokenizer, holds_out, one_source
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import TrainResult, train
@@ -141,6 +141,7 @@ def absolute_paths(run_config: RunConfig) -> RunConfig:
 def _absolute(section: dict, *keys: str, existing: bool = True) -> dict:
     """`section` with the relative paths among `keys` resolved (only those that exist here, with `existing`)."""
     def resolved(value):
+        value = one_source(value)
         if isinstance(value, (list, tuple)):  # a list of data sources: each item
             return [resolved(v) for v in value]
         relative = isinstance(value, str) and value and not Path(value).is_absolute()
