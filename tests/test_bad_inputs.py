@@ -234,4 +234,113 @@ def test_a_skip_budget_for_a_dreamer_names_its_own_knobs():
         dreamer.generate(torch.tensor([[1, 2]]), 2, skip_budget=0.3)  # (it said: attach one, attach_gateskip)
 
 
-BAD_INPUTS = len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4 + len(GENERATE_CASES) + 4 + 1
+
+
+CONFIG_CASES = [
+    # configs built in Python skip the recipes' coercion: these failed inside torch, or ran wrong
+    (lambda: dyndepth.ModelConfig(rms_norm_eps="abc"), "model.rms_norm_eps='abc' must be a finite number"),
+    (lambda: dyndepth.ModelConfig(head_dim=32.0), "model.head_dim=32.0 must be a whole number or None"),
+    (lambda: dyndepth.ModelConfig(decoder_sparse_step=0), "decoder_sparse_step must be >= 1"),
+    (lambda: dyndepth.ModelConfig(num_experts=4, num_experts_per_tok=0), "num_experts_per_tok must be >= 1"),
+    (lambda: dyndepth.ModelConfig(mlp_only_layers=5), "mlp_only_layers=5 must be a list"),
+    (lambda: dyndepth.ModelConfig(num_hidden_layers=2, mlp_only_layers=[7]), r"mlp_only_layers \[7\] name no layer"),
+    (lambda: dyndepth.ModelConfig(rope_theta=-5.0), "rope_theta .* must be > 0"),
+    (lambda: dyndepth.ModelConfig(rope_scaling="linear"), "rope_scaling='linear' must be a table"),
+    (lambda: dyndepth.ModelConfig(rope_scaling={"rope_type": "linear", "factor": 0}), "finite numbers > 0"),
+    (lambda: dyndepth.ModelConfig(tie_word_embeddings="false"), "must be true or false"),
+    (lambda: dyndepth.build_model(preset("dreamer-tiny", num_key_value_heads=0)).config,
+     "num_key_value_heads must be >= 1"),
+    (lambda: preset("dreamer-tiny", num_recurrences=2.5), "num_recurrences=2.5 must be a whole number"),
+    (lambda: preset("dreamer-tiny", da_num_heads=0), "da_num_heads must be >= 1"),
+    (lambda: preset("mor-tiny", capacity=0.5), "capacity=0.5 must be a list"),
+    (lambda: preset("huginn-tiny", mean_recurrence=2.5), "mean_recurrence=2.5 must be a whole number"),
+    (lambda: GateSkipConfig(budget="0.3"), "gateskip.budget='0.3' must be a finite number"),
+    (lambda: GateSkipConfig(ramp_steps=-5), "ramp_steps must be >= 0"),
+    (lambda: GateSkipConfig(skip_branches="attn", budget=0.5), "every token would skip it"),
+    (lambda: MoDConfig(capacity=None), "mod.capacity=None must be a finite number"),
+    (lambda: MoDConfig(anneal_period=-2), "anneal_period must be >= 0"),
+    (lambda: MoDConfig(predictor_hidden=-1), "predictor_hidden must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("make, message", CONFIG_CASES)
+def test_configs_check_their_fields(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_method_configs_take_ints_for_floats_and_refuse_nan():
+    from dyndepth.methods import DNDConfig, attach_dnd
+
+    config = DNDConfig(layers=[0, 1], beta_init=0)  # an int parameter failed: "Only Tensors of floating point ..."
+    assert config.layers == (0, 1) and isinstance(config.beta_init, float)
+    attach_dnd(CausalLM(preset("tiny-qwen3")), config)
+    with pytest.raises(ValueError, match="dnd.alpha=nan must be a finite number"):  # tau went nan: nothing nested
+        DNDConfig(alpha=float("nan"))
+    method = attach_gateskip(CausalLM(preset("tiny-qwen3")), GateSkipConfig(skip_branches="mlp"))
+    with pytest.raises(ValueError, match="every token would skip it"), method.override(budget=0.7):
+        pass
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.min_lr=-1"], "train.min_lr must be >= 0"), (["train.peak_tflops=0"], "train.peak_tflops must be > 0"),
+    (["train.lr=inf"], "train.lr=inf must be a finite number"), (["train.eps=0"], "train.eps"),
+    (["train.betas=[1.5, 0.9]"], r"train.betas \[1.5, 0.9\] lie in \[0, 1\)"), (["train.seed=-3"], "train.seed"),
+])
+def test_train_settings_are_checked(overrides, message):
+    from dyndepth.runconfig import RunConfigError, load_run_config
+
+    with pytest.raises(RunConfigError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_bench_options_are_checked():
+    from dyndepth.bench.dnd import DNDBenchConfig
+    from dyndepth.bench.dreamer import DreamerBenchConfig
+    from dyndepth.bench.gateskip import GateSkipBenchConfig
+
+    for make, message in ((lambda: DNDBenchConfig(new_tokens=1), "new_tokens must be >= 2"),
+                          (lambda: DNDBenchConfig(dtype="foo"), "dtype 'foo' is not one of"),
+                          (lambda: DNDBenchConfig(prefill_len=-3), "prefill_len must be >= 1"),
+                          (lambda: DNDBenchConfig(batches=[-1]), "batches must be a non-empty list"),
+                          (lambda: DNDBenchConfig(device="foo"), "device 'foo'"),
+                          (lambda: DNDBenchConfig(model="dreamer-tiny"), "attaches DND to a decoder preset"),
+                          (lambda: GateSkipBenchConfig(prefill_lens=[-4]), "prefill_lens must be a non-empty"),
+                          (lambda: DreamerBenchConfig(model="dreamer-tiny", prompt_len=1100),
+                           "must fit dreamer-tiny's max_position_embeddings")):
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+BAD_INPUTS = (len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4 + len(GENERATE_CASES) + 4 + 1
+              + len(CONFIG_CASES) + 2 + 6 + 8 + 5)
+
+
+def test_analysis_tools_name_bad_input(tmp_path):
+    from dyndepth.methods import DNDConfig, attach_dnd
+    from dyndepth.methods.dnd_analysis import entropy_correlation, plot_controller
+    from dyndepth.methods.prune import prune_layers
+    from dyndepth.methods.quantize import quantize_weights
+
+    with pytest.raises(ValueError, match="group_size=0 must be a whole number >= 1"):  # (0 meant the default)
+        quantize_weights(CausalLM(preset("tiny-qwen3")), bits=4, group_size=0)
+    with pytest.raises(ValueError, match="n=1.5"):
+        prune_layers(CausalLM(preset("tiny-qwen3")), 1.5, scores=[0.0, 1.0])
+    dnd = CausalLM(preset("tiny-qwen3"))
+    attach_dnd(dnd, DNDConfig(layers=(0, 1)))
+    with pytest.raises(ValueError, match="at least one batch"):
+        entropy_correlation(dnd, [])
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+        plot_controller(bad, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="no such file"):
+        plot_controller(tmp_path / "missing.jsonl", tmp_path / "c.png")
+
+
+def test_plots_make_their_folder(tmp_path):
+    from dyndepth.methods.dnd_analysis import plot_controller
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "dnd/selected/L0": 0.2, "dnd/tau/L0": 0.5}\n')
+    assert plot_controller(metrics, tmp_path / "new" / "folder" / "c.png").is_file()  # (FileNotFoundError before)

@@ -7,6 +7,11 @@ dictionary copy (see `interop/hf.py`). Derived values are filled in `__post_init
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
+import types
+import typing
 from dataclasses import dataclass, field
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
@@ -16,6 +21,95 @@ ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_facto
 
 class ConfigError(ValueError):
     """A model configuration that dyndepth cannot build; the message names the field and the fix."""
+
+
+# ------------------------------------------------------------------------------------ field checks
+
+def check_fields(obj, owner: str, error: type[Exception] = ConfigError) -> None:
+    """The fields of dataclass `obj` against their annotations, in place, before any other check reads them: an int
+    field holds a whole number (a numpy or torch integer becomes an int; a bool, a float or a string is refused), a
+    float field a finite number (an int becomes a float; nan and inf are refused), a bool field a bool, a str field a
+    string, `None` only where the annotation allows it, and lists / tuples hold such items (a list given for a tuple
+    becomes one). A value that fits no annotation is one `error` naming `owner.field`; other types are not checked.
+    Dataclasses built from Python skip the coercion recipes do, so without this `budget="0.3"` or `beta_init=0` (an
+    int parameter) failed inside torch, and nan passed every `< 0` check."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        ok, conformed = _conform(value, hints[f.name])
+        if not ok:
+            raise error(f"{owner}.{f.name}={value!r} must be {_describe(hints[f.name])}.")
+        if conformed is not value:
+            setattr(obj, f.name, conformed)
+
+
+def _conform(value, tp) -> tuple[bool, object]:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, conformed = _conform(value, arg)
+            if ok:
+                return True, conformed
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        try:
+            return True, operator.index(value)
+        except TypeError:
+            return False, value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return False, value
+        return True, float(value)
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        if items and len(items) != len(value):
+            return False, value
+        out = []
+        for item, item_tp in zip(value, items) if items else ((v, object) for v in value):
+            ok, conformed = _conform(item, item_tp) if item_tp is not object else (True, item)
+            if not ok:
+                return False, value
+            out.append(conformed)
+        return True, (list(out) if origin is list else tuple(out))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return True, value  # (other annotations: not checked here)
+
+
+def _describe(tp) -> str:
+    names = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string",
+             type(None): "None", dict: "a table (dict)"}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is tuple:
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})" if args else "a list"
+    return names.get(tp) or names.get(origin) or getattr(tp, "__name__", str(tp))
+
+
+def _positive(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_positive(obj, owner: str, names: tuple[str, ...], low: float = 1, error: type[Exception] = ConfigError,
+                   what: str = "") -> None:
+    """Each of `names` (numbers, None skipped) >= `low`, else one `error` naming `owner.name`."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < low:
+            raise error(f"{owner}.{name} must be >= {low}{what}, got {value}.")
 
 
 @dataclass
@@ -52,6 +146,7 @@ class ModelConfig:
     torch_dtype: str | None = None  # dtype the checkpoint was saved in ("float32", "bfloat16", ...)
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; dyndepth builds {SUPPORTED_MODEL_TYPES}."
@@ -63,6 +158,17 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        check_positive(self, "model", ("decoder_sparse_step",))
+        check_positive(self, "model", ("num_experts", "router_aux_loss_coef"), low=0)
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"model.rms_norm_eps ({self.rms_norm_eps}) and model.rope_theta ({self.rope_theta}) "
+                              "must be > 0.")
+        if self.num_experts:
+            check_positive(self, "model", ("num_experts_per_tok", "moe_intermediate_size"), what=" in a MoE model")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if outside:
+            raise ConfigError(f"model.mlp_only_layers {outside} name no layer of the {self.num_hidden_layers}-layer "
+                              "model.")
         if self.qk_norm is None:
             self.qk_norm = self.model_type.startswith("qwen3")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -87,6 +193,9 @@ class ModelConfig:
             missing = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if k not in self.rope_scaling]
             if missing:
                 raise ConfigError(f"rope_scaling of type {rope_type!r} needs {missing}; got {self.rope_scaling}.")
+            bad = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if not _positive(self.rope_scaling[k])]
+            if bad:
+                raise ConfigError(f"rope_scaling {bad} must be finite numbers > 0; got {self.rope_scaling}.")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Qwen3-MoE's rule: sparse unless listed in `mlp_only_layers` or off the `decoder_sparse_step` grid."""

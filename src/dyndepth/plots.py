@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dyndepth.figures import save_figure
 from dyndepth.methods.gateskip import BRANCHES
 from dyndepth.methods.gateskip_analysis import GateStats, token_trace
 
@@ -35,8 +36,7 @@ def plot_quality_vs_compute(rows: list[dict], path: str | Path, title: str = "Ga
         ax.invert_xaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path, tight=False)
     plt.close(fig)
     return path
 
@@ -111,9 +111,7 @@ def _save_token_grid(fig, bar, share_T, tokens: list[str], label: str, color: st
     bar.set_ylim(0, 1)
     bar.set_ylabel(label, fontsize=7)
     bar.set_xticks(range(T), [repr(t)[1:-1].replace(" ", "\u2423") for t in tokens], rotation=90, fontsize=7)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def plot_gate_stats(stats: GateStats, path: str | Path, max_positions: int = 64, dpi: int = 110) -> Path:
@@ -139,9 +137,7 @@ def plot_gate_stats(stats: GateStats, path: str | Path, max_positions: int = 64,
         ax.legend(fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_ylim(0, 1)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def plot_expert_usage(usage_AE, path: str | Path, title: str = "Dreamer: expert usage per step",
@@ -158,9 +154,7 @@ def plot_expert_usage(usage_AE, path: str | Path, title: str = "Dreamer: expert 
     fig.colorbar(im, ax=ax, label="share of the step's selections", fraction=0.04)
     ax.set(xlabel="expert", ylabel="step", title=title)
     ax.set_yticks(range(A))
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Dreamer: quality vs average depth",
@@ -187,9 +181,7 @@ def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Drea
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def plot_methods(rows: list[dict], path: str | Path, title: str = "quality vs compute", metric: str = "exact_match",
@@ -217,6 +209,4 @@ def plot_methods(rows: list[dict], path: str | Path, title: str = "quality vs co
     ax.set(xlabel="compute: executed FLOPs per token / base model's", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from dyndepth.config import check_fields
+
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("none", "ddp", "fsdp")
@@ -69,6 +71,7 @@ class TrainConfig:
     plot: bool = True  # loss-curve PNG (out_dir/loss.png) at the end
 
     def __post_init__(self) -> None:
+        check_fields(self, "train", RunConfigError)  # (recipes coerce their strings first; Python callers do not)
         for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL),
                               ("nonfinite", NONFINITE)):
             if getattr(self, name) not in allowed:
@@ -76,9 +79,16 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("clip", "warmup", "eval_every", "save_every", "keep_last", "weight_decay", "lr"):
+        for name in ("clip", "warmup", "eval_every", "save_every", "keep_last", "weight_decay", "lr", "min_lr",
+                     "seed"):  # (a negative min_lr took the schedule below zero: gradient ascent)
             if getattr(self, name) < 0:
                 raise RunConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.eps <= 0 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise RunConfigError(f"train.eps ({self.eps}) must be > 0 and train.betas {list(self.betas)} lie in "
+                                 "[0, 1).")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise RunConfigError(f"train.peak_tflops must be > 0 (the accelerator's peak, for MFU), got "
+                                 f"{self.peak_tflops}; leave it unset to use the known peak of the device.")
         bad = {glob: m for glob, m in self.lr_groups.items()
                if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < float("inf")}
         if bad:  # a negative multiplier trained those weights by gradient ascent

@@ -42,3 +42,21 @@ def test_loss_by_difficulty_splits_answer_and_prompt_tokens():
     out = loss_by_difficulty(model, tok, examples, batch_size=3)
     assert set(out) == {"answer", "prompt"}
     assert all(math.isfinite(v) and 4.0 < v < 7.0 for v in out.values())  # ~ln(264) for an untrained model
+
+
+def test_answers_of_a_model_with_a_padded_vocabulary_decode(monkeypatch):
+    # demo-tiny's 264 ids hold the byte tokenizer's 259: an undertrained model emitting 259-263 crashed bench
+    # quality, the demo and repro in the byte tokenizer's decode ("token id 262 is outside the byte vocabulary")
+    tok = ByteTokenizer()
+    examples = make_examples(list(TASKS), 2, seed=3, split="val")
+    oracle = OracleLM(tok, examples)
+    answer = oracle.generate
+
+    def padded(ids, n, attention_mask, stop_tokens, **kw):
+        out = answer(ids, n, attention_mask, stop_tokens)
+        out[:, ids.shape[1]] = 262  # an unused id first
+        return out
+
+    monkeypatch.setattr(oracle, "generate", padded)
+    got = generate_answers(oracle, tok, examples[:1])  # (the unused id replaced the answer's first byte)
+    assert got[0].startswith(examples[0].answer[1:])

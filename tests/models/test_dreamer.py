@@ -998,7 +998,8 @@ def test_the_balancing_hook_applies_the_rank_mean_so_ranks_stay_equal():
                                              ({"expert_act": "relu"}, "expert_act"),
                                              ({"da_step_encoding": "sinusoid"}, "da_step_encoding"),
                                              ({"backprop_depth": -1}, "backprop_depth must be >= 0"),
-                                             ({"sub_block_gate": float("nan")}, "sub_block_gate must be finite")])
+                                             ({"sub_block_gate": float("nan")},
+                                              "sub_block_gate=nan must be a finite number")])
 def test_option_errors_name_the_field_and_the_fix(fields, message):
     with pytest.raises(dyndepth.ConfigError, match=message):
         tiny(**fields)

@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 
 import dyndepth
-from dyndepth.bench.timing import CONTROL, interleaved_median, machine_description, markdown_table, publish
+from dyndepth.bench.timing import (
+    CONTROL,
+    check_bench_config,
+    interleaved_median,
+    machine_description,
+    markdown_table,
+    publish,
+)
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import resolve_dtype
 from dyndepth.generation import decode_compile_options
@@ -53,9 +60,8 @@ class CoreBenchConfig:
     out_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "prompt_len", "decode_prompt_len", "decode_batch_size", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"bench core {name} must be >= 1, got {getattr(self, name)}.")
+        check_bench_config(self, "bench core", ("batch_size", "prompt_len", "decode_prompt_len",
+                                                       "decode_batch_size", "repeats"))
         if self.new_tokens < 2:  # decode time is generate(n) - generate(1): the n - 1 decode steps
             raise ValueError(f"bench core new_tokens must be >= 2 (decode is timed as generating n tokens minus one), "
                              f"got {self.new_tokens}.")

@@ -26,6 +26,7 @@ import torch
 
 import dyndepth
 from dyndepth.bench import timing
+from dyndepth.config import SUPPORTED_MODEL_TYPES
 from dyndepth.core.routing import rank_threshold
 from dyndepth.methods import DNDConfig, attach_dnd
 from dyndepth.methods.dnd_analysis import layer_report, trace_selection, without_method
@@ -44,6 +45,16 @@ class DNDBenchConfig:
     device: str = "cpu"
     repeats: int = 3
     out_dir: str = "runs/bench"
+
+    def __post_init__(self) -> None:
+        timing.check_bench_config(self, "bench dnd", ("prefill_len", "decode_prompt_len", "repeats"), ("batches",))
+        if self.new_tokens < 2:
+            raise ValueError(f"bench dnd new_tokens must be >= 2 (the decode steps after the first token), got "
+                             f"{self.new_tokens}.")
+        if self.model in dyndepth.PRESETS and dyndepth.PRESETS[self.model].get("model_type", "qwen3") not in \
+                SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"bench dnd attaches DND to a decoder preset; {self.model!r} is a "
+                             f"{dyndepth.PRESETS[self.model].get('model_type')} model. Use e.g. bench-small.")
 
 
 def _band(num_layers: int) -> list[int]:
@@ -71,7 +82,7 @@ def _model(cfg: DNDBenchConfig, device: torch.device):
             raise ValueError(f"{cfg.model} is not a DND checkpoint (config.json names no dnd method).")
         return model.to(device=device, dtype=dtype).eval()
     torch.manual_seed(0)
-    model = dyndepth.CausalLM(dyndepth.preset(cfg.model)).to(device=device, dtype=dtype).eval()
+    model = dyndepth.build_model(dyndepth.preset(cfg.model)).to(device=device, dtype=dtype).eval()
     layers = cfg.layers or _band(model.config.num_hidden_layers)
     method = attach_dnd(model, DNDConfig(layers=tuple(layers), ratio=cfg.ratio))
     with torch.no_grad():

@@ -59,6 +59,10 @@ class DreamerBenchConfig:
                 raise ValueError(f"bench dreamer {name} must be >= 1, got {getattr(self, name)}.")
         if self.new_tokens < 2 or not self.decode_batches or min(self.decode_batches) < 1:
             raise ValueError("bench dreamer needs new_tokens >= 2 and decode batch sizes >= 1.")
+        limit = preset.get("max_position_embeddings", DreamerConfig.max_position_embeddings)
+        if max(self.seq_len, self.prompt_len + self.new_tokens) > limit:
+            raise ValueError(f"bench dreamer seq_len ({self.seq_len}) and prompt_len + new_tokens ({self.prompt_len} + "
+                             f"{self.new_tokens}) must fit {self.model}'s max_position_embeddings ({limit}).")
 
 
 # The dense MLP width is a multiple of 16, as real models' widths are: an odd width (878 at dreamer-bench) ran this

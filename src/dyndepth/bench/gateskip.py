@@ -45,8 +45,8 @@ class GateSkipBenchConfig:
     out_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"bench gateskip dtype {self.dtype!r} is not one of {list(DTYPES)}.")
+        timing.check_bench_config(self, "bench gateskip", ("prefill_batch", "decode_prompt_len", "repeats"),
+                                  ("prefill_lens", "decode_batches"))
         if not self.budgets or self.budgets[0] != 0.0:
             raise ValueError("bench gateskip budgets must start with 0 (the baseline every ratio is against).")
         if self.new_tokens < 2:

@@ -42,6 +42,7 @@ from dyndepth.data.build import build_loader, build_tokenizer, one_source, sourc
 from dyndepth.data.sources import HF_PREFIX
 from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
+from dyndepth.figures import save_figure
 from dyndepth.models import build_model
 from dyndepth.models.moe import SparseMoE
 from dyndepth.runconfig import TrainConfig
@@ -397,8 +398,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, key: str 
     ax.set(xscale="log", xlabel="training tokens", ylabel=label, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def main(cfg: StudyConfig) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dyndepth.core.cache import KVCache
-from dyndepth.devices import cpu_memory_policy
+from dyndepth.devices import DTYPES, cpu_memory_policy, resolve_device
 
 CONTROL = "control"  # a second, identical baseline contender: the timing noise, measured in the same run
 
@@ -45,6 +45,23 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.devic
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def check_bench_config(cfg, bench: str, positive: tuple[str, ...] = (), positive_lists: tuple[str, ...] = ()) -> None:
+    """The checks every bench's options share, as one-line errors: `dtype` one of DTYPES and `device` one that is
+    here (when the config has them), each of `positive` >= 1 and each list of `positive_lists` non-empty with
+    entries >= 1 (lengths, batch sizes: a negative one failed inside torch)."""
+    if hasattr(cfg, "dtype") and cfg.dtype not in DTYPES:
+        raise ValueError(f"{bench} dtype {cfg.dtype!r} is not one of {list(DTYPES)}.")
+    if hasattr(cfg, "device"):
+        resolve_device(cfg.device)
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{bench} {name} must be >= 1, got {getattr(cfg, name)}.")
+    for name in positive_lists:
+        values = getattr(cfg, name)
+        if not values or min(values) < 1:
+            raise ValueError(f"{bench} {name} must be a non-empty list of values >= 1, got {values}.")
 
 
 def _check_repeats(repeats: int) -> None:

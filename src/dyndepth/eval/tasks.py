@@ -26,7 +26,10 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], batch_size: 
         n = max_new_tokens or max(len(tokenizer.encode(e.answer)) for e in chunk) + len(stop) + 2
         out = model.generate(ids.to(device), n, attention_mask=mask.to(device), stop_tokens=stop[-1:],
                              **generate_kwargs)
-        answers += [tokenizer.decode(row[ids.shape[1]:].tolist()) for row in out.cpu()]
+        # ids past the tokenizer's vocabulary (a model's padded one: demo-tiny has 264 for the byte tokenizer's 259)
+        # decode to nothing, as the lm-eval adapter does
+        answers += [tokenizer.decode([i for i in row[ids.shape[1]:].tolist() if i < tokenizer.vocab_size])
+                    for row in out.cpu()]
     return answers
 
 

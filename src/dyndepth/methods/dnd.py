@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyndepth.config import check_fields
 from dyndepth.core.accounting import sum_entries
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import apply_keeping_float32
@@ -108,14 +109,14 @@ class DNDConfig:
                                                                  not isinstance(i, bool) for i in self.layers):
             raise ValueError(f"dnd.layers={self.layers!r} must be an inclusive band of two layer indices (first, "
                              "last), e.g. (4, 23); a single layer i is (i, i).")
-        self.layers = tuple(int(i) for i in self.layers)
+        if len(self.layers) != 2:
+            raise ValueError(f"dnd.layers={tuple(self.layers)} must be an inclusive band (first, last), e.g. (4, 23).")
+        check_fields(self, "dnd", ValueError)
         checks = (("positions", POSITIONS), ("control", CONTROLS), ("ema_target", EMA_TARGETS),
                   ("sd_sign", SD_SIGNS))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"dnd.{name}={getattr(self, name)!r} is not one of {allowed}.")
-        if len(self.layers) != 2:
-            raise ValueError(f"dnd.layers={self.layers} must be an inclusive band (first, last), e.g. (4, 23).")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"dnd.ratio={self.ratio} must lie in (0, 1] (fraction of tokens nested).")
         if self.sync_every < 1 or self.buffer_batches < 1 or self.buffer_tokens < 1:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth.figures import save_figure
 from dyndepth.methods.dnd import DND, DNDState
 from dyndepth.models.forward import Trace
 
@@ -76,6 +77,9 @@ def entropy_correlation(model, batches, base=None) -> dict:
     `batches` (tensors (B, T) or (ids, mask) tuples). Also the mean entropy of tokens nested by at least half of
     the layers and of the others."""
     freq, ent = [], []
+    batches = list(batches)
+    if not batches:
+        raise ValueError("entropy_correlation needs at least one batch of token ids.")
     for batch in batches:
         ids, mask = batch if isinstance(batch, tuple) else (batch, None)
         _, selected, valid = trace_selection(model, ids, mask)
@@ -126,13 +130,22 @@ def selection_heatmap(model, tokenizer, text: str, path: str | Path, add_bos: bo
     bar.set_ylabel("nested", fontsize=7)
     tokens = [tokenizer.decode([t], skip_special=False) for t in ids]
     bar.set_xticks(range(T), [repr(t)[1:-1].replace(" ", "\u2423") for t in tokens], rotation=90, fontsize=7)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def read_metrics(metrics: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    """The records of a run's metrics.jsonl; a missing file or a line that is not JSON is a ValueError naming it."""
+    path = Path(metrics)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; pass a run's metrics.jsonl (train.out_dir/metrics.jsonl).")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i} is not JSON ({e.msg}); is it a run's metrics.jsonl?") from None
+    return records
 
 
 def plot_controller(metrics: str | Path, path: str | Path, target: float | None = None, dpi: int = 110) -> Path:
@@ -160,6 +173,4 @@ def plot_controller(metrics: str | Path, path: str | Path, target: float | None 
     if target is not None:
         axes[0].axhspan(target - 0.05, target + 0.05, color="grey", alpha=0.15, label="target +-5%")
     axes[0].legend(fontsize=6, ncol=2)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyndepth.config import check_fields, check_positive
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import apply_keeping_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
@@ -95,6 +96,7 @@ class GateSkipConfig:
     pack_min_fraction: float = 0.2  # ... and at least this share of them (prefill at 15% skipped: packing lost 0-8%)
 
     def __post_init__(self) -> None:
+        check_fields(self, "gateskip", ValueError)
         checks = (("gate", ("vector", "scalar", "lowrank")), ("scope", ("batch", "sequence")), ("mode", MODES),
                   ("kv_policy", ("compute", "copy_prev")), ("skip_branches", ("both", "attn", "mlp")),
                   ("skip_unit", ("branch", "layer")), ("path", PATHS))
@@ -108,8 +110,18 @@ class GateSkipConfig:
             raise ValueError("gateskip.skip_unit='layer' skips whole layers; it needs skip_branches='both'.")
         if self.rank < 1 or self.pack_min_skipped < 1:
             raise ValueError("gateskip.rank and gateskip.pack_min_skipped must be >= 1.")
+        check_positive(self, "gateskip", ("ramp_steps", "penalty", "init_std"), low=0, error=ValueError)
+        single_branch_budget(self.skip_branches, self.budget, self.ramp_end)
         if not 0.0 <= self.pack_min_fraction <= 1.0:
             raise ValueError(f"gateskip.pack_min_fraction={self.pack_min_fraction} must lie in [0, 1].")
+
+
+def single_branch_budget(skip_branches: str, *budgets: float) -> None:
+    """With one branch type skipping, the budget doubles (the paper's ablation at equal total skips): a budget of 0.5
+    or more would skip that branch for every token, which the [0, 1) rule is there to prevent."""
+    if skip_branches != "both" and max(budgets) >= 0.5:
+        raise ValueError(f"gateskip budget {max(budgets)} with skip_branches={skip_branches!r} skips that branch at "
+                         f"twice the budget, {2 * max(budgets):g}: every token would skip it. Use a budget below 0.5.")
 
 
 class Gate(nn.Module):
@@ -221,6 +233,8 @@ class GateSkip:
         check_knobs(self.name, ("budget", "mode", "path"), knobs)
         if "budget" in knobs and not 0.0 <= knobs["budget"] < 1.0:
             raise ValueError(f"gateskip budget={knobs['budget']} must lie in [0, 1).")
+        if "budget" in knobs:
+            single_branch_budget(self.config.skip_branches, knobs["budget"])
         if knobs.get("mode", "quantile") not in MODES or knobs.get("path", "auto") not in PATHS:
             raise ValueError(f"gateskip mode must be one of {MODES} and path one of {PATHS}, got {knobs}.")
         budget, mode = knobs.get("budget", self.budget), knobs.get("mode", self.mode)

@@ -105,6 +105,8 @@ def quantize_weights(model: nn.Module, bits: int = 8, skip: tuple[str, ...] = ("
     """
     if bits not in _QMAX:
         raise ValueError(f"bits={bits} is not supported; use 8 or 4.")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size={group_size!r} must be a whole number >= 1 (input columns per scale), or None.")
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or any(s in name for s in skip):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig
+from dyndepth.config import ConfigError, ModelConfig, check_fields, check_positive
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -73,8 +73,12 @@ class HuginnConfig:
     num_experts = 0  # dense layers (read by core/flops.py); a class attribute, not a config field
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         if self.model_type != "huginn":
             raise ConfigError(f"HuginnConfig.model_type must be 'huginn', got {self.model_type!r}.")
+        check_positive(self, "model", ("vocab_size", "num_key_value_heads", "max_position_embeddings", "head_dim"))
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("model.rms_norm_eps and model.rope_theta must be > 0.")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "n_layers_in_recurrent_block",

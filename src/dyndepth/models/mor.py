@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig
+from dyndepth.config import ConfigError, ModelConfig, check_fields, check_positive
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -88,8 +88,14 @@ class MoRConfig:
     num_experts = 0  # dense layers (read by DecoderLayer and core/flops.py); not a config field
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         if self.model_type != "mor":
             raise ConfigError(f"MoRConfig.model_type must be 'mor', got {self.model_type!r}.")
+        check_positive(self, "model", ("vocab_size", "num_key_value_heads", "max_position_embeddings", "head_dim"))
+        check_positive(self, "model", ("n_layers_first", "n_layers_last", "router_alpha", "router_aux_loss_coef",
+                                       "aux_router_hidden"), low=0)
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("model.rms_norm_eps and model.rope_theta must be > 0.")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.router_type not in ROUTERS:

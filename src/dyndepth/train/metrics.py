@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyndepth.figures import save_figure
 from dyndepth.runconfig import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def plot_loss(records: list[dict], path: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, 100, tight=False)
 
 
 def perplexity(loss: float) -> float:
