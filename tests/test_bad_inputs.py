@@ -239,12 +239,12 @@ def test_a_skip_budget_for_a_dreamer_names_its_own_knobs():
 CONFIG_CASES = [
     # configs built in Python skip the recipes' coercion: these failed inside torch, or ran wrong
     (lambda: dyndepth.ModelConfig(rms_norm_eps="abc"), "model.rms_norm_eps='abc' must be a finite number"),
-    (lambda: dyndepth.ModelConfig(head_dim=32.0), "model.head_dim=32.0 must be a whole number or None"),
+    (lambda: dyndepth.ModelConfig(head_dim=32.5), "model.head_dim=32.5 must be a whole number or None"),
     (lambda: dyndepth.ModelConfig(decoder_sparse_step=0), "decoder_sparse_step must be >= 1"),
     (lambda: dyndepth.ModelConfig(num_experts=4, num_experts_per_tok=0), "num_experts_per_tok must be >= 1"),
     (lambda: dyndepth.ModelConfig(mlp_only_layers=5), "mlp_only_layers=5 must be a list"),
     (lambda: dyndepth.ModelConfig(num_hidden_layers=2, mlp_only_layers=[7]), r"mlp_only_layers \[7\] name no layer"),
-    (lambda: dyndepth.ModelConfig(rope_theta=-5.0), "rope_theta .* must be > 0"),
+    (lambda: dyndepth.ModelConfig(rope_theta=-5.0), "model.rope_theta must be > 0, got -5.0"),
     (lambda: dyndepth.ModelConfig(rope_scaling="linear"), "rope_scaling='linear' must be a table"),
     (lambda: dyndepth.ModelConfig(rope_scaling={"rope_type": "linear", "factor": 0}), "finite numbers > 0"),
     (lambda: dyndepth.ModelConfig(tie_word_embeddings="false"), "must be true or false"),
@@ -256,7 +256,9 @@ CONFIG_CASES = [
     (lambda: preset("huginn-tiny", mean_recurrence=2.5), "mean_recurrence=2.5 must be a whole number"),
     (lambda: GateSkipConfig(budget="0.3"), "gateskip.budget='0.3' must be a finite number"),
     (lambda: GateSkipConfig(ramp_steps=-5), "ramp_steps must be >= 0"),
-    (lambda: GateSkipConfig(skip_branches="attn", budget=0.5), "every token would skip it"),
+    (lambda: GateSkipConfig(skip_branches="attn", budget=0.5), "budget=0.5 with skip_branches='attn'"),
+    (lambda: dyndepth.build_model(preset("huginn-tiny", num_attention_heads=0)), "num_attention_heads must be >= 1"),
+    (lambda: dyndepth.build_model(preset("mor-tiny", num_attention_heads=0)), "num_attention_heads must be >= 1"),
     (lambda: MoDConfig(capacity=None), "mod.capacity=None must be a finite number"),
     (lambda: MoDConfig(anneal_period=-2), "anneal_period must be >= 0"),
     (lambda: MoDConfig(predictor_hidden=-1), "predictor_hidden must be >= 0"),
@@ -280,12 +282,27 @@ def test_method_configs_take_ints_for_floats_and_refuse_nan():
     method = attach_gateskip(CausalLM(preset("tiny-qwen3")), GateSkipConfig(skip_branches="mlp"))
     with pytest.raises(ValueError, match="every token would skip it"), method.override(budget=0.7):
         pass
+    # values that stay valid: whole floats for ints (recipes coerce them too), a MoD offset below 0 (taken modulo
+    # `every`: saved checkpoints hold it), no clipping as clip=inf, a single-branch ramp to 0.5 in a checkpoint
+    # that decodes (the ramp is checked when training starts)
+    from dyndepth.methods import MoDConfig as Mod
+    from dyndepth.methods.gateskip import GateSkipHook
+    from dyndepth.runconfig import load_run_config
+
+    assert preset("dreamer-tiny", num_recurrences=8.0).num_recurrences == 8
+    assert Mod(offset=-1).routed_layers(6) == Mod(offset=1).routed_layers(6) == [1, 3, 5]
+    assert load_run_config(None, ["train.clip=inf"]).train.clip == float("inf")
+    ramped = attach_gateskip(CausalLM(preset("tiny-qwen3")), GateSkipConfig(skip_branches="attn", ramp_end=0.5))
+    for ramp in ({"ramp_end": 0.5}, {"ramp_start": 0.6, "ramp_end": 0.2}):
+        ramped.config = GateSkipConfig(skip_branches="attn", **ramp)
+        with pytest.raises(ValueError, match=f"{next(iter(ramp))}=.* every token would skip it"):
+            GateSkipHook(ramped, 10)
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.min_lr=-1"], "train.min_lr must be >= 0"), (["train.peak_tflops=0"], "train.peak_tflops must be > 0"),
     (["train.lr=inf"], "train.lr=inf must be a finite number"), (["train.eps=0"], "train.eps"),
-    (["train.betas=[1.5, 0.9]"], r"train.betas \[1.5, 0.9\] lie in \[0, 1\)"), (["train.seed=-3"], "train.seed"),
+    (["train.betas=[1.5, 0.9]"], r"train.betas \[1.5, 0.9\] must lie in \[0, 1\)"), (["train.seed=-3"], "train.seed"),
 ])
 def test_train_settings_are_checked(overrides, message):
     from dyndepth.runconfig import RunConfigError, load_run_config
@@ -313,7 +330,7 @@ def test_bench_options_are_checked():
 
 
 BAD_INPUTS = (len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4 + len(GENERATE_CASES) + 4 + 1
-              + len(CONFIG_CASES) + 2 + 6 + 8 + 5)
+              + len(CONFIG_CASES) + 4 + 6 + 8 + 5)
 
 
 def test_analysis_tools_name_bad_input(tmp_path):

@@ -7,6 +7,7 @@ dictionary copy (see `interop/hf.py`). Derived values are filled in `__post_init
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -25,29 +26,35 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------ field checks
 
-def check_fields(obj, owner: str, error: type[Exception] = ConfigError) -> None:
+def check_fields(obj, owner: str, error: type[Exception] = ConfigError, infinite: tuple[str, ...] = ()) -> None:
     """The fields of dataclass `obj` against their annotations, in place, before any other check reads them: an int
     field holds a whole number (a numpy or torch integer becomes an int; a bool, a float or a string is refused), a
     float field a finite number (an int becomes a float; nan and inf are refused), a bool field a bool, a str field a
     string, `None` only where the annotation allows it, and lists / tuples hold such items (a list given for a tuple
-    becomes one). A value that fits no annotation is one `error` naming `owner.field`; other types are not checked.
+    becomes one); a whole float (8.0) is taken for an int, as recipes coerce it, and the fields in `infinite` may hold
+    inf. A value that fits no annotation is one `error` naming `owner.field`; other types are not checked.
     Dataclasses built from Python skip the coercion recipes do, so without this `budget="0.3"` or `beta_init=0` (an
     int parameter) failed inside torch, and nan passed every `< 0` check."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        ok, conformed = _conform(value, hints[f.name])
+        ok, conformed = _conform(value, hints[f.name], f.name in infinite)
         if not ok:
             raise error(f"{owner}.{f.name}={value!r} must be {_describe(hints[f.name])}.")
         if conformed is not value:
             setattr(obj, f.name, conformed)
 
 
-def _conform(value, tp) -> tuple[bool, object]:
+@functools.cache
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # (resolving the annotations is most of a check's time: once a class)
+
+
+def _conform(value, tp, infinite: bool = False) -> tuple[bool, object]:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in args:
-            ok, conformed = _conform(value, arg)
+            ok, conformed = _conform(value, arg, infinite)
             if ok:
                 return True, conformed
         return False, value
@@ -56,14 +63,12 @@ def _conform(value, tp) -> tuple[bool, object]:
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
-        if isinstance(value, bool):
-            return False, value
-        try:
-            return True, operator.index(value)
-        except TypeError:
-            return False, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return (True, operator.index(value)) if _whole(value) else (False, value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or \
+                (math.isinf(value) and not infinite):
             return False, value
         return True, float(value)
     if tp is str:
@@ -99,17 +104,35 @@ def _describe(tp) -> str:
     return names.get(tp) or names.get(origin) or getattr(tp, "__name__", str(tp))
 
 
+def _whole(value) -> bool:
+    """A Python, numpy or one-element torch integer; not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _positive(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def check_positive(obj, owner: str, names: tuple[str, ...], low: float = 1, error: type[Exception] = ConfigError,
+def check_at_least(obj, owner: str, names: tuple[str, ...], low: float = 1, error: type[Exception] = ConfigError,
                    what: str = "") -> None:
     """Each of `names` (numbers, None skipped) >= `low`, else one `error` naming `owner.name`."""
     for name in names:
         value = getattr(obj, name)
         if value is not None and value < low:
             raise error(f"{owner}.{name} must be >= {low}{what}, got {value}.")
+
+
+def check_above_zero(obj, owner: str, names: tuple[str, ...], error: type[Exception] = ConfigError) -> None:
+    """Each of `names` > 0 (a norm's eps, a RoPE base), else one `error` naming `owner.name`."""
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise error(f"{owner}.{name} must be > 0, got {getattr(obj, name)}.")
 
 
 @dataclass
@@ -151,20 +174,15 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; dyndepth builds {SUPPORTED_MODEL_TYPES}."
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        check_at_least(self, "model", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        check_positive(self, "model", ("decoder_sparse_step",))
-        check_positive(self, "model", ("num_experts", "router_aux_loss_coef"), low=0)
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError(f"model.rms_norm_eps ({self.rms_norm_eps}) and model.rope_theta ({self.rope_theta}) "
-                              "must be > 0.")
+        check_at_least(self, "model", ("decoder_sparse_step",))
+        check_at_least(self, "model", ("num_experts", "router_aux_loss_coef"), low=0)
+        check_above_zero(self, "model", ("rms_norm_eps", "rope_theta"))
         if self.num_experts:
-            check_positive(self, "model", ("num_experts_per_tok", "moe_intermediate_size"), what=" in a MoE model")
+            check_at_least(self, "model", ("num_experts_per_tok", "moe_intermediate_size"), what=" in a MoE model")
         outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if outside:
             raise ConfigError(f"model.mlp_only_layers {outside} name no layer of the {self.num_hidden_layers}-layer "

@@ -71,7 +71,7 @@ class TrainConfig:
     plot: bool = True  # loss-curve PNG (out_dir/loss.png) at the end
 
     def __post_init__(self) -> None:
-        check_fields(self, "train", RunConfigError)  # (recipes coerce their strings first; Python callers do not)
+        check_fields(self, "train", RunConfigError, infinite=("clip",))  # (recipes coerce strings; Python does not)
         for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL),
                               ("nonfinite", NONFINITE)):
             if getattr(self, name) not in allowed:
@@ -84,7 +84,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise RunConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
         if self.eps <= 0 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise RunConfigError(f"train.eps ({self.eps}) must be > 0 and train.betas {list(self.betas)} lie in "
+            raise RunConfigError(f"train.eps ({self.eps}) must be > 0 and train.betas {list(self.betas)} must lie in "
                                  "[0, 1).")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise RunConfigError(f"train.peak_tflops must be > 0 (the accelerator's peak, for MFU), got "
@@ -101,7 +101,6 @@ class TrainConfig:
             raise RunConfigError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}.")
         if self.min_lr > self.lr:
             raise RunConfigError(f"train.min_lr ({self.min_lr}) exceeds train.lr ({self.lr}).")
-        self.betas = tuple(self.betas)
 
 
 @dataclass

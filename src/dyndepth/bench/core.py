@@ -37,7 +37,7 @@ from dyndepth.bench.timing import (
     publish,
 )
 from dyndepth.core.cache import KVCache
-from dyndepth.devices import resolve_dtype
+from dyndepth.devices import resolve_device, resolve_dtype
 from dyndepth.generation import decode_compile_options
 
 HF_FAMILIES = ("qwen3", "qwen3_moe", "llama")  # what transformers builds of ours
@@ -200,7 +200,7 @@ def _run_settings(cfg: CoreBenchConfig, device: torch.device, prefill_compiled: 
 
 @torch.no_grad()
 def run_core_bench(cfg: CoreBenchConfig) -> dict:
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf, folder = _load_pair(cfg, Path(tmp))
         V = ours.config.vocab_size

@@ -28,6 +28,7 @@ import dyndepth
 from dyndepth.bench import timing
 from dyndepth.config import SUPPORTED_MODEL_TYPES
 from dyndepth.core.routing import rank_threshold
+from dyndepth.devices import resolve_device
 from dyndepth.methods import DNDConfig, attach_dnd
 from dyndepth.methods.dnd_analysis import layer_report, trace_selection, without_method
 
@@ -104,7 +105,7 @@ def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
 
 @torch.no_grad()
 def run_throughput(cfg: DNDBenchConfig) -> dict:
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model = _model(cfg, device)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

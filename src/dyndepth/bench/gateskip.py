@@ -24,7 +24,7 @@ import torch
 
 import dyndepth
 from dyndepth.bench import timing
-from dyndepth.devices import DTYPES
+from dyndepth.devices import DTYPES, resolve_device
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
 
 
@@ -84,7 +84,7 @@ def _work(stats_list: list[dict]) -> dict:
 
 @torch.no_grad()
 def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model = _model(cfg)
     method = model.method
     V = model.config.vocab_size

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import check_fields, check_positive
+from dyndepth.config import check_at_least, check_fields
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import apply_keeping_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
@@ -110,18 +110,18 @@ class GateSkipConfig:
             raise ValueError("gateskip.skip_unit='layer' skips whole layers; it needs skip_branches='both'.")
         if self.rank < 1 or self.pack_min_skipped < 1:
             raise ValueError("gateskip.rank and gateskip.pack_min_skipped must be >= 1.")
-        check_positive(self, "gateskip", ("ramp_steps", "penalty", "init_std"), low=0, error=ValueError)
-        single_branch_budget(self.skip_branches, self.budget, self.ramp_end)
+        check_at_least(self, "gateskip", ("ramp_steps", "penalty", "init_std"), low=0, error=ValueError)
+        single_branch_budget(self.skip_branches, self.budget)  # (the ramp's: where training starts, GateSkipHook)
         if not 0.0 <= self.pack_min_fraction <= 1.0:
             raise ValueError(f"gateskip.pack_min_fraction={self.pack_min_fraction} must lie in [0, 1].")
 
 
-def single_branch_budget(skip_branches: str, *budgets: float) -> None:
+def single_branch_budget(skip_branches: str, budget: float, name: str = "budget") -> None:
     """With one branch type skipping, the budget doubles (the paper's ablation at equal total skips): a budget of 0.5
     or more would skip that branch for every token, which the [0, 1) rule is there to prevent."""
-    if skip_branches != "both" and max(budgets) >= 0.5:
-        raise ValueError(f"gateskip budget {max(budgets)} with skip_branches={skip_branches!r} skips that branch at "
-                         f"twice the budget, {2 * max(budgets):g}: every token would skip it. Use a budget below 0.5.")
+    if skip_branches != "both" and budget >= 0.5:
+        raise ValueError(f"gateskip {name}={budget} with skip_branches={skip_branches!r} skips that branch at twice "
+                         "the budget, so every token would skip it; use a value below 0.5.")
 
 
 class Gate(nn.Module):
@@ -353,11 +353,11 @@ class GateSkip:
         return g, keep
 
     def _branch_budget(self, branch: str) -> float:
-        """The budget this branch type skips at: q, or min(2q, 1) when only this branch type skips."""
+        """The budget this branch type skips at: q, or 2q when only this branch type skips (q < 0.5 then)."""
         only = self.config.skip_branches
         if only == "both":
             return self.budget
-        return min(2 * self.budget, 1.0) if only == branch else 0.0
+        return 2 * self.budget if only == branch else 0.0
 
     def _run_path(self, keep: torch.Tensor, st: GateSkipState, branch: str) -> str:
         """"all" (every token keeps), "none", "packed" or "dense" (masked output) for a KEEP mask.
@@ -472,6 +472,8 @@ class GateSkipHook:
     name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget, the budget the logged step trained at
 
     def __init__(self, method: GateSkip, total_steps: int) -> None:
+        for name in ("ramp_start", "ramp_end"):  # (checked for training only: a checkpoint decodes at any budget)
+            single_branch_budget(method.config.skip_branches, getattr(method.config, name), name)
         self.method = method
         self.span = (method.config.ramp_steps or total_steps) - 1  # steps from the first budget to the last
         self.origin = (0, method.config.ramp_start)  # (steps done, budget of the next step) the ramp starts from

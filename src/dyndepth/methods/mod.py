@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import check_fields, check_positive
+from dyndepth.config import check_at_least, check_fields
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import apply_keeping_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
@@ -83,7 +83,7 @@ class MoDConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "mod", ValueError)
-        check_positive(self, "mod", ("offset", "predictor_hidden", "predictor_loss_weight", "anneal_period",
+        check_at_least(self, "mod", ("predictor_hidden", "predictor_loss_weight", "anneal_period",
                                      "init_std"), low=0, error=ValueError)
         checks = (("mode", MODES), ("decode_mode", MODES[1:]), ("router_act", ("identity", "sigmoid")))
         for name, allowed in checks:

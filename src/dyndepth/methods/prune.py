@@ -10,6 +10,8 @@ Shape legend: B batch, T tokens, L layers.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,7 @@ def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[flo
     the earlier layer.
     """
     L = len(model.model.layers)
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < L:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < L:
         raise ValueError(f"n={n}: prune between 0 and {L - 1} of the model's {L} layers.")
     if scores is None:
         if batches is None:

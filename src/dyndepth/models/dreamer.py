@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig, check_fields, check_positive
+from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -116,16 +116,15 @@ class DreamerConfig:
         check_fields(self, "model")
         if self.model_type != "dreamer":
             raise ConfigError(f"DreamerConfig.model_type must be 'dreamer', got {self.model_type!r}.")
-        check_positive(self, "model", ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+        check_at_least(self, "model", ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
                                        "num_recurrences", "layers_per_group", "max_position_embeddings",
                                        "da_num_heads", "da_head_dim", "head_dim"))
-        check_positive(self, "model", ("intermediate_size", "num_experts", "attn_num_experts", "ea_bias_update_rate",
+        check_at_least(self, "model", ("intermediate_size", "num_experts", "attn_num_experts", "ea_bias_update_rate",
                                        "ea_aux_loss_coef", "ea_entropy_coef", "ea_z_loss_coef", "attn_entropy_coef"),
                        low=0)
         if self.num_experts:
-            check_positive(self, "model", ("moe_intermediate_size",), what=" with experts")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0 or self.da_rope_theta <= 0:
-            raise ConfigError("model.rms_norm_eps, rope_theta and da_rope_theta must be > 0.")
+            check_at_least(self, "model", ("moe_intermediate_size",), what=" with experts")
+        check_above_zero(self, "model", ("rms_norm_eps", "rope_theta", "da_rope_theta"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.da_num_heads = self.num_attention_heads if self.da_num_heads is None else self.da_num_heads
@@ -135,9 +134,6 @@ class DreamerConfig:
                               ("da_step_encoding", DA_ENCODINGS), ("expert_act", EXPERT_ACTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"DreamerConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
-        for name in ("num_recurrences", "layers_per_group", "hidden_size", "num_attention_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"DreamerConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.backprop_depth < 0:
             raise ConfigError(f"DreamerConfig.backprop_depth must be >= 0 (0: backprop through every step), got "
                               f"{self.backprop_depth}.")

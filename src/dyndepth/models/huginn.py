@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig, check_fields, check_positive
+from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -76,18 +76,13 @@ class HuginnConfig:
         check_fields(self, "model")
         if self.model_type != "huginn":
             raise ConfigError(f"HuginnConfig.model_type must be 'huginn', got {self.model_type!r}.")
-        check_positive(self, "model", ("vocab_size", "num_key_value_heads", "max_position_embeddings", "head_dim"))
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("model.rms_norm_eps and model.rope_theta must be > 0.")
+        check_at_least(self, "model", ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "max_position_embeddings", "head_dim",
+                                       "n_layers_in_recurrent_block", "mean_recurrence", "mean_backprop_depth"))
+        check_at_least(self, "model", ("n_layers_in_prelude", "n_layers_in_coda"), low=0)
+        check_above_zero(self, "model", ("rms_norm_eps", "rope_theta"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "n_layers_in_recurrent_block",
-                     "mean_recurrence", "mean_backprop_depth"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"HuginnConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("n_layers_in_prelude", "n_layers_in_coda"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"HuginnConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads}).")

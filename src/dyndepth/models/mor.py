@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig, check_fields, check_positive
+from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -91,11 +91,12 @@ class MoRConfig:
         check_fields(self, "model")
         if self.model_type != "mor":
             raise ConfigError(f"MoRConfig.model_type must be 'mor', got {self.model_type!r}.")
-        check_positive(self, "model", ("vocab_size", "num_key_value_heads", "max_position_embeddings", "head_dim"))
-        check_positive(self, "model", ("n_layers_first", "n_layers_last", "router_alpha", "router_aux_loss_coef",
+        check_at_least(self, "model", ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "max_position_embeddings", "head_dim",
+                                       "n_layers_in_recursion", "num_recursions"))
+        check_at_least(self, "model", ("n_layers_first", "n_layers_last", "router_alpha", "router_aux_loss_coef",
                                        "aux_router_hidden"), low=0)
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("model.rms_norm_eps and model.rope_theta must be > 0.")
+        check_above_zero(self, "model", ("rms_norm_eps", "rope_theta"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.router_type not in ROUTERS:
@@ -106,10 +107,6 @@ class MoRConfig:
             raise ConfigError("MoRConfig.causal_path='aux_router' is for expert-choice routing (token-choice is "
                               "causal already); set router_type='expert' or causal_path='aux_loss'.")
         self.aux_router_hidden = self.aux_router_hidden or self.hidden_size // 2
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "n_layers_in_recursion",
-                     "num_recursions"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"MoRConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads}).")
