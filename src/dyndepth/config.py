@@ -65,7 +65,7 @@ def _conform(value, tp, infinite: bool = False) -> tuple[bool, object]:
     if tp is int:
         if isinstance(value, float) and value.is_integer():
             return True, int(value)
-        return (True, operator.index(value)) if _whole(value) else (False, value)
+        return (True, operator.index(value)) if is_whole(value) else (False, value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or \
                 (math.isinf(value) and not infinite):
@@ -104,7 +104,7 @@ def _describe(tp) -> str:
     return names.get(tp) or names.get(origin) or getattr(tp, "__name__", str(tp))
 
 
-def _whole(value) -> bool:
+def is_whole(value) -> bool:
     """A Python, numpy or one-element torch integer; not a bool."""
     if isinstance(value, bool):
         return False

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from dyndepth.config import is_whole
 from dyndepth.core.cache import KVCache
 from dyndepth.models.forward import check_inputs
 
@@ -26,21 +27,10 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     sampler; a negative one ran greedy; a string or a fractional top_k failed inside torch)."""
     if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}.")
-    if top_k is not None and (not _whole(top_k) or top_k < 1):
+    if top_k is not None and (not is_whole(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a whole number >= 1 (None: no top-k cut), got {top_k!r}.")
     if top_p is not None and (not _real(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must lie in (0, 1] (1 or None: no nucleus cut), got {top_p!r}.")
-
-
-def _whole(value) -> bool:
-    """An integer: a Python, numpy or one-element integer torch value; not a bool, a float or a string."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _real(value) -> bool:
@@ -63,7 +53,7 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
     attention mask (B, T), the stop ids (S,) and the pad id. Default stops and pad as `default_stop_tokens` says."""
     config = model.config
     check_inputs(config, input_ids, attention_mask)  # (here too: a generate of 0 tokens runs no forward)
-    if not _whole(max_new_tokens) or max_new_tokens < 0:
+    if not is_whole(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
     check_sampling(temperature, top_k, top_p)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
@@ -73,7 +63,7 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
     if pad_token_id is None:
         pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", config.pad_token_id)
         pad_token_id = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
-    elif not _whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:
+    elif not is_whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:
         raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}.")
     return mask, torch.tensor(stops, device=input_ids.device, dtype=torch.long), int(pad_token_id)
 
@@ -90,10 +80,10 @@ def default_stop_tokens(model) -> list[int]:
 def _token_ids(value, vocab_size: int) -> list[int]:
     """stop_tokens (an id, or ids in any iterable) as a list of ids in [0, vocab_size), else a ValueError."""
     try:
-        items = [value] if _whole(value) else list(value)
+        items = [value] if is_whole(value) else list(value)
     except TypeError:
         items = None
-    if items is None or not all(_whole(v) for v in items):
+    if items is None or not all(is_whole(v) for v in items):
         raise ValueError(f"stop_tokens must be a token id or a list of token ids, got {value!r}.")
     ids = [operator.index(v) for v in items]
     bad = [i for i in ids if not 0 <= i < vocab_size]

@@ -10,12 +10,11 @@ Shape legend: B batch, T tokens, L layers.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyndepth.config import is_whole
 from dyndepth.methods.gateskip_analysis import collect_gate_stats, eval_mode, split_batch, trace_forward
 from dyndepth.models.moe import SparseMoE
 
@@ -79,7 +78,7 @@ def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[flo
     the earlier layer.
     """
     L = len(model.model.layers)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < L:
+    if not is_whole(n) or not 0 <= n < L:
         raise ValueError(f"n={n}: prune between 0 and {L - 1} of the model's {L} layers.")
     if scores is None:
         if batches is None:
