@@ -169,3 +169,12 @@ def test_skip_budget_decodes_with_calibrated_thresholds(tiny_checkpoint, tmp_pat
     other = DyndepthLM(pretrained=str(tmp_path), device="cpu", skip_budget=0.3)
     with pytest.raises(ValueError, match="calibrat"):
         other.generate_until(reqs, disable_tqdm=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_lm_evals_default_cuda_device_falls_back_to_cpu_without_cuda(tiny_checkpoint, caplog):
+    # lm-eval's command line passes device="cuda:0" unless told otherwise: the adapter raised on a CPU-only host,
+    # where HFLM (and the documented default, "cuda if available, else cpu") evaluates on the CPU
+    with caplog.at_level("WARNING"):
+        lm = DyndepthLM(pretrained=str(tiny_checkpoint[0]), device="cuda:0", batch_size=2)
+    assert lm.device.type == "cpu" and "no CUDA device is visible" in caplog.text

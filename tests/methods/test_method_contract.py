@@ -1,6 +1,7 @@
 """Every registered method implements the whole typed `Method` protocol, member by member, with the protocol's
 parameters (a runtime-checkable Protocol only checks that the names exist)."""
 
+import dataclasses
 import inspect
 
 import pytest
@@ -26,3 +27,16 @@ def test_every_method_implements_the_protocol_with_its_signatures(name):
         if inspect.Parameter.VAR_KEYWORD in kinds and want == ["knobs"]:
             continue
         assert list(got)[:len(want)] == want, (member, list(got), want)
+
+
+def test_recipe_values_are_checked_whether_or_not_annotations_are_strings():
+    # make_config compared annotations with the strings "float", "int", ...: a method file without
+    # `from __future__ import annotations` had its recipe values taken unchecked ("abc" for a float)
+    from dyndepth.methods.common import make_config
+
+    Plain = dataclasses.make_dataclass("Plain", [("threshold", float, 1.0), ("flag", bool, False)])  # real types
+    assert dataclasses.fields(Plain)[0].type is float
+
+    assert make_config(Plain, {"threshold": 2, "flag": 1}) == Plain(threshold=2.0, flag=True)
+    with pytest.raises(ValueError, match=r"Plain.threshold='abc' must be a float"):
+        make_config(Plain, {"threshold": "abc"})

@@ -55,6 +55,10 @@ class DyndepthLM(TemplateLM):
                  batch_size: int | str = 8, max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool = False, **knobs) -> None:
         super().__init__()
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device %r: no CUDA device is visible, so the evaluation runs on cpu (lm-eval's command line "
+                        "asks for cuda:0 unless given --device).", device)
+            device = "cpu"
         loaded = load_for_eval(pretrained, tokenizer, dtype, device, **knobs)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.knobs, self._device = loaded.knobs, loaded.device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import typing
 from dataclasses import asdict
 
 PPM = 1_000_000  # budgets stored in integer buffers, in parts per million (model.to(dtype) leaves them alone)
@@ -24,9 +25,10 @@ def make_config(cls, cfg):
     unknown = sorted(set(fields) - set(names))
     if unknown:
         raise ValueError(f"{cls.__name__} has no field {unknown[0]!r}; valid fields: {sorted(names)}.")
+    kinds = {name: tp.__name__ for name, tp in typing.get_type_hints(cls).items() if tp in (float, int, bool, str)}
     for name, value in fields.items():  # recipe values arrive untyped: `ratio = "abc"` is named here
-        if names[name].type in ("float", "int", "bool", "str"):
-            fields[name] = _scalar(value, names[name].type, f"{cls.__name__}.{name}", names[name].default)
+        if name in kinds:  # (annotations resolved, so a file without `from __future__ import annotations` too)
+            fields[name] = _scalar(value, kinds[name], f"{cls.__name__}.{name}", names[name].default)
     return cls(**fields)
 
 
