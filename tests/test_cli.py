@@ -53,7 +53,7 @@ def test_option_set_is_deliberate():
                      "temperature", "tokenizer", "top_k", "top_p"],
         "match": ["against", "batch_size", "config", "device", "out", "seq_len", "switchhead", "tolerance"],
         "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds", "text", "text_val"],
-        "repro": ["base", "data_dir", "limit", "out", "profile", "render_only", "steps", "study", "tasks",
+        "repro": ["base", "cache_dir", "data_dir", "limit", "out", "profile", "render_only", "steps", "study", "tasks",
                   "train_data", "val_data"],
         "train": ["method", "recipe", "resume", "set_"],
     }
@@ -263,3 +263,13 @@ def test_eval_without_data_dir_names_the_offline_option_when_a_download_fails(mo
     result = runner.invoke(app, ["eval", "demo-tiny", "--tasks", "copa"])
     assert result.exit_code == 2 and result.output.startswith("error: ConnectionError: Couldn't reach"), result.output
     assert "pass --data-dir ../shared/data" in result.output
+
+
+def test_repro_takes_its_token_cache_folder(tmp_path, monkeypatch):
+    # repro tokenized its text into ./runs/data of wherever it ran (the repository, from its root), with no option
+    seen = []
+    monkeypatch.setattr("dyndepth.repro.run_repro", seen.append)
+    args = ["repro", "base", "--data-dir", str(tmp_path), "--train-data", str(tmp_path / "t.txt")]
+    assert runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "c")]).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0
+    assert [cfg.cache_dir for cfg in seen] == [str(tmp_path / "c"), "runs/data"]

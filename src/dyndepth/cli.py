@@ -291,6 +291,8 @@ def repro(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated offline tasks (default: the profile's)."),
     limit: Optional[int] = typer.Option(None, help="Examples per task (default: the profile's)."),
     out: Path = typer.Option(Path("runs/repro"), help="Folder for REPORT.md, results.json and the plots."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Token shards of the post-training text "
+                                                                       "(default: runs/data, the base recipe's)."),
     study: Optional[Path] = typer.Option(None, help="A `dyndepth study tokens` output folder: Dreamer against its "
                                                     "matched baselines in the report."),
     render_only: bool = typer.Option(False, "--render-only", help="Rewrite REPORT.md from --out's results.json "
@@ -310,6 +312,7 @@ def repro(
 
     cfg = _run(ReproConfig.from_profile, profile, base=base, data_dir=str(data_dir), train_data=str(train_data),
                val_data=str(val_data or ""), out_dir=str(out), post_steps=steps, limit=limit, study=str(study or ""),
+               cache_dir=None if cache_dir is None else str(cache_dir),
                tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None)
     _run(run_repro, cfg)
 
