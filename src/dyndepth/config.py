@@ -76,16 +76,11 @@ def _conform(value, tp, infinite: bool = False) -> tuple[bool, object]:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False, value
-        items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
-        if items and len(items) != len(value):
+        items = args[:1] * len(value) if origin is list or args[1:] == (Ellipsis,) else args
+        conformed = [_conform(item, item_tp) for item, item_tp in zip(value, items)]
+        if len(items) != len(value) or not all(ok for ok, _ in conformed):
             return False, value
-        out = []
-        for item, item_tp in zip(value, items) if items else ((v, object) for v in value):
-            ok, conformed = _conform(item, item_tp) if item_tp is not object else (True, item)
-            if not ok:
-                return False, value
-            out.append(conformed)
-        return True, (list(out) if origin is list else tuple(out))
+        return True, origin(item for _, item in conformed)
     if tp is dict or origin is dict:
         return isinstance(value, dict), value
     return True, value  # (other annotations: not checked here)
@@ -175,10 +170,10 @@ class ModelConfig:
                 f"model_type {self.model_type!r} is not supported; dyndepth builds {SUPPORTED_MODEL_TYPES}."
             )
         check_at_least(self, "model", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+                                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                       "decoder_sparse_step"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        check_at_least(self, "model", ("decoder_sparse_step",))
         check_at_least(self, "model", ("num_experts", "router_aux_loss_coef"), low=0)
         check_above_zero(self, "model", ("rms_norm_eps", "rope_theta"))
         if self.num_experts:

@@ -98,7 +98,7 @@ def _checked_source(value, key: str) -> str | list[str]:
         if any(v in EMBEDDED for v in items):
             raise DataError(f"data.{key}={value!r}: {EMBEDDED} name whole data sets and cannot be listed with others; "
                             "use one of them alone, or list your own files and folders.")
-        return items if len(items) > 1 else items[0]
+        return one_source(items)
     if isinstance(value, Path):
         return str(value)
     if not isinstance(value, str):

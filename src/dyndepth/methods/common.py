@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import numbers
 import typing
 from dataclasses import asdict
@@ -78,8 +79,9 @@ def override_knobs(method, check, **knobs):
 
 
 def _check_types(method, knobs: dict) -> None:
-    """A knob takes a value of its current type: a number for a number (an int for a float too), true / false for
-    a flag, a word for a word (e.g. `budget="abc"` from a shell is one clear error, not a TypeError later)."""
+    """A knob takes a value of its current type: a finite number for a number (an int for a float too; nan passed
+    every range check), true / false for a flag, a word for a word (e.g. `budget="abc"` from a shell is one clear
+    error, not a TypeError later)."""
     known = method.knobs() if hasattr(method, "knobs") else {}
     for k, v in knobs.items():
         if k not in known:  # (unknown names: `check` says so)
@@ -88,7 +90,8 @@ def _check_types(method, knobs: dict) -> None:
         if isinstance(current, bool):
             ok, want = isinstance(v, bool), "true or false"
         elif isinstance(current, (int, float)):
-            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            want = "a number, not nan or inf"
         elif isinstance(current, str):
             ok, want = isinstance(v, str), "a word"
         else:

@@ -45,7 +45,6 @@ read from the layer's own slot, where the vanilla pass wrote them).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections import deque
 from dataclasses import dataclass, field
@@ -206,9 +205,6 @@ class DND:
 
     def _check(self, knobs: dict) -> None:
         check_knobs(self.name, ("nested", "tau_offset"), knobs)
-        if "tau_offset" in knobs and not math.isfinite(knobs["tau_offset"]):
-            raise ValueError(f"dnd tau_offset must be a finite number (shifting every threshold), got "
-                             f"{knobs['tau_offset']}.")
 
     def override(self, **knobs):
         """`with method.override(nested=False)`: vanilla passes only; `tau_offset` shifts every threshold."""

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyndepth.config import is_whole
+
 _INT8_PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 _QMAX = {8: 127, 4: 7}
 
@@ -105,7 +107,7 @@ def quantize_weights(model: nn.Module, bits: int = 8, skip: tuple[str, ...] = ("
     """
     if bits not in _QMAX:
         raise ValueError(f"bits={bits} is not supported; use 8 or 4.")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+    if group_size is not None and (not is_whole(group_size) or group_size < 1):
         raise ValueError(f"group_size={group_size!r} must be a whole number >= 1 (input columns per scale), or None.")
     targets = []
     for name, module in model.named_modules():

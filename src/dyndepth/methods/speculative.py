@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dyndepth.config import is_whole
 from dyndepth.core.cache import KVCache
 
 CACHE_MODES = ("shared", "separate")
@@ -261,7 +262,7 @@ def _prepare(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int
     the pad id."""
     from dyndepth.generation import check_request
 
-    if not isinstance(num_draft, int) or isinstance(num_draft, bool) or num_draft < 1:
+    if not is_whole(num_draft) or num_draft < 1:
         raise ValueError(f"num_draft must be a whole number >= 1, got {num_draft!r}.")
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
