@@ -114,6 +114,21 @@ def _positive(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def check_rope_scaling(rope_scaling: dict | None) -> None:
+    """A config's `rope_scaling` (HF's dict, or None): a supported type with every key it needs, finite and > 0."""
+    if rope_scaling is None:
+        return
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}.")
+    missing = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if k not in rope_scaling]
+    if missing:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} needs {missing}; got {rope_scaling}.")
+    bad = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if not _positive(rope_scaling[k])]
+    if bad:
+        raise ConfigError(f"rope_scaling {bad} must be finite numbers > 0; got {rope_scaling}.")
+
+
 def check_at_least(obj, owner: str, names: tuple[str, ...], low: float = 1, error: type[Exception] = ConfigError,
                    what: str = "") -> None:
     """Each of `names` (numbers, None skipped) >= `low`, else one `error` naming `owner.name`."""
@@ -197,18 +212,7 @@ class ModelConfig:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})."
             )
-        if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(
-                    f"rope_scaling type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}."
-                )
-            missing = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if k not in self.rope_scaling]
-            if missing:
-                raise ConfigError(f"rope_scaling of type {rope_type!r} needs {missing}; got {self.rope_scaling}.")
-            bad = [k for k in ROPE_SCALING_KEYS.get(rope_type, ()) if not _positive(self.rope_scaling[k])]
-            if bad:
-                raise ConfigError(f"rope_scaling {bad} must be finite numbers > 0; got {self.rope_scaling}.")
+        check_rope_scaling(self.rope_scaling)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Qwen3-MoE's rule: sparse unless listed in `mlp_only_layers` or off the `decoder_sparse_step` grid."""

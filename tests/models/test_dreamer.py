@@ -1031,3 +1031,96 @@ def test_expert_widths_the_grouped_matmul_cannot_take_run_one_matmul_per_expert(
             ref[n] += gates[n, k] * F.linear(F.silu(gate) * up, experts.down_proj[e])
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     assert x.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_experts_per_tok": 1}, "router gets no gradient.*norm_topk_prob = false"),  # the one gate renormalized to 1
+    ({"num_experts": 0, "intermediate_size": 0}, "intermediate_size must be >= 1"),  # was silently 3 * hidden_size
+    ({"initializer_range": -0.02}, "initializer_range must be >= 0"),  # failed inside torch's init
+    ({"hidden_size": 36, "head_dim": None}, r"\{'head_dim': 9, 'da_head_dim': 9\} must be even"),  # named no value
+    ({"rope_scaling": {"rope_type": "bogus"}}, "rope_scaling type 'bogus' is not supported"),  # ran as plain RoPE
+    ({"rope_scaling": {"rope_type": "linear"}}, r"needs \['factor'\]"),  # a bare KeyError at build
+    ({"rope_scaling": {"rope_type": "linear", "factor": -2}}, "finite numbers > 0"),  # accepted
+])
+def test_config_values_that_trained_wrong_or_failed_late_are_refused(fields, message):
+    with pytest.raises(dyndepth.ConfigError, match=message):
+        tiny(**fields)
+    tiny(num_experts_per_tok=1, norm_topk_prob=False)  # one expert with its sigmoid gate learns
+    tiny(da_mode="none", da_head_dim=7)  # depth attention's width matters only when it runs
+
+
+@pytest.mark.parametrize("name", ["huginn-tiny", "mor-tiny"])
+def test_the_other_recurrent_configs_check_rope_scaling_as_the_decoder_does(name):
+    with pytest.raises(dyndepth.ConfigError, match="rope_scaling type 'bogus' is not supported"):
+        dyndepth.preset(name, rope_scaling={"rope_type": "bogus"})
+    with pytest.raises(dyndepth.ConfigError, match="initializer_range must be >= 0"):
+        dyndepth.preset(name, initializer_range=-1.0)
+
+
+@pytest.mark.parametrize("encoding", ["learned", "rope", "none"])
+def test_expert_routing_scores_in_float32_whatever_the_model_dtype(encoding):
+    """bfloat16 scores flipped ~1.6% of top-k sets at dreamer-bench's shapes: the router's (N, E) scores are computed
+    in float32 from the bf16 weights and state, and under autocast from the fp32 ones."""
+    ea = varied(tiny(ea_depth_encoding=encoding)).model.layers[0].mlp
+    if encoding == "learned":
+        torch.nn.init.normal_(ea.step_embed, std=0.5)
+    h = torch.randn(64, 64)
+
+    def reference(module, x):
+        q = x.float()
+        if encoding == "rope":
+            cos, sin = module.rotary_emb(torch.full((1,), 2), torch.float32)
+            q = dyndepth.core.layers.apply_rope(q[:, None], cos, sin)[:, 0]
+        bias = module.expert_keys.float() @ module.step_embed[2].float() if encoding == "learned" else None
+        return F.linear(q, module.expert_keys.float(), bias)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = ea.route(h, 2)[0]
+    torch.testing.assert_close(scores, reference(ea, h), rtol=1e-6, atol=1e-6)
+    low = copy.deepcopy(ea).to(torch.bfloat16)
+    scores, idx, gates = low.route(h.bfloat16(), 2)
+    assert scores.dtype == torch.float32 and gates.dtype == torch.bfloat16
+    torch.testing.assert_close(scores, reference(low, h.bfloat16()), rtol=1e-6, atol=1e-6)
+
+
+def test_the_exit_check_runs_in_blocks_with_the_same_decisions(monkeypatch):
+    """The exit check's log-softmax runs over EXIT_BLOCK tokens at a time (a 3,000-token prompt with V = 32k held
+    ~5 (B*T, V) float32 tensors at once): blocks of 3 tokens decide exactly as one block of all."""
+    model = varied(tiny(num_recurrences=4))
+    ids, mask = left_padded(T=10)
+    kl = partial_exit_threshold(model, ids, mask)
+    with model.override(exit_kl=kl), torch.no_grad():
+        whole = model(ids, attention_mask=mask)
+        monkeypatch.setattr(dreamer_layer, "EXIT_BLOCK", 3)
+        trace = dyndepth.Trace()
+        blocks = model(ids, attention_mask=mask, trace=trace)
+    assert trace.ctx.model_state.prev_logp.shape == (3 * 10, 256)
+    torch.testing.assert_close(blocks.logits, whole.logits, rtol=0, atol=0)
+    assert float(blocks.stats["dreamer/avg_depth"]) == float(whole.stats["dreamer/avg_depth"]) < 4
+
+
+def test_the_set_entropy_counts_only_the_tokens_that_ran_each_step():
+    """With a threshold every token passes at the first check (after step 1), steps 2 and 3 run no token: the
+    expert-set entropy is that of steps 0 and 1, as a 2-step forward's (it counted the exited tokens' choices)."""
+    model = varied(tiny(num_recurrences=4))
+    ids = torch.randint(0, 256, (3, 10))
+    with torch.no_grad():
+        with model.override(exit_kl=1e9):
+            exited = model(ids).stats
+        with model.override(steps=2):
+            two = model(ids).stats
+    assert float(exited["dreamer/avg_depth"]) == 2.0
+    assert float(exited["dreamer/expert_set_entropy"]) == pytest.approx(float(two["dreamer/expert_set_entropy"]))
+    one_token = model(ids[:, :1]).stats  # a full forward of one-token rows has it too (eval/dreamer.py reads it)
+    assert float(one_token["dreamer/expert_set_entropy"]) >= 0
+
+
+def test_a_cache_without_a_slot_per_application_or_of_another_batch_is_a_clear_error():
+    model = varied(tiny(num_recurrences=3))
+    ids, pos = torch.randint(0, 256, (3, 5)), torch.arange(5).expand(3, 5)
+    cache = KVCache.for_model(model.config, 2, 16)  # 3 slots: one per trained step
+    with model.override(steps=5), pytest.raises(ValueError, match=r"3 slots but this forward writes 5.*num_slots="):
+        model(ids[:2], positions=pos[:2], cache=cache)  # an IndexError inside the cache
+    with pytest.raises(ValueError, match="the KV cache holds 2 rows but input_ids has 3"):
+        model(ids, positions=pos, cache=cache)
+    model(ids[:2], positions=pos[:2], cache=cache)  # the cache as made

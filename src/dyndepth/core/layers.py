@@ -127,6 +127,14 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def linear_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) in float32 whatever its weights' dtype, for routers and gates whose rounding would flip decisions
+    (a quantized module computes in its own way, its output cast); x float32, autocast off (the caller's)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight.float(), None if module.bias is None else module.bias.float())
+    return module(x).float()
+
+
 class NormedLinear(torch.autograd.Function):
     """`normed_linear` saving x (and the weights) for backward. The matmuls run in autocast's dtype when it is
     on, as `nn.Linear` would, with explicit casts so backward needs no autocast state."""

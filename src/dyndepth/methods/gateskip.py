@@ -37,12 +37,11 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import check_at_least, check_fields
 from dyndepth.core.context import ForwardContext
-from dyndepth.core.layers import apply_keeping_float32
+from dyndepth.core.layers import apply_keeping_float32, linear_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
@@ -145,18 +144,11 @@ class Gate(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             x = h.float()
             if self.down is not None:
-                x = _linear32(self.down, x)  # (..., r)
-            return torch.sigmoid(_linear32(self.proj, x))
+                x = linear_float32(self.down, x)  # (..., r)
+            return torch.sigmoid(linear_float32(self.proj, x))
 
     def flops_per_token(self) -> int:
         return sum(2 * m.in_features * m.out_features for m in (self.down, self.proj) if m is not None)
-
-
-def _linear32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A gate projection in float32 whatever its weights' dtype (a quantized one computes in x's dtype)."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, module.weight.float(), None if module.bias is None else module.bias.float())
-    return module(x).float()
 
 
 class BranchGates(nn.Module):

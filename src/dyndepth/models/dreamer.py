@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields
+from dyndepth.config import (
+    ConfigError,
+    ModelConfig,
+    check_above_zero,
+    check_at_least,
+    check_fields,
+    check_rope_scaling,
+)
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -125,11 +132,16 @@ class DreamerConfig:
         if self.num_experts:
             check_at_least(self, "model", ("moe_intermediate_size",), what=" with experts")
         check_above_zero(self, "model", ("rms_norm_eps", "rope_theta", "da_rope_theta"))
+        check_at_least(self, "model", ("initializer_range",), low=0)
+        check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.da_num_heads = self.num_attention_heads if self.da_num_heads is None else self.da_num_heads
         self.da_head_dim = self.head_dim if self.da_head_dim is None else self.da_head_dim
-        self.intermediate_size = self.intermediate_size or 3 * self.hidden_size
+        if self.intermediate_size is None:
+            self.intermediate_size = 3 * self.hidden_size
+        if not self.num_experts:
+            check_at_least(self, "model", ("intermediate_size",), what=" (the dense FFN's width, num_experts = 0)")
         for name, allowed in (("da_mode", DA_MODES), ("ea_depth_encoding", EA_ENCODINGS),
                               ("da_step_encoding", DA_ENCODINGS), ("expert_act", EXPERT_ACTS)):
             if getattr(self, name) not in allowed:
@@ -144,8 +156,11 @@ class DreamerConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads}).")
-        if self.head_dim % 2 or self.da_head_dim % 2 or self.hidden_size % 2:
-            raise ConfigError("head_dim, da_head_dim and hidden_size must be even (RoPE rotates pairs).")
+        rotated = ["head_dim", "hidden_size"] + (["da_head_dim"] if self.da_mode == "separate" else [])
+        odd = {name: getattr(self, name) for name in rotated if getattr(self, name) % 2}
+        if odd:
+            raise ConfigError(f"DreamerConfig {odd} must be even: RoPE rotates pairs of channels (head_dim defaults to "
+                              "hidden_size // num_attention_heads, da_head_dim to head_dim); set even values.")
         if self.attn_num_experts and not 1 <= self.attn_experts_per_tok <= self.attn_num_experts:
             raise ConfigError(f"attn_experts_per_tok ({self.attn_experts_per_tok}) must be in 1..attn_num_experts "
                               f"({self.attn_num_experts}).")
@@ -157,6 +172,10 @@ class DreamerConfig:
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
                               f"({self.num_experts}).")
+        if self.num_experts and self.num_experts_per_tok == 1 and self.norm_topk_prob:
+            raise ConfigError("num_experts_per_tok = 1 with norm_topk_prob = true renormalizes the one gate to 1, so "
+                              "the router gets no gradient and never learns; set norm_topk_prob = false (the gate is "
+                              "then the sigmoid score) or num_experts_per_tok >= 2.")
 
     @property
     def num_hidden_layers(self) -> int:
@@ -393,9 +412,9 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
 
     dreamer/expert_diversity (definition a): distinct experts a token selected over all steps, divided by the
       most it could select, min(k * steps, E); mean over layers of the group and tokens.
-    dreamer/expert_set_entropy (definition b, evaluation forwards of more than one token per row, so not decode
-      steps): per step, the entropy (nats) of the distribution of selected top-k sets over the batch's tokens;
-      mean over steps. exp() of it is the effective number of distinct sets.
+    dreamer/expert_set_entropy (definition b, evaluation forwards without a cache, so not decode steps): per step,
+      the entropy (nats) of the distribution of selected top-k sets over the batch's tokens that ran the step (not
+      those that exited); mean over steps. exp() of it is the effective number of distinct sets.
     dreamer/expert_usage (R * G, E): selections per expert at each application; left out of training forwards
       with a drawn step count (its shape would change between micro-batches).
     dreamer/expert_load (G, E): selections per expert of each layer of the group over its applications (the
@@ -415,11 +434,13 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
         ids = torch.stack([st.set_ids[s] for s in slots])  # (A, N, K)
         A, N, _ = ids.shape
         app = torch.arange(A, device=ids.device)[:, None, None].expand(A, N, 1)
-        rows, counts = torch.unique(torch.cat([app, ids], -1)[valid_N.expand(A, N)], dim=0, return_counts=True)
+        ran = valid_N & (ids[..., 0] >= 0)  # (A, N): valid tokens that ran the application (-1: exited)
+        rows, counts = torch.unique(torch.cat([app, ids], -1)[ran], dim=0, return_counts=True)
         a, counts = rows[:, 0], counts.float()
-        p = counts / torch.zeros(A, device=ids.device).index_add_(0, a, counts)[a]
+        ran_A = torch.zeros(A, device=ids.device).index_add_(0, a, counts)  # (A,) tokens that ran each application
+        p = counts / ran_A[a]
         entropy = torch.zeros(A, device=ids.device).index_add_(0, a, -p * p.log())  # (A,) nats
-        out["dreamer/expert_set_entropy"] = entropy.mean()
+        out["dreamer/expert_set_entropy"] = entropy.sum() / (ran_A > 0).sum().clamp(min=1)  # over applications run
     return out
 
 

@@ -59,7 +59,7 @@ class DepthState:
     exit_kl: float | None = None  # per-token exit threshold (ours); None: every token runs every step
     exit_head: Callable | None = None  # x (B, T, D) -> logits (B, T, V): the model's norm + lm_head
     active: torch.Tensor | None = None  # (B, T) bool: tokens still recurring (exit)
-    prev_logp: torch.Tensor | None = None  # (B, T, V) log-probs after the previous step (exit)
+    prev_logp: torch.Tensor | None = None  # (B*T, V) log-probs after the previous step (exit)
     depth: torch.Tensor | None = None  # (B, T) steps each token ran (exit)
     steps: int = 0  # recurrence steps this forward runs
     # Whether this forward records the analysis statistics (expert usage and load, diversity, state change): full
@@ -69,6 +69,7 @@ class DepthState:
     embedding_entry_grad: bool = False  # truncated backprop: the embedding's depth-memory entry keeps its gradient
 
 
+EXIT_BLOCK = 512  # tokens per block of the per-token exit check's log-softmax (bounds its (n, V) temporaries)
 STACKED_MAX_TOKENS = 128  # depth attention over a stacked memory up to this many tokens without gradients
 
 
@@ -189,15 +190,18 @@ class ExpertAttention(nn.Module):
     _apply = apply_keeping_float32
 
     def route(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores (N, E) fp32, chosen experts (N, K) and their gates (N, K)."""
-        q, keys, bias = h_ND, self.expert_keys.to(h_ND.dtype), None
-        if self.encoding == "learned":  # steps past training reuse the last step's encoding
-            # (h + e) @ keys^T as h @ keys^T + keys @ e: the matmul keeps h (the experts keep it too), not h + e
-            bias = keys @ step_row(self.step_embed, step).to(q.dtype)  # (E,)
-        elif self.encoding == "rope":
-            cos, sin = self.rotary_emb(torch.full((1,), step, device=q.device), q.dtype)  # (1, D)
-            q = apply_rope(q[:, None], cos, sin)[:, 0]
-        scores = F.linear(q, keys, bias).float()  # (N, E)
+        """Scores (N, E), chosen experts (N, K) and their gates (N, K). The scores are computed in float32 whatever
+        the model's dtype or autocast (D x E a token, next to the experts' 3 D F K): in bfloat16 their rounding
+        changed the top-k set of ~1.6% of tokens at dreamer-bench's shapes."""
+        with torch.autocast(h_ND.device.type, enabled=False):
+            q, keys, bias = h_ND.float(), self.expert_keys.float(), None
+            if self.encoding == "learned":  # steps past training reuse the last step's encoding
+                # (h + e) @ keys^T as h @ keys^T + keys @ e: the matmul keeps h (the experts keep it too), not h + e
+                bias = keys @ step_row(self.step_embed, step).float()  # (E,)
+            elif self.encoding == "rope":
+                cos, sin = self.rotary_emb(torch.full((1,), step, device=q.device), q.dtype)  # (1, D)
+                q = apply_rope(q[:, None], cos, sin)[:, 0]
+            scores = F.linear(q, keys, bias)  # (N, E) float32
         idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # (N, K) on biased logits
         gates = torch.sigmoid(scores).gather(1, idx)  # (N, K) unbiased sigmoid scores of the chosen
         if self.norm_topk_prob:
@@ -360,8 +364,8 @@ class DreamerLayer(nn.Module):
             hit = torch.zeros(B * T, E, dtype=torch.bool, device=y.device).scatter_(1, idx_NK, True)  # (B*T, E)
             new, seen = hit & run_N[:, None], st.visited.get(self.index)
             st.visited[self.index] = new if seen is None else seen | new
-            if not ctx.training and T > 1:  # the chosen set of each token (diversity, definition b)
-                st.set_ids[slot] = idx_NK.sort(-1).values  # (B*T, K)
+            if not ctx.training:  # the chosen set of each running token, -1 for the others (diversity, definition b)
+                st.set_ids[slot] = idx_NK.sort(-1).values.masked_fill(~run_N[:, None], -1)  # (B*T, K)
         if ctx.training and self.config.ea_entropy_coef:
             st.sel_logits.append(scores_NE.view(B, T, E))
         if ctx.training and self.config.ea_z_loss_coef:  # mean over running tokens of logsumexp(scores)^2
@@ -381,12 +385,19 @@ class DreamerLayer(nn.Module):
         B, T, _ = x_BTD.shape
         per_token = lm_head_flops(self.config)
         ctx.ledger.add(slot, "exit", executed=B * T * per_token, ideal=_running(ctx, st).sum() * per_token)
-        with torch.no_grad():
-            logp = F.log_softmax(st.exit_head(x_BTD).float(), dim=-1)  # (B, T, V)
-            if st.prev_logp is not None:
-                kl = (logp.exp() * (logp - st.prev_logp)).sum(-1)  # (B, T)
-                st.active = st.active & ~(kl < st.exit_kl)
-            st.prev_logp = logp
+        with torch.no_grad():  # block by block: the temporaries are (EXIT_BLOCK, V), the one (B*T, V) is prev_logp
+            x_ND = x_BTD.reshape(B * T, -1)
+            first, kl_N = st.prev_logp is None, x_BTD.new_zeros(B * T, dtype=torch.float32)
+            for start in range(0, B * T, EXIT_BLOCK):
+                rows = slice(start, start + EXIT_BLOCK)
+                logp = F.log_softmax(st.exit_head(x_ND[rows]).float(), dim=-1)  # (n, V)
+                if first and start == 0:
+                    st.prev_logp = logp.new_empty(B * T, logp.shape[-1])  # (B*T, V) log-probs after this step
+                elif not first:
+                    kl_N[rows] = (logp.exp() * (logp - st.prev_logp[rows])).sum(-1)
+                st.prev_logp[rows] = logp
+            if not first:
+                st.active = st.active & ~(kl_N.view(B, T) < st.exit_kl)
 
     def _record_change(self, st: DepthState, ctx: ForwardContext, slot: int, x_in, x_out) -> None:
         with torch.no_grad():

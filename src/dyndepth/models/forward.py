@@ -91,6 +91,7 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """embed -> x = layers[a.layer](x, ctx, a.slot) for each application a of `model.schedule` -> norm -> lm_head."""
     if not torch.compiler.is_compiling():  # the public boundary: bad input fails here, in one clear line
         check_inputs(model.config, input_ids, attention_mask, positions, cache, doc_ids, num_logits)
+        check_cache(model, cache, input_ids.shape[0])
     ctx = model.make_context(input_ids, attention_mask, positions, cache, doc_ids)
     ctx.model_state = model.init_state(ctx)
     x = model.model.embed_tokens(input_ids)  # (B, T, D)
@@ -165,6 +166,21 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
         raise ValueError(f"positions reach {int(positions.max())}, beyond max_position_embeddings ({limit}).")
     if num_logits is not None and not 0 < num_logits <= T:
         raise ValueError(f"num_logits must lie in [1, {T}] (the input length), got {num_logits}.")
+
+
+def check_cache(model, cache: KVCache | None, batch_size: int) -> None:
+    """ValueError when a KV cache cannot hold this forward: too few slots (one per layer application, plus a
+    method's: a depth-recurrent model run with more `steps` than the cache was made for) or another batch size."""
+    if cache is None:
+        return
+    if len(cache.keys) < model.num_slots():
+        raise ValueError(f"the KV cache has {len(cache.keys)} slots but this forward writes {model.num_slots()} (one "
+                         "per layer application, and a method's extra ones); make it with KVCache.for_model("
+                         "model.config, batch_size, max_seq_len, num_slots=model.num_slots()) under the knobs (steps) "
+                         "the forwards run with.")
+    if cache.batch_size != batch_size:
+        raise ValueError(f"the KV cache holds {cache.batch_size} rows but input_ids has {batch_size}; make a cache "
+                         "for this batch size (or take cache.rows(...) of it).")
 
 
 def _is_arange(positions: torch.Tensor) -> bool:

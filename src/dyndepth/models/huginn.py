@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields
+from dyndepth.config import (
+    ConfigError,
+    ModelConfig,
+    check_above_zero,
+    check_at_least,
+    check_fields,
+    check_rope_scaling,
+)
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -81,6 +88,8 @@ class HuginnConfig:
                                        "n_layers_in_recurrent_block", "mean_recurrence", "mean_backprop_depth"))
         check_at_least(self, "model", ("n_layers_in_prelude", "n_layers_in_coda"), low=0)
         check_above_zero(self, "model", ("rms_norm_eps", "rope_theta"))
+        check_at_least(self, "model", ("initializer_range",), low=0)
+        check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:

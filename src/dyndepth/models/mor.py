@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields
+from dyndepth.config import (
+    ConfigError,
+    ModelConfig,
+    check_above_zero,
+    check_at_least,
+    check_fields,
+    check_rope_scaling,
+)
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -97,6 +104,8 @@ class MoRConfig:
         check_at_least(self, "model", ("n_layers_first", "n_layers_last", "router_alpha", "router_aux_loss_coef",
                                        "aux_router_hidden"), low=0)
         check_above_zero(self, "model", ("rms_norm_eps", "rope_theta"))
+        check_at_least(self, "model", ("initializer_range",), low=0)
+        check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.router_type not in ROUTERS:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dyndepth.core.layers import Attention
+from dyndepth.core.layers import Attention, linear_float32
 from dyndepth.models.moe import expert_linear
 
 
@@ -41,8 +41,10 @@ class HeadExperts(nn.Module):
         nn.init.normal_(self.experts, std=config.initializer_range)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Router scores (..., heads, E) in fp32 (also the input of MoEUT's entropy regularizer)."""
-        return self.gate(h).float().unflatten(-1, (self.heads, self.num_experts))
+        """Router scores (..., heads, E), computed in fp32 whatever the model's dtype or autocast (bfloat16 rounding
+        flips top-k choices; as expert attention's router), also the input of MoEUT's entropy regularizer."""
+        with torch.autocast(h.device.type, enabled=False):
+            return linear_float32(self.gate, h.float()).unflatten(-1, (self.heads, self.num_experts))
 
     def mix(self, x_MI: torch.Tensor, h_MD: torch.Tensor, per_head_input: bool) -> torch.Tensor:
         """(M, heads, K, d_out): each head's K chosen experts applied to the token's input, times their gates.
