@@ -220,8 +220,18 @@ def test_training_penalty_gradients_and_budget_ramp():
     model, method = gated_model()
     model.train()
     hook = GateSkipHook(method, total_steps=11)  # the first step at 0, the 11th at 0.2
-    out = model(torch.randint(0, 256, (2, 8)))
-    assert out.aux_loss > 0  # lambda * mean(g^2)
+    ids, trace = torch.randint(0, 256, (2, 8)), dyndepth.Trace(keep_streams=True)
+    out = model(ids, trace=trace)
+    with torch.no_grad():  # lambda * mean over branches of mean(g^2), each gate recomputed from its branch's input
+        squares, ctx = [], model.make_context(ids, None, None, None)
+        for i, layer in enumerate(model.model.layers):
+            attn_gate, mlp_gate = layer.gateskip.attn_gate.proj, layer.gateskip.mlp_gate.proj
+            h = layer.input_layernorm(trace.streams[i])
+            g = torch.sigmoid(attn_gate(h))
+            x = trace.streams[i] + g * layer.self_attn(h, ctx, i)  # budget 0 at the ramp's first step: nothing skips
+            squares += [g.square().mean(), torch.sigmoid(mlp_gate(layer.post_attention_layernorm(x))).square().mean()]
+    torch.testing.assert_close(out.aux_loss, method.config.penalty * torch.stack(squares).mean())
+    assert out.aux_loss > 0
     out.aux_loss.backward()
     gate = model.model.layers[0].gateskip.attn_gate.proj.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
@@ -468,3 +478,37 @@ def test_threshold_mode_refuses_a_budget_its_thresholds_were_not_calibrated_for(
         method.override(budget=0.5, mode="threshold").__enter__()
     with method.override(budget=0.5):  # quantile mode needs no calibration
         pass
+
+
+def test_threshold_mode_runs_eos_never_pad_and_counts_neither():
+    """Every threshold above any gate value: every pool token skips every branch, EOS still runs (outside the pool)
+    and PAD never runs; the skipped share of the pool is exactly 1 (EOS skipped made it 17/16)."""
+    model, method = gated_model(eos=5, budget=0.0)
+    for gates in method.layer_gates:
+        gates.tau.fill_(2.0)
+        gates.tau_budget_ppm.fill_(budget_ppm(0.5))
+    ids = torch.randint(6, 256, (2, 10))
+    ids[0, 4] = 5
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    trace = dyndepth.Trace()
+    with method.override(budget=0.5, mode="threshold"), torch.no_grad():
+        stats = model(ids, attention_mask=mask, trace=trace).stats
+    for keep in trace.ctx.state.keep.values():
+        assert keep[0, 4] and int(keep.sum()) == 1  # EOS only: no PAD, no pool token
+    assert float(stats["gateskip/attn_skipped"]) == float(stats["gateskip/mlp_skipped"]) == 1.0
+
+
+def test_calibration_averages_the_batches_that_can_skip_and_names_the_fix_when_none_can():
+    """Thresholds are the mean of each batch's; a short last batch whose floor(q n) is 0 has none (its -inf made
+    the mean -inf: nothing skipped, silently), and a calibration where no batch can skip is an error."""
+    model, method = gated_model(budget=0.0, layers=2)
+    a, b = torch.randint(0, 256, (4, 24)), torch.randint(0, 256, (4, 24))
+    one = {name: calibrate(model, [ids], budget=0.05) for name, ids in (("a", a), ("b", b))}
+    both = calibrate(model, [a, b, torch.randint(0, 256, (1, 10))], budget=0.05)  # 10 tokens: floor(0.5) = 0
+    for key, tau in both.items():
+        assert torch.isfinite(tau)
+        torch.testing.assert_close(tau, (one["a"][key] + one["b"][key]) / 2)
+    torch.testing.assert_close(method.layer_gates[1].tau, torch.stack([both[(1, "attn")], both[(1, "mlp")]]))
+    with pytest.raises(ValueError, match="needs at least 20 real tokens.*--batch-size.*--seq-len"):
+        calibrate(model, [torch.randint(0, 256, (1, 10))], budget=0.05)

@@ -16,6 +16,7 @@ records. Non-gradient controller state lives in buffers or on the method, never 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -83,21 +84,32 @@ class Method(Protocol):
 
 class ThresholdRecorder:
     """Per-key score thresholds over calibration batches: for each batch, the threshold that keeps all
-    but the lowest floor(q * n) pool scores (`core.routing.rank_threshold`); `result` averages them."""
+    but the lowest floor(q * n) pool scores (`core.routing.rank_threshold`); `result` averages them over the
+    batches large enough to skip a token (a short last batch, floor(q * n) = 0, has no threshold: its -inf
+    made the mean -inf, and nothing skipped)."""
 
     def __init__(self) -> None:
         self.values: dict[Any, list[torch.Tensor]] = {}
+        self.fraction = 0.0  # the skip fraction recorded (for the error when no batch could skip)
 
     def record(self, key, scores_BT: torch.Tensor, pool_BT: torch.Tensor, skip_fraction: float) -> None:
         from dyndepth.core.routing import rank_threshold
 
         tau = rank_threshold(scores_BT.float(), pool_BT, skip_fraction, scope="batch").reshape(())
-        self.values.setdefault(key, []).append(tau.detach())
+        self.fraction = skip_fraction
+        taus = self.values.setdefault(key, [])
+        if bool(torch.isfinite(tau)):  # one host sync per batch and routing point (calibration only)
+            taus.append(tau.detach())
 
     def result(self) -> dict[Any, torch.Tensor]:
         if not self.values:
             raise ValueError("no calibration scores were recorded: the knobs route no token (e.g. budget=0 has no "
                              "threshold to fit) or the batches have no real tokens.")
+        if not all(self.values.values()):
+            need = math.ceil(1 / self.fraction - 1e-9) if self.fraction > 0 else "more"
+            raise ValueError(f"no calibration batch was large enough to skip a token at a fraction of {self.fraction:g}: "
+                             f"a batch needs at least {need} real tokens per routing pool; give more rows per batch "
+                             "(--batch-size), longer windows (--seq-len) or a larger budget.")
         return {key: torch.stack(v).float().mean() for key, v in self.values.items()}
 
 

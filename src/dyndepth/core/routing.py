@@ -42,8 +42,9 @@ class SelectRule:
     kind "topk": keep k = ceil(fraction * n) tokens with the highest scores, n = pool size of the scope
       (a row for scope "sequence", the whole batch for "batch"). `static_k=True` uses n = T (or B*T) so k
       is a Python int and shapes never depend on data; rows with fewer pool tokens keep fewer.
-    kind "quantile" (GateSkip): skip the floor(q * n) lowest-scoring pool tokens (the official training
-      rule; ties skip the later token first). q == 0, or a pool of <= 1 token when q < 1, skips nothing.
+    kind "quantile" (GateSkip): skip the floor(q * n) lowest-scoring pool tokens (ties: the later token first;
+      the official training code's `s <= sorted[floor(q n)]` skips one more when the scores are distinct).
+      q == 0, or a pool of <= 1 token when q < 1, skips nothing.
     kind "threshold": keep pool tokens with score > threshold (scope does not matter).
     """
 

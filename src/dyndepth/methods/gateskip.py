@@ -13,7 +13,8 @@ Training adds lambda * mean over branches of mean(g^2) and ramps q from 0 to 0.2
 Precision: gate logits, importances and thresholds are always float32 (the gate's matmul runs in float32
 even under bf16 autocast or with bf16 weights). Fresh gates (bias 5) give s ~ 0.993 for every token; in
 bfloat16 those all tie, and a "s <= quantile" rule would skip every token. The rank rule of
-`core.routing.select` skips exactly floor(q * n) tokens whatever the ties (the official training rule).
+`core.routing.select` skips exactly floor(q * n) tokens whatever the ties (the official training code's
+`s <= sorted[floor(q n)]` skips one token more when the scores are distinct; docs/methods.md).
 
 Real savings: kept tokens are gathered before q_proj / o_proj / attention and before the MLP, so compute
 falls with the budget. Skipped tokens still run k_proj / v_proj and write K/V to the cache (the
@@ -87,7 +88,7 @@ class GateSkipConfig:
     penalty: float = 1.0  # lambda on mean(g^2), averaged over branches (paper jobs use 1.0)
     init_bias: float = 5.0  # sigmoid(5) = 0.993: the fine-tune starts from the unmodified model
     init_std: float = 0.01
-    ramp_start: float = 0.0  # training budget ramp (paper: 0 -> 0.2 over the whole run)
+    ramp_start: float = 0.0  # training budget ramp (paper: 0 -> 0.2 over the whole run; start > end ramps down)
     ramp_end: float = 0.2
     ramp_steps: int = 0  # 0: the run's total steps
     path: str = "auto"  # auto | packed | dense: how a branch runs when only some tokens keep it
@@ -107,8 +108,7 @@ class GateSkipConfig:
                 raise ValueError(f"gateskip.{name}={getattr(self, name)} must lie in [0, 1).")
         if self.skip_unit == "layer" and self.skip_branches != "both":
             raise ValueError("gateskip.skip_unit='layer' skips whole layers; it needs skip_branches='both'.")
-        if self.rank < 1 or self.pack_min_skipped < 1:
-            raise ValueError("gateskip.rank and gateskip.pack_min_skipped must be >= 1.")
+        check_at_least(self, "gateskip", ("rank", "pack_min_skipped"), error=ValueError)
         check_at_least(self, "gateskip", ("ramp_steps", "penalty", "init_std"), low=0, error=ValueError)
         single_branch_budget(self.skip_branches, self.budget)  # (the ramp's: where training starts, GateSkipHook)
         if not 0.0 <= self.pack_min_fraction <= 1.0:
