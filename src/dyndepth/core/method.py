@@ -107,9 +107,9 @@ class ThresholdRecorder:
                              "threshold to fit) or the batches have no real tokens.")
         if not all(self.values.values()):
             need = math.ceil(1 / self.fraction - 1e-9) if self.fraction > 0 else "more"
-            raise ValueError(f"no calibration batch was large enough to skip a token at a fraction of {self.fraction:g}: "
-                             f"a batch needs at least {need} real tokens per routing pool; give more rows per batch "
-                             "(--batch-size), longer windows (--seq-len) or a larger budget.")
+            raise ValueError(f"no calibration batch was large enough to skip a token at a fraction of "
+                             f"{self.fraction:g}: a batch needs at least {need} real tokens per routing pool; give "
+                             "more rows per batch (--batch-size), longer windows (--seq-len) or a larger budget.")
         return {key: torch.stack(v).float().mean() for key, v in self.values.items()}
 
 
