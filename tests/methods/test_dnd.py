@@ -121,8 +121,9 @@ def test_a_rows_logits_do_not_change_when_other_rows_join_its_batch():
         torch.testing.assert_close(batch[b], alone[b], atol=1e-5, rtol=0)
 
 
-def test_nested_attention_never_crosses_documents_and_compact_positions_restart_per_document():
-    model, _ = dnd_model()
+@pytest.mark.parametrize("nested", list(NESTED))
+def test_nested_attention_never_crosses_documents_and_compact_positions_restart_per_document(nested):
+    model, _ = dnd_model(**NESTED[nested])  # (the TaH-style variant's concatenated keys carry documents too)
     a, b = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 9))
     packed = torch.cat([a, b], 1)
     doc_ids = torch.cat([torch.zeros(1, 7), torch.ones(1, 9)], 1).long()
@@ -444,7 +445,9 @@ def test_config_errors_and_no_calibration():
     ({"sync_every": 2.5}, "sync_every=2.5 must be an int"),
     ({"gamma": 2.0}, r"gamma=2.0 must lie in \[0, 1\]"),
     ({"alpha": -1.0}, "alpha=-1.0 must be >= 0"),
-    ({"tau_init": 1.5}, r"tau_init=1.5 must lie in \[0, 1\]")])
+    ({"tau_init": 1.5}, r"tau_init=1.5 must lie in \[0, 1\]"),
+    ({"ratio": 20}, r"ratio=20.0 must lie in \(0, 1\]: .* \(0.2 for 20%\).*method.name = \"none\""),
+    ({"control": None}, r"dnd.control=None is not one of \('threshold', 'topk', 'fixed'\)")])
 def test_recipe_options_of_the_wrong_type_or_range_are_named(options, message):
     """What `--set method.layers=2` and its kind pass: one ValueError naming the option (were TypeErrors from
     inside the method, or a controller that ran backwards)."""
@@ -635,3 +638,64 @@ def test_recipe_scalars_are_read_as_the_train_section_reads_them():
     assert (dnd.ratio, dnd.layers, dnd.gamma) == (0.25, (0, 1), 0.0) and type(dnd.layers[0]) is int
     with pytest.raises(ValueError, match="shared=2 must be a bool"):
         make_config(GateSkipConfig, {"shared": 2})
+
+
+@pytest.mark.parametrize("nested", ["compact", "tah"])
+def test_rolling_back_tokens_written_by_decode_steps_drops_their_nested_entries(nested):
+    """A speculative draft decoded one token at a time (the decode-step path, whose nested entries carry their
+    real positions), then rejected: invalidate drops them, and the true continuation decoded step by step matches
+    the full forward (a stale compact entry survived when the step did not pass its positions)."""
+    model, method = dnd_model(**NESTED[nested])
+    ids, mask = left_padded(T=14)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = KVCache.for_model(model.config, 3, 14, num_slots=model.num_slots())
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache)
+        prefix = {s: cache.count(s).clone() for s in method.nested_slot.values()}
+        for t in range(8, 13):  # five draft tokens, each its own decode step
+            model(torch.randint(0, 256, (3, 1)), positions=pos[:, t:t + 1], cache=cache)
+        assert any((cache.count(s) > prefix[s]).any() for s in prefix)  # the draft nested some of its tokens
+        cache.invalidate(pos[:, 8])
+        for s, count in prefix.items():
+            assert torch.equal(cache.count(s), count), s
+        steps = [model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits for t in range(8, 14)]
+    got = torch.cat(steps, 1)
+    valid = mask[:, 8:].bool()
+    torch.testing.assert_close(got[valid], full[:, 8:][valid], atol=1e-5, rtol=0)
+
+
+def test_the_paper_init_selects_nothing_and_the_losses_and_scores_are_what_the_config_says():
+    """Zero router (p = 0.5 everywhere) and tau_init 0.5: `p > tau` is strict, so nothing nests at step 0 (>= would
+    nest every token); tau starts at tau_init; aux_loss = sd_weight L_sd + dp_weight L_dp; the controller's buffer
+    holds the valid tokens' scores only; an all-PAD training batch has finite losses."""
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3"))
+    cfg = DNDConfig(layers=(0, 1), tau_init=0.5, router_init_std=0.0, sd_weight=0.3, dp_weight=2.0)
+    method = attach_dnd(model, cfg)
+    assert all(float(d.tau) == 0.5 for d in method.layer_dnd)
+    other = attach_dnd(CausalLM(preset("tiny-qwen3")), DNDConfig(layers=(0, 1), tau_init=0.7))
+    assert all(float(d.tau) == pytest.approx(0.7) for d in other.layer_dnd)
+    ids, mask = left_padded()
+    with torch.no_grad():
+        assert float(model.eval()(ids, attention_mask=mask).stats["dnd/selected"]) == 0.0
+        for d in method.layer_dnd:
+            d.router.weight.normal_(0, 1.0)
+    out = model.train()(ids, attention_mask=mask)
+    sd, dp = out.stats["dnd/sd_loss"], out.stats["dnd/dp_loss"]
+    torch.testing.assert_close(out.aux_loss.detach(), 0.3 * sd + 2.0 * dp)
+    assert all(len(method.scores_buffer[i][-1]) == int(mask.sum()) for i in method.layers)  # PAD's not recorded
+    empty = model(ids, attention_mask=torch.zeros_like(mask))
+    assert torch.isfinite(empty.aux_loss) and float(empty.stats["dnd/dp_loss"]) == 0.0
+
+
+def test_nested_false_runs_the_base_model_and_reports_nothing_selected():
+    torch.manual_seed(0)
+    base = CausalLM(preset("tiny-qwen3")).eval()
+    model, method = dnd_model()
+    model.load_state_dict(base.state_dict(), strict=False)
+    ids, mask = left_padded()
+    with torch.no_grad(), method.override(nested=False):
+        out = model(ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits, base(ids, attention_mask=mask).logits, rtol=0, atol=0)
+    assert float(out.stats["dnd/selected"]) == 0.0  # it read the router's would-be selection (0.44)

@@ -43,8 +43,8 @@ def _scalar(value, kind: str, where: str, default):
         return int(value)
     if kind == "bool" and (isinstance(value, bool) or (real and value in (0, 1))):
         return bool(value)
-    if kind == "str" and isinstance(value, str):
-        return value
+    if kind == "str" and (isinstance(value, str) or value is None):  # None (`--set x=none`): the config's own
+        return value  # check names a choice field's choices
     raise ValueError(f"{where}={value!r} must be {'an' if kind == 'int' else 'a'} {kind}, like its default "
                      f"{default!r}.")
 

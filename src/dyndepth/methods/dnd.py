@@ -50,13 +50,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import check_fields
 from dyndepth.core.accounting import sum_entries
 from dyndepth.core.context import ForwardContext
-from dyndepth.core.layers import apply_keeping_float32
+from dyndepth.core.layers import apply_keeping_float32, linear_float32
 from dyndepth.core.method import MethodOutput, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
@@ -110,14 +109,15 @@ class DNDConfig:
                              "last), e.g. (4, 23); a single layer i is (i, i).")
         if len(self.layers) != 2:
             raise ValueError(f"dnd.layers={tuple(self.layers)} must be an inclusive band (first, last), e.g. (4, 23).")
-        check_fields(self, "dnd", ValueError)
         checks = (("positions", POSITIONS), ("control", CONTROLS), ("ema_target", EMA_TARGETS),
                   ("sd_sign", SD_SIGNS))
-        for name, allowed in checks:
+        for name, allowed in checks:  # (before the type checks: `--set method.control=none` reads None)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"dnd.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        check_fields(self, "dnd", ValueError)
         if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"dnd.ratio={self.ratio} must lie in (0, 1] (fraction of tokens nested).")
+            raise ValueError(f"dnd.ratio={self.ratio} must lie in (0, 1]: the fraction of tokens nested (0.2 for 20%); "
+                             "for the plain fine-tune without nesting, set method.name = \"none\".")
         if self.sync_every < 1 or self.buffer_batches < 1 or self.buffer_tokens < 1:
             raise ValueError("dnd.sync_every, dnd.buffer_batches and dnd.buffer_tokens must be >= 1.")
         if not 0.0 <= self.gamma <= 1.0:
@@ -287,6 +287,8 @@ class DND:
         st: DNDState = ctx.state
         p_BT = self._score(layer.dnd, xv, ctx, slot)  # (B, T) float32
         keep_BT = self._select(layer.dnd, p_BT, st, ctx.doc_ids)
+        if not self.nested:  # override(nested=False): nothing nests, and the statistics say so
+            keep_BT = torch.zeros_like(keep_BT)
         st.scores[slot], st.keep[slot] = _detached(p_BT), keep_BT
         if ctx.training:
             sd, dp = router_losses(p_BT, st.valid, ctx.doc_ids, self.config.sd_sign)
@@ -312,7 +314,7 @@ class DND:
 
     def _fused(self, layer, x, xv, p_BT, keep_BT, ctx: ForwardContext, slot: int) -> torch.Tensor:
         """x^v with the nested pass mixed in for the selected tokens: (B, T, D)."""
-        idx_BK, valid_BK = pack_indices(keep_BT) if self.nested else pack_indices(keep_BT, size=0)
+        idx_BK, valid_BK = pack_indices(keep_BT, size=None if self.nested else 0)  # (no host sync when off)
         if idx_BK.shape[1] == 0:  # nothing nested (in training: beta and router stay in the graph for DDP)
             return xv + 0.0 * (layer.dnd.beta * p_BT.sum()).to(xv.dtype) if ctx.training else xv
         xs_BKD = gather_padded(xv, idx_BK)  # (B, K, D)
@@ -347,9 +349,8 @@ class DND:
     def _score(self, dnd: LayerDND, xv: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         """p = sigmoid(R(x^v)) in float32 (B, T), the router's FLOPs recorded as part "router"."""
         B, T, D = xv.shape
-        bias = dnd.router.bias
         with torch.autocast(xv.device.type, enabled=False):
-            r = F.linear(xv.float(), dnd.router.weight.float(), None if bias is None else bias.float())
+            r = linear_float32(dnd.router, xv.float())
         n_valid = ctx.state.n_valid
         ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
         return torch.sigmoid(r.squeeze(-1))
@@ -480,7 +481,8 @@ def router_losses(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: torch.
     h = (ent_S[multi] / torch.log(n_S[multi])).mean() if bool(multi.any()) else p.sum() * 0
     sd = -h if sd_sign == "maximize_entropy" else h
     dp_S = per_seq((p_BT.reshape(-1) - 0.5).pow(2) * v) / n_S.clamp(min=1)
-    return sd, dp_S[n_S > 0].mean()
+    dp = dp_S[n_S > 0].mean() if bool((n_S > 0).any()) else p.sum() * 0  # an all-PAD batch: 0, not nan
+    return sd, dp
 
 
 def attach_dnd(model, cfg: DNDConfig | dict | None = None) -> DND:

@@ -96,13 +96,13 @@ class GateSkipConfig:
     pack_min_fraction: float = 0.2  # ... and at least this share of them (prefill at 15% skipped: packing lost 0-8%)
 
     def __post_init__(self) -> None:
-        check_fields(self, "gateskip", ValueError)
         checks = (("gate", ("vector", "scalar", "lowrank")), ("scope", ("batch", "sequence")), ("mode", MODES),
                   ("kv_policy", ("compute", "copy_prev")), ("skip_branches", ("both", "attn", "mlp")),
                   ("skip_unit", ("branch", "layer")), ("path", PATHS))
-        for name, allowed in checks:
+        for name, allowed in checks:  # (before the type checks: `--set method.path=none` reads None)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"gateskip.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        check_fields(self, "gateskip", ValueError)
         for name in ("budget", "ramp_start", "ramp_end"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"gateskip.{name}={getattr(self, name)} must lie in [0, 1).")
