@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import dyndepth
 from dyndepth.bench.study import (
-    moe_set_entropy,
+    moe_expert_sets,
     ratios,
     study_config,
     tokens_to_reach,
@@ -19,6 +19,7 @@ from dyndepth.bench.study import (
     training_key,
 )
 from dyndepth.cli import app
+from dyndepth.eval.dreamer import SetCounts
 
 
 def test_tokens_to_reach_interpolates_in_log_tokens_on_the_running_maximum():
@@ -37,16 +38,23 @@ def test_tokens_to_reach_interpolates_in_log_tokens_on_the_running_maximum():
     assert ratios(losses, "reference", key="val_loss") == {"dense": ["2.52", ">1.00"]}
 
 
-def test_moe_set_entropy_counts_distinct_top_k_sets_per_layer():
+def test_moe_set_entropy_counts_distinct_top_k_sets_per_layer_over_every_batch():
     model = dyndepth.build_model(dyndepth.preset("tiny-qwen3-moe")).eval()  # 4 experts, top-2: 6 possible sets
     ids = torch.randint(0, 256, (4, 32))
-    entropy = moe_set_entropy(model, ids)
-    assert 0 < entropy <= math.log(6)
+    sets = SetCounts()
+    sets.add(moe_expert_sets(model, ids))
+    assert 0 < sets.entropy() <= math.log(6)
+    halves = SetCounts()  # the corpus's distribution, whatever the batching
+    for part in ids.split(2):
+        halves.add(moe_expert_sets(model, part))
+    assert halves.entropy() == pytest.approx(sets.entropy())
     with torch.no_grad():  # uniform routing: every layer's router scores equal, one set for every token
         for layer in model.model.layers:
             layer.mlp.gate.weight.zero_()
-    assert moe_set_entropy(model, ids) == 0.0
-    assert moe_set_entropy(dyndepth.build_model(dyndepth.preset("tiny-qwen3")), ids) is None
+    uniform = SetCounts()
+    uniform.add(moe_expert_sets(model, ids))
+    assert uniform.entropy() == 0.0
+    assert moe_expert_sets(dyndepth.build_model(dyndepth.preset("tiny-qwen3")), ids) is None
 
 
 def test_bad_profiles_and_budgets_are_one_clear_error():

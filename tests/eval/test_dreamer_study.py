@@ -1,4 +1,6 @@
+import collections
 import json
+import math
 
 import pytest
 import torch
@@ -43,8 +45,9 @@ def test_study_sweeps_depth_and_writes_the_heatmap(run_dir):
 
 def test_forward_report_weights_each_batch_by_its_valid_tokens():
     """Two batches of 8 and 24 tokens: loss per label, depth, FLOPs and expert diversity weighted by tokens, set
-    entropy and state change averaged over batches, usage summed, each equal to the per-batch forwards combined by
-    hand; the report runs evaluation forwards and restores training mode."""
+    entropy over both batches' tokens (the spec's corpus), state change averaged over batches, usage summed, each
+    equal to the per-batch forwards combined by hand; the report runs evaluation forwards and restores training
+    mode."""
     torch.manual_seed(0)
     model = dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2)).train()
     batches = []
@@ -66,8 +69,17 @@ def test_forward_report_weights_each_batch_by_its_valid_tokens():
     diversity = [float(s["dreamer/expert_diversity"]) for s in stat]
     assert diversity[0] != pytest.approx(diversity[1])  # so weighting by tokens matters
     assert report["expert_diversity"] == pytest.approx((diversity[0] * n[0] + diversity[1] * n[1]) / 32, rel=1e-6)
-    assert report["expert_set_entropy"] == pytest.approx(
-        sum(float(s["dreamer/expert_set_entropy"]) for s in stat) / 2, rel=1e-6)
+    sets = collections.Counter()  # definition b over the corpus: every (step, sorted set) of both batches' tokens
+    for s_ in stat:
+        for a, sets_NK in enumerate(s_["dreamer/expert_sets"]):
+            sets.update((a, *sorted(row)) for row in sets_NK.tolist())
+    per_step = [[c for (a, *_), c in sets.items() if a == step] for step in (0, 1)]
+    entropy = [-sum(c / sum(cs) * math.log(c / sum(cs)) for c in cs) for cs in per_step]
+    assert report["expert_set_entropy"] == pytest.approx(sum(entropy) / 2, rel=1e-6)
+    one_batch = {"input_ids": torch.cat([b["input_ids"] for b in batches[1:]]), "labels": batches[1]["labels"]}
+    rows = [{"input_ids": r[None], "labels": r[None]} for r in one_batch["input_ids"]]  # the spec's corpus is
+    assert forward_report(model, rows)["expert_set_entropy"] == pytest.approx(  # the same however it is batched
+        forward_report(model, [one_batch])["expert_set_entropy"], rel=1e-6)  # (a per-batch mean grew with B)
     assert report["avg_depth"] == pytest.approx(2.0)
     assert report["flops_executed"] == pytest.approx(sum(float(s["flops/executed"]) for s in stat) / 32, rel=1e-9)
     change = (stat[0]["dreamer/state_change"] + stat[1]["dreamer/state_change"]) / 2

@@ -16,8 +16,9 @@ claim, ../shared/papers/dreamer.md §1 and §5).
    also trains once per seed on that text (byte tokenizer, the same budgets) and is evaluated by held-out loss
    (bits per byte); tokens to the reference's loss are computed the same way on each baseline's running minimum.
 5. Expert-selection diversity (`models/dreamer.expert_stats`): (a) distinct experts a token selects over depth /
-   min(k x steps, E), for the reference and MoEUT; (b) the entropy of the selected top-k sets over a batch's tokens
-   per layer application, mean over applications, for those and the untied MoE decoder (`moe_set_entropy`). The
+   min(k x steps, E), for the reference and MoEUT; (b) the entropy of the selected top-k sets over the validation
+   batches' tokens (the spec's corpus) per layer application, mean over applications, for those and the untied MoE
+   decoder (`eval.dreamer.SetCounts`, `moe_expert_sets`). The
    MoE decoder's layers share no expert pool, so (a) does not transfer to it.
 
 Profiles: "cpu" (dreamer-tiny as recipes/dreamer_tiny_cpu.toml sets it up, 8 x 128 tokens per step, budgets
@@ -41,6 +42,7 @@ from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.data.build import build_loader, build_tokenizer, one_source, source_fingerprint, source_items
 from dyndepth.data.sources import HF_PREFIX
 from dyndepth.data.synthetic import exact_match, make_examples
+from dyndepth.eval.dreamer import SetCounts
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.figures import save_figure
 from dyndepth.models import build_model
@@ -127,21 +129,25 @@ class BudgetEval:
         if step not in self.cfg.steps:
             return None
         model.eval()
-        nll, n, diversity = 0.0, 0, {}
+        nll, n, diversity, sets = 0.0, 0, [], SetCounts()
         for batch in self.val_batches:
             out = model(batch["input_ids"])
             labels = batch["labels"]
             nll += float(F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
                                          ignore_index=-100))
             n += int((labels != -100).sum())
-            for key in ("dreamer/expert_diversity", "dreamer/expert_set_entropy"):
-                if key in out.stats:
-                    diversity.setdefault(key.split("/")[1], []).append(float(out.stats[key]))
-            entropy = moe_set_entropy(model, batch["input_ids"])
-            if entropy is not None:
-                diversity.setdefault("expert_set_entropy", []).append(entropy)
+            if "dreamer/expert_diversity" in out.stats:
+                diversity.append(float(out.stats["dreamer/expert_diversity"]))
+                sets.add(out.stats["dreamer/expert_sets"])
+            moe_sets = moe_expert_sets(model, batch["input_ids"])
+            if moe_sets is not None:
+                sets.add(moe_sets)
         row = {"model": self.label, "seed": self.seed, "step": step, "tokens": step * self.cfg.batch_size *
-               self.cfg.seq_len, "val_loss": nll / max(n, 1), **{k: sum(v) / len(v) for k, v in diversity.items()}}
+               self.cfg.seq_len, "val_loss": nll / max(n, 1)}
+        if diversity:
+            row["expert_diversity"] = sum(diversity) / len(diversity)
+        if sets.counts:  # over the validation batches together (the spec's corpus), per step or MoE layer
+            row["expert_set_entropy"] = sets.entropy()
         if self.examples is not None:
             accuracy = exact_match(self.examples, generate_answers(model, self.tokenizer, self.examples))
             row.update(exact_match=accuracy["overall"], per_task=accuracy)
@@ -157,9 +163,9 @@ class BudgetEval:
 
 
 @torch.no_grad()
-def moe_set_entropy(model, input_ids: torch.Tensor) -> float | None:
-    """Diversity definition (b) for a decoder with MoE layers: per MoE layer, the entropy (nats) of the distribution
-    of selected top-k sets over the batch's tokens; mean over layers. None without MoE layers."""
+def moe_expert_sets(model, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Diversity definition (b)'s input for a decoder with MoE layers: each token's top-k set at each MoE layer, (A, N,
+    K) for `SetCounts`. None without MoE layers."""
     gates = [layer.mlp.gate for layer in model.model.layers if isinstance(getattr(layer, "mlp", None), SparseMoE)]
     if not gates:
         return None
@@ -170,13 +176,8 @@ def moe_set_entropy(model, input_ids: torch.Tensor) -> float | None:
     finally:
         for h in handles:
             h.remove()
-    entropies = []
-    for logits_NE in logits:  # top-k of the logits = top-k of the softmax
-        sets_NK = logits_NE.reshape(-1, logits_NE.shape[-1]).topk(model.config.num_experts_per_tok, -1).indices
-        _, counts = torch.unique(sets_NK.sort(-1).values, dim=0, return_counts=True)
-        p = counts.float() / counts.sum()
-        entropies.append(float(-(p * p.log()).sum()))
-    return sum(entropies) / len(entropies)
+    k = model.config.num_experts_per_tok  # top-k of the logits = top-k of the softmax
+    return torch.stack([x.reshape(-1, x.shape[-1]).topk(k, -1).indices for x in logits])  # (A, N, K)
 
 
 def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: dict, tokenizer, examples,

@@ -15,7 +15,9 @@ quality_vs_depth.png and expert_usage.png to the run folder (or --out).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,6 +36,35 @@ from dyndepth.runconfig import load_run_config
 SYNTHETIC_SOURCES = ("synthetic", "embedded")
 
 
+class SetCounts:
+    """Diversity definition (b) over a corpus, as the spec defines it: per application (step, or MoE layer), the
+    entropy (nats) of the distribution of selected top-k sets over every token of every batch added; mean over the
+    applications that ran a token. (A forward's `dreamer/expert_set_entropy` is the same over its own batch.)"""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()  # (application, set) -> tokens
+
+    def add(self, sets_ANK: torch.Tensor) -> None:
+        """Sorted sets (A, N, K) of N tokens at A applications; rows of -1 (tokens that did not run) are skipped."""
+        A, N, K = sets_ANK.shape
+        app = torch.arange(A, device=sets_ANK.device)[:, None, None].expand(A, N, 1)
+        rows = torch.cat([app, sets_ANK.sort(-1).values], -1)[sets_ANK[..., 0] >= 0]  # (M, 1 + K)
+        unique, counts = torch.unique(rows, dim=0, return_counts=True)
+        self.counts.update({tuple(r): c for r, c in zip(unique.tolist(), counts.tolist())})
+
+    def entropy(self) -> float | None:
+        per_app: dict = collections.defaultdict(list)
+        for (a, *_), c in self.counts.items():
+            per_app[a].append(c)
+        if not per_app:
+            return None
+        entropies = []
+        for counts in per_app.values():
+            total = sum(counts)
+            entropies.append(-sum(c / total * math.log(c / total) for c in counts))
+        return sum(entropies) / len(entropies)
+
+
 @torch.no_grad()
 def forward_report(model, batches: list[dict]) -> dict:
     """Token-weighted validation loss, average depth, FLOPs per valid token and expert statistics over `batches`
@@ -48,7 +79,7 @@ def forward_report(model, batches: list[dict]) -> dict:
 
 def _forward_report(model, batches: list[dict]) -> dict:
     sums = {"nll": 0.0, "labels": 0, "tokens": 0.0, "depth": 0.0, "executed": 0.0, "ideal": 0.0, "diversity": 0.0}
-    usage, entropy, change = 0, [], 0
+    usage, sets, change = 0, SetCounts(), 0
     for batch in batches:
         out = model(batch["input_ids"])
         labels = batch["labels"]
@@ -64,13 +95,13 @@ def _forward_report(model, batches: list[dict]) -> dict:
         if "dreamer/expert_usage" in st:
             usage = usage + st["dreamer/expert_usage"]
             sums["diversity"] += float(st["dreamer/expert_diversity"]) * n
-            entropy.append(float(st["dreamer/expert_set_entropy"]))
+            sets.add(st["dreamer/expert_sets"])
     n = max(sums["tokens"], 1.0)
     report = {"val_loss": sums["nll"] / max(sums["labels"], 1), "avg_depth": sums["depth"] / n,
               "flops_executed": sums["executed"] / n, "flops_ideal": sums["ideal"] / n,
               "state_change": [round(float(c), 4) for c in change]}
-    if entropy:
-        report.update(expert_diversity=sums["diversity"] / n, expert_set_entropy=sum(entropy) / len(entropy),
+    if torch.is_tensor(usage):  # a model with experts
+        report.update(expert_diversity=sums["diversity"] / n, expert_set_entropy=sets.entropy(),
                       expert_usage=usage)
     return report
 

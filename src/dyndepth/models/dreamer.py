@@ -414,7 +414,9 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
       most it could select, min(k * steps, E); mean over layers of the group and tokens.
     dreamer/expert_set_entropy (definition b, evaluation forwards without a cache, so not decode steps): per step,
       the entropy (nats) of the distribution of selected top-k sets over the batch's tokens that ran the step (not
-      those that exited); mean over steps. exp() of it is the effective number of distinct sets.
+      those that exited); mean over steps. exp() of it is the effective number of distinct sets. Over a corpus (the
+      spec's definition), `eval.dreamer.SetCounts` pools dreamer/expert_sets (A, N, K): each token's sorted set at
+      each application, -1 for tokens that did not run it.
     dreamer/expert_usage (R * G, E): selections per expert at each application; left out of training forwards
       with a drawn step count (its shape would change between micro-batches).
     dreamer/expert_load (G, E): selections per expert of each layer of the group over its applications (the
@@ -441,6 +443,7 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
         p = counts / ran_A[a]
         entropy = torch.zeros(A, device=ids.device).index_add_(0, a, -p * p.log())  # (A,) nats
         out["dreamer/expert_set_entropy"] = entropy.sum() / (ran_A > 0).sum().clamp(min=1)  # over applications run
+        out["dreamer/expert_sets"] = ids.masked_fill(~ran[..., None], -1)  # (A, N, K): the corpus-level entropy's
     return out
 
 
