@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -6,6 +7,7 @@ from typer.testing import CliRunner
 
 import dyndepth
 from dyndepth.cli import app
+from dyndepth.tokenizer import ByteTokenizer
 
 runner = CliRunner()
 
@@ -82,8 +84,10 @@ def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab
         return torch.cat([input_ids, torch.tensor([out])], 1)
 
     monkeypatch.setattr("dyndepth.generation.generate", scripted)
-    for stream in ("--stream", "--no-stream"):
-        result = runner.invoke(app, ["generate", "demo-tiny", "-p", "caf", "-n", "7", stream])
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path)
+    ByteTokenizer().save(tmp_path)  # a folder whose byte tokenizer has 259 ids (exports before 2026-12-05)
+    for model, stream in itertools.product(("demo-tiny", str(tmp_path)), ("--stream", "--no-stream")):
+        result = runner.invoke(app, ["generate", model, "-p", "caf", "-n", "7", stream])
         assert result.exit_code == 0, result.output
         assert result.output.startswith("caf\u00e9\u20ac!"), result.output  # (262: an unused id, decoded to nothing)
 

@@ -33,6 +33,7 @@ def test_the_readme_python_snippets_run(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     ns: dict = {}
     exec(offline(quickstart), ns)
+    assert ns["tok"].vocab_size == ns["model"].config.vocab_size  # (259 ids over 264: a sampled 260 raised)
     assert ns["out"].logits.shape[:2] == ns["input_ids"].shape and ns["ids"].shape[1] > ns["input_ids"].shape[1]
     assert (tmp_path / "out" / "config.json").exists()
     assert capsys.readouterr().out  # the decoded continuation was printed

@@ -82,7 +82,7 @@ def generate(
     from dyndepth.generation import check_length, check_sampling
     from dyndepth.methods.calibration import parse_knobs
     from dyndepth.models.forward import check_inputs
-    from dyndepth.tokenizer import ByteTokenizer, encode_batch, load_tokenizer
+    from dyndepth.tokenizer import encode_batch, for_vocab, load_tokenizer
 
     method_knobs = _run(parse_knobs, knobs)
     _run(check_sampling, temperature, top_k, top_p)  # before the prompt is echoed (errors ran into it)
@@ -92,9 +92,7 @@ def generate(
     if skip_budget is not None or method_knobs or getattr(lm, "method", None) is not None:
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)  # (a method's thresholds too) before the echo
     preset = model in _presets()
-    tok = _run(load_tokenizer, tokenizer or ("byte" if preset else model))
-    if preset and isinstance(tok, ByteTokenizer) and tok.vocab_size < lm.config.vocab_size:  # a padded vocabulary:
-        tok = ByteTokenizer(lm.config.vocab_size)  # its ids past the bytes decode as unused specials (to nothing)
+    tok = for_vocab(_run(load_tokenizer, tokenizer or ("byte" if preset else model)), lm.config.vocab_size)
     ids, mask = encode_batch(tok, prompt, padding_side="left")
     _run(check_inputs, lm.config, ids, mask)  # (a prompt too long for the model; ids the model lacks)
     _run(check_length, lm.config, ids.shape[1], max_new_tokens)

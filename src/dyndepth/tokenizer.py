@@ -312,6 +312,14 @@ def gpt2_tokenizer(folder: str | Path) -> HFTokenizer:
     return HFTokenizer(backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
+def for_vocab(tok, vocab_size: int):
+    """`tok` for a model of `vocab_size` ids: a byte tokenizer widened to a padded vocabulary (demo-tiny has 264 ids:
+    the ids past its 259 are unused and decode to nothing, where a sampled one raised), any other tokenizer as is."""
+    if isinstance(tok, ByteTokenizer) and tok.vocab_size < vocab_size:
+        return ByteTokenizer(vocab_size)
+    return tok
+
+
 def load_tokenizer(path: str | Path) -> HFTokenizer | ByteTokenizer:
     """`"byte"` -> ByteTokenizer(); a folder (or a file in it) with tokenizer.json -> HFTokenizer,
     byte_tokenizer.json -> ByteTokenizer, encoder.json + vocab.bpe -> GPT-2 BPE."""

@@ -113,6 +113,7 @@ def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tm
     from typer.testing import CliRunner
 
     from dyndepth.cli import app
+    from dyndepth.tokenizer import load_tokenizer
 
     overrides = [f"train.out_dir={tmp_path / 'out'}", "train.steps=1", "train.batch_size=2", "train.seq_len=32",
                  "train.eval_batches=1", "train.progress=false", "train.plot=false", "data.synthetic_examples=100",
@@ -120,11 +121,13 @@ def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tm
     run_training("recipes/tiny_cpu.toml", overrides)
     folder = tmp_path / "out" / "model"
     assert (folder / "byte_tokenizer.json").exists()
+    assert load_tokenizer(folder).vocab_size == 264  # demo-tiny's padded vocabulary: a sampled id 260 decodes
     result = CliRunner().invoke(app, ["generate", str(folder), "-p", "12+3=", "-n", "4"])
     assert result.exit_code == 0 and "12+3=" in result.output, result.output
     for src, dst in ((folder, "converted"), (tmp_path / "out" / "step_0000001", "exported")):  # both keep it
         result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / dst)])
         assert result.exit_code == 0 and (tmp_path / dst / "byte_tokenizer.json").exists(), (dst, result.output)
+        assert load_tokenizer(tmp_path / dst).vocab_size == 264
 
 
 def test_a_relative_pretrained_path_is_saved_absolute_so_steps_export_and_resume_from_anywhere(tmp_path, monkeypatch):

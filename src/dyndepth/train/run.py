@@ -17,6 +17,7 @@ from torch import nn
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
 from dyndepth.data.build import build_loader, build_tokenizer, holds_out, one_source
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
+from dyndepth.tokenizer import for_vocab
 from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import TrainResult, train
 
@@ -200,13 +201,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     load_model_weights(checkpoint, model)
     out = model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
     if tokenizer is not None:
-        tokenizer.save(out)
+        for_vocab(tokenizer, model.config.vocab_size).save(out)  # (a padded vocabulary: a widened byte tokenizer)
     else:
-        _save_run_tokenizer(rc.data, out)
+        _save_run_tokenizer(rc.data, out, model.config.vocab_size)
     return out
 
 
-def _save_run_tokenizer(data_cfg: dict, out: Path) -> None:
+def _save_run_tokenizer(data_cfg: dict, out: Path, vocab_size: int) -> None:
     """The run's tokenizer beside an exported step, when it is the byte tokenizer or a folder (a run's trained
     BPE lives in its data cache: the end-of-run export carries it; here a log line says so)."""
     from dyndepth.data.build import resolve_data_config
@@ -216,7 +217,7 @@ def _save_run_tokenizer(data_cfg: dict, out: Path) -> None:
     try:
         if name.startswith("bpe:"):
             raise FileNotFoundError("a BPE trained by the run")
-        load_tokenizer(name).save(out)
+        for_vocab(load_tokenizer(name), vocab_size).save(out)
     except (OSError, ValueError) as e:
         log.warning("the exported %s has no tokenizer (%s): pass --tokenizer to generate / eval, or use the run's "
                     "out_dir/model, which carries it.", out, e)
