@@ -365,6 +365,21 @@ def test_topk_control_tau_tracks_the_top_k_threshold_so_inference_selects_what_t
     for layer in method.layers:
         assert trained[layer].sum() == 4  # ceil(0.25 * 14)
         assert torch.equal(trace.ctx.state.keep[layer], trained[layer]), layer
+    # a run shorter than sync_every ends synced (it saved tau_init: inference nested 2-3x the ratio): under topk at
+    # the buffer's target, under threshold control by the gamma pull, which a longer run's step 3 does not make
+    taus = {}
+    for control, total in (("topk", 3), ("threshold", 3), ("threshold", 10)):
+        model, method = dnd_model(control=control, ratio=0.25, gamma=0.5, sync_every=50)
+        (hook,) = method.trainer_hooks(total)
+        model.train()
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                out = model(torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(step)))
+            hook.after_step(model, step, out.stats, None)
+        taus[control, total] = torch.stack([d.tau.reshape(()) for d in method.layer_dnd])
+        if control == "topk":
+            torch.testing.assert_close(taus[control, total], hook.targets())
+    assert not torch.allclose(taus["threshold", 3], taus["threshold", 10])
 
 
 def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():
