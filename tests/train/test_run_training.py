@@ -206,3 +206,27 @@ def test_a_fresh_run_into_a_used_folder_sets_the_old_config_aside(tmp_path):
     assert "lr: 0.002" in (tmp_path / "out" / "config.yaml").read_text()
     killed_before_its_checkpoint("train.lr=2e-3")  # the same config again: nothing set aside
     assert not (tmp_path / "out" / "config.abandoned_1.yaml").exists()
+
+
+def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_path):
+    """`--set model.pretrained=DIR` with no data.tokenizer tokenized the text with the default byte tokenizer (a BPE
+    model trained on byte ids, and exported with byte_tokenizer.json); now the folder's own tokenizer reads it, and
+    a different one named in the recipe is an error."""
+    from dyndepth.tokenizer import load_tokenizer, train_bpe
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    base = tmp_path / "base"
+    CausalLM(preset("tiny-qwen3", vocab_size=300)).save_pretrained(base)
+    train_bpe([text], vocab_size=300).save(base)
+    args = [f"model.pretrained={base}", f"data.source={text}", f"train.out_dir={tmp_path / 'out'}", "train.steps=1",
+            "train.batch_size=2", "train.seq_len=16", "train.progress=false", "train.plot=false", "eval.enabled=false",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    run_training(None, args)
+    saved = load_run_config(tmp_path / "out" / "step_0000001" / "config.yaml")
+    assert saved.data["tokenizer"] == str(base)
+    exported = tmp_path / "out" / "model"
+    assert (exported / "tokenizer.json").is_file() and not (exported / "byte_tokenizer.json").exists()
+    assert load_tokenizer(exported).encode("the lazy dog") == load_tokenizer(base).encode("the lazy dog")
+    with pytest.raises(RunConfigError, match=r"data.tokenizer='byte' is not the tokenizer of model.pretrained"):
+        run_training(None, [*args, "data.tokenizer=byte", f"train.out_dir={tmp_path / 'out2'}"])

@@ -17,7 +17,7 @@ from torch import nn
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
 from dyndepth.data.build import build_loader, build_tokenizer, holds_out, one_source
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
-from dyndepth.tokenizer import for_vocab
+from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
 from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import TrainResult, train
 
@@ -96,7 +96,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     """
     if not isinstance(run_config, RunConfig):
         run_config = load_run_config(run_config, overrides)
-    run_config = absolute_paths(run_config)  # the saved config.yaml works from any directory
+    run_config = pretrained_tokenizer(absolute_paths(run_config))  # the saved config.yaml works from any directory
     cfg = run_config.train
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
@@ -125,6 +125,33 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
         export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model", tokenizer)  # self-contained
     return result
+
+
+def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
+    """A post-training run reads its data with its checkpoint's own tokenizer: a local model.pretrained folder that
+    holds one is data.tokenizer when the recipe sets none (the default, "byte", fed GPT-2 text as bytes to a BPE
+    model and exported the byte tokenizer beside it); a different one set in the recipe is an error."""
+    folder = run_config.model.get("pretrained")
+    if not isinstance(folder, str) or not Path(folder).is_dir():  # (a hub id: its tokenizer is the user's to name)
+        return run_config
+    try:
+        own = load_tokenizer(folder)
+    except FileNotFoundError:  # weights alone: data.tokenizer as given
+        return run_config
+    given = run_config.data.get("tokenizer")
+    if given is None:
+        return dataclasses.replace(run_config, data={**run_config.data, "tokenizer": folder})
+    if str(given).startswith("bpe:") or not _same_tokenizer(load_tokenizer(given), own):
+        raise RunConfigError(f"data.tokenizer={given!r} is not the tokenizer of model.pretrained ({folder}): the "
+                             f"checkpoint was trained on its own ids; remove data.tokenizer (or set it to {folder}).")
+    return run_config
+
+
+def _same_tokenizer(a, b) -> bool:
+    """The same ids for a probe text and the same vocabulary (byte tokenizers: any padding of it)."""
+    probe = "Hello, world! 12 + 30 = 42.\n\u00e9t\u00e9"
+    padded = isinstance(a, ByteTokenizer) and isinstance(b, ByteTokenizer)
+    return a.encode(probe) == b.encode(probe) and (padded or a.vocab_size == b.vocab_size)
 
 
 def absolute_paths(run_config: RunConfig) -> RunConfig:
@@ -211,7 +238,6 @@ def _save_run_tokenizer(data_cfg: dict, out: Path, vocab_size: int) -> None:
     """The run's tokenizer beside an exported step, when it is the byte tokenizer or a folder (a run's trained
     BPE lives in its data cache: the end-of-run export carries it; here a log line says so)."""
     from dyndepth.data.build import resolve_data_config
-    from dyndepth.tokenizer import load_tokenizer
 
     name = str(resolve_data_config(data_cfg)["tokenizer"])
     try:
