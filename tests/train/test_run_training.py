@@ -230,3 +230,22 @@ def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_pa
     assert load_tokenizer(exported).encode("the lazy dog") == load_tokenizer(base).encode("the lazy dog")
     with pytest.raises(RunConfigError, match=r"data.tokenizer='byte' is not the tokenizer of model.pretrained"):
         run_training(None, [*args, "data.tokenizer=byte", f"train.out_dir={tmp_path / 'out2'}"])
+
+
+def test_a_hold_out_that_takes_a_whole_file_of_a_few_is_warned_about(tmp_path, caplog):
+    """Documents 0, 100, ... are the validation split; with text_split="file" a document is a file, so a list of two
+    files held the first one out whole (half the data) without a word."""
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text(f"text number {i}, " * 300)
+    args = [f"data.source={json.dumps([str(f) for f in files])}", f"train.out_dir={tmp_path / 'out'}", "train.steps=1",
+            "train.batch_size=2", "train.seq_len=16", "train.progress=false", "train.plot=false",
+            "train.eval_batches=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    with caplog.at_level("WARNING"):
+        run_training("recipes/tiny_cpu.toml", args)
+    assert "the validation split took 50% of data.source's tokens" in caplog.text and "data.val_source" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # one file: its last tenth, not warned
+        run_training("recipes/tiny_cpu.toml", [*args[1:], f"data.source={files[0]}", f"train.out_dir={tmp_path / 'o2'}"])
+    assert "validation split took" not in caplog.text

@@ -121,10 +121,31 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                                   hold_out=run_config.eval.get("enabled", True), **data_kw)
         if eval_loader is None and run_config.eval.get("enabled", True):
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
+            if holds_out(run_config.data):
+                check_held_out_share(loader, eval_loader)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
         export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model", tokenizer)  # self-contained
     return result
+
+
+HELD_OUT_WARNING = 0.2  # a held-out share of the training source above this is warned about (one document: <= 0.2)
+
+
+def check_held_out_share(loader, eval_loader) -> None:
+    """Log what the validation split took from the training source (documents 0, 100, 200, ...), and warn when it
+    is more than a fifth of its tokens: with text_split="file" a document is a whole file, so a source of a few
+    files (or a list of them) gave one whole file, maybe most of the data, to validation alone."""
+    shards = [getattr(getattr(x, "shards", None), "num_tokens", None) for x in (loader, eval_loader)]
+    if None in shards:  # (a loader of another kind)
+        return
+    share = shards[1] / max(1, sum(shards))
+    log.info("the validation split holds %d of data.source's %d tokens (%.1f%%)", shards[1], sum(shards), 100 * share)
+    if share > HELD_OUT_WARNING:
+        log.warning("the validation split took %.0f%% of data.source's tokens (documents 0, 100, 200, ... are held "
+                    "out, and with data.text_split='file' a document is a whole file): set data.val_source to the "
+                    "text to validate on, or data.text_split='paragraph' (or 'eot', 'line') for smaller documents.",
+                    100 * share)
 
 
 def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
