@@ -247,5 +247,6 @@ def test_a_hold_out_that_takes_a_whole_file_of_a_few_is_warned_about(tmp_path, c
     assert "the validation split took 50% of data.source's tokens" in caplog.text and "data.val_source" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):  # one file: its last tenth, not warned
-        run_training("recipes/tiny_cpu.toml", [*args[1:], f"data.source={files[0]}", f"train.out_dir={tmp_path / 'o2'}"])
+        run_training("recipes/tiny_cpu.toml", [*args[2:], f"data.source={files[0]}", f"train.out_dir={tmp_path / 'o2'}",
+                                               "train.steps=1"])
     assert "validation split took" not in caplog.text
