@@ -105,6 +105,9 @@ def test_a_single_document_source_holds_out_the_tail_of_its_text(tmp_path):
     with pytest.raises(DataError, match=r"validation split \(every 100th document of data.source \(of a one-document "
                                         r"source, the last tenth of its text\)\) is too small: .*eval.enabled=false"):
         build_loader(small, split="val", batch_size=4, seq_len=64, seed=0)
+    embedded = {"source": "embedded", "synthetic_examples": 100, "stdlib_bytes": 1000}  # its fix is not val_source
+    with pytest.raises(DataError, match=r"embedded source's validation examples.*set more data.synthetic_examples"):
+        build_loader(embedded, split="val", batch_size=256, seq_len=1024, seed=0)
     one = tmp_path / "short.txt"
     one.write_text("x" * 200)  # no line break: cut at the tenth
     assert len(split_text(Document(one.read_text()), "val").text) == 20

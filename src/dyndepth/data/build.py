@@ -376,11 +376,13 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
         if split != "val":
             raise
         if cfg["source"] in EMBEDDED:
-            held = "the embedded source's validation examples"
+            held, fix = ("the embedded source's validation examples and text",
+                         "more data.synthetic_examples or data.stdlib_bytes")
         elif cfg["val_source"]:
-            held = "data.val_source"
+            held, fix = "data.val_source", "a longer data.val_source"
         else:
             held = (f"every {HOLDOUT_EVERY}th document of data.source (of a one-document source, the last tenth of "
                     "its text)")
-        raise DataError(f"the validation split ({held}) is too small: {e}; or set data.val_source to a longer "
-                        "text, or eval.enabled=false.") from None
+            fix = "data.val_source to a longer text"
+        raise DataError(f"the validation split ({held}) is too small: {e}; or set {fix}, or eval.enabled=false.") \
+            from None
