@@ -154,3 +154,18 @@ def test_hf_datasets_local_json(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "h1"}, {"prompt": "p", "response": "r"}])
     docs = list(iter_hf_dataset("json", data_files=str(path)))
     assert docs == [Document("h1"), Document("r", prompt="p")]
+
+
+def test_an_hf_dataset_that_cannot_load_is_one_error_naming_the_fix(tmp_path, monkeypatch):
+    """Offline, `hf:<name>` ended in a page of datasets' traceback; an empty one still reads as no documents."""
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not load the Hugging Face dataset 'roneneldan/TinyStories' \(split "
+                                        r"'train'\): ConnectionError: Couldn't reach.*local files"):
+        list(iter_documents("hf:roneneldan/TinyStories"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: [])
+    assert list(iter_hf_dataset("empty")) == []

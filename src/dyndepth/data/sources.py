@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import logging
 import zlib
@@ -249,8 +250,15 @@ def iter_hf_dataset(
             f"loading dataset {name!r} needs the Hugging Face `datasets` package: pip install datasets"
         ) from None
     load_kwargs.setdefault("streaming", True)
-    dataset = datasets.load_dataset(name, split=split, **load_kwargs)
-    for i, record in enumerate(dataset):
+    try:  # (streaming: the first record is where a missing network shows)
+        records = iter(datasets.load_dataset(name, split=split, **load_kwargs))
+        first = next(records, None)
+    except (OSError, ValueError) as e:  # no network (ConnectionError is an OSError), no such dataset or split
+        raise DataError(f"could not load the Hugging Face dataset {name!r} (split {split!r}): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}. Without a network, download it where there "
+                        "is one (it stays in datasets' cache; HF_DATASETS_OFFLINE=1 reads it from there), or give "
+                        "data.source local files.") from None
+    for i, record in enumerate(itertools.chain([] if first is None else [first], records)):
         yield record_to_document(dict(record), f"{name}[{split}] row {i}", text_field, chat_template)
 
 
