@@ -104,6 +104,9 @@ def test_load_state_dict_rejects_other_settings():
         PackedLoader(shards, 8, 2, seed=2).load_state_dict(state)
     with pytest.raises(DataError, match="seq_len=8.*seq_len=4"):
         PackedLoader(shards, 4, 2, seed=1).load_state_dict(state)
+    with pytest.raises(DataError, match=r"num_tokens=200.*num_tokens=300: the training data changed since .*restore "
+                                        r"them, or train into a new train.out_dir"):  # (it named no fix)
+        PackedLoader(arange_shards(300), 8, 2, seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="rank 0 given to rank 1"):
         PackedLoader(shards, 8, 2, seed=1, rank=1, world_size=2).load_state_dict(
             PackedLoader(shards, 8, 2, seed=1, world_size=2).state_dict())

@@ -157,9 +157,12 @@ class PackedLoader:
         for key in ("seed", "shuffle", "seq_len", "num_tokens"):
             mine = self.shards.num_tokens if key == "num_tokens" else getattr(self, key)
             if key in state and state[key] != mine:
+                what = ("the training data changed since (a file of data.source edited, added or removed, or "
+                        "another tokenizer or split)" if key == "num_tokens" else f"{key} changed")
                 raise DataError(
-                    f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}; "
-                    "an exact resume needs the same data and loader settings"
+                    f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}: {what}; an "
+                    "exact resume needs the same data and loader settings: restore them, or train into a new "
+                    "train.out_dir"
                 )
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
         world, batch = state.get("world_size", self.world_size), state.get("batch_size", self.batch_size)
