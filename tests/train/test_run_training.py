@@ -105,6 +105,10 @@ def test_a_base_recipe_trains_its_own_bpe_and_exports_a_self_contained_folder(tm
     tok, model = load_tokenizer(str(folder)), dyndepth.from_pretrained(folder)
     text = "The quick brown fox."
     assert tok.decode(tok.encode(text)) == text and tok.vocab_size <= model.config.vocab_size == 300
+    from dyndepth.train.run import export_checkpoint  # a step exports with the run's BPE too (it had none)
+
+    step = export_checkpoint(tmp_path / "out" / "step_0000002", tmp_path / "step2")
+    assert load_tokenizer(str(step)).encode(text) == tok.encode(text)
 
 
 def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tmp_path):

@@ -149,6 +149,17 @@ def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] |
     name = str(cfg["tokenizer"])
     if not name.startswith(BPE_PREFIX):
         return load_tokenizer(name)
+    folder, vocab = bpe_folder(cfg)
+    if (barrier is None or rank == 0) and not (folder / "tokenizer.json").is_file():
+        _train_bpe(cfg, vocab, folder)
+    if barrier is not None:
+        barrier()
+    return load_tokenizer(str(folder))
+
+
+def bpe_folder(cfg: dict) -> tuple[Path, int]:
+    """Where a resolved data config's "bpe:N" tokenizer is cached (keyed by the source's content), and N."""
+    name = str(cfg["tokenizer"])
     try:
         vocab = int(name[len(BPE_PREFIX):])
     except ValueError:
@@ -158,12 +169,7 @@ def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] |
     key = f"{source_fingerprint(cfg['source'], cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
     if cfg["text_field"] != DEFAULTS["text_field"]:  # another record field is another text (the default's key stays:
         key += f"-{cfg['text_field']}"  # tokenizers trained before keep their folder)
-    folder = Path(cfg["cache_dir"]) / "tokenizers" / f"bpe{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (barrier is None or rank == 0) and not (folder / "tokenizer.json").is_file():
-        _train_bpe(cfg, vocab, folder)
-    if barrier is not None:
-        barrier()
-    return load_tokenizer(str(folder))
+    return Path(cfg["cache_dir"]) / "tokenizers" / f"bpe{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:12]}", vocab
 
 
 def _train_bpe(cfg: dict, vocab: int, folder: Path) -> None:

@@ -256,15 +256,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
 
 
 def _save_run_tokenizer(data_cfg: dict, out: Path, vocab_size: int) -> None:
-    """The run's tokenizer beside an exported step, when it is the byte tokenizer or a folder (a run's trained
-    BPE lives in its data cache: the end-of-run export carries it; here a log line says so)."""
-    from dyndepth.data.build import resolve_data_config
+    """The run's tokenizer beside an exported step: the byte tokenizer, a folder, or the BPE the run trained (from
+    the data cache, where the run left it)."""
+    from dyndepth.data.build import bpe_folder, resolve_data_config
 
-    name = str(resolve_data_config(data_cfg)["tokenizer"])
+    cfg = resolve_data_config(data_cfg)
+    name = str(cfg["tokenizer"])
     try:
         if name.startswith("bpe:"):
-            raise FileNotFoundError("a BPE trained by the run")
+            name = str(bpe_folder(cfg)[0])
         for_vocab(load_tokenizer(name), vocab_size).save(out)
     except (OSError, ValueError) as e:
-        log.warning("the exported %s has no tokenizer (%s): pass --tokenizer to generate / eval, or use the run's "
-                    "out_dir/model, which carries it.", out, e)
+        log.warning("the exported %s has no tokenizer (%s): pass --tokenizer to generate, --model-args "
+                    "tokenizer=DIR to eval, or use the run's out_dir/model, which carries it.", out, e)
