@@ -146,6 +146,17 @@ def test_calibrate_then_generate_with_a_skip_budget_from_the_shell(tmp_path):
     dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "plain")
     plain = runner.invoke(app, [gen[0], str(tmp_path / "plain"), *gen[1:]])
     assert plain.exit_code == 2 and "has no method attached: post-train one (dyndepth train" in plain.output
+    no_method = runner.invoke(app, ["calibrate", str(tmp_path / "plain"), "--text", str(text), "--tokenizer", "byte",
+                                    "--knobs", "budget=0.3", "--out", str(tmp_path / "never")])
+    assert no_method.exit_code == 2 and "post-train one (dyndepth train RECIPE --method gateskip" in no_method.output
+    mod = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))
+    dyndepth.methods.attach_method(mod, "mod", {})
+    mod.save_pretrained(tmp_path / "mod")  # a skip budget is GateSkip's: MoD's knob was not named
+    wrong = runner.invoke(app, [gen[0], str(tmp_path / "mod"), *gen[1:]])
+    assert wrong.exit_code == 2 and "GateSkip's knob; mod decodes with its own knobs ['capacity', 'mode']" in \
+        wrong.output, wrong.output
+    empty = runner.invoke(app, [gen[0], str(tmp_path / "plain"), "-p", "ab", "-p", "", "--tokenizer", "byte"])
+    assert empty.exit_code == 2 and "prompt 2 is empty" in empty.output, empty.output  # (it named attention_mask)
     result = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--knobs", "budget=0.3",
                                  "--out", str(tmp_path / "calibrated"), "--tokenizer", "byte", "--seq-len", "64",
                                  "--batches", "2", "--batch-size", "2"])

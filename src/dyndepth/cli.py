@@ -94,6 +94,9 @@ def generate(
     preset = model in _presets()
     tok = for_vocab(_run(load_tokenizer, tokenizer or ("byte" if preset else model)), lm.config.vocab_size)
     ids, mask = encode_batch(tok, prompt, padding_side="left")
+    empty = [i + 1 for i, row in enumerate(mask) if not row.any()]
+    if empty:
+        _fail(ValueError(f"prompt {empty[0]} is empty (no token to continue from); give it some text."))
     _run(check_inputs, lm.config, ids, mask)  # (a prompt too long for the model; ids the model lacks)
     _run(check_length, lm.config, ids.shape[1], max_new_tokens)
     callback = None

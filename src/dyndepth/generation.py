@@ -155,6 +155,10 @@ def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
                          "or mod / dnd) or attach one (attach_gateskip) to generate with a skip budget or knobs.")
     if skip_budget is not None and "budget" in (method_knobs or {}):
         raise ValueError("the budget is given twice (skip_budget and the knob budget); give one.")
+    if skip_budget is not None and "budget" not in method.knobs():
+        raise ValueError(f"a skip budget (skip_budget, --skip-budget) is GateSkip's knob; {method.name} decodes with "
+                         f"its own knobs {sorted(method.knobs())}: pass those (method_knobs, or --knobs from a shell, "
+                         "e.g. --knobs capacity=0.25 for mod).")
     return method.decoding(**dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget})))
 
 

@@ -17,7 +17,8 @@ def calibrate(model, batches, **knobs) -> dict:
     the method's buffers for decoding at those knobs. Returns {key: threshold}."""
     method = model.method
     if method is None:
-        raise ValueError("calibrate needs a model with a method attached (e.g. attach_gateskip).")
+        raise ValueError("calibrate needs a model with a method attached: post-train one (dyndepth train RECIPE "
+                         "--method gateskip, or mod) or, in Python, attach one (attach_gateskip).")
     knobs = {k: v for k, v in knobs.items() if k != "mode"}  # calibration records in its own mode (`recording`)
     recorder = ThresholdRecorder()
     was_training = model.training
