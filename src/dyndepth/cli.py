@@ -399,6 +399,9 @@ def bench_gateskip(
     new_tokens: int = typer.Option(16), gate: str = typer.Option("vector"), dtype: str = typer.Option("float32"),
     path: str = typer.Option("auto", help="Partially kept branches: auto (cost rule) | packed | dense."),
     device: str = typer.Option("cpu"), repeats: int = typer.Option(3), out: Path = typer.Option(Path("runs/bench")),
+    calibration_text: str = typer.Option("", help="A UTF-8 text to calibrate decoding's thresholds on and take its "
+                                         "prompts from (the checkpoint's tokenizer); default: random ids, for a "
+                                         "preset's random gates."),
 ) -> None:
     """GateSkip prefill and decode: realized speedup next to the executed and ideal FLOP ratios, per budget."""
     from dyndepth.bench.gateskip import GateSkipBenchConfig
@@ -407,7 +410,8 @@ def bench_gateskip(
     cfg = _run(GateSkipBenchConfig, model=model, budgets=_numbers(budgets, "--budgets"),
                prefill_lens=_numbers(prefill_lens, "--prefill-lens", int),
                decode_batches=_numbers(decode_batches, "--decode-batches", int), new_tokens=new_tokens, gate=gate,
-               path=path, dtype=dtype, device=device, repeats=repeats, out_dir=str(out))
+               path=path, dtype=dtype, device=device, repeats=repeats, calibration_text=calibration_text,
+               out_dir=str(out))
     _run(bench_main, cfg)
 
 

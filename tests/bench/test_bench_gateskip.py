@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from dyndepth.bench.gateskip import GateSkipBenchConfig, main
 
@@ -27,6 +28,35 @@ def test_bench_gateskip_reports_consistent_ratios(tmp_path, dtype):
     assert rows[1]["packed"] == "100%" and rows[1]["executed_speedup"] > 1.2
     assert rows[3]["packed"] == "0%" and rows[3]["executed_speedup"] == 1.0
     assert (tmp_path / f"gateskip-cpu-{dtype}.md").read_text().count("| decode |") == 2
+    assert rows[0]["skipped"] == rows[2]["skipped"] == 0.0 and rows[1]["skipped"] == 0.5  # floor(0.5 * 64) of 64
+    assert 0.0 < rows[3]["skipped"] < 1.0  # by thresholds calibrated on random ids (what the row says it used)
+
+
+def test_a_checkpoint_is_calibrated_and_prompted_from_a_text(tmp_path):
+    """A trained checkpoint's gates score real text, not random ids: calibrated on random ids, one read 83% skipped
+    at "budget 0.3". With a calibration text the thresholds and prompts come from it, and the table says so."""
+    import dyndepth
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+    from dyndepth.tokenizer import ByteTokenizer
+
+    model = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))
+    attach_gateskip(model, GateSkipConfig())
+    for layer in model.model.layers:  # spread gates, so rankings differ by token
+        for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
+            torch.nn.init.normal_(gate.proj.weight, std=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    ByteTokenizer(264).save(tmp_path / "ckpt")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 80)
+    cfg = dict(model=str(tmp_path / "ckpt"), budgets=[0.0, 0.3], prefill_lens=[32], decode_batches=[4],
+               decode_prompt_len=16, new_tokens=3, repeats=1, out_dir=str(tmp_path / "out"))
+    rows = main(GateSkipBenchConfig(**cfg, calibration_text=str(text)))["rows"]
+    assert 0.0 < rows[-1]["skipped"] < 1.0
+    assert f"calibrated on {text}" in (tmp_path / "out" / "gateskip-cpu-float32.md").read_text()
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(ValueError, match="has 9 tokens; it needs at least 256"):
+        main(GateSkipBenchConfig(**cfg, calibration_text=str(short)))
 
 
 def test_bench_gateskip_refuses_a_baseline_other_than_zero():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,10 @@ class GateSkipBenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 3
+    # Decoding's thresholds are calibrated at each budget on this text (with the checkpoint's tokenizer), and its
+    # prompts are taken from it, or, when empty, both are random token ids: right for a preset's random weights, not
+    # for a trained checkpoint, whose gates score real text otherwise (`skipped` shows what each row skipped).
+    calibration_text: str = ""
     out_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
@@ -75,11 +80,35 @@ def _model(cfg: GateSkipBenchConfig):
 
 
 def _work(stats_list: list[dict]) -> dict:
-    """Executed and ideal FLOPs summed over forwards, and the packed fraction of partial branch calls."""
+    """Executed and ideal FLOPs summed over forwards, the packed fraction of partial branch calls, and the
+    fraction of (pool token, branch) pairs that skipped (mean over forwards and the two branch types)."""
     packed = [float(s["gateskip/packed"]) for s in stats_list if "gateskip/packed" in s]
+    skipped = [float(s[f"gateskip/{b}_skipped"]) for s in stats_list for b in ("attn", "mlp")]
     return {"executed": sum(float(s["flops/executed"]) for s in stats_list),
             "ideal": sum(float(s["flops/ideal"]) for s in stats_list),
-            "packed": sum(packed) / len(packed) if packed else None}
+            "packed": sum(packed) / len(packed) if packed else None, "skipped": sum(skipped) / len(skipped)}
+
+
+def _text_ids(cfg: GateSkipBenchConfig) -> torch.Tensor | None:
+    """The calibration text's ids (the checkpoint's tokenizer), or None without a text."""
+    if not cfg.calibration_text:
+        return None
+    from dyndepth.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("byte" if cfg.model in dyndepth.PRESETS else cfg.model)
+    ids = torch.tensor(tokenizer.encode(Path(cfg.calibration_text).read_text(encoding="utf-8")), dtype=torch.long)
+    if len(ids) < 256:
+        raise ValueError(f"bench gateskip calibration_text {cfg.calibration_text} has {len(ids)} tokens; it needs "
+                         "at least 256 (a window of calibration).")
+    return ids
+
+
+def _windows(text_ids: torch.Tensor | None, B: int, T: int, V: int, g: torch.Generator, device) -> torch.Tensor:
+    """B windows of T ids: random ones without a text, else windows of the text at random offsets."""
+    if text_ids is None:
+        return torch.randint(0, V, (B, T), generator=g).to(device)
+    starts = torch.randint(0, max(1, len(text_ids) - T + 1), (B,), generator=g)
+    return torch.stack([text_ids[s:s + T] for s in starts.tolist()]).to(device)
 
 
 @torch.no_grad()
@@ -103,7 +132,8 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
 
-    calib = [torch.randint(0, V, (8, 256), generator=g).to(device) for _ in range(2)]
+    text_ids = _text_ids(cfg)  # decoding's thresholds and prompts from a text, when given
+    calib = [_windows(text_ids, 8, 256, V, g, device) for _ in range(2)]
     thresholds = {}
     for q in cfg.budgets[1:]:  # calibrate once per budget; swap the tables in while timing
         calibrate(model, calib, budget=q)
@@ -119,7 +149,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
 
     steps = cfg.new_tokens - 1
     for B in cfg.decode_batches:
-        prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
+        prompt = _windows(text_ids, B, cfg.decode_prompt_len, V, g, device)
         steppers = {q: timing.greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
                     for q in cfg.budgets}
         steppers[timing.CONTROL] = timing.greedy_stepper(model, prompt, steps,
@@ -142,6 +172,7 @@ def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict
         out.append(dict(phase=phase, shape=shape, budget=q, seconds=times[q], realized_speedup=realized,
                         executed_speedup=executed, ideal_speedup=ideal, realized_over_executed=realized / executed,
                         realized_over_ideal=realized / ideal,
+                        skipped=work[q]["skipped"],
                         packed="-" if work[q]["packed"] is None else f"{work[q]['packed']:.0%}",
                         control=control if q == budgets[0] else "-"))
     return out
@@ -152,10 +183,12 @@ def render_markdown(r: dict) -> str:
     head = (f"### bench gateskip: {c['model']} ({r['model_params'] / 1e6:.1f}M params incl. {c['gate']} gates), "
             f"{c['dtype']}, {r['machine']}, path={c['path']}\n\nrealized = time at budget 0 / time at budget q, "
             "same gated model, budgets timed interleaved; executed / ideal = the FLOP ratio of what ran / of "
-            "what the budget allows (gates and skipped tokens' K/V included in both); packed = share of "
+            "what the budget allows (gates and skipped tokens' K/V included in both); skipped = the share of "
+            "(pool token, branch) pairs that did skip (decoding: by thresholds calibrated on "
+            f"{c.get('calibration_text') or 'random token ids'}); packed = share of "
             "branch calls run packed or masked that ran packed; control = budget-0 time / the time of a second, "
             "identical budget-0 contender timed alongside (its distance from 1 is this shape's timing noise).\n\n")
-    cols = ["phase", "shape", "budget", "seconds", "realized_speedup", "executed_speedup", "ideal_speedup",
+    cols = ["phase", "shape", "budget", "skipped", "seconds", "realized_speedup", "executed_speedup", "ideal_speedup",
             "realized_over_executed", "realized_over_ideal", "packed", "control"]
     return head + timing.markdown_table(r["rows"], cols)
 
