@@ -126,6 +126,8 @@ def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tm
     folder = tmp_path / "out" / "model"
     assert (folder / "byte_tokenizer.json").exists()
     assert load_tokenizer(folder).vocab_size == 264  # demo-tiny's padded vocabulary: a sampled id 260 decodes
+    stops = json.loads((folder / "generation_config.json").read_text())  # generate (ours, HF's) stops at its EOS
+    assert stops == {"eos_token_id": 257, "pad_token_id": 258} and dyndepth.from_pretrained(folder).generation_config
     result = CliRunner().invoke(app, ["generate", str(folder), "-p", "12+3=", "-n", "4"])
     assert result.exit_code == 0 and "12+3=" in result.output, result.output
     for src, dst in ((folder, "converted"), (tmp_path / "out" / "step_0000001", "exported")):  # both keep it

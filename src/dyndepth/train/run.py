@@ -247,25 +247,38 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     model = build_model(rc.model)
     attach_from_config(rc.method, model)
     load_model_weights(checkpoint, model)
+    tokenizer = tokenizer if tokenizer is not None else _run_tokenizer(rc.data)
+    if tokenizer is not None:
+        tokenizer = for_vocab(tokenizer, model.config.vocab_size)  # (a padded vocabulary: a widened byte tokenizer)
+        _default_stops(model, tokenizer)
     out = model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
     if tokenizer is not None:
-        for_vocab(tokenizer, model.config.vocab_size).save(out)  # (a padded vocabulary: a widened byte tokenizer)
+        tokenizer.save(out)
     else:
-        _save_run_tokenizer(rc.data, out, model.config.vocab_size)
+        log.warning("the exported %s has no tokenizer: pass --tokenizer to generate, --model-args tokenizer=DIR to "
+                    "eval, or use the run's out_dir/model, which carries it.", out)
     return out
 
 
-def _save_run_tokenizer(data_cfg: dict, out: Path, vocab_size: int) -> None:
-    """The run's tokenizer beside an exported step: the byte tokenizer, a folder, or the BPE the run trained (from
-    the data cache, where the run left it)."""
+def _run_tokenizer(data_cfg: dict):
+    """The run's tokenizer for an exported step: the byte tokenizer, a folder, or the BPE the run trained (from the
+    data cache, where the run left it); None (logged) when it cannot be found."""
     from dyndepth.data.build import bpe_folder, resolve_data_config
 
     cfg = resolve_data_config(data_cfg)
     name = str(cfg["tokenizer"])
     try:
-        if name.startswith("bpe:"):
-            name = str(bpe_folder(cfg)[0])
-        for_vocab(load_tokenizer(name), vocab_size).save(out)
+        return load_tokenizer(str(bpe_folder(cfg)[0]) if name.startswith("bpe:") else name)
     except (OSError, ValueError) as e:
-        log.warning("the exported %s has no tokenizer (%s): pass --tokenizer to generate, --model-args "
-                    "tokenizer=DIR to eval, or use the run's out_dir/model, which carries it.", out, e)
+        log.info("the run's tokenizer %r is not found: %s", name, e)
+        return None
+
+
+def _default_stops(model, tokenizer) -> None:
+    """A model trained from scratch names no EOS: its export stops generation at the tokenizer's EOS (and pads with
+    its pad id) through generation_config.json, as transformers' generate reads it; a checkpoint's own stays."""
+    if model.config.eos_token_id is not None or getattr(model, "generation_config", None) or \
+            tokenizer.eos_token_id is None:
+        return
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.generation_config = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
