@@ -52,10 +52,10 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     eval_every: int = 0  # 0: evaluate only at the end (when an eval loader is given)
-    eval_batches: int = 10
+    eval_batches: int = 10  # batches of batch_size windows per rank (not grad_accum's): the set follows the layout
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 3
-    log_every: int = 10
+    log_every: int = 10  # log and plot every n steps: that step's loss and stats, not a mean over the n
     seed: int = 0
     out_dir: str = "runs/default"
     resume: bool | str = False  # True: latest checkpoint in out_dir; a string: that checkpoint folder

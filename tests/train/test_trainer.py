@@ -206,13 +206,15 @@ def test_hooks_are_called_logged_and_checkpointed(tmp_path, caplog):
     assert f"{(tmp_path / 'elsewhere').resolve()} holds no checkpoint: starting a new run there" in caplog.text
 
 
-def test_eval_metrics_plot_and_config_written(tmp_path):
+def test_eval_metrics_plot_and_config_written(tmp_path, caplog):
     cfg = tiny_train_config(str(tmp_path), steps=6, eval_every=3, eval_batches=2, save_every=0,
                             lr=1e-2, warmup=1, plot=True)
     torch.manual_seed(0)
     model = CausalLM(preset("tiny-qwen3"))
-    result = train(model, TinyLoader(4, 16), cfg, eval_loader=TinyLoader(4, 16, seed=1))
+    with caplog.at_level("INFO", logger="dyndepth"):
+        result = train(model, TinyLoader(4, 16), cfg, eval_loader=TinyLoader(4, 16, seed=1))
     assert [s for s, _ in result.evals] == [3, 6]
+    assert f"step 6: eval loss {result.evals[1][1]:.4f}" in caplog.text  # on the console (was in metrics.jsonl only)
     # the final eval is the token-weighted loss of the trained model on the same first 2 eval batches
     model.eval()
     ref_loader = TinyLoader(4, 16, seed=1)

@@ -206,7 +206,7 @@ def _resume(path: Path, wrapped, optimizer, scheduler, loader, hooks, cfg: Train
     hooks_load_state_dict(hooks, state["hooks"])
     log.info("resumed from %s at step %d", path, state["step"])
     ckpt.set_aside_newer(cfg.out_dir, state["step"], info)
-    if state["step"] >= cfg.steps:
+    if state["step"] >= cfg.steps and info.is_main:  # (once, not once per rank)
         log.warning("the checkpoint is at step %d and train.steps=%d: nothing left to train; raise "
                     "train.steps to continue.", state["step"], cfg.steps)
     return state
@@ -342,7 +342,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             logger.log(record)
             result.losses.append((step, record["loss"]))
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                evals = {"eval": f"{result.evals[-1][1]:.4f}"} if result.evals else {}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **evals, tok_s=f"{record['tokens_per_s']:.0f}",
                                 mfu=f"{record['mfu']:.1%}")
         if bar is not None:
             bar.update(1)
@@ -351,6 +352,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                 eval_loss = evaluate(wrapped, eval_loader, cfg.eval_batches, cfg, info)
                 logger.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
                 result.evals.append((step, eval_loss))
+                log.info("step %d: eval loss %.4f (perplexity %.4g)", step, eval_loss, perplexity(eval_loss))
             if _due(step, cfg.save_every, cfg.steps):
                 result.last_checkpoint = ckpt.save_checkpoint(
                     out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
