@@ -200,6 +200,7 @@ def test_run_eval_takes_a_model_in_memory(tiny_checkpoint, data_dir, tmp_path):
     assert [(r.task, r.metric) for r in result["rows"]][:2] == [("copa", "acc"), ("copa", "acc_norm")]
     saved = json.loads(result["path"].read_text())
     assert saved["model"] == "CausalLM" and saved["model_args"]["tokenizer"] == "HFTokenizer"
+    assert (saved["lm_eval"]["config"]["batch_size"], saved["lm_eval"]["config"]["device"]) == (8, "cpu")  # were None
 
 
 def test_a_dreamer_takes_its_own_knobs_as_model_arguments(tmp_path):

@@ -74,6 +74,9 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
         _check_generation_knobs(lm, harness_tasks, manager)
         raw = _run_lm_eval(lm, harness_tasks, manager, limit)
+        config = raw.get("config", {})  # (lm-eval records these from its own arguments: None for a model object)
+        config.update({k: v for k, v in (("batch_size", lm.batch_size), ("device", str(lm.device)))
+                       if config.get(k) is None})
         rows += _rows_from_lm_eval(raw)
     else:
         scoring_only = set(ADAPTER_ARGS) - {"pretrained", "tokenizer", "dtype", "device"}  # lm-eval's batching etc.
