@@ -365,10 +365,10 @@ def test_topk_control_tau_tracks_the_top_k_threshold_so_inference_selects_what_t
     for layer in method.layers:
         assert trained[layer].sum() == 4  # ceil(0.25 * 14)
         assert torch.equal(trace.ctx.state.keep[layer], trained[layer]), layer
-    # a run shorter than sync_every ends synced (it saved tau_init: inference nested 2-3x the ratio): under topk at
-    # the buffer's target, under threshold control by the gamma pull, which a longer run's step 3 does not make
+    # under topk a run shorter than sync_every ends synced at the buffer's target (it saved tau_init: inference
+    # nested 2-3x the ratio); threshold control's tau moves every step and syncs on its schedule alone
     taus = {}
-    for control, total in (("topk", 3), ("threshold", 3), ("threshold", 10)):
+    for control, total in (("topk", 3), ("topk", 10), ("threshold", 3), ("threshold", 10)):
         model, method = dnd_model(control=control, ratio=0.25, gamma=0.5, sync_every=50)
         (hook,) = method.trainer_hooks(total)
         model.train()
@@ -377,9 +377,11 @@ def test_topk_control_tau_tracks_the_top_k_threshold_so_inference_selects_what_t
                 out = model(torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(step)))
             hook.after_step(model, step, out.stats, None)
         taus[control, total] = torch.stack([d.tau.reshape(()) for d in method.layer_dnd])
-        if control == "topk":
+        if (control, total) == ("topk", 3):
             torch.testing.assert_close(taus[control, total], hook.targets())
-    assert not torch.allclose(taus["threshold", 3], taus["threshold", 10])
+    assert torch.equal(taus["topk", 10], torch.full((2,), 0.5))  # step 3 of 10: no sync yet
+    assert not torch.allclose(taus["topk", 3], taus["topk", 10])
+    assert torch.equal(taus["threshold", 3], taus["threshold", 10])
 
 
 def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():

@@ -509,9 +509,9 @@ def _mean_over_ranks(dist, t: torch.Tensor) -> torch.Tensor:
 
 class DNDHook:
     """Trainer hook: the threshold controller (no gradients). Every step tau += alpha (actual - target) per
-    layer (control="threshold"); every `sync_every` steps, and at the run's last step, tau += gamma (target
-    threshold of the score buffer - tau) (threshold and topk; under topk, where tau only serves inference, the
-    last step sets it to the target: a run shorter than `sync_every` saved tau_init and nested 2-3x the ratio).
+    layer (control="threshold"); every `sync_every` steps tau += gamma (target threshold of the score buffer - tau)
+    (threshold and topk). Under topk, where tau only serves inference, the run's last step also sets it to the
+    target (a run shorter than `sync_every` saved tau_init and nested 2-3x the ratio at inference).
     Ratios and targets are means over data-parallel ranks, so every rank holds the
     same tau. tau lives in the layers' buffers (saved with the weights); the score buffer, this rank's recent
     scores, is saved in every rank's checkpoint state, so a resumed run syncs as the uninterrupted one does."""
@@ -534,12 +534,11 @@ class DNDHook:
             for tau, a in zip(taus, actual):
                 tau.add_(cfg.alpha * (a - cfg.ratio)).clamp_(0.0, 1.0)
             logged["ratio_error"] = float((actual - cfg.ratio).abs().mean())
-        last = step == self.total_steps
+        last = step == self.total_steps and cfg.control == "topk"
         if (step % cfg.sync_every == 0 or last) and all(method.scores_buffer[i] for i in method.layers):
             target = _mean_over_ranks(dist, self.targets().to(taus[0].device))
-            rate = 1.0 if last and cfg.control == "topk" else cfg.gamma
             for tau, t in zip(taus, target):
-                tau.lerp_(t, rate).clamp_(0.0, 1.0)
+                tau.lerp_(t, 1.0 if last else cfg.gamma).clamp_(0.0, 1.0)
         logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
         return logged
 
