@@ -80,6 +80,8 @@ def test_a_method_on_a_model_it_cannot_handle():
         attach_mod(gated)
     with pytest.raises(ValueError, match="is not one of"):
         dyndepth.methods.attach_method(CausalLM(preset("tiny-qwen3")), "gatesk1p")
+    with pytest.raises(ValueError, match=r"gateskip.path=None is not one of \('auto', 'packed', 'dense'\)"):
+        dyndepth.methods.attach_method(CausalLM(preset("tiny-qwen3")), "gateskip", {"path": None})  # --set ...=none
 
 
 def test_devices_and_dtypes_by_name():

@@ -127,6 +127,9 @@ def test_a_study_folder_adds_dreamers_claims_and_table(tmp_path):
     found, holds = claims()  # at the budgets up to 400 (half of 800) every ratio is >= 2
     assert holds == {"Dreamer needs 2-8x fewer training tokens": True, "Dreamer's expert-selection diversity": True}
     assert "exp(H)" in found["claims"][1]["measured"] and "| reference |" in found["table"]
+    assert "a mean of per-batch figures" in found["claims"][1]["measured"]  # a study saved before 2026-12-05
+    study["curves"]["reference"][-1]["set_entropy_over"] = "corpus"
+    assert "over the validation set" in claims()[0]["claims"][1]["measured"]
     assert claims(moeut=["2.50", "1.40", "2.00", "1.00"])[1]["Dreamer needs 2-8x fewer training tokens"] is False
     assert claims(moeut=["<=0.50", "2.20", "2.00", "1.00"])[1]["Dreamer needs 2-8x fewer training tokens"] is False
     never = claims(dense=[">8.00", ">4.00", ">2.00", ">1.00"])[1]  # never got there: >= 2x at budgets <= 400

@@ -311,8 +311,11 @@ def _study_claims(study: dict) -> list[dict]:
         experts = study.get("experts", {})
         same = all(experts.get(k) is not None and experts.get(k) == experts.get("reference") for k in moes)
         bounds = ", ".join(f"{k} C({e}, {n}) = {math.comb(e, n)}" for k, (e, n) in experts.items())
+        pooled = curves["reference"][-1].get("set_entropy_over") == "corpus"  # studies before 2026-12-05: batches
         found.append({"claim": "Dreamer's expert-selection diversity is 2-11x the MoE baselines'",
-                      "measured": f"effective number of selected expert sets exp(H) (definition b): reference "
+                      "measured": f"effective number of selected expert sets exp(H) (definition b, "
+                                  f"{'over the validation set' if pooled else 'a mean of per-batch figures'}): "
+                                  f"reference "
                                   f"{math.exp(ref):.1f} vs " + ", ".join(f"{k} {math.exp(moes[k]):.1f} "
                                                                           f"({ratio[k]:.2f}x)" for k in moes)
                                   + f"; each is bounded by its number of possible sets ({bounds or 'unknown'})",

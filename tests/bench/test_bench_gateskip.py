@@ -32,11 +32,12 @@ def test_bench_gateskip_reports_consistent_ratios(tmp_path, dtype):
     assert 0.0 < rows[3]["skipped"] < 1.0  # by thresholds calibrated on random ids (what the row says it used)
 
 
-def test_a_checkpoint_is_calibrated_and_prompted_from_a_text(tmp_path):
+def test_a_checkpoint_is_calibrated_and_prompted_from_a_text(tmp_path, monkeypatch):
     """A trained checkpoint's gates score real text, not random ids: calibrated on random ids, one read 83% skipped
     at "budget 0.3". With a calibration text the thresholds and prompts come from it, and the table says so."""
     import dyndepth
-    from dyndepth.methods import GateSkipConfig, attach_gateskip
+    import dyndepth.bench.gateskip as gateskip_bench
+    from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate
     from dyndepth.tokenizer import ByteTokenizer
 
     model = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))
@@ -50,8 +51,13 @@ def test_a_checkpoint_is_calibrated_and_prompted_from_a_text(tmp_path):
     text.write_text("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 80)
     cfg = dict(model=str(tmp_path / "ckpt"), budgets=[0.0, 0.3], prefill_lens=[32], decode_batches=[4],
                decode_prompt_len=16, new_tokens=3, repeats=1, out_dir=str(tmp_path / "out"))
+    seen = []  # what the thresholds were fitted on: windows of the text's ids, not random ids
+    monkeypatch.setattr(gateskip_bench, "calibrate", lambda model, batches, **knobs: (
+        seen.extend(batches), calibrate(model, batches, **knobs))[1])
     rows = main(GateSkipBenchConfig(**cfg, calibration_text=str(text)))["rows"]
     assert 0.0 < rows[-1]["skipped"] < 1.0
+    ids = ByteTokenizer().encode(text.read_text())
+    assert seen and all(any(ids[s:s + 256] == row for s in range(len(ids) - 255)) for b in seen for row in b.tolist())
     assert f"calibrated on {text}" in (tmp_path / "out" / "gateskip-cpu-float32.md").read_text()
     short = tmp_path / "short.txt"
     short.write_text("too short")

@@ -202,7 +202,11 @@ def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the
         cache.invalidate(pos[:, 8])
         for s in slots:  # every entry of the rejected tokens is gone, in the sparse nested slots too
             assert torch.equal(cache.count(s), prefix[s]), s
-        got = model(ids[:, 8:], positions=pos[:, 8:], cache=cache).logits  # verification block
+        if draft == "block":  # a verification block
+            got = model(ids[:, 8:], positions=pos[:, 8:], cache=cache).logits
+        else:  # the true continuation decoded step by step
+            got = torch.cat([model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits
+                             for t in range(8, 14)], 1)
     valid = mask[:, 8:].bool()
     torch.testing.assert_close(got[valid], full[:, 8:][valid], atol=1e-5, rtol=0)
 

@@ -163,6 +163,10 @@ def test_router_threshold_needs_calibration_and_then_routes_exactly_c_on_the_cal
     assert frac == 0.25  # the batch's 32 best router scores of 128 sit above each layer's threshold
     with method.override(capacity=0.5, mode="router_threshold"), pytest.raises(ValueError, match="0.5"):
         model(ids)  # calibrated at 0.25, not 0.5
+    whole = calibrate(model, [ids], capacity=1.0)  # nothing to skip: -inf thresholds, every token routed
+    assert all(t == float("-inf") for t in whole.values())
+    with method.override(capacity=1.0, mode="router_threshold"), torch.no_grad():
+        assert float(model(ids).stats["mod/routed_fraction"]) == 1.0
 
 
 def test_training_gradients_reach_router_and_predictor_only_through_their_paths():

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import shutil
 
@@ -218,7 +219,7 @@ def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_pa
     """`--set model.pretrained=DIR` with no data.tokenizer tokenized the text with the default byte tokenizer (a BPE
     model trained on byte ids, and exported with byte_tokenizer.json); now the folder's own tokenizer reads it, and
     a different one named in the recipe is an error."""
-    from dyndepth.tokenizer import load_tokenizer, train_bpe
+    from dyndepth.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
@@ -236,6 +237,25 @@ def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_pa
     assert load_tokenizer(exported).encode("the lazy dog") == load_tokenizer(base).encode("the lazy dog")
     with pytest.raises(RunConfigError, match=r"data.tokenizer='byte' is not the tokenizer of model.pretrained"):
         run_training(None, [*args, "data.tokenizer=byte", f"train.out_dir={tmp_path / 'out2'}"])
+    # a run saved before its data.tokenizer was filled in resumes when the ids are the same (a byte folder), and is
+    # refused when they are not (it read the BPE folder's text as bytes)
+    ByteTokenizer().save(tmp_path / "bytes")
+    CausalLM(preset("tiny-qwen3", vocab_size=300)).save_pretrained(tmp_path / "bytes")
+    for folder, resumes in ((tmp_path / "bytes", True), (base, False)):
+        out = tmp_path / f"old_{folder.name}"
+        run_training(None, [*args, f"model.pretrained={folder}", f"train.out_dir={out}"])
+        for config in out.glob("step_*/config.yaml"):  # as saved before 2026-12-05 (its manifest entry to match)
+            config.write_text("\n".join(line for line in config.read_text().splitlines() if "tokenizer:" not in line))
+            manifest = json.loads((config.parent / "manifest.json").read_text())
+            manifest["files"]["config.yaml"] = {"sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+                                                "size": config.stat().st_size}
+            (config.parent / "manifest.json").write_text(json.dumps(manifest))
+        resume = [*args, f"model.pretrained={folder}", f"train.out_dir={out}", "train.steps=2", "train.resume=true"]
+        if resumes:
+            assert run_training(None, resume).steps == 2
+        else:
+            with pytest.raises(RunConfigError, match="data.tokenizer: checkpoint unset"):
+                run_training(None, resume)
 
 
 def test_a_hold_out_that_takes_a_whole_file_of_a_few_is_warned_about(tmp_path, caplog):

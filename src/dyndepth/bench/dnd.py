@@ -100,7 +100,7 @@ def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
     return {"phase": phase, "B": B, "selected": selected, "base_s": times["base"], "dnd_s": times["dnd"],
             "throughput": times["base"] / times["dnd"], "flops_overhead": flop, "wall_overhead": wall,
             # with nothing nested the FLOP overhead is the routers' ~0.03%: the ratio would read 100s, and say nothing
-            "wall_over_flops": wall / flop if flop > 0 and selected > 0 else "- (router only)",
+            "wall_over_flops": wall / flop if flop > 0 and selected > 0 else None,
             "control": times["base"] / times[timing.CONTROL]}  # 1 +- this shape's timing noise
 
 
@@ -194,6 +194,8 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
     parts = []
     if throughput is not None:
         c = throughput["config"]
+        rows = [r if r["wall_over_flops"] is not None else {**r, "wall_over_flops": "- (router only)"}
+                for r in throughput["rows"]]
         parts.append(
             f"### bench dnd: {c['model']} ({throughput['model_params'] / 1e6:.1f}M params), DND on layers "
             f"{throughput['layers'][0]}..{throughput['layers'][-1]}, {c['dtype']}, {throughput['machine']}\n\n"
@@ -201,8 +203,8 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
             "work; control = base time / the time of a second, identical base contender timed alongside (its "
             "distance from 1 is this shape's timing noise).\n\n"
-            + timing.markdown_table(throughput["rows"], ["phase", "B", "selected", "throughput", "flops_overhead",
-                                                         "wall_overhead", "wall_over_flops", "control"]))
+            + timing.markdown_table(rows, ["phase", "B", "selected", "throughput", "flops_overhead", "wall_overhead",
+                                           "wall_over_flops", "control"]))
         parts.append(_layer_table(throughput["layer_report"],
                                   f"prefill B={c['batches'][0]}, T={c['prefill_len']}"))
     if quality is not None:

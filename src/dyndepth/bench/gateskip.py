@@ -118,6 +118,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     method = model.method
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
+    text_ids = _text_ids(cfg)  # decoding's thresholds and prompts from a text, when given (read before any timing)
     rows = []
     for T in cfg.prefill_lens:
         ids = torch.randint(0, V, (cfg.prefill_batch, T), generator=g).to(device)
@@ -132,7 +133,6 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
 
-    text_ids = _text_ids(cfg)  # decoding's thresholds and prompts from a text, when given
     calib = [_windows(text_ids, 8, 256, V, g, device) for _ in range(2)]
     thresholds = {}
     for q in cfg.budgets[1:]:  # calibrate once per budget; swap the tables in while timing

@@ -147,7 +147,7 @@ class BudgetEval:
         if diversity:
             row["expert_diversity"] = sum(diversity) / len(diversity)
         if sets.counts:  # over the validation batches together (the spec's corpus), per step or MoE layer
-            row["expert_set_entropy"] = sets.entropy()
+            row.update(expert_set_entropy=sets.entropy(), set_entropy_over="corpus")  # (rows before: per-batch mean)
         if self.examples is not None:
             accuracy = exact_match(self.examples, generate_answers(model, self.tokenizer, self.examples))
             row.update(exact_match=accuracy["overall"], per_task=accuracy)

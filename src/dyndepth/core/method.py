@@ -98,18 +98,18 @@ class ThresholdRecorder:
         tau = rank_threshold(scores_BT.float(), pool_BT, skip_fraction, scope="batch").reshape(())
         self.fraction = skip_fraction
         taus = self.values.setdefault(key, [])
-        if bool(torch.isfinite(tau)):  # one host sync per batch and routing point (calibration only)
-            taus.append(tau.detach())
+        if skip_fraction <= 0 or bool(torch.isfinite(tau)):  # (-inf: keep all, right when nothing is to skip)
+            taus.append(tau.detach())  # (one host sync per batch and routing point: calibration only)
 
     def result(self) -> dict[Any, torch.Tensor]:
         if not self.values:
             raise ValueError("no calibration scores were recorded: the knobs route no token (e.g. budget=0 has no "
                              "threshold to fit) or the batches have no real tokens.")
-        if not all(self.values.values()):
-            need = math.ceil(1 / self.fraction - 1e-9) if self.fraction > 0 else "more"
+        if not all(self.values.values()):  # (only with a fraction > 0)
             raise ValueError(f"no calibration batch was large enough to skip a token at a fraction of "
-                             f"{self.fraction:g}: a batch needs at least {need} real tokens per routing pool; give "
-                             "more rows per batch (--batch-size), longer windows (--seq-len) or a larger budget.")
+                             f"{self.fraction:g}: a batch needs at least {math.ceil(1 / self.fraction - 1e-9)} real "
+                             "tokens per routing pool; give more rows per batch (--batch-size) or longer windows "
+                             "(--seq-len), or skip more (a larger GateSkip budget, a smaller MoD capacity).")
         return {key: torch.stack(v).float().mean() for key, v in self.values.items()}
 
 

@@ -74,7 +74,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
         _check_generation_knobs(lm, harness_tasks, manager)
         raw = _run_lm_eval(lm, harness_tasks, manager, limit)
-        config = raw.get("config", {})  # (lm-eval records these from its own arguments: None for a model object)
+        config = raw.setdefault("config", {})  # (lm-eval records these from its own arguments: None for a model)
         config.update({k: v for k, v in (("batch_size", lm.batch_size), ("device", str(lm.device)))
                        if config.get(k) is None})
         rows += _rows_from_lm_eval(raw)

@@ -481,7 +481,8 @@ def router_losses(p_BT: torch.Tensor, valid_BT: torch.Tensor, doc_ids_BT: torch.
     h = (ent_S[multi] / torch.log(n_S[multi])).mean() if bool(multi.any()) else p.sum() * 0
     sd = -h if sd_sign == "maximize_entropy" else h
     dp_S = per_seq((p_BT.reshape(-1) - 0.5).pow(2) * v) / n_S.clamp(min=1)
-    dp = dp_S[n_S > 0].mean() if bool((n_S > 0).any()) else p.sum() * 0  # an all-PAD batch: 0, not nan
+    has_S = n_S > 0
+    dp = (dp_S * has_S).sum() / has_S.sum().clamp(min=1)  # mean over sequences with tokens (all PAD: 0, not nan)
     return sd, dp
 
 

@@ -168,6 +168,17 @@ def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
     return run_config
 
 
+def _same_tokenizer_named(old: dict, new: dict) -> bool:
+    """Whether two data sections' tokenizers (unset: the default) give the same ids; False when one cannot load."""
+    names = [str(d.get("tokenizer", DATA_DEFAULTS["tokenizer"])) for d in (old, new)]
+    if any(n.startswith("bpe:") for n in names):
+        return False
+    try:
+        return _same_tokenizer(*(load_tokenizer(n) for n in names))
+    except (OSError, ValueError):
+        return False
+
+
 def _same_tokenizer(a, b) -> bool:
     """The same ids for a probe text and the same vocabulary (byte tokenizers: any padding of it)."""
     probe = "Hello, world! 12 + 30 = 42.\n\u00e9t\u00e9"
@@ -226,6 +237,8 @@ def check_resume_matches(run_config: RunConfig) -> None:
         old, new = getattr(saved, section), getattr(run_config, section)
         for key in sorted(set(old) | set(new)):
             if (keys is None or key in keys) and old.get(key) != new.get(key):
+                if section == "data" and key == "tokenizer" and _same_tokenizer_named(old, new):
+                    continue  # (a run from before post-training read the folder's tokenizer: the same ids)
                 diffs.append(f"{section}.{key}: checkpoint {_shown(old, key)}, recipe {_shown(new, key)}")
     held = [rc.eval.get("enabled", True) for rc in (saved, run_config)]
     if held[0] != held[1] and holds_out(run_config.data):
@@ -247,7 +260,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     model = build_model(rc.model)
     attach_from_config(rc.method, model)
     load_model_weights(checkpoint, model)
-    tokenizer = tokenizer if tokenizer is not None else _run_tokenizer(rc.data)
+    missing = None
+    if tokenizer is None:
+        tokenizer, missing = _run_tokenizer(rc.data)
     if tokenizer is not None:
         tokenizer = for_vocab(tokenizer, model.config.vocab_size)  # (a padded vocabulary: a widened byte tokenizer)
         _default_stops(model, tokenizer)
@@ -255,23 +270,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     if tokenizer is not None:
         tokenizer.save(out)
     else:
-        log.warning("the exported %s has no tokenizer: pass --tokenizer to generate, --model-args tokenizer=DIR to "
-                    "eval, or use the run's out_dir/model, which carries it.", out)
+        log.warning("the exported %s has no tokenizer (%s): pass --tokenizer to generate, --model-args tokenizer=DIR "
+                    "to eval, or use the run's out_dir/model, which carries it.", out, missing)
     return out
 
 
 def _run_tokenizer(data_cfg: dict):
-    """The run's tokenizer for an exported step: the byte tokenizer, a folder, or the BPE the run trained (from the
-    data cache, where the run left it); None (logged) when it cannot be found."""
+    """The run's tokenizer for an exported step (the byte tokenizer, a folder, or the BPE the run trained, from the
+    data cache where the run left it), and None; or None and why it cannot be found."""
     from dyndepth.data.build import bpe_folder, resolve_data_config
 
     cfg = resolve_data_config(data_cfg)
     name = str(cfg["tokenizer"])
     try:
-        return load_tokenizer(str(bpe_folder(cfg)[0]) if name.startswith("bpe:") else name)
+        return load_tokenizer(str(bpe_folder(cfg)[0]) if name.startswith("bpe:") else name), None
     except (OSError, ValueError) as e:
-        log.info("the run's tokenizer %r is not found: %s", name, e)
-        return None
+        return None, f"{name}: {e}"
 
 
 def _default_stops(model, tokenizer) -> None:

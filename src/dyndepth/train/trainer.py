@@ -352,7 +352,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                 eval_loss = evaluate(wrapped, eval_loader, cfg.eval_batches, cfg, info)
                 logger.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
                 result.evals.append((step, eval_loss))
-                log.info("step %d: eval loss %.4f (perplexity %.4g)", step, eval_loss, perplexity(eval_loss))
+                if info.is_main:
+                    log.info("step %d: eval loss %.4f (perplexity %.4g)", step, eval_loss, perplexity(eval_loss))
             if _due(step, cfg.save_every, cfg.steps):
                 result.last_checkpoint = ckpt.save_checkpoint(
                     out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
