@@ -36,14 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyndepth.config import (
-    ConfigError,
-    ModelConfig,
-    check_above_zero,
-    check_at_least,
-    check_fields,
-    check_rope_scaling,
-)
+from dyndepth.config import ConfigError, ModelConfig, check_above_zero, check_at_least, check_fields, check_rope_scaling
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
