@@ -38,6 +38,17 @@ def test_tokens_to_reach_interpolates_in_log_tokens_on_the_running_maximum():
     assert ratios(losses, "reference", key="val_loss") == {"dense": ["2.52", ">1.00"]}
 
 
+def test_mean_curves_keep_how_the_set_entropy_was_taken():
+    """repro labels a study's diversity claim by it: the pooled rows' label was dropped, so every study read as the
+    per-batch mean of studies before 2026-12-05."""
+    from dyndepth.bench.study import mean_curves
+
+    rows = [{"model": "reference", "tokens": 100, "exact_match": e, "val_loss": 1.0, "expert_set_entropy": h,
+             "set_entropy_over": "corpus"} for e, h in ((0.2, 3.0), (0.4, 2.0))]
+    assert mean_curves(rows)["reference"] == [{"tokens": 100, "exact_match": pytest.approx(0.3), "val_loss": 1.0,
+                                               "expert_set_entropy": 2.5, "set_entropy_over": "corpus"}]
+
+
 def test_moe_set_entropy_counts_distinct_top_k_sets_per_layer_over_every_batch():
     model = dyndepth.build_model(dyndepth.preset("tiny-qwen3-moe")).eval()  # 4 experts, top-2: 6 possible sets
     ids = torch.randint(0, 256, (4, 32))

@@ -105,3 +105,21 @@ def test_a_quantized_model_refuses_to_save_a_folder_it_could_not_load(tmp_path):
     with pytest.raises(ValueError, match="quantized in memory .* save the model before quantize_weights"):
         model.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("encoding", ["rope", "learned"])
+def test_a_dreamer_with_depth_attention_quantizes_and_runs(encoding):
+    """Depth attention's projections read the weights directly (one normed pass, the learned step row as W e):
+    quantized, the forward raised AttributeError 'QuantLinear' object has no attribute 'weight'."""
+    torch.manual_seed(0)
+    model = dyndepth.build_model(dyndepth.preset("dreamer-tiny", da_step_encoding=encoding)).eval()
+    if encoding == "learned":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.depth_attn.step_embed.normal_(0, 0.5)
+    ids = torch.randint(0, 256, (2, 12))
+    ref = logits(model, ids)
+    names = quantize_weights(model, bits=8)
+    assert any(".depth_attn.k_proj" in n for n in names)
+    out = logits(model, ids)
+    assert not torch.equal(out, ref) and float((out - ref).norm() / ref.norm()) < 0.05

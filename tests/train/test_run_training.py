@@ -237,6 +237,17 @@ def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_pa
     assert load_tokenizer(exported).encode("the lazy dog") == load_tokenizer(base).encode("the lazy dog")
     with pytest.raises(RunConfigError, match=r"data.tokenizer='byte' is not the tokenizer of model.pretrained"):
         run_training(None, [*args, "data.tokenizer=byte", f"train.out_dir={tmp_path / 'out2'}"])
+    # a run that saved no data section (repro's contenders train from a folder with their own loader) exports with
+    # the folder's tokenizer (it exported a byte tokenizer widened to the BPE's 300 ids)
+    from dyndepth.runconfig import RunConfig, TrainConfig
+    from dyndepth.train import train
+    from dyndepth.train.run import export_checkpoint
+
+    tcfg = TrainConfig(steps=1, batch_size=2, seq_len=16, out_dir=str(tmp_path / "bare"), progress=False, plot=False)
+    train(dyndepth.from_pretrained(base), TinyLoader(2, 16), tcfg,
+          run_config=RunConfig(model={"pretrained": str(base)}, data={}, train=tcfg))
+    bare = export_checkpoint(tmp_path / "bare" / "step_0000001", tmp_path / "bare_export")
+    assert (bare / "tokenizer.json").is_file() and not (bare / "byte_tokenizer.json").exists()
     # a run saved before its data.tokenizer was filled in resumes when the ids are the same (a byte folder), and is
     # refused when they are not (it read the BPE folder's text as bytes)
     ByteTokenizer().save(tmp_path / "bytes")

@@ -269,9 +269,9 @@ def mean_curves(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, dict[int, list[dict]]] = {}
     for r in rows:
         out.setdefault(r["model"], {}).setdefault(r["tokens"], []).append(r)
-    return {m: [{"tokens": t, **{k: sum(r[k] for r in rs) / len(rs) for k in ("exact_match", "val_loss",
-                                                                             "expert_diversity",
-                                                                             "expert_set_entropy") if k in rs[0]}}
+    means = ("exact_match", "val_loss", "expert_diversity", "expert_set_entropy")
+    return {m: [{"tokens": t, **{k: sum(r[k] for r in rs) / len(rs) for k in means if k in rs[0]},
+                 **({"set_entropy_over": rs[0]["set_entropy_over"]} if "set_entropy_over" in rs[0] else {})}
                 for t, rs in sorted(by.items())] for m, by in out.items()}
 
 

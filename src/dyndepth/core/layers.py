@@ -112,11 +112,12 @@ def normed_linear(x: torch.Tensor, norm: RMSNorm | None, *linears: nn.Linear) ->
     """linear(norm(x)) for each of `linears` (bias-free), (..., O_i) each; `norm` None: x is normed already. In
     training through `NormedLinear`, which saves x, not the normed rows the projections would keep (recomputed
     in backward: one activation-sized tensor less per call, for an elementwise pass)."""
-    if any(linear.bias is not None for linear in linears):
-        raise ValueError("normed_linear takes bias-free projections (bias=False).")
-    weights = [linear.weight for linear in linears]
-    if norm is not None and needs_grad(x, norm.weight, *weights):
-        return NormedLinear.apply(x, norm.weight, norm.eps, *weights)
+    if all(isinstance(linear, nn.Linear) for linear in linears):  # (a quantized projection runs as called)
+        if any(linear.bias is not None for linear in linears):
+            raise ValueError("normed_linear takes bias-free projections (bias=False).")
+        weights = [linear.weight for linear in linears]
+        if norm is not None and needs_grad(x, norm.weight, *weights):
+            return NormedLinear.apply(x, norm.weight, norm.eps, *weights)
     h = x if norm is None else norm(x)
     return tuple(linear(h) for linear in linears)
 

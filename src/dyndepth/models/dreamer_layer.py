@@ -120,7 +120,7 @@ class DepthAttention(nn.Module):
         ys = normed_linear(x_BTD, norm, *linears)
         if self.encoding == "learned":  # one matrix-vector product per step, not per token (as the router's encoding)
             e = step_row(self.step_embed, enc).to(ys[0].dtype)  # (D,)
-            ys = tuple(y + linear.weight.to(e.dtype) @ e for y, linear in zip(ys, linears))
+            ys = tuple(y + linear(e[None])[0].to(y.dtype) for y, linear in zip(ys, linears))  # W e (any projection)
         return ys
 
     def _heads(self, y: torch.Tensor, norm: RMSNorm | None, enc) -> torch.Tensor:

@@ -262,7 +262,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     load_model_weights(checkpoint, model)
     missing = None
     if tokenizer is None:
-        tokenizer, missing = _run_tokenizer(rc.data)
+        tokenizer, missing = _run_tokenizer(rc)
     if tokenizer is not None:
         tokenizer = for_vocab(tokenizer, model.config.vocab_size)  # (a padded vocabulary: a widened byte tokenizer)
         _default_stops(model, tokenizer)
@@ -275,12 +275,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     return out
 
 
-def _run_tokenizer(data_cfg: dict):
-    """The run's tokenizer for an exported step (the byte tokenizer, a folder, or the BPE the run trained, from the
-    data cache where the run left it), and None; or None and why it cannot be found."""
+def _run_tokenizer(rc: RunConfig):
+    """The run's tokenizer for an exported step (the byte tokenizer, a folder, the BPE the run trained, from the
+    data cache where the run left it, or, with no data.tokenizer, model.pretrained's own), and None; or None and
+    why it cannot be found."""
     from dyndepth.data.build import bpe_folder, resolve_data_config
 
-    cfg = resolve_data_config(data_cfg)
+    folder = rc.model.get("pretrained")
+    if "tokenizer" not in rc.data and isinstance(folder, str) and Path(folder).is_dir():
+        try:  # (a run whose config holds no data section: `repro`'s contenders, post-trained from a folder)
+            return load_tokenizer(folder), None
+        except FileNotFoundError:
+            pass
+    cfg = resolve_data_config(rc.data)
     name = str(cfg["tokenizer"])
     try:
         return load_tokenizer(str(bpe_folder(cfg)[0]) if name.startswith("bpe:") else name), None
