@@ -159,3 +159,16 @@ def test_plot_series_are_named_as_the_report_names_them():
                                        _row("GateSkip vector q=15%", "gateskip", 0.98, 3.2, budget=0.15))]
     assert names == ["SFT", "MoD", "DND", "base", "GateSkip vector"]
 
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"tasks": ["gsm8k"]}, r"repro scores accuracy \(acc / acc_norm\) on \['gsm8k'\]"),  # a ZeroDivisionError, late
+    ({"limit": 0}, "limit must be >= 1"), ({"post_steps": 0}, "post_steps must be >= 1"),
+])
+def test_bad_repro_settings_fail_before_any_work(override, message):
+    from dyndepth.eval.run import OFFLINE_TASKS
+    from dyndepth.repro import ACCURACY_TASKS, ReproConfig
+
+    assert ACCURACY_TASKS == set(OFFLINE_TASKS) - {"gsm8k"}  # every offline task but the generative one
+    with pytest.raises(ValueError, match=message):
+        ReproConfig.from_profile("quick", base="b", data_dir="d", train_data="t", **override)

@@ -47,6 +47,10 @@ PROFILES = {
 }
 
 
+ACCURACY_TASKS = {"arc_challenge", "arc_easy", "boolq", "commonsense_qa", "copa", "hellaswag", "lambada",
+                  "openbookqa", "piqa", "siqa", "winogrande", "wsc273"}  # the offline tasks with acc / acc_norm
+
+
 @dataclass
 class ReproConfig:
     base: str  # a checkpoint folder with its tokenizer.json (the base recipe's out_dir/model)
@@ -70,6 +74,17 @@ class ReproConfig:
     mod_capacities: list[float] = field(default_factory=lambda: [0.5, 0.125])
     dnd_ratio: float = 0.2
     study: str = ""  # a `dyndepth study tokens` output folder (study.json): Dreamer against its matched baselines
+
+    def __post_init__(self) -> None:  # before any shard is written or the base is scored
+        for name in ("post_steps", "batch_size", "seq_len", "val_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"repro {name} must be >= 1, got {getattr(self, name)}.")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"repro limit must be >= 1 example per task (or None: every example), got {self.limit}.")
+        scored = [t for t in self.tasks if t not in ACCURACY_TASKS]
+        if not self.tasks or scored:
+            raise ValueError(f"repro scores accuracy (acc / acc_norm) on {scored or 'no task'}: give tasks among "
+                             f"{sorted(ACCURACY_TASKS)} (gsm8k's exact match goes through `dyndepth eval`).")
 
     @classmethod
     def from_profile(cls, profile: str, **kw) -> ReproConfig:
