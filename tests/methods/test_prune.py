@@ -97,6 +97,10 @@ def test_prune_refuses_bad_requests():
     with pytest.raises(ValueError, match="scores"):
         prune_layers(model, 1, scores=[0.0])
     assert prune_layers(model, 0, scores=[0.0, 1.0]) == [] and len(model.model.layers) == 2
+    for name in ("huginn-tiny", "mor-tiny", "dreamer-tiny"):  # "got 20 scores for 8 layers": scores per application
+        recurrent = dyndepth.build_model(dyndepth.preset(name))
+        with pytest.raises(ValueError, match=r"decoder family \(CausalLM.*applies its layers repeatedly"):
+            prune_layers(recurrent, 1, batches=[torch.randint(0, 256, (1, 8))])
 
 
 @pytest.mark.parametrize("attach", ["dnd", "mod"])

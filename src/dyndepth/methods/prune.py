@@ -17,6 +17,7 @@ from torch import nn
 from dyndepth.config import is_whole
 from dyndepth.methods.gateskip_analysis import collect_gate_stats, eval_mode, split_batch, trace_forward
 from dyndepth.models.moe import SparseMoE
+from dyndepth.models.qwen3 import CausalLM
 
 SCORES = ("gate", "influence")
 
@@ -77,6 +78,10 @@ def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[flo
     Scores come from `layer_importance(model, batches, by)` unless given (one float per layer). Ties go to
     the earlier layer.
     """
+    if not isinstance(model, CausalLM):  # a recurrent family applies its layers many times (scores per application)
+        raise ValueError(f"prune_layers removes layers of the decoder family (CausalLM: a layer per application); a "
+                         f"{type(model).__name__} applies its layers repeatedly: run fewer recurrences instead "
+                         "(its `steps` knob), where it has one.")
     L = len(model.model.layers)
     if not is_whole(n) or not 0 <= n < L:
         raise ValueError(f"n={n}: prune between 0 and {L - 1} of the model's {L} layers.")
