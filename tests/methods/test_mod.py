@@ -153,7 +153,7 @@ def test_generate_in_topk_mode_decodes_with_the_predictor():
 def test_router_threshold_needs_calibration_and_then_routes_exactly_c_on_the_calibration_batch():
     model, method = mod_model(capacity=0.25, every=1)
     ids = torch.randint(0, 256, (4, 32))
-    with method.override(mode="router_threshold"), pytest.raises(ValueError, match="calibrate"):
+    with pytest.raises(ValueError, match="calibrate"), method.override(mode="router_threshold"):  # on entry
         model(ids)
     table = calibrate(model, [ids])
     assert set(table) == {0, 1}
@@ -161,7 +161,7 @@ def test_router_threshold_needs_calibration_and_then_routes_exactly_c_on_the_cal
     with method.override(mode="router_threshold"), torch.no_grad():
         frac = float(model(ids).stats["mod/routed_fraction"])
     assert frac == 0.25  # the batch's 32 best router scores of 128 sit above each layer's threshold
-    with method.override(capacity=0.5, mode="router_threshold"), pytest.raises(ValueError, match="0.5"):
+    with pytest.raises(ValueError, match="0.5"), method.override(capacity=0.5, mode="router_threshold"):
         model(ids)  # calibrated at 0.25, not 0.5
     whole = calibrate(model, [ids], capacity=1.0)  # nothing to skip: -inf thresholds, every token routed
     assert all(t == float("-inf") for t in whole.values())
@@ -304,3 +304,15 @@ def test_a_top_k_training_forward_traces_as_one_graph():
     model.train()
     explained = dynamo.explain(lambda ids: model(ids).logits)(torch.randint(0, 256, (2, 16)))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_an_eval_with_uncalibrated_router_thresholds_fails_when_its_knobs_are_read(tmp_path):
+    """`dyndepth eval CKPT --model-args mode=router_threshold` raised only at its first scoring forward, after lm-eval
+    had built its requests; GateSkip's mode=threshold failed at once."""
+    from dyndepth.eval.model_args import split_knobs
+
+    model, method = mod_model(capacity=0.25, every=1)
+    with pytest.raises(ValueError, match=r"mode 'router_threshold' at capacity 0.25 needs MoD's thresholds"):
+        split_knobs(method, {"mode": "router_threshold"})
+    calibrate(model, [torch.randint(0, 256, (4, 32))])
+    assert split_knobs(method, {"mode": "router_threshold"}).fields == {"mode": "router_threshold"}

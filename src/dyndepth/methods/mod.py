@@ -171,8 +171,13 @@ class MoD:
         if knobs.get("mode", "topk") not in MODES:
             raise ValueError(f"mod mode={knobs['mode']!r} is not one of {MODES}.")
 
+    @contextlib.contextmanager
     def override(self, **knobs):
-        return override_knobs(self, self._check, **knobs)
+        """Runtime knobs for the scope; mode 'router_threshold' checks its thresholds on entry (an eval found out
+        only at its first scoring forward)."""
+        with override_knobs(self, self._check, **knobs):
+            self._check_calibrated(self.mode)
+            yield self
 
     @contextlib.contextmanager
     def decoding(self, **knobs):
