@@ -1,4 +1,5 @@
-"""Perplexity and bits per byte of a text, with a sliding window (the Hugging Face perplexity guide's method).
+"""Perplexity and bits per byte of a text, with a sliding window (after the Hugging Face perplexity guide; its
+windows keep more context, see below).
 
 Shape legend: B batch (windows), T tokens, V vocab.
 

@@ -79,6 +79,12 @@ def step_row(table_RD: torch.Tensor, step: int) -> torch.Tensor:
     return table_RD[min(step, table_RD.shape[0] - 1)]
 
 
+def _times(linear: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """W e of a bias-free projection: its weight times e, or, for a quantized one (no `weight`), the module on e. (A
+    Linear is not called on e: a row of a parameter made under no_grad trips module hooks as an input.)"""
+    return linear.weight.to(e.dtype) @ e if isinstance(linear, nn.Linear) else linear(e[None])[0]
+
+
 class DepthAttention(nn.Module):
     """Attention of each token over its own states at earlier steps: multi-head, q/k norm, and the step encoded by
     RoPE over the step index (default) or by a learned per-step embedding (`da_step_encoding`)."""
@@ -120,7 +126,7 @@ class DepthAttention(nn.Module):
         ys = normed_linear(x_BTD, norm, *linears)
         if self.encoding == "learned":  # one matrix-vector product per step, not per token (as the router's encoding)
             e = step_row(self.step_embed, enc).to(ys[0].dtype)  # (D,)
-            ys = tuple(y + linear(e[None])[0].to(y.dtype) for y, linear in zip(ys, linears))  # W e (any projection)
+            ys = tuple(y + _times(linear, e).to(y.dtype) for y, linear in zip(ys, linears))
         return ys
 
     def _heads(self, y: torch.Tensor, norm: RMSNorm | None, enc) -> torch.Tensor:
