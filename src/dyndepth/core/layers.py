@@ -129,11 +129,12 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def linear_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) in float32 whatever its weights' dtype, for routers and gates whose rounding would flip decisions
-    (a quantized module computes in its own way, its output cast); x float32, autocast off (the caller's)."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, module.weight.float(), None if module.bias is None else module.bias.float())
-    return module(x).float()
+    """module(x) in float32 whatever x's and the weights' dtype or autocast, for routers and gates whose rounding
+    would flip decisions (a quantized module computes in its own way, its output cast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        if isinstance(module, nn.Linear):
+            return F.linear(x.float(), module.weight.float(), None if module.bias is None else module.bias.float())
+        return module(x.float()).float()
 
 
 class NormedLinear(torch.autograd.Function):

@@ -349,8 +349,7 @@ class DND:
     def _score(self, dnd: LayerDND, xv: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         """p = sigmoid(R(x^v)) in float32 (B, T), the router's FLOPs recorded as part "router"."""
         B, T, D = xv.shape
-        with torch.autocast(xv.device.type, enabled=False):
-            r = linear_float32(dnd.router, xv.float())
+        r = linear_float32(dnd.router, xv)  # (B, T, 1)
         n_valid = ctx.state.n_valid
         ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
         return torch.sigmoid(r.squeeze(-1))

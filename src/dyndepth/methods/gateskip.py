@@ -141,11 +141,8 @@ class Gate(nn.Module):
             nn.init.normal_(self.down.weight, std=dim ** -0.5)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(h.device.type, enabled=False):
-            x = h.float()
-            if self.down is not None:
-                x = linear_float32(self.down, x)  # (..., r)
-            return torch.sigmoid(linear_float32(self.proj, x))
+        x = h if self.down is None else linear_float32(self.down, h)  # (..., r)
+        return torch.sigmoid(linear_float32(self.proj, x))  # float32
 
     def flops_per_token(self) -> int:
         return sum(2 * m.in_features * m.out_features for m in (self.down, self.proj) if m is not None)

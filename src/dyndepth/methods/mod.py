@@ -183,8 +183,9 @@ class MoD:
     def decoding(self, **knobs):
         """Cached decoding: top-k mode routes with `decode_mode` whenever a cache is given; its thresholds are checked
         on entry (not at the first forward, after a CLI has echoed the prompt)."""
-        with self.override(**knobs):
-            self._check_calibrated(self.config.decode_mode if self.mode == "topk" else self.mode)
+        with self.override(**knobs):  # (which checks a threshold mode)
+            if self.mode == "topk":
+                self._check_calibrated(self.config.decode_mode)
             yield self
 
     def recording(self, recorder: ThresholdRecorder):

@@ -43,8 +43,7 @@ class HeadExperts(nn.Module):
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Router scores (..., heads, E), computed in fp32 whatever the model's dtype or autocast (bfloat16 rounding
         flips top-k choices; as expert attention's router), also the input of MoEUT's entropy regularizer."""
-        with torch.autocast(h.device.type, enabled=False):
-            return linear_float32(self.gate, h.float()).unflatten(-1, (self.heads, self.num_experts))
+        return linear_float32(self.gate, h).unflatten(-1, (self.heads, self.num_experts))
 
     def mix(self, x_MI: torch.Tensor, h_MD: torch.Tensor, per_head_input: bool) -> torch.Tensor:
         """(M, heads, K, d_out): each head's K chosen experts applied to the token's input, times their gates.

@@ -152,12 +152,8 @@ def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
     """A post-training run reads its data with its checkpoint's own tokenizer: a local model.pretrained folder that
     holds one is data.tokenizer when the recipe sets none (the default, "byte", fed GPT-2 text as bytes to a BPE
     model and exported the byte tokenizer beside it); a different one set in the recipe is an error."""
-    folder = run_config.model.get("pretrained")
-    if not isinstance(folder, str) or not Path(folder).is_dir():  # (a hub id: its tokenizer is the user's to name)
-        return run_config
-    try:
-        own = load_tokenizer(folder)
-    except FileNotFoundError:  # weights alone: data.tokenizer as given
+    folder, own = _pretrained_folder_tokenizer(run_config)
+    if own is None:
         return run_config
     given = run_config.data.get("tokenizer")
     if given is None:
@@ -166,6 +162,18 @@ def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
         raise RunConfigError(f"data.tokenizer={given!r} is not the tokenizer of model.pretrained ({folder}): the "
                              f"checkpoint was trained on its own ids; remove data.tokenizer (or set it to {folder}).")
     return run_config
+
+
+def _pretrained_folder_tokenizer(run_config: RunConfig):
+    """(model.pretrained, its folder's tokenizer), or (., None) for a hub id (its tokenizer is the user's to name) or
+    a folder of weights alone."""
+    folder = run_config.model.get("pretrained")
+    if not isinstance(folder, str) or not Path(folder).is_dir():
+        return folder, None
+    try:
+        return folder, load_tokenizer(folder)
+    except FileNotFoundError:
+        return folder, None
 
 
 def _same_tokenizer_named(old: dict, new: dict) -> bool:
@@ -281,12 +289,9 @@ def _run_tokenizer(rc: RunConfig):
     why it cannot be found."""
     from dyndepth.data.build import bpe_folder, resolve_data_config
 
-    folder = rc.model.get("pretrained")
-    if "tokenizer" not in rc.data and isinstance(folder, str) and Path(folder).is_dir():
-        try:  # (a run whose config holds no data section: `repro`'s contenders, post-trained from a folder)
-            return load_tokenizer(folder), None
-        except FileNotFoundError:
-            pass
+    own = _pretrained_folder_tokenizer(rc)[1] if "tokenizer" not in rc.data else None
+    if own is not None:  # (a run whose config holds no data section: `repro`'s contenders, post-trained from a folder)
+        return own, None
     cfg = resolve_data_config(rc.data)
     name = str(cfg["tokenizer"])
     try:
