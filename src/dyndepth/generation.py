@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from dyndepth.config import is_whole
+from dyndepth.core.accounting import accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.models.forward import check_inputs
 
@@ -221,29 +222,30 @@ def generate(
         for t in cache.buffers():  # cache does): marked static, a new cache re-records instead of falling back
             torch._dynamo.mark_static_address(t)
 
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
-    step = _decode_step(model, compile if compiled else False)
+    with accounting_off_by_default():  # no step reads its FLOP ledger or statistics (core.accounting)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
+        step = _decode_step(model, compile if compiled else False)
 
-    tokens = [input_ids]
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    next_pos = lengths[:, None]  # (B, 1)
-    for i in range(max_new_tokens):
-        nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
-        nxt = torch.where(unfinished, nxt, pad_token_id)
-        tokens.append(nxt[:, None])
-        if callback is not None:
-            callback(i, nxt)
-        if len(stops):
-            unfinished = unfinished & ~torch.isin(nxt, stops)
-            if not bool(unfinished.any()):
+        tokens = [input_ids]
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        next_pos = lengths[:, None]  # (B, 1)
+        for i in range(max_new_tokens):
+            nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            nxt = torch.where(unfinished, nxt, pad_token_id)
+            tokens.append(nxt[:, None])
+            if callback is not None:
+                callback(i, nxt)
+            if len(stops):
+                unfinished = unfinished & ~torch.isin(nxt, stops)
+                if not bool(unfinished.any()):
+                    break
+            if i == max_new_tokens - 1:
                 break
-        if i == max_new_tokens - 1:
-            break
-        view = cache if compiled else cache.window(prompt_len + i + 1)
-        out = step(nxt[:, None], next_pos, view)
-        next_pos = next_pos + 1
-    return torch.cat(tokens, dim=1)
+            view = cache if compiled else cache.window(prompt_len + i + 1)
+            out = step(nxt[:, None], next_pos, view)
+            next_pos = next_pos + 1
+        return torch.cat(tokens, dim=1)
 
 
 def _check_given_cache(cache: KVCache, config, batch_size: int, max_len: int, slots: int, device,

@@ -46,3 +46,34 @@ def test_recomputation_in_backward_does_not_count_twice(tiny_config):
     assert out.compute.total("executed") == executed and out.compute.total("ideal") == ideal
     with pytest.raises(ValueError, match="part"):  # a closed ledger still rejects a misspelled part
         out.compute.add(0, "mlpp", executed=1, ideal=1)
+
+
+def test_generate_keeps_no_ledger_unless_asked_and_the_switch_changes_no_output(tiny_config):
+    """`generate` decodes under `accounting(False)` (its steps' statistics are never read; counting them cost a
+    decode step several ops a layer); an outer `accounting(True)` keeps the ledger. Logits are the same either way."""
+    from dyndepth import CausalLM
+    from dyndepth.core.accounting import accounting, accounting_enabled
+
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append((out.compute.enabled, dict(out.stats))))
+    try:
+        plain = model.generate(ids, 3, stop_tokens=[])
+        assert [enabled for enabled, _ in seen] == [False, False, False]  # the prefill and two decode steps
+        assert all(not any(k.startswith("flops/") for k in stats) for _, stats in seen)
+        seen.clear()
+        with accounting(True):
+            counted = model.generate(ids, 3, stop_tokens=[])
+        assert [enabled for enabled, _ in seen] == [True, True, True]
+        assert all(float(stats["flops/executed"]) > 0 for _, stats in seen)
+    finally:
+        hook.remove()
+    assert torch.equal(plain, counted) and accounting_enabled()  # (the default again outside)
+    with torch.no_grad():
+        on = model(ids)
+        with accounting(False):
+            off = model(ids)
+    assert torch.equal(on.logits, off.logits) and "flops/executed" not in off.stats
+    assert off.compute.total("executed") == 0 and on.compute.total("executed") > 0

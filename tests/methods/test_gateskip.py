@@ -9,6 +9,7 @@ from gated import gated_model, masked_dense_reference
 
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
+from dyndepth.core.accounting import accounting
 from dyndepth.methods import GateSkipConfig, GateSkipHook, attach_gateskip, calibrate
 from dyndepth.methods.common import budget_ppm
 from opcount import OpCounter
@@ -443,7 +444,8 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
     # more than running every branch. Per routed branch call: the threshold, the mask and the ideal FLOPs of the kept
     # tokens, no kept count (an 8-row step at 0.5 can neither pack nor likely skip whole): 6.5 ops per call (9 before
     # 2026-12-04 and 13 before 2026-12-03; the rest spare for torch versions), and 8 per forward for the skip
-    # statistics (no host sync).
+    # statistics (no host sync). As `generate` decodes, without a ledger: the threshold and the mask alone (3 ops a
+    # call, 7.5 before 2026-12-05: generate counted FLOPs nobody read) and no statistics.
     model, method = gated_model(budget=0.0, layers=4)
     B, P = 8, 6
     ids = torch.randint(0, 256, (B, P + 1))
@@ -451,17 +453,21 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
     for gates in method.layer_gates:  # hand-set thresholds, declared as budget 0.5's (threshold mode checks it)
         gates.tau.fill_(0.5)  # spread gates: some rows keep each branch, some skip it
         gates.tau_budget_ppm.fill_(budget_ppm(0.5))
-    for q in (0.0, 0.5):
-        with method.override(budget=q, mode="threshold"), torch.no_grad():  # auto: 8 rows at 0.5 run masked
-            cache = KVCache.for_model(model.config, B, P + 1)
-            pos = torch.arange(P + 1).expand(B, P + 1)
-            model(ids[:, :P], positions=pos[:, :P], cache=cache)
-            with OpCounter() as ops:
-                out = model(ids[:, P:], positions=pos[:, P:], cache=cache)
-        counts[q] = ops.n
+    for counted in (True, False):
+        for q in (0.0, 0.5):
+            with method.override(budget=q, mode="threshold"), torch.no_grad(), accounting(counted):
+                cache = KVCache.for_model(model.config, B, P + 1)  # (auto: 8 rows at 0.5 run masked)
+                pos = torch.arange(P + 1).expand(B, P + 1)
+                model(ids[:, :P], positions=pos[:, :P], cache=cache)
+                with OpCounter() as ops:
+                    out = model(ids[:, P:], positions=pos[:, P:], cache=cache)
+            counts[counted, q] = ops.n
+            if counted and q:
+                assert 0 < float(out.stats["gateskip/attn_skipped"]) < 1 and out.stats["gateskip/packed"] == 0
     calls = 2 * len(model.model.layers)
-    assert 0 < float(out.stats["gateskip/attn_skipped"]) < 1 and out.stats["gateskip/packed"] == 0
-    assert counts[0.5] - counts[0.0] <= 7 * calls + 8, counts
+    assert counts[True, 0.5] - counts[True, 0.0] <= 7 * calls + 8, counts
+    assert counts[False, 0.5] - counts[False, 0.0] <= 3 * calls, counts
+    assert "gateskip/attn_skipped" not in out.stats
 
 
 def test_threshold_mode_refuses_a_budget_its_thresholds_were_not_calibrated_for():

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from dyndepth.bench.timing import interleaved_median
+from dyndepth.core.accounting import accounting
 from dyndepth.methods.speculative import SpecStats, speculative_generate
 
 
@@ -25,7 +26,8 @@ def _one_prompt(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict
     ran = []  # plain decoding's FLOPs: what each forward of `generate` executed (its cached prefill included)
     hook = model.register_forward_hook(lambda module, args, out: ran.append(out.compute.total("executed")))
     try:
-        ref = plain()
+        with accounting(True):  # (generate keeps no ledger by default)
+            ref = plain()
     finally:
         hook.remove()
     out, stats = spec()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dyndepth.core.accounting import accounting, accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES, cpu_memory_policy, resolve_device
 
@@ -123,8 +124,8 @@ def _turns(contenders: dict, i: int) -> list:
 def greedy_stepper(model, prompt: torch.Tensor, steps: int,
                    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Stepper:
     """Cached greedy decoding as `generate` runs it: an untimed prefill of `prompt` (B, T), then `steps` steps,
-    each feeding the previous step's argmax, the cache read up to its filled length. A step's state is
-    (cache, output); its `.stats` are the step's."""
+    each feeding the previous step's argmax, the cache read up to its filled length, without a FLOP ledger unless
+    the caller asks for one (`stepper_stats`). A step's state is (cache, output)."""
     B, T = prompt.shape
     dtype = next(model.parameters()).dtype
 
@@ -133,21 +134,23 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
         cache = KVCache.for_model(model.config, B, T + steps, num_slots=model.num_slots(), dtype=dtype,
                                   device=prompt.device)
         positions = torch.arange(T, device=prompt.device).expand(B, T)
-        return cache, model(prompt, positions=positions, cache=cache.window(T), num_logits=1)
+        with accounting_off_by_default():
+            return cache, model(prompt, positions=positions, cache=cache.window(T), num_logits=1)
 
     @torch.no_grad()
     def step(state, i: int):
         cache, out = state
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         positions = torch.full((B, 1), T + i, device=prompt.device)
-        return cache, model(nxt, positions=positions, cache=cache.window(T + i + 1))
+        with accounting_off_by_default():
+            return cache, model(nxt, positions=positions, cache=cache.window(T + i + 1))
 
     return Stepper(start, step, scope)
 
 
 def stepper_stats(stepper: Stepper, steps: int) -> list[dict]:
     """Run a `greedy_stepper` once, untimed, and return each step's output stats (what its steps computed)."""
-    with stepper.scope():
+    with stepper.scope(), accounting(True):
         state = stepper.start()
         stats = []
         for i in range(steps):

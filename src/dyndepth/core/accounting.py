@@ -12,15 +12,45 @@ and `tokens`, the valid tokens that ran the part (the per-layer fraction of toke
 
 What counts as a FLOP is `core/flops.py`'s convention (matmuls and attention pairs; 2 per multiply-add).
 Values are Python numbers or 0-dim tensors, so recording never syncs the host; reading does.
+
+Forwards inside `accounting(False)` keep no ledger (no figures, no `flops/*` stats, no method statistics):
+`generate` decodes so, as nobody reads a decode step's statistics and counting them costs a decode step, which
+is bound by its number of ops, several small ops a layer. An explicit `accounting(True)` around it keeps them.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 PARTS = ("attn", "mlp", "gate", "router", "lm_head", "depth_attn", "experts", "exit", "adapter")
 # depth_attn, experts, exit: a depth-recurrent model's depth attention, sparse expert attention (router included)
 # and per-token exit check (models/dreamer.py); adapter: Huginn's input injection (models/huginn.py)
+
+
+_SETTING: list[bool | None] = [None]  # the innermost explicit `accounting(...)`, None outside any
+
+
+@contextlib.contextmanager
+def accounting(enabled: bool):
+    """Whether forwards started inside keep a `ComputeLedger` (on by default); nested, the innermost wins."""
+    _SETTING.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _SETTING.pop()
+
+
+@contextlib.contextmanager
+def accounting_off_by_default():
+    """`accounting(False)` unless the caller chose explicitly (`generate`: an outer `accounting(True)` keeps it)."""
+    with accounting(False) if _SETTING[-1] is None else contextlib.nullcontext():
+        yield
+
+
+def accounting_enabled() -> bool:
+    return _SETTING[-1] is not False
 
 
 def _num(v) -> float:
@@ -34,7 +64,8 @@ class ComputeLedger:
     convert to Python floats, the only host sync.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = accounting_enabled() if enabled is None else enabled  # False: `add` keeps nothing
         self._tables: tuple[dict, dict, dict] = ({}, {}, {})  # executed, ideal, tokens: (slot, part) -> value
         # Entries not yet summed into the tables. A layer call only appends here, and the forward loop sums them
         # after each call (`flush`), so a compiled layer finds the same empty list at every position: keying the
@@ -47,7 +78,7 @@ class ComputeLedger:
         ledger is closed."""
         if part not in PARTS:
             raise ValueError(f"ledger part {part!r} is not one of {PARTS}.")
-        if not self.closed:
+        if self.enabled and not self.closed:
             self.pending.append((slot, part, executed, ideal, tokens))
 
     def close(self) -> None:

@@ -452,8 +452,9 @@ class Attention(nn.Module):
         else:
             o_N = self.project_out(y[rows_N, cols_N], h_ND)  # (N, D): valid entries only
             out, q_rows = _padded(o_N, B, Tq, rows_N, cols_N), rows_N.numel()
-        n_q = B * Tq if ideal_q is None else ideal_q.sum()
-        self._record(ctx, slot, h_BTD, kv_rows, q_rows, pairs, self._visible_pairs(mask, ideal_q, B, Tq), n_q)
+        if ctx.ledger.enabled:  # (the counts are a decode step's only ops besides the model's)
+            n_q = B * Tq if ideal_q is None else ideal_q.sum()
+            self._record(ctx, slot, h_BTD, kv_rows, q_rows, pairs, self._visible_pairs(mask, ideal_q, B, Tq), n_q)
         return out  # (B, T or K, D)
 
     def _project_q_subset(self, h_ND, ctx: ForwardContext, shape_BK, rows_N, cols_N, t_N) -> torch.Tensor:

@@ -247,12 +247,13 @@ class DND:
         out = MethodOutput()
         if not st.keep:
             return out
-        n_valid = st.n_valid.clamp(min=1) if torch.is_tensor(st.n_valid) else max(st.n_valid, 1)
-        fractions = torch.stack(list(st.keep.values())).sum((1, 2)) / n_valid  # (L,) keep holds valid tokens only
-        for slot, fraction in zip(st.keep, fractions.unbind()):
-            out.stats[f"dnd/selected/L{slot}"] = fraction
-        out.stats["dnd/selected"] = fractions.mean()
-        if not st.cached:  # generation drops statistics; a decode step is op-bound (out.compute keeps the FLOPs)
+        if ctx.ledger.enabled:  # (off in `generate`: see core.accounting)
+            n_valid = st.n_valid.clamp(min=1) if torch.is_tensor(st.n_valid) else max(st.n_valid, 1)
+            fractions = torch.stack(list(st.keep.values())).sum((1, 2)) / n_valid  # (L,) keep: valid tokens only
+            for slot, fraction in zip(st.keep, fractions.unbind()):
+                out.stats[f"dnd/selected/L{slot}"] = fraction
+            out.stats["dnd/selected"] = fractions.mean()
+        if ctx.ledger.enabled and not st.cached:  # a cached step is op-bound (out.compute keeps the FLOPs)
             out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
             out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
         if st.sd:

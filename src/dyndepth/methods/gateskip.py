@@ -284,6 +284,8 @@ class GateSkip:
             out.stats["gateskip/gate_sq"] = penalty.detach()
             if self.config.penalty:
                 out.losses.append(self.config.penalty * penalty)
+        if not ctx.ledger.enabled:  # `generate` (core.accounting): nobody reads a decode step's statistics
+            return out
         for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs of the pool
             pairs = max(st.n_pool, 1) * max(st.calls[branch], 1)
             out.stats[f"gateskip/{branch}_skipped"] = self._skipped(st, branch) / pairs

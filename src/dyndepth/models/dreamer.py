@@ -30,7 +30,7 @@ from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
 from dyndepth.models import native
 from dyndepth.models.dreamer_layer import DepthState, DreamerLayer, rename_old_sandwich_norms
-from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.forward import Application, DecoderOutput, Trace, dense_flops_stat, make_context, run_schedule
 from dyndepth.models.huginn import average_over_draws, max_recurrence, nth_draw, sample_recurrence, split_steps
 from dyndepth.models.moe import EXPERT_ACTS, load_balancing_loss
 from dyndepth.models.qwen3 import DecoderModel
@@ -347,13 +347,12 @@ class DreamerLM(nn.Module):
             stats.update(expert_stats(st, slots, valid, cfg, self.num_steps, ctx.training))
         if st.change:  # eval forwards
             stats["dreamer/state_change"] = torch.stack([st.change[s] for s in slots])  # (R * G,)
-        depth = valid.float() * self.num_steps if st.depth is None else st.depth * valid
-        stats["dreamer/avg_depth"] = depth.sum() / valid.sum().clamp(min=1)
-        pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees
+        if ctx.ledger.enabled:  # (statistics nobody reads in `generate`, see core.accounting)
+            depth = valid.float() * self.num_steps if st.depth is None else st.depth * valid
+            stats["dreamer/avg_depth"] = depth.sum() / valid.sum().clamp(min=1)
         per_token = sum(flops.q_o_flops(cfg) + flops.kv_flops(cfg) + flops.depth_attn_flops(cfg, a.step)
                         + flops.expert_attn_flops(cfg) for a in self.schedule)
-        dense = valid.sum() * per_token + len(slots) * flops.attn_score_flops(cfg, pairs) + head_ideal
-        stats["flops/dense"] = dense.double()
+        stats.update(dense_flops_stat(ctx, cfg, per_token, len(slots), head_ideal))
         return losses, stats
 
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:

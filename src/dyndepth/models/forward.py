@@ -121,13 +121,26 @@ def run_schedule(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         result = method.end(ctx)
         losses += result.losses
         stats.update(result.stats)
-    stats.update({"flops/executed": ctx.ledger.total_tensor("executed"),
-                  "flops/ideal": ctx.ledger.total_tensor("ideal"), "tokens/valid": ctx.valid_or_all.sum()})
+    if ctx.ledger.enabled:
+        stats.update({"flops/executed": ctx.ledger.total_tensor("executed"),
+                      "flops/ideal": ctx.ledger.total_tensor("ideal"), "tokens/valid": ctx.valid_or_all.sum()})
     ctx.ledger.close()  # what backward recomputes (activation checkpointing) is not this forward's work
     if trace is not None:
         trace.ctx = ctx
     aux_loss = logits.new_zeros((), dtype=torch.float32) + sum(losses)
     return DecoderOutput(logits, aux_loss, stats, ctx.ledger)
+
+
+def dense_flops_stat(ctx: ForwardContext, config, per_token, applications: int, head_ideal) -> dict:
+    """{"flops/dense": what the plain model needs for this forward's tokens}: every valid token through `applications`
+    layer applications of `per_token` matmul FLOPs, the causal keys each one sees, and the logits computed
+    (`head_ideal`); {} in a forward without a ledger (`core.accounting.accounting(False)`, as `generate` runs)."""
+    if not ctx.ledger.enabled:
+        return {}
+    valid = ctx.valid_or_all
+    pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees
+    dense = valid.sum() * per_token + applications * flops.attn_score_flops(config, pairs) + head_ideal
+    return {"flops/dense": dense.double()}
 
 
 def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=None, doc_ids=None,

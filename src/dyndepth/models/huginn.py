@@ -34,7 +34,7 @@ from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import Attention, RMSNorm, SwiGLU
 from dyndepth.models import native
-from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.forward import Application, DecoderOutput, Trace, dense_flops_stat, make_context, run_schedule
 from dyndepth.models.qwen3 import DecoderModel
 from dyndepth.models.registry import ModelSpec, register_model
 
@@ -332,13 +332,11 @@ class HuginnLM(nn.Module):
         return RecurrenceState(self.num_steps, {a.slot: a.step for a in self.schedule})
 
     def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
-        valid = ctx.valid_or_all
-        pairs = (valid * (ctx.positions + 1)).sum()
         apps = self.schedule
         per_token = sum(flops.q_o_flops(self.config) + flops.kv_flops(self.config) + flops.mlp_flops(self.config, 0)
                         for _ in apps) + self.num_steps * flops.adapter_flops(self.config)
-        dense = valid.sum() * per_token + len(apps) * flops.attn_score_flops(self.config, pairs) + head_ideal
-        return [], {"flops/dense": dense.double(), "huginn/steps": torch.tensor(float(self.num_steps))}
+        stats = dense_flops_stat(ctx, self.config, per_token, len(apps), head_ideal)
+        return [], {**stats, "huginn/steps": torch.tensor(float(self.num_steps))}
 
     def forward_flops(self, T: int, B: int = 1, context: int | None = None, lm_head: bool = True) -> int:
         """Analytic FLOPs of an evaluation forward (num_steps recurrences), core/flops.py conventions."""

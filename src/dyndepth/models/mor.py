@@ -43,7 +43,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.core.method import MethodOutput, check_knobs
 from dyndepth.core.routing import capacity, gather_padded, pack_indices, scatter_padded_add
 from dyndepth.models import native
-from dyndepth.models.forward import DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.forward import DecoderOutput, Trace, dense_flops_stat, make_context, run_schedule
 from dyndepth.models.huginn import stack_schedule
 from dyndepth.models.moe import load_balancing_loss, router_stats
 from dyndepth.models.qwen3 import DecoderLayer, DecoderModel
@@ -367,12 +367,9 @@ class MoRLM(nn.Module):
 
     def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
         """flops/dense: every token through every recursion (the routing's saving is ideal / dense)."""
-        valid = ctx.valid_or_all
-        pairs = (valid * (ctx.positions + 1)).sum()
         n = len(self.schedule)
         per_token = n * (flops.q_o_flops(self.config) + flops.kv_flops(self.config) + flops.mlp_flops(self.config, 0))
-        dense = valid.sum() * per_token + n * flops.attn_score_flops(self.config, pairs) + head_ideal
-        return [], {"flops/dense": dense.double()}
+        return [], dense_flops_stat(ctx, self.config, per_token, n, head_ideal)
 
     def flops_at(self, T: int, counts: list) -> float:
         """Analytic (ideal) FLOPs of one sequence of T tokens of which counts[r] run recursion r."""

@@ -25,7 +25,7 @@ from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, cast_state, float32_keys
 from dyndepth.core.method import Method
 from dyndepth.models import hf_layout
-from dyndepth.models.forward import Application, DecoderOutput, Trace, make_context, run_schedule
+from dyndepth.models.forward import Application, DecoderOutput, Trace, dense_flops_stat, make_context, run_schedule
 from dyndepth.models.moe import SparseMoE, load_balancing_loss
 from dyndepth.models.registry import ModelSpec, register_model
 from dyndepth.safetensors_io import write_pretrained
@@ -55,9 +55,10 @@ class DecoderLayer(nn.Module):
         layer, in the balancing statistics. A MoE layer routes exactly the rows it is given."""
         if valid is None and ctx.valid is not None and ctx.valid.shape == h.shape[:-1]:
             valid = ctx.valid
-        rows = h.numel() // h.shape[-1]
-        n_valid = rows if valid is None else valid.sum()
-        ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n_valid * self.mlp_flops, tokens=n_valid)
+        if ctx.ledger.enabled:
+            rows = h.numel() // h.shape[-1]
+            n_valid = rows if valid is None else valid.sum()
+            ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n_valid * self.mlp_flops, tokens=n_valid)
         if isinstance(self.mlp, SparseMoE):
             return self.mlp(h, valid, ctx.aux if ctx.training else None)
         return self.mlp(h)
@@ -150,13 +151,10 @@ class CausalLM(nn.Module):
             balance = load_balancing_loss(ctx.aux, self.config.num_experts)
             losses.append(self.config.router_aux_loss_coef * balance)
             stats["moe/balance_loss"] = balance.detach()
-        valid = ctx.valid_or_all
-        pairs = (valid * (ctx.positions + 1)).sum()  # causal keys each valid token sees
         layers = [app.layer for app in self.schedule]
         linear = flops.q_o_flops(self.config) + flops.kv_flops(self.config)
         per_token = sum(linear + flops.mlp_flops(self.config, i) for i in layers)  # matmuls of each application
-        dense = valid.sum() * per_token + len(layers) * flops.attn_score_flops(self.config, pairs) + head_ideal
-        stats["flops/dense"] = dense.double()
+        stats.update(dense_flops_stat(ctx, self.config, per_token, len(layers), head_ideal))
         return losses, stats
 
     def train_flops_per_token(self, seq_len: int) -> float:
