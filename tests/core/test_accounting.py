@@ -77,3 +77,39 @@ def test_generate_keeps_no_ledger_unless_asked_and_the_switch_changes_no_output(
             off = model(ids)
     assert torch.equal(on.logits, off.logits) and "flops/executed" not in off.stats
     assert off.compute.total("executed") == 0 and on.compute.total("executed") > 0
+
+
+def test_the_accounting_switch_is_per_thread_and_speculative_decoding_keeps_its_ledger(tiny_config):
+    """A thread decoding without a ledger leaves another thread's forwards counted; speculative decoding reports the
+    FLOPs its forwards ran even inside `accounting(False)` (it read them from `stats` and failed there)."""
+    import threading
+
+    from dyndepth import CausalLM
+    from dyndepth.core.accounting import accounting
+    from dyndepth.methods import attach_gateskip, calibrate
+    from dyndepth.methods.speculative import speculative_generate
+
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 6))
+    inside, outside = threading.Event(), threading.Event()
+
+    def other():
+        with accounting(False):
+            inside.set()
+            outside.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    with torch.no_grad():
+        counted = "flops/executed" in model(ids).stats  # while the other thread sits inside accounting(False)
+    outside.set()
+    thread.join()
+    assert counted
+    attach_gateskip(model)
+    calibrate(model, [torch.randint(0, tiny_config.vocab_size, (2, 16))], budget=0.5)
+    with accounting(False):
+        out, stats = speculative_generate(model, ids, 5, stop_tokens=[], draft_budget=0.5)
+    assert torch.equal(out, model.generate(ids, 5, stop_tokens=[]))
+    assert stats.draft_flops > 0 and stats.verify_flops > 0 and stats.prefill_flops > 0

@@ -449,7 +449,7 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
     model, method = gated_model(budget=0.0, layers=4)
     B, P = 8, 6
     ids = torch.randint(0, 256, (B, P + 1))
-    counts = {}
+    counts, logits = {}, {}
     for gates in method.layer_gates:  # hand-set thresholds, declared as budget 0.5's (threshold mode checks it)
         gates.tau.fill_(0.5)  # spread gates: some rows keep each branch, some skip it
         gates.tau_budget_ppm.fill_(budget_ppm(0.5))
@@ -461,13 +461,14 @@ def test_a_masked_decode_step_adds_few_ops_to_the_dense_one():
                 model(ids[:, :P], positions=pos[:, :P], cache=cache)
                 with OpCounter() as ops:
                     out = model(ids[:, P:], positions=pos[:, P:], cache=cache)
-            counts[counted, q] = ops.n
+            counts[counted, q], logits[counted, q] = ops.n, out.logits
             if counted and q:
                 assert 0 < float(out.stats["gateskip/attn_skipped"]) < 1 and out.stats["gateskip/packed"] == 0
     calls = 2 * len(model.model.layers)
     assert counts[True, 0.5] - counts[True, 0.0] <= 7 * calls + 8, counts
     assert counts[False, 0.5] - counts[False, 0.0] <= 3 * calls, counts
     assert "gateskip/attn_skipped" not in out.stats
+    assert torch.equal(logits[True, 0.5], logits[False, 0.5]) and not torch.equal(logits[True, 0.5], logits[True, 0.0])
 
 
 def test_threshold_mode_refuses_a_budget_its_thresholds_were_not_calibrated_for():

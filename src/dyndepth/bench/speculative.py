@@ -16,8 +16,9 @@ from dyndepth.methods.speculative import SpecStats, speculative_generate
 def _one_prompt(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict, repeats: int,
                warmup: int) -> tuple[dict, SpecStats, float, bool]:
     """Interleaved timings, stats, plain decoding's FLOPs and output equality for one (1, T) prompt."""
-    def plain() -> torch.Tensor:
-        return model.generate(ids, max_new_tokens, stop_tokens=[], skip_budget=0.0)
+    def plain() -> torch.Tensor:  # with its FLOP ledger, as speculative decoding keeps one (like against like)
+        with accounting(True):
+            return model.generate(ids, max_new_tokens, stop_tokens=[], skip_budget=0.0)
 
     def spec() -> tuple[torch.Tensor, SpecStats]:
         return speculative_generate(model, ids, max_new_tokens, stop_tokens=[], **spec_kwargs)
@@ -26,8 +27,7 @@ def _one_prompt(model, ids: torch.Tensor, max_new_tokens: int, spec_kwargs: dict
     ran = []  # plain decoding's FLOPs: what each forward of `generate` executed (its cached prefill included)
     hook = model.register_forward_hook(lambda module, args, out: ran.append(out.compute.total("executed")))
     try:
-        with accounting(True):  # (generate keeps no ledger by default)
-            ref = plain()
+        ref = plain()
     finally:
         hook.remove()
     out, stats = spec()
@@ -38,7 +38,8 @@ def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens
                           draft_budget: float = 0.5, num_draft: int = 4, cache_mode: str = "shared",
                           repeats: int = 5, warmup: int = 2) -> dict:
     """Greedy decoding of each prompt alone (B = 1, the latency setting): wall-clock of speculative vs
-    plain full-compute `generate`, timed interleaved in this run, with acceptance and two ideal speedups:
+    plain full-compute `generate`, timed interleaved in this run (both keeping their FLOP ledgers: speculative
+    decoding reports its FLOPs), with acceptance and two ideal speedups:
     - flops_speedup = FLOPs of plain decoding / FLOPs of speculative decoding (usually < 1: drafting and
       verifying rejected drafts cost extra FLOPs; speculation buys fewer sequential forwards instead);
     - forward_bound_speedup = (n - 1) / (verify_forwards + draft_forwards * f), f = the draft's FLOPs

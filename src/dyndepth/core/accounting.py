@@ -21,6 +21,7 @@ is bound by its number of ops, several small ops a layer. An explicit `accountin
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -29,28 +30,37 @@ PARTS = ("attn", "mlp", "gate", "router", "lm_head", "depth_attn", "experts", "e
 # and per-token exit check (models/dreamer.py); adapter: Huginn's input injection (models/huginn.py)
 
 
-_SETTING: list[bool | None] = [None]  # the innermost explicit `accounting(...)`, None outside any
+class _Setting(threading.local):
+    """Per thread (a server's threads decode and score side by side): the explicit `accounting(...)` values in force,
+    innermost last; None outside any."""
+
+    def __init__(self) -> None:
+        self.stack: list[bool | None] = [None]
+
+
+_SETTING = _Setting()
 
 
 @contextlib.contextmanager
 def accounting(enabled: bool):
-    """Whether forwards started inside keep a `ComputeLedger` (on by default); nested, the innermost wins."""
-    _SETTING.append(bool(enabled))
+    """Whether forwards started inside keep a `ComputeLedger` (on by default), in this thread; nested, the innermost
+    wins."""
+    _SETTING.stack.append(bool(enabled))
     try:
         yield
     finally:
-        _SETTING.pop()
+        _SETTING.stack.pop()
 
 
 @contextlib.contextmanager
 def accounting_off_by_default():
     """`accounting(False)` unless the caller chose explicitly (`generate`: an outer `accounting(True)` keeps it)."""
-    with accounting(False) if _SETTING[-1] is None else contextlib.nullcontext():
+    with accounting(False) if _SETTING.stack[-1] is None else contextlib.nullcontext():
         yield
 
 
 def accounting_enabled() -> bool:
-    return _SETTING[-1] is not False
+    return _SETTING.stack[-1] is not False
 
 
 def _num(v) -> float:

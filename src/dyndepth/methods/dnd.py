@@ -351,8 +351,9 @@ class DND:
         """p = sigmoid(R(x^v)) in float32 (B, T), the router's FLOPs recorded as part "router"."""
         B, T, D = xv.shape
         r = linear_float32(dnd.router, xv)  # (B, T, 1)
-        n_valid = ctx.state.n_valid
-        ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
+        if ctx.ledger.enabled:
+            n_valid = ctx.state.n_valid
+            ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D, tokens=n_valid)
         return torch.sigmoid(r.squeeze(-1))
 
     def _select(self, dnd: LayerDND, p_BT: torch.Tensor, st: DNDState,

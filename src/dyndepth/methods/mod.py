@@ -240,8 +240,8 @@ class MoD:
         st: MoDState = ctx.state
         B, T, D = x.shape
         r_BT = layer.mod.router(x).squeeze(-1)  # (B, T)
-        n_valid = st.valid.sum()
-        ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=n_valid * 2 * D)
+        if ctx.ledger.enabled:
+            ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=st.valid.sum() * 2 * D)
         keep_BT = self._route(layer.mod, x, r_BT, ctx, slot)
         st.routed[slot] = keep_BT
         size = capacity(self.capacity, T) if st.mode == "topk" else None  # static k: no host sync
@@ -266,7 +266,8 @@ class MoD:
             logit_BT = mod.predictor(x.detach()).squeeze(-1).float()  # (B, T)
             B, T = valid.shape
             cost = mod.predictor.flops_per_token()
-            ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=valid.sum() * cost)
+            if ctx.ledger.enabled:
+                ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=valid.sum() * cost)
         if self.recorder is not None:
             self.recorder.record(slot, score_BT, valid, 1.0 - self.capacity)
         if mode == "topk":

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dyndepth.config import is_whole
+from dyndepth.core.accounting import accounting
 from dyndepth.core.cache import KVCache
 
 CACHE_MODES = ("shared", "separate")
@@ -295,7 +296,8 @@ def speculative_generate(
     temperature > 0 (optionally top_k / top_p): every token is distributed as in full-compute sampling
     with the same settings (speculative sampling); the random stream differs from `generate`'s.
     Other arguments as in `dyndepth.generation.generate`; `cache_mode` ("shared" | "separate") is
-    explained in the module docstring.
+    explained in the module docstring. Unlike `generate`, its forwards keep their FLOP ledger (SpecStats reports
+    the FLOPs drafts and verifications ran), whatever `core.accounting` says outside.
     """
     method = _skip_method(model, draft_budget)
     mask, stops, pad = _prepare(model, input_ids, attention_mask, max_new_tokens, num_draft, cache_mode,
@@ -311,30 +313,31 @@ def speculative_generate(
         q_BV = filtered_probs(logits_BV, temperature, top_k, top_p)
         return torch.multinomial(q_BV, 1, generator=generator).squeeze(1), q_BV
 
-    run = _Run(model, method, input_ids, mask,
-               _Options(max_new_tokens, draft_budget, num_draft, cache_mode, stops, sample), cache_dtype)
-    cur_B = run.prefill(input_ids, mask)
-    out_BN = torch.full((len(input_ids), max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
-    out_BN[:, 0] = cur_B
-    run.count += 1
-    run.unfinished &= (run.count < max_new_tokens) & ~torch.isin(cur_B, stops)
-    while bool(run.unfinished.any()):
-        need = int((max_new_tokens - run.count)[run.unfinished].max())
-        k = min(num_draft, need - 1)  # a step emits up to k + 1 tokens: never draft past the end
-        window = run.window(k)
-        d_BK, q_BKV = run.draft(cur_B, k, window)
-        block_BK = torch.cat([cur_B[:, None], d_BK], 1)  # (B, K+1)
-        logits_BKV = run.verify(block_BK, window)
-        if sampling:
-            p_BKV = filtered_probs(logits_BKV, temperature, top_k, top_p)
-            if q_BKV is None:  # k == 0
-                q_BKV = p_BKV.new_zeros(len(p_BKV), 0, p_BKV.shape[-1])
-            n_B, nxt_B = speculative_accept(p_BKV, q_BKV, d_BK, generator)
-        else:
-            n_B, nxt_B = greedy_accept(logits_BKV, d_BK)
-        cur_B = run.emit(block_BK, n_B, nxt_B, out_BN)
-    stats = run.stats
-    stats.new_tokens = int(run.count.sum())
-    stats.draft_flops, stats.verify_flops, stats.prefill_flops = (
-        float(run.flops[name]) for name in ("draft", "verify", "prefill"))
-    return torch.cat([input_ids, out_BN[:, :int(run.count.max())]], 1), stats
+    with accounting(True):  # SpecStats sums what each forward executed: its forwards keep their ledger
+        run = _Run(model, method, input_ids, mask,
+                   _Options(max_new_tokens, draft_budget, num_draft, cache_mode, stops, sample), cache_dtype)
+        cur_B = run.prefill(input_ids, mask)
+        out_BN = torch.full((len(input_ids), max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+        out_BN[:, 0] = cur_B
+        run.count += 1
+        run.unfinished &= (run.count < max_new_tokens) & ~torch.isin(cur_B, stops)
+        while bool(run.unfinished.any()):
+            need = int((max_new_tokens - run.count)[run.unfinished].max())
+            k = min(num_draft, need - 1)  # a step emits up to k + 1 tokens: never draft past the end
+            window = run.window(k)
+            d_BK, q_BKV = run.draft(cur_B, k, window)
+            block_BK = torch.cat([cur_B[:, None], d_BK], 1)  # (B, K+1)
+            logits_BKV = run.verify(block_BK, window)
+            if sampling:
+                p_BKV = filtered_probs(logits_BKV, temperature, top_k, top_p)
+                if q_BKV is None:  # k == 0
+                    q_BKV = p_BKV.new_zeros(len(p_BKV), 0, p_BKV.shape[-1])
+                n_B, nxt_B = speculative_accept(p_BKV, q_BKV, d_BK, generator)
+            else:
+                n_B, nxt_B = greedy_accept(logits_BKV, d_BK)
+            cur_B = run.emit(block_BK, n_B, nxt_B, out_BN)
+        stats = run.stats
+        stats.new_tokens = int(run.count.sum())
+        stats.draft_flops, stats.verify_flops, stats.prefill_flops = (
+            float(run.flops[name]) for name in ("draft", "verify", "prefill"))
+        return torch.cat([input_ids, out_BN[:, :int(run.count.max())]], 1), stats

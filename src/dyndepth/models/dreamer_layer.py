@@ -345,19 +345,20 @@ class DreamerLayer(nn.Module):
             return self.depth_attn(x, self.depth_layernorm, enc, ks, vs)
 
         y = self._recompute(ctx, attend, x_BTD, *keys, *values)
-        B, T, _ = x_BTD.shape
-        per_token = depth_attn_flops(self.config, step)
-        n = _ideal_tokens(ctx, st)
-        ctx.ledger.add(slot, "depth_attn", executed=B * T * per_token, ideal=n * per_token, tokens=n)
+        if ctx.ledger.enabled:
+            B, T, _ = x_BTD.shape
+            per_token, n = depth_attn_flops(self.config, step), _ideal_tokens(ctx, st)
+            ctx.ledger.add(slot, "depth_attn", executed=B * T * per_token, ideal=n * per_token, tokens=n)
         return y
 
     def _ffn(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, step: int) -> torch.Tensor:
         """The FFN slot: sparse expert attention (with its statistics), or the dense SwiGLU."""
         B, T, D = h_BTD.shape
         st: DepthState = ctx.model_state
-        per_token, n = expert_attn_flops(self.config), _ideal_tokens(ctx, st)
-        part = "experts" if self.config.num_experts else "mlp"
-        ctx.ledger.add(slot, part, executed=B * T * per_token, ideal=n * per_token, tokens=n)
+        if ctx.ledger.enabled:
+            per_token, n = expert_attn_flops(self.config), _ideal_tokens(ctx, st)
+            part = "experts" if self.config.num_experts else "mlp"
+            ctx.ledger.add(slot, part, executed=B * T * per_token, ideal=n * per_token, tokens=n)
         if not self.config.num_experts:
             return self.mlp(h_BTD)
         y, idx_NK, scores_NE = self.mlp(h_BTD.reshape(B * T, D), step)
@@ -389,8 +390,9 @@ class DreamerLayer(nn.Module):
         if step == st.steps - 1:  # no step left to skip
             return
         B, T, _ = x_BTD.shape
-        per_token = lm_head_flops(self.config)
-        ctx.ledger.add(slot, "exit", executed=B * T * per_token, ideal=_running(ctx, st).sum() * per_token)
+        if ctx.ledger.enabled:
+            per_token = lm_head_flops(self.config)
+            ctx.ledger.add(slot, "exit", executed=B * T * per_token, ideal=_running(ctx, st).sum() * per_token)
         with torch.no_grad():  # block by block: the temporaries are (EXIT_BLOCK, V), the one (B*T, V) is prev_logp
             x_ND = x_BTD.reshape(B * T, -1)
             first, kl_N = st.prev_logp is None, x_BTD.new_zeros(B * T, dtype=torch.float32)
@@ -455,14 +457,15 @@ def merged_attention(attn: Attention, h_BTD: torch.Tensor, ctx: ForwardContext, 
         dv = torch.stack(mem_v, 2).repeat_interleave(rep, 3).permute(0, 3, 1, 2, 4)  # (B, N, T, L, H)
         y = y + torch.matmul(p[..., S:, None].transpose(-1, -2), dv)[..., 0, :]  # (B, N, T, H)
     _remember(st, index, step, k, v)
-    n_q = B * T if ctx.valid is None and st.active is None else _running(ctx, st).sum()
-    visible = (mask[:, 0] & _running(ctx, st)[..., None]).sum()
-    n_kv = B * T if ctx.valid is None else ctx.valid.sum()
-    per_pair = 4 * N * H
-    executed = B * T * (attn.flops_per_query + attn.flops_per_kv) + B * T * (S + L) * per_pair
-    ctx.ledger.add(slot, "attn", executed=executed,
-                   ideal=n_q * attn.flops_per_query + n_kv * attn.flops_per_kv + (visible + n_q * L) * per_pair,
-                   tokens=n_q)
+    if ctx.ledger.enabled:
+        n_q = B * T if ctx.valid is None and st.active is None else _running(ctx, st).sum()
+        visible = (mask[:, 0] & _running(ctx, st)[..., None]).sum()
+        n_kv = B * T if ctx.valid is None else ctx.valid.sum()
+        per_pair = 4 * N * H
+        executed = B * T * (attn.flops_per_query + attn.flops_per_kv) + B * T * (S + L) * per_pair
+        ctx.ledger.add(slot, "attn", executed=executed,
+                       ideal=n_q * attn.flops_per_query + n_kv * attn.flops_per_kv + (visible + n_q * L) * per_pair,
+                       tokens=n_q)
     return attn.project_out(y.transpose(1, 2).reshape(B, T, N * H), h_BTD)  # (B, T, D)
 
 

@@ -152,9 +152,10 @@ class SandwichLayer(nn.Module):
     def block(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
         x_BTD = self.post_attention_layernorm(x_BTD + self.self_attn(self.input_layernorm(x_BTD), ctx, slot))
         h = self.pre_feedforward_layernorm(x_BTD)
-        rows = h.shape[0] * h.shape[1]
-        n = rows if ctx.valid is None else ctx.valid.sum()
-        ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n * self.mlp_flops, tokens=n)
+        if ctx.ledger.enabled:
+            rows = h.shape[0] * h.shape[1]
+            n = rows if ctx.valid is None else ctx.valid.sum()
+            ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n * self.mlp_flops, tokens=n)
         return self.post_feedforward_layernorm(x_BTD + self.mlp(h))
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
@@ -167,9 +168,10 @@ class SandwichLayer(nn.Module):
             if st.step_of[slot] == 0:  # x is the prelude's output; the state starts at zero
                 st.embed, x_BTD = x_BTD, torch.zeros_like(x_BTD)
             x_BTD = self.adapter(torch.cat([x_BTD, st.embed], -1))  # (B, T, 2D) -> (B, T, D)
-            B, T, _ = x_BTD.shape
-            n = B * T if ctx.valid is None else ctx.valid.sum()
-            ctx.ledger.add(slot, "adapter", executed=B * T * self.adapter_flops, ideal=n * self.adapter_flops)
+            if ctx.ledger.enabled:
+                B, T, _ = x_BTD.shape
+                n = B * T if ctx.valid is None else ctx.valid.sum()
+                ctx.ledger.add(slot, "adapter", executed=B * T * self.adapter_flops, ideal=n * self.adapter_flops)
         return self.block(x_BTD, ctx, slot)
 
 

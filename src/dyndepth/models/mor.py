@@ -243,12 +243,14 @@ class RecursionRouting:
             st.weight[r] = st.gate
         else:
             score = self.routers[r](x_BTD).squeeze(-1).float()  # (B, T)
-            ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=pool.sum() * 2 * D)
+            if ctx.ledger.enabled:
+                ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=pool.sum() * 2 * D)
             logit = score  # what decides causally: the router itself, or the auxiliary router
             if self.aux_routers is not None:
                 logit = self.aux_routers[r](x_BTD.detach()).squeeze(-1).float()  # no gradient into the stream
                 cost = aux_router_flops(cfg)
-                ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=pool.sum() * cost)
+                if ctx.ledger.enabled:
+                    ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=pool.sum() * cost)
             if st.topk:
                 k = capacity(cfg.capacity[r], T)
                 order = torch.argsort(score.detach().masked_fill(~pool, float("-inf")), dim=1, descending=True,
@@ -272,7 +274,8 @@ class RecursionRouting:
         st: RecursionState = ctx.state
         R, (B, T, D) = self.config.num_recursions, x_BTD.shape
         probs = F.softmax(self.routers[0](x_BTD).float(), dim=-1)  # (B, T, R)
-        ctx.ledger.add(slot, "router", executed=B * T * 2 * D * R, ideal=st.valid.sum() * 2 * D * R)
+        if ctx.ledger.enabled:
+            ctx.ledger.add(slot, "router", executed=B * T * 2 * D * R, ideal=st.valid.sum() * 2 * D * R)
         gate, depth = probs.max(-1)  # (B, T)
         st.depth = torch.where(st.valid, depth, -1)
         st.gate = gate.to(x_BTD.dtype)
