@@ -13,7 +13,7 @@ and `tokens`, the valid tokens that ran the part (the per-layer fraction of toke
 What counts as a FLOP is `core/flops.py`'s convention (matmuls and attention pairs; 2 per multiply-add).
 Values are Python numbers or 0-dim tensors, so recording never syncs the host; reading does.
 
-Forwards inside `accounting(False)` keep no ledger (no figures, no `flops/*` stats, no method statistics):
+Forwards inside `accounting(False)` keep no ledger (no figures, no `flops/*` stats, fewer method statistics):
 `generate` decodes so, as nobody reads a decode step's statistics and counting them costs a decode step, which
 is bound by its number of ops, several small ops a layer. An explicit `accounting(True)` around it keeps them.
 """
@@ -74,8 +74,8 @@ class ComputeLedger:
     convert to Python floats, the only host sync.
     """
 
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = accounting_enabled() if enabled is None else enabled  # False: `add` keeps nothing
+    def __init__(self) -> None:
+        self.enabled = accounting_enabled()  # False (inside `accounting(False)`): `add` keeps nothing
         self._tables: tuple[dict, dict, dict] = ({}, {}, {})  # executed, ideal, tokens: (slot, part) -> value
         # Entries not yet summed into the tables. A layer call only appends here, and the forward loop sums them
         # after each call (`flush`), so a compiled layer finds the same empty list at every position: keying the

@@ -253,9 +253,9 @@ class DND:
             for slot, fraction in zip(st.keep, fractions.unbind()):
                 out.stats[f"dnd/selected/L{slot}"] = fraction
             out.stats["dnd/selected"] = fractions.mean()
-        if ctx.ledger.enabled and not st.cached:  # a cached step is op-bound (out.compute keeps the FLOPs)
-            out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
-            out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
+            if not st.cached:  # a cached step is op-bound (out.compute keeps the FLOPs)
+                out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
+                out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
         if st.sd:
             sd, dp = torch.stack(st.sd).mean(), torch.stack(st.dp).mean()
             out.stats["dnd/sd_loss"], out.stats["dnd/dp_loss"] = sd.detach(), dp.detach()
