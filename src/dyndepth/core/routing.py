@@ -209,10 +209,13 @@ def pack_indices(keep_BT: torch.Tensor, size: int | None = None) -> tuple[torch.
     """Each row's kept columns compacted to the front: idx_BK (ascending within a row) and valid_BK.
 
     Entries past a row's count have valid False and idx 0. K is the longest row (a host sync) unless
-    `size` is given (kept tokens beyond it are dropped)."""
+    `size` is given (kept tokens beyond it are dropped), or one token per row is packed in a forward torch.compile
+    traces (a compiled decode step): then K = 1, whatever was kept, so shapes do not depend on the router."""
     B, T = keep_BT.shape
     count_B = keep_BT.sum(1)  # (B,)
-    K = int(count_B.max()) if size is None else size
+    if size is None:
+        size = 1 if T == 1 and torch.compiler.is_compiling() else int(count_B.max())
+    K = size
     col_BT = keep_BT.long().cumsum(1) - 1  # destination column of each kept token
     dest_BT = torch.where(keep_BT & (col_BT < K), col_BT, K)  # others -> scratch column K
     t_BT = torch.arange(T, device=keep_BT.device).expand(B, T)

@@ -45,6 +45,7 @@ read from the layer's own slot, where the vanilla pass wrote them).
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections import deque
 from dataclasses import dataclass, field
@@ -296,6 +297,8 @@ class DND:
             st.sd.append(sd)
             st.dp.append(dp)
             st.beta.append(layer.dnd.beta.detach().float().reshape(()).clone())  # FSDP2 frees the unsharded copy
+        if self.nested and ctx.cache is not None and x.shape[1] == 1 and torch.compiler.is_compiling():
+            return self._decode_step(layer, xv, p_BT, ctx, slot, keep_B1=keep_BT)  # one graph: every row runs it
         if self.nested and ctx.cache is not None:  # decoding: only the rows that selected a token run the pass
             rows_M = keep_BT.any(1).nonzero().squeeze(1)  # (M,) one host sync
             if rows_M.numel() == 0:
@@ -322,10 +325,15 @@ class DND:
         xd_BKD = self._nested_pass(layer, x, xs_BKD, keep_BT, idx_BK, valid_BK, ctx, slot)
         return scatter_padded_add(xv, self._mix(layer, gather_padded(p_BT, idx_BK), xs_BKD, xd_BKD), idx_BK, valid_BK)
 
-    def _decode_step(self, layer, xv_M1D, p_M1, ctx: ForwardContext, slot: int) -> torch.Tensor:
+    def _decode_step(self, layer, xv_M1D, p_M1, ctx: ForwardContext, slot: int,
+                     keep_B1: torch.Tensor | None = None) -> torch.Tensor:
         """`_fused` for rows that all selected their one token (a decode step): they run the layer's block once
         more at the nested slot, as a decode step of their own, without the general path's packing (a third fewer
-        ops: a decode step is launch-bound on a GPU and op-bound on a CPU). (M, 1, D)"""
+        ops: a decode step is launch-bound on a GPU and op-bound on a CPU). (M, 1, D)
+
+        With `keep_B1` (a decode step torch.compile traces, CUDA graphs on a GPU): every row of the batch runs the
+        block, one graph whatever the router decides and no host sync; the rows that selected nothing write their
+        nested K/V to the cache's scratch column (they are not valid there) and keep x^v."""
         nslot = self.nested_slot[slot]
         nested = ctx
         if self.config.nested_attends_vanilla:  # original positions; the layer's vanilla K/V are in its own slot
@@ -333,12 +341,18 @@ class DND:
         elif self.config.positions == "compact":  # after the row's selected tokens already cached
             pos_M1 = ctx.cache.count(nslot)[:, None]
             cos, sin = ctx.rope(pos_M1)
-            cache = ctx.cache.window(min(ctx.cache.length, int(pos_M1.max()) + 1))  # compact columns end early
+            cache = ctx.cache  # a traced step keeps the static length; eager ones stop where compact columns end
+            if keep_B1 is None:
+                cache = cache.window(min(ctx.cache.length, int(pos_M1.max()) + 1))
             nested = ForwardContext(pos_M1, None, cos, sin, cache=cache, training=ctx.training, rope=ctx.rope,
                                     ledger=ctx.ledger, aux=ctx.aux, model_state=ctx.model_state,
                                     cache_source=ctx.positions)
+        if keep_B1 is not None:
+            nested = copy.copy(nested)
+            nested.valid = keep_B1  # writes: the selected rows only (keep is already False on PAD)
         xd_M1D = layer.block(xv_M1D, nested, nslot)
-        return xv_M1D + self._mix(layer, p_M1, xv_M1D, xd_M1D)
+        mix = self._mix(layer, p_M1, xv_M1D, xd_M1D)
+        return xv_M1D + (mix if keep_B1 is None else torch.where(keep_B1[..., None], mix, 0.0))
 
     @staticmethod
     def _mix(layer, p: torch.Tensor, xs: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:

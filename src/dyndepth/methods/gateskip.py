@@ -182,8 +182,10 @@ class GateSkipState:
     pool: torch.Tensor  # (B, T) ranking pool: valid, not EOS, not a protected BOS
     always: torch.Tensor  # (B, T) valid tokens outside the pool: they run every branch
     valid: torch.Tensor  # (B, T) real tokens (PAD False)
-    n_pool: int  # pool tokens and ...
-    n_always: int  # ... valid tokens outside it (host numbers: the skip statistics need no tensor work)
+    n_pool: int | torch.Tensor  # pool tokens and ...
+    n_always: int | torch.Tensor  # ... valid tokens outside it (host numbers: the skip statistics need no tensor
+    # work; 0-dim tensors in a `traced` forward)
+    traced: bool = False  # a forward torch.compile traces: no host reads (see `_run_path`)
     keep: dict = field(default_factory=dict)  # (slot, branch) -> (B, T) bool over valid tokens | None (all ran)
     scores: dict = field(default_factory=dict)  # (slot, branch) -> importance s (B, T) float32
     gate_sq: list = field(default_factory=list)  # mean(g^2) per branch call (training forwards)
@@ -274,6 +276,9 @@ class GateSkip:
         if self.config.kv_policy == "copy_prev":
             ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
         always = valid & ~pool
+        if torch.compiler.is_compiling():  # a compiled decode step: counts stay on the device (one graph, no sync)
+            return GateSkipState(pool=pool, always=always, valid=valid, n_pool=pool.sum(), n_always=always.sum(),
+                                 traced=True)
         return GateSkipState(pool=pool, always=always, valid=valid, n_pool=int(pool.sum()), n_always=int(always.sum()))
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
@@ -287,7 +292,7 @@ class GateSkip:
         if not ctx.ledger.enabled:  # `generate` (core.accounting): nobody reads a decode step's statistics
             return out
         for branch in BRANCHES:  # the paper's metric: fraction of skipped (token, branch) pairs of the pool
-            pairs = max(st.n_pool, 1) * max(st.calls[branch], 1)
+            pairs = (st.n_pool.clamp(min=1) if st.traced else max(st.n_pool, 1)) * max(st.calls[branch], 1)
             out.stats[f"gateskip/{branch}_skipped"] = self._skipped(st, branch) / pairs
         if st.packed + st.masked:
             out.stats["gateskip/packed"] = st.packed / (st.packed + st.masked)
@@ -334,7 +339,7 @@ class GateSkip:
             keep = None
         elif self.mode == "threshold":
             keep = s_BT > tau  # pool: by threshold; EOS runs; PAD does not
-            if st.n_pool != keep.numel():
+            if st.traced or st.n_pool != keep.numel():
                 keep = torch.where(st.pool, keep, st.valid)
         else:
             rule = SelectRule(kind="quantile", scope=self.config.scope, q=q, pad_policy="drop")
@@ -357,10 +362,13 @@ class GateSkip:
         when the budget's expected skips (PAD included) could make packing pay, or when every pool token may skip at
         once (chance q^n_pool >= `WHOLE_SKIP_CHANCE`: batch-1 and small-batch decoding, where skipping the branch
         outright is the saving). Otherwise (a batched decode step of 8 rows at q <= 0.5, say) it runs densely with
-        a masked output and makes no sync, which a GPU's launch queue would pay for.
+        a masked output and makes no sync, which a GPU's launch queue would pay for. A forward torch.compile
+        traces (`st.traced`: a compiled decode step, CUDA graphs on a GPU) never reads a count under "auto": it runs
+        every partially kept branch densely with a masked output, one graph whatever the gates decide (a whole skip
+        computes the branch and adds nothing; the output is the same).
         """
         n = keep.numel()
-        if self.path == "auto" and not self._worth_counting(n, st, self._branch_budget(branch)):
+        if self.path == "auto" and (st.traced or not self._worth_counting(n, st, self._branch_budget(branch))):
             st.masked += 1
             return "dense"
         n_keep = int(keep.sum())  # one host sync per branch call

@@ -60,6 +60,8 @@ class Experts(nn.Module):
         grouped = self.grouped and _grouped_mm_supported(x_ND) and self._aligned(matmul_dtype(x_ND))
         if N * K < E and not grouped:  # few tokens (decoding): gather the K experts' weights, no host sync
             return self._gathered(x_ND, idx_NK, w_NK)
+        if not grouped and every_expert_pays(N):  # a traced decode step: one static graph
+            return self._every_expert(x_ND, idx_NK, w_NK)
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
         w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
@@ -97,12 +99,31 @@ class Experts(nn.Module):
         h = F.linear(x, self.in_proj[e])  # (c, 2F or F)
         return F.linear(self._activate(h, w_c1.to(h.dtype)), self.down_proj[e])
 
+    def _every_expert(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, each output scaled by the token's gate for that expert (zero for the experts
+        it did not choose): (N, D), shapes independent of the routing."""
+        gates_NE = torch.zeros(x_ND.shape[0], self.down_proj.shape[0], dtype=x_ND.dtype, device=x_ND.device)
+        gates_NE = gates_NE.scatter(1, idx_NK, w_NK.to(x_ND.dtype))  # (N, E)
+        h = torch.einsum("nd,efd->enf", x_ND, self.in_proj)  # (E, N, 2F or F)
+        return torch.einsum("enf,edf->nd", self._activate(h, gates_NE.t()[..., None]), self.down_proj)
+
     def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         w_in = self.in_proj[idx_NK]  # (N, K, 2F or F, D)
         down = self.down_proj[idx_NK]  # (N, K, D, F)
         h = torch.einsum("nd,nkfd->nkf", x_ND, w_in)  # (N, K, 2F or F)
         y = torch.einsum("nkf,nkdf->nkd", self._activate(h, None), down)  # (N, K, D)
         return (y * w_NK[..., None]).sum(1)  # (N, D)
+
+
+# A forward torch.compile traces (a compiled decode step, CUDA graphs on a GPU) where the grouped matmul does not
+# compile (float32; see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
+# graph without the group sizes' host sync, each expert's weights read once (what a decode step of a few rows costs
+# anyway), for E / K times the routed FLOPs. The FLOP ledger counts the routed work; `generate` keeps none.
+EVERY_EXPERT_MAX_TOKENS = 64
+
+
+def every_expert_pays(n_tokens: int) -> bool:
+    return n_tokens <= EVERY_EXPERT_MAX_TOKENS and torch.compiler.is_compiling()
 
 
 def gather_grouped_mm(x_NI: torch.Tensor, rows_M: torch.Tensor, weight_EOI: torch.Tensor,
@@ -180,6 +201,8 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
     grouped = _grouped_mm_supported(x_MI) and all(n * dtype.itemsize % 16 == 0 for n in weight_EIO.shape[1:])
     if not grouped and P < E:
         return torch.bmm(x_MI[row_P][:, None], weight_EIO[expert_P])[:, 0]  # (P, O)
+    if not grouped and every_expert_pays(x_MI.shape[0]):  # a traced decode step: every expert on every row
+        return torch.einsum("mi,eio->emo", x_MI, weight_EIO)[expert_P, row_P]  # (P, O)
     order = torch.argsort(expert_P, stable=True)
     x_sorted = x_MI.index_select(0, row_P[order])  # (P, I) grouped by expert
     counts_E = torch.bincount(expert_P, minlength=E)

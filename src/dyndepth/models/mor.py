@@ -210,8 +210,8 @@ class RecursionRouting:
         st: RecursionState = ctx.state
         out = MethodOutput(losses=list(st.losses), stats=dict(st.stats))
         n = st.valid.sum().clamp(min=1)
-        for r, keep in sorted(st.keep.items()):
-            out.stats[f"mor/tokens_r{r}"] = (keep & st.valid).sum() / n
+        for r in sorted(st.keep):
+            out.stats[f"mor/tokens_r{r}"] = (st.keep[r] & st.valid).sum() / n
         return out
 
     def layer_forward(self, layer, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
