@@ -399,6 +399,7 @@ def bench_gateskip(
     new_tokens: int = typer.Option(16), gate: str = typer.Option("vector"), dtype: str = typer.Option("float32"),
     path: str = typer.Option("auto", help="Partially kept branches: auto (cost rule) | packed | dense."),
     device: str = typer.Option("cpu"), repeats: int = typer.Option(3), out: Path = typer.Option(Path("runs/bench")),
+    compile: bool = typer.Option(False, help="Compile the decode steps (static cache, as generate(compile=True))."),
     calibration_text: str = typer.Option("", help="A UTF-8 text to calibrate decoding's thresholds on and take its "
                                          "prompts from (the checkpoint's tokenizer); default: random ids, for a "
                                          "preset's random gates."),
@@ -410,8 +411,8 @@ def bench_gateskip(
     cfg = _run(GateSkipBenchConfig, model=model, budgets=_numbers(budgets, "--budgets"),
                prefill_lens=_numbers(prefill_lens, "--prefill-lens", int),
                decode_batches=_numbers(decode_batches, "--decode-batches", int), new_tokens=new_tokens, gate=gate,
-               path=path, dtype=dtype, device=device, repeats=repeats, calibration_text=calibration_text,
-               out_dir=str(out))
+               path=path, dtype=dtype, device=device, repeats=repeats, compile=compile,
+               calibration_text=calibration_text, out_dir=str(out))
     _run(bench_main, cfg)
 
 
@@ -436,6 +437,7 @@ def bench_dnd(
     prefill_len: int = typer.Option(128), batches: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     new_tokens: int = typer.Option(16), dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
     repeats: int = typer.Option(3),
+    compile: bool = typer.Option(False, help="Compile the decode steps (static cache, as generate(compile=True))."),
     throughput: bool = typer.Option(True, help="--no-throughput: quality only."),
     quality: bool = typer.Option(False, help="Also post-train DND and plain SFT from --base at equal tokens."),
     base: str = typer.Option("runs/demo/base_model", help="Quality: base checkpoint trained on the embedded data."),
@@ -447,7 +449,7 @@ def bench_dnd(
     from dyndepth.bench.dnd import main as bench_main
 
     cfg = _run(DNDBenchConfig, model=model, ratio=ratio, prefill_len=prefill_len, new_tokens=new_tokens, dtype=dtype,
-               batches=_numbers(batches, "--batches", int), device=device, repeats=repeats,
+               batches=_numbers(batches, "--batches", int), device=device, repeats=repeats, compile=compile,
                out_dir=str(out)) if throughput else None
     qcfg = _run(DNDQualityConfig, base=base, steps=steps, out_dir=str(out)) if quality else None
     if cfg is None and qcfg is None:

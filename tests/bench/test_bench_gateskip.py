@@ -81,3 +81,19 @@ def test_a_checkpoint_of_another_method_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match="names the method 'mod'"):
         main(GateSkipBenchConfig(model=str(tmp_path / "mod"), budgets=[0, 0.5], prefill_lens=[8], decode_batches=[1],
                                  repeats=1, out_dir=str(tmp_path)))
+
+
+def test_compiled_decode_steps_run_masked_and_say_so(tmp_path):
+    """`compile=True`: decode steps go through torch.compile over a static cache (dynamo only here), where a
+    partially kept branch always runs dense with a masked output: the FLOPs that ran are the baseline's, the
+    tokens still skip."""
+    cfg = GateSkipBenchConfig(model="tiny-qwen3", budgets=[0.0, 0.5], prefill_lens=[16], decode_batches=[1, 4],
+                              decode_prompt_len=8, new_tokens=3, repeats=1, compile=True, compile_backend="eager",
+                              out_dir=str(tmp_path))
+    rows = [r for r in main(cfg)["rows"] if r["phase"] == "decode" and r["budget"] == 0.5]
+    assert [r["shape"] for r in rows] == ["B=1, 3 new", "B=4, 3 new"]
+    for r in rows:
+        assert r["packed"] == "0%" and r["executed_speedup"] == 1.0  # no whole skip, no packing: one graph
+    assert rows[1]["skipped"] > 0 and rows[1]["ideal_speedup"] > 1.0
+    md = (tmp_path / "gateskip-cpu-float32-compiled.md").read_text()
+    assert "decode compiled (eager, static cache)" in md

@@ -18,6 +18,7 @@ same steps (equal tokens); held-out perplexity and exact match of the embedded s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ class DNDBenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 3
+    # Decode steps compiled over a full static cache, as `generate(compile=True)` runs them (one graph: every row
+    # runs the nested block, rows that selected nothing keep x^v); prefill stays eager (its packing syncs).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" only traces: for tests)
     out_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
@@ -126,11 +131,13 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
         rows.append(_row("prefill", B, times, work, float(out.stats["dnd/selected"])))
 
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
-        steps = cfg.new_tokens - 1
-        base = timing.greedy_stepper(model, prompt, steps, scope=lambda: without_method(model))
-        steppers = {"base": base, "dnd": timing.greedy_stepper(model, prompt, steps), timing.CONTROL: base}
-        times = timing.interleaved_steps(steppers, steps, device, cfg.repeats)
-        stats = {k: timing.stepper_stats(steppers[k], steps) for k in ("base", "dnd")}
+        steps, compile = cfg.new_tokens - 1, timing.decode_compile(model, cfg)
+        scopes = {"base": lambda: without_method(model), "dnd": contextlib.nullcontext}
+        scopes[timing.CONTROL] = scopes["base"]  # the base once more (a stepper of its own: its cache)
+        steppers = {k: timing.greedy_stepper(model, prompt, steps, scope, compile) for k, scope in scopes.items()}
+        with timing.compiled_decoding(cfg.compile):
+            times = timing.interleaved_steps(steppers, steps, device, cfg.repeats)
+            stats = {k: timing.stepper_stats(steppers[k], steps) for k in ("base", "dnd")}
         work = {k: sum(float(st["flops/executed"]) for st in v) for k, v in stats.items()}
         selected = sum(float(st.get("dnd/selected", float("nan"))) for st in stats["dnd"]) / steps
         rows.append(_row("decode", B, times, work, selected))
@@ -199,7 +206,8 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
         parts.append(
             f"### bench dnd: {c['model']} ({throughput['model_params'] / 1e6:.1f}M params), DND on layers "
             f"{throughput['layers'][0]}..{throughput['layers'][-1]}, {c['dtype']}, {throughput['machine']}\n\n"
-            f"prefill T={c['prefill_len']}; decode {c['new_tokens']} new tokens after {c['decode_prompt_len']}. "
+            f"prefill T={c['prefill_len']}, eager; decode {c['new_tokens']} new tokens after "
+            f"{c['decode_prompt_len']}, {timing.decode_execution(c)}. "
             "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
             "work; control = base time / the time of a second, identical base contender timed alongside (its "
             "distance from 1 is this shape's timing noise).\n\n"
@@ -232,5 +240,5 @@ def main(cfg: DNDBenchConfig | None, quality: DNDQualityConfig | None = None) ->
     result = {"throughput": None if cfg is None else run_throughput(cfg),
               "quality": None if quality is None else run_quality(quality)}
     out_dir = (cfg or quality).out_dir
-    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}"
+    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("-compiled" if cfg.compile else "")
     return timing.publish(result, render_markdown(result["throughput"], result["quality"]), out_dir, name)

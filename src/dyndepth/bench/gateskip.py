@@ -43,6 +43,10 @@ class GateSkipBenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 3
+    # Decode steps compiled over a full static cache, as `generate(compile=True)` runs them (one graph a budget:
+    # partially kept branches run dense-masked); prefill stays eager (its top-k packing syncs).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" only traces: for tests)
     # Decoding's thresholds are calibrated at each budget on this text (with the checkpoint's tokenizer), and its
     # prompts are taken from it, or, when empty, both are random token ids: right for a preset's random weights, not
     # for a trained checkpoint, whose gates score real text otherwise (`skipped` shows what each row skipped).
@@ -147,15 +151,15 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         with method.decoding(budget=q):
             yield
 
-    steps = cfg.new_tokens - 1
+    steps, compile = cfg.new_tokens - 1, timing.decode_compile(model, cfg)
     for B in cfg.decode_batches:
         prompt = _windows(text_ids, B, cfg.decode_prompt_len, V, g, device)
-        steppers = {q: timing.greedy_stepper(model, prompt, steps, scope=functools.partial(decoding, q))
-                    for q in cfg.budgets}
-        steppers[timing.CONTROL] = timing.greedy_stepper(model, prompt, steps,
-                                                         scope=functools.partial(decoding, cfg.budgets[0]))
-        times = {q: t * steps for q, t in timing.interleaved_steps(steppers, steps, device, cfg.repeats).items()}
-        work = {q: _work(timing.stepper_stats(steppers[q], steps)) for q in cfg.budgets}
+        scopes = {q: functools.partial(decoding, q) for q in cfg.budgets}
+        scopes[timing.CONTROL] = scopes[cfg.budgets[0]]  # the baseline once more (a stepper of its own: its cache)
+        steppers = {k: timing.greedy_stepper(model, prompt, steps, scope, compile) for k, scope in scopes.items()}
+        with timing.compiled_decoding(cfg.compile):
+            times = {q: t * steps for q, t in timing.interleaved_steps(steppers, steps, device, cfg.repeats).items()}
+            work = {q: _work(timing.stepper_stats(steppers[q], steps)) for q in cfg.budgets}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
     return {"config": asdict(cfg), "machine": timing.machine_description(device), "model_params": model.num_params(),
             "rows": rows}
@@ -181,7 +185,8 @@ def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict
 def render_markdown(r: dict) -> str:
     c = r["config"]
     head = (f"### bench gateskip: {c['model']} ({r['model_params'] / 1e6:.1f}M params incl. {c['gate']} gates), "
-            f"{c['dtype']}, {r['machine']}, path={c['path']}\n\nrealized = time at budget 0 / time at budget q, "
+            f"{c['dtype']}, {r['machine']}, path={c['path']}, decode "
+            f"{timing.decode_execution(c)}\n\nrealized = time at budget 0 / time at budget q, "
             "same gated model, budgets timed interleaved; executed / ideal = the FLOP ratio of what ran / of "
             "what the budget allows (gates and skipped tokens' K/V included in both); skipped = the share of "
             "(pool token, branch) pairs that did skip (decoding: by thresholds calibrated on "
@@ -195,5 +200,6 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: GateSkipBenchConfig) -> dict:
     result = run_gateskip_bench(cfg)
-    name = f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("" if cfg.path == "auto" else f"-{cfg.path}")
+    name = f"gateskip-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("" if cfg.path == "auto" else f"-{cfg.path}") + \
+        ("-compiled" if cfg.compile else "")
     return timing.publish(result, render_markdown(result), cfg.out_dir, name)

@@ -122,17 +122,33 @@ def _turns(contenders: dict, i: int) -> list:
 
 
 def greedy_stepper(model, prompt: torch.Tensor, steps: int,
-                   scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Stepper:
+                   scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   compile: dict | None = None) -> Stepper:
     """Cached greedy decoding as `generate` runs it: an untimed prefill of `prompt` (B, T), then `steps` steps,
-    each feeding the previous step's argmax, the cache read up to its filled length, without a FLOP ledger unless
-    the caller asks for one (`stepper_stats`). A step's state is (cache, output)."""
+    each feeding the previous step's argmax, without a FLOP ledger unless the caller asks for one
+    (`stepper_stats`). Eager steps read the cache up to its filled length; with `compile` (torch.compile options,
+    `generation.decode_compile_options`) the step is compiled over the full static cache, as
+    `generate(compile=...)` runs it, and every round reuses one cache (CUDA graphs replay on its addresses). A
+    step's state is (cache, output)."""
     B, T = prompt.shape
     dtype = next(model.parameters()).dtype
+    kept: list[KVCache] = []  # made by the first start(), inside the scope (a method's slots count)
+
+    def forward(tok_B1: torch.Tensor, pos_B1: torch.Tensor, view: KVCache):
+        return model(tok_B1, positions=pos_B1, cache=view)
+
+    run = forward if compile is None else torch.compile(forward, **compile)
 
     @torch.no_grad()
     def start():
-        cache = KVCache.for_model(model.config, B, T + steps, num_slots=model.num_slots(), dtype=dtype,
-                                  device=prompt.device)
+        if not kept:
+            kept.append(KVCache.for_model(model.config, B, T + steps, num_slots=model.num_slots(), dtype=dtype,
+                                          device=prompt.device))
+            if compile is not None and prompt.is_cuda:
+                for t in kept[0].buffers():
+                    torch._dynamo.mark_static_address(t)
+        cache = kept[0]
+        cache.reset()
         positions = torch.arange(T, device=prompt.device).expand(B, T)
         with accounting_off_by_default():
             return cache, model(prompt, positions=positions, cache=cache.window(T), num_logits=1)
@@ -143,9 +159,29 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         positions = torch.full((B, 1), T + i, device=prompt.device)
         with accounting_off_by_default():
-            return cache, model(nxt, positions=positions, cache=cache.window(T + i + 1))
+            return cache, run(nxt, positions, cache if compile is not None else cache.window(T + i + 1))
 
     return Stepper(start, step, scope)
+
+
+def decode_compile(model, cfg) -> dict | None:
+    """A bench config's decode compile options (its `compile` and `compile_backend`), as `generate` takes them."""
+    from dyndepth.generation import decode_compile_options
+
+    return decode_compile_options(model, {"backend": cfg.compile_backend}) if cfg.compile else None
+
+
+def decode_execution(config: dict) -> str:
+    """How a bench's decode steps ran, for its table's heading."""
+    return f"compiled ({config['compile_backend']}, static cache)" if config.get("compile") else "eager"
+
+
+def compiled_decoding(compile: bool):
+    """The context a bench's compiled decode steps run in: dynamo may compile the one step function once per
+    contender, batch size and ledger state (each a guard), more than its default limit of 8 per function."""
+    if not compile:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=256)
 
 
 def stepper_stats(stepper: Stepper, steps: int) -> list[dict]:
