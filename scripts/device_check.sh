@@ -3,6 +3,7 @@
 # task, 10 a command, at most 8 files back). Two commands from the repo root there, each well under 10 minutes:
 #   PART=a bash scripts/device_check.sh   # gpu tests (tests/gpu), bench dnd, bench gateskip, bench dreamer
 #   PART=b bash scripts/device_check.sh   # bench core --compile (compiles ours and HF), the compiled-training test
+#   PART=c bash scripts/device_check.sh   # bench gateskip --compile and bench dnd --compile (decode as one graph)
 # Each step runs under its own time limit, so one slow step cannot cost the others; after every step the
 # results so far are packed into $OUT/results-$PART.tgz (each bench's .md and .json, each step's log), and the
 # tables go to stdout. The device's python3 runs the source tree (PYTHONPATH=src); it has torch, transformers,
@@ -38,6 +39,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
              --repeats 1)
     CORE=(--model bench-small --batch-size 1 --prompt-len 64 --decode-batch-size 1 --new-tokens 4 --repeats 1
           --no-compile)
+    GATESKIP_C=(--model tiny-qwen3 --budgets 0,0.5 --prefill-lens 32 --decode-batches 1,4 --new-tokens 4 --repeats 1)
+    DND_C=(--model tiny-qwen3 --batches 1,4 --prefill-len 32 --new-tokens 4 --repeats 1)
 else
     DEV=(--device cuda --dtype bfloat16)
     PYTEST=("$PY" -m pytest -p no:cacheprovider -rA -q --timeout=100)
@@ -48,6 +51,9 @@ else
     DREAMER=(--model dreamer-small --batch-size 16 --seq-len 512 --steps 8 --decode-batches 1,32,64 --repeats 3)
     CORE=(--model qwen3-0.6b --batch-size 8 --prompt-len 512 --decode-batch-size 32 --new-tokens 32 --repeats 3
           --compile)
+    # compiled decode steps (CUDA graphs): each budget / contender, batch size and ledger state compiles once
+    GATESKIP_C=(--model qwen3-0.6b --budgets 0,0.3 --prefill-lens 512 --decode-batches 1,32 --new-tokens 16 --repeats 3)
+    DND_C=(--model qwen3-0.6b --batches 1,32 --prefill-len 512 --new-tokens 16 --repeats 3)
 fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if [ "$PART" = a ]; then
@@ -55,6 +61,10 @@ if [ "$PART" = a ]; then
     step bench_dnd 80 "$PY" -m dyndepth bench dnd "${DEV[@]}" "${DND[@]}" --out "$RES"
     step bench_gateskip 100 "$PY" -m dyndepth bench gateskip "${DEV[@]}" "${GATESKIP[@]}" --out "$RES"
     step bench_dreamer 80 "$PY" -m dyndepth bench dreamer "${DEV[@]}" "${DREAMER[@]}" --out "$RES"
+elif [ "$PART" = c ]; then
+    step bench_gateskip_compiled 280 "$PY" -m dyndepth bench gateskip "${DEV[@]}" "${GATESKIP_C[@]}" --compile \
+        --out "$RES"
+    step bench_dnd_compiled 280 "$PY" -m dyndepth bench dnd "${DEV[@]}" "${DND_C[@]}" --compile --out "$RES"
 else
     step gpu_compile 150 "${PYTEST[@]}" -m gpu tests/gpu -k gateskip_compiled
     step bench_core 300 "$PY" -m dyndepth bench core "${DEV[@]}" "${CORE[@]}" --out "$RES"

@@ -24,6 +24,8 @@ def test_throughput_bench_reports_wall_clock_next_to_flop_overhead(tmp_path):
     assert "wall_over_flops" in md and "per layer (prefill B=1, T=24):" in md  # which run the layer table is of
     for r in result["rows"]:  # a ratio over the routers' ~0.03% alone read in the hundreds and meant nothing
         assert (r["wall_over_flops"] is None) == (r["selected"] == 0), r
+        # eager: the nested pass runs the selected tokens only (prefill pads rows for attention pairs alone)
+        assert r["ideal_overhead"] == pytest.approx(r["flops_overhead"], rel=0.05, abs=1e-4), r
     assert "- (router only)" in md
 
 
@@ -70,5 +72,7 @@ def test_compiled_decode_runs_the_nested_block_on_every_row(tmp_path):
     decode = [r for r in main(cfg)["throughput"]["rows"] if r["phase"] == "decode"]
     assert decode[0]["flops_overhead"] == pytest.approx(decode[1]["flops_overhead"], rel=1e-6)
     assert decode[0]["flops_overhead"] > 0.1  # two nested layers of every row, not the routers alone
+    for r in decode:  # what the selected tokens needed is less than what ran
+        assert r["ideal_overhead"] < r["flops_overhead"]
     md = (tmp_path / "dnd-cpu-float32-compiled.md").read_text()
     assert "compiled (eager, static cache)" in md

@@ -100,10 +100,20 @@ def _model(cfg: DNDBenchConfig, device: torch.device):
     return model
 
 
+def _work(stats: list[dict]) -> dict:
+    """Executed and ideal FLOPs summed over forwards' stats."""
+    return {k: sum(float(st[f"flops/{k}"]) for st in stats) for k in ("executed", "ideal")}
+
+
 def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
-    wall, flop = times["dnd"] / times["base"] - 1, work["dnd"] / work["base"] - 1
+    """One shape's row; `work` {"base" | "dnd": {"executed", "ideal"}}. flops_overhead is the executed FLOPs' (what
+    ran: the wall-clock's counterpart), ideal_overhead what the selected tokens alone need."""
+    wall = times["dnd"] / times["base"] - 1
+    flop = work["dnd"]["executed"] / work["base"]["executed"] - 1
+    ideal = work["dnd"]["ideal"] / work["base"]["ideal"] - 1
     return {"phase": phase, "B": B, "selected": selected, "base_s": times["base"], "dnd_s": times["dnd"],
-            "throughput": times["base"] / times["dnd"], "flops_overhead": flop, "wall_overhead": wall,
+            "throughput": times["base"] / times["dnd"], "flops_overhead": flop, "ideal_overhead": ideal,
+            "wall_overhead": wall,
             # with nothing nested the FLOP overhead is the routers' ~0.03%: the ratio would read 100s, and say nothing
             "wall_over_flops": wall / flop if flop > 0 and selected > 0 else None,
             "control": times["base"] / times[timing.CONTROL]}  # 1 +- this shape's timing noise
@@ -127,7 +137,7 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
                                            timing.CONTROL: base}, device, cfg.repeats)
         out = model(ids, num_logits=1)
         report = report or layer_report(model, out)  # the first batch size's prefill (the table says so)
-        work = {"base": float(base().stats["flops/executed"]), "dnd": float(out.stats["flops/executed"])}
+        work = {"base": _work([base().stats]), "dnd": _work([out.stats])}
         rows.append(_row("prefill", B, times, work, float(out.stats["dnd/selected"])))
 
         prompt = torch.randint(0, V, (B, cfg.decode_prompt_len), generator=g).to(device)
@@ -138,7 +148,7 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
         with timing.compiled_decoding(cfg.compile):
             times = timing.interleaved_steps(steppers, steps, device, cfg.repeats)
             stats = {k: timing.stepper_stats(steppers[k], steps) for k in ("base", "dnd")}
-        work = {k: sum(float(st["flops/executed"]) for st in v) for k, v in stats.items()}
+        work = {k: _work(v) for k, v in stats.items()}
         selected = sum(float(st.get("dnd/selected", float("nan"))) for st in stats["dnd"]) / steps
         rows.append(_row("decode", B, times, work, selected))
     return {"config": asdict(cfg), "machine": timing.machine_description(device), "model_params": model.num_params(),
@@ -208,11 +218,11 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             f"{throughput['layers'][0]}..{throughput['layers'][-1]}, {c['dtype']}, {throughput['machine']}\n\n"
             f"prefill T={c['prefill_len']}, eager; decode {c['new_tokens']} new tokens after "
             f"{c['decode_prompt_len']}, {timing.decode_execution(c)}. "
-            "overhead = DND / base - 1 (same weights, method detached for base); FLOPs: executed, of the same "
-            "work; control = base time / the time of a second, identical base contender timed alongside (its "
+            "overhead = DND / base - 1 (same weights, method detached for base); flops_overhead: executed (what "
+            "ran, wall_over_flops divides by it), ideal_overhead: what the selected tokens alone need; control = base time / the time of a second, identical base contender timed alongside (its "
             "distance from 1 is this shape's timing noise).\n\n"
-            + timing.markdown_table(rows, ["phase", "B", "selected", "throughput", "flops_overhead", "wall_overhead",
-                                           "wall_over_flops", "control"]))
+            + timing.markdown_table(rows, ["phase", "B", "selected", "throughput", "flops_overhead", "ideal_overhead",
+                                           "wall_overhead", "wall_over_flops", "control"]))
         parts.append(_layer_table(throughput["layer_report"],
                                   f"prefill B={c['batches'][0]}, T={c['prefill_len']}"))
     if quality is not None:
