@@ -110,3 +110,24 @@ def test_mod_decodes_in_one_graph_routing_some_tokens():
     assert torch.equal(compiled, eager)
     routed = decode_writes(cache, min(model.method.routed))
     assert routed.any() and not routed.all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "dreamer-tiny"])
+def test_a_traced_step_counts_every_expert_it_runs(name):
+    """float32 experts in a traced step of a few tokens run every expert (the grouped matmul does not compile):
+    the ledger's executed FLOPs say so, E - K more experts per token and MoE layer than eager's; ideal is unchanged."""
+    from dyndepth.core.flops import expert_flops
+
+    model = varied(name)
+    c = model.config
+    n = -(-c.num_experts // c.num_experts_per_tok)  # n tokens x K picks >= E: not the few-token gathered path
+    ids = torch.randint(0, 200, (n, 1))
+    eager = model(ids).stats
+    torch._dynamo.reset()
+    traced = torch.compile(model, **TRACE_ONLY)(ids).stats
+    moe_calls = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) if hasattr(c, "is_moe_layer") \
+        else c.num_hidden_layers  # Dreamer: every application's FFN slot
+    extra = n * moe_calls * (c.num_experts - c.num_experts_per_tok) * expert_flops(c)
+    assert float(traced["flops/executed"]) == pytest.approx(float(eager["flops/executed"]) + extra)
+    assert float(traced["flops/ideal"]) == pytest.approx(float(eager["flops/ideal"]))

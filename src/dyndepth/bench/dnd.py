@@ -219,8 +219,9 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             f"prefill T={c['prefill_len']}, eager; decode {c['new_tokens']} new tokens after "
             f"{c['decode_prompt_len']}, {timing.decode_execution(c)}. "
             "overhead = DND / base - 1 (same weights, method detached for base); flops_overhead: executed (what "
-            "ran, wall_over_flops divides by it), ideal_overhead: what the selected tokens alone need; control = base time / the time of a second, identical base contender timed alongside (its "
-            "distance from 1 is this shape's timing noise).\n\n"
+            "ran, wall_over_flops divides by it), ideal_overhead: what the selected tokens alone need; control = "
+            "base time / the time of a second, identical base contender timed alongside (its distance from 1 is "
+            "this shape's timing noise).\n\n"
             + timing.markdown_table(rows, ["phase", "B", "selected", "throughput", "flops_overhead", "ideal_overhead",
                                            "wall_overhead", "wall_over_flops", "control"]))
         parts.append(_layer_table(throughput["layer_report"],
@@ -250,5 +251,5 @@ def main(cfg: DNDBenchConfig | None, quality: DNDQualityConfig | None = None) ->
     result = {"throughput": None if cfg is None else run_throughput(cfg),
               "quality": None if quality is None else run_quality(quality)}
     out_dir = (cfg or quality).out_dir
-    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("-compiled" if cfg.compile else "")
+    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("-compiled" * cfg.compile)
     return timing.publish(result, render_markdown(result["throughput"], result["quality"]), out_dir, name)

@@ -73,8 +73,7 @@ def mlp_flops(config: ModelConfig, layer: int) -> int:
     """Per token through layer `layer`'s MLP: dense SwiGLU, or MoE router plus K experts."""
     D = config.hidden_size
     if config.is_moe_layer(layer):
-        router = 2 * D * config.num_experts
-        return router + config.num_experts_per_tok * 3 * (2 * D * config.moe_intermediate_size)
+        return 2 * D * config.num_experts + config.num_experts_per_tok * expert_flops(config)  # router + K experts
     return 3 * (2 * D * config.intermediate_size)
 
 
@@ -186,6 +185,12 @@ def depth_attn_flops(config, step: int) -> int:
 EXPERT_MATRICES = {"swiglu": 3, "gelu": 2}  # D x F matrices per expert, by body: gate, up, down / up, down
 
 
+def expert_flops(config) -> int:
+    """Per (token, expert) pair: one expert's D x F matrices (SwiGLU's gate, up, down, or GELU's up, down)."""
+    return EXPERT_MATRICES[getattr(config, "expert_act", "swiglu")] * 2 * config.hidden_size * \
+        config.moe_intermediate_size
+
+
 def expert_attn_flops(config) -> int:
     """Per token through the FFN slot: sparse expert attention (scores against the E expert keys, then K
     SwiGLU or GELU experts of width F), or the dense SwiGLU FFN when `num_experts` is 0. Learned step encodings
@@ -194,8 +199,7 @@ def expert_attn_flops(config) -> int:
     D = config.hidden_size
     if not config.num_experts:
         return 3 * 2 * D * config.intermediate_size
-    mats = EXPERT_MATRICES[getattr(config, "expert_act", "swiglu")]
-    return 2 * D * config.num_experts + config.num_experts_per_tok * mats * 2 * D * config.moe_intermediate_size
+    return 2 * D * config.num_experts + config.num_experts_per_tok * expert_flops(config)
 
 
 def recurrent_step_flops(config, step: int, T: Count, context: Count = 0) -> Count:

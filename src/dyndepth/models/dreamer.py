@@ -135,11 +135,6 @@ class DreamerConfig:
             self.intermediate_size = 3 * self.hidden_size
         if not self.num_experts:
             check_at_least(self, "model", ("intermediate_size",), what=" (the dense FFN's width, num_experts = 0)")
-            router_losses = {name: getattr(self, name) for name in ("ea_aux_loss_coef", "ea_entropy_coef",
-                                                                     "ea_z_loss_coef") if getattr(self, name)}
-            if router_losses:  # they would silently do nothing: there is no expert router to regularize
-                raise ConfigError(f"DreamerConfig {router_losses} regularize sparse expert attention's router, and "
-                                  "num_experts = 0 gives a dense FFN without one: set them to 0 or num_experts > 0.")
         for name, allowed in (("da_mode", DA_MODES), ("ea_depth_encoding", EA_ENCODINGS),
                               ("da_step_encoding", DA_ENCODINGS), ("expert_act", EXPERT_ACTS)):
             if getattr(self, name) not in allowed:

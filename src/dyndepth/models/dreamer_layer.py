@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dyndepth.core.context import ForwardContext, causal_mask
-from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, lm_head_flops, switchhead_router_flops
+from dyndepth.core.flops import (depth_attn_flops, expert_attn_flops, expert_flops, lm_head_flops,
+                                  switchhead_router_flops)
 from dyndepth.core.layers import (
     Attention,
     RMSNorm,
@@ -357,8 +358,12 @@ class DreamerLayer(nn.Module):
         st: DepthState = ctx.model_state
         if ctx.ledger.enabled:
             per_token, n = expert_attn_flops(self.config), _ideal_tokens(ctx, st)
-            part = "experts" if self.config.num_experts else "mlp"
-            ctx.ledger.add(slot, part, executed=B * T * per_token, ideal=n * per_token, tokens=n)
+            executed, part = per_token, "experts" if self.config.num_experts else "mlp"
+            if self.config.num_experts:  # all E experts, not K, on a traced step's every-expert path
+                K = self.config.num_experts_per_tok
+                run = self.mlp.experts.experts_per_token(h_BTD.reshape(B * T, D), K)
+                executed += (run - K) * expert_flops(self.config)
+            ctx.ledger.add(slot, part, executed=B * T * executed, ideal=n * per_token, tokens=n)
         if not self.config.num_experts:
             return self.mlp(h_BTD)
         y, idx_NK, scores_NE = self.mlp(h_BTD.reshape(B * T, D), step)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import ModelConfig
+from dyndepth.core.accounting import accounting_enabled
 from dyndepth.core.flops import EXPERT_MATRICES
 from dyndepth.core.layers import matmul_dtype, needs_grad, swiglu
 
@@ -57,11 +58,12 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
         E = self.down_proj.shape[0]
-        grouped = self.grouped and _grouped_mm_supported(x_ND) and self._aligned(matmul_dtype(x_ND))
-        if N * K < E and not grouped:  # few tokens (decoding): gather the K experts' weights, no host sync
+        path = self._path(x_ND, K)
+        if path == "gathered":
             return self._gathered(x_ND, idx_NK, w_NK)
-        if not grouped and every_expert_pays(N):  # a traced decode step: one static graph
+        if path == "every":
             return self._every_expert(x_ND, idx_NK, w_NK)
+        grouped = path == "grouped"
         flat_NK = idx_NK.reshape(-1)  # (N*K,)
         order = torch.argsort(flat_NK, stable=True)  # group (token, k) pairs by expert
         w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
@@ -79,6 +81,22 @@ class Experts(nn.Module):
                 start += c
             y = torch.cat(outs)  # (N*K, D)
         return add_rows(y.to(x_ND.dtype), rows, N)  # (N, D): each token's K expert outputs summed
+
+    def _path(self, x_ND: torch.Tensor, K: int) -> str:
+        """How `forward` runs N tokens with K experts each: "grouped" (one grouped matmul), "gathered" (few tokens,
+        decoding: the K experts' weights gathered, no host sync), "every" (a traced decode step of experts the
+        grouped matmul does not compile for: `every_expert_pays`) or "loop" (one matmul per expert)."""
+        N, E = x_ND.shape[0], self.down_proj.shape[0]
+        if self.grouped and _grouped_mm_supported(x_ND) and self._aligned(matmul_dtype(x_ND)):
+            return "grouped"
+        if N * K < E:
+            return "gathered"
+        return "every" if every_expert_pays(N) else "loop"
+
+    def experts_per_token(self, x_ND: torch.Tensor, K: int) -> int:
+        """Experts `forward` runs per token of x (N, D): K, or all E on the every-expert path (the FLOP ledger's
+        executed count)."""
+        return self.down_proj.shape[0] if self._path(x_ND, K) == "every" else K
 
     def _aligned(self, dtype: torch.dtype) -> bool:
         """Whether the grouped matmul takes these widths: its operands' rows must be multiples of 16 bytes (a
@@ -118,7 +136,7 @@ class Experts(nn.Module):
 # A forward torch.compile traces (a compiled decode step, CUDA graphs on a GPU) where the grouped matmul does not
 # compile (float32; see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
 # graph without the group sizes' host sync, each expert's weights read once (what a decode step of a few rows costs
-# anyway), for E / K times the routed FLOPs. The FLOP ledger counts the routed work; `generate` keeps none.
+# anyway), for E / K times the routed FLOPs, which the FLOP ledger counts as executed (`experts_per_token`).
 EVERY_EXPERT_MAX_TOKENS = 64
 
 
@@ -201,7 +219,8 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
     grouped = _grouped_mm_supported(x_MI) and all(n * dtype.itemsize % 16 == 0 for n in weight_EIO.shape[1:])
     if not grouped and P < E:
         return torch.bmm(x_MI[row_P][:, None], weight_EIO[expert_P])[:, 0]  # (P, O)
-    if not grouped and every_expert_pays(x_MI.shape[0]):  # a traced decode step: every expert on every row
+    if not grouped and every_expert_pays(x_MI.shape[0]) and not accounting_enabled():
+        # a traced decode step without a FLOP ledger (attention counts its routed experts): every expert, every row
         return torch.einsum("mi,eio->emo", x_MI, weight_EIO)[expert_P, row_P]  # (P, O)
     order = torch.argsort(expert_P, stable=True)
     x_sorted = x_MI.index_select(0, row_P[order])  # (P, I) grouped by expert

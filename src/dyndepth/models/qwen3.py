@@ -42,6 +42,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.mlp_flops = flops.mlp_flops(config, layer_idx)  # per token (the layer keeps its kind if renumbered)
+        self.expert_flops = flops.expert_flops(config) if config.is_moe_layer(layer_idx) else 0  # per expert run
 
     def attn_branch(self, h_BTD: torch.Tensor, ctx: ForwardContext, slot: int, q_idx_BK: torch.Tensor | None = None,
                     q_valid_BK: torch.Tensor | None = None, ideal_q_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +59,11 @@ class DecoderLayer(nn.Module):
         if ctx.ledger.enabled:
             rows = h.numel() // h.shape[-1]
             n_valid = rows if valid is None else valid.sum()
-            ctx.ledger.add(slot, "mlp", executed=rows * self.mlp_flops, ideal=n_valid * self.mlp_flops, tokens=n_valid)
+            executed = self.mlp_flops
+            if isinstance(self.mlp, SparseMoE):  # all E experts, not K, on a traced step's every-expert path
+                K = self.mlp.top_k
+                executed += (self.mlp.experts.experts_per_token(h.reshape(rows, -1), K) - K) * self.expert_flops
+            ctx.ledger.add(slot, "mlp", executed=rows * executed, ideal=n_valid * self.mlp_flops, tokens=n_valid)
         if isinstance(self.mlp, SparseMoE):
             return self.mlp(h, valid, ctx.aux if ctx.training else None)
         return self.mlp(h)
