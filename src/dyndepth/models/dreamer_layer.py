@@ -25,8 +25,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dyndepth.core.context import ForwardContext, causal_mask
-from dyndepth.core.flops import (depth_attn_flops, expert_attn_flops, expert_flops, lm_head_flops,
-                                  switchhead_router_flops)
+from dyndepth.core.flops import (
+    depth_attn_flops,
+    expert_attn_flops,
+    expert_flops,
+    lm_head_flops,
+    switchhead_router_flops,
+)
 from dyndepth.core.layers import (
     Attention,
     RMSNorm,
