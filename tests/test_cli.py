@@ -51,8 +51,8 @@ def test_option_set_is_deliberate():
         "demo": ["eval_examples", "out", "post_steps", "steps"],
         "eval": ["batch_size", "data_dir", "limit", "max_length", "model", "model_args", "out", "perplexity",
                  "stride", "tasks"],
-        "generate": ["device", "dtype", "knobs", "max_new_tokens", "model", "prompt", "seed", "skip_budget", "stream",
-                     "temperature", "tokenizer", "top_k", "top_p"],
+        "generate": ["compile", "device", "dtype", "knobs", "max_new_tokens", "model", "prompt", "seed", "skip_budget",
+                     "stream", "temperature", "tokenizer", "top_k", "top_p"],
         "match": ["against", "batch_size", "config", "device", "out", "seq_len", "switchhead", "tolerance"],
         "study tokens": ["against", "budgets", "device", "out", "profile", "reference", "seeds", "text", "text_val"],
         "repro": ["base", "cache_dir", "data_dir", "limit", "out", "profile", "render_only", "steps", "study", "tasks",
@@ -90,6 +90,20 @@ def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab
         result = runner.invoke(app, ["generate", model, "-p", "caf", "-n", "7", stream])
         assert result.exit_code == 0, result.output
         assert result.output.startswith("caf\u00e9\u20ac!"), result.output  # (262: an unused id, decoded to nothing)
+
+
+def test_generate_compiles_the_decode_step_when_asked(monkeypatch):
+    seen = []
+
+    def scripted(model, input_ids, max_new_tokens, *args, compile=False, **kwargs):
+        seen.append(compile)
+        return torch.cat([input_ids, input_ids[:, :max_new_tokens]], 1)
+
+    monkeypatch.setattr("dyndepth.generation.generate", scripted)
+    for flag in ("--compile", "--no-compile"):
+        result = runner.invoke(app, ["generate", "demo-tiny", "-p", "abc", "-n", "2", flag])
+        assert result.exit_code == 0, result.output
+    assert seen == [True, False]
 
 
 def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_prompt(tmp_path):

@@ -75,6 +75,8 @@ def generate(
     skip_budget: Optional[float] = typer.Option(None, "--skip-budget", help="GateSkip: the fraction of tokens that "
                                                 "skip each branch (thresholds from `dyndepth calibrate`)."),
     knobs: str = typer.Option("", help="Method knobs k=v,... for this generation, e.g. capacity=0.5 (MoD)."),
+    compile: bool = typer.Option(False, help="Compile the decode step over a static cache (one graph; CUDA graphs "
+                                 "on a GPU): the first tokens wait for the compile."),
 ) -> None:
     """Generate text from a model with the KV-cached batched sampler."""
     import torch
@@ -106,7 +108,7 @@ def generate(
     out = _run(lm.generate, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
                generator=torch.Generator(device=device).manual_seed(seed), skip_budget=skip_budget,
-               method_knobs=method_knobs)
+               method_knobs=method_knobs, compile=compile)
     if callback is not None:
         callback.finish()
         return
