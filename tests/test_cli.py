@@ -92,6 +92,14 @@ def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab
         assert result.output.startswith("caf\u00e9\u20ac!"), result.output  # (262: an unused id, decoded to nothing)
 
 
+def test_a_presets_random_weights_are_the_same_every_run():
+    """torch seeds its default generator at random per process, so `generate PRESET` printed other text each run."""
+    from dyndepth.cli import _load_model
+
+    a, b = _load_model("demo-tiny", None, "cpu"), _load_model("demo-tiny", None, "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_generate_compiles_the_decode_step_when_asked(monkeypatch):
     seen = []
 

@@ -54,8 +54,13 @@ def _load_model(model: str, dtype: Optional[str], device: str):
     import dyndepth
     from dyndepth.devices import resolve_device, resolve_dtype
 
-    if model in dyndepth.PRESETS:  # random weights: smoke tests and demos
-        return dyndepth.build_model(dyndepth.preset(model)).to(resolve_device(device), resolve_dtype(dtype)).eval()
+    if model in dyndepth.PRESETS:  # random weights (smoke tests and demos), the same in every run: torch seeds its
+        import torch  # default generator at random per process
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            lm = dyndepth.build_model(dyndepth.preset(model))
+        return lm.to(resolve_device(device), resolve_dtype(dtype)).eval()
     return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
 
 
