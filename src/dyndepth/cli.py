@@ -53,14 +53,10 @@ def _run(fn, *args, **kwargs):
 def _load_model(model: str, dtype: Optional[str], device: str):
     import dyndepth
     from dyndepth.devices import resolve_device, resolve_dtype
+    from dyndepth.models import preset_model
 
-    if model in dyndepth.PRESETS:  # random weights (smoke tests and demos), the same in every run: torch seeds its
-        import torch  # default generator at random per process
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            lm = dyndepth.build_model(dyndepth.preset(model))
-        return lm.to(resolve_device(device), resolve_dtype(dtype)).eval()
+    if model in dyndepth.PRESETS:  # random weights (smoke tests and demos), the same in every run
+        return preset_model(model).to(resolve_device(device), resolve_dtype(dtype)).eval()
     return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
 
 

@@ -155,6 +155,7 @@ def load_model(pretrained, dtype: str | None, device: torch.device):
     """A checkpoint folder or hub id, a preset name (random weights, for smoke tests) or a model object."""
     import dyndepth
     from dyndepth.devices import DTYPES
+    from dyndepth.models import preset_model
 
     if dtype in (None, "auto"):
         dtype = None
@@ -163,9 +164,7 @@ def load_model(pretrained, dtype: str | None, device: torch.device):
     if isinstance(pretrained, torch.nn.Module):
         model = pretrained if dtype is None else pretrained.to(DTYPES[dtype])
     elif str(pretrained) in dyndepth.PRESETS:  # random weights, the same every run (seed 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = dyndepth.build_model(dyndepth.preset(str(pretrained)))
+        model = preset_model(str(pretrained))
         model = model if dtype is None else model.to(DTYPES[dtype])
     else:
         model = dyndepth.from_pretrained(pretrained, dtype=dtype)

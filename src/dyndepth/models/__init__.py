@@ -3,6 +3,6 @@ Dreamer (dreamer.py: depth-recurrent attention mixtures) and the baselines match
 (huginn.py), MoEUT presets (moeut.py: Dreamer configurations) and Mixture-of-Recursions (mor.py)."""
 
 from dyndepth.models import dreamer, huginn, moeut, mor, qwen3  # noqa: F401  (registers every model_type and presets)
-from dyndepth.models.registry import MODELS, PRESETS, build_config, build_model, model_spec, preset
+from dyndepth.models.registry import MODELS, PRESETS, build_config, build_model, model_spec, preset, preset_model
 
-__all__ = ["MODELS", "PRESETS", "build_config", "build_model", "model_spec", "preset"]
+__all__ = ["MODELS", "PRESETS", "build_config", "build_model", "model_spec", "preset", "preset_model"]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from dyndepth.config import ConfigError
 
 
@@ -72,3 +74,11 @@ def preset(name: str, **overrides) -> Any:
 def build_model(config) -> Any:
     """A fresh model (random weights) for `config`, of the class registered for its model_type."""
     return model_spec(config.model_type).model_cls(config)
+
+
+def preset_model(name: str, seed: int = 0) -> Any:
+    """A preset's model with random weights drawn from `seed`: the same in every run (torch seeds its default
+    generator at random per process), the caller's random state untouched. For smoke runs and demos by name."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(preset(name))
