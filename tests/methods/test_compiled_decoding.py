@@ -103,6 +103,22 @@ def test_gateskip_decodes_in_one_graph_skipping_some_tokens():
 
 
 @pytest.mark.slow
+def test_gateskip_with_the_dense_path_also_decodes_in_one_graph_and_compiled_prefill_still_packs():
+    """path="dense" needs no count either; only decode steps trace without counts: a compiled prefill (a forward of
+    many tokens per row) packs as eager prefill does."""
+    model = varied("tiny-qwen3")
+    attach_gateskip(model, GateSkipConfig(budget=0.3, path="dense"))
+    calibrate(model, [torch.randint(0, 200, (4, 32))], budget=0.3)
+    eager, compiled, _ = decode_both_ways(model, {"budget": 0.3})
+    assert torch.equal(compiled, eager)
+    ids = torch.randint(0, 200, (4, 64))
+    with model.method.override(budget=0.5, path="auto"):
+        torch._dynamo.reset()
+        stats = torch.compile(model, backend="eager")(ids).stats  # (the packing's count breaks this graph)
+    assert float(stats["gateskip/packed"]) == 1.0
+
+
+@pytest.mark.slow
 def test_mod_decodes_in_one_graph_routing_some_tokens():
     model = varied("tiny-qwen3")
     attach_mod(model, MoDConfig(capacity=0.5))

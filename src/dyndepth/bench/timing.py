@@ -129,7 +129,9 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
     (`stepper_stats`). Eager steps read the cache up to its filled length; with `compile` (torch.compile options,
     `generation.decode_compile_options`) the step is compiled over the full static cache, as
     `generate(compile=...)` runs it, and every round reuses one cache (CUDA graphs replay on its addresses). A
-    step's state is (cache, output)."""
+    step's state is (cache, next token (B, 1), output): the token is read from the logits as soon as the forward
+    returns, because CUDA graphs reuse a compiled output's memory once another compiled call runs (the contenders'
+    steps interleave), so the output is for reading before any other contender steps (`stepper_stats`)."""
     B, T = prompt.shape
     dtype = next(model.parameters()).dtype
     kept: list[KVCache] = []  # made by the first start(), inside the scope (a method's slots count)
@@ -151,15 +153,16 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
         cache.reset()
         positions = torch.arange(T, device=prompt.device).expand(B, T)
         with accounting_off_by_default():
-            return cache, model(prompt, positions=positions, cache=cache.window(T), num_logits=1)
+            out = model(prompt, positions=positions, cache=cache.window(T), num_logits=1)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True), out
 
     @torch.no_grad()
     def step(state, i: int):
-        cache, out = state
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        cache, nxt, _ = state
         positions = torch.full((B, 1), T + i, device=prompt.device)
         with accounting_off_by_default():
-            return cache, run(nxt, positions, cache if compile is not None else cache.window(T + i + 1))
+            out = run(nxt, positions, cache if compile is not None else cache.window(T + i + 1))
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True), out  # (B, 1): read now (see the docstring)
 
     return Stepper(start, step, scope)
 
@@ -191,7 +194,7 @@ def stepper_stats(stepper: Stepper, steps: int) -> list[dict]:
         stats = []
         for i in range(steps):
             state = stepper.step(state, i)
-            stats.append(state[1].stats)
+            stats.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[2].stats.items()})
     return stats
 
 

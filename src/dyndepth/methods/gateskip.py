@@ -276,7 +276,8 @@ class GateSkip:
         if self.config.kv_policy == "copy_prev":
             ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
         always = valid & ~pool
-        if torch.compiler.is_compiling():  # a compiled decode step: counts stay on the device (one graph, no sync)
+        if torch.compiler.is_compiling() and ctx.cache is not None and input_ids.shape[1] == 1:
+            # a compiled decode step: counts stay on the device (one graph, no host sync)
             return GateSkipState(pool=pool, always=always, valid=valid, n_pool=pool.sum(), n_always=always.sum(),
                                  traced=True)
         return GateSkipState(pool=pool, always=always, valid=valid, n_pool=int(pool.sum()), n_always=int(always.sum()))
@@ -363,12 +364,14 @@ class GateSkip:
         once (chance q^n_pool >= `WHOLE_SKIP_CHANCE`: batch-1 and small-batch decoding, where skipping the branch
         outright is the saving). Otherwise (a batched decode step of 8 rows at q <= 0.5, say) it runs densely with
         a masked output and makes no sync, which a GPU's launch queue would pay for. A forward torch.compile
-        traces (`st.traced`: a compiled decode step, CUDA graphs on a GPU) never reads a count under "auto": it runs
-        every partially kept branch densely with a masked output, one graph whatever the gates decide (a whole skip
-        computes the branch and adds nothing; the output is the same).
+        traces as a decode step (`st.traced`: one token per row with a cache, CUDA graphs on a GPU) never reads a
+        count under "auto" or "dense": it runs every partially kept branch densely with a masked output, one graph
+        whatever the gates decide (a whole skip computes the branch and adds nothing; the output is the same).
+        `path="packed"` needs the count, so such a step breaks the graph there.
         """
         n = keep.numel()
-        if self.path == "auto" and (st.traced or not self._worth_counting(n, st, self._branch_budget(branch))):
+        if (st.traced and self.path != "packed") or \
+                (self.path == "auto" and not self._worth_counting(n, st, self._branch_budget(branch))):
             st.masked += 1
             return "dense"
         n_keep = int(keep.sum())  # one host sync per branch call

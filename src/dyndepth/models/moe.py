@@ -84,8 +84,9 @@ class Experts(nn.Module):
 
     def _path(self, x_ND: torch.Tensor, K: int) -> str:
         """How `forward` runs N tokens with K experts each: "grouped" (one grouped matmul), "gathered" (few tokens,
-        decoding: the K experts' weights gathered, no host sync), "every" (a traced decode step of experts the
-        grouped matmul does not compile for: `every_expert_pays`) or "loop" (one matmul per expert)."""
+        decoding: the K experts' weights gathered, no host sync), "every" (a traced step of a few tokens whose
+        experts do not run grouped: Qwen3-MoE's in any dtype, Dreamer's in float32; `every_expert_pays`) or "loop"
+        (one matmul per expert, one host sync)."""
         N, E = x_ND.shape[0], self.down_proj.shape[0]
         if self.grouped and _grouped_mm_supported(x_ND) and self._aligned(matmul_dtype(x_ND)):
             return "grouped"
@@ -123,7 +124,8 @@ class Experts(nn.Module):
         gates_NE = torch.zeros(x_ND.shape[0], self.down_proj.shape[0], dtype=x_ND.dtype, device=x_ND.device)
         gates_NE = gates_NE.scatter(1, idx_NK, w_NK.to(x_ND.dtype))  # (N, E)
         h = torch.einsum("nd,efd->enf", x_ND, self.in_proj)  # (E, N, 2F or F)
-        return torch.einsum("enf,edf->nd", self._activate(h, gates_NE.t()[..., None]), self.down_proj)
+        y = torch.einsum("enf,edf->nd", self._activate(h, gates_NE.t()[..., None]), self.down_proj)
+        return y.to(x_ND.dtype)  # (as the other paths: autocast's matmuls return its dtype)
 
     def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         w_in = self.in_proj[idx_NK]  # (N, K, 2F or F, D)
@@ -133,8 +135,9 @@ class Experts(nn.Module):
         return (y * w_NK[..., None]).sum(1)  # (N, D)
 
 
-# A forward torch.compile traces (a compiled decode step, CUDA graphs on a GPU) where the grouped matmul does not
-# compile (float32; see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
+# A forward torch.compile traces (a compiled decode step, CUDA graphs on a GPU) whose experts do not run grouped
+# (Qwen3-MoE's, which run one matmul per expert eagerly; Dreamer's in float32, which the grouped matmul does not
+# compile for, see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
 # graph without the group sizes' host sync, each expert's weights read once (what a decode step of a few rows costs
 # anyway), for E / K times the routed FLOPs, which the FLOP ledger counts as executed (`experts_per_token`).
 EVERY_EXPERT_MAX_TOKENS = 64
