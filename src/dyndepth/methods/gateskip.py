@@ -185,7 +185,7 @@ class GateSkipState:
     n_pool: int | torch.Tensor  # pool tokens and ...
     n_always: int | torch.Tensor  # ... valid tokens outside it (host numbers: the skip statistics need no tensor
     # work; 0-dim tensors in a `traced` forward)
-    traced: bool = False  # a forward torch.compile traces: no host reads (see `_run_path`)
+    traced: bool = False  # a decode step torch.compile traces: no host reads (see `begin`, `_run_path`)
     keep: dict = field(default_factory=dict)  # (slot, branch) -> (B, T) bool over valid tokens | None (all ran)
     scores: dict = field(default_factory=dict)  # (slot, branch) -> importance s (B, T) float32
     gate_sq: list = field(default_factory=list)  # mean(g^2) per branch call (training forwards)
