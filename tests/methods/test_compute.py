@@ -1,6 +1,8 @@
 """The compute ledger of every model and method against torch's own FLOP counter (executed) and against a
 slow per-token count (ideal): padding, per-row subsets, dense fallbacks, chunked attention, decoding."""
 
+import contextlib
+
 import pytest
 import torch
 from gated import gated_model
@@ -134,24 +136,52 @@ def test_mod_executed_equals_torch_with_padding_and_decoding(mode):
     assert float(out.stats["flops/executed"]) == torch_flops
 
 
-def test_a_traced_steps_every_expert_path_executed_equals_torch():
-    """A compiled step of a few tokens runs every expert of a MoE layer (models/moe.py, one static graph): the
-    ledger's executed FLOPs are still what torch counts, counted inside the compiled graph as it runs."""
-    totals = []
-
-    def counting_backend(gm, example_inputs):  # dynamo's graph, run under torch's counter
+def _counting_backend(totals: list):
+    """A torch.compile backend that runs dynamo's graph under torch's FLOP counter, appending each run's total."""
+    def backend(gm, example_inputs):
         def run(*args):
             with FlopCounterMode(display=False, custom_mapping={SDPA_CPU: _sdpa_flops}) as counter:
                 result = gm(*args)
             totals.append(counter.get_total_flops())
             return result
         return run
+    return backend
 
-    model = CausalLM(preset("tiny-qwen3-moe")).eval()
-    c = model.config
-    ids = torch.randint(0, 256, (-(-c.num_experts // c.num_experts_per_tok), 1))  # N * K >= E: not gathered
-    torch._dynamo.reset()
+
+def _live_dnd(name: str):
+    from dyndepth.methods import DNDConfig, attach_dnd
+
+    torch.manual_seed(0)
+    model = CausalLM(preset(name)).eval()
+    attach_dnd(model, DNDConfig(layers=(0, 1), ratio=0.3))
     with torch.no_grad():
-        out = torch.compile(model, backend=counting_backend, fullgraph=True)(ids)
-    assert len(totals) == 1 and float(out.stats["flops/executed"]) == totals[0]
-    assert float(out.stats["flops/executed"]) > float(out.stats["flops/ideal"])  # E experts ran, K were needed
+        for layer in model.model.layers:
+            layer.dnd.router.weight.normal_(0, 1.0)  # some rows nest, some do not
+    return model, contextlib.nullcontext()
+
+
+def _gated(name: str):
+    model, method = gated_model(name, budget=0.0)
+    calibrate(model, [torch.randint(0, 256, (4, 24))], budget=0.5)
+    return model, method.decoding(budget=0.5)
+
+
+@pytest.mark.parametrize("make", [_gated, _live_dnd], ids=["gateskip", "dnd"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_a_compiled_decode_steps_executed_equals_torch(make, name):
+    """A compiled decode step is one static graph: GateSkip runs partially kept branches dense-masked, DND runs the
+    nested block on every row, a MoE layer of a few tokens every expert. The ledger's executed FLOPs are what torch
+    counts inside the compiled graph as it runs; ideal stays below them."""
+    model, knobs = make(name)
+    B, totals = 4, []
+    cache = KVCache.for_model(model.config, B, 12, num_slots=model.num_slots())
+    pos = torch.arange(12).expand(B, 12)
+    step = torch.compile(model, backend=_counting_backend(totals), fullgraph=True)
+    torch._dynamo.reset()
+    with knobs, torch.no_grad():
+        model(torch.randint(0, 256, (B, 8)), positions=pos[:, :8], cache=cache)  # prefill, eager
+        for t in range(8, 11):
+            out = step(torch.randint(0, 256, (B, 1)), positions=pos[:, t:t + 1], cache=cache)
+            assert float(out.stats["flops/executed"]) == totals[-1]
+            assert float(out.stats["flops/ideal"]) < float(out.stats["flops/executed"])
+    assert len(totals) == 3
