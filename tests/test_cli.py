@@ -40,7 +40,7 @@ def test_option_set_is_deliberate():
                        "load_memory", "model", "new_tokens", "out", "prompt_len", "repeats"],
         "bench dnd": ["base", "batches", "compile", "device", "dtype", "model", "new_tokens", "out", "prefill_len",
                       "quality", "ratio", "repeats", "steps", "throughput"],
-        "bench dreamer": ["batch_size", "decode_batches", "device", "dtype", "model", "new_tokens", "out",
+        "bench dreamer": ["batch_size", "compile", "decode_batches", "device", "dtype", "model", "new_tokens", "out",
                           "prompt_len", "repeats", "seq_len", "steps"],
         "bench gateskip": ["budgets", "calibration_text", "compile", "decode_batches", "device", "dtype", "gate",
                            "model", "new_tokens", "out", "path", "prefill_lens", "repeats"],

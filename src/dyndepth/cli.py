@@ -468,6 +468,7 @@ def bench_dreamer(
     decode_batches: str = typer.Option("1,8,32", help="Comma-separated decode batch sizes."),
     prompt_len: int = typer.Option(32), new_tokens: int = typer.Option(16), repeats: int = typer.Option(3),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    compile: bool = typer.Option(False, help="Compile the decode steps (static cache, as generate(compile=True))."),
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """Dreamer against a dense decoder of equal FLOPs per token: training tokens/s and memory, decode tokens/s."""
@@ -476,7 +477,7 @@ def bench_dreamer(
 
     cfg = _run(DreamerBenchConfig, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
                decode_batches=_numbers(decode_batches, "--decode-batches", int), prompt_len=prompt_len,
-               new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, out_dir=str(out))
+               new_tokens=new_tokens, repeats=repeats, dtype=dtype, device=device, compile=compile, out_dir=str(out))
     _run(bench_main, cfg)
 
 

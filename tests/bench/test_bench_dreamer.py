@@ -34,6 +34,15 @@ def test_main_writes_json_and_markdown_with_consistent_ratios(tmp_path, capsys):
     assert "| decode tok/s (B=2, prompt 4) |" in out and "| train control (dense / a second dense contender) |" in out
 
 
+def test_compiled_decode_steps_are_timed_and_said(tmp_path, capsys):
+    cfg = DreamerBenchConfig(model="dreamer-tiny", batch_size=2, seq_len=16, steps=1, warmup_steps=0,
+                             decode_batches=[2], prompt_len=4, new_tokens=3, repeats=1, compile=True,
+                             compile_backend="eager", out_dir=str(tmp_path))
+    result = main(cfg)
+    assert min(result["decode_tokens_per_s"][2].values()) > 0
+    assert "decode compiled (eager, static cache)" in (tmp_path / "dreamer-cpu-float32-compiled.md").read_text()
+
+
 def test_a_non_dreamer_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="not a Dreamer preset; use one of"):
         DreamerBenchConfig(model="tiny-qwen3")

@@ -45,6 +45,9 @@ class DreamerBenchConfig:
     repeats: int = 3  # timed rounds per decode measurement
     dtype: str = "float32"  # float32 | bfloat16 (training: autocast; decode: weights in this dtype)
     device: str = "cpu"
+    # Decode steps compiled over a full static cache, as `generate(compile=True)` runs them (training stays eager)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" only traces: for tests)
     out_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
@@ -135,8 +138,10 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     inference = {name: copy.deepcopy(model).to(device=device, dtype=dtype).eval() for name, model in models.items()}
     for B in cfg.decode_batches:
         prompt = torch.randint(0, models["dense"].config.vocab_size, (B, cfg.prompt_len), device=device)
-        steppers = {name: timing.greedy_stepper(m, prompt, steps) for name, m in inference.items()}
-        t = timing.interleaved_steps(steppers, steps, device, rounds=cfg.repeats)
+        steppers = {name: timing.greedy_stepper(m, prompt, steps, compile=timing.decode_compile(m, cfg))
+                    for name, m in inference.items()}
+        with timing.compiled_decoding(cfg.compile):
+            t = timing.interleaved_steps(steppers, steps, device, rounds=cfg.repeats)
         decode[B] = {name: B / t[name] for name in models}
     kv = {k: KVCache.for_model(m.config, 1, 1, num_slots=m.num_slots(), dtype=dtype).nbytes_per_token()
           for k, m in models.items()}
@@ -175,7 +180,7 @@ def render_markdown(r: dict) -> str:
     head = (f"### bench dreamer: {c['model']} (D={d['hidden_size']}, R={d['num_recurrences']}, E={d['num_experts']}, "
             f"k={d['num_experts_per_tok']}, F={d['moe_intermediate_size']}, DA {d['da_mode']}) vs a dense decoder "
             f"of {r['dense_config']['num_hidden_layers']} layers, MLP {r['dense_config']['intermediate_size']}; "
-            f"{c['dtype']}, {r['machine']}\n\n")
+            f"{c['dtype']}, {r['machine']}; decode {timing.decode_execution(c)}\n\n")
     tail = (f"\n\nratio = dreamer / dense. Training: median of {c['steps']} alternated optimizer steps after "
             f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook); the control row times the "
             "dense step twice, as two contenders: its distance from 1 is this run's timing noise. Decode: median of "
@@ -186,5 +191,5 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: DreamerBenchConfig) -> dict:
     result = run_dreamer_bench(cfg)
-    name = f"dreamer-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}"
+    name = f"dreamer-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}" + "-compiled" * cfg.compile
     return timing.publish(result, render_markdown(result), cfg.out_dir, name)
