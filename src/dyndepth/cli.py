@@ -468,7 +468,8 @@ def bench_dreamer(
     decode_batches: str = typer.Option("1,8,32", help="Comma-separated decode batch sizes."),
     prompt_len: int = typer.Option(32), new_tokens: int = typer.Option(16), repeats: int = typer.Option(3),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
-    compile: bool = typer.Option(False, help="Compile the decode steps (static cache, as generate(compile=True))."),
+    compile: bool = typer.Option(False, help="Compile both models: training per layer (as train.compile), decode "
+                                 "steps over a static cache (as generate(compile=True))."),
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """Dreamer against a dense decoder of equal FLOPs per token: training tokens/s and memory, decode tokens/s."""

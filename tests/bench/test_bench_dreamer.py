@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from dyndepth.bench.dreamer import ALIGN, DreamerBenchConfig, main, matched_dense
 from dyndepth.models.dreamer import DreamerConfig, DreamerLM
@@ -34,13 +35,16 @@ def test_main_writes_json_and_markdown_with_consistent_ratios(tmp_path, capsys):
     assert "| decode tok/s (B=2, prompt 4) |" in out and "| train control (dense / a second dense contender) |" in out
 
 
-def test_compiled_decode_steps_are_timed_and_said(tmp_path, capsys):
+def test_compiled_training_and_decode_steps_are_timed_and_said(tmp_path, monkeypatch):
+    compile_ = torch.nn.Module.compile  # the trainer's per-layer compile, with dynamo's eager backend (fast)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
     cfg = DreamerBenchConfig(model="dreamer-tiny", batch_size=2, seq_len=16, steps=1, warmup_steps=0,
                              decode_batches=[2], prompt_len=4, new_tokens=3, repeats=1, compile=True,
                              compile_backend="eager", out_dir=str(tmp_path))
     result = main(cfg)
     assert min(result["decode_tokens_per_s"][2].values()) > 0
-    assert "decode compiled (eager, static cache)" in (tmp_path / "dreamer-cpu-float32-compiled.md").read_text()
+    md = (tmp_path / "dreamer-cpu-float32-compiled.md").read_text()
+    assert "training compiled per layer, decode compiled (eager, static cache)" in md
 
 
 def test_a_non_dreamer_preset_is_a_clear_error():

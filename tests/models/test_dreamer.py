@@ -319,6 +319,29 @@ def test_compiled_decode_equals_eager():
         assert torch.equal(model.generate(ids, 6, stop_tokens=[], compile=True), model.generate(ids, 6, stop_tokens=[]))
 
 
+@pytest.mark.slow
+def test_a_training_layer_compiles_as_one_graph_with_its_grouped_experts():
+    """The float32 grouped expert matmul compiles (an opaque custom op: torch's shape rule for it is bfloat16-only),
+    so a compiled layer traces whole (fullgraph) in training, where it fell back to one matmul per expert behind a
+    host sync, and gives eager's logits and gradients."""
+    model = varied(tiny()).train()
+    ids = torch.randint(0, 256, (4, 32))  # 128 tokens: past the every-expert path of a few (models/moe.py)
+    out = model(ids)
+    out.logits.square().mean().backward()
+    eager = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch._dynamo.reset()
+    for layer in model.model.layers:
+        layer.forward = torch.compile(layer.forward, fullgraph=True, backend="eager")  # raises on a graph break
+    out = model(ids)
+    out.logits.square().mean().backward()
+    torch.testing.assert_close(out.logits, eager[0], rtol=1e-5, atol=1e-5)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.grad is not None
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, eager[1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_generate_equals_greedy_without_cache():
     model = varied(tiny())
     ids = torch.randint(0, 256, (2, 5))

@@ -45,7 +45,8 @@ class DreamerBenchConfig:
     repeats: int = 3  # timed rounds per decode measurement
     dtype: str = "float32"  # float32 | bfloat16 (training: autocast; decode: weights in this dtype)
     device: str = "cpu"
-    # Decode steps compiled over a full static cache, as `generate(compile=True)` runs them (training stays eager)
+    # Compile both models: training per layer, as the trainer's `compile` does, and the decode steps over a full
+    # static cache, as `generate(compile=True)` runs them
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend ("eager" only traces: for tests)
     out_dir: str = "runs/bench"
@@ -119,7 +120,8 @@ def run_dreamer_bench(cfg: DreamerBenchConfig) -> dict:
     flops = {k: m.forward_flops(cfg.seq_len) / cfg.seq_len for k, m in models.items()}
     params = {k: m.num_params() for k, m in models.items()}
     tcfg = TrainConfig(steps=cfg.warmup_steps + cfg.steps + 2, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                       schedule="constant", warmup=0, dtype=cfg.dtype, device=cfg.device, progress=False, plot=False)
+                       schedule="constant", warmup=0, dtype=cfg.dtype, device=cfg.device, compile=cfg.compile,
+                       progress=False, plot=False)
     batches = random_batches(models["dense"].config.vocab_size, cfg, cfg.warmup_steps + cfg.steps + 2, device)
     loops = {k: ours_loop(copy.deepcopy(m), batches, tcfg, device, m.trainer_hooks(tcfg.steps)
                           if hasattr(m, "trainer_hooks") else []) for k, m in models.items()}
@@ -180,7 +182,8 @@ def render_markdown(r: dict) -> str:
     head = (f"### bench dreamer: {c['model']} (D={d['hidden_size']}, R={d['num_recurrences']}, E={d['num_experts']}, "
             f"k={d['num_experts_per_tok']}, F={d['moe_intermediate_size']}, DA {d['da_mode']}) vs a dense decoder "
             f"of {r['dense_config']['num_hidden_layers']} layers, MLP {r['dense_config']['intermediate_size']}; "
-            f"{c['dtype']}, {r['machine']}; decode {timing.decode_execution(c)}\n\n")
+            f"{c['dtype']}, {r['machine']}; training {'compiled per layer' if c.get('compile') else 'eager'}, decode "
+            f"{timing.decode_execution(c)}\n\n")
     tail = (f"\n\nratio = dreamer / dense. Training: median of {c['steps']} alternated optimizer steps after "
             f"{c['warmup_steps']} warm-up (trainer step, Dreamer with its balancing hook); the control row times the "
             "dense step twice, as two contenders: its distance from 1 is this run's timing noise. Decode: median of "

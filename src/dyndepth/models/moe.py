@@ -69,7 +69,7 @@ class Experts(nn.Module):
         w_sorted = w_NK.reshape(-1)[order, None]  # (N*K, 1) each pair's gate
         rows = order // K  # (N*K,) the token of each sorted pair
         if grouped:
-            counts_E = torch.bincount(flat_NK, minlength=E)  # (E,) group sizes, on the device
+            counts_E = group_sizes(flat_NK, E)  # (E,) on the device
             y = self._grouped(x_ND, rows, counts_E.cumsum(0).to(torch.int32), w_sorted)  # (N*K, D)
         else:
             x_sorted = x_ND.index_select(0, rows)  # (N*K, D); 4x faster than x_ND[rows] on CPU
@@ -85,8 +85,8 @@ class Experts(nn.Module):
     def _path(self, x_ND: torch.Tensor, K: int) -> str:
         """How `forward` runs N tokens with K experts each: "grouped" (one grouped matmul), "gathered" (few tokens,
         decoding: the K experts' weights gathered, no host sync), "every" (a traced step of a few tokens whose
-        experts do not run grouped: Qwen3-MoE's in any dtype, Dreamer's in float32; `every_expert_pays`) or "loop"
-        (one matmul per expert, one host sync)."""
+        experts do not run grouped: Qwen3-MoE's in any dtype, Dreamer's in float32 on CUDA; `every_expert_pays`) or
+        "loop" (one matmul per expert, one host sync)."""
         N, E = x_ND.shape[0], self.down_proj.shape[0]
         if self.grouped and _grouped_mm_supported(x_ND) and self._aligned(matmul_dtype(x_ND)):
             return "grouped"
@@ -112,7 +112,7 @@ class Experts(nn.Module):
         dtype = matmul_dtype(x_ND)
         h = gather_grouped_mm(x_ND.to(dtype), rows_M, self.in_proj.to(dtype), offsets_E)  # (M, 2F or F)
         act = self._activate(h, w_M1.to(dtype))  # (M, F)
-        return F.grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+        return grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offsets_E)
 
     def _expert(self, x: torch.Tensor, e: int, w_c1: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.in_proj[e])  # (c, 2F or F)
@@ -136,8 +136,8 @@ class Experts(nn.Module):
 
 
 # A forward torch.compile traces (a compiled decode step, CUDA graphs on a GPU) whose experts do not run grouped
-# (Qwen3-MoE's, which run one matmul per expert eagerly; Dreamer's in float32, which the grouped matmul does not
-# compile for, see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
+# (Qwen3-MoE's, which run one matmul per expert eagerly; Dreamer's in float32 on CUDA, where torch's grouped matmul
+# runs bfloat16 only, see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
 # graph without the group sizes' host sync, each expert's weights read once (what a decode step of a few rows costs
 # anyway), for E / K times the routed FLOPs, which the FLOP ledger counts as executed (`experts_per_token`).
 EVERY_EXPERT_MAX_TOKENS = 64
@@ -157,7 +157,7 @@ def gather_grouped_mm(x_NI: torch.Tensor, rows_M: torch.Tensor, weight_EOI: torc
 
 
 def _gather_grouped_mm(x_NI, rows_M, weight_EOI, offsets_E) -> torch.Tensor:
-    return F.grouped_mm(x_NI.index_select(0, rows_M), weight_EOI.transpose(-2, -1), offs=offsets_E)
+    return grouped_mm(x_NI.index_select(0, rows_M), weight_EOI.transpose(-2, -1), offsets_E)
 
 
 def add_rows(y_MD: torch.Tensor, index_M: torch.Tensor, n: int) -> torch.Tensor:
@@ -187,11 +187,11 @@ class GatherGroupedMM(torch.autograd.Function):
         x_NI, rows_M, weight_EOI, offsets_E = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_rows = F.grouped_mm(grad_MO, weight_EOI, offs=offsets_E)  # (M, I)
+            grad_rows = grouped_mm(grad_MO, weight_EOI, offsets_E)  # (M, I)
             grad_x = torch.zeros(x_NI.shape, dtype=torch.float32, device=x_NI.device)  # K rows summed in fp32
             grad_x = grad_x.index_add_(0, rows_M, grad_rows.float()).to(x_NI.dtype)
         if ctx.needs_input_grad[2]:  # (E, O, I): each expert's rows, grad^T @ x
-            grad_w = F.grouped_mm(grad_MO.t(), x_NI.index_select(0, rows_M), offs=offsets_E)
+            grad_w = grouped_mm(grad_MO.t(), x_NI.index_select(0, rows_M), offsets_E)
         return grad_x, None, grad_w, None
 
 
@@ -227,9 +227,9 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
         return torch.einsum("mi,eio->emo", x_MI, weight_EIO)[expert_P, row_P]  # (P, O)
     order = torch.argsort(expert_P, stable=True)
     x_sorted = x_MI.index_select(0, row_P[order])  # (P, I) grouped by expert
-    counts_E = torch.bincount(expert_P, minlength=E)
+    counts_E = group_sizes(expert_P, E)
     if grouped:  # (its operands need 16-byte row strides)
-        y = F.grouped_mm(x_sorted.to(dtype), weight_EIO.to(dtype), offs=counts_E.cumsum(0).to(torch.int32))
+        y = grouped_mm(x_sorted.to(dtype), weight_EIO.to(dtype), counts_E.cumsum(0).to(torch.int32))
     else:
         outs, start = [], 0
         for e, c in enumerate(counts_E.tolist()):  # one host sync for the group sizes
@@ -241,16 +241,60 @@ def expert_linear(x_MI: torch.Tensor, row_P: torch.Tensor, expert_P: torch.Tenso
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch's grouped matmul runs on CPU in float32, bfloat16 and float16 (eager; float64 falls back to one matmul
-    per expert), and on CUDA (compute capability 8.0+) in bfloat16. Under torch.compile its shape rule accepts
-    bfloat16 only, so compiled fp32 falls back too."""
+    """torch's grouped matmul runs on CPU in float32, bfloat16 and float16 (float64 falls back to one matmul per
+    expert), eager or compiled (`grouped_mm`), and on CUDA (compute capability 8.0+) in bfloat16."""
     if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
+    if x.device.type == "cpu":
+        return True
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
                                          and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
-    if x.device.type == "cpu":
-        return bf16 or not torch.compiler.is_compiling()
     return x.is_cuda and bf16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm(a, b, offs=offsets)`: (M, K) x (E, K, N) -> (M, N), or (K, M) x (M, N) -> (E, K, N) (offsets
+    over M). In a forward torch.compile traces, a float32 or float16 call goes through an opaque custom op: the
+    compiler's shape rule for the grouped matmul accepts bfloat16 only, while torch's CPU kernel runs the others
+    too (compiled float32 experts fell back to one matmul per expert behind a host sync)."""
+    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
+        return _opaque_grouped_mm(a, b, offsets)
+    return F.grouped_mm(a, b, offs=offsets)
+
+
+@torch.library.custom_op("dyndepth::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(a, b, offs=offsets)
+
+
+@_opaque_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:  # (M, K) x (E, K, N)
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])  # (K, M) x (M, N) -> (E, K, N)
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    a, b, offsets = ctx.saved_tensors
+    if b.dim() != 3:
+        raise NotImplementedError("the (K, M) x (M, N) grouped matmul (a weight gradient) has no gradient itself.")
+    grad_a = grouped_mm(grad, b.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None  # (M, K)
+    grad_b = grouped_mm(a.t(), grad, offsets) if ctx.needs_input_grad[1] else None  # (E, K, N)
+    return grad_a, grad_b, None
+
+
+_opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def group_sizes(expert_M: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64: how many of the M assignments go to each expert, a static shape (bincount's is data-dependent,
+    which a compiled graph breaks on)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_M.device).index_add_(
+        0, expert_M, torch.ones_like(expert_M))
 
 
 class SparseMoE(nn.Module):
