@@ -1037,6 +1037,29 @@ def test_recipe_overrides_reach_the_config_by_name():
         dyndepth.preset("dreamer-tiny", da_heads=2)
 
 
+def test_the_compiled_grouped_matmul_equals_torchs_with_its_gradients():
+    """`models.moe.grouped_mm` under torch.compile (its opaque custom op) against torch's own grouped matmul in
+    eager, forward and both gradients, with an empty expert, a transposed weight view and an expanded (stride-0)
+    output gradient; `group_sizes` counts as bincount does, int32 indices too."""
+    from dyndepth.models.moe import group_sizes, grouped_mm
+
+    a = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(4, 8, 16, requires_grad=True)  # (E, N, K): used transposed, as the experts do
+    offsets = torch.tensor([3, 3, 7, 12], dtype=torch.int32)  # expert 1 owns no row
+    torch.nn.functional.grouped_mm(a, w.transpose(-2, -1), offs=offsets).backward(torch.ones(12, 8))  # (torch's
+    # own backward takes no expanded gradient)
+    eager = a.grad.clone(), w.grad.clone()
+    a.grad = w.grad = None
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, w: grouped_mm(a, w.transpose(-2, -1), offsets), backend="eager", fullgraph=True)(a, w)
+    out.sum().backward()  # the gradient reaching the op is expanded: stride 0
+    torch.testing.assert_close(a.grad, eager[0])
+    torch.testing.assert_close(w.grad, eager[1])
+    assert w.grad[1].abs().sum() == 0  # the empty expert
+    idx = torch.tensor([3, 0, 3, 3, 1], dtype=torch.int32)
+    assert torch.equal(group_sizes(idx, 5), torch.bincount(idx, minlength=5))
+
+
 def test_expert_widths_the_grouped_matmul_cannot_take_run_one_matmul_per_expert():
     """F = 30 (120-byte rows in float32) is not a multiple of 16 bytes: the grouped matmul refuses it (it raised
     deep inside torch), so the experts run one matmul per expert, with the grouped path's values and gradients."""

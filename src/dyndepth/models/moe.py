@@ -259,7 +259,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     """`F.grouped_mm(a, b, offs=offsets)`: (M, K) x (E, K, N) -> (M, N), or (K, M) x (M, N) -> (E, K, N) (offsets
     over M). In a forward torch.compile traces, a float32 or float16 call goes through an opaque custom op: the
     compiler's shape rule for the grouped matmul accepts bfloat16 only, while torch's CPU kernel runs the others
-    too (compiled float32 experts fell back to one matmul per expert behind a host sync)."""
+    too (compiled float32 experts fell back to one matmul per expert behind a host sync). Widths must be multiples of
+    16 bytes (callers check: `Experts._aligned`), so the kernel's output is contiguous, as the custom op's fake says."""
     if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
         return _opaque_grouped_mm(a, b, offsets)
     return F.grouped_mm(a, b, offs=offsets)
@@ -283,6 +284,7 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:
 
 def _grouped_mm_backward(ctx, grad: torch.Tensor):
     a, b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # (an expanded gradient, stride 0, is not a layout the kernel takes)
     if b.dim() != 3:
         raise NotImplementedError("the (K, M) x (M, N) grouped matmul (a weight gradient) has no gradient itself.")
     grad_a = grouped_mm(grad, b.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None  # (M, K)
@@ -297,7 +299,7 @@ def group_sizes(expert_M: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(E,) int64: how many of the M assignments go to each expert, a static shape (bincount's is data-dependent,
     which a compiled graph breaks on)."""
     return torch.zeros(num_experts, dtype=torch.int64, device=expert_M.device).index_add_(
-        0, expert_M, torch.ones_like(expert_M))
+        0, expert_M, torch.ones_like(expert_M, dtype=torch.int64))
 
 
 class SparseMoE(nn.Module):
