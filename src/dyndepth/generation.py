@@ -225,7 +225,7 @@ def generate(
     with accounting_off_by_default():  # no step reads its FLOP ledger or statistics (core.accounting)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
-        step = _decode_step(model, compile if compiled else False)
+        step = decode_step(model, compile if compiled else False)
 
         tokens = [input_ids]
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
@@ -264,7 +264,9 @@ def _check_given_cache(cache: KVCache, config, batch_size: int, max_len: int, sl
                          "the generation's knobs), dtype=..., device=...).")
 
 
-def _decode_step(model, compile: bool | dict):
+def decode_step(model, compile: bool | dict):
+    """The one-token step `generate` runs, (tokens (B, 1), positions (B, 1), cache) -> output; compiled with
+    `decode_compile_options` unless `compile` is False."""
     def step(tok_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache):
         return model(tok_B1, positions=pos_B1, cache=cache)
 

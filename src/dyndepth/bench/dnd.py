@@ -251,5 +251,5 @@ def main(cfg: DNDBenchConfig | None, quality: DNDQualityConfig | None = None) ->
     result = {"throughput": None if cfg is None else run_throughput(cfg),
               "quality": None if quality is None else run_quality(quality)}
     out_dir = (cfg or quality).out_dir
-    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("-compiled" * cfg.compile)
+    name = "dnd" if cfg is None else f"dnd-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("-compiled" if cfg.compile else "")
     return timing.publish(result, render_markdown(result["throughput"], result["quality"]), out_dir, name)

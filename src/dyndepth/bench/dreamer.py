@@ -194,5 +194,5 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: DreamerBenchConfig) -> dict:
     result = run_dreamer_bench(cfg)
-    name = f"dreamer-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}" + "-compiled" * cfg.compile
+    name = f"dreamer-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}" + ("-compiled" if cfg.compile else "")
     return timing.publish(result, render_markdown(result), cfg.out_dir, name)

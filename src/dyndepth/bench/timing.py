@@ -22,6 +22,7 @@ import torch
 from dyndepth.core.accounting import accounting, accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES, cpu_memory_policy, resolve_device
+from dyndepth.generation import decode_compile_options, decode_step
 
 CONTROL = "control"  # a second, identical baseline contender: the timing noise, measured in the same run
 
@@ -135,11 +136,7 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
     B, T = prompt.shape
     dtype = next(model.parameters()).dtype
     kept: list[KVCache] = []  # made by the first start(), inside the scope (a method's slots count)
-
-    def forward(tok_B1: torch.Tensor, pos_B1: torch.Tensor, view: KVCache):
-        return model(tok_B1, positions=pos_B1, cache=view)
-
-    run = forward if compile is None else torch.compile(forward, **compile)
+    run = decode_step(model, False if compile is None else compile)
 
     @torch.no_grad()
     def start():
@@ -169,8 +166,6 @@ def greedy_stepper(model, prompt: torch.Tensor, steps: int,
 
 def decode_compile(model, cfg) -> dict | None:
     """A bench config's decode compile options (its `compile` and `compile_backend`), as `generate` takes them."""
-    from dyndepth.generation import decode_compile_options
-
     return decode_compile_options(model, {"backend": cfg.compile_backend}) if cfg.compile else None
 
 

@@ -73,6 +73,12 @@ class ForwardContext:
         self._all: torch.Tensor | None = None  # valid_or_all's all-True mask, made on first use
 
     @property
+    def traced_decode(self) -> bool:
+        """A cached one-token-per-row forward that torch.compile traces (a compiled decode step, CUDA graphs on a
+        GPU): methods decide by masks there, never by a host read, so the step stays one static graph."""
+        return torch.compiler.is_compiling() and self.cache is not None and self.positions.shape[1] == 1
+
+    @property
     def valid_or_all(self) -> torch.Tensor:
         """(B, T) bool: `valid`, or all True (made once per context: a decode step asks for it per layer)."""
         if self.valid is not None:

@@ -297,7 +297,7 @@ class DND:
             st.sd.append(sd)
             st.dp.append(dp)
             st.beta.append(layer.dnd.beta.detach().float().reshape(()).clone())  # FSDP2 frees the unsharded copy
-        if self.nested and ctx.cache is not None and x.shape[1] == 1 and torch.compiler.is_compiling():
+        if self.nested and ctx.traced_decode:
             return self._decode_step(layer, xv, p_BT, ctx, slot, keep_B1=keep_BT)  # one graph: every row runs it
         if self.nested and ctx.cache is not None:  # decoding: only the rows that selected a token run the pass
             rows_M = keep_BT.any(1).nonzero().squeeze(1)  # (M,) one host sync

@@ -276,8 +276,7 @@ class GateSkip:
         if self.config.kv_policy == "copy_prev":
             ctx.kv_hook = functools.partial(self._copy_prev_kv, ctx)
         always = valid & ~pool
-        if torch.compiler.is_compiling() and ctx.cache is not None and input_ids.shape[1] == 1:
-            # a compiled decode step: counts stay on the device (one graph, no host sync)
+        if ctx.traced_decode:  # counts stay on the device (one graph, no host sync)
             return GateSkipState(pool=pool, always=always, valid=valid, n_pool=pool.sum(), n_always=always.sum(),
                                  traced=True)
         return GateSkipState(pool=pool, always=always, valid=valid, n_pool=int(pool.sum()), n_always=int(always.sum()))
