@@ -222,12 +222,7 @@ class DreamerLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, [DreamerLayer(config, g) for g in range(config.layers_per_group)])
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=config.initializer_range)
+        native.add_lm_head(self)
         self.method = None  # the shared forward's method slot: Dreamer runs without one
         self.steps: int | None = None  # recurrence steps at inference (None: num_recurrences)
         self.exit_kl: float | None = None  # per-token exit threshold in nats (None: off)

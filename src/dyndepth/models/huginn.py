@@ -270,12 +270,7 @@ class HuginnLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, [SandwichLayer(config, i) for i in range(config.num_layers)])
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=config.initializer_range)
+        native.add_lm_head(self)
         self.method = None  # runs without an adaptive-depth method
         self.steps: int | None = None  # recurrence steps at evaluation (None: mean_recurrence)
         # Training draws so far (`nth_draw`: every rank draws the same counts; a resumed run continues them).

@@ -340,14 +340,7 @@ class MoRLM(nn.Module):
             H = config.aux_router_hidden
             self.aux_routers = nn.ModuleList(nn.Sequential(nn.Linear(D, H, bias=False), nn.SiLU(),
                                                            nn.Linear(H, 1, bias=False)) for _ in range(R))
-        self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=config.initializer_range)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        native.add_lm_head(self, zero_biases=True)
         self.method = RecursionRouting(config, self.routers, self.aux_routers)
 
     @property

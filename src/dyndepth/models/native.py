@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.safetensors_io import write_pretrained
@@ -30,6 +31,21 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     from dyndepth.generation import generate as run  # generation imports the models: import at call time
 
     return run(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature, **kwargs)
+
+
+def add_lm_head(model: nn.Module, zero_biases: bool = False) -> None:
+    """`model.lm_head` (tied to the embedding when the config says so), then every Linear and Embedding weight of
+    the model drawn from N(0, initializer_range^2) (and, with `zero_biases`, every Linear bias zeroed): the last
+    step of a family's `__init__`, once all its modules exist."""
+    config = model.config
+    model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=config.initializer_range)
+            if zero_biases and getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
 
 def disk_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
