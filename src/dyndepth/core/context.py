@@ -10,7 +10,6 @@ branches run unchanged on (B, K, D) and causality, documents and the cache follo
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -133,8 +132,17 @@ class ForwardContext:
         K/V there. Both slots must hold their tokens at their sequence positions (causality is by column)."""
         if self.cache is None:
             raise ValueError("also_reading needs a cache: without one there is no other slot to read.")
-        ctx = copy.copy(self)
+        ctx = self.copy()
         ctx.also_read = slot
+        return ctx
+
+    def copy(self) -> ForwardContext:
+        """A shallow copy: the same tensors, cache, ledger and state. Made attribute by attribute, not by
+        `copy.copy`, which torch 2.11's dynamo refuses to trace (a compiled decode step copies contexts)."""
+        ctx = ForwardContext(self.positions, self.valid, self.cos, self.sin, self.attn_mask, self.cache, self.doc_ids,
+                             self.training, self.rope, self.method, self.state, self.ledger, self.aux, self.kv_hook,
+                             self.cache_source, self.model_state)
+        ctx.ordered, ctx.entries, ctx.also_read, ctx._all = self.ordered, self.entries, self.also_read, self._all
         return ctx
 
     def rows(self, rows_M: torch.Tensor) -> ForwardContext:

@@ -45,7 +45,6 @@ read from the layer's own slot, where the vanilla pass wrote them).
 
 from __future__ import annotations
 
-import copy
 import numbers
 from collections import deque
 from dataclasses import dataclass, field
@@ -348,7 +347,7 @@ class DND:
                                     ledger=ctx.ledger, aux=ctx.aux, model_state=ctx.model_state,
                                     cache_source=ctx.positions)
         if keep_B1 is not None:
-            nested = copy.copy(nested)
+            nested = nested.copy()
             nested.valid = keep_B1  # writes: the selected rows only (keep is already False on PAD)
         xd_M1D = layer.block(xv_M1D, nested, nslot)
         mix = self._mix(layer, p_M1, xv_M1D, xd_M1D)
