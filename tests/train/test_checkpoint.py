@@ -14,14 +14,7 @@ from dyndepth.train.checkpoint import latest_checkpoint, list_checkpoints, load_
 from dyndepth.train.parallel import DistInfo
 from dyndepth.train.trainer import setup_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny runs are faster without oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_latest_ignores_tmp_and_incomplete_dirs_and_keep_last(tmp_path):

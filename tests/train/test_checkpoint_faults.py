@@ -40,13 +40,7 @@ SCRIPT = Path(__file__).with_name("train_script.py")
 KILLED_SAVE_POINTS = ("before_weights", "after_weights", "before_rename")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as in the subprocess runs (their losses are compared with ours)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(out_dir: Path, steps: int = 12, hooks=(), **kw):

@@ -16,13 +16,7 @@ from dyndepth.runconfig import RunConfigError
 from dyndepth.train import Hook, train
 from dyndepth.train.checkpoint import list_checkpoints, verify_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PoisonHook(Hook):
