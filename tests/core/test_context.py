@@ -13,12 +13,13 @@ def _context() -> ForwardContext:
                          rope=lambda p: (cos, sin), state=object(), model_state=object(),
                          kv_hook=lambda slot, k, v: (k, v), cache_source=positions)
     ctx.ordered, ctx.entries = True, (torch.tensor([0]), torch.tensor([1]))
-    ctx.valid_or_all  # noqa: B018 (fills the lazily made attribute)
     return ctx
 
 
 def test_copy_is_shallow_and_keeps_every_attribute():
     ctx = _context()
+    for name in list(vars(ctx)):  # a distinct object in every attribute: one the copy missed would read its default
+        setattr(ctx, name, object())
     twin = ctx.copy()
     assert twin is not ctx
     assert vars(twin).keys() == vars(ctx).keys()  # an attribute added to the class must be copied too

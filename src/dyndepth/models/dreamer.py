@@ -222,7 +222,7 @@ class DreamerLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, [DreamerLayer(config, g) for g in range(config.layers_per_group)])
-        native.add_lm_head(self)
+        native.add_lm_head_and_init(self)
         self.method = None  # the shared forward's method slot: Dreamer runs without one
         self.steps: int | None = None  # recurrence steps at inference (None: num_recurrences)
         self.exit_kl: float | None = None  # per-token exit threshold in nats (None: off)

@@ -270,7 +270,7 @@ class HuginnLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, [SandwichLayer(config, i) for i in range(config.num_layers)])
-        native.add_lm_head(self)
+        native.add_lm_head_and_init(self)
         self.method = None  # runs without an adaptive-depth method
         self.steps: int | None = None  # recurrence steps at evaluation (None: mean_recurrence)
         # Training draws so far (`nth_draw`: every rank draws the same counts; a resumed run continues them).

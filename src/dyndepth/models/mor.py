@@ -340,7 +340,7 @@ class MoRLM(nn.Module):
             H = config.aux_router_hidden
             self.aux_routers = nn.ModuleList(nn.Sequential(nn.Linear(D, H, bias=False), nn.SiLU(),
                                                            nn.Linear(H, 1, bias=False)) for _ in range(R))
-        native.add_lm_head(self, zero_biases=True)
+        native.add_lm_head_and_init(self, zero_biases=True)
         self.method = RecursionRouting(config, self.routers, self.aux_routers)
 
     @property

@@ -1,6 +1,7 @@
-"""What every model family shares that has no HF transformers class (Dreamer, Huginn, MoR): generation, the
-on-disk state dict and `save_pretrained`. A family's model class binds these as its methods and names its
-`architecture` (written to config.json; `dyndepth.from_pretrained` reads `model_type` to load it back)."""
+"""What every model family shares that has no HF transformers class (Dreamer, Huginn, MoR): the lm_head and weight
+init (`add_lm_head_and_init`), generation, the on-disk state dict and `save_pretrained`. A family's model class
+binds these as its methods and names its `architecture` (written to config.json; `dyndepth.from_pretrained` reads
+`model_type` to load it back)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     return run(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature, **kwargs)
 
 
-def add_lm_head(model: nn.Module, zero_biases: bool = False) -> None:
+def add_lm_head_and_init(model: nn.Module, zero_biases: bool = False) -> None:
     """`model.lm_head` (tied to the embedding when the config says so), then every Linear and Embedding weight of
     the model drawn from N(0, initializer_range^2) (and, with `zero_biases`, every Linear bias zeroed): the last
     step of a family's `__init__`, once all its modules exist."""
