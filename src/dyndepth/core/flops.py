@@ -73,7 +73,7 @@ def mlp_flops(config: ModelConfig, layer: int) -> int:
     """Per token through layer `layer`'s MLP: dense SwiGLU, or MoE router plus K experts."""
     D = config.hidden_size
     if config.is_moe_layer(layer):
-        return 2 * D * config.num_experts + config.num_experts_per_tok * expert_flops(config)  # router + K experts
+        return moe_flops(config)
     return 3 * (2 * D * config.intermediate_size)
 
 
@@ -191,15 +191,19 @@ def expert_flops(config) -> int:
         config.moe_intermediate_size
 
 
+def moe_flops(config) -> int:
+    """Per token through a sparse MLP: the router's scores against the E experts, then K experts."""
+    return 2 * config.hidden_size * config.num_experts + config.num_experts_per_tok * expert_flops(config)
+
+
 def expert_attn_flops(config) -> int:
     """Per token through the FFN slot: sparse expert attention (scores against the E expert keys, then K
     SwiGLU or GELU experts of width F), or the dense SwiGLU FFN when `num_experts` is 0. Learned step encodings
     (the router's, and depth attention's with `da_step_encoding="learned"`) add one matrix-vector product per
     step, not per token: left out here, as torch's FLOP counter leaves out `mv`."""
-    D = config.hidden_size
     if not config.num_experts:
-        return 3 * 2 * D * config.intermediate_size
-    return 2 * D * config.num_experts + config.num_experts_per_tok * expert_flops(config)
+        return 3 * 2 * config.hidden_size * config.intermediate_size
+    return moe_flops(config)
 
 
 def recurrent_step_flops(config, step: int, T: Count, context: Count = 0) -> Count:

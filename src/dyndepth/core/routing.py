@@ -213,9 +213,9 @@ def pack_indices(keep_BT: torch.Tensor, size: int | None = None) -> tuple[torch.
     traces (a compiled decode step): then K = 1, whatever was kept, so shapes do not depend on the router."""
     B, T = keep_BT.shape
     count_B = keep_BT.sum(1)  # (B,)
-    if size is None:
-        size = 1 if T == 1 and torch.compiler.is_compiling() else int(count_B.max())
     K = size
+    if K is None:
+        K = 1 if T == 1 and torch.compiler.is_compiling() else int(count_B.max())
     col_BT = keep_BT.long().cumsum(1) - 1  # destination column of each kept token
     dest_BT = torch.where(keep_BT & (col_BT < K), col_BT, K)  # others -> scratch column K
     t_BT = torch.arange(T, device=keep_BT.device).expand(B, T)
