@@ -155,7 +155,9 @@ class KVCache:
         """Drop every entry that came from a token at sequence position >= `from_position` ((B,) or an int),
         in all slots or the given ones. Speculative decoding calls it before re-writing rejected positions,
         so a sparse slot (MoD, DND nested) never keeps a stale entry of a rejected token."""
-        start = torch.as_tensor(from_position, device=self.valids[0].device).reshape(-1, 1)  # (B, 1) or (1, 1)
+        start = torch.as_tensor(from_position, device=self.valids[0].device)
+        if start.dim() != 2:
+            start = start.reshape(-1, 1)  # (B, 1) or (1, 1)
         for s in range(len(self.valids)) if slots is None else slots:
             self.valids[s] &= self.sources[s] < start
 
