@@ -18,6 +18,7 @@ from dyndepth.core.method import Method
 from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
 from dyndepth.methods.dnd import compact_positions, router_losses
 from dyndepth.methods.dnd_analysis import without_method
+from dyndepth.methods.registry import reconfigure_method
 from opcount import OpCounter
 
 
@@ -475,6 +476,18 @@ def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_report
             assert out.compute.total("executed", "mlp", s) == out.compute.total("ideal", "mlp", s)
             partial += 0 < ran < 3
     assert partial > 0
+
+
+def test_a_checkpoints_band_may_be_written_another_way_but_not_changed():
+    """`reconfigure_method` (a post-training recipe on a DND checkpoint) compares the layers a band selects: (0, -1)
+    is (0, 1) on a 2-layer model; another band or router_bias would not fit the saved parameters."""
+    model = CausalLM(preset("tiny-qwen3"))
+    attach_dnd(model, DNDConfig(layers=(0, 1)))
+    assert reconfigure_method(model, "dnd", {"layers": [0, -1], "sd_weight": 0.5}).config.sd_weight == 0.5
+    with pytest.raises(ValueError, match="dnd.layers cannot change once attached.*layers 0-1.*selects 1-1"):
+        reconfigure_method(model, "dnd", {"layers": [1, 1]})
+    with pytest.raises(ValueError, match="router_bias cannot change"):
+        reconfigure_method(model, "dnd", {"router_bias": False})
 
 
 def test_config_errors_and_no_calibration():

@@ -78,7 +78,7 @@ POSITIONS = ("compact", "original")
 CONTROLS = ("threshold", "topk", "fixed")
 EMA_TARGETS = ("quantile", "topk_mean")
 SD_SIGNS = ("maximize_entropy", "minimize_entropy")
-STRUCTURAL = ("layers", "router_bias")  # fields that shape parameters: fixed once attached
+STRUCTURAL = ("router_bias",)  # fields that shape parameters: fixed once attached (and `layers`, as the band)
 
 
 @dataclass
@@ -182,7 +182,7 @@ class DND:
     name = "dnd"
 
     def __init__(self, config: DNDConfig, layers: list[int], num_applications: int) -> None:
-        self.layers = list(layers)
+        self.layers, self.num_layers = list(layers), num_applications  # (one application per layer)
         self.nested_slot = {layer: num_applications + j for j, layer in enumerate(self.layers)}
         self.scores_buffer = {layer: deque(maxlen=config.buffer_batches) for layer in self.layers}
         self._decoder = None
@@ -191,6 +191,10 @@ class DND:
     def configure(self, config: DNDConfig) -> None:
         """Adopt a new config (training options); runtime knobs reset."""
         check_structural(self.name, getattr(self, "config", None), config, STRUCTURAL)
+        if hasattr(self, "config") and config.band(self.num_layers) != self.layers:  # (0, -1) and (0, 1) can agree
+            raise ValueError(f"dnd.layers cannot change once attached (it shapes the parameters): the method runs on "
+                             f"layers {self.layers[0]}-{self.layers[-1]}, dnd.layers={config.layers} selects "
+                             f"{config.band(self.num_layers)[0]}-{config.band(self.num_layers)[-1]}.")
         self.config = config
         self.nested, self.tau_offset = True, 0.0
         for layer in self.layers:
