@@ -100,3 +100,20 @@ def test_the_study_command_names_a_folder_it_cannot_study_in_one_line(run_dir, t
     dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).save_pretrained(run_dir / "model")  # not a Dreamer
     with pytest.raises(SystemExit, match="trained a 'qwen3' model; the Dreamer study needs a Dreamer run"):
         main([str(run_dir)])
+
+
+def test_forward_report_keeps_packed_documents_apart_as_the_trainers_evaluation_does():
+    """A batch the loader packs with data.intra_doc_mask carries positions and doc_ids: the report's loss is the
+    trainer's `evaluate` loss (documents attend within themselves), not a forward across the document boundary."""
+    torch.manual_seed(0)
+    model = dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2)).eval()
+    ids = torch.randint(0, 264, (2, 16))
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 9 + [1] * 7])
+    positions = torch.cat([torch.arange(6), torch.arange(10), torch.arange(9), torch.arange(7)]).view(2, 16)
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "positions": positions, "doc_ids": doc_ids}
+    with torch.no_grad():
+        apart, across = (model(ids, **kw).logits for kw in ({"positions": positions, "doc_ids": doc_ids}, {}))
+    loss = {name: float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()))
+            for name, logits in (("apart", apart), ("across", across))}
+    assert loss["apart"] != pytest.approx(loss["across"], rel=1e-4)  # the boundary matters to this batch
+    assert forward_report(model, [batch])["val_loss"] == pytest.approx(loss["apart"], rel=1e-6)

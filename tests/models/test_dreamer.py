@@ -243,6 +243,25 @@ def test_top_k_selects_exactly_k_experts_on_the_biased_logits_with_renormalized_
     torch.testing.assert_close(ea.route(h, step=1)[2], chosen)
 
 
+def test_renormalized_gates_stay_finite_where_every_chosen_sigmoid_underflows():
+    """Scores below ~-87 give sigmoid 0 in float32; their renormalized gates are the softmax of the chosen scores'
+    log-sigmoids (sigma_i / sum sigma_j in the limit), not 0 / 0: one such token made the whole sequence NaN
+    (sequence attention multiplies its NaN K/V by probability 0)."""
+    model = DreamerLM(tiny(num_experts=8, num_experts_per_tok=2)).eval()
+    ea = model.model.layers[0].mlp
+    h = torch.randn(3, 64)
+    with torch.no_grad():
+        ea.expert_keys.copy_(-h[1] / h[1].norm() * torch.linspace(1.0, 2.0, 8)[:, None] * 120 / h[1].norm())
+        scores, idx, gates = ea.route(h, step=0)
+    assert float(scores[1].max()) < -100 and float(torch.sigmoid(scores[1]).max()) == 0.0  # the underflow case
+    torch.testing.assert_close(gates[1], torch.softmax(scores[1].gather(0, idx[1]), -1))  # log sigma(s) ~ s there
+    torch.testing.assert_close(gates.sum(-1), torch.ones(3))
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        ea.expert_keys.mul_(1e4)  # every token's chosen scores far below -87 or far above
+        assert torch.isfinite(model(ids).logits).all()
+
+
 def test_router_scores_the_state_plus_the_step_encoding():
     ea = DreamerLM(tiny(num_recurrences=3)).model.layers[0].mlp
     with torch.no_grad():

@@ -215,9 +215,10 @@ class ExpertAttention(nn.Module):
                 q = apply_rope(q[:, None], cos, sin)[:, 0]
             scores = F.linear(q, keys, bias)  # (N, E) float32
         idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # (N, K) on biased logits
-        gates = torch.sigmoid(scores).gather(1, idx)  # (N, K) unbiased sigmoid scores of the chosen
-        if self.norm_topk_prob:
-            gates = gates / gates.sum(-1, keepdim=True)
+        chosen = scores.gather(1, idx)  # (N, K) unbiased logits of the chosen
+        # renormalized sigmoid scores, sigma_i / sum_j sigma_j, as a softmax of log-sigmoids: equal, and finite where
+        # every chosen score is below ~-87 (each sigmoid 0 in float32: 0 / 0, then NaN through the whole sequence)
+        gates = torch.softmax(F.logsigmoid(chosen), -1) if self.norm_topk_prob else torch.sigmoid(chosen)
         return scores, idx, gates.to(h_ND.dtype)
 
     def forward(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -389,8 +390,8 @@ class DreamerLayer(nn.Module):
             z_N = torch.logsumexp(scores_NE, dim=-1).square()
             st.z_losses.append((z_N * run_N).sum() / run_N.sum().clamp(min=1))
         if ctx.training and self.config.ea_aux_loss_coef:
-            probs = torch.sigmoid(scores_NE)
-            st.aux.append(router_stats(probs / probs.sum(-1, keepdim=True), idx_NK, run_N))
+            probs = torch.softmax(F.logsigmoid(scores_NE), -1)  # normalized sigmoid scores (finite: see `route`)
+            st.aux.append(router_stats(probs, idx_NK, run_N))
         return y.view(B, T, D)
 
     def _exit_check(self, st: DepthState, ctx: ForwardContext, slot: int, step: int, x_BTD: torch.Tensor) -> None:
