@@ -103,6 +103,20 @@ def test_cache_requests_are_checked():
         m(torch.zeros(1, 2, dtype=torch.long), cache=KVCache.for_model(m.config, 1, 4))
 
 
+def test_a_cache_of_another_dtype_than_the_model_computes_in_is_named_outside_autocast():
+    """It failed inside attention ("Expected query, key, and value to have the same dtype"); under autocast, which
+    casts what attention reads, it runs."""
+    m = CausalLM(preset("tiny-qwen3")).eval().to(torch.bfloat16)
+    ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None]
+    with pytest.raises(ValueError, match=r"holds torch.float32 but the model computes in torch.bfloat16.*dtype="):
+        m(ids, positions=pos, cache=KVCache.for_model(m.config, 1, 4))
+    with pytest.raises(ValueError, match="holds torch.bfloat16 but the model computes in torch.float32"):
+        m.float().generate(ids, 2, cache_dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.generate(ids, 2, cache_dtype=torch.bfloat16).shape == (1, 4)
+        assert m(ids, positions=pos, cache=KVCache.for_model(m.config, 1, 4)).logits.shape == (1, 2, 256)
+
+
 def _recipe(tmp_path, source: str, **train) -> str:
     extra = "".join(f"{k} = {v}\n" for k, v in train.items())
     text = (f'[model]\npreset = "tiny-qwen3"\nvocab_size = 300\n[train]\nsteps = 2\nbatch_size = 2\nseq_len = 8\n'

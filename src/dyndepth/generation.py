@@ -190,6 +190,8 @@ def generate(
     compile: compile the one-token decode step over the full-length static cache (CUDA graphs on GPU); a dict:
       torch.compile options for the step (`decode_compile_options`: inductor, "reduce-overhead" on CUDA, static
       shapes).
+    cache_dtype: the KV cache's dtype (default: the model's); another than the dtype the model computes in needs
+      torch.autocast around the call.
     cache: a KVCache to decode into (emptied first) instead of a new one: for batch size B, the model's
       `num_slots()` and at least prompt + max_new_tokens positions. Passing the same cache to repeated compiled
       generates lets CUDA graphs replay on the same addresses (a new cache re-records them, and torch stops

@@ -183,14 +183,20 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
 
 def check_cache(model, cache: KVCache | None, batch_size: int) -> None:
     """ValueError when a KV cache cannot hold this forward: too few slots (one per layer application, plus a
-    method's: a depth-recurrent model run with more `steps` than the cache was made for) or another batch size."""
+    method's: a depth-recurrent model run with more `steps` than the cache was made for), another batch size, or
+    another dtype than the forward computes in (outside autocast, which casts what attention reads)."""
     if cache is None:
         return
+    make = ("KVCache.for_model(model.config, batch_size, max_seq_len, num_slots=model.num_slots(), "
+            "dtype=next(model.parameters()).dtype)")
     if len(cache.keys) < model.num_slots():
         raise ValueError(f"the KV cache has {len(cache.keys)} slots but this forward writes {model.num_slots()} (one "
-                         "per layer application, and a method's extra ones); make it with KVCache.for_model("
-                         "model.config, batch_size, max_seq_len, num_slots=model.num_slots()) under the knobs (steps) "
-                         "the forwards run with.")
+                         f"per layer application, and a method's extra ones); make it with {make} under the knobs "
+                         "(steps) the forwards run with.")
+    dtype, device = model.model.embed_tokens.weight.dtype, cache.keys[0].device.type
+    if cache.keys[0].dtype != dtype and not torch.is_autocast_enabled(device):
+        raise ValueError(f"the KV cache holds {cache.keys[0].dtype} but the model computes in {dtype}; make it with "
+                         f"{make}, or run under torch.autocast.")
     if cache.batch_size != batch_size:
         raise ValueError(f"the KV cache holds {cache.batch_size} rows but input_ids has {batch_size}; make a cache "
                          "for this batch size (or take cache.rows(...) of it).")
