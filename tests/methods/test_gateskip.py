@@ -400,6 +400,29 @@ def test_copy_prev_kv_policy_reuses_the_layer_below_and_stays_cache_consistent()
     torch.testing.assert_close(torch.cat(steps, 1), full.logits, atol=1e-5, rtol=0)
 
 
+def test_copy_prev_under_activation_checkpointing_gives_the_gradients_of_the_plain_forward():
+    """The recomputation runs the layers last to first; with one "previous K/V" layer 0's recomputation copied the
+    last layer's, and torch.utils.checkpoint refused the backward (different metadata)."""
+    import copy
+
+    from dyndepth.train.parallel import apply_activation_checkpointing
+
+    model, _ = gated_model(budget=0.3, kv_policy="copy_prev", layers=3)
+    model.train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.method.bind(checkpointed)
+    apply_activation_checkpointing(checkpointed)
+    ids = torch.randint(0, 256, (2, 16))
+    grads = []
+    for m in (model, checkpointed):
+        out = m(ids)
+        (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("k_proj" in n for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_knobs_and_options_are_checked():
     model, method = gated_model()
     with pytest.raises(ValueError, match="no runtime knob 'budgets'"):
@@ -485,6 +508,41 @@ def test_threshold_mode_refuses_a_budget_its_thresholds_were_not_calibrated_for(
         method.override(budget=0.5, mode="threshold").__enter__()
     with method.override(budget=0.5):  # quantile mode needs no calibration
         pass
+
+
+def test_threshold_mode_from_the_config_is_checked_by_the_first_forward_the_trainer_and_the_cli(tmp_path,
+                                                                                                 monkeypatch):
+    """Attached (or saved) with mode="threshold" and a budget, never calibrated, a model ran every token (thresholds
+    0) while the budget said otherwise, in Python, in `dyndepth generate` and in training; only `override` checked."""
+    from typer.testing import CliRunner
+
+    from dyndepth.cli import app
+
+    model, method = gated_model(budget=0.3, mode="threshold", layers=2)
+    ids = torch.randint(0, 256, (4, 16))
+    with pytest.raises(ValueError, match="needs GateSkip's thresholds calibrated for it, and they are not calibrated"):
+        model(ids)
+    with pytest.raises(ValueError, match="mode='threshold' decodes with thresholds calibrated at one budget"):
+        GateSkipHook(method, total_steps=4)
+    model.save_pretrained(tmp_path / "uncalibrated")
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "uncalibrated"), "-p", "hi", "-n", "2",
+                                      "--tokenizer", "byte"])
+    assert result.exit_code == 2 and result.output.startswith("error:") and "not calibrated" in result.output
+    calibrate(model, [ids], budget=0.3)
+    checks = []
+    monkeypatch.setattr(method, "_check_calibrated", lambda budget: checks.append(budget))
+    with torch.no_grad():
+        assert float(model(ids).stats["gateskip/attn_skipped"]) > 0
+        model(ids)
+    assert checks == [0.3]  # once, not every forward (a decode step would read L buffers on the host)
+    calibrate(model, [ids], budget=0.3)  # new thresholds: checked again
+    with torch.no_grad():
+        model(ids)
+    assert checks == [0.3, 0.3]
+    monkeypatch.undo()
+    method.budget = 0.5  # around `override`
+    with pytest.raises(ValueError, match=r"calibrated for budget\(s\) \[0.3\]"):
+        model(ids)
 
 
 def test_threshold_mode_runs_eos_never_pad_and_counts_neither():

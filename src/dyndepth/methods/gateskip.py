@@ -192,7 +192,7 @@ class GateSkipState:
     calls: dict = field(default_factory=lambda: dict.fromkeys(BRANCHES, 0))  # routed branch calls
     packed: int = 0  # branch calls that ran packed ...
     masked: int = 0  # ... and densely with a masked output (partially kept, or not counted: see `_run_path`)
-    prev_kv: tuple | None = None  # copy_prev: the previous slot's K/V
+    prev_kv: dict = field(default_factory=dict)  # copy_prev: slot -> its K/V, for the next slot
 
 
 class GateSkip:
@@ -205,6 +205,7 @@ class GateSkip:
         self.shared = shared
         self.recorder: ThresholdRecorder | None = None  # set while `calibrate` records thresholds
         self._decoder = None  # the model's DecoderModel (see `bind`)
+        self._checked: tuple | None = None  # the budget and threshold buffers a forward last found calibrated
         self.configure(config)
 
     def configure(self, config: GateSkipConfig) -> None:
@@ -238,12 +239,24 @@ class GateSkip:
         check_calibrated([g.tau_budget_ppm for g in self.layer_gates], budget, "budget",
                          f"threshold mode at budget {budget}", "GateSkip")
 
+    def _check_calibrated_once(self) -> None:
+        """Threshold mode set by the config (or any way around `override`, which checks): the first forward checks
+        the calibration, and again only when the budget or a threshold buffer changes, so decoding reads no host
+        value per step. Uncalibrated thresholds are 0: every token ran while the budget said otherwise."""
+        key = (self.budget, *((id(g.tau_budget_ppm), g.tau_budget_ppm._version) for g in self.layer_gates))
+        if key != self._checked:
+            self._check_calibrated(self.budget)
+            self._checked = key
+
     def override(self, **knobs):
         """Temporarily change runtime knobs: `with method.override(budget=0.3): model(ids)`."""
         return override_knobs(self, self._check, **knobs)
 
-    def decoding(self, budget: float = 0.0, **knobs):
-        """Cached generation at `budget`: threshold mode with the thresholds `calibrate` stored for it (checked)."""
+    def decoding(self, budget: float | None = None, **knobs):
+        """Cached generation at `budget`: threshold mode with the thresholds `calibrate` stored for it (checked).
+        Without a budget, the current knobs (a checkpoint's saved ones), checked the same way, as MoD's does."""
+        if budget is None:
+            return self.override(**{"budget": self.budget, "mode": self.mode, **knobs})
         knobs.setdefault("mode", "threshold" if isinstance(budget, (int, float)) and budget > 0 else "quantile")
         return self.override(budget=budget, **knobs)
 
@@ -267,6 +280,8 @@ class GateSkip:
 
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> GateSkipState:
+        if self.mode == "threshold" and self.budget > 0 and not torch.compiler.is_compiling():
+            self._check_calibrated_once()
         valid = ctx.valid_or_all
         pool = valid.clone()
         if self.eos_token_ids:  # EOS is never skipped nor counted (official code)
@@ -428,13 +443,18 @@ class GateSkip:
     def _copy_prev_kv(ctx: ForwardContext, slot: int, k: torch.Tensor, v: torch.Tensor):
         """kv_policy="copy_prev" (experimental; the paper's stated behaviour, fragile in its code): a token
         that skips attention at layer l takes the K/V it had at layer l - 1 instead of projecting its
-        unchanged residual with layer l's weights. Layer 0 keeps its own. No compute is saved by this."""
+        unchanged residual with layer l's weights. Layer 0 keeps its own. No compute is saved by this.
+
+        Keyed by slot, so activation checkpointing, which recomputes the layers last to first, gives each layer what
+        its forward call read (one "previous K/V" made layer 0's recomputation copy layer L-1's). Without autograd
+        an entry is dropped once read."""
         st: GateSkipState = ctx.state
         keep = st.keep.get((slot, "attn"))
-        if keep is not None and st.prev_kv is not None:
+        prev = st.prev_kv.get(slot - 1) if torch.is_grad_enabled() else st.prev_kv.pop(slot - 1, None)
+        if keep is not None and prev is not None:
             copy = ~keep[..., None, None]  # (B, T, 1, 1)
-            k, v = torch.where(copy, st.prev_kv[0], k), torch.where(copy, st.prev_kv[1], v)
-        st.prev_kv = (k, v)
+            k, v = torch.where(copy, prev[0], k), torch.where(copy, prev[1], v)
+        st.prev_kv[slot] = (k, v)
         return k, v
 
     def bind(self, model) -> None:
@@ -473,6 +493,10 @@ class GateSkipHook:
     name = "gateskip"  # logged metrics are prefixed with it: gateskip/budget, the budget the logged step trained at
 
     def __init__(self, method: GateSkip, total_steps: int) -> None:
+        if method.config.mode != "quantile":
+            raise ValueError("gateskip mode='threshold' decodes with thresholds calibrated at one budget, and training "
+                             "ramps the budget: train with mode='quantile' (the paper's rank rule), then calibrate "
+                             "for decoding (dyndepth calibrate).")
         for name in ("ramp_start", "ramp_end"):  # (checked for training only: a checkpoint decodes at any budget)
             single_branch_budget(method.config.skip_branches, getattr(method.config, name), name)
         self.method = method
