@@ -43,7 +43,7 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
     pad_token_id: int | None
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+    def encode(self, text: str, add_bos: bool | None = False) -> list[int]: ...  # None: the tokenizer's own rule
     def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str: ...
     def save(self, folder: str | Path) -> None: ...
 
@@ -98,9 +98,9 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.bos_token_id, self.eos_token_id, self.pad_token_id = 256, 257, 258
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = False) -> list[int]:
         ids = list(text.encode("utf-8"))
-        return [self.bos_token_id, *ids] if add_bos else ids
+        return [self.bos_token_id, *ids] if add_bos else ids  # (None: no post-processor, no BOS)
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
         parts: list[str] = []
@@ -173,7 +173,11 @@ class HFTokenizer:
         return cls(backend, **_find_special_tokens(backend, path.parent),
                    chat_template=_find_chat_template(path.parent))
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = False) -> list[int]:
+        """Ids of `text`; `add_bos=None`: what the tokenizer's post-processor adds (BOS for a Llama tokenizer, nothing
+        for Qwen3's), as a transformers tokenizer's default encoding does."""
+        if add_bos is None:
+            return self.backend.encode(text, add_special_tokens=True).ids
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos and self.bos_token_id is not None else ids
 

@@ -77,6 +77,53 @@ def test_generate_until_matches_hf_greedy(pair):
     assert any(len(x) < len(y) for x, y in zip(a, free)), "a stop string should have cut some output"
 
 
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    """A tiny Llama checkpoint whose tokenizer's post-processor prepends <s>, as Llama's does (the Qwen3-style fixture
+    adds nothing, so a harness that never added BOS matched the hf backend there only)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    import dyndepth
+    from conftest import TEXTS
+
+    folder = tmp_path_factory.mktemp("llama_ckpt")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-llama", vocab_size=300, bos_token_id=0, eos_token_id=1,
+                                              max_position_embeddings=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_that_adds_bos_is_followed_as_the_hf_backend_follows_it(llama_checkpoint):
+    from lm_eval.models.huggingface import HFLM
+
+    ours = DyndepthLM(pretrained=str(llama_checkpoint), device="cpu", batch_size=3, max_length=MAX_LENGTH)
+    hf = HFLM(pretrained=str(llama_checkpoint), device="cpu", batch_size=3, max_length=MAX_LENGTH, dtype="float32")
+    assert ours.tok_encode("The quick")[0] == 0 == hf.tok_encode("The quick")[0]  # <s> first
+    assert ours.tok_encode("The quick") == hf.tok_encode("The quick")
+    assert ours.tok_encode("<s>The quick") == hf.tok_encode("<s>The quick")  # already there: not twice
+    a = ours.loglikelihood(requests("loglikelihood", LOGLIKELIHOOD), disable_tqdm=True)
+    b = hf.loglikelihood(requests("loglikelihood", LOGLIKELIHOOD), disable_tqdm=True)
+    assert [ll for ll, _ in a] == pytest.approx([ll for ll, _ in b], abs=1e-4)
+    rolling = requests("loglikelihood_rolling", [(t,) for t in ROLLING])
+    assert ours.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        hf.loglikelihood_rolling(rolling, disable_tqdm=True), abs=1e-4)
+    gen = requests("generate_until", [(p, {"until": [], "max_gen_toks": 8}) for p in PROMPTS])
+    assert ours.generate_until(gen, disable_tqdm=True) == hf.generate_until(gen, disable_tqdm=True)
+    off = DyndepthLM(pretrained=str(llama_checkpoint), device="cpu", add_bos_token=False)
+    assert off.tok_encode("The quick") == ours.tok_encode("The quick")[1:]
+
+
 def test_batch_size_does_not_change_scores(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     reqs = requests("loglikelihood", LOGLIKELIHOOD)

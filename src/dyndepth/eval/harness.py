@@ -53,7 +53,7 @@ class DyndepthLM(TemplateLM):
 
     def __init__(self, pretrained, tokenizer=None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | str = 8, max_batch_size: int | None = None, max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool = False, **knobs) -> None:
+                 max_gen_toks: int = 256, add_bos_token: bool | None = None, **knobs) -> None:
         super().__init__()
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %r: no CUDA device is visible, so the evaluation runs on cpu (lm-eval's command line "
@@ -65,7 +65,7 @@ class DyndepthLM(TemplateLM):
         self.batch_size_per_gpu = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = as_bool(add_bos_token)
+        self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
         self._stat_sums: dict[str, float] = {}
         self._forwards = 0
 
@@ -103,8 +103,14 @@ class DyndepthLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
-        add_bos = self.add_bos_token if add_special_tokens is None else bool(add_special_tokens and self.add_bos_token)
-        ids = self.tokenizer.encode(string, add_bos=add_bos)
+        """As lm-eval's hf backend: special tokens unless `add_special_tokens` is False (or, not given, the string
+        already starts with the prefix token's text); when on, BOS as `add_bos_token` says, else as the tokenizer's
+        post-processor does (a Llama tokenizer prepends it: scores without it differed from the hf backend's)."""
+        special = add_special_tokens is not False
+        prefix = self.tokenizer.decode([self.prefix_token_id], skip_special=False)
+        if add_special_tokens is None and prefix and string.startswith(prefix):
+            special = False
+        ids = self.tokenizer.encode(string, add_bos=self.add_bos_token if special else False)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, ids: list[int]) -> str:
