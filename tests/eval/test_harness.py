@@ -156,12 +156,49 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     assert method_knobs(skip.model.method)["budget"] == 0.0  # the override is undone after each forward
     info = skip.get_model_info()
     assert info["method_knobs"] == {"budget": 0.5, "mode": "quantile"}  # (skip_budget: the same budget again)
-    skipped = info["mean_forward_stats"]  # GateSkip's fractions (Python floats) are recorded next to the FLOPs
+    skipped = info["per_token_stats"]  # GateSkip's fractions (Python floats) are recorded next to the FLOPs
     assert skipped["gateskip/attn_skipped"] == pytest.approx(0.5, abs=0.1) and "flops/executed" in skipped
-    assert base.get_model_info()["mean_forward_stats"]["gateskip/attn_skipped"] == 0.0
+    assert base.get_model_info()["per_token_stats"]["gateskip/attn_skipped"] == 0.0
     knobs = split_knobs(method, {"skip_budget": 0})
     assert (knobs.fields, knobs.generate) == ({"budget": 0.0}, {"skip_budget": 0.0})
     assert isinstance(knobs.fields["budget"], float)
+
+
+def test_recorded_statistics_are_per_token_whatever_the_batching_and_include_generation(tiny_checkpoint, tmp_path):
+    """Per-token decisions (calibrated thresholds) at batch 1 and 4 give the same figures; they were means per forward
+    (FLOPs per forward grew with the batch, fractions moved with the padding), and generation recorded nothing."""
+    from dyndepth import from_pretrained
+    from dyndepth.methods import calibrate
+    from dyndepth.tokenizer import encode_batch
+
+    folder, tok = tiny_checkpoint
+    model = from_pretrained(folder)
+    attach_gateskip(model)
+    calibrate(model, [encode_batch(tok, PROMPTS + [p for p, _ in LOGLIKELIHOOD[:2]])], budget=0.3)
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    reqs = requests("loglikelihood", LOGLIKELIHOOD[:4])
+    infos = []
+    for batch_size in (1, 4):
+        lm = DyndepthLM(pretrained=str(tmp_path), device="cpu", batch_size=batch_size, skip_budget=0.3,
+                        mode="threshold")
+        lm.loglikelihood(reqs, disable_tqdm=True)
+        infos.append(lm.get_model_info())
+    one, four = (info["per_token_stats"] for info in infos)
+    assert infos[0]["tokens_run"] == infos[1]["tokens_run"] > 0
+    for key in ("flops/ideal", "flops/executed"):  # per token, batching moves them by what it really adds: the
+        assert 1 <= four[key] / one[key] < 1.15, key  # padding (executed), the longest continuation's logits (both)
+    # GateSkip's fraction is over its pool (EOS, here the empty context's prefix token, is outside it), a forward's
+    # weight is its valid tokens: equal up to that one token
+    assert one["gateskip/attn_skipped"] == pytest.approx(four["gateskip/attn_skipped"], rel=5e-3)
+    assert 0 < one["gateskip/attn_skipped"] < 1 and one["flops/ideal"] < one["flops/executed"] * 1.01
+    lm = DyndepthLM(pretrained=str(tmp_path), device="cpu", batch_size=2, skip_budget=0.3)
+    lm.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 4}) for p in PROMPTS[:2]]),
+                      disable_tqdm=True)
+    info = lm.get_model_info()  # the prompts' prefill (2 rows) and up to 3 decode steps of 2 rows
+    assert sum(len(lm.tok_encode(p)) for p in PROMPTS[:2]) < info["tokens_run"] <= \
+        sum(len(lm.tok_encode(p)) for p in PROMPTS[:2]) + 2 * 3
+    assert info["per_token_stats"]["flops/executed"] > 0
 
 
 def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):

@@ -36,6 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dyndepth.core.accounting import accounting
 from dyndepth.eval.model_args import as_bool, load_for_eval
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class DyndepthLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
         self._stat_sums: dict[str, float] = {}
-        self._forwards = 0
+        self._tokens = 0.0  # valid tokens of the forwards recorded (scoring, prefill and decode steps)
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -129,13 +130,19 @@ class DyndepthLM(TemplateLM):
         return F.log_softmax(out.logits.float(), dim=-1)  # (B, n, V)
 
     def _record(self, stats: dict) -> None:
-        """Sum each scalar statistic of a forward: one-element tensors and plain numbers (GateSkip's skipped
-        fractions are 0-dim tensors)."""
-        self._forwards += 1
+        """Add a forward's scalar statistics (one-element tensors and plain numbers), weighted by its valid tokens:
+        a fraction (GateSkip's skipped share, DND's selected one) becomes a mean over tokens and a total (FLOPs, token
+        counts) a figure per token, so neither depends on how requests were batched (a fraction over a method's own
+        pool, GateSkip's non-EOS tokens, up to the EOS tokens' share of each forward)."""
+        n = float(stats.get("tokens/valid", 0))
+        if not n:  # a forward without a ledger (or of PAD only) has nothing to weigh
+            return
+        self._tokens += n
         for k, v in stats.items():
             scalar = v.numel() == 1 if isinstance(v, torch.Tensor) else isinstance(v, (int, float))
-            if scalar and not isinstance(v, bool):
-                self._stat_sums[k] = self._stat_sums.get(k, 0.0) + float(v)
+            if scalar and not isinstance(v, bool) and k != "tokens/valid":
+                total = k.startswith("flops/") or k.endswith("/flops") or "/tokens" in k
+                self._stat_sums[k] = self._stat_sums.get(k, 0.0) + float(v) * (1.0 if total else n)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) | None, context ids, continuation ids) -> (log p, is greedy)."""
@@ -233,14 +240,17 @@ class DyndepthLM(TemplateLM):
                 raise _AllStopped
 
         ids, mask = _left_pad(rows, eot, self.device)
+        hook = self.model.register_forward_hook(lambda _m, _args, out: self._record(out.stats))  # prefill, steps
         try:
-            with self.knobs.decoding(self.model):
+            with self.knobs.decoding(self.model), accounting(True):  # (generate keeps no ledger unless asked)
                 self.model.generate(ids, options["max_new_tokens"], attention_mask=mask,
                                     temperature=options["temperature"], top_k=options["top_k"],
                                     top_p=options["top_p"], stop_tokens=[eot], pad_token_id=eot,
                                     callback=callback, **self.knobs.generate)
         except _AllStopped:
             pass
+        finally:
+            hook.remove()
         texts = []
         for b in range(len(rows)):
             tokens = [c[b] for c in cols]
@@ -252,10 +262,10 @@ class DyndepthLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         method = self.model.method
-        stats = {k: v / max(self._forwards, 1) for k, v in self._stat_sums.items()}
+        stats = {k: v / max(self._tokens, 1.0) for k, v in self._stat_sums.items()}
         return {"dyndepth_method": method.to_dict() if method is not None else None,
                 "method_knobs": dict(self.knobs.fields),  # (the generate arguments are the same values renamed)
-                "num_params": self.model.num_params(), "mean_forward_stats": stats}
+                "num_params": self.model.num_params(), "tokens_run": self._tokens, "per_token_stats": stats}
 
 
 # ---------------------------------------------------------------------------------- helpers
