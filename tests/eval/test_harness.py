@@ -213,6 +213,11 @@ def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
         split_knobs(method, {"skip_budget": 1.5})  # GateSkipConfig's own check, at construction time
     with pytest.raises(ValueError, match="dtype"):
         DyndepthLM(pretrained=str(folder), device="cpu", dtype="float64")
+    for bad in ("0", "-5"):  # 0 became the model's window; -5 failed at the first request
+        with pytest.raises(ValueError, match=f"max_length={bad}: give a positive number of tokens"):
+            DyndepthLM(pretrained=str(folder), device="cpu", max_length=bad)
+    with pytest.raises(ValueError, match="max_gen_toks=0"):
+        DyndepthLM(pretrained=str(folder), device="cpu", max_gen_toks=0)
     with pytest.raises(ValueError, match="vocab_size"):
         DyndepthLM(pretrained="tiny-qwen3", device="cpu")  # a preset (random weights), 259-id byte tokenizer
     lm = DyndepthLM(pretrained=str(folder), device="cpu")

@@ -64,7 +64,12 @@ class DyndepthLM(TemplateLM):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.knobs, self._device = loaded.knobs, loaded.device
         self.batch_size_per_gpu = _batch_size(batch_size)
-        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        for name, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
+            if value is not None and int(value) < 1:  # (0 silently became the model's window, -5 failed mid-run)
+                raise ValueError(f"{name}={value}: give a positive number of tokens"
+                                 + (", or leave it out for the model's max_position_embeddings." if name ==
+                                    "max_length" else "."))
+        self._max_length = int(max_length) if max_length is not None else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
         self._stat_sums: dict[str, float] = {}
