@@ -340,6 +340,7 @@ def test_bench_options_are_checked():
                           (lambda: DNDBenchConfig(device="foo"), "device 'foo'"),
                           (lambda: DNDBenchConfig(model="dreamer-tiny"), "attaches DND to a decoder preset"),
                           (lambda: GateSkipBenchConfig(prefill_lens=[-4]), "prefill_lens must be a non-empty"),
+                          (lambda: GateSkipBenchConfig(budgets=[0, 0.3, 0.3]), "repeat a value"),
                           (lambda: DreamerBenchConfig(model="dreamer-tiny", prompt_len=1100),
                            "must fit dreamer-tiny's max_position_embeddings")):
         with pytest.raises(ValueError, match=message):
@@ -347,7 +348,12 @@ def test_bench_options_are_checked():
 
 
 BAD_INPUTS = (len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4 + len(GENERATE_CASES) + 4 + 1
-              + len(CONFIG_CASES) + 4 + 6 + 8 + 5)
+              + len(CONFIG_CASES) + 4 + 6 + 9 + 5 + 1)
+
+
+def test_a_cli_list_option_with_a_repeated_value_is_named():
+    result = CliRunner().invoke(app, ["bench", "gateskip", "--budgets", "0,0.3,0.3"])  # two rows of one measurement
+    assert result.exit_code == 2 and "--budgets lists 0.3 twice; give each value once." in result.output, result.output
 
 
 def test_analysis_tools_name_bad_input(tmp_path):

@@ -194,6 +194,9 @@ def _numbers(text: str | None, option: str, kind=float) -> list | None:
     except ValueError:
         what = "whole numbers" if kind is int else "numbers"
         _fail(ValueError(f"{option} takes comma-separated {what}, e.g. {option} 1,2; got {text!r}."))
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:  # (a bench printed two rows of one measurement)
+        _fail(ValueError(f"{option} lists {kind(repeated)} twice; give each value once."))
     return [kind(v) for v in values]
 
 

@@ -58,6 +58,8 @@ class GateSkipBenchConfig:
                                   ("prefill_lens", "decode_batches"))
         if not self.budgets or self.budgets[0] != 0.0:
             raise ValueError("bench gateskip budgets must start with 0 (the baseline every ratio is against).")
+        if len(set(self.budgets)) != len(self.budgets):  # one contender per budget: a repeat printed a second row
+            raise ValueError(f"bench gateskip budgets {self.budgets} repeat a value; give each budget once.")
         if self.new_tokens < 2:
             raise ValueError("bench gateskip needs new_tokens >= 2 (decode time is n tokens minus 1 token).")
 
