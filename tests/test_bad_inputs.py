@@ -168,6 +168,20 @@ def test_cli_resume_with_a_recipe_that_no_longer_matches_names_the_fields(tmp_pa
     assert "new train.out_dir" in line
 
 
+def test_cli_resume_compares_the_recipe_with_the_checkpoint_it_resumes_from(tmp_path):
+    """A damaged config.yaml in the latest checkpoint: the trainer skips that checkpoint, so the recipe check must
+    read the one it resumes from (it read the damaged file and stopped the run with a difference that was not)."""
+    (tmp_path / "t.txt").write_text("some text for a tiny run " * 100)
+    recipe = _recipe(tmp_path, str(tmp_path / "t.txt"))
+    assert CliRunner().invoke(app, ["train", recipe]).exit_code == 0
+    config = tmp_path / "run" / "step_0000002" / "config.yaml"
+    config.write_text(config.read_text().replace("tiny-qwen3", "tiny-qwen4"))
+    resumed = CliRunner().invoke(app, ["train", recipe, "--resume", "--set", "train.steps=3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [p.name for p in (tmp_path / "run" / "abandoned_0").iterdir()] == ["step_0000002"]  # resumed at step 1
+    assert (tmp_path / "run" / "step_0000003").is_dir()
+
+
 @pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature must be a finite number >= 0"),
                                              ({"temperature": float("nan")}, "temperature must be a finite"),
                                              ({"temperature": 1.0, "top_k": 0}, "top_k must be a whole number >= 1"),

@@ -230,13 +230,18 @@ def _shown(section: dict, key: str) -> str:
 def check_resume_matches(run_config: RunConfig) -> None:
     """A resumed run must build the same model, method and data as its checkpoint: otherwise a RunConfigError
     that lists every field that differs (training hyperparameters may change; the trainer logs them)."""
-    from dyndepth.train.checkpoint import latest_checkpoint
+    from dyndepth.train.checkpoint import latest_good_checkpoint
+    from dyndepth.train.integrity import CheckpointError
 
     run_config = absolute_paths(run_config)
     cfg = run_config.train
     if cfg.resume in (False, ""):
         return
-    ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume is True else Path(str(cfg.resume))
+    try:  # the checkpoint the trainer will resume from: the newest undamaged one (a damaged config.yaml read here
+        # stopped the run with a made-up difference instead of the trainer skipping it)
+        ckpt = latest_good_checkpoint(cfg.out_dir, warn=False) if cfg.resume is True else Path(str(cfg.resume))
+    except CheckpointError:  # none can be resumed: the trainer says so
+        return
     if ckpt is None or not (ckpt / "config.yaml").exists():
         return
     saved = absolute_paths(load_run_config(ckpt / "config.yaml"))  # (saved before paths were made absolute)
