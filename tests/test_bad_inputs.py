@@ -147,6 +147,16 @@ def test_cli_data_files_that_cannot_be_read(tmp_path):
         assert message in line and (name in line or name == "empty.txt"), line
 
 
+def test_cli_a_missing_val_source_and_a_seq_len_past_the_model_are_named_before_any_data_is_built(tmp_path):
+    (tmp_path / "t.txt").write_text("some text " * 200)
+    recipe = _recipe(tmp_path, str(tmp_path / "t.txt"))
+    line = _cli_error(["train", recipe, "--set", f"data.val_source={tmp_path / 'vall.txt'}"])
+    assert line.startswith("error: data.val_source ") and "vall.txt" in line and "no such file" in line
+    line = _cli_error(["train", recipe, "--set", "train.seq_len=5000"])
+    assert "train.seq_len=5000 is longer than the model's max_position_embeddings" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing tokenized or written
+
+
 def test_cli_recipe_values_of_the_wrong_type(tmp_path):
     (tmp_path / "t.txt").write_text("some text " * 200)
     recipe = _recipe(tmp_path, str(tmp_path / "t.txt"))

@@ -85,6 +85,17 @@ def resolve_data_config(data_cfg: dict) -> dict:
     return cfg
 
 
+def check_sources_exist(cfg: dict) -> None:
+    """Every local file or folder data.source and data.val_source name exists (a missing val_source was reported as
+    data.source, after the training split had been tokenized)."""
+    for key in ("source", "val_source"):
+        value = cfg[key]
+        for item in value if isinstance(value, list) else [value] if value else []:
+            if item not in EMBEDDED and not item.startswith(HF_PREFIX) and not Path(item).exists():
+                raise DataError(f"data.{key} {item!r}: no such file or folder. Check the path; for a Hugging Face "
+                                f"dataset write '{HF_PREFIX}<name>'.")
+
+
 def _checked_source(value, key: str) -> str | list[str]:
     """data.source / val_source as a string or a list of at least two strings (a one-item list is its item, so it
     keeps the item's shard cache); paths may be given as `Path`s. A val_source of None or [] is none ("")."""
@@ -146,6 +157,7 @@ def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] |
     `bpe_train_bytes` of the training source once (rank 0, the others wait at `barrier`) and caches it in
     cache_dir under the source's content hash, so every later run and rank loads the same ids."""
     cfg = resolve_data_config(data_cfg)
+    check_sources_exist(cfg)
     name = str(cfg["tokenizer"])
     if not name.startswith(BPE_PREFIX):
         return load_tokenizer(name)
@@ -370,6 +382,7 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
     `barrier` (every rank calls it once) lets rank 0 alone build a missing shard cache. `hold_out=False` (a run
     that does not evaluate) trains on all of a user source that has no `val_source`."""
     cfg = resolve_data_config(data_cfg)
+    check_sources_exist(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg["tokenizer"])
     if cfg["source"] in EMBEDDED:
         shards = ShardSet.from_documents(embedded_documents(cfg, split, seed), tokenizer)

@@ -104,6 +104,11 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         logging.getLogger("dyndepth").setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(run_config.model)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.seq_len > max_positions:  # (the first forward said so, after the data)
+        raise RunConfigError(f"train.seq_len={cfg.seq_len} is longer than the model's max_position_embeddings "
+                             f"({max_positions}); lower train.seq_len, or use a model configured for longer inputs "
+                             f"(model.max_position_embeddings).")
     built = build_hooks(run_config.method, model, cfg.steps)  # attaches the method (it trained plain before)
     hooks = built if hooks is None else hooks
     data_kw = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "rank": info.rank,
