@@ -112,6 +112,26 @@ def test_load_state_dict_rejects_other_settings():
             PackedLoader(shards, 8, 2, seed=1, world_size=2).state_dict())
 
 
+def test_a_user_source_edited_to_the_same_token_count_is_refused_on_resume(tmp_path):
+    """The state keeps the source's content hash: an edit that kept the token count (a case change, byte tokens)
+    resumed silently on new shards."""
+    from dyndepth.data.build import build_loader
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("First Citizen: we are accounted poor citizens. " * 40)
+    data = {"source": str(text), "tokenizer": "byte", "cache_dir": str(tmp_path / "cache")}
+    kw = {"batch_size": 2, "seq_len": 16, "seed": 0, "hold_out": False}
+    state = build_loader(data, **kw).state_dict()
+    build_loader(data, **kw).load_state_dict(state)  # unchanged: resumes
+    text.write_text(text.read_text().replace("First Citizen", "FIRST CITIZEN"))
+    edited = build_loader(data, **kw)
+    assert edited.shards.num_tokens == state["num_tokens"]
+    with pytest.raises(DataError, match="source_digest=.*the training data changed since"):
+        edited.load_state_dict(state)
+    del state["source_digest"]  # a state saved before it was kept: the token count alone
+    edited.load_state_dict(state)
+
+
 def test_state_converts_to_another_world_size_at_the_same_global_position():
     """A checkpoint of 2 ranks x batch 2 resumes in one process with batch 4 (or 4 ranks x batch 1)."""
     shards = arange_shards(8 * 48 + 1)

@@ -365,7 +365,9 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
                      source=source, replace=False)
     if barrier is not None:
         barrier()
-    return open_shards(folder, split=split)
+    shards = open_shards(folder, split=split)
+    shards.source_digest = source_fingerprint(source, cfg["cache_dir"])  # (memoized) the loader's state keeps it
+    return shards
 
 
 def holds_out(data_cfg: dict) -> bool:

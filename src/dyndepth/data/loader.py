@@ -145,6 +145,7 @@ class PackedLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_tokens": self.shards.num_tokens,
+            "source_digest": getattr(self.shards, "source_digest", None),  # user data: its files' content
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -154,11 +155,12 @@ class PackedLoader:
         converted to the same global position: `cursor * world_size * batch_size` windows of the epoch
         have been served, and must fill whole batches of this loader.
         """
-        for key in ("seed", "shuffle", "seq_len", "num_tokens"):
-            mine = self.shards.num_tokens if key == "num_tokens" else getattr(self, key)
-            if key in state and state[key] != mine:
+        data = {"num_tokens": self.shards.num_tokens, "source_digest": getattr(self.shards, "source_digest", None)}
+        for key in ("seed", "shuffle", "seq_len", "num_tokens", "source_digest"):
+            mine = data[key] if key in data else getattr(self, key)
+            if state.get(key) is not None and mine is not None and state[key] != mine:  # (older states lack some)
                 what = ("the training data changed since (a file of data.source edited, added or removed, or "
-                        "another tokenizer or split)" if key == "num_tokens" else f"{key} changed")
+                        "another tokenizer or split)" if key in data else f"{key} changed")
                 raise DataError(
                     f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}: {what}; an "
                     "exact resume needs the same data and loader settings: restore them, or train into a new "

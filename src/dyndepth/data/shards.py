@@ -330,6 +330,7 @@ class ShardSet:
         starts: list[np.ndarray],
     ) -> None:
         self.manifest = manifest
+        self.source_digest: str | None = None  # the user source's content hash (`data.build.user_shards` sets it)
         self._tokens, self._masks, self._starts = tokens, masks, starts
         self._offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
         self.num_tokens = int(self._offsets[-1])
