@@ -246,3 +246,20 @@ def test_activation_checkpointing_and_bf16_autocast_run(tmp_path):
     bf16 = train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16),
                  tiny_train_config(str(tmp_path / "c"), steps=2, save_every=0, dtype="bfloat16"))
     assert abs(bf16.losses[0][1] - base.losses[0][1]) < 0.05
+
+
+def test_evaluation_scores_each_validation_window_at_most_once():
+    """eval_batches past the split rolled into the next epoch and served windows again: the loss moved with it."""
+    from dyndepth.data.loader import loader_from_texts
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.tokenizer import ByteTokenizer
+    from dyndepth.train.trainer import evaluate
+
+    torch.manual_seed(0)
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz" * 3]
+    val = loader_from_texts(texts, ByteTokenizer(), seq_len=32, batch_size=2, shuffle=False)
+    model, cfg = CausalLM(preset("demo-tiny")), TrainConfig(device="cpu")
+    once = evaluate(model, val, val.batches_per_epoch, cfg, DistInfo())
+    assert 1 < val.batches_per_epoch < 5
+    assert [evaluate(model, val, n, cfg, DistInfo()) for n in (5, 9)] == [once, once]
+    assert evaluate(model, val, 1, cfg, DistInfo()) != once  # (the cap, not a constant)

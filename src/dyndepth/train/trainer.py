@@ -123,8 +123,10 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
 
 @torch.no_grad()
 def evaluate(model: nn.Module, eval_loader, num_batches: int, cfg: TrainConfig, info: parallel.DistInfo) -> float:
-    """Token-weighted mean loss over `num_batches` batches (summed over ranks). Restores the loader state
-    afterwards, so every evaluation sees the same batches."""
+    """Token-weighted mean loss over `num_batches` batches (summed over ranks), at most one pass over the split (more
+    served its windows twice, so the loss moved with eval_batches). Restores the loader state afterwards, so every
+    evaluation sees the same batches."""
+    num_batches = min(num_batches, getattr(eval_loader, "batches_per_epoch", num_batches))
     state = eval_loader.state_dict() if hasattr(eval_loader, "state_dict") else None
     was_training = model.training
     model.eval()
@@ -315,6 +317,10 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
         result.last_checkpoint = resume
     if info.is_main:
         ckpt.remove_stale_tmp(out_dir)
+        held = getattr(eval_loader, "batches_per_epoch", None)
+        if held is not None and cfg.eval_batches > held:
+            log.warning("train.eval_batches=%d, but the validation split holds %d batch(es) per rank: each evaluation "
+                        "scores those once.", cfg.eval_batches, held)
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         _save_config(run_config, out_dir / "config.yaml", resumed=resume is not None)
