@@ -129,6 +129,9 @@ def test_train_bpe_round_trip_and_vocab_size(bpe):
         with pytest.raises(ValueError, match=f"token id {bad} is negative"):
             bpe.decode([5, bad])
     assert bpe.decode([bpe.vocab_size + 3]) == ""  # a model's padded vocab past the tokenizer's: nothing, as in HF
+    ids = bpe.encode("see <|endoftext|> inline")  # the documented exception: a special token's text is its id
+    assert bpe.eos_token_id in ids and bpe.decode(ids) == "see  inline"
+    assert bpe.decode(ids, skip_special=False) == "see <|endoftext|> inline"
 
 
 def test_train_bpe_deterministic(corpus_file):

@@ -280,7 +280,9 @@ def _byte_level(model: models.Model) -> _HFBackend:
 
 def train_bpe(files: Sequence[str | PathLike] | Iterable[str], vocab_size: int,
               special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2) -> HFTokenizer:
-    """Train a byte-level BPE (any text round-trips exactly) with the `tokenizers` library.
+    """Train a byte-level BPE with the `tokenizers` library. Any text round-trips exactly, except that a special
+    token's own text in it (e.g. a literal "<|endoftext|>") encodes to that token's id, as transformers' tokenizers
+    do, which `decode` drops unless `skip_special=False`.
 
     `files` is a list/tuple of text-file paths, or any other iterable of strings (wrap an in-memory list
     of texts in `iter(...)`). The result has at most `vocab_size` tokens: the `special_tokens`
