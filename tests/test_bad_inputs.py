@@ -103,6 +103,21 @@ def test_cache_requests_are_checked():
         m(torch.zeros(1, 2, dtype=torch.long), cache=KVCache.for_model(m.config, 1, 4))
 
 
+def test_positions_past_the_caches_length_are_named():
+    """Position S of an S-position cache landed in its scratch column (the token never saw its own K/V: logits 0.09
+    off, no error); S + 1 raised an IndexError from deep inside."""
+    m = CausalLM(preset("tiny-qwen3")).eval()
+    ids = torch.randint(0, 256, (1, 9))
+    cache = KVCache.for_model(m.config, 1, 8)
+    with torch.no_grad():
+        m(ids[:, :8], positions=torch.arange(8)[None], cache=cache)
+        for pos in (8, 9):
+            with pytest.raises(ValueError, match=f"positions reach {pos}, but the KV cache holds positions 0..7"):
+                m(ids[:, 8:], positions=torch.tensor([[pos]]), cache=cache)
+        with pytest.raises(ValueError, match="positions reach 5, but the KV cache holds positions 0..3"):
+            m(ids[:, 8:], positions=torch.tensor([[5]]), cache=cache.window(4))
+
+
 def test_a_cache_of_another_dtype_than_the_model_computes_in_is_named_outside_autocast():
     """It failed inside attention ("Expected query, key, and value to have the same dtype"); under autocast, which
     casts what attention reads, it runs."""

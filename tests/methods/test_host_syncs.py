@@ -40,8 +40,9 @@ def _decode_step_syncs(model, mode, B: int = 4, prompt: int = 8) -> Counter:
     return syncs.ops
 
 
-# Every forward: the id-range check at the boundary (`check_inputs`: one aminmax read as two ints, one sync).
-BOUNDARY = Counter({"aten::_local_scalar_dense": 2})
+# Every forward: the boundary's check (`check_inputs`: the ids' range and the positions' largest, one (3,) tensor read
+# as three ints, one sync).
+BOUNDARY = Counter({"aten::_local_scalar_dense": 3})
 
 
 def _plain():

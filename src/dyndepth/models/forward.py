@@ -145,8 +145,8 @@ def dense_flops_stat(ctx: ForwardContext, config, per_token, applications: int, 
 
 def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=None, doc_ids=None,
                  num_logits=None) -> None:
-    """ValueError naming the problem and the fix for inputs the model cannot run (one host sync for the id range,
-    one more when explicit positions come without a cache)."""
+    """ValueError naming the problem and the fix for inputs the model cannot run (one host read: the id range, and
+    with explicit positions their largest)."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor of token ids (batch, time), got "
                          f"{type(input_ids).__name__}.")
@@ -159,7 +159,11 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
     B, T = input_ids.shape
     if B == 0 or T == 0:
         raise ValueError(f"input_ids is empty (shape {(B, T)}); pass at least one token per row.")
-    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if positions is not None and isinstance(positions, torch.Tensor) and positions.numel():
+        ends = torch.stack([*torch.aminmax(input_ids.long()), positions.max().long()])  # (3,) one read
+        lo, hi, top = (int(v) for v in ends)
+    else:
+        (lo, hi), top = (int(v) for v in torch.aminmax(input_ids)), None
     if lo < 0 or hi >= config.vocab_size:
         raise ValueError(f"token ids must lie in [0, {config.vocab_size}) (the model's vocab_size), got ids from {lo} "
                          f"to {hi}; use the model's own tokenizer, or a model with a larger vocabulary.")
@@ -175,8 +179,12 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
     if positions is None and T > limit:
         raise ValueError(f"the input has {T} tokens, more than max_position_embeddings ({limit}); shorten it, or use "
                          "a model configured for longer inputs.")
-    if positions is not None and cache is None and int(positions.max()) >= limit:
-        raise ValueError(f"positions reach {int(positions.max())}, beyond max_position_embeddings ({limit}).")
+    if positions is not None and cache is None and top >= limit:
+        raise ValueError(f"positions reach {top}, beyond max_position_embeddings ({limit}).")
+    if cache is not None and top is not None and top >= cache.length:  # (a write at column S, the scratch one, was
+        # lost without a word, and one past it an IndexError)
+        raise ValueError(f"positions reach {top}, but the KV cache holds positions 0..{cache.length - 1}; make one "
+                         f"with max_seq_len > {top} (KVCache.for_model(model.config, batch_size, max_seq_len, ...)).")
     if num_logits is not None and not 0 < num_logits <= T:
         raise ValueError(f"num_logits must lie in [1, {T}] (the input length), got {num_logits}.")
 

@@ -118,8 +118,10 @@ class Experts(nn.Module):
         return grouped_mm(act, self.down_proj.to(dtype).transpose(-2, -1), offsets_E)
 
     def _expert(self, x: torch.Tensor, e: int, w_c1: torch.Tensor) -> torch.Tensor:
+        """One expert on its c rows, each output scaled by its gate after the down projection, as HF's Qwen3-MoE
+        does (scaling the F-wide activation rounds differently in bfloat16: greedy decoding drifted from HF's)."""
         h = F.linear(x, self.in_proj[e])  # (c, 2F or F)
-        return F.linear(self._activate(h, w_c1.to(h.dtype)), self.down_proj[e])
+        return F.linear(self._activate(h, None), self.down_proj[e]) * w_c1.to(h.dtype)  # (c, D)
 
     def _every_expert(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, each output scaled by the token's gate for that expert (zero for the experts
