@@ -38,3 +38,19 @@ def test_a_row_view_writes_into_its_rows_and_reads_them_gathered():
     assert cache.k[0, 2, 0, 1].tolist() == [1.0, 1.0] and cache.k[0, 0, 0, 0].tolist() == [2.0, 2.0]
     assert not cache.valid[0, 1].any()  # the row outside the view is untouched
     assert view.count(0).tolist() == [1, 1] and cache.count(0).tolist() == [1, 0, 1]
+
+
+def test_invalidate_and_rewrite_from_act_on_a_row_views_rows_only():
+    """`invalidate` of a row view dropped entries of every row (a (M, 1) start against B rows: a shape error, or the
+    wrong rows when M was 1)."""
+    cache = KVCache(num_slots=2, batch_size=3, max_seq_len=4, num_kv_heads=1, head_dim=2)
+    k = torch.ones(3, 4, 1, 2)
+    for slot in (0, 1):
+        cache.update(slot, k, k, torch.arange(4).expand(3, 4))
+    cache.rows(torch.tensor([1])).invalidate(torch.tensor([2]), slots=[1])
+    assert cache.count(1).tolist() == [4, 2, 4] and cache.count(0).tolist() == [4, 4, 4]
+    cache.rows(torch.tensor([2, 0])).rewrite_from(torch.tensor([[3, 3], [1, 2]]), torch.tensor([[1, 1], [0, 1]]) > 0,
+                                                  slots=[0])  # row 0's first valid position is 2
+    assert cache.count(0).tolist() == [2, 4, 3] and cache.count(1).tolist() == [4, 2, 4]
+    cache.rewrite_from(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.bool), slots=[0, 1])
+    assert cache.count(0).tolist() == [2, 4, 3]  # rows of PAD only drop nothing

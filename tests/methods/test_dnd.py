@@ -240,6 +240,32 @@ def test_feeding_positions_again_without_invalidate_rewrites_them_as_plain_slots
     torch.testing.assert_close(got[valid], full[:, 9:][valid], atol=1e-5, rtol=0)
 
 
+def test_a_cached_forward_through_a_row_view_rewrites_its_rows_only():
+    """Rows 0 and 2 decode a step through `cache.rows`, then row 1 sends its position 6 again: each matches the full
+    forward, and no row loses another's nested entries (invalidate ignored the view: a shape error, or every row)."""
+    model, method = dnd_model(positions="compact", std=3.0)
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(12).expand(3, -1)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache.for_model(model.config, 3, 16, num_slots=model.num_slots())
+        model(ids[:, :10], positions=pos[:, :10], cache=cache)
+        counts = [cache.count(s).clone() for s in method.nested_slot.values()]
+        rows = torch.tensor([0, 2])
+        step = model(ids[rows, 10:11], positions=pos[rows, 10:11], cache=cache.rows(rows)).logits
+        torch.testing.assert_close(step[:, 0], full[rows, 10], atol=1e-5, rtol=0)
+        for s, before in zip(method.nested_slot.values(), counts):
+            assert cache.count(s)[1] == before[1]  # row 1 untouched
+        again = model(ids[1:2, 6:7], positions=pos[1:2, 6:7], cache=cache.rows(torch.tensor([1]))).logits
+        torch.testing.assert_close(again[0, 0], full[1, 6], atol=1e-5, rtol=0)
+        fresh = KVCache.for_model(model.config, 1, 16, num_slots=model.num_slots())
+        model(ids[1:2, :7], positions=pos[1:2, :7], cache=fresh)
+        after = [cache.count(s) for s in method.nested_slot.values()]
+        for s, now, before in zip(method.nested_slot.values(), after, counts):
+            assert now[1] == fresh.count(s)[0]  # row 1 holds what a prefill of its first 7 tokens leaves
+            assert now[0] >= before[0] and now[2] >= before[2]  # the others keep theirs
+
+
 def test_router_losses_per_sequence_without_pad_and_the_sign_flag():
     torch.manual_seed(0)
     p = torch.rand(2, 6, requires_grad=True)

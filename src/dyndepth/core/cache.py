@@ -101,8 +101,8 @@ class KVCache:
 
     def rows(self, rows_M: torch.Tensor) -> KVCache:
         """A view of batch rows `rows_M` (M,) of this cache (or view): `update` writes into those rows of the shared
-        buffers and returns them gathered, `count` counts them. For a method that runs a branch on M of B rows
-        while decoding (DND's nested pass). `invalidate` and `reset` act on the whole cache."""
+        buffers and returns them gathered, `count` counts them, `invalidate` drops their entries. For a method that
+        runs a branch on M of B rows while decoding (DND's nested pass). `reset` acts on the whole cache."""
         view = self.window(self.length)
         view.row_index = rows_M if self.row_index is None else self.row_index[rows_M]
         view.batch_rows = view.row_index[:, None]
@@ -153,13 +153,28 @@ class KVCache:
 
     def invalidate(self, from_position: torch.Tensor | int, slots: list[int] | None = None) -> None:
         """Drop every entry that came from a token at sequence position >= `from_position` ((B,) or an int),
-        in all slots or the given ones. Speculative decoding calls it before re-writing rejected positions,
-        so a sparse slot (MoD, DND nested) never keeps a stale entry of a rejected token."""
+        in all slots or the given ones; in a row view (`rows`), of its rows only. Speculative decoding calls it
+        before re-writing rejected positions, so a sparse slot (MoD, DND nested) never keeps a stale entry of a
+        rejected token."""
         start = torch.as_tensor(from_position, device=self.valids[0].device)
         if start.dim() != 2:
             start = start.reshape(-1, 1)  # (B, 1) or (1, 1)
         for s in range(len(self.valids)) if slots is None else slots:
-            self.valids[s] &= self.sources[s] < start
+            if self.row_index is None:
+                self.valids[s] &= self.sources[s] < start
+            else:
+                rows = self.row_index
+                self.valids[s][rows] = self.valids[s][rows] & (self.sources[s][rows] < start)
+
+    def rewrite_from(self, positions_BT: torch.Tensor, valid_BT: torch.Tensor | None, slots: list[int]) -> None:
+        """A cached forward rewrites each row from its first position on: drop the sparse `slots`' entries of tokens at
+        or after it. A dense slot is overwritten in place, but a sparse one holds only some tokens (MoD's routed ones,
+        DND's nested ones at compact columns counted from the valid entries), so feeding a position again (a re-sent
+        token, a rejected draft) without `invalidate` kept the old entry: a stale key, or a duplicate one with every
+        later compact column shifted. A row of PAD only drops nothing. Two ops per slot."""
+        if valid_BT is not None:
+            positions_BT = positions_BT.masked_fill(~valid_BT, self.max_seq_len)
+        self.invalidate(positions_BT.amin(1, keepdim=True), slots)
 
     def reset(self) -> None:
         """Empty every slot, as a new cache (`generate(cache=...)` reuses a caller's cache this way)."""

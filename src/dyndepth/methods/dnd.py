@@ -243,19 +243,10 @@ class DND:
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> DNDState:
         valid = ctx.valid_or_all
-        if ctx.cache is not None:
-            self._rewrite_from_first_position(ctx)
+        if ctx.cache is not None:  # the nested slots hold the selected tokens only
+            ctx.cache.rewrite_from(ctx.positions, ctx.valid, list(self.nested_slot.values()))
         return DNDState(valid=valid, topk=ctx.training and self.config.control == "topk", padded=ctx.valid is not None,
                         n_valid=valid.numel() if ctx.valid is None else valid.sum(), cached=ctx.cache is not None)
-
-    def _rewrite_from_first_position(self, ctx: ForwardContext) -> None:
-        """A cached forward rewrites each row from its first position on: drop the nested slots' entries of
-        tokens at or after it first. A plain slot is overwritten in place, but a nested slot holds only the
-        selected tokens (at compact columns counted from the valid entries), so feeding a position again (a
-        re-sent token, a rejected draft) without `invalidate` would otherwise keep the old entry: a duplicate
-        key, every later compact column shifted by one. Two ops per DND layer."""
-        pos_BT = ctx.positions if ctx.valid is None else ctx.positions.masked_fill(~ctx.valid, ctx.cache.max_seq_len)
-        ctx.cache.invalidate(pos_BT.amin(1, keepdim=True), slots=list(self.nested_slot.values()))  # PAD rows: none
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
         st: DNDState = ctx.state

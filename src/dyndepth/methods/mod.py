@@ -210,6 +210,8 @@ class MoD:
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> MoDState:
         mode = self.config.decode_mode if self.mode == "topk" and ctx.cache is not None else self.mode
         self._check_calibrated(mode)
+        if ctx.cache is not None:  # the routed slots hold the routed tokens only
+            ctx.cache.rewrite_from(ctx.positions, ctx.valid, sorted(self.routed))
         return MoDState(mode=mode, valid=ctx.valid_or_all)
 
     def _check_calibrated(self, mode: str) -> None:
