@@ -201,6 +201,20 @@ def test_recorded_statistics_are_per_token_whatever_the_batching_and_include_gen
     assert info["per_token_stats"]["flops/executed"] > 0
 
 
+def test_fractions_are_weighted_by_tokens_and_only_flop_totals_are_divided():
+    """MoR's tokens_r{r} are fractions of the tokens (a name check for "/tokens" divided them by the token count)."""
+    import types
+
+    rec = types.SimpleNamespace(_tokens=0.0, _stat_sums={})
+    for n, frac, flops in ((4, 0.5, 400.0), (12, 0.25, 1200.0)):
+        DyndepthLM._record(rec, {"tokens/valid": torch.tensor(n), "mor/tokens_r0": frac, "flops/executed": flops,
+                                 "dnd/flops": flops / 2, "flag": True})
+    stats = {k: v / rec._tokens for k, v in rec._stat_sums.items()}
+    assert rec._tokens == 16 and "flag" not in stats and "tokens/valid" not in stats
+    assert stats == {"mor/tokens_r0": pytest.approx((4 * 0.5 + 12 * 0.25) / 16), "flops/executed": 100.0,
+                     "dnd/flops": 50.0}
+
+
 def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     with pytest.raises(ValueError, match="no adaptive-depth method.*batch_size"):

@@ -160,6 +160,9 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
     assert json.loads(by_arg["path"].read_text())["perplexity"]["notes.txt"] == scored[None]  # the same window
     with pytest.raises(ValueError, match="two context windows: --max-length 32 and model_args max_length=16"):
         run_eval(str(folder), perplexity=text, max_length=32, model_args="max_length=16", out=tmp_path / "both")
+    with pytest.raises(ValueError, match="two context windows"):  # refused before a task is loaded or run
+        run_eval(str(folder), tasks="no_such_task", perplexity=text, max_length=32, model_args="max_length=16",
+                 out=tmp_path / "both")
     text.write_text("  \n\n \t\n")  # only whitespace: was a ZeroDivisionError (no words)
     with pytest.raises(ValueError, match="empty or only whitespace"):
         run_eval(str(folder), perplexity=text, max_length=16, out=tmp_path / "blank")

@@ -130,8 +130,8 @@ class BudgetEval:
             return None
         model.eval()
         nll, n, diversity, sets = 0.0, 0, [], SetCounts()
-        for batch in self.val_batches:
-            out = model(batch["input_ids"])
+        for batch in self.val_batches:  # packed documents attend within themselves, as the trainer's evaluation
+            out = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"))
             labels = batch["labels"]
             nll += float(F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
                                          ignore_index=-100))

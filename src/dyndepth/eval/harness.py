@@ -136,8 +136,8 @@ class DyndepthLM(TemplateLM):
 
     def _record(self, stats: dict) -> None:
         """Add a forward's scalar statistics (one-element tensors and plain numbers), weighted by its valid tokens:
-        a fraction (GateSkip's skipped share, DND's selected one) becomes a mean over tokens and a total (FLOPs, token
-        counts) a figure per token, so neither depends on how requests were batched (a fraction over a method's own
+        a fraction (GateSkip's skipped share, DND's selected one) becomes a mean over tokens and a total (`flops/*`,
+        `*/flops`) a figure per token, so neither depends on how requests were batched (a fraction over a method's own
         pool, GateSkip's non-EOS tokens, up to the EOS tokens' share of each forward)."""
         n = float(stats.get("tokens/valid", 0))
         if not n:  # a forward without a ledger (or of PAD only) has nothing to weigh
@@ -146,7 +146,7 @@ class DyndepthLM(TemplateLM):
         for k, v in stats.items():
             scalar = v.numel() == 1 if isinstance(v, torch.Tensor) else isinstance(v, (int, float))
             if scalar and not isinstance(v, bool) and k != "tokens/valid":
-                total = k.startswith("flops/") or k.endswith("/flops") or "/tokens" in k
+                total = k.startswith("flops/") or k.endswith("/flops")  # (MoR's tokens_r{r} are fractions)
                 self._stat_sums[k] = self._stat_sums.get(k, 0.0) + float(v) * (1.0 if total else n)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

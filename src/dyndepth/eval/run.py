@@ -59,6 +59,11 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
     args["pretrained"] = model
     args.setdefault("batch_size", batch_size)
+    if args.get("max_length") is not None:  # the adapter's window is perplexity's too (it was recorded, not used)
+        if max_length is not None and int(args["max_length"]) != max_length:  # (refused before any task runs)
+            raise ValueError(f"two context windows: --max-length {max_length} and model_args max_length="
+                             f"{args['max_length']}; give one.")
+        max_length = int(args["max_length"])
     harness_tasks, ppl_files, need_defaults = _resolve_tasks(tasks, data_dir)
     if perplexity is not None:
         ppl_files.append((Path(perplexity).name, Path(perplexity)))
@@ -82,11 +87,6 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         scoring_only = set(ADAPTER_ARGS) - {"pretrained", "tokenizer", "dtype", "device"}  # lm-eval's batching etc.
         loaded = load_for_eval(**{k: v for k, v in args.items() if k not in scoring_only})
         model_obj, tok, knobs = loaded.model, loaded.tokenizer, loaded.knobs
-    if args.get("max_length") is not None:  # the adapter's window is perplexity's too (it was recorded, not used)
-        if max_length is not None and int(args["max_length"]) != max_length:
-            raise ValueError(f"two context windows: --max-length {max_length} and model_args max_length="
-                             f"{args['max_length']}; give one.")
-        max_length = int(args["max_length"])
     perplexities = {}
     for name, path in ppl_files:
         result = _perplexity(model_obj, tok, knobs, path, stride, max_length, int(args["batch_size"]), limit)

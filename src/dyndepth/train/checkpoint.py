@@ -101,13 +101,14 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def latest_good_checkpoint(out_dir: str | Path, warn: bool = True) -> Path | None:
-    """The newest checkpoint that passes `verify_checkpoint` (None when there is none at all); each damaged
-    newer one is skipped with a warning naming the damage. All damaged: a CheckpointError."""
+def latest_good_checkpoint(out_dir: str | Path, warn: bool = True, hashes: bool | tuple[str, ...] = True
+                           ) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint(path, hashes)` (None when there is none at all); each
+    damaged newer one is skipped with a warning naming the damage. All damaged: a CheckpointError."""
     damaged = []
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, hashes)
             return path
         except CheckpointError as e:
             damaged.append(f"{path.name}: {e}")

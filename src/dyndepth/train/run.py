@@ -242,9 +242,11 @@ def check_resume_matches(run_config: RunConfig) -> None:
     cfg = run_config.train
     if cfg.resume in (False, ""):
         return
-    try:  # the checkpoint the trainer will resume from: the newest undamaged one (a damaged config.yaml read here
-        # stopped the run with a made-up difference instead of the trainer skipping it)
-        ckpt = latest_good_checkpoint(cfg.out_dir, warn=False) if cfg.resume is True else Path(str(cfg.resume))
+    try:  # the checkpoint the trainer will resume from, the newest undamaged one (a damaged config.yaml read here
+        # stopped the run with a made-up difference instead of the trainer skipping it): every file's size and the
+        # config's sha256 here; the trainer hashes the rest
+        ckpt = (latest_good_checkpoint(cfg.out_dir, warn=False, hashes=("config.yaml",)) if cfg.resume is True
+                else Path(str(cfg.resume)))
     except CheckpointError:  # none can be resumed: the trainer says so
         return
     if ckpt is None or not (ckpt / "config.yaml").exists():
