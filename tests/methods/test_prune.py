@@ -63,6 +63,18 @@ def test_prune_moe_keeps_every_layer_kind(tmp_path, step, only, drop, expected_d
     torch.testing.assert_close(logits(dyndepth.from_pretrained(tmp_path).eval(), ids), logits(model, ids))
 
 
+def test_pruning_leaves_other_models_built_from_the_same_config_alone(tmp_path):
+    """`CausalLM(config)` keeps the object: pruning edited it in place, so a second model built from it saved a
+    config.json of 2 layers beside 3 layers of weights and could not be loaded."""
+    config = preset("tiny-qwen3-moe", num_hidden_layers=3)
+    pruned, other = CausalLM(config).eval(), CausalLM(config).eval()
+    prune_layers(pruned, 1, scores=[1.0, 0.0, 1.0])
+    assert pruned.config.num_hidden_layers == 2 and other.config.num_hidden_layers == 3 == config.num_hidden_layers
+    other.save_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(logits(dyndepth.from_pretrained(tmp_path).eval(), ids), logits(other, ids))
+
+
 def test_block_influence_on_a_plain_model():
     torch.manual_seed(0)
     model = CausalLM(preset("tiny-qwen3", num_hidden_layers=3)).eval()

@@ -10,6 +10,8 @@ Shape legend: B batch, T tokens, L layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,11 +67,13 @@ def remove_layers(model, indices: list[int]) -> None:
     old = list(model.model.layers)
     keep = [i for i in range(L) if i not in drop]
     model.model.layers = nn.ModuleList(old[i] for i in keep)
-    config = model.config
-    config.num_hidden_layers = len(keep)
-    if config.num_experts:
-        config.mlp_only_layers = [new for new, i in enumerate(keep) if not isinstance(old[i].mlp, SparseMoE)]
-        config.decoder_sparse_step = 1
+    fields = {"num_hidden_layers": len(keep)}
+    if model.config.num_experts:
+        fields["mlp_only_layers"] = [new for new, i in enumerate(keep) if not isinstance(old[i].mlp, SparseMoE)]
+        fields["decoder_sparse_step"] = 1
+    # a new config: models built from the same config object (it is not copied) keep theirs (editing it in place
+    # made them save a config.json that no longer described their weights)
+    model.config = dataclasses.replace(model.config, **fields)
 
 
 def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[float] | None = None) -> list[int]:
