@@ -163,3 +163,23 @@ def test_compile_as_an_empty_dict_compiles_with_the_defaults(model, monkeypatch)
     monkeypatch.setattr(generation.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     model.generate(torch.randint(0, 256, (1, 3)), 3, stop_tokens=[], compile={})  # ran eager before
     assert seen == [generation.decode_compile_options(model)]
+
+
+def test_left_padding_past_the_models_window_is_fine_when_every_row_fits():
+    """Positions count each row's real tokens: 10 real tokens in 20 columns fit a 16-position model (the length check
+    counted the PAD columns and refused), and decode as the same rows without the extra padding."""
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3", max_position_embeddings=16)).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[:, :10] = 0
+    mask[1, 10:12] = 0  # row 1: 8 real tokens
+    valid = mask[:, 10:].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[:, 10:][valid],
+                                   model(ids[:, 10:], attention_mask=mask[:, 10:]).logits[valid], atol=1e-5, rtol=0)
+    out = model.generate(ids, 4, attention_mask=mask, stop_tokens=[])
+    assert torch.equal(out[:, 10:], model.generate(ids[:, 10:], 4, attention_mask=mask[:, 10:], stop_tokens=[]))
+    mask[0, :10] = 1  # 20 real tokens: refused
+    with pytest.raises(ValueError, match="the input has 20 tokens, more than max_position_embeddings"):
+        model(ids, attention_mask=mask)

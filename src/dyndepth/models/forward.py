@@ -176,9 +176,11 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding; got other values.")
     limit = config.max_position_embeddings
-    if positions is None and T > limit:
-        raise ValueError(f"the input has {T} tokens, more than max_position_embeddings ({limit}); shorten it, or use "
-                         "a model configured for longer inputs.")
+    if positions is None and T > limit:  # with a mask, positions count each row's real tokens: the longest row counts
+        longest = T if attention_mask is None else int(attention_mask.bool().sum(-1).max())  # (left padding past it)
+        if longest > limit:
+            raise ValueError(f"the input has {longest} tokens, more than max_position_embeddings ({limit}); shorten "
+                             "it, or use a model configured for longer inputs.")
     if positions is not None and cache is None and top >= limit:
         raise ValueError(f"positions reach {top}, beyond max_position_embeddings ({limit}).")
     if cache is not None and top is not None and top >= cache.length:  # (a write at column S, the scratch one, was
