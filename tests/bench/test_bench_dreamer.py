@@ -19,6 +19,18 @@ def test_the_dense_baseline_matches_dreamers_flops_per_token():
     assert abs(gap) <= ALIGN / 2 * 6 * 128 * 6 * 256  # only that rounding differs: half a step, 6 layers, 256 tokens
 
 
+@pytest.mark.parametrize("name", ["moeut-switchhead-tiny", "moeut-tiny"])
+def test_the_dense_baseline_of_a_moeut_preset_pays_for_switchhead_attention_too(name):
+    """SwitchHead's routers and value / output experts cost more than plain projections: the baseline ignored them and
+    ran 18% fewer FLOPs per token than the MoEUT-SwitchHead preset it was said to equal."""
+    import dyndepth
+
+    ref = dyndepth.build_model(dyndepth.preset(name))
+    dense = dyndepth.CausalLM(matched_dense(ref.config))
+    step = ALIGN / 2 * 6 * ref.config.hidden_size * ref.config.num_hidden_layers  # the width's rounding, per token
+    assert abs(ref.forward_flops(32) - dense.forward_flops(32)) / 32 <= step
+
+
 def test_main_writes_json_and_markdown_with_consistent_ratios(tmp_path, capsys):
     cfg = DreamerBenchConfig(model="dreamer-tiny", batch_size=2, seq_len=16, steps=1, warmup_steps=0,
                              decode_batches=[1, 2], prompt_len=4, new_tokens=3, repeats=1, out_dir=str(tmp_path))

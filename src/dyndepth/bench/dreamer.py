@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from dyndepth.bench import timing
 from dyndepth.bench.train import Loop, _peak_memory, ours_loop, random_batches
 from dyndepth.config import ModelConfig
 from dyndepth.core.cache import KVCache
-from dyndepth.core.flops import depth_attn_flops, expert_attn_flops
+from dyndepth.core.flops import depth_attn_flops, expert_attn_flops, kv_flops, q_o_flops
 from dyndepth.models.dreamer import DreamerConfig
 from dyndepth.runconfig import DTYPES, TrainConfig
 from dyndepth.train import parallel
@@ -75,17 +75,18 @@ ALIGN = 16
 
 
 def matched_dense(config: DreamerConfig) -> ModelConfig:
-    """A Qwen3-shaped decoder of equal FLOPs per token: one layer per application, the same attention, and an
-    MLP as costly as depth plus expert attention (DA averaged over the steps), its width rounded to `ALIGN`."""
+    """A Qwen3-shaped decoder of equal FLOPs per token: one layer per application, attention of the same heads, and
+    an MLP as costly as depth plus expert attention (DA averaged over the steps) plus what SwitchHead's attention
+    experts and routers cost over plain projections (MoEUT presets), its width rounded to `ALIGN`."""
     R, D = config.num_recurrences, config.hidden_size
-    extra = sum(depth_attn_flops(config, r) for r in range(R)) / R + expert_attn_flops(config)
-    return ModelConfig(model_type="qwen3", vocab_size=config.vocab_size, hidden_size=D,
-                       intermediate_size=ALIGN * max(1, round(extra / (6 * D * ALIGN))),
-                       num_hidden_layers=config.num_hidden_layers,
-                       num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                       head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
-                       rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
-                       tie_word_embeddings=config.tie_word_embeddings)
+    dense = ModelConfig(model_type="qwen3", vocab_size=config.vocab_size, hidden_size=D, intermediate_size=ALIGN,
+                        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+                        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                        max_position_embeddings=config.max_position_embeddings, rope_theta=config.rope_theta,
+                        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings)
+    attention = q_o_flops(config) + kv_flops(config) - (q_o_flops(dense) + kv_flops(dense))  # 0 without SwitchHead
+    extra = sum(depth_attn_flops(config, r) for r in range(R)) / R + expert_attn_flops(config) + attention
+    return replace(dense, intermediate_size=ALIGN * max(1, round(extra / (6 * D * ALIGN))))
 
 
 def _cpu_step_bytes(loop: Loop) -> int:
