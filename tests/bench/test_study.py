@@ -75,6 +75,9 @@ def test_bad_profiles_and_budgets_are_one_clear_error():
         study_config("smoke", budgets=[10])
     with pytest.raises(ValueError, match="increase strictly"):
         study_config("smoke", budgets=[256, 128])
+    tokens = study_config("smoke").batch_size * study_config("smoke").seq_len
+    with pytest.raises(ValueError, match=r"give training steps \[1, 1, 2\].*at least \d+ tokens apart"):
+        study_config("smoke", budgets=[tokens, tokens + tokens // 2, 2 * tokens])  # (one row, then a refused rerun)
 
 
 def test_the_smoke_profile_trains_every_model_and_writes_the_report(tmp_path):

@@ -34,7 +34,7 @@ import dyndepth
 from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.core import flops
 from dyndepth.models import build_config, build_model
-from dyndepth.models.huginn import forward_flops_for
+from dyndepth.models.huginn import forward_flops_for, split_steps
 from dyndepth.models.moeut import moeut_config
 from dyndepth.models.mor import nominal_forward_flops
 
@@ -216,6 +216,8 @@ def measure_memory(config, batch_size: int, seq_len: int, device: str = "cpu") -
     if config.model_type == "huginn":  # the mean draw, not a random one
         s = config.mean_backprop_depth
         model.draw_steps = lambda: (max(config.mean_recurrence - s, 0), min(s, config.mean_recurrence))
+    elif getattr(config, "sample_recurrence", False):  # a sampling Dreamer too (its first draw is 14 steps at mean 4)
+        model.training_steps = lambda: split_steps(config.num_recurrences, config.backprop_depth)
     tcfg = TrainConfig(steps=2, batch_size=batch_size, seq_len=seq_len, schedule="constant", warmup=0,
                        device=device, progress=False, plot=False)
     shape = dataclasses.make_dataclass("Shape", [("batch_size", int), ("seq_len", int)])(batch_size, seq_len)

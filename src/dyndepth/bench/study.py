@@ -94,6 +94,10 @@ class StudyConfig:
                              f"got {self.budgets}.")
         if sorted(set(self.budgets)) != list(self.budgets):
             raise ValueError(f"study budgets must increase strictly, got {self.budgets}.")
+        tokens = self.batch_size * self.seq_len
+        if len(set(self.steps)) != len(self.steps):  # (two budgets of one step: one row, and a rerun refused its run)
+            raise ValueError(f"study budgets {self.budgets} give training steps {self.steps} at {tokens} tokens a "
+                             f"step: give budgets at least {tokens} tokens apart (multiples of {tokens} are exact).")
         if not self.seeds or self.examples_per_task < 1:
             raise ValueError("study needs at least one seed and one example per task.")
         for name in ("text", "text_val"):
