@@ -66,7 +66,10 @@ def test_proposed_baselines_are_within_tolerance_and_their_recipes_rebuild_them(
     dense = by_family["dense"]
     assert match.measure_memory(dense["config"], 2, 32) == dense["memory"]  # the CPU count is deterministic
     table = (Path(dense["recipe"]).parent / "match.md").read_text()
-    assert "| dense |" in table and "d memory" in table
+    assert "| dense |" in table and "d memory" in table and "d train FLOPs (not matched)" in table
+    huginn = by_family["huginn"]  # reported, one convention: forward + 2 x forward of what takes gradients
+    assert huginn["train_flops"] == pytest.approx(match.build_model(huginn["config"]).train_flops_per_token(32))
+    assert dense["train_flops"] == pytest.approx(3 * dense["flops"]) and ref["train_flops"] > 0
 
 
 def test_a_sampling_dreamer_reference_is_measured_at_its_evaluation_depth_as_huginn_is():
