@@ -88,6 +88,14 @@ def test_claims_follow_the_numbers():
     assert "latency +18%" in claims(slow)[-1]["measured"]  # each row's ratio to the base, timed in turn with it
     at_chance = [dict(r, accuracy=0.5) for r in rows]
     assert claims(at_chance)[0]["holds"] is None  # a base at chance cannot test retention
+    better = rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.8, accuracy=0.59)]  # 0.1 nats better, 1 point less accurate
+    assert claims(better)[-1]["holds"] is False
+    better_at_chance = [dict(r, accuracy=0.5) for r in better[:-2]] + [dict(better[-2], accuracy=0.51),
+                                                                      dict(better[-1], accuracy=0.505)]
+    assert claims(better_at_chance)[-1]["holds"] is True  # accuracy at chance is not judged: the loss decides
+    assert "at chance: not judged" in claims(better_at_chance)[-1]["measured"]
+    costly = rows[:-1] + [_row("DND 20%", "dnd", 3.0, 2.8)]  # better, at +200% FLOPs: not "a small overhead"
+    assert claims(costly)[-1]["holds"] is False
     cheap = rows + [_row("MoD c=12.5%", "mod", 0.45, 3.9)]  # below the vector curve's range (0.60-1.15)
     assert [c for c in claims(cheap) if "c=12.5%" in c["claim"]][0]["holds"] is None
     lowrank = [_row("GateSkip low-rank q=0%", "gateskip", 1.0, 3.0, budget=0.0),
@@ -172,3 +180,26 @@ def test_bad_repro_settings_fail_before_any_work(override, message):
     assert ACCURACY_TASKS == set(OFFLINE_TASKS) - {"gsm8k"}  # every offline task but the generative one
     with pytest.raises(ValueError, match=message):
         ReproConfig.from_profile("quick", base="b", data_dir="d", train_data="t", **override)
+
+
+def test_a_missing_base_or_data_dir_is_named_before_any_text_is_tokenized(tmp_path):
+    from dyndepth.repro import ReproConfig
+
+    with pytest.raises(ValueError, match="repro BASE .*nobase.* is not a model folder"):  # (named the tokenizer path)
+        ReproConfig.from_profile("quick", base=str(tmp_path / "nobase"), data_dir=str(tmp_path), train_data="t")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="repro --data-dir .*nodata.* is not a folder"):
+        ReproConfig.from_profile("quick", base=str(tmp_path / "base"), data_dir=str(tmp_path / "nodata"),
+                                 train_data="t")
+
+
+def test_calibration_batches_are_different_batches(tmp_path):
+    from dyndepth.repro import calibration_batches
+    from dyndepth.tokenizer import ByteTokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of some text to calibrate on.\n" for i in range(400)))
+    data = {"source": str(text), "tokenizer": "byte", "cache_dir": str(tmp_path / "cache"), "text_split": "line"}
+    a, b = calibration_batches(data, dict(batch_size=2, seq_len=16, seed=0, tokenizer=ByteTokenizer()))
+    assert a.shape == b.shape == (2, 16) and not torch.equal(a, b)

@@ -85,6 +85,12 @@ class ReproConfig:
         if not self.tasks or scored:
             raise ValueError(f"repro scores accuracy (acc / acc_norm) on {scored or 'no task'}: give tasks among "
                              f"{sorted(ACCURACY_TASKS)} (gsm8k's exact match goes through `dyndepth eval`).")
+        if not (Path(self.base) / "config.json").is_file():  # (it was named as a missing tokenizer path)
+            raise ValueError(f"repro BASE {self.base!r} is not a model folder (no config.json): give the base run's "
+                             "exported model, its train.out_dir/model.")
+        if not Path(self.data_dir).is_dir():  # (checked when the base was scored, after the text was tokenized)
+            raise ValueError(f"repro --data-dir {self.data_dir!r} is not a folder: give the folder of the offline "
+                             "task files (../shared/data).")
 
     @classmethod
     def from_profile(cls, profile: str, **kw) -> ReproConfig:
@@ -120,7 +126,7 @@ def run_repro(cfg: ReproConfig) -> dict:
     loader, val_loader = build_loader(data, split="train", **kw), build_loader(data, split="val", **kw)
     probe_ids = build_loader(data, split="val", **kw).next_batch()["input_ids"]  # (B, T)
     probe = (probe_ids, torch.ones_like(probe_ids))
-    calibration = [build_loader(data, split="train", **{**kw, "seed": 1}).next_batch()["input_ids"] for _ in range(2)]
+    calibration = calibration_batches(data, kw)
     base = dyndepth.from_pretrained(cfg.base)
     steps = iter(range(1, 10_000))
 
@@ -137,6 +143,13 @@ def run_repro(cfg: ReproConfig) -> dict:
               "base_params": base.num_params(), "rows": rows, "plots": plots,
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     return write_report(result, out, cfg.study)
+
+
+def calibration_batches(data: dict, kw: dict, n: int = 2) -> list[torch.Tensor]:
+    """`n` training batches (B, T) of another shuffle than the training run's, for GateSkip's thresholds: from one
+    loader (a loader per batch gave its first batch n times)."""
+    draws = build_loader(data, split="train", **{**kw, "seed": 1})
+    return [draws.next_batch()["input_ids"] for _ in range(n)]
 
 
 def write_report(result: dict, out: Path, study: str = "") -> dict:
@@ -211,6 +224,7 @@ def interpolate(pts: list[dict], compute: float, key: str) -> float | None:
 
 
 MARGIN = 0.01  # nats of held-out loss: a smaller difference is a tie, and a tie beats nothing
+DND_SMALL_OVERHEAD = 0.15  # "a small overhead": the paper's +6.3% FLOPs, the spec's 7-12% for attention-heavy shapes
 
 
 def claims(rows: list[dict]) -> list[dict]:
@@ -268,11 +282,13 @@ def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
         return None
     overhead = dnd["compute"] / sft["compute"] - 1
     slower = dnd["latency"] / sft["latency"] - 1  # each timed against the base in turn
-    measured = (f"accuracy {dnd['accuracy']:.1%} vs {sft['accuracy']:.1%}, held-out loss {dnd['val_loss']:.3f} vs "
-                f"{sft['val_loss']:.3f}; FLOP overhead {overhead:+.1%}, latency {slower:+.0%}")
-    better = sft["val_loss"] - dnd["val_loss"] > MARGIN and dnd["accuracy"] >= sft["accuracy"]
+    at_chance = sft["accuracy"] - sft["chance"] <= 0.02  # accuracy says nothing there (as for GateSkip's claim)
+    measured = (f"accuracy {dnd['accuracy']:.1%} vs {sft['accuracy']:.1%}{' (at chance: not judged)' * at_chance}, "
+                f"held-out loss {dnd['val_loss']:.3f} vs {sft['val_loss']:.3f}; FLOP overhead {overhead:+.1%} "
+                f"(small: <= {DND_SMALL_OVERHEAD:.0%}), latency {slower:+.0%}")
+    better = sft["val_loss"] - dnd["val_loss"] > MARGIN and (at_chance or dnd["accuracy"] >= sft["accuracy"])
     return {"claim": "DND beats the identically configured SFT at equal tokens, at a small overhead",
-            "measured": measured, "holds": better}
+            "measured": measured, "holds": better and overhead <= DND_SMALL_OVERHEAD}
 
 
 def dreamer_study(folder: Path, out: Path) -> dict:
