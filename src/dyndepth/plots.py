@@ -184,21 +184,28 @@ def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Drea
     return save_figure(fig, path, dpi)
 
 
+def method_series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by `method` (else label), each group in the order of its knobs (e.g. GateSkip's budgets), else
+    of compute: the order `plot_methods` joins them in."""
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r.get("method", r["label"]), []).append(r)
+    return {name: sorted(pts, key=lambda r: (sorted((r.get("knobs") or {}).items()), r["compute"]))
+            for name, pts in series.items()}
+
+
 def plot_methods(rows: list[dict], path: str | Path, title: str = "quality vs compute", metric: str = "exact_match",
                  ylabel: str = "exact match (%)", scale: float = 100.0, chance: float | None = None,
                  dpi: int = 110) -> Path:
     """One panel: `metric` x `scale` against `compute` (executed FLOPs / the base's), one series per `method`
-    (settings of one method joined by a line, e.g. GateSkip budgets), each point labelled; a dashed line at
-    `chance` (x `scale`) when given."""
+    (settings of one method joined by a line in the order of their knobs, e.g. GateSkip budgets, else of compute:
+    two budgets at one compute were joined in whichever order the FLOPs' last digits said), each point labelled; a
+    dashed line at `chance` (x `scale`) when given."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        series.setdefault(r.get("method", r["label"]), []).append(r)
-    for name, pts in series.items():
-        pts = sorted(pts, key=lambda r: r["compute"])
+    for name, pts in method_series(rows).items():
         ax.plot([r["compute"] for r in pts], [scale * r[metric] for r in pts], "o-" if len(pts) > 1 else "o",
                 label=name)
         for r in pts:

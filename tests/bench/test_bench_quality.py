@@ -24,3 +24,44 @@ def test_quality_bench_compares_methods_at_measured_compute(tmp_path):
     saved = json.loads((tmp_path / "out" / "quality-cpu.json").read_text())
     assert [r["model"] for r in saved["rows"]] == ["base", "GateSkip q=50%", "MoD c=12.5%"]
     assert saved["rows"][1]["val_loss"] == rows["GateSkip q=50%"]["val_loss"]
+
+
+def test_a_methods_settings_are_joined_in_knob_order_even_at_equal_compute():
+    """GateSkip at q = 0 and 15% both executed 114% (the masked path): joined by compute, the demo's figure ran
+    q=30% -> q=0% -> q=15%, which is no budget trade-off."""
+    from dyndepth.plots import method_series
+
+    def row(label, q, compute):
+        return {"label": label, "method": "gateskip", "knobs": {"budget": q}, "compute": compute}
+
+    rows = [row("q=30%", 0.3, 0.84), row("q=15%", 0.15, 1.138), row("q=0%", 0.0, 1.138), row("q=50%", 0.5, 0.66),
+            {"label": "base", "method": "base", "knobs": {}, "compute": 1.0}]
+    series = method_series(rows)
+    assert [r["label"] for r in series["gateskip"]] == ["q=0%", "q=15%", "q=30%", "q=50%"]
+    assert [r["label"] for r in series["base"]] == ["base"]
+
+
+def test_a_post_trained_contender_does_not_depend_on_what_ran_before_it(tmp_path):
+    """The method's new parameters were drawn from the global generator before the run seeded it: a contender's
+    result depended on the contenders trained earlier (6.8 logits apart)."""
+    import torch
+
+    from dyndepth.bench.compare import posttrain
+    from dyndepth.data.build import build_loader
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    base = dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "base")
+    loader = build_loader({"source": "synthetic", "synthetic_examples": 200}, split="train", batch_size=2, seq_len=32,
+                          seed=0, tokenizer=ByteTokenizer())
+    start, logits = loader.state_dict(), []
+    for prior in (0, 1):
+        torch.manual_seed(prior)  # stands for whatever ran before this contender
+        loader.load_state_dict(start)
+        model = posttrain(str(base), {"name": "gateskip"}, loader,
+                          TrainConfig(steps=2, batch_size=2, seq_len=32, device="cpu", out_dir=str(tmp_path / f"pt{prior}"),
+                                      save_every=0, progress=False, plot=False, log_every=1))
+        with torch.no_grad():
+            logits.append(model(torch.arange(32)[None] % 200).logits)
+    assert torch.equal(logits[0], logits[1])

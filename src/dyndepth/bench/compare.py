@@ -49,6 +49,7 @@ class Contender:
 def posttrain(base: str, method: dict, loader, tcfg: TrainConfig):
     """A copy of the checkpoint `base` post-trained with `method` for `tcfg.steps` steps (fresh out_dir)."""
     model = dyndepth.from_pretrained(base)
+    torch.manual_seed(tcfg.seed)  # the method's new parameters: the same whatever ran before (as `run_training`)
     hooks = build_hooks(method, model, tcfg.steps)
     shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # this comparison's own previous run
     run_config = RunConfig(model={"pretrained": str(base)}, method=dict(method), train=tcfg)  # beside each checkpoint

@@ -57,6 +57,7 @@ def _posttrain(cfg: QualityBenchConfig, method: dict, out: Path):
     loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=1, tokenizer=tok)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=1e-3, min_lr=1e-4,
                        warmup=10, log_every=10, out_dir=str(out), device="cpu", progress=False, plot=False)
+    torch.manual_seed(tcfg.seed)  # the method's new parameters: the same whatever ran before (as `run_training`)
     hooks = build_hooks(method, model, cfg.steps)
     shutil.rmtree(out, ignore_errors=True)  # this bench's own previous run
     train(model, loader, tcfg, hooks=hooks)
