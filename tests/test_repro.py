@@ -201,5 +201,5 @@ def test_calibration_batches_are_different_batches(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("".join(f"line {i} of some text to calibrate on.\n" for i in range(400)))
     data = {"source": str(text), "tokenizer": "byte", "cache_dir": str(tmp_path / "cache"), "text_split": "line"}
-    a, b = calibration_batches(data, dict(batch_size=2, seq_len=16, seed=0, tokenizer=ByteTokenizer()))
+    a, b = calibration_batches(data, {"batch_size": 2, "seq_len": 16, "seed": 0, "tokenizer": ByteTokenizer()})
     assert a.shape == b.shape == (2, 16) and not torch.equal(a, b)

@@ -164,19 +164,24 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     assert isinstance(knobs.fields["budget"], float)
 
 
-def test_recorded_statistics_are_per_token_whatever_the_batching_and_include_generation(tiny_checkpoint, tmp_path):
-    """Per-token decisions (calibrated thresholds) at batch 1 and 4 give the same figures; they were means per forward
-    (FLOPs per forward grew with the batch, fractions moved with the padding), and generation recorded nothing."""
+def _gateskip_checkpoint(tiny_checkpoint, folder, budget: float) -> None:
+    """The tiny checkpoint with GateSkip attached and its thresholds calibrated at `budget`, saved to `folder`."""
     from dyndepth import from_pretrained
     from dyndepth.methods import calibrate
     from dyndepth.tokenizer import encode_batch
 
-    folder, tok = tiny_checkpoint
-    model = from_pretrained(folder)
+    source, tok = tiny_checkpoint
+    model = from_pretrained(source)
     attach_gateskip(model)
-    calibrate(model, [encode_batch(tok, PROMPTS + [p for p, _ in LOGLIKELIHOOD[:2]])], budget=0.3)
-    model.save_pretrained(tmp_path)
-    tok.save(tmp_path)
+    calibrate(model, [encode_batch(tok, PROMPTS + [p for p, _ in LOGLIKELIHOOD[:2]])], budget=budget)
+    model.save_pretrained(folder)
+    tok.save(folder)
+
+
+def test_recorded_statistics_are_per_token_whatever_the_batching_and_include_generation(tiny_checkpoint, tmp_path):
+    """Per-token decisions (calibrated thresholds) at batch 1 and 4 give the same figures; they were means per forward
+    (FLOPs per forward grew with the batch, fractions moved with the padding), and generation recorded nothing."""
+    _gateskip_checkpoint(tiny_checkpoint, tmp_path, budget=0.3)
     reqs = requests("loglikelihood", LOGLIKELIHOOD[:4])
     infos = []
     for batch_size in (1, 4):
@@ -250,16 +255,7 @@ def test_registered_with_lm_eval(tiny_checkpoint):
 
 def test_skip_budget_decodes_with_calibrated_thresholds(tiny_checkpoint, tmp_path):
     """generate_until passes skip_budget to model.generate, which decodes with the calibrated thresholds."""
-    from dyndepth import from_pretrained
-    from dyndepth.methods import calibrate
-    from dyndepth.tokenizer import encode_batch
-
-    folder, tok = tiny_checkpoint
-    model = from_pretrained(folder)
-    attach_gateskip(model)
-    calibrate(model, [encode_batch(tok, PROMPTS + [p for p, _ in LOGLIKELIHOOD[:2]])], budget=0.5)
-    model.save_pretrained(tmp_path)
-    tok.save(tmp_path)
+    _gateskip_checkpoint(tiny_checkpoint, tmp_path, budget=0.5)
     reqs = requests("generate_until", [(p, {"until": [], "max_gen_toks": 6}) for p in PROMPTS])
     skip = DyndepthLM(pretrained=str(tmp_path), device="cpu", skip_budget=0.5).generate_until(reqs, disable_tqdm=True)
     lm = DyndepthLM(pretrained=str(tmp_path), device="cpu")

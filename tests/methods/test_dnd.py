@@ -181,18 +181,26 @@ def test_greedy_generate_equals_argmax_of_the_full_forward():
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("nested", ["compact", "tah"])
-@pytest.mark.parametrize("draft", ["block", "steps"])
-def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the_full_forward(nested, draft):
-    """A rejected draft written as one block or one decode step at a time (the decode-step path, whose nested entries
-    carry their real positions: a stale compact entry survived when the step did not pass them)."""
+def _prefilled(nested: str, prefill: int = 8):
+    """DND (`NESTED[nested]`) on a left-padded 3 x 14 batch: (model, method, ids, mask, positions, a cache holding the
+    first `prefill` tokens, the full forward's logits)."""
     model, method = dnd_model(**NESTED[nested])
     ids, mask = left_padded(T=14)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = KVCache.for_model(model.config, 3, 14, num_slots=model.num_slots())
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache)
+        model(ids[:, :prefill], attention_mask=mask[:, :prefill], positions=pos[:, :prefill], cache=cache)
+    return model, method, ids, mask, pos, cache, full
+
+
+@pytest.mark.parametrize("nested", ["compact", "tah"])
+@pytest.mark.parametrize("draft", ["block", "steps"])
+def test_invalidate_drops_stale_nested_entries_so_a_rewritten_suffix_matches_the_full_forward(nested, draft):
+    """A rejected draft written as one block or one decode step at a time (the decode-step path, whose nested entries
+    carry their real positions: a stale compact entry survived when the step did not pass them)."""
+    model, method, ids, mask, pos, cache, full = _prefilled(nested)
+    with torch.no_grad():
         slots = range(model.num_slots())  # the layers' slots, then the nested ones
         prefix = [cache.count(s).clone() for s in slots]
         wrong = torch.randint(0, 256, (3, 4))  # a rejected draft: its nested entries must not survive
@@ -218,13 +226,8 @@ def test_feeding_positions_again_without_invalidate_rewrites_them_as_plain_slots
     """A cached forward at positions already written replaces what was there, in the nested slots too: a compact slot
     used to append (duplicate keys, every later column shifted by one; 0.02 off the full forward) and an original
     one kept a stale entry where the new token does not nest."""
-    model, method = dnd_model(**NESTED[nested])
-    ids, mask = left_padded(T=14)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = KVCache.for_model(model.config, 3, 14, num_slots=model.num_slots())
+    model, method, ids, mask, pos, cache, full = _prefilled(nested)
     with torch.no_grad():
-        full = model(ids, attention_mask=mask).logits
-        model(ids[:, :8], attention_mask=mask[:, :8], positions=pos[:, :8], cache=cache)
         for t in range(8, 11):  # decode three tokens, then send positions 9.. again, the second time with the truth
             model(ids[:, t:t + 1] if t == 8 else torch.randint(0, 256, (3, 1)), positions=pos[:, t:t + 1], cache=cache)
         if draft == "block":
