@@ -306,7 +306,9 @@ def test_repro_takes_its_token_cache_folder(tmp_path, monkeypatch):
     # repro tokenized its text into ./runs/data of wherever it ran (the repository, from its root), with no option
     seen = []
     monkeypatch.setattr("dyndepth.repro.run_repro", seen.append)
-    args = ["repro", "base", "--data-dir", str(tmp_path), "--train-data", str(tmp_path / "t.txt")]
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")  # (BASE must be a model folder)
+    args = ["repro", str(tmp_path / "base"), "--data-dir", str(tmp_path), "--train-data", str(tmp_path / "t.txt")]
     assert runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "c")]).exit_code == 0
     assert runner.invoke(app, args).exit_code == 0
     assert [cfg.cache_dir for cfg in seen] == [str(tmp_path / "c"), "runs/data"]
