@@ -169,3 +169,71 @@ def test_an_hf_dataset_that_cannot_load_is_one_error_naming_the_fix(tmp_path, mo
         list(iter_documents("hf:roneneldan/TinyStories"))
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: [])
     assert list(iter_hf_dataset("empty")) == []
+
+
+def test_an_hf_source_names_its_split_after_a_colon_and_a_shared_split_is_warned(tmp_path, caplog):
+    """Every `hf:` source read split "train": a val_source of the same dataset trained on its own validation text,
+    without the overlap warning a local path gets."""
+    import logging
+
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": "TRAIN 0"}, {"text": "TRAIN 1"}])
+    write_jsonl(folder / "validation.jsonl", [{"text": "VAL 0"}])
+    assert datasets is not None
+    assert list(iter_documents(f"hf:{folder}:validation")) == [Document("VAL 0")]
+    assert list(iter_documents(f"hf:{folder}")) == [Document("TRAIN 0"), Document("TRAIN 1")]
+    from dyndepth.data.build import resolve_data_config
+
+    with caplog.at_level(logging.WARNING, logger="dyndepth"):
+        resolve_data_config({"source": f"hf:{folder}", "val_source": f"hf:{folder}:validation"})
+        assert "overlaps" not in caplog.text
+        resolve_data_config({"source": f"hf:{folder}", "val_source": f"hf:{folder}:train"})
+    assert "overlaps" in caplog.text and "the same dataset split" in caplog.text
+
+
+def test_records_whose_text_is_not_a_string_are_refused_by_place(tmp_path):
+    """A list, number or object was trained on as its Python repr."""
+    for record, key in (({"text": ["hello", "world"]}, "text"), ({"text": 42}, "text"),
+                        ({"prompt": "p", "response": {"k": 1}}, "response")):
+        path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, record])
+        with pytest.raises(DataError, match=rf"d.jsonl:2: field '{key}' holds a \w+, not text"):
+            list(iter_documents(path))
+
+
+def test_a_byte_order_mark_and_an_eot_line_with_trailing_spaces_are_read_as_intended(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffhello\nworld\n".encode())
+    assert [d.text for d in iter_documents(bom, text_split="line")] == ["hello", "world"]  # (was "\ufeffhello")
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(("\ufeff" + json.dumps({"text": "a"}) + "\n").encode())
+    assert [d.text for d in iter_documents(jsonl)] == ["a"]  # (was refused: not JSON)
+    eot = tmp_path / "eot.txt"
+    eot.write_text("A\n<|endoftext|> \nB\n<|endoftext|>\r\nC\n")
+    assert [d.text for d in iter_documents(eot, text_split="eot")] == ["A\n", "B\n", "C\n"]
+
+
+def test_a_chat_template_that_cannot_render_a_record_names_the_record(tmp_path):
+    """A template reading messages[0]['role'] (Qwen2.5's) of a chat the assistant opens: its prompt is empty; the
+    jinja error escaped without the record's place."""
+    pytest.importorskip("jinja2")
+    from dyndepth.data.chat import TemplateChat
+
+    strict = TemplateChat("{{ messages[0]['role'] }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"chat.jsonl:1: the chat template could not render these messages: "
+                                        r"UndefinedError"):
+        list(iter_documents(path, chat_template=strict))
+
+
+def test_parquet_files_that_cannot_be_read_are_one_error_naming_them(tmp_path):
+    pytest.importorskip("pyarrow")
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="bad.parquet: not a readable Parquet file"):
+        list(iter_documents(bad))
+    zipped = tmp_path / "t.parquet.gz"
+    zipped.write_bytes(gzip.compress(b"whatever"))
+    with pytest.raises(DataError, match="a gzipped Parquet file"):
+        list(iter_documents(zipped))

@@ -51,7 +51,7 @@ from pathlib import Path
 from dyndepth.data.chat import chat_fingerprint, chat_renderer
 from dyndepth.data.loader import PackedLoader
 from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards
-from dyndepth.data.sources import HF_PREFIX, DataError, Document, iter_documents, list_files
+from dyndepth.data.sources import HF_PREFIX, DataError, Document, hf_name_and_split, iter_documents, list_files
 from dyndepth.data.stdlib_corpus import stdlib_documents
 from dyndepth.data.synthetic import TASKS, TERMINATOR, TaskMix, make_examples
 from dyndepth.tokenizer import load_tokenizer
@@ -134,7 +134,10 @@ def _check_disjoint(source: str | list[str], val_source: str | list[str]) -> Non
     if not val_source or source in EMBEDDED:
         return
     local = [Path(s).resolve() for s in source_items(source) if not s.startswith(HF_PREFIX) and Path(s).exists()]
+    hub = {hf_name_and_split(s) for s in source_items(source) if s.startswith(HF_PREFIX)}
     for val in source_items(val_source):
+        if val.startswith(HF_PREFIX) and hf_name_and_split(val) in hub:  # (the same split: name one, "hf:x:test")
+            _warn_overlap(val, "the same dataset split in data.source (name another: hf:<name>:<split>)")
         if val.startswith(HF_PREFIX) or not Path(val).exists():
             continue
         v = Path(val).resolve()

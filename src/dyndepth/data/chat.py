@@ -47,8 +47,13 @@ class TemplateChat:
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    **self.special)
+        from jinja2 import TemplateError
+
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        **self.special)
+        except TemplateError as e:  # e.g. a template that reads messages[0] of a chat the assistant opens
+            raise DataError(f"the chat template could not render these messages: {type(e).__name__}: {e}") from None
 
     def __call__(self, messages: Sequence[dict]) -> tuple[str, str]:
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)

@@ -92,6 +92,10 @@ def record_to_document(
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
     record = {k: v for k, v in record.items() if v is not None}  # null columns count as absent
+    for key in ("prompt", "response", text_field):  # (a list, number or object was trained on as its Python repr)
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"{where}: field {key!r} holds a {type(record[key]).__name__}, not text; give it as a "
+                            "string (chat turns go in 'messages' as {'role': ..., 'content': ...} objects).")
     if "prompt" in record and "response" in record:
         if not getattr(chat_template, "renders_pairs", False):
             return Document(text=str(record["response"]), prompt=str(record["prompt"]))
@@ -119,9 +123,10 @@ def record_to_document(
 
 
 def _open_text(path: Path) -> TextIO:
+    """UTF-8, a leading byte-order mark dropped (it was trained on as a character; JSON lines refused it)."""
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _inner_suffix(path: Path) -> str:
@@ -141,7 +146,7 @@ def iter_text_file(path: Path, split: str = "file") -> Iterator[Document]:
         if split == "eot":
             block: list[str] = []
             for line in f:
-                if line.rstrip("\n") == EOT_LINE:
+                if line.strip() == EOT_LINE:  # (trailing spaces or a CR kept two documents as one)
                     if "".join(block).strip():
                         yield Document(text="".join(block))
                     block = []
@@ -189,7 +194,15 @@ def iter_parquet(
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is a dev dependency
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
+    if path.suffix == ".gz":  # pyarrow reads Parquet's own compression, not a gzip around the file
+        raise DataError(f"{path}: a gzipped Parquet file; Parquet compresses its columns itself: gunzip it (or write "
+                        "it with compression='gzip') and give the .parquet file.")
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not Parquet, or damaged
+        raise DataError(f"{path}: not a readable Parquet file ({e}); re-create it or leave it out") from None
     names = set(pf.schema_arrow.names)
     wanted = [c for c in ("prompt", "response", "messages", text_field) if c in names]
     if not wanted:
@@ -222,8 +235,8 @@ def iter_file(
         yield from iter_text_file(path, text_split)
     else:
         raise DataError(
-            f"{path}: unknown file type {suffix!r}. Known: text {TEXT_SUFFIXES}, JSONL {JSONL_SUFFIXES}, "
-            f"Parquet {PARQUET_SUFFIXES} (each also .gz). Rename the file (from Python, "
+            f"{path}: unknown file type {suffix!r}. Known: text {TEXT_SUFFIXES} and JSONL {JSONL_SUFFIXES} (each "
+            f"also .gz), Parquet {PARQUET_SUFFIXES}. Rename the file (from Python, "
             "iter_documents(fmt='text'|'jsonl'|'parquet') reads it as one)."
         )
 
@@ -262,6 +275,12 @@ def iter_hf_dataset(
         yield record_to_document(dict(record), f"{name}[{split}] row {i}", text_field, chat_template)
 
 
+def hf_name_and_split(source: str, default_split: str = "train") -> tuple[str, str]:
+    """`"hf:<name>[:<split>]"` -> (name, split)."""
+    name, _, split = source[len(HF_PREFIX):].partition(":")
+    return name, split or default_split
+
+
 def iter_documents(
     source: str | Path | Sequence[str | Path],
     *,
@@ -272,7 +291,9 @@ def iter_documents(
     fmt: str | None = None,
     hf_split: str = "train",
 ) -> Iterator[Document]:
-    """Stream Documents from a file, a folder (recursive), a list of those, or `"hf:<name>"` (datasets).
+    """Stream Documents from a file, a folder (recursive), a list of those, or `"hf:<name>"` (datasets; its split is
+    `hf_split`, or the one named after a colon, `"hf:<name>:validation"`: a data.val_source of the same dataset read
+    its train split).
 
     Folders yield every file matching `glob`, sorted, each read by its extension. `text_split` says how
     plain text files become documents: 'file' (whole file), 'line' or 'paragraph' (blank-line separated).
@@ -290,7 +311,8 @@ def iter_documents(
             )
         return
     if isinstance(source, str) and source.startswith(HF_PREFIX):
-        yield from iter_hf_dataset(source[len(HF_PREFIX) :], hf_split, text_field, chat_template)
+        name, split = hf_name_and_split(source, hf_split)
+        yield from iter_hf_dataset(name, split, text_field, chat_template)
         return
     path = Path(source)
     if path.is_dir():
