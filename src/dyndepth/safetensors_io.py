@@ -52,6 +52,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             numel *= s
         if base + end > size:
             raise CheckpointError(f"{path} is truncated: tensor {name!r} ends past the end of the file.")
+        if not 0 <= start <= end or end - start != numel * dtype.itemsize:  # (a short range read the next tensor's)
+            raise CheckpointError(f"{path} is damaged: tensor {name!r} spans bytes {start}-{end}, but its shape "
+                                  f"{info['shape']} of {info['dtype']} needs {numel * dtype.itemsize}.")
         if numel == 0:
             t = torch.empty(info["shape"], dtype=dtype)
         elif (base + start) % dtype.itemsize == 0:

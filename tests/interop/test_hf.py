@@ -39,6 +39,42 @@ def test_truncated_and_garbage_files_get_clear_errors(tmp_path):
         read_safetensors(tmp_path / "g.safetensors")
 
 
+def test_a_header_whose_byte_range_does_not_fit_the_shape_is_damage(tmp_path):
+    """A range shorter than shape x dtype read the next tensor's bytes as this one's (the safetensors library refuses
+    such a file)."""
+    write_safetensors({"a": torch.arange(2.0), "b": torch.arange(2.0, 4.0)}, tmp_path / "x.safetensors")
+    data = bytearray((tmp_path / "x.safetensors").read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["a"]["shape"] = [4]  # 4 floats in a range of 8 bytes
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    (tmp_path / "x.safetensors").write_bytes(bytes(data[:8]) + text + bytes(data[8 + n:]))
+    with pytest.raises(CheckpointError, match=r"damaged: tensor 'a' spans bytes 0-8, but its shape \[4\] of F32"):
+        read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_an_older_llama_export_with_rotary_tables_loads_and_convert_keeps_the_chat_template(tmp_path):
+    """Older Llama-family exports store rotary_emb.inv_freq (derived from config.json; transformers ignores it): it
+    was an unexpected tensor. `convert` left chat_template.jinja (transformers 5's file) behind."""
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-llama")).eval()
+    model.save_pretrained(tmp_path / "src")
+    state = read_safetensors(tmp_path / "src" / "model.safetensors")
+    state = {k: v.clone() for k, v in state.items()}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    write_safetensors(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "src" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    loaded = dyndepth.from_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    from dyndepth.interop.hf import convert_checkpoint
+
+    convert_checkpoint(tmp_path / "src", tmp_path / "dst")
+    assert (tmp_path / "dst" / "chat_template.jinja").read_text() == (tmp_path / "src" / "chat_template.jinja").read_text()
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
 def test_save_then_load_round_trips_every_tensor(tmp_path, name):
     model = CausalLM(preset(name))

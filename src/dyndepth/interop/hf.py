@@ -18,7 +18,8 @@ from dyndepth.models import MODELS, model_spec
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
 
 _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model"]
 
 
 # ----------------------------------------------------------------------------------------- weights
@@ -75,6 +76,8 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    for key in [k for k in state if k.endswith("rotary_emb.inv_freq")]:  # older Llama exports store the rotary
+        del state[key]  # table; it is derived from config.json (transformers ignores it too)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -146,6 +149,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
 
 # a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "byte_tokenizer.json", "encoder.json", "vocab.bpe")
 
 
