@@ -167,6 +167,28 @@ def test_a_relative_pretrained_path_is_saved_absolute_so_steps_export_and_resume
     assert not (tmp_path / "out").exists()
 
 
+def test_a_step_exports_the_model_it_trained_after_the_base_folder_changed_or_went(tmp_path):
+    """Export built the model from the `model.pretrained` folder as it was then: a base whose config.json changed in
+    a field of no tensor shape (rope_theta) exported logits 1.15 off the run's own; a moved base could not export."""
+    from dyndepth.train.run import export_checkpoint
+
+    CausalLM(preset("tiny-qwen3")).save_pretrained(tmp_path / "base")
+    args = [f"model.pretrained={tmp_path / 'base'}", f"train.out_dir={tmp_path / 'out'}", "train.steps=2",
+            "train.batch_size=2", "train.seq_len=16", "train.warmup=1", "train.progress=false", "train.plot=false",
+            "train.device=cpu", "eval.enabled=false", "method.name=gateskip"]
+    run_training(None, args, loader=TinyLoader(2, 16))
+    step = tmp_path / "out" / "step_0000002"
+    assert json.loads((step / "model_config.json").read_text())["dyndepth_method"]["name"] == "gateskip"
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        want = dyndepth.from_pretrained(tmp_path / "out" / "model")(ids).logits  # the run's own export
+        assert torch.equal(dyndepth.from_pretrained(export_checkpoint(step, tmp_path / "a"))(ids).logits, want)
+        shutil.rmtree(tmp_path / "base")
+        assert torch.equal(dyndepth.from_pretrained(export_checkpoint(step, tmp_path / "b"))(ids).logits, want)
+
+
 def test_resuming_with_evaluation_switched_names_it_when_it_changes_the_training_split(tmp_path):
     # a user source without val_source holds a part out only when the run evaluates: switching eval.enabled on a
     # resume changed the training shards, and the resume failed with a loader num_tokens mismatch that never named it

@@ -101,6 +101,28 @@ def _few(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def _spec_of(raw_config: dict):
+    model_type = raw_config.get("model_type")
+    if model_type not in MODELS:
+        raise ConfigError(f"unsupported architecture: model_type={model_type!r} (architectures="
+                          f"{raw_config.get('architectures')}); dyndepth builds {sorted(MODELS)}.")
+    return model_spec(model_type)
+
+
+def model_from_config(raw_config: dict, source: str = "config.json") -> torch.nn.Module:
+    """The model a config.json describes (as `pretrained_config` writes it), with its `dyndepth_method` attached,
+    weights not loaded (under `torch.device("meta")` when the caller assigns them)."""
+    spec = _spec_of(raw_config)
+    model = spec.model_cls(spec.config_from_hf(raw_config))
+    if "dyndepth_method" in raw_config:  # a checkpoint trained with an adaptive-depth method
+        method = dict(raw_config["dyndepth_method"])
+        name = method.pop("name", None)
+        if name is None:
+            raise CheckpointError(f"{source}: dyndepth_method has no name.")
+        attach_method(model, name, method)
+    return model
+
+
 def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a HF checkpoint folder or hub id, in eval mode (as transformers does: a method's training-only work,
@@ -114,23 +136,13 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
                                   f"export this step with `dyndepth convert {folder} OUT`.")
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     raw_config = _read_json(config_path)
-    model_type = raw_config.get("model_type")
-    if model_type not in MODELS:
-        raise ConfigError(f"unsupported architecture: model_type={model_type!r} (architectures="
-                          f"{raw_config.get('architectures')}); dyndepth builds {sorted(MODELS)}.")
-    spec = model_spec(model_type)
-    config = spec.config_from_hf(raw_config)
+    spec = _spec_of(raw_config)
     dtype = resolve_dtype(dtype)
     device = None if device is None else resolve_device(device)
     state = spec.state_from_hf(read_state_dict(folder))
     with torch.device("meta"):
-        model = spec.model_cls(config)
-        if "dyndepth_method" in raw_config:  # a checkpoint trained with an adaptive-depth method
-            method = dict(raw_config["dyndepth_method"])
-            name = method.pop("name", None)
-            if name is None:
-                raise CheckpointError(f"{config_path}: dyndepth_method has no name.")
-            attach_method(model, name, method)
+        model = model_from_config(raw_config, str(config_path))
+    config = model.config
     check_state_dict(model, state, str(folder))
     state = cast_state(state, dtype, float32_keys(model))  # the buffers modules keep in float32 load as float32
     if config.tie_word_embeddings:

@@ -323,6 +323,7 @@ class MoRLM(nn.Module):
     architecture = "MoRForCausalLM"
     generate = native.generate
     save_pretrained = native.save_pretrained
+    pretrained_config = native.pretrained_config
     num_params = native.num_params
     hf_state_dict = native.disk_state_dict
 

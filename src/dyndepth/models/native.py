@@ -60,12 +60,18 @@ def disk_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.
 
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
-    """config.json (the family's `model_type`, `architectures = [model.architecture]`) + safetensors."""
+    """config.json (`pretrained_config`) + safetensors."""
+    return write_pretrained(model.hf_state_dict(dtype), pretrained_config(model, dtype), path, max_shard_bytes,
+                            getattr(model, "generation_config", None))
+
+
+def pretrained_config(model, dtype: torch.dtype | None = None) -> dict:
+    """The config.json `save_pretrained` writes: the family's fields, its `model_type`, `architectures =
+    [model.architecture]` and the dtype."""
     config = model.config.to_dict()
     name = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     config.update(architectures=[model.architecture], torch_dtype=name, dtype=name)
-    return write_pretrained(model.hf_state_dict(dtype), config, path, max_shard_bytes,
-                            getattr(model, "generation_config", None))
+    return config
 
 
 def config_reader(config_class) -> Callable[[dict], object]:

@@ -214,11 +214,15 @@ class CausalLM(nn.Module):
         """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads, and the loaded checkpoint's
         generation_config.json. A method, if any, is recorded under `dyndepth_method`: transformers loads such a
         folder as the plain base model (it reports the method's tensors as unexpected), whose outputs differ."""
+        return write_pretrained(self.hf_state_dict(dtype), self.pretrained_config(dtype), path, max_shard_bytes,
+                                getattr(self, "generation_config", None))
+
+    def pretrained_config(self, dtype: torch.dtype | None = None) -> dict:
+        """The config.json `save_pretrained` writes: HF's fields, and the method under `dyndepth_method`."""
         hf_config = hf_layout.config_to_hf(self.config, dtype or next(self.parameters()).dtype)
         if self.method is not None:
             hf_config["dyndepth_method"] = self.method.to_dict()
-        return write_pretrained(self.hf_state_dict(dtype), hf_config, path, max_shard_bytes,
-                                getattr(self, "generation_config", None))
+        return hf_config
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -270,6 +270,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+MODEL_CONFIG = "model_config.json"  # a checkpoint's model as config.json describes it (`pretrained_config`)
+
+
 def load_model_weights(path: str | Path, model: nn.Module, verify: bool = True) -> None:
     """Load `model.safetensors` of a checkpoint folder into a plain, DDP-wrapped or FSDP-sharded model. In a
     training checkpoint (one with a manifest) the file is first checked against the manifest."""

@@ -7,6 +7,7 @@ This is the function `dyndepth train recipe.toml --set train.lr=3e-4` calls; und
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -273,12 +274,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     """A training checkpoint (single-process, DDP or FSDP2) as a HF checkpoint folder (config.json +
     safetensors, method included), saved in the run's `model.dtype` when it names one, with `tokenizer` (the
     run's, at its end) or the one the run's data section names."""
-    from dyndepth.train.checkpoint import load_model_weights
+    from dyndepth.interop.hf import model_from_config
+    from dyndepth.train.checkpoint import MODEL_CONFIG, load_model_weights
 
     rc = load_run_config(Path(checkpoint) / "config.yaml")
     dtype = rc.model.pop("dtype", None)
-    model = build_model(rc.model)
-    attach_from_config(rc.method, model)
+    saved = Path(checkpoint) / MODEL_CONFIG
+    if saved.is_file():  # the model as it trained (a `model.pretrained` folder may have changed or moved since)
+        model = model_from_config(json.loads(saved.read_text()), str(saved))
+    else:  # a checkpoint written before the file was
+        model = build_model(rc.model)
+        attach_from_config(rc.method, model)
     load_model_weights(checkpoint, model)
     missing = None
     if tokenizer is None:

@@ -38,6 +38,8 @@ caller to destroy.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from contextlib import contextmanager, nullcontext
@@ -174,6 +176,15 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
     wrapped = parallel.wrap_model(raw, cfg.parallel, info, cfg.dtype)
     optimizer = build_optimizer(raw, cfg)
     return raw, wrapped, optimizer, build_scheduler(optimizer, cfg)
+
+
+def _write_configs(run_config: RunConfig, model: nn.Module, path: Path) -> None:
+    """A checkpoint's config.yaml (the run) and, beside it, the model's own config.json contents
+    (`ckpt.MODEL_CONFIG`): export builds the model from it, not from a `model.pretrained` folder that may have
+    changed or moved since."""
+    save_run_config(run_config, path)
+    if hasattr(model, "pretrained_config"):
+        (path.parent / ckpt.MODEL_CONFIG).write_text(json.dumps(model.pretrained_config(), indent=2) + "\n")
 
 
 def _save_config(run_config: RunConfig, path: Path, resumed: bool) -> None:
@@ -363,7 +374,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             if _due(step, cfg.save_every, cfg.steps):
                 result.last_checkpoint = ckpt.save_checkpoint(
                     out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
-                    lambda path: save_run_config(run_config, path), cfg.keep_last, train_config=cfg,
+                    functools.partial(_write_configs, run_config, raw), cfg.keep_last, train_config=cfg,
                     extra_state={"nonfinite_steps": result.nonfinite_steps})
         result.steps = step
     if bar is not None:
