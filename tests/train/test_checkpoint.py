@@ -28,7 +28,7 @@ def test_latest_ignores_tmp_and_incomplete_dirs_and_keep_last(tmp_path):
     (tmp_path / "step_0000008").mkdir()  # not a complete checkpoint (no train_state.pt)
     assert latest_checkpoint(tmp_path).name == "step_0000006"
     assert sorted(p.name for p in (tmp_path / "step_0000006").iterdir()) == [
-        "config.yaml", "manifest.json", "model.safetensors", "rank_0.pt", "train_state.pt"]
+        "config.yaml", "manifest.json", "model.safetensors", "model_config.json", "rank_0.pt", "train_state.pt"]
     # the weights (tied lm_head re-aliased) load into a fresh model and match the trained one
     fresh = CausalLM(preset("tiny-qwen3"))
     load_model_weights(tmp_path / "step_0000006", fresh)

@@ -97,7 +97,8 @@ def test_fsdp_checkpoint_is_full_and_resumes(runs):
     root, _ = runs
     out = root / "fsdp"
     assert sorted(p.name for p in (out / "step_0000004").iterdir()) == [
-        "config.yaml", "manifest.json", "model.safetensors", "rank_0.pt", "rank_1.pt", "train_state.pt"]
+        "config.yaml", "manifest.json", "model.safetensors", "model_config.json", "rank_0.pt", "rank_1.pt",
+        "train_state.pt"]
     # the gathered weights load into a plain single-process model
     load_model_weights(out / "step_0000004", CausalLM(preset("tiny-qwen3")))
     # drop the last checkpoint and resume FSDP from step 2: steps 3-4 repeat the same losses
