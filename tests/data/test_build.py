@@ -172,6 +172,18 @@ def test_a_bpe_trained_on_another_record_field_is_another_tokenizer(tmp_path):
     assert len(list((tmp_path / "c" / "tokenizers").iterdir())) == 2
 
 
+def test_a_bpe_of_a_source_with_and_without_held_out_documents_are_two_tokenizers(tmp_path):
+    """Without val_source documents 0, 100, ... are held out of the BPE's text, with it they are not: the two shared a
+    folder, so the first run decided what the second tokenized with."""
+    from dyndepth.data.build import bpe_folder, resolve_data_config
+
+    (tmp_path / "t.txt").write_text("some text\n")
+    (tmp_path / "v.txt").write_text("held out\n")
+    cfg = {"source": str(tmp_path / "t.txt"), "tokenizer": "bpe:300", "cache_dir": str(tmp_path / "c")}
+    held, whole = (bpe_folder(resolve_data_config(c))[0] for c in (cfg, {**cfg, "val_source": str(tmp_path / "v.txt")}))
+    assert held != whole and held.parent == whole.parent
+
+
 def test_a_list_of_sources_trains_on_each_in_order_and_keys_its_cache_by_all_of_them(tmp_path, caplog):
     # data.source could name one file or folder only: a corpus of several shards beside a held-out one needed a
     # folder of copies (and a folder holding the validation file trained on it, silently)

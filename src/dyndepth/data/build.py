@@ -184,13 +184,15 @@ def bpe_folder(cfg: dict) -> tuple[Path, int]:
     key = f"{source_fingerprint(cfg['source'], cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
     if cfg["text_field"] != DEFAULTS["text_field"]:  # another record field is another text (the default's key stays:
         key += f"-{cfg['text_field']}"  # tokenizers trained before keep their folder)
+    if cfg["val_source"]:  # nothing held out: the BPE trains on every document (the held-out run's key stays; the two
+        key += "-all"  # shared the folder, and the first run's held-out choice decided both tokenizers)
     return Path(cfg["cache_dir"]) / "tokenizers" / f"bpe{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:12]}", vocab
 
 
 def _train_bpe(cfg: dict, vocab: int, folder: Path) -> None:
     from dyndepth.tokenizer import train_bpe
 
-    def texts():  # streamed: the first bpe_train_bytes of the training split's documents
+    def texts():  # streamed: the first bpe_train_bytes characters (bytes of ASCII text) of the training documents
         budget = cfg["bpe_train_bytes"]
         docs = iter_documents(cfg["source"], text_field=cfg["text_field"], text_split=cfg["text_split"])
         for doc in split_documents(docs, "train", not cfg["val_source"], cfg["source"]):
