@@ -33,7 +33,6 @@ def reference_forward(model, ids, mask=None):
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     x = model.model.embed_tokens(ids)
     B, T = ids.shape
-    k = math.ceil(cfg.capacity * T - 1e-6)
     for i, layer in enumerate(model.model.layers):
         if i not in method.routed:
             x = layer.block(x, full, i)
@@ -42,7 +41,8 @@ def reference_forward(model, ids, mask=None):
         rows = []
         for b in range(B):
             scores = r[b].masked_fill(~valid[b], float("-inf"))
-            sel = torch.argsort(scores, descending=True, stable=True)[:min(k, int(valid[b].sum()))]
+            k = math.ceil(cfg.capacity * int(valid[b].sum()) - 1e-6)  # c of the row's real tokens
+            sel = torch.argsort(scores, descending=True, stable=True)[:k]
             sel = sel.sort().values
             xs, pos = x[b:b + 1, sel], full.positions[b:b + 1, sel]
             ctx = model.make_context(ids[b:b + 1, sel], None, pos, None)
@@ -115,6 +115,21 @@ def test_default_routes_every_other_layer_from_layer_one():
     assert not hasattr(model.model.layers[0], "mod") and hasattr(model.model.layers[3], "mod")
     with pytest.raises(ValueError, match="routes none"):
         attach_mod(CausalLM(preset("tiny-qwen3")), MoDConfig(every=4, offset=3))
+
+
+def test_topk_routes_c_of_each_rows_real_tokens_so_left_padding_changes_nothing():
+    """k was c x the padded width: a row of 6 real tokens in a width-12 batch routed all 6 at c = 0.5 (logits 0.09
+    off the row alone), so a row's output depended on its batch-mates (the eval harness left-pads)."""
+    model, method = mod_model(capacity=0.5, every=1)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    trace = dyndepth.Trace()
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, trace=trace).logits
+        alone = model(ids[1:, 6:]).logits
+    assert all(int(keep[1].sum()) == 3 for keep in trace.ctx.state.routed.values())
+    torch.testing.assert_close(batch[1, 6:], alone[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["predictor", "router_threshold"])
@@ -274,16 +289,16 @@ def test_topk_routing_picks_each_rows_best_router_scores_never_pad():
     model, method = mod_model(capacity=0.3, every=1)
     ids = torch.randint(0, 256, (3, 10))
     mask = torch.ones_like(ids)
-    mask[2, :8] = 0  # 2 real tokens < k = 3
+    mask[2, :8] = 0  # 2 real tokens: k = ceil(0.3 * 2) = 1
     trace = dyndepth.Trace()
     with torch.no_grad():
         model(ids, attention_mask=mask, trace=trace)
         x = model.model.embed_tokens(ids)  # layer 0's input
         r = model.model.layers[0].mod.router(x).squeeze(-1)
     keep = trace.ctx.state.routed[0]
-    for b in range(3):  # slow reference: the k = ceil(0.3 * 10) best valid scores of the row
+    for b in range(3):  # slow reference: the k = ceil(0.3 * real tokens) best valid scores of the row
         valid = [t for t in range(10) if mask[b, t]]
-        best = sorted(valid, key=lambda t: (-float(r[b, t]), t))[:3]
+        best = sorted(valid, key=lambda t: (-float(r[b, t]), t))[:math.ceil(0.3 * len(valid) - 1e-6)]
         assert keep[b].nonzero().flatten().tolist() == sorted(best)
 
 

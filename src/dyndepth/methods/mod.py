@@ -5,7 +5,7 @@ Shape legend: B batch, T tokens, D hidden_size, K routed tokens per row (padded 
 
 Per routed block l, with block input x (the residual stream, not normed, as in the paper):
     r = router(x)                              # (B, T) one scalar per token, Linear(D -> 1, no bias)
-    keep = top-k of r per sequence, k = ceil(c * T)   # PAD never selected; ties to the earlier token
+    keep = top-k of r per sequence, k = ceil(c * T)   # T: the row's real tokens; PAD never selected; ties: earlier
     x_i = x_i + w(r_i) * (block(x_S)_i - x_i)  # i in keep; S = the kept tokens of i's sequence
 The block runs on the kept tokens only: queries, keys and values all come from S, causal by original
 positions, so compute (projections, attention, MLP) falls with c. w(r) = r (paper: the router weight scales
@@ -272,8 +272,10 @@ class MoD:
                 ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=valid.sum() * cost)
         if self.recorder is not None:
             self.recorder.record(slot, score_BT, valid, 1.0 - self.capacity)
-        if mode == "topk":
-            keep = select(score_BT, valid, SelectRule(kind="topk", fraction=self.capacity, static_k=True))
+        if mode == "topk":  # k of each row's real tokens (a padded row took c x the batch's width: all of them at
+            # c = 0.5 and half padding); an unpadded batch's static k needs no per-row count
+            keep = select(score_BT, valid, SelectRule(kind="topk", fraction=self.capacity,
+                                                      static_k=ctx.valid is None))
         elif mode == "predictor":
             keep = (logit_BT.detach() > 0) & valid
         else:
