@@ -209,6 +209,7 @@ def test_cli_resume_compares_the_recipe_with_the_checkpoint_it_resumes_from(tmp_
 
 @pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature must be a finite number >= 0"),
                                              ({"temperature": float("nan")}, "temperature must be a finite"),
+                                             ({"temperature": 1e-40}, "too small to divide logits by"),  # NaN, late
                                              ({"temperature": 1.0, "top_k": 0}, "top_k must be a whole number >= 1"),
                                              ({"temperature": 1.0, "top_p": 1.5}, r"top_p must lie in \(0, 1\]")])
 def test_sampling_settings_are_checked_before_any_forward(model, kwargs, message):
@@ -387,7 +388,7 @@ def test_bench_options_are_checked():
 
 
 BAD_INPUTS = (len(FORWARD_CASES) + 4 + 4 + 3 + 3 + 2 + 4 + 4 + 1 + 2 + 2 + 4 + len(GENERATE_CASES) + 4 + 1
-              + len(CONFIG_CASES) + 4 + 6 + 9 + 5 + 1)
+              + len(CONFIG_CASES) + 4 + 6 + 9 + 5 + 1 + 1)
 
 
 def test_a_cli_list_option_with_a_repeated_value_is_named():

@@ -75,7 +75,7 @@ def generate(
     stream: bool = typer.Option(True, help="Print tokens as they come (single prompt)."),
     skip_budget: Optional[float] = typer.Option(None, "--skip-budget", help="GateSkip: the fraction of tokens that "
                                                 "skip each branch (thresholds from `dyndepth calibrate`)."),
-    knobs: str = typer.Option("", help="Method knobs k=v,... for this generation, e.g. capacity=0.5 (MoD)."),
+    knobs: str = typer.Option("", help="Method knobs k=v,... for this generation, e.g. capacity=0.5,mode=router_threshold (MoD)."),
     compile: bool = typer.Option(False, help="Compile the decode step over a static cache (one graph; CUDA graphs "
                                  "on a GPU): the first tokens wait for the compile."),
 ) -> None:

@@ -23,11 +23,17 @@ from dyndepth.core.cache import KVCache
 from dyndepth.models.forward import check_inputs
 
 
+MIN_TEMPERATURE = 1e-6  # below it, sampling is greedy in all but overflow
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Sampling settings a user can mistype, refused before any forward (a NaN temperature failed inside torch's
     sampler; a negative one ran greedy; a string or a fractional top_k failed inside torch)."""
     if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}.")
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow to inf: NaN probabilities inside torch's sampler
+        raise ValueError(f"temperature {temperature!r} is too small to divide logits by (at least {MIN_TEMPERATURE}); "
+                         "use 0 for greedy decoding.")
     if top_k is not None and (not is_whole(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a whole number >= 1 (None: no top-k cut), got {top_k!r}.")
     if top_p is not None and (not _real(top_p) or not 0.0 < top_p <= 1.0):
@@ -159,7 +165,7 @@ def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
     if skip_budget is not None and "budget" not in method.knobs():
         raise ValueError(f"a skip budget (skip_budget, --skip-budget) is GateSkip's knob; {method.name} decodes with "
                          f"its own knobs {sorted(method.knobs())}: pass those (method_knobs, or --knobs from a shell, "
-                         "e.g. --knobs capacity=0.25 for mod).")
+                         "e.g. --knobs capacity=0.25,mode=router_threshold for mod).")
     return method.decoding(**dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget})))
 
 

@@ -350,3 +350,14 @@ def test_an_eval_with_uncalibrated_router_thresholds_fails_when_its_knobs_are_re
         split_knobs(method, {"mode": "router_threshold"})
     calibrate(model, [torch.randint(0, 256, (4, 32))])
     assert split_knobs(method, {"mode": "router_threshold"}).fields == {"mode": "router_threshold"}
+
+
+def test_a_capacity_for_decoding_in_predictor_mode_is_refused_with_the_mode_that_takes_it():
+    """The predictor routes whatever it predicts: generate ran at capacity 0.05 exactly as at 1.0, silently."""
+    model, method = mod_model(capacity=0.5, every=1)
+    ids = torch.randint(0, 256, (2, 8))
+    with pytest.raises(ValueError, match="capacity=0.25 does not reach decoding in predictor mode.*router_threshold"):
+        model.generate(ids, 2, method_knobs={"capacity": 0.25})
+    calibrate(model, [torch.randint(0, 256, (4, 16))], capacity=0.25)
+    assert model.generate(ids, 2, method_knobs={"capacity": 0.25, "mode": "router_threshold"}).shape == (2, 10)
+    assert model.generate(ids, 2).shape == (2, 10)  # its own settings: the predictor

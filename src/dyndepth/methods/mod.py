@@ -184,6 +184,11 @@ class MoD:
         """Cached decoding: top-k mode routes with `decode_mode` whenever a cache is given; its thresholds are checked
         on entry (not at the first forward, after a CLI has echoed the prompt)."""
         with self.override(**knobs):  # (which checks a threshold mode)
+            mode = self.config.decode_mode if self.mode == "topk" else self.mode
+            if "capacity" in knobs and mode == "predictor":  # (generate ran at any capacity as at 1.0, silently)
+                raise ValueError(f"mod capacity={knobs['capacity']} does not reach decoding in predictor mode (it "
+                                 "routes a token whenever its predictor says so); decode at a capacity with "
+                                 f"mode=router_threshold, after calibrate(model, batches, capacity={knobs['capacity']}).")
             if self.mode == "topk":
                 self._check_calibrated(self.config.decode_mode)
             yield self
