@@ -22,7 +22,6 @@ from dyndepth.core.accounting import accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.models.forward import check_inputs
 
-
 MIN_TEMPERATURE = 1e-6  # below it, sampling is greedy in all but overflow
 
 
