@@ -32,7 +32,7 @@ def reference_forward(model, ids, mask=None):
     full = model.make_context(ids, mask, None, None)
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     x = model.model.embed_tokens(ids)
-    B, T = ids.shape
+    B = ids.shape[0]
     for i, layer in enumerate(model.model.layers):
         if i not in method.routed:
             x = layer.block(x, full, i)
@@ -120,7 +120,7 @@ def test_default_routes_every_other_layer_from_layer_one():
 def test_topk_routes_c_of_each_rows_real_tokens_so_left_padding_changes_nothing():
     """k was c x the padded width: a row of 6 real tokens in a width-12 batch routed all 6 at c = 0.5 (logits 0.09
     off the row alone), so a row's output depended on its batch-mates (the eval harness left-pads)."""
-    model, method = mod_model(capacity=0.5, every=1)
+    model, _ = mod_model(capacity=0.5, every=1)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
@@ -354,7 +354,7 @@ def test_an_eval_with_uncalibrated_router_thresholds_fails_when_its_knobs_are_re
 
 def test_a_capacity_for_decoding_in_predictor_mode_is_refused_with_the_mode_that_takes_it():
     """The predictor routes whatever it predicts: generate ran at capacity 0.05 exactly as at 1.0, silently."""
-    model, method = mod_model(capacity=0.5, every=1)
+    model, _ = mod_model(capacity=0.5, every=1)
     ids = torch.randint(0, 256, (2, 8))
     with pytest.raises(ValueError, match="capacity=0.25 does not reach decoding in predictor mode.*router_threshold"):
         model.generate(ids, 2, method_knobs={"capacity": 0.25})
