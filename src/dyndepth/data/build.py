@@ -309,8 +309,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
 
 
-def _shard_dir(cfg: dict, tokenizer, source: str | list[str], holdout: bool) -> Path:
-    key = json.dumps([FORMAT_VERSION, source_fingerprint(source, cfg["cache_dir"]), tokenizer_fingerprint(tokenizer),
+def _shard_dir(cfg: dict, tokenizer, source: str | list[str], holdout: bool, digest: str | None = None) -> Path:
+    """The shard cache folder of `source` (`digest`: its `source_fingerprint`, when the caller has it)."""
+    digest = source_fingerprint(source, cfg["cache_dir"]) if digest is None else digest
+    key = json.dumps([FORMAT_VERSION, digest, tokenizer_fingerprint(tokenizer),
                       chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"],
                       HOLDOUT_SCHEME if holdout else False]
                      + ([cfg["text_split"]] if cfg["text_split"] != "file" else []))
@@ -362,7 +364,8 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
     from `cache_dir` afterwards; without `val_source` (and with `hold_out`) a part of the source is held out."""
     holdout = not cfg["val_source"] and hold_out
     source = cfg["val_source"] if split == "val" and cfg["val_source"] else cfg["source"]
-    folder = _shard_dir(cfg, tokenizer, source, holdout)
+    digest = source_fingerprint(source, cfg["cache_dir"])  # the shard cache's key, and the loader state's check
+    folder = _shard_dir(cfg, tokenizer, source, holdout, digest)
     if (barrier is None or rank == 0) and not (folder / split / MANIFEST).is_file():
         docs = iter_documents(source, text_field=cfg["text_field"], text_split=cfg["text_split"],
                               chat_template=chat_renderer(cfg["chat_template"], tokenizer))
@@ -371,7 +374,7 @@ def user_shards(cfg: dict, tokenizer, split: str, rank: int = 0, barrier: Callab
     if barrier is not None:
         barrier()
     shards = open_shards(folder, split=split)
-    shards.source_digest = source_fingerprint(source, cfg["cache_dir"])  # (memoized) the loader's state keeps it
+    shards.source_digest = digest
     return shards
 
 

@@ -26,6 +26,7 @@ naming the valid arguments.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -91,6 +92,11 @@ class DyndepthLM(TemplateLM):
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.eot_token_id
 
+    @functools.cached_property
+    def _prefix_text(self) -> str:
+        """The prefix token's text: a string that starts with it gets no special tokens (`tok_encode`)."""
+        return self.tokenizer.decode([self.prefix_token_id], skip_special=False)
+
     @property
     def max_length(self) -> int:
         return self._max_length
@@ -113,8 +119,7 @@ class DyndepthLM(TemplateLM):
         already starts with the prefix token's text); when on, BOS as `add_bos_token` says, else as the tokenizer's
         post-processor does (a Llama tokenizer prepends it: scores without it differed from the hf backend's)."""
         special = add_special_tokens is not False
-        prefix = self.tokenizer.decode([self.prefix_token_id], skip_special=False)
-        if add_special_tokens is None and prefix and string.startswith(prefix):
+        if add_special_tokens is None and self._prefix_text and string.startswith(self._prefix_text):
             special = False
         ids = self.tokenizer.encode(string, add_bos=self.add_bos_token if special else False)
         return ids[-left_truncate_len:] if left_truncate_len else ids
