@@ -67,6 +67,10 @@ def test_gates_can_stay_in_float_and_bad_settings_are_refused():
         quantize_weights(gated_model()[0], bits=3)
     with pytest.raises(ValueError, match="group_size"):
         quantize_weights(gated_model()[0], bits=4, group_size=48)
+    mixed = nn.Sequential(nn.Linear(64, 8), nn.Linear(96, 8))  # 64 divides the first layer's inputs, not the second's
+    with pytest.raises(ValueError, match="1: group_size=64 does not divide in_features=96"):
+        quantize_weights(mixed, bits=8, group_size=64)
+    assert all(type(m) is nn.Linear for m in mixed), "a refused call must leave every layer as it was"
 
 
 def test_skipping_still_works_on_a_quantized_model():

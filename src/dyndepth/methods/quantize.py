@@ -116,14 +116,15 @@ def quantize_weights(model: nn.Module, bits: int = 8, skip: tuple[str, ...] = ("
         if not quantize_gates and ".gateskip." in f".{name}.":
             continue
         targets.append(name)
-    for name in targets:
+    groups = {name: group_size or _default_group(bits, model.get_submodule(name).in_features) for name in targets}
+    for name, group in groups.items():  # all checked before any is replaced: a refusal leaves the model as it was
+        if model.get_submodule(name).in_features % group:
+            raise ValueError(f"{name}: group_size={group} does not divide in_features="
+                             f"{model.get_submodule(name).in_features}; pick a divisor of every layer's in_features.")
+    for name, group in groups.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        group = group_size or _default_group(bits, linear.in_features)
-        if linear.in_features % group:
-            raise ValueError(f"{name}: group_size={group} does not divide in_features={linear.in_features}.")
-        setattr(parent, child, QuantLinear.from_linear(linear, bits, group))
+        setattr(parent, child, QuantLinear.from_linear(getattr(parent, child), bits, group))
     return targets
 
 
