@@ -116,3 +116,16 @@ def test_intra_document_mask_makes_packed_documents_independent(tiny_config):
         got = model(packed, positions=positions, doc_ids=doc_ids).logits
         torch.testing.assert_close(got[:, :5], model(a).logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(got[:, 5:], model(b).logits, atol=1e-5, rtol=0)
+
+
+def test_a_shared_gate_pair_counts_in_the_training_flops_once_per_layer_call():
+    """GateSkip's `shared=True` runs one gate pair at every layer, the same matmuls as a pair per layer: the
+    training FLOPs (MFU) counted the shared pair once (bench-small: 265.1M instead of 287.2M per token, 7.7% low)."""
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+
+    counts = []
+    for shared in (False, True):
+        model = CausalLM(preset("tiny-qwen3", num_hidden_layers=3))
+        attach_gateskip(model, GateSkipConfig(shared=shared))
+        counts.append(model.train_flops_per_token(16))
+    assert counts[1] == counts[0]
