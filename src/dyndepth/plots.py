@@ -141,9 +141,10 @@ def plot_gate_stats(stats: GateStats, path: str | Path, max_positions: int = 64,
 
 
 def plot_expert_usage(usage_AE, path: str | Path, title: str = "Dreamer: expert usage per step",
-                      dpi: int = 110) -> Path:
-    """PNG heatmap of expert usage: rows = layer applications (recurrence steps), columns = experts, colour =
-    share of that step's selections going to the expert (uniform = 1 / E)."""
+                      dpi: int = 110, layers_per_group: int = 1) -> Path:
+    """PNG heatmap of expert usage: rows = layer applications (recurrence steps; with a group of G layers, row
+    r * G + g is step r of layer g, labelled "r.g"), columns = experts, colour = share of that application's
+    selections going to the expert (uniform = 1 / E)."""
     from matplotlib.figure import Figure
 
     share = usage_AE.float() / usage_AE.float().sum(-1, keepdim=True).clamp(min=1)  # (A, E)
@@ -152,8 +153,9 @@ def plot_expert_usage(usage_AE, path: str | Path, title: str = "Dreamer: expert 
     ax = fig.add_subplot()
     im = ax.imshow(share.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="share of the step's selections", fraction=0.04)
-    ax.set(xlabel="expert", ylabel="step", title=title)
-    ax.set_yticks(range(A))
+    G = layers_per_group
+    ax.set(xlabel="expert", ylabel="step" if G == 1 else "step.layer", title=title)
+    ax.set_yticks(range(A), [str(a) if G == 1 else f"{a // G}.{a % G}" for a in range(A)])
     return save_figure(fig, path, dpi)
 
 

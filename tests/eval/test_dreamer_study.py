@@ -117,3 +117,23 @@ def test_forward_report_keeps_packed_documents_apart_as_the_trainers_evaluation_
             for name, logits in (("apart", apart), ("across", across))}
     assert loss["apart"] != pytest.approx(loss["across"], rel=1e-4)  # the boundary matters to this batch
     assert forward_report(model, [batch])["val_loss"] == pytest.approx(loss["apart"], rel=1e-6)
+
+
+def test_the_expert_usage_heatmap_labels_each_row_with_its_step_and_layer(tmp_path, monkeypatch):
+    """A group of G = 2 layers has R * G usage rows, application r * G + g: the heatmap's row 3 is step 1 of layer 1
+    (its ticks read 0..3 as steps, so a 2-step model's figure showed 4 steps)."""
+    from dyndepth import plots
+
+    torch.manual_seed(0)
+    model = dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2, layers_per_group=2))
+    model.save_pretrained(tmp_path / "model")
+    data = {"source": "synthetic", "tasks": ["add"], "synthetic_examples": 200, "difficulty": {"add": {"digits": 1}}}
+    save_run_config(RunConfig(model={"preset": "dreamer-tiny"}, data=data,
+                              train=TrainConfig(batch_size=2, seq_len=32)), tmp_path / "config.yaml")
+    figures = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi: figures.setdefault(path.name, fig) and path)
+    result = run_study(tmp_path, examples_per_task=1, num_batches=1, exit_kls=())
+    assert torch.tensor(result["expert_usage"]).shape == (4, 16)
+    ax = figures["expert_usage.png"].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0.0", "0.1", "1.0", "1.1"]
+    assert ax.get_ylabel() == "step.layer"

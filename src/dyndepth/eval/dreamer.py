@@ -157,7 +157,8 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
               "expert_diversity": trained.get("expert_diversity"),
               "expert_set_entropy": trained.get("expert_set_entropy"), "state_change": trained["state_change"]}
     if "expert_usage" in trained:
-        plot_expert_usage(trained["expert_usage"], out / "expert_usage.png")
+        plot_expert_usage(trained["expert_usage"], out / "expert_usage.png",
+                          layers_per_group=model.config.layers_per_group)
         result["expert_usage"] = trained["expert_usage"].tolist()
     plot_quality_vs_depth(rows, out / "quality_vs_depth.png")
     (out / "dreamer_study.json").write_text(json.dumps(result, indent=2) + "\n")
