@@ -770,3 +770,38 @@ def test_nested_false_runs_the_base_model_and_reports_nothing_selected():
         out = model(ids, attention_mask=mask)
     torch.testing.assert_close(out.logits, base(ids, attention_mask=mask).logits, rtol=0, atol=0)
     assert float(out.stats["dnd/selected"]) == 0.0  # it read the router's would-be selection (0.44)
+
+
+def test_a_skipped_non_finite_step_leaves_no_nan_in_the_score_buffer_or_tau(tmp_path):
+    """train.nonfinite="skip" after a forward whose activations turned NaN (one step, e.g. an overflow): that step's
+    NaN scores stayed in the controller's buffer, ranked above every real score, so the next sync's target, then tau,
+    became NaN for good and no token nested again (tau nan, dnd/selected 0.0 for every later step)."""
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train import train
+
+    model, method = dnd_model(beta=0.1, std=0.5, ratio=0.2, sync_every=2)
+    model.train()
+    calls = []
+
+    def nan_once(module, args, out):  # the third training forward's embeddings turn NaN
+        calls.append(1)
+        return out * float("nan") if len(calls) == 3 else None
+
+    model.model.embed_tokens.register_forward_hook(nan_once)
+
+    class Loader:
+        def next_batch(self):
+            ids = torch.randint(0, 256, (2, 17))
+            return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+        def state_dict(self):
+            return {}
+
+    cfg = TrainConfig(steps=6, batch_size=2, seq_len=16, lr=1e-3, min_lr=1e-4, warmup=1, log_every=1, device="cpu",
+                      out_dir=str(tmp_path), progress=False, plot=False, nonfinite="skip")
+    result = train(model, Loader(), cfg, hooks=method.trainer_hooks(6))
+    assert result.nonfinite_steps == 1
+    assert all(bool(torch.isfinite(t).all()) for buf in method.scores_buffer.values() for t in buf)
+    assert all(torch.isfinite(d.tau) for d in method.layer_dnd), [float(d.tau) for d in method.layer_dnd]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("dnd/selected", 0) > 0][-1] == 6  # still nesting at the end

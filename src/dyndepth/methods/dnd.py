@@ -268,8 +268,8 @@ class DND:
             out.losses += [w * v for w, v in ((self.config.sd_weight, sd), (self.config.dp_weight, dp)) if w]
         if ctx.training:
             out.stats["dnd/beta"] = torch.stack(st.beta).mean()
-            for slot, p in st.scores.items():
-                self.record_scores(slot, p[st.valid])
+            for slot, p in st.scores.items():  # not NaN scores (a NaN forward, whose step nonfinite="skip" drops):
+                self.record_scores(slot, p[st.valid & p.isfinite()])  # ranked first, they made tau NaN for good
         return out
 
     def _overhead(self, table: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +282,9 @@ class DND:
         return extra, (extra / base).float()
 
     def record_scores(self, layer: int, scores: torch.Tensor) -> None:
-        """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer."""
+        """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer (none: nothing)."""
+        if scores.numel() == 0:  # (every score non-finite: the buffer's older forwards stay)
+            return
         stride = max(1, -(-scores.numel() // self.config.buffer_tokens))
         self.scores_buffer[layer].append(scores.detach().float()[::stride].contiguous())  # the subsample alone
 
