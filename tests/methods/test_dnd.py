@@ -797,6 +797,9 @@ def test_a_skipped_non_finite_step_leaves_no_nan_in_the_score_buffer_or_tau(tmp_
         def state_dict(self):
             return {}
 
+        def load_state_dict(self, state):
+            pass
+
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=16, lr=1e-3, min_lr=1e-4, warmup=1, log_every=1, device="cpu",
                       out_dir=str(tmp_path), progress=False, plot=False, nonfinite="skip")
     result = train(model, Loader(), cfg, hooks=method.trainer_hooks(6))

@@ -263,3 +263,21 @@ def test_evaluation_scores_each_validation_window_at_most_once():
     assert 1 < val.batches_per_epoch < 5
     assert [evaluate(model, val, n, cfg, DistInfo()) for n in (5, 9)] == [once, once]
     assert evaluate(model, val, 1, cfg, DistInfo()) != once  # (the cap, not a constant)
+
+
+def test_a_loader_without_state_dict_is_refused_before_the_first_step(tmp_path):
+    """Every run saves at least its last step, and a checkpoint holds the loader's position: a loader with only
+    next_batch() trained every step, then crashed with an AttributeError in that save (no checkpoint, no export)."""
+
+    class Batches:
+        def __init__(self):
+            self.inner, self.served = TinyLoader(2, 16), 0
+
+        def next_batch(self):
+            self.served += 1
+            return self.inner.next_batch()
+
+    loader = Batches()
+    with pytest.raises(ValueError, match=r"has no state_dict\(\).*load_state_dict"):
+        train(CausalLM(preset("tiny-qwen3")), loader, tiny_train_config(str(tmp_path), steps=3, save_every=0))
+    assert loader.served == 0 and latest_checkpoint(tmp_path) is None

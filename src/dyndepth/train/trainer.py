@@ -312,9 +312,20 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
+def _check_loader(loader) -> None:
+    """Every run saves at least its last step, and a checkpoint holds the loader's position (exact resume)."""
+    missing = [name for name in ("next_batch", "state_dict", "load_state_dict") if not hasattr(loader, name)]
+    if missing:
+        raise ValueError(f"the training loader ({type(loader).__name__}) has no {'(), '.join(missing)}(): checkpoints "
+                         "keep its data position so that a resumed run continues the same batches; give it "
+                         "state_dict() / load_state_dict() (as dyndepth.data.loader.PackedLoader has).")
+
+
 def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None,
           run_config: RunConfig | None = None) -> TrainResult:
-    """Train `model` for `cfg.steps` optimizer steps on batches from `loader.next_batch()`."""
+    """Train `model` for `cfg.steps` optimizer steps on batches from `loader.next_batch()` (the loader's
+    `state_dict()` / `load_state_dict()` go into checkpoints)."""
+    _check_loader(loader)
     info = parallel.init_distributed(cfg.parallel, cfg.device)
     hooks = check_hooks(hooks)
     _set_seed(cfg.seed + info.rank)
