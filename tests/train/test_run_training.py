@@ -309,3 +309,20 @@ def test_a_hold_out_that_takes_a_whole_file_of_a_few_is_warned_about(tmp_path, c
         run_training("recipes/tiny_cpu.toml", [*args[2:], f"data.source={files[0]}", f"train.out_dir={tmp_path / 'o2'}",
                                                "train.steps=1"])
     assert "validation split took" not in caplog.text
+
+
+def test_a_steps_saved_config_does_not_pin_the_checkpoint_its_run_resumed_from(tmp_path):
+    """A run resumed with train.resume=<step_2> saved that path in every later step's config.yaml: running step 6's
+    config to extend the run (without --resume) resumed step 2 again and moved steps 4 and 6 to abandoned_0/."""
+    out = tmp_path / "out"
+    args = ["model.preset=tiny-qwen3", f"train.out_dir={out}", "train.steps=6", "train.save_every=2", "train.keep_last=0",
+            "train.batch_size=2", "train.seq_len=16", "train.warmup=1", "train.progress=false", "train.plot=false",
+            "train.device=cpu", "eval.enabled=false"]
+    run_training(None, args[:3] + ["train.steps=2"] + args[4:], loader=TinyLoader(2, 16))
+    run_training(None, [*args, f"train.resume={out / 'step_0000002'}"], loader=TinyLoader(2, 16))
+    config = out / "step_0000006" / "config.yaml"
+    assert load_run_config(config).train.resume is False
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        run_training(config, ["train.steps=8"], loader=TinyLoader(2, 16))
+    assert [p.name for p in sorted(out.glob("step_*"))] == ["step_0000002", "step_0000004", "step_0000006"]
+    assert run_training(config, ["train.steps=8", "train.resume=true"], loader=TinyLoader(2, 16)).steps == 8

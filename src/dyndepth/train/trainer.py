@@ -38,6 +38,7 @@ caller to destroy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -195,6 +196,13 @@ def _save_config(run_config: RunConfig, path: Path, resumed: bool) -> None:
     save_run_config(run_config, path)
 
 
+def _as_saved(run_config: RunConfig) -> RunConfig:
+    """The run config written beside the checkpoints: train.resume says how this invocation started, not what the run
+    is (a saved `train.resume=<step_2>` made `dyndepth train step_6/config.yaml` resume step 2 again and move steps 4
+    and 6 aside); continuing a saved config takes --resume, as for a recipe."""
+    return dataclasses.replace(run_config, train=dataclasses.replace(run_config.train, resume=False))
+
+
 def _resume_path(cfg: TrainConfig, info: parallel.DistInfo) -> Path | None:
     if cfg.resume is False or cfg.resume == "":
         existing = ckpt.latest_checkpoint(cfg.out_dir)
@@ -330,7 +338,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     hooks = check_hooks(hooks)
     _set_seed(cfg.seed + info.rank)
     raw, wrapped, optimizer, scheduler = setup_model(model, cfg, info)
-    out_dir, run_config = Path(cfg.out_dir), run_config or RunConfig(train=cfg)
+    out_dir, run_config = Path(cfg.out_dir), _as_saved(run_config or RunConfig(train=cfg))
     result = TrainResult(steps=0, out_dir=out_dir)
     resume = _resume_path(cfg, info)
     if resume is not None:
