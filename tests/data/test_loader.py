@@ -217,3 +217,18 @@ def test_built_shards_feed_the_loader(tmp_path):
     rows = torch.cat([loader.next_batch()["input_ids"] for _ in range(loader.batches_per_epoch)])
     assert torch.equal(rows.flatten(), torch.arange(rows.numel()))  # crosses several 64-token shards
     assert isinstance(loader.windows_for_epoch(0), np.ndarray)
+
+
+def test_a_state_saved_at_the_end_of_an_epoch_converts_to_the_next_epochs_start():
+    """1 rank x batch 2 over 6 windows has served all 3 batches of epoch 0; resumed with batch 4 the next batch is
+    epoch 1's first. The conversion counted 6 windows served, not a whole number of batches of 4, and refused."""
+    shards = arange_shards(8 * 6 + 1)
+    old = PackedLoader(shards, 8, 2, seed=3)
+    for _ in range(old.batches_per_epoch):
+        old.next_batch()
+    new = PackedLoader(shards, 8, 4, seed=3)
+    new.load_state_dict(old.state_dict())
+    assert (new.epoch, new.cursor) == (1, 0)
+    fresh = PackedLoader(shards, 8, 4, seed=3)
+    fresh.next_batch()  # epoch 0's only batch of 4
+    assert torch.equal(new.next_batch()["input_ids"], fresh.next_batch()["input_ids"])  # epoch 1's first

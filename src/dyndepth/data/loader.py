@@ -153,7 +153,7 @@ class PackedLoader:
 
         A state from another world_size or batch_size (a checkpoint resumed at another world size) is
         converted to the same global position: `cursor * world_size * batch_size` windows of the epoch
-        have been served, and must fill whole batches of this loader.
+        have been served, and must fill whole batches of this loader (a finished epoch: the next one's start).
         """
         data = {"num_tokens": self.shards.num_tokens, "source_digest": getattr(self.shards, "source_digest", None)}
         for key in ("seed", "shuffle", "seq_len", "num_tokens", "source_digest"):
@@ -172,6 +172,8 @@ class PackedLoader:
             if state.get("rank", self.rank) != self.rank:
                 raise DataError(f"loader state of rank {state['rank']} given to rank {self.rank}")
         else:
+            if cursor >= self.num_windows // (world * batch):  # its whole epoch served: the next one starts
+                epoch, cursor = epoch + 1, 0
             served, per_batch = cursor * world * batch, self.world_size * self.batch_size
             if served % per_batch:
                 raise DataError(
