@@ -281,3 +281,17 @@ def test_a_loader_without_state_dict_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"has no state_dict\(\).*load_state_dict"):
         train(CausalLM(preset("tiny-qwen3")), loader, tiny_train_config(str(tmp_path), steps=3, save_every=0))
     assert loader.served == 0 and latest_checkpoint(tmp_path) is None
+
+
+def test_the_token_count_carries_over_a_resume_with_another_batch_layout(tmp_path):
+    """`tokens` was step x this run's tokens per step: 2 steps of 2 x 16 tokens resumed with batch 4 logged 192
+    tokens at step 3 (3 x 64) instead of 2 x 32 + 64 = 128, as if the earlier steps had used the new layout."""
+    import shutil
+
+    torch.manual_seed(0)
+    train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), tiny_train_config(str(tmp_path / "a"), steps=2, batch_size=2))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16),
+          tiny_train_config(str(tmp_path / "b"), steps=4, batch_size=4, resume=True))
+    records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records if "loss" in r] == [32, 64, 128, 192]

@@ -245,11 +245,14 @@ def _set_seed(seed: int) -> None:
 
 class _Meter:
     """Throughput and MFU of the training steps between two logged steps (eval and checkpoint time,
-    spent inside `paused()`, is left out)."""
+    spent inside `paused()`, is left out), and the run's token count (`tokens`: earlier steps at their own layout,
+    from the checkpoint's `tokens`; None: a fresh run, or a checkpoint without it: every step at this one)."""
 
-    def __init__(self, cfg: TrainConfig, raw: nn.Module, info: parallel.DistInfo) -> None:
+    def __init__(self, cfg: TrainConfig, raw: nn.Module, info: parallel.DistInfo, start_step: int = 0,
+                 tokens: int | None = None) -> None:
         self.info = info
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
+        self.tokens = start_step * self.tokens_per_step if tokens is None else tokens
         self.flops_per_step = flops_per_token(raw, cfg.seq_len) * self.tokens_per_step
         self.peak = peak_flops(info.device, cfg.peak_tflops) * info.world_size
         self.t_last, self.steps, self.excluded = time.perf_counter(), 0, 0.0
@@ -272,7 +275,7 @@ class _Meter:
         scalars = {k: float(v) for k, v in stats.items() if torch.as_tensor(v).numel() == 1}  # vectors: hooks only
         reduced = parallel.reduce_stats(scalars, self.info)
         record = {"step": step, **reduced, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens": step * self.tokens_per_step,
+                  "tokens": self.tokens,
                   "tokens_per_s": self.tokens_per_step * self.steps / dt,
                   "mfu": self.flops_per_step * self.steps / dt / self.peak}
         self.steps = 0
@@ -339,11 +342,11 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     _set_seed(cfg.seed + info.rank)
     raw, wrapped, optimizer, scheduler = setup_model(model, cfg, info)
     out_dir, run_config = Path(cfg.out_dir), _as_saved(run_config or RunConfig(train=cfg))
-    result = TrainResult(steps=0, out_dir=out_dir)
+    result, tokens = TrainResult(steps=0, out_dir=out_dir), None
     resume = _resume_path(cfg, info)
     if resume is not None:
         state = _resume(resume, wrapped, optimizer, scheduler, loader, hooks, cfg, info)
-        result.steps, result.nonfinite_steps = state["step"], state.get("nonfinite_steps", 0)
+        result.steps, result.nonfinite_steps, tokens = state["step"], state.get("nonfinite_steps", 0), state.get("tokens")
         result.last_checkpoint = resume
     if info.is_main:
         ckpt.remove_stale_tmp(out_dir)
@@ -354,7 +357,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         _save_config(run_config, out_dir / "config.yaml", resumed=resume is not None)
-    meter, bar = _Meter(cfg, raw, info), _progress(cfg, info, result.steps)
+    meter, bar = _Meter(cfg, raw, info, result.steps, tokens), _progress(cfg, info, result.steps)
     for step in range(result.steps + 1, cfg.steps + 1):
         try:
             stats, lr, grad_norm = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg, info)
@@ -370,7 +373,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                         float(stats.pop("nonfinite")), float(stats["loss"]), float(grad_norm), result.nonfinite_steps)
         else:
             stats.update(hooks_after_step(hooks, raw, step, stats, info))
-        meter.steps += 1
+        meter.steps, meter.tokens = meter.steps + 1, meter.tokens + meter.tokens_per_step
         if _due(step, cfg.log_every, cfg.steps) or skipped:
             record = meter.record(step, stats, lr, grad_norm)
             if cfg.nonfinite == "skip":
@@ -394,7 +397,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                 result.last_checkpoint = ckpt.save_checkpoint(
                     out_dir, step, wrapped, optimizer, scheduler, loader, hooks_state_dict(hooks), info,
                     functools.partial(_write_configs, run_config, raw), cfg.keep_last, train_config=cfg,
-                    extra_state={"nonfinite_steps": result.nonfinite_steps})
+                    extra_state={"nonfinite_steps": result.nonfinite_steps, "tokens": meter.tokens})
         result.steps = step
     if bar is not None:
         bar.close()
