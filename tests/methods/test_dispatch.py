@@ -137,6 +137,21 @@ def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, tmp_path):
             assert ranks[0] == ranks[1] and set(ranks[0].values()) != {0.5}
 
 
+def test_mod_options_that_leave_its_router_and_predictor_untrained_run_under_ddp(tmp_path):
+    """scale_by_router=False gives the router no gradient and predictor_loss_weight=0 the predictor none: DDP stopped
+    at step 2 ("parameters that were not used in producing loss"); the trainer freezes them, and 2 ranks train as
+    one process does."""
+    method = {**METHODS["mod"], "scale_by_router": False, "predictor_loss_weight": 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(str(tmp_path / "one"), method, "none")
+    finally:
+        torch.set_num_threads(threads)
+    two_ranks(tmp_path, method, "ddp")
+    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), min_keys=3)
+
+
 def test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync(tmp_path):
     # sync_every=1: every step each rank's buffer (its own rows) gives its own targets, and their all-reduce keeps
     # tau equal on both ranks (the loss curves are not compared: a mean of per-rank quantiles is not one process's);

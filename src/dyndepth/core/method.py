@@ -78,6 +78,11 @@ class Method(Protocol):
     def trainer_hooks(self, total_steps: int) -> list:
         """Hooks for `dyndepth.train` (ramps, controllers); see train/hooks.py for what a hook may do."""
 
+    def untrained_parameters(self) -> list[str]:
+        """Name globs of the method's parameters no training forward reaches with its current config and knobs
+        (MoD's router when it does not scale the block); the trainer freezes them, as DDP needs a gradient for
+        every trainable parameter. [] for most."""
+
     def to_dict(self) -> dict:
         """{"name": ..., **config} for config.json, so `from_pretrained` re-attaches the method."""
 

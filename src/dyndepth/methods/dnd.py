@@ -229,6 +229,9 @@ class DND:
     def trainer_hooks(self, total_steps: int) -> list:
         return [DNDHook(self, total_steps)]
 
+    def untrained_parameters(self) -> list[str]:
+        return []
+
     def to_dict(self) -> dict:
         return method_dict(self.name, self.config)
 

@@ -275,6 +275,9 @@ class GateSkip:
     def trainer_hooks(self, total_steps: int) -> list:
         return [GateSkipHook(self, total_steps)]
 
+    def untrained_parameters(self) -> list[str]:
+        return []
+
     def to_dict(self) -> dict:
         return method_dict(self.name, self.config)
 

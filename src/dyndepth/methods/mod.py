@@ -205,6 +205,14 @@ class MoD:
     def trainer_hooks(self, total_steps: int) -> list:
         return [MoDHook(self, total_steps)]
 
+    def untrained_parameters(self) -> list[str]:
+        """The router when its weight does not scale the block (w = 1: selection alone gives it no gradient), the
+        predictor when no BCE trains it (mode "topk" with predictor_loss_weight > 0 does)."""
+        idle = [] if self.config.scale_by_router else ["model.layers.*.mod.router.*"]
+        if not (self.mode == "topk" and self.config.predictor_loss_weight > 0):
+            idle.append("model.layers.*.mod.predictor.*")
+        return idle
+
     def to_dict(self) -> dict:
         return method_dict(self.name, self.config)
 

@@ -170,6 +170,10 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
     if cfg.freeze:
         frozen = apply_freeze(raw, cfg.freeze)
         log.info("froze %d parameter tensors", len(frozen))
+    idle = raw.method.untrained_parameters() if getattr(raw, "method", None) is not None else []
+    if idle:  # no gradient would reach them (AdamW leaves them as they are), and DDP refuses a parameter without one
+        log.info("froze %d parameter tensors no training forward of %s reaches (%s)",
+                 len(apply_freeze(raw, idle)), raw.method.name, ", ".join(idle))
     if cfg.compile:  # inside the checkpoint when both are on (see apply_compile)
         parallel.apply_compile(raw, checkpointed=cfg.activation_checkpointing)
     if cfg.activation_checkpointing:
