@@ -28,7 +28,8 @@ step, after clipping computed the norm (one host sync per step, none per micro-b
 flag under DDP/FSDP2 so every rank decides alike). `train.nonfinite="stop"` (default) raises a
 FloatingPointError naming the step before the optimizer steps, so no update and no checkpoint come from
 it and the last checkpoint stays the last good one. `"skip"` zeroes the gradients and leaves weights,
-AdamW state and hook controllers as they were (the schedule still advances with the step number), counts
+AdamW state and hook controllers as they were (no hook's `after_step` runs; DND's score buffer, filled by the
+forwards, keeps their finite scores; the schedule still advances with the step number), counts
 the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
 
 Batches: `input_ids`, `labels` (-100 = ignore) and optional `positions` and `doc_ids` (intra-document
