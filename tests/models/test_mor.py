@@ -58,6 +58,19 @@ def test_expert_choice_keeps_the_top_capacity_of_the_previous_recursions_tokens_
     assert float(out.aux_loss) > 0 and "mor/router_acc_r1" in out.stats  # the BCE of the causal path
 
 
+def test_expert_choice_training_keeps_the_capacity_of_each_rows_real_tokens_so_left_padding_changes_nothing():
+    """k was capacity[r] x the padded width: a row with 6 real tokens of 12 ran recursions 1 and 2 on 6 and 4 tokens
+    (alone: 4 and 2), and its training logits moved by 0.13 with its batch-mates."""
+    model = varied(tiny()).train()
+    ids, mask = families.left_padded(2, 12, pads=(0, 6))
+    out, st = _state(model, ids, attention_mask=mask)
+    alone, st_alone = _state(model, ids[1:, 6:])
+    for r, c in enumerate(model.config.capacity):
+        assert st.keep[r].sum(1).tolist() == [capacity(c, 12), capacity(c, 6)]
+        assert torch.equal(st.keep[r][1:, 6:], st_alone.keep[r])
+    torch.testing.assert_close(out.logits[1, 6:], alone.logits[0], atol=1e-5, rtol=0)
+
+
 def test_evaluation_routes_causally_by_threshold_and_token_choice_by_depth():
     model = varied(tiny())
     ids = torch.randint(0, 256, (2, 12))

@@ -12,11 +12,11 @@ Shape legend: B batch, T tokens, K tokens of a recursion (per row, padded), D hi
     logits = lm_head(norm(last(x)))                       # unshared layer(s)
 Routers (`router_type`):
 - "expert" (expert-choice): at recursion r a Linear(D -> 1) scores the tokens; training keeps the top
-  capacity[r] * T of the tokens kept at r - 1 (hierarchical filtering; non-causal), w = alpha * sigmoid(score),
-  and a BCE loss teaches sigmoid(score) > 0.5 to predict that choice; evaluation and decoding keep a token iff
-  sigmoid(score) > 0.5 (the causal inference path), so prefill + decode equals the evaluation forward. With
-  `causal_path="aux_router"` (MoR's other variant) a separate small MLP per recursion, trained by that BCE on the
-  detached stream, makes the inference decision instead, and the router itself gets no BCE.
+  capacity[r] * T of the tokens kept at r - 1 (T: the row's real tokens; hierarchical filtering; non-causal),
+  w = alpha * sigmoid(score), and a BCE loss teaches sigmoid(score) > 0.5 to predict that choice; evaluation and
+  decoding keep a token iff sigmoid(score) > 0.5 (the causal inference path), so prefill + decode equals the
+  evaluation forward. With `causal_path="aux_router"` (MoR's other variant) a separate small MLP per recursion,
+  trained by that BCE on the detached stream, makes the inference decision instead, and the router itself gets no BCE.
 - "token" (token-choice): before the first recursion a Linear(D -> R) gives each token a softmax over depths; it
   runs recursions 0..argmax (causal), w = the chosen probability, and a Switch-style loss balances the depths.
 KV cache: recursion-wise caching: every (layer, recursion) is a slot and only the tokens that ran it wrote K/V
@@ -251,12 +251,12 @@ class RecursionRouting:
                 cost = aux_router_flops(cfg)
                 if ctx.ledger.enabled:
                     ctx.ledger.add(slot, "router", executed=B * T * cost, ideal=pool.sum() * cost)
-            if st.topk:
-                k = capacity(cfg.capacity[r], T)
+            if st.topk:  # k of each row's real tokens (c x the padded width kept all of a half-padded row's)
+                k_B1 = (cfg.capacity[r] * st.valid.sum(1, keepdim=True).double() - 1e-6).ceil()  # `capacity`'s rule
                 order = torch.argsort(score.detach().masked_fill(~pool, float("-inf")), dim=1, descending=True,
                                       stable=True)  # ties: the earlier token first
                 rank = torch.argsort(order, dim=1)  # (B, T) rank of each token in its row
-                keep = (rank < k) & pool
+                keep = (rank < k_B1) & pool
                 w = pool.float()
                 bce = F.binary_cross_entropy_with_logits(logit, keep.float(), weight=w, reduction="sum")
                 st.losses.append(cfg.router_aux_loss_coef * bce / w.sum().clamp(min=1))
