@@ -183,3 +183,75 @@ def test_left_padding_past_the_models_window_is_fine_when_every_row_fits():
     mask[0, :10] = 1  # 20 real tokens: refused
     with pytest.raises(ValueError, match="the input has 20 tokens, more than max_position_embeddings"):
         model(ids, attention_mask=mask)
+
+
+LOW_PRECISION_ROWS = {  # preset, method and its options, decoding knobs
+    "qwen3": ("tiny-qwen3", None, None), "qwen3-moe": ("tiny-qwen3-moe", None, None),
+    "gateskip": ("tiny-qwen3", ("gateskip", {"budget": 0.3, "scope": "sequence"}), {"budget": 0.3}),
+    "mod-predictor": ("tiny-qwen3", ("mod", {"capacity": 0.5, "every": 1}), {"mode": "predictor"}),
+    "mod-threshold": ("tiny-qwen3", ("mod", {"capacity": 0.5, "every": 1}), {"mode": "router_threshold"}),
+    "dnd": ("tiny-qwen3-moe", ("dnd", {"layers": (0, 1), "ratio": 0.3, "beta_init": 0.5}), None),
+    "dreamer": ("dreamer-tiny", None, None), "huginn": ("huginn-tiny", None, None), "mor": ("mor-tiny", None, None),
+    "moeut": ("moeut-tiny", None, None), "moeut-switchhead": ("moeut-switchhead-tiny", None, None)}
+
+
+def low_precision_model(row: str):
+    """A tiny model of every family / method, weights and routers spread so routing and greedy tokens vary; routers
+    calibrated where the decoding knobs need it."""
+    from dyndepth import build_model
+    from dyndepth.methods import attach_method, calibrate
+
+    name, method, knobs = LOW_PRECISION_ROWS[row]
+    torch.manual_seed(0)
+    model = build_model(preset(name)).eval()
+    if method is not None:
+        attach_method(model, *method)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in pname:
+                p.normal_(0, 0.1 if method is None or method[0] not in pname else 0.5)
+            if "gateskip" in pname and pname.endswith("bias"):
+                p.zero_()  # gates around 0.5: importances differ token to token
+    if method is not None and method[0] == "gateskip":
+        calibrate(model, [torch.randint(0, 200, (4, 32))], budget=0.3)
+    elif knobs == {"mode": "router_threshold"}:
+        calibrate(model, [torch.randint(0, 200, (4, 32))])
+    return model, knobs
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "autocast"])
+@pytest.mark.parametrize("row", list(LOW_PRECISION_ROWS))
+def test_every_family_and_method_decodes_its_full_forward_in_bfloat16_and_under_autocast(row, precision):
+    """What users run: bf16 weights, or fp32 weights under bf16 autocast (cache in the weights' dtype). A left-padded
+    batch's rows equal each row alone, prefill + one-token steps equal the full forward (to bf16 rounding: the paths
+    multiply in other shapes), and greedy `generate` equals the argmax of the uncached forward token for token."""
+    import contextlib
+
+    from dyndepth import KVCache
+
+    model, knobs = low_precision_model(row)
+    if precision == "bfloat16":
+        model.to(torch.bfloat16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast")
+    decoding = (lambda: model.method.decoding(**(knobs or {}))) if model.method else contextlib.nullcontext
+    ids = torch.randint(0, 200, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2], mask[2, :5] = 0, 0
+    real, pos = mask.bool(), (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), autocast, decoding():
+        full = model(ids, attention_mask=mask).logits  # (B, T, V)
+        assert full.dtype == torch.bfloat16
+        tol = 0.02 * float(full[real].abs().max())
+        for b in range(3):
+            alone = model(ids[b:b + 1, real[b]]).logits[0]
+            torch.testing.assert_close(alone.float(), full[b, real[b]].float(), atol=tol, rtol=0)
+        cache = KVCache.for_model(model.config, 3, 10, num_slots=model.num_slots(), dtype=next(model.parameters()).dtype)
+        steps = [model(ids[:, :4], mask[:, :4], pos[:, :4], cache).logits]
+        steps += [model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits for t in range(4, 10)]
+        torch.testing.assert_close(torch.cat(steps, 1)[real].float(), full[real].float(), atol=tol, rtol=0)
+        seq, m = ids, mask
+        for _ in range(5):
+            nxt = model(seq, attention_mask=m).logits[:, -1:].argmax(-1)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    with autocast:
+        assert torch.equal(model.generate(ids, 5, attention_mask=mask, stop_tokens=[], method_knobs=knobs), seq)
