@@ -159,6 +159,8 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     skipped = info["per_token_stats"]  # GateSkip's fractions (Python floats) are recorded next to the FLOPs
     assert skipped["gateskip/attn_skipped"] == pytest.approx(0.5, abs=0.1) and "flops/executed" in skipped
     assert base.get_model_info()["per_token_stats"]["gateskip/attn_skipped"] == 0.0
+    assert base.get_model_info()["scoring_lookahead"] is None  # budget 0: no token ranked against later ones
+    assert "ranks the whole batch's tokens, later ones included" in info["scoring_lookahead"]
     knobs = split_knobs(method, {"skip_budget": 0})
     assert (knobs.fields, knobs.generate) == ({"budget": 0.0}, {"skip_budget": 0.0})
     assert isinstance(knobs.fields["budget"], float)

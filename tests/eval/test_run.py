@@ -246,3 +246,29 @@ def test_a_dreamer_takes_its_own_knobs_as_model_arguments(tmp_path):
         assert result.exit_code == 0, result.output
         ppl[steps] = json.loads((tmp_path / "o" / "results.json").read_text())["perplexity"]["notes.txt"]["nll"]
     assert ppl[1] != ppl[4]  # the knob reached the forwards
+
+
+def test_scoring_that_reads_later_tokens_is_named(tmp_path, caplog):
+    """MoD's top-k (its default mode) and GateSkip's quantile ranking read a row's later tokens: the loader warns
+    that a log-likelihood can then depend on the continuation it scores, and results.json records why; the causal
+    modes (MoD's predictor, GateSkip at budget 0 or with calibrated thresholds) say nothing."""
+    import torch
+
+    import dyndepth
+    from dyndepth.eval.model_args import load_for_eval
+    from dyndepth.methods import attach_gateskip, attach_mod
+
+    torch.manual_seed(0)
+    mod = dyndepth.build_model(dyndepth.preset("tiny-qwen3", vocab_size=264))  # the byte tokenizer's ids
+    attach_mod(mod, {"capacity": 0.5})
+    mod.save_pretrained(tmp_path / "mod")
+    with caplog.at_level(logging.WARNING, logger="dyndepth.eval.model_args"):
+        assert "MoD's mode=topk keeps the top" in load_for_eval(str(tmp_path / "mod"), tokenizer="byte").lookahead
+    assert "scoring forwards are not causal: MoD's mode=topk" in caplog.text
+    assert load_for_eval(str(tmp_path / "mod"), tokenizer="byte", mode="predictor").lookahead == ""
+    gated = dyndepth.build_model(dyndepth.preset("tiny-qwen3", vocab_size=264))  # the byte tokenizer's ids
+    attach_gateskip(gated, {"scope": "sequence"})
+    gated.save_pretrained(tmp_path / "gated")
+    assert load_for_eval(str(tmp_path / "gated"), tokenizer="byte").lookahead == ""  # budget 0: nothing skips
+    late = load_for_eval(str(tmp_path / "gated"), tokenizer="byte", skip_budget=0.3).lookahead
+    assert "quantile mode ranks each row's tokens, later ones included" in late

@@ -78,6 +78,11 @@ class Method(Protocol):
     def trainer_hooks(self, total_steps: int) -> list:
         """Hooks for `dyndepth.train` (ramps, controllers); see train/hooks.py for what a hook may do."""
 
+    def lookahead(self) -> str:
+        """"" when, at the current knobs, a token's routing depends on it and earlier tokens only; else a sentence
+        naming what reads later tokens (MoD's top-k of a row), so a scorer can say that a log-likelihood may see the
+        continuation it scores."""
+
     def untrained_parameters(self) -> list[str]:
         """Name globs of the method's parameters no training forward reaches with its current config and knobs
         (MoD's router when it does not scale the block); the trainer freezes them, as DDP needs a gradient for

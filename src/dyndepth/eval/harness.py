@@ -63,7 +63,7 @@ class DyndepthLM(TemplateLM):
             device = "cpu"
         loaded = load_for_eval(pretrained, tokenizer, dtype, device, **knobs)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.knobs, self._device = loaded.knobs, loaded.device
+        self.knobs, self._device, self._lookahead = loaded.knobs, loaded.device, loaded.lookahead
         self.batch_size_per_gpu = _batch_size(batch_size)
         for name, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
             if value is not None and int(value) < 1:  # (0 silently became the model's window, -5 failed mid-run)
@@ -275,6 +275,7 @@ class DyndepthLM(TemplateLM):
         stats = {k: v / max(self._tokens, 1.0) for k, v in self._stat_sums.items()}
         return {"dyndepth_method": method.to_dict() if method is not None else None,
                 "method_knobs": dict(self.knobs.fields),  # (the generate arguments are the same values renamed)
+                "scoring_lookahead": self._lookahead or None,  # None: each token's routing reads no later token
                 "num_params": self.model.num_params(), "tokens_run": self._tokens, "per_token_stats": stats}
 
 

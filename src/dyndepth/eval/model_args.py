@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ import torch
 from dyndepth.devices import resolve_device
 from dyndepth.generation import knob_owner
 from dyndepth.methods.common import parse_key_values
+
+log = logging.getLogger(__name__)
 
 # Named method knobs, one line each: model argument -> (field of the method's config used by scoring
 # forwards, keyword of `model.generate` used for decoding, or None to keep the field set while decoding).
@@ -52,6 +55,7 @@ class Loaded:
     tokenizer: object
     knobs: Knobs
     device: torch.device
+    lookahead: str = ""  # what makes scoring forwards read later tokens ("" : causal; `Method.lookahead`)
 
 
 def load_for_eval(pretrained, tokenizer=None, dtype: str | None = None, device: str | None = None,
@@ -59,7 +63,14 @@ def load_for_eval(pretrained, tokenizer=None, dtype: str | None = None, device: 
     """Model, tokenizer and method knobs from model arguments (what every evaluation path starts with)."""
     resolved = resolve_device(device)
     model = load_model(pretrained, dtype, resolved)
-    return Loaded(model, load_tokenizer(pretrained, tokenizer, model), split_knobs(knob_owner(model), knobs), resolved)
+    loaded = Loaded(model, load_tokenizer(pretrained, tokenizer, model), split_knobs(knob_owner(model), knobs), resolved)
+    if model.method is not None:
+        with loaded.knobs.scoring(model):
+            loaded.lookahead = model.method.lookahead()
+    if loaded.lookahead:
+        log.warning("scoring forwards are not causal: %s, so a log-likelihood can depend on the continuation it "
+                    "scores.", loaded.lookahead)
+    return loaded
 
 
 def parse_model_args(text: str | None) -> dict:

@@ -229,6 +229,9 @@ class DND:
     def trainer_hooks(self, total_steps: int) -> list:
         return [DNDHook(self, total_steps)]
 
+    def lookahead(self) -> str:
+        return ""  # each token against tau (control="topk" ranks only in training forwards)
+
     def untrained_parameters(self) -> list[str]:
         return []
 

@@ -275,6 +275,13 @@ class GateSkip:
     def trainer_hooks(self, total_steps: int) -> list:
         return [GateSkipHook(self, total_steps)]
 
+    def lookahead(self) -> str:
+        if self.mode == "threshold" or self.budget == 0:
+            return ""
+        pool = "the whole batch's tokens" if self.config.scope == "batch" else "each row's tokens"
+        return (f"GateSkip's quantile mode ranks {pool}, later ones included (mode=threshold, with thresholds from "
+                "`dyndepth calibrate`, decides each token alone)")
+
     def untrained_parameters(self) -> list[str]:
         return []
 

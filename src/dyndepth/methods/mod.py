@@ -205,6 +205,12 @@ class MoD:
     def trainer_hooks(self, total_steps: int) -> list:
         return [MoDHook(self, total_steps)]
 
+    def lookahead(self) -> str:
+        if self.mode != "topk" or self.capacity >= 1:
+            return ""
+        return ("MoD's mode=topk keeps the top capacity x T tokens of each row, later ones included (mode=predictor, "
+                "the paper's causal routing, or router_threshold decides each token alone)")
+
     def untrained_parameters(self) -> list[str]:
         """The router when its weight does not scale the block (w = 1: selection alone gives it no gradient), the
         predictor when no BCE trains it (mode "topk" with predictor_loss_weight > 0 does)."""
