@@ -273,6 +273,14 @@ def test_benchmark_aggregates_the_per_prompt_runs():
     assert res["forward_bound_speedup"] == pytest.approx(2 * (n - 1) / cost)
 
 
+
+def test_benchmark_refuses_fewer_than_two_new_tokens_before_timing():
+    # max_new_tokens=1 ran both decoders (the prefill emits the one token, nothing is verified), then divided
+    # by the verifications' 0 FLOPs: ZeroDivisionError('float division by zero') instead of a result or an error
+    model, _ = spec_model()
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 2"):
+        benchmark_speculative(model, [torch.randint(0, 256, (5,))], max_new_tokens=1, repeats=1, warmup=0)
+
 def _generate_flops(model, ids, n):
     """FLOPs of plain greedy decoding, from a hand-run cached loop: prefill, then n - 1 one-token steps."""
     from dyndepth import KVCache

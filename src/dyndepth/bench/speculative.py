@@ -47,6 +47,9 @@ def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens
       width (memory-bound decoding at small batch).
     Stop tokens are off, so both sides produce exactly `max_new_tokens` tokens.
     """
+    if max_new_tokens < 2:  # the prefill emits the first token: with one, nothing is drafted or verified
+        raise ValueError(f"benchmark_speculative max_new_tokens must be >= 2 (speculation drafts and verifies the "
+                         f"tokens after the first), got {max_new_tokens}.")
     device = next(model.parameters()).device
     kwargs = {"draft_budget": draft_budget, "num_draft": num_draft, "cache_mode": cache_mode}
     res = {"generate_s": 0.0, "speculative_s": 0.0}
