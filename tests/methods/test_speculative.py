@@ -101,7 +101,8 @@ def record_steps(monkeypatch) -> list:
 def replay(steps, ref_new, n, num_draft):
     """Re-derive each step from the drafts and the full-compute greedy continuation `ref_new` (B, >= n + K):
     the draft width K the loop must use, the accepted count (longest prefix of drafts equal to the
-    reference), and each row's progress (accepted + 1 tokens, cut at n). Returns accepted, drafted, widths."""
+    reference), and each row's progress (accepted + 1 tokens, cut at n). Returns accepted, drafted, widths: the
+    stats count only drafts at positions the row's output reaches (up to its n-th token)."""
     B = ref_new.shape[0]
     count = [1] * B  # the prefill emits one token per row
     accepted = drafted = 0
@@ -117,7 +118,8 @@ def replay(steps, ref_new, n, num_draft):
             while agree < k and draft_BK[r, agree] == ref_new[r, count[r] + agree]:
                 agree += 1
             assert int(n_B[r]) == agree, (r, count[r])
-            accepted, drafted = accepted + agree, drafted + k
+            left = n - count[r]
+            accepted, drafted = accepted + min(agree, left), drafted + min(k, left)
             count[r] += min(agree + 1, n - count[r])
     assert count == [n] * B, "the loop stopped before every row had n tokens"
     return accepted, drafted, widths
@@ -164,6 +166,19 @@ def test_stop_tokens_end_rows_like_generate(cache_mode):
     assert torch.equal(out, ref)
     first = int((out[0, 7:] == stop).nonzero()[0])
     assert (out[0, 7 + first + 1:] == 255).all()
+
+
+def test_stats_count_no_draft_past_a_stop_token():
+    # a stop inside an accepted block ended the row, yet the drafts after it counted as accepted: 4 tokens out (the
+    # prefill's, then 3 accepted drafts, the stop among them) read accepted=6, drafted=6 (acceptance over drafts
+    # that were never part of the output)
+    model, _ = spec_model()
+    ids = torch.randint(0, 256, (1, 6))
+    free = model.generate(ids, 8, stop_tokens=[])[0, 6:].tolist()
+    j = next(i for i in range(2, 8) if free[i] not in free[:i])  # the first token not seen before it
+    out, stats = speculative_generate(model, ids, 8, draft_budget=0.0, num_draft=8, stop_tokens=[free[j]])
+    assert out[0, 6:].tolist() == free[:j + 1] and stats.verify_forwards == 1  # the draft is the verifier
+    assert stats.accepted == stats.drafted == j  # d1..dj, the stop last
 
 
 def test_default_stops_are_generates_the_generation_configs_too():

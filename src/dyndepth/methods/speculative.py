@@ -59,8 +59,8 @@ CACHE_MODES = ("shared", "separate")
 class SpecStats:
     """Counts over one `speculative_generate` call (rows summed; the prefill is not counted as a verify)."""
 
-    accepted: int = 0  # drafted tokens the verifier accepted (unfinished rows only)
-    drafted: int = 0  # drafted tokens, unfinished rows only
+    accepted: int = 0  # drafted tokens the verifier accepted (unfinished rows only, up to each row's last token)
+    drafted: int = 0  # drafted tokens, unfinished rows only, none past a row's stop token or max_new_tokens
     draft_forwards: int = 0  # batched draft forward calls
     verify_forwards: int = 0  # batched full-compute verification calls, prefill excluded
     new_tokens: int = 0  # tokens emitted, summed over rows
@@ -248,8 +248,10 @@ class _Run:
         write = ar < m_B[:, None]  # (B, K+1)
         rows = torch.arange(B, device=block_BK.device)[:, None].expand(B, K1)
         out_BN[rows[write], (self.count[:, None] + ar)[write]] = e_BK[write]
-        self.stats.accepted += int(n_B[self.unfinished].sum())
-        self.stats.drafted += (K1 - 1) * int(self.unfinished.sum())
+        reach_B = torch.where(stopped, m_B, self.opt.max_new_tokens - self.count)  # (B,) output tokens from pos on
+        live = self.unfinished  # drafts past a row's stop token or its last token are no output: not counted
+        self.stats.accepted += int(torch.minimum(n_B, m_B)[live].sum())
+        self.stats.drafted += int(reach_B.clamp(max=K1 - 1)[live].sum())
         self.count += m_B
         self.unfinished &= ~stopped & (self.count < self.opt.max_new_tokens)
         self.prev = torch.where(m_B > 0, block_BK.gather(1, n_B[:, None]).squeeze(1), self.prev)
