@@ -56,7 +56,8 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   stop_tokens=None, pad_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every check of a generation request, before any forward (generate's and speculative decoding's): the long
-    attention mask (B, T), the stop ids (S,) and the pad id. Default stops and pad as `default_stop_tokens` says."""
+    attention mask (B, T), the stop ids (S,) and the pad id. Default stops as `default_stop_tokens` says; the default
+    pad is the checkpoint's when it is a token id, else the first stop id."""
     config = model.config
     check_inputs(config, input_ids, attention_mask)  # (here too: a generate of 0 tokens runs no forward)
     if not is_whole(max_new_tokens) or max_new_tokens < 0:
@@ -68,7 +69,8 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
     stops = default_stop_tokens(model) if stop_tokens is None else _token_ids(stop_tokens, config.vocab_size)
     if pad_token_id is None:
         pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", config.pad_token_id)
-        pad_token_id = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
+        if pad_token_id is None or not 0 <= pad_token_id < config.vocab_size:  # (-1 in some Llama conversions)
+            pad_token_id = stops[0] if stops else 0
     elif not is_whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:
         raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}.")
     return mask, torch.tensor(stops, device=input_ids.device, dtype=torch.long), int(pad_token_id)

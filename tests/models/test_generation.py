@@ -68,6 +68,18 @@ def test_a_row_that_never_stops_runs_to_the_end(varied_model):
     assert torch.equal(out, expected_with_stops(free, 4, [stop], 7, 10))
 
 
+
+def test_a_checkpoints_pad_id_outside_the_vocabulary_falls_back_to_the_stop_id(varied_model):
+    # some Llama conversions' config.json says pad_token_id -1: once a row of a batch stopped, the loop fed it -1
+    # and failed mid-generation blaming the input ("token ids must lie in [0, 256) ... got ids from -1")
+    ids = torch.randint(0, 256, (2, 4))
+    free = varied_model.generate(ids, 10, stop_tokens=[])
+    stop = next(t for t in free[0, 4:].tolist() if t not in free[1, 4:].tolist())  # row 0 stops, row 1 goes on
+    varied_model.config.pad_token_id = -1
+    out = varied_model.generate(ids, 10, stop_tokens=[stop])
+    assert torch.equal(out, expected_with_stops(free, 4, [stop], stop, 10))  # padded with the stop id, as with none
+
+
 def test_callback_streams_every_new_column(model):
     ids = torch.randint(0, 256, (2, 4))
     seen = []
