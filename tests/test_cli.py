@@ -73,6 +73,15 @@ def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
         assert bad.exit_code == 2 and bad.output.startswith("error:") and message in bad.output, bad.output
 
 
+
+def test_generate_pads_a_batch_for_a_vocabulary_smaller_than_the_byte_tokenizers():
+    # tiny-qwen3 has 256 ids and the byte tokenizer pads with 258: two prompts of different lengths failed with
+    # "token ids must lie in [0, 256) ..., got ids from 101 to 258", though every real token was a byte
+    one = [runner.invoke(app, ["generate", "tiny-qwen3", "-p", p, "-n", "3", "--no-stream"]) for p in ("hello", "hi")]
+    both = runner.invoke(app, ["generate", "tiny-qwen3", "-p", "hello", "-p", "hi", "-n", "3"])
+    assert both.exit_code == 0, both.output
+    assert both.output == one[0].output + one[1].output  # each row as alone: the padding is masked out
+
 def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab_decodes(tmp_path, monkeypatch):
     # streaming decoded each new token alone, so a character of several byte tokens printed as U+FFFD marks; and
     # a preset's vocabulary past the byte tokenizer's 259 ids (demo-tiny: 264) crashed the decode of such an id

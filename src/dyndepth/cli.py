@@ -97,6 +97,7 @@ def generate(
     preset = model in _presets()
     tok = for_vocab(_run(load_tokenizer, tokenizer or ("byte" if preset else model)), lm.config.vocab_size)
     ids, mask = encode_batch(tok, prompt, padding_side="left")
+    ids = ids.masked_fill(mask == 0, 0)  # masked padding: an id every model has (the byte pad, 258, is past 256 ids)
     empty = [i + 1 for i, row in enumerate(mask) if not row.any()]
     if empty:
         _fail(ValueError(f"prompt {empty[0]} is empty (no token to continue from); give it some text."))
