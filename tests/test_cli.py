@@ -101,6 +101,24 @@ def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab
         assert result.output.startswith("caf\u00e9\u20ac!"), result.output  # (262: an unused id, decoded to nothing)
 
 
+def test_streaming_goes_on_after_the_decoder_rewrites_printed_text(capsys):
+    """A decoder that cleans up text (" ." -> ".", as WordPiece's does) made the printed text no prefix of the
+    decoded one: nothing more was printed, not at the line's end nor at the finish ("a " of "a. b\nc b")."""
+    from dyndepth.cli import _TextStream
+
+    class Cleaning:
+        pieces = ["a", " ", ".", " b", "\n", "c"]
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids).replace(" .", ".")
+
+    stream = _TextStream(Cleaning())
+    for step, token in enumerate([0, 1, 2, 3, 4, 5, 3]):
+        stream(step, torch.tensor([token]))
+    stream.finish()
+    assert capsys.readouterr().out == "a . b\nc b\n"  # every token's text, the printed " " kept
+
+
 def test_a_presets_random_weights_are_the_same_every_run():
     """torch seeds its default generator at random per process, so `generate PRESET` printed other text each run."""
     from dyndepth.cli import _load_model

@@ -123,24 +123,30 @@ class _TextStream:
     """generate's callback for one row: prints the text of the line's tokens so far as it grows. Each token decoded
     alone would split a character that spans several tokens (bytes or byte-level BPE pieces) into U+FFFD marks; the
     growing text holds back a trailing U+FFFD until the character completes (or the generation ends). A finished
-    line starts a new buffer, so decoding stays linear in the output, not quadratic."""
+    line starts a new buffer, so decoding stays linear in the output, not quadratic; so does a decoder's rewrite of
+    printed text (what is printed stays as it was)."""
 
     def __init__(self, tok) -> None:
         self.tok, self.ids, self.shown = tok, [], ""
 
     def __call__(self, _step: int, token) -> None:
         self.ids.append(int(token[0]))
-        self._show(self.tok.decode(self.ids).rstrip("\ufffd"))
+        self._show(strip=True)
         if self.shown.endswith("\n"):
             self.ids, self.shown = [], ""
 
     def finish(self) -> None:
-        self._show(self.tok.decode(self.ids))
+        self._show(strip=False)
         typer.echo()
 
-    def _show(self, text: str) -> None:
-        if len(text) > len(self.shown) and text.startswith(self.shown):  # (a decoder may rewrite earlier text,
-            typer.echo(text[len(self.shown):], nl=False)  # e.g. spaces: then it waits for the line's end)
+    def _show(self, strip: bool) -> None:
+        text = self.tok.decode(self.ids)
+        if not text.rstrip("\ufffd").startswith(self.shown):  # the decoder rewrote printed text (a cleanup of
+            self.ids, self.shown = self.ids[-1:], ""  # " ." to "."): that stays printed, a buffer starts here
+            text = self.tok.decode(self.ids)
+        text = text.rstrip("\ufffd") if strip else text
+        if len(text) > len(self.shown):
+            typer.echo(text[len(self.shown):], nl=False)
             self.shown = text
 
 
