@@ -15,9 +15,9 @@ One step, per row, with `cur` the last emitted token at position `pos` (emitted 
 Why the output equals full-compute generation: every verifier logit at position p comes from a query
 that sees cache entries s <= p only (the causal mask). Entries s < pos were written by earlier
 verifications of accepted tokens (full compute, in context), and entries pos..pos+K are written by this
-very verification before attention reads them (`KVCache.update` writes, then returns the view). So the
-verifier never reads a draft-computed or rejected entry: a rejected position holds stale K/V until the
-next forward writes that position again, and no query before then can see it. The logits at pos+j are
+very verification before attention reads them (`KVCache.update` writes, then returns the view), after
+the verification has first invalidated every entry at or after pos in every slot (`KVCache.invalidate`).
+So the verifier never reads a draft-computed or rejected entry, in dense slots or sparse ones. The logits at pos+j are
 therefore those of a full-compute forward over the accepted prefix plus d1..dj (up to float rounding
 from the block shape, which plain one-token decoding has relative to a full forward too).
 
@@ -28,8 +28,8 @@ Caches (`cache_mode`):
   and the draft reads full-compute K/V for the whole accepted context, which raises acceptance.
 - "separate": the draft keeps its own KVCache, filled only by draft compute (its own prefill included).
   Accepted tokens' entries there came from draft compute: acceptable, because the draft only proposes
-  and the verifier's cache alone defines the output. Rejected draft positions are overwritten by the
-  next draft writes and are invisible until then (causal mask). One gap needs care: when all K drafts
+  and the verifier's cache alone defines the output. Each draft phase first invalidates the draft cache
+  from pos - 1 on, so rejected drafts' entries are gone before it writes. One gap needs care: when all K drafts
   are accepted, dK was never fed to the draft, so each draft phase starts with a 2-token forward
   [token at pos-1, cur] at [pos-1, pos]; rewriting the entry at pos-1 with the same token in the same
   context is harmless (threshold-mode skip decisions are per token, so it is recomputed identically).
