@@ -599,6 +599,7 @@ def test_recipes_are_valid_and_the_sft_baseline_differs_in_one_key(recipe):
     cfg = make_config(DNDConfig, dnd.method)  # every option is a DNDConfig field
     if recipe == "dnd_posttrain.toml":
         assert cfg.band(28) == list(range(4, 24)) and cfg.ratio == 0.2
+        assert cfg.buffer_batches == 50 * dnd.train.grad_accum  # forwards: the spec's last 50 optimizer steps
 
 
 @pytest.mark.parametrize("nested", ["compact", "tah"])
