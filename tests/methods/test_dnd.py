@@ -16,7 +16,7 @@ from dyndepth import CausalLM, KVCache, preset
 from dyndepth.cli import app
 from dyndepth.core.method import Method
 from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
-from dyndepth.methods.dnd import compact_positions, router_losses
+from dyndepth.methods.dnd import compact_positions, router_losses, topk_per_document
 from dyndepth.methods.dnd_analysis import without_method
 from dyndepth.methods.registry import reconfigure_method
 from opcount import OpCounter
@@ -288,9 +288,13 @@ def test_router_losses_per_sequence_without_pad_and_the_sign_flag():
     sd.backward()  # minimising -H(q) spreads the mass: the largest score is pushed down
     assert p.grad[0, p[0].argmax()] > 0
     docs = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)  # documents are sequences of their own
-    sd_docs, _ = router_losses(p.detach(), torch.ones_like(valid), docs)
-    halves = router_losses(p.detach().reshape(4, 3), torch.ones(4, 3, dtype=torch.bool), None)[0]
-    torch.testing.assert_close(sd_docs, halves)
+    sd_docs, dp_docs = router_losses(p.detach(), torch.ones_like(valid), docs)
+    halves = router_losses(p.detach().reshape(4, 3), torch.ones(4, 3, dtype=torch.bool), None)
+    torch.testing.assert_close((sd_docs, dp_docs), halves)  # both means are over the 4 documents, not the 2 rows
+    single = torch.tensor([[0, 0, 0, 0, 0, 1]] * 2)  # a one-token document has no entropy to spread: left out
+    sd_single, _ = router_losses(p.detach(), torch.ones_like(valid), single)
+    fives = router_losses(p.detach()[:, :5], torch.ones(2, 5, dtype=torch.bool), None)[0]
+    torch.testing.assert_close(sd_single, fives)  # (log 1 = 0 made it 0 / 0 = nan)
 
 
 def test_controller_drives_a_synthetic_score_stream_to_the_target_within_five_percent():
@@ -459,6 +463,43 @@ def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():
     assert hook.after_step(None, 50, {"dnd/selected/L0": torch.tensor(1.0)}, None) == {"tau/L0": 0.5, "tau/L1": 0.5}
 
 
+def test_a_positive_tau_offset_raises_every_threshold_and_nests_fewer_tokens():
+    """override(tau_offset=d) selects p > tau + d in every DND layer (a positive offset nests fewer tokens)."""
+    model, method = dnd_model()
+    ids = torch.randint(0, 256, (2, 16))
+    for offset in (0.2, -0.2):
+        trace = dyndepth.Trace()
+        with method.override(tau_offset=offset), torch.no_grad():
+            model(ids, trace=trace)
+        st = trace.ctx.state
+        for slot, keep in st.keep.items():
+            assert torch.equal(keep, st.scores[slot] > model.model.layers[slot].dnd.tau + offset)
+
+
+def test_the_score_buffer_keeps_at_most_buffer_tokens_per_forward():
+    _, method = dnd_model(buffer_tokens=20)
+    for n, kept in ((20, 20), (21, 11), (45, 15)):  # stride ceil(n / 20)
+        method.record_scores(0, torch.rand(n))
+        assert method.scores_buffer[0][-1].numel() == kept
+
+
+def test_the_threshold_controller_keeps_tau_within_the_sigmoid_range():
+    _, method = dnd_model(alpha=1.0)
+    (hook,) = method.trainer_hooks(10)
+    full = {"dnd/selected/L0": torch.tensor(1.0), "dnd/selected/L1": torch.tensor(0.0)}
+    assert hook.after_step(None, 1, full, None) == pytest.approx({"ratio_error": 0.5, "tau/L0": 1.0, "tau/L1": 0.3})
+    assert hook.after_step(None, 2, full, None)["tau/L1"] == pytest.approx(0.1)
+    assert hook.after_step(None, 3, full, None)["tau/L1"] == 0.0  # 0.1 - 0.2: clamped at 0
+
+
+def test_topk_per_document_ranks_real_tokens_only():
+    """PAD never takes a place among a document's top k, however high its score."""
+    p = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.3, 0.4]])
+    valid = torch.tensor([[False, False, True, True, True, True]])
+    keep = topk_per_document(p, valid, torch.zeros(1, 6, dtype=torch.long), 0.5)
+    assert keep.tolist() == [[False, False, False, False, True, True]]  # k = ceil(0.5 * 4) of the real tokens
+
+
 def test_nested_attends_vanilla_sees_earlier_vanilla_keys_and_generates_from_the_cache():
     with pytest.raises(ValueError, match="original"):
         DNDConfig(nested_attends_vanilla=True)
@@ -487,11 +528,17 @@ def test_executed_flops_equal_torch_in_prefill_and_decode_and_overhead_is_report
     out, torch_flops = counted(model, ids, attention_mask=mask)
     assert float(out.stats["flops/executed"]) == torch_flops
     assert float(out.stats["flops/ideal"]) > float(out.stats["flops/dense"])
+    D = model.config.hidden_size  # ideal: each DND layer's router scores the real tokens only, PAD not
+    assert float(out.compute.total("ideal", part="router")) == len(method.layers) * int(mask.sum()) * 2 * D
     extra = sum(float(out.compute.total("executed", slot=s)) for s in method.nested_slot.values())
     extra += float(out.compute.total("executed", part="router"))
     overhead = extra / (float(out.stats["flops/executed"]) - extra)
     assert float(out.stats["dnd/flops"]) == extra
     assert float(out.stats["dnd/flops_overhead"]) == pytest.approx(overhead, rel=1e-6)
+    ideal = sum(float(out.compute.total("ideal", slot=s)) for s in method.nested_slot.values())
+    ideal += float(out.compute.total("ideal", part="router"))
+    ideal_overhead = ideal / (float(out.stats["flops/ideal"]) - ideal)
+    assert float(out.stats["dnd/flops_overhead_ideal"]) == pytest.approx(ideal_overhead, rel=1e-6)
     assert isinstance(method, Method)  # the full typed contract
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = KVCache.for_model(model.config, 3, 20, num_slots=model.num_slots())
