@@ -133,14 +133,47 @@ def test_topk_routes_c_of_each_rows_real_tokens_so_left_padding_changes_nothing(
 
 
 @pytest.mark.parametrize("mode", ["predictor", "router_threshold"])
+def test_causal_modes_never_route_pad_so_left_padding_changes_nothing(mode):
+    model, method = mod_model(capacity=0.5, every=1)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    if mode == "router_threshold":
+        calibrate(model, [ids], capacity=0.5)
+    trace = dyndepth.Trace()
+    with method.override(mode=mode), torch.no_grad():
+        batch = model(ids, attention_mask=mask, trace=trace).logits
+        alone = model(ids[1:, 6:]).logits
+    assert not any(keep[1, :6].any() for keep in trace.ctx.state.routed.values())
+    torch.testing.assert_close(batch[1, 6:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_the_predictor_loss_is_a_mean_over_real_tokens():
+    """Per routed layer the BCE and the accuracy are means over real tokens: a copy of the row or left padding leaves them."""
+    model, _ = mod_model(capacity=0.5, every=1)
+    model.train()
+    row = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([torch.randint(0, 256, (1, 4)), row], 1)
+    mask = torch.ones_like(padded)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        stats = [model(ids, attention_mask=m).stats for ids, m in ((row, None), (row.repeat(2, 1), None), (padded, mask))]
+    for name in ("mod/predictor_loss", "mod/predictor_acc"):  # (the accuracy counted PAD the predictor left out)
+        values = [float(st[name]) for st in stats]
+        assert values == pytest.approx([values[0]] * 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["predictor", "router_threshold", "topk"])
 def test_cached_decoding_equals_full_forward(mode):
+    """topk: forwards with a cache route with decode_mode (the predictor); top-k over one token would route it always."""
     model, method = mod_model(capacity=0.5, every=1)
     if mode == "router_threshold":
         calibrate(model, [torch.randint(0, 256, (4, 24))])
     ids = torch.randint(0, 256, (2, 14))
     P = 6
     with method.override(mode=mode), torch.no_grad():
-        full = model(ids)
+        with method.override(mode="predictor" if mode == "topk" else mode):
+            full = model(ids)
         cache = KVCache.for_model(model.config, 2, 16)
         pos = torch.arange(14).expand(2, 14)
         steps = [model(ids[:, :P], positions=pos[:, :P], cache=cache).logits]
@@ -252,6 +285,12 @@ def test_ideal_flops_count_what_the_routing_allows():
     # causal mask keeps (a boolean mask would make it compute all k * k): nothing executed beyond the ideal
     assert float(routed["flops/executed"]) == float(routed["flops/ideal"])
     assert float(routed["flops/dense"]) == flops.forward_flops(cfg, 12, B=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # ideal: the router and the predictor score the 19 real tokens, PAD not
+    with torch.no_grad(), method.override(mode="predictor"):
+        padded = model(ids, attention_mask=mask)
+    per_token = flops.gate_flops(cfg, "scalar") + model.model.layers[0].mod.predictor.flops_per_token()
+    assert float(padded.compute.total("ideal", part="router")) == 2 * 19 * per_token
 
 
 def test_capacity_anneal_hook_and_registry():
@@ -361,3 +400,15 @@ def test_a_capacity_for_decoding_in_predictor_mode_is_refused_with_the_mode_that
     calibrate(model, [torch.randint(0, 256, (4, 16))], capacity=0.25)
     assert model.generate(ids, 2, method_knobs={"capacity": 0.25, "mode": "router_threshold"}).shape == (2, 10)
     assert model.generate(ids, 2).shape == (2, 10)  # its own settings: the predictor
+
+
+def test_a_zero_capacity_and_an_uncalibrated_decode_mode_are_refused_on_entry():
+    model, method = mod_model(decode_mode="router_threshold")
+    with pytest.raises(ValueError, match=r"capacity=0.0 must lie in \(0, 1\]"):
+        with method.override(capacity=0.0):
+            pass
+    entered = False
+    with pytest.raises(ValueError, match="router_threshold"):
+        with method.decoding():  # top-k mode decodes with decode_mode: its thresholds are checked here
+            entered = True
+    assert not entered
