@@ -7,9 +7,11 @@ import torch
 
 from dyndepth import CausalLM, preset
 from dyndepth.bench.speculative import benchmark_speculative
+from dyndepth.core.accounting import accounting
 from dyndepth.methods import GateSkipConfig, attach_gateskip, calibrate, speculative
 from dyndepth.methods.speculative import (
     SpecStats,
+    filtered_probs,
     greedy_accept,
     speculative_accept,
     speculative_generate,
@@ -152,6 +154,9 @@ def test_stats_count_what_the_steps_did(monkeypatch, batch, cache_mode):
     assert set(stats.to_dict()) >= {"accepted", "drafted", "acceptance_rate", "draft_forwards", "verify_forwards"}
     assert stats.to_dict()["acceptance_rate"] == accepted / drafted
     assert SpecStats().acceptance_rate == 1.0
+    with accounting(True), torch.no_grad():  # the prefill: full compute, plus the draft's own in "separate"
+        prefill = float(model(ids, attention_mask=mask, num_logits=1).stats["flops/executed"])
+    assert stats.prefill_flops == pytest.approx(prefill * (1 if cache_mode == "shared" else 2), rel=0.05)
 
 
 @pytest.mark.parametrize("cache_mode", ["shared", "separate"])
@@ -246,6 +251,41 @@ def test_speculative_accept_emits_tokens_distributed_as_the_target():
     assert (freq2 - p[0, 1]).abs().sum() / 2 < 0.01
     expected_accept = torch.minimum(p[0, 0], q[0, 0]).sum()  # P(accept d1) = sum_x min(p, q)
     assert abs(float(has_second.double().mean()) - float(expected_accept)) < 0.01
+    bonus = nxt[n == 2]  # both drafts accepted: the extra token comes from p_2 itself (no draft to subtract)
+    freq3 = torch.bincount(bonus, minlength=V).double() / len(bonus)
+    assert (freq3 - p[0, 2]).abs().sum() / 2 < 0.01
+
+
+def test_top_p_keeps_the_smallest_set_of_likely_tokens_that_reaches_p():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    torch.testing.assert_close(filtered_probs(logits, 1.0, top_p=0.8), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    torch.testing.assert_close(filtered_probs(logits, 1.0, top_k=3), torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+
+
+def test_emit_remembers_the_token_before_the_next_cur_for_the_separate_draft_cache():
+    """After n of K drafts are accepted the next cur sits at pos + n + 1 and the token before it is d_n (cur when
+    n = 0): the separate draft cache catches up on that token, not on dK (a rejected draft when n < K)."""
+    run = speculative._Run.__new__(speculative._Run)
+    run.opt = speculative._Options(max_new_tokens=20, draft_budget=0.5, num_draft=3, cache_mode="separate",
+                                   stops=torch.tensor([], dtype=torch.long), sample=None)
+    run.count, run.unfinished = torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.bool)
+    run.pos, run.prev, run.stats = torch.tensor([5, 7]), torch.tensor([0, 0]), SpecStats()
+    block = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])  # [cur, d1, d2, d3] at pos..pos+3
+    cur = run.emit(block, torch.tensor([1, 0]), torch.tensor([99, 98]), torch.zeros(2, 20, dtype=torch.long))
+    assert cur.tolist() == [99, 98] and run.pos.tolist() == [7, 8]
+    assert run.prev.tolist() == [11, 20]  # the tokens at positions 6 and 7
+    run.opt.stops = torch.tensor([12])  # a stop token among the rejected drafts (after nxt) ends nothing
+    run.emit(block, torch.tensor([0, 0]), torch.tensor([97, 96]), torch.zeros(2, 20, dtype=torch.long))
+    assert run.unfinished.tolist() == [True, True] and run.count.tolist() == [4, 3]
+
+
+def test_a_first_token_that_is_a_stop_token_ends_the_row():
+    model, _ = spec_model()
+    ids = torch.randint(0, 256, (1, 6))
+    first = int(model.generate(ids, 1, stop_tokens=[])[0, -1])
+    out, stats = speculative_generate(model, ids, 8, stop_tokens=[first])
+    assert out.shape == (1, 7) and int(out[0, -1]) == first
+    assert stats.new_tokens == 1 and stats.verify_forwards == 0
 
 
 def test_sampling_is_deterministic_with_a_generator_and_top_k_1_is_greedy():
