@@ -1,0 +1,46 @@
+"""calibrate: the recorded thresholds are each routing point's rank threshold over the real tokens, the model's
+train / eval mode is restored; text_batches: the first windows of a text, arguments checked."""
+
+import pytest
+import torch
+from gated import gated_model
+
+import dyndepth
+from dyndepth.core.routing import rank_threshold
+from dyndepth.methods import calibrate
+from dyndepth.methods.calibration import text_batches
+
+
+def test_a_masked_batch_calibrates_over_its_real_tokens_and_the_mode_is_restored():
+    model, method = gated_model(budget=0.0, eos=5)
+    ids = torch.randint(6, 256, (2, 12))
+    ids[0, 3] = 5  # EOS: outside the pool
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    model.train()
+    taus = calibrate(model, [(ids, mask)], budget=0.3)
+    assert model.training  # (left in eval mode, training went on without its gate penalty and ramp)
+    trace = dyndepth.Trace()
+    with method.override(budget=0.3), torch.no_grad():
+        model.eval()(ids, attention_mask=mask, trace=trace)
+    st = trace.ctx.state
+    assert int(st.pool.sum()) == 18
+    for key, scores in st.scores.items():
+        torch.testing.assert_close(taus[key], rank_threshold(scores, st.pool, 0.3).reshape(()))
+
+
+class CharTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_text_batches_are_the_first_windows_and_refuse_empty_requests():
+    text = "abcdefghijklmnopqrstuvwxyz" * 4  # 104 tokens
+    batches = text_batches(CharTokenizer(), text, num_batches=2, batch_size=3, seq_len=8)
+    assert [tuple(b.shape) for b in batches] == [(3, 8), (3, 8)]  # 2 x 3 windows of 8, not all 13 windows
+    assert batches[1][2].tolist() == [ord(c) for c in text[40:48]]
+    for name, args in (("batches", (0, 3, 8)), ("batch_size", (2, 0, 8)), ("seq_len", (2, 3, 0))):
+        with pytest.raises(ValueError, match=f"calibration {name}=0 must be >= 1"):
+            text_batches(CharTokenizer(), text, *args)
+    with pytest.raises(ValueError, match="fewer than one window of seq_len=200"):
+        text_batches(CharTokenizer(), text, 1, 1, 200)
