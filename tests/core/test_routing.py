@@ -302,3 +302,14 @@ def test_schedules():
     assert capacity_anneal(10**9, 0.8, 1500) == pytest.approx(0.8, abs=1e-5)
     with pytest.raises(ValueError, match="period"):
         capacity_anneal(1, 0.8, 0)
+    assert linear_ramp(-5, 0.0, 0.2, 10) == 0.0  # before the ramp starts: its start, not beyond
+
+
+def test_counts_ignore_float_error_and_a_full_skip_thresholds_at_the_highest_score():
+    assert capacity(0.14, 50) == 7 and capacity(0.55, 100) == 55  # 0.14 * 50 = 7.000000000000001
+    s = torch.rand(1, 100)
+    keep = select(s, None, SelectRule(kind="quantile", q=0.29))  # 0.29 * 100 = 28.999999999999996
+    assert int((~keep).sum()) == 29
+    valid = torch.tensor([[True, True, True, False]])
+    tau = rank_threshold(torch.tensor([[0.1, 0.5, 0.3, 0.9]]), valid, 1.0)  # every pool token skips
+    assert float(tau) == 0.5  # the highest pool score (the midpoint with PAD's +inf was inf)
