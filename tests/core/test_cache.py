@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dyndepth import KVCache
@@ -54,3 +55,29 @@ def test_invalidate_and_rewrite_from_act_on_a_row_views_rows_only():
     assert cache.count(0).tolist() == [2, 4, 3] and cache.count(1).tolist() == [4, 2, 4]
     cache.rewrite_from(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.bool), slots=[0, 1])
     assert cache.count(0).tolist() == [2, 4, 3]  # rows of PAD only drop nothing
+
+
+def test_invalidate_drops_from_the_position_on_and_count_ignores_the_scratch_column():
+    cache = KVCache(1, 1, 6, 1, 2)
+    kv = torch.ones(1, 6, 1, 2)
+    write = torch.tensor([[True, True, True, True, False, True]])  # position 4: a token that does not write
+    cache.update(0, kv, kv, torch.arange(6)[None], write)
+    assert int(cache.count(0)) == 5  # the unwritten token went to the scratch column, which counts nothing
+    cache.invalidate(3)
+    assert cache.valid[0, 0, :6].tolist() == [True, True, True, False, False, False]  # 3 itself goes, 2 stays
+    with pytest.raises(ValueError, match="window length 0 is outside 1..6"):
+        cache.window(0)
+
+
+def test_a_plain_write_after_a_sourced_one_and_a_reset_restore_the_column_sources():
+    cache = KVCache(1, 1, 6, 1, 2)
+    one = torch.ones(1, 1, 1, 2)
+    cache.update(0, one, one, torch.tensor([[2]]), source_BT=torch.tensor([[5]]))  # compact column 2, position 5
+    cache.update(0, one, one, torch.tensor([[2]]))  # column 2 rewritten by the token at position 2
+    cache.invalidate(3)
+    assert bool(cache.valid[0, 0, 2])  # (its source said 5: dropped)
+    cache.update(0, one, one, torch.tensor([[1]]), source_BT=torch.tensor([[4]]))
+    cache.reset()
+    cache.update(0, torch.ones(1, 3, 1, 2), torch.ones(1, 3, 1, 2), torch.arange(3)[None])
+    cache.invalidate(2)
+    assert cache.valid[0, 0, :3].tolist() == [True, True, False]  # (a stale source 4 dropped column 1)
