@@ -66,6 +66,14 @@ def test_gateskip_prefill_executed_equals_torch_with_padding_and_uneven_rows(nam
     assert float(out.stats["flops/executed"]) == torch_flops
 
 
+@pytest.mark.parametrize("gate", ["scalar", "lowrank"])
+def test_gateskip_prefill_executed_equals_torch_for_every_gate_kind(gate):
+    model, _ = gated_model(budget=0.4, gate=gate, spread=False)  # (a low-rank gate runs two matmuls: down, proj)
+    ids, mask = padded_batch()
+    out, torch_flops = counted(model, ids, attention_mask=mask)
+    assert float(out.stats["flops/executed"]) == torch_flops
+
+
 def test_gateskip_ideal_is_the_slow_per_token_count_and_executed_adds_the_padding():
     model, method = gated_model(budget=0.4, scope="batch", path="packed")
     cfg = model.config
