@@ -500,6 +500,18 @@ def test_topk_per_document_ranks_real_tokens_only():
     assert keep.tolist() == [[False, False, False, False, True, True]]  # k = ceil(0.5 * 4) of the real tokens
 
 
+def test_reconfiguring_resizes_the_score_buffer_and_beta_is_logged_as_the_layers_mean():
+    model, method = dnd_model()
+    method.configure(DNDConfig(layers=(0, 1), buffer_batches=2))
+    for _ in range(3):
+        method.record_scores(0, torch.rand(8))
+    assert len(method.scores_buffer[0]) == 2  # (it kept the old maxlen of 50)
+    with torch.no_grad():
+        method.layer_dnd[1].beta.fill_(0.1)  # layer 0 keeps 0.5
+    stats = model.train()(torch.randint(0, 256, (2, 8))).stats
+    assert float(stats["dnd/beta"]) == pytest.approx(0.3)
+
+
 def test_nested_attends_vanilla_sees_earlier_vanilla_keys_and_generates_from_the_cache():
     with pytest.raises(ValueError, match="original"):
         DNDConfig(nested_attends_vanilla=True)
