@@ -412,3 +412,13 @@ def test_a_zero_capacity_and_an_uncalibrated_decode_mode_are_refused_on_entry():
         with method.decoding():  # top-k mode decodes with decode_mode: its thresholds are checked here
             entered = True
     assert not entered
+
+
+def test_the_predictor_loss_weight_scales_the_loss_and_zero_trains_no_predictor():
+    ids = torch.randint(0, 256, (2, 8))
+    model, _ = mod_model(capacity=0.5, every=1, predictor_loss_weight=0.5)
+    out = model.train()(ids)
+    assert float(out.aux_loss.detach()) == pytest.approx(0.5 * float(out.stats["mod/predictor_loss"]))
+    model, _ = mod_model(capacity=0.5, every=1, predictor_loss_weight=0.0)
+    out = model.train()(ids)  # no BCE to train with: the predictor does not run (nor counts FLOPs)
+    assert "mod/predictor_loss" not in out.stats and float(out.aux_loss.detach()) == 0.0
