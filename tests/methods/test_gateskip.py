@@ -441,13 +441,11 @@ def test_budgets_at_the_edge_are_refused_and_budget_zero_has_nothing_to_calibrat
     """A knob budget of 1 (every pool token would skip), 0.5 when one branch type skips (at 2q = 1) and a calibration
     at budget 0 (no threshold to fit: it stored -inf thresholds) are errors, not silent runs."""
     model, method = gated_model()
-    with pytest.raises(ValueError, match=r"budget=1.0 must lie in \[0, 1\)"):
-        with method.override(budget=1.0):
-            pass
+    with pytest.raises(ValueError, match=r"budget=1.0 must lie in \[0, 1\)"), method.override(budget=1.0):
+        pass
     _, attn_only = gated_model(skip_branches="attn")
-    with pytest.raises(ValueError, match="every token would skip it"):
-        with attn_only.override(budget=0.5):
-            pass
+    with pytest.raises(ValueError, match="every token would skip it"), attn_only.override(budget=0.5):
+        pass
     with pytest.raises(ValueError, match="no calibration scores were recorded"):
         calibrate(model, [torch.randint(0, 256, (2, 12))], budget=0.0)
 

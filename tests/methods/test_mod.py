@@ -149,7 +149,8 @@ def test_causal_modes_never_route_pad_so_left_padding_changes_nothing(mode):
 
 
 def test_the_predictor_loss_is_a_mean_over_real_tokens():
-    """Per routed layer the BCE and the accuracy are means over real tokens: a copy of the row or left padding leaves them."""
+    """Per routed layer the BCE and the accuracy are means over real tokens: a copy of the row or left padding
+    leaves them."""
     model, _ = mod_model(capacity=0.5, every=1)
     model.train()
     row = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -157,7 +158,8 @@ def test_the_predictor_loss_is_a_mean_over_real_tokens():
     mask = torch.ones_like(padded)
     mask[0, :4] = 0
     with torch.no_grad():
-        stats = [model(ids, attention_mask=m).stats for ids, m in ((row, None), (row.repeat(2, 1), None), (padded, mask))]
+        batches = ((row, None), (row.repeat(2, 1), None), (padded, mask))
+        stats = [model(ids, attention_mask=m).stats for ids, m in batches]
     for name in ("mod/predictor_loss", "mod/predictor_acc"):  # (the accuracy counted PAD the predictor left out)
         values = [float(st[name]) for st in stats]
         assert values == pytest.approx([values[0]] * 3, rel=1e-5)
@@ -165,7 +167,7 @@ def test_the_predictor_loss_is_a_mean_over_real_tokens():
 
 @pytest.mark.parametrize("mode", ["predictor", "router_threshold", "topk"])
 def test_cached_decoding_equals_full_forward(mode):
-    """topk: forwards with a cache route with decode_mode (the predictor); top-k over one token would route it always."""
+    """topk: forwards with a cache route with decode_mode (the predictor); top-k of one token would always route it."""
     model, method = mod_model(capacity=0.5, every=1)
     if mode == "router_threshold":
         calibrate(model, [torch.randint(0, 256, (4, 24))])
@@ -403,14 +405,12 @@ def test_a_capacity_for_decoding_in_predictor_mode_is_refused_with_the_mode_that
 
 
 def test_a_zero_capacity_and_an_uncalibrated_decode_mode_are_refused_on_entry():
-    model, method = mod_model(decode_mode="router_threshold")
-    with pytest.raises(ValueError, match=r"capacity=0.0 must lie in \(0, 1\]"):
-        with method.override(capacity=0.0):
-            pass
+    _, method = mod_model(decode_mode="router_threshold")
+    with pytest.raises(ValueError, match=r"capacity=0.0 must lie in \(0, 1\]"), method.override(capacity=0.0):
+        pass
     entered = False
-    with pytest.raises(ValueError, match="router_threshold"):
-        with method.decoding():  # top-k mode decodes with decode_mode: its thresholds are checked here
-            entered = True
+    with pytest.raises(ValueError, match="router_threshold"), method.decoding():  # checks decode_mode's thresholds
+        entered = True
     assert not entered
 
 
