@@ -2,12 +2,15 @@
 experts' gather and row sum, models/moe.py): the same forward and gradients as autograd on the plain
 expressions, with less saved for backward or fewer kernels."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dyndepth.core.layers import RMSNorm, apply_rope, normed_linear, rotate_half, swiglu
+from dyndepth import preset
+from dyndepth.core.layers import RMSNorm, apply_rope, normed_linear, rope_inv_freq, rotate_half, swiglu
 from dyndepth.models.moe import AddRows, Experts, GatherGroupedMM
 
 
@@ -330,3 +333,27 @@ def test_a_subset_takes_the_causal_kernel_only_where_positions_follow_columns():
     assert given.subset(idx, valid).attn_mask is not None  # positions the caller chose: masked by position
     docs = model.make_context(ids, None, None, None, doc_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]).expand(B, T))
     assert docs.subset(idx, valid).attn_mask is not None  # documents need the mask
+
+
+def test_rope_scaling_matches_a_per_frequency_reference():
+    """linear: every frequency / factor. llama3 (HF): wavelengths above old_len / low keep f / factor, below
+    old_len / high keep f, and between them blend the two by (old_len / wavelength - low) / (high - low)."""
+    plain = rope_inv_freq(preset("tiny-qwen3", head_dim=64, rope_theta=1e4))
+    linear = preset("tiny-qwen3", head_dim=64, rope_theta=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    torch.testing.assert_close(rope_inv_freq(linear), plain / 4)
+    lo, hi, factor, old = 1.0, 8.0, 8.0, 256
+    llama3 = preset("tiny-qwen3", head_dim=64, rope_theta=1e4, rope_scaling={
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
+        "original_max_position_embeddings": old})
+    expected, medium = [], 0
+    for f in plain.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            expected.append(f)
+        elif wavelen > old / lo:
+            expected.append(f / factor)
+        else:
+            smooth, medium = (old / wavelen - lo) / (hi - lo), medium + 1
+            expected.append((1 - smooth) * f / factor + smooth * f)
+    assert medium >= 3  # the blend is exercised
+    torch.testing.assert_close(rope_inv_freq(llama3), torch.tensor(expected))
