@@ -100,6 +100,23 @@ def _token_ids(value, vocab_size: int) -> list[int]:
     return ids
 
 
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """Softmax of (..., V) logits after temperature, top-k, then top-p (as in HF): what `sample_next` draws from, and
+    the distributions speculative sampling compares."""
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1]).float() / temperature  # (B', V)
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, shape[-1]), dim=-1).values[:, -1:]  # (B', 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1).reshape(shape)
+
+
 def sample_next(
     logits_BV: torch.Tensor,
     temperature: float = 0.0,
@@ -107,22 +124,10 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token per row (B,). temperature 0 is greedy; top-k then top-p filtering, as in HF."""
+    """Next token per row (B,). temperature 0 is greedy; else a draw from `filtered_probs`."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum <= 1 - top_p
-        drop_sorted[:, -1] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.multinomial(filtered_probs(logits_BV, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
 
 
 def check_left_padded(mask_BT: torch.Tensor) -> None:

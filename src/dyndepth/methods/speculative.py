@@ -51,6 +51,7 @@ import torch
 from dyndepth.config import is_whole
 from dyndepth.core.accounting import accounting
 from dyndepth.core.cache import KVCache
+from dyndepth.generation import filtered_probs
 
 CACHE_MODES = ("shared", "separate")
 
@@ -76,22 +77,6 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "acceptance_rate": self.acceptance_rate}
-
-
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """Softmax of (..., V) logits after temperature, top-k, then top-p: what `sample_next` draws from."""
-    shape = logits.shape
-    logits = logits.reshape(-1, shape[-1]).float() / temperature  # (B', V)
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, shape[-1]), dim=-1).values[:, -1:]  # (B', 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop_sorted[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1).reshape(shape)
 
 
 def greedy_accept(logits_BKV: torch.Tensor, draft_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
