@@ -29,6 +29,8 @@ def test_wsd_and_constant_schedules():
     assert lr_multiplier(80, cfg) == 1.0
     assert lr_multiplier(90, cfg) == pytest.approx(0.55)  # linear decay halfway
     assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+    long_decay = _cfg(schedule="wsd", decay_frac=1.0)  # the decay starts after warm-up, not inside it
+    assert [lr_multiplier(s, long_decay) for s in (9, 10, 55)] == [1.0, 1.0, pytest.approx(0.55)]
     const = _cfg(schedule="constant")
     assert [lr_multiplier(s, const) for s in (0, 10, 99)] == [pytest.approx(0.1), 1.0, 1.0]
 

@@ -76,6 +76,29 @@ def test_micro_batch_without_labels_weighs_nothing():
         torch.testing.assert_close(g, alone[n], rtol=1e-6, atol=1e-9, msg=n)
 
 
+def test_auxiliary_losses_and_stats_are_means_over_micro_batches():
+    """Two copies of a micro-batch give the gradient and the stats of one: the LM loss is token-weighted and
+    the auxiliary losses (hooks', the MoE balancing loss) and logged stats are averaged over micro-batches."""
+    cfg = tiny_train_config("unused")
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3-moe"))
+    batch = TinyLoader(2, 16).next_batch()
+    hook = CountingHook()
+    stats = forward_backward(model, model, [batch], [hook], cfg, ONE)
+    alone = _grads(model)
+    model.zero_grad(set_to_none=True)
+    stats2 = forward_backward(model, model, [batch, batch], [hook], cfg, ONE)
+    assert stats["aux_loss"] > 0 and stats["counter/z"] > 0
+    back_propagated = stats["loss"] + stats["aux_loss"] + stats["counter/aux_loss"]
+    torch.testing.assert_close(stats["objective"], back_propagated)
+    for k in ("loss", "aux_loss", "counter/aux_loss", "counter/z", "objective"):
+        torch.testing.assert_close(stats2[k], stats[k], msg=k)
+    router = "model.layers.0.mlp.gate.weight"  # only the balancing loss moves it much
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, alone[n], rtol=1e-4, atol=1e-7, msg=n)
+    assert alone[router].abs().max() > 1e-4
+
+
 def test_bf16_model_trains_with_fp32_master_weights(tmp_path):
     """AdamW at lr 2e-5 on bf16 weights rounds most updates away; the trainer keeps fp32 masters."""
     torch.manual_seed(0)
@@ -263,6 +286,7 @@ def test_evaluation_scores_each_validation_window_at_most_once():
     assert 1 < val.batches_per_epoch < 5
     assert [evaluate(model, val, n, cfg, DistInfo()) for n in (5, 9)] == [once, once]
     assert evaluate(model, val, 1, cfg, DistInfo()) != once  # (the cap, not a constant)
+    assert model.training  # evaluation puts the model back in training mode
 
 
 def test_a_loader_without_state_dict_is_refused_before_the_first_step(tmp_path):
