@@ -82,9 +82,12 @@ def test_a_checkpoints_pad_id_outside_the_vocabulary_falls_back_to_the_stop_id(v
 
 def test_callback_streams_every_new_column(model):
     ids = torch.randint(0, 256, (2, 4))
-    seen = []
+    seen, forwards = [], []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
     out = model.generate(ids, 6, stop_tokens=[], callback=lambda i, tok: seen.append(tok.clone()))
+    handle.remove()
     assert torch.equal(torch.stack(seen, dim=1), out[:, 4:])
+    assert len(forwards) == 6  # the prompt's, then one per new token but the last
 
 
 def test_sampling_is_reproducible_with_a_generator(model):
@@ -103,7 +106,12 @@ def test_top_k_and_top_p_restrict_the_support():
     probs = logits[0].softmax(-1)  # 0.64, 0.24, ...: top_p=0.8 keeps {0, 1}
     assert probs[0] < 0.8 < probs[:2].sum()
     assert set(sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert 0.62 < probs[0] < 0.62 + probs[1]  # top_p=0.62: token 0 alone is the nucleus
+    assert sample_next(logits, 1.0, top_p=0.62, generator=g).eq(0).all()
+    assert sample_next(logits, 1.0, top_p=1e-9, generator=g).eq(0).all()  # the top token is always kept
     assert sample_next(logits, 0.0).eq(0).all()
+    cold = sample_next(logits, 0.25, generator=g).eq(0).float().mean()  # p(0) = 0.98 at temperature 0.25
+    assert cold > 0.9 > probs[0] + 0.1
 
 
 def test_generation_rejects_bad_input(model):
