@@ -129,3 +129,14 @@ def test_a_shared_gate_pair_counts_in_the_training_flops_once_per_layer_call():
         attach_gateskip(model, GateSkipConfig(shared=shared))
         counts.append(model.train_flops_per_token(16))
     assert counts[1] == counts[0]
+
+
+def test_explicit_positions_mask_by_position_with_or_without_an_attention_mask(model):
+    """Causality is by position (core.context.causal_mask): positions that restart in the row take the same mask
+    whether or not an all-ones attention_mask is passed (SDPA's causal fast path only fits 0..T-1)."""
+    ids = torch.randint(0, 256, (2, 6))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        bare = model(ids, positions=positions).logits
+        masked = model(ids, attention_mask=torch.ones_like(ids), positions=positions).logits
+    torch.testing.assert_close(bare, masked)
