@@ -220,3 +220,33 @@ def test_the_auxiliary_router_variant_decides_causally_and_learns_from_the_top_k
     assert float(out.stats["flops/ideal"]) == model.forward_flops(T, B=B)  # training top-k: nominal capacity
     with pytest.raises(ValueError, match="expert-choice"):
         tiny(router_type="token", causal_path="aux_router")
+
+
+def test_expert_choice_adds_the_gated_block_output_to_the_stream_entering_the_recursion():
+    """x_kept + alpha * sigmoid(score) * block(x_kept) [MoR code]: at alpha = 0 every recursion leaves the stream
+    entering it unchanged (streams: the embedding, then one per application; recursion r's last is 3 + 2r)."""
+    model = varied(tiny(router_alpha=0.0))
+    trace = Trace(keep_streams=True)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 12)), trace=trace)
+    st = trace.ctx.state
+    for r in range(3):
+        assert st.keep[r].any()
+        torch.testing.assert_close(trace.streams[3 + 2 * r], st.start[r])
+    model = varied(tiny())
+    _, st = _state(model, torch.randint(0, 256, (2, 12)))
+    for r in range(3):
+        score = model.routers[r](st.start[r]).squeeze(-1)
+        torch.testing.assert_close(st.weight[r], 0.1 * torch.sigmoid(score))
+
+
+def test_the_causal_predictors_bce_is_a_mean_over_each_recursions_candidates():
+    model = varied(tiny()).train()
+    ids = torch.randint(0, 256, (2, 12))
+    out, st = _state(model, ids)
+    expected = 0.0
+    for r in range(3):
+        pool = torch.ones_like(st.keep[0]) if r == 0 else st.keep[r - 1]
+        logit = model.routers[r](st.start[r]).squeeze(-1)
+        expected += 0.1 * F.binary_cross_entropy_with_logits(logit[pool], st.keep[r][pool].float())
+    torch.testing.assert_close(out.aux_loss, expected)
