@@ -61,6 +61,21 @@ def test_one_recurrence_without_depth_and_expert_attention_is_a_decoder_layer():
                                    decoder(ids, attention_mask=mask).logits, rtol=0, atol=0)
 
 
+def test_merged_softmax_at_one_recurrence_is_sequence_attention():
+    """Step 0 has no depth keys: the merged softmax over (sequence keys, depth keys) is SDPA's attention alone,
+    scaled by 1 / sqrt(head_dim), causal and padding-masked (merged and none have the same parameters)."""
+    fields = {"num_recurrences": 1, "num_experts": 0, "intermediate_size": 96}
+    merged = varied(tiny(da_mode="merged_softmax", **fields)).eval()
+    plain = DreamerLM(tiny(da_mode="none", **fields)).eval()
+    plain.load_state_dict(merged.state_dict())
+    ids, mask = left_padded()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        valid = mask.bool()
+        torch.testing.assert_close(merged(ids, attention_mask=mask).logits[valid],
+                                   plain(ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
+
+
 def _depth_run(model, ids, perturb_step=None, restore=None):
     """Residual streams ([embedding, after step 0, ...]) and depth attention's (query input, output) per call, with
     the input of application `perturb_step` perturbed and, given `restore` (B, T, D), that application's output
@@ -941,21 +956,22 @@ def test_a_sub_block_gate_scales_the_output_after_its_sandwich_norm():
     torch.testing.assert_close(change[0.5], 0.5 * change[1.0], rtol=1e-5, atol=1e-6)
 
 
-def test_expert_statistics_equal_counts_over_the_recorded_selections():
+@pytest.mark.parametrize("E", [8, 4])  # k R = 6 below E, and above it
+def test_expert_statistics_equal_counts_over_the_recorded_selections(E):
     """On a free routing with two layers per group and left padding: usage, diversity (distinct experts per valid
     token and layer over its steps, mean over layers, / min(k R, E)) and set entropy (per application over valid
     tokens, a Counter of sets; mean over applications) from the experts each call recorded."""
-    model = varied(tiny(num_recurrences=3, layers_per_group=2, num_experts=8, num_experts_per_tok=2))
+    model = varied(tiny(num_recurrences=3, layers_per_group=2, num_experts=E, num_experts_per_tok=2))
     ids, mask = left_padded()
     stats, chosen = _recorded_selections(model, ids, mask)
     valid = mask.bool().reshape(-1).tolist()
     rows = [[row for row, v in zip(idx.tolist(), valid) if v] for idx in chosen]  # [application] valid tokens' sets
-    usage = torch.stack([torch.bincount(torch.tensor(r).reshape(-1), minlength=8).float() for r in rows])
+    usage = torch.stack([torch.bincount(torch.tensor(r).reshape(-1), minlength=E).float() for r in rows])
     torch.testing.assert_close(stats["dreamer/expert_usage"], usage, rtol=0, atol=0)
     load = torch.stack([usage[g::2].sum(0) for g in range(2)])  # each layer's load over its own applications
     torch.testing.assert_close(stats["dreamer/expert_load"], load, rtol=0, atol=0)
     distinct = [len(set().union(*(rows[a][n] for a in range(g, 6, 2)))) for g in range(2) for n in range(len(rows[0]))]
-    assert float(stats["dreamer/expert_diversity"]) == pytest.approx(sum(distinct) / len(distinct) / 6, rel=1e-6)
+    assert float(stats["dreamer/expert_diversity"]) == pytest.approx(sum(distinct) / len(distinct) / min(6, E), rel=1e-6)
     entropy = sum(_set_entropy(map(tuple, r)) for r in rows) / 6
     assert float(stats["dreamer/expert_set_entropy"]) == pytest.approx(entropy, rel=1e-6)
     assert 0 < entropy and sum(distinct) / len(distinct) > 2  # neither a single set nor one expert pair per token
