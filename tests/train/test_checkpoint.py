@@ -71,6 +71,11 @@ def test_resume_applies_the_new_hyperparameters_and_logs_each_change(tmp_path, c
     opt.step()  # the next step uses the new LR
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * opt.param_groups[0]["lr_mult"])
+    # the RNG streams continue where the saved run left them (same world size)
+    saved_rng = torch.load(out / "step_0000002" / "rank_0.pt", weights_only=True)["rng"]["torch"]
+    torch.manual_seed(123)
+    load_checkpoint(out / "step_0000002", raw, opt, sched, TinyLoader(2, 16), DistInfo(), new)
+    assert torch.equal(torch.get_rng_state(), saved_rng)
 
 
 def test_regrouped_or_unfrozen_parameters_are_a_clear_error(tmp_path):
