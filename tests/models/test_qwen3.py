@@ -140,3 +140,27 @@ def test_explicit_positions_mask_by_position_with_or_without_an_attention_mask(m
         bare = model(ids, positions=positions).logits
         masked = model(ids, attention_mask=torch.ones_like(ids), positions=positions).logits
     torch.testing.assert_close(bare, masked)
+
+
+def test_grouped_experts_forward_and_gradients_equal_the_per_expert_loop():
+    """The grouped-matmul experts (Dreamer's) and one matmul per expert (Qwen3-MoE's), both with custom backwards
+    (GatherGroupedMM, AddRows), against each token's K experts' weights gathered (plain autograd): output and the
+    gradients of the input, the gates and both weights."""
+    from dyndepth.models.moe import Experts
+
+    torch.manual_seed(0)
+    grouped, loop, gathered = Experts(8, 64, 32, grouped=True), Experts(8, 64, 32), Experts(8, 64, 32)
+    loop.load_state_dict(grouped.state_dict())
+    gathered.load_state_dict(grouped.state_dict())
+    x, w, g = torch.randn(40, 64), torch.rand(40, 2), torch.randn(40, 64)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(40)])  # (N, K)
+    assert grouped._path(x, 2) == "grouped" and loop._path(x, 2) == "loop"
+    results = []
+    for experts, run in ((gathered, gathered._gathered), (grouped, grouped), (loop, loop)):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = run(xx, idx, ww)
+        (y * g).sum().backward()
+        results.append([y, xx.grad, ww.grad, experts.gate_up_proj.grad, experts.down_proj.grad])
+    for got in results[1:]:
+        for name, a, b in zip(["y", "x", "gates", "gate_up_proj", "down_proj"], got, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
