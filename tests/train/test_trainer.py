@@ -319,3 +319,28 @@ def test_the_token_count_carries_over_a_resume_with_another_batch_layout(tmp_pat
           tiny_train_config(str(tmp_path / "b"), steps=4, batch_size=4, resume=True))
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records if "loss" in r] == [32, 64, 128, 192]
+
+
+def test_hook_losses_add_up_controllers_run_without_grad_and_names_are_unique():
+    from dyndepth.train.hooks import check_hooks, hooks_after_step, hooks_aux_loss
+
+    first, second = CountingHook(), CountingHook()
+    second.name = "other"
+    model = CausalLM(preset("tiny-qwen3"))
+    batch = TinyLoader(2, 16).next_batch()
+    out = model(batch["input_ids"])
+    total, stats = hooks_aux_loss([first, second], model, batch, out)
+    torch.testing.assert_close(total, stats["counter/aux_loss"] + stats["other/aux_loss"])
+    assert stats["counter/aux_loss"] > 0
+
+    class Probe(Hook):
+        name, grad_enabled = "probe", None
+
+        def after_step(self, model, step, stats, dist):
+            self.grad_enabled = torch.is_grad_enabled()
+
+    probe = Probe()
+    hooks_after_step([probe], model, 1, {}, ONE)
+    assert probe.grad_enabled is False  # a controller may update parameters in place
+    with pytest.raises(ValueError, match="share the name"):
+        check_hooks([first, CountingHook()])
