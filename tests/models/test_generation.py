@@ -56,6 +56,16 @@ def test_stop_tokens_pad_finished_rows_and_end_early(varied_model):
     out = varied_model.generate(ids, 10, stop_tokens=stops, pad_token_id=7)
     assert out.shape == (2, 4 + ends[1])
     assert torch.equal(out, expected_with_stops(free, 4, stops, 7, ends[1]))
+    # no pad_token_id given: the config's, else the first stop id
+    assert varied_model.config.pad_token_id is None and stops[0] != 0
+    out = varied_model.generate(ids, 10, stop_tokens=stops)
+    assert torch.equal(out, expected_with_stops(free, 4, stops, stops[0], ends[1]))
+    varied_model.config.pad_token_id = 9
+    try:
+        out = varied_model.generate(ids, 10, stop_tokens=stops)
+    finally:
+        varied_model.config.pad_token_id = None
+    assert torch.equal(out, expected_with_stops(free, 4, stops, 9, ends[1]))
 
 
 def test_a_row_that_never_stops_runs_to_the_end(varied_model):

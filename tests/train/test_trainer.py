@@ -344,3 +344,24 @@ def test_hook_losses_add_up_controllers_run_without_grad_and_names_are_unique():
     assert probe.grad_enabled is False  # a controller may update parameters in place
     with pytest.raises(ValueError, match="share the name"):
         check_hooks([first, CountingHook()])
+
+
+def test_evaluation_averages_over_labelled_tokens_only():
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train.trainer import evaluate
+
+    class OneBatch:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def next_batch(self):
+            return dict(self.batch)
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3"))
+    batch = TinyLoader(2, 16).next_batch()
+    batch["labels"][:, :10] = -100  # a prompt-masked batch
+    got = evaluate(model, OneBatch(batch), 1, TrainConfig(device="cpu"), ONE)
+    with torch.no_grad():
+        expected = lm_loss(model(batch["input_ids"]).logits, batch["labels"]).item()
+    assert got == pytest.approx(expected, rel=1e-6)
