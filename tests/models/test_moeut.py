@@ -54,6 +54,10 @@ def test_the_entropy_regularizer_matches_a_slow_per_sequence_reference_and_train
         slow.append((p * p.log()).sum())
     torch.testing.assert_close(entropy_regularizer(logits, valid), torch.stack(slow).mean())
     assert float(entropy_regularizer(torch.zeros(A, B, T, E), valid)) == pytest.approx(-math.log(E))
+    empty = torch.zeros(B, T, dtype=torch.bool)  # a row without a valid token counts in no mean
+    regs = [entropy_regularizer(torch.cat([logits, logits], 1), torch.cat([valid, v])) for v in (valid, empty)]
+    torch.testing.assert_close(regs[1], entropy_regularizer(logits, valid))
+    torch.testing.assert_close(regs[0], regs[1])
     model = varied(tiny()).train()
     out = model(torch.randint(0, 256, (2, 8)))
     reg = out.stats["dreamer/entropy_reg"]
