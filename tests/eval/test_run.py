@@ -272,3 +272,5 @@ def test_scoring_that_reads_later_tokens_is_named(tmp_path, caplog):
     assert load_for_eval(str(tmp_path / "gated"), tokenizer="byte").lookahead == ""  # budget 0: nothing skips
     late = load_for_eval(str(tmp_path / "gated"), tokenizer="byte", skip_budget=0.3).lookahead
     assert "quantile mode ranks each row's tokens, later ones included" in late
+    dyndepth.build_model(dyndepth.preset("mor-tiny", vocab_size=264)).save_pretrained(tmp_path / "mor")
+    assert load_for_eval(str(tmp_path / "mor"), tokenizer="byte").lookahead == ""  # its routing in the method slot

@@ -198,6 +198,12 @@ class RecursionRouting:
     def trainer_hooks(self, total_steps: int) -> list:
         return []
 
+    def lookahead(self) -> str:
+        return ""  # evaluation and decoding keep a token by its own score (top-k ranks training forwards only)
+
+    def untrained_parameters(self) -> list[str]:
+        return []
+
     def to_dict(self) -> dict:
         return {"name": self.name}
 
