@@ -26,3 +26,20 @@ def test_moe_experts_count_with_their_top_k_fraction():
     assert not cfg.tie_word_embeddings and 0 < experts < n and cfg.num_experts_per_tok < cfg.num_experts
     routed = experts * cfg.num_experts_per_tok / cfg.num_experts
     assert flops_per_token(model, T) == pytest.approx(6 * (n - experts + routed) + attn)
+
+
+def test_resume_over_a_metrics_line_torn_by_a_kill_keeps_the_records(tmp_path):
+    """A run killed while appending to metrics.jsonl leaves a partial last line; resuming stopped with
+    "error: Expecting ',' delimiter: line 1 column 25 (char 24)", naming no file."""
+    import json
+
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 3.0}\n{"step": 20, "loss": 2.5}\n{"step": 30, "lo')
+    logger = MetricsLogger(tmp_path, TrainConfig(), enabled=True, resume_step=20)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    assert (tmp_path / "metrics.abandoned_0.jsonl").read_text().endswith('{"step": 30, "lo')  # set aside, not lost
+    logger.log({"step": 30, "loss": 2.0})
+    assert [r["step"] for r in logger.records] == [10, 20, 30]

@@ -75,12 +75,12 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            old = self._read()
+            old, torn = self._read()
             kept = [r for r in old if r.get("step", 0) <= resume_step] if resume_step else []
-            if len(kept) < len(old):  # the records of a run this one replaces: set aside, not lost
+            if torn or len(kept) < len(old):  # the records of a run this one replaces: set aside, not lost
                 aside = set_aside(self.path)
-                log.warning("%s: %d record(s) past step %d of the run this one replaces moved to %s",
-                            self.path, len(old) - len(kept), resume_step, aside.name)
+                log.warning("%s: %d record(s) past step %d of the run this one replaces (%d line(s) torn by a kill "
+                            "mid-write) moved to %s", self.path, len(old) - len(kept), resume_step, torn, aside.name)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
         if cfg.tensorboard:
@@ -93,8 +93,15 @@ class MetricsLogger:
             self._wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=run_config,
                                      resume="allow")
 
-    def _read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def _read(self) -> tuple[list[dict], int]:
+        """The file's records, and how many lines are not JSON (a line torn by a kill while it was appended)."""
+        records, torn = [], 0
+        for line in filter(str.strip, self.path.read_text().splitlines()):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn += 1
+        return records, torn
 
     def log(self, record: dict) -> None:
         if not self.enabled:
