@@ -215,9 +215,13 @@ def read_recipe(path: Path) -> dict:
             raise RunConfigError(f"{path}: invalid TOML ({e}).") from None
     if path.suffix in (".yaml", ".yml", ".json"):
         try:
-            return yaml.safe_load(text) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise RunConfigError(f"{path}: invalid YAML/JSON ({e}).") from None
+        if not isinstance(raw, dict):
+            raise RunConfigError(f"recipe {path} must be a mapping of sections ({list(SECTIONS)}), got a "
+                                 f"{type(raw).__name__}; see recipes/tiny_cpu.toml.")
+        return raw
     raise RunConfigError(f"recipe {path}: unknown format {path.suffix!r}; use .toml, .yaml or .json.")
 
 
@@ -234,6 +238,8 @@ def _apply_override(raw: dict, override: str) -> None:
     node = raw.setdefault(parts[0], {})
     if isinstance(node, str):  # model = "preset-name" followed by model.key=value
         node = raw[parts[0]] = {"preset": node}
+    if not isinstance(node, dict):
+        raise RunConfigError(f"override {override!r}: section {parts[0]!r} must be a table/mapping, got {node!r}.")
     if parts[:1] == ["model"] and parts[1:] in (["pretrained"], ["preset"]):
         _replace_model_source(node, parts[1])
     for p in parts[1:-1]:
@@ -256,6 +262,10 @@ def build_run_config(raw: dict) -> RunConfig:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise RunConfigError(f"unknown section(s) {sorted(unknown)}; valid sections: {list(SECTIONS)}.")
+    for name in SECTIONS:  # None: an empty YAML section; model may be a preset name, not empty
+        value, allowed = raw.get(name), (str, dict) if name == "model" else (type(None), dict)
+        if name in raw and not isinstance(value, allowed):
+            raise RunConfigError(f"section {name!r} must be a table/mapping, got {value!r}.")
     types_ = _train_types()
     train_raw = raw.get("train") or {}
     bad = [k for k in train_raw if k not in types_]
@@ -265,10 +275,6 @@ def build_run_config(raw: dict) -> RunConfig:
     model = raw.get("model", {"preset": DEFAULT_PRESET})
     if isinstance(model, str):
         model = {"preset": model}
-    for name in ("model", "method", "data", "eval"):
-        value = model if name == "model" else raw.get(name, {})
-        if not isinstance(value, dict):
-            raise RunConfigError(f"section {name!r} must be a table/mapping, got {value!r}.")
     return RunConfig(model=dict(model), method=dict(raw.get("method") or {}), train=train,
                      data=dict(raw.get("data") or {}), eval=_eval_section(raw.get("eval") or {}))
 

@@ -57,6 +57,30 @@ def test_an_override_of_the_models_source_replaces_the_recipes(tmp_path):
     assert load_run_config(None, ["model=tiny-qwen3", "model.pretrained=p"]).model == {"pretrained": "p"}
 
 
+def test_a_section_or_recipe_that_is_not_a_mapping_is_named(tmp_path):
+    """`train = 5` stopped with "TypeError: 'int' object is not iterable", a YAML list under train: with
+    "TypeError: unhashable type: 'dict'", `train: steps=2` with "unknown key train.s" (its letters iterated),
+    and a recipe that is a YAML list with "unknown section(s) ['a', 'b']"."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "demo-tiny"\ntrain = 5\n')
+    for overrides in ((), ["train.steps=2"]):
+        with pytest.raises(RunConfigError, match=r"section 'train' must be a table/mapping, got 5"):
+            load_run_config(recipe, overrides)
+    recipe = tmp_path / "r.yaml"
+    for body, got in (("train: steps=2\n", "'steps=2'"), ("train:\n  - steps: 2\n", r"\[\{'steps': 2\}\]")):
+        recipe.write_text(body)
+        with pytest.raises(RunConfigError, match=rf"section 'train' must be a table/mapping, got {got}"):
+            load_run_config(recipe)
+    recipe.write_text("- a\n- b\n")
+    with pytest.raises(RunConfigError, match=r"r\.yaml must be a mapping of sections .*got a list"):
+        load_run_config(recipe)
+    recipe.write_text("model:\n")
+    with pytest.raises(RunConfigError, match=r"section 'model' must be a table/mapping, got None"):
+        load_run_config(recipe)
+    recipe.write_text("model: demo-tiny\nmethod:\ntrain:\n  steps: 2\n")  # empty sections stay allowed
+    assert load_run_config(recipe).train.steps == 2
+
+
 def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
     with pytest.raises(RunConfigError, match=r"train\.lrr.*valid train keys.*'lr'"):
         load_run_config(None, ["train.lrr=1"])
