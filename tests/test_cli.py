@@ -277,6 +277,29 @@ def test_convert_changes_dtype_and_keeps_logits(tmp_path):
     assert "is a file" in runner.invoke(app, ["convert", str(tmp_path / "src"), str(afile)]).output
 
 
+def test_convert_shards_a_training_step_and_refuses_a_shard_size_of_zero(tmp_path):
+    """`convert STEP DST --max-shard-gb X` exported the step in one file and ignored X unless --dtype was given;
+    --max-shard-gb 0 or -1 wrote one shard per tensor (46 files for demo-tiny)."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
+                      f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
+                      '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\ntokenizer = "byte"\n'
+                      '[eval]\nenabled = false\n')
+    trained = runner.invoke(app, ["train", str(recipe), "--set", "model.vocab_size=264"])
+    assert trained.exit_code == 0, trained.output
+    step = tmp_path / "out" / "step_0000001"
+    result = runner.invoke(app, ["convert", str(step), str(tmp_path / "dst"), "--max-shard-gb", "0.00002"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dst" / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 256, (1, 5))
+    torch.testing.assert_close(dyndepth.from_pretrained(tmp_path / "dst")(ids).logits,
+                               dyndepth.from_pretrained(tmp_path / "out" / "model")(ids).logits)
+    for size in ("0", "-1"):
+        bad = runner.invoke(app, ["convert", str(step), str(tmp_path / f"bad{size}"), "--max-shard-gb", size])
+        assert bad.exit_code == 2 and "--max-shard-gb must be > 0" in bad.output, bad.output
+        assert not (tmp_path / f"bad{size}").exists()
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])
     assert result.exit_code == 2

@@ -244,6 +244,9 @@ def convert(
     checkpoint (`step_*/`) is exported to HF format first."""
     from dyndepth.interop.hf import convert_checkpoint
 
+    if not max_shard_gb > 0:  # 0 or less wrote one shard per tensor
+        _fail(ValueError(f"--max-shard-gb must be > 0 (the largest shard, in GiB; default 5), got {max_shard_gb}."))
+    max_shard_bytes = int(max_shard_gb * 2**30)
     step = (Path(src) / "train_state.pt").exists()
     if step and dst.exists() and dst.resolve() == Path(src).resolve():  # its weights and manifest would disagree
         _fail(ValueError(f"{src} is a training checkpoint: convert exports it into a new folder, never in place "
@@ -253,11 +256,11 @@ def convert(
         from dyndepth.train.run import export_checkpoint
 
         exported = _run(export_checkpoint, src, dst)
-        if dtype is None:
+        if dtype is None and max_shard_bytes == 5 * 2**30:  # exported as asked (save_pretrained's default shards)
             typer.echo(f"wrote {exported}")
             return
         src = str(dst)
-    path = _run(convert_checkpoint, src, dst, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
+    path = _run(convert_checkpoint, src, dst, dtype=dtype, max_shard_bytes=max_shard_bytes)
     typer.echo(f"wrote {path}")
 
 
