@@ -104,6 +104,18 @@ def test_the_study_command_names_a_folder_it_cannot_study_in_one_line(run_dir, t
         main([str(run_dir)])
 
 
+def test_the_study_command_refuses_no_batches_and_negative_examples_in_one_line(run_dir):
+    """--batches 0 ended in "TypeError: 'int' object is not iterable" (a mean over no batch), and --examples -1
+    in "error: n must be >= 0, got -3" (the total over three tasks, under an internal name)."""
+    from dyndepth.eval.dreamer import main
+
+    for args, message in ((["--batches", "0"], r"--batches must be >= 1 \(validation batches\), got 0"),
+                          (["--examples", "-1"], r"--examples must be >= 0 \(0: no exact match\), got -1")):
+        with pytest.raises(SystemExit, match=f"error: {message}"):
+            main([str(run_dir), *args])
+    assert not (run_dir / "dreamer_study.json").exists()
+
+
 def test_forward_report_keeps_packed_documents_apart_as_the_trainers_evaluation_does():
     """A batch the loader packs with data.intra_doc_mask carries positions and doc_ids: the report's loss is the
     trainer's `evaluate` loss (documents attend within themselves), not a forward across the document boundary."""

@@ -123,6 +123,10 @@ def depth_sweep(model, tokenizer, examples, batches: list[dict], settings: list[
 
 def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_per_task: int = 40,
               num_batches: int = 8, exit_kls: tuple[float, ...] = (0.1, 0.03, 0.01, 0.003)) -> dict:
+    if num_batches < 1:  # (a mean over no batch)
+        raise ValueError(f"--batches must be >= 1 (validation batches), got {num_batches}.")
+    if examples_per_task < 0:
+        raise ValueError(f"--examples must be >= 0 (0: no exact match), got {examples_per_task}.")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
         hint = f"; {run_dir} is an exported model: pass its run folder" if (run_dir / "config.json").is_file() else ""
