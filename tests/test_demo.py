@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dyndepth.demo import DemoConfig, render, run_demo
 
 
@@ -24,3 +26,12 @@ def test_reduced_demo_scores_every_method(tmp_path, capsys):
     table = render(summary)
     assert (tmp_path / "results.md").read_text().strip() == table.strip()
     assert "| GateSkip q=30% |" in table and table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field, value", [("post_steps", -1), ("eval_examples", 0), ("steps", 0)])
+def test_demo_refuses_a_count_below_one_before_training(field, value, tmp_path):
+    """`dyndepth demo --eval-examples 0` trained the base and every contender, then stopped with
+    "KeyError: 'overall'"; `--post-steps -1` failed only after the base's 600 steps."""
+    with pytest.raises(ValueError, match=f"demo {field} must be >= 1, got {value}"):
+        DemoConfig(out_dir=str(tmp_path / "out"), **{field: value})
+    assert not (tmp_path / "out").exists()

@@ -63,6 +63,11 @@ class DemoConfig:
     dnd_ratio: float = 0.2
     data: dict = field(default_factory=lambda: dict(DATA))
 
+    def __post_init__(self) -> None:  # before the base trains (eval_examples=0 failed after every run)
+        for name in ("steps", "post_steps", "eval_examples", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}.")
+
 
 def contenders(cfg: DemoConfig) -> list[Contender]:
     n = preset(cfg.model).num_hidden_layers
