@@ -54,7 +54,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (when an eval loader is given)
     eval_batches: int = 10  # batches of batch_size windows per rank (not grad_accum's): the set follows the layout
     save_every: int = 0  # 0: save only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept in out_dir (older ones pruned after a verified save); 0: every one
     log_every: int = 10  # log and plot every n steps: that step's loss and stats, not a mean over the n
     seed: int = 0
     out_dir: str = "runs/default"
