@@ -110,3 +110,14 @@ def test_checkpoint_with_ddp_prefixed_keys_still_loads(tmp_path):
     load_model_weights(tmp_path / "ck", fresh)
     torch.testing.assert_close(fresh.model.norm.weight, model.model.norm.weight)
     torch.testing.assert_close(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_resuming_from_a_path_that_does_not_exist_says_so(tmp_path):
+    """train.resume=<a mistyped path> said "<path> has no manifest.json; it is not a complete dyndepth training
+    checkpoint", as if the folder were there and damaged."""
+    from dyndepth.train.integrity import verify_checkpoint
+
+    missing = tmp_path / "run" / "step_0000005"
+    with pytest.raises(CheckpointError, match=r"step_0000005 does not exist; check the path"):
+        verify_checkpoint(missing)
+    assert not missing.exists()
