@@ -234,11 +234,13 @@ def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
         split_knobs(method, {"skip_budget": 1.5})  # GateSkipConfig's own check, at construction time
     with pytest.raises(ValueError, match="dtype"):
         DyndepthLM(pretrained=str(folder), device="cpu", dtype="float64")
-    for bad in ("0", "-5"):  # 0 became the model's window; -5 failed at the first request
+    for bad in ("0", "-5", "abc", "2.5"):  # 0 became the model's window; -5 failed at the first request; abc said
+        # "invalid literal for int() with base 10: 'abc'", naming no argument
         with pytest.raises(ValueError, match=f"max_length={bad}: give a positive number of tokens"):
             DyndepthLM(pretrained=str(folder), device="cpu", max_length=bad)
-    with pytest.raises(ValueError, match="max_gen_toks=0"):
-        DyndepthLM(pretrained=str(folder), device="cpu", max_gen_toks=0)
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match=f"max_gen_toks={bad}: give a positive number of tokens"):
+            DyndepthLM(pretrained=str(folder), device="cpu", max_gen_toks=bad)
     with pytest.raises(ValueError, match="vocab_size"):
         DyndepthLM(pretrained="tiny-qwen3", device="cpu")  # a preset (random weights), 259-id byte tokenizer
     lm = DyndepthLM(pretrained=str(folder), device="cpu")

@@ -163,6 +163,8 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
     with pytest.raises(ValueError, match="two context windows"):  # refused before a task is loaded or run
         run_eval(str(folder), tasks="no_such_task", perplexity=text, max_length=32, model_args="max_length=16",
                  out=tmp_path / "both")
+    with pytest.raises(ValueError, match="max_length=abc: give a positive number of tokens"):  # was "invalid
+        run_eval(str(folder), perplexity=text, model_args="max_length=abc", out=tmp_path / "abc")  # literal for int()"
     text.write_text("  \n\n \t\n")  # only whitespace: was a ZeroDivisionError (no words)
     with pytest.raises(ValueError, match="empty or only whitespace"):
         run_eval(str(folder), perplexity=text, max_length=16, out=tmp_path / "blank")

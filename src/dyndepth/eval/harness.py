@@ -66,7 +66,11 @@ class DyndepthLM(TemplateLM):
         self.knobs, self._device, self._lookahead = loaded.knobs, loaded.device, loaded.lookahead
         self.batch_size_per_gpu = _batch_size(batch_size)
         for name, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
-            if value is not None and int(value) < 1:  # (0 silently became the model's window, -5 failed mid-run)
+            try:  # (0 silently became the model's window, -5 failed mid-run, 'abc' named no argument)
+                bad = value is not None and int(value) < 1
+            except ValueError:
+                bad = True
+            if bad:
                 raise ValueError(f"{name}={value}: give a positive number of tokens"
                                  + (", or leave it out for the model's max_position_embeddings." if name ==
                                     "max_length" else "."))

@@ -60,6 +60,9 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     args["pretrained"] = model
     args.setdefault("batch_size", batch_size)
     if args.get("max_length") is not None:  # the adapter's window is perplexity's too (it was recorded, not used)
+        if not str(args["max_length"]).lstrip("-").isdigit():  # (int() named no argument)
+            raise ValueError(f"max_length={args['max_length']}: give a positive number of tokens, or leave it out "
+                             "for the model's max_position_embeddings.")
         if max_length is not None and int(args["max_length"]) != max_length:  # (refused before any task runs)
             raise ValueError(f"two context windows: --max-length {max_length} and model_args max_length="
                              f"{args['max_length']}; give one.")
