@@ -241,6 +241,8 @@ def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
     for bad in (0, "many"):
         with pytest.raises(ValueError, match=f"max_gen_toks={bad}: give a positive number of tokens"):
             DyndepthLM(pretrained=str(folder), device="cpu", max_gen_toks=bad)
+    with pytest.raises(ValueError, match="model argument add_bos_token='maybe' must be true or false"):  # named no
+        DyndepthLM(pretrained=str(folder), device="cpu", add_bos_token="maybe")  # argument: "expected true or false"
     with pytest.raises(ValueError, match="vocab_size"):
         DyndepthLM(pretrained="tiny-qwen3", device="cpu")  # a preset (random weights), 259-id byte tokenizer
     lm = DyndepthLM(pretrained=str(folder), device="cpu")

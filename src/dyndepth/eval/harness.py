@@ -76,7 +76,11 @@ class DyndepthLM(TemplateLM):
                                     "max_length" else "."))
         self._max_length = int(max_length) if max_length is not None else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
+        try:
+            self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
+        except ValueError:  # (it named no argument)
+            raise ValueError(f"model argument add_bos_token={add_bos_token!r} must be true or false (or left out: the "
+                             "tokenizer's rule).") from None
         self._stat_sums: dict[str, float] = {}
         self._tokens = 0.0  # valid tokens of the forwards recorded (scoring, prefill and decode steps)
 
