@@ -219,3 +219,21 @@ def test_a_save_without_generation_defaults_removes_a_previous_saves(tmp_path):
     dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).save_pretrained(tmp_path)
     assert not (tmp_path / "generation_config.json").exists()
     assert dyndepth.from_pretrained(tmp_path).generation_config is None
+
+
+def test_a_mistyped_preset_name_is_suggested_when_the_hub_cannot_find_it(monkeypatch):
+    """`dyndepth generate demo-tiyn -p x` (generate and eval take a preset name) said only "there is no such local
+    folder ..., and as a hub id: ConnectError ...", never naming the preset it was meant to be."""
+    import huggingface_hub
+
+    from dyndepth.interop.hf import resolve
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"as a hub id: Name or service not known; did you mean the preset "
+                                              r"'demo-tiny'\?"):
+        resolve("demo-tiyn")
+    with pytest.raises(CheckpointError, match=r"Name or service not known$"):  # nothing close: no suggestion
+        resolve("Qwen/Qwen3-0.6B")  # a hub id, not the random-weight preset qwen3-0.6b

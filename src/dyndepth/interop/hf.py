@@ -5,12 +5,13 @@ re-saves one. Writing lives with each model (`model.save_pretrained`, which know
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
 import torch
 
-from dyndepth.config import ConfigError
+from dyndepth.config import PRESETS, ConfigError
 from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (DTYPES: a public name)
 from dyndepth.methods.registry import attach_method
@@ -45,8 +46,10 @@ def resolve(path_or_id: str | Path) -> Path:
         return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # network errors, unknown repo, gated repo
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        close = [] if "/" in text else difflib.get_close_matches(text, PRESETS, n=1)  # (generate, eval: presets too)
+        hint = f"; did you mean the preset {close[0]!r}?" if close else ""
         raise CheckpointError(f"could not load {path_or_id!r}: there is no such local folder (from {Path.cwd()}), "
-                              f"and as a hub id: {reason}") from None
+                              f"and as a hub id: {reason}{hint}") from None
 
 
 def _read_json(path: Path) -> dict:
