@@ -319,6 +319,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (["bench", "dnd", "--batches", "inf"], "--batches takes comma-separated whole numbers"),  # a traceback
     (["study", "tokens", "--seeds", "x"], "--seeds takes comma-separated whole numbers"),
     (["train", "recipes/tiny_cpu.toml", "--method", "gateskip", "--set", "method.name=mod"], "name two methods"),
+    # --resume replaced the step asked for with the newest checkpoint (and --resume=false with a resume)
+    (["train", "recipes/tiny_cpu.toml", "--resume", "--set", "train.resume=runs/x/step_0000100"],
+     "--resume (the newest checkpoint) and --set train.resume=runs/x/step_0000100 name two checkpoints"),
+    (["train", "recipes/tiny_cpu.toml", "--resume", "--set", "train.resume=false"], "name two checkpoints"),
 ])
 def test_bad_bench_and_study_options_are_one_line_naming_the_option(args, message, tmp_path):
     """These raised from the config's constructor, outside the command's error handling: a traceback."""

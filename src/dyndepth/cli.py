@@ -277,6 +277,10 @@ def train(
     named = [o.partition("=")[2].strip() for o in set_ if o.partition("=")[0].strip() == "method.name"]
     if method and any(n != method for n in named):
         _fail(ValueError(f"--method {method} and --set method.name={named[-1]} name two methods; give one."))
+    picked = [o.partition("=")[2].strip() for o in set_ if o.partition("=")[0].strip() == "train.resume"]
+    if resume and any(p.lower() != "true" for p in picked):  # (--resume, applied last, replaced the step asked for)
+        _fail(ValueError(f"--resume (the newest checkpoint) and --set train.resume={picked[-1]} name two checkpoints; "
+                         "give one."))
     overrides = list(set_) + (["train.resume=true"] if resume else []) + ([f"method.name={method}"] if method else [])
     result = _run(run_training, recipe, overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
