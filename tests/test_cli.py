@@ -300,6 +300,19 @@ def test_convert_shards_a_training_step_and_refuses_a_shard_size_of_zero(tmp_pat
         assert not (tmp_path / f"bad{size}").exists()
 
 
+@pytest.mark.parametrize("args", [["eval", "demo-tiny", "--perplexity", "README.md", "--limit", "1"],
+                                  ["match", "dreamer-tiny", "--against", "dense"], ["bench", "train", "--steps", "1"],
+                                  ["demo", "--steps", "1"], ["study", "tokens", "--profile", "smoke"]])
+def test_an_out_that_is_a_file_is_refused_before_the_work(args, tmp_path):
+    """`eval --out FILE` scored every task, then ended in "FileExistsError: [Errno 17] File exists" when it
+    wrote results.json (the scores lost); match after its 80-second search, bench after its timings."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    result = runner.invoke(app, [*args, "--out", str(afile)])
+    assert result.exit_code == 2 and f"--out {afile} is a file" in result.output, result.output
+    assert afile.read_text() == "kept"
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])
     assert result.exit_code == 2

@@ -218,6 +218,12 @@ def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
                          "source folder itself): remove it or choose another folder."))
 
 
+def _out_folder(out: Path, what: str) -> None:
+    """A results folder that is a file failed only when the results were written, after all the work."""
+    if out.exists() and not out.is_dir():
+        _fail(ValueError(f"--out {out} is a file; {what} writes its results into a folder: give a folder."))
+
+
 def _check_decoding_knobs(lm, skip_budget: Optional[float], knobs: dict) -> None:
     """`generate`'s knobs (and an attached method's thresholds for its saved settings) checked by entering the
     method's decoding scope once (before the prompt is echoed)."""
@@ -295,6 +301,7 @@ def demo(
     eval_examples: int = typer.Option(100, help="Held-out examples per task."),
 ) -> None:
     """Train a tiny model on synthetic tasks (no network), post-train every method from it, print one table."""
+    _out_folder(out, "demo")
     from dyndepth.demo import DemoConfig, run_demo
 
     _run(run_demo, _run(DemoConfig, out_dir=str(out), steps=steps, post_steps=post_steps, eval_examples=eval_examples))
@@ -320,6 +327,7 @@ def repro(
                                                                    "(no training or scoring)."),
 ) -> None:
     """Post-train every method from one base and write REPORT.md: quality vs compute, the papers' claims, plots."""
+    _out_folder(out, "repro")
     from dyndepth.repro import ReproConfig, rerender, run_repro
 
     if render_only:
@@ -359,6 +367,7 @@ def eval_(
     out: Path = typer.Option(Path("runs/eval"), help="Folder for results.json and results.md."),
 ) -> None:
     """Benchmarks through lm-eval (offline task files with --data-dir) and perplexity, in one table."""
+    _out_folder(out, "eval")
     from dyndepth.eval.run import run_eval
 
     try:
@@ -386,6 +395,7 @@ def bench_core(
     load_memory: bool = typer.Option(True, help="Measure each side's peak RSS while loading (two fresh processes)."),
 ) -> None:
     """Prefill and decode tokens/s against HF transformers (same weights), load memory, KV bytes/token."""
+    _out_folder(out, "bench core")
     from dyndepth.bench.core import CoreBenchConfig
     from dyndepth.bench.core import main as bench_main
 
@@ -404,6 +414,7 @@ def bench_train(
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """Training tokens/s and MFU of our trainer step against a minimal plain PyTorch loop."""
+    _out_folder(out, "bench train")
     from dyndepth.bench.train import TrainBenchConfig
     from dyndepth.bench.train import main as bench_main
 
@@ -425,6 +436,7 @@ def bench_gateskip(
                                          "preset's random gates."),
 ) -> None:
     """GateSkip prefill and decode: realized speedup next to the executed and ideal FLOP ratios, per budget."""
+    _out_folder(out, "bench gateskip")
     from dyndepth.bench.gateskip import GateSkipBenchConfig
     from dyndepth.bench.gateskip import main as bench_main
 
@@ -443,6 +455,7 @@ def bench_quality(
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """GateSkip vs the Mixture-of-Depths baseline at equal compute, post-trained from one base model."""
+    _out_folder(out, "bench quality")
     from dyndepth.bench.quality import QualityBenchConfig
     from dyndepth.bench.quality import main as bench_main
 
@@ -465,6 +478,7 @@ def bench_dnd(
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """DND against the base model: prefill and decode wall-clock overhead next to the FLOP overhead; --quality."""
+    _out_folder(out, "bench dnd")
     from dyndepth.bench.dnd import DNDBenchConfig, DNDQualityConfig
     from dyndepth.bench.dnd import main as bench_main
 
@@ -490,6 +504,7 @@ def bench_dreamer(
     out: Path = typer.Option(Path("runs/bench")),
 ) -> None:
     """Dreamer against a dense decoder of equal FLOPs per token: training tokens/s and memory, decode tokens/s."""
+    _out_folder(out, "bench dreamer")
     from dyndepth.bench.dreamer import DreamerBenchConfig
     from dyndepth.bench.dreamer import main as bench_main
 
@@ -513,6 +528,7 @@ def match(
     switchhead: int = typer.Option(0, help="MoEUT candidates with SwitchHead attention: experts per head (0: off)."),
 ) -> None:
     """Baselines matched jointly in parameters, FLOPs per token and training memory to a reference model."""
+    _out_folder(out, "match")
     from dyndepth.bench.match import MatchConfig
     from dyndepth.bench.match import main as match_main
 
@@ -536,6 +552,7 @@ def study_tokens(
     text_val: Optional[Path] = typer.Option(None, help="The text's held-out file (default: 1% of its documents)."),
 ) -> None:
     """Reference and matched baselines trained at several token budgets: tokens-to-accuracy ratios."""
+    _out_folder(out, "study tokens")
     from dyndepth.bench.study import main as study_main
     from dyndepth.bench.study import study_config
 
