@@ -155,6 +155,10 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
     assert scored[2]["bytes"] == len("The quick brown fox.\n\nJumps over the lazy dog.\n")
     assert scored[2]["words"] == 9 and scored[None]["words"] == 12
     assert 0 < scored[2]["tokens"] < scored[None]["tokens"]
+    again = run_eval(str(folder), perplexity=text, limit=2, max_length=16, out=tmp_path / "oNone")  # same folder
+    assert json.loads(again["path"].read_text())["perplexity"]["notes.txt"]["limit_lines"] == 2
+    earlier = json.loads((tmp_path / "oNone" / "results.earlier_0.json").read_text())  # kept, not overwritten
+    assert earlier["perplexity"]["notes.txt"] == scored[None] and (tmp_path / "oNone" / "results.earlier_0.md").exists()
     assert first_lines("a\n\nb\nc", 5) == "a\n\nb\nc" and first_lines("a\n\nb\nc", 1) == "a\n"
     by_arg = run_eval(str(folder), perplexity=text, model_args="max_length=16", out=tmp_path / "arg")
     assert json.loads(by_arg["path"].read_text())["perplexity"]["notes.txt"] == scored[None]  # the same window
