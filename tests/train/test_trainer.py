@@ -1,4 +1,5 @@
 import json
+import logging
 import time
 
 import pytest
@@ -365,3 +366,11 @@ def test_evaluation_averages_over_labelled_tokens_only():
     with torch.no_grad():
         expected = lm_loss(model(batch["input_ids"]).logits, batch["labels"]).item()
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_warmup_longer_than_the_run_is_warned(tmp_path, caplog):
+    """--set train.steps=2 on a recipe with 500 warm-up steps trained at 0.4% of train.lr without a word."""
+    with caplog.at_level(logging.WARNING, logger="dyndepth.train.trainer"):
+        train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16),
+              tiny_train_config(str(tmp_path), steps=2, save_every=0, warmup=500))
+    assert "train.warmup=500 is longer than the run (train.steps=2): the learning rate only rises to 0.004" in caplog.text
