@@ -243,11 +243,12 @@ def _interleave(a: list, b: list) -> list:
         a, b = b, a
     if not b:
         return list(a)
-    out, step = [], len(a) / len(b)
+    out, j = [], 0
     for i, x in enumerate(a):
         out.append(x)
-        if int((i + 1) / step) > int(i / step) and int(i / step) < len(b):
-            out.append(b[int(i / step)])
+        if (i + 1) * len(b) // len(a) > j:  # integer steps: float ones dropped b's last item (186 and 89 items)
+            out.append(b[j])
+            j += 1
     return out
 
 
