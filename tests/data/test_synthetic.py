@@ -130,6 +130,15 @@ def test_length_knobs_change_size(task):
         assert {size(ex) for ex in make_examples(task, 30, 1, {task: {knob: value}})} == {value}
 
 
+def test_var_max_value_bounds_every_plus_minus_constant():
+    # a '*' that would pass 999 became '-'/'+' keeping its constant 2 or 3: at hops=25, max_value=1, 1621 of
+    # 3000 programs had a +/- constant above max_value
+    for max_value in (1, 2):
+        for ex in make_examples("var", 300, 0, {"var": {"hops": 25, "max_value": max_value}}, split=None):
+            assert all(1 <= int(c) <= max_value for c in re.findall(r"=[a-z][+-](\d+)", ex.prompt)), ex.prompt
+            assert ex.answer == _ref_var(ex.prompt)
+
+
 def test_knob_resolution_and_validation():
     assert task_config("add") == TASKS["add"].default
     assert task_config("add", {"digits": 5}) == AddConfig(digits=5)

@@ -138,6 +138,7 @@ def _gen_var(rng: random.Random, cfg: VarConfig) -> tuple[str, str]:
         const = rng.randrange(2, 4) if op == "*" else rng.randrange(1, cfg.max_value + 1)
         if op == "*" and abs(value * const) > _VAR_MAX_ABS:
             op = "-" if value > 0 else "+"  # shrink towards zero instead of overflowing
+            const = min(const, cfg.max_value)  # a +/- constant stays in [1, max_value]
         value = value + const if op == "+" else value - const if op == "-" else value * const
         statements.append(f"{names[i]}={names[i - 1]}{op}{const}")
     for j in range(cfg.distractors):
