@@ -66,3 +66,13 @@ def test_template_errors_are_clear():
     odd = TemplateChat("{% if add_generation_prompt %}GEN{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(DataError, match="chat_template='plain'"):
         odd(MESSAGES)
+
+
+def test_generation_blocks_render_their_content():
+    # transformers' {% generation %} tag (marks assistant tokens for return_assistant_tokens_mask) raised a raw
+    # jinja2 TemplateSyntaxError "Encountered unknown tag 'generation'" when the template was loaded
+    marked = QWEN_LIKE.replace("' + message.content + '<|im_end|>\\n' }}{%- else %}",
+                               "' }}{% generation %}{{- message.content + '<|im_end|>\\n' }}{% endgeneration %}"
+                               "{%- else %}", 1)
+    assert marked != QWEN_LIKE
+    assert TemplateChat(marked)(MESSAGES) == TemplateChat(QWEN_LIKE)(MESSAGES)

@@ -31,6 +31,8 @@ class TemplateChat:
 
     def __init__(self, template: str, bos_token: str | None = None, eos_token: str | None = None) -> None:
         try:
+            from jinja2 import nodes
+            from jinja2.ext import Extension
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise DataError("the tokenizer's chat template needs jinja2 to render: pip install jinja2, or set "
@@ -39,8 +41,19 @@ class TemplateChat:
         def raise_exception(message: str):
             raise DataError(f"the chat template refused the conversation: {message}")
 
+        class Generation(Extension):  # transformers' {% generation %} (assistant-mask) tag: renders its body
+            tags = frozenset({"generation"})
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=["jinja2.ext.loopcontrols", Generation])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
         self.template = env.from_string(template)
