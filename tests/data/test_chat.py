@@ -76,3 +76,13 @@ def test_generation_blocks_render_their_content():
                                "{%- else %}", 1)
     assert marked != QWEN_LIKE
     assert TemplateChat(marked)(MESSAGES) == TemplateChat(QWEN_LIKE)(MESSAGES)
+
+
+def test_tools_and_documents_are_none_as_in_transformers():
+    # transformers renders with tools=None, documents=None; left undefined, `tools is not none` was true and this
+    # rendered "tools: 0\nuser: hi\n..." where transformers renders "user: hi\n..."
+    chat = TemplateChat("{% if tools is not none %}tools: {{ tools | length }}\n{% endif %}"
+                        "{% if documents is not none %}docs\n{% endif %}"
+                        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    assert chat(MESSAGES[1:]) == ("user: 2+2?\nassistant: ", "4\n")

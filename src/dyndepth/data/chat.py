@@ -64,7 +64,7 @@ class TemplateChat:
 
         try:
             return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        **self.special)
+                                        tools=None, documents=None, **self.special)  # as transformers passes them
         except TemplateError as e:  # e.g. a template that reads messages[0] of a chat the assistant opens
             raise DataError(f"the chat template could not render these messages: {type(e).__name__}: {e}") from None
 
