@@ -121,3 +121,26 @@ def test_resuming_from_a_path_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(CheckpointError, match=r"step_0000005 does not exist; check the path"):
         verify_checkpoint(missing)
     assert not missing.exists()
+
+
+def test_resuming_a_checkpoint_that_kept_never_trained_parameters_in_its_groups(tmp_path, monkeypatch):
+    """Checkpoints from before the trainer froze a method's `untrained_parameters` list them in their AdamW groups
+    with no state (no gradient reached them); resuming one was refused ("train.freeze / train.lr_groups select
+    other parameters than the checkpoint's ... no longer trained: ['model.layers.1.mod.router.weight']")."""
+    from dyndepth.methods.mod import MoD, attach_mod
+
+    def mod_model():
+        torch.manual_seed(0)
+        model = CausalLM(preset("tiny-qwen3"))
+        attach_mod(model, {"scale_by_router": False})
+        return model
+
+    with monkeypatch.context() as m:
+        m.setattr(MoD, "untrained_parameters", lambda self: [])  # the trainer before it froze them
+        train(mod_model(), TinyLoader(2, 16), tiny_train_config(str(tmp_path), steps=2, save_every=2))
+    saved = torch.load(tmp_path / "step_0000002" / "train_state.pt", weights_only=True)["optimizer"]
+    assert "model.layers.1.mod.router.weight" not in saved["state"]  # in a group, without AdamW state
+    assert any("model.layers.1.mod.router.weight" in g["names"] for g in saved["param_groups"])
+    result = train(mod_model(), TinyLoader(2, 16), tiny_train_config(str(tmp_path), steps=4, save_every=2,
+                                                                       resume=True))
+    assert result.steps == 4

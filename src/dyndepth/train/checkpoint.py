@@ -326,6 +326,20 @@ def _check_layout(path: Path, saved_groups: list[dict], optimizer: torch.optim.O
         "(its config.yaml), or start a new run from its weights.")
 
 
+def _without_stateless_frozen(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved optimizer state without the parameters this run freezes that hold no AdamW state (no gradient ever
+    reached them: a method's `untrained_parameters`, which checkpoints from before the trainer froze them list)."""
+    trained = {n for g in optimizer.param_groups for n in g.get("names", ())}
+    if not trained or any("names" not in g for g in saved["param_groups"]):
+        return saved
+    groups = []
+    for g in saved["param_groups"]:
+        kept = [(p, n) for p, n in zip(g["params"], g["names"]) if n in trained or p in saved["state"]]
+        if kept:
+            groups.append(dict(g, params=[p for p, _ in kept], names=[n for _, n in kept]))
+    return dict(saved, param_groups=groups)
+
+
 def _apply_new_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: list[dict]) -> None:
     """Put this run's weight decay, betas, eps, LR multipliers and base LRs (from `fresh`, the groups
     the new config built) on the restored groups, and recompute the LR at the restored step."""
@@ -379,6 +393,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"cannot resume from {path}: {e} Resume from another checkpoint "
                               "(train.resume=true takes the newest undamaged one in train.out_dir).") from None
     state = load_plain(path / "train_state.pt")
+    state["optimizer"] = _without_stateless_frozen(state["optimizer"], optimizer)
     _check_layout(path, state["optimizer"]["param_groups"], optimizer)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     load_model_weights(path, model, verify=False)  # checked above
