@@ -236,6 +236,8 @@ def _apply_override(raw: dict, override: str) -> None:
         raw[parts[0]] = value
         return
     node = raw.setdefault(parts[0], {})
+    if node is None:  # an empty YAML section
+        node = raw[parts[0]] = {}
     if isinstance(node, str):  # model = "preset-name" followed by model.key=value
         node = raw[parts[0]] = {"preset": node}
     if not isinstance(node, dict):

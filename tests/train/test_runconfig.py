@@ -79,6 +79,8 @@ def test_a_section_or_recipe_that_is_not_a_mapping_is_named(tmp_path):
         load_run_config(recipe)
     recipe.write_text("model: demo-tiny\nmethod:\ntrain:\n  steps: 2\n")  # empty sections stay allowed
     assert load_run_config(recipe).train.steps == 2
+    # ... and take overrides ("section 'method' must be a table/mapping, got None"; before: a TypeError)
+    assert load_run_config(recipe, ["method.name=gateskip"]).method == {"name": "gateskip"}
 
 
 def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
