@@ -235,5 +235,7 @@ def test_a_mistyped_preset_name_is_suggested_when_the_hub_cannot_find_it(monkeyp
     with pytest.raises(CheckpointError, match=r"as a hub id: Name or service not known; did you mean the preset "
                                               r"'demo-tiny'\?"):
         resolve("demo-tiyn")
+    with pytest.raises(CheckpointError, match=r"did you mean the preset 'dreamer-tiny'\?"):  # every family's presets
+        resolve("dreamer-tinyy")  # (was: 'demo-tiny', the closest Qwen3 preset)
     with pytest.raises(CheckpointError, match=r"Name or service not known$"):  # nothing close: no suggestion
         resolve("Qwen/Qwen3-0.6B")  # a hub id, not the random-weight preset qwen3-0.6b

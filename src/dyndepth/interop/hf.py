@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from dyndepth.config import PRESETS, ConfigError
+from dyndepth.config import ConfigError
 from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (DTYPES: a public name)
 from dyndepth.methods.registry import attach_method
-from dyndepth.models import MODELS, model_spec
+from dyndepth.models import MODELS, PRESETS, model_spec
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
 
 _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
