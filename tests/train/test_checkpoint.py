@@ -121,6 +121,10 @@ def test_resuming_from_a_path_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(CheckpointError, match=r"step_0000005 does not exist; check the path"):
         verify_checkpoint(missing)
     assert not missing.exists()
+    missing.parent.mkdir()
+    (missing.parent / "model.safetensors").write_bytes(b"")  # a file inside a checkpoint, not its folder
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a file, not a checkpoint folder"):
+        verify_checkpoint(missing.parent / "model.safetensors")  # (was: "... does not exist")
 
 
 def test_resuming_a_checkpoint_that_kept_never_trained_parameters_in_its_groups(tmp_path, monkeypatch):

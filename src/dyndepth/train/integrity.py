@@ -72,7 +72,8 @@ def write_manifest(folder: Path, step: int) -> Path:
 def read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not path.is_dir():  # (a mistyped train.resume read as a damaged checkpoint)
-        raise CheckpointError(f"{path} does not exist; check the path (checkpoints are out_dir/step_NNNNNNN folders).")
+        what = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
+        raise CheckpointError(f"{path} {what}; check the path (checkpoints are out_dir/step_NNNNNNN folders).")
     if not file.exists():
         if (path / "train_state.pt").exists():
             raise CheckpointError(
