@@ -272,6 +272,12 @@ def test_scoring_that_reads_later_tokens_is_named(tmp_path, caplog):
         assert "MoD's mode=topk keeps the top" in load_for_eval(str(tmp_path / "mod"), tokenizer="byte").lookahead
     assert "scoring forwards are not causal: MoD's mode=topk" in caplog.text
     assert load_for_eval(str(tmp_path / "mod"), tokenizer="byte", mode="predictor").lookahead == ""
+    text = tmp_path / "notes.txt"  # a perplexity-only evaluation records it too (it had no scoring_lookahead)
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 5)
+    for knobs, expected in (("tokenizer=byte", "MoD's mode=topk keeps the top"), ("tokenizer=byte,mode=predictor", None)):
+        path = run_eval(str(tmp_path / "mod"), perplexity=text, max_length=16, model_args=knobs, out=tmp_path / "o")["path"]
+        got = json.loads(path.read_text())["scoring_lookahead"]
+        assert got is None if expected is None else expected in got
     gated = dyndepth.build_model(dyndepth.preset("tiny-qwen3", vocab_size=264))  # the byte tokenizer's ids
     attach_gateskip(gated, {"scope": "sequence"})
     gated.save_pretrained(tmp_path / "gated")

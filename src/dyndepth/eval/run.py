@@ -86,10 +86,11 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         config.update({k: v for k, v in (("batch_size", lm.batch_size), ("device", str(lm.device)))
                        if config.get(k) is None})
         rows += _rows_from_lm_eval(raw)
+        lookahead = raw["config"].get("scoring_lookahead")  # (the adapter's model info)
     else:
         scoring_only = set(ADAPTER_ARGS) - {"pretrained", "tokenizer", "dtype", "device"}  # lm-eval's batching etc.
         loaded = load_for_eval(**{k: v for k, v in args.items() if k not in scoring_only})
-        model_obj, tok, knobs = loaded.model, loaded.tokenizer, loaded.knobs
+        model_obj, tok, knobs, lookahead = loaded.model, loaded.tokenizer, loaded.knobs, loaded.lookahead or None
     perplexities = {}
     for name, path in ppl_files:
         result = _perplexity(model_obj, tok, knobs, path, stride, max_length, int(args["batch_size"]), limit)
@@ -98,7 +99,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
                  for metric in ("perplexity", "bits_per_byte", "word_perplexity")]
 
     table = format_table(rows)
-    path = _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table)
+    path = _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table, lookahead)
     return {"rows": rows, "table": table, "path": path}
 
 
@@ -248,14 +249,15 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table) -> Path:
+def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table, lookahead) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lm_eval_part = {k: v for k, v in raw.items() if k != "samples"}
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
               "model": _name(model), "model_args": {k: _name(v) for k, v in args.items()}, "tasks": tasks,
               "data_dir": str(data_dir) if data_dir is not None else None, "limit": limit,
-              "rows": [asdict(r) for r in rows], "perplexity": perplexities, "lm_eval": lm_eval_part}
+              "rows": [asdict(r) for r in rows], "perplexity": perplexities, "lm_eval": lm_eval_part,
+              "scoring_lookahead": lookahead}  # (None: causal scoring; see `Method.lookahead`)
     path = out / "results.json"
     _keep_earlier(path, out / "results.md")
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
