@@ -308,6 +308,17 @@ def test_capacity_anneal_hook_and_registry():
     assert other.name == "mod" and other.capacity == 0.5
 
 
+@pytest.mark.parametrize("mode", ["predictor", "router_threshold"])
+def test_training_in_an_inference_mode_is_refused(mode):
+    """A predictor- or threshold-routed step can route no token of a layer: its router got no gradient and DDP
+    stopped at the next step ('parameters that were not used'); the trainer's hook refuses such a run up front."""
+    model, method = mod_model(capacity=0.5, mode=mode)
+    with pytest.raises(ValueError, match=f"mod mode='{mode}' is an inference mode .* train with mode='topk'"):
+        method.trainer_hooks(10)
+    with method.override(mode="topk"):
+        assert isinstance(method.trainer_hooks(10)[0], MoDHook)
+
+
 def test_retrofit_and_save_load(tmp_path):
     torch.manual_seed(0)
     base = CausalLM(preset("tiny-qwen3")).eval()

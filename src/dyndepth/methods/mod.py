@@ -330,6 +330,10 @@ class MoDHook:
     name = "mod"
 
     def __init__(self, method: MoD, total_steps: int) -> None:
+        if method.mode != "topk":  # (a layer whose tokens all pass leaves its router without a gradient: DDP stops)
+            raise ValueError(f"mod mode={method.mode!r} is an inference mode (each token decides alone, so a step may "
+                             "route no token of a layer and train nothing there): train with mode='topk' (the paper), "
+                             "then decode with decode_mode, or calibrate for router_threshold.")
         self.method = method
         if method.config.anneal_period > 0:
             method.capacity = capacity_anneal(0, method.config.capacity, method.config.anneal_period)
