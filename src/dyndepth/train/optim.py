@@ -36,8 +36,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for glob in cfg.lr_groups:
         if not any(fnmatchcase(n, glob) for n in names):
-            raise ValueError(f"lr_groups glob {glob!r} matches no trainable parameter; names look like "
-                             f"{names[:3]}.")
+            raise ValueError(f"lr_groups glob {glob!r} matches no trainable parameter (train.freeze, and the "
+                             f"parameters a method's training never reaches, are frozen); names look like {names[:3]}.")
     groups: dict[tuple[bool, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
