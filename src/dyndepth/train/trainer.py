@@ -181,6 +181,9 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
         parallel.apply_activation_checkpointing(raw)
     wrapped = parallel.wrap_model(raw, cfg.parallel, info, cfg.dtype)
     optimizer = build_optimizer(raw, cfg)
+    if cfg.warmup > cfg.steps and info.is_main:  # (a recipe's warm-up left in place by --set train.steps=2)
+        log.warning("train.warmup=%d is longer than the run (train.steps=%d): the learning rate only rises to %.3g x "
+                    "train.lr; lower train.warmup.", cfg.warmup, cfg.steps, cfg.steps / cfg.warmup)
     return raw, wrapped, optimizer, build_scheduler(optimizer, cfg)
 
 
@@ -342,9 +345,6 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     """Train `model` for `cfg.steps` optimizer steps on batches from `loader.next_batch()` (the loader's
     `state_dict()` / `load_state_dict()` go into checkpoints)."""
     _check_loader(loader)
-    if cfg.warmup > cfg.steps:  # (a recipe's warm-up left in place by --set train.steps=2)
-        log.warning("train.warmup=%d is longer than the run (train.steps=%d): the learning rate only rises to %.3g x "
-                    "train.lr; lower train.warmup.", cfg.warmup, cfg.steps, cfg.steps / cfg.warmup)
     info = parallel.init_distributed(cfg.parallel, cfg.device)
     hooks = check_hooks(hooks)
     _set_seed(cfg.seed + info.rank)
