@@ -15,7 +15,7 @@ Schema (every key optional):
     difficulty = {}        # per-task knobs, e.g. {add = {digits = 2}}
     synthetic_examples = 20000
     examples_per_doc = 32  # synthetic examples per packed document
-    synthetic_loss = "all" # "answer": one document per example, loss on the answer and its terminator only
+    synthetic_loss = "all" # "answer": one document per example, loss on the answer, its terminator and the EOS
     stdlib_bytes = 2000000
     val_source = ""        # user data only: a separate validation file/folder or list (else 1% of documents);
                            # inside `source` it is also trained on (warned)
