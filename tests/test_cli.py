@@ -107,7 +107,7 @@ def test_streaming_goes_on_after_the_decoder_rewrites_printed_text(capsys):
     from dyndepth.cli import _TextStream
 
     class Cleaning:
-        pieces = ["a", " ", ".", " b", "\n", "c"]
+        pieces = ("a", " ", ".", " b", "\n", "c")
 
         def decode(self, ids):
             return "".join(self.pieces[i] for i in ids).replace(" .", ".")

@@ -312,7 +312,7 @@ def test_capacity_anneal_hook_and_registry():
 def test_training_in_an_inference_mode_is_refused(mode):
     """A predictor- or threshold-routed step can route no token of a layer: its router got no gradient and DDP
     stopped at the next step ('parameters that were not used'); the trainer's hook refuses such a run up front."""
-    model, method = mod_model(capacity=0.5, mode=mode)
+    _, method = mod_model(capacity=0.5, mode=mode)
     with pytest.raises(ValueError, match=f"mod mode='{mode}' is an inference mode .* train with mode='topk'"):
         method.trainer_hooks(10)
     with method.override(mode="topk"):
