@@ -76,3 +76,19 @@ def test_compiled_decode_runs_the_nested_block_on_every_row(tmp_path):
         assert r["ideal_overhead"] < r["flops_overhead"]
     md = (tmp_path / "dnd-cpu-float32-compiled.md").read_text()
     assert "compiled (eager, static cache)" in md
+
+
+def test_a_missing_quality_base_is_refused_before_the_throughput_runs(tmp_path, monkeypatch):
+    """`--quality --base` naming no checkpoint failed only after the whole throughput bench had run (minutes at the
+    default sizes): the base is checked when the options are, before any work."""
+    from typer.testing import CliRunner
+
+    import dyndepth.bench.dnd as dnd_bench
+    from dyndepth.cli import app
+
+    ran = []
+    monkeypatch.setattr(dnd_bench, "run_throughput", lambda cfg: ran.append(cfg))
+    result = CliRunner().invoke(app, ["bench", "dnd", "--model", "tiny-qwen3", "--quality", "--base",
+                                      str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "is not a checkpoint folder" in result.output, result.output
+    assert ran == []

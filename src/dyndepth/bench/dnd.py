@@ -165,6 +165,11 @@ class DNDQualityConfig:
     data: dict | None = None  # the [data] section; None: the demo's (the base model's training data)
     out_dir: str = "runs/bench"
 
+    def __post_init__(self) -> None:  # checked with the options, not after the throughput bench has run
+        if not (Path(self.base) / "config.json").exists():
+            raise ValueError(f"{self.base} is not a checkpoint folder; run `make demo` first (it writes "
+                             "runs/demo/base_model) or pass --base.")
+
 
 def run_quality(cfg: DNDQualityConfig) -> dict:
     """DND vs the plain fine-tune from one base: held-out perplexity and synthetic-task exact match, plus the
@@ -175,9 +180,6 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     from dyndepth.methods.dnd_analysis import entropy_correlation, plot_controller, selection_heatmap
     from dyndepth.tokenizer import ByteTokenizer
 
-    if not (Path(cfg.base) / "config.json").exists():
-        raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
-                         "runs/demo/base_model) or pass --base.")
     qcfg = QualityBenchConfig(base=cfg.base, steps=cfg.steps, data=cfg.data, out_dir=cfg.out_dir)
     data, _ = _data(qcfg)
     tok = ByteTokenizer()
