@@ -92,3 +92,14 @@ def test_a_missing_quality_base_is_refused_before_the_throughput_runs(tmp_path, 
                                       str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "is not a checkpoint folder" in result.output, result.output
     assert ran == []
+
+
+def test_a_compiled_decode_row_that_nested_nothing_still_divides_by_what_ran(tmp_path):
+    """Compiled, every row runs the nested block whether or not a token was selected: a decode row with nothing
+    selected ran +85% FLOPs (tiny-qwen3), not the routers' ~0.1%, and read "- (router only)" with no ratio."""
+    cfg = DNDBenchConfig(model="tiny-qwen3", batches=[1], prefill_len=16, new_tokens=2, repeats=1, compile=True,
+                         compile_backend="eager", out_dir=str(tmp_path))
+    decode = [r for r in main(cfg)["throughput"]["rows"] if r["phase"] == "decode"]
+    assert decode[0]["selected"] == 0 and decode[0]["flops_overhead"] > 0.5  # this preset and seed nest nothing
+    assert decode[0]["wall_over_flops"] == pytest.approx(decode[0]["wall_overhead"] / decode[0]["flops_overhead"])
+    assert "router only" not in (tmp_path / "dnd-cpu-float32-compiled.md").read_text()

@@ -114,8 +114,9 @@ def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
     return {"phase": phase, "B": B, "selected": selected, "base_s": times["base"], "dnd_s": times["dnd"],
             "throughput": times["base"] / times["dnd"], "flops_overhead": flop, "ideal_overhead": ideal,
             "wall_overhead": wall,
-            # with nothing nested the FLOP overhead is the routers' ~0.03%: the ratio would read 100s, and say nothing
-            "wall_over_flops": wall / flop if flop > 0 and selected > 0 else None,
+            # with nothing nested the FLOP overhead is the routers' ~0.03%: the ratio would read 100s, and say nothing;
+            # compiled decode runs the nested block on every row, selected or not (executed above ideal): it divides
+            "wall_over_flops": wall / flop if flop > 0 and (selected > 0 or flop > ideal) else None,
             "control": times["base"] / times[timing.CONTROL]}  # 1 +- this shape's timing noise
 
 
