@@ -106,3 +106,16 @@ def test_bad_input_is_one_clear_error(tmp_path):
         match.MatchConfig(tolerance=0)
     result = CliRunner().invoke(app, ["match", "no-such-model", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "neither a preset" in result.output
+
+
+def test_device_auto_runs_on_the_device_it_resolves_to(tmp_path, monkeypatch):
+    """`--device auto` (the trainer's default) measured every model, then crashed in torch.device("auto") while
+    describing the machine; the device is resolved with the options, so the table names the one that measured."""
+    monkeypatch.setattr(match, "measure_memory", lambda config, batch_size, seq_len, device="cpu": 2**20)
+    result = CliRunner().invoke(app, ["match", "dreamer-tiny", "--against", "dense", "--batch-size", "1", "--seq-len",
+                                      "16", "--device", "auto", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    kind = "CUDA peak" if torch.cuda.is_available() else "CPU bytes held by one step"
+    assert f"memory = {kind}" in (tmp_path / "out" / "match.md").read_text()
+    result = CliRunner().invoke(app, ["match", "dreamer-tiny", "--device", "foo", "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2 and "device 'foo'" in result.output, result.output
