@@ -65,3 +65,24 @@ def test_a_post_trained_contender_does_not_depend_on_what_ran_before_it(tmp_path
         with torch.no_grad():
             logits.append(model(torch.arange(32)[None] % 200).logits)
     assert torch.equal(logits[0], logits[1])
+
+
+def test_zero_post_training_steps_are_refused_before_any_work(tmp_path, monkeypatch):
+    """`--steps 0` failed as "train.steps must be >= 1" only after the base had been scored (bench quality) or the
+    whole throughput bench had run (bench dnd --quality): the option is checked with the others."""
+    from typer.testing import CliRunner
+
+    import dyndepth
+    import dyndepth.bench.dnd as dnd_bench
+    import dyndepth.bench.quality as quality_bench
+    from dyndepth.cli import app
+
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "base")
+    ran = []
+    monkeypatch.setattr(quality_bench, "_score", lambda *a, **k: ran.append("score"))
+    monkeypatch.setattr(dnd_bench, "run_throughput", lambda cfg: ran.append("throughput"))
+    for args in (["bench", "quality"], ["bench", "dnd", "--model", "tiny-qwen3", "--quality"]):
+        result = CliRunner().invoke(app, [*args, "--base", str(tmp_path / "base"), "--steps", "0", "--out",
+                                          str(tmp_path / "out")])
+        assert result.exit_code == 2 and "steps must be >= 1, got 0" in result.output, result.output
+    assert ran == []

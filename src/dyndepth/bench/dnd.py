@@ -170,6 +170,8 @@ class DNDQualityConfig:
         if not (Path(self.base) / "config.json").exists():
             raise ValueError(f"{self.base} is not a checkpoint folder; run `make demo` first (it writes "
                              "runs/demo/base_model) or pass --base.")
+        if self.steps < 1:
+            raise ValueError(f"bench dnd --quality steps must be >= 1, got {self.steps}.")
 
 
 def run_quality(cfg: DNDQualityConfig) -> dict:

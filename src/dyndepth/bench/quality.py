@@ -44,6 +44,10 @@ class QualityBenchConfig:
     seq_len: int = 128  # packing the base never saw would inflate its validation loss, not the methods')
     out_dir: str = "runs/bench"
 
+    def __post_init__(self) -> None:  # checked with the options, not after the base has been scored
+        if self.steps < 1:
+            raise ValueError(f"bench quality steps must be >= 1, got {self.steps}.")
+
 
 def _data(cfg: QualityBenchConfig):
     data = cfg.data or DEMO_DATA  # the demo's data, so the base model's training set
