@@ -155,3 +155,9 @@ def test_a_saved_config_matches_after_the_config_class_gained_a_field():
     assert same_config(old, config)  # a run saved before the field existed, which had its default behaviour
     assert not same_config({**old, "hidden_size": 64}, config) and not same_config(None, config)
     assert not same_config({**config.to_dict(), "router_noise": 0.1}, config)  # a field this class does not have
+
+
+def test_device_auto_names_the_device_that_trains():
+    """`study tokens --device auto` ran the match, then crashed in torch.device("auto") before the first training
+    run."""
+    assert study_config("smoke", device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -42,6 +42,7 @@ from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.data.build import build_loader, build_tokenizer, one_source, source_fingerprint, source_items
 from dyndepth.data.sources import HF_PREFIX
 from dyndepth.data.synthetic import exact_match, make_examples
+from dyndepth.devices import resolve_device
 from dyndepth.eval.dreamer import SetCounts
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.figures import save_figure
@@ -89,6 +90,8 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         MatchConfig(reference=self.reference, against=self.against)  # the family names, checked once
+        if self.device == "auto":  # what trains (torch.device("auto") failed after the match)
+            self.device = resolve_device(self.device).type
         if not self.budgets or min(self.budgets) < self.batch_size * self.seq_len:
             raise ValueError(f"study budgets must be at least one step ({self.batch_size * self.seq_len} tokens), "
                              f"got {self.budgets}.")
