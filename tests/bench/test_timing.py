@@ -93,3 +93,17 @@ def test_machine_description_counts_threads_in_words(monkeypatch):
     assert " CPU, 1 thread, " in timing.machine_description(torch.device("cpu"))  # it said "1 threads"
     monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 2)
     assert " CPU, 2 threads, " in timing.machine_description(torch.device("cpu"))
+
+
+def test_device_auto_is_the_device_a_bench_runs_on(tmp_path):
+    """`bench core / gateskip --device auto` crashed in `model.to("auto")` with torch's stack trace (bench dnd ran,
+    but named its files dnd-auto-*): a bench's config names the device "auto" resolves to."""
+    from dyndepth.bench.core import CoreBenchConfig
+    from dyndepth.bench.dnd import DNDBenchConfig
+    from dyndepth.bench.gateskip import GateSkipBenchConfig, main
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert CoreBenchConfig(device="auto").device == DNDBenchConfig(device="auto").device == here
+    cfg = GateSkipBenchConfig(model="tiny-qwen3", budgets=[0.0, 0.5], prefill_lens=[8], decode_batches=[1],
+                              decode_prompt_len=4, new_tokens=2, repeats=1, device="auto", out_dir=str(tmp_path))
+    assert len(main(cfg)["rows"]) == 4 and (tmp_path / f"gateskip-{here}-float32.md").exists()

@@ -51,12 +51,14 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.devic
 
 def check_bench_config(cfg, bench: str, positive: tuple[str, ...] = (), positive_lists: tuple[str, ...] = ()) -> None:
     """The checks every bench's options share, as one-line errors: `dtype` one of DTYPES and `device` one that is
-    here (when the config has them), each of `positive` >= 1 and each list of `positive_lists` non-empty with
-    entries >= 1 (lengths, batch sizes: a negative one failed inside torch)."""
+    here (when the config has them; "auto" becomes the device it resolves to), each of `positive` >= 1 and each
+    list of `positive_lists` non-empty with entries >= 1 (lengths, batch sizes: a negative one failed inside torch)."""
     if hasattr(cfg, "dtype") and cfg.dtype not in DTYPES:
         raise ValueError(f"{bench} dtype {cfg.dtype!r} is not one of {list(DTYPES)}.")
     if hasattr(cfg, "device"):
-        resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        if cfg.device == "auto":  # the device that runs: models moved to "auto" failed in torch
+            cfg.device = device.type
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{bench} {name} must be >= 1, got {getattr(cfg, name)}.")
