@@ -57,3 +57,19 @@ def test_the_hf_cache_is_read_under_either_transformers_name():
     assert _cache_name(SimpleNamespace(past_key_values=StaticCache())) == "StaticCache"
     assert _cache_name(SimpleNamespace(past_key_values=None)) == "none"
 
+
+
+def test_a_checkpoint_with_a_method_is_refused_not_compared_with_the_plain_hf_model(tmp_path):
+    """HF loads a GateSkip checkpoint as plain Qwen3 (the gate weights dropped) while ours ran it with its gates:
+    the ratio compared two different models and the table said nothing of it."""
+    import dyndepth
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    attach_gateskip(model, GateSkipConfig())
+    model.save_pretrained(tmp_path / "gated")
+    cfg = CoreBenchConfig(model=str(tmp_path / "gated"), prompt_len=8, decode_prompt_len=4, new_tokens=2, repeats=1,
+                          load_memory=False, out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="carries the method 'gateskip'"):
+        main(cfg)
+    assert not (tmp_path / "out").exists()

@@ -84,7 +84,12 @@ def _load_pair(cfg: CoreBenchConfig, folder: Path):
     else:
         folder = dyndepth.interop.hf.resolve(cfg.model)
         config = folder / "config.json"
-        _check_hf_family(json.loads(config.read_text()).get("model_type") if config.is_file() else None)
+        raw = json.loads(config.read_text()) if config.is_file() else {}
+        _check_hf_family(raw.get("model_type"))
+        if raw.get("dyndepth_method"):  # HF would load it without the method: two different models
+            raise ValueError(f"bench core compares a plain decoder with HF's; {cfg.model} carries the method "
+                             f"{raw['dyndepth_method'].get('name')!r}, which HF loads without: pass its base model, "
+                             "or time the method with its own bench (bench gateskip, bench dnd).")
     ours = dyndepth.from_pretrained(folder, dtype=dtype, device=cfg.device).eval()
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(cfg.device).eval()
     return ours, hf, folder
