@@ -97,3 +97,18 @@ def test_compiled_decode_steps_run_masked_and_say_so(tmp_path):
     assert rows[1]["skipped"] > 0 and rows[1]["ideal_speedup"] > 1.0
     md = (tmp_path / "gateskip-cpu-float32-compiled.md").read_text()
     assert "decode compiled (eager, static cache)" in md
+
+
+def test_the_heading_names_the_checkpoints_gates_not_the_option(tmp_path):
+    """A scalar-gated checkpoint ran with its own gates (--gate is for presets), but the heading read "incl. vector
+    gates", the option's default."""
+    import dyndepth
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    attach_gateskip(model, GateSkipConfig(gate="scalar"))
+    model.save_pretrained(tmp_path / "ckpt")
+    cfg = GateSkipBenchConfig(model=str(tmp_path / "ckpt"), budgets=[0.0, 0.5], prefill_lens=[8], decode_batches=[1],
+                              decode_prompt_len=4, new_tokens=2, repeats=1, out_dir=str(tmp_path / "out"))
+    assert main(cfg)["gate"] == "scalar"
+    assert "incl. scalar gates" in (tmp_path / "out" / "gateskip-cpu-float32.md").read_text()

@@ -164,7 +164,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
             work = {q: _work(timing.stepper_stats(steppers[q], steps)) for q in cfg.budgets}
         rows += _rows("decode", f"B={B}, {cfg.new_tokens} new", cfg.budgets, times, work)
     return {"config": asdict(cfg), "machine": timing.machine_description(device), "model_params": model.num_params(),
-            "rows": rows}
+            "gate": method.config.gate, "rows": rows}  # the gates that ran (a checkpoint's own, not --gate)
 
 
 def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict]:
@@ -186,7 +186,7 @@ def _rows(phase: str, shape: str, budgets, times: dict, work: dict) -> list[dict
 
 def render_markdown(r: dict) -> str:
     c = r["config"]
-    head = (f"### bench gateskip: {c['model']} ({r['model_params'] / 1e6:.1f}M params incl. {c['gate']} gates), "
+    head = (f"### bench gateskip: {c['model']} ({r['model_params'] / 1e6:.1f}M params incl. {r['gate']} gates), "
             f"{c['dtype']}, {r['machine']}, path={c['path']}, decode "
             f"{timing.decode_execution(c)}\n\nrealized = time at budget 0 / time at budget q, "
             "same gated model, budgets timed interleaved; executed / ideal = the FLOP ratio of what ran / of "
