@@ -52,8 +52,8 @@ def test_quality_bench_post_trains_dnd_and_sft_at_equal_tokens(tmp_path):
     result = main(None, cfg)["quality"]
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"SFT", "DND"} and rows["SFT"]["compute"] == 1.0 and rows["DND"]["compute"] > 1.0
-    r = result["entropy"]["pearson_r"]  # nan when every token was nested equally often (2 steps of training)
-    assert rows["DND"]["perplexity"] > 1.0 and (math.isnan(r) or -1 <= r <= 1)
+    r = result["entropy"]["pearson_r"]  # None when every token was nested equally often (2 steps of training)
+    assert rows["DND"]["perplexity"] > 1.0 and (r is None or -1 <= r <= 1)
     assert result["entropy"]["tokens"] == 4 * 128  # 4 probe rows of the demo base's training window
     metrics = tmp_path / "dnd_quality_runs" / "dnd" / "metrics.jsonl"
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -103,3 +103,16 @@ def test_a_compiled_decode_row_that_nested_nothing_still_divides_by_what_ran(tmp
     assert decode[0]["selected"] == 0 and decode[0]["flops_overhead"] > 0.5  # this preset and seed nest nothing
     assert decode[0]["wall_over_flops"] == pytest.approx(decode[0]["wall_overhead"] / decode[0]["flops_overhead"])
     assert "router only" not in (tmp_path / "dnd-cpu-float32-compiled.md").read_text()
+
+
+def test_an_empty_entropy_group_reads_as_a_dash_not_nan(tmp_path):
+    """After a step or two every token is nested: the others' mean entropy (and r, with no spread) has no value,
+    and the table printed "others nan" and the JSON a bare NaN."""
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "base")
+    data = {"source": "synthetic", "synthetic_examples": 6000, "tasks": ["add", "copy"]}
+    cfg = DNDQualityConfig(base=str(tmp_path / "base"), steps=1, eval_examples=1, data=data, out_dir=str(tmp_path))
+    entropy = main(None, cfg)["quality"]["entropy"]
+    assert entropy["entropy_other"] is None  # every token nested: no other token
+    assert all(v is None or math.isfinite(v) for v in entropy.values())
+    assert "nan" not in (tmp_path / "dnd.md").read_text().lower()
+    assert "NaN" not in (tmp_path / "dnd.json").read_text()

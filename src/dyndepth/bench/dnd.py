@@ -208,6 +208,7 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
              "heatmap": str(selection_heatmap(dnd, tok, examples[0].text, Path(cfg.out_dir) / "dnd_heatmap.png"))}
     base = dyndepth.from_pretrained(cfg.base).eval()
     corr = entropy_correlation(dnd, [probe[:4]], base=base)
+    corr = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in corr.items()}  # an empty group: none
     return {"config": asdict(cfg), "rows": rows, "layer_report": layer_report(dnd, out), "entropy": corr,
             "plots": plots}
 
@@ -239,10 +240,15 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
             f"### bench dnd --quality: DND vs SFT from {c['base']}, {c['steps']} post-training steps each "
             f"(equal tokens), method {c['method']}\n\n"
             + timing.markdown_table(rows, ["model", "compute", "val_loss", "perplexity", "exact_match"])
-            + f"\n\nselection vs base next-token entropy: Pearson r = {e['pearson_r']:.3f} over {e['tokens']} "
-              f"tokens (mean entropy nested {e['entropy_nested']:.3f}, others {e['entropy_other']:.3f})")
+            + f"\n\nselection vs base next-token entropy: Pearson r = {_figure(e['pearson_r'])} over {e['tokens']} "
+              f"tokens (mean entropy nested {_figure(e['entropy_nested'])}, others {_figure(e['entropy_other'])}; "
+              "-: no token in that group, or every token nested as often)")
         parts.append(_layer_table(quality["layer_report"], "the DND model on the probe batch"))
     return "\n\n".join(parts)
+
+
+def _figure(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _layer_table(report: dict, of: str) -> str:
