@@ -73,3 +73,16 @@ def test_a_checkpoint_with_a_method_is_refused_not_compared_with_the_plain_hf_mo
     with pytest.raises(ValueError, match="carries the method 'gateskip'"):
         main(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_decode_time_lost_in_the_noise_is_an_error_not_a_negative_speed(tmp_path, monkeypatch):
+    """Decode is timed as generate(n) - generate(1): at 2 new tokens and one repeat the noise outgrew the one step, and
+    the table printed "decode tok/s ... -1,260" and a ratio of -0.327."""
+    from dyndepth.bench import core
+
+    monkeypatch.setattr(core, "interleaved_median", lambda fns, device, repeats: {  # generate(2) read faster
+        k: (0.0010 if k.endswith(" x1") else 0.0009) if " x" in k else 0.01 for k in fns})
+    cfg = CoreBenchConfig(model="tiny-qwen3", prompt_len=4, decode_prompt_len=4, new_tokens=2, repeats=1,
+                          load_memory=False, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no slower than generate"):
+        main(cfg)

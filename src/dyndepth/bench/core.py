@@ -242,6 +242,11 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
         t = interleaved_median(gens, device, cfg.repeats)
         decode_tokens = cfg.decode_batch_size * (cfg.new_tokens - 1)
         decode = {k: t[f"{k} x{cfg.new_tokens}"] - t[f"{k} x1"] for k in sides}  # the n-1 decode steps only
+        lost = [k for k in sides if decode[k] <= 0]  # the noise outgrew the steps: a negative speed says nothing
+        if lost:
+            raise ValueError(f"bench core: generate({cfg.new_tokens}) timed no slower than generate(1) for "
+                             f"{', '.join(lost)}, so the decode steps are lost in the timing noise; pass more "
+                             "--new-tokens or --repeats.")
         runs = _run_settings(cfg, device, {k: fwd[k] is not models[k] for k in models}, ours, ours_decode, hf,
                              hf_prefill_cache, _hf_decode_cache(hf, dprompt, cfg.new_tokens, hf_kw))
 
