@@ -119,3 +119,22 @@ def test_device_auto_runs_on_the_device_it_resolves_to(tmp_path, monkeypatch):
     assert f"memory = {kind}" in (tmp_path / "out" / "match.md").read_text()
     result = CliRunner().invoke(app, ["match", "dreamer-tiny", "--device", "foo", "--out", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "device 'foo'" in result.output, result.output
+
+
+def test_a_reference_with_a_method_is_refused_not_matched_as_its_plain_decoder(tmp_path):
+    """A recipe with [method] dnd (or a checkpoint saved with a method) was matched as its plain decoder: the table
+    showed the reference at demo-tiny's parameters, FLOPs and memory, and a "dense" baseline identical to it read
+    "within: yes", while the DND model runs its nested passes and routers on top."""
+    from dyndepth.methods import attach_dnd
+
+    recipe = tmp_path / "dnd.toml"
+    recipe.write_text('model = "demo-tiny"\n\n[method]\nname = "dnd"\nlayers = [1, 2]\nratio = 0.2\n')
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    attach_dnd(model, {"layers": [0, 1]})
+    model.save_pretrained(tmp_path / "ckpt")
+    for reference in (recipe, tmp_path / "ckpt"):
+        with pytest.raises(ValueError, match="carries the method 'dnd'"):
+            match.load_reference(str(reference))
+    plain = tmp_path / "plain.toml"
+    plain.write_text('model = "demo-tiny"\n\n[method]\nname = "none"\n')
+    assert match.load_reference(str(plain)).hidden_size == 128

@@ -300,14 +300,30 @@ def load_reference(name: str):
         return dyndepth.preset(name)
     path = Path(name)
     if path.is_dir():
-        return dyndepth.from_pretrained(path).config
+        model = dyndepth.from_pretrained(path)
+        _check_plain(name, model)
+        return model.config
     if path.is_file():
         from dyndepth.runconfig import load_run_config
         from dyndepth.train.run import build_model as build_from_recipe
 
-        return build_from_recipe(load_run_config(path).model).config
+        run = load_run_config(path)
+        model = build_from_recipe(run.model)
+        _check_plain(name, model, run.method.get("name"))
+        return model.config
     raise ValueError(f"match reference {name!r} is neither a preset, a recipe file nor a checkpoint folder; presets: "
                      f"{sorted(dyndepth.PRESETS)}.")
+
+
+def _check_plain(name: str, model, method: str | None = None) -> None:
+    """Parameters, FLOPs and memory are counted for the model family alone: a method's routers, gates and extra
+    passes would be left out, and its baselines matched to the plain decoder. (MoR's routing is its family's own.)"""
+    attached = getattr(model.method, "name", None)
+    method = method or (attached if attached != model.config.model_type else None)
+    if method not in (None, "none"):
+        raise ValueError(f"match reference {name} carries the method {method!r}, which match does not count (its "
+                         "routers, gates, extra passes): the baselines would match the plain decoder. Pass the "
+                         "model without the method.")
 
 
 def run_match(cfg: MatchConfig) -> dict:
