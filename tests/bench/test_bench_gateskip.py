@@ -88,7 +88,7 @@ def test_compiled_decode_steps_run_masked_and_say_so(tmp_path):
     partially kept branch always runs dense with a masked output: the FLOPs that ran are the baseline's, the
     tokens still skip."""
     torch._dynamo.reset()  # the path counts are read while dynamo traces: a graph cached by an earlier test of the
-    # process (the same code, guards passing) was replayed without them, and the row read "-" (as a fresh bench does not)
+    # process (same code, guards passing) was replayed without them and the row read "-"; a fresh bench traces
     cfg = GateSkipBenchConfig(model="tiny-qwen3", budgets=[0.0, 0.5], prefill_lens=[16], decode_batches=[1, 4],
                               decode_prompt_len=8, new_tokens=3, repeats=1, compile=True, compile_backend="eager",
                               out_dir=str(tmp_path))
