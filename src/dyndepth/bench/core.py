@@ -300,4 +300,5 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: CoreBenchConfig) -> dict:
     result = run_core_bench(cfg)
-    return publish(result, render_markdown(result), cfg.out_dir, f"core-{cfg.device.split(':')[0]}-{cfg.dtype}")
+    name = f"core-{cfg.device.split(':')[0]}-{cfg.dtype}" + ("-compiled" if cfg.compile else "")  # (eager kept)
+    return publish(result, render_markdown(result), cfg.out_dir, name)

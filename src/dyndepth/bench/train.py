@@ -252,5 +252,5 @@ def render_markdown(r: dict) -> str:
 
 def main(cfg: TrainBenchConfig) -> dict:
     result = run_train_bench(cfg)
-    name = f"train-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}"
+    name = f"train-{parallel.resolve_device(cfg.device).type}-{cfg.dtype}" + ("-compiled" if cfg.compile else "")
     return publish(result, render_markdown(result), cfg.out_dir, name)
