@@ -391,7 +391,8 @@ class GateSkip:
         traces as a decode step (`st.traced`: one token per row with a cache, CUDA graphs on a GPU) never reads a
         count under "auto" or "dense": it runs every partially kept branch densely with a masked output, one graph
         whatever the gates decide (a whole skip computes the branch and adds nothing; the output is the same).
-        `path="packed"` needs the count, so such a step breaks the graph there.
+        `path="packed"` needs the count, so such a step breaks the graph there. The path counts behind
+        `gateskip/packed` are Python-side: in a compiled step they are taken while dynamo traces it, not on each replay.
         """
         n = keep.numel()
         if (st.traced and self.path != "packed") or \
