@@ -31,9 +31,8 @@ import torch
 import yaml
 
 import dyndepth
-from dyndepth.bench.timing import machine_description, markdown_table
+from dyndepth.bench.timing import check_bench_config, machine_description, markdown_table
 from dyndepth.core import flops
-from dyndepth.devices import resolve_device
 from dyndepth.models import build_config, build_model
 from dyndepth.models.huginn import forward_flops_for, split_steps
 from dyndepth.models.moeut import moeut_config
@@ -75,7 +74,7 @@ class MatchConfig:
                 raise ValueError(f"match {name} must be >= 1, got {getattr(self, name)}.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"match tolerance must be in (0, 1), got {self.tolerance}.")
-        self.device = str(resolve_device(self.device))  # "auto" names the device that measures (a bad one fails here)
+        check_bench_config(self, "match")  # "auto" names the device that measures (a bad one fails here)
 
 
 def _recipe_section(reference: str, name: str) -> dict:
