@@ -250,6 +250,8 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table, lookahead) -> Path:
+    from dyndepth.train.metrics import set_aside
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lm_eval_part = {k: v for k, v in raw.items() if k != "samples"}
@@ -259,23 +261,12 @@ def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, ta
               "rows": [asdict(r) for r in rows], "perplexity": perplexities, "lm_eval": lm_eval_part,
               "scoring_lookahead": lookahead}  # (None: causal scoring; see `Method.lookahead`)
     path = out / "results.json"
-    _keep_earlier(path, out / "results.md")
+    if path.exists() or (out / "results.md").exists():  # an earlier evaluation's, kept
+        log.warning("%s: the earlier results in this folder moved to %s (and .md)", out,
+                    set_aside(path, out / "results.md", label="earlier").name)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     (out / "results.md").write_text(table + "\n")
     return path
-
-
-def _keep_earlier(*paths: Path) -> None:
-    """An earlier evaluation's results in the same folder (runs/eval by default) move to results.earlier_N.*, the
-    first N free for all of them, rather than being overwritten."""
-    if not any(p.exists() for p in paths):
-        return
-    n = 0
-    while any(p.with_name(f"{p.stem}.earlier_{n}{p.suffix}").exists() for p in paths):
-        n += 1
-    for p in filter(Path.exists, paths):
-        p.rename(p.with_name(f"{p.stem}.earlier_{n}{p.suffix}"))
-    log.warning("%s: the earlier results in this folder moved to results.earlier_%d.*", paths[0].parent, n)
 
 
 def _name(value) -> str:

@@ -53,13 +53,16 @@ def _plain(v):
     return float(v.item()) if isinstance(v, torch.Tensor) else v
 
 
-def set_aside(path: Path) -> Path:
-    """Rename `path` (a replaced run's metrics.jsonl or config.yaml) to the first free `<stem>.abandoned_N<suffix>`
-    beside it; returns the new path."""
+def set_aside(path: Path, *others: Path, label: str = "abandoned") -> Path:
+    """Rename `path` (a replaced run's metrics.jsonl or config.yaml), and those of `others` that exist, to
+    `<stem>.<label>_N<suffix>` beside them, N the first free for all; returns `path`'s new name."""
+    paths = (path, *others)
     n = 0
-    while (aside := path.with_name(f"{path.stem}.abandoned_{n}{path.suffix}")).exists():
+    while any(p.with_name(f"{p.stem}.{label}_{n}{p.suffix}").exists() for p in paths):
         n += 1
-    return path.rename(aside)
+    for p in filter(Path.exists, paths):
+        p.rename(p.with_name(f"{p.stem}.{label}_{n}{p.suffix}"))
+    return path.with_name(f"{path.stem}.{label}_{n}{path.suffix}")
 
 
 class MetricsLogger:
