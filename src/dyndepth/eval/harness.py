@@ -38,7 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from dyndepth.core.accounting import accounting
-from dyndepth.eval.model_args import as_bool, load_for_eval
+from dyndepth.eval.model_args import as_bool, load_for_eval, token_count
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,8 @@ class DyndepthLM(TemplateLM):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.knobs, self._device, self._lookahead = loaded.knobs, loaded.device, loaded.lookahead
         self.batch_size_per_gpu = _batch_size(batch_size)
-        for name, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
-            try:  # (0 silently became the model's window, -5 failed mid-run, 'abc' named no argument)
-                bad = value is not None and int(value) < 1
-            except ValueError:
-                bad = True
-            if bad:
-                raise ValueError(f"{name}={value}: give a positive number of tokens"
-                                 + (", or leave it out for the model's max_position_embeddings." if name ==
-                                    "max_length" else "."))
-        self._max_length = int(max_length) if max_length is not None else self.model.config.max_position_embeddings
-        self._max_gen_toks = int(max_gen_toks)
+        self._max_length = token_count("max_length", max_length) or self.model.config.max_position_embeddings
+        self._max_gen_toks = token_count("max_gen_toks", max_gen_toks)
         try:
             self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
         except ValueError:  # (it named no argument)

@@ -162,6 +162,22 @@ def as_bool(value) -> bool:
     return bool(value)
 
 
+def token_count(name: str, value) -> int | None:
+    """A model argument that counts tokens (max_length, max_gen_toks) as an int >= 1, None left as None; anything
+    else is an error naming it (0 had silently become the model's window, 'abc' named no argument)."""
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name}={value}: give a positive number of tokens"
+                         + (", or leave it out for the model's max_position_embeddings." if name == "max_length"
+                            else "."))
+    return count
+
+
 def load_model(pretrained, dtype: str | None, device: torch.device):
     """A checkpoint folder or hub id, a preset name (random weights, for smoke tests) or a model object."""
     import dyndepth

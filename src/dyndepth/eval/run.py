@@ -50,7 +50,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     max_length, ...) and method knobs (skip_budget, ...; see eval/model_args.py).
     Returns {"rows": [Row], "table": str, "path": results.json}.
     """
-    from dyndepth.eval.model_args import ADAPTER_ARGS, load_for_eval, parse_model_args
+    from dyndepth.eval.model_args import ADAPTER_ARGS, load_for_eval, parse_model_args, token_count
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (examples per task; leave it unset for every example).")
@@ -59,14 +59,12 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
     args["pretrained"] = model
     args.setdefault("batch_size", batch_size)
-    if args.get("max_length") is not None:  # the adapter's window is perplexity's too (it was recorded, not used)
-        if not str(args["max_length"]).lstrip("-").isdigit():  # (int() named no argument)
-            raise ValueError(f"max_length={args['max_length']}: give a positive number of tokens, or leave it out "
-                             "for the model's max_position_embeddings.")
-        if max_length is not None and int(args["max_length"]) != max_length:  # (refused before any task runs)
+    window = token_count("max_length", args.get("max_length"))  # the adapter's window is perplexity's too
+    if window is not None:
+        if max_length is not None and window != max_length:  # (refused before any task runs)
             raise ValueError(f"two context windows: --max-length {max_length} and model_args max_length="
                              f"{args['max_length']}; give one.")
-        max_length = int(args["max_length"])
+        max_length = window
     harness_tasks, ppl_files, need_defaults = _resolve_tasks(tasks, data_dir)
     if perplexity is not None:
         ppl_files.append((Path(perplexity).name, Path(perplexity)))
