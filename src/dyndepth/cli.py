@@ -218,6 +218,11 @@ def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
                          "source folder itself): remove it or choose another folder."))
 
 
+def _set_values(overrides: list[str], key: str) -> list[str]:
+    """The values `--set key=value` options give `key`, in order."""
+    return [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == key]
+
+
 def _out_folder(out: Path, what: str) -> None:
     """A results folder that is a file failed only when the results were written, after all the work."""
     if out.exists() and not out.is_dir():
@@ -280,10 +285,10 @@ def train(
     """Train or post-train a model from a recipe; run under torchrun for several GPUs."""
     from dyndepth.train.run import run_training
 
-    named = [o.partition("=")[2].strip() for o in set_ if o.partition("=")[0].strip() == "method.name"]
+    named = _set_values(set_, "method.name")
     if method and any(n != method for n in named):
         _fail(ValueError(f"--method {method} and --set method.name={named[-1]} name two methods; give one."))
-    picked = [o.partition("=")[2].strip() for o in set_ if o.partition("=")[0].strip() == "train.resume"]
+    picked = _set_values(set_, "train.resume")
     if resume and any(p.lower() != "true" for p in picked):  # (--resume, applied last, replaced the step asked for)
         _fail(ValueError(f"--resume (the newest checkpoint) and --set train.resume={picked[-1]} name two checkpoints; "
                          "give one."))
