@@ -4,8 +4,9 @@ import pytest
 
 from dyndepth.data.build import build_loader
 from dyndepth.data.chat import TemplateChat, chat_renderer
+from dyndepth.data.shards import encode_document
 from dyndepth.data.sources import DataError, Document, iter_documents, render_chat
-from dyndepth.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from dyndepth.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 # The shape of Qwen3's template: <|im_start|>role\ncontent<|im_end|>\n per message, a generation prompt
 # "<|im_start|>assistant\n", and an empty think block before the final answer.
@@ -86,3 +87,18 @@ def test_tools_and_documents_are_none_as_in_transformers():
                         "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant: {% endif %}")
     assert chat(MESSAGES[1:]) == ("user: 2+2?\nassistant: ", "4\n")
+
+
+def test_a_turn_that_ends_in_eos_gets_no_second_one(tmp_path):
+    # Qwen3's chat models name <|im_end|> their EOS, and the template closes every turn with it: the appended EOS
+    # made each trained answer end "<|im_end|>\n<|im_end|>", a pattern the model never produced
+    tok = _qwen_like_tokenizer(tmp_path / "tok")
+    tok = HFTokenizer(tok.backend, eos_token="<|im_end|>", chat_template=QWEN_LIKE)
+    prompt, response = chat_renderer("auto", tok)(MESSAGES)
+    ids, mask = encode_document(Document(text=response, prompt=prompt), tok)
+    assert tok.decode(ids[mask == 1], skip_special=False) == response  # not response + "<|im_end|>"
+    assert list(ids).count(tok.eos_token_id) == 3  # one per turn
+    plain_ids, _ = encode_document(Document(text="4"), tok)  # a text without one still gets it
+    assert plain_ids[-1] == tok.eos_token_id and tok.decode(plain_ids[:-1]) == "4"
+    inside, _ = encode_document(Document(text="a<|im_end|> and more"), tok)  # EOS inside a text: one added
+    assert inside[-1] == tok.eos_token_id and list(inside).count(tok.eos_token_id) == 2

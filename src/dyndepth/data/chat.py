@@ -95,6 +95,7 @@ def chat_renderer(mode: str, tokenizer) -> ChatTemplate:
 
 
 def chat_fingerprint(mode: str, tokenizer) -> str:
-    """What the rendering depends on, for cache keys: the mode and the template text in use."""
+    """What the rendering depends on, for cache keys: the mode and the template text in use ("single-eos":
+    shards built since a turn ending in EOS stopped getting a second one)."""
     renderer = chat_renderer(mode, tokenizer)
-    return "plain" if renderer is render_chat else "template:" + getattr(tokenizer, "chat_template", "")
+    return "plain" if renderer is render_chat else "template,single-eos:" + getattr(tokenizer, "chat_template", "")

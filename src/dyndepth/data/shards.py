@@ -87,7 +87,8 @@ def encode_documents(
     is trained. One batch-API call for all the documents' segments (long ones cut into pieces).
 
     Segments are encoded separately and concatenated (prompt, then response, then EOS, which is trained
-    so the model learns to stop).
+    so the model learns to stop; a response that already ends in EOS, as a chat template's turn does, gets
+    no second one).
     """
     pieces: list[str] = []
     owner: list[tuple[int, bool]] = []  # (document, trained) of each piece
@@ -101,7 +102,8 @@ def encode_documents(
         parts[d].append((ids, trained))
     out = []
     for doc, doc_parts in zip(docs, parts):
-        eos = [([tokenizer.eos_token_id], True)] if append_eos and any(ids for ids, _ in doc_parts) else []
+        add = append_eos and any(ids for ids, _ in doc_parts) and not _ends_in_eos(doc_parts, tokenizer)
+        eos = [([tokenizer.eos_token_id], True)] if add else []
         doc_parts = doc_parts + eos  # type: ignore[operator]
         arrays = [np.array(ids, dtype=np.int64) for ids, _ in doc_parts]
         ids_arr = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
@@ -115,6 +117,17 @@ def encode_documents(
             mask = np.concatenate([np.full(len(a), trained, np.uint8) for a, (_, trained) in zip(arrays, doc_parts)])
         out.append((ids_arr, mask))
     return out
+
+
+def _ends_in_eos(doc_parts: list[tuple[list[int], bool]], tokenizer: Tokenizer) -> bool:
+    """Whether a document's ids already end in EOS, followed by whitespace at most: a chat template that
+    closes each turn with the tokenizer's EOS (Qwen3's `<|im_end|>\\n`) gets no second one."""
+    ids = next((ids for ids, _ in reversed(doc_parts) if ids), [])
+    tail = ids[-4:]
+    if tokenizer.eos_token_id not in tail:
+        return False
+    after = tail[len(tail) - tail[::-1].index(tokenizer.eos_token_id):]
+    return not tokenizer.decode(after, skip_special=False).strip()
 
 
 def encode_document(
