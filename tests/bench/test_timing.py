@@ -2,6 +2,7 @@
 stepper (the steps `generate` runs)."""
 
 import contextlib
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,27 @@ def test_device_auto_is_the_device_a_bench_runs_on(tmp_path):
     cfg = GateSkipBenchConfig(model="tiny-qwen3", budgets=[0.0, 0.5], prefill_lens=[8], decode_batches=[1],
                               decode_prompt_len=4, new_tokens=2, repeats=1, device="auto", out_dir=str(tmp_path))
     assert len(main(cfg)["rows"]) == 4 and (tmp_path / f"gateskip-{here}-float32.md").exists()
+
+
+@pytest.mark.parametrize("bench", ["core", "gateskip", "dnd"])
+def test_a_length_past_the_models_positions_is_refused_before_anything_is_timed(tmp_path, monkeypatch, bench):
+    # tiny-qwen3 places 512 positions: a prefill length of 600 (or a 500-token prompt decoding 40 more) failed inside
+    # the model, after the lengths before it had been timed (gateskip, core) or the thresholds fitted (dnd)
+    from dyndepth.bench import core, dnd, gateskip
+
+    def timed(*args, **kwargs):
+        raise AssertionError("timed before the lengths were checked")
+
+    for module in (core, timing):
+        monkeypatch.setattr(module, "interleaved_median", timed, raising=False)
+    monkeypatch.setattr(timing, "interleaved_steps", timed)
+    common = {"model": "tiny-qwen3", "repeats": 1, "out_dir": str(tmp_path)}
+    run, cfg, flag = {
+        "core": (core.main, core.CoreBenchConfig(**common, prompt_len=8, decode_prompt_len=500, new_tokens=40,
+                                                 load_memory=False), "--decode-prompt-len + --new-tokens = 540"),
+        "gateskip": (gateskip.main, gateskip.GateSkipBenchConfig(**common, budgets=[0.0, 0.5], prefill_lens=[8, 600],
+                                                                 decode_batches=[1]), "--prefill-lens = 600"),
+        "dnd": (dnd.main, dnd.DNDBenchConfig(**common, batches=[1], prefill_len=600), "--prefill-len = 600"),
+    }[bench]
+    with pytest.raises(ValueError, match=re.escape(flag) + " exceeds the model's max_position_embeddings \\(512\\)"):
+        run(cfg)

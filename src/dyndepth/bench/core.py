@@ -31,6 +31,7 @@ import dyndepth
 from dyndepth.bench.timing import (
     CONTROL,
     check_bench_config,
+    check_positions,
     interleaved_median,
     machine_description,
     markdown_table,
@@ -208,6 +209,9 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
     device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf, folder = _load_pair(cfg, Path(tmp))
+        check_positions(ours.config, "bench core", {"--prompt-len": cfg.prompt_len,
+                                                    "--decode-prompt-len + --new-tokens": cfg.decode_prompt_len
+                                                    + cfg.new_tokens})
         V = ours.config.vocab_size
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, V, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)

@@ -86,9 +86,11 @@ def _model(cfg: DNDBenchConfig, device: torch.device):
         model = dyndepth.from_pretrained(cfg.model)
         if getattr(model.method, "name", None) != "dnd":
             raise ValueError(f"{cfg.model} is not a DND checkpoint (config.json names no dnd method).")
+        _check_positions(cfg, model.config)
         return model.to(device=device, dtype=dtype).eval()
     torch.manual_seed(0)
     model = dyndepth.build_model(dyndepth.preset(cfg.model)).to(device=device, dtype=dtype).eval()
+    _check_positions(cfg, model.config)  # (before the thresholds are fitted at prefill_len)
     layers = cfg.layers or _band(model.config.num_hidden_layers)
     method = attach_dnd(model, DNDConfig(layers=tuple(layers), ratio=cfg.ratio))
     with torch.no_grad():
@@ -118,6 +120,12 @@ def _row(phase: str, B: int, times: dict, work: dict, selected: float) -> dict:
             # compiled decode runs the nested block on every row, selected or not (executed above ideal): it divides
             "wall_over_flops": wall / flop if flop > 0 and (selected > 0 or flop > ideal) else None,
             "control": times["base"] / times[timing.CONTROL]}  # 1 +- this shape's timing noise
+
+
+def _check_positions(cfg: DNDBenchConfig, config) -> None:
+    timing.check_positions(config, "bench dnd", {"--prefill-len": cfg.prefill_len,
+                                                 "--decode-prompt-len + --new-tokens": cfg.decode_prompt_len
+                                                 + cfg.new_tokens})
 
 
 @torch.no_grad()

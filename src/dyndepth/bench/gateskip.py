@@ -121,6 +121,9 @@ def _windows(text_ids: torch.Tensor | None, B: int, T: int, V: int, g: torch.Gen
 def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     device = resolve_device(cfg.device)
     model = _model(cfg)
+    timing.check_positions(model.config, "bench gateskip", {"--prefill-lens": max(cfg.prefill_lens),
+                                                           "--decode-prompt-len + --new-tokens":
+                                                           cfg.decode_prompt_len + cfg.new_tokens})
     method = model.method
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -68,6 +68,16 @@ def check_bench_config(cfg, bench: str, positive: tuple[str, ...] = (), positive
             raise ValueError(f"{bench} {name} must be a non-empty list of values >= 1, got {values}.")
 
 
+def check_positions(config, bench: str, lengths: dict[str, int]) -> None:
+    """Refuse, before anything is timed, a length the model cannot place: each of `lengths` (flag -> tokens) must
+    fit `config.max_position_embeddings` (a long prefill length failed only after the shorter ones were timed)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    over = [f"{name} = {n}" for name, n in lengths.items() if limit is not None and n > limit]
+    if over:
+        raise ValueError(f"{bench}: {', '.join(over)} exceeds the model's max_position_embeddings ({limit}); pass "
+                         "shorter lengths, or a model configured for longer inputs.")
+
+
 def _check_repeats(repeats: int) -> None:
     if repeats < 1:  # no median of no timings
         raise ValueError(f"repeats must be >= 1 (timed rounds per contender), got {repeats}; pass --repeats 1 or more.")
