@@ -120,18 +120,35 @@ class RunConfig:
 # ------------------------------------------------------------------------------------------ coercion
 
 def _parse_scalar(text: str):
-    """An override value without a declared type: JSON, then int/float/bool words, else the string."""
+    """An override value without a declared type: JSON, then int/float/bool words, a TOML inline table or array
+    (as a recipe writes it: `{ "model.layers.*" = 2.0 }`), else the string."""
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
     if low in ("none", "null"):
         return None
-    for parse in (int, float, json.loads):
+    for parse in (int, float, json.loads, _toml_value):
         try:
             return parse(text)
         except (ValueError, json.JSONDecodeError):
             pass
     return text
+
+
+def _toml_value(text: str):
+    """A TOML inline table or array, else ValueError (TOMLDecodeError is one): only these, since TOML would read
+    other bare text, e.g. a date, as something other than the string it names."""
+    if not text.strip().startswith(("{", "[")):
+        raise ValueError(text)
+    return _tomllib().loads(f"value = {text}")["value"]
+
+
+def _tomllib():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib
 
 
 def _coerce_scalar(value, tp):
@@ -205,10 +222,7 @@ def read_recipe(path: Path) -> dict:
         raise RunConfigError(f"recipe {path} does not exist.")
     text = path.read_text()
     if path.suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
+        tomllib = _tomllib()
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

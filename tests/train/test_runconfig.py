@@ -144,3 +144,17 @@ def test_recipe_header_commands_use_valid_keys():
         rc = load_run_config(path, overrides)
         resolve_data_config(rc.data)  # raises on an unknown data key such as data.path
     assert seen >= 3
+
+
+def test_an_override_reads_a_toml_inline_table_or_array_as_the_recipe_writes_it():
+    # the recipes' comments write lr_groups = { "model.layers.*.gateskip.*" = 100.0 }; the same text after --set read
+    # as the list ['{ "model.layers.*.gateskip.*" = 100.0 }'] and was refused ("expected dict")
+    cfg = load_run_config(None, ['train.lr_groups={ "model.layers.*.gateskip.*" = 100.0 }',
+                                 "train.freeze=['model.embed_tokens.*', 'lm_head.*']",
+                                 'data.source=["a.txt", "b.txt"]', "data.note=2024-01-01", "method.name=gateskip"])
+    assert cfg.train.lr_groups == {"model.layers.*.gateskip.*": 100.0}
+    assert cfg.train.freeze == ["model.embed_tokens.*", "lm_head.*"]
+    assert cfg.data["source"] == ["a.txt", "b.txt"]
+    assert cfg.data["note"] == "2024-01-01"  # bare text stays text: TOML reads it as a date
+    with pytest.raises(RunConfigError, match="train.lr_groups"):
+        load_run_config(None, ["train.lr_groups={ unquoted.glob* = 2 }"])
