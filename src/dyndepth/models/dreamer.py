@@ -398,8 +398,9 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
                  training: bool = False) -> dict:
     """Expert-selection statistics of one forward, over valid tokens.
 
-    dreamer/expert_diversity (definition a): distinct experts a token selected over all steps, divided by the
-      most it could select, min(k * steps, E); mean over layers of the group and tokens.
+    dreamer/expert_diversity (definition a): distinct experts a token selected over the steps it ran, divided by
+      the most it could select there, min(k * steps, E) (under exit, its own steps); mean over layers of the group
+      and tokens.
     dreamer/expert_set_entropy (definition b, evaluation forwards without a cache, so not decode steps): per step,
       the entropy (nats) of the distribution of selected top-k sets over the batch's tokens that ran the step (not
       those that exited); mean over steps. exp() of it is the effective number of distinct sets. Over a corpus (the
@@ -413,10 +414,12 @@ def expert_stats(st: DepthState, slots: list[int], valid: torch.Tensor, cfg: Dre
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     n = valid.sum().clamp(min=1)
     valid_N = valid.reshape(-1)
-    distinct = torch.stack([(seen.sum(-1) * valid_N).sum() for seen in st.visited.values()]).float()
+    ran_N = torch.full(valid_N.shape, steps, device=valid.device) if st.depth is None else st.depth.reshape(-1)
+    most_N = (k * ran_N).clamp(min=1, max=E)  # (B*T,) the most a token could select (an exited one ran fewer steps)
+    ratio = torch.stack([(seen.sum(-1) / most_N * valid_N).sum() for seen in st.visited.values()])  # (G,)
     usage = torch.stack([st.usage[s] for s in slots])  # (R * G, E)
     G = cfg.layers_per_group
-    out = {"dreamer/expert_diversity": distinct.mean() / n / min(k * steps, E),
+    out = {"dreamer/expert_diversity": ratio.mean() / n,
            "dreamer/expert_load": usage.reshape(-1, G, E).sum(0)}  # (G, E)
     if not (cfg.sample_recurrence and training):
         out["dreamer/expert_usage"] = usage
