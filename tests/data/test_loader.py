@@ -232,3 +232,28 @@ def test_a_state_saved_at_the_end_of_an_epoch_converts_to_the_next_epochs_start(
     fresh = PackedLoader(shards, 8, 4, seed=3)
     fresh.next_batch()  # epoch 0's only batch of 4
     assert torch.equal(new.next_batch()["input_ids"], fresh.next_batch()["input_ids"])  # epoch 1's first
+
+
+def test_document_packing_opens_no_window_mid_document_and_trains_every_answer_once():
+    # stream packing cut windows wherever seq_len fell, so an SFT answer could open a window without its prompt;
+    # packing="documents" puts whole documents in each window and pads the rest (attention_mask 0, never a target)
+    pairs = [(" ".join(["1"] * p), " ".join(["2"] * r)) for p, r in [(3, 2), (5, 4), (2, 1), (6, 5), (4, 3), (1, 1)]]
+    shards = ShardSet.from_documents(pairs + [" ".join(["3"] * 30)], NumberTokenizer())  # and one longer than a window
+    T = 12
+    loader = PackedLoader(shards, T, 1, shuffle=False, packing="documents", intra_doc_mask=True)
+    starts, trained = set(shards.doc_starts().tolist()), []
+    for w in range(loader.num_windows):
+        batch = loader.read_windows(np.array([w]))
+        start, n = int(loader.starts[w]), int(batch["attention_mask"].sum())
+        assert start in starts or start > max(starts)  # a window opens a document, or continues the long one
+        assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and (batch["attention_mask"][0, :n] == 1).all()
+        trained += [start + 1 + i for i in torch.nonzero(batch["labels"][0] != IGNORE_INDEX).flatten().tolist()]
+    tokens = shards.tokens(0, shards.num_tokens)
+    mask = shards.loss_mask(0, shards.num_tokens)
+    expected = [i for i in range(1, shards.num_tokens) if mask[i] and i not in starts]  # answers, EOS, the long text
+    assert sorted(trained) == expected and len(set(trained)) == len(trained)  # each trained once, none lost
+    assert tokens[expected[0]] == 2
+    stream = PackedLoader(shards, T, 1, shuffle=False, intra_doc_mask=True)
+    assert any(int(s) not in starts and int(s) < max(starts) for s in stream.starts)  # what stream packing does
+    with pytest.raises(DataError, match="data.packing='doc' is not one of"):
+        PackedLoader(shards, T, 1, packing="doc")

@@ -374,3 +374,35 @@ def test_a_warmup_longer_than_the_run_is_warned(tmp_path, caplog):
         train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16),
               tiny_train_config(str(tmp_path), steps=2, save_every=0, warmup=500))
     assert "train.warmup=500 is longer than the run (train.steps=2): the learning rate only rises to 0.004" in caplog.text
+
+
+@pytest.mark.parametrize("method", [None, "mod", "dnd"])
+def test_a_padded_window_of_whole_documents_trains_as_its_documents_alone(method):
+    # packing="documents" pads each window after its last document; the trainer passes the loader's attention_mask,
+    # so the padding is neither attended to nor ranked nor counted by a method: the loss is the unpadded row's, and
+    # (with intra_doc_mask) the sum of each document's loss alone
+    import numpy as np
+
+    from dyndepth.data.loader import PackedLoader
+    from dyndepth.data.shards import ShardSet
+    from dyndepth.methods.registry import attach_method
+    from dyndepth.tokenizer import ByteTokenizer
+    from dyndepth.train.trainer import _forward
+
+    shards = ShardSet.from_documents([("Q: 1+1?", "2"), ("Q: hi?", "yo"), "plain"], ByteTokenizer())
+    batch = PackedLoader(shards, 32, 1, shuffle=False, packing="documents", intra_doc_mask=True).next_batch()
+    n = int(batch["attention_mask"].sum())
+    assert 0 < n < 32
+    torch.manual_seed(0)
+    model = CausalLM(preset("demo-tiny")).train()
+    if method:
+        attach_method(model, method, {"layers": (0, 1), "router_init_std": 0.5} if method == "dnd" else {})
+    padded = lm_loss(_forward(model, batch).logits, batch["labels"], reduction="sum")
+    trimmed = {k: v[:, :n] for k, v in batch.items() if k != "attention_mask"}
+    torch.testing.assert_close(padded, lm_loss(_forward(model, trimmed).logits, trimmed["labels"], reduction="sum"))
+    if method is None:
+        ids, labels, docs = (trimmed[k][0] for k in ("input_ids", "labels", "doc_ids"))
+        alone = sum(lm_loss(model(ids[docs == d][None]).logits, labels[docs == d][None], reduction="sum")
+                    for d in docs.unique())
+        torch.testing.assert_close(padded, alone)
+    assert np.all(batch["labels"][0, n:].numpy() == -100)

@@ -21,6 +21,9 @@ Schema (every key optional):
                            # inside `source` it is also trained on (warned)
     cache_dir = "runs/data"  # token shards are built once here and reused (see below)
     intra_doc_mask = false # attend within documents only (and never train across a document boundary)
+    packing = "stream"     # "stream": windows cut the token stream (pretraining); "documents": whole documents per
+                           # window, the rest padded, so no window opens mid-document (SFT: no answer without its
+                           # prompt); data/loader.py
     text_field = "text"    # JSONL/Parquet/HF field holding plain text
     chat_template = "auto" # chat/SFT records: "auto" (the tokenizer's template if it has one, else
                            # "plain"), "tokenizer" (required) or "plain" (role: content lines); data/chat.py
@@ -49,7 +52,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dyndepth.data.chat import chat_fingerprint, chat_renderer
-from dyndepth.data.loader import PackedLoader
+from dyndepth.data.loader import PACKINGS, PackedLoader
 from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards
 from dyndepth.data.sources import HF_PREFIX, DataError, Document, hf_name_and_split, iter_documents, list_files
 from dyndepth.data.stdlib_corpus import stdlib_documents
@@ -59,7 +62,7 @@ from dyndepth.tokenizer import load_tokenizer
 DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "task_weights": [], "difficulty": {},
             "synthetic_examples": 20000, "examples_per_doc": 32, "synthetic_loss": "all", "stdlib_bytes": 2_000_000,
             "val_source": "", "cache_dir": "runs/data",
-            "intra_doc_mask": False, "text_field": "text", "chat_template": "auto", "text_split": "file",
+            "intra_doc_mask": False, "packing": "stream", "text_field": "text", "chat_template": "auto", "text_split": "file",
             "bpe_train_bytes": 64_000_000}
 BPE_PREFIX = "bpe:"
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
@@ -76,6 +79,8 @@ def resolve_data_config(data_cfg: dict) -> dict:
     cfg = {**DEFAULTS, **data_cfg}
     if cfg["synthetic_loss"] not in ("all", "answer"):
         raise DataError(f"data.synthetic_loss={cfg['synthetic_loss']!r} is not 'all' or 'answer'.")
+    if cfg["packing"] not in PACKINGS:
+        raise DataError(f"data.packing={cfg['packing']!r} is not one of {PACKINGS}.")
     for key in ("source", "val_source"):
         cfg[key] = _checked_source(cfg[key], key)
     if cfg["source"] in EMBEDDED and cfg["val_source"]:
@@ -401,7 +406,7 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
         shards = user_shards(cfg, tokenizer, split, rank, barrier, hold_out)
     try:
         return PackedLoader(shards, seq_len, batch_size, rank=rank, world_size=world_size, seed=seed,
-                            shuffle=split == "train", intra_doc_mask=cfg["intra_doc_mask"])
+                            shuffle=split == "train", intra_doc_mask=cfg["intra_doc_mask"], packing=cfg["packing"])
     except DataError as e:
         if split != "val":
             raise

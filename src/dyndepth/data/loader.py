@@ -13,6 +13,7 @@ Batch (B batch, T = seq_len):
     input_ids (B, T) long      window[:-1]
     labels    (B, T) long      window[1:], -100 where the target token's loss mask is 0 (prompt), and,
                                with intra_doc_mask, where the target starts a new document
+    attention_mask (B, T) long only with packing="documents": 0 on the padding after the row's documents
     positions (B, T) long      only with intra_doc_mask: restarts at 0 at each document start
     doc_ids   (B, T) long      only with intra_doc_mask: 0, 1, ... per document inside the row;
                                attend only where doc_ids match (and causal)
@@ -22,6 +23,13 @@ intra_doc_mask that prediction is made without seeing the next document at all, 
 (label -100). Without intra_doc_mask the stream is one sequence, as in GPT-2-style pretraining: the EOS
 acts as the start-of-text context of the next document, and its label is the only place the first
 token of a document is ever a target, so it stays trained.
+
+Packing (`packing`): "stream" (above, pretraining's) cuts the stream where a window ends, so a window can open in
+the middle of a document: for SFT data, an answer trained without its prompt in view. "documents" packs whole
+documents in order into each window (next-fit), and pads the rest: the row's `attention_mask` (B, T) is 0 on the
+padding, which is never a target. A document longer than a window fills windows of its own, cut as the stream is.
+The first token of each window is then never a target (it opens a document; with intra_doc_mask it is not
+trained anyway).
 
 Resume (`load_state_dict`) continues at the same global position of the same window order; a state
 saved with another world_size or batch_size is converted when the windows already served in the epoch
@@ -44,6 +52,7 @@ from dyndepth.data.sources import DataError, Document
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+PACKINGS = ("stream", "documents")
 
 
 class PackedLoader:
@@ -57,7 +66,10 @@ class PackedLoader:
         seed: int = 0,
         shuffle: bool = True,
         intra_doc_mask: bool = False,
+        packing: str = "stream",
     ) -> None:
+        if packing not in PACKINGS:
+            raise DataError(f"data.packing={packing!r} is not one of {PACKINGS}.")
         if seq_len < 1 or batch_size < 1:
             raise DataError(
                 f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}"
@@ -66,8 +78,13 @@ class PackedLoader:
             raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.intra_doc_mask = intra_doc_mask
-        self.num_windows = max(0, (shards.num_tokens - 1) // seq_len)
+        self.intra_doc_mask, self.packing = intra_doc_mask, packing
+        if packing == "stream":
+            self.starts = np.arange(max(0, (shards.num_tokens - 1) // seq_len), dtype=np.int64) * seq_len
+            self.ends = self.starts + seq_len + 1
+        else:
+            self.starts, self.ends = document_windows(shards.doc_starts(), shards.num_tokens, seq_len)
+        self.num_windows = len(self.starts)
         self.batches_per_epoch = self.num_windows // (world_size * batch_size)
         if self.batches_per_epoch == 0:
             raise DataError(
@@ -106,28 +123,36 @@ class PackedLoader:
 
     def read_windows(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         """Assemble the batch for the given window indices (one row per window)."""
-        T = self.seq_len
-        rows = np.stack([self.shards.tokens(w * T, w * T + T + 1) for w in windows])  # (B, T+1)
-        labels = rows[:, 1:].copy()  # (B, T)
-        if self.shards.has_loss_mask:
-            mask = np.stack([self.shards.loss_mask(w * T + 1, w * T + T + 1) for w in windows])  # (B, T)
-            labels[mask == 0] = IGNORE_INDEX
-        if self.intra_doc_mask:  # a target that opens a new document is not predictable from this one
-            for b, w in enumerate(windows):
-                labels[b, self.shards.doc_starts(w * T + 1, w * T + T + 1) - (w * T + 1)] = IGNORE_INDEX
+        T, B = self.seq_len, len(windows)
+        rows = np.zeros((B, T + 1), dtype=np.int64)  # (B, T+1); a window of documents shorter than T + 1 is padded
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)  # (B, T)
+        for b, w in enumerate(windows):
+            start, end = int(self.starts[w]), int(self.ends[w])
+            rows[b, : end - start] = self.shards.tokens(start, end)
+            labels[b, : end - start - 1] = rows[b, 1 : end - start]
+            if self.shards.has_loss_mask:
+                labels[b, : end - start - 1][self.shards.loss_mask(start + 1, end) == 0] = IGNORE_INDEX
+            if self.intra_doc_mask:  # a target that opens a new document is not predictable from this one
+                labels[b, self.shards.doc_starts(start + 1, end) - (start + 1)] = IGNORE_INDEX
         batch = {"input_ids": torch.from_numpy(rows[:, :-1].copy()), "labels": torch.from_numpy(labels)}
+        if self.packing == "documents":  # the padding after each row's documents
+            filled = (self.ends[windows] - self.starts[windows] - 1)[:, None]  # (B, 1) input tokens of each row
+            batch["attention_mask"] = torch.from_numpy((np.arange(T)[None] < filled).astype(np.int64))  # (B, T)
         if self.intra_doc_mask:
-            positions, doc_ids = zip(*(self._doc_layout(w * T) for w in windows))
+            positions, doc_ids = zip(*(self._doc_layout(int(self.starts[w]), int(self.ends[w])) for w in windows))
             batch["positions"] = torch.from_numpy(np.stack(positions))  # (B, T)
             batch["doc_ids"] = torch.from_numpy(np.stack(doc_ids))  # (B, T)
         return batch
 
-    def _doc_layout(self, start: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(positions (T,), doc_ids (T,))` for the input tokens [start, start + T)."""
+    def _doc_layout(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(positions (T,), doc_ids (T,))` for the input tokens [start, start + T) of a window ending at `end`
+        (padding after its last input token, end - 1, is a segment of its own)."""
         T = self.seq_len
         is_start = np.zeros(T, dtype=bool)
-        is_start[self.shards.doc_starts(start, start + T) - start] = True
+        is_start[self.shards.doc_starts(start, end - 1) - start] = True
         is_start[0] = True  # the row's first token opens a segment even mid-document
+        if end - 1 - start < T:
+            is_start[end - 1 - start] = True
         doc_ids = np.cumsum(is_start) - 1
         arange = np.arange(T)
         segment_start = np.maximum.accumulate(np.where(is_start, arange, 0))
@@ -144,6 +169,7 @@ class PackedLoader:
             "batch_size": self.batch_size,
             "rank": self.rank,
             "world_size": self.world_size,
+            "packing": self.packing,
             "num_tokens": self.shards.num_tokens,
             "source_digest": getattr(self.shards, "source_digest", None),  # user data: its files' content
         }
@@ -156,7 +182,7 @@ class PackedLoader:
         have been served, and must fill whole batches of this loader (a finished epoch: the next one's start).
         """
         data = {"num_tokens": self.shards.num_tokens, "source_digest": getattr(self.shards, "source_digest", None)}
-        for key in ("seed", "shuffle", "seq_len", "num_tokens", "source_digest"):
+        for key in ("seed", "shuffle", "seq_len", "packing", "num_tokens", "source_digest"):
             mine = data[key] if key in data else getattr(self, key)
             if state.get(key) is not None and mine is not None and state[key] != mine:  # (older states lack some)
                 what = ("the training data changed since (a file of data.source edited, renamed, added or removed, "
@@ -184,6 +210,31 @@ class PackedLoader:
                 )
             cursor = served // per_batch
         self.epoch, self.cursor = epoch, cursor
+
+
+def document_windows(doc_starts: np.ndarray, num_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(starts, ends)` (W,) int64: the token ranges of `packing="documents"` windows, whole documents in order,
+    each window at most seq_len + 1 tokens (next-fit). A document longer than that fills windows of its own, each
+    sharing one token with the next as the stream's do; its last piece is packed with what follows."""
+    limit = seq_len + 1
+    bounds = np.append(doc_starts, num_tokens).astype(np.int64)
+    starts: list[int] = []
+    ends: list[int] = []
+    open_at = None  # start of the window being filled
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if open_at is not None and b - open_at > limit:  # this document does not fit: close the window before it
+            starts.append(open_at)
+            ends.append(a)
+            open_at = None
+        while b - a > limit:  # a long document: full windows of its own
+            starts.append(a)
+            ends.append(a + limit)
+            a += seq_len
+        open_at = a if open_at is None else open_at
+    if open_at is not None and num_tokens - open_at > 1:  # (a lone token is no window: nothing to predict)
+        starts.append(open_at)
+        ends.append(num_tokens)
+    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
 
 
 def loader_from_texts(

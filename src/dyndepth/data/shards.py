@@ -127,7 +127,7 @@ def _ends_in_eos(doc_parts: list[tuple[list[int], bool]], tokenizer: Tokenizer) 
     if tokenizer.eos_token_id not in tail:
         return False
     after = tail[len(tail) - tail[::-1].index(tokenizer.eos_token_id):]
-    return not tokenizer.decode(after, skip_special=False).strip()
+    return not after or not tokenizer.decode(after, skip_special=False).strip()
 
 
 def encode_document(

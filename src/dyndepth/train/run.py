@@ -225,7 +225,7 @@ def _absolute(section: dict, *keys: str, existing: bool = True) -> dict:
 
 
 FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
-                                                          "chat_template", "intra_doc_mask")}
+                                                          "chat_template", "intra_doc_mask", "packing")}
 
 
 def _shown(section: dict, key: str) -> str:

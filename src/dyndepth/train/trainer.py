@@ -32,8 +32,8 @@ AdamW state and hook controllers as they were (no hook's `after_step` runs; DND'
 forwards, keeps their finite scores; the schedule still advances with the step number), counts
 the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
 
-Batches: `input_ids`, `labels` (-100 = ignore) and optional `positions` and `doc_ids` (intra-document
-attention masking) are used. Under torchrun the process group is left initialized for the
+Batches: `input_ids`, `labels` (-100 = ignore) and optional `attention_mask` (padding), `positions` and `doc_ids`
+(intra-document attention masking) are used. Under torchrun the process group is left initialized for the
 caller to destroy.
 """
 
@@ -106,7 +106,7 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
     objective = torch.zeros((), dtype=torch.float32, device=info.device)
     for i, batch in enumerate(batches):
         with parallel.grad_sync(model, sync=i == n - 1), _autocast(cfg, info.device):
-            out = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"))
+            out = _forward(model, batch)
             loss = lm_loss(out.logits, batch["labels"], reduction="sum") / per_rank.float()
             aux = out.aux_loss
             hook_loss, stats = hooks_aux_loss(hooks, raw, batch, out)
@@ -125,6 +125,13 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
     return sums
 
 
+def _forward(model: nn.Module, batch: dict):
+    """The model on a loader batch: its padding (`attention_mask`, packing="documents") and document layout
+    (`positions`, `doc_ids`, intra_doc_mask) when it has them."""
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                 doc_ids=batch.get("doc_ids"))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, eval_loader, num_batches: int, cfg: TrainConfig, info: parallel.DistInfo) -> float:
     """Token-weighted mean loss over `num_batches` batches (summed over ranks), at most one pass over the split (more
@@ -138,7 +145,7 @@ def evaluate(model: nn.Module, eval_loader, num_batches: int, cfg: TrainConfig, 
     for _ in range(num_batches):
         batch = _to_device(eval_loader.next_batch(), info.device)
         with _autocast(cfg, info.device):
-            out = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"))
+            out = _forward(model, batch)
         totals[0] += lm_loss(out.logits, batch["labels"], reduction="sum").double()
         totals[1] += (batch["labels"] != -100).sum()
     info.all_reduce_sum(totals)
