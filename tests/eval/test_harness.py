@@ -124,6 +124,39 @@ def test_a_tokenizer_that_adds_bos_is_followed_as_the_hf_backend_follows_it(llam
     assert off.tok_encode("The quick") == ours.tok_encode("The quick")[1:]
 
 
+def test_generation_stops_at_every_end_id_of_the_checkpoint(tmp_path):
+    """Qwen3 ends at <|im_end|> and <|endoftext|> (generation_config.json's eos ids, else config.json's): the adapter
+    stopped at the tokenizer's EOS only, so it ran on past the other and the text generated after it joined the
+    answer; HFLM (transformers' generate) stops there."""
+    from lm_eval.models.huggingface import HFLM
+
+    import dyndepth
+    from dyndepth.tokenizer import train_bpe
+
+    texts = [c + t for c, t in LOGLIKELIHOOD] * 20 + ROLLING * 20 + PROMPTS * 20
+    tok = train_bpe(iter(texts), vocab_size=320, special_tokens=("<|endoftext|>", "<|im_end|>"))
+    im_end = tok.backend.token_to_id("<|im_end|>")
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", vocab_size=320, max_position_embeddings=64,
+                                              eos_token_id=[tok.eos_token_id, im_end]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        prompt = torch.tensor([tok.encode(PROMPTS[2])])
+        free = model.generate(prompt, 8, stop_tokens=[])[0, prompt.shape[1]:].tolist()
+        assert not {tok.eos_token_id, im_end} & set(free[:3])
+        w = model.model.embed_tokens.weight  # (tied) swap two ids: the third greedy token is now <|im_end|>
+        w[[free[2], im_end]] = w[[im_end, free[2]]]
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    ours = DyndepthLM(pretrained=str(tmp_path), device="cpu", batch_size=2, max_length=MAX_LENGTH)
+    hf = HFLM(pretrained=str(tmp_path), device="cpu", batch_size=2, max_length=MAX_LENGTH, dtype="float32")
+    gen = requests("generate_until", [(p, {"until": [], "max_gen_toks": 8}) for p in PROMPTS])
+    a = ours.generate_until(gen, disable_tqdm=True)
+    assert a == hf.generate_until(gen, disable_tqdm=True)
+    assert a[2] == tok.decode(free[:2])  # cut at <|im_end|>, not 8 tokens
+
+
 def test_batch_size_does_not_change_scores(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     reqs = requests("loglikelihood", LOGLIKELIHOOD)

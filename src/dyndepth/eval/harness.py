@@ -14,7 +14,7 @@ by `TemplateLM`), prefix token (BOS, else EOS), left truncation to `max_length`,
 `loglikelihood_rolling` and stop handling for `generate_until`; a checkpoint exported with
 `save_pretrained` scores the same under both backends (tests/eval/test_harness.py). Requests run in
 batches sorted by length; generation is KV-cached and batched (`model.generate`), and a batch ends as
-soon as every row has produced EOS or one of the task's stop strings.
+soon as every row has produced EOS (or another of the checkpoint's end ids) or one of the task's stop strings.
 
 Method knobs (eval/model_args.py): every model argument that is not an adapter argument is a knob of
 the adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS` (e.g.
@@ -234,8 +234,16 @@ class DyndepthLM(TemplateLM):
                 with decoding_knobs(self.model, kw.get("skip_budget"), kw.get("method_knobs")):
                     pass
 
+    @functools.cached_property
+    def _stop_ids(self) -> list[int]:
+        """EOS and the checkpoint's own end ids (generation_config.json's, else config.json's: Qwen3 ends at <|im_end|>
+        and <|endoftext|>), as the hf backend's transformers generate stops; EOS alone ran on past the other one."""
+        from dyndepth.generation import default_stop_tokens
+
+        return list(dict.fromkeys([self.eot_token_id, *default_stop_tokens(self.model)]))
+
     def _generate(self, rows: list[list[int]], options: dict) -> list[str]:
-        until, eot = options["until"], self.eot_token_id
+        until, eot, stops = options["until"], self.eot_token_id, self._stop_ids
         cols: list[list[int]] = []  # one list of B tokens per generated step
         done = [False] * len(rows)
 
@@ -243,7 +251,7 @@ class DyndepthLM(TemplateLM):
             cols.append(tokens_B.tolist())
             for b in range(len(rows)):
                 if not done[b]:
-                    done[b] = cols[-1][b] == eot or (bool(until) and _cut(self.tok_decode(
+                    done[b] = cols[-1][b] in stops or (bool(until) and _cut(self.tok_decode(
                         [c[b] for c in cols]), until) is not None)
             if all(done):
                 raise _AllStopped
@@ -254,7 +262,7 @@ class DyndepthLM(TemplateLM):
             with self.knobs.decoding(self.model), accounting(True):  # (generate keeps no ledger unless asked)
                 self.model.generate(ids, options["max_new_tokens"], attention_mask=mask,
                                     temperature=options["temperature"], top_k=options["top_k"],
-                                    top_p=options["top_p"], stop_tokens=[eot], pad_token_id=eot,
+                                    top_p=options["top_p"], stop_tokens=stops, pad_token_id=eot,
                                     callback=callback, **self.knobs.generate)
         except _AllStopped:
             pass
@@ -263,7 +271,8 @@ class DyndepthLM(TemplateLM):
         texts = []
         for b in range(len(rows)):
             tokens = [c[b] for c in cols]
-            tokens = tokens[:tokens.index(eot)] if eot in tokens else tokens
+            end = next((t for t, token in enumerate(tokens) if token in stops), len(tokens))
+            tokens = tokens[:end]
             text = self.tok_decode(tokens)
             cut = _cut(text, until)
             texts.append(text if cut is None else text[:cut])
