@@ -174,6 +174,21 @@ def test_limit_scores_a_perplexity_file_up_to_its_nth_line(tiny_checkpoint, tmp_
         run_eval(str(folder), perplexity=text, max_length=16, out=tmp_path / "blank")
 
 
+def test_batch_size_auto_reaches_perplexity_too(tiny_checkpoint, data_dir, tmp_path):
+    # the adapter reads batch_size=auto as 16 (as docs/eval.md says), but perplexity ran int('auto') after every
+    # lm-eval task had scored: "invalid literal for int()", nothing written
+    folder, _ = tiny_checkpoint
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox.\n\nJumps over the lazy dog.\n")
+    fixed = run_eval(str(folder), perplexity=text, max_length=16, limit=2, model_args="batch_size=16",
+                     out=tmp_path / "16")
+    for tasks in (None, "copa"):
+        out = run_eval(str(folder), tasks=tasks, data_dir=data_dir, perplexity=text, max_length=16, limit=2,
+                       model_args="batch_size=auto", out=tmp_path / f"auto{tasks}")
+        scored = json.loads(out["path"].read_text())["perplexity"]["notes.txt"]
+        assert scored == json.loads(fixed["path"].read_text())["perplexity"]["notes.txt"]
+
+
 @pytest.mark.parametrize("name", ["demo-tiny", "dreamer-tiny", "huginn-tiny"])
 def test_a_preset_name_evaluates_with_the_byte_tokenizer(name, tmp_path):
     """Random weights of any family's preset (Dreamer's and Huginn's crashed)."""

@@ -38,7 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from dyndepth.core.accounting import accounting
-from dyndepth.eval.model_args import as_bool, load_for_eval, token_count
+from dyndepth.eval.model_args import as_bool, batch_count, load_for_eval, token_count
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class DyndepthLM(TemplateLM):
         loaded = load_for_eval(pretrained, tokenizer, dtype, device, **knobs)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.knobs, self._device, self._lookahead = loaded.knobs, loaded.device, loaded.lookahead
-        self.batch_size_per_gpu = _batch_size(batch_size)
+        self.batch_size_per_gpu = batch_count(batch_size)
         self._max_length = token_count("max_length", max_length) or self.model.config.max_position_embeddings
         self._max_gen_toks = token_count("max_gen_toks", max_gen_toks)
         try:
@@ -288,19 +288,6 @@ class DyndepthLM(TemplateLM):
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-def _batch_size(value) -> int:
-    if isinstance(value, str) and value.startswith("auto"):
-        log.warning("batch_size=%s: dyndepth does not search batch sizes; using 16.", value)
-        return 16
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"batch_size={value!r} must be a positive integer.") from None
-    if size < 1:
-        raise ValueError(f"batch_size={value!r} must be a positive integer.")
-    return size
-
 
 def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
     unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))

@@ -178,6 +178,21 @@ def token_count(name: str, value) -> int | None:
     return count
 
 
+def batch_count(value) -> int:
+    """The batch_size model argument as sequences per forward: 'auto' (lm-eval's batch-size search, 'auto:N' too) is
+    read as 16, for the lm-eval adapter and perplexity alike (perplexity's int('auto') failed after every task ran)."""
+    if isinstance(value, str) and value.startswith("auto"):
+        log.warning("batch_size=%s: dyndepth does not search batch sizes; using 16.", value)
+        return 16
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size={value!r} must be a positive integer.") from None
+    if size < 1:
+        raise ValueError(f"batch_size={value!r} must be a positive integer.")
+    return size
+
+
 def load_model(pretrained, dtype: str | None, device: torch.device):
     """A checkpoint folder or hub id, a preset name (random weights, for smoke tests) or a model object."""
     import dyndepth

@@ -50,7 +50,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     max_length, ...) and method knobs (skip_budget, ...; see eval/model_args.py).
     Returns {"rows": [Row], "table": str, "path": results.json}.
     """
-    from dyndepth.eval.model_args import ADAPTER_ARGS, load_for_eval, parse_model_args, token_count
+    from dyndepth.eval.model_args import ADAPTER_ARGS, batch_count, load_for_eval, parse_model_args, token_count
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (examples per task; leave it unset for every example).")
@@ -91,7 +91,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         model_obj, tok, knobs, lookahead = loaded.model, loaded.tokenizer, loaded.knobs, loaded.lookahead or None
     perplexities = {}
     for name, path in ppl_files:
-        result = _perplexity(model_obj, tok, knobs, path, stride, max_length, int(args["batch_size"]), limit)
+        result = _perplexity(model_obj, tok, knobs, path, stride, max_length, batch_count(args["batch_size"]), limit)
         perplexities[name] = {"file": str(path), "limit_lines": limit, **result.to_dict()}
         rows += [Row(name, metric, getattr(result, metric), None, None, result.tokens)
                  for metric in ("perplexity", "bits_per_byte", "word_perplexity")]
