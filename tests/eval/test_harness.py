@@ -157,6 +157,54 @@ def test_generation_stops_at_every_end_id_of_the_checkpoint(tmp_path):
     assert a[2] == tok.decode(free[:2])  # cut at <|im_end|>, not 8 tokens
 
 
+CHAT = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_templated_requests_equal_the_hf_backend(tiny_checkpoint, tmp_path):
+    """lm-eval's apply_chat_template=True raised NotImplementedError ('tokenizer_name'): now the tokenizer's template
+    renders as transformers renders it for HFLM, the assistant's last message left open when lm-eval continues it."""
+    import json
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from dyndepth import from_pretrained
+    from dyndepth.eval.run import TASKS_DIR
+    from dyndepth.tokenizer import train_bpe
+
+    folder, _ = tiny_checkpoint
+    texts = [c + t for c, t in LOGLIKELIHOOD] * 20 + PROMPTS * 20
+    tok = train_bpe(iter(texts), vocab_size=300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    tok.chat_template = CHAT
+    tok.save(tmp_path / "ckpt")
+    from_pretrained(folder).save_pretrained(tmp_path / "ckpt")  # (its 320 ids hold these 300)
+    ours = DyndepthLM(pretrained=str(tmp_path / "ckpt"), device="cpu", batch_size=2, max_length=64)
+    hf = HFLM(pretrained=str(tmp_path / "ckpt"), device="cpu", batch_size=2, max_length=64, dtype="float32")
+    chats = [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown"}], True),
+             ([{"role": "user", "content": "Question: Which gas?"}, {"role": "assistant", "content": "Answer: "}],
+              False)]
+    for chat, prompt in chats:
+        assert ours.apply_chat_template(chat, prompt) == hf.apply_chat_template(chat, prompt)
+    assert ours.apply_chat_template(*chats[1]).endswith("assistant\nAnswer: ")  # left open: no <|im_end|>
+    contexts = [ours.apply_chat_template(chat, prompt) for chat, prompt in chats]
+    reqs = requests("loglikelihood", [(c, " fox jumps") for c in contexts])
+    a, b = ours.loglikelihood(reqs, disable_tqdm=True), hf.loglikelihood(reqs, disable_tqdm=True)
+    assert [ll for ll, _ in a] == pytest.approx([ll for ll, _ in b], abs=1e-4)
+    data = tmp_path / "data" / "eval_gauntlet"
+    data.mkdir(parents=True)
+    copa = {"query": "The woman retired, therefore", "choices": ["she got a pension.", "she paid."], "gold": 0}
+    (data / "copa.jsonl").write_text(json.dumps(copa) + "\n")
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(tmp_path / "data")})
+    out = lm_eval.simple_evaluate(model=ours, tasks=["dyndepth_copa"], task_manager=manager, apply_chat_template=True,
+                                  log_samples=True)
+    context = out["samples"]["dyndepth_copa"][0]["arguments"][0][0]
+    assert context.startswith("<|im_start|>user\nThe woman retired") and context.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="has none"):
+        DyndepthLM(pretrained=str(folder), device="cpu").apply_chat_template(chats[0][0])
+
+
 def test_batch_size_does_not_change_scores(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     reqs = requests("loglikelihood", LOGLIKELIHOOD)

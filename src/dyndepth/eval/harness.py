@@ -72,6 +72,8 @@ class DyndepthLM(TemplateLM):
         except ValueError:  # (it named no argument)
             raise ValueError(f"model argument add_bos_token={add_bos_token!r} must be true or false (or left out: the "
                              "tokenizer's rule).") from None
+        source = tokenizer if isinstance(tokenizer, str) else pretrained if isinstance(pretrained, str) else None
+        self._tokenizer_name = str(source or type(self.tokenizer).__name__).replace("/", "__")  # (as HFLM's)
         self._stat_sums: dict[str, float] = {}
         self._tokens = 0.0  # valid tokens of the forwards recorded (scoring, prefill and decode steps)
 
@@ -95,6 +97,41 @@ class DyndepthLM(TemplateLM):
     def _prefix_text(self) -> str:
         """The prefix token's text: a string that starts with it gets no special tokens (`tok_encode`)."""
         return self.tokenizer.decode([self.prefix_token_id], skip_special=False)
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Names lm-eval's request cache of chat-templated requests (lm-eval asks for it with apply_chat_template)."""
+        return self._tokenizer_name
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's apply_chat_template=True (it raised NotImplementedError): the tokenizer's Jinja template rendered
+        as transformers renders it for the hf backend; without a generation prompt the last message stays open
+        (transformers' continue_final_message: the text ends with that message's content)."""
+        from dyndepth.data.chat import TemplateChat
+        from dyndepth.data.sources import DataError
+
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("apply_chat_template needs the tokenizer's chat template (chat_template.jinja or "
+                             "tokenizer_config.json's chat_template) and this tokenizer has none; evaluate without "
+                             "apply_chat_template, or pass tokenizer=FOLDER of one that has it.")
+        chat = TemplateChat(template, getattr(self.tokenizer, "bos_token", None),
+                            getattr(self.tokenizer, "eos_token", None))
+        try:
+            text = chat.render(chat_history, add_generation_prompt)
+        except DataError:  # as the hf backend: some templates refuse a system message
+            log.warning("Failed to apply chat template. removing the system role in chat history.")
+            chat_history = [m for m in chat_history if m["role"] != "system"]
+            text = chat.render(chat_history, add_generation_prompt)
+        if add_generation_prompt:
+            return text
+        last = chat_history[-1]["content"]  # cut what the template adds after it (end of turn), as transformers does
+        if last.strip() not in text:
+            raise ValueError("the chat template does not render the last message's text as it is, so it cannot be "
+                             "continued; evaluate without apply_chat_template.")
+        at = text.rindex(last.strip())
+        keep = len(last.lstrip()) if text[at:at + len(last.lstrip())] == last else len(last.strip())
+        return text[:at + keep]
 
     @property
     def max_length(self) -> int:
