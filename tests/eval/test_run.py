@@ -3,6 +3,7 @@
 import bz2
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,34 @@ def test_every_offline_task_runs_on_its_file_format(tiny_checkpoint, data_dir, t
     saved = json.loads(result["path"].read_text())
     assert len(saved["rows"]) == len(rows) and saved["perplexity"][WIKITEXT]["tokens"] == wiki["perplexity"].n
     assert (tmp_path / "results.md").read_text().strip() == format_table(rows)
+
+
+def test_boolq_and_copa_requests_are_lm_evals_own(tiny_checkpoint, data_dir):
+    """docs/eval.md says these follow lm-eval's boolq and copa, comparable with published numbers; the prompts were the
+    gauntlet's: 'Passage: ' before BoolQ's passage, COPA's ', therefore' and single space before the alternative."""
+    import importlib.util
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from dyndepth.eval.harness import DyndepthLM
+    from dyndepth.eval.run import TASKS_DIR
+
+    spec = importlib.util.spec_from_file_location(
+        "copa_utils", Path(lm_eval.__file__).parent / "tasks" / "super_glue" / "copa" / "utils.py")
+    copa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copa)
+    lm = DyndepthLM(pretrained=str(tiny_checkpoint[0]), device="cpu")
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(data_dir)})
+    out = lm_eval.simple_evaluate(model=lm, tasks=["dyndepth_boolq", "dyndepth_copa"], task_manager=manager, limit=1,
+                                  log_samples=True)
+    args = {task: [tuple(a) for a in samples[0]["arguments"]] for task, samples in out["samples"].items()}
+    # lm-eval's boolq: "{{passage}}\nQuestion: {{question}}?\nAnswer:" -> " no" / " yes" (SuperGLUE's fields)
+    assert args["dyndepth_boolq"] == [("Ducks lay eggs.\nQuestion: do ducks lay eggs?\nAnswer:", " no"),
+                                      ("Ducks lay eggs.\nQuestion: do ducks lay eggs?\nAnswer:", " yes")]
+    doc = {"premise": "The man turned on the faucet.", "question": "effect", "label": 1,
+           "choice1": "The toilet filled with water.", "choice2": "Water flowed from the spout."}
+    assert args["dyndepth_copa"] == [(copa.doc_to_text(doc), " " + c) for c in copa.doc_to_choice(doc)]
 
 
 def test_a_generation_knob_that_cannot_decode_fails_before_any_request(tiny_checkpoint, data_dir, tmp_path,
