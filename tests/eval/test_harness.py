@@ -47,6 +47,11 @@ def test_loglikelihood_equals_hf_backend(pair):
     for (ll_a, greedy_a), (ll_b, greedy_b) in zip(a, b):
         assert ll_a == pytest.approx(ll_b, abs=1e-4)
         assert greedy_a == greedy_b
+    # a context of spaces only hands them to the continuation (lm-eval's split), which is then scored after the
+    # prefix token as for an empty context ("num_logits must lie in [1, 7]" before; HFLM fails an assertion)
+    (spaces, _), (empty, _) = ours.loglikelihood(requests("loglikelihood", [("  ", "hello"), ("", "  hello")]),
+                                                 disable_tqdm=True)
+    assert spaces == pytest.approx(empty, abs=1e-5)
     # the model's own greedy continuation is flagged greedy
     context = ours.tok_encode(LOGLIKELIHOOD[0][0])
     ids = ours.model.generate(torch.tensor([context]), 3, stop_tokens=[])[0, len(context):].tolist()

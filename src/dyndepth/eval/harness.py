@@ -203,6 +203,7 @@ class DyndepthLM(TemplateLM):
                 if not cont or len(cont) > self.max_length:
                     raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored with max_length="
                                      f"{self.max_length}; it must have 1..max_length tokens.")
+                ctx = ctx or [self.prefix_token_id]  # a context of spaces only: they moved to the continuation
                 rows.append((ctx + cont)[-(self.max_length + 1):][:-1])  # the last token is only a target
                 conts.append(cont)
             logp = self._logprobs(rows, max(map(len, conts)))  # (B, n, V)
