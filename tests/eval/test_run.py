@@ -143,6 +143,27 @@ def test_a_generation_knob_that_cannot_decode_fails_before_any_request(tiny_chec
     assert scored and out["path"].is_file()
 
 
+def test_a_generation_budget_without_room_for_the_prompt_fails_before_any_request(tiny_checkpoint, data_dir,
+                                                                                    tmp_path, monkeypatch):
+    """max_gen_toks=256 (the default) in a 256-token window failed at the first gsm8k request, after copa had scored,
+    and nothing was written; a budget that fits, or log-likelihood tasks only, run."""
+    from dyndepth.eval import harness
+
+    folder, _ = tiny_checkpoint
+    scored = []
+    monkeypatch.setattr(harness.DyndepthLM, "loglikelihood",
+                        lambda self, requests, disable_tqdm=False: scored.append(1) or [(0.0, False)] * len(requests))
+    with pytest.raises(ValueError, match="dyndepth_gsm8k generates up to max_gen_toks=256 new tokens.*max_length=256"):
+        run_eval(str(folder), tasks="copa,gsm8k", data_dir=data_dir, limit=1, model_args="max_length=256",
+                 out=tmp_path / "o")
+    assert not scored  # refused before copa's requests
+    out = run_eval(str(folder), tasks="copa,gsm8k", data_dir=data_dir, limit=1,
+                   model_args="max_length=256,max_gen_toks=4", out=tmp_path / "o2")
+    assert scored and out["path"].is_file()
+    assert run_eval(str(folder), tasks="copa", data_dir=data_dir, limit=1, model_args="max_length=256",
+                    out=tmp_path / "o3")["path"].is_file()
+
+
 def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
     folder, _ = tiny_checkpoint
     runner = CliRunner()

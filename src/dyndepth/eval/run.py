@@ -78,7 +78,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         manager = _task_manager(harness_tasks, data_dir, need_defaults)  # bad task names fail before loading
         lm = _adapter(args)
         model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
-        _check_generation_knobs(lm, harness_tasks, manager)
+        _check_generation(lm, harness_tasks, manager)
         raw = _run_lm_eval(lm, harness_tasks, manager, limit)
         config = raw.setdefault("config", {})  # (lm-eval records these from its own arguments: None for a model)
         config.update({k: v for k, v in (("batch_size", lm.batch_size), ("device", str(lm.device)))
@@ -175,24 +175,38 @@ def _task_manager(names: list[str], data_dir, need_defaults: bool):
     return manager
 
 
-def _check_generation_knobs(lm, names: list[str], manager) -> None:
-    """Knobs used only while generating (a GateSkip budget decodes by calibrated thresholds) failed on the first
-    generate_until request, after every log-likelihood task had scored, and nothing was written: when a selected
-    task generates, they are entered once before any request."""
-    if not (lm.knobs.generate or lm.knobs.decode_fields):
+def _check_generation(lm, names: list[str], manager) -> None:
+    """What only generation reads failed on the first generate_until request, after every log-likelihood task had
+    scored, and nothing was written: knobs used only while generating (a GateSkip budget decodes by calibrated
+    thresholds) and a default max_gen_toks that leaves no room for the prompt within max_length (a model or window of
+    256 tokens against the adapter's 256 new ones). When a selected task generates, both are checked before any
+    request; the tasks are built (once more) only when one of them may fail."""
+    knobs_error = None
+    if lm.knobs.generate or lm.knobs.decode_fields:
+        try:
+            lm.check_decoding()
+        except ValueError as e:
+            knobs_error = e
+    if knobs_error is None and lm.max_gen_toks < lm.max_length:
         return
-    try:
-        lm.check_decoding()
-        return
-    except ValueError:  # only an error if a task generates: the tasks are built (once more) to find out
-        from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-        def leaves(tree):
-            for value in tree.values():
-                yield from leaves(value) if isinstance(value, dict) else [value]
+    from dyndepth.eval.harness import _generation_options
 
-        if any(getattr(t, "OUTPUT_TYPE", None) == "generate_until" for t in leaves(get_task_dict(names, manager))):
-            raise
+    def leaves(tree):
+        for value in tree.values():
+            yield from leaves(value) if isinstance(value, dict) else [value]
+
+    tasks = leaves(get_task_dict(names, manager))
+    generating = [t for t in tasks if getattr(t, "OUTPUT_TYPE", None) == "generate_until"]
+    if generating and knobs_error is not None:
+        raise knobs_error
+    for task in generating:  # (a task's own max_gen_toks, as generate_until reads it)
+        budget = _generation_options(task.config.generation_kwargs or {}, lm.max_gen_toks)["max_new_tokens"]
+        if budget >= lm.max_length:
+            raise ValueError(f"{task.config.task} generates up to max_gen_toks={budget} new tokens, which leaves no "
+                             f"room for the prompt within max_length={lm.max_length}; pass --model-args "
+                             f"max_gen_toks=N with N < {lm.max_length} (or a larger max_length).")
 
 
 def _run_lm_eval(lm, names: list[str], manager, limit) -> dict:
