@@ -164,6 +164,22 @@ def test_a_generation_budget_without_room_for_the_prompt_fails_before_any_reques
                     out=tmp_path / "o3")["path"].is_file()
 
 
+def test_a_bad_perplexity_window_fails_before_the_lm_eval_tasks(tiny_checkpoint, data_dir, tmp_path, monkeypatch):
+    """--stride past the window, or a window past the model's context, failed in perplexity after every lm-eval task
+    had scored (hours with --tasks all), and nothing was written."""
+    from dyndepth.eval import harness
+
+    folder, _ = tiny_checkpoint
+    scored = []
+    monkeypatch.setattr(harness.DyndepthLM, "loglikelihood",
+                        lambda self, requests, disable_tqdm=False: scored.append(1) or [(0.0, False)] * len(requests))
+    for window, message in (({"max_length": 16, "stride": 32}, "stride=32 must lie in"),
+                            ({"max_length": 512}, "max_length=512 exceeds the model's max_position_embeddings")):
+        with pytest.raises(ValueError, match=message):
+            run_eval(str(folder), tasks="copa,wikitext2", data_dir=data_dir, limit=1, out=tmp_path / "o", **window)
+    assert not scored  # refused before copa's requests
+
+
 def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
     folder, _ = tiny_checkpoint
     runner = CliRunner()

@@ -102,20 +102,30 @@ def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int
     return total, count
 
 
-def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
-                    batch_size: int = 8, progress: bool = False) -> Perplexity:
-    """Perplexity of `text` (see the module docstring). max_length defaults to the model's context, at
-    most 2048; stride to max_length // 2."""
+def window_of(model, max_length: int | None = None, stride: int | None = None) -> tuple[int, int]:
+    """(max_length, stride) of `text_perplexity`, defaults filled in and checked against the model (`dyndepth eval`
+    checks them before its lm-eval tasks run, so a bad one does not fail after them)."""
     for name, value in (("max_length", max_length), ("stride", stride)):
         if value is not None and value < 1:  # 0 read as "the default" before
             raise ValueError(f"{name}={value} must be >= 1 (leave it unset for the default).")
-    if batch_size < 1:  # 0 failed in range(), a negative one divided by zero
-        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
     max_length = max_length or min(model.config.max_position_embeddings, 2048)
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings}); pass a smaller --max-length.")
     stride = stride or max(max_length // 2, 1)
+    if stride > max_length:
+        raise ValueError(f"stride={stride} must lie in [1, max_length={max_length}]; "
+                         "a larger stride would leave tokens unscored.")
+    return max_length, stride
+
+
+def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
+                    batch_size: int = 8, progress: bool = False) -> Perplexity:
+    """Perplexity of `text` (see the module docstring). max_length defaults to the model's context, at
+    most 2048; stride to max_length // 2."""
+    if batch_size < 1:  # 0 failed in range(), a negative one divided by zero
+        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+    max_length, stride = window_of(model, max_length, stride)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = tokenizer.encode(text)
     if not ids or not text.split():  # (word perplexity divides by the words)

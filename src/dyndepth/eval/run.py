@@ -78,6 +78,10 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         manager = _task_manager(harness_tasks, data_dir, need_defaults)  # bad task names fail before loading
         lm = _adapter(args)
         model_obj, tok, knobs = lm.model, lm.tokenizer, lm.knobs
+        if ppl_files:  # a bad perplexity window failed after every lm-eval task had run, and nothing was written
+            from dyndepth.eval.perplexity import window_of
+
+            window_of(model_obj, max_length, stride)
         _check_generation(lm, harness_tasks, manager)
         raw = _run_lm_eval(lm, harness_tasks, manager, limit)
         config = raw.setdefault("config", {})  # (lm-eval records these from its own arguments: None for a model)
