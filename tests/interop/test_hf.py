@@ -90,6 +90,20 @@ def test_save_then_load_round_trips_every_tensor(tmp_path, name):
     # on inference forwards of a freshly loaded model)
 
 
+@pytest.mark.parametrize("name, fields", [("tiny-llama", {"qk_norm": True}), ("tiny-qwen3", {"qk_norm": False}),
+                                          ("tiny-qwen3", {"mlp_bias": True})])
+def test_a_decoder_variant_off_its_familys_layout_loads_back(tmp_path, name, fields):
+    # config.json left out qk_norm and a Qwen3 mlp_bias, so the folder was read as the family's own layout: missing or
+    # unexpected q_norm / k_norm and MLP bias tensors, a checkpoint its own library could not load
+    model = CausalLM(preset(name, **fields)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = dyndepth.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 6))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    CausalLM(preset(name)).save_pretrained(tmp_path / "plain")  # the family's own layout writes no field of ours
+    assert "qk_norm" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
 def test_sharded_checkpoint_and_dtype_conversion(tmp_path):
     model = CausalLM(preset("tiny-qwen3"))
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)

@@ -40,8 +40,11 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
     d = config.to_dict()
-    d.pop("qk_norm")
-    if config.model_type != "llama":
+    # qk_norm and a Qwen3 mlp_bias are ours (HF's Qwen3 always norms q / k, its Llama never; only Llama has an MLP
+    # bias): written only where they differ from the family's, so that such a model loads back (it has other tensors)
+    if config.qk_norm == (config.model_type != "llama"):
+        d.pop("qk_norm")
+    if config.model_type != "llama" and not config.mlp_bias:
         d.pop("mlp_bias")
     if not config.num_experts:
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
