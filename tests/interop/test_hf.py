@@ -119,6 +119,24 @@ def test_sharded_checkpoint_and_dtype_conversion(tmp_path):
     torch.testing.assert_close(a(ids).logits, b(ids).logits)
 
 
+@pytest.mark.parametrize("config_dtype", ["bfloat16", None])
+def test_a_checkpoint_with_float32_norms_beside_bfloat16_weights_loads_in_one_dtype(tmp_path, config_dtype):
+    # both were kept as stored, and the first forward failed: "expected m1 and m2 to have the same dtype"
+    model = CausalLM(preset("tiny-qwen3")).eval()
+    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    state = {k: v.float() if "norm" in k else v.clone() for k, v in state.items()}
+    write_safetensors(state, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = config_dtype  # without one, the embedding's dtype
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = dyndepth.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 256, (1, 6))
+    assert torch.equal(loaded(ids).logits, model.to(torch.bfloat16)(ids).logits)
+    assert dyndepth.from_pretrained(tmp_path, dtype="float32").model.norm.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("kind", ["gateskip", "mod", "dnd", "dreamer"])
 def test_float32_buffers_stay_float32_through_bfloat16_saves_loads_and_casts(tmp_path, kind):
     # Thresholds compared with float32 scores (GateSkip / DND tau, MoD's threshold) and Dreamer's balancing bias:

@@ -130,7 +130,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a HF checkpoint folder or hub id, in eval mode (as transformers does: a method's training-only work,
     DND's controller statistics and router losses, stays off until `model.train()`; the trainer calls it). dtype None
-    keeps the stored dtype (zero-copy on CPU)."""
+    keeps the stored dtype (zero-copy on CPU); weights stored in several dtypes load in config.json's."""
     folder = resolve(path_or_id)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -147,7 +147,10 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
         model = model_from_config(raw_config, str(config_path))
     config = model.config
     check_state_dict(model, state, str(folder))
-    state = cast_state(state, dtype, float32_keys(model))  # the buffers modules keep in float32 load as float32
+    keep = float32_keys(model)
+    if dtype is None:
+        dtype = _one_dtype(state, keep, getattr(config, "torch_dtype", None))
+    state = cast_state(state, dtype, keep)  # the buffers modules keep in float32 load as float32
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
@@ -160,6 +163,17 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     model.generation_config = _read_json(generation) if generation.is_file() else None
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _one_dtype(state: dict[str, torch.Tensor], keep: set[str], config_dtype: str | None) -> torch.dtype | None:
+    """None (as stored) when the weights share one floating dtype; else the one config.json names, or the
+    embedding's: a checkpoint with float32 norms beside bfloat16 matrices loaded both, and the first matmul failed
+    on the mix (transformers loads every weight in config.json's dtype)."""
+    stored = {v.dtype for k, v in state.items() if v.is_floating_point() and k not in keep}
+    if len(stored) <= 1:
+        return None
+    named = getattr(torch, config_dtype, None) if isinstance(config_dtype, str) else None
+    return named if named in stored else state["model.embed_tokens.weight"].dtype
 
 
 # a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
