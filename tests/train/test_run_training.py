@@ -189,6 +189,24 @@ def test_a_step_exports_the_model_it_trained_after_the_base_folder_changed_or_we
         assert torch.equal(dyndepth.from_pretrained(export_checkpoint(step, tmp_path / "b"))(ids).logits, want)
 
 
+def test_a_post_trained_export_keeps_the_base_checkpoints_generation_config(tmp_path):
+    """The export built the model from model_config.json, which holds config.json only: a base's
+    generation_config.json (Llama 3 Instruct's <|eot_id|>, Qwen3's <|endoftext|>) was not in out_dir/model or a step's
+    export, so generate stopped only at config.json's eos_token_id."""
+    from dyndepth.train.run import export_checkpoint
+
+    CausalLM(preset("tiny-qwen3", eos_token_id=5)).save_pretrained(tmp_path / "base")
+    stops = {"eos_token_id": [5, 6], "pad_token_id": 6}
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(stops))
+    args = [f"model.pretrained={tmp_path / 'base'}", f"train.out_dir={tmp_path / 'out'}", "train.steps=1",
+            "train.batch_size=2", "train.seq_len=16", "train.warmup=1", "train.progress=false", "train.plot=false",
+            "train.device=cpu", "eval.enabled=false"]
+    run_training(None, args, loader=TinyLoader(2, 16))
+    assert dyndepth.from_pretrained(tmp_path / "out" / "model").generation_config == stops
+    exported = export_checkpoint(tmp_path / "out" / "step_0000001", tmp_path / "step1")
+    assert dyndepth.from_pretrained(exported).generation_config == stops
+
+
 def test_resuming_with_evaluation_switched_names_it_when_it_changes_the_training_split(tmp_path):
     # a user source without val_source holds a part out only when the run evaluates: switching eval.enabled on a
     # resume changed the training shards, and the resume failed with a loader num_tokens mismatch that never named it

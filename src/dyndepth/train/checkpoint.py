@@ -7,6 +7,7 @@ Layout of one checkpoint `out_dir/step_XXXXXXX/` (written into `step_XXXXXXX.tmp
   rank_{r}.pt         per-rank RNG states (python, numpy, torch, cuda), data-loader state and the training hooks'
                       state (a controller may keep rank-local statistics: DND's score buffer)
   config.yaml         the resolved run config (or the TrainConfig alone)
+  model_config.json   the model's config.json, and generation_config.json when it had one: what export writes
   manifest.json       size and sha256 of every file above; written last
 
 What is guaranteed:
@@ -271,6 +272,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 MODEL_CONFIG = "model_config.json"  # a checkpoint's model as config.json describes it (`pretrained_config`)
+GENERATION_CONFIG = "generation_config.json"  # and its base checkpoint's, when it had one (export writes it back)
 
 
 def load_model_weights(path: str | Path, model: nn.Module, verify: bool = True) -> None:

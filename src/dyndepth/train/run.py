@@ -275,13 +275,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     safetensors, method included), saved in the run's `model.dtype` when it names one, with `tokenizer` (the
     run's, at its end) or the one the run's data section names."""
     from dyndepth.interop.hf import model_from_config
-    from dyndepth.train.checkpoint import MODEL_CONFIG, load_model_weights
+    from dyndepth.train.checkpoint import GENERATION_CONFIG, MODEL_CONFIG, load_model_weights
 
     rc = load_run_config(Path(checkpoint) / "config.yaml")
     dtype = rc.model.pop("dtype", None)
     saved = Path(checkpoint) / MODEL_CONFIG
     if saved.is_file():  # the model as it trained (a `model.pretrained` folder may have changed or moved since)
         model = model_from_config(json.loads(saved.read_text()), str(saved))
+        generation = Path(checkpoint) / GENERATION_CONFIG  # the base's stop ids, which from_pretrained had read
+        if generation.is_file():
+            model.generation_config = json.loads(generation.read_text())
     else:  # a checkpoint written before the file was
         model = build_model(rc.model)
         attach_from_config(rc.method, model)

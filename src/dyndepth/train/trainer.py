@@ -201,6 +201,8 @@ def _write_configs(run_config: RunConfig, model: nn.Module, path: Path) -> None:
     save_run_config(run_config, path)
     if hasattr(model, "pretrained_config"):
         (path.parent / ckpt.MODEL_CONFIG).write_text(json.dumps(model.pretrained_config(), indent=2) + "\n")
+    if getattr(model, "generation_config", None):  # a pretrained base's stop ids (Llama 3's <|eot_id|> is there)
+        (path.parent / ckpt.GENERATION_CONFIG).write_text(json.dumps(model.generation_config, indent=2) + "\n")
 
 
 def _save_config(run_config: RunConfig, path: Path, resumed: bool) -> None:
