@@ -216,6 +216,18 @@ def test_unsupported_architecture_and_missing_files(tmp_path):
         dyndepth.from_pretrained(tmp_path / "m")
 
 
+def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
+    # an FP8 / GPTQ / AWQ checkpoint failed on its scale tensors as "does not match its config.json", and one whose
+    # weights still fit the shapes (a recorded bitsandbytes config) loaded silently
+    CausalLM(preset("tiny-qwen3")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"quantized checkpoints are not supported \(quantization_config: "
+                                          r"quant_method='fp8'\); load the unquantized checkpoint"):
+        dyndepth.from_pretrained(tmp_path)
+
+
 def test_a_save_over_another_sharding_leaves_only_its_own_weight_files(tmp_path):
     """A sharded save then a whole one into the same folder: the old shards and index go (the loader read the
     index, so the folder held the old weights), and the other way round."""

@@ -30,6 +30,10 @@ def config_from_hf(d: dict) -> ModelConfig:
         )
     if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
         raise ConfigError("sliding-window attention layers are not supported yet; use a checkpoint without them.")
+    if d.get("quantization_config"):  # (packed or float8 weights and their scales: the tensors would not fit)
+        method = d["quantization_config"].get("quant_method") if isinstance(d["quantization_config"], dict) else None
+        raise ConfigError(f"quantized checkpoints are not supported (quantization_config: quant_method={method!r}); "
+                          "load the unquantized checkpoint (e.g. Qwen/Qwen3-0.6B, not Qwen/Qwen3-0.6B-FP8).")
     rope = dict(d.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
     scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
