@@ -91,7 +91,7 @@ def test_save_then_load_round_trips_every_tensor(tmp_path, name):
 
 
 @pytest.mark.parametrize("name, fields", [("tiny-llama", {"qk_norm": True}), ("tiny-qwen3", {"qk_norm": False}),
-                                          ("tiny-qwen3", {"mlp_bias": True})])
+                                          ("tiny-qwen3", {"mlp_bias": True}), ("tiny-qwen3-moe", {"num_experts": 0})])
 def test_a_decoder_variant_off_its_familys_layout_loads_back(tmp_path, name, fields):
     # config.json left out qk_norm and a Qwen3 mlp_bias, so the folder was read as the family's own layout: missing or
     # unexpected q_norm / k_norm and MLP bias tensors, a checkpoint its own library could not load

@@ -133,6 +133,21 @@ def _stacked(state):
     return stack_experts(split_experts(dict(state)))
 
 
+@pytest.mark.parametrize("fields", [{"model_type": "qwen3"}, {"model_type": "qwen3_moe"}, {"model_type": "llama"},
+                                    {"model_type": "llama", "num_attention_heads": 8}])
+def test_fields_a_config_json_leaves_out_take_transformers_defaults(fields):
+    # ours were Qwen3-0.6B's: a Qwen3-MoE config.json without norm_topk_prob renormalized the top-k weights (HF: False)
+    # and a Llama 1 one (no num_key_value_heads) got 8 KV heads, not one per query head
+    from dyndepth.models.hf_layout import config_from_hf
+
+    ours, theirs = config_from_hf(fields).to_dict(), transformers.AutoConfig.for_model(**fields).to_dict()
+    theirs["rope_theta"] = theirs["rope_parameters"]["rope_theta"]
+    theirs["head_dim"] = theirs.get("head_dim") or theirs["hidden_size"] // theirs["num_attention_heads"]
+    theirs["num_experts"] = theirs.get("num_local_experts", theirs.get("num_experts", 0))
+    differ = {k: (ours[k], theirs[k]) for k in ours if k in theirs and ours[k] != theirs[k]}
+    assert not differ
+
+
 def test_default_stop_tokens_come_from_generation_config_as_in_hf(tmp_path):
     # generate stopped at config.json's eos only; transformers stops at generation_config.json's (Qwen3: <|im_end|>
     # and <|endoftext|>), so a checkpoint ran on past a stop token HF honours

@@ -18,6 +18,17 @@ from dyndepth.safetensors_io import CheckpointError
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _ALIASES = {"num_local_experts": "num_experts"}  # names some transformers versions write instead
+# transformers' class defaults where ModelConfig's (Qwen3-0.6B's shape) differ, for the fields a config.json leaves out:
+# Llama 1's names no num_key_value_heads (as many as the query heads), a Qwen3-MoE one may lack norm_topk_prob (False)
+_HF_DEFAULTS = {
+    "qwen3": {"hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
+    "qwen3_moe": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 32,
+                  "num_key_value_heads": 4, "max_position_embeddings": 32768, "num_experts": 128,
+                  "norm_topk_prob": False},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+}
 
 
 def config_from_hf(d: dict) -> ModelConfig:
@@ -38,6 +49,10 @@ def config_from_hf(d: dict) -> ModelConfig:
     theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
     scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     fields = {_ALIASES.get(k, k): v for k, v in d.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    defaults = dict(_HF_DEFAULTS[model_type])
+    if model_type == "llama":
+        defaults["num_key_value_heads"] = fields.get("num_attention_heads", defaults["num_attention_heads"])
+    fields = {**defaults, **fields}
     fields["torch_dtype"] = d.get("dtype") or d.get("torch_dtype")
     return ModelConfig.from_dict({**fields, "rope_theta": theta, "rope_scaling": scaling})
 
@@ -50,7 +65,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         d.pop("qk_norm")
     if config.model_type != "llama" and not config.mlp_bias:
         d.pop("mlp_bias")
-    if not config.num_experts:
+    if not config.num_experts and config.model_type != "qwen3_moe":  # (qwen3_moe's default is 128 experts)
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"):
             d.pop(k)
