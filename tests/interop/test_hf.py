@@ -228,6 +228,15 @@ def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
         dyndepth.from_pretrained(tmp_path)
 
 
+def test_a_native_familys_config_json_with_a_field_it_lacks_is_refused_by_name(tmp_path):
+    # a hand edit for more test-time depth, "num_recurrence": 4, loaded silently with the trained count
+    dyndepth.build_model(preset("dreamer-tiny")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_recurrence": 4}))
+    with pytest.raises(ConfigError, match=r"config.json: \['num_recurrence'\] is not a field of DreamerConfig"):
+        dyndepth.from_pretrained(tmp_path)
+
+
 def test_a_save_over_another_sharding_leaves_only_its_own_weight_files(tmp_path):
     """A sharded save then a whole one into the same folder: the old shards and index go (the loader read the
     index, so the folder held the old weights), and the other way round."""

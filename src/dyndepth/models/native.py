@@ -5,6 +5,7 @@ binds these as its methods and names its `architecture` (written to config.json;
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyndepth.config import ConfigError
 from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.safetensors_io import write_pretrained
 
@@ -74,9 +76,20 @@ def pretrained_config(model, dtype: torch.dtype | None = None) -> dict:
     return config
 
 
+_BESIDE_FIELDS = {"architectures", "dtype", "dyndepth_method", "transformers_version"}  # written with the fields
+
+
 def config_reader(config_class) -> Callable[[dict], object]:
-    """`config.json` (as `save_pretrained` wrote it) -> `config_class`, for the family's `ModelSpec`."""
+    """`config.json` (as `save_pretrained` wrote it) -> `config_class`, for the family's `ModelSpec`. Every key is
+    a field of ours (we wrote them all): one we lack, a hand edit's typo (`num_recurrence`) or a newer dyndepth's
+    option, was dropped and the model built without it."""
     def read(d: dict):
+        known = {f.name for f in dataclasses.fields(config_class)}
+        unknown = sorted(set(d) - known - _BESIDE_FIELDS)
+        if unknown:
+            raise ConfigError(f"config.json: {unknown} {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+                              f"of {config_class.__name__} (mistyped, or from a newer dyndepth?); its fields are "
+                              f"{sorted(known)}.")
         return config_class.from_dict({**d, "torch_dtype": d.get("dtype") or d.get("torch_dtype")})
     return read
 
