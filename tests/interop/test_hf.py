@@ -274,6 +274,32 @@ def test_a_save_without_generation_defaults_removes_a_previous_saves(tmp_path):
     assert dyndepth.from_pretrained(tmp_path).generation_config is None
 
 
+def test_a_hub_download_fetches_a_dyndepth_exports_byte_tokenizer(tmp_path, monkeypatch):
+    # allow_patterns named only HF's tokenizer files: `dyndepth generate user/model` of an uploaded out_dir/model
+    # (byte_tokenizer.json) downloaded the weights and then found no tokenizer
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from dyndepth.interop.hf import resolve
+    from dyndepth.tokenizer import ByteTokenizer, load_tokenizer
+
+    repo = tmp_path / "repo"  # what the hub holds
+    CausalLM(preset("demo-tiny")).save_pretrained(repo)
+    ByteTokenizer().save(repo)
+
+    def download(repo_id, allow_patterns):
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, tmp_path / "cache" / f.name)
+        return str(tmp_path / "cache")
+
+    (tmp_path / "cache").mkdir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert isinstance(load_tokenizer(resolve("user/model")), ByteTokenizer)
+
+
 def test_a_mistyped_preset_name_is_suggested_when_the_hub_cannot_find_it(monkeypatch):
     """`dyndepth generate demo-tiyn -p x` (generate and eval take a preset name) said only "there is no such local
     folder ..., and as a hub id: ConnectError ...", never naming the preset it was meant to be."""

@@ -18,9 +18,13 @@ from dyndepth.methods.registry import attach_method
 from dyndepth.models import MODELS, PRESETS, model_spec
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
 
-_HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model"]
+# a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "byte_tokenizer.json", "encoder.json", "vocab.bpe")
+# what a hub download fetches: the weights and every tokenizer file (a dyndepth export's byte tokenizer was left
+# behind, and `dyndepth generate user/model` found no tokenizer)
+_HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
 
 
 # ----------------------------------------------------------------------------------------- weights
@@ -174,12 +178,6 @@ def _one_dtype(state: dict[str, torch.Tensor], keep: set[str], config_dtype: str
         return None
     named = getattr(torch, config_dtype, None) if isinstance(config_dtype, str) else None
     return named if named in stored else state["model.embed_tokens.weight"].dtype
-
-
-# a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "byte_tokenizer.json", "encoder.json", "vocab.bpe")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,
