@@ -116,6 +116,20 @@ def test_export_then_hf_load_gives_same_logits(pair, tmp_path):
         torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("fields", [{"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+                                    {"model_type": "qwen3_moe", "num_experts": 0}])
+def test_a_qwen3_with_experts_or_a_qwen3_moe_without_exports_what_transformers_loads(fields, tmp_path):
+    # model_type qwen3 with experts exported as Qwen3ForCausalLM: transformers built dense MLPs and reported the experts
+    # unexpected (logits 0.1 off); a qwen3_moe without experts left num_experts out, which transformers reads as 128
+    ours = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", **fields)).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+    assert torch.equal(dyndepth.from_pretrained(tmp_path)(ids).logits, ours(ids).logits)
+
+
 def test_moe_balancing_loss_matches_hf():
     hf = make_hf_model("qwen3-moe")
     ours = dyndepth.CausalLM(dyndepth.ModelConfig(**CONFIGS["qwen3-moe"]))

@@ -69,8 +69,10 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"):
             d.pop(k)
+    if config.model_type == "qwen3" and config.num_experts:  # HF's Qwen3 has no experts (it loaded dense MLPs,
+        d["model_type"] = "qwen3_moe"  # reporting the experts unexpected): these layers are its Qwen3-MoE's
     dtype_name = str(dtype).removeprefix("torch.")
-    d.update(architectures=[ARCHITECTURES[config.model_type]], torch_dtype=dtype_name, dtype=dtype_name)
+    d.update(architectures=[ARCHITECTURES[d["model_type"]]], torch_dtype=dtype_name, dtype=dtype_name)
     rope_parameters = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     d["rope_parameters"] = rope_parameters  # v5 reads this; v4 reads rope_theta / rope_scaling
     return d

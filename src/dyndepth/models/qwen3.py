@@ -217,7 +217,7 @@ class CausalLM(nn.Module):
         """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads, and the loaded checkpoint's
         generation_config.json. A method, if any, is recorded under `dyndepth_method`: transformers loads such a
         folder as the plain base model (it reports the method's tensors as unexpected), whose outputs differ; so does a
-        variant its classes lack (qk_norm off the family's, a Qwen3 MLP bias, experts outside qwen3_moe), which
+        variant its classes lack (qk_norm off the family's, a Qwen3 MLP bias, a Llama with experts), which
         `dyndepth.from_pretrained` loads back exactly."""
         return write_pretrained(self.hf_state_dict(dtype), self.pretrained_config(dtype), path, max_shard_bytes,
                                 getattr(self, "generation_config", None))
