@@ -104,6 +104,15 @@ def test_a_decoder_variant_off_its_familys_layout_loads_back(tmp_path, name, fie
     assert "qk_norm" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen3", "dreamer-tiny"])
+def test_save_pretrained_takes_a_dtype_name_as_from_pretrained_does(tmp_path, name):
+    # "bfloat16" reached tensor.to as a device: RuntimeError "Invalid device string: 'bfloat16'"
+    dyndepth.build_model(preset(name)).save_pretrained(tmp_path, dtype="bfloat16")
+    assert next(dyndepth.from_pretrained(tmp_path).parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype 'bf16' is not one of \['float32', 'bfloat16', 'float16'"):
+        dyndepth.build_model(preset(name)).save_pretrained(tmp_path, dtype="bf16")
+
+
 def test_sharded_checkpoint_and_dtype_conversion(tmp_path):
     model = CausalLM(preset("tiny-qwen3"))
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)

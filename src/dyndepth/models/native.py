@@ -15,6 +15,7 @@ from torch import nn
 
 from dyndepth.config import ConfigError
 from dyndepth.core.layers import cast_state, float32_keys
+from dyndepth.devices import resolve_dtype
 from dyndepth.safetensors_io import write_pretrained
 
 
@@ -62,7 +63,8 @@ def disk_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.
 
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
-    """config.json (`pretrained_config`) + safetensors."""
+    """config.json (`pretrained_config`) + safetensors; dtype a torch dtype or its name."""
+    dtype = resolve_dtype(dtype)
     return write_pretrained(model.hf_state_dict(dtype), pretrained_config(model, dtype), path, max_shard_bytes,
                             getattr(model, "generation_config", None))
 

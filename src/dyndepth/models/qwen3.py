@@ -24,6 +24,7 @@ from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
 from dyndepth.core.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, cast_state, float32_keys
 from dyndepth.core.method import Method
+from dyndepth.devices import resolve_dtype
 from dyndepth.models import hf_layout
 from dyndepth.models.forward import Application, DecoderOutput, Trace, dense_flops_stat, make_context, run_schedule
 from dyndepth.models.moe import SparseMoE, load_balancing_loss
@@ -218,7 +219,8 @@ class CausalLM(nn.Module):
         generation_config.json. A method, if any, is recorded under `dyndepth_method`: transformers loads such a
         folder as the plain base model (it reports the method's tensors as unexpected), whose outputs differ; so does a
         variant its classes lack (qk_norm off the family's, a Qwen3 MLP bias, a Llama with experts), which
-        `dyndepth.from_pretrained` loads back exactly."""
+        `dyndepth.from_pretrained` loads back exactly. dtype: a torch dtype or its name, as from_pretrained takes."""
+        dtype = resolve_dtype(dtype)  # ("bfloat16" reached tensor.to as a device name: "Invalid device string")
         return write_pretrained(self.hf_state_dict(dtype), self.pretrained_config(dtype), path, max_shard_bytes,
                                 getattr(self, "generation_config", None))
 
