@@ -82,6 +82,34 @@ def test_generate_until_matches_hf_greedy(pair):
     assert any(len(x) < len(y) for x, y in zip(a, free)), "a stop string should have cut some output"
 
 
+def test_generate_until_stops_at_generation_config_eos_ids_as_the_hf_backend(pair, tiny_checkpoint, tmp_path):
+    # HFLM's transformers generate stops at generation_config.json's eos ids too (Qwen3: <|im_end|> and
+    # <|endoftext|>); ours stopped at the tokenizer's EOS only and went on past the other one
+    import json
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+
+    ours, _ = pair
+    free = ours.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS]),
+                               disable_tqdm=True)
+    stop = ours.tok_encode(free[0])[3]  # a token the continuations emit
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [ours.eot_token_id, stop]}))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())  # special, as a checkpoint's stop ids are: no
+    content = next(k for k, v in tokenizer["model"]["vocab"].items() if v == stop)  # text of its own in a decode
+    tokenizer["added_tokens"].append({"id": stop, "content": content, "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    ours = DyndepthLM(pretrained=str(folder), device="cpu", batch_size=3, max_length=MAX_LENGTH)
+    hf = HFLM(pretrained=str(folder), device="cpu", batch_size=3, max_length=MAX_LENGTH, dtype="float32")
+    args = requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS])
+    a = ours.generate_until(args, disable_tqdm=True)
+    assert a == hf.generate_until(args, disable_tqdm=True)
+    assert any(len(x) < len(y) for x, y in zip(a, free)), "the second stop id should have cut some output"
+
+
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
     """A tiny Llama checkpoint whose tokenizer's post-processor prepends <s>, as Llama's does (the Qwen3-style fixture
