@@ -1180,9 +1180,11 @@ def test_the_exit_check_runs_in_blocks_with_the_same_decisions(monkeypatch):
     assert float(blocks.stats["dreamer/avg_depth"]) == float(whole.stats["dreamer/avg_depth"]) < 4
 
 
-def test_the_set_entropy_counts_only_the_tokens_that_ran_each_step():
+def test_the_set_entropy_and_diversity_count_only_the_steps_tokens_ran():
     """With a threshold every token passes at the first check (after step 1), steps 2 and 3 run no token: the
-    expert-set entropy is that of steps 0 and 1, as a 2-step forward's (it counted the exited tokens' choices)."""
+    expert-set entropy is that of steps 0 and 1, as a 2-step forward's (it counted the exited tokens' choices), and
+    so is the diversity, distinct experts over min(k * 2, E) (it divided by min(k * 4, E): an exiting model read as
+    less diverse than it was)."""
     model = varied(tiny(num_recurrences=4))
     ids = torch.randint(0, 256, (3, 10))
     with torch.no_grad():
@@ -1192,23 +1194,9 @@ def test_the_set_entropy_counts_only_the_tokens_that_ran_each_step():
             two = model(ids).stats
     assert float(exited["dreamer/avg_depth"]) == 2.0
     assert float(exited["dreamer/expert_set_entropy"]) == pytest.approx(float(two["dreamer/expert_set_entropy"]))
+    assert float(exited["dreamer/expert_diversity"]) == pytest.approx(float(two["dreamer/expert_diversity"]))
     one_token = model(ids[:, :1]).stats  # a full forward of one-token rows has it too (eval/dreamer.py reads it)
     assert float(one_token["dreamer/expert_set_entropy"]) >= 0
-
-
-def test_expert_diversity_divides_by_the_steps_a_token_ran():
-    """Every token exits after step 1 of 4: its diversity is that of a 2-step forward, distinct experts over
-    min(k * 2, E); it was divided by min(k * 4, E), so an exiting model read as less diverse than it was."""
-    model = varied(tiny(num_recurrences=4, num_experts=16, num_experts_per_tok=2))
-    ids = torch.randint(0, 256, (3, 10))
-    with torch.no_grad():
-        with model.override(exit_kl=1e9):
-            exited = model(ids).stats
-        with model.override(steps=2):
-            two = model(ids).stats
-    assert float(exited["dreamer/avg_depth"]) == 2.0
-    assert float(exited["dreamer/expert_diversity"]) == pytest.approx(float(two["dreamer/expert_diversity"]))
-    assert 0.5 < float(two["dreamer/expert_diversity"]) <= 1.0
 
 
 def test_a_cache_without_a_slot_per_application_or_of_another_batch_is_a_clear_error():
