@@ -370,6 +370,12 @@ def eval_(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Perplexity window (default: the model's "
                                                                         "context, at most 2048)."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for results.json and results.md."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt (default: "
+                                              "each task's own; tasks zero-shot by their config, as the offline "
+                                              "multiple-choice ones, stay so)."),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Render prompts with the "
+                                             "tokenizer's chat template (few-shot examples as turns), as lm-eval's "
+                                             "--apply_chat_template."),
 ) -> None:
     """Benchmarks through lm-eval (offline task files with --data-dir) and perplexity, in one table."""
     _out_folder(out, "eval")
@@ -377,7 +383,8 @@ def eval_(
 
     try:
         result = _run(run_eval, model, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                      model_args=model_args, perplexity=perplexity, stride=stride, max_length=max_length, out=out)
+                      model_args=model_args, perplexity=perplexity, stride=stride, max_length=max_length, out=out,
+                      num_fewshot=num_fewshot, apply_chat_template=apply_chat_template)
     except OSError as e:  # lm-eval's own tasks download their data (requests' and the hub's errors are OSErrors)
         local = (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
         if data_dir is not None or not tasks or isinstance(e, local):

@@ -281,8 +281,9 @@ def test_eval_options_snapshot():
     import typer.main
 
     cmd = typer.main.get_command(app).commands["eval"]
-    assert sorted(p.name for p in cmd.params) == ["batch_size", "data_dir", "limit", "max_length", "model",
-                                                  "model_args", "out", "perplexity", "stride", "tasks"]
+    assert sorted(p.name for p in cmd.params) == ["apply_chat_template", "batch_size", "data_dir", "limit",
+                                                  "max_length", "model", "model_args", "num_fewshot", "out",
+                                                  "perplexity", "stride", "tasks"]
 
 
 def test_run_eval_takes_a_model_in_memory(tiny_checkpoint, data_dir, tmp_path):
@@ -367,3 +368,36 @@ def test_scoring_that_reads_later_tokens_is_named(tmp_path, caplog):
     assert "quantile mode ranks each row's tokens, later ones included" in late
     dyndepth.build_model(dyndepth.preset("mor-tiny", vocab_size=264)).save_pretrained(tmp_path / "mor")
     assert load_for_eval(str(tmp_path / "mor"), tokenizer="byte").lookahead == ""  # its routing in the method slot
+
+
+def test_the_cli_takes_lm_evals_few_shot_count_and_chat_template(tiny_checkpoint, data_dir, tmp_path, monkeypatch):
+    # `dyndepth eval` had neither: few-shot counts and chat-templated prompts were reachable from Python only
+    import shutil
+
+    from dyndepth.eval.harness import DyndepthLM
+
+    out = tmp_path / "fewshot"
+    r = CliRunner().invoke(app, ["eval", str(tiny_checkpoint[0]), "--tasks", "gsm8k", "--data-dir", str(data_dir),
+                                 "--limit", "1", "--num-fewshot", "1", "--model-args", "max_gen_toks=4",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "results.json").read_text())["lm_eval"]["n-shot"] == {"dyndepth_gsm8k": 1}  # (not 5)
+    r = CliRunner().invoke(app, ["eval", str(tiny_checkpoint[0]), "--tasks", "copa", "--data-dir", str(data_dir),
+                                 "--apply-chat-template", "--out", str(tmp_path / "none")])
+    assert r.exit_code != 0 and "needs the tokenizer's chat template" in r.output  # before any request
+    assert not (tmp_path / "none" / "results.json").exists()
+    folder = tmp_path / "templated"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    contexts, scored = [], DyndepthLM.loglikelihood
+    monkeypatch.setattr(DyndepthLM, "loglikelihood",
+                        lambda self, reqs, **kw: contexts.extend(r.args[0] for r in reqs) or scored(self, reqs, **kw))
+    r = CliRunner().invoke(app, ["eval", str(folder), "--tasks", "copa", "--data-dir", str(data_dir), "--limit", "1",
+                                 "--apply-chat-template", "--out", str(tmp_path / "chat")])
+    assert r.exit_code == 0, r.output
+    assert contexts and all(c.startswith("<user>") and c.endswith("\n<assistant>") for c in contexts)
+    with pytest.raises(ValueError, match="pass --tasks too"):
+        run_eval(str(folder), perplexity=tmp_path / "x.txt", num_fewshot=2, out=tmp_path / "p")

@@ -43,17 +43,20 @@ class Row:
 def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Path | None = None,
              limit: int | None = None, batch_size: int = 8, model_args: str | dict | None = None,
              perplexity: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
-             out: str | Path = "runs/eval") -> dict:
+             out: str | Path = "runs/eval", num_fewshot: int | None = None, apply_chat_template: bool = False) -> dict:
     """Evaluate `model` (checkpoint folder, hub id, preset name or CausalLM) and write the results.
 
     model_args: 'k=v,...' or a dict of the lm-eval adapter's arguments (tokenizer, dtype, device,
-    max_length, ...) and method knobs (skip_budget, ...; see eval/model_args.py).
+    max_length, ...) and method knobs (skip_budget, ...; see eval/model_args.py). num_fewshot (None: each task's
+    own) and apply_chat_template (the tokenizer's chat template, few-shot examples as turns) are lm-eval's.
     Returns {"rows": [Row], "table": str, "path": results.json}.
     """
     from dyndepth.eval.model_args import ADAPTER_ARGS, batch_count, load_for_eval, parse_model_args, token_count
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (examples per task; leave it unset for every example).")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"num_fewshot={num_fewshot} must be >= 0 (leave it unset for each task's own).")
     args = parse_model_args(model_args) if not isinstance(model_args, dict) else dict(model_args)
     if "pretrained" in args and args["pretrained"] != model:
         raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
@@ -71,6 +74,10 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     if not harness_tasks and not ppl_files:
         raise ValueError("nothing to evaluate: pass --tasks (e.g. hellaswag,piqa with --data-dir) "
                          "and/or --perplexity FILE.")
+    if not harness_tasks and (num_fewshot is not None or apply_chat_template):
+        raise ValueError("num_fewshot and apply_chat_template shape lm-eval's task prompts; perplexity alone reads "
+                         "neither: pass --tasks too, or drop them.")
+    lm_eval_options = {"num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template}
 
     rows: list[Row] = []
     raw: dict = {}
@@ -82,8 +89,12 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
             from dyndepth.eval.perplexity import window_of
 
             window_of(model_obj, max_length, stride)
+        if apply_chat_template and not getattr(tok, "chat_template", None):  # (else: at the first request)
+            raise ValueError("apply_chat_template needs the tokenizer's chat template, and this one has none "
+                             "(chat_template.jinja or tokenizer_config.json's chat_template); drop the option, or pass "
+                             "--model-args tokenizer=FOLDER of a tokenizer that has one.")
         _check_generation(lm, harness_tasks, manager)
-        raw = _run_lm_eval(lm, harness_tasks, manager, limit)
+        raw = _run_lm_eval(lm, harness_tasks, manager, limit, **lm_eval_options)
         config = raw.setdefault("config", {})  # (lm-eval records these from its own arguments: None for a model)
         config.update({k: v for k, v in (("batch_size", lm.batch_size), ("device", str(lm.device)))
                        if config.get(k) is None})
@@ -213,14 +224,16 @@ def _check_generation(lm, names: list[str], manager) -> None:
                              f"max_gen_toks=N with N < {lm.max_length} (or a larger max_length).")
 
 
-def _run_lm_eval(lm, names: list[str], manager, limit) -> dict:
+def _run_lm_eval(lm, names: list[str], manager, limit, **options) -> dict:
+    """lm-eval's simple_evaluate of `names`; `options`: its num_fewshot and apply_chat_template (few-shot examples
+    then go in as turns, lm-eval's fewshot_as_multiturn default)."""
     from lm_eval import simple_evaluate
 
     task_log = logging.getLogger("lm_eval.api.task")
     if _quiet_custom_dataset_hint not in task_log.filters:
         task_log.addFilter(_quiet_custom_dataset_hint)
     raw = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=True,
-                          bootstrap_iters=BOOTSTRAP_ITERS)
+                          bootstrap_iters=BOOTSTRAP_ITERS, **options)
     return raw or {}
 
 
