@@ -120,6 +120,27 @@ def test_cached_generation_equals_the_full_forward_and_only_routed_tokens_write_
 
 
 @pytest.mark.parametrize("router", ROUTERS)
+def test_feeding_positions_again_without_invalidate_rewrites_the_recursion_slots(router):
+    """A recursion slot holds the tokens that ran it only: a position sent again (a rejected draft, a re-prefill)
+    whose new token stops earlier kept the old token's entry there, read by every later token (0.04 to 0.1 off the
+    full forward), as MoD's routed slots once did."""
+    model = varied(tiny(router_type=router))
+    pos = torch.arange(12).expand(2, 12)
+    for seed in range(6):  # (a sent-again position whose first token ran a recursion and whose second does not)
+        torch.manual_seed(seed)
+        ids = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = KVCache.for_model(model.config, 2, 12, num_slots=model.num_slots())
+            model(ids[:, :6], positions=pos[:, :6], cache=cache)
+            for t in range(6, 9):  # one true token, then two others that are sent again below with the truth
+                model(ids[:, t:t + 1] if t == 6 else torch.randint(0, 256, (2, 1)), positions=pos[:, t:t + 1],
+                      cache=cache)
+            got = model(ids[:, 7:], positions=pos[:, 7:], cache=cache).logits
+        torch.testing.assert_close(got, full[:, 7:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
 def test_save_load_round_trip(router, tmp_path):
     model = varied(tiny(router_type=router, n_layers_in_recursion=1))
     model.save_pretrained(tmp_path / "m")

@@ -210,6 +210,9 @@ class RecursionRouting:
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> RecursionState:
         topk = self.config.router_type == "expert" and ctx.training and ctx.cache is None
+        if ctx.cache is not None:  # a recursion slot holds the tokens that ran it only: a position sent again whose
+            # new token stops earlier would keep the old token's entry there (KVCache.rewrite_from, as MoD's and DND's)
+            ctx.cache.rewrite_from(ctx.positions, ctx.valid, sorted(self.step_of))
         return RecursionState(ctx.valid_or_all, topk)
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
