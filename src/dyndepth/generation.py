@@ -175,6 +175,7 @@ def decoding_knobs(model, skip_budget: float | None, method_knobs: dict | None):
     return method.decoding(**dict(method_knobs or {}, **({} if skip_budget is None else {"budget": skip_budget})))
 
 
+@torch.no_grad()  # (called directly too: with autograd on, the cache's in-place writes chained every step's graph)
 def generate(
     model,
     input_ids: torch.Tensor,
