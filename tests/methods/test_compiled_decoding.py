@@ -129,6 +129,27 @@ def test_mod_decodes_in_one_graph_routing_some_tokens():
 
 
 @pytest.mark.slow
+def test_mod_router_threshold_decodes_in_one_graph_as_generate_compiles_it():
+    """generate(compile=...) traces with fullgraph=False: each step of mode router_threshold read the stored
+    calibration back from the buffers (int(tensor)), a graph break per step (4 graphs), though a fullgraph=True trace,
+    which specializes the buffers, passed."""
+    from torch._dynamo.utils import counters
+
+    model = varied("tiny-qwen3")
+    attach_mod(model, MoDConfig(capacity=0.5))
+    calibrate(model, [torch.randint(0, 200, (4, 32))], capacity=0.5)
+    ids, mask = left_padded_batch()
+    knobs = {"mode": "router_threshold"}
+    eager = model.generate(ids, 4, attention_mask=mask, stop_tokens=[], method_knobs=knobs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(ids, 4, attention_mask=mask, stop_tokens=[], method_knobs=knobs,
+                              compile={"backend": "eager"})
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name, every", [("tiny-qwen3-moe", True), ("dreamer-tiny", False)])
 def test_a_traced_step_counts_the_experts_it_runs(name, every):
     """Qwen3-MoE's experts (one matmul per expert eagerly) run every expert in a traced step of a few tokens: the

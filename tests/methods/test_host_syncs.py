@@ -66,6 +66,14 @@ def _mod():
     return model, Counter({"aten::_local_scalar_dense": routed}), contextlib.nullcontext()  # longest kept row
 
 
+def _mod_threshold():
+    # the calibration's capacity is checked on entering `decoding` and once by a forward, not read back from every
+    # routed layer's buffer at each step (a sync per routed layer, and a graph break in every compiled decode step)
+    model, own, _ = _mod()
+    calibrate(model, [torch.randint(0, 200, (4, 24))], capacity=0.5)
+    return model, own, model.method.decoding(mode="router_threshold")
+
+
 def _dnd():
     model = CausalLM(preset("tiny-qwen3")).eval()
     attach_dnd(model, DNDConfig(layers=(0, 1), ratio=0.2))
@@ -76,8 +84,8 @@ def _dreamer():
     return dyndepth.build_model(dyndepth.preset("dreamer-tiny")).eval(), Counter(), contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("build", [_plain, _gateskip, _mod, _dnd, _dreamer],
-                         ids=["plain", "gateskip", "mod", "dnd", "dreamer"])
+@pytest.mark.parametrize("build", [_plain, _gateskip, _mod, _mod_threshold, _dnd, _dreamer],
+                         ids=["plain", "gateskip", "mod", "mod_threshold", "dnd", "dreamer"])
 def test_a_decode_step_syncs_the_host_only_where_its_method_decides_on_values(build):
     torch.manual_seed(0)
     model, own, mode = build()

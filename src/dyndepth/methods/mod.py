@@ -148,6 +148,7 @@ class MoD:
     def __init__(self, config: MoDConfig, routed: list[int]) -> None:
         self.routed = frozenset(routed)
         self.recorder: ThresholdRecorder | None = None  # set while `calibrate` records thresholds
+        self._checked: tuple | None = None  # the capacity and threshold buffers a forward last found calibrated
         self._decoder = None  # the model's DecoderModel (thresholds live in its layers)
         self.configure(config)
 
@@ -228,7 +229,8 @@ class MoD:
     # ---- per forward ----
     def begin(self, input_ids: torch.Tensor, ctx: ForwardContext) -> MoDState:
         mode = self.config.decode_mode if self.mode == "topk" and ctx.cache is not None else self.mode
-        self._check_calibrated(mode)
+        if mode == "router_threshold" and not torch.compiler.is_compiling():
+            self._check_calibrated_once()
         if ctx.cache is not None:  # the routed slots hold the routed tokens only
             ctx.cache.rewrite_from(ctx.positions, ctx.valid, sorted(self.routed))
         return MoDState(mode=mode, valid=ctx.valid_or_all)
@@ -238,6 +240,16 @@ class MoD:
             check_calibrated([self._decoder.layers[s].mod.threshold_capacity_ppm for s in self.routed], self.capacity,
                              "capacity", f"mode 'router_threshold' at capacity {self.capacity}", "MoD",
                              ", or use mode='predictor'")
+
+    def _check_calibrated_once(self) -> None:
+        """router_threshold mode set by the config (or any way around `override`, which checks): the first forward
+        checks the calibration, and again only when the capacity or a threshold buffer changes, so a decode step reads
+        no stored capacity back (a host sync per routed layer, and a graph break in a compiled step), as GateSkip's."""
+        ppm = [self._decoder.layers[s].mod.threshold_capacity_ppm for s in sorted(self.routed)]
+        key = (self.capacity, *((id(p), p._version) for p in ppm))
+        if key != self._checked:
+            self._check_calibrated("router_threshold")
+            self._checked = key
 
     def end(self, ctx: ForwardContext) -> MethodOutput:
         st: MoDState = ctx.state
