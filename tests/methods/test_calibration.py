@@ -44,3 +44,30 @@ def test_text_batches_are_the_first_windows_and_refuse_empty_requests():
             text_batches(CharTokenizer(), text, *args)
     with pytest.raises(ValueError, match="fewer than one window of seq_len=200"):
         text_batches(CharTokenizer(), text, 1, 1, 200)
+
+
+@pytest.mark.parametrize("name, knobs", [("gateskip", {"budget": 0.3, "mode": "threshold"}),
+                                         ("mod", {"capacity": 0.5, "mode": "router_threshold"})])
+def test_training_drops_the_calibration_its_steps_make_stale(name, knobs, tmp_path):
+    """A calibrated checkpoint post-trained on (dyndepth train, one rank or many) kept its thresholds marked as fitted
+    for the knob, so decoding at that knob skipped by thresholds of the old gates (a budget-0.3 calibration skipped
+    63-85% after a few steps) with no word; now the first step drops them and decoding asks for calibrate."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from tiny_loader import TinyLoader
+    from train_script import tiny_train_config
+
+    from dyndepth.methods import attach_method
+    from dyndepth.train import train
+
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    method = attach_method(model, name)
+    calibrate(model, [torch.randint(0, 256, (2, 16))], **{k: v for k, v in knobs.items() if k != "mode"})
+    with method.override(**knobs):  # calibrated: accepted
+        model.eval()(torch.randint(0, 256, (1, 8)))
+    train(model, TinyLoader(2, 16), tiny_train_config(str(tmp_path), steps=1, save_every=0, warmup=0),
+          hooks=method.trainer_hooks(1))
+    with pytest.raises(ValueError, match="not calibrated"), method.override(**knobs):
+        model.eval()(torch.randint(0, 256, (1, 8)))

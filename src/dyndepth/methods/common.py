@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import numbers
 import typing
 from dataclasses import asdict
+
+log = logging.getLogger(__name__)
 
 PPM = 1_000_000  # budgets stored in integer buffers, in parts per million (model.to(dtype) leaves them alone)
 
@@ -133,6 +136,22 @@ def check_calibrated(stored_ppm, value: float, knob: str, what: str, owner: str,
     raise ValueError(f"{what} needs {owner}'s thresholds calibrated for it, and they are {now}; run "
                      f"dyndepth.methods.calibrate(model, batches, {knob}={value}) first (from a shell: dyndepth "
                      f"calibrate MODEL --text FILE --knobs {knob}={value} --out DIR){alternative}.")
+
+
+def drop_calibration(stored_ppm, knob: str, owner: str, warn: bool = True) -> None:
+    """Mark thresholds `calibrate` stored as not fitted (their knob value buffers, in ppm, set to -1), with a warning
+    when any were: a training step moves the scores they were fitted to, so at their knob they no longer keep its
+    share, and decoding must ask for a new calibration rather than silently skip another fraction. The trainer
+    hooks of GateSkip and MoD call it after the first step (one host read per run); `warn`: rank 0 only."""
+    fitted = sorted({int(p) / PPM for p in stored_ppm if int(p) >= 0})
+    if not fitted:
+        return
+    for p in stored_ppm:
+        p.fill_(-1)
+    if warn:
+        log.warning("training moved the %s scores its thresholds were calibrated on (%s %s): they were dropped; "
+                    "calibrate the trained model again to decode at a %s (dyndepth calibrate).", owner, knob,
+                    ", ".join(f"{v:g}" for v in fitted), knob)
 
 
 def parse_key_values(text: str | None, error: str) -> dict:

@@ -60,6 +60,7 @@ from dyndepth.methods.common import (
     check_attachable,
     check_calibrated,
     check_structural,
+    drop_calibration,
     make_config,
     method_dict,
     override_knobs,
@@ -514,6 +515,7 @@ class GateSkipHook:
         self.span = (method.config.ramp_steps or total_steps) - 1  # steps from the first budget to the last
         self.origin = (0, method.config.ramp_start)  # (steps done, budget of the next step) the ramp starts from
         self.done = 0
+        self.calibration_dropped = False  # (after the first step: see after_step)
         self.method.budget = self._ramp(0)
 
     def _ramp(self, done: int) -> float:
@@ -524,6 +526,10 @@ class GateSkipHook:
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
         """Logs the budget step `step` (1-based) trained at, then sets the next step's."""
         ran, self.done = self.method.budget, step
+        if not self.calibration_dropped:  # the step moved the gates: decoding thresholds fitted before it are stale
+            drop_calibration([g.tau_budget_ppm for g in self.method.layer_gates], "budget", "GateSkip",
+                             getattr(dist, "is_main", True))
+            self.calibration_dropped = True
         if self.origin is None:  # resumed from a state without its step: continue from here
             self.origin = (step - 1, ran)
         self.method.budget = self._ramp(step)

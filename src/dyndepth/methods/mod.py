@@ -58,6 +58,7 @@ from dyndepth.methods.common import (
     check_attachable,
     check_calibrated,
     check_structural,
+    drop_calibration,
     make_config,
     method_dict,
     override_knobs,
@@ -347,12 +348,18 @@ class MoDHook:
                              "route no token of a layer and train nothing there): train with mode='topk' (the paper), "
                              "then decode with decode_mode, or calibrate for router_threshold.")
         self.method = method
+        self.calibration_dropped = False  # (after the first step: see after_step)
         if method.config.anneal_period > 0:
             method.capacity = capacity_anneal(0, method.config.capacity, method.config.anneal_period)
 
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
         """Logs the capacity this step trained at, then sets the next step's."""
         cfg, ran = self.method.config, self.method.capacity
+        if not self.calibration_dropped:  # the step moved the routers: router_threshold's thresholds are stale
+            layers = self.method._decoder.layers
+            drop_calibration([layers[s].mod.threshold_capacity_ppm for s in self.method.routed], "capacity", "MoD",
+                             getattr(dist, "is_main", True))
+            self.calibration_dropped = True
         if cfg.anneal_period > 0:
             self.method.capacity = capacity_anneal(step, cfg.capacity, cfg.anneal_period)
         return {"capacity": ran}
