@@ -168,7 +168,15 @@ def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+        state = get_model_state_dict(model, options=opts)
+        # the gather gives each name of a tied parameter its own copy: point them at one tensor again, so that
+        # `_dedupe` stores a tied lm_head once, as one process and DDP do
+        first = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = first.setdefault(id(p), name)
+            if key != name and key in state and name in state:
+                state[name] = state[key]
+        return state, get_optimizer_state_dict(model, optimizer, options=opts)
     return model.state_dict(), _keyed_by_name(optimizer.state_dict())
 
 
