@@ -20,8 +20,8 @@ METHODS = {
     # sequence scope: ranking within each row, so a rank's half batch ranks as the whole batch does
     "gateskip": {"name": "gateskip", "scope": "sequence", "ramp_end": 0.5, "ramp_steps": 1},
     "mod": {"name": "mod", "capacity": 0.5},
-    # spread routers select from step 1; no EMA sync in 3 steps (a mean of per-rank quantiles is not the
-    # batch's quantile), so one process and 2 ranks move tau identically (the proportional step)
+    # spread routers select from step 1; no EMA sync in 3 steps: 2 ranks move tau by the proportional step as one
+    # process does (test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync covers the sync)
     "dnd": {"name": "dnd", "layers": [0, 1], "ratio": 0.3, "router_init_std": 0.3, "beta_init": 0.5},
 }
 CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
@@ -152,16 +152,26 @@ def test_mod_options_that_leave_its_router_and_predictor_untrained_run_under_ddp
     assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), min_keys=3)
 
 
-def test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync(tmp_path):
-    # sync_every=1: every step each rank's buffer (its own rows) gives its own targets, and their all-reduce keeps
-    # tau equal on both ranks (the loss curves are not compared: a mean of per-rank quantiles is not one process's);
-    # routers spread wider, so the targets lie far from tau_init
-    two_ranks(tmp_path, {**METHODS["dnd"], "router_init_std": 3.0, "sync_every": 1}, "ddp,fsdp")
+@pytest.mark.parametrize("ema_target", ["quantile", "topk_mean"])
+def test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync(ema_target, tmp_path):
+    # sync_every=1: every step the target comes from the buffered scores of both ranks pooled, so tau is equal on
+    # both ranks and equal to one process's (a mean of per-rank quantiles, as before, moved tau 6e-5 off at the first
+    # sync and the loss after it); routers spread wider, so the targets lie far from tau_init
+    method = {**METHODS["dnd"], "router_init_std": 3.0, "sync_every": 1, "ema_target": ema_target}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        run(str(tmp_path / "one"), method, "none")
+    finally:
+        torch.set_num_threads(threads)
+    two_ranks(tmp_path, method, "ddp,fsdp")
     for mode in ("ddp", "fsdp"):
         ranks = [json.loads((tmp_path / mode / f"tau_rank{r}.json").read_text()) for r in range(2)]
         assert ranks[0] == ranks[1]
         taus = [step["dnd/tau/L1"] for step in curve(tmp_path / mode)]
-        assert len(taus) == STEPS and abs(taus[0] - 0.5) > 0.02  # the sync moved tau, not only alpha (0.01) steps
+        assert len(taus) == STEPS  # the quantile's sync moved tau, not only alpha (0.01) steps:
+        assert abs(taus[0] - 0.5) > 0.02 or ema_target != "quantile"
+        assert_same_curve(curve(tmp_path / mode), curve(tmp_path / "one"))  # tau, loss and statistics
 
 
 @pytest.mark.parametrize("name", list(BASELINES))

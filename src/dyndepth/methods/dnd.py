@@ -22,7 +22,7 @@ score dispersion L_sd = -H(q) / log n with q = p / sum p (the paper's sign maxim
 over sequences and layers and weighted by `sd_weight` / `dp_weight`. The threshold tau (a float32 buffer
 per layer, in the checkpoint, frozen at inference) is set by `DNDHook`, no gradients: every step
 tau += alpha (actual - target ratio); every `sync_every` steps tau moves by gamma toward the threshold that
-selects the target ratio of a buffer of recent scores (`ema_target`); both all-reduced over ranks.
+selects the target ratio of a buffer of recent scores (`ema_target`), the ranks' buffers pooled.
 
 KV cache: the vanilla pass keeps the layer's slot; the nested pass of the j-th DND layer has its own slot
 `len(model.schedule) + j` (`extra_slots`), holding K/V of the selected tokens only, at column = compact
@@ -536,14 +536,53 @@ def _mean_over_ranks(dist, t: torch.Tensor) -> torch.Tensor:
     return t if dist is None else dist.all_reduce_mean(t)
 
 
+def _pooled_targets(method: DND, dist) -> torch.Tensor | None:
+    """`DNDHook.targets` over the buffered scores of every rank together, without gathering them (a buffer can
+    hold hundreds of MB per rank): order statistics by bisection (`_kth_smallest`), counts and sums all-reduced.
+    The same numbers as one process sorting the pooled scores; every rank gets them. (L,) float32, or None."""
+    cfg, device = method.config, method.layer_dnd[0].tau.device
+    scores = [torch.cat([t.to(device) for t in method.scores_buffer[layer]]) if method.scores_buffer[layer]
+              else torch.zeros(0, device=device) for layer in method.layers]
+    n = dist.all_reduce_sum(torch.tensor([float(s.numel()) for s in scores], dtype=torch.float64, device=device))
+    if bool((n == 0).any()):  # (the same answer on every rank: the counts are all-reduced)
+        return None
+    if cfg.ema_target == "quantile":  # rank_threshold: midpoint of the k-th and (k+1)-th lowest, k = floor(q n)
+        k = torch.floor((1.0 - cfg.ratio) * n + 1e-9)
+        lo = _kth_smallest(scores, k.clamp(min=1), dist)
+        hi = _kth_smallest(scores, torch.minimum(k + 1, n), dist)
+        t = torch.where(k >= n, lo, (lo + hi) / 2)
+        return torch.where(k == 0, torch.full_like(t, float("-inf")), t).clamp(0.0, 1.0)
+    m = torch.tensor([max(1, capacity(cfg.ratio, int(x))) for x in n.tolist()], dtype=torch.float64, device=device)
+    t = _kth_smallest(scores, n - m + 1, dist)  # the m-th largest; topk_mean: the mean of the m largest
+    above = torch.stack([torch.stack([(s > ti).sum().double(), s[s > ti].double().sum()]) for s, ti in zip(scores, t)])
+    above = dist.all_reduce_sum(above)  # (L, 2): count and sum of the scores above it
+    return ((above[:, 1] + (m - above[:, 0]) * t.double()) / m).float().clamp(0.0, 1.0)
+
+
+def _kth_smallest(scores: list[torch.Tensor], rank: torch.Tensor, dist) -> torch.Tensor:
+    """Per layer l, the rank[l]-th smallest (1-based) of scores[l] pooled over every rank: (L,) float32. Bisection over
+    float32 bit patterns, which order as the values for finite scores >= 0 (sigmoids; the buffer keeps no NaN): 31
+    halvings of [0, +inf], one all-reduce of L counts each."""
+    bits = [s.float().contiguous().view(torch.int32) for s in scores]
+    lo = torch.zeros(len(scores), dtype=torch.int64, device=rank.device)
+    hi = torch.full_like(lo, 0x7F800000)  # +inf
+    for _ in range(31):
+        mid = (lo + hi) // 2
+        count = dist.all_reduce_sum(torch.stack([(b <= m).sum() for b, m in zip(bits, mid)]).double())
+        enough = count >= rank  # the rank-th smallest is <= mid
+        lo, hi = torch.where(enough, lo, mid + 1), torch.where(enough, mid, hi)
+    return lo.to(torch.int32).view(torch.float32)
+
+
 class DNDHook:
     """Trainer hook: the threshold controller (no gradients). Every step tau += alpha (actual - target) per
     layer (control="threshold"); every `sync_every` steps tau += gamma (target threshold of the score buffer - tau)
     (threshold and topk). Under topk, where tau only serves inference, the run's last step also sets it to the
     target (a run shorter than `sync_every` saved tau_init and nested 2-3x the ratio at inference).
-    Ratios and targets are means over data-parallel ranks, so every rank holds the
-    same tau. tau lives in the layers' buffers (saved with the weights); the score buffer, this rank's recent
-    scores, is saved in every rank's checkpoint state, so a resumed run syncs as the uninterrupted one does."""
+    Ratios are means over data-parallel ranks and targets come from every rank's buffer pooled (exactly one
+    process's target on the same rows), so every rank holds the same tau. tau lives in the layers' buffers (saved
+    with the weights); the score buffer, this rank's recent scores, is saved in every rank's checkpoint state, so a
+    resumed run syncs as the uninterrupted one does."""
 
     name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error
 
@@ -564,15 +603,21 @@ class DNDHook:
                 tau.add_(cfg.alpha * (a - cfg.ratio)).clamp_(0.0, 1.0)
             logged["ratio_error"] = float((actual - cfg.ratio).abs().mean())
         last = step == self.total_steps and cfg.control == "topk"
-        if (step % cfg.sync_every == 0 or last) and all(method.scores_buffer[i] for i in method.layers):
-            target = _mean_over_ranks(dist, self.targets().to(taus[0].device))
-            for tau, t in zip(taus, target):
+        target = self.targets(dist) if step % cfg.sync_every == 0 or last else None
+        if target is not None:
+            for tau, t in zip(taus, target.to(taus[0].device)):
                 tau.lerp_(t, 1.0 if last else cfg.gamma).clamp_(0.0, 1.0)
         logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
         return logged
 
-    def targets(self) -> torch.Tensor:
-        """Per layer (float32): the threshold that selects the target ratio of the buffered scores."""
+    def targets(self, dist=None) -> torch.Tensor | None:
+        """Per layer (float32): the threshold that selects the target ratio of the buffered scores; None while a
+        layer has none. Under DDP / FSDP2 the scores of every rank are pooled (`_pooled_targets`), so the ranks
+        set the threshold one process holding all their rows would (a mean of per-rank quantiles is not that)."""
+        if dist is not None and dist.distributed:
+            return _pooled_targets(self.method, dist)
+        if not all(self.method.scores_buffer[layer] for layer in self.method.layers):
+            return None
         cfg, out = self.method.config, []
         for layer in self.method.layers:
             s = torch.cat(list(self.method.scores_buffer[layer]))
