@@ -9,6 +9,7 @@ python dist_checks.py OUT_DIR DATA_FILE   (under torchrun-style env vars RANK, W
    it in one process (another world size) and compares the losses of steps 3 and 4. The other way
    round, single_resumed/ (a copy of a single-process run's step-2 checkpoint, made by the test) is
    resumed here under FSDP to step 4.
+0. reduced_stats.json: `reduce_stats` of dicts whose keys differ between the ranks.
 3. run/: `run_training` under DDP on a user-data JSONL file: both ranks ask for the same shard cache
    (rank 0 builds it), and the final checkpoint is exported to run/model.
 """
@@ -62,6 +63,11 @@ def main() -> None:
     out, data_file = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     info = init_distributed("ddp", "cpu")
+    # a statistic only some ranks report (GateSkip's gateskip/packed when a rank's calls all kept every token)
+    stats = {"loss": 1.0 + info.rank, **({"only_rank_1": 5.0} if info.rank else {"only_rank_0": 3.0})}
+    reduced = reduce_stats(stats, info)
+    if info.is_main:
+        (out / "reduced_stats.json").write_text(json.dumps(reduced))
     one_step_gradients(out, info)
     cfg = tiny_train_config(str(out / "fsdp_run"), steps=4, save_every=2, parallel="fsdp", grad_accum=GRAD_ACCUM,
                             batch_size=PER_RANK_BATCH)

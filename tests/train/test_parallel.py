@@ -176,6 +176,15 @@ def test_one_step_gradient_and_norm_match_one_process(checks, mode):
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 
 
+def test_stats_only_some_ranks_report_are_averaged_over_those(checks):
+    """Logged steps all-reduce the stats as one vector of the sorted keys: a key one rank lacked (GateSkip's
+    gateskip/packed, which a rank whose branch calls all kept every token leaves out) made the ranks' vectors differ,
+    and gloo aborted the run ("Received data size doesn't match"; NCCL would hang or mix values)."""
+    root, _ = checks
+    got = json.loads((root / "reduced_stats.json").read_text())
+    assert got == {"loss": 1.5, "only_rank_0": 3.0, "only_rank_1": 5.0}
+
+
 def test_fsdp_bf16_gathers_bf16_and_reduces_fp32(checks):
     root, ref = checks
     got = torch.load(root / "grads_fsdp_bf16.pt")

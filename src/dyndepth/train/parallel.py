@@ -179,10 +179,17 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def reduce_stats(stats: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Mean of each scalar over ranks (one all-reduce for the whole dict)."""
-    if not info.distributed or not stats:
+    """Mean of each scalar over the ranks that report it (one all-gather of the key names, one all-reduce). Ranks
+    may report different keys (a statistic of something that happened on some ranks only, e.g. gateskip/packed):
+    one vector of each rank's own sorted keys misaligned the all-reduce (a size mismatch, or values of other keys)."""
+    if not info.distributed:
         return stats
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=info.device)
-    info.all_reduce_mean(t)
-    return dict(zip(keys, t.tolist()))
+    names: list = [None] * info.world_size
+    dist.all_gather_object(names, sorted(stats), group=info.group)
+    keys = sorted(set().union(*names))
+    if not keys:
+        return stats
+    t = torch.tensor([[float(stats.get(k, 0.0)) for k in keys], [float(k in stats) for k in keys]],
+                     dtype=torch.float64, device=info.device)  # (2, K): values, reported
+    info.all_reduce_sum(t)
+    return dict(zip(keys, (t[0] / t[1]).tolist()))
