@@ -868,3 +868,34 @@ def test_a_skipped_non_finite_step_leaves_no_nan_in_the_score_buffer_or_tau(tmp_
     assert all(torch.isfinite(d.tau) for d in method.layer_dnd), [float(d.tau) for d in method.layer_dnd]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("dnd/selected", 0) > 0][-1] == 6  # still nesting at the end
+
+
+def test_the_controller_steps_by_the_ratio_of_the_steps_tokens_not_the_mean_of_micro_batch_ratios():
+    """k_actual = selected / valid tokens over the whole optimizer step (spec Eq. 8-9), PAD excluded. Two
+    micro-batches of 16 and 4 real tokens: the mean of their two ratios weighs 4 tokens as much as 16 (with
+    packing="documents" micro-batches differ in fill, and the controller steered that mean to the target)."""
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train.parallel import DistInfo
+    from dyndepth.train.trainer import forward_backward
+
+    model, method = dnd_model(ratio=0.25, alpha=1.0, sync_every=1000)
+    model.train()
+    ids = torch.randint(0, 256, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0  # the second micro-batch: 4 real tokens (left padded)
+    batches = [{"input_ids": ids[b:b + 1], "labels": ids[b:b + 1].masked_fill(mask[b:b + 1] == 0, -100),
+                "attention_mask": mask[b:b + 1]} for b in range(2)]
+    selected = {i: 0 for i in method.layers}
+    for batch in batches:  # the same forwards by hand: count the selected real tokens
+        trace = dyndepth.Trace()
+        with torch.no_grad():
+            model(batch["input_ids"], attention_mask=batch["attention_mask"], trace=trace)
+        for i in method.layers:
+            selected[i] += int(trace.ctx.state.keep[i].sum())
+    cfg = TrainConfig(out_dir="unused", device="cpu", grad_accum=2, batch_size=1, seq_len=16)
+    stats = forward_backward(model, model, batches, [], cfg, DistInfo())
+    (hook,) = method.trainer_hooks(10)
+    hook.after_step(model, 1, stats, DistInfo())
+    for i, d in zip(method.layers, method.layer_dnd):
+        assert float(d.tau) == pytest.approx(min(1.0, max(0.0, 0.5 + (selected[i] / 20 - 0.25))), abs=1e-6), i
+    assert any(selected[i] / 20 != float(stats[f"dnd/selected/L{i}"]) for i in method.layers)  # the two differ

@@ -261,9 +261,14 @@ class DND:
             return out
         if ctx.ledger.enabled:  # (off in `generate`: see core.accounting)
             n_valid = st.n_valid.clamp(min=1) if torch.is_tensor(st.n_valid) else max(st.n_valid, 1)
-            fractions = torch.stack(list(st.keep.values())).sum((1, 2)) / n_valid  # (L,) keep: valid tokens only
+            counts = torch.stack(list(st.keep.values())).sum((1, 2))  # (L,) keep: valid tokens only
+            fractions = counts / n_valid
             for slot, fraction in zip(st.keep, fractions.unbind()):
                 out.stats[f"dnd/selected/L{slot}"] = fraction
+            if ctx.training:  # the controller's ratio: the step's counts (a mean of per-forward ratios weighs
+                for slot, count in zip(st.keep, counts.unbind()):  # micro-batches of unequal fill alike)
+                    out.stats[f"dnd/nested_tokens/L{slot}"] = count
+                out.stats["dnd/valid_tokens"] = st.n_valid
             out.stats["dnd/selected"] = fractions.mean()
             if not st.cached:  # a cached step is op-bound (out.compute keeps the FLOPs)
                 out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
@@ -579,8 +584,9 @@ class DNDHook:
     layer (control="threshold"); every `sync_every` steps tau += gamma (target threshold of the score buffer - tau)
     (threshold and topk). Under topk, where tau only serves inference, the run's last step also sets it to the
     target (a run shorter than `sync_every` saved tau_init and nested 2-3x the ratio at inference).
-    Ratios are means over data-parallel ranks and targets come from every rank's buffer pooled (exactly one
-    process's target on the same rows), so every rank holds the same tau. tau lives in the layers' buffers (saved
+    The actual ratio is the step's selected / valid tokens over every micro-batch and data-parallel rank, and
+    targets come from every rank's buffer pooled (exactly one process's target on the same rows), so every rank
+    holds the same tau. tau lives in the layers' buffers (saved
     with the weights); the score buffer, this rank's recent scores, is saved in every rank's checkpoint state, so a
     resumed run syncs as the uninterrupted one does."""
 
@@ -596,9 +602,13 @@ class DNDHook:
         if cfg.ratio >= 1.0 or cfg.control == "fixed":
             return {f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)}
         keys = [f"dnd/selected/L{i}" for i in method.layers]
+        counts = [f"dnd/nested_tokens/L{i}" for i in method.layers] + ["dnd/valid_tokens"]
         if cfg.control == "threshold" and all(k in stats for k in keys):
-            actual = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32) for k in keys]).to(taus[0].device)
-            actual = _mean_over_ranks(dist, actual)
+            if all(k in stats for k in counts):  # the step's selected / valid tokens, every micro-batch and rank
+                n = _mean_over_ranks(dist, self._stack(stats, counts, taus[0].device))  # (L + 1,) means of counts
+                actual = n[:-1] / n[-1].clamp(min=1e-9)  # (means of the same micro-batches: a ratio of sums)
+            else:  # (statistics of one forward, as the tests hand them)
+                actual = _mean_over_ranks(dist, self._stack(stats, keys, taus[0].device))
             for tau, a in zip(taus, actual):
                 tau.add_(cfg.alpha * (a - cfg.ratio)).clamp_(0.0, 1.0)
             logged["ratio_error"] = float((actual - cfg.ratio).abs().mean())
@@ -609,6 +619,10 @@ class DNDHook:
                 tau.lerp_(t, 1.0 if last else cfg.gamma).clamp_(0.0, 1.0)
         logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
         return logged
+
+    @staticmethod
+    def _stack(stats: dict, keys: list[str], device) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(stats[k], dtype=torch.float32) for k in keys]).to(device)
 
     def targets(self, dist=None) -> torch.Tensor | None:
         """Per layer (float32): the threshold that selects the target ratio of the buffered scores; None while a
