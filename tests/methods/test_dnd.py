@@ -659,6 +659,7 @@ def test_recipes_are_valid_and_the_sft_baseline_differs_in_one_key(recipe):
     if recipe == "dnd_posttrain.toml":
         assert cfg.band(28) == list(range(4, 24)) and cfg.ratio == 0.2
         assert cfg.buffer_batches == 50 * dnd.train.grad_accum  # forwards: the spec's last 50 optimizer steps
+    assert cfg.buffer_batches * cfg.buffer_tokens <= 1_000_000  # the spec's N_b: <= 1M scores per layer
 
 
 @pytest.mark.parametrize("nested", ["compact", "tah"])
