@@ -900,3 +900,18 @@ def test_the_controller_steps_by_the_ratio_of_the_steps_tokens_not_the_mean_of_m
     for i, d in zip(method.layers, method.layer_dnd):
         assert float(d.tau) == pytest.approx(min(1.0, max(0.0, 0.5 + (selected[i] / 20 - 0.25))), abs=1e-6), i
     assert any(selected[i] / 20 != float(stats[f"dnd/selected/L{i}"]) for i in method.layers)  # the two differ
+
+
+def test_the_score_buffer_subsamples_every_forward_of_a_shape_at_one_stride_so_tokens_weigh_alike():
+    """The EMA target is the threshold selecting the ratio of the recent tokens: a forward with fewer real tokens
+    (more PAD) must not keep a larger share of them (the stride came from its valid count: 12 real of 32 kept 6,
+    the 32 of a full forward 8, so the half-padded forward's tokens counted 2x in the quantile)."""
+    model, method = dnd_model(buffer_tokens=8, router_init_std=0.0)
+    model.train()
+    ids = torch.randint(0, 256, (2, 32))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # 12 real tokens
+    with torch.no_grad():
+        for b in range(2):
+            model(ids[b:b + 1], attention_mask=mask[b:b + 1])
+    assert [t.numel() for t in method.scores_buffer[0]] == [8, 3]  # stride 32 / 8 = 4 for both: 32 / 4, 12 / 4

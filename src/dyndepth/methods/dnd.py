@@ -279,8 +279,9 @@ class DND:
             out.losses += [w * v for w, v in ((self.config.sd_weight, sd), (self.config.dp_weight, dp)) if w]
         if ctx.training:
             out.stats["dnd/beta"] = torch.stack(st.beta).mean()
-            for slot, p in st.scores.items():  # not NaN scores (a NaN forward, whose step nonfinite="skip" drops):
-                self.record_scores(slot, p[st.valid & p.isfinite()])  # ranked first, they made tau NaN for good
+            for slot, p in st.scores.items():  # not NaN scores (a NaN forward, whose step nonfinite="skip" drops:
+                finite = p[st.valid & p.isfinite()]  # ranked first, they made tau NaN for good)
+                self.record_scores(slot, finite, p.numel())
         return out
 
     def _overhead(self, table: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,11 +293,13 @@ class DND:
         extra, base = sum_entries(extra), sum_entries(base)
         return extra, (extra / base).float()
 
-    def record_scores(self, layer: int, scores: torch.Tensor) -> None:
-        """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer (none: nothing)."""
+    def record_scores(self, layer: int, scores: torch.Tensor, size: int = 0) -> None:
+        """Keep a strided subsample of one forward's scores (1-D) for the controller's buffer (none: nothing).
+        `size`: the forward's B * T. The stride follows it, not the count of real tokens, so every forward of a shape
+        keeps the same share of its tokens (the buffer's quantile weighs them alike, however padded)."""
         if scores.numel() == 0:  # (every score non-finite: the buffer's older forwards stay)
             return
-        stride = max(1, -(-scores.numel() // self.config.buffer_tokens))
+        stride = max(1, -(-max(size, scores.numel()) // self.config.buffer_tokens))
         self.scores_buffer[layer].append(scores.detach().float()[::stride].contiguous())  # the subsample alone
 
     # ---- per layer ----
