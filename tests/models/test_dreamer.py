@@ -208,6 +208,24 @@ def test_each_layer_of_a_group_attends_over_its_own_depth_memory():
     _check_depth_attention_against_the_reference(model, torch.randint(0, 256, (2, 5)), [(0, 1), (1, 4)])
 
 
+def test_parallel_depth_attention_already_sees_its_query_state_so_including_it_again_is_refused():
+    """da_parallel: the query is the step's input, whose k / v (step r's encoding) are memory entry r, so the query
+    state is in the memory already (checked from the raw weights). da_include_self then appended that entry a second
+    time, identical, doubling its softmax weight (the spec's key set is h_0..h_r plus optionally the query state)."""
+    model = varied(tiny(num_recurrences=3, da_parallel=True))
+    _randomize_norms(model)
+    layer, queries = model.model.layers[0], []
+    layer.depth_attn.register_forward_hook(lambda m, args, out: queries.append(args[0]))
+    trace = dyndepth.Trace(keep_streams=True)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 5)), trace=trace)
+    for r, query in enumerate(queries):
+        torch.testing.assert_close(query, trace.streams[r], rtol=0, atol=0)  # the query state is memory entry r
+    with pytest.raises(dyndepth.ConfigError, match="da_include_self.*da_parallel.*count twice"):
+        tiny(da_parallel=True, da_include_self=True)
+    tiny(da_parallel=True, da_include_self=True, da_mode="none")  # no depth attention: neither option acts
+
+
 @pytest.mark.parametrize("stacked_max", [128, 0])  # a decode-sized call: over the stacked memory | per entry
 def test_depth_attention_matches_a_slow_per_token_softmax_over_earlier_steps(stacked_max, monkeypatch):
     monkeypatch.setattr(dreamer_layer, "STACKED_MAX_TOKENS", stacked_max)
@@ -614,7 +632,7 @@ def test_training_flops_count_the_backward_of_the_steps_that_take_gradients_only
 
 GRADIENT_OPTIONS = [{"input_injection": True}, {"layers_per_group": 2}, {"attn_num_experts": 4},
                     {"ea_depth_encoding": "learned", "num_recurrences": 4}, {"ea_depth_encoding": "rope"},
-                    {"da_include_self": True, "da_parallel": True}, {"da_recompute": True, "sandwich_norm": True},
+                    {"da_include_self": True}, {"da_parallel": True}, {"da_recompute": True, "sandwich_norm": True},
                     {"ea_aux_loss_coef": 0.1, "ea_entropy_coef": 0.01}, {"num_experts": 0, "sandwich_norm": True},
                     {"sa_step_encoding": True, "ea_z_loss_coef": 0.01},
                     {"da_step_encoding": "learned", "da_include_self": True}, {"expert_act": "gelu"},

@@ -55,8 +55,8 @@ class DreamerConfig:
     da_mode: str = "separate"  # separate | merged_softmax (one softmax with SA) | none
     da_num_heads: int | None = None  # None -> num_attention_heads; width = da_num_heads * da_head_dim
     da_head_dim: int | None = None  # None -> head_dim
-    da_include_self: bool = False  # also attend to the query state itself
-    da_parallel: bool = False  # DA reads the step's input next to SA instead of SA's output
+    da_include_self: bool = False  # also attend to the query state itself (sequential DA: the state after SA)
+    da_parallel: bool = False  # DA reads the step's input next to SA instead of SA's output (that input is entry r)
     da_step_encoding: str = "rope"  # how DA's q / k / v know the step: rope (over the step index) | learned (R, D)
     da_rope_theta: float = 10000.0  # RoPE base over steps (also the router's, with ea_depth_encoding="rope")
     # Training memory (ours): recompute depth attention (projections, q/k norms, per-entry products) in backward
@@ -159,6 +159,13 @@ class DreamerConfig:
                               f"({self.attn_num_experts}).")
         if self.attn_num_experts and self.attention_bias:
             raise ConfigError("SwitchHead attention (attn_num_experts > 0) has no biases; set attention_bias = false.")
+        if self.da_include_self and self.da_parallel and self.da_mode == "separate":
+            # the parallel query is the step's input, whose k/v are memory entry r already: "self" would be that entry
+            # a second time (identical key and value), doubling its softmax weight instead of adding a state
+            raise ConfigError("da_include_self adds the query state to depth attention's memory, but with "
+                              "da_parallel=True the query is the step's input, already the memory's last entry (it "
+                              "would count twice); set da_include_self=False (parallel DA sees its own state anyway) "
+                              "or da_parallel=False.")
         if self.da_step_encoding != "rope" and self.da_mode != "separate":
             raise ConfigError(f"da_step_encoding={self.da_step_encoding!r} encodes separate depth attention's steps; "
                               f"da_mode={self.da_mode!r} has none: set da_mode='separate' or keep 'rope'.")
