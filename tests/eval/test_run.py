@@ -194,6 +194,9 @@ def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
         (["--tasks", "wikitext2"], "--data-dir"),           # would be lm-eval's own, which downloads)
         (["--tasks", "dyndepth_nosuch", "--data-dir", str(data_dir)], "unknown offline task"),
         (["--tasks", "piqa", "--data-dir", str(tmp_path / "missing")], "not a folder"),
+        # lm-eval's name of an offline task went to lm-eval's registry: a `datasets` ConnectionError traceback
+        (["--tasks", "copa,lambada_openai", "--data-dir", str(data_dir)], "offline copy is 'lambada'"),
+        (["--tasks", "social_iqa", "--data-dir", str(data_dir)], "pass --tasks siqa"),
         (["--tasks", "piqa", "--data-dir", str(tmp_path)], "piqa"),  # a folder without the files
         (["--perplexity", str(text), "--model-args", "skip_budget=0.3"], "no adaptive-depth method"),
         (["--perplexity", str(text), "--model-args", "skip_budget"], "key=value"),

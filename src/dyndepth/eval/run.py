@@ -27,6 +27,9 @@ PREFIX = "dyndepth_"  # offline task names in lm-eval's registry: dyndepth_hella
 WIKITEXT = "wikitext2"
 WIKITEXT_FILES = ("wikitext2_tokens/test.txt", "wikitext2/test.txt", "wiki.test.tokens")
 OFFLINE_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if not p.name.startswith("_"))
+# lm-eval's names of tasks with an offline copy under another name; with --data-dir these went to lm-eval's registry,
+# which downloads (offline: a `datasets` ConnectionError traceback after the model had loaded)
+LM_EVAL_NAMES = {"lambada_openai": "lambada", "social_iqa": "siqa"}
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics (LAMBADA perplexity); lm-eval's 100,000 takes minutes
 
 
@@ -156,6 +159,9 @@ def _resolve_tasks(tasks, data_dir) -> tuple[list[str], list[tuple[str, Path]], 
             ppl.append((WIKITEXT, found[0]))
         elif name in OFFLINE_TASKS or name.removeprefix(PREFIX) in OFFLINE_TASKS:
             harness.append(PREFIX + name.removeprefix(PREFIX))
+        elif name in LM_EVAL_NAMES:
+            raise ValueError(f"{name!r} is lm-eval's name, which downloads its data set; with --data-dir the offline "
+                             f"copy is {LM_EVAL_NAMES[name]!r}: pass --tasks {LM_EVAL_NAMES[name]}.")
         elif name.startswith(PREFIX):
             raise ValueError(f"unknown offline task {name!r}; offline tasks: {OFFLINE_TASKS + [WIKITEXT, 'all']}.")
         else:
