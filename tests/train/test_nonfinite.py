@@ -114,3 +114,16 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run(tmp_path):
     with pytest.raises(FloatingPointError, match=r"step 3: the loss is [0-9.]+ and the gradient norm nan"):
         _train(tmp_path, GradientPoison(at=3), steps=4)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002"]
+
+
+def test_skip_warns_on_rank_0_only(tmp_path, caplog, monkeypatch):
+    # under torchrun every rank skips the same step (the flag is all-reduced), and each printed the warning
+    from dyndepth.train import checkpoint, parallel
+    from dyndepth.train.parallel import DistInfo
+
+    monkeypatch.setattr(parallel, "init_distributed", lambda *a, **k: DistInfo(rank=1))  # a non-main rank
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: None)  # (rank 0 makes the folder)
+    with caplog.at_level(logging.WARNING, logger="dyndepth"):
+        result = _train(tmp_path / "rank1", PoisonHook(at=2), steps=3, nonfinite="skip")
+    assert result.nonfinite_steps == 1  # skipped and counted there too, only not said
+    assert not [r for r in caplog.records if "was skipped" in r.getMessage()]

@@ -385,9 +385,11 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
         skipped = "nonfinite" in stats
         if skipped:
             result.nonfinite_steps += 1
-            log.warning("step %d: non-finite objective (%.4g: the loss %.4g plus auxiliary losses) or gradient norm "
-                        "(%.4g); the step was skipped (train.nonfinite=skip), %d so far", step,
-                        float(stats.pop("nonfinite")), float(stats["loss"]), float(grad_norm), result.nonfinite_steps)
+            nonfinite = float(stats.pop("nonfinite"))
+            if info.is_main:  # (every rank skips the same step: the flag is all-reduced; say so once)
+                log.warning("step %d: non-finite objective (%.4g: the loss %.4g plus auxiliary losses) or gradient "
+                            "norm (%.4g); the step was skipped (train.nonfinite=skip), %d so far", step,
+                            nonfinite, float(stats["loss"]), float(grad_norm), result.nonfinite_steps)
         else:
             stats.update(hooks_after_step(hooks, raw, step, stats, info))
         meter.steps, meter.tokens = meter.steps + 1, meter.tokens + meter.tokens_per_step
