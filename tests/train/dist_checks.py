@@ -10,6 +10,9 @@ python dist_checks.py OUT_DIR DATA_FILE   (under torchrun-style env vars RANK, W
    round, single_resumed/ (a copy of a single-process run's step-2 checkpoint, made by the test) is
    resumed here under FSDP to step 4.
 0. reduced_stats.json: `reduce_stats` of dicts whose keys differ between the ranks.
+4. resume_race.json: a DDP run whose newest checkpoint is damaged, resumed with resume=true: rank 1 holds its
+   verification of that checkpoint until rank 0 enters a barrier, then records whether the checkpoint was still in
+   place (rank 0 moved it to abandoned_0 while rank 1 was reading it: no barrier between verifying and moving).
 3. run/: `run_training` under DDP on a user-data JSONL file: both ranks ask for the same shard cache
    (rank 0 builds it), and the final checkpoint is exported to run/model.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,8 +33,8 @@ from train_script import tiny_train_config
 
 from dyndepth import CausalLM, preset
 from dyndepth.runconfig import RunConfig
-from dyndepth.train import run_training, train
-from dyndepth.train.parallel import init_distributed, reduce_stats
+from dyndepth.train import checkpoint, run_training, train
+from dyndepth.train.parallel import DistInfo, init_distributed, reduce_stats
 from dyndepth.train.trainer import optimizer_step, setup_model
 
 PER_RANK_BATCH, GRAD_ACCUM = 2, 2
@@ -59,6 +63,50 @@ def one_step_gradients(out: Path, info) -> None:
                         "reduce_dtype": str(getattr(policy, "reduce_dtype", None))}, out / f"grads_{name}.pt")
 
 
+def resume_race(out: Path, info) -> None:
+    run = out / "race_run"
+    cfg = tiny_train_config(str(run), steps=4, save_every=2, parallel="ddp", batch_size=PER_RANK_BATCH)
+    torch.manual_seed(0)
+    train(CausalLM(preset("tiny-qwen3")), sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size), cfg)
+    newest, marker = run / "step_0000004", out / "race_rank0_at_barrier"
+    if info.is_main:
+        weights = newest / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x04  # one bit: the sha256 check fails
+        weights.write_bytes(bytes(data))
+    info.barrier()
+    real_barrier, real_verify, seen = DistInfo.barrier, checkpoint.verify_checkpoint, {}
+
+    def marked_barrier(self):  # rank 0: says when it waits for the other rank
+        marker.touch()
+        real_barrier(self)
+
+    def held_verify(path, *a, **k):  # rank 1: finishes checking the damaged checkpoint once rank 0 waits
+        try:
+            return real_verify(path, *a, **k)
+        finally:
+            if Path(path) == newest:
+                deadline = time.monotonic() + 60  # (a safety net against a hang, not a timing)
+                while not marker.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                seen["in_place"] = newest.is_dir()
+
+    if info.is_main:
+        DistInfo.barrier = marked_barrier
+    else:
+        checkpoint.verify_checkpoint = held_verify
+    try:
+        resumed = train(CausalLM(preset("tiny-qwen3")),
+                        sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size),
+                        tiny_train_config(str(run), steps=4, save_every=2, parallel="ddp", batch_size=PER_RANK_BATCH,
+                                          resume=True))
+    finally:
+        DistInfo.barrier, checkpoint.verify_checkpoint = real_barrier, real_verify
+    if not info.is_main:
+        (out / "resume_race.json").write_text(json.dumps({"in_place": seen.get("in_place"),
+                                                          "steps": resumed.steps}))
+
+
 def main() -> None:
     out, data_file = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
@@ -69,6 +117,7 @@ def main() -> None:
     if info.is_main:
         (out / "reduced_stats.json").write_text(json.dumps(reduced))
     one_step_gradients(out, info)
+    resume_race(out, info)
     cfg = tiny_train_config(str(out / "fsdp_run"), steps=4, save_every=2, parallel="fsdp", grad_accum=GRAD_ACCUM,
                             batch_size=PER_RANK_BATCH)
     torch.manual_seed(0)

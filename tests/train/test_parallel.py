@@ -185,6 +185,15 @@ def test_stats_only_some_ranks_report_are_averaged_over_those(checks):
     assert got == {"loss": 1.5, "only_rank_0": 3.0, "only_rank_1": 5.0}
 
 
+def test_ranks_verify_a_damaged_newest_checkpoint_before_rank_0_moves_it(checks):
+    """resume=true under DDP: each rank verifies the newest checkpoint, and rank 0, finding it damaged, moved it to
+    abandoned_N with no barrier in between, while rank 1 could still be reading it (a FileNotFoundError there)."""
+    root, _ = checks
+    got = json.loads((root / "resume_race.json").read_text())
+    assert got == {"in_place": True, "steps": 4}  # still in place when rank 0 first waited; resumed and ran on
+    assert [p.name for p in (root / "race_run" / "abandoned_0").iterdir()] == ["step_0000004"]
+
+
 def test_fsdp_bf16_gathers_bf16_and_reduces_fp32(checks):
     root, ref = checks
     got = torch.load(root / "grads_fsdp_bf16.pt")

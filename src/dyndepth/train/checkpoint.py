@@ -441,6 +441,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 def set_aside_newer(out_dir: str | Path, step: int, info: DistInfo) -> list[Path]:
     """Move checkpoints past `step` (left by the run a resume abandons) to `out_dir/abandoned_N/`, so a
     later `resume=true` cannot pick them up. Rank 0 moves; collective under DDP/FSDP."""
+    # every rank has verified (resume=true: the newest ones first, a damaged one among these) and loaded its
+    # checkpoint before rank 0 moves any: a folder moved while another rank hashed it was a FileNotFoundError there
+    info.barrier()
     newer = [p for p in list_checkpoints(out_dir) if int(_STEP_DIR.match(p.name).group(1)) > step]
     moved = []
     if info.is_main and newer:
