@@ -763,6 +763,53 @@ def test_a_resumed_run_syncs_tau_as_the_uninterrupted_one_does(tmp_path):
     assert synced[6] != synced[5]  # the step-6 sync moved tau (so the buffer mattered)
 
 
+def test_resumed_at_another_world_size_the_ranks_pool_the_saved_score_buffer_once(tmp_path, monkeypatch):
+    """The score buffer is rank-local and targets() pools every rank's: resumed at another world size, every rank
+    loaded rank 0's buffer, so from 1 rank to 2 the pooled buffer held each saved score twice (and from 2 to 1 lost
+    rank 1's). Now rank 0 takes every saved rank's buffer and the others none."""
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train import train
+    from dyndepth.train.parallel import DistInfo
+    from dyndepth.train.trainer import _resume, setup_model
+
+    class Loader:
+        cursor = 0
+
+        def next_batch(self):
+            self.cursor += 1
+            ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(self.cursor))
+            return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+        def state_dict(self):
+            return {"cursor": self.cursor}
+
+        def load_state_dict(self, state):
+            self.cursor = state["cursor"]
+
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=0, save_every=2, progress=False, plot=False,
+                      device="cpu", out_dir=str(tmp_path))
+    model, method = dnd_model(ratio=0.3, sync_every=5)
+    train(model, Loader(), cfg, hooks=[DNDHook(method, 2)])
+    saved = {layer: torch.cat(list(method.scores_buffer[layer])).sort().values for layer in method.layers}
+    pooled = {layer: [] for layer in method.layers}
+    monkeypatch.setattr(DistInfo, "barrier", lambda self: None)  # (no process group: each rank resumes in turn)
+    for rank in (0, 1):  # resumed on 2 ranks
+        fresh, fresh_method = dnd_model(ratio=0.3, sync_every=5)
+        hook = DNDHook(fresh_method, 4)
+        _, wrapped, optimizer, scheduler = setup_model(fresh, cfg, DistInfo())
+        _resume(tmp_path / "step_0000002", wrapped, optimizer, scheduler, Loader(), [hook], cfg,
+                DistInfo(rank=rank, world_size=2))
+        for layer in method.layers:
+            pooled[layer] += list(fresh_method.scores_buffer[layer])
+    for layer in method.layers:
+        assert torch.equal(torch.cat(pooled[layer]).sort().values, saved[layer]), layer
+    # from 2 ranks to 1: rank 0 holds both, the k-th newest forwards of each saved rank as one entry
+    a, b = [torch.tensor([1.0]), torch.tensor([2.0])], [torch.tensor([3.0])]
+    merged = hook.merge_rank_states([{"scores": {0: a, 1: a}}, {"scores": {0: b, 1: []}}])["scores"]
+    assert [t.tolist() for t in merged[0]] == [[1.0], [2.0, 3.0]] and [t.tolist() for t in merged[1]] == [[1.0], [2.0]]
+    assert hook.merge_rank_states([]) == {"scores": {0: [], 1: []}}  # a rank that takes none
+
+
 def test_a_dnd_checkpoint_trains_on_with_its_controller_and_refuses_method_none(tmp_path):
     """A recipe without [method] from a DND checkpoint keeps training DND, tau controller included (it trained the
     router with tau frozen); `method.name=none` cannot remove the carried method and says so."""

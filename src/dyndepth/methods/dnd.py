@@ -591,7 +591,8 @@ class DNDHook:
     targets come from every rank's buffer pooled (exactly one process's target on the same rows), so every rank
     holds the same tau. tau lives in the layers' buffers (saved
     with the weights); the score buffer, this rank's recent scores, is saved in every rank's checkpoint state, so a
-    resumed run syncs as the uninterrupted one does."""
+    resumed run syncs as the uninterrupted one does (at another world size, rank 0 takes every saved rank's scores).
+    """
 
     name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error
 
@@ -647,6 +648,18 @@ class DNDHook:
 
     def state_dict(self) -> dict:
         return {"scores": {layer: list(self.method.scores_buffer[layer]) for layer in self.method.layers}}
+
+    def merge_rank_states(self, states: list[dict]) -> dict:
+        """Resumed at another world size: this rank's buffer from the saved ranks' `states` it takes over (rank 0:
+        all, the others: none), so that the pooled buffer `targets` reads is the saved one. The k-th newest forward
+        of every saved rank become one entry, which ages out of the buffer as those forwards would have."""
+        merged = {}
+        for layer in self.method.layers:
+            per_rank = [list(s.get("scores", {}).get(layer, [])) for s in states]
+            n = max(map(len, per_rank), default=0)
+            merged[layer] = [torch.cat([f[len(f) - n + i] for f in per_rank if len(f) - n + i >= 0])
+                             for i in range(n)]
+        return {"scores": merged}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("scores", {})  # checkpoints before 2026-12-04 kept no buffer: it refills in sync_every
