@@ -1,5 +1,7 @@
 """The lm-eval adapter against lm-eval's own `hf` backend (HFLM on transformers), same exported checkpoint."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -155,6 +157,39 @@ def test_a_tokenizer_that_adds_bos_is_followed_as_the_hf_backend_follows_it(llam
     assert ours.generate_until(gen, disable_tqdm=True) == hf.generate_until(gen, disable_tqdm=True)
     off = DyndepthLM(pretrained=str(llama_checkpoint), device="cpu", add_bos_token=False)
     assert off.tok_encode("The quick") == ours.tok_encode("The quick")[1:]
+
+
+def test_a_continuation_of_zero_tokens_stops_as_the_hf_backend_does_naming_the_request(tmp_path):
+    """lm-eval encodes context + continuation whole and splits at the context's length: with GPT-2's BPE, ("1", "23")
+    is the one token "123", all context. HFLM stops on it (an AssertionError), and so does the adapter, but it said "a
+    continuation of 0 tokens cannot be scored with max_length=24", naming neither the request nor the cause."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import ByteLevelBPETokenizer
+
+    import dyndepth
+
+    gpt2 = Path("/work/shared/data/tokenizers/gpt2")
+    if not (gpt2 / "vocab.bpe").is_file():
+        pytest.skip("the offline GPT-2 tokenizer files are not in /work/shared/data")
+    bpe = ByteLevelBPETokenizer(str(gpt2 / "encoder.json"), str(gpt2 / "vocab.bpe"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                               eos_token="<|endoftext|>")
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                      bos_token_id=tok.bos_token_id)).save_pretrained(tmp_path)
+    ours = DyndepthLM(pretrained=str(tmp_path), device="cpu", batch_size=2, max_length=MAX_LENGTH)
+    hf = HFLM(pretrained=str(tmp_path), device="cpu", batch_size=2, max_length=MAX_LENGTH, dtype="float32")
+    fine = requests("loglikelihood", [("The quick", " brown fox")])
+    assert ours.loglikelihood(fine, disable_tqdm=True)[0][0] == pytest.approx(
+        hf.loglikelihood(fine, disable_tqdm=True)[0][0], abs=1e-4)  # the same checkpoint under both
+    merged = requests("loglikelihood", [("The quick", " brown fox"), ("1", "23")])
+    with pytest.raises(AssertionError):
+        hf.loglikelihood(merged, disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"the request \('1', '23'\) has a continuation of 0 tokens: .* merges into "
+                                         r"the context's last token"):
+        ours.loglikelihood(merged, disable_tqdm=True)
 
 
 def test_generation_stops_at_every_end_id_of_the_checkpoint(tmp_path):

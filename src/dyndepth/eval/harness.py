@@ -200,7 +200,13 @@ class DyndepthLM(TemplateLM):
             rows, conts = [], []
             for i in chunk:
                 _, ctx, cont = requests[i]
-                if not cont or len(cont) > self.max_length:
+                if not cont:  # lm-eval's split encodes context + continuation whole: GPT-2 BPE reads "1" + "23" as one
+                    pair = f" {requests[i][0]!r}" if requests[i][0] is not None else ""  # token, all the context's
+                    raise ValueError(f"the request{pair} has a continuation of 0 tokens: encoded together, its text "
+                                     "merges into the context's last token, so nothing is left to score (lm-eval's hf "
+                                     "backend stops on it too). Split that task's context and continuation at a token "
+                                     "boundary (e.g. start the continuation with a space).")
+                if len(cont) > self.max_length:
                     raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored with max_length="
                                      f"{self.max_length}; it must have 1..max_length tokens.")
                 ctx = ctx or [self.prefix_token_id]  # a context of spaces only: they moved to the continuation
