@@ -164,6 +164,55 @@ def test_a_generation_budget_without_room_for_the_prompt_fails_before_any_reques
                     out=tmp_path / "o3")["path"].is_file()
 
 
+def test_a_tasks_own_generation_budget_without_room_for_the_prompt_fails_before_any_request(
+        tiny_checkpoint, data_dir, tmp_path, monkeypatch):
+    """The early check read the adapter's default max_gen_toks only: a task whose generation_kwargs set its own, at
+    least max_length, failed at its first request after copa had scored. Tasks are built for the check only when
+    one may generate (building reads the data sets)."""
+    import shutil
+
+    import lm_eval.tasks
+
+    from dyndepth.eval import harness, run
+
+    folder, _ = tiny_checkpoint
+    tasks_dir = tmp_path / "tasks"  # the offline tasks, gsm8k with its own max_gen_toks
+    shutil.copytree(run.TASKS_DIR, tasks_dir)
+    yaml = tasks_dir / "gsm8k.yaml"
+    yaml.write_text(yaml.read_text().replace("  do_sample: false\n", "  do_sample: false\n  max_gen_toks: 64\n"))
+    monkeypatch.setattr(run, "TASKS_DIR", tasks_dir)
+    scored, built = [], []
+    monkeypatch.setattr(harness.DyndepthLM, "loglikelihood",
+                        lambda self, requests, disable_tqdm=False: scored.append(1) or [(0.0, False)] * len(requests))
+    get_task_dict = lm_eval.tasks.get_task_dict
+    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda *a, **k: built.append(a[0]) or get_task_dict(*a, **k))
+    with pytest.raises(ValueError, match="dyndepth_gsm8k generates up to max_gen_toks=64 new tokens.*max_length=64"):
+        run_eval(str(folder), tasks="copa,gsm8k", data_dir=data_dir, limit=1, model_args="max_length=64,max_gen_toks=4",
+                 out=tmp_path / "o")
+    assert not scored  # refused before copa's requests
+    built.clear()
+    run_eval(str(folder), tasks="copa", data_dir=data_dir, limit=1, model_args="max_length=64", out=tmp_path / "o2")
+    assert scored and not built  # built by simple_evaluate alone (the default 256 >= 64 had it built once more)
+
+
+def test_whether_a_task_may_generate_is_read_from_the_task_index_through_groups_and_tags():
+    from types import SimpleNamespace
+
+    from dyndepth.eval.run import _may_generate
+
+    def entry(kind, cfg=None, tags=()):
+        return SimpleNamespace(kind=SimpleNamespace(name=kind), cfg=cfg, tags=set(tags))
+
+    manager = SimpleNamespace(task_index={
+        "mc": entry("TASK", {"output_type": "multiple_choice"}), "gen": entry("TASK", {"output_type": "generate_until"}),
+        "default": entry("TASK", {}), "py": entry("PY_TASK"), "tag_mc": entry("TAG", tags={"mc"}),
+        "group_mc": entry("GROUP", {"task": ["tag_mc", "mc"]}), "group_gen": entry("GROUP", {"task": ["mc", "gen"]}),
+        "inline": entry("GROUP", {"task": [{"task": "x"}]})})
+    assert not _may_generate(["mc", "tag_mc", "group_mc"], manager)
+    for name in ("gen", "default", "py", "group_gen", "inline", "not_indexed"):  # (lm-eval's default output_type)
+        assert _may_generate(["mc", name], manager), name
+
+
 def test_a_bad_perplexity_window_fails_before_the_lm_eval_tasks(tiny_checkpoint, data_dir, tmp_path, monkeypatch):
     """--stride past the window, or a window past the model's context, failed in perplexity after every lm-eval task
     had scored (hours with --tasks all), and nothing was written."""

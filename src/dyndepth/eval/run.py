@@ -199,16 +199,11 @@ def _task_manager(names: list[str], data_dir, need_defaults: bool):
 def _check_generation(lm, names: list[str], manager) -> None:
     """What only generation reads failed on the first generate_until request, after every log-likelihood task had
     scored, and nothing was written: knobs used only while generating (a GateSkip budget decodes by calibrated
-    thresholds) and a default max_gen_toks that leaves no room for the prompt within max_length (a model or window of
-    256 tokens against the adapter's 256 new ones). When a selected task generates, both are checked before any
-    request; the tasks are built (once more) only when one of them may fail."""
-    knobs_error = None
-    if lm.knobs.generate or lm.knobs.decode_fields:
-        try:
-            lm.check_decoding()
-        except ValueError as e:
-            knobs_error = e
-    if knobs_error is None and lm.max_gen_toks < lm.max_length:
+    thresholds) and a max_gen_toks, the adapter's default or a task's own generation_kwargs, that leaves no room for
+    the prompt within max_length (a model or window of 256 tokens against the adapter's 256 new ones). When a selected
+    task may generate, both are checked before any request on the tasks built (once more: that reads their data sets,
+    so not when the task index says that none generates)."""
+    if not _may_generate(names, manager):
         return
     from lm_eval.tasks import get_task_dict
 
@@ -220,14 +215,34 @@ def _check_generation(lm, names: list[str], manager) -> None:
 
     tasks = leaves(get_task_dict(names, manager))
     generating = [t for t in tasks if getattr(t, "OUTPUT_TYPE", None) == "generate_until"]
-    if generating and knobs_error is not None:
-        raise knobs_error
+    if generating and (lm.knobs.generate or lm.knobs.decode_fields):
+        lm.check_decoding()
     for task in generating:  # (a task's own max_gen_toks, as generate_until reads it)
         budget = _generation_options(task.config.generation_kwargs or {}, lm.max_gen_toks)["max_new_tokens"]
         if budget >= lm.max_length:
             raise ValueError(f"{task.config.task} generates up to max_gen_toks={budget} new tokens, which leaves no "
                              f"room for the prompt within max_length={lm.max_length}; pass --model-args "
                              f"max_gen_toks=N with N < {lm.max_length} (or a larger max_length).")
+
+
+def _may_generate(names, manager) -> bool:
+    """Whether a task of `names` may be a generate_until one, by lm-eval's task index (the parsed YAML, no data set):
+    a YAML task says so by its output_type (lm-eval's default: generate_until), a group or tag by its members; a
+    Python task, an inline config or an index this lm-eval version lays out otherwise may."""
+    for name in names:
+        entry = getattr(manager, "task_index", {}).get(name)
+        kind, cfg = getattr(getattr(entry, "kind", None), "name", None), getattr(entry, "cfg", None) or {}
+        if kind == "TASK":
+            if cfg.get("output_type", "generate_until") == "generate_until":
+                return True
+        elif kind in ("GROUP", "TAG"):
+            members = cfg.get("task") if kind == "GROUP" else sorted(entry.tags)
+            if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members) \
+                    or _may_generate(members, manager):
+                return True
+        else:
+            return True
+    return False
 
 
 def _run_lm_eval(lm, names: list[str], manager, limit, **options) -> dict:
