@@ -10,6 +10,7 @@ consistent by construction.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import operator
@@ -22,7 +23,9 @@ from dyndepth.core.accounting import accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.models.forward import check_inputs
 
+log = logging.getLogger(__name__)
 MIN_TEMPERATURE = 1e-6  # below it, sampling is greedy in all but overflow
+_warned_recompile_limits: set[int] = set()  # recompile limits `generate(compile=...)` has warned at (once each)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -202,7 +205,8 @@ def generate(
     callback(step, tokens (B,)): called with each new column, for streaming.
     compile: compile the one-token decode step over the full-length static cache (CUDA graphs on GPU); a dict:
       torch.compile options for the step (`decode_compile_options`: inductor, "reduce-overhead" on CUDA, static
-      shapes).
+      shapes). Each batch size, length (prompt + max_new_tokens, or the given cache's) and model compiles another
+      variant; past torch._dynamo.config.recompile_limit (8) new ones run eager, with a warning.
     cache_dtype: the KV cache's dtype (default: the model's); another than the dtype the model computes in needs
       torch.autocast around the call.
     cache: a KVCache to decode into (emptied first) instead of a new one: for batch size B, the model's
@@ -241,6 +245,8 @@ def generate(
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
         step = decode_step(model, compile if compiled else False)
+        if compiled:
+            _warn_at_recompile_limit()
 
         tokens = [input_ids]
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
@@ -288,6 +294,23 @@ def decode_step(model, compile: bool | dict):
     if compile is False:
         return step
     return torch.compile(step, **decode_compile_options(model, compile))
+
+
+def _warn_at_recompile_limit() -> None:
+    """Dynamo compiles the decode step once per batch size, cache length, model and knobs seen in the process (static
+    shapes); past torch._dynamo.config.recompile_limit (8 by default) any other runs eager, slow, and torch logs that
+    once, as a compiler message. Say it in dyndepth's words when the step holds that many variants."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = decode_step(None, False).__code__  # the code object every decode_step compiles: dynamo keeps its cache there
+    limit, held = torch._dynamo.config.recompile_limit, len(_debug_get_cache_entry_list(code))
+    if held >= limit and limit not in _warned_recompile_limits:
+        _warned_recompile_limits.add(limit)
+        log.warning("generate(compile=...): the compiled decode step holds %d variants (one per batch size, prompt + "
+                    "new tokens length, model and method knobs this process generated with), torch._dynamo.config."
+                    "recompile_limit=%d: a generation of another shape may now run eager, at eager speed (dynamo "
+                    "counts per model). Raise that limit (e.g. to 64) before generating, or keep to one shape (pad "
+                    "prompts to one batch size and pass the same cache=).", held, limit)
 
 
 def decode_compile_options(model, compile: bool | dict = True) -> dict:

@@ -195,6 +195,31 @@ def test_compile_as_an_empty_dict_compiles_with_the_defaults(model, monkeypatch)
     assert seen == [generation.decode_compile_options(model)]
 
 
+def test_a_compiled_decode_step_at_dynamos_recompile_limit_is_named_by_a_warning(model, monkeypatch, caplog):
+    """Each batch size (cache length, model) compiles another variant of the one decode step; past dynamo's
+    recompile_limit the step ran eager for any new shape with only a compiler log line, once."""
+    import logging
+
+    import torch._dynamo
+
+    from dyndepth import generation
+
+    torch._dynamo.reset()  # (other tests' compiled steps share the code object)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(generation, "_warned_recompile_limits", set(), raising=False)
+    eager = {"backend": "eager"}
+    with caplog.at_level(logging.WARNING, logger="dyndepth.generation"):
+        for batch in (1, 2):
+            model.generate(torch.randint(0, 256, (batch, 3)), 3, stop_tokens=[], compile=eager)
+        assert not [r for r in caplog.records if r.name == "dyndepth.generation"]  # reached, not passed
+        for batch in (3, 4):  # the first past it warns; once
+            model.generate(torch.randint(0, 256, (batch, 3)), 3, stop_tokens=[], compile=eager)
+    warned = [r.getMessage() for r in caplog.records if r.name == "dyndepth.generation"]
+    assert len(warned) == 1 and "holds 2 variants" in warned[0]
+    assert "torch._dynamo.config.recompile_limit=2" in warned[0]  # the cause and the knob
+    torch._dynamo.reset()
+
+
 def test_left_padding_past_the_models_window_is_fine_when_every_row_fits():
     """Positions count each row's real tokens: 10 real tokens in 20 columns fit a 16-position model (the length check
     counted the PAD columns and refused), and decode as the same rows without the extra padding."""
