@@ -300,8 +300,10 @@ def _warn_at_recompile_limit() -> None:
     """Dynamo compiles the decode step once per batch size, cache length, model and knobs seen in the process (static
     shapes); past torch._dynamo.config.recompile_limit (8 by default) any other runs eager, slow, and torch logs that
     once, as a compiler message. Say it in dyndepth's words when the step holds that many variants."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
+    try:  # (a private helper of torch 2.11-2.14: a torch without it warns of nothing)
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return
     code = decode_step(None, False).__code__  # the code object every decode_step compiles: dynamo keeps its cache there
     limit, held = torch._dynamo.config.recompile_limit, len(_debug_get_cache_entry_list(code))
     if held >= limit and limit not in _warned_recompile_limits:

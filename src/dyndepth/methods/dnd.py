@@ -589,10 +589,9 @@ class DNDHook:
     target (a run shorter than `sync_every` saved tau_init and nested 2-3x the ratio at inference).
     The actual ratio is the step's selected / valid tokens over every micro-batch and data-parallel rank, and
     targets come from every rank's buffer pooled (exactly one process's target on the same rows), so every rank
-    holds the same tau. tau lives in the layers' buffers (saved
-    with the weights); the score buffer, this rank's recent scores, is saved in every rank's checkpoint state, so a
-    resumed run syncs as the uninterrupted one does (at another world size, rank 0 takes every saved rank's scores).
-    """
+    holds the same tau. tau lives in the layers' buffers (saved with the weights); the score buffer, this rank's
+    recent scores, is saved in every rank's checkpoint state, so a resumed run syncs as the uninterrupted one does
+    (at another world size, rank 0 takes every saved rank's scores)."""
 
     name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error
 
