@@ -151,3 +151,26 @@ def test_the_expert_usage_heatmap_labels_each_row_with_its_step_and_layer(tmp_pa
     ax = figures["expert_usage.png"].axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0.0", "0.1", "1.0", "1.1"]
     assert ax.get_ylabel() == "step.layer"
+
+
+def test_forward_report_leaves_the_padding_of_whole_document_windows_out():
+    """data.packing="documents" pads each window after its documents (attention_mask 0 there): the trainer's
+    evaluation passes the mask, the report did not, so the padding counted as tokens in the ideal FLOPs per token and
+    the expert statistics. With the mask the report is the trimmed rows' (but for the executed FLOPs: the padded rows
+    do run)."""
+    from dyndepth.data.loader import PackedLoader
+    from dyndepth.data.shards import ShardSet
+    from dyndepth.tokenizer import ByteTokenizer
+
+    shards = ShardSet.from_documents([("Q: 1+1?", "2"), ("Q: hi?", "yo"), "plain"], ByteTokenizer())
+    batch = PackedLoader(shards, 32, 1, shuffle=False, packing="documents").next_batch()
+    n = int(batch["attention_mask"].sum())
+    assert 0 < n < 32
+    trimmed = {k: v[:, :n] for k, v in batch.items() if k != "attention_mask"}
+    torch.manual_seed(0)
+    model = dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2))
+    with model.override(exit_kl=0.1):  # under exit the padding's own depth counted too
+        padded, alone = forward_report(model, [batch]), forward_report(model, [trimmed])
+    for key in ("val_loss", "avg_depth", "flops_ideal", "expert_diversity", "expert_set_entropy"):
+        assert padded[key] == pytest.approx(alone[key], rel=1e-5), key
+    torch.testing.assert_close(padded["expert_usage"], alone["expert_usage"])

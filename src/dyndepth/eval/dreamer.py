@@ -80,8 +80,10 @@ def forward_report(model, batches: list[dict]) -> dict:
 def _forward_report(model, batches: list[dict]) -> dict:
     sums = {"nll": 0.0, "labels": 0, "tokens": 0.0, "depth": 0.0, "executed": 0.0, "ideal": 0.0, "diversity": 0.0}
     usage, sets, change = 0, SetCounts(), 0
-    for batch in batches:  # packed documents (data.intra_doc_mask) attend within themselves, as the trainer's eval
-        out = model(batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids"))
+    for batch in batches:  # as the trainer's eval: packed documents (data.intra_doc_mask) attend within themselves,
+        # and the padding after whole documents (data.packing="documents") is no token of the report
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                    doc_ids=batch.get("doc_ids"))
         labels = batch["labels"]
         sums["nll"] += float(F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
                                              ignore_index=-100))
