@@ -590,3 +590,18 @@ def test_calibration_averages_the_batches_that_can_skip_and_names_the_fix_when_n
     torch.testing.assert_close(method.layer_gates[1].tau, torch.stack([both[(1, "attn")], both[(1, "mlp")]]))
     with pytest.raises(ValueError, match="needs at least 20 real tokens.*--batch-size.*--seq-len"):
         calibrate(model, [torch.randint(0, 256, (1, 10))], budget=0.05)
+
+
+def test_the_gate_penalty_averages_over_real_tokens_only():
+    # a training batch the loader pads (data.packing="documents": attention_mask 0 after the row's documents) took
+    # the padding's gates into mean(g^2): the penalty moved with the padding's length and trained gates on it
+    model, method = gated_model()
+    model.train()
+    ids = torch.randint(0, 256, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # row 1: 5 real tokens, then padding
+    padded = model(ids, attention_mask=mask).aux_loss
+    alone = [model(ids[:1]).stats["gateskip/gate_sq"], model(ids[1:, :5]).stats["gateskip/gate_sq"]]  # each row
+    assert method.budget == 0 and padded > 0  # (nothing skips: a row's gates do not depend on the other row)
+    # per branch a mean over the 13 real tokens, so a token-weighted mean of the rows' own penalties
+    torch.testing.assert_close(padded, method.config.penalty * (8 * alone[0] + 5 * alone[1]) / 13)

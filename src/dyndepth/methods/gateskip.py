@@ -352,8 +352,10 @@ class GateSkip:
         B, T = h.shape[:2]
         per_token = gate.flops_per_token()
         ctx.ledger.add(slot, "gate", executed=B * T * per_token, ideal=(st.n_pool + st.n_always) * per_token)
-        if ctx.training:
-            st.gate_sq.append(g.pow(2).mean())
+        if ctx.training:  # over real tokens: a padded batch's padding (data.packing="documents") has no gate to train
+            sq_BT = g.pow(2).mean(-1)  # (B, T)
+            st.gate_sq.append(sq_BT.mean() if ctx.valid is None else
+                              (sq_BT * st.valid).sum() / max(1, st.n_pool + st.n_always))
         s_BT = g.detach().mean(-1)  # (B, T) importance, float32
         st.scores[(slot, branch)] = s_BT
         q = self._branch_budget(branch)
