@@ -25,7 +25,9 @@ GAUNTLET = {  # file -> rows, in the eval gauntlet's formats
     "boolq.jsonl": [{"query": "Passage: Ducks lay eggs.\nQuestion: do ducks lay eggs?", "choices": ["no", "yes"],
                      "gold": 1}] * 3,
     "copa.jsonl": [{"query": "The man turned on the faucet, therefore", "gold": 1,
-                    "choices": ["the toilet filled with water.", "water flowed from the spout."]}] * 2,
+                    "choices": ["the toilet filled with water.", "water flowed from the spout."]},
+                   {"query": "The hamburger meat browned, because", "gold": 0,
+                    "choices": ["the cook grilled it.", "the cook froze it."]}],
     "siqa.jsonl": [{"query": "Context: Tracy went home.\nQuestion: Why?\nChoices:\nA. tired\nB. hungry\nAnswer:",
                     "choices": ["A", "B"], "gold": 0}] * 3,
     "commonsense_qa.jsonl": [{"query": "Question: Where are books?\nChoices:\nA. bank\nB. library\nC. sea\nD. sky"
@@ -107,15 +109,19 @@ def test_boolq_and_copa_requests_are_lm_evals_own(tiny_checkpoint, data_dir):
     spec.loader.exec_module(copa)
     lm = DyndepthLM(pretrained=str(tiny_checkpoint[0]), device="cpu")
     manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(data_dir)})
-    out = lm_eval.simple_evaluate(model=lm, tasks=["dyndepth_boolq", "dyndepth_copa"], task_manager=manager, limit=1,
+    out = lm_eval.simple_evaluate(model=lm, tasks=["dyndepth_boolq", "dyndepth_copa"], task_manager=manager, limit=2,
                                   log_samples=True)
     args = {task: [tuple(a) for a in samples[0]["arguments"]] for task, samples in out["samples"].items()}
+    because = [tuple(a) for a in out["samples"]["dyndepth_copa"][1]["arguments"]]
     # lm-eval's boolq: "{{passage}}\nQuestion: {{question}}?\nAnswer:" -> " no" / " yes" (SuperGLUE's fields)
     assert args["dyndepth_boolq"] == [("Ducks lay eggs.\nQuestion: do ducks lay eggs?\nAnswer:", " no"),
                                       ("Ducks lay eggs.\nQuestion: do ducks lay eggs?\nAnswer:", " yes")]
     doc = {"premise": "The man turned on the faucet.", "question": "effect", "label": 1,
            "choice1": "The toilet filled with water.", "choice2": "Water flowed from the spout."}
     assert args["dyndepth_copa"] == [(copa.doc_to_text(doc), " " + c) for c in copa.doc_to_choice(doc)]
+    doc = {"premise": "The hamburger meat browned.", "question": "cause", "label": 0,  # (the gauntlet's comma too)
+           "choice1": "The cook grilled it.", "choice2": "The cook froze it."}
+    assert because == [(copa.doc_to_text(doc), " " + c) for c in copa.doc_to_choice(doc)]
 
 
 def test_a_generation_knob_that_cannot_decode_fails_before_any_request(tiny_checkpoint, data_dir, tmp_path,
