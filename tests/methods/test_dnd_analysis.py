@@ -97,3 +97,16 @@ def test_plots(tmp_path):
     metrics.write_text(json.dumps({"step": 1, "loss": 1.0}))
     with pytest.raises(ValueError, match="dnd/selected"):
         plot_controller(metrics, tmp_path / "none.png")
+
+
+def test_the_controller_plot_shows_the_ratio_the_controller_steers_by():
+    # training logs the mean of its micro-batches' fractions as dnd/selected/L*, while the controller steers by the
+    # step's nested / valid tokens (micro-batches of 16 and 4 real tokens nesting 4 and 3: 7 / 20, not (0.25 + 0.75) / 2)
+    from dyndepth.methods.dnd_analysis import controller_series
+
+    records = [{"step": 1, "dnd/selected/L4": 0.5, "dnd/nested_tokens/L4": 3.5, "dnd/valid_tokens": 10.0,
+                "dnd/tau/L4": 0.5},
+               {"step": 2, "dnd/selected/L4": 0.3, "dnd/tau/L4": 0.49}]  # a record of an older run: its mean
+    series = controller_series(records)
+    assert series["dnd/selected/L"] == {"dnd/selected/L4": [(1, 0.35), (2, 0.3)]}
+    assert series["dnd/tau/L"] == {"dnd/tau/L4": [(1, 0.5), (2, 0.49)]}

@@ -148,16 +148,31 @@ def read_metrics(metrics: str | Path) -> list[dict]:
     return records
 
 
+def controller_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{"dnd/selected/L": {key: [(step, ratio)]}, "dnd/tau/L": {key: [(step, tau)]}} of metrics records. The ratio
+    is what the controller steers by, the logged nested / valid tokens (a ratio of the step's sums), where a record
+    has them; else (runs before 2026-12-06) the logged mean of the micro-batches' fractions."""
+    series = {}
+    for prefix in ("dnd/selected/L", "dnd/tau/L"):
+        keys = sorted({k for r in records for k in r if k.startswith(prefix)}, key=lambda k: int(k[len(prefix):]))
+        series[prefix] = {k: [(r["step"], _ratio(r, k) if prefix == "dnd/selected/L" else r[k]) for r in records
+                              if k in r] for k in keys}
+    return series
+
+
+def _ratio(record: dict, key: str) -> float:
+    nested = key.replace("dnd/selected/", "dnd/nested_tokens/")
+    if nested in record and record.get("dnd/valid_tokens"):
+        return record[nested] / record["dnd/valid_tokens"]
+    return record[key]
+
+
 def plot_controller(metrics: str | Path, path: str | Path, target: float | None = None, dpi: int = 110) -> Path:
     """PNG of a DND training run (its metrics.jsonl): the realized selection ratio per layer (with the +-5%
     band around `target`, when given) and tau per layer, over steps."""
     from matplotlib.figure import Figure
 
-    records = read_metrics(metrics)
-    series = {}
-    for prefix in ("dnd/selected/L", "dnd/tau/L"):
-        keys = sorted({k for r in records for k in r if k.startswith(prefix)}, key=lambda k: int(k[len(prefix):]))
-        series[prefix] = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+    series = controller_series(read_metrics(metrics))
     if not series["dnd/selected/L"]:
         raise ValueError(f"{metrics} has no dnd/selected/L* metrics; is it the metrics.jsonl of a DND training run?")
     fig = Figure(figsize=(11, 3.8))
