@@ -186,7 +186,8 @@ class PackedLoader:
             mine = data[key] if key in data else getattr(self, key)
             if state.get(key) is not None and mine is not None and state[key] != mine:  # (older states lack some)
                 what = ("the training data changed since (a file of data.source edited, renamed, added or removed, "
-                        "or another tokenizer or split)" if key in data else f"{key} changed")
+                        "another tokenizer or split, or a dyndepth version that tokenizes it otherwise)" if key in data
+                        else f"{key} changed")
                 raise DataError(
                     f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}: {what}; an "
                     "exact resume needs the same data and loader settings: restore them, or train into a new "
