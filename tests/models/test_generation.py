@@ -205,10 +205,10 @@ def test_a_compiled_decode_step_at_dynamos_recompile_limit_is_named_by_a_warning
     from dyndepth import generation
 
     torch._dynamo.reset()  # (other tests' compiled steps share the code object)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(generation, "_warned_recompile_limits", set(), raising=False)
     eager = {"backend": "eager"}
-    with caplog.at_level(logging.WARNING, logger="dyndepth.generation"):
+    # (dynamo's own patch: monkeypatch's undo left torch._dynamo.config without recompile_limit for later tests)
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING, logger="dyndepth.generation"):
         for batch in (1, 2):
             model.generate(torch.randint(0, 256, (batch, 3)), 3, stop_tokens=[], compile=eager)
         assert not [r for r in caplog.records if r.name == "dyndepth.generation"]  # reached, not passed
