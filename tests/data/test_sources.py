@@ -60,6 +60,18 @@ def test_folder_is_recursive_sorted_and_globbed(tmp_path):
         list(iter_documents(tmp_path, glob="*.rs"))
 
 
+def test_folder_reads_upper_case_extensions(tmp_path):
+    # a folder source skipped NOTES.TXT and DATA.JSONL silently (the globs were case-sensitive), though the same
+    # file given alone was read by its extension in either case; a .GZ one was refused as "unknown file type"
+    (tmp_path / "NOTES.TXT").write_text("upper")
+    write_jsonl(tmp_path / "DATA.JSONL", [{"text": "record"}])
+    with gzip.open(tmp_path / "c.txt.GZ", "wt", encoding="utf-8") as f:
+        f.write("zipped")
+    (tmp_path / "z.txt").write_text("lower")
+    assert [d.text for d in iter_documents(tmp_path)] == ["record", "upper", "zipped", "lower"]
+    assert [d.text for d in iter_documents(tmp_path / "c.txt.GZ")] == ["zipped"]
+
+
 def test_jsonl_text_and_custom_field(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi", "id": 1}, {"text": "there"}])
     assert [d.text for d in iter_documents(path)] == ["hi", "there"]

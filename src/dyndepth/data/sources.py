@@ -124,14 +124,14 @@ def record_to_document(
 
 def _open_text(path: Path) -> TextIO:
     """UTF-8, a leading byte-order mark dropped (it was trained on as a character; JSON lines refused it)."""
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
     return open(path, encoding="utf-8-sig")
 
 
 def _inner_suffix(path: Path) -> str:
     """The format suffix, looking through a trailing `.gz` (`a.jsonl.gz` -> `.jsonl`)."""
-    return Path(path.stem).suffix.lower() if path.suffix == ".gz" else path.suffix.lower()
+    return Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
 
 
 def iter_text_file(path: Path, split: str = "file") -> Iterator[Document]:
@@ -194,7 +194,7 @@ def iter_parquet(
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is a dev dependency
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    if path.suffix == ".gz":  # pyarrow reads Parquet's own compression, not a gzip around the file
+    if path.suffix.lower() == ".gz":  # pyarrow reads Parquet's own compression, not a gzip around the file
         raise DataError(f"{path}: a gzipped Parquet file; Parquet compresses its columns itself: gunzip it (or write "
                         "it with compression='gzip') and give the .parquet file.")
     import pyarrow as pa
@@ -242,10 +242,19 @@ def iter_file(
 
 
 def list_files(folder: Path, globs: str | Sequence[str] = DEFAULT_GLOBS) -> list[Path]:
-    """Files under `folder` (recursive) matching any glob, sorted by relative path for determinism."""
+    """Files under `folder` (recursive) matching any glob, sorted by relative path for determinism. Letters match
+    either case, as a file's type is read from its extension in either case ("*.txt" also finds NOTES.TXT, which
+    a folder source skipped silently while the same file given alone was read)."""
     patterns = [globs] if isinstance(globs, str) else list(globs)
-    found = {p for pattern in patterns for p in folder.rglob(pattern) if p.is_file()}
+    found = {p for pattern in patterns for p in folder.rglob(_any_case(pattern)) if p.is_file()}
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _any_case(pattern: str) -> str:
+    """A glob whose letters match either case ("*.txt" -> "*.[tT][xX][tT]"); one with its own [...] is kept."""
+    if "[" in pattern:
+        return pattern
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() and c.lower() != c.upper() else c for c in pattern)
 
 
 def iter_hf_dataset(
