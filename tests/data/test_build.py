@@ -75,6 +75,19 @@ def test_documents_stream_into_the_shards(tmp_path, monkeypatch):
     assert max(lag) <= 1024 + 20  # one tokenizer batch (1024 documents) plus the held-out ones in it
 
 
+def test_empty_documents_are_not_held_out(tmp_path):
+    # a folder of code whose first file is an empty __init__.py: that file was the whole validation split, whose
+    # build then failed with "every document of the source was empty"
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    for i in range(3):
+        (tmp_path / "pkg" / f"mod{i}.py").write_text(f"def f{i}(): pass\n")
+    cfg = _cfg(tmp_path, tmp_path / "pkg")
+    train, val = (user_shards(cfg, ByteTokenizer(), split) for split in ("train", "val"))
+    assert val.num_tokens == len("def f0(): pass\n") + 1  # the first non-empty file
+    assert train.num_documents == 2 and train.num_tokens == 2 * val.num_tokens
+
+
 def test_text_field_and_chat_template_keys(tmp_path):
     src = _write_jsonl(tmp_path / "d.jsonl", [{"body": "some text here"}] * 3)
     with pytest.raises(DataError, match="text_field"):

@@ -67,7 +67,8 @@ DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "task_weight
 BPE_PREFIX = "bpe:"
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
 SINGLE_DOC_HOLDOUT = 0.1  # ... and of a one-document source, the last tenth of its text
-HOLDOUT_SCHEME = 2  # in the shard cache key: 1 served a one-document source whole to both splits
+HOLDOUT_SCHEME = 3  # in the shard cache key: 1 served a one-document source whole to both splits, 2 counted empty
+# documents (their splits differ from 3's wherever a source has one)
 log = logging.getLogger(__name__)
 EMBEDDED = ("embedded", "synthetic", "stdlib")
 
@@ -328,9 +329,11 @@ def _shard_dir(cfg: dict, tokenizer, source: str | list[str], holdout: bool, dig
 def split_documents(docs: Iterator[Document], split: str, holdout: bool,
                     source: str | list[str] = "") -> Iterator[Document]:
     """Stream one split: with `holdout`, documents 0, 100, 200, ... are "val" and the rest "train"; a one-document
-    source is split inside its text (`split_text`); without `holdout`, every document."""
+    source is split inside its text (`split_text`); without `holdout`, every document. Empty documents are not counted
+    (they make no tokens: a folder of code whose first file is an empty __init__.py held out nothing, and the
+    validation build failed as if the whole source were empty)."""
     count, first = 0, None
-    for i, doc in enumerate(docs):
+    for i, doc in enumerate(d for d in docs if d.text or d.prompt):
         count += 1
         if not holdout:
             yield doc
@@ -342,7 +345,8 @@ def split_documents(docs: Iterator[Document], split: str, holdout: bool,
             if (i % HOLDOUT_EVERY == 0) == (split == "val"):
                 yield doc
     if count == 0:
-        raise DataError(f"data.source {source!r} has no documents.")
+        raise DataError(f"data.source {source!r} has no documents: every document of the source was empty (an empty "
+                        "file or folder?)")
     if holdout and count == 1:
         yield split_text(first, split, source)
 
