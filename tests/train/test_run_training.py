@@ -110,6 +110,17 @@ def test_a_base_recipe_trains_its_own_bpe_and_exports_a_self_contained_folder(tm
 
     step = export_checkpoint(tmp_path / "out" / "step_0000002", tmp_path / "step2")
     assert load_tokenizer(str(step)).encode(text) == tok.encode(text)
+    # the corpus edited since, and a BPE trained on the edited one: the step keeps the tokenizer it trained with
+    # (the folder was found by the files' content now: the step was exported with the other run's tokenizer)
+    with gzip.open(corpus, "at") as f:
+        f.write("Zebra quagga xylophone, jazzy vixens whiz by. " * 200 + "\n<|endoftext|>\n")
+    from dyndepth.data.build import build_tokenizer
+
+    other = build_tokenizer({"source": str(corpus), "tokenizer": "bpe:300", "text_split": "eot",
+                             "cache_dir": str(tmp_path / "c")})
+    assert other.backend.to_str() != tok.backend.to_str()
+    again = export_checkpoint(tmp_path / "out" / "step_0000002", tmp_path / "step2-again")
+    assert (again / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
 
 
 def test_a_byte_tokenizer_run_exports_its_tokenizer_so_generate_needs_no_flag(tmp_path):

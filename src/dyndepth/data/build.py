@@ -178,8 +178,9 @@ def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] |
     return load_tokenizer(str(folder))
 
 
-def bpe_folder(cfg: dict) -> tuple[Path, int]:
-    """Where a resolved data config's "bpe:N" tokenizer is cached (keyed by the source's content), and N."""
+def bpe_folder(cfg: dict, digest: str | None = None) -> tuple[Path, int]:
+    """Where a resolved data config's "bpe:N" tokenizer is cached (keyed by the source's content: `digest`, its
+    `source_fingerprint` when the caller has it, e.g. from a run's loader state), and N."""
     name = str(cfg["tokenizer"])
     try:
         vocab = int(name[len(BPE_PREFIX):])
@@ -187,7 +188,8 @@ def bpe_folder(cfg: dict) -> tuple[Path, int]:
         raise DataError(f"data.tokenizer={name!r}: write bpe:N with N the vocabulary size, e.g. bpe:8192.") from None
     if cfg["source"] in EMBEDDED:
         raise DataError("data.tokenizer='bpe:N' trains on user data; the embedded data uses tokenizer='byte'.")
-    key = f"{source_fingerprint(cfg['source'], cfg['cache_dir'])}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
+    digest = source_fingerprint(cfg["source"], cfg["cache_dir"]) if digest is None else digest
+    key = f"{digest}-{cfg['text_split']}-{cfg['bpe_train_bytes']}"
     if cfg["text_field"] != DEFAULTS["text_field"]:  # another record field is another text (the default's key stays:
         key += f"-{cfg['text_field']}"  # tokenizers trained before keep their folder)
     if cfg["val_source"]:  # nothing held out: the BPE trains on every document (the held-out run's key stays; the two

@@ -291,7 +291,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     load_model_weights(checkpoint, model)
     missing = None
     if tokenizer is None:
-        tokenizer, missing = _run_tokenizer(rc)
+        tokenizer, missing = _run_tokenizer(rc, checkpoint)
     if tokenizer is not None:
         tokenizer = for_vocab(tokenizer, model.config.vocab_size)  # (a padded vocabulary: a widened byte tokenizer)
         _default_stops(model, tokenizer)
@@ -304,19 +304,28 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     return out
 
 
-def _run_tokenizer(rc: RunConfig):
+def _run_tokenizer(rc: RunConfig, checkpoint: str | os.PathLike | None = None):
     """The run's tokenizer for an exported step (the byte tokenizer, a folder, the BPE the run trained, from the
     data cache where the run left it, or, with no data.tokenizer, model.pretrained's own), and None; or None and
-    why it cannot be found."""
+    why it cannot be found.
+
+    The BPE's cache folder is keyed by the training data's content: the one the step's loader recorded, not the
+    files as they are now (after data.source was edited, and a run on the edited files trained its own BPE, the
+    step was exported with that other tokenizer, silently)."""
     from dyndepth.data.build import bpe_folder, resolve_data_config
+    from dyndepth.train.integrity import load_plain
 
     own = _pretrained_folder_tokenizer(rc)[1] if "tokenizer" not in rc.data else None
     if own is not None:  # (a run whose config holds no data section: `repro`'s contenders, post-trained from a folder)
         return own, None
     cfg = resolve_data_config(rc.data)
     name = str(cfg["tokenizer"])
+    rank_0 = Path(checkpoint) / "rank_0.pt" if checkpoint is not None else None
+    loader = (load_plain(rank_0).get("loader") if rank_0 is not None and rank_0.is_file() else None) or {}
     try:
-        return load_tokenizer(str(bpe_folder(cfg)[0]) if name.startswith("bpe:") else name), None
+        if name.startswith("bpe:"):
+            return load_tokenizer(str(bpe_folder(cfg, loader.get("source_digest"))[0])), None
+        return load_tokenizer(name), None
     except (OSError, ValueError) as e:
         return None, f"{name}: {e}"
 
