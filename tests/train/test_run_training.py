@@ -236,6 +236,28 @@ def test_resuming_with_evaluation_switched_names_it_when_it_changes_the_training
     check_resume_matches(load_run_config(None, [f"train.resume={ckpt}"]))
 
 
+def test_resuming_after_the_training_files_changed_is_refused_before_any_data_is_built(tmp_path):
+    # the loader's check came after a bpe:N tokenizer was trained and the whole source tokenized for the edited files
+    import torch
+
+    from dyndepth.data.build import source_fingerprint
+    from dyndepth.runconfig import save_run_config
+    from dyndepth.train.run import check_resume_matches
+
+    text, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    text.write_text("some text\n" * 50)
+    ckpt = tmp_path / "step_0000002"
+    ckpt.mkdir()
+    args = [f"data.source={text}", f"data.cache_dir={cache}", "data.tokenizer=bpe:300"]
+    save_run_config(load_run_config(None, args), ckpt / "config.yaml")
+    torch.save({"loader": {"source_digest": source_fingerprint(str(text), cache)}}, ckpt / "rank_0.pt")
+    check_resume_matches(load_run_config(None, [*args, f"train.resume={ckpt}"]))  # unchanged: resumes
+    text.write_text("some edited text\n" * 50)
+    with pytest.raises(RunConfigError, match=r"the training data changed since \(a file of data.source"):
+        check_resume_matches(load_run_config(None, [*args, f"train.resume={ckpt}"]))
+    assert not (cache / "tokenizers").exists()  # nothing trained or tokenized
+
+
 def test_a_list_of_relative_sources_is_saved_absolute_and_given_on_the_command_line(tmp_path, monkeypatch):
     from dyndepth.train.run import absolute_paths
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
-from dyndepth.data.build import build_loader, build_tokenizer, holds_out, one_source
+from dyndepth.data.build import (EMBEDDED, build_loader, build_tokenizer, holds_out, one_source, resolve_data_config,
+                                 source_fingerprint)
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
 from dyndepth.train.parallel import init_distributed
@@ -268,6 +269,27 @@ def check_resume_matches(run_config: RunConfig) -> None:
     if diffs:
         raise RunConfigError(f"cannot resume from {ckpt}: the recipe no longer matches it ({'; '.join(diffs)}). "
                              "Restore those values, or train into a new train.out_dir.")
+    # the training files' content, checked here: the loader checks it too, but only after a bpe:N tokenizer had been
+    # trained and the whole source tokenized anew for the changed files (up to an hour of a base recipe's CPU run)
+    digest, data = _saved_source_digest(ckpt), resolve_data_config(run_config.data)
+    if digest is not None and data["source"] not in EMBEDDED and \
+            source_fingerprint(data["source"], data["cache_dir"]) != digest:
+        raise RunConfigError(f"cannot resume from {ckpt}: the training data changed since (a file of data.source "
+                             f"{data['source']!r} edited, renamed, added or removed). Restore it, or train into a new "
+                             "train.out_dir.")
+
+
+def _saved_source_digest(checkpoint: str | os.PathLike) -> str | None:
+    """The training source's content hash a step's loader recorded (rank 0's state), or None (no such state, an
+    older step, a loader of another kind, a damaged file: the trainer reports that one)."""
+    from dyndepth.train.integrity import CheckpointError, load_plain
+
+    file = Path(checkpoint) / "rank_0.pt"
+    try:
+        loader = load_plain(file).get("loader") if file.is_file() else None
+    except (CheckpointError, RuntimeError, OSError, EOFError):
+        return None
+    return loader.get("source_digest") if isinstance(loader, dict) else None
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer=None) -> Path:
@@ -313,18 +335,16 @@ def _run_tokenizer(rc: RunConfig, checkpoint: str | os.PathLike | None = None):
     files as they are now (after data.source was edited, and a run on the edited files trained its own BPE, the
     step was exported with that other tokenizer, silently)."""
     from dyndepth.data.build import bpe_folder, resolve_data_config
-    from dyndepth.train.integrity import load_plain
 
     own = _pretrained_folder_tokenizer(rc)[1] if "tokenizer" not in rc.data else None
     if own is not None:  # (a run whose config holds no data section: `repro`'s contenders, post-trained from a folder)
         return own, None
     cfg = resolve_data_config(rc.data)
     name = str(cfg["tokenizer"])
-    rank_0 = Path(checkpoint) / "rank_0.pt" if checkpoint is not None else None
-    loader = (load_plain(rank_0).get("loader") if rank_0 is not None and rank_0.is_file() else None) or {}
     try:
         if name.startswith("bpe:"):
-            return load_tokenizer(str(bpe_folder(cfg, loader.get("source_digest"))[0])), None
+            digest = _saved_source_digest(checkpoint) if checkpoint is not None else None
+            return load_tokenizer(str(bpe_folder(cfg, digest)[0])), None
         return load_tokenizer(name), None
     except (OSError, ValueError) as e:
         return None, f"{name}: {e}"
