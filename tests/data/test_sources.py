@@ -72,6 +72,16 @@ def test_folder_reads_upper_case_extensions(tmp_path):
     assert [d.text for d in iter_documents(tmp_path / "c.txt.GZ")] == ["zipped"]
 
 
+def test_folder_leaves_out_hidden_files_and_folders(tmp_path):
+    # Jupyter's .ipynb_checkpoints/ copy of notes.txt was read too: every document twice, a held-out one in training
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("notes")
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    (tmp_path / "notes.txt").write_text("notes")
+    assert [d.text for d in iter_documents(tmp_path)] == ["notes"]
+    assert [d.text for d in iter_documents(tmp_path / ".hidden.txt")] == ["hidden"]  # named alone: read
+
+
 def test_jsonl_text_and_custom_field(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi", "id": 1}, {"text": "there"}])
     assert [d.text for d in iter_documents(path)] == ["hi", "there"]

@@ -244,9 +244,14 @@ def iter_file(
 def list_files(folder: Path, globs: str | Sequence[str] = DEFAULT_GLOBS) -> list[Path]:
     """Files under `folder` (recursive) matching any glob, sorted by relative path for determinism. Letters match
     either case, as a file's type is read from its extension in either case ("*.txt" also finds NOTES.TXT, which
-    a folder source skipped silently while the same file given alone was read)."""
+    a folder source skipped silently while the same file given alone was read).
+
+    Hidden files and folders (a name starting with ".") are left out, as `datasets` leaves them out of a data folder:
+    Jupyter's .ipynb_checkpoints/ holds a copy of each notebook's text files, which trained every such document
+    twice, and put a copy of a held-out document in training."""
     patterns = [globs] if isinstance(globs, str) else list(globs)
-    found = {p for pattern in patterns for p in folder.rglob(_any_case(pattern)) if p.is_file()}
+    found = {p for pattern in patterns for p in folder.rglob(_any_case(pattern))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
