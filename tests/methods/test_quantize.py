@@ -71,6 +71,10 @@ def test_gates_can_stay_in_float_and_bad_settings_are_refused():
     with pytest.raises(ValueError, match="1: group_size=64 does not divide in_features=96"):
         quantize_weights(mixed, bits=8, group_size=64)
     assert all(type(m) is nn.Linear for m in mixed), "a refused call must leave every layer as it was"
+    odd = nn.Sequential(nn.Linear(64, 8), nn.Linear(33, 8))  # 4 bits: an odd row (a GateSkip gate of rank 15) packs
+    with pytest.raises(ValueError, match="1: 4 bits pack two values per byte.* group_size=33 is odd"):  # no pairs
+        quantize_weights(odd, bits=4)
+    assert all(type(m) is nn.Linear for m in odd), "the first layer was left quantized"
 
 
 def test_skipping_still_works_on_a_quantized_model():

@@ -121,6 +121,10 @@ def quantize_weights(model: nn.Module, bits: int = 8, skip: tuple[str, ...] = ("
         if model.get_submodule(name).in_features % group:
             raise ValueError(f"{name}: group_size={group} does not divide in_features="
                              f"{model.get_submodule(name).in_features}; pick a divisor of every layer's in_features.")
+        if bits == 4 and group % 2:  # (QuantLinear refused it mid-way: earlier layers stayed replaced)
+            raise ValueError(f"{name}: 4 bits pack two values per byte, so a group needs an even number of columns, "
+                             f"and group_size={group} is odd; give an even group_size that divides every layer's "
+                             "in_features, or use bits=8.")
     for name, group in groups.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
