@@ -271,3 +271,12 @@ def test_the_causal_predictors_bce_is_a_mean_over_each_recursions_candidates():
         logit = model.routers[r](st.start[r]).squeeze(-1)
         expected += 0.1 * F.binary_cross_entropy_with_logits(logit[pool], st.keep[r][pool].float())
     torch.testing.assert_close(out.aux_loss, expected)
+
+
+def test_calibrate_says_mor_has_no_thresholds():
+    """`calibrate` (and `dyndepth calibrate`) on a MoR model raised AttributeError: 'RecursionRouting' object has no
+    attribute 'recording' (a stack trace from the shell)."""
+    from dyndepth.methods import calibrate
+
+    with pytest.raises(ValueError, match="MoR has no thresholds to calibrate"):
+        calibrate(MoRLM(tiny()), [torch.randint(0, 256, (2, 8))], budget=0.3)

@@ -195,6 +195,14 @@ class RecursionRouting:
 
     decoding = override
 
+    def recording(self, recorder):
+        raise ValueError("MoR has no thresholds to calibrate: its routers decide each token's depth by its own score "
+                         "in evaluation and decoding; `dyndepth calibrate` is for GateSkip (budget=...) and MoD "
+                         "(capacity=...).")
+
+    def set_thresholds(self, thresholds: dict, knobs: dict) -> None:
+        self.recording(None)
+
     def trainer_hooks(self, total_steps: int) -> list:
         return []
 
