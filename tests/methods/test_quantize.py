@@ -58,6 +58,21 @@ def test_int8_uses_the_cpu_kernel_when_torch_has_it():
     assert not QuantLinear.from_linear(nn.Linear(32, 8), bits=8, group_size=16).uses_int8_kernel(x)
 
 
+def test_gradients_flow_through_int8_weights_to_float_gates():
+    """Training float gates on an int8 base (quantize_gates=False) ran the CPU int8 kernel in backward too: "derivative
+    for aten::_weight_int8pack_mm is not implemented"."""
+    q = QuantLinear.from_linear(nn.Linear(32, 8), bits=8)
+    x = torch.randn(4, 32, requires_grad=True)
+    q(x).square().sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    (ref @ q.dequantize().T + q.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    model, _ = gated_model(budget=0.3)
+    quantize_weights(model, bits=8, quantize_gates=False)
+    model(torch.randint(0, 256, (2, 8))).logits.square().mean().backward()
+    assert model.model.layers[0].gateskip.attn_gate.proj.weight.grad.abs().sum() > 0
+
+
 def test_gates_can_stay_in_float_and_bad_settings_are_refused():
     model, _ = gated_model()
     names = quantize_weights(model, bits=8, quantize_gates=False)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import is_whole
+from dyndepth.core.layers import needs_grad
 
 _INT8_PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 _QMAX = {8: 127, 4: 7}
@@ -75,8 +76,11 @@ class QuantLinear(nn.Module):
         return w_NGC.reshape(N, K)
 
     def uses_int8_kernel(self, x: torch.Tensor) -> bool:
+        # not when autograd differentiates through it: the kernel has no derivative (training float gates on an
+        # int8 base raised "derivative for aten::_weight_int8pack_mm is not implemented" on CPU)
         return (_INT8_PACK_MM is not None and self.bits == 8 and self.scale.shape[1] == 1
-                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and not needs_grad(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N)."""
