@@ -71,3 +71,11 @@ def test_training_drops_the_calibration_its_steps_make_stale(name, knobs, tmp_pa
           hooks=method.trainer_hooks(1))
     with pytest.raises(ValueError, match="not calibrated"), method.override(**knobs):
         model.eval()(torch.randint(0, 256, (1, 8)))
+
+
+@pytest.mark.parametrize("name", ["dreamer-tiny", "huginn-tiny"])
+def test_a_recurrent_family_is_told_it_has_no_thresholds(name):
+    """The error said to attach GateSkip, which refuses these families."""
+    model = dyndepth.build_model(dyndepth.preset(name))
+    with pytest.raises(ValueError, match=r"decoder family \(CausalLM\); a \w+LM has no thresholds to fit"):
+        calibrate(model, [torch.randint(0, 256, (2, 8))], budget=0.3)

@@ -224,6 +224,11 @@ def test_uncalibrated_draft_budget_and_bad_arguments_raise_clear_errors():
     plain = CausalLM(preset("tiny-qwen3")).eval()
     with pytest.raises(ValueError, match="attach_gateskip"):
         speculative_generate(plain, ids, 4)
+    import dyndepth
+
+    for name in ("dreamer-tiny", "huginn-tiny", "mor-tiny"):  # GateSkip cannot attach there: no draft to make
+        with pytest.raises(ValueError, match=r"decoder family \(CausalLM\); a \w+LM cannot carry it"):
+            speculative_generate(dyndepth.build_model(dyndepth.preset(name)).eval(), ids, 4)
 
 
 def test_greedy_accept_takes_the_longest_agreeing_prefix():

@@ -7,6 +7,7 @@ import torch
 
 from dyndepth.core.method import ThresholdRecorder
 from dyndepth.methods.common import parse_key_values
+from dyndepth.models.qwen3 import CausalLM
 
 
 @torch.no_grad()
@@ -16,6 +17,10 @@ def calibrate(model, batches, **knobs) -> dict:
     that keeps all but the budget's lowest scores of the batch, averaged over batches) and store them in
     the method's buffers for decoding at those knobs. Returns {key: threshold}."""
     method = model.method
+    if method is None and not isinstance(model, CausalLM):  # (attach_gateskip, the fix named below, refuses it)
+        raise ValueError(f"calibrate fits the decoding thresholds of GateSkip and MoD, which attach to the decoder "
+                         f"family (CausalLM); a {type(model).__name__} has no thresholds to fit: it decodes by its "
+                         "own knobs (e.g. `steps`).")
     if method is None:
         raise ValueError("calibrate needs a model with a method attached: post-train one (dyndepth train RECIPE "
                          "--method gateskip, or mod) or, in Python, attach one (attach_gateskip).")

@@ -111,7 +111,12 @@ def speculative_accept(p_BKV: torch.Tensor, q_BKV: torch.Tensor, draft_BK: torch
 
 
 def _skip_method(model, draft_budget: float):
+    from dyndepth.models.qwen3 import CausalLM
+
     method = getattr(model, "method", None)
+    if not isinstance(model, CausalLM):  # (attach_gateskip, the fix named below, refuses it)
+        raise ValueError(f"speculative_generate drafts with GateSkip's skip budget, and GateSkip attaches to the decoder "
+                         f"family (CausalLM); a {type(model).__name__} cannot carry it: decode with `generate`.")
     if method is None or "budget" not in method.knobs():
         raise ValueError("speculative_generate needs a model with a skipping method attached "
                          "(e.g. dyndepth.methods.attach_gateskip) to draft with.")
