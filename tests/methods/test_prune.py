@@ -109,6 +109,9 @@ def test_prune_refuses_bad_requests():
     with pytest.raises(ValueError, match="scores"):
         prune_layers(model, 1, scores=[0.0])
     assert prune_layers(model, 0, scores=[0.0, 1.0]) == [] and len(model.model.layers) == 2
+    plain = CausalLM(preset("tiny-qwen3"))  # the error said to attach GateSkip, whose fresh gates score alike
+    with pytest.raises(ValueError, match="carries no method; score it by ShortGPT block influence instead"):
+        prune_layers(plain, 1, batches=[torch.randint(0, 256, (1, 8))])
     for name in ("huginn-tiny", "mor-tiny", "dreamer-tiny"):  # "got 20 scores for 8 layers": scores per application
         recurrent = dyndepth.build_model(dyndepth.preset(name))
         with pytest.raises(ValueError, match=r"decoder family \(CausalLM.*applies its layers repeatedly"):
