@@ -226,6 +226,13 @@ def test_uncalibrated_draft_budget_and_bad_arguments_raise_clear_errors():
         speculative_generate(plain, ids, 4)
     import dyndepth
 
+    from dyndepth.methods import attach_method
+
+    for name in ("mod", "dnd"):  # the error said to attach GateSkip, which refuses a model carrying a method
+        other = CausalLM(preset("tiny-qwen3")).eval()
+        attach_method(other, name, {"layers": (1, 1)} if name == "dnd" else None)
+        with pytest.raises(ValueError, match=f"the attached {name} method has none"):
+            speculative_generate(other, ids, 4)
     for name in ("dreamer-tiny", "huginn-tiny", "mor-tiny"):  # GateSkip cannot attach there: no draft to make
         with pytest.raises(ValueError, match=r"decoder family \(CausalLM\); a \w+LM cannot carry it"):
             speculative_generate(dyndepth.build_model(dyndepth.preset(name)).eval(), ids, 4)

@@ -117,7 +117,11 @@ def _skip_method(model, draft_budget: float):
     if not isinstance(model, CausalLM):  # (attach_gateskip, the fix named below, refuses it)
         raise ValueError(f"speculative_generate drafts with GateSkip's skip budget, and GateSkip attaches to the decoder "
                          f"family (CausalLM); a {type(model).__name__} cannot carry it: decode with `generate`.")
-    if method is None or "budget" not in method.knobs():
+    if method is not None and "budget" not in method.knobs():  # (attach_gateskip refuses a model with a method)
+        raise ValueError(f"speculative_generate drafts at a skip budget, and the attached {method.name} method has none "
+                         f"(its knobs: {sorted(method.knobs())}); draft with GateSkip: attach it to the base model, "
+                         f"without {method.name}.")
+    if method is None:
         raise ValueError("speculative_generate needs a model with a skipping method attached "
                          "(e.g. dyndepth.methods.attach_gateskip) to draft with.")
     with method.decoding(budget=draft_budget):  # raises the method's own "run calibrate(...)" error if needed
