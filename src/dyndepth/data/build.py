@@ -62,7 +62,8 @@ from dyndepth.tokenizer import load_tokenizer
 DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "task_weights": [], "difficulty": {},
             "synthetic_examples": 20000, "examples_per_doc": 32, "synthetic_loss": "all", "stdlib_bytes": 2_000_000,
             "val_source": "", "cache_dir": "runs/data",
-            "intra_doc_mask": False, "packing": "stream", "text_field": "text", "chat_template": "auto", "text_split": "file",
+            "intra_doc_mask": False, "packing": "stream", "text_field": "text", "chat_template": "auto",
+            "text_split": "file",
             "bpe_train_bytes": 64_000_000}
 BPE_PREFIX = "bpe:"
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split

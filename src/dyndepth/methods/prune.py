@@ -49,7 +49,7 @@ def layer_importance(model, batches, by: str = "gate") -> list[float]:
     if by == "influence":
         return block_influence(model, batches)
     name = getattr(getattr(model, "method", None), "name", None)
-    if name != "gateskip":  # (the analysis's own error said to attach GateSkip: untrained gates score every layer alike)
+    if name != "gateskip":  # (the analysis's own error said to attach GateSkip: untrained gates score layers alike)
         raise ValueError(f"by='gate' scores layers by post-trained GateSkip gates, and the model carries "
                          f"{name or 'no method'}; score it by ShortGPT block influence instead: by='influence' (or "
                          "attach_gateskip and post-train the gates first: dyndepth train RECIPE --method gateskip).")

@@ -115,11 +115,11 @@ def _skip_method(model, draft_budget: float):
 
     method = getattr(model, "method", None)
     if not isinstance(model, CausalLM):  # (attach_gateskip, the fix named below, refuses it)
-        raise ValueError(f"speculative_generate drafts with GateSkip's skip budget, and GateSkip attaches to the decoder "
-                         f"family (CausalLM); a {type(model).__name__} cannot carry it: decode with `generate`.")
+        raise ValueError(f"speculative_generate drafts with GateSkip's skip budget, and GateSkip attaches to the "
+                         f"decoder family (CausalLM); a {type(model).__name__} cannot carry it: decode with `generate`.")
     if method is not None and "budget" not in method.knobs():  # (attach_gateskip refuses a model with a method)
-        raise ValueError(f"speculative_generate drafts at a skip budget, and the attached {method.name} method has none "
-                         f"(its knobs: {sorted(method.knobs())}); draft with GateSkip: attach it to the base model, "
+        raise ValueError(f"speculative_generate drafts at a skip budget, and the attached {method.name} method has "
+                         f"none (its knobs: {sorted(method.knobs())}); draft with GateSkip: attach it to the base model, "
                          f"without {method.name}.")
     if method is None:
         raise ValueError("speculative_generate needs a model with a skipping method attached "

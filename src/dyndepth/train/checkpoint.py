@@ -428,7 +428,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if "hooks" in rank_state:  # this rank's own hook state (checkpoints before 2026-12-04: rank 0's, in train_state)
         state["hooks"] = rank_state["hooks"]
         if not same_world:  # rank-local hook state (DND's scores): rank 0 takes every saved rank's, the others none,
-            # so that the ranks pool it once (every rank took rank 0's: twice from 1 rank to 2, rank 1's lost from 2 to 1)
+            # so that the ranks pool it once (every rank took rank 0's: twice from 1 rank to 2; 2 to 1 lost rank 1's)
             saved = range(state["world_size"]) if info.is_main else []
             state["hooks_of_ranks"] = [load_plain(path / f"rank_{r}.pt")["hooks"] if r else rank_state["hooks"]
                                        for r in saved]
