@@ -225,7 +225,6 @@ def test_uncalibrated_draft_budget_and_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="attach_gateskip"):
         speculative_generate(plain, ids, 4)
     import dyndepth
-
     from dyndepth.methods import attach_method
 
     for name in ("mod", "dnd"):  # the error said to attach GateSkip, which refuses a model carrying a method

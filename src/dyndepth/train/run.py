@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
-from dyndepth.data.build import (EMBEDDED, build_loader, build_tokenizer, holds_out, one_source, resolve_data_config,
-                                 source_fingerprint)
+from dyndepth.data.build import (
+    EMBEDDED,
+    build_loader,
+    build_tokenizer,
+    holds_out,
+    one_source,
+    resolve_data_config,
+    source_fingerprint,
+)
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
 from dyndepth.train.parallel import init_distributed
