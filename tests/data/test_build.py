@@ -261,3 +261,13 @@ def test_interleave_keeps_every_document():
             out = build._interleave(a, b)
             assert [x for x in out if x >= 0] == a and [x for x in out if x < 0] == b, (n, m)
     assert len(build._interleave(list(range(186)), [-j - 1 for j in range(89)])) == 275
+
+
+def test_a_mistyped_text_split_is_refused_when_the_config_is_read(tmp_path):
+    # a jsonl-only source never reads text_split, so "paragraphs" was accepted (and keyed another shard cache); a text
+    # source failed later with an error that did not name data.text_split
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"text": "hello"}\n')
+    with pytest.raises(DataError, match=r"data.text_split='paragraphs' is not one of \('file', 'line'"):
+        resolve_data_config({"source": str(records), "text_split": "paragraphs"})
+    assert resolve_data_config({"source": str(records), "text_split": "paragraph"})["text_split"] == "paragraph"

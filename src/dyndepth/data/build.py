@@ -54,7 +54,15 @@ from pathlib import Path
 from dyndepth.data.chat import chat_fingerprint, chat_renderer
 from dyndepth.data.loader import PACKINGS, PackedLoader
 from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards
-from dyndepth.data.sources import HF_PREFIX, DataError, Document, hf_name_and_split, iter_documents, list_files
+from dyndepth.data.sources import (
+    HF_PREFIX,
+    TEXT_SPLITS,
+    DataError,
+    Document,
+    hf_name_and_split,
+    iter_documents,
+    list_files,
+)
 from dyndepth.data.stdlib_corpus import stdlib_documents
 from dyndepth.data.synthetic import TASKS, TERMINATOR, TaskMix, make_examples
 from dyndepth.tokenizer import load_tokenizer
@@ -83,6 +91,8 @@ def resolve_data_config(data_cfg: dict) -> dict:
         raise DataError(f"data.synthetic_loss={cfg['synthetic_loss']!r} is not 'all' or 'answer'.")
     if cfg["packing"] not in PACKINGS:
         raise DataError(f"data.packing={cfg['packing']!r} is not one of {PACKINGS}.")
+    if cfg["text_split"] not in TEXT_SPLITS:  # (a jsonl-only source never read it, yet it changed the cache key)
+        raise DataError(f"data.text_split={cfg['text_split']!r} is not one of {TEXT_SPLITS}.")
     for key in ("source", "val_source"):
         cfg[key] = _checked_source(cfg[key], key)
     if cfg["source"] in EMBEDDED and cfg["val_source"]:
