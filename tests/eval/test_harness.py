@@ -1,5 +1,6 @@
 """The lm-eval adapter against lm-eval's own `hf` backend (HFLM on transformers), same exported checkpoint."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -169,9 +170,10 @@ def test_a_continuation_of_zero_tokens_stops_as_the_hf_backend_does_naming_the_r
 
     import dyndepth
 
-    gpt2 = Path("/work/shared/data/tokenizers/gpt2")
+    shared = Path(os.environ.get("DYNDEPTH_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    gpt2 = shared / "tokenizers" / "gpt2"  # (../shared/data beside the repository, or $DYNDEPTH_SHARED_DATA)
     if not (gpt2 / "vocab.bpe").is_file():
-        pytest.skip("the offline GPT-2 tokenizer files are not in /work/shared/data")
+        pytest.skip(f"the offline GPT-2 tokenizer files are not in {shared}")
     bpe = ByteLevelBPETokenizer(str(gpt2 / "encoder.json"), str(gpt2 / "vocab.bpe"))
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
                                                eos_token="<|endoftext|>")
