@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import dyndepth
 from dyndepth import CausalLM, KVCache, preset
 from dyndepth.cli import app
+from dyndepth.core.accounting import accounting
 from dyndepth.core.method import Method
 from dyndepth.methods import DNDConfig, DNDHook, attach_dnd, attach_method, calibrate
 from dyndepth.methods.dnd import compact_positions, router_losses, topk_per_document
@@ -313,7 +314,7 @@ def test_controller_drives_a_synthetic_score_stream_to_the_target_within_five_pe
                 tail.append(float(stats[f"dnd/selected/L{i}"]))
         logged = hook.after_step(model, step, stats, None)
     assert max(abs(a - 0.2) for a in tail) < 0.05
-    assert set(logged) == {"ratio_error", "tau/L0", "tau/L1"}
+    assert set(logged) == {"ratio_error", "tau/L0", "tau/L1", "selected/L0", "selected/L1", "selected"}
     # the EMA targets: the quantile selects exactly the target share of the buffer; the top-k mean lies above
     quantile = hook.targets()
     buffered = torch.cat(list(method.scores_buffer[0]))
@@ -487,7 +488,9 @@ def test_the_threshold_controller_keeps_tau_within_the_sigmoid_range():
     _, method = dnd_model(alpha=1.0)
     (hook,) = method.trainer_hooks(10)
     full = {"dnd/selected/L0": torch.tensor(1.0), "dnd/selected/L1": torch.tensor(0.0)}
-    assert hook.after_step(None, 1, full, None) == pytest.approx({"ratio_error": 0.5, "tau/L0": 1.0, "tau/L1": 0.3})
+    assert hook.after_step(None, 1, full, None) == pytest.approx({"ratio_error": 0.5, "tau/L0": 1.0, "tau/L1": 0.3,
+                                                                  "selected/L0": 1.0, "selected/L1": 0.0,
+                                                                  "selected": 0.5})
     assert hook.after_step(None, 2, full, None)["tau/L1"] == pytest.approx(0.1)
     assert hook.after_step(None, 3, full, None)["tau/L1"] == 0.0  # 0.1 - 0.2: clamped at 0
 
@@ -918,7 +921,8 @@ def test_a_skipped_non_finite_step_leaves_no_nan_in_the_score_buffer_or_tau(tmp_
     assert [r["step"] for r in records if r.get("dnd/selected", 0) > 0][-1] == 6  # still nesting at the end
 
 
-def test_the_controller_steps_by_the_ratio_of_the_steps_tokens_not_the_mean_of_micro_batch_ratios():
+@pytest.mark.parametrize("ledger", [True, False])
+def test_the_controller_steps_by_the_ratio_of_the_steps_tokens_not_the_mean_of_micro_batch_ratios(ledger):
     """k_actual = selected / valid tokens over the whole optimizer step (spec Eq. 8-9), PAD excluded. Two
     micro-batches of 16 and 4 real tokens: the mean of their two ratios weighs 4 tokens as much as 16 (with
     packing="documents" micro-batches differ in fill, and the controller steered that mean to the target)."""
@@ -941,12 +945,15 @@ def test_the_controller_steps_by_the_ratio_of_the_steps_tokens_not_the_mean_of_m
         for i in method.layers:
             selected[i] += int(trace.ctx.state.keep[i].sum())
     cfg = TrainConfig(out_dir="unused", device="cpu", grad_accum=2, batch_size=1, seq_len=16)
-    stats = forward_backward(model, model, batches, [], cfg, DistInfo())
+    with accounting(ledger):  # the controller's statistics do not depend on the FLOP ledger
+        stats = forward_backward(model, model, batches, [], cfg, DistInfo())
     (hook,) = method.trainer_hooks(10)
-    hook.after_step(model, 1, stats, DistInfo())
+    logged = hook.after_step(model, 1, stats, DistInfo())
     for i, d in zip(method.layers, method.layer_dnd):
         assert float(d.tau) == pytest.approx(min(1.0, max(0.0, 0.5 + (selected[i] / 20 - 0.25))), abs=1e-6), i
+        assert logged[f"selected/L{i}"] == pytest.approx(selected[i] / 20)  # logged: the ratio it steered by
     assert any(selected[i] / 20 != float(stats[f"dnd/selected/L{i}"]) for i in method.layers)  # the two differ
+    assert logged["selected"] == pytest.approx(sum(selected.values()) / 20 / len(selected))
 
 
 def test_the_score_buffer_subsamples_every_forward_of_a_shape_at_one_stride_so_tokens_weigh_alike():

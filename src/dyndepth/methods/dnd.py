@@ -259,8 +259,8 @@ class DND:
         out = MethodOutput()
         if not st.keep:
             return out
-        if ctx.ledger.enabled:  # (off in `generate`: see core.accounting)
-            n_valid = st.n_valid.clamp(min=1) if torch.is_tensor(st.n_valid) else max(st.n_valid, 1)
+        if ctx.ledger.enabled or ctx.training:  # (no ledger in `generate`: see core.accounting; the controller
+            n_valid = st.n_valid.clamp(min=1) if torch.is_tensor(st.n_valid) else max(st.n_valid, 1)  # reads these)
             counts = torch.stack(list(st.keep.values())).sum((1, 2))  # (L,) keep: valid tokens only
             fractions = counts / n_valid
             for slot, fraction in zip(st.keep, fractions.unbind()):
@@ -270,7 +270,7 @@ class DND:
                     out.stats[f"dnd/nested_tokens/L{slot}"] = count
                 out.stats["dnd/valid_tokens"] = st.n_valid
             out.stats["dnd/selected"] = fractions.mean()
-            if not st.cached:  # a cached step is op-bound (out.compute keeps the FLOPs)
+            if ctx.ledger.enabled and not st.cached:  # a cached step is op-bound (out.compute keeps the FLOPs)
                 out.stats["dnd/flops"], out.stats["dnd/flops_overhead"] = self._overhead(ctx.ledger.executed)
                 out.stats["dnd/flops_overhead_ideal"] = self._overhead(ctx.ledger.ideal)[1]
         if st.sd:
@@ -593,7 +593,7 @@ class DNDHook:
     recent scores, is saved in every rank's checkpoint state, so a resumed run syncs as the uninterrupted one does
     (at another world size, rank 0 takes every saved rank's scores)."""
 
-    name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error
+    name = "dnd"  # logged metrics: dnd/tau/L{i}, dnd/ratio_error, dnd/selected/L{i} (the step's token ratio)
 
     def __init__(self, method: DND, total_steps: int) -> None:
         self.method, self.total_steps = method, total_steps
@@ -601,17 +601,14 @@ class DNDHook:
     def after_step(self, model, step: int, stats: dict, dist) -> dict:
         method, cfg = self.method, self.method.config
         taus = [d.tau for d in method.layer_dnd]
-        logged = {}
+        actual = self.actual_ratios(stats, dist, taus[0].device)
+        logged = {}  # the logged ratio is the controller's: the step's tokens (the stats' is a mean of micro-batches)
+        if actual is not None:
+            logged.update({f"selected/L{i}": float(a) for i, a in zip(method.layers, actual)})
+            logged["selected"] = float(actual.mean())
         if cfg.ratio >= 1.0 or cfg.control == "fixed":
-            return {f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)}
-        keys = [f"dnd/selected/L{i}" for i in method.layers]
-        counts = [f"dnd/nested_tokens/L{i}" for i in method.layers] + ["dnd/valid_tokens"]
-        if cfg.control == "threshold" and all(k in stats for k in keys):
-            if all(k in stats for k in counts):  # the step's selected / valid tokens, every micro-batch and rank
-                n = _mean_over_ranks(dist, self._stack(stats, counts, taus[0].device))  # (L + 1,) means of counts
-                actual = n[:-1] / n[-1].clamp(min=1e-9)  # (means of the same micro-batches: a ratio of sums)
-            else:  # (statistics of one forward, as the tests hand them)
-                actual = _mean_over_ranks(dist, self._stack(stats, keys, taus[0].device))
+            return {**logged, **{f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)}}
+        if cfg.control == "threshold" and actual is not None:
             for tau, a in zip(taus, actual):
                 tau.add_(cfg.alpha * (a - cfg.ratio)).clamp_(0.0, 1.0)
             logged["ratio_error"] = float((actual - cfg.ratio).abs().mean())
@@ -622,6 +619,19 @@ class DNDHook:
                 tau.lerp_(t, 1.0 if last else cfg.gamma).clamp_(0.0, 1.0)
         logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
         return logged
+
+    def actual_ratios(self, stats: dict, dist, device) -> torch.Tensor | None:
+        """(L,) the step's selected / valid tokens per DND layer, over every micro-batch and rank; None when the
+        step's statistics hold no selection (a step of the training forward has them, ledger or not)."""
+        layers = self.method.layers
+        keys = [f"dnd/selected/L{i}" for i in layers]
+        counts = [f"dnd/nested_tokens/L{i}" for i in layers] + ["dnd/valid_tokens"]
+        if all(k in stats for k in counts):  # the step's selected / valid tokens, every micro-batch and rank
+            n = _mean_over_ranks(dist, self._stack(stats, counts, device))  # (L + 1,) means of counts
+            return n[:-1] / n[-1].clamp(min=1e-9)  # (means of the same micro-batches: a ratio of sums)
+        if all(k in stats for k in keys):  # (statistics of one forward, as the tests hand them)
+            return _mean_over_ranks(dist, self._stack(stats, keys, device))
+        return None
 
     @staticmethod
     def _stack(stats: dict, keys: list[str], device) -> torch.Tensor:
