@@ -612,6 +612,11 @@ def test_training_flops_count_the_backward_of_the_steps_that_take_gradients_only
     step = [flops.recurrent_step_flops(full.config, r, 16, 0) for r in range(4)]
     saved = 2 * sum(step[:3]) / 16  # the backward of steps 0..2
     assert full.train_flops_per_token(16) - truncated.train_flops_per_token(16) == pytest.approx(saved, rel=1e-9)
+    with full.override(steps=2):  # training at another depth counts the steps its forwards run
+        assert full.train_flops_per_token(16) == pytest.approx(
+            3 * flops.recurrent_forward_flops(full.config, 16, steps=2) / 16, rel=1e-9)
+        full.train()
+        assert full.training_steps() is None and full.num_steps == 2
     # SwitchHead's router recomputation: a forward on every step, a backward on the trained ones only
     switch = {"attn_num_experts": 4, "num_recurrences": 4, "backprop_depth": 1}
     on, off = DreamerLM(tiny(**switch)), DreamerLM(tiny(**switch, attn_entropy_coef=0.0))

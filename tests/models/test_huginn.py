@@ -182,6 +182,9 @@ def test_analytic_flops_equal_torchs_counter_and_the_ledger():
     fwd = model.forward_flops(12) / 12
     fixed = HuginnLM(dataclasses.replace(model.config, sample_recurrence=False))
     assert fixed.train_flops_per_token(12) == pytest.approx(3 * fwd)  # no sampler: 3 steps, all with grad
+    with fixed.override(steps=5):  # training at another depth: the steps its forwards run
+        assert fixed.train_flops_per_token(12) == pytest.approx(3 * fixed.forward_flops(12) / 12)
+        assert fixed.forward_flops(12) > model.forward_flops(12)
     sampled = HuginnLM(dataclasses.replace(model.config, sample_recurrence=True))
     g = torch.Generator().manual_seed(1)
     draws = [sample_steps(sampled.config, g) for _ in range(30000)]

@@ -372,7 +372,8 @@ class DreamerLM(nn.Module):
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token for MFU: the forward plus a backward of 2 x the forward of the steps that take
         gradients (backprop_depth), causal attention, plus SwitchHead's router recomputation for its regularizer
-        (forward only on steps without gradients). With sample_recurrence, averaged over the sampler's draws."""
+        (forward only on steps without gradients). With sample_recurrence, averaged over the sampler's draws; else
+        the steps a training forward runs now (num_recurrences, or the `steps` knob set by `override`)."""
         cfg, G = self.config, self.config.layers_per_group
         router = flops.switchhead_router_flops(cfg) if cfg.attn_num_experts and cfg.attn_entropy_coef else 0
 
@@ -383,7 +384,7 @@ class DreamerLM(nn.Module):
 
         if cfg.sample_recurrence:
             return average_over_draws(cfg.num_recurrences, cfg.backprop_depth, cost)
-        return cost(*split_steps(cfg.num_recurrences, cfg.backprop_depth))
+        return cost(*split_steps(self.num_steps, cfg.backprop_depth))  # (`training_steps`' count)
 
     def trainer_hooks(self, total_steps: int) -> list:
         """The balancing-bias controller (DeepSeek-V3 style), when the model has experts."""

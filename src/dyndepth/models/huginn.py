@@ -350,7 +350,8 @@ class HuginnLM(nn.Module):
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: the forward plus a backward (2 x forward) of all but the steps that run
         without grad; with sample_recurrence, averaged over the sampler's draws (`average_over_draws`), else
-        mean_recurrence steps, all with grad."""
+        the steps a training forward runs now (mean_recurrence, or the `steps` knob set by `override`), all with
+        grad."""
         cfg = self.config
 
         def cost(no_grad: int, grad: int) -> float:
@@ -360,7 +361,7 @@ class HuginnLM(nn.Module):
 
         if cfg.sample_recurrence:
             return average_over_draws(cfg.mean_recurrence, cfg.mean_backprop_depth, cost)
-        return cost(0, cfg.mean_recurrence)
+        return cost(0, self.num_steps)
 
     def trainer_hooks(self, total_steps: int) -> list:
         return []
