@@ -379,3 +379,33 @@ def test_repro_takes_its_token_cache_folder(tmp_path, monkeypatch):
     assert runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "c")]).exit_code == 0
     assert runner.invoke(app, args).exit_code == 0
     assert [cfg.cache_dir for cfg in seen] == [str(tmp_path / "c"), "runs/data"]
+
+
+def test_calibrating_mod_at_capacity_one_writes_strict_json_and_keeps_every_token(tmp_path):
+    """Capacity 1.0 keeps every token, so its recorded threshold is -inf; calibration.json held `-Infinity`, which
+    strict JSON readers (jq, JS, json.loads with parse_constant) refuse. Now it holds null, and the saved checkpoint
+    (whose buffer keeps -inf) decodes by threshold exactly as top-k at capacity 1.0."""
+    from dyndepth.methods import attach_method
+
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    method = attach_method(model, "mod")
+    model.save_pretrained(tmp_path / "mod")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "mod"), "--text", str(text), "--knobs", "capacity=1.0",
+                                 "--out", str(tmp_path / "c"), "--tokenizer", "byte", "--seq-len", "32",
+                                 "--batches", "2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    saved = json.loads((tmp_path / "c" / "calibration.json").read_text(), parse_constant=refuse)
+    assert saved["thresholds"] == {str(s): None for s in sorted(method.routed)}
+    loaded = dyndepth.from_pretrained(tmp_path / "c")
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad(), loaded.method.override(capacity=1.0, mode="router_threshold"):
+        by_threshold = loaded.eval()(ids).logits
+    with torch.no_grad(), loaded.method.override(capacity=1.0, mode="topk"):
+        by_topk = loaded(ids).logits
+    torch.testing.assert_close(by_threshold, by_topk)

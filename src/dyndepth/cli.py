@@ -166,7 +166,7 @@ def calibrate(
     """Fit a method's decoding thresholds on a text at the given knobs and save the checkpoint with them, for
     `dyndepth generate --skip-budget` (token-by-token decoding cannot rank a batch)."""
     from dyndepth.methods.calibration import calibrate as fit
-    from dyndepth.methods.calibration import parse_knobs, text_batches
+    from dyndepth.methods.calibration import parse_knobs, text_batches, thresholds_record
     from dyndepth.tokenizer import load_tokenizer
 
     wanted = _run(parse_knobs, knobs)
@@ -180,12 +180,13 @@ def calibrate(
     tok = _run(load_tokenizer, tokenizer or model)
     ids = _run(text_batches, tok, corpus, batches, batch_size, seq_len)
     thresholds = _run(fit, lm, [b.to(device) for b in ids], **wanted)
+    names = _run(thresholds_record, thresholds)  # (null: keeps every token, e.g. MoD at capacity 1.0)
     path = _run(lm.save_pretrained, out)
     tok.save(path)  # the folder is self-contained: `dyndepth generate OUT` needs no --tokenizer
     windows = sum(len(b) for b in ids)
-    names = {"/".join(map(str, k)) if isinstance(k, tuple) else str(k): float(v) for k, v in thresholds.items()}
     (path / "calibration.json").write_text(json.dumps({"knobs": wanted, "text": str(text), "windows": windows,
-                                                       "seq_len": seq_len, "thresholds": names}, indent=1))
+                                                       "seq_len": seq_len, "thresholds": names}, indent=1,
+                                                      allow_nan=False))
     typer.echo(f"calibrated {len(thresholds)} thresholds at {wanted} on {windows} windows of {seq_len} tokens; "
                f"wrote {path}")
 

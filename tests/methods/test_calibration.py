@@ -79,3 +79,16 @@ def test_a_recurrent_family_is_told_it_has_no_thresholds(name):
     model = dyndepth.build_model(dyndepth.preset(name))
     with pytest.raises(ValueError, match=r"decoder family \(CausalLM\); a \w+LM has no thresholds to fit"):
         calibrate(model, [torch.randint(0, 256, (2, 8))], budget=0.3)
+
+
+def test_thresholds_record_is_strict_json_with_null_for_keep_all():
+    """-inf (a routing point that keeps every token: MoD at capacity 1.0) is null, not `-Infinity`; NaN is refused."""
+    import json
+
+    from dyndepth.methods.calibration import thresholds_record
+
+    record = thresholds_record({(0, "attn"): torch.tensor(0.25), 1: torch.tensor(float("-inf"))})
+    assert record == {"0/attn": 0.25, "1": None}
+    json.dumps(record, allow_nan=False)
+    with pytest.raises(ValueError, match="calibration threshold 3 is nan: the calibration scores were not finite"):
+        thresholds_record({3: torch.tensor(float("nan"))})

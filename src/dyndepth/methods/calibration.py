@@ -3,6 +3,8 @@ method routes by per-(layer, branch) thresholds fitted on calibration text at th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dyndepth.core.method import ThresholdRecorder
@@ -38,6 +40,24 @@ def calibrate(model, batches, **knobs) -> dict:
     thresholds = recorder.result()
     method.set_thresholds(thresholds, knobs)
     return thresholds
+
+
+def thresholds_record(thresholds: dict) -> dict[str, float | None]:
+    """`calibrate`'s {key: threshold} as strict JSON: keys "slot" or "slot/branch", values floats, and None for a
+    routing point that keeps every token (MoD at capacity 1.0 records -inf: no score is below it). The checkpoint's
+    buffers keep -inf, which safetensors stores; JSON has no infinity (`-Infinity` breaks jq, JS and strict parsers)."""
+    out = {}
+    for key, value in thresholds.items():
+        name = "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+        value = float(value)
+        if value == -math.inf:
+            out[name] = None
+        elif not math.isfinite(value):  # (NaN or +inf: scores that were not finite)
+            raise ValueError(f"calibration threshold {name} is {value}: the calibration scores were not finite; "
+                             "check the model's weights and the calibration text.")
+        else:
+            out[name] = value
+    return out
 
 
 def text_batches(tokenizer, text: str, num_batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
