@@ -92,3 +92,23 @@ def test_thresholds_record_is_strict_json_with_null_for_keep_all():
     json.dumps(record, allow_nan=False)
     with pytest.raises(ValueError, match="calibration threshold 3 is nan: the calibration scores were not finite"):
         thresholds_record({3: torch.tensor(float("nan"))})
+
+
+def test_dataloader_lists_and_tokenizer_dicts_calibrate_like_tuples():
+    """A DataLoader yields [ids, mask] lists and an HF tokenizer {"input_ids", "attention_mask"} dicts; both were
+    passed to the model as its input_ids and failed with an unclear error."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, _ = gated_model()
+    ids = torch.randint(0, 256, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = calibrate(model, [(ids[:2], mask[:2]), (ids[2:], mask[2:])], budget=0.3)
+    for batches in (DataLoader(TensorDataset(ids, mask), batch_size=2),
+                    [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]):
+        got = calibrate(model, batches, budget=0.3)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key])
+    with pytest.raises(ValueError, match="a batch must be a tensor of token ids"):
+        calibrate(model, ["some text"], budget=0.3)

@@ -129,3 +129,20 @@ def test_pruning_a_model_whose_method_names_layers_by_index_is_refused(attach):
     with pytest.raises(ValueError, match=f"the attached {attach} method names its layers by index"):
         prune_layers(model, 1, scores=[0.0, 1.0, 2.0])
     assert len(model.model.layers) == 3  # nothing removed
+
+
+def test_layer_scores_take_dataloader_lists_and_tokenizer_dicts():
+    """prune_layers scored layers from tensors and (ids, mask) tuples only: a DataLoader's [ids, mask] lists and HF
+    dicts reached the model as its input_ids (an unclear error)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, _ = gated_model(layers=3, budget=0.25)
+    ids = torch.randint(0, 256, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for by in ("gate", "influence"):
+        want = layer_importance(model, [(ids, mask)], by=by)
+        for batches in (DataLoader(TensorDataset(ids, mask), batch_size=2), [{"input_ids": ids, "attention_mask": mask}]):
+            assert layer_importance(model, batches, by=by) == pytest.approx(want)
+    with pytest.raises(ValueError, match="a batch must be a tensor of token ids"):
+        prune_layers(model, 1, [42], by="influence")

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from dyndepth.core.batch import split_batch
 from dyndepth.core.method import ThresholdRecorder
 from dyndepth.methods.common import parse_key_values
 from dyndepth.models.qwen3 import CausalLM
@@ -14,10 +15,11 @@ from dyndepth.models.qwen3 import CausalLM
 
 @torch.no_grad()
 def calibrate(model, batches, **knobs) -> dict:
-    """Run `batches` (tensors (B, T) or (ids, attention_mask) tuples) with the method at `knobs` (e.g.
-    `budget=0.3` for GateSkip, `capacity=0.25` for MoD), record each routing point's threshold (the score
-    that keeps all but the budget's lowest scores of the batch, averaged over batches) and store them in
-    the method's buffers for decoding at those knobs. Returns {key: threshold}."""
+    """Run `batches` (ids (B, T), (ids, attention_mask) tuples or lists, or dicts with input_ids and attention_mask:
+    `core.batch.split_batch`) with the method at `knobs` (e.g. `budget=0.3` for GateSkip, `capacity=0.25` for MoD),
+    record each routing point's threshold (the score that keeps all but the budget's lowest scores of the batch,
+    averaged over batches) and store them in the method's buffers for decoding at those knobs. Returns
+    {key: threshold}."""
     method = model.method
     if method is None and not isinstance(model, CausalLM):  # (attach_gateskip, the fix named below, refuses it)
         raise ValueError(f"calibrate fits the decoding thresholds of GateSkip and MoD, which attach to the decoder "
@@ -33,7 +35,7 @@ def calibrate(model, batches, **knobs) -> dict:
     try:
         with method.recording(recorder), method.override(**knobs):  # (recording's mode first: no calibrated check)
             for batch in batches:
-                ids, mask = batch if isinstance(batch, tuple) else (batch, None)
+                ids, mask = split_batch(batch)
                 model(ids, attention_mask=mask)
     finally:
         model.train(was_training)

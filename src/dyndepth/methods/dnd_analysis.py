@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth.core.batch import split_batch
 from dyndepth.figures import save_figure
 from dyndepth.methods.dnd import DND, DNDState
 from dyndepth.models.forward import Trace
@@ -74,14 +75,14 @@ def trace_selection(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def entropy_correlation(model, batches, base=None) -> dict:
     """Pearson r between each token's selection frequency (share of DND layers that nest it) and the next-token
     entropy of the base model (`base`, default: this model with DND detached), over the valid tokens of
-    `batches` (tensors (B, T) or (ids, mask) tuples). Also the mean entropy of tokens nested by at least half of
+    `batches` (any form `core.batch.split_batch` takes). Also the mean entropy of tokens nested by at least half of
     the layers and of the others."""
     freq, ent = [], []
     batches = list(batches)
     if not batches:
         raise ValueError("entropy_correlation needs at least one batch of token ids.")
     for batch in batches:
-        ids, mask = batch if isinstance(batch, tuple) else (batch, None)
+        ids, mask = split_batch(batch)
         _, selected, valid = trace_selection(model, ids, mask)
         ctx = without_method(model) if base is None else contextlib.nullcontext()
         with ctx:

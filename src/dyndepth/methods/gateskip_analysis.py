@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dyndepth.core.batch import split_batch
 from dyndepth.methods.gateskip import BRANCHES, GateSkip, GateSkipState
 from dyndepth.models.qwen3 import Trace
 
@@ -36,11 +37,6 @@ class ForwardTrace:
     importance: dict = field(default_factory=dict)  # (slot, branch) -> s (B, T) float32
     keep: dict = field(default_factory=dict)  # (slot, branch) -> keep (B, T) bool | None
     streams: list = field(default_factory=list)  # residual stream before layer 0, after each layer: (B, T, D)
-
-
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch given as ids (B, T) or (ids, attention_mask)."""
-    return batch if isinstance(batch, tuple) else (batch, None)
 
 
 @contextlib.contextmanager
@@ -184,7 +180,7 @@ class _StatsAccumulator:
 @torch.no_grad()
 def collect_gate_stats(model, batches, budget: float | None = None,
                        quantile_levels: tuple[float, ...] = QUANTILE_LEVELS) -> GateStats:
-    """Gate statistics over `batches` (tensors (B, T) or (ids, attention_mask) tuples) at the method's
+    """Gate statistics over `batches` (any form `core.batch.split_batch` takes) at the method's
     current budget, or at `budget` when given."""
     method = _require_gateskip(model)
     acc = _StatsAccumulator(model.config.num_hidden_layers)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import is_whole
-from dyndepth.methods.gateskip_analysis import collect_gate_stats, eval_mode, split_batch, trace_forward
+from dyndepth.core.batch import split_batch
+from dyndepth.methods.gateskip_analysis import collect_gate_stats, eval_mode, trace_forward
 from dyndepth.models.moe import SparseMoE
 from dyndepth.models.qwen3 import CausalLM
 
