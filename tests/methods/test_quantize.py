@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gated import gated_model
 from torch import nn
 
@@ -49,6 +50,37 @@ def test_quant_linear_matches_its_integer_weights(bits):
     x = torch.randn(3, 5, 64)
     torch.testing.assert_close(q(x), x @ q.dequantize().T + linear.bias, atol=1e-5, rtol=1e-5)
     assert q(x[:0]).shape == (0, 5, 24)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (4, 16), (8, 64)])
+def test_scales_stay_float32_when_the_model_changes_dtype(bits, group):
+    """`model.to(torch.bfloat16)` cast the float32 scales too: the weights were rounded twice (a bfloat16 scale, then
+    the product), and `.float()` afterwards did not give the quantized model back. Now the scales stay float32 and a
+    bfloat16 forward uses q * scale rounded once to bfloat16."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(64, 24, bias=False), bits=bits, group_size=group)
+    x = torch.randn(3, 5, 64)
+    w, ref = q.dequantize(), q(x)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        cast(q)
+        assert q.scale.dtype == torch.float32 and q.qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+        q.float()
+        assert torch.equal(q.dequantize(), w) and torch.equal(q(x), ref)
+    q.to(torch.bfloat16)
+    x16 = x.bfloat16()
+    want = F.linear(x16, w.bfloat16())  # the bfloat16 reference: the float32 weights rounded once
+    if q.uses_int8_kernel(x16):  # (8 bits per channel: torch's kernel, its own order and bfloat16 scale: an ulp)
+        torch.testing.assert_close(q(x16), want, atol=float(want.abs().max()) / 128, rtol=0)
+    else:
+        assert torch.equal(q(x16), want)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).eval()
+    quantize_weights(model, bits=bits, group_size=group)
+    ids = torch.randint(0, 256, (2, 16))
+    full = logits(model, ids)
+    model.to(torch.bfloat16)
+    assert {m.scale.dtype for m in model.modules() if isinstance(m, QuantLinear)} == {torch.float32}
+    out = logits(model, ids).float()
+    assert float((out - full).norm() / full.norm()) < 0.02  # bfloat16 activations and float weights only
 
 
 def test_int8_uses_the_cpu_kernel_when_torch_has_it():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyndepth.config import is_whole
-from dyndepth.core.layers import needs_grad
+from dyndepth.core.layers import apply_keeping_float32, needs_grad
 
 _INT8_PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 _QMAX = {8: 127, 4: 7}
@@ -25,7 +25,12 @@ _QMAX = {8: 127, 4: 7}
 
 class QuantLinear(nn.Module):
     """Weight-only quantized Linear: `qweight` int8 (N, K) for 8 bits, uint8 (N, K // 2) for 4 bits (two
-    values per byte, offset by 8), `scale` float32 (N, G) with G = K // group_size."""
+    values per byte, offset by 8), `scale` float32 (N, G) with G = K // group_size. The scale stays float32 under
+    `model.to(dtype)` / `.half()` (a bfloat16 scale lost 8 mantissa bits for good, and a round trip back to
+    float32 did not restore the model); the bias follows the model's dtype, as an nn.Linear's does."""
+
+    float32_buffers = ("scale",)
+    _apply = apply_keeping_float32
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -40,7 +45,8 @@ class QuantLinear(nn.Module):
         cols = in_features if bits == 8 else in_features // 2
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8
                                                     else torch.uint8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, in_features // group_size, device=device))
+        self.register_buffer("scale", torch.ones(out_features, in_features // group_size, device=device,
+                                                 dtype=torch.float32))  # (N, G), whatever the default dtype
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
@@ -70,10 +76,11 @@ class QuantLinear(nn.Module):
         return torch.stack([low, high], dim=-1).reshape(self.out_features, self.in_features)  # (N, K)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weights (N, K) these integers stand for."""
+        """The float weights (N, K) these integers stand for: q * scale in float32, rounded once to `dtype` (a
+        product of a bfloat16 scale rounded it twice)."""
         N, K, G = self.out_features, self.in_features, self.scale.shape[1]
-        w_NGC = self.int_weight().reshape(N, G, K // G).to(dtype) * self.scale.to(dtype)[..., None]
-        return w_NGC.reshape(N, K)
+        w_NGC = self.int_weight().reshape(N, G, K // G).float() * self.scale.float()[..., None]  # (N, G, K / G)
+        return w_NGC.reshape(N, K).to(dtype)
 
     def uses_int8_kernel(self, x: torch.Tensor) -> bool:
         # not when autograd differentiates through it: the kernel has no derivative (training float gates on an
