@@ -47,7 +47,7 @@ def test_option_set_is_deliberate():
         "bench quality": ["base", "out", "steps"],
         "bench train": ["batch_size", "compile", "device", "dtype", "model", "out", "seq_len", "steps"],
         "calibrate": ["batch_size", "batches", "device", "knobs", "model", "out", "seq_len", "text", "tokenizer"],
-        "convert": ["dst", "dtype", "max_shard_gb", "src"],
+        "convert": ["dst", "dtype", "max_shard_gb", "plain", "src"],
         "demo": ["eval_examples", "out", "post_steps", "steps"],
         "eval": ["apply_chat_template", "batch_size", "data_dir", "limit", "max_length", "model", "model_args",
                  "num_fewshot", "out", "perplexity", "stride", "tasks"],
@@ -409,3 +409,34 @@ def test_calibrating_mod_at_capacity_one_writes_strict_json_and_keeps_every_toke
     with torch.no_grad(), loaded.method.override(capacity=1.0, mode="topk"):
         by_topk = loaded(ids).logits
     torch.testing.assert_close(by_threshold, by_topk)
+
+
+def test_convert_plain_leaves_the_method_out_of_a_folder_and_of_a_training_step(tmp_path):
+    """`convert --plain` writes the base model of a post-trained checkpoint (a folder or a training step) without
+    the method's tensors and config.json's dyndepth_method, for transformers; a family without a transformers class
+    is refused by name."""
+    from dyndepth.safetensors_io import read_safetensors
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
+                      f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
+                      '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\ntokenizer = "byte"\n'
+                      '[eval]\nenabled = false\n')
+    trained = runner.invoke(app, ["train", str(recipe), "--method", "gateskip", "--set", "model.vocab_size=264"])
+    assert trained.exit_code == 0, trained.output
+    model = dyndepth.from_pretrained(tmp_path / "out" / "model")
+    assert model.method.name == "gateskip"
+    for src in (tmp_path / "out" / "model", tmp_path / "out" / "step_0000001"):
+        dst = tmp_path / f"plain-{src.name}"
+        result = runner.invoke(app, ["convert", str(src), str(dst), "--plain"])
+        assert result.exit_code == 0, result.output
+        assert "dyndepth_method" not in json.loads((dst / "config.json").read_text())
+        assert not [k for k in read_safetensors(dst / "model.safetensors") if ".gateskip." in k]
+        plain = dyndepth.from_pretrained(dst)
+        assert plain.method is None and (dst / "byte_tokenizer.json").exists()
+        base = {k: v for k, v in model.state_dict().items() if ".gateskip." not in k}  # every other tensor, as trained
+        assert plain.state_dict().keys() == base.keys()
+        assert all(torch.equal(plain.state_dict()[k], v) for k, v in base.items())
+    dyndepth.build_model(dyndepth.preset("dreamer-tiny")).save_pretrained(tmp_path / "dreamer")
+    refused = runner.invoke(app, ["convert", str(tmp_path / "dreamer"), str(tmp_path / "d2"), "--plain"])
+    assert refused.exit_code == 2 and "DreamerLM has no transformers class" in refused.output, refused.output

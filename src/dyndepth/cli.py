@@ -251,6 +251,8 @@ def convert(
     dst: Path = typer.Argument(..., help="Output folder (config.json + safetensors + tokenizer files)."),
     dtype: Optional[str] = typer.Option(None, help="Convert weights to float32 | bfloat16 | float16."),
     max_shard_gb: float = typer.Option(5.0, help="Shard safetensors above this size."),
+    plain: bool = typer.Option(False, help="Leave the method out (its tensors and config.json's dyndepth_method): "
+                                           "the base model as a plain transformers folder."),
 ) -> None:
     """Load a checkpoint and write it back as a HF checkpoint (dtype conversion, re-sharding); a training
     checkpoint (`step_*/`) is exported to HF format first."""
@@ -267,12 +269,12 @@ def convert(
     if step:
         from dyndepth.train.run import export_checkpoint
 
-        exported = _run(export_checkpoint, src, dst)
+        exported = _run(export_checkpoint, src, dst, plain=plain)
         if dtype is None and max_shard_bytes == 5 * 2**30:  # exported as asked (save_pretrained's default shards)
             typer.echo(f"wrote {exported}")
             return
         src = str(dst)
-    path = _run(convert_checkpoint, src, dst, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    path = _run(convert_checkpoint, src, dst, dtype=dtype, max_shard_bytes=max_shard_bytes, plain=plain)
     typer.echo(f"wrote {path}")
 
 

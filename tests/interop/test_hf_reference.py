@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dyndepth
+from dyndepth.methods import attach_method
 from dyndepth.models.hf_layout import config_to_hf
 
 transformers = pytest.importorskip("transformers")
@@ -186,3 +187,38 @@ def test_default_stop_tokens_come_from_generation_config_as_in_hf(tmp_path):
     ours.save_pretrained(tmp_path / "again")  # the generation defaults travel with the checkpoint
     again = dyndepth.from_pretrained(tmp_path / "again")
     assert torch.equal(again.generate(ids, 12, attention_mask=mask), got)
+
+
+@pytest.mark.parametrize("name, options", [("gateskip", {}), ("gateskip", {"shared": True}), ("mod", {}),
+                                           ("dnd", {"layers": (1, 2)})])
+def test_a_plain_export_of_a_model_with_a_method_is_the_base_model_for_transformers(name, options, tmp_path):
+    """There was no way to write the base model of a post-trained checkpoint as a transformers folder: the export
+    carried the method's tensors (transformers reported them unexpected) and config.json its `dyndepth_method`, which
+    transformers kept and wrote again. `save_pretrained(plain=True)` leaves both out."""
+    ours = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", num_hidden_layers=4)).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        base = ours(ids).logits
+    attach_method(ours, name, options)
+    ours.save_pretrained(tmp_path / "plain", plain=True)
+    assert "dyndepth_method" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert ours.method is not None and f".{name}." in str(list(ours.state_dict()))  # the model itself keeps it
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    assert not hasattr(hf.config, "dyndepth_method")
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(input_ids=ids).logits, base, atol=1e-4, rtol=0)
+    assert dyndepth.from_pretrained(tmp_path / "plain").method is None
+
+
+def test_a_method_export_that_transformers_saved_again_says_what_was_lost(tmp_path):
+    """transformers loads a method's export as the base model and keeps `dyndepth_method` in its config, so its
+    save_pretrained wrote a folder with the entry and none of the method's tensors; loading it listed missing
+    tensors. Now the error says what happened and how to load the base model."""
+    ours = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    attach_method(ours, "gateskip")
+    ours.save_pretrained(tmp_path / "ours")
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    with pytest.raises(dyndepth.CheckpointError, match=r"records the method 'gateskip' \(dyndepth_method\), and the "
+                                                       r"folder holds none of its tensors.*Delete dyndepth_method"):
+        dyndepth.from_pretrained(tmp_path / "hf")

@@ -16,6 +16,7 @@ from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (DTYPES: a public name)
 from dyndepth.methods.registry import attach_method
 from dyndepth.models import MODELS, PRESETS, model_spec
+from dyndepth.models.qwen3 import CausalLM
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
 
 # a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
@@ -150,6 +151,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     with torch.device("meta"):
         model = model_from_config(raw_config, str(config_path))
     config = model.config
+    _check_method_tensors(model, state, folder)
     check_state_dict(model, state, str(folder))
     keep = float32_keys(model)
     if dtype is None:
@@ -169,6 +171,22 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     return model.to(device) if device is not None else model
 
 
+def _check_method_tensors(model, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """config.json records a method and the folder holds none of its tensors: transformers loaded a dyndepth export
+    (the method's tensors unexpected, dropped) and saved it again, keeping `dyndepth_method` in its config. Say so,
+    rather than list the missing tensors."""
+    name = getattr(getattr(model, "method", None), "name", None)
+    if name is None or any(f".{name}." in f".{k}" for k in state):
+        return
+    if not any(f".{name}." in f".{k}" for k in model.state_dict()):  # (a method without tensors lacks none)
+        return
+    raise CheckpointError(f"{folder}/config.json records the method {name!r} (dyndepth_method), and the folder holds "
+                          f"none of its tensors (model.layers.*.{name}.*): transformers' save_pretrained keeps that "
+                          "config entry and drops the tensors it does not know. Delete dyndepth_method from "
+                          "config.json to load the base model (then attach and post-train the method again); a folder "
+                          "meant for transformers is exported without it: dyndepth convert SRC DST --plain.")
+
+
 def _one_dtype(state: dict[str, torch.Tensor], keep: set[str], config_dtype: str | None) -> torch.dtype | None:
     """None (as stored) when the weights share one floating dtype; else the one config.json names, or the
     embedding's: a checkpoint with float32 norms beside bfloat16 matrices loaded both, and the first matmul failed
@@ -181,16 +199,30 @@ def _one_dtype(state: dict[str, torch.Tensor], keep: set[str], config_dtype: str
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,
-                       max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Re-save a HF checkpoint (optionally in another dtype or shard size), carrying its tokenizer files.
-    (Training checkpoints are exported by `dyndepth.train.run.export_checkpoint`; `dyndepth convert` picks.)"""
+                       max_shard_bytes: int = 5 * 2**30, plain: bool = False) -> Path:
+    """Re-save a HF checkpoint (optionally in another dtype or shard size), carrying its tokenizer files; `plain`:
+    without its method (`save_pretrained(plain=True)`). (Training checkpoints are exported by
+    `dyndepth.train.run.export_checkpoint`; `dyndepth convert` picks.)"""
     import shutil
 
     folder = resolve(src)
     model = from_pretrained(folder, dtype=dtype)
-    out = model.save_pretrained(dst, max_shard_bytes=max_shard_bytes)
+    out = save_model(model, dst, max_shard_bytes=max_shard_bytes, plain=plain)
     for name in TOKENIZER_FILES:
         have, want = folder / name, out / name
         if have.exists() and not (want.exists() and want.samefile(have)):  # in place: already there
             shutil.copyfile(have, want)
     return out
+
+
+def save_model(model, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+               plain: bool = False) -> Path:
+    """`model.save_pretrained`, `plain` (the method left out: a folder for transformers) for the decoder family
+    only: the other families have no method to leave out and no transformers class to load them."""
+    if not plain:
+        return model.save_pretrained(path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    if not isinstance(model, CausalLM):
+        raise ValueError(f"plain export writes a transformers folder of the decoder family (Qwen3 / Llama), and a "
+                         f"{type(model).__name__} has no transformers class (nor a method to leave out); export it "
+                         "without --plain and load it with dyndepth.from_pretrained.")
+    return model.save_pretrained(path, dtype=dtype, max_shard_bytes=max_shard_bytes, plain=True)

@@ -206,28 +206,35 @@ class CausalLM(nn.Module):
         return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask,
                         temperature=temperature, **kwargs)
 
-    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The state dict in the on-disk HF layout: tied lm_head dropped, experts split per expert."""
+    def hf_state_dict(self, dtype: torch.dtype | None = None, plain: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict in the on-disk HF layout: tied lm_head dropped, experts split per expert; `plain`: without
+        the method's tensors (every key with a `.<method name>.` part, e.g. `model.layers.0.gateskip.tau`)."""
         state = cast_state(self.state_dict(), dtype, float32_keys(self))  # thresholds stay float32
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+        if plain and self.method is not None:
+            state = {k: v for k, v in state.items() if f".{self.method.name}." not in f".{k}"}
         return hf_layout.split_experts(state)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
+                        max_shard_bytes: int = 5 * 2**30, plain: bool = False) -> Path:
         """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads, and the loaded checkpoint's
         generation_config.json. A method, if any, is recorded under `dyndepth_method`: transformers loads such a
-        folder as the plain base model (it reports the method's tensors as unexpected), whose outputs differ; so does a
+        folder as the plain base model (it reports the method's tensors as unexpected and keeps `dyndepth_method` in
+        its config, so a folder it saves again has the entry without the tensors), whose outputs differ; so does a
         variant its classes lack (qk_norm off the family's, a Qwen3 MLP bias, a Llama with experts), which
-        `dyndepth.from_pretrained` loads back exactly. dtype: a torch dtype or its name, as from_pretrained takes."""
+        `dyndepth.from_pretrained` loads back exactly. `plain=True` leaves the method out (its tensors and the
+        config entry): the base weights alone, for transformers, with the base's outputs (not the method's).
+        dtype: a torch dtype or its name."""
         dtype = resolve_dtype(dtype)  # ("bfloat16" reached tensor.to as a device name: "Invalid device string")
-        return write_pretrained(self.hf_state_dict(dtype), self.pretrained_config(dtype), path, max_shard_bytes,
-                                getattr(self, "generation_config", None))
+        return write_pretrained(self.hf_state_dict(dtype, plain), self.pretrained_config(dtype, plain), path,
+                                max_shard_bytes, getattr(self, "generation_config", None))
 
-    def pretrained_config(self, dtype: torch.dtype | None = None) -> dict:
-        """The config.json `save_pretrained` writes: HF's fields, and the method under `dyndepth_method`."""
+    def pretrained_config(self, dtype: torch.dtype | None = None, plain: bool = False) -> dict:
+        """The config.json `save_pretrained` writes: HF's fields, and the method under `dyndepth_method` (not
+        `plain`)."""
         hf_config = hf_layout.config_to_hf(self.config, dtype or next(self.parameters()).dtype)
-        if self.method is not None:
+        if self.method is not None and not plain:
             hf_config["dyndepth_method"] = self.method.to_dict()
         return hf_config
 

@@ -299,11 +299,13 @@ def _saved_source_digest(checkpoint: str | os.PathLike) -> str | None:
     return loader.get("source_digest") if isinstance(loader, dict) else None
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer=None) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
+                      plain: bool = False) -> Path:
     """A training checkpoint (single-process, DDP or FSDP2) as a HF checkpoint folder (config.json +
-    safetensors, method included), saved in the run's `model.dtype` when it names one, with `tokenizer` (the
-    run's, at its end) or the one the run's data section names."""
-    from dyndepth.interop.hf import model_from_config
+    safetensors, method included unless `plain`: the base model's folder, for transformers), saved in the run's
+    `model.dtype` when it names one, with `tokenizer` (the run's, at its end) or the one the run's data section
+    names."""
+    from dyndepth.interop.hf import model_from_config, save_model
     from dyndepth.train.checkpoint import GENERATION_CONFIG, MODEL_CONFIG, load_model_weights
 
     rc = load_run_config(Path(checkpoint) / "config.yaml")
@@ -324,7 +326,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tok
     if tokenizer is not None:
         tokenizer = for_vocab(tokenizer, model.config.vocab_size)  # (a padded vocabulary: a widened byte tokenizer)
         _default_stops(model, tokenizer)
-    out = model.save_pretrained(out, dtype=getattr(torch, dtype) if dtype else None)
+    out = save_model(model, out, dtype=getattr(torch, dtype) if dtype else None, plain=plain)
     if tokenizer is not None:
         tokenizer.save(out)
     else:
