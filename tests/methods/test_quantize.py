@@ -124,6 +124,18 @@ def test_gates_can_stay_in_float_and_bad_settings_are_refused():
     assert all(type(m) is nn.Linear for m in odd), "the first layer was left quantized"
 
 
+def test_skip_takes_one_name_as_a_string():
+    """skip="lm_head" was iterated letter by letter: every module name holds an "l", so nothing was quantized and
+    the call returned [] with no word."""
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3"))
+    names = quantize_weights(model, skip="lm_head")
+    assert "model.layers.0.self_attn.q_proj" in names and "lm_head" not in names
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    for bad in (("",), (3,)):
+        with pytest.raises(ValueError, match="must be module-name substrings"):
+            quantize_weights(dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")), skip=bad)
+
+
 def test_skipping_still_works_on_a_quantized_model():
     model, _ = gated_model(budget=0.3)
     ids = torch.randint(0, 256, (4, 20))

@@ -108,16 +108,19 @@ def _default_group(bits: int, in_features: int) -> int:
     return 32 if bits == 4 and in_features % 32 == 0 else in_features
 
 
-def quantize_weights(model: nn.Module, bits: int = 8, skip: tuple[str, ...] = ("lm_head",),
+def quantize_weights(model: nn.Module, bits: int = 8, skip: str | tuple[str, ...] = ("lm_head",),
                      quantize_gates: bool = True, group_size: int | None = None) -> list[str]:
     """Replace every nn.Linear of `model` in place by a `QuantLinear`; return the replaced module names.
 
-    A module stays in float when any entry of `skip` is a substring of its qualified name, and GateSkip's
-    gates (names containing ".gateskip.") too when `quantize_gates=False`. `group_size` None: per output
-    channel for 8 bits, groups of 32 input columns for 4 bits.
+    A module stays in float when any entry of `skip` (one string or several) is a substring of its qualified name,
+    and GateSkip's gates (names containing ".gateskip.") too when `quantize_gates=False`. `group_size` None: per
+    output channel for 8 bits, groups of 32 input columns for 4 bits.
     """
     if bits not in _QMAX:
         raise ValueError(f"bits={bits} is not supported; use 8 or 4.")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)  # ("lm_head" was its letters: every name has an "l")
+    if not all(isinstance(s, str) and s for s in skip):
+        raise ValueError(f"skip={skip!r} must be module-name substrings (non-empty strings), e.g. ('lm_head',).")
     if group_size is not None and (not is_whole(group_size) or group_size < 1):
         raise ValueError(f"group_size={group_size!r} must be a whole number >= 1 (input columns per scale), or None.")
     targets = []
