@@ -146,3 +146,15 @@ def test_layer_scores_take_dataloader_lists_and_tokenizer_dicts():
             assert layer_importance(model, batches, by=by) == pytest.approx(want)
     with pytest.raises(ValueError, match="a batch must be a tensor of token ids"):
         prune_layers(model, 1, [42], by="influence")
+
+
+def test_non_finite_scores_are_refused_not_sorted():
+    """NaN compares false with everything, so the sort by score removed an arbitrary layer (here layer 0, whose
+    forward broke, or any other)."""
+    for scores, layer in (([float("nan"), 1.0, 0.5], 0), ([1.0, 0.0, float("inf")], 2)):
+        model = CausalLM(preset("tiny-qwen3", num_hidden_layers=3))
+        with pytest.raises(ValueError, match=f"layer {layer} scored (nan|inf): prune by finite scores only"):
+            prune_layers(model, 1, scores=scores)
+        assert len(model.model.layers) == 3
+    model = CausalLM(preset("tiny-qwen3", num_hidden_layers=3))
+    assert prune_layers(model, 1, scores=torch.tensor([2.0, 0.0, 1.0])) == [1]  # a tensor of scores is fine

@@ -11,6 +11,7 @@ Shape legend: B batch, T tokens, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +100,13 @@ def prune_layers(model, n: int, batches=None, by: str = "gate", scores: list[flo
         if batches is None:
             raise ValueError("prune_layers needs `batches` to score the layers, or precomputed `scores`.")
         scores = layer_importance(model, batches, by)
+    scores = [float(v) for v in scores]  # (a tensor or numpy array too)
     if len(scores) != L:
         raise ValueError(f"got {len(scores)} scores for {L} layers.")
+    bad = [i for i, v in enumerate(scores) if not math.isfinite(v)]
+    if bad:  # NaN compares false with everything: the sort dropped arbitrary layers
+        raise ValueError(f"layer {bad[0]} scored {scores[bad[0]]}: prune by finite scores only (NaN / inf come from "
+                         "non-finite activations on the scoring batches; check the model and the batches).")
     removed = sorted(sorted(range(L), key=lambda i: (scores[i], i))[:n])
     if removed:
         remove_layers(model, removed)
