@@ -112,3 +112,13 @@ def test_dataloader_lists_and_tokenizer_dicts_calibrate_like_tuples():
             torch.testing.assert_close(got[key], want[key])
     with pytest.raises(ValueError, match="a batch must be a tensor of token ids"):
         calibrate(model, ["some text"], budget=0.3)
+
+
+def test_no_batches_is_named_as_such():
+    """An empty list (or a used-up iterator) was reported as knobs that route no token or batches of padding."""
+    model, _ = gated_model()
+    batches = iter([torch.randint(0, 256, (2, 12))])
+    calibrate(model, batches, budget=0.3)
+    for empty in ([], batches):
+        with pytest.raises(ValueError, match="calibrate got no batches"):
+            calibrate(model, empty, budget=0.3)

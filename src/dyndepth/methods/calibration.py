@@ -32,13 +32,17 @@ def calibrate(model, batches, **knobs) -> dict:
     recorder = ThresholdRecorder()
     was_training = model.training
     model.eval()
+    seen = 0
     try:
         with method.recording(recorder), method.override(**knobs):  # (recording's mode first: no calibrated check)
-            for batch in batches:
+            for seen, batch in enumerate(batches, 1):
                 ids, mask = split_batch(batch)
                 model(ids, attention_mask=mask)
     finally:
         model.train(was_training)
+    if not seen:  # (the recorder's error blamed the knobs or padding)
+        raise ValueError("calibrate got no batches (an empty list, or an iterator already used up); give at least one "
+                         "batch of token ids (B, T) like the text the model will decode.")
     thresholds = recorder.result()
     method.set_thresholds(thresholds, knobs)
     return thresholds
