@@ -174,3 +174,46 @@ def test_forward_report_leaves_the_padding_of_whole_document_windows_out():
     for key in ("val_loss", "avg_depth", "flops_ideal", "expert_diversity", "expert_set_entropy"):
         assert padded[key] == pytest.approx(alone[key], rel=1e-5), key
     torch.testing.assert_close(padded["expert_usage"], alone["expert_usage"])
+
+
+def test_the_study_reads_the_tokenizer_exported_beside_the_model_not_one_rebuilt_from_the_data_config(
+        tmp_path, monkeypatch):
+    """A bpe:N run's model/ carries the BPE it trained on. The study built the tokenizer from config.yaml's data
+    section instead: with the BPE cache gone (or data.source edited since) it trained another BPE on the source as it
+    is now, and scored the validation text (and generated) with ids the model never saw."""
+    from dyndepth.data.build import tokenizer_fingerprint
+    from dyndepth.eval import dreamer
+    from dyndepth.tokenizer import load_tokenizer, train_bpe
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(words[(i + j) % 12] for j in range(8))
+                                                   for i in range(600)) + "\n")
+    own = train_bpe(iter(["0123456789 +-*/ = ()"] * 50), vocab_size=264)  # another BPE than the source gives
+    torch.manual_seed(0)
+    dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2)).save_pretrained(tmp_path / "model")
+    own.save(tmp_path / "model")
+    data = {"source": str(tmp_path / "corpus.txt"), "tokenizer": "bpe:264", "cache_dir": str(tmp_path / "cache")}
+    save_run_config(RunConfig(model={"preset": "dreamer-tiny"}, data=data,
+                              train=TrainConfig(batch_size=2, seq_len=32)), tmp_path / "config.yaml")
+    seen = []
+    build_loader = dreamer.build_loader
+    monkeypatch.setattr(dreamer, "build_loader", lambda *a, tokenizer, **kw: seen.append(tokenizer) or
+                        build_loader(*a, tokenizer=tokenizer, **kw))
+    run_study(tmp_path, examples_per_task=0, num_batches=1, exit_kls=())
+    exported = tokenizer_fingerprint(load_tokenizer(tmp_path / "model"))
+    assert [tokenizer_fingerprint(t) for t in seen] == [exported]
+    assert not (tmp_path / "cache" / "tokenizers").exists()  # no BPE trained on the way
+
+
+def test_the_study_of_a_bpe_run_without_an_exported_tokenizer_says_so(run_dir):
+    """With no tokenizer in model/, a bpe:N run's ids cannot be known (another BPE would be trained): an error naming
+    the fix, before any BPE is trained."""
+    from dyndepth.runconfig import load_run_config
+
+    (run_dir / "corpus.txt").write_text("some text\n" * 200)
+    rc = load_run_config(run_dir / "config.yaml")
+    data = {"source": str(run_dir / "corpus.txt"), "tokenizer": "bpe:300", "cache_dir": str(run_dir / "cache")}
+    save_run_config(RunConfig(model=rc.model, data=data, train=rc.train), run_dir / "config.yaml")
+    with pytest.raises(ValueError, match=r"model has no tokenizer .*bpe:300"):
+        run_study(run_dir, examples_per_task=0, num_batches=1, exit_kls=())
+    assert not (run_dir / "cache" / "tokenizers").exists()

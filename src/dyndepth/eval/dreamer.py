@@ -8,8 +8,9 @@ the exits require (ideal).
 
     python -m dyndepth.eval.dreamer runs/dreamer_tiny_cpu        # a `dyndepth train` run folder
 
-reads the run's config.yaml (its data section) and the exported model/, and writes results.json,
-quality_vs_depth.png and expert_usage.png to the run folder (or --out).
+reads the run's config.yaml (its data section) and the exported model/ with the tokenizer saved beside it (the ids
+the run trained on), and writes dreamer_study.json, quality_vs_depth.png and expert_usage.png to the run folder (or
+--out).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dyndepth.eval.tasks import generate_answers
 from dyndepth.interop.hf import from_pretrained
 from dyndepth.plots import plot_expert_usage, plot_quality_vs_depth
 from dyndepth.runconfig import load_run_config
+from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
 
 SYNTHETIC_SOURCES = ("synthetic", "embedded")
 
@@ -141,12 +143,15 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
                          "run (a recipe with [model] type = \"dreamer\", e.g. recipes/dreamer_tiny_cpu.toml).")
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(rc.data)
+    tokenizer = for_vocab(run_tokenizer(run_dir, rc.data), model.config.vocab_size)  # (generation may sample a
+    # padded vocabulary's ids)
     if not rc.eval.get("enabled", True) and holds_out(rc.data):
         raise ValueError(f"{run_dir} trained with eval.enabled=false on all of {rc.data.get('source')!r}: it has no "
                          "held-out text to score; train with evaluation on, or set data.val_source.")
+    data_tokenizer = ByteTokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer  # (the same ids, the
+    # training's shard cache: the export widens a byte tokenizer to the model's padded vocabulary)
     val = build_loader(rc.data, split="val", batch_size=rc.train.batch_size, seq_len=rc.train.seq_len,
-                       seed=rc.train.seed, tokenizer=tokenizer)
+                       seed=rc.train.seed, tokenizer=data_tokenizer)
     batches = [val.next_batch() for _ in range(num_batches)]
     examples = []
     if rc.data.get("source", "embedded") in SYNTHETIC_SOURCES:
@@ -169,6 +174,20 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
     plot_quality_vs_depth(rows, out / "quality_vs_depth.png")
     (out / "dreamer_study.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def run_tokenizer(run_dir: Path, data: dict):
+    """The tokenizer a run trained with: the one exported beside its model (run_dir/model), else the one its data
+    section names, unless that is a "bpe:N" (which would train a BPE on the source as it is now, maybe another)."""
+    try:
+        return load_tokenizer(run_dir / "model")
+    except FileNotFoundError:  # (an export that found no tokenizer warned so)
+        name = str(data.get("tokenizer", "byte"))
+        if name.startswith("bpe:"):
+            raise ValueError(f"{run_dir / 'model'} has no tokenizer (tokenizer.json), and the run's data.tokenizer="
+                             f"{name!r} cannot be rebuilt to the same ids: save the run's BPE there (the run's "
+                             "data cache_dir/tokenizers/ holds it) and rerun.") from None
+        return build_tokenizer(data)
 
 
 def render(result: dict) -> str:
