@@ -271,3 +271,33 @@ def test_a_mistyped_text_split_is_refused_when_the_config_is_read(tmp_path):
     with pytest.raises(DataError, match=r"data.text_split='paragraphs' is not one of \('file', 'line'"):
         resolve_data_config({"source": str(records), "text_split": "paragraphs"})
     assert resolve_data_config({"source": str(records), "text_split": "paragraph"})["text_split"] == "paragraph"
+
+
+def test_two_processes_training_one_bpe_without_a_barrier_both_end_with_the_winners_folder(tmp_path, monkeypatch):
+    """Two jobs sharing one data cache (not one torchrun job: no barrier) both find no BPE and train one. The folder
+    that appears between the loser's check and its rename made `os.replace` of a folder onto a non-empty folder
+    raise OSError (ENOTEMPTY); the loser now drops its copy and loads the winner's."""
+    import os
+    import shutil
+
+    from dyndepth.data.build import bpe_folder, build_tokenizer
+
+    (tmp_path / "t.txt").write_text("some words and some more words\n" * 50)
+    cfg = {"source": str(tmp_path / "t.txt"), "tokenizer": "bpe:280", "cache_dir": str(tmp_path / "c")}
+    folder = bpe_folder(resolve_data_config(cfg))[0]
+    replace = os.replace
+
+    def winner_first(src, dst):  # the other job renames its finished folder just before ours
+        if os.path.isdir(src) and str(dst) == str(folder) and not os.path.exists(dst):
+            shutil.copytree(src, dst)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", winner_first)
+    tok = build_tokenizer(cfg)
+    monkeypatch.setattr(os, "replace", replace)
+    assert (folder / "tokenizer.json").is_file() and os.listdir(folder.parent) == [folder.name]  # no tmp left
+    assert tok.decode(tok.encode("some words")) == "some words"
+    (folder / "tokenizer.json").unlink()  # a folder left without its tokenizer is named, with the fix
+    (folder / "stray").write_text("")
+    with pytest.raises(DataError, match="no tokenizer.json.*delete it"):
+        build_tokenizer(cfg)

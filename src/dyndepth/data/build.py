@@ -8,6 +8,8 @@ Schema (every key optional):
                            # of files, folders and hf: names, read in order: ["a.txt.gz", "b.txt.gz"]
     tokenizer = "byte"     # "byte", a folder with tokenizer.json / encoder.json + vocab.bpe, or "bpe:N": a
                            # byte-level BPE of N tokens trained on the training source, cached in cache_dir
+    bpe_train_bytes = 64000000  # bpe:N trains on this many characters of the training documents (despite the
+                           # name, characters: bytes only for ASCII text)
     text_split = "file"    # plain text files: one document per file, "line", "paragraph", or "eot"
                            # (blocks separated by a line holding only <|endoftext|>)
     tasks = []             # synthetic task names; empty: all of them
@@ -48,6 +50,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -174,8 +177,9 @@ def _warn_overlap(val: str, source: str) -> None:
 
 def build_tokenizer(data_cfg: dict, rank: int = 0, barrier: Callable[[], None] | None = None):
     """The tokenizer `data.tokenizer` names. "bpe:N" trains a byte-level BPE of N tokens on the first
-    `bpe_train_bytes` of the training source once (rank 0, the others wait at `barrier`) and caches it in
-    cache_dir under the source's content hash, so every later run and rank loads the same ids."""
+    `bpe_train_bytes` characters of the training documents once (rank 0, the others wait at `barrier`; jobs sharing
+    the cache without one race, and the first folder renamed into place wins) and caches it in cache_dir under the
+    source's content hash, so every later run and rank loads the same ids."""
     cfg = resolve_data_config(data_cfg)
     check_sources_exist(cfg)
     name = str(cfg["tokenizer"])
@@ -211,7 +215,8 @@ def bpe_folder(cfg: dict, digest: str | None = None) -> tuple[Path, int]:
 def _train_bpe(cfg: dict, vocab: int, folder: Path) -> None:
     from dyndepth.tokenizer import train_bpe
 
-    def texts():  # streamed: the first bpe_train_bytes characters (bytes of ASCII text) of the training documents
+    def texts():  # streamed: the first bpe_train_bytes characters (not bytes: a name kept, as it keys the BPE
+        # cache; equal for ASCII text) of the training documents
         budget = cfg["bpe_train_bytes"]
         docs = iter_documents(cfg["source"], text_field=cfg["text_field"], text_split=cfg["text_split"])
         for doc in split_documents(docs, "train", not cfg["val_source"], cfg["source"]):
@@ -222,13 +227,20 @@ def _train_bpe(cfg: dict, vocab: int, folder: Path) -> None:
                 return
 
     tokenizer = train_bpe(texts(), vocab)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend.save(str(tmp / "tokenizer.json"))
-    if folder.exists():  # another builder won the race: theirs and ours are the same tokenizer
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # (jobs on two hosts: one pid)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.backend.save(str(tmp / "tokenizer.json"))
+        try:
+            os.replace(tmp, folder)  # written, then renamed: a folder that exists is complete
+        except OSError:  # (ENOTEMPTY/EEXIST) another job sharing the cache, no barrier between us, renamed first
+            if not folder.is_dir():
+                raise
+            if not (folder / "tokenizer.json").is_file():
+                raise DataError(f"{folder} exists but holds no tokenizer.json (an interrupted copy?): delete it "
+                                "and rerun to train the BPE again.") from None
+    finally:  # (theirs and ours are the same tokenizer: ours goes)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_documents(cfg: dict, split: str, seed: int) -> list[Document]:
