@@ -301,3 +301,28 @@ def test_two_processes_training_one_bpe_without_a_barrier_both_end_with_the_winn
     (folder / "stray").write_text("")
     with pytest.raises(DataError, match="no tokenizer.json.*delete it"):
         build_tokenizer(cfg)
+
+
+def test_plain_text_caches_are_rekeyed_since_a_text_ending_in_eos_gets_no_second_one(tmp_path):
+    """Since a document that already ends in the EOS stopped getting a second one, plain text ending in the EOS's text
+    (GPT-2 style "...<|endoftext|>") tokenizes to one EOS less; only chat-template keys were renewed, so a plain-text
+    cache built before was served as it was (two EOS), beside splits built since with one. A tokenizer whose EOS no
+    text encodes to (the byte tokenizer's) keeps its key: its caches did not change."""
+    import hashlib
+
+    from dyndepth.data.build import HOLDOUT_SCHEME, source_fingerprint, tokenizer_fingerprint
+    from dyndepth.data.shards import FORMAT_VERSION, encode_document
+
+    src = tmp_path / "t.txt"
+    src.write_text("hello there<|endoftext|>")
+    cfg = _cfg(tmp_path, src)
+    bpe = train_bpe(iter(["hello there"] * 20), vocab_size=270)
+    assert list(encode_document(Document(src.read_text()), bpe)[0]).count(bpe.eos_token_id) == 1
+
+    def before(tok):  # the key the plain rendering had
+        key = [FORMAT_VERSION, source_fingerprint(str(src), cfg["cache_dir"]), tokenizer_fingerprint(tok), "plain",
+               "text", HOLDOUT_SCHEME]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+    assert build._shard_dir(cfg, bpe, str(src), True).name != before(bpe)
+    assert build._shard_dir(cfg, ByteTokenizer(), str(src), True).name == before(ByteTokenizer())

@@ -344,11 +344,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _shard_dir(cfg: dict, tokenizer, source: str | list[str], holdout: bool, digest: str | None = None) -> Path:
     """The shard cache folder of `source` (`digest`: its `source_fingerprint`, when the caller has it)."""
     digest = source_fingerprint(source, cfg["cache_dir"]) if digest is None else digest
-    key = json.dumps([FORMAT_VERSION, digest, tokenizer_fingerprint(tokenizer),
-                      chat_fingerprint(cfg["chat_template"], tokenizer), cfg["text_field"],
+    chat = chat_fingerprint(cfg["chat_template"], tokenizer)
+    key = json.dumps([FORMAT_VERSION, digest, tokenizer_fingerprint(tokenizer), chat, cfg["text_field"],
                       HOLDOUT_SCHEME if holdout else False]
-                     + ([cfg["text_split"]] if cfg["text_split"] != "file" else []))
+                     + ([cfg["text_split"]] if cfg["text_split"] != "file" else [])
+                     + (["single-eos"] if chat == "plain" and _eos_in_text(tokenizer) else []))  # (a text ending in
+    # the EOS's own text got a second EOS before, under the same key; a template's key says so in `chat`)
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _eos_in_text(tokenizer) -> bool:
+    """Whether a text can encode to the EOS id (a Hugging Face tokenizer matches its special tokens in text; the byte
+    tokenizer's EOS is no text's)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    return eos is not None and tokenizer.eos_token_id is not None and tokenizer.encode(eos) == [tokenizer.eos_token_id]
 
 
 def split_documents(docs: Iterator[Document], split: str, holdout: bool,
