@@ -326,3 +326,17 @@ def test_plain_text_caches_are_rekeyed_since_a_text_ending_in_eos_gets_no_second
 
     assert build._shard_dir(cfg, bpe, str(src), True).name != before(bpe)
     assert build._shard_dir(cfg, ByteTokenizer(), str(src), True).name == before(ByteTokenizer())
+
+
+def test_build_loader_without_a_tokenizer_builds_the_one_data_tokenizer_names(tmp_path):
+    """build_loader's own tokenizer was `load_tokenizer(data.tokenizer)`, which reads "bpe:N" as a folder path: a
+    cache built beforehand in one process (as the module says to, before a long torchrun job) failed with "tokenizer
+    path 'bpe:280' does not exist". It now trains (or loads) the cached BPE as a run does."""
+    from dyndepth.data.build import build_tokenizer
+
+    (tmp_path / "t.txt").write_text("some words and more words here\n" * 300)
+    cfg = {"source": str(tmp_path / "t.txt"), "tokenizer": "bpe:280", "cache_dir": str(tmp_path / "c")}
+    loader = build_loader(cfg, batch_size=2, seq_len=16, seed=0)
+    tok = build_tokenizer(cfg)  # the cached one, loaded
+    assert tok.vocab_size > 257 and loader.shards.vocab_size == tok.vocab_size
+    assert build_loader(cfg, batch_size=2, seq_len=16, seed=0, tokenizer=tok).shards.manifest == loader.shards.manifest

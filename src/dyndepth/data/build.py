@@ -433,11 +433,12 @@ def build_loader(data_cfg: dict, *, split: str = "train", batch_size: int, seq_l
                  barrier: Callable[[], None] | None = None, hold_out: bool = True) -> PackedLoader:
     """The loader for one rank: packed (seq_len + 1)-token windows, disjoint across ranks, resumable.
 
-    `barrier` (every rank calls it once) lets rank 0 alone build a missing shard cache. `hold_out=False` (a run
-    that does not evaluate) trains on all of a user source that has no `val_source`."""
+    `barrier` (every rank calls it) lets rank 0 alone build a missing shard cache (and BPE). `hold_out=False` (a run
+    that does not evaluate) trains on all of a user source that has no `val_source`. Without `tokenizer`, the one
+    data.tokenizer names (`build_tokenizer`)."""
     cfg = resolve_data_config(data_cfg)
     check_sources_exist(cfg)
-    tokenizer = tokenizer or load_tokenizer(cfg["tokenizer"])
+    tokenizer = tokenizer or build_tokenizer(cfg, rank, barrier)  # ("bpe:N": the cached BPE, trained if missing)
     if cfg["source"] in EMBEDDED:
         shards = ShardSet.from_documents(embedded_documents(cfg, split, seed), tokenizer)
     else:
