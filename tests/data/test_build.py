@@ -340,3 +340,25 @@ def test_build_loader_without_a_tokenizer_builds_the_one_data_tokenizer_names(tm
     tok = build_tokenizer(cfg)  # the cached one, loaded
     assert tok.vocab_size > 257 and loader.shards.vocab_size == tok.vocab_size
     assert build_loader(cfg, batch_size=2, seq_len=16, seed=0, tokenizer=tok).shards.manifest == loader.shards.manifest
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("intra_doc_mask", "false", r"data.intra_doc_mask='false' is not true or false"),
+    ("examples_per_doc", 0, r"data.examples_per_doc=0 is not a whole number >= 1"),
+    ("synthetic_examples", -5, r"data.synthetic_examples=-5 is not a whole number >= 0"),
+    ("stdlib_bytes", "2e6", r"data.stdlib_bytes='2e6' is not a whole number >= 0"),
+    ("bpe_train_bytes", True, r"data.bpe_train_bytes=True is not a whole number >= 1"),
+    ("tasks", "add", r"data.tasks='add' is not a list"),
+    ("task_weights", 2, r"data.task_weights=2 is not a list"),
+])
+def test_data_settings_of_the_wrong_kind_are_refused_when_the_config_is_read(key, value, message):
+    """They were used as they came: intra_doc_mask = "false" (a string, so true) masked documents apart, tasks = "add"
+    named tasks 'a' and 'd', examples_per_doc = 0 failed in range() ("arg 3 must not be zero")."""
+    with pytest.raises(DataError, match=message):
+        resolve_data_config({key: value})
+
+
+def test_whole_number_data_settings_written_as_floats_are_read_as_ints():
+    cfg = resolve_data_config({"stdlib_bytes": 2e6, "synthetic_examples": 100.0})
+    assert cfg["stdlib_bytes"] == 2_000_000 and type(cfg["stdlib_bytes"]) is int
+    assert type(cfg["synthetic_examples"]) is int

@@ -83,6 +83,7 @@ HOLDOUT_SCHEME = 3  # in the shard cache key: 1 served a one-document source who
 # documents (their splits differ from 3's wherever a source has one)
 log = logging.getLogger(__name__)
 EMBEDDED = ("embedded", "synthetic", "stdlib")
+DEMO_LISTS = {"tasks": '["add", "copy"]', "task_weights": "[3, 1]"}  # (examples in messages)
 
 
 def resolve_data_config(data_cfg: dict) -> dict:
@@ -96,6 +97,7 @@ def resolve_data_config(data_cfg: dict) -> dict:
         raise DataError(f"data.packing={cfg['packing']!r} is not one of {PACKINGS}.")
     if cfg["text_split"] not in TEXT_SPLITS:  # (a jsonl-only source never read it, yet it changed the cache key)
         raise DataError(f"data.text_split={cfg['text_split']!r} is not one of {TEXT_SPLITS}.")
+    _check_kinds(cfg)
     for key in ("source", "val_source"):
         cfg[key] = _checked_source(cfg[key], key)
     if cfg["source"] in EMBEDDED and cfg["val_source"]:
@@ -103,6 +105,23 @@ def resolve_data_config(data_cfg: dict) -> dict:
                         "validation split: remove data.val_source.")
     _check_disjoint(cfg["source"], cfg["val_source"])
     return cfg
+
+
+def _check_kinds(cfg: dict) -> None:
+    """Settings of the wrong kind, refused (they were used as they came: intra_doc_mask = "false", a string, masked
+    documents apart; tasks = "add" named tasks 'a' and 'd'; examples_per_doc = 0 failed inside range()); whole
+    numbers written as floats (2e6) become ints, in place."""
+    if not isinstance(cfg["intra_doc_mask"], bool):
+        raise DataError(f"data.intra_doc_mask={cfg['intra_doc_mask']!r} is not true or false (unquoted).")
+    for key, low in (("synthetic_examples", 0), ("stdlib_bytes", 0), ("examples_per_doc", 1), ("bpe_train_bytes", 1)):
+        value = cfg[key]
+        if isinstance(value, float) and value.is_integer():
+            value = cfg[key] = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"data.{key}={value!r} is not a whole number >= {low}.")
+    for key in ("tasks", "task_weights"):
+        if cfg[key] is not None and not isinstance(cfg[key], (list, tuple)):
+            raise DataError(f"data.{key}={cfg[key]!r} is not a list; write e.g. {key} = {DEMO_LISTS[key]}.")
 
 
 def check_sources_exist(cfg: dict) -> None:
