@@ -259,3 +259,17 @@ def test_parquet_files_that_cannot_be_read_are_one_error_naming_them(tmp_path):
     zipped.write_bytes(gzip.compress(b"whatever"))
     with pytest.raises(DataError, match="a gzipped Parquet file"):
         list(iter_documents(zipped))
+
+
+def test_a_null_text_is_named_as_null_not_as_a_missing_field(tmp_path):
+    """A Parquet row (or JSON line) whose text is null was reported as "record has no 'text' field (fields: [])" with
+    the fix "set data.text_field": the field is there, empty; the message now says so, and how to fix the record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match=r"x.parquet: row 1: field 'text' is null; .*empty string"):
+        list(iter_documents(tmp_path / "x.parquet"))
+    (tmp_path / "y.jsonl").write_text('{"text": "a"}\n{"text": null, "id": 3}\n')
+    with pytest.raises(DataError, match=r"y.jsonl:2: field 'text' is null"):
+        list(iter_documents(tmp_path / "y.jsonl"))

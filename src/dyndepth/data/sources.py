@@ -91,6 +91,7 @@ def record_to_document(
     """Turn one JSON/Parquet/HF record into a Document; `where` names it in errors (file:line)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
+    nulls = sorted(k for k, v in record.items() if v is None)
     record = {k: v for k, v in record.items() if v is not None}  # null columns count as absent
     for key in ("prompt", "response", text_field):  # (a list, number or object was trained on as its Python repr)
         if key in record and not isinstance(record[key], str):
@@ -116,6 +117,9 @@ def record_to_document(
         return Document(text=response, prompt=prompt)
     if text_field in record:
         return Document(text=str(record[text_field]))
+    if text_field in nulls:  # (the fix is the record's, not data.text_field)
+        raise DataError(f"{where}: field {text_field!r} is null; give it text (an empty string for an empty "
+                        "document, which is skipped) or leave the record out.")
     raise DataError(
         f"{where}: record has no {text_field!r} field (fields: {sorted(record)}). Set data.text_field=<name> "
         "for plain text, or use 'prompt'+'response' or 'messages' fields for chat/SFT data."
