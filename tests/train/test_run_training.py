@@ -377,3 +377,49 @@ def test_a_steps_saved_config_does_not_pin_the_checkpoint_its_run_resumed_from(t
         run_training(config, ["train.steps=8"], loader=TinyLoader(2, 16))
     assert [p.name for p in sorted(out.glob("step_*"))] == ["step_0000002", "step_0000004", "step_0000006"]
     assert run_training(config, ["train.steps=8", "train.resume=true"], loader=TinyLoader(2, 16)).steps == 8
+
+
+def test_resuming_with_data_settings_that_change_the_tokens_is_refused_before_any_data_is_built(tmp_path):
+    # data.text_split, bpe_train_bytes and a val_source given or dropped (which part of the source is held out) were
+    # not compared: a bpe:N resume trained a new BPE and tokenized the whole source before the loader's token count
+    # refused it (or, at an equal count, trained on other ids); an unset key and its default value are the same
+    from dyndepth.runconfig import save_run_config
+    from dyndepth.train.run import check_resume_matches
+
+    text, val, cache = tmp_path / "corpus.txt", tmp_path / "val.txt", tmp_path / "cache"
+    text.write_text("some text\n" * 50)
+    val.write_text("held out\n")
+    ckpt = tmp_path / "step_0000002"
+    ckpt.mkdir()
+    args = [f"data.source={text}", f"data.cache_dir={cache}", "data.tokenizer=bpe:300", f"train.resume={ckpt}"]
+    save_run_config(load_run_config(None, args), ckpt / "config.yaml")
+    check_resume_matches(load_run_config(None, [*args, "data.text_split=file", "data.bpe_train_bytes=64000000"]))
+    for change, message in (("data.text_split=line", r"data\.text_split: checkpoint unset .*, recipe 'line'"),
+                            ("data.bpe_train_bytes=1000", r"data\.bpe_train_bytes: checkpoint unset"),
+                            (f"data.val_source={val}", r"data\.val_source: checkpoint unset .*recipe '.*val\.txt'")):
+        with pytest.raises(RunConfigError, match=message):
+            check_resume_matches(load_run_config(None, [*args, change]))
+    save_run_config(load_run_config(None, [*args, f"data.val_source={val}"]), ckpt / "config.yaml")
+    (tmp_path / "other.txt").write_text("held out too\n")  # another held-out file: the same training split and BPE
+    check_resume_matches(load_run_config(None, [*args, f"data.val_source={tmp_path / 'other.txt'}"]))
+    assert not (cache / "tokenizers").exists()
+
+
+def test_a_val_source_given_on_resume_where_no_part_was_held_out_anyway_resumes(tmp_path):
+    # a run without evaluation trains on all of data.source; resumed with evaluation on data.val_source it still does
+    # (with byte ids: no BPE's training text changes either)
+    from dyndepth.runconfig import save_run_config
+    from dyndepth.train.run import check_resume_matches
+
+    text, val = tmp_path / "corpus.txt", tmp_path / "val.txt"
+    text.write_text("some text\n" * 50)
+    val.write_text("held out\n")
+    ckpt = tmp_path / "step_0000002"
+    ckpt.mkdir()
+    args = [f"data.source={text}", f"train.resume={ckpt}"]
+    save_run_config(load_run_config(None, [*args, "eval.enabled=false"]), ckpt / "config.yaml")
+    check_resume_matches(load_run_config(None, [*args, f"data.val_source={val}"]))
+    with pytest.raises(RunConfigError, match=r"data\.val_source: checkpoint unset"):  # a BPE's text would change
+        save_run_config(load_run_config(None, [*args, "eval.enabled=false", "data.tokenizer=bpe:300"]),
+                        ckpt / "config.yaml")
+        check_resume_matches(load_run_config(None, [*args, "data.tokenizer=bpe:300", f"data.val_source={val}"]))

@@ -233,7 +233,9 @@ def _absolute(section: dict, *keys: str, existing: bool = True) -> dict:
 
 
 FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer", "tasks", "difficulty", "text_field",
-                                                          "chat_template", "intra_doc_mask", "packing")}
+                                                          "chat_template", "intra_doc_mask", "packing", "text_split",
+                                                          "bpe_train_bytes", "task_weights", "synthetic_loss",
+                                                          "synthetic_examples", "examples_per_doc", "stdlib_bytes")}
 
 
 def _shown(section: dict, key: str) -> str:
@@ -264,15 +266,13 @@ def check_resume_matches(run_config: RunConfig) -> None:
     diffs = []
     for section, keys in FIXED_ON_RESUME.items():
         old, new = getattr(saved, section), getattr(run_config, section)
+        default = DATA_DEFAULTS if section == "data" else {}  # (an unset key and its default value are the same)
         for key in sorted(set(old) | set(new)):
-            if (keys is None or key in keys) and old.get(key) != new.get(key):
+            if (keys is None or key in keys) and old.get(key, default.get(key)) != new.get(key, default.get(key)):
                 if section == "data" and key == "tokenizer" and _same_tokenizer_named(old, new):
                     continue  # (a run from before post-training read the folder's tokenizer: the same ids)
                 diffs.append(f"{section}.{key}: checkpoint {_shown(old, key)}, recipe {_shown(new, key)}")
-    held = [rc.eval.get("enabled", True) for rc in (saved, run_config)]
-    if held[0] != held[1] and holds_out(run_config.data):
-        diffs.append(f"eval.enabled: checkpoint {held[0]}, recipe {held[1]} (without data.val_source it decides what "
-                     "the training split holds out)")
+    diffs += _held_out_diffs(saved, run_config)
     if diffs:
         raise RunConfigError(f"cannot resume from {ckpt}: the recipe no longer matches it ({'; '.join(diffs)}). "
                              "Restore those values, or train into a new train.out_dir.")
@@ -284,6 +284,24 @@ def check_resume_matches(run_config: RunConfig) -> None:
         raise RunConfigError(f"cannot resume from {ckpt}: the training data changed since (a file of data.source "
                              f"{data['source']!r} edited, renamed, added or removed). Restore it, or train into a new "
                              "train.out_dir.")
+
+
+def _held_out_diffs(saved: RunConfig, run_config: RunConfig) -> list[str]:
+    """What changes the held-out part of a user source: eval.enabled without data.val_source (the training shards),
+    and data.val_source given or dropped (the shards of an evaluating run, and a bpe:N's training text)."""
+    if run_config.data.get("source", "embedded") in EMBEDDED:
+        return []
+    held = [rc.eval.get("enabled", True) for rc in (saved, run_config)]
+    given = [bool(rc.data.get("val_source")) for rc in (saved, run_config)]
+    holdout = [h and not g for h, g in zip(held, given)]  # the training shards hold a part out
+    bpe = str(run_config.data.get("tokenizer", "")).startswith("bpe:")  # its text holds a part out without val_source
+    if holdout[0] == holdout[1] and not (bpe and given[0] != given[1]):
+        return []
+    if given[0] == given[1]:
+        return [(f"eval.enabled: checkpoint {held[0]}, recipe {held[1]} (without data.val_source it decides what the "
+                 "training split holds out)")]
+    return [(f"data.val_source: checkpoint {_shown(saved.data, 'val_source')}, recipe "
+             f"{_shown(run_config.data, 'val_source')} (without it a part of data.source is held out of training)")]
 
 
 def _saved_source_digest(checkpoint: str | os.PathLike) -> str | None:
