@@ -257,3 +257,21 @@ def test_document_packing_opens_no_window_mid_document_and_trains_every_answer_o
     assert any(int(s) not in starts and int(s) < max(starts) for s in stream.starts)  # what stream packing does
     with pytest.raises(DataError, match="data.packing='doc' is not one of"):
         PackedLoader(shards, T, 1, packing="doc")
+
+
+def test_document_packing_makes_no_window_of_a_lone_token_before_a_document_that_does_not_fit():
+    """A one-token document (a text that is only the EOS, e.g. a line "<|endoftext|>" read with text_split="line",
+    which gets no second EOS) followed by one that does not fit in its window was a window of its own: a row of
+    padding only (attention_mask all 0, no target), served as a batch row. Such a token is never a target anyway."""
+    from dyndepth.data.loader import document_windows
+
+    starts, ends = document_windows(np.array([0, 1, 23, 54]), 83, 7)  # documents of 1, 22, 31 and 29 tokens
+    assert ((ends - starts) >= 2).all() and ((ends - starts) <= 8).all()
+    assert starts[0] == 1  # the lone token opens no window
+    doc = ShardSet.from_documents(["1", " ".join(["2"] * 20), "3 3"], NumberTokenizer(), append_eos=False)
+    loader = PackedLoader(doc, 8, 1, shuffle=False, packing="documents")
+    rows = [loader.read_windows(np.array([w]))["attention_mask"].sum() for w in range(loader.num_windows)]
+    assert min(rows) > 0
+    state = {**loader.state_dict(), "num_windows": loader.num_windows + 1}  # a state of the earlier cut is refused
+    with pytest.raises(DataError, match=r"saved with num_windows=4 but this loader has num_windows=3: .*packs it"):
+        loader.load_state_dict(state)

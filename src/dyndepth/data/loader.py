@@ -171,6 +171,7 @@ class PackedLoader:
             "world_size": self.world_size,
             "packing": self.packing,
             "num_tokens": self.shards.num_tokens,
+            "num_windows": self.num_windows,  # (the same tokens cut otherwise: a dyndepth version's packing)
             "source_digest": getattr(self.shards, "source_digest", None),  # user data: its files' content
         }
 
@@ -181,12 +182,14 @@ class PackedLoader:
         converted to the same global position: `cursor * world_size * batch_size` windows of the epoch
         have been served, and must fill whole batches of this loader (a finished epoch: the next one's start).
         """
-        data = {"num_tokens": self.shards.num_tokens, "source_digest": getattr(self.shards, "source_digest", None)}
-        for key in ("seed", "shuffle", "seq_len", "packing", "num_tokens", "source_digest"):
+        data = {"num_tokens": self.shards.num_tokens, "num_windows": self.num_windows,
+                "source_digest": getattr(self.shards, "source_digest", None)}
+        for key in ("seed", "shuffle", "seq_len", "packing", "num_tokens", "num_windows", "source_digest"):
             mine = data[key] if key in data else getattr(self, key)
             if state.get(key) is not None and mine is not None and state[key] != mine:  # (older states lack some)
                 what = ("the training data changed since (a file of data.source edited, renamed, added or removed, "
-                        "another tokenizer or split, or a dyndepth version that tokenizes it otherwise)" if key in data
+                        "another tokenizer or split, or a dyndepth version that tokenizes or packs it otherwise)"
+                        if key in data
                         else f"{key} changed")
                 raise DataError(
                     f"loader state was saved with {key}={state[key]} but this loader has {key}={mine}: {what}; an "
@@ -215,8 +218,9 @@ class PackedLoader:
 
 def document_windows(doc_starts: np.ndarray, num_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """`(starts, ends)` (W,) int64: the token ranges of `packing="documents"` windows, whole documents in order,
-    each window at most seq_len + 1 tokens (next-fit). A document longer than that fills windows of its own, each
-    sharing one token with the next as the stream's do; its last piece is packed with what follows."""
+    each window at most seq_len + 1 tokens (next-fit) and at least 2 (one target). A document longer than that fills
+    windows of its own, each sharing one token with the next as the stream's do; its last piece is packed with what
+    follows."""
     limit = seq_len + 1
     bounds = np.append(doc_starts, num_tokens).astype(np.int64)
     starts: list[int] = []
@@ -224,8 +228,9 @@ def document_windows(doc_starts: np.ndarray, num_tokens: int, seq_len: int) -> t
     open_at = None  # start of the window being filled
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         if open_at is not None and b - open_at > limit:  # this document does not fit: close the window before it
-            starts.append(open_at)
-            ends.append(a)
+            if a - open_at > 1:  # (a lone token, a document that is only its EOS, is no window: nothing to predict)
+                starts.append(open_at)
+                ends.append(a)
             open_at = None
         while b - a > limit:  # a long document: full windows of its own
             starts.append(a)
