@@ -350,6 +350,7 @@ def test_build_loader_without_a_tokenizer_builds_the_one_data_tokenizer_names(tm
     ("bpe_train_bytes", True, r"data.bpe_train_bytes=True is not a whole number >= 1"),
     ("tasks", "add", r"data.tasks='add' is not a list"),
     ("task_weights", 2, r"data.task_weights=2 is not a list"),
+    ("difficulty", ["add"], r"data.difficulty=\['add'\] is not a table of task settings; write e.g. difficulty = "),
 ])
 def test_data_settings_of_the_wrong_kind_are_refused_when_the_config_is_read(key, value, message):
     """They were used as they came: intra_doc_mask = "false" (a string, so true) masked documents apart, tasks = "add"

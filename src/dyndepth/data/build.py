@@ -122,6 +122,9 @@ def _check_kinds(cfg: dict) -> None:
     for key in ("tasks", "task_weights"):
         if cfg[key] is not None and not isinstance(cfg[key], (list, tuple)):
             raise DataError(f"data.{key}={cfg[key]!r} is not a list; write e.g. {key} = {DEMO_LISTS[key]}.")
+    if cfg["difficulty"] is not None and not isinstance(cfg["difficulty"], dict):
+        raise DataError(f"data.difficulty={cfg['difficulty']!r} is not a table of task settings; write e.g. "
+                        "difficulty = {add = {digits = 2}}.")
 
 
 def check_sources_exist(cfg: dict) -> None:
