@@ -129,6 +129,9 @@ def test_a_cache_of_another_dtype_than_the_model_computes_in_is_named_outside_au
         m.float().generate(ids, 2, cache_dtype=torch.bfloat16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert m.generate(ids, 2, cache_dtype=torch.bfloat16).shape == (1, 4)
+        assert torch.equal(m.generate(ids, 2, cache_dtype="bfloat16"), m.generate(ids, 2, cache_dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dtype 'bf16' is not one of"):
+        m.generate(ids, 2, cache_dtype="bf16")
         assert m(ids, positions=pos, cache=KVCache.for_model(m.config, 1, 4)).logits.shape == (1, 2, 256)
 
 

@@ -21,6 +21,7 @@ import torch
 from dyndepth.config import is_whole
 from dyndepth.core.accounting import accounting_off_by_default
 from dyndepth.core.cache import KVCache
+from dyndepth.devices import resolve_dtype
 from dyndepth.models.forward import check_inputs
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def generate(
     callback: Callable[[int, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     compile: bool | dict = False,
-    cache_dtype: torch.dtype | None = None,
+    cache_dtype: torch.dtype | str | None = None,
     skip_budget: float | None = None,
     method_knobs: dict | None = None,
     cache: KVCache | None = None,
@@ -231,7 +232,7 @@ def generate(
     prompt_len = int(lengths.max())
     max_len = prompt_len + max_new_tokens
     compiled = compile is True or isinstance(compile, dict)
-    dtype = cache_dtype or next(model.parameters()).dtype
+    dtype = resolve_dtype(cache_dtype) or next(model.parameters()).dtype  # (a name, as the CLI's --dtype, too)
     if cache is None:
         cache = KVCache.for_model(config, B, max_len, num_slots=model.num_slots(), dtype=dtype, device=device)
     else:

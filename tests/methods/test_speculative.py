@@ -58,6 +58,10 @@ def test_greedy_equals_full_compute_generate_batch_1(num_draft, cache_mode):
     assert torch.equal(out, ref)
     assert 0.0 < stats.acceptance_rate < 1.0  # the skipping draft is right sometimes, not always
     assert stats.new_tokens == 20
+    if num_draft == 1:  # the cache dtype by name too, as `generate` and the CLI's --dtype take it
+        named, _ = speculative_generate(model, ids, 20, draft_budget=0.5, num_draft=1, stop_tokens=[],
+                                        cache_mode=cache_mode, cache_dtype="float32")
+        assert torch.equal(named, ref)
 
 
 @pytest.mark.parametrize("cache_mode", ["shared", "separate"])

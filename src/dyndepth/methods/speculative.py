@@ -51,6 +51,7 @@ import torch
 from dyndepth.config import is_whole
 from dyndepth.core.accounting import accounting
 from dyndepth.core.cache import KVCache
+from dyndepth.devices import resolve_dtype
 from dyndepth.generation import filtered_probs
 
 CACHE_MODES = ("shared", "separate")
@@ -148,12 +149,12 @@ class _Run:
     """The state of one speculative_generate call; every tensor is per row."""
 
     def __init__(self, model, method, input_ids: torch.Tensor, mask: torch.Tensor, opt: _Options,
-                 cache_dtype: torch.dtype | None) -> None:
+                 cache_dtype: torch.dtype | str | None) -> None:
         self.model, self.method, self.opt = model, method, opt
         B, device = input_ids.shape[0], input_ids.device
         lengths = mask.sum(-1)  # (B,)
         self.size = int(lengths.max()) + opt.max_new_tokens + opt.num_draft  # every position a step may write
-        dtype = cache_dtype or next(model.parameters()).dtype
+        dtype = resolve_dtype(cache_dtype) or next(model.parameters()).dtype  # (a dtype or its name)
 
         def make() -> KVCache:
             return KVCache.for_model(model.config, B, self.size, num_slots=model.num_slots(), dtype=dtype,
@@ -282,7 +283,7 @@ def speculative_generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     cache_mode: str = "shared",
-    cache_dtype: torch.dtype | None = None,
+    cache_dtype: torch.dtype | str | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Self-speculative decoding: the prompt plus up to `max_new_tokens` tokens (B, T + n), and SpecStats.
 
