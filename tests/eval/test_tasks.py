@@ -59,4 +59,22 @@ def test_answers_of_a_model_with_a_padded_vocabulary_decode(monkeypatch):
 
     monkeypatch.setattr(oracle, "generate", padded)
     got = generate_answers(oracle, tok, examples[:1])  # (the unused id replaced the answer's first byte)
-    assert got[0].startswith(examples[0].answer[1:])
+    assert got[0].startswith("\ufffd" + examples[0].answer[1:])
+
+
+def test_an_answer_interrupted_by_a_special_or_unused_id_does_not_match():
+    """Dropped before decoding, "4", <unused 262> / <pad>, "2" read "42": a wrong generation scored right. An answer
+    that ends at the EOS (no terminator) still counts, as one ending at the terminator."""
+    from dyndepth.data.synthetic import exact_match, normalize_prediction
+    from dyndepth.eval.tasks import answer_text
+
+    tok = ByteTokenizer()
+    stop = tok.encode("\n")[-1]
+    digits = tok.encode("42")
+    for inside in (262, tok.pad_token_id, tok.bos_token_id):
+        assert normalize_prediction(answer_text(tok, [digits[0], inside, digits[1], stop, 0, 0], stop)) != "42"
+    for end in (stop, tok.eos_token_id):
+        assert normalize_prediction(answer_text(tok, [*digits, end, tok.pad_token_id, 5], stop)) == "42"
+    example = make_examples(["add"], 1, seed=0, split="val")[0]
+    wrong = [*tok.encode(example.answer[:1]), 262, *tok.encode(example.answer[1:] + "\n")]
+    assert exact_match([example], [answer_text(tok, wrong, stop)])["overall"] == 0.0

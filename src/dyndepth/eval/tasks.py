@@ -26,11 +26,25 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], batch_size: 
         n = max_new_tokens or max(len(tokenizer.encode(e.answer)) for e in chunk) + len(stop) + 2
         out = model.generate(ids.to(device), n, attention_mask=mask.to(device), stop_tokens=stop[-1:],
                              **generate_kwargs)
-        # ids past the tokenizer's vocabulary (a model's padded one: demo-tiny has 264 for the byte tokenizer's 259)
-        # decode to nothing, as the lm-eval adapter does
-        answers += [tokenizer.decode([i for i in row[ids.shape[1]:].tolist() if i < tokenizer.vocab_size])
-                    for row in out.cpu()]
+        answers += [answer_text(tokenizer, row[ids.shape[1]:].tolist(), stop[-1]) for row in out.cpu()]
     return answers
+
+
+def answer_text(tokenizer, new: list[int], stop_id: int) -> str:
+    """A generated continuation as scored text: up to its stop token or the tokenizer's EOS (then padding), special
+    ids written out (`<|endoftext|>`) and ids past the tokenizer's vocabulary (a model's padded one: demo-tiny has 264
+    for the byte tokenizer's 259) as U+FFFD, so that an answer interrupted by either never matches (dropped, a "1",
+    an unused id and a "2" read "12")."""
+    ends = [i for i, t in enumerate(new) if t in (stop_id, tokenizer.eos_token_id)]
+    new = new[:ends[0] + (new[ends[0]] == stop_id)] if ends else new  # (the terminator is the answer's end mark)
+    pieces, run = [], []
+    for t in new + [None]:
+        if t is not None and 0 <= t < tokenizer.vocab_size:
+            run.append(t)
+            continue
+        pieces.append(tokenizer.decode(run, skip_special=False))
+        pieces, run = pieces + (["\ufffd"] if t is not None else []), []
+    return "".join(pieces)
 
 
 def task_accuracy(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, **kw) -> dict[str, float]:
