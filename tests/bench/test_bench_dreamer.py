@@ -44,7 +44,31 @@ def test_main_writes_json_and_markdown_with_consistent_ratios(tmp_path, capsys):
     assert result["kv_bytes_per_token"]["dreamer"] == result["kv_bytes_per_token"]["dense"]
     assert min(result["memory_bytes"].values()) > 0
     out = capsys.readouterr().out
-    assert "| decode tok/s (B=2, prompt 4) |" in out and "| train control (dense / a second dense contender) |" in out
+    assert "| decode tok/s (B=2, prompt 4) |" in out and "| metric | dreamer | dense | ratio | control |" in out
+
+
+def test_decode_rows_have_a_control_timed_alongside(tmp_path, monkeypatch):
+    """The decode rows had no control (a lone ratio): a second dense stepper, a cache of its own, is timed in the
+    same interleaved loop, and the row's control is the dense step time over it."""
+    from dyndepth.bench import timing
+
+    seen = []
+
+    def fake(steppers, steps, device, rounds=3, warmup=1):  # stub timings: dreamer 4 ms, dense 2 ms, control 2.5
+        seen.append(dict(steppers))
+        return {"dreamer": 0.004, "dense": 0.002, timing.CONTROL: 0.0025}
+
+    monkeypatch.setattr(timing, "interleaved_steps", fake)
+    cfg = DreamerBenchConfig(model="dreamer-tiny", batch_size=2, seq_len=16, steps=1, warmup_steps=0,
+                             decode_batches=[2], prompt_len=4, new_tokens=3, repeats=1, out_dir=str(tmp_path))
+    result = main(cfg)
+    steppers = seen[0]
+    assert set(steppers) == {"dreamer", "dense", timing.CONTROL}
+    assert steppers[timing.CONTROL] is not steppers["dense"]  # its own stepper (its own cache)
+    assert result["decode_control"][2] == pytest.approx(0.002 / 0.0025)
+    assert result["decode_tokens_per_s"][2] == pytest.approx({"dreamer": 2 / 0.004, "dense": 2 / 0.002})
+    md = (tmp_path / "dreamer-cpu-float32.md").read_text()
+    assert "| decode tok/s (B=2, prompt 4) | 500 | 1,000 | 0.5 | 0.8 |" in md
 
 
 def test_compiled_training_and_decode_steps_are_timed_and_said(tmp_path, monkeypatch):
