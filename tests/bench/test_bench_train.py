@@ -27,7 +27,7 @@ def test_main_writes_json_and_markdown_with_sane_numbers(tmp_path, capsys):
     assert result["flops_per_token"] > result["flops_per_token_causal"] > 0  # non-causal attention counts more
     assert result["peak_memory_bytes"] is None and result["process_peak_rss_bytes"] > 0  # CPU
     md = (tmp_path / "train-cpu-float32.md").read_text()
-    assert "| ratio |" in md and f"{result['ratio_ours_over_plain']:.3g}" in md
+    assert "| ratio | control |" in md and f"{result['ratio_ours_over_plain']:.3g}" in md
     assert "flops_per_token" in md and "loss after 2 steps" in md
     assert "### bench train: tiny-qwen3" in capsys.readouterr().out
 
@@ -46,6 +46,33 @@ def test_both_loops_train_the_same_thing(tmp_path, name):  # any family's preset
     assert p_ours.keys() == p_plain.keys()
     for n, p in p_ours.items():  # same updates: same weight decay groups, clipping and AdamW hyperparameters
         torch.testing.assert_close(p, p_plain[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_a_control_is_timed_alongside_and_the_losses_stay_comparable(tmp_path, monkeypatch):
+    """The ratio had no control (a lone ratio): the plain loop's step is timed again as a third contender, and the
+    control is the plain time over it; the plain loop then steps twice a round, but the losses compared are each
+    loop's first steps, on the same batches."""
+    import dyndepth.bench.train as bench_train
+    from dyndepth.bench.timing import CONTROL
+
+    seen = {}
+
+    def fake(fns, device, repeats=5, warmup=2):  # runs each contender as often as the real loop, stub timings
+        seen.update(fns)
+        for _ in range(warmup + repeats):
+            for fn in fns.values():
+                fn()
+        return {"ours": 0.010, "plain": 0.012, CONTROL: 0.015}
+
+    monkeypatch.setattr(bench_train, "interleaved_median", fake)
+    result = main(_tiny(tmp_path, steps=2))
+    assert set(seen) == {"ours", "plain", CONTROL} and seen[CONTROL] == seen["plain"]  # identical to the baseline
+    assert result["control"] == pytest.approx(0.012 / 0.015)
+    assert result["step_seconds"] == {"ours": 0.010, "plain": 0.012}
+    assert result["ratio_ours_over_plain"] == pytest.approx(0.012 / 0.010)
+    assert len(result["losses"]["plain"]) == 2 and result["max_loss_abs_diff"] < 1e-5  # first steps, same batches
+    md = (tmp_path / "train-cpu-float32.md").read_text()
+    assert "| 1.2 | 0.8 |" in md
 
 
 def test_cuda_memory_row_only_on_gpu(tmp_path):

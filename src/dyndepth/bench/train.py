@@ -9,6 +9,8 @@ ours, ...), so drift in machine load hits both equally.
   `parallel.clip_grad_norm`, AdamW from `build_optimizer`, the LambdaLR from `build_scheduler`), plus
   the hook call; none of train()'s logging, progress bar or checkpoint I/O is timed.
 - plain: `model(input_ids).logits -> F.cross_entropy -> backward -> clip_grad_norm_ -> AdamW.step`.
+- control: the plain loop's step timed a second time in each round, as a third contender (that loop takes two
+  steps a round; the losses compared are each loop's first steps, on the same batches): the noise of the ratio.
 
 With `compile=True` both loops compile each decoder layer the way the trainer does, so the ratio
 measures the trainer's overhead, not a compile strategy. MFU uses the trainer's `flops_per_token`
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dyndepth
-from dyndepth.bench.timing import interleaved_median, machine_description, markdown_table, publish
+from dyndepth.bench.timing import CONTROL, interleaved_median, machine_description, markdown_table, publish
 from dyndepth.runconfig import DTYPES, TrainConfig
 from dyndepth.train import parallel
 from dyndepth.train.hooks import hooks_after_step
@@ -192,8 +194,10 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     device = parallel.resolve_device(cfg.device)
     ours, plain = build_loops(cfg, device)
     loops = {"ours": ours, "plain": plain}
-    times = interleaved_median({k: v.step for k, v in loops.items()}, device, repeats=cfg.steps,
-                               warmup=cfg.warmup_steps)
+    fns = {k: v.step for k, v in loops.items()}
+    fns[CONTROL] = plain.step  # the plain step once more: how far two identical contenders read apart
+    times = interleaved_median(fns, device, repeats=cfg.steps, warmup=cfg.warmup_steps)
+    control = times.pop(CONTROL)
     n_steps = cfg.warmup_steps + cfg.steps
     losses = {k: [float(x) for x in v.losses[:n_steps]] for k, v in loops.items()}
     memory = _peak_memory(loops, device)
@@ -210,6 +214,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         "step_seconds": times,
         "tokens_per_s": tps,
         "ratio_ours_over_plain": tps["ours"] / tps["plain"],
+        "control": times["plain"] / control,  # 1 +- this run's timing noise
         "flops_per_token": fpt,
         "flops_per_token_source": "train.metrics.flops_per_token (6 x trainable matmul params + 12 L N H T)",
         "flops_per_token_causal": 3 * ours.model.forward_flops(cfg.seq_len) / cfg.seq_len,  # the family's own count
@@ -228,7 +233,7 @@ def render_markdown(r: dict) -> str:
     c, tps, mfu, loss = r["config"], r["tokens_per_s"], r["mfu"], r["final_loss"]
     rows = [
         {"metric": f"train tok/s (B={c['batch_size']}, T={c['seq_len']})", "ours": tps["ours"],
-         "plain": tps["plain"], "ratio": r["ratio_ours_over_plain"]},
+         "plain": tps["plain"], "ratio": r["ratio_ours_over_plain"], "control": r["control"]},
         {"metric": "MFU", "ours": f"{mfu['ours']:.2%}", "plain": f"{mfu['plain']:.2%}", "ratio": ""},
     ]
     mem = r["peak_memory_bytes"]
@@ -241,13 +246,14 @@ def render_markdown(r: dict) -> str:
             f"{r['machine']}{', compiled' if c['compile'] else ''}\n\n")
     peak_note = " (a nominal CPU figure)" if r["device"] == "cpu" else ""
     tail = (f"\n\nratio = ours / plain tokens/s (median of {c['steps']} interleaved steps after "
-            f"{c['warmup_steps']} warm-up). MFU: {r['flops_per_token']:,.0f} FLOPs/token from "
+            f"{c['warmup_steps']} warm-up); control = the plain step's time / that of the plain loop's step timed "
+            "again as a third contender (its distance from 1 is this run's timing noise). MFU: {r['flops_per_token']:,.0f} FLOPs/token from "
             f"{r['flops_per_token_source']} over a peak of {r['peak_flops'] / 1e12:g} TFLOP/s{peak_note}.")
     if r["process_peak_rss_bytes"] is not None:
         tail += f" Process peak RSS (both loops): {r['process_peak_rss_bytes'] / 2**20:,.0f} MiB."
     else:
         tail += " Peak memory: one step's CUDA peak less the other loop's parameters, gradients and AdamW state."
-    return head + markdown_table(rows, ["metric", "ours", "plain", "ratio"]) + tail
+    return head + markdown_table(rows, ["metric", "ours", "plain", "ratio", "control"]) + tail
 
 
 def main(cfg: TrainBenchConfig) -> dict:
