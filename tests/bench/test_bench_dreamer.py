@@ -86,3 +86,8 @@ def test_compiled_training_and_decode_steps_are_timed_and_said(tmp_path, monkeyp
 def test_a_non_dreamer_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="not a Dreamer preset; use one of"):
         DreamerBenchConfig(model="tiny-qwen3")
+
+
+def test_a_negative_warmup_is_a_clear_error():  # it timed fewer rounds than steps (none at steps = 1: a median error)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        DreamerBenchConfig(model="dreamer-tiny", warmup_steps=-1)

@@ -62,6 +62,8 @@ class DreamerBenchConfig:
         for name in ("batch_size", "seq_len", "steps", "repeats", "prompt_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench dreamer {name} must be >= 1, got {getattr(self, name)}.")
+        if self.warmup_steps < 0:  # a negative count timed fewer rounds, none at all with steps = 1
+            raise ValueError(f"bench dreamer warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.new_tokens < 2 or not self.decode_batches or min(self.decode_batches) < 1:
             raise ValueError("bench dreamer needs new_tokens >= 2 and decode batch sizes >= 1.")
         limit = preset.get("max_position_embeddings", DreamerConfig.max_position_embeddings)
