@@ -86,3 +86,35 @@ def test_a_decode_time_lost_in_the_noise_is_an_error_not_a_negative_speed(tmp_pa
                           load_memory=False, out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="no slower than generate"):
         main(cfg)
+
+
+def test_hf_decodes_every_prompt_token_as_ours_does_even_one_of_the_pad_id(tmp_path, monkeypatch):
+    """HF's generate got no attention mask, so it inferred one from pad_token_id=0: a random prompt holding token id 0
+    (6% of 16-token prompts at vocab 256) had that token masked out, and HF decoded through its explicit-mask attention
+    path over fewer keys while ours ran the causal path over all of them: not like against like."""
+    import torch
+    from transformers.models.qwen3 import modeling_qwen3
+
+    randint = torch.randint
+
+    def with_pad_id(*args, **kwargs):  # every prompt the bench draws holds token id 0
+        ids = randint(*args, **kwargs)
+        if ids.dim() == 2:
+            ids[:, 0] = 0
+        return ids
+
+    masks, forward = [], modeling_qwen3.Qwen3Attention.forward
+
+    def recording(self, *args, **kwargs):
+        masks.append(kwargs["attention_mask"] if "attention_mask" in kwargs else args[2])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", with_pad_id)
+    monkeypatch.setattr(modeling_qwen3.Qwen3Attention, "forward", recording)
+    cfg = CoreBenchConfig(model="tiny-qwen3", prompt_len=8, decode_prompt_len=6, new_tokens=3, decode_batch_size=2,
+                          repeats=1, load_memory=False, out_dir=str(tmp_path))
+    try:
+        main(cfg)
+    except ValueError as e:  # a tiny run's decode time may drown in the noise; the masks are recorded by then
+        assert "no slower than generate" in str(e)
+    assert masks and all(m is None for m in masks)  # HF's causal path throughout, no prompt token masked

@@ -9,7 +9,8 @@ Every row compares like with like, and the result records what each side ran (`r
   `use_cache=False`); with `compile`, both forwards go through the same `torch.compile` call.
 - decode: `generate` with `n` new tokens minus `generate` with one (the n - 1 decode steps). Eager:
   ours reads its preallocated cache up to the filled length, HF grows a DynamicCache; both attend over
-  the filled length. With `compile`: ours compiles its decode step over a full-length static cache,
+  the filled length, every prompt token valid (HF gets an all-ones attention mask: it would otherwise mask
+  the prompt tokens of its pad id). With `compile`: ours compiles its decode step over a full-length static cache,
   HF uses `cache_implementation="static"` and compiles its decode forward with the same options
   (`CompileConfig`; transformers compiles on its own only on accelerators, so it is told to on CPU).
   Prefill inside `generate` stays eager on both sides.
@@ -227,7 +228,9 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
         prefill = interleaved_median({**prefill_fns, CONTROL: prefill_fns["hf"]}, device, cfg.repeats)
         hf_prefill_cache = _cache_name(prefill_fns["hf"]())
 
-        hf_kw = _hf_decode_kwargs(cfg, device)
+        # every prompt token is valid, as ours reads it: without a mask HF infers one from pad_token_id (0), masking
+        # out any prompt token of id 0 and decoding through its explicit-mask attention path instead of the causal one
+        hf_kw = {**_hf_decode_kwargs(cfg, device), "attention_mask": torch.ones_like(dprompt)}
         ours_decode = _compile_options(cfg, device, decode=True) if cfg.compile else False  # generate's compile=
         # compiled, both sides keep one static cache across generate calls (HF keeps its StaticCache), so CUDA graphs
         # replay on the same addresses; eager, both build a cache per call
