@@ -132,3 +132,15 @@ def test_a_length_past_the_models_positions_is_refused_before_anything_is_timed(
     }[bench]
     with pytest.raises(ValueError, match=re.escape(flag) + " exceeds the model's max_position_embeddings \\(512\\)"):
         run(cfg)
+
+
+def test_a_negative_warmup_is_refused_not_timed_as_fewer_rounds():
+    """warmup=-1 ran repeats - 1 rounds and timed them all (the median of fewer timings than asked; none at repeats=1,
+    a statistics error); both interleaving helpers refuse it before running anything."""
+    calls = []
+    with pytest.raises(ValueError, match=r"warmup must be >= 0 \(untimed rounds first\), got -1"):
+        timing.interleaved_median({"a": lambda: calls.append(1)}, torch.device("cpu"), repeats=3, warmup=-1)
+    stepper = Stepper(start=lambda: calls.append(1), step=lambda state, i: calls.append(1))
+    with pytest.raises(ValueError, match=r"warmup must be >= 0 \(untimed rounds first\), got -1"):
+        interleaved_steps({"a": stepper}, 2, torch.device("cpu"), rounds=3, warmup=-1)
+    assert not calls

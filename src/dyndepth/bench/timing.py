@@ -36,7 +36,7 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: torch.devic
                        warmup: int = 2) -> dict[str, float]:
     """Median seconds of each callable, running them in turn after `warmup` rounds, in an order that changes every
     round (a, b, then b, a; more contenders rotate too, see `_turns`)."""
-    _check_repeats(repeats)
+    _check_repeats(repeats, warmup)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in _turns(fns, r):
@@ -78,9 +78,11 @@ def check_positions(config, bench: str, lengths: dict[str, int]) -> None:
                          "shorter lengths, or a model configured for longer inputs.")
 
 
-def _check_repeats(repeats: int) -> None:
+def _check_repeats(repeats: int, warmup: int = 0) -> None:
     if repeats < 1:  # no median of no timings
         raise ValueError(f"repeats must be >= 1 (timed rounds per contender), got {repeats}; pass --repeats 1 or more.")
+    if warmup < 0:  # it ran warmup + repeats rounds and timed them all: fewer timed rounds than repeats
+        raise ValueError(f"warmup must be >= 0 (untimed rounds first), got {warmup}.")
 
 
 @dataclass
@@ -101,7 +103,7 @@ def interleaved_steps(steppers: dict[str, Stepper], steps: int, device: torch.de
     milliseconds apart: load drift that moves a whole decode run by 10% on a shared CPU hits each pair of steps
     alike. Contenders
     take the same steps, so their medians compare like with like."""
-    _check_repeats(rounds)
+    _check_repeats(rounds, warmup)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for r in range(warmup + rounds):
         states = {}
