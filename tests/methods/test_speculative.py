@@ -351,6 +351,16 @@ def test_benchmark_refuses_fewer_than_two_new_tokens_before_timing():
     with pytest.raises(ValueError, match="max_new_tokens must be >= 2"):
         benchmark_speculative(model, [torch.randint(0, 256, (5,))], max_new_tokens=1, repeats=1, warmup=0)
 
+@pytest.mark.parametrize("prompts, message", [([], "at least one prompt"), ([torch.zeros(2, 5, dtype=torch.long)],
+                                                "prompt 0 has shape \\(2, 5\\)"),
+                                               ([torch.zeros(0, dtype=torch.long)], "prompt 0 has shape \\(0,\\)")])
+def test_benchmark_refuses_prompts_that_are_not_one_sequence_each(prompts, message):
+    # no prompt divided 0 by 0 (ZeroDivisionError), and a (2, 5) batch was timed as one 10-token prompt
+    model, _ = spec_model()
+    with pytest.raises(ValueError, match=message):
+        benchmark_speculative(model, prompts, max_new_tokens=4, repeats=1, warmup=0)
+
+
 def _generate_flops(model, ids, n):
     """FLOPs of plain greedy decoding, from a hand-run cached loop: prefill, then n - 1 one-token steps."""
     from dyndepth import KVCache

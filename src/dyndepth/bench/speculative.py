@@ -50,6 +50,12 @@ def benchmark_speculative(model, prompts: Sequence[torch.Tensor], max_new_tokens
     if max_new_tokens < 2:  # the prefill emits the first token: with one, nothing is drafted or verified
         raise ValueError(f"benchmark_speculative max_new_tokens must be >= 2 (speculation drafts and verifies the "
                          f"tokens after the first), got {max_new_tokens}.")
+    if not prompts:  # nothing to time: the ratios divided 0 by 0
+        raise ValueError("benchmark_speculative needs at least one prompt.")
+    for i, prompt in enumerate(prompts):  # one sequence each: a (B, T) batch was flattened into one long prompt
+        if prompt.dim() > 2 or (prompt.dim() == 2 and prompt.shape[0] != 1) or prompt.numel() == 0:
+            raise ValueError(f"benchmark_speculative prompt {i} has shape {tuple(prompt.shape)}; each prompt is one "
+                             "non-empty sequence of ids, (T,) or (1, T): pass a batch as a list of its rows.")
     device = next(model.parameters()).device
     kwargs = {"draft_budget": draft_budget, "num_draft": num_draft, "cache_mode": cache_mode}
     res = {"generate_s": 0.0, "speculative_s": 0.0}
