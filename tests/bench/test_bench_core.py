@@ -118,3 +118,17 @@ def test_hf_decodes_every_prompt_token_as_ours_does_even_one_of_the_pad_id(tmp_p
     except ValueError as e:  # a tiny run's decode time may drown in the noise; the masks are recorded by then
         assert "no slower than generate" in str(e)
     assert masks and all(m is None for m in masks)  # HF's causal path throughout, no prompt token masked
+
+
+@pytest.mark.slow
+def test_load_memory_warms_both_sides_alike_before_counting(tmp_path):
+    """Only our side was warmed before the peak-RSS counter was reset: HF's first load also imported its model code
+    (59 MB at transformers 5.25), counted as load memory, so bench-small read HF 1.39 x its weights against our
+    1.02 (1.04 once warmed alike); a tiny model's HF figure was that import, 61 MB for 0.36 MB of weights."""
+    import dyndepth
+    from dyndepth.bench.core import _load_memory
+
+    dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).save_pretrained(tmp_path)
+    hf = _load_memory(tmp_path, "hf")
+    assert hf["weight_bytes"] == dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).num_params() * 4
+    assert hf["peak_bytes"] < 24 * 2**20  # a load's own buffers, not the import of transformers' model code
