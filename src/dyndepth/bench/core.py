@@ -238,8 +238,10 @@ def run_core_bench(cfg: CoreBenchConfig) -> dict:
         # out any prompt token of id 0 and decoding through its explicit-mask attention path instead of the causal one
         hf_kw = {**_hf_decode_kwargs(cfg, device), "attention_mask": torch.ones_like(dprompt)}
         ours_decode = _compile_options(cfg, device, decode=True) if cfg.compile else False  # generate's compile=
-        # compiled, both sides keep one static cache across generate calls (HF keeps its StaticCache), so CUDA graphs
-        # replay on the same addresses; eager, both build a cache per call
+        # compiled, ours keeps one static cache across generate calls, so CUDA graphs replay on its addresses; HF's
+        # generate builds a new StaticCache per call at transformers 5.25 (allocated in the prefill, which the n - 1
+        # difference leaves out; on a GPU its graphs then see new addresses each call: unmeasured); eager, both build
+        # a cache per call
         kept = KVCache.for_model(ours.config, cfg.decode_batch_size, cfg.decode_prompt_len + cfg.new_tokens,
                                  num_slots=ours.num_slots(), dtype=next(ours.parameters()).dtype,
                                  device=device) if cfg.compile else None
