@@ -73,6 +73,7 @@ def test_a_control_is_timed_alongside_and_the_losses_stay_comparable(tmp_path, m
     assert len(result["losses"]["plain"]) == 2 and result["max_loss_abs_diff"] < 1e-5  # first steps, same batches
     md = (tmp_path / "train-cpu-float32.md").read_text()
     assert "| 1.2 | 0.8 |" in md
+    assert f"MFU: {result['flops_per_token']:,.0f} FLOPs/token" in md and "{" not in md  # every field filled in
 
 
 def test_cuda_memory_row_only_on_gpu(tmp_path):

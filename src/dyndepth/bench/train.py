@@ -247,7 +247,8 @@ def render_markdown(r: dict) -> str:
     peak_note = " (a nominal CPU figure)" if r["device"] == "cpu" else ""
     tail = (f"\n\nratio = ours / plain tokens/s (median of {c['steps']} interleaved steps after "
             f"{c['warmup_steps']} warm-up); control = the plain step's time / that of the plain loop's step timed "
-            "again as a third contender (its distance from 1 is this run's timing noise). MFU: {r['flops_per_token']:,.0f} FLOPs/token from "
+            "again as a third contender (its distance from 1 is this run's timing noise). "
+            f"MFU: {r['flops_per_token']:,.0f} FLOPs/token from "
             f"{r['flops_per_token_source']} over a peak of {r['peak_flops'] / 1e12:g} TFLOP/s{peak_note}.")
     if r["process_peak_rss_bytes"] is not None:
         tail += f" Process peak RSS (both loops): {r['process_peak_rss_bytes'] / 2**20:,.0f} MiB."
