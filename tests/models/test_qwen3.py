@@ -118,6 +118,20 @@ def test_intra_document_mask_makes_packed_documents_independent(tiny_config):
         torch.testing.assert_close(got[:, 5:], model(b).logits, atol=1e-5, rtol=0)
 
 
+def test_training_flops_count_matmul_weights_not_norms_or_biases():
+    """6 FLOPs per trainable matmul weight and token, 4 per frozen one, plus attention; RMSNorm weights and biases
+    are elementwise (they were counted as matmul weights: +0.4% at tiny-qwen3)."""
+    model = CausalLM(preset("tiny-qwen3", attention_bias=True))
+    cfg, T = model.config, 16
+    matmul = [p for n, p in model.named_parameters() if p.dim() == 2 and n != "model.embed_tokens.weight"
+              or n == "model.embed_tokens.weight" and cfg.tie_word_embeddings]
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * T
+    assert model.train_flops_per_token(T) == 6 * sum(p.numel() for p in matmul) + attention
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    assert model.train_flops_per_token(T) == (6 * sum(p.numel() for p in matmul) + attention
+                                              - 2 * model.model.layers[0].self_attn.q_proj.weight.numel())
+
+
 def test_a_shared_gate_pair_counts_in_the_training_flops_once_per_layer_call():
     """GateSkip's `shared=True` runs one gate pair at every layer, the same matmuls as a pair per layer: the
     training FLOPs (MFU) counted the shared pair once (bench-small: 265.1M instead of 287.2M per token, 7.7% low)."""

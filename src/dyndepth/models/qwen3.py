@@ -170,7 +170,8 @@ class CausalLM(nn.Module):
         gradient; a frozen one has no weight gradient (4). That is exact when gradients flow through the frozen
         weight to a trainable one below it; frozen layers with nothing trainable beneath them need no backward
         at all (2), so there the count is high. Attention adds 12 x L x N x H x T (forward 4, backward 8,
-        non-causal). The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head; MoE
+        non-causal). The input embedding is a lookup, not a matmul, and is left out unless tied to lm_head, as are
+        parameters of fewer than 2 dimensions (norm weights, biases: elementwise); MoE
         experts count with their top-k fraction; each layer counts once per application of the schedule, and a
         method's model-level module (`model.<method name>`, GateSkip's shared gates) once per layer call.
         """
@@ -181,8 +182,8 @@ class CausalLM(nn.Module):
         shared = f"model.{self.method.name}." if self.method is not None else None  # run by every layer call
         total = 0.0
         for name, p in self.named_parameters():  # tied weights are listed once
-            if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
-                continue
+            if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings or p.dim() < 2:
+                continue  # (< 2 dims: norm weights, biases, DND's beta: elementwise, no matmul)
             frac = cfg.num_experts_per_tok / cfg.num_experts if ".mlp.experts." in name and cfg.num_experts else 1.0
             times = uses[int(name.split(".")[2])] if name.startswith("model.layers.") else \
                 len(self.schedule) if shared and name.startswith(shared) else 1
