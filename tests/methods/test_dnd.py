@@ -182,6 +182,22 @@ def test_greedy_generate_equals_argmax_of_the_full_forward():
     assert torch.equal(out, seq)
 
 
+@pytest.mark.parametrize("control", ["threshold", "topk"])
+def test_generate_in_train_mode_decodes_as_in_eval_and_feeds_nothing_to_the_controller(control):
+    """A cached forward is a decoding forward whatever the module mode (as MoR's, Huginn's and Dreamer's are): a
+    `generate` from a model left in train mode (a sample taken mid-training) ranked each one-token step by top-k
+    (control="topk": other tokens than the full forward) and pushed every step's scores into the buffer the
+    threshold controller moves tau by."""
+    model, method = dnd_model(control=control)
+    ids, mask = left_padded(T=8)
+    out = model.generate(ids, 6, attention_mask=mask, stop_tokens=[])
+    model.train()
+    assert torch.equal(model.generate(ids, 6, attention_mask=mask, stop_tokens=[]), out)
+    assert all(len(buffer) == 0 for buffer in method.scores_buffer.values())
+    model(ids, attention_mask=mask)  # a training forward still records
+    assert all(len(buffer) == 1 for buffer in method.scores_buffer.values())
+
+
 def _prefilled(nested: str, prefill: int = 8):
     """DND (`NESTED[nested]`) on a left-padded 3 x 14 batch: (model, method, ids, mask, positions, a cache holding the
     first `prefill` tokens, the full forward's logits)."""

@@ -33,7 +33,8 @@ class ForwardContext:
       None means SDPA's causal fast path (positions 0..T-1 in every row; in a subset, the valid entries first, in
       position order).
     cache: the KV cache or None. doc_ids (B, T) | None: packed-document ids (training only).
-    training: a training forward (method losses, MoE router statistics for the balancing loss).
+    training: a training forward (method losses, MoE router statistics for the balancing loss); never one with a
+      cache (`make_context`: a cached forward decodes, whatever the module mode).
     method / state: the attached adaptive-depth method and its per-forward state (its own dataclass).
     ledger: executed and ideal FLOPs of this forward (see core/accounting.py).
     aux: MoE router statistics, for the balancing loss of a training forward.

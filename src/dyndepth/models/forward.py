@@ -79,8 +79,10 @@ def make_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             attn_mask = causal_mask(positions, positions, valid, valid, doc_ids)  # (B, 1, T, T)
     elif doc_ids is not None:
         raise ValueError("doc_ids (intra-document masking) is for cache-free training forwards.")
-    ctx = ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids, training=model.training,
-                         rope=rope, method=model.method)
+    # A cached forward decodes whatever the module mode (a sample generated mid-training): no training routing,
+    # losses or controller statistics, as the recurrent families' cached forwards already were.
+    ctx = ForwardContext(positions, valid, cos, sin, attn_mask, cache, doc_ids,
+                         training=model.training and cache is None, rope=rope, method=model.method)
     ctx.ordered = not given_positions  # derived positions increase along every row's valid tokens
     return ctx
 
