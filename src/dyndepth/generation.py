@@ -280,6 +280,7 @@ def _check_given_cache(cache: KVCache, config, batch_size: int, max_len: int, sl
     fits = (cache.batch_size == batch_size and len(cache.keys) >= slots and cache.max_seq_len >= max_len
             and (G, H) == (config.num_key_value_heads, config.head_dim) and cache.keys[0].device == device
             and cache.keys[0].dtype == dtype)
+    cache.check_writable()  # (before `reset` writes it)
     if not fits:
         raise ValueError(f"the given cache ({have}) does not fit this generation ({need}): build one with "
                          "KVCache.for_model(model.config, B, prompt + new tokens, num_slots=model.num_slots() (under "

@@ -330,3 +330,25 @@ def test_generation_generate_called_directly_records_no_autograd_graph(model):
     handle.remove()
     assert torch.equal(out, model.generate(ids, 6, stop_tokens=[]))
     assert graphs == [False] * 6 and not any(t.requires_grad for t in cache.buffers())
+
+
+def test_a_cache_made_under_inference_mode_is_refused_outside_it_with_the_fix(model):
+    """A cache made (or first filled) under torch.inference_mode holds inference tensors: reused by a later generate
+    or cached forward outside it, the first in-place write failed inside torch ("Inplace update to inference tensor
+    outside InferenceMode"); now the boundary names the cache and the fix. Inside inference_mode it serves again."""
+    from dyndepth import KVCache
+
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.inference_mode():
+        cache = KVCache.for_model(model.config, 2, 11)
+        first = model.generate(ids, 6, stop_tokens=[], cache=cache)
+    with pytest.raises(ValueError, match="made under torch.inference_mode"):
+        model.generate(ids, 6, stop_tokens=[], cache=cache)
+    with pytest.raises(ValueError, match="made under torch.inference_mode"), torch.no_grad():
+        model(ids, positions=torch.arange(5).expand(2, 5), cache=cache)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, 6, stop_tokens=[], cache=cache), first)
+    outside = KVCache.for_model(model.config, 2, 11)  # a cache made outside serves both ways
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, 6, stop_tokens=[], cache=outside), first)
+    assert torch.equal(model.generate(ids, 6, stop_tokens=[], cache=outside), first)

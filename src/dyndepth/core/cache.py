@@ -184,6 +184,14 @@ class KVCache:
         self.sourced.clear()
         self.length = self.max_seq_len
 
+    def check_writable(self) -> None:
+        """ValueError when this cache cannot be written here: one made under torch.inference_mode holds inference
+        tensors, which torch lets nothing update in place outside that mode (its error came from the first write)."""
+        if self.keys[0].is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError("the KV cache was made under torch.inference_mode, and torch writes its buffers only "
+                             "there: run this generate / forward under torch.inference_mode() too, or make the cache "
+                             "outside it (then it serves both ways).")
+
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor a write mutates (keys, values, validity, sources)."""
         return [*self.keys, *self.values, *self.valids, *self.sources]

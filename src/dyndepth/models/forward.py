@@ -196,9 +196,11 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
 def check_cache(model, cache: KVCache | None, batch_size: int) -> None:
     """ValueError when a KV cache cannot hold this forward: too few slots (one per layer application, plus a
     method's: a depth-recurrent model run with more `steps` than the cache was made for), another batch size, or
-    another dtype than the forward computes in (outside autocast, which casts what attention reads)."""
+    another dtype than the forward computes in (outside autocast, which casts what attention reads), or one made under
+    torch.inference_mode used outside it."""
     if cache is None:
         return
+    cache.check_writable()
     make = ("KVCache.for_model(model.config, batch_size, max_seq_len, num_slots=model.num_slots(), "
             "dtype=next(model.parameters()).dtype)")
     if len(cache.keys) < model.num_slots():
