@@ -78,6 +78,21 @@ def test_greedy_equals_full_compute_generate_left_padded_batch(num_draft, cache_
 
 
 @pytest.mark.parametrize("cache_mode", ["shared", "separate"])
+def test_padding_columns_past_the_longest_prompt_decode_as_without_them(cache_mode):
+    """Every row left-padded to a width beyond its prompt (a batch padded to a fixed width): the prefill read the
+    cache through a window of the input's width, not of the longest prompt, and failed with "window length 12 is
+    outside 1..11" once the padding outgrew max_new_tokens + num_draft. generate decodes such a batch; so does this."""
+    model, _ = spec_model()
+    ids, mask = left_padded_pair()
+    wide = torch.cat([torch.zeros(2, 5, dtype=torch.long), ids], 1)  # (2, 12): 5 more PAD columns in every row
+    wide_mask = torch.cat([torch.zeros(2, 5, dtype=torch.long), mask], 1)
+    ref = model.generate(ids, 3, attention_mask=mask, stop_tokens=[])
+    out, _ = speculative_generate(model, wide, 3, attention_mask=wide_mask, num_draft=1, stop_tokens=[],
+                                  cache_mode=cache_mode)
+    assert torch.equal(out[:, 5:], ref)
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "separate"])
 def test_zero_draft_budget_accepts_everything(cache_mode):
     """draft == target, so every draft passes; in "separate" mode this also checks that the draft cache
     has no hole after a fully accepted step."""

@@ -153,7 +153,8 @@ class _Run:
         self.model, self.method, self.opt = model, method, opt
         B, device = input_ids.shape[0], input_ids.device
         lengths = mask.sum(-1)  # (B,)
-        self.size = int(lengths.max()) + opt.max_new_tokens + opt.num_draft  # every position a step may write
+        self.prompt_len = int(lengths.max())  # the longest prompt: positions 0..prompt_len-1, whatever the padding
+        self.size = self.prompt_len + opt.max_new_tokens + opt.num_draft  # every position a step may write
         dtype = resolve_dtype(cache_dtype) or next(model.parameters()).dtype  # (a dtype or its name)
 
         def make() -> KVCache:
@@ -171,16 +172,16 @@ class _Run:
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Write the prompt to the cache(s); return the first new token (B,), from the full model."""
-        model, T = self.model, input_ids.shape[1]
+        model, seen = self.model, self.prompt_len  # readers see the longest prompt (PAD columns write nothing)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         with self.method.decoding(budget=0.0):
-            out = model(input_ids, attention_mask=mask, positions=positions, cache=self.cache.window(T),
+            out = model(input_ids, attention_mask=mask, positions=positions, cache=self.cache.window(seen),
                         num_logits=1)
         self.flops["prefill"] = _forward_flops(out)
         if self.opt.cache_mode == "separate":
             with self.method.decoding(budget=self.opt.draft_budget):
                 d = model(input_ids, attention_mask=mask, positions=positions,
-                          cache=self.draft_cache.window(T), num_logits=1)
+                          cache=self.draft_cache.window(seen), num_logits=1)
             self.flops["prefill"] = self.flops["prefill"] + _forward_flops(d)
         return self.opt.sample(out.logits[:, -1])[0]
 
