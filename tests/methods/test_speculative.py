@@ -93,6 +93,28 @@ def test_padding_columns_past_the_longest_prompt_decode_as_without_them(cache_mo
 
 
 @pytest.mark.parametrize("cache_mode", ["shared", "separate"])
+def test_a_num_draft_past_max_new_tokens_sizes_the_caches_by_the_tokens_it_can_draft(cache_mode, monkeypatch):
+    """A step never drafts more than the tokens still to come, but the caches were sized prompt + max_new_tokens +
+    num_draft: num_draft=10**6 for 12 new tokens made caches of a million positions (gigabytes on a real model)."""
+    from dyndepth import KVCache
+
+    model, _ = spec_model()
+    ids, mask = left_padded_pair()
+    ref = model.generate(ids, 12, attention_mask=mask, stop_tokens=[])
+    made, for_model = [], KVCache.for_model.__func__
+
+    def sized(cls, config, batch_size, max_seq_len, *args, **kwargs):
+        made.append(max_seq_len)
+        assert max_seq_len <= 7 + 2 * 12, max_seq_len  # (refused before allocating: no gigabytes in a test)
+        return for_model(cls, config, batch_size, max_seq_len, *args, **kwargs)
+
+    monkeypatch.setattr(KVCache, "for_model", classmethod(sized))
+    out, _ = speculative_generate(model, ids, 12, attention_mask=mask, num_draft=10**6, stop_tokens=[],
+                                  cache_mode=cache_mode)
+    assert torch.equal(out, ref) and len(made) == (1 if cache_mode == "shared" else 2)
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "separate"])
 def test_zero_draft_budget_accepts_everything(cache_mode):
     """draft == target, so every draft passes; in "separate" mode this also checks that the draft cache
     has no hole after a fully accepted step."""

@@ -154,7 +154,8 @@ class _Run:
         B, device = input_ids.shape[0], input_ids.device
         lengths = mask.sum(-1)  # (B,)
         self.prompt_len = int(lengths.max())  # the longest prompt: positions 0..prompt_len-1, whatever the padding
-        self.size = self.prompt_len + opt.max_new_tokens + opt.num_draft  # every position a step may write
+        # every position a step may write: a step drafts at most the tokens still to come (fewer than max_new_tokens)
+        self.size = self.prompt_len + opt.max_new_tokens + min(opt.num_draft, opt.max_new_tokens)
         dtype = resolve_dtype(cache_dtype) or next(model.parameters()).dtype  # (a dtype or its name)
 
         def make() -> KVCache:
