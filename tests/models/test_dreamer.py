@@ -361,6 +361,20 @@ def test_cached_generation_equals_the_full_forward_left_padded(da_mode, knob):
     torch.testing.assert_close(cached[real], full[real], rtol=1e-4, atol=1e-4)
 
 
+def test_generate_with_per_token_exit_after_model_train_decodes_as_in_eval():
+    """A cached forward decodes whatever the module mode (models.forward.make_context), so `generate(method_knobs=
+    {"exit_kl": ...})` from a model left in train mode decodes as in eval mode (it was refused with "call
+    model.eval() first", the one knob of any family that was); an uncached training forward still refuses it."""
+    model = varied(tiny())
+    ids, mask = left_padded(T=12)
+    kl = partial_exit_threshold(model, ids, mask)
+    out = model.generate(ids, 5, attention_mask=mask, stop_tokens=[], method_knobs={"exit_kl": kl})
+    model.train()
+    assert torch.equal(model.generate(ids, 5, attention_mask=mask, stop_tokens=[], method_knobs={"exit_kl": kl}), out)
+    with model.override(exit_kl=kl), pytest.raises(ValueError, match="inference knob"):
+        model(ids, attention_mask=mask)
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager():
     """generate(compile=True) (one compiled decode step over a static cache; CUDA graphs on a GPU) gives the eager

@@ -289,7 +289,7 @@ class DreamerLM(nn.Module):
                 doc_ids: torch.Tensor | None = None, trace: Trace | None = None) -> DecoderOutput:
         """As `CausalLM.forward` (input_ids (B, T), attention_mask (B, T), positions, cache, num_logits, doc_ids,
         trace); the loop is `models.forward.run_schedule`."""
-        if self.exit_kl is not None and self.training:
+        if self.exit_kl is not None and self.training and cache is None:  # (a cached forward decodes: make_context)
             raise ValueError("per-token exit (exit_kl) is an inference knob; call model.eval() first.")
         if self.training and cache is None:
             self._train_steps = self.training_steps()
