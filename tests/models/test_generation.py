@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -313,6 +315,31 @@ def test_every_family_and_method_decodes_its_full_forward_in_bfloat16_and_under_
     chosen = logits.gather(-1, out[:, 10:, None]).squeeze(-1)  # (B, 5)
     assert out.shape == (3, 15) and torch.equal(out[:, :10], ids)
     assert (logits.amax(-1) - chosen).max() <= tol, (logits.amax(-1) - chosen).max()
+
+
+@pytest.mark.parametrize("row", list(LOW_PRECISION_ROWS))
+def test_every_family_and_method_decodes_the_edge_shapes_of_a_batch(row):
+    """fp32, every family and method with its decoding knobs: a batch left-padded past its longest prompt, with a row
+    of one real token, generates each row as that row alone (token-choice routing: rows are independent), greedy
+    tokens are the argmax of the uncached forward over the output, one new token is the first of six, and a prompt of
+    max_position_embeddings - 1 tokens still gets its last token, the full forward's argmax."""
+    model, knobs = low_precision_model(row)
+    decoding = (lambda: model.method.decoding(**(knobs or {}))) if model.method else contextlib.nullcontext
+    ids = torch.randint(0, 200, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros_like(ids)
+    mask[0, 2:], mask[1, 4:], mask[2, 8:] = 1, 1, 1  # 7, 5 and 1 real tokens; two PAD columns in every row
+    out = model.generate(ids, 6, attention_mask=mask, stop_tokens=[], method_knobs=knobs)
+    for b in range(3):
+        alone = model.generate(ids[b:b + 1, mask[b].bool()], 6, stop_tokens=[], method_knobs=knobs)
+        assert torch.equal(alone[0, -6:], out[b, -6:]), b
+    one = model.generate(ids, 1, attention_mask=mask, stop_tokens=[], method_knobs=knobs)
+    assert torch.equal(one, out[:, :10])
+    long = torch.randint(0, 200, (1, model.config.max_position_embeddings - 1))
+    last = model.generate(long, 1, stop_tokens=[], method_knobs=knobs)
+    with torch.no_grad(), decoding():
+        logits = model(out, attention_mask=torch.cat([mask, torch.ones_like(out[:, 9:])], 1)).logits[:, 8:-1]
+        assert torch.equal(logits.argmax(-1), out[:, 9:])
+        assert int(last[0, -1]) == int(model(long).logits[0, -1].argmax())
 
 
 def test_generation_generate_called_directly_records_no_autograd_graph(model):
