@@ -220,7 +220,17 @@ def read_recipe(path: Path) -> dict:
     """A recipe file (.toml, .yaml, .json) as written: its sections as dicts, nothing resolved."""
     if not path.exists():
         raise RunConfigError(f"recipe {path} does not exist.")
-    text = path.read_text()
+    if path.is_dir():  # (an IsADirectoryError traceback; a run's folder is a plausible guess to resume)
+        saved = ([p for p in sorted(path.glob("step_*/config.yaml")) if p.parent.name[5:].isdigit()]
+                 or sorted(path.glob("config.yaml")))  # the newest checkpoint's, else the run's
+        hint = f" (to continue its run: dyndepth train {saved[-1]} --resume)" if saved else ""
+        raise RunConfigError(f"recipe {path} is a folder; pass a recipe file (.toml or .yaml, e.g. "
+                             f"recipes/tiny_cpu.toml){hint}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # (a bare "'utf-8' codec can't decode byte ..." without the file's name)
+        raise RunConfigError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a recipe "
+                             "file (.toml or .yaml).") from None
     if path.suffix == ".toml":
         tomllib = _tomllib()
         try:

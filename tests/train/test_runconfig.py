@@ -158,3 +158,21 @@ def test_an_override_reads_a_toml_inline_table_or_array_as_the_recipe_writes_it(
     assert cfg.data["note"] == "2024-01-01"  # bare text stays text: TOML reads it as a date
     with pytest.raises(RunConfigError, match="train.lr_groups"):
         load_run_config(None, ["train.lr_groups={ unquoted.glob* = 2 }"])
+
+
+def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):
+    """A folder passed as the recipe (a run's out_dir, to resume it) stopped with an IsADirectoryError traceback;
+    a binary file with a UnicodeDecodeError naming no file."""
+    run = tmp_path / "runs" / "tiny"
+    (run / "step_0000003").mkdir(parents=True)
+    (run / "step_0000003" / "config.yaml").write_text("model: demo-tiny\n")
+    with pytest.raises(RunConfigError, match=r"tiny is a folder; pass a recipe file .*"
+                                             r"dyndepth train .*step_0000003/config\.yaml --resume"):
+        load_run_config(run)
+    with pytest.raises(RunConfigError, match=r"is a folder; pass a recipe file \(\.toml or \.yaml, e\.g\. "
+                                             r"recipes/tiny_cpu\.toml\)\.$"):
+        load_run_config(tmp_path)  # (its only config.yaml sits two levels down: no hint)
+    binary = tmp_path / "r.toml"
+    binary.write_bytes(b"model = \xff\xfe\n")
+    with pytest.raises(RunConfigError, match=r"r\.toml is not UTF-8 text"):
+        load_run_config(binary)
