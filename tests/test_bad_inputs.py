@@ -226,6 +226,14 @@ def test_cli_checkpoint_paths_that_are_not_model_folders(tmp_path):
     (tmp_path / "out" / "step_0000002" / "train_state.pt").write_bytes(b"")
     line = _cli_error(["generate", str(tmp_path / "out" / "step_0000002"), "-p", "hi"])
     assert "is a training checkpoint: load the run's exported out_dir/model" in line and "dyndepth convert" in line
+    # the run's folder itself (its out_dir), the path `dyndepth train` names, said only "has no config.json"
+    line = _cli_error(["generate", str(tmp_path / "out"), "-p", "hi"])
+    assert f"out is a training run's folder, not a model, and holds no export: export its last checkpoint with " \
+           f"`dyndepth convert {tmp_path}/out/step_0000002 OUT`" in line
+    (tmp_path / "out" / "model").mkdir()
+    (tmp_path / "out" / "model" / "config.json").write_text("{}")
+    line = _cli_error(["eval", str(tmp_path / "out"), "--perplexity", str(tmp_path / "out" / "model" / "config.json")])
+    assert f"out is a training run's folder, not a model: load its exported model, {tmp_path}/out/model." in line
 
 
 def test_cli_device_and_dtype(tmp_path):

@@ -142,6 +142,13 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
         if (folder / "train_state.pt").exists():  # a training checkpoint (out_dir/step_N)
             raise CheckpointError(f"{folder} is a training checkpoint: load the run's exported out_dir/model, or "
                                   f"export this step with `dyndepth convert {folder} OUT`.")
+        if (folder / "model" / "config.json").exists():  # a run's out_dir: the trainer exported its model there
+            raise CheckpointError(f"{folder} is a training run's folder, not a model: load its exported model, "
+                                  f"{folder / 'model'}.")
+        steps = sorted(p.parent for p in folder.glob("step_*/train_state.pt"))
+        if steps:  # a run stopped before its export
+            raise CheckpointError(f"{folder} is a training run's folder, not a model, and holds no export: export "
+                                  f"its last checkpoint with `dyndepth convert {steps[-1]} OUT`.")
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     raw_config = _read_json(config_path)
     spec = _spec_of(raw_config)
