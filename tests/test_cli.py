@@ -277,6 +277,22 @@ def test_convert_changes_dtype_and_keeps_logits(tmp_path):
     assert "is a file" in runner.invoke(app, ["convert", str(tmp_path / "src"), str(afile)]).output
 
 
+def test_train_names_the_model_it_exported(tmp_path):
+    """`dyndepth train` ended with the last training checkpoint only, which generate and eval refuse; the HF folder
+    they load, out_dir/model, was named nowhere a new user would look."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "demo-tiny"\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
+                      f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
+                      '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\n'
+                      '[eval]\nenabled = false\n')
+    trained = runner.invoke(app, ["train", str(recipe)])
+    assert trained.exit_code == 0, trained.output
+    model = tmp_path / "out" / "model"
+    assert f"exported model: {model} (dyndepth generate {model} -p TEXT)" in trained.output
+    generated = runner.invoke(app, ["generate", str(model), "-p", "ab", "-n", "2", "--no-stream"])
+    assert generated.exit_code == 0, generated.output
+
+
 def test_convert_shards_a_training_step_and_refuses_a_shard_size_of_zero(tmp_path):
     """`convert STEP DST --max-shard-gb X` exported the step in one file and ignored X unless --dtype was given;
     --max-shard-gb 0 or -1 wrote one shard per tensor (46 files for demo-tiny)."""

@@ -299,6 +299,8 @@ def train(
     result = _run(run_training, recipe, overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         typer.echo(f"trained {result.steps} steps; last checkpoint: {result.last_checkpoint}")
+        if result.exported is not None:  # the folder generate / eval / calibrate / from_pretrained load
+            typer.echo(f"exported model: {result.exported} (dyndepth generate {result.exported} -p TEXT)")
 
 
 @app.command()

@@ -139,7 +139,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                 check_held_out_share(loader, eval_loader)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
-        export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model", tokenizer)  # self-contained
+        result.exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model", tokenizer)
     return result
 
 

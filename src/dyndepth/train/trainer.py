@@ -76,6 +76,7 @@ class TrainResult:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
     out_dir: Path | None = None
     last_checkpoint: Path | None = None
+    exported: Path | None = None  # last_checkpoint as a HF folder (run_training writes out_dir/model)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
