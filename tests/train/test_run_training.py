@@ -258,6 +258,17 @@ def test_resuming_after_the_training_files_changed_is_refused_before_any_data_is
     assert not (cache / "tokenizers").exists()  # nothing trained or tokenized
 
 
+def test_an_out_dir_at_a_file_is_refused_before_any_data_is_built(tmp_path):
+    # a file at train.out_dir (or above it) stopped the run with a FileExistsError / NotADirectoryError traceback
+    # from the metrics logger's mkdir, after the model and the data were built
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    for out_dir in (afile, afile / "run"):
+        recipe = load_run_config(None, [f"train.out_dir={out_dir}"])
+        with pytest.raises(RunConfigError, match=rf"train.out_dir='{out_dir}' cannot be a folder: {afile} is a file"):
+            run_training(recipe)
+
+
 def test_a_list_of_relative_sources_is_saved_absolute_and_given_on_the_command_line(tmp_path, monkeypatch):
     from dyndepth.train.run import absolute_paths
 

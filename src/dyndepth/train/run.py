@@ -107,6 +107,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         run_config = load_run_config(run_config, overrides)
     run_config = pretrained_tokenizer(absolute_paths(run_config))  # the saved config.yaml works from any directory
     cfg = run_config.train
+    check_out_dir(cfg.out_dir)
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
     if not info.is_main:  # rank-0 logging: other ranks report only warnings and errors
@@ -241,6 +242,16 @@ FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer"
 def _shown(section: dict, key: str) -> str:
     """A recipe value for a message: unset keys take the preset's or the default."""
     return repr(section[key]) if key in section else "unset (the preset's or default value)"
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """train.out_dir must be a folder, or a path where one can be made: a file at it, or at one of its parents,
+    stopped the run with a FileExistsError / NotADirectoryError traceback once the model and data were built."""
+    path = Path(out_dir)
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise RunConfigError(f"train.out_dir={str(out_dir)!r} cannot be a folder: {blocked} is a file. Set "
+                             "train.out_dir to a new or existing folder for the checkpoints.")
 
 
 def check_resume_matches(run_config: RunConfig) -> None:
