@@ -74,6 +74,34 @@ def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
 
 
 
+def test_generate_prompts_with_bos_when_the_tokenizer_adds_it(tmp_path):
+    """A Llama tokenizer's post-processor prepends <s>, as transformers encodes a prompt; `dyndepth generate` encoded
+    prompts without it, so a Llama checkpoint continued another text than transformers' generate does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-llama", vocab_size=300, bos_token_id=0, eos_token_id=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    ids = tok.encode("The quick", add_special_tokens=False).ids
+    with_bos, without = (model.generate(torch.tensor([prefix + ids]), 6, stop_tokens=[])[0, len(prefix + ids):]
+                         for prefix in ([0], []))
+    assert with_bos.tolist() != without.tolist()  # (the test tells the two apart)
+    result = runner.invoke(app, ["generate", str(tmp_path), "-p", "The quick", "-n", "6", "--no-stream"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "The quick" + tok.decode(with_bos.tolist()) + "\n---\n"
+
+
 def test_generate_pads_a_batch_for_a_vocabulary_smaller_than_the_byte_tokenizers():
     # tiny-qwen3 has 256 ids and the byte tokenizer pads with 258: two prompts of different lengths failed with
     # "token ids must lie in [0, 256) ..., got ids from 101 to 258", though every real token was a byte

@@ -96,7 +96,7 @@ def generate(
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)  # (a method's thresholds too) before the echo
     preset = model in _presets()
     tok = for_vocab(_run(load_tokenizer, tokenizer or ("byte" if preset else model)), lm.config.vocab_size)
-    ids, mask = encode_batch(tok, prompt, padding_side="left")
+    ids, mask = encode_batch(tok, prompt, add_bos=None, padding_side="left")  # BOS as the tokenizer adds it (Llama's)
     ids = ids.masked_fill(mask == 0, 0)  # masked padding: an id every model has (the byte pad, 258, is past 256 ids)
     empty = [i + 1 for i, row in enumerate(mask) if not row.any()]
     if empty:

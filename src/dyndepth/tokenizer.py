@@ -57,9 +57,10 @@ def _as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(i) for i in ids]
 
 
-def encode_batch(tok: Tokenizer, texts: Sequence[str], add_bos: bool = False,
+def encode_batch(tok: Tokenizer, texts: Sequence[str], add_bos: bool | None = False,
                  padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """Encode and pad `texts` -> `(input_ids (B, T), attention_mask (B, T))`, both int64; mask 1 = real token.
+    `add_bos` as in `encode` (None: what the tokenizer's post-processor adds, as transformers encodes a prompt).
 
     Pads with `pad_token_id`, else `eos_token_id`, else 0. Left padding (the default) keeps the last real
     token of every row at position T-1, as generation needs.
