@@ -247,7 +247,7 @@ def _presets():
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="HF checkpoint folder or hub id."),
+    src: str = typer.Argument(..., help="HF checkpoint folder, hub id, or a training checkpoint (out_dir/step_N)."),
     dst: Path = typer.Argument(..., help="Output folder (config.json + safetensors + tokenizer files)."),
     dtype: Optional[str] = typer.Option(None, help="Convert weights to float32 | bfloat16 | float16."),
     max_shard_gb: float = typer.Option(5.0, help="Shard safetensors above this size."),
