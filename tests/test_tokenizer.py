@@ -259,6 +259,10 @@ def test_gpt2_requires_endoftext(tmp_path):
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")  # a file: its folder is searched, and the message says so
+    with pytest.raises(FileNotFoundError, match=rf"no tokenizer found in '{tmp_path}' \(the folder of the file "
+                                                rf"'{tmp_path}/notes.txt'\): looked for"):
+        load_tokenizer(tmp_path / "notes.txt")  # (it named only the folder: '.' for --tokenizer notes.txt)
     (tmp_path / "encoder.json").write_text("{}")  # vocab.bpe missing: not a GPT-2 folder
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*byte_tokenizer\.json.*vocab\.bpe.*'byte'"):
         load_tokenizer(tmp_path)

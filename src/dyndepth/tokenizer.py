@@ -333,8 +333,9 @@ def load_tokenizer(path: str | Path) -> HFTokenizer | ByteTokenizer:
     if str(path) == "byte":
         return ByteTokenizer()
     folder = Path(path)
+    beside = ""
     if folder.is_file():
-        folder = folder.parent
+        folder, beside = folder.parent, f" (the folder of the file {str(path)!r})"
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist; "
                                 "pass a tokenizer folder or 'byte'.")
@@ -345,6 +346,6 @@ def load_tokenizer(path: str | Path) -> HFTokenizer | ByteTokenizer:
     if (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file():
         return gpt2_tokenizer(folder)
     raise FileNotFoundError(
-        f"no tokenizer found in {str(folder)!r}: looked for tokenizer.json (Hugging Face), "
+        f"no tokenizer found in {str(folder)!r}{beside}: looked for tokenizer.json (Hugging Face), "
         f"{BYTE_TOKENIZER_FILE} (ByteTokenizer) and encoder.json + vocab.bpe (GPT-2). Fix: point to a "
         "Hugging Face model folder, pass 'byte', or create one with train_bpe(...).save(folder).")
