@@ -241,12 +241,20 @@ def read_recipe(path: Path) -> dict:
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: invalid YAML/JSON ({e}).") from None
+            raise RunConfigError(f"{path}: invalid YAML/JSON {_yaml_problem(e)}; fix the recipe there.") from None
         if not isinstance(raw, dict):
             raise RunConfigError(f"recipe {path} must be a mapping of sections ({list(SECTIONS)}), got a "
                                  f"{type(raw).__name__}; see recipes/tiny_cpu.toml.")
         return raw
     raise RunConfigError(f"recipe {path}: unknown format {path.suffix!r}; use .toml, .yaml or .json.")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line, where and what (PyYAML's own message spans lines, quoting the text under a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    what = "; ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where} ({' '.join(what.split())})".strip()
 
 
 def _apply_override(raw: dict, override: str) -> None:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from dyndepth.runconfig import RunConfigError, TrainConfig, load_run_config, save_run_config
@@ -176,3 +178,18 @@ def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):
     binary.write_bytes(b"model = \xff\xfe\n")
     with pytest.raises(RunConfigError, match=r"r\.toml is not UTF-8 text"):
         load_run_config(binary)
+
+
+def test_invalid_yaml_is_one_line_naming_where(tmp_path):
+    """PyYAML's message spans several lines (the text quoted under a caret): the one-line error was seven."""
+    recipe = tmp_path / "r.yaml"
+    for body, where, what in (("model: demo-tiny\ntrain:\n\tsteps: 3\n", "line 3, column 1",
+                               r"found character '\\t' that cannot start any token"),
+                              ("train:\n  steps: [3\n", "line 3, column 1",
+                               r"while parsing a flow sequence; expected ',' or '\]', but got '<stream end>'")):
+        recipe.write_text(body)
+        with pytest.raises(RunConfigError) as err:
+            load_run_config(recipe)
+        assert "\n" not in str(err.value)
+        message = str(err.value)
+        assert re.search(rf"r\.yaml: invalid YAML/JSON at {where} \(.*{what}\); fix the recipe there\.$", message)
