@@ -342,21 +342,36 @@ def test_build_loader_without_a_tokenizer_builds_the_one_data_tokenizer_names(tm
     assert build_loader(cfg, batch_size=2, seq_len=16, seed=0, tokenizer=tok).shards.manifest == loader.shards.manifest
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("intra_doc_mask", "false", r"data.intra_doc_mask='false' is not true or false"),
-    ("examples_per_doc", 0, r"data.examples_per_doc=0 is not a whole number >= 1"),
-    ("synthetic_examples", -5, r"data.synthetic_examples=-5 is not a whole number >= 0"),
-    ("stdlib_bytes", "2e6", r"data.stdlib_bytes='2e6' is not a whole number >= 0"),
-    ("bpe_train_bytes", True, r"data.bpe_train_bytes=True is not a whole number >= 1"),
-    ("tasks", "add", r"data.tasks='add' is not a list"),
-    ("task_weights", 2, r"data.task_weights=2 is not a list"),
-    ("difficulty", ["add"], r"data.difficulty=\['add'\] is not a table of task settings; write e.g. difficulty = "),
+@pytest.mark.parametrize("key, value, match", [
+    ("synthetic_examples", "abc", r"data.synthetic_examples='abc' must be a whole number >= 0"),
+    ("synthetic_examples", 2.5, r"data.synthetic_examples=2.5 must be a whole number >= 0"),
+    ("synthetic_examples", -5, r"data.synthetic_examples=-5 must be a whole number >= 0"),
+    ("stdlib_bytes", True, r"data.stdlib_bytes=True must be a whole number"),
+    ("examples_per_doc", 0, r"data.examples_per_doc=0 must be a whole number >= 1"),
+    ("intra_doc_mask", "x", r"data.intra_doc_mask='x' must be true or false"),
+    ("tasks", 3, r"data.tasks=3 must be a list of task names \(on the command line --set data.tasks=add,mul\)"),
+    ("task_weights", "x", r"data.task_weights='x' must be a list of numbers, one per task"),
+    ("difficulty", "x", r"data.difficulty='x' must be a table of task -> knobs"),
+    ("text_field", 3, r"data.text_field=3 must be the name of a record field"),
 ])
-def test_data_settings_of_the_wrong_kind_are_refused_when_the_config_is_read(key, value, message):
-    """They were used as they came: intra_doc_mask = "false" (a string, so true) masked documents apart, tasks = "add"
-    named tasks 'a' and 'd', examples_per_doc = 0 failed in range() ("arg 3 must not be zero")."""
-    with pytest.raises(DataError, match=message):
+def test_a_mistyped_data_value_is_named_when_the_config_is_read(key, value, match):
+    # the [data] section is a dict, so nothing checked its types: synthetic_examples="abc" or 2.5 stopped in the
+    # generator with a TypeError, -5 with "n must be >= 0", and intra_doc_mask="x" turned the mask on
+    with pytest.raises(DataError, match=match):
         resolve_data_config({key: value})
+
+
+def test_data_lists_from_the_command_line_read_as_the_recipe_writes_them():
+    # `--set data.tasks=add,mul` (a string) was read letter by letter: "unknown synthetic task 'a'"
+    from dyndepth.runconfig import load_run_config
+
+    data = load_run_config(None, ["data.tasks=add,mul", "data.task_weights=1,3", "data.stdlib_bytes=1e5"]).data
+    cfg = resolve_data_config(data)
+    assert (cfg["tasks"], cfg["task_weights"], cfg["stdlib_bytes"]) == (["add", "mul"], [1.0, 3.0], 100_000)
+    assert build.task_mix(data).tasks == ("add", "mul")
+    assert resolve_data_config({"tasks": "var"})["tasks"] == ["var"]
+    empty = resolve_data_config({"tasks": None, "task_weights": None, "difficulty": None})  # empty YAML keys
+    assert (empty["tasks"], empty["task_weights"], empty["difficulty"]) == ([], [], {})
 
 
 def test_whole_number_data_settings_written_as_floats_are_read_as_ints():

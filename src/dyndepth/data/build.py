@@ -83,7 +83,7 @@ HOLDOUT_SCHEME = 3  # in the shard cache key: 1 served a one-document source who
 # documents (their splits differ from 3's wherever a source has one)
 log = logging.getLogger(__name__)
 EMBEDDED = ("embedded", "synthetic", "stdlib")
-DEMO_LISTS = {"tasks": '["add", "copy"]', "task_weights": "[3, 1]"}  # (examples in messages)
+COUNTS = {"synthetic_examples": 0, "examples_per_doc": 1, "stdlib_bytes": 0, "bpe_train_bytes": 1}  # key: least value
 
 
 def resolve_data_config(data_cfg: dict) -> dict:
@@ -91,13 +91,13 @@ def resolve_data_config(data_cfg: dict) -> dict:
     if unknown:
         raise DataError(f"unknown data.{min(unknown)}; valid keys: {sorted(DEFAULTS)}.")
     cfg = {**DEFAULTS, **data_cfg}
+    _check_types(cfg)
     if cfg["synthetic_loss"] not in ("all", "answer"):
         raise DataError(f"data.synthetic_loss={cfg['synthetic_loss']!r} is not 'all' or 'answer'.")
     if cfg["packing"] not in PACKINGS:
         raise DataError(f"data.packing={cfg['packing']!r} is not one of {PACKINGS}.")
     if cfg["text_split"] not in TEXT_SPLITS:  # (a jsonl-only source never read it, yet it changed the cache key)
         raise DataError(f"data.text_split={cfg['text_split']!r} is not one of {TEXT_SPLITS}.")
-    _check_kinds(cfg)
     for key in ("source", "val_source"):
         cfg[key] = _checked_source(cfg[key], key)
     if cfg["source"] in EMBEDDED and cfg["val_source"]:
@@ -107,24 +107,39 @@ def resolve_data_config(data_cfg: dict) -> dict:
     return cfg
 
 
-def _check_kinds(cfg: dict) -> None:
-    """Settings of the wrong kind, refused (they were used as they came: intra_doc_mask = "false", a string, masked
-    documents apart; tasks = "add" named tasks 'a' and 'd'; examples_per_doc = 0 failed inside range()); whole
-    numbers written as floats (2e6) become ints, in place."""
-    if not isinstance(cfg["intra_doc_mask"], bool):
-        raise DataError(f"data.intra_doc_mask={cfg['intra_doc_mask']!r} is not true or false (unquoted).")
-    for key, low in (("synthetic_examples", 0), ("stdlib_bytes", 0), ("examples_per_doc", 1), ("bpe_train_bytes", 1)):
+def _check_types(cfg: dict) -> None:
+    """The typed keys of a `[data]` section, checked (and --set's comma lists read) in place: the section is a dict,
+    so `--set data.synthetic_examples=abc` stopped in the generator with a TypeError, `data.tasks=add,mul` was read
+    letter by letter ("unknown synthetic task 'a'") and `data.intra_doc_mask=x` switched the mask on."""
+    for key, least in COUNTS.items():
         value = cfg[key]
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer():  # 1e6, as --set and TOML write a large count
             value = cfg[key] = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise DataError(f"data.{key}={value!r} is not a whole number >= {low}.")
-    for key in ("tasks", "task_weights"):
-        if cfg[key] is not None and not isinstance(cfg[key], (list, tuple)):
-            raise DataError(f"data.{key}={cfg[key]!r} is not a list; write e.g. {key} = {DEMO_LISTS[key]}.")
-    if cfg["difficulty"] is not None and not isinstance(cfg["difficulty"], dict):
-        raise DataError(f"data.difficulty={cfg['difficulty']!r} is not a table of task settings; write e.g. "
-                        "difficulty = {add = {digits = 2}}.")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DataError(f"data.{key}={value!r} must be a whole number >= {least}.")
+    if not isinstance(cfg["intra_doc_mask"], bool):
+        raise DataError(f"data.intra_doc_mask={cfg['intra_doc_mask']!r} must be true or false.")
+    for key, kind in (("tasks", str), ("task_weights", (int, float))):
+        value = [] if cfg[key] is None else cfg[key]  # (an empty YAML key: the default)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):  # one item, or "add,mul" from --set
+            value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
+            if kind is not str:
+                try:
+                    value = [float(v) for v in value]
+                except ValueError:
+                    value = None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                           for v in value):
+            what, example = ("task names", "add,mul") if kind is str else ("numbers, one per task", "1,2")
+            raise DataError(f"data.{key}={cfg[key]!r} must be a list of {what} (on the command line "
+                            f"--set data.{key}={example}).")
+        cfg[key] = list(value)
+    cfg["difficulty"] = {} if cfg["difficulty"] is None else cfg["difficulty"]
+    if not isinstance(cfg["difficulty"], dict):
+        raise DataError(f"data.difficulty={cfg['difficulty']!r} must be a table of task -> knobs, e.g. "
+                        "{ add = { digits = 2 } }.")
+    if not isinstance(cfg["text_field"], str):
+        raise DataError(f"data.text_field={cfg['text_field']!r} must be the name of a record field, e.g. \"text\".")
 
 
 def check_sources_exist(cfg: dict) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dyndepth.bench.timing import markdown_table
-from dyndepth.data.build import build_loader, build_tokenizer, holds_out
+from dyndepth.data.build import build_loader, build_tokenizer, holds_out, resolve_data_config
 from dyndepth.data.synthetic import TASKS, exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.interop.hf import from_pretrained
@@ -155,7 +155,7 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
     batches = [val.next_batch() for _ in range(num_batches)]
     examples = []
     if rc.data.get("source", "embedded") in SYNTHETIC_SOURCES:
-        tasks = list(rc.data.get("tasks") or TASKS)
+        tasks = list(resolve_data_config(rc.data)["tasks"] or TASKS)  # (a --set data.tasks=add,mul: a string)
         examples = make_examples(tasks, examples_per_task * len(tasks), seed=1, difficulty=rc.data.get("difficulty"),
                                  split="val")
     R = model.config.num_recurrences
