@@ -282,7 +282,8 @@ def convert(
 def train(
     recipe: Path = typer.Argument(..., help="A recipe (.toml or .yaml); see recipes/."),
     set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.lr=3e-4 (repeatable)."),
-    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in train.out_dir."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in train.out_dir (none there: a new "
+                                "run starts, with a warning)."),
     method: Optional[str] = typer.Option(None, help="Shorthand for --set method.name=NAME (e.g. gateskip)."),
 ) -> None:
     """Train or post-train a model from a recipe; run under torchrun for several GPUs."""
