@@ -44,3 +44,21 @@ def test_resume_over_a_metrics_line_torn_by_a_kill_keeps_the_records(tmp_path):
     assert (tmp_path / "metrics.abandoned_0.jsonl").read_text().endswith('{"step": 30, "lo')  # set aside, not lost
     logger.log({"step": 30, "loss": 2.0})
     assert [r["step"] for r in logger.records] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("key", ["tensorboard", "wandb"])
+def test_a_logger_without_its_package_is_named_before_the_run_builds_anything(tmp_path, monkeypatch, key):
+    # train.wandb=true without wandb stopped with "No module named 'wandb'" (no fix named) once the model and data were
+    # built, and after a resumed run's metrics.jsonl had been rewritten
+    import importlib.util
+
+    from dyndepth.runconfig import load_run_config
+    from dyndepth.train import run_training
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == key else find_spec(name, *a))
+    recipe = load_run_config(None, [f"train.{key}=true", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ImportError, match=rf"train.{key}=true needs the {key} package: pip install {key}.*; or set "
+                                          rf"train.{key}=false\."):
+        run_training(recipe)
+    assert not (tmp_path / "run").exists()

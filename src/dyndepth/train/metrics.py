@@ -9,6 +9,7 @@ file of a resumed run reads like that of an uninterrupted one; the whole old fil
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -65,6 +66,19 @@ def set_aside(path: Path, *others: Path, label: str = "abandoned") -> Path:
     return path.with_name(f"{path.stem}.{label}_{n}{path.suffix}")
 
 
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", ""),
+                   "wandb": ("wandb", "; WANDB_MODE=offline runs it without a network")}  # train.<key>: (package, note)
+
+
+def check_logger_packages(cfg: TrainConfig) -> None:
+    """train.tensorboard / train.wandb need their packages, checked before anything is built or written (a missing one
+    stopped the run with a bare "No module named 'wandb'" once the model and data were built)."""
+    for key, (package, note) in LOGGER_PACKAGES.items():
+        if getattr(cfg, key) and importlib.util.find_spec(package) is None:
+            raise ImportError(f"train.{key}=true needs the {package} package: pip install {package}{note}; or set "
+                              f"train.{key}=false.")
+
+
 class MetricsLogger:
     """JSONL (+ TensorBoard, wandb) writer; a no-op on ranks other than 0."""
 
@@ -76,6 +90,7 @@ class MetricsLogger:
         self._tb = self._wandb = None
         if not enabled:
             return
+        check_logger_packages(cfg)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             old, torn = self._read()

@@ -27,6 +27,7 @@ from dyndepth.data.build import (
 )
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
+from dyndepth.train.metrics import check_logger_packages
 from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import TrainResult, train
 
@@ -108,6 +109,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     run_config = pretrained_tokenizer(absolute_paths(run_config))  # the saved config.yaml works from any directory
     cfg = run_config.train
     check_out_dir(cfg.out_dir)
+    check_logger_packages(cfg)
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
     if not info.is_main:  # rank-0 logging: other ranks report only warnings and errors
