@@ -181,7 +181,10 @@ def plot_quality_vs_depth(rows: list[dict], path: str | Path, title: str = "Drea
                             xytext=(3, -10 if exits else 4), fontsize=7)
         ax.set(xlabel="average recurrence steps per token", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # (user text: no synthetic tasks to score exactly)
+            ax.text(0.5, 0.5, "no exact-match tasks in this data", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     return save_figure(fig, path, dpi)
 
