@@ -49,6 +49,7 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
     assert rows["GateSkip vector q=0%"]["compute"] > 1.0  # total compute counts the gates
     assert rows["GateSkip low-rank q=0%"]["compute"] < rows["GateSkip vector q=0%"]["compute"]  # cheaper gates
     assert rows["DND 20%"]["compute"] > 1.0  # nested passes cost extra (MoD's predictor is untrained here)
+    assert rows["DND 20%"]["latency_vs_sft"] > 0 and "latency_vs_sft" not in rows["SFT"]  # DND timed beside SFT
     for r in rows.values():
         assert r["tasks"]["copa"]["acc"]["n"] == 4 and r["chance"] == 0.5 and r["val_loss"] > 0
     out = tmp_path / "out"
@@ -86,6 +87,8 @@ def test_claims_follow_the_numbers():
     assert claims(rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.8)])[-1]["holds"] is True
     slow = rows[:-2] + [dict(_row("SFT", "none", 1.0, 2.9), latency=1.02), dict(rows[-1], latency=1.2)]
     assert "latency +18%" in claims(slow)[-1]["measured"]  # each row's ratio to the base, timed in turn with it
+    side_by_side = slow[:-1] + [dict(slow[-1], latency_vs_sft=1.05)]
+    assert "latency +5%" in claims(side_by_side)[-1]["measured"]  # DND timed against SFT in one loop
     at_chance = [dict(r, accuracy=0.5) for r in rows]
     assert claims(at_chance)[0]["holds"] is None  # a base at chance cannot test retention
     better = rows[:-1] + [_row("DND 20%", "dnd", 1.1, 2.8, accuracy=0.59)]  # 0.1 nats better, 1 point less accurate

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dyndepth.bench.compare import Contender, causal, compare, slug
+from dyndepth.bench.compare import Contender, causal, compare, latency_ratio, slug
 from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.data.build import build_loader
 from dyndepth.eval.run import score_tasks
@@ -137,6 +137,7 @@ def run_repro(cfg: ReproConfig) -> dict:
     rows, models = compare(cfg.base, contenders(cfg, base.config.num_hidden_layers), loader,
                            lambda label: _train_config(cfg, out / "runs" / slug(label)), scorer, probe,
                            calibration, progress)
+    _time_dnd_against_sft(rows, models, probe, calibration)
     plots = _plots(cfg, rows, models, tok, calibration, out)
     result = {"config": asdict(cfg), "machine": machine_description(torch.device("cpu")),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -277,11 +278,23 @@ def _mod_claim(gateskip: dict[str, list[dict]], mod: dict) -> dict:
             "holds": None if gs is None else mod["val_loss"] - gs > MARGIN}
 
 
+def _time_dnd_against_sft(rows: list[dict], models: dict, probe: tuple, calibration: list) -> None:
+    """The DND row's `latency_vs_sft`: its probe forward's time over the SFT model's, the two interleaved in one loop
+    (each row's `latency` is timed against the base at its own moment: a ratio of those two moved with the machine)."""
+    sft = next((r for r in rows if r["method"] == "none" and r["label"] in models), None)
+    dnd = next((r for r in rows if r["method"] == "dnd" and r["label"] in models), None)
+    if sft is None or dnd is None:
+        return
+    with causal(models[dnd["label"]], dnd["knobs"], calibration):
+        dnd["latency_vs_sft"] = latency_ratio(models[dnd["label"]], models[sft["label"]], probe)
+
+
 def _dnd_claim(sft: dict | None, dnd: dict | None) -> dict | None:
     if sft is None or dnd is None:
         return None
     overhead = dnd["compute"] / sft["compute"] - 1
-    slower = dnd["latency"] / sft["latency"] - 1  # each timed against the base in turn
+    # timed side by side; (a report written before: each row's ratio to the base, timed in turn with it)
+    slower = dnd.get("latency_vs_sft", dnd["latency"] / sft["latency"]) - 1
     at_chance = sft["accuracy"] - sft["chance"] <= 0.02  # accuracy says nothing there (as for GateSkip's claim)
     measured = (f"accuracy {dnd['accuracy']:.1%} vs {sft['accuracy']:.1%}{' (at chance: not judged)' * at_chance}, "
                 f"held-out loss {dnd['val_loss']:.3f} vs {sft['val_loss']:.3f}; FLOP overhead {overhead:+.1%} "
