@@ -408,6 +408,36 @@ def test_a_training_layer_compiles_as_one_graph_with_its_grouped_experts():
             torch.testing.assert_close(p.grad, eager[1][name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_compiled_layer_recomputes_under_activation_checkpointing_with_rope_depth_attention(monkeypatch):
+    """train.compile with train.activation_checkpointing (the checkpoint wraps the compiled layer): the recomputation
+    in backward traces what the forward traced. The depth-RoPE table was made by a layer's first call of a forward
+    and read back by every later one, so step 0's recomputation, which found it made, saved fewer tensors than its
+    forward: torch.utils.checkpoint's CheckpointError at the first backward (aot_eager: the compiled graph's saved
+    tensors, without inductor's compile time)."""
+    from dyndepth.train.parallel import apply_compile
+
+    model = varied(tiny(num_recurrences=2, num_experts=0, intermediate_size=64)).train()
+    assert model.model.layers[0].depth_attn.encoding == "rope"
+    ids = torch.randint(0, 256, (2, 8))
+    model(ids).logits.square().mean().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager"))
+    torch._dynamo.reset()
+    try:
+        apply_compile(model, checkpointed=True)
+        apply_activation_checkpointing(model)
+        model(ids).logits.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    assert eager.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6)
+
+
 def test_generate_equals_greedy_without_cache():
     model = varied(tiny())
     ids = torch.randint(0, 256, (2, 5))

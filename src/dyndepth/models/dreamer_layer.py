@@ -295,7 +295,9 @@ class DreamerLayer(nn.Module):
         da = self.config.da_mode
         if da == "separate":  # the state entering this step joins the token's depth memory
             depth = self.depth_attn
-            if depth.encoding == "rope" and self.index not in st.step_rope:  # every step's angles, once a forward
+            # every step's angles, once a forward: made at step 0 even when there (activation checkpointing's
+            # recomputation finds the forward's table; skipping it there traced another graph than the forward's)
+            if depth.encoding == "rope" and (step == 0 or self.index not in st.step_rope):
                 st.step_rope[self.index] = depth.step_table(st.steps, x_BTD.dtype, x_BTD.device)
             enc = depth.step_encoding(step, x_BTD.dtype, x_BTD.device, st.step_rope.get(self.index))
             # truncated backprop: the embedding's entry keeps its gradient, the embedding's path to the trained steps
