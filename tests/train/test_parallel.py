@@ -247,3 +247,50 @@ def test_ddp_run_training_on_user_data_builds_one_cache_and_exports(checks):
     assert len(caches) == 1 and sorted(p.name for p in caches[0].iterdir()) == ["train", "val"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2]
+
+
+# ------------------------------------------------------------------- compile with activation checkpointing
+
+ROUTED = {"dnd": {"layers": [0, 1], "router_init_std": 0.3},  # nests 8 and 12 tokens of a row in its 2 layers
+          "mod": {"capacity": 0.5}}  # a float knob: dynamo traced it as a symbolic float (and failed) when dynamic
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ROUTED))
+def test_compile_with_activation_checkpointing_recomputes_a_routed_layer_as_its_forward(name, monkeypatch):
+    """DND nests a data-dependent number of tokens per layer (K differs between the layers of one forward). The
+    layers share one compiled function: layer 1's other K made dynamo compile a dynamic graph beside layer 0's static
+    one, and the recomputation of layer 0 in backward took that newer graph, which saves other tensors than the one
+    its forward ran: torch.utils.checkpoint's CheckpointError at the first backward. Now the checkpointed layers of a
+    routed model compile dynamic from the start (one graph for every K), with a method's float knobs constant, and
+    give eager's gradients."""
+    from dyndepth.methods import attach_method
+    from dyndepth.train.parallel import apply_activation_checkpointing, apply_compile
+
+    def build():
+        torch.manual_seed(0)
+        model = CausalLM(preset("tiny-qwen3")).train()
+        attach_method(model, name, dict(ROUTED[name]))
+        return model
+
+    eager = build()
+    ids = torch.randint(0, 200, (2, 16))
+    eager(ids).logits.square().mean().backward()
+    compiled = build()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    try:
+        apply_compile(compiled, checkpointed=True)
+        apply_activation_checkpointing(compiled)
+        compiled(ids).logits.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    grads = 0
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        if q.grad is not None:  # (the compiled graph may give a parameter eager leaves without one a zero gradient)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+            grads += 1
+        elif p.grad is not None:
+            assert not p.grad.any(), n
+    assert grads > 10

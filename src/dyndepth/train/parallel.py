@@ -105,7 +105,11 @@ def apply_compile(model: nn.Module, checkpointed: bool = False) -> None:
 
     `checkpointed` (activation checkpointing follows): the layer's forward is compiled, and the checkpoint then
     wraps the compiled function. Compiling the module would trace through the checkpoint, where dynamo refuses
-    the layer's side effects (its FLOP ledger entries) and runs the whole layer eager, compiling nothing."""
+    the layer's side effects (its FLOP ledger entries) and runs the whole layer eager, compiling nothing. A routed
+    model (a method, or MoR's routing) runs a data-dependent number of tokens through a layer, so there the checkpointed
+    layers compile dynamic from the start: under automatic dynamic shapes a layer's other count made dynamo add a
+    dynamic graph beside the static one, and a recomputation in backward could take the other graph than its forward
+    ran (torch.utils.checkpoint's CheckpointError: other tensors saved)."""
     import torch._dynamo.config as dynamo_config
 
     if hasattr(model, "max_applications"):
@@ -115,11 +119,26 @@ def apply_compile(model: nn.Module, checkpointed: bool = False) -> None:
     limit = 8 * positions + 16  # train / eval x grad / no-grad per position, and room to spare
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * limit)
+    routed = getattr(model, "method", None) is not None
     for layer in model.model.layers:
-        if checkpointed:
+        if checkpointed and routed:
+            layer.forward = _dynamic_shapes(torch.compile(layer.forward, dynamic=True))
+        elif checkpointed:
             layer.forward = torch.compile(layer.forward)
         else:
             layer.compile()
+
+
+def _dynamic_shapes(compiled):
+    """`compiled` (dynamic=True) tracing shapes dynamic, but Python floats as constants (a method's knobs: MoD's
+    capacity as a symbolic float failed in dynamo's ceil)."""
+    import torch._dynamo.config as dynamo_config
+
+    def forward(*args, **kwargs):
+        with dynamo_config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 def wrap_model(model: nn.Module, parallel: str, info: DistInfo, dtype: str = "float32") -> nn.Module:
