@@ -294,3 +294,41 @@ def test_compile_with_activation_checkpointing_recomputes_a_routed_layer_as_its_
         elif p.grad is not None:
             assert not p.grad.any(), n
     assert grads > 10
+
+
+@pytest.mark.slow
+def test_ddp_compile_with_activation_checkpointing_recomputes_the_graph_its_forward_ran(monkeypatch, tmp_path):
+    """Under DDP, dynamo split a compiled layer's graph at DDP's bucket boundaries (optimize_ddp) in the forward, which
+    runs inside DDP's forward, but not in the recomputation in backward, outside it: a Dreamer layer (past DDP's 1 MB
+    first bucket) saved other tensors there, torch.utils.checkpoint's CheckpointError at the first backward. Per-layer
+    compilation needs no split (DDP's own hooks overlap the all-reduce), so it is off with activation checkpointing.
+    One gloo rank: DDP is active as it is on many."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dyndepth import build_model
+    from dyndepth.train.parallel import apply_activation_checkpointing, apply_compile
+
+    def build():
+        torch.manual_seed(0)
+        return build_model(preset("dreamer-tiny", vocab_size=256)).train()
+
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    eager = build()
+    eager(ids).logits.square().mean().backward()
+    compiled = build()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # (torch's default; restored afterwards)
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        apply_compile(compiled, checkpointed=True)
+        apply_activation_checkpointing(compiled)
+        DDP(compiled)(ids).logits.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)

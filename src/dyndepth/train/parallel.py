@@ -109,7 +109,10 @@ def apply_compile(model: nn.Module, checkpointed: bool = False) -> None:
     model (a method, or MoR's routing) runs a data-dependent number of tokens through a layer, so there the checkpointed
     layers compile dynamic from the start: under automatic dynamic shapes a layer's other count made dynamo add a
     dynamic graph beside the static one, and a recomputation in backward could take the other graph than its forward
-    ran (torch.utils.checkpoint's CheckpointError: other tensors saved)."""
+    ran (torch.utils.checkpoint's CheckpointError: other tensors saved). For the same reason dynamo's DDP graph
+    split (`optimize_ddp`, global) is turned off with checkpointing: it split a layer's graph at DDP's bucket
+    boundaries in the forward, which runs inside DDP's, but not in the recomputation in backward, outside it (per-layer
+    graphs need no split: DDP's own gradient hooks overlap the all-reduce)."""
     import torch._dynamo.config as dynamo_config
 
     if hasattr(model, "max_applications"):
@@ -119,6 +122,8 @@ def apply_compile(model: nn.Module, checkpointed: bool = False) -> None:
     limit = 8 * positions + 16  # train / eval x grad / no-grad per position, and room to spare
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * limit)
+    if checkpointed:
+        dynamo_config.optimize_ddp = False
     routed = getattr(model, "method", None) is not None
     for layer in model.model.layers:
         if checkpointed and routed:
