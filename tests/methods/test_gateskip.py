@@ -49,6 +49,34 @@ def test_fresh_gates_skip_exactly_the_budget_in_every_precision(precision, scope
             assert float(stats[f"gateskip/{branch}_skipped"]) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "autocast"])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_fresh_gates_in_16_bits_skip_the_budget_in_every_layer_and_branch_of_a_padded_batch(precision, scope):
+    # the forward's statistics average over layers: here each (layer, branch) of a left-padded batch with an EOS skips
+    # exactly floor(q * n) of its pool (each row's for scope "sequence"), PAD never runs and EOS always does
+    model, method = gated_model(spread=False, scope=scope, eos=3, layers=3)
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(4, 256, (3, 21))
+    ids[0, 5] = 3
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :11] = 0
+    trace = dyndepth.Trace()
+    with method.override(budget=0.25), torch.no_grad(), torch.autocast("cpu", torch.bfloat16,
+                                                                         enabled=precision == "autocast"):
+        model(ids, attention_mask=mask, trace=trace)
+    st = trace.ctx.state
+    pools = [st.pool.flatten()] if scope == "batch" else list(st.pool)  # 47 tokens, or rows of 20, 17 and 10
+    assert len(st.keep) == 6
+    for key, keep in st.keep.items():
+        assert st.scores[key].dtype == torch.float32
+        assert keep[0, 5] and not (keep & ~mask.bool()).any(), key
+        keeps = [keep.flatten()] if scope == "batch" else list(keep)
+        assert [int((p & ~k).sum()) for p, k in zip(pools, keeps)] == \
+            [math.floor(0.25 * int(p.sum())) for p in pools], key
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
 @pytest.mark.parametrize("q", [0.0, 0.3, 0.6])
 @pytest.mark.parametrize("path", ["packed", "dense"])
@@ -240,6 +268,26 @@ def test_training_penalty_gradients_and_budget_ramp():
     assert hook.after_step(model, 5, {}, None) == {"budget": 0.0}  # what step 5 trained at (set by hand: none ran)
     assert method.budget == pytest.approx(0.1) and method.config.budget == 0.0  # step 6's; the config is not touched
     assert hook.state_dict() == {"budget": pytest.approx(0.1), "step": 5, "span": 10}
+
+
+def test_training_forwards_skip_the_ramps_budget_and_the_gates_of_kept_tokens_learn():
+    # the hook's budget reaches the training forwards: each (layer, branch) skips floor(q * n) of the batch, q on the
+    # ramp 0, .05, ..., .2, and the gates get gradient while tokens skip (hard mask: through g * f(h) of kept tokens)
+    model, method = gated_model(spread=False)
+    model.train()
+    hook = GateSkipHook(method, total_steps=5)
+    for step in range(1, 6):
+        trace = dyndepth.Trace()
+        out = model(torch.randint(0, 256, (2, 20)), trace=trace)
+        skipped = {key: int((~keep).sum()) for key, keep in trace.ctx.state.keep.items()} if method.budget else {}
+        assert set(skipped.values()) <= {math.floor(method.budget * 40 + 1e-9)}
+        assert len(skipped) == (4 if step > 1 else 0)
+        (out.logits.logsumexp(-1).mean() + out.aux_loss).backward()
+        for layer in model.model.layers:
+            for gate in (layer.gateskip.attn_gate, layer.gateskip.mlp_gate):
+                assert gate.proj.weight.grad.abs().sum() > 0 and torch.isfinite(gate.proj.weight.grad).all()
+        model.zero_grad()
+        assert hook.after_step(model, step, {}, None)["budget"] == pytest.approx(0.05 * (step - 1))
 
 
 def test_the_ramp_resumes_on_its_line_and_never_goes_back_when_a_run_is_extended():
