@@ -241,12 +241,15 @@ class ModelConfig:
         D, H = self.hidden_size, self.head_dim
         attn = D * H * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         attn += 2 * H if self.qk_norm else 0
+        if self.attention_bias:  # q, k, v and o biases
+            attn += H * (self.num_attention_heads + 2 * self.num_key_value_heads) + D
         total = 0
         for i in range(self.num_hidden_layers):
             if self.is_moe_layer(i):
                 mlp = self.num_experts * 3 * D * self.moe_intermediate_size + self.num_experts * D
             else:
-                mlp = 3 * D * self.intermediate_size
+                F = self.intermediate_size
+                mlp = 3 * D * F + (2 * F + D if self.mlp_bias else 0)  # gate and up biases (F each), down's (D)
             total += attn + mlp + 2 * D
         total += D  # final norm
         if include_embedding:

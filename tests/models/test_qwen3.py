@@ -106,6 +106,16 @@ def test_num_params_formula_matches_module(tiny_config, tiny_moe_config):
         assert cfg.num_params() == CausalLM(cfg).num_params()
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("fields", [{"attention_bias": True}, {"mlp_bias": True},
+                                    {"attention_bias": True, "mlp_bias": True, "qk_norm": False}])
+def test_num_params_formula_counts_attention_and_mlp_biases(name, fields):
+    """The formula left out q / k / v / o biases (attention_bias) and the dense MLP's biases (mlp_bias), so `dyndepth
+    match` under-counted a reference or baseline with them."""
+    cfg = preset(name, **fields)
+    assert cfg.num_params() == CausalLM(cfg).num_params()
+
+
 def test_intra_document_mask_makes_packed_documents_independent(tiny_config):
     model = CausalLM(tiny_config).eval()
     a, b = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 4))
