@@ -196,6 +196,17 @@ def test_bad_configs_fail_with_one_clear_error():
         MoRLM(tiny()).forward_flops(4, context=3)
 
 
+def test_a_token_choice_capacity_is_refused_not_counted_in_the_nominal_flops():
+    """Token-choice routing ignores `capacity` (each token's depth is its router's argmax), but the nominal FLOPs
+    (`forward_flops`, what `dyndepth match` matches) read it: capacity [1, 1, 1] reported 31% more FLOPs than the
+    default for the same model. Only the default (the balanced depths the count assumes) is accepted."""
+    with pytest.raises(ValueError, match="capacity is expert-choice's"):
+        tiny(router_type="token", capacity=[1.0, 1.0, 1.0])
+    config = tiny(router_type="token")
+    assert config.capacity == [1.0, 2 / 3, 1 / 3]
+    assert MoRConfig.from_dict(config.to_dict()) == config  # a saved token-choice config still loads
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_activation_checkpointing_gives_the_same_gradients(router):
     model = varied(tiny(router_type=router)).train()

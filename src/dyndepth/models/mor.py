@@ -113,8 +113,14 @@ class MoRConfig:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads}).")
         R = self.num_recursions
+        balanced = [(R - r) / R for r in range(R)]
         if self.capacity is None:
-            self.capacity = [(R - r) / R for r in range(R)]
+            self.capacity = balanced
+        elif self.router_type == "token" and (len(self.capacity) != R or
+                                              any(abs(c - b) > 1e-9 for c, b in zip(self.capacity, balanced))):
+            raise ConfigError(f"MoRConfig.capacity={self.capacity}: capacity is expert-choice's; token-choice routing "
+                              "gives each token the depth its router picks, and its nominal FLOPs assume balanced "
+                              f"depths {balanced}. Leave capacity out with router_type='token'.")
         if len(self.capacity) != R or any(not 0 < c <= 1 for c in self.capacity) or \
                 any(b > a for a, b in zip(self.capacity, self.capacity[1:])):
             raise ConfigError(f"MoRConfig.capacity={self.capacity} must hold {R} non-increasing fractions in (0, 1].")
