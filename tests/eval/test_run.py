@@ -235,6 +235,27 @@ def test_a_bad_perplexity_window_fails_before_the_lm_eval_tasks(tiny_checkpoint,
     assert not scored  # refused before copa's requests
 
 
+def test_a_missing_or_non_utf8_perplexity_file_fails_before_the_lm_eval_tasks(tiny_checkpoint, data_dir, tmp_path,
+                                                                              monkeypatch):
+    """--perplexity FILE that does not exist, or is not UTF-8, failed only after every lm-eval task had scored (hours
+    with --tasks all), and nothing was written."""
+    from dyndepth.data.sources import DataError
+    from dyndepth.eval import harness
+
+    folder, _ = tiny_checkpoint
+    scored = []
+    monkeypatch.setattr(harness.DyndepthLM, "loglikelihood",
+                        lambda self, requests, disable_tqdm=False: scored.append(1) or [(0.0, False)] * len(requests))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    for path, error, message in ((tmp_path / "missing.txt", FileNotFoundError, "no such text file"),
+                                 (latin1, DataError, "is not UTF-8 text")):
+        with pytest.raises(error, match=message):
+            run_eval(str(folder), tasks="copa", data_dir=data_dir, limit=1, perplexity=path, out=tmp_path / "o")
+    assert not scored  # refused before copa's requests
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
     folder, _ = tiny_checkpoint
     runner = CliRunner()

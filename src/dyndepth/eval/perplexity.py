@@ -138,11 +138,17 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
 def file_perplexity(model, tokenizer, path: str | Path, limit: int | None = None, **kwargs) -> Perplexity:
     """`text_perplexity` of a UTF-8 text file (e.g. WikiText-2's test.txt): read whole, or with `limit`, up to the
     end of its limit-th non-empty line (a quick run; bytes and words count that part only)."""
+    text = read_text_file(path)
+    return text_perplexity(model, tokenizer, text if limit is None else first_lines(text, limit), **kwargs)
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file, whole; a missing file or one in another encoding is an error naming it (`dyndepth eval`
+    reads its perplexity files once before any lm-eval task, so that neither fails after them)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file: {path}")
-    text = read_utf8(path)
-    return text_perplexity(model, tokenizer, text if limit is None else first_lines(text, limit), **kwargs)
+    return read_utf8(path)
 
 
 def first_lines(text: str, n: int) -> str:

@@ -81,6 +81,11 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         raise ValueError("num_fewshot and apply_chat_template shape lm-eval's task prompts; perplexity alone reads "
                          "neither: pass --tasks too, or drop them.")
     lm_eval_options = {"num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template}
+    if ppl_files:  # a missing or non-UTF-8 file failed after every lm-eval task had run, and nothing was written
+        from dyndepth.eval.perplexity import read_text_file
+
+        for _, path in ppl_files:
+            read_text_file(path)
 
     rows: list[Row] = []
     raw: dict = {}
