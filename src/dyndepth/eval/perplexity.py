@@ -8,8 +8,9 @@ covered by windows of at most `max_length` tokens that move `stride` tokens at a
 scores only the tokens that no earlier window scored, so every token is predicted exactly once, with
 at least max_length - stride + 1 tokens of context (all earlier tokens near the start). stride ==
 max_length gives disjoint windows (fastest, least context; the same numbers as lm-eval's rolling
-log-likelihood); a smaller stride gives more context per token for more compute. Windows run in
-batches, each at positions 0..len-1, as the guide does.
+log-likelihood when the tokenizer adds no BOS of its own: lm-eval encodes the text with the tokenizer's special
+tokens, so behind a Llama tokenizer's <s> it also scores a second <s>); a smaller stride gives more context per
+token for more compute. Windows run in batches, each at positions 0..len-1, as the guide does.
 
 perplexity = exp(NLL / tokens); bits per byte = NLL / (ln 2 * UTF-8 bytes), comparable across
 tokenizers; word perplexity = exp(NLL / whitespace-separated words).
