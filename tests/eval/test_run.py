@@ -124,6 +124,36 @@ def test_boolq_and_copa_requests_are_lm_evals_own(tiny_checkpoint, data_dir):
     assert because == [(copa.doc_to_text(doc), " " + c) for c in copa.doc_to_choice(doc)]
 
 
+def test_hellaswag_texts_are_lm_evals_preprocessed_ones(tmp_path):
+    """The file's extraction (klosax/hellaswag_text_data) drops only the [header], [step], [substeps] and [title]
+    markers; lm-eval's hellaswag drops every bracketed WikiHow span ('[www.kiddio.org]', '[not recommended]', 13 lines
+    of the validation file) and then halves double spaces. The offline prompts kept those spans."""
+    import importlib.util
+
+    import lm_eval
+
+    from dyndepth.eval.lm_eval_tasks import loaders
+
+    spec = importlib.util.spec_from_file_location(
+        "hellaswag_utils", Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    raw_query = ("Family Life: Ask the toddler what to do. [title] Visit a site like [www.kiddio.org] to find "
+                 "creative activities.")
+    raw_endings = ["Use a remover first, unless you want a lumpy finish [not recommended].",
+                   "Stop before going to bed.   Do not be embarrassed.",  # (3 spaces: both halve them once)
+                   "Search for \" local events in [insert name of town].", "Twist the lid."]
+    # the same item as hellaswag_val_full.txt holds it (the extraction's replacements, by hand)
+    item = ["Family Life: Ask the toddler what to do.. Visit a site like [www.kiddio.org] to find creative activities.",
+            "2", raw_endings[0], "Stop before going to bed.  Do not be embarrassed.", raw_endings[2], raw_endings[3]]
+    (tmp_path / "hellaswag").mkdir()
+    (tmp_path / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(bz2.compress(("\n".join(item) + "\n").encode()))
+    (doc,) = loaders.hellaswag(data_dir=str(tmp_path))["validation"]
+    assert doc["query"] == utils.preprocess(raw_query)
+    assert doc["choices"] == [utils.preprocess(e) for e in raw_endings]
+    assert doc["gold"] == 2
+
+
 def test_a_generation_knob_that_cannot_decode_fails_before_any_request(tiny_checkpoint, data_dir, tmp_path,
                                                                          monkeypatch):
     """An uncalibrated GateSkip budget failed at the first gsm8k request, after copa had scored, and nothing was

@@ -12,11 +12,13 @@ from __future__ import annotations
 import bz2
 import json
 import os
+import re
 from pathlib import Path
 
 import datasets
 
 ENV_VAR = "DYNDEPTH_DATA_DIR"
+BRACKETED = re.compile(r"\[.*?\]")  # lm-eval's hellaswag drops every bracketed WikiHow span
 
 
 def _find(data_dir: str | None, task: str, *candidates: str) -> Path:
@@ -52,7 +54,7 @@ def _splits(**splits: list[dict]) -> datasets.DatasetDict:
 
 
 def hellaswag(data_dir: str | None = None, **_) -> datasets.DatasetDict:
-    """hellaswag_val_full.txt(.bz2): 6 lines per item: '<activity>: <context>', gold 0-3, four endings."""
+    """hellaswag_val_full.txt(.bz2): 6 lines per item: '<activity>: <context>', gold 0-3, four endings (`_wikihow`)."""
     path = _find(data_dir, "hellaswag", "hellaswag/hellaswag_val_full.txt.bz2", "hellaswag_val_full.txt.bz2",
                  "hellaswag/hellaswag_val_full.txt", "hellaswag_val_full.txt")
     opener = bz2.open if path.suffix == ".bz2" else open
@@ -67,8 +69,17 @@ def hellaswag(data_dir: str | None = None, **_) -> datasets.DatasetDict:
         query, gold, *endings = lines[i:i + 6]
         if gold.strip() not in ("0", "1", "2", "3"):
             raise ValueError(f"{path}:{i + 2}: expected a gold label 0-3, got {gold!r}.")
-        rows.append({"query": query, "choices": endings, "gold": int(gold)})
+        rows.append({"query": _wikihow(query), "choices": [_wikihow(e) for e in endings], "gold": int(gold)})
     return _splits(validation=rows)
+
+
+def _wikihow(text: str) -> str:
+    """A line of the file as lm-eval's hellaswag preprocesses it: the file's extraction removed only the [header],
+    [step], [substeps] and [title] markers, lm-eval removes every bracketed span ('[www.kiddio.org]', '[insert name]';
+    13 lines of the validation file) and then halves double spaces. Lines without such a span are left as they are
+    (they went through the same halving once, as lm-eval's did)."""
+    cut = BRACKETED.sub("", text)
+    return text if cut == text else cut.replace("  ", " ")
 
 
 def piqa(data_dir: str | None = None, **_) -> datasets.DatasetDict:
