@@ -286,6 +286,32 @@ def test_a_missing_or_non_utf8_perplexity_file_fails_before_the_lm_eval_tasks(ti
     assert not (tmp_path / "o").exists()
 
 
+def test_a_perplexity_run_reports_the_compute_its_knobs_give(tiny_checkpoint, tmp_path):
+    """A perplexity run recorded no statistics of its forwards: with --model-args skip_budget=0.5, results.json showed
+    neither the tokens that skipped nor the FLOPs per token (lm-eval tasks record both under lm_eval.config)."""
+    from dyndepth import from_pretrained
+    from dyndepth.methods import attach_gateskip
+
+    folder, tok = tiny_checkpoint
+    model = from_pretrained(folder)
+    attach_gateskip(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt")
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    reports = {}
+    for budget in (0.0, 0.5):
+        result = run_eval(str(tmp_path / "ckpt"), perplexity=text, max_length=16, stride=8,
+                          model_args=f"skip_budget={budget}", out=tmp_path / f"o{budget}")
+        reports[budget] = json.loads(result["path"].read_text())["perplexity"]["notes.txt"]
+    for budget, report in reports.items():
+        stats = report["per_token_stats"]
+        assert report["tokens_run"] >= report["tokens"]  # (windows overlap: context tokens run again)
+        assert stats["gateskip/attn_skipped"] == pytest.approx(budget, abs=0.1)
+        assert stats["flops/executed"] > 0
+    assert reports[0.5]["per_token_stats"]["flops/executed"] < reports[0.0]["per_token_stats"]["flops/executed"]
+
+
 def test_cli_eval_perplexity_and_errors(tiny_checkpoint, data_dir, tmp_path):
     folder, _ = tiny_checkpoint
     runner = CliRunner()

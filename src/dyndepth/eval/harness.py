@@ -38,7 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from dyndepth.core.accounting import accounting
-from dyndepth.eval.model_args import as_bool, batch_count, load_for_eval, token_count
+from dyndepth.eval.model_args import add_stats, as_bool, batch_count, load_for_eval, token_count
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +176,8 @@ class DyndepthLM(TemplateLM):
         return F.log_softmax(out.logits.float(), dim=-1)  # (B, n, V)
 
     def _record(self, stats: dict) -> None:
-        """Add a forward's scalar statistics (one-element tensors and plain numbers), weighted by its valid tokens:
-        a fraction (GateSkip's skipped share, DND's selected one) becomes a mean over tokens and a total (`flops/*`,
-        `*/flops`) a figure per token, so neither depends on how requests were batched (a fraction over a method's own
-        pool, GateSkip's non-EOS tokens, up to the EOS tokens' share of each forward)."""
-        n = float(stats.get("tokens/valid", 0))
-        if not n:  # a forward without a ledger (or of PAD only) has nothing to weigh
-            return
-        self._tokens += n
-        for k, v in stats.items():
-            scalar = v.numel() == 1 if isinstance(v, torch.Tensor) else isinstance(v, (int, float))
-            if scalar and not isinstance(v, bool) and k != "tokens/valid":
-                total = k.startswith("flops/") or k.endswith("/flops")  # (MoR's tokens_r{r} are fractions)
-                self._stat_sums[k] = self._stat_sums.get(k, 0.0) + float(v) * (1.0 if total else n)
+        """Add a forward's scalar statistics, weighted by its valid tokens (`add_stats`)."""
+        self._tokens += add_stats(self._stat_sums, stats)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) | None, context ids, continuation ids) -> (log p, is greedy)."""

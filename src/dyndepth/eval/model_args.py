@@ -73,6 +73,24 @@ def load_for_eval(pretrained, tokenizer=None, dtype: str | None = None, device: 
     return loaded
 
 
+def add_stats(sums: dict[str, float], stats: dict) -> float:
+    """Add a forward's scalar statistics (one-element tensors and plain numbers) into `sums`, weighted by its valid
+    tokens, and return that count (0: a forward without a ledger, or of PAD only, adds nothing). Divided by the summed
+    counts, a fraction (GateSkip's skipped share, DND's selected one) becomes a mean over tokens and a total (`flops/*`,
+    `*/flops`) a figure per token, so neither depends on how the forwards were batched (a fraction over a method's own
+    pool, GateSkip's non-EOS tokens, up to the EOS tokens' share of each forward). Shared by the lm-eval adapter and
+    perplexity runs."""
+    n = float(stats.get("tokens/valid", 0))
+    if not n:
+        return 0.0
+    for k, v in stats.items():
+        scalar = v.numel() == 1 if isinstance(v, torch.Tensor) else isinstance(v, (int, float))
+        if scalar and not isinstance(v, bool) and k != "tokens/valid":
+            total = k.startswith("flops/") or k.endswith("/flops")  # (MoR's tokens_r{r} are fractions)
+            sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if total else n)
+    return n
+
+
 def parse_model_args(text: str | None) -> dict:
     """'k=v,k=v' -> dict; values true/false, ints and floats are converted (as lm-eval does)."""
     return parse_key_values(text, "model argument {item!r} is not key=value; write e.g. --model-args "

@@ -19,7 +19,7 @@ tokenizers; word perplexity = exp(NLL / whitespace-separated words).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,9 +77,11 @@ def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int, stride: int,
-                       batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
+                       batch_size: int = 8, progress: bool = False,
+                       record: Callable[[dict], object] | None = None) -> tuple[float, int]:
     """Summed NLL (nats) of ids[1:], each token given the input of the window that scores it (`windows`),
-    and how many tokens that is. Runs `model` with `num_logits`, so only the scored positions reach lm_head."""
+    and how many tokens that is. Runs `model` with `num_logits`, so only the scored positions reach lm_head;
+    `record`, if given, receives each forward's statistics (`out.stats`)."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     device = next(model.parameters()).device
     spans = windows(len(ids), max_length, stride)
@@ -93,7 +95,10 @@ def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int
             chunk = group[i:i + batch_size]
             inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
             k = max(s for _, _, s in chunk)
-            logits = model(inputs, num_logits=k).logits.float()  # (B, k, V): predicts the k tokens after
+            out = model(inputs, num_logits=k)
+            if record is not None:
+                record(out.stats)
+            logits = out.logits.float()  # (B, k, V): predicts the k tokens after
             for row, (_, end, scored) in enumerate(chunk):
                 targets = ids[end + 1 - scored:end + 1].to(device)  # (scored,)
                 total += float(F.cross_entropy(logits[row, -scored:], targets, reduction="sum"))
@@ -121,9 +126,10 @@ def window_of(model, max_length: int | None = None, stride: int | None = None) -
 
 
 def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
-                    batch_size: int = 8, progress: bool = False) -> Perplexity:
+                    batch_size: int = 8, progress: bool = False,
+                    record: Callable[[dict], object] | None = None) -> Perplexity:
     """Perplexity of `text` (see the module docstring). max_length defaults to the model's context, at
-    most 2048; stride to max_length // 2."""
+    most 2048; stride to max_length // 2; `record` as in `sliding_window_nll`."""
     if batch_size < 1:  # 0 failed in range(), a negative one divided by zero
         raise ValueError(f"batch_size={batch_size} must be a positive integer.")
     max_length, stride = window_of(model, max_length, stride)
@@ -132,7 +138,7 @@ def text_perplexity(model, tokenizer, text: str, max_length: int | None = None, 
     if not ids or not text.split():  # (word perplexity divides by the words)
         raise ValueError("the text is empty or only whitespace; nothing to score.")
     stream = ids if prefix is None else [prefix, *ids]  # no special token: the first token goes unscored
-    nll, n = sliding_window_nll(model, stream, max_length, stride, batch_size, progress)
+    nll, n = sliding_window_nll(model, stream, max_length, stride, batch_size, progress, record)
     return Perplexity(nll, n, len(text.encode("utf-8")), len(text.split()), max_length, stride)
 
 

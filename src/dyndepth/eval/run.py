@@ -114,8 +114,9 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         model_obj, tok, knobs, lookahead = loaded.model, loaded.tokenizer, loaded.knobs, loaded.lookahead or None
     perplexities = {}
     for name, path in ppl_files:
-        result = _perplexity(model_obj, tok, knobs, path, stride, max_length, batch_count(args["batch_size"]), limit)
-        perplexities[name] = {"file": str(path), "limit_lines": limit, **result.to_dict()}
+        result, compute = _perplexity(model_obj, tok, knobs, path, stride, max_length, batch_count(args["batch_size"]),
+                                      limit)
+        perplexities[name] = {"file": str(path), "limit_lines": limit, **result.to_dict(), **compute}
         rows += [Row(name, metric, getattr(result, metric), None, None, result.tokens)
                  for metric in ("perplexity", "bits_per_byte", "word_perplexity")]
 
@@ -284,12 +285,22 @@ def _rows_from_lm_eval(raw: dict) -> list[Row]:
 
 
 def _perplexity(model, tok, knobs, path: Path, stride, max_length, batch_size: int, limit: int | None):
-    """Sliding-window perplexity of the file; `limit`: of its first `limit` non-empty lines only."""
+    """Sliding-window perplexity of the file (`limit`: of its first `limit` non-empty lines only), and what its
+    forwards ran: {"tokens_run", "per_token_stats"}, as the lm-eval adapter records them (`add_stats`)."""
+    from dyndepth.eval.model_args import add_stats
     from dyndepth.eval.perplexity import file_perplexity
 
+    sums: dict[str, float] = {}
+    tokens = 0.0
+
+    def record(stats: dict) -> None:
+        nonlocal tokens
+        tokens += add_stats(sums, stats)
+
     with knobs.scoring(model):
-        return file_perplexity(model, tok, path, limit=limit, max_length=max_length, stride=stride,
-                               batch_size=batch_size, progress=True)
+        result = file_perplexity(model, tok, path, limit=limit, max_length=max_length, stride=stride,
+                                 batch_size=batch_size, progress=True, record=record)
+    return result, {"tokens_run": tokens, "per_token_stats": {k: v / max(tokens, 1.0) for k, v in sums.items()}}
 
 
 def format_table(rows: Sequence[Row]) -> str:
