@@ -401,6 +401,16 @@ def test_bad_arguments_name_the_valid_ones(tiny_checkpoint):
         lm.generate_until(requests("generate_until", [("hi", {"until": [], "num_beams": 4})]), disable_tqdm=True)
 
 
+def test_a_window_past_the_models_context_is_refused_before_any_request(tiny_checkpoint):
+    """max_length=512 on a model of 256 positions was taken, and the first request longer than 256 tokens failed in
+    the model's forward (after every shorter task had scored; the hf backend scores it, transformers' RoPE
+    extrapolates, but a dyndepth model refuses positions past max_position_embeddings); now the adapter refuses it."""
+    folder, _ = tiny_checkpoint
+    with pytest.raises(ValueError, match=r"max_length=512 exceeds the model's max_position_embeddings \(256\)"):
+        DyndepthLM(pretrained=str(folder), device="cpu", max_length=512)
+    assert DyndepthLM(pretrained=str(folder), device="cpu", max_length=256).max_length == 256
+
+
 def test_registered_with_lm_eval(tiny_checkpoint):
     from lm_eval.api.registry import get_model
 

@@ -65,7 +65,11 @@ class DyndepthLM(TemplateLM):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.knobs, self._device, self._lookahead = loaded.knobs, loaded.device, loaded.lookahead
         self.batch_size_per_gpu = batch_count(batch_size)
-        self._max_length = token_count("max_length", max_length) or self.model.config.max_position_embeddings
+        positions = self.model.config.max_position_embeddings
+        self._max_length = token_count("max_length", max_length) or positions
+        if self._max_length > positions:  # (else the first longer request failed in the forward, after the rest)
+            raise ValueError(f"max_length={self._max_length} exceeds the model's max_position_embeddings "
+                             f"({positions}); pass a smaller max_length, or leave it out for the model's.")
         self._max_gen_toks = token_count("max_gen_toks", max_gen_toks)
         try:
             self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule
