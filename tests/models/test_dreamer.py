@@ -415,7 +415,7 @@ def test_a_compiled_layer_recomputes_under_activation_checkpointing_with_rope_de
     and read back by every later one, so step 0's recomputation, which found it made, saved fewer tensors than its
     forward: torch.utils.checkpoint's CheckpointError at the first backward (aot_eager: the compiled graph's saved
     tensors, without inductor's compile time)."""
-    from dyndepth.train.parallel import apply_compile
+    from compiling import compiled_and_checkpointed
 
     model = varied(tiny(num_recurrences=2, num_experts=0, intermediate_size=64)).train()
     assert model.model.layers[0].depth_attn.encoding == "rope"
@@ -423,15 +423,8 @@ def test_a_compiled_layer_recomputes_under_activation_checkpointing_with_rope_de
     model(ids).logits.square().mean().backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager"))
-    torch._dynamo.reset()
-    try:
-        apply_compile(model, checkpointed=True)
-        apply_activation_checkpointing(model)
+    with compiled_and_checkpointed(model, monkeypatch):
         model(ids).logits.square().mean().backward()
-    finally:
-        torch._dynamo.reset()
     assert eager.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, p in model.named_parameters():
         if p.grad is not None:

@@ -265,7 +265,7 @@ def test_compile_with_activation_checkpointing_recomputes_a_routed_layer_as_its_
     routed model compile dynamic from the start (one graph for every K), with a method's float knobs constant, and
     give eager's gradients."""
     from dyndepth.methods import attach_method
-    from dyndepth.train.parallel import apply_activation_checkpointing, apply_compile
+    from compiling import compiled_and_checkpointed
 
     def build():
         torch.manual_seed(0)
@@ -277,15 +277,8 @@ def test_compile_with_activation_checkpointing_recomputes_a_routed_layer_as_its_
     ids = torch.randint(0, 200, (2, 16))
     eager(ids).logits.square().mean().backward()
     compiled = build()
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
-    torch._dynamo.reset()
-    try:
-        apply_compile(compiled, checkpointed=True)
-        apply_activation_checkpointing(compiled)
+    with compiled_and_checkpointed(compiled, monkeypatch):
         compiled(ids).logits.square().mean().backward()
-    finally:
-        torch._dynamo.reset()
     grads = 0
     for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
         if q.grad is not None:  # (the compiled graph may give a parameter eager leaves without one a zero gradient)
@@ -307,7 +300,7 @@ def test_ddp_compile_with_activation_checkpointing_recomputes_the_graph_its_forw
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dyndepth import build_model
-    from dyndepth.train.parallel import apply_activation_checkpointing, apply_compile
+    from compiling import compiled_and_checkpointed
 
     def build():
         torch.manual_seed(0)
@@ -317,17 +310,11 @@ def test_ddp_compile_with_activation_checkpointing_recomputes_the_graph_its_forw
     eager = build()
     eager(ids).logits.square().mean().backward()
     compiled = build()
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # (torch's default; restored afterwards)
-    torch._dynamo.reset()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        apply_compile(compiled, checkpointed=True)
-        apply_activation_checkpointing(compiled)
-        DDP(compiled)(ids).logits.square().mean().backward()
+    try:  # (torch's default, restored afterwards: monkeypatch deletes a config module's entry on undo)
+        with torch._dynamo.config.patch(optimize_ddp=True), compiled_and_checkpointed(compiled, monkeypatch):
+            DDP(compiled)(ids).logits.square().mean().backward()
     finally:
-        torch._dynamo.reset()
         dist.destroy_process_group()
     for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
         if q.grad is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from dyndepth.config import ModelConfig
 from dyndepth.core.accounting import accounting_enabled
@@ -263,8 +264,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     compiler's shape rule for the grouped matmul accepts bfloat16 only, while torch's CPU kernel runs the others
     too (compiled float32 experts fell back to one matmul per expert behind a host sync). Widths must be multiples of
     16 bytes (callers check: `Experts._aligned`), so the kernel's output is contiguous, as the custom op's fake says."""
-    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
-        return _opaque_grouped_mm(a, b, offsets)
+    if a.dtype != torch.bfloat16 and (torch.compiler.is_compiling() or is_fake(a)):  # (fake: torch 2.11 traces a
+        return _opaque_grouped_mm(a, b, offsets)  # compiled backward on fake tensors without is_compiling() set)
     return F.grouped_mm(a, b, offs=offsets)
 
 
