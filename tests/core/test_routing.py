@@ -230,6 +230,35 @@ def test_pack_compute_scatter_equals_masked_dense_with_grad():
     torch.testing.assert_close(g, g_ref)
 
 
+def bits(t):
+    return t.view(torch.int32)
+
+
+def test_scatter_padding_entries_leave_every_other_token_bit_identical():
+    # Padding entries (past a row's count, or a static size's fill) point at a real token (column 0, the last
+    # row) and must add nothing to it: not when their outputs are inf / NaN, nor by turning a -0.0 into +0.0.
+    B, T, D = 2, 4, 3
+    x = torch.randn(B, T, D)
+    x[:, 0, 0] = -0.0
+    x[:, -1, 1] = -0.0
+    keep = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    _, _, valid_BK, idx_BK = pack_padded(x, keep, size=3)
+    y_BKD = torch.tensor([float("inf"), float("nan"), -float("inf")]).expand(B, 3, D).clone()
+    y_BKD[0, :2] = 1.0  # the two valid entries of row 0
+    out = scatter_padded_add(x, y_BKD, idx_BK, valid_BK)
+    assert torch.equal(bits(out[keep == 0]), bits(x[keep == 0]))
+    assert torch.equal(out[keep], x[keep] + 1.0)
+    _, idx_N = pack(x, keep, size=4)  # [1, 3, B*T, B*T]: the fill reads and must not write the last token
+    y_ND = torch.tensor([[1.0] * D, [1.0] * D, [float("nan")] * D, [float("inf")] * D])
+    for scatter in (scatter_add, lambda o, y, i: scatter_add_(o.clone(), y, i)):
+        out = scatter(x, y_ND, idx_N)
+        assert torch.equal(bits(out[keep == 0]), bits(x[keep == 0]))
+        assert torch.equal(out[keep], x[keep] + 1.0)
+    y_ND.requires_grad_(True)
+    (grad,) = torch.autograd.grad(scatter_add(x, y_ND, idx_N).sum(), y_ND)
+    assert grad.tolist() == [[1.0] * D, [1.0] * D, [0.0] * D, [0.0] * D]
+
+
 # ---- pack_padded ----
 
 def test_pack_padded_matches_loops():

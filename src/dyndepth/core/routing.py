@@ -177,13 +177,20 @@ def gather_flat(t_BT: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, idx_N.clamp(max=B * T - 1))  # padding (B*T) reads the last row
 
 
+def _nothing_where(y: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """y with -0.0 where `pad`: the one value whose sum leaves every number bit-identical (x + 0.0 turns a -0.0
+    into +0.0, and multiplying a padding row by zero kept its inf / NaN, which then landed on the real token the
+    padding index points at). Padding entries get no gradient."""
+    return y.masked_fill(pad, -0.0)
+
+
 def scatter_add(out_BTD: torch.Tensor, y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
     """out + y placed at the flat rows idx_N (out-of-place; differentiable). Index B*T is ignored.
     The result is a fresh (B, T, D) tensor, not a view (FSDP2 wants layer outputs that are not views)."""
     B, T, _ = out_BTD.shape
     real_N = idx_N < B * T
     idx_N = idx_N.clamp(max=B * T - 1)
-    y_ND = y_ND.to(out_BTD.dtype) * real_N[:, None]  # padding rows add zero
+    y_ND = _nothing_where(y_ND.to(out_BTD.dtype), ~real_N[:, None])  # padding rows add nothing
     return out_BTD.index_put((idx_N // T, idx_N % T), y_ND, accumulate=True)
 
 
@@ -191,7 +198,7 @@ def scatter_add_(out_BTD: torch.Tensor, y_ND: torch.Tensor, idx_N: torch.Tensor)
     """In-place `scatter_add` into a contiguous out (inference, or when autograd allows it)."""
     B, T, D = out_BTD.shape
     real_N = idx_N < B * T
-    y_ND = y_ND.to(out_BTD.dtype) * real_N[:, None]  # padding rows add zero
+    y_ND = _nothing_where(y_ND.to(out_BTD.dtype), ~real_N[:, None])  # padding rows add nothing
     out_BTD.view(B * T, D).index_add_(0, idx_N.clamp(max=B * T - 1), y_ND)
     return out_BTD
 
@@ -249,7 +256,7 @@ def scatter_padded_add(out_BTD: torch.Tensor, y_BKD: torch.Tensor, idx_BK: torch
                        valid_BK: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_padded`: out + y at (b, idx_BK[b, k]) for valid entries (out-of-place)."""
     D = out_BTD.shape[-1]
-    y_BKD = y_BKD.to(out_BTD.dtype) * valid_BK[..., None]  # padding entries add zero
+    y_BKD = _nothing_where(y_BKD.to(out_BTD.dtype), ~valid_BK[..., None])  # padding entries add nothing
     return out_BTD.scatter_add(1, idx_BK[..., None].expand(-1, -1, D), y_BKD)
 
 
