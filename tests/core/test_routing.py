@@ -157,6 +157,19 @@ def test_rank_threshold_separates_exactly_the_budget():
     assert rank_threshold(s, None, 1.0, scope="batch").item() == s.max().item()  # everything skipped
 
 
+def test_rank_threshold_separates_adjacent_and_huge_scores():
+    # The midpoint of two adjacent float32 scores can round up to the kept one, and that of two scores near
+    # float32's largest overflows to inf: `score > tau` then skipped every token, not floor(q * n) of them.
+    one, two = torch.tensor(1.0), torch.tensor(2.0)
+    lo = one.nextafter(two)
+    hi = lo.nextafter(two)  # (lo + hi) / 2 rounds to hi (ties to even)
+    for scores in (torch.stack([hi, lo]).reshape(1, 2), torch.tensor([[3.2e38, 3.0e38]])):
+        keep = select(scores, None, SelectRule(kind="quantile", q=0.5))
+        assert keep.tolist() == [[True, False]]
+        tau = rank_threshold(scores, None, 0.5)
+        assert (scores > tau).tolist() == keep.tolist()
+
+
 def test_select_rule_validation():
     with pytest.raises(ValueError, match="kind"):
         SelectRule(kind="random")

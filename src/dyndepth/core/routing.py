@@ -111,8 +111,9 @@ def rank_threshold(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, q: fl
                    scope: str = "batch") -> torch.Tensor:
     """The score threshold that separates the floor(q * n) lowest pool scores from the rest, per pool:
     (B, 1) for scope "sequence", (1, 1) for "batch". It is the midpoint of the highest skipped and the lowest
-    kept score, so `keep = score > tau` on the same scores skips exactly those tokens (when they are
-    distinct); -inf when nothing is skipped. Used to calibrate thresholds for decoding."""
+    kept score (or the skipped one, when no float32 lies strictly between them), so `keep = score > tau` on
+    the same scores skips exactly those tokens (when they are distinct); -inf when nothing is skipped. Used to
+    calibrate thresholds for decoding."""
     pool_BT = torch.ones_like(scores_BT, dtype=torch.bool) if valid_BT is None else valid_BT.bool()
     scores_RT, pool_RT = _rows(scores_BT.float(), scope), _rows(pool_BT, scope)
     k_R1 = _skip_count(pool_RT, q).long()  # (R, 1)
@@ -120,7 +121,9 @@ def rank_threshold(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, q: fl
     T = sorted_RT.shape[1]
     lo = sorted_RT.gather(1, (k_R1 - 1).clamp(0, T - 1))  # highest skipped
     hi = sorted_RT.gather(1, k_R1.clamp(0, T - 1))  # lowest kept
-    tau_R1 = torch.where(k_R1 >= pool_RT.sum(1, keepdim=True), lo, (lo + hi) / 2)
+    mid = lo / 2 + hi / 2  # (not (lo + hi) / 2: that overflows to inf beyond half of float32's largest)
+    mid = torch.where(mid < hi, mid, lo)  # adjacent floats: the midpoint may round to hi, which must stay kept
+    tau_R1 = torch.where(k_R1 >= pool_RT.sum(1, keepdim=True), lo, mid)
     return torch.where(k_R1 == 0, torch.full_like(tau_R1, float("-inf")), tau_R1)
 
 
