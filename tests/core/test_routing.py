@@ -111,6 +111,16 @@ def test_threshold_matches_reference(pad_policy):
     assert torch.equal(select(scores, valid, rule), ref_select(scores, valid, rule))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_threshold_compares_16_bit_scores_in_float32(dtype):
+    # A float32 threshold rounded to the scores' dtype moved it: 0.1 became bfloat16's 0.10009765625, and a score
+    # of exactly that value (above 0.1) was dropped.
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).to(dtype)
+    for threshold in (0.1, 0.2, 0.3, float(scores[0, 2]) - 1e-6):
+        rule = SelectRule(kind="threshold", threshold=threshold)
+        assert select(scores, None, rule).tolist() == (scores.float() > threshold).tolist()
+
+
 def test_select_edge_cases():
     scores = torch.tensor([[0.3, 0.1, 0.9, 0.2]])
     # GateSkip: the quantile pool excludes PAD, which is kept; floor(0.5 * 3) = 1 pool token is skipped.

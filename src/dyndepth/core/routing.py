@@ -143,7 +143,7 @@ def select(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, rule: SelectR
         raise ValueError(f"valid {tuple(valid_BT.shape)} must match scores {tuple(scores_BT.shape)}.")
     pool_BT = torch.ones_like(scores_BT, dtype=torch.bool) if valid_BT is None else valid_BT.bool()
     if rule.kind == "threshold":
-        keep_BT = pool_BT & (scores_BT > rule.threshold)
+        keep_BT = pool_BT & (scores_BT.float() > rule.threshold)  # (16-bit scores rounded the threshold)
     elif rule.kind == "quantile":
         keep_BT = _quantile_keep(scores_BT, pool_BT, rule.q, rule.scope)
     else:
