@@ -357,3 +357,30 @@ def test_rope_scaling_matches_a_per_frequency_reference():
             expected.append((1 - smooth) * f / factor + smooth * f)
     assert medium >= 3  # the blend is exercised
     torch.testing.assert_close(rope_inv_freq(llama3), torch.tensor(expected))
+
+
+def test_a_long_query_subset_sees_the_keys_its_positions_allow_whatever_their_columns():
+    # A query subset of 512 or more is attended in chunks, each reading keys up to its last query. Without a cache
+    # that bound was the query's column, but the mask is causal by position: with positions the caller gave (here
+    # restarting, no documents) a query also sees keys in later columns, which the chunks cut off.
+    from dyndepth import CausalLM, preset
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-qwen3")).eval()
+    attn = model.model.layers[0].self_attn
+    B, T = 2, 520
+    ids = torch.randint(0, 256, (B, T))
+    h = torch.randn(B, T, model.config.hidden_size)
+    idx = torch.arange(T).expand(B, T)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, -7:] = False  # padding entries of a row: they see every key, and must not widen a chunk's keys
+    for positions, doc_ids in ((torch.arange(T).remainder(T // 2), None),  # a query at 3 sees keys at T/2 + 3
+                               (torch.arange(T).remainder(T // 2), (torch.arange(T) >= T // 2).long()),
+                               (None, None)):
+        pos = None if positions is None else positions.expand(B, T)
+        docs = None if doc_ids is None else doc_ids.expand(B, T)
+        ctx = model.make_context(ids, None, pos, None, doc_ids=docs)
+        with torch.no_grad():
+            dense = attn(h, ctx, 0)
+            subset = attn(h, ctx, 0, q_idx_BK=idx, q_valid_BK=valid)
+        torch.testing.assert_close(subset[valid], dense[valid], atol=1e-6, rtol=0)

@@ -437,7 +437,9 @@ class Attention(nn.Module):
             last_key = pos_q
         else:
             mask = ctx.attn_mask
-            last_key = q_idx_BK  # without a cache, no visible key lies right of the query's own column
+            # positions in column order: no visible key lies right of the query's own column; otherwise (positions
+            # the caller gave) a key in a later column may hold an earlier position, so the mask bounds each chunk
+            last_key = q_idx_BK if ctx.ordered else None
             if q_idx_BK is not None:
                 doc_q = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, q_idx_BK)
                 mask = subset_mask(pos_q, ctx.positions, ctx.valid, valid_q, doc_q, ctx.doc_ids)
@@ -446,7 +448,7 @@ class Attention(nn.Module):
             # causal kernels skip the upper triangle; with a mask, SDPA computes every pair
             pairs = B * Tq * k_all.shape[2] if mask is not None else B * Tq * (Tq + 1) // 2
         else:
-            y, pairs = self.attend_chunks(q, k_all, v_all, mask, last_key)  # (B, K, N*H)
+            y, pairs = self.attend_chunks(q, k_all, v_all, mask, last_key, valid_q)  # (B, K, N*H)
         if rows_N is None:
             out, q_rows = self.project_out(y, h_BTD), B * Tq
         else:
@@ -495,11 +497,13 @@ class Attention(nn.Module):
                                            enable_gqa=N != k_BGSH.shape[1])
         return y.transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
 
-    def attend_chunks(self, q_BKNH, k_BGSH, v_BGSH, mask_B1KS, last_key_BK, min_chunk: int = 256):
+    def attend_chunks(self, q_BKNH, k_BGSH, v_BGSH, mask_B1KS, last_key_BK, valid_q_BK=None, min_chunk: int = 256):
         """`attend` for sorted query subsets, in chunks that each read keys only up to their last query.
 
         A boolean mask makes SDPA compute every (query, key) block, so a subset of a long causal sequence
         would pay for the masked upper triangle; chunking skips most of it (exact: those keys are masked).
+        `last_key_BK` (B, K) is the last key column each query may see, or None to read it from the mask (the
+        last key any valid query of the chunk sees: padding queries see every key, and their outputs are dropped).
         Returns (B, K, N*H) and the (query, key) pairs computed.
         """
         B, K = q_BKNH.shape[:2]
@@ -510,7 +514,14 @@ class Attention(nn.Module):
         outs, pairs = [], 0
         for c0 in range(0, K, size):
             c1 = min(K, c0 + size)
-            stop = int(last_key_BK[:, c0:c1].max()) + 1  # one host sync per chunk
+            if last_key_BK is not None:
+                stop = int(last_key_BK[:, c0:c1].max()) + 1  # one host sync per chunk
+            else:
+                seen_BKS = mask_B1KS[:, 0, c0:c1]
+                if valid_q_BK is not None:
+                    seen_BKS = seen_BKS & valid_q_BK[:, c0:c1, None]
+                seen_S = seen_BKS.any(1).any(0)  # (S,) keys any valid query of the chunk sees
+                stop = max(1, int((seen_S * torch.arange(1, seen_S.numel() + 1, device=seen_S.device)).max()))
             outs.append(self.attend(q_BKNH[:, c0:c1], k_BGSH[:, :, :stop], v_BGSH[:, :, :stop],
                                     mask_B1KS[:, :, c0:c1, :stop]))
             pairs += B * (c1 - c0) * stop
