@@ -34,3 +34,20 @@ def test_also_reading_copies_and_marks_the_slot():
     other = ctx.also_reading(1)
     assert other.also_read == 1 and ctx.also_read is None
     assert other.cache is ctx.cache and other.ledger is ctx.ledger
+
+
+def test_causal_mask_takes_int_and_float_validity_as_bool():
+    # An HF-style attention mask is int64 0 / 1: `~` on it gave -1 / -2, and SDPA reads a non-bool mask as additive
+    # scores, so the "mask" silently shifted scores instead of hiding keys.
+    from dyndepth.core.context import causal_mask, subset_mask
+
+    pos = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 2]])
+    valid = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    docs = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    expected = causal_mask(pos, pos, valid.bool(), valid.bool(), docs)
+    sub = subset_mask(pos[:, 1:], pos, valid.bool(), valid[:, 1:].bool(), docs[:, 1:], docs)
+    for v in (valid, valid.float()):
+        mask = causal_mask(pos, pos, v, v, docs)
+        assert mask.dtype == torch.bool and torch.equal(mask, expected)
+        mask = subset_mask(pos[:, 1:], pos, v, v[:, 1:], docs[:, 1:], docs)
+        assert mask.dtype == torch.bool and torch.equal(mask, sub)

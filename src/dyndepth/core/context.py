@@ -170,12 +170,12 @@ def causal_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, k_valid_BS: torc
     with no visible key would make SDPA return NaN.
     """
     mask = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]  # (B, T, S)
-    if k_valid_BS is not None:
-        mask = mask & k_valid_BS[:, None, :]
+    if k_valid_BS is not None:  # (validity as bool: `~` on an int 0 / 1 mask gives -1 / -2, an additive mask)
+        mask = mask & k_valid_BS.bool()[:, None, :]
     if doc_ids_BT is not None:
         mask = mask & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
     if q_valid_BT is not None:
-        mask = mask | ~q_valid_BT[:, :, None]
+        mask = mask | ~q_valid_BT.bool()[:, :, None]
     return mask[:, None]  # (B, 1, T, S)
 
 
@@ -185,5 +185,5 @@ def subset_mask(q_pos_BK, k_pos_BT, k_valid_BT, q_valid_BK, q_doc_BK=None, k_doc
     if q_doc_BK is not None:
         mask = mask & (q_doc_BK[:, None, :, None] == k_doc_BT[:, None, None, :])
     if q_valid_BK is not None:
-        mask = mask | ~q_valid_BK[:, None, :, None]
+        mask = mask | ~q_valid_BK.bool()[:, None, :, None]
     return mask
