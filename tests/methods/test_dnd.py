@@ -985,3 +985,24 @@ def test_the_score_buffer_subsamples_every_forward_of_a_shape_at_one_stride_so_t
         for b in range(2):
             model(ids[b:b + 1], attention_mask=mask[b:b + 1])
     assert [t.numel() for t in method.scores_buffer[0]] == [8, 3]  # stride 32 / 8 = 4 for both: 32 / 4, 12 / 4
+
+
+def test_pooled_targets_keep_the_kept_score_when_the_two_around_the_quantile_are_adjacent_floats():
+    # The ranks' pooled target took (lo + hi) / 2, which rounds up to hi for adjacent float32 scores, so `p > tau`
+    # dropped a token that one process's target (rank_threshold) keeps: the two must give the same threshold.
+    from types import SimpleNamespace
+
+    from dyndepth.core.routing import rank_threshold
+    from dyndepth.methods.dnd import _pooled_targets
+
+    lo = torch.tensor(0.5).nextafter(torch.tensor(1.0))
+    hi = lo.nextafter(torch.tensor(1.0))
+    assert (lo + hi) / 2 == hi  # the case: the midpoint rounds to the kept score
+    scores = torch.stack([hi, lo, torch.tensor(0.25), torch.tensor(0.75)])
+    method = SimpleNamespace(config=DNDConfig(ratio=0.5, ema_target="quantile"), layers=[0],
+                             layer_dnd=[SimpleNamespace(tau=torch.zeros(1))], scores_buffer={0: [scores]})
+    one_rank = SimpleNamespace(all_reduce_sum=lambda t: t)
+    pooled = _pooled_targets(method, one_rank)
+    single = rank_threshold(scores[None], None, 0.5, scope="batch").reshape(1)
+    assert torch.equal(pooled, single)
+    assert (scores > pooled).tolist() == [True, False, False, True]

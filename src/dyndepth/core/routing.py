@@ -121,10 +121,16 @@ def rank_threshold(scores_BT: torch.Tensor, valid_BT: torch.Tensor | None, q: fl
     T = sorted_RT.shape[1]
     lo = sorted_RT.gather(1, (k_R1 - 1).clamp(0, T - 1))  # highest skipped
     hi = sorted_RT.gather(1, k_R1.clamp(0, T - 1))  # lowest kept
-    mid = lo / 2 + hi / 2  # (not (lo + hi) / 2: that overflows to inf beyond half of float32's largest)
-    mid = torch.where(mid < hi, mid, lo)  # adjacent floats: the midpoint may round to hi, which must stay kept
-    tau_R1 = torch.where(k_R1 >= pool_RT.sum(1, keepdim=True), lo, mid)
+    tau_R1 = torch.where(k_R1 >= pool_RT.sum(1, keepdim=True), lo, threshold_between(lo, hi))
     return torch.where(k_R1 == 0, torch.full_like(tau_R1, float("-inf")), tau_R1)
+
+
+def threshold_between(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """A threshold t with lo <= t < hi (lo < hi), so `score > t` drops lo and keeps hi: their midpoint, or lo when
+    no float lies strictly between them. (lo + hi) / 2 rounds up to hi for adjacent floats and overflows to inf
+    beyond half of float32's largest; lo / 2 + hi / 2 does not overflow."""
+    mid = lo / 2 + hi / 2
+    return torch.where(mid < hi, mid, lo)
 
 
 def _quantile_keep(scores_BT: torch.Tensor, pool_BT: torch.Tensor, q: float, scope: str) -> torch.Tensor:

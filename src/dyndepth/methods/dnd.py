@@ -65,6 +65,7 @@ from dyndepth.core.routing import (
     rank_threshold,
     scatter_padded_add,
     select,
+    threshold_between,
 )
 from dyndepth.methods.common import (
     check_attachable,
@@ -558,7 +559,7 @@ def _pooled_targets(method: DND, dist) -> torch.Tensor | None:
         k = torch.floor((1.0 - cfg.ratio) * n + 1e-9)
         lo = _kth_smallest(scores, k.clamp(min=1), dist)
         hi = _kth_smallest(scores, torch.minimum(k + 1, n), dist)
-        t = torch.where(k >= n, lo, (lo + hi) / 2)
+        t = torch.where(k >= n, lo, threshold_between(lo, hi))
         return torch.where(k == 0, torch.full_like(t, float("-inf")), t).clamp(0.0, 1.0)
     m = torch.tensor([max(1, capacity(cfg.ratio, int(x))) for x in n.tolist()], dtype=torch.float64, device=device)
     t = _kth_smallest(scores, n - m + 1, dist)  # the m-th largest; topk_mean: the mean of the m largest
