@@ -264,8 +264,8 @@ def test_compile_with_activation_checkpointing_recomputes_a_routed_layer_as_its_
     its forward ran: torch.utils.checkpoint's CheckpointError at the first backward. Now the checkpointed layers of a
     routed model compile dynamic from the start (one graph for every K), with a method's float knobs constant, and
     give eager's gradients."""
-    from dyndepth.methods import attach_method
     from compiling import compiled_and_checkpointed
+    from dyndepth.methods import attach_method
 
     def build():
         torch.manual_seed(0)
@@ -299,8 +299,8 @@ def test_ddp_compile_with_activation_checkpointing_recomputes_the_graph_its_forw
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from dyndepth import build_model
     from compiling import compiled_and_checkpointed
+    from dyndepth import build_model
 
     def build():
         torch.manual_seed(0)
