@@ -102,3 +102,21 @@ def test_a_turn_that_ends_in_eos_gets_no_second_one(tmp_path):
     assert plain_ids[-1] == tok.eos_token_id and tok.decode(plain_ids[:-1]) == "4"
     inside, _ = encode_document(Document(text="a<|im_end|> and more"), tok)  # EOS inside a text: one added
     assert inside[-1] == tok.eos_token_id and list(inside).count(tok.eos_token_id) == 2
+
+
+def test_a_template_rendering_bos_rebuilds_when_the_bos_token_changes(tmp_path):
+    # the shard cache key held the template text and tokenizer.json, not the BOS / EOS names of
+    # tokenizer_config.json that `{{ bos_token }}` renders: a changed bos_token reused the old shards
+    tok = _qwen_like_tokenizer(tmp_path / "tok")
+    tok.chat_template = "{{ bos_token }}" + QWEN_LIKE
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": MESSAGES}) + "\n")
+    firsts = []
+    for bos in ("<|im_start|>", "<|im_end|>"):
+        tok.bos_token = bos
+        tok.save(tmp_path / "tok")
+        cfg = {"source": str(data), "tokenizer": str(tmp_path / "tok"), "cache_dir": str(tmp_path / "cache"),
+               "val_source": str(data)}
+        shards = build_loader(cfg, split="val", batch_size=1, seq_len=8, seed=0).shards
+        firsts.append(tok.decode(shards.tokens(0, 1), skip_special=False))
+    assert firsts == ["<|im_start|>", "<|im_end|>"]

@@ -96,6 +96,9 @@ def chat_renderer(mode: str, tokenizer) -> ChatTemplate:
 
 def chat_fingerprint(mode: str, tokenizer) -> str:
     """What the rendering depends on, for cache keys: the mode and the template text in use ("single-eos":
-    shards built since a turn ending in EOS stopped getting a second one)."""
+    shards built since a turn ending in EOS stopped getting a second one), and the BOS / EOS texts a template
+    may render: they come from tokenizer_config.json, which the tokenizer's own fingerprint does not read."""
     renderer = chat_renderer(mode, tokenizer)
-    return "plain" if renderer is render_chat else "template,single-eos:" + getattr(tokenizer, "chat_template", "")
+    if renderer is render_chat:
+        return "plain"
+    return "template,single-eos:" + json.dumps([renderer.special, getattr(tokenizer, "chat_template", "")])
