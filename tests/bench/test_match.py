@@ -69,6 +69,8 @@ def test_proposed_baselines_are_within_tolerance_and_their_recipes_rebuild_them(
     assert "| dense |" in table and "d memory" in table and "d train FLOPs (not matched)" in table
     huginn = by_family["huginn"]  # reported, one convention: forward + 2 x forward of what takes gradients
     assert huginn["train_flops"] == pytest.approx(match.build_model(huginn["config"]).train_flops_per_token(32))
+    bp = huginn["config"].mean_backprop_depth  # the training depth that sets its train FLOPs is in the table
+    assert f"(backprop {bp or 'all'})" in match.describe(huginn["config"]) and f"(backprop {bp or 'all'})" in table
     assert dense["train_flops"] == pytest.approx(3 * dense["flops"]) and ref["train_flops"] > 0
 
 
