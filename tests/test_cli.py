@@ -129,6 +129,36 @@ def test_streaming_prints_multi_byte_characters_whole_and_a_presets_padded_vocab
         assert result.output.startswith("caf\u00e9\u20ac!"), result.output  # (262: an unused id, decoded to nothing)
 
 
+def test_generate_keeps_the_space_a_llama_tokenizer_decodes_before_the_first_new_word(tmp_path, monkeypatch):
+    """A Llama-2 / Mistral tokenizer.json decodes with Strip(left=1): any decoded text loses one leading space. The
+    new tokens were decoded alone, so their first word ("\u2581brown") lost its space and was glued to the prompt
+    ("The quickbrown fox"), streamed or not, where decoding the whole output (tokenizer.decode) keeps the space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "\u2581The", "\u2581quick", "\u2581brown", "\u2581fox"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # Llama-2's decoder
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    dyndepth.CausalLM(dyndepth.preset("tiny-llama", vocab_size=len(words))).save_pretrained(tmp_path)
+    assert tok.encode("The quick").ids == [3, 4] and tok.decode([5, 6]) == "brown fox"  # (alone: no space)
+
+    def scripted(model, input_ids, max_new_tokens, *args, callback=None, **kwargs):  # "emits" brown fox
+        for step, token in enumerate([5, 6]):
+            if callback is not None:
+                callback(step, torch.tensor([token]))
+        return torch.cat([input_ids, torch.tensor([[5, 6]])], 1)
+
+    monkeypatch.setattr("dyndepth.generation.generate", scripted)
+    streamed = runner.invoke(app, ["generate", str(tmp_path), "-p", "The quick", "-n", "2"])
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.output == "The quick brown fox\n"
+    printed = runner.invoke(app, ["generate", str(tmp_path), "-p", "The quick", "-n", "2", "--no-stream"])
+    assert printed.output == "The quick brown fox\n---\n", printed.output
+
+
 def test_streaming_goes_on_after_the_decoder_rewrites_printed_text(capsys):
     """A decoder that cleans up text (" ." -> ".", as WordPiece's does) made the printed text no prefix of the
     decoded one: nothing more was printed, not at the line's end nor at the finish ("a " of "a. b\nc b")."""

@@ -106,7 +106,7 @@ def generate(
     callback = None
     if stream and len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
-        callback = _TextStream(tok)
+        callback = _TextStream(tok, ids[0, -1:].tolist())  # (left padding: the prompt's last token)
     out = _run(lm.generate, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
                generator=torch.Generator(device=device).manual_seed(seed), skip_budget=skip_budget,
@@ -114,36 +114,48 @@ def generate(
     if callback is not None:
         callback.finish()
         return
-    for text, row in zip(prompt, out):
-        typer.echo(text + tok.decode(row[ids.shape[1]:].tolist()))
+    T = ids.shape[1]
+    for text, row in zip(prompt, out.tolist()):
+        typer.echo(text + _continuation(tok, row[T - 1:T], row[T:]))  # (after the prompt's last token)
         typer.echo("---")
 
 
-class _TextStream:
-    """generate's callback for one row: prints the text of the line's tokens so far as it grows. Each token decoded
-    alone would split a character that spans several tokens (bytes or byte-level BPE pieces) into U+FFFD marks; the
-    growing text holds back a trailing U+FFFD until the character completes (or the generation ends). A finished
-    line starts a new buffer, so decoding stays linear in the output, not quadratic; so does a decoder's rewrite of
-    printed text (what is printed stays as it was)."""
+def _continuation(tok, context: list[int], new: list[int]) -> str:
+    """The text `new` ids add after the `context` ids (the token before them): decoded together, so the new text is
+    what decoding the whole output gives after the prompt. Decoded alone, a Llama-2 / Mistral tokenizer's decoder
+    strips the leading space of its text (Strip(left=1)), which glued the first new word to the prompt ("The
+    quickbrown")."""
+    base, text = tok.decode(context), tok.decode(context + new)
+    return text[len(base):] if text.startswith(base) else tok.decode(new)
 
-    def __init__(self, tok) -> None:
-        self.tok, self.ids, self.shown = tok, [], ""
+
+class _TextStream:
+    """generate's callback for one row: prints the text of the line's tokens so far as it grows, decoded after the
+    token before them (`context`: the prompt's last, see `_continuation`). Each token decoded alone would split a
+    character that spans several tokens (bytes or byte-level BPE pieces) into U+FFFD marks; the growing text holds
+    back a trailing U+FFFD until the character completes (or the generation ends). A finished line starts a new
+    buffer, so decoding stays linear in the output, not quadratic; so does a decoder's rewrite of printed text (what
+    is printed stays as it was)."""
+
+    def __init__(self, tok, context: list[int] = ()) -> None:
+        self.tok, self.context, self.ids, self.shown = tok, list(context), [], ""
 
     def __call__(self, _step: int, token) -> None:
         self.ids.append(int(token[0]))
         self._show(strip=True)
         if self.shown.endswith("\n"):
-            self.ids, self.shown = [], ""
+            self.context, self.ids, self.shown = self.ids[-1:], [], ""
 
     def finish(self) -> None:
         self._show(strip=False)
         typer.echo()
 
     def _show(self, strip: bool) -> None:
-        text = self.tok.decode(self.ids)
+        text = _continuation(self.tok, self.context, self.ids)
         if not text.rstrip("\ufffd").startswith(self.shown):  # the decoder rewrote printed text (a cleanup of
-            self.ids, self.shown = self.ids[-1:], ""  # " ." to "."): that stays printed, a buffer starts here
-            text = self.tok.decode(self.ids)
+            # " ." to "."): that stays printed, a buffer starts here
+            self.context, self.ids, self.shown = self.ids[-2:-1], self.ids[-1:], ""
+            text = _continuation(self.tok, self.context, self.ids)
         text = text.rstrip("\ufffd") if strip else text
         if len(text) > len(self.shown):
             typer.echo(text[len(self.shown):], nl=False)
