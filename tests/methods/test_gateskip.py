@@ -127,6 +127,25 @@ def test_pad_and_eos_are_never_skipped_and_not_counted():
     assert float(stats["gateskip/attn_skipped"]) == pytest.approx(8 / 17)
 
 
+def test_an_eos_named_by_generation_config_alone_is_never_skipped(tmp_path):
+    """A model trained from scratch names its tokenizer's EOS in generation_config.json only (config.json's is null):
+    GateSkip read config.json alone, so it ranked and skipped the EOS between packed documents, while attached to the
+    run's model and after from_pretrained (which attaches the method before reading generation_config.json)."""
+    model, _ = gated_model(budget=0.5)
+    model.generation_config = {"eos_token_id": 5, "pad_token_id": 6}
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(7, 256, (2, 10))
+    ids[:, 4] = 5
+    for m in (model, dyndepth.from_pretrained(tmp_path)):
+        assert m.config.eos_token_id is None
+        trace = dyndepth.Trace()
+        with torch.no_grad():
+            m(ids, trace=trace)
+        assert not trace.ctx.state.pool[:, 4].any()
+        for keep in trace.ctx.state.keep.values():
+            assert keep[:, 4].all()  # the EOS runs every branch
+
+
 def test_sequence_scope_outputs_do_not_depend_on_the_batch():
     model, _ = gated_model(budget=0.4, scope="sequence")
     row = torch.randint(0, 256, (1, 16))

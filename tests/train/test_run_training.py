@@ -33,6 +33,25 @@ def test_run_training_end_to_end_on_embedded_data(tmp_path):
     assert build_hooks({}, CausalLM(preset("tiny-qwen3"))) == []
 
 
+def test_a_from_scratch_run_with_gateskip_never_skips_its_tokenizers_eos(tmp_path):
+    """A model built from a preset names no EOS; its tokenizer's reached it at export only (generation_config.json),
+    so GateSkip, trained in the same run, ranked and skipped the EOS between packed documents (257, byte tokenizer)."""
+    pools = []
+
+    class Probe:  # after the training step: does GateSkip rank the EOS?
+        def after_step(self, model, step, stats, dist):
+            trace = dyndepth.Trace()
+            model(torch.tensor([[104, 105, 257, 106]]), trace=trace)
+            pools.append(trace.ctx.state.pool[0].tolist())
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "demo-tiny"\n[method]\nname = "gateskip"\n[train]\nsteps = 1\nbatch_size = 2\n'
+                      'seq_len = 32\nprogress = false\nplot = false\ndevice = "cpu"\n[data]\nsource = "embedded"\n'
+                      'synthetic_examples = 100\nstdlib_bytes = 10000\n[eval]\nenabled = false\n')
+    run_training(recipe, [f"train.out_dir={tmp_path / 'out'}"], hooks=[Probe()])
+    assert pools == [[True, True, False, True]]
+
+
 def test_tokenizer_larger_than_the_model_vocab_is_a_clear_error(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('model = "tiny-qwen3"\n[train]\nsteps = 1\ndevice = "cpu"\n[data]\nsource = "embedded"\n')

@@ -206,6 +206,7 @@ class GateSkip:
         self.shared = shared
         self.recorder: ThresholdRecorder | None = None  # set while `calibrate` records thresholds
         self._decoder = None  # the model's DecoderModel (see `bind`)
+        self._model = None  # the model itself, whose generation_config may name the EOS (see `_eos_ids`)
         self._checked: tuple | None = None  # the budget and threshold buffers a forward last found calibrated
         self.configure(config)
 
@@ -295,8 +296,9 @@ class GateSkip:
             self._check_calibrated_once()
         valid = ctx.valid_or_all
         pool = valid.clone()
-        if self.eos_token_ids:  # EOS is never skipped nor counted (official code)
-            pool &= ~torch.isin(input_ids, torch.tensor(self.eos_token_ids, device=input_ids.device))
+        eos_ids = self._eos_ids()
+        if eos_ids:  # EOS is never skipped nor counted (official code)
+            pool &= ~torch.isin(input_ids, torch.tensor(eos_ids, device=input_ids.device))
         if self.config.protect_bos:
             pool &= ctx.positions != 0
         if self.config.kv_policy == "copy_prev":
@@ -473,7 +475,16 @@ class GateSkip:
 
     def bind(self, model) -> None:
         """Remember the decoder whose layers hold the thresholds (set by `attach_gateskip`)."""
-        self._decoder = model.model
+        self._decoder, self._model = model.model, model
+
+    def _eos_ids(self) -> list[int]:
+        """config.json's EOS ids, else generation_config.json's: a model trained from scratch names its tokenizer's
+        EOS there only (train/run.py `_default_stops`), so its EOS tokens were ranked and skipped. Read at each
+        forward: from_pretrained sets generation_config after attaching the checkpoint's method."""
+        if self.eos_token_ids:
+            return self.eos_token_ids
+        eos = (getattr(self._model, "generation_config", None) or {}).get("eos_token_id")
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     @property
     def layer_gates(self) -> list[LayerGates]:

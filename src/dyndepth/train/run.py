@@ -133,6 +133,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                                  f"{model.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size} "
                                  f"(e.g. model = \"demo-tiny\" for the byte tokenizer, or --set "
                                  f"model.vocab_size={tokenizer.vocab_size}).")
+        _default_stops(model, tokenizer)  # now, not at export: GateSkip never skips the EOS it names (packed
+        # documents' separators), and a model trained from scratch names no other
         if loader is None:  # a run that does not evaluate holds nothing out
             loader = build_loader(run_config.data, split="train", tokenizer=tokenizer,
                                   hold_out=run_config.eval.get("enabled", True), **data_kw)
