@@ -220,3 +220,31 @@ def test_shards_are_built_with_the_batch_api(tmp_path):
     ref = [i for d in docs[:-1] for i in one(d) + [tok.eos_token_id]]
     ref += one("a prompt") + one("an answer") + [tok.eos_token_id]
     np.testing.assert_array_equal(built.tokens(0, built.num_tokens), ref)
+
+
+def test_documents_open_with_the_bos_a_llama_tokenizer_adds_to_every_text():
+    """Generate and eval encode a prompt as the tokenizer does (`add_bos=None`: Llama's post-processor prepends <s>);
+    the shard builder never did, so a Llama model post-trained on packed documents saw none of them open with the BOS
+    every prompt it is scored or sampled on starts with. One BOS per document: a text already opening with it (a
+    chat template's {{ bos_token }}) gets no second; it is part of the prompt (not trained) where there is one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from dyndepth.tokenizer import HFTokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = HFTokenizer(backend, bos_token="<s>", eos_token="</s>")
+    assert tok.encode("ab", add_bos=None)[0] == 0  # what generate and eval feed the model
+    ids, mask = encode_document(Document("ab"), tok)
+    assert ids.tolist() == [0, *tok.encode("ab"), 1] and mask is None
+    ids, mask = encode_document(Document("ab", prompt="c"), tok)
+    assert ids.tolist() == [0, *tok.encode("c"), *tok.encode("ab"), 1]
+    assert mask.tolist() == [0] * (1 + len(tok.encode("c"))) + [1] * (len(tok.encode("ab")) + 1)
+    assert encode_document(Document("<s>ab"), tok)[0].tolist() == [0, *tok.encode("ab"), 1]
+    shards = ShardSet.from_documents(["ab", "cd"], tok)
+    assert [shards.tokens(int(s), int(s) + 1).item() for s in shards.doc_starts()] == [0, 0]
+    assert encode_document(Document("ab"), ByteTokenizer())[0].tolist() == [97, 98, 256]  # (no BOS rule: none)

@@ -56,7 +56,7 @@ from pathlib import Path
 
 from dyndepth.data.chat import chat_fingerprint, chat_renderer
 from dyndepth.data.loader import PACKINGS, PackedLoader
-from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards
+from dyndepth.data.shards import FORMAT_VERSION, MANIFEST, ShardSet, build_shards, open_shards, opening_bos
 from dyndepth.data.sources import (
     HF_PREFIX,
     TEXT_SPLITS,
@@ -385,8 +385,10 @@ def _shard_dir(cfg: dict, tokenizer, source: str | list[str], holdout: bool, dig
     key = json.dumps([FORMAT_VERSION, digest, tokenizer_fingerprint(tokenizer), chat, cfg["text_field"],
                       HOLDOUT_SCHEME if holdout else False]
                      + ([cfg["text_split"]] if cfg["text_split"] != "file" else [])
-                     + (["single-eos"] if chat == "plain" and _eos_in_text(tokenizer) else []))  # (a text ending in
-    # the EOS's own text got a second EOS before, under the same key; a template's key says so in `chat`)
+                     + (["single-eos"] if chat == "plain" and _eos_in_text(tokenizer) else [])  # (a text ending in
+                     # the EOS's own text got a second EOS before, under the same key; a template's key says so in
+                     # `chat`)
+                     + (["bos"] if opening_bos(tokenizer) is not None else []))  # (documents opened without it before)
     return Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

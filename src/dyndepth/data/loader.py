@@ -2,7 +2,8 @@
 
 The token stream is cut into windows of `seq_len + 1` tokens; window `w` covers tokens
 `[w * seq_len, w * seq_len + seq_len + 1)`, so consecutive windows share one token and every token is
-a target exactly once. Documents are packed back to back (EOS-separated by the shard builder).
+a target exactly once. Documents are packed back to back (EOS-separated by the shard builder, each opened by BOS
+where the tokenizer's own encoding opens a text with one, as Llama's does).
 
 Each epoch, the windows are permuted with a generator seeded by `(seed, epoch)` (identity when
 `shuffle=False`), truncated to a multiple of `world_size * batch_size`, and dealt round-robin to

@@ -86,9 +86,10 @@ def encode_documents(
     """`[(ids (n,) int64, loss_mask (n,) uint8 | None)]` per document; a mask is None when every token
     is trained. One batch-API call for all the documents' segments (long ones cut into pieces).
 
-    Segments are encoded separately and concatenated (prompt, then response, then EOS, which is trained
-    so the model learns to stop; a response that already ends in EOS, as a chat template's turn does, gets
-    no second one).
+    Segments are encoded separately and concatenated (BOS when the tokenizer's own encoding opens a text with
+    one, as Llama's does, then prompt, then response, then EOS, which is trained so the model learns to stop;
+    a text that already opens with BOS or a response that already ends in EOS, as a chat template's turns do,
+    gets no second one).
     """
     pieces: list[str] = []
     owner: list[tuple[int, bool]] = []  # (document, trained) of each piece
@@ -100,8 +101,12 @@ def encode_documents(
     parts: list[list[tuple[list[int], bool]]] = [[] for _ in docs]
     for ids, (d, trained) in zip(encode_texts(tokenizer, pieces), owner):
         parts[d].append((ids, trained))
+    bos = opening_bos(tokenizer)
     out = []
     for doc, doc_parts in zip(docs, parts):
+        first = next((i for i, (ids, _) in enumerate(doc_parts) if ids), None)
+        if bos is not None and first is not None and doc_parts[first][0][0] != bos:  # (trained as its segment is)
+            doc_parts[first] = ([bos, *doc_parts[first][0]], doc_parts[first][1])
         add = append_eos and any(ids for ids, _ in doc_parts) and not _ends_in_eos(doc_parts, tokenizer)
         eos = [([tokenizer.eos_token_id], True)] if add else []
         doc_parts = doc_parts + eos  # type: ignore[operator]
@@ -117,6 +122,21 @@ def encode_documents(
             mask = np.concatenate([np.full(len(a), trained, np.uint8) for a, (_, trained) in zip(arrays, doc_parts)])
         out.append((ids_arr, mask))
     return out
+
+
+def opening_bos(tokenizer: Tokenizer) -> int | None:
+    """The BOS id the tokenizer's own encoding (`encode(text, add_bos=None)`, as generate and eval encode a prompt)
+    opens every text with: a Llama tokenizer's post-processor adds one; Qwen3's, GPT-2's and the byte tokenizer's
+    add none (None). Documents open with it too, else a Llama model trained on them never saw the BOS that every
+    prompt it is scored or sampled on starts with."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer.encode("a", add_bos=None)  # type: ignore[call-arg]
+    except TypeError:  # a tokenizer with a plain encode(text): no rule of its own
+        return None
+    return bos if ids[:1] == [bos] else None
 
 
 def _ends_in_eos(doc_parts: list[tuple[list[int], bool]], tokenizer: Tokenizer) -> bool:
