@@ -34,3 +34,16 @@ def test_tensors_tuples_lists_and_dicts_give_ids_and_mask():
 def test_other_forms_are_refused_by_name(batch, message):
     with pytest.raises(ValueError, match=message):
         split_batch(batch)
+
+
+def test_a_packed_loaders_batch_is_refused_with_the_setting_that_makes_it():
+    """A loader batch with document ids comes from data.intra_doc_mask; the error blamed packing='documents', whose
+    batches (input_ids, labels, attention_mask) are accepted, and which that loader did not even use."""
+    from dyndepth.data.loader import loader_from_texts
+    from dyndepth.tokenizer import ByteTokenizer
+
+    texts = ["first document", "second one"] * 4
+    ids, mask = split_batch(loader_from_texts(texts, ByteTokenizer(), 8, 2, packing="documents").next_batch())
+    assert mask is not None and ids.shape == (2, 8)
+    with pytest.raises(ValueError, match=r"a loader without data.intra_doc_mask, which adds 'positions' and 'doc_ids'"):
+        split_batch(loader_from_texts(texts, ByteTokenizer(), 8, 2, intra_doc_mask=True).next_batch())

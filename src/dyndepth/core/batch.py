@@ -29,7 +29,8 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         if extra:  # positions / doc_ids (packed documents) change the forward: dropping them silently mixed documents
             raise ValueError(f"a batch dict has keys {extra} this function does not pass to the model; give rows of "
                              "one sequence each with 'input_ids' and 'attention_mask' only (a loader without "
-                             "packing='documents').")
+                             "data.intra_doc_mask, which adds 'positions' and 'doc_ids'; packing='documents' adds "
+                             "only the attention_mask).")
         ids, mask = batch["input_ids"], batch.get("attention_mask")
     else:
         raise ValueError(f"a batch must be {'; or '.join(FORMS)}; got {_describe(batch)}.")
