@@ -376,6 +376,23 @@ def test_a_warmup_longer_than_the_run_is_warned(tmp_path, caplog):
     assert "train.warmup=500 is longer than the run (train.steps=2): the learning rate only rises to 0.004" in caplog.text
 
 
+def test_the_validation_windows_no_whole_batch_holds_are_counted_as_never_scored(tmp_path, caplog):
+    """A validation split of 7 windows in batches of 2 (or a world size that does not divide it): its last window is
+    never scored, at any train.eval_batches; the run said the split's 3 batches were scored (or nothing, at
+    eval_batches=3), so its last document's loss went missing without a word."""
+    from dyndepth.data.loader import PackedLoader
+    from dyndepth.data.shards import ShardSet
+    from dyndepth.tokenizer import ByteTokenizer
+
+    val = PackedLoader(ShardSet.from_documents(["x" * 127], ByteTokenizer()), 16, 2, shuffle=False)
+    assert (val.num_windows, val.batches_per_epoch, val.left_out) == (7, 3, 1)
+    with caplog.at_level(logging.WARNING, logger="dyndepth.train.trainer"):
+        train(CausalLM(preset("tiny-qwen3", vocab_size=264)), TinyLoader(2, 16),
+              tiny_train_config(str(tmp_path), steps=1, save_every=0, eval_every=1, eval_batches=3), eval_loader=val)
+    assert ("train.eval_batches=3: the validation split holds 3 batch(es) per rank; each evaluation scores those once, "
+            "and its last 1 window(s) never: they fill no whole batch of 1 rank(s) x batch_size 2") in caplog.text
+
+
 @pytest.mark.parametrize("method", [None, "mod", "dnd"])
 def test_a_padded_window_of_whole_documents_trains_as_its_documents_alone(method):
     # packing="documents" pads each window after its last document; the trainer passes the loader's attention_mask,

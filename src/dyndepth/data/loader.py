@@ -2,11 +2,13 @@
 
 The token stream is cut into windows of `seq_len + 1` tokens; window `w` covers tokens
 `[w * seq_len, w * seq_len + seq_len + 1)`, so consecutive windows share one token and every token is
-a target exactly once. Documents are packed back to back (EOS-separated by the shard builder, each opened by BOS
-where the tokenizer's own encoding opens a text with one, as Llama's does).
+a target exactly once (but the stream's last (num_tokens - 1) % seq_len, which fill no window). Documents are
+packed back to back (EOS-separated by the shard builder, each opened by BOS where the tokenizer's own encoding
+opens a text with one, as Llama's does).
 
 Each epoch, the windows are permuted with a generator seeded by `(seed, epoch)` (identity when
-`shuffle=False`), truncated to a multiple of `world_size * batch_size`, and dealt round-robin to
+`shuffle=False`), truncated to a multiple of `world_size * batch_size` (the `left_out` windows: shuffled, others
+each epoch; unshuffled, as validation reads, always the last ones), and dealt round-robin to
 ranks: rank `r` gets permuted windows `r, r + W, r + 2W, ...`. Ranks are disjoint, every rank has the
 same number of batches, and the whole state is `(epoch, cursor)`: resuming needs no replay.
 
@@ -87,6 +89,8 @@ class PackedLoader:
             self.starts, self.ends = document_windows(shards.doc_starts(), shards.num_tokens, seq_len)
         self.num_windows = len(self.starts)
         self.batches_per_epoch = self.num_windows // (world_size * batch_size)
+        self.left_out = self.num_windows - self.batches_per_epoch * world_size * batch_size  # windows no whole batch
+        # of world_size x batch_size holds, left out of every epoch (shuffled: others each time; else the last ones)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"{shards.num_tokens} tokens make {self.num_windows} windows of seq_len+1={seq_len + 1}, fewer "

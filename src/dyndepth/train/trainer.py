@@ -368,10 +368,13 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
         result.last_checkpoint = resume
     if info.is_main:
         ckpt.remove_stale_tmp(out_dir)
-        held = getattr(eval_loader, "batches_per_epoch", None)
-        if held is not None and cfg.eval_batches > held:
-            log.warning("train.eval_batches=%d, but the validation split holds %d batch(es) per rank: each evaluation "
-                        "scores those once.", cfg.eval_batches, held)
+        held, left = getattr(eval_loader, "batches_per_epoch", None), getattr(eval_loader, "left_out", 0)
+        if held is not None and (cfg.eval_batches > held or cfg.eval_batches == held and left):  # (the whole split
+            # looks scored; its last windows were silently never)
+            tail = (f", and its last {left} window(s) never: they fill no whole batch of {info.world_size} rank(s) x "
+                    f"batch_size {eval_loader.batch_size}" if left else "")
+            log.warning("train.eval_batches=%d: the validation split holds %d batch(es) per rank; each evaluation "
+                        "scores those once%s.", cfg.eval_batches, held, tail)
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         _save_config(run_config, out_dir / "config.yaml", resumed=resume is not None)
