@@ -45,6 +45,18 @@ def test_study_sweeps_depth_and_writes_the_heatmap(run_dir):
     assert "| R=3 (trained) |" in render(result)
 
 
+def test_the_study_scores_each_validation_window_once_however_many_batches_are_asked(run_dir):
+    """--batches past what the validation split holds served its windows again (the loader starts a new epoch),
+    weighting them twice in the losses; the trainer's evaluation stops at one pass, so must the study."""
+    from dyndepth.data.build import build_loader
+    from dyndepth.runconfig import load_run_config
+
+    rc = load_run_config(run_dir / "config.yaml")
+    held = build_loader(rc.data, split="val", batch_size=2, seq_len=32, seed=rc.train.seed).batches_per_epoch
+    once, more = (run_study(run_dir, examples_per_task=0, num_batches=n, exit_kls=())["rows"] for n in (held, held + 3))
+    assert [r["val_loss"] for r in more] == [r["val_loss"] for r in once]
+
+
 def test_forward_report_weights_each_batch_by_its_valid_tokens():
     """Two batches of 8 and 24 tokens: loss per label, depth, FLOPs and expert diversity weighted by tokens, set
     entropy over both batches' tokens (the spec's corpus), state change averaged over batches, usage summed, each

@@ -152,7 +152,8 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
     # training's shard cache: the export widens a byte tokenizer to the model's padded vocabulary)
     val = build_loader(rc.data, split="val", batch_size=rc.train.batch_size, seq_len=rc.train.seq_len,
                        seed=rc.train.seed, tokenizer=data_tokenizer)
-    batches = [val.next_batch() for _ in range(num_batches)]
+    batches = [val.next_batch() for _ in range(min(num_batches, val.batches_per_epoch))]  # one pass at most (as the
+    # trainer's evaluation): more batches than the split holds served its windows twice, weighting them double
     examples = []
     if rc.data.get("source", "embedded") in SYNTHETIC_SOURCES:
         tasks = list(resolve_data_config(rc.data)["tasks"] or TASKS)  # (a --set data.tasks=add,mul: a string)
