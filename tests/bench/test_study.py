@@ -134,6 +134,30 @@ def test_a_rerun_reuses_finished_runs_of_the_same_model_only(tmp_path):
             train_and_evaluate("reference", config, 0, dataclasses.replace(cfg, **change), {}, None, [])
 
 
+def test_a_short_validation_text_is_scored_once_not_wrapped_around(tmp_path, monkeypatch):
+    """text_eval_batches past what --text-val holds served its windows again (a new epoch of the loader), weighting
+    them twice in the held-out loss; the trainer's evaluation stops at one pass, and so does the study."""
+    from pathlib import Path
+
+    from dyndepth.bench import study
+
+    (tmp_path / "train.txt").write_text("a longer training book\n" * 50)
+    (tmp_path / "val.txt").write_text("a short held-out book\n" * 5)  # 110 bytes: 3 windows of 33
+
+    def train(model, loader, cfg, hooks):  # (the batches the evaluation hook was given; nothing trained)
+        seen.append(hooks[-1].val_batches)
+        Path(cfg.out_dir).mkdir(parents=True)
+
+    seen = []
+    monkeypatch.setattr(study, "train", train)
+    cfg = study_config("smoke", out_dir=str(tmp_path / "out"), seq_len=32, batch_size=1, text_eval_batches=5)
+    text = {"source": str(tmp_path / "train.txt"), "val_source": str(tmp_path / "val.txt"), "tokenizer": "byte",
+            "cache_dir": str(tmp_path / "data")}
+    train_and_evaluate("reference", dyndepth.preset("dreamer-tiny"), 0, cfg, text, None, None, corpus="text")
+    starts = [tuple(b["input_ids"][0, :8].tolist()) for b in seen[0]]
+    assert cfg.text_eval_batches > 3 and len(starts) == len(set(starts)) == 3
+
+
 def test_runs_are_keyed_by_the_texts_content_not_how_its_path_is_spelled(tmp_path):
     import os
 

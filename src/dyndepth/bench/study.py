@@ -205,7 +205,8 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     device = torch.device(cfg.device)
     val = build_loader(data, split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tokenizer)
     n_val = cfg.eval_batches if corpus == "tasks" else cfg.text_eval_batches
-    val_batches = [{k: v.to(device) for k, v in val.next_batch().items()} for _ in range(n_val)]
+    val_batches = [{k: v.to(device) for k, v in val.next_batch().items()}  # one pass at most: more batches than the
+                   for _ in range(min(n_val, val.batches_per_epoch))]  # split holds served its windows twice
     torch.manual_seed(seed)
     model = build_model(config)
     steps = max(cfg.steps)
