@@ -21,6 +21,9 @@ def test_reduced_demo_scores_every_method(tmp_path, capsys):
         assert set(r["per_task"]) == {"var", "sort", "copy", "overall"}
         assert r["generate_s"] > 0 and r["latency_s"] > 0 and r["latency"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["label"] == "base"
+    # the base names the byte tokenizer's EOS, as a `dyndepth train` export does: GateSkip ranked and skipped the EOS
+    # after every example (the preset names none), contrary to its "EOS always runs"
+    assert json.loads((tmp_path / "base_model" / "generation_config.json").read_text())["eos_token_id"] == 257
     for name in ("quality_vs_compute", "token_compute", "dnd_selection"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     table = render(summary)

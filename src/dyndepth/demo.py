@@ -101,7 +101,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
         print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     progress(f"training the base model: {cfg.steps} steps")
-    base_dir = _train_base(cfg, loader, out)
+    base_dir = _train_base(cfg, loader, out, tok)
     balanced = dataclasses.replace(task_mix(cfg.data), weights=None)  # round-robin: eval_examples per task
     examples = make_examples(balanced, cfg.eval_examples * len(balanced.tasks), seed=1, split="val")
     calib_texts = [e.text for e in make_examples(task_mix(cfg.data), 256, seed=2, split="train")]
@@ -123,9 +123,11 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     return summary
 
 
-def _train_base(cfg: DemoConfig, loader, out: Path) -> Path:
+def _train_base(cfg: DemoConfig, loader, out: Path, tok) -> Path:
     torch.manual_seed(0)
     model = CausalLM(preset(cfg.model))
+    model.generation_config = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # as a run's
+    # export names its tokenizer's stops (the preset names none): GateSkip never skips the EOS after each example
     tcfg = _train_config(cfg, out / "base", cfg.steps, cfg.lr)
     shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # the demo's own previous run: start fresh every time
     train(model, loader, tcfg, run_config=RunConfig(model={"preset": cfg.model}, data=cfg.data, train=tcfg))
