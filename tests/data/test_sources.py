@@ -236,6 +236,22 @@ def test_a_byte_order_mark_and_an_eot_line_with_trailing_spaces_are_read_as_inte
     assert [d.text for d in iter_documents(eot, text_split="eot")] == ["A\n", "B\n", "C\n"]
 
 
+def test_an_eot_separated_corpus_read_as_one_file_says_how_to_split_it(tmp_path, caplog):
+    # the offline Gutenberg shards read with the default text_split='file' were one document: intra_doc_mask never
+    # separated the books, and nothing said so
+    eot = tmp_path / "eot.txt"
+    eot.write_text("A\n<|endoftext|>\nB\n")
+    with caplog.at_level("WARNING", logger="dyndepth.data.sources"):
+        assert [d.text for d in iter_documents(eot)] == ["A\n<|endoftext|>\nB\n"]
+    assert "text_split='eot'" in caplog.text
+    caplog.clear()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a line naming <|endoftext|> inside\n")  # not a separator line: no warning
+    with caplog.at_level("WARNING", logger="dyndepth.data.sources"):
+        list(iter_documents(plain))
+    assert "text_split" not in caplog.text
+
+
 def test_a_chat_template_that_cannot_render_a_record_names_the_record(tmp_path):
     """A template reading messages[0]['role'] (Qwen2.5's) of a chat the assistant opens: its prompt is empty; the
     jinja error escaped without the record's place."""

@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import logging
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -145,7 +146,12 @@ def iter_text_file(path: Path, split: str = "file") -> Iterator[Document]:
         raise DataError(f"text_split={split!r} is not one of {TEXT_SPLITS}")
     with _open_text(path) as f:
         if split == "file":
-            yield Document(text=f.read())
+            text = f.read()
+            if EOT_LINE in text and re.search(rf"^[ \t]*{re.escape(EOT_LINE)}\s*$", text, re.MULTILINE):  # a GPT-2 style corpus read whole: intra_doc_mask never separates its
+                # documents, and no warning said why
+                logger.warning("%s holds %s separator lines but is read as one document (data.text_split='file'); "
+                               "set data.text_split='eot' to read each block as its own document.", path, EOT_LINE)
+            yield Document(text=text)
             return
         if split == "eot":
             block: list[str] = []
