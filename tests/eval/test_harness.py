@@ -85,6 +85,27 @@ def test_generate_until_matches_hf_greedy(pair):
     assert any(len(x) < len(y) for x, y in zip(a, free)), "a stop string should have cut some output"
 
 
+def test_a_temperature_without_do_sample_samples_as_the_hf_backend(pair):
+    """lm-eval's normalize_gen_kwargs samples when a request gives a temperature > 0 and no do_sample (lm-eval's
+    --gen_kwargs temperature=0.8 on a task without do_sample); the adapter decoded those greedily."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from dyndepth.eval.harness import _generation_options
+
+    ours, _ = pair
+    for gen in ({}, {"temperature": 0.0}, {"temperature": 0.8}, {"do_sample": False, "temperature": 0.8},
+                {"do_sample": True, "temperature": 0.8}, {"do_sample": True, "temperature": 0.0}):
+        hf = normalize_gen_kwargs(gen)
+        expected = hf["temperature"] if hf["do_sample"] else 0.0  # (temperature 0 is greedy in both)
+        assert _generation_options(gen, 8)["temperature"] == expected, gen
+    greedy = ours.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS]),
+                                 disable_tqdm=True)
+    torch.manual_seed(0)
+    hot = ours.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12, "temperature": 50.0})
+                                                          for p in PROMPTS]), disable_tqdm=True)
+    assert hot != greedy
+
+
 def test_generate_until_stops_at_generation_config_eos_ids_as_the_hf_backend(pair, tiny_checkpoint, tmp_path):
     # HFLM's transformers generate stops at generation_config.json's eos ids too (Qwen3: <|im_end|> and
     # <|endoftext|>); ours stopped at the tokenizer's EOS only and went on past the other one

@@ -332,7 +332,9 @@ def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
         raise ValueError(f"generation kwargs {unknown} are not supported by dyndepth; supported: {list(GEN_KWARGS)}.")
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else [s for s in until if s]
-    sample = as_bool(gen_kwargs.get("do_sample", False))
+    # as lm-eval's normalize_gen_kwargs: without do_sample, a temperature > 0 samples (it decoded greedily here)
+    do_sample = gen_kwargs.get("do_sample")
+    sample = as_bool(do_sample) if do_sample is not None else float(gen_kwargs.get("temperature") or 0.0) > 0
     return {"until": until,
             "max_new_tokens": int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", default_max))),
             "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
