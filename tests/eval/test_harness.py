@@ -106,6 +106,23 @@ def test_a_temperature_without_do_sample_samples_as_the_hf_backend(pair):
     assert hot != greedy
 
 
+def test_every_name_lm_eval_gives_the_generation_budget_is_read_as_the_hf_backend_reads_it(pair):
+    """max_tokens and max_completion_tokens (lm-eval's aliases of max_gen_toks, which the hf backend takes) were
+    refused as unsupported generation kwargs; the first given, in lm-eval's order, is the budget."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from dyndepth.eval.harness import _generation_options
+
+    ours, hf = pair
+    for gen in ({"max_tokens": 5}, {"max_completion_tokens": 4}, {"max_new_tokens": 6, "max_tokens": 3},
+                {"max_gen_toks": None, "max_completion_tokens": 2}, {}):
+        assert _generation_options(gen, 7)["max_new_tokens"] == normalize_gen_kwargs(gen, 7)["max_gen_toks"], gen
+    args = [(p, {"until": [], "max_tokens": 5}) for p in PROMPTS[:2]] + [(PROMPTS[2], {"max_completion_tokens": 3})]
+    a = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert a == hf.generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert len(ours.tok_encode(a[2])) <= 3
+
+
 def test_generate_until_stops_at_generation_config_eos_ids_as_the_hf_backend(pair, tiny_checkpoint, tmp_path):
     # HFLM's transformers generate stops at generation_config.json's eos ids too (Qwen3: <|im_end|> and
     # <|endoftext|>); ours stopped at the tokenizer's EOS only and went on past the other one

@@ -42,7 +42,9 @@ from dyndepth.eval.model_args import add_stats, as_bool, batch_count, load_for_e
 
 log = logging.getLogger(__name__)
 
-GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
+# lm-eval's names of the generation budget, in its order of precedence (normalize_gen_kwargs; the hf backend takes all)
+MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+GEN_KWARGS = ("until", *MAX_TOKENS, "do_sample", "temperature", "top_k", "top_p")
 
 
 class _AllStopped(Exception):
@@ -336,7 +338,8 @@ def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
     do_sample = gen_kwargs.get("do_sample")
     sample = as_bool(do_sample) if do_sample is not None else float(gen_kwargs.get("temperature") or 0.0) > 0
     return {"until": until,
-            "max_new_tokens": int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", default_max))),
+            "max_new_tokens": int(next((gen_kwargs[k] for k in MAX_TOKENS if gen_kwargs.get(k) is not None),
+                                       default_max)),
             "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
             "top_k": gen_kwargs.get("top_k") if sample else None,
             "top_p": gen_kwargs.get("top_p") if sample else None}
