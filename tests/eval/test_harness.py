@@ -313,6 +313,30 @@ def test_chat_templated_requests_equal_the_hf_backend(tiny_checkpoint, tmp_path)
         DyndepthLM(pretrained=str(folder), device="cpu").apply_chat_template(chats[0][0])
 
 
+def test_a_template_that_prints_todays_date_renders_as_for_the_hf_backend(tiny_checkpoint, tmp_path):
+    """Llama 3.2's template prints 'Today Date:' with transformers' strftime_now, else a fixed '26 Jul 2024': every
+    chat-templated request's system header differed from HFLM's (the adapter's renderer had no strftime_now)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from dyndepth import from_pretrained
+    from dyndepth.tokenizer import train_bpe
+
+    llama32 = ('{{- bos_token }}{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+               '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+               '{%- endif %}{%- endif %}{{- "<|im_start|>system\\nToday Date: " + date_string + "<|im_end|>\\n" }}'
+               + CHAT)
+    tok = train_bpe(iter(PROMPTS * 20), vocab_size=300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    tok.chat_template = llama32
+    tok.save(tmp_path)
+    from_pretrained(tiny_checkpoint[0]).save_pretrained(tmp_path)
+    ours = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=64)
+    hf = HFLM(pretrained=str(tmp_path), device="cpu", max_length=64, dtype="float32")
+    chat = [{"role": "user", "content": "The quick brown"}]
+    text = ours.apply_chat_template(chat)
+    assert "Today Date: 26 Jul 2024" not in text
+    assert text == hf.apply_chat_template(chat)
+
+
 def test_batch_size_does_not_change_scores(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     reqs = requests("loglikelihood", LOGLIKELIHOOD)

@@ -16,6 +16,7 @@ assistant turn, so SFT pairs are formatted as the model saw chats in post-traini
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Sequence
 
@@ -29,7 +30,8 @@ class TemplateChat:
 
     renders_pairs = True  # prompt/response records are rendered as a user and an assistant turn
 
-    def __init__(self, template: str, bos_token: str | None = None, eos_token: str | None = None) -> None:
+    def __init__(self, template: str, bos_token: str | None = None, eos_token: str | None = None,
+                 clock: bool = False) -> None:
         try:
             from jinja2 import nodes
             from jinja2.ext import Extension
@@ -56,6 +58,9 @@ class TemplateChat:
                                             extensions=["jinja2.ext.loopcontrols", Generation])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
+        if clock:  # transformers' strftime_now: Llama 3.2's template prints today's date with it (else a fixed one);
+            # off for training data, whose shards are cached by the template's text, not the day
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         self.template = env.from_string(template)
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 

@@ -122,7 +122,7 @@ class DyndepthLM(TemplateLM):
                              "tokenizer_config.json's chat_template) and this tokenizer has none; evaluate without "
                              "apply_chat_template, or pass tokenizer=FOLDER of one that has it.")
         chat = TemplateChat(template, getattr(self.tokenizer, "bos_token", None),
-                            getattr(self.tokenizer, "eos_token", None))
+                            getattr(self.tokenizer, "eos_token", None), clock=True)
         try:
             text = chat.render(chat_history, add_generation_prompt)
         except DataError:  # as the hf backend: some templates refuse a system message
