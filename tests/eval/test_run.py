@@ -92,6 +92,27 @@ def test_every_offline_task_runs_on_its_file_format(tiny_checkpoint, data_dir, t
     assert (tmp_path / "results.md").read_text().strip() == format_table(rows)
 
 
+def test_a_groups_row_counts_its_subtasks_examples(tiny_checkpoint, data_dir, tmp_path):
+    """A group (lm-eval's mmlu, or one of the user's) has no example count of its own in lm-eval's results: its row
+    said n = 0 beside the accuracy it averaged over its subtasks' examples."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from dyndepth.eval.harness import DyndepthLM
+    from dyndepth.eval.run import TASKS_DIR, _rows_from_lm_eval
+
+    (tmp_path / "pair.yaml").write_text("group: pair\ntask: [dyndepth_copa, dyndepth_boolq]\naggregate_metric_list:\n"
+                                        "  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n")
+    manager = TaskManager(include_path=[str(TASKS_DIR), str(tmp_path)], include_defaults=False,
+                          metadata={"data_dir": str(data_dir)})
+    lm = DyndepthLM(pretrained=str(tiny_checkpoint[0]), device="cpu", batch_size=4)
+    rows = _rows_from_lm_eval(lm_eval.simple_evaluate(model=lm, tasks=["pair"], task_manager=manager,
+                                                      log_samples=True))
+    n = {r.task: r.n for r in rows}
+    assert (n["copa"], n["boolq"]) == (COUNTS["copa"], COUNTS["boolq"])
+    assert n["pair"] == COUNTS["copa"] + COUNTS["boolq"]
+
+
 def test_boolq_and_copa_requests_are_lm_evals_own(tiny_checkpoint, data_dir):
     """docs/eval.md says these follow lm-eval's boolq and copa, comparable with published numbers; the prompts were the
     gauntlet's: 'Passage: ' before BoolQ's passage, COPA's ', therefore' and single space before the alternative."""

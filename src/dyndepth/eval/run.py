@@ -272,7 +272,7 @@ def _rows_from_lm_eval(raw: dict) -> list[Row]:
         chance = None
         if config.get("output_type") == "multiple_choice" and samples:
             chance = sum(1 / len(s["arguments"]) for s in samples) / len(samples)
-        n = raw.get("n-samples", {}).get(task, {}).get("effective", len(samples))
+        n = _examples(raw, task)
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
             if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
@@ -282,6 +282,14 @@ def _rows_from_lm_eval(raw: dict) -> list[Row]:
                             float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
                             chance if metric.startswith("acc") else None, int(n)))
     return rows
+
+
+def _examples(raw: dict, task: str) -> int:
+    """Examples a task scored; a group's (mmlu), its subtasks' (lm-eval counts none for it: the table said n = 0)."""
+    subtasks = raw.get("group_subtasks", {}).get(task)
+    if subtasks:
+        return sum(_examples(raw, t) for t in subtasks)
+    return raw.get("n-samples", {}).get(task, {}).get("effective", len(raw.get("samples", {}).get(task, [])))
 
 
 def _perplexity(model, tok, knobs, path: Path, stride, max_length, batch_size: int, limit: int | None):
