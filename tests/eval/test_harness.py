@@ -106,6 +106,32 @@ def test_a_temperature_without_do_sample_samples_as_the_hf_backend(pair):
     assert hot != greedy
 
 
+def test_a_sampled_request_takes_top_k_and_top_p_as_transformers_does(tiny_checkpoint, tmp_path, monkeypatch):
+    """transformers' generate (the hf backend's) samples a request that names no top_k / top_p with the checkpoint's
+    generation_config.json values (Qwen3's top_k 20, top_p 0.95), else its defaults (top_k 50); the adapter sampled
+    from the whole vocabulary."""
+    import json
+    import shutil
+
+    from dyndepth.eval.harness import _generation_options
+
+    sampled = {"do_sample": True, "temperature": 0.7}
+    assert _generation_options(sampled, 8)["top_k"] == 50 and _generation_options(sampled, 8)["top_p"] == 1.0
+    qwen3 = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    options = _generation_options(sampled, 8, qwen3)
+    assert (options["top_k"], options["top_p"]) == (20, 0.95)
+    assert _generation_options({**sampled, "top_k": 5}, 8, qwen3)["top_k"] == 5  # the request's own first
+    assert _generation_options({"do_sample": False}, 8, qwen3)["top_k"] is None  # greedy: nothing to filter
+    shutil.copytree(tiny_checkpoint[0], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps(qwen3))
+    lm = DyndepthLM(pretrained=str(tmp_path / "ckpt"), device="cpu")
+    seen = {}
+    generate = lm.model.generate
+    monkeypatch.setattr(lm.model, "generate", lambda *a, **kw: seen.update(kw) or generate(*a, **kw))
+    lm.generate_until(requests("generate_until", [("The quick", {"max_gen_toks": 3, **sampled})]), disable_tqdm=True)
+    assert (seen["top_k"], seen["top_p"], seen["temperature"]) == (20, 0.95, 0.7)
+
+
 def test_every_name_lm_eval_gives_the_generation_budget_is_read_as_the_hf_backend_reads_it(pair):
     """max_tokens and max_completion_tokens (lm-eval's aliases of max_gen_toks, which the hf backend takes) were
     refused as unsupported generation kwargs; the first given, in lm-eval's order, is the budget."""

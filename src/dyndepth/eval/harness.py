@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # lm-eval's names of the generation budget, in its order of precedence (normalize_gen_kwargs; the hf backend takes all)
 MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 GEN_KWARGS = ("until", *MAX_TOKENS, "do_sample", "temperature", "top_k", "top_p")
+# what transformers' generate samples with when a request names no top_k / top_p: the checkpoint's
+# generation_config.json (Qwen3: 20 and 0.95), else its GenerationConfig defaults (the 50 likeliest tokens)
+SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0}
 
 
 class _AllStopped(Exception):
@@ -246,7 +249,8 @@ class DyndepthLM(TemplateLM):
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
         for members in groups.values():
-            options = _generation_options(requests[members[0]].args[1], self.max_gen_toks)
+            options = _generation_options(requests[members[0]].args[1], self.max_gen_toks,
+                                          getattr(self.model, "generation_config", None))
             max_ctx = self.max_length - options["max_new_tokens"]
             if max_ctx <= 0:
                 raise ValueError(f"max_gen_toks={options['max_new_tokens']} leaves no room for the prompt within "
@@ -328,7 +332,9 @@ class DyndepthLM(TemplateLM):
 
 # ---------------------------------------------------------------------------------- helpers
 
-def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
+def _generation_options(gen_kwargs: dict, default_max: int, generation_config: dict | None = None) -> dict:
+    """A request's generation kwargs as the hf backend decodes them; `generation_config`: the checkpoint's
+    generation_config.json, whose top_k / top_p a sampled request without its own takes (as in transformers)."""
     unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
     if unknown:
         raise ValueError(f"generation kwargs {unknown} are not supported by dyndepth; supported: {list(GEN_KWARGS)}.")
@@ -337,12 +343,14 @@ def _generation_options(gen_kwargs: dict, default_max: int) -> dict:
     # as lm-eval's normalize_gen_kwargs: without do_sample, a temperature > 0 samples (it decoded greedily here)
     do_sample = gen_kwargs.get("do_sample")
     sample = as_bool(do_sample) if do_sample is not None else float(gen_kwargs.get("temperature") or 0.0) > 0
+    config = generation_config or {}
+    defaults = {k: default if config.get(k) is None else config[k] for k, default in SAMPLING_DEFAULTS.items()}
     return {"until": until,
             "max_new_tokens": int(next((gen_kwargs[k] for k in MAX_TOKENS if gen_kwargs.get(k) is not None),
                                        default_max)),
             "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
-            "top_k": gen_kwargs.get("top_k") if sample else None,
-            "top_p": gen_kwargs.get("top_p") if sample else None}
+            "top_k": gen_kwargs.get("top_k", defaults["top_k"]) if sample else None,
+            "top_p": gen_kwargs.get("top_p", defaults["top_p"]) if sample else None}
 
 
 def _cut(text: str, until: list[str]) -> int | None:
