@@ -14,8 +14,9 @@ by `TemplateLM`), prefix token (BOS, else EOS), left truncation to `max_length`,
 `loglikelihood_rolling` and stop handling for `generate_until`; a checkpoint exported with
 `save_pretrained` scores the same under both backends (tests/eval/test_harness.py); log-probs are taken in
 float32 whatever the model's dtype, as the hf backend's softmax_dtype=float32 does (its default: the model's
-dtype). Requests run in batches sorted by length; generation is KV-cached and batched (`model.generate`), and a batch ends as
-soon as every row has produced EOS (or another of the checkpoint's end ids) or one of the task's stop strings.
+dtype). Requests run in batches sorted by length; generation is KV-cached and batched (`model.generate`), and a
+batch ends as soon as every row has produced EOS (or another of the checkpoint's end ids) or one of the task's
+stop strings.
 
 Method knobs (eval/model_args.py): every model argument that is not an adapter argument is a knob of
 the adaptive-depth method attached from the checkpoint's config.json: a name in `NAMED_KNOBS` (e.g.
