@@ -149,6 +149,17 @@ def test_every_name_lm_eval_gives_the_generation_budget_is_read_as_the_hf_backen
     assert len(ours.tok_encode(a[2])) <= 3
 
 
+def test_one_beam_is_taken_as_the_hf_backend_takes_it(pair):
+    """lm-eval's norsummarize_instruct and norrewrite_instruct ask for num_beams: 1 (transformers' default: one beam),
+    which the adapter refused as an unsupported generation kwarg; beam search (num_beams > 1) still is."""
+    ours, hf = pair
+    args = [(p, {"until": [], "max_gen_toks": 6, "do_sample": False, "num_beams": 1}) for p in PROMPTS[:2]]
+    a = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert a == hf.generate_until(requests("generate_until", args), disable_tqdm=True)
+    with pytest.raises(ValueError, match="num_beams=4: beam search is not supported"):
+        ours.generate_until(requests("generate_until", [("hi", {"until": [], "num_beams": 4})]), disable_tqdm=True)
+
+
 def test_generate_until_stops_at_generation_config_eos_ids_as_the_hf_backend(pair, tiny_checkpoint, tmp_path):
     # HFLM's transformers generate stops at generation_config.json's eos ids too (Qwen3: <|im_end|> and
     # <|endoftext|>); ours stopped at the tokenizer's EOS only and went on past the other one

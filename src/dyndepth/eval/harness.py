@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # lm-eval's names of the generation budget, in its order of precedence (normalize_gen_kwargs; the hf backend takes all)
 MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
-GEN_KWARGS = ("until", *MAX_TOKENS, "do_sample", "temperature", "top_k", "top_p")
+GEN_KWARGS = ("until", *MAX_TOKENS, "do_sample", "temperature", "top_k", "top_p", "num_beams")
 # what transformers' generate samples with when a request names no top_k / top_p: the checkpoint's
 # generation_config.json (Qwen3: 20 and 0.95), else its GenerationConfig defaults (the 50 likeliest tokens)
 SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0}
@@ -340,6 +340,9 @@ def _generation_options(gen_kwargs: dict, default_max: int, generation_config: d
     unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
     if unknown:
         raise ValueError(f"generation kwargs {unknown} are not supported by dyndepth; supported: {list(GEN_KWARGS)}.")
+    if gen_kwargs.get("num_beams", 1) != 1:  # (1, one beam, is what transformers' generate does unless told otherwise)
+        raise ValueError(f"generation kwarg num_beams={gen_kwargs['num_beams']}: beam search is not supported by "
+                         "dyndepth, which decodes one beam (greedy or sampled); use num_beams=1.")
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else [s for s in until if s]
     # as lm-eval's normalize_gen_kwargs: without do_sample, a temperature > 0 samples (it decoded greedily here)
