@@ -113,6 +113,17 @@ def test_a_groups_row_counts_its_subtasks_examples(tiny_checkpoint, data_dir, tm
     assert n["pair"] == COUNTS["copa"] + COUNTS["boolq"]
 
 
+def test_a_perplexity_window_without_perplexity_is_refused(tiny_checkpoint, data_dir, tmp_path):
+    """--max-length / --stride set the perplexity window only: with lm-eval tasks and no perplexity file they were
+    dropped without a word, and piqa ran at the model's whole context where the user asked for 64 tokens."""
+    folder, _ = tiny_checkpoint
+    for options, named in (({"max_length": 64}, "--max-length"), ({"stride": 8}, "--stride")):
+        with pytest.raises(ValueError, match=f"{named} set the perplexity window, and nothing here is scored by "
+                                             "perplexity: for the lm-eval tasks' context pass --model-args max_length"):
+            run_eval(str(folder), tasks="copa", data_dir=data_dir, out=tmp_path, **options)
+    assert not (tmp_path / "results.json").exists()  # (with a perplexity file: the next tests)
+
+
 def test_boolq_and_copa_requests_are_lm_evals_own(tiny_checkpoint, data_dir):
     """docs/eval.md says these follow lm-eval's boolq and copa, comparable with published numbers; the prompts were the
     gauntlet's: 'Passage: ' before BoolQ's passage, COPA's ', therefore' and single space before the alternative."""

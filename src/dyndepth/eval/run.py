@@ -65,6 +65,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
     args["pretrained"] = model
     args.setdefault("batch_size", batch_size)
+    perplexity_window = {"--stride": stride, "--max-length": max_length}  # (as given: max_length takes model_args' next)
     window = token_count("max_length", args.get("max_length"))  # the adapter's window is perplexity's too
     if window is not None:
         if max_length is not None and window != max_length:  # (refused before any task runs)
@@ -80,6 +81,11 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     if not harness_tasks and (num_fewshot is not None or apply_chat_template):
         raise ValueError("num_fewshot and apply_chat_template shape lm-eval's task prompts; perplexity alone reads "
                          "neither: pass --tasks too, or drop them.")
+    given = [name for name, value in perplexity_window.items() if value is not None]
+    if given and not ppl_files:  # (lm-eval's tasks ran at the model's whole context, and the option was dropped)
+        raise ValueError(f"{' and '.join(given)} set the perplexity window, and nothing here is scored by perplexity: "
+                         "for the lm-eval tasks' context pass --model-args max_length=N, or add --perplexity FILE "
+                         "(or the task wikitext2 with --data-dir).")
     lm_eval_options = {"num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template}
     if ppl_files:  # a missing or non-UTF-8 file failed after every lm-eval task had run, and nothing was written
         from dyndepth.eval.perplexity import read_text_file
