@@ -374,6 +374,46 @@ def test_a_template_that_prints_todays_date_renders_as_for_the_hf_backend(tiny_c
     assert text == hf.apply_chat_template(chat)
 
 
+def test_enable_thinking_and_think_end_token_as_the_hf_backend_takes_them(tiny_checkpoint, tmp_path):
+    """lm-eval's model arguments for Qwen3's chat template (enable_thinking=false: the empty thinking block in the
+    generation prompt) and for cutting a generation's thinking (think_end_token, an id or its text) were refused as
+    unknown model arguments; now they render, generate and refuse log-likelihoods as HFLM does."""
+    from lm_eval.models.huggingface import HFLM
+
+    from dyndepth import from_pretrained
+    from dyndepth.tokenizer import train_bpe
+
+    thinking = CHAT + ("{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                       "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}")
+    tok = train_bpe(iter(PROMPTS * 20), vocab_size=300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    tok.chat_template = thinking
+    tok.save(tmp_path)
+    from_pretrained(tiny_checkpoint[0]).save_pretrained(tmp_path)
+    chat = [{"role": "user", "content": "The quick brown"}]
+    hf = HFLM(pretrained=str(tmp_path), device="cpu", max_length=64, dtype="float32")
+    for enable in (False, True):
+        ours = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=64, enable_thinking=enable,
+                          think_end_token="</think>")
+        hf.chat_template_args = {"enable_thinking": enable}  # (what HFLM(enable_thinking=...) sets)
+        assert ours.apply_chat_template(chat) == hf.apply_chat_template(chat)
+        assert ours.apply_chat_template(chat).endswith("</think>\n\n") != enable
+    with pytest.raises(ValueError, match="enable_thinking=true cannot score log-likelihoods"):
+        ours.loglikelihood(requests("loglikelihood", LOGLIKELIHOOD[:1]), disable_tqdm=True)
+    with pytest.raises(ValueError, match="enable_thinking=true needs think_end_token"):
+        DyndepthLM(pretrained=str(tmp_path), device="cpu", enable_thinking=True)
+    plain = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=64)
+    args = [(p, {"until": [], "max_gen_toks": 8}) for p in PROMPTS[:2]]
+    free = plain.generate_until(requests("generate_until", args), disable_tqdm=True)
+    context = plain.tok_encode(PROMPTS[0])
+    ids = plain.model.generate(torch.tensor([context]), 8, stop_tokens=plain._stop_ids)[0, len(context):].tolist()
+    for end in (ids[2], free[0][3:5]):  # an id the text has and a piece of its text: both cut what precedes them
+        ours = DyndepthLM(pretrained=str(tmp_path), device="cpu", max_length=64, think_end_token=end)
+        hf.think_end_token = end  # (what HFLM(think_end_token=...) sets)
+        a = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+        assert a == hf.generate_until(requests("generate_until", args), disable_tqdm=True)
+        assert a[0] != free[0] and free[0].endswith(a[0])
+
+
 def test_batch_size_does_not_change_scores(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     reqs = requests("loglikelihood", LOGLIKELIHOOD)

@@ -64,12 +64,13 @@ class TemplateChat:
         self.template = env.from_string(template)
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool, **variables) -> str:
+        """`variables`: more template variables, as transformers' apply_chat_template takes them (enable_thinking)."""
         from jinja2 import TemplateError
 
         try:
             return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.special)  # as transformers passes them
+                                        tools=None, documents=None, **self.special, **variables)  # as transformers
         except TemplateError as e:  # e.g. a template that reads messages[0] of a chat the assistant opens
             raise DataError(f"the chat template could not render these messages: {type(e).__name__}: {e}") from None
 

@@ -62,7 +62,8 @@ class DyndepthLM(TemplateLM):
 
     def __init__(self, pretrained, tokenizer=None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | str = 8, max_batch_size: int | None = None, max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool | None = None, **knobs) -> None:
+                 max_gen_toks: int = 256, add_bos_token: bool | None = None, enable_thinking: bool | None = None,
+                 think_end_token: str | int | None = None, **knobs) -> None:
         super().__init__()
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %r: no CUDA device is visible, so the evaluation runs on cpu (lm-eval's command line "
@@ -83,6 +84,18 @@ class DyndepthLM(TemplateLM):
         except ValueError:  # (it named no argument)
             raise ValueError(f"model argument add_bos_token={add_bos_token!r} must be true or false (or left out: the "
                              "tokenizer's rule).") from None
+        # as the hf backend's: the chat template's enable_thinking (Qwen3's), and where a generation's thinking ends
+        # (a token id, or its text), which then is cut off
+        try:
+            self.enable_thinking = None if enable_thinking is None else as_bool(enable_thinking)
+        except ValueError:
+            raise ValueError(f"model argument enable_thinking={enable_thinking!r} must be true or false (or left out: "
+                             "the chat template's default).") from None
+        digits = isinstance(think_end_token, str) and think_end_token.isdigit()
+        self.think_end_token = int(think_end_token) if digits else think_end_token
+        if self.enable_thinking and self.think_end_token is None:
+            raise ValueError("enable_thinking=true needs think_end_token (the id or text that ends the thinking, "
+                             "Qwen3's </think>), which generations are cut after, as the hf backend requires.")
         source = tokenizer if isinstance(tokenizer, str) else pretrained if isinstance(pretrained, str) else None
         self._tokenizer_name = str(source or type(self.tokenizer).__name__).replace("/", "__")  # (as HFLM's)
         self._stat_sums: dict[str, float] = {}
@@ -128,12 +141,13 @@ class DyndepthLM(TemplateLM):
                              "apply_chat_template, or pass tokenizer=FOLDER of one that has it.")
         chat = TemplateChat(template, getattr(self.tokenizer, "bos_token", None),
                             getattr(self.tokenizer, "eos_token", None), clock=True)
+        variables = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         try:
-            text = chat.render(chat_history, add_generation_prompt)
+            text = chat.render(chat_history, add_generation_prompt, **variables)
         except DataError:  # as the hf backend: some templates refuse a system message
             log.warning("Failed to apply chat template. removing the system role in chat history.")
             chat_history = [m for m in chat_history if m["role"] != "system"]
-            text = chat.render(chat_history, add_generation_prompt)
+            text = chat.render(chat_history, add_generation_prompt, **variables)
         if add_generation_prompt:
             return text
         last = chat_history[-1]["content"]  # cut what the template adds after it (end of turn), as transformers does
@@ -189,6 +203,13 @@ class DyndepthLM(TemplateLM):
     def _record(self, stats: dict) -> None:
         """Add a forward's scalar statistics, weighted by its valid tokens (`add_stats`)."""
         self._tokens += add_stats(self._stat_sums, stats)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.enable_thinking:  # (as the hf backend: a scored continuation has no thinking to cut)
+            tasks = sorted({r.task_name for r in requests if getattr(r, "task_name", None)})
+            raise ValueError(f"enable_thinking=true cannot score log-likelihoods (tasks {tasks}); evaluate them without "
+                             "it, and generative tasks with it.")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) | None, context ids, continuation ids) -> (log p, is greedy)."""
@@ -318,7 +339,12 @@ class DyndepthLM(TemplateLM):
             tokens = [c[b] for c in cols]
             end = next((t for t, token in enumerate(tokens) if token in stops), len(tokens))
             tokens = tokens[:end]
+            think = self.think_end_token
+            if isinstance(think, int) and think in tokens:  # the answer follows the last one
+                tokens = tokens[len(tokens) - tokens[::-1].index(think):]
             text = self.tok_decode(tokens)
+            if think is not None:  # (stripped whether or not the thinking ended, as the hf backend does)
+                text = (text.split(think)[-1] if isinstance(think, str) else text).lstrip()
             cut = _cut(text, until)
             texts.append(text if cut is None else text[:cut])
         return texts

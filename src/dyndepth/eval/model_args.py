@@ -30,7 +30,7 @@ NAMED_KNOBS: dict[str, tuple[str, str | None]] = {
     "skip_budget": ("budget", "skip_budget"),  # GateSkip: fraction of tokens that skip each branch
 }
 ADAPTER_ARGS = ("pretrained", "tokenizer", "dtype", "device", "batch_size", "max_batch_size", "max_length",
-                "max_gen_toks", "add_bos_token")
+                "max_gen_toks", "add_bos_token", "enable_thinking", "think_end_token")
 
 
 @dataclasses.dataclass
