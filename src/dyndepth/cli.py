@@ -380,7 +380,7 @@ def eval_(
                                                                      "hellaswag/, piqa/, gsm8k/, wikitext2_tokens/)."),
     limit: Optional[int] = typer.Option(None, help="Score at most N examples per task (perplexity: the text up to "
                                         "its N-th non-empty line)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward (default 8)."),
     model_args: str = typer.Option("", "--model-args", help="k=v,...: tokenizer, dtype, device, max_length, "
                                                             "max_gen_toks and method knobs, e.g. skip_budget=0.3."),
     perplexity: Optional[Path] = typer.Option(None, help="A text file: sliding-window perplexity and bits per byte."),

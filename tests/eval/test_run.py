@@ -124,6 +124,15 @@ def test_a_perplexity_window_without_perplexity_is_refused(tiny_checkpoint, data
     assert not (tmp_path / "results.json").exists()  # (with a perplexity file: the next tests)
 
 
+def test_two_batch_sizes_are_refused(tiny_checkpoint, data_dir, tmp_path):
+    """--batch-size 32 beside --model-args batch_size=4 ran at 4 and said nothing of the 32 it was given."""
+    folder, _ = tiny_checkpoint
+    r = CliRunner().invoke(app, ["eval", str(folder), "--tasks", "copa", "--data-dir", str(data_dir), "--batch-size",
+                                 "32", "--model-args", "batch_size=4", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "two batch sizes: --batch-size 32 and model_args batch_size=4" in r.output
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_boolq_and_copa_requests_are_lm_evals_own(tiny_checkpoint, data_dir):
     """docs/eval.md says these follow lm-eval's boolq and copa, comparable with published numbers; the prompts were the
     gauntlet's: 'Passage: ' before BoolQ's passage, COPA's ', therefore' and single space before the alternative."""

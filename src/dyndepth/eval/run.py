@@ -44,7 +44,7 @@ class Row:
 
 
 def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Path | None = None,
-             limit: int | None = None, batch_size: int = 8, model_args: str | dict | None = None,
+             limit: int | None = None, batch_size: int | None = None, model_args: str | dict | None = None,
              perplexity: str | Path | None = None, stride: int | None = None, max_length: int | None = None,
              out: str | Path = "runs/eval", num_fewshot: int | None = None, apply_chat_template: bool = False) -> dict:
     """Evaluate `model` (checkpoint folder, hub id, preset name or CausalLM) and write the results.
@@ -52,6 +52,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     model_args: 'k=v,...' or a dict of the lm-eval adapter's arguments (tokenizer, dtype, device,
     max_length, ...) and method knobs (skip_budget, ...; see eval/model_args.py). num_fewshot (None: each task's
     own) and apply_chat_template (the tokenizer's chat template, few-shot examples as turns) are lm-eval's.
+    batch_size: sequences per forward (None: model_args' batch_size, else 8).
     Returns {"rows": [Row], "table": str, "path": results.json}.
     """
     from dyndepth.eval.model_args import ADAPTER_ARGS, batch_count, load_for_eval, parse_model_args, token_count
@@ -64,7 +65,10 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     if "pretrained" in args and args["pretrained"] != model:
         raise ValueError("the model is given twice (MODEL and pretrained= in --model-args); drop pretrained=.")
     args["pretrained"] = model
-    args.setdefault("batch_size", batch_size)
+    if batch_size is not None and args.get("batch_size", batch_size) != batch_size:  # (one was dropped unsaid)
+        raise ValueError(f"two batch sizes: --batch-size {batch_size} and model_args batch_size={args['batch_size']}; "
+                         "give one.")
+    args.setdefault("batch_size", 8 if batch_size is None else batch_size)
     perplexity_window = {"--stride": stride, "--max-length": max_length}  # (as given: max_length takes model_args' next)
     window = token_count("max_length", args.get("max_length"))  # the adapter's window is perplexity's too
     if window is not None:
