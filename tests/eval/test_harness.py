@@ -122,6 +122,8 @@ def test_a_sampled_request_takes_top_k_and_top_p_as_transformers_does(tiny_check
     assert (options["top_k"], options["top_p"]) == (20, 0.95)
     assert _generation_options({**sampled, "top_k": 5}, 8, qwen3)["top_k"] == 5  # the request's own first
     assert _generation_options({"do_sample": False}, 8, qwen3)["top_k"] is None  # greedy: nothing to filter
+    assert _generation_options(sampled, 8, {"top_k": 0})["top_k"] is None  # transformers' 0: no top-k cut (it was
+    # handed on to generate, which refuses a top_k below 1)
     shutil.copytree(tiny_checkpoint[0], tmp_path / "ckpt")
     (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps(qwen3))
     lm = DyndepthLM(pretrained=str(tmp_path / "ckpt"), device="cpu")

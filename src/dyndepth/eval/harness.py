@@ -207,8 +207,8 @@ class DyndepthLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if self.enable_thinking:  # (as the hf backend: a scored continuation has no thinking to cut)
             tasks = sorted({r.task_name for r in requests if getattr(r, "task_name", None)})
-            raise ValueError(f"enable_thinking=true cannot score log-likelihoods (tasks {tasks}); evaluate them without "
-                             "it, and generative tasks with it.")
+            raise ValueError(f"enable_thinking=true cannot score log-likelihoods (tasks {tasks}); evaluate them "
+                             "without it, and generative tasks with it.")
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -380,7 +380,7 @@ def _generation_options(gen_kwargs: dict, default_max: int, generation_config: d
             "max_new_tokens": int(next((gen_kwargs[k] for k in MAX_TOKENS if gen_kwargs.get(k) is not None),
                                        default_max)),
             "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
-            "top_k": gen_kwargs.get("top_k", defaults["top_k"]) if sample else None,
+            "top_k": (gen_kwargs.get("top_k", defaults["top_k"]) or None) if sample else None,  # (0: no cut, as HF)
             "top_p": gen_kwargs.get("top_p", defaults["top_p"]) if sample else None}
 
 
