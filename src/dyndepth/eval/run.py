@@ -69,7 +69,7 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
         raise ValueError(f"two batch sizes: --batch-size {batch_size} and model_args batch_size={args['batch_size']}; "
                          "give one.")
     args.setdefault("batch_size", 8 if batch_size is None else batch_size)
-    perplexity_window = {"--stride": stride, "--max-length": max_length}  # (as given: max_length takes model_args' next)
+    perplexity_window = {"--stride": stride, "--max-length": max_length}  # as given (max_length may take model_args')
     window = token_count("max_length", args.get("max_length"))  # the adapter's window is perplexity's too
     if window is not None:
         if max_length is not None and window != max_length:  # (refused before any task runs)
