@@ -220,6 +220,22 @@ def test_a_generation_knob_that_cannot_decode_fails_before_any_request(tiny_chec
     assert scored and out["path"].is_file()
 
 
+def test_enable_thinking_beside_log_likelihood_tasks_fails_before_any_request(tiny_checkpoint, data_dir, tmp_path,
+                                                                           monkeypatch):
+    """enable_thinking=true cannot score log-likelihoods (as in the hf backend): with gsm8k listed before copa, gsm8k
+    generated every answer first and copa's requests then failed, with nothing written."""
+    from dyndepth.eval import harness
+
+    generated = []
+    monkeypatch.setattr(harness.DyndepthLM, "generate_until",
+                        lambda self, requests, disable_tqdm=False: generated.append(1) or [""] * len(requests))
+    with pytest.raises(ValueError, match=r"enable_thinking=true cannot score the log-likelihood tasks "
+                                         r"\['dyndepth_copa'\]"):
+        run_eval(str(tiny_checkpoint[0]), tasks="gsm8k,copa", data_dir=data_dir, limit=1,
+                 model_args="enable_thinking=true,think_end_token=</think>,max_gen_toks=4", out=tmp_path)
+    assert not generated and not (tmp_path / "results.json").exists()
+
+
 def test_a_generation_budget_without_room_for_the_prompt_fails_before_any_request(tiny_checkpoint, data_dir,
                                                                                     tmp_path, monkeypatch):
     """max_gen_toks=256 (the default) in a 256-token window failed at the first gsm8k request, after copa had scored,

@@ -216,9 +216,10 @@ def _check_generation(lm, names: list[str], manager) -> None:
     """What only generation reads failed on the first generate_until request, after every log-likelihood task had
     scored, and nothing was written: knobs used only while generating (a GateSkip budget decodes by calibrated
     thresholds) and a max_gen_toks, the adapter's default or a task's own generation_kwargs, that leaves no room for
-    the prompt within max_length (a model or window of 256 tokens against the adapter's 256 new ones). When a selected
-    task may generate, both are checked before any request on the tasks built (once more: that reads their data sets,
-    so not when the task index says that none generates)."""
+    the prompt within max_length (a model or window of 256 tokens against the adapter's 256 new ones), and
+    enable_thinking beside log-likelihood tasks, which it cannot score. When a selected task may generate, these are
+    checked before any request on the tasks built (once more: that reads their data sets, so not when the task index
+    says that none generates)."""
     if not _may_generate(names, manager):
         return
     from lm_eval.tasks import get_task_dict
@@ -229,8 +230,12 @@ def _check_generation(lm, names: list[str], manager) -> None:
         for value in tree.values():
             yield from leaves(value) if isinstance(value, dict) else [value]
 
-    tasks = leaves(get_task_dict(names, manager))
+    tasks = list(leaves(get_task_dict(names, manager)))
     generating = [t for t in tasks if getattr(t, "OUTPUT_TYPE", None) == "generate_until"]
+    scoring = [t.config.task for t in tasks if t not in generating]
+    if scoring and lm.enable_thinking:  # (the adapter refuses their requests, as the hf backend does: at the first)
+        raise ValueError(f"enable_thinking=true cannot score the log-likelihood tasks {scoring}; evaluate them in a "
+                         "run without it, and the generative tasks with it.")
     if generating and (lm.knobs.generate or lm.knobs.decode_fields):
         lm.check_decoding()
     for task in generating:  # (a task's own max_gen_toks, as generate_until reads it)
