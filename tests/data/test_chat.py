@@ -120,3 +120,15 @@ def test_a_template_rendering_bos_rebuilds_when_the_bos_token_changes(tmp_path):
         shards = build_loader(cfg, split="val", batch_size=1, seq_len=8, seed=0).shards
         firsts.append(tok.decode(shards.tokens(0, 1), skip_special=False))
     assert firsts == ["<|im_start|>", "<|im_end|>"]
+
+
+def test_tojson_takes_the_options_transformers_gives_it():
+    # sort_keys and separators were dropped (tool schemas rendered with other bytes than transformers' template)
+    import transformers.utils.chat_template_utils as hf_chat
+
+    template = ("{{ messages[0].content | tojson(separators=(',', ':'), sort_keys=true) }}|"
+                "{{ messages[0].content | tojson(ensure_ascii=true) }}")
+    messages = [{"role": "user", "content": {"b": "é", "a": [1, 2]}}, {"role": "assistant", "content": "ok"}]
+    ours = TemplateChat(template).render(messages[:1], add_generation_prompt=False)
+    theirs = hf_chat.render_jinja_template(conversations=[messages[:1]], chat_template=template)[0][0]
+    assert ours == theirs == '{"a":[1,2],"b":"é"}|{"b": "\\u00e9", "a": [1, 2]}'

@@ -25,6 +25,12 @@ from dyndepth.data.sources import ChatTemplate, DataError, render_chat
 CHAT_MODES = ("auto", "tokenizer", "plain")
 
 
+def _tojson(x, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    """transformers' `tojson` filter (Jinja's own escapes HTML): a template's compact or sorted tool schemas render
+    as they do there."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 class TemplateChat:
     """A Jinja chat template as a `ChatTemplate`: `messages -> (prompt, response)`."""
 
@@ -56,7 +62,7 @@ class TemplateChat:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols", Generation])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = raise_exception
         if clock:  # transformers' strftime_now: Llama 3.2's template prints today's date with it (else a fixed one);
             # off for training data, whose shards are cached by the template's text, not the day
