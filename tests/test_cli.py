@@ -68,7 +68,8 @@ def test_generate_with_a_saved_model_and_byte_tokenizer(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.count("---") == 2 and "hello" in result.output
     for flags, message in ((["--temperature", "-1"], "temperature must be"), (["--top-p", "2"], "top_p must"),
-                           (["-n", "-1"], "--max-new-tokens must be >= 0")):
+                           (["-n", "-1"], "--max-new-tokens must be >= 0"),
+                           (["--repetition-penalty", "0"], "repetition_penalty must be")):
         bad = runner.invoke(app, ["generate", str(tmp_path), "-p", "abc", "--tokenizer", "byte", *flags])
         assert bad.exit_code == 2 and bad.output.startswith("error:") and message in bad.output, bad.output
 
@@ -197,6 +198,14 @@ def test_generate_compiles_the_decode_step_when_asked(monkeypatch):
         result = runner.invoke(app, ["generate", "demo-tiny", "-p", "abc", "-n", "2", flag])
         assert result.exit_code == 0, result.output
     assert seen == [True, False]
+
+
+def test_generate_passes_the_repetition_penalty(tmp_path):
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path)
+    outputs = [runner.invoke(app, ["generate", str(tmp_path), "-p", "hello", "-n", "12", "--tokenizer", "byte",
+                                   "--no-stream", *flags]) for flags in ([], ["--repetition-penalty", "3"])]
+    assert all(r.exit_code == 0 for r in outputs), outputs[1].output
+    assert outputs[0].output != outputs[1].output  # (random weights repeat bytes; a strong penalty changes them)
 
 
 def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_prompt(tmp_path):

@@ -68,6 +68,8 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already in "
+                                             "the text (transformers' rule; 1: off)."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or 'byte'; default: the model folder."),
     dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16; default: as stored."),
     device: str = typer.Option("cpu"),
@@ -88,7 +90,8 @@ def generate(
     from dyndepth.tokenizer import encode_batch, for_vocab, load_tokenizer
 
     method_knobs = _run(parse_knobs, knobs)
-    _run(check_sampling, temperature, top_k, top_p)  # before the prompt is echoed (errors ran into it)
+    _run(check_sampling, temperature, top_k, top_p, repetition_penalty)  # before the prompt is echoed (errors ran
+    # into it)
     if max_new_tokens < 0:
         _fail(ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}."))
     lm = _run(_load_model, model, dtype, device)
@@ -108,7 +111,8 @@ def generate(
         typer.echo(prompt[0], nl=False)
         callback = _TextStream(tok, ids[0, -1:].tolist())  # (left padding: the prompt's last token)
     out = _run(lm.generate, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
-               temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
+               temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+               callback=callback,
                generator=torch.Generator(device=device).manual_seed(seed), skip_budget=skip_budget,
                method_knobs=method_knobs, compile=compile)
     if callback is not None:

@@ -29,7 +29,8 @@ MIN_TEMPERATURE = 1e-6  # below it, sampling is greedy in all but overflow
 _warned_recompile_limits: set[int] = set()  # recompile limits `generate(compile=...)` has warned at (once each)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   repetition_penalty: float = 1.0) -> None:
     """Sampling settings a user can mistype, refused before any forward (a NaN temperature failed inside torch's
     sampler; a negative one ran greedy; a string or a fractional top_k failed inside torch)."""
     if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
@@ -41,6 +42,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_k must be a whole number >= 1 (None: no top-k cut), got {top_k!r}.")
     if top_p is not None and (not _real(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must lie in (0, 1] (1 or None: no nucleus cut), got {top_p!r}.")
+    if not _real(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none; 1.05-1.3 discourage repeats), got "
+                         f"{repetition_penalty!r}.")
 
 
 def _real(value) -> bool:
@@ -58,7 +62,8 @@ def check_length(config, prompt_len: int, max_new_tokens: int) -> None:
 
 def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  stop_tokens=None, pad_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  stop_tokens=None, pad_token_id: int | None = None,
+                  repetition_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every check of a generation request, before any forward (generate's and speculative decoding's): the long
     attention mask (B, T), the stop ids (S,) and the pad id. Default stops as `default_stop_tokens` says; the default
     pad is the checkpoint's when it is a token id, else the first stop id."""
@@ -66,7 +71,7 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
     check_inputs(config, input_ids, attention_mask)  # (here too: a generate of 0 tokens runs no forward)
     if not is_whole(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
     check_left_padded(mask)
     check_length(config, int(mask.sum(-1).max()), int(max_new_tokens))
@@ -119,6 +124,16 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None =
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits.softmax(-1).reshape(shape)
+
+
+def penalize_repeats(logits_BV: torch.Tensor, seen_BN: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The CTRL paper's repetition penalty, as transformers applies it (before temperature, top-k and top-p, greedy
+    too): the logit of every token already in the row, prompt included, divided by `penalty` where positive and
+    multiplied by it where negative. `seen_BN`: the row's ids so far (a padding position holds one of the row's
+    real ids, so the pad id is not penalized for the padding)."""
+    logits = logits_BV.float()
+    seen = logits.gather(1, seen_BN)  # (B, N)
+    return logits.scatter(1, seen_BN, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
 def sample_next(
@@ -197,6 +212,7 @@ def generate(
     skip_budget: float | None = None,
     method_knobs: dict | None = None,
     cache: KVCache | None = None,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """Return the prompt plus up to `max_new_tokens` new tokens per row, (B, T + n).
 
@@ -217,13 +233,15 @@ def generate(
     skip_budget: shorthand for `method_knobs={"budget": skip_budget}` (GateSkip decodes with per-branch
       thresholds calibrated at that budget, see `dyndepth.methods.calibrate`).
     method_knobs: runtime knobs of the attached method for this generation (`method.decoding(**knobs)`).
+    repetition_penalty: > 1 discourages tokens the row already holds (`penalize_repeats`; 1: off).
     """
     if skip_budget is not None or method_knobs:
         with decoding_knobs(model, skip_budget, method_knobs):
             return generate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p,
-                            stop_tokens, pad_token_id, callback, generator, compile, cache_dtype, cache=cache)
+                            stop_tokens, pad_token_id, callback, generator, compile, cache_dtype, cache=cache,
+                            repetition_penalty=repetition_penalty)
     mask, stops, pad_token_id = check_request(model, input_ids, max_new_tokens, attention_mask, temperature, top_k,
-                                              top_p, stop_tokens, pad_token_id)
+                                              top_p, stop_tokens, pad_token_id, repetition_penalty)
     max_new_tokens, config, device, B = operator.index(max_new_tokens), model.config, input_ids.device, len(input_ids)
     if max_new_tokens == 0:
         return input_ids
@@ -250,12 +268,18 @@ def generate(
             _warn_at_recompile_limit()
 
         tokens = [input_ids]
+        seen = torch.where(mask.bool(), input_ids, input_ids[:, -1:])  # (B, T) a left-padded row's last id is real
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         next_pos = lengths[:, None]  # (B, 1)
         for i in range(max_new_tokens):
-            nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            logits = out.logits[:, -1]  # (B, V)
+            if repetition_penalty != 1.0:
+                logits = penalize_repeats(logits, seen, repetition_penalty)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(unfinished, nxt, pad_token_id)
             tokens.append(nxt[:, None])
+            if repetition_penalty != 1.0:
+                seen = torch.cat([seen, nxt[:, None]], dim=1)
             if callback is not None:
                 callback(i, nxt)
             if len(stops):

@@ -134,6 +134,28 @@ def test_a_sampled_request_takes_top_k_and_top_p_as_transformers_does(tiny_check
     assert (seen["top_k"], seen["top_p"], seen["temperature"]) == (20, 0.95, 0.7)
 
 
+def test_a_checkpoints_repetition_penalty_decodes_as_the_hf_backend(tiny_checkpoint, tmp_path):
+    """transformers' generate applies generation_config.json's repetition_penalty (Qwen2.5-Instruct: 1.05) to every
+    request without its own, greedy too; the adapter ignored it and generated other text than the hf backend."""
+    import json
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+
+    shutil.copytree(tiny_checkpoint[0], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5}))
+    kw = dict(pretrained=str(tmp_path / "ckpt"), device="cpu", batch_size=1, max_length=MAX_LENGTH)  # (batch 1:
+    # transformers also penalizes the pad id of a padded batch)
+    ours, hf = DyndepthLM(**kw), HFLM(**kw, dtype="float32")
+    gen = requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS])
+    a = ours.generate_until(gen, disable_tqdm=True)
+    assert a == hf.generate_until(gen, disable_tqdm=True)
+    assert a != DyndepthLM(**{**kw, "pretrained": str(tiny_checkpoint[0])}).generate_until(gen, disable_tqdm=True)
+    own = requests("generate_until", [(p, {"until": [], "max_gen_toks": 12, "repetition_penalty": 1.0})
+                                      for p in PROMPTS])  # a request's own value first
+    assert ours.generate_until(own, disable_tqdm=True) == hf.generate_until(own, disable_tqdm=True) != a
+
+
 def test_every_name_lm_eval_gives_the_generation_budget_is_read_as_the_hf_backend_reads_it(pair):
     """max_tokens and max_completion_tokens (lm-eval's aliases of max_gen_toks, which the hf backend takes) were
     refused as unsupported generation kwargs; the first given, in lm-eval's order, is the budget."""

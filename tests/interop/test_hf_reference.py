@@ -222,3 +222,24 @@ def test_a_method_export_that_transformers_saved_again_says_what_was_lost(tmp_pa
     with pytest.raises(dyndepth.CheckpointError, match=r"records the method 'gateskip' \(dyndepth_method\), and the "
                                                        r"folder holds none of its tensors.*Delete dyndepth_method"):
         dyndepth.from_pretrained(tmp_path / "hf")
+
+
+def test_repetition_penalty_decodes_as_hfs_generate(tmp_path):
+    # generate had no repetition_penalty, which transformers' generate applies (and a checkpoint's
+    # generation_config.json may set: Qwen2.5-Instruct 1.05): the eval adapter's text differed from the hf backend's
+    make_hf_model("qwen3-tied").save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = dyndepth.from_pretrained(tmp_path).eval()
+    ids, mask = padded_batch(hf.config.vocab_size)
+    got = ours.generate(ids, 16, attention_mask=mask, stop_tokens=[], repetition_penalty=1.5)
+    assert not torch.equal(got, ours.generate(ids, 16, attention_mask=mask, stop_tokens=[]))  # it acts
+    with torch.no_grad():  # row by row, unpadded: transformers also penalizes the pad id its padding holds
+        for row, keep in zip(range(len(ids)), mask.bool()):
+            ref = hf.generate(input_ids=ids[row:row + 1, keep], max_new_tokens=16, do_sample=False,
+                              repetition_penalty=1.5, eos_token_id=None, pad_token_id=0, min_new_tokens=16)
+            assert torch.equal(got[row, ids.shape[1]:], ref[0, int(keep.sum()):])
+    logits, seen = torch.randn(3, 50), torch.randint(0, 50, (3, 7))
+    processor = transformers.RepetitionPenaltyLogitsProcessor(0.7)  # (< 1 favours repeats: the same rule)
+    torch.testing.assert_close(dyndepth.generation.penalize_repeats(logits, seen, 0.7), processor(seen, logits.clone()))
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
+        ours.generate(ids, 2, attention_mask=mask, repetition_penalty=0.0)

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # lm-eval's names of the generation budget, in its order of precedence (normalize_gen_kwargs; the hf backend takes all)
 MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
-GEN_KWARGS = ("until", *MAX_TOKENS, "do_sample", "temperature", "top_k", "top_p", "num_beams")
+GEN_KWARGS = ("until", *MAX_TOKENS, "do_sample", "temperature", "top_k", "top_p", "num_beams", "repetition_penalty")
 # what transformers' generate samples with when a request names no top_k / top_p: the checkpoint's
 # generation_config.json (Qwen3: 20 and 0.95), else its GenerationConfig defaults (the 50 likeliest tokens)
 SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0}
@@ -328,7 +328,8 @@ class DyndepthLM(TemplateLM):
             with self.knobs.decoding(self.model), accounting(True):  # (generate keeps no ledger unless asked)
                 self.model.generate(ids, options["max_new_tokens"], attention_mask=mask,
                                     temperature=options["temperature"], top_k=options["top_k"],
-                                    top_p=options["top_p"], stop_tokens=stops, pad_token_id=eot,
+                                    top_p=options["top_p"], repetition_penalty=options["repetition_penalty"],
+                                    stop_tokens=stops, pad_token_id=eot,
                                     callback=callback, **self.knobs.generate)
         except _AllStopped:
             pass
@@ -362,7 +363,8 @@ class DyndepthLM(TemplateLM):
 
 def _generation_options(gen_kwargs: dict, default_max: int, generation_config: dict | None = None) -> dict:
     """A request's generation kwargs as the hf backend decodes them; `generation_config`: the checkpoint's
-    generation_config.json, whose top_k / top_p a sampled request without its own takes (as in transformers)."""
+    generation_config.json, whose top_k / top_p a sampled request without its own takes, and whose
+    repetition_penalty any request without its own takes, greedy too (as in transformers)."""
     unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
     if unknown:
         raise ValueError(f"generation kwargs {unknown} are not supported by dyndepth; supported: {list(GEN_KWARGS)}.")
@@ -381,7 +383,8 @@ def _generation_options(gen_kwargs: dict, default_max: int, generation_config: d
                                        default_max)),
             "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
             "top_k": (gen_kwargs.get("top_k", defaults["top_k"]) or None) if sample else None,  # (0: no cut, as HF)
-            "top_p": gen_kwargs.get("top_p", defaults["top_p"]) if sample else None}
+            "top_p": gen_kwargs.get("top_p", defaults["top_p"]) if sample else None,
+            "repetition_penalty": float(gen_kwargs.get("repetition_penalty", config.get("repetition_penalty") or 1.0))}
 
 
 def _cut(text: str, until: list[str]) -> int | None:
