@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import dyndepth
 from dyndepth.methods import attach_method
@@ -243,3 +244,24 @@ def test_repetition_penalty_decodes_as_hfs_generate(tmp_path):
     torch.testing.assert_close(dyndepth.generation.penalize_repeats(logits, seen, 0.7), processor(seen, logits.clone()))
     with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
         ours.generate(ids, 2, attention_mask=mask, repetition_penalty=0.0)
+
+
+def test_a_tied_config_over_a_checkpoint_with_its_own_lm_head_loads_as_transformers_does(tmp_path):
+    """config.json says tie_word_embeddings, the checkpoint holds a different lm_head.weight (or only it): transformers
+    loads the two untied (or ties the embedding to the head); we dropped the checkpoint's head and tied the embedding
+    to it (logits ~4 off), or reported the embedding missing."""
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    make_hf_model("qwen3-untied-mha-wide-head").save_pretrained(tmp_path / "both")
+    config = json.loads((tmp_path / "both" / "config.json").read_text())
+    (tmp_path / "both" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    state = load_file(tmp_path / "both" / "model.safetensors")
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "config.json").write_text((tmp_path / "both" / "config.json").read_text())
+    save_file({k: v for k, v in state.items() if k != "model.embed_tokens.weight"},
+              tmp_path / "head" / "model.safetensors", metadata={"format": "pt"})
+    for name in ("both", "head"):
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        ours = dyndepth.from_pretrained(tmp_path / name)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
+        assert ours.config.tie_word_embeddings == (name == "head")

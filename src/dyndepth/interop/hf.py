@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from dyndepth.methods.registry import attach_method
 from dyndepth.models import MODELS, PRESETS, model_spec
 from dyndepth.models.qwen3 import CausalLM
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
+
+log = logging.getLogger(__name__)
 
 # a HF tokenizer's files, dyndepth's byte tokenizer, and GPT-2's original BPE pair
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -155,6 +158,7 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     dtype = resolve_dtype(dtype)
     device = None if device is None else resolve_device(device)
     state = spec.state_from_hf(read_state_dict(folder))
+    raw_config = _tying(raw_config, spec, state, folder)
     with torch.device("meta"):
         model = model_from_config(raw_config, str(config_path))
     config = model.config
@@ -176,6 +180,23 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     model.generation_config = _read_json(generation) if generation.is_file() else None
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _tying(raw_config: dict, spec, state: dict[str, torch.Tensor], folder: Path) -> dict:
+    """transformers' rule for a config that ties lm_head to the embedding: a checkpoint holding both, different,
+    loads them untied (its config is wrong), and one holding only lm_head.weight ties the embedding to it. The tied
+    model dropped the checkpoint's own lm_head (logits far from transformers') or reported the embedding missing."""
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is None or not spec.config_from_hf(raw_config).tie_word_embeddings:
+        return raw_config
+    if embed is None:  # (state is ours: read_state_dict's fresh dict)
+        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
+    elif not torch.equal(head, embed):
+        log.warning("%s/config.json ties lm_head to the embedding (tie_word_embeddings), but the checkpoint holds a "
+                    "different lm_head.weight: loading them untied, as transformers does; set tie_word_embeddings "
+                    "to false in config.json to silence this.", folder)
+        return {**raw_config, "tie_word_embeddings": False}
+    return raw_config
 
 
 def _check_method_tensors(model, state: dict[str, torch.Tensor], folder: Path) -> None:
