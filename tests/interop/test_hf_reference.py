@@ -265,3 +265,18 @@ def test_a_tied_config_over_a_checkpoint_with_its_own_lm_head_loads_as_transform
         with torch.no_grad():
             torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
         assert ours.config.tie_word_embeddings == (name == "head")
+
+
+@pytest.mark.parametrize("stored, named", [(torch.bfloat16, "float32"), (torch.float32, "bfloat16")])
+def test_without_a_dtype_a_checkpoint_loads_in_the_dtype_its_config_names_as_in_transformers(stored, named, tmp_path):
+    """Weights stored in one dtype, config.json naming another: transformers' default loads config.json's, we kept
+    the stored one (bfloat16 logits beside transformers' float32 ones, or the reverse)."""
+    make_hf_model("qwen3-tied").to(stored).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": named, "torch_dtype": named}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = dyndepth.from_pretrained(tmp_path)
+    assert {p.dtype for p in ours.parameters()} == {theirs.dtype} == {getattr(torch, named)}
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)

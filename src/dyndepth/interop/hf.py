@@ -138,7 +138,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a HF checkpoint folder or hub id, in eval mode (as transformers does: a method's training-only work,
     DND's controller statistics and router losses, stays off until `model.train()`; the trainer calls it). dtype None
-    keeps the stored dtype (zero-copy on CPU); weights stored in several dtypes load in config.json's."""
+    is transformers' default: config.json's dtype, else the stored one (zero-copy on CPU when the weights are stored
+    in it; weights stored in several dtypes without one named: the embedding's)."""
     folder = resolve(path_or_id)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -216,14 +217,17 @@ def _check_method_tensors(model, state: dict[str, torch.Tensor], folder: Path) -
 
 
 def _one_dtype(state: dict[str, torch.Tensor], keep: set[str], config_dtype: str | None) -> torch.dtype | None:
-    """None (as stored) when the weights share one floating dtype; else the one config.json names, or the
-    embedding's: a checkpoint with float32 norms beside bfloat16 matrices loaded both, and the first matmul failed
-    on the mix (transformers loads every weight in config.json's dtype)."""
+    """The dtype transformers' default ("auto") loads a checkpoint in: the floating dtype config.json names, else the
+    stored one (the embedding's when the weights mix several: float32 norms beside bfloat16 matrices failed the
+    first matmul); None where that is the stored dtype of every weight (zero-copy). A checkpoint stored in bfloat16
+    whose config.json says float32 ran in bfloat16, transformers in float32 (and the reverse)."""
     stored = {v.dtype for k, v in state.items() if v.is_floating_point() and k not in keep}
-    if len(stored) <= 1:
-        return None
     named = getattr(torch, config_dtype, None) if isinstance(config_dtype, str) else None
-    return named if named in stored else state["model.embed_tokens.weight"].dtype
+    if not (isinstance(named, torch.dtype) and named.is_floating_point):  # (absent, or "auto")
+        named = None
+    if stored <= {named} or named is None and len(stored) <= 1:
+        return None
+    return named or state["model.embed_tokens.weight"].dtype
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,
