@@ -327,3 +327,28 @@ def test_a_mistyped_preset_name_is_suggested_when_the_hub_cannot_find_it(monkeyp
         resolve("dreamer-tinyy")  # (was: 'demo-tiny', the closest Qwen3 preset)
     with pytest.raises(CheckpointError, match=r"Name or service not known$"):  # nothing close: no suggestion
         resolve("Qwen/Qwen3-0.6B")  # a hub id, not the random-weight preset qwen3-0.6b
+
+
+def test_a_hub_model_of_an_unsupported_family_is_refused_before_its_weights_download(tmp_path, monkeypatch):
+    """`dyndepth generate mistralai/Mistral-7B-v0.1` (or Qwen/Qwen3-8B-FP8) downloaded every safetensors file
+    (gigabytes) and only then read config.json and refused it."""
+    import huggingface_hub
+
+    from dyndepth.interop.hf import resolve
+
+    asked = []
+
+    def download(repo_id, allow_patterns):
+        asked.append(list(allow_patterns))
+        return str(tmp_path / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    for repo_id, config, error in [
+            ("mistral", {"model_type": "mistral"}, r"unsupported architecture: model_type='mistral'"),
+            ("fp8", {"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints")]:
+        (tmp_path / "user" / repo_id).mkdir(parents=True)
+        (tmp_path / "user" / repo_id / "config.json").write_text(json.dumps(config))
+        asked.clear()
+        with pytest.raises(ConfigError, match=error):
+            resolve(f"user/{repo_id}")
+        assert asked == [["config.json"]]

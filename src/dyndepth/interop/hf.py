@@ -51,7 +51,15 @@ def resolve(path_or_id: str | Path) -> Path:
             "pip install 'dyndepth[hf]'."
         ) from None
     try:
+        # config.json first: a model dyndepth does not build (another family, quantized, sliding-window) was
+        # refused only after its weights (gigabytes) had downloaded
+        config = Path(snapshot_download(str(path_or_id), allow_patterns=["config.json"])) / "config.json"
+        if config.is_file():
+            raw_config = _read_json(config)
+            _spec_of(raw_config).config_from_hf(raw_config)
         return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
+    except (ConfigError, CheckpointError):  # (the config's own message)
+        raise
     except Exception as e:  # network errors, unknown repo, gated repo
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         close = [] if "/" in text else difflib.get_close_matches(text, PRESETS, n=1)  # (generate, eval: presets too)
