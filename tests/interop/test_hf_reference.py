@@ -280,3 +280,17 @@ def test_without_a_dtype_a_checkpoint_loads_in_the_dtype_its_config_names_as_in_
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_folder_transformers_saved_unsharded_over_a_sharded_save_loads(tmp_path):
+    """transformers' save_pretrained, writing model.safetensors where a sharded save was, deletes the old shards and
+    leaves their index; transformers reads model.safetensors first and loads the folder, we read the index and failed
+    on its first missing shard (FileNotFoundError)."""
+    hf = make_hf_model("qwen3-tied")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() and not list(tmp_path.glob("model-*"))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(dyndepth.from_pretrained(tmp_path)(ids).logits, hf(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)

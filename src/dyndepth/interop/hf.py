@@ -79,19 +79,20 @@ def _read_json(path: Path) -> dict:
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors of `model.safetensors` or every shard named in its index."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        state = {}
-        for shard in shards:
-            state.update(read_safetensors(folder / shard))
-        return state
+    """Memory-mapped tensors of `model.safetensors` or, without one, every shard named in its index. The single file
+    comes first, as transformers reads them: its save_pretrained, writing one file over a sharded save, leaves the
+    old index (naming shards it deleted) behind, and such a folder failed to load here (FileNotFoundError)."""
     single = folder / "model.safetensors"
-    if not single.exists():
+    if single.exists():
+        return read_safetensors(single)
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
         found = sorted(p.name for p in folder.iterdir())
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder} (found {found}).")
-    return read_safetensors(single)
+    state = {}
+    for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+        state.update(read_safetensors(folder / shard))
+    return state
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
