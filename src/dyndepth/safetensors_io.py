@@ -23,6 +23,9 @@ _DTYPES = {
 }
 
 
+_LFS_POINTER = b"version https://git-lfs."  # how a git-lfs pointer file starts
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names what and why."""
 
@@ -31,12 +34,18 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one .safetensors file as CPU tensors backed by a memory map (no copy)."""
     path = Path(path)
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:  # a repository cloned without git-lfs
+            raise CheckpointError(f"{path} is a git-lfs pointer, not the weights: fetch them (`git lfs pull` in the "
+                                  "clone, or download the checkpoint with huggingface_hub).")
+        f.seek(0)
         try:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:  # (read as a length, a text file's first bytes asked for exabytes: MemoryError)
+                raise ValueError(f"its header length, {header_len}, runs past the file's {size} bytes")
             header = json.loads(f.read(header_len))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, struct.error, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
             raise CheckpointError(f"{path} is not a valid safetensors file ({e}).") from None
-        size = os.fstat(f.fileno()).st_size
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
     base = 8 + header_len
     tensors = {}

@@ -28,6 +28,17 @@ def test_safetensors_reader_is_memory_mapped_and_exact(tmp_path):
     assert stat.S_IMODE((tmp_path / "y.safetensors").stat().st_mode) == 0o644
 
 
+def test_a_git_lfs_pointer_or_a_text_file_in_place_of_the_weights_is_named_not_a_memory_error(tmp_path):
+    """A repository cloned without git-lfs holds ~130-byte pointer files: their first 8 bytes, read as the header's
+    length, asked for exabytes, and loading raised a bare MemoryError."""
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 1503300328\n"
+    (tmp_path / "model.safetensors").write_text(pointer)
+    with pytest.raises(CheckpointError, match="is a git-lfs pointer, not the weights: fetch them"):
+        read_safetensors(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").write_text("hello, not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"not a valid safetensors file \(its header length, \d+, runs past "):
+        read_safetensors(tmp_path / "model.safetensors")
+
 def test_truncated_and_garbage_files_get_clear_errors(tmp_path):
     write_safetensors({"a": torch.randn(64)}, tmp_path / "x.safetensors")
     data = (tmp_path / "x.safetensors").read_bytes()
