@@ -294,3 +294,21 @@ def test_a_folder_transformers_saved_unsharded_over_a_sharded_save_loads(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(dyndepth.from_pretrained(tmp_path)(ids).logits, hf(input_ids=ids).logits,
                                    atol=1e-4, rtol=0)
+
+
+def test_a_rope_type_under_v4s_key_type_is_read_and_written_as_transformers_reads_it(tmp_path):
+    """rope_parameters naming its type under v4's key ("type": "linear", no "rope_type"): transformers scales the
+    rope, we read default rope (logits ~1.4 off); and a config given {"type": "linear"} was exported with
+    rope_parameters {"rope_type": "default", "type": "linear"}, unscaled to a reader of rope_parameters alone."""
+    make_hf_model("llama-gqa-llama3-rope").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = dyndepth.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
+    written = config_to_hf(dyndepth.preset("tiny-llama", rope_scaling={"type": "linear", "factor": 4.0}), torch.float32)
+    assert written["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}

@@ -47,7 +47,8 @@ def config_from_hf(d: dict) -> ModelConfig:
                           "load the unquantized checkpoint (e.g. Qwen/Qwen3-0.6B, not Qwen/Qwen3-0.6B-FP8).")
     rope = dict(d.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-    scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # (v4 names it "type", as transformers reads)
+    scaling = d.get("rope_scaling") or (rope if rope_type != "default" else None)
     fields = {_ALIASES.get(k, k): v for k, v in d.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
     defaults = dict(_HF_DEFAULTS[model_type])
     if model_type == "llama":
@@ -73,8 +74,11 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         d["model_type"] = "qwen3_moe"  # reporting the experts unexpected): these layers are its Qwen3-MoE's
     dtype_name = str(dtype).removeprefix("torch.")
     d.update(architectures=[ARCHITECTURES[d["model_type"]]], torch_dtype=dtype_name, dtype=dtype_name)
-    rope_parameters = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
-    d["rope_parameters"] = rope_parameters  # v5 reads this; v4 reads rope_theta / rope_scaling
+    # v5 reads rope_parameters (v4 rope_theta / rope_scaling), its type under v5's name: a v4 {"type": "linear"} was
+    # written as {"rope_type": "default", "type": "linear"}, unscaled rope to a reader of rope_parameters alone
+    scaling = dict(config.rope_scaling or {})
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    d["rope_parameters"] = {**scaling, "rope_type": rope_type, "rope_theta": config.rope_theta}
     return d
 
 
