@@ -172,6 +172,20 @@ def test_plot_series_are_named_as_the_report_names_them():
 
 
 
+def test_the_report_says_what_its_latency_column_is():
+    """REPORT.md's table printed a latency column (1.22x, 0.48x, the base itself 2.42x) that its heading never
+    defined: a time over the base's, not a speedup, and the base's row a control of the timing noise."""
+    from dyndepth.repro import render
+
+    config = {"profile": "quick", "base": "b", "post_steps": 2, "batch_size": 2, "seq_len": 32, "train_data": "t",
+              "lr": 3e-4, "val_batches": 1, "val_data": "v", "tasks": ["copa"], "limit": 4}
+    rows = [dict(_row("base", "base", 1.0, 3.0), ideal_compute=1.0, perplexity=20.0, tasks={})]
+    report = render({"config": config, "date": "d", "machine": "m", "seconds": 60, "cpu_seconds": 60,
+                     "base_params": 1e5, "rows": rows, "claims": [], "plots": {}})
+    assert ("latency = the median time of a forward of one held-out batch (2 x 32 tokens) over the base model's"
+            in report) and "the base's row: itself, a control" in report
+
+
 @pytest.mark.parametrize("override, message", [
     ({"tasks": ["gsm8k"]}, r"repro scores accuracy \(acc / acc_norm\) on \['gsm8k'\]"),  # a ZeroDivisionError, late
     ({"limit": 0}, "limit must be >= 1"), ({"post_steps": 0}, "post_steps must be >= 1"),

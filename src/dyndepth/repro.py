@@ -428,8 +428,10 @@ def render(r: dict) -> str:
             f"{c['val_batches']} batches of `{c['val_data'] or 'held-out documents of the training text'}`; "
             f"accuracy on the offline lm-eval tasks {', '.join(c['tasks'])} ({c['limit']} examples each; acc_norm "
             "where the task has it). compute = executed FLOPs per token / the base model's (gates, routers, nested "
-            "passes included); ideal = what the routing needs. Every decision is causal (GateSkip: thresholds "
-            "calibrated at the budget; MoD: its predictor).\n\n")
+            "passes included); ideal = what the routing needs; latency = the median time of a forward of one "
+            f"held-out batch ({c['batch_size']} x {c['seq_len']} tokens) over the base model's, the two timed in "
+            "turn (the base's row: itself, a control: its distance from 1 is the timing noise). Every decision is "
+            "causal (GateSkip: thresholds calibrated at the budget; MoD: its predictor).\n\n")
     cols = ["model", "accuracy", "chance", "val_loss", "perplexity", "compute", "ideal_compute", "latency"]
     rows = [dict(r, model=r["label"], accuracy=f"{r['accuracy']:.1%}", chance=f"{r['chance']:.1%}",
                  compute=f"{r['compute']:.0%}", ideal_compute=f"{r['ideal_compute']:.0%}",
