@@ -28,7 +28,19 @@ def test_reduced_demo_scores_every_method(tmp_path, capsys):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     table = render(summary)
     assert (tmp_path / "results.md").read_text().strip() == table.strip()
+    assert summary["probe"][0] == 8 and summary["probe"][1] < 128  # 9 short examples fill rows of fewer tokens
+    assert f"prefill: a forward of 8 x {summary['probe'][1]} held-out tokens" in table
     assert "| GateSkip q=30% |" in table and table in capsys.readouterr().out
+
+
+def test_the_table_names_the_shape_of_the_timed_forward():
+    """`dyndepth demo --eval-examples 5` timed a forward of 8 x 32 held-out tokens (all 15 examples' text) and its
+    heading said 8 x 128."""
+    row = {"label": "base", "exact_match": 1.0, "answer_loss": 0.1, "compute": 1.0, "ideal_compute": 1.0,
+           "generate_s": 1.0, "latency": 1.0, "per_task": {"var": 1.0}}
+    summary = {"config": {"data": {"tasks": ["var"]}, "steps": 1, "post_steps": 1, "eval_examples": 5},
+               "params": 8e5, "seconds": 1, "machine": "m", "eval_examples": 5, "probe": [8, 32], "rows": [row]}
+    assert "prefill: a forward of 8 x 32 held-out tokens" in render(summary)
 
 
 @pytest.mark.parametrize("field, value", [("post_steps", -1), ("eval_examples", 0), ("steps", 0)])

@@ -112,7 +112,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
                            _scorer(tok, examples), probe, calibration, progress)
     summary = {"config": asdict(cfg), "machine": machine_description(torch.device("cpu")),
                "params": rows[0]["params"], "seconds": round(time.perf_counter() - t0, 1),
-               "eval_examples": len(examples), "rows": rows}
+               "eval_examples": len(examples), "probe": list(probe[0].shape), "rows": rows}  # (B, T) timed
     summary["plots"] = _plots(cfg, models, tok, examples, calibration, rows, out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads: on a shared machine, the work
@@ -175,6 +175,7 @@ def _plots(cfg: DemoConfig, models: dict, tok, examples, calibration, rows, out:
 def render(s: dict) -> str:
     c = s["config"]
     tasks = c["data"]["tasks"]
+    B, T = s.get("probe", (8, 128))  # the forward timed: a few examples fill shorter rows (older results: 8 x 128)
     rows = [dict(model=r["label"], exact_match=f"{r['exact_match']:.1%}", answer_loss=r["answer_loss"],
                  compute=f"{r['compute']:.0%}", ideal_compute=f"{r['ideal_compute']:.0%}",
                  generate_s=r["generate_s"], prefill=f"{r['latency']:.2f}x",
@@ -185,8 +186,8 @@ def render(s: dict) -> str:
             f"exact match: greedy, {s['eval_examples']} held-out prompts ({c['eval_examples']} per task); "
             "answer_loss: nats per answer character; compute: executed FLOPs per token / the base model's "
             "(gates, routers, nested passes included), ideal: what the routing needs; generate_s: seconds to "
-            "generate every answer; prefill: a forward of 8 x 128 held-out tokens, median time over the base model's, "
-            "the two timed in turn (the base's row: itself, a control). All decisions causal "
+            f"generate every answer; prefill: a forward of {B} x {T} held-out tokens, median time over the base "
+            "model's, the two timed in turn (the base's row: itself, a control). All decisions causal "
             "(GateSkip: thresholds calibrated at the budget, MoD: its predictor).\n\n")
     cols = ["model", "exact_match", "answer_loss", "compute", "ideal_compute", "generate_s", "prefill"]
     return head + markdown_table(rows, cols + tasks)
