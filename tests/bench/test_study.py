@@ -158,6 +158,22 @@ def test_a_short_validation_text_is_scored_once_not_wrapped_around(tmp_path, mon
     assert cfg.text_eval_batches > 3 and len(starts) == len(set(starts)) == 3
 
 
+def test_the_text_table_names_the_held_out_tokens_it_scored(tmp_path):
+    """--text-val shorter than text_eval_batches windows: 3 windows of 1 x 32 were scored and the heading said
+    "5 x 1 x 32 held-out tokens"."""
+    from dyndepth.bench.study import mean_curves, render_text
+
+    (tmp_path / "train.txt").write_text("a longer training book\n" * 50)
+    (tmp_path / "val.txt").write_text("a short held-out book\n" * 5)  # 110 bytes: 3 windows of 33
+    cfg = study_config("smoke", out_dir=str(tmp_path / "out"), seq_len=32, batch_size=1, text_eval_batches=5,
+                       text=str(tmp_path / "train.txt"), text_val=str(tmp_path / "val.txt"))
+    text = {"source": cfg.text, "val_source": cfg.text_val, "tokenizer": "byte", "cache_dir": str(tmp_path / "data")}
+    rows = train_and_evaluate("reference", dyndepth.preset("dreamer-tiny"), 0, cfg, text, None, None, corpus="text")
+    table = render_text({"config": dataclasses.asdict(cfg), "text": {"rows": rows, "curves": mean_curves(rows),
+                                                                      "ratios": {}}})
+    assert "byte tokenizer, 96 held-out tokens" in table and "5 x 1 x 32" not in table
+
+
 def test_runs_are_keyed_by_the_texts_content_not_how_its_path_is_spelled(tmp_path):
     import os
 

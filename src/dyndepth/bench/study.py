@@ -150,7 +150,7 @@ class BudgetEval:
             if moe_sets is not None:
                 sets.add(moe_sets)
         row = {"model": self.label, "seed": self.seed, "step": step, "tokens": step * self.cfg.batch_size *
-               self.cfg.seq_len, "val_loss": nll / max(n, 1)}
+               self.cfg.seq_len, "val_loss": nll / max(n, 1), "val_tokens": n}  # (the split may hold fewer batches)
         if diversity:
             row["expert_diversity"] = sum(diversity) / len(diversity)
         if sets.counts:  # over the validation batches together (the spec's corpus), per step or MoE layer
@@ -386,8 +386,12 @@ def render_text(result: dict) -> str:
         rows.append(row)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     held_out = Path(cfg["text_val"]).name if cfg["text_val"] else "1% of its documents"
+    scored = {r.get("val_tokens") for r in text["rows"]}  # what each evaluation scored: text_eval_batches windows,
+    # or fewer when the held-out split holds fewer (studies before 2026-12-06 did not record it)
+    tokens = f"{scored.pop():,}" if len(scored) == 1 and None not in scored else \
+        f"up to {cfg['text_eval_batches']} x {cfg['batch_size']} x {cfg['seq_len']}"
     head = (f"### study tokens, text: {Path(cfg['text']).name} (held out: {held_out}), byte tokenizer, "
-            f"{cfg['text_eval_batches']} x {cfg['batch_size']} x {cfg['seq_len']} held-out tokens\n\n")
+            f"{tokens} held-out tokens\n\n")
     return head + markdown_table(rows, cols)
 
 
