@@ -184,6 +184,11 @@ def test_the_report_says_what_its_latency_column_is():
                      "base_params": 1e5, "rows": rows, "claims": [], "plots": {}})
     assert ("latency = the median time of a forward of one held-out batch (2 x 32 tokens) over the base model's"
             in report) and "the base's row: itself, a control" in report
+    config["val_data"] = ""  # a one-document training text holds out its last tenth, not "held-out documents"
+    report = render({"config": config, "date": "d", "machine": "m", "seconds": 60, "cpu_seconds": 60,
+                     "base_params": 1e5, "rows": rows, "claims": [], "plots": {}})
+    assert "1 batches of the training text's held-out part (every 100th document; of a one-document text, its " \
+        "last 10%)" in report
 
 
 @pytest.mark.parametrize("override, message", [

@@ -341,7 +341,8 @@ def repro(
                                                     "recipe's model); not with --render-only."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Offline lm-eval task files (../shared/data)."),
     train_data: Optional[Path] = typer.Option(None, "--train-data", help="Post-training text (a Gutenberg shard)."),
-    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Held-out text (default: 1% of the documents)."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Held-out text (default: every 100th document; "
+                                                                    "of a one-document text, its last 10%)."),
     profile: str = typer.Option("cpu", help="cpu (under an hour on 2 cores) | quick (a smoke run)."),
     steps: Optional[int] = typer.Option(None, help="Post-training steps per contender (default: the profile's)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated offline tasks (default: the profile's)."),
@@ -584,7 +585,8 @@ def study_tokens(
     out: Path = typer.Option(Path("runs/study"), help="Folder for study.md, study.json and the PNG."),
     text: Optional[Path] = typer.Option(None, help="Also train on this text file (e.g. a Gutenberg shard): "
                                                    "held-out bits per byte at each budget."),
-    text_val: Optional[Path] = typer.Option(None, help="The text's held-out file (default: 1% of its documents)."),
+    text_val: Optional[Path] = typer.Option(None, help="The text's held-out file (default: every 100th "
+                                                     "document; of a one-document text, its last 10%)."),
 ) -> None:
     """Reference and matched baselines trained at several token budgets: tokens-to-accuracy ratios."""
     _out_folder(out, "study tokens")

@@ -32,7 +32,7 @@ import torch
 
 from dyndepth.bench.compare import Contender, causal, compare, latency_ratio, slug
 from dyndepth.bench.timing import machine_description, markdown_table
-from dyndepth.data.build import build_loader
+from dyndepth.data.build import HELD_OUT, build_loader
 from dyndepth.eval.run import score_tasks
 from dyndepth.runconfig import TrainConfig
 from dyndepth.tokenizer import load_tokenizer
@@ -419,13 +419,14 @@ def _series_name(row: dict) -> str:
 
 def render(r: dict) -> str:
     c = r["config"]
+    val = f"`{c['val_data']}`" if c["val_data"] else f"the training text's held-out part ({HELD_OUT})"
     head = (f"# dyndepth repro: adaptive-depth methods from one base\n\n{r['date']}, {r['machine']}, "
             f"{r['seconds'] / 60:.0f} min end to end, {r['cpu_seconds'] / 60:.0f} min CPU (profile `{c['profile']}`; "
             "latencies are only comparable when the machine was not shared). Base: "
             f"`{c['base']}` "
             f"({r['base_params'] / 1e6:.1f}M parameters). Each contender post-trained {c['post_steps']} steps of "
             f"{c['batch_size']} x {c['seq_len']} tokens on `{c['train_data']}` (lr {c['lr']:g}); held-out loss on "
-            f"{c['val_batches']} batches of `{c['val_data'] or 'held-out documents of the training text'}`; "
+            f"{c['val_batches']} batches of {val}; "
             f"accuracy on the offline lm-eval tasks {', '.join(c['tasks'])} ({c['limit']} examples each; acc_norm "
             "where the task has it). compute = executed FLOPs per token / the base model's (gates, routers, nested "
             "passes included); ideal = what the routing needs; latency = the median time of a forward of one "

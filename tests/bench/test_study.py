@@ -174,6 +174,18 @@ def test_the_text_table_names_the_held_out_tokens_it_scored(tmp_path):
     assert "byte tokenizer, 96 held-out tokens" in table and "5 x 1 x 32" not in table
 
 
+def test_the_text_table_says_what_was_held_out_of_a_one_document_text():
+    """`--text tinyshakespeare/input.txt` (no end-of-text line: one document) held out its last 10% and the heading
+    said "held out: 1% of its documents"."""
+    from dyndepth.bench.study import render_text
+
+    cfg = dataclasses.asdict(study_config("smoke"))
+    rows = [{"model": "reference", "tokens": 128, "val_loss": 2.0, "val_tokens": 64}]
+    table = render_text({"config": {**cfg, "text": "input.txt", "text_val": ""},
+                         "text": {"rows": rows, "curves": {"reference": rows}, "ratios": {}}})
+    assert "(held out: every 100th document; of a one-document text, its last 10%)" in table
+
+
 def test_runs_are_keyed_by_the_texts_content_not_how_its_path_is_spelled(tmp_path):
     import os
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dyndepth.bench.match import FAMILIES, MatchConfig, describe, load_reference, run_match
 from dyndepth.bench.timing import machine_description, markdown_table
-from dyndepth.data.build import build_loader, build_tokenizer, one_source, source_fingerprint, source_items
+from dyndepth.data.build import HELD_OUT, build_loader, build_tokenizer, one_source, source_fingerprint, source_items
 from dyndepth.data.sources import HF_PREFIX
 from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.devices import resolve_device
@@ -81,7 +81,7 @@ class StudyConfig:
     synthetic_examples: int = 40000  # training examples generated (the recipes' default)
     eval_batches: int = 4
     text: str = ""  # a text file to train on as well (held-out loss per budget); "" skips the text study
-    text_val: str = ""  # its held-out file ("" holds out 1% of the documents)
+    text_val: str = ""  # its held-out file ("" holds out part of text: HELD_OUT)
     text_split: str = "eot"  # how the text file splits into documents (data.text_split)
     text_eval_batches: int = 16
     tolerance: float = 0.05
@@ -385,7 +385,7 @@ def render_text(result: dict) -> str:
         row["tokens to ref. loss / ref. tokens"] = "-" if ratio is None else " / ".join(ratio)
         rows.append(row)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    held_out = Path(cfg["text_val"]).name if cfg["text_val"] else "1% of its documents"
+    held_out = Path(cfg["text_val"]).name if cfg["text_val"] else HELD_OUT
     scored = {r.get("val_tokens") for r in text["rows"]}  # what each evaluation scored: text_eval_batches windows,
     # or fewer when the held-out split holds fewer (studies before 2026-12-06 did not record it)
     tokens = f"{scored.pop():,}" if len(scored) == 1 and None not in scored else \

@@ -79,6 +79,9 @@ DEFAULTS = {"source": "embedded", "tokenizer": "byte", "tasks": [], "task_weight
 BPE_PREFIX = "bpe:"
 HOLDOUT_EVERY = 100  # without data.val_source, documents 0, 100, 200, ... are the validation split
 SINGLE_DOC_HOLDOUT = 0.1  # ... and of a one-document source, the last tenth of its text
+# the two in words, for reports (a text with no document boundary, such as tinyshakespeare under text_split="eot",
+# has no 1% of documents to hold out)
+HELD_OUT = f"every {HOLDOUT_EVERY}th document; of a one-document text, its last {SINGLE_DOC_HOLDOUT:.0%}"
 HOLDOUT_SCHEME = 3  # in the shard cache key: 1 served a one-document source whole to both splits, 2 counted empty
 # documents (their splits differ from 3's wherever a source has one)
 log = logging.getLogger(__name__)
