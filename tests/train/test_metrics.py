@@ -1,7 +1,8 @@
 import pytest
 
 from dyndepth import CausalLM, preset
-from dyndepth.train.metrics import flops_per_token
+from dyndepth.train import metrics
+from dyndepth.train.metrics import flops_per_token, plot_loss
 from dyndepth.train.optim import apply_freeze
 
 
@@ -62,3 +63,13 @@ def test_a_logger_without_its_package_is_named_before_the_run_builds_anything(tm
                                           rf"train.{key}=false\."):
         run_training(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_curve_of_one_logged_step_is_drawn(tmp_path, monkeypatch):
+    """A run shorter than log_every (the demo's 6-step contenders at log_every 25) logs one record: loss.png drew it
+    as a line without a marker, i.e. nothing, an empty plot under a 'train' legend."""
+    figures = []
+    monkeypatch.setattr(metrics, "save_figure", lambda fig, path, *args, **kw: figures.append(fig) or path)
+    plot_loss([{"step": 6, "loss": 1.5}], tmp_path / "loss.png")
+    (line,) = figures[0].axes[0].lines
+    assert list(line.get_xdata()) == [6] and line.get_marker() not in ("None", "", None)

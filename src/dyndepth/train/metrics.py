@@ -153,8 +153,8 @@ def plot_loss(records: list[dict], path: str | Path) -> Path | None:
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    if train:
-        ax.plot(*zip(*train), label="train")
+    if train:  # a marker while the points are few: a run that logged once drew a line of one point, nothing
+        ax.plot(*zip(*train), marker="o" if len(train) < 3 else None, label="train")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval")
     ax.set_xlabel("step")
