@@ -28,7 +28,9 @@ def test_main_writes_json_and_markdown_with_sane_numbers(tmp_path, capsys):
     assert result["peak_memory_bytes"] is None and result["process_peak_rss_bytes"] > 0  # CPU
     md = (tmp_path / "train-cpu-float32.md").read_text()
     assert "| ratio | control |" in md and f"{result['ratio_ours_over_plain']:.3g}" in md
-    assert "flops_per_token" in md and "loss after 2 steps" in md
+    # the last loss is the one step 2 computed, after one update: the row said "loss after 2 steps"
+    assert "flops_per_token" in md and "| loss of step 2 |" in md and md.count("loss after") == 0
+    assert f"| {result['losses']['ours'][1]:.5f} |" in md
     assert "### bench train: tiny-qwen3" in capsys.readouterr().out
 
 

@@ -240,7 +240,8 @@ def render_markdown(r: dict) -> str:
     if mem is not None:
         rows.append({"metric": "peak CUDA memory (MiB)", "ours": mem["ours"] / 2**20,
                      "plain": mem["plain"] / 2**20, "ratio": mem["ours"] / mem["plain"]})
-    rows.append({"metric": f"loss after {r['steps_taken']} steps", "ours": f"{loss['ours']:.5f}",
+    # the loss step n computed (before its update: n - 1 updates in), each loop's n-th step on the same batch
+    rows.append({"metric": f"loss of step {r['steps_taken']}", "ours": f"{loss['ours']:.5f}",
                  "plain": f"{loss['plain']:.5f}", "ratio": f"max diff {r['max_loss_abs_diff']:.1e}"})
     head = (f"### bench train: {c['model']} ({r['model_params'] / 1e6:.1f}M params), {c['dtype']}, "
             f"{r['machine']}{', compiled' if c['compile'] else ''}\n\n")
