@@ -576,7 +576,8 @@ def match(
 
 @study_app.command("tokens")
 def study_tokens(
-    profile: str = typer.Option("cpu", help="cpu (under an hour on one core) | gpu (~100M parameters, CUDA) | smoke."),
+    profile: str = typer.Option("cpu", help="cpu (under an hour on one core) | gpu (dreamer-small, 85.8M "
+                                "parameters, CUDA) | smoke."),
     reference: Optional[str] = typer.Option(None, help="Reference model (default: the profile's)."),
     against: Optional[str] = typer.Option(None, help="Comma-separated baseline families (default: all)."),
     budgets: Optional[str] = typer.Option(None, help="Comma-separated training-token budgets."),

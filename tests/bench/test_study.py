@@ -80,6 +80,21 @@ def test_bad_profiles_and_budgets_are_one_clear_error():
         study_config("smoke", budgets=[tokens, tokens + tokens // 2, 2 * tokens])  # (one row, then a refused rerun)
 
 
+def test_the_gpu_profile_is_described_by_its_models_size():
+    """`dyndepth study tokens --help` and the module said the gpu profile's model has ~100M parameters;
+    dreamer-small has 85.8M."""
+    from dyndepth.bench import study
+
+    with torch.device("meta"):
+        model = dyndepth.build_model(dyndepth.preset(study.PROFILES["gpu"]["reference"]))
+    n = sum(p.numel() for p in model.parameters())
+    size = f"{n / 1e6:.1f}M parameters"
+    assert size == "85.8M parameters" and size in study.__doc__.replace("\n", " ")
+    help_text = CliRunner().invoke(app, ["study", "tokens", "--help"], terminal_width=200).output
+    help_text = " ".join(help_text.replace("│", " ").split())  # (the help box's borders and wrapping)
+    assert "100M" not in help_text and f"gpu (dreamer-small, {size}" in help_text
+
+
 def test_the_smoke_profile_trains_every_model_and_writes_the_report(tmp_path):
     words = ["the", "ship", "sailed", "north", "and", "a", "storm", "rose", "over", "sea", "at", "night"]
     rng = torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@ claim, ../shared/papers/dreamer.md §1 and §5).
    MoE decoder's layers share no expert pool, so (a) does not transfer to it.
 
 Profiles: "cpu" (dreamer-tiny as recipes/dreamer_tiny_cpu.toml sets it up, 8 x 128 tokens per step, budgets
-0.1M..0.8M tokens, under an hour on one core for all six models), "gpu" (dreamer-small, about 100M parameters,
+0.1M..0.8M tokens, under an hour on one core for all six models), "gpu" (dreamer-small, 85.8M parameters,
 32 x 1024 per step, bf16), "smoke" (tests).
 """
 
