@@ -27,6 +27,10 @@ def test_throughput_bench_reports_wall_clock_next_to_flop_overhead(tmp_path):
         # eager: the nested pass runs the selected tokens only (prefill pads rows for attention pairs alone)
         assert r["ideal_overhead"] == pytest.approx(r["flops_overhead"], rel=0.05, abs=1e-4), r
     assert "- (router only)" in md
+    # the columns a reader cannot infer: selected's share of what, and throughput's direction
+    assert "selected = the share of the valid tokens nested" in md
+    assert "throughput = base time / DND time" in md
+    assert all(r["throughput"] == pytest.approx(r["base_s"] / r["dnd_s"]) for r in result["rows"])
 
 
 def test_fit_thresholds_nests_the_ratio_of_the_calibration_tokens():
