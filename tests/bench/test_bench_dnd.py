@@ -120,3 +120,5 @@ def test_an_empty_entropy_group_reads_as_a_dash_not_nan(tmp_path):
     assert all(v is None or math.isfinite(v) for v in entropy.values())
     assert "nan" not in (tmp_path / "dnd.md").read_text().lower()
     assert "NaN" not in (tmp_path / "dnd.json").read_text()
+    # the compute column (1, 1.18) is relative to the SFT row: the heading says so (it named no reference)
+    assert "compute = executed FLOPs per token / the SFT model's" in (tmp_path / "dnd.md").read_text()

@@ -248,7 +248,7 @@ def render_markdown(throughput: dict | None, quality: dict | None) -> str:
         e = quality["entropy"]
         parts.append(
             f"### bench dnd --quality: DND vs SFT from {c['base']}, {c['steps']} post-training steps each "
-            f"(equal tokens), method {c['method']}\n\n"
+            f"(equal tokens), method {c['method']}; compute = executed FLOPs per token / the SFT model's\n\n"
             + timing.markdown_table(rows, ["model", "compute", "val_loss", "perplexity", "exact_match"])
             + f"\n\nselection vs base next-token entropy: Pearson r = {_figure(e['pearson_r'])} over {e['tokens']} "
               f"tokens (mean entropy nested {_figure(e['entropy_nested'])}, others {_figure(e['entropy_other'])}; "
