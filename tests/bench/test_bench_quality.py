@@ -1,3 +1,4 @@
+import collections
 import json
 
 import pytest
@@ -86,3 +87,36 @@ def test_zero_post_training_steps_are_refused_before_any_work(tmp_path, monkeypa
                                           str(tmp_path / "out")])
         assert result.exit_code == 2 and "steps must be >= 1, got 0" in result.output, result.output
     assert ran == []
+
+
+class _Scored(Exception):
+    pass
+
+
+@pytest.mark.parametrize("bench", ["quality", "dnd"])
+def test_the_held_out_prompts_are_eval_examples_per_task(tmp_path, monkeypatch, bench):
+    """eval_examples is per task (the docs: 120 held-out prompts, 40 per task), but the prompts were drawn with the
+    training mix's weights: the demo's data (2:1:1) gave var 68, sort 29, copy 23, and the exact match leaned to
+    var, the task GateSkip keeps best."""
+    from dyndepth.bench import quality
+    from dyndepth.bench.compare import DEMO_DATA
+    from dyndepth.bench.dnd import DNDQualityConfig, run_quality
+
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny")).save_pretrained(tmp_path / "base")
+    seen = []
+
+    def score(model, label, examples, *args):  # the first row's prompts, then stop: nothing else to check
+        seen.append(collections.Counter(e.task for e in examples))
+        raise _Scored
+
+    monkeypatch.setattr(quality, "_score", score)
+    monkeypatch.setattr(quality, "_posttrain", lambda *args: dyndepth.from_pretrained(tmp_path / "base"))
+    data = {**DEMO_DATA, "synthetic_examples": 8000}
+    with pytest.raises(_Scored):
+        if bench == "quality":
+            quality.run_quality_bench(quality.QualityBenchConfig(base=str(tmp_path / "base"), eval_examples=10,
+                                                                 data=data, out_dir=str(tmp_path / "out")))
+        else:
+            run_quality(DNDQualityConfig(base=str(tmp_path / "base"), eval_examples=10, data=data,
+                                         out_dir=str(tmp_path / "out")))
+    assert seen == [{"var": 10, "sort": 10, "copy": 10}]

@@ -185,9 +185,8 @@ class DNDQualityConfig:
 def run_quality(cfg: DNDQualityConfig) -> dict:
     """DND vs the plain fine-tune from one base: held-out perplexity and synthetic-task exact match, plus the
     controller plot, a selection heatmap and the selection / base-entropy correlation of the DND model."""
-    from dyndepth.bench.quality import QualityBenchConfig, _data, _posttrain, _score
-    from dyndepth.data.build import build_loader, task_mix
-    from dyndepth.data.synthetic import make_examples
+    from dyndepth.bench.quality import QualityBenchConfig, _data, _posttrain, _score, held_out_examples
+    from dyndepth.data.build import build_loader
     from dyndepth.methods.dnd_analysis import entropy_correlation, plot_controller, selection_heatmap
     from dyndepth.tokenizer import ByteTokenizer
 
@@ -197,8 +196,7 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     val_kw = {"split": "val", "batch_size": qcfg.batch_size, "seq_len": qcfg.seq_len, "seed": 0, "tokenizer": tok}
     val_loader = build_loader(data, **val_kw)
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]
-    mix = task_mix(data)  # the tasks the base was trained on
-    examples = make_examples(mix, cfg.eval_examples * len(mix.tasks), seed=1, split="val")
+    examples = held_out_examples(data, cfg.eval_examples)  # the tasks the base was trained on, each as often
     runs = Path(cfg.out_dir) / "dnd_quality_runs"
     rows, models = [], {}
     for label, method in (("SFT", {**cfg.method, "name": "none"}), ("DND", cfg.method)):
