@@ -114,3 +114,18 @@ def test_the_heading_names_the_checkpoints_gates_not_the_option(tmp_path):
                               decode_prompt_len=4, new_tokens=2, repeats=1, out_dir=str(tmp_path / "out"))
     assert main(cfg)["gate"] == "scalar"
     assert "incl. scalar gates" in (tmp_path / "out" / "gateskip-cpu-float32.md").read_text()
+
+
+def test_a_checkpoint_of_fewer_than_256_positions_is_calibrated_within_its_context(tmp_path):
+    """A 128-position checkpoint, every option within its context, failed after its prefill rows were timed: "the
+    input has 256 tokens, more than max_position_embeddings (128)", the decode thresholds' calibration windows."""
+    import dyndepth
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", max_position_embeddings=128))
+    attach_gateskip(model, GateSkipConfig())
+    model.save_pretrained(tmp_path / "ckpt")
+    cfg = GateSkipBenchConfig(model=str(tmp_path / "ckpt"), budgets=[0.0, 0.5], prefill_lens=[16], decode_batches=[1],
+                              decode_prompt_len=8, new_tokens=2, repeats=1, out_dir=str(tmp_path / "out"))
+    rows = main(cfg)["rows"]
+    assert [r["phase"] for r in rows] == ["prefill", "prefill", "decode", "decode"]

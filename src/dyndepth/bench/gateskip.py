@@ -95,7 +95,13 @@ def _work(stats_list: list[dict]) -> dict:
             "packed": sum(packed) / len(packed) if packed else None, "skipped": sum(skipped) / len(skipped)}
 
 
-def _text_ids(cfg: GateSkipBenchConfig) -> torch.Tensor | None:
+def _calibration_len(config) -> int:
+    """Tokens per calibration window: 256, or the model's context when shorter (a checkpoint of 128 positions failed
+    here, after its prefill rows were timed, on 256-token windows no option had asked for)."""
+    return min(256, config.max_position_embeddings)
+
+
+def _text_ids(cfg: GateSkipBenchConfig, window: int) -> torch.Tensor | None:
     """The calibration text's ids (the checkpoint's tokenizer), or None without a text."""
     if not cfg.calibration_text:
         return None
@@ -103,9 +109,9 @@ def _text_ids(cfg: GateSkipBenchConfig) -> torch.Tensor | None:
 
     tokenizer = load_tokenizer("byte" if cfg.model in dyndepth.PRESETS else cfg.model)
     ids = torch.tensor(tokenizer.encode(Path(cfg.calibration_text).read_text(encoding="utf-8")), dtype=torch.long)
-    if len(ids) < 256:
+    if len(ids) < window:
         raise ValueError(f"bench gateskip calibration_text {cfg.calibration_text} has {len(ids)} tokens; it needs "
-                         "at least 256 (a window of calibration).")
+                         f"at least {window} (a window of calibration).")
     return ids
 
 
@@ -127,7 +133,8 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
     method = model.method
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    text_ids = _text_ids(cfg)  # decoding's thresholds and prompts from a text, when given (read before any timing)
+    window = _calibration_len(model.config)
+    text_ids = _text_ids(cfg, window)  # decoding's thresholds and prompts from a text, when given (read before timing)
     rows = []
     for T in cfg.prefill_lens:
         ids = torch.randint(0, V, (cfg.prefill_batch, T), generator=g).to(device)
@@ -142,7 +149,7 @@ def run_gateskip_bench(cfg: GateSkipBenchConfig) -> dict:
         work = {q: _work([prefill(q).stats]) for q in cfg.budgets}
         rows += _rows("prefill", f"B={cfg.prefill_batch}, T={T}", cfg.budgets, times, work)
 
-    calib = [_windows(text_ids, 8, 256, V, g, device) for _ in range(2)]
+    calib = [_windows(text_ids, 8, window, V, g, device) for _ in range(2)]
     thresholds = {}
     for q in cfg.budgets[1:]:  # calibrate once per budget; swap the tables in while timing
         calibrate(model, calib, budget=q)
