@@ -191,6 +191,21 @@ def test_the_report_says_what_its_latency_column_is():
         "last 10%)" in report
 
 
+def test_the_report_names_the_examples_each_task_scored():
+    """The cpu profile's limit is 200 and COPA has 100 examples: REPORT.md said "200 examples each"."""
+    from dyndepth.repro import render
+
+    config = {"profile": "cpu", "base": "b", "post_steps": 2, "batch_size": 2, "seq_len": 32, "train_data": "t",
+              "lr": 3e-4, "val_batches": 1, "val_data": "v", "tasks": ["piqa", "copa"], "limit": 200}
+    tasks = {t: {"acc": {"value": 0.5, "stderr": 0.05, "chance": 0.5, "n": n}} for t, n in (("piqa", 200),
+                                                                                          ("copa", 100))}
+    rows = [dict(_row("base", "base", 1.0, 3.0), ideal_compute=1.0, perplexity=20.0, tasks=tasks)]
+    report = render({"config": config, "date": "d", "machine": "m", "seconds": 60, "cpu_seconds": 60,
+                     "base_params": 1e5, "rows": rows, "claims": [], "plots": {}})
+    assert "tasks piqa (200), copa (100) (examples scored: at most 200 each;" in report
+    assert "200 examples each" not in report
+
+
 @pytest.mark.parametrize("override, message", [
     ({"tasks": ["gsm8k"]}, r"repro scores accuracy \(acc / acc_norm\) on \['gsm8k'\]"),  # a ZeroDivisionError, late
     ({"limit": 0}, "limit must be >= 1"), ({"post_steps": 0}, "post_steps must be >= 1"),

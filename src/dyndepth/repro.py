@@ -420,6 +420,9 @@ def _series_name(row: dict) -> str:
 def render(r: dict) -> str:
     c = r["config"]
     val = f"`{c['val_data']}`" if c["val_data"] else f"the training text's held-out part ({HELD_OUT})"
+    scored = {t: m[_headline(m)]["n"] for t, m in r["rows"][0]["tasks"].items()}  # what each task had (COPA: 100)
+    scored_tasks = ", ".join(f"{t} ({scored[t]})" if t in scored else t for t in c["tasks"])
+    limit = f"at most {c['limit']} each" if c["limit"] else "every example"
     head = (f"# dyndepth repro: adaptive-depth methods from one base\n\n{r['date']}, {r['machine']}, "
             f"{r['seconds'] / 60:.0f} min end to end, {r['cpu_seconds'] / 60:.0f} min CPU (profile `{c['profile']}`; "
             "latencies are only comparable when the machine was not shared). Base: "
@@ -427,7 +430,7 @@ def render(r: dict) -> str:
             f"({r['base_params'] / 1e6:.1f}M parameters). Each contender post-trained {c['post_steps']} steps of "
             f"{c['batch_size']} x {c['seq_len']} tokens on `{c['train_data']}` (lr {c['lr']:g}); held-out loss on "
             f"{c['val_batches']} batches of {val}; "
-            f"accuracy on the offline lm-eval tasks {', '.join(c['tasks'])} ({c['limit']} examples each; acc_norm "
+            f"accuracy on the offline lm-eval tasks {scored_tasks} (examples scored: {limit}; acc_norm "
             "where the task has it). compute = executed FLOPs per token / the base model's (gates, routers, nested "
             "passes included); ideal = what the routing needs; latency = the median time of a forward of one "
             f"held-out batch ({c['batch_size']} x {c['seq_len']} tokens) over the base model's, the two timed in "
