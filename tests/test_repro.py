@@ -40,7 +40,8 @@ def setup(tmp_path_factory):
 def test_quick_profile_writes_the_report(setup, tmp_path):
     cfg = ReproConfig.from_profile("quick", base=str(setup / "base"), data_dir=str(setup / "data"),
                                    train_data=str(setup / "train.txt"), val_data=str(setup / "val.txt"),
-                                   text_split="eot", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+                                   text_split="eot", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                                   val_batches=1000)
     result = run_repro(cfg)
     rows = {r["label"]: r for r in result["rows"]}
     assert list(rows) == ["base", "SFT", "GateSkip vector q=0%", "GateSkip vector q=15%", "GateSkip low-rank q=0%",
@@ -52,9 +53,13 @@ def test_quick_profile_writes_the_report(setup, tmp_path):
     assert rows["DND 20%"]["latency_vs_sft"] > 0 and "latency_vs_sft" not in rows["SFT"]  # DND timed beside SFT
     for r in rows.values():
         assert r["tasks"]["copa"]["acc"]["n"] == 4 and r["chance"] == 0.5 and r["val_loss"] > 0
+    # the held-out loss is over what the split holds (one pass at most), and the report said "1000 batches"
+    scored = result["val_batches_scored"]
+    assert 1 <= scored < 1000
     out = tmp_path / "out"
     report = (out / "REPORT.md").read_text()
     assert "## The papers' claims at this scale" in report and "GateSkip keeps >90%" in report
+    assert f"held-out loss on {scored} batches of" in report
     for path in result["plots"].values():
         assert (out / path.split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
     assert {"accuracy", "loss", "depth GateSkip vector", "depth DND 20%", "depth MoD c=50.0%"} <= set(result["plots"])

@@ -142,6 +142,7 @@ def run_repro(cfg: ReproConfig) -> dict:
     result = {"config": asdict(cfg), "machine": machine_description(torch.device("cpu")),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "base_params": base.num_params(), "rows": rows, "plots": plots,
+              "val_batches_scored": min(cfg.val_batches, val_loader.batches_per_epoch),  # (evaluate: one pass at most)
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     return write_report(result, out, cfg.study)
 
@@ -429,7 +430,7 @@ def render(r: dict) -> str:
             f"`{c['base']}` "
             f"({r['base_params'] / 1e6:.1f}M parameters). Each contender post-trained {c['post_steps']} steps of "
             f"{c['batch_size']} x {c['seq_len']} tokens on `{c['train_data']}` (lr {c['lr']:g}); held-out loss on "
-            f"{c['val_batches']} batches of {val}; "
+            f"{r.get('val_batches_scored', c['val_batches'])} batches of {val}; "
             f"accuracy on the offline lm-eval tasks {scored_tasks} (examples scored: {limit}; acc_norm "
             "where the task has it). compute = executed FLOPs per token / the base model's (gates, routers, nested "
             "passes included); ideal = what the routing needs; latency = the median time of a forward of one "
