@@ -49,6 +49,8 @@ def compute_heatmap(model, tokenizer, text: str, path: str | Path, value: str = 
     if value not in ("executed", "importance"):
         raise ValueError(f"value={value!r}: use 'executed' or 'importance'.")
     tokens, skipped, importance = token_trace(model, tokenizer, text, add_bos, budget)
+    knobs = model.method.knobs()  # the setting drawn (the repro and demo heatmaps ran at a budget no label named)
+    q = knobs["budget"] if budget is None else budget
     T, L = skipped.shape[0], skipped.shape[1]
     executed_RT = (~skipped).reshape(T, 2 * L).T.float()  # (2L, T), row 2l + b
     fig, ax, bar = _token_grid(2 * L, T)
@@ -60,7 +62,7 @@ def compute_heatmap(model, tokenizer, text: str, path: str | Path, value: str = 
         im = ax.imshow(shown.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         fig.colorbar(im, ax=[ax, bar], label="importance (blank: skipped)", fraction=0.03)
     ax.set_yticks(range(2 * L), [f"L{i} {b}" for i in range(L) for b in BRANCHES], fontsize=6)
-    ax.set_title(f"GateSkip compute per token ({value})", fontsize=9)
+    ax.set_title(f"GateSkip compute per token ({value}; budget {q:.0%}, {knobs['mode']} mode)", fontsize=9)
     return _save_token_grid(fig, bar, executed_RT.mean(0), tokens, "executed", "tab:green", path, dpi)
 
 

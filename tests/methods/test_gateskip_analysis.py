@@ -7,7 +7,7 @@ import pytest
 import torch
 from gated import gated_model, masked_dense_reference
 
-from dyndepth import CausalLM, preset
+from dyndepth import CausalLM, plots, preset
 from dyndepth.methods.gateskip_analysis import (
     bos_anchor_report,
     collect_gate_stats,
@@ -120,7 +120,7 @@ def test_skipped_tokens_agree_with_an_independent_reference():
     assert not torch.stack([m for _, m in skipped_tokens(model, tok, text, budget=0.0)]).any()
 
 
-def test_plots_write_pngs(tmp_path):
+def test_plots_write_pngs(tmp_path, monkeypatch):
     model, _ = gated_model(vocab=264, budget=0.3)
     tok = ByteTokenizer(264)
     for value in ("executed", "importance"):
@@ -131,6 +131,13 @@ def test_plots_write_pngs(tmp_path):
         compute_heatmap(model, tok, "x", tmp_path / "bad.png", value="flops")
     stats = collect_gate_stats(model, [torch.randint(0, 256, (2, 12))])
     assert plot_gate_stats(stats, tmp_path / "stats.png", dpi=40).read_bytes()[:8] == PNG_MAGIC
+    # the title names the budget drawn (the demo's and repro's heatmaps said only "executed")
+    titles = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, *args, **kw: titles.append(fig.axes[0].get_title()))
+    compute_heatmap(model, tok, "tokens skip", tmp_path / "t.png")
+    compute_heatmap(model, tok, "tokens skip", tmp_path / "t.png", budget=0.5)
+    assert titles == ["GateSkip compute per token (executed; budget 30%, quantile mode)",
+                      "GateSkip compute per token (executed; budget 50%, quantile mode)"]
 
 
 def test_analysis_needs_a_gateskip_model():
