@@ -148,3 +148,19 @@ def test_resuming_a_checkpoint_that_kept_never_trained_parameters_in_its_groups(
     result = train(mod_model(), TinyLoader(2, 16), tiny_train_config(str(tmp_path), steps=4, save_every=2,
                                                                        resume=True))
     assert result.steps == 4
+
+
+def test_resuming_another_folders_checkpoint_into_a_used_out_dir_is_refused(tmp_path):
+    """train.resume=A/step_2 with out_dir B holding another run's checkpoints continued in B: keep_last pruned B's
+    steps as the resumed run saved (B's step_2 went) and B's config.yaml was overwritten."""
+    a, b = _two_checkpoints(tmp_path / "a"), _two_checkpoints(tmp_path / "b", seed=7)
+    before = (b / "config.yaml").read_text()
+    cfg = tiny_train_config(str(b), steps=8, save_every=2, keep_last=2, resume=str(a / "step_0000002"))
+    with pytest.raises(ValueError, match=r"already holds checkpoints of its own run \(latest step_0000004\)"):
+        train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), cfg)
+    assert [p.name for p in list_checkpoints(b)] == ["step_0000002", "step_0000004"]
+    assert (b / "config.yaml").read_text() == before
+    with pytest.raises(CheckpointError, match=r"has no manifest.json"):  # the run's own folder, not a step: as before
+        train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), tiny_train_config(str(b), steps=8, resume=str(b)))
+    fresh = tiny_train_config(str(tmp_path / "c"), steps=3, resume=str(a / "step_0000002"))  # a new folder: fine
+    assert train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), fresh).steps == 3

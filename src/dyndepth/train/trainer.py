@@ -234,7 +234,15 @@ def _resume_path(cfg: TrainConfig, info: parallel.DistInfo) -> Path | None:
             log.warning("train.resume=true, but %s holds no checkpoint: starting a new run there.",
                         Path(cfg.out_dir).resolve())
         return found
-    return Path(cfg.resume)
+    path, existing = Path(cfg.resume), ckpt.latest_checkpoint(cfg.out_dir)
+    inside = Path(cfg.out_dir).resolve() in (path.resolve(), *path.resolve().parents)  # (abandoned_N/: its own steps)
+    if existing is not None and not inside:
+        # another run's checkpoints: keep_last pruned them as this run saved, and its config.yaml was overwritten
+        raise ValueError(f"train.resume={cfg.resume} is a checkpoint of another folder, but train.out_dir "
+                         f"{cfg.out_dir} already holds checkpoints of its own run (latest {existing.name}), which "
+                         "this run would prune and overwrite; choose a new train.out_dir to continue that checkpoint "
+                         "in, or set train.resume=true to continue the run in train.out_dir.")
+    return path
 
 
 def _resume(path: Path, wrapped, optimizer, scheduler, loader, hooks, cfg: TrainConfig,
