@@ -1,6 +1,7 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,6 +287,18 @@ def test_an_out_dir_at_a_file_is_refused_before_any_data_is_built(tmp_path):
         recipe = load_run_config(None, [f"train.out_dir={out_dir}"])
         with pytest.raises(RunConfigError, match=rf"train.out_dir='{out_dir}' cannot be a folder: {afile} is a file"):
             run_training(recipe)
+
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="procfs stands in for a folder no file can be made in")
+def test_an_out_dir_it_cannot_write_in_is_refused_before_any_data_is_built(tmp_path):
+    # a read-only out_dir (or one under a folder of another user) stopped the run with a PermissionError traceback
+    # from the metrics logger's mkdir, after the model and the data were built; as root only such a filesystem shows
+    # it (procfs: no file can be created in it)
+    recipe = load_run_config(None, ["train.out_dir=/proc/dyndepth_run", f"data.cache_dir={tmp_path}/cache"])
+    with pytest.raises(RunConfigError, match=r"train.out_dir='/proc/dyndepth_run': cannot write in /proc "):
+        run_training(recipe)
+    assert not (tmp_path / "cache").exists()  # before any data was built
 
 
 def test_a_list_of_relative_sources_is_saved_absolute_and_given_on_the_command_line(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -256,6 +257,15 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
     if blocked is not None:
         raise RunConfigError(f"train.out_dir={str(out_dir)!r} cannot be a folder: {blocked} is a file. Set "
                              "train.out_dir to a new or existing folder for the checkpoints.")
+    # a folder it cannot write in (read-only, another user's) stopped the run with a PermissionError traceback from
+    # the metrics logger, after the model and the data (a bpe:N tokenizer trained on them) were built
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise RunConfigError(f"train.out_dir={str(out_dir)!r}: cannot write in {nearest} ({e.strerror}). Set "
+                             "train.out_dir to a folder this user can write in.") from None
 
 
 def check_resume_matches(run_config: RunConfig) -> None:
