@@ -331,6 +331,21 @@ def test_a_fresh_run_into_a_used_folder_sets_the_old_config_aside(tmp_path):
     assert not (tmp_path / "out" / "config.abandoned_1.yaml").exists()
 
 
+
+def test_a_fresh_run_into_a_folder_with_an_exported_model_sets_that_model_aside(tmp_path):
+    # a run's step folders removed to save space left out_dir/model, its weights' last copy; a new run into the folder
+    # set its config and metrics aside but exported over that model
+    args = [f"train.out_dir={tmp_path}", "train.steps=1", "train.batch_size=2", "train.seq_len=16", "train.warmup=0",
+            "train.progress=false", "train.plot=false", "train.device=cpu", "eval.enabled=false"]
+    run_training(None, [*args, "train.seed=1"], loader=TinyLoader(2, 16))
+    first = (tmp_path / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "step_0000001")
+    run_training(None, [*args, "train.seed=2"], loader=TinyLoader(2, 16))
+    assert (tmp_path / "model.abandoned_0" / "model.safetensors").read_bytes() == first
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() != first
+    run_training(None, [*args, "train.steps=2", "train.resume=true"], loader=TinyLoader(2, 16))  # its own: replaced
+    assert not (tmp_path / "model.abandoned_1").exists()
+
 def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_path):
     """`--set model.pretrained=DIR` with no data.tokenizer tokenized the text with the default byte tokenizer (a BPE
     model trained on byte ids, and exported with byte_tokenizer.json); now the folder's own tokenizer reads it, and

@@ -30,7 +30,7 @@ from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
 from dyndepth.train.metrics import check_logger_packages
 from dyndepth.train.parallel import init_distributed
-from dyndepth.train.trainer import TrainResult, train
+from dyndepth.train.trainer import EXPORT, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                 check_held_out_share(loader, eval_loader)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
-        result.exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / "model", tokenizer)
+        result.exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / EXPORT, tokenizer)
     return result
 
 

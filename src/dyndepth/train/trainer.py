@@ -66,6 +66,7 @@ from dyndepth.train.metrics import MetricsLogger, flops_per_token, peak_flops, p
 from dyndepth.train.optim import apply_freeze, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+EXPORT = "model"  # out_dir/model: the HF-format folder run_training exports the last checkpoint to
 
 
 @dataclass
@@ -386,6 +387,10 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         _save_config(run_config, out_dir / "config.yaml", resumed=resume is not None)
+        if resume is None and (out_dir / EXPORT).is_dir():  # this run's end overwrote it, maybe the last copy of an
+            # earlier run's weights (its step folders removed to save space): set aside, as its config and metrics are
+            log.warning("%s: the model the run this one replaces exported moved to %s", out_dir / EXPORT,
+                        set_aside(out_dir / EXPORT).name)
     meter, bar = _Meter(cfg, raw, info, result.steps, tokens), _progress(cfg, info, result.steps)
     for step in range(result.steps + 1, cfg.steps + 1):
         try:
