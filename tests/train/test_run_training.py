@@ -301,6 +301,22 @@ def test_an_out_dir_it_cannot_write_in_is_refused_before_any_data_is_built(tmp_p
     assert not (tmp_path / "cache").exists()  # before any data was built
 
 
+
+def test_a_data_cache_dir_at_a_file_is_refused_before_anything_is_built(tmp_path):
+    # user data is tokenized into data.cache_dir: a file there stopped the run with a FileExistsError traceback once
+    # the model was built (an unwritable folder: a bare "[Errno 2] No such file or directory")
+    text, afile = tmp_path / "text.txt", tmp_path / "notes.txt"
+    text.write_text("some text to train on\n" * 50)
+    afile.write_text("x")
+    for cache in (afile, afile / "cache"):
+        recipe = load_run_config(None, [f"data.source={text}", f"data.cache_dir={cache}", f"train.out_dir={tmp_path}"])
+        with pytest.raises(RunConfigError, match=rf"data.cache_dir='{cache}' cannot be a folder: {afile} is a file"):
+            run_training(recipe)
+    run_training(load_run_config(None, [f"data.cache_dir={afile}", f"train.out_dir={tmp_path / 'run'}", "train.steps=1",
+                                        "train.progress=false", "train.plot=false", "eval.enabled=false"]),
+                 loader=TinyLoader(2, 16))  # the embedded data uses no cache
+
+
 def test_a_list_of_relative_sources_is_saved_absolute_and_given_on_the_command_line(tmp_path, monkeypatch):
     from dyndepth.train.run import absolute_paths
 

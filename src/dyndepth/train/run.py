@@ -110,6 +110,9 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     run_config = pretrained_tokenizer(absolute_paths(run_config))  # the saved config.yaml works from any directory
     cfg = run_config.train
     check_out_dir(cfg.out_dir)
+    data = resolve_data_config(run_config.data)
+    if one_source(data["source"]) not in EMBEDDED:  # user data is tokenized into shards there
+        check_out_dir(data["cache_dir"], "data.cache_dir", "the token shards")
     check_logger_packages(cfg)
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
@@ -249,14 +252,15 @@ def _shown(section: dict, key: str) -> str:
     return repr(section[key]) if key in section else "unset (the preset's or default value)"
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """train.out_dir must be a folder, or a path where one can be made: a file at it, or at one of its parents,
-    stopped the run with a FileExistsError / NotADirectoryError traceback once the model and data were built."""
+def check_out_dir(out_dir: str | os.PathLike, key: str = "train.out_dir", holds: str = "the checkpoints") -> None:
+    """train.out_dir (and data.cache_dir) must be a folder, or a path where one can be made: a file at it, or at one
+    of its parents, stopped the run with a FileExistsError / NotADirectoryError traceback once the model (and, for
+    out_dir, the data) were built."""
     path = Path(out_dir)
     blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
-        raise RunConfigError(f"train.out_dir={str(out_dir)!r} cannot be a folder: {blocked} is a file. Set "
-                             "train.out_dir to a new or existing folder for the checkpoints.")
+        raise RunConfigError(f"{key}={str(out_dir)!r} cannot be a folder: {blocked} is a file. Set {key} to a new or "
+                             f"existing folder for {holds}.")
     # a folder it cannot write in (read-only, another user's) stopped the run with a PermissionError traceback from
     # the metrics logger, after the model and the data (a bpe:N tokenizer trained on them) were built
     nearest = next(p for p in (path, *path.parents) if p.exists())
@@ -264,8 +268,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         with tempfile.TemporaryFile(dir=nearest):
             pass
     except OSError as e:
-        raise RunConfigError(f"train.out_dir={str(out_dir)!r}: cannot write in {nearest} ({e.strerror}). Set "
-                             "train.out_dir to a folder this user can write in.") from None
+        raise RunConfigError(f"{key}={str(out_dir)!r}: cannot write in {nearest} ({e.strerror}). Set {key} to a "
+                             "folder this user can write in.") from None
 
 
 def check_resume_matches(run_config: RunConfig) -> None:
