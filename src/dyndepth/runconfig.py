@@ -239,7 +239,7 @@ def read_recipe(path: Path) -> dict:
             raise RunConfigError(f"{path}: invalid TOML ({e}).") from None
     if path.suffix in (".yaml", ".yml", ".json"):
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, _RecipeLoader) or {}
         except yaml.YAMLError as e:
             raise RunConfigError(f"{path}: invalid YAML/JSON {_yaml_problem(e)}; fix the recipe there.") from None
         if not isinstance(raw, dict):
@@ -247,6 +247,25 @@ def read_recipe(path: Path) -> dict:
                                  f"{type(raw).__name__}; see recipes/tiny_cpu.toml.")
         return raw
     raise RunConfigError(f"recipe {path}: unknown format {path.suffix!r}; use .toml, .yaml or .json.")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: the later one silently replaced the first (a
+    second `train:` section dropped the whole first one, steps and out_dir included), as TOML refuses it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key of its own: an override, wanted
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float)):  # (a list or mapping as a key: PyYAML's own error follows)
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice (the later would "
+                                                        "replace the first); give it once", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

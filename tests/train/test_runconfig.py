@@ -193,3 +193,18 @@ def test_invalid_yaml_is_one_line_naming_where(tmp_path):
         assert "\n" not in str(err.value)
         message = str(err.value)
         assert re.search(rf"r\.yaml: invalid YAML/JSON at {where} \(.*{what}\); fix the recipe there\.$", message)
+
+
+def test_a_yaml_recipe_giving_a_key_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section dropped the whole first one (its steps,
+    batch size and out_dir: the run trained 1000 steps into runs/default); TOML refuses it, and now YAML does too."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n  out_dir: runs/mine\ndata:\n  source: embedded\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(RunConfigError, match=r"r\.yaml: invalid YAML/JSON at line 6, column 1 \(the key 'train' is "
+                                             r"given twice \(the later would replace the first\); give it once\)"):
+        load_run_config(recipe)
+    recipe.write_text("train:\n  steps: 3\n  lr: 1.0e-3\n  steps: 5\n")
+    with pytest.raises(RunConfigError, match=r"at line 4, column 3 \(the key 'steps' is given twice"):
+        load_run_config(recipe)
+    recipe.write_text("train:\n  <<: {steps: 3, lr: 1.0e-3}\n  steps: 5\n")  # a merge, then overridden: YAML's rule
+    assert load_run_config(recipe).train.steps == 5
