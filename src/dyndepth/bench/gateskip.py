@@ -62,6 +62,10 @@ class GateSkipBenchConfig:
             raise ValueError(f"bench gateskip budgets {self.budgets} repeat a value; give each budget once.")
         if self.new_tokens < 2:
             raise ValueError("bench gateskip needs new_tokens >= 2 (decode time is n tokens minus 1 token).")
+        if self.calibration_text and not Path(self.calibration_text).is_file():  # (a folder: IsADirectoryError's
+            # traceback, and a missing file a bare "[Errno 2]", once the model was built)
+            raise ValueError(f"bench gateskip calibration_text {self.calibration_text}: no such file; give a UTF-8 text "
+                             "file (or none: random token ids, for a preset).")
 
 
 def _model(cfg: GateSkipBenchConfig):
@@ -105,10 +109,12 @@ def _text_ids(cfg: GateSkipBenchConfig, window: int) -> torch.Tensor | None:
     """The calibration text's ids (the checkpoint's tokenizer), or None without a text."""
     if not cfg.calibration_text:
         return None
+    from dyndepth.data.sources import read_utf8
     from dyndepth.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("byte" if cfg.model in dyndepth.PRESETS else cfg.model)
-    ids = torch.tensor(tokenizer.encode(Path(cfg.calibration_text).read_text(encoding="utf-8")), dtype=torch.long)
+    text = read_utf8(cfg.calibration_text, "bench gateskip calibration_text")  # (its name when it is not UTF-8)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     if len(ids) < window:
         raise ValueError(f"bench gateskip calibration_text {cfg.calibration_text} has {len(ids)} tokens; it needs "
                          f"at least {window} (a window of calibration).")
