@@ -236,6 +236,16 @@ def test_a_missing_base_or_data_dir_is_named_before_any_text_is_tokenized(tmp_pa
                                  train_data="t")
 
 
+
+def test_a_study_folder_without_its_study_json_is_named_before_any_work(tmp_path):
+    # --study was read only as the report was written: after every contender trained and was scored, the error came
+    # instead of results.json and REPORT.md, and the run's numbers were lost
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"repro --study '.*nostudy' has no study.json; run `dyndepth study tokens"):
+        ReproConfig.from_profile("quick", base=str(tmp_path / "base"), data_dir=str(tmp_path), train_data="t",
+                                 study=str(tmp_path / "nostudy"))
+
 def test_calibration_batches_are_different_batches(tmp_path):
     from dyndepth.repro import calibration_batches
     from dyndepth.tokenizer import ByteTokenizer
