@@ -246,6 +246,18 @@ def test_a_study_folder_without_its_study_json_is_named_before_any_work(tmp_path
         ReproConfig.from_profile("quick", base=str(tmp_path / "base"), data_dir=str(tmp_path), train_data="t",
                                  study=str(tmp_path / "nostudy"))
 
+
+def test_a_cache_dir_or_out_at_a_file_is_named_before_any_work(tmp_path):
+    # the text was tokenized into --cache-dir: a file there stopped with a FileExistsError traceback
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    kw = dict(base=str(tmp_path / "base"), data_dir=str(tmp_path), train_data="t")
+    for key, option in (("cache_dir", "--cache-dir"), ("out_dir", "--out")):
+        with pytest.raises(ValueError, match=rf"repro {option}='{afile}/x' cannot be a folder: {afile} is a file"):
+            ReproConfig.from_profile("quick", **kw, **{key: str(afile / "x")})
+
 def test_calibration_batches_are_different_batches(tmp_path):
     from dyndepth.repro import calibration_batches
     from dyndepth.tokenizer import ByteTokenizer

@@ -91,6 +91,10 @@ class ReproConfig:
         if not Path(self.data_dir).is_dir():  # (checked when the base was scored, after the text was tokenized)
             raise ValueError(f"repro --data-dir {self.data_dir!r} is not a folder: give the folder of the offline "
                              "task files (../shared/data).")
+        from dyndepth.train.run import check_out_dir  # (a file there: a FileExistsError traceback when tokenizing)
+
+        check_out_dir(self.cache_dir, "repro --cache-dir", "the token shards")
+        check_out_dir(self.out_dir, "repro --out", "the report")
         if self.study and not (Path(self.study) / "study.json").is_file():  # (read only as the report was written,
             # after every contender had trained and been scored: the error came instead of results.json)
             raise ValueError(f"repro --study {self.study!r} has no study.json; run `dyndepth study tokens --out "
