@@ -402,6 +402,16 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "error:" in result.output and "Traceback" not in result.output
 
 
+def test_dyndepth_debug_0_keeps_the_one_line_error_and_1_shows_the_trace(tmp_path, monkeypatch):
+    # any value turned the trace on, DYNDEPTH_DEBUG=0 (set to switch it off) too
+    args = ["generate", str(tmp_path / "missing"), "-p", "x"]
+    monkeypatch.setenv("DYNDEPTH_DEBUG", "0")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.startswith("error: no such folder"), result.output
+    monkeypatch.setenv("DYNDEPTH_DEBUG", "1")
+    assert "no such folder" in str(runner.invoke(app, args).exception)  # raised, with its trace
+
+
 @pytest.mark.parametrize("args,message", [
     (["bench", "gateskip", "--budgets", "abc"], "--budgets takes comma-separated numbers"),
     (["bench", "gateskip", "--budgets", "0.3,0"], "budgets must start with 0"),

@@ -36,8 +36,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _fail(e: Exception) -> None:
-    """Bad input ends with one clear line, not a stack trace (DYNDEPTH_DEBUG=1 shows the trace)."""
-    if os.environ.get("DYNDEPTH_DEBUG"):
+    """Bad input ends with one clear line, not a stack trace (DYNDEPTH_DEBUG=1 shows the trace; 0, as unset, not)."""
+    if os.environ.get("DYNDEPTH_DEBUG", "") not in ("", "0"):  # (DYNDEPTH_DEBUG=0 turned the trace on)
         raise e
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = run_study(args.run_dir, args.out, args.examples, args.batches)
     except (ValueError, FileNotFoundError) as e:  # one line, as the dyndepth CLI prints (DYNDEPTH_DEBUG=1: trace)
-        if os.environ.get("DYNDEPTH_DEBUG"):
+        if os.environ.get("DYNDEPTH_DEBUG", "") not in ("", "0"):
             raise
         sys.exit(f"error: {e}")
     print(render(result))
