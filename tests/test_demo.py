@@ -50,3 +50,18 @@ def test_demo_refuses_a_count_below_one_before_training(field, value, tmp_path):
     with pytest.raises(ValueError, match=f"demo {field} must be >= 1, got {value}"):
         DemoConfig(out_dir=str(tmp_path / "out"), **{field: value})
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_a_folder_holding_what_no_demo_wrote(tmp_path):
+    """`dyndepth demo --out runs` deleted runs/base (and sft/, gateskip/, ...), whatever they held, to start its own
+    runs there afresh."""
+    for name in ("base", "sft", "my_run"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "sft" / "config.yaml").write_text("mine")
+    with pytest.raises(ValueError, match=r"demo out_dir .* holds \['my_run'\], which no demo wrote; the demo "
+                                         r"replaces its own folders there \(base, base_model, dnd_20, gateskip, "):
+        DemoConfig(out_dir=str(tmp_path))
+    assert (tmp_path / "sft" / "config.yaml").read_text() == "mine"
+    (tmp_path / "my_run").rmdir()
+    (tmp_path / "results.json").write_text("{}")
+    DemoConfig(out_dir=str(tmp_path))  # an earlier demo's folder: its runs are the demo's own to replace

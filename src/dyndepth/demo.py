@@ -45,6 +45,8 @@ from dyndepth.runconfig import RunConfig, TrainConfig
 from dyndepth.tokenizer import ByteTokenizer, encode_batch
 from dyndepth.train.trainer import train
 
+PLOTS = ("quality_vs_compute.png", "token_compute.png", "dnd_selection.png")  # written into out_dir
+
 
 @dataclass
 class DemoConfig:
@@ -67,6 +69,13 @@ class DemoConfig:
         for name in ("steps", "post_steps", "eval_examples", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}.")
+        out = Path(self.out_dir)  # the demo replaces its own folders there: another `base/` or `sft/` was deleted
+        ours = {"base", "base_model", "results.json", "results.md", *PLOTS, *(slug(c.label) for c in contenders(self))}
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+        if others:
+            raise ValueError(f"demo out_dir {out} holds {others[:3]}, which no demo wrote; the demo replaces its own "
+                             f"folders there ({', '.join(sorted(ours - {'results.json', 'results.md', *PLOTS}))}): "
+                             "give a new or empty folder, or an earlier demo's.")
 
 
 def contenders(cfg: DemoConfig) -> list[Contender]:
