@@ -83,6 +83,9 @@ class TrainConfig:
                      "seed"):  # (a negative min_lr took the schedule below zero: gradient ascent)
             if getattr(self, name) < 0:
                 raise RunConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.seed >= 2**31:  # each rank seeds numpy with seed + rank, below 2**32 (a bare "Seed must be between 0
+            # and 2**32 - 1" once the data were built; past 2**64 torch's "Overflow when unpacking long long")
+            raise RunConfigError(f"train.seed must be below 2**31 ({2**31}), got {self.seed}.")
         if self.eps <= 0 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise RunConfigError(f"train.eps ({self.eps}) must be > 0 and train.betas {list(self.betas)} must lie in "
                                  "[0, 1).")

@@ -105,6 +105,9 @@ def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
     for key, value in (("clip", "-1"), ("save_every", "-1"), ("keep_last", "-2")):  # were accepted
         with pytest.raises(RunConfigError, match=rf"train\.{key} must be >= 0"):
             load_run_config(None, [f"train.{key}={value}"])
+    for seed in (2**32, 2**64):  # numpy's "Seed must be between 0 and 2**32 - 1" after the data were built
+        with pytest.raises(RunConfigError, match=rf"train\.seed must be below 2\*\*31 \(2147483648\), got {seed}"):
+            load_run_config(None, [f"train.seed={seed}"])
     with pytest.raises(RunConfigError, match="train.out_dir is empty"):  # wrote the run into the working directory
         load_run_config(None, ["train.out_dir="])
     bad = tmp_path / "bad.toml"
