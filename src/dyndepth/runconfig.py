@@ -279,6 +279,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{where} ({' '.join(what.split())})".strip()
 
 
+NAMED_KEYS = {("data", "source"), ("data", "val_source"), ("data", "tokenizer"), ("data", "cache_dir"),
+              ("data", "text_field"), ("model", "pretrained"), ("model", "preset")}  # paths and names: never numbers
+
+
 def _apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise RunConfigError(f"override {override!r} must look like section.key=value, e.g. train.lr=3e-4.")
@@ -301,7 +305,10 @@ def _apply_override(raw: dict, override: str) -> None:
     for p in parts[1:-1]:
         node = node.setdefault(p, {})
     # train values are coerced to their declared type later; free-form sections get a best guess here
-    node[parts[-1]] = value if parts[0] == "train" else _parse_scalar(value)
+    parsed = value if parts[0] == "train" else _parse_scalar(value)
+    if tuple(parts) in NAMED_KEYS and isinstance(parsed, (bool, int, float)):  # a folder named 2024 (or 1e3, true) is
+        parsed = value  # a path, not a number: it was refused as "data.source=2024 is not a source: write a path"
+    node[parts[-1]] = parsed
 
 
 def _replace_model_source(model: dict, source: str) -> None:

@@ -211,3 +211,14 @@ def test_a_yaml_recipe_giving_a_key_twice_is_refused(tmp_path):
         load_run_config(recipe)
     recipe.write_text("train:\n  <<: {steps: 3, lr: 1.0e-3}\n  steps: 5\n")  # a merge, then overridden: YAML's rule
     assert load_run_config(recipe).train.steps == 5
+
+
+def test_an_override_naming_a_folder_that_reads_as_a_number_keeps_the_path():
+    """--set data.source=2024 (a folder named for its year) became the int 2024, refused as "data.source=2024 is not a
+    source: write a path"; paths and names stay text, and an override's lists and none keep their meaning."""
+    cfg = load_run_config(None, ["data.source=2024", "data.tokenizer=1e3", "data.val_source=true",
+                                 "model.pretrained=7", "data.cache_dir=0"])
+    assert cfg.data == {"source": "2024", "tokenizer": "1e3", "val_source": "true", "cache_dir": "0"}
+    assert cfg.model == {"pretrained": "7"}
+    cfg = load_run_config(None, ['data.source=["2024", "2025"]', "data.val_source=none", "data.synthetic_examples=0"])
+    assert cfg.data == {"source": ["2024", "2025"], "val_source": None, "synthetic_examples": 0}
