@@ -78,6 +78,9 @@ def test_bad_profiles_and_budgets_are_one_clear_error():
     tokens = study_config("smoke").batch_size * study_config("smoke").seq_len
     with pytest.raises(ValueError, match=r"give training steps \[1, 1, 2\].*at least \d+ tokens apart"):
         study_config("smoke", budgets=[tokens, tokens + tokens // 2, 2 * tokens])  # (one row, then a refused rerun)
+    for seeds in ([0, -1], [2**31]):  # train.seed's error, after the match and every model of the seeds before
+        with pytest.raises(ValueError, match=rf"study seeds must lie in \[0, 2\*\*31\), got {seeds[-1]}"):
+            study_config("smoke", seeds=seeds)
 
 
 def test_the_gpu_profile_is_described_by_its_models_size():

@@ -103,6 +103,9 @@ class StudyConfig:
                              f"step: give budgets at least {tokens} tokens apart (multiples of {tokens} are exact).")
         if not self.seeds or self.examples_per_task < 1:
             raise ValueError("study needs at least one seed and one example per task.")
+        bad = [seed for seed in self.seeds if not 0 <= seed < 2**31]
+        if bad:  # (train.seed's error, naming no option, once the match had run: after every model of a seed before)
+            raise ValueError(f"study seeds must lie in [0, 2**31), got {bad[0]}; pass --seeds 0,1,2.")
         for name in ("text", "text_val"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise ValueError(f"study {name}={getattr(self, name)!r} does not exist; pass a text file, e.g. "
