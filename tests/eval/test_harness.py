@@ -478,6 +478,9 @@ def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     knobs = split_knobs(method, {"skip_budget": 0})
     assert (knobs.fields, knobs.generate) == ({"budget": 0.0}, {"skip_budget": 0.0})
     assert isinstance(knobs.fields["budget"], float)
+    # both names of one knob: scoring forwards ran at budget=0.2 and generation at skip_budget=0.3, unsaid
+    with pytest.raises(ValueError, match="model arguments skip_budget and budget both set the method's budget"):
+        split_knobs(method, {"skip_budget": 0.3, "budget": 0.2})
 
 
 def _gateskip_checkpoint(tiny_checkpoint, folder, budget: float) -> None:

@@ -103,11 +103,14 @@ def split_knobs(method, knobs: dict) -> Knobs:
     if not knobs:
         return Knobs({}, {}, {})
     current = method_knobs(method) if method is not None else {}
-    result = Knobs({}, {}, {})
+    result, named = Knobs({}, {}, {}), {}
     for name, value in knobs.items():
         field, gen_kw = NAMED_KNOBS.get(name, (name, None))
         if field not in current:
             raise ValueError(_unknown_arg(name, field, method, set(current)))
+        if field in named:  # skip_budget=0.3,budget=0.2: scoring took one, generation the other
+            raise ValueError(f"model arguments {named[field]} and {name} both set the method's {field}; give one.")
+        named[field] = name
         value = _coerce(value, current[field], name)
         result.fields[field] = value
         if gen_kw is None:
