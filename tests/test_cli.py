@@ -394,7 +394,24 @@ def test_an_out_that_is_a_file_is_refused_before_the_work(args, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(afile)])
     assert result.exit_code == 2 and f"--out {afile} is a file" in result.output, result.output
     assert afile.read_text() == "kept"
+    # a folder under a file: a NotADirectoryError traceback as the results were written, after the work
+    result = runner.invoke(app, [*args, "--out", str(afile / "results")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --out='{afile}/results' cannot be a folder: "
+                                                              f"{afile} is a file"), result.output
 
+
+
+def test_a_convert_or_calibrate_output_under_a_file_is_refused_before_the_work(tmp_path):
+    # a NotADirectoryError traceback once the checkpoint was loaded (calibrate: and its thresholds fitted)
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    result = runner.invoke(app, ["convert", str(tmp_path / "ckpt"), str(afile / "dst")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: DST='{afile}/dst' cannot be a folder"), \
+        result.output
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "ckpt"), "--text", str(afile), "--knobs", "budget=0.3",
+                                 "--out", str(afile / "out")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --out='{afile}/out' cannot be a folder"), \
+        result.output
 
 def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])

@@ -225,11 +225,12 @@ def _numbers(text: str | None, option: str, kind=float) -> list | None:
     return [kind(v) for v in values]
 
 
-def _fresh_output(dst: Path, what: str, src: str | None = None) -> None:
+def _fresh_output(dst: Path, what: str, src: str | None = None, option: str = "--out") -> None:
     """An output folder must be new or empty, or the source itself (an in-place rewrite): writing over another
     checkpoint left its other files (tokenizer, shards) beside the new ones."""
     if dst.exists() and not dst.is_dir():
         _fail(ValueError(f"{dst} is a file; {what} writes a folder."))
+    _writable_folder(dst, option)
     same = src is not None and Path(src).exists() and dst.exists() and dst.resolve() == Path(src).resolve()
     if dst.is_dir() and any(dst.iterdir()) and not same:
         _fail(ValueError(f"{dst} already holds files; {what} writes into a new or empty folder (or in place, the "
@@ -245,6 +246,15 @@ def _out_folder(out: Path, what: str) -> None:
     """A results folder that is a file failed only when the results were written, after all the work."""
     if out.exists() and not out.is_dir():
         _fail(ValueError(f"--out {out} is a file; {what} writes its results into a folder: give a folder."))
+    _writable_folder(out, "--out")
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """A folder under a file, or where this user cannot write, stopped the command with a NotADirectoryError /
+    PermissionError traceback as it wrote its output, after all the work (eval's scores, a bench's timings)."""
+    from dyndepth.train.run import check_out_dir
+
+    _run(check_out_dir, folder, option, "the output")
 
 
 def _check_decoding_knobs(lm, skip_budget: Optional[float], knobs: dict) -> None:
@@ -282,7 +292,7 @@ def convert(
     if step and dst.exists() and dst.resolve() == Path(src).resolve():  # its weights and manifest would disagree
         _fail(ValueError(f"{src} is a training checkpoint: convert exports it into a new folder, never in place "
                          f"(e.g. dyndepth convert {src} {Path(src).parent / 'exported'})."))
-    _fresh_output(dst, "convert", src=None if step else src)
+    _fresh_output(dst, "convert", src=None if step else src, option="DST")
     if step:
         from dyndepth.train.run import export_checkpoint
 
