@@ -497,3 +497,19 @@ def test_a_val_source_given_on_resume_where_no_part_was_held_out_anyway_resumes(
         save_run_config(load_run_config(None, [*args, "eval.enabled=false", "data.tokenizer=bpe:300"]),
                         ckpt / "config.yaml")
         check_resume_matches(load_run_config(None, [*args, "data.tokenizer=bpe:300", f"data.val_source={val}"]))
+
+
+def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    # `--set train.out_dir=~/runs/x` (the shell leaves a ~ after = alone) trained into a folder named ~ in the working
+    # directory, while model.pretrained=~/... read the home folder's
+    from dyndepth.train.run import absolute_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "text.txt").parent.mkdir()
+    (tmp_path / "home" / "text.txt").write_text("text\n")
+    config = absolute_paths(load_run_config(None, ["train.out_dir=~/runs/x", "data.source=~/text.txt",
+                                                   "data.cache_dir=~/cache"]))
+    home = tmp_path / "home"
+    assert (config.train.out_dir, config.data["source"], config.data["cache_dir"]) == \
+        (str(home / "runs" / "x"), str(home / "text.txt"), str(home / "cache"))

@@ -221,11 +221,12 @@ def absolute_paths(run_config: RunConfig) -> RunConfig:
     """The run config with its relative local paths made absolute (model.pretrained, data.source / val_source /
     tokenizer when they name a file or folder here, data.cache_dir and train.out_dir always), so a run's saved
     config rebuilds its base, finds its data and resumes (`dyndepth train out/step_N/config.yaml --resume`) from
-    wherever the command runs. Hub ids and names such as "embedded" or "byte" stay as they are."""
+    wherever the command runs; a leading ~ is the home folder. Hub ids and names such as "embedded" or "byte" stay as
+    they are."""
     cache = {"cache_dir": run_config.data.get("cache_dir", DATA_DEFAULTS["cache_dir"])}  # the default's too
     data = {**_absolute(run_config.data, "source", "val_source", "tokenizer"), **_absolute(cache, "cache_dir",
                                                                                            existing=False)}
-    train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).resolve()))
+    train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).expanduser().resolve()))
     return dataclasses.replace(run_config, model=_absolute(run_config.model, "pretrained"), data=data, train=train)
 
 
@@ -235,6 +236,8 @@ def _absolute(section: dict, *keys: str, existing: bool = True) -> dict:
         value = one_source(value)
         if isinstance(value, (list, tuple)):  # a list of data sources: each item
             return [resolved(v) for v in value]
+        if isinstance(value, str) and value.startswith("~"):  # ~/runs/x: the home folder, not a folder named ~ here
+            value = os.path.expanduser(value)
         relative = isinstance(value, str) and value and not Path(value).is_absolute()
         return str(Path(value).resolve()) if relative and (Path(value).exists() or not existing) else value
 
