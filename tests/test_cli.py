@@ -400,7 +400,6 @@ def test_an_out_that_is_a_file_is_refused_before_the_work(args, tmp_path):
                                                               f"{afile} is a file"), result.output
 
 
-
 def test_a_convert_or_calibrate_output_under_a_file_is_refused_before_the_work(tmp_path):
     # a NotADirectoryError traceback once the checkpoint was loaded (calibrate: and its thresholds fitted)
     afile = tmp_path / "afile"
@@ -412,6 +411,7 @@ def test_a_convert_or_calibrate_output_under_a_file_is_refused_before_the_work(t
                                  "--out", str(afile / "out")])
     assert result.exit_code == 2 and result.output.startswith(f"error: --out='{afile}/out' cannot be a folder"), \
         result.output
+
 
 def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x"])

@@ -236,7 +236,6 @@ def test_a_missing_base_or_data_dir_is_named_before_any_text_is_tokenized(tmp_pa
                                  train_data="t")
 
 
-
 def test_a_study_folder_without_its_study_json_is_named_before_any_work(tmp_path):
     # --study was read only as the report was written: after every contender trained and was scored, the error came
     # instead of results.json and REPORT.md, and the run's numbers were lost
@@ -257,6 +256,7 @@ def test_a_cache_dir_or_out_at_a_file_is_named_before_any_work(tmp_path):
     for key, option in (("cache_dir", "--cache-dir"), ("out_dir", "--out")):
         with pytest.raises(ValueError, match=rf"repro {option}='{afile}/x' cannot be a folder: {afile} is a file"):
             ReproConfig.from_profile("quick", **kw, **{key: str(afile / "x")})
+
 
 def test_calibration_batches_are_different_batches(tmp_path):
     from dyndepth.repro import calibration_batches

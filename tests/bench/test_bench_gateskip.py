@@ -65,7 +65,6 @@ def test_a_checkpoint_is_calibrated_and_prompted_from_a_text(tmp_path, monkeypat
         main(GateSkipBenchConfig(**cfg, calibration_text=str(short)))
 
 
-
 def test_bench_gateskip_refuses_a_calibration_text_that_is_not_a_file(tmp_path):
     # a folder stopped with an IsADirectoryError traceback, a missing file with a bare "[Errno 2] ...", after the
     # model was built
@@ -78,6 +77,7 @@ def test_bench_gateskip_refuses_a_calibration_text_that_is_not_a_file(tmp_path):
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(ValueError, match=rf"calibration_text {latin} is not UTF-8 text"):
         gateskip_bench._text_ids(GateSkipBenchConfig(calibration_text=str(latin)))
+
 
 def test_bench_gateskip_refuses_a_baseline_other_than_zero():
     with pytest.raises(ValueError, match="start with 0"):

@@ -289,7 +289,6 @@ def test_an_out_dir_at_a_file_is_refused_before_any_data_is_built(tmp_path):
             run_training(recipe)
 
 
-
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="procfs stands in for a folder no file can be made in")
 def test_an_out_dir_it_cannot_write_in_is_refused_before_any_data_is_built(tmp_path):
     # a read-only out_dir (or one under a folder of another user) stopped the run with a PermissionError traceback
@@ -299,7 +298,6 @@ def test_an_out_dir_it_cannot_write_in_is_refused_before_any_data_is_built(tmp_p
     with pytest.raises(RunConfigError, match=r"train.out_dir='/proc/dyndepth_run': cannot write in /proc "):
         run_training(recipe)
     assert not (tmp_path / "cache").exists()  # before any data was built
-
 
 
 def test_a_data_cache_dir_at_a_file_is_refused_before_anything_is_built(tmp_path):
@@ -347,7 +345,6 @@ def test_a_fresh_run_into_a_used_folder_sets_the_old_config_aside(tmp_path):
     assert not (tmp_path / "out" / "config.abandoned_1.yaml").exists()
 
 
-
 def test_a_fresh_run_into_a_folder_with_an_exported_model_sets_that_model_aside(tmp_path):
     # a run's step folders removed to save space left out_dir/model, its weights' last copy; a new run into the folder
     # set its config and metrics aside but exported over that model
@@ -361,6 +358,7 @@ def test_a_fresh_run_into_a_folder_with_an_exported_model_sets_that_model_aside(
     assert (tmp_path / "model" / "model.safetensors").read_bytes() != first
     run_training(None, [*args, "train.steps=2", "train.resume=true"], loader=TinyLoader(2, 16))  # its own: replaced
     assert not (tmp_path / "model.abandoned_1").exists()
+
 
 def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_path):
     """`--set model.pretrained=DIR` with no data.tokenizer tokenized the text with the default byte tokenizer (a BPE
