@@ -384,3 +384,18 @@ def test_a_long_query_subset_sees_the_keys_its_positions_allow_whatever_their_co
             dense = attn(h, ctx, 0)
             subset = attn(h, ctx, 0, q_idx_BK=idx, q_valid_BK=valid)
         torch.testing.assert_close(subset[valid], dense[valid], atol=1e-6, rtol=0)
+
+
+def test_norms_compute_float64_in_float64_and_pass_gradcheck():
+    # the norm ran float64 input in float32: a float64 model was float32-accurate and gradcheck failed on every layer
+    torch.manual_seed(0)
+    norm = RMSNorm(8).double()
+    k, v = (torch.nn.Linear(8, n, bias=False).double() for n in (4, 6))
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight  # (2, 3, 8)
+    torch.testing.assert_close(norm(x), exact, rtol=1e-14, atol=1e-14)
+    # (gradcheck perturbs the weights it is given in place: the modules read them)
+    assert torch.autograd.gradcheck(lambda x, w: norm(x), (x, norm.weight))
+    assert torch.autograd.gradcheck(lambda *inputs: normed_linear(x, norm, k, v), (x, norm.weight, k.weight, v.weight))

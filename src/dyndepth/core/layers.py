@@ -69,8 +69,14 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype RMSNorm computes in: float32 for 16-bit x (as HF), float64 for float64 x (a float32 norm made a
+    float64 model float32-accurate, and gradcheck fail on every layer)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # the same arithmetic without the two casts (decode is op-bound)
+    if x.dtype == norm_dtype(x):  # the same arithmetic without the two casts (decode is op-bound)
         return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
@@ -95,15 +101,16 @@ class RMSNormFunction(torch.autograd.Function):
 def _rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor, need_x: bool,
                        need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `rms_norm(x, weight, eps)` for x and weight, from x (the normalized rows recomputed)."""
-    xf = x.float()
+    dtype = norm_dtype(x)
+    xf = x.to(dtype)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    y = xf * rstd  # (..., D) normalized, float32
+    y = xf * rstd  # (..., D) normalized, float32 (float64 for float64 x)
     grad_x = grad_w = None
     if need_w:  # forward multiplied the weight by y in x's dtype
-        y_x = y if x.dtype == torch.float32 else y.to(x.dtype)
-        grad_w = (grad * y_x).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+        y_x = y.to(x.dtype)
+        grad_w = (grad * y_x).reshape(-1, x.shape[-1]).sum(0, dtype=dtype).to(weight.dtype)
     if need_x:
-        grad_y = (grad * weight).float()
+        grad_y = (grad * weight).to(dtype)
         grad_x = (rstd * (grad_y - y * (grad_y * y).mean(-1, keepdim=True))).to(x.dtype)
     return grad_x, grad_w
 
@@ -167,11 +174,12 @@ class NormedLinear(torch.autograd.Function):
             else:
                 grad_weights.append(None)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                part = (g2 @ w.to(ctx.dtype)).float()  # (rows, D), summed over the projections in float32
+                part = (g2 @ w.to(ctx.dtype)).to(norm_dtype(x))  # (rows, D), summed over the projections in
+                # float32 (float64 for float64 x)
                 grad_h = part if grad_h is None else grad_h + part
         grad_x = grad_nw = None
         if grad_h is not None:
-            grad_x, grad_nw = _rms_norm_backward(x, norm_weight, ctx.eps, grad_h.view(x.shape),  # float32
+            grad_x, grad_nw = _rms_norm_backward(x, norm_weight, ctx.eps, grad_h.view(x.shape),
                                                  *ctx.needs_input_grad[:2])
         return grad_x, grad_nw, None, *grad_weights
 
