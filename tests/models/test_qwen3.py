@@ -63,6 +63,15 @@ def test_moe_training_aux_loss_is_weighted_and_differentiable(tiny_moe_config):
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 
 
+def test_moe_balance_loss_of_an_all_padding_batch_is_zero_not_nan(tiny_moe_config):
+    model = CausalLM(tiny_moe_config).train()
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids, attention_mask=torch.zeros_like(ids))  # no valid token: 0 / 0 made the objective NaN
+    assert out.aux_loss.item() == 0.0 and out.stats["moe/balance_loss"].item() == 0.0
+    out.aux_loss.backward()
+    assert torch.isfinite(model.model.layers[0].mlp.gate.weight.grad).all()
+
+
 def test_moe_gathered_and_grouped_expert_paths_agree(tiny_moe_config):
     moe = CausalLM(tiny_moe_config).model.layers[0].mlp
     x = torch.randn(1, 64)

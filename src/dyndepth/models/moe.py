@@ -350,5 +350,6 @@ def load_balancing_loss(stats: list, num_experts: int) -> torch.Tensor:
     """
     counts = torch.stack([s[0] for s in stats]).sum(0)
     prob_sum = torch.stack([s[1] for s in stats]).sum(0)
-    rows = torch.stack([s[2] for s in stats]).sum()
+    rows = torch.stack([s[2] for s in stats]).sum().clamp(min=1)  # no valid token (an all-padding batch): 0, not
+    # 0 / 0 (a NaN objective stops training, and the other families' auxiliary losses are 0 there)
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
