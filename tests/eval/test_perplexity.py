@@ -111,6 +111,17 @@ def test_disjoint_windows_equal_lm_eval_rolling(tiny_checkpoint, model_and_tok):
     assert -rolling == pytest.approx(result.nll, rel=1e-5)
 
 
+def test_a_per_word_loss_past_floats_range_reports_inf_not_an_overflow(model_and_tok, tmp_path):
+    model, tok = model_and_tok
+    blob = "x7Kq" * 100  # one 400-character word: ~5 nats a byte token, ~2000 nats for the word
+    path = tmp_path / "blob.txt"
+    path.write_text(blob)
+    result = file_perplexity(model, tok, path, max_length=64, stride=64)
+    assert result.words == 1 and result.nll > 710  # math.exp raised OverflowError here
+    report = result.to_dict()
+    assert report["word_perplexity"] == math.inf and math.isfinite(report["perplexity"])
+
+
 def test_file_and_errors(model_and_tok, tmp_path):
     model, tok = model_and_tok
     path = tmp_path / "t.txt"
