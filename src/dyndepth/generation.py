@@ -149,6 +149,18 @@ def sample_next(
     return torch.multinomial(filtered_probs(logits_BV, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
 
 
+def check_finite(values: torch.Tensor, model, what: str) -> None:
+    """A FloatingPointError when `values` (a model's logits or scores) hold NaN or inf, which argmax and the scores of
+    multiple-choice tasks would turn silently into token 0 and chance accuracy (one host sync)."""
+    if bool(torch.isfinite(values).all()):
+        return
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    raise FloatingPointError(
+        f"{what} are not finite (NaN or inf) in this {dtype} model: its activations overflowed, or its weights hold "
+        "NaN. float16 holds at most 65504, which the activations of many checkpoints exceed: load the model in "
+        "bfloat16 or float32 (dtype=bfloat16).")
+
+
 def check_left_padded(mask_BT: torch.Tensor) -> None:
     if bool(((mask_BT != 0) & (mask_BT != 1)).any()):
         raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding; got other values.")
@@ -263,6 +275,7 @@ def generate(
     with accounting_off_by_default():  # no step reads its FLOP ledger or statistics (core.accounting)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = model(input_ids, attention_mask=mask, positions=positions, cache=cache.window(prompt_len), num_logits=1)
+        check_finite(out.logits, model, "the prompt's next-token logits")  # (NaN: greedy emitted token 0 throughout)
         step = decode_step(model, compile if compiled else False)
         if compiled:
             _warn_at_recompile_limit()

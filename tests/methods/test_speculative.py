@@ -278,6 +278,15 @@ def test_uncalibrated_draft_budget_and_bad_arguments_raise_clear_errors():
             speculative_generate(dyndepth.build_model(dyndepth.preset(name)).eval(), ids, 4)
 
 
+def test_float16_activations_that_overflow_are_an_error_not_a_row_of_token_0():
+    model, _ = spec_model()
+    with torch.no_grad():  # activations past float16's 65504, as many checkpoints' outliers are
+        model.model.layers[0].mlp.down_proj.weight.mul_(3e5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(30)
+    with pytest.raises(FloatingPointError, match="not finite.*float16 model.*bfloat16 or float32"):
+        speculative_generate(model.half(), torch.randint(0, 256, (2, 12)), 4)  # greedy emitted token 0
+
+
 def test_greedy_accept_takes_the_longest_agreeing_prefix():
     logits = torch.zeros(3, 4, 5)
     target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0]])  # argmax at each of K+1 = 4 positions

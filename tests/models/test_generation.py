@@ -136,6 +136,16 @@ def test_generation_rejects_bad_input(model):
         model.generate(ids[0], 3)
 
 
+def test_float16_activations_that_overflow_are_an_error_not_a_row_of_token_0(model):
+    with torch.no_grad():  # activations past float16's 65504, as many checkpoints' outliers are
+        model.model.layers[0].mlp.down_proj.weight.mul_(3e5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(30)
+    ids = torch.randint(0, 256, (2, 12))
+    assert model.generate(ids, 3).shape == (2, 15)  # float32 holds them
+    with pytest.raises(FloatingPointError, match="not finite.*float16 model.*bfloat16 or float32"):
+        model.half().generate(ids, 3)  # NaN logits: greedy emitted token 0 at every step
+
+
 @pytest.mark.slow
 def test_compiled_decode_matches_eager(model):
     ids = torch.randint(0, 256, (2, 5))

@@ -52,7 +52,7 @@ from dyndepth.config import is_whole
 from dyndepth.core.accounting import accounting
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import resolve_dtype
-from dyndepth.generation import filtered_probs
+from dyndepth.generation import check_finite, filtered_probs
 
 CACHE_MODES = ("shared", "separate")
 
@@ -179,6 +179,7 @@ class _Run:
             out = model(input_ids, attention_mask=mask, positions=positions, cache=self.cache.window(seen),
                         num_logits=1)
         self.flops["prefill"] = _forward_flops(out)
+        check_finite(out.logits, model, "the prompt's next-token logits")
         if self.opt.cache_mode == "separate":
             with self.method.decoding(budget=self.opt.draft_budget):
                 d = model(input_ids, attention_mask=mask, positions=positions,
