@@ -448,6 +448,16 @@ def test_batch_size_does_not_change_scores(tiny_checkpoint):
     assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_scores_that_overflow_float16_are_an_error_not_chance_accuracy(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    lm = DyndepthLM(pretrained=str(folder), device="cpu", dtype="float16")
+    with torch.no_grad():  # activations past float16's 65504, as many checkpoints' outliers are
+        lm.model.model.layers[0].mlp.down_proj.weight.mul_(3e5)
+        lm.model.model.layers[0].mlp.up_proj.weight.mul_(30)
+    with pytest.raises(FloatingPointError, match="not finite.*float16 model.*bfloat16 or float32"):
+        lm.loglikelihood(requests("loglikelihood", LOGLIKELIHOOD), disable_tqdm=True)  # was NaN for every choice
+
+
 def test_method_knobs_reach_the_method(tiny_checkpoint, tmp_path):
     """skip_budget is forwarded to GateSkip's override for scoring; other knobs pass through by name."""
     folder, tok = tiny_checkpoint

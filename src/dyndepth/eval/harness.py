@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from dyndepth.core.accounting import accounting
 from dyndepth.eval.model_args import add_stats, as_bool, batch_count, load_for_eval, token_count
+from dyndepth.generation import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ class DyndepthLM(TemplateLM):
             for b, i in enumerate(chunk):
                 cont = torch.tensor(conts[b], device=logp.device)  # (C,)
                 lp = logp[b, -len(conts[b]):]  # (C, V)
+                check_finite(lp, self.model, "the log-probabilities of a scored continuation")  # (NaN scores: every
+                # choice ties, and a multiple-choice task reports chance accuracy as a result)
                 answer = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
                 results[i] = answer
                 if requests[i][0] is not None:
