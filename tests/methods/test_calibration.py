@@ -29,6 +29,18 @@ def test_a_masked_batch_calibrates_over_its_real_tokens_and_the_mode_is_restored
         torch.testing.assert_close(taus[key], rank_threshold(scores, st.pool, 0.3).reshape(()))
 
 
+@pytest.mark.parametrize("name, knobs", [("gateskip", {"budget": 0.3}), ("mod", {"capacity": 0.5})])
+def test_nan_scores_are_named_not_fitted_around_nor_blamed_on_the_batch_size(name, knobs):
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3")).eval()
+    dyndepth.methods.attach_method(model, name)
+    with torch.no_grad():  # every token that runs layer 0's MLP turns NaN (float16 overflow, a diverged checkpoint)
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    # GateSkip fitted a finite threshold around its NaN scores; MoD's error asked for larger batches
+    with pytest.raises(ValueError, match="routing point .* hold NaN.*bfloat16 or float32"):
+        calibrate(model, [torch.randint(0, 256, (4, 24))], **knobs)
+
+
 class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]

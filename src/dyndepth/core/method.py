@@ -105,6 +105,12 @@ class ThresholdRecorder:
     def record(self, key, scores_BT: torch.Tensor, pool_BT: torch.Tensor, skip_fraction: float) -> None:
         from dyndepth.core.routing import rank_threshold
 
+        nan_BT = scores_BT.isnan() if pool_BT is None else scores_BT.isnan() & pool_BT.bool()
+        if bool(nan_BT.any()):  # NaN ranks above every score: a threshold fitted around them (or, when most were NaN,
+            # none: the error then blamed the batch size), stored and saved with the model
+            raise ValueError(f"the calibration scores at routing point {key!r} hold NaN: the model's activations are "
+                             "not finite on this batch (float16 overflow past 65504, or NaN weights); calibrate the "
+                             "model in bfloat16 or float32, and check its weights.")
         tau = rank_threshold(scores_BT.float(), pool_BT, skip_fraction, scope="batch").reshape(())
         self.fraction = skip_fraction
         taus = self.values.setdefault(key, [])
