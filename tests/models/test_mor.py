@@ -194,6 +194,9 @@ def test_bad_configs_fail_with_one_clear_error():
         tiny(capacity=[0.5, 1.0, 0.25])
     with pytest.raises(ValueError, match="depend on the routing"):
         MoRLM(tiny()).forward_flops(4, context=3)
+    for odd in ({"head_dim": 15}, {"hidden_size": 60, "head_dim": None}):  # (60 / 4 heads: 15) the first forward
+        with pytest.raises(ValueError, match="head_dim must be even .*got 15"):  # failed on a rotary size mismatch
+            tiny(**odd)
 
 
 def test_a_token_choice_capacity_is_refused_not_counted_in_the_nominal_flops():

@@ -101,6 +101,8 @@ class MoRConfig:
         check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:  # (the first forward failed on a size mismatch in the rotary embedding)
+            raise ConfigError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}.")
         if self.router_type not in ROUTERS:
             raise ConfigError(f"MoRConfig.router_type={self.router_type!r} is not one of {ROUTERS}.")
         if self.causal_path not in CAUSAL_PATHS:
