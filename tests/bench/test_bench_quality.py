@@ -120,3 +120,16 @@ def test_the_held_out_prompts_are_eval_examples_per_task(tmp_path, monkeypatch, 
             run_quality(DNDQualityConfig(base=str(tmp_path / "base"), eval_examples=10, data=data,
                                          out_dir=str(tmp_path / "out")))
     assert seen == [{"var": 10, "sort": 10, "copy": 10}]
+
+
+def test_a_post_training_folder_holding_what_no_run_wrote_is_not_deleted(tmp_path):
+    # posttrain deleted its out_dir to start afresh: `repro --out .` removed a user's ./runs/sft whatever it held
+    from dyndepth.bench.compare import posttrain
+    from dyndepth.runconfig import TrainConfig
+
+    mine = tmp_path / "runs" / "sft"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files no training run wrote"):
+        posttrain(str(tmp_path / "base"), {"name": "none"}, None, TrainConfig(steps=1, out_dir=str(mine)))
+    assert (mine / "notes.txt").read_text() == "mine"

@@ -19,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -48,10 +49,15 @@ class Contender:
 
 def posttrain(base: str, method: dict, loader, tcfg: TrainConfig):
     """A copy of the checkpoint `base` post-trained with `method` for `tcfg.steps` steps (fresh out_dir)."""
+    out = Path(tcfg.out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.yaml").is_file():  # (not a training run's folder:
+        # a user's `runs/sft` under `--out .` was deleted whatever it held)
+        raise ValueError(f"{out} holds files no training run wrote (no config.yaml); a comparison replaces its own "
+                         "post-training runs there: give another output folder.")
     model = dyndepth.from_pretrained(base)
     torch.manual_seed(tcfg.seed)  # the method's new parameters: the same whatever ran before (as `run_training`)
     hooks = build_hooks(method, model, tcfg.steps)
-    shutil.rmtree(tcfg.out_dir, ignore_errors=True)  # this comparison's own previous run
+    shutil.rmtree(out, ignore_errors=True)  # this comparison's own previous run
     run_config = RunConfig(model={"pretrained": str(base)}, method=dict(method), train=tcfg)  # beside each checkpoint
     train(model, loader, tcfg, hooks=hooks, run_config=run_config)
     return model.eval()
