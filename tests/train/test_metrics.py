@@ -47,6 +47,29 @@ def test_resume_over_a_metrics_line_torn_by_a_kill_keeps_the_records(tmp_path):
     assert [r["step"] for r in logger.records] == [10, 20, 30]
 
 
+def test_a_kill_while_resume_rewrites_the_metrics_keeps_the_history(tmp_path, monkeypatch):
+    # resume rewrote metrics.jsonl in place: a kill during the write left it cut short
+    import pathlib
+
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    history = "".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (10, 20, 30))
+    path.write_text(history)
+    write_text = pathlib.Path.write_text
+
+    def killed(self, text, *args, **kwargs):  # half the text reaches the disk, then the process dies
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):  # (resumed at the last record: nothing to set aside, all rewritten)
+        MetricsLogger(tmp_path, TrainConfig(), enabled=True, resume_step=30)
+    monkeypatch.undo()
+    assert path.read_text() == history
+
+
 @pytest.mark.parametrize("key", ["tensorboard", "wandb"])
 def test_a_logger_without_its_package_is_named_before_the_run_builds_anything(tmp_path, monkeypatch, key):
     # train.wandb=true without wandb stopped with "No module named 'wandb'" (no fix named) once the model and data were

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -99,7 +100,9 @@ class MetricsLogger:
                 aside = set_aside(self.path)
                 log.warning("%s: %d record(s) past step %d of the run this one replaces (%d line(s) torn by a kill "
                             "mid-write) moved to %s", self.path, len(old) - len(kept), resume_step, torn, aside.name)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_name(self.path.name + ".tmp")  # written, then renamed: a kill mid-write left the
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))  # history truncated
+            os.replace(tmp, self.path)
             self.records = kept
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
