@@ -511,3 +511,19 @@ def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch):
     home = tmp_path / "home"
     assert (config.train.out_dir, config.data["source"], config.data["cache_dir"]) == \
         (str(home / "runs" / "x"), str(home / "text.txt"), str(home / "cache"))
+
+
+def test_a_model_field_stated_at_its_presets_value_resumes_and_a_change_is_refused(tmp_path):
+    # the [model] sections were compared as written: --set model.vocab_size=264 on a demo-tiny run (its value) was
+    # refused as a change
+    from dyndepth.runconfig import save_run_config
+    from dyndepth.train.run import check_resume_matches
+
+    ckpt = tmp_path / "step_0000002"
+    ckpt.mkdir()
+    args = ["model=demo-tiny", f"train.resume={ckpt}"]
+    save_run_config(load_run_config(None, args), ckpt / "config.yaml")
+    vocab = dyndepth.preset("demo-tiny").vocab_size
+    check_resume_matches(load_run_config(None, [*args, f"model.vocab_size={vocab}"]))
+    with pytest.raises(RunConfigError, match=r"model\.vocab_size: checkpoint unset .*, recipe 512"):
+        check_resume_matches(load_run_config(None, [*args, "model.vocab_size=512"]))

@@ -250,6 +250,26 @@ FIXED_ON_RESUME = {"model": None, "method": None, "data": ("source", "tokenizer"
                                                           "synthetic_examples", "examples_per_doc", "stdlib_bytes")}
 
 
+def _same_model_config(old: dict, new: dict) -> bool:
+    """Whether two `[model]` sections of presets or fields build the same config (a pretrained one: compared as
+    written, its shape is the checkpoint's)."""
+    from dyndepth.models import build_config, preset
+
+    def config(section: dict):
+        cfg = dict(section)
+        if "pretrained" in cfg:
+            return None
+        cfg["model_type"] = cfg.pop("type", cfg.get("model_type"))
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        try:
+            return preset(cfg.pop("preset"), **cfg) if "preset" in cfg else build_config(cfg)
+        except (ValueError, TypeError, KeyError):  # (an invalid section: the field-by-field comparison names it)
+            return None
+
+    old_config = config(old)
+    return old_config is not None and old_config == config(new)
+
+
 def _shown(section: dict, key: str) -> str:
     """A recipe value for a message: unset keys take the preset's or the default."""
     return repr(section[key]) if key in section else "unset (the preset's or default value)"
@@ -298,6 +318,8 @@ def check_resume_matches(run_config: RunConfig) -> None:
     diffs = []
     for section, keys in FIXED_ON_RESUME.items():
         old, new = getattr(saved, section), getattr(run_config, section)
+        if section == "model" and _same_model_config(old, new):
+            continue  # (written otherwise: a field stated at its preset's value was refused as a change)
         default = DATA_DEFAULTS if section == "data" else {}  # (an unset key and its default value are the same)
         for key in sorted(set(old) | set(new)):
             if (keys is None or key in keys) and old.get(key, default.get(key)) != new.get(key, default.get(key)):
