@@ -507,10 +507,10 @@ def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch):
     (tmp_path / "home" / "text.txt").parent.mkdir()
     (tmp_path / "home" / "text.txt").write_text("text\n")
     config = absolute_paths(load_run_config(None, ["train.out_dir=~/runs/x", "data.source=~/text.txt",
-                                                   "data.cache_dir=~/cache"]))
+                                                   "data.cache_dir=~/cache", "train.resume=~/runs/y/step_2"]))
     home = tmp_path / "home"
-    assert (config.train.out_dir, config.data["source"], config.data["cache_dir"]) == \
-        (str(home / "runs" / "x"), str(home / "text.txt"), str(home / "cache"))
+    assert (config.train.out_dir, config.data["source"], config.data["cache_dir"], config.train.resume) == \
+        (str(home / "runs" / "x"), str(home / "text.txt"), str(home / "cache"), str(home / "runs" / "y" / "step_2"))
 
 
 def test_a_model_field_stated_at_its_presets_value_resumes_and_a_change_is_refused(tmp_path):

@@ -226,7 +226,9 @@ def absolute_paths(run_config: RunConfig) -> RunConfig:
     cache = {"cache_dir": run_config.data.get("cache_dir", DATA_DEFAULTS["cache_dir"])}  # the default's too
     data = {**_absolute(run_config.data, "source", "val_source", "tokenizer"), **_absolute(cache, "cache_dir",
                                                                                            existing=False)}
-    train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).expanduser().resolve()))
+    resume = run_config.train.resume  # (True / False, or a step folder)
+    train = dataclasses.replace(run_config.train, out_dir=str(Path(run_config.train.out_dir).expanduser().resolve()),
+                                resume=os.path.expanduser(resume) if isinstance(resume, str) else resume)
     return dataclasses.replace(run_config, model=_absolute(run_config.model, "pretrained"), data=data, train=train)
 
 
