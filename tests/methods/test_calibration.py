@@ -134,3 +134,22 @@ def test_no_batches_is_named_as_such():
     for empty in ([], batches):
         with pytest.raises(ValueError, match="calibrate got no batches"):
             calibrate(model, empty, budget=0.3)
+
+
+def test_thresholds_that_ties_make_skip_past_the_budget_are_named(caplog):
+    # saturated gates (every score the same float) fit a threshold at that value: deciding by it skipped every token
+    # at a 30% budget, and nothing said so
+    from dyndepth.methods import GateSkipConfig, attach_gateskip
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (4, 32))
+    for bias, warned in ((20.0, True), (5.0, False)):  # sigmoid(20) is 1.0 in float32; sigmoid(5 + noise) is not tied
+        model = dyndepth.build_model(dyndepth.preset("tiny-qwen3")).eval()
+        method = attach_gateskip(model, GateSkipConfig(gate="scalar", init_bias=bias))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dyndepth.methods.calibration"):
+            calibrate(model, [ids], budget=0.3)
+        assert ("tie at its threshold" in caplog.text) == warned
+        with method.override(budget=0.3, mode="threshold"), torch.no_grad():
+            skipped = float(model(ids).stats["gateskip/attn_skipped"])
+        assert (skipped == 1.0) == warned  # what the warning is about

@@ -101,6 +101,8 @@ class ThresholdRecorder:
     def __init__(self) -> None:
         self.values: dict[Any, list[torch.Tensor]] = {}
         self.fraction = 0.0  # the skip fraction recorded (for the error when no batch could skip)
+        self.tied: dict[Any, float] = {}  # key -> the largest fraction a batch's threshold skips, where ties made it
+        # skip more than the budget (saturated gates: every score the same float)
 
     def record(self, key, scores_BT: torch.Tensor, pool_BT: torch.Tensor, skip_fraction: float) -> None:
         from dyndepth.core.routing import rank_threshold
@@ -116,6 +118,10 @@ class ThresholdRecorder:
         taus = self.values.setdefault(key, [])
         if skip_fraction <= 0 or bool(torch.isfinite(tau)):  # (-inf: keep all, right when nothing is to skip)
             taus.append(tau.detach())  # (one host sync per batch and routing point: calibration only)
+            pool = torch.ones_like(scores_BT, dtype=torch.bool) if pool_BT is None else pool_BT.bool()
+            skipped = float((scores_BT.float() <= tau)[pool].float().mean())  # as decoding's `s > tau` keeps
+            if skipped > skip_fraction + max(0.05, 0.5 * skip_fraction):
+                self.tied[key] = max(skipped, self.tied.get(key, 0.0))
 
     def result(self) -> dict[Any, torch.Tensor]:
         if not self.values:

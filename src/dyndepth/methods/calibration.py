@@ -3,6 +3,7 @@ method routes by per-(layer, branch) thresholds fitted on calibration text at th
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -11,6 +12,8 @@ from dyndepth.core.batch import split_batch
 from dyndepth.core.method import ThresholdRecorder
 from dyndepth.methods.common import parse_key_values
 from dyndepth.models.qwen3 import CausalLM
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -44,6 +47,11 @@ def calibrate(model, batches, **knobs) -> dict:
         raise ValueError("calibrate got no batches (an empty list, or an iterator already used up); give at least one "
                          "batch of token ids (B, T) like the text the model will decode.")
     thresholds = recorder.result()
+    for key, skipped in recorder.tied.items():  # (no threshold splits a tie: every tied score skips)
+        log.warning("calibrate: the scores at routing point %r tie at its threshold, so deciding by it skips %.0f%% of "
+                    "a calibration batch's tokens, not %.0f%%; saturated gates or routers (fresh GateSkip gates "
+                    "with a large bias): train them first, or calibrate on other text.", key, 100 * skipped,
+                    100 * recorder.fraction)
     method.set_thresholds(thresholds, knobs)
     return thresholds
 
