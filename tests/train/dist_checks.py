@@ -13,6 +13,8 @@ python dist_checks.py OUT_DIR DATA_FILE   (under torchrun-style env vars RANK, W
 4. resume_race.json: a DDP run whose newest checkpoint is damaged, resumed with resume=true: rank 1 holds its
    verification of that checkpoint until rank 0 enters a barrier, then records whether the checkpoint was still in
    place (rank 0 moved it to abandoned_0 while rank 1 was reading it: no barrier between verifying and moving).
+5. nonfinite.json: DDP runs where rank 1 alone turns step 2's objective NaN: rank 0's skip warning and stop error
+   (train.nonfinite=skip / stop), and the skipping run's logged losses.
 3. run/: `run_training` under DDP on a user-data JSONL file: both ranks ask for the same shard cache
    (rank 0 builds it), and the final checkpoint is exported to run/model.
 """
@@ -20,6 +22,8 @@ python dist_checks.py OUT_DIR DATA_FILE   (under torchrun-style env vars RANK, W
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,7 +37,7 @@ from train_script import tiny_train_config
 
 from dyndepth import CausalLM, preset
 from dyndepth.runconfig import RunConfig
-from dyndepth.train import checkpoint, run_training, train
+from dyndepth.train import Hook, checkpoint, run_training, train
 from dyndepth.train.parallel import DistInfo, init_distributed, reduce_stats
 from dyndepth.train.trainer import optimizer_step, setup_model
 
@@ -107,6 +111,44 @@ def resume_race(out: Path, info) -> None:
                                                           "steps": resumed.steps}))
 
 
+class RankPoison(Hook):
+    """Rank 1's auxiliary loss at optimizer step 2 (grad_accum=1) is NaN; zero everywhere else."""
+
+    name = "rank_poison"
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.calls = rank, 0
+
+    def aux_loss(self, model, batch, out):
+        self.calls += 1
+        scale = math.nan if self.calls == 2 and self.rank == 1 else 0.0
+        return out.logits.float().mean() * scale, {}
+
+
+def nonfinite_on_one_rank(out: Path, info) -> None:
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("dyndepth").addHandler(handler)
+    try:
+        runs = {}
+        for policy in ("skip", "stop"):
+            cfg = tiny_train_config(str(out / f"nonfinite_{policy}"), steps=3, save_every=0, parallel="ddp",
+                                    batch_size=PER_RANK_BATCH, nonfinite=policy)
+            torch.manual_seed(0)
+            loader = sft_loader(PER_RANK_BATCH, rank=info.rank, world_size=info.world_size)
+            try:
+                runs[policy] = train(CausalLM(preset("tiny-qwen3")), loader, cfg, hooks=[RankPoison(info.rank)])
+            except FloatingPointError as e:
+                runs[policy] = str(e)
+    finally:
+        logging.getLogger("dyndepth").removeHandler(handler)
+    if info.is_main:
+        (out / "nonfinite.json").write_text(json.dumps({
+            "warning": [m for m in said if "was skipped" in m], "error": runs["stop"],
+            "losses": dict(runs["skip"].losses)}))
+
+
 def main() -> None:
     out, data_file = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
@@ -118,6 +160,7 @@ def main() -> None:
         (out / "reduced_stats.json").write_text(json.dumps(reduced))
     one_step_gradients(out, info)
     resume_race(out, info)
+    nonfinite_on_one_rank(out, info)
     cfg = tiny_train_config(str(out / "fsdp_run"), steps=4, save_every=2, parallel="fsdp", grad_accum=GRAD_ACCUM,
                             batch_size=PER_RANK_BATCH)
     torch.manual_seed(0)

@@ -194,6 +194,19 @@ def test_ranks_verify_a_damaged_newest_checkpoint_before_rank_0_moves_it(checks)
     assert [p.name for p in (root / "race_run" / "abandoned_0").iterdir()] == ["step_0000004"]
 
 
+def test_a_non_finite_step_on_one_rank_is_reported_with_the_steps_values(checks):
+    """Rank 1 alone had a NaN objective at step 2. Every rank skips (or stops) alike, but the messages quoted the
+    rank's own numbers: rank 0 warned of a "non-finite objective (5.57: the loss 5.58 ...)", its finite share of
+    the step (not even the step's loss), and its stop error said "the loss is 5.57"; now both quote the step's
+    objective over every rank (NaN here) and the skip warning the step's loss as logged."""
+    root, _ = checks
+    got = json.loads((root / "nonfinite.json").read_text())
+    logged = got["losses"]["2"]
+    assert len(got["warning"]) == 1
+    assert got["warning"][0].startswith(f"step 2: non-finite objective (nan: the loss {logged:.4g} plus"), got
+    assert got["error"].startswith("step 2: the loss is nan and the gradient norm nan"), got
+
+
 def test_fsdp_bf16_gathers_bf16_and_reduces_fp32(checks):
     root, ref = checks
     got = torch.load(root / "grads_fsdp_bf16.pt")

@@ -24,13 +24,13 @@ refuses an out_dir that already holds checkpoints. `resume=true` takes the newes
 its manifest check, skipping damaged newer ones with a warning; `.tmp` folders of killed saves are removed.
 
 Non-finite steps: the loss (LM plus auxiliary terms) and the gradient norm are checked once per optimizer
-step, after clipping computed the norm (one host sync per step, none per micro-batch; one all-reduce of a
-flag under DDP/FSDP2 so every rank decides alike). `train.nonfinite="stop"` (default) raises a
-FloatingPointError naming the step before the optimizer steps, so no update and no checkpoint come from
-it and the last checkpoint stays the last good one. `"skip"` zeroes the gradients and leaves weights,
-AdamW state and hook controllers as they were (no hook's `after_step` runs; DND's score buffer, filled by the
-forwards, keeps their finite scores; the schedule still advances with the step number), counts
-the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
+step, after clipping computed the norm (one host sync per step, none per micro-batch; one all-reduce of both
+under DDP/FSDP2 so every rank decides alike, and messages quote the step's values, not a rank's share).
+`train.nonfinite="stop"` (default) raises a FloatingPointError naming the step before the optimizer steps, so
+no update and no checkpoint come from it and the last checkpoint stays the last good one. `"skip"` zeroes the
+gradients and leaves weights, AdamW state and hook controllers as they were (no hook's `after_step` runs; DND's
+score buffer, filled by the forwards, keeps their finite scores; the schedule still advances with the step
+number), counts the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
 
 Batches: `input_ids`, `labels` (-100 = ignore) and optional `attention_mask` (padding), `positions` and `doc_ids`
 (intra-document attention masking) are used. Under torchrun the process group is left initialized for the
@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -309,10 +310,14 @@ class _Meter:
         return record
 
 
-def _all_finite(objective: torch.Tensor, grad_norm: torch.Tensor, info: parallel.DistInfo) -> bool:
-    """Whether the objective and grad norm are finite on every rank (one host sync; one all-reduce if distributed)."""
-    bad = (~torch.isfinite(objective.float() + grad_norm.float())).to(torch.float32).reshape(1)
-    return not bool(info.all_reduce_sum(bad).item())
+def _all_finite(objective: torch.Tensor, grad_norm: torch.Tensor, info: parallel.DistInfo) -> tuple[bool, float]:
+    """Whether the objective and grad norm are finite on every rank, and the step's objective: the mean of the ranks'
+    (their LM shares average to the step's loss), non-finite when any rank's is, so a message quotes what the step
+    had, not rank 0's share of it (one host sync; one all-reduce if distributed)."""
+    both = torch.stack([objective.float(), grad_norm.float().to(objective.device)])  # (2,)
+    info.all_reduce_mean(both)  # (in place) a NaN on any rank reaches every rank's mean
+    objective, norm = both.tolist()
+    return math.isfinite(objective) and math.isfinite(norm), objective
 
 
 def _schedule_lr(optimizer) -> float:
@@ -332,16 +337,17 @@ def optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg: Train
     objective = stats.pop("objective")
     grad_norm = parallel.clip_grad_norm(wrapped, cfg.clip)
     lr = _schedule_lr(optimizer)
-    if _all_finite(objective, grad_norm, info):
+    finite, objective = _all_finite(objective, grad_norm, info)
+    if finite:
         optimizer.step()
     elif cfg.nonfinite == "stop":
         raise FloatingPointError(
-            f"step {scheduler.last_epoch + 1}: the loss is {float(objective):.6g} and the gradient norm "
+            f"step {scheduler.last_epoch + 1}: the loss is {objective:.6g} and the gradient norm "
             f"{float(grad_norm):.6g}; the step was not applied and no checkpoint is written from it. Lower "
             "train.lr or check the data, or set train.nonfinite=skip to skip such steps.")
     else:
         optimizer.zero_grad(set_to_none=True)
-        stats["nonfinite"] = objective.detach().float()  # the objective (loss + auxiliary losses), for the warning
+        stats["nonfinite"] = objective  # the step's objective (loss + auxiliary losses), for the warning
     scheduler.step()
     return stats, lr, grad_norm
 
@@ -400,13 +406,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             raise FloatingPointError(f"{e} The last checkpoint, {last}, is intact: resume from it with "
                                      "train.resume=true." if last else f"{e} No checkpoint was written yet.") from None
         skipped = "nonfinite" in stats
+        nonfinite = stats.pop("nonfinite", None)  # the step's objective, over every rank
         if skipped:
             result.nonfinite_steps += 1
-            nonfinite = float(stats.pop("nonfinite"))
-            if info.is_main:  # (every rank skips the same step: the flag is all-reduced; say so once)
-                log.warning("step %d: non-finite objective (%.4g: the loss %.4g plus auxiliary losses) or gradient "
-                            "norm (%.4g); the step was skipped (train.nonfinite=skip), %d so far", step,
-                            nonfinite, float(stats["loss"]), float(grad_norm), result.nonfinite_steps)
         else:
             stats.update(hooks_after_step(hooks, raw, step, stats, info))
         meter.steps, meter.tokens = meter.steps + 1, meter.tokens + meter.tokens_per_step
@@ -420,6 +422,11 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                 evals = {"eval": f"{result.evals[-1][1]:.4f}"} if result.evals else {}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **evals, tok_s=f"{record['tokens_per_s']:.0f}",
                                 mfu=f"{record['mfu']:.1%}")
+        if skipped and info.is_main:  # (every rank skips the same step: the flag is all-reduced; say so once, with
+            # the step's loss as logged: this rank's share of it, stats["loss"], is not that under DDP / FSDP2)
+            log.warning("step %d: non-finite objective (%.4g: the loss %.4g plus auxiliary losses) or gradient "
+                        "norm (%.4g); the step was skipped (train.nonfinite=skip), %d so far", step,
+                        nonfinite, record["loss"], float(grad_norm), result.nonfinite_steps)
         if bar is not None:
             bar.update(1)
         with meter.paused():
