@@ -100,6 +100,20 @@ def test_auxiliary_losses_and_stats_are_means_over_micro_batches():
     assert alone[router].abs().max() > 1e-4
 
 
+def test_the_fp32_upcast_is_warned_on_rank_0_only(caplog):
+    """Under torchrun every rank upcast its bf16 copy and each said so: the same warning once per GPU."""
+    from dyndepth.train.parallel import DistInfo
+    from dyndepth.train.trainer import setup_model
+
+    cfg = tiny_train_config("unused", save_every=0)
+    for rank in (0, 1):
+        with caplog.at_level(logging.WARNING, logger="dyndepth"):
+            caplog.clear()
+            raw, *_ = setup_model(CausalLM(preset("tiny-qwen3")).to(torch.bfloat16), cfg, DistInfo(rank=rank))
+        assert {p.dtype for p in raw.parameters()} == {torch.float32}  # upcast on every rank
+        assert len([r for r in caplog.records if "upcast to float32" in r.getMessage()]) == (rank == 0), rank
+
+
 def test_bf16_model_trains_with_fp32_master_weights(tmp_path):
     """AdamW at lr 2e-5 on bf16 weights rounds most updates away; the trainer keeps fp32 masters."""
     torch.manual_seed(0)

@@ -158,15 +158,18 @@ def evaluate(model: nn.Module, eval_loader, num_batches: int, cfg: TrainConfig, 
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def ensure_fp32_master(model: nn.Module) -> None:
-    """Upcast a model whose parameters are not all float32 (e.g. loaded in bf16) in place, with a warning."""
+def ensure_fp32_master(model: nn.Module, warn: bool = True) -> None:
+    """Upcast a model whose parameters are not all float32 (e.g. loaded in bf16) in place, with a warning (`warn`:
+    rank 0 only under torchrun, where every rank upcasts its own copy)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes - {torch.float32}:
+    if not dtypes - {torch.float32}:
+        return
+    if warn:
         log.warning("model weights are %s; training keeps fp32 master weights, so they are upcast to float32 "
                     "(AdamW steps on bf16 weights round most updates away). Compute precision is train.dtype; "
                     "load the model with model.dtype='float32' to skip this copy.",
                     ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)))
-        model.float()
+    model.float()
 
 
 def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
@@ -176,7 +179,7 @@ def setup_model(model: nn.Module, cfg: TrainConfig, info: parallel.DistInfo):
     `wrapped` the module to call (the DDP wrapper, or `raw` itself, sharded in place under FSDP2).
     """
     raw = model.to(info.device)
-    ensure_fp32_master(raw)
+    ensure_fp32_master(raw, warn=info.is_main)
     raw.train()
     if cfg.freeze:
         frozen = apply_freeze(raw, cfg.freeze)
