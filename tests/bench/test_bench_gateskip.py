@@ -76,7 +76,7 @@ def test_bench_gateskip_refuses_a_calibration_text_that_is_not_a_file(tmp_path):
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(ValueError, match=rf"calibration_text {latin} is not UTF-8 text"):
-        gateskip_bench._text_ids(GateSkipBenchConfig(calibration_text=str(latin)))
+        gateskip_bench._text_ids(GateSkipBenchConfig(calibration_text=str(latin)), 256)
 
 
 def test_bench_gateskip_refuses_a_baseline_other_than_zero():
