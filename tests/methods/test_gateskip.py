@@ -676,3 +676,15 @@ def test_the_gate_penalty_averages_over_real_tokens_only():
     assert method.budget == 0 and padded > 0  # (nothing skips: a row's gates do not depend on the other row)
     # per branch a mean over the 13 real tokens, so a token-weighted mean of the rows' own penalties
     torch.testing.assert_close(padded, method.config.penalty * (8 * alone[0] + 5 * alone[1]) / 13)
+
+
+def test_the_penalty_weight_scales_the_loss_and_zero_turns_it_off():
+    # lambda multiplies mean over branches of mean(g^2); every other test trains at the default lambda = 1.0, where
+    # a dropped factor reads the same
+    ids = torch.randint(0, 256, (2, 8))
+    for penalty in (0.25, 0.0):
+        model, method = gated_model(penalty=penalty)
+        model.train()
+        out = model(ids)
+        assert float(out.stats["gateskip/gate_sq"]) > 0.1  # logged whatever the weight
+        torch.testing.assert_close(out.aux_loss, penalty * out.stats["gateskip/gate_sq"])
