@@ -688,3 +688,16 @@ def test_the_penalty_weight_scales_the_loss_and_zero_turns_it_off():
         out = model(ids)
         assert float(out.stats["gateskip/gate_sq"]) > 0.1  # logged whatever the weight
         torch.testing.assert_close(out.aux_loss, penalty * out.stats["gateskip/gate_sq"])
+
+
+def test_a_vector_gate_costs_2_d_squared_flops_per_token_per_branch():
+    # the spec's overhead (section 5): d^2 MACs per token per branch, charged for every real token, skipped or not
+    model, method = gated_model(budget=0.5)
+    D, L = model.config.hidden_size, model.config.num_hidden_layers
+    ids = torch.randint(0, 256, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # 17 real tokens
+    with torch.no_grad():
+        ledger = model(ids, attention_mask=mask).compute
+    assert ledger.total("ideal", part="gate") == L * 2 * 17 * 2 * D * D
+    assert ledger.total("executed", part="gate") == L * 2 * 20 * 2 * D * D  # the padding's gates ran too
