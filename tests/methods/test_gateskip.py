@@ -701,3 +701,17 @@ def test_a_vector_gate_costs_2_d_squared_flops_per_token_per_branch():
         ledger = model(ids, attention_mask=mask).compute
     assert ledger.total("ideal", part="gate") == L * 2 * 17 * 2 * D * D
     assert ledger.total("executed", part="gate") == L * 2 * 20 * 2 * D * D  # the padding's gates ran too
+
+
+def test_a_bfloat16_models_gates_compute_their_logits_in_float32():
+    # importances of a bf16 model are ranked in float32 (docs/methods.md): the gate's matmul upcasts h and its
+    # weights, so rounding the logits to bf16 (spacing 1/32 at 5, where fresh gates start) cannot tie or reorder them
+    model, method = gated_model()
+    model = model.to(torch.bfloat16)
+    ids, trace = torch.randint(0, 256, (2, 12)), dyndepth.Trace(keep_streams=True)
+    with torch.no_grad():
+        model(ids, trace=trace)
+        proj = model.model.layers[0].gateskip.attn_gate.proj
+        h = model.model.layers[0].input_layernorm(trace.streams[0])  # (B, T, D) bf16, as the gate read it
+        ref = torch.sigmoid(h.float() @ proj.weight.float().T + proj.bias.float()).mean(-1)
+    torch.testing.assert_close(trace.ctx.state.scores[(0, "attn")], ref, atol=1e-6, rtol=0)
