@@ -418,6 +418,7 @@ def test_lowrank_gate_starts_open_and_learns_from_the_first_step():
     # `down` starts at unit output scale, so proj's first gradient is ~0.2 of the bias's (mean |grad|);
     # with both factors at std 0.01 (the old init) it was ~0.015
     assert g.proj.weight.grad.abs().mean() > 0.06 * g.proj.bias.grad.abs().mean()
+    assert g.down.weight.grad is not None and g.down.weight.grad.abs().sum() > 0  # both factors learn
 
 
 def test_single_branch_ablations_double_the_budget_and_layer_skipping_ties_branches():
