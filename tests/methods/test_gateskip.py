@@ -331,6 +331,9 @@ def test_the_ramp_resumes_on_its_line_and_never_goes_back_when_a_run_is_extended
     assert extended == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2])
     first, state = run(3, range(1, 4))  # a state saved before the step and span were: continues from its budget
     assert first + run(7, range(4, 8), {"budget": state["budget"]})[0] == pytest.approx(extended)
+    first, state = run(5, range(1, 4))  # stopped mid-ramp (step 4 was to train at .15), extended to 9 steps: step 4
+    # trains at .15, then the line from there to .2 at step 9 (not the new run's line from step 1, which restarted it)
+    assert first + run(9, range(4, 10), state)[0] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.16, 0.17, 0.18, 0.19, 0.2])
 
 
 def test_knobs_of_the_wrong_type_and_a_budget_given_twice_are_clear_errors():
