@@ -670,9 +670,10 @@ def test_calibration_averages_the_batches_that_can_skip_and_names_the_fix_when_n
 def test_the_gate_penalty_averages_over_real_tokens_only():
     # a training batch the loader pads (data.packing="documents": attention_mask 0 after the row's documents) took
     # the padding's gates into mean(g^2): the penalty moved with the padding's length and trained gates on it
-    model, method = gated_model()
+    model, method = gated_model(eos=3)
     model.train()
-    ids = torch.randint(0, 256, (2, 8))
+    ids = torch.randint(4, 256, (2, 8))
+    ids[0, 2] = ids[1, 1] = 3  # an EOS is a real token: never ranked, but its gates run and are trained
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0  # row 1: 5 real tokens, then padding
     padded = model(ids, attention_mask=mask).aux_loss
