@@ -498,6 +498,23 @@ def test_copy_prev_under_activation_checkpointing_gives_the_gradients_of_the_pla
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_copy_prev_trains_the_layer_below_through_the_copied_kv():
+    # layer 0's attention adds nothing (its gate is shut: sigmoid(-200) == 0), so its K/V projections reach the loss
+    # only through the K/V that layer 1's skipped tokens copy: a copy cut from the graph left them no gradient
+    model, method = gated_model(budget=0.3, kv_policy="copy_prev")
+    model.train()
+    with torch.no_grad():
+        model.model.layers[0].gateskip.attn_gate.proj.weight.zero_()
+        model.model.layers[0].gateskip.attn_gate.proj.bias.fill_(-200.0)
+    trace = dyndepth.Trace()
+    model(torch.randint(0, 256, (2, 16)), trace=trace).logits.logsumexp(-1).mean().backward()
+    assert (~trace.ctx.state.keep[(1, "attn")]).any()
+    attn0 = model.model.layers[0].self_attn
+    assert attn0.q_proj.weight.grad is None or attn0.q_proj.weight.grad.abs().sum() == 0  # (its queries: unused)
+    for proj in (attn0.k_proj, attn0.v_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 1e-6
+
+
 def test_knobs_and_options_are_checked():
     model, method = gated_model()
     with pytest.raises(ValueError, match="no runtime knob 'budgets'"):
