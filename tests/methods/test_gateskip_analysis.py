@@ -104,6 +104,28 @@ def test_bos_anchor_report_measures_position_zero(protect_bos):
     assert (low.pos0_skipped == 1 - expected).all()
 
 
+def test_statistics_count_the_pool_and_weigh_every_real_token():
+    # a left-padded batch with an EOS and attention-only skipping: the skip fraction is over the ranking pool (EOS out),
+    # the rest's importance is a mean over real tokens (not over positions, which padding fills unevenly), and a layer
+    # whose MLP never skips position 0 still skipped it (its attention did)
+    model, _, ids = anchor_model(-1.0, budget=0.3, skip_branches="attn", eos=5)
+    ids[0, 6] = 5
+    ids[3, 5] = 7  # row 3 starts at column 5: its position 0 is the anchor token too
+    mask = torch.ones_like(ids)
+    mask[3, :5] = 0
+    pool = int(mask.sum()) - 1  # 58 real tokens, one EOS
+    stats = collect_gate_stats(model, [(ids, mask)])
+    torch.testing.assert_close(stats.skipped[:, 0], torch.full((2,), math.floor(0.6 * pool) / pool))
+    assert (stats.skipped[:, 1] == 0).all()
+    report = bos_anchor_report(model, [(ids, mask)])
+    assert report.branches_never_skipped == 0.5 and report.layers_never_skipped == 0.0
+    tr = trace_forward(model, ids, mask)
+    rest = tr.valid & (tr.positions != 0)
+    for (slot, branch), s_BT in tr.importance.items():
+        b = ("attn", "mlp").index(branch)
+        assert float(report.rest_importance[slot, b]) == pytest.approx(float(s_BT[rest].mean()), abs=1e-6)
+
+
 def test_skipped_tokens_agree_with_an_independent_reference():
     model, _ = gated_model(vocab=264, budget=0.25)
     tok = ByteTokenizer(264)
