@@ -51,7 +51,8 @@ def left_padded(B=3, T=12, vocab=256):
 
 
 def test_one_recurrence_without_depth_and_expert_attention_is_a_decoder_layer():
-    decoder = tiny_decoder(layers=1)
+    decoder = families.varied(CausalLM, tiny_decoder(layers=1).config, std=0.15)
+    _randomize_norms(decoder)  # each norm its own weights: a norm applied in another's place shows
     dreamer = DreamerLM(tiny(num_recurrences=1, da_mode="none", num_experts=0, intermediate_size=96)).eval()
     dreamer.load_state_dict(decoder.state_dict())  # the same parameter names: a strict load
     ids, mask = left_padded()
@@ -59,6 +60,31 @@ def test_one_recurrence_without_depth_and_expert_attention_is_a_decoder_layer():
         torch.testing.assert_close(dreamer(ids).logits, decoder(ids).logits, rtol=0, atol=0)
         torch.testing.assert_close(dreamer(ids, attention_mask=mask).logits,
                                    decoder(ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("da_parallel", [False, True])
+def test_one_recurrence_with_depth_attention_is_a_decoder_layer_plus_its_one_entry_between_sa_and_the_ffn(
+        da_parallel):
+    """Step 0's depth memory is the one state entering the layer, whose softmax weight is 1: depth attention adds
+    o(v(norm_da(x))) to the stream after sequence attention's output and before the FFN reads it (SA -> DA -> FFN,
+    each residual), sequential or parallel."""
+    decoder = families.varied(CausalLM, tiny_decoder(layers=1).config, std=0.15)
+    _randomize_norms(decoder)
+    dreamer = varied(tiny(num_recurrences=1, num_experts=0, intermediate_size=96, da_parallel=da_parallel))
+    _randomize_norms(dreamer)
+    dreamer.load_state_dict(decoder.state_dict(), strict=False)  # all but depth attention's weights
+    layer, da = dreamer.model.layers[0], dreamer.model.layers[0].depth_attn
+    entering = []
+    decoder.model.layers[0].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
+    # (B, T, D): what the one-entry depth attention adds, joined to the attention's output (before the FFN)
+    decoder.model.layers[0].self_attn.register_forward_hook(
+        lambda m, args, out: out + da.o_proj(da.v_proj(layer.depth_layernorm(entering[-1]))))
+    ids, mask = left_padded()
+    with torch.no_grad():
+        torch.testing.assert_close(dreamer(ids).logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
+        valid = mask.bool()
+        torch.testing.assert_close(dreamer(ids, attention_mask=mask).logits[valid],
+                                   decoder(ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_merged_softmax_at_one_recurrence_is_sequence_attention():
