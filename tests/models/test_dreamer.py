@@ -1294,3 +1294,19 @@ def test_a_cache_without_a_slot_per_application_or_of_another_batch_is_a_clear_e
     with pytest.raises(ValueError, match="the KV cache holds 2 rows but input_ids has 3"):
         model(ids, positions=pos, cache=cache)
     model(ids[:2], positions=pos[:2], cache=cache)  # the cache as made
+
+
+@pytest.mark.parametrize("recipe", ["dreamer_tiny_cpu", "dreamer_gutenberg_cpu", "dreamer_small"])
+def test_each_dreamer_recipe_states_its_models_parameter_count(recipe):
+    """The header's "X.XXM parameters" equals the recipe's model to the digits it gives (the gutenberg recipe said
+    ~1.1M for its 1.23M: a 4096-token vocabulary's tied embedding is 0.52M, not 0.36M)."""
+    import re
+    from pathlib import Path
+
+    from dyndepth.runconfig import load_run_config
+    path = Path(__file__).parents[2] / "recipes" / f"{recipe}.toml"
+    stated = re.search(r"~?(\d+\.\d+)M parameters", path.read_text().replace("\n#", "")).group(1)
+    with torch.device("meta"):
+        model = build_model(load_run_config(path).model)
+    decimals = len(stated.split(".")[1])
+    assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.{decimals}f}" == stated
