@@ -66,6 +66,22 @@ def test_the_entropy_regularizer_matches_a_slow_per_sequence_reference_and_train
     assert model.model.layers[1].mlp.expert_keys.grad.abs().sum() > 0
 
 
+def test_the_ffn_regularizer_is_each_layers_own_over_its_applications_summed_over_the_group():
+    """As MoEUT's sigma-MoE: layer g's selection distribution pools its own applications (steps) only, never the
+    other layer's experts, which are other parameters; the group's regularizer is the sum over its layers."""
+    model = varied(tiny(num_recurrences=3)).train()
+    ids = torch.randint(0, 256, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    scores = {0: [], 1: []}  # layer -> [(B*T, E) router scores at each of its applications]
+    for g, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda m, args, out, g=g: scores[g].append(out[2].detach()))
+    out = model(ids, attention_mask=mask)
+    valid = mask.bool()
+    per_layer = [entropy_regularizer(torch.stack(scores[g]).view(3, 2, 8, -1), valid) for g in (0, 1)]
+    torch.testing.assert_close(out.stats["dreamer/entropy_reg"], per_layer[0] + per_layer[1])
+
+
 SWITCHHEAD = {"attn_num_experts": 4, "attn_experts_per_tok": 2}
 
 
