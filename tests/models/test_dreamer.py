@@ -164,7 +164,8 @@ def _rotated(x, step, theta):
 
 def _reference_depth_attention(layer, memory, query, step):
     """Depth attention of one token from the layer's raw weights, float64: `memory` [(D,)] the token's states
-    entering steps 0..step (before depth_layernorm), `query` (D,) the state depth attention reads at `step`."""
+    entering steps 0..step (before depth_layernorm), `query` (D,) the state depth attention reads at `step`; with
+    da_include_self the query state is one more entry, encoded at `step` as the query."""
     da, norm, theta = layer.depth_attn, layer.depth_layernorm, layer.config.da_rope_theta
     N, H = da.num_heads, da.head_dim
     learned = layer.config.da_step_encoding == "learned"  # the step's embedding added to the normed state, no RoPE
@@ -180,8 +181,9 @@ def _reference_depth_attention(layer, memory, query, step):
         return y if learned else _rotated(y, j, theta)
 
     q = rotated(da.q_proj, query, da.q_norm, step)  # (N, H)
-    k = torch.stack([rotated(da.k_proj, s, da.k_norm, j) for j, s in enumerate(memory)], 1)  # (N, L, H)
-    v = torch.stack([heads(da.v_proj, s, j) for j, s in enumerate(memory)], 1)
+    entries = list(enumerate(memory)) + ([(step, query)] if layer.config.da_include_self else [])
+    k = torch.stack([rotated(da.k_proj, s, da.k_norm, j) for j, s in entries], 1)  # (N, L, H)
+    v = torch.stack([heads(da.v_proj, s, j) for j, s in entries], 1)
     p = torch.softmax((q[:, None] * k).sum(-1) * H**-0.5, -1)  # (N, L)
     return da.o_proj.weight.double() @ (p[..., None] * v).sum(1).reshape(N * H)  # (D,)
 
@@ -215,13 +217,16 @@ def _check_depth_attention_against_the_reference(model, ids, tokens):
                 torch.testing.assert_close(out[b, t].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("include_self", [False, True])
 @pytest.mark.parametrize("encoding", ["rope", "learned"])
-def test_depth_attention_matches_a_reference_from_the_raw_weights_with_step_rope_and_qk_norm(encoding):
+def test_depth_attention_matches_a_reference_from_the_raw_weights_with_step_rope_and_qk_norm(encoding, include_self):
     """Per token: k/v of the states entering steps 0..r, each key k-normed and rotated by its step, the query
     q-normed and rotated by r, with base da_rope_theta (not rope_theta); fails if step_encoding ignored the step or
     a q/k norm were dropped (and the softmax at steps >= 1 depends on all of that). `learned`: step j's embedding
-    added to the normed state every projection reads, no rotation."""
-    model = varied(tiny(num_recurrences=4, da_rope_theta=100.0, da_step_encoding=encoding))
+    added to the normed state every projection reads, no rotation. `include_self`: the query state (after SA) as
+    one more entry, normed and encoded at step r as the query is."""
+    model = varied(tiny(num_recurrences=4, da_rope_theta=100.0, da_step_encoding=encoding,
+                        da_include_self=include_self))
     _randomize_norms(model)
     _check_depth_attention_against_the_reference(model, torch.randint(0, 256, (2, 5)), [(0, 0), (0, 4), (1, 2)])
 
