@@ -477,7 +477,11 @@ def test_ratio_one_nests_every_token_and_the_fixed_control_never_moves_tau():
     torch.testing.assert_close(out.logits[0], ref[0], atol=2e-5, rtol=0)
     _, fixed = dnd_model(control="fixed")
     (hook,) = fixed.trainer_hooks(10)
-    assert hook.after_step(None, 50, {"dnd/selected/L0": torch.tensor(1.0)}, None) == {"tau/L0": 0.5, "tau/L1": 0.5}
+    for i in fixed.layers:  # a buffer to sync toward, and a ratio far off the target in both layers
+        fixed.record_scores(i, torch.rand(100, generator=torch.Generator().manual_seed(i)))
+    stats = {"dnd/selected/L0": torch.tensor(1.0), "dnd/selected/L1": torch.tensor(0.0)}
+    assert hook.after_step(None, 50, stats, None) == {"tau/L0": 0.5, "tau/L1": 0.5, "selected/L0": 1.0,
+                                                      "selected/L1": 0.0, "selected": 0.5}
 
 
 def test_a_positive_tau_offset_raises_every_threshold_and_nests_fewer_tokens():
@@ -1006,3 +1010,64 @@ def test_pooled_targets_keep_the_kept_score_when_the_two_around_the_quantile_are
     single = rank_threshold(scores[None], None, 0.5, scope="batch").reshape(1)
     assert torch.equal(pooled, single)
     assert (scores > pooled).tolist() == [True, False, False, True]
+
+
+def test_the_defaults_are_the_papers_and_attach_initialises_from_the_config():
+    """The spec's [C] settings (4 untouched layers at each end: 4..23 of 28, 4..43 of 48; ratio 20%; beta 0.1; tau 0.5;
+    zero router; T_sync 50) and its [I] recommendations (alpha 1e-2, gamma 0.5, lambda_sd = lambda_dp = 1e-2, the
+    paper's L_sd sign, compact positions, the quantile target) are DNDConfig's defaults; attach takes beta_init."""
+    cfg = DNDConfig()
+    assert cfg.band(28) == list(range(4, 24)) and cfg.band(48) == list(range(4, 44))
+    assert (cfg.ratio, cfg.beta_init, cfg.tau_init, cfg.router_init_std, cfg.sync_every) == (0.2, 0.1, 0.5, 0.0, 50)
+    assert (cfg.alpha, cfg.gamma, cfg.sd_weight, cfg.dp_weight) == (0.01, 0.5, 0.01, 0.01)
+    assert (cfg.sd_sign, cfg.positions, cfg.ema_target, cfg.control) == ("maximize_entropy", "compact", "quantile",
+                                                                         "threshold")
+    method = attach_dnd(CausalLM(preset("tiny-qwen3")), DNDConfig(layers=(0, 1), beta_init=0.3))
+    for d in method.layer_dnd:
+        assert float(d.beta.detach()) == pytest.approx(0.3) and not d.router.weight.any() and not d.router.bias.any()
+
+
+def test_the_lm_loss_alone_trains_the_router_through_the_fusion_weight():
+    """Spec 2.5 [C]: p multiplies x^d in the fusion, so the LM loss reaches the router through beta p (the hard
+    selection has no gradient): without the router controlling loss the router still learns."""
+    model, method = dnd_model(sd_weight=0.0, dp_weight=0.0)
+    out = model.train()(torch.randint(0, 256, (2, 16)))
+    assert float(out.aux_loss) == 0.0 and all(0 < float(out.stats[f"dnd/selected/L{i}"]) < 1 for i in method.layers)
+    out.logits.pow(2).mean().backward()
+    for d in method.layer_dnd:
+        assert d.router.weight.grad is not None and d.router.weight.grad.abs().sum() > 0
+
+
+def test_a_forwards_router_losses_are_per_document_and_averaged_over_the_band():
+    """dnd/sd_loss and dnd/dp_loss (weighted into aux_loss) are the mean over the DND layers of each layer's
+    `router_losses` on its scores, per document of a packed row, PAD left out (the spec's [C] text sums over the
+    layers; docs/methods.md: we average, so the weights do not scale with the band)."""
+    model, method = dnd_model(sd_weight=0.3, dp_weight=2.0)
+    packed = torch.randint(0, 256, (1, 19))
+    mask = torch.ones_like(packed)
+    mask[0, 16:] = 0  # documents of 7 and 9 tokens, then 3 PAD
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 3])
+    positions = torch.cat([torch.arange(7), torch.arange(9), torch.arange(3)])[None]
+    trace = dyndepth.Trace()
+    out = model.train()(packed, attention_mask=mask, positions=positions, doc_ids=doc_ids, trace=trace)
+    scores = trace.ctx.state.scores
+    per_layer = torch.tensor([router_losses(scores[i], mask.bool(), doc_ids) for i in method.layers])  # (L, 2)
+    sd, dp = per_layer.mean(0)
+    torch.testing.assert_close(out.stats["dnd/sd_loss"], sd)
+    torch.testing.assert_close(out.stats["dnd/dp_loss"], dp)
+    torch.testing.assert_close(out.aux_loss.detach(), 0.3 * sd + 2.0 * dp)
+    rows = torch.tensor([router_losses(scores[i], mask.bool(), None)[0] for i in method.layers]).mean()
+    assert abs(float(rows - sd)) > 1e-4  # (the row as one sequence gives another L_sd)
+
+
+def test_loading_the_controllers_state_replaces_the_score_buffer():
+    """A hook loading a checkpoint's state holds that buffer, not the scores it had recorded before it."""
+    _, method = dnd_model()
+    (hook,) = method.trainer_hooks(10)
+    for i in method.layers:
+        method.record_scores(i, torch.rand(5))
+    saved = hook.state_dict()
+    for i in method.layers:
+        method.record_scores(i, torch.rand(7))  # a later forward's, not in the checkpoint
+    hook.load_state_dict(saved)
+    assert all([t.numel() for t in method.scores_buffer[i]] == [5] for i in method.layers)
