@@ -1071,3 +1071,42 @@ def test_loading_the_controllers_state_replaces_the_score_buffer():
         method.record_scores(i, torch.rand(7))  # a later forward's, not in the checkpoint
     hook.load_state_dict(saved)
     assert all([t.numel() for t in method.scores_buffer[i]] == [5] for i in method.layers)
+
+
+@pytest.mark.parametrize("control", ["threshold", "topk"])
+def test_a_skipped_non_finite_step_still_runs_the_threshold_sync_due_at_it(control, tmp_path):
+    """train.nonfinite="skip" runs no after_step on a dropped step, and the sync due at it was lost: under topk a
+    skipped last step left tau at tau_init (inference nested 0.43 of the tokens for a 0.2 target); under threshold
+    control a skipped sync step waited sync_every more steps. The sync now runs on the buffer's finite scores."""
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train import train
+
+    model, method = dnd_model(control=control, ratio=0.2, beta=0.1, std=0.5, gamma=1.0,
+                              sync_every=3 if control == "threshold" else 50)
+    calls = []
+
+    def nan_at_the_last_step(module, args, out):
+        calls.append(1)
+        return out * float("nan") if len(calls) == 3 else None
+
+    model.model.embed_tokens.register_forward_hook(nan_at_the_last_step)
+
+    class Loader:
+        def next_batch(self):
+            ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(len(calls)))
+            return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=16, lr=1e-3, warmup=0, device="cpu", out_dir=str(tmp_path),
+                      progress=False, plot=False, nonfinite="skip", save_every=0)
+    (hook,) = method.trainer_hooks(3)
+    assert train(model, Loader(), cfg, hooks=[hook]).nonfinite_steps == 1
+    target = hook.targets()  # steps 1 and 2's scores: the third forward's were all NaN
+    assert sum(len(b) for b in method.scores_buffer.values()) == 4
+    torch.testing.assert_close(torch.stack([d.tau.reshape(()) for d in method.layer_dnd]), target)
+    assert (target - 0.5).abs().min() > 1e-3

@@ -613,13 +613,28 @@ class DNDHook:
             for tau, a in zip(taus, actual):
                 tau.add_(cfg.alpha * (a - cfg.ratio)).clamp_(0.0, 1.0)
             logged["ratio_error"] = float((actual - cfg.ratio).abs().mean())
+        self._sync(step, dist)
+        logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
+        return logged
+
+    def after_skipped_step(self, model, step: int, dist) -> dict:
+        """A step train.nonfinite="skip" dropped: no proportional step (its statistics are not finite), but the sync
+        due at it runs on the buffer (finite scores only). Skipped, a sync step waited `sync_every` more steps, and
+        under topk a skipped last step left tau at tau_init (inference nested 0.43 of the tokens for a 0.2 target)."""
+        cfg = self.method.config
+        if cfg.ratio >= 1.0 or cfg.control == "fixed":
+            return {}
+        self._sync(step, dist)
+        return {f"tau/L{i}": float(d.tau) for i, d in zip(self.method.layers, self.method.layer_dnd)}
+
+    def _sync(self, step: int, dist) -> None:
+        """Every `sync_every` steps (and, under topk, at the run's last step: fully) tau moves toward the target."""
+        cfg, taus = self.method.config, [d.tau for d in self.method.layer_dnd]
         last = step == self.total_steps and cfg.control == "topk"
         target = self.targets(dist) if step % cfg.sync_every == 0 or last else None
         if target is not None:
             for tau, t in zip(taus, target.to(taus[0].device)):
                 tau.lerp_(t, 1.0 if last else cfg.gamma).clamp_(0.0, 1.0)
-        logged.update({f"tau/L{i}": float(t) for i, t in zip(method.layers, taus)})
-        return logged
 
     def actual_ratios(self, stats: dict, dist, device) -> torch.Tensor | None:
         """(L,) the step's selected / valid tokens per DND layer, over every micro-batch and rank; None when the

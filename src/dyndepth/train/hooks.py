@@ -11,6 +11,9 @@ The trainer knows no method. A method hands it hooks; each hook may implement an
   stats such as per-layer keep fractions included; `stats["loss"]` is this rank's share of the step's
   token-weighted loss, whose mean over ranks is that loss); use `dist.all_reduce_mean` so every rank
   applies the same update. Returned scalars are logged.
+- `after_skipped_step(model, step, dist) -> dict | None`: runs instead of `after_step` on a step
+  train.nonfinite="skip" dropped (its statistics are not finite), for work a controller schedules by step
+  number (DND's threshold sync). Every rank skips the same steps, so collectives are safe here too.
 - `state_dict() -> dict` / `load_state_dict(state)`: controller state saved in every checkpoint.
   State kept in model buffers is saved with the weights already and needs nothing here.
 
@@ -86,12 +89,17 @@ def hooks_aux_loss(hooks, model: nn.Module, batch: dict, out) -> tuple[torch.Ten
     return total, stats
 
 
-def hooks_after_step(hooks, model: nn.Module, step: int, stats: dict, dist: DistInfo) -> dict:
+def hooks_after_step(hooks, model: nn.Module, step: int, stats: dict, dist: DistInfo, skipped: bool = False) -> dict:
+    """Each hook's `after_step` (`after_skipped_step` for a skipped step); their returns, prefixed by hook name."""
     logged = {}
     with torch.no_grad():
         for hook in hooks:
-            fn = getattr(hook, "after_step", None)
-            result = fn(model, step, stats, dist) if fn is not None else None
+            if skipped:
+                fn = getattr(hook, "after_skipped_step", None)
+                result = fn(model, step, dist) if fn is not None else None
+            else:
+                fn = getattr(hook, "after_step", None)
+                result = fn(model, step, stats, dist) if fn is not None else None
             logged.update({f"{hook_name(hook)}/{k}": v for k, v in (result or {}).items()})
     return logged
 

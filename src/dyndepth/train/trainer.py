@@ -28,9 +28,9 @@ step, after clipping computed the norm (one host sync per step, none per micro-b
 under DDP/FSDP2 so every rank decides alike, and messages quote the step's values, not a rank's share).
 `train.nonfinite="stop"` (default) raises a FloatingPointError naming the step before the optimizer steps, so
 no update and no checkpoint come from it and the last checkpoint stays the last good one. `"skip"` zeroes the
-gradients and leaves weights, AdamW state and hook controllers as they were (no hook's `after_step` runs; DND's
-score buffer, filled by the forwards, keeps their finite scores; the schedule still advances with the step
-number), counts the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
+gradients and leaves weights, AdamW state and hook controllers as they were (no hook's `after_step` runs, but
+`after_skipped_step` does, for work scheduled by step number: DND's threshold sync; DND's score buffer, filled by
+the forwards, keeps their finite scores; the schedule still advances with the step number), counts the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
 
 Batches: `input_ids`, `labels` (-100 = ignore) and optional `attention_mask` (padding), `positions` and `doc_ids`
 (intra-document attention masking) are used. Under torchrun the process group is left initialized for the
@@ -412,8 +412,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
         nonfinite = stats.pop("nonfinite", None)  # the step's objective, over every rank
         if skipped:
             result.nonfinite_steps += 1
-        else:
-            stats.update(hooks_after_step(hooks, raw, step, stats, info))
+        stats.update(hooks_after_step(hooks, raw, step, stats, info, skipped=skipped))
         meter.steps, meter.tokens = meter.steps + 1, meter.tokens + meter.tokens_per_step
         if _due(step, cfg.log_every, cfg.steps) or skipped:
             record = meter.record(step, stats, lr, grad_norm)
