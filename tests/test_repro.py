@@ -252,7 +252,7 @@ def test_a_cache_dir_or_out_at_a_file_is_named_before_any_work(tmp_path):
     (tmp_path / "base" / "config.json").write_text("{}")
     afile = tmp_path / "notes.txt"
     afile.write_text("x")
-    kw = dict(base=str(tmp_path / "base"), data_dir=str(tmp_path), train_data="t")
+    kw = {"base": str(tmp_path / "base"), "data_dir": str(tmp_path), "train_data": "t"}
     for key, option in (("cache_dir", "--cache-dir"), ("out_dir", "--out")):
         with pytest.raises(ValueError, match=rf"repro {option}='{afile}/x' cannot be a folder: {afile} is a file"):
             ReproConfig.from_profile("quick", **kw, **{key: str(afile / "x")})

@@ -144,7 +144,7 @@ def test_a_checkpoints_repetition_penalty_decodes_as_the_hf_backend(tiny_checkpo
 
     shutil.copytree(tiny_checkpoint[0], tmp_path / "ckpt")
     (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5}))
-    kw = dict(pretrained=str(tmp_path / "ckpt"), device="cpu", batch_size=1, max_length=MAX_LENGTH)  # (batch 1:
+    kw = {"pretrained": str(tmp_path / "ckpt"), "device": "cpu", "batch_size": 1, "max_length": MAX_LENGTH}  # (batch 1:
     # transformers also penalizes the pad id of a padded batch)
     ours, hf = DyndepthLM(**kw), HFLM(**kw, dtype="float32")
     gen = requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS])

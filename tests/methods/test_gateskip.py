@@ -501,7 +501,7 @@ def test_copy_prev_under_activation_checkpointing_gives_the_gradients_of_the_pla
 def test_copy_prev_trains_the_layer_below_through_the_copied_kv():
     # layer 0's attention adds nothing (its gate is shut: sigmoid(-200) == 0), so its K/V projections reach the loss
     # only through the K/V that layer 1's skipped tokens copy: a copy cut from the graph left them no gradient
-    model, method = gated_model(budget=0.3, kv_policy="copy_prev")
+    model, _ = gated_model(budget=0.3, kv_policy="copy_prev")
     model.train()
     with torch.no_grad():
         model.model.layers[0].gateskip.attn_gate.proj.weight.zero_()
@@ -705,7 +705,7 @@ def test_the_penalty_weight_scales_the_loss_and_zero_turns_it_off():
     # a dropped factor reads the same
     ids = torch.randint(0, 256, (2, 8))
     for penalty in (0.25, 0.0):
-        model, method = gated_model(penalty=penalty)
+        model, _ = gated_model(penalty=penalty)
         model.train()
         out = model(ids)
         assert float(out.stats["gateskip/gate_sq"]) > 0.1  # logged whatever the weight
@@ -714,7 +714,7 @@ def test_the_penalty_weight_scales_the_loss_and_zero_turns_it_off():
 
 def test_a_vector_gate_costs_2_d_squared_flops_per_token_per_branch():
     # the spec's overhead (section 5): d^2 MACs per token per branch, charged for every real token, skipped or not
-    model, method = gated_model(budget=0.5)
+    model, _ = gated_model(budget=0.5)
     D, L = model.config.hidden_size, model.config.num_hidden_layers
     ids = torch.randint(0, 256, (2, 10))
     mask = torch.ones_like(ids)
@@ -728,7 +728,7 @@ def test_a_vector_gate_costs_2_d_squared_flops_per_token_per_branch():
 def test_a_bfloat16_models_gates_compute_their_logits_in_float32():
     # importances of a bf16 model are ranked in float32 (docs/methods.md): the gate's matmul upcasts h and its
     # weights, so rounding the logits to bf16 (spacing 1/32 at 5, where fresh gates start) cannot tie or reorder them
-    model, method = gated_model()
+    model, _ = gated_model()
     model = model.to(torch.bfloat16)
     ids, trace = torch.randint(0, 256, (2, 12)), dyndepth.Trace(keep_streams=True)
     with torch.no_grad():
