@@ -79,12 +79,7 @@ def test_one_recurrence_with_depth_attention_is_a_decoder_layer_plus_its_one_ent
     # (B, T, D): what the one-entry depth attention adds, joined to the attention's output (before the FFN)
     decoder.model.layers[0].self_attn.register_forward_hook(
         lambda m, args, out: out + da.o_proj(da.v_proj(layer.depth_layernorm(entering[-1]))))
-    ids, mask = left_padded()
-    with torch.no_grad():
-        torch.testing.assert_close(dreamer(ids).logits, decoder(ids).logits, rtol=1e-5, atol=1e-5)
-        valid = mask.bool()
-        torch.testing.assert_close(dreamer(ids, attention_mask=mask).logits[valid],
-                                   decoder(ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
+    _assert_same_logits(dreamer, decoder)
 
 
 def test_merged_softmax_at_one_recurrence_is_sequence_attention():
@@ -94,12 +89,17 @@ def test_merged_softmax_at_one_recurrence_is_sequence_attention():
     merged = varied(tiny(da_mode="merged_softmax", **fields)).eval()
     plain = DreamerLM(tiny(da_mode="none", **fields)).eval()
     plain.load_state_dict(merged.state_dict())
+    _assert_same_logits(merged, plain)
+
+
+def _assert_same_logits(a, b) -> None:
+    """The two models' logits agree on a batch, unpadded and left-padded (real tokens)."""
     ids, mask = left_padded()
+    valid = mask.bool()
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
-        valid = mask.bool()
-        torch.testing.assert_close(merged(ids, attention_mask=mask).logits[valid],
-                                   plain(ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a(ids, attention_mask=mask).logits[valid],
+                                   b(ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
 
 
 def _depth_run(model, ids, perturb_step=None, restore=None):
