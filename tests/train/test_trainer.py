@@ -114,6 +114,21 @@ def test_the_fp32_upcast_is_warned_on_rank_0_only(caplog):
         assert len([r for r in caplog.records if "upcast to float32" in r.getMessage()]) == (rank == 0), rank
 
 
+def test_a_hook_without_saved_state_is_warned_on_rank_0_only(caplog):
+    """A hook the checkpoint holds no state for starts fresh with a warning, which every rank printed."""
+    from dyndepth.train.hooks import hooks_load_state_dict
+
+    class Hook:
+        def load_state_dict(self, state):
+            raise AssertionError("no state to load")
+
+    for warn in (True, False):  # (the trainer passes warn=info.is_main)
+        with caplog.at_level(logging.WARNING, logger="dyndepth"):
+            caplog.clear()
+            hooks_load_state_dict([Hook()], {"other": {}}, warn=warn)
+        assert ("no state for hook" in caplog.text) == warn
+
+
 def test_bf16_model_trains_with_fp32_master_weights(tmp_path):
     """AdamW at lr 2e-5 on bf16 weights rounds most updates away; the trainer keeps fp32 masters."""
     torch.manual_seed(0)

@@ -108,9 +108,9 @@ def hooks_state_dict(hooks) -> dict:
     return {hook_name(h): h.state_dict() for h in hooks if hasattr(h, "state_dict")}
 
 
-def hooks_load_state_dict(hooks, state: dict, of_ranks: list[dict] | None = None) -> None:
+def hooks_load_state_dict(hooks, state: dict, of_ranks: list[dict] | None = None, warn: bool = True) -> None:
     """Restore each hook's saved state; a hook the checkpoint has no state for (a run that trained without it)
-    starts fresh, with a warning. `of_ranks` (a checkpoint of another world size): the saved ranks' hook states this
+    starts fresh, with a warning (`warn`: rank 0's only, under torchrun). `of_ranks` (a checkpoint of another world size): the saved ranks' hook states this
     rank takes over (rank 0: all, the others: none), which a hook with rank-local state merges by
     `merge_rank_states(states) -> state`; the other hooks load `state`, rank 0's."""
     for hook in hooks:
@@ -118,8 +118,9 @@ def hooks_load_state_dict(hooks, state: dict, of_ranks: list[dict] | None = None
         if not hasattr(hook, "load_state_dict"):
             continue
         if name not in state:
-            log.warning("the checkpoint has no state for hook %r (it has %s): the hook starts fresh.", name,
-                        sorted(state))
+            if warn:
+                log.warning("the checkpoint has no state for hook %r (it has %s): the hook starts fresh.", name,
+                            sorted(state))
             continue
         if of_ranks is not None and hasattr(hook, "merge_rank_states"):
             hook.load_state_dict(hook.merge_rank_states([s[name] for s in of_ranks if name in s]))

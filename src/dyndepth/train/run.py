@@ -144,7 +144,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                                   hold_out=run_config.eval.get("enabled", True), **data_kw)
         if eval_loader is None and run_config.eval.get("enabled", True):
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
-            if holds_out(run_config.data):
+            if holds_out(run_config.data) and info.is_main:  # (a warning: once, not once per rank)
                 check_held_out_share(loader, eval_loader)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints

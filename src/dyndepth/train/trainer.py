@@ -255,7 +255,7 @@ def _resume(path: Path, wrapped, optimizer, scheduler, loader, hooks, cfg: Train
     """Restore a checkpoint, set newer ones of the abandoned run aside; returns its train state."""
     verified = cfg.resume is True  # latest_good_checkpoint has just hashed every file
     state = ckpt.load_checkpoint(path, wrapped, optimizer, scheduler, loader, info, cfg, verify=not verified)
-    hooks_load_state_dict(hooks, state["hooks"], state.get("hooks_of_ranks"))
+    hooks_load_state_dict(hooks, state["hooks"], state.get("hooks_of_ranks"), warn=info.is_main)
     log.info("resumed from %s at step %d", path, state["step"])
     ckpt.set_aside_newer(cfg.out_dir, state["step"], info)
     if state["step"] >= cfg.steps and info.is_main:  # (once, not once per rank)
