@@ -112,7 +112,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     check_out_dir(cfg.out_dir)
     data = resolve_data_config(run_config.data)
     if one_source(data["source"]) not in EMBEDDED:  # user data is tokenized into shards there
-        check_out_dir(data["cache_dir"], "data.cache_dir", "the token shards")
+        check_out_dir(data["cache_dir"], "data.cache_dir", "the token shards", read_only_ok=True)
     check_logger_packages(cfg)
     check_resume_matches(run_config)
     info = init_distributed(cfg.parallel, cfg.device)
@@ -277,10 +277,12 @@ def _shown(section: dict, key: str) -> str:
     return repr(section[key]) if key in section else "unset (the preset's or default value)"
 
 
-def check_out_dir(out_dir: str | os.PathLike, key: str = "train.out_dir", holds: str = "the checkpoints") -> None:
+def check_out_dir(out_dir: str | os.PathLike, key: str = "train.out_dir", holds: str = "the checkpoints",
+                  read_only_ok: bool = False) -> None:
     """train.out_dir (and data.cache_dir) must be a folder, or a path where one can be made: a file at it, or at one
     of its parents, stopped the run with a FileExistsError / NotADirectoryError traceback once the model (and, for
-    out_dir, the data) were built."""
+    out_dir, the data) were built. `read_only_ok`: a folder that exists may be one this user cannot write in (a shard
+    cache built once and shared read-only is only read)."""
     path = Path(out_dir)
     blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
@@ -289,6 +291,8 @@ def check_out_dir(out_dir: str | os.PathLike, key: str = "train.out_dir", holds:
     # a folder it cannot write in (read-only, another user's) stopped the run with a PermissionError traceback from
     # the metrics logger, after the model and the data (a bpe:N tokenizer trained on them) were built
     nearest = next(p for p in (path, *path.parents) if p.exists())
+    if read_only_ok and nearest == path:  # (what it lacks fails as it is built, naming the file)
+        return
     try:
         with tempfile.TemporaryFile(dir=nearest):
             pass
