@@ -93,7 +93,8 @@ class ReproConfig:
                              "task files (../shared/data).")
         from dyndepth.train.run import check_out_dir  # (a file there: a FileExistsError traceback when tokenizing)
 
-        check_out_dir(self.cache_dir, "repro --cache-dir", "the token shards")
+        check_out_dir(self.cache_dir, "repro --cache-dir", "the token shards", read_only_ok=True)  # (the base run's
+        # shards may be only read)
         check_out_dir(self.out_dir, "repro --out", "the report")
         if self.study and not (Path(self.study) / "study.json").is_file():  # (read only as the report was written,
             # after every contender had trained and been scored: the error came instead of results.json)
