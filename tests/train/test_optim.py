@@ -80,3 +80,22 @@ def test_cosine_is_monotone_after_warmup():
     values = [lr_multiplier(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in itertools.pairwise(values))
     assert not math.isnan(sum(values))
+
+
+def test_the_documented_backbone_freeze_leaves_a_tied_models_gates_trainable():
+    # docs/methods.md freezes GateSkip's backbone with these globs; on a tied model (Qwen3-0.6B, demo-tiny) the head is
+    # the embedding, named once by named_parameters(): "freeze glob 'lm_head.*' matches no parameter"
+    from dyndepth.train import build_hooks
+
+    model = CausalLM(preset("demo-tiny"))
+    assert model.config.tie_word_embeddings
+    build_hooks({"name": "gateskip"}, model, 10)
+    globs = ["model.embed_tokens.*", "model.layers.*.self_attn.*", "model.layers.*.mlp.*",
+             "model.layers.*.*layernorm*", "model.norm.*", "lm_head.*"]
+    frozen = apply_freeze(model, globs)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".gateskip." in n for n in trainable), trainable
+    assert len(frozen) == len(set(frozen)) == sum(1 for p in model.parameters() if not p.requires_grad)
+    head_only = CausalLM(preset("demo-tiny"))
+    assert apply_freeze(head_only, ["lm_head.*"]) == ["lm_head.weight"]  # the one tensor it shares with the embedding
+    assert not head_only.model.embed_tokens.weight.requires_grad

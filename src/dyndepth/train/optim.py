@@ -18,16 +18,20 @@ from dyndepth.runconfig import TrainConfig
 
 
 def apply_freeze(model: nn.Module, globs: list[str]) -> list[str]:
-    """Set requires_grad=False on every parameter matching a glob; returns the frozen names."""
-    names = [n for n, _ in model.named_parameters()]
+    """Set requires_grad=False on every parameter matching a glob; returns the frozen names (a tensor once). A tied
+    lm_head answers to its own name too: `lm_head.*`, as docs/methods.md freezes the backbone, was refused as
+    matching nothing on a tied model (Qwen3-0.6B); it freezes the embedding the head is."""
+    named = list(model.named_parameters(remove_duplicate=False))  # (a tied head's name beside the embedding's)
+    names = [n for n, _ in named]
     for glob in globs:
         if not any(fnmatchcase(n, glob) for n in names):
             raise ValueError(f"freeze glob {glob!r} matches no parameter; names look like {names[:3]}.")
-    frozen = []
-    for name, p in model.named_parameters():
-        if any(fnmatchcase(name, g) for g in globs):
+    frozen, seen = [], set()
+    for name, p in named:
+        if id(p) not in seen and any(fnmatchcase(name, g) for g in globs):
             p.requires_grad_(False)
             frozen.append(name)
+            seen.add(id(p))
     return frozen
 
 
