@@ -551,6 +551,6 @@ def test_a_read_only_data_cache_that_holds_the_shards_is_used(tmp_path, monkeypa
 
     monkeypatch.setattr(run_module.tempfile, "TemporaryFile", read_only)
     assert run_training(load_run_config(None, [*args, f"train.out_dir={tmp_path / 'b'}"])).steps == 1
-    with pytest.raises(RunConfigError, match="data.cache_dir=.*: cannot write in"):  # a new cache it cannot make: refused
+    with pytest.raises(RunConfigError, match="data.cache_dir=.*: cannot write in"):  # a new cache it cannot make
         run_training(load_run_config(None, [*args, f"data.cache_dir={cache / 'new'}",
                                             f"train.out_dir={tmp_path / 'c'}"]))

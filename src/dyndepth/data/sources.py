@@ -147,8 +147,8 @@ def iter_text_file(path: Path, split: str = "file") -> Iterator[Document]:
     with _open_text(path) as f:
         if split == "file":
             text = f.read()
-            if EOT_LINE in text and re.search(rf"^[ \t]*{re.escape(EOT_LINE)}\s*$", text, re.MULTILINE):  # a GPT-2 style corpus read whole: intra_doc_mask never separates its
-                # documents, and no warning said why
+            # a GPT-2 style corpus read whole: intra_doc_mask never separates its documents, and no warning said why
+            if EOT_LINE in text and re.search(rf"^[ \t]*{re.escape(EOT_LINE)}\s*$", text, re.MULTILINE):
                 logger.warning("%s holds %s separator lines but is read as one document (data.text_split='file'); "
                                "set data.text_split='eot' to read each block as its own document.", path, EOT_LINE)
             yield Document(text=text)

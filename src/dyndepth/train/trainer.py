@@ -30,7 +30,8 @@ under DDP/FSDP2 so every rank decides alike, and messages quote the step's value
 no update and no checkpoint come from it and the last checkpoint stays the last good one. `"skip"` zeroes the
 gradients and leaves weights, AdamW state and hook controllers as they were (no hook's `after_step` runs, but
 `after_skipped_step` does, for work scheduled by step number: DND's threshold sync; DND's score buffer, filled by
-the forwards, keeps their finite scores; the schedule still advances with the step number), counts the step in `nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
+the forwards, keeps their finite scores; the schedule still advances with the step number), counts the step in
+`nonfinite_steps` (logged with every record, kept in checkpoints) and logs a warning.
 
 Batches: `input_ids`, `labels` (-100 = ignore) and optional `attention_mask` (padding), `positions` and `doc_ids`
 (intra-document attention masking) are used. Under torchrun the process group is left initialized for the
