@@ -554,3 +554,23 @@ def test_a_read_only_data_cache_that_holds_the_shards_is_used(tmp_path, monkeypa
     with pytest.raises(RunConfigError, match="data.cache_dir=.*: cannot write in"):  # a new cache it cannot make
         run_training(load_run_config(None, [*args, f"data.cache_dir={cache / 'new'}",
                                             f"train.out_dir={tmp_path / 'c'}"]))
+
+
+
+def test_a_run_from_its_out_dirs_own_export_resumes_after_a_kill(tmp_path):
+    # post-training a run's export into the same out_dir (model.pretrained = out_dir/model): the new run moved that
+    # folder aside as an earlier run's model, and a resume of the killed run stopped at "no such folder: out/model"
+    class Kill:
+        def after_step(self, model, step, stats, dist):
+            if step == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    args = [f"train.out_dir={out}", "train.progress=false", "train.plot=false", "eval.enabled=false"]
+    run_training(None, [*args, "train.steps=1"], loader=TinyLoader(2, 16))
+    for step in out.glob("step_*"):  # (its checkpoints deleted: the export is what is kept)
+        shutil.rmtree(step)
+    args += [f"model.pretrained={out / 'model'}", "train.save_every=1", "train.steps=3"]
+    with pytest.raises(KeyboardInterrupt):
+        run_training(None, args, loader=TinyLoader(2, 16), hooks=[Kill()])
+    assert run_training(None, [*args, "train.resume=true"], loader=TinyLoader(2, 16)).steps == 3

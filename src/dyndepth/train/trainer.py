@@ -397,8 +397,12 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
     logger = MetricsLogger(out_dir, cfg, info.is_main, resume_step=result.steps, run_config=run_config.to_dict())
     if info.is_main:
         _save_config(run_config, out_dir / "config.yaml", resumed=resume is not None)
-        if resume is None and (out_dir / EXPORT).is_dir():  # this run's end overwrote it, maybe the last copy of an
-            # earlier run's weights (its step folders removed to save space): set aside, as its config and metrics are
+        base = run_config.model.get("pretrained")  # (this run's own base when it post-trains that export: it stays,
+        # or a resume after a kill found no base)
+        own_base = base is not None and Path(base).resolve() == (out_dir / EXPORT).resolve()
+        if resume is None and (out_dir / EXPORT).is_dir() and not own_base:  # this run's end overwrote it, maybe the
+            # last copy of an earlier run's weights (its step folders removed to save space): set aside, as its
+            # config and metrics are
             log.warning("%s: the model the run this one replaces exported moved to %s", out_dir / EXPORT,
                         set_aside(out_dir / EXPORT).name)
     meter, bar = _Meter(cfg, raw, info, result.steps, tokens), _progress(cfg, info, result.steps)
