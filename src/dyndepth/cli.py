@@ -71,8 +71,8 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already in "
                                              "the text (transformers' rule; 1: off)."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or 'byte'; default: the model folder."),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16; default: config.json's, as in "
-                                                   "transformers."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 | auto; default (auto): "
+                                                   "config.json's, as in transformers."),
     device: str = typer.Option("cpu"),
     seed: int = typer.Option(0),
     stream: bool = typer.Option(True, help="Print tokens as they come (single prompt)."),

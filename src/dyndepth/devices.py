@@ -40,12 +40,15 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """A dtype name (float32, bfloat16, float16) or dtype; None stays None ("as stored")."""
+    """A dtype name (float32, bfloat16, float16) or dtype; None and "auto" (transformers' name, which eval's model
+    arguments took and generate / from_pretrained refused) give None: the default, config.json's dtype."""
     if isinstance(name, torch.dtype) and not name.is_floating_point:
         raise ValueError(f"dtype {name} is not a floating-point dtype a model's weights can take; use one of "
                          f"{list(DTYPES)}.")
     if name is None or isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return None
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}.")
     return DTYPES[name]

@@ -277,6 +277,8 @@ def test_without_a_dtype_a_checkpoint_loads_in_the_dtype_its_config_names_as_in_
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ours = dyndepth.from_pretrained(tmp_path)
     assert {p.dtype for p in ours.parameters()} == {theirs.dtype} == {getattr(torch, named)}
+    auto = dyndepth.from_pretrained(tmp_path, dtype="auto")  # transformers' name of the default (it was refused)
+    assert {p.dtype for p in auto.parameters()} == {getattr(torch, named)}
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
