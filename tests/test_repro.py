@@ -272,23 +272,13 @@ def test_calibration_batches_are_different_batches(tmp_path):
 def test_a_read_only_cache_dir_the_base_run_filled_is_accepted(tmp_path, monkeypatch):
     # --cache-dir is shared with the base run, which tokenized the same text: a cache that exists but is read-only
     # (another user's, a read-only mount) is only read, and was refused as unwritable before any work
-    import tempfile
-    from pathlib import Path
-
-    import dyndepth.train.run as run_module
+    from readonly import simulate_read_only
 
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
     cache = tmp_path / "cache"
     cache.mkdir()
-    real = tempfile.TemporaryFile
-
-    def read_only(*a, dir=None, **kw):  # (as root, chmod does not stop a write: the mount is simulated)
-        if dir is not None and Path(dir).resolve() == cache.resolve():
-            raise PermissionError(13, "Read-only file system")
-        return real(*a, dir=dir, **kw)
-
-    monkeypatch.setattr(run_module.tempfile, "TemporaryFile", read_only)
+    simulate_read_only(monkeypatch, cache)
     kw = {"base": str(tmp_path / "base"), "data_dir": str(tmp_path), "train_data": "t"}
     ReproConfig.from_profile("quick", **kw, cache_dir=str(cache), out_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="repro --out=.*: cannot write in"):  # an output folder must be writable

@@ -532,9 +532,7 @@ def test_a_model_field_stated_at_its_presets_value_resumes_and_a_change_is_refus
 def test_a_read_only_data_cache_that_holds_the_shards_is_used(tmp_path, monkeypatch):
     # a shard cache built once and shared read-only (another user's, a read-only mount) needs no write: the run reads
     # its shards. The writability check made for an unwritable cache refused it before anything was read.
-    import tempfile
-
-    import dyndepth.train.run as run_module
+    from readonly import simulate_read_only
 
     text = tmp_path / "text.txt"
     text.write_text("some text to train on\n" * 200)
@@ -542,14 +540,7 @@ def test_a_read_only_data_cache_that_holds_the_shards_is_used(tmp_path, monkeypa
     args = [f"data.source={text}", f"data.cache_dir={cache}", "train.steps=1", "train.batch_size=2",
             "train.seq_len=16", "train.progress=false", "train.plot=false", "eval.enabled=false"]
     run_training(load_run_config(None, [*args, f"train.out_dir={tmp_path / 'a'}"]))  # builds the shards
-    real = tempfile.TemporaryFile
-
-    def read_only(*a, dir=None, **kw):  # (as root, chmod does not stop a write: the mount is simulated)
-        if dir is not None and Path(dir).resolve() == cache.resolve():
-            raise PermissionError(13, "Read-only file system")
-        return real(*a, dir=dir, **kw)
-
-    monkeypatch.setattr(run_module.tempfile, "TemporaryFile", read_only)
+    simulate_read_only(monkeypatch, cache)
     assert run_training(load_run_config(None, [*args, f"train.out_dir={tmp_path / 'b'}"])).steps == 1
     with pytest.raises(RunConfigError, match="data.cache_dir=.*: cannot write in"):  # a new cache it cannot make
         run_training(load_run_config(None, [*args, f"data.cache_dir={cache / 'new'}",
