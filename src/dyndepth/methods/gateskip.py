@@ -205,8 +205,8 @@ class GateSkip:
         self.eos_token_ids = list(eos_token_ids)
         self.shared = shared
         self.recorder: ThresholdRecorder | None = None  # set while `calibrate` records thresholds
-        self._decoder = None  # the model's DecoderModel (see `bind`)
-        self._model = None  # the model itself, whose generation_config may name the EOS (see `_eos_ids`)
+        self._model = None  # the model: its decoder's layers hold the thresholds, its generation_config may name the
+        # EOS (see `bind`, `_eos_ids`)
         self._checked: tuple | None = None  # the budget and threshold buffers a forward last found calibrated
         self.configure(config)
 
@@ -474,8 +474,8 @@ class GateSkip:
         return k, v
 
     def bind(self, model) -> None:
-        """Remember the decoder whose layers hold the thresholds (set by `attach_gateskip`)."""
-        self._decoder, self._model = model.model, model
+        """Remember the model: its decoder's layers hold the thresholds (set by `attach_gateskip`)."""
+        self._model = model
 
     def _eos_ids(self) -> list[int]:
         """config.json's EOS ids, else generation_config.json's: a model trained from scratch names its tokenizer's
@@ -489,7 +489,7 @@ class GateSkip:
     @property
     def layer_gates(self) -> list[LayerGates]:
         """Each layer's LayerGates (thresholds; gates unless shared), in layer order."""
-        return [layer.gateskip for layer in self._decoder.layers]
+        return [layer.gateskip for layer in self._model.model.layers]
 
 
 def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip:
