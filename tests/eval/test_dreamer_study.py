@@ -116,6 +116,17 @@ def test_the_study_command_names_a_folder_it_cannot_study_in_one_line(run_dir, t
         main([str(run_dir)])
 
 
+def test_the_study_command_names_an_out_path_that_is_a_file_in_one_line(run_dir):
+    """--out at a file (or under one) stopped the study with a FileExistsError / NotADirectoryError traceback."""
+    from dyndepth.eval.dreamer import main
+
+    blocker = run_dir / "a_file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit, match=r"error: --out=.*cannot be a folder: .*a_file is a file"):
+            main([str(run_dir), "--out", str(out), "--examples", "0", "--batches", "1"])
+    assert not (run_dir / "dreamer_study.json").exists()
+
 def test_the_study_command_refuses_no_batches_and_negative_examples_in_one_line(run_dir):
     """--batches 0 ended in "TypeError: 'int' object is not iterable" (a mean over no batch), and --examples -1
     in "error: n must be >= 0, got -3" (the total over three tasks, under an internal name)."""

@@ -34,6 +34,7 @@ from dyndepth.interop.hf import from_pretrained
 from dyndepth.plots import plot_expert_usage, plot_quality_vs_depth
 from dyndepth.runconfig import load_run_config
 from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
+from dyndepth.train.run import check_out_dir
 
 SYNTHETIC_SOURCES = ("synthetic", "embedded")
 
@@ -136,12 +137,13 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
         hint = f"; {run_dir} is an exported model: pass its run folder" if (run_dir / "config.json").is_file() else ""
         raise FileNotFoundError(f"{run_dir} is not a finished `dyndepth train` run folder (config.yaml and model/)"
                                 f"{hint}.")
+    out = Path(out_dir) if out_dir is not None else run_dir
+    check_out_dir(out, "--out", "the study's results")  # (a file there stopped it with a FileExistsError traceback)
     rc = load_run_config(run_dir / "config.yaml")
     model = from_pretrained(run_dir / "model").eval()
     if model.config.model_type != "dreamer":
         raise ValueError(f"{run_dir} trained a {model.config.model_type!r} model; the Dreamer study needs a Dreamer "
                          "run (a recipe with [model] type = \"dreamer\", e.g. recipes/dreamer_tiny_cpu.toml).")
-    out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = for_vocab(run_tokenizer(run_dir, rc.data), model.config.vocab_size)  # (generation may sample a
     # padded vocabulary's ids)
