@@ -90,6 +90,22 @@ def test_int8_uses_the_cpu_kernel_when_torch_has_it():
     assert not QuantLinear.from_linear(nn.Linear(32, 8), bits=8, group_size=16).uses_int8_kernel(x)
 
 
+def test_float16_int8_kernel_keeps_rows_of_small_weights():
+    """The CPU int8 kernel took its scales in x's dtype: in float16 a row whose largest |w| is 2e-6 (scale 1.6e-8)
+    got a scale of 0 and gave zeros, and a row of 1e-4 weights was off by ~2%, where dequantizing was exact."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 3, bias=False)
+    with torch.no_grad():
+        for row, top in zip(linear.weight, (1.0, 1e-4, 2e-6)):
+            row.mul_(top / row.abs().max())
+    q = QuantLinear.from_linear(linear, bits=8).half()
+    x = torch.randn(4, 64).half()
+    if not q.uses_int8_kernel(x):
+        pytest.skip("this torch has no CPU int8 kernel")
+    want = (x.double() @ q.dequantize().double().T)  # (4, 3)
+    err_N = ((q(x).double() - want).abs().amax(0) / want.abs().amax(0))  # (3,) relative error per output row
+    assert float(err_N.max()) < 2e-3, err_N
+
 def test_gradients_flow_through_int8_weights_to_float_gates():
     """Training float gates on an int8 base (quantize_gates=False) ran the CPU int8 kernel in backward too: "derivative
     for aten::_weight_int8pack_mm is not implemented"."""

@@ -93,8 +93,11 @@ class QuantLinear(nn.Module):
         """(..., K) -> (..., N)."""
         if not self.uses_int8_kernel(x) or x.numel() == 0:
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        x_MK = x.reshape(-1, self.in_features).contiguous()  # (M, K)
-        y = _INT8_PACK_MM(x_MK, self.qweight, self.scale[:, 0].to(x.dtype))  # (M, N)
+        # float16 runs the kernel in float32: its scales take x's dtype, and in float16 a row's scale under 3e-8 (its
+        # largest |w| under ~4e-6) became 0, zeroing the row's outputs, and rows of small weights lost digits
+        dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        x_MK = x.reshape(-1, self.in_features).contiguous().to(dtype)  # (M, K)
+        y = _INT8_PACK_MM(x_MK, self.qweight, self.scale[:, 0].to(dtype)).to(x.dtype)  # (M, N)
         y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
