@@ -77,6 +77,19 @@ def test_collect_gate_stats_numbers():
     assert set(stats.summary()) >= {"layer0/attn/mean", "layer1/mlp/skipped"}
 
 
+def test_statistics_over_more_than_2_to_the_24_tokens():
+    """torch.quantile refuses more than 2**24 values: statistics (and prune_layers by gate) over ~17M tokens stopped
+    with "quantile() input tensor is too large" after every forward had run."""
+    from dyndepth.methods.gateskip_analysis import _StatsAccumulator
+
+    N = 2**24 + 3
+    acc = _StatsAccumulator(num_layers=1)
+    acc.values = {0: [torch.linspace(0, 1, N)], 1: [torch.linspace(1, 3, N)]}  # (N,) each: attn, mlp of layer 0
+    acc.pos_sums, acc.pos_counts = [torch.zeros(1, 2, 1)], [torch.ones(1)]
+    stats = acc.finish(0.0, (0.0, 0.25, 0.5, 1.0))
+    assert stats.num_tokens == N
+    torch.testing.assert_close(stats.quantiles[0], torch.tensor([[0.0, 0.25, 0.5, 1.0], [1.0, 1.5, 2.0, 3.0]]))
+
 def test_budget_override_is_temporary_and_padding_is_excluded():
     model, method = gated_model(budget=0.3)
     ids = torch.randint(0, 256, (2, 10))

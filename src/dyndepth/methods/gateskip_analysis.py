@@ -123,6 +123,16 @@ def _pos0_percentile(s_BT: torch.Tensor, valid_BT: torch.Tensor, pos_BT: torch.T
     return float(below_B[rows_B].sum())
 
 
+def quantiles(values: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """torch.quantile's linear interpolation of `values` (N,) at `levels`, (Q,), for any N: torch.quantile refuses
+    more than 2**24 values ("input tensor is too large"), which stopped statistics over ~17M tokens at the end."""
+    sorted_N = values.sort().values
+    pos_Q = torch.tensor(levels, dtype=torch.float64) * (len(sorted_N) - 1)
+    lo_Q, hi_Q = pos_Q.floor().long(), pos_Q.ceil().long()
+    frac_Q = (pos_Q - lo_Q).to(sorted_N.dtype)
+    return torch.lerp(sorted_N[lo_Q], sorted_N[hi_Q], frac_Q)
+
+
 class _StatsAccumulator:
     """Running sums over traced forwards, turned into a GateStats by `finish`."""
 
@@ -167,7 +177,7 @@ class _StatsAccumulator:
             budget=budget, quantile_levels=tuple(levels),
             mean=torch.stack([v.mean() for v in flat]).view(L, 2),
             std=torch.stack([v.std(unbiased=False) for v in flat]).view(L, 2),
-            quantiles=torch.stack([torch.quantile(v, torch.tensor(levels)) for v in flat]).view(L, 2, -1),
+            quantiles=torch.stack([quantiles(v, levels) for v in flat]).view(L, 2, -1),
             skipped=self.skipped / self.pool_n.clamp(min=1),
             position_mean=pos_sum / pos_count.clamp(min=1),
             position_count=pos_count,
