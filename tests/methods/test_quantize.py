@@ -106,6 +106,19 @@ def test_float16_int8_kernel_keeps_rows_of_small_weights():
     err_N = ((q(x).double() - want).abs().amax(0) / want.abs().amax(0))  # (3,) relative error per output row
     assert float(err_N.max()) < 2e-3, err_N
 
+@pytest.mark.parametrize("attach", ["attach_gateskip", "attach_dnd", "attach_mod"])
+def test_a_method_attaches_to_a_model_whose_lm_head_is_quantized(attach):
+    """The attach functions read lm_head.weight for the new modules' device and dtype: after quantize_weights(skip=())
+    they stopped with "'QuantLinear' object has no attribute 'weight'"."""
+    import dyndepth.methods
+
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", num_hidden_layers=4)).eval()
+    assert "lm_head" in quantize_weights(model, bits=8, skip=())
+    getattr(dyndepth.methods, attach)(model, {"layers": (1, 2)} if attach == "attach_dnd" else None)
+    ids = torch.randint(0, 256, (2, 8))
+    assert model(ids).logits.shape == (2, 8, 256) and model.generate(ids, 3).shape == (2, 11)
+
 def test_gradients_flow_through_int8_weights_to_float_gates():
     """Training float gates on an int8 base (quantize_gates=False) ran the CPU int8 kernel in backward too: "derivative
     for aten::_weight_int8pack_mm is not implemented"."""

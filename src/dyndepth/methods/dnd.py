@@ -532,7 +532,7 @@ def attach_dnd(model, cfg: DNDConfig | dict | None = None) -> DND:
     if any(app.slot != app.layer for app in schedule) or len(schedule) != len(layers):
         raise ValueError(f"dnd runs each layer once per forward with slot = layer; {type(model).__name__}'s "
                          "schedule applies layers otherwise (depth recurrence).")
-    ref = model.lm_head.weight
+    ref = model.model.embed_tokens.weight  # (the lm_head may be a QuantLinear, which has no .weight)
     for i in band:
         layers[i].dnd = LayerDND(model.config.hidden_size, cfg).to(device=ref.device, dtype=ref.dtype)
     method = DND(cfg, band, len(schedule))

@@ -497,7 +497,7 @@ def attach_gateskip(model, cfg: GateSkipConfig | dict | None = None) -> GateSkip
     every layer call go through GateSkip."""
     cfg = make_config(GateSkipConfig, cfg)
     layers = check_attachable(model, "gateskip")
-    ref = model.lm_head.weight
+    ref = model.model.embed_tokens.weight  # (the lm_head may be a QuantLinear, which has no .weight)
     D = model.config.hidden_size
     shared = None
     if cfg.shared:  # at the model level, so FSDP2 keeps it in the root unit every layer call can read

@@ -328,7 +328,7 @@ def attach_mod(model, cfg: MoDConfig | dict | None = None) -> MoD:
     if not routed:
         raise ValueError(f"mod.every={cfg.every}, offset={cfg.offset} routes none of the "
                          f"{len(layers)} layers; use every=1 or a smaller offset.")
-    ref = model.lm_head.weight
+    ref = model.model.embed_tokens.weight  # (the lm_head may be a QuantLinear, which has no .weight)
     for i in routed:
         layers[i].mod = LayerMoD(model.config.hidden_size, cfg).to(device=ref.device, dtype=ref.dtype)
     method = MoD(cfg, routed)
