@@ -176,6 +176,19 @@ def test_the_expert_usage_heatmap_labels_each_row_with_its_step_and_layer(tmp_pa
     assert ax.get_ylabel() == "step.layer"
 
 
+def test_the_report_names_the_state_change_of_a_layer_group_per_application(tmp_path):
+    """With a group of G = 2 layers the state change has R * G entries, one per layer application; the report called
+    them "per step" (4 entries for a 2-step model)."""
+    torch.manual_seed(0)
+    dyndepth.build_model(dyndepth.preset("dreamer-tiny", num_recurrences=2, layers_per_group=2)).save_pretrained(
+        tmp_path / "model")
+    data = {"source": "synthetic", "tasks": ["add"], "synthetic_examples": 200, "difficulty": {"add": {"digits": 1}}}
+    save_run_config(RunConfig(model={"preset": "dreamer-tiny"}, data=data,
+                              train=TrainConfig(batch_size=2, seq_len=32)), tmp_path / "config.yaml")
+    result = run_study(tmp_path, examples_per_task=0, num_batches=1, exit_kls=())
+    assert len(result["state_change"]) == 4 and result["layers_per_group"] == 2
+    assert "relative state change per layer application (step r, layer g at r * 2 + g): [" in render(result)
+
 def test_forward_report_leaves_the_padding_of_whole_document_windows_out():
     """data.packing="documents" pads each window after its documents (attention_mask 0 there): the trainer's
     evaluation passes the mask, the report did not, so the padding counted as tokens in the ideal FLOPs per token and

@@ -167,7 +167,8 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
     settings += [(f"exit KL<{kl:g}", None, kl) for kl in exit_kls]
     rows = depth_sweep(model, tokenizer, examples, batches, settings)
     trained = forward_report(model, batches)
-    result = {"run": str(run_dir), "model_params": model.num_params(), "num_recurrences": R, "rows": rows,
+    result = {"run": str(run_dir), "model_params": model.num_params(), "num_recurrences": R,
+              "layers_per_group": model.config.layers_per_group, "rows": rows,
               "expert_diversity": trained.get("expert_diversity"),
               "expert_set_entropy": trained.get("expert_set_entropy"), "state_change": trained["state_change"]}
     if "expert_usage" in trained:
@@ -201,8 +202,10 @@ def render(result: dict) -> str:
     tasks = [t for t in TASKS if any(t in r.get("per_task", {}) for r in result["rows"])]
     for row, r in zip(rows, result["rows"]):
         row.update({t: f"{r['per_task'][t]:.0%}" for t in tasks})
+    G = result.get("layers_per_group", 1)  # a group of G layers: one change per layer application, R * G of them
+    per = "step" if G == 1 else f"layer application (step r, layer g at r * {G} + g)"
     tail = (f"\n\nexpert diversity (distinct experts per token / min(k R, E)): {result['expert_diversity']}; "
-            f"expert-set entropy per step (nats): {result['expert_set_entropy']}; relative state change per step: "
+            f"expert-set entropy per step (nats): {result['expert_set_entropy']}; relative state change per {per}: "
             f"{result['state_change']}")
     return markdown_table(rows, cols + tasks) + tail
 
