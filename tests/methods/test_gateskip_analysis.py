@@ -90,6 +90,7 @@ def test_statistics_over_more_than_2_to_the_24_tokens():
     assert stats.num_tokens == N
     torch.testing.assert_close(stats.quantiles[0], torch.tensor([[0.0, 0.25, 0.5, 1.0], [1.0, 1.5, 2.0, 3.0]]))
 
+
 def test_budget_override_is_temporary_and_padding_is_excluded():
     model, method = gated_model(budget=0.3)
     ids = torch.randint(0, 256, (2, 10))
