@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from dyndepth import CausalLM, preset
@@ -96,3 +98,41 @@ def test_a_loss_curve_of_one_logged_step_is_drawn(tmp_path, monkeypatch):
     plot_loss([{"step": 6, "loss": 1.5}], tmp_path / "loss.png")
     (line,) = figures[0].axes[0].lines
     assert list(line.get_xdata()) == [6] and line.get_marker() not in ("None", "", None)
+
+
+def test_tensorboard_of_a_resumed_run_hides_the_abandoned_steps_and_a_new_run_sets_the_old_curves_aside(
+        tmp_path, monkeypatch):
+    """metrics.jsonl drops the records past the resumed step (and a new run sets the old file aside), but the
+    TensorBoard writer appended to the same event folder: the abandoned run's steps past the checkpoint stayed, and
+    the curves of a resumed run (or of two runs) were drawn over each other."""
+    import importlib.util
+    import sys
+    import types
+
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train.metrics import MetricsLogger
+
+    writers = []
+
+    class Writer:  # (the tensorboard package is optional: a stand-in that records how it was opened)
+        def __init__(self, log_dir, **kw):
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / f"events.{len(writers)}").write_text("")
+            writers.append(kw)
+
+        def close(self):
+            pass
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard"
+                        else find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    cfg = TrainConfig(tensorboard=True)
+    MetricsLogger(tmp_path, cfg, enabled=True).close()
+    assert writers[-1].get("purge_step") is None
+    MetricsLogger(tmp_path, cfg, enabled=True, resume_step=20).close()
+    assert writers[-1]["purge_step"] == 21  # events of step >= 21 (the abandoned run's) are hidden
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["events.0", "events.1"]
+    MetricsLogger(tmp_path, cfg, enabled=True).close()  # a new run in the folder: the old curves go aside
+    assert sorted(p.name for p in (tmp_path / "tensorboard.abandoned_0").iterdir()) == ["events.0", "events.1"]
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["events.2"]

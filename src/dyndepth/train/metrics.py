@@ -4,7 +4,8 @@ Only rank 0 writes. `metrics.jsonl` holds one JSON object per line: training rec
 `{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", ...}` and evaluation records
 `{"step", "eval_loss", "eval_ppl"}`. On resume, records past the resumed step are dropped first, so the
 file of a resumed run reads like that of an uninterrupted one; the whole old file is kept as
-`metrics.abandoned_N.jsonl` (as the abandoned run's checkpoints move to `abandoned_N/`).
+`metrics.abandoned_N.jsonl` (as the abandoned run's checkpoints move to `abandoned_N/`). TensorBoard hides the
+abandoned steps of a resumed run (`purge_step`); a new run sets an old `tensorboard/` folder aside.
 """
 
 from __future__ import annotations
@@ -107,7 +108,13 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
 
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            tb = Path(out_dir) / "tensorboard"
+            if not resume_step and tb.is_dir() and any(tb.iterdir()):  # a replaced run's curves, as its metrics
+                log.warning("%s: the TensorBoard events of the run this one replaces moved to %s", tb,
+                            set_aside(tb).name)
+            # resumed: TensorBoard hides the events at or past purge_step, those of the abandoned run (appended to,
+            # the folder drew both runs' steps past the checkpoint over each other)
+            self._tb = SummaryWriter(str(tb), purge_step=resume_step + 1 if resume_step else None)
         if cfg.wandb:
             import wandb  # needs `pip install wandb`; set WANDB_MODE=offline to run without network
 
