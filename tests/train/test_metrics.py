@@ -136,3 +136,13 @@ def test_tensorboard_of_a_resumed_run_hides_the_abandoned_steps_and_a_new_run_se
     MetricsLogger(tmp_path, cfg, enabled=True).close()  # a new run in the folder: the old curves go aside
     assert sorted(p.name for p in (tmp_path / "tensorboard.abandoned_0").iterdir()) == ["events.0", "events.1"]
     assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["events.2"]
+
+
+@pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                              ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989)])
+def test_mfu_divides_by_the_peak_of_the_cards_own_variant(monkeypatch, name, tflops):
+    # every name holding "H100" took the SXM card's 989 TFLOP/s: the PCIe card's MFU read 24% low
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert metrics.peak_flops(torch.device("cuda"), None) == tflops * 1e12
