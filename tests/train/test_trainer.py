@@ -351,6 +351,25 @@ def test_the_token_count_carries_over_a_resume_with_another_batch_layout(tmp_pat
     assert [r["tokens"] for r in records if "loss" in r] == [32, 64, 128, 192]
 
 
+def test_a_stat_some_micro_batches_report_is_their_mean():
+    """A statistic only some micro-batches have (gateskip/packed: none where every branch call kept every token) was
+    summed over those and divided by all of them: with grad_accum=2 it logged half its value, where two ranks of
+    one micro-batch each logged all of it (`reduce_stats` averages over the ranks that report a key)."""
+
+    class Sometimes(Hook):
+        name, calls = "sometimes", 0
+
+        def aux_loss(self, model, batch, out):
+            self.calls += 1
+            return torch.zeros(()), ({"share": 0.75} if self.calls == 1 else {})
+
+    model = CausalLM(preset("tiny-qwen3"))
+    batch = TinyLoader(2, 16).next_batch()
+    stats = forward_backward(model, model, [batch, batch], [Sometimes()], tiny_train_config("unused"), ONE)
+    assert float(stats["sometimes/share"]) == 0.75
+    assert float(stats["sometimes/aux_loss"]) == 0.0  # (reported by both: their mean)
+
+
 def test_hook_losses_add_up_controllers_run_without_grad_and_names_are_unique():
     from dyndepth.train.hooks import check_hooks, hooks_after_step, hooks_aux_loss
 

@@ -98,8 +98,8 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
 
     The LM loss is token-weighted over all micro-batches and ranks (module docstring). `stats["loss"]`
     is this rank's share, scaled so that its mean over ranks is the global token-weighted loss; the other
-    stats are means over the micro-batches. `stats["objective"]` is what was back-propagated (this rank's
-    LM share plus the auxiliary terms), for the non-finite check.
+    stats are means over the micro-batches that report them. `stats["objective"]` is what was back-propagated
+    (this rank's LM share plus the auxiliary terms), for the non-finite check.
     """
     n = len(batches)
     batches = [_to_device(b, info.device) for b in batches]
@@ -107,6 +107,7 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
     count = info.all_reduce_sum(local.to(torch.float64).reshape(1))[0]  # over micro-batches and ranks
     per_rank = count.clamp(min=1) / info.world_size  # gradients are averaged over ranks: undo that
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float32, device=info.device)}
+    reported: dict[str, int] = {}  # micro-batches that reported each stat (some report one only sometimes)
     objective = torch.zeros((), dtype=torch.float32, device=info.device)
     for i, batch in enumerate(batches):
         with parallel.grad_sync(model, sync=i == n - 1), _autocast(cfg, info.device):
@@ -122,8 +123,10 @@ def forward_backward(model: nn.Module, raw: nn.Module, batches: list[dict], hook
         objective += total.detach().float()
         stats = {"aux_loss": out.aux_loss.detach(), **out.stats, **stats}
         for k, v in stats.items():
-            v = torch.as_tensor(v, dtype=torch.float32).to(info.device) / n
-            sums[k] = sums[k] + v if k in sums else v
+            v = torch.as_tensor(v, dtype=torch.float32).to(info.device)
+            sums[k], reported[k] = (sums[k] + v, reported[k] + 1) if k in sums else (v, 1)
+    for k, m in reported.items():  # the mean over the micro-batches that report it, as reduce_stats over ranks
+        sums[k] = sums[k] / m
     sums["trained_tokens"] = count.float()
     sums["objective"] = objective
     return sums
