@@ -24,7 +24,6 @@ which GateSkip branches at a 30% budget), dnd_selection.png and each run's loss 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth import jsonio
 from dyndepth.bench.compare import DEMO_DATA as DATA
 from dyndepth.bench.compare import Contender, causal, compare, slug
 from dyndepth.bench.timing import machine_description, markdown_table
@@ -125,7 +125,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     summary["plots"] = _plots(cfg, models, tok, examples, calibration, rows, out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads: on a shared machine, the work
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
     table = render(summary)
     (out / "results.md").write_text(table + "\n")
     print(table)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth import jsonio
 from dyndepth.bench.compare import Contender, causal, compare, latency_ratio, slug
 from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.data.build import HELD_OUT, build_loader
@@ -170,7 +171,7 @@ def write_report(result: dict, out: Path, study: str = "") -> dict:
         result["study"] = dreamer_study(Path(study), out)
         result["claims"] += result["study"]["claims"]
         result["plots"].update(result["study"]["plots"])
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(jsonio.dumps(result, indent=2, default=str) + "\n")  # strict: NaN as null
     report = render(result)
     (out / "REPORT.md").write_text(report + "\n")
     print(report)
@@ -185,6 +186,7 @@ def rerender(out_dir: str, study: str = "") -> dict:
     if not path.exists():
         raise ValueError(f"repro --render-only: {out} has no results.json; run `dyndepth repro` into it first.")
     result = json.loads(path.read_text())
+    result["rows"] = [jsonio.numbers(r, ROW_NUMBERS) for r in result["rows"]]  # (null: a NaN loss, as written)
     result.pop("study", None)
     result["plots"] = {k: v for k, v in result.get("plots", {}).items() if not k.startswith("study ")}
     return write_report(result, out, study or result.get("config", {}).get("study", ""))  # the run's study by default
@@ -234,6 +236,7 @@ def interpolate(pts: list[dict], compute: float, key: str) -> float | None:
     return None
 
 
+ROW_NUMBERS = ("accuracy", "chance", "val_loss", "perplexity", "compute", "ideal_compute", "latency", "latency_vs_sft")
 MARGIN = 0.01  # nats of held-out loss: a smaller difference is a tie, and a tie beats nothing
 DND_SMALL_OVERHEAD = 0.15  # "a small overhead": the paper's +6.3% FLOPs, the spec's 7-12% for attention-heavy shapes
 
@@ -319,13 +322,14 @@ def dreamer_study(folder: Path, out: Path) -> dict:
     bench/study.py), its plots (copied into `out`) and the paper's two claims checked against its numbers."""
     import shutil
 
+    from dyndepth.bench.study import read_study
     from dyndepth.bench.study import render as render_study
 
     path = folder / "study.json"
     if not path.exists():
         raise ValueError(f"repro study={str(folder)!r} has no study.json; run `dyndepth study tokens --out "
                          f"{folder}` first, or leave --study out.")
-    study = json.loads(path.read_text())
+    study = read_study(path)
     plots = {}
     for name in ("accuracy_vs_tokens.png", "text_loss_vs_tokens.png"):
         if (folder / name).exists():

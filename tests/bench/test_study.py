@@ -231,3 +231,28 @@ def test_device_auto_names_the_device_that_trains():
     """`study tokens --device auto` ran the match, then crashed in torch.device("auto") before the first training
     run."""
     assert study_config("smoke", device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_diverged_runs_rows_are_strict_json_and_read_back_as_nan(tmp_path):
+    """A run whose loss diverged has val_loss NaN: rows.json and study.json held the bare word NaN (not JSON: jq and
+    JavaScript refuse the file). The writers write null; the readers (a rerun reusing rows.json, repro reading
+    study.json) take it back as NaN, so the means and the tables stay NaN rather than failing on None."""
+    from dyndepth import jsonio
+    from dyndepth.bench.study import mean_curves, read_study, render
+
+    cfg = study_config("smoke", out_dir=str(tmp_path))
+    config = dyndepth.preset("dreamer-tiny")
+    rows = [{"model": "reference", "step": s, "tokens": 64 * s, "exact_match": 0.0, "val_loss": math.nan}
+            for s in cfg.steps]
+    text = jsonio.dumps({"config": config.to_dict(), "rows": rows})
+    assert "NaN" not in text and '"val_loss": null' in text
+    (tmp_path / "reference" / "seed0").mkdir(parents=True)
+    (tmp_path / "reference" / "seed0" / "rows.json").write_text(text)
+    reused = train_and_evaluate("reference", config, 0, cfg, {}, None, [])
+    assert all(math.isnan(r["val_loss"]) for r in reused)
+    curves = mean_curves(reused)
+    study = {"config": {"reference": "dreamer-tiny", "batch_size": 2, "seq_len": 32, "seeds": [0], "tasks": ["add"],
+                        "tolerance": 0.05}, "machine": "test", "shapes": {"reference": "D=128"}, "match": {},
+             "rows": reused, "curves": curves, "ratios": {}}
+    (tmp_path / "study.json").write_text(jsonio.dumps(study))
+    assert "| nan |" in render(read_study(tmp_path / "study.json"))  # (it failed formatting None as a float)

@@ -593,3 +593,22 @@ def test_the_cli_takes_lm_evals_few_shot_count_and_chat_template(tiny_checkpoint
     assert contexts and all(c.startswith("<user>") and c.endswith("\n<assistant>") for c in contexts)
     with pytest.raises(ValueError, match="pass --tasks too"):
         run_eval(str(folder), perplexity=tmp_path / "x.txt", num_fewshot=2, out=tmp_path / "p")
+
+
+def test_an_overflowed_perplexity_is_written_as_strict_json(tiny_checkpoint, tmp_path, monkeypatch):
+    """An untrained model's perplexity past float's range is inf (word perplexity of a byte model, often): results.json
+    held the bare word Infinity, which jq, JavaScript and strict JSON parsers refuse; it is null now."""
+    from dyndepth.eval import perplexity
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+
+    folder, _ = tiny_checkpoint
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n")
+    monkeypatch.setattr(perplexity, "file_perplexity", lambda *a, **kw: perplexity.Perplexity(
+        nll=1e4, tokens=10, bytes=45, words=9, max_length=16, stride=16))  # 1000 nats a token: e**1000 overflows
+    result = run_eval(str(folder), perplexity=text, out=tmp_path / "out")
+    saved = json.loads(result["path"].read_text(), parse_constant=refuse)["perplexity"]["notes.txt"]
+    assert saved["perplexity"] is None and saved["word_perplexity"] is None and saved["nll"] == 1e4
+    assert "| notes.txt | perplexity | inf |" in result["table"]

@@ -100,6 +100,41 @@ def test_a_loss_curve_of_one_logged_step_is_drawn(tmp_path, monkeypatch):
     assert list(line.get_xdata()) == [6] and line.get_marker() not in ("None", "", None)
 
 
+def _strict(text: str):
+    """json.loads as jq / JavaScript parse: NaN and Infinity are not JSON."""
+    import json
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_metrics_are_written_as_strict_json_and_read_back(tmp_path, monkeypatch):
+    """A step skipped as non-finite logged grad_norm NaN, an overflowed eval perplexity inf: metrics.jsonl held the
+    bare words NaN / Infinity, which jq, JavaScript and strict parsers refuse. They are null now, and the run's
+    own readers (resume, the loss plot) take null back as NaN."""
+    import math
+
+    from dyndepth.runconfig import TrainConfig
+    from dyndepth.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, TrainConfig(), enabled=True)
+    logger.log({"step": 1, "loss": 2.0, "grad_norm": 1.0})
+    logger.log({"step": 2, "loss": math.nan, "grad_norm": math.inf})
+    logger.log({"step": 2, "eval_loss": 800.0, "eval_ppl": math.inf})
+    lines = [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1] == {"step": 2, "loss": None, "grad_norm": None}
+    assert lines[2]["eval_ppl"] is None
+    resumed = MetricsLogger(tmp_path, TrainConfig(), enabled=True, resume_step=2)  # resume rewrites the file
+    assert resumed.records == lines
+    figures = []
+    monkeypatch.setattr(metrics, "save_figure", lambda fig, path, *args, **kw: figures.append(fig) or path)
+    plot_loss(resumed.records, tmp_path / "loss.png")  # (a null loss: a gap in the curve)
+    train_line = figures[0].axes[0].lines[0]
+    assert list(train_line.get_xdata()) == [1, 2] and math.isnan(train_line.get_ydata()[1])
+
+
 def test_tensorboard_of_a_resumed_run_hides_the_abandoned_steps_and_a_new_run_sets_the_old_curves_aside(
         tmp_path, monkeypatch):
     """metrics.jsonl drops the records past the resumed step (and a new run sets the old file aside), but the

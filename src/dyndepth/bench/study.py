@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dyndepth import jsonio
 from dyndepth.bench.match import FAMILIES, MatchConfig, describe, load_reference, run_match
 from dyndepth.bench.timing import machine_description, markdown_table
 from dyndepth.data.build import HELD_OUT, build_loader, build_tokenizer, one_source, source_fingerprint, source_items
@@ -202,7 +203,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
         if isinstance(saved, dict) and same_config(saved.get("config"), config) and \
                 [r["step"] for r in saved["rows"]] == cfg.steps and saved.get("data", key) == key and \
                 saved.get("train", recipe) == recipe:
-            return saved["rows"]
+            return [jsonio.numbers(r, ROW_NUMBERS) for r in saved["rows"]]
         raise ValueError(f"{run_dir} holds a run of another model, other budgets, other data or other training "
                          f"or evaluation settings ({', '.join(recipe)}); remove it or choose another study out_dir.")
     device = torch.device(cfg.device)
@@ -221,7 +222,7 @@ def train_and_evaluate(label: str, config, seed: int, cfg: StudyConfig, data: di
     loader = build_loader(data, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
                           tokenizer=tokenizer)
     train(model, loader, tcfg, hooks=model.trainer_hooks(steps) + [hook])
-    done.write_text(json.dumps({"config": config.to_dict(), "data": key, "train": recipe, "rows": hook.rows},
+    done.write_text(jsonio.dumps({"config": config.to_dict(), "data": key, "train": recipe, "rows": hook.rows},
                                indent=1) + "\n")
     return hook.rows
 
@@ -275,13 +276,27 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[str,
     return ">", float(curve[-1][0])
 
 
+ROW_NUMBERS = ("exact_match", "val_loss", "expert_diversity", "expert_set_entropy")  # a row's (and curve's) measures
+
+
+def read_study(path: str | Path) -> dict:
+    """A study.json as `run_study` returned it: its measures that were not finite (written as null, see
+    `dyndepth.jsonio`) read back as NaN."""
+    study = json.loads(Path(path).read_text())
+    for part in (study, study.get("text", {})):
+        if "rows" in part:
+            part["rows"] = [jsonio.numbers(r, ROW_NUMBERS) for r in part["rows"]]
+        if "curves" in part:
+            part["curves"] = {m: [jsonio.numbers(p, ROW_NUMBERS) for p in c] for m, c in part["curves"].items()}
+    return study
+
+
 def mean_curves(rows: list[dict]) -> dict[str, list[dict]]:
     """Per model, per budget: the mean over seeds of exact match, validation loss and diversity."""
     out: dict[str, dict[int, list[dict]]] = {}
     for r in rows:
         out.setdefault(r["model"], {}).setdefault(r["tokens"], []).append(r)
-    means = ("exact_match", "val_loss", "expert_diversity", "expert_set_entropy")
-    return {m: [{"tokens": t, **{k: sum(r[k] for r in rs) / len(rs) for k in means if k in rs[0]},
+    return {m: [{"tokens": t, **{k: sum(r[k] for r in rs) / len(rs) for k in ROW_NUMBERS if k in rs[0]},
                  **({"set_entropy_over": rs[0]["set_entropy_over"]} if "set_entropy_over" in rs[0] else {})}
                 for t, rs in sorted(by.items())] for m, by in out.items()}
 
@@ -343,7 +358,7 @@ def run_study(cfg: StudyConfig) -> dict:
                           "ratios": ratios(text_curves, "reference", key="val_loss")}
         plot_curves(text_curves, out / "text_loss_vs_tokens.png", f"held-out bits per byte vs training tokens "
                     f"({Path(cfg.text).name})", key="val_loss")
-    (out / "study.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "study.json").write_text(jsonio.dumps(result, indent=2, default=str) + "\n")
     plot_curves(curves, out / "accuracy_vs_tokens.png", f"exact match vs training tokens ({cfg.reference})")
     (out / "study.md").write_text(render(result) + "\n")
     return result

@@ -7,7 +7,6 @@ here alternates the contenders round by round, so drift in machine load hits bot
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import statistics
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dyndepth import jsonio
 from dyndepth.core.accounting import accounting, accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES, cpu_memory_policy, resolve_device
@@ -223,7 +223,7 @@ def write_report(result: dict, markdown: str, out_dir: str | Path, name: str) ->
             "python": platform.python_version()}
     result = {**meta, **result}
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(jsonio.dumps(result, indent=2) + "\n")
     md_path.write_text(f"<!-- {meta['date']}, torch {meta['torch']} -->\n{markdown}\n")
     return json_path, md_path
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dyndepth import jsonio
 from dyndepth.bench.timing import markdown_table
 from dyndepth.data.build import build_loader, build_tokenizer, holds_out, resolve_data_config
 from dyndepth.data.synthetic import TASKS, exact_match, make_examples
@@ -176,7 +176,7 @@ def run_study(run_dir: str | Path, out_dir: str | Path | None = None, examples_p
                           layers_per_group=model.config.layers_per_group)
         result["expert_usage"] = trained["expert_usage"].tolist()
     plot_quality_vs_depth(rows, out / "quality_vs_depth.png")
-    (out / "dreamer_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "dreamer_study.json").write_text(jsonio.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -14,7 +14,6 @@ limit-th non-empty line). Any other name, and every name without `data_dir`, goe
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import platform
 from collections.abc import Sequence
@@ -339,6 +338,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, table, lookahead) -> Path:
+    from dyndepth import jsonio
     from dyndepth.train.metrics import set_aside
 
     out = Path(out)
@@ -353,7 +353,7 @@ def _write(out, model, args, tasks, data_dir, limit, rows, perplexities, raw, ta
     if path.exists() or (out / "results.md").exists():  # an earlier evaluation's, kept
         log.warning("%s: the earlier results in this folder moved to %s (and .md)", out,
                     set_aside(path, out / "results.md", label="earlier").name)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    path.write_text(jsonio.dumps(record, indent=2, default=str) + "\n")  # strict: an inf perplexity as null
     (out / "results.md").write_text(table + "\n")
     return path
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dyndepth import jsonio
 from dyndepth.core.batch import split_batch
 from dyndepth.figures import save_figure
 from dyndepth.methods.dnd import DND, DNDState
@@ -156,16 +157,16 @@ def controller_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int
     series = {}
     for prefix in ("dnd/selected/L", "dnd/tau/L"):
         keys = sorted({k for r in records for k in r if k.startswith(prefix)}, key=lambda k: int(k[len(prefix):]))
-        series[prefix] = {k: [(r["step"], _ratio(r, k) if prefix == "dnd/selected/L" else r[k]) for r in records
-                              if k in r] for k in keys}
+        series[prefix] = {k: [(r["step"], _ratio(r, k) if prefix == "dnd/selected/L" else jsonio.number(r[k]))
+                              for r in records if k in r] for k in keys}  # (null: written for a NaN)
     return series
 
 
 def _ratio(record: dict, key: str) -> float:
     nested = key.replace("dnd/selected/", "dnd/nested_tokens/")
     if nested in record and record.get("dnd/valid_tokens"):
-        return record[nested] / record["dnd/valid_tokens"]
-    return record[key]
+        return jsonio.number(record[nested]) / record["dnd/valid_tokens"]
+    return jsonio.number(record[key])
 
 
 def plot_controller(metrics: str | Path, path: str | Path, target: float | None = None, dpi: int = 110) -> Path:

@@ -2,10 +2,12 @@
 
 Only rank 0 writes. `metrics.jsonl` holds one JSON object per line: training records
 `{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", ...}` and evaluation records
-`{"step", "eval_loss", "eval_ppl"}`. On resume, records past the resumed step are dropped first, so the
-file of a resumed run reads like that of an uninterrupted one; the whole old file is kept as
-`metrics.abandoned_N.jsonl` (as the abandoned run's checkpoints move to `abandoned_N/`). TensorBoard hides the
-abandoned steps of a resumed run (`purge_step`); a new run sets an old `tensorboard/` folder aside.
+`{"step", "eval_loss", "eval_ppl"}`, in strict JSON: a non-finite value (the NaN loss of a step that
+train.nonfinite=skip skipped, an overflowed perplexity) is written as null (see `dyndepth.jsonio`). On resume,
+records past the resumed step are dropped first, so the file of a resumed run reads like that of an uninterrupted
+one; the whole old file is kept as `metrics.abandoned_N.jsonl` (as the abandoned run's checkpoints move to
+`abandoned_N/`). TensorBoard hides the abandoned steps of a resumed run (`purge_step`); a new run sets an old
+`tensorboard/` folder aside.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyndepth import jsonio
 from dyndepth.figures import save_figure
 from dyndepth.runconfig import TrainConfig
 
@@ -103,7 +106,7 @@ class MetricsLogger:
                 log.warning("%s: %d record(s) past step %d of the run this one replaces (%d line(s) torn by a kill "
                             "mid-write) moved to %s", self.path, len(old) - len(kept), resume_step, torn, aside.name)
             tmp = self.path.with_name(self.path.name + ".tmp")  # written, then renamed: a kill mid-write left the
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))  # history truncated
+            tmp.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))  # history truncated
             os.replace(tmp, self.path)
             self.records = kept
         if cfg.tensorboard:
@@ -138,7 +141,7 @@ class MetricsLogger:
         record = {k: _plain(v) for k, v in record.items()}
         self.records.append(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(jsonio.dumps(record) + "\n")  # strict: a NaN loss as null
         step = record.get("step", 0)
         if self._tb is not None:
             for k, v in record.items():
@@ -156,8 +159,8 @@ class MetricsLogger:
 
 def plot_loss(records: list[dict], path: str | Path) -> Path | None:
     """Training (and eval) loss against step as a PNG; None when there is nothing to plot."""
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train = [(r["step"], jsonio.number(r["loss"])) for r in records if "loss" in r]  # (null, read back: NaN, a gap)
+    evals = [(r["step"], jsonio.number(r["eval_loss"])) for r in records if "eval_loss" in r]
     if not train and not evals:
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas by default
