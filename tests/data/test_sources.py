@@ -289,3 +289,30 @@ def test_a_null_text_is_named_as_null_not_as_a_missing_field(tmp_path):
     (tmp_path / "y.jsonl").write_text('{"text": "a"}\n{"text": null, "id": 3}\n')
     with pytest.raises(DataError, match=r"y.jsonl:2: field 'text' is null"):
         list(iter_documents(tmp_path / "y.jsonl"))
+
+
+def test_an_hf_source_names_the_datasets_configuration_before_its_split(monkeypatch):
+    """`hf:` named a dataset and a split only: one with several configurations (wikitext's "wikitext-2-raw-v1",
+    glue's tasks) could not be read at all; "hf:wikitext:wikitext-2-raw-v1" read the configuration as a split."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs["split"]))
+        return [{"text": f"{path}/{name}/{kwargs['split']}"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for source, want in [("hf:wikitext:wikitext-2-raw-v1:validation", ("wikitext", "wikitext-2-raw-v1", "validation")),
+                         ("hf:wikitext:wikitext-2-raw-v1:", ("wikitext", "wikitext-2-raw-v1", "train")),
+                         ("hf:org/set:test", ("org/set", None, "test")),
+                         ("hf:org/set", ("org/set", None, "train")),
+                         ("hf:org/set:train[:1000]", ("org/set", None, "train[:1000]")),  # (a slice's colon)
+                         ("hf:glue:cola:train[10:20]", ("glue", "cola", "train[10:20]"))]:
+        calls.clear()
+        assert list(iter_documents(source)) == [Document("/".join(map(str, want)))]
+        assert calls == [want], source
+    from dyndepth.data.build import resolve_data_config
+
+    for bad in ("hf:a:b:c:d", "hf::train"):  # refused as the config is read, before any work
+        with pytest.raises(DataError, match=r"write 'hf:<name>', 'hf:<name>:<split>' or 'hf:<name>:<config>:<split>'"):
+            resolve_data_config({"source": bad})

@@ -4,7 +4,8 @@ Schema (every key optional):
 
     [data]
     source = "embedded"    # "embedded" (synthetic tasks + stdlib text), "synthetic", "stdlib",
-                           # a file or folder (txt/md/py/jsonl/parquet/.gz), "hf:<dataset name>", or a list
+                           # a file or folder (txt/md/py/jsonl/parquet/.gz), "hf:<name>[:<split>]" or
+                           # "hf:<name>:<config>:<split>" (a Hugging Face dataset), or a list
                            # of files, folders and hf: names, read in order: ["a.txt.gz", "b.txt.gz"]
     tokenizer = "byte"     # "byte", a folder with tokenizer.json / encoder.json + vocab.bpe, or "bpe:N": a
                            # byte-level BPE of N tokens trained on the training source, cached in cache_dir
@@ -62,7 +63,7 @@ from dyndepth.data.sources import (
     TEXT_SPLITS,
     DataError,
     Document,
-    hf_name_and_split,
+    hf_parts,
     iter_documents,
     list_files,
 )
@@ -103,6 +104,9 @@ def resolve_data_config(data_cfg: dict) -> dict:
         raise DataError(f"data.text_split={cfg['text_split']!r} is not one of {TEXT_SPLITS}.")
     for key in ("source", "val_source"):
         cfg[key] = _checked_source(cfg[key], key)
+        for item in source_items(cfg[key]) if cfg[key] else []:
+            if item.startswith(HF_PREFIX):
+                hf_parts(item)  # its syntax, before any work
     if cfg["source"] in EMBEDDED and cfg["val_source"]:
         raise DataError(f"data.val_source is for user data; data.source={cfg['source']!r} holds its own "
                         "validation split: remove data.val_source.")
@@ -194,10 +198,10 @@ def _check_disjoint(source: str | list[str], val_source: str | list[str]) -> Non
     if not val_source or source in EMBEDDED:
         return
     local = [Path(s).resolve() for s in source_items(source) if not s.startswith(HF_PREFIX) and Path(s).exists()]
-    hub = {hf_name_and_split(s) for s in source_items(source) if s.startswith(HF_PREFIX)}
+    hub = {hf_parts(s) for s in source_items(source) if s.startswith(HF_PREFIX)}
     for val in source_items(val_source):
-        if val.startswith(HF_PREFIX) and hf_name_and_split(val) in hub:  # (the same split: name one, "hf:x:test")
-            _warn_overlap(val, "the same dataset split in data.source (name another: hf:<name>:<split>)")
+        if val.startswith(HF_PREFIX) and hf_parts(val) in hub:  # (the same split: name one, "hf:x:test")
+            _warn_overlap(val, "the same dataset split in data.source (name another: hf:<name>[:<config>]:<split>)")
         if val.startswith(HF_PREFIX) or not Path(val).exists():
             continue
         v = Path(val).resolve()

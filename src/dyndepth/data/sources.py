@@ -277,9 +277,12 @@ def iter_hf_dataset(
     split: str = "train",
     text_field: str = "text",
     chat_template: ChatTemplate = render_chat,
+    *,
+    config: str | None = None,
     **load_kwargs: Any,
 ) -> Iterator[Document]:
-    """Records of `datasets.load_dataset(name, split=split, streaming=True, **load_kwargs)`."""
+    """Records of `datasets.load_dataset(name, config, split=split, streaming=True, **load_kwargs)`; `config` is the
+    dataset's configuration (datasets' `name` argument: wikitext's "wikitext-2-raw-v1"), None for its only one."""
     try:
         import datasets
     except ImportError:
@@ -287,22 +290,32 @@ def iter_hf_dataset(
             f"loading dataset {name!r} needs the Hugging Face `datasets` package: pip install datasets"
         ) from None
     load_kwargs.setdefault("streaming", True)
+    what = f"{name!r}" + (f" (configuration {config!r}, split {split!r})" if config else f" (split {split!r})")
     try:  # (streaming: the first record is where a missing network shows)
-        records = iter(datasets.load_dataset(name, split=split, **load_kwargs))
+        records = iter(datasets.load_dataset(name, config, split=split, **load_kwargs))
         first = next(records, None)
-    except (OSError, ValueError) as e:  # no network (ConnectionError is an OSError), no such dataset or split
-        raise DataError(f"could not load the Hugging Face dataset {name!r} (split {split!r}): {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}. Without a network, download it where there "
+    except (OSError, ValueError) as e:  # no network (ConnectionError is an OSError), no such dataset, config or split
+        raise DataError(f"could not load the Hugging Face dataset {what}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}. A dataset with several configurations needs "
+                        f"one named: '{HF_PREFIX}<name>:<config>:<split>'. Without a network, download it where there "
                         "is one (it stays in datasets' cache; HF_DATASETS_OFFLINE=1 reads it from there), or give "
                         "data.source local files.") from None
+    label = f"{name}{f'/{config}' if config else ''}[{split}]"
     for i, record in enumerate(itertools.chain([] if first is None else [first], records)):
-        yield record_to_document(dict(record), f"{name}[{split}] row {i}", text_field, chat_template)
+        yield record_to_document(dict(record), f"{label} row {i}", text_field, chat_template)
 
 
-def hf_name_and_split(source: str, default_split: str = "train") -> tuple[str, str]:
-    """`"hf:<name>[:<split>]"` -> (name, split)."""
-    name, _, split = source[len(HF_PREFIX):].partition(":")
-    return name, split or default_split
+def hf_parts(source: str, default_split: str = "train") -> tuple[str, str | None, str]:
+    """`"hf:<name>"`, `"hf:<name>:<split>"` or `"hf:<name>:<config>:<split>"` -> (name, config or None, split), as
+    `datasets.load_dataset(name, config, split=split)` takes them: `"hf:wikitext:wikitext-2-raw-v1:validation"`.
+    An empty field takes its default (`"hf:wikitext:wikitext-2-raw-v1:"`: the train split); a split's slice may hold
+    colons (`"hf:org/set:train[:1000]"`: only colons outside brackets separate)."""
+    fields = re.split(r":(?![^\[]*\])", source[len(HF_PREFIX):])
+    if not fields[0] or len(fields) > 3:
+        raise DataError(f"{source!r}: write '{HF_PREFIX}<name>', '{HF_PREFIX}<name>:<split>' or "
+                        f"'{HF_PREFIX}<name>:<config>:<split>' (e.g. '{HF_PREFIX}wikitext:wikitext-2-raw-v1:validation').")
+    name, config = fields[0], fields[1] if len(fields) == 3 else ""
+    return name, config or None, fields[-1] if len(fields) > 1 and fields[-1] else default_split
 
 
 def iter_documents(
@@ -317,7 +330,7 @@ def iter_documents(
 ) -> Iterator[Document]:
     """Stream Documents from a file, a folder (recursive), a list of those, or `"hf:<name>"` (datasets; its split is
     `hf_split`, or the one named after a colon, `"hf:<name>:validation"`: a data.val_source of the same dataset read
-    its train split).
+    its train split; a dataset's configuration goes before the split, `"hf:wikitext:wikitext-2-raw-v1:validation"`).
 
     Folders yield every file matching `glob`, sorted, each read by its extension. `text_split` says how
     plain text files become documents: 'file' (whole file), 'line' or 'paragraph' (blank-line separated).
@@ -335,8 +348,8 @@ def iter_documents(
             )
         return
     if isinstance(source, str) and source.startswith(HF_PREFIX):
-        name, split = hf_name_and_split(source, hf_split)
-        yield from iter_hf_dataset(name, split, text_field, chat_template)
+        name, config, split = hf_parts(source, hf_split)
+        yield from iter_hf_dataset(name, split, text_field, chat_template, config=config)
         return
     path = Path(source)
     if path.is_dir():
