@@ -314,3 +314,51 @@ def test_a_rope_type_under_v4s_key_type_is_read_and_written_as_transformers_read
         torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
     written = config_to_hf(dyndepth.preset("tiny-llama", rope_scaling={"type": "linear", "factor": 4.0}), torch.float32)
     assert written["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+
+
+WINDOW = {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4}
+SLIDING = [{**WINDOW, "max_window_layers": 2},  # none slides
+           {**WINDOW, "max_window_layers": 5},
+           {**WINDOW, "max_window_layers": 1},  # layer 1 slides
+           {**WINDOW, "use_sliding_window": False, "max_window_layers": 0},  # no window
+           {**WINDOW, "sliding_window": None, "max_window_layers": 0},
+           {**WINDOW, "max_window_layers": 0, "layer_types": ["full_attention", "sliding_attention"]},  # these win
+           {**WINDOW, "model_type": "qwen3_moe", "max_window_layers": 2},  # every layer slides
+           {**WINDOW, "model_type": "qwen3_moe", "use_sliding_window": False}]
+
+
+@pytest.mark.parametrize("fields", SLIDING)
+def test_which_layers_slide_is_read_as_transformers_reads_it(fields):
+    """use_sliding_window=true was refused outright, also where max_window_layers >= num_hidden_layers leaves no
+    layer sliding (transformers then runs full attention everywhere)."""
+    from dyndepth.models.hf_layout import sliding_layers
+
+    fields = {**fields, "num_hidden_layers": 2}
+    hf = transformers.AutoConfig.for_model(**fields)
+    if hf.sliding_window is None:
+        theirs = []
+    elif fields["model_type"] == "qwen3_moe":  # (every layer's attention takes config.sliding_window)
+        theirs = list(range(2))
+    else:
+        theirs = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
+    assert sliding_layers(fields) == theirs
+
+
+def test_a_qwen3_whose_window_covers_no_layer_loads_and_one_that_slides_is_refused_by_name(tmp_path):
+    ours = dyndepth.ModelConfig(**CONFIGS["qwen3-tied"])  # 2 layers
+    for max_window_layers, slides in ((2, False), (1, True)):
+        fields = dict(config_to_hf(ours, torch.float32), use_sliding_window=True, sliding_window=4,
+                      max_window_layers=max_window_layers)
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**fields),
+                                                           attn_implementation="sdpa").eval()
+        hf.save_pretrained(tmp_path / str(max_window_layers))
+        if slides:
+            with pytest.raises(dyndepth.ConfigError, match=r"sliding-window attention \(window 4 tokens, on layers "
+                                                           r"1\.\.1 .*set use_sliding_window=false"):
+                dyndepth.from_pretrained(tmp_path / str(max_window_layers))
+            continue
+        ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(0))  # past the window: no matter
+        with torch.no_grad():
+            got = dyndepth.from_pretrained(tmp_path / str(max_window_layers)).eval()(ids).logits
+            torch.testing.assert_close(got, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -39,8 +39,15 @@ def config_from_hf(d: dict) -> ModelConfig:
             f"unsupported architecture: model_type={model_type!r} (architectures={d.get('architectures')}); "
             f"dyndepth's decoder loads {list(SUPPORTED_MODEL_TYPES)}."
         )
-    if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
-        raise ConfigError("sliding-window attention layers are not supported yet; use a checkpoint without them.")
+    sliding = sliding_layers(d)
+    if sliding:
+        window = d.get("sliding_window", 4096) if d.get("use_sliding_window") else None
+        raise ConfigError(
+            f"sliding-window attention (window {window} tokens, on layers {sliding[0]}..{sliding[-1]} as transformers "
+            "reads use_sliding_window / max_window_layers / layer_types) is not supported: dyndepth's attention is "
+            "full. Use a checkpoint without sliding layers; or, where every text stays within the window (full "
+            "attention equals sliding attention there), set use_sliding_window=false (and layer_types to "
+            "full_attention) in its config.json.")
     if d.get("quantization_config"):  # (packed or float8 weights and their scales: the tensors would not fit)
         method = d["quantization_config"].get("quant_method") if isinstance(d["quantization_config"], dict) else None
         raise ConfigError(f"quantized checkpoints are not supported (quantization_config: quant_method={method!r}); "
@@ -56,6 +63,24 @@ def config_from_hf(d: dict) -> ModelConfig:
     fields = {**defaults, **fields}
     fields["torch_dtype"] = d.get("dtype") or d.get("torch_dtype")
     return ModelConfig.from_dict({**fields, "rope_theta": theta, "rope_scaling": scaling})
+
+
+def sliding_layers(d: dict) -> list[int]:
+    """The layers a config.json's model runs with a sliding window, as transformers (5.x) reads it: none unless
+    use_sliding_window (which sets the window, sliding_window, default 4096; without it transformers drops the window).
+    Qwen3 slides layers i >= max_window_layers (default 28), or those layer_types names "sliding_attention";
+    Qwen3-MoE slides every layer. A layer_types naming sliding layers without a window is listed too: transformers
+    cannot run it (its cache takes a window of None)."""
+    model_type, types = d.get("model_type"), d.get("layer_types")
+    n = d.get("num_hidden_layers", _HF_DEFAULTS.get(model_type, {}).get("num_hidden_layers", 0))
+    named = [i for i, t in enumerate(types or []) if t == "sliding_attention"]
+    if not d.get("use_sliding_window") or d.get("sliding_window", 4096) is None:
+        return named
+    if model_type == "qwen3_moe":
+        return list(range(n))
+    if model_type == "qwen3":
+        return named if types is not None else list(range(d.get("max_window_layers", 28), n))
+    return named  # (Llama has no sliding window)
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
