@@ -160,6 +160,9 @@ def test_fields_a_config_json_leaves_out_take_transformers_defaults(fields):
     theirs["rope_theta"] = theirs["rope_parameters"]["rope_theta"]
     theirs["head_dim"] = theirs.get("head_dim") or theirs["hidden_size"] // theirs["num_attention_heads"]
     theirs["num_experts"] = theirs.get("num_local_experts", theirs.get("num_experts", 0))
+    # (but one: output_router_logits left out is ours unset, which trains the balancing loss as dyndepth always did;
+    # transformers writes the field into every config.json it saves, where it is read as written: the test below)
+    theirs.pop("output_router_logits", None)
     differ = {k: (ours[k], theirs[k]) for k in ours if k in theirs and ours[k] != theirs[k]}
     assert not differ
 
@@ -362,3 +365,43 @@ def test_a_qwen3_whose_window_covers_no_layer_loads_and_one_that_slides_is_refus
         with torch.no_grad():
             got = dyndepth.from_pretrained(tmp_path / str(max_window_layers)).eval()(ids).logits
             torch.testing.assert_close(got, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fields", [{}, {"output_router_logits": True, "router_aux_loss_coef": 0.05}])
+def test_a_qwen3_moe_trains_the_balancing_loss_its_config_json_asks_for_as_transformers_does(fields, tmp_path):
+    """transformers adds router_aux_loss_coef x the balancing loss to a Qwen3-MoE's training loss only with
+    output_router_logits=true (false by default, and in Qwen3-30B-A3B's config.json); dyndepth always added it, so
+    post-training such a checkpoint optimized another objective than transformers' Trainer, silently."""
+    import torch.nn.functional as F
+
+    ours = dyndepth.ModelConfig(**CONFIGS["qwen3-moe"])
+    torch.manual_seed(0)
+    hf_config = transformers.AutoConfig.for_model(**{**config_to_hf(ours, torch.float32), **fields})
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config,
+                                                       attn_implementation="sdpa")
+    hf.save_pretrained(tmp_path)
+    model = dyndepth.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    hf.train(), model.train()
+    ref = hf(input_ids=ids, labels=ids).loss  # (the language-model loss plus what the config asks for)
+    out = model(ids)
+    lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(lm + out.aux_loss, ref, atol=1e-5, rtol=1e-5)
+    assert out.stats["moe/balance_loss"] > 0  # (logged either way)
+    model.save_pretrained(tmp_path / "again")  # and the export says what it trains
+    again = transformers.AutoConfig.from_pretrained(tmp_path / "again")
+    assert again.output_router_logits == fields.get("output_router_logits", False)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["router_aux_loss_coef"] == \
+        fields.get("router_aux_loss_coef", 0.001)
+
+
+def test_a_dyndepth_moe_trains_the_balancing_loss_and_exports_what_transformers_can_generate_with(tmp_path):
+    """dyndepth's own MoE configs leave output_router_logits unset: the balancing loss trains (as it always did, old
+    exports too), and the field is written to no config.json (transformers' generate fails with it true)."""
+    ours = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3-moe")).train()
+    out = ours(torch.randint(0, 256, (2, 9)))
+    assert ours.config.output_router_logits is None and out.aux_loss > 0
+    torch.testing.assert_close(out.aux_loss, ours.config.router_aux_loss_coef * out.stats["moe/balance_loss"])
+    ours.save_pretrained(tmp_path)
+    assert "output_router_logits" not in json.loads((tmp_path / "config.json").read_text())
+    assert dyndepth.from_pretrained(tmp_path).config.output_router_logits is None

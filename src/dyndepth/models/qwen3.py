@@ -150,12 +150,14 @@ class CausalLM(nn.Module):
         return None
 
     def finish(self, ctx: ForwardContext, head_ideal) -> tuple[list[torch.Tensor], dict]:
-        """After the layers: the MoE balancing loss (training) and flops/dense, what the plain model would need
-        for the same tokens (valid ones, their causal keys, the logits computed)."""
+        """After the layers: the MoE balancing loss (training; a loss unless output_router_logits is false, as in
+        transformers, always a statistic) and flops/dense, what the plain model would need for the same tokens (valid
+        ones, their causal keys, the logits computed)."""
         losses, stats = [], {}
         if ctx.aux and self.config.num_experts:
             balance = load_balancing_loss(ctx.aux, self.config.num_experts)
-            losses.append(self.config.router_aux_loss_coef * balance)
+            if self.config.output_router_logits is not False:
+                losses.append(self.config.router_aux_loss_coef * balance)
             stats["moe/balance_loss"] = balance.detach()
         layers = [app.layer for app in self.schedule]
         linear = flops.q_o_flops(self.config) + flops.kv_flops(self.config)
