@@ -612,3 +612,20 @@ def test_an_overflowed_perplexity_is_written_as_strict_json(tiny_checkpoint, tmp
     saved = json.loads(result["path"].read_text(), parse_constant=refuse)["perplexity"]["notes.txt"]
     assert saved["perplexity"] is None and saved["word_perplexity"] is None and saved["nll"] == 1e4
     assert "| notes.txt | perplexity | inf |" in result["table"]
+
+
+def test_model_arguments_of_lm_evals_requests_are_refused_by_a_perplexity_run(tiny_checkpoint, tmp_path):
+    """--perplexity alone dropped add_bos_token / max_gen_toks / enable_thinking / think_end_token unread and unchecked
+    (add_bos_token=maybe ran; add_bos_token=true did not change the score a user asked it to), as it refuses
+    num_fewshot; the lm-eval task path checks and uses them."""
+    folder, _ = tiny_checkpoint
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n")
+    for args in ("add_bos_token=true", "max_gen_toks=32", "add_bos_token=maybe,enable_thinking=false",
+                 "think_end_token=</think>"):
+        with pytest.raises(ValueError, match=r"model argument\(s\) .* shape lm-eval's task requests; perplexity alone "
+                                             r"reads none of them .* pass --tasks too, or drop them"):
+            run_eval(str(folder), perplexity=text, model_args=args, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = run_eval(str(folder), perplexity=text, model_args="max_batch_size=4", out=tmp_path / "out")
+    assert result["rows"]  # (max_batch_size: ignored by the task path too, and accepted by both)

@@ -29,6 +29,8 @@ OFFLINE_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if not p.name.st
 # lm-eval's names of tasks with an offline copy under another name; with --data-dir these went to lm-eval's registry,
 # which downloads (offline: a `datasets` ConnectionError traceback after the model had loaded)
 LM_EVAL_NAMES = {"lambada_openai": "lambada", "social_iqa": "siqa"}
+REQUEST_ARGS = ("max_gen_toks", "add_bos_token", "enable_thinking", "think_end_token")  # model args of lm-eval's
+# requests alone (a perplexity run reads none; max_batch_size, ignored by both, is accepted by both)
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics (LAMBADA perplexity); lm-eval's 100,000 takes minutes
 
 
@@ -84,6 +86,11 @@ def run_eval(model, tasks: str | Sequence[str] | None = None, data_dir: str | Pa
     if not harness_tasks and (num_fewshot is not None or apply_chat_template):
         raise ValueError("num_fewshot and apply_chat_template shape lm-eval's task prompts; perplexity alone reads "
                          "neither: pass --tasks too, or drop them.")
+    request_args = [k for k in REQUEST_ARGS if k in args]
+    if not harness_tasks and request_args:  # (they were dropped unread, unchecked: add_bos_token=maybe ran too)
+        raise ValueError(f"model argument(s) {', '.join(request_args)} shape lm-eval's task requests; perplexity "
+                         "alone reads none of them (it scores the text behind the tokenizer's BOS, else EOS, token, "
+                         "whatever add_bos_token says): pass --tasks too, or drop them.")
     given = [name for name, value in perplexity_window.items() if value is not None]
     if given and not ppl_files:  # (lm-eval's tasks ran at the model's whole context, and the option was dropped)
         raise ValueError(f"{' and '.join(given)} set the perplexity window, and nothing here is scored by perplexity: "
