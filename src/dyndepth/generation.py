@@ -152,10 +152,13 @@ def sample_next(
 def check_finite(values: torch.Tensor, model, what: str) -> None:
     """A FloatingPointError when `values` (a model's logits or scores) hold NaN or inf, which argmax and the scores of
     multiple-choice tasks would turn silently into token 0 and chance accuracy (one host sync)."""
-    if bool(torch.isfinite(values).all()):
-        return
+    if not bool(torch.isfinite(values).all()):
+        raise not_finite(model, what)
+
+
+def not_finite(model, what: str) -> FloatingPointError:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    raise FloatingPointError(
+    return FloatingPointError(
         f"{what} are not finite (NaN or inf) in this {dtype} model: its activations overflowed, or its weights hold "
         "NaN. float16 holds at most 65504, which the activations of many checkpoints exceed: load the model in "
         "bfloat16 or float32 (dtype=bfloat16).")
@@ -246,6 +249,8 @@ def generate(
       thresholds calibrated at that budget, see `dyndepth.methods.calibrate`).
     method_knobs: runtime knobs of the attached method for this generation (`method.decoding(**knobs)`).
     repetition_penalty: > 1 discourages tokens the row already holds (`penalize_repeats`; 1: off).
+    Logits that are not finite in a running row (a float16 overflow, in the prompt or later) are a FloatingPointError:
+    the prompt's at once, the steps' at the end (a flag kept on the device: no host sync per token).
     """
     if skip_budget is not None or method_knobs:
         with decoding_knobs(model, skip_budget, method_knobs):
@@ -284,8 +289,15 @@ def generate(
         seen = torch.where(mask.bool(), input_ids, input_ids[:, -1:])  # (B, T) a left-padded row's last id is real
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         next_pos = lengths[:, None]  # (B, 1)
+        # the first step whose logits are not finite in a running row (-1: none), kept on the device and read once at
+        # the end: an overflow that appears only while decoding (a long generation's activations) emitted token 0 on
+        # from there, silently, and a check per step would cost a host sync per token
+        overflow = torch.full((), -1, device=device)
         for i in range(max_new_tokens):
             logits = out.logits[:, -1]  # (B, V)
+            if i:  # (step 0's are the prompt's, checked above)
+                bad = (~torch.isfinite(logits).all(-1) & unfinished).any()
+                overflow = torch.where(bad & (overflow < 0), i, overflow)
             if repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, seen, repetition_penalty)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -304,6 +316,9 @@ def generate(
             view = cache if compiled else cache.window(prompt_len + i + 1)
             out = step(nxt[:, None], next_pos, view)
             next_pos = next_pos + 1
+        if int(overflow) >= 0:
+            raise not_finite(model, f"the next-token logits after {int(overflow)} generated tokens (the prompt's were "
+                                    "finite)")
         return torch.cat(tokens, dim=1)
 
 

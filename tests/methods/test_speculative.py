@@ -287,6 +287,23 @@ def test_float16_activations_that_overflow_are_an_error_not_a_row_of_token_0():
         speculative_generate(model.half(), torch.randint(0, 256, (2, 12)), 4)  # greedy emitted token 0
 
 
+def test_logits_that_turn_non_finite_while_decoding_are_an_error_not_a_tail_of_token_0():
+    """Only the prompt's logits were checked: a NaN in a verify forward (an overflow later in the text) was emitted as
+    token 0, silently."""
+    model, _ = spec_model()
+
+    def poison(module, args, out):  # the full model's verify forwards (K + 1 positions), not the prompt or drafts
+        return out.clone().fill_(float("nan")) if out.shape[1] > 1 else out
+
+    handle = model.lm_head.register_forward_hook(poison)
+    try:
+        with pytest.raises(FloatingPointError, match=r"the full model's logits of a decode step \(the prompt's were "
+                                                     r"finite\) are not finite"):
+            speculative_generate(model, torch.randint(0, 256, (2, 12)), 6, num_draft=2)
+    finally:
+        handle.remove()
+
+
 def test_greedy_accept_takes_the_longest_agreeing_prefix():
     logits = torch.zeros(3, 4, 5)
     target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0]])  # argmax at each of K+1 = 4 positions

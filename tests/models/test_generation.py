@@ -389,3 +389,30 @@ def test_a_cache_made_under_inference_mode_is_refused_outside_it_with_the_fix(mo
     with torch.inference_mode():
         assert torch.equal(model.generate(ids, 6, stop_tokens=[], cache=outside), first)
     assert torch.equal(model.generate(ids, 6, stop_tokens=[], cache=outside), first)
+
+
+def test_logits_that_turn_non_finite_while_decoding_are_an_error_not_a_tail_of_token_0(model):
+    """Only the prompt's logits were checked: an overflow that appeared during decode (a long generation's activations
+    in float16) made greedy emit token 0 from there on, silently. Steps are checked on the device and read once."""
+    calls = []
+
+    def poison(module, args, out):  # from the third decode step on, row 1's logits are NaN
+        calls.append(None)
+        if len(calls) > 3:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    handle = model.lm_head.register_forward_hook(poison)
+    try:
+        with pytest.raises(FloatingPointError, match=r"the next-token logits after 3 generated tokens \(the prompt's "
+                                                     r"were finite\) are not finite.*bfloat16 or float32"):
+            model.generate(ids, 6)
+        calls.clear()
+        first = model.generate(ids, 3)  # (the poisoned step is never read: stopped at max_new_tokens)
+        calls.clear()
+        stopped = model.generate(ids, 6, stop_tokens=[int(first[1, 6])])  # row 1 stops before its logits turn NaN
+        assert stopped.shape[1] > 9 and (stopped[1, 7:] == stopped[1, 7]).all()
+    finally:
+        handle.remove()

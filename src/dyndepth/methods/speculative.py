@@ -328,6 +328,10 @@ def speculative_generate(
             d_BK, q_BKV = run.draft(cur_B, k, window)
             block_BK = torch.cat([cur_B[:, None], d_BK], 1)  # (B, K+1)
             logits_BKV = run.verify(block_BK, window)
+            # (a NaN the prompt did not have, e.g. a float16 overflow later in the text, was emitted as token 0; the
+            # loop reads the device each step anyway)
+            check_finite(logits_BKV[run.unfinished], model, "the full model's logits of a decode step (the prompt's "
+                                                            "were finite)")
             if sampling:
                 p_BKV = filtered_probs(logits_BKV, temperature, top_k, top_p)
                 if q_BKV is None:  # k == 0
