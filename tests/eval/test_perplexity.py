@@ -141,3 +141,17 @@ def test_file_and_errors(model_and_tok, tmp_path):
     latin.write_bytes("café au lait".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
         file_perplexity(model, tok, latin)
+
+
+def test_float16_activations_that_overflow_are_an_error_not_a_nan_perplexity():
+    """The lm-eval scores and generation stop at a non-finite value (docs/eval.md's dtype row); a perplexity run
+    reported perplexity nan (null in results.json) as if it were a measurement."""
+    torch.manual_seed(0)
+    model = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", vocab_size=300)).eval()
+    with torch.no_grad():  # activations past float16's 65504, as many checkpoints' outliers are
+        model.model.layers[0].mlp.down_proj.weight.mul_(3e5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(30)
+    text = "hello world, this is a test " * 3
+    assert math.isfinite(text_perplexity(model, ByteTokenizer(), text, max_length=32, stride=16).perplexity)
+    with pytest.raises(FloatingPointError, match="logits of a perplexity window are not finite.*float16 model"):
+        text_perplexity(model.half(), ByteTokenizer(), text, max_length=32, stride=16)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dyndepth.data.sources import read_utf8
+from dyndepth.generation import check_finite
 
 
 @dataclass
@@ -108,6 +109,8 @@ def sliding_window_nll(model, ids: Sequence[int] | torch.Tensor, max_length: int
             if record is not None:
                 record(out.stats)
             logits = out.logits.float()  # (B, k, V): predicts the k tokens after
+            # (a float16 overflow gave a NaN perplexity, reported as a number; the loop reads the device per row anyway)
+            check_finite(logits, model, "the logits of a perplexity window")
             for row, (_, end, scored) in enumerate(chunk):
                 targets = ids[end + 1 - scored:end + 1].to(device)  # (scored,)
                 total += float(F.cross_entropy(logits[row, -scored:], targets, reduction="sum"))
