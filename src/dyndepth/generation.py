@@ -66,7 +66,8 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
                   repetition_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every check of a generation request, before any forward (generate's and speculative decoding's): the long
     attention mask (B, T), the stop ids (S,) and the pad id. Default stops as `default_stop_tokens` says; the default
-    pad is the checkpoint's when it is a token id, else the first stop id."""
+    pad is generation_config.json's (config.json's without that file, as transformers reads them) when it is a token
+    id, else the first stop id."""
     config = model.config
     check_inputs(config, input_ids, attention_mask)  # (here too: a generate of 0 tokens runs no forward)
     if not is_whole(max_new_tokens) or max_new_tokens < 0:
@@ -76,8 +77,10 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention
     check_left_padded(mask)
     check_length(config, int(mask.sum(-1).max()), int(max_new_tokens))
     stops = default_stop_tokens(model) if stop_tokens is None else _token_ids(stop_tokens, config.vocab_size)
-    if pad_token_id is None:
-        pad_token_id = (getattr(model, "generation_config", None) or {}).get("pad_token_id", config.pad_token_id)
+    if pad_token_id is None:  # a checkpoint's generation_config.json alone, when it has one (transformers reads
+        # config.json's pad only without it): one without a pad id pads with the first stop id, as transformers does
+        generation_config = getattr(model, "generation_config", None)
+        pad_token_id = generation_config.get("pad_token_id") if generation_config else config.pad_token_id
         if pad_token_id is None or not 0 <= pad_token_id < config.vocab_size:  # (-1 in some Llama conversions)
             pad_token_id = stops[0] if stops else 0
     elif not is_whole(pad_token_id) or not 0 <= pad_token_id < config.vocab_size:

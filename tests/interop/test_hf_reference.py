@@ -405,3 +405,25 @@ def test_a_dyndepth_moe_trains_the_balancing_loss_and_exports_what_transformers_
     ours.save_pretrained(tmp_path)
     assert "output_router_logits" not in json.loads((tmp_path / "config.json").read_text())
     assert dyndepth.from_pretrained(tmp_path).config.output_router_logits is None
+
+
+def test_a_generation_config_without_a_pad_id_pads_with_its_eos_as_hf_does(tmp_path):
+    # config.json named a pad id (7), generation_config.json none: transformers reads the latter alone and pads
+    # finished rows with its first eos id, generate padded them with config.json's 7
+    hf = make_hf_model("qwen3-tied")
+    ids, mask = padded_batch(256)
+    with torch.no_grad():
+        free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, min_new_tokens=12)
+    stop = int(free[0, 11 + 2])  # row 0 stops at its 3rd new token, the others run on
+    assert stop not in free[1:, 11:] and stop != 7
+    hf.config.pad_token_id = 7
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = [stop, 250], None
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] == 7
+    assert "pad_token_id" not in json.loads((tmp_path / "generation_config.json").read_text())
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = dyndepth.from_pretrained(tmp_path).generate(ids, 12, attention_mask=mask)
+    assert torch.equal(got, ref) and (got[0, 11 + 3:] == stop).all()
