@@ -292,7 +292,10 @@ def speculative_generate(
 
     The model drafts `num_draft` tokens under `method.decoding(draft_budget)` (thresholds calibrated with
     `calibrate(model, batches, draft_budget)`) and verifies them in one full-compute forward.
-    temperature 0: the output equals `generate(model, ...)` at full compute (budget 0), token for token.
+    temperature 0: the output equals `generate(model, ...)` at full compute (budget 0), token for token, in float32. In
+    bfloat16 / float16 the verifier's block forward rounds its activations differently from generate's one-token steps
+    (its logits move by a rounding unit or two), so where two tokens tie or nearly tie the pick can go the other way
+    (both are greedy picks; from there the texts differ).
     temperature > 0 (optionally top_k / top_p): every token is distributed as in full-compute sampling
     with the same settings (speculative sampling); the random stream differs from `generate`'s.
     Other arguments as in `dyndepth.generation.generate`; `cache_mode` ("shared" | "separate") is
