@@ -208,6 +208,16 @@ def test_generate_passes_the_repetition_penalty(tmp_path):
     assert outputs[0].output != outputs[1].output  # (random weights repeat bytes; a strong penalty changes them)
 
 
+
+def test_generate_on_device_auto_decodes_where_the_model_loaded():
+    # the model loaded on "auto" (CUDA when visible, else the CPU), then the prompt's ids went .to("auto"): a torch
+    # RuntimeError traceback after the load
+    args = ["generate", "demo-tiny", "-p", "hello", "-n", "4", "--temperature", "0.8", "--no-stream"]
+    auto, cpu = (runner.invoke(app, [*args, "--device", device]) for device in ("auto", "cpu"))
+    assert auto.exit_code == 0, auto.output
+    if not torch.cuda.is_available():  # the same device: the same seeded tokens
+        assert auto.output == cpu.output
+
 def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_prompt(tmp_path):
     from dyndepth.methods import MoDConfig, attach_mod
 

@@ -73,7 +73,7 @@ def generate(
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or 'byte'; default: the model folder."),
     dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 | auto; default (auto): "
                                                    "config.json's, as in transformers."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto (CUDA when visible, else cpu)."),
     seed: int = typer.Option(0),
     stream: bool = typer.Option(True, help="Print tokens as they come (single prompt)."),
     skip_budget: Optional[float] = typer.Option(None, "--skip-budget", help="GateSkip: the fraction of tokens that "
@@ -96,6 +96,7 @@ def generate(
     if max_new_tokens < 0:
         _fail(ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}."))
     lm = _run(_load_model, model, dtype, device)
+    device = next(lm.parameters()).device  # where it loaded: "auto" (CUDA when visible) is no torch device name
     if skip_budget is not None or method_knobs or getattr(lm, "method", None) is not None:
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)  # (a method's thresholds too) before the echo
     preset = model in _presets()
