@@ -218,6 +218,22 @@ def test_generate_on_device_auto_decodes_where_the_model_loaded():
     if not torch.cuda.is_available():  # the same device: the same seeded tokens
         assert auto.output == cpu.output
 
+
+def test_calibrate_on_device_auto_fits_where_the_model_loaded(tmp_path):
+    # as generate's: the model loaded on "auto", then the text's batches went .to("auto") (a torch traceback)
+    from dyndepth.methods import attach_gateskip
+
+    model = dyndepth.CausalLM(dyndepth.preset("demo-tiny"))
+    attach_gateskip(model)
+    model.save_pretrained(tmp_path / "gated")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 20)
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "gated"), "--text", str(text), "--tokenizer", "byte",
+                                 "--knobs", "budget=0.3", "--out", str(tmp_path / "q30"), "--batches", "1",
+                                 "--seq-len", "32", "--device", "auto"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "q30" / "calibration.json").is_file()
+
 def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_prompt(tmp_path):
     from dyndepth.methods import MoDConfig, attach_mod
 

@@ -195,6 +195,7 @@ def calibrate(
 
     corpus = _run(read_utf8, text, "--text")
     lm = _run(_load_model, model, None, device)
+    device = next(lm.parameters()).device  # where it loaded: "auto" (CUDA when visible) is no torch device name
     tok = _run(load_tokenizer, tokenizer or model)
     ids = _run(text_batches, tok, corpus, batches, batch_size, seq_len)
     thresholds = _run(fit, lm, [b.to(device) for b in ids], **wanted)
