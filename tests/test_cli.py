@@ -234,6 +234,17 @@ def test_calibrate_on_device_auto_fits_where_the_model_loaded(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "q30" / "calibration.json").is_file()
 
+
+def test_generate_says_that_top_k_and_top_p_need_a_temperature():
+    # `--top-p 0.9` without `--temperature` decoded greedily without a word (transformers warns of it): the user
+    # believed the text sampled
+    base = ["generate", "demo-tiny", "-p", "hello", "-n", "3", "--no-stream"]
+    for flags in (["--top-p", "0.9"], ["--top-k", "5"]):
+        result = runner.invoke(app, [*base, *flags])
+        assert result.exit_code == 0 and "only act when sampling (--temperature > 0)" in result.output, result.output
+    sampled = runner.invoke(app, [*base, "--top-p", "0.9", "--temperature", "0.7"])
+    assert sampled.exit_code == 0 and "only act when sampling" not in sampled.output
+
 def test_generate_checks_the_length_and_a_methods_thresholds_before_echoing_the_prompt(tmp_path):
     from dyndepth.methods import MoDConfig, attach_mod
 

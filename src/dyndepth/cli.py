@@ -95,6 +95,9 @@ def generate(
     # into it)
     if max_new_tokens < 0:
         _fail(ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}."))
+    if temperature == 0 and (top_k is not None or top_p is not None):  # (as transformers warns at do_sample=False)
+        typer.secho("warning: --top-k / --top-p only act when sampling (--temperature > 0); this decodes greedily.",
+                    fg=typer.colors.YELLOW, err=True)
     lm = _run(_load_model, model, dtype, device)
     device = next(lm.parameters()).device  # where it loaded: "auto" (CUDA when visible) is no torch device name
     if skip_budget is not None or method_knobs or getattr(lm, "method", None) is not None:
