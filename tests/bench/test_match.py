@@ -1,6 +1,7 @@
 """`dyndepth match` (bench/match.py): analytic counts equal the built models', the proposed baselines are within
 tolerance where the table says so, their recipes rebuild them, and bad input is one clear error."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,12 @@ def test_a_reference_with_a_method_is_refused_not_matched_as_its_plain_decoder(t
     plain = tmp_path / "plain.toml"
     plain.write_text('model = "demo-tiny"\n\n[method]\nname = "none"\n')
     assert match.load_reference(str(plain)).hidden_size == 128
+
+
+def test_a_mor_shape_names_its_own_unshared_layers():
+    """A MoR reference of 2 unshared layers first and none last read "1 + 2 x R=3 + 1" in the table (and in the
+    study's shapes): the description printed the grid's middle-cycle default whatever the config held."""
+    config = dyndepth.preset("mor-tiny")
+    assert "D=128, N=4/2, 1 + 2 x R=3 + 1, expert-choice" in match.describe(config)
+    other = dataclasses.replace(config, n_layers_first=2, n_layers_last=0)
+    assert ", 2 + 2 x R=3 + 0, expert-choice" in match.describe(other)

@@ -352,7 +352,8 @@ def _describe(config) -> str:
         sh = f", SwitchHead E={c.attn_num_experts},k={c.attn_experts_per_tok}" if c.attn_num_experts else ""
         return f"D={c.hidden_size}, G={c.layers_per_group} x R={c.num_recurrences}, DA {c.da_mode}{sh}, {what}"
     if c.model_type == "mor":
-        return (f"D={c.hidden_size}, 1 + {c.n_layers_in_recursion} x R={c.num_recursions} + 1, {c.router_type}-choice "
+        return (f"D={c.hidden_size}, {c.n_layers_first} + {c.n_layers_in_recursion} x R={c.num_recursions} + "
+                f"{c.n_layers_last}, {c.router_type}-choice "
                 f"capacity {'/'.join(f'{x:.2f}' for x in c.capacity)}, F={c.intermediate_size}")
     if c.num_experts:
         return (f"D={c.hidden_size}, L={c.num_hidden_layers}, E={c.num_experts}, k={c.num_experts_per_tok}, "
