@@ -150,3 +150,13 @@ def test_a_mor_shape_names_its_own_unshared_layers():
     assert "D=128, N=4/2, 1 + 2 x R=3 + 1, expert-choice" in match.describe(config)
     other = dataclasses.replace(config, n_layers_first=2, n_layers_last=0)
     assert ", 2 + 2 x R=3 + 0, expert-choice" in match.describe(other)
+
+
+def test_a_huginn_shape_without_the_sampler_says_every_step_takes_gradients():
+    """A Huginn reference with sample_recurrence = false read "(backprop 2)" at r = 4, though all 4 steps train (and
+    its train FLOPs, in the same row, counted all 4)."""
+    sampled = dyndepth.preset("huginn-tiny")
+    assert "x r=4 (backprop 2)," in match.describe(sampled)
+    fixed = dataclasses.replace(sampled, sample_recurrence=False)
+    assert "x r=4 (backprop all)," in match.describe(fixed)
+    assert match.train_flops_per_token(fixed, 32) == pytest.approx(3 * match.flops_per_token(fixed, 32))

@@ -343,9 +343,10 @@ def describe(config) -> str:
 
 def _describe(config) -> str:
     c = config
-    if c.model_type == "huginn":
+    if c.model_type == "huginn":  # without the sampler every step takes gradients, whatever mean_backprop_depth says
+        backprop = (c.mean_backprop_depth or "all") if c.sample_recurrence else "all"
         return (f"D={c.hidden_size}, {c.n_layers_in_prelude}/{c.n_layers_in_recurrent_block}/{c.n_layers_in_coda} x "
-                f"r={c.mean_recurrence} (backprop {c.mean_backprop_depth or 'all'}), F={c.intermediate_size}")
+                f"r={c.mean_recurrence} (backprop {backprop}), F={c.intermediate_size}")
     if c.model_type == "dreamer":
         what = "E={},k={},F={}".format(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) \
             if c.num_experts else f"F={c.intermediate_size}"
