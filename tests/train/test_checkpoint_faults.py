@@ -124,7 +124,7 @@ def test_sigkill_then_resume_follows_the_uninterrupted_loss_curve(killed, refere
 
 def _fail_writer(monkeypatch, target: str, name: str) -> None:
     """Make the writer of `name` in the step-8 save write half of its bytes, then fail as a full disk does."""
-    module, attr = ("safetensors.torch", "save_file") if target == "safetensors" else ("torch", "save")
+    module, attr = ("dyndepth.safetensors_io", "_save") if target == "safetensors" else ("torch", "save")
     real = getattr(sys.modules[module], attr)
 
     def writer(obj, path, *args, **kwargs):
