@@ -28,3 +28,22 @@ def test_imports_run_one_way_and_no_private_name_crosses_a_package():
             if target != part and any(n.startswith("_") for n in names):
                 wrong.append(f"{path.relative_to(SRC)} imports private {names} from dyndepth.{target}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_recipes_read_on_every_python_the_package_declares():
+    """Recipes are TOML, read with tomllib, which Python has only from 3.11 (runconfig falls back to tomli). The
+    package declares requires-python >= 3.10 but not tomli, so `dyndepth train recipe.toml` on 3.10 stopped with
+    ModuleNotFoundError: the dependency must be declared for the Pythons without tomllib."""
+    import re
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the dependency this test asks for
+        import tomli as tomllib
+
+    project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]
+    oldest = tuple(int(v) for v in re.match(r">=\s*(\d+)\.(\d+)", project["requires-python"]).groups())
+    if oldest >= (3, 11):
+        return
+    tomli = [d for d in project["dependencies"] if re.match(r"tomli\b", d)]
+    assert tomli and all(re.search(r"python_version\s*<\s*['\"]3\.11['\"]", d) for d in tomli), project["dependencies"]
