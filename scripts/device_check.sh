@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, prepared for a lent CUDA machine (the device tool: 15 minutes of device time a
-# task, 10 a command, at most 8 files back). Two commands from the repo root there, each well under 10 minutes:
+# task, 10 a command, at most 8 files back). Three commands from the repo root there, each well under 10 minutes:
 #   PART=a bash scripts/device_check.sh   # gpu tests (tests/gpu), bench dnd, bench gateskip, bench dreamer
 #   PART=b bash scripts/device_check.sh   # bench core --compile (compiles ours and HF), the compiled-training test
 #   PART=c bash scripts/device_check.sh   # bench gateskip --compile and bench dnd --compile (decode as one graph)
