@@ -294,3 +294,13 @@ def test_calibrate_says_mor_has_no_thresholds():
 
     with pytest.raises(ValueError, match="MoR has no thresholds to calibrate"):
         calibrate(MoRLM(tiny()), [torch.randint(0, 256, (2, 8))], budget=0.3)
+
+
+def test_attaching_a_method_says_mor_takes_none():
+    """GateSkip or DND on a MoR model (`--method dnd` with a MoR preset) said "the model already carries method 'mor';
+    load the base model to attach 'dnd' instead": a MoR model has no base model to load, its routing is the method."""
+    from dyndepth.methods import attach_method
+
+    for name in ("gateskip", "dnd", "mod"):
+        with pytest.raises(ValueError, match=rf"MoRLM routes its recursions through its own method 'mor'.*'{name}'"):
+            attach_method(MoRLM(tiny()), name, None)

@@ -119,7 +119,11 @@ def check_attachable(model, name: str) -> list:
     if layers is None or not all(hasattr(layer, "attn_branch") and hasattr(layer, "mlp_branch") for layer in layers):
         raise ValueError(f"{name} attaches to decoder models whose layers expose attn_branch / mlp_branch "
                          f"(CausalLM); {type(model).__name__} has none.")
-    if getattr(model, "method", None) is not None:
+    method = getattr(model, "method", None)
+    if method is not None and method.name == getattr(model.config, "model_type", None):  # MoR: the family's routing
+        raise ValueError(f"{type(model).__name__} routes its recursions through its own method {method.name!r}, so "
+                         f"it takes no other: attach {name!r} to a decoder (CausalLM) instead.")
+    if method is not None:
         raise ValueError(f"the model already carries method {model.method.name!r}; load the base model to "
                          f"attach {name!r} instead.")
     return list(layers)
