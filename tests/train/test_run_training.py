@@ -10,6 +10,7 @@ from tiny_loader import TinyLoader
 import dyndepth
 from dyndepth import CausalLM, preset
 from dyndepth.runconfig import RunConfigError, load_run_config
+from dyndepth.safetensors_io import read_safetensors
 from dyndepth.train import build_hooks, build_model, run_training
 
 
@@ -565,3 +566,20 @@ def test_a_run_from_its_out_dirs_own_export_resumes_after_a_kill(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_training(None, args, loader=TinyLoader(2, 16), hooks=[Kill()])
     assert run_training(None, [*args, "train.resume=true"], loader=TinyLoader(2, 16)).steps == 3
+
+
+def test_a_run_from_its_out_dirs_own_export_keeps_that_base_beside_its_export(tmp_path):
+    # model.pretrained = out_dir/model stays in place while the run trains (a resume reads it), and the export at the
+    # end wrote over its files: the base weights were gone
+    out = tmp_path / "run"
+    args = [f"train.out_dir={out}", "train.progress=false", "train.plot=false", "eval.enabled=false"]
+    run_training(None, [*args, "train.steps=1"], loader=TinyLoader(2, 16))
+    for step in out.glob("step_*"):  # (its checkpoints deleted: the export is what is kept)
+        shutil.rmtree(step)
+    base = {k: v.clone() for k, v in read_safetensors(out / "model" / "model.safetensors").items()}
+    run_training(None, [*args, f"model.pretrained={out / 'model'}", "train.steps=1", "train.lr=1e-2"],
+                 loader=TinyLoader(2, 16))
+    kept = read_safetensors(out / "model.base_0" / "model.safetensors")
+    assert kept.keys() == base.keys() and all(torch.equal(kept[k], base[k]) for k in base)
+    new = read_safetensors(out / "model" / "model.safetensors")
+    assert not all(torch.equal(new[k], base[k]) for k in base)  # the post-trained export

@@ -28,7 +28,7 @@ from dyndepth.data.build import (
 )
 from dyndepth.runconfig import RunConfig, RunConfigError, load_run_config
 from dyndepth.tokenizer import ByteTokenizer, for_vocab, load_tokenizer
-from dyndepth.train.metrics import check_logger_packages
+from dyndepth.train.metrics import check_logger_packages, set_aside
 from dyndepth.train.parallel import init_distributed
 from dyndepth.train.trainer import EXPORT, TrainResult, train
 
@@ -148,7 +148,12 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
                 check_held_out_share(loader, eval_loader)
     result = train(model, loader, cfg, hooks=hooks, eval_loader=eval_loader, run_config=run_config)
     if info.is_main and result.last_checkpoint is not None:  # a HF-format model beside the checkpoints
-        result.exported = export_checkpoint(result.last_checkpoint, Path(cfg.out_dir) / EXPORT, tokenizer)
+        export, base = Path(cfg.out_dir) / EXPORT, run_config.model.get("pretrained")
+        if base is not None and export.is_dir() and Path(base).resolve() == export.resolve():  # the run post-trained
+            # out_dir/model itself, kept in place for a resume: the export would overwrite that base's files
+            log.warning("%s, the model.pretrained this run started from, moved to %s: the export replaces it", export,
+                        set_aside(export, label="base").name)
+        result.exported = export_checkpoint(result.last_checkpoint, export, tokenizer)
     return result
 
 
