@@ -583,3 +583,22 @@ def test_a_run_from_its_out_dirs_own_export_keeps_that_base_beside_its_export(tm
     assert kept.keys() == base.keys() and all(torch.equal(kept[k], base[k]) for k in base)
     new = read_safetensors(out / "model" / "model.safetensors")
     assert not all(torch.equal(new[k], base[k]) for k in base)  # the post-trained export
+
+
+def test_a_pretrained_moe_takes_output_router_logits_to_train_the_balancing_loss_its_config_json_turns_off(tmp_path):
+    # Qwen3-30B-A3B's config.json says output_router_logits=false (no balancing loss, as in transformers); the DND
+    # recipe's MoE line turns it on, and a pretrained [model] took only 'pretrained' and 'dtype'
+    moe = CausalLM(preset("tiny-qwen3-moe", output_router_logits=False))
+    moe.save_pretrained(tmp_path / "moe")
+    ids = torch.randint(0, 256, (2, 9))
+    assert build_model({"pretrained": str(tmp_path / "moe")}).train()(ids).aux_loss == 0
+    model = build_model({"pretrained": str(tmp_path / "moe"), "output_router_logits": True}).train()
+    out = model(ids)
+    torch.testing.assert_close(out.aux_loss, model.config.router_aux_loss_coef * out.stats["moe/balance_loss"])
+    CausalLM(preset("tiny-qwen3")).save_pretrained(tmp_path / "dense")
+    for bad in ({"pretrained": str(tmp_path / "dense"), "output_router_logits": True},
+                {"pretrained": str(tmp_path / "moe"), "output_router_logits": "yes"}):
+        with pytest.raises(RunConfigError, match="only for a checkpoint with experts"):
+            build_model(bad)
+    with pytest.raises(RunConfigError, match="takes only 'pretrained', 'dtype' and 'output_router_logits'"):
+        build_model({"pretrained": str(tmp_path / "moe"), "hidden_size": 8})

@@ -46,11 +46,18 @@ def build_model(model_cfg: dict) -> nn.Module:
     if "pretrained" in cfg:
         from dyndepth.interop.hf import from_pretrained
 
-        extra = set(cfg) - {"pretrained", "dtype"}
+        extra = set(cfg) - {"pretrained", "dtype", "output_router_logits"}
         if extra:
-            raise RunConfigError(f"model.{min(extra)}: a pretrained model takes only 'pretrained' and "
-                                 "'dtype'; its shape comes from the checkpoint's config.json.")
-        return from_pretrained(cfg["pretrained"], dtype=cfg.get("dtype"))  # copy-on-write mmap: trainable
+            raise RunConfigError(f"model.{min(extra)}: a pretrained model takes only 'pretrained', 'dtype' and "
+                                 "'output_router_logits'; its shape comes from the checkpoint's config.json.")
+        model = from_pretrained(cfg["pretrained"], dtype=cfg.get("dtype"))  # copy-on-write mmap: trainable
+        if "output_router_logits" in cfg:  # train an MoE checkpoint's balancing loss its config.json turns off
+            flag = cfg["output_router_logits"]
+            if not isinstance(flag, bool) or not getattr(model.config, "num_experts", 0):
+                raise RunConfigError(f"model.output_router_logits={flag!r}: it takes true or false, and only for a "
+                                     "checkpoint with experts (a Qwen3-MoE); it turns the balancing loss on or off.")
+            model.config.output_router_logits = flag
+        return model
     if "type" in cfg:
         cfg["model_type"] = cfg.pop("type")
     if "preset" in cfg:
