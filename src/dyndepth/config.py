@@ -174,8 +174,9 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001
     # Whether training adds router_aux_loss_coef x the balancing loss: false (transformers' default, which its
     # save_pretrained writes: Qwen3-30B-A3B's config.json says false) adds none, as transformers' Qwen3-MoE does; true
-    # adds it. None (unset: dyndepth's own MoE configs, older exports) adds it too and is written to no config.json:
-    # transformers' generate fails with output_router_logits=true and an attention mask (its loss over the cache)
+    # adds it. None (unset: dyndepth's own MoE configs, older exports) adds it too. Only false is written to a
+    # config.json: transformers' generate fails with output_router_logits=true and an attention mask (its loss over
+    # the cache), so true and None are left out (transformers reads its default, false; we read None, which trains)
     output_router_logits: bool | None = None
     # Special tokens (carried through export; generation reads eos_token_id as a default stop token).
     bos_token_id: int | None = None

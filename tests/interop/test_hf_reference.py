@@ -414,9 +414,16 @@ def test_a_qwen3_moe_trains_the_balancing_loss_its_config_json_asks_for_as_trans
     lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(lm + out.aux_loss, ref, atol=1e-5, rtol=1e-5)
     assert out.stats["moe/balance_loss"] > 0  # (logged either way)
-    model.save_pretrained(tmp_path / "again")  # and the export says what it trains
+    model.save_pretrained(tmp_path / "again")  # the export: false stays false; true is left out (transformers'
+    # generate fails on true with an attention mask), and reloaded here it trains the loss as before
     again = transformers.AutoConfig.from_pretrained(tmp_path / "again")
-    assert again.output_router_logits == fields.get("output_router_logits", False)
+    assert again.output_router_logits is False
+    reloaded = dyndepth.from_pretrained(tmp_path / "again").train()
+    assert (reloaded(ids).aux_loss > 0) == bool(fields.get("output_router_logits"))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval().generate(
+        ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert json.loads((tmp_path / "again" / "config.json").read_text())["router_aux_loss_coef"] == \
         fields.get("router_aux_loss_coef", 0.001)
 

@@ -95,8 +95,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits"):
             d.pop(k)
-    if d.get("output_router_logits", False) is None:  # (unset: not written; see ModelConfig.output_router_logits)
-        d.pop("output_router_logits")
+    if d.get("output_router_logits", False) is not False:  # written only as false, transformers' default: its generate
+        d.pop("output_router_logits")  # fails on true with an attention mask (lm-eval's hf backend decodes so); unset
+        # and true both train the loss here (ModelConfig.output_router_logits), so a reload trains as before
     if config.model_type == "qwen3" and config.num_experts:  # HF's Qwen3 has no experts (it loaded dense MLPs,
         d["model_type"] = "qwen3_moe"  # reporting the experts unexpected): these layers are its Qwen3-MoE's
     dtype_name = str(dtype).removeprefix("torch.")
