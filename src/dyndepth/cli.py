@@ -478,7 +478,9 @@ def bench_gateskip(
     model: str = typer.Option("bench-small", help="Preset (random gated weights) or a GateSkip checkpoint."),
     budgets: str = typer.Option("0,0.15,0.3,0.5", help="Comma-separated skip budgets; the first is the baseline."),
     prefill_lens: str = typer.Option("512,2048"), decode_batches: str = typer.Option("1,8,32"),
-    new_tokens: int = typer.Option(16), gate: str = typer.Option("vector"), dtype: str = typer.Option("float32"),
+    new_tokens: int = typer.Option(16),
+    decode_prompt_len: int = typer.Option(64, help="Decode: the prompt's tokens before the timed steps."),
+    gate: str = typer.Option("vector"), dtype: str = typer.Option("float32"),
     path: str = typer.Option("auto", help="Partially kept branches: auto (cost rule) | packed | dense."),
     device: str = typer.Option("cpu"), repeats: int = typer.Option(3), out: Path = typer.Option(Path("runs/bench")),
     compile: bool = typer.Option(False, help="Compile the decode steps (static cache, as generate(compile=True))."),
@@ -493,7 +495,8 @@ def bench_gateskip(
 
     cfg = _run(GateSkipBenchConfig, model=model, budgets=_numbers(budgets, "--budgets"),
                prefill_lens=_numbers(prefill_lens, "--prefill-lens", int),
-               decode_batches=_numbers(decode_batches, "--decode-batches", int), new_tokens=new_tokens, gate=gate,
+               decode_batches=_numbers(decode_batches, "--decode-batches", int), new_tokens=new_tokens,
+               decode_prompt_len=decode_prompt_len, gate=gate,
                path=path, dtype=dtype, device=device, repeats=repeats, compile=compile,
                calibration_text=calibration_text, out_dir=str(out))
     _run(bench_main, cfg)
@@ -519,8 +522,9 @@ def bench_dnd(
                               help="Preset (random weights, tau fitted to --ratio) or a DND checkpoint."),
     ratio: float = typer.Option(0.2, help="Preset only: the share of tokens each DND layer nests."),
     prefill_len: int = typer.Option(128), batches: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
-    new_tokens: int = typer.Option(16), dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
-    repeats: int = typer.Option(3),
+    new_tokens: int = typer.Option(16),
+    decode_prompt_len: int = typer.Option(64, help="Decode: the prompt's tokens before the timed steps."),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"), repeats: int = typer.Option(3),
     compile: bool = typer.Option(False, help="Compile the decode steps (static cache, as generate(compile=True))."),
     throughput: bool = typer.Option(True, help="--no-throughput: quality only."),
     quality: bool = typer.Option(False, help="Also post-train DND and plain SFT from --base at equal tokens."),
@@ -533,7 +537,8 @@ def bench_dnd(
     from dyndepth.bench.dnd import DNDBenchConfig, DNDQualityConfig
     from dyndepth.bench.dnd import main as bench_main
 
-    cfg = _run(DNDBenchConfig, model=model, ratio=ratio, prefill_len=prefill_len, new_tokens=new_tokens, dtype=dtype,
+    cfg = _run(DNDBenchConfig, model=model, ratio=ratio, prefill_len=prefill_len, new_tokens=new_tokens,
+               decode_prompt_len=decode_prompt_len, dtype=dtype,
                batches=_numbers(batches, "--batches", int), device=device, repeats=repeats, compile=compile,
                out_dir=str(out)) if throughput else None
     qcfg = _run(DNDQualityConfig, base=base, steps=steps, out_dir=str(out)) if quality else None

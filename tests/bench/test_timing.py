@@ -144,3 +144,16 @@ def test_a_negative_warmup_is_refused_not_timed_as_fewer_rounds():
     with pytest.raises(ValueError, match=r"warmup must be >= 0 \(untimed rounds first\), got -1"):
         interleaved_steps({"a": stepper}, 2, torch.device("cpu"), rounds=3, warmup=-1)
     assert not calls
+
+
+@pytest.mark.parametrize("bench", ["gateskip", "dnd"])
+def test_the_flag_the_length_error_names_exists_on_the_command_line(tmp_path, bench):
+    # bench gateskip / dnd refused a long decode naming "--decode-prompt-len + --new-tokens", a flag neither command
+    # had (the 64-token prompt was fixed): the fix the error gave could not be typed
+    from typer.testing import CliRunner
+
+    from dyndepth.cli import app
+
+    result = CliRunner().invoke(app, ["bench", bench, "--model", "tiny-qwen3", "--decode-prompt-len", "500",
+                                      "--new-tokens", "40", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--decode-prompt-len + --new-tokens = 540 exceeds" in result.output, result.output
