@@ -397,6 +397,29 @@ def test_train_names_the_model_it_exported(tmp_path):
     assert generated.exit_code == 0, generated.output
 
 
+def test_an_interrupted_train_names_the_checkpoint_it_keeps_and_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C ended `dyndepth train` with a blank line and exit 130: nothing said which checkpoint survived (the steps
+    after it were lost) nor that --resume continues the run."""
+    import dyndepth.train.run as run
+
+    real = run.run_training
+
+    def interrupted_after_two_steps(recipe, overrides):  # a real run that saves step 2, then Ctrl-C
+        real(recipe, [*overrides, "train.steps=2"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_training", interrupted_after_two_steps)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "demo-tiny"\n[train]\nsteps = 4\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
+                      f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
+                      '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\n'
+                      '[eval]\nenabled = false\n')
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 130, result.output
+    assert (f"interrupted: its last checkpoint is {tmp_path / 'out' / 'step_0000002'} (the steps after it are lost); "
+            f"continue with `dyndepth train {recipe} --resume`") in result.output, result.output
+
+
 def test_convert_shards_a_training_step_and_refuses_a_shard_size_of_zero(tmp_path):
     """`convert STEP DST --max-shard-gb X` exported the step in one file and ignored X unless --dtype was given;
     --max-shard-gb 0 or -1 wrote one shard per tensor (46 files for demo-tiny)."""

@@ -60,6 +60,20 @@ def _load_model(model: str, dtype: Optional[str], device: str):
     return dyndepth.from_pretrained(model, dtype=dtype, device=device).eval()
 
 
+def _interrupted(recipe: Path, overrides: list[str]) -> None:
+    """Name the checkpoint an interrupted run keeps (its steps since then are lost) and the command that resumes it."""
+    from dyndepth.runconfig import load_run_config
+    from dyndepth.train.checkpoint import latest_checkpoint
+
+    out_dir = load_run_config(recipe, overrides).train.out_dir
+    last = latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
+    kept = (f"its last checkpoint is {last} (the steps after it are lost)" if last is not None
+            else f"no checkpoint was saved in {out_dir}")
+    typer.secho(f"interrupted: {kept}; continue with `dyndepth train {recipe} --resume` and the same --set options.",
+                fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(130)
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Checkpoint folder, hub id, or a preset name (random weights)."),
@@ -329,7 +343,10 @@ def train(
         _fail(ValueError(f"--resume (the newest checkpoint) and --set train.resume={picked[-1]} name two checkpoints; "
                          "give one."))
     overrides = list(set_) + (["train.resume=true"] if resume else []) + ([f"method.name={method}"] if method else [])
-    result = _run(run_training, recipe, overrides)
+    try:
+        result = _run(run_training, recipe, overrides)
+    except KeyboardInterrupt:  # Ctrl-C ended the run with a blank line: say what is kept and how to go on
+        _interrupted(recipe, overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         typer.echo(f"trained {result.steps} steps; last checkpoint: {result.last_checkpoint}")
         if result.exported is not None:  # the folder generate / eval / calibrate / from_pretrained load
