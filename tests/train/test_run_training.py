@@ -435,6 +435,20 @@ def test_a_hold_out_that_takes_a_whole_file_of_a_few_is_warned_about(tmp_path, c
     assert "validation split took" not in caplog.text
 
 
+def test_a_run_says_how_many_times_it_reads_its_training_data(tmp_path, caplog):
+    """Past the end of its data the loader starts another epoch without a word: 12 steps on a slice of 3 batches
+    trained on it 4 times, and nothing in the output said so."""
+    text = tmp_path / "slice.txt"
+    text.write_text("a few words of text. " * 40)  # 840 bytes and EOS: 52 windows of 16 + 1 tokens, 3 batches of 16
+    args = [f"data.source={text}", "data.tokenizer=byte", f"train.out_dir={tmp_path / 'out'}", "train.steps=12",
+            "train.batch_size=16", "train.seq_len=16", "train.progress=false", "train.plot=false",
+            "train.save_every=0", f"data.cache_dir={tmp_path / 'cache'}"]
+    with caplog.at_level("INFO"):
+        run_training("recipes/tiny_cpu.toml", [*args, "eval.enabled=false"])
+    assert ("the training data fills 3 batches per rank; train.steps=12 x train.grad_accum=1 reads it 4 times "
+            "(epochs)") in caplog.text, caplog.text
+
+
 def test_a_steps_saved_config_does_not_pin_the_checkpoint_its_run_resumed_from(tmp_path):
     """A run resumed with train.resume=<step_2> saved that path in every later step's config.yaml: running step 6's
     config to extend the run (without --resume) resumed step 2 again and moved steps 4 and 6 to abandoned_0/."""

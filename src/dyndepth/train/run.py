@@ -149,6 +149,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         if loader is None:  # a run that does not evaluate holds nothing out
             loader = build_loader(run_config.data, split="train", tokenizer=tokenizer,
                                   hold_out=run_config.eval.get("enabled", True), **data_kw)
+            if info.is_main:
+                log_epochs(loader, cfg)
         if eval_loader is None and run_config.eval.get("enabled", True):
             eval_loader = build_loader(run_config.data, split="val", tokenizer=tokenizer, **data_kw)
             if holds_out(run_config.data) and info.is_main:  # (a warning: once, not once per rank)
@@ -165,6 +167,17 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
 
 
 HELD_OUT_WARNING = 0.2  # a held-out share of the training source above this is warned about (one document: <= 0.2)
+
+
+def log_epochs(loader, cfg) -> None:
+    """Say how many times the run reads its training data: past its end the loader starts another epoch without a
+    word, so 200 steps on a small slice trained on it dozens of times where the user meant one pass."""
+    per_epoch = getattr(loader, "batches_per_epoch", None)
+    if not per_epoch:  # (a loader of another kind)
+        return
+    epochs = cfg.steps * cfg.grad_accum / per_epoch
+    log.info("the training data fills %d batches per rank; train.steps=%d x train.grad_accum=%d reads it %.3g times "
+             "(epochs)", per_epoch, cfg.steps, cfg.grad_accum, epochs)
 
 
 def check_held_out_share(loader, eval_loader) -> None:
