@@ -133,3 +133,26 @@ def test_a_post_training_folder_holding_what_no_run_wrote_is_not_deleted(tmp_pat
     with pytest.raises(ValueError, match="holds files no training run wrote"):
         posttrain(str(tmp_path / "base"), {"name": "none"}, None, TrainConfig(steps=1, out_dir=str(mine)))
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args", [["bench", "quality"], ["bench", "dnd", "--no-throughput", "--quality"]])
+def test_a_base_with_a_tokenizer_other_than_bytes_is_refused_before_any_work(tmp_path, monkeypatch, args):
+    """Both benches train and score on the embedded tasks as bytes: a GPT-2 BPE base (`dyndepth train` on Gutenberg)
+    was post-trained and scored on byte ids its embeddings never saw, and printed a table of meaningless losses."""
+    from typer.testing import CliRunner
+
+    import dyndepth
+    import dyndepth.bench.quality as quality_bench
+    from dyndepth.cli import app
+    from dyndepth.tokenizer import train_bpe
+
+    base = tmp_path / "base"
+    dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", vocab_size=400)).save_pretrained(base)
+    train_bpe(iter(["some text to learn a few merges from"] * 20), 300).save(base)
+    ran = []
+    monkeypatch.setattr(quality_bench, "_posttrain", lambda *a, **k: ran.append("posttrain"))
+    monkeypatch.setattr(quality_bench, "_score", lambda *a, **k: ran.append("score"))
+    result = CliRunner().invoke(app, [*args, "--base", str(base), "--steps", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "carries its own HFTokenizer" in result.output, result.output
+    assert "--base a model trained on the embedded data with the byte tokenizer" in result.output
+    assert ran == []

@@ -175,9 +175,9 @@ class DNDQualityConfig:
     out_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:  # checked with the options, not after the throughput bench has run
-        if not (Path(self.base) / "config.json").exists():
-            raise ValueError(f"{self.base} is not a checkpoint folder; run `make demo` first (it writes "
-                             "runs/demo/base_model) or pass --base.")
+        from dyndepth.bench.quality import check_base
+
+        check_base(self.base)
         if self.steps < 1:
             raise ValueError(f"bench dnd --quality steps must be >= 1, got {self.steps}.")
 

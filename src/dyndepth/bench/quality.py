@@ -50,6 +50,26 @@ class QualityBenchConfig:
             raise ValueError(f"bench quality steps must be >= 1, got {self.steps}.")
 
 
+def check_base(base: str) -> None:
+    """The base is post-trained and scored on the embedded tasks read as bytes: a folder that is no checkpoint, or
+    one whose own tokenizer is another (a GPT-2 BPE model), is refused (the latter trained and scored on byte ids
+    its embeddings never saw, and printed a table of meaningless losses)."""
+    from dyndepth.tokenizer import load_tokenizer
+
+    if not (Path(base) / "config.json").exists():
+        raise ValueError(f"{base} is not a checkpoint folder; run `make demo` first (it writes "
+                         "runs/demo/base_model) or pass --base.")
+    try:
+        tok = load_tokenizer(base)
+    except FileNotFoundError:  # no tokenizer saved (make demo's base_model): bytes, as the demo trained it
+        return
+    if not isinstance(tok, ByteTokenizer):
+        raise ValueError(f"{base} carries its own {type(tok).__name__} ({tok.vocab_size} ids), but the bench trains and "
+                         "scores on the embedded tasks as bytes; pass --base a model trained on the embedded data with "
+                         "the byte tokenizer (`make demo` writes runs/demo/base_model; or `dyndepth train "
+                         "recipes/tiny_cpu.toml`, then its out_dir/model).")
+
+
 def _data(cfg: QualityBenchConfig):
     data = cfg.data or DEMO_DATA  # the demo's data, so the base model's training set
     return data, data.get("difficulty") or None
@@ -98,9 +118,7 @@ def base_val_loss(model, data: dict, cfg: QualityBenchConfig | None = None) -> f
 
 
 def run_quality_bench(cfg: QualityBenchConfig) -> dict:
-    if not (Path(cfg.base) / "config.json").exists():
-        raise ValueError(f"{cfg.base} is not a checkpoint folder; run `make demo` first (it writes "
-                         "runs/demo/base_model) or pass --base.")
+    check_base(cfg.base)
     data, _ = _data(cfg)
     tok = ByteTokenizer()
     val_kw = dict(split="val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=0, tokenizer=tok)
