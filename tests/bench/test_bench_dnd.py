@@ -122,3 +122,29 @@ def test_an_empty_entropy_group_reads_as_a_dash_not_nan(tmp_path):
     assert "NaN" not in (tmp_path / "dnd.json").read_text()
     # the compute column (1, 1.18) is relative to the SFT row: the heading says so (it named no reference)
     assert "compute = executed FLOPs per token / the SFT model's" in (tmp_path / "dnd.md").read_text()
+
+
+@pytest.mark.parametrize("layers, band", [(2, [0, 1]), (4, [1, 2])])
+def test_the_quality_runs_nest_in_the_middle_of_the_bases_own_layers(tmp_path, monkeypatch, layers, band):
+    """--quality nested layers 1..2, the demo base's band, whatever the base: a 2-layer base trained the SFT run,
+    then failed with "dnd.layers=(1, 2) selects no band of a 2-layer model", a setting the bench has no flag for."""
+    import dyndepth
+    import dyndepth.bench.quality as quality_bench
+    from dyndepth.bench.dnd import DNDQualityConfig, run_quality
+
+    base = tmp_path / "base"
+    dyndepth.CausalLM(dyndepth.preset("demo-tiny", num_hidden_layers=layers)).save_pretrained(base)
+    methods = []
+
+    def posttrain(cfg, method, out):
+        methods.append(method)
+        raise _Stop
+
+    monkeypatch.setattr(quality_bench, "_posttrain", posttrain)
+    with pytest.raises(_Stop):
+        run_quality(DNDQualityConfig(base=str(base), steps=1, eval_examples=1, out_dir=str(tmp_path / "out")))
+    assert methods == [{"name": "none", "layers": band, "ratio": 0.2}]
+
+
+class _Stop(Exception):
+    pass

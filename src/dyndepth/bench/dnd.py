@@ -19,6 +19,7 @@ same steps (equal tokens); held-out perplexity and exact match of the embedded s
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,7 +170,7 @@ def run_throughput(cfg: DNDBenchConfig) -> dict:
 class DNDQualityConfig:
     base: str = "runs/demo/base_model"  # a checkpoint trained on the embedded data (make demo writes it)
     steps: int = 120  # post-training steps, the same for DND and SFT (equal tokens)
-    method: dict = field(default_factory=lambda: {"name": "dnd", "layers": [1, 2], "ratio": 0.2})
+    method: dict = field(default_factory=lambda: {"name": "dnd", "ratio": 0.2})  # no layers: the base's middle half
     eval_examples: int = 40  # per task
     data: dict | None = None  # the [data] section; None: the demo's (the base model's training data)
     out_dir: str = "runs/bench"
@@ -198,8 +199,10 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     probe = build_loader(data, **val_kw).next_batch()["input_ids"]
     examples = held_out_examples(data, cfg.eval_examples)  # the tasks the base was trained on, each as often
     runs = Path(cfg.out_dir) / "dnd_quality_runs"
+    layers = json.loads((Path(cfg.base) / "config.json").read_text()).get("num_hidden_layers", 4)
+    dnd_method = {"layers": _band(layers), **cfg.method}  # (1, 2) of the demo's 4 layers; a 2-layer base: (0, 1)
     rows, models = [], {}
-    for label, method in (("SFT", {**cfg.method, "name": "none"}), ("DND", cfg.method)):
+    for label, method in (("SFT", {**dnd_method, "name": "none"}), ("DND", dnd_method)):
         model = _posttrain(qcfg, method, runs / label.lower())
         models[label] = model
         rows.append(_score(model, label, examples, val_loader, probe, {}))
