@@ -259,6 +259,16 @@ def test_hooks_are_called_logged_and_checkpointed(tmp_path, caplog):
     assert f"{(tmp_path / 'elsewhere').resolve()} holds no checkpoint: starting a new run there" in caplog.text
 
 
+def test_the_progress_bar_ends_on_the_last_eval(tmp_path, capsys):
+    """The bar showed an eval loss only at the next logged step, so a run that evaluates at its last step ended with
+    the previous eval on the bar (eval=8.3436 at 100%, above "step 40: eval loss 7.7988")."""
+    cfg = tiny_train_config(str(tmp_path), steps=4, eval_every=2, eval_batches=1, save_every=0, progress=True)
+    torch.manual_seed(0)
+    result = train(CausalLM(preset("tiny-qwen3")), TinyLoader(4, 16), cfg, eval_loader=TinyLoader(4, 16, seed=1))
+    last_bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"eval={result.evals[-1][1]:.4f}" in last_bar and "100%" in last_bar, last_bar
+
+
 def test_eval_metrics_plot_and_config_written(tmp_path, caplog):
     cfg = tiny_train_config(str(tmp_path), steps=6, eval_every=3, eval_batches=2, save_every=0,
                             lr=1e-2, warmup=1, plot=True)

@@ -409,6 +409,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             log.warning("%s: the model the run this one replaces exported moved to %s", out_dir / EXPORT,
                         set_aside(out_dir / EXPORT).name)
     meter, bar = _Meter(cfg, raw, info, result.steps, tokens), _progress(cfg, info, result.steps)
+    shown: dict[str, str] = {}  # the progress bar's postfix: the last logged step's figures and the last eval
     for step in range(result.steps + 1, cfg.steps + 1):
         try:
             stats, lr, grad_norm = optimizer_step(wrapped, raw, optimizer, scheduler, loader, hooks, cfg, info)
@@ -429,9 +430,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
             logger.log(record)
             result.losses.append((step, record["loss"]))
             if bar is not None:
-                evals = {"eval": f"{result.evals[-1][1]:.4f}"} if result.evals else {}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", **evals, tok_s=f"{record['tokens_per_s']:.0f}",
-                                mfu=f"{record['mfu']:.1%}")
+                shown.update(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                             mfu=f"{record['mfu']:.1%}")
+                bar.set_postfix(**shown)
         if skipped and info.is_main:  # (every rank skips the same step: the flag is all-reduced; say so once, with
             # the step's loss as logged: this rank's share of it, stats["loss"], is not that under DDP / FSDP2)
             log.warning("step %d: non-finite objective (%.4g: the loss %.4g plus auxiliary losses) or gradient "
@@ -444,6 +445,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, hooks=(), eval_loader=None
                 eval_loss = evaluate(wrapped, eval_loader, cfg.eval_batches, cfg, info)
                 logger.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
                 result.evals.append((step, eval_loss))
+                if bar is not None:  # now: shown at the next log step only, the last step's eval never was
+                    shown["eval"] = f"{eval_loss:.4f}"
+                    bar.set_postfix(**shown)
                 if info.is_main:
                     log.info("step %d: eval loss %.4f (perplexity %.4g)", step, eval_loss, perplexity(eval_loss))
             if _due(step, cfg.save_every, cfg.steps):
