@@ -610,3 +610,27 @@ def test_convert_plain_leaves_the_method_out_of_a_folder_and_of_a_training_step(
     dyndepth.build_model(dyndepth.preset("dreamer-tiny")).save_pretrained(tmp_path / "dreamer")
     refused = runner.invoke(app, ["convert", str(tmp_path / "dreamer"), str(tmp_path / "d2"), "--plain"])
     assert refused.exit_code == 2 and "DreamerLM has no transformers class" in refused.output, refused.output
+
+
+def test_a_tokenizer_other_than_the_models_own_is_refused(tmp_path):
+    """`--tokenizer byte` on a model folder carrying its own BPE: generate printed garbage (the prompt read as ids
+    the model never saw), and calibrate fitted its thresholds on them and saved the byte tokenizer beside the
+    weights in place of the model's own, so every later `generate OUT` read bytes too."""
+    from dyndepth.methods import attach_gateskip
+    from dyndepth.tokenizer import train_bpe
+
+    model = tmp_path / "model"
+    lm = dyndepth.CausalLM(dyndepth.preset("tiny-qwen3", vocab_size=300))
+    attach_gateskip(lm)
+    lm.save_pretrained(model)
+    train_bpe(iter(["some text to learn a few merges from"] * 20), 300).save(model)
+    (tmp_path / "calib.txt").write_text("some text to learn a few merges from. " * 200)
+    generated = runner.invoke(app, ["generate", str(model), "-p", "some", "-n", "2", "--tokenizer", "byte"])
+    calibrated = runner.invoke(app, ["calibrate", str(model), "--text", str(tmp_path / "calib.txt"), "--knobs",
+                                     "budget=0.3", "--out", str(tmp_path / "out"), "--tokenizer", "byte"])
+    for result in (generated, calibrated):
+        assert result.exit_code == 2, result.output
+        assert f"--tokenizer byte is not the tokenizer of {model}, which carries its own (HFTokenizer" in result.output
+    assert not (tmp_path / "out" / "byte_tokenizer.json").exists()
+    own = runner.invoke(app, ["generate", str(model), "-p", "some", "-n", "2", "--tokenizer", str(model)])
+    assert own.exit_code == 0, own.output

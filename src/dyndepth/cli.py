@@ -74,6 +74,25 @@ def _interrupted(recipe: Path, overrides: list[str]) -> None:
     raise typer.Exit(130)
 
 
+def _check_own_tokenizer(model: str, tokenizer: str) -> None:
+    """--tokenizer may only name the tokenizer a model folder carries, as data.tokenizer may for model.pretrained:
+    another read the text as ids the model never saw (the byte tokenizer on a GPT-2 BPE model: garbage, and
+    calibrate saved it beside the weights in place of the model's own)."""
+    from dyndepth.tokenizer import load_tokenizer
+    from dyndepth.train.run import _same_tokenizer
+
+    if not Path(model).is_dir():  # a hub id: its tokenizer is the user's to name
+        return
+    try:
+        own = load_tokenizer(model)
+    except FileNotFoundError:  # weights alone (make demo's base_model): likewise
+        return
+    if not _same_tokenizer(load_tokenizer(tokenizer), own):
+        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of {model}, which carries its own "
+                         f"({type(own).__name__}, {own.vocab_size} ids) and was trained on its ids; leave --tokenizer "
+                         "out.")
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Checkpoint folder, hub id, or a preset name (random weights)."),
@@ -117,6 +136,8 @@ def generate(
     if skip_budget is not None or method_knobs or getattr(lm, "method", None) is not None:
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)  # (a method's thresholds too) before the echo
     preset = model in _presets()
+    if tokenizer and not preset:
+        _run(_check_own_tokenizer, model, tokenizer)
     tok = for_vocab(_run(load_tokenizer, tokenizer or ("byte" if preset else model)), lm.config.vocab_size)
     ids, mask = encode_batch(tok, prompt, add_bos=None, padding_side="left")  # BOS as the tokenizer adds it (Llama's)
     ids = ids.masked_fill(mask == 0, 0)  # masked padding: an id every model has (the byte pad, 258, is past 256 ids)
@@ -211,6 +232,8 @@ def calibrate(
     from dyndepth.data.sources import read_utf8
 
     corpus = _run(read_utf8, text, "--text")
+    if tokenizer:
+        _run(_check_own_tokenizer, model, tokenizer)
     lm = _run(_load_model, model, None, device)
     device = next(lm.parameters()).device  # where it loaded: "auto" (CUDA when visible) is no torch device name
     tok = _run(load_tokenizer, tokenizer or model)
