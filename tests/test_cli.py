@@ -634,3 +634,6 @@ def test_a_tokenizer_other_than_the_models_own_is_refused(tmp_path):
     assert not (tmp_path / "out" / "byte_tokenizer.json").exists()
     own = runner.invoke(app, ["generate", str(model), "-p", "some", "-n", "2", "--tokenizer", str(model)])
     assert own.exit_code == 0, own.output
+    scored = runner.invoke(app, ["eval", str(model), "--perplexity", str(tmp_path / "calib.txt"), "--limit", "1",
+                                 "--model-args", "tokenizer=byte", "--out", str(tmp_path / "eval")])
+    assert scored.exit_code == 2 and f"tokenizer=byte is not the tokenizer of {model}" in scored.output, scored.output

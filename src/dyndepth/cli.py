@@ -74,25 +74,6 @@ def _interrupted(recipe: Path, overrides: list[str]) -> None:
     raise typer.Exit(130)
 
 
-def _check_own_tokenizer(model: str, tokenizer: str) -> None:
-    """--tokenizer may only name the tokenizer a model folder carries, as data.tokenizer may for model.pretrained:
-    another read the text as ids the model never saw (the byte tokenizer on a GPT-2 BPE model: garbage, and
-    calibrate saved it beside the weights in place of the model's own)."""
-    from dyndepth.tokenizer import load_tokenizer
-    from dyndepth.train.run import _same_tokenizer
-
-    if not Path(model).is_dir():  # a hub id: its tokenizer is the user's to name
-        return
-    try:
-        own = load_tokenizer(model)
-    except FileNotFoundError:  # weights alone (make demo's base_model): likewise
-        return
-    if not _same_tokenizer(load_tokenizer(tokenizer), own):
-        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of {model}, which carries its own "
-                         f"({type(own).__name__}, {own.vocab_size} ids) and was trained on its ids; leave --tokenizer "
-                         "out.")
-
-
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Checkpoint folder, hub id, or a preset name (random weights)."),
@@ -122,6 +103,7 @@ def generate(
     from dyndepth.methods.calibration import parse_knobs
     from dyndepth.models.forward import check_inputs
     from dyndepth.tokenizer import encode_batch, for_vocab, load_tokenizer
+    from dyndepth.train.run import check_own_tokenizer
 
     method_knobs = _run(parse_knobs, knobs)
     _run(check_sampling, temperature, top_k, top_p, repetition_penalty)  # before the prompt is echoed (errors ran
@@ -137,7 +119,7 @@ def generate(
         _run(_check_decoding_knobs, lm, skip_budget, method_knobs)  # (a method's thresholds too) before the echo
     preset = model in _presets()
     if tokenizer and not preset:
-        _run(_check_own_tokenizer, model, tokenizer)
+        _run(check_own_tokenizer, model, tokenizer)
     tok = for_vocab(_run(load_tokenizer, tokenizer or ("byte" if preset else model)), lm.config.vocab_size)
     ids, mask = encode_batch(tok, prompt, add_bos=None, padding_side="left")  # BOS as the tokenizer adds it (Llama's)
     ids = ids.masked_fill(mask == 0, 0)  # masked padding: an id every model has (the byte pad, 258, is past 256 ids)
@@ -224,6 +206,7 @@ def calibrate(
     from dyndepth.methods.calibration import calibrate as fit
     from dyndepth.methods.calibration import parse_knobs, text_batches, thresholds_record
     from dyndepth.tokenizer import load_tokenizer
+    from dyndepth.train.run import check_own_tokenizer
 
     wanted = _run(parse_knobs, knobs)
     if not text.is_file():
@@ -233,7 +216,7 @@ def calibrate(
 
     corpus = _run(read_utf8, text, "--text")
     if tokenizer:
-        _run(_check_own_tokenizer, model, tokenizer)
+        _run(check_own_tokenizer, model, tokenizer)
     lm = _run(_load_model, model, None, device)
     device = next(lm.parameters()).device  # where it loaded: "auto" (CUDA when visible) is no torch device name
     tok = _run(load_tokenizer, tokenizer or model)

@@ -244,6 +244,10 @@ def load_tokenizer(pretrained, tokenizer, model=None):
     elif tokenizer is None and isinstance(pretrained, torch.nn.Module):
         raise ValueError("a model object needs a tokenizer: pass tokenizer=FOLDER, 'byte' or a tokenizer object.")
     else:
+        if tokenizer is not None:
+            from dyndepth.train.run import check_own_tokenizer
+
+            check_own_tokenizer(pretrained, tokenizer, "tokenizer=")
         tok = load(tokenizer if tokenizer is not None else ("byte" if str(pretrained) in PRESETS else pretrained))
     if model is not None and tok.vocab_size > model.config.vocab_size:
         fix = ("a preset whose vocab holds the byte tokenizer's ids, e.g. demo-tiny" if str(pretrained) in PRESETS

@@ -242,6 +242,22 @@ def _same_tokenizer(a, b) -> bool:
     return a.encode(probe) == b.encode(probe) and (padded or a.vocab_size == b.vocab_size)
 
 
+def check_own_tokenizer(model, tokenizer, option: str = "--tokenizer ") -> None:
+    """A tokenizer named for a model folder may only be the one it carries, as data.tokenizer may for
+    model.pretrained: another read the text as ids the model never saw (the byte tokenizer on a GPT-2 BPE model:
+    garbage generations, meaningless scores, and calibrate saved it beside the weights in place of the model's own)."""
+    if not isinstance(model, (str, Path)) or not isinstance(tokenizer, (str, Path)) or not Path(model).is_dir():
+        return  # a hub id or a model object: its tokenizer is the user's to name
+    try:
+        own = load_tokenizer(model)
+    except FileNotFoundError:  # weights alone (make demo's base_model): likewise
+        return
+    if not _same_tokenizer(load_tokenizer(tokenizer), own):
+        raise ValueError(f"{option}{tokenizer} is not the tokenizer of {model}, which carries its own "
+                         f"({type(own).__name__}, {own.vocab_size} ids) and was trained on its ids; leave "
+                         f"{option.strip(' =')} out.")
+
+
 def absolute_paths(run_config: RunConfig) -> RunConfig:
     """The run config with its relative local paths made absolute (model.pretrained, data.source / val_source /
     tokenizer when they name a file or folder here, data.cache_dir and train.out_dir always), so a run's saved
