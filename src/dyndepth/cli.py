@@ -65,12 +65,18 @@ def _interrupted(recipe: Path, overrides: list[str]) -> None:
     from dyndepth.runconfig import load_run_config
     from dyndepth.train.checkpoint import latest_checkpoint
 
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # the open progress bar ends its line (the message ran on after
+        bar.close()  # it, and the bar was drawn again below it at exit)
     out_dir = load_run_config(recipe, overrides).train.out_dir
     last = latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
-    kept = (f"its last checkpoint is {last} (the steps after it are lost)" if last is not None
-            else f"no checkpoint was saved in {out_dir}")
-    typer.secho(f"interrupted: {kept}; continue with `dyndepth train {recipe} --resume` and the same --set options.",
-                fg=typer.colors.YELLOW, err=True)
+    if last is None:
+        said = f"interrupted before its first checkpoint: nothing was saved in {out_dir}; run the command again."
+    else:
+        said = (f"interrupted: its last checkpoint is {last} (the steps after it are lost); continue with "
+                f"`dyndepth train {recipe} --resume` and the same --set options.")
+    typer.secho(said, fg=typer.colors.YELLOW, err=True)
     raise typer.Exit(130)
 
 
