@@ -218,8 +218,8 @@ def run_quality(cfg: DNDQualityConfig) -> dict:
     base = dyndepth.from_pretrained(cfg.base).eval()
     corr = entropy_correlation(dnd, [probe[:4]], base=base)
     corr = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in corr.items()}  # an empty group: none
-    return {"config": asdict(cfg), "rows": rows, "layer_report": layer_report(dnd, out), "entropy": corr,
-            "plots": plots}
+    return {"config": {**asdict(cfg), "method": dnd_method},  # (the band it nested in)
+            "rows": rows, "layer_report": layer_report(dnd, out), "entropy": corr, "plots": plots}
 
 
 def render_markdown(throughput: dict | None, quality: dict | None) -> str:
