@@ -361,6 +361,25 @@ def test_a_fresh_run_into_a_folder_with_an_exported_model_sets_that_model_aside(
     assert not (tmp_path / "model.abandoned_1").exists()
 
 
+def test_a_recipes_missing_tokenizer_kept_under_model_pretrained_names_the_key_and_the_fix(tmp_path):
+    """recipes/dnd_posttrain.toml with only model.pretrained replaced stopped on its own data.tokenizer
+    ("tokenizer path 'checkpoints/Qwen3-1.7B' does not exist; pass a tokenizer folder or 'byte'"): neither the key
+    the user never set nor that the model folder's own tokenizer is the one to use."""
+    from dyndepth.tokenizer import train_bpe
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    base = tmp_path / "base"
+    CausalLM(preset("tiny-qwen3", vocab_size=300)).save_pretrained(base)
+    train_bpe([text], vocab_size=300).save(base)
+    with pytest.raises(RunConfigError) as e:
+        run_training("recipes/dnd_posttrain.toml", [f"model.pretrained={base}", f"data.source={text}",
+                                                   f"train.out_dir={tmp_path / 'out'}"])
+    assert str(e.value) == (f"data.tokenizer='checkpoints/Qwen3-1.7B' does not exist; model.pretrained ({base}) "
+                            "carries its own tokenizer, which reads the data: drop data.tokenizer from the recipe, or "
+                            f"--set data.tokenizer={base}.")
+
+
 def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_path):
     """`--set model.pretrained=DIR` with no data.tokenizer tokenized the text with the default byte tokenizer (a BPE
     model trained on byte ids, and exported with byte_tokenizer.json); now the folder's own tokenizer reads it, and

@@ -206,7 +206,14 @@ def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
     given = run_config.data.get("tokenizer")
     if given is None:
         return dataclasses.replace(run_config, data={**run_config.data, "tokenizer": folder})
-    if str(given).startswith("bpe:") or not _same_tokenizer(load_tokenizer(given), own):
+    try:
+        named = None if str(given).startswith("bpe:") else load_tokenizer(given)
+    except FileNotFoundError:  # a recipe's own tokenizer path (dnd_posttrain's checkpoints/Qwen3-1.7B), kept when
+        # the user replaced only the model: the error named neither the key nor the fix
+        raise RunConfigError(f"data.tokenizer={given!r} does not exist; model.pretrained ({folder}) carries its own "
+                             "tokenizer, which reads the data: drop data.tokenizer from the recipe, or --set "
+                             f"data.tokenizer={folder}.") from None
+    if named is None or not _same_tokenizer(named, own):
         raise RunConfigError(f"data.tokenizer={given!r} is not the tokenizer of model.pretrained ({folder}): the "
                              f"checkpoint was trained on its own ids; remove data.tokenizer (or set it to {folder}).")
     return run_config
