@@ -400,7 +400,7 @@ def test_train_names_the_model_it_exported(tmp_path):
 def test_an_interrupted_train_names_the_checkpoint_it_keeps_and_how_to_resume(tmp_path, monkeypatch):
     """Ctrl-C ended `dyndepth train` with a blank line and exit 130: nothing said which checkpoint survived (the steps
     after it were lost) nor that --resume continues the run."""
-    import dyndepth.train.run as run
+    from dyndepth.train import run
 
     real = run.run_training
 

@@ -62,10 +62,10 @@ def _load_model(model: str, dtype: Optional[str], device: str):
 
 def _interrupted(recipe: Path, overrides: list[str]) -> None:
     """Name the checkpoint an interrupted run keeps (its steps since then are lost) and the command that resumes it."""
+    from tqdm import tqdm
+
     from dyndepth.runconfig import load_run_config
     from dyndepth.train.checkpoint import latest_checkpoint
-
-    from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # the open progress bar ends its line (the message ran on after
         bar.close()  # it, and the bar was drawn again below it at exit)
