@@ -156,3 +156,24 @@ def test_a_base_with_a_tokenizer_other_than_bytes_is_refused_before_any_work(tmp
     assert result.exit_code == 2 and "carries its own HFTokenizer" in result.output, result.output
     assert "--base a model trained on the embedded data with the byte tokenizer" in result.output
     assert ran == []
+
+
+@pytest.mark.parametrize("args", [["bench", "quality"], ["bench", "dnd", "--no-throughput", "--quality"]])
+def test_a_base_that_is_no_decoder_is_refused_before_any_work(tmp_path, monkeypatch, args):
+    """A Dreamer base (`dyndepth train recipes/dreamer_tiny_cpu.toml`, byte tokenizer) was scored and post-trained
+    for the first contender (SFT), then failed: "dnd attaches to decoder models ... DreamerLM has none"."""
+    from typer.testing import CliRunner
+
+    import dyndepth.bench.quality as quality_bench
+    from dyndepth.cli import app
+    from dyndepth.models import preset_model
+
+    base = tmp_path / "base"
+    preset_model("dreamer-tiny").save_pretrained(base)
+    ran = []
+    monkeypatch.setattr(quality_bench, "_posttrain", lambda *a, **k: ran.append("posttrain"))
+    monkeypatch.setattr(quality_bench, "_score", lambda *a, **k: ran.append("score"))
+    result = CliRunner().invoke(app, [*args, "--base", str(base), "--steps", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "is a 'dreamer' model; the methods attach to decoders" in result.output, \
+        result.output
+    assert ran == []

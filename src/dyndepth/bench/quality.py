@@ -13,6 +13,7 @@ per-branch thresholds calibrated at the budget (the batch quantile rule would ra
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import dyndepth
 from dyndepth.bench.compare import DEMO_DATA
 from dyndepth.bench.timing import markdown_table, publish
+from dyndepth.config import SUPPORTED_MODEL_TYPES
 from dyndepth.data.build import build_loader, task_mix
 from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
@@ -59,15 +61,20 @@ def check_base(base: str) -> None:
     if not (Path(base) / "config.json").exists():
         raise ValueError(f"{base} is not a checkpoint folder; run `make demo` first (it writes "
                          "runs/demo/base_model) or pass --base.")
+    model_type = json.loads((Path(base) / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:  # (a Dreamer base trained the first contender, then failed to attach)
+        raise ValueError(f"{base} is a {model_type!r} model; the methods attach to decoders "
+                         f"({', '.join(SUPPORTED_MODEL_TYPES)}): pass --base a decoder trained on the embedded data.")
     try:
         tok = load_tokenizer(base)
     except FileNotFoundError:  # no tokenizer saved (make demo's base_model): bytes, as the demo trained it
         return
-    if not isinstance(tok, ByteTokenizer):
-        raise ValueError(f"{base} carries its own {type(tok).__name__} ({tok.vocab_size} ids), but the bench trains and "
-                         "scores on the embedded tasks as bytes; pass --base a model trained on the embedded data with "
-                         "the byte tokenizer (`make demo` writes runs/demo/base_model; or `dyndepth train "
-                         "recipes/tiny_cpu.toml`, then its out_dir/model).")
+    if isinstance(tok, ByteTokenizer):
+        return
+    raise ValueError(f"{base} carries its own {type(tok).__name__} ({tok.vocab_size} ids), but the bench trains and "
+                     "scores on the embedded tasks as bytes; pass --base a model trained on the embedded data with "
+                     "the byte tokenizer (`make demo` writes runs/demo/base_model; or `dyndepth train "
+                     "recipes/tiny_cpu.toml`, then its out_dir/model).")
 
 
 def _data(cfg: QualityBenchConfig):
