@@ -1110,3 +1110,9 @@ def test_a_skipped_non_finite_step_still_runs_the_threshold_sync_due_at_it(contr
     assert sum(len(b) for b in method.scores_buffer.values()) == 4
     torch.testing.assert_close(torch.stack([d.tau.reshape(()) for d in method.layer_dnd]), target)
     assert (target - 0.5).abs().min() > 1e-3
+
+
+def test_a_band_outside_the_model_names_the_fix_in_python_and_in_recipe_syntax():
+    # a recipe user read "give (first, last) ... e.g. (1, 1)", a Python tuple, where the key is written as a list
+    with pytest.raises(ValueError, match=r"e\.g\. \(1, 1\) \(in a recipe: --set 'method\.layers=\[first,last\]'\)"):
+        DNDConfig(layers=(1, 2)).band(2)
