@@ -80,6 +80,28 @@ def test_moe_gathered_and_grouped_expert_paths_agree(tiny_moe_config):
                                                                             w.expand(4, 2))[:1])
 
 
+def test_the_every_expert_path_of_a_compiled_step_rounds_as_the_eager_loop_in_bf16():
+    """A compiled step of a few tokens runs every expert on every token (`_every_expert`); it scaled the F-wide
+    activation by the gates where eager scales each expert's output (as HF), so in bfloat16 its outputs left the
+    eager loop's by an ulp (0.5 at a scale of 88 here) and a compiled bf16 Qwen3-MoE computed other logits."""
+    from dyndepth.models.moe import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(8, 64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(20, 64, dtype=torch.bfloat16)
+    w, idx = torch.softmax(torch.randn(20, 8), -1).topk(2, -1)  # (N, K)
+    w = w.to(torch.bfloat16)
+    assert experts._path(x, 2) == "loop"  # eager
+    with torch.no_grad():
+        assert torch.equal(experts._every_expert(x, idx, w), experts(x, idx, w))
+        experts, x = experts.float(), x.float()  # float32 weights under bf16 autocast: summed in float32 as the loop
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(experts._every_expert(x, idx, w), experts(x, idx, w))
+
+
 def test_bf16_forward_is_close_to_fp32(tiny_config):
     model = CausalLM(tiny_config).eval()
     ids = torch.randint(0, 256, (2, 10))

@@ -126,12 +126,15 @@ class Experts(nn.Module):
 
     def _every_expert(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, each output scaled by the token's gate for that expert (zero for the experts
-        it did not choose): (N, D), shapes independent of the routing."""
+        it did not choose): (N, D), shapes independent of the routing. The gate scales each expert's output after the
+        down projection, as the eager paths do (`_expert`, `_gathered`): scaling the F-wide activation rounds
+        otherwise in bfloat16, and a compiled decode step's logits left eager's by an ulp."""
         gates_NE = torch.zeros(x_ND.shape[0], self.down_proj.shape[0], dtype=x_ND.dtype, device=x_ND.device)
         gates_NE = gates_NE.scatter(1, idx_NK, w_NK.to(x_ND.dtype))  # (N, E)
         h = torch.einsum("nd,efd->enf", x_ND, self.in_proj)  # (E, N, 2F or F)
-        y = torch.einsum("enf,edf->nd", self._activate(h, gates_NE.t()[..., None]), self.down_proj)
-        return y.to(x_ND.dtype)  # (as the other paths: autocast's matmuls return its dtype)
+        y_END = torch.einsum("enf,edf->end", self._activate(h, None), self.down_proj)  # (E, N, D)
+        # summed in x's dtype, as `add_rows` sums the loop's outputs (autocast's matmuls return its dtype)
+        return (y_END * gates_NE.t()[..., None].to(y_END.dtype)).to(x_ND.dtype).sum(0)
 
     def _gathered(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         w_in = self.in_proj[idx_NK]  # (N, K, 2F or F, D)
