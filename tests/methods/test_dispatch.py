@@ -265,3 +265,33 @@ def test_compile_room_covers_drawn_depths(preset_name):
     deepest = max(sum(sample_recurrence(mean, 0, g)) for _ in range(20000))
     per_step = len(model.model.layers) if preset_name == "dreamer-tiny" else model.config.n_layers_in_recurrent_block
     assert model.max_applications() >= deepest * per_step > len(model.schedule)
+
+
+@pytest.mark.parametrize("preset_name, method", [("huginn-tiny", None), ("dreamer-tiny", None), ("mor-tiny", None),
+                                                 ("tiny-qwen3", {"layers": (0, 1), "ratio": 0.3,
+                                                                 "router_init_std": 0.3})])
+def test_layer_hooks_fire_once_per_application_as_docs_design_says(preset_name, method):
+    """docs/design.md: a layer's hooks fire once per application of the schedule (every recurrence step), and the
+    recomputation of activation checkpointing does not fire them; DND's nested pass (inside the layer call) and the
+    recomputation fire its submodules' hooks only."""
+    from dyndepth import build_model, preset
+    from dyndepth.methods import attach_method
+    from dyndepth.train.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = build_model(preset(preset_name)).eval()  # (a fixed schedule: training draws Huginn's depth)
+    if method is not None:
+        attach_method(model, "dnd", method)
+    apply_activation_checkpointing(model)
+    layer, calls = model.model.layers[-1], {"pre": 0, "post": 0, "attn": 0}
+    layer.register_forward_pre_hook(lambda m, args: calls.__setitem__("pre", calls["pre"] + 1))
+    layer.register_forward_hook(lambda m, args, out: calls.__setitem__("post", calls["post"] + 1))
+    layer.self_attn.register_forward_hook(lambda m, args, out: calls.__setitem__("attn", calls["attn"] + 1))
+    out = model(torch.randint(0, 200, (2, 16)))
+    forward = dict(calls)
+    out.logits.float().square().mean().backward()
+    applications = sum(app.layer == len(model.model.layers) - 1 for app in model.schedule)
+    nested = method is not None
+    assert not nested or bool(out.stats["dnd/selected/L1"] > 0)  # (the nested pass ran)
+    assert forward == {"pre": applications, "post": applications, "attn": applications + nested}
+    assert calls == {"pre": applications, "post": applications, "attn": 2 * forward["attn"]}  # recomputed: attn only
