@@ -1,8 +1,9 @@
 """Trains the tiny model with an adaptive-depth method, or a tiny depth-recurrent baseline (`"model"` in the JSON,
 a preset, with `"model_fields"` over it), under DDP or FSDP2 (2 gloo ranks; see test_dispatch.py).
 
-python dispatch_script.py OUT_DIR METHOD_JSON MODE[,MODE...]
-Each mode trains in OUT_DIR/<mode> inside one process group and logs metrics.jsonl (rank 0).
+python dispatch_script.py OUT_DIR RUNS_JSON, RUNS_JSON = {"<name>": [METHOD, "MODE[,MODE...]"], ...}
+Each run trains in OUT_DIR/<name>/<mode>, all of them in one process group (the ranks start and import once,
+which took longer than a run), and logs metrics.jsonl (rank 0).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def run(out_dir: str, method: dict, mode: str, rank: int = 0, world: int = 1, **
 
 
 def main() -> None:
-    out_dir, method, modes = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3].split(",")
+    out_dir, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    for mode in modes:
-        run(str(Path(out_dir) / mode), method, mode, rank, world)
+    for name, (method, modes) in runs.items():
+        for mode in modes.split(","):
+            run(str(out_dir / name / mode), method, mode, rank, world)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -112,79 +112,91 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_ranks(out_dir: Path, method: dict, modes: str) -> None:
-    """Run dispatch_script.py on 2 gloo ranks."""
+def two_ranks(out_dir: Path, runs: dict[str, tuple[dict, str]]) -> None:
+    """Run dispatch_script.py on 2 gloo ranks: each run {name: (method, "mode,mode")} in out_dir/name/mode."""
     port, script = _free_port(), Path(__file__).with_name("dispatch_script.py")
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out_dir), json.dumps(method), modes],
+        procs.append(subprocess.Popen([sys.executable, str(script), str(out_dir), json.dumps(runs)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
-        out, _ = p.communicate(timeout=180)
+        out, _ = p.communicate(timeout=900)
         assert p.returncode == 0, out.decode()[-3000:]
 
 
+# scale_by_router=False gives MoD's router no gradient and predictor_loss_weight=0 its predictor none
+MOD_UNTRAINED = {**METHODS["mod"], "scale_by_router": False, "predictor_loss_weight": 0.0}
+# DND with the EMA sync every step; routers spread wider, so the targets lie far from tau_init
+DND_SYNCED = {t: {**METHODS["dnd"], "router_init_std": 3.0, "sync_every": 1, "ema_target": t}
+              for t in ("quantile", "topk_mean")}
+# every 2-rank run of this file, in one launch: starting the 2 ranks (imports, process group) took longer than a
+# run, once per test
+RANKED = {**{name: (method, "ddp,fsdp") for name, method in METHODS.items()},
+          "mod-untrained": (MOD_UNTRAINED, "ddp"),
+          **{f"dnd-{t}": (method, "ddp,fsdp") for t, method in DND_SYNCED.items()},
+          **{f"baseline-{name}": (method, "ddp,fsdp") for name, method in BASELINES.items()}}
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory) -> Path:
+    """The folder of every run in RANKED, trained on 2 ranks."""
+    root = tmp_path_factory.mktemp("ranked")
+    two_ranks(root, RANKED)
+    return root
+
+
+def one_thread_run(out_dir: Path, method: dict) -> None:
+    """One process at one thread, as each rank runs: the same kernels, so only the ranks' gradient sum rounds
+    apart."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(str(out_dir), method, "none")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", list(METHODS))
-def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, tmp_path):
-    two_ranks(tmp_path, METHODS[name], "ddp,fsdp")
+def test_ddp_and_fsdp2_on_two_ranks_match_one_process(name, eager, ranked):
     for mode in ("ddp", "fsdp"):
-        assert_same_curve(curve(tmp_path / mode), eager[name])
-        taus = [tmp_path / mode / f"tau_rank{r}.json" for r in range(2)]
+        assert_same_curve(curve(ranked / name / mode), eager[name])
+        taus = [ranked / name / mode / f"tau_rank{r}.json" for r in range(2)]
         if name == "dnd":  # the ranks saw different rows, and the controller's all-reduce kept tau equal
             ranks = [json.loads(t.read_text()) for t in taus]
             assert ranks[0] == ranks[1] and set(ranks[0].values()) != {0.5}
 
 
-def test_mod_options_that_leave_its_router_and_predictor_untrained_run_under_ddp(tmp_path):
+def test_mod_options_that_leave_its_router_and_predictor_untrained_run_under_ddp(tmp_path, ranked):
     """scale_by_router=False gives the router no gradient and predictor_loss_weight=0 the predictor none: DDP stopped
     at step 2 ("parameters that were not used in producing loss"); the trainer freezes them, and 2 ranks train as
     one process does."""
-    method = {**METHODS["mod"], "scale_by_router": False, "predictor_loss_weight": 0.0}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(str(tmp_path / "one"), method, "none")
-    finally:
-        torch.set_num_threads(threads)
-    two_ranks(tmp_path, method, "ddp")
-    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), min_keys=3)
+    one_thread_run(tmp_path / "one", MOD_UNTRAINED)
+    assert_same_curve(curve(ranked / "mod-untrained" / "ddp"), curve(tmp_path / "one"), min_keys=3)
 
 
 @pytest.mark.parametrize("ema_target", ["quantile", "topk_mean"])
-def test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync(ema_target, tmp_path):
+def test_dnd_ranks_hold_equal_thresholds_through_the_ema_sync(ema_target, tmp_path, ranked):
     # sync_every=1: every step the target comes from the buffered scores of both ranks pooled, so tau is equal on
     # both ranks and equal to one process's (a mean of per-rank quantiles, as before, moved tau 6e-5 off at the first
-    # sync and the loss after it); routers spread wider, so the targets lie far from tau_init
-    method = {**METHODS["dnd"], "router_init_std": 3.0, "sync_every": 1, "ema_target": ema_target}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank runs
-    try:
-        run(str(tmp_path / "one"), method, "none")
-    finally:
-        torch.set_num_threads(threads)
-    two_ranks(tmp_path, method, "ddp,fsdp")
+    # sync and the loss after it)
+    one_thread_run(tmp_path / "one", DND_SYNCED[ema_target])
     for mode in ("ddp", "fsdp"):
-        ranks = [json.loads((tmp_path / mode / f"tau_rank{r}.json").read_text()) for r in range(2)]
+        out = ranked / f"dnd-{ema_target}" / mode
+        ranks = [json.loads((out / f"tau_rank{r}.json").read_text()) for r in range(2)]
         assert ranks[0] == ranks[1]
-        taus = [step["dnd/tau/L1"] for step in curve(tmp_path / mode)]
+        taus = [step["dnd/tau/L1"] for step in curve(out)]
         assert len(taus) == STEPS  # the quantile's sync moved tau, not only alpha (0.01) steps:
         assert abs(taus[0] - 0.5) > 0.02 or ema_target != "quantile"
-        assert_same_curve(curve(tmp_path / mode), curve(tmp_path / "one"))  # tau, loss and statistics
+        assert_same_curve(curve(out), curve(tmp_path / "one"))  # tau, loss and statistics
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
-def test_baselines_train_on_two_ranks_like_one_process(name, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank runs: the same kernels, so only the ranks' gradient sum rounds apart
-    try:
-        run(str(tmp_path / "one"), BASELINES[name], "none")
-    finally:
-        torch.set_num_threads(threads)
-    two_ranks(tmp_path, BASELINES[name], "ddp,fsdp")
-    for mode in ("ddp", "fsdp"):
-        assert_same_curve(curve(tmp_path / mode), curve(tmp_path / "one"), min_keys=2)  # loss and grad norm
+def test_baselines_train_on_two_ranks_like_one_process(name, tmp_path, ranked):
+    one_thread_run(tmp_path / "one", BASELINES[name])
+    for mode in ("ddp", "fsdp"):  # loss and grad norm
+        assert_same_curve(curve(ranked / f"baseline-{name}" / mode), curve(tmp_path / "one"), min_keys=2)
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
