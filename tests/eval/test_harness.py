@@ -365,7 +365,8 @@ def test_chat_templated_requests_equal_the_hf_backend(tiny_checkpoint, tmp_path)
     data.mkdir(parents=True)
     copa = {"query": "The woman retired, therefore", "choices": ["she got a pension.", "she paid."], "gold": 0}
     (data / "copa.jsonl").write_text(json.dumps(copa) + "\n")
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(tmp_path / "data")})
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,  # (indexing lm-eval's own: 6 s)
+                          metadata={"data_dir": str(tmp_path / "data")})
     out = lm_eval.simple_evaluate(model=ours, tasks=["dyndepth_copa"], task_manager=manager, apply_chat_template=True,
                                   log_samples=True)
     context = out["samples"]["dyndepth_copa"][0]["arguments"][0][0]
