@@ -317,7 +317,8 @@ def test_ddp_compile_with_activation_checkpointing_recomputes_the_graph_its_forw
 
     def build():
         torch.manual_seed(0)
-        return build_model(preset("dreamer-tiny", vocab_size=256)).train()
+        # 2 recurrences (the preset's 4): every layer application compiles its own graphs
+        return build_model(preset("dreamer-tiny", vocab_size=256, num_recurrences=2)).train()
 
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     eager = build()
