@@ -29,8 +29,11 @@ CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
 # draws are the same on every rank; MoR's routers choose within each row)
 BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny"}, "mor": {"name": "none", "model": "mor-tiny"},
              "dreamer": {"name": "none", "model": "dreamer-tiny"},
-             "dreamer-sampled": {"name": "none", "model": "dreamer-tiny",  # randomised depth, truncated backprop
-                                 "model_fields": {"sample_recurrence": True, "backprop_depth": 2}},
+             # randomised depth, truncated backprop; mean depth 2 (the preset's 4): 8, 3 and 2 steps drawn, where 4
+             # drew 14 first, a compiled graph per step
+             "dreamer-sampled": {"name": "none", "model": "dreamer-tiny",
+                                 "model_fields": {"sample_recurrence": True, "backprop_depth": 2,
+                                                  "num_recurrences": 2}},
              # MoEUT is a Dreamer configuration; with
              "moeut-switchhead": {"name": "none", "model": "moeut-switchhead-tiny"}}  # attention experts
 
