@@ -27,10 +27,11 @@ METHODS = {
 CLASSES = {"gateskip": GateSkip, "mod": MoD, "dnd": DND}
 # the depth-recurrent models train under torchrun like the decoder (Huginn's and a sampling Dreamer's recurrence
 # draws are the same on every rank; MoR's routers choose within each row)
-BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny"}, "mor": {"name": "none", "model": "mor-tiny"},
-             "dreamer": {"name": "none", "model": "dreamer-tiny"},
-             # randomised depth, truncated backprop; mean depth 2 (the preset's 4): 8, 3 and 2 steps drawn, where 4
-             # drew 14 first, a compiled graph per step
+# (each layer application compiles its own graphs: Huginn's mean depth and Dreamer's recurrences are 2, the presets' 4)
+BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny", "model_fields": {"mean_recurrence": 2}},
+             "mor": {"name": "none", "model": "mor-tiny"},
+             "dreamer": {"name": "none", "model": "dreamer-tiny", "model_fields": {"num_recurrences": 2}},
+             # randomised depth, truncated backprop: 8, 3 and 2 steps drawn (the preset's mean 4 drew 14 first)
              "dreamer-sampled": {"name": "none", "model": "dreamer-tiny",
                                  "model_fields": {"sample_recurrence": True, "backprop_depth": 2,
                                                   "num_recurrences": 2}},
