@@ -421,7 +421,7 @@ def test_a_training_layer_compiles_as_one_graph_with_its_grouped_experts():
     """The float32 grouped expert matmul compiles (an opaque custom op: torch's shape rule for it is bfloat16-only),
     so a compiled layer traces whole (fullgraph) in training, where it fell back to one matmul per expert behind a
     host sync, and gives eager's logits and gradients."""
-    model = varied(tiny()).train()
+    model = varied(tiny(num_recurrences=2)).train()  # (2 of tiny's 3: each application compiles its own graph)
     ids = torch.randint(0, 256, (4, 32))  # 128 tokens: past the every-expert path of a few (models/moe.py)
     out = model(ids)
     out.logits.square().mean().backward()
