@@ -35,8 +35,8 @@ BASELINES = {"huginn": {"name": "none", "model": "huginn-tiny", "model_fields": 
              "dreamer-sampled": {"name": "none", "model": "dreamer-tiny",
                                  "model_fields": {"sample_recurrence": True, "backprop_depth": 2,
                                                   "num_recurrences": 2}},
-             # MoEUT is a Dreamer configuration; with
-             "moeut-switchhead": {"name": "none", "model": "moeut-switchhead-tiny"}}  # attention experts
+             # MoEUT is a Dreamer configuration; this one with SwitchHead's attention experts
+             "moeut-switchhead": {"name": "none", "model": "moeut-switchhead-tiny"}}
 
 
 def curve(out_dir: Path) -> list[dict]:
