@@ -381,14 +381,20 @@ def test_convert_changes_dtype_and_keeps_logits(tmp_path):
     assert "is a file" in runner.invoke(app, ["convert", str(tmp_path / "src"), str(afile)]).output
 
 
-def test_train_names_the_model_it_exported(tmp_path):
-    """`dyndepth train` ended with the last training checkpoint only, which generate and eval refuse; the HF folder
-    they load, out_dir/model, was named nowhere a new user would look."""
+def _tiny_recipe(tmp_path, steps: int):
+    """A demo-tiny recipe of `steps` steps on the embedded data, into tmp_path / "out", without eval or plots."""
     recipe = tmp_path / "r.toml"
-    recipe.write_text('model = "demo-tiny"\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
+    recipe.write_text(f'model = "demo-tiny"\n[train]\nsteps = {steps}\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
                       f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
                       '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\n'
                       '[eval]\nenabled = false\n')
+    return recipe
+
+
+def test_train_names_the_model_it_exported(tmp_path):
+    """`dyndepth train` ended with the last training checkpoint only, which generate and eval refuse; the HF folder
+    they load, out_dir/model, was named nowhere a new user would look."""
+    recipe = _tiny_recipe(tmp_path, steps=1)
     trained = runner.invoke(app, ["train", str(recipe)])
     assert trained.exit_code == 0, trained.output
     model = tmp_path / "out" / "model"
@@ -409,11 +415,7 @@ def test_an_interrupted_train_names_the_checkpoint_it_keeps_and_how_to_resume(tm
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "run_training", interrupted_after_two_steps)
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('model = "demo-tiny"\n[train]\nsteps = 4\nbatch_size = 2\nseq_len = 16\nprogress = false\n'
-                      f'plot = false\ndevice = "cpu"\neval_every = 0\nout_dir = "{tmp_path / "out"}"\n'
-                      '[data]\nsource = "embedded"\nsynthetic_examples = 50\nstdlib_bytes = 5000\n'
-                      '[eval]\nenabled = false\n')
+    recipe = _tiny_recipe(tmp_path, steps=4)
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 130, result.output
     assert (f"interrupted: its last checkpoint is {tmp_path / 'out' / 'step_0000002'} (the steps after it are lost); "

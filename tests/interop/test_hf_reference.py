@@ -193,14 +193,20 @@ def test_fields_a_config_json_leaves_out_take_transformers_defaults(fields):
     assert not differ
 
 
-def test_default_stop_tokens_come_from_generation_config_as_in_hf(tmp_path):
-    # generate stopped at config.json's eos only; transformers stops at generation_config.json's (Qwen3: <|im_end|>
-    # and <|endoftext|>), so a checkpoint ran on past a stop token HF honours
+def free_running_hf_model():
+    """A tied Qwen3 HF model, a left-padded batch and its 12 greedy tokens with no stop token: (hf, ids, mask, free)."""
     hf = make_hf_model("qwen3-tied")
     ids, mask = padded_batch(256)
     with torch.no_grad():
         free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                            pad_token_id=0, min_new_tokens=12)
+    return hf, ids, mask, free
+
+
+def test_default_stop_tokens_come_from_generation_config_as_in_hf(tmp_path):
+    # generate stopped at config.json's eos only; transformers stops at generation_config.json's (Qwen3: <|im_end|>
+    # and <|endoftext|>), so a checkpoint ran on past a stop token HF honours
+    hf, ids, mask, free = free_running_hf_model()
     stop = int(free[0, 11 + 3])  # a token row 0 emits at its 4th step
     hf.config.eos_token_id = 255 if stop != 255 else 254  # config.json names another eos ...
     hf.generation_config.eos_token_id = [hf.config.eos_token_id, stop]  # ... generation_config.json both
@@ -443,11 +449,7 @@ def test_a_dyndepth_moe_trains_the_balancing_loss_and_exports_what_transformers_
 def test_a_generation_config_without_a_pad_id_pads_with_its_eos_as_hf_does(tmp_path):
     # config.json named a pad id (7), generation_config.json none: transformers reads the latter alone and pads
     # finished rows with its first eos id, generate padded them with config.json's 7
-    hf = make_hf_model("qwen3-tied")
-    ids, mask = padded_batch(256)
-    with torch.no_grad():
-        free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                           pad_token_id=0, min_new_tokens=12)
+    hf, ids, mask, free = free_running_hf_model()
     stop = int(free[0, 11 + 2])  # row 0 stops at its 3rd new token, the others run on
     assert stop not in free[1:, 11:] and stop != 7
     hf.config.pad_token_id = 7
