@@ -174,7 +174,8 @@ def test_tensorboard_of_a_resumed_run_hides_the_abandoned_steps_and_a_new_run_se
 
 
 @pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-                                              ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989)])
+                                              ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                              ("NVIDIA H200 NVL", 835)])
 def test_mfu_divides_by_the_peak_of_the_cards_own_variant(monkeypatch, name, tflops):
     # every name holding "H100" took the SXM card's 989 TFLOP/s: the PCIe card's MFU read 24% low
     import torch

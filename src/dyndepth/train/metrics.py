@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by device-name fragment (first match wins: a card's variants before its plain name, whose
 # figure is the SXM card's).
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12, "V100": 125e12}
+PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+              "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12, "V100": 125e12}
 DEFAULT_CPU_PEAK = 1e12  # a nominal figure; set train.peak_tflops for your machine
 
 
