@@ -11,6 +11,7 @@ import dyndepth
 from dyndepth import CausalLM, preset
 from dyndepth.runconfig import RunConfigError, load_run_config
 from dyndepth.safetensors_io import read_safetensors
+from dyndepth.tokenizer import ByteTokenizer
 from dyndepth.train import build_hooks, build_model, run_training
 
 
@@ -378,6 +379,16 @@ def test_a_recipes_missing_tokenizer_kept_under_model_pretrained_names_the_key_a
     assert str(e.value) == (f"data.tokenizer='checkpoints/Qwen3-1.7B' does not exist; model.pretrained ({base}) "
                             "carries its own tokenizer, which reads the data: drop data.tokenizer from the recipe, or "
                             f"--set data.tokenizer={base}.")
+
+
+def test_a_data_tokenizer_folder_without_a_tokenizer_is_not_said_not_to_exist(tmp_path):
+    # an existing folder holding no tokenizer files was reported as "does not exist"
+    base, empty = tmp_path / "base", tmp_path / "empty"
+    CausalLM(preset("tiny-qwen3", vocab_size=300)).save_pretrained(base)
+    ByteTokenizer().save(base)
+    empty.mkdir()
+    with pytest.raises(RunConfigError, match=f"data.tokenizer='{empty}' holds no tokenizer; model.pretrained"):
+        run_training(None, [f"model.pretrained={base}", f"data.tokenizer={empty}", f"train.out_dir={tmp_path / 'out'}"])
 
 
 def test_post_training_a_folder_reads_its_data_with_the_folders_tokenizer(tmp_path):

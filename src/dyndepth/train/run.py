@@ -210,7 +210,9 @@ def pretrained_tokenizer(run_config: RunConfig) -> RunConfig:
         named = None if str(given).startswith("bpe:") else load_tokenizer(given)
     except FileNotFoundError:  # a recipe's own tokenizer path (dnd_posttrain's checkpoints/Qwen3-1.7B), kept when
         # the user replaced only the model: the error named neither the key nor the fix
-        raise RunConfigError(f"data.tokenizer={given!r} does not exist; model.pretrained ({folder}) carries its own "
+        # (a folder that exists but holds no tokenizer raises this too: "does not exist" sent the user to the path)
+        what = "holds no tokenizer" if Path(given).exists() else "does not exist"
+        raise RunConfigError(f"data.tokenizer={given!r} {what}; model.pretrained ({folder}) carries its own "
                              "tokenizer, which reads the data: drop data.tokenizer from the recipe, or --set "
                              f"data.tokenizer={folder}.") from None
     if named is None or not _same_tokenizer(named, own):
