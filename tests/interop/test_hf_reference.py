@@ -399,6 +399,18 @@ def test_a_qwen3_whose_window_covers_no_layer_loads_and_one_that_slides_is_refus
             torch.testing.assert_close(got, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_sliding_layers_without_a_window_are_refused_without_a_window_of_none():
+    # layer_types naming sliding layers with use_sliding_window=false (transformers cannot run it: its cache takes a
+    # window of None) was refused as "window None tokens"
+    from dyndepth.models.hf_layout import config_from_hf
+
+    fields = {**config_to_hf(dyndepth.ModelConfig(**CONFIGS["qwen3-tied"]), torch.float32), "use_sliding_window": False,
+              "layer_types": ["full_attention", "sliding_attention"]}
+    with pytest.raises(dyndepth.ConfigError) as e:
+        config_from_hf(fields)
+    assert "None" not in str(e.value) and "layer_types names them but sets no window, on layers 1..1" in str(e.value)
+
+
 @pytest.mark.parametrize("fields", [{}, {"output_router_logits": True, "router_aux_loss_coef": 0.05}])
 def test_a_qwen3_moe_trains_the_balancing_loss_its_config_json_asks_for_as_transformers_does(fields, tmp_path):
     """transformers adds router_aux_loss_coef x the balancing loss to a Qwen3-MoE's training loss only with

@@ -42,8 +42,10 @@ def config_from_hf(d: dict) -> ModelConfig:
     sliding = sliding_layers(d)
     if sliding:
         window = d.get("sliding_window", 4096) if d.get("use_sliding_window") else None
+        # (layer_types alone names sliding layers: it read "window None tokens", and transformers cannot run it either)
+        size = f"window {window} tokens" if window is not None else "layer_types names them but sets no window"
         raise ConfigError(
-            f"sliding-window attention (window {window} tokens, on layers {sliding[0]}..{sliding[-1]} as transformers "
+            f"sliding-window attention ({size}, on layers {sliding[0]}..{sliding[-1]} as transformers "
             "reads use_sliding_window / max_window_layers / layer_types) is not supported: dyndepth's attention is "
             "full. Use a checkpoint without sliding layers; or, where every text stays within the window (full "
             "attention equals sliding attention there), set use_sliding_window=false (and layer_types to "
