@@ -646,3 +646,19 @@ def test_a_pretrained_moe_takes_output_router_logits_to_train_the_balancing_loss
             build_model(bad)
     with pytest.raises(RunConfigError, match="takes only 'pretrained', 'dtype' and 'output_router_logits'"):
         build_model({"pretrained": str(tmp_path / "moe"), "hidden_size": 8})
+
+
+def test_a_run_from_its_out_dirs_own_export_exports_that_bases_tokenizer(tmp_path):
+    # data.tokenizer is the base folder, out_dir/model; a run given its loader (no tokenizer built) exported after that
+    # folder moved to model.base_0 and found no tokenizer there: the export carried none, and a resume of the run
+    # stopped on data.tokenizer (the export, now model.pretrained, carries no tokenizer to match)
+    out = tmp_path / "run"
+    args = [f"train.out_dir={out}", "train.progress=false", "train.plot=false", "eval.enabled=false"]
+    run_training(None, [*args, "train.steps=1"], loader=TinyLoader(2, 16))
+    for step in out.glob("step_*"):
+        shutil.rmtree(step)
+    again = [*args, f"model.pretrained={out / 'model'}", "train.lr=1e-2"]
+    run_training(None, [*again, "train.steps=1"], loader=TinyLoader(2, 16))
+    assert (out / "model.base_0" / "byte_tokenizer.json").is_file()
+    assert (out / "model" / "byte_tokenizer.json").is_file()
+    assert run_training(None, [*again, "train.steps=2", "train.resume=true"], loader=TinyLoader(2, 16)).steps == 2

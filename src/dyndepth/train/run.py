@@ -160,6 +160,8 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         export, base = Path(cfg.out_dir) / EXPORT, run_config.model.get("pretrained")
         if base is not None and export.is_dir() and Path(base).resolve() == export.resolve():  # the run post-trained
             # out_dir/model itself, kept in place for a resume: the export would overwrite that base's files
+            if tokenizer is None:  # (a given loader): read now, the export would read data.tokenizer, this folder,
+                tokenizer = _run_tokenizer(run_config, result.last_checkpoint)[0]  # once moved: none was exported
             log.warning("%s, the model.pretrained this run started from, moved to %s: the export replaces it", export,
                         set_aside(export, label="base").name)
         result.exported = export_checkpoint(result.last_checkpoint, export, tokenizer)
