@@ -306,8 +306,8 @@ def test_an_hf_source_names_the_datasets_configuration_before_its_split(monkeypa
                          ("hf:wikitext:wikitext-2-raw-v1:", ("wikitext", "wikitext-2-raw-v1", "train")),
                          ("hf:org/set:test", ("org/set", None, "test")),
                          ("hf:org/set", ("org/set", None, "train")),
-                         ("hf:org/set:train[:1000]", ("org/set", None, "train[:1000]")),  # (a slice's colon)
-                         ("hf:glue:cola:train[10:20]", ("glue", "cola", "train[10:20]"))]:
+                         ("hf:org/set:train[:1000]", ("org/set", None, "train")),  # (a slice's colon; its rows
+                         ("hf:glue:cola:train[0:20]", ("glue", "cola", "train"))]:  # are taken as they stream)
         calls.clear()
         assert list(iter_documents(source)) == [Document("/".join(map(str, want)))]
         assert calls == [want], source
@@ -316,3 +316,17 @@ def test_an_hf_source_names_the_datasets_configuration_before_its_split(monkeypa
     for bad in ("hf:a:b:c:d", "hf::train"):  # refused as the config is read, before any work
         with pytest.raises(DataError, match=r"write 'hf:<name>', 'hf:<name>:<split>' or 'hf:<name>:<config>:<split>'"):
             resolve_data_config({"source": bad})
+
+
+def test_an_hf_sources_split_slice_takes_those_rows_of_the_stream(tmp_path):
+    """A split slice ("train[:1000]") reached datasets' streaming load, which takes none ("Bad split: train[:1000]"):
+    a documented source could not be read. The rows are taken from the stream instead."""
+    pytest.importorskip("datasets")
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(5)))
+    for split, want in (("train[1:3]", ["row 1", "row 2"]), ("train[:2]", ["row 0", "row 1"]),
+                        ("train[3:]", ["row 3", "row 4"]), ("train", [f"row {i}" for i in range(5)])):
+        assert [d.text for d in iter_hf_dataset("json", split, data_files=str(data))] == want, split
+    with pytest.raises(DataError, match=r"a streamed split takes a slice of row numbers only"):
+        list(iter_hf_dataset("json", "train[:50%]", data_files=str(data)))

@@ -291,8 +291,15 @@ def iter_hf_dataset(
         ) from None
     load_kwargs.setdefault("streaming", True)
     what = f"{name!r}" + (f" (configuration {config!r}, split {split!r})" if config else f" (split {split!r})")
+    # a streamed split takes no slice (datasets: "Bad split: train[:1000]"): its rows start..stop are taken here
+    sliced = re.fullmatch(r"([^\[\]]+)\[(\d*):(\d*)\]", split) if load_kwargs["streaming"] else None
+    if load_kwargs["streaming"] and "[" in split and sliced is None:
+        raise DataError(f"the Hugging Face dataset {what}: a streamed split takes a slice of row numbers only, "
+                        "'<split>[start:stop]' (e.g. 'train[:1000]'), not percentages.")
+    start, stop = (int(sliced[2] or 0), int(sliced[3]) if sliced[3] else None) if sliced else (0, None)
+    split = sliced[1] if sliced else split
     try:  # (streaming: the first record is where a missing network shows)
-        records = iter(datasets.load_dataset(name, config, split=split, **load_kwargs))
+        records = itertools.islice(datasets.load_dataset(name, config, split=split, **load_kwargs), start, stop)
         first = next(records, None)
     except (OSError, ValueError) as e:  # no network (ConnectionError is an OSError), no such dataset, config or split
         raise DataError(f"could not load the Hugging Face dataset {what}: {type(e).__name__}: "
@@ -301,7 +308,7 @@ def iter_hf_dataset(
                         "is one (it stays in datasets' cache; HF_DATASETS_OFFLINE=1 reads it from there), or give "
                         "data.source local files.") from None
     label = f"{name}{f'/{config}' if config else ''}[{split}]"
-    for i, record in enumerate(itertools.chain([] if first is None else [first], records)):
+    for i, record in enumerate(itertools.chain([] if first is None else [first], records), start):
         yield record_to_document(dict(record), f"{label} row {i}", text_field, chat_template)
 
 
@@ -309,7 +316,7 @@ def hf_parts(source: str, default_split: str = "train") -> tuple[str, str | None
     """`"hf:<name>"`, `"hf:<name>:<split>"` or `"hf:<name>:<config>:<split>"` -> (name, config or None, split), as
     `datasets.load_dataset(name, config, split=split)` takes them: `"hf:wikitext:wikitext-2-raw-v1:validation"`.
     An empty field takes its default (`"hf:wikitext:wikitext-2-raw-v1:"`: the train split); a split's slice may hold
-    colons (`"hf:org/set:train[:1000]"`: only colons outside brackets separate)."""
+    colons (`"hf:org/set:train[:1000]"`: only colons outside brackets separate; `iter_hf_dataset` takes its rows)."""
     fields = re.split(r":(?![^\[]*\])", source[len(HF_PREFIX):])
     if not fields[0] or len(fields) > 3:
         raise DataError(f"{source!r}: write '{HF_PREFIX}<name>', '{HF_PREFIX}<name>:<split>' or "
