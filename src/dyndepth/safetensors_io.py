@@ -38,7 +38,8 @@ class CheckpointError(ValueError):
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file as CPU tensors backed by a memory map (no copy)."""
+    """All tensors of one .safetensors file as CPU tensors backed by a memory map (no copy) where they sit on an `ALIGN`
+    boundary, else copies (most of a file another writer wrote: the whole checkpoint in anonymous memory)."""
     path = Path(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
