@@ -422,6 +422,26 @@ def test_an_interrupted_train_names_the_checkpoint_it_keeps_and_how_to_resume(tm
             f"continue with `dyndepth train {recipe} --resume`") in result.output, result.output
 
 
+def test_an_interrupted_train_resumed_from_a_named_step_says_to_leave_that_step_out(tmp_path, monkeypatch):
+    # a run started with --set train.resume=STEP was told to continue with --resume "and the same --set options",
+    # a command train refuses (--resume and train.resume=STEP name two checkpoints)
+    from dyndepth.train import checkpoint, run
+
+    def interrupted(recipe, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_training", interrupted)
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda out_dir: tmp_path / "out" / "step_0000004")
+    (tmp_path / "out").mkdir()
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'model = "demo-tiny"\n[train]\nout_dir = "{tmp_path / "out"}"\n')
+    step = tmp_path / "out" / "step_0000002"
+    result = runner.invoke(app, ["train", str(recipe), "--set", f"train.resume={step}"])
+    assert result.exit_code == 130, result.output
+    told = f"`dyndepth train {recipe} --resume` and the same --set options, leaving out train.resume={step}"
+    assert told in " ".join(result.output.split()), result.output
+
+
 def test_convert_shards_a_training_step_and_refuses_a_shard_size_of_zero(tmp_path):
     """`convert STEP DST --max-shard-gb X` exported the step in one file and ignored X unless --dtype was given;
     --max-shard-gb 0 or -1 wrote one shard per tensor (46 files for demo-tiny)."""

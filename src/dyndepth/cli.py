@@ -73,9 +73,11 @@ def _interrupted(recipe: Path, overrides: list[str]) -> None:
     last = latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
     if last is None:
         said = f"interrupted before its first checkpoint: nothing was saved in {out_dir}; run the command again."
-    else:
+    else:  # (--resume beside a --set train.resume naming a step is refused: two checkpoints)
+        step = [v for v in _set_values(overrides, "train.resume") if v.lower() != "true"]
+        but = f", leaving out train.resume={step[-1]} (--resume takes the newest checkpoint)" if step else ""
         said = (f"interrupted: its last checkpoint is {last} (the steps after it are lost); continue with "
-                f"`dyndepth train {recipe} --resume` and the same --set options.")
+                f"`dyndepth train {recipe} --resume` and the same --set options{but}.")
     typer.secho(said, fg=typer.colors.YELLOW, err=True)
     raise typer.Exit(130)
 
