@@ -29,8 +29,10 @@ _LFS_POINTER = b"version https://git-lfs."  # how a git-lfs pointer file starts
 # Alignment (bytes) of a tensor viewed straight from the map. CPU kernels pick their code path by their operands'
 # alignment, so a weight at an 8-byte-aligned address (where safetensors' own files put most) rounded otherwise than
 # the same weight in torch's 64-byte-aligned memory: a saved and reloaded model's float32 logits moved by ~1e-7. A
-# tensor off this alignment is copied; `write_safetensors` lays our files out so that (almost) none is.
+# tensor off this alignment in a file of ours is copied; `write_safetensors` lays our files out so that (almost) none
+# is, and marks them with this metadata key.
 ALIGN = 64
+ALIGNED = "dyndepth_align"
 
 
 class CheckpointError(ValueError):
@@ -38,8 +40,11 @@ class CheckpointError(ValueError):
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file as CPU tensors backed by a memory map (no copy) where they sit on an `ALIGN`
-    boundary, else copies (most of a file another writer wrote: the whole checkpoint in anonymous memory)."""
+    """All tensors of one .safetensors file as CPU tensors viewed in a private memory map (no copy). In a file our
+    writer laid out (`ALIGNED`) the few tensors off the `ALIGN` boundary are copied into aligned memory; another
+    writer's file (safetensors' own aligns its data to 8 bytes) stays mapped whole: copying it would hold a hub
+    checkpoint in every process's anonymous memory (each torchrun rank its own copy, where the map's pages are shared),
+    and its float32 CPU logits may then differ from an in-memory model's by a rounding."""
     path = Path(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -56,6 +61,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is not a valid safetensors file ({e}).") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
     base = 8 + header_len
+    ours = (header.get("__metadata__") or {}).get(ALIGNED) == str(ALIGN)
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -74,7 +80,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
                                   f"{info['shape']} of {info['dtype']} needs {numel * dtype.itemsize}.")
         if numel == 0:
             t = torch.empty(info["shape"], dtype=dtype)
-        elif (base + start) % ALIGN == 0:
+        elif (base + start) % (ALIGN if ours else dtype.itemsize) == 0:
             t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start)
         else:  # misaligned: a copy of this one tensor, which torch's allocator aligns
             t = torch.frombuffer(memoryview(buf)[base + start:base + end], dtype=dtype, count=numel).clone()
@@ -101,7 +107,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     spaces (as the format allows) to end on the boundary, and those tensors come first (the format leaves no gaps
     between tensors, so the odd-sized rest, norms of odd widths say, follow them and are copied when read)."""
     order = sorted(tensors, key=lambda k: (tensors[k].numel() * tensors[k].element_size() % ALIGN != 0, k))
-    header: dict = {"__metadata__": metadata}
+    header: dict = {"__metadata__": {**metadata, ALIGNED: str(ALIGN)}}
     offset = 0
     for k in order:
         nbytes = tensors[k].numel() * tensors[k].element_size()

@@ -28,32 +28,39 @@ def test_safetensors_reader_is_memory_mapped_and_exact(tmp_path):
     assert stat.S_IMODE((tmp_path / "y.safetensors").stat().st_mode) == 0o644
 
 
-def test_tensors_sit_at_aligned_addresses_whether_mapped_or_copied_and_safetensors_reads_our_files(tmp_path):
+def _offsets(path) -> dict:
+    """Each tensor's data offset in a safetensors file, from its header."""
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_our_files_put_tensors_at_aligned_addresses_and_another_writers_stay_mapped(tmp_path):
     """CPU kernels choose their code path by their operands' alignment: weights viewed at the 8-byte-aligned offsets
     of a safetensors file rounded otherwise than in torch's 64-byte-aligned memory, and a saved and reloaded model's
-    float32 logits moved by ~6e-7. Our files put every tensor whose size allows it on a 64-byte boundary (mapped, no
-    copy); any other tensor, ours or another writer's, is copied into aligned memory."""
+    float32 logits moved by ~6e-7. Our files put every tensor whose size allows it on a 64-byte boundary (mapped) and
+    the rest is copied into aligned memory; another writer's file stays mapped whole (a copy would hold a hub
+    checkpoint in each torchrun rank's own memory)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from dyndepth.safetensors_io import ALIGN
+    from dyndepth.safetensors_io import ALIGN, ALIGNED
 
     tensors = {"w": torch.randn(16, 8), "norm": torch.randn(7), "c": torch.randn(3, 5).bfloat16(),
                "flag": torch.tensor([True, False, True]), "i": torch.arange(10), "scalar": torch.tensor(2.5),
                "empty": torch.empty(0, 4), "h": torch.randn(32).half()}
     write_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "k": "v"})
     save_file(tensors, str(tmp_path / "theirs.safetensors"))
-    theirs = load_file(tmp_path / "ours.safetensors")  # the safetensors library reads our layout
+    loaded = load_file(tmp_path / "ours.safetensors")  # the safetensors library reads our layout
     with safe_open(tmp_path / "ours.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt", "k": "v"}
-    for name in ("ours", "theirs"):
-        got = read_safetensors(tmp_path / f"{name}.safetensors")
-        for k, v in tensors.items():
-            assert torch.equal(got[k], v) and torch.equal(theirs[k], v) and got[k].data_ptr() % ALIGN == 0, (name, k)
-    raw = (tmp_path / "ours.safetensors").read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    got = read_safetensors(tmp_path / "ours.safetensors")  # mapped, not copied: as far apart as in the file
-    assert got["h"].data_ptr() - got["w"].data_ptr() == header["h"]["data_offsets"][0] - header["w"]["data_offsets"][0]
+        assert f.metadata() == {"format": "pt", "k": "v", ALIGNED: str(ALIGN)}
+    ours, theirs = (read_safetensors(tmp_path / f"{name}.safetensors") for name in ("ours", "theirs"))
+    for k, v in tensors.items():
+        assert torch.equal(ours[k], v) and torch.equal(theirs[k], v) and torch.equal(loaded[k], v), k
+        assert ours[k].data_ptr() % ALIGN == 0, k
+    for got, path, keys in ((ours, "ours", ("h", "w")), (theirs, "theirs", tuple(k for k in tensors if k != "empty"))):
+        at = _offsets(tmp_path / f"{path}.safetensors")  # mapped, not copied: as far apart as in the file
+        assert {got[k].data_ptr() - at[k] for k in keys} == {got[keys[0]].data_ptr() - at[keys[0]]}, path
 
 
 def test_a_saved_and_reloaded_model_gives_the_same_logits_bit_for_bit(tmp_path):

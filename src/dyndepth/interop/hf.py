@@ -147,8 +147,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a HF checkpoint folder or hub id, in eval mode (as transformers does: a method's training-only work,
     DND's controller statistics and router losses, stays off until `model.train()`; the trainer calls it). dtype None
-    is transformers' default: config.json's dtype, else the stored one (no copy of our own files' weights on CPU
-    when they are stored in it, see `safetensors_io.ALIGN`; weights stored in several dtypes without one named: the
+    is transformers' default: config.json's dtype, else the stored one (no copy on CPU when the weights are
+    stored in it, `safetensors_io.read_safetensors`; weights stored in several dtypes without one named: the
     embedding's)."""
     folder = resolve(path_or_id)
     config_path = folder / "config.json"
