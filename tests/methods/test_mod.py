@@ -433,3 +433,25 @@ def test_the_predictor_loss_weight_scales_the_loss_and_zero_trains_no_predictor(
     model, _ = mod_model(capacity=0.5, every=1, predictor_loss_weight=0.0)
     out = model.train()(ids)  # no BCE to train with: the predictor does not run (nor counts FLOPs)
     assert "mod/predictor_loss" not in out.stats and float(out.aux_loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("how", ["bf16 weights", "autocast"])
+def test_a_bfloat16_model_ranks_tokens_by_float32_router_scores(how):
+    # the router ran in the model's dtype: bfloat16 scores of 8 mantissa bits tied runs of tokens, and top-k broke the
+    # ties by position (GateSkip's gates and DND's router were already float32)
+    model, method = mod_model(capacity=0.5, every=1)
+    with torch.no_grad():  # every embedding shares a large last coordinate that the router reads: scores ~ 10 +- 0.02,
+        # where bfloat16's spacing is 0.0625
+        model.model.embed_tokens.weight[:, -1] = 10.0
+        router = model.model.layers[0].mod.router.weight
+        router.normal_(0, 1e-2)[0, -1] = 1.0
+    if how == "bf16 weights":
+        model.to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 32))
+    trace = dyndepth.Trace()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=how == "autocast"):
+        model(ids, trace=trace)
+        x = model.model.embed_tokens(ids).float()  # layer 0's input
+    r = (x @ model.model.layers[0].mod.router.weight.float().T).squeeze(-1)  # (B, T) float32 scores
+    best = r.topk(16, dim=-1).indices.sort(-1).values  # k = 0.5 * 32
+    assert torch.equal(trace.ctx.state.routed[0].nonzero()[:, 1].view(2, 16), best)

@@ -42,7 +42,7 @@ from torch import nn
 
 from dyndepth.config import check_at_least, check_fields
 from dyndepth.core.context import ForwardContext
-from dyndepth.core.layers import apply_keeping_float32
+from dyndepth.core.layers import apply_keeping_float32, linear_float32
 from dyndepth.core.method import MethodOutput, ThresholdRecorder, check_knobs
 from dyndepth.core.routing import (
     SelectRule,
@@ -273,7 +273,8 @@ class MoD:
             return layer.block(x, ctx, slot)
         st: MoDState = ctx.state
         B, T, D = x.shape
-        r_BT = layer.mod.router(x).squeeze(-1)  # (B, T)
+        r_BT = linear_float32(layer.mod.router, x).squeeze(-1)  # (B, T) float32, as GateSkip's gates and DND's router:
+        # a bfloat16 score ties whole runs of tokens, which top-k then ranked by position
         if ctx.ledger.enabled:
             ctx.ledger.add(slot, "router", executed=B * T * 2 * D, ideal=st.valid.sum() * 2 * D)
         keep_BT = self._route(layer.mod, x, r_BT, ctx, slot)
@@ -287,13 +288,13 @@ class MoD:
         d_BKD = a_BKD + layer.mlp_branch(layer.post_attention_layernorm(x_BKD + a_BKD), sub, slot)  # block(x) - x
         if self.config.scale_by_router:
             w_BT = r_BT if self.config.router_act == "identity" else torch.sigmoid(r_BT)
-            d_BKD = gather_padded(w_BT, idx_BK)[..., None] * d_BKD  # (B, K, D)
+            d_BKD = gather_padded(w_BT, idx_BK)[..., None].to(d_BKD.dtype) * d_BKD  # (B, K, D)
         return scatter_padded_add(x, d_BKD, idx_BK, valid_BK)
 
     def _route(self, mod: LayerMoD, x: torch.Tensor, r_BT: torch.Tensor, ctx: ForwardContext, slot: int):
         """KEEP mask (B, T) for this routed layer. Trains the predictor in training forwards."""
         st: MoDState = ctx.state
-        mode, valid, score_BT = st.mode, st.valid, r_BT.detach().float()
+        mode, valid, score_BT = st.mode, st.valid, r_BT.detach()
         train_pred = mode == "topk" and ctx.training and self.config.predictor_loss_weight > 0
         logit_BT = None
         if mode == "predictor" or train_pred:
