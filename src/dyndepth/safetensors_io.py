@@ -1,9 +1,10 @@
 """Memory-mapped safetensors reading (zero copy) and atomic writing of files and HF checkpoint folders.
 
 The reader parses the safetensors header itself and views each tensor straight out of a private
-(copy-on-write) memory map where it is 64-byte aligned (`ALIGN`), so loading a checkpoint we wrote does not
-hold its weights twice: a tensor's pages are read from disk on first touch and shared with the page cache until
-someone writes to them. A tensor off that alignment (most of a file safetensors' own writer wrote) is copied.
+(copy-on-write) memory map, so loading a checkpoint never holds the weights twice: a tensor's pages are read from
+disk on first touch and shared with the page cache until someone writes to them. Our writer puts tensors on 64-byte
+boundaries (`ALIGN`), where CPU kernels round as they do in torch's own memory; the few of our files' tensors off it
+are copied.
 """
 
 from __future__ import annotations
