@@ -94,9 +94,9 @@ def test_a_temperature_without_do_sample_samples_as_the_hf_backend(pair):
 
     ours, _ = pair
     for gen in ({}, {"temperature": 0.0}, {"temperature": 0.8}, {"do_sample": False, "temperature": 0.8},
-                {"do_sample": True, "temperature": 0.8}, {"do_sample": True, "temperature": 0.0}):
+                {"do_sample": True, "temperature": 0.8}):
         hf = normalize_gen_kwargs(gen)
-        expected = hf["temperature"] if hf["do_sample"] else 0.0  # (temperature 0 is greedy in both)
+        expected = hf["temperature"] if hf["do_sample"] else 0.0
         assert _generation_options(gen, 8)["temperature"] == expected, gen
     greedy = ours.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS]),
                                  disable_tqdm=True)
@@ -104,6 +104,18 @@ def test_a_temperature_without_do_sample_samples_as_the_hf_backend(pair):
     hot = ours.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12, "temperature": 50.0})
                                                           for p in PROMPTS]), disable_tqdm=True)
     assert hot != greedy
+
+
+def test_do_sample_without_a_positive_temperature_is_an_error_as_in_the_hf_backend():
+    """lm-eval's hf backend passes do_sample=True without a temperature as temperature 0.0, which transformers'
+    generate rejects (strictly positive, or do_sample=False); the adapter sampled such requests at 1.0 (and decoded
+    do_sample=True, temperature=0.0 greedily)."""
+    from dyndepth.eval.harness import _generation_options
+
+    for gen in ({"do_sample": True}, {"do_sample": "true"}, {"do_sample": True, "temperature": 0.0}):
+        with pytest.raises(ValueError, match=r"temperature > 0.*do_sample=False"):
+            _generation_options(gen, 8)
+    assert _generation_options({"do_sample": True, "temperature": 1.0}, 8)["temperature"] == 1.0
 
 
 def test_a_sampled_request_takes_top_k_and_top_p_as_transformers_does(tiny_checkpoint, tmp_path, monkeypatch):

@@ -379,12 +379,18 @@ def _generation_options(gen_kwargs: dict, default_max: int, generation_config: d
     # as lm-eval's normalize_gen_kwargs: without do_sample, a temperature > 0 samples (it decoded greedily here)
     do_sample = gen_kwargs.get("do_sample")
     sample = as_bool(do_sample) if do_sample is not None else float(gen_kwargs.get("temperature") or 0.0) > 0
+    if sample and float(gen_kwargs.get("temperature") or 0.0) <= 0:
+        # the hf backend passes a missing temperature as 0.0, which transformers' sampling rejects (this adapter
+        # sampled at 1.0 without one and decoded greedily at 0.0)
+        raise ValueError(f"generation kwargs do_sample=True with temperature={gen_kwargs.get('temperature')}: "
+                         "sampling needs a temperature > 0 (lm-eval's hf backend fails on this too); give one, "
+                         "e.g. --gen_kwargs temperature=0.7, or do_sample=False for greedy decoding.")
     config = generation_config or {}
     defaults = {k: default if config.get(k) is None else config[k] for k, default in SAMPLING_DEFAULTS.items()}
     return {"until": until,
             "max_new_tokens": int(next((gen_kwargs[k] for k in MAX_TOKENS if gen_kwargs.get(k) is not None),
                                        default_max)),
-            "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+            "temperature": float(gen_kwargs["temperature"]) if sample else 0.0,
             "top_k": (gen_kwargs.get("top_k", defaults["top_k"]) or None) if sample else None,  # (0: no cut, as HF)
             "top_p": gen_kwargs.get("top_p", defaults["top_p"]) if sample else None,
             "repetition_penalty": float(gen_kwargs.get("repetition_penalty", config.get("repetition_penalty") or 1.0))}
