@@ -199,6 +199,16 @@ def test_bad_configs_fail_with_one_clear_error():
             tiny(**odd)
 
 
+def test_expert_choice_without_the_causal_predictors_loss_is_refused():
+    """Evaluation and decoding keep a token iff sigmoid(score) > 0.5 (or the auxiliary router's logit > 0), a rule
+    only the BCE (router_aux_loss_coef) trains; with it at 0 the config was accepted and generation routed
+    arbitrarily. Token-choice, causal already, has only its balancing loss to switch off."""
+    for path in ("aux_loss", "aux_router"):
+        with pytest.raises(ValueError, match="router_aux_loss_coef=0 with expert-choice.*router_aux_loss_coef > 0"):
+            tiny(router_aux_loss_coef=0.0, causal_path=path)
+    assert tiny(router_type="token", router_aux_loss_coef=0.0).router_aux_loss_coef == 0.0
+
+
 def test_a_token_choice_capacity_is_refused_not_counted_in_the_nominal_flops():
     """Token-choice routing ignores `capacity` (each token's depth is its router's argmax), but the nominal FLOPs
     (`forward_flops`, what `dyndepth match` matches) read it: capacity [1, 1, 1] reported 31% more FLOPs than the

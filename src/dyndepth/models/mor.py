@@ -69,7 +69,7 @@ class MoRConfig:
     router_type: str = "expert"  # expert (expert-choice) | token (token-choice)
     capacity: list[float] | None = None  # expert-choice: fraction of T per recursion; None -> (R - r) / R
     router_alpha: float = 0.1  # expert-choice: w = alpha * sigmoid(score)
-    router_aux_loss_coef: float = 0.1  # expert: BCE of the causal predictor; token: the depth-balancing loss
+    router_aux_loss_coef: float = 0.1  # expert: BCE of the causal predictor (> 0); token: the depth-balancing loss
     causal_path: str = "aux_loss"  # expert: aux_loss (the router predicts its own top-k) | aux_router (an MLP does)
     aux_router_hidden: int | None = None  # the auxiliary router's hidden width; None -> hidden_size // 2
     max_position_embeddings: int = 4096
@@ -110,6 +110,12 @@ class MoRConfig:
         if self.causal_path == "aux_router" and self.router_type != "expert":
             raise ConfigError("MoRConfig.causal_path='aux_router' is for expert-choice routing (token-choice is "
                               "causal already); set router_type='expert' or causal_path='aux_loss'.")
+        if self.router_type == "expert" and self.router_aux_loss_coef == 0:
+            # the BCE is all that teaches the causal rule (sigmoid(score) > 0.5, or the auxiliary router's) to match
+            # training's top-k: without it evaluation and decoding would keep arbitrary tokens
+            raise ConfigError("MoRConfig.router_aux_loss_coef=0 with expert-choice routing leaves the rule that routes "
+                              "evaluation and decoding untrained (its BCE loss is off); set router_aux_loss_coef > 0 "
+                              "(default 0.1) or router_type='token'.")
         self.aux_router_hidden = self.aux_router_hidden or self.hidden_size // 2
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
