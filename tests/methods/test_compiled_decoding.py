@@ -161,9 +161,14 @@ def test_a_traced_step_counts_the_experts_it_runs(name, every):
     c = model.config
     n = -(-c.num_experts // c.num_experts_per_tok)  # n tokens x K picks >= E: not the few-token gathered path
     ids = torch.randint(0, 200, (n, 1))
-    eager = model(ids).stats
+
+    def step(m):  # a decode step: one token per row, with a cache (`ForwardContext.traced_decode`)
+        cache = KVCache.for_model(c, n, 4, num_slots=model.num_slots())
+        return m(ids, positions=torch.zeros_like(ids), cache=cache).stats
+
+    eager = step(model)
     torch._dynamo.reset()
-    traced = torch.compile(model, **TRACE_ONLY)(ids).stats
+    traced = step(torch.compile(model, **TRACE_ONLY))
     moe_calls = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) if hasattr(c, "is_moe_layer") \
         else c.num_hidden_layers  # Dreamer: every application's FFN slot
     extra = n * moe_calls * (c.num_experts - c.num_experts_per_tok) * expert_flops(c) if every else 0

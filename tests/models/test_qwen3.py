@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dyndepth
-from dyndepth import CausalLM, KVCache, preset
+from dyndepth import CausalLM, KVCache, build_model, preset
 
 
 @pytest.fixture(params=["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
@@ -100,6 +100,20 @@ def test_the_every_expert_path_of_a_compiled_step_rounds_as_the_eager_loop_in_bf
         experts, x = experts.float(), x.float()  # float32 weights under bf16 autocast: summed in float32 as the loop
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(experts._every_expert(x, idx, w), experts(x, idx, w))
+
+
+def test_a_compiled_training_forward_of_a_few_tokens_runs_only_the_chosen_experts():
+    """A compiled forward of <= EVERY_EXPERT_MAX_TOKENS tokens ran every expert on every token, a path meant for
+    compiled decode steps (one graph, no host sync); a compiled training forward of a small micro-batch (or of the
+    tokens GateSkip / MoD / DND route) paid E / K times the expert FLOPs, and the ledger reported them as executed."""
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-qwen3-moe")).train()
+    ids = torch.randint(0, 200, (2, 8))  # 16 tokens x K picks >= E: not the few-token gathered path
+    eager = model(ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")(ids)
+    assert float(compiled.stats["flops/executed"]) == float(eager.stats["flops/executed"])
+    torch.testing.assert_close(compiled.logits, eager.logits)
 
 
 def test_bf16_forward_is_close_to_fp32(tiny_config):

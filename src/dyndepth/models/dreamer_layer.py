@@ -221,9 +221,10 @@ class ExpertAttention(nn.Module):
         gates = torch.softmax(F.logsigmoid(chosen), -1) if self.norm_topk_prob else torch.sigmoid(chosen)
         return scores, idx, gates.to(h_ND.dtype)
 
-    def forward(self, h_ND: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, h_ND: torch.Tensor, step: int,
+                traced_decode: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores, idx, gates = self.route(h_ND, step)
-        return self.experts(h_ND, idx, gates), idx, scores  # (N, D), (N, K), (N, E)
+        return self.experts(h_ND, idx, gates, traced_decode), idx, scores  # (N, D), (N, K), (N, E)
 
 
 def rename_old_sandwich_norms(state: dict) -> dict:
@@ -369,12 +370,12 @@ class DreamerLayer(nn.Module):
             executed, part = per_token, "experts" if self.config.num_experts else "mlp"
             if self.config.num_experts:  # all E experts, not K, on a traced step's every-expert path
                 K = self.config.num_experts_per_tok
-                run = self.mlp.experts.experts_per_token(h_BTD.reshape(B * T, D), K)
+                run = self.mlp.experts.experts_per_token(h_BTD.reshape(B * T, D), K, ctx.traced_decode)
                 executed += (run - K) * expert_flops(self.config)
             ctx.ledger.add(slot, part, executed=B * T * executed, ideal=n * per_token, tokens=n)
         if not self.config.num_experts:
             return self.mlp(h_BTD)
-        y, idx_NK, scores_NE = self.mlp(h_BTD.reshape(B * T, D), step)
+        y, idx_NK, scores_NE = self.mlp(h_BTD.reshape(B * T, D), step, ctx.traced_decode)
         run_N = _running(ctx, st).reshape(-1)  # (B*T,) valid tokens that are still recurring
         E = self.config.num_experts
         if st.collect:

@@ -56,10 +56,13 @@ class Experts(nn.Module):
         y = F.gelu(h)
         return y if scale is None else y * scale
 
-    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                traced_decode: bool = False) -> torch.Tensor:
+        """`traced_decode`: the forward is a compiled decode step (`ForwardContext.traced_decode`), which may run
+        every expert (see `_path`)."""
         N, K = idx_NK.shape
         E = self.down_proj.shape[0]
-        path = self._path(x_ND, K)
+        path = self._path(x_ND, K, traced_decode)
         if path == "gathered":
             return self._gathered(x_ND, idx_NK, w_NK)
         if path == "every":
@@ -83,9 +86,9 @@ class Experts(nn.Module):
             y = torch.cat(outs)  # (N*K, D)
         return add_rows(y.to(x_ND.dtype), rows, N)  # (N, D): each token's K expert outputs summed
 
-    def _path(self, x_ND: torch.Tensor, K: int) -> str:
+    def _path(self, x_ND: torch.Tensor, K: int, traced_decode: bool = False) -> str:
         """How `forward` runs N tokens with K experts each: "grouped" (one grouped matmul), "gathered" (few tokens,
-        decoding: the K experts' weights gathered, no host sync), "every" (a traced step of a few tokens whose
+        decoding: the K experts' weights gathered, no host sync), "every" (a traced decode step of a few tokens whose
         experts do not run grouped: Qwen3-MoE's in any dtype, Dreamer's in float32 on CUDA; `every_expert_pays`) or
         "loop" (one matmul per expert, one host sync)."""
         N, E = x_ND.shape[0], self.down_proj.shape[0]
@@ -96,12 +99,14 @@ class Experts(nn.Module):
             return "gathered"
         if grouped:
             return "grouped"
-        return "every" if every_expert_pays(N) else "loop"
+        # only a decode step: a compiled training forward or prefill of a few tokens (a small micro-batch, the
+        # tokens GateSkip / MoD / DND route) takes the loop's graph break rather than E / K times the expert FLOPs
+        return "every" if traced_decode and every_expert_pays(N) else "loop"
 
-    def experts_per_token(self, x_ND: torch.Tensor, K: int) -> int:
+    def experts_per_token(self, x_ND: torch.Tensor, K: int, traced_decode: bool = False) -> int:
         """Experts `forward` runs per token of x (N, D): K, or all E on the every-expert path (the FLOP ledger's
         executed count)."""
-        return self.down_proj.shape[0] if self._path(x_ND, K) == "every" else K
+        return self.down_proj.shape[0] if self._path(x_ND, K, traced_decode) == "every" else K
 
     def _aligned(self, dtype: torch.dtype) -> bool:
         """Whether the grouped matmul takes these widths: its operands' rows must be multiples of 16 bytes (a
@@ -144,11 +149,12 @@ class Experts(nn.Module):
         return (y * w_NK[..., None]).sum(1)  # (N, D)
 
 
-# A forward torch.compile traces (a compiled decode step, CUDA graphs on a GPU) whose experts do not run grouped
-# (Qwen3-MoE's, which run one matmul per expert eagerly; Dreamer's in float32 on CUDA, where torch's grouped matmul
-# runs bfloat16 only, see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one static
-# graph without the group sizes' host sync, each expert's weights read once (what a decode step of a few rows costs
-# anyway), for E / K times the routed FLOPs, which the FLOP ledger counts as executed (`experts_per_token`).
+# A decode step torch.compile traces (`ForwardContext.traced_decode`, CUDA graphs on a GPU) whose experts do not run
+# grouped (Qwen3-MoE's, which run one matmul per expert eagerly; Dreamer's in float32 on CUDA, where torch's grouped
+# matmul runs bfloat16 only, see `_grouped_mm_supported`) runs every expert on every token up to this many tokens: one
+# static graph without the group sizes' host sync, each expert's weights read once (what a decode step of a few rows
+# costs anyway), for E / K times the routed FLOPs, which the FLOP ledger counts as executed (`experts_per_token`).
+# Other compiled forwards (training, prefill) run the chosen experts only.
 EVERY_EXPERT_MAX_TOKENS = 64
 
 
@@ -324,14 +330,16 @@ class SparseMoE(nn.Module):
             w = w / w.sum(dim=-1, keepdim=True)
         return probs, idx, w.to(x_ND.dtype)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, aux: list | None = None) -> torch.Tensor:
-        """x (..., D) -> (..., D). With `aux`, append router statistics for the balancing loss."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, aux: list | None = None,
+                traced_decode: bool = False) -> torch.Tensor:
+        """x (..., D) -> (..., D). With `aux`, append router statistics for the balancing loss; `traced_decode`:
+        see `Experts.forward`."""
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])  # (N, D)
         probs, idx, w = self.route(x_ND)
         if aux is not None:
             aux.append(router_stats(probs, idx, None if valid is None else valid.reshape(-1)))
-        return self.experts(x_ND, idx, w).view(shape)
+        return self.experts(x_ND, idx, w, traced_decode).view(shape)
 
 
 def router_stats(probs_NE: torch.Tensor, idx_NK: torch.Tensor, valid_N: torch.Tensor | None):

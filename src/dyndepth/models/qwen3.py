@@ -63,10 +63,10 @@ class DecoderLayer(nn.Module):
             executed = self.mlp_flops
             if isinstance(self.mlp, SparseMoE):  # all E experts, not K, on a traced step's every-expert path
                 K = self.mlp.top_k
-                executed += (self.mlp.experts.experts_per_token(h.reshape(rows, -1), K) - K) * self.expert_flops
+                executed += (self.mlp.experts.experts_per_token(h.reshape(rows, -1), K, ctx.traced_decode) - K) * self.expert_flops
             ctx.ledger.add(slot, "mlp", executed=rows * executed, ideal=n_valid * self.mlp_flops, tokens=n_valid)
         if isinstance(self.mlp, SparseMoE):
-            return self.mlp(h, valid, ctx.aux if ctx.training else None)
+            return self.mlp(h, valid, ctx.aux if ctx.training else None, ctx.traced_decode)
         return self.mlp(h)
 
     def block(self, x_BTD: torch.Tensor, ctx: ForwardContext, slot: int) -> torch.Tensor:
