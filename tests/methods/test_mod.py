@@ -439,7 +439,7 @@ def test_the_predictor_loss_weight_scales_the_loss_and_zero_trains_no_predictor(
 def test_a_bfloat16_model_ranks_tokens_by_float32_router_scores(how):
     # the router ran in the model's dtype: bfloat16 scores of 8 mantissa bits tied runs of tokens, and top-k broke the
     # ties by position (GateSkip's gates and DND's router were already float32)
-    model, method = mod_model(capacity=0.5, every=1)
+    model, _ = mod_model(capacity=0.5, every=1)
     with torch.no_grad():  # every embedding shares a large last coordinate that the router reads: scores ~ 10 +- 0.02,
         # where bfloat16's spacing is 0.0625
         model.model.embed_tokens.weight[:, -1] = 10.0
