@@ -642,8 +642,11 @@ def test_a_pretrained_moe_takes_output_router_logits_to_train_the_balancing_loss
     CausalLM(preset("tiny-qwen3")).save_pretrained(tmp_path / "dense")
     for bad in ({"pretrained": str(tmp_path / "dense"), "output_router_logits": True},
                 {"pretrained": str(tmp_path / "moe"), "output_router_logits": "yes"}):
-        with pytest.raises(RunConfigError, match="only for a checkpoint with experts"):
+        with pytest.raises(RunConfigError, match="only for a model with experts"):
             build_model(bad)
+    with pytest.raises(RunConfigError, match="only for a model with experts"):  # a preset without experts too
+        build_model({"preset": "tiny-qwen3", "output_router_logits": True})
+    assert build_model({"preset": "tiny-qwen3-moe", "output_router_logits": False}).config.output_router_logits is False
     with pytest.raises(RunConfigError, match="takes only 'pretrained', 'dtype' and 'output_router_logits'"):
         build_model({"pretrained": str(tmp_path / "moe"), "hidden_size": 8})
 

@@ -52,19 +52,27 @@ def build_model(model_cfg: dict) -> nn.Module:
                                  "'output_router_logits'; its shape comes from the checkpoint's config.json.")
         model = from_pretrained(cfg["pretrained"], dtype=cfg.get("dtype"))  # copy-on-write mmap: trainable
         if "output_router_logits" in cfg:  # train an MoE checkpoint's balancing loss its config.json turns off
-            flag = cfg["output_router_logits"]
-            if not isinstance(flag, bool) or not getattr(model.config, "num_experts", 0):
-                raise RunConfigError(f"model.output_router_logits={flag!r}: it takes true or false, and only for a "
-                                     "checkpoint with experts (a Qwen3-MoE); it turns the balancing loss on or off.")
-            model.config.output_router_logits = flag
+            check_router_logits_flag(cfg["output_router_logits"], model.config)
+            model.config.output_router_logits = cfg["output_router_logits"]
         return model
     if "type" in cfg:
         cfg["model_type"] = cfg.pop("type")
     if "preset" in cfg:
-        return build(preset(cfg.pop("preset"), **cfg))
-    if cfg:
-        return build(build_config(cfg))
-    raise RunConfigError("the [model] section is empty; set model.preset (e.g. 'tiny-qwen3') or model.pretrained.")
+        config = preset(cfg.pop("preset"), **cfg)
+    elif cfg:
+        config = build_config(cfg)
+    else:
+        raise RunConfigError("the [model] section is empty; set model.preset (e.g. 'tiny-qwen3') or model.pretrained.")
+    if "output_router_logits" in cfg:  # (a dense model took it without a word)
+        check_router_logits_flag(cfg["output_router_logits"], config)
+    return build(config)
+
+
+def check_router_logits_flag(flag, config) -> None:
+    """model.output_router_logits: a bool, for a model whose config has experts (a dense one trains no balancing loss)."""
+    if not isinstance(flag, bool) or not getattr(config, "num_experts", 0):
+        raise RunConfigError(f"model.output_router_logits={flag!r}: it takes true or false, and only for a model with "
+                             "experts (a Qwen3-MoE); it turns the balancing loss on or off.")
 
 
 def attach_from_config(method_cfg: dict, model: nn.Module):
