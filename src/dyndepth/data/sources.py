@@ -320,7 +320,8 @@ def hf_parts(source: str, default_split: str = "train") -> tuple[str, str | None
     fields = re.split(r":(?![^\[]*\])", source[len(HF_PREFIX):])
     if not fields[0] or len(fields) > 3:
         raise DataError(f"{source!r}: write '{HF_PREFIX}<name>', '{HF_PREFIX}<name>:<split>' or "
-                        f"'{HF_PREFIX}<name>:<config>:<split>' (e.g. '{HF_PREFIX}wikitext:wikitext-2-raw-v1:validation').")
+                        f"'{HF_PREFIX}<name>:<config>:<split>' "
+                        f"(e.g. '{HF_PREFIX}wikitext:wikitext-2-raw-v1:validation').")
     name, config = fields[0], fields[1] if len(fields) == 3 else ""
     return name, config or None, fields[-1] if len(fields) > 1 and fields[-1] else default_split
 

@@ -137,7 +137,8 @@ class DNDConfig:
         if not 0 <= first <= last < num_layers:
             raise ValueError(f"dnd.layers={self.layers} selects no band of a {num_layers}-layer model; give "
                              f"(first, last) with 0 <= first <= last < {num_layers}, e.g. ({min(1, num_layers - 1)}, "
-                             f"{max(min(1, num_layers - 1), num_layers - 2)}) (in a recipe: --set 'method.layers=[first,last]').")
+                             f"{max(min(1, num_layers - 1), num_layers - 2)}) "
+                             "(in a recipe: --set 'method.layers=[first,last]').")
         return list(range(first, last + 1))
 
 

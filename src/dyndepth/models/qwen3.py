@@ -63,7 +63,8 @@ class DecoderLayer(nn.Module):
             executed = self.mlp_flops
             if isinstance(self.mlp, SparseMoE):  # all E experts, not K, on a traced step's every-expert path
                 K = self.mlp.top_k
-                executed += (self.mlp.experts.experts_per_token(h.reshape(rows, -1), K, ctx.traced_decode) - K) * self.expert_flops
+                run = self.mlp.experts.experts_per_token(h.reshape(rows, -1), K, ctx.traced_decode)
+                executed += (run - K) * self.expert_flops
             ctx.ledger.add(slot, "mlp", executed=rows * executed, ideal=n_valid * self.mlp_flops, tokens=n_valid)
         if isinstance(self.mlp, SparseMoE):
             return self.mlp(h, valid, ctx.aux if ctx.training else None, ctx.traced_decode)

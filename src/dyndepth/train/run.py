@@ -69,7 +69,8 @@ def build_model(model_cfg: dict) -> nn.Module:
 
 
 def check_router_logits_flag(flag, config) -> None:
-    """model.output_router_logits: a bool, for a model whose config has experts (a dense one trains no balancing loss)."""
+    """model.output_router_logits: a bool, for a model whose config has experts (a dense one has no balancing
+    loss)."""
     if not isinstance(flag, bool) or not getattr(config, "num_experts", 0):
         raise RunConfigError(f"model.output_router_logits={flag!r}: it takes true or false, and only for a model with "
                              "experts (a Qwen3-MoE); it turns the balancing loss on or off.")
