@@ -29,7 +29,7 @@ from dyndepth.data.synthetic import exact_match, make_examples
 from dyndepth.eval.tasks import generate_answers
 from dyndepth.methods import calibrate
 from dyndepth.runconfig import TrainConfig
-from dyndepth.tokenizer import ByteTokenizer, encode_batch
+from dyndepth.tokenizer import ByteTokenizer, encode_batch, load_tokenizer
 from dyndepth.train.parallel import DistInfo
 from dyndepth.train.run import build_hooks
 from dyndepth.train.trainer import evaluate, train
@@ -56,8 +56,6 @@ def check_base(base: str) -> None:
     """The base is post-trained and scored on the embedded tasks read as bytes: a folder that is no checkpoint, or
     one whose own tokenizer is another (a GPT-2 BPE model), is refused (the latter trained and scored on byte ids
     its embeddings never saw, and printed a table of meaningless losses)."""
-    from dyndepth.tokenizer import load_tokenizer
-
     if not (Path(base) / "config.json").exists():
         raise ValueError(f"{base} is not a checkpoint folder; run `make demo` first (it writes "
                          "runs/demo/base_model) or pass --base.")
