@@ -415,3 +415,36 @@ def test_a_hub_model_of_an_unsupported_family_is_refused_before_its_weights_down
         with pytest.raises(ConfigError, match=error):
             resolve(f"user/{repo_id}")
         assert asked == [["config.json"]]
+
+
+@pytest.mark.parametrize("kind", ["gateskip", "mod"])
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_a_folder_with_the_calibrated_knob_in_config_json_loads_its_thresholds(tmp_path, kind, calibrated):
+    """Before 2026-12-02 config.json's dyndepth_method held the knob the thresholds were calibrated at
+    (calibrated_budget / calibrated_capacity, null: none) and the folder had no *_ppm buffers: such a folder was
+    refused ('GateSkipConfig has no field calibrated_budget'). It loads, its thresholds calibrated as saved."""
+    from dyndepth.methods import calibrate
+
+    model = CausalLM(preset("tiny-qwen3"))
+    attach_method(model, kind, {})
+    field, knob = ("calibrated_budget", "budget") if kind == "gateskip" else ("calibrated_capacity", "capacity")
+    if calibrated:
+        calibrate(model, [torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(i))
+                          for i in range(2)], **{knob: 0.5})
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = read_safetensors(path)
+    ppm = [k for k in state if k.endswith("_ppm")]
+    assert ppm
+    write_safetensors({k: v.clone() for k, v in state.items() if k not in ppm}, path)  # the old layout
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dyndepth_method"][field] = 0.5 if calibrated else None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = dyndepth.from_pretrained(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert {int(loaded.state_dict()[k]) for k in ppm} == ({500_000} if calibrated else {-1})
+    ids = torch.randint(0, 256, (2, 6))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    if calibrated and kind == "gateskip":  # decoding skips by the loaded thresholds
+        assert torch.equal(loaded.generate(ids, 4, skip_budget=0.5), model.generate(ids, 4, skip_budget=0.5))

@@ -15,7 +15,7 @@ import torch
 from dyndepth.config import ConfigError
 from dyndepth.core.layers import cast_state, float32_keys
 from dyndepth.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (DTYPES: a public name)
-from dyndepth.methods.registry import attach_method
+from dyndepth.methods.registry import attach_method, upgrade_saved_method
 from dyndepth.models import MODELS, PRESETS, model_spec
 from dyndepth.models.qwen3 import CausalLM
 from dyndepth.safetensors_io import CheckpointError, read_safetensors
@@ -170,6 +170,8 @@ def from_pretrained(path_or_id: str | Path, dtype: torch.dtype | str | None = No
     device = None if device is None else resolve_device(device)
     state = spec.state_from_hf(read_state_dict(folder))
     raw_config = _tying(raw_config, spec, state, folder)
+    if isinstance(raw_config.get("dyndepth_method"), dict):  # (an older folder's layout: upgraded)
+        raw_config = {**raw_config, "dyndepth_method": upgrade_saved_method(raw_config["dyndepth_method"], state)}
     with torch.device("meta"):
         model = model_from_config(raw_config, str(config_path))
     config = model.config

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from dyndepth.core.method import Method
+from dyndepth.methods.common import budget_ppm
 from dyndepth.methods.dnd import attach_dnd
 from dyndepth.methods.gateskip import attach_gateskip
 from dyndepth.methods.mod import attach_mod
@@ -23,12 +26,35 @@ METHODS: dict[str, Callable] = {  # name -> attach(model, options) -> Method; on
 }
 METHOD_NAMES = tuple(METHODS)
 
+# config.json fields of dyndepth before 2026-12-02: the knob a method's thresholds were calibrated at (null: none),
+# now a buffer beside each layer's thresholds. method -> (old field, threshold buffer, the buffer that holds it now)
+_CALIBRATED_FIELDS = {
+    "gateskip": ("calibrated_budget", ".gateskip.tau", ".gateskip.tau_budget_ppm"),
+    "mod": ("calibrated_capacity", ".mod.threshold", ".mod.threshold_capacity_ppm"),
+}
+
 
 def attach_method(model, name: str, options: dict | None = None) -> Method:
     """Attach method `name` with config fields `options` (a dict; unknown keys raise) to `model`."""
     if name not in METHODS:
         raise ValueError(f"method {name!r} is not one of {sorted(METHODS)}.")
     return METHODS[name](model, dict(options or {}))
+
+
+def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
+    """A saved `dyndepth_method` (config.json's, with its name) and the folder's state as today's method takes
+    them: an older folder's `calibrated_budget` / `calibrated_capacity` moves into the per-layer buffer beside each
+    threshold (added to `state` in place). Returns the options without the old field; others are unchanged."""
+    old = _CALIBRATED_FIELDS.get(options.get("name"))
+    if old is None or old[0] not in options:
+        return options
+    field, threshold, knob = old
+    options = dict(options)
+    value = options.pop(field)
+    for key in [k for k in state if k.endswith(threshold)]:
+        state.setdefault(key.removesuffix(threshold) + knob,
+                         torch.tensor(-1 if value is None else budget_ppm(value), dtype=torch.long))
+    return options
 
 
 def reconfigure_method(model, name: str, options: dict) -> Method:
