@@ -164,3 +164,29 @@ def test_resuming_another_folders_checkpoint_into_a_used_out_dir_is_refused(tmp_
         train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), tiny_train_config(str(b), steps=8, resume=str(b)))
     fresh = tiny_train_config(str(tmp_path / "c"), steps=3, resume=str(a / "step_0000002"))  # a new folder: fine
     assert train(CausalLM(preset("tiny-qwen3")), TinyLoader(2, 16), fresh).steps == 3
+
+
+@pytest.mark.parametrize("kind", ["gateskip", "mod"])
+def test_a_checkpoint_from_before_the_calibration_buffers_loads_its_weights_uncalibrated(tmp_path, kind):
+    """Training checkpoints written before 2026-12-02 (no manifest.json) hold no *_ppm buffers: the knob a
+    method's thresholds were calibrated at lived in its config then. Resuming them is refused with the advice to
+    export them with `dyndepth convert`, which stopped on 'does not fit the model: missing [...tau_budget_ppm]'."""
+    from dyndepth.methods import attach_method
+    from dyndepth.safetensors_io import write_safetensors
+
+    model = CausalLM(preset("tiny-qwen3"))
+    attach_method(model, kind, {})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ppm = [k for k in state if k.endswith("_ppm")]
+    assert ppm
+    tmp_path.joinpath("step_0000004").mkdir()
+    write_safetensors({k: v for k, v in state.items() if k not in ppm},
+                      tmp_path / "step_0000004" / "model.safetensors")
+    fresh = CausalLM(preset("tiny-qwen3"))
+    attach_method(fresh, kind, {})
+    load_model_weights(tmp_path / "step_0000004", fresh)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())  # weights, and -1: not calibrated
+    write_safetensors({k: v for k, v in state.items() if k not in ppm and "layers.1.mlp" not in k},
+                      tmp_path / "step_0000004" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not fit the model: missing \['model.layers.1.mlp"):
+        load_model_weights(tmp_path / "step_0000004", fresh)  # a weight missing is still an error

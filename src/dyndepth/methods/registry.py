@@ -32,6 +32,7 @@ _CALIBRATED_FIELDS = {
     "gateskip": ("calibrated_budget", ".gateskip.tau", ".gateskip.tau_budget_ppm"),
     "mod": ("calibrated_capacity", ".mod.threshold", ".mod.threshold_capacity_ppm"),
 }
+CALIBRATION_KNOBS = tuple(knob for _, _, knob in _CALIBRATED_FIELDS.values())  # (state key suffixes)
 
 
 def attach_method(model, name: str, options: dict | None = None) -> Method:

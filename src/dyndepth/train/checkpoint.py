@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dyndepth.methods.registry import CALIBRATION_KNOBS
 from dyndepth.runconfig import TrainConfig, load_run_config
 from dyndepth.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from dyndepth.train.integrity import (
@@ -307,6 +308,8 @@ def load_model_weights(path: str | Path, model: nn.Module, verify: bool = True) 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if not (path / MANIFEST).exists():  # written before 2026-12-02: no calibration knob buffers (not calibrated)
+        missing = [k for k in missing if not k.endswith(CALIBRATION_KNOBS)]
     if missing or unexpected:
         raise CheckpointError(f"{file} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
 
