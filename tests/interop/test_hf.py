@@ -448,3 +448,30 @@ def test_a_folder_with_the_calibrated_knob_in_config_json_loads_its_thresholds(t
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     if calibrated and kind == "gateskip":  # decoding skips by the loaded thresholds
         assert torch.equal(loaded.generate(ids, 4, skip_budget=0.5), model.generate(ids, 4, skip_budget=0.5))
+
+
+@pytest.mark.parametrize("kind", ["gateskip", "mod"])
+def test_thresholds_an_older_dyndepth_saved_in_bfloat16_are_dropped_not_decoded_by(tmp_path, kind, caplog):
+    """Before 2026-12-03 a bfloat16 save cast the calibrated thresholds with the model: GateSkip's tau near its ~0.99
+    gates rounds to one bfloat16 step (2^-8), and the float32 gates compared with it skipped 8% at a budget
+    calibrated for 30%, silently. Such thresholds load dropped (uncalibrated), with a warning naming the fix."""
+    from dyndepth.methods import calibrate
+
+    model = CausalLM(preset("tiny-qwen3"))
+    attach_method(model, kind, {})
+    knob = "budget" if kind == "gateskip" else "capacity"
+    calibrate(model, [torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)],
+              **{knob: 0.5})
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    threshold = ".gateskip.tau" if kind == "gateskip" else ".mod.threshold"
+    state = {k: v.bfloat16() if k.endswith(threshold) else v.clone() for k, v in read_safetensors(path).items()}
+    write_safetensors(state, path)  # the old layout: thresholds in the model's dtype
+    with caplog.at_level("WARNING"):
+        loaded = dyndepth.from_pretrained(tmp_path)
+    ppm = [v for k, v in loaded.state_dict().items() if k.endswith("_ppm")]
+    assert ppm and all(int(v) == -1 for v in ppm)
+    assert "bfloat16" in caplog.text and "dyndepth calibrate" in caplog.text
+    if kind == "gateskip":  # decoding at the budget asks for a calibration instead of skipping another share
+        with pytest.raises(ValueError, match="calibrat"):
+            loaded.generate(torch.randint(0, 256, (1, 4)), 2, skip_budget=0.5)

@@ -9,6 +9,7 @@ through here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,7 @@ METHODS: dict[str, Callable] = {  # name -> attach(model, options) -> Method; on
     "dnd": attach_dnd,
 }
 METHOD_NAMES = tuple(METHODS)
+log = logging.getLogger(__name__)
 
 # config.json fields of dyndepth before 2026-12-02: the knob a method's thresholds were calibrated at (null: none),
 # now a buffer beside each layer's thresholds. method -> (old field, threshold buffer, the buffer that holds it now)
@@ -44,17 +46,31 @@ def attach_method(model, name: str, options: dict | None = None) -> Method:
 
 def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
     """A saved `dyndepth_method` (config.json's, with its name) and the folder's state as today's method takes
-    them: an older folder's `calibrated_budget` / `calibrated_capacity` moves into the per-layer buffer beside each
-    threshold (added to `state` in place). Returns the options without the old field; others are unchanged."""
+    them (`state` is changed in place; the options are returned without the old layouts' fields):
+    - before 2026-12-02 the knob the thresholds were calibrated at was `calibrated_budget` / `calibrated_capacity`
+      in config.json: it moves into the buffer beside each layer's thresholds;
+    - before 2026-12-03 a bfloat16 / float16 save cast the thresholds with the model, too coarse for the float32
+      scores they are compared with: their calibration is dropped, so decoding at the knob asks for a new one."""
     old = _CALIBRATED_FIELDS.get(options.get("name"))
-    if old is None or old[0] not in options:
+    if old is None:
         return options
     field, threshold, knob = old
     options = dict(options)
-    value = options.pop(field)
+    value = options.pop(field, None)
+    coarse = []  # the thresholds calibrated and stored in 16 bits
     for key in [k for k in state if k.endswith(threshold)]:
-        state.setdefault(key.removesuffix(threshold) + knob,
-                         torch.tensor(-1 if value is None else budget_ppm(value), dtype=torch.long))
+        knob_key = key.removesuffix(threshold) + knob
+        state.setdefault(knob_key, torch.tensor(-1 if value is None else budget_ppm(value), dtype=torch.long))
+        if state[key].dtype in (torch.bfloat16, torch.float16) and int(state[knob_key]) >= 0:
+            coarse.append(key)
+            state[knob_key] = torch.tensor(-1, dtype=torch.long)
+    if coarse:
+        name = field.removeprefix("calibrated_")
+        log.warning("%d %s thresholds (%s, ...) are stored in %s, as a dyndepth before 2026-12-03 saved them: too "
+                    "coarse to keep the %s they were calibrated for, they were dropped; calibrate the model again "
+                    "to decode at a %s (dyndepth calibrate MODEL --text FILE --knobs %s=VALUE --out DIR).",
+                    len(coarse), options["name"], coarse[0], str(state[coarse[0]].dtype).removeprefix("torch."),
+                    name, name, name)
     return options
 
 
