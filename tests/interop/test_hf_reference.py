@@ -12,6 +12,7 @@ from dyndepth.methods import attach_method
 from dyndepth.models.hf_layout import config_to_hf
 
 transformers = pytest.importorskip("transformers")
+V4 = int(transformers.__version__.split(".")[0]) < 5  # (4.56 and 4.57 are still supported: pyproject.toml's floor)
 
 CONFIGS = {
     "qwen3-tied": dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=96,
@@ -183,7 +184,7 @@ def test_fields_a_config_json_leaves_out_take_transformers_defaults(fields):
     from dyndepth.models.hf_layout import config_from_hf
 
     ours, theirs = config_from_hf(fields).to_dict(), transformers.AutoConfig.for_model(**fields).to_dict()
-    theirs["rope_theta"] = theirs["rope_parameters"]["rope_theta"]
+    theirs["rope_theta"] = theirs.get("rope_parameters", theirs)["rope_theta"]  # (transformers 4.x: top-level)
     theirs["head_dim"] = theirs.get("head_dim") or theirs["hidden_size"] // theirs["num_attention_heads"]
     theirs["num_experts"] = theirs.get("num_local_experts", theirs.get("num_experts", 0))
     # (but one: output_router_logits left out is ours unset, which trains the balancing loss as dyndepth always did;
@@ -296,6 +297,11 @@ def test_a_tied_config_over_a_checkpoint_with_its_own_lm_head_loads_as_transform
               tmp_path / "head" / "model.safetensors", metadata={"format": "pt"})
     for name in ("both", "head"):
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        if V4:  # (transformers 4.x ties them, dropping the checkpoint's lm_head, or leaves the embedding unloaded on
+            # the meta device: its model, given the tensors 5.x loads, the rule we follow)
+            theirs.lm_head.weight = torch.nn.Parameter(state["lm_head.weight"])
+            if name == "head":
+                theirs.model.embed_tokens.weight = theirs.lm_head.weight
         ours = dyndepth.from_pretrained(tmp_path / name)
         with torch.no_grad():
             torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
@@ -309,7 +315,8 @@ def test_without_a_dtype_a_checkpoint_loads_in_the_dtype_its_config_names_as_in_
     make_hf_model("qwen3-tied").to(stored).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": named, "torch_dtype": named}))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    # (transformers 4.x's default is float32, whatever config.json names; its "auto" is 5.x's default, and ours)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **({"dtype": "auto"} if V4 else {})).eval()
     ours = dyndepth.from_pretrained(tmp_path)
     assert {p.dtype for p in ours.parameters()} == {theirs.dtype} == {getattr(torch, named)}
     auto = dyndepth.from_pretrained(tmp_path, dtype="auto")  # transformers' name of the default (it was refused)
@@ -342,8 +349,11 @@ def test_a_rope_type_under_v4s_key_type_is_read_and_written_as_transformers_read
     config.pop("rope_scaling", None)
     config["rope_parameters"] = {"type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ours = dyndepth.from_pretrained(tmp_path)
+    if V4:  # (transformers 4.x reads no rope_parameters: the same rope in its own keys, rope_theta / rope_scaling)
+        config = {**config, "rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 10000.0}
+        (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -206,7 +206,7 @@ def _tying(raw_config: dict, spec, state: dict[str, torch.Tensor], folder: Path)
         state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
     elif not torch.equal(head, embed):
         log.warning("%s/config.json ties lm_head to the embedding (tie_word_embeddings), but the checkpoint holds a "
-                    "different lm_head.weight: loading them untied, as transformers does; set tie_word_embeddings "
+                    "different lm_head.weight: loading them untied, as transformers 5 does; set tie_word_embeddings "
                     "to false in config.json to silence this.", folder)
         return {**raw_config, "tie_word_embeddings": False}
     return raw_config
