@@ -265,7 +265,8 @@ def test_a_tasks_own_generation_budget_without_room_for_the_prompt_fails_before_
     one may generate (building reads the data sets)."""
     import shutil
 
-    import lm_eval.tasks
+    import lm_eval.evaluator  # (imported before the patch below: lm-eval < 0.4.12's simple_evaluate builds
+    import lm_eval.tasks  # through its own get_task_dict, bound when lm-eval first imports it, lazily)
 
     from dyndepth.eval import harness, run
 

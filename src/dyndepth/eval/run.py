@@ -255,21 +255,39 @@ def _check_generation(lm, names: list[str], manager) -> None:
 def _may_generate(names, manager) -> bool:
     """Whether a task of `names` may be a generate_until one, by lm-eval's task index (the parsed YAML, no data set):
     a YAML task says so by its output_type (lm-eval's default: generate_until), a group or tag by its members; a
-    Python task, an inline config or an index this lm-eval version lays out otherwise may."""
+    Python task, an inline config or an index this lm-eval version lays out otherwise may. lm-eval before 0.4.12
+    indexes a dict per name, {"type", "yaml_path", "task"} with the YAML unparsed: its task's YAML is read here (the
+    tasks were built twice there, each data set read once more)."""
     for name in names:
         entry = getattr(manager, "task_index", {}).get(name)
-        kind, cfg = getattr(getattr(entry, "kind", None), "name", None), getattr(entry, "cfg", None) or {}
+        if isinstance(entry, dict):  # (lm-eval < 0.4.12; a group's members there are -1: not indexed, it may generate)
+            kind, members = str(entry.get("type")).upper(), entry.get("task")
+            cfg = _task_yaml(entry.get("yaml_path")) if kind == "TASK" else {}
+        else:
+            kind, cfg = getattr(getattr(entry, "kind", None), "name", None), getattr(entry, "cfg", None) or {}
+            members = cfg.get("task") if kind == "GROUP" else sorted(getattr(entry, "tags", ()))
         if kind == "TASK":
             if cfg.get("output_type", "generate_until") == "generate_until":
                 return True
         elif kind in ("GROUP", "TAG"):
-            members = cfg.get("task") if kind == "GROUP" else sorted(entry.tags)
             if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members) \
                     or _may_generate(members, manager):
                 return True
         else:
             return True
     return False
+
+
+def _task_yaml(path) -> dict:
+    """A task's YAML as lm-eval reads it for its index (includes merged, !function tags left unresolved); {} where it
+    cannot be read, so the task counts as one that may generate."""
+    import yaml
+    from lm_eval import utils
+
+    try:
+        return utils.load_yaml_config(path, mode="simple") if isinstance(path, (str, Path)) else {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
 
 
 def _run_lm_eval(lm, names: list[str], manager, limit, **options) -> dict:
