@@ -475,3 +475,33 @@ def test_thresholds_an_older_dyndepth_saved_in_bfloat16_are_dropped_not_decoded_
     if kind == "gateskip":  # decoding at the budget asks for a calibration instead of skipping another share
         with pytest.raises(ValueError, match="calibrat"):
             loaded.generate(torch.randint(0, 256, (1, 4)), 2, skip_budget=0.5)
+
+
+def test_a_shared_gate_gateskip_folder_from_before_its_per_layer_thresholds_loads_its_gates(tmp_path, caplog):
+    """Before 2026-12-02 a GateSkip with shared=True kept its one gate pair and one threshold pair under
+    model.layers.0.gateskip (layer 0's thresholds applied at every layer): such a folder was refused, 'missing
+    tensors (...): model.gateskip.attn_gate.proj.bias, ...'. Its gates load; its thresholds are dropped, with a warning."""
+    model = CausalLM(preset("tiny-qwen3"))
+    attach_method(model, "gateskip", {"shared": True})
+    with torch.no_grad():
+        for p in model.model.gateskip.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = read_safetensors(path)
+    old = {k.replace("model.gateskip.", "model.layers.0.gateskip."): v.clone() for k, v in state.items()
+           if "tau" not in k or k.startswith("model.layers.0.") and k.endswith(".tau")}  # the old layout
+    assert "model.layers.0.gateskip.attn_gate.proj.weight" in old and "model.layers.1.gateskip.tau" not in old
+    write_safetensors(old, path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dyndepth_method"]["calibrated_budget"] = 0.3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        loaded = dyndepth.from_pretrained(tmp_path)
+    assert "shared-gate GateSkip" in caplog.text and "dyndepth calibrate" in caplog.text
+    for k, v in model.state_dict().items():
+        if "tau" not in k:
+            assert torch.equal(loaded.state_dict()[k], v), k
+    assert all(int(v) == -1 for k, v in loaded.state_dict().items() if k.endswith("tau_budget_ppm"))
+    ids = torch.randint(0, 256, (2, 6))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -50,12 +50,16 @@ def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
     - before 2026-12-02 the knob the thresholds were calibrated at was `calibrated_budget` / `calibrated_capacity`
       in config.json: it moves into the buffer beside each layer's thresholds;
     - before 2026-12-03 a bfloat16 / float16 save cast the thresholds with the model, too coarse for the float32
-      scores they are compared with: their calibration is dropped, so decoding at the knob asks for a new one."""
+      scores they are compared with: their calibration is dropped, so decoding at the knob asks for a new one;
+    - before 2026-12-02 a GateSkip with `shared=True` kept its one gate pair and one threshold pair in layer 0:
+      the gates move to the model, and every layer gets thresholds of its own, not calibrated (`_unshare_gates`)."""
     old = _CALIBRATED_FIELDS.get(options.get("name"))
     if old is None:
         return options
     field, threshold, knob = old
     options = dict(options)
+    if options["name"] == "gateskip" and options.get("shared") and _unshare_gates(state):
+        options.pop(field, None)  # (the calibration was layer 0's, applied at every layer: dropped)
     value = options.pop(field, None)
     coarse = []  # the thresholds calibrated and stored in 16 bits
     for key in [k for k in state if k.endswith(threshold)]:
@@ -72,6 +76,26 @@ def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
                     len(coarse), options["name"], coarse[0], str(state[coarse[0]].dtype).removeprefix("torch."),
                     name, name, name)
     return options
+
+
+def _unshare_gates(state: dict[str, torch.Tensor]) -> bool:
+    """A shared-gate GateSkip state laid out as before 2026-12-02 (gates at `model.layers.0.gateskip.*_gate.*`,
+    thresholds in layer 0 only) -> today's (gates at `model.gateskip.*`, thresholds per layer, not calibrated), in
+    place; False where the state is not in the old layout."""
+    old_prefix, new_prefix = "model.layers.0.gateskip.", "model.gateskip."
+    gates = [k for k in state if k.startswith((old_prefix + "attn_gate.", old_prefix + "mlp_gate."))]
+    if not gates or any(k.startswith(new_prefix) for k in state):
+        return False
+    for key in gates:
+        state[new_prefix + key.removeprefix(old_prefix)] = state.pop(key)
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}
+    for i in sorted(layers):
+        state[f"model.layers.{i}.gateskip.tau"] = torch.zeros(2)
+        state[f"model.layers.{i}.gateskip.tau_budget_ppm"] = torch.tensor(-1, dtype=torch.long)
+    log.warning("a shared-gate GateSkip saved by a dyndepth before 2026-12-02: its gates load, but its thresholds "
+                "(layer 0's, applied at every layer then) were dropped; calibrate the model again to decode at a "
+                "budget (dyndepth calibrate MODEL --text FILE --knobs budget=VALUE --out DIR).")
+    return True
 
 
 def reconfigure_method(model, name: str, options: dict) -> Method:
