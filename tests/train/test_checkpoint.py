@@ -190,3 +190,26 @@ def test_a_checkpoint_from_before_the_calibration_buffers_loads_its_weights_unca
                       tmp_path / "step_0000004" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"does not fit the model: missing \['model.layers.1.mlp"):
         load_model_weights(tmp_path / "step_0000004", fresh)  # a weight missing is still an error
+
+
+def test_a_shared_gate_gateskip_checkpoint_from_before_the_per_layer_thresholds_exports(tmp_path):
+    """A shared-gate GateSkip training step from before 2026-12-02 (no manifest; its one gate pair and threshold pair
+    under model.layers.0.gateskip) stopped `dyndepth convert` with 'does not fit the model': its gates load into
+    model.gateskip, every layer's thresholds uncalibrated."""
+    from dyndepth.methods import attach_method
+    from dyndepth.safetensors_io import write_safetensors
+
+    model = CausalLM(preset("tiny-qwen3"))
+    attach_method(model, "gateskip", {"shared": True})
+    with torch.no_grad():
+        for p in model.model.gateskip.parameters():
+            p.normal_(0, 0.5)
+    state = {k.replace("model.gateskip.", "model.layers.0.gateskip."): v.clone() for k, v in model.state_dict().items()
+             if "tau" not in k or k == "model.layers.0.gateskip.tau"}  # the old layout
+    tmp_path.joinpath("step_0000004").mkdir()
+    write_safetensors(state, tmp_path / "step_0000004" / "model.safetensors")
+    fresh = CausalLM(preset("tiny-qwen3"))
+    attach_method(fresh, "gateskip", {"shared": True})
+    load_model_weights(tmp_path / "step_0000004", fresh)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k  # (thresholds: zeros, knobs -1, as attach leaves them)

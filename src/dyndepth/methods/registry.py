@@ -52,13 +52,13 @@ def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
     - before 2026-12-03 a bfloat16 / float16 save cast the thresholds with the model, too coarse for the float32
       scores they are compared with: their calibration is dropped, so decoding at the knob asks for a new one;
     - before 2026-12-02 a GateSkip with `shared=True` kept its one gate pair and one threshold pair in layer 0:
-      the gates move to the model, and every layer gets thresholds of its own, not calibrated (`_unshare_gates`)."""
+      the gates move to the model, and every layer gets thresholds of its own, not calibrated (`unshare_gates`)."""
     old = _CALIBRATED_FIELDS.get(options.get("name"))
     if old is None:
         return options
     field, threshold, knob = old
     options = dict(options)
-    if options["name"] == "gateskip" and options.get("shared") and _unshare_gates(state):
+    if options["name"] == "gateskip" and options.get("shared") and unshare_gates(state):
         options.pop(field, None)  # (the calibration was layer 0's, applied at every layer: dropped)
     value = options.pop(field, None)
     coarse = []  # the thresholds calibrated and stored in 16 bits
@@ -78,7 +78,7 @@ def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
     return options
 
 
-def _unshare_gates(state: dict[str, torch.Tensor]) -> bool:
+def unshare_gates(state: dict[str, torch.Tensor]) -> bool:
     """A shared-gate GateSkip state laid out as before 2026-12-02 (gates at `model.layers.0.gateskip.*_gate.*`,
     thresholds in layer 0 only) -> today's (gates at `model.gateskip.*`, thresholds per layer, not calibrated), in
     place; False where the state is not in the old layout."""

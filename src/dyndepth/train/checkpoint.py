@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dyndepth.methods.registry import CALIBRATION_KNOBS
+from dyndepth.methods.registry import CALIBRATION_KNOBS, unshare_gates
 from dyndepth.runconfig import TrainConfig, load_run_config
 from dyndepth.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from dyndepth.train.integrity import (
@@ -302,13 +302,16 @@ def load_model_weights(path: str | Path, model: nn.Module, verify: bool = True) 
     if state and all(k.startswith("module.") for k in state):  # written by an older DDP run
         state = {k.removeprefix("module."): v for k, v in state.items()}
     model = unwrap(model)
+    old = not (path / MANIFEST).exists()  # written before 2026-12-02
+    if old and getattr(getattr(model, "model", None), "gateskip", None) is not None:
+        unshare_gates(state)  # (a shared-gate GateSkip kept its gates in layer 0 then)
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if not (path / MANIFEST).exists():  # written before 2026-12-02: no calibration knob buffers (not calibrated)
+    if old:  # no calibration knob buffers then (not calibrated)
         missing = [k for k in missing if not k.endswith(CALIBRATION_KNOBS)]
     if missing or unexpected:
         raise CheckpointError(f"{file} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
