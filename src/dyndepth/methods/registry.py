@@ -58,8 +58,8 @@ def upgrade_saved_method(options: dict, state: dict[str, torch.Tensor]) -> dict:
         return options
     field, threshold, knob = old
     options = dict(options)
-    if options["name"] == "gateskip" and options.get("shared") and unshare_gates(state):
-        options.pop(field, None)  # (the calibration was layer 0's, applied at every layer: dropped)
+    if options["name"] == "gateskip" and options.get("shared"):  # (thresholds per layer, uncalibrated, from here
+        unshare_gates(state)  # on: the old one pair, layer 0's calibration applied at every layer, is dropped)
     value = options.pop(field, None)
     coarse = []  # the thresholds calibrated and stored in 16 bits
     for key in [k for k in state if k.endswith(threshold)]:
