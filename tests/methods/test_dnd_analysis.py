@@ -9,6 +9,7 @@ from test_dnd import dnd_model
 
 import dyndepth
 from dyndepth import CausalLM, preset
+from dyndepth.methods import dnd_analysis
 from dyndepth.methods.dnd_analysis import (
     entropy_correlation,
     layer_report,
@@ -110,3 +111,19 @@ def test_the_controller_plot_shows_the_ratio_the_controller_steers_by():
     series = controller_series(records)
     assert series["dnd/selected/L"] == {"dnd/selected/L4": [(1, 0.35), (2, 0.3)]}
     assert series["dnd/tau/L"] == {"dnd/tau/L4": [(1, 0.5), (2, 0.49)]}
+
+
+def test_next_token_entropy_runs_in_row_chunks_in_float32(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50) * 4
+    p = logits.softmax(-1)
+    want = -(p * p.log()).sum(-1)
+    monkeypatch.setattr(dnd_analysis, "ENTROPY_CHUNK_ELEMENTS", 8 * 50)  # 8-row chunks: 4 full and one of 5
+    got = dnd_analysis.next_token_entropy(logits)
+    assert got.shape == (37,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # bfloat16 logits (a bf16 model's): upcast per chunk, the entropy of the same (rounded) logits in float32
+    low = logits.bfloat16()
+    q = low.float().softmax(-1)
+    torch.testing.assert_close(dnd_analysis.next_token_entropy(low), -(q * q.log()).sum(-1), atol=1e-5, rtol=1e-5)
+    assert dnd_analysis.next_token_entropy(logits[:0]).shape == (0,)

@@ -87,16 +87,31 @@ def entropy_correlation(model, batches, base=None) -> dict:
         _, selected, valid = trace_selection(model, ids, mask)
         ctx = without_method(model) if base is None else contextlib.nullcontext()
         with ctx:
-            logits = (model if base is None else base)(ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits, -1)
+            logits = (model if base is None else base)(ids, attention_mask=mask).logits  # (B, T, V)
         freq.append(selected.float().mean(0)[valid])
-        ent.append(-(logp.exp() * logp).sum(-1)[valid])
+        ent.append(next_token_entropy(logits[valid]))
     f, e = torch.cat(freq), torch.cat(ent)
     r = torch.corrcoef(torch.stack([f, e]))[0, 1]
     hard = f >= 0.5
     return {"pearson_r": float(r), "tokens": int(f.numel()), "selection_rate": float(f.mean()),
             "entropy_nested": float(e[hard].mean()) if hard.any() else float("nan"),
             "entropy_other": float(e[~hard].mean()) if (~hard).any() else float("nan")}
+
+
+# rows of logits whose float32 temporaries `next_token_entropy` holds at once: ~3 x 64 MB at a 152k vocabulary
+ENTROPY_CHUNK_ELEMENTS = 1 << 24
+
+
+def next_token_entropy(logits_NV: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 entropy of softmax(logits) per row, H = logsumexp(l) - sum(softmax(l) * l), computed over
+    row chunks: a (B, T, V) float32 log-softmax and its products would hold several times the logits (gigabytes
+    at Qwen3's vocabulary and a few thousand tokens)."""
+    rows = max(1, ENTROPY_CHUNK_ELEMENTS // max(1, logits_NV.shape[-1]))
+    out = []
+    for chunk in logits_NV.split(rows):
+        l_CV = chunk.float()
+        out.append(torch.logsumexp(l_CV, -1) - (torch.softmax(l_CV, -1) * l_CV).sum(-1))
+    return torch.cat(out) if out else logits_NV.new_zeros(0, dtype=torch.float32)
 
 
 def selection_heatmap(model, tokenizer, text: str, path: str | Path, add_bos: bool = False, dpi: int = 120) -> Path:
