@@ -16,8 +16,9 @@ import typing
 from dataclasses import dataclass, field
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}  # required
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                     "yarn": ("factor",)}  # required
 
 
 class ConfigError(ValueError):
@@ -159,7 +160,7 @@ class ModelConfig:
     max_position_embeddings: int = 40960
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "yarn", "factor": ..., ...}
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False  # Llama only

@@ -35,6 +35,10 @@ CONFIGS = {
                                   rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=256,
                                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                     high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "qwen3-yarn-rope": dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            tie_word_embeddings=True, max_position_embeddings=64,  # the tests' texts pass 16
+                            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
 }
 
 
@@ -95,7 +99,7 @@ def test_greedy_generation_matches_hf(pair):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-moe", "llama-gqa-llama3-rope"])
+@pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-moe", "llama-gqa-llama3-rope", "qwen3-yarn-rope"])
 def test_bfloat16_logits_and_generation_equal_hfs_bit_for_bit(name, tmp_path):
     """Both loaded in bfloat16 from one checkpoint: the same roundings in the same order. The MoE experts scaled their
     activation by the gate before the down projection (HF after it): 0.27 off at logits of ~2, 17 of 90 greedy
@@ -359,6 +363,30 @@ def test_a_rope_type_under_v4s_key_type_is_read_and_written_as_transformers_read
         torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
     written = config_to_hf(dyndepth.preset("tiny-llama", rope_scaling={"type": "linear", "factor": 4.0}), torch.float32)
     assert written["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("scaling", [
+    {"factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3's documented long-context setting
+    {"factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"factor": 2.5, "original_max_position_embeddings": 100, "attention_factor": 0.9},
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 0.707},  # DeepSeek's
+])
+def test_yarn_frequencies_and_attention_factor_are_transformers_own(scaling):
+    """Before, rope_scaling of type "yarn" was refused (Qwen3's model card enables it for texts past 32k tokens)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from dyndepth.core.layers import rope_attention_scaling, rope_inv_freq
+    ours = dyndepth.preset("tiny-qwen3", head_dim=64, rope_theta=1e6, max_position_embeddings=131072,
+                           rope_scaling={"rope_type": "yarn", **scaling})
+    if V4 and "truncate" in scaling:
+        pytest.skip("transformers 4.x's YaRN has no `truncate`")
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(ours, torch.float32))
+    if V4:
+        hf_config.rope_theta, hf_config.rope_scaling = 1e6, {"rope_type": "yarn", **scaling}
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    assert 0 < (inv_freq != rope_inv_freq(dyndepth.preset("tiny-qwen3", head_dim=64, rope_theta=1e6))).sum() < 32
+    assert torch.equal(rope_inv_freq(ours), inv_freq)
+    assert rope_attention_scaling(ours) == attention_factor
 
 
 WINDOW = {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4}

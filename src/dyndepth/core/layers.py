@@ -185,23 +185,61 @@ class NormedLinear(torch.autograd.Function):
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (H/2,) with the config's scaling (default, linear or llama3)."""
+    """Inverse frequencies (H/2,) with the config's scaling (default, linear, llama3 or yarn), as transformers
+    computes them."""
     H = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H))
     scaling = config.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv_freq = torch.where(is_medium, smoothed, scaled)
+    elif rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(scaling, H, config.rope_theta, old_len)
     return inv_freq
+
+
+def _yarn_inv_freq(scaling: dict, H: int, theta: float, old_len: int) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the pretraining length are
+    interpolated (f / factor), those turning more than beta_fast times kept, and the band between blended by a
+    linear ramp over the frequency index (the arithmetic in transformers' order, so the angles match it exactly)."""
+    def index_of(turns: float) -> float:  # the frequency index that turns `turns` times over old_len positions
+        return H * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = index_of(scaling.get("beta_fast") or 32), index_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, H - 1)
+    if low == high:
+        high += 0.001
+    keep = 1 - ((torch.arange(H // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 1: f as it is
+    one_over_f = theta ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H)  # (H/2,)
+    return 1.0 / (scaling["factor"] * one_over_f) * (1 - keep) + 1.0 / one_over_f * keep
+
+
+def rope_attention_scaling(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: 1, or YaRN's attention factor (given, or 0.1 ln(factor) + 1, or the
+    ratio of that with `mscale` to that with `mscale_all_dim` where a config names both)."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if scaling["factor"] <= 1 else 0.1 * m * math.log(scaling["factor"]) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
+    return mscale(1.0)
 
 
 class RotaryEmbedding(nn.Module):
@@ -212,11 +250,13 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.attention_scaling = rope_attention_scaling(config)
 
     def reset(self) -> None:
         """Recompute the frequencies in float32 on the buffer's device (also after meta-device init)."""
         device = None if self.inv_freq.is_meta else self.inv_freq.device
         self.inv_freq = rope_inv_freq(self.config).to(device)
+        self.attention_scaling = rope_attention_scaling(self.config)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -227,6 +267,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions_BT[..., None].float() * self.inv_freq.float()  # (B, T, H/2), always fp32
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, H), HF's split-halves layout
+        if self.attention_scaling != 1.0:  # YaRN: q and k scaled alike, the attention logits by its square
+            scale = self.attention_scaling
+            return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
