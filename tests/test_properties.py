@@ -29,7 +29,8 @@ def _factory(kind: str):
     torch.manual_seed(0)
     if kind == "dreamer":
         return build_model(preset("dreamer-tiny", vocab_size=V, num_recurrences=3)).eval()
-    name = {"qwen3": "tiny-qwen3", "qwen3_moe": "tiny-qwen3-moe", "llama": "tiny-llama"}.get(kind, "tiny-qwen3")
+    name = {"qwen3": "tiny-qwen3", "qwen3_moe": "tiny-qwen3-moe", "qwen2": "tiny-qwen2", "llama": "tiny-llama"}.get(
+        kind, "tiny-qwen3")
     model = CausalLM(preset(name, num_hidden_layers=3)).eval()
     if kind == "gateskip":  # threshold mode: each token decides alone (causal, batch-independent)
         attach_method(model, "gateskip", {"scope": "sequence"})
@@ -48,7 +49,7 @@ def _factory(kind: str):
     return model
 
 
-KINDS = ["qwen3", "qwen3_moe", "llama", "gateskip", "mod", "dnd", "dreamer"]
+KINDS = ["qwen3", "qwen3_moe", "qwen2", "llama", "gateskip", "mod", "dnd", "dreamer"]
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for Qwen3, Qwen3-MoE and Llama decoders, with HF field names.
+"""Model configuration: one dataclass for Qwen3, Qwen3-MoE, Qwen2 and Llama decoders, with HF field names.
 
 Field names are exactly those of HF `config.json`, so reading and writing a checkpoint's config is a
 dictionary copy (see `interop/hf.py`). Derived values are filled in `__post_init__`.
@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
                      "yarn": ("factor",)}  # required
@@ -162,7 +162,8 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "yarn", "factor": ..., ...}
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (Llama's, Qwen3's option)
+    qkv_bias: bool | None = None  # biases on q, k and v only; None -> True for Qwen2 (Qwen2.5 too), its attention
     mlp_bias: bool = False  # Llama only
     qk_norm: bool | None = None  # per-head RMSNorm on q and k; None -> True for the Qwen3 family
     # Mixture of experts (Qwen3-MoE); num_experts == 0 means a dense model.
@@ -206,6 +207,13 @@ class ModelConfig:
                               "model.")
         if self.qk_norm is None:
             self.qk_norm = self.model_type.startswith("qwen3")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.model_type == "qwen2"
+        if self.model_type == "qwen2" and (self.attention_bias or self.num_experts):
+            raise ConfigError("a qwen2 model has q / k / v biases and a dense MLP (transformers' Qwen2): "
+                              f"attention_bias={self.attention_bias} (an o_proj bias too) and num_experts="
+                              f"{self.num_experts} have no place in its layout; use model_type qwen3 / qwen3_moe "
+                              "for those.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -248,8 +256,8 @@ class ModelConfig:
         D, H = self.hidden_size, self.head_dim
         attn = D * H * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         attn += 2 * H if self.qk_norm else 0
-        if self.attention_bias:  # q, k, v and o biases
-            attn += H * (self.num_attention_heads + 2 * self.num_key_value_heads) + D
+        if self.attention_bias or self.qkv_bias:  # q, k and v biases, and o's
+            attn += H * (self.num_attention_heads + 2 * self.num_key_value_heads) + (D if self.attention_bias else 0)
         total = 0
         for i in range(self.num_hidden_layers):
             if self.is_moe_layer(i):
@@ -276,6 +284,10 @@ PRESETS: dict[str, dict] = {
         model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    ),
+    "tiny-qwen2": dict(  # Qwen2 / Qwen2.5's layout: q / k / v biases, no q / k norm
+        model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
     ),
     "tiny-llama": dict(
         model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -35,6 +35,12 @@ CONFIGS = {
                                   rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=256,
                                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                     high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "qwen2-tied": dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=256),
+    "qwen2-untied-mha": dict(model_type="qwen2", vocab_size=300, hidden_size=48, intermediate_size=80,
+                             num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                             tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=256),
     "qwen3-yarn-rope": dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=96,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                             tie_word_embeddings=True, max_position_embeddings=64,  # the tests' texts pass 16
@@ -99,7 +105,8 @@ def test_greedy_generation_matches_hf(pair):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-moe", "llama-gqa-llama3-rope", "qwen3-yarn-rope"])
+@pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-moe", "llama-gqa-llama3-rope", "qwen3-yarn-rope",
+                                  "qwen2-tied"])
 def test_bfloat16_logits_and_generation_equal_hfs_bit_for_bit(name, tmp_path):
     """Both loaded in bfloat16 from one checkpoint: the same roundings in the same order. The MoE experts scaled their
     activation by the gate before the down projection (HF after it): 0.27 off at logits of ~2, 17 of 90 greedy

@@ -100,7 +100,7 @@ def test_beta_zero_or_no_selection_gives_exactly_the_base_model(name):
         assert 0 < float(none.stats["dnd/flops_overhead"]) < 0.01  # the routers only
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2", "tiny-llama"])
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_fast_path_equals_the_slow_per_row_reference(name, positions):
     model, _ = dnd_model(name, positions=positions)

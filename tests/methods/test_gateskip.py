@@ -81,7 +81,7 @@ def test_fresh_gates_in_16_bits_skip_the_budget_in_every_layer_and_branch_of_a_p
             [math.floor(0.25 * int(p.sum())) for p in pools], key
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2", "tiny-llama"])
 @pytest.mark.parametrize("q", [0.0, 0.3, 0.6])
 @pytest.mark.parametrize("path", ["packed", "dense"])
 def test_physical_skipping_equals_the_masked_dense_reference(name, q, path):

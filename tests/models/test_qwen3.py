@@ -5,7 +5,7 @@ import dyndepth
 from dyndepth import CausalLM, KVCache, build_model, preset
 
 
-@pytest.fixture(params=["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.fixture(params=["tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2", "tiny-llama"])
 def model(request):
     torch.manual_seed(0)
     return CausalLM(preset(request.param)).eval()
@@ -142,17 +142,20 @@ def test_config_errors_name_the_field():
         dyndepth.ModelConfig(model_type="gpt2")
     with pytest.raises(dyndepth.ConfigError, match="unknown preset"):
         preset("tiny-qwen")
-    with pytest.raises(dyndepth.ConfigError, match="yarn"):
-        dyndepth.ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(dyndepth.ConfigError, match="'dynamic' is not supported"):
+        dyndepth.ModelConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    for field in ({"attention_bias": True}, {"num_experts": 4}):  # transformers' Qwen2 has neither
+        with pytest.raises(dyndepth.ConfigError, match="use model_type qwen3 / qwen3_moe"):
+            preset("tiny-qwen2", **field)
 
 
 def test_num_params_formula_matches_module(tiny_config, tiny_moe_config):
-    for cfg in (tiny_config, tiny_moe_config, preset("tiny-llama")):
+    for cfg in (tiny_config, tiny_moe_config, preset("tiny-qwen2"), preset("tiny-llama")):
         assert cfg.num_params() == CausalLM(cfg).num_params()
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
-@pytest.mark.parametrize("fields", [{"attention_bias": True}, {"mlp_bias": True},
+@pytest.mark.parametrize("fields", [{"attention_bias": True}, {"mlp_bias": True}, {"qkv_bias": True},
                                     {"attention_bias": True, "mlp_bias": True, "qk_norm": False}])
 def test_num_params_formula_counts_attention_and_mlp_biases(name, fields):
     """The formula left out q / k / v / o biases (attention_bias) and the dense MLP's biases (mlp_bias), so `dyndepth

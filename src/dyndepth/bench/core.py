@@ -38,11 +38,12 @@ from dyndepth.bench.timing import (
     markdown_table,
     publish,
 )
+from dyndepth.config import SUPPORTED_MODEL_TYPES
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import resolve_device, resolve_dtype
 from dyndepth.generation import decode_compile_options
 
-HF_FAMILIES = ("qwen3", "qwen3_moe", "llama")  # what transformers builds of ours
+HF_FAMILIES = SUPPORTED_MODEL_TYPES  # what transformers builds of ours (the decoder family)
 
 
 @dataclass

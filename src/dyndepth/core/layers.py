@@ -384,11 +384,11 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = N, G, H
         self.flops_per_query = flops.q_o_flops(config)  # q_proj + o_proj (core/flops.py)
         self.flops_per_kv = flops.kv_flops(config)  # k_proj + v_proj
-        bias = config.attention_bias
+        bias = config.attention_bias or bool(getattr(config, "qkv_bias", False))  # q, k, v (o: attention_bias)
         self.q_proj = nn.Linear(D, N * H, bias=bias)
         self.k_proj = nn.Linear(D, G * H, bias=bias)
         self.v_proj = v_proj if v_proj is not None else nn.Linear(D, G * H, bias=bias)
-        self.o_proj = o_proj if o_proj is not None else nn.Linear(N * H, D, bias=bias)
+        self.o_proj = o_proj if o_proj is not None else nn.Linear(N * H, D, bias=config.attention_bias)
         self.routed_output = getattr(self.o_proj, "routed", False)
         if config.qk_norm:
             self.q_norm = RMSNorm(H, config.rms_norm_eps)

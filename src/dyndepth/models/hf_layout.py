@@ -1,4 +1,4 @@
-"""How the decoder family (Qwen3, Qwen3-MoE, Llama) is laid out in a HF checkpoint: config.json fields and
+"""How the decoder family (Qwen3, Qwen3-MoE, Qwen2, Llama) is laid out in a HF checkpoint: config.json fields and
 the per-expert weight keys.
 
 Parameter names are HF's already, so the only reshaping is Qwen3-MoE's experts, which checkpoints store
@@ -15,7 +15,8 @@ import torch
 from dyndepth.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 from dyndepth.safetensors_io import CheckpointError
 
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "llama": "LlamaForCausalLM"}
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _ALIASES = {"num_local_experts": "num_experts"}  # names some transformers versions write instead
 # transformers' class defaults where ModelConfig's (Qwen3-0.6B's shape) differ, for the fields a config.json leaves out:
@@ -26,6 +27,8 @@ _HF_DEFAULTS = {
     "qwen3_moe": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 32,
                   "num_key_value_heads": 4, "max_position_embeddings": 32768, "num_experts": 128,
                   "norm_topk_prob": False},
+    "qwen2": {"hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "max_position_embeddings": 32768},
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
 }
@@ -80,19 +83,24 @@ def sliding_layers(d: dict) -> list[int]:
         return named
     if model_type == "qwen3_moe":
         return list(range(n))
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen2"):
         return named if types is not None else list(range(d.get("max_window_layers", 28), n))
     return named  # (Llama has no sliding window)
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
     d = config.to_dict()
-    # qk_norm and a Qwen3 mlp_bias are ours (HF's Qwen3 always norms q / k, its Llama never; only Llama has an MLP
-    # bias): written only where they differ from the family's, so that such a model loads back (it has other tensors)
-    if config.qk_norm == (config.model_type != "llama"):
+    # qk_norm, qkv_bias and a Qwen3 mlp_bias are ours (HF's Qwen3 always norms q / k, its Qwen2 and Llama never; only
+    # Qwen2 has q / k / v biases alone, only Llama an MLP bias): written only where they differ from the family's, so
+    # that such a model loads back (it has other tensors)
+    if config.qk_norm == config.model_type.startswith("qwen3"):
         d.pop("qk_norm")
     if config.model_type != "llama" and not config.mlp_bias:
         d.pop("mlp_bias")
+    if config.qkv_bias == (config.model_type == "qwen2"):  # (Qwen2's q / k / v biases are its layout's, no key)
+        d.pop("qkv_bias")
+    if config.model_type == "qwen2":  # (always false there: ModelConfig refuses an o_proj bias)
+        d.pop("attention_bias")
     if not config.num_experts and config.model_type != "qwen3_moe":  # (qwen3_moe's default is 128 experts)
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits"):

@@ -1,4 +1,4 @@
-"""The decoder: Qwen3 dense, Qwen3-MoE and Llama in one module, with HF parameter names.
+"""The decoder: Qwen3 dense, Qwen3-MoE, Qwen2 (Qwen2.5) and Llama in one module, with HF parameter names.
 
 Shape legend: B batch, T tokens, D hidden_size, V vocab, L layers.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dyndepth.config import PRESETS as DECODER_PRESETS
-from dyndepth.config import ModelConfig
+from dyndepth.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from dyndepth.core import flops
 from dyndepth.core.cache import KVCache
 from dyndepth.core.context import ForwardContext
@@ -246,6 +246,6 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-register_model(("qwen3", "qwen3_moe", "llama"),
+register_model(SUPPORTED_MODEL_TYPES,
                ModelSpec(ModelConfig, CausalLM, hf_layout.config_from_hf, hf_layout.stack_experts),
                presets=DECODER_PRESETS)
