@@ -43,7 +43,7 @@ def test_tiny_moe_by_hand(tiny_moe_config):
     assert mlp_flops(mixed, 0) == 49152 and mlp_flops(mixed, 1) == 25088
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2", "tiny-llama"])
 def test_decode_is_the_difference_of_prefills(name):
     config = preset(name)
     for c in range(6):

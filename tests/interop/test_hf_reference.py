@@ -187,7 +187,8 @@ def _stacked(state):
     return stack_experts(split_experts(dict(state)))
 
 
-@pytest.mark.parametrize("fields", [{"model_type": "qwen3"}, {"model_type": "qwen3_moe"}, {"model_type": "llama"},
+@pytest.mark.parametrize("fields", [{"model_type": "qwen3"}, {"model_type": "qwen3_moe"}, {"model_type": "qwen2"},
+                                    {"model_type": "llama"},
                                     {"model_type": "llama", "num_attention_heads": 8}])
 def test_fields_a_config_json_leaves_out_take_transformers_defaults(fields):
     # ours were Qwen3-0.6B's: a Qwen3-MoE config.json without norm_topk_prob renormalized the top-k weights (HF: False)
@@ -404,7 +405,10 @@ SLIDING = [{**WINDOW, "max_window_layers": 2},  # none slides
            {**WINDOW, "sliding_window": None, "max_window_layers": 0},
            {**WINDOW, "max_window_layers": 0, "layer_types": ["full_attention", "sliding_attention"]},  # these win
            {**WINDOW, "model_type": "qwen3_moe", "max_window_layers": 2},  # every layer slides
-           {**WINDOW, "model_type": "qwen3_moe", "use_sliding_window": False}]
+           {**WINDOW, "model_type": "qwen3_moe", "use_sliding_window": False},
+           {**WINDOW, "model_type": "qwen2", "max_window_layers": 1},  # Qwen2 reads the window as Qwen3 does
+           {**WINDOW, "model_type": "qwen2"},  # (max_window_layers 28 by default: none slides)
+           {**WINDOW, "model_type": "qwen2", "use_sliding_window": False, "max_window_layers": 0}]
 
 
 @pytest.mark.parametrize("fields", SLIDING)

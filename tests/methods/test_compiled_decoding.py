@@ -62,7 +62,7 @@ def decode_writes(cache: KVCache, slot: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "dreamer-tiny", "huginn-tiny", "mor-tiny",
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2", "tiny-llama", "dreamer-tiny", "huginn-tiny", "mor-tiny",
                                   "moeut-tiny", "moeut-switchhead-tiny"])
 def test_every_model_family_decodes_in_one_graph(name):
     eager, compiled, _ = decode_both_ways(varied(name))

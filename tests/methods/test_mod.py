@@ -95,7 +95,7 @@ def test_pad_is_never_routed_and_unrouted_tokens_pass_unchanged():
     assert not torch.equal(y[keep], x[keep])
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2", "tiny-llama"])
 @pytest.mark.parametrize("c,scale", [(0.25, True), (0.5, False), (0.125, True)])
 def test_fast_path_equals_per_sequence_reference_loop(name, c, scale):
     model, _ = mod_model(name, capacity=c, every=1, scale_by_router=scale)
