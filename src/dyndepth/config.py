@@ -130,6 +130,18 @@ def check_rope_scaling(rope_scaling: dict | None) -> None:
         raise ConfigError(f"rope_scaling {bad} must be finite numbers > 0; got {rope_scaling}.")
 
 
+def position_limit(config) -> int:
+    """The most positions a model places: `max_position_embeddings`, or under YaRN the length it extends to,
+    factor x original_max_position_embeddings where that is longer (as vLLM reads it: Qwen3's model card adds
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768} to a config.json that keeps
+    max_position_embeddings 40960, for texts up to 131072 tokens)."""
+    limit = config.max_position_embeddings
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        limit = max(limit, int(scaling["factor"] * scaling.get("original_max_position_embeddings", limit)))
+    return limit
+
+
 def check_at_least(obj, owner: str, names: tuple[str, ...], low: float = 1, error: type[Exception] = ConfigError,
                    what: str = "") -> None:
     """Each of `names` (numbers, None skipped) >= `low`, else one `error` naming `owner.name`."""

@@ -397,6 +397,32 @@ def test_yarn_frequencies_and_attention_factor_are_transformers_own(scaling):
     assert rope_attention_scaling(ours) == attention_factor
 
 
+
+def test_a_yarn_model_reads_and_generates_to_the_length_yarn_extends_it_to_as_transformers_does(tmp_path):
+    """Qwen3's model card adds YaRN (factor 4 over 32768 positions) to a config.json that keeps max_position_embeddings
+    40960: inputs and generations past 40960 tokens were refused, the very length YaRN is set for. The limit is now
+    factor x original_max_position_embeddings where that is longer (as vLLM reads it; transformers sets none)."""
+    fields = dict(CONFIGS["qwen3-yarn-rope"], max_position_embeddings=40,  # YaRN: 4 x 32 = 128 positions
+                  rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32))
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(dyndepth.ModelConfig(**fields), torch.float32))
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    ours = dyndepth.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=28, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, min_new_tokens=28)
+    assert torch.equal(ours.generate(ids, 28, stop_tokens=[]), ref)
+    with pytest.raises(ValueError, match=r"exceeds max_position_embeddings \(128\)"):
+        ours.generate(ids, 29, stop_tokens=[])
+    with pytest.raises(ValueError, match=r"129 tokens, more than max_position_embeddings \(128\)"):
+        ours(torch.zeros(1, 129, dtype=torch.long))
+
 WINDOW = {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4}
 SLIDING = [{**WINDOW, "max_window_layers": 2},  # none slides
            {**WINDOW, "max_window_layers": 5},

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dyndepth import jsonio
+from dyndepth.config import position_limit
 from dyndepth.core.accounting import accounting, accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES, cpu_memory_policy, resolve_device
@@ -71,7 +72,7 @@ def check_bench_config(cfg, bench: str, positive: tuple[str, ...] = (), positive
 def check_positions(config, bench: str, lengths: dict[str, int]) -> None:
     """Refuse, before anything is timed, a length the model cannot place: each of `lengths` (flag -> tokens) must
     fit `config.max_position_embeddings` (a long prefill length failed only after the shorter ones were timed)."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = position_limit(config) if hasattr(config, "max_position_embeddings") else None
     over = [f"{name} = {n}" for name, n in lengths.items() if limit is not None and n > limit]
     if over:
         raise ValueError(f"{bench}: {', '.join(over)} exceeds the model's max_position_embeddings ({limit}); pass "

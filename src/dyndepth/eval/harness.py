@@ -39,6 +39,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dyndepth.config import position_limit
 from dyndepth.core.accounting import accounting
 from dyndepth.eval.model_args import add_stats, as_bool, batch_count, load_for_eval, token_count
 from dyndepth.generation import check_finite
@@ -74,8 +75,9 @@ class DyndepthLM(TemplateLM):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.knobs, self._device, self._lookahead = loaded.knobs, loaded.device, loaded.lookahead
         self.batch_size_per_gpu = batch_count(batch_size)
-        positions = self.model.config.max_position_embeddings
-        self._max_length = token_count("max_length", max_length) or positions
+        positions = position_limit(self.model.config)  # (YaRN's longer reach, asked for by max_length only: unset,
+        # the hf backend's default, config.json's max_position_embeddings, which it truncates contexts to)
+        self._max_length = token_count("max_length", max_length) or self.model.config.max_position_embeddings
         if self._max_length > positions:  # (else the first longer request failed in the forward, after the rest)
             raise ValueError(f"max_length={self._max_length} exceeds the model's max_position_embeddings "
                              f"({positions}); pass a smaller max_length, or leave it out for the model's.")

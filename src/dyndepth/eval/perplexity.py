@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dyndepth.config import position_limit
 from dyndepth.data.sources import read_utf8
 from dyndepth.generation import check_finite
 
@@ -126,10 +127,11 @@ def window_of(model, max_length: int | None = None, stride: int | None = None) -
     for name, value in (("max_length", max_length), ("stride", stride)):
         if value is not None and value < 1:  # 0 read as "the default" before
             raise ValueError(f"{name}={value} must be >= 1 (leave it unset for the default).")
-    max_length = max_length or min(model.config.max_position_embeddings, 2048)
-    if max_length > model.config.max_position_embeddings:
+    positions = position_limit(model.config)
+    max_length = max_length or min(positions, 2048)
+    if max_length > positions:
         raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings}); pass a smaller --max-length.")
+                         f"({positions}); pass a smaller --max-length.")
     stride = stride or max(max_length // 2, 1)
     if stride > max_length:
         raise ValueError(f"stride={stride} must lie in [1, max_length={max_length}]; "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dyndepth.config import position_limit
 from dyndepth.core import flops
 from dyndepth.core.accounting import ComputeLedger
 from dyndepth.core.cache import KVCache
@@ -177,7 +178,7 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
     if attention_mask is not None and attention_mask.dtype.is_floating_point:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding; got other values.")
-    limit = config.max_position_embeddings
+    limit = position_limit(config)  # (YaRN's extended length where it is longer)
     if positions is None and T > limit:  # with a mask, positions count each row's real tokens: the longest row counts
         longest = T if attention_mask is None else int(attention_mask.bool().sum(-1).max())  # (left padding past it)
         if longest > limit:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyndepth.config import position_limit
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
 from dyndepth.data.build import (
     EMBEDDED,
@@ -136,7 +137,7 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
         logging.getLogger("dyndepth").setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(run_config.model)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    max_positions = position_limit(model.config) if hasattr(model.config, "max_position_embeddings") else None
     if max_positions is not None and cfg.seq_len > max_positions:  # (the first forward said so, after the data)
         raise RunConfigError(f"train.seq_len={cfg.seq_len} is longer than the model's max_position_embeddings "
                              f"({max_positions}); lower train.seq_len, or use a model configured for longer inputs "
