@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for Qwen3, Qwen3-MoE, Qwen2 and Llama decoders, with HF field names.
+"""Model configuration: one dataclass for the Qwen3, Qwen3-MoE, Qwen2, Llama and Mistral decoders (HF field names).
 
 Field names are exactly those of HF `config.json`, so reading and writing a checkpoint's config is a
 dictionary copy (see `interop/hf.py`). Derived values are filled in `__post_init__`.
@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
                      "yarn": ("factor",)}  # required
@@ -221,9 +221,9 @@ class ModelConfig:
             self.qk_norm = self.model_type.startswith("qwen3")
         if self.qkv_bias is None:
             self.qkv_bias = self.model_type == "qwen2"
-        if self.model_type == "qwen2" and (self.attention_bias or self.num_experts):
-            raise ConfigError("a qwen2 model has q / k / v biases and a dense MLP (transformers' Qwen2): "
-                              f"attention_bias={self.attention_bias} (an o_proj bias too) and num_experts="
+        if self.model_type in ("qwen2", "mistral") and (self.attention_bias or self.num_experts):
+            raise ConfigError(f"a {self.model_type} model has a dense MLP and no o_proj bias (transformers' "
+                              f"{self.model_type.capitalize()}): attention_bias={self.attention_bias} and num_experts="
                               f"{self.num_experts} have no place in its layout; use model_type qwen3 / qwen3_moe "
                               "for those.")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -396,7 +396,7 @@ def test_a_mistyped_preset_name_is_suggested_when_the_hub_cannot_find_it(monkeyp
 
 
 def test_a_hub_model_of_an_unsupported_family_is_refused_before_its_weights_download(tmp_path, monkeypatch):
-    """`dyndepth generate mistralai/Mistral-7B-v0.1` (or Qwen/Qwen3-8B-FP8) downloaded every safetensors file
+    """`dyndepth generate google/gemma-2-2b` (or Qwen/Qwen3-8B-FP8) downloaded every safetensors file
     (gigabytes) and only then read config.json and refused it."""
     import huggingface_hub
 
@@ -410,7 +410,8 @@ def test_a_hub_model_of_an_unsupported_family_is_refused_before_its_weights_down
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     for repo_id, config, error in [
-            ("mistral", {"model_type": "mistral"}, r"unsupported architecture: model_type='mistral'"),
+            ("gemma", {"model_type": "gemma2"}, r"unsupported architecture: model_type='gemma2'"),
+            ("mistral", {"model_type": "mistral"}, r"sliding-window attention \(window 4096 tokens"),  # (v0.1's)
             ("fp8", {"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints")]:
         (tmp_path / "user" / repo_id).mkdir(parents=True)
         (tmp_path / "user" / repo_id / "config.json").write_text(json.dumps(config))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import dyndepth
 from dyndepth.methods import attach_method
-from dyndepth.models.hf_layout import config_to_hf
+from dyndepth.models.hf_layout import config_from_hf, config_to_hf
 
 transformers = pytest.importorskip("transformers")
 V4 = int(transformers.__version__.split(".")[0]) < 5  # (4.56 and 4.57 are still supported: pyproject.toml's floor)
@@ -41,6 +41,9 @@ CONFIGS = {
     "qwen2-untied-mha": dict(model_type="qwen2", vocab_size=300, hidden_size=48, intermediate_size=80,
                              num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
                              tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=256),
+    "mistral-gqa": dict(model_type="mistral", vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5,
+                        rope_theta=1e6, max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
     "qwen3-yarn-rope": dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=96,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                             tie_word_embeddings=True, max_position_embeddings=64,  # the tests' texts pass 16
@@ -106,7 +109,7 @@ def test_greedy_generation_matches_hf(pair):
 
 
 @pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-moe", "llama-gqa-llama3-rope", "qwen3-yarn-rope",
-                                  "qwen2-tied"])
+                                  "qwen2-tied", "mistral-gqa"])
 def test_bfloat16_logits_and_generation_equal_hfs_bit_for_bit(name, tmp_path):
     """Both loaded in bfloat16 from one checkpoint: the same roundings in the same order. The MoE experts scaled their
     activation by the gate before the down projection (HF after it): 0.27 off at logits of ~2, 17 of 90 greedy
@@ -432,7 +435,10 @@ SLIDING = [{**WINDOW, "max_window_layers": 2},  # none slides
            {**WINDOW, "model_type": "qwen3_moe", "use_sliding_window": False},
            {**WINDOW, "model_type": "qwen2", "max_window_layers": 1},  # Qwen2 reads the window as Qwen3 does
            {**WINDOW, "model_type": "qwen2"},  # (max_window_layers 28 by default: none slides)
-           {**WINDOW, "model_type": "qwen2", "use_sliding_window": False, "max_window_layers": 0}]
+           {**WINDOW, "model_type": "qwen2", "use_sliding_window": False, "max_window_layers": 0},
+           {"model_type": "mistral", "sliding_window": 4},  # Mistral: every layer slides, whatever use_sliding_window
+           {"model_type": "mistral"},  # (its class default: a 4096-token window)
+           {"model_type": "mistral", "sliding_window": None}]
 
 
 @pytest.mark.parametrize("fields", SLIDING)
@@ -445,11 +451,28 @@ def test_which_layers_slide_is_read_as_transformers_reads_it(fields):
     hf = transformers.AutoConfig.for_model(**fields)
     if hf.sliding_window is None:
         theirs = []
-    elif fields["model_type"] == "qwen3_moe":  # (every layer's attention takes config.sliding_window)
+    elif fields["model_type"] in ("qwen3_moe", "mistral"):  # (every layer's attention takes config.sliding_window)
         theirs = list(range(2))
     else:
         theirs = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
     assert sliding_layers(fields) == theirs
+
+
+def test_a_mistral_loads_with_a_null_window_and_is_refused_by_name_with_one(tmp_path):
+    """transformers' Mistral slides a 4096-token window unless config.json says null (Mistral 7B v0.1 ships 4096, v0.3
+    null): our export writes null (left out, transformers read it as 4096 and attended otherwise past 4096 tokens), and
+    a folder with a window is refused, naming the key."""
+    written = config_to_hf(dyndepth.ModelConfig(**CONFIGS["mistral-gqa"]), torch.float32)
+    assert "sliding_window" in written and written["sliding_window"] is None
+    assert transformers.AutoConfig.for_model(**written).sliding_window is None
+    for window in (4, "absent"):
+        fields = {k: v for k, v in written.items() if k != "sliding_window"}
+        if window != "absent":
+            fields["sliding_window"] = window
+        size = 4 if window == 4 else 4096
+        with pytest.raises(dyndepth.ConfigError, match=rf"window {size} tokens, on layers 0\.\.1 .*set sliding_window "
+                                                       "to null"):
+            config_from_hf(fields)
 
 
 def test_a_qwen3_whose_window_covers_no_layer_loads_and_one_that_slides_is_refused_by_name(tmp_path):

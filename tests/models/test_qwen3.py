@@ -144,9 +144,11 @@ def test_config_errors_name_the_field():
         preset("tiny-qwen")
     with pytest.raises(dyndepth.ConfigError, match="'dynamic' is not supported"):
         dyndepth.ModelConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    for field in ({"attention_bias": True}, {"num_experts": 4}):  # transformers' Qwen2 has neither
+    for field in ({"attention_bias": True}, {"num_experts": 4}):  # transformers' Qwen2 and Mistral have neither
         with pytest.raises(dyndepth.ConfigError, match="use model_type qwen3 / qwen3_moe"):
             preset("tiny-qwen2", **field)
+        with pytest.raises(dyndepth.ConfigError, match="a mistral model has a dense MLP and no o_proj bias"):
+            preset("tiny-llama", model_type="mistral", **field)
 
 
 def test_num_params_formula_matches_module(tiny_config, tiny_moe_config):

@@ -266,7 +266,7 @@ def save_model(model, path: str | Path, dtype: torch.dtype | None = None, max_sh
     if not plain:
         return model.save_pretrained(path, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if not isinstance(model, CausalLM):
-        raise ValueError(f"plain export writes a transformers folder of the decoder family (Qwen3 / Qwen2 / Llama), "
-                         f"and a {type(model).__name__} has no transformers class (nor a method to leave out); export "
-                         "it without --plain and load it with dyndepth.from_pretrained.")
+        raise ValueError(f"plain export writes a transformers folder of the decoder family (Qwen3 / Qwen2 / Llama / "
+                         f"Mistral), and a {type(model).__name__} has no transformers class (nor a method to leave "
+                         "out); export it without --plain and load it with dyndepth.from_pretrained.")
     return model.save_pretrained(path, dtype=dtype, max_shard_bytes=max_shard_bytes, plain=True)

@@ -1,5 +1,5 @@
-"""How the decoder family (Qwen3, Qwen3-MoE, Qwen2, Llama) is laid out in a HF checkpoint: config.json fields and
-the per-expert weight keys.
+"""How the decoder family (Qwen3, Qwen3-MoE, Qwen2, Llama, Mistral) is laid out in a HF checkpoint: config.json
+fields and the per-expert weight keys.
 
 Parameter names are HF's already, so the only reshaping is Qwen3-MoE's experts, which checkpoints store
 per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`) and which we keep stacked
@@ -16,7 +16,7 @@ from dyndepth.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 from dyndepth.safetensors_io import CheckpointError
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "llama": "LlamaForCausalLM"}
+                 "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _ALIASES = {"num_local_experts": "num_experts"}  # names some transformers versions write instead
 # transformers' class defaults where ModelConfig's (Qwen3-0.6B's shape) differ, for the fields a config.json leaves out:
@@ -29,6 +29,9 @@ _HF_DEFAULTS = {
                   "norm_topk_prob": False},
     "qwen2": {"hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "bos_token_id": 1, "eos_token_id": 2},
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
 }
@@ -44,15 +47,19 @@ def config_from_hf(d: dict) -> ModelConfig:
         )
     sliding = sliding_layers(d)
     if sliding:
-        window = d.get("sliding_window", 4096) if d.get("use_sliding_window") else None
+        mistral = model_type == "mistral"
+        window = d.get("sliding_window", 4096) if d.get("use_sliding_window") or mistral else None
         # (layer_types alone names sliding layers: it read "window None tokens", and transformers cannot run it either)
         size = f"window {window} tokens" if window is not None else "layer_types names them but sets no window"
+        fix = ('sliding_window to null (Mistral 7B v0.3 and later ship so; a config.json without the key takes '
+               'transformers\' default, 4096)') if mistral else \
+            "use_sliding_window=false (and layer_types to full_attention)"
+        reads = "sliding_window" if mistral else "use_sliding_window / max_window_layers / layer_types"
         raise ConfigError(
             f"sliding-window attention ({size}, on layers {sliding[0]}..{sliding[-1]} as transformers "
-            "reads use_sliding_window / max_window_layers / layer_types) is not supported: dyndepth's attention is "
-            "full. Use a checkpoint without sliding layers; or, where every text stays within the window (full "
-            "attention equals sliding attention there), set use_sliding_window=false (and layer_types to "
-            "full_attention) in its config.json.")
+            f"reads {reads}) is not supported: dyndepth's attention is full. Use a checkpoint without sliding layers; "
+            f"or, where every text stays within the window (full attention equals sliding attention there), set "
+            f"{fix} in its config.json.")
     if d.get("quantization_config"):  # (packed or float8 weights and their scales: the tensors would not fit)
         method = d["quantization_config"].get("quant_method") if isinstance(d["quantization_config"], dict) else None
         raise ConfigError(f"quantized checkpoints are not supported (quantization_config: quant_method={method!r}); "
@@ -78,6 +85,8 @@ def sliding_layers(d: dict) -> list[int]:
     cannot run it (its cache takes a window of None)."""
     model_type, types = d.get("model_type"), d.get("layer_types")
     n = d.get("num_hidden_layers", _HF_DEFAULTS.get(model_type, {}).get("num_hidden_layers", 0))
+    if model_type == "mistral":  # every layer slides unless sliding_window is null (its class default: 4096)
+        return list(range(n)) if d.get("sliding_window", 4096) is not None else []
     named = [i for i, t in enumerate(types or []) if t == "sliding_attention"]
     if not d.get("use_sliding_window") or d.get("sliding_window", 4096) is None:
         return named
@@ -99,8 +108,10 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         d.pop("mlp_bias")
     if config.qkv_bias == (config.model_type == "qwen2"):  # (Qwen2's q / k / v biases are its layout's, no key)
         d.pop("qkv_bias")
-    if config.model_type == "qwen2":  # (always false there: ModelConfig refuses an o_proj bias)
+    if config.model_type in ("qwen2", "mistral"):  # (always false there: ModelConfig refuses an o_proj bias)
         d.pop("attention_bias")
+    if config.model_type == "mistral":  # full attention: transformers' Mistral slides 4096 tokens unless told null
+        d["sliding_window"] = None
     if not config.num_experts and config.model_type != "qwen3_moe":  # (qwen3_moe's default is 128 experts)
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits"):

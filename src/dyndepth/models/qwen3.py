@@ -1,4 +1,4 @@
-"""The decoder: Qwen3 dense, Qwen3-MoE, Qwen2 (Qwen2.5) and Llama in one module, with HF parameter names.
+"""The decoder: Qwen3 dense, Qwen3-MoE, Qwen2 (Qwen2.5), Llama and Mistral in one module, with HF parameter names.
 
 Shape legend: B batch, T tokens, D hidden_size, V vocab, L layers.
 
