@@ -142,6 +142,14 @@ def position_limit(config) -> int:
     return limit
 
 
+def position_limit_name(config) -> str:
+    """What `position_limit` is, for messages: "max_position_embeddings (N)", or YaRN's longer reach."""
+    limit = position_limit(config)
+    if limit == config.max_position_embeddings:
+        return f"max_position_embeddings ({limit})"
+    return f"YaRN's factor x original_max_position_embeddings ({limit})"
+
+
 def check_at_least(obj, owner: str, names: tuple[str, ...], low: float = 1, error: type[Exception] = ConfigError,
                    what: str = "") -> None:
     """Each of `names` (numbers, None skipped) >= `low`, else one `error` naming `owner.name`."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from dyndepth.config import is_whole, position_limit
+from dyndepth.config import is_whole, position_limit, position_limit_name
 from dyndepth.core.accounting import accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import resolve_dtype
@@ -58,7 +58,7 @@ def check_length(config, prompt_len: int, max_new_tokens: int) -> None:
     limit = position_limit(config)
     if prompt_len + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_position_embeddings ({limit}); ask for fewer new tokens.")
+                         f"{position_limit_name(config)}; ask for fewer new tokens.")
 
 
 def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,

@@ -419,9 +419,10 @@ def test_a_yarn_model_reads_and_generates_to_the_length_yarn_extends_it_to_as_tr
         ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=28, do_sample=False,
                           eos_token_id=None, pad_token_id=0, min_new_tokens=28)
     assert torch.equal(ours.generate(ids, 28, stop_tokens=[]), ref)
-    with pytest.raises(ValueError, match=r"exceeds max_position_embeddings \(128\)"):
+    with pytest.raises(ValueError, match=r"exceeds YaRN's factor x original_max_position_embeddings \(128\)"):
         ours.generate(ids, 29, stop_tokens=[])
-    with pytest.raises(ValueError, match=r"129 tokens, more than max_position_embeddings \(128\)"):
+    with pytest.raises(ValueError, match=r"129 tokens, more than YaRN's factor x original_max_position_embeddings "
+                                         r"\(128\)"):
         ours(torch.zeros(1, 129, dtype=torch.long))
 
 WINDOW = {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4}

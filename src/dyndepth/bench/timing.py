@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dyndepth import jsonio
-from dyndepth.config import position_limit
+from dyndepth.config import position_limit, position_limit_name
 from dyndepth.core.accounting import accounting, accounting_off_by_default
 from dyndepth.core.cache import KVCache
 from dyndepth.devices import DTYPES, cpu_memory_policy, resolve_device
@@ -75,7 +75,7 @@ def check_positions(config, bench: str, lengths: dict[str, int]) -> None:
     limit = position_limit(config) if hasattr(config, "max_position_embeddings") else None
     over = [f"{name} = {n}" for name, n in lengths.items() if limit is not None and n > limit]
     if over:
-        raise ValueError(f"{bench}: {', '.join(over)} exceeds the model's max_position_embeddings ({limit}); pass "
+        raise ValueError(f"{bench}: {', '.join(over)} exceeds the model's {position_limit_name(config)}; pass "
                          "shorter lengths, or a model configured for longer inputs.")
 
 

@@ -39,7 +39,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from dyndepth.config import position_limit
+from dyndepth.config import position_limit, position_limit_name
 from dyndepth.core.accounting import accounting
 from dyndepth.eval.model_args import add_stats, as_bool, batch_count, load_for_eval, token_count
 from dyndepth.generation import check_finite
@@ -79,8 +79,9 @@ class DyndepthLM(TemplateLM):
         # the hf backend's default, config.json's max_position_embeddings, which it truncates contexts to)
         self._max_length = token_count("max_length", max_length) or self.model.config.max_position_embeddings
         if self._max_length > positions:  # (else the first longer request failed in the forward, after the rest)
-            raise ValueError(f"max_length={self._max_length} exceeds the model's max_position_embeddings "
-                             f"({positions}); pass a smaller max_length, or leave it out for the model's.")
+            raise ValueError(f"max_length={self._max_length} exceeds the model's "
+                             f"{position_limit_name(self.model.config)}; pass a smaller max_length, or leave it out "
+                             "for the model's.")
         self._max_gen_toks = token_count("max_gen_toks", max_gen_toks)
         try:
             self.add_bos_token = None if add_bos_token is None else as_bool(add_bos_token)  # None: the tokenizer's rule

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dyndepth.config import position_limit
+from dyndepth.config import position_limit, position_limit_name
 from dyndepth.data.sources import read_utf8
 from dyndepth.generation import check_finite
 
@@ -130,8 +130,8 @@ def window_of(model, max_length: int | None = None, stride: int | None = None) -
     positions = position_limit(model.config)
     max_length = max_length or min(positions, 2048)
     if max_length > positions:
-        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
-                         f"({positions}); pass a smaller --max-length.")
+        raise ValueError(f"max_length={max_length} exceeds the model's {position_limit_name(model.config)}; pass a "
+                         "smaller --max-length.")
     stride = stride or max(max_length // 2, 1)
     if stride > max_length:
         raise ValueError(f"stride={stride} must lie in [1, max_length={max_length}]; "

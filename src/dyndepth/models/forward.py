@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dyndepth.config import position_limit
+from dyndepth.config import position_limit, position_limit_name
 from dyndepth.core import flops
 from dyndepth.core.accounting import ComputeLedger
 from dyndepth.core.cache import KVCache
@@ -182,10 +182,10 @@ def check_inputs(config, input_ids, attention_mask=None, positions=None, cache=N
     if positions is None and T > limit:  # with a mask, positions count each row's real tokens: the longest row counts
         longest = T if attention_mask is None else int(attention_mask.bool().sum(-1).max())  # (left padding past it)
         if longest > limit:
-            raise ValueError(f"the input has {longest} tokens, more than max_position_embeddings ({limit}); shorten "
+            raise ValueError(f"the input has {longest} tokens, more than {position_limit_name(config)}; shorten "
                              "it, or use a model configured for longer inputs.")
     if positions is not None and cache is None and top >= limit:
-        raise ValueError(f"positions reach {top}, beyond max_position_embeddings ({limit}).")
+        raise ValueError(f"positions reach {top}, beyond {position_limit_name(config)}.")
     if cache is not None and top is not None and top >= cache.length:  # (a write at column S, the scratch one, was
         # lost without a word, and one past it an IndexError)
         raise ValueError(f"positions reach {top}, but the KV cache holds positions 0..{cache.length - 1}; make one "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyndepth.config import position_limit
+from dyndepth.config import position_limit, position_limit_name
 from dyndepth.data.build import DEFAULTS as DATA_DEFAULTS
 from dyndepth.data.build import (
     EMBEDDED,
@@ -139,9 +139,9 @@ def run_training(run_config: RunConfig | str | os.PathLike, overrides: list[str]
     model = build_model(run_config.model)
     max_positions = position_limit(model.config) if hasattr(model.config, "max_position_embeddings") else None
     if max_positions is not None and cfg.seq_len > max_positions:  # (the first forward said so, after the data)
-        raise RunConfigError(f"train.seq_len={cfg.seq_len} is longer than the model's max_position_embeddings "
-                             f"({max_positions}); lower train.seq_len, or use a model configured for longer inputs "
-                             f"(model.max_position_embeddings).")
+        raise RunConfigError(f"train.seq_len={cfg.seq_len} is longer than the model's "
+                             f"{position_limit_name(model.config)}; lower train.seq_len, or use a model configured "
+                             "for longer inputs (model.max_position_embeddings).")
     built = build_hooks(run_config.method, model, cfg.steps)  # attaches the method (it trained plain before)
     hooks = built if hooks is None else hooks
     data_kw = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "rank": info.rank,
