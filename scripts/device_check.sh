@@ -10,6 +10,7 @@
 # pytest and pytest-timeout.
 # SMOKE=1 runs the same steps on the CPU at tiny sizes, to check the script itself (about 5 minutes here).
 set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1  # the repo root: PYTHONPATH=src and the test paths are relative to it
 PART=${PART:-a}
 OUT=${OUT:-runs/device}
 RES=$(mktemp -d)
@@ -24,6 +25,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $RES/NAM
     timeout --kill-after=5 "$limit" "$@" >"$RES/$name.log" 2>&1
     local rc=$?
     grep -E '^(\||###|[0-9]+ (passed|failed)|FAILED|ERROR|PASSED)' "$RES/$name.log" | head -80
+    if [ "$rc" != 0 ]; then  # a failed or timed-out step: its last lines here, the whole log in the archive
+        echo "--- $name: last lines of its log"
+        tail -n 25 "$RES/$name.log"
+    fi
     echo "=== $name: exit $rc in $((SECONDS - start))s"
     tar czf "$OUT/results-$PART.tgz" -C "$RES" .
 }
@@ -55,6 +60,7 @@ else
     GATESKIP_C=(--model qwen3-0.6b --budgets 0,0.3 --prefill-lens 512 --decode-batches 1,32 --new-tokens 16 --repeats 3)
     DND_C=(--model qwen3-0.6b --batches 1,32 --prefill-len 512 --new-tokens 16 --repeats 3)
 fi
+echo "part $PART, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if [ "$PART" = a ]; then
     step gpu_tests 110 "${PYTEST[@]}" -m "gpu or not gpu" tests/gpu tests/core/test_layers.py -k "not gateskip_compiled"
