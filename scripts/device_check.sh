@@ -38,6 +38,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     SCALE=3  # this CPU is slower than the limits assume
     DEV=(--device cpu --dtype bfloat16)
     PYTEST=(env DYNDEPTH_TEST_DEVICE=cpu "$PY" -m pytest -p no:cacheprovider -rA -q)
+    PYTEST_COMPILE=("${PYTEST[@]}")
     DND=(--model bench-small --batches 1,4 --prefill-len 64 --new-tokens 4 --repeats 1)
     GATESKIP=(--model bench-small --budgets 0,0.5 --prefill-lens 128 --decode-batches 1,4 --new-tokens 4 --repeats 1)
     DREAMER=(--model dreamer-tiny --batch-size 2 --seq-len 32 --steps 1 --decode-batches 1 --new-tokens 4
@@ -49,6 +50,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     DEV=(--device cuda --dtype bfloat16)
     PYTEST=("$PY" -m pytest -p no:cacheprovider -rA -q --timeout=100)
+    # the compiled-training test compiles its layers' graphs (forward, backward, recompiles as routed counts vary)
+    # on first use: 90 s on this CPU; a per-test limit just under its step's 150 s (the later --timeout wins)
+    PYTEST_COMPILE=("${PYTEST[@]}" --timeout=140)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     # qwen3-0.6b shapes (random weights): big enough that a step is not all kernel launches
     DND=(--model qwen3-0.6b --batches 1,32,64 --prefill-len 512 --new-tokens 16 --repeats 3)
@@ -72,7 +76,7 @@ elif [ "$PART" = c ]; then
         --out "$RES"
     step bench_dnd_compiled 280 "$PY" -m dyndepth bench dnd "${DEV[@]}" "${DND_C[@]}" --compile --out "$RES"
 else
-    step gpu_compile 150 "${PYTEST[@]}" -m gpu tests/gpu -k gateskip_compiled
+    step gpu_compile 150 "${PYTEST_COMPILE[@]}" -m gpu tests/gpu -k gateskip_compiled
     step bench_core 300 "$PY" -m dyndepth bench core "${DEV[@]}" "${CORE[@]}" --out "$RES"
 fi
 echo "results: $OUT/results-$PART.tgz"
