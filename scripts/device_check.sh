@@ -58,8 +58,10 @@ else
     DND=(--model qwen3-0.6b --batches 1,32,64 --prefill-len 512 --new-tokens 16 --repeats 3)
     GATESKIP=(--model qwen3-0.6b --prefill-lens 512,2048 --decode-batches 1,32,64 --new-tokens 16 --repeats 3)
     DREAMER=(--model dreamer-small --batch-size 16 --seq-len 512 --steps 8 --decode-batches 1,32,64 --repeats 3)
+    # --no-load-memory: load memory is peak RSS of CPU loads in fresh processes, the same on any machine (the CPU
+    # runs measure it); its two 0.6B loads would take time from the four compiles this step's 300 s must hold
     CORE=(--model qwen3-0.6b --batch-size 8 --prompt-len 512 --decode-batch-size 32 --new-tokens 32 --repeats 3
-          --compile)
+          --compile --no-load-memory)
     # compiled decode steps (CUDA graphs): each budget / contender, batch size and ledger state compiles once
     GATESKIP_C=(--model qwen3-0.6b --budgets 0,0.3 --prefill-lens 512 --decode-batches 1,32 --new-tokens 16 --repeats 3)
     DND_C=(--model qwen3-0.6b --batches 1,32 --prefill-len 512 --new-tokens 16 --repeats 3)
