@@ -31,7 +31,8 @@ def _factory(kind: str):
         return build_model(preset("dreamer-tiny", vocab_size=V, num_recurrences=3)).eval()
     name = {"qwen3": "tiny-qwen3", "qwen3_moe": "tiny-qwen3-moe", "qwen2": "tiny-qwen2", "llama": "tiny-llama"}.get(
         kind, "tiny-qwen3")
-    model = CausalLM(preset(name, num_hidden_layers=3)).eval()
+    extra = {"model_type": "mistral", "tie_word_embeddings": False, "rope_theta": 1e6} if kind == "mistral" else {}
+    model = CausalLM(preset("tiny-llama" if kind == "mistral" else name, num_hidden_layers=3, **extra)).eval()
     if kind == "gateskip":  # threshold mode: each token decides alone (causal, batch-independent)
         attach_method(model, "gateskip", {"scope": "sequence"})
         _spread(model)
@@ -49,7 +50,7 @@ def _factory(kind: str):
     return model
 
 
-KINDS = ["qwen3", "qwen3_moe", "qwen2", "llama", "gateskip", "mod", "dnd", "dreamer"]
+KINDS = ["qwen3", "qwen3_moe", "qwen2", "llama", "mistral", "gateskip", "mod", "dnd", "dreamer"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
