@@ -16,6 +16,11 @@ import typing
 from dataclasses import dataclass, field
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama", "mistral")
+# Layout facts of the families transformers fixes (config.json carries no key for them): which norm q / k, which bias
+# q / k / v alone, and which have neither an o_proj bias nor experts
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+QKV_BIAS_FAMILIES = ("qwen2",)
+DENSE_UNBIASED_O_FAMILIES = ("qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
                      "yarn": ("factor",)}  # required
@@ -226,10 +231,10 @@ class ModelConfig:
             raise ConfigError(f"model.mlp_only_layers {outside} name no layer of the {self.num_hidden_layers}-layer "
                               "model.")
         if self.qk_norm is None:
-            self.qk_norm = self.model_type.startswith("qwen3")
+            self.qk_norm = self.model_type in QK_NORM_FAMILIES
         if self.qkv_bias is None:
-            self.qkv_bias = self.model_type == "qwen2"
-        if self.model_type in ("qwen2", "mistral") and (self.attention_bias or self.num_experts):
+            self.qkv_bias = self.model_type in QKV_BIAS_FAMILIES
+        if self.model_type in DENSE_UNBIASED_O_FAMILIES and (self.attention_bias or self.num_experts):
             raise ConfigError(f"a {self.model_type} model has a dense MLP and no o_proj bias (transformers' "
                               f"{self.model_type.capitalize()}): attention_bias={self.attention_bias} and num_experts="
                               f"{self.num_experts} have no place in its layout; use model_type qwen3 / qwen3_moe "

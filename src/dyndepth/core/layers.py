@@ -188,7 +188,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (H/2,) with the config's scaling (default, linear, llama3 or yarn), as transformers
     computes them."""
     H = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H))
+    one_over_f = config.rope_theta ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H)  # (H/2,)
+    inv_freq = 1.0 / one_over_f
     scaling = config.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
@@ -203,11 +204,11 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         is_medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     elif rope_type == "yarn":
-        inv_freq = _yarn_inv_freq(scaling, H, config.rope_theta, old_len)
+        inv_freq = _yarn_inv_freq(one_over_f, scaling, H, config.rope_theta, old_len)
     return inv_freq
 
 
-def _yarn_inv_freq(scaling: dict, H: int, theta: float, old_len: int) -> torch.Tensor:
+def _yarn_inv_freq(one_over_f: torch.Tensor, scaling: dict, H: int, theta: float, old_len: int) -> torch.Tensor:
     """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the pretraining length are
     interpolated (f / factor), those turning more than beta_fast times kept, and the band between blended by a
     linear ramp over the frequency index (the arithmetic in transformers' order, so the angles match it exactly)."""
@@ -221,7 +222,6 @@ def _yarn_inv_freq(scaling: dict, H: int, theta: float, old_len: int) -> torch.T
     if low == high:
         high += 0.001
     keep = 1 - ((torch.arange(H // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 1: f as it is
-    one_over_f = theta ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H)  # (H/2,)
     return 1.0 / (scaling["factor"] * one_over_f) * (1 - keep) + 1.0 / one_over_f * keep
 
 

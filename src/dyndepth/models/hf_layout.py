@@ -12,7 +12,14 @@ import re
 
 import torch
 
-from dyndepth.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from dyndepth.config import (
+    DENSE_UNBIASED_O_FAMILIES,
+    QK_NORM_FAMILIES,
+    QKV_BIAS_FAMILIES,
+    SUPPORTED_MODEL_TYPES,
+    ConfigError,
+    ModelConfig,
+)
 from dyndepth.safetensors_io import CheckpointError
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -102,13 +109,13 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
     # qk_norm, qkv_bias and a Qwen3 mlp_bias are ours (HF's Qwen3 always norms q / k, its Qwen2 and Llama never; only
     # Qwen2 has q / k / v biases alone, only Llama an MLP bias): written only where they differ from the family's, so
     # that such a model loads back (it has other tensors)
-    if config.qk_norm == config.model_type.startswith("qwen3"):
+    if config.qk_norm == (config.model_type in QK_NORM_FAMILIES):
         d.pop("qk_norm")
     if config.model_type != "llama" and not config.mlp_bias:
         d.pop("mlp_bias")
-    if config.qkv_bias == (config.model_type == "qwen2"):  # (Qwen2's q / k / v biases are its layout's, no key)
+    if config.qkv_bias == (config.model_type in QKV_BIAS_FAMILIES):  # (Qwen2's q / k / v biases: its layout's, no key)
         d.pop("qkv_bias")
-    if config.model_type in ("qwen2", "mistral"):  # (always false there: ModelConfig refuses an o_proj bias)
+    if config.model_type in DENSE_UNBIASED_O_FAMILIES:  # (always false there: ModelConfig refuses an o_proj bias)
         d.pop("attention_bias")
     if config.model_type == "mistral":  # full attention: transformers' Mistral slides 4096 tokens unless told null
         d["sliding_window"] = None
